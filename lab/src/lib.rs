@@ -1,0 +1,1 @@
+//! fleetcast's test lab.

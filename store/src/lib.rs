@@ -1,0 +1,1 @@
+//! fleetcast's durable state on LMDB.
