@@ -5,5 +5,9 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+pub mod time;
+
 #[cfg(feature = "sim")]
 pub mod sim;
+
+pub use time::Instant;
