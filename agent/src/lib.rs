@@ -1,1 +1,2 @@
 //! fleetcast device agent.
+pub mod tls;
