@@ -1,0 +1,659 @@
+//! Control-channel messages: session set-up, enrolment, command queues, reboot suspension.
+//!
+//! Byte layouts are specified in `docs/wire.md`; each `encode`/`decode` pair below follows the
+//! field order written in its type's doc comment.
+
+use alloc::vec::Vec;
+
+use super::limits::*;
+use crate::codec::{Reader, Sink};
+use crate::error::{Error, Result};
+
+macro_rules! wire_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $var:ident = $val:expr),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+        #[repr(u8)]
+        #[allow(missing_docs)]
+        pub enum $name { $($(#[$vm])* $var = $val),+ }
+
+        impl $name {
+            pub(crate) fn from_u8(v: u8) -> Result<Self> {
+                match v { $($val => Ok($name::$var),)+ _ => Err(Error::InvalidValue) }
+            }
+        }
+    };
+}
+pub(crate) use wire_enum;
+
+/// `Hello`: the agent's first message on every session (agent → gateway).
+///
+/// Fields: `device_id u64`, `credential bytes16`, `agent_version str16`, `boot_id [16]`,
+/// `last option<LastExecuted>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct Hello<'a> {
+    /// The enrolled device's id.
+    pub device_id: u64,
+    /// Reference to the credential the session authenticated with (certificate fingerprint).
+    pub credential: &'a [u8],
+    /// Agent software version.
+    pub agent_version: &'a str,
+    /// Identifies this boot of the device; changes on every reboot.
+    pub boot_id: [u8; 16],
+    /// The last command the agent executed, with its result if not yet acknowledged.
+    pub last: Option<LastExecuted<'a>>,
+}
+
+/// The last command an agent executed (inside [`Hello`]).
+///
+/// Fields: `seq u64`, `result option<CommandResult>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct LastExecuted<'a> {
+    /// Queue sequence number of the command.
+    pub seq: u64,
+    /// Its result, when the gateway has not acknowledged it yet.
+    pub result: Option<CommandResult<'a>>,
+}
+
+impl<'a> Hello<'a> {
+    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        s.u64(self.device_id)?;
+        s.bytes16(self.credential, MAX_CREDENTIAL)?;
+        s.str16(self.agent_version, MAX_NAME)?;
+        s.put(&self.boot_id)?;
+        s.present(self.last.is_some())?;
+        if let Some(last) = &self.last {
+            s.u64(last.seq)?;
+            s.present(last.result.is_some())?;
+            if let Some(r) = &last.result {
+                r.encode(s)?;
+            }
+        }
+        Ok(())
+    }
+    pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
+        let device_id = r.u64()?;
+        let credential = r.bytes16(MAX_CREDENTIAL)?;
+        let agent_version = r.str16(MAX_NAME)?;
+        let boot_id = r.array()?;
+        let last = if r.present()? {
+            let seq = r.u64()?;
+            let result = if r.present()? {
+                Some(CommandResult::decode(r)?)
+            } else {
+                None
+            };
+            Some(LastExecuted { seq, result })
+        } else {
+            None
+        };
+        Ok(Hello {
+            device_id,
+            credential,
+            agent_version,
+            boot_id,
+            last,
+        })
+    }
+}
+
+/// `Welcome`: the gateway's answer to [`Hello`] (gateway → agent).
+///
+/// Fields: `session_id u64`, `server_time_ms u64`, `heartbeat_ms u32`, `acked_seq u64`,
+/// `pending_commands u32`, `pending_transfers u32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct Welcome {
+    /// Identifies this session in logs and long-poll requests.
+    pub session_id: u64,
+    /// Gateway wall clock, ms since the UNIX epoch (informational: for skew reports).
+    pub server_time_ms: u64,
+    /// Interval at which the agent sends [`Heartbeat`]s.
+    pub heartbeat_ms: u32,
+    /// Highest command sequence whose result the gateway has durably stored: the agent may
+    /// forget results up to here.
+    pub acked_seq: u64,
+    /// Commands waiting in this device's queue.
+    pub pending_commands: u32,
+    /// Distribution tasks this device has not completed.
+    pub pending_transfers: u32,
+}
+
+impl Welcome {
+    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        s.u64(self.session_id)?;
+        s.u64(self.server_time_ms)?;
+        s.u32(self.heartbeat_ms)?;
+        s.u64(self.acked_seq)?;
+        s.u32(self.pending_commands)?;
+        s.u32(self.pending_transfers)
+    }
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(Welcome {
+            session_id: r.u64()?,
+            server_time_ms: r.u64()?,
+            heartbeat_ms: r.u32()?,
+            acked_seq: r.u64()?,
+            pending_commands: r.u32()?,
+            pending_transfers: r.u32()?,
+        })
+    }
+}
+
+/// `Heartbeat`: liveness in either direction; the peer echoes the nonce.
+///
+/// Fields: `nonce u64`, `echo u8` (0 = request, 1 = reply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct Heartbeat {
+    /// Chosen by the requester, echoed by the replier.
+    pub nonce: u64,
+    /// Whether this is the reply.
+    pub echo: bool,
+}
+
+impl Heartbeat {
+    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        s.u64(self.nonce)?;
+        s.present(self.echo)
+    }
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(Heartbeat {
+            nonce: r.u64()?,
+            echo: r.present()?,
+        })
+    }
+}
+
+/// `Enrol`: first contact of a new device, on a session without a client certificate
+/// (agent → gateway).
+///
+/// Fields: `token bytes16`, `name str16`, `spki bytes16`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct Enrol<'a> {
+    /// The one-time enrolment token the operator issued.
+    pub token: &'a [u8],
+    /// The device name the token was issued for.
+    pub name: &'a str,
+    /// The agent's public key (SubjectPublicKeyInfo, DER) to certify.
+    pub spki: &'a [u8],
+}
+
+impl<'a> Enrol<'a> {
+    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        s.bytes16(self.token, MAX_TOKEN)?;
+        s.str16(self.name, MAX_NAME)?;
+        s.bytes16(self.spki, MAX_SPKI)
+    }
+    pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
+        Ok(Enrol {
+            token: r.bytes16(MAX_TOKEN)?,
+            name: r.str16(MAX_NAME)?,
+            spki: r.bytes16(MAX_SPKI)?,
+        })
+    }
+}
+
+/// `Enrolled`: the gateway's answer to [`Enrol`] (gateway → agent).
+///
+/// Fields: `device_id u64`, `certificate bytes16`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct Enrolled<'a> {
+    /// The id assigned to the device.
+    pub device_id: u64,
+    /// The device's client certificate (DER), signed by the gateway CA.
+    pub certificate: &'a [u8],
+}
+
+impl<'a> Enrolled<'a> {
+    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        s.u64(self.device_id)?;
+        s.bytes16(self.certificate, MAX_CERT)
+    }
+    pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
+        Ok(Enrolled {
+            device_id: r.u64()?,
+            certificate: r.bytes16(MAX_CERT)?,
+        })
+    }
+}
+
+/// One component step of an operation.
+///
+/// Encoding: a `u8` step code, then the step's fields:
+/// `1 Fetch {url str16, path str16}`, `2 Verify {path str16, sha256 [32]}`,
+/// `3 Write {path str16, mode u32, contents bytes32}`, `4 Exec {argv list<str16>}`,
+/// `5 Reboot {}`, `6 Report {}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub enum Step<'a> {
+    /// Download `url` to `path`.
+    Fetch {
+        /// Source URL.
+        url: &'a str,
+        /// Destination path on the device.
+        path: &'a str,
+    },
+    /// Check that the file at `path` has this SHA-256 digest.
+    Verify {
+        /// File to check.
+        path: &'a str,
+        /// Expected digest.
+        sha256: [u8; 32],
+    },
+    /// Write `contents` to `path` with permission bits `mode`.
+    Write {
+        /// Destination path.
+        path: &'a str,
+        /// Unix permission bits.
+        mode: u32,
+        /// File contents.
+        contents: &'a [u8],
+    },
+    /// Run a program (`argv[0]`) with arguments, no shell.
+    Exec {
+        /// Program and arguments.
+        argv: Vec<&'a str>,
+    },
+    /// Reboot the device; the queue suspends until the agent reports back from a new boot.
+    Reboot,
+    /// Send a configuration report.
+    Report,
+}
+
+impl<'a> Step<'a> {
+    /// The step's code on the wire.
+    pub fn code(&self) -> u8 {
+        match self {
+            Step::Fetch { .. } => 1,
+            Step::Verify { .. } => 2,
+            Step::Write { .. } => 3,
+            Step::Exec { .. } => 4,
+            Step::Reboot => 5,
+            Step::Report => 6,
+        }
+    }
+
+    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        s.u8(self.code())?;
+        match self {
+            Step::Fetch { url, path } => {
+                s.str16(url, MAX_PATH)?;
+                s.str16(path, MAX_PATH)
+            }
+            Step::Verify { path, sha256 } => {
+                s.str16(path, MAX_PATH)?;
+                s.put(sha256)
+            }
+            Step::Write {
+                path,
+                mode,
+                contents,
+            } => {
+                s.str16(path, MAX_PATH)?;
+                s.u32(*mode)?;
+                s.bytes32(contents, MAX_WRITE)
+            }
+            Step::Exec { argv } => {
+                s.count(argv.len(), MAX_ARGV)?;
+                argv.iter().try_for_each(|a| s.str16(a, MAX_PATH))
+            }
+            Step::Reboot | Step::Report => Ok(()),
+        }
+    }
+
+    pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
+        Ok(match r.u8()? {
+            1 => Step::Fetch {
+                url: r.str16(MAX_PATH)?,
+                path: r.str16(MAX_PATH)?,
+            },
+            2 => Step::Verify {
+                path: r.str16(MAX_PATH)?,
+                sha256: r.array()?,
+            },
+            3 => Step::Write {
+                path: r.str16(MAX_PATH)?,
+                mode: r.u32()?,
+                contents: r.bytes32(MAX_WRITE)?,
+            },
+            4 => {
+                let n = r.count(MAX_ARGV, 2)?;
+                let mut argv = Vec::with_capacity(n);
+                for _ in 0..n {
+                    argv.push(r.str16(MAX_PATH)?);
+                }
+                Step::Exec { argv }
+            }
+            5 => Step::Reboot,
+            6 => Step::Report,
+            _ => return Err(Error::InvalidValue),
+        })
+    }
+}
+
+/// `Dispatch`: one command for the agent to execute (gateway → agent).
+///
+/// Fields: `command_id u64`, `seq u64`, `timeout_ms u32`, `steps list<Step>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct Dispatch<'a> {
+    /// Gateway-wide command id.
+    pub command_id: u64,
+    /// Position in this device's queue; strictly increasing per device.
+    pub seq: u64,
+    /// The whole operation's time limit on the device (0: none).
+    pub timeout_ms: u32,
+    /// The operation's component steps, run in order.
+    pub steps: Vec<Step<'a>>,
+}
+
+impl<'a> Dispatch<'a> {
+    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        s.u64(self.command_id)?;
+        s.u64(self.seq)?;
+        s.u32(self.timeout_ms)?;
+        s.count(self.steps.len(), MAX_STEPS)?;
+        self.steps.iter().try_for_each(|st| st.encode(s))
+    }
+    pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
+        let command_id = r.u64()?;
+        let seq = r.u64()?;
+        let timeout_ms = r.u32()?;
+        let n = r.count(MAX_STEPS, 1)?;
+        let mut steps = Vec::with_capacity(n);
+        for _ in 0..n {
+            steps.push(Step::decode(r)?);
+        }
+        Ok(Dispatch {
+            command_id,
+            seq,
+            timeout_ms,
+            steps,
+        })
+    }
+}
+
+wire_enum! {
+    /// Outcome of one step.
+    StepStatus { Ok = 0, Failed = 1, Skipped = 2, TimedOut = 3 }
+}
+
+/// Outcome of one step inside a [`CommandResult`].
+///
+/// Fields: `status u8`, `exit_code i32`, `duration_ms u32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct StepResult {
+    /// What happened.
+    pub status: StepStatus,
+    /// Exit code for `exec` steps; 0 otherwise on success.
+    pub exit_code: i32,
+    /// How long the step ran.
+    pub duration_ms: u32,
+}
+
+/// `Result`: the outcome of a dispatched command (agent → gateway; also inside [`Hello`]).
+///
+/// Fields: `command_id u64`, `seq u64`, `exit_code i32`, `steps list<StepResult>`,
+/// `output bytes16` (≤ [`MAX_OUTPUT`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct CommandResult<'a> {
+    /// The command's gateway-wide id.
+    pub command_id: u64,
+    /// The command's queue sequence number.
+    pub seq: u64,
+    /// Overall exit code (first failing step's, or 0).
+    pub exit_code: i32,
+    /// Per-step outcomes, in step order (steps not reached are `Skipped`).
+    pub steps: Vec<StepResult>,
+    /// The tail of the combined output.
+    pub output: &'a [u8],
+}
+
+impl<'a> CommandResult<'a> {
+    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        s.u64(self.command_id)?;
+        s.u64(self.seq)?;
+        s.i32(self.exit_code)?;
+        s.count(self.steps.len(), MAX_STEPS)?;
+        for st in &self.steps {
+            s.u8(st.status as u8)?;
+            s.i32(st.exit_code)?;
+            s.u32(st.duration_ms)?;
+        }
+        s.bytes16(self.output, MAX_OUTPUT)
+    }
+    pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
+        let command_id = r.u64()?;
+        let seq = r.u64()?;
+        let exit_code = r.i32()?;
+        let n = r.count(MAX_STEPS, 9)?;
+        let mut steps = Vec::with_capacity(n);
+        for _ in 0..n {
+            steps.push(StepResult {
+                status: StepStatus::from_u8(r.u8()?)?,
+                exit_code: r.i32()?,
+                duration_ms: r.u32()?,
+            });
+        }
+        let output = r.bytes16(MAX_OUTPUT)?;
+        Ok(CommandResult {
+            command_id,
+            seq,
+            exit_code,
+            steps,
+            output,
+        })
+    }
+}
+
+/// `ResultAck`: the gateway has durably stored the result of `seq` (gateway → agent).
+///
+/// Fields: `seq u64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct ResultAck {
+    /// The acknowledged command sequence number.
+    pub seq: u64,
+}
+
+/// `RebootStarting`: the agent is about to reboot for command `seq` (agent → gateway).
+///
+/// Fields: `command_id u64`, `seq u64`, `boot_id [16]` (the boot being left).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct RebootStarting {
+    /// The reboot command's gateway-wide id.
+    pub command_id: u64,
+    /// The reboot command's queue sequence number.
+    pub seq: u64,
+    /// The boot id before the reboot.
+    pub boot_id: [u8; 16],
+}
+
+impl RebootStarting {
+    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        s.u64(self.command_id)?;
+        s.u64(self.seq)?;
+        s.put(&self.boot_id)
+    }
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(RebootStarting {
+            command_id: r.u64()?,
+            seq: r.u64()?,
+            boot_id: r.array()?,
+        })
+    }
+}
+
+/// An installed package in a [`ConfigReport`]. Fields: `name str16`, `version str16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct Package<'a> {
+    /// Package name.
+    pub name: &'a str,
+    /// Installed version.
+    pub version: &'a str,
+}
+
+/// A device's configuration report.
+///
+/// Fields: `boot_id [16]`, `os str16`, `kernel str16`, `hostname str16`, `agent_version str16`,
+/// `addresses list<str16>`, `software list<Package>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct ConfigReport<'a> {
+    /// The current boot's id.
+    pub boot_id: [u8; 16],
+    /// Operating system name and version.
+    pub os: &'a str,
+    /// Kernel release.
+    pub kernel: &'a str,
+    /// Host name.
+    pub hostname: &'a str,
+    /// Agent software version.
+    pub agent_version: &'a str,
+    /// Interface addresses, textual (`10.0.0.5/24`).
+    pub addresses: Vec<&'a str>,
+    /// Installed software.
+    pub software: Vec<Package<'a>>,
+}
+
+impl<'a> ConfigReport<'a> {
+    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        s.put(&self.boot_id)?;
+        s.str16(self.os, MAX_NAME)?;
+        s.str16(self.kernel, MAX_NAME)?;
+        s.str16(self.hostname, MAX_NAME)?;
+        s.str16(self.agent_version, MAX_NAME)?;
+        s.count(self.addresses.len(), MAX_ADDRESSES)?;
+        self.addresses
+            .iter()
+            .try_for_each(|a| s.str16(a, MAX_NAME))?;
+        s.count(self.software.len(), MAX_SOFTWARE)?;
+        self.software.iter().try_for_each(|p| {
+            s.str16(p.name, MAX_NAME)?;
+            s.str16(p.version, MAX_NAME)
+        })
+    }
+    pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
+        let boot_id = r.array()?;
+        let os = r.str16(MAX_NAME)?;
+        let kernel = r.str16(MAX_NAME)?;
+        let hostname = r.str16(MAX_NAME)?;
+        let agent_version = r.str16(MAX_NAME)?;
+        let n = r.count(MAX_ADDRESSES, 2)?;
+        let mut addresses = Vec::with_capacity(n);
+        for _ in 0..n {
+            addresses.push(r.str16(MAX_NAME)?);
+        }
+        let n = r.count(MAX_SOFTWARE, 4)?;
+        let mut software = Vec::with_capacity(n);
+        for _ in 0..n {
+            software.push(Package {
+                name: r.str16(MAX_NAME)?,
+                version: r.str16(MAX_NAME)?,
+            });
+        }
+        Ok(ConfigReport {
+            boot_id,
+            os,
+            kernel,
+            hostname,
+            agent_version,
+            addresses,
+            software,
+        })
+    }
+}
+
+/// `RebootComplete`: first message after [`Hello`] on the session that follows a reboot
+/// (agent → gateway).
+///
+/// Fields: `seq u64` (the reboot command), `report ConfigReport`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct RebootComplete<'a> {
+    /// The reboot command's queue sequence number.
+    pub seq: u64,
+    /// Configuration after the reboot.
+    pub report: ConfigReport<'a>,
+}
+
+/// Why a session is closing. A `u16` on the wire; unknown codes are kept, not rejected, so a
+/// newer peer's reason still reaches the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct CloseCode(pub u16);
+
+impl CloseCode {
+    /// Orderly close.
+    pub const NORMAL: CloseCode = CloseCode(0);
+    /// The peer broke the protocol (malformed frame, unexpected message).
+    pub const PROTOCOL: CloseCode = CloseCode(1);
+    /// No valid credential.
+    pub const UNAUTHENTICATED: CloseCode = CloseCode(2);
+    /// The device's credential was revoked.
+    pub const REVOKED: CloseCode = CloseCode(3);
+    /// The device is not enrolled.
+    pub const UNKNOWN_DEVICE: CloseCode = CloseCode(4);
+    /// The enrolment token is invalid or used.
+    pub const BAD_TOKEN: CloseCode = CloseCode(5);
+    /// The gateway is overloaded; retry later.
+    pub const OVERLOADED: CloseCode = CloseCode(6);
+    /// The peer was silent too long.
+    pub const TIMEOUT: CloseCode = CloseCode(7);
+    /// The gateway is shutting down.
+    pub const SHUTDOWN: CloseCode = CloseCode(8);
+    /// An internal error on the sender's side.
+    pub const INTERNAL: CloseCode = CloseCode(9);
+
+    /// A short name for known codes.
+    pub fn name(self) -> Option<&'static str> {
+        Some(match self {
+            CloseCode::NORMAL => "normal",
+            CloseCode::PROTOCOL => "protocol-error",
+            CloseCode::UNAUTHENTICATED => "unauthenticated",
+            CloseCode::REVOKED => "revoked",
+            CloseCode::UNKNOWN_DEVICE => "unknown-device",
+            CloseCode::BAD_TOKEN => "bad-token",
+            CloseCode::OVERLOADED => "overloaded",
+            CloseCode::TIMEOUT => "timeout",
+            CloseCode::SHUTDOWN => "shutdown",
+            CloseCode::INTERNAL => "internal-error",
+            _ => return None,
+        })
+    }
+}
+
+/// `Close`: the sender is closing the session (either direction).
+///
+/// Fields: `code u16`, `reason str16` (≤ [`MAX_REASON`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct Close<'a> {
+    /// Machine-readable reason.
+    pub code: CloseCode,
+    /// Human-readable detail.
+    pub reason: &'a str,
+}
+
+impl<'a> Close<'a> {
+    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        s.u16(self.code.0)?;
+        s.str16(self.reason, MAX_REASON)
+    }
+    pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
+        Ok(Close {
+            code: CloseCode(r.u16()?),
+            reason: r.str16(MAX_REASON)?,
+        })
+    }
+}

@@ -1,0 +1,223 @@
+//! Every fleetcast message: one [`Message`] enum with `parse`, `emit` and `buffer_len`.
+//!
+//! # Contract
+//! - Parsing borrows from the input (strings and byte strings are slices of it); only lists
+//!   allocate, and only after their count has been checked against the bytes remaining, so a
+//!   frame of `n` bytes never makes the parser allocate more than a small multiple of `n`.
+//! - No input can panic, loop or allocate unboundedly; every declared length is checked before
+//!   use; unknown versions, kinds and enum values are typed errors; a body must be consumed
+//!   exactly ([`Error::TrailingBytes`] otherwise).
+//! - `emit` writes exactly `buffer_len()` bytes; `parse(emit(m)) == m` for every message that
+//!   `emit` accepts (tested by property tests and the `roundtrip` fuzz target).
+
+use crate::codec::{Counter, Reader, Sink, SliceWriter};
+use crate::data::DataBlock;
+use crate::error::{Error, Result};
+use crate::header::{frame_crc, Frame, FLAG_AUTH, HEADER_LEN, MAGIC, TAG_LEN, VERSION};
+use crate::msg_kind::Kind;
+
+mod control;
+pub mod limits;
+mod mcast;
+pub mod samples;
+
+pub use control::{
+    Close, CloseCode, CommandResult, ConfigReport, Dispatch, Enrol, Enrolled, Heartbeat, Hello,
+    LastExecuted, Package, RebootComplete, RebootStarting, ResultAck, Step, StepResult, StepStatus,
+    Welcome,
+};
+pub use mcast::{Announce, Completion, Nack, Outcome, TransferState, TransferStatus};
+
+/// One fleetcast message, borrowing from the bytes it was parsed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+#[allow(missing_docs)]
+pub enum Message<'a> {
+    Hello(Hello<'a>),
+    Welcome(Welcome),
+    Heartbeat(Heartbeat),
+    Enrol(Enrol<'a>),
+    Enrolled(Enrolled<'a>),
+    Dispatch(Dispatch<'a>),
+    Result(CommandResult<'a>),
+    ResultAck(ResultAck),
+    RebootStarting(RebootStarting),
+    RebootComplete(RebootComplete<'a>),
+    Announce(Announce<'a>),
+    Data(DataBlock<'a>),
+    Nack(Nack),
+    Repair(DataBlock<'a>),
+    Completion(Completion<'a>),
+    TransferStatus(TransferStatus),
+    Close(Close<'a>),
+}
+
+impl<'a> Message<'a> {
+    /// The message's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Message::Hello(_) => Kind::Hello,
+            Message::Welcome(_) => Kind::Welcome,
+            Message::Heartbeat(_) => Kind::Heartbeat,
+            Message::Enrol(_) => Kind::Enrol,
+            Message::Enrolled(_) => Kind::Enrolled,
+            Message::Dispatch(_) => Kind::Dispatch,
+            Message::Result(_) => Kind::Result,
+            Message::ResultAck(_) => Kind::ResultAck,
+            Message::RebootStarting(_) => Kind::RebootStarting,
+            Message::RebootComplete(_) => Kind::RebootComplete,
+            Message::Announce(_) => Kind::Announce,
+            Message::Data(_) => Kind::Data,
+            Message::Nack(_) => Kind::Nack,
+            Message::Repair(_) => Kind::Repair,
+            Message::Completion(_) => Kind::Completion,
+            Message::TransferStatus(_) => Kind::TransferStatus,
+            Message::Close(_) => Kind::Close,
+        }
+    }
+
+    fn encode_body<S: Sink>(&self, s: &mut S) -> Result<()> {
+        match self {
+            Message::Hello(m) => m.encode(s),
+            Message::Welcome(m) => m.encode(s),
+            Message::Heartbeat(m) => m.encode(s),
+            Message::Enrol(m) => m.encode(s),
+            Message::Enrolled(m) => m.encode(s),
+            Message::Dispatch(m) => m.encode(s),
+            Message::Result(m) => m.encode(s),
+            Message::ResultAck(m) => s.u64(m.seq),
+            Message::RebootStarting(m) => m.encode(s),
+            Message::RebootComplete(m) => {
+                s.u64(m.seq)?;
+                m.report.encode(s)
+            }
+            Message::Announce(m) => m.encode(s),
+            Message::Data(b) | Message::Repair(b) => {
+                s.u32(b.session)?;
+                s.u32(b.block)?;
+                s.put(b.payload)
+            }
+            Message::Nack(m) => m.encode(s),
+            Message::Completion(m) => m.encode(s),
+            Message::TransferStatus(m) => m.encode(s),
+            Message::Close(m) => m.encode(s),
+        }
+    }
+
+    fn decode_body(kind: Kind, body: &'a [u8]) -> Result<Self> {
+        let mut r = Reader::new(body);
+        let r = &mut r;
+        let msg = match kind {
+            Kind::Hello => Message::Hello(Hello::decode(r)?),
+            Kind::Welcome => Message::Welcome(Welcome::decode(r)?),
+            Kind::Heartbeat => Message::Heartbeat(Heartbeat::decode(r)?),
+            Kind::Enrol => Message::Enrol(Enrol::decode(r)?),
+            Kind::Enrolled => Message::Enrolled(Enrolled::decode(r)?),
+            Kind::Dispatch => Message::Dispatch(Dispatch::decode(r)?),
+            Kind::Result => Message::Result(CommandResult::decode(r)?),
+            Kind::ResultAck => Message::ResultAck(ResultAck { seq: r.u64()? }),
+            Kind::RebootStarting => Message::RebootStarting(RebootStarting::decode(r)?),
+            Kind::RebootComplete => Message::RebootComplete(RebootComplete {
+                seq: r.u64()?,
+                report: ConfigReport::decode(r)?,
+            }),
+            Kind::Announce => Message::Announce(Announce::decode(r)?),
+            Kind::Data => Message::Data(DataBlock::parse_body(r.rest())?),
+            Kind::Nack => Message::Nack(Nack::decode(r)?),
+            Kind::Repair => Message::Repair(DataBlock::parse_body(r.rest())?),
+            Kind::Completion => Message::Completion(Completion::decode(r)?),
+            Kind::TransferStatus => Message::TransferStatus(TransferStatus::decode(r)?),
+            Kind::Close => Message::Close(Close::decode(r)?),
+        };
+        r.clone().finish()?;
+        Ok(msg)
+    }
+
+    /// Parses the message carried by a checked frame.
+    pub fn parse(frame: &Frame<'a>) -> Result<Self> {
+        Self::decode_body(Kind::from_u8(frame.header.kind)?, frame.body)
+    }
+
+    /// Parses a datagram holding exactly one frame. Returns the message and the frame (for
+    /// verifying its authentication tag, if any).
+    pub fn parse_datagram(datagram: &'a [u8]) -> Result<(Self, Frame<'a>)> {
+        let frame = Frame::parse_datagram(datagram)?;
+        Ok((Self::parse(&frame)?, frame))
+    }
+
+    /// Length of the body alone.
+    pub fn body_len(&self) -> Result<usize> {
+        let mut c = Counter::default();
+        self.encode_body(&mut c)?;
+        Ok(c.0)
+    }
+
+    /// Length of the whole frame `emit` writes (header and body, no tag).
+    pub fn buffer_len(&self) -> Result<usize> {
+        Ok(HEADER_LEN + self.body_len()?)
+    }
+
+    /// Writes the whole frame into `buf`; returns the number of bytes written
+    /// (= [`Message::buffer_len`]).
+    pub fn emit(&self, buf: &mut [u8]) -> Result<usize> {
+        self.emit_inner(buf, None::<fn(&[u8], &[u8]) -> [u8; TAG_LEN]>)
+    }
+
+    /// Like [`Message::emit`], with a packet-authentication tag: `mac(header[..8], body)`
+    /// computes it over the same bytes [`Frame::mac_input`] gives the receiver. Writes
+    /// `buffer_len() + TAG_LEN` bytes.
+    pub fn emit_authenticated(
+        &self,
+        buf: &mut [u8],
+        mac: impl FnOnce(&[u8], &[u8]) -> [u8; TAG_LEN],
+    ) -> Result<usize> {
+        self.emit_inner(buf, Some(mac))
+    }
+
+    fn emit_inner(
+        &self,
+        buf: &mut [u8],
+        mac: Option<impl FnOnce(&[u8], &[u8]) -> [u8; TAG_LEN]>,
+    ) -> Result<usize> {
+        let body_len = {
+            let body = buf.get_mut(HEADER_LEN..).ok_or(Error::BufferTooSmall)?;
+            let mut w = SliceWriter::new(body);
+            self.encode_body(&mut w)?;
+            w.position()
+        };
+        let tag_len = if mac.is_some() { TAG_LEN } else { 0 };
+        let total_body = body_len + tag_len;
+        let total = HEADER_LEN + total_body;
+        if total > buf.len() {
+            return Err(Error::BufferTooSmall);
+        }
+        let len = u32::try_from(total_body).map_err(|_| Error::FieldTooLong)?;
+        buf[0] = MAGIC;
+        buf[1] = VERSION;
+        buf[2] = self.kind() as u8;
+        buf[3] = if mac.is_some() { FLAG_AUTH } else { 0 };
+        buf[4..8].copy_from_slice(&len.to_be_bytes());
+        if let Some(mac) = mac {
+            let (head, body) = buf.split_at_mut(HEADER_LEN);
+            let tag = mac(&head[..8], &body[..body_len]);
+            body[body_len..body_len + TAG_LEN].copy_from_slice(&tag);
+        }
+        let crc = frame_crc(&buf[..8], &buf[HEADER_LEN..total]);
+        buf[8..12].copy_from_slice(&crc.to_be_bytes());
+        Ok(total)
+    }
+
+    /// Emits into a growable buffer, appending; returns the frame's range in `out`.
+    #[cfg(feature = "alloc")]
+    pub fn emit_to_vec(&self, out: &mut alloc::vec::Vec<u8>) -> Result<core::ops::Range<usize>> {
+        let start = out.len();
+        let n = self.buffer_len()?;
+        out.resize(start + n, 0);
+        let written = self.emit(&mut out[start..])?;
+        debug_assert_eq!(written, n);
+        Ok(start..start + written)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,176 @@
+//! One representative value of every message kind, with every optional field present and
+//! every list non-empty. The golden vectors (`wire/tests/golden/`) are these samples emitted;
+//! benches and the fuzz seed corpus use them too.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::net::{IpAddr, Ipv4Addr};
+
+use super::*;
+use crate::data::DataBlock;
+use crate::ranges::Ranges;
+
+const OUTPUT: &[u8] = b"Setting up nginx (1.22.1-9) ...\n";
+const PAYLOAD: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+fn result() -> CommandResult<'static> {
+    CommandResult {
+        command_id: 0x0102_0304_0506_0708,
+        seq: 7,
+        exit_code: 0,
+        steps: vec![
+            StepResult {
+                status: StepStatus::Ok,
+                exit_code: 0,
+                duration_ms: 1250,
+            },
+            StepResult {
+                status: StepStatus::Skipped,
+                exit_code: 0,
+                duration_ms: 0,
+            },
+        ],
+        output: OUTPUT,
+    }
+}
+
+fn report() -> ConfigReport<'static> {
+    ConfigReport {
+        boot_id: [0xB2; 16],
+        os: "Debian GNU/Linux 12",
+        kernel: "6.1.0-18-amd64",
+        hostname: "rack4-node17",
+        agent_version: "0.1.0",
+        addresses: vec!["10.77.0.17/16", "fe80::1/64"],
+        software: vec![
+            Package {
+                name: "nginx",
+                version: "1.22.1-9",
+            },
+            Package {
+                name: "fleetcast-agent",
+                version: "0.1.0",
+            },
+        ],
+    }
+}
+
+/// A sample of every kind, in [`Kind::ALL`] order.
+pub fn all() -> Vec<Message<'static>> {
+    let mut missing = Ranges::new();
+    missing.push(3, 2).expect("canonical");
+    missing.push(100, 1).expect("canonical");
+    vec![
+        Message::Hello(Hello {
+            device_id: 17,
+            credential: &[0xC7; 32],
+            agent_version: "0.1.0",
+            boot_id: [0xB1; 16],
+            last: Some(LastExecuted {
+                seq: 7,
+                result: Some(result()),
+            }),
+        }),
+        Message::Welcome(Welcome {
+            session_id: 0xAB,
+            server_time_ms: 1_795_000_000_000,
+            heartbeat_ms: 15_000,
+            acked_seq: 7,
+            pending_commands: 2,
+            pending_transfers: 1,
+        }),
+        Message::Heartbeat(Heartbeat {
+            nonce: 99,
+            echo: false,
+        }),
+        Message::Enrol(Enrol {
+            token: b"tok-5f2a",
+            name: "rack4-node17",
+            spki: &[0x30, 0x59, 0x30],
+        }),
+        Message::Enrolled(Enrolled {
+            device_id: 17,
+            certificate: &[0x30, 0x82, 0x01, 0x0a],
+        }),
+        Message::Dispatch(Dispatch {
+            command_id: 0x0102_0304_0506_0708,
+            seq: 8,
+            timeout_ms: 600_000,
+            steps: vec![
+                Step::Fetch {
+                    url: "https://gw/pkg.deb",
+                    path: "/tmp/pkg.deb",
+                },
+                Step::Verify {
+                    path: "/tmp/pkg.deb",
+                    sha256: [0x5A; 32],
+                },
+                Step::Write {
+                    path: "/etc/app.conf",
+                    mode: 0o644,
+                    contents: b"port=80\n",
+                },
+                Step::Exec {
+                    argv: vec!["dpkg", "-i", "/tmp/pkg.deb"],
+                },
+                Step::Reboot,
+                Step::Report,
+            ],
+        }),
+        Message::Result(result()),
+        Message::ResultAck(ResultAck { seq: 7 }),
+        Message::RebootStarting(RebootStarting {
+            command_id: 9,
+            seq: 9,
+            boot_id: [0xB1; 16],
+        }),
+        Message::RebootComplete(RebootComplete {
+            seq: 9,
+            report: report(),
+        }),
+        Message::Announce(Announce {
+            task_id: 3,
+            session: 0xCAFE,
+            group: IpAddr::V4(Ipv4Addr::new(239, 77, 0, 1)),
+            port: 7301,
+            size: 268_435_456,
+            block_size: 1400,
+            sha256: [0xD1; 32],
+            auth_key: Some([0x4B; 32]),
+            name: "debian-12.img",
+        }),
+        Message::Data(DataBlock {
+            session: 0xCAFE,
+            block: 5,
+            payload: PAYLOAD,
+        }),
+        Message::Nack(Nack {
+            session: 0xCAFE,
+            device_id: 17,
+            missing,
+        }),
+        Message::Repair(DataBlock {
+            session: 0xCAFE,
+            block: 100,
+            payload: PAYLOAD,
+        }),
+        Message::Completion(Completion {
+            task_id: 3,
+            session: 0xCAFE,
+            outcome: Outcome::Verified,
+            sha256: [0xD1; 32],
+            reason: "",
+        }),
+        Message::TransferStatus(TransferStatus {
+            task_id: 3,
+            session: 0xCAFE,
+            state: TransferState::InProgress,
+            received: 1000,
+            total: 191_740,
+        }),
+        Message::Close(Close {
+            code: CloseCode::REVOKED,
+            reason: "device revoked by operator",
+        }),
+    ]
+}
