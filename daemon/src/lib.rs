@@ -1,1 +1,2 @@
 //! fleetcast gateway daemon.
+pub mod pki;
