@@ -72,7 +72,10 @@ mod tests {
         assert_eq!(t + Duration::from_micros(7), Instant::from_micros(12));
         assert_eq!(Instant::from_micros(12) - t, Duration::from_micros(7));
         assert_eq!(t - Instant::from_micros(12), Duration::ZERO);
-        assert_eq!(Instant::FAR_FUTURE + Duration::from_secs(1), Instant::FAR_FUTURE);
+        assert_eq!(
+            Instant::FAR_FUTURE + Duration::from_secs(1),
+            Instant::FAR_FUTURE
+        );
         assert_eq!(t + Duration::MAX, Instant::FAR_FUTURE);
     }
 }
