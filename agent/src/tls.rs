@@ -1,7 +1,10 @@
 //! Device-side TLS: the device's key pair and the rustls client configuration.
 //!
 //! Enrolment story (see `fleetcast_daemon::pki` for the gateway side):
-//! 1. The operator hands the device the gateway CA certificate (PEM) and a one-time token.
+//! 1. The operator hands the device the gateway CA certificate (PEM) and a one-time token;
+//!    or, instead of the certificate, its SHA-256 fingerprint ([`parse_fingerprint`]): then the
+//!    enrolment connection uses [`client_config_pinned`] and [`pinned_ca`] extracts the CA
+//!    from the verified chain for the device to save.
 //! 2. The agent generates a [`DeviceKey`] locally and saves it with mode 0600.
 //! 3. It connects with [`client_config`]`(ca, None)` (server verified, no client certificate)
 //!    and sends the token plus [`DeviceKey::spki_der`]; the gateway answers with a client
@@ -236,6 +239,136 @@ pub fn client_config_with_time(
     Ok(Arc::new(config))
 }
 
+/// Client configuration for the enrolment connection when the operator gave the device only
+/// the SHA-256 fingerprint of the gateway CA instead of its certificate: the gateway sends its
+/// CA certificate in the chain; the connection is accepted only if a certificate in the chain
+/// has exactly this fingerprint and the server certificate verifies against it (as if it were
+/// the sole root). After the handshake, [`pinned_ca`] extracts the CA to save for later
+/// connections. No client certificate; otherwise like [`client_config`].
+pub fn client_config_pinned(ca_fingerprint: [u8; 32]) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_pinned_with_time(ca_fingerprint, Arc::new(DefaultTimeProvider))
+}
+
+/// [`client_config_pinned`] with an explicit source of wall time.
+pub fn client_config_pinned_with_time(
+    ca_fingerprint: [u8; 32],
+    time: Arc<dyn TimeProvider>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(PinnedCaVerifier {
+        pin: ca_fingerprint,
+        provider: provider.clone(),
+    });
+    let mut config = ClientConfig::builder_with_details(provider, time)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The certificate in a verified peer chain (`ClientConnection::peer_certificates()`) whose
+/// SHA-256 is `ca_fingerprint`: the gateway CA to save after a pinned enrolment.
+pub fn pinned_ca(
+    peer_chain: &[CertificateDer<'_>],
+    ca_fingerprint: [u8; 32],
+) -> Option<CertificateDer<'static>> {
+    peer_chain
+        .iter()
+        .find(|c| cert_fingerprint_sha256(c) == ca_fingerprint)
+        .map(|c| c.clone().into_owned())
+}
+
+/// Parses a SHA-256 fingerprint written as 64 hex digits, optionally separated by colons
+/// (`ab:cd:…`), in either case.
+pub fn parse_fingerprint(text: &str) -> Option<[u8; 32]> {
+    let digits: Vec<u8> = text
+        .trim()
+        .bytes()
+        .filter(|&b| b != b':')
+        .map(|b| match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            b'A'..=b'F' => Some(b - b'A' + 10),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    if digits.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(digits.chunks(2)) {
+        *o = pair[0] << 4 | pair[1];
+    }
+    Some(out)
+}
+
+/// Verifies the server against the CA certificate in its own chain whose SHA-256 is pinned.
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    pin: [u8; 32],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let ca = pinned_ca(intermediates, self.pin).ok_or(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ))?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca)?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 /// Lower-case hex formatting of a byte slice.
 struct Hex<'a>(&'a [u8]);
 
@@ -405,7 +538,7 @@ mod tests {
                 .unwrap()
                 .with_client_cert_verifier(verifier)
                 .with_single_cert(
-                    vec![server_cert.der().clone()],
+                    vec![server_cert.der().clone(), ca_der.clone()],
                     PrivateKeyDer::Pkcs8(server_key.serialize_der().into()),
                 )
                 .unwrap();
@@ -633,5 +766,73 @@ mod tests {
             cert_fingerprint_sha256(b"abc")[..4],
             [0xba, 0x78, 0x16, 0xbf]
         );
+    }
+
+    #[test]
+    fn pinned_enrolment_accepts_only_the_pinned_ca() {
+        let gw = TestGateway::new();
+        let pin = cert_fingerprint_sha256(&gw.ca_der);
+        let cfg = client_config_pinned_with_time(pin, Arc::new(FixedTime)).unwrap();
+        let (client, server) = handshake(cfg, gw.server.clone()).unwrap();
+        assert!(server.peer_certificates().is_none());
+        let ca = pinned_ca(client.peer_certificates().unwrap(), pin).unwrap();
+        assert_eq!(ca, gw.ca_der);
+        // The saved CA then works for the ordinary configuration.
+        handshake(config(&ca, None), gw.server.clone()).unwrap();
+
+        // Another gateway (its own CA in its chain) does not match the pin.
+        let impostor = TestGateway::new();
+        let cfg = client_config_pinned_with_time(pin, Arc::new(FixedTime)).unwrap();
+        let err = handshake(cfg, impostor.server.clone()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
+            ),
+            "{err:?}"
+        );
+        // An impostor that sends the genuine CA certificate beside its own server
+        // certificate still fails: its certificate is not signed by that CA.
+        let mut forged = (*impostor.server).clone();
+        let key = KeyPair::generate().unwrap();
+        let own = CertificateParams::new(vec!["gw.test".to_owned()])
+            .unwrap()
+            .signed_by(&key, &impostor.issuer)
+            .unwrap();
+        forged.cert_resolver = Arc::new(rustls::sign::SingleCertAndKey::from(
+            rustls::sign::CertifiedKey::from_der(
+                vec![own.der().clone(), gw.ca_der.clone()],
+                PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+                &rustls::crypto::ring::default_provider(),
+            )
+            .unwrap(),
+        ));
+        let cfg = client_config_pinned_with_time(pin, Arc::new(FixedTime)).unwrap();
+        let err = handshake(cfg, Arc::new(forged)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::BadSignature
+                        | rustls::CertificateError::UnknownIssuer
+                )
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn fingerprints_parse_with_or_without_colons() {
+        let fp: [u8; 32] = core::array::from_fn(|i| (i * 8 + 1) as u8);
+        let plain: String = fp.iter().map(|b| format!("{b:02x}")).collect();
+        let colons: Vec<String> = fp.iter().map(|b| format!("{b:02X}")).collect();
+        assert_eq!(parse_fingerprint(&plain), Some(fp));
+        assert_eq!(
+            parse_fingerprint(&format!(" {}\n", colons.join(":"))),
+            Some(fp)
+        );
+        assert_eq!(parse_fingerprint(&plain[..62]), None);
+        assert_eq!(parse_fingerprint(&format!("{plain}00")), None);
+        assert_eq!(parse_fingerprint(&plain.replace('1', "g")), None);
     }
 }

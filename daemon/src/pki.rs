@@ -252,8 +252,9 @@ impl Pki {
         hex(&self.ca_fingerprint)
     }
 
-    /// The server configuration: ring provider, TLS 1.3 and 1.2, client certificates verified
-    /// against the CA but optional (enrolment connections have none), stateless session
+    /// The server configuration: ring provider, TLS 1.3 and 1.2, chain = server certificate
+    /// and CA certificate, client certificates verified against the CA but optional
+    /// (enrolment connections have none), stateless session
     /// resumption with rotating ticket keys, ALPN `fleetcast/1`. It is built once; every
     /// connection must share this `Arc` (and so its ticket keys) for resumption to work.
     pub fn server_config(&self) -> Arc<ServerConfig> {
@@ -617,8 +618,10 @@ fn build_server_config(
     let mut config = ServerConfig::builder_with_details(provider, time)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(verifier)
+        // The CA travels in the chain so an agent given only the CA's fingerprint can
+        // verify the server and keep the CA (`fleetcast_agent::tls::client_config_pinned`).
         .with_single_cert(
-            vec![server_cert.clone()],
+            vec![server_cert.clone(), ca_der.clone()],
             PrivateKeyDer::Pkcs8(server_key.clone_key()),
         )?;
     config.alpn_protocols = vec![ALPN.to_vec()];
@@ -1205,5 +1208,30 @@ mod tests {
             let back = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
             assert_eq!(back.as_ref(), &der[..]);
         }
+    }
+
+    #[test]
+    fn enrolment_with_only_the_ca_fingerprint() {
+        use fleetcast_agent::tls::{client_config_pinned_with_time, parse_fingerprint, pinned_ca};
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki(dir.path());
+        // The operator reads the fingerprint off the gateway and types it into the device.
+        let pin = parse_fingerprint(&pki.ca_fingerprint_sha256()).unwrap();
+        let cfg = client_config_pinned_with_time(pin, Arc::new(FixedTime)).unwrap();
+        let (client, server) = handshake(cfg, gateway(&pki), "gw.test").unwrap();
+        assert!(server.peer_certificates().is_none());
+        let ca = pinned_ca(client.peer_certificates().unwrap(), pin).unwrap();
+        assert_eq!(&ca, pki.ca_cert_der());
+        // Enrolment over that session, then mutual TLS with the saved CA.
+        let key = DeviceKey::generate().unwrap();
+        let cert = pki
+            .issue_device_cert(5, "pinned", &key.spki_der(), at(T0))
+            .unwrap();
+        let cfg = client_config_with_time(&ca, Some((&cert, &key)), Arc::new(FixedTime)).unwrap();
+        let (_, server) = handshake(cfg, gateway(&pki), "gw.test").unwrap();
+        assert_eq!(
+            device_identity(&server.peer_certificates().unwrap()[0]).map(|i| i.id),
+            Some(5)
+        );
     }
 }
