@@ -1,1 +1,113 @@
-//! fleetcast's durable state on LMDB.
+//! fleetcast's durable state on LMDB: devices, command queues, results, distribution tasks and
+//! the event log. Everything fleetcast must not lose lives here, so a gateway restarted at any
+//! instant continues exactly where it was.
+//!
+//! # Shape
+//! - [`Store::open`] opens (or creates) the environment, checks the schema version (a newer one
+//!   is refused with [`Error::SchemaTooNew`]) and does no work proportional to the data: open
+//!   time does not depend on how many commands are queued.
+//! - [`Store::snapshot`] is a consistent read view ([`Snapshot`]).
+//! - [`Store::batch`] is a write transaction that collects many transitions and commits them
+//!   with one fsync ([`Batch`]; its module docs give the driving contract for the daemon's
+//!   loop: apply transitions, `commit`, and only then ack peers).
+//!
+//! # Invariants
+//! - Every protocol transition is one validated operation; illegal transitions are typed
+//!   errors ([`Error::IllegalTransition`] with an [`Illegal`] reason) and write nothing.
+//! - A batch is atomic: after a crash either all of its transitions are present or none.
+//! - No LMDB cursor, iterator or borrowed slice leaves the crate (see `env`), so the
+//!   lmdb-rkv 0.14 iterator-outlives-cursor use-after-free cannot be reached from this API.
+//! - The map grows on demand; a full file system is [`Error::DiskFull`] and loses nothing
+//!   committed.
+//! - The store never reads the clock: every time is a `u64` of ms since the UNIX epoch passed
+//!   in by the caller.
+//!
+//! # Concurrency
+//! One writer (the daemon's loop). `batch` takes `&mut self`, snapshots borrow `&self`, so a
+//! map resize can never race an open transaction of this process. Another process may open
+//! the same environment read-only-ish (e.g. the CLI tailing events) through its own `Store`.
+
+mod batch;
+mod codec;
+mod env;
+mod error;
+mod queue;
+mod read;
+mod types;
+
+use std::path::Path;
+
+use lmdb::{Environment, RoTransaction};
+
+pub use batch::{Batch, Committed, Recorded};
+pub use env::{INITIAL_MAP_SIZE, SCHEMA_VERSION};
+pub use error::{Error, Illegal, Missing, Result};
+pub use types::{
+    BlockSet, Command, CommandResult, ConfigReport, Device, DeviceId, EnrolmentToken, Event,
+    EventId, EventKind, FailReason, OnFailure, QueueState, QueueStatus, Step, StepOutcome,
+    StepResult, Task, TaskDeviceStatus, TaskId, Transport, OUTPUT_EXCERPT_MAX,
+};
+
+use env::Dbs;
+use read::read_methods;
+
+/// The store: one LMDB environment in a directory.
+pub struct Store {
+    env: Environment,
+    dbs: Dbs,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens or creates the store in directory `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Store> {
+        let (env, dbs) = env::open_env(path.as_ref())?;
+        Ok(Store { env, dbs })
+    }
+
+    /// Begins a write batch (group commit). See [`Batch`].
+    pub fn batch(&mut self) -> Result<Batch<'_>> {
+        Batch::begin(&self.env, &self.dbs)
+    }
+
+    /// A consistent read view of the committed state.
+    pub fn snapshot(&self) -> Result<Snapshot<'_>> {
+        Ok(Snapshot {
+            txn: self.env.begin_ro_txn()?,
+            dbs: &self.dbs,
+        })
+    }
+
+    /// Current map size in bytes (grows on demand).
+    pub fn map_size(&self) -> Result<usize> {
+        Ok(self.env.info()?.map_size())
+    }
+}
+
+/// A read-only, consistent view of the committed state.
+pub struct Snapshot<'s> {
+    txn: RoTransaction<'s>,
+    dbs: &'s Dbs,
+}
+
+impl std::fmt::Debug for Snapshot<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot").finish_non_exhaustive()
+    }
+}
+
+impl<'s> Snapshot<'s> {
+    fn read_parts(&self) -> Result<(&RoTransaction<'s>, &Dbs)> {
+        Ok((&self.txn, self.dbs))
+    }
+
+    read_methods!();
+}
+
+#[cfg(test)]
+mod tests;

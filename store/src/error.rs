@@ -1,0 +1,189 @@
+//! The store's typed errors.
+//!
+//! Invariants:
+//! - An [`Error::IllegalTransition`] is returned *before* anything was written: the batch it
+//!   happened in stays valid and every other operation of that batch still commits.
+//! - Any other error raised inside a [`Batch`](crate::Batch) operation (LMDB failure, corrupt
+//!   record, full disk) poisons the batch: [`Batch::commit`](crate::Batch::commit) refuses with
+//!   [`Error::Poisoned`] and nothing of the batch is written. What was committed earlier is
+//!   untouched.
+
+use crate::types::{DeviceId, QueueStatus, TaskId};
+
+/// What a [`Error::NotFound`] did not find.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Missing {
+    /// No device with this id.
+    Device(DeviceId),
+    /// No device with this name.
+    DeviceName(String),
+    /// No unused enrolment token with this hash.
+    EnrolmentToken,
+    /// No command with this sequence number in the device's queue.
+    Command {
+        /// Device whose queue was searched.
+        device: DeviceId,
+        /// Sequence number looked for.
+        seq: u64,
+    },
+    /// No distribution task with this id.
+    Task(TaskId),
+    /// The device is not a target of the task.
+    TaskTarget {
+        /// The task.
+        task: TaskId,
+        /// The device.
+        device: DeviceId,
+    },
+    /// No group with this name (or it has no members).
+    Group(String),
+}
+
+/// Why a transition was refused. Each variant names the precise rule that was broken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Illegal {
+    /// The queue is not in a status that allows this transition.
+    WrongStatus {
+        /// The transition attempted (a static name such as `"mark_transmitted"`).
+        op: &'static str,
+        /// The queue's status at the time.
+        status: QueueStatus,
+    },
+    /// Only the next pending command may be transmitted (one command in flight per device).
+    NotNextCommand {
+        /// The command that would be next, if any.
+        expected: Option<u64>,
+        /// The command the caller named.
+        found: u64,
+    },
+    /// A result (or reboot notice) for a command that was never transmitted.
+    NotTransmitted {
+        /// The command named.
+        seq: u64,
+    },
+    /// A second, different result for a command whose result is already recorded.
+    ConflictingResult {
+        /// The command named.
+        seq: u64,
+    },
+    /// Another transmission would exceed the command's `max_attempts`.
+    AttemptsExhausted {
+        /// The command named.
+        seq: u64,
+    },
+    /// `reboot_started` for a command that has no `Reboot` step.
+    NotARebootCommand {
+        /// The command named.
+        seq: u64,
+    },
+    /// `reboot_completed` with the boot id of the boot before the reboot.
+    BootIdUnchanged,
+    /// `reboot_deadline_missed` or `command_timed_out` called before the deadline.
+    DeadlineNotReached {
+        /// The deadline, ms since the UNIX epoch.
+        deadline_ms: u64,
+    },
+    /// The enrolment name is already used by another device.
+    NameTaken,
+    /// The device is revoked and cannot take part in the protocol.
+    Revoked,
+    /// The task-status transition is not allowed from the current task status.
+    TaskStatus {
+        /// The transition attempted.
+        op: &'static str,
+        /// Name of the current status (`pending`, `in_progress`, `completed`, `failed`).
+        current: &'static str,
+    },
+    /// A block range outside the task's block count.
+    BlockOutOfRange {
+        /// The first block past the end that was named.
+        block: u32,
+        /// Number of blocks of the task.
+        blocks: u32,
+    },
+    /// An argument out of bounds (no steps, `max_attempts` 0, block size 0).
+    Invalid(&'static str),
+    /// The enrolment token has expired.
+    TokenExpired,
+}
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The environment was written by a newer fleetcast; refusing to touch it.
+    #[error(
+        "store schema version {found} is newer than this build supports ({supported}); \
+         upgrade fleetcast or open a different data directory"
+    )]
+    SchemaTooNew {
+        /// Version found in the environment.
+        found: u32,
+        /// Highest version this build understands.
+        supported: u32,
+    },
+    /// A protocol rule forbids this transition for `device` (or the task).
+    #[error("illegal transition for device {device:?}: {kind:?}")]
+    IllegalTransition {
+        /// The device concerned (`None` for task-only rules).
+        device: Option<DeviceId>,
+        /// The rule that was broken.
+        kind: Illegal,
+    },
+    /// A record the operation needs does not exist.
+    #[error("not found: {0:?}")]
+    NotFound(Missing),
+    /// The file system is full (ENOSPC, EDQUOT or EFBIG). The failed batch is not committed;
+    /// everything committed before is intact.
+    #[error("disk full: the batch was not committed (everything committed earlier is intact)")]
+    DiskFull,
+    /// A stored record could not be decoded.
+    #[error("corrupt record in table {table}: {reason}")]
+    Corrupt {
+        /// Table (LMDB database) holding the record.
+        table: &'static str,
+        /// What was wrong.
+        reason: &'static str,
+    },
+    /// An earlier operation of this batch failed with a storage error; the batch cannot commit.
+    #[error("batch poisoned by an earlier storage error; nothing of it was committed")]
+    Poisoned,
+    /// An LMDB error not covered above.
+    #[error("lmdb: {0}")]
+    Lmdb(lmdb::Error),
+    /// An I/O error while preparing the environment directory.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<lmdb::Error> for Error {
+    fn from(e: lmdb::Error) -> Self {
+        match e {
+            lmdb::Error::Other(code)
+                if code == libc::ENOSPC || code == libc::EDQUOT || code == libc::EFBIG =>
+            {
+                Error::DiskFull
+            }
+            other => Error::Lmdb(other),
+        }
+    }
+}
+
+impl Error {
+    pub(crate) fn illegal(device: DeviceId, kind: Illegal) -> Self {
+        Error::IllegalTransition {
+            device: Some(device),
+            kind,
+        }
+    }
+
+    /// True for errors that leave the batch usable (refused before anything was written).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Error::IllegalTransition { .. } | Error::NotFound(_))
+    }
+}
+
+/// Result alias of the store.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

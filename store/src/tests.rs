@@ -1,0 +1,605 @@
+//! Store-level tests of every transition through real LMDB transactions.
+
+use super::*;
+use proptest::prelude::*;
+
+fn cmd(steps: Vec<Step>, max_attempts: u32, on_failure: OnFailure) -> Command {
+    Command {
+        steps,
+        timeout_ms: 1000,
+        max_attempts,
+        on_failure,
+    }
+}
+fn exec() -> Command {
+    cmd(
+        vec![Step::Exec {
+            argv: vec!["true".into()],
+        }],
+        1,
+        OnFailure::Stop,
+    )
+}
+fn reboot_cmd() -> Command {
+    cmd(vec![Step::Reboot, Step::Report], 1, OnFailure::Stop)
+}
+fn ok() -> CommandResult {
+    CommandResult {
+        steps: vec![StepResult {
+            outcome: StepOutcome::Ok,
+            exit_code: Some(0),
+            output: b"done".to_vec(),
+            started_ms: 1,
+            finished_ms: 2,
+        }],
+    }
+}
+fn failed() -> CommandResult {
+    let mut r = ok();
+    r.steps[0].outcome = StepOutcome::Failed;
+    r.steps[0].exit_code = Some(1);
+    r
+}
+fn report(boot: &str) -> ConfigReport {
+    ConfigReport {
+        os: "Debian 13".into(),
+        kernel: "6.12".into(),
+        hostname: "dev".into(),
+        addresses: vec!["10.0.0.2".into()],
+        software: vec![("openssl".into(), "3.5".into())],
+        agent_version: "0.1.0".into(),
+        boot_id: boot.into(),
+    }
+}
+fn setup() -> (tempfile::TempDir, Store, DeviceId) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path()).unwrap();
+    let mut b = s.batch().unwrap();
+    let d = b.add_device("dev-1", [7; 32], 100).unwrap();
+    b.commit().unwrap();
+    (dir, s, d)
+}
+fn illegal(e: Error) -> Illegal {
+    match e {
+        Error::IllegalTransition { kind, .. } => kind,
+        other => panic!("expected illegal transition, got {other:?}"),
+    }
+}
+
+#[test]
+fn round_trip_survives_reopen() {
+    let (dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    assert_eq!(b.enqueue(d, exec()).unwrap(), 1);
+    assert_eq!(b.enqueue(d, exec()).unwrap(), 2);
+    assert_eq!(b.next_to_dispatch(d).unwrap().unwrap().0, 1);
+    b.mark_transmitted(d, 1, 10).unwrap();
+    assert_eq!(
+        b.record_result(d, 1, ok()).unwrap(),
+        Recorded::Stored(QueueStatus::Running)
+    );
+    let c = b.commit().unwrap();
+    assert_eq!(c.operations, 4);
+    drop(s);
+    let s = Store::open(dir.path()).unwrap();
+    let snap = s.snapshot().unwrap();
+    let q = snap.queue(d).unwrap().unwrap();
+    assert_eq!(
+        (q.status, q.completed_through, q.cursor),
+        (QueueStatus::Running, 1, Some(1))
+    );
+    assert_eq!(snap.result(d, 1).unwrap(), Some(ok()));
+    assert_eq!(snap.next_to_dispatch(d).unwrap().unwrap().0, 2);
+    assert_eq!(snap.commit_seq().unwrap(), c.commit_seq);
+    assert_eq!(snap.commands(d, 0, 10).unwrap().len(), 2);
+}
+
+#[test]
+fn illegal_transitions_are_typed_and_do_not_poison() {
+    let (_dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    b.enqueue(d, reboot_cmd()).unwrap();
+    assert_eq!(
+        illegal(b.record_result(d, 1, ok()).unwrap_err()),
+        Illegal::NotTransmitted { seq: 1 }
+    );
+    assert!(matches!(
+        illegal(b.mark_transmitted(d, 2, 0).unwrap_err()),
+        Illegal::NotNextCommand { .. }
+    ));
+    b.mark_transmitted(d, 1, 0).unwrap();
+    b.reboot_started(d, 1, 5_000).unwrap();
+    assert!(matches!(
+        illegal(b.mark_transmitted(d, 1, 1).unwrap_err()),
+        Illegal::WrongStatus {
+            status: QueueStatus::Rebooting,
+            ..
+        }
+    ));
+    assert!(matches!(
+        illegal(b.record_result(d, 1, ok()).unwrap_err()),
+        Illegal::WrongStatus {
+            status: QueueStatus::Rebooting,
+            ..
+        }
+    ));
+    assert!(matches!(
+        b.enqueue(DeviceId(99), exec()),
+        Err(Error::NotFound(Missing::Device(_)))
+    ));
+    b.commit().unwrap();
+    assert_eq!(
+        s.snapshot().unwrap().queue(d).unwrap().unwrap().status,
+        QueueStatus::Rebooting
+    );
+}
+
+#[test]
+fn reboot_cycle() {
+    let (_dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    b.set_report(d, report("boot-a"), 1).unwrap();
+    b.enqueue(d, reboot_cmd()).unwrap();
+    b.enqueue(d, exec()).unwrap();
+    b.mark_transmitted(d, 1, 10).unwrap();
+    b.reboot_started(d, 1, 10_000).unwrap();
+    b.commit().unwrap();
+    let mut b = s.batch().unwrap();
+    assert_eq!(
+        illegal(
+            b.reboot_completed(d, 1, report("boot-a"), ok(), 50)
+                .unwrap_err()
+        ),
+        Illegal::BootIdUnchanged
+    );
+    assert_eq!(
+        illegal(b.reboot_deadline_missed(d, 9_999).unwrap_err()),
+        Illegal::DeadlineNotReached {
+            deadline_ms: 10_000
+        }
+    );
+    assert_eq!(
+        b.reboot_completed(d, 1, report("boot-b"), ok(), 60)
+            .unwrap(),
+        QueueStatus::Running
+    );
+    assert!(
+        illegal(
+            b.reboot_completed(d, 1, report("boot-c"), ok(), 61)
+                .unwrap_err()
+        ) != Illegal::BootIdUnchanged
+    );
+    b.commit().unwrap();
+    let snap = s.snapshot().unwrap();
+    let dev = snap.device(d).unwrap().unwrap();
+    assert_eq!(dev.report.unwrap().boot_id, "boot-b");
+    assert_eq!(dev.last_seen_ms, Some(60));
+    assert_eq!(snap.next_to_dispatch(d).unwrap().unwrap().0, 2);
+    drop(snap);
+    // Missing the deadline fails the queue; retry dispatches the reboot command again.
+    let mut b = s.batch().unwrap();
+    b.enqueue(d, reboot_cmd()).unwrap();
+    b.mark_transmitted(d, 2, 100).unwrap();
+    b.record_result(d, 2, ok()).unwrap();
+    b.mark_transmitted(d, 3, 100).unwrap();
+    b.reboot_started(d, 3, 200).unwrap();
+    b.reboot_deadline_missed(d, 200).unwrap();
+    let q = b.queue(d).unwrap().unwrap();
+    assert_eq!(
+        (q.status, q.failure),
+        (QueueStatus::Failed, Some(FailReason::RebootDeadlineMissed))
+    );
+    b.retry(d).unwrap();
+    assert_eq!(b.next_to_dispatch(d).unwrap().unwrap().0, 3);
+    b.commit().unwrap();
+}
+
+#[test]
+fn duplicate_and_conflicting_results() {
+    let (_dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    b.enqueue(d, exec()).unwrap();
+    b.mark_transmitted(d, 1, 0).unwrap();
+    assert_eq!(
+        b.record_result(d, 1, ok()).unwrap(),
+        Recorded::Stored(QueueStatus::Done)
+    );
+    b.commit().unwrap();
+    let mut b = s.batch().unwrap();
+    assert_eq!(b.record_result(d, 1, ok()).unwrap(), Recorded::Duplicate);
+    assert_eq!(
+        illegal(b.record_result(d, 1, failed()).unwrap_err()),
+        Illegal::ConflictingResult { seq: 1 }
+    );
+    assert_eq!(
+        illegal(b.record_result(d, 2, ok()).unwrap_err()),
+        Illegal::NotTransmitted { seq: 2 }
+    );
+}
+
+#[test]
+fn output_excerpt_is_bounded_to_tail() {
+    let (_dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    b.enqueue(d, exec()).unwrap();
+    b.mark_transmitted(d, 1, 0).unwrap();
+    let mut r = ok();
+    r.steps[0].output = (0..10_000u32).map(|i| i as u8).collect();
+    let tail = r.steps[0].output[10_000 - OUTPUT_EXCERPT_MAX..].to_vec();
+    b.record_result(d, 1, r.clone()).unwrap();
+    assert_eq!(b.result(d, 1).unwrap().unwrap().steps[0].output, tail);
+    assert_eq!(b.record_result(d, 1, r).unwrap(), Recorded::Duplicate);
+}
+
+#[test]
+fn timeouts_retries_and_policies() {
+    let (_dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    b.enqueue(d, cmd(vec![Step::Report], 2, OnFailure::Continue))
+        .unwrap();
+    b.enqueue(d, cmd(vec![Step::Report], 1, OnFailure::Stop))
+        .unwrap();
+    b.enqueue(d, exec()).unwrap();
+    b.mark_transmitted(d, 1, 0).unwrap();
+    assert!(matches!(
+        illegal(b.command_timed_out(d, 1, 999).unwrap_err()),
+        Illegal::DeadlineNotReached { .. }
+    ));
+    assert_eq!(
+        b.command_timed_out(d, 1, 1000).unwrap(),
+        QueueStatus::Running
+    );
+    b.mark_transmitted(d, 1, 2000).unwrap();
+    assert_eq!(b.queue(d).unwrap().unwrap().attempts, 2);
+    assert_eq!(
+        illegal(b.mark_transmitted(d, 1, 2001).unwrap_err()),
+        Illegal::AttemptsExhausted { seq: 1 }
+    );
+    // Continue: exhausted attempts store a synthetic failed result and move on.
+    assert_eq!(
+        b.command_timed_out(d, 1, 3000).unwrap(),
+        QueueStatus::Running
+    );
+    assert!(!b.result(d, 1).unwrap().unwrap().succeeded());
+    b.mark_transmitted(d, 2, 3000).unwrap();
+    assert_eq!(
+        b.record_result(d, 2, failed()).unwrap(),
+        Recorded::Stored(QueueStatus::Failed)
+    );
+    assert!(matches!(
+        illegal(b.mark_transmitted(d, 3, 3001).unwrap_err()),
+        Illegal::WrongStatus { .. }
+    ));
+    assert!(b.next_to_dispatch(d).unwrap().is_none());
+    b.skip(d).unwrap();
+    assert_eq!(b.next_to_dispatch(d).unwrap().unwrap().0, 3);
+    b.commit().unwrap();
+}
+
+#[test]
+fn pause_resume_cancel() {
+    let (_dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    for _ in 0..3 {
+        b.enqueue(d, exec()).unwrap();
+    }
+    b.mark_transmitted(d, 1, 0).unwrap();
+    b.pause(d).unwrap();
+    assert_eq!(
+        b.record_result(d, 1, ok()).unwrap(),
+        Recorded::Stored(QueueStatus::Paused)
+    );
+    assert!(b.next_to_dispatch(d).unwrap().is_none());
+    assert!(b.mark_transmitted(d, 2, 1).is_err());
+    b.resume(d).unwrap();
+    b.mark_transmitted(d, 2, 1).unwrap();
+    assert_eq!(b.cancel(d).unwrap(), 1);
+    assert!(b.command(d, 3).unwrap().is_none());
+    assert_eq!(
+        b.record_result(d, 2, ok()).unwrap(),
+        Recorded::Stored(QueueStatus::Done)
+    );
+    assert_eq!(
+        b.enqueue(d, exec()).unwrap(),
+        4,
+        "sequence numbers are never reused"
+    );
+    b.commit().unwrap();
+}
+
+#[test]
+fn devices_enrolment_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path()).unwrap();
+    let mut b = s.batch().unwrap();
+    let token = EnrolmentToken {
+        name: "edge-1".into(),
+        expires_ms: 1000,
+        groups: vec!["edge".into()],
+    };
+    b.add_enrolment_token([1; 32], token.clone()).unwrap();
+    b.add_enrolment_token([2; 32], token).unwrap();
+    let d = b.enrol([1; 32], [9; 32], 500).unwrap();
+    assert!(matches!(
+        b.enrol([1; 32], [9; 32], 500),
+        Err(Error::NotFound(Missing::EnrolmentToken))
+    ));
+    assert!(matches!(
+        illegal(b.enrol([2; 32], [9; 32], 500).unwrap_err()),
+        Illegal::NameTaken
+    ));
+    let d2 = b.add_device("edge-2", [3; 32], 500).unwrap();
+    b.join_group("edge", d2).unwrap();
+    b.device_seen(d2, 600, Some(Transport::HttpConnect))
+        .unwrap();
+    let seqs = b.enqueue_group("edge", exec()).unwrap();
+    assert_eq!(seqs, vec![(d, 1), (d2, 1)]);
+    b.revoke(d).unwrap();
+    assert_eq!(illegal(b.enqueue(d, exec()).unwrap_err()), Illegal::Revoked);
+    assert_eq!(b.enqueue_group("edge", exec()).unwrap(), vec![(d2, 2)]);
+    b.leave_group("edge", d2).unwrap();
+    assert_eq!(b.group_members("edge").unwrap(), vec![d]);
+    b.commit().unwrap();
+    let snap = s.snapshot().unwrap();
+    let dev = snap.device_by_name("edge-2").unwrap().unwrap();
+    assert_eq!(
+        (dev.id, dev.transport, dev.last_seen_ms),
+        (d2, Some(Transport::HttpConnect), Some(600))
+    );
+    assert_eq!(snap.devices().unwrap().len(), 2);
+    assert_eq!(snap.queues().unwrap().len(), 2);
+}
+
+#[test]
+fn task_table() {
+    let (_dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    let d2 = b.add_device("dev-2", [0; 32], 0).unwrap();
+    let task = Task {
+        path: "/srv/img.bin".into(),
+        size: 10 * 1024 + 1,
+        block_size: 1024,
+        sha256: [5; 32],
+        group: None,
+        trigger: "publish".into(),
+        created_ms: 7,
+    };
+    assert_eq!(task.blocks(), 11);
+    let t = b.create_task(task, &[d, d2]).unwrap();
+    assert_eq!(b.incomplete_tasks(d).unwrap(), vec![t]);
+    let mut blocks = BlockSet::new();
+    blocks.insert(0, 4);
+    b.task_progress(t, d, blocks.clone()).unwrap();
+    blocks.insert(6, 12);
+    assert!(matches!(
+        illegal(b.task_progress(t, d, blocks).unwrap_err()),
+        Illegal::BlockOutOfRange { .. }
+    ));
+    let mut more = BlockSet::new();
+    more.insert(4, 11);
+    b.task_progress(t, d, more).unwrap();
+    match b.task_status(t, d).unwrap().unwrap() {
+        TaskDeviceStatus::InProgress(b) => assert_eq!(b.ranges(), &[(0, 11)]),
+        other => panic!("{other:?}"),
+    }
+    b.task_completed(t, d).unwrap();
+    b.task_completed(t, d).unwrap();
+    assert!(b.incomplete_tasks(d).unwrap().is_empty());
+    assert!(matches!(
+        illegal(b.task_progress(t, d, BlockSet::new()).unwrap_err()),
+        Illegal::TaskStatus { .. }
+    ));
+    b.task_failed(t, d2, "digest mismatch").unwrap();
+    assert!(b.incomplete_tasks(d2).unwrap().is_empty());
+    assert!(matches!(
+        illegal(b.task_completed(t, d2).unwrap_err()),
+        Illegal::TaskStatus { .. }
+    ));
+    b.task_retry(t, d2).unwrap();
+    assert_eq!(b.incomplete_tasks(d2).unwrap(), vec![t]);
+    b.commit().unwrap();
+    let st = s.snapshot().unwrap().task_statuses(t).unwrap();
+    assert_eq!(
+        st,
+        vec![
+            (d, TaskDeviceStatus::Completed),
+            (d2, TaskDeviceStatus::Pending)
+        ]
+    );
+}
+
+#[test]
+fn event_log_tail() {
+    let (_dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    for i in 0..5 {
+        let ev = Event {
+            time_ms: i,
+            device: Some(d),
+            kind: EventKind::CommandSent,
+            message: format!("m{i}"),
+        };
+        assert_eq!(b.append_event(ev).unwrap(), i + 1);
+    }
+    b.commit().unwrap();
+    let snap = s.snapshot().unwrap();
+    assert_eq!(snap.last_event_id().unwrap(), 5);
+    let tail = snap.events_from(3, 10).unwrap();
+    assert_eq!(
+        tail.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        vec![3, 4, 5]
+    );
+    assert_eq!(tail[0].1.message, "m2");
+}
+
+#[test]
+fn schema_too_new_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        use lmdb::Transaction;
+        let mut t = s.env.begin_rw_txn().unwrap();
+        t.put(
+            s.dbs.meta,
+            &env::META_SCHEMA,
+            &(SCHEMA_VERSION + 1).to_le_bytes(),
+            lmdb::WriteFlags::empty(),
+        )
+        .unwrap();
+        t.commit().unwrap();
+    }
+    match Store::open(dir.path()) {
+        Err(Error::SchemaTooNew { found, supported }) => {
+            assert_eq!((found, supported), (SCHEMA_VERSION + 1, SCHEMA_VERSION));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn map_grows_during_a_batch() {
+    let (_dir, mut s, d) = setup();
+    let before = s.map_size().unwrap();
+    let big = cmd(
+        vec![Step::Write {
+            path: "/x".into(),
+            contents: vec![0xab; 64 * 1024],
+        }],
+        1,
+        OnFailure::Stop,
+    );
+    // One batch much larger than the initial map: forces MDB_MAP_FULL and a replay.
+    let mut b = s.batch().unwrap();
+    let n = (2 * before / (64 * 1024)) as u64;
+    for i in 1..=n {
+        assert_eq!(b.enqueue(d, big.clone()).unwrap(), i);
+    }
+    b.commit().unwrap();
+    assert!(s.map_size().unwrap() > before);
+    let snap = s.snapshot().unwrap();
+    assert_eq!(snap.queue(d).unwrap().unwrap().next_seq, n + 1);
+    assert_eq!(snap.command(d, n).unwrap().unwrap(), big);
+}
+
+#[test]
+fn corrupt_records_are_errors_not_panics() {
+    use codec::Record;
+    let mut buf = Vec::new();
+    let c = cmd(
+        vec![
+            Step::Exec {
+                argv: vec!["a".into()],
+            },
+            Step::Verify { sha256: [1; 32] },
+        ],
+        3,
+        OnFailure::Continue,
+    );
+    c.encode(&mut buf);
+    assert_eq!(Command::decode(&buf).unwrap(), c);
+    for cut in 0..buf.len() {
+        assert!(Command::decode(&buf[..cut]).is_err());
+    }
+    let mut extra = buf.clone();
+    extra.push(0);
+    assert!(matches!(
+        Command::decode(&extra),
+        Err(Error::Corrupt { .. })
+    ));
+}
+
+proptest! {
+    #[test]
+    fn any_bytes_decode_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        use codec::Record;
+        let _ = Command::decode(&bytes);
+        let _ = QueueState::decode(&bytes);
+        let _ = CommandResult::decode(&bytes);
+        let _ = Device::decode(&bytes);
+        let _ = TaskDeviceStatus::decode(&bytes);
+        let _ = Event::decode(&bytes);
+        let _ = Task::decode(&bytes);
+    }
+
+    #[test]
+    fn block_set_matches_model(ops in proptest::collection::vec((0u32..200, 0u32..20), 0..40)) {
+        let mut set = BlockSet::new();
+        let mut model = std::collections::BTreeSet::new();
+        for (s, len) in ops {
+            set.insert(s, s + len);
+            model.extend(s..s + len);
+        }
+        prop_assert_eq!(set.count(), model.len() as u64);
+        for b in 0..230 {
+            prop_assert_eq!(set.contains(b), model.contains(&b));
+        }
+        for w in set.ranges().windows(2) {
+            prop_assert!(w[0].1 < w[1].0);
+        }
+        let missing: u64 = set.missing(230).iter().map(|&(s, e)| u64::from(e - s)).sum();
+        prop_assert_eq!(missing + set.count(), 230);
+    }
+
+    /// Random transitions against a simple model: every refusal leaves the state untouched and
+    /// the queue invariants hold after every step.
+    #[test]
+    fn random_transitions_keep_invariants(ops in proptest::collection::vec((0u8..10, 0u64..6), 1..60)) {
+        let (_dir, mut s, d) = setup();
+        let mut b = s.batch().unwrap();
+        let mut now = 1000;
+        for (op, arg) in ops {
+            now += 500;
+            let before = b.queue(d).unwrap().unwrap();
+            let r = match op {
+                0 => b.enqueue(d, if arg % 2 == 0 { exec() } else { reboot_cmd() }).map(drop),
+                1 => b.mark_transmitted(d, arg, now).map(drop),
+                2 => b.record_result(d, arg, if arg % 3 == 0 { failed() } else { ok() }).map(drop),
+                3 => b.command_timed_out(d, arg, now).map(drop),
+                4 => b.reboot_started(d, arg, now + 1000).map(drop),
+                5 => b.reboot_completed(d, arg, report(&format!("boot{now}")), ok(), now).map(drop),
+                6 => b.reboot_deadline_missed(d, now).map(drop),
+                7 => if arg % 2 == 0 { b.pause(d) } else { b.resume(d) },
+                8 => if arg % 2 == 0 { b.retry(d) } else { b.skip(d) },
+                _ => b.cancel(d).map(drop),
+            };
+            if let Err(e) = r {
+                prop_assert!(e.is_refusal(), "{:?}", e);
+                prop_assert_eq!(&before, &b.queue(d).unwrap().unwrap());
+            }
+            check_queue(&b, d)?;
+        }
+        b.commit().unwrap();
+    }
+}
+
+fn check_queue(b: &Batch<'_>, d: DeviceId) -> std::result::Result<(), TestCaseError> {
+    let q = b.queue(d).unwrap().unwrap();
+    let cmds = b.commands(d, 0, usize::MAX).unwrap();
+    let first_pending = cmds
+        .iter()
+        .map(|(s, _)| *s)
+        .find(|&s| s > q.completed_through);
+    prop_assert!(cmds.iter().all(|(s, _)| *s < q.next_seq));
+    for (s, _) in &cmds {
+        if *s <= q.completed_through {
+            prop_assert!(
+                b.result(d, *s).unwrap().is_some(),
+                "finished {s} without result"
+            );
+        }
+    }
+    match q.status {
+        QueueStatus::Running => prop_assert!(first_pending.is_some()),
+        QueueStatus::AwaitingResult | QueueStatus::Rebooting => {
+            prop_assert_eq!(q.cursor, first_pending);
+            prop_assert!(q.attempts >= 1);
+        }
+        QueueStatus::Idle | QueueStatus::Done => prop_assert!(first_pending.is_none()),
+        QueueStatus::Failed => {
+            prop_assert!(q.failure.is_some());
+            prop_assert_eq!(q.cursor, first_pending);
+        }
+        QueueStatus::Paused => {}
+    }
+    Ok(())
+}

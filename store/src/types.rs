@@ -1,0 +1,895 @@
+//! Domain types of the store and their record encodings.
+//!
+//! These types are the store's own vocabulary; they do not depend on `fleetcast-wire`. The
+//! daemon converts between the wire messages and these. Output excerpts are bounded to
+//! [`OUTPUT_EXCERPT_MAX`] bytes (the store keeps the *tail*, where errors usually are).
+
+use crate::codec::{Reader, Record, Writer};
+use crate::error::Result;
+
+/// Maximum stored length of a step's output excerpt; longer output keeps its last bytes.
+pub const OUTPUT_EXCERPT_MAX: usize = 4096;
+
+/// Identifier of an enrolled device, allocated by the store (never reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeviceId(pub u64);
+
+/// Identifier of a distribution task, allocated by the store (never reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TaskId(pub u64);
+
+/// Position in the event log (monotonically increasing, starts at 1).
+pub type EventId = u64;
+
+/// The transport of the traversal ladder that last worked for a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// Native framing over TLS on the gateway port.
+    Native,
+    /// Native framing over TLS on port 443.
+    Native443,
+    /// HTTP/1.1 `Upgrade` to the binary stream.
+    HttpUpgrade,
+    /// HTTP `CONNECT` through a proxy.
+    HttpConnect,
+    /// HTTPS long-poll.
+    LongPoll,
+}
+
+impl Transport {
+    fn code(self) -> u8 {
+        match self {
+            Transport::Native => 1,
+            Transport::Native443 => 2,
+            Transport::HttpUpgrade => 3,
+            Transport::HttpConnect => 4,
+            Transport::LongPoll => 5,
+        }
+    }
+    fn from_code(c: u8) -> Option<Self> {
+        Some(match c {
+            1 => Transport::Native,
+            2 => Transport::Native443,
+            3 => Transport::HttpUpgrade,
+            4 => Transport::HttpConnect,
+            5 => Transport::LongPoll,
+            _ => return None,
+        })
+    }
+}
+
+/// A device's configuration report (sent after enrolment and after every reboot).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConfigReport {
+    /// Operating system name and version.
+    pub os: String,
+    /// Kernel release.
+    pub kernel: String,
+    /// Host name.
+    pub hostname: String,
+    /// Network addresses, as text.
+    pub addresses: Vec<String>,
+    /// Installed software as (name, version).
+    pub software: Vec<(String, String)>,
+    /// Agent version.
+    pub agent_version: String,
+    /// Boot id (changes on every boot).
+    pub boot_id: String,
+}
+
+impl ConfigReport {
+    fn write(&self, w: &mut Writer<'_>) {
+        w.str(&self.os);
+        w.str(&self.kernel);
+        w.str(&self.hostname);
+        w.len(self.addresses.len());
+        for a in &self.addresses {
+            w.str(a);
+        }
+        w.len(self.software.len());
+        for (n, v) in &self.software {
+            w.str(n);
+            w.str(v);
+        }
+        w.str(&self.agent_version);
+        w.str(&self.boot_id);
+    }
+    fn read(r: &mut Reader<'_>) -> Result<Self> {
+        let os = r.string()?;
+        let kernel = r.string()?;
+        let hostname = r.string()?;
+        let addresses = r.strings()?;
+        let n = r.count(8)?;
+        let mut software = Vec::with_capacity(n);
+        for _ in 0..n {
+            software.push((r.string()?, r.string()?));
+        }
+        Ok(ConfigReport {
+            os,
+            kernel,
+            hostname,
+            addresses,
+            software,
+            agent_version: r.string()?,
+            boot_id: r.string()?,
+        })
+    }
+}
+
+/// An enrolled device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// Its id.
+    pub id: DeviceId,
+    /// Its unique name.
+    pub name: String,
+    /// Hash of its credential (e.g. SHA-256 of its client certificate).
+    pub credential_hash: [u8; 32],
+    /// Revoked devices are refused by every queue transition.
+    pub revoked: bool,
+    /// Enrolment time, ms since the UNIX epoch.
+    pub enrolled_ms: u64,
+    /// Last time the device was heard from.
+    pub last_seen_ms: Option<u64>,
+    /// Last configuration report.
+    pub report: Option<ConfigReport>,
+    /// Transport that last worked.
+    pub transport: Option<Transport>,
+}
+
+impl Record for Device {
+    const TABLE: &'static str = "devices";
+    fn encode_fields(&self, w: &mut Writer<'_>) {
+        w.u64(self.id.0);
+        w.str(&self.name);
+        w.raw(&self.credential_hash);
+        w.bool(self.revoked);
+        w.u64(self.enrolled_ms);
+        w.opt_u64(self.last_seen_ms);
+        match &self.report {
+            None => w.u8(0),
+            Some(r) => {
+                w.u8(1);
+                r.write(w);
+            }
+        }
+        w.u8(self.transport.map_or(0, Transport::code));
+    }
+    fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
+        let id = DeviceId(r.u64()?);
+        let name = r.string()?;
+        let credential_hash = r.array()?;
+        let revoked = r.bool()?;
+        let enrolled_ms = r.u64()?;
+        let last_seen_ms = r.opt_u64()?;
+        let report = match r.u8()? {
+            0 => None,
+            1 => Some(ConfigReport::read(r)?),
+            _ => return Err(r.corrupt("bad report tag")),
+        };
+        let transport = match r.u8()? {
+            0 => None,
+            c => Some(Transport::from_code(c).ok_or_else(|| r.corrupt("bad transport"))?),
+        };
+        Ok(Device {
+            id,
+            name,
+            credential_hash,
+            revoked,
+            enrolled_ms,
+            last_seen_ms,
+            report,
+            transport,
+        })
+    }
+}
+
+/// A one-time enrolment token (stored under the hash of the secret token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrolmentToken {
+    /// Name the enrolled device will get.
+    pub name: String,
+    /// Token expiry, ms since the UNIX epoch.
+    pub expires_ms: u64,
+    /// Groups the device joins on enrolment.
+    pub groups: Vec<String>,
+}
+
+impl Record for EnrolmentToken {
+    const TABLE: &'static str = "enrol_tokens";
+    fn encode_fields(&self, w: &mut Writer<'_>) {
+        w.str(&self.name);
+        w.u64(self.expires_ms);
+        w.len(self.groups.len());
+        for g in &self.groups {
+            w.str(g);
+        }
+    }
+    fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(EnrolmentToken {
+            name: r.string()?,
+            expires_ms: r.u64()?,
+            groups: r.strings()?,
+        })
+    }
+}
+
+/// One component step of an operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Fetch an artifact.
+    Fetch {
+        /// Where from.
+        url: String,
+    },
+    /// Verify the digest of the fetched artifact.
+    Verify {
+        /// Expected SHA-256.
+        sha256: [u8; 32],
+    },
+    /// Write a file.
+    Write {
+        /// Target path.
+        path: String,
+        /// Contents.
+        contents: Vec<u8>,
+    },
+    /// Execute a program.
+    Exec {
+        /// Program and arguments.
+        argv: Vec<String>,
+    },
+    /// Reboot the device (the queue goes through `rebooting`).
+    Reboot,
+    /// Send a configuration report.
+    Report,
+}
+
+/// What happens to the rest of the queue when a command finally fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// The queue goes to `failed` until an operator retries or skips.
+    Stop,
+    /// The failure is recorded and the queue moves on.
+    Continue,
+}
+
+/// A queued command: an operation (ordered steps) and its policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// The steps, executed in order.
+    pub steps: Vec<Step>,
+    /// Time allowed for one attempt, from transmission to result.
+    pub timeout_ms: u64,
+    /// Transmissions allowed before the command counts as failed (at least 1).
+    pub max_attempts: u32,
+    /// Failure policy.
+    pub on_failure: OnFailure,
+}
+
+impl Command {
+    /// True if the operation contains a reboot step.
+    pub fn has_reboot(&self) -> bool {
+        self.steps.iter().any(|s| matches!(s, Step::Reboot))
+    }
+}
+
+impl Record for Command {
+    const TABLE: &'static str = "commands";
+    fn encode_fields(&self, w: &mut Writer<'_>) {
+        w.u64(self.timeout_ms);
+        w.u32(self.max_attempts);
+        w.u8(match self.on_failure {
+            OnFailure::Stop => 0,
+            OnFailure::Continue => 1,
+        });
+        w.len(self.steps.len());
+        for s in &self.steps {
+            match s {
+                Step::Fetch { url } => {
+                    w.u8(1);
+                    w.str(url);
+                }
+                Step::Verify { sha256 } => {
+                    w.u8(2);
+                    w.raw(sha256);
+                }
+                Step::Write { path, contents } => {
+                    w.u8(3);
+                    w.str(path);
+                    w.bytes(contents);
+                }
+                Step::Exec { argv } => {
+                    w.u8(4);
+                    w.len(argv.len());
+                    for a in argv {
+                        w.str(a);
+                    }
+                }
+                Step::Reboot => w.u8(5),
+                Step::Report => w.u8(6),
+            }
+        }
+    }
+    fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
+        let timeout_ms = r.u64()?;
+        let max_attempts = r.u32()?;
+        let on_failure = match r.u8()? {
+            0 => OnFailure::Stop,
+            1 => OnFailure::Continue,
+            _ => return Err(r.corrupt("bad failure policy")),
+        };
+        let n = r.count(1)?;
+        let mut steps = Vec::with_capacity(n);
+        for _ in 0..n {
+            steps.push(match r.u8()? {
+                1 => Step::Fetch { url: r.string()? },
+                2 => Step::Verify { sha256: r.array()? },
+                3 => Step::Write {
+                    path: r.string()?,
+                    contents: r.bytes()?.to_vec(),
+                },
+                4 => Step::Exec { argv: r.strings()? },
+                5 => Step::Reboot,
+                6 => Step::Report,
+                _ => return Err(r.corrupt("bad step kind")),
+            });
+        }
+        Ok(Command {
+            steps,
+            timeout_ms,
+            max_attempts,
+            on_failure,
+        })
+    }
+}
+
+/// Status of a device's command queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QueueStatus {
+    /// Nothing pending and nothing ever completed (or everything was cancelled).
+    Idle,
+    /// Commands pending, none in flight.
+    Running,
+    /// The command at the cursor was transmitted; waiting for its result.
+    AwaitingResult,
+    /// The command at the cursor is rebooting the device; waiting for `RebootComplete`.
+    Rebooting,
+    /// Stopped by the operator; nothing is dispatched until resumed.
+    Paused,
+    /// A command failed under `OnFailure::Stop` (see [`QueueState::failure`]).
+    Failed,
+    /// Everything completed; nothing pending.
+    Done,
+}
+
+impl QueueStatus {
+    fn code(self) -> u8 {
+        match self {
+            QueueStatus::Idle => 0,
+            QueueStatus::Running => 1,
+            QueueStatus::AwaitingResult => 2,
+            QueueStatus::Rebooting => 3,
+            QueueStatus::Paused => 4,
+            QueueStatus::Failed => 5,
+            QueueStatus::Done => 6,
+        }
+    }
+    fn from_code(c: u8) -> Option<Self> {
+        Some(match c {
+            0 => QueueStatus::Idle,
+            1 => QueueStatus::Running,
+            2 => QueueStatus::AwaitingResult,
+            3 => QueueStatus::Rebooting,
+            4 => QueueStatus::Paused,
+            5 => QueueStatus::Failed,
+            6 => QueueStatus::Done,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a queue is `failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailReason {
+    /// The command's last attempt reported a failed step.
+    CommandFailed,
+    /// Every attempt timed out without a result.
+    AttemptsExhausted,
+    /// The device did not come back before the reboot deadline.
+    RebootDeadlineMissed,
+}
+
+/// Per-device queue state. See the `queue` module for the transition rules and invariants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueState {
+    /// Current status.
+    pub status: QueueStatus,
+    /// Sequence number the next enqueued command gets (starts at 1).
+    pub next_seq: u64,
+    /// Highest sequence number whose command is finished (result final); 0 if none.
+    pub completed_through: u64,
+    /// The command most recently transmitted, if any.
+    pub cursor: Option<u64>,
+    /// When the cursor command was last transmitted, ms since the UNIX epoch.
+    pub transmitted_ms: u64,
+    /// Transmissions of the cursor command so far.
+    pub attempts: u32,
+    /// Reboot deadline while `rebooting`.
+    pub reboot_deadline_ms: u64,
+    /// Why the queue failed, while `failed`.
+    pub failure: Option<FailReason>,
+    /// Pause requested while a command was in flight: the queue pauses when it finishes.
+    pub pause_requested: bool,
+    /// Status to return to on `resume` (only meaningful while `paused`).
+    pub paused_from: QueueStatus,
+}
+
+impl Default for QueueState {
+    fn default() -> Self {
+        QueueState {
+            status: QueueStatus::Idle,
+            next_seq: 1,
+            completed_through: 0,
+            cursor: None,
+            transmitted_ms: 0,
+            attempts: 0,
+            reboot_deadline_ms: 0,
+            failure: None,
+            pause_requested: false,
+            paused_from: QueueStatus::Idle,
+        }
+    }
+}
+
+impl Record for QueueState {
+    const TABLE: &'static str = "queues";
+    fn encode_fields(&self, w: &mut Writer<'_>) {
+        w.u8(self.status.code());
+        w.u64(self.next_seq);
+        w.u64(self.completed_through);
+        w.opt_u64(self.cursor);
+        w.u64(self.transmitted_ms);
+        w.u32(self.attempts);
+        w.u64(self.reboot_deadline_ms);
+        w.u8(match self.failure {
+            None => 0,
+            Some(FailReason::CommandFailed) => 1,
+            Some(FailReason::AttemptsExhausted) => 2,
+            Some(FailReason::RebootDeadlineMissed) => 3,
+        });
+        w.bool(self.pause_requested);
+        w.u8(self.paused_from.code());
+    }
+    fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
+        let status = QueueStatus::from_code(r.u8()?).ok_or_else(|| r.corrupt("bad status"))?;
+        let next_seq = r.u64()?;
+        let completed_through = r.u64()?;
+        let cursor = r.opt_u64()?;
+        let transmitted_ms = r.u64()?;
+        let attempts = r.u32()?;
+        let reboot_deadline_ms = r.u64()?;
+        let failure = match r.u8()? {
+            0 => None,
+            1 => Some(FailReason::CommandFailed),
+            2 => Some(FailReason::AttemptsExhausted),
+            3 => Some(FailReason::RebootDeadlineMissed),
+            _ => return Err(r.corrupt("bad failure reason")),
+        };
+        let pause_requested = r.bool()?;
+        let paused_from =
+            QueueStatus::from_code(r.u8()?).ok_or_else(|| r.corrupt("bad paused_from"))?;
+        Ok(QueueState {
+            status,
+            next_seq,
+            completed_through,
+            cursor,
+            transmitted_ms,
+            attempts,
+            reboot_deadline_ms,
+            failure,
+            pause_requested,
+            paused_from,
+        })
+    }
+}
+
+/// Outcome of one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// The step succeeded.
+    Ok,
+    /// The step failed.
+    Failed,
+    /// The step was not run (an earlier step failed).
+    Skipped,
+}
+
+/// Result of one step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepResult {
+    /// Outcome.
+    pub outcome: StepOutcome,
+    /// Exit code, for steps that run a program.
+    pub exit_code: Option<i32>,
+    /// Output excerpt (at most [`OUTPUT_EXCERPT_MAX`] bytes are stored: the tail).
+    pub output: Vec<u8>,
+    /// Start, ms since the UNIX epoch.
+    pub started_ms: u64,
+    /// End, ms since the UNIX epoch.
+    pub finished_ms: u64,
+}
+
+/// Result of one command: per-step results.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CommandResult {
+    /// One entry per step that was reported.
+    pub steps: Vec<StepResult>,
+}
+
+impl CommandResult {
+    /// True if no step failed.
+    pub fn succeeded(&self) -> bool {
+        self.steps.iter().all(|s| s.outcome != StepOutcome::Failed)
+    }
+    /// Truncates every output excerpt to its last [`OUTPUT_EXCERPT_MAX`] bytes.
+    pub(crate) fn bound(&mut self) {
+        for s in &mut self.steps {
+            if s.output.len() > OUTPUT_EXCERPT_MAX {
+                let cut = s.output.len() - OUTPUT_EXCERPT_MAX;
+                s.output.drain(..cut);
+            }
+        }
+    }
+}
+
+impl Record for CommandResult {
+    const TABLE: &'static str = "results";
+    fn encode_fields(&self, w: &mut Writer<'_>) {
+        w.len(self.steps.len());
+        for s in &self.steps {
+            w.u8(match s.outcome {
+                StepOutcome::Ok => 0,
+                StepOutcome::Failed => 1,
+                StepOutcome::Skipped => 2,
+            });
+            match s.exit_code {
+                None => w.u8(0),
+                Some(c) => {
+                    w.u8(1);
+                    w.i32(c);
+                }
+            }
+            w.bytes(&s.output);
+            w.u64(s.started_ms);
+            w.u64(s.finished_ms);
+        }
+    }
+    fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
+        let n = r.count(22)?;
+        let mut steps = Vec::with_capacity(n);
+        for _ in 0..n {
+            let outcome = match r.u8()? {
+                0 => StepOutcome::Ok,
+                1 => StepOutcome::Failed,
+                2 => StepOutcome::Skipped,
+                _ => return Err(r.corrupt("bad step outcome")),
+            };
+            let exit_code = match r.u8()? {
+                0 => None,
+                1 => Some(r.i32()?),
+                _ => return Err(r.corrupt("bad exit code tag")),
+            };
+            steps.push(StepResult {
+                outcome,
+                exit_code,
+                output: r.bytes()?.to_vec(),
+                started_ms: r.u64()?,
+                finished_ms: r.u64()?,
+            });
+        }
+        Ok(CommandResult { steps })
+    }
+}
+
+/// A distribution task (one file multicast to a set of devices).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    /// File name or path on the gateway.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Block size in bytes (non-zero).
+    pub block_size: u32,
+    /// SHA-256 of the whole file.
+    pub sha256: [u8; 32],
+    /// Target group, if the task was addressed to a group.
+    pub group: Option<String>,
+    /// Human-readable trigger description (e.g. `"publish by alice"`).
+    pub trigger: String,
+    /// Creation time, ms since the UNIX epoch.
+    pub created_ms: u64,
+}
+
+impl Task {
+    /// Number of blocks.
+    pub fn blocks(&self) -> u32 {
+        let bs = u64::from(self.block_size.max(1));
+        u32::try_from(self.size.div_ceil(bs)).unwrap_or(u32::MAX)
+    }
+}
+
+impl Record for Task {
+    const TABLE: &'static str = "tasks";
+    fn encode_fields(&self, w: &mut Writer<'_>) {
+        w.str(&self.path);
+        w.u64(self.size);
+        w.u32(self.block_size);
+        w.raw(&self.sha256);
+        match &self.group {
+            None => w.u8(0),
+            Some(g) => {
+                w.u8(1);
+                w.str(g);
+            }
+        }
+        w.str(&self.trigger);
+        w.u64(self.created_ms);
+    }
+    fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
+        let path = r.string()?;
+        let size = r.u64()?;
+        let block_size = r.u32()?;
+        if block_size == 0 {
+            return Err(r.corrupt("zero block size"));
+        }
+        let sha256 = r.array()?;
+        let group = match r.u8()? {
+            0 => None,
+            1 => Some(r.string()?),
+            _ => return Err(r.corrupt("bad group tag")),
+        };
+        Ok(Task {
+            path,
+            size,
+            block_size,
+            sha256,
+            group,
+            trigger: r.string()?,
+            created_ms: r.u64()?,
+        })
+    }
+}
+
+/// A compact set of received block numbers: sorted, disjoint, non-adjacent half-open ranges.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BlockSet {
+    ranges: Vec<(u32, u32)>,
+}
+
+impl BlockSet {
+    /// The empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// The ranges `[start, end)`, sorted and disjoint.
+    pub fn ranges(&self) -> &[(u32, u32)] {
+        &self.ranges
+    }
+    /// Adds the blocks `start..end` (no-op if empty).
+    pub fn insert(&mut self, start: u32, end: u32) {
+        if start >= end {
+            return;
+        }
+        // First range whose end reaches start (touching ranges merge).
+        let i = self.ranges.partition_point(|&(_, e)| e < start);
+        let mut j = i;
+        let (mut s, mut e) = (start, end);
+        while j < self.ranges.len() && self.ranges[j].0 <= e {
+            s = s.min(self.ranges[j].0);
+            e = e.max(self.ranges[j].1);
+            j += 1;
+        }
+        self.ranges.splice(i..j, std::iter::once((s, e)));
+    }
+    /// Adds every block of `other`.
+    pub fn union(&mut self, other: &BlockSet) {
+        for &(s, e) in &other.ranges {
+            self.insert(s, e);
+        }
+    }
+    /// True if `block` is in the set.
+    pub fn contains(&self, block: u32) -> bool {
+        let i = self.ranges.partition_point(|&(_, e)| e <= block);
+        self.ranges.get(i).is_some_and(|&(s, _)| s <= block)
+    }
+    /// Number of blocks in the set.
+    pub fn count(&self) -> u64 {
+        self.ranges.iter().map(|&(s, e)| u64::from(e - s)).sum()
+    }
+    /// Highest block + 1, or 0 if empty.
+    pub fn end(&self) -> u32 {
+        self.ranges.last().map_or(0, |&(_, e)| e)
+    }
+    /// The ranges of `0..total` not in the set (what to repair).
+    pub fn missing(&self, total: u32) -> Vec<(u32, u32)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        for &(s, e) in &self.ranges {
+            if s >= total {
+                break;
+            }
+            if s > at {
+                out.push((at, s));
+            }
+            at = e;
+        }
+        if at < total {
+            out.push((at, total));
+        }
+        out
+    }
+    fn write(&self, w: &mut Writer<'_>) {
+        w.len(self.ranges.len());
+        for &(s, e) in &self.ranges {
+            w.u32(s);
+            w.u32(e);
+        }
+    }
+    fn read(r: &mut Reader<'_>) -> Result<Self> {
+        let n = r.count(8)?;
+        let mut ranges = Vec::with_capacity(n);
+        let mut prev_end: Option<u32> = None;
+        for _ in 0..n {
+            let (s, e) = (r.u32()?, r.u32()?);
+            if s >= e || prev_end.is_some_and(|p| s <= p) {
+                return Err(r.corrupt("block ranges not sorted and disjoint"));
+            }
+            prev_end = Some(e);
+            ranges.push((s, e));
+        }
+        Ok(BlockSet { ranges })
+    }
+}
+
+/// Status of one device within a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskDeviceStatus {
+    /// Not started.
+    Pending,
+    /// Receiving; the blocks received so far.
+    InProgress(BlockSet),
+    /// Whole file received and digest verified.
+    Completed,
+    /// Gave up, with a reason.
+    Failed(String),
+}
+
+impl TaskDeviceStatus {
+    /// Short name used in errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TaskDeviceStatus::Pending => "pending",
+            TaskDeviceStatus::InProgress(_) => "in_progress",
+            TaskDeviceStatus::Completed => "completed",
+            TaskDeviceStatus::Failed(_) => "failed",
+        }
+    }
+    /// Pending or in progress.
+    pub fn is_incomplete(&self) -> bool {
+        matches!(
+            self,
+            TaskDeviceStatus::Pending | TaskDeviceStatus::InProgress(_)
+        )
+    }
+}
+
+impl Record for TaskDeviceStatus {
+    const TABLE: &'static str = "task_status";
+    fn encode_fields(&self, w: &mut Writer<'_>) {
+        match self {
+            TaskDeviceStatus::Pending => w.u8(0),
+            TaskDeviceStatus::InProgress(b) => {
+                w.u8(1);
+                b.write(w);
+            }
+            TaskDeviceStatus::Completed => w.u8(2),
+            TaskDeviceStatus::Failed(reason) => {
+                w.u8(3);
+                w.str(reason);
+            }
+        }
+    }
+    fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(match r.u8()? {
+            0 => TaskDeviceStatus::Pending,
+            1 => TaskDeviceStatus::InProgress(BlockSet::read(r)?),
+            2 => TaskDeviceStatus::Completed,
+            3 => TaskDeviceStatus::Failed(r.string()?),
+            _ => return Err(r.corrupt("bad task status")),
+        })
+    }
+}
+
+/// Kind of an event-log entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// Device enrolled.
+    Enrolled,
+    /// Device connected.
+    Connected,
+    /// Device disconnected.
+    Disconnected,
+    /// Command transmitted.
+    CommandSent,
+    /// Command result recorded.
+    CommandResult,
+    /// Reboot started.
+    RebootStarted,
+    /// Reboot completed.
+    RebootCompleted,
+    /// Queue failed.
+    QueueFailed,
+    /// Task status changed.
+    TaskStatus,
+    /// Operator action.
+    Operator,
+    /// Anything else.
+    Other,
+}
+
+impl EventKind {
+    const ALL: [EventKind; 11] = [
+        EventKind::Enrolled,
+        EventKind::Connected,
+        EventKind::Disconnected,
+        EventKind::CommandSent,
+        EventKind::CommandResult,
+        EventKind::RebootStarted,
+        EventKind::RebootCompleted,
+        EventKind::QueueFailed,
+        EventKind::TaskStatus,
+        EventKind::Operator,
+        EventKind::Other,
+    ];
+    fn code(self) -> u8 {
+        // Position in ALL; stable because variants are only ever appended.
+        EventKind::ALL.iter().position(|&k| k == self).unwrap_or(10) as u8
+    }
+}
+
+/// One event-log entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// When, ms since the UNIX epoch.
+    pub time_ms: u64,
+    /// Which device, if any.
+    pub device: Option<DeviceId>,
+    /// What kind of event.
+    pub kind: EventKind,
+    /// Free text.
+    pub message: String,
+}
+
+impl Record for Event {
+    const TABLE: &'static str = "events";
+    fn encode_fields(&self, w: &mut Writer<'_>) {
+        w.u64(self.time_ms);
+        w.opt_u64(self.device.map(|d| d.0));
+        w.u8(self.kind.code());
+        w.str(&self.message);
+    }
+    fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
+        let time_ms = r.u64()?;
+        let device = r.opt_u64()?.map(DeviceId);
+        let kind = *EventKind::ALL
+            .get(usize::from(r.u8()?))
+            .ok_or_else(|| r.corrupt("bad event kind"))?;
+        Ok(Event {
+            time_ms,
+            device,
+            kind,
+            message: r.string()?,
+        })
+    }
+}
