@@ -1,6 +1,8 @@
 //! One direction of one simulated link: its impairment configuration, state and counters.
 //!
 //! A datagram offered to a link at time `t` goes through these stages, in this order:
+//! 0. **MTU**: a datagram longer than [`LinkConfig::mtu`] is dropped
+//!    ([`LinkStats::dropped_oversize`]); it catches cores that emit oversized datagrams.
 //! 1. **Rate limit** ([`RateLimit`]): a drop-tail byte queue in front of a serializer running at
 //!    `bits_per_sec`. If the bytes still waiting (including the one on the wire) plus this
 //!    datagram exceed `queue_bytes`, it is dropped ([`LinkStats::dropped_queue`]). Otherwise it
@@ -20,7 +22,8 @@
 //!   nothing: a link with the default config is a perfect, fixed-delay pipe.
 //! - A datagram is never delivered earlier than `t + delay` (plus its serialization time).
 //! - Counter identity once nothing is in flight:
-//!   `delivered = sent - dropped_queue - dropped_burst - dropped_loss + duplicated`.
+//!   `delivered = sent - dropped() + duplicated`, where [`LinkStats::dropped`] sums the drops
+//!   of every cause.
 
 use core::time::Duration;
 
@@ -79,6 +82,8 @@ pub struct LinkConfig {
     pub reorder: Option<Reorder>,
     /// Bandwidth limit with a drop-tail queue.
     pub rate: Option<RateLimit>,
+    /// Largest datagram the link carries; longer ones are dropped. `None`: no limit.
+    pub mtu: Option<usize>,
 }
 
 impl LinkConfig {
@@ -112,12 +117,14 @@ pub struct LinkStats {
     pub duplicated: u64,
     /// Datagrams held back by the reorder impairment.
     pub reordered: u64,
+    /// Dropped because longer than the link's MTU.
+    pub dropped_oversize: u64,
 }
 
 impl LinkStats {
     /// All drops, whatever the cause.
     pub fn dropped(&self) -> u64 {
-        self.dropped_loss + self.dropped_burst + self.dropped_queue
+        self.dropped_loss + self.dropped_burst + self.dropped_queue + self.dropped_oversize
     }
 
     /// Adds `other` into `self` field by field.
@@ -131,6 +138,7 @@ impl LinkStats {
         self.dropped_queue += other.dropped_queue;
         self.duplicated += other.duplicated;
         self.reordered += other.reordered;
+        self.dropped_oversize += other.dropped_oversize;
     }
 }
 
@@ -143,6 +151,8 @@ pub enum DropReason {
     Burst,
     /// The rate-limit queue was full.
     Queue,
+    /// Longer than the link's MTU.
+    Oversize,
 }
 
 /// What a link does with one datagram.
@@ -186,6 +196,10 @@ impl Link {
         let len64 = len as u64;
         self.stats.sent += 1;
         self.stats.bytes_sent += len64;
+        if self.config.mtu.is_some_and(|mtu| len > mtu) {
+            self.stats.dropped_oversize += 1;
+            return Fate::Drop(DropReason::Oversize);
+        }
         let mut depart = now;
         if let Some(rate) = self.config.rate {
             let now_ns = now.as_micros().saturating_mul(1000);
@@ -299,6 +313,18 @@ mod tests {
         // Once idle, a datagram goes straight through.
         assert_eq!(l.offer(t(10_000), 1000), Fate::Deliver(t(11_000), None));
         assert_eq!(l.stats.dropped_queue, 2);
+    }
+
+    #[test]
+    fn mtu_drops_oversized_datagrams_only() {
+        let cfg = LinkConfig {
+            mtu: Some(1200),
+            ..LinkConfig::default()
+        };
+        let mut l = Link::new(cfg, Rng::new(1));
+        assert_eq!(l.offer(t(0), 1200), Fate::Deliver(t(0), None));
+        assert_eq!(l.offer(t(0), 1201), Fate::Drop(DropReason::Oversize));
+        assert_eq!((l.stats.dropped_oversize, l.stats.dropped()), (1, 1));
     }
 
     #[test]

@@ -102,6 +102,22 @@ pub trait Endpoint {
     fn poll_timeout(&mut self) -> Option<Instant>;
 }
 
+/// Lets one group mix receiver types: `Group<S, Box<dyn Endpoint>>`.
+impl<E: Endpoint + ?Sized> Endpoint for Box<E> {
+    fn handle_datagram(&mut self, now: Instant, from: NodeId, data: &[u8]) {
+        (**self).handle_datagram(now, from, data);
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        (**self).handle_timeout(now);
+    }
+    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Dest> {
+        (**self).poll_transmit(now, buf)
+    }
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        (**self).poll_timeout()
+    }
+}
+
 /// Counters of one node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct NodeStats {
@@ -198,15 +214,22 @@ enum EventKind {
 
 #[derive(Debug)]
 struct Event {
-    time: Instant,
-    seq: u64,
+    /// `(time in microseconds) << 64 | sequence number`: one integer comparison orders events
+    /// by time, then by scheduling order (the heap is the simulator's hot spot).
+    key: u128,
     kind: EventKind,
 }
 
-// Ordered by (time, seq) reversed, so `BinaryHeap` pops the earliest first; `seq` is unique.
+impl Event {
+    fn time(&self) -> Instant {
+        Instant::from_micros((self.key >> 64) as u64)
+    }
+}
+
+// Ordered by key reversed, so `BinaryHeap` pops the earliest first; keys are unique.
 impl PartialEq for Event {
     fn eq(&self, other: &Self) -> bool {
-        (self.time, self.seq) == (other.time, other.seq)
+        self.key == other.key
     }
 }
 impl Eq for Event {}
@@ -217,7 +240,7 @@ impl PartialOrd for Event {
 }
 impl Ord for Event {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (other.time, other.seq).cmp(&(self.time, self.seq))
+        other.key.cmp(&self.key)
     }
 }
 
@@ -447,26 +470,35 @@ impl<S: Endpoint, R: Endpoint> Group<S, R> {
         self.queue.len()
     }
 
+    /// When the next live event (delivery or timer) is due, after flushing endpoints changed
+    /// from outside; `None` when idle.
+    pub fn next_event_time(&mut self) -> Option<Instant> {
+        self.flush_dirty();
+        self.discard_stale_timers();
+        self.queue.peek().map(Event::time)
+    }
+
     /// Processes the earliest pending event (after flushing endpoints changed from outside).
     /// Returns `false` when nothing is pending: the group is idle.
     pub fn step(&mut self) -> bool {
         self.flush_dirty();
         while let Some(ev) = self.queue.pop() {
+            let time = ev.time();
             let node = match ev.kind {
                 EventKind::Timer { node, gen } => {
                     let state = &mut self.nodes[node as usize];
-                    if state.timer != Some((ev.time, gen)) {
+                    if state.timer != Some((time, gen)) {
                         continue; // superseded
                     }
                     state.timer = None;
                     state.stats.timeouts += 1;
-                    self.time = ev.time;
+                    self.time = time;
                     self.record(TraceEvent::Timeout { node: NodeId(node) });
-                    endpoint!(self, node).handle_timeout(ev.time);
+                    endpoint!(self, node).handle_timeout(time);
                     node
                 }
                 EventKind::Deliver { from, to, data } => {
-                    self.time = ev.time;
+                    self.time = time;
                     let len = data.len();
                     let link = self.link_mut(from, to);
                     link.stats.delivered += 1;
@@ -479,7 +511,7 @@ impl<S: Endpoint, R: Endpoint> Group<S, R> {
                         to: NodeId(to),
                         len,
                     });
-                    endpoint!(self, to).handle_datagram(ev.time, NodeId(from), &data);
+                    endpoint!(self, to).handle_datagram(time, NodeId(from), &data);
                     to
                 }
             };
@@ -524,7 +556,7 @@ impl<S: Endpoint, R: Endpoint> Group<S, R> {
             }
             self.discard_stale_timers();
             match self.queue.peek() {
-                Some(ev) if ev.time <= deadline => {
+                Some(ev) if ev.time() <= deadline => {
                     self.step();
                 }
                 _ => {
@@ -566,13 +598,11 @@ impl<S: Endpoint, R: Endpoint> Group<S, R> {
 
     /// Pops superseded timers off the top of the queue so `peek` shows a live event.
     fn discard_stale_timers(&mut self) {
-        while let Some(Event {
-            time,
-            kind: EventKind::Timer { node, gen },
-            ..
-        }) = self.queue.peek()
-        {
-            if self.nodes[*node as usize].timer == Some((*time, *gen)) {
+        while let Some(ev) = self.queue.peek() {
+            let EventKind::Timer { node, gen } = ev.kind else {
+                break;
+            };
+            if self.nodes[node as usize].timer == Some((ev.time(), gen)) {
                 break;
             }
             self.queue.pop();
@@ -662,7 +692,8 @@ impl<S: Endpoint, R: Endpoint> Group<S, R> {
     fn push(&mut self, time: Instant, kind: EventKind) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.queue.push(Event { time, seq, kind });
+        let key = (u128::from(time.as_micros()) << 64) | u128::from(seq);
+        self.queue.push(Event { key, kind });
     }
 
     fn routable(&self, from: u32, to: u32) -> bool {
@@ -695,8 +726,8 @@ impl<S: Endpoint, R: Endpoint> Group<S, R> {
                 len,
                 reason,
             } => [1 + reason as u64, from.0.into(), to.0.into(), len as u64],
-            TraceEvent::Deliver { from, to, len } => [8, from.0.into(), to.0.into(), len as u64],
-            TraceEvent::Timeout { node } => [9, node.0.into(), 0, 0],
+            TraceEvent::Deliver { from, to, len } => [16, from.0.into(), to.0.into(), len as u64],
+            TraceEvent::Timeout { node } => [17, node.0.into(), 0, 0],
         };
         if words[0] != 0 {
             let mut h = self.digest;

@@ -237,8 +237,9 @@ fn lossy() -> LinkConfig {
         }),
         rate: Some(RateLimit {
             bits_per_sec: 2_000_000,
-            queue_bytes: 1024,
+            queue_bytes: 256,
         }),
+        mtu: Some(1500),
     }
 }
 
@@ -660,4 +661,32 @@ fn step_limit_reported() {
     let err = g.run_until_idle(50).unwrap_err();
     assert_eq!(err.steps, 50);
     assert_eq!(err.time, at_us(49));
+}
+
+#[test]
+fn mixed_receiver_types_mtu_and_next_event_time() {
+    let link = LinkConfig {
+        delay: ms(3),
+        mtu: Some(100),
+        ..LinkConfig::default()
+    };
+    let rx: Vec<Box<dyn Endpoint>> = vec![
+        Box::new(Collector::new(1, None)),
+        Box::new(Scripted::default()),
+    ];
+    let mut g = Group::new(0, Scripted::default(), rx, link, link);
+    let mut data = Vec::new();
+    write_data(&mut data, 0, Instant::ZERO, 64);
+    let outbox = &mut g.sender_mut().outbox;
+    outbox.push_back((Dest::Multicast, data));
+    outbox.push_back((Dest::Multicast, vec![0; 101]));
+    assert_eq!(g.next_event_time(), Some(at_us(3_000)));
+    assert_eq!(g.run_until_idle(10), Ok(2));
+    assert_eq!(g.next_event_time(), None);
+    let s = g.down_stats();
+    assert_eq!((s.sent, s.delivered, s.dropped_oversize), (4, 2, 2));
+    for i in 0..2 {
+        let n = g.node_stats(NodeId::receiver(i));
+        assert_eq!((n.received, n.bytes_received), (1, 64));
+    }
 }
