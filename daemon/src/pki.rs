@@ -16,7 +16,9 @@
 //! a certificate from [`Pki::issue_device_cert`]. Later sessions use mutual TLS; after the
 //! handshake the daemon reads [`device_identity`] from the peer certificate and checks the
 //! device id and certificate fingerprint against its store (revocation lives there, not in a
-//! CRL).
+//! CRL). It must do so after every handshake, resumed ones included: a resumed session skips
+//! certificate verification and carries the certificate of the session it resumes, so the
+//! store check is what makes a revocation take effect at once.
 //!
 //! Invariants:
 //! - The CA is never silently replaced: if one of `ca.pem`/`ca.key` exists without the other,
@@ -1232,6 +1234,42 @@ mod tests {
         assert_eq!(
             device_identity(&server.peer_certificates().unwrap()[0]).map(|i| i.id),
             Some(5)
+        );
+    }
+
+    #[test]
+    fn tls12_client_authenticates_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki(dir.path());
+        let key = KeyPair::generate().unwrap();
+        let cert = pki
+            .issue_device_cert(12, "old-stack", &key.subject_public_key_info(), at(T0))
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(pki.ca_cert_der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = ClientConfig::builder_with_details(provider, Arc::new(FixedTime))
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![cert], PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+            .unwrap();
+        let client = Arc::new(client);
+        let server = gateway(&pki);
+        let (c1, s1) = handshake(client.clone(), server.clone(), "gw.test").unwrap();
+        assert_eq!(
+            c1.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_2)
+        );
+        assert_eq!(
+            device_identity(&s1.peer_certificates().unwrap()[0]).map(|i| i.id),
+            Some(12)
+        );
+        let (c2, s2) = handshake(client, server, "gw.test").unwrap();
+        assert_eq!(c2.handshake_kind(), Some(HandshakeKind::Resumed));
+        assert_eq!(
+            device_identity(&s2.peer_certificates().unwrap()[0]).map(|i| i.id),
+            Some(12)
         );
     }
 }
