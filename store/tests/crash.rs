@@ -176,8 +176,7 @@ fn check(dir: &Path) {
     // Only complete lines were confirmed (a kill may cut the last write short).
     let last = log
         .split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .last()
+        .rfind(|l| l.ends_with('\n'))
         .map(|l| {
             let v: Vec<u64> = l.split_whitespace().map(|x| x.parse().unwrap()).collect();
             (v[0], v[1], v[2])
