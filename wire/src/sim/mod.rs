@@ -19,7 +19,7 @@
 //!    `poll_transmit(now, buf)` until it returns `None` (`buf` is cleared before each call and
 //!    holds the datagram when `Some(dest)` is returned), then re-arms the endpoint's one timer
 //!    from `poll_timeout()`. A deadline in the past fires at the current time.
-//! 2. [`Group::step`] processes exactly one event, the earliest by `(time, sequence number)`:
+//! 2. [`Group::step`] processes exactly one event, the earliest by `(time, scheduling order)`:
 //!    a delivery (`handle_datagram`) or an expired timer (`handle_timeout`), then flushes that
 //!    endpoint as in 1. Timers superseded by a re-arm are skipped, never fired.
 //! 3. Virtual time starts at [`Instant::ZERO`], only moves forward, and only the group moves
@@ -36,9 +36,10 @@
 //!   `delivered = sent - dropped + duplicated`.
 
 pub mod link;
+mod queue;
 pub mod rng;
 
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::rc::Rc;
 
@@ -47,6 +48,7 @@ pub use rng::Rng;
 
 use crate::time::Instant;
 use link::{Fate, Link};
+use queue::EventQueue;
 
 /// A node of a simulated [`Group`]: 0 is the sender, `i + 1` is receiver `i`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -212,38 +214,6 @@ enum EventKind {
     },
 }
 
-#[derive(Debug)]
-struct Event {
-    /// `(time in microseconds) << 64 | sequence number`: one integer comparison orders events
-    /// by time, then by scheduling order (the heap is the simulator's hot spot).
-    key: u128,
-    kind: EventKind,
-}
-
-impl Event {
-    fn time(&self) -> Instant {
-        Instant::from_micros((self.key >> 64) as u64)
-    }
-}
-
-// Ordered by key reversed, so `BinaryHeap` pops the earliest first; keys are unique.
-impl PartialEq for Event {
-    fn eq(&self, other: &Self) -> bool {
-        self.key == other.key
-    }
-}
-impl Eq for Event {}
-impl PartialOrd for Event {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Event {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        other.key.cmp(&self.key)
-    }
-}
-
 #[derive(Debug, Clone, Default)]
 struct NodeState {
     stats: NodeStats,
@@ -282,8 +252,7 @@ pub struct Group<S, R> {
     peers: BTreeMap<(u32, u32), Link>,
     peer_config: LinkConfig,
     nodes: Vec<NodeState>,
-    queue: BinaryHeap<Event>,
-    next_seq: u64,
+    queue: EventQueue<EventKind>,
     dirty: Vec<u32>,
     buf: Vec<u8>,
     trace: Option<Vec<(Instant, TraceEvent)>>,
@@ -348,8 +317,7 @@ impl<S: Endpoint, R: Endpoint> Group<S, R> {
             peers: BTreeMap::new(),
             peer_config: down,
             nodes,
-            queue: BinaryHeap::new(),
-            next_seq: 0,
+            queue: EventQueue::new(),
             dirty: (0..=n as u32).collect(),
             buf: Vec::with_capacity(2048),
             trace: None,
@@ -475,16 +443,15 @@ impl<S: Endpoint, R: Endpoint> Group<S, R> {
     pub fn next_event_time(&mut self) -> Option<Instant> {
         self.flush_dirty();
         self.discard_stale_timers();
-        self.queue.peek().map(Event::time)
+        self.queue.peek_time()
     }
 
     /// Processes the earliest pending event (after flushing endpoints changed from outside).
     /// Returns `false` when nothing is pending: the group is idle.
     pub fn step(&mut self) -> bool {
         self.flush_dirty();
-        while let Some(ev) = self.queue.pop() {
-            let time = ev.time();
-            let node = match ev.kind {
+        while let Some((time, kind)) = self.queue.pop() {
+            let node = match kind {
                 EventKind::Timer { node, gen } => {
                     let state = &mut self.nodes[node as usize];
                     if state.timer != Some((time, gen)) {
@@ -555,8 +522,8 @@ impl<S: Endpoint, R: Endpoint> Group<S, R> {
                 return true;
             }
             self.discard_stale_timers();
-            match self.queue.peek() {
-                Some(ev) if ev.time() <= deadline => {
+            match self.queue.peek_time() {
+                Some(t) if t <= deadline => {
                     self.step();
                 }
                 _ => {
@@ -598,11 +565,11 @@ impl<S: Endpoint, R: Endpoint> Group<S, R> {
 
     /// Pops superseded timers off the top of the queue so `peek` shows a live event.
     fn discard_stale_timers(&mut self) {
-        while let Some(ev) = self.queue.peek() {
-            let EventKind::Timer { node, gen } = ev.kind else {
+        while let Some((time, kind)) = self.queue.peek() {
+            let EventKind::Timer { node, gen } = *kind else {
                 break;
             };
-            if self.nodes[node as usize].timer == Some((ev.time(), gen)) {
+            if self.nodes[node as usize].timer == Some((time, gen)) {
                 break;
             }
             self.queue.pop();
@@ -690,10 +657,7 @@ impl<S: Endpoint, R: Endpoint> Group<S, R> {
     }
 
     fn push(&mut self, time: Instant, kind: EventKind) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let key = (u128::from(time.as_micros()) << 64) | u128::from(seq);
-        self.queue.push(Event { key, kind });
+        self.queue.push(time, kind);
     }
 
     fn routable(&self, from: u32, to: u32) -> bool {
