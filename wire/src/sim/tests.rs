@@ -724,3 +724,23 @@ fn recorded_scenario_is_stable() {
     );
     assert_eq!(got, expected);
 }
+
+#[test]
+fn delivery_earlier_than_a_discarded_stale_timer() {
+    let mut g = scripted(1);
+    g.sender_mut().deadline = Some(at_us(10_000));
+    g.run_until(at_us(1_000));
+    g.sender_mut().deadline = None;
+    // Discards the superseded 10 ms timer without moving time.
+    assert_eq!(g.next_event_time(), None);
+    assert_eq!(g.time(), at_us(1_000));
+    let to_r0 = (Dest::Unicast(NodeId::receiver(0)), b"x".to_vec());
+    g.sender_mut().outbox.push_back(to_r0);
+    assert_eq!(g.next_event_time(), Some(at_us(2_000)));
+    assert_eq!(g.run_until_idle(10), Ok(1));
+    assert_eq!(
+        g.receiver(0).inbox,
+        vec![(at_us(2_000), NodeId::SENDER, b"x".to_vec())]
+    );
+    assert!(g.sender().fired.is_empty());
+}
