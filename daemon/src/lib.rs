@@ -1,2 +1,6 @@
-//! fleetcast gateway daemon.
+//! fleetcast gateway daemon: the `mio` event loop (`fleetcastd`), its admin interface and the
+//! operator CLI's client side (`fleetcast`).
+pub mod admin;
+pub mod paths;
 pub mod pki;
+pub mod tlsconn;

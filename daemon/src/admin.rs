@@ -1,0 +1,323 @@
+//! The admin interface: line-delimited JSON over a Unix socket in the gateway's data directory.
+//!
+//! The operator CLI (`fleetcast`) sends one [`Request`] per line and reads one [`Response`] per
+//! line. The gateway serves the socket inside its `mio` loop, so every admin change goes
+//! through the same store batch (group commit) and the same dispatch logic as agent traffic.
+//! The socket is created mode 0600: whoever can open it administers the fleet.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Name of the admin socket inside the data directory.
+pub const SOCKET_NAME: &str = "admin.sock";
+
+/// Largest request line the gateway accepts.
+pub const MAX_REQUEST: usize = 1 << 20;
+
+/// One component step, as the operator writes it (see [`parse_step`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "step")]
+pub enum StepSpec {
+    /// Download `url` to `path`.
+    Fetch {
+        /// Source URL (`http://` or `file://`).
+        url: String,
+        /// Destination on the device.
+        path: String,
+    },
+    /// Check a file's SHA-256 (hex).
+    Verify {
+        /// File on the device.
+        path: String,
+        /// Expected digest, 64 hex digits.
+        sha256: String,
+    },
+    /// Write a text file.
+    Write {
+        /// Destination on the device.
+        path: String,
+        /// Unix permission bits.
+        mode: u32,
+        /// Contents.
+        contents: String,
+    },
+    /// Run a program (no shell).
+    Exec {
+        /// Program and arguments.
+        argv: Vec<String>,
+    },
+    /// Reboot the device.
+    Reboot,
+    /// Send a configuration report.
+    Report,
+}
+
+/// Parses one step as written on the command line:
+///
+/// | syntax | step |
+/// |---|---|
+/// | `exec:PROGRAM ARG...` | run a program; words split like a shell would (quotes work), no shell runs |
+/// | `sh:SCRIPT` | `exec` of `/bin/sh -c SCRIPT` |
+/// | `fetch:PATH=URL` | download |
+/// | `verify:PATH=SHA256` | check a digest |
+/// | `write:PATH=TEXT` | write a file, mode 0644 |
+/// | `reboot` | reboot, the queue suspends until the device is back |
+/// | `report` | send a configuration report |
+pub fn parse_step(spec: &str) -> Result<StepSpec, String> {
+    let (kind, arg) = spec.split_once(':').unwrap_or((spec, ""));
+    let pair = |what: &str| {
+        arg.split_once('=')
+            .filter(|(p, v)| !p.is_empty() && !v.is_empty())
+            .map(|(p, v)| (p.to_string(), v.to_string()))
+            .ok_or_else(|| format!("`{kind}` needs `{kind}:{what}`, got `{spec}`"))
+    };
+    let step = match kind {
+        "exec" => {
+            let argv = shlex::split(arg).ok_or_else(|| format!("unbalanced quotes in `{spec}`"))?;
+            if argv.is_empty() {
+                return Err("`exec` needs a program: `exec:PROGRAM ARG...`".into());
+            }
+            StepSpec::Exec { argv }
+        }
+        "sh" if !arg.is_empty() => {
+            StepSpec::Exec { argv: vec!["/bin/sh".into(), "-c".into(), arg.into()] }
+        }
+        "fetch" => {
+            let (path, url) = pair("PATH=URL")?;
+            StepSpec::Fetch { url, path }
+        }
+        "verify" => {
+            let (path, sha256) = pair("PATH=SHA256")?;
+            parse_sha256(&sha256)?;
+            StepSpec::Verify { path, sha256 }
+        }
+        "write" => {
+            let (path, contents) = pair("PATH=TEXT")?;
+            StepSpec::Write { path, mode: 0o644, contents }
+        }
+        "reboot" if arg.is_empty() => StepSpec::Reboot,
+        "report" if arg.is_empty() => StepSpec::Report,
+        _ => {
+            return Err(format!(
+                "unknown step `{spec}`: use exec:CMD, sh:SCRIPT, fetch:PATH=URL, \
+                 verify:PATH=SHA256, write:PATH=TEXT, reboot or report"
+            ))
+        }
+    };
+    Ok(step)
+}
+
+/// Parses 64 hex digits.
+pub fn parse_sha256(hex: &str) -> Result<[u8; 32], String> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return Err(format!("a SHA-256 is 64 hex digits, got {} characters", bytes.len()));
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).map_err(|_| "not hex".to_string())?;
+        out[i] = u8::from_str_radix(s, 16).map_err(|_| format!("`{s}` is not hex"))?;
+    }
+    Ok(out)
+}
+
+/// Failure policy of a queued command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailureSpec {
+    /// Stop the queue (status `failed`) until an operator retries or skips.
+    #[default]
+    Stop,
+    /// Record the failure and go on.
+    Continue,
+}
+
+/// An admin request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub enum Request {
+    /// Register a device name and issue its one-time enrolment token.
+    DeviceAdd {
+        /// Device name (unique).
+        name: String,
+        /// Groups the device joins when it enrols.
+        #[serde(default)]
+        groups: Vec<String>,
+    },
+    /// List devices.
+    DeviceList,
+    /// Revoke a device: its sessions are closed and it is refused from now on.
+    DeviceRevoke {
+        /// Device name.
+        name: String,
+    },
+    /// Add devices to a group.
+    GroupAdd {
+        /// Group name.
+        group: String,
+        /// Device names.
+        devices: Vec<String>,
+    },
+    /// List groups and members.
+    GroupList,
+    /// Append commands to a device's queue or to every member of a group.
+    QueueAdd {
+        /// Device name, or group name.
+        target: String,
+        /// The commands: each is an operation of steps.
+        commands: Vec<Vec<StepSpec>>,
+        /// Per-attempt timeout.
+        timeout_ms: u64,
+        /// Transmissions allowed (retries = attempts − 1).
+        max_attempts: u32,
+        /// What a final failure does to the rest of the queue.
+        on_failure: OnFailureSpec,
+    },
+    /// Show a device's queue, commands and results.
+    QueueShow {
+        /// Device name.
+        device: String,
+    },
+    /// Pause a device's queue.
+    QueuePause {
+        /// Device name.
+        device: String,
+    },
+    /// Resume a paused queue.
+    QueueResume {
+        /// Device name.
+        device: String,
+    },
+    /// Cancel every pending command of a queue.
+    QueueCancel {
+        /// Device name.
+        device: String,
+    },
+    /// Retry the failed command of a failed queue.
+    QueueRetry {
+        /// Device name.
+        device: String,
+    },
+    /// Skip the failed command of a failed queue and go on.
+    QueueSkip {
+        /// Device name.
+        device: String,
+    },
+    /// The gateway's overall status.
+    Status,
+    /// Events from the log, from id `from` on.
+    Events {
+        /// First event id to return.
+        from: u64,
+        /// At most this many.
+        limit: usize,
+    },
+}
+
+/// An admin response: `ok` with data, or an error saying what to do next.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The result (request-specific JSON).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub data: serde_json::Value,
+    /// What went wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    /// A success.
+    pub fn ok(data: serde_json::Value) -> Self {
+        Response { ok: true, data, error: None }
+    }
+    /// A failure with a message that says what to do next.
+    pub fn err(msg: impl Into<String>) -> Self {
+        Response { ok: false, data: serde_json::Value::Null, error: Some(msg.into()) }
+    }
+}
+
+/// Why the CLI could not get an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket is not there or refuses: the gateway is not running with this data dir.
+    #[error("cannot reach the gateway at {path}: {source} (is fleetcastd running with this --data-dir?)")]
+    Connect {
+        /// Socket path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The connection broke mid-request.
+    #[error("admin connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The gateway answered something that is not a response.
+    #[error("malformed answer from the gateway: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Sends one request to the gateway whose data directory is `data_dir` (blocking; CLI side).
+pub fn request(data_dir: &Path, req: &Request) -> Result<Response, ClientError> {
+    let path = data_dir.join(SOCKET_NAME);
+    let mut s = UnixStream::connect(&path)
+        .map_err(|source| ClientError::Connect { path: path.display().to_string(), source })?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    Ok(serde_json::from_str(&answer)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_parse() {
+        assert_eq!(
+            parse_step("exec:apt-get install -y 'nginx light'").unwrap(),
+            StepSpec::Exec { argv: vec!["apt-get".into(), "install".into(), "-y".into(), "nginx light".into()] }
+        );
+        assert_eq!(
+            parse_step("sh:echo hi > /tmp/x").unwrap(),
+            StepSpec::Exec { argv: vec!["/bin/sh".into(), "-c".into(), "echo hi > /tmp/x".into()] }
+        );
+        assert_eq!(
+            parse_step("fetch:/tmp/a.deb=http://10.0.0.1/a.deb").unwrap(),
+            StepSpec::Fetch { url: "http://10.0.0.1/a.deb".into(), path: "/tmp/a.deb".into() }
+        );
+        assert_eq!(
+            parse_step("write:/etc/motd=hello=world").unwrap(),
+            StepSpec::Write { path: "/etc/motd".into(), mode: 0o644, contents: "hello=world".into() }
+        );
+        assert_eq!(parse_step("reboot").unwrap(), StepSpec::Reboot);
+        assert_eq!(parse_step("report").unwrap(), StepSpec::Report);
+        let sha = "ab".repeat(32);
+        assert!(parse_step(&format!("verify:/x={sha}")).is_ok());
+    }
+
+    #[test]
+    fn bad_steps_say_what_to_do() {
+        assert!(parse_step("exec:").unwrap_err().contains("needs a program"));
+        assert!(parse_step("exec:'unbalanced").unwrap_err().contains("quotes"));
+        assert!(parse_step("fetch:/tmp/x").unwrap_err().contains("fetch:PATH=URL"));
+        assert!(parse_step("verify:/x=abc").unwrap_err().contains("64 hex"));
+        assert!(parse_step("dance").unwrap_err().contains("unknown step"));
+        assert!(parse_step("reboot:now").unwrap_err().contains("unknown step"));
+    }
+
+    #[test]
+    fn requests_are_stable_json() {
+        let r = Request::QueuePause { device: "web1".into() };
+        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"op":"queue_pause","device":"web1"}"#);
+        let back: Request = serde_json::from_str(r#"{"op":"device_add","name":"n1"}"#).unwrap();
+        assert_eq!(back, Request::DeviceAdd { name: "n1".into(), groups: vec![] });
+    }
+}
