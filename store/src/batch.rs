@@ -25,6 +25,8 @@
 //! Other storage errors (I/O, corruption) poison the batch: later calls and `commit` return
 //! [`Error::Poisoned`] (the first call returned the cause).
 
+use std::path::Path;
+
 use lmdb::{Environment, RwTransaction, Transaction, WriteFlags};
 
 use crate::codec::Record;
@@ -33,9 +35,9 @@ use crate::error::{Error, Illegal, Missing, Result};
 use crate::queue::AfterFailure;
 use crate::read::{self, read_methods};
 use crate::types::{
-    BlockSet, Command, CommandResult, ConfigReport, Device, DeviceId, EnrolmentToken, Event,
-    EventId, FailReason, QueueState, QueueStatus, StepOutcome, StepResult, Task, TaskDeviceStatus,
-    TaskId, Transport,
+    BlockSet, Command, CommandPolicy, CommandResult, ConfigReport, Device, DeviceId,
+    EnrolmentToken, Event, EventId, FailReason, QueueState, QueueStatus, StepOutcome, StepResult,
+    Task, TaskDeviceStatus, TaskId, Transport,
 };
 
 /// What [`Batch::record_result`] did.
@@ -177,6 +179,7 @@ enum Out {
 /// Dropping a batch without committing aborts it.
 pub struct Batch<'s> {
     env: &'s Environment,
+    path: &'s Path,
     dbs: &'s Dbs,
     txn: Option<RwTransaction<'s>>,
     ops: Vec<Op>,
@@ -198,10 +201,11 @@ fn is_map_full(e: &Error) -> bool {
 }
 
 impl<'s> Batch<'s> {
-    pub(crate) fn begin(env: &'s Environment, dbs: &'s Dbs) -> Result<Self> {
+    pub(crate) fn begin(env: &'s Environment, path: &'s Path, dbs: &'s Dbs) -> Result<Self> {
         env::grow_if_needed(env)?;
         Ok(Batch {
             env,
+            path,
             dbs,
             txn: Some(env.begin_rw_txn()?),
             ops: Vec::new(),
@@ -282,7 +286,10 @@ impl<'s> Batch<'s> {
                 }
                 Err(e) if e.is_refusal() => return Err(e),
                 Err(e) if is_map_full(&e) => self.grow_and_replay()?,
-                Err(e) => return Err(self.poison(e)),
+                Err(e) => {
+                    let e = e.classify_io(self.path);
+                    return Err(self.poison(e));
+                }
             }
         }
     }
@@ -314,7 +321,7 @@ impl<'s> Batch<'s> {
                 }
                 // mdb_txn_commit frees the transaction on failure.
                 Err(lmdb::Error::MapFull) => self.grow_and_replay()?,
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(Error::from(e).classify_io(self.path)),
             }
         }
     }
@@ -647,12 +654,13 @@ impl Cx<'_, '_> {
     fn device(&self, dev: DeviceId) -> Result<Device> {
         read::device(&*self.t, self.d, dev)?.ok_or(Error::NotFound(Missing::Device(dev)))
     }
-    fn live_device(&self, dev: DeviceId) -> Result<Device> {
-        let d = self.device(dev)?;
-        if d.revoked {
+    /// The queue of a device that is not revoked.
+    fn live_queue(&self, dev: DeviceId) -> Result<QueueState> {
+        let q = self.queue(dev)?;
+        if q.revoked {
             return Err(Error::illegal(dev, Illegal::Revoked));
         }
-        Ok(d)
+        Ok(q)
     }
     fn put_queue(&mut self, dev: DeviceId, q: &QueueState) -> Result<()> {
         let d = self.d.queues;
@@ -661,8 +669,8 @@ impl Cx<'_, '_> {
     fn first_after(&self, dev: DeviceId, after: u64) -> Result<Option<u64>> {
         read::first_after(&*self.t, self.d, dev, after)
     }
-    fn cursor_command(&self, dev: DeviceId, seq: u64) -> Result<Command> {
-        read::command(&*self.t, self.d, dev, seq)?.ok_or(Error::Corrupt {
+    fn cursor_policy(&self, dev: DeviceId, seq: u64) -> Result<CommandPolicy> {
+        read::command_policy(&*self.t, self.d, dev, seq)?.ok_or(Error::Corrupt {
             table: "commands",
             reason: "queue cursor names a missing command",
         })
@@ -716,15 +724,15 @@ impl Cx<'_, '_> {
         seq: u64,
         result: &CommandResult,
     ) -> Result<()> {
-        let cmd = self.cursor_command(dev, seq)?;
         let more = self.first_after(dev, seq)?.is_some();
-        let r = self.d.results;
-        self.put(r, &key2(dev.0, seq), result)?;
         if result.succeeded() {
             q.command_succeeded(more);
         } else {
-            q.command_failed(&cmd, FailReason::CommandFailed, more);
+            let policy = self.cursor_policy(dev, seq)?;
+            q.command_failed(&policy, FailReason::CommandFailed, more);
         }
+        let r = self.d.results;
+        self.put(r, &key2(dev.0, seq), result)?;
         self.put_queue(dev, q)
     }
 }
@@ -814,8 +822,11 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
         }
         Op::Revoke(dev) => {
             let mut x = cx.device(*dev)?;
+            let mut q = cx.queue(*dev)?;
             x.revoked = true;
+            q.revoked = true;
             cx.put(d.devices, &dev.0.to_be_bytes(), &x)?;
+            cx.put_queue(*dev, &q)?;
             Ok(Out::Unit)
         }
         Op::Seen {
@@ -849,8 +860,7 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
         }
         Op::Enqueue { dev, cmd } => {
             validate_command(*dev, cmd)?;
-            cx.live_device(*dev)?;
-            let mut q = cx.queue(*dev)?;
+            let mut q = cx.live_queue(*dev)?;
             let seq = q.enqueue();
             cx.put(d.commands, &key2(dev.0, seq), cmd)?;
             cx.put_queue(*dev, &q)?;
@@ -864,8 +874,9 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
             validate_command(members[0], cmd)?;
             let mut targets = Vec::with_capacity(members.len());
             for m in members {
-                if !cx.device(m)?.revoked {
-                    targets.push((m, cx.queue(m)?));
+                let q = cx.queue(m)?;
+                if !q.revoked {
+                    targets.push((m, q));
                 }
             }
             let mut out = Vec::with_capacity(targets.len());
@@ -878,10 +889,14 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
             Ok(Out::Pairs(out))
         }
         Op::Transmitted { dev, seq, now } => {
-            cx.live_device(*dev)?;
-            let mut q = cx.queue(*dev)?;
-            let first = cx.first_after(*dev, q.completed_through)?;
-            let max = read::command(&*cx.t, d, *dev, *seq)?.map_or(u32::MAX, |c| c.max_attempts);
+            let mut q = cx.live_queue(*dev)?;
+            let first = if q.status == QueueStatus::Running {
+                cx.first_after(*dev, q.completed_through)?
+            } else {
+                q.cursor
+            };
+            let max =
+                read::command_policy(&*cx.t, d, *dev, *seq)?.map_or(u32::MAX, |c| c.max_attempts);
             q.mark_transmitted(*seq, first, max, *now)
                 .map_err(|k| Error::illegal(*dev, k))?;
             cx.put_queue(*dev, &q)?;
@@ -913,15 +928,15 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
         }
         Op::TimedOut { dev, seq, now } => {
             let mut q = cx.queue(*dev)?;
-            let timeout = match read::command(&*cx.t, d, *dev, *seq)? {
-                Some(c) => c.timeout_ms,
+            let policy = match read::command_policy(&*cx.t, d, *dev, *seq)? {
+                Some(p) => p,
                 None => return Err(Error::illegal(*dev, Illegal::NotTransmitted { seq: *seq })),
             };
-            q.check_timeout(*seq, timeout, *now)
+            q.check_timeout(*seq, policy.timeout_ms, *now)
                 .map_err(|k| Error::illegal(*dev, k))?;
-            let cmd = cx.cursor_command(*dev, *seq)?;
             let more = cx.first_after(*dev, *seq)?.is_some();
-            if q.command_failed(&cmd, FailReason::AttemptsExhausted, more) == AfterFailure::MovedOn
+            if q.command_failed(&policy, FailReason::AttemptsExhausted, more)
+                == AfterFailure::MovedOn
             {
                 let r = synthetic(StepOutcome::Failed, "timed out", *now);
                 cx.put(d.results, &key2(dev.0, *seq), &r)?;

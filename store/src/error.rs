@@ -171,7 +171,37 @@ impl From<lmdb::Error> for Error {
     }
 }
 
+/// Free space below which an `EIO` from a write is read as a full file system: LMDB reports a
+/// *short* write (which is how a file system that fills up mid-write answers) as `EIO`.
+const NEARLY_FULL_BYTES: u64 = 1 << 20;
+
+/// True if the file system holding `path` has less than [`NEARLY_FULL_BYTES`] available.
+fn nearly_full(path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer for the call.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return false;
+        }
+        (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) < NEARLY_FULL_BYTES
+    }
+}
+
 impl Error {
+    /// Reclassifies an LMDB `EIO` as [`Error::DiskFull`] when the file system is (nearly) full.
+    pub(crate) fn classify_io(self, path: &std::path::Path) -> Error {
+        match self {
+            Error::Lmdb(lmdb::Error::Other(code)) if code == libc::EIO && nearly_full(path) => {
+                Error::DiskFull
+            }
+            other => other,
+        }
+    }
+
     pub(crate) fn illegal(device: DeviceId, kind: Illegal) -> Self {
         Error::IllegalTransition {
             device: Some(device),

@@ -35,7 +35,7 @@ mod queue;
 mod read;
 mod types;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use lmdb::{Environment, RoTransaction};
 
@@ -55,6 +55,7 @@ use read::read_methods;
 pub struct Store {
     env: Environment,
     dbs: Dbs,
+    path: PathBuf,
 }
 
 impl std::fmt::Debug for Store {
@@ -66,13 +67,14 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens or creates the store in directory `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Store> {
-        let (env, dbs) = env::open_env(path.as_ref())?;
-        Ok(Store { env, dbs })
+        let path = path.as_ref().to_path_buf();
+        let (env, dbs) = env::open_env(&path)?;
+        Ok(Store { env, dbs, path })
     }
 
     /// Begins a write batch (group commit). See [`Batch`].
     pub fn batch(&mut self) -> Result<Batch<'_>> {
-        Batch::begin(&self.env, &self.dbs)
+        Batch::begin(&self.env, &self.path, &self.dbs)
     }
 
     /// A consistent read view of the committed state.

@@ -29,7 +29,7 @@
 //! ```
 
 use crate::error::Illegal;
-use crate::types::{Command, FailReason, OnFailure, QueueState, QueueStatus};
+use crate::types::{CommandPolicy, FailReason, OnFailure, QueueState, QueueStatus};
 
 type R<T = ()> = std::result::Result<T, Illegal>;
 
@@ -147,7 +147,7 @@ impl QueueState {
     /// An attempt of the command at the cursor failed (`reason`). Applies the policy.
     pub(crate) fn command_failed(
         &mut self,
-        cmd: &Command,
+        cmd: &CommandPolicy,
         reason: FailReason,
         more_pending: bool,
     ) -> AfterFailure {
@@ -299,11 +299,8 @@ impl QueueState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::Step;
-
-    fn cmd(max_attempts: u32, on_failure: OnFailure) -> Command {
-        Command {
-            steps: vec![Step::Reboot],
+    fn cmd(max_attempts: u32, on_failure: OnFailure) -> CommandPolicy {
+        CommandPolicy {
             timeout_ms: 100,
             max_attempts,
             on_failure,

@@ -9,8 +9,8 @@ use crate::codec::Record;
 use crate::env::{self, be, key2, split2, Dbs};
 use crate::error::{Error, Result};
 use crate::types::{
-    Command, CommandResult, Device, DeviceId, Event, EventId, QueueState, QueueStatus, Task,
-    TaskDeviceStatus, TaskId,
+    Command, CommandPolicy, CommandResult, Device, DeviceId, Event, EventId, QueueState,
+    QueueStatus, Task, TaskDeviceStatus, TaskId,
 };
 
 pub(crate) fn device<T: Transaction>(t: &T, d: &Dbs, id: DeviceId) -> Result<Option<Device>> {
@@ -57,6 +57,20 @@ pub(crate) fn command<T: Transaction>(
     seq: u64,
 ) -> Result<Option<Command>> {
     env::get(t, d.commands, &key2(id.0, seq))
+}
+
+/// The policy of one command, without decoding its steps.
+pub(crate) fn command_policy<T: Transaction>(
+    t: &T,
+    d: &Dbs,
+    id: DeviceId,
+    seq: u64,
+) -> Result<Option<CommandPolicy>> {
+    match t.get(d.commands, &key2(id.0, seq)) {
+        Ok(v) => CommandPolicy::decode_prefix(v).map(Some),
+        Err(lmdb::Error::NotFound) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Up to `limit` commands of `id` with seq ≥ `from`, in queue order.

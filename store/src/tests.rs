@@ -618,10 +618,7 @@ fn scans_never_outlive_cursors() {
         for i in 0..300 {
             b.enqueue(d, exec()).unwrap();
             // Reads that scan, then a write that may split the page they just visited.
-            assert_eq!(
-                b.commands(d, 0, usize::MAX).unwrap().len() as u64,
-                i + 1
-            );
+            assert_eq!(b.commands(d, 0, usize::MAX).unwrap().len() as u64, i + 1);
             assert!(b.next_to_dispatch(d).unwrap().is_some());
             let ev = Event {
                 time_ms: i,

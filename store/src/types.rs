@@ -267,6 +267,36 @@ pub struct Command {
     pub on_failure: OnFailure,
 }
 
+/// The policy part of a [`Command`], decodable without the steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CommandPolicy {
+    pub timeout_ms: u64,
+    pub max_attempts: u32,
+    pub on_failure: OnFailure,
+}
+
+impl CommandPolicy {
+    fn read(r: &mut Reader<'_>) -> Result<Self> {
+        let timeout_ms = r.u64()?;
+        let max_attempts = r.u32()?;
+        let on_failure = match r.u8()? {
+            0 => OnFailure::Stop,
+            1 => OnFailure::Continue,
+            _ => return Err(r.corrupt("bad failure policy")),
+        };
+        Ok(CommandPolicy {
+            timeout_ms,
+            max_attempts,
+            on_failure,
+        })
+    }
+    /// Decodes only the policy prefix of an encoded command (the hot paths need no steps).
+    pub(crate) fn decode_prefix(buf: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(buf, Command::TABLE)?;
+        Self::read(&mut r)
+    }
+}
+
 impl Command {
     /// True if the operation contains a reboot step.
     pub fn has_reboot(&self) -> bool {
@@ -312,13 +342,11 @@ impl Record for Command {
         }
     }
     fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
-        let timeout_ms = r.u64()?;
-        let max_attempts = r.u32()?;
-        let on_failure = match r.u8()? {
-            0 => OnFailure::Stop,
-            1 => OnFailure::Continue,
-            _ => return Err(r.corrupt("bad failure policy")),
-        };
+        let CommandPolicy {
+            timeout_ms,
+            max_attempts,
+            on_failure,
+        } = CommandPolicy::read(r)?;
         let n = r.count(1)?;
         let mut steps = Vec::with_capacity(n);
         for _ in 0..n {
@@ -423,6 +451,8 @@ pub struct QueueState {
     pub pause_requested: bool,
     /// Status to return to on `resume` (only meaningful while `paused`).
     pub paused_from: QueueStatus,
+    /// Copy of the device's revoked flag, so hot transitions need not decode the device.
+    pub revoked: bool,
 }
 
 impl Default for QueueState {
@@ -438,6 +468,7 @@ impl Default for QueueState {
             failure: None,
             pause_requested: false,
             paused_from: QueueStatus::Idle,
+            revoked: false,
         }
     }
 }
@@ -460,6 +491,7 @@ impl Record for QueueState {
         });
         w.bool(self.pause_requested);
         w.u8(self.paused_from.code());
+        w.bool(self.revoked);
     }
     fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
         let status = QueueStatus::from_code(r.u8()?).ok_or_else(|| r.corrupt("bad status"))?;
@@ -479,6 +511,7 @@ impl Record for QueueState {
         let pause_requested = r.bool()?;
         let paused_from =
             QueueStatus::from_code(r.u8()?).ok_or_else(|| r.corrupt("bad paused_from"))?;
+        let revoked = r.bool()?;
         Ok(QueueState {
             status,
             next_seq,
@@ -490,6 +523,7 @@ impl Record for QueueState {
             failure,
             pause_requested,
             paused_from,
+            revoked,
         })
     }
 }
