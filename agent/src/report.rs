@@ -1,0 +1,553 @@
+//! The device's configuration report (Linux): OS, kernel, hostname, addresses, installed
+//! software, agent version and boot id.
+//!
+//! Invariants:
+//! - Every string fits the wire's [`MAX_NAME`] (cut at a character boundary) and the lists
+//!   are capped at [`MAX_ADDRESSES`] and [`MAX_SOFTWARE`], so an [`OwnedConfigReport`]
+//!   always encodes.
+//! - Memory is bounded by those caps: the dpkg status file (megabytes on a full system) is
+//!   streamed line by line, keeping only the current entry's package name and version.
+//! - Paths come from [`ReportConfig`]: tests and the lab point them at fixtures, and simulate
+//!   a reboot by giving the agent a different boot id file.
+//! - The only fallible source is the boot id, which the control protocol cannot do without;
+//!   everything else degrades to `"unknown"` or an empty list.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read as _};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+
+use fleetcast_wire::msg::limits::{MAX_ADDRESSES, MAX_NAME, MAX_SOFTWARE};
+use fleetcast_wire::{ConfigReport, Package};
+
+/// The agent's version, as reported to the gateway.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Where the report's sources live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportConfig {
+    /// `os-release(5)` file (its `PRETTY_NAME`).
+    pub os_release: PathBuf,
+    /// dpkg's status database; a missing file means no software list.
+    pub dpkg_status: PathBuf,
+    /// The boot id: a UUID in text form.
+    pub boot_id: PathBuf,
+}
+
+impl Default for ReportConfig {
+    fn default() -> Self {
+        ReportConfig {
+            os_release: PathBuf::from("/etc/os-release"),
+            dpkg_status: PathBuf::from("/var/lib/dpkg/status"),
+            boot_id: PathBuf::from("/proc/sys/kernel/random/boot_id"),
+        }
+    }
+}
+
+/// Errors collecting a report.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReportError {
+    /// The boot id file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The boot id file does not hold a UUID.
+    #[error("{path}: not a boot id (expected a UUID)")]
+    BadBootId {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// An installed package (owned).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedPackage {
+    /// Package name.
+    pub name: String,
+    /// Installed version.
+    pub version: String,
+}
+
+/// A configuration report that owns its strings; [`OwnedConfigReport::as_wire`] borrows it
+/// as the wire message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedConfigReport {
+    /// The current boot's id.
+    pub boot_id: [u8; 16],
+    /// `PRETTY_NAME` from os-release.
+    pub os: String,
+    /// Kernel release (`uname -r`).
+    pub kernel: String,
+    /// Host name (`uname -n`).
+    pub hostname: String,
+    /// This agent's version.
+    pub agent_version: String,
+    /// Non-loopback interface addresses with prefix length, e.g. `10.0.0.5/24`.
+    pub addresses: Vec<String>,
+    /// Installed dpkg packages.
+    pub software: Vec<OwnedPackage>,
+}
+
+impl OwnedConfigReport {
+    /// Borrows the report as the wire message.
+    pub fn as_wire(&self) -> ConfigReport<'_> {
+        ConfigReport {
+            boot_id: self.boot_id,
+            os: &self.os,
+            kernel: &self.kernel,
+            hostname: &self.hostname,
+            agent_version: &self.agent_version,
+            addresses: self.addresses.iter().map(String::as_str).collect(),
+            software: self
+                .software
+                .iter()
+                .map(|p| Package {
+                    name: &p.name,
+                    version: &p.version,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Collects the report.
+pub fn collect(cfg: &ReportConfig) -> Result<OwnedConfigReport, ReportError> {
+    let boot_id = read_boot_id(&cfg.boot_id)?;
+    let uname = uname();
+    let os = read_os_release(&cfg.os_release)
+        .or_else(|| uname.as_ref().map(|u| u.sysname.clone()))
+        .unwrap_or_else(|| "unknown".into());
+    let (kernel, hostname) = match uname {
+        Some(u) => (u.release, u.nodename),
+        None => ("unknown".into(), "unknown".into()),
+    };
+    let software = match File::open(&cfg.dpkg_status) {
+        Ok(f) => parse_dpkg_status(BufReader::new(f)).unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    Ok(OwnedConfigReport {
+        boot_id,
+        os: bounded(&os),
+        kernel: bounded(&kernel),
+        hostname: bounded(&hostname),
+        agent_version: bounded(AGENT_VERSION),
+        addresses: interface_addresses(),
+        software,
+    })
+}
+
+/// Reads a boot id file (`/proc/sys/kernel/random/boot_id`: a UUID, hyphens optional).
+pub fn read_boot_id(path: &Path) -> Result<[u8; 16], ReportError> {
+    let mut text = Vec::with_capacity(40);
+    File::open(path)
+        .and_then(|f| f.take(128).read_to_end(&mut text))
+        .map_err(|source| ReportError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    parse_uuid(&text).ok_or_else(|| ReportError::BadBootId {
+        path: path.to_owned(),
+    })
+}
+
+/// Parses a UUID's text form (32 hex digits, hyphens anywhere, surrounding whitespace).
+pub fn parse_uuid(text: &[u8]) -> Option<[u8; 16]> {
+    let text = text.trim_ascii();
+    let mut out = [0u8; 16];
+    let mut digits = 0usize;
+    for &c in text {
+        if c == b'-' {
+            continue;
+        }
+        let v = (c as char).to_digit(16)? as u8;
+        let byte = out.get_mut(digits / 2)?;
+        *byte = (*byte << 4) | v;
+        digits += 1;
+    }
+    (digits == 32).then_some(out)
+}
+
+/// `PRETTY_NAME` from an os-release file, unquoted.
+fn read_os_release(path: &Path) -> Option<String> {
+    let f = File::open(path).ok()?;
+    for line in BufReader::new(f.take(64 * 1024)).lines() {
+        let line = line.ok()?;
+        if let Some(v) = line.trim().strip_prefix("PRETTY_NAME=") {
+            return Some(unquote(v));
+        }
+    }
+    None
+}
+
+/// Removes os-release's shell-style quoting from a value (`"a \"b\""` → `a "b"`).
+fn unquote(v: &str) -> String {
+    let v = v.trim();
+    let inner = match v.as_bytes() {
+        [q @ (b'"' | b'\''), .., last] if last == q && v.len() >= 2 => &v[1..v.len() - 1],
+        _ => v,
+    };
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(n) = chars.next() {
+                out.push(n);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Parses dpkg's status database: `Package` and `Version` of each entry whose `Status` is
+/// `install ok installed`, in file order, at most [`MAX_SOFTWARE`]. Lines that are not UTF-8
+/// (descriptions in legacy encodings) are skipped.
+pub fn parse_dpkg_status(mut r: impl BufRead) -> io::Result<Vec<OwnedPackage>> {
+    #[derive(Default)]
+    struct Entry {
+        name: Option<String>,
+        version: Option<String>,
+        installed: bool,
+    }
+    fn finish(e: &mut Entry, out: &mut Vec<OwnedPackage>) {
+        let e = std::mem::take(e);
+        if let (true, Some(name), Some(version)) = (e.installed, e.name, e.version) {
+            if out.len() < MAX_SOFTWARE {
+                out.push(OwnedPackage {
+                    name: bounded(&name),
+                    version: bounded(&version),
+                });
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut entry = Entry::default();
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        if r.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        let l = line.trim_ascii_end();
+        if l.is_empty() {
+            finish(&mut entry, &mut out);
+            continue;
+        }
+        // Continuation lines start with a space or tab.
+        if l[0] == b' ' || l[0] == b'\t' {
+            continue;
+        }
+        let Ok(l) = std::str::from_utf8(l) else {
+            continue;
+        };
+        let Some((field, value)) = l.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        // Field names are case-insensitive (deb822).
+        if field.eq_ignore_ascii_case("Package") {
+            entry.name = Some(value.to_owned());
+        } else if field.eq_ignore_ascii_case("Version") {
+            entry.version = Some(value.to_owned());
+        } else if field.eq_ignore_ascii_case("Status") {
+            entry.installed = value
+                .split_ascii_whitespace()
+                .eq(["install", "ok", "installed"]);
+        }
+    }
+    finish(&mut entry, &mut out);
+    Ok(out)
+}
+
+/// `s` cut to at most [`MAX_NAME`] bytes at a character boundary.
+fn bounded(s: &str) -> String {
+    let mut end = s.len().min(MAX_NAME);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+struct Uname {
+    sysname: String,
+    nodename: String,
+    release: String,
+}
+
+fn uname() -> Option<Uname> {
+    // SAFETY: `utsname` is plain old data (arrays of c_char); all-zero is a valid value.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable `utsname`.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return None;
+    }
+    let field = |f: &[libc::c_char]| {
+        // The kernel NUL-terminates every field; guard anyway by searching within the array.
+        let bytes: Vec<u8> = f
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    Some(Uname {
+        sysname: field(&u.sysname),
+        nodename: field(&u.nodename),
+        release: field(&u.release),
+    })
+}
+
+/// Addresses of the interfaces that are not loopback, as `addr/prefix`, deduplicated, at
+/// most [`MAX_ADDRESSES`]. Empty if `getifaddrs` fails.
+pub fn interface_addresses() -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: `head` is a valid out-pointer; on success it owns a list freed below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return out;
+    }
+    let mut cur = head;
+    while !cur.is_null() && out.len() < MAX_ADDRESSES {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, alive until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_flags & libc::IFF_LOOPBACK as libc::c_uint != 0 || ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: non-null addresses of the list point to sockaddrs sized for their family;
+        // the netmask, when present, has the same family.
+        let entry = unsafe { sockaddr_ip(ifa.ifa_addr) }.map(|addr| {
+            let prefix = unsafe { sockaddr_ip(ifa.ifa_netmask) }
+                .map(prefix_len)
+                .unwrap_or(match addr {
+                    IpAddr::V4(_) => 32,
+                    IpAddr::V6(_) => 128,
+                });
+            format!("{addr}/{prefix}")
+        });
+        if let Some(e) = entry {
+            if !out.contains(&e) {
+                out.push(e);
+            }
+        }
+    }
+    // SAFETY: `head` came from a successful getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out
+}
+
+/// The IP address in a sockaddr, for `AF_INET`/`AF_INET6`.
+///
+/// # Safety
+/// `sa` is null or points to a sockaddr whose size matches its `sa_family`.
+unsafe fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<IpAddr> {
+    if sa.is_null() {
+        return None;
+    }
+    // SAFETY: the caller guarantees `sa` points to a sockaddr of its family's size.
+    unsafe {
+        match i32::from((*sa).sa_family) {
+            libc::AF_INET => {
+                let sin = &*(sa as *const libc::sockaddr_in);
+                Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    sin.sin_addr.s_addr,
+                ))))
+            }
+            libc::AF_INET6 => {
+                let sin6 = &*(sa as *const libc::sockaddr_in6);
+                Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Prefix length of a netmask (its leading one bits).
+fn prefix_len(mask: IpAddr) -> u32 {
+    match mask {
+        IpAddr::V4(m) => u32::from(m).leading_ones(),
+        IpAddr::V6(m) => u128::from(m).leading_ones(),
+    }
+}
+
+/// Reads the host name alone (`uname -n`), e.g. for enrolment.
+pub fn hostname() -> Option<String> {
+    uname().map(|u| bounded(&u.nodename))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DPKG_FIXTURE: &[u8] = b"\
+Package: adduser
+Status: install ok installed
+Priority: important
+Version: 3.134
+Description: add and remove users and groups
+ This package includes the 'adduser' and 'deluser' commands.
+ .
+ Version: 9.9 (a continuation line, not a field)
+
+Package: removed-pkg
+Status: deinstall ok config-files
+Version: 1.0
+
+Package: half
+Status: install ok half-installed
+Version: 2.0
+
+Package: libc6
+Status: install ok installed
+Architecture: amd64
+Multi-Arch: same
+Version: 2.36-9+deb12u4
+Description: GNU C Library: Shared libraries
+ Latin-1 bytes follow: \xe9\xe8
+
+package: lowercase-fields
+status: install ok installed
+version: 0.1-1";
+
+    #[test]
+    fn dpkg_parser_keeps_installed_packages_only() {
+        let pkgs = parse_dpkg_status(DPKG_FIXTURE).unwrap();
+        let got: Vec<(&str, &str)> = pkgs
+            .iter()
+            .map(|p| (p.name.as_str(), p.version.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("adduser", "3.134"),
+                ("libc6", "2.36-9+deb12u4"),
+                ("lowercase-fields", "0.1-1")
+            ]
+        );
+    }
+
+    #[test]
+    fn dpkg_list_is_capped_at_the_wire_limit() {
+        let mut big = Vec::new();
+        for i in 0..MAX_SOFTWARE + 10 {
+            big.extend_from_slice(
+                format!("Package: p{i}\nStatus: install ok installed\nVersion: 1\n\n").as_bytes(),
+            );
+        }
+        assert_eq!(parse_dpkg_status(&big[..]).unwrap().len(), MAX_SOFTWARE);
+    }
+
+    #[test]
+    fn uuid_parsing() {
+        let id = parse_uuid(b"0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0\n").unwrap();
+        assert_eq!(
+            id,
+            [
+                0x0f, 0x1e, 0x2d, 0x3c, 0x4b, 0x5a, 0x69, 0x78, 0x87, 0x96, 0xa5, 0xb4, 0xc3, 0xd2,
+                0xe1, 0xf0
+            ]
+        );
+        assert_eq!(parse_uuid(b"0f1e2d3c4b5a69788796a5b4c3d2e1f0"), Some(id));
+        assert_eq!(parse_uuid(b"0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1"), None);
+        assert_eq!(parse_uuid(b"0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0ff"), None);
+        assert_eq!(parse_uuid(b"zz1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"), None);
+    }
+
+    #[test]
+    fn os_release_quoting() {
+        assert_eq!(
+            unquote("\"Debian GNU/Linux 12 (bookworm)\""),
+            "Debian GNU/Linux 12 (bookworm)"
+        );
+        assert_eq!(unquote("'Alpine'"), "Alpine");
+        assert_eq!(unquote("Plain"), "Plain");
+        assert_eq!(unquote(r#""say \"hi\"""#), "say \"hi\"");
+        assert_eq!(unquote("\""), "\"");
+    }
+
+    #[test]
+    fn bounded_cuts_at_char_boundary() {
+        let s = "é".repeat(200); // 400 bytes
+        let b = bounded(&s);
+        assert!(b.len() <= MAX_NAME && b.len() == 254);
+        assert_eq!(bounded("short"), "short");
+    }
+
+    #[test]
+    fn prefix_lengths() {
+        assert_eq!(prefix_len("255.255.255.0".parse().unwrap()), 24);
+        assert_eq!(prefix_len("0.0.0.0".parse().unwrap()), 0);
+        assert_eq!(prefix_len("ffff:ffff:ffff:ffff::".parse().unwrap()), 64);
+    }
+
+    #[test]
+    fn report_on_this_machine_with_fixture_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let boot = dir.path().join("boot_id");
+        std::fs::write(&boot, "11111111-2222-3333-4444-555555555555\n").unwrap();
+        let os = dir.path().join("os-release");
+        std::fs::write(&os, "NAME=\"X\"\nPRETTY_NAME=\"Fixture OS 1\"\n").unwrap();
+        let dpkg = dir.path().join("status");
+        std::fs::write(&dpkg, DPKG_FIXTURE).unwrap();
+        let cfg = ReportConfig {
+            os_release: os,
+            dpkg_status: dpkg,
+            boot_id: boot,
+        };
+        let r = collect(&cfg).unwrap();
+        assert_eq!(r.boot_id[0], 0x11);
+        assert_eq!(r.boot_id[15], 0x55);
+        assert_eq!(r.os, "Fixture OS 1");
+        assert!(!r.kernel.is_empty() && r.kernel != "unknown");
+        assert!(!r.hostname.is_empty() && r.hostname != "unknown");
+        assert_eq!(r.agent_version, AGENT_VERSION);
+        assert_eq!(r.software.len(), 3);
+        for a in &r.addresses {
+            let (ip, prefix) = a.split_once('/').unwrap();
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(!ip.is_loopback(), "{a}");
+            prefix.parse::<u8>().unwrap();
+        }
+        // The wire form encodes (every field within its limit).
+        let msg = fleetcast_wire::Message::RebootComplete(fleetcast_wire::RebootComplete {
+            seq: 1,
+            report: r.as_wire(),
+        });
+        let mut buf = vec![0; msg.buffer_len().unwrap()];
+        msg.emit(&mut buf).unwrap();
+
+        // Missing dpkg database: empty list, not an error. Missing boot id: an error.
+        let cfg2 = ReportConfig {
+            dpkg_status: dir.path().join("nope"),
+            ..cfg.clone()
+        };
+        assert!(collect(&cfg2).unwrap().software.is_empty());
+        let cfg3 = ReportConfig {
+            boot_id: dir.path().join("nope"),
+            ..cfg
+        };
+        assert!(matches!(collect(&cfg3), Err(ReportError::Io { .. })));
+        std::fs::write(dir.path().join("bad"), "not a uuid").unwrap();
+        assert!(matches!(
+            read_boot_id(&dir.path().join("bad")),
+            Err(ReportError::BadBootId { .. })
+        ));
+    }
+
+    #[test]
+    fn real_system_sources_when_present() {
+        // The machine's own boot id and os-release, when this runs on Linux with /proc.
+        let cfg = ReportConfig::default();
+        if cfg.boot_id.exists() {
+            let r = collect(&cfg).unwrap();
+            assert_ne!(r.boot_id, [0; 16]);
+            assert!(!r.os.is_empty());
+        }
+    }
+}

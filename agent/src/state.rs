@@ -1,0 +1,1034 @@
+//! The agent's durable state: one directory, a few small files, every write atomic.
+//!
+//! # Files (in the state directory, created with mode 0700)
+//! | file        | contents                                                              |
+//! |-------------|-----------------------------------------------------------------------|
+//! | `device.key`| the device's private key, written by [`crate::tls::DeviceKey::save_pem`] (0600) |
+//! | `device.crt`| the enrolled client certificate (PEM)                                 |
+//! | `ca.crt`    | the gateway CA certificate (PEM)                                      |
+//! | `device_id` | the enrolled device id, decimal; written last, so it is the commit point of enrolment |
+//! | `transport` | the name of the transport that last completed a round trip            |
+//! | `command`   | the [`CommandRecord`]: what was last executed and what became of it    |
+//!
+//! Every write goes to a temporary file in the same directory, is fsynced, renamed over the
+//! destination and the directory is fsynced ([`write_atomic`], [`AtomicFile`]): after a crash
+//! a file holds either its old or its new contents, never a mix. The `command` file also
+//! carries a CRC-32, and a pending result is stored as the exact wire frame of the `Result`
+//! message (which has its own CRC), so a file damaged some other way is detected: loading
+//! fails with [`StateError::Corrupt`] naming the file, never with a silently wrong state.
+//!
+//! # Exactly-once execution
+//! The gateway dispatches one command at a time; each has a queue sequence number `seq`,
+//! strictly increasing per device. The `command` file moves through these states, each
+//! transition one atomic file replacement:
+//!
+//! ```text
+//!  (none|Acked|Pending(older)) --record_executing(seq)--> Executing(seq)
+//!  Executing(seq) --record_result--> Pending(seq, result frame) --ack(≥seq)--> Acked(seq)
+//!  Executing(seq) --record_reboot--> Rebooting(seq, old boot id) --take_reboot--> Acked(seq)
+//!  Executing(seq) --[agent restarts]--> Pending(seq, "agent restarted while executing")
+//! ```
+//!
+//! - **Never twice.** `Executing(seq)` is durable *before* the first step runs. A dispatch is
+//!   only run if its `seq` is greater than every recorded one ([`State::should_run`]); a
+//!   re-sent dispatch (the gateway crashed before storing the result, or the ack was lost)
+//!   finds its `seq` already recorded and the driver re-sends the stored result instead of
+//!   running the command again. If the agent dies mid-command, [`State::open`] finds
+//!   `Executing(seq)` and turns it into a failed result ("agent restarted while executing",
+//!   exit code [`EXIT_AGENT_RESTARTED`]) rather than running the command again: its effects
+//!   are unknown, and the operator decides.
+//! - **Never lost.** The result is durable (`Pending`) before it is sent, and stays until the
+//!   gateway acknowledges it ([`State::ack`]: a `ResultAck`, or `Welcome.acked_seq` on a new
+//!   session), which the gateway sends only after *its* store is durable. Until then every
+//!   `Hello` carries it ([`State::last_executed`]). A dispatch with a higher `seq` also
+//!   proves the older result was stored (the gateway sends the next command only after
+//!   storing the previous result), so it implicitly acknowledges it.
+//! - **Reboots.** A reboot step is recorded as `Rebooting(seq, old boot id)` before
+//!   `RebootStarting` is sent and before the reboot runs. After the restart the driver
+//!   compares the boot id: a different one means the reboot happened and `RebootComplete`
+//!   is due; [`State::take_reboot`] clears the record once the gateway has it.
+
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io::{self, Read as _, Write};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fleetcast_wire::{CommandResult, LastExecuted, Message, StepResult, StepStatus};
+
+use crate::exec::EXIT_AGENT_RESTARTED;
+
+/// Errors of the durable state.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// A file or the directory could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A state file exists but its contents are invalid.
+    #[error("{path}: corrupt state file: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A value to store is not acceptable (e.g. a transport name that is too long).
+    #[error("invalid {what}")]
+    InvalidValue {
+        /// Which value.
+        what: &'static str,
+    },
+    /// `record_executing` for a `seq` not greater than the last recorded one: running it would
+    /// run a command twice.
+    #[error("command seq {seq} already executed (last recorded seq {last})")]
+    AlreadyExecuted {
+        /// The refused sequence number.
+        seq: u64,
+        /// The last recorded sequence number.
+        last: u64,
+    },
+    /// A transition that needs `Executing(seq)` found another state.
+    #[error("command seq {seq} is not the one executing (state: {state})")]
+    NotExecuting {
+        /// The sequence number given.
+        seq: u64,
+        /// The current state's name.
+        state: &'static str,
+    },
+    /// `record_executing` while another command is executing.
+    #[error("command seq {executing} is still executing")]
+    Busy {
+        /// The sequence number executing.
+        executing: u64,
+    },
+    /// The result could not be encoded as a wire frame (a field over its wire limit).
+    #[error("result does not fit the wire format: {0}")]
+    Encode(fleetcast_wire::Error),
+}
+
+/// The enrolled identity (the private key lives in [`State::key_path`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The id the gateway assigned.
+    pub device_id: u64,
+    /// The device's client certificate, PEM.
+    pub cert_pem: String,
+    /// The gateway CA certificate, PEM.
+    pub ca_pem: String,
+}
+
+/// The reboot in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebootRecord {
+    /// The reboot command's queue sequence number.
+    pub seq: u64,
+    /// The reboot command's gateway-wide id.
+    pub command_id: u64,
+    /// The boot id before the reboot: a different current one proves the reboot happened.
+    pub old_boot_id: [u8; 16],
+}
+
+/// What the agent last executed (the `command` file). See the module doc for transitions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandRecord {
+    /// Nothing executed yet.
+    None,
+    /// Steps are running (or were, when the agent died).
+    Executing {
+        /// Queue sequence number.
+        seq: u64,
+        /// Gateway-wide id.
+        command_id: u64,
+        /// Number of steps (to build a result if the agent dies).
+        steps: u16,
+    },
+    /// A reboot step was reached; the reboot is under way.
+    Rebooting(RebootRecord),
+    /// Finished; the result awaits the gateway's acknowledgement.
+    Pending {
+        /// Queue sequence number.
+        seq: u64,
+        /// Gateway-wide id.
+        command_id: u64,
+        /// The emitted wire frame of the `Result` message.
+        frame: Vec<u8>,
+    },
+    /// Finished and acknowledged (or the reboot reported).
+    Acked {
+        /// Queue sequence number.
+        seq: u64,
+        /// Gateway-wide id.
+        command_id: u64,
+    },
+}
+
+impl CommandRecord {
+    /// The recorded sequence number, if any.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            CommandRecord::None => None,
+            CommandRecord::Executing { seq, .. }
+            | CommandRecord::Pending { seq, .. }
+            | CommandRecord::Acked { seq, .. } => Some(*seq),
+            CommandRecord::Rebooting(r) => Some(r.seq),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            CommandRecord::None => "none",
+            CommandRecord::Executing { .. } => "executing",
+            CommandRecord::Rebooting(_) => "rebooting",
+            CommandRecord::Pending { .. } => "pending",
+            CommandRecord::Acked { .. } => "acked",
+        }
+    }
+}
+
+const KEY_FILE: &str = "device.key";
+const CERT_FILE: &str = "device.crt";
+const CA_FILE: &str = "ca.crt";
+const DEVICE_ID_FILE: &str = "device_id";
+const TRANSPORT_FILE: &str = "transport";
+const COMMAND_FILE: &str = "command";
+
+/// Longest transport name stored.
+pub const MAX_TRANSPORT: usize = 64;
+
+/// `command` file: magic, version, tag, seq, command_id, body, CRC-32 (big-endian).
+const MAGIC: &[u8; 4] = b"FCCR";
+const VERSION: u8 = 1;
+const TAG_EXECUTING: u8 = 1;
+const TAG_REBOOTING: u8 = 2;
+const TAG_PENDING: u8 = 3;
+const TAG_ACKED: u8 = 4;
+/// Bytes before the per-state body.
+const FIXED: usize = 4 + 1 + 1 + 8 + 8;
+/// The largest `command` file accepted (a result frame is far smaller).
+const MAX_COMMAND_FILE: u64 = 64 * 1024;
+
+/// The agent's state directory, with the command record cached in memory.
+#[derive(Debug)]
+pub struct State {
+    dir: PathBuf,
+    command: CommandRecord,
+    interrupted: Option<u64>,
+}
+
+impl State {
+    /// Opens (creating it with mode 0700 if needed) the state directory and loads the
+    /// command record. A command found `Executing` (the agent died while running it) is
+    /// turned into a durable failed result; [`State::interrupted`] then names its `seq`.
+    pub fn open(dir: &Path) -> Result<State, StateError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| io_err(dir, e))?;
+        let mut state = State {
+            dir: dir.to_owned(),
+            command: CommandRecord::None,
+            interrupted: None,
+        };
+        state.command = state.load_command()?;
+        if let CommandRecord::Executing {
+            seq,
+            command_id,
+            steps,
+        } = state.command
+        {
+            let message = format!(
+                "fleetcast-agent: agent restarted while executing seq {seq}; \
+                 the command was not run again and its effects are unknown\n"
+            );
+            let result = CommandResult {
+                command_id,
+                seq,
+                exit_code: EXIT_AGENT_RESTARTED,
+                steps: vec![
+                    StepResult {
+                        status: StepStatus::Failed,
+                        exit_code: EXIT_AGENT_RESTARTED,
+                        duration_ms: 0,
+                    };
+                    usize::from(steps)
+                ],
+                output: message.as_bytes(),
+            };
+            state.record_result(&result)?;
+            state.interrupted = Some(seq);
+        }
+        Ok(state)
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the device key lives (read and written by [`crate::tls::DeviceKey`]).
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join(KEY_FILE)
+    }
+
+    /// Where the device certificate lives.
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.join(CERT_FILE)
+    }
+
+    /// Where the gateway CA certificate lives.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join(CA_FILE)
+    }
+
+    /// The `seq` of a command found executing at [`State::open`] (its failed result is now
+    /// pending).
+    pub fn interrupted(&self) -> Option<u64> {
+        self.interrupted
+    }
+
+    /// Stores the enrolled identity: certificates first, the device id last (its presence
+    /// marks a complete enrolment).
+    pub fn save_identity(&self, id: &Identity) -> Result<(), StateError> {
+        check_cert_pem(&self.cert_path(), id.cert_pem.as_bytes()).map_err(|_| {
+            StateError::InvalidValue {
+                what: "certificate PEM",
+            }
+        })?;
+        check_cert_pem(&self.ca_path(), id.ca_pem.as_bytes())
+            .map_err(|_| StateError::InvalidValue { what: "CA PEM" })?;
+        self.write(CERT_FILE, id.cert_pem.as_bytes(), 0o644)?;
+        self.write(CA_FILE, id.ca_pem.as_bytes(), 0o644)?;
+        self.write(
+            DEVICE_ID_FILE,
+            format!("{}\n", id.device_id).as_bytes(),
+            0o644,
+        )
+    }
+
+    /// Loads the enrolled identity; `None` when the device is not enrolled.
+    pub fn load_identity(&self) -> Result<Option<Identity>, StateError> {
+        let id_path = self.dir.join(DEVICE_ID_FILE);
+        let Some(text) = read_optional(&id_path, 64)? else {
+            return Ok(None);
+        };
+        let device_id = std::str::from_utf8(&text)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .ok_or_else(|| corrupt(&id_path, "not a decimal device id"))?;
+        let cert_pem = read_pem(&self.cert_path())?;
+        let ca_pem = read_pem(&self.ca_path())?;
+        Ok(Some(Identity {
+            device_id,
+            cert_pem,
+            ca_pem,
+        }))
+    }
+
+    /// Remembers the transport that last completed a round trip (≤ [`MAX_TRANSPORT`]
+    /// printable ASCII characters).
+    pub fn save_transport(&self, name: &str) -> Result<(), StateError> {
+        if !valid_transport(name.as_bytes()) {
+            return Err(StateError::InvalidValue {
+                what: "transport name",
+            });
+        }
+        self.write(TRANSPORT_FILE, name.as_bytes(), 0o644)
+    }
+
+    /// The transport that last worked, if one was recorded.
+    pub fn load_transport(&self) -> Result<Option<String>, StateError> {
+        let path = self.dir.join(TRANSPORT_FILE);
+        let Some(bytes) = read_optional(&path, MAX_TRANSPORT as u64 + 1)? else {
+            return Ok(None);
+        };
+        if !valid_transport(&bytes) {
+            return Err(corrupt(&path, "not a transport name"));
+        }
+        Ok(Some(String::from_utf8(bytes).expect("checked ASCII")))
+    }
+
+    /// The command record.
+    pub fn command(&self) -> &CommandRecord {
+        &self.command
+    }
+
+    /// Whether a dispatch with this `seq` may run: it must be newer than every recorded one.
+    /// A dispatch that may not run is a re-send: answer it with [`State::pending_frame`] (or
+    /// nothing, when already acknowledged).
+    pub fn should_run(&self, seq: u64) -> bool {
+        self.command.seq().is_none_or(|last| seq > last)
+    }
+
+    /// Records, durably, that command `seq` is about to run. Call before the first step.
+    pub fn record_executing(
+        &mut self,
+        seq: u64,
+        command_id: u64,
+        steps: usize,
+    ) -> Result<(), StateError> {
+        if let CommandRecord::Executing { seq: executing, .. } = self.command {
+            return Err(StateError::Busy { executing });
+        }
+        if let Some(last) = self.command.seq() {
+            if seq <= last {
+                return Err(StateError::AlreadyExecuted { seq, last });
+            }
+        }
+        let steps =
+            u16::try_from(steps).map_err(|_| StateError::InvalidValue { what: "step count" })?;
+        self.set_command(CommandRecord::Executing {
+            seq,
+            command_id,
+            steps,
+        })
+    }
+
+    /// Records the result of the executing command (before it is sent).
+    pub fn record_result(&mut self, result: &CommandResult<'_>) -> Result<(), StateError> {
+        self.expect_executing(result.seq, result.command_id)?;
+        let msg = Message::Result(result.clone());
+        let len = msg.buffer_len().map_err(StateError::Encode)?;
+        let mut frame = vec![0u8; len];
+        msg.emit(&mut frame).map_err(StateError::Encode)?;
+        self.set_command(CommandRecord::Pending {
+            seq: result.seq,
+            command_id: result.command_id,
+            frame,
+        })
+    }
+
+    /// The gateway has durably stored results up to `seq`: forget a pending result whose
+    /// `seq` is not above it. Returns whether one was cleared.
+    pub fn ack(&mut self, seq: u64) -> Result<bool, StateError> {
+        match self.command {
+            CommandRecord::Pending {
+                seq: pending,
+                command_id,
+                ..
+            } if pending <= seq => {
+                self.set_command(CommandRecord::Acked {
+                    seq: pending,
+                    command_id,
+                })?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Records that the executing command reached a reboot step, with the boot id being left.
+    /// Call before sending `RebootStarting` and before rebooting.
+    pub fn record_reboot(&mut self, record: RebootRecord) -> Result<(), StateError> {
+        self.expect_executing(record.seq, record.command_id)?;
+        self.set_command(CommandRecord::Rebooting(record))
+    }
+
+    /// The reboot in progress, if any.
+    pub fn reboot(&self) -> Option<RebootRecord> {
+        match self.command {
+            CommandRecord::Rebooting(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Ends the reboot in progress (the gateway has the `RebootComplete`), returning it.
+    pub fn take_reboot(&mut self) -> Result<Option<RebootRecord>, StateError> {
+        let Some(r) = self.reboot() else {
+            return Ok(None);
+        };
+        self.set_command(CommandRecord::Acked {
+            seq: r.seq,
+            command_id: r.command_id,
+        })?;
+        Ok(Some(r))
+    }
+
+    /// The emitted `Result` frame awaiting acknowledgement: send it as is.
+    pub fn pending_frame(&self) -> Option<&[u8]> {
+        match &self.command {
+            CommandRecord::Pending { frame, .. } => Some(frame),
+            _ => None,
+        }
+    }
+
+    /// The result awaiting acknowledgement, parsed from its stored frame.
+    pub fn pending_result(&self) -> Option<CommandResult<'_>> {
+        match Message::parse_datagram(self.pending_frame()?) {
+            Ok((Message::Result(r), _)) => Some(r),
+            // Checked when the frame was loaded or emitted.
+            _ => None,
+        }
+    }
+
+    /// What `Hello.last` should carry: the last recorded command, with its result while
+    /// unacknowledged.
+    pub fn last_executed(&self) -> Option<LastExecuted<'_>> {
+        let seq = self.command.seq()?;
+        Some(LastExecuted {
+            seq,
+            result: self.pending_result(),
+        })
+    }
+
+    fn expect_executing(&self, seq: u64, command_id: u64) -> Result<(), StateError> {
+        match self.command {
+            CommandRecord::Executing {
+                seq: s,
+                command_id: c,
+                ..
+            } if s == seq && c == command_id => Ok(()),
+            _ => Err(StateError::NotExecuting {
+                seq,
+                state: self.command.name(),
+            }),
+        }
+    }
+
+    fn set_command(&mut self, record: CommandRecord) -> Result<(), StateError> {
+        let bytes = encode_command(&record);
+        self.write(COMMAND_FILE, &bytes, 0o600)?;
+        self.command = record;
+        Ok(())
+    }
+
+    fn load_command(&self) -> Result<CommandRecord, StateError> {
+        let path = self.dir.join(COMMAND_FILE);
+        match read_optional(&path, MAX_COMMAND_FILE)? {
+            None => Ok(CommandRecord::None),
+            Some(bytes) => decode_command(&bytes).map_err(|reason| corrupt(&path, reason)),
+        }
+    }
+
+    fn write(&self, name: &str, bytes: &[u8], mode: u32) -> Result<(), StateError> {
+        let path = self.dir.join(name);
+        write_atomic(&path, bytes, mode).map_err(|e| io_err(&path, e))
+    }
+}
+
+fn encode_command(record: &CommandRecord) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    let (tag, seq, command_id) = match record {
+        CommandRecord::None => return out,
+        CommandRecord::Executing {
+            seq, command_id, ..
+        } => (TAG_EXECUTING, *seq, *command_id),
+        CommandRecord::Rebooting(r) => (TAG_REBOOTING, r.seq, r.command_id),
+        CommandRecord::Pending {
+            seq, command_id, ..
+        } => (TAG_PENDING, *seq, *command_id),
+        CommandRecord::Acked { seq, command_id } => (TAG_ACKED, *seq, *command_id),
+    };
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    out.push(tag);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&command_id.to_be_bytes());
+    match record {
+        CommandRecord::Executing { steps, .. } => out.extend_from_slice(&steps.to_be_bytes()),
+        CommandRecord::Rebooting(r) => out.extend_from_slice(&r.old_boot_id),
+        CommandRecord::Pending { frame, .. } => {
+            let len = u32::try_from(frame.len()).expect("a result frame is far below 4 GiB");
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(frame);
+        }
+        CommandRecord::None | CommandRecord::Acked { .. } => {}
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    out
+}
+
+fn decode_command(bytes: &[u8]) -> Result<CommandRecord, &'static str> {
+    let Some((content, crc)) = bytes.split_last_chunk::<4>() else {
+        return Err("truncated");
+    };
+    if content.len() < FIXED {
+        return Err("truncated");
+    }
+    if &content[..4] != MAGIC {
+        return Err("bad magic");
+    }
+    if crc32fast::hash(content) != u32::from_be_bytes(*crc) {
+        return Err("checksum mismatch");
+    }
+    if content[4] != VERSION {
+        return Err("unknown version");
+    }
+    let tag = content[5];
+    let seq = u64::from_be_bytes(content[6..14].try_into().expect("8 bytes"));
+    let command_id = u64::from_be_bytes(content[14..22].try_into().expect("8 bytes"));
+    let body = &content[FIXED..];
+    let record = match tag {
+        TAG_EXECUTING => {
+            let steps: [u8; 2] = body.try_into().map_err(|_| "bad executing record")?;
+            CommandRecord::Executing {
+                seq,
+                command_id,
+                steps: u16::from_be_bytes(steps),
+            }
+        }
+        TAG_REBOOTING => CommandRecord::Rebooting(RebootRecord {
+            seq,
+            command_id,
+            old_boot_id: body.try_into().map_err(|_| "bad rebooting record")?,
+        }),
+        TAG_PENDING => {
+            let (len, frame) = body.split_first_chunk::<4>().ok_or("bad pending record")?;
+            if u32::from_be_bytes(*len) as usize != frame.len() {
+                return Err("bad pending record length");
+            }
+            match Message::parse_datagram(frame) {
+                Ok((Message::Result(r), _)) if r.seq == seq && r.command_id == command_id => {}
+                Ok(_) => return Err("pending frame is not this command's result"),
+                Err(_) => return Err("pending result frame does not parse"),
+            }
+            CommandRecord::Pending {
+                seq,
+                command_id,
+                frame: frame.to_vec(),
+            }
+        }
+        TAG_ACKED if body.is_empty() => CommandRecord::Acked { seq, command_id },
+        TAG_ACKED => return Err("bad acked record"),
+        _ => return Err("unknown record tag"),
+    };
+    Ok(record)
+}
+
+fn valid_transport(name: &[u8]) -> bool {
+    !name.is_empty() && name.len() <= MAX_TRANSPORT && name.iter().all(u8::is_ascii_graphic)
+}
+
+fn check_cert_pem(path: &Path, pem: &[u8]) -> Result<(), StateError> {
+    use rustls::pki_types::pem::PemObject as _;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem)
+        .map(drop)
+        .map_err(|_| corrupt(path, "no PEM CERTIFICATE section"))
+}
+
+fn read_pem(path: &Path) -> Result<String, StateError> {
+    let bytes = read_optional(path, 64 * 1024)?.ok_or_else(|| {
+        io_err(
+            path,
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "enrolment incomplete: file missing",
+            ),
+        )
+    })?;
+    check_cert_pem(path, &bytes)?;
+    String::from_utf8(bytes).map_err(|_| corrupt(path, "not UTF-8"))
+}
+
+/// Reads a whole file of at most `max` bytes; `None` if it does not exist.
+fn read_optional(path: &Path, max: u64) -> Result<Option<Vec<u8>>, StateError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path, e)),
+    };
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| io_err(path, e))?;
+    if bytes.len() as u64 > max {
+        return Err(corrupt(path, "file too large"));
+    }
+    Ok(Some(bytes))
+}
+
+fn io_err(path: &Path, source: io::Error) -> StateError {
+    StateError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn corrupt(path: &Path, reason: &'static str) -> StateError {
+    StateError::Corrupt {
+        path: path.to_owned(),
+        reason,
+    }
+}
+
+/// A file written in place of `dest` only when [`AtomicFile::commit`] succeeds: the data goes
+/// to a temporary file in the same directory (so the rename cannot cross file systems),
+/// which is fsynced, renamed over `dest`, and the directory fsynced. Dropped uncommitted, the
+/// temporary file is removed and `dest` is untouched.
+#[derive(Debug)]
+pub struct AtomicFile {
+    file: Option<File>,
+    tmp: PathBuf,
+    dest: PathBuf,
+}
+
+impl AtomicFile {
+    /// Creates the temporary file for `dest`, with permission bits `mode` (set explicitly,
+    /// not filtered by the umask).
+    pub fn create(dest: &Path, mode: u32) -> io::Result<AtomicFile> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let name = dest
+            .file_name()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+        let dir = parent_dir(dest);
+        let mut attempt = 0;
+        loop {
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let mut tmp_name = std::ffi::OsString::from(".");
+            tmp_name.push(name);
+            tmp_name.push(format!(".tmp.{}.{n}", std::process::id()));
+            let tmp = dir.join(tmp_name);
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+            {
+                Ok(file) => {
+                    let this = AtomicFile {
+                        file: Some(file),
+                        tmp,
+                        dest: dest.to_owned(),
+                    };
+                    this.handle()
+                        .set_permissions(Permissions::from_mode(mode & 0o7777))?;
+                    return Ok(this);
+                }
+                // A leftover of a crashed earlier process with the same pid: try another name.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 16 => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn handle(&self) -> &File {
+        self.file.as_ref().expect("present until commit")
+    }
+
+    /// Flushes the data to disk and replaces `dest` with it, durably.
+    pub fn commit(mut self) -> io::Result<()> {
+        let file = self.file.take().expect("present until commit");
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&self.tmp, &self.dest)?;
+        // Renamed: nothing left to clean up, even if the directory sync fails.
+        self.tmp = PathBuf::new();
+        sync_dir(&parent_dir(&self.dest))
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.as_mut().expect("present until commit").write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Replaces `dest` with `bytes` atomically and durably (see [`AtomicFile`]).
+pub fn write_atomic(dest: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let mut f = AtomicFile::create(dest, mode)?;
+    f.write_all(bytes)?;
+    f.commit()
+}
+
+/// Makes a directory's entries (creations, renames) durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CERT: &str = "-----BEGIN CERTIFICATE-----\nMAMCAQA=\n-----END CERTIFICATE-----\n";
+
+    fn result(seq: u64, command_id: u64) -> CommandResult<'static> {
+        CommandResult {
+            command_id,
+            seq,
+            exit_code: 3,
+            steps: vec![StepResult {
+                status: StepStatus::Failed,
+                exit_code: 3,
+                duration_ms: 12,
+            }],
+            output: b"hi\n",
+        }
+    }
+
+    #[test]
+    fn atomic_write_replaces_and_sets_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        write_atomic(&p, b"one", 0o640).unwrap();
+        write_atomic(&p, b"two", 0o600).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o7777,
+            0o600
+        );
+        // No temporary files left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn uncommitted_atomic_file_leaves_destination_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        write_atomic(&p, b"old", 0o644).unwrap();
+        let mut f = AtomicFile::create(&p, 0o644).unwrap();
+        f.write_all(b"new, never committed").unwrap();
+        drop(f);
+        assert_eq!(fs::read(&p).unwrap(), b"old");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn identity_and_transport_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = State::open(&dir.path().join("state")).unwrap();
+        assert_eq!(
+            fs::metadata(s.dir()).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        assert_eq!(s.load_identity().unwrap(), None);
+        assert_eq!(s.load_transport().unwrap(), None);
+        let id = Identity {
+            device_id: 42,
+            cert_pem: CERT.into(),
+            ca_pem: CERT.into(),
+        };
+        s.save_identity(&id).unwrap();
+        s.save_transport("tls-443").unwrap();
+        let s = State::open(s.dir()).unwrap();
+        assert_eq!(s.load_identity().unwrap(), Some(id));
+        assert_eq!(s.load_transport().unwrap().as_deref(), Some("tls-443"));
+        assert!(matches!(
+            s.save_transport("has space"),
+            Err(StateError::InvalidValue { .. })
+        ));
+        assert_eq!(s.key_path(), s.dir().join("device.key"));
+    }
+
+    #[test]
+    fn result_lifecycle_round_trips_through_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        assert!(s.last_executed().is_none());
+        assert!(s.should_run(1));
+        s.record_executing(7, 700, 1).unwrap();
+        assert!(!s.should_run(7));
+        s.record_result(&result(7, 700)).unwrap();
+
+        let mut s = State::open(dir.path()).unwrap();
+        assert_eq!(s.interrupted(), None);
+        assert_eq!(s.pending_result(), Some(result(7, 700)));
+        let last = s.last_executed().unwrap();
+        assert_eq!((last.seq, last.result), (7, Some(result(7, 700))));
+        // A re-sent dispatch of seq 7 must not run again.
+        assert!(!s.should_run(7));
+        assert!(matches!(
+            s.record_executing(7, 700, 1),
+            Err(StateError::AlreadyExecuted { seq: 7, last: 7 })
+        ));
+        assert!(!s.ack(6).unwrap());
+        assert!(s.ack(7).unwrap());
+        assert!(!s.ack(7).unwrap());
+
+        let s = State::open(dir.path()).unwrap();
+        assert_eq!(
+            *s.command(),
+            CommandRecord::Acked {
+                seq: 7,
+                command_id: 700
+            }
+        );
+        let last = s.last_executed().unwrap();
+        assert_eq!((last.seq, last.result), (7, None));
+        assert!(s.should_run(8));
+    }
+
+    #[test]
+    fn newer_dispatch_implicitly_acknowledges_and_transitions_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        assert!(matches!(
+            s.record_result(&result(1, 10)),
+            Err(StateError::NotExecuting { seq: 1, .. })
+        ));
+        s.record_executing(1, 10, 1).unwrap();
+        assert!(matches!(
+            s.record_executing(2, 20, 1),
+            Err(StateError::Busy { executing: 1 })
+        ));
+        // A result for another command is refused.
+        assert!(matches!(
+            s.record_result(&result(1, 11)),
+            Err(StateError::NotExecuting { .. })
+        ));
+        s.record_result(&result(1, 10)).unwrap();
+        s.record_executing(2, 20, 1).unwrap();
+        assert_eq!(s.pending_frame(), None);
+    }
+
+    #[test]
+    fn crash_while_executing_becomes_a_failed_result_not_a_rerun() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        s.record_executing(5, 50, 3).unwrap();
+        drop(s); // the agent dies here: no result recorded
+
+        let s = State::open(dir.path()).unwrap();
+        assert_eq!(s.interrupted(), Some(5));
+        assert!(!s.should_run(5));
+        let r = s.pending_result().unwrap();
+        assert_eq!((r.seq, r.command_id), (5, 50));
+        assert_eq!(r.exit_code, EXIT_AGENT_RESTARTED);
+        assert_eq!(r.steps.len(), 3);
+        assert!(r.steps.iter().all(|st| st.status == StepStatus::Failed));
+        assert!(std::str::from_utf8(r.output)
+            .unwrap()
+            .contains("agent restarted while executing"));
+
+        // The conversion is durable: a second restart finds the result, not `Executing`.
+        let s = State::open(dir.path()).unwrap();
+        assert_eq!(s.interrupted(), None);
+        assert_eq!(s.pending_result().unwrap().seq, 5);
+    }
+
+    #[test]
+    fn reboot_record_round_trips_and_is_taken_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        let rec = RebootRecord {
+            seq: 9,
+            command_id: 90,
+            old_boot_id: [7; 16],
+        };
+        assert!(matches!(
+            s.record_reboot(rec),
+            Err(StateError::NotExecuting { .. })
+        ));
+        s.record_executing(9, 90, 2).unwrap();
+        s.record_reboot(rec).unwrap();
+
+        let mut s = State::open(dir.path()).unwrap();
+        assert_eq!(
+            s.interrupted(),
+            None,
+            "a reboot is not an interrupted command"
+        );
+        assert_eq!(s.reboot(), Some(rec));
+        assert!(!s.should_run(9));
+        assert_eq!(s.take_reboot().unwrap(), Some(rec));
+        assert_eq!(s.take_reboot().unwrap(), None);
+        let s = State::open(dir.path()).unwrap();
+        assert_eq!(s.reboot(), None);
+        assert_eq!(s.command().seq(), Some(9));
+    }
+
+    #[test]
+    fn corrupt_files_are_typed_errors_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        s.record_executing(1, 10, 1).unwrap();
+        s.record_result(&result(1, 10)).unwrap();
+        let path = dir.path().join(COMMAND_FILE);
+        let good = fs::read(&path).unwrap();
+
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"garbage".to_vec(), "truncated"),
+            (
+                {
+                    let mut b = good.clone();
+                    b[30] ^= 1;
+                    b
+                },
+                "checksum mismatch",
+            ),
+            (good[..good.len() - 1].to_vec(), "checksum mismatch"),
+            (
+                {
+                    let mut b = good.clone();
+                    b[0] = b'X';
+                    b
+                },
+                "bad magic",
+            ),
+        ];
+        for (bytes, reason) in cases {
+            fs::write(&path, &bytes).unwrap();
+            match State::open(dir.path()) {
+                Err(e @ StateError::Corrupt { .. }) => {
+                    let text = e.to_string();
+                    assert!(text.contains(&*path.to_string_lossy()), "{text}");
+                    assert!(text.contains(reason), "{text}");
+                }
+                other => panic!("expected Corrupt({reason}), got {other:?}"),
+            }
+        }
+
+        // A valid CRC over a frame that is not a `Result` is still caught.
+        let bad = {
+            let mut content = good[..FIXED].to_vec();
+            let frame = b"not a frame";
+            content.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+            content.extend_from_slice(frame);
+            let crc = crc32fast::hash(&content);
+            content.extend_from_slice(&crc.to_be_bytes());
+            content
+        };
+        fs::write(&path, bad).unwrap();
+        assert!(matches!(
+            State::open(dir.path()),
+            Err(StateError::Corrupt {
+                reason: "pending result frame does not parse",
+                ..
+            })
+        ));
+
+        fs::write(&path, &good).unwrap();
+        let s = State::open(dir.path()).unwrap();
+        fs::write(dir.path().join(DEVICE_ID_FILE), "forty-two\n").unwrap();
+        let e = s.load_identity().unwrap_err();
+        assert!(e.to_string().contains("device_id"), "{e}");
+        fs::write(dir.path().join(DEVICE_ID_FILE), "42\n").unwrap();
+        fs::write(dir.path().join(CERT_FILE), "junk").unwrap();
+        fs::write(dir.path().join(CA_FILE), CERT).unwrap();
+        assert!(matches!(
+            s.load_identity(),
+            Err(StateError::Corrupt { path, .. }) if path.ends_with(CERT_FILE)
+        ));
+        fs::write(dir.path().join(TRANSPORT_FILE), "a b").unwrap();
+        assert!(matches!(
+            s.load_transport(),
+            Err(StateError::Corrupt { .. })
+        ));
+    }
+}
