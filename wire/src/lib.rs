@@ -38,6 +38,8 @@ pub mod deframer;
 pub mod msg;
 #[cfg(feature = "alloc")]
 pub mod ranges;
+#[cfg(feature = "alloc")]
+pub mod session;
 
 #[cfg(feature = "sim")]
 pub mod sim;
@@ -54,3 +56,8 @@ pub use deframer::Deframer;
 pub use msg::*;
 #[cfg(feature = "alloc")]
 pub use ranges::{BlockRange, Ranges};
+#[cfg(feature = "alloc")]
+pub use session::{
+    AgentEvent, AgentSession, CloseInfo, Config as SessionConfig, FirstMessage, GatewayEvent,
+    GatewaySession, Phase, ReceivedFrame, SessionError, TimeoutKind,
+};

@@ -1,0 +1,488 @@
+//! The agent end of a control session.
+//!
+//! Invariants:
+//! - The first message (`Hello` or `Enrol`) is queued by [`AgentSession::new`]; nothing else is
+//!   sent before `Welcome`.
+//! - At most one command is in flight: executing (dispatched, no result sent) or awaiting its
+//!   `ResultAck`. A result carried in `Hello.last` awaits its ack from the start, and is acked
+//!   by a `ResultAck` or by `Welcome.acked_seq` reaching it. A second `Dispatch` while one is
+//!   in flight is a protocol error, and so is a `Dispatch` at or below a seq already executed
+//!   (`Hello.last.seq` or an earlier dispatch): running it would break exactly-once.
+//! - Once established, a heartbeat request goes out when nothing has been sent, or nothing
+//!   heard, for `Welcome.heartbeat_ms` (0 disables heartbeats), and at most one per interval.
+//! - After `RebootStarting` the session closes normally; the post-reboot `RebootComplete` goes
+//!   on a new session, after its `Welcome`.
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+use core::time::Duration;
+
+use super::timer::Timer;
+use super::{
+    millis, CloseInfo, Config, Conn, Input, Phase, ReceivedFrame, SessionError, TimeoutKind,
+};
+use crate::error::Error;
+use crate::header::Frame;
+use crate::msg::{
+    CloseCode, CommandResult, Completion, Enrol, Heartbeat, Hello, Message, Nack, RebootComplete,
+    RebootStarting, Step, TransferStatus, Welcome,
+};
+use crate::time::Instant;
+
+/// The agent's first message on a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirstMessage<'a> {
+    /// An enrolled device connects (with its client certificate).
+    Hello(Hello<'a>),
+    /// A device not yet enrolled asks for a certificate (no client certificate).
+    Enrol(Enrol<'a>),
+}
+
+/// What the agent core reports to its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// The gateway accepted the `Hello`; commands may flow.
+    Welcomed(Welcome),
+    /// The gateway issued a certificate; it closes the session next. The driver stores the
+    /// certificate and reconnects with it.
+    Enrolled {
+        /// The device's assigned id.
+        device_id: u64,
+        /// The `Enrolled` message (with the certificate).
+        frame: ReceivedFrame,
+    },
+    /// A command to execute. The driver persists "executing seq" before running it, then
+    /// calls [`AgentSession::send_result`] (or [`AgentSession::send_reboot_starting`] at a
+    /// reboot step).
+    Dispatch {
+        /// The command's seq.
+        seq: u64,
+        /// The command's id.
+        command_id: u64,
+        /// Whether its steps include `Reboot`.
+        reboot: bool,
+        /// The `Dispatch` message (with the steps).
+        frame: ReceivedFrame,
+    },
+    /// The gateway stored the result of `seq` durably; the driver may forget it.
+    ResultAcked {
+        /// The acknowledged seq.
+        seq: u64,
+    },
+    /// A distribution task for this device.
+    Announce(ReceivedFrame),
+    /// The gateway's view of a transfer.
+    TransferStatus(TransferStatus),
+    /// The session closed (exactly once per session, whoever closed it).
+    Closed(CloseInfo),
+}
+
+/// The command slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Idle,
+    /// Dispatched; no result sent yet.
+    Executing {
+        seq: u64,
+        command_id: u64,
+        reboot: bool,
+    },
+    /// Result sent (or carried by `Hello.last`); waiting for its ack.
+    AwaitingAck {
+        seq: u64,
+    },
+}
+
+impl Slot {
+    fn seq(self) -> Option<u64> {
+        match self {
+            Slot::Idle => None,
+            Slot::Executing { seq, .. } | Slot::AwaitingAck { seq } => Some(seq),
+        }
+    }
+}
+
+/// The agent end of one control session. See the [module docs](super) for the driving
+/// contract: after every `handle_*` call or driver operation, drain
+/// [`poll_transmit`](Self::poll_transmit), then [`poll_event`](Self::poll_event), then re-arm
+/// from [`poll_timeout`](Self::poll_timeout).
+#[derive(Debug)]
+pub struct AgentSession {
+    input: Input,
+    core: Core,
+}
+
+#[derive(Debug)]
+struct Core {
+    conn: Conn,
+    boot_id: [u8; 16],
+    /// `Welcome.heartbeat_ms`, once established (`None`: heartbeats off).
+    heartbeat: Option<Duration>,
+    /// When the last heartbeat request was queued (or the session was established).
+    last_ping: Instant,
+    next_nonce: u64,
+    slot: Slot,
+    /// Highest seq executed: `Hello.last.seq` or a dispatch of this session.
+    last_seq: Option<u64>,
+    /// Highest seq acknowledged in this session.
+    acked: Option<u64>,
+    events: VecDeque<AgentEvent>,
+}
+
+impl AgentSession {
+    /// A session on a connection the agent opened at `now`; queues `first`.
+    ///
+    /// Fails with [`SessionError::Emit`] when `first` cannot be encoded.
+    pub fn new(
+        now: Instant,
+        config: Config,
+        first: FirstMessage<'_>,
+    ) -> Result<Self, SessionError> {
+        let (msg, phase, boot_id, last_seq, slot) = match first {
+            FirstMessage::Hello(h) => {
+                let last_seq = h.last.as_ref().map(|l| l.seq);
+                let slot = match &h.last {
+                    Some(l) if l.result.is_some() => Slot::AwaitingAck { seq: l.seq },
+                    _ => Slot::Idle,
+                };
+                let boot_id = h.boot_id;
+                (
+                    Message::Hello(h),
+                    Phase::AwaitingWelcome,
+                    boot_id,
+                    last_seq,
+                    slot,
+                )
+            }
+            FirstMessage::Enrol(e) => (
+                Message::Enrol(e),
+                Phase::AwaitingEnrolled,
+                [0; 16],
+                None,
+                Slot::Idle,
+            ),
+        };
+        let mut core = Core {
+            conn: Conn::new(now, config, phase),
+            boot_id,
+            heartbeat: None,
+            last_ping: now,
+            next_nonce: 0,
+            slot,
+            last_seq,
+            acked: None,
+            events: VecDeque::new(),
+        };
+        core.conn.queue(&msg)?;
+        core.rearm();
+        Ok(AgentSession {
+            input: Input::new(config.max_frame_body),
+            core,
+        })
+    }
+
+    /// Bytes from the gateway, in any chunking. `Err` is the sticky fatal error: the session
+    /// is closed and a `Close` naming the error is queued.
+    pub fn handle_input(&mut self, now: Instant, data: &[u8]) -> Result<(), SessionError> {
+        self.core.conn.check_open()?;
+        if !data.is_empty() {
+            self.core.conn.last_rx = now;
+        }
+        let core = &mut self.core;
+        self.input.feed(data, |frame| core.on_frame(now, frame));
+        self.core.rearm();
+        self.core.conn.error.map_or(Ok(()), Err)
+    }
+
+    /// Fires the timers due at `now` (idle timeout, heartbeat).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let c = &mut self.core;
+        if c.conn.phase == Phase::Closed {
+            return;
+        }
+        if c.conn.timers.is_expired(Timer::Idle, now) {
+            let info = c.conn.fail(SessionError::TimedOut(TimeoutKind::Idle));
+            c.events.push_back(AgentEvent::Closed(info));
+        } else if c.conn.timers.is_expired(Timer::Heartbeat, now) {
+            let nonce = c.next_nonce;
+            c.next_nonce = c.next_nonce.wrapping_add(1);
+            // A heartbeat is a fixed-size message: it always encodes.
+            let _ = c
+                .conn
+                .queue(&Message::Heartbeat(Heartbeat { nonce, echo: false }));
+            c.last_ping = now;
+        }
+        c.rearm();
+    }
+
+    /// Appends pending bytes for the gateway to `buf`; returns how many, or `None` when there
+    /// are none.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<usize> {
+        let n = self.core.conn.poll_transmit(now, buf);
+        self.core.rearm();
+        n
+    }
+
+    /// The earliest instant at which [`handle_timeout`](Self::handle_timeout) has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.core.conn.timers.next()
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<AgentEvent> {
+        let e = self.core.events.pop_front();
+        if e.is_none() && self.core.events.capacity() > 0 {
+            self.core.events = VecDeque::new();
+        }
+        e
+    }
+
+    /// Whether the session is closed (flush `poll_transmit`, then shut the connection).
+    pub fn is_closed(&self) -> bool {
+        self.core.conn.phase == Phase::Closed
+    }
+
+    /// The session's phase.
+    pub fn phase(&self) -> Phase {
+        self.core.conn.phase
+    }
+
+    /// The sticky fatal error, if the session failed.
+    pub fn error(&self) -> Option<SessionError> {
+        self.core.conn.error
+    }
+
+    /// The seq of the command in flight (executing or awaiting its ack), if any.
+    pub fn in_flight(&self) -> Option<u64> {
+        self.core.slot.seq()
+    }
+
+    /// Sends the result of the command being executed; it then awaits its ack.
+    pub fn send_result(&mut self, result: &CommandResult<'_>) -> Result<(), SessionError> {
+        let c = &mut self.core;
+        c.conn.check_established()?;
+        let Slot::Executing {
+            seq, command_id, ..
+        } = c.slot
+        else {
+            return Err(SessionError::NotInFlight { seq: result.seq });
+        };
+        if seq != result.seq {
+            return Err(SessionError::NotInFlight { seq: result.seq });
+        }
+        if command_id != result.command_id {
+            return Err(SessionError::CommandIdMismatch {
+                seq,
+                got: result.command_id,
+                expected: command_id,
+            });
+        }
+        c.conn.queue(&Message::Result(result.clone()))?;
+        c.slot = Slot::AwaitingAck { seq };
+        Ok(())
+    }
+
+    /// Reports that the device is about to reboot for command `seq` (which must be executing
+    /// and contain a `Reboot` step), then closes the session normally. The driver flushes the
+    /// bytes before rebooting; the next session sends `RebootComplete`.
+    pub fn send_reboot_starting(&mut self, seq: u64) -> Result<(), SessionError> {
+        let c = &mut self.core;
+        c.conn.check_established()?;
+        let Slot::Executing {
+            seq: s,
+            command_id,
+            reboot,
+        } = c.slot
+        else {
+            return Err(SessionError::NotInFlight { seq });
+        };
+        if s != seq {
+            return Err(SessionError::NotInFlight { seq });
+        }
+        if !reboot {
+            return Err(SessionError::NotARebootCommand { seq });
+        }
+        c.conn.queue(&Message::RebootStarting(RebootStarting {
+            command_id,
+            seq,
+            boot_id: c.boot_id,
+        }))?;
+        c.slot = Slot::Idle;
+        let info = c.conn.close(CloseCode::NORMAL, "rebooting", false);
+        c.events.push_back(AgentEvent::Closed(info));
+        Ok(())
+    }
+
+    /// Reports the end of a reboot with the new configuration (first thing after `Welcome` on
+    /// the post-reboot session).
+    pub fn send_reboot_complete(&mut self, rc: &RebootComplete<'_>) -> Result<(), SessionError> {
+        let c = &mut self.core;
+        c.conn.check_established()?;
+        if let Some(in_flight) = c.slot.seq() {
+            return Err(SessionError::AlreadyInFlight { in_flight });
+        }
+        c.conn.queue(&Message::RebootComplete(rc.clone()))
+    }
+
+    /// Reports the end of a distribution task.
+    pub fn send_completion(&mut self, completion: &Completion<'_>) -> Result<(), SessionError> {
+        self.core.conn.check_established()?;
+        self.core.conn.queue(&Message::Completion(*completion))
+    }
+
+    /// Reports transfer progress (and so asks for catch-up after a reconnect).
+    pub fn send_transfer_status(&mut self, status: &TransferStatus) -> Result<(), SessionError> {
+        self.core.conn.check_established()?;
+        self.core.conn.queue(&Message::TransferStatus(*status))
+    }
+
+    /// Sends a NACK over the control session.
+    pub fn send_nack(&mut self, nack: &Nack) -> Result<(), SessionError> {
+        self.core.conn.check_established()?;
+        self.core.conn.queue(&Message::Nack(nack.clone()))
+    }
+
+    /// Closes the session with `code` and `reason` (truncated to the wire limit).
+    pub fn close(&mut self, code: CloseCode, reason: &str) -> Result<(), SessionError> {
+        let c = &mut self.core;
+        c.conn.check_open()?;
+        let info = c.conn.close(code, reason, false);
+        c.events.push_back(AgentEvent::Closed(info));
+        Ok(())
+    }
+}
+
+impl Core {
+    fn rearm(&mut self) {
+        if self.conn.phase == Phase::Closed {
+            self.conn.timers.clear();
+            return;
+        }
+        let idle = self.conn.last_rx + self.conn.config.idle_timeout;
+        self.conn.timers.set(Timer::Idle, Some(idle));
+        let hb = match (self.conn.phase, self.heartbeat) {
+            // Quiet in either direction for an interval, and no request in the last one.
+            (Phase::Established, Some(hb)) => {
+                let quiet = self.conn.last_tx.min(self.conn.last_rx);
+                Some(quiet.max(self.last_ping) + hb)
+            }
+            _ => None,
+        };
+        self.conn.timers.set(Timer::Heartbeat, hb);
+    }
+
+    fn on_frame(&mut self, now: Instant, frame: Result<Frame<'_>, Error>) -> bool {
+        let res = frame.map_err(SessionError::Wire).and_then(|frame| {
+            let msg = Message::parse(&frame).map_err(SessionError::Wire)?;
+            self.on_message(now, &frame, msg)
+        });
+        if let Err(e) = res {
+            let info = self.conn.fail(e);
+            self.events.push_back(AgentEvent::Closed(info));
+        }
+        self.conn.phase != Phase::Closed
+    }
+
+    fn on_message(
+        &mut self,
+        now: Instant,
+        frame: &Frame<'_>,
+        msg: Message<'_>,
+    ) -> Result<(), SessionError> {
+        match (self.conn.phase, msg) {
+            (_, Message::Close(close)) => {
+                let info = self.conn.close(close.code, close.reason, true);
+                self.events.push_back(AgentEvent::Closed(info));
+            }
+            (Phase::AwaitingWelcome, Message::Welcome(w)) => {
+                self.conn.phase = Phase::Established;
+                self.heartbeat = (w.heartbeat_ms > 0).then(|| millis(w.heartbeat_ms));
+                self.last_ping = now;
+                self.acked = Some(w.acked_seq);
+                self.events.push_back(AgentEvent::Welcomed(w));
+                if let Slot::AwaitingAck { seq } = self.slot {
+                    if seq <= w.acked_seq {
+                        self.slot = Slot::Idle;
+                        self.events.push_back(AgentEvent::ResultAcked { seq });
+                    }
+                }
+            }
+            (Phase::AwaitingEnrolled, Message::Enrolled(e)) => {
+                self.conn.phase = Phase::Enrolled;
+                self.events.push_back(AgentEvent::Enrolled {
+                    device_id: e.device_id,
+                    frame: ReceivedFrame::new(frame),
+                });
+            }
+            (Phase::Established, msg) => self.on_established(frame, msg)?,
+            (phase, msg) => {
+                return Err(SessionError::UnexpectedMessage {
+                    kind: msg.kind(),
+                    phase,
+                })
+            }
+        }
+        Ok(())
+    }
+
+    fn on_established(&mut self, frame: &Frame<'_>, msg: Message<'_>) -> Result<(), SessionError> {
+        match msg {
+            Message::Heartbeat(Heartbeat { nonce, echo: false }) => {
+                self.conn
+                    .queue(&Message::Heartbeat(Heartbeat { nonce, echo: true }))?;
+            }
+            Message::Heartbeat(Heartbeat { echo: true, .. }) => {}
+            Message::Dispatch(d) => {
+                if let Some(in_flight) = self.slot.seq() {
+                    return Err(SessionError::DispatchWhileBusy {
+                        seq: d.seq,
+                        in_flight,
+                    });
+                }
+                if let Some(last) = self.last_seq.filter(|&l| d.seq <= l) {
+                    return Err(SessionError::StaleDispatch { seq: d.seq, last });
+                }
+                let reboot = d.steps.iter().any(|s| matches!(s, Step::Reboot));
+                self.slot = Slot::Executing {
+                    seq: d.seq,
+                    command_id: d.command_id,
+                    reboot,
+                };
+                self.last_seq = Some(d.seq);
+                self.events.push_back(AgentEvent::Dispatch {
+                    seq: d.seq,
+                    command_id: d.command_id,
+                    reboot,
+                    frame: ReceivedFrame::new(frame),
+                });
+            }
+            Message::ResultAck(ack) => match self.slot {
+                Slot::AwaitingAck { seq } if seq == ack.seq => {
+                    self.slot = Slot::Idle;
+                    self.acked = Some(self.acked.map_or(seq, |a| a.max(seq)));
+                    self.events.push_back(AgentEvent::ResultAcked { seq });
+                }
+                // A re-ack of a result already acknowledged: nothing to do.
+                _ if self.acked.is_some_and(|a| ack.seq <= a) => {}
+                slot => {
+                    return Err(SessionError::SeqMismatch {
+                        kind: crate::Kind::ResultAck,
+                        got: ack.seq,
+                        expected: slot.seq(),
+                    })
+                }
+            },
+            Message::Announce(_) => self
+                .events
+                .push_back(AgentEvent::Announce(ReceivedFrame::new(frame))),
+            Message::TransferStatus(s) => self.events.push_back(AgentEvent::TransferStatus(s)),
+            msg => {
+                return Err(SessionError::UnexpectedMessage {
+                    kind: msg.kind(),
+                    phase: Phase::Established,
+                })
+            }
+        }
+        Ok(())
+    }
+}

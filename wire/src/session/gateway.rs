@@ -1,0 +1,523 @@
+//! The gateway end of a control session.
+//!
+//! Invariants:
+//! - At most one command is in flight ([`Slot`]): dispatched and unanswered, answered and not
+//!   yet acked, or rebooting. `dispatch` refuses another with
+//!   [`SessionError::AlreadyInFlight`].
+//! - A `Result` is accepted only for the dispatched seq and command id. A `Result` for a seq at
+//!   or below the highest acknowledged in this session (by `ack_result` or by
+//!   `Welcome.acked_seq`) is a harmless duplicate: the gateway has it durably, so the core
+//!   re-acks it and reports [`GatewayEvent::DuplicateResult`]. Any other seq is a protocol error.
+//! - A `Hello` is accepted only when TLS authenticated the same device id; an unauthenticated
+//!   session may only `Enrol`.
+//! - Nothing but `Close` is accepted while the driver decides on a `Hello` or `Enrol`.
+
+use alloc::collections::VecDeque;
+
+use super::timer::Timer;
+use super::{CloseInfo, Config, Conn, Input, Phase, ReceivedFrame, SessionError, TimeoutKind};
+use crate::error::Error;
+use crate::header::Frame;
+use crate::msg::{
+    Announce, CloseCode, Dispatch, Enrolled, Heartbeat, LastExecuted, Message, Nack,
+    RebootStarting, ResultAck, Step, TransferStatus, Welcome,
+};
+use crate::time::Instant;
+
+/// What the gateway core reports to its driver. Each event that carries a [`ReceivedFrame`]
+/// gives the whole message through [`ReceivedFrame::message`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayEvent {
+    /// The agent said `Hello` and the device id matches TLS. The driver consults its store
+    /// (revoked? queue `rebooting` and boot id changed? result in `Hello.last` to store?) and
+    /// calls [`GatewaySession::accept`] or [`GatewaySession::close`].
+    Hello {
+        /// The device.
+        device_id: u64,
+        /// Its current boot.
+        boot_id: [u8; 16],
+        /// `Hello.last.seq`: the last command the agent executed.
+        last_seq: Option<u64>,
+        /// `Hello.last.result` is present: the agent holds a result the gateway has not
+        /// acknowledged; it is in flight until acked.
+        unacked_result: bool,
+        /// The `Hello` message.
+        frame: ReceivedFrame,
+    },
+    /// The agent asks to enrol. The driver checks the token and calls
+    /// [`GatewaySession::send_enrolled`] or closes (`BAD_TOKEN`).
+    Enrol(ReceivedFrame),
+    /// The result of the command in flight. The driver stores it durably, then calls
+    /// [`GatewaySession::ack_result`].
+    Result {
+        /// The command's seq.
+        seq: u64,
+        /// The command's id.
+        command_id: u64,
+        /// The `Result` message.
+        frame: ReceivedFrame,
+    },
+    /// A result for a seq already acknowledged in this session arrived again; the core has
+    /// re-acked it and nothing else changed.
+    DuplicateResult {
+        /// Its seq.
+        seq: u64,
+    },
+    /// The agent is rebooting for the command in flight; the session will end. The driver
+    /// puts the queue into `rebooting`.
+    RebootStarting(RebootStarting),
+    /// The agent is back from a reboot (sent after `Hello` on a new session). The driver
+    /// checks that the boot id changed, stores the report and clears `rebooting`.
+    RebootComplete {
+        /// The reboot command's seq.
+        seq: u64,
+        /// The boot id in the report.
+        boot_id: [u8; 16],
+        /// The `RebootComplete` message (with the configuration report).
+        frame: ReceivedFrame,
+    },
+    /// A receiver's final word on a distribution task.
+    Completion(ReceivedFrame),
+    /// A receiver's progress on a distribution task.
+    TransferStatus(TransferStatus),
+    /// Blocks a receiver is missing.
+    Nack(Nack),
+    /// The session closed (exactly once per session, whoever closed it).
+    Closed(CloseInfo),
+}
+
+/// The command slot: at most one command in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Idle,
+    /// Dispatched, no answer yet.
+    Dispatched {
+        seq: u64,
+        command_id: u64,
+        reboot: bool,
+    },
+    /// Result received (or carried by `Hello.last`), not yet acked by the driver.
+    ResultPending {
+        seq: u64,
+    },
+    /// `RebootStarting` received; the session is about to end.
+    Rebooting {
+        seq: u64,
+    },
+}
+
+impl Slot {
+    fn seq(self) -> Option<u64> {
+        match self {
+            Slot::Idle => None,
+            Slot::Dispatched { seq, .. }
+            | Slot::ResultPending { seq }
+            | Slot::Rebooting { seq } => Some(seq),
+        }
+    }
+}
+
+/// The gateway end of one control session. See the [module docs](super) for the driving
+/// contract: after every `handle_*` call or driver operation, drain
+/// [`poll_transmit`](Self::poll_transmit), then [`poll_event`](Self::poll_event), then re-arm
+/// from [`poll_timeout`](Self::poll_timeout).
+#[derive(Debug)]
+pub struct GatewaySession {
+    input: Input,
+    core: Core,
+}
+
+#[derive(Debug)]
+struct Core {
+    conn: Conn,
+    started: Instant,
+    authenticated: Option<u64>,
+    device_id: Option<u64>,
+    slot: Slot,
+    /// Highest seq acknowledged in this session (by `ack_result` or `Welcome.acked_seq`).
+    acked: Option<u64>,
+    events: VecDeque<GatewayEvent>,
+}
+
+impl GatewaySession {
+    /// A session on a connection accepted at `now`. `authenticated_device` is the device id
+    /// TLS took from the client certificate, or `None` (then the peer may only enrol).
+    pub fn new(now: Instant, config: Config, authenticated_device: Option<u64>) -> Self {
+        let mut core = Core {
+            conn: Conn::new(now, config, Phase::AwaitingHello),
+            started: now,
+            authenticated: authenticated_device,
+            device_id: None,
+            slot: Slot::Idle,
+            acked: None,
+            events: VecDeque::new(),
+        };
+        core.rearm();
+        GatewaySession {
+            input: Input::new(config.max_frame_body),
+            core,
+        }
+    }
+
+    /// Bytes from the agent, in any chunking. `Err` is the sticky fatal error: the session is
+    /// closed and a `Close` naming the error is queued.
+    pub fn handle_input(&mut self, now: Instant, data: &[u8]) -> Result<(), SessionError> {
+        self.core.conn.check_open()?;
+        if !data.is_empty() {
+            self.core.conn.last_rx = now;
+        }
+        let core = &mut self.core;
+        self.input.feed(data, |frame| core.on_frame(frame));
+        self.core.rearm();
+        self.core.conn.error.map_or(Ok(()), Err)
+    }
+
+    /// Fires the timers due at `now` (hello timeout, idle timeout).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let c = &mut self.core;
+        if c.conn.phase == Phase::Closed {
+            return;
+        }
+        let fired = if c.conn.timers.is_expired(Timer::Hello, now) {
+            Some(TimeoutKind::Hello)
+        } else if c.conn.timers.is_expired(Timer::Idle, now) {
+            Some(TimeoutKind::Idle)
+        } else {
+            None
+        };
+        if let Some(kind) = fired {
+            c.fail(SessionError::TimedOut(kind));
+        }
+        c.rearm();
+    }
+
+    /// Appends pending bytes for the agent to `buf`; returns how many, or `None` when there
+    /// are none.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut alloc::vec::Vec<u8>) -> Option<usize> {
+        let n = self.core.conn.poll_transmit(now, buf);
+        self.core.rearm();
+        n
+    }
+
+    /// The earliest instant at which [`handle_timeout`](Self::handle_timeout) has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.core.conn.timers.next()
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<GatewayEvent> {
+        let e = self.core.events.pop_front();
+        if e.is_none() && self.core.events.capacity() > 0 {
+            self.core.events = VecDeque::new();
+        }
+        e
+    }
+
+    /// Whether the session is closed (flush `poll_transmit`, then shut the connection).
+    pub fn is_closed(&self) -> bool {
+        self.core.conn.phase == Phase::Closed
+    }
+
+    /// The session's phase.
+    pub fn phase(&self) -> Phase {
+        self.core.conn.phase
+    }
+
+    /// The sticky fatal error, if the session failed.
+    pub fn error(&self) -> Option<SessionError> {
+        self.core.conn.error
+    }
+
+    /// The device id from the accepted-for-consideration `Hello`.
+    pub fn device_id(&self) -> Option<u64> {
+        self.core.device_id
+    }
+
+    /// The seq of the command in flight, if any.
+    pub fn in_flight(&self) -> Option<u64> {
+        self.core.slot.seq()
+    }
+
+    /// Accepts the pending `Hello`: sends `Welcome` and establishes the session. A result
+    /// carried by `Hello.last` with a seq at or below `welcome.acked_seq` counts as acked.
+    pub fn accept(&mut self, welcome: &Welcome) -> Result<(), SessionError> {
+        let c = &mut self.core;
+        c.conn.check_open()?;
+        if c.conn.phase != Phase::AwaitingAccept {
+            return Err(SessionError::NoPendingDecision {
+                phase: c.conn.phase,
+            });
+        }
+        c.conn.queue(&Message::Welcome(*welcome))?;
+        c.conn.phase = Phase::Established;
+        c.acked = Some(welcome.acked_seq);
+        if let Slot::ResultPending { seq } = c.slot {
+            if seq <= welcome.acked_seq {
+                c.slot = Slot::Idle;
+            }
+        }
+        c.rearm();
+        Ok(())
+    }
+
+    /// Answers the pending `Enrol`: sends `Enrolled`, then closes normally (the agent
+    /// reconnects with its new certificate).
+    pub fn send_enrolled(&mut self, enrolled: &Enrolled<'_>) -> Result<(), SessionError> {
+        let c = &mut self.core;
+        c.conn.check_open()?;
+        if c.conn.phase != Phase::AwaitingEnrolDecision {
+            return Err(SessionError::NoPendingDecision {
+                phase: c.conn.phase,
+            });
+        }
+        c.conn.queue(&Message::Enrolled(enrolled.clone()))?;
+        let info = c.conn.close(CloseCode::NORMAL, "enrolled", false);
+        c.events.push_back(GatewayEvent::Closed(info));
+        Ok(())
+    }
+
+    /// Sends a command. Refused while another is in flight.
+    pub fn dispatch(&mut self, dispatch: &Dispatch<'_>) -> Result<(), SessionError> {
+        let c = &mut self.core;
+        c.conn.check_established()?;
+        if let Some(in_flight) = c.slot.seq() {
+            return Err(SessionError::AlreadyInFlight { in_flight });
+        }
+        // `Message` owns its `Dispatch`: the clone copies the step list, not the bytes the
+        // steps borrow.
+        c.conn.queue(&Message::Dispatch(dispatch.clone()))?;
+        c.slot = Slot::Dispatched {
+            seq: dispatch.seq,
+            command_id: dispatch.command_id,
+            reboot: dispatch.steps.iter().any(|s| matches!(s, Step::Reboot)),
+        };
+        Ok(())
+    }
+
+    /// Acknowledges the result of `seq` once the driver has stored it durably; the next
+    /// command may then be dispatched.
+    pub fn ack_result(&mut self, seq: u64) -> Result<(), SessionError> {
+        let c = &mut self.core;
+        c.conn.check_established()?;
+        if c.slot != (Slot::ResultPending { seq }) {
+            return Err(SessionError::NotInFlight { seq });
+        }
+        c.conn.queue(&Message::ResultAck(ResultAck { seq }))?;
+        c.slot = Slot::Idle;
+        c.acked = Some(c.acked.map_or(seq, |a| a.max(seq)));
+        Ok(())
+    }
+
+    /// Announces a distribution task.
+    pub fn announce(&mut self, announce: &Announce<'_>) -> Result<(), SessionError> {
+        self.core.conn.check_established()?;
+        self.core.conn.queue(&Message::Announce(*announce))
+    }
+
+    /// Sends the gateway's view of a transfer (answer to the agent's report).
+    pub fn send_transfer_status(&mut self, status: &TransferStatus) -> Result<(), SessionError> {
+        self.core.conn.check_established()?;
+        self.core.conn.queue(&Message::TransferStatus(*status))
+    }
+
+    /// Closes the session with `code` and `reason` (truncated to the wire limit).
+    pub fn close(&mut self, code: CloseCode, reason: &str) -> Result<(), SessionError> {
+        let c = &mut self.core;
+        c.conn.check_open()?;
+        let info = c.conn.close(code, reason, false);
+        c.events.push_back(GatewayEvent::Closed(info));
+        Ok(())
+    }
+}
+
+impl Core {
+    fn rearm(&mut self) {
+        let t = &mut self.conn.timers;
+        if self.conn.phase == Phase::Closed {
+            t.clear();
+            return;
+        }
+        let cfg = &self.conn.config;
+        t.set(Timer::Idle, Some(self.conn.last_rx + cfg.idle_timeout));
+        t.set(
+            Timer::Hello,
+            (self.conn.phase == Phase::AwaitingHello).then(|| self.started + cfg.hello_timeout),
+        );
+    }
+
+    fn fail(&mut self, err: SessionError) {
+        let info = self.conn.fail(err);
+        self.events.push_back(GatewayEvent::Closed(info));
+    }
+
+    /// Handles one frame (or framing error); returns whether to go on.
+    fn on_frame(&mut self, frame: Result<Frame<'_>, Error>) -> bool {
+        let res = frame.map_err(SessionError::Wire).and_then(|frame| {
+            let msg = Message::parse(&frame).map_err(SessionError::Wire)?;
+            self.on_message(&frame, msg)
+        });
+        if let Err(e) = res {
+            self.fail(e);
+        }
+        self.conn.phase != Phase::Closed
+    }
+
+    fn on_message(&mut self, frame: &Frame<'_>, msg: Message<'_>) -> Result<(), SessionError> {
+        let phase = self.conn.phase;
+        match (phase, msg) {
+            (_, Message::Close(close)) => {
+                let info = self.conn.close(close.code, close.reason, true);
+                self.events.push_back(GatewayEvent::Closed(info));
+            }
+            (Phase::AwaitingHello, Message::Hello(h)) => {
+                match self.authenticated {
+                    None => return Err(SessionError::Unauthenticated),
+                    Some(id) if id != h.device_id => {
+                        return Err(SessionError::DeviceMismatch {
+                            claimed: h.device_id,
+                            authenticated: id,
+                        })
+                    }
+                    Some(_) => {}
+                }
+                let mut unacked_result = false;
+                if let Some(LastExecuted {
+                    seq,
+                    result: Some(r),
+                }) = &h.last
+                {
+                    if r.seq != *seq {
+                        return Err(SessionError::SeqMismatch {
+                            kind: crate::Kind::Hello,
+                            got: r.seq,
+                            expected: Some(*seq),
+                        });
+                    }
+                    // The agent's unacknowledged result is in flight until acked.
+                    self.slot = Slot::ResultPending { seq: *seq };
+                    unacked_result = true;
+                }
+                self.device_id = Some(h.device_id);
+                self.conn.phase = Phase::AwaitingAccept;
+                self.events.push_back(GatewayEvent::Hello {
+                    device_id: h.device_id,
+                    boot_id: h.boot_id,
+                    last_seq: h.last.as_ref().map(|l| l.seq),
+                    unacked_result,
+                    frame: ReceivedFrame::new(frame),
+                });
+            }
+            (Phase::AwaitingHello, Message::Enrol(_)) => {
+                self.conn.phase = Phase::AwaitingEnrolDecision;
+                self.events
+                    .push_back(GatewayEvent::Enrol(ReceivedFrame::new(frame)));
+            }
+            (Phase::Established, msg) => self.on_established(frame, msg)?,
+            (phase, msg) => {
+                return Err(SessionError::UnexpectedMessage {
+                    kind: msg.kind(),
+                    phase,
+                })
+            }
+        }
+        Ok(())
+    }
+
+    fn on_established(&mut self, frame: &Frame<'_>, msg: Message<'_>) -> Result<(), SessionError> {
+        match msg {
+            Message::Heartbeat(Heartbeat { nonce, echo: false }) => {
+                self.conn
+                    .queue(&Message::Heartbeat(Heartbeat { nonce, echo: true }))?;
+            }
+            // The gateway sends no requests, but an echo is harmless liveness.
+            Message::Heartbeat(Heartbeat { echo: true, .. }) => {}
+            Message::Result(r) => match self.slot {
+                Slot::Dispatched {
+                    seq, command_id, ..
+                } if seq == r.seq => {
+                    if command_id != r.command_id {
+                        return Err(SessionError::CommandIdMismatch {
+                            seq,
+                            got: r.command_id,
+                            expected: command_id,
+                        });
+                    }
+                    self.slot = Slot::ResultPending { seq };
+                    self.events.push_back(GatewayEvent::Result {
+                        seq,
+                        command_id,
+                        frame: ReceivedFrame::new(frame),
+                    });
+                }
+                _ if self.acked.is_some_and(|a| r.seq <= a) => {
+                    // Already durable: re-ack so the agent can forget it.
+                    self.conn
+                        .queue(&Message::ResultAck(ResultAck { seq: r.seq }))?;
+                    self.events
+                        .push_back(GatewayEvent::DuplicateResult { seq: r.seq });
+                }
+                slot => {
+                    return Err(SessionError::SeqMismatch {
+                        kind: crate::Kind::Result,
+                        got: r.seq,
+                        expected: slot.seq(),
+                    })
+                }
+            },
+            Message::RebootStarting(rs) => match self.slot {
+                Slot::Dispatched {
+                    seq,
+                    command_id,
+                    reboot,
+                } if seq == rs.seq => {
+                    if command_id != rs.command_id {
+                        return Err(SessionError::CommandIdMismatch {
+                            seq,
+                            got: rs.command_id,
+                            expected: command_id,
+                        });
+                    }
+                    if !reboot {
+                        return Err(SessionError::NotARebootCommand { seq });
+                    }
+                    self.slot = Slot::Rebooting { seq };
+                    self.events.push_back(GatewayEvent::RebootStarting(rs));
+                }
+                slot => {
+                    return Err(SessionError::SeqMismatch {
+                        kind: crate::Kind::RebootStarting,
+                        got: rs.seq,
+                        expected: slot.seq(),
+                    })
+                }
+            },
+            Message::RebootComplete(rc) => {
+                // Sent once welcomed, before any dispatch of the new session.
+                if let Some(in_flight) = self.slot.seq() {
+                    return Err(SessionError::SeqMismatch {
+                        kind: crate::Kind::RebootComplete,
+                        got: rc.seq,
+                        expected: Some(in_flight),
+                    });
+                }
+                self.events.push_back(GatewayEvent::RebootComplete {
+                    seq: rc.seq,
+                    boot_id: rc.report.boot_id,
+                    frame: ReceivedFrame::new(frame),
+                });
+            }
+            Message::Completion(_) => self
+                .events
+                .push_back(GatewayEvent::Completion(ReceivedFrame::new(frame))),
+            Message::TransferStatus(s) => self.events.push_back(GatewayEvent::TransferStatus(s)),
+            Message::Nack(n) => self.events.push_back(GatewayEvent::Nack(n)),
+            msg => {
+                return Err(SessionError::UnexpectedMessage {
+                    kind: msg.kind(),
+                    phase: Phase::Established,
+                })
+            }
+        }
+        Ok(())
+    }
+}
