@@ -207,7 +207,7 @@ impl<'s> Batch<'s> {
             env,
             path,
             dbs,
-            txn: Some(env.begin_rw_txn()?),
+            txn: Some(begin_rw(env)?),
             ops: Vec::new(),
             buf: Vec::with_capacity(256),
             poisoned: false,
@@ -462,8 +462,9 @@ impl<'s> Batch<'s> {
         &mut self,
         dev: DeviceId,
         seq: u64,
-        result: CommandResult,
+        mut result: CommandResult,
     ) -> Result<Recorded> {
+        result.bound();
         match self.exec(Op::Result { dev, seq, result })? {
             Out::Recorded(r) => Ok(r),
             _ => unreachable_out(),
@@ -505,9 +506,10 @@ impl<'s> Batch<'s> {
         dev: DeviceId,
         seq: u64,
         report: ConfigReport,
-        result: CommandResult,
+        mut result: CommandResult,
         now_ms: u64,
     ) -> Result<QueueStatus> {
+        result.bound();
         match self.exec(Op::RebootCompleted {
             dev,
             seq,
@@ -611,6 +613,18 @@ impl<'s> Batch<'s> {
 #[allow(clippy::panic)]
 fn unreachable_out<T>() -> T {
     panic!("store: operation returned the wrong output kind")
+}
+
+/// Begins a write transaction, adopting a map grown by another process (`MDB_MAP_RESIZED`).
+/// Safe because the caller holds `&mut Store`: no other transaction of this process is open.
+fn begin_rw(env: &Environment) -> Result<RwTransaction<'_>> {
+    match env.begin_rw_txn() {
+        Err(lmdb::Error::MapResized) => {
+            env.set_map_size(0)?;
+            Ok(env.begin_rw_txn()?)
+        }
+        other => Ok(other?),
+    }
 }
 
 fn bump_commit_seq(txn: &mut RwTransaction<'_>, d: &Dbs) -> Result<u64> {
@@ -903,15 +917,17 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
             Ok(Out::Unit)
         }
         Op::Result { dev, seq, result } => {
-            let mut result = result.clone();
-            result.bound();
             let mut q = cx.queue(*dev)?;
-            let existing = read::result(&*cx.t, d, *dev, *seq)?;
-            if existing.as_ref() == Some(&result) {
-                return Ok(Out::Recorded(Recorded::Duplicate));
-            }
+            // Duplicate detection compares encodings: no decode of the stored result.
+            result.encode(cx.buf);
+            let existing = match cx.t.get(d.results, &key2(dev.0, *seq)) {
+                Ok(v) if v == cx.buf.as_slice() => return Ok(Out::Recorded(Recorded::Duplicate)),
+                Ok(_) => true,
+                Err(lmdb::Error::NotFound) => false,
+                Err(e) => return Err(e.into()),
+            };
             if !q.accepts_result(*seq) {
-                let kind = if existing.is_some() {
+                let kind = if existing {
                     Illegal::ConflictingResult { seq: *seq }
                 } else if q.cursor.is_none_or(|c| *seq > c) {
                     Illegal::NotTransmitted { seq: *seq }
@@ -923,7 +939,7 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
                 };
                 return Err(Error::illegal(*dev, kind));
             }
-            cx.finish_attempt(*dev, &mut q, *seq, &result)?;
+            cx.finish_attempt(*dev, &mut q, *seq, result)?;
             Ok(Out::Recorded(Recorded::Stored(q.status)))
         }
         Op::TimedOut { dev, seq, now } => {
@@ -969,12 +985,10 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
             {
                 return Err(Error::illegal(*dev, Illegal::BootIdUnchanged));
             }
-            let mut result = result.clone();
-            result.bound();
             x.report = Some(report.clone());
             x.last_seen_ms = Some(*now);
             cx.put(d.devices, &dev.0.to_be_bytes(), &x)?;
-            cx.finish_attempt(*dev, &mut q, *seq, &result)?;
+            cx.finish_attempt(*dev, &mut q, *seq, result)?;
             Ok(Out::Status(q.status))
         }
         Op::RebootMissed { dev, now } => {

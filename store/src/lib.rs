@@ -24,8 +24,19 @@
 //!
 //! # Concurrency
 //! One writer (the daemon's loop). `batch` takes `&mut self`, snapshots borrow `&self`, so a
-//! map resize can never race an open transaction of this process. Another process may open
-//! the same environment read-only-ish (e.g. the CLI tailing events) through its own `Store`.
+//! map resize can never race an open transaction of this process. Another process (e.g. the
+//! CLI tailing events) may open the same environment through its own `Store`; LMDB's lock
+//! file serialises writers across processes, and a map grown by the other process is adopted
+//! by `batch` automatically and by [`Store::adopt_map_size`] for readers.
+//!
+//! # Checking the cursor discipline under valgrind
+//! The test `scans_never_outlive_cursors` drives every scan path across many pages with writes
+//! in between. Run it under valgrind (an iterator reading a freed cursor is an invalid read):
+//! ```text
+//! CARGO_TARGET_DIR=/work/targets/store cargo test -p fleetcast-store --lib --no-run
+//! valgrind --error-exitcode=1 /work/targets/store/debug/deps/fleetcast_store-<hash> \
+//!     --test-threads=1 scans_never_outlive_cursors
+//! ```
 
 mod batch;
 mod codec;
@@ -78,11 +89,22 @@ impl Store {
     }
 
     /// A consistent read view of the committed state.
+    ///
+    /// If another process (the daemon, when this is the CLI) grew the map since this store was
+    /// opened, this fails with `Error::Lmdb(lmdb::Error::MapResized)`; call
+    /// [`adopt_map_size`](Self::adopt_map_size) (which needs `&mut self`, so no snapshot is
+    /// open) and retry, or simply reopen the store (opening is cheap).
     pub fn snapshot(&self) -> Result<Snapshot<'_>> {
         Ok(Snapshot {
             txn: self.env.begin_ro_txn()?,
             dbs: &self.dbs,
         })
+    }
+
+    /// Adopts a map size grown by another process.
+    pub fn adopt_map_size(&mut self) -> Result<()> {
+        self.env.set_map_size(0)?;
+        Ok(())
     }
 
     /// Current map size in bytes (grows on demand).
