@@ -25,7 +25,7 @@
 //! - `write` and `fetch` replace their destination atomically ([`AtomicFile`]: temporary file
 //!   in the same directory, fsync, rename, directory fsync): a crash leaves the old file or
 //!   the new one. Paths must be absolute; parent directories are not created.
-//! - `fetch` accepts `file:///path` and `http://host[:port]/path` (HTTP/1.1 GET, no TLS, no
+//! - `fetch` accepts `file:///path` (no percent-decoding) and `http://host[:port]/path` (HTTP/1.1 GET, no TLS, no
 //!   redirects, status 200 only; body by `Content-Length`, chunked, or read to close; the
 //!   response header is bounded by [`ExecConfig::max_header_bytes`]; each read or connect
 //!   waits at most [`ExecConfig::io_timeout`]).
@@ -630,7 +630,9 @@ fn parse_http_url(url: &str) -> Option<HttpUrl<'_>> {
             None => (authority, 80),
         }
     };
-    if host.is_empty() || target.bytes().any(|b| b <= b' ' || b == 0x7f) {
+    // No spaces or control characters: they would let a URL inject request lines.
+    let clean = |t: &str| t.bytes().all(|b| b.is_ascii_graphic());
+    if host.is_empty() || !clean(authority) || !clean(target) {
         return None;
     }
     Some(HttpUrl {
@@ -1213,6 +1215,23 @@ mod tests {
     }
 
     #[test]
+    fn background_process_holding_the_pipe_does_not_block() {
+        // The program exits at once; its background child keeps the output pipe open. The
+        // step must end with the program (Ok), not wait for the pipe (which would hit the
+        // command timeout: TimedOut).
+        let done = run(
+            &job(10_000, vec![sh("sleep 30 & echo $!; echo started")]),
+            &ExecConfig::default(),
+        );
+        let out = output(&done);
+        let pid: libc::pid_t = out.lines().next().unwrap().trim().parse().unwrap();
+        // SAFETY: plain syscall on the pid the test's own shell started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert_eq!(statuses(&done), [StepStatus::Ok], "{out}");
+        assert!(out.ends_with("started\n"), "{out}");
+    }
+
+    #[test]
     fn timeout_kills_the_process_group() {
         // The shell starts a grandchild and prints its pid; both must die.
         let done = run(
@@ -1618,6 +1637,7 @@ mod tests {
             "http://host:99999/",
             "http://[::1/",
             "http://host/a b",
+            "http://ho\r\nX-Injected: 1/",
             "https://host/",
         ] {
             assert_eq!(parse_http_url(bad), None, "{bad}");

@@ -23,7 +23,7 @@
 //! transition one atomic file replacement:
 //!
 //! ```text
-//!  (none|Acked|Pending(older)) --record_executing(seq)--> Executing(seq)
+//!  (none|Acked|Pending(older)|Rebooting(older)) --record_executing(seq)--> Executing(seq)
 //!  Executing(seq) --record_result--> Pending(seq, result frame) --ack(≥seq)--> Acked(seq)
 //!  Executing(seq) --record_reboot--> Rebooting(seq, old boot id) --take_reboot--> Acked(seq)
 //!  Executing(seq) --[agent restarts]--> Pending(seq, "agent restarted while executing")
@@ -46,7 +46,10 @@
 //! - **Reboots.** A reboot step is recorded as `Rebooting(seq, old boot id)` before
 //!   `RebootStarting` is sent and before the reboot runs. After the restart the driver
 //!   compares the boot id: a different one means the reboot happened and `RebootComplete`
-//!   is due; [`State::take_reboot`] clears the record once the gateway has it.
+//!   is due; [`State::take_reboot`] clears the record once the gateway has it. The same
+//!   boot id means the agent restarted before the reboot took place (it died between
+//!   recording and rebooting): rebooting again is safe, unlike re-running an arbitrary
+//!   command, so the driver may simply reboot.
 
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Read as _, Write};
