@@ -392,11 +392,16 @@ impl Lab {
                 return Err(not_ready(&mut log, format!("exited with {status}")));
             }
             if host.listening_tcp(cfg.port)? {
+                let pid = child.id();
                 self.services
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(child);
-                return Ok(Proxy { host: index, addr });
+                return Ok(Proxy {
+                    host: index,
+                    addr,
+                    pid,
+                });
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -466,6 +471,8 @@ pub struct Proxy {
     pub host: usize,
     /// Where it listens.
     pub addr: SocketAddrV4,
+    /// Its process id (it is the lab's child until the lab drops).
+    pub pid: u32,
 }
 
 /// One host of a [`Lab`].
@@ -500,22 +507,18 @@ impl<'lab> Host<'lab> {
             .in_ns(&self.lab.hosts[self.index].net, None, program)
     }
 
-    /// Spawns `cmd` inside this host (whatever `Command` it is: the namespace entry is added
-    /// here). The child is killed and reaped when the returned handle drops, which the borrow
-    /// checker guarantees happens before the lab drops.
-    pub fn spawn(&self, cmd: Command) -> io::Result<LabChild<'lab>> {
-        let mut cmd = cmd;
-        let (user, net) = (
-            self.lab.user.clone(),
-            self.lab.hosts[self.index].net.clone(),
-        );
-        let parent = sys::own_pid();
-        // SAFETY: raw system calls only (see `Lab::in_ns`); entering twice is a no-op.
-        unsafe {
-            cmd.pre_exec(move || {
-                sys::pre_exec_enter(user.as_raw_fd(), net.as_raw_fd(), None, parent)
-            });
-        }
+    /// Spawns `program` inside this host, after `configure` has set its arguments,
+    /// environment and stdio. The child is killed and reaped when the returned handle drops,
+    /// which the borrow checker guarantees happens before the lab drops. It is forked by a
+    /// lab thread that lives as long as the process, so its parent-death signal fires only
+    /// when the test process itself dies.
+    pub fn spawn(
+        &self,
+        program: impl AsRef<OsStr>,
+        configure: impl FnOnce(&mut Command),
+    ) -> io::Result<LabChild<'lab>> {
+        let mut cmd = self.command(program);
+        configure(&mut cmd);
         Ok(LabChild {
             child: Some(spawn_detached(cmd)?),
             _lab: std::marker::PhantomData,

@@ -10,16 +10,16 @@
 //! use fleetcast_lab::{Lab, LabConfig, Profile, ProxyConfig};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let lab = Lab::new(LabConfig::hosts(17))?;
-//! let gw = lab.host(0).spawn({
-//!     let mut c = lab.host(0).command("fleetcastd");
+//! let gw = lab.host(0).spawn("fleetcastd", |c| {
 //!     c.arg("--listen").arg(format!("{}:443", lab.host(0).addr()));
-//!     c
 //! })?;
 //! let agents: Vec<_> = (1..=16)
 //!     .map(|i| {
 //!         let h = lab.host(i);
 //!         h.loss_in(&[5000], 5.0)?; // 5% of the multicast stream lost on input
-//!         Ok(h.spawn(h.command("fleetcast-agent"))?)
+//!         Ok(h.spawn("fleetcast-agent", |c| {
+//!             c.arg("--gateway").arg("10.77.0.1:443");
+//!         })?)
 //!     })
 //!     .collect::<Result<_, fleetcast_lab::LabError>>()?;
 //! lab.host(3).firewall(&Profile::OnlyTcpOut(vec![443]))?;
