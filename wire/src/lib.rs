@@ -59,5 +59,5 @@ pub use ranges::{BlockRange, Ranges};
 #[cfg(feature = "alloc")]
 pub use session::{
     AgentEvent, AgentSession, CloseInfo, Config as SessionConfig, FirstMessage, GatewayEvent,
-    GatewaySession, Phase, ReceivedFrame, SessionError, TimeoutKind,
+    GatewaySession, Phase as SessionPhase, ReceivedFrame, SessionError, TimeoutKind,
 };

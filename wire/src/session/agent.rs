@@ -486,3 +486,197 @@ impl Core {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use alloc::vec;
+
+    use super::*;
+    use crate::msg::{Dispatch, ResultAck, StepResult, StepStatus};
+
+    /// `Heartbeat{nonce: 0, echo: false}`, computed independently (Python `zlib.crc32`).
+    const HEARTBEAT_REQUEST_0: &[u8] = &[
+        0xfc, 0x01, 0x03, 0x00, 0x00, 0x00, 0x00, 0x09, 0xc1, 0xcf, 0x4c, 0x55, 0, 0, 0, 0, 0, 0,
+        0, 0, 0,
+    ];
+
+    fn t(ms: u64) -> Instant {
+        Instant::from_micros(ms * 1000)
+    }
+
+    /// Feeds messages to the session as one stream chunk at virtual time `$t` (ms).
+    macro_rules! recv {
+        ($s:expr, $t:expr, $($m:expr),+ $(,)?) => {{
+            let mut bytes = Vec::new();
+            $( Message::emit_to_vec(&$m, &mut bytes).unwrap(); )+
+            $s.handle_input(t($t), &bytes)
+        }};
+    }
+
+    /// Everything the session has to send at virtual time `$t` (ms).
+    macro_rules! sent {
+        ($s:expr, $t:expr) => {{
+            let mut out = Vec::new();
+            while $s.poll_transmit(t($t), &mut out).is_some() {}
+            out
+        }};
+    }
+
+    fn hello(last: Option<crate::msg::LastExecuted<'static>>) -> Hello<'static> {
+        Hello {
+            device_id: 7,
+            credential: b"fp",
+            agent_version: "0.1.0",
+            boot_id: [1; 16],
+            last,
+        }
+    }
+
+    fn welcome(heartbeat_ms: u32, acked_seq: u64) -> Message<'static> {
+        Message::Welcome(Welcome {
+            session_id: 1,
+            server_time_ms: 0,
+            heartbeat_ms,
+            acked_seq,
+            pending_commands: 0,
+            pending_transfers: 0,
+        })
+    }
+
+    fn result(seq: u64) -> CommandResult<'static> {
+        CommandResult {
+            command_id: seq * 10,
+            seq,
+            exit_code: 0,
+            steps: vec![StepResult {
+                status: StepStatus::Ok,
+                exit_code: 0,
+                duration_ms: 1,
+            }],
+            output: b"",
+        }
+    }
+
+    fn dispatch(seq: u64) -> Message<'static> {
+        Message::Dispatch(Dispatch {
+            command_id: seq * 10,
+            seq,
+            timeout_ms: 0,
+            steps: vec![Step::Report],
+        })
+    }
+
+    fn session(last: Option<crate::msg::LastExecuted<'static>>) -> AgentSession {
+        let mut s =
+            AgentSession::new(t(0), Config::default(), FirstMessage::Hello(hello(last))).unwrap();
+        let mut expected = Vec::new();
+        Message::Hello(hello(None))
+            .emit_to_vec(&mut expected)
+            .unwrap();
+        let first = sent!(s, 0);
+        assert_eq!(first[..3], expected[..3], "the Hello goes out first");
+        s
+    }
+
+    #[test]
+    fn first_heartbeat_is_one_interval_after_welcome() {
+        let mut s = session(None);
+        recv!(s, 5, welcome(1000, 0)).unwrap();
+        assert_eq!(
+            s.poll_event(),
+            Some(AgentEvent::Welcomed(Welcome {
+                session_id: 1,
+                server_time_ms: 0,
+                heartbeat_ms: 1000,
+                acked_seq: 0,
+                pending_commands: 0,
+                pending_transfers: 0,
+            }))
+        );
+        assert_eq!(s.poll_timeout(), Some(t(1005)));
+        s.handle_timeout(t(1005));
+        assert_eq!(sent!(s, 1005), HEARTBEAT_REQUEST_0);
+    }
+
+    #[test]
+    fn heartbeat_zero_disables_heartbeats() {
+        let mut s = session(None);
+        recv!(s, 5, welcome(0, 0)).unwrap();
+        assert_eq!(
+            s.poll_timeout(),
+            Some(t(5) + Config::default().idle_timeout)
+        );
+    }
+
+    #[test]
+    fn result_ack_for_another_seq_is_a_protocol_error_and_reacks_are_ignored() {
+        let mut s = session(None);
+        recv!(s, 1, welcome(1000, 0), dispatch(3)).unwrap();
+        s.send_result(&result(3)).unwrap();
+        assert_eq!(
+            recv!(s, 2, Message::ResultAck(ResultAck { seq: 4 })),
+            Err(SessionError::SeqMismatch {
+                kind: crate::Kind::ResultAck,
+                got: 4,
+                expected: Some(3)
+            })
+        );
+
+        let mut s = session(None);
+        recv!(s, 1, welcome(1000, 0), dispatch(3)).unwrap();
+        s.send_result(&result(3)).unwrap();
+        recv!(s, 2, Message::ResultAck(ResultAck { seq: 3 })).unwrap();
+        // The gateway re-acks a duplicate: harmless.
+        recv!(s, 3, Message::ResultAck(ResultAck { seq: 3 })).unwrap();
+        let events: Vec<_> = core::iter::from_fn(|| s.poll_event()).collect();
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert_eq!(events[2], AgentEvent::ResultAcked { seq: 3 });
+    }
+
+    #[test]
+    fn operations_need_an_established_session() {
+        let mut s = session(None);
+        assert_eq!(
+            s.send_result(&result(1)),
+            Err(SessionError::NotEstablished {
+                phase: Phase::AwaitingWelcome
+            })
+        );
+        recv!(s, 1, welcome(1000, 0)).unwrap();
+        assert_eq!(
+            s.send_result(&result(1)),
+            Err(SessionError::NotInFlight { seq: 1 })
+        );
+        assert_eq!(sent!(s, 1), b"", "refused operations send nothing");
+    }
+
+    #[test]
+    fn enrol_session_accepts_only_enrolled_or_close() {
+        let enrol = Enrol {
+            token: b"tok",
+            name: "n",
+            spki: b"k",
+        };
+        let mut s = AgentSession::new(t(0), Config::default(), FirstMessage::Enrol(enrol)).unwrap();
+        assert_eq!(
+            recv!(s, 1, welcome(1000, 0)),
+            Err(SessionError::UnexpectedMessage {
+                kind: crate::Kind::Welcome,
+                phase: Phase::AwaitingEnrolled
+            })
+        );
+    }
+
+    #[test]
+    fn an_unencodable_first_message_is_refused() {
+        let long = [0u8; 65];
+        let h = Hello {
+            credential: &long,
+            ..hello(None)
+        };
+        assert_eq!(
+            AgentSession::new(t(0), Config::default(), FirstMessage::Hello(h)).err(),
+            Some(SessionError::Emit(Error::FieldTooLong))
+        );
+    }
+}

@@ -521,3 +521,241 @@ impl Core {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use alloc::vec;
+    use alloc::vec::Vec;
+
+    use super::*;
+    use crate::msg::{CommandResult, Hello, StepResult, StepStatus};
+
+    /// `Heartbeat{nonce: 1, echo: true}`, computed independently (Python `zlib.crc32`).
+    const HEARTBEAT_ECHO_1: &[u8] = &[
+        0xfc, 0x01, 0x03, 0x00, 0x00, 0x00, 0x00, 0x09, 0xaf, 0xd3, 0x4d, 0x82, 0, 0, 0, 0, 0, 0,
+        0, 1, 1,
+    ];
+    /// `ResultAck{seq: 5}`.
+    const RESULT_ACK_5: &[u8] = &[
+        0xfc, 0x01, 0x12, 0x00, 0x00, 0x00, 0x00, 0x08, 0x3d, 0x97, 0xb3, 0xce, 0, 0, 0, 0, 0, 0,
+        0, 5,
+    ];
+
+    fn t(ms: u64) -> Instant {
+        Instant::from_micros(ms * 1000)
+    }
+
+    /// Feeds messages to the session as one stream chunk at virtual time `$t` (ms).
+    macro_rules! recv {
+        ($s:expr, $t:expr, $($m:expr),+ $(,)?) => {{
+            let mut bytes = Vec::new();
+            $( Message::emit_to_vec(&$m, &mut bytes).unwrap(); )+
+            $s.handle_input(t($t), &bytes)
+        }};
+    }
+
+    /// Everything the session has to send at virtual time `$t` (ms).
+    macro_rules! sent {
+        ($s:expr, $t:expr) => {{
+            let mut out = Vec::new();
+            while $s.poll_transmit(t($t), &mut out).is_some() {}
+            out
+        }};
+    }
+
+    fn hello(device_id: u64) -> Message<'static> {
+        Message::Hello(Hello {
+            device_id,
+            credential: b"fp",
+            agent_version: "0.1.0",
+            boot_id: [1; 16],
+            last: None,
+        })
+    }
+
+    fn welcome() -> Welcome {
+        Welcome {
+            session_id: 1,
+            server_time_ms: 0,
+            heartbeat_ms: 1000,
+            acked_seq: 0,
+            pending_commands: 0,
+            pending_transfers: 0,
+        }
+    }
+
+    fn dispatch(seq: u64) -> Dispatch<'static> {
+        Dispatch {
+            command_id: seq * 10,
+            seq,
+            timeout_ms: 0,
+            steps: vec![Step::Report],
+        }
+    }
+
+    fn result(seq: u64, command_id: u64) -> Message<'static> {
+        Message::Result(CommandResult {
+            command_id,
+            seq,
+            exit_code: 0,
+            steps: vec![StepResult {
+                status: StepStatus::Ok,
+                exit_code: 0,
+                duration_ms: 1,
+            }],
+            output: b"",
+        })
+    }
+
+    fn established() -> GatewaySession {
+        let mut s = GatewaySession::new(t(0), Config::default(), Some(7));
+        recv!(s, 1, hello(7)).unwrap();
+        s.accept(&welcome()).unwrap();
+        sent!(s, 1);
+        while s.poll_event().is_some() {}
+        s
+    }
+
+    #[test]
+    fn echoes_heartbeat_requests() {
+        let mut s = established();
+        recv!(
+            s,
+            2,
+            Message::Heartbeat(Heartbeat {
+                nonce: 1,
+                echo: false
+            })
+        )
+        .unwrap();
+        assert_eq!(sent!(s, 2), HEARTBEAT_ECHO_1);
+        // Echoes need no answer.
+        recv!(
+            s,
+            3,
+            Message::Heartbeat(Heartbeat {
+                nonce: 1,
+                echo: true
+            })
+        )
+        .unwrap();
+        assert_eq!(sent!(s, 3), b"");
+        assert_eq!(s.poll_event(), None);
+    }
+
+    #[test]
+    fn ack_result_sends_result_ack() {
+        let mut s = established();
+        s.dispatch(&dispatch(5)).unwrap();
+        sent!(s, 2);
+        recv!(s, 3, result(5, 50)).unwrap();
+        assert!(matches!(
+            s.poll_event(),
+            Some(GatewayEvent::Result {
+                seq: 5,
+                command_id: 50,
+                ..
+            })
+        ));
+        s.ack_result(5).unwrap();
+        assert_eq!(sent!(s, 4), RESULT_ACK_5);
+        assert_eq!(s.in_flight(), None);
+    }
+
+    #[test]
+    fn result_with_another_command_id_is_a_protocol_error() {
+        let mut s = established();
+        s.dispatch(&dispatch(5)).unwrap();
+        assert_eq!(
+            recv!(s, 3, result(5, 51)),
+            Err(SessionError::CommandIdMismatch {
+                seq: 5,
+                got: 51,
+                expected: 50
+            })
+        );
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn nothing_but_close_while_the_driver_decides() {
+        let mut s = GatewaySession::new(t(0), Config::default(), Some(7));
+        recv!(s, 1, hello(7)).unwrap();
+        assert_eq!(s.phase(), Phase::AwaitingAccept);
+        assert_eq!(
+            recv!(s, 2, result(1, 10)),
+            Err(SessionError::UnexpectedMessage {
+                kind: crate::Kind::Result,
+                phase: Phase::AwaitingAccept
+            })
+        );
+    }
+
+    #[test]
+    fn peer_close_is_reported_once_and_closes() {
+        let mut s = established();
+        recv!(
+            s,
+            2,
+            Message::Close(crate::msg::Close {
+                code: CloseCode::SHUTDOWN,
+                reason: "agent stopping"
+            })
+        )
+        .unwrap();
+        assert!(s.is_closed());
+        assert_eq!(sent!(s, 2), b"", "no Close is sent back");
+        assert_eq!(
+            s.poll_event(),
+            Some(GatewayEvent::Closed(CloseInfo {
+                code: CloseCode::SHUTDOWN,
+                reason: "agent stopping".into(),
+                by_peer: true
+            }))
+        );
+        assert_eq!(s.poll_event(), None);
+        assert_eq!(s.poll_timeout(), None);
+        assert_eq!(s.close(CloseCode::NORMAL, ""), Err(SessionError::Closed));
+        assert_eq!(recv!(s, 3, hello(7)), Err(SessionError::Closed));
+    }
+
+    #[test]
+    fn hello_timer_stops_at_hello_and_idle_timer_follows_input() {
+        let cfg = Config::default();
+        let mut s = GatewaySession::new(t(0), cfg, Some(7));
+        assert_eq!(s.poll_timeout(), Some(t(0) + cfg.hello_timeout));
+        recv!(s, 100, hello(7)).unwrap();
+        assert_eq!(s.poll_timeout(), Some(t(100) + cfg.idle_timeout));
+        s.handle_timeout(t(100) + cfg.hello_timeout);
+        assert!(!s.is_closed());
+    }
+
+    #[test]
+    fn an_idle_session_holds_no_buffers() {
+        let mut s = established();
+        for i in 0..50 {
+            s.dispatch(&dispatch(i + 1)).unwrap();
+            recv!(s, 2, result(i + 1, (i + 1) * 10)).unwrap();
+            s.ack_result(i + 1).unwrap();
+        }
+        // Input split mid-frame holds a partial frame until the rest arrives.
+        let mut hb = Vec::new();
+        Message::Heartbeat(Heartbeat {
+            nonce: 9,
+            echo: false,
+        })
+        .emit_to_vec(&mut hb)
+        .unwrap();
+        s.handle_input(t(3), &hb[..5]).unwrap();
+        assert_eq!(s.input.deframer.buffered(), 5);
+        s.handle_input(t(3), &hb[5..]).unwrap();
+        assert_eq!(s.input.deframer.buffered(), 0);
+        assert!(s.core.conn.out.capacity() > KEEP);
+        sent!(s, 4);
+        while s.poll_event().is_some() {}
+        assert_eq!(s.core.conn.out.capacity(), 0);
+        assert_eq!(s.core.events.capacity(), 0);
+    }
+
+    const KEEP: usize = super::super::KEEP_OUT_CAPACITY;
+}

@@ -1104,3 +1104,99 @@ fn chunking_does_not_change_the_event_sequence() {
         assert_eq!(scenario(Chunking::Random { seed, max: 40 }), whole);
     }
 }
+
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A valid gateway → agent stream: Welcome, a dispatch, heartbeats, an announce.
+    fn gateway_stream() -> Vec<u8> {
+        stream(&[
+            Message::Welcome(welcome(0)),
+            Message::Heartbeat(Heartbeat {
+                nonce: 3,
+                echo: false,
+            }),
+            Message::Dispatch(reboot_cmd(4)),
+            Message::Heartbeat(Heartbeat {
+                nonce: 0,
+                echo: true,
+            }),
+        ])
+    }
+
+    fn agent() -> AgentSession {
+        AgentSession::new(
+            Instant::ZERO,
+            config(),
+            FirstMessage::Hello(hello(BOOT_A, None)),
+        )
+        .unwrap()
+    }
+
+    /// Feeds `bytes` cut at `cuts`; returns the events, the output and the result of each call.
+    fn feed(bytes: &[u8], cuts: &[usize]) -> (Vec<AgentEvent>, Vec<u8>, Option<SessionError>) {
+        let mut ag = agent();
+        let mut out = Vec::new();
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut start = 0;
+        let mut err = None;
+        for end in cuts.into_iter().chain([bytes.len()]) {
+            if err.is_none() {
+                err = ag.handle_input(Instant::ZERO, &bytes[start..end]).err();
+            }
+            start = end;
+        }
+        while ag.poll_transmit(Instant::ZERO, &mut out).is_some() {}
+        (core::iter::from_fn(|| ag.poll_event()).collect(), out, err)
+    }
+
+    proptest! {
+        #[test]
+        fn any_cut_of_a_valid_stream_gives_the_same_events(
+            cuts in proptest::collection::vec(any::<usize>(), 0..12)
+        ) {
+            let bytes = gateway_stream();
+            let whole = feed(&bytes, &[]);
+            prop_assert_eq!(whole.0.len(), 2);
+            prop_assert_eq!(feed(&bytes, &cuts), whole);
+        }
+
+        #[test]
+        fn any_corruption_is_sticky_and_never_panics(
+            pos in any::<usize>(),
+            xor in 1u8..,
+            cuts in proptest::collection::vec(any::<usize>(), 0..8)
+        ) {
+            let mut bytes = gateway_stream();
+            let i = pos % bytes.len();
+            bytes[i] ^= xor;
+            // Cut-independent: the same events, output and error for every chunking.
+            let whole = feed(&bytes, &[]);
+            prop_assert_eq!(&feed(&bytes, &cuts), &whole);
+            let (events, out, err) = whole;
+            if let Some(err) = err {
+                prop_assert!(matches!(events.last(), Some(AgentEvent::Closed(c)) if !c.by_peer));
+                let sent = frames(&out);
+                prop_assert!(
+                    matches!(sent.last(), Some(Message::Close(c)) if c.code == err.close_code())
+                );
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_the_gateway(
+            data in proptest::collection::vec(any::<u8>(), 0..256),
+            authenticated in proptest::option::of(any::<u64>())
+        ) {
+            let mut gw = GatewaySession::new(Instant::ZERO, config(), authenticated);
+            let first = gw.handle_input(Instant::ZERO, &data);
+            if let Err(e) = first {
+                prop_assert!(gw.is_closed());
+                prop_assert_eq!(gw.handle_input(Instant::ZERO, &data), Err(e));
+            }
+        }
+    }
+}
