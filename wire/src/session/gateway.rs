@@ -9,7 +9,8 @@
 //!   `Welcome.acked_seq`) is a harmless duplicate: the gateway has it durably, so the core
 //!   re-acks it and reports [`GatewayEvent::DuplicateResult`]. Any other seq is a protocol error.
 //! - A `Hello` is accepted only when TLS authenticated the same device id; an unauthenticated
-//!   session may only `Enrol`.
+//!   session may only `Enrol`. An authenticated session may `Enrol` too (re-enrolment, e.g. a
+//!   key rotation): the driver decides.
 //! - Nothing but `Close` is accepted while the driver decides on a `Hello` or `Enrol`.
 
 use alloc::collections::VecDeque;
@@ -675,6 +676,26 @@ mod tests {
             })
         );
         assert!(s.is_closed());
+    }
+
+    #[test]
+    fn a_second_answer_for_the_same_seq_is_a_protocol_error() {
+        let mut s = established();
+        s.dispatch(&dispatch(5)).unwrap();
+        recv!(s, 3, result(5, 50)).unwrap();
+        let err = recv!(s, 4, result(5, 50)).unwrap_err();
+        assert_eq!(
+            err,
+            SessionError::SeqMismatch {
+                kind: crate::Kind::Result,
+                got: 5,
+                expected: Some(5)
+            }
+        );
+        assert_eq!(
+            alloc::format!("{err}"),
+            "Result for seq 5, which was already answered"
+        );
     }
 
     #[test]

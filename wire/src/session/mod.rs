@@ -275,6 +275,11 @@ impl fmt::Display for SessionError {
                 kind,
                 got,
                 expected: Some(e),
+            } if got == e => write!(f, "{kind:?} for seq {got}, which was already answered"),
+            SessionError::SeqMismatch {
+                kind,
+                got,
+                expected: Some(e),
             } => write!(f, "{kind:?} for seq {got}, but seq {e} is in flight"),
             SessionError::SeqMismatch {
                 kind,
