@@ -692,3 +692,39 @@ impl Drop for LabChild<'_> {
 pub fn tool_path(tool: &'static str, package: &'static str) -> Result<PathBuf, LabError> {
     find_tool(tool, package)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_tool_names_the_package() {
+        let err = find_tool("fleetcast-no-such-tool", "fleetcast-no-such-package").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("`fleetcast-no-such-tool`"), "{msg}");
+        assert!(
+            msg.contains("apt-get install fleetcast-no-such-package"),
+            "{msg}"
+        );
+        assert!(
+            find_tool("ip", "iproute2").is_ok(),
+            "the lab's own prerequisite"
+        );
+    }
+
+    #[test]
+    fn user_namespace_error_names_the_sysctls() {
+        let msg = LabError::UserNamespaces {
+            source: io::Error::from_raw_os_error(libc::EPERM),
+        }
+        .to_string();
+        assert!(msg.contains("user.max_user_namespaces"), "{msg}");
+        assert!(msg.contains("kernel.unprivileged_userns_clone"), "{msg}");
+    }
+
+    #[test]
+    fn lab_is_send_and_sync() {
+        fn is<T: Send + Sync>() {}
+        is::<Lab>();
+    }
+}
