@@ -257,6 +257,28 @@ impl AgentSession {
         self.core.slot.seq()
     }
 
+    /// Declares that the driver is still executing command `seq`, dispatched on an earlier
+    /// session (this session's `Hello.last` named it without a result): its result may be
+    /// sent on this session. Refused unless established with nothing in flight.
+    pub fn resume_executing(
+        &mut self,
+        seq: u64,
+        command_id: u64,
+        reboot: bool,
+    ) -> Result<(), SessionError> {
+        let c = &mut self.core;
+        c.conn.check_established()?;
+        if let Some(in_flight) = c.slot.seq() {
+            return Err(SessionError::AlreadyInFlight { in_flight });
+        }
+        c.slot = Slot::Executing {
+            seq,
+            command_id,
+            reboot,
+        };
+        Ok(())
+    }
+
     /// Sends the result of the command being executed; it then awaits its ack.
     pub fn send_result(&mut self, result: &CommandResult<'_>) -> Result<(), SessionError> {
         let c = &mut self.core;

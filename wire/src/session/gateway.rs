@@ -295,6 +295,29 @@ impl GatewaySession {
         Ok(())
     }
 
+    /// Records that the agent is still executing command `seq` from an earlier session (its
+    /// `Hello.last` named `seq` without a result, and the store's cursor is `seq`): its
+    /// `Result` or `RebootStarting` may arrive on this session without a new `Dispatch`.
+    /// Refused unless the session is established with nothing in flight.
+    pub fn resume_in_flight(
+        &mut self,
+        seq: u64,
+        command_id: u64,
+        reboot: bool,
+    ) -> Result<(), SessionError> {
+        let c = &mut self.core;
+        c.conn.check_established()?;
+        if let Some(in_flight) = c.slot.seq() {
+            return Err(SessionError::AlreadyInFlight { in_flight });
+        }
+        c.slot = Slot::Dispatched {
+            seq,
+            command_id,
+            reboot,
+        };
+        Ok(())
+    }
+
     /// Acknowledges the result of `seq` once the driver has stored it durably; the next
     /// command may then be dispatched.
     pub fn ack_result(&mut self, seq: u64) -> Result<(), SessionError> {

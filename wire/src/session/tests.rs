@@ -1200,3 +1200,50 @@ mod props {
         }
     }
 }
+
+#[test]
+fn a_command_still_executing_across_a_reconnect_delivers_its_result_on_the_new_session() {
+    // Session 1: dispatch seq 4, then the connection drops while the agent executes it.
+    let mut p = Pair::new(Some(DEVICE), FirstMessage::Hello(hello(BOOT_A, None)));
+    p.establish(welcome(3));
+    p.gw.dispatch(&exec(4)).unwrap();
+    p.drive();
+    assert!(matches!(
+        p.take_ag()[..],
+        [AgentEvent::Dispatch { seq: 4, .. }]
+    ));
+
+    // Session 2: Hello names seq 4 without a result; both drivers resume it.
+    let last = LastExecuted {
+        seq: 4,
+        result: None,
+    };
+    let mut q = Pair::with(
+        p.now,
+        Some(DEVICE),
+        FirstMessage::Hello(hello(BOOT_A, Some(last))),
+        Chunking::Whole,
+    );
+    q.establish(welcome(3));
+    // Without resuming, the gateway would treat the result as a protocol error.
+    q.gw.resume_in_flight(4, 1004, false).unwrap();
+    q.ag.resume_executing(4, 1004, false).unwrap();
+    assert_eq!(
+        q.gw.resume_in_flight(4, 1004, false),
+        Err(SessionError::AlreadyInFlight { in_flight: 4 })
+    );
+    q.ag.send_result(&result(4)).unwrap();
+    q.drive();
+    assert!(matches!(
+        q.take_gw()[..],
+        [GatewayEvent::Result {
+            seq: 4,
+            command_id: 1004,
+            ..
+        }]
+    ));
+    q.gw.ack_result(4).unwrap();
+    q.drive();
+    assert_eq!(q.take_ag(), vec![AgentEvent::ResultAcked { seq: 4 }]);
+    assert!(q.gw_errors.is_empty() && q.ag_errors.is_empty());
+}
