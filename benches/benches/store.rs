@@ -75,6 +75,27 @@ fn enqueue(c: &mut Criterion) {
     g.finish();
 }
 
+/// Group-commit scaling: 10,000 enqueues per commit at 10,000 devices.
+fn enqueue_big_batch(c: &mut Criterion) {
+    const BIG: u64 = 10_000;
+    let mut g = c.benchmark_group("store/enqueue_batch10000");
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    g.throughput(Throughput::Elements(BIG));
+    let (_dir, mut s, ids) = store_with(10_000);
+    let mut k = 0usize;
+    g.bench_function(BenchmarkId::from_parameter(10_000), |bch| {
+        bch.iter(|| {
+            let mut b = s.batch().expect("batch");
+            for _ in 0..BIG {
+                b.enqueue(ids[k % ids.len()], cmd()).expect("enqueue");
+                k += 1;
+            }
+            b.commit().expect("commit")
+        })
+    });
+    g.finish();
+}
+
 /// One element = enqueue + mark_transmitted + record_result (3 durable transitions).
 fn round_trip(c: &mut Criterion) {
     let mut g = c.benchmark_group("store/dispatch_result_next");
@@ -174,5 +195,12 @@ fn open_million(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, enqueue, round_trip, task_table, open_million);
+criterion_group!(
+    benches,
+    enqueue,
+    enqueue_big_batch,
+    round_trip,
+    task_table,
+    open_million
+);
 criterion_main!(benches);
