@@ -6,17 +6,17 @@
 //! | table          | key                                  | value                    |
 //! |----------------|--------------------------------------|--------------------------|
 //! | `meta`         | `schema`, `commit_seq`, `next_device`, `next_task` | little-endian u32/u64 |
-//! | `devices`      | device id (8)                        | [`Device`]               |
+//! | `devices`      | device id (8)                        | [`Device`](crate::Device)               |
 //! | `device_names` | name bytes                           | device id (8)            |
-//! | `enrol_tokens` | token hash (32)                      | [`EnrolmentToken`]       |
+//! | `enrol_tokens` | token hash (32)                      | [`EnrolmentToken`](crate::EnrolmentToken)       |
 //! | `groups`       | name length (2) ++ name ++ device (8) | empty                   |
-//! | `queues`       | device id (8)                        | [`QueueState`]           |
-//! | `commands`     | device (8) ++ seq (8)                | [`Command`]              |
-//! | `results`      | device (8) ++ seq (8)                | [`CommandResult`]        |
-//! | `tasks`        | task id (8)                          | [`Task`]                 |
-//! | `task_status`  | task (8) ++ device (8)               | [`TaskDeviceStatus`]     |
+//! | `queues`       | device id (8)                        | [`QueueState`](crate::QueueState)           |
+//! | `commands`     | device (8) ++ seq (8)                | [`Command`](crate::Command)              |
+//! | `results`      | device (8) ++ seq (8)                | [`CommandResult`](crate::CommandResult)        |
+//! | `tasks`        | task id (8)                          | [`Task`](crate::Task)                 |
+//! | `task_status`  | task (8) ++ device (8)               | [`TaskDeviceStatus`](crate::TaskDeviceStatus)     |
 //! | `device_tasks` | device (8) ++ task (8), only while the status is incomplete | empty |
-//! | `events`       | event id (8)                         | [`Event`]                |
+//! | `events`       | event id (8)                         | [`Event`](crate::Event)                |
 //!
 //! So a range scan over `commands` from `(device, s)` yields the device's queue in order.
 //!
