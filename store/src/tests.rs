@@ -463,6 +463,7 @@ fn map_grows_during_a_batch() {
     let big = cmd(
         vec![Step::Write {
             path: "/x".into(),
+            mode: 0o644,
             contents: vec![0xab; 64 * 1024],
         }],
         1,
@@ -490,7 +491,10 @@ fn corrupt_records_are_errors_not_panics() {
             Step::Exec {
                 argv: vec!["a".into()],
             },
-            Step::Verify { sha256: [1; 32] },
+            Step::Verify {
+                path: "/x".into(),
+                sha256: [1; 32],
+            },
         ],
         3,
         OnFailure::Continue,

@@ -217,13 +217,17 @@ impl Record for EnrolmentToken {
 /// One component step of an operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// Fetch an artifact.
+    /// Fetch an artifact to a path on the device.
     Fetch {
         /// Where from.
         url: String,
+        /// Where to on the device.
+        path: String,
     },
-    /// Verify the digest of the fetched artifact.
+    /// Verify the digest of a file on the device.
     Verify {
+        /// The file.
+        path: String,
         /// Expected SHA-256.
         sha256: [u8; 32],
     },
@@ -231,6 +235,8 @@ pub enum Step {
     Write {
         /// Target path.
         path: String,
+        /// Unix permission bits.
+        mode: u32,
         /// Contents.
         contents: Vec<u8>,
     },
@@ -316,17 +322,24 @@ impl Record for Command {
         w.len(self.steps.len());
         for s in &self.steps {
             match s {
-                Step::Fetch { url } => {
+                Step::Fetch { url, path } => {
                     w.u8(1);
                     w.str(url);
+                    w.str(path);
                 }
-                Step::Verify { sha256 } => {
+                Step::Verify { path, sha256 } => {
                     w.u8(2);
+                    w.str(path);
                     w.raw(sha256);
                 }
-                Step::Write { path, contents } => {
+                Step::Write {
+                    path,
+                    mode,
+                    contents,
+                } => {
                     w.u8(3);
                     w.str(path);
+                    w.u32(*mode);
                     w.bytes(contents);
                 }
                 Step::Exec { argv } => {
@@ -351,10 +364,17 @@ impl Record for Command {
         let mut steps = Vec::with_capacity(n);
         for _ in 0..n {
             steps.push(match r.u8()? {
-                1 => Step::Fetch { url: r.string()? },
-                2 => Step::Verify { sha256: r.array()? },
+                1 => Step::Fetch {
+                    url: r.string()?,
+                    path: r.string()?,
+                },
+                2 => Step::Verify {
+                    path: r.string()?,
+                    sha256: r.array()?,
+                },
                 3 => Step::Write {
                     path: r.string()?,
+                    mode: r.u32()?,
                     contents: r.bytes()?.to_vec(),
                 },
                 4 => Step::Exec { argv: r.strings()? },

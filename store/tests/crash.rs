@@ -132,6 +132,14 @@ fn child(dir: &Path, seed: u64) {
             if rng.gen_bool(0.4) {
                 let steps = if rng.gen_bool(0.2) {
                     vec![Step::Reboot]
+                } else if rng.gen_bool(0.02) {
+                    // Large commands make the store cross the map-growth threshold (32 MiB
+                    // of the initial 64 MiB) during the rounds, so kills also hit growth.
+                    vec![Step::Write {
+                        path: "/big".into(),
+                        mode: 0o644,
+                        contents: vec![0x5a; 256 * 1024],
+                    }]
                 } else {
                     vec![Step::Exec {
                         argv: vec!["x".into()],
@@ -258,7 +266,8 @@ fn sigkill_at_random_moments_loses_nothing() {
         c.wait().unwrap();
         check(dir.path());
     }
-    // The store made progress across the rounds.
+    // The store made progress across the rounds, and its map grew on the way.
     let store = Store::open(dir.path()).unwrap();
     assert!(store.snapshot().unwrap().commit_seq().unwrap() > ROUNDS);
+    assert!(store.map_size().unwrap() > fleetcast_store::INITIAL_MAP_SIZE);
 }

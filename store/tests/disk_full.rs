@@ -17,6 +17,7 @@ fn big(i: u64) -> Command {
     Command {
         steps: vec![Step::Write {
             path: format!("/f{i}"),
+            mode: 0o644,
             contents: vec![(i % 251) as u8; 16 * 1024],
         }],
         timeout_ms: 1,

@@ -13,6 +13,7 @@ fn big() -> Command {
     Command {
         steps: vec![Step::Write {
             path: "/blob".into(),
+            mode: 0o644,
             contents: vec![7; 256 * 1024],
         }],
         timeout_ms: 1,
