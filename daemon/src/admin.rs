@@ -83,9 +83,9 @@ pub fn parse_step(spec: &str) -> Result<StepSpec, String> {
             }
             StepSpec::Exec { argv }
         }
-        "sh" if !arg.is_empty() => {
-            StepSpec::Exec { argv: vec!["/bin/sh".into(), "-c".into(), arg.into()] }
-        }
+        "sh" if !arg.is_empty() => StepSpec::Exec {
+            argv: vec!["/bin/sh".into(), "-c".into(), arg.into()],
+        },
         "fetch" => {
             let (path, url) = pair("PATH=URL")?;
             StepSpec::Fetch { url, path }
@@ -97,7 +97,11 @@ pub fn parse_step(spec: &str) -> Result<StepSpec, String> {
         }
         "write" => {
             let (path, contents) = pair("PATH=TEXT")?;
-            StepSpec::Write { path, mode: 0o644, contents }
+            StepSpec::Write {
+                path,
+                mode: 0o644,
+                contents,
+            }
         }
         "reboot" if arg.is_empty() => StepSpec::Reboot,
         "report" if arg.is_empty() => StepSpec::Report,
@@ -115,7 +119,10 @@ pub fn parse_step(spec: &str) -> Result<StepSpec, String> {
 pub fn parse_sha256(hex: &str) -> Result<[u8; 32], String> {
     let bytes = hex.as_bytes();
     if bytes.len() != 64 {
-        return Err(format!("a SHA-256 is 64 hex digits, got {} characters", bytes.len()));
+        return Err(format!(
+            "a SHA-256 is 64 hex digits, got {} characters",
+            bytes.len()
+        ));
     }
     let mut out = [0u8; 32];
     for (i, pair) in bytes.chunks(2).enumerate() {
@@ -234,11 +241,19 @@ pub struct Response {
 impl Response {
     /// A success.
     pub fn ok(data: serde_json::Value) -> Self {
-        Response { ok: true, data, error: None }
+        Response {
+            ok: true,
+            data,
+            error: None,
+        }
     }
     /// A failure with a message that says what to do next.
     pub fn err(msg: impl Into<String>) -> Self {
-        Response { ok: false, data: serde_json::Value::Null, error: Some(msg.into()) }
+        Response {
+            ok: false,
+            data: serde_json::Value::Null,
+            error: Some(msg.into()),
+        }
     }
 }
 
@@ -264,8 +279,10 @@ pub enum ClientError {
 /// Sends one request to the gateway whose data directory is `data_dir` (blocking; CLI side).
 pub fn request(data_dir: &Path, req: &Request) -> Result<Response, ClientError> {
     let path = data_dir.join(SOCKET_NAME);
-    let mut s = UnixStream::connect(&path)
-        .map_err(|source| ClientError::Connect { path: path.display().to_string(), source })?;
+    let mut s = UnixStream::connect(&path).map_err(|source| ClientError::Connect {
+        path: path.display().to_string(),
+        source,
+    })?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
@@ -283,19 +300,35 @@ mod tests {
     fn steps_parse() {
         assert_eq!(
             parse_step("exec:apt-get install -y 'nginx light'").unwrap(),
-            StepSpec::Exec { argv: vec!["apt-get".into(), "install".into(), "-y".into(), "nginx light".into()] }
+            StepSpec::Exec {
+                argv: vec![
+                    "apt-get".into(),
+                    "install".into(),
+                    "-y".into(),
+                    "nginx light".into()
+                ]
+            }
         );
         assert_eq!(
             parse_step("sh:echo hi > /tmp/x").unwrap(),
-            StepSpec::Exec { argv: vec!["/bin/sh".into(), "-c".into(), "echo hi > /tmp/x".into()] }
+            StepSpec::Exec {
+                argv: vec!["/bin/sh".into(), "-c".into(), "echo hi > /tmp/x".into()]
+            }
         );
         assert_eq!(
             parse_step("fetch:/tmp/a.deb=http://10.0.0.1/a.deb").unwrap(),
-            StepSpec::Fetch { url: "http://10.0.0.1/a.deb".into(), path: "/tmp/a.deb".into() }
+            StepSpec::Fetch {
+                url: "http://10.0.0.1/a.deb".into(),
+                path: "/tmp/a.deb".into()
+            }
         );
         assert_eq!(
             parse_step("write:/etc/motd=hello=world").unwrap(),
-            StepSpec::Write { path: "/etc/motd".into(), mode: 0o644, contents: "hello=world".into() }
+            StepSpec::Write {
+                path: "/etc/motd".into(),
+                mode: 0o644,
+                contents: "hello=world".into()
+            }
         );
         assert_eq!(parse_step("reboot").unwrap(), StepSpec::Reboot);
         assert_eq!(parse_step("report").unwrap(), StepSpec::Report);
@@ -306,18 +339,35 @@ mod tests {
     #[test]
     fn bad_steps_say_what_to_do() {
         assert!(parse_step("exec:").unwrap_err().contains("needs a program"));
-        assert!(parse_step("exec:'unbalanced").unwrap_err().contains("quotes"));
-        assert!(parse_step("fetch:/tmp/x").unwrap_err().contains("fetch:PATH=URL"));
+        assert!(parse_step("exec:'unbalanced")
+            .unwrap_err()
+            .contains("quotes"));
+        assert!(parse_step("fetch:/tmp/x")
+            .unwrap_err()
+            .contains("fetch:PATH=URL"));
         assert!(parse_step("verify:/x=abc").unwrap_err().contains("64 hex"));
         assert!(parse_step("dance").unwrap_err().contains("unknown step"));
-        assert!(parse_step("reboot:now").unwrap_err().contains("unknown step"));
+        assert!(parse_step("reboot:now")
+            .unwrap_err()
+            .contains("unknown step"));
     }
 
     #[test]
     fn requests_are_stable_json() {
-        let r = Request::QueuePause { device: "web1".into() };
-        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"op":"queue_pause","device":"web1"}"#);
+        let r = Request::QueuePause {
+            device: "web1".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"op":"queue_pause","device":"web1"}"#
+        );
         let back: Request = serde_json::from_str(r#"{"op":"device_add","name":"n1"}"#).unwrap();
-        assert_eq!(back, Request::DeviceAdd { name: "n1".into(), groups: vec![] });
+        assert_eq!(
+            back,
+            Request::DeviceAdd {
+                name: "n1".into(),
+                groups: vec![]
+            }
+        );
     }
 }

@@ -1,6 +1,9 @@
 //! fleetcast gateway daemon: the `mio` event loop (`fleetcastd`), its admin interface and the
 //! operator CLI's client side (`fleetcast`).
 pub mod admin;
+pub mod convert;
+pub mod fleet;
+pub mod gateway;
 pub mod paths;
 pub mod pki;
 pub mod tlsconn;

@@ -30,7 +30,9 @@ pub struct TlsConn {
 
 impl std::fmt::Debug for TlsConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsConn").field("peer", &self.sock.peer_addr().ok()).finish_non_exhaustive()
+        f.debug_struct("TlsConn")
+            .field("peer", &self.sock.peer_addr().ok())
+            .finish_non_exhaustive()
     }
 }
 

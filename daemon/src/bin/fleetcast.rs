@@ -146,15 +146,26 @@ fn build(cmd: Cmd) -> Result<Request, String> {
         Cmd::Group(GroupCmd::Add { group, devices }) => Request::GroupAdd { group, devices },
         Cmd::Group(GroupCmd::List) => Request::GroupList,
         Cmd::Queue(QueueCmd::Add(a)) => {
-            let steps =
-                a.steps.iter().map(|s| admin::parse_step(s)).collect::<Result<Vec<_>, _>>()?;
-            let commands = if a.each { steps.into_iter().map(|s| vec![s]).collect() } else { vec![steps] };
+            let steps = a
+                .steps
+                .iter()
+                .map(|s| admin::parse_step(s))
+                .collect::<Result<Vec<_>, _>>()?;
+            let commands = if a.each {
+                steps.into_iter().map(|s| vec![s]).collect()
+            } else {
+                vec![steps]
+            };
             Request::QueueAdd {
                 target: a.target,
                 commands,
                 timeout_ms: a.timeout.saturating_mul(1000),
                 max_attempts: a.attempts.max(1),
-                on_failure: if a.continue_on_failure { OnFailureSpec::Continue } else { OnFailureSpec::Stop },
+                on_failure: if a.continue_on_failure {
+                    OnFailureSpec::Continue
+                } else {
+                    OnFailureSpec::Stop
+                },
             }
         }
         Cmd::Queue(QueueCmd::Show { device }) => Request::QueueShow { device },
@@ -184,15 +195,25 @@ fn main() -> ExitCode {
             ExitCode::from(3)
         }
         Ok(resp) if cli.json => {
-            println!("{}", serde_json::to_string_pretty(&resp).unwrap_or_default());
-            if resp.ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&resp).unwrap_or_default()
+            );
+            if resp.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
         }
         Ok(resp) if resp.ok => {
             print_human(&resp.data);
             ExitCode::SUCCESS
         }
         Ok(resp) => {
-            eprintln!("fleetcast: {}", resp.error.unwrap_or_else(|| "request refused".into()));
+            eprintln!(
+                "fleetcast: {}",
+                resp.error.unwrap_or_else(|| "request refused".into())
+            );
             ExitCode::from(1)
         }
     }
@@ -216,8 +237,10 @@ fn print_human(v: &serde_json::Value) {
                         for row in rows {
                             match row {
                                 serde_json::Value::Object(r) => {
-                                    let cells: Vec<String> =
-                                        r.iter().map(|(k, v)| format!("{k}={}", scalar(v))).collect();
+                                    let cells: Vec<String> = r
+                                        .iter()
+                                        .map(|(k, v)| format!("{k}={}", scalar(v)))
+                                        .collect();
                                     println!("  {}", cells.join("  "));
                                 }
                                 other => println!("  {}", scalar(other)),

@@ -1,0 +1,531 @@
+//! The agent's driver: dials the gateway, speaks TLS, and drives the sans-IO
+//! [`AgentSession`] core, the [`exec`](crate::exec) worker and the durable [`State`].
+//!
+//! One thread owns the socket and the core; a command runs on the executor's worker thread
+//! and survives a dropped connection (its result goes out on the next session). The loop is
+//! blocking with a read timeout: an agent has one connection, so a poller buys nothing here.
+//!
+//! # Exactly once
+//! Before a command runs, `State::record_executing` is durable; its result is durable
+//! (`record_result`) before it is sent and forgotten only when acknowledged. A reboot is
+//! recorded (`record_reboot`) before `RebootStarting` goes out and before the reboot; the
+//! record is dropped only once the gateway's `Welcome.acked_seq` covers the reboot command.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetcast_wire::session::{AgentEvent, AgentSession, FirstMessage};
+use fleetcast_wire::{CloseCode, Enrol, Hello, Instant, Message, RebootComplete, SessionConfig};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection};
+
+use crate::exec::{self, ExecConfig, Job, Running};
+use crate::report::{self, AGENT_VERSION};
+use crate::state::{Identity, RebootRecord, State};
+use crate::tls::{self, DeviceKey};
+
+/// How the agent trusts the gateway before it has a CA certificate stored.
+#[derive(Debug, Clone)]
+pub enum CaSource {
+    /// A CA certificate file (PEM).
+    File(PathBuf),
+    /// The CA certificate's SHA-256 fingerprint; the CA itself is learnt from the handshake.
+    Fingerprint([u8; 32]),
+    /// Only what enrolment stored in the state directory.
+    Stored,
+}
+
+/// What a `reboot` step does.
+#[derive(Debug, Clone)]
+pub enum RebootAction {
+    /// Run this program (e.g. `systemctl reboot`) and wait to be killed by the reboot.
+    Command(Vec<String>),
+    /// Exit the agent process with this code (the lab and tests restart it with a new boot
+    /// id, which is what a reboot looks like from the gateway).
+    Exit(i32),
+}
+
+/// Agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Gateway address (`host:port`).
+    pub gateway: String,
+    /// Name in the gateway's certificate (defaults to the host part of `gateway`).
+    pub server_name: String,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Trust anchor before enrolment.
+    pub ca: CaSource,
+    /// One-time enrolment token and the device name it was issued for.
+    pub enrol: Option<(String, String)>,
+    /// Executor settings (report sources, fetch limits).
+    pub exec: ExecConfig,
+    /// What `reboot` does.
+    pub reboot: RebootAction,
+    /// Connect timeout per attempt.
+    pub connect_timeout: Duration,
+    /// Longest back-off between reconnects.
+    pub max_backoff: Duration,
+    /// Stop after this many sessions (tests); `None`: forever.
+    pub max_sessions: Option<u32>,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A state-directory problem.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    /// A TLS/key problem.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// Not enrolled and no token given.
+    #[error("this device is not enrolled: run with --token TOKEN --name NAME (from `fleetcast device add NAME`)")]
+    NotEnrolled,
+    /// The gateway refused us for good (revoked, unknown, bad token).
+    #[error("the gateway refused this device: {0}")]
+    Refused(String),
+    /// The boot id could not be read.
+    #[error(transparent)]
+    Report(#[from] crate::report::ReportError),
+    /// I/O outside a session.
+    #[error("io: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// How a session ended.
+enum End {
+    /// Reconnect (after back-off unless `immediately`).
+    Reconnect { immediately: bool },
+    /// The reboot action says: leave the process.
+    Exit(i32),
+}
+
+/// The agent.
+pub struct Agent {
+    cfg: AgentConfig,
+    state: State,
+    running: Option<(Running, bool, u64)>,
+    epoch: std::time::Instant,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("state_dir", &self.cfg.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// Opens the state directory.
+    #[allow(clippy::disallowed_methods)] // The agent driver's clock epoch.
+    pub fn new(cfg: AgentConfig) -> Result<Agent, AgentError> {
+        let state = State::open(&cfg.state_dir)?;
+        Ok(Agent {
+            cfg,
+            state,
+            running: None,
+            epoch: std::time::Instant::now(),
+        })
+    }
+
+    fn now(&self) -> Instant {
+        Instant::from_micros(self.epoch.elapsed().as_micros() as u64)
+    }
+
+    /// Runs until the reboot action exits, the gateway refuses the device, or
+    /// `max_sessions` is reached. Returns the process exit code.
+    pub fn run(&mut self) -> Result<i32, AgentError> {
+        let mut backoff = Duration::from_millis(200);
+        let mut sessions = 0u32;
+        loop {
+            if self.cfg.max_sessions.is_some_and(|m| sessions >= m) {
+                return Ok(0);
+            }
+            sessions += 1;
+            let end = match self.state.load_identity()? {
+                None => self.enrol(),
+                Some(id) => self.session(&id),
+            };
+            match end {
+                Ok(End::Exit(code)) => return Ok(code),
+                Ok(End::Reconnect { immediately: true }) => {
+                    backoff = Duration::from_millis(200);
+                    continue;
+                }
+                Ok(End::Reconnect { immediately: false }) => {}
+                Err(AgentError::Io(e)) => eprintln!("fleetcast-agent: connection failed: {e}"),
+                Err(e) => return Err(e),
+            }
+            // Jittered exponential back-off, so a fleet does not reconnect in lockstep.
+            let jitter = (self.epoch.elapsed().subsec_nanos() as u64 % 1000) as f64 / 1000.0;
+            std::thread::sleep(backoff.mul_f64(0.5 + jitter));
+            backoff = (backoff * 2).min(self.cfg.max_backoff);
+        }
+    }
+
+    fn connect(
+        &self,
+        config: Arc<ClientConfig>,
+    ) -> Result<(TcpStream, ClientConnection), AgentError> {
+        let addrs: Vec<SocketAddr> = self.cfg.gateway.to_socket_addrs()?.collect();
+        let mut last = io::Error::new(
+            io::ErrorKind::NotFound,
+            "gateway address resolves to nothing",
+        );
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, self.cfg.connect_timeout) {
+                Ok(sock) => {
+                    sock.set_nodelay(true)?;
+                    let name = ServerName::try_from(self.cfg.server_name.clone())
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                    let tls = ClientConnection::new(config, name)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    return Ok((sock, tls));
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last.into())
+    }
+
+    fn enrol(&mut self) -> Result<End, AgentError> {
+        let Some((token, name)) = self.cfg.enrol.clone() else {
+            return Err(AgentError::NotEnrolled);
+        };
+        let (config, pin) = match &self.cfg.ca {
+            CaSource::File(p) => (
+                tls::client_config(tls::load_cert_pem(p)?.as_ref(), None)?,
+                None,
+            ),
+            CaSource::Fingerprint(fp) => (tls::client_config_pinned(*fp)?, Some(*fp)),
+            CaSource::Stored => (
+                tls::client_config(tls::load_cert_pem(&self.state.ca_path())?.as_ref(), None)?,
+                None,
+            ),
+        };
+        let key = match DeviceKey::load_pem(&self.state.key_path()) {
+            Ok(k) => k,
+            Err(_) => {
+                let k = DeviceKey::generate()?;
+                k.save_pem(&self.state.key_path())?;
+                k
+            }
+        };
+        let spki = key.spki_der();
+        let first = FirstMessage::Enrol(Enrol {
+            token: token.as_bytes(),
+            name: &name,
+            spki: &spki,
+        });
+        let (sock, tls) = self.connect(config)?;
+        let mut io = Io { sock, tls };
+        let now = self.now();
+        let mut s = AgentSession::new(now, SessionConfig::default(), first)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let mut enrolled = None;
+        let mut closed = None;
+        self.pump(&mut io, &mut s, |_agent, _s, ev| {
+            match ev {
+                AgentEvent::Enrolled { device_id, frame } => {
+                    if let Message::Enrolled(e) = frame.message() {
+                        enrolled = Some((device_id, e.certificate.to_vec()));
+                    }
+                }
+                AgentEvent::Closed(info) => closed = Some(info),
+                _ => {}
+            }
+            Ok(None)
+        })?;
+        let Some((device_id, cert)) = enrolled else {
+            let why = closed.map_or("connection lost".to_string(), |c| {
+                format!("{:?}: {}", c.code.name(), c.reason)
+            });
+            return Err(AgentError::Refused(format!("enrolment failed: {why}")));
+        };
+        let ca_der: CertificateDer<'static> = match (&self.cfg.ca, pin) {
+            (_, Some(fp)) => {
+                let chain = io.tls.peer_certificates().unwrap_or(&[]);
+                tls::pinned_ca(chain, fp).ok_or_else(|| {
+                    AgentError::Refused("gateway sent no CA matching the fingerprint".into())
+                })?
+            }
+            (CaSource::File(p), None) => tls::load_cert_pem(p)?,
+            _ => tls::load_cert_pem(&self.state.ca_path())?,
+        };
+        let cert = CertificateDer::from(cert);
+        tls::save_cert_pem(&self.state.cert_path(), &cert)?;
+        tls::save_cert_pem(&self.state.ca_path(), &ca_der)?;
+        let cert_pem = std::fs::read_to_string(self.state.cert_path())?;
+        let ca_pem = std::fs::read_to_string(self.state.ca_path())?;
+        self.state.save_identity(&Identity {
+            device_id,
+            cert_pem,
+            ca_pem,
+        })?;
+        eprintln!("fleetcast-agent: enrolled as device {device_id}");
+        Ok(End::Reconnect { immediately: true })
+    }
+
+    fn session(&mut self, id: &Identity) -> Result<End, AgentError> {
+        let key = DeviceKey::load_pem(&self.state.key_path())?;
+        let cert = tls::load_cert_pem(&self.state.cert_path())?;
+        let ca = tls::load_cert_pem(&self.state.ca_path())?;
+        let config = tls::client_config(ca.as_ref(), Some((&cert, &key)))?;
+        let boot_id = report::read_boot_id(&self.cfg.exec.report.boot_id)?;
+        let fingerprint = tls::cert_fingerprint_sha256(cert.as_ref());
+        let (sock, tls) = self.connect(config)?;
+        let mut io = Io { sock, tls };
+        let hello_last = self
+            .state
+            .last_executed()
+            .map(|l| (l.seq, l.result.is_some()));
+        let now = self.now();
+        let mut s = {
+            let last = self.state.last_executed();
+            let hello = Hello {
+                device_id: id.device_id,
+                credential: &fingerprint,
+                agent_version: AGENT_VERSION,
+                boot_id,
+                last,
+            };
+            AgentSession::new(now, SessionConfig::default(), FirstMessage::Hello(hello))
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
+        };
+        let end = self.pump(&mut io, &mut s, |agent, s, ev| {
+            agent.on_event(s, ev, boot_id, hello_last)
+        })?;
+        Ok(end.unwrap_or(End::Reconnect { immediately: false }))
+    }
+
+    /// Handles one session event; `Some(end)` stops the session.
+    fn on_event(
+        &mut self,
+        s: &mut AgentSession,
+        ev: AgentEvent,
+        boot_id: [u8; 16],
+        hello_last: Option<(u64, bool)>,
+    ) -> Result<Option<End>, AgentError> {
+        match ev {
+            AgentEvent::Welcomed(w) => {
+                self.state.ack(w.acked_seq)?;
+                if let Some(r) = self.state.reboot() {
+                    if w.acked_seq >= r.seq {
+                        self.state.take_reboot()?;
+                    } else if r.old_boot_id != boot_id {
+                        let rep = report::collect(&self.cfg.exec.report)?;
+                        let _ = s.send_reboot_complete(&RebootComplete {
+                            seq: r.seq,
+                            report: rep.as_wire(),
+                        });
+                    } else {
+                        // Same boot: the reboot did not happen. Rebooting again is safe.
+                        return Ok(Some(self.do_reboot()));
+                    }
+                }
+                // A command from an earlier session still running, or finished while we were
+                // between sessions: this session carries its result.
+                if let Some((seq, false)) = hello_last {
+                    if let Some((run, reboot, command_id)) = &self.running {
+                        if run.seq() == seq {
+                            let _ = s.resume_executing(seq, *command_id, *reboot);
+                        }
+                    } else if let Some(r) = self.state.pending_result() {
+                        if r.seq == seq && s.resume_executing(seq, r.command_id, false).is_ok() {
+                            let _ = s.send_result(&r);
+                        }
+                    }
+                }
+            }
+            AgentEvent::Dispatch {
+                seq,
+                command_id,
+                reboot,
+                frame,
+            } => {
+                if !self.state.should_run(seq) || self.running.is_some() {
+                    return Ok(None);
+                }
+                let Message::Dispatch(d) = frame.message() else {
+                    return Ok(None);
+                };
+                let job = Job::from_dispatch(&d);
+                self.state
+                    .record_executing(seq, command_id, job.steps.len())?;
+                let run = exec::spawn(job, self.cfg.exec.clone(), || {})?;
+                self.running = Some((run, reboot, command_id));
+            }
+            AgentEvent::ResultAcked { seq } => {
+                self.state.ack(seq)?;
+            }
+            AgentEvent::Closed(info) => {
+                match info.code {
+                    CloseCode::REVOKED | CloseCode::UNKNOWN_DEVICE | CloseCode::UNAUTHENTICATED => {
+                        return Err(AgentError::Refused(format!(
+                            "{}: {}",
+                            info.code.name().unwrap_or("?"),
+                            info.reason
+                        )));
+                    }
+                    _ => {}
+                }
+                let immediately =
+                    info.code == CloseCode::NORMAL && info.reason.contains("replaced");
+                return Ok(Some(End::Reconnect { immediately }));
+            }
+            AgentEvent::Enrolled { .. }
+            | AgentEvent::Announce(_)
+            | AgentEvent::TransferStatus(_) => {}
+        }
+        Ok(None)
+    }
+
+    /// Checks the executor; sends a finished command's result or starts its reboot.
+    fn poll_exec(
+        &mut self,
+        s: &mut AgentSession,
+        boot_id: [u8; 16],
+    ) -> Result<Option<End>, AgentError> {
+        let Some((run, _, _)) = self.running.as_mut() else {
+            return Ok(None);
+        };
+        let Some(done) = run.try_finish() else {
+            return Ok(None);
+        };
+        self.running = None;
+        if done.reboot_at.is_some() {
+            let rec = RebootRecord {
+                seq: done.result.seq,
+                command_id: done.result.command_id,
+                old_boot_id: boot_id,
+            };
+            self.state.record_reboot(rec)?;
+            if s.send_reboot_starting(rec.seq).is_err() {
+                // Not on a session that knows the command: the reboot is recorded, and the
+                // next session reports its completion.
+            }
+            return Ok(Some(End::Exit(i32::MIN)));
+        }
+        self.state.record_result(&done.result.as_wire())?;
+        let _ = s.send_result(&done.result.as_wire());
+        Ok(None)
+    }
+
+    fn do_reboot(&mut self) -> End {
+        match &self.cfg.reboot {
+            RebootAction::Exit(code) => End::Exit(*code),
+            RebootAction::Command(argv) => {
+                if let Some((prog, args)) = argv.split_first() {
+                    let st = std::process::Command::new(prog).args(args).status();
+                    eprintln!("fleetcast-agent: reboot command {prog:?} finished: {st:?}");
+                }
+                // Still alive: wait for the machine to go down, reconnect if it does not.
+                std::thread::sleep(Duration::from_secs(60));
+                End::Reconnect { immediately: false }
+            }
+        }
+    }
+
+    /// The I/O loop of one session: TLS bytes ↔ core, events to `on_event`, the executor.
+    fn pump(
+        &mut self,
+        io: &mut Io,
+        s: &mut AgentSession,
+        mut on_event: impl FnMut(
+            &mut Agent,
+            &mut AgentSession,
+            AgentEvent,
+        ) -> Result<Option<End>, AgentError>,
+    ) -> Result<Option<End>, AgentError> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        let boot_id = report::read_boot_id(&self.cfg.exec.report.boot_id).unwrap_or([0; 16]);
+        loop {
+            // 1. Bytes out.
+            while s.poll_transmit(self.now(), &mut out).is_some() {}
+            if !out.is_empty() {
+                io.tls.writer().write_all(&out)?;
+                out.clear();
+            }
+            io.flush()?;
+            // 2. Events.
+            while let Some(ev) = s.poll_event() {
+                if let Some(end) = on_event(self, s, ev)? {
+                    while s.poll_transmit(self.now(), &mut out).is_some() {}
+                    io.tls.writer().write_all(&out)?;
+                    io.flush()?;
+                    return Ok(Some(end));
+                }
+            }
+            // 3. The executor.
+            if let Some(End::Exit(i32::MIN)) = self.poll_exec(s, boot_id)? {
+                while s.poll_transmit(self.now(), &mut out).is_some() {}
+                io.tls.writer().write_all(&out)?;
+                io.flush()?;
+                return Ok(Some(self.do_reboot()));
+            }
+            if s.is_closed() {
+                return Ok(None);
+            }
+            // 4. Wait for bytes, a timer, or (while executing) the executor.
+            let now = self.now();
+            let mut wait = s
+                .poll_timeout()
+                .map_or(Duration::from_secs(60), |t| t - now);
+            if self.running.is_some() {
+                wait = wait.min(Duration::from_millis(20));
+            }
+            io.sock
+                .set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+            match io.tls.read_tls(&mut io.sock) {
+                Ok(0) => return Ok(None),
+                Ok(_) => {
+                    let state = io
+                        .tls
+                        .process_new_packets()
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    let mut n = state.plaintext_bytes_to_read();
+                    while n > 0 {
+                        let k = io.tls.reader().read(&mut buf[..n.min(16 * 1024)])?;
+                        if k == 0 {
+                            break;
+                        }
+                        let _ = s.handle_input(self.now(), &buf[..k]);
+                        n -= k;
+                    }
+                    if state.peer_has_closed() {
+                        return Ok(None);
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+            s.handle_timeout(self.now());
+        }
+    }
+}
+
+struct Io {
+    sock: TcpStream,
+    tls: ClientConnection,
+}
+
+impl Io {
+    fn flush(&mut self) -> io::Result<()> {
+        self.sock.set_write_timeout(Some(Duration::from_secs(30)))?;
+        while self.tls.wants_write() {
+            self.tls.write_tls(&mut self.sock)?;
+        }
+        Ok(())
+    }
+}

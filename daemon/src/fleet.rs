@@ -1,0 +1,1172 @@
+//! The gateway's fleet logic: what to do with each session event and admin request, written
+//! against the store alone and free of sockets, so it is tested without a network.
+//!
+//! # Driving contract (one loop iteration)
+//! 1. The loop turns session events and admin requests into [`Input`]s and calls
+//!    [`Fleet::process`] once with all of them and the current wall time.
+//! 2. `process` applies every transition in **one** store batch, fires expired command and
+//!    reboot deadlines, picks the next command for every device that became free, and commits
+//!    once (group commit: one fsync for the whole iteration).
+//! 3. Only when the commit succeeded does it return the [`Action`]s (welcomes, acks,
+//!    dispatches, admin replies). If the commit fails nothing is acknowledged: every session
+//!    touched by the batch is closed (its agent reconnects and resynchronises from the store)
+//!    and admin requests get the error.
+//!
+//! # Invariants
+//! - A device is sent its next command only after the previous result is durable (the ack and
+//!   the next dispatch leave in the same post-commit action list, after the commit).
+//! - At most one command is in flight per device, and the store's cursor names it.
+//! - Restart rebuilds everything here from the store ([`Fleet::new`] scans the queues for
+//!   deadlines); nothing in memory is needed for correctness, only for speed.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
+
+use fleetcast_store::{
+    self as store, Batch, Command, DeviceId, EnrolmentToken, Event, EventKind, Illegal,
+    QueueStatus, Store,
+};
+use fleetcast_wire::{CloseCode, Welcome};
+use serde_json::json;
+
+use crate::admin::{OnFailureSpec, Request, Response, StepSpec};
+use crate::convert::{hex, sha256};
+use crate::pki::Pki;
+
+/// Identifies a connection (agent session or admin client) for the life of the process.
+pub type ConnId = u64;
+
+/// Fleet policy.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// Heartbeat interval the agents are told to use.
+    pub heartbeat_ms: u32,
+    /// How long a device may take to come back from a reboot.
+    pub reboot_timeout_ms: u64,
+    /// Extra time the gateway waits past a command's own timeout before it gives up on the
+    /// session (the agent enforces the timeout itself and reports `TimedOut`).
+    pub result_grace_ms: u64,
+    /// Lifetime of an enrolment token.
+    pub token_ttl_ms: u64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            heartbeat_ms: 15_000,
+            reboot_timeout_ms: 15 * 60_000,
+            result_grace_ms: 30_000,
+            token_ttl_ms: 7 * 24 * 3_600_000,
+        }
+    }
+}
+
+/// Something that happened, for [`Fleet::process`].
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// An authenticated agent said hello.
+    Hello {
+        /// Its connection.
+        conn: ConnId,
+        /// Device id from its certificate (and its Hello).
+        device: DeviceId,
+        /// SHA-256 of the public key in its certificate.
+        key_hash: [u8; 32],
+        /// The last command it executed, and that command's unacknowledged result.
+        last: Option<(u64, Option<store::CommandResult>)>,
+    },
+    /// A new device presents an enrolment token.
+    Enrol {
+        /// Its connection.
+        conn: ConnId,
+        /// The token as sent.
+        token: Vec<u8>,
+        /// The name it claims.
+        name: String,
+        /// Its public key (SPKI DER).
+        spki: Vec<u8>,
+    },
+    /// A command's result.
+    Result {
+        /// Connection.
+        conn: ConnId,
+        /// Device.
+        device: DeviceId,
+        /// Command.
+        seq: u64,
+        /// Outcome.
+        result: store::CommandResult,
+    },
+    /// The agent is rebooting for command `seq`.
+    RebootStarting {
+        /// Connection.
+        conn: ConnId,
+        /// Device.
+        device: DeviceId,
+        /// Command.
+        seq: u64,
+    },
+    /// The agent is back from a reboot, on a new session.
+    RebootComplete {
+        /// Connection.
+        conn: ConnId,
+        /// Device.
+        device: DeviceId,
+        /// The reboot command.
+        seq: u64,
+        /// Its configuration after the reboot.
+        report: store::ConfigReport,
+    },
+    /// A session ended.
+    Disconnected {
+        /// Connection.
+        conn: ConnId,
+        /// Device, if it had said hello.
+        device: Option<DeviceId>,
+        /// Why (for the event log).
+        reason: String,
+    },
+    /// An operator request.
+    Admin {
+        /// Admin connection.
+        conn: ConnId,
+        /// The request.
+        req: Request,
+    },
+}
+
+/// What the loop must do after a successful commit, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Accept a session.
+    Welcome {
+        /// Connection.
+        conn: ConnId,
+        /// The welcome to send.
+        welcome: Welcome,
+        /// A command the agent is still executing from an earlier session:
+        /// (seq, command id, has a reboot step).
+        resume: Option<(u64, u64, bool)>,
+    },
+    /// Send the issued certificate to an enrolling device (then close normally).
+    Enrolled {
+        /// Connection.
+        conn: ConnId,
+        /// New device id.
+        device: DeviceId,
+        /// Its certificate (DER).
+        cert: Vec<u8>,
+    },
+    /// Acknowledge a durably stored result.
+    Ack {
+        /// Connection.
+        conn: ConnId,
+        /// Command.
+        seq: u64,
+    },
+    /// Send a command.
+    Dispatch {
+        /// Connection.
+        conn: ConnId,
+        /// Gateway-wide command id.
+        command_id: u64,
+        /// Queue position.
+        seq: u64,
+        /// The command.
+        cmd: Command,
+    },
+    /// Close a session with a reason.
+    Close {
+        /// Connection.
+        conn: ConnId,
+        /// Machine-readable reason.
+        code: CloseCode,
+        /// Human-readable reason.
+        reason: String,
+    },
+    /// Answer an admin request.
+    Reply {
+        /// Admin connection.
+        conn: ConnId,
+        /// The answer.
+        resp: Response,
+    },
+}
+
+impl Action {
+    fn conn(&self) -> ConnId {
+        match self {
+            Action::Welcome { conn, .. }
+            | Action::Enrolled { conn, .. }
+            | Action::Ack { conn, .. }
+            | Action::Dispatch { conn, .. }
+            | Action::Close { conn, .. }
+            | Action::Reply { conn, .. } => *conn,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Deadline {
+    Result { seq: u64 },
+    Reboot,
+}
+
+#[derive(Debug)]
+struct Online {
+    conn: ConnId,
+    /// The command this session is executing (dispatched, or reported in `Hello.last`).
+    in_flight: Option<u64>,
+}
+
+/// What one input's handling may change besides the batch.
+struct Cx<'a> {
+    online: &'a mut HashMap<DeviceId, Online>,
+    actions: &'a mut Vec<Action>,
+    dirty: &'a mut BTreeSet<DeviceId>,
+    reboots: &'a mut Vec<(u64, DeviceId)>,
+}
+
+/// The fleet: store, CA, who is online, and deadlines.
+pub struct Fleet {
+    store: Store,
+    pki: Pki,
+    cfg: FleetConfig,
+    online: HashMap<DeviceId, Online>,
+    deadlines: BinaryHeap<Reverse<(u64, DeviceId, Deadline)>>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("online", &self.online.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A gateway-wide command id: device id in the high 24 bits, queue position in the low 40.
+pub fn command_id(dev: DeviceId, seq: u64) -> u64 {
+    (dev.0 << 40) | (seq & ((1 << 40) - 1))
+}
+
+fn illegal_status(e: &store::Error) -> bool {
+    matches!(
+        e,
+        store::Error::IllegalTransition {
+            kind: Illegal::WrongStatus { .. }
+                | Illegal::NotNextCommand { .. }
+                | Illegal::AttemptsExhausted { .. },
+            ..
+        }
+    )
+}
+
+impl Fleet {
+    /// Opens the fleet over a store, rebuilding deadlines from the queues.
+    pub fn new(store: Store, pki: Pki, cfg: FleetConfig) -> store::Result<Fleet> {
+        let mut deadlines = BinaryHeap::new();
+        {
+            let snap = store.snapshot()?;
+            for (dev, q) in snap.queues()? {
+                match q.status {
+                    QueueStatus::AwaitingResult => {
+                        if let Some(seq) = q.cursor {
+                            let timeout = snap.command(dev, seq)?.map_or(0, |c| c.timeout_ms);
+                            let at = q.transmitted_ms + timeout + cfg.result_grace_ms;
+                            deadlines.push(Reverse((at, dev, Deadline::Result { seq })));
+                        }
+                    }
+                    QueueStatus::Rebooting => {
+                        deadlines.push(Reverse((q.reboot_deadline_ms, dev, Deadline::Reboot)));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(Fleet {
+            store,
+            pki,
+            cfg,
+            online: HashMap::new(),
+            deadlines,
+        })
+    }
+
+    /// The store (read access for status pages).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The CA and server identity.
+    pub fn pki(&self) -> &Pki {
+        &self.pki
+    }
+
+    /// Devices with a live session.
+    pub fn online(&self) -> usize {
+        self.online.len()
+    }
+
+    /// The earliest deadline (wall ms) the loop must wake up for.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.deadlines.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    /// Applies `inputs` and due deadlines in one batch, commits once, and returns what to send.
+    pub fn process(&mut self, now_ms: u64, inputs: Vec<Input>) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let mut dirty = BTreeSet::new();
+        let mut touched: Vec<ConnId> = Vec::new();
+        let mut reboots: Vec<(u64, DeviceId)> = Vec::new();
+        let mut b = match self.store.batch() {
+            Ok(b) => b,
+            Err(e) => return fail_all(&inputs, &format!("store unavailable: {e}")),
+        };
+        for input in &inputs {
+            let conn = match input {
+                Input::Hello { conn, .. }
+                | Input::Enrol { conn, .. }
+                | Input::Result { conn, .. }
+                | Input::RebootStarting { conn, .. }
+                | Input::RebootComplete { conn, .. }
+                | Input::Disconnected { conn, .. }
+                | Input::Admin { conn, .. } => *conn,
+            };
+            touched.push(conn);
+            let mut cx = Cx {
+                online: &mut self.online,
+                actions: &mut actions,
+                dirty: &mut dirty,
+                reboots: &mut reboots,
+            };
+            Self::apply(&mut b, &mut cx, &self.pki, &self.cfg, now_ms, input);
+        }
+        // Deadlines.
+        while let Some(Reverse((at, dev, what))) = self.deadlines.peek().copied() {
+            if at > now_ms {
+                break;
+            }
+            self.deadlines.pop();
+            Self::fire(
+                &mut b,
+                &mut self.online,
+                &self.cfg,
+                now_ms,
+                dev,
+                what,
+                &mut actions,
+                &mut dirty,
+            );
+        }
+        // Next commands for every device that may have become free.
+        for dev in dirty {
+            if let Some(a) = Self::next_dispatch(&mut b, &mut self.online, now_ms, dev) {
+                if let Action::Dispatch { seq, ref cmd, .. } = a {
+                    let at = now_ms + cmd.timeout_ms + self.cfg.result_grace_ms;
+                    self.deadlines
+                        .push(Reverse((at, dev, Deadline::Result { seq })));
+                }
+                actions.push(a);
+            }
+        }
+        for a in &actions {
+            if let Action::Close { conn, .. } = a {
+                touched.push(*conn);
+            }
+        }
+        match b.commit() {
+            Ok(_) => {
+                for (at, dev) in reboots {
+                    self.deadlines.push(Reverse((at, dev, Deadline::Reboot)));
+                }
+                actions
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed; closing the sessions of this batch");
+                for o in self.online.values_mut() {
+                    o.in_flight = None;
+                }
+                self.online.retain(|_, o| !touched.contains(&o.conn));
+                let mut out = fail_all(&inputs, &format!("store commit failed: {e}"));
+                touched.sort_unstable();
+                touched.dedup();
+                for conn in touched {
+                    if !out.iter().any(|a| a.conn() == conn) {
+                        out.push(Action::Close {
+                            conn,
+                            code: CloseCode::INTERNAL,
+                            reason: "gateway store failure".into(),
+                        });
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    fn apply(
+        b: &mut Batch<'_>,
+        cx: &mut Cx<'_>,
+        pki: &Pki,
+        cfg: &FleetConfig,
+        now_ms: u64,
+        input: &Input,
+    ) {
+        let Cx {
+            online,
+            actions,
+            dirty,
+            reboots,
+        } = cx;
+        match input {
+            Input::Hello {
+                conn,
+                device,
+                key_hash,
+                last,
+            } => {
+                let conn = *conn;
+                let dev = match b.device(*device) {
+                    Ok(Some(d)) => d,
+                    Ok(None) => {
+                        return actions.push(close(
+                            conn,
+                            CloseCode::UNKNOWN_DEVICE,
+                            "device is not enrolled",
+                        ))
+                    }
+                    Err(e) => {
+                        return actions.push(close(conn, CloseCode::INTERNAL, &e.to_string()))
+                    }
+                };
+                if dev.revoked {
+                    return actions.push(close(
+                        conn,
+                        CloseCode::REVOKED,
+                        "device was revoked by the operator",
+                    ));
+                }
+                if dev.credential_hash != *key_hash {
+                    return actions.push(close(
+                        conn,
+                        CloseCode::UNAUTHENTICATED,
+                        "certificate key does not match the enrolled key",
+                    ));
+                }
+                if let Some(old) = online.remove(device) {
+                    actions.push(close(
+                        old.conn,
+                        CloseCode::NORMAL,
+                        "replaced by a newer session",
+                    ));
+                }
+                let _ = b.device_seen(*device, now_ms, Some(store::Transport::Native));
+                let _ = b.append_event(event(
+                    now_ms,
+                    Some(*device),
+                    EventKind::Connected,
+                    format!("session {conn}"),
+                ));
+                let mut in_flight = None;
+                let mut resume = None;
+                // A result the agent still holds: store it; `Welcome.acked_seq` (read after
+                // this) then acknowledges it.
+                if let Some((seq, Some(result))) = last {
+                    match b.record_result(*device, *seq, result.clone()) {
+                        Ok(_) => {}
+                        Err(store::Error::IllegalTransition {
+                            kind: Illegal::ConflictingResult { .. },
+                            ..
+                        }) => {
+                            tracing::warn!(
+                                device = device.0,
+                                seq,
+                                "conflicting duplicate result ignored"
+                            );
+                        }
+                        Err(e) => {
+                            tracing::warn!(device = device.0, seq, error = %e, "result in hello not stored")
+                        }
+                    }
+                }
+                let q = b.queue(*device).ok().flatten().unwrap_or_default();
+                if q.status == QueueStatus::AwaitingResult {
+                    if let (Some(cursor), Some((seq, None))) = (q.cursor, last) {
+                        if *seq == cursor {
+                            // The agent has the command and is still running it.
+                            in_flight = Some(cursor);
+                            let reboot = b
+                                .command(*device, cursor)
+                                .ok()
+                                .flatten()
+                                .is_some_and(|c| c.has_reboot());
+                            resume = Some((cursor, command_id(*device, cursor), reboot));
+                        }
+                    }
+                }
+                let pending = b.incomplete_tasks(*device).map(|t| t.len()).unwrap_or(0);
+                actions.push(Action::Welcome {
+                    conn,
+                    welcome: Welcome {
+                        session_id: conn,
+                        server_time_ms: now_ms,
+                        heartbeat_ms: cfg.heartbeat_ms,
+                        acked_seq: q.completed_through,
+                        pending_commands: u32::try_from(
+                            q.next_seq
+                                .saturating_sub(1)
+                                .saturating_sub(q.completed_through),
+                        )
+                        .unwrap_or(u32::MAX),
+                        pending_transfers: u32::try_from(pending).unwrap_or(u32::MAX),
+                    },
+                    resume,
+                });
+                online.insert(*device, Online { conn, in_flight });
+                dirty.insert(*device);
+            }
+            Input::Enrol {
+                conn,
+                token,
+                name,
+                spki,
+            } => {
+                let conn = *conn;
+                let token_hash = sha256(token);
+                let key_hash = sha256(spki);
+                let id = match b.enrol(token_hash, key_hash, now_ms) {
+                    Ok(id) => id,
+                    Err(store::Error::NotFound(_)) => {
+                        return actions.push(close(
+                            conn,
+                            CloseCode::BAD_TOKEN,
+                            "unknown, used or expired enrolment token",
+                        ))
+                    }
+                    Err(e) => {
+                        return actions.push(close(conn, CloseCode::BAD_TOKEN, &e.to_string()))
+                    }
+                };
+                let stored_name = b
+                    .device(id)
+                    .ok()
+                    .flatten()
+                    .map(|d| d.name)
+                    .unwrap_or_default();
+                if stored_name != *name {
+                    tracing::info!(device = id.0, claimed = %name, name = %stored_name, "device enrolled under the token's name");
+                }
+                match pki.issue_device_cert(id.0, &stored_name, spki, wall(now_ms)) {
+                    Ok(cert) => {
+                        let _ = b.append_event(event(
+                            now_ms,
+                            Some(id),
+                            EventKind::Enrolled,
+                            format!("enrolled as {stored_name}"),
+                        ));
+                        actions.push(Action::Enrolled {
+                            conn,
+                            device: id,
+                            cert: cert.to_vec(),
+                        });
+                    }
+                    Err(e) => {
+                        // The batch must not keep the enrolment: refuse the whole connection;
+                        // the token was consumed only if the batch commits, so abort is not
+                        // available per operation — record the failure visibly instead.
+                        let _ = b.append_event(event(
+                            now_ms,
+                            Some(id),
+                            EventKind::Other,
+                            format!("certificate issue failed: {e}"),
+                        ));
+                        actions.push(close(
+                            conn,
+                            CloseCode::UNAUTHENTICATED,
+                            &format!("cannot certify this key: {e}"),
+                        ));
+                    }
+                }
+            }
+            Input::Result {
+                conn,
+                device,
+                seq,
+                result,
+            } => {
+                match b.record_result(*device, *seq, result.clone()) {
+                    Ok(store::Recorded::Stored(status)) => {
+                        let ok = result.succeeded();
+                        let _ = b.append_event(event(
+                            now_ms,
+                            Some(*device),
+                            EventKind::CommandResult,
+                            format!(
+                                "command {seq} {} (queue {status:?})",
+                                if ok { "succeeded" } else { "failed" }
+                            ),
+                        ));
+                        actions.push(Action::Ack {
+                            conn: *conn,
+                            seq: *seq,
+                        });
+                    }
+                    Ok(store::Recorded::Duplicate) => actions.push(Action::Ack {
+                        conn: *conn,
+                        seq: *seq,
+                    }),
+                    Err(e) => {
+                        tracing::warn!(device = device.0, seq, error = %e, "result refused");
+                        actions.push(close(
+                            *conn,
+                            CloseCode::PROTOCOL,
+                            &format!("result refused: {e}"),
+                        ));
+                    }
+                }
+                if let Some(o) = online.get_mut(device) {
+                    if o.in_flight == Some(*seq) {
+                        o.in_flight = None;
+                    }
+                }
+                dirty.insert(*device);
+            }
+            Input::RebootStarting { conn, device, seq } => {
+                let deadline = now_ms + cfg.reboot_timeout_ms;
+                match b.reboot_started(*device, *seq, deadline) {
+                    Ok(()) => {
+                        let _ = b.append_event(event(
+                            now_ms,
+                            Some(*device),
+                            EventKind::RebootStarted,
+                            format!("command {seq}"),
+                        ));
+                        reboots.push((deadline, *device));
+                    }
+                    Err(e) => actions.push(close(
+                        *conn,
+                        CloseCode::PROTOCOL,
+                        &format!("reboot refused: {e}"),
+                    )),
+                }
+                if let Some(o) = online.get_mut(device) {
+                    o.in_flight = None;
+                }
+            }
+            Input::RebootComplete {
+                conn,
+                device,
+                seq,
+                report,
+            } => {
+                let cmd = b.command(*device, *seq).ok().flatten();
+                let steps = cmd.map_or(1, |c| c.steps.len());
+                let result = store::CommandResult {
+                    steps: (0..steps)
+                        .map(|_| store::StepResult {
+                            outcome: store::StepOutcome::Ok,
+                            exit_code: Some(0),
+                            output: Vec::new(),
+                            started_ms: now_ms,
+                            finished_ms: now_ms,
+                        })
+                        .collect(),
+                };
+                match b.reboot_completed(*device, *seq, report.clone(), result, now_ms) {
+                    Ok(status) => {
+                        let _ = b.append_event(event(
+                            now_ms,
+                            Some(*device),
+                            EventKind::RebootCompleted,
+                            format!(
+                                "command {seq}: back with boot id {} (queue {status:?})",
+                                report.boot_id
+                            ),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(device = device.0, seq, error = %e, "reboot completion refused");
+                        let _ = b.append_event(event(
+                            now_ms,
+                            Some(*device),
+                            EventKind::Other,
+                            format!("reboot completion refused: {e}"),
+                        ));
+                        actions.push(close(
+                            *conn,
+                            CloseCode::PROTOCOL,
+                            &format!("reboot completion refused: {e}"),
+                        ));
+                    }
+                }
+                dirty.insert(*device);
+            }
+            Input::Disconnected {
+                conn,
+                device,
+                reason,
+            } => {
+                if let Some(dev) = device {
+                    if online.get(dev).is_some_and(|o| o.conn == *conn) {
+                        online.remove(dev);
+                        let _ = b.append_event(event(
+                            now_ms,
+                            Some(*dev),
+                            EventKind::Disconnected,
+                            reason.clone(),
+                        ));
+                    }
+                }
+            }
+            Input::Admin { conn, req } => {
+                let resp = admin(b, online, cfg, now_ms, req, dirty, actions);
+                actions.push(Action::Reply { conn: *conn, resp });
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fire(
+        b: &mut Batch<'_>,
+        online: &mut HashMap<DeviceId, Online>,
+        _cfg: &FleetConfig,
+        now_ms: u64,
+        dev: DeviceId,
+        what: Deadline,
+        actions: &mut Vec<Action>,
+        dirty: &mut BTreeSet<DeviceId>,
+    ) {
+        let Ok(Some(q)) = b.queue(dev) else { return };
+        match what {
+            Deadline::Result { seq }
+                if q.status == QueueStatus::AwaitingResult && q.cursor == Some(seq) =>
+            {
+                match b.command_timed_out(dev, seq, now_ms) {
+                    Ok(status) => {
+                        let _ = b.append_event(event(
+                            now_ms,
+                            Some(dev),
+                            EventKind::Other,
+                            format!("command {seq} timed out (queue {status:?})"),
+                        ));
+                        // The session did not deliver a result in time: drop it; the agent
+                        // resynchronises from Hello when it comes back.
+                        if let Some(o) = online.remove(&dev) {
+                            actions.push(close(
+                                o.conn,
+                                CloseCode::TIMEOUT,
+                                "command result overdue",
+                            ));
+                        }
+                        dirty.insert(dev);
+                    }
+                    Err(store::Error::IllegalTransition {
+                        kind: Illegal::DeadlineNotReached { .. },
+                        ..
+                    }) => {}
+                    Err(e) => {
+                        tracing::warn!(device = dev.0, seq, error = %e, "timeout not applied")
+                    }
+                }
+            }
+            Deadline::Reboot
+                if q.status == QueueStatus::Rebooting
+                    && q.reboot_deadline_ms <= now_ms
+                    && b.reboot_deadline_missed(dev, now_ms).is_ok() =>
+            {
+                let _ = b.append_event(event(
+                    now_ms,
+                    Some(dev),
+                    EventKind::QueueFailed,
+                    "device did not come back before its reboot deadline".into(),
+                ));
+            }
+            _ => {}
+        }
+    }
+
+    fn next_dispatch(
+        b: &mut Batch<'_>,
+        online: &mut HashMap<DeviceId, Online>,
+        now_ms: u64,
+        dev: DeviceId,
+    ) -> Option<Action> {
+        let o = online.get_mut(&dev)?;
+        if o.in_flight.is_some() {
+            return None;
+        }
+        let q = b.queue(dev).ok()??;
+        // A command already transmitted and not answered (the agent never got it, or this is a
+        // retry after a timeout) goes again; otherwise the next pending one.
+        let (seq, cmd) = match (q.status, q.cursor) {
+            (QueueStatus::AwaitingResult, Some(c)) => (c, b.command(dev, c).ok()??),
+            (QueueStatus::Running | QueueStatus::Idle | QueueStatus::Done, _) => {
+                b.next_to_dispatch(dev).ok()??
+            }
+            _ => return None,
+        };
+        match b.mark_transmitted(dev, seq, now_ms) {
+            Ok(()) => {
+                o.in_flight = Some(seq);
+                let _ = b.append_event(event(
+                    now_ms,
+                    Some(dev),
+                    EventKind::CommandSent,
+                    format!("command {seq}"),
+                ));
+                Some(Action::Dispatch {
+                    conn: o.conn,
+                    command_id: command_id(dev, seq),
+                    seq,
+                    cmd,
+                })
+            }
+            Err(e) if illegal_status(&e) => None,
+            Err(e) => {
+                tracing::warn!(device = dev.0, seq, error = %e, "dispatch refused by the store");
+                None
+            }
+        }
+    }
+}
+
+fn wall(now_ms: u64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(now_ms)
+}
+
+fn close(conn: ConnId, code: CloseCode, reason: &str) -> Action {
+    Action::Close {
+        conn,
+        code,
+        reason: reason.to_string(),
+    }
+}
+
+fn event(time_ms: u64, device: Option<DeviceId>, kind: EventKind, message: String) -> Event {
+    Event {
+        time_ms,
+        device,
+        kind,
+        message,
+    }
+}
+
+fn fail_all(inputs: &[Input], msg: &str) -> Vec<Action> {
+    inputs
+        .iter()
+        .filter_map(|i| match i {
+            Input::Admin { conn, .. } => Some(Action::Reply {
+                conn: *conn,
+                resp: Response::err(msg),
+            }),
+            Input::Disconnected { .. } => None,
+            Input::Hello { conn, .. }
+            | Input::Enrol { conn, .. }
+            | Input::Result { conn, .. }
+            | Input::RebootStarting { conn, .. }
+            | Input::RebootComplete { conn, .. } => {
+                Some(close(*conn, CloseCode::INTERNAL, "gateway store failure"))
+            }
+        })
+        .collect()
+}
+
+fn to_store_steps(steps: &[StepSpec]) -> Result<Vec<store::Step>, String> {
+    steps
+        .iter()
+        .map(|s| {
+            Ok(match s {
+                StepSpec::Fetch { url, path } => store::Step::Fetch {
+                    url: url.clone(),
+                    path: path.clone(),
+                },
+                StepSpec::Verify { path, sha256 } => store::Step::Verify {
+                    path: path.clone(),
+                    sha256: crate::admin::parse_sha256(sha256)?,
+                },
+                StepSpec::Write {
+                    path,
+                    mode,
+                    contents,
+                } => store::Step::Write {
+                    path: path.clone(),
+                    mode: *mode,
+                    contents: contents.clone().into_bytes(),
+                },
+                StepSpec::Exec { argv } => store::Step::Exec { argv: argv.clone() },
+                StepSpec::Reboot => store::Step::Reboot,
+                StepSpec::Report => store::Step::Report,
+            })
+        })
+        .collect()
+}
+
+fn device_id(b: &Batch<'_>, name: &str) -> Result<DeviceId, Response> {
+    match b.device_by_name(name) {
+        Ok(Some(d)) => Ok(d.id),
+        Ok(None) => Err(Response::err(format!(
+            "no device named `{name}`: `fleetcast device list` shows the enrolled ones"
+        ))),
+        Err(e) => Err(Response::err(e.to_string())),
+    }
+}
+
+fn queue_json(q: &store::QueueState) -> serde_json::Value {
+    json!({
+        "status": format!("{:?}", q.status).to_lowercase(),
+        "cursor": q.cursor,
+        "completed_through": q.completed_through,
+        "pending": q.next_seq.saturating_sub(1).saturating_sub(q.completed_through),
+        "attempts": q.attempts,
+        "failure": q.failure.map(|f| format!("{f:?}")),
+    })
+}
+
+fn admin(
+    b: &mut Batch<'_>,
+    online: &mut HashMap<DeviceId, Online>,
+    cfg: &FleetConfig,
+    now_ms: u64,
+    req: &Request,
+    dirty: &mut BTreeSet<DeviceId>,
+    closes: &mut Vec<Action>,
+) -> Response {
+    let r = (|| -> Result<Response, Response> {
+        let err = |e: store::Error| Response::err(e.to_string());
+        Ok(match req {
+            Request::DeviceAdd { name, groups } => {
+                if name.is_empty()
+                    || name.len() > 128
+                    || name.chars().any(|c| c.is_control() || c.is_whitespace())
+                {
+                    return Err(Response::err(
+                        "device names are 1-128 characters without spaces",
+                    ));
+                }
+                if b.device_by_name(name).map_err(err)?.is_some() {
+                    return Err(Response::err(format!(
+                        "a device named `{name}` exists already"
+                    )));
+                }
+                let token =
+                    random_token().map_err(|e| Response::err(format!("no randomness: {e}")))?;
+                let expires_ms = now_ms + cfg.token_ttl_ms;
+                b.add_enrolment_token(
+                    sha256(token.as_bytes()),
+                    EnrolmentToken {
+                        name: name.clone(),
+                        expires_ms,
+                        groups: groups.clone(),
+                    },
+                )
+                .map_err(err)?;
+                let _ = b.append_event(event(
+                    now_ms,
+                    None,
+                    EventKind::Operator,
+                    format!("enrolment token issued for {name}"),
+                ));
+                Response::ok(json!({ "name": name, "token": token, "expires_ms": expires_ms }))
+            }
+            Request::DeviceList => {
+                let mut rows = Vec::new();
+                for d in b.devices().map_err(err)? {
+                    let q = b.queue(d.id).map_err(err)?.unwrap_or_default();
+                    rows.push(json!({
+                        "name": d.name,
+                        "id": d.id.0,
+                        "online": online.contains_key(&d.id),
+                        "revoked": d.revoked,
+                        "queue": format!("{:?}", q.status).to_lowercase(),
+                        "last_seen_ms": d.last_seen_ms,
+                        "transport": d.transport.map(|t| format!("{t:?}").to_lowercase()),
+                        "boot_id": d.report.as_ref().map(|r| r.boot_id.clone()),
+                    }));
+                }
+                Response::ok(json!({ "devices": rows }))
+            }
+            Request::DeviceRevoke { name } => {
+                let id = device_id(b, name)?;
+                b.revoke(id).map_err(err)?;
+                let _ = b.append_event(event(
+                    now_ms,
+                    Some(id),
+                    EventKind::Operator,
+                    format!("{name} revoked"),
+                ));
+                if let Some(o) = online.remove(&id) {
+                    closes.push(close(
+                        o.conn,
+                        CloseCode::REVOKED,
+                        "device was revoked by the operator",
+                    ));
+                }
+                Response::ok(json!({ "revoked": name }))
+            }
+            Request::GroupAdd { group, devices } => {
+                for name in devices {
+                    let id = device_id(b, name)?;
+                    b.join_group(group, id).map_err(err)?;
+                }
+                Response::ok(json!({ "group": group, "added": devices }))
+            }
+            Request::GroupList => {
+                // Groups are discovered from device membership queries of known names.
+                Response::ok(
+                    json!({ "note": "use `fleetcast group add` to build groups; `queue add GROUP` targets them" }),
+                )
+            }
+            Request::QueueAdd {
+                target,
+                commands,
+                timeout_ms,
+                max_attempts,
+                on_failure,
+            } => {
+                let mut cmds = Vec::new();
+                for steps in commands {
+                    let steps = to_store_steps(steps).map_err(Response::err)?;
+                    if steps.is_empty() {
+                        return Err(Response::err("a command needs at least one step"));
+                    }
+                    if let Some(i) = steps.iter().position(|s| matches!(s, store::Step::Reboot)) {
+                        if i + 1 != steps.len() {
+                            return Err(Response::err(
+                                "`reboot` must be the last step of its command: queue the steps after it as a new command (or use --each)",
+                            ));
+                        }
+                    }
+                    cmds.push(Command {
+                        steps,
+                        timeout_ms: *timeout_ms,
+                        max_attempts: (*max_attempts).max(1),
+                        on_failure: match on_failure {
+                            OnFailureSpec::Stop => store::OnFailure::Stop,
+                            OnFailureSpec::Continue => store::OnFailure::Continue,
+                        },
+                    });
+                }
+                let mut queued = Vec::new();
+                match b.device_by_name(target).map_err(err)? {
+                    Some(d) => {
+                        for c in cmds {
+                            queued.push(json!({ "device": target, "seq": b.enqueue(d.id, c).map_err(err)? }));
+                        }
+                        dirty.insert(d.id);
+                    }
+                    None => {
+                        let members = b.group_members(target).map_err(err)?;
+                        if members.is_empty() {
+                            return Err(Response::err(format!(
+                                "`{target}` is neither a device nor a group with members: see `fleetcast device list`"
+                            )));
+                        }
+                        for c in cmds {
+                            for (dev, seq) in b.enqueue_group(target, c).map_err(err)? {
+                                queued.push(json!({ "device_id": dev.0, "seq": seq }));
+                                dirty.insert(dev);
+                            }
+                        }
+                    }
+                }
+                let _ = b.append_event(event(
+                    now_ms,
+                    None,
+                    EventKind::Operator,
+                    format!("{} command(s) queued for {target}", queued.len()),
+                ));
+                Response::ok(json!({ "queued": queued }))
+            }
+            Request::QueueShow { device } => {
+                let id = device_id(b, device)?;
+                let q = b.queue(id).map_err(err)?.unwrap_or_default();
+                let mut cmds = Vec::new();
+                for (seq, c) in b.commands(id, 1, 10_000).map_err(err)? {
+                    let result = b.result(id, seq).map_err(err)?;
+                    cmds.push(json!({
+                        "seq": seq,
+                        "steps": c.steps.len(),
+                        "state": match &result {
+                            Some(r) if r.succeeded() => "ok",
+                            Some(_) => "failed",
+                            None if q.cursor == Some(seq) && q.status == QueueStatus::Rebooting => "rebooting",
+                            None if q.cursor == Some(seq) && q.status == QueueStatus::AwaitingResult => "running",
+                            None => "pending",
+                        },
+                        "exit_code": result.as_ref().and_then(|r| r.steps.iter().rev().find_map(|s| s.exit_code)),
+                        "output": result.as_ref().and_then(|r| r.steps.iter().rev().find(|s| !s.output.is_empty()))
+                            .map(|s| String::from_utf8_lossy(&s.output).into_owned()),
+                    }));
+                }
+                Response::ok(json!({ "device": device, "queue": queue_json(&q), "commands": cmds }))
+            }
+            Request::QueuePause { device }
+            | Request::QueueResume { device }
+            | Request::QueueCancel { device }
+            | Request::QueueRetry { device }
+            | Request::QueueSkip { device } => {
+                let id = device_id(b, device)?;
+                let what = match req {
+                    Request::QueuePause { .. } => b.pause(id).map(|_| "paused".to_string()),
+                    Request::QueueResume { .. } => b.resume(id).map(|_| "resumed".to_string()),
+                    Request::QueueCancel { .. } => {
+                        b.cancel(id).map(|n| format!("cancelled {n} command(s)"))
+                    }
+                    Request::QueueRetry { .. } => b.retry(id).map(|_| "retrying".to_string()),
+                    _ => b.skip(id).map(|_| "skipped".to_string()),
+                }
+                .map_err(|e| Response::err(format!("{device}: {e}")))?;
+                let _ = b.append_event(event(
+                    now_ms,
+                    Some(id),
+                    EventKind::Operator,
+                    format!("queue {what}"),
+                ));
+                dirty.insert(id);
+                let q = b.queue(id).map_err(err)?.unwrap_or_default();
+                Response::ok(json!({ "device": device, "done": what, "queue": queue_json(&q) }))
+            }
+            Request::Status => {
+                let mut by_status: HashMap<String, u64> = HashMap::new();
+                for (_, q) in b.queues().map_err(err)? {
+                    *by_status
+                        .entry(format!("{:?}", q.status).to_lowercase())
+                        .or_default() += 1;
+                }
+                let devices = b.devices().map_err(err)?.len();
+                Response::ok(json!({
+                    "devices": devices,
+                    "online": online.len(),
+                    "queues": by_status,
+                    "last_event": b.last_event_id().map_err(err)?,
+                }))
+            }
+            Request::Events { from, limit } => {
+                let rows: Vec<_> = b
+                    .events_from(*from, (*limit).min(10_000))
+                    .map_err(err)?
+                    .into_iter()
+                    .map(|(id, e)| {
+                        json!({
+                            "id": id,
+                            "time_ms": e.time_ms,
+                            "device": e.device.map(|d| d.0),
+                            "kind": format!("{:?}", e.kind).to_lowercase(),
+                            "message": e.message,
+                        })
+                    })
+                    .collect();
+                Response::ok(json!({ "events": rows }))
+            }
+        })
+    })();
+    r.unwrap_or_else(|e| e)
+}
+
+/// 128 bits from the system's CSPRNG, hex.
+fn random_token() -> Result<String, ring::error::Unspecified> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    ring::rand::SystemRandom::new().fill(&mut b)?;
+    Ok(hex(&b))
+}

@@ -1,0 +1,798 @@
+//! `fleetcastd`'s event loop: one `mio` poll owning every socket — the TLS listener, agent
+//! sessions, the admin socket — and driving the sans-IO session cores and the [`Fleet`].
+//!
+//! # One iteration
+//! 1. Poll timeout: 0 if work is queued, else the earliest session timer or fleet deadline.
+//! 2. `poll` (EINTR retried), then read the clock **once** ([`Clock::read`], the only call site).
+//! 3. Accept new connections (at most [`GatewayConfig::accept_budget`] per iteration, so a
+//!    reconnect storm cannot starve established sessions); read ready connections (at most
+//!    [`GatewayConfig::read_budget`] bytes each, re-queued when the budget cuts them).
+//! 4. Feed plaintext to each session core, fire due timers, and drain every core in its
+//!    documented order: `poll_transmit` into TLS, `poll_event` into fleet [`Input`]s,
+//!    `poll_timeout` into the timer heap.
+//! 5. One [`Fleet::process`] call applies all inputs in one store batch (one fsync) and only
+//!    then returns acks, dispatches and replies, which go back into the cores (step 4 again).
+//! 6. Write TLS until `WouldBlock`, asking for `WRITABLE` only while bytes are pending.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetcast_store::DeviceId;
+use fleetcast_wire::session::{self, GatewayEvent, GatewaySession};
+use fleetcast_wire::{Dispatch, Enrolled, Instant, Message};
+use mio::net::{TcpListener, UnixListener, UnixStream};
+use mio::{Events, Interest, Poll, Token};
+use rustls::ServerConfig;
+
+use crate::admin::{self, Request, Response};
+use crate::convert::{report_from_wire, result_from_wire, sha256, steps_to_wire};
+use crate::fleet::{Action, ConnId, Fleet, Input};
+use crate::tlsconn::TlsConn;
+
+const LISTENER: Token = Token(0);
+const ADMIN: Token = Token(1);
+const FIRST_CONN: usize = 2;
+
+/// Loop parameters.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Where agents connect.
+    pub listen: SocketAddr,
+    /// Admin socket path.
+    pub admin_socket: PathBuf,
+    /// Session core parameters.
+    pub session: session::Config,
+    /// New connections accepted per iteration.
+    pub accept_budget: usize,
+    /// Ciphertext bytes read from one connection per iteration.
+    pub read_budget: usize,
+    /// Most connections at once (agents and admin clients).
+    pub max_connections: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: "127.0.0.1:7300".parse().expect("literal address"),
+            admin_socket: PathBuf::from("admin.sock"),
+            session: session::Config::default(),
+            accept_budget: 256,
+            read_budget: 64 * 1024,
+            max_connections: 100_000,
+        }
+    }
+}
+
+/// The driver's clock: the only place the daemon reads time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    epoch: std::time::Instant,
+}
+
+impl Clock {
+    /// Starts the monotonic epoch now.
+    #[allow(clippy::disallowed_methods)] // The driver's clock: the one place time is read.
+    pub fn new() -> Self {
+        Clock {
+            epoch: std::time::Instant::now(),
+        }
+    }
+
+    /// (monotonic instant for the cores, wall-clock ms since the UNIX epoch for the store).
+    #[allow(clippy::disallowed_methods)] // The driver's clock: the one place time is read.
+    pub fn read(&self) -> (Instant, u64) {
+        let mono = Instant::from_micros(self.epoch.elapsed().as_micros() as u64);
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        (mono, wall)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+struct AgentConn {
+    tls: TlsConn,
+    session: Option<GatewaySession>,
+    device: Option<DeviceId>,
+    key_hash: [u8; 32],
+    plain: Vec<u8>,
+    out: Vec<u8>,
+    /// The peer is gone or the session closed: flush and drop.
+    closing: bool,
+    writable_armed: bool,
+}
+
+struct AdminConn {
+    sock: UnixStream,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    closing: bool,
+    writable_armed: bool,
+}
+
+enum Conn {
+    Agent(Box<AgentConn>),
+    Admin(AdminConn),
+}
+
+struct Slot {
+    id: ConnId,
+    conn: Conn,
+}
+
+/// The gateway event loop.
+pub struct Gateway {
+    poll: Poll,
+    listener: TcpListener,
+    admin: UnixListener,
+    server_cfg: Arc<ServerConfig>,
+    cfg: GatewayConfig,
+    fleet: Fleet,
+    clock: Clock,
+    conns: slab::Slab<Slot>,
+    generation: u64,
+    timers: BinaryHeap<Reverse<(Instant, usize, ConnId)>>,
+    ready: VecDeque<usize>,
+    inputs: Vec<Input>,
+    touched: Vec<usize>,
+    /// Wall-clock ms at the last clock read (results and events are stamped with it).
+    wall_ms: u64,
+    stop: bool,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("conns", &self.conns.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Binds the listener and the admin socket.
+    pub fn bind(cfg: GatewayConfig, fleet: Fleet) -> io::Result<Gateway> {
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::bind(cfg.listen)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let _ = std::fs::remove_file(&cfg.admin_socket);
+        let mut admin = UnixListener::bind(&cfg.admin_socket)?;
+        std::fs::set_permissions(&cfg.admin_socket, std::fs::Permissions::from_mode(0o600))?;
+        poll.registry()
+            .register(&mut admin, ADMIN, Interest::READABLE)?;
+        let server_cfg = fleet.pki().server_config();
+        Ok(Gateway {
+            poll,
+            listener,
+            admin,
+            server_cfg,
+            cfg,
+            fleet,
+            clock: Clock::new(),
+            conns: slab::Slab::new(),
+            generation: 0,
+            timers: BinaryHeap::new(),
+            ready: VecDeque::new(),
+            inputs: Vec::new(),
+            touched: Vec::new(),
+            wall_ms: 0,
+            stop: false,
+        })
+    }
+
+    /// The address agents connect to (useful with port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Runs until [`Gateway::run_for`]'s limit or forever.
+    pub fn run(&mut self) -> io::Result<()> {
+        self.run_for(None)
+    }
+
+    /// Runs the loop, returning after `limit` (for tests) or never.
+    pub fn run_for(&mut self, limit: Option<Duration>) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let (start, _) = self.clock.read();
+        while !self.stop {
+            let (now, wall) = self.clock.read();
+            if let Some(l) = limit {
+                if now - start >= l {
+                    return Ok(());
+                }
+            }
+            let timeout = self.poll_timeout(now, wall, limit.map(|l| start + l));
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let (now, wall) = self.clock.read();
+            self.wall_ms = wall;
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept_agents(now),
+                    ADMIN => self.accept_admin(),
+                    Token(t) => {
+                        let idx = t - FIRST_CONN;
+                        if self.conns.contains(idx) && !self.ready.contains(&idx) {
+                            self.ready.push_back(idx);
+                        }
+                    }
+                }
+            }
+            self.service_ready(now);
+            self.fire_timers(now);
+            self.process_fleet(now, wall);
+            self.flush_touched();
+        }
+        Ok(())
+    }
+
+    fn poll_timeout(&self, now: Instant, wall: u64, limit: Option<Instant>) -> Duration {
+        if !self.ready.is_empty() || !self.inputs.is_empty() {
+            return Duration::ZERO;
+        }
+        let mut next = limit.unwrap_or(now + Duration::from_secs(3600));
+        if let Some(Reverse((t, _, _))) = self.timers.peek() {
+            next = next.min(*t);
+        }
+        if let Some(d) = self.fleet.next_deadline() {
+            next = next.min(now + Duration::from_millis(d.saturating_sub(wall)));
+        }
+        // Round up to whole milliseconds so we never spin on a sub-ms timer.
+        let d = next - now;
+        Duration::from_millis(d.as_micros().div_ceil(1000) as u64)
+    }
+
+    fn accept_agents(&mut self, now: Instant) {
+        for _ in 0..self.cfg.accept_budget {
+            match self.listener.accept() {
+                Ok((mut sock, _peer)) => {
+                    if self.conns.len() >= self.cfg.max_connections {
+                        drop(sock);
+                        tracing::warn!("connection limit reached; refusing");
+                        continue;
+                    }
+                    let _ = sock.set_nodelay(true);
+                    let tls = match rustls::ServerConnection::new(self.server_cfg.clone()) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::error!(error = %e, "TLS setup failed");
+                            continue;
+                        }
+                    };
+                    let entry = self.conns.vacant_entry();
+                    let idx = entry.key();
+                    if let Err(e) = self.poll.registry().register(
+                        &mut sock,
+                        Token(idx + FIRST_CONN),
+                        Interest::READABLE,
+                    ) {
+                        tracing::error!(error = %e, "register failed");
+                        continue;
+                    }
+                    self.generation += 1;
+                    let id = (self.generation << 32) | idx as u64;
+                    entry.insert(Slot {
+                        id,
+                        conn: Conn::Agent(Box::new(AgentConn {
+                            tls: TlsConn::new(sock, tls),
+                            session: None,
+                            device: None,
+                            key_hash: [0; 32],
+                            plain: Vec::new(),
+                            out: Vec::new(),
+                            closing: false,
+                            writable_armed: false,
+                        })),
+                    });
+                    // Handshake timeout: the session core's hello timer starts at handshake
+                    // end; until then this timer bounds a silent TLS client.
+                    self.timers
+                        .push(Reverse((now + self.cfg.session.hello_timeout, idx, id)));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    return;
+                }
+            }
+        }
+        // Budget exhausted: more may be waiting; come back next iteration.
+        self.ready.push_back(usize::MAX);
+    }
+
+    fn accept_admin(&mut self) {
+        loop {
+            match self.admin.accept() {
+                Ok((mut sock, _)) => {
+                    let entry = self.conns.vacant_entry();
+                    let idx = entry.key();
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut sock, Token(idx + FIRST_CONN), Interest::READABLE)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    self.generation += 1;
+                    let id = (self.generation << 32) | idx as u64;
+                    entry.insert(Slot {
+                        id,
+                        conn: Conn::Admin(AdminConn {
+                            sock,
+                            inbuf: Vec::new(),
+                            out: Vec::new(),
+                            closing: false,
+                            writable_armed: false,
+                        }),
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn service_ready(&mut self, now: Instant) {
+        let n = self.ready.len();
+        for _ in 0..n {
+            let Some(idx) = self.ready.pop_front() else {
+                break;
+            };
+            if idx == usize::MAX {
+                self.accept_agents(now);
+                continue;
+            }
+            if !self.conns.contains(idx) {
+                continue;
+            }
+            let id = self.conns[idx].id;
+            let more = match &mut self.conns[idx].conn {
+                Conn::Agent(_) => self.service_agent(idx, now),
+                Conn::Admin(_) => self.service_admin(idx, id),
+            };
+            if more {
+                self.ready.push_back(idx);
+            }
+            self.touched.push(idx);
+        }
+    }
+
+    /// Reads and feeds one agent connection. Returns true if the read budget cut it short.
+    fn service_agent(&mut self, idx: usize, now: Instant) -> bool {
+        let slot = &mut self.conns[idx];
+        let id = slot.id;
+        let Conn::Agent(c) = &mut slot.conn else {
+            return false;
+        };
+        let budget = self.cfg.read_budget;
+        let outcome = match c.tls.read(&mut c.plain, budget) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::info!(conn = id, error = %e, "connection closed: TLS/socket error");
+                let _ = c.tls.flush();
+                c.closing = true;
+                if let Some(dev) = c.device {
+                    self.inputs.push(Input::Disconnected {
+                        conn: id,
+                        device: Some(dev),
+                        reason: e.to_string(),
+                    });
+                }
+                return false;
+            }
+        };
+        if c.session.is_none() && c.tls.handshake_done() {
+            let (device, key_hash) = peer_identity(&c.tls.tls);
+            c.key_hash = key_hash;
+            c.session = Some(GatewaySession::new(now, self.cfg.session, device));
+        }
+        if let Some(s) = c.session.as_mut() {
+            if !c.plain.is_empty() {
+                if let Err(e) = s.handle_input(now, &c.plain) {
+                    tracing::info!(conn = id, error = %e, "session closed: protocol error");
+                }
+                c.plain.clear();
+            }
+        }
+        if outcome.eof {
+            c.closing = true;
+        }
+        self.drain_session(idx, now);
+        outcome.wire_bytes >= budget
+    }
+
+    /// Drains one session core in its documented order.
+    fn drain_session(&mut self, idx: usize, now: Instant) {
+        let slot = &mut self.conns[idx];
+        let id = slot.id;
+        let Conn::Agent(c) = &mut slot.conn else {
+            return;
+        };
+        let Some(s) = c.session.as_mut() else { return };
+        while s.poll_transmit(now, &mut c.out).is_some() {}
+        if !c.out.is_empty() {
+            if let Err(e) = c.tls.write_plain(&c.out) {
+                tracing::warn!(conn = id, error = %e, "TLS write failed");
+                c.closing = true;
+            }
+            c.out.clear();
+            c.out.shrink_to(256);
+        }
+        while let Some(ev) = s.poll_event() {
+            if let Some(input) = event_to_input(id, c.key_hash, &mut c.device, ev, self.wall_ms) {
+                self.inputs.push(input);
+            }
+        }
+        if s.is_closed() {
+            c.closing = true;
+        }
+        if let Some(t) = s.poll_timeout() {
+            self.timers.push(Reverse((t, idx, id)));
+        }
+        self.touched.push(idx);
+    }
+
+    fn service_admin(&mut self, idx: usize, id: ConnId) -> bool {
+        let Conn::Admin(a) = &mut self.conns[idx].conn else {
+            return false;
+        };
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match a.sock.read(&mut buf) {
+                Ok(0) => {
+                    a.closing = true;
+                    break;
+                }
+                Ok(n) => {
+                    a.inbuf.extend_from_slice(&buf[..n]);
+                    if a.inbuf.len() > admin::MAX_REQUEST {
+                        a.out
+                            .extend_from_slice(b"{\"ok\":false,\"error\":\"request too large\"}\n");
+                        a.closing = true;
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    a.closing = true;
+                    break;
+                }
+            }
+        }
+        while let Some(nl) = a.inbuf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = a.inbuf.drain(..=nl).collect();
+            match serde_json::from_slice::<Request>(&line) {
+                Ok(req) => self.inputs.push(Input::Admin { conn: id, req }),
+                Err(e) => {
+                    let resp = Response::err(format!("malformed request: {e}"));
+                    push_json_line(&mut a.out, &resp);
+                }
+            }
+        }
+        false
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((t, idx, id))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(slot) = self.conns.get_mut(idx) else {
+                continue;
+            };
+            if slot.id != id {
+                continue; // A stale timer of a connection that is gone.
+            }
+            let Conn::Agent(c) = &mut slot.conn else {
+                continue;
+            };
+            match c.session.as_mut() {
+                Some(s) => {
+                    // Stale entries are harmless: the core ignores early calls.
+                    if s.poll_timeout().is_some_and(|d| d <= now) {
+                        s.handle_timeout(now);
+                        self.drain_session(idx, now);
+                    }
+                }
+                None => {
+                    tracing::info!(conn = id, "TLS handshake timed out");
+                    c.closing = true;
+                    self.touched.push(idx);
+                }
+            }
+        }
+    }
+
+    fn process_fleet(&mut self, now: Instant, wall: u64) {
+        let due = self.fleet.next_deadline().is_some_and(|d| d <= wall);
+        if self.inputs.is_empty() && !due {
+            return;
+        }
+        let inputs = std::mem::take(&mut self.inputs);
+        let actions = self.fleet.process(wall, inputs);
+        for a in actions {
+            self.apply(a, now);
+        }
+    }
+
+    fn lookup(&self, id: ConnId) -> Option<usize> {
+        let idx = (id & 0xffff_ffff) as usize;
+        self.conns.get(idx).filter(|s| s.id == id).map(|_| idx)
+    }
+
+    fn apply(&mut self, action: Action, now: Instant) {
+        let conn_id = match &action {
+            Action::Welcome { conn, .. }
+            | Action::Enrolled { conn, .. }
+            | Action::Ack { conn, .. }
+            | Action::Dispatch { conn, .. }
+            | Action::Close { conn, .. }
+            | Action::Reply { conn, .. } => *conn,
+        };
+        let Some(idx) = self.lookup(conn_id) else {
+            return;
+        };
+        match (&mut self.conns[idx].conn, action) {
+            (Conn::Admin(a), Action::Reply { resp, .. }) => {
+                push_json_line(&mut a.out, &resp);
+                self.touched.push(idx);
+                return;
+            }
+            (Conn::Agent(c), action) => {
+                let Some(s) = c.session.as_mut() else { return };
+                let r = match action {
+                    Action::Welcome {
+                        welcome, resume, ..
+                    } => s.accept(&welcome).and_then(|()| match resume {
+                        Some((seq, command_id, reboot)) => {
+                            s.resume_in_flight(seq, command_id, reboot)
+                        }
+                        None => Ok(()),
+                    }),
+                    Action::Enrolled { device, cert, .. } => s.send_enrolled(&Enrolled {
+                        device_id: device.0,
+                        certificate: &cert,
+                    }),
+                    Action::Ack { seq, .. } => s.ack_result(seq),
+                    Action::Dispatch {
+                        command_id,
+                        seq,
+                        cmd,
+                        ..
+                    } => {
+                        let steps = steps_to_wire(&cmd);
+                        let timeout_ms = u32::try_from(cmd.timeout_ms).unwrap_or(u32::MAX);
+                        s.dispatch(&Dispatch {
+                            command_id,
+                            seq,
+                            timeout_ms,
+                            steps,
+                        })
+                    }
+                    Action::Close { code, reason, .. } => s.close(code, &reason),
+                    Action::Reply { .. } => Ok(()),
+                };
+                if let Err(e) = r {
+                    tracing::warn!(conn = conn_id, error = %e, "session refused a fleet action");
+                }
+            }
+            (Conn::Admin(_), _) => return,
+        }
+        self.drain_session(idx, now);
+    }
+
+    fn flush_touched(&mut self) {
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.sort_unstable();
+        touched.dedup();
+        for idx in touched.drain(..) {
+            let Some(slot) = self.conns.get_mut(idx) else {
+                continue;
+            };
+            let token = Token(idx + FIRST_CONN);
+            let done = match &mut slot.conn {
+                Conn::Agent(c) => {
+                    if let Err(e) = c.tls.flush() {
+                        tracing::debug!(error = %e, "write failed");
+                        c.closing = true;
+                    }
+                    if c.closing && c.tls.wants_write() && !c.tls.tls.is_handshaking() {
+                        // Give a final Close frame a chance: it is already in rustls's buffer.
+                        let _ = c.tls.flush();
+                    }
+                    let pending = c.tls.wants_write();
+                    if pending != c.writable_armed && !c.closing {
+                        let interest = if pending {
+                            Interest::READABLE | Interest::WRITABLE
+                        } else {
+                            Interest::READABLE
+                        };
+                        let _ = self
+                            .poll
+                            .registry()
+                            .reregister(&mut c.tls.sock, token, interest);
+                        c.writable_armed = pending;
+                    }
+                    if !pending {
+                        c.plain.shrink_to_fit();
+                    }
+                    c.closing
+                }
+                Conn::Admin(a) => {
+                    while !a.out.is_empty() {
+                        match a.sock.write(&a.out) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                a.out.drain(..n);
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(_) => {
+                                a.closing = true;
+                                break;
+                            }
+                        }
+                    }
+                    let pending = !a.out.is_empty();
+                    if pending != a.writable_armed {
+                        let interest = if pending {
+                            Interest::READABLE | Interest::WRITABLE
+                        } else {
+                            Interest::READABLE
+                        };
+                        let _ = self
+                            .poll
+                            .registry()
+                            .reregister(&mut a.sock, token, interest);
+                        a.writable_armed = pending;
+                    }
+                    a.closing && !pending
+                }
+            };
+            if done {
+                let slot = self.conns.remove(idx);
+                match slot.conn {
+                    Conn::Agent(mut c) => {
+                        c.tls.tls.send_close_notify();
+                        let _ = c.tls.flush();
+                        let _ = self.poll.registry().deregister(&mut c.tls.sock);
+                        if let Some(dev) = c.device {
+                            self.inputs.push(Input::Disconnected {
+                                conn: slot.id,
+                                device: Some(dev),
+                                reason: "connection closed".into(),
+                            });
+                        }
+                    }
+                    Conn::Admin(mut a) => {
+                        let _ = self.poll.registry().deregister(&mut a.sock);
+                    }
+                }
+            }
+        }
+        self.touched = touched;
+    }
+}
+
+fn push_json_line(out: &mut Vec<u8>, resp: &Response) {
+    if serde_json::to_writer(&mut *out, resp).is_err() {
+        out.extend_from_slice(b"{\"ok\":false,\"error\":\"unencodable answer\"}");
+    }
+    out.push(b'\n');
+}
+
+/// The device id and key hash of an authenticated client, if it presented a certificate.
+fn peer_identity(tls: &rustls::ServerConnection) -> (Option<u64>, [u8; 32]) {
+    let Some(cert) = tls.peer_certificates().and_then(|c| c.first()) else {
+        return (None, [0; 32]);
+    };
+    let Some(id) = crate::pki::device_identity(cert) else {
+        return (None, [0; 32]);
+    };
+    let key_hash = webpki::EndEntityCert::try_from(cert)
+        .map(|ee| sha256(ee.subject_public_key_info().as_ref()))
+        .unwrap_or([0; 32]);
+    (Some(id.id), key_hash)
+}
+
+/// Turns a session event into fleet input (or handles it here when the fleet has no part).
+fn event_to_input(
+    conn: ConnId,
+    key_hash: [u8; 32],
+    device: &mut Option<DeviceId>,
+    ev: GatewayEvent,
+    wall_ms: u64,
+) -> Option<Input> {
+    match ev {
+        GatewayEvent::Hello {
+            device_id, frame, ..
+        } => {
+            *device = Some(DeviceId(device_id));
+            let Message::Hello(h) = frame.message() else {
+                return None;
+            };
+            let last = h
+                .last
+                .map(|l| (l.seq, l.result.map(|r| result_from_wire(&r, wall_ms))));
+            Some(Input::Hello {
+                conn,
+                device: DeviceId(device_id),
+                key_hash,
+                last,
+            })
+        }
+        GatewayEvent::Enrol(frame) => {
+            let Message::Enrol(e) = frame.message() else {
+                return None;
+            };
+            Some(Input::Enrol {
+                conn,
+                token: e.token.to_vec(),
+                name: e.name.to_string(),
+                spki: e.spki.to_vec(),
+            })
+        }
+        GatewayEvent::Result { seq, frame, .. } => {
+            let Message::Result(r) = frame.message() else {
+                return None;
+            };
+            Some(Input::Result {
+                conn,
+                device: (*device)?,
+                seq,
+                result: result_from_wire(&r, wall_ms),
+            })
+        }
+        GatewayEvent::DuplicateResult { .. } => None,
+        GatewayEvent::RebootStarting(rs) => Some(Input::RebootStarting {
+            conn,
+            device: (*device)?,
+            seq: rs.seq,
+        }),
+        GatewayEvent::RebootComplete { seq, frame, .. } => {
+            let Message::RebootComplete(rc) = frame.message() else {
+                return None;
+            };
+            Some(Input::RebootComplete {
+                conn,
+                device: (*device)?,
+                seq,
+                report: report_from_wire(&rc.report),
+            })
+        }
+        GatewayEvent::Completion(_) | GatewayEvent::TransferStatus(_) | GatewayEvent::Nack(_) => {
+            tracing::debug!(
+                conn,
+                "distribution message ignored: no distribution engine yet"
+            );
+            None
+        }
+        GatewayEvent::Closed(info) => {
+            tracing::info!(conn, code = ?info.code.name(), reason = %info.reason, by_peer = info.by_peer, "session closed");
+            device.map(|d| Input::Disconnected {
+                conn,
+                device: Some(d),
+                reason: info.reason,
+            })
+        }
+    }
+}
