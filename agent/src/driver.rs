@@ -445,6 +445,7 @@ impl Agent {
         let mut out = Vec::new();
         let mut buf = vec![0u8; 16 * 1024];
         let boot_id = report::read_boot_id(&self.cfg.exec.report.boot_id).unwrap_or([0; 16]);
+        let mut eof = false;
         loop {
             // 1. Bytes out.
             while s.poll_transmit(self.now(), &mut out).is_some() {}
@@ -462,17 +463,30 @@ impl Agent {
                     return Ok(Some(end));
                 }
             }
-            // 3. The executor.
-            if let Some(End::Exit(i32::MIN)) = self.poll_exec(s, boot_id)? {
+            // 3. The executor (a finished command's result goes out at the top of the loop).
+            let was_running = self.running.is_some();
+            let exec_end = self.poll_exec(s, boot_id)?;
+            if was_running && self.running.is_none() && exec_end.is_none() {
+                continue;
+            }
+            if let Some(End::Exit(i32::MIN)) = exec_end {
                 while s.poll_transmit(self.now(), &mut out).is_some() {}
                 io.tls.writer().write_all(&out)?;
                 io.flush()?;
                 return Ok(Some(self.do_reboot()));
             }
-            if s.is_closed() {
+            if s.is_closed() || eof {
                 return Ok(None);
             }
-            // 4. Wait for bytes, a timer, or (while executing) the executor.
+            // 4. Flush what handling events produced, then wait for bytes, a timer, or
+            //    (while executing) the executor.
+            while s.poll_transmit(self.now(), &mut out).is_some() {}
+            if !out.is_empty() {
+                io.tls.writer().write_all(&out)?;
+                out.clear();
+                continue;
+            }
+            io.flush()?;
             let now = self.now();
             let mut wait = s
                 .poll_timeout()
@@ -483,7 +497,7 @@ impl Agent {
             io.sock
                 .set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
             match io.tls.read_tls(&mut io.sock) {
-                Ok(0) => return Ok(None),
+                Ok(0) => eof = true,
                 Ok(_) => {
                     let state = io
                         .tls
@@ -498,9 +512,8 @@ impl Agent {
                         let _ = s.handle_input(self.now(), &buf[..k]);
                         n -= k;
                     }
-                    if state.peer_has_closed() {
-                        return Ok(None);
-                    }
+                    // Events of the last bytes are handled before the session ends.
+                    eof |= state.peer_has_closed();
                 }
                 Err(e)
                     if matches!(
@@ -508,6 +521,7 @@ impl Agent {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => eof = true,
                 Err(e) => return Err(e.into()),
             }
             s.handle_timeout(self.now());
