@@ -1,4 +1,5 @@
 //! fleetcast device agent.
+pub mod cli;
 pub mod driver;
 pub mod exec;
 pub mod report;

@@ -1,0 +1,131 @@
+//! The `fleetcast-agent` command line, as a library function so tests (and the lab) can run
+//! the real agent by re-executing their own binary.
+//!
+//! Arguments are parsed by hand (no clap) to keep the binary small for embedded targets.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::driver::{Agent, AgentConfig, CaSource, RebootAction};
+use crate::exec::ExecConfig;
+use crate::tls::parse_fingerprint;
+
+const USAGE: &str = "usage: fleetcast-agent --gateway HOST:PORT --state-dir DIR [options]
+
+  --gateway HOST:PORT       the gateway (fleetcastd --listen)
+  --state-dir DIR           where the agent keeps its key, certificate and progress
+  --server-name NAME        name in the gateway certificate (default: HOST)
+  --ca FILE                 gateway CA certificate (PEM), for enrolment
+  --ca-fingerprint HEX      or its SHA-256 (fleetcastd --print-ca-fingerprint)
+  --token TOKEN --name NAME enrol with a token from `fleetcast device add NAME`
+  --boot-id-file FILE       boot id source (default /proc/sys/kernel/random/boot_id)
+  --dpkg-status FILE        installed-software source (default /var/lib/dpkg/status)
+  --reboot-command CMD...   how to reboot (default: systemctl reboot); must be last
+  --reboot-exit CODE        simulate a reboot by exiting with CODE (tests, the lab)
+  --max-sessions N          stop after N sessions (tests)
+";
+
+fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> {
+    let mut args = args.into_iter();
+    let mut gateway = None;
+    let mut state_dir = None;
+    let mut server_name = None;
+    let mut ca = CaSource::Stored;
+    let mut token = None;
+    let mut name = None;
+    let mut exec = ExecConfig::default();
+    let mut reboot = RebootAction::Command(vec!["systemctl".into(), "reboot".into()]);
+    let mut max_sessions = None;
+    while let Some(a) = args.next() {
+        let mut val = || args.next().ok_or_else(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--gateway" => gateway = Some(val()?),
+            "--state-dir" => state_dir = Some(PathBuf::from(val()?)),
+            "--server-name" => server_name = Some(val()?),
+            "--ca" => ca = CaSource::File(PathBuf::from(val()?)),
+            "--ca-fingerprint" => {
+                let v = val()?;
+                ca = CaSource::Fingerprint(
+                    parse_fingerprint(&v).ok_or("--ca-fingerprint takes 64 hex digits")?,
+                )
+            }
+            "--token" => token = Some(val()?),
+            "--name" => name = Some(val()?),
+            "--boot-id-file" => exec.report.boot_id = PathBuf::from(val()?),
+            "--dpkg-status" => exec.report.dpkg_status = PathBuf::from(val()?),
+            "--reboot-exit" => {
+                reboot =
+                    RebootAction::Exit(val()?.parse().map_err(|_| "--reboot-exit takes a number")?)
+            }
+            "--max-sessions" => {
+                max_sessions = Some(
+                    val()?
+                        .parse()
+                        .map_err(|_| "--max-sessions takes a number")?,
+                )
+            }
+            "--reboot-command" => {
+                let rest: Vec<String> = args.by_ref().collect();
+                if rest.is_empty() {
+                    return Err("--reboot-command needs a program".into());
+                }
+                reboot = RebootAction::Command(rest);
+            }
+            "-h" | "--help" => return Err(String::new()),
+            "-V" | "--version" => {
+                println!("fleetcast-agent {}", env!("CARGO_PKG_VERSION"));
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    let gateway = gateway.ok_or("--gateway is required")?;
+    let state_dir = state_dir.ok_or("--state-dir is required")?;
+    let server_name = server_name.unwrap_or_else(|| {
+        gateway
+            .rsplit_once(':')
+            .map_or(gateway.as_str(), |(h, _)| h)
+            .trim_matches(['[', ']'])
+            .to_string()
+    });
+    let enrol = match (token, name) {
+        (Some(t), Some(n)) => Some((t, n)),
+        (None, None) => None,
+        _ => return Err("--token and --name go together".into()),
+    };
+    Ok(AgentConfig {
+        gateway,
+        server_name,
+        state_dir,
+        ca,
+        enrol,
+        exec,
+        reboot,
+        connect_timeout: Duration::from_secs(5),
+        max_backoff: Duration::from_secs(30),
+        max_sessions,
+    })
+}
+
+/// Runs the agent with these arguments (without the program name); returns the exit code.
+pub fn main_with_args(args: impl IntoIterator<Item = String>) -> ExitCode {
+    let cfg = match parse(args) {
+        Ok(c) => c,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("fleetcast-agent: {e}\n");
+            }
+            eprint!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = Agent::new(cfg).and_then(|mut a| a.run());
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("fleetcast-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
