@@ -473,7 +473,19 @@ impl Fleet {
                 // this) then acknowledges it.
                 if let Some((seq, Some(result))) = last {
                     match b.record_result(*device, *seq, result.clone()) {
-                        Ok(_) => {}
+                        Ok(store::Recorded::Stored(status)) => {
+                            let _ =
+                                b.append_event(event(
+                                    now_ms,
+                                    Some(*device),
+                                    EventKind::CommandResult,
+                                    format!(
+                                    "command {seq} {} (delivered on reconnect; queue {status:?})",
+                                    if result.succeeded() { "succeeded" } else { "failed" }
+                                ),
+                                ));
+                        }
+                        Ok(store::Recorded::Duplicate) => {}
                         Err(store::Error::IllegalTransition {
                             kind: Illegal::ConflictingResult { .. },
                             ..
@@ -1128,17 +1140,37 @@ fn admin(
             }
             Request::Status => {
                 let mut by_status: HashMap<String, u64> = HashMap::new();
-                for (_, q) in b.queues().map_err(err)? {
+                let mut rows = Vec::new();
+                for d in b.devices().map_err(err)? {
+                    let q = b.queue(d.id).map_err(err)?.unwrap_or_default();
                     *by_status
                         .entry(format!("{:?}", q.status).to_lowercase())
                         .or_default() += 1;
+                    let r = d.report.as_ref();
+                    rows.push(json!({
+                        "name": d.name,
+                        "online": online.contains_key(&d.id),
+                        "revoked": d.revoked,
+                        "queue": format!("{:?}", q.status).to_lowercase(),
+                        "cursor": q.cursor,
+                        "done": q.completed_through,
+                        "pending": q.next_seq.saturating_sub(1).saturating_sub(q.completed_through),
+                        "transport": d.transport.map(|t| format!("{t:?}").to_lowercase()),
+                        "last_seen_ms": d.last_seen_ms,
+                        "hostname": r.map(|r| r.hostname.clone()),
+                        "os": r.map(|r| r.os.clone()),
+                        "kernel": r.map(|r| r.kernel.clone()),
+                        "agent": r.map(|r| r.agent_version.clone()),
+                        "boot_id": r.map(|r| r.boot_id.clone()),
+                        "addresses": r.map(|r| r.addresses.join(",")),
+                        "packages": r.map(|r| r.software.len()),
+                    }));
                 }
-                let devices = b.devices().map_err(err)?.len();
                 Response::ok(json!({
-                    "devices": devices,
                     "online": online.len(),
                     "queues": by_status,
                     "last_event": b.last_event_id().map_err(err)?,
+                    "devices": rows,
                 }))
             }
             Request::Events { from, limit } => {

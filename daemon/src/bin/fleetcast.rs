@@ -34,8 +34,17 @@ enum Cmd {
     /// Command queues.
     #[command(subcommand)]
     Queue(QueueCmd),
-    /// The gateway's status: sessions, devices, queues.
+    /// The gateway's status: per device its queue, session and last configuration report.
     Status,
+    /// Follow the event log as it grows (Ctrl-C to stop).
+    Watch {
+        /// Start at this event id (default: only new events).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long = "for")]
+        duration: Option<u64>,
+    },
     /// Print the event log (from an event id on).
     Events {
         /// First event id.
@@ -175,6 +184,7 @@ fn build(cmd: Cmd) -> Result<Request, String> {
         Cmd::Queue(QueueCmd::Retry { device }) => Request::QueueRetry { device },
         Cmd::Queue(QueueCmd::Skip { device }) => Request::QueueSkip { device },
         Cmd::Status => Request::Status,
+        Cmd::Watch { .. } => return Err("watch is not a single request".into()),
         Cmd::Events { from, limit } => Request::Events { from, limit },
     })
 }
@@ -182,6 +192,9 @@ fn build(cmd: Cmd) -> Result<Request, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let data_dir = cli.data_dir.unwrap_or_else(default_data_dir);
+    if let Cmd::Watch { from, duration } = cli.cmd {
+        return watch(&data_dir, from, duration, cli.json);
+    }
     let req = match build(cli.cmd) {
         Ok(r) => r,
         Err(e) => {
@@ -253,5 +266,72 @@ fn print_human(v: &serde_json::Value) {
         }
         serde_json::Value::Null => {}
         other => println!("{}", scalar(other)),
+    }
+}
+
+/// Polls the event log and prints new events until `duration` passes (or forever).
+fn watch(
+    data_dir: &std::path::Path,
+    from: Option<u64>,
+    duration: Option<u64>,
+    json: bool,
+) -> ExitCode {
+    let mut next = match from {
+        Some(f) => f,
+        None => match admin::request(data_dir, &Request::Status) {
+            Ok(r) => {
+                r.data
+                    .get("last_event")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0)
+                    + 1
+            }
+            Err(e) => {
+                eprintln!("fleetcast: {e}");
+                return ExitCode::from(3);
+            }
+        },
+    };
+    let polls = duration.map(|d| d * 4);
+    let mut n = 0u64;
+    loop {
+        match admin::request(
+            data_dir,
+            &Request::Events {
+                from: next,
+                limit: 1000,
+            },
+        ) {
+            Ok(r) if r.ok => {
+                let events = r.data.get("events").and_then(|v| v.as_array());
+                for e in events.into_iter().flatten() {
+                    if json {
+                        println!("{e}");
+                    } else {
+                        println!(
+                            "#{} device={} {}: {}",
+                            e["id"],
+                            e["device"],
+                            e["kind"].as_str().unwrap_or("?"),
+                            e["message"].as_str().unwrap_or("")
+                        );
+                    }
+                    next = e["id"].as_u64().unwrap_or(next) + 1;
+                }
+            }
+            Ok(r) => {
+                eprintln!("fleetcast: {}", r.error.unwrap_or_default());
+                return ExitCode::from(1);
+            }
+            Err(e) => {
+                eprintln!("fleetcast: {e}");
+                return ExitCode::from(3);
+            }
+        }
+        n += 1;
+        if polls.is_some_and(|p| n >= p) {
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
     }
 }
