@@ -2,6 +2,8 @@
 //! operator CLI's client side (`fleetcast`).
 pub mod admin;
 pub mod convert;
+pub mod daemon_main;
+pub mod demo;
 pub mod fleet;
 pub mod gateway;
 pub mod paths;

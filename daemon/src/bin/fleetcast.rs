@@ -36,6 +36,26 @@ enum Cmd {
     Queue(QueueCmd),
     /// The gateway's status: per device its queue, session and last configuration report.
     Status,
+    /// Run the whole system on this machine: a gateway, agents, a queue with a reboot.
+    Demo {
+        /// Number of agents.
+        #[arg(long, default_value_t = 3)]
+        devices: usize,
+    },
+    /// (internal) Run the gateway; used by `demo`.
+    #[command(name = "__gateway", hide = true)]
+    InternalGateway {
+        /// fleetcastd arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// (internal) Run an agent; used by `demo`.
+    #[command(name = "__agent", hide = true)]
+    InternalAgent {
+        /// fleetcast-agent arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Follow the event log as it grows (Ctrl-C to stop).
     Watch {
         /// Start at this event id (default: only new events).
@@ -184,7 +204,10 @@ fn build(cmd: Cmd) -> Result<Request, String> {
         Cmd::Queue(QueueCmd::Retry { device }) => Request::QueueRetry { device },
         Cmd::Queue(QueueCmd::Skip { device }) => Request::QueueSkip { device },
         Cmd::Status => Request::Status,
-        Cmd::Watch { .. } => return Err("watch is not a single request".into()),
+        Cmd::Watch { .. }
+        | Cmd::Demo { .. }
+        | Cmd::InternalGateway { .. }
+        | Cmd::InternalAgent { .. } => return Err("not a single request".into()),
         Cmd::Events { from, limit } => Request::Events { from, limit },
     })
 }
@@ -192,8 +215,16 @@ fn build(cmd: Cmd) -> Result<Request, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let data_dir = cli.data_dir.unwrap_or_else(default_data_dir);
-    if let Cmd::Watch { from, duration } = cli.cmd {
-        return watch(&data_dir, from, duration, cli.json);
+    match cli.cmd {
+        Cmd::Watch { from, duration } => return watch(&data_dir, from, duration, cli.json),
+        Cmd::Demo { devices } => return fleetcast_daemon::demo::run(devices),
+        Cmd::InternalGateway { args } => {
+            return fleetcast_daemon::daemon_main::main_with_args(
+                std::iter::once("fleetcastd".to_string()).chain(args),
+            )
+        }
+        Cmd::InternalAgent { args } => return fleetcast_agent::cli::main_with_args(args),
+        _ => {}
     }
     let req = match build(cli.cmd) {
         Ok(r) => r,

@@ -1,0 +1,208 @@
+//! Crashes in the middle of a queue, on a lab network (gateway on host 0, agent on host 1).
+//!
+//! - The gateway is SIGKILLed at seeded random moments while a queue of short commands runs,
+//!   and restarted each time with the same data directory and port: the queue still finishes
+//!   with every command run exactly once, in order.
+//! - The agent is SIGKILLed while a command runs (seeded choice of commands and moments) and
+//!   restarted: the interrupted command is reported failed ("agent restarted while
+//!   executing"), never run again, and the queue (`on_failure: continue`) goes on.
+//!
+//! Replay another schedule with `FLEETCAST_TEST_SEED=<n>`.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{sh, wait_for, AgentSpec, Gateway, Rng};
+use fleetcast_daemon::admin::OnFailureSpec;
+use fleetcast_lab::{Lab, LabConfig};
+
+#[test]
+fn agent_role() {
+    common::agent_role();
+}
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Lines of a log file.
+fn lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn gateway_sigkill_mid_queue_loses_and_repeats_nothing() {
+    const COMMANDS: u64 = 20;
+    const KILLS: usize = 5;
+    let mut rng = Rng::from_env(0x5eed_0001);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(2)).expect("lab (see docs/lab.md)");
+    let mut gw = Gateway::start(lab.host(0), dir, &[]);
+    let token = gw.device_add("c1");
+    let spec = AgentSpec::new(&gw, dir, "c1", Some(token));
+    let mut agent = spec.spawn(lab.host(1));
+    gw.wait_online("c1", WAIT, || spec.output());
+
+    let log = dir.join("c1").join("seq.log");
+    let cmds = (1..=COMMANDS)
+        .map(|n| vec![sh(&format!("sleep 0.1; echo {n} >> {}", log.display()))])
+        .collect();
+    gw.queue_add("c1", cmds, OnFailureSpec::Stop);
+
+    let mut mid_queue = 0;
+    for k in 0..KILLS {
+        let ms = rng.range(50, 900);
+        std::thread::sleep(Duration::from_millis(ms));
+        let before = lines(&log).len();
+        let q = gw.queue("c1");
+        let done = q["queue"]["status"] == "done";
+        gw.kill();
+        eprintln!(
+            "kill {k}: after {ms} ms, {before} commands logged, queue {}",
+            q["queue"]
+        );
+        if !done {
+            mid_queue += 1;
+        }
+        gw.restart();
+    }
+    assert!(
+        mid_queue > 0,
+        "no kill landed before the queue finished: make the queue longer"
+    );
+
+    let q = gw.wait_done("c1", WAIT, || {
+        format!("{}\nlog: {:?}", spec.output(), lines(&log))
+    });
+    let cmds = q["commands"].as_array().expect("commands");
+    assert_eq!(cmds.len() as u64, COMMANDS, "{q:#}");
+    for c in cmds {
+        assert_eq!(c["state"], "ok", "{q:#}");
+    }
+    let want: Vec<String> = (1..=COMMANDS).map(|n| n.to_string()).collect();
+    assert_eq!(
+        lines(&log),
+        want,
+        "each command once, in order\n{}",
+        gw.diag()
+    );
+    assert!(
+        agent.try_wait().expect("try_wait").is_none(),
+        "the agent survives gateway crashes\n{}",
+        spec.output()
+    );
+    assert_eq!(
+        gw.stderr().matches("fleetcastd ready").count(),
+        KILLS + 1,
+        "{}",
+        gw.diag()
+    );
+}
+
+#[test]
+fn agent_sigkill_mid_command_reports_failure_and_never_reruns() {
+    const COMMANDS: u64 = 12;
+    const KILLS: usize = 3;
+    let mut rng = Rng::from_env(0x5eed_0002);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(2)).expect("lab (see docs/lab.md)");
+    let gw = Gateway::start(lab.host(0), dir, &[]);
+    let token = gw.device_add("c2");
+    let spec = AgentSpec::new(&gw, dir, "c2", Some(token));
+    let mut agent = spec.spawn(lab.host(1));
+    gw.wait_online("c2", WAIT, || spec.output());
+
+    // Victims: distinct seeded commands.
+    let mut victims = BTreeSet::new();
+    while victims.len() < KILLS {
+        victims.insert(rng.range(1, COMMANDS + 1));
+    }
+    eprintln!("interrupting commands {victims:?}");
+
+    let log = dir.join("c2").join("seq.log");
+    let cmds = (1..=COMMANDS)
+        .map(|n| {
+            vec![sh(&format!(
+                "echo start {n} >> {l}; sleep 0.6; echo end {n} >> {l}",
+                l = log.display()
+            ))]
+        })
+        .collect();
+    gw.queue_add("c2", cmds, OnFailureSpec::Continue);
+
+    for &n in &victims {
+        let started = format!("start {n}");
+        wait_for(
+            &format!("command {n} to start"),
+            WAIT,
+            || lines(&log).contains(&started).then_some(()),
+            || format!("log {:?}\n{}\n{}", lines(&log), spec.output(), gw.diag()),
+        );
+        // The command sleeps 0.6 s after `start`: kill within its first half.
+        std::thread::sleep(Duration::from_millis(rng.range(0, 300)));
+        let q = gw.queue("c2");
+        let ended = lines(&log).contains(&format!("end {n}"));
+        agent.kill().expect("kill agent");
+        assert!(
+            !ended,
+            "command {n} ended before the kill: the test's timing is off"
+        );
+        assert_eq!(q["queue"]["cursor"], n, "running at the kill: {q:#}");
+        assert_eq!(q["commands"][n as usize - 1]["state"], "running", "{q:#}");
+        agent = spec.spawn(lab.host(1));
+    }
+
+    let q = gw.wait_done("c2", WAIT, || {
+        format!("{}\nlog: {:?}", spec.output(), lines(&log))
+    });
+    let cmds = q["commands"].as_array().expect("commands");
+    assert_eq!(cmds.len() as u64, COMMANDS, "{q:#}");
+    let failed: BTreeSet<u64> = cmds
+        .iter()
+        .filter(|c| c["state"] == "failed")
+        .map(|c| c["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(failed, victims, "failed = interrupted: {q:#}");
+    for c in cmds {
+        let seq = c["seq"].as_u64().expect("seq");
+        if victims.contains(&seq) {
+            assert_eq!(c["exit_code"], -1, "{c:#}");
+            let out = c["output"].as_str().unwrap_or("");
+            assert!(
+                out.contains("agent restarted while executing"),
+                "seq {seq}: {out}"
+            );
+        } else {
+            assert_eq!(c["state"], "ok", "{q:#}");
+        }
+    }
+
+    // Never run twice: each `start` once, in queue order. An interrupted command's shell
+    // outlives the killed agent (its effects are "unknown", as the result says), so its `end`
+    // may or may not appear; every other command's `end` appears exactly once.
+    let got = lines(&log);
+    let starts: Vec<u64> = got
+        .iter()
+        .filter_map(|l| l.strip_prefix("start "))
+        .map(|s| s.parse().expect("seq"))
+        .collect();
+    assert_eq!(
+        starts,
+        (1..=COMMANDS).collect::<Vec<_>>(),
+        "each command started once, in order: {got:?}"
+    );
+    for n in 1..=COMMANDS {
+        let ends = got.iter().filter(|l| **l == format!("end {n}")).count();
+        if victims.contains(&n) {
+            assert!(ends <= 1, "{got:?}");
+        } else {
+            assert_eq!(ends, 1, "command {n}: {got:?}");
+        }
+    }
+}
