@@ -1,0 +1,29 @@
+//! The README's run command, `fleetcast demo`, works and its summary holds: it runs a real
+//! gateway and real agents on loopback and fails (non-zero exit) if any device's side effects
+//! ran other than exactly once in order or any result is missing.
+
+use std::process::Command;
+
+#[test]
+fn demo_runs_queues_with_a_reboot_to_completion() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+        .args(["demo", "--devices", "2"])
+        .output()
+        .expect("run fleetcast demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "demo failed: {}\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(stdout.contains("all 2 queues done"), "{stdout}");
+    assert_eq!(
+        stdout
+            .matches("5/5 results ok; side effects ran [1,3,4]")
+            .count(),
+        2,
+        "{stdout}"
+    );
+    assert!(stdout.contains("2 reboots completed"), "{stdout}");
+}
