@@ -808,16 +808,20 @@ impl Fleet {
             return None;
         }
         let q = b.queue(dev).ok()??;
-        // A command already transmitted and not answered (the agent never got it, or this is a
-        // retry after a timeout) goes again; otherwise the next pending one.
-        let (seq, cmd) = match (q.status, q.cursor) {
-            (QueueStatus::AwaitingResult, Some(c)) => (c, b.command(dev, c).ok()??),
+        // The command in flight with no session executing it: the agent's `Hello` proved it
+        // never received it (e.g. the gateway died between commit and send), so it goes again
+        // without counting an attempt. Otherwise the next pending command, counted.
+        let (seq, cmd, sent) = match (q.status, q.cursor) {
+            (QueueStatus::AwaitingResult, Some(c)) => {
+                (c, b.command(dev, c).ok()??, b.redeliver(dev, c, now_ms))
+            }
             (QueueStatus::Running | QueueStatus::Idle | QueueStatus::Done, _) => {
-                b.next_to_dispatch(dev).ok()??
+                let (seq, cmd) = b.next_to_dispatch(dev).ok()??;
+                (seq, cmd, b.mark_transmitted(dev, seq, now_ms))
             }
             _ => return None,
         };
-        match b.mark_transmitted(dev, seq, now_ms) {
+        match sent {
             Ok(()) => {
                 o.in_flight = Some(seq);
                 let _ = b.append_event(event(

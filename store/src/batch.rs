@@ -106,6 +106,11 @@ enum Op {
         seq: u64,
         now: u64,
     },
+    Redeliver {
+        dev: DeviceId,
+        seq: u64,
+        now: u64,
+    },
     Result {
         dev: DeviceId,
         seq: u64,
@@ -446,6 +451,20 @@ impl<'s> Batch<'s> {
     /// the one in flight again (a retransmission, still counted against `max_attempts`).
     pub fn mark_transmitted(&mut self, dev: DeviceId, seq: u64, now_ms: u64) -> Result<()> {
         self.exec(Op::Transmitted {
+            dev,
+            seq,
+            now: now_ms,
+        })
+        .map(drop)
+    }
+
+    /// The command in flight (`seq`, the cursor) is sent again to a device whose `Hello`
+    /// proves it never received it (it names an older command): unlike
+    /// [`mark_transmitted`](Self::mark_transmitted) this is not counted as an attempt — the
+    /// device never saw the earlier transmission (e.g. the gateway died between commit and
+    /// send). Only the transmission time (and so the result deadline) moves.
+    pub fn redeliver(&mut self, dev: DeviceId, seq: u64, now_ms: u64) -> Result<()> {
+        self.exec(Op::Redeliver {
             dev,
             seq,
             now: now_ms,
@@ -912,6 +931,13 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
             let max =
                 read::command_policy(&*cx.t, d, *dev, *seq)?.map_or(u32::MAX, |c| c.max_attempts);
             q.mark_transmitted(*seq, first, max, *now)
+                .map_err(|k| Error::illegal(*dev, k))?;
+            cx.put_queue(*dev, &q)?;
+            Ok(Out::Unit)
+        }
+        Op::Redeliver { dev, seq, now } => {
+            let mut q = cx.live_queue(*dev)?;
+            q.redeliver(*seq, *now)
                 .map_err(|k| Error::illegal(*dev, k))?;
             cx.put_queue(*dev, &q)?;
             Ok(Out::Unit)

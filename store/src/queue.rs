@@ -80,6 +80,23 @@ impl QueueState {
     }
 
     /// `seq` is being transmitted at `now_ms`. `first_pending` is the first pending command.
+    /// The command in flight is sent again to a device that proved it never received it
+    /// (its `Hello` names an older command): not a new attempt, so `attempts` is unchanged;
+    /// only the transmission time moves (the result deadline restarts).
+    pub(crate) fn redeliver(&mut self, seq: u64, now_ms: u64) -> R {
+        match self.status {
+            QueueStatus::AwaitingResult if self.cursor == Some(seq) => {
+                self.transmitted_ms = now_ms;
+                Ok(())
+            }
+            QueueStatus::AwaitingResult => Err(Illegal::NotNextCommand {
+                expected: self.cursor,
+                found: seq,
+            }),
+            s => Err(wrong("redeliver", s)),
+        }
+    }
+
     pub(crate) fn mark_transmitted(
         &mut self,
         seq: u64,

@@ -662,3 +662,40 @@ fn scans_never_outlive_cursors() {
         assert_eq!(snap.tasks().unwrap().len() as u64, round + 1);
     }
 }
+
+#[test]
+fn redelivery_to_a_device_that_never_got_the_command_is_not_an_attempt() {
+    let (_dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    // Not in flight: nothing to redeliver.
+    assert!(matches!(
+        b.redeliver(d, 1, 5),
+        Err(Error::IllegalTransition { .. })
+    ));
+    b.enqueue(d, exec()).unwrap(); // max_attempts 1
+    b.mark_transmitted(d, 1, 10).unwrap();
+    b.redeliver(d, 1, 20).unwrap();
+    b.redeliver(d, 1, 30).unwrap();
+    let q = b.queue(d).unwrap().unwrap();
+    assert_eq!((q.attempts, q.transmitted_ms, q.cursor), (1, 30, Some(1)));
+    // A counted retransmission would exceed max_attempts = 1.
+    assert!(matches!(
+        b.mark_transmitted(d, 1, 40),
+        Err(Error::IllegalTransition {
+            kind: Illegal::AttemptsExhausted { seq: 1 },
+            ..
+        })
+    ));
+    assert!(matches!(
+        b.redeliver(d, 2, 50),
+        Err(Error::IllegalTransition {
+            kind: Illegal::NotNextCommand { .. },
+            ..
+        })
+    ));
+    assert_eq!(
+        b.record_result(d, 1, ok()).unwrap(),
+        Recorded::Stored(QueueStatus::Done)
+    );
+    b.commit().unwrap();
+}
