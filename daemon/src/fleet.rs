@@ -1206,3 +1206,469 @@ fn random_token() -> Result<String, ring::error::Unspecified> {
     ring::rand::SystemRandom::new().fill(&mut b)?;
     Ok(hex(&b))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The fleet logic without sockets: inputs in, actions out, the store checked directly.
+
+    use super::*;
+    use fleetcast_agent::tls::DeviceKey;
+
+    const T0: u64 = 1_795_000_000_000;
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        fleet: Fleet,
+        now: u64,
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            let pki = Pki::load_or_create(&dir.path().join("pki"), &["localhost".into()], wall(T0))
+                .unwrap();
+            let store = Store::open(dir.path().join("store")).unwrap();
+            let cfg = FleetConfig {
+                reboot_timeout_ms: 60_000,
+                ..FleetConfig::default()
+            };
+            Rig {
+                fleet: Fleet::new(store, pki, cfg).unwrap(),
+                _dir: dir,
+                now: T0,
+            }
+        }
+
+        fn run(&mut self, inputs: Vec<Input>) -> Vec<Action> {
+            self.now += 10;
+            self.fleet.process(self.now, inputs)
+        }
+
+        fn admin(&mut self, req: Request) -> Response {
+            match &self.run(vec![Input::Admin { conn: 999, req }])[..] {
+                [Action::Reply { resp, .. }] => resp.clone(),
+                other => panic!("{other:?}"),
+            }
+        }
+
+        /// Issues a token and enrols a device over connection `conn`; returns its id and key hash.
+        fn enrol(&mut self, name: &str, conn: ConnId) -> (DeviceId, [u8; 32]) {
+            let r = self.admin(Request::DeviceAdd {
+                name: name.into(),
+                groups: vec!["g".into()],
+            });
+            let token = r.data["token"].as_str().unwrap().to_string();
+            let spki = DeviceKey::generate().unwrap().spki_der();
+            let a = self.run(vec![Input::Enrol {
+                conn,
+                token: token.into_bytes(),
+                name: name.into(),
+                spki: spki.clone(),
+            }]);
+            match &a[..] {
+                [Action::Enrolled { device, .. }] => (*device, sha256(&spki)),
+                other => panic!("{other:?}"),
+            }
+        }
+
+        fn hello(
+            &mut self,
+            conn: ConnId,
+            dev: DeviceId,
+            key: [u8; 32],
+            last: Option<(u64, Option<store::CommandResult>)>,
+        ) -> Vec<Action> {
+            self.run(vec![Input::Hello {
+                conn,
+                device: dev,
+                key_hash: key,
+                last,
+            }])
+        }
+
+        fn queue(&mut self, dev: DeviceId) -> store::QueueState {
+            self.fleet
+                .store()
+                .snapshot()
+                .unwrap()
+                .queue(dev)
+                .unwrap()
+                .unwrap_or_default()
+        }
+    }
+
+    fn exec(name: &str) -> Vec<StepSpec> {
+        vec![StepSpec::Exec {
+            argv: vec!["echo".into(), name.into()],
+        }]
+    }
+
+    fn add(rig: &mut Rig, target: &str, commands: Vec<Vec<StepSpec>>) -> Vec<Action> {
+        rig.run(vec![Input::Admin {
+            conn: 999,
+            req: Request::QueueAdd {
+                target: target.into(),
+                commands,
+                timeout_ms: 10_000,
+                max_attempts: 1,
+                on_failure: OnFailureSpec::Stop,
+            },
+        }])
+    }
+
+    fn ok_result(steps: usize) -> store::CommandResult {
+        store::CommandResult {
+            steps: (0..steps)
+                .map(|_| store::StepResult {
+                    outcome: store::StepOutcome::Ok,
+                    exit_code: Some(0),
+                    output: vec![],
+                    started_ms: T0,
+                    finished_ms: T0,
+                })
+                .collect(),
+        }
+    }
+
+    fn dispatched(actions: &[Action]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| {
+                if let Action::Dispatch { seq, .. } = a {
+                    Some(*seq)
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unknown_device_and_bad_token_are_refused_with_reasons() {
+        let mut rig = Rig::new();
+        let a = rig.hello(1, DeviceId(77), [0; 32], None);
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Close {
+                    code: CloseCode::UNKNOWN_DEVICE,
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        let a = rig.run(vec![Input::Enrol {
+            conn: 2,
+            token: b"nope".to_vec(),
+            name: "x".into(),
+            spki: vec![1],
+        }]);
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Close {
+                    code: CloseCode::BAD_TOKEN,
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn a_token_enrols_once() {
+        let mut rig = Rig::new();
+        let r = rig.admin(Request::DeviceAdd {
+            name: "n1".into(),
+            groups: vec![],
+        });
+        let token = r.data["token"].as_str().unwrap().as_bytes().to_vec();
+        let spki = DeviceKey::generate().unwrap().spki_der();
+        let a = rig.run(vec![Input::Enrol {
+            conn: 1,
+            token: token.clone(),
+            name: "n1".into(),
+            spki: spki.clone(),
+        }]);
+        assert!(matches!(&a[..], [Action::Enrolled { .. }]), "{a:?}");
+        let a = rig.run(vec![Input::Enrol {
+            conn: 2,
+            token,
+            name: "n1".into(),
+            spki,
+        }]);
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Close {
+                    code: CloseCode::BAD_TOKEN,
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        // A key other than the enrolled one is refused.
+        let dev = rig
+            .fleet
+            .store()
+            .snapshot()
+            .unwrap()
+            .device_by_name("n1")
+            .unwrap()
+            .unwrap()
+            .id;
+        let a = rig.hello(3, dev, [9; 32], None);
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Close {
+                    code: CloseCode::UNAUTHENTICATED,
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn next_command_goes_only_after_the_result_is_stored() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        let a = rig.hello(2, dev, key, None);
+        assert!(
+            matches!(&a[..], [Action::Welcome { resume: None, .. }]),
+            "{a:?}"
+        );
+        let a = add(&mut rig, "n1", vec![exec("a"), exec("b"), exec("c")]);
+        assert_eq!(dispatched(&a), vec![1], "one command in flight: {a:?}");
+        for seq in 1..=3u64 {
+            assert_eq!(rig.queue(dev).cursor, Some(seq));
+            let a = rig.run(vec![Input::Result {
+                conn: 2,
+                device: dev,
+                seq,
+                result: ok_result(1),
+            }]);
+            // The ack and the next dispatch leave together, after the commit.
+            assert!(
+                matches!(a[0], Action::Ack { seq: s, .. } if s == seq),
+                "{a:?}"
+            );
+            assert_eq!(dispatched(&a), if seq < 3 { vec![seq + 1] } else { vec![] });
+        }
+        assert_eq!(rig.queue(dev).status, QueueStatus::Done);
+        // A result for a command that was never sent closes the session.
+        let a = rig.run(vec![Input::Result {
+            conn: 2,
+            device: dev,
+            seq: 9,
+            result: ok_result(1),
+        }]);
+        assert!(
+            a.iter().any(|x| matches!(
+                x,
+                Action::Close {
+                    code: CloseCode::PROTOCOL,
+                    ..
+                }
+            )),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn reconnect_resumes_redelivers_or_takes_the_result_from_hello() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        add(&mut rig, "n1", vec![exec("a"), exec("b"), exec("c")]);
+        rig.run(vec![Input::Disconnected {
+            conn: 2,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+        // The agent never got command 1 (its Hello names nothing): redelivered, not counted.
+        let a = rig.hello(3, dev, key, None);
+        assert_eq!(dispatched(&a), vec![1]);
+        assert_eq!(rig.queue(dev).attempts, 1);
+        rig.run(vec![Input::Disconnected {
+            conn: 3,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+        // The agent is still executing command 1: the new session resumes it, sends nothing.
+        let a = rig.hello(4, dev, key, Some((1, None)));
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Welcome {
+                    resume: Some((1, _, false)),
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        rig.run(vec![Input::Disconnected {
+            conn: 4,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+        // The agent finished command 1 while disconnected: its Hello carries the result, the
+        // Welcome acknowledges it, and command 2 follows.
+        let a = rig.hello(5, dev, key, Some((1, Some(ok_result(1)))));
+        match &a[..] {
+            [Action::Welcome {
+                welcome,
+                resume: None,
+                ..
+            }, Action::Dispatch { seq: 2, .. }] => {
+                assert_eq!(welcome.acked_seq, 1)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn reboot_suspends_the_queue_until_a_new_boot_reports() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        add(&mut rig, "n1", vec![vec![StepSpec::Reboot], exec("after")]);
+        rig.run(vec![Input::RebootStarting {
+            conn: 2,
+            device: dev,
+            seq: 1,
+        }]);
+        assert_eq!(rig.queue(dev).status, QueueStatus::Rebooting);
+        rig.run(vec![Input::Disconnected {
+            conn: 2,
+            device: Some(dev),
+            reason: "rebooting".into(),
+        }]);
+        // Back on a new session; nothing is dispatched while rebooting.
+        let a = rig.hello(3, dev, key, Some((1, None)));
+        assert!(dispatched(&a).is_empty(), "{a:?}");
+        let report = |boot: &str| store::ConfigReport {
+            os: "Debian".into(),
+            kernel: "6.1".into(),
+            hostname: "n1".into(),
+            addresses: vec![],
+            software: vec![],
+            agent_version: "0.1.0".into(),
+            boot_id: boot.into(),
+        };
+        let a = rig.run(vec![Input::RebootComplete {
+            conn: 3,
+            device: dev,
+            seq: 1,
+            report: report("b2"),
+        }]);
+        assert_eq!(dispatched(&a), vec![2], "{a:?}");
+        let d = rig
+            .fleet
+            .store()
+            .snapshot()
+            .unwrap()
+            .device(dev)
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.report.unwrap().boot_id, "b2");
+    }
+
+    #[test]
+    fn a_device_that_misses_its_reboot_deadline_fails_visibly() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        add(&mut rig, "n1", vec![vec![StepSpec::Reboot], exec("after")]);
+        rig.run(vec![Input::RebootStarting {
+            conn: 2,
+            device: dev,
+            seq: 1,
+        }]);
+        rig.run(vec![Input::Disconnected {
+            conn: 2,
+            device: Some(dev),
+            reason: "rebooting".into(),
+        }]);
+        assert!(rig.fleet.next_deadline().is_some());
+        rig.now += 60_001;
+        rig.run(vec![]);
+        let q = rig.queue(dev);
+        assert_eq!(
+            (q.status, q.failure),
+            (
+                QueueStatus::Failed,
+                Some(store::FailReason::RebootDeadlineMissed)
+            )
+        );
+        let ev = rig
+            .fleet
+            .store()
+            .snapshot()
+            .unwrap()
+            .events_from(1, 1000)
+            .unwrap();
+        assert!(ev.iter().any(|(_, e)| e.kind == EventKind::QueueFailed));
+    }
+
+    #[test]
+    fn revoking_closes_the_session_and_refuses_the_next_hello() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        let a = rig.run(vec![Input::Admin {
+            conn: 999,
+            req: Request::DeviceRevoke { name: "n1".into() },
+        }]);
+        assert!(
+            a.iter().any(|x| matches!(
+                x,
+                Action::Close {
+                    conn: 2,
+                    code: CloseCode::REVOKED,
+                    ..
+                }
+            )),
+            "{a:?}"
+        );
+        let a = rig.hello(3, dev, key, None);
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Close {
+                    code: CloseCode::REVOKED,
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn group_queue_reaches_every_member_and_reboot_must_be_last() {
+        let mut rig = Rig::new();
+        let (d1, k1) = rig.enrol("n1", 1);
+        let (d2, k2) = rig.enrol("n2", 2);
+        rig.hello(3, d1, k1, None);
+        rig.hello(4, d2, k2, None);
+        let a = add(&mut rig, "g", vec![exec("x")]);
+        assert_eq!(dispatched(&a).len(), 2, "{a:?}");
+        let r = rig.admin(Request::QueueAdd {
+            target: "n1".into(),
+            commands: vec![vec![StepSpec::Reboot, StepSpec::Report]],
+            timeout_ms: 1,
+            max_attempts: 1,
+            on_failure: OnFailureSpec::Stop,
+        });
+        assert!(r.error.unwrap().contains("last step"));
+        let r = rig.admin(Request::QueueAdd {
+            target: "nobody".into(),
+            commands: vec![exec("x")],
+            timeout_ms: 1,
+            max_attempts: 1,
+            on_failure: OnFailureSpec::Stop,
+        });
+        assert!(r.error.unwrap().contains("neither a device nor a group"));
+    }
+}
