@@ -27,7 +27,8 @@ fn data_block(c: &mut Criterion) {
     // Header only: the zero-copy view, magic/version/flags/length checks, sub-header.
     g.bench_function("parse_header_1400", |b| {
         b.iter(|| {
-            let (hdr, rest) = fleetcast_wire::Header::check_prefix(black_box(&d), u32::MAX).unwrap();
+            let (hdr, rest) =
+                fleetcast_wire::Header::check_prefix(black_box(&d), u32::MAX).unwrap();
             let blk = DataBlock::parse_body(&rest[..hdr.body_len()]).unwrap();
             black_box((blk.session, blk.block))
         })
@@ -59,7 +60,11 @@ fn data_block(c: &mut Criterion) {
 fn control(c: &mut Criterion) {
     let mut g = c.benchmark_group("control");
     let all = samples::all();
-    let dispatch = all.iter().find(|m| m.kind() == Kind::Dispatch).unwrap().clone();
+    let dispatch = all
+        .iter()
+        .find(|m| m.kind() == Kind::Dispatch)
+        .unwrap()
+        .clone();
     let mut bytes = Vec::new();
     dispatch.emit_to_vec(&mut bytes).unwrap();
     g.throughput(Throughput::Bytes(bytes.len() as u64));
@@ -70,7 +75,9 @@ fn control(c: &mut Criterion) {
         })
     });
     let mut out = vec![0u8; bytes.len()];
-    g.bench_function("dispatch_emit", |b| b.iter(|| black_box(dispatch.emit(&mut out).unwrap())));
+    g.bench_function("dispatch_emit", |b| {
+        b.iter(|| black_box(dispatch.emit(&mut out).unwrap()))
+    });
 
     // A stream of every kind, pushed in 1 KiB chunks, as a TLS record stream would be.
     let mut stream = Vec::new();
