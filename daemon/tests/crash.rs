@@ -206,3 +206,65 @@ fn agent_sigkill_mid_command_reports_failure_and_never_reruns() {
         }
     }
 }
+
+/// The gateway dies while a device is rebooting, and again right after the device is back:
+/// the `rebooting` state and the reboot command are durable, and the queue completes once.
+#[test]
+fn gateway_sigkill_while_a_device_reboots() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(2)).expect("lab (see docs/lab.md)");
+    let mut gw = Gateway::start(lab.host(0), dir, &[]);
+    let spec = AgentSpec::new(&gw, dir, "c3", Some(gw.device_add("c3")));
+    let mut agent = spec.spawn(lab.host(1));
+    gw.wait_online("c3", WAIT, || spec.output());
+    let log = dir.join("c3").join("seq.log");
+    let l = log.display();
+    gw.queue_add(
+        "c3",
+        vec![
+            vec![sh(&format!("echo 1 >> {l}"))],
+            vec![fleetcast_daemon::admin::StepSpec::Reboot],
+            vec![sh(&format!("echo 3 >> {l}"))],
+            vec![sh(&format!("echo 4 >> {l}"))],
+        ],
+        OnFailureSpec::Stop,
+    );
+    let st = common::wait_exit(&mut agent, WAIT, || {
+        format!("{}\n{}", spec.output(), gw.diag())
+    });
+    assert_eq!(st.code(), Some(common::REBOOT_EXIT), "{}", spec.output());
+    wait_for(
+        "rebooting",
+        WAIT,
+        || (gw.queue("c3")["queue"]["status"] == "rebooting").then_some(()),
+        || gw.diag(),
+    );
+    gw.kill();
+    gw.restart();
+    let q = gw.queue("c3");
+    assert_eq!(q["queue"]["status"], "rebooting", "after restart: {q:#}");
+    assert_eq!(q["commands"][1]["state"], "rebooting", "{q:#}");
+
+    spec.set_boot_id("99999999-0000-4000-8000-000000000001");
+    let _agent = spec.spawn(lab.host(1));
+    // Kill the gateway as soon as the device is back (mid-completion or just after).
+    wait_for(
+        "the device to reconnect",
+        WAIT,
+        || gw.device("c3").filter(|r| r["online"] == true).map(|_| ()),
+        || format!("{}\n{}", spec.output(), gw.diag()),
+    );
+    gw.kill();
+    gw.restart();
+    let q = gw.wait_done("c3", WAIT, || spec.output());
+    for c in q["commands"].as_array().expect("commands") {
+        assert_eq!(c["state"], "ok", "{q:#}");
+    }
+    assert_eq!(lines(&log), ["1", "3", "4"], "{}", gw.diag());
+    let row = gw.device("c3").expect("row");
+    assert_eq!(
+        row["boot_id"], "99999999000040008000000000000001",
+        "{row:#}"
+    );
+}
