@@ -1027,10 +1027,19 @@ fn admin(
                 Response::ok(json!({ "group": group, "added": devices }))
             }
             Request::GroupList => {
-                // Groups are discovered from device membership queries of known names.
-                Response::ok(
-                    json!({ "note": "use `fleetcast group add` to build groups; `queue add GROUP` targets them" }),
-                )
+                let mut rows = Vec::new();
+                for (group, members) in b.groups().map_err(err)? {
+                    let mut names = Vec::new();
+                    for id in members {
+                        names.push(
+                            b.device(id)
+                                .map_err(err)?
+                                .map_or_else(|| id.0.to_string(), |d| d.name),
+                        );
+                    }
+                    rows.push(json!({ "group": group, "members": names.join(",") }));
+                }
+                Response::ok(json!({ "groups": rows }))
             }
             Request::QueueAdd {
                 target,
@@ -1654,6 +1663,15 @@ mod tests {
         rig.hello(4, d2, k2, None);
         let a = add(&mut rig, "g", vec![exec("x")]);
         assert_eq!(dispatched(&a).len(), 2, "{a:?}");
+        rig.admin(Request::GroupAdd {
+            group: "web".into(),
+            devices: vec!["n2".into()],
+        });
+        let r = rig.admin(Request::GroupList);
+        assert_eq!(
+            r.data["groups"],
+            serde_json::json!([{ "group": "g", "members": "n1,n2" }, { "group": "web", "members": "n2" }])
+        );
         let r = rig.admin(Request::QueueAdd {
             target: "n1".into(),
             commands: vec![vec![StepSpec::Reboot, StepSpec::Report]],

@@ -167,6 +167,28 @@ pub(crate) fn group_members<T: Transaction>(t: &T, d: &Dbs, name: &str) -> Resul
     Ok(out)
 }
 
+/// Every group with its members, in name order (lengths first, as keys sort).
+pub(crate) fn groups<T: Transaction>(t: &T, d: &Dbs) -> Result<Vec<(String, Vec<DeviceId>)>> {
+    let mut out: Vec<(String, Vec<DeviceId>)> = Vec::new();
+    env::scan(t, d.groups, &[], &[], |k, _| {
+        let corrupt = || Error::Corrupt {
+            table: "groups",
+            reason: "key layout",
+        };
+        let len = k.get(..2).ok_or_else(corrupt)?;
+        let n = usize::from(u16::from_be_bytes([len[0], len[1]]));
+        let name = k.get(2..2 + n).ok_or_else(corrupt)?;
+        let name = std::str::from_utf8(name).map_err(|_| corrupt())?;
+        let id = DeviceId(be(k.get(2 + n..).ok_or_else(corrupt)?, "groups")?);
+        match out.last_mut() {
+            Some((g, members)) if g == name => members.push(id),
+            _ => out.push((name.to_string(), vec![id])),
+        }
+        Ok(true)
+    })?;
+    Ok(out)
+}
+
 pub(crate) fn task<T: Transaction>(t: &T, d: &Dbs, id: TaskId) -> Result<Option<Task>> {
     env::get(t, d.tasks, &id.0.to_be_bytes())
 }
@@ -299,6 +321,11 @@ macro_rules! read_methods {
         pub fn group_members(&self, group: &str) -> Result<Vec<DeviceId>> {
             let (t, d) = self.read_parts()?;
             read::group_members(t, d, group)
+        }
+        /// Every group and its members.
+        pub fn groups(&self) -> Result<Vec<(String, Vec<DeviceId>)>> {
+            let (t, d) = self.read_parts()?;
+            read::groups(t, d)
         }
         /// One distribution task.
         pub fn task(&self, id: TaskId) -> Result<Option<Task>> {
