@@ -236,6 +236,11 @@ impl<'lab> Gateway<'lab> {
         }
     }
 
+    /// The running gateway's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(LabChild::id)
+    }
+
     /// Whether the gateway process has exited, and how.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child
