@@ -286,12 +286,19 @@ pub struct ScaleReport {
     pub enrol_s: f64,
     /// All agents connected with mTLS and welcomed (from a fresh gateway), s.
     pub connect_s: f64,
+    /// Gateway / loadgen CPU share (1.0 = one core) while connecting.
+    pub connect_cpu: (f64, f64),
+    /// Gateway / loadgen CPU share during the storm (kill to done).
+    pub storm_cpu: (f64, f64),
     /// Sessions the gateway reports online.
     pub gateway_online: u64,
     /// Gateway with 0 sessions.
     pub mem0: ProcSample,
     /// Gateway with N idle sessions.
     pub mem_n: ProcSample,
+    /// Live heap bytes of the gateway (counting allocator of `bench-gateway`) with 0 / N
+    /// sessions (0 when the gateway binary does not write `heap-live`).
+    pub heap: (i64, i64),
     /// Gateway CPU during the idle window, ms of CPU per s of wall time.
     pub idle_cpu_ms_per_s: f64,
     /// Heartbeats per second implied by the interval (agent requests).
@@ -335,7 +342,14 @@ impl std::fmt::Display for ScaleReport {
         writeln!(f, "agents                      {}", self.agents)?;
         writeln!(f, "provision (DeviceAdd)       {:.2} s", self.provision_s)?;
         writeln!(f, "enrol all                   {:.2} s", self.enrol_s)?;
-        writeln!(f, "connect all (mTLS, fresh)   {:.2} s", self.connect_s)?;
+        writeln!(
+            f,
+            "connect all (mTLS, fresh)   {:.2} s ({:.0} handshakes/s; gateway CPU {:.2}, loadgen CPU {:.2})",
+            self.connect_s,
+            n / self.connect_s,
+            self.connect_cpu.0,
+            self.connect_cpu.1
+        )?;
         writeln!(f, "gateway online              {}", self.gateway_online)?;
         writeln!(
             f,
@@ -347,6 +361,13 @@ impl std::fmt::Display for ScaleReport {
             "anon per idle session       {:.0} B (VmRSS {:.0} B)",
             self.anon_per_session(),
             (self.mem_n.rss_kb as f64 - self.mem0.rss_kb as f64) * 1024.0 / n
+        )?;
+        writeln!(
+            f,
+            "heap live 0 / N sessions    {} B / {} B: {:.0} B per session",
+            self.heap.0,
+            self.heap.1,
+            (self.heap.1 - self.heap.0) as f64 / n
         )?;
         writeln!(
             f,
@@ -370,14 +391,69 @@ impl std::fmt::Display for ScaleReport {
         )?;
         write!(
             f,
-            "storm (from kill -9)        ready {:.2} s, all welcomed {:.2} s, all ran a command {:.2} s ({} connects)",
-            self.storm_restart_s, self.storm_welcomed_s, self.storm_done_s, self.storm_connects
+            "storm (from kill -9)        ready {:.2} s, all welcomed {:.2} s, all ran a command {:.2} s ({} connects; gateway CPU {:.2}, loadgen CPU {:.2})",
+            self.storm_restart_s,
+            self.storm_welcomed_s,
+            self.storm_done_s,
+            self.storm_connects,
+            self.storm_cpu.0,
+            self.storm_cpu.1
         )
+    }
+}
+
+/// `perf record -g` of the gateway during one phase, when `LOADGEN_PERF` names that phase
+/// (`connect`, `idle`, `throughput`, `storm`); the profile goes to `perf-<phase>.data` in the
+/// current directory. The `perf` process is one this harness started and stops by its PID.
+#[derive(Debug)]
+struct Profiler(Option<Child>);
+
+impl Profiler {
+    fn start(phase: &str, pid: u32) -> Profiler {
+        if std::env::var("LOADGEN_PERF").ok().as_deref() != Some(phase) {
+            return Profiler(None);
+        }
+        let child = Command::new("perf")
+            .args(["record", "-F", "499", "-g", "-o"])
+            .arg(format!("perf-{phase}.data"))
+            .arg("-p")
+            .arg(pid.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        match child {
+            Ok(c) => {
+                std::thread::sleep(Duration::from_millis(300));
+                Profiler(Some(c))
+            }
+            Err(e) => {
+                eprintln!("loadgen: cannot start perf: {e}");
+                Profiler(None)
+            }
+        }
+    }
+
+    fn stop(self) {
+        if let Some(mut c) = self.0 {
+            if let Ok(pid) = i32::try_from(c.id()) {
+                // SAFETY: signals only the `perf` child this harness spawned.
+                unsafe { libc::kill(pid, libc::SIGINT) };
+            }
+            let _ = c.wait();
+        }
     }
 }
 
 fn phase_err(what: &str, swarm: &Swarm) -> Box<dyn std::error::Error> {
     format!("phase `{what}` did not finish in time: {:?}", swarm.stats).into()
+}
+
+/// The live heap bytes `bench-gateway` last wrote (0 if none).
+fn heap_live(data: &Path) -> i64 {
+    std::fs::read_to_string(data.join("heap-live"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn self_cpu_ticks() -> u64 {
@@ -481,24 +557,35 @@ fn run_phases(
     let g = GatewayProc::spawn(&cfg.gateway_bin, data, listen, cfg.heartbeat)?;
     let pid = g.pid();
     *gw = Some(g);
-    let settle = clock.now() + Duration::from_secs(1);
+    let settle = clock.now() + Duration::from_millis(1500);
     swarm.run_until(settle, |_| false);
     rep.mem0 = sample(pid)?;
+    rep.heap.0 = heap_live(data);
+    let l0 = self_cpu_ticks();
+    let prof = Profiler::start("connect", pid);
     let t = clock.now();
     swarm.connect_all();
     if !swarm.run_until(end, |s| s.stats.established >= n) {
         return Err(phase_err("connect", &swarm));
     }
     rep.connect_s = secs(clock.now() - t);
+    prof.stop();
+    rep.connect_cpu = (
+        (sample(pid)?.cpu_ticks - rep.mem0.cpu_ticks) as f64 / ticks_per_sec() / rep.connect_s,
+        (self_cpu_ticks() - l0) as f64 / ticks_per_sec() / rep.connect_s,
+    );
     let settle = clock.now() + Duration::from_secs(2);
     swarm.run_until(settle, |_| false);
     rep.mem_n = sample(pid)?;
+    rep.heap.1 = heap_live(data);
     let mut admin = AdminPipe::connect(data)?;
 
     // 3. Idle CPU: heartbeats only.
     let s0 = sample(pid)?;
+    let prof = Profiler::start("idle", pid);
     let t = clock.now();
     swarm.run_until(t + Duration::from_secs(cfg.idle_secs), |_| false);
+    prof.stop();
     let s1 = sample(pid)?;
     let w = secs(clock.now() - t);
     rep.idle_secs = w;
@@ -521,6 +608,7 @@ fn run_phases(
         let want = swarm.stats.acks + (n * cfg.commands) as u64;
         let g0 = sample(pid)?.cpu_ticks;
         let l0 = self_cpu_ticks();
+        let prof = Profiler::start("throughput", pid);
         let t = clock.now();
         admin.call(Request::QueueAdd {
             target: "all".into(),
@@ -533,6 +621,7 @@ fn run_phases(
             return Err(phase_err("throughput", &swarm));
         }
         let w = secs(clock.now() - t);
+        prof.stop();
         let tps = ticks_per_sec();
         rep.cmds = (n * cfg.commands) as u64;
         rep.cmds_per_s = rep.cmds as f64 / w;
@@ -603,13 +692,16 @@ fn run_phases(
         drop(admin);
         let before: Vec<u32> = swarm.agents.iter().map(|a| a.sessions).collect();
         let c0 = swarm.stats.connects;
+        let l0 = self_cpu_ticks();
         let t = clock.now();
         gw.take().expect("running").kill();
         // Agents run their back-off while the gateway is down; restart as an init system would.
         swarm.set_max_connecting(0);
         let g = GatewayProc::spawn(&cfg.gateway_bin, data, listen, cfg.heartbeat)?;
+        let pid = g.pid();
         *gw = Some(g);
         rep.storm_restart_s = secs(clock.now() - t);
+        let prof = Profiler::start("storm", pid);
         let mut admin = AdminPipe::connect(data)?;
         let data = admin.call(Request::QueueAdd {
             target: "all".into(),
@@ -653,6 +745,11 @@ fn run_phases(
             return Err(phase_err("storm", &swarm));
         }
         rep.storm_done_s = secs(clock.now() - t);
+        prof.stop();
+        rep.storm_cpu = (
+            sample(pid)?.cpu_ticks as f64 / ticks_per_sec() / rep.storm_done_s,
+            (self_cpu_ticks() - l0) as f64 / ticks_per_sec() / rep.storm_done_s,
+        );
         rep.storm_welcomed_s = welcomed_at.map_or(0.0, |w| secs(w - t));
         rep.storm_connects = swarm.stats.connects - c0;
     }

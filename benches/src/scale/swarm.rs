@@ -501,10 +501,8 @@ impl Swarm {
             }
         }
         self.drain(i, now);
-        if failed || eof {
-            if self.agents[i].link.is_some() {
-                self.drop_link(i, now, false);
-            }
+        if (failed || eof) && self.agents[i].link.is_some() {
+            self.drop_link(i, now, false);
         }
     }
 
@@ -669,7 +667,7 @@ impl Swarm {
                 continue;
             };
             if !a.welcomed
-                && !(link.enrolling && a.config.is_some())
+                && (!link.enrolling || a.config.is_none())
                 && now - link.started >= self.cfg.handshake_timeout
             {
                 self.drop_link(i, now, false);
