@@ -35,6 +35,8 @@ pub mod time;
 #[cfg(feature = "alloc")]
 pub mod deframer;
 #[cfg(feature = "alloc")]
+pub mod mcast;
+#[cfg(feature = "alloc")]
 pub mod msg;
 #[cfg(feature = "alloc")]
 pub mod ranges;
@@ -52,6 +54,8 @@ pub use time::Instant;
 
 #[cfg(feature = "alloc")]
 pub use deframer::Deframer;
+#[cfg(feature = "alloc")]
+pub use mcast::{McastReceiver, McastSender};
 #[cfg(feature = "alloc")]
 pub use msg::*;
 #[cfg(feature = "alloc")]

@@ -1,0 +1,361 @@
+//! Reliable multicast distribution cores: [`McastSender`] (gateway) and [`McastReceiver`]
+//! (agent). ARCHITECTURE.md "Multicast distribution"; issue 7.
+//!
+//! Both cores are sans-IO and never touch file bytes: zero-copy stays in the drivers.
+//! - The sender core decides *what* to send and *when*: [`McastSender::poll_transmit`] returns
+//!   a [`SendBlock`] (block index, [`Dest`], and the frame [`crate::Kind`]: `Data` for the group,
+//!   `Repair` for unicast); the driver reads the block from its mapping and sends it behind a
+//!   [`crate::data_prefix`].
+//! - The receiver core is told which *valid* blocks arrived ([`McastReceiver::handle_block`];
+//!   the driver has already checked CRC, tag and session and written the payload) and emits
+//!   `Nack` datagrams ([`crate::Nack`]) into a caller buffer.
+//!
+//! # Protocol
+//! 1. First pass: the sender multicasts blocks `0..n` in order, paced by a token bucket at
+//!    [`SenderConfig::rate`] (datagram bytes per second, prefix included).
+//! 2. A receiver that sees a gap waits [`ReceiverConfig::reorder_window`] plus a random
+//!    back-off and NACKs the missing blocks below the highest block it had seen when it noticed
+//!    the gap. The end of the first pass (the last block arrives, the sender falls silent for
+//!    [`ReceiverConfig::silence`], or the driver calls [`McastReceiver::handle_sender_idle`])
+//!    makes every missing block NACK-able. NACKs repeat, with exponential back-off while nothing
+//!    arrives, until the blocks arrive; each carries at most [`ReceiverConfig::max_ranges`]
+//!    ranges (the lowest missing ones) and they are at least
+//!    [`ReceiverConfig::min_nack_interval`] apart.
+//! 3. The sender aggregates NACKs per *round* ([`SenderConfig::round`], opened by the first NACK
+//!    after the previous round closed). A device's latest NACK in a round replaces its earlier
+//!    ones, so repeated or duplicated NACKs never count twice. At the round's end it sweeps the
+//!    requested ranges into a range → requester-count map: blocks wanted by at least
+//!    [`SenderConfig::multicast_threshold`] devices are re-multicast, the rest are unicast as
+//!    `Repair` to each requester. During the first pass repairs get at most
+//!    [`SenderConfig::repair_share_permille`] of the rate (a second token bucket), so they never
+//!    starve the first pass; afterwards they get all of it.
+//! 4. Demotion: after the first pass, a device whose estimated missing count stays above
+//!    [`SenderConfig::demote_missing_percent`] of the file for
+//!    [`SenderConfig::demote_after_rounds`] consecutive rounds, or that sends more than
+//!    [`SenderConfig::max_nacks_per_round`] NACKs in one round, is demoted: its repairs stop and
+//!    the driver catches it up by unicast later ([`SenderEvent::Demoted`]).
+//! 5. Completion arrives over the control session; the driver reports it with
+//!    [`McastSender::receiver_done`]. The sender finishes ([`SenderEvent::Finished`]) when the
+//!    first pass is done, no repair is pending, and every non-demoted receiver has reported, or
+//!    after [`SenderConfig::idle_timeout`] without NACKs. Receivers that did not report a
+//!    verified copy are listed as unfinished, never as done.
+//!
+//! # Driving contract (both cores)
+//! - Time is an input and must be monotonic: never pass an `Instant` earlier than one passed
+//!   before to the same core.
+//! - Inputs: `handle_*` calls and `handle_timeout(now)` (call it once the instant from
+//!   `poll_timeout` is reached; calling it early is harmless).
+//! - **After every input**, in this order: drain `poll_transmit(now, ..)` until `None` and send
+//!   each datagram; drain `poll_event()` until `None` and act on each event; re-arm the timer
+//!   from `poll_timeout()` (`None`: no timer). The sender's `poll_transmit` returns `None` when
+//!   the rate ceiling is reached; `poll_timeout` then names the next send time, so a driver that
+//!   follows this loop is paced without any extra logic.
+//!
+//! # Memory
+//! The sender holds per receiver a few counters, the device's latest NACK of the open round and
+//! its pending unicast repairs (all range lists); per block it holds nothing. The receiver holds
+//! one bit per block.
+
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::ranges::{BlockRange, Ranges};
+
+mod receiver;
+mod sender;
+
+pub use receiver::{BlockVerdict, McastReceiver, ReceiverConfig, ReceiverEvent, ReceiverStats};
+pub use sender::{Dest, McastSender, SendBlock, SenderConfig, SenderEvent, SenderStats};
+
+/// A configuration a core refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `block_size` is zero or larger than one datagram can carry.
+    BlockSize,
+    /// The file has more blocks than a `u32` block index can name.
+    TooManyBlocks,
+    /// The sender's rate is zero.
+    ZeroRate,
+    /// A receiver's `max_ranges` is zero or above [`crate::ranges::MAX_NACK_RANGES`].
+    MaxRanges,
+    /// The initial received record names blocks past the end of the file.
+    RecordOutOfRange,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConfigError::BlockSize => "block size is zero or exceeds a datagram",
+            ConfigError::TooManyBlocks => "file has more blocks than a u32 can index",
+            ConfigError::ZeroRate => "sender rate is zero",
+            ConfigError::MaxRanges => "max NACK ranges out of bounds",
+            ConfigError::RecordOutOfRange => "received record names blocks past the file end",
+        })
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for ConfigError {}
+
+/// Largest payload a data block may carry (datagram body minus the 8-byte data header and an
+/// optional 16-byte tag).
+pub const MAX_BLOCK_SIZE: u32 = crate::header::MAX_DATAGRAM_BODY
+    - core::mem::size_of::<crate::data::DataHeader>() as u32
+    - crate::header::TAG_LEN as u32;
+
+/// Number of blocks of a file, validated.
+pub(crate) fn block_count(file_size: u64, block_size: u32) -> Result<u32, ConfigError> {
+    if block_size == 0 || block_size > MAX_BLOCK_SIZE {
+        return Err(ConfigError::BlockSize);
+    }
+    let n = file_size.div_ceil(u64::from(block_size));
+    // Ranges must end at or before u32::MAX.
+    u32::try_from(n)
+        .ok()
+        .filter(|&n| n < u32::MAX)
+        .ok_or(ConfigError::TooManyBlocks)
+}
+
+/// Payload length of `block` (the last block may be shorter).
+pub(crate) fn block_len(file_size: u64, block_size: u32, block: u32) -> u32 {
+    let start = u64::from(block) * u64::from(block_size);
+    let len = file_size.saturating_sub(start).min(u64::from(block_size));
+    len as u32
+}
+
+/// Pushes `start..end` (u64 bounds within u32 range) onto `out`; empty ranges are skipped.
+fn push_span(out: &mut Ranges, start: u64, end: u64) {
+    if end > start {
+        // Bounds come from valid Ranges, so they fit and are increasing.
+        let _ = out.push(start as u32, (end - start) as u32);
+    }
+}
+
+/// `a ∪ b`.
+pub(crate) fn union(a: &Ranges, b: &Ranges) -> Ranges {
+    let mut out = Ranges::new();
+    let (mut i, mut j) = (0, 0);
+    let (a, b) = (a.as_slice(), b.as_slice());
+    let mut cur: Option<(u64, u64)> = None;
+    while i < a.len() || j < b.len() {
+        let r = if j >= b.len() || (i < a.len() && a[i].start <= b[j].start) {
+            i += 1;
+            a[i - 1]
+        } else {
+            j += 1;
+            b[j - 1]
+        };
+        let (s, e) = (u64::from(r.start), r.end());
+        cur = match cur {
+            Some((cs, ce)) if s <= ce => Some((cs, ce.max(e))),
+            Some((cs, ce)) => {
+                push_span(&mut out, cs, ce);
+                Some((s, e))
+            }
+            None => Some((s, e)),
+        };
+    }
+    if let Some((cs, ce)) = cur {
+        push_span(&mut out, cs, ce);
+    }
+    out
+}
+
+/// `a \ b`.
+pub(crate) fn subtract(a: &Ranges, b: &Ranges) -> Ranges {
+    let mut out = Ranges::new();
+    let b = b.as_slice();
+    let mut j = 0;
+    for r in a.as_slice() {
+        let (mut s, e) = (u64::from(r.start), r.end());
+        while j < b.len() && b[j].end() <= s {
+            j += 1;
+        }
+        let mut k = j;
+        while s < e && k < b.len() && u64::from(b[k].start) < e {
+            push_span(&mut out, s, u64::from(b[k].start).max(s));
+            s = s.max(b[k].end());
+            k += 1;
+        }
+        push_span(&mut out, s, e);
+    }
+    out
+}
+
+/// `a ∩ [0, limit)`.
+pub(crate) fn clip_below(a: &Ranges, limit: u32) -> Ranges {
+    let mut out = Ranges::new();
+    for r in a.as_slice() {
+        push_span(&mut out, u64::from(r.start), r.end().min(u64::from(limit)));
+    }
+    out
+}
+
+/// A FIFO of blocks in increasing order, consumed from the front, with set-style merging.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BlockQueue {
+    ranges: Vec<BlockRange>,
+    /// Index of the range being consumed.
+    head: usize,
+    /// Blocks of `ranges[head]` already consumed.
+    off: u32,
+}
+
+impl BlockQueue {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.head >= self.ranges.len()
+    }
+
+    /// The next block, without consuming it.
+    pub(crate) fn peek(&self) -> Option<u32> {
+        self.ranges.get(self.head).map(|r| r.start + self.off)
+    }
+
+    /// Consumes and returns the next block.
+    pub(crate) fn pop(&mut self) -> Option<u32> {
+        let r = *self.ranges.get(self.head)?;
+        let b = r.start + self.off;
+        self.off += 1;
+        if self.off >= r.len {
+            self.head += 1;
+            self.off = 0;
+        }
+        if self.is_empty() {
+            self.ranges.clear();
+            self.head = 0;
+        }
+        Some(b)
+    }
+
+    /// The blocks not yet consumed.
+    pub(crate) fn remaining(&self) -> Ranges {
+        let mut out = Ranges::new();
+        for (i, r) in self.ranges.iter().enumerate().skip(self.head) {
+            let skip = if i == self.head { self.off } else { 0 };
+            push_span(&mut out, u64::from(r.start + skip), r.end());
+        }
+        out
+    }
+
+    fn set(&mut self, r: Ranges) {
+        self.ranges.clear();
+        self.ranges.extend_from_slice(r.as_slice());
+        self.head = 0;
+        self.off = 0;
+    }
+
+    /// Adds `more` (blocks already queued stay queued once).
+    pub(crate) fn merge(&mut self, more: &Ranges) {
+        if more.is_empty() {
+            return;
+        }
+        let r = union(&self.remaining(), more);
+        self.set(r);
+    }
+
+    /// Removes `gone` from the queue.
+    pub(crate) fn remove(&mut self, gone: &Ranges) {
+        if gone.is_empty() || self.is_empty() {
+            return;
+        }
+        let r = subtract(&self.remaining(), gone);
+        self.set(r);
+    }
+}
+
+/// The cores' seeded PRNG (splitmix64): tiny, `no_std`, and reproducible. Not cryptographic;
+/// it only spreads NACK timing.
+#[derive(Debug, Clone)]
+pub(crate) struct Prng(u64);
+
+impl Prng {
+    pub(crate) fn new(seed: u64) -> Self {
+        Prng(seed)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, n]`.
+    pub(crate) fn up_to(&mut self, n: u64) -> u64 {
+        match n.checked_add(1) {
+            Some(span) => ((u128::from(self.next_u64()) * u128::from(span)) >> 64) as u64,
+            None => self.next_u64(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    fn rs(list: &[(u32, u32)]) -> Ranges {
+        let mut r = Ranges::new();
+        for &(s, l) in list {
+            r.push(s, l).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn union_and_subtract() {
+        let a = rs(&[(0, 3), (10, 5), (30, 1)]);
+        let b = rs(&[(2, 4), (14, 2), (20, 1), (31, 1)]);
+        assert_eq!(union(&a, &b), rs(&[(0, 6), (10, 6), (20, 1), (30, 2)]));
+        assert_eq!(subtract(&a, &b), rs(&[(0, 2), (10, 4), (30, 1)]));
+        assert_eq!(subtract(&b, &a), rs(&[(3, 3), (15, 1), (20, 1), (31, 1)]));
+        assert_eq!(subtract(&a, &a), Ranges::new());
+        assert_eq!(union(&a, &Ranges::new()), a);
+        assert_eq!(clip_below(&a, 12), rs(&[(0, 3), (10, 2)]));
+        // A hole punched in the middle of one range.
+        assert_eq!(
+            subtract(&rs(&[(0, 10)]), &rs(&[(3, 2), (7, 1)])),
+            rs(&[(0, 3), (5, 2), (8, 2)])
+        );
+    }
+
+    #[test]
+    fn block_queue_pops_in_order_and_merges() {
+        let mut q = BlockQueue::default();
+        q.merge(&rs(&[(5, 2), (9, 1)]));
+        assert_eq!(q.remaining().blocks(), 3);
+        assert_eq!(q.pop(), Some(5));
+        q.merge(&rs(&[(5, 1), (6, 1), (7, 1)]));
+        // 5 was already sent: it is queued again (a new request); 6 stays queued once.
+        assert_eq!(q.remaining(), rs(&[(5, 3), (9, 1)]));
+        q.remove(&rs(&[(6, 1)]));
+        let all: Vec<u32> = core::iter::from_fn(|| q.pop()).collect();
+        assert_eq!(all, [5, 7, 9]);
+        assert!(q.is_empty() && q.peek().is_none());
+    }
+
+    #[test]
+    fn block_geometry() {
+        assert_eq!(block_count(0, 1024), Ok(0));
+        assert_eq!(block_count(1025, 1024), Ok(2));
+        assert_eq!(block_len(1025, 1024, 1), 1);
+        assert_eq!(block_len(1025, 1024, 0), 1024);
+        assert_eq!(block_count(10, 0), Err(ConfigError::BlockSize));
+        assert_eq!(block_count(u64::MAX, 1024), Err(ConfigError::TooManyBlocks));
+    }
+
+    #[test]
+    fn prng_is_seeded_and_bounded() {
+        let (mut a, mut b) = (Prng::new(9), Prng::new(9));
+        for _ in 0..100 {
+            let v = a.up_to(10);
+            assert!(v <= 10);
+            assert_eq!(v, b.up_to(10));
+        }
+        assert_ne!(Prng::new(1).next_u64(), Prng::new(2).next_u64());
+    }
+}

@@ -1,0 +1,656 @@
+//! The multicast receiver core: block bitmap, gap detection, NACK timing, persistence cues.
+//!
+//! Invariants:
+//! - A block is `New` exactly once; blocks from the initial record are never `New` and never
+//!   NACKed.
+//! - A NACK never names a block the receiver has, carries at most `max_ranges` ranges (the
+//!   lowest missing ones), and NACKs are at least `min_nack_interval` apart.
+//! - A block is NACKed only once it is older than the reorder window: it lies below the highest
+//!   block seen at least `reorder_window` ago, or the first pass has ended.
+//! - `Complete` is emitted once, when every block is present; then no timer stays armed.
+
+use alloc::collections::VecDeque;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::time::Duration;
+
+use super::{block_count, ConfigError, Prng};
+use crate::msg::{Message, Nack};
+use crate::ranges::{Ranges, MAX_NACK_RANGES};
+use crate::time::Instant;
+
+/// Default for [`ReceiverConfig::max_ranges`]: a 128-range NACK is at most
+/// 12 + 14 + 128 × 10 = 1306 bytes, under a 1400-byte datagram even with 5-byte varints.
+pub const DEFAULT_MAX_RANGES: usize = 128;
+
+/// Receiver parameters. [`ReceiverConfig::new`] fills in timing with defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiverConfig {
+    /// The multicast session.
+    pub session: u32,
+    /// This device (carried in every NACK).
+    pub device_id: u64,
+    /// File size in bytes.
+    pub file_size: u64,
+    /// Bytes per block.
+    pub block_size: u32,
+    /// How late a block may be before its absence counts as loss.
+    pub reorder_window: Duration,
+    /// Random extra delay, uniform in `[0, nack_backoff]`, before every NACK: receivers that
+    /// lost the same block do not all NACK at once.
+    pub nack_backoff: Duration,
+    /// Base interval before a NACK is repeated while nothing new arrives; doubles after each
+    /// repeat that brought nothing, up to `nack_repeat_max`.
+    pub nack_repeat: Duration,
+    /// Cap of the repeat interval.
+    pub nack_repeat_max: Duration,
+    /// Most ranges per NACK (1..=[`MAX_NACK_RANGES`]).
+    pub max_ranges: usize,
+    /// Least time between two NACKs.
+    pub min_nack_interval: Duration,
+    /// No block for this long means the sender's first pass ended.
+    pub silence: Duration,
+    /// `PersistDue` at most this often while new blocks arrive.
+    pub persist_interval: Duration,
+    /// Seed of the back-off randomness.
+    pub seed: u64,
+}
+
+impl ReceiverConfig {
+    /// Defaults: reorder window 20 ms, back-off up to 20 ms, repeats from 100 ms up to 2 s,
+    /// 128 ranges per NACK, NACKs at least 20 ms apart, 250 ms silence, persist every second.
+    pub fn new(session: u32, device_id: u64, file_size: u64, block_size: u32, seed: u64) -> Self {
+        ReceiverConfig {
+            session,
+            device_id,
+            file_size,
+            block_size,
+            reorder_window: Duration::from_millis(20),
+            nack_backoff: Duration::from_millis(20),
+            nack_repeat: Duration::from_millis(100),
+            nack_repeat_max: Duration::from_secs(2),
+            max_ranges: DEFAULT_MAX_RANGES,
+            min_nack_interval: Duration::from_millis(20),
+            silence: Duration::from_millis(250),
+            persist_interval: Duration::from_secs(1),
+            seed,
+        }
+    }
+}
+
+/// What [`McastReceiver::handle_block`] made of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlockVerdict {
+    /// First copy: the driver keeps the write.
+    New,
+    /// Already had it.
+    Duplicate,
+    /// Past the end of the file (the driver must not write it).
+    OutOfRange,
+}
+
+/// What the receiver reports to its driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReceiverEvent {
+    /// Every block is present: verify the digest and report completion.
+    Complete,
+    /// Time to persist [`McastReceiver::received`] (after making the written blocks durable).
+    PersistDue,
+}
+
+/// Counters, for logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReceiverStats {
+    /// New blocks.
+    pub new_blocks: u64,
+    /// Duplicate blocks.
+    pub duplicates: u64,
+    /// NACKs emitted.
+    pub nacks: u64,
+    /// Bytes of NACK datagrams emitted.
+    pub nack_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    Nack = 0,
+    Silence = 1,
+    Persist = 2,
+}
+
+/// Why the NACK timer is armed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NackReason {
+    /// A gap or the end of the pass: fires on time.
+    Gap,
+    /// A repeat: pushed back while new blocks keep arriving.
+    Repeat,
+}
+
+/// The receiver core. See the [module docs](super) for the protocol and driving contract.
+#[derive(Debug)]
+pub struct McastReceiver {
+    config: ReceiverConfig,
+    n_blocks: u32,
+    bits: Vec<u64>,
+    have: u32,
+    highest: Option<u32>,
+    /// Detected gaps, oldest first: `(time, limit)` means blocks below `limit` were missing
+    /// and overtaken at `time`.
+    horizon: VecDeque<(Instant, u32)>,
+    /// Blocks below this are old enough to NACK.
+    stable_limit: u32,
+    end_of_pass: bool,
+    timers: [Option<Instant>; 3],
+    nack_reason: NackReason,
+    nack_due: bool,
+    last_nack: Option<Instant>,
+    repeat_exp: u32,
+    progressed: bool,
+    rng: Prng,
+    complete: bool,
+    events: VecDeque<ReceiverEvent>,
+    record: Ranges,
+    record_dirty: bool,
+    stats: ReceiverStats,
+}
+
+impl McastReceiver {
+    /// A receiver starting at `now`, resuming from `initial` (blocks already on disk) if given.
+    pub fn new(
+        config: ReceiverConfig,
+        initial: Option<&Ranges>,
+        now: Instant,
+    ) -> Result<Self, ConfigError> {
+        let n_blocks = block_count(config.file_size, config.block_size)?;
+        if config.max_ranges == 0 || config.max_ranges > MAX_NACK_RANGES {
+            return Err(ConfigError::MaxRanges);
+        }
+        let mut r = McastReceiver {
+            config,
+            n_blocks,
+            bits: vec![0; n_blocks.div_ceil(64) as usize],
+            have: 0,
+            highest: None,
+            horizon: VecDeque::new(),
+            stable_limit: 0,
+            end_of_pass: false,
+            timers: [None; 3],
+            nack_reason: NackReason::Gap,
+            nack_due: false,
+            last_nack: None,
+            repeat_exp: 0,
+            progressed: false,
+            rng: Prng::new(config.seed),
+            complete: false,
+            events: VecDeque::new(),
+            record: Ranges::new(),
+            record_dirty: true,
+            stats: ReceiverStats::default(),
+        };
+        if let Some(rec) = initial {
+            if rec
+                .as_slice()
+                .last()
+                .is_some_and(|l| l.end() > u64::from(n_blocks))
+            {
+                return Err(ConfigError::RecordOutOfRange);
+            }
+            for range in rec.as_slice() {
+                for b in range.start..range.start + range.len {
+                    r.set(b);
+                }
+            }
+            // Gaps in the record are old: NACK-able at once.
+            if let Some(last) = rec.as_slice().last() {
+                let end = (last.end() as u32).saturating_sub(1);
+                r.highest = Some(end);
+                r.stable_limit = end + 1;
+            }
+        }
+        r.check_complete();
+        if !r.complete {
+            r.timers[Timer::Silence as usize] = Some(now + config.silence);
+        }
+        Ok(r)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ReceiverConfig {
+        &self.config
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ReceiverStats {
+        &self.stats
+    }
+
+    /// Blocks in the file.
+    pub fn n_blocks(&self) -> u32 {
+        self.n_blocks
+    }
+
+    /// Blocks present.
+    pub fn blocks_received(&self) -> u32 {
+        self.have
+    }
+
+    /// Whether every block is present.
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    /// Whether `block` is present.
+    pub fn has(&self, block: u32) -> bool {
+        block < self.n_blocks && self.bits[(block / 64) as usize] >> (block % 64) & 1 == 1
+    }
+
+    /// The blocks present, as canonical ranges (what to persist for resuming). Rebuilt from
+    /// the bitmap when it changed since the last call.
+    pub fn received(&mut self) -> &Ranges {
+        if self.record_dirty {
+            let mut out = Ranges::new();
+            let mut run: Option<u32> = None;
+            for b in 0..self.n_blocks {
+                match (self.has(b), run) {
+                    (true, None) => run = Some(b),
+                    (false, Some(s)) => {
+                        let _ = out.push(s, b - s);
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(s) = run {
+                let _ = out.push(s, self.n_blocks - s);
+            }
+            self.record = out;
+            self.record_dirty = false;
+        }
+        &self.record
+    }
+
+    /// A valid block (CRC, tag and session checked by the driver) arrived.
+    pub fn handle_block(&mut self, now: Instant, block: u32) -> BlockVerdict {
+        if block >= self.n_blocks {
+            return BlockVerdict::OutOfRange;
+        }
+        if self.has(block) {
+            self.stats.duplicates += 1;
+            return BlockVerdict::Duplicate;
+        }
+        self.set(block);
+        self.stats.new_blocks += 1;
+        self.progressed = true;
+        if self.timers[Timer::Persist as usize].is_none() {
+            self.timers[Timer::Persist as usize] = Some(now + self.config.persist_interval);
+        }
+        if self.highest.is_none_or(|h| block > h) {
+            self.highest = Some(block);
+            // The pass is still running (a silence was only a pause), unless this is the end.
+            self.end_of_pass = block + 1 == self.n_blocks;
+            if block > 0 && !self.has(block - 1) {
+                self.sample_horizon(now, block);
+                self.arm_gap(now, self.config.reorder_window);
+            }
+            if self.end_of_pass {
+                self.arm_gap(now, Duration::ZERO);
+            }
+        }
+        if self.nack_reason == NackReason::Repeat {
+            if let Some(t) = &mut self.timers[Timer::Nack as usize] {
+                // Repairs are flowing: hold the repeat back.
+                *t = (*t).max(now + self.config.nack_repeat);
+            }
+        }
+        self.timers[Timer::Silence as usize] = Some(now + self.config.silence);
+        self.check_complete();
+        BlockVerdict::New
+    }
+
+    /// The driver learned (e.g. over the control session) that the sender's first pass is
+    /// over: every missing block may be NACKed now.
+    pub fn handle_sender_idle(&mut self, now: Instant) {
+        if self.complete {
+            return;
+        }
+        self.end_of_pass = true;
+        self.arm_gap(now, Duration::ZERO);
+    }
+
+    /// A timer deadline passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.complete {
+            return;
+        }
+        if self.due(Timer::Silence, now) {
+            self.timers[Timer::Silence as usize] = None;
+            self.end_of_pass = true;
+            self.arm_gap(now, Duration::ZERO);
+        }
+        if self.due(Timer::Persist, now) {
+            self.timers[Timer::Persist as usize] = None;
+            self.events.push_back(ReceiverEvent::PersistDue);
+        }
+        if self.due(Timer::Nack, now) {
+            let earliest = self
+                .last_nack
+                .map_or(now, |t| t + self.config.min_nack_interval);
+            if now < earliest {
+                self.timers[Timer::Nack as usize] = Some(earliest);
+            } else {
+                self.timers[Timer::Nack as usize] = None;
+                self.nack_due = true;
+            }
+        }
+    }
+
+    /// Appends the next NACK datagram to `buf` and returns its length, or `None`.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<usize> {
+        if !core::mem::take(&mut self.nack_due) || self.complete {
+            return None;
+        }
+        let limit = if self.end_of_pass {
+            self.n_blocks
+        } else {
+            self.stable_limit_at(now)
+        };
+        let missing = self.missing_below(limit, self.config.max_ranges);
+        if missing.is_empty() {
+            self.arm_next_gap();
+            return None;
+        }
+        let msg = Message::Nack(Nack {
+            session: self.config.session,
+            device_id: self.config.device_id,
+            missing,
+        });
+        // A NACK of at most MAX_NACK_RANGES ranges always encodes.
+        let range = msg.emit_to_vec(buf).ok()?;
+        let len = range.len();
+        self.stats.nacks += 1;
+        self.stats.nack_bytes += len as u64;
+        self.last_nack = Some(now);
+        if core::mem::take(&mut self.progressed) {
+            self.repeat_exp = 0;
+        } else {
+            self.repeat_exp = (self.repeat_exp + 1).min(16);
+        }
+        let repeat = self
+            .config
+            .nack_repeat
+            .saturating_mul(1 << self.repeat_exp)
+            .min(self.config.nack_repeat_max);
+        let jitter = self.jitter();
+        self.timers[Timer::Nack as usize] = Some(now + repeat + jitter);
+        self.nack_reason = NackReason::Repeat;
+        self.arm_next_gap();
+        Some(len)
+    }
+
+    /// When to call [`McastReceiver::handle_timeout`].
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.iter().flatten().copied().min()
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<ReceiverEvent> {
+        self.events.pop_front()
+    }
+
+    fn due(&self, t: Timer, now: Instant) -> bool {
+        self.timers[t as usize].is_some_and(|d| d <= now)
+    }
+
+    fn jitter(&mut self) -> Duration {
+        let max = u64::try_from(self.config.nack_backoff.as_micros()).unwrap_or(u64::MAX);
+        Duration::from_micros(self.rng.up_to(max))
+    }
+
+    /// Arms a gap NACK `wait` + back-off from now, unless one is due sooner.
+    fn arm_gap(&mut self, now: Instant, wait: Duration) {
+        let at = now + wait + self.jitter();
+        let slot = &mut self.timers[Timer::Nack as usize];
+        match (self.nack_reason, *slot) {
+            (NackReason::Gap, Some(t)) if t <= at => {}
+            (_, Some(t)) => *slot = Some(t.min(at)),
+            (_, None) => *slot = Some(at),
+        }
+        self.nack_reason = NackReason::Gap;
+    }
+
+    fn set(&mut self, block: u32) {
+        let w = &mut self.bits[(block / 64) as usize];
+        let m = 1u64 << (block % 64);
+        if *w & m == 0 {
+            *w |= m;
+            self.have += 1;
+            self.record_dirty = true;
+        }
+    }
+
+    fn check_complete(&mut self) {
+        if !self.complete && self.have == self.n_blocks {
+            self.complete = true;
+            self.timers = [None; 3];
+            self.nack_due = false;
+            self.events.push_back(ReceiverEvent::Complete);
+        }
+    }
+
+    /// Records that blocks below `limit` were overtaken at `now`. Gaps within an eighth of the
+    /// reorder window share one sample (so a block may be NACKed up to that much early).
+    fn sample_horizon(&mut self, now: Instant, limit: u32) {
+        let step = self.config.reorder_window / 8;
+        match self.horizon.back_mut() {
+            Some((t, l)) if now < *t + step => *l = (*l).max(limit),
+            _ => self.horizon.push_back((now, limit)),
+        }
+    }
+
+    /// Arms a gap NACK for the oldest gap not yet old enough, if any.
+    fn arm_next_gap(&mut self) {
+        if let Some(&(t, _)) = self.horizon.front() {
+            self.arm_gap(t, self.config.reorder_window);
+        }
+    }
+
+    /// Blocks below the returned limit were overtaken at least a reorder window before `now`.
+    fn stable_limit_at(&mut self, now: Instant) -> u32 {
+        while let Some(&(t, limit)) = self.horizon.front() {
+            if t + self.config.reorder_window > now {
+                break;
+            }
+            self.stable_limit = self.stable_limit.max(limit);
+            self.horizon.pop_front();
+        }
+        self.stable_limit
+    }
+
+    /// The lowest missing blocks below `limit`, at most `max` ranges.
+    fn missing_below(&self, limit: u32, max: usize) -> Ranges {
+        let mut out = Ranges::new();
+        let mut run: Option<u32> = None;
+        let mut b = 0u32;
+        while b < limit {
+            let w = self.bits[(b / 64) as usize];
+            if b % 64 == 0 && limit - b >= 64 && (w == u64::MAX || (w == 0 && run.is_some())) {
+                if w == u64::MAX {
+                    if let Some(s) = run.take() {
+                        let _ = out.push(s, b - s);
+                        if out.len() >= max {
+                            return out;
+                        }
+                    }
+                }
+                b += 64;
+                continue;
+            }
+            let present = w >> (b % 64) & 1 == 1;
+            match (present, run) {
+                (false, None) => run = Some(b),
+                (true, Some(s)) => {
+                    let _ = out.push(s, b - s);
+                    run = None;
+                    if out.len() >= max {
+                        return out;
+                    }
+                }
+                _ => {}
+            }
+            b += 1;
+        }
+        if let Some(s) = run {
+            let _ = out.push(s, limit - s);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Instant {
+        Instant::from_micros(v * 1000)
+    }
+
+    fn rs(list: &[(u32, u32)]) -> Ranges {
+        let mut r = Ranges::new();
+        for &(s, l) in list {
+            r.push(s, l).unwrap();
+        }
+        r
+    }
+
+    /// 200 blocks of 100 bytes, no back-off randomness.
+    fn config() -> ReceiverConfig {
+        ReceiverConfig {
+            nack_backoff: Duration::ZERO,
+            ..ReceiverConfig::new(3, 42, 20_000, 100, 1)
+        }
+    }
+
+    fn nack_of(r: &mut McastReceiver, now: Instant) -> Option<Ranges> {
+        let mut buf = Vec::new();
+        r.poll_transmit(now, &mut buf)?;
+        let (Message::Nack(n), _) = Message::parse_datagram(&buf).unwrap() else {
+            panic!("not a nack");
+        };
+        assert_eq!((n.session, n.device_id), (3, 42));
+        Some(n.missing)
+    }
+
+    /// Fires the receiver's timer and returns its NACK, if any.
+    fn fire(r: &mut McastReceiver) -> (Instant, Option<Ranges>) {
+        let t = r.poll_timeout().unwrap();
+        r.handle_timeout(t);
+        (t, nack_of(r, t))
+    }
+
+    #[test]
+    fn verdicts_and_record() {
+        let mut r = McastReceiver::new(config(), None, ms(0)).unwrap();
+        assert_eq!(r.handle_block(ms(1), 0), BlockVerdict::New);
+        assert_eq!(r.handle_block(ms(1), 0), BlockVerdict::Duplicate);
+        assert_eq!(r.handle_block(ms(1), 200), BlockVerdict::OutOfRange);
+        assert_eq!(r.handle_block(ms(1), 5), BlockVerdict::New);
+        assert_eq!(r.received(), &rs(&[(0, 1), (5, 1)]));
+        assert_eq!(r.stats().duplicates, 1);
+    }
+
+    #[test]
+    fn gap_is_nacked_after_the_reorder_window_only() {
+        let mut r = McastReceiver::new(config(), None, ms(0)).unwrap();
+        for b in [0, 1, 3, 4] {
+            r.handle_block(ms(1), b);
+        }
+        // Block 2 arrives late but within the window: the NACK due at 21 ms has nothing to say.
+        r.handle_block(ms(10), 2);
+        for b in [5, 7] {
+            r.handle_block(ms(10), b);
+        }
+        let (t, nack) = fire(&mut r);
+        assert_eq!((t, nack), (ms(21), None));
+        // 6 was overtaken at 10 ms: NACKed at 30 ms; 8 (overtaken at 25 ms) is not yet.
+        r.handle_block(ms(25), 9);
+        let (t, nack) = fire(&mut r);
+        assert_eq!((t, nack), (ms(30), Some(rs(&[(6, 1)]))));
+        // Due at 45 ms, held to 50 ms by the 20 ms NACK spacing.
+        let (t, nack) = fire(&mut r);
+        assert_eq!((t, nack), (ms(45), None));
+        let (t, nack) = fire(&mut r);
+        assert_eq!((t, nack), (ms(50), Some(rs(&[(6, 1), (8, 1)]))));
+    }
+
+    #[test]
+    fn end_of_pass_by_silence_nacks_the_tail_and_repeats_back_off() {
+        let mut r = McastReceiver::new(config(), None, ms(0)).unwrap();
+        for b in 0..150 {
+            r.handle_block(ms(1), b);
+        }
+        let (t, nack) = fire(&mut r);
+        assert_eq!(t, ms(251), "silence after the last block");
+        assert_eq!(nack, Some(rs(&[(150, 50)])));
+        // Nothing arrives: repeats after 100 ms, then 200 ms (doubled) ...
+        let (t2, n2) = fire(&mut r);
+        assert_eq!(t2 - t, Duration::from_millis(100));
+        assert_eq!(n2, Some(rs(&[(150, 50)])));
+        let (t3, _) = fire(&mut r);
+        assert_eq!(t3 - t2, Duration::from_millis(200));
+        for b in 150..200 {
+            r.handle_block(t3, b);
+        }
+        assert_eq!(r.poll_event(), Some(ReceiverEvent::Complete));
+        assert_eq!(r.poll_timeout(), None);
+    }
+
+    #[test]
+    fn nacks_are_bounded_in_size_and_rate() {
+        let cfg = ReceiverConfig {
+            max_ranges: 4,
+            ..config()
+        };
+        let mut r = McastReceiver::new(cfg, None, ms(0)).unwrap();
+        for b in (0..200).step_by(2) {
+            r.handle_block(ms(1), b);
+        }
+        r.handle_sender_idle(ms(2));
+        r.handle_timeout(ms(2));
+        assert_eq!(
+            nack_of(&mut r, ms(2)),
+            Some(rs(&[(1, 1), (3, 1), (5, 1), (7, 1)]))
+        );
+        // A new end-of-pass signal right away cannot make a second NACK within 20 ms.
+        r.handle_sender_idle(ms(3));
+        r.handle_timeout(ms(3));
+        assert_eq!(nack_of(&mut r, ms(3)), None);
+        assert_eq!(r.poll_timeout(), Some(ms(22)));
+    }
+
+    #[test]
+    fn resume_never_requests_recorded_blocks() {
+        let record = rs(&[(0, 100), (150, 10)]);
+        let mut r = McastReceiver::new(config(), Some(&record), ms(0)).unwrap();
+        assert_eq!(r.blocks_received(), 110);
+        assert_eq!(r.handle_block(ms(1), 5), BlockVerdict::Duplicate);
+        let (_, nack) = fire(&mut r);
+        assert_eq!(nack, Some(rs(&[(100, 50), (160, 40)])));
+        let whole = rs(&[(0, 200)]);
+        let mut done = McastReceiver::new(config(), Some(&whole), ms(0)).unwrap();
+        assert_eq!(done.poll_event(), Some(ReceiverEvent::Complete));
+        assert_eq!(
+            McastReceiver::new(config(), Some(&rs(&[(0, 201)])), ms(0)).unwrap_err(),
+            ConfigError::RecordOutOfRange
+        );
+    }
+
+    #[test]
+    fn persist_is_due_periodically() {
+        let mut r = McastReceiver::new(config(), None, ms(0)).unwrap();
+        r.handle_block(ms(0), 0);
+        r.handle_timeout(ms(1000));
+        assert_eq!(r.poll_event(), Some(ReceiverEvent::PersistDue));
+        assert_eq!(r.poll_event(), None);
+    }
+}

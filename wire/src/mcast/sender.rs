@@ -1,0 +1,908 @@
+//! The multicast sender core: first pass, paced repairs, NACK aggregation, demotion.
+//!
+//! Invariants:
+//! - Every block of the first pass is sent exactly once, in order, as `Data` to the group.
+//! - Sends never exceed the token bucket (rate, burst); during the first pass repairs also
+//!   draw from a second bucket refilled at `repair_share_permille` of the rate.
+//! - A device counts at most once per block per round (its latest NACK in a round replaces the
+//!   earlier ones); blocks still to come in the first pass are never repaired.
+//! - A block queued for re-multicast is not also queued for unicast.
+//! - `Finished` is emitted once; a device is listed as completed only after a verified
+//!   [`McastSender::receiver_done`]. After `Finished` the core sends nothing and ignores NACKs.
+
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::vec::Vec;
+use core::time::Duration;
+
+use super::{block_count, block_len, clip_below, subtract, BlockQueue, ConfigError};
+use crate::data::DATA_PREFIX_LEN;
+use crate::msg_kind::Kind;
+use crate::ranges::Ranges;
+use crate::time::Instant;
+
+/// Token-bucket units per byte: tokens accrue `rate` units per microsecond.
+const UNITS_PER_BYTE: u128 = 1_000_000;
+
+/// Sender parameters. [`SenderConfig::new`] fills in the tuning knobs with defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SenderConfig {
+    /// Session id carried in every block.
+    pub session: u32,
+    /// File size in bytes.
+    pub file_size: u64,
+    /// Bytes per block (the last may be shorter).
+    pub block_size: u32,
+    /// Rate ceiling in datagram bytes per second (prefix included; IP/UDP headers not).
+    pub rate: u64,
+    /// Bucket depth in full-size datagrams (how many may leave back to back).
+    pub burst: u32,
+    /// Share of the rate repairs may use while the first pass runs, in thousandths.
+    pub repair_share_permille: u32,
+    /// A block requested by at least this many devices in a round is re-multicast; below it,
+    /// it is unicast to each requester. 0 acts as 1 (always multicast).
+    pub multicast_threshold: u32,
+    /// Demote a device whose estimated missing count, after the first pass, is above this
+    /// percentage of the file ...
+    pub demote_missing_percent: u32,
+    /// ... for this many consecutive rounds.
+    pub demote_after_rounds: u32,
+    /// Demote a device that sends more NACKs than this within one round (asks too often).
+    pub max_nacks_per_round: u32,
+    /// The receivers' [`super::ReceiverConfig::max_ranges`]: a NACK with this many ranges is
+    /// taken as truncated, and its missing count is extrapolated from its density.
+    pub nack_ranges_cap: usize,
+    /// How long NACKs are aggregated before repairs are chosen.
+    pub round: Duration,
+    /// Finish this long after the last NACK or send once nothing is pending, even if some
+    /// receivers never reported (they are listed as unfinished).
+    pub idle_timeout: Duration,
+}
+
+impl SenderConfig {
+    /// A configuration with default tuning: burst 8, repairs 25% of the rate during the first
+    /// pass, re-multicast at 2 requesters, demotion above 20% missing in the first round after
+    /// the first pass or above 8
+    /// NACKs per round, 128-range NACKs, 50 ms rounds, 5 s idle timeout.
+    pub fn new(session: u32, file_size: u64, block_size: u32, rate: u64) -> Self {
+        SenderConfig {
+            session,
+            file_size,
+            block_size,
+            rate,
+            burst: 8,
+            repair_share_permille: 250,
+            multicast_threshold: 2,
+            demote_missing_percent: 20,
+            demote_after_rounds: 1,
+            max_nacks_per_round: 8,
+            nack_ranges_cap: super::receiver::DEFAULT_MAX_RANGES,
+            round: Duration::from_millis(50),
+            idle_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where a block goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dest {
+    /// The multicast group.
+    Group,
+    /// One device (over its unicast path).
+    Unicast(u64),
+}
+
+/// One block the driver must send now: read it from the file, build the prefix with
+/// [`crate::data_prefix`]`(kind, session, block, payload, tag)` and send to `dest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SendBlock {
+    /// Block index.
+    pub block: u32,
+    /// Destination.
+    pub dest: Dest,
+    /// [`Kind::Data`] for the group (first pass and re-multicast), [`Kind::Repair`] for
+    /// unicast.
+    pub kind: Kind,
+}
+
+/// What the sender reports to its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderEvent {
+    /// Every block has been multicast once.
+    FirstPassDone,
+    /// The device is too lossy or too demanding: its repairs stopped; catch it up by unicast.
+    Demoted(u64),
+    /// The device reported a verified copy.
+    Completed(u64),
+    /// The distribution is over (emitted once).
+    Finished {
+        /// Devices that reported a verified copy, by id.
+        completed: Vec<u64>,
+        /// Every other device (never reported, demoted, or failed verification), by id: the
+        /// driver marks them pending or failed in the task table.
+        unfinished: Vec<u64>,
+    },
+}
+
+/// Counters, for logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SenderStats {
+    /// First-pass blocks sent.
+    pub first_pass_blocks: u64,
+    /// Blocks re-multicast.
+    pub multicast_repairs: u64,
+    /// Blocks unicast.
+    pub unicast_repairs: u64,
+    /// Datagram bytes handed out (prefix + payload; a multicast counts once).
+    pub bytes: u64,
+    /// NACKs received.
+    pub nacks: u64,
+    /// NACKs ignored (unknown, demoted or done device, or after `Finished`).
+    pub nacks_ignored: u64,
+    /// Repair rounds closed.
+    pub rounds: u64,
+    /// Devices demoted.
+    pub demoted: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Active,
+    Demoted,
+    Done { verified: bool },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Rx {
+    status: Status,
+    /// Consecutive rounds after the first pass with the missing estimate above the bar.
+    over_rounds: u32,
+    nacks_in_round: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Candidate {
+    First(u32),
+    Multicast(u32),
+    Unicast(u64, u32),
+}
+
+/// The sender core. See the [module docs](super) for the protocol and driving contract.
+#[derive(Debug)]
+pub struct McastSender {
+    config: SenderConfig,
+    n_blocks: u32,
+    next_first: u32,
+    first_pass_done: bool,
+    now: Instant,
+    /// Token buckets, in `UNITS_PER_BYTE` per byte.
+    tokens: u128,
+    repair_tokens: u128,
+    bucket_cap: u128,
+    last_refill: Instant,
+    receivers: BTreeMap<u64, Rx>,
+    /// Latest NACK per device in the open round.
+    requests: BTreeMap<u64, Ranges>,
+    round_deadline: Option<Instant>,
+    multicast: BlockQueue,
+    unicast: BTreeMap<u64, BlockQueue>,
+    /// Devices with pending unicast repairs, served round-robin.
+    unicast_order: VecDeque<u64>,
+    last_activity: Instant,
+    finished: bool,
+    events: VecDeque<SenderEvent>,
+    stats: SenderStats,
+}
+
+impl McastSender {
+    /// A sender starting at `now` with full token buckets.
+    pub fn new(config: SenderConfig, now: Instant) -> Result<Self, ConfigError> {
+        let n_blocks = block_count(config.file_size, config.block_size)?;
+        if config.rate == 0 {
+            return Err(ConfigError::ZeroRate);
+        }
+        let full = (DATA_PREFIX_LEN as u128 + u128::from(config.block_size)) * UNITS_PER_BYTE;
+        let bucket_cap = full * u128::from(config.burst.max(1));
+        let mut s = McastSender {
+            config,
+            n_blocks,
+            next_first: 0,
+            first_pass_done: false,
+            now,
+            tokens: bucket_cap,
+            repair_tokens: bucket_cap,
+            bucket_cap,
+            last_refill: now,
+            receivers: BTreeMap::new(),
+            requests: BTreeMap::new(),
+            round_deadline: None,
+            multicast: BlockQueue::default(),
+            unicast: BTreeMap::new(),
+            unicast_order: VecDeque::new(),
+            last_activity: now,
+            finished: false,
+            events: VecDeque::new(),
+            stats: SenderStats::default(),
+        };
+        if n_blocks == 0 {
+            s.first_pass_done = true;
+            s.events.push_back(SenderEvent::FirstPassDone);
+        }
+        Ok(s)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SenderConfig {
+        &self.config
+    }
+
+    /// Blocks in the file.
+    pub fn n_blocks(&self) -> u32 {
+        self.n_blocks
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &SenderStats {
+        &self.stats
+    }
+
+    /// Whether `Finished` has been emitted (or is queued).
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Registers a receiver (announce accepted). Idempotent: a repeated join changes nothing
+    /// and returns `false`; so does a join after `Finished`.
+    pub fn add_receiver(&mut self, device: u64) -> bool {
+        if self.finished || self.receivers.contains_key(&device) {
+            return false;
+        }
+        self.receivers.insert(
+            device,
+            Rx {
+                status: Status::Active,
+                over_rounds: 0,
+                nacks_in_round: 0,
+            },
+        );
+        true
+    }
+
+    /// A NACK from `device` listing blocks it misses.
+    pub fn handle_nack(&mut self, now: Instant, device: u64, missing: &Ranges) {
+        self.tick(now);
+        self.stats.nacks += 1;
+        let limit = self.config.max_nacks_per_round;
+        let rx = match self.receivers.get_mut(&device) {
+            Some(rx) if !self.finished && rx.status == Status::Active => rx,
+            _ => {
+                self.stats.nacks_ignored += 1;
+                return;
+            }
+        };
+        self.last_activity = now;
+        rx.nacks_in_round += 1;
+        if rx.nacks_in_round > limit {
+            self.demote(device);
+            return;
+        }
+        self.requests
+            .insert(device, clip_below(missing, self.n_blocks));
+        if self.round_deadline.is_none() {
+            self.round_deadline = Some(now + self.config.round);
+        }
+    }
+
+    /// The control session reported `device`'s completion: `verified` is whether its digest
+    /// matched. A verified device is [`SenderEvent::Completed`]; an unverified one is listed
+    /// as unfinished. Either way its repairs stop. Reports after the first are ignored.
+    pub fn receiver_done(&mut self, device: u64, verified: bool) {
+        let rx = self.receivers.entry(device).or_insert(Rx {
+            status: Status::Active,
+            over_rounds: 0,
+            nacks_in_round: 0,
+        });
+        if matches!(rx.status, Status::Done { .. }) {
+            return;
+        }
+        rx.status = Status::Done { verified };
+        self.drop_repairs(device);
+        if verified {
+            self.events.push_back(SenderEvent::Completed(device));
+        }
+        let now = self.now;
+        self.check_finished(now);
+    }
+
+    /// A timer deadline passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.tick(now);
+        if self.round_deadline.is_some_and(|d| d <= now) {
+            self.close_round();
+        }
+        self.check_finished(now);
+    }
+
+    /// The next block to send at `now`, or `None` when nothing is due (pacing, or nothing
+    /// pending). Drain until `None` after every input.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<SendBlock> {
+        self.tick(now);
+        if self.finished {
+            return None;
+        }
+        if let Some(c) = self.next_repair() {
+            let cost = self.cost(c);
+            if self.tokens >= cost && (self.first_pass_done || self.repair_tokens >= cost) {
+                self.tokens -= cost;
+                if !self.first_pass_done {
+                    self.repair_tokens -= cost;
+                }
+                return Some(self.commit(now, c, cost));
+            }
+        }
+        if !self.first_pass_done {
+            let c = Candidate::First(self.next_first);
+            let cost = self.cost(c);
+            if self.tokens >= cost {
+                self.tokens -= cost;
+                return Some(self.commit(now, c, cost));
+            }
+        }
+        self.check_finished(now);
+        None
+    }
+
+    /// When to call [`McastSender::handle_timeout`] (or `poll_transmit`: the next send time
+    /// is included).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.finished {
+            return None;
+        }
+        let mut next = self.round_deadline;
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n: Instant| n.min(t)));
+            }
+        };
+        if !self.first_pass_done {
+            let cost = self.cost(Candidate::First(self.next_first));
+            consider(Some(self.when(self.tokens, cost, self.config.rate)));
+        }
+        if let Some(c) = self.next_repair() {
+            let cost = self.cost(c);
+            let main = self.when(self.tokens, cost, self.config.rate);
+            if self.first_pass_done {
+                consider(Some(main));
+            } else {
+                let share = self.repair_rate();
+                if share > 0 {
+                    consider(Some(main.max(self.when(self.repair_tokens, cost, share))));
+                }
+            }
+        }
+        if self.first_pass_done && self.nothing_pending() {
+            consider(Some(self.last_activity + self.config.idle_timeout));
+        }
+        next
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<SenderEvent> {
+        self.events.pop_front()
+    }
+
+    fn repair_rate(&self) -> u64 {
+        let share = u128::from(self.config.rate) * u128::from(self.config.repair_share_permille);
+        u64::try_from(share / 1000).unwrap_or(u64::MAX)
+    }
+
+    /// Advances time and refills the buckets.
+    fn tick(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+        let us = u128::from((self.now - self.last_refill).as_micros() as u64);
+        self.last_refill = self.now;
+        let add = us * u128::from(self.config.rate);
+        self.tokens = (self.tokens + add).min(self.bucket_cap);
+        let add = us * u128::from(self.repair_rate());
+        self.repair_tokens = (self.repair_tokens + add).min(self.bucket_cap);
+    }
+
+    /// The instant a bucket holding `tokens` reaches `cost` at `rate` units per microsecond.
+    fn when(&self, tokens: u128, cost: u128, rate: u64) -> Instant {
+        if tokens >= cost {
+            return self.last_refill;
+        }
+        let us = (cost - tokens).div_ceil(u128::from(rate.max(1)));
+        self.last_refill + Duration::from_micros(u64::try_from(us).unwrap_or(u64::MAX))
+    }
+
+    fn block_of(c: Candidate) -> u32 {
+        match c {
+            Candidate::First(b) | Candidate::Multicast(b) | Candidate::Unicast(_, b) => b,
+        }
+    }
+
+    fn cost(&self, c: Candidate) -> u128 {
+        let len = block_len(
+            self.config.file_size,
+            self.config.block_size,
+            Self::block_of(c),
+        );
+        (DATA_PREFIX_LEN as u128 + u128::from(len)) * UNITS_PER_BYTE
+    }
+
+    fn next_repair(&self) -> Option<Candidate> {
+        if let Some(b) = self.multicast.peek() {
+            return Some(Candidate::Multicast(b));
+        }
+        let dev = *self.unicast_order.front()?;
+        let b = self.unicast.get(&dev)?.peek()?;
+        Some(Candidate::Unicast(dev, b))
+    }
+
+    fn commit(&mut self, now: Instant, c: Candidate, cost: u128) -> SendBlock {
+        self.last_activity = now;
+        self.stats.bytes += u64::try_from(cost / UNITS_PER_BYTE).unwrap_or(u64::MAX);
+        let (block, dest, kind) = match c {
+            Candidate::First(b) => {
+                self.next_first += 1;
+                self.stats.first_pass_blocks += 1;
+                if self.next_first == self.n_blocks {
+                    self.first_pass_done = true;
+                    self.events.push_back(SenderEvent::FirstPassDone);
+                }
+                (b, Dest::Group, Kind::Data)
+            }
+            Candidate::Multicast(b) => {
+                self.multicast.pop();
+                self.stats.multicast_repairs += 1;
+                (b, Dest::Group, Kind::Data)
+            }
+            Candidate::Unicast(dev, b) => {
+                self.unicast_order.pop_front();
+                if let Some(q) = self.unicast.get_mut(&dev) {
+                    q.pop();
+                    if q.is_empty() {
+                        self.unicast.remove(&dev);
+                    } else {
+                        self.unicast_order.push_back(dev);
+                    }
+                }
+                self.stats.unicast_repairs += 1;
+                (b, Dest::Unicast(dev), Kind::Repair)
+            }
+        };
+        SendBlock { block, dest, kind }
+    }
+
+    fn nothing_pending(&self) -> bool {
+        self.round_deadline.is_none() && self.multicast.is_empty() && self.unicast.is_empty()
+    }
+
+    fn drop_repairs(&mut self, device: u64) {
+        self.requests.remove(&device);
+        if self.unicast.remove(&device).is_some() {
+            self.unicast_order.retain(|&d| d != device);
+        }
+    }
+
+    fn demote(&mut self, device: u64) {
+        if let Some(rx) = self.receivers.get_mut(&device) {
+            rx.status = Status::Demoted;
+        }
+        self.drop_repairs(device);
+        self.stats.demoted += 1;
+        self.events.push_back(SenderEvent::Demoted(device));
+    }
+
+    /// Estimated blocks `device` misses, from its NACK: exact unless the NACK hit the range
+    /// cap, in which case its density over `0..end` is extrapolated to the whole file.
+    fn estimate_missing(&self, req: &Ranges) -> u64 {
+        let listed = req.blocks();
+        match req.as_slice().last() {
+            Some(last) if req.len() >= self.config.nack_ranges_cap.max(1) => {
+                let end = last.end().max(1);
+                (u128::from(listed) * u128::from(self.n_blocks) / u128::from(end)) as u64
+            }
+            _ => listed,
+        }
+        .max(listed)
+    }
+
+    /// Closes the open round: demotion checks, then the requester-count sweep that splits the
+    /// requested blocks into re-multicast and per-device unicast.
+    fn close_round(&mut self) {
+        self.round_deadline = None;
+        self.stats.rounds += 1;
+        let requests = core::mem::take(&mut self.requests);
+        let mut wanted: Vec<(u64, Ranges)> = Vec::with_capacity(requests.len());
+        for (dev, req) in requests {
+            let Some(rx) = self.receivers.get_mut(&dev) else {
+                continue;
+            };
+            rx.nacks_in_round = 0;
+            if rx.status != Status::Active {
+                continue;
+            }
+            if !self.first_pass_done {
+                // Blocks the first pass has not reached yet will come anyway.
+                let req = clip_below(&req, self.next_first);
+                if !req.is_empty() {
+                    wanted.push((dev, req));
+                }
+                continue;
+            }
+            let estimate = self.estimate_missing(&req);
+            let bar = u64::from(self.n_blocks) * u64::from(self.config.demote_missing_percent);
+            let rx = self.receivers.get_mut(&dev).expect("checked above");
+            if estimate * 100 > bar {
+                rx.over_rounds += 1;
+                if rx.over_rounds >= self.config.demote_after_rounds.max(1) {
+                    self.demote(dev);
+                    continue;
+                }
+            } else {
+                rx.over_rounds = 0;
+            }
+            if !req.is_empty() {
+                wanted.push((dev, req));
+            }
+        }
+        // Requester count per block, as a sweep over range edges: O(ranges log ranges), no
+        // per-block or per-(block, device) state.
+        let mut edges: Vec<(u64, i32)> = Vec::new();
+        for (_, req) in &wanted {
+            for r in req.as_slice() {
+                edges.push((u64::from(r.start), 1));
+                edges.push((r.end(), -1));
+            }
+        }
+        edges.sort_unstable();
+        let k = i64::from(self.config.multicast_threshold.max(1));
+        let mut hot = Ranges::new();
+        let mut count = 0i64;
+        let mut i = 0;
+        while i < edges.len() {
+            let pos = edges[i].0;
+            while i < edges.len() && edges[i].0 == pos {
+                count += i64::from(edges[i].1);
+                i += 1;
+            }
+            if count >= k {
+                if let Some(&(next, _)) = edges.get(i) {
+                    super::push_span(&mut hot, pos, next);
+                }
+            }
+        }
+        if !hot.is_empty() {
+            self.multicast.merge(&hot);
+            for q in self.unicast.values_mut() {
+                q.remove(&hot);
+            }
+            self.unicast.retain(|_, q| !q.is_empty());
+            let unicast = &self.unicast;
+            self.unicast_order.retain(|d| unicast.contains_key(d));
+        }
+        let queued = self.multicast.remaining();
+        for (dev, req) in wanted {
+            let own = subtract(&req, &queued);
+            if own.is_empty() {
+                continue;
+            }
+            let q = self.unicast.entry(dev).or_default();
+            if q.is_empty() {
+                self.unicast_order.push_back(dev);
+            }
+            q.merge(&own);
+        }
+    }
+
+    fn check_finished(&mut self, now: Instant) {
+        if self.finished || !self.first_pass_done || !self.nothing_pending() {
+            return;
+        }
+        let all_reported = self
+            .receivers
+            .values()
+            .all(|rx| rx.status != Status::Active);
+        if !all_reported && now < self.last_activity + self.config.idle_timeout {
+            return;
+        }
+        self.finished = true;
+        let (mut completed, mut unfinished) = (Vec::new(), Vec::new());
+        for (&dev, rx) in &self.receivers {
+            match rx.status {
+                Status::Done { verified: true } => completed.push(dev),
+                _ => unfinished.push(dev),
+            }
+        }
+        self.events.push_back(SenderEvent::Finished {
+            completed,
+            unfinished,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn us(v: u64) -> Instant {
+        Instant::from_micros(v)
+    }
+
+    fn rs(list: &[(u32, u32)]) -> Ranges {
+        let mut r = Ranges::new();
+        for &(s, l) in list {
+            r.push(s, l).unwrap();
+        }
+        r
+    }
+
+    /// 10 blocks of 1000 bytes at 1020 bytes per ms (one datagram per ms), burst 1.
+    fn config() -> SenderConfig {
+        SenderConfig {
+            burst: 1,
+            ..SenderConfig::new(7, 10_000, 1000, 1_020_000)
+        }
+    }
+
+    fn drain(s: &mut McastSender, now: Instant) -> Vec<SendBlock> {
+        core::iter::from_fn(|| s.poll_transmit(now)).collect()
+    }
+
+    fn events(s: &mut McastSender) -> Vec<SenderEvent> {
+        core::iter::from_fn(|| s.poll_event()).collect()
+    }
+
+    /// Runs the first pass at the paced times; returns the time it ended.
+    fn first_pass(s: &mut McastSender) -> Instant {
+        let mut now = us(0);
+        let mut sent = 0;
+        loop {
+            sent += drain(s, now).len() as u32;
+            if sent == s.n_blocks() {
+                return now;
+            }
+            now = s.poll_timeout().unwrap();
+        }
+    }
+
+    #[test]
+    fn first_pass_is_paced_in_order() {
+        let mut s = McastSender::new(config(), us(0)).unwrap();
+        let mut sent = Vec::new();
+        let mut now = us(0);
+        for i in 0..10 {
+            let got = drain(&mut s, now);
+            assert_eq!(got.len(), 1, "one datagram per ms at {now:?}");
+            assert_eq!(now, us(i * 1000));
+            sent.extend(got);
+            if i < 9 {
+                now = s.poll_timeout().unwrap();
+            }
+        }
+        let blocks: Vec<u32> = sent.iter().map(|b| b.block).collect();
+        assert_eq!(blocks, (0..10).collect::<Vec<_>>());
+        assert!(sent
+            .iter()
+            .all(|b| b.dest == Dest::Group && b.kind == Kind::Data));
+        // 1020 bytes at 1,020,000 B/s: exactly 1 ms apart; the tenth left at 9 ms.
+        assert_eq!(s.stats().bytes, 10 * 1020);
+        // No receivers: nobody to wait for.
+        assert_eq!(
+            events(&mut s),
+            [
+                SenderEvent::FirstPassDone,
+                SenderEvent::Finished {
+                    completed: vec![],
+                    unfinished: vec![]
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn threshold_splits_multicast_and_unicast() {
+        let mut s = McastSender::new(config(), us(0)).unwrap();
+        for d in [1, 2, 3] {
+            s.add_receiver(d);
+        }
+        let t = first_pass(&mut s);
+        s.handle_nack(t, 1, &rs(&[(2, 2)]));
+        s.handle_nack(t, 2, &rs(&[(3, 1), (7, 1)]));
+        s.handle_nack(t, 3, &rs(&[(3, 1)]));
+        let mut now = t + Duration::from_millis(50);
+        s.handle_timeout(now);
+        let mut sent = Vec::new();
+        while sent.len() < 3 {
+            sent.extend(drain(&mut s, now));
+            now = s.poll_timeout().unwrap();
+        }
+        assert_eq!(
+            sent,
+            [
+                SendBlock {
+                    block: 3,
+                    dest: Dest::Group,
+                    kind: Kind::Data
+                },
+                SendBlock {
+                    block: 2,
+                    dest: Dest::Unicast(1),
+                    kind: Kind::Repair
+                },
+                SendBlock {
+                    block: 7,
+                    dest: Dest::Unicast(2),
+                    kind: Kind::Repair
+                },
+            ]
+        );
+        assert_eq!(s.stats().multicast_repairs, 1);
+        assert_eq!(s.stats().unicast_repairs, 2);
+    }
+
+    #[test]
+    fn repeated_nacks_and_joins_count_once() {
+        let mut s = McastSender::new(config(), us(0)).unwrap();
+        assert!(s.add_receiver(1));
+        assert!(!s.add_receiver(1));
+        s.add_receiver(2);
+        let t = first_pass(&mut s);
+        // Device 1 NACKs block 4 three times (e.g. a repeated join re-sent it): with a
+        // threshold of 2 it must still be a unicast, not a multicast.
+        for _ in 0..3 {
+            s.handle_nack(t, 1, &rs(&[(4, 1)]));
+        }
+        s.handle_timeout(t + Duration::from_millis(50));
+        let sent = drain(&mut s, t + Duration::from_millis(50));
+        assert_eq!(
+            sent,
+            [SendBlock {
+                block: 4,
+                dest: Dest::Unicast(1),
+                kind: Kind::Repair
+            }]
+        );
+    }
+
+    #[test]
+    fn demotes_lossy_and_chatty_devices_and_finishes_honestly() {
+        let mut s = McastSender::new(
+            SenderConfig {
+                max_nacks_per_round: 2,
+                demote_after_rounds: 3,
+                ..config()
+            },
+            us(0),
+        )
+        .unwrap();
+        for d in [1, 2, 3] {
+            s.add_receiver(d);
+        }
+        let mut t = first_pass(&mut s);
+        events(&mut s);
+        // Device 1 misses 5 of 10 blocks (> 20%) for 3 rounds.
+        for round in 0..3 {
+            s.handle_nack(t, 1, &rs(&[(0, 5)]));
+            t += Duration::from_millis(50);
+            s.handle_timeout(t);
+            let ev = events(&mut s);
+            assert_eq!(ev.contains(&SenderEvent::Demoted(1)), round == 2, "{ev:?}");
+            t += Duration::from_millis(10);
+            drain(&mut s, t);
+        }
+        // Device 2 asks three times in one round.
+        for _ in 0..3 {
+            s.handle_nack(t, 2, &rs(&[(9, 1)]));
+        }
+        assert_eq!(events(&mut s), [SenderEvent::Demoted(2)]);
+        s.receiver_done(3, true);
+        // Everything pending is drained; 1 and 2 never reported: they are unfinished.
+        t += Duration::from_millis(100);
+        s.handle_timeout(t);
+        drain(&mut s, t);
+        assert_eq!(
+            events(&mut s),
+            [
+                SenderEvent::Completed(3),
+                SenderEvent::Finished {
+                    completed: vec![3],
+                    unfinished: vec![1, 2]
+                }
+            ]
+        );
+        assert_eq!(s.poll_timeout(), None);
+        assert_eq!(s.poll_transmit(t), None);
+    }
+
+    #[test]
+    fn idle_timeout_lists_silent_receivers_as_unfinished() {
+        let mut s = McastSender::new(config(), us(0)).unwrap();
+        s.add_receiver(5);
+        let t = first_pass(&mut s);
+        drain(&mut s, t);
+        let idle = s.poll_timeout().unwrap();
+        assert!(idle >= t + Duration::from_secs(5));
+        s.handle_timeout(idle);
+        let ev = events(&mut s);
+        assert_eq!(
+            ev.last(),
+            Some(&SenderEvent::Finished {
+                completed: vec![],
+                unfinished: vec![5]
+            })
+        );
+    }
+
+    #[test]
+    fn repairs_get_at_most_their_share_during_the_first_pass() {
+        let cfg = SenderConfig {
+            file_size: 1000 * 1000,
+            multicast_threshold: 1,
+            ..config()
+        };
+        let mut s = McastSender::new(cfg, us(0)).unwrap();
+        s.add_receiver(1);
+        let mut now = us(0);
+        let mut nacked = false;
+        // Bounded: 2000 wake-ups, 400 sends.
+        for _ in 0..2000 {
+            s.handle_timeout(now);
+            let sent = drain(&mut s, now).len();
+            if !nacked && s.stats().first_pass_blocks >= 100 {
+                // 100 blocks in, the device misses all of them.
+                s.handle_nack(now, 1, &rs(&[(0, 100)]));
+                nacked = true;
+            }
+            let st = s.stats();
+            if st.first_pass_blocks + st.multicast_repairs >= 400 {
+                break;
+            }
+            let next = s.poll_timeout().unwrap();
+            assert!(
+                next > now || sent > 0,
+                "timer at {next:?} does not advance from {now:?}"
+            );
+            now = next.max(now);
+        }
+        let st = *s.stats();
+        // Repairs start after the 50 ms round; of the ~250 sends after it, 25% may be repairs.
+        assert!(
+            st.multicast_repairs > 40 && st.multicast_repairs <= 70,
+            "{st:?}"
+        );
+        assert_eq!(st.first_pass_blocks + st.multicast_repairs, 400, "{st:?}");
+    }
+
+    #[test]
+    fn rejects_bad_config() {
+        let bad = SenderConfig {
+            rate: 0,
+            ..config()
+        };
+        assert_eq!(
+            McastSender::new(bad, us(0)).unwrap_err(),
+            ConfigError::ZeroRate
+        );
+        let bad = SenderConfig {
+            block_size: 0,
+            ..config()
+        };
+        assert_eq!(
+            McastSender::new(bad, us(0)).unwrap_err(),
+            ConfigError::BlockSize
+        );
+        let mut empty = McastSender::new(
+            SenderConfig {
+                file_size: 0,
+                ..config()
+            },
+            us(0),
+        )
+        .unwrap();
+        assert_eq!(events(&mut empty), [SenderEvent::FirstPassDone]);
+        empty.handle_timeout(us(0));
+        assert!(empty.is_finished());
+    }
+}

@@ -1,0 +1,502 @@
+//! Scenario tests: both cores on the seeded simulator ([`crate::sim::Group`]).
+//!
+//! The sender adapter synthesises real `Data`/`Repair` datagrams (`data_prefix` + a zero
+//! payload); the receiver adapter parses them with `DataBlock::parse` and sends real `Nack`
+//! datagrams back. Completion travels over the control session in production (reliable and
+//! ordered); here a shared mailbox stands in for it, read by the sender at its next call.
+//!
+//! Metrics (printed with `--nocapture`):
+//! - *total ratio*: payload bytes the sender handed out (a multicast once, each unicast once)
+//!   per file byte;
+//! - *link ratio*: payload bytes offered to one receiver's down link per file byte (what that
+//!   receiver's network carried for it), averaged over receivers;
+//! - *feedback*: NACK datagram bytes per receiver per file byte.
+
+#![cfg(feature = "sim")]
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use super::*;
+use crate::data::{data_prefix, DataBlock, DATA_PREFIX_LEN};
+use crate::msg::Message;
+use crate::sim::{self, Endpoint, Group, LinkConfig, NodeId};
+use crate::time::Instant;
+
+const SESSION: u32 = 0x5E55;
+const BLOCK: u32 = 1024;
+
+type Mailbox = Rc<RefCell<Vec<(u64, bool)>>>;
+
+fn device(i: usize) -> u64 {
+    0x1000 + i as u64
+}
+
+fn node_of(dev: u64) -> NodeId {
+    NodeId::receiver((dev - 0x1000) as usize)
+}
+
+struct SenderNode {
+    core: McastSender,
+    mailbox: Mailbox,
+    payload: Vec<u8>,
+    events: Vec<(Instant, SenderEvent)>,
+    payload_bytes: u64,
+}
+
+impl SenderNode {
+    fn pump(&mut self) {
+        let done: Vec<_> = self.mailbox.borrow_mut().drain(..).collect();
+        for (dev, ok) in done {
+            self.core.receiver_done(dev, ok);
+        }
+    }
+
+    fn finished(&self) -> Option<(&[u64], &[u64])> {
+        self.events.iter().find_map(|(_, e)| match e {
+            SenderEvent::Finished {
+                completed,
+                unfinished,
+            } => Some((&completed[..], &unfinished[..])),
+            _ => None,
+        })
+    }
+}
+
+impl Endpoint for SenderNode {
+    fn handle_datagram(&mut self, now: Instant, _from: NodeId, data: &[u8]) {
+        self.pump();
+        if let Ok((Message::Nack(n), _)) = Message::parse_datagram(data) {
+            if n.session == SESSION {
+                self.core.handle_nack(now, n.device_id, &n.missing);
+            }
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        self.pump();
+        self.core.handle_timeout(now);
+    }
+
+    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<sim::Dest> {
+        self.pump();
+        let sb = self.core.poll_transmit(now)?;
+        let cfg = self.core.config();
+        let len = block_len(cfg.file_size, cfg.block_size, sb.block) as usize;
+        let payload = &self.payload[..len];
+        let prefix = data_prefix(sb.kind, SESSION, sb.block, payload, None).expect("fits");
+        buf.extend_from_slice(&prefix);
+        buf.extend_from_slice(payload);
+        self.payload_bytes += len as u64;
+        Some(match sb.dest {
+            Dest::Group => sim::Dest::Multicast,
+            Dest::Unicast(dev) => sim::Dest::Unicast(node_of(dev)),
+        })
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        while let Some(e) = self.core.poll_event() {
+            // Stand-in for the task table: nothing to do but record.
+            self.events.push((Instant::ZERO, e));
+        }
+        self.core.poll_timeout()
+    }
+}
+
+struct ReceiverNode {
+    core: McastReceiver,
+    mailbox: Mailbox,
+    complete_at: Option<Instant>,
+    persists: u64,
+    /// Every NACK's ranges, when recording.
+    nacks: Option<Vec<Ranges>>,
+}
+
+impl ReceiverNode {
+    fn pump(&mut self, now: Instant) {
+        while let Some(e) = self.core.poll_event() {
+            match e {
+                ReceiverEvent::Complete => {
+                    // The driver would verify the digest here; the payload is synthetic.
+                    self.complete_at = Some(now);
+                    let dev = self.core.config().device_id;
+                    self.mailbox.borrow_mut().push((dev, true));
+                }
+                ReceiverEvent::PersistDue => {
+                    self.persists += 1;
+                    let _ = self.core.received();
+                }
+            }
+        }
+    }
+}
+
+impl Endpoint for ReceiverNode {
+    fn handle_datagram(&mut self, now: Instant, _from: NodeId, data: &[u8]) {
+        if let Ok((_, b, _)) = DataBlock::parse(data) {
+            if b.session == SESSION {
+                self.core.handle_block(now, b.block);
+            }
+        }
+        self.pump(now);
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        self.core.handle_timeout(now);
+        self.pump(now);
+    }
+
+    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<sim::Dest> {
+        self.core.poll_transmit(now, buf)?;
+        if let Some(log) = &mut self.nacks {
+            if let Ok((Message::Nack(n), _)) = Message::parse_datagram(buf) {
+                log.push(n.missing);
+            }
+        }
+        Some(sim::Dest::Unicast(NodeId::SENDER))
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        self.core.poll_timeout()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Scenario {
+    receivers: usize,
+    blocks: u32,
+    /// Datagram bytes per second.
+    rate: u64,
+    loss: f64,
+    seed: u64,
+    sender: fn(SenderConfig) -> SenderConfig,
+}
+
+impl Scenario {
+    fn new(receivers: usize, blocks: u32, loss: f64) -> Self {
+        Scenario {
+            receivers,
+            blocks,
+            rate: 10_000_000,
+            loss,
+            seed: 7,
+            sender: |c| c,
+        }
+    }
+
+    fn file_size(&self) -> u64 {
+        // A short last block exercises block_len.
+        u64::from(self.blocks) * u64::from(BLOCK) - 100
+    }
+
+    fn link(&self, loss: f64) -> LinkConfig {
+        LinkConfig {
+            delay: Duration::from_millis(2),
+            jitter: Duration::from_micros(500),
+            loss,
+            mtu: Some(1500),
+            ..LinkConfig::default()
+        }
+    }
+
+    fn build(&self) -> Group<SenderNode, ReceiverNode> {
+        self.build_with(|_| None)
+    }
+
+    /// `record(i)`: receiver `i`'s resume record, if any.
+    fn build_with(
+        &self,
+        record: impl Fn(usize) -> Option<Ranges>,
+    ) -> Group<SenderNode, ReceiverNode> {
+        let mailbox: Mailbox = Rc::default();
+        let cfg = (self.sender)(SenderConfig::new(
+            SESSION,
+            self.file_size(),
+            BLOCK,
+            self.rate,
+        ));
+        let mut core = McastSender::new(cfg, Instant::ZERO).unwrap();
+        for i in 0..self.receivers {
+            assert!(core.add_receiver(device(i)));
+        }
+        let sender = SenderNode {
+            core,
+            mailbox: Rc::clone(&mailbox),
+            payload: vec![0; BLOCK as usize],
+            events: Vec::new(),
+            payload_bytes: 0,
+        };
+        let receivers = (0..self.receivers)
+            .map(|i| {
+                let rc = ReceiverConfig::new(
+                    SESSION,
+                    device(i),
+                    self.file_size(),
+                    BLOCK,
+                    self.seed ^ (i as u64).wrapping_mul(0x9E37_79B9),
+                );
+                let rec = record(i);
+                ReceiverNode {
+                    core: McastReceiver::new(rc, rec.as_ref(), Instant::ZERO).unwrap(),
+                    mailbox: Rc::clone(&mailbox),
+                    complete_at: None,
+                    persists: 0,
+                    nacks: None,
+                }
+            })
+            .collect();
+        Group::new(
+            self.seed,
+            sender,
+            receivers,
+            self.link(self.loss),
+            self.link(self.loss),
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Outcome {
+    completed: Vec<u64>,
+    unfinished: Vec<u64>,
+    total_ratio: f64,
+    link_ratio: f64,
+    feedback: f64,
+    stats: SenderStats,
+    digest: u64,
+    last_complete: Instant,
+}
+
+/// Runs until the sender finishes (bounded by virtual time and steps).
+fn run(g: &mut Group<SenderNode, ReceiverNode>) -> Outcome {
+    let deadline = Instant::ZERO + Duration::from_secs(120);
+    let done = g.drive_until(|g| g.sender().finished().is_some(), deadline);
+    assert!(done, "sender did not finish by {deadline:?}");
+    let (completed, unfinished) = g.sender().finished().expect("finished");
+    let (completed, unfinished) = (completed.to_vec(), unfinished.to_vec());
+    let file = g.sender().core.config().file_size as f64;
+    let n = g.receivers().len();
+    let mut link_payload = 0.0;
+    for i in 0..n {
+        let ls = g.link_stats(NodeId::SENDER, NodeId::receiver(i)).unwrap();
+        link_payload += (ls.bytes_sent - ls.sent * DATA_PREFIX_LEN as u64) as f64;
+    }
+    let up = g.up_stats();
+    Outcome {
+        completed,
+        unfinished,
+        total_ratio: g.sender().payload_bytes as f64 / file,
+        link_ratio: link_payload / n as f64 / file,
+        feedback: up.bytes_sent as f64 / n as f64 / file,
+        stats: *g.sender().core.stats(),
+        digest: g.digest(),
+        last_complete: g
+            .receivers()
+            .iter()
+            .filter_map(|r| r.complete_at)
+            .max()
+            .unwrap_or(Instant::ZERO),
+    }
+}
+
+fn report(name: &str, o: &Outcome) {
+    println!(
+        "{name}: total {:.4} link {:.4} feedback {:.6} last-complete {} ms, {:?}",
+        o.total_ratio,
+        o.link_ratio,
+        o.feedback,
+        o.last_complete.as_micros() / 1000,
+        o.stats
+    );
+}
+
+fn all_devices(n: usize) -> Vec<u64> {
+    (0..n).map(device).collect()
+}
+
+#[test]
+fn one_receiver_repair_overhead_is_within_twice_the_loss() {
+    for loss in [0.0, 0.01, 0.05, 0.10] {
+        let s = Scenario::new(1, 2000, loss);
+        let o = run(&mut s.build());
+        report(&format!("1 rx, loss {loss}"), &o);
+        assert_eq!(o.completed, all_devices(1));
+        // The bound of the brief: at most 1 + 2 x loss bytes per file byte ...
+        assert!(o.total_ratio <= 1.0 + 2.0 * loss, "{o:?}");
+        // ... and repairs really happened (2000 blocks at 1% lose ~20: not by accident).
+        if loss > 0.0 {
+            assert!(o.total_ratio >= 1.0 + loss / 2.0, "{o:?}");
+        } else {
+            assert_eq!(o.total_ratio, 1.0);
+        }
+    }
+}
+
+#[test]
+fn sixteen_receivers_complete_at_0_1_5_percent_loss() {
+    for loss in [0.0, 0.01, 0.05] {
+        let s = Scenario::new(16, 1000, loss);
+        let o = run(&mut s.build());
+        report(&format!("16 rx, loss {loss}"), &o);
+        assert_eq!(o.completed, all_devices(16), "{o:?}");
+        assert!(o.unfinished.is_empty());
+        // The sender's total, repairing the union of 16 receivers' losses without
+        // coding, at most 1 + 2 x P(some receiver lost a block) = 1 + 2(1 - (1 - p)^16).
+        let any = 1.0 - (1.0 - loss).powi(16);
+        assert!(o.total_ratio <= 1.0 + 2.0 * any, "{o:?}");
+        if loss > 0.0 {
+            assert!(o.total_ratio >= 1.0 + loss, "{o:?}");
+        }
+        // Feedback: see `feedback_bound`.
+        assert!(o.feedback <= feedback_bound(loss), "{o:?}");
+    }
+}
+
+/// NACK bytes per file byte per receiver. A lost block is named in a handful of NACKs (the
+/// gap NACK, a repeat if its repair is lost, end-of-pass), each naming costs at most 4 bytes
+/// (gap varint <= 2 bytes below 16384 blocks, length varint 1-2), and each NACK adds 26 bytes
+/// of headers shared by the blocks it names (one NACK per reorder window at most). So per lost
+/// block at most ~4 x 4 + 26 = 42 bytes, i.e. 42 x loss / 1024 per file byte, plus a floor of
+/// a few NACKs per transfer (26 bytes each on a 1 MB file is ~1e-4).
+fn feedback_bound(loss: f64) -> f64 {
+    42.0 * loss / f64::from(BLOCK) + 2e-4
+}
+
+/// P(at least `k` of `n` receivers lose a block) at independent loss `p`.
+fn p_at_least(k: u32, n: u32, p: f64) -> f64 {
+    let mut below = 0.0;
+    let mut term = (1.0 - p).powi(n as i32); // P(0)
+    for i in 0..k {
+        below += term;
+        term *= f64::from(n - i) / f64::from(i + 1) * p / (1.0 - p);
+    }
+    1.0 - below
+}
+
+#[test]
+fn thousand_receivers_complete_deterministically() {
+    let s = Scenario {
+        rate: 20_000_000,
+        ..Scenario::new(1000, 256, 0.01)
+    };
+    let a = run(&mut s.build());
+    report("1000 rx, loss 0.01", &a);
+    assert_eq!(a.completed, all_devices(1000));
+    // Without coding, a block lost by anyone must be re-sent: at 1000 x 1% nearly every block
+    // is (1 - 0.99^1000 = 99.996%), so the total is ~2; it must not be much worse.
+    let any = 1.0 - 0.99f64.powi(1000);
+    assert!(a.total_ratio >= 1.0 + any * 0.9, "{a:?}");
+    assert!(a.total_ratio <= 1.0 + 1.3 * any, "{a:?}");
+    assert!(a.feedback <= feedback_bound(0.01), "{a:?}");
+    let b = run(&mut s.build());
+    assert_eq!((a.digest, a.stats), (b.digest, b.stats));
+    let c = run(&mut Scenario { seed: 8, ..s }.build());
+    assert_ne!(a.digest, c.digest, "the seed matters");
+}
+
+#[test]
+fn link_and_total_overhead_follow_the_threshold_rule() {
+    // Per link: own losses (unicast) plus blocks re-multicast because >= 2 of 16 lost them.
+    for loss in [0.01, 0.05] {
+        let o = run(&mut Scenario::new(16, 1000, loss).build());
+        let multicast_share = p_at_least(2, 16, loss);
+        println!("16 rx, loss {loss}: P(>=2 lose) = {multicast_share:.4}");
+        assert!(
+            o.link_ratio <= 1.0 + 2.0 * (loss + multicast_share),
+            "{o:?}"
+        );
+        assert!(o.link_ratio >= 1.0 + loss, "{o:?}");
+    }
+}
+
+#[test]
+fn lossy_receiver_is_demoted_and_the_rest_finish_as_without_it() {
+    let base = Scenario::new(16, 1000, 0.01);
+    let without = {
+        let mut g = Scenario::new(15, 1000, 0.01).build();
+        run(&mut g)
+    };
+    let mut g = base.build();
+    let lossy = NodeId::receiver(15);
+    let cfg = base.link(0.30);
+    g.set_link(NodeId::SENDER, lossy, cfg);
+    let with = run(&mut g);
+    report("15 rx at 1% + 1 at 30%", &with);
+    report("15 rx at 1%", &without);
+    let events = &g.sender().events;
+    assert!(events
+        .iter()
+        .any(|(_, e)| *e == SenderEvent::Demoted(device(15))));
+    assert_eq!(with.completed, all_devices(15));
+    assert_eq!(with.unfinished, [device(15)]);
+    assert!(g.receiver(15).complete_at.is_none());
+    // The others did not wait for it: last completion within 150 ms of the run without it
+    // (demotion takes a round of 50 ms after the first pass), and the sender spent at most the lossy receiver's
+    // first-pass losses (30%) plus its repairs before demotion on it.
+    let delay = with.last_complete - without.last_complete;
+    assert!(delay <= Duration::from_millis(150), "{delay:?}");
+    assert!(
+        with.total_ratio <= without.total_ratio + 0.35,
+        "{with:?} {without:?}"
+    );
+}
+
+#[test]
+fn resumed_receiver_requests_only_what_it_lacks() {
+    let s = Scenario::new(4, 1000, 0.05);
+    let record = |i: usize| {
+        (i == 0).then(|| {
+            let mut r = Ranges::new();
+            r.push(0, 400).unwrap();
+            r.push(600, 200).unwrap();
+            r
+        })
+    };
+    let mut g = s.build_with(record);
+    g.receiver_mut(0).nacks = Some(Vec::new());
+    let o = run(&mut g);
+    assert_eq!(o.completed, all_devices(4));
+    let had = record(0).unwrap();
+    let nacks = g.receiver(0).nacks.as_ref().unwrap();
+    assert!(!nacks.is_empty());
+    for n in nacks {
+        assert!(
+            subtract(n, &had) == *n,
+            "NACK {n:?} asks for recorded blocks"
+        );
+    }
+    // It wrote only the 400 blocks it lacked.
+    assert_eq!(g.receiver(0).core.stats().new_blocks, 400);
+}
+
+#[test]
+fn duplicated_nacks_and_repeated_joins_do_not_double_count() {
+    let s = Scenario::new(16, 1000, 0.0);
+    let run_with = |dup: f64| {
+        let mut g = s.build();
+        let down = s.link(0.05);
+        let up = LinkConfig {
+            duplicate: dup,
+            jitter: Duration::ZERO,
+            ..s.link(0.0)
+        };
+        for i in 0..16 {
+            g.set_link(NodeId::SENDER, NodeId::receiver(i), down);
+            g.set_link(NodeId::receiver(i), NodeId::SENDER, up);
+            // Every device joins again (a reconnect re-announces).
+            assert!(!g.sender_mut().core.add_receiver(device(i)));
+        }
+        run(&mut g)
+    };
+    let once = run_with(0.0);
+    let twice = run_with(1.0);
+    assert_eq!(twice.completed, all_devices(16));
+    assert_eq!(twice.stats.nacks, 2 * once.stats.nacks);
+    // The same NACKs, each delivered twice, produced exactly the same repairs.
+    assert_eq!(
+        (twice.stats.multicast_repairs, twice.stats.unicast_repairs),
+        (once.stats.multicast_repairs, once.stats.unicast_repairs)
+    );
+    assert!(once.stats.unicast_repairs > 0 && once.stats.multicast_repairs > 0);
+}
