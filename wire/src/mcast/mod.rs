@@ -40,6 +40,14 @@
 //!    after [`SenderConfig::idle_timeout`] without NACKs. Receivers that did not report a
 //!    verified copy are listed as unfinished, never as done.
 //!
+//! # Repair overhead
+//! Without coding, every block that *some* receiver lost must be sent again, so the sender's
+//! total is at least `1 + (1 - (1 - p)^N)` bytes per file byte for N receivers at loss `p`
+//! (about 2 for 1000 receivers at 1%), while each receiver's link carries about
+//! `1 + p + P(at least multicast_threshold receivers lost a block)`. Only a single receiver
+//! gets `1 + p`. Fresh FEC parity as multicast repair is what brings the total near `1 + p`
+//! at scale (ARCHITECTURE.md "later"); `tests.rs` measures and bounds all three figures.
+//!
 //! # Driving contract (both cores)
 //! - Time is an input and must be monotonic: never pass an `Instant` earlier than one passed
 //!   before to the same core.

@@ -296,6 +296,9 @@ impl McastSender {
     /// matched. A verified device is [`SenderEvent::Completed`]; an unverified one is listed
     /// as unfinished. Either way its repairs stop. Reports after the first are ignored.
     pub fn receiver_done(&mut self, device: u64, verified: bool) {
+        if self.finished {
+            return;
+        }
         let rx = self.receivers.entry(device).or_insert(Rx {
             status: Status::Active,
             over_rounds: 0,
@@ -814,6 +817,34 @@ mod tests {
         );
         assert_eq!(s.poll_timeout(), None);
         assert_eq!(s.poll_transmit(t), None);
+    }
+
+    #[test]
+    fn truncated_nack_is_extrapolated_for_demotion() {
+        // 1000 blocks; NACKs capped at 4 ranges. Device 1 lists 4 single blocks within the
+        // first 16 (25% dense): estimated 250 missing > 20%, demoted. Device 2 lists 3 ranges
+        // (not truncated) naming 3 blocks: 0.3%, kept.
+        let cfg = SenderConfig {
+            file_size: 1_000_000,
+            nack_ranges_cap: 4,
+            ..config()
+        };
+        let mut s = McastSender::new(cfg, us(0)).unwrap();
+        s.add_receiver(1);
+        s.add_receiver(2);
+        let t = first_pass(&mut s);
+        events(&mut s);
+        s.handle_nack(t, 1, &rs(&[(1, 1), (5, 1), (9, 1), (15, 1)]));
+        s.handle_nack(t, 2, &rs(&[(1, 1), (5, 1), (9, 1)]));
+        s.handle_timeout(t + Duration::from_millis(50));
+        assert_eq!(events(&mut s), [SenderEvent::Demoted(1)]);
+        // Device 2's three blocks: 1, 5 and 9 (device 1's requests were dropped with it).
+        let sent: Vec<u32> = drain(&mut s, t + Duration::from_millis(50))
+            .iter()
+            .map(|b| b.block)
+            .collect();
+        assert_eq!(sent, [1]);
+        assert_eq!(s.unicast.get(&2).map(|q| q.remaining().blocks()), Some(2));
     }
 
     #[test]
