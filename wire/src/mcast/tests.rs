@@ -338,6 +338,7 @@ fn one_receiver_repair_overhead_is_within_twice_the_loss() {
         } else {
             assert_eq!(o.total_ratio, 1.0);
         }
+        assert!(o.feedback <= feedback_bound(loss), "{o:?}");
     }
 }
 
@@ -355,6 +356,17 @@ fn sixteen_receivers_complete_at_0_1_5_percent_loss() {
         assert!(o.total_ratio <= 1.0 + 2.0 * any, "{o:?}");
         if loss > 0.0 {
             assert!(o.total_ratio >= 1.0 + loss, "{o:?}");
+        } else {
+            // Paced at the ceiling: the first pass (all datagram bytes, less the 8-datagram
+            // burst) cannot have left before bytes / rate, and arrived 2-2.5 ms later.
+            let burst = 8 * (u64::from(BLOCK) + DATA_PREFIX_LEN as u64);
+            let floor = (o.stats.bytes - burst) * 1_000_000 / s.rate;
+            let ceiling = o.stats.bytes * 1_000_000 / s.rate + 3_000;
+            let last = o.last_complete.as_micros();
+            assert!(
+                last >= floor && last <= ceiling,
+                "{last} not in {floor}..{ceiling}"
+            );
         }
         // Feedback: see `feedback_bound`.
         assert!(o.feedback <= feedback_bound(loss), "{o:?}");
