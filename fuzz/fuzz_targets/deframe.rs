@@ -16,9 +16,7 @@ struct Input {
 fn run(d: &mut Deframer, chunks: &mut dyn Iterator<Item = &[u8]>) -> (Vec<Vec<u8>>, Option<Error>) {
     let mut frames = Vec::new();
     for chunk in chunks {
-        if let Err(e) = d.push(chunk) {
-            return (frames, Some(e));
-        }
+        let pushed = d.push(chunk);
         while let Some(f) = d.next_frame() {
             match f {
                 Ok(f) => {
@@ -28,6 +26,8 @@ fn run(d: &mut Deframer, chunks: &mut dyn Iterator<Item = &[u8]>) -> (Vec<Vec<u8
                 Err(e) => return (frames, Some(e)),
             }
         }
+        // A push error is also reported by next_frame, after the frames before it.
+        assert!(pushed.is_ok(), "push failed but next_frame did not report it");
     }
     (frames, None)
 }

@@ -6,8 +6,11 @@
 //!   same frames in the same order.
 //! - A header is checked (magic, version, flags, length limit) as soon as its 12 bytes are in;
 //!   an oversized frame is rejected *before* any byte of its body is buffered.
-//! - Errors are sticky: after the first error every call returns it again, and the connection
-//!   should be closed with that reason.
+//! - Errors are sticky and reported in stream order: frames completed before a bad header are
+//!   still returned by [`Deframer::next_frame`] (whatever the chunking: pushing them together
+//!   with the bad header in one chunk loses nothing), then every later call returns the error,
+//!   and the connection should be closed with that reason. `push` also returns the error as soon
+//!   as it sees it, so a caller may stop reading the socket at once.
 //! - Memory: at most one push's worth of complete frames plus one partial frame
 //!   (≤ `HEADER_LEN + max_body`) is held.
 
@@ -111,11 +114,9 @@ impl Deframer {
 
     /// The next complete frame, CRC-checked, or `None` when more bytes are needed.
     pub fn next_frame(&mut self) -> Option<Result<Frame<'_>>> {
-        if let Some(e) = self.error {
-            return Some(Err(e));
-        }
         if self.start == self.complete {
-            return None;
+            // Everything before the error has been returned: now the error, forever.
+            return self.error.map(Err);
         }
         match Frame::parse_prefix(&self.buf[self.start..self.complete], self.max_body) {
             Ok((frame, rest)) => {
@@ -124,7 +125,9 @@ impl Deframer {
                 Some(Ok(frame))
             }
             Err(e) => {
+                // Nothing after a corrupt frame can be trusted: stay failed from here on.
                 self.error = Some(e);
+                self.complete = self.start;
                 Some(Err(e))
             }
         }
@@ -220,6 +223,22 @@ mod tests {
         assert_eq!(drain(&mut d, &mut got), Err(Error::Checksum));
         assert_eq!(got, vec![0, 1]);
         assert_eq!(d.error(), Some(Error::Checksum));
+    }
+
+    #[test]
+    fn frames_before_a_bad_header_in_the_same_chunk_are_not_lost() {
+        let mut s = stream(3);
+        let bad = s.len();
+        s.extend_from_slice(&stream(1));
+        s[bad] = 0; // the fourth frame's magic
+        let mut whole = Deframer::default();
+        assert_eq!(whole.push(&s), Err(Error::BadMagic(0)));
+        let mut got = Vec::new();
+        assert_eq!(drain(&mut whole, &mut got), Err(Error::BadMagic(0)));
+        assert_eq!(got, vec![0, 1, 2]);
+        // Sticky after the frames are gone.
+        assert!(matches!(whole.next_frame(), Some(Err(Error::BadMagic(0)))));
+        assert_eq!(whole.push(&stream(1)), Err(Error::BadMagic(0)));
     }
 
     #[test]
