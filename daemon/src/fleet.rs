@@ -666,7 +666,7 @@ impl Fleet {
                 }
             }
             Input::RebootComplete {
-                conn,
+                conn: _,
                 device,
                 seq,
                 report,
@@ -695,19 +695,22 @@ impl Fleet {
                                 report.boot_id
                             ),
                         ));
+                        if let Some(o) = online.get_mut(device) {
+                            if o.in_flight == Some(*seq) {
+                                o.in_flight = None;
+                            }
+                        }
                     }
                     Err(e) => {
-                        tracing::warn!(device = device.0, seq, error = %e, "reboot completion refused");
+                        // Not the agent's fault (e.g. the operator skipped the command while
+                        // the device was away): keep the session, record why. Closing would
+                        // only make the agent reconnect and report the same thing again.
+                        tracing::warn!(device = device.0, seq, error = %e, "reboot completion not applied");
                         let _ = b.append_event(event(
                             now_ms,
                             Some(*device),
                             EventKind::Other,
-                            format!("reboot completion refused: {e}"),
-                        ));
-                        actions.push(close(
-                            *conn,
-                            CloseCode::PROTOCOL,
-                            &format!("reboot completion refused: {e}"),
+                            format!("reboot completion for command {seq} not applied: {e}"),
                         ));
                     }
                 }

@@ -274,9 +274,6 @@ fn gateway_sigkill_while_a_device_reboots() {
 /// the end every command ran once, in order, every reboot completed, and the stored boot id is
 /// the last one.
 #[test]
-#[ignore = "gateway bug: a RebootStarting lost to a gateway crash leaves the queue awaiting a \
-            result, and the RebootComplete of the rebooted agent is refused (see \
-            lost_reboot_starting_then_reboot_complete_is_accepted); fails in ~half the seeds"]
 fn gateway_sigkills_around_reboots() {
     const COMMANDS: u64 = 12;
     const KILLS: usize = 6;
@@ -372,9 +369,6 @@ fn gateway_sigkills_around_reboots() {
 /// with a slot in flight), closing the session with PROTOCOL. The agent reconnects and
 /// repeats, until the command's result deadline fails the queue.
 #[test]
-#[ignore = "gateway bug: RebootComplete after a lost RebootStarting is refused as a seq \
-            mismatch (fleet.rs Hello resume + wire session gateway.rs RebootComplete check); \
-            the queue never completes"]
 fn lost_reboot_starting_then_reboot_complete_is_accepted() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();

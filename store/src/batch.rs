@@ -1002,7 +1002,8 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
             now,
         } => {
             let mut q = cx.queue(*dev)?;
-            q.check_reboot_completed(*seq)
+            let has_reboot = read::command(&*cx.t, d, *dev, *seq)?.is_some_and(|c| c.has_reboot());
+            q.check_reboot_completed(*seq, has_reboot)
                 .map_err(|k| Error::illegal(*dev, k))?;
             let mut x = cx.device(*dev)?;
             if x.report

@@ -217,9 +217,18 @@ impl QueueState {
         Ok(())
     }
 
-    /// Checks that the reboot of `seq` may complete.
-    pub(crate) fn check_reboot_completed(&self, seq: u64) -> R {
-        if self.status != QueueStatus::Rebooting {
+    /// Checks that the reboot of `seq` (a command with a reboot step when `has_reboot`) may
+    /// complete. Besides the normal `rebooting` case, two others are a device that really did
+    /// reboot and must not be refused (the boot id check still applies):
+    /// - `awaiting_result` for a reboot command: the agent's `RebootStarting` was never stored
+    ///   (the gateway died first); the completion implies the start.
+    /// - `failed` with `RebootDeadlineMissed`: the device came back late; the reboot completed
+    ///   after all and the queue goes on (the failure stays in the event log).
+    pub(crate) fn check_reboot_completed(&self, seq: u64, has_reboot: bool) -> R {
+        let late = self.status == QueueStatus::Failed
+            && self.failure == Some(FailReason::RebootDeadlineMissed);
+        let lost_start = self.status == QueueStatus::AwaitingResult && has_reboot;
+        if self.status != QueueStatus::Rebooting && !late && !lost_start {
             return Err(wrong("reboot_completed", self.status));
         }
         if self.cursor != Some(seq) {
@@ -382,7 +391,11 @@ mod tests {
         late.reboot_deadline_missed(10).unwrap();
         assert_eq!(late.status, QueueStatus::Failed);
         assert_eq!(late.failure, Some(FailReason::RebootDeadlineMissed));
-        q.check_reboot_completed(1).unwrap();
+        // Coming back late still completes the reboot; the queue then goes on.
+        late.check_reboot_completed(1, true).unwrap();
+        late.command_succeeded(false);
+        assert_eq!((late.status, late.failure), (QueueStatus::Done, None));
+        q.check_reboot_completed(1, true).unwrap();
         q.command_succeeded(false);
         assert_eq!(q.status, QueueStatus::Done);
     }

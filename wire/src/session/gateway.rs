@@ -516,13 +516,21 @@ impl Core {
                 }
             },
             Message::RebootComplete(rc) => {
-                // Sent once welcomed, before any dispatch of the new session.
-                if let Some(in_flight) = self.slot.seq() {
-                    return Err(SessionError::SeqMismatch {
-                        kind: crate::Kind::RebootComplete,
-                        got: rc.seq,
-                        expected: Some(in_flight),
-                    });
+                // Sent once welcomed, before any dispatch of the new session. The one command
+                // that may be in flight is the reboot itself, resumed by the driver because its
+                // `RebootStarting` never reached the store: the completion implies the start.
+                match self.slot {
+                    Slot::Idle => {}
+                    Slot::Dispatched {
+                        seq, reboot: true, ..
+                    } if seq == rc.seq => self.slot = Slot::Idle,
+                    slot => {
+                        return Err(SessionError::SeqMismatch {
+                            kind: crate::Kind::RebootComplete,
+                            got: rc.seq,
+                            expected: slot.seq(),
+                        })
+                    }
                 }
                 self.events.push_back(GatewayEvent::RebootComplete {
                     seq: rc.seq,

@@ -1247,3 +1247,42 @@ fn a_command_still_executing_across_a_reconnect_delivers_its_result_on_the_new_s
     assert_eq!(q.take_ag(), vec![AgentEvent::ResultAcked { seq: 4 }]);
     assert!(q.gw_errors.is_empty() && q.ag_errors.is_empty());
 }
+
+#[test]
+fn reboot_complete_after_a_lost_reboot_starting_completes_the_resumed_reboot() {
+    // The gateway resumed the reboot command as in flight (its store never saw RebootStarting);
+    // the agent, back from the reboot, reports completion.
+    let last = LastExecuted {
+        seq: 5,
+        result: None,
+    };
+    let mut p = Pair::new(Some(DEVICE), FirstMessage::Hello(hello(BOOT_B, Some(last))));
+    p.establish(welcome(4));
+    p.gw.resume_in_flight(5, 1005, true).unwrap();
+    p.ag.send_reboot_complete(&RebootComplete {
+        seq: 5,
+        report: report(BOOT_B),
+    })
+    .unwrap();
+    p.drive();
+    assert!(matches!(
+        p.take_gw()[..],
+        [GatewayEvent::RebootComplete { seq: 5, .. }]
+    ));
+    assert_eq!(p.gw.in_flight(), None);
+    // A completion for another seq while something else is in flight is still refused.
+    let mut q = Pair::new(Some(DEVICE), FirstMessage::Hello(hello(BOOT_B, None)));
+    q.establish(welcome(4));
+    q.gw.resume_in_flight(6, 1006, false).unwrap();
+    q.ag.send_reboot_complete(&RebootComplete {
+        seq: 5,
+        report: report(BOOT_B),
+    })
+    .unwrap();
+    q.drive();
+    assert!(
+        matches!(q.gw_errors[..], [SessionError::SeqMismatch { .. }]),
+        "{:?}",
+        q.gw_errors
+    );
+}
