@@ -290,6 +290,8 @@ pub struct ScaleReport {
     pub connect_cpu: (f64, f64),
     /// Gateway / loadgen CPU share during the storm (kill to done).
     pub storm_cpu: (f64, f64),
+    /// Listen-queue overflows (machine-wide counter) while connecting / during the storm.
+    pub overflows: (u64, u64),
     /// Sessions the gateway reports online.
     pub gateway_online: u64,
     /// Gateway with 0 sessions.
@@ -344,11 +346,12 @@ impl std::fmt::Display for ScaleReport {
         writeln!(f, "enrol all                   {:.2} s", self.enrol_s)?;
         writeln!(
             f,
-            "connect all (mTLS, fresh)   {:.2} s ({:.0} handshakes/s; gateway CPU {:.2}, loadgen CPU {:.2})",
+            "connect all (mTLS, fresh)   {:.2} s ({:.0} handshakes/s; gateway CPU {:.2}, loadgen CPU {:.2}; {} listen overflows)",
             self.connect_s,
             n / self.connect_s,
             self.connect_cpu.0,
-            self.connect_cpu.1
+            self.connect_cpu.1,
+            self.overflows.0
         )?;
         writeln!(f, "gateway online              {}", self.gateway_online)?;
         writeln!(
@@ -391,18 +394,20 @@ impl std::fmt::Display for ScaleReport {
         )?;
         write!(
             f,
-            "storm (from kill -9)        ready {:.2} s, all welcomed {:.2} s, all ran a command {:.2} s ({} connects; gateway CPU {:.2}, loadgen CPU {:.2})",
+            "storm (from kill -9)        ready {:.2} s, all welcomed {:.2} s, all ran a command {:.2} s ({} connects; gateway CPU {:.2}, loadgen CPU {:.2}; {} listen overflows)",
             self.storm_restart_s,
             self.storm_welcomed_s,
             self.storm_done_s,
             self.storm_connects,
             self.storm_cpu.0,
-            self.storm_cpu.1
+            self.storm_cpu.1,
+            self.overflows.1
         )
     }
 }
 
-/// `perf record -g` of the gateway during one phase, when `LOADGEN_PERF` names that phase
+/// `perf record -g` (or `perf $LOADGEN_PERF_ARGS`) of the gateway during one phase, when
+/// `LOADGEN_PERF` names that phase
 /// (`connect`, `idle`, `throughput`, `storm`); the profile goes to `perf-<phase>.data` in the
 /// current directory. The `perf` process is one this harness started and stops by its PID.
 #[derive(Debug)]
@@ -413,8 +418,11 @@ impl Profiler {
         if std::env::var("LOADGEN_PERF").ok().as_deref() != Some(phase) {
             return Profiler(None);
         }
+        // `LOADGEN_PERF_ARGS` replaces the default `record -F 499 -g` (e.g. `trace -s`).
+        let args = std::env::var("LOADGEN_PERF_ARGS").unwrap_or_else(|_| "record -F 499 -g".into());
         let child = Command::new("perf")
-            .args(["record", "-F", "499", "-g", "-o"])
+            .args(args.split_whitespace())
+            .arg("-o")
             .arg(format!("perf-{phase}.data"))
             .arg("-p")
             .arg(pid.to_string())
@@ -446,6 +454,24 @@ impl Profiler {
 
 fn phase_err(what: &str, swarm: &Swarm) -> Box<dyn std::error::Error> {
     format!("phase `{what}` did not finish in time: {:?}", swarm.stats).into()
+}
+
+/// The machine's `TcpExt: ListenOverflows` counter (connections dropped because a listen
+/// queue was full).
+pub fn listen_overflows() -> u64 {
+    let Ok(t) = std::fs::read_to_string("/proc/net/netstat") else {
+        return 0;
+    };
+    let mut lines = t.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(vals)) = (lines.next(), lines.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(vals.split_whitespace())
+        .find(|(n, _)| *n == "ListenOverflows")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The live heap bytes `bench-gateway` last wrote (0 if none).
@@ -563,12 +589,14 @@ fn run_phases(
     rep.heap.0 = heap_live(data);
     let l0 = self_cpu_ticks();
     let prof = Profiler::start("connect", pid);
+    let o0 = listen_overflows();
     let t = clock.now();
     swarm.connect_all();
     if !swarm.run_until(end, |s| s.stats.established >= n) {
         return Err(phase_err("connect", &swarm));
     }
     rep.connect_s = secs(clock.now() - t);
+    rep.overflows.0 = listen_overflows() - o0;
     prof.stop();
     rep.connect_cpu = (
         (sample(pid)?.cpu_ticks - rep.mem0.cpu_ticks) as f64 / ticks_per_sec() / rep.connect_s,
@@ -693,6 +721,7 @@ fn run_phases(
         let before: Vec<u32> = swarm.agents.iter().map(|a| a.sessions).collect();
         let c0 = swarm.stats.connects;
         let l0 = self_cpu_ticks();
+        let o0 = listen_overflows();
         let t = clock.now();
         gw.take().expect("running").kill();
         // Agents run their back-off while the gateway is down; restart as an init system would.
@@ -745,6 +774,7 @@ fn run_phases(
             return Err(phase_err("storm", &swarm));
         }
         rep.storm_done_s = secs(clock.now() - t);
+        rep.overflows.1 = listen_overflows() - o0;
         prof.stop();
         rep.storm_cpu = (
             sample(pid)?.cpu_ticks as f64 / ticks_per_sec() / rep.storm_done_s,
