@@ -112,6 +112,7 @@ fn relisten(backlog: i32) -> bool {
                     &mut tlen,
                 ) == 0
         };
+        // SAFETY: all-zero bytes are a valid `sockaddr_storage` (a plain C struct).
         let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         let mut alen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         // SAFETY: `addr` is a valid, writable sockaddr_storage of `alen` bytes.
