@@ -27,7 +27,10 @@ fn run(d: &mut Deframer, chunks: &mut dyn Iterator<Item = &[u8]>) -> (Vec<Vec<u8
             }
         }
         // A push error is also reported by next_frame, after the frames before it.
-        assert!(pushed.is_ok(), "push failed but next_frame did not report it");
+        assert!(
+            pushed.is_ok(),
+            "push failed but next_frame did not report it"
+        );
     }
     (frames, None)
 }
