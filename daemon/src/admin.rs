@@ -216,6 +216,23 @@ pub enum Request {
     },
     /// The gateway's overall status.
     Status,
+    /// Publish a file to every member of a group by multicast (a distribution task).
+    Push {
+        /// The file, as a path the gateway can open (the CLI makes it absolute).
+        path: String,
+        /// Target group.
+        group: String,
+        /// Payload bytes per datagram.
+        block_size: u32,
+        /// Sending rate ceiling, megabits per second.
+        rate_mbps: u64,
+    },
+    /// A task's status table, or (without an id) every task with its counts.
+    TaskShow {
+        /// Task id.
+        #[serde(default)]
+        task: Option<u64>,
+    },
     /// Events from the log, from id `from` on.
     Events {
         /// First event id to return.

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::distribution::McastConfig;
 use crate::fleet::{Fleet, FleetConfig};
 use crate::gateway::{Clock, Gateway, GatewayConfig};
 use crate::paths::default_data_dir;
@@ -34,6 +35,21 @@ struct Args {
     /// Time a device has to come back from a reboot, seconds.
     #[arg(long, default_value_t = 900)]
     reboot_timeout: u64,
+    /// This gateway's unicast IPv4 address on the devices' network: the multicast socket binds
+    /// to it and multicasts through its interface. Required for `fleetcast push`; there is no
+    /// default, so multicast never leaves through an interface nobody chose.
+    #[arg(long)]
+    mcast_addr: Option<std::net::Ipv4Addr>,
+    /// UDP port of the multicast group (and of the gateway's NACK socket).
+    #[arg(long, default_value_t = 7301)]
+    mcast_port: u16,
+    /// Multicast group pushes are sent to.
+    #[arg(long, default_value = "239.77.0.1")]
+    mcast_group: std::net::Ipv4Addr,
+    /// Seconds a finished multicast waits for targets that have not reported (late devices
+    /// are caught up by unicast while it waits, and by a re-created sender after).
+    #[arg(long, default_value_t = 60)]
+    mcast_linger: u64,
     /// Print the CA fingerprint (for `fleetcast-agent --ca-fingerprint`) and exit.
     #[arg(long)]
     print_ca_fingerprint: bool,
@@ -95,6 +111,24 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         listen: args.listen,
         admin_socket: data.join(crate::admin::SOCKET_NAME),
         session,
+        mcast: match args.mcast_addr {
+            Some(addr) => {
+                if !args.mcast_group.is_multicast() {
+                    return Err(format!(
+                        "--mcast-group {} is not a multicast address",
+                        args.mcast_group
+                    )
+                    .into());
+                }
+                Some(McastConfig {
+                    addr,
+                    port: args.mcast_port,
+                    group: args.mcast_group,
+                    linger: Duration::from_secs(args.mcast_linger),
+                })
+            }
+            None => None,
+        },
         ..GatewayConfig::default()
     };
     let mut gw = Gateway::bind(cfg, fleet)?;

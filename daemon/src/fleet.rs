@@ -133,6 +133,27 @@ pub enum Input {
         /// The request.
         req: Request,
     },
+    /// An operator publishes a file to a group (the loop has mapped and hashed it already):
+    /// create the task and announce it.
+    Push {
+        /// Admin connection.
+        conn: ConnId,
+        /// The task to create (`group` names the targets).
+        task: store::Task,
+    },
+    /// A receiver's final word on a task (`Completion` over its control session).
+    Completion {
+        /// Connection.
+        conn: ConnId,
+        /// Device.
+        device: DeviceId,
+        /// The task.
+        task: u64,
+        /// Whether the receiver verified the digest.
+        verified: bool,
+        /// Outcome name and the receiver's reason, for the table and the log.
+        reason: String,
+    },
 }
 
 /// What the loop must do after a successful commit, in order.
@@ -191,6 +212,36 @@ pub enum Action {
         /// The answer.
         resp: Response,
     },
+    /// A push created a task: the loop binds the file it mapped for `conn` to `task` (before
+    /// the announces that follow in the same action list).
+    TaskCreated {
+        /// The admin connection that pushed.
+        conn: ConnId,
+        /// The new task.
+        task: store::TaskId,
+        /// Its targets.
+        targets: Vec<DeviceId>,
+    },
+    /// Announce `task` over the session of `device`.
+    Announce {
+        /// The device's connection.
+        conn: ConnId,
+        /// The device.
+        device: DeviceId,
+        /// The task.
+        task: store::TaskId,
+    },
+    /// The task table recorded `device`'s completion: tell the task's sender.
+    TransferDone {
+        /// The device's connection.
+        conn: ConnId,
+        /// The device.
+        device: DeviceId,
+        /// The task.
+        task: store::TaskId,
+        /// Digest verified.
+        verified: bool,
+    },
 }
 
 impl Action {
@@ -201,7 +252,10 @@ impl Action {
             | Action::Ack { conn, .. }
             | Action::Dispatch { conn, .. }
             | Action::Close { conn, .. }
-            | Action::Reply { conn, .. } => *conn,
+            | Action::Reply { conn, .. }
+            | Action::TaskCreated { conn, .. }
+            | Action::Announce { conn, .. }
+            | Action::TransferDone { conn, .. } => *conn,
         }
     }
 }
@@ -330,7 +384,9 @@ impl Fleet {
                 | Input::RebootStarting { conn, .. }
                 | Input::RebootComplete { conn, .. }
                 | Input::Disconnected { conn, .. }
-                | Input::Admin { conn, .. } => *conn,
+                | Input::Admin { conn, .. }
+                | Input::Push { conn, .. }
+                | Input::Completion { conn, .. } => *conn,
             };
             touched.push(conn);
             let mut cx = Cx {
@@ -534,6 +590,15 @@ impl Fleet {
                     },
                     resume,
                 });
+                // Catch-up: every task this device has not completed is announced again
+                // (after the welcome, on the same session).
+                for task in b.incomplete_tasks(*device).unwrap_or_default() {
+                    actions.push(Action::Announce {
+                        conn,
+                        device: *device,
+                        task,
+                    });
+                }
                 online.insert(*device, Online { conn, in_flight });
                 dirty.insert(*device);
             }
@@ -737,6 +802,49 @@ impl Fleet {
                 let resp = admin(b, online, cfg, now_ms, req, dirty, actions);
                 actions.push(Action::Reply { conn: *conn, resp });
             }
+            Input::Push { conn, task } => push(b, online, now_ms, *conn, task, actions),
+            Input::Completion {
+                conn,
+                device,
+                task,
+                verified,
+                reason,
+            } => {
+                let id = store::TaskId(*task);
+                let r = if *verified {
+                    b.task_completed(id, *device)
+                } else {
+                    b.task_failed(id, *device, reason)
+                };
+                match r {
+                    Ok(()) => {
+                        let _ = b.append_event(event(
+                            now_ms,
+                            Some(*device),
+                            EventKind::TaskStatus,
+                            format!(
+                                "task {task} {}",
+                                if *verified {
+                                    "completed (digest verified)".to_string()
+                                } else {
+                                    format!("failed: {reason}")
+                                }
+                            ),
+                        ));
+                    }
+                    Err(e) => {
+                        // A repeated completion (already completed or failed) or an unknown
+                        // task: nothing to record; the sender is told anyway.
+                        tracing::info!(device = device.0, task, error = %e, "completion not recorded");
+                    }
+                }
+                actions.push(Action::TransferDone {
+                    conn: *conn,
+                    device: *device,
+                    task: id,
+                    verified: *verified,
+                });
+            }
         }
     }
 
@@ -874,7 +982,7 @@ fn fail_all(inputs: &[Input], msg: &str) -> Vec<Action> {
     inputs
         .iter()
         .filter_map(|i| match i {
-            Input::Admin { conn, .. } => Some(Action::Reply {
+            Input::Admin { conn, .. } | Input::Push { conn, .. } => Some(Action::Reply {
                 conn: *conn,
                 resp: Response::err(msg),
             }),
@@ -883,7 +991,8 @@ fn fail_all(inputs: &[Input], msg: &str) -> Vec<Action> {
             | Input::Enrol { conn, .. }
             | Input::Result { conn, .. }
             | Input::RebootStarting { conn, .. }
-            | Input::RebootComplete { conn, .. } => {
+            | Input::RebootComplete { conn, .. }
+            | Input::Completion { conn, .. } => {
                 Some(close(*conn, CloseCode::INTERNAL, "gateway store failure"))
             }
         })
@@ -918,6 +1027,168 @@ fn to_store_steps(steps: &[StepSpec]) -> Result<Vec<store::Step>, String> {
             })
         })
         .collect()
+}
+
+/// Creates a push task for the members of `task.group` and announces it to those online.
+fn push(
+    b: &mut Batch<'_>,
+    online: &HashMap<DeviceId, Online>,
+    now_ms: u64,
+    conn: ConnId,
+    task: &store::Task,
+    actions: &mut Vec<Action>,
+) {
+    let group = task.group.clone().unwrap_or_default();
+    let targets = match b.group_members(&group) {
+        Ok(t) if !t.is_empty() => t,
+        Ok(_) => {
+            return actions.push(Action::Reply {
+                conn,
+                resp: Response::err(format!(
+                    "group `{group}` has no members: `fleetcast group add {group} DEVICE...` first"
+                )),
+            })
+        }
+        Err(e) => {
+            return actions.push(Action::Reply {
+                conn,
+                resp: Response::err(e.to_string()),
+            })
+        }
+    };
+    let id = match b.create_task(task.clone(), &targets) {
+        Ok(id) => id,
+        Err(e) => {
+            return actions.push(Action::Reply {
+                conn,
+                resp: Response::err(e.to_string()),
+            })
+        }
+    };
+    let _ = b.append_event(event(
+        now_ms,
+        None,
+        EventKind::TaskStatus,
+        format!(
+            "task {}: {} ({} bytes) to group {group}, {} targets ({})",
+            id.0,
+            task.path,
+            task.size,
+            targets.len(),
+            task.trigger
+        ),
+    ));
+    let names: Vec<String> = targets
+        .iter()
+        .map(|d| {
+            b.device(*d)
+                .ok()
+                .flatten()
+                .map_or_else(|| d.0.to_string(), |d| d.name)
+        })
+        .collect();
+    actions.push(Action::TaskCreated {
+        conn,
+        task: id,
+        targets: targets.clone(),
+    });
+    for dev in &targets {
+        if let Some(o) = online.get(dev) {
+            actions.push(Action::Announce {
+                conn: o.conn,
+                device: *dev,
+                task: id,
+            });
+        }
+    }
+    actions.push(Action::Reply {
+        conn,
+        resp: Response::ok(json!({
+            "task": id.0,
+            "size": task.size,
+            "blocks": task.blocks(),
+            "sha256": hex(&task.sha256),
+            "targets": names.join(","),
+        })),
+    });
+}
+
+/// `task show`: one task's status table, or every task with its counts.
+fn task_show(b: &Batch<'_>, task: Option<u64>) -> Result<Response, Response> {
+    let err = |e: store::Error| Response::err(e.to_string());
+    let name = |d: DeviceId| {
+        b.device(d)
+            .ok()
+            .flatten()
+            .map_or_else(|| d.0.to_string(), |d| d.name)
+    };
+    match task {
+        Some(id) => {
+            let t = b.task(store::TaskId(id)).map_err(err)?.ok_or_else(|| {
+                Response::err(format!(
+                    "no task {id}: `fleetcast task show` lists the tasks"
+                ))
+            })?;
+            let n = t.blocks();
+            let rows: Vec<_> = b
+                .task_statuses(store::TaskId(id))
+                .map_err(err)?
+                .into_iter()
+                .map(|(d, st)| {
+                    let (blocks, reason) = match &st {
+                        store::TaskDeviceStatus::InProgress(set) => (
+                            set.ranges()
+                                .iter()
+                                .map(|(s, e)| u64::from(e - s))
+                                .sum::<u64>(),
+                            None,
+                        ),
+                        store::TaskDeviceStatus::Completed => (u64::from(n), None),
+                        store::TaskDeviceStatus::Failed(r) => (0, Some(r.clone())),
+                        store::TaskDeviceStatus::Pending => (0, None),
+                    };
+                    json!({
+                        "device": name(d),
+                        "id": d.0,
+                        "status": st.name(),
+                        "blocks": format!("{blocks}/{n}"),
+                        "reason": reason,
+                    })
+                })
+                .collect();
+            Ok(Response::ok(json!({
+                "task": id,
+                "path": t.path,
+                "size": t.size,
+                "block_size": t.block_size,
+                "sha256": hex(&t.sha256),
+                "group": t.group,
+                "trigger": t.trigger,
+                "created_ms": t.created_ms,
+                "devices": rows,
+            })))
+        }
+        None => {
+            let mut rows = Vec::new();
+            for (id, t) in b.tasks().map_err(err)? {
+                let mut counts: HashMap<&'static str, u64> = HashMap::new();
+                for (_, st) in b.task_statuses(id).map_err(err)? {
+                    *counts.entry(st.name()).or_default() += 1;
+                }
+                rows.push(json!({
+                    "task": id.0,
+                    "path": t.path,
+                    "size": t.size,
+                    "group": t.group,
+                    "completed": counts.get("completed").copied().unwrap_or(0),
+                    "in_progress": counts.get("in_progress").copied().unwrap_or(0),
+                    "pending": counts.get("pending").copied().unwrap_or(0),
+                    "failed": counts.get("failed").copied().unwrap_or(0),
+                }));
+            }
+            Ok(Response::ok(json!({ "tasks": rows })))
+        }
+    }
 }
 
 fn device_id(b: &Batch<'_>, name: &str) -> Result<DeviceId, Response> {
@@ -1189,6 +1460,12 @@ fn admin(
                     "devices": rows,
                 }))
             }
+            Request::Push { .. } => {
+                return Err(Response::err(
+                    "push is served by the gateway loop (it maps the file first)",
+                ))
+            }
+            Request::TaskShow { task } => return task_show(b, *task),
             Request::Events { from, limit } => {
                 let rows: Vec<_> = b
                     .events_from(*from, (*limit).min(10_000))
@@ -1691,5 +1968,109 @@ mod tests {
             on_failure: OnFailureSpec::Stop,
         });
         assert!(r.error.unwrap().contains("neither a device nor a group"));
+    }
+
+    #[test]
+    fn push_creates_a_task_announces_online_targets_and_late_ones_on_welcome() {
+        let mut rig = Rig::new();
+        let (d1, k1) = rig.enrol("n1", 1);
+        let (d2, k2) = rig.enrol("n2", 2);
+        rig.hello(3, d1, k1, None);
+        let task = store::Task {
+            path: "/srv/image.bin".into(),
+            size: 3000,
+            block_size: 1000,
+            sha256: [7; 32],
+            group: Some("g".into()),
+            trigger: "publish by operator".into(),
+            created_ms: T0,
+        };
+        let a = rig.run(vec![Input::Push {
+            conn: 900,
+            task: task.clone(),
+        }]);
+        let id = match &a[..] {
+            [Action::TaskCreated {
+                conn: 900,
+                task: id,
+                targets,
+            }, Action::Announce {
+                conn: 3,
+                device,
+                task: t2,
+            }, Action::Reply { resp, .. }] => {
+                assert_eq!(targets, &vec![d1, d2]);
+                assert_eq!((device, t2), (&d1, id));
+                assert_eq!(resp.data["task"], id.0);
+                *id
+            }
+            other => panic!("{other:?}"),
+        };
+        // n2 connects later: the welcome is followed by the announce.
+        let a = rig.hello(4, d2, k2, None);
+        assert!(
+            matches!(&a[..], [Action::Welcome { conn: 4, .. }, Action::Announce { conn: 4, device, task }] if *device == d2 && *task == id),
+            "{a:?}"
+        );
+        // Completions: verified, and a digest mismatch.
+        let a = rig.run(vec![
+            Input::Completion {
+                conn: 3,
+                device: d1,
+                task: id.0,
+                verified: true,
+                reason: String::new(),
+            },
+            Input::Completion {
+                conn: 4,
+                device: d2,
+                task: id.0,
+                verified: false,
+                reason: "DigestMismatch: bad".into(),
+            },
+        ]);
+        assert_eq!(
+            a,
+            vec![
+                Action::TransferDone {
+                    conn: 3,
+                    device: d1,
+                    task: id,
+                    verified: true
+                },
+                Action::TransferDone {
+                    conn: 4,
+                    device: d2,
+                    task: id,
+                    verified: false
+                },
+            ]
+        );
+        let r = rig.admin(Request::TaskShow { task: Some(id.0) });
+        let rows = r.data["devices"].as_array().unwrap();
+        assert_eq!(rows[0]["status"], "completed");
+        assert_eq!(rows[0]["blocks"], "3/3");
+        assert_eq!(rows[1]["status"], "failed");
+        let r = rig.admin(Request::TaskShow { task: None });
+        assert_eq!(r.data["tasks"][0]["completed"], 1);
+        assert_eq!(r.data["tasks"][0]["failed"], 1);
+        // A completed device is not announced again.
+        let a = rig.hello(5, d1, k1, None);
+        assert!(
+            !a.iter().any(|a| matches!(a, Action::Announce { .. })),
+            "{a:?}"
+        );
+        // A push to an empty group is refused before any task exists.
+        let a = rig.run(vec![Input::Push {
+            conn: 901,
+            task: store::Task {
+                group: Some("nobody".into()),
+                ..task
+            },
+        }]);
+        assert!(
+            matches!(&a[..], [Action::Reply { resp, .. }] if !resp.ok),
+            "{a:?}"
+        );
     }
 }

@@ -32,12 +32,14 @@ use rustls::ServerConfig;
 
 use crate::admin::{self, Request, Response};
 use crate::convert::{report_from_wire, result_from_wire, sha256, steps_to_wire};
+use crate::distribution::{DistEvent, Distributor, McastConfig};
 use crate::fleet::{Action, ConnId, Fleet, Input};
 use crate::tlsconn::TlsConn;
 
 const LISTENER: Token = Token(0);
 const ADMIN: Token = Token(1);
-const FIRST_CONN: usize = 2;
+const MCAST: Token = Token(2);
+const FIRST_CONN: usize = 3;
 
 /// Loop parameters.
 #[derive(Debug, Clone)]
@@ -54,6 +56,8 @@ pub struct GatewayConfig {
     pub read_budget: usize,
     /// Most connections at once (agents and admin clients).
     pub max_connections: usize,
+    /// Multicast distribution; `None`: pushes are refused.
+    pub mcast: Option<McastConfig>,
 }
 
 impl Default for GatewayConfig {
@@ -65,6 +69,7 @@ impl Default for GatewayConfig {
             accept_budget: 256,
             read_budget: 64 * 1024,
             max_connections: 100_000,
+            mcast: None,
         }
     }
 }
@@ -139,6 +144,9 @@ pub struct Gateway {
     server_cfg: Arc<ServerConfig>,
     cfg: GatewayConfig,
     fleet: Fleet,
+    dist: Option<Distributor>,
+    /// The multicast socket may hold more NACKs than one turn's budget read.
+    mcast_ready: bool,
     clock: Clock,
     conns: slab::Slab<Slot>,
     generation: u64,
@@ -172,6 +180,15 @@ impl Gateway {
         poll.registry()
             .register(&mut admin, ADMIN, Interest::READABLE)?;
         let server_cfg = fleet.pki().server_config();
+        let dist = match &cfg.mcast {
+            Some(m) => {
+                let mut d = Distributor::open(m.clone())?;
+                poll.registry()
+                    .register(d.socket(), MCAST, Interest::READABLE)?;
+                Some(d)
+            }
+            None => None,
+        };
         Ok(Gateway {
             poll,
             listener,
@@ -179,6 +196,8 @@ impl Gateway {
             server_cfg,
             cfg,
             fleet,
+            dist,
+            mcast_ready: false,
             clock: Clock::new(),
             conns: slab::Slab::new(),
             generation: 0,
@@ -224,6 +243,7 @@ impl Gateway {
                 match ev.token() {
                     LISTENER => self.accept_agents(now),
                     ADMIN => self.accept_admin(),
+                    MCAST => self.mcast_ready = true,
                     Token(t) => {
                         let idx = t - FIRST_CONN;
                         if self.conns.contains(idx) && !self.ready.contains(&idx) {
@@ -233,18 +253,51 @@ impl Gateway {
                 }
             }
             self.service_ready(now);
+            if std::mem::take(&mut self.mcast_ready) {
+                if let Some(d) = self.dist.as_mut() {
+                    self.mcast_ready = d.handle_readable(now);
+                }
+            }
             self.fire_timers(now);
             self.process_fleet(now, wall);
+            self.drive_distributions(now);
             self.flush_touched();
         }
         Ok(())
     }
 
+    fn drive_distributions(&mut self, now: Instant) {
+        let Some(d) = self.dist.as_mut() else { return };
+        for ev in d.drive(now) {
+            match ev {
+                DistEvent::Finished {
+                    task,
+                    completed,
+                    unfinished,
+                    stats,
+                } => tracing::info!(
+                    task = task.0,
+                    completed,
+                    unfinished,
+                    first_pass = stats.first_pass_blocks,
+                    multicast_repairs = stats.multicast_repairs,
+                    unicast_repairs = stats.unicast_repairs,
+                    bytes = stats.bytes,
+                    nacks = stats.nacks,
+                    "distribution finished"
+                ),
+            }
+        }
+    }
+
     fn poll_timeout(&self, now: Instant, wall: u64, limit: Option<Instant>) -> Duration {
-        if !self.ready.is_empty() || !self.inputs.is_empty() {
+        if !self.ready.is_empty() || !self.inputs.is_empty() || self.mcast_ready {
             return Duration::ZERO;
         }
         let mut next = limit.unwrap_or(now + Duration::from_secs(3600));
+        if let Some(t) = self.dist.as_ref().and_then(|d| d.poll_timeout(now)) {
+            next = next.min(t.max(now));
+        }
         if let Some(Reverse((t, _, _))) = self.timers.peek() {
             next = next.min(*t);
         }
@@ -481,6 +534,24 @@ impl Gateway {
         while let Some(nl) = a.inbuf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = a.inbuf.drain(..=nl).collect();
             match serde_json::from_slice::<Request>(&line) {
+                Ok(Request::Push {
+                    path,
+                    group,
+                    block_size,
+                    rate_mbps,
+                }) => {
+                    let Some(d) = self.dist.as_mut() else {
+                        let resp = Response::err(
+                            "multicast is off: start fleetcastd with --mcast-addr ADDRESS (its unicast address on the devices' network)",
+                        );
+                        push_json_line(&mut a.out, &resp);
+                        continue;
+                    };
+                    match d.prepare_push(id, &path, &group, block_size, rate_mbps, self.wall_ms) {
+                        Ok(task) => self.inputs.push(Input::Push { conn: id, task }),
+                        Err(e) => push_json_line(&mut a.out, &Response::err(e.to_string())),
+                    }
+                }
                 Ok(req) => self.inputs.push(Input::Admin { conn: id, req }),
                 Err(e) => {
                     let resp = Response::err(format!("malformed request: {e}"));
@@ -541,13 +612,80 @@ impl Gateway {
     }
 
     fn apply(&mut self, action: Action, now: Instant) {
+        match &action {
+            Action::TaskCreated {
+                conn,
+                task,
+                targets,
+            } => {
+                if let Some(d) = self.dist.as_mut() {
+                    d.task_created(*conn, *task, targets, now);
+                }
+                return;
+            }
+            Action::TransferDone {
+                device,
+                task,
+                verified,
+                ..
+            } => {
+                if let Some(d) = self.dist.as_mut() {
+                    d.transfer_done(*task, *device, *verified);
+                }
+                return;
+            }
+            Action::Reply { conn, resp } if !resp.ok => {
+                // A push the fleet refused: its mapping is not needed.
+                if let Some(d) = self.dist.as_mut() {
+                    d.drop_prepared(*conn);
+                }
+            }
+            _ => {}
+        }
         let conn_id = match &action {
             Action::Welcome { conn, .. }
             | Action::Enrolled { conn, .. }
             | Action::Ack { conn, .. }
             | Action::Dispatch { conn, .. }
             | Action::Close { conn, .. }
-            | Action::Reply { conn, .. } => *conn,
+            | Action::Reply { conn, .. }
+            | Action::Announce { conn, .. }
+            | Action::TaskCreated { conn, .. }
+            | Action::TransferDone { conn, .. } => *conn,
+        };
+        // The announce is built before the session is borrowed (it may re-create a sender
+        // from the task table).
+        let announce = match &action {
+            Action::Announce { device, task, .. } => {
+                let Some(d) = self.dist.as_mut() else {
+                    tracing::warn!(
+                        task = task.0,
+                        "task not announced: multicast is off (--mcast-addr)"
+                    );
+                    return;
+                };
+                let store = self.fleet.store();
+                let row = || {
+                    let snap = store.snapshot().ok()?;
+                    let t = snap.task(*task).ok()??;
+                    let targets = snap
+                        .task_statuses(*task)
+                        .ok()?
+                        .into_iter()
+                        .filter(|(_, st)| st.is_incomplete())
+                        .map(|(d, _)| d)
+                        .collect();
+                    Some((t, targets))
+                };
+                match d.announce_for(*task, *device, row, now) {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        tracing::warn!(task = task.0, device = device.0, error = %e, "task not announced");
+                        return;
+                    }
+                }
+            }
+            _ => None,
         };
         let Some(idx) = self.lookup(conn_id) else {
             return;
@@ -590,7 +728,13 @@ impl Gateway {
                         })
                     }
                     Action::Close { code, reason, .. } => s.close(code, &reason),
-                    Action::Reply { .. } => Ok(()),
+                    Action::Announce { .. } => match &announce {
+                        Some(a) => s.announce(&a.as_wire()),
+                        None => Ok(()),
+                    },
+                    Action::Reply { .. }
+                    | Action::TaskCreated { .. }
+                    | Action::TransferDone { .. } => Ok(()),
                 };
                 if let Err(e) = r {
                     tracing::warn!(conn = conn_id, error = %e, "session refused a fleet action");
@@ -779,10 +923,27 @@ fn event_to_input(
                 report: report_from_wire(&rc.report),
             })
         }
-        GatewayEvent::Completion(_) | GatewayEvent::TransferStatus(_) | GatewayEvent::Nack(_) => {
+        GatewayEvent::Completion(frame) => {
+            let Message::Completion(c) = frame.message() else {
+                return None;
+            };
+            let verified = c.outcome == fleetcast_wire::Outcome::Verified;
+            Some(Input::Completion {
+                conn,
+                device: (*device)?,
+                task: c.task_id,
+                verified,
+                reason: if verified {
+                    String::new()
+                } else {
+                    format!("{:?}: {}", c.outcome, c.reason)
+                },
+            })
+        }
+        GatewayEvent::TransferStatus(_) | GatewayEvent::Nack(_) => {
             tracing::debug!(
                 conn,
-                "distribution message ignored: no distribution engine yet"
+                "transfer status / NACK over the control session ignored (NACKs use UDP)"
             );
             None
         }

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod convert;
 pub mod daemon_main;
 pub mod demo;
+pub mod distribution;
 pub mod fleet;
 pub mod gateway;
 pub mod paths;

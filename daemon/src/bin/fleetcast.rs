@@ -34,6 +34,24 @@ enum Cmd {
     /// Command queues.
     #[command(subcommand)]
     Queue(QueueCmd),
+    /// Publish a file to every member of a group by multicast (with unicast repair and
+    /// catch-up for devices that join later). Do not rewrite the file while it is pushed.
+    Push {
+        /// The file (on the gateway's machine).
+        file: PathBuf,
+        /// Target group.
+        #[arg(long)]
+        group: String,
+        /// Payload bytes per datagram.
+        #[arg(long, default_value_t = 1400)]
+        block_size: u32,
+        /// Rate ceiling, megabits per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+    },
+    /// Distribution tasks.
+    #[command(subcommand)]
+    Task(TaskCmd),
     /// The gateway's status: per device its queue, session and last configuration report.
     Status,
     /// Run the whole system on this machine: a gateway, agents, a queue with a reboot.
@@ -107,6 +125,16 @@ enum GroupCmd {
     },
     /// List groups.
     List,
+}
+
+#[derive(Subcommand, Debug)]
+enum TaskCmd {
+    /// One task's status table (per device: pending, in_progress, completed, failed), or
+    /// every task with its counts.
+    Show {
+        /// Task id (default: all tasks).
+        id: Option<u64>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -204,6 +232,22 @@ fn build(cmd: Cmd) -> Result<Request, String> {
         Cmd::Queue(QueueCmd::Retry { device }) => Request::QueueRetry { device },
         Cmd::Queue(QueueCmd::Skip { device }) => Request::QueueSkip { device },
         Cmd::Status => Request::Status,
+        Cmd::Push {
+            file,
+            group,
+            block_size,
+            rate,
+        } => {
+            let path = std::fs::canonicalize(&file)
+                .map_err(|e| format!("cannot open {}: {e}", file.display()))?;
+            Request::Push {
+                path: path.display().to_string(),
+                group,
+                block_size,
+                rate_mbps: rate,
+            }
+        }
+        Cmd::Task(TaskCmd::Show { id }) => Request::TaskShow { task: id },
         Cmd::Watch { .. }
         | Cmd::Demo { .. }
         | Cmd::InternalGateway { .. }
