@@ -24,6 +24,7 @@ const USAGE: &str = "usage: fleetcast-agent --gateway HOST:PORT --state-dir DIR 
   --reboot-command CMD...   how to reboot (default: systemctl reboot); must be last
   --reboot-exit CODE        simulate a reboot by exiting with CODE (tests, the lab)
   --max-sessions N          stop after N sessions (tests)
+  --downloads DIR           where pushed files land (default: STATE-DIR/downloads)
 ";
 
 fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> {
@@ -37,6 +38,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> 
     let mut exec = ExecConfig::default();
     let mut reboot = RebootAction::Command(vec!["systemctl".into(), "reboot".into()]);
     let mut max_sessions = None;
+    let mut downloads = None;
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or_else(|| format!("{a} needs a value"));
         match a.as_str() {
@@ -51,6 +53,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> 
                 )
             }
             "--token" => token = Some(val()?),
+            "--downloads" => downloads = Some(PathBuf::from(val()?)),
             "--name" => name = Some(val()?),
             "--boot-id-file" => exec.report.boot_id = PathBuf::from(val()?),
             "--dpkg-status" => exec.report.dpkg_status = PathBuf::from(val()?),
@@ -97,6 +100,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> 
     Ok(AgentConfig {
         gateway,
         server_name,
+        downloads: downloads.unwrap_or_else(|| state_dir.join("downloads")),
         state_dir,
         ca,
         enrol,

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetcast_wire::session::{AgentEvent, AgentSession, FirstMessage};
-use fleetcast_wire::{CloseCode, Enrol, Hello, Instant, Message, RebootComplete, SessionConfig};
+use fleetcast_wire::{
+    CloseCode, Completion, Enrol, Hello, Instant, Message, RebootComplete, SessionConfig,
+};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection};
 
@@ -26,6 +28,7 @@ use crate::exec::{self, ExecConfig, Job, Running};
 use crate::report::{self, AGENT_VERSION};
 use crate::state::{Identity, RebootRecord, State};
 use crate::tls::{self, DeviceKey};
+use crate::transfer::{safe_name, Transfer, TransferDone, TransferSpec};
 
 /// How the agent trusts the gateway before it has a CA certificate stored.
 #[derive(Debug, Clone)]
@@ -57,6 +60,8 @@ pub struct AgentConfig {
     pub server_name: String,
     /// State directory.
     pub state_dir: PathBuf,
+    /// Where pushed files land (and their progress records).
+    pub downloads: PathBuf,
     /// Trust anchor before enrolment.
     pub ca: CaSource,
     /// One-time enrolment token and the device name it was issued for.
@@ -110,6 +115,13 @@ pub struct Agent {
     state: State,
     running: Option<(Running, bool, u64)>,
     epoch: std::time::Instant,
+    /// Multicast downloads in progress, by task.
+    transfers: std::collections::HashMap<u64, Transfer>,
+    /// Finished downloads, by task: their completion is repeated if the task is announced
+    /// again (the gateway re-announces until it has recorded the completion).
+    finished: std::collections::HashMap<u64, TransferDone>,
+    /// This session's device id, local and gateway addresses (for transfers).
+    link: Option<(u64, std::net::IpAddr, SocketAddr)>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -130,6 +142,9 @@ impl Agent {
             state,
             running: None,
             epoch: std::time::Instant::now(),
+            transfers: std::collections::HashMap::new(),
+            finished: std::collections::HashMap::new(),
+            link: None,
         })
     }
 
@@ -279,6 +294,7 @@ impl Agent {
         let boot_id = report::read_boot_id(&self.cfg.exec.report.boot_id)?;
         let fingerprint = tls::cert_fingerprint_sha256(cert.as_ref());
         let (sock, tls) = self.connect(config)?;
+        self.link = Some((id.device_id, sock.local_addr()?.ip(), sock.peer_addr()?));
         let mut io = Io { sock, tls };
         let hello_last = self
             .state
@@ -378,11 +394,92 @@ impl Agent {
                     info.code == CloseCode::NORMAL && info.reason.contains("replaced");
                 return Ok(Some(End::Reconnect { immediately }));
             }
-            AgentEvent::Enrolled { .. }
-            | AgentEvent::Announce(_)
-            | AgentEvent::TransferStatus(_) => {}
+            AgentEvent::Announce(frame) => {
+                if let Message::Announce(a) = frame.message() {
+                    self.on_announce(s, &a);
+                }
+            }
+            AgentEvent::Enrolled { .. } | AgentEvent::TransferStatus(_) => {}
         }
         Ok(None)
+    }
+
+    /// Starts (or answers) the transfer an announce names.
+    fn on_announce(&mut self, s: &mut AgentSession, a: &fleetcast_wire::Announce<'_>) {
+        if let Some(d) = self.finished.get(&a.task_id) {
+            send_completion(s, d);
+            return;
+        }
+        if let Some(t) = self.transfers.get(&a.task_id) {
+            if t.key() == a.auth_key {
+                return; // Already receiving.
+            }
+            // A new key (the gateway restarted): restart from the persisted record.
+            if let Some(t) = self.transfers.remove(&a.task_id) {
+                t.stop();
+            }
+        }
+        let (
+            Some((device_id, std::net::IpAddr::V4(local), SocketAddr::V4(gw))),
+            std::net::IpAddr::V4(group),
+        ) = (self.link, a.group)
+        else {
+            eprintln!(
+                "fleetcast-agent: task {}: only IPv4 multicast is supported",
+                a.task_id
+            );
+            return;
+        };
+        let spec = TransferSpec {
+            task_id: a.task_id,
+            session: a.session,
+            group,
+            port: a.port,
+            size: a.size,
+            block_size: a.block_size,
+            sha256: a.sha256,
+            auth_key: a.auth_key,
+            name: safe_name(a.name, a.task_id),
+            device_id,
+            local,
+            gateway: std::net::SocketAddrV4::new(*gw.ip(), a.port),
+            dir: self.cfg.downloads.clone(),
+        };
+        match Transfer::spawn(spec) {
+            Ok(t) => {
+                eprintln!(
+                    "fleetcast-agent: receiving task {} ({} bytes)",
+                    a.task_id, a.size
+                );
+                self.transfers.insert(a.task_id, t);
+            }
+            Err(e) => {
+                let d = TransferDone {
+                    task_id: a.task_id,
+                    session: a.session,
+                    outcome: fleetcast_wire::Outcome::WriteFailed,
+                    sha256: [0; 32],
+                    reason: format!("cannot start the transfer: {e}"),
+                };
+                send_completion(s, &d);
+            }
+        }
+    }
+
+    /// Reports finished transfers over the session.
+    fn poll_transfers(&mut self, s: &mut AgentSession) {
+        let mut ended = Vec::new();
+        for (task, t) in &mut self.transfers {
+            if let Some(d) = t.try_finish() {
+                ended.push((*task, d));
+            }
+        }
+        for (task, d) in ended {
+            self.transfers.remove(&task);
+            eprintln!("fleetcast-agent: task {task}: {:?} {}", d.outcome, d.reason);
+            send_completion(s, &d);
+            self.finished.insert(task, d);
+        }
     }
 
     /// Checks the executor; sends a finished command's result or starts its reboot.
@@ -463,7 +560,13 @@ impl Agent {
                     return Ok(Some(end));
                 }
             }
-            // 3. The executor (a finished command's result goes out at the top of the loop).
+            // 3. Transfers, then the executor (what they produce goes out at the top of the
+            //    loop).
+            let transferring = self.transfers.len();
+            self.poll_transfers(s);
+            if self.transfers.len() != transferring {
+                continue;
+            }
             let was_running = self.running.is_some();
             let exec_end = self.poll_exec(s, boot_id)?;
             if was_running && self.running.is_none() && exec_end.is_none() {
@@ -491,7 +594,7 @@ impl Agent {
             let mut wait = s
                 .poll_timeout()
                 .map_or(Duration::from_secs(60), |t| t - now);
-            if self.running.is_some() {
+            if self.running.is_some() || !self.transfers.is_empty() {
                 wait = wait.min(Duration::from_millis(20));
             }
             io.sock
@@ -527,6 +630,16 @@ impl Agent {
             s.handle_timeout(self.now());
         }
     }
+}
+
+fn send_completion(s: &mut AgentSession, d: &TransferDone) {
+    let _ = s.send_completion(&Completion {
+        task_id: d.task_id,
+        session: d.session,
+        outcome: d.outcome,
+        sha256: d.sha256,
+        reason: &d.reason,
+    });
 }
 
 struct Io {

@@ -5,3 +5,4 @@ pub mod exec;
 pub mod report;
 pub mod state;
 pub mod tls;
+pub mod transfer;

@@ -1,0 +1,467 @@
+//! One multicast download on a worker thread: UDP socket joined to the announced group,
+//! blocks checked (CRC by the parser, session, tag, length) and written in place with
+//! `pwrite`, the sans-IO [`McastReceiver`] driven on the worker's clock, NACKs sent to the
+//! gateway, progress persisted, digest verified, file renamed into place.
+//!
+//! # Files (in the downloads directory)
+//! - `<name>.part`: the file being received, written at `block × block_size`.
+//! - `.<name>.task-<id>.rec`: the received-block record (task geometry and digest, then
+//!   ranges), rewritten atomically (write to a temporary, fsync, rename) on every
+//!   `PersistDue` and on stop. A restarted agent resumes from it instead of starting over; a
+//!   record of another geometry or digest is ignored.
+//! - `<name>`: the verified file (renamed from `.part` only after the SHA-256 matched).
+//! - `.<name>.task-<id>.done`: written after the rename; a repeated announce of a finished
+//!   task re-verifies `<name>` and reports at once.
+//!
+//! # Invariants
+//! - A block is written and handed to the core only if it parsed (CRC), names this session,
+//!   carries a valid tag when the announce has a key, and has exactly the block's length.
+//! - The worker stops within one receive timeout (at most 100 ms) of [`Transfer::stop`].
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use fleetcast_wire::mcast::{ReceiverConfig, ReceiverEvent};
+use fleetcast_wire::{DataBlock, Frame, Instant, McastReceiver, Message, Outcome, Ranges, TAG_LEN};
+use ring::hmac;
+
+/// Longest receive wait, so a stop request is seen promptly.
+const MAX_WAIT: Duration = Duration::from_millis(100);
+
+/// What an announce asks this device to receive.
+#[derive(Debug, Clone)]
+pub struct TransferSpec {
+    /// Task id.
+    pub task_id: u64,
+    /// Session id in every block.
+    pub session: u32,
+    /// Group to join.
+    pub group: Ipv4Addr,
+    /// Its port.
+    pub port: u16,
+    /// File size.
+    pub size: u64,
+    /// Block size.
+    pub block_size: u32,
+    /// Expected SHA-256.
+    pub sha256: [u8; 32],
+    /// Tag key, when blocks carry tags.
+    pub auth_key: Option<[u8; 32]>,
+    /// File name (sanitised: one path component).
+    pub name: String,
+    /// This device (carried in NACKs).
+    pub device_id: u64,
+    /// Local address of the control connection: the interface to join the group on.
+    pub local: Ipv4Addr,
+    /// Where NACKs go until a block reveals the sender's address.
+    pub gateway: SocketAddrV4,
+    /// Downloads directory.
+    pub dir: PathBuf,
+}
+
+/// How a transfer ended, for the `Completion` message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferDone {
+    /// Task id.
+    pub task_id: u64,
+    /// Session id.
+    pub session: u32,
+    /// Verified, or why not.
+    pub outcome: Outcome,
+    /// Digest of the received copy (zero if it could not be computed).
+    pub sha256: [u8; 32],
+    /// Detail for failures.
+    pub reason: String,
+}
+
+/// A running transfer.
+#[derive(Debug)]
+pub struct Transfer {
+    stop: Arc<AtomicBool>,
+    rx: mpsc::Receiver<TransferDone>,
+    handle: Option<JoinHandle<()>>,
+    key: Option<[u8; 32]>,
+}
+
+/// A file name from an announce reduced to one safe path component.
+pub fn safe_name(name: &str, task_id: u64) -> String {
+    let base = name.rsplit('/').next().unwrap_or("");
+    if base.is_empty() || base == "." || base == ".." || base.contains('\0') {
+        format!("task-{task_id}")
+    } else {
+        base.to_string()
+    }
+}
+
+impl Transfer {
+    /// Opens the socket (errors surface here) and starts the worker.
+    pub fn spawn(spec: TransferSpec) -> io::Result<Transfer> {
+        std::fs::create_dir_all(&spec.dir)?;
+        let sock = open_socket(&spec)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        let key = spec.auth_key;
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("transfer-{}", spec.task_id))
+            .spawn(move || {
+                let done = run(&spec, sock, &flag).unwrap_or_else(|e| TransferDone {
+                    task_id: spec.task_id,
+                    session: spec.session,
+                    outcome: Outcome::WriteFailed,
+                    sha256: [0; 32],
+                    reason: e.to_string(),
+                });
+                if !flag.load(Ordering::Relaxed) {
+                    let _ = tx.send(done);
+                }
+            })?;
+        Ok(Transfer {
+            stop,
+            rx,
+            handle: Some(handle),
+            key,
+        })
+    }
+
+    /// The result, once the worker has finished.
+    pub fn try_finish(&mut self) -> Option<TransferDone> {
+        let d = self.rx.try_recv().ok()?;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        Some(d)
+    }
+
+    /// The tag key this transfer checks blocks with.
+    pub fn key(&self) -> Option<[u8; 32]> {
+        self.key
+    }
+
+    /// Stops the worker (its progress is persisted) and waits for it.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn open_socket(spec: &TransferSpec) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, spec.port)).into())?;
+    // Join on the interface of the control connection, never on whatever the routing picks.
+    s.join_multicast_v4(&spec.group, &spec.local)?;
+    s.set_multicast_if_v4(&spec.local)?;
+    let _ = s.set_recv_buffer_size(8 << 20);
+    Ok(s.into())
+}
+
+fn paths(spec: &TransferSpec) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let d = &spec.dir;
+    let n = &spec.name;
+    (
+        d.join(format!("{n}.part")),
+        d.join(format!(".{n}.task-{}.rec", spec.task_id)),
+        d.join(n),
+        d.join(format!(".{n}.task-{}.done", spec.task_id)),
+    )
+}
+
+/// Record header: task, size, block size, digest.
+fn record_header(spec: &TransferSpec) -> Vec<u8> {
+    let mut h = Vec::with_capacity(52);
+    h.extend_from_slice(&spec.task_id.to_be_bytes());
+    h.extend_from_slice(&spec.size.to_be_bytes());
+    h.extend_from_slice(&spec.block_size.to_be_bytes());
+    h.extend_from_slice(&spec.sha256);
+    h
+}
+
+fn load_record(spec: &TransferSpec, path: &Path) -> Option<Ranges> {
+    let raw = std::fs::read(path).ok()?;
+    let head = record_header(spec);
+    let rest = raw.strip_prefix(head.as_slice())?;
+    let mut r = Ranges::new();
+    for pair in rest.chunks_exact(8) {
+        let start = u32::from_be_bytes(pair[..4].try_into().ok()?);
+        let len = u32::from_be_bytes(pair[4..].try_into().ok()?);
+        r.push(start, len).ok()?;
+    }
+    Some(r)
+}
+
+fn save_record(spec: &TransferSpec, path: &Path, received: &Ranges) -> io::Result<()> {
+    let mut buf = record_header(spec);
+    for r in received.as_slice() {
+        buf.extend_from_slice(&r.start.to_be_bytes());
+        buf.extend_from_slice(&r.len.to_be_bytes());
+    }
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&buf)?;
+        f.sync_data()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+fn file_sha256(path: &Path) -> io::Result<[u8; 32]> {
+    let mut f = File::open(path)?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    Ok(out)
+}
+
+fn verify_tag(key: &hmac::Key, frame: &Frame<'_>) -> bool {
+    let Some(tag) = frame.tag else { return false };
+    let (h8, body) = frame.mac_input();
+    let mut ctx = hmac::Context::with_key(key);
+    ctx.update(h8);
+    ctx.update(body);
+    let sig = ctx.sign();
+    sig.as_ref()[..TAG_LEN]
+        .iter()
+        .zip(tag.iter())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+fn done(spec: &TransferSpec, outcome: Outcome, sha256: [u8; 32], reason: String) -> TransferDone {
+    TransferDone {
+        task_id: spec.task_id,
+        session: spec.session,
+        outcome,
+        sha256,
+        reason,
+    }
+}
+
+/// The worker: receive until complete (or stopped), then verify and rename.
+#[allow(clippy::disallowed_methods)] // The transfer worker's clock: its one time source.
+fn run(spec: &TransferSpec, sock: UdpSocket, stop: &AtomicBool) -> io::Result<TransferDone> {
+    let (part, rec, fin, marker) = paths(spec);
+    // A task finished before (agent restarted, or the completion was lost): re-verify.
+    if marker.exists() && fin.exists() {
+        let d = file_sha256(&fin)?;
+        return Ok(if d == spec.sha256 {
+            done(spec, Outcome::Verified, d, String::new())
+        } else {
+            done(
+                spec,
+                Outcome::DigestMismatch,
+                d,
+                "file changed since it was received".into(),
+            )
+        });
+    }
+    let epoch = std::time::Instant::now();
+    let now = || Instant::from_micros(epoch.elapsed().as_micros() as u64);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&part)?;
+    file.set_len(spec.size)?;
+    let initial = load_record(spec, &rec);
+    let seed = spec.device_id ^ spec.task_id.rotate_left(32) ^ epoch.elapsed().as_nanos() as u64;
+    let cfg = ReceiverConfig::new(
+        spec.session,
+        spec.device_id,
+        spec.size,
+        spec.block_size,
+        seed,
+    );
+    let mut rx = McastReceiver::new(cfg, initial.as_ref(), now())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let key = spec.auth_key.map(|k| hmac::Key::new(hmac::HMAC_SHA256, &k));
+    let bs = u64::from(spec.block_size);
+    let mut nack_dest = spec.gateway;
+    let mut buf = vec![0u8; 65_536];
+    let mut nack = Vec::new();
+    let mut tagged = vec![0u8; 4096];
+    let mut complete = rx.is_complete();
+    while !complete {
+        if stop.load(Ordering::Relaxed) {
+            save_record(spec, &rec, rx.received())?;
+            return Ok(done(spec, Outcome::Aborted, [0; 32], "stopped".into()));
+        }
+        let t = now();
+        if rx.poll_timeout().is_some_and(|d| d <= t) {
+            rx.handle_timeout(t);
+        }
+        // Drive the core: NACKs out, then events.
+        loop {
+            nack.clear();
+            let Some(_) = rx.poll_transmit(now(), &mut nack) else {
+                break;
+            };
+            let out: &[u8] = match &key {
+                Some(k) => match Message::parse_datagram(&nack) {
+                    Ok((msg, _)) => {
+                        let need = msg.buffer_len().unwrap_or(0) + TAG_LEN;
+                        if tagged.len() < need {
+                            tagged.resize(need, 0);
+                        }
+                        match msg.emit_authenticated(&mut tagged, |h, b| {
+                            let mut ctx = hmac::Context::with_key(k);
+                            ctx.update(h);
+                            ctx.update(b);
+                            let mut tag = [0u8; TAG_LEN];
+                            tag.copy_from_slice(&ctx.sign().as_ref()[..TAG_LEN]);
+                            tag
+                        }) {
+                            Ok(n) => &tagged[..n],
+                            Err(_) => continue,
+                        }
+                    }
+                    Err(_) => continue,
+                },
+                None => &nack,
+            };
+            let _ = sock.send_to(out, nack_dest);
+        }
+        while let Some(ev) = rx.poll_event() {
+            match ev {
+                ReceiverEvent::PersistDue => save_record(spec, &rec, rx.received())?,
+                ReceiverEvent::Complete => complete = true,
+            }
+        }
+        if complete {
+            break;
+        }
+        let t = now();
+        let wait = rx
+            .poll_timeout()
+            .map_or(MAX_WAIT, |d| d.saturating_duration_since(t))
+            .clamp(Duration::from_millis(1), MAX_WAIT);
+        sock.set_read_timeout(Some(wait))?;
+        // Receive until the socket is quiet for `wait` or a timer is due.
+        loop {
+            let (n, from) = match sock.recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    break
+                }
+                Err(e) => return Err(e),
+            };
+            let Ok((_, block, frame)) = DataBlock::parse(&buf[..n]) else {
+                continue;
+            };
+            if block.session != spec.session {
+                continue;
+            }
+            if let Some(k) = &key {
+                if !verify_tag(k, &frame) {
+                    continue;
+                }
+            }
+            let off = u64::from(block.block) * bs;
+            let want = spec.size.saturating_sub(off).min(bs);
+            if off >= spec.size || block.payload.len() as u64 != want {
+                continue;
+            }
+            if let SocketAddr::V4(f) = from {
+                nack_dest = SocketAddrV4::new(*f.ip(), spec.port);
+            }
+            if !rx.has(block.block) {
+                file.write_all_at(block.payload, off)?;
+                rx.handle_block(now(), block.block);
+            }
+            if rx.is_complete() || rx.poll_timeout().is_some_and(|d| d <= now()) {
+                break;
+            }
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+        complete = rx.is_complete();
+    }
+    file.sync_all()?;
+    drop(file);
+    let digest = file_sha256(&part)?;
+    if digest != spec.sha256 {
+        let _ = std::fs::remove_file(&part);
+        let _ = std::fs::remove_file(&rec);
+        return Ok(done(
+            spec,
+            Outcome::DigestMismatch,
+            digest,
+            "SHA-256 of the received file differs from the announce".into(),
+        ));
+    }
+    std::fs::rename(&part, &fin)?;
+    File::create(&marker)?.sync_all()?;
+    let _ = std::fs::remove_file(&rec);
+    Ok(done(spec, Outcome::Verified, digest, String::new()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_one_component() {
+        assert_eq!(safe_name("a/b/../c.bin", 3), "c.bin");
+        assert_eq!(safe_name("..", 3), "task-3");
+        assert_eq!(safe_name("", 3), "task-3");
+        assert_eq!(safe_name("x/", 4), "task-4");
+    }
+
+    #[test]
+    fn records_round_trip_and_reject_other_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TransferSpec {
+            task_id: 1,
+            session: 1,
+            group: Ipv4Addr::new(239, 77, 0, 1),
+            port: 7301,
+            size: 10_000,
+            block_size: 1000,
+            sha256: [3; 32],
+            auth_key: None,
+            name: "f".into(),
+            device_id: 9,
+            local: Ipv4Addr::LOCALHOST,
+            gateway: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7301),
+            dir: dir.path().into(),
+        };
+        let p = dir.path().join("rec");
+        let mut r = Ranges::new();
+        r.push(0, 3).unwrap();
+        r.push(5, 2).unwrap();
+        save_record(&spec, &p, &r).unwrap();
+        assert_eq!(load_record(&spec, &p), Some(r));
+        let other = TransferSpec {
+            sha256: [4; 32],
+            ..spec.clone()
+        };
+        assert_eq!(load_record(&other, &p), None);
+    }
+}
