@@ -50,6 +50,10 @@ struct Args {
     /// are caught up by unicast while it waits, and by a re-created sender after).
     #[arg(long, default_value_t = 60)]
     mcast_linger: u64,
+    /// Milliseconds between a push's announces and its first multicast block (time for the
+    /// receivers to join the group).
+    #[arg(long, default_value_t = 300)]
+    mcast_warmup_ms: u64,
     /// Print the CA fingerprint (for `fleetcast-agent --ca-fingerprint`) and exit.
     #[arg(long)]
     print_ca_fingerprint: bool,
@@ -125,6 +129,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     port: args.mcast_port,
                     group: args.mcast_group,
                     linger: Duration::from_secs(args.mcast_linger),
+                    warmup: Duration::from_millis(args.mcast_warmup_ms),
                 })
             }
             None => None,

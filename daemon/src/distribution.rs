@@ -58,6 +58,9 @@ pub struct McastConfig {
     pub group: Ipv4Addr,
     /// How long a sender with nothing to do waits for receivers that have not reported.
     pub linger: Duration,
+    /// Delay between a push's announces and its first block, so the receivers have joined
+    /// the group when the first pass starts (blocks sent earlier would all be repaired).
+    pub warmup: Duration,
 }
 
 /// Why a push cannot start.
@@ -229,6 +232,12 @@ pub struct Distribution {
     backlog: VecDeque<SendBlock>,
     /// Unicast repairs dropped because the device's address was unknown.
     no_addr: u64,
+    /// Nothing is sent before this instant (see [`McastConfig::warmup`]).
+    start_at: Instant,
+    /// Datagrams the kernel refused for now (sent again later).
+    deferred: u64,
+    /// Datagrams the kernel refused for good.
+    send_errors: u64,
 }
 
 impl std::fmt::Debug for Distribution {
@@ -253,12 +262,15 @@ impl Distribution {
         linger: Duration,
         targets: &[DeviceId],
         now: Instant,
+        start_at: Instant,
     ) -> Result<Distribution, DistError> {
         let session = task.0 as u32;
         let mut cfg = SenderConfig::new(session, map.len as u64, block_size, rate_bytes);
-        // The loop wakes at millisecond granularity: a burst of 32 full datagrams per wake-up
-        // keeps the rate ceiling reachable up to ~45 MB/s at 1400-byte blocks.
-        cfg.burst = 32;
+        // The loop wakes at millisecond granularity (and a little later): the bucket holds
+        // about 2 ms of the rate so one wake-up can send what a millisecond earned, between 8
+        // and 256 datagrams.
+        let datagram = DATA_PREFIX_LEN as u64 + u64::from(block_size) + TAG_LEN as u64;
+        cfg.burst = (rate_bytes / 500 / datagram.max(1)).clamp(8, 256) as u32;
         // A receiver far behind (late joiner, heavy loss) is caught up here by unicast repair
         // rather than demoted: demotion would leave it to a catch-up path this driver does
         // not have. Too many NACKs per round still demote.
@@ -288,6 +300,9 @@ impl Distribution {
             addrs: HashMap::new(),
             backlog: VecDeque::new(),
             no_addr: 0,
+            start_at,
+            deferred: 0,
+            send_errors: 0,
         })
     }
 
@@ -330,6 +345,10 @@ pub enum DistEvent {
         unfinished: usize,
         /// The sender's counters.
         stats: SenderStats,
+        /// Datagrams deferred by a full socket buffer or device queue (sent later).
+        deferred: u64,
+        /// Datagrams lost to send errors.
+        send_errors: u64,
     },
 }
 
@@ -438,6 +457,7 @@ impl Distributor {
             self.cfg.linger,
             targets,
             now,
+            now + self.cfg.warmup,
         ) {
             Ok(d) => {
                 tracing::info!(
@@ -492,6 +512,7 @@ impl Distributor {
                 self.cfg.linger,
                 &targets,
                 now,
+                now + self.cfg.warmup,
             )?;
             tracing::info!(task = task.0, "distribution re-created for catch-up");
             self.dists.insert(session, d);
@@ -555,6 +576,9 @@ impl Distributor {
         let fd = self.sock.as_raw_fd();
         let mut done = Vec::new();
         for (session, d) in &mut self.dists {
+            if now < d.start_at {
+                continue;
+            }
             if d.sender.poll_timeout().is_some_and(|t| t <= now) {
                 d.sender.handle_timeout(now);
             }
@@ -570,6 +594,8 @@ impl Distributor {
                             completed: completed.len(),
                             unfinished: unfinished.len(),
                             stats: *d.sender.stats(),
+                            deferred: d.deferred,
+                            send_errors: d.send_errors,
                         });
                         done.push(*session);
                     }
@@ -581,7 +607,9 @@ impl Distributor {
                         );
                     }
                     SenderEvent::FirstPassDone => {
-                        tracing::info!(task = d.task.0, "first pass done");
+                        let ms = (now - d.start_at).as_millis() as u64;
+                        let mbit = (d.map.len as u64 * 8 / 1000).checked_div(ms).unwrap_or(0);
+                        tracing::info!(task = d.task.0, ms, mbit_per_s = mbit, "first pass done");
                     }
                     SenderEvent::Completed(_) => {}
                 }
@@ -606,7 +634,9 @@ impl Distributor {
         self.dists
             .values()
             .filter_map(|d| {
-                if d.backlog.is_empty() {
+                if now < d.start_at {
+                    Some(d.start_at)
+                } else if d.backlog.is_empty() {
                     d.sender.poll_timeout()
                 } else {
                     Some(now + Duration::from_millis(1))
@@ -760,14 +790,20 @@ fn send_all(fd: i32, d: &mut Distribution, now: Instant, group: SocketAddrV4) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                if e.kind() != io::ErrorKind::WouldBlock {
-                    tracing::debug!(error = %e, "sendmmsg failed; the blocks are lost like network loss");
-                    break;
+                // A full socket buffer or device queue: keep the rest for the next turn.
+                if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::ENOBUFS)
+                {
+                    d.deferred += (n - sent) as u64;
+                    for (b, _) in sendable[sent..].iter().rev() {
+                        d.backlog.push_front(*b);
+                    }
+                    return;
                 }
-                for (b, _) in sendable[sent..].iter().rev() {
-                    d.backlog.push_front(*b);
-                }
-                return;
+                // Anything else fails this datagram only: it is lost like network loss.
+                tracing::debug!(error = %e, "sendmmsg failed");
+                d.send_errors += 1;
+                sent += 1;
+                continue;
             }
             sent += r as usize;
         }

@@ -275,6 +275,8 @@ impl Gateway {
                     completed,
                     unfinished,
                     stats,
+                    deferred,
+                    send_errors,
                 } => tracing::info!(
                     task = task.0,
                     completed,
@@ -284,6 +286,8 @@ impl Gateway {
                     unicast_repairs = stats.unicast_repairs,
                     bytes = stats.bytes,
                     nacks = stats.nacks,
+                    deferred,
+                    send_errors,
                     "distribution finished"
                 ),
             }

@@ -12,7 +12,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{read_log, wait_for, AgentSpec, Gateway, Rng};
+use common::{now, read_log, wait_for, AgentSpec, Gateway, Rng};
 use fleetcast_daemon::admin::Request;
 use fleetcast_lab::{Lab, LabConfig};
 use serde_json::Value;
@@ -93,6 +93,7 @@ fn push_reaches_four_lossy_receivers_and_a_late_one_by_unicast_catch_up() {
     let src = dir.join("image.bin");
     std::fs::write(&src, &data).expect("write source");
 
+    let started = now();
     let r = gw.admin(&Request::Push {
         path: src.display().to_string(),
         group: "fleet".into(),
@@ -123,7 +124,12 @@ fn push_reaches_four_lossy_receivers_and_a_late_one_by_unicast_catch_up() {
         },
         || diag(&specs),
     );
+    eprintln!(
+        "{size} bytes to 4 receivers at 5% loss: {:?} from push to the last completion (20 ms polls)",
+        started.elapsed()
+    );
     assert_eq!(status_of(&task_rows(&gw, task), "n5"), "pending");
+    let late = now();
 
     // n5 comes back after the multicast ended: announced on welcome, caught up by unicast.
     agents[4] = Some(specs[4].spawn(lab.host(5)));
@@ -132,6 +138,10 @@ fn push_reaches_four_lossy_receivers_and_a_late_one_by_unicast_catch_up() {
         WAIT,
         || (status_of(&task_rows(&gw, task), "n5") == "completed").then_some(()),
         || diag(&specs),
+    );
+    eprintln!(
+        "late device: {:?} from its restart to its completion (enrolled session, announce, unicast)",
+        late.elapsed()
     );
 
     for (i, s) in specs.iter().enumerate() {
@@ -176,4 +186,84 @@ fn push_reaches_four_lossy_receivers_and_a_late_one_by_unicast_catch_up() {
         "the late device must be caught up by the live sender\n{}",
         gw.diag()
     );
+}
+
+/// Measurement, not a check (run with `--ignored --nocapture`): a 32 MiB push to four
+/// lossless receivers at `FLEETCAST_PUSH_RATE` Mbit/s (default 1000); prints the time from
+/// the push request to the last completion and the sender's summary.
+#[test]
+#[ignore = "measurement; run by hand"]
+fn push_throughput() {
+    let rate: u64 = std::env::var("FLEETCAST_PUSH_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(5)).expect("lab (see docs/lab.md)");
+    let gw_addr = lab.host(0).addr().to_string();
+    let gw = Gateway::start(lab.host(0), dir, &["--mcast-addr", &gw_addr]);
+    let mut specs = Vec::new();
+    let mut agents = Vec::new();
+    for i in 1..=4 {
+        let name = format!("n{i}");
+        let d = gw.admin(&Request::DeviceAdd {
+            name: name.clone(),
+            groups: vec!["fleet".into()],
+        });
+        let token = d["token"].as_str().expect("token").to_string();
+        let spec = AgentSpec::new(&gw, dir, &name, Some(token));
+        agents.push(spec.spawn(lab.host(i)));
+        specs.push(spec);
+    }
+    for (i, s) in specs.iter().enumerate() {
+        gw.wait_online(&format!("n{}", i + 1), WAIT, || s.output());
+    }
+    let mut rng = Rng::from_env(1);
+    let mut data = vec![0u8; 32 << 20];
+    rng.fill(&mut data);
+    let src = dir.join("big.bin");
+    std::fs::write(&src, &data).expect("write source");
+    let started = now();
+    let r = gw.admin(&Request::Push {
+        path: src.display().to_string(),
+        group: "fleet".into(),
+        block_size: BLOCK,
+        rate_mbps: rate,
+    });
+    let task = r["task"].as_u64().expect("task id");
+    wait_for(
+        "all four to complete",
+        Duration::from_secs(120),
+        || {
+            let rows = task_rows(&gw, task);
+            (1..=4)
+                .all(|i| status_of(&rows, &format!("n{i}")) == "completed")
+                .then_some(())
+        },
+        || gw.diag(),
+    );
+    let took = started.elapsed();
+    let line = wait_for(
+        "the finish line",
+        WAIT,
+        || {
+            read_log(&dir.join("gateway.stderr"))
+                .lines()
+                .find(|l| l.contains("distribution finished"))
+                .map(str::to_string)
+        },
+        || gw.diag(),
+    );
+    for l in read_log(&dir.join("gateway.stderr"))
+        .lines()
+        .filter(|l| l.contains("first pass done"))
+    {
+        eprintln!("{l}");
+    }
+    eprintln!(
+        "rate ceiling {rate} Mbit/s: 32 MiB to 4 receivers in {took:?} = {:.0} Mbit/s goodput\n{line}",
+        (32u64 << 20) as f64 * 8.0 / took.as_secs_f64() / 1e6
+    );
+    drop(agents);
 }
