@@ -293,6 +293,14 @@ fn run(spec: &TransferSpec, sock: UdpSocket, stop: &AtomicBool) -> io::Result<Tr
     );
     let mut rx = McastReceiver::new(cfg, initial.as_ref(), now())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    if initial.is_some() {
+        eprintln!(
+            "fleetcast-agent: task {}: resuming with {} of {} blocks from the record",
+            spec.task_id,
+            rx.blocks_received(),
+            rx.n_blocks()
+        );
+    }
     let key = spec.auth_key.map(|k| hmac::Key::new(hmac::HMAC_SHA256, &k));
     let bs = u64::from(spec.block_size);
     let mut nack_dest = spec.gateway;

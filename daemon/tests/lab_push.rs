@@ -41,6 +41,16 @@ fn status_of(rows: &[Value], name: &str) -> String {
         .to_string()
 }
 
+fn report(gw: &Gateway<'_>, specs: &[AgentSpec], task: u64) -> String {
+    let mut s = format!("task show: {:#?}\n", task_rows(gw, task));
+    for a in specs {
+        s.push_str(&a.output());
+        s.push('\n');
+    }
+    s.push_str(&gw.diag());
+    s
+}
+
 #[test]
 fn push_reaches_four_lossy_receivers_and_a_late_one_by_unicast_catch_up() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -266,4 +276,103 @@ fn push_throughput() {
         (32u64 << 20) as f64 * 8.0 / took.as_secs_f64() / 1e6
     );
     drop(agents);
+}
+
+#[test]
+fn transfers_resume_across_agent_and_gateway_restarts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    let gw_addr = lab.host(0).addr().to_string();
+    let mut gw = Gateway::start(lab.host(0), dir, &["--mcast-addr", &gw_addr]);
+    let mut specs = Vec::new();
+    let mut agents = Vec::new();
+    for i in 1..=2 {
+        let name = format!("n{i}");
+        let d = gw.admin(&Request::DeviceAdd {
+            name: name.clone(),
+            groups: vec!["fleet".into()],
+        });
+        let token = d["token"].as_str().expect("token").to_string();
+        let spec = AgentSpec::new(&gw, dir, &name, Some(token));
+        agents.push(spec.spawn(lab.host(i)));
+        specs.push(spec);
+    }
+    for (i, s) in specs.iter().enumerate() {
+        gw.wait_online(&format!("n{}", i + 1), WAIT, || s.output());
+    }
+    let mut rng = Rng::from_env(0x5eed_0008);
+    let mut data = vec![0u8; 12 << 20];
+    rng.fill(&mut data);
+    let src = dir.join("slow.bin");
+    std::fs::write(&src, &data).expect("write source");
+    let downloads = |i: usize| specs[i].state.join("downloads");
+
+    // 1. The agent dies mid-transfer (after a progress record) and resumes from the record.
+    // 12 MiB at 30 Mbit/s: a first pass of about 3.4 s.
+    let push = |gw: &Gateway<'_>| {
+        gw.admin(&Request::Push {
+            path: src.display().to_string(),
+            group: "fleet".into(),
+            block_size: BLOCK,
+            rate_mbps: 30,
+        })["task"]
+            .as_u64()
+            .expect("task id")
+    };
+    let task = push(&gw);
+    let rec = downloads(0).join(format!(".slow.bin.task-{task}.rec"));
+    wait_for(
+        "n1's progress record",
+        WAIT,
+        || rec.exists().then_some(()),
+        || report(&gw, &specs, task),
+    );
+    agents[0].kill().expect("kill n1");
+    agents[0] = specs[0].spawn(lab.host(1));
+    wait_for(
+        "both to complete task 1",
+        WAIT,
+        || {
+            let rows = task_rows(&gw, task);
+            (status_of(&rows, "n1") == "completed" && status_of(&rows, "n2") == "completed")
+                .then_some(())
+        },
+        || report(&gw, &specs, task),
+    );
+    assert!(
+        read_log(&specs[0].log).contains(&format!("task {task}: resuming with")),
+        "n1 must resume from its record\n{}",
+        specs[0].output()
+    );
+
+    // 2. The gateway dies mid-transfer: after its restart the agents are announced the task
+    //    again (new key), the sender is re-created from the task table, and both complete.
+    std::fs::remove_file(downloads(0).join("slow.bin")).expect("rm n1 copy");
+    std::fs::remove_file(downloads(1).join("slow.bin")).expect("rm n2 copy");
+    let task2 = push(&gw);
+    let rec2 = downloads(1).join(format!(".slow.bin.task-{task2}.rec"));
+    wait_for(
+        "n2's progress record of task 2",
+        WAIT,
+        || rec2.exists().then_some(()),
+        || report(&gw, &specs, task2),
+    );
+    gw.kill();
+    gw.restart();
+    wait_for(
+        "both to complete task 2",
+        WAIT,
+        || {
+            let rows = task_rows(&gw, task2);
+            (status_of(&rows, "n1") == "completed" && status_of(&rows, "n2") == "completed")
+                .then_some(())
+        },
+        || report(&gw, &specs, task2),
+    );
+    assert!(gw.stderr().contains("re-created"), "{}", gw.diag());
+    for (i, s) in specs.iter().enumerate() {
+        let got = std::fs::read(s.state.join("downloads").join("slow.bin")).expect("copy");
+        assert!(got == data, "n{}: copy differs", i + 1);
+    }
 }
