@@ -1,6 +1,7 @@
 //! fleetcast gateway daemon: the `mio` event loop (`fleetcastd`), its admin interface and the
 //! operator CLI's client side (`fleetcast`).
 pub mod admin;
+pub mod artifacts;
 pub mod convert;
 pub mod daemon_main;
 pub mod demo;
