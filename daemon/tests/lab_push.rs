@@ -41,6 +41,23 @@ fn status_of(rows: &[Value], name: &str) -> String {
         .to_string()
 }
 
+/// Runs the operator CLI against `gw`; returns its stdout (it must succeed).
+fn cli(gw: &Gateway<'_>, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+        .arg("--data-dir")
+        .arg(&gw.data)
+        .args(args)
+        .output()
+        .expect("run fleetcast");
+    assert!(
+        out.status.success(),
+        "fleetcast {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.diag()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn report(gw: &Gateway<'_>, specs: &[AgentSpec], task: u64) -> String {
     let mut s = format!("task show: {:#?}\n", task_rows(gw, task));
     for a in specs {
@@ -104,13 +121,23 @@ fn push_reaches_four_lossy_receivers_and_a_late_one_by_unicast_catch_up() {
     std::fs::write(&src, &data).expect("write source");
 
     let started = now();
-    let r = gw.admin(&Request::Push {
-        path: src.display().to_string(),
-        group: "fleet".into(),
-        block_size: BLOCK,
-        rate_mbps: 400,
-    });
-    let task = r["task"].as_u64().expect("task id");
+    // The operator CLI, as a person would run it.
+    let out = cli(
+        &gw,
+        &[
+            "--json",
+            "push",
+            &src.display().to_string(),
+            "--group",
+            "fleet",
+            "--block-size",
+            &BLOCK.to_string(),
+            "--rate",
+            "400",
+        ],
+    );
+    let r: Value = serde_json::from_str(&out).expect("push --json answer");
+    let task = r["data"]["task"].as_u64().expect("task id");
     let blocks = u64::from(size.div_ceil(BLOCK as usize) as u32);
     let diag = |specs: &[AgentSpec]| {
         let mut s = format!("task show: {:#?}\n", task_rows(&gw, task));
@@ -167,6 +194,13 @@ fn push_reaches_four_lossy_receivers_and_a_late_one_by_unicast_catch_up() {
     for i in 1..=5 {
         assert_eq!(status_of(&rows, &format!("n{i}")), "completed", "{rows:#?}");
     }
+    let table = cli(&gw, &["task", "show", &task.to_string()]);
+    assert_eq!(
+        table.matches("status=completed").count(),
+        5,
+        "fleetcast task show:\n{table}"
+    );
+    assert!(cli(&gw, &["task", "show"]).contains("completed=5"));
 
     // Every receiver reported, so the sender has finished: its summary shows the late device
     // was served by unicast repair (at least the whole file), with no re-created sender.
