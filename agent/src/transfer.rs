@@ -17,6 +17,8 @@
 //! - A block is written and handed to the core only if it parsed (CRC), names this session,
 //!   carries a valid tag when the announce has a key, and has exactly the block's length.
 //! - The worker stops within one receive timeout (at most 100 ms) of [`Transfer::stop`].
+//! - `Data` arrives on the shared group port; NACKs leave from, and `Repair`s arrive on, a
+//!   unicast socket of this transfer alone.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -34,6 +36,8 @@ use ring::hmac;
 
 /// Longest receive wait, so a stop request is seen promptly.
 const MAX_WAIT: Duration = Duration::from_millis(100);
+/// Datagrams read from one socket per turn before timers run again.
+const DRAIN: usize = 256;
 
 /// What an announce asks this device to receive.
 #[derive(Debug, Clone)]
@@ -104,7 +108,7 @@ impl Transfer {
     /// Opens the socket (errors surface here) and starts the worker.
     pub fn spawn(spec: TransferSpec) -> io::Result<Transfer> {
         std::fs::create_dir_all(&spec.dir)?;
-        let sock = open_socket(&spec)?;
+        let socks = open_sockets(&spec)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let key = spec.auth_key;
@@ -112,7 +116,7 @@ impl Transfer {
         let handle = std::thread::Builder::new()
             .name(format!("transfer-{}", spec.task_id))
             .spawn(move || {
-                let done = run(&spec, sock, &flag).unwrap_or_else(|e| TransferDone {
+                let done = run(&spec, socks, &flag).unwrap_or_else(|e| TransferDone {
                     task_id: spec.task_id,
                     session: spec.session,
                     outcome: Outcome::WriteFailed,
@@ -154,7 +158,11 @@ impl Transfer {
     }
 }
 
-fn open_socket(spec: &TransferSpec) -> io::Result<UdpSocket> {
+/// The group socket (`0.0.0.0:port`, joined, receives `Data`) and this transfer's own
+/// unicast socket (ephemeral port: sends NACKs, receives the `Repair`s they ask for; a port
+/// of its own, because several transfers share the group port and unicast to a shared port
+/// would reach only one of them).
+fn open_sockets(spec: &TransferSpec) -> io::Result<(UdpSocket, UdpSocket)> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     s.set_reuse_address(true)?;
@@ -163,7 +171,37 @@ fn open_socket(spec: &TransferSpec) -> io::Result<UdpSocket> {
     s.join_multicast_v4(&spec.group, &spec.local)?;
     s.set_multicast_if_v4(&spec.local)?;
     let _ = s.set_recv_buffer_size(8 << 20);
-    Ok(s.into())
+    s.set_nonblocking(true)?;
+    let u = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    u.bind(&SocketAddr::V4(SocketAddrV4::new(spec.local, 0)).into())?;
+    let _ = u.set_recv_buffer_size(8 << 20);
+    u.set_nonblocking(true)?;
+    Ok((s.into(), u.into()))
+}
+
+/// The block a datagram carries, if it is valid for this transfer: it parsed (CRC), names
+/// the session, carries a valid tag when there is a key, and has the block's exact length.
+fn accept_block<'a>(
+    spec: &TransferSpec,
+    key: Option<&hmac::Key>,
+    datagram: &'a [u8],
+) -> Option<(u32, u64, &'a [u8])> {
+    let (_, block, frame) = DataBlock::parse(datagram).ok()?;
+    if block.session != spec.session {
+        return None;
+    }
+    if let Some(k) = key {
+        if !verify_tag(k, &frame) {
+            return None;
+        }
+    }
+    let bs = u64::from(spec.block_size);
+    let off = u64::from(block.block) * bs;
+    let want = spec.size.saturating_sub(off).min(bs);
+    if off >= spec.size || block.payload.len() as u64 != want {
+        return None;
+    }
+    Some((block.block, off, block.payload))
 }
 
 fn paths(spec: &TransferSpec) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
@@ -257,7 +295,11 @@ fn done(spec: &TransferSpec, outcome: Outcome, sha256: [u8; 32], reason: String)
 
 /// The worker: receive until complete (or stopped), then verify and rename.
 #[allow(clippy::disallowed_methods)] // The transfer worker's clock: its one time source.
-fn run(spec: &TransferSpec, sock: UdpSocket, stop: &AtomicBool) -> io::Result<TransferDone> {
+fn run(
+    spec: &TransferSpec,
+    (group_sock, unicast): (UdpSocket, UdpSocket),
+    stop: &AtomicBool,
+) -> io::Result<TransferDone> {
     let (part, rec, fin, marker) = paths(spec);
     // A task finished before (agent restarted, or the completion was lost): re-verify.
     if marker.exists() && fin.exists() {
@@ -302,7 +344,14 @@ fn run(spec: &TransferSpec, sock: UdpSocket, stop: &AtomicBool) -> io::Result<Tr
         );
     }
     let key = spec.auth_key.map(|k| hmac::Key::new(hmac::HMAC_SHA256, &k));
-    let bs = u64::from(spec.block_size);
+    let mut poll = mio::Poll::new()?;
+    let mut events = mio::Events::with_capacity(4);
+    let mut group_sock = mio::net::UdpSocket::from_std(group_sock);
+    let mut unicast = mio::net::UdpSocket::from_std(unicast);
+    poll.registry()
+        .register(&mut group_sock, mio::Token(0), mio::Interest::READABLE)?;
+    poll.registry()
+        .register(&mut unicast, mio::Token(1), mio::Interest::READABLE)?;
     let mut nack_dest = spec.gateway;
     let mut buf = vec![0u8; 65_536];
     let mut nack = Vec::new();
@@ -346,7 +395,7 @@ fn run(spec: &TransferSpec, sock: UdpSocket, stop: &AtomicBool) -> io::Result<Tr
                 },
                 None => &nack,
             };
-            let _ = sock.send_to(out, nack_dest);
+            let _ = unicast.send_to(out, SocketAddr::V4(nack_dest));
         }
         while let Some(ev) = rx.poll_event() {
             match ev {
@@ -357,56 +406,45 @@ fn run(spec: &TransferSpec, sock: UdpSocket, stop: &AtomicBool) -> io::Result<Tr
         if complete {
             break;
         }
-        let t = now();
-        let wait = rx
-            .poll_timeout()
-            .map_or(MAX_WAIT, |d| d.saturating_duration_since(t))
-            .clamp(Duration::from_millis(1), MAX_WAIT);
-        sock.set_read_timeout(Some(wait))?;
-        // Receive until the socket is quiet for `wait` or a timer is due.
-        loop {
-            let (n, from) = match sock.recv_from(&mut buf) {
-                Ok(x) => x,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    break
-                }
-                Err(e) => return Err(e),
-            };
-            let Ok((_, block, frame)) = DataBlock::parse(&buf[..n]) else {
-                continue;
-            };
-            if block.session != spec.session {
-                continue;
-            }
-            if let Some(k) = &key {
-                if !verify_tag(k, &frame) {
+        // Drain both sockets (bounded per turn, so timers run); sleep only when both are
+        // empty (mio is edge-triggered: a socket is polled only after it said WouldBlock).
+        let mut got = 0usize;
+        for (i, sock) in [&group_sock, &unicast].into_iter().enumerate() {
+            let mut n_read = 0;
+            while n_read < DRAIN {
+                let (n, from) = match sock.recv_from(&mut buf) {
+                    Ok(x) => x,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                n_read += 1;
+                let Some((block, off, payload)) = accept_block(spec, key.as_ref(), &buf[..n])
+                else {
                     continue;
+                };
+                if i == 0 {
+                    if let SocketAddr::V4(f) = from {
+                        nack_dest = SocketAddrV4::new(*f.ip(), spec.port);
+                    }
+                }
+                if !rx.has(block) {
+                    file.write_all_at(payload, off)?;
+                    rx.handle_block(now(), block);
                 }
             }
-            let off = u64::from(block.block) * bs;
-            let want = spec.size.saturating_sub(off).min(bs);
-            if off >= spec.size || block.payload.len() as u64 != want {
-                continue;
-            }
-            if let SocketAddr::V4(f) = from {
-                nack_dest = SocketAddrV4::new(*f.ip(), spec.port);
-            }
-            if !rx.has(block.block) {
-                file.write_all_at(block.payload, off)?;
-                rx.handle_block(now(), block.block);
-            }
-            if rx.is_complete() || rx.poll_timeout().is_some_and(|d| d <= now()) {
-                break;
-            }
-            if stop.load(Ordering::Relaxed) {
-                break;
+            got += n_read;
+        }
+        if got == 0 && !rx.is_complete() {
+            let t = now();
+            let wait = rx
+                .poll_timeout()
+                .map_or(MAX_WAIT, |d| d.saturating_duration_since(t))
+                .clamp(Duration::from_millis(1), MAX_WAIT);
+            match poll.poll(&mut events, Some(wait)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
         complete = rx.is_complete();

@@ -410,3 +410,85 @@ fn transfers_resume_across_agent_and_gateway_restarts() {
         assert!(got == data, "n{}: copy differs", i + 1);
     }
 }
+
+#[test]
+fn two_concurrent_pushes_to_the_same_devices_both_complete() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    let gw_addr = lab.host(0).addr().to_string();
+    let gw = Gateway::start(lab.host(0), dir, &["--mcast-addr", &gw_addr]);
+    let mut specs = Vec::new();
+    let mut agents = Vec::new();
+    for i in 1..=2 {
+        let name = format!("n{i}");
+        let d = gw.admin(&Request::DeviceAdd {
+            name: name.clone(),
+            groups: vec!["fleet".into()],
+        });
+        let token = d["token"].as_str().expect("token").to_string();
+        let spec = AgentSpec::new(&gw, dir, &name, Some(token));
+        agents.push(spec.spawn(lab.host(i)));
+        specs.push(spec);
+    }
+    for (i, s) in specs.iter().enumerate() {
+        gw.wait_online(&format!("n{}", i + 1), WAIT, || s.output());
+        lab.host(i + 1)
+            .loss_in(&[MCAST_PORT], 5.0)
+            .expect("nft loss rule");
+    }
+    // Both transfers share the group port on each device; their unicast repairs must each
+    // reach the right one. `b` is slow (about 3.4 s of first pass), so `a` must complete
+    // while `b` still runs: repairs of `a` lost to `b`'s socket would hold `a` back until `b`
+    // ended and closed its socket.
+    let mut rng = Rng::from_env(0x5eed_0009);
+    let mut files = Vec::new();
+    let mut tasks = Vec::new();
+    for (name, rate_mbps) in [("a.bin", 100), ("b.bin", 10)] {
+        let mut data = vec![0u8; 4 << 20];
+        rng.fill(&mut data);
+        let p = dir.join(name);
+        std::fs::write(&p, &data).expect("write source");
+        let r = gw.admin(&Request::Push {
+            path: p.display().to_string(),
+            group: "fleet".into(),
+            block_size: BLOCK,
+            rate_mbps,
+        });
+        tasks.push(r["task"].as_u64().expect("task id"));
+        files.push((name, data));
+    }
+    let both = |task: u64| {
+        let rows = task_rows(&gw, task);
+        status_of(&rows, "n1") == "completed" && status_of(&rows, "n2") == "completed"
+    };
+    wait_for(
+        "task a to complete on both",
+        WAIT,
+        || both(tasks[0]).then_some(()),
+        || report(&gw, &specs, tasks[0]),
+    );
+    assert!(
+        !both(tasks[1]),
+        "the slow task b finished before a: a's repairs were held up\n{}",
+        report(&gw, &specs, tasks[1])
+    );
+    for &task in &tasks {
+        wait_for(
+            &format!("task {task} to complete on both"),
+            WAIT,
+            || {
+                let rows = task_rows(&gw, task);
+                (status_of(&rows, "n1") == "completed" && status_of(&rows, "n2") == "completed")
+                    .then_some(())
+            },
+            || report(&gw, &specs, task),
+        );
+    }
+    for s in &specs {
+        for (name, data) in &files {
+            let got = std::fs::read(s.state.join("downloads").join(name)).expect("copy");
+            assert!(got == *data, "{name} differs on {}", s.log.display());
+        }
+    }
+}
