@@ -273,8 +273,12 @@ impl Distribution {
         cfg.burst = (rate_bytes / 500 / datagram.max(1)).clamp(8, 256) as u32;
         // A receiver far behind (late joiner, heavy loss) is caught up here by unicast repair
         // rather than demoted: demotion would leave it to a catch-up path this driver does
-        // not have. Too many NACKs per round still demote.
+        // not have (a demoted device would wait for the sender to finish and be re-created).
+        // The NACK-rate demotion is off too: a loop stalled for a few rounds reads several
+        // NACKs of one device at once and would demote it for our delay, not its behaviour.
+        // Repairs stay bounded by the rate ceiling either way.
         cfg.demote_missing_percent = 100;
+        cfg.max_nacks_per_round = u32::MAX;
         cfg.idle_timeout = linger;
         let mut sender = McastSender::new(cfg, now).map_err(|e| DistError::Config {
             path: map.path.display().to_string(),
@@ -563,6 +567,10 @@ impl Distributor {
                 continue;
             }
             d.addrs.insert(nack.device_id, from);
+            // Close a round that is due before this NACK counts in it.
+            if d.sender.poll_timeout().is_some_and(|t| t <= now) {
+                d.sender.handle_timeout(now);
+            }
             d.sender.handle_nack(now, nack.device_id, &nack.missing);
         }
         true
