@@ -1,5 +1,5 @@
 //! The agent's driver: dials the gateway, speaks TLS, and drives the sans-IO
-//! [`AgentSession`] core, the [`exec`](crate::exec) worker and the durable [`State`].
+//! [`AgentSession`] core, the [`exec`] worker and the durable [`State`].
 //!
 //! One thread owns the socket and the core; a command runs on the executor's worker thread
 //! and survives a dropped connection (its result goes out on the next session). The loop is
