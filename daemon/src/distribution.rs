@@ -232,8 +232,12 @@ pub struct Distribution {
     backlog: VecDeque<SendBlock>,
     /// Unicast repairs dropped because the device's address was unknown.
     no_addr: u64,
-    /// Nothing is sent before this instant (see [`McastConfig::warmup`]).
-    start_at: Instant,
+    /// The loop iteration that created this distribution (its clock reading).
+    created: Instant,
+    /// Nothing is sent before this instant (see [`McastConfig::warmup`]). Set on the first
+    /// loop iteration after creation: the creating iteration's clock reading predates the
+    /// file hash and the task commit, which would eat the warm-up before any announce left.
+    start_at: Option<Instant>,
     /// Datagrams the kernel refused for now (sent again later).
     deferred: u64,
     /// Datagrams the kernel refused for good.
@@ -262,7 +266,6 @@ impl Distribution {
         linger: Duration,
         targets: &[DeviceId],
         now: Instant,
-        start_at: Instant,
     ) -> Result<Distribution, DistError> {
         let session = task.0 as u32;
         let mut cfg = SenderConfig::new(session, map.len as u64, block_size, rate_bytes);
@@ -304,7 +307,8 @@ impl Distribution {
             addrs: HashMap::new(),
             backlog: VecDeque::new(),
             no_addr: 0,
-            start_at,
+            created: now,
+            start_at: None,
             deferred: 0,
             send_errors: 0,
         })
@@ -461,7 +465,6 @@ impl Distributor {
             self.cfg.linger,
             targets,
             now,
-            now + self.cfg.warmup,
         ) {
             Ok(d) => {
                 tracing::info!(
@@ -516,7 +519,6 @@ impl Distributor {
                 self.cfg.linger,
                 &targets,
                 now,
-                now + self.cfg.warmup,
             )?;
             tracing::info!(task = task.0, "distribution re-created for catch-up");
             self.dists.insert(session, d);
@@ -583,8 +585,14 @@ impl Distributor {
         let group = SocketAddrV4::new(self.cfg.group, self.cfg.port);
         let fd = self.sock.as_raw_fd();
         let mut done = Vec::new();
+        let warmup = self.cfg.warmup;
         for (session, d) in &mut self.dists {
-            if now < d.start_at {
+            let start = match d.start_at {
+                Some(t) => t,
+                None if now > d.created => *d.start_at.insert(now + warmup),
+                None => continue,
+            };
+            if now < start {
                 continue;
             }
             if d.sender.poll_timeout().is_some_and(|t| t <= now) {
@@ -615,7 +623,7 @@ impl Distributor {
                         );
                     }
                     SenderEvent::FirstPassDone => {
-                        let ms = (now - d.start_at).as_millis() as u64;
+                        let ms = (now - start).as_millis() as u64;
                         let mbit = (d.map.len as u64 * 8 / 1000).checked_div(ms).unwrap_or(0);
                         tracing::info!(task = d.task.0, ms, mbit_per_s = mbit, "first pass done");
                     }
@@ -642,8 +650,9 @@ impl Distributor {
         self.dists
             .values()
             .filter_map(|d| {
-                if now < d.start_at {
-                    Some(d.start_at)
+                if d.start_at.is_none_or(|t| now < t) {
+                    // Not started: the next iteration arms the warm-up.
+                    Some(d.start_at.unwrap_or(now))
                 } else if d.backlog.is_empty() {
                     d.sender.poll_timeout()
                 } else {

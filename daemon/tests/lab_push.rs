@@ -233,8 +233,9 @@ fn push_reaches_four_lossy_receivers_and_a_late_one_by_unicast_catch_up() {
 }
 
 /// Measurement, not a check (run with `--ignored --nocapture`): a 32 MiB push to four
-/// lossless receivers at `FLEETCAST_PUSH_RATE` Mbit/s (default 1000); prints the time from
-/// the push request to the last completion and the sender's summary.
+/// lossless receivers at `FLEETCAST_PUSH_RATE` Mbit/s (default 1000), warm-up
+/// `FLEETCAST_PUSH_WARMUP_MS` (default 300); prints the time from the push request to the
+/// last completion and the sender's summary.
 #[test]
 #[ignore = "measurement; run by hand"]
 fn push_throughput() {
@@ -246,7 +247,12 @@ fn push_throughput() {
     let dir = tmp.path();
     let lab = Lab::new(LabConfig::hosts(5)).expect("lab (see docs/lab.md)");
     let gw_addr = lab.host(0).addr().to_string();
-    let gw = Gateway::start(lab.host(0), dir, &["--mcast-addr", &gw_addr]);
+    let warmup = std::env::var("FLEETCAST_PUSH_WARMUP_MS").unwrap_or_else(|_| "300".into());
+    let gw = Gateway::start(
+        lab.host(0),
+        dir,
+        &["--mcast-addr", &gw_addr, "--mcast-warmup-ms", &warmup],
+    );
     let mut specs = Vec::new();
     let mut agents = Vec::new();
     for i in 1..=4 {
