@@ -56,6 +56,13 @@ pub struct GatewayConfig {
     pub read_budget: usize,
     /// Most connections at once (agents and admin clients).
     pub max_connections: usize,
+    /// Listen backlog: a reconnect storm of thousands of agents overflows the default 128 and
+    /// turns into TCP retry waits (measured: 10,000-agent storm 11.8 s → 7.4 s at 4096).
+    /// The kernel caps it at `net.core.somaxconn`.
+    pub listen_backlog: i32,
+    /// Readiness events taken per `poll`: bounds how many results one iteration (one store
+    /// commit, one fsync) can gather.
+    pub events_capacity: usize,
     /// Multicast distribution; `None`: pushes are refused.
     pub mcast: Option<McastConfig>,
 }
@@ -69,6 +76,8 @@ impl Default for GatewayConfig {
             accept_budget: 256,
             read_budget: 64 * 1024,
             max_connections: 100_000,
+            listen_backlog: 4096,
+            events_capacity: 8192,
             mcast: None,
         }
     }
@@ -171,7 +180,16 @@ impl Gateway {
     /// Binds the listener and the admin socket.
     pub fn bind(cfg: GatewayConfig, fleet: Fleet) -> io::Result<Gateway> {
         let poll = Poll::new()?;
-        let mut listener = TcpListener::bind(cfg.listen)?;
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(cfg.listen),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        sock.set_reuse_address(true)?;
+        sock.bind(&cfg.listen.into())?;
+        sock.listen(cfg.listen_backlog)?;
+        sock.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(sock.into());
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let _ = std::fs::remove_file(&cfg.admin_socket);
@@ -222,7 +240,7 @@ impl Gateway {
 
     /// Runs the loop, returning after `limit` (for tests) or never.
     pub fn run_for(&mut self, limit: Option<Duration>) -> io::Result<()> {
-        let mut events = Events::with_capacity(1024);
+        let mut events = Events::with_capacity(self.cfg.events_capacity);
         let (start, _) = self.clock.read();
         while !self.stop {
             let (now, wall) = self.clock.read();
