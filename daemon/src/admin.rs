@@ -62,6 +62,7 @@ pub enum StepSpec {
 /// |---|---|
 /// | `exec:PROGRAM ARG...` | run a program; words split like a shell would (quotes work), no shell runs |
 /// | `sh:SCRIPT` | `exec` of `/bin/sh -c SCRIPT` |
+/// | `install:PACKAGE...` | install packages with the device's package manager (apt-get, dnf, yum, zypper, apk or opkg, whichever it has) |
 /// | `fetch:PATH=URL` | download |
 /// | `verify:PATH=SHA256` | check a digest |
 /// | `write:PATH=TEXT` | write a file, mode 0644 |
@@ -81,6 +82,20 @@ pub fn parse_step(spec: &str) -> Result<StepSpec, String> {
             if argv.is_empty() {
                 return Err("`exec` needs a program: `exec:PROGRAM ARG...`".into());
             }
+            StepSpec::Exec { argv }
+        }
+        "install" => {
+            let pkgs = shlex::split(arg).ok_or_else(|| format!("unbalanced quotes in `{spec}`"))?;
+            if pkgs.is_empty() || pkgs.iter().any(|p| p.starts_with('-')) {
+                return Err("`install` needs package names: `install:PACKAGE...`".into());
+            }
+            let mut argv = vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                INSTALL_SCRIPT.into(),
+                "fleetcast-install".into(),
+            ];
+            argv.extend(pkgs);
             StepSpec::Exec { argv }
         }
         "sh" if !arg.is_empty() => StepSpec::Exec {
@@ -107,13 +122,23 @@ pub fn parse_step(spec: &str) -> Result<StepSpec, String> {
         "report" if arg.is_empty() => StepSpec::Report,
         _ => {
             return Err(format!(
-                "unknown step `{spec}`: use exec:CMD, sh:SCRIPT, fetch:PATH=URL, \
-                 verify:PATH=SHA256, write:PATH=TEXT, reboot or report"
+                "unknown step `{spec}`: use exec:CMD, sh:SCRIPT, install:PACKAGE, fetch:PATH=URL \
+                 (URL may be gateway:NAME), verify:PATH=SHA256, write:PATH=TEXT, reboot or report"
             ))
         }
     };
     Ok(step)
 }
+
+/// Installs "$@" with whichever package manager the device has; fails clearly if none.
+const INSTALL_SCRIPT: &str = "\
+if command -v apt-get >/dev/null 2>&1; then DEBIAN_FRONTEND=noninteractive exec apt-get install -y \"$@\"; \
+elif command -v dnf >/dev/null 2>&1; then exec dnf install -y \"$@\"; \
+elif command -v yum >/dev/null 2>&1; then exec yum install -y \"$@\"; \
+elif command -v zypper >/dev/null 2>&1; then exec zypper --non-interactive install \"$@\"; \
+elif command -v apk >/dev/null 2>&1; then exec apk add \"$@\"; \
+elif command -v opkg >/dev/null 2>&1; then exec opkg install \"$@\"; \
+else echo 'fleetcast: no supported package manager on this device' >&2; exit 127; fi";
 
 /// Parses 64 hex digits.
 pub fn parse_sha256(hex: &str) -> Result<[u8; 32], String> {
@@ -348,9 +373,56 @@ mod tests {
             }
         );
         assert_eq!(parse_step("reboot").unwrap(), StepSpec::Reboot);
+        match parse_step("install:nginx curl").unwrap() {
+            StepSpec::Exec { argv } => {
+                assert_eq!(&argv[..2], ["/bin/sh", "-c"]);
+                assert!(argv[2].contains("apt-get install -y \"$@\""));
+                assert_eq!(&argv[3..], ["fleetcast-install", "nginx", "curl"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse_step("install:").is_err());
+        assert!(parse_step("install:-y").is_err());
         assert_eq!(parse_step("report").unwrap(), StepSpec::Report);
         let sha = "ab".repeat(32);
         assert!(parse_step(&format!("verify:/x={sha}")).is_ok());
+    }
+
+    #[test]
+    fn install_uses_the_package_manager_the_device_has() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("args");
+        // A stand-in `apk` first on PATH (and no apt-get/dnf/... in that directory).
+        let fake = dir.path().join("apk");
+        std::fs::write(
+            &fake,
+            format!("#!/bin/sh\necho \"$@\" > {}\n", out.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let StepSpec::Exec { argv } = parse_step("install:'nginx-light' curl").unwrap() else {
+            panic!("not exec")
+        };
+        let st = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("PATH", dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            "add nginx-light curl\n"
+        );
+        // No package manager at all: a clear failure.
+        std::fs::remove_file(&fake).unwrap();
+        let o = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("PATH", dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(127));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("no supported package manager"));
     }
 
     #[test]

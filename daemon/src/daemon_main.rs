@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::distribution::McastConfig;
 use crate::fleet::{Fleet, FleetConfig};
-use crate::gateway::{Clock, Gateway, GatewayConfig};
+use crate::gateway::{ArtifactsConfig, Clock, Gateway, GatewayConfig};
 use crate::paths::default_data_dir;
 use crate::pki::Pki;
 use clap::Parser;
@@ -54,6 +54,13 @@ struct Args {
     /// receivers to join the group).
     #[arg(long, default_value_t = 300)]
     mcast_warmup_ms: u64,
+    /// Serve the files in `<data-dir>/artifacts/` over HTTP on this address, so `fetch` steps
+    /// can name `gateway:NAME` (pair each with a `verify` step). Off when not given.
+    #[arg(long)]
+    artifact_listen: Option<SocketAddr>,
+    /// The URL agents use to reach `--artifact-listen` (default `http://<its address>`).
+    #[arg(long)]
+    artifact_url: Option<String>,
     /// Print the CA fingerprint (for `fleetcast-agent --ca-fingerprint`) and exit.
     #[arg(long)]
     print_ca_fingerprint: bool,
@@ -134,12 +141,20 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }
             None => None,
         },
+        artifacts: args.artifact_listen.map(|listen| ArtifactsConfig {
+            listen,
+            root: data.join("artifacts"),
+            base_url: args.artifact_url.clone(),
+        }),
         ..GatewayConfig::default()
     };
     let mut gw = Gateway::bind(cfg, fleet)?;
     tracing::info!(listen = %gw.local_addr()?, data = %data.display(), "fleetcastd ready");
     // Readiness line for scripts and tests (stdout, one line).
     println!("ready {}", gw.local_addr()?);
+    if let Some(url) = gw.artifact_base_url() {
+        tracing::info!(%url, "serving artifacts");
+    }
     gw.run()?;
     Ok(())
 }

@@ -26,11 +26,12 @@ use std::time::Duration;
 use fleetcast_store::DeviceId;
 use fleetcast_wire::session::{self, GatewayEvent, GatewaySession};
 use fleetcast_wire::{Dispatch, Enrolled, Instant, Message};
-use mio::net::{TcpListener, UnixListener, UnixStream};
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token};
 use rustls::ServerConfig;
 
 use crate::admin::{self, Request, Response};
+use crate::artifacts;
 use crate::convert::{report_from_wire, result_from_wire, sha256, steps_to_wire};
 use crate::distribution::{DistEvent, Distributor, McastConfig};
 use crate::fleet::{Action, ConnId, Fleet, Input};
@@ -39,7 +40,8 @@ use crate::tlsconn::TlsConn;
 const LISTENER: Token = Token(0);
 const ADMIN: Token = Token(1);
 const MCAST: Token = Token(2);
-const FIRST_CONN: usize = 3;
+const ARTIFACTS: Token = Token(3);
+const FIRST_CONN: usize = 4;
 
 /// Loop parameters.
 #[derive(Debug, Clone)]
@@ -63,6 +65,8 @@ pub struct GatewayConfig {
     /// Readiness events taken per `poll`: bounds how many results one iteration (one store
     /// commit, one fsync) can gather.
     pub events_capacity: usize,
+    /// Artifact downloads over HTTP (`fetch` steps naming `gateway:NAME`); `None`: off.
+    pub artifacts: Option<ArtifactsConfig>,
     /// Multicast distribution; `None`: pushes are refused.
     pub mcast: Option<McastConfig>,
 }
@@ -78,9 +82,22 @@ impl Default for GatewayConfig {
             max_connections: 100_000,
             listen_backlog: 4096,
             events_capacity: 8192,
+            artifacts: None,
             mcast: None,
         }
     }
+}
+
+/// Where artifacts are served from, and how agents reach them.
+#[derive(Debug, Clone)]
+pub struct ArtifactsConfig {
+    /// Listening address of the HTTP artifact endpoint.
+    pub listen: SocketAddr,
+    /// The flat directory served (`<data-dir>/artifacts`).
+    pub root: PathBuf,
+    /// URL agents use for it (`gateway:NAME` in a `fetch` becomes `<base_url>/NAME`);
+    /// `None`: `http://` and the bound address.
+    pub base_url: Option<String>,
 }
 
 /// The driver's clock: the only place the daemon reads time.
@@ -135,9 +152,23 @@ struct AdminConn {
     writable_armed: bool,
 }
 
+/// One artifact download: read the request, then the response head, then the file by
+/// `sendfile(2)` (page cache to socket, no user-space copy), then close.
+struct ArtifactConn {
+    sock: TcpStream,
+    inbuf: Vec<u8>,
+    head: Vec<u8>,
+    /// The file, the next offset, and its length.
+    file: Option<(std::fs::File, u64, u64)>,
+    responding: bool,
+    closing: bool,
+    writable_armed: bool,
+}
+
 enum Conn {
     Agent(Box<AgentConn>),
     Admin(AdminConn),
+    Artifact(ArtifactConn),
 }
 
 struct Slot {
@@ -150,6 +181,7 @@ pub struct Gateway {
     poll: Poll,
     listener: TcpListener,
     admin: UnixListener,
+    artifacts: Option<TcpListener>,
     server_cfg: Arc<ServerConfig>,
     cfg: GatewayConfig,
     fleet: Fleet,
@@ -197,6 +229,20 @@ impl Gateway {
         std::fs::set_permissions(&cfg.admin_socket, std::fs::Permissions::from_mode(0o600))?;
         poll.registry()
             .register(&mut admin, ADMIN, Interest::READABLE)?;
+        let mut cfg = cfg;
+        let artifacts = match &mut cfg.artifacts {
+            Some(a) => {
+                std::fs::create_dir_all(&a.root)?;
+                let mut l = TcpListener::bind(a.listen)?;
+                poll.registry()
+                    .register(&mut l, ARTIFACTS, Interest::READABLE)?;
+                if a.base_url.is_none() {
+                    a.base_url = Some(format!("http://{}", l.local_addr()?));
+                }
+                Some(l)
+            }
+            None => None,
+        };
         let server_cfg = fleet.pki().server_config();
         let dist = match &cfg.mcast {
             Some(m) => {
@@ -211,6 +257,7 @@ impl Gateway {
             poll,
             listener,
             admin,
+            artifacts,
             server_cfg,
             cfg,
             fleet,
@@ -226,6 +273,14 @@ impl Gateway {
             wall_ms: 0,
             stop: false,
         })
+    }
+
+    /// The URL `fetch` steps naming `gateway:NAME` resolve against, when artifacts are served.
+    pub fn artifact_base_url(&self) -> Option<&str> {
+        self.cfg
+            .artifacts
+            .as_ref()
+            .and_then(|a| a.base_url.as_deref())
     }
 
     /// The address agents connect to (useful with port 0).
@@ -261,6 +316,7 @@ impl Gateway {
                 match ev.token() {
                     LISTENER => self.accept_agents(now),
                     ADMIN => self.accept_admin(),
+                    ARTIFACTS => self.accept_artifacts(),
                     MCAST => self.mcast_ready = true,
                     Token(t) => {
                         let idx = t - FIRST_CONN;
@@ -389,6 +445,95 @@ impl Gateway {
         self.ready.push_back(usize::MAX);
     }
 
+    fn accept_artifacts(&mut self) {
+        let Some(l) = self.artifacts.as_ref() else {
+            return;
+        };
+        for _ in 0..self.cfg.accept_budget {
+            match l.accept() {
+                Ok((mut sock, _)) => {
+                    if self.conns.len() >= self.cfg.max_connections {
+                        continue;
+                    }
+                    let entry = self.conns.vacant_entry();
+                    let idx = entry.key();
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut sock, Token(idx + FIRST_CONN), Interest::READABLE)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    self.generation += 1;
+                    let id = (self.generation << 32) | idx as u64;
+                    entry.insert(Slot {
+                        id,
+                        conn: Conn::Artifact(ArtifactConn {
+                            sock,
+                            inbuf: Vec::new(),
+                            head: Vec::new(),
+                            file: None,
+                            responding: false,
+                            closing: false,
+                            writable_armed: false,
+                        }),
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "artifact accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads an artifact request; once complete, decides the answer (flushed later).
+    fn service_artifact(&mut self, idx: usize) {
+        let Some(root) = self.cfg.artifacts.as_ref().map(|a| a.root.clone()) else {
+            return;
+        };
+        let Conn::Artifact(a) = &mut self.conns[idx].conn else {
+            return;
+        };
+        if a.responding {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            match a.sock.read(&mut buf) {
+                Ok(0) => {
+                    a.closing = true;
+                    break;
+                }
+                Ok(n) => {
+                    a.inbuf.extend_from_slice(&buf[..n]);
+                    if a.inbuf.len() > artifacts::MAX_REQUEST_HEAD {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    a.closing = true;
+                    break;
+                }
+            }
+        }
+        match artifacts::parse_request(&root, &a.inbuf) {
+            artifacts::Decision::NeedMore if !a.closing => {}
+            artifacts::Decision::NeedMore => {}
+            artifacts::Decision::Respond { head, file } => {
+                a.head = head;
+                a.file = file.map(|(f, len)| (f, 0, len));
+                a.responding = true;
+                a.closing = false;
+                a.inbuf = Vec::new();
+            }
+        }
+    }
+
     fn accept_admin(&mut self) {
         loop {
             match self.admin.accept() {
@@ -442,6 +587,10 @@ impl Gateway {
             let more = match &mut self.conns[idx].conn {
                 Conn::Agent(_) => self.service_agent(idx, now),
                 Conn::Admin(_) => self.service_admin(idx, id),
+                Conn::Artifact(_) => {
+                    self.service_artifact(idx);
+                    false
+                }
             };
             if more {
                 self.ready.push_back(idx);
@@ -740,7 +889,27 @@ impl Gateway {
                         cmd,
                         ..
                     } => {
-                        let steps = steps_to_wire(&cmd);
+                        let base = self
+                            .cfg
+                            .artifacts
+                            .as_ref()
+                            .and_then(|a| a.base_url.as_deref());
+                        let urls: Vec<String> = cmd
+                            .steps
+                            .iter()
+                            .map(|st| match st {
+                                fleetcast_store::Step::Fetch { url, .. } => {
+                                    artifacts::resolve_url(url, base)
+                                }
+                                _ => String::new(),
+                            })
+                            .collect();
+                        let mut steps = steps_to_wire(&cmd);
+                        for (st, u) in steps.iter_mut().zip(&urls) {
+                            if let fleetcast_wire::Step::Fetch { url, .. } = st {
+                                *url = u;
+                            }
+                        }
                         let timeout_ms = u32::try_from(cmd.timeout_ms).unwrap_or(u32::MAX);
                         s.dispatch(&Dispatch {
                             command_id,
@@ -762,7 +931,7 @@ impl Gateway {
                     tracing::warn!(conn = conn_id, error = %e, "session refused a fleet action");
                 }
             }
-            (Conn::Admin(_), _) => return,
+            (Conn::Admin(_), _) | (Conn::Artifact(_), _) => return,
         }
         self.drain_session(idx, now);
     }
@@ -833,6 +1002,22 @@ impl Gateway {
                     }
                     a.closing && !pending
                 }
+                Conn::Artifact(a) => {
+                    let pending = artifact_write(a);
+                    if pending != a.writable_armed {
+                        let interest = if pending {
+                            Interest::READABLE | Interest::WRITABLE
+                        } else {
+                            Interest::READABLE
+                        };
+                        let _ = self
+                            .poll
+                            .registry()
+                            .reregister(&mut a.sock, token, interest);
+                        a.writable_armed = pending;
+                    }
+                    a.closing || (a.responding && !pending)
+                }
             };
             if done {
                 let slot = self.conns.remove(idx);
@@ -852,11 +1037,63 @@ impl Gateway {
                     Conn::Admin(mut a) => {
                         let _ = self.poll.registry().deregister(&mut a.sock);
                     }
+                    Conn::Artifact(mut a) => {
+                        let _ = self.poll.registry().deregister(&mut a.sock);
+                    }
                 }
             }
         }
         self.touched = touched;
     }
+}
+
+/// Writes an artifact response until done or `WouldBlock`; returns whether bytes remain.
+fn artifact_write(a: &mut ArtifactConn) -> bool {
+    use std::os::fd::AsRawFd;
+    while !a.head.is_empty() {
+        match a.sock.write(&a.head) {
+            Ok(0) => {
+                a.closing = true;
+                return false;
+            }
+            Ok(n) => {
+                a.head.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                a.closing = true;
+                return false;
+            }
+        }
+    }
+    while let Some((f, off, len)) = a.file.as_mut() {
+        if *off >= *len {
+            a.file = None;
+            break;
+        }
+        let mut o = *off as libc::off_t;
+        let count = (*len - *off).min(1 << 20) as usize;
+        // SAFETY: both descriptors are open for the duration of the call (owned by `a`), and
+        // `o` is a valid, exclusively borrowed offset; sendfile does not keep the pointer.
+        let n = unsafe { libc::sendfile(a.sock.as_raw_fd(), f.as_raw_fd(), &mut o, count) };
+        if n > 0 {
+            *off = o as u64;
+            continue;
+        }
+        let err = io::Error::last_os_error();
+        if n < 0 && err.kind() == io::ErrorKind::WouldBlock {
+            return true;
+        }
+        if n < 0 && err.kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        // 0 (file shrank under us) or a hard error: stop; the client sees a short body.
+        a.closing = true;
+        a.file = None;
+        return false;
+    }
+    false
 }
 
 fn push_json_line(out: &mut Vec<u8>, resp: &Response) {
