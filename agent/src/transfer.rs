@@ -16,6 +16,9 @@
 //! # Invariants
 //! - A block is written and handed to the core only if it parsed (CRC), names this session,
 //!   carries a valid tag when the announce has a key, and has exactly the block's length.
+//!   Every other datagram is counted by its reason ([`Dropped`]) and the counts are logged
+//!   on stderr when the transfer ends (`fleetcast-agent: transfer <task>: dropped crc=N
+//!   session=N tag=N length=N malformed=N`).
 //! - The worker stops within one receive timeout (at most 100 ms) of [`Transfer::stop`].
 //! - `Data` arrives on the shared group port; NACKs leave from, and `Repair`s arrive on, a
 //!   unicast socket of this transfer alone.
@@ -31,7 +34,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fleetcast_wire::mcast::{ReceiverConfig, ReceiverEvent};
-use fleetcast_wire::{DataBlock, Frame, Instant, McastReceiver, Message, Outcome, Ranges, TAG_LEN};
+use fleetcast_wire::{
+    DataBlock, Error as WireError, Frame, Instant, McastReceiver, Message, Outcome, Ranges, TAG_LEN,
+};
 use ring::hmac;
 
 /// Longest receive wait, so a stop request is seen promptly.
@@ -179,29 +184,89 @@ fn open_sockets(spec: &TransferSpec) -> io::Result<(UdpSocket, UdpSocket)> {
     Ok((s.into(), u.into()))
 }
 
+/// Why a datagram on a transfer's sockets was not written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reject {
+    /// The frame's CRC did not match.
+    Crc,
+    /// Not a data or repair frame, or too short to be one (CRC aside).
+    Malformed,
+    /// A block of another session (another task, or one replayed from an earlier push).
+    Session,
+    /// Missing or invalid tag while the announce has a key.
+    Tag,
+    /// Outside the file, or not the block's exact length.
+    Length,
+}
+
+/// Datagrams a transfer dropped, by reason; logged once when the transfer ends.
+///
+/// The group port is shared by every transfer of a device, so blocks of a concurrent task
+/// count under `session` too.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped {
+    /// Failed the CRC check.
+    pub crc: u64,
+    /// Not a data or repair frame.
+    pub malformed: u64,
+    /// Named another session.
+    pub session: u64,
+    /// Missing or invalid tag.
+    pub tag: u64,
+    /// Outside the file or of the wrong length.
+    pub length: u64,
+}
+
+impl Dropped {
+    fn count(&mut self, why: Reject) {
+        let c = match why {
+            Reject::Crc => &mut self.crc,
+            Reject::Malformed => &mut self.malformed,
+            Reject::Session => &mut self.session,
+            Reject::Tag => &mut self.tag,
+            Reject::Length => &mut self.length,
+        };
+        *c += 1;
+    }
+}
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "crc={} session={} tag={} length={} malformed={}",
+            self.crc, self.session, self.tag, self.length, self.malformed
+        )
+    }
+}
+
 /// The block a datagram carries, if it is valid for this transfer: it parsed (CRC), names
 /// the session, carries a valid tag when there is a key, and has the block's exact length.
+/// Checked in that order; the first failure is the reason.
 fn accept_block<'a>(
     spec: &TransferSpec,
     key: Option<&hmac::Key>,
     datagram: &'a [u8],
-) -> Option<(u32, u64, &'a [u8])> {
-    let (_, block, frame) = DataBlock::parse(datagram).ok()?;
+) -> Result<(u32, u64, &'a [u8]), Reject> {
+    let (_, block, frame) = DataBlock::parse(datagram).map_err(|e| match e {
+        WireError::Checksum => Reject::Crc,
+        _ => Reject::Malformed,
+    })?;
     if block.session != spec.session {
-        return None;
+        return Err(Reject::Session);
     }
     if let Some(k) = key {
         if !verify_tag(k, &frame) {
-            return None;
+            return Err(Reject::Tag);
         }
     }
     let bs = u64::from(spec.block_size);
     let off = u64::from(block.block) * bs;
     let want = spec.size.saturating_sub(off).min(bs);
     if off >= spec.size || block.payload.len() as u64 != want {
-        return None;
+        return Err(Reject::Length);
     }
-    Some((block.block, off, block.payload))
+    Ok((block.block, off, block.payload))
 }
 
 fn paths(spec: &TransferSpec) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
@@ -357,8 +422,13 @@ fn run(
     let mut nack = Vec::new();
     let mut tagged = vec![0u8; 4096];
     let mut complete = rx.is_complete();
+    let mut dropped = Dropped::default();
+    let log_dropped = |d: &Dropped| {
+        eprintln!("fleetcast-agent: transfer {}: dropped {d}", spec.task_id);
+    };
     while !complete {
         if stop.load(Ordering::Relaxed) {
+            log_dropped(&dropped);
             save_record(spec, &rec, rx.received())?;
             return Ok(done(spec, Outcome::Aborted, [0; 32], "stopped".into()));
         }
@@ -419,9 +489,12 @@ fn run(
                     Err(e) => return Err(e),
                 };
                 n_read += 1;
-                let Some((block, off, payload)) = accept_block(spec, key.as_ref(), &buf[..n])
-                else {
-                    continue;
+                let (block, off, payload) = match accept_block(spec, key.as_ref(), &buf[..n]) {
+                    Ok(b) => b,
+                    Err(why) => {
+                        dropped.count(why);
+                        continue;
+                    }
                 };
                 if i == 0 {
                     if let SocketAddr::V4(f) = from {
@@ -449,6 +522,7 @@ fn run(
         }
         complete = rx.is_complete();
     }
+    log_dropped(&dropped);
     file.sync_all()?;
     drop(file);
     let digest = file_sha256(&part)?;
@@ -480,10 +554,8 @@ mod tests {
         assert_eq!(safe_name("x/", 4), "task-4");
     }
 
-    #[test]
-    fn records_round_trip_and_reject_other_tasks() {
-        let dir = tempfile::tempdir().unwrap();
-        let spec = TransferSpec {
+    fn spec(dir: &Path) -> TransferSpec {
+        TransferSpec {
             task_id: 1,
             session: 1,
             group: Ipv4Addr::new(239, 77, 0, 1),
@@ -496,8 +568,82 @@ mod tests {
             device_id: 9,
             local: Ipv4Addr::LOCALHOST,
             gateway: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7301),
-            dir: dir.path().into(),
+            dir: dir.into(),
+        }
+    }
+
+    /// A tagged data datagram: the block's tag under `key`.
+    fn datagram(session: u32, block: u32, payload: &[u8], key: &hmac::Key) -> Vec<u8> {
+        use fleetcast_wire::data::{data_mac_prefix, data_prefix};
+        use fleetcast_wire::Kind;
+        let mp = data_mac_prefix(Kind::Data, session, block, payload.len());
+        let mut ctx = hmac::Context::with_key(key);
+        ctx.update(&mp[..8]);
+        ctx.update(&mp[12..]);
+        ctx.update(payload);
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&ctx.sign().as_ref()[..TAG_LEN]);
+        let mut d = data_prefix(Kind::Data, session, block, payload, Some(&tag))
+            .unwrap()
+            .to_vec();
+        d.extend_from_slice(payload);
+        d.extend_from_slice(&tag);
+        d
+    }
+
+    #[test]
+    fn forged_datagrams_are_rejected_by_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TransferSpec {
+            auth_key: Some([7; 32]),
+            ..spec(dir.path())
         };
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &[7; 32]);
+        let other = hmac::Key::new(hmac::HMAC_SHA256, &[8; 32]);
+        let block = [0x5a; 1000];
+        let good = datagram(1, 3, &block, &key);
+        let (b, off, p) = accept_block(&spec, Some(&key), &good).unwrap();
+        assert_eq!((b, off, p), (3, 3000, &block[..]));
+
+        let mut crc = good.clone();
+        crc[100] ^= 1;
+        let cases = [
+            (crc, Reject::Crc),
+            (datagram(2, 3, &block, &key), Reject::Session),
+            // A replay from another push: its session and its key.
+            (datagram(0, 3, &block, &other), Reject::Session),
+            (datagram(1, 3, &block, &other), Reject::Tag),
+            (datagram(1, 3, &block[..999], &key), Reject::Length),
+            (datagram(1, 10, &block, &key), Reject::Length),
+            (good[..10].to_vec(), Reject::Malformed),
+        ];
+        let mut dropped = Dropped::default();
+        for (d, why) in cases {
+            let got = accept_block(&spec, Some(&key), &d).map(|_| ());
+            assert_eq!(got, Err(why));
+            dropped.count(why);
+        }
+        // Untagged blocks are refused when the announce has a key.
+        let mut plain =
+            fleetcast_wire::data::data_prefix(fleetcast_wire::Kind::Data, 1, 3, &block, None)
+                .unwrap()
+                .to_vec();
+        plain.extend_from_slice(&block);
+        assert_eq!(
+            accept_block(&spec, Some(&key), &plain).map(|_| ()),
+            Err(Reject::Tag)
+        );
+        assert!(accept_block(&spec, None, &plain).is_ok());
+        assert_eq!(
+            dropped.to_string(),
+            "crc=1 session=2 tag=1 length=2 malformed=1"
+        );
+    }
+
+    #[test]
+    fn records_round_trip_and_reject_other_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(dir.path());
         let p = dir.path().join("rec");
         let mut r = Ranges::new();
         r.push(0, 3).unwrap();
