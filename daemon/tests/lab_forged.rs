@@ -1,0 +1,232 @@
+//! Lab test of forged datagrams during a push: a real `fleetcastd` on host 0 pushes a file to
+//! two agents (hosts 1 and 2) while a forger on host 3 sends to the same group and port:
+//!
+//! - blocks of the live session whose CRC is corrupted,
+//! - blocks with a valid CRC naming a session no task has,
+//! - blocks of the live session with a valid CRC but a tag under another key (forged
+//!   payload),
+//! - blocks "replayed" from an earlier push: that push's session id, a valid CRC and a
+//!   well-formed tag under another key (the agent has no way to tell a replay from any other
+//!   foreign session, so it counts under `session`).
+//!
+//! Checked: both copies are byte-identical to the source, `task show` says `completed` for
+//! both, and each agent's end-of-transfer line (`transfer <task>: dropped crc=N session=N
+//! tag=N ...`) counts drops under `crc`, `session` and `tag`.
+
+mod common;
+
+use std::net::SocketAddrV4;
+use std::time::Duration;
+
+use common::{now, read_log, wait_for, AgentSpec, Gateway, Rng};
+use fleetcast_daemon::admin::Request;
+use fleetcast_daemon::distribution::block_tag;
+use fleetcast_lab::{Lab, LabConfig};
+use fleetcast_wire::{data_prefix, Kind, TAG_LEN};
+use ring::hmac;
+use serde_json::Value;
+
+#[test]
+fn agent_role() {
+    common::agent_role();
+}
+
+const WAIT: Duration = Duration::from_secs(45);
+/// The gateway's default group and port.
+const GROUP: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(239, 77, 0, 1), 7301);
+const BLOCK: u32 = 1400;
+/// Upper bound on the forger's rounds (each round: four datagrams of each kind, then 10 ms).
+const MAX_ROUNDS: usize = 3000;
+
+fn task_rows(gw: &Gateway<'_>, task: u64) -> Vec<Value> {
+    gw.try_admin(&Request::TaskShow { task: Some(task) })
+        .ok()
+        .and_then(|d| d["devices"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+fn all_completed(gw: &Gateway<'_>, task: u64, names: &[&str]) -> bool {
+    let rows = task_rows(gw, task);
+    names.iter().all(|n| {
+        rows.iter()
+            .find(|r| r["device"] == *n)
+            .is_some_and(|r| r["status"] == "completed")
+    })
+}
+
+fn report(gw: &Gateway<'_>, specs: &[AgentSpec], task: u64) -> String {
+    let mut s = format!("task show: {:#?}\n", task_rows(gw, task));
+    for a in specs {
+        s.push_str(&a.output());
+        s.push('\n');
+    }
+    s.push_str(&gw.diag());
+    s
+}
+
+fn push(gw: &Gateway<'_>, path: &std::path::Path, rate_mbps: u64) -> u64 {
+    gw.admin(&Request::Push {
+        path: path.display().to_string(),
+        group: "fleet".into(),
+        block_size: BLOCK,
+        rate_mbps,
+    })["task"]
+        .as_u64()
+        .expect("task id")
+}
+
+/// A tagged data datagram (tag under `key`), CRC valid.
+fn forged(key: &hmac::Key, session: u32, block: u32, payload: &[u8]) -> Vec<u8> {
+    let tag: [u8; TAG_LEN] = block_tag(key, Kind::Data, session, block, payload);
+    let prefix = data_prefix(Kind::Data, session, block, payload, Some(&tag)).expect("prefix");
+    let mut d = prefix.to_vec();
+    d.extend_from_slice(payload);
+    d.extend_from_slice(&tag);
+    d
+}
+
+/// The counter `name` of the agent's `transfer <task>: dropped ...` line.
+fn dropped(log: &str, task: u64, name: &str) -> Option<u64> {
+    let line = log
+        .lines()
+        .find(|l| l.contains(&format!("transfer {task}: dropped ")))?;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn forged_datagrams_are_dropped_counted_and_never_written() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(4)).expect("lab (see docs/lab.md)");
+    let gw_addr = lab.host(0).addr().to_string();
+    let gw = Gateway::start(lab.host(0), dir, &["--mcast-addr", &gw_addr]);
+    let names = ["n1", "n2"];
+    let mut specs = Vec::new();
+    let mut agents = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let d = gw.admin(&Request::DeviceAdd {
+            name: name.to_string(),
+            groups: vec!["fleet".into()],
+        });
+        let token = d["token"].as_str().expect("token").to_string();
+        let spec = AgentSpec::new(&gw, dir, name, Some(token));
+        agents.push(spec.spawn(lab.host(i + 1)));
+        specs.push(spec);
+    }
+    for (i, s) in specs.iter().enumerate() {
+        gw.wait_online(names[i], WAIT, || s.output());
+    }
+    let mut rng = Rng::from_env(0x5eed_000f);
+
+    // An earlier push, whose session the forger replays.
+    let mut old = vec![0u8; 256 << 10];
+    rng.fill(&mut old);
+    let old_src = dir.join("old.bin");
+    std::fs::write(&old_src, &old).expect("write old source");
+    let old_task = push(&gw, &old_src, 100);
+    wait_for(
+        "the earlier push to complete",
+        WAIT,
+        || all_completed(&gw, old_task, &names).then_some(()),
+        || report(&gw, &specs, old_task),
+    );
+
+    // The push under attack: 6 MiB at 20 Mbit/s, a first pass of about 2.5 s.
+    let size = 6 << 20;
+    let mut data = vec![0u8; size];
+    rng.fill(&mut data);
+    let src = dir.join("image.bin");
+    std::fs::write(&src, &data).expect("write source");
+    let task = push(&gw, &src, 20);
+    let session = task as u32;
+    let old_session = old_task as u32;
+    assert_ne!(session, old_session);
+    let blocks = size.div_ceil(BLOCK as usize) as u32;
+
+    // Forge only once both receivers have joined (their `.part` files exist).
+    wait_for(
+        "both receivers to start the transfer",
+        WAIT,
+        || {
+            specs
+                .iter()
+                .all(|s| s.state.join("downloads").join("image.bin.part").exists())
+                .then_some(())
+        },
+        || report(&gw, &specs, task),
+    );
+    let forger = lab.host(3).udp_socket(0).expect("forger socket");
+    let mut fkey = [0u8; 32];
+    rng.fill(&mut fkey);
+    let fkey = hmac::Key::new(hmac::HMAC_SHA256, &fkey);
+    let mut payload = vec![0u8; BLOCK as usize];
+    let mut rounds = 0;
+    let started = now();
+    while rounds < MAX_ROUNDS && started.elapsed() < WAIT {
+        for _ in 0..4 {
+            // Full-size blocks only (never the last, shorter one), so only the intended check
+            // fails.
+            let block = rng.range(0, u64::from(blocks - 1)) as u32;
+            rng.fill(&mut payload);
+            let mut crc = forged(&fkey, session, block, &payload);
+            let i = 20 + rng.range(0, u64::from(BLOCK)) as usize;
+            crc[i] ^= 0x01;
+            let wrong_session = forged(&fkey, 0xF0F0_0000 | block, block, &payload);
+            let wrong_tag = forged(&fkey, session, block, &payload);
+            let replay = forged(&fkey, old_session, block, &payload);
+            for d in [&crc, &wrong_session, &wrong_tag, &replay] {
+                forger.send_to(d, GROUP).expect("forger send");
+            }
+        }
+        rounds += 1;
+        if all_completed(&gw, task, &names) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("forger: {rounds} rounds of 16 datagrams");
+    wait_for(
+        "both to complete the push under attack",
+        WAIT,
+        || all_completed(&gw, task, &names).then_some(()),
+        || report(&gw, &specs, task),
+    );
+
+    for s in &specs {
+        let downloads = s.state.join("downloads");
+        let got = std::fs::read(downloads.join("image.bin")).expect("received copy");
+        assert!(
+            got == data,
+            "{}: the received copy differs from the source\n{}",
+            s.log.display(),
+            report(&gw, &specs, task)
+        );
+        let got_old = std::fs::read(downloads.join("old.bin")).expect("earlier copy");
+        assert!(
+            got_old == old,
+            "{}: the earlier copy changed",
+            s.log.display()
+        );
+        let log = read_log(&s.log);
+        for name in ["crc", "session", "tag"] {
+            let n = dropped(&log, task, name).unwrap_or_else(|| {
+                panic!("no `transfer {task}: dropped {name}=` line\n{}", s.output())
+            });
+            assert!(
+                n > 0,
+                "{}: no forged datagram counted under {name}\n{}",
+                s.log.display(),
+                s.output()
+            );
+        }
+        eprintln!(
+            "{}",
+            log.lines()
+                .find(|l| l.contains(&format!("transfer {task}: dropped ")))
+                .unwrap_or_default()
+        );
+    }
+    drop(agents);
+}
