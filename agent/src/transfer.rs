@@ -19,6 +19,8 @@
 //!   Every other datagram is counted by its reason ([`Dropped`]) and the counts are logged
 //!   on stderr when the transfer ends (`fleetcast-agent: transfer <task>: dropped crc=N
 //!   session=N tag=N length=N malformed=N`).
+//! - [`Transfer::status`] reports the worker's block counts (received, total) for the
+//!   control session's periodic `TransferStatus`; the count only grows.
 //! - The worker stops within one receive timeout (at most 100 ms) of [`Transfer::stop`].
 //! - `Data` arrives on the shared group port; NACKs leave from, and `Repair`s arrive on, a
 //!   unicast socket of this transfer alone.
@@ -28,14 +30,15 @@ use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fleetcast_wire::mcast::{ReceiverConfig, ReceiverEvent};
 use fleetcast_wire::{
-    DataBlock, Error as WireError, Frame, Instant, McastReceiver, Message, Outcome, Ranges, TAG_LEN,
+    DataBlock, Error as WireError, Frame, Instant, McastReceiver, Message, Outcome, Ranges,
+    TransferState, TransferStatus, TAG_LEN,
 };
 use ring::hmac;
 
@@ -94,9 +97,20 @@ pub struct TransferDone {
 #[derive(Debug)]
 pub struct Transfer {
     stop: Arc<AtomicBool>,
+    progress: Arc<Progress>,
+    task_id: u64,
+    session: u32,
     rx: mpsc::Receiver<TransferDone>,
     handle: Option<JoinHandle<()>>,
     key: Option<[u8; 32]>,
+}
+
+/// Block counts the worker publishes for the control session's `TransferStatus` reports
+/// (written by the worker, read by the driver; counts only, no positions).
+#[derive(Debug, Default)]
+struct Progress {
+    received: AtomicU32,
+    total: AtomicU32,
 }
 
 /// A file name from an announce reduced to one safe path component.
@@ -117,11 +131,14 @@ impl Transfer {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let key = spec.auth_key;
+        let (task_id, session) = (spec.task_id, spec.session);
         let flag = stop.clone();
+        let progress = Arc::new(Progress::default());
+        let published = progress.clone();
         let handle = std::thread::Builder::new()
             .name(format!("transfer-{}", spec.task_id))
             .spawn(move || {
-                let done = run(&spec, socks, &flag).unwrap_or_else(|e| TransferDone {
+                let done = run(&spec, socks, &flag, &published).unwrap_or_else(|e| TransferDone {
                     task_id: spec.task_id,
                     session: spec.session,
                     outcome: Outcome::WriteFailed,
@@ -134,6 +151,9 @@ impl Transfer {
             })?;
         Ok(Transfer {
             stop,
+            progress,
+            task_id,
+            session,
             rx,
             handle: Some(handle),
             key,
@@ -147,6 +167,18 @@ impl Transfer {
             let _ = h.join();
         }
         Some(d)
+    }
+
+    /// Progress for a `TransferStatus` report: blocks received and written so far, of the
+    /// file's total (`InProgress`; both zero until the worker has opened its record).
+    pub fn status(&self) -> TransferStatus {
+        TransferStatus {
+            task_id: self.task_id,
+            session: self.session,
+            state: TransferState::InProgress,
+            received: self.progress.received.load(Ordering::Relaxed),
+            total: self.progress.total.load(Ordering::Relaxed),
+        }
     }
 
     /// The tag key this transfer checks blocks with.
@@ -364,6 +396,7 @@ fn run(
     spec: &TransferSpec,
     (group_sock, unicast): (UdpSocket, UdpSocket),
     stop: &AtomicBool,
+    progress: &Progress,
 ) -> io::Result<TransferDone> {
     let (part, rec, fin, marker) = paths(spec);
     // A task finished before (agent restarted, or the completion was lost): re-verify.
@@ -400,6 +433,13 @@ fn run(
     );
     let mut rx = McastReceiver::new(cfg, initial.as_ref(), now())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let publish = |rx: &McastReceiver| {
+        progress
+            .received
+            .store(rx.blocks_received(), Ordering::Relaxed);
+    };
+    progress.total.store(rx.n_blocks(), Ordering::Relaxed);
+    publish(&rx);
     if initial.is_some() {
         eprintln!(
             "fleetcast-agent: task {}: resuming with {} of {} blocks from the record",
@@ -505,6 +545,9 @@ fn run(
                     file.write_all_at(payload, off)?;
                     rx.handle_block(now(), block);
                 }
+            }
+            if n_read > 0 {
+                publish(&rx);
             }
             got += n_read;
         }

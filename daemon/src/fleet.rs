@@ -154,6 +154,20 @@ pub enum Input {
         /// Outcome name and the receiver's reason, for the table and the log.
         reason: String,
     },
+    /// A receiver's periodic progress (`TransferStatus` over its control session): recorded
+    /// as the task table's `in_progress` (see [`progress_blocks`]).
+    TransferProgress {
+        /// Connection.
+        conn: ConnId,
+        /// Device.
+        device: DeviceId,
+        /// The task.
+        task: u64,
+        /// Blocks received and written.
+        received: u32,
+        /// Blocks in the file, as the receiver counts them.
+        total: u32,
+    },
 }
 
 /// What the loop must do after a successful commit, in order.
@@ -386,7 +400,8 @@ impl Fleet {
                 | Input::Disconnected { conn, .. }
                 | Input::Admin { conn, .. }
                 | Input::Push { conn, .. }
-                | Input::Completion { conn, .. } => *conn,
+                | Input::Completion { conn, .. }
+                | Input::TransferProgress { conn, .. } => *conn,
             };
             touched.push(conn);
             let mut cx = Cx {
@@ -845,6 +860,13 @@ impl Fleet {
                     verified: *verified,
                 });
             }
+            Input::TransferProgress {
+                device,
+                task,
+                received,
+                total,
+                ..
+            } => record_progress(b, *device, store::TaskId(*task), *received, *total),
         }
     }
 
@@ -992,7 +1014,8 @@ fn fail_all(inputs: &[Input], msg: &str) -> Vec<Action> {
             | Input::Result { conn, .. }
             | Input::RebootStarting { conn, .. }
             | Input::RebootComplete { conn, .. }
-            | Input::Completion { conn, .. } => {
+            | Input::Completion { conn, .. }
+            | Input::TransferProgress { conn, .. } => {
                 Some(close(*conn, CloseCode::INTERNAL, "gateway store failure"))
             }
         })
@@ -1111,6 +1134,48 @@ fn push(
             "targets": names.join(","),
         })),
     });
+}
+
+/// The task table's `in_progress` set for a receiver's progress report.
+///
+/// `TransferStatus` carries counts only, so `received` blocks are recorded as the prefix
+/// `0..received`: the count `task show` prints is exact, the positions are not (the store's
+/// set is the union of every report, so it only grows, as the receiver's count does). `None`
+/// when the report's `total` is not the task's block count (a report of another geometry),
+/// or nothing was received yet (the device stays `pending`).
+pub fn progress_blocks(received: u32, total: u32, blocks: u32) -> Option<store::BlockSet> {
+    if total != blocks || received == 0 {
+        return None;
+    }
+    let mut set = store::BlockSet::new();
+    set.insert(0, received.min(blocks));
+    Some(set)
+}
+
+/// Records a receiver's progress report. A report that arrives after the device's
+/// completion or failure (or for an unknown task) is refused by the store and dropped: it is
+/// informational, and the session stays.
+fn record_progress(
+    b: &mut Batch<'_>,
+    dev: DeviceId,
+    task: store::TaskId,
+    received: u32,
+    total: u32,
+) {
+    let blocks = match b.task(task) {
+        Ok(Some(t)) => t.blocks(),
+        Ok(None) => return,
+        Err(e) => {
+            tracing::debug!(device = dev.0, task = task.0, error = %e, "progress not recorded");
+            return;
+        }
+    };
+    let Some(set) = progress_blocks(received, total, blocks) else {
+        return;
+    };
+    if let Err(e) = b.task_progress(task, dev, set) {
+        tracing::debug!(device = dev.0, task = task.0, error = %e, "progress not recorded");
+    }
 }
 
 /// `task show`: one task's status table, or every task with its counts.
@@ -1971,6 +2036,18 @@ mod tests {
     }
 
     #[test]
+    fn progress_counts_map_to_a_prefix_of_the_task() {
+        let set = progress_blocks(5, 10, 10).unwrap();
+        assert_eq!(set.ranges(), &[(0, 5)]);
+        assert_eq!(set.count(), 5);
+        assert_eq!(progress_blocks(10, 10, 10).unwrap().ranges(), &[(0, 10)]);
+        // More than the file has (a confused receiver) is capped at the file.
+        assert_eq!(progress_blocks(11, 10, 10).unwrap().ranges(), &[(0, 10)]);
+        assert_eq!(progress_blocks(0, 10, 10), None);
+        assert_eq!(progress_blocks(5, 12, 10), None);
+    }
+
+    #[test]
     fn push_creates_a_task_announces_online_targets_and_late_ones_on_welcome() {
         let mut rig = Rig::new();
         let (d1, k1) = rig.enrol("n1", 1);
@@ -2012,6 +2089,42 @@ mod tests {
             matches!(&a[..], [Action::Welcome { conn: 4, .. }, Action::Announce { conn: 4, device, task }] if *device == d2 && *task == id),
             "{a:?}"
         );
+        // Progress reports: counts become a prefix of the task's blocks; a report of another
+        // geometry is ignored; the recorded set only grows.
+        let a = rig.run(vec![
+            Input::TransferProgress {
+                conn: 3,
+                device: d1,
+                task: id.0,
+                received: 2,
+                total: 3,
+            },
+            Input::TransferProgress {
+                conn: 4,
+                device: d2,
+                task: id.0,
+                received: 1,
+                total: 9,
+            },
+        ]);
+        assert_eq!(a, vec![]);
+        let r = rig.admin(Request::TaskShow { task: Some(id.0) });
+        let rows = r.data["devices"].as_array().unwrap();
+        assert_eq!(rows[0]["status"], "in_progress");
+        assert_eq!(rows[0]["blocks"], "2/3");
+        assert_eq!(rows[1]["status"], "pending");
+        assert_eq!(rows[1]["blocks"], "0/3");
+        let r = rig.admin(Request::TaskShow { task: None });
+        assert_eq!(r.data["tasks"][0]["in_progress"], 1);
+        rig.run(vec![Input::TransferProgress {
+            conn: 3,
+            device: d1,
+            task: id.0,
+            received: 1,
+            total: 3,
+        }]);
+        let r = rig.admin(Request::TaskShow { task: Some(id.0) });
+        assert_eq!(r.data["devices"][0]["blocks"], "2/3");
         // Completions: verified, and a digest mismatch.
         let a = rig.run(vec![
             Input::Completion {
@@ -2060,6 +2173,17 @@ mod tests {
             !a.iter().any(|a| matches!(a, Action::Announce { .. })),
             "{a:?}"
         );
+        // A late progress report does not undo the completion.
+        let a = rig.run(vec![Input::TransferProgress {
+            conn: 5,
+            device: d1,
+            task: id.0,
+            received: 1,
+            total: 3,
+        }]);
+        assert_eq!(a, vec![]);
+        let r = rig.admin(Request::TaskShow { task: Some(id.0) });
+        assert_eq!(r.data["devices"][0]["status"], "completed");
         // A push to an empty group is refused before any task exists.
         let a = rig.run(vec![Input::Push {
             conn: 901,
