@@ -122,6 +122,8 @@ pub struct Agent {
     finished: std::collections::HashMap<u64, TransferDone>,
     /// This session's device id, local and gateway addresses (for transfers).
     link: Option<(u64, std::net::IpAddr, SocketAddr)>,
+    /// When transfer progress was last reported (for the gateway's task table).
+    progress_sent: Instant,
 }
 
 impl std::fmt::Debug for Agent {
@@ -145,6 +147,7 @@ impl Agent {
             transfers: std::collections::HashMap::new(),
             finished: std::collections::HashMap::new(),
             link: None,
+            progress_sent: Instant::ZERO,
         })
     }
 
@@ -472,6 +475,18 @@ impl Agent {
         for (task, t) in &mut self.transfers {
             if let Some(d) = t.try_finish() {
                 ended.push((*task, d));
+            }
+        }
+        // Progress of the running ones, about once a second, so `fleetcast task show` can tell
+        // `in_progress` from `pending`.
+        let now = self.now();
+        if now - self.progress_sent >= Duration::from_secs(1) {
+            self.progress_sent = now;
+            for (task, t) in &self.transfers {
+                let st = t.status();
+                if st.received > 0 && !ended.iter().any(|(k, _)| k == task) {
+                    let _ = s.send_transfer_status(&st);
+                }
             }
         }
         for (task, d) in ended {

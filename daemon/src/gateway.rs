@@ -1199,10 +1199,17 @@ fn event_to_input(
                 },
             })
         }
-        GatewayEvent::TransferStatus(_) | GatewayEvent::Nack(_) => {
+        GatewayEvent::TransferStatus(st) => Some(Input::TransferProgress {
+            conn,
+            device: (*device)?,
+            task: st.task_id,
+            received: st.received,
+            total: st.total,
+        }),
+        GatewayEvent::Nack(_) => {
             tracing::debug!(
                 conn,
-                "transfer status / NACK over the control session ignored (NACKs use UDP)"
+                "NACK over the control session ignored (NACKs use UDP)"
             );
             None
         }

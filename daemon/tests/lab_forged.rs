@@ -133,13 +133,14 @@ fn forged_datagrams_are_dropped_counted_and_never_written() {
         || report(&gw, &specs, old_task),
     );
 
-    // The push under attack: 6 MiB at 20 Mbit/s, a first pass of about 2.5 s.
+    // The push under attack: 6 MiB at 10 Mbit/s, a first pass of about 5 s (long enough for
+    // the agents' once-a-second progress reports to show up in the task table).
     let size = 6 << 20;
     let mut data = vec![0u8; size];
     rng.fill(&mut data);
     let src = dir.join("image.bin");
     std::fs::write(&src, &data).expect("write source");
-    let task = push(&gw, &src, 20);
+    let task = push(&gw, &src, 10);
     let session = task as u32;
     let old_session = old_task as u32;
     assert_ne!(session, old_session);
@@ -163,6 +164,7 @@ fn forged_datagrams_are_dropped_counted_and_never_written() {
     let fkey = hmac::Key::new(hmac::HMAC_SHA256, &fkey);
     let mut payload = vec![0u8; BLOCK as usize];
     let mut rounds = 0;
+    let mut seen_in_progress = None;
     let started = now();
     while rounds < MAX_ROUNDS && started.elapsed() < WAIT {
         for _ in 0..4 {
@@ -181,12 +183,22 @@ fn forged_datagrams_are_dropped_counted_and_never_written() {
             }
         }
         rounds += 1;
+        if seen_in_progress.is_none() {
+            seen_in_progress = task_rows(&gw, task).into_iter().find(|r| {
+                r["status"] == "in_progress"
+                    && !r["blocks"].as_str().unwrap_or("0/").starts_with("0/")
+            });
+        }
         if all_completed(&gw, task, &names) {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     eprintln!("forger: {rounds} rounds of 16 datagrams");
+    // The task table showed a receiver part-way through (its progress reports were recorded).
+    let row = seen_in_progress
+        .unwrap_or_else(|| panic!("no in_progress row seen\n{}", report(&gw, &specs, task)));
+    eprintln!("in progress: {row}");
     wait_for(
         "both to complete the push under attack",
         WAIT,
