@@ -498,3 +498,58 @@ fn two_concurrent_pushes_to_the_same_devices_both_complete() {
         }
     }
 }
+
+/// `fleetcast push` (without `--json`) follows the task: a line per receiver whenever its
+/// state changes, then a summary, exit code 0 when every copy is verified.
+#[test]
+fn push_follows_each_receiver_until_every_copy_is_verified() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    let gw_addr = lab.host(0).addr().to_string();
+    let gw = Gateway::start(lab.host(0), dir, &["--mcast-addr", &gw_addr]);
+    let mut specs = Vec::new();
+    let mut agents = Vec::new();
+    for i in 1..=2 {
+        let name = format!("n{i}");
+        let d = gw.admin(&Request::DeviceAdd {
+            name: name.clone(),
+            groups: vec!["fleet".into()],
+        });
+        let token = d["token"].as_str().expect("token").to_string();
+        let spec = AgentSpec::new(&gw, dir, &name, Some(token));
+        agents.push(spec.spawn(lab.host(i)));
+        specs.push(spec);
+    }
+    for (i, s) in specs.iter().enumerate() {
+        gw.wait_online(&format!("n{}", i + 1), WAIT, || s.output());
+    }
+    let mut rng = Rng::from_env(0x5eed_000b);
+    let mut data = vec![0u8; 3 << 20];
+    rng.fill(&mut data);
+    let src = dir.join("follow.bin");
+    std::fs::write(&src, &data).expect("write source");
+    // 3 MiB at 10 Mbit/s: about 2.5 s, long enough for progress reports to show.
+    let out = cli(
+        &gw,
+        &[
+            "push",
+            &src.display().to_string(),
+            "--group",
+            "fleet",
+            "--rate",
+            "10",
+        ],
+    );
+    assert!(
+        out.contains("2 of 2 receivers have a verified copy"),
+        "{out}"
+    );
+    for n in ["n1", "n2"] {
+        assert!(out.contains(&format!("  {n}: completed")), "{out}");
+    }
+    for s in &specs {
+        let got = std::fs::read(s.state.join("downloads").join("follow.bin")).expect("copy");
+        assert!(got == data, "{} differs", s.state.display());
+    }
+}

@@ -48,6 +48,9 @@ enum Cmd {
         /// Rate ceiling, megabits per second.
         #[arg(long, default_value_t = 200)]
         rate: u64,
+        /// Return once the task is created instead of following its progress per receiver.
+        #[arg(long)]
+        no_follow: bool,
     },
     /// Distribution tasks.
     #[command(subcommand)]
@@ -237,6 +240,7 @@ fn build(cmd: Cmd) -> Result<Request, String> {
             group,
             block_size,
             rate,
+            ..
         } => {
             let path = std::fs::canonicalize(&file)
                 .map_err(|e| format!("cannot open {}: {e}", file.display()))?;
@@ -270,6 +274,13 @@ fn main() -> ExitCode {
         Cmd::InternalAgent { args } => return fleetcast_agent::cli::main_with_args(args),
         _ => {}
     }
+    let follow = matches!(
+        cli.cmd,
+        Cmd::Push {
+            no_follow: false,
+            ..
+        }
+    ) && !cli.json;
     let req = match build(cli.cmd) {
         Ok(r) => r,
         Err(e) => {
@@ -291,6 +302,13 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
+            }
+        }
+        Ok(resp) if resp.ok && follow => {
+            print_human(&resp.data);
+            match resp.data.get("task").and_then(|t| t.as_u64()) {
+                Some(task) => follow_task(&data_dir, task),
+                None => ExitCode::SUCCESS,
             }
         }
         Ok(resp) if resp.ok => {
@@ -406,6 +424,59 @@ fn watch(
         n += 1;
         if polls.is_some_and(|p| n >= p) {
             return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+/// Prints each receiver's progress as it changes until every target has completed or failed.
+/// Exit code 0 when all completed, 1 when any failed.
+fn follow_task(data_dir: &std::path::Path, task: u64) -> ExitCode {
+    let mut last: std::collections::BTreeMap<String, String> = Default::default();
+    loop {
+        let rows = match admin::request(data_dir, &Request::TaskShow { task: Some(task) }) {
+            Ok(r) if r.ok => r.data["devices"].as_array().cloned().unwrap_or_default(),
+            Ok(r) => {
+                eprintln!("fleetcast: {}", r.error.unwrap_or_default());
+                return ExitCode::from(1);
+            }
+            Err(e) => {
+                eprintln!("fleetcast: {e}");
+                return ExitCode::from(3);
+            }
+        };
+        for r in &rows {
+            let name = r["device"].as_str().unwrap_or("?").to_string();
+            let line = format!(
+                "{} {}{}",
+                r["status"].as_str().unwrap_or("?"),
+                r["blocks"].as_str().unwrap_or(""),
+                r["reason"]
+                    .as_str()
+                    .map(|x| format!(" ({x})"))
+                    .unwrap_or_default()
+            );
+            if last.get(&name) != Some(&line) {
+                println!("  {name}: {line}");
+                last.insert(name, line);
+            }
+        }
+        let done = |st: &str| {
+            rows.iter()
+                .all(|r| r["status"] == "completed" || r["status"] == st)
+        };
+        if !rows.is_empty() && done("failed") {
+            let failed = rows.iter().filter(|r| r["status"] == "failed").count();
+            println!(
+                "task {task}: {} of {} receivers have a verified copy",
+                rows.len() - failed,
+                rows.len()
+            );
+            return if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            };
         }
         std::thread::sleep(std::time::Duration::from_millis(250));
     }
