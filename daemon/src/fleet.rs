@@ -259,7 +259,8 @@ pub enum Action {
 }
 
 impl Action {
-    fn conn(&self) -> ConnId {
+    /// The connection the action is for.
+    pub fn conn(&self) -> ConnId {
         match self {
             Action::Welcome { conn, .. }
             | Action::Enrolled { conn, .. }

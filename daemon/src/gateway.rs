@@ -390,7 +390,7 @@ impl Gateway {
     fn accept_agents(&mut self, now: Instant) {
         for _ in 0..self.cfg.accept_budget {
             match self.listener.accept() {
-                Ok((mut sock, _peer)) => {
+                Ok((sock, _peer)) => {
                     if self.conns.len() >= self.cfg.max_connections {
                         drop(sock);
                         tracing::warn!("connection limit reached; refusing");
@@ -404,21 +404,8 @@ impl Gateway {
                             continue;
                         }
                     };
-                    let entry = self.conns.vacant_entry();
-                    let idx = entry.key();
-                    if let Err(e) = self.poll.registry().register(
-                        &mut sock,
-                        Token(idx + FIRST_CONN),
-                        Interest::READABLE,
-                    ) {
-                        tracing::error!(error = %e, "register failed");
-                        continue;
-                    }
-                    self.generation += 1;
-                    let id = (self.generation << 32) | idx as u64;
-                    entry.insert(Slot {
-                        id,
-                        conn: Conn::Agent(Box::new(AgentConn {
+                    let wrap = |sock| {
+                        Conn::Agent(Box::new(AgentConn {
                             tls: TlsConn::new(sock, tls),
                             session: None,
                             device: None,
@@ -427,8 +414,11 @@ impl Gateway {
                             out: Vec::new(),
                             closing: false,
                             writable_armed: false,
-                        })),
-                    });
+                        }))
+                    };
+                    let Some((idx, id)) = self.add_conn(sock, wrap) else {
+                        continue;
+                    };
                     // Handshake timeout: the session core's hello timer starts at handshake
                     // end; until then this timer bounds a silent TLS client.
                     self.timers
@@ -446,30 +436,17 @@ impl Gateway {
     }
 
     fn accept_artifacts(&mut self) {
-        let Some(l) = self.artifacts.as_ref() else {
-            return;
-        };
         for _ in 0..self.cfg.accept_budget {
-            match l.accept() {
-                Ok((mut sock, _)) => {
+            let Some(accepted) = self.artifacts.as_ref().map(|l| l.accept()) else {
+                return;
+            };
+            match accepted {
+                Ok((sock, _)) => {
                     if self.conns.len() >= self.cfg.max_connections {
                         continue;
                     }
-                    let entry = self.conns.vacant_entry();
-                    let idx = entry.key();
-                    if self
-                        .poll
-                        .registry()
-                        .register(&mut sock, Token(idx + FIRST_CONN), Interest::READABLE)
-                        .is_err()
-                    {
-                        continue;
-                    }
-                    self.generation += 1;
-                    let id = (self.generation << 32) | idx as u64;
-                    entry.insert(Slot {
-                        id,
-                        conn: Conn::Artifact(ArtifactConn {
+                    self.add_conn(sock, |sock| {
+                        Conn::Artifact(ArtifactConn {
                             sock,
                             inbuf: Vec::new(),
                             head: Vec::new(),
@@ -477,7 +454,7 @@ impl Gateway {
                             responding: false,
                             closing: false,
                             writable_armed: false,
-                        }),
+                        })
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -487,6 +464,32 @@ impl Gateway {
                 }
             }
         }
+    }
+
+    /// Registers a new connection's socket with the poll and stores it in the slab; returns
+    /// its slot index and its id (`generation << 32 | index`, never reused).
+    fn add_conn<S: mio::event::Source>(
+        &mut self,
+        mut sock: S,
+        wrap: impl FnOnce(S) -> Conn,
+    ) -> Option<(usize, ConnId)> {
+        let entry = self.conns.vacant_entry();
+        let idx = entry.key();
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut sock, Token(idx + FIRST_CONN), Interest::READABLE)
+        {
+            tracing::error!(error = %e, "register failed");
+            return None;
+        }
+        self.generation += 1;
+        let id = (self.generation << 32) | idx as u64;
+        entry.insert(Slot {
+            id,
+            conn: wrap(sock),
+        });
+        Some((idx, id))
     }
 
     /// Reads an artifact request; once complete, decides the answer (flushed later).
@@ -537,28 +540,15 @@ impl Gateway {
     fn accept_admin(&mut self) {
         loop {
             match self.admin.accept() {
-                Ok((mut sock, _)) => {
-                    let entry = self.conns.vacant_entry();
-                    let idx = entry.key();
-                    if self
-                        .poll
-                        .registry()
-                        .register(&mut sock, Token(idx + FIRST_CONN), Interest::READABLE)
-                        .is_err()
-                    {
-                        continue;
-                    }
-                    self.generation += 1;
-                    let id = (self.generation << 32) | idx as u64;
-                    entry.insert(Slot {
-                        id,
-                        conn: Conn::Admin(AdminConn {
+                Ok((sock, _)) => {
+                    self.add_conn(sock, |sock| {
+                        Conn::Admin(AdminConn {
                             sock,
                             inbuf: Vec::new(),
                             out: Vec::new(),
                             closing: false,
                             writable_armed: false,
-                        }),
+                        })
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -813,17 +803,7 @@ impl Gateway {
             }
             _ => {}
         }
-        let conn_id = match &action {
-            Action::Welcome { conn, .. }
-            | Action::Enrolled { conn, .. }
-            | Action::Ack { conn, .. }
-            | Action::Dispatch { conn, .. }
-            | Action::Close { conn, .. }
-            | Action::Reply { conn, .. }
-            | Action::Announce { conn, .. }
-            | Action::TaskCreated { conn, .. }
-            | Action::TransferDone { conn, .. } => *conn,
-        };
+        let conn_id = action.conn();
         // The announce is built before the session is borrowed (it may re-create a sender
         // from the task table).
         let announce = match &action {
