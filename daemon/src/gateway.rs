@@ -936,17 +936,14 @@ impl Gateway {
                         let _ = c.tls.flush();
                     }
                     let pending = c.tls.wants_write();
-                    if pending != c.writable_armed && !c.closing {
-                        let interest = if pending {
-                            Interest::READABLE | Interest::WRITABLE
-                        } else {
-                            Interest::READABLE
-                        };
-                        let _ = self
-                            .poll
-                            .registry()
-                            .reregister(&mut c.tls.sock, token, interest);
-                        c.writable_armed = pending;
+                    if !c.closing {
+                        arm_writable(
+                            self.poll.registry(),
+                            &mut c.tls.sock,
+                            token,
+                            pending,
+                            &mut c.writable_armed,
+                        );
                     }
                     if !pending {
                         c.plain.shrink_to_fit();
@@ -968,34 +965,24 @@ impl Gateway {
                         }
                     }
                     let pending = !a.out.is_empty();
-                    if pending != a.writable_armed {
-                        let interest = if pending {
-                            Interest::READABLE | Interest::WRITABLE
-                        } else {
-                            Interest::READABLE
-                        };
-                        let _ = self
-                            .poll
-                            .registry()
-                            .reregister(&mut a.sock, token, interest);
-                        a.writable_armed = pending;
-                    }
+                    arm_writable(
+                        self.poll.registry(),
+                        &mut a.sock,
+                        token,
+                        pending,
+                        &mut a.writable_armed,
+                    );
                     a.closing && !pending
                 }
                 Conn::Artifact(a) => {
                     let pending = artifact_write(a);
-                    if pending != a.writable_armed {
-                        let interest = if pending {
-                            Interest::READABLE | Interest::WRITABLE
-                        } else {
-                            Interest::READABLE
-                        };
-                        let _ = self
-                            .poll
-                            .registry()
-                            .reregister(&mut a.sock, token, interest);
-                        a.writable_armed = pending;
-                    }
+                    arm_writable(
+                        self.poll.registry(),
+                        &mut a.sock,
+                        token,
+                        pending,
+                        &mut a.writable_armed,
+                    );
                     a.closing || (a.responding && !pending)
                 }
             };
@@ -1025,6 +1012,27 @@ impl Gateway {
         }
         self.touched = touched;
     }
+}
+
+/// Asks for `WRITABLE` readiness exactly while bytes are pending (re-registering only when
+/// that changes).
+fn arm_writable(
+    registry: &mio::Registry,
+    sock: &mut impl mio::event::Source,
+    token: Token,
+    pending: bool,
+    armed: &mut bool,
+) {
+    if pending == *armed {
+        return;
+    }
+    let interest = if pending {
+        Interest::READABLE | Interest::WRITABLE
+    } else {
+        Interest::READABLE
+    };
+    let _ = registry.reregister(sock, token, interest);
+    *armed = pending;
 }
 
 /// Writes an artifact response until done or `WouldBlock`; returns whether bytes remain.
