@@ -58,6 +58,37 @@ fn cli(gw: &Gateway<'_>, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A gateway (multicast on) on host 0 and enrolled, online agents `n1`, `n2` (group `fleet`)
+/// on hosts 1 and 2.
+fn gateway_and_two_agents<'lab>(
+    lab: &'lab Lab,
+    dir: &std::path::Path,
+) -> (
+    Gateway<'lab>,
+    Vec<AgentSpec>,
+    Vec<fleetcast_lab::LabChild<'lab>>,
+) {
+    let gw_addr = lab.host(0).addr().to_string();
+    let gw = Gateway::start(lab.host(0), dir, &["--mcast-addr", &gw_addr]);
+    let mut specs = Vec::new();
+    let mut agents = Vec::new();
+    for i in 1..=2 {
+        let name = format!("n{i}");
+        let d = gw.admin(&Request::DeviceAdd {
+            name: name.clone(),
+            groups: vec!["fleet".into()],
+        });
+        let token = d["token"].as_str().expect("token").to_string();
+        let spec = AgentSpec::new(&gw, dir, &name, Some(token));
+        agents.push(spec.spawn(lab.host(i)));
+        specs.push(spec);
+    }
+    for (i, s) in specs.iter().enumerate() {
+        gw.wait_online(&format!("n{}", i + 1), WAIT, || s.output());
+    }
+    (gw, specs, agents)
+}
+
 fn report(gw: &Gateway<'_>, specs: &[AgentSpec], task: u64) -> String {
     let mut s = format!("task show: {:#?}\n", task_rows(gw, task));
     for a in specs {
@@ -422,24 +453,9 @@ fn two_concurrent_pushes_to_the_same_devices_both_complete() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
-    let gw_addr = lab.host(0).addr().to_string();
-    let gw = Gateway::start(lab.host(0), dir, &["--mcast-addr", &gw_addr]);
-    let mut specs = Vec::new();
-    let mut agents = Vec::new();
-    for i in 1..=2 {
-        let name = format!("n{i}");
-        let d = gw.admin(&Request::DeviceAdd {
-            name: name.clone(),
-            groups: vec!["fleet".into()],
-        });
-        let token = d["token"].as_str().expect("token").to_string();
-        let spec = AgentSpec::new(&gw, dir, &name, Some(token));
-        agents.push(spec.spawn(lab.host(i)));
-        specs.push(spec);
-    }
-    for (i, s) in specs.iter().enumerate() {
-        gw.wait_online(&format!("n{}", i + 1), WAIT, || s.output());
-        lab.host(i + 1)
+    let (gw, specs, _agents) = gateway_and_two_agents(&lab, dir);
+    for i in 1..=specs.len() {
+        lab.host(i)
             .loss_in(&[MCAST_PORT], 5.0)
             .expect("nft loss rule");
     }
@@ -506,24 +522,7 @@ fn push_follows_each_receiver_until_every_copy_is_verified() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
-    let gw_addr = lab.host(0).addr().to_string();
-    let gw = Gateway::start(lab.host(0), dir, &["--mcast-addr", &gw_addr]);
-    let mut specs = Vec::new();
-    let mut agents = Vec::new();
-    for i in 1..=2 {
-        let name = format!("n{i}");
-        let d = gw.admin(&Request::DeviceAdd {
-            name: name.clone(),
-            groups: vec!["fleet".into()],
-        });
-        let token = d["token"].as_str().expect("token").to_string();
-        let spec = AgentSpec::new(&gw, dir, &name, Some(token));
-        agents.push(spec.spawn(lab.host(i)));
-        specs.push(spec);
-    }
-    for (i, s) in specs.iter().enumerate() {
-        gw.wait_online(&format!("n{}", i + 1), WAIT, || s.output());
-    }
+    let (gw, specs, _agents) = gateway_and_two_agents(&lab, dir);
     let mut rng = Rng::from_env(0x5eed_000b);
     let mut data = vec![0u8; 3 << 20];
     rng.fill(&mut data);
