@@ -230,6 +230,20 @@ impl McastSender {
         Ok(s)
     }
 
+    /// A sender for catch-up only: no first pass (the file counts as sent), so it sends
+    /// nothing until NACKs ask for blocks. With `multicast_threshold = u32::MAX` every repair
+    /// is unicast: this serves a device that was demoted from, or arrived after, a multicast.
+    /// A catch-up sender never demotes (there is nothing slower to fall back to).
+    pub fn new_catch_up(mut config: SenderConfig, now: Instant) -> Result<Self, ConfigError> {
+        config.demote_missing_percent = u32::MAX;
+        config.max_nacks_per_round = u32::MAX;
+        let mut s = Self::new(config, now)?;
+        s.next_first = s.n_blocks;
+        s.first_pass_done = true;
+        s.events.clear();
+        Ok(s)
+    }
+
     /// The configuration.
     pub fn config(&self) -> &SenderConfig {
         &self.config
@@ -668,6 +682,47 @@ mod tests {
             }
             now = s.poll_timeout().unwrap();
         }
+    }
+
+    #[test]
+    fn catch_up_sender_sends_only_what_is_asked_by_unicast() {
+        let cfg = SenderConfig {
+            multicast_threshold: u32::MAX,
+            ..config()
+        };
+        let mut s = McastSender::new_catch_up(cfg, us(0)).unwrap();
+        assert!(s.add_receiver(4));
+        assert_eq!(drain(&mut s, us(0)), []);
+        assert!(events(&mut s).is_empty());
+        s.handle_nack(us(0), 4, &rs(&[(2, 2), (8, 1)]));
+        s.handle_timeout(s.poll_timeout().unwrap());
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let now = s.poll_timeout().unwrap();
+            got.extend(drain(&mut s, now));
+        }
+        let blocks: Vec<(u32, Dest, Kind)> =
+            got.iter().map(|b| (b.block, b.dest, b.kind)).collect();
+        assert_eq!(
+            blocks,
+            [
+                (2, Dest::Unicast(4), Kind::Repair),
+                (3, Dest::Unicast(4), Kind::Repair),
+                (8, Dest::Unicast(4), Kind::Repair)
+            ]
+        );
+        assert_eq!(s.stats().first_pass_blocks, 0);
+        s.receiver_done(4, true);
+        assert_eq!(
+            events(&mut s),
+            [
+                SenderEvent::Completed(4),
+                SenderEvent::Finished {
+                    completed: vec![4],
+                    unfinished: vec![]
+                }
+            ]
+        );
     }
 
     #[test]
