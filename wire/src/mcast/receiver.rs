@@ -147,6 +147,8 @@ pub struct McastReceiver {
     last_nack: Option<Instant>,
     repeat_exp: u32,
     progressed: bool,
+    /// The last NACK hit `max_ranges`: more is missing than it named.
+    truncated: bool,
     rng: Prng,
     complete: bool,
     events: VecDeque<ReceiverEvent>,
@@ -181,6 +183,7 @@ impl McastReceiver {
             last_nack: None,
             repeat_exp: 0,
             progressed: false,
+            truncated: false,
             rng: Prng::new(config.seed),
             complete: false,
             events: VecDeque::new(),
@@ -299,8 +302,14 @@ impl McastReceiver {
         }
         if self.nack_reason == NackReason::Repeat {
             if let Some(t) = &mut self.timers[Timer::Nack as usize] {
-                // Repairs are flowing: hold the repeat back.
-                *t = (*t).max(now + self.config.nack_repeat);
+                *t = if self.truncated {
+                    // The last NACK named only part of what is missing, and its repairs are
+                    // arriving: ask for the next part as soon as they stop.
+                    now + self.config.reorder_window
+                } else {
+                    // Repairs are flowing: hold the repeat back.
+                    (*t).max(now + self.config.nack_repeat)
+                };
             }
         }
         self.timers[Timer::Silence as usize] = Some(now + self.config.silence);
@@ -360,6 +369,7 @@ impl McastReceiver {
             self.arm_next_gap();
             return None;
         }
+        self.truncated = missing.len() >= self.config.max_ranges;
         let msg = Message::Nack(Nack {
             session: self.config.session,
             device_id: self.config.device_id,
@@ -626,6 +636,44 @@ mod tests {
         r.handle_timeout(ms(3));
         assert_eq!(nack_of(&mut r, ms(3)), None);
         assert_eq!(r.poll_timeout(), Some(ms(22)));
+    }
+
+    #[test]
+    fn truncated_nack_asks_for_the_next_part_once_its_repairs_stop() {
+        let cfg = ReceiverConfig {
+            max_ranges: 4,
+            ..config()
+        };
+        let mut r = McastReceiver::new(cfg, None, ms(0)).unwrap();
+        for b in (0..200).step_by(2) {
+            r.handle_block(ms(1), b);
+        }
+        let next_nack = |r: &mut McastReceiver| loop {
+            if let (t, Some(n)) = fire(r) {
+                return (t, n);
+            }
+        };
+        let (t0, n0) = next_nack(&mut r);
+        assert_eq!(n0, rs(&[(1, 1), (3, 1), (5, 1), (7, 1)]));
+        // Its repairs arrive 8 ms later: the next part is asked 20 ms (the reorder window)
+        // after the last one, not after the 100 ms repeat.
+        let t1 = t0 + Duration::from_millis(8);
+        for b in [1, 3, 5, 7] {
+            r.handle_block(t1, b);
+        }
+        let (t, n) = next_nack(&mut r);
+        assert_eq!(t, t1 + Duration::from_millis(20));
+        assert_eq!(n, rs(&[(9, 1), (11, 1), (13, 1), (15, 1)]));
+        // An untruncated NACK keeps the 100 ms repeat while repairs flow.
+        let mut u = McastReceiver::new(config(), None, ms(0)).unwrap();
+        for b in 0..190 {
+            u.handle_block(ms(1), b);
+        }
+        u.handle_sender_idle(ms(2));
+        u.handle_timeout(ms(2));
+        assert_eq!(nack_of(&mut u, ms(2)), Some(rs(&[(190, 10)])));
+        u.handle_block(ms(10), 190);
+        assert_eq!(u.poll_timeout(), Some(ms(110)));
     }
 
     #[test]

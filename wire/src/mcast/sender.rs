@@ -259,6 +259,11 @@ impl McastSender {
         &self.stats
     }
 
+    /// Whether every block has been sent once (always, for a catch-up sender).
+    pub fn first_pass_done(&self) -> bool {
+        self.first_pass_done
+    }
+
     /// Whether `Finished` has been emitted (or is queued).
     pub fn is_finished(&self) -> bool {
         self.finished
