@@ -28,6 +28,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -46,6 +47,96 @@ use ring::hmac;
 const MAX_WAIT: Duration = Duration::from_millis(100);
 /// Datagrams read from one socket per turn before timers run again.
 const DRAIN: usize = 256;
+/// Datagrams per `recvmmsg` call.
+const BATCH: usize = 32;
+
+/// Caller-owned buffers for receiving up to [`BATCH`] datagrams with one `recvmmsg`.
+struct RecvBatch {
+    /// `BATCH` slots of `slot` bytes.
+    bufs: Vec<u8>,
+    slot: usize,
+    lens: [usize; BATCH],
+    /// The slot's datagram was longer than the slot (cut: never a valid block).
+    truncated: [bool; BATCH],
+    from: [libc::sockaddr_in; BATCH],
+}
+
+impl RecvBatch {
+    /// Slots fit a whole datagram of `block_size` (and a little more, so an oversized one is
+    /// seen as truncated rather than cut silently into a valid-looking length).
+    fn new(block_size: u32) -> RecvBatch {
+        let slot = block_size as usize + 256;
+        RecvBatch {
+            bufs: vec![0; slot * BATCH],
+            slot,
+            lens: [0; BATCH],
+            truncated: [false; BATCH],
+            // SAFETY: sockaddr_in is plain data; all-zero is valid.
+            from: [unsafe { std::mem::zeroed() }; BATCH],
+        }
+    }
+
+    /// Receives up to `max` datagrams without blocking; returns how many (0: would block).
+    fn recv(&mut self, fd: i32, max: usize) -> io::Result<usize> {
+        let n = max.min(BATCH);
+        let mut iovs: [libc::iovec; BATCH] = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; BATCH];
+        // SAFETY: mmsghdr is plain data; all-zero is a valid empty header.
+        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        let base = self.bufs.as_mut_ptr();
+        for i in 0..n {
+            // SAFETY: slot i lies within `bufs` (BATCH slots of `slot` bytes).
+            iovs[i].iov_base = unsafe { base.add(i * self.slot) }.cast();
+            iovs[i].iov_len = self.slot;
+            let h = &mut hdrs[i].msg_hdr;
+            h.msg_iov = &mut iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_name = (&mut self.from[i] as *mut libc::sockaddr_in).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        }
+        loop {
+            // SAFETY: every header points at live buffers of `self` and `iovs` for the call.
+            let r = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    hdrs.as_mut_ptr(),
+                    n as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if r >= 0 {
+                let got = r as usize;
+                for (i, h) in hdrs.iter().enumerate().take(got) {
+                    self.lens[i] = (h.msg_len as usize).min(self.slot);
+                    self.truncated[i] = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+                }
+                return Ok(got);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(0),
+                _ => return Err(e),
+            }
+        }
+    }
+
+    /// Datagram `i` of the last call and its source.
+    fn get(&self, i: usize) -> (&[u8], SocketAddrV4) {
+        let f = &self.from[i];
+        let from = SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(f.sin_addr.s_addr)),
+            u16::from_be(f.sin_port),
+        );
+        (
+            &self.bufs[i * self.slot..i * self.slot + self.lens[i]],
+            from,
+        )
+    }
+}
 
 /// What an announce asks this device to receive.
 #[derive(Debug, Clone)]
@@ -458,7 +549,7 @@ fn run(
     poll.registry()
         .register(&mut unicast, mio::Token(1), mio::Interest::READABLE)?;
     let mut nack_dest = spec.gateway;
-    let mut buf = vec![0u8; 65_536];
+    let mut batch = RecvBatch::new(spec.block_size);
     let mut nack = Vec::new();
     let mut tagged = vec![0u8; 4096];
     let mut complete = rx.is_complete();
@@ -509,7 +600,11 @@ fn run(
         }
         while let Some(ev) = rx.poll_event() {
             match ev {
-                ReceiverEvent::PersistDue => save_record(spec, &rec, rx.received())?,
+                ReceiverEvent::PersistDue => {
+                    // The record may only name blocks that are durable.
+                    file.sync_data()?;
+                    save_record(spec, &rec, rx.received())?;
+                }
                 ReceiverEvent::Complete => complete = true,
             }
         }
@@ -522,28 +617,33 @@ fn run(
         for (i, sock) in [&group_sock, &unicast].into_iter().enumerate() {
             let mut n_read = 0;
             while n_read < DRAIN {
-                let (n, from) = match sock.recv_from(&mut buf) {
-                    Ok(x) => x,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
-                };
-                n_read += 1;
-                let (block, off, payload) = match accept_block(spec, key.as_ref(), &buf[..n]) {
-                    Ok(b) => b,
-                    Err(why) => {
-                        dropped.count(why);
-                        continue;
-                    }
-                };
-                if i == 0 {
-                    if let SocketAddr::V4(f) = from {
-                        nack_dest = SocketAddrV4::new(*f.ip(), spec.port);
-                    }
+                let got = batch.recv(sock.as_raw_fd(), DRAIN - n_read)?;
+                if got == 0 {
+                    break;
                 }
-                if !rx.has(block) {
-                    file.write_all_at(payload, off)?;
-                    rx.handle_block(now(), block);
+                n_read += got;
+                let t = now();
+                for j in 0..got {
+                    let (dgram, from) = batch.get(j);
+                    let accepted = if batch.truncated[j] {
+                        Err(Reject::Length)
+                    } else {
+                        accept_block(spec, key.as_ref(), dgram)
+                    };
+                    let (block, off, payload) = match accepted {
+                        Ok(b) => b,
+                        Err(why) => {
+                            dropped.count(why);
+                            continue;
+                        }
+                    };
+                    if i == 0 {
+                        nack_dest = SocketAddrV4::new(*from.ip(), spec.port);
+                    }
+                    if !rx.has(block) {
+                        file.write_all_at(payload, off)?;
+                        rx.handle_block(t, block);
+                    }
                 }
             }
             if n_read > 0 {

@@ -26,7 +26,7 @@
 //! - The task key is derived from a per-process secret and the task id, so every announce of
 //!   one process names the same key; a restarted gateway announces a new one.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -46,6 +46,14 @@ use ring::hmac;
 const BATCH: usize = 64;
 /// NACK datagrams read per loop turn (the rest wait for the next turn).
 const NACK_BUDGET: usize = 256;
+/// Rate of unicast catch-up, all catch-up senders together (bytes per second), when no
+/// multicast first pass runs; a quarter of it while one does, so catch-up never starves a
+/// group. Also the rate of a task re-created only for catch-up.
+const CATCH_UP_RATE: u64 = 25_000_000;
+/// Depth of the shared catch-up bucket, in bytes.
+const CATCH_UP_BURST: u64 = 96 * 1024;
+/// Aggregation round of a catch-up sender: one device asks, so there is nothing to wait for.
+const CATCH_UP_ROUND: Duration = Duration::from_millis(2);
 
 /// The multicast set-up of a gateway.
 #[derive(Debug, Clone)]
@@ -226,7 +234,14 @@ pub struct Distribution {
     sha256: [u8; 32],
     key_bytes: [u8; 32],
     key: hmac::Key,
-    sender: McastSender,
+    /// The multicast sender (first pass and group repairs); `None` for a task re-created only
+    /// to catch devices up.
+    group: Option<McastSender>,
+    /// Unicast catch-up senders, one per device demoted from the group or arriving after its
+    /// first pass (`McastSender::new_catch_up`). Their NACKs go here, not to `group`.
+    catch_up: BTreeMap<u64, McastSender>,
+    /// Rate of this task's catch-up senders (datagram bytes per second).
+    catch_up_rate: u64,
     /// Where each device's NACKs came from: the destination of its unicast repairs.
     addrs: HashMap<u64, SocketAddrV4>,
     backlog: VecDeque<SendBlock>,
@@ -255,6 +270,7 @@ impl std::fmt::Debug for Distribution {
 
 impl Distribution {
     /// A distribution of `map` as `task`, to `targets`.
+    /// With `targets == None` no multicast runs: the task only catches devices up.
     #[allow(clippy::too_many_arguments)]
     fn new(
         task: TaskId,
@@ -264,37 +280,15 @@ impl Distribution {
         sha256: [u8; 32],
         key_bytes: [u8; 32],
         linger: Duration,
-        targets: &[DeviceId],
+        targets: Option<&[DeviceId]>,
         now: Instant,
     ) -> Result<Distribution, DistError> {
         let session = task.0 as u32;
-        let mut cfg = SenderConfig::new(session, map.len as u64, block_size, rate_bytes);
-        // The loop wakes at millisecond granularity (and a little later): the bucket holds
-        // about 2 ms of the rate so one wake-up can send what a millisecond earned, between 8
-        // and 256 datagrams.
-        let datagram = DATA_PREFIX_LEN as u64 + u64::from(block_size) + TAG_LEN as u64;
-        cfg.burst = (rate_bytes / 500 / datagram.max(1)).clamp(8, 256) as u32;
-        // A receiver far behind (late joiner, heavy loss) is caught up here by unicast repair
-        // rather than demoted: demotion would leave it to a catch-up path this driver does
-        // not have (a demoted device would wait for the sender to finish and be re-created).
-        // The NACK-rate demotion is off too: a loop stalled for a few rounds reads several
-        // NACKs of one device at once and would demote it for our delay, not its behaviour.
-        // Repairs stay bounded by the rate ceiling either way.
-        cfg.demote_missing_percent = 100;
-        cfg.max_nacks_per_round = u32::MAX;
-        cfg.idle_timeout = linger;
-        let mut sender = McastSender::new(cfg, now).map_err(|e| DistError::Config {
-            path: map.path.display().to_string(),
-            why: e.to_string(),
-        })?;
-        for t in targets {
-            sender.add_receiver(t.0);
-        }
         let name = map.path.file_name().map_or_else(
             || format!("task-{}", task.0),
             |n| n.to_string_lossy().into_owned(),
         );
-        Ok(Distribution {
+        let mut d = Distribution {
             task,
             session,
             key: hmac::Key::new(hmac::HMAC_SHA256, &key_bytes),
@@ -303,7 +297,9 @@ impl Distribution {
             name,
             block_size,
             sha256,
-            sender,
+            group: None,
+            catch_up: BTreeMap::new(),
+            catch_up_rate: rate_bytes.min(CATCH_UP_RATE),
             addrs: HashMap::new(),
             backlog: VecDeque::new(),
             no_addr: 0,
@@ -311,12 +307,75 @@ impl Distribution {
             start_at: None,
             deferred: 0,
             send_errors: 0,
-        })
+        };
+        let Some(targets) = targets else {
+            return Ok(d);
+        };
+        let mut cfg = SenderConfig::new(session, d.map.len as u64, block_size, rate_bytes);
+        // The loop wakes at millisecond granularity (and a little later): the bucket holds
+        // about 2 ms of the rate so one wake-up can send what a millisecond earned, between 8
+        // and 256 datagrams.
+        let datagram = DATA_PREFIX_LEN as u64 + u64::from(block_size) + TAG_LEN as u64;
+        cfg.burst = (rate_bytes / 500 / datagram.max(1)).clamp(8, 256) as u32;
+        // A receiver missing more than a fifth of the file after the first pass, two rounds
+        // running, is demoted to its own unicast catch-up sender: the group's repairs stop
+        // waiting for it. The NACK-rate demotion is off: a loop stalled for a few rounds
+        // reads several NACKs of one device at once and would demote it for our delay, not
+        // its behaviour.
+        cfg.demote_missing_percent = 20;
+        cfg.demote_after_rounds = 2;
+        cfg.max_nacks_per_round = u32::MAX;
+        cfg.idle_timeout = linger;
+        let mut sender = McastSender::new(cfg, now).map_err(|e| DistError::Config {
+            path: d.map.path.display().to_string(),
+            why: e.to_string(),
+        })?;
+        for t in targets {
+            sender.add_receiver(t.0);
+        }
+        d.group = Some(sender);
+        Ok(d)
     }
 
-    /// The sender's counters.
-    pub fn stats(&self) -> &SenderStats {
-        self.sender.stats()
+    /// The group sender's counters (zero for a catch-up-only task).
+    pub fn stats(&self) -> SenderStats {
+        self.group.as_ref().map(|g| *g.stats()).unwrap_or_default()
+    }
+
+    /// Whether the multicast first pass still runs.
+    fn group_running(&self) -> bool {
+        self.group
+            .as_ref()
+            .is_some_and(|g| !g.is_finished() && !g.first_pass_done())
+    }
+
+    /// Serves `device` by unicast catch-up from now on (idempotent).
+    fn start_catch_up(&mut self, device: u64, linger: Duration, now: Instant) {
+        if self.catch_up.contains_key(&device) {
+            return;
+        }
+        let mut cfg = SenderConfig::new(
+            self.session,
+            self.map.len as u64,
+            self.block_size,
+            self.catch_up_rate,
+        );
+        cfg.multicast_threshold = u32::MAX;
+        cfg.round = CATCH_UP_ROUND;
+        cfg.idle_timeout = linger;
+        cfg.burst = 64;
+        match McastSender::new_catch_up(cfg, now) {
+            Ok(mut c) => {
+                c.add_receiver(device);
+                self.catch_up.insert(device, c);
+            }
+            Err(e) => tracing::error!(task = self.task.0, error = %e, "catch-up not started"),
+        }
+    }
+
+    /// Whether nothing is left to do.
+    fn is_over(&self) -> bool {
+        self.group.as_ref().is_none_or(McastSender::is_finished) && self.catch_up.is_empty()
     }
 }
 
@@ -329,6 +388,9 @@ pub struct Distributor {
     /// Pushes mapped and hashed, waiting for the fleet to create their task.
     prepared: HashMap<u64, (Mapped, [u8; 32], u32, u64)>,
     buf: Vec<u8>,
+    /// Shared bucket of every catch-up sender, in bytes.
+    catch_up_tokens: u64,
+    catch_up_at: Instant,
 }
 
 impl std::fmt::Debug for Distributor {
@@ -385,6 +447,8 @@ impl Distributor {
             dists: HashMap::new(),
             prepared: HashMap::new(),
             buf: vec![0u8; 65_536],
+            catch_up_tokens: CATCH_UP_BURST,
+            catch_up_at: Instant::ZERO,
         })
     }
 
@@ -463,13 +527,13 @@ impl Distributor {
             digest,
             key,
             self.cfg.linger,
-            targets,
+            Some(targets),
             now,
         ) {
             Ok(d) => {
                 tracing::info!(
                     task = task.0,
-                    blocks = d.sender.n_blocks(),
+                    blocks = d.group.as_ref().map_or(0, McastSender::n_blocks),
                     "distribution started"
                 );
                 self.dists.insert(d.session, d);
@@ -478,18 +542,19 @@ impl Distributor {
         }
     }
 
-    /// The announce of `task` for `device`, re-creating the task's sender from the task
-    /// table when it is not live. Registers the device with the sender.
+    /// The announce of `task` for `device`. A device joins the multicast while its first
+    /// pass runs; after that (or when the task's sender is gone: the task is re-created from
+    /// the task table) it is caught up by unicast, without a new multicast.
     pub fn announce_for(
         &mut self,
         task: TaskId,
         device: DeviceId,
-        row: impl FnOnce() -> Option<(store::Task, Vec<DeviceId>)>,
+        row: impl FnOnce() -> Option<store::Task>,
         now: Instant,
     ) -> Result<AnnounceOwned, DistError> {
         let session = task.0 as u32;
         if !self.dists.contains_key(&session) {
-            let Some((t, targets)) = row() else {
+            let Some(t) = row() else {
                 return Err(DistError::Config {
                     path: String::new(),
                     why: format!("task {} is not in the task table", task.0),
@@ -508,23 +573,32 @@ impl Distributor {
             }
             // The digest is the table's: a file edited in place is caught by the receivers.
             let key = self.key_for(task);
-            let rate = 25_000_000;
             let d = Distribution::new(
                 task,
                 map,
                 t.block_size,
-                rate,
+                CATCH_UP_RATE,
                 t.sha256,
                 key,
                 self.cfg.linger,
-                &targets,
+                None,
                 now,
             )?;
             tracing::info!(task = task.0, "distribution re-created for catch-up");
             self.dists.insert(session, d);
         }
+        let linger = self.cfg.linger;
         let d = self.dists.get_mut(&session).expect("inserted above");
-        d.sender.add_receiver(device.0);
+        let joined = match d.group.as_mut() {
+            Some(g) if !g.is_finished() && !g.first_pass_done() => {
+                g.add_receiver(device.0);
+                true
+            }
+            _ => false,
+        };
+        if !joined {
+            d.start_catch_up(device.0, linger, now);
+        }
         Ok(AnnounceOwned {
             task_id: task.0,
             session,
@@ -541,7 +615,12 @@ impl Distributor {
     /// The task table recorded a device's completion.
     pub fn transfer_done(&mut self, task: TaskId, device: DeviceId, verified: bool) {
         if let Some(d) = self.dists.get_mut(&(task.0 as u32)) {
-            d.sender.receiver_done(device.0, verified);
+            if let Some(g) = d.group.as_mut() {
+                g.receiver_done(device.0, verified);
+            }
+            if let Some(c) = d.catch_up.get_mut(&device.0) {
+                c.receiver_done(device.0, verified);
+            }
         }
     }
 
@@ -569,11 +648,18 @@ impl Distributor {
                 continue;
             }
             d.addrs.insert(nack.device_id, from);
+            let sender = match d.catch_up.get_mut(&nack.device_id) {
+                Some(c) => c,
+                None => match d.group.as_mut() {
+                    Some(g) => g,
+                    None => continue,
+                },
+            };
             // Close a round that is due before this NACK counts in it.
-            if d.sender.poll_timeout().is_some_and(|t| t <= now) {
-                d.sender.handle_timeout(now);
+            if sender.poll_timeout().is_some_and(|t| t <= now) {
+                sender.handle_timeout(now);
             }
-            d.sender.handle_nack(now, nack.device_id, &nack.missing);
+            sender.handle_nack(now, nack.device_id, &nack.missing);
         }
         true
     }
@@ -584,9 +670,10 @@ impl Distributor {
         let mut out = Vec::new();
         let group = SocketAddrV4::new(self.cfg.group, self.cfg.port);
         let fd = self.sock.as_raw_fd();
-        let mut done = Vec::new();
         let warmup = self.cfg.warmup;
-        for (session, d) in &mut self.dists {
+        let linger = self.cfg.linger;
+        self.refill_catch_up(now);
+        for d in self.dists.values_mut() {
             let start = match d.start_at {
                 Some(t) => t,
                 None if now > d.created => *d.start_at.insert(now + warmup),
@@ -595,68 +682,127 @@ impl Distributor {
             if now < start {
                 continue;
             }
-            if d.sender.poll_timeout().is_some_and(|t| t <= now) {
-                d.sender.handle_timeout(now);
+            for c in d.group.iter_mut().chain(d.catch_up.values_mut()) {
+                if c.poll_timeout().is_some_and(|t| t <= now) {
+                    c.handle_timeout(now);
+                }
             }
-            send_all(fd, d, now, group);
-            while let Some(ev) = d.sender.poll_event() {
-                match ev {
-                    SenderEvent::Finished {
-                        completed,
-                        unfinished,
-                    } => {
-                        out.push(DistEvent::Finished {
+            send_all(fd, d, now, group, &mut self.catch_up_tokens);
+            let mut demoted = Vec::new();
+            if let Some(g) = d.group.as_mut() {
+                while let Some(ev) = g.poll_event() {
+                    match ev {
+                        SenderEvent::Finished {
+                            completed,
+                            unfinished,
+                        } => out.push(DistEvent::Finished {
                             task: d.task,
                             completed: completed.len(),
                             unfinished: unfinished.len(),
-                            stats: *d.sender.stats(),
+                            stats: *g.stats(),
                             deferred: d.deferred,
                             send_errors: d.send_errors,
-                        });
-                        done.push(*session);
+                        }),
+                        SenderEvent::Demoted(dev) => {
+                            tracing::info!(
+                                task = d.task.0,
+                                device = dev,
+                                "receiver demoted to unicast catch-up"
+                            );
+                            demoted.push(dev);
+                        }
+                        SenderEvent::FirstPassDone => {
+                            let ms = (now - start).as_millis() as u64;
+                            let mbit = (d.map.len as u64 * 8 / 1000).checked_div(ms).unwrap_or(0);
+                            tracing::info!(
+                                task = d.task.0,
+                                ms,
+                                mbit_per_s = mbit,
+                                "first pass done"
+                            );
+                        }
+                        SenderEvent::Completed(_) => {}
                     }
-                    SenderEvent::Demoted(dev) => {
+                }
+            }
+            for dev in demoted {
+                d.start_catch_up(dev, linger, now);
+            }
+            let task = d.task;
+            d.catch_up.retain(|dev, c| {
+                let mut over = false;
+                while let Some(ev) = c.poll_event() {
+                    if let SenderEvent::Finished { completed, .. } = ev {
                         tracing::info!(
-                            task = d.task.0,
+                            task = task.0,
                             device = dev,
-                            "receiver demoted (too many NACKs)"
+                            verified = !completed.is_empty(),
+                            repairs = c.stats().unicast_repairs,
+                            "catch-up finished"
                         );
+                        over = true;
                     }
-                    SenderEvent::FirstPassDone => {
-                        let ms = (now - start).as_millis() as u64;
-                        let mbit = (d.map.len as u64 * 8 / 1000).checked_div(ms).unwrap_or(0);
-                        tracing::info!(task = d.task.0, ms, mbit_per_s = mbit, "first pass done");
-                    }
-                    SenderEvent::Completed(_) => {}
                 }
-            }
+                !over
+            });
         }
-        for s in done {
-            if let Some(d) = self.dists.remove(&s) {
-                if d.no_addr > 0 {
-                    tracing::warn!(
-                        task = d.task.0,
-                        dropped = d.no_addr,
-                        "repairs without a known address"
-                    );
-                }
+        self.dists.retain(|_, d| {
+            if !d.is_over() {
+                return true;
             }
-        }
+            if d.no_addr > 0 {
+                tracing::warn!(
+                    task = d.task.0,
+                    dropped = d.no_addr,
+                    "repairs without a known address"
+                );
+            }
+            false
+        });
         out
+    }
+
+    /// Refills the shared catch-up bucket: [`CATCH_UP_RATE`], a quarter of it while any
+    /// multicast first pass runs.
+    fn refill_catch_up(&mut self, now: Instant) {
+        let rate = if self.dists.values().any(Distribution::group_running) {
+            CATCH_UP_RATE / 4
+        } else {
+            CATCH_UP_RATE
+        };
+        let us = (now - self.catch_up_at).as_micros() as u64;
+        self.catch_up_at = self.catch_up_at.max(now);
+        let add = u64::try_from(u128::from(us) * u128::from(rate) / 1_000_000).unwrap_or(u64::MAX);
+        self.catch_up_tokens = self.catch_up_tokens.saturating_add(add).min(CATCH_UP_BURST);
     }
 
     /// When [`Distributor::drive`] must run next.
     pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
+        // A catch-up sender held back by the shared bucket: look again in a millisecond.
+        let throttled = self.catch_up_tokens < 2048;
         self.dists
             .values()
             .filter_map(|d| {
                 if d.start_at.is_none_or(|t| now < t) {
                     // Not started: the next iteration arms the warm-up.
                     Some(d.start_at.unwrap_or(now))
-                } else if d.backlog.is_empty() {
-                    d.sender.poll_timeout()
-                } else {
+                } else if !d.backlog.is_empty() {
                     Some(now + Duration::from_millis(1))
+                } else {
+                    let group = d.group.as_ref().and_then(McastSender::poll_timeout);
+                    let catch_up = d
+                        .catch_up
+                        .values()
+                        .filter_map(McastSender::poll_timeout)
+                        .min()
+                        .map(|t| {
+                            if throttled {
+                                t.max(now + Duration::from_millis(1))
+                            } else {
+                                t
+                            }
+                        });
+                    group.into_iter().chain(catch_up).min()
                 }
             })
             .min()
@@ -721,9 +867,17 @@ fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
 
 /// Sends the backlog, then what the sender core releases, in `sendmmsg` batches; blocks the
 /// kernel refuses with `EAGAIN` go back to the backlog.
-fn send_all(fd: i32, d: &mut Distribution, now: Instant, group: SocketAddrV4) {
+/// Catch-up senders draw from `catch_up_tokens` (bytes) on top of their own pacing.
+fn send_all(
+    fd: i32,
+    d: &mut Distribution,
+    now: Instant,
+    group: SocketAddrV4,
+    catch_up_tokens: &mut u64,
+) {
     let bytes = d.map.bytes();
     let bs = d.block_size as usize;
+    let datagram = (DATA_PREFIX_LEN + bs + TAG_LEN) as u64;
     loop {
         let mut blocks: Vec<SendBlock> = Vec::with_capacity(BATCH);
         while blocks.len() < BATCH {
@@ -732,10 +886,27 @@ fn send_all(fd: i32, d: &mut Distribution, now: Instant, group: SocketAddrV4) {
                 None => break,
             }
         }
-        while blocks.len() < BATCH {
-            match d.sender.poll_transmit(now) {
-                Some(b) => blocks.push(b),
-                None => break,
+        if let Some(g) = d.group.as_mut() {
+            while blocks.len() < BATCH {
+                match g.poll_transmit(now) {
+                    Some(b) => blocks.push(b),
+                    None => break,
+                }
+            }
+        }
+        // Catch-up senders in turn, one block each per sweep, while the bucket allows.
+        let mut idle = false;
+        while blocks.len() < BATCH && !idle && *catch_up_tokens >= datagram {
+            idle = true;
+            for c in d.catch_up.values_mut() {
+                if blocks.len() == BATCH || *catch_up_tokens < datagram {
+                    break;
+                }
+                if let Some(b) = c.poll_transmit(now) {
+                    *catch_up_tokens -= datagram;
+                    blocks.push(b);
+                    idle = false;
+                }
             }
         }
         if blocks.is_empty() {

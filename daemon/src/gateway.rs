@@ -818,15 +818,7 @@ impl Gateway {
                 let store = self.fleet.store();
                 let row = || {
                     let snap = store.snapshot().ok()?;
-                    let t = snap.task(*task).ok()??;
-                    let targets = snap
-                        .task_statuses(*task)
-                        .ok()?
-                        .into_iter()
-                        .filter(|(_, st)| st.is_incomplete())
-                        .map(|(d, _)| d)
-                        .collect();
-                    Some((t, targets))
+                    snap.task(*task).ok()?
                 };
                 match d.announce_for(*task, *device, row, now) {
                     Ok(a) => Some(a),
