@@ -517,17 +517,19 @@ impl McastSender {
     }
 
     /// Estimated blocks `device` misses, from its NACK: exact unless the NACK hit the range
-    /// cap, in which case its density over `0..end` is extrapolated to the whole file.
+    /// cap, in which case its density over the span it covers is extrapolated to the rest of
+    /// the file (a NACK names the lowest missing blocks: below its first range the device
+    /// has everything, so repairs already received do not dilute the estimate).
     fn estimate_missing(&self, req: &Ranges) -> u64 {
         let listed = req.blocks();
-        match req.as_slice().last() {
-            Some(last) if req.len() >= self.config.nack_ranges_cap.max(1) => {
-                let end = last.end().max(1);
-                (u128::from(listed) * u128::from(self.n_blocks) / u128::from(end)) as u64
+        match (req.as_slice().first(), req.as_slice().last()) {
+            (Some(first), Some(last)) if req.len() >= self.config.nack_ranges_cap.max(1) => {
+                let span = (last.end() - u64::from(first.start)).max(1);
+                let rest = u64::from(self.n_blocks).saturating_sub(last.end());
+                listed + (u128::from(listed) * u128::from(rest) / u128::from(span)) as u64
             }
             _ => listed,
         }
-        .max(listed)
     }
 
     /// Closes the open round: demotion checks, then the requester-count sweep that splits the
@@ -894,8 +896,12 @@ mod tests {
         s.add_receiver(2);
         let t = first_pass(&mut s);
         events(&mut s);
+        s.add_receiver(3);
         s.handle_nack(t, 1, &rs(&[(1, 1), (5, 1), (9, 1), (15, 1)]));
         s.handle_nack(t, 2, &rs(&[(1, 1), (5, 1), (9, 1)]));
+        // Device 3 has everything below 600 (repaired already): 25% dense over 600..616,
+        // extrapolated over the 384 blocks left, about 100 missing: 10%, kept.
+        s.handle_nack(t, 3, &rs(&[(600, 1), (605, 1), (609, 1), (615, 1)]));
         s.handle_timeout(t + Duration::from_millis(50));
         assert_eq!(events(&mut s), [SenderEvent::Demoted(1)]);
         // Device 2's three blocks: 1, 5 and 9 (device 1's requests were dropped with it).
