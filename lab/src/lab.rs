@@ -42,6 +42,9 @@ pub struct LabConfig {
     /// host like a plain switch; on, it forwards a group only to ports that joined it (and the
     /// bridge acts as IGMP querier).
     pub mcast_snooping: bool,
+    /// MTU of every host interface, its hub port and the bridge (1500 by default; 9000 for
+    /// jumbo frames).
+    pub mtu: u32,
 }
 
 impl Default for LabConfig {
@@ -49,6 +52,7 @@ impl Default for LabConfig {
         LabConfig {
             hosts: 2,
             mcast_snooping: false,
+            mtu: 1500,
         }
     }
 }
@@ -203,7 +207,10 @@ impl Lab {
         };
         lab.ip_batch(
             &lab.hub,
-            &format!("link set lo up\nlink add name br0 type bridge {snoop}\nlink set br0 up\n"),
+            &format!(
+                "link set lo up\nlink add name br0 mtu {mtu} type bridge {snoop}\nlink set br0 up\n",
+                mtu = cfg.mtu
+            ),
         )?;
 
         for _ in 0..cfg.hosts {
@@ -222,11 +229,12 @@ impl Lab {
         for i in 0..cfg.hosts {
             let script = format!(
                 "link set lo up\n\
-                 link add name {HOST_IFACE} type veth peer name h{i} netns /proc/self/fd/{hub_fd}\n\
+                 link add name {HOST_IFACE} mtu {mtu} type veth peer name h{i} mtu {mtu} netns /proc/self/fd/{hub_fd}\n\
                  addr add {addr}/{PREFIX_LEN} dev {HOST_IFACE}\n\
                  link set {HOST_IFACE} up\n\
                  route add 224.0.0.0/4 dev {HOST_IFACE}\n",
-                addr = host_addr(i)
+                addr = host_addr(i),
+                mtu = cfg.mtu
             );
             let mut cmd = lab.in_ns(&lab.hosts[i].net, Some(lab.hub.clone()), &lab.ip);
             cmd.args(["-batch", "-"]);

@@ -143,3 +143,35 @@ fn addresses_follow_the_documented_plan() {
     assert_eq!(host_addr(250), Ipv4Addr::new(10, 77, 1, 1));
     assert!(Lab::new(LabConfig::hosts(0)).is_err());
 }
+
+#[test]
+fn jumbo_frames_cross_the_hub_unfragmented() {
+    let lab = Lab::new(LabConfig {
+        mtu: 9000,
+        ..LabConfig::hosts(2)
+    })
+    .unwrap();
+    let out = lab
+        .host(1)
+        .command("ip")
+        .args(["-o", "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("mtu 9000"), "{text}");
+    // An 8900-byte datagram arrives as one frame: one packet on the receiver's interface.
+    let rx = lab.host(1).udp_socket(7000).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let tx = lab.host(0).udp_socket(0).unwrap();
+    let to = SocketAddrV4::new(host_addr(1), 7000);
+    let mut buf = [0u8; 9000];
+    // The first one also resolves the neighbour (ARP); count the second alone.
+    tx.send_to(&[7u8; 8900], to).unwrap();
+    assert_eq!(rx.recv_from(&mut buf).unwrap().0, 8900);
+    let before = lab.host(1).counters().unwrap();
+    tx.send_to(&[7u8; 8900], to).unwrap();
+    let (n, _) = rx.recv_from(&mut buf).unwrap();
+    assert_eq!(n, 8900);
+    let after = lab.host(1).counters().unwrap();
+    assert_eq!(after.rx_packets - before.rx_packets, 1);
+}
