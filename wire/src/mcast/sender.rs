@@ -20,6 +20,9 @@ use crate::msg_kind::Kind;
 use crate::ranges::Ranges;
 use crate::time::Instant;
 
+/// During the first pass, a device's share of missing blocks is judged for demotion only
+/// once this many blocks have been sent.
+const JUDGE_AFTER_BLOCKS: u32 = 256;
 /// Token-bucket units per byte: tokens accrue `rate` units per microsecond.
 const UNITS_PER_BYTE: u128 = 1_000_000;
 
@@ -41,8 +44,8 @@ pub struct SenderConfig {
     /// A block requested by at least this many devices in a round is re-multicast; below it,
     /// it is unicast to each requester. 0 acts as 1 (always multicast).
     pub multicast_threshold: u32,
-    /// Demote a device whose estimated missing count, after the first pass, is above this
-    /// percentage of the file ...
+    /// Demote a device whose estimated missing count is above this percentage of the file
+    /// (during the first pass: of the blocks sent so far, once 256 have been) ...
     pub demote_missing_percent: u32,
     /// ... for this many consecutive rounds.
     pub demote_after_rounds: u32,
@@ -516,16 +519,16 @@ impl McastSender {
         self.events.push_back(SenderEvent::Demoted(device));
     }
 
-    /// Estimated blocks `device` misses, from its NACK: exact unless the NACK hit the range
-    /// cap, in which case its density over the span it covers is extrapolated to the rest of
-    /// the file (a NACK names the lowest missing blocks: below its first range the device
+    /// Estimated blocks `device` misses below `horizon` (the file, or what the first pass
+    /// has sent), from its NACK: exact unless the NACK hit the range cap, in which case its
+    /// density over the span it covers is extrapolated up to `horizon` (a NACK names the lowest missing blocks: below its first range the device
     /// has everything, so repairs already received do not dilute the estimate).
-    fn estimate_missing(&self, req: &Ranges) -> u64 {
+    fn estimate_missing(&self, req: &Ranges, horizon: u32) -> u64 {
         let listed = req.blocks();
         match (req.as_slice().first(), req.as_slice().last()) {
             (Some(first), Some(last)) if req.len() >= self.config.nack_ranges_cap.max(1) => {
                 let span = (last.end() - u64::from(first.start)).max(1);
-                let rest = u64::from(self.n_blocks).saturating_sub(last.end());
+                let rest = u64::from(horizon).saturating_sub(last.end());
                 listed + (u128::from(listed) * u128::from(rest) / u128::from(span)) as u64
             }
             _ => listed,
@@ -547,25 +550,27 @@ impl McastSender {
             if rx.status != Status::Active {
                 continue;
             }
-            if !self.first_pass_done {
-                // Blocks the first pass has not reached yet will come anyway.
-                let req = clip_below(&req, self.next_first);
-                if !req.is_empty() {
-                    wanted.push((dev, req));
-                }
-                continue;
-            }
-            let estimate = self.estimate_missing(&req);
-            let bar = u64::from(self.n_blocks) * u64::from(self.config.demote_missing_percent);
-            let rx = self.receivers.get_mut(&dev).expect("checked above");
-            if estimate * 100 > bar {
-                rx.over_rounds += 1;
-                if rx.over_rounds >= self.config.demote_after_rounds.max(1) {
-                    self.demote(dev);
-                    continue;
-                }
+            // During the first pass only blocks already sent count (the rest will come
+            // anyway), and a device is judged against what has been sent so far, once that is
+            // enough for a share to mean something.
+            let (req, horizon) = if self.first_pass_done {
+                (req, self.n_blocks)
             } else {
-                rx.over_rounds = 0;
+                (clip_below(&req, self.next_first), self.next_first)
+            };
+            if self.first_pass_done || horizon >= JUDGE_AFTER_BLOCKS {
+                let estimate = self.estimate_missing(&req, horizon);
+                let bar = u64::from(horizon) * u64::from(self.config.demote_missing_percent);
+                let rx = self.receivers.get_mut(&dev).expect("checked above");
+                if estimate * 100 > bar {
+                    rx.over_rounds += 1;
+                    if rx.over_rounds >= self.config.demote_after_rounds.max(1) {
+                        self.demote(dev);
+                        continue;
+                    }
+                } else {
+                    rx.over_rounds = 0;
+                }
             }
             if !req.is_empty() {
                 wanted.push((dev, req));
@@ -911,6 +916,44 @@ mod tests {
             .collect();
         assert_eq!(sent, [1]);
         assert_eq!(s.unicast.get(&2).map(|q| q.remaining().blocks()), Some(2));
+    }
+
+    #[test]
+    fn a_lossy_device_is_demoted_during_the_first_pass() {
+        // 2000 blocks, demotion above 20% after 2 rounds. Halfway through the first pass,
+        // device 1 misses every third block sent so far (33%), device 2 every twentieth (5%).
+        let cfg = SenderConfig {
+            file_size: 2_000_000,
+            demote_after_rounds: 2,
+            nack_ranges_cap: 128,
+            ..config()
+        };
+        let mut s = McastSender::new(cfg, us(0)).unwrap();
+        s.add_receiver(1);
+        s.add_receiver(2);
+        let mut now = us(0);
+        let mut sent = 0;
+        while sent < 1000 {
+            sent += drain(&mut s, now).len();
+            now = s.poll_timeout().unwrap();
+        }
+        let every = |k: u32| {
+            let mut r = Ranges::new();
+            for b in (0..1000).step_by(k as usize).take(128) {
+                r.push(b, 1).unwrap();
+            }
+            r
+        };
+        for round in 0..2 {
+            s.handle_nack(now, 1, &every(3));
+            s.handle_nack(now, 2, &every(20));
+            now = now + Duration::from_millis(50);
+            s.handle_timeout(now);
+            let ev = events(&mut s);
+            assert_eq!(ev.contains(&SenderEvent::Demoted(1)), round == 1, "{ev:?}");
+            assert!(!ev.contains(&SenderEvent::Demoted(2)), "{ev:?}");
+        }
+        assert!(!s.first_pass_done());
     }
 
     #[test]
