@@ -2,6 +2,7 @@
 //! operator CLI's client side (`fleetcast`).
 pub mod admin;
 pub mod artifacts;
+pub mod bench;
 pub mod convert;
 pub mod daemon_main;
 pub mod demo;

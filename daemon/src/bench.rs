@@ -1,0 +1,750 @@
+//! The end-to-end distribution benchmark (`fleetcast bench`, issue #8): in a private lab
+//! network, one gateway pushes a generated file to {1, 4, 16} receivers at {0, 1, 5}% random
+//! loss per receiver, at MTU 1500 and 9000, and each figure is set against a ceiling
+//! measured in the same run on the same topology: a raw UDP blast of the same bytes from the
+//! same sender namespace to the same receivers, with no protocol at all.
+//!
+//! Per row: goodput (file bits / time from the push to the slowest verified copy) and its
+//! ratio to the ceiling, bytes the sender's interface sent per file byte, bytes all receivers
+//! sent back (NACKs and the control sessions) per file byte, the slowest completion time,
+//! and the CPU seconds of the gateway and of the agents (from `/proc/<pid>/stat`).
+//!
+//! Processes run as this binary re-executed in a role (`__gateway`, `__agent`), inside lab
+//! hosts; nothing leaves the lab's namespaces. Every run is bounded in time.
+
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetcast_lab::{Lab, LabChild, LabConfig};
+use fleetcast_wire::{DATA_PREFIX_LEN, TAG_LEN};
+use serde_json::{json, Value};
+
+use crate::admin::{self, Request};
+use crate::gateway::Clock;
+
+/// The gateway's control port in the lab.
+const PORT: u16 = 7300;
+/// The multicast port (the gateway's default).
+const MCAST_PORT: u16 = 7301;
+/// The blast's group and port (apart from the protocol's).
+const BLAST_GROUP: Ipv4Addr = Ipv4Addr::new(239, 77, 9, 9);
+const BLAST_PORT: u16 = 7399;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Receiver counts.
+    pub receivers: Vec<usize>,
+    /// Loss percentages (each receiver drops this share of multicast-port datagrams).
+    pub loss: Vec<f64>,
+    /// MTUs of the lab network.
+    pub mtus: Vec<u32>,
+    /// File size in MiB.
+    pub mib: usize,
+    /// Longest wait for one push to complete.
+    pub timeout: Duration,
+    /// This binary (re-executed as `__gateway` / `__agent`).
+    pub exe: PathBuf,
+    /// Scratch directory (file, gateway data, agent state); removed by the caller.
+    pub work: PathBuf,
+}
+
+/// One measured configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// Lab MTU.
+    pub mtu: u32,
+    /// Receivers.
+    pub receivers: usize,
+    /// Loss per receiver, percent.
+    pub loss: f64,
+    /// Raw UDP blast to the same receivers, slowest receiver, Mbit/s.
+    pub ceiling_mbps: f64,
+    /// File bits / time to the slowest verified copy, Mbit/s.
+    pub goodput_mbps: f64,
+    /// Bytes the sender's interface sent per file byte.
+    pub sender_bytes_per_byte: f64,
+    /// Bytes all receivers sent per file byte (NACKs + control sessions).
+    pub feedback_per_byte: f64,
+    /// Time from the push to the slowest verified copy, seconds.
+    pub slowest_s: f64,
+    /// Gateway CPU seconds during the push.
+    pub cpu_sender_s: f64,
+    /// Agents' CPU seconds during the push, summed.
+    pub cpu_receivers_s: f64,
+}
+
+impl Row {
+    /// Goodput as a share of the ceiling.
+    pub fn fraction(&self) -> f64 {
+        if self.ceiling_mbps > 0.0 {
+            self.goodput_mbps / self.ceiling_mbps
+        } else {
+            0.0
+        }
+    }
+
+    /// The row as JSON.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "mtu": self.mtu,
+            "receivers": self.receivers,
+            "loss_percent": self.loss,
+            "ceiling_mbps": round(self.ceiling_mbps, 1),
+            "goodput_mbps": round(self.goodput_mbps, 1),
+            "fraction_of_ceiling": round(self.fraction(), 3),
+            "sender_bytes_per_file_byte": round(self.sender_bytes_per_byte, 4),
+            "feedback_bytes_per_file_byte": round(self.feedback_per_byte, 6),
+            "slowest_completion_s": round(self.slowest_s, 2),
+            "cpu_sender_s": round(self.cpu_sender_s, 2),
+            "cpu_receivers_s": round(self.cpu_receivers_s, 2),
+        })
+    }
+}
+
+fn round(v: f64, digits: i32) -> f64 {
+    let p = 10f64.powi(digits);
+    (v * p).round() / p
+}
+
+/// Payload bytes per datagram at `mtu`: the block, its prefix and tag, UDP and IPv4 headers
+/// fill one frame exactly.
+pub fn block_size_for(mtu: u32) -> u32 {
+    mtu - 28 - DATA_PREFIX_LEN as u32 - TAG_LEN as u32
+}
+
+/// Runs the plan; `log` gets a line per step. Rows come in plan order.
+pub fn run(plan: &Plan, log: &mut dyn FnMut(&str)) -> Result<Vec<Row>, String> {
+    let clock = Clock::new();
+    std::fs::create_dir_all(&plan.work).map_err(|e| format!("{}: {e}", plan.work.display()))?;
+    let src = plan.work.join("image.bin");
+    write_file(&src, plan.mib << 20)?;
+    let max_n = plan.receivers.iter().copied().max().unwrap_or(1);
+    let mut rows = Vec::new();
+    for &mtu in &plan.mtus {
+        let lab = Lab::new(LabConfig {
+            mtu,
+            ..LabConfig::hosts(max_n + 1)
+        })
+        .map_err(|e| format!("cannot build the lab network (see docs/lab.md): {e}"))?;
+        for &n in &plan.receivers {
+            let ceiling = blast(&lab, n, mtu, plan.mib << 20, &clock)?;
+            log(&format!(
+                "mtu {mtu}, {n} receivers: raw UDP ceiling {ceiling:.0} Mbit/s"
+            ));
+            let dir = plan.work.join(format!("mtu{mtu}-n{n}"));
+            let fleet = Fleet::start(&lab, plan, &dir, n, &clock)?;
+            for &loss in &plan.loss {
+                let row = fleet.push(&lab, plan, &src, mtu, loss, ceiling, &clock)?;
+                log(&format!(
+                    "mtu {mtu}, {n} receivers, {loss}% loss: {:.0} Mbit/s = {:.2} of the ceiling, \
+                     sender {:.3} B/B, feedback {:.5} B/B, slowest {:.1} s, cpu {:.1}+{:.1} s",
+                    row.goodput_mbps,
+                    row.fraction(),
+                    row.sender_bytes_per_byte,
+                    row.feedback_per_byte,
+                    row.slowest_s,
+                    row.cpu_sender_s,
+                    row.cpu_receivers_s
+                ));
+                rows.push(row);
+            }
+            drop(fleet);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    Ok(rows)
+}
+
+/// A seeded, incompressible file of `len` bytes.
+fn write_file(path: &Path, len: usize) -> Result<(), String> {
+    let mut x: u64 = 0x5eed_0008;
+    let mut data = vec![0u8; len];
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+    std::fs::write(path, &data).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The raw ceiling: host 0 blasts `len` bytes in datagrams of the protocol's size to a group
+/// joined by hosts 1..=n, as fast as `sendmmsg` goes; each receiver counts with `recvmmsg`.
+/// Returns the slowest receiver's rate in Mbit/s (bytes it got / first-to-last arrival).
+fn blast(lab: &Lab, n: usize, mtu: u32, len: usize, clock: &Clock) -> Result<f64, String> {
+    let dgram = block_size_for(mtu) as usize + DATA_PREFIX_LEN + TAG_LEN;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut rxs = Vec::new();
+    for i in 1..=n {
+        let h = lab.host(i);
+        let s = h.udp_socket(BLAST_PORT).map_err(|e| e.to_string())?;
+        let s2 = socket2::Socket::from(s);
+        s2.join_multicast_v4(&BLAST_GROUP, &h.addr())
+            .map_err(|e| e.to_string())?;
+        let _ = s2.set_recv_buffer_size(8 << 20);
+        s2.set_read_timeout(Some(Duration::from_millis(200)))
+            .map_err(|e| e.to_string())?;
+        let sock: UdpSocket = s2.into();
+        let stop = stop.clone();
+        let clock = *clock;
+        rxs.push(std::thread::spawn(move || {
+            count(&sock, dgram, &stop, &clock)
+        }));
+    }
+    let tx = lab.host(0).udp_socket(0).map_err(|e| e.to_string())?;
+    let tx2 = socket2::Socket::from(tx);
+    tx2.set_multicast_if_v4(&lab.host(0).addr())
+        .map_err(|e| e.to_string())?;
+    tx2.set_multicast_ttl_v4(1).map_err(|e| e.to_string())?;
+    let _ = tx2.set_send_buffer_size(4 << 20);
+    let tx: UdpSocket = tx2.into();
+    std::thread::sleep(Duration::from_millis(200));
+    send_blast(&tx, SocketAddrV4::new(BLAST_GROUP, BLAST_PORT), dgram, len)?;
+    // Let the receivers drain, then stop them.
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let mut slowest = f64::MAX;
+    for r in rxs {
+        let (bytes, secs) = r.join().map_err(|_| "blast receiver panicked")?;
+        let mbps = if secs > 0.0 {
+            bytes as f64 * 8.0 / secs / 1e6
+        } else {
+            0.0
+        };
+        slowest = slowest.min(mbps);
+    }
+    Ok(if slowest == f64::MAX { 0.0 } else { slowest })
+}
+
+/// Sends `len` bytes in `dgram`-byte datagrams with `sendmmsg`, 64 at a time, blocking.
+fn send_blast(tx: &UdpSocket, to: SocketAddrV4, dgram: usize, len: usize) -> Result<(), String> {
+    const B: usize = 64;
+    let payload = vec![0xa5u8; dgram];
+    let addr = socket2::SockAddr::from(SocketAddr::V4(to));
+    let mut sent = 0usize;
+    while sent < len {
+        let k = (len - sent).div_ceil(dgram).min(B);
+        let mut iovs: Vec<libc::iovec> = (0..k)
+            .map(|_| libc::iovec {
+                iov_base: payload.as_ptr() as *mut libc::c_void,
+                iov_len: dgram,
+            })
+            .collect();
+        // SAFETY: mmsghdr is plain data; all-zero is a valid empty header.
+        let mut hdrs: Vec<libc::mmsghdr> = (0..k).map(|_| unsafe { std::mem::zeroed() }).collect();
+        for (h, iov) in hdrs.iter_mut().zip(iovs.iter_mut()) {
+            h.msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
+            h.msg_hdr.msg_namelen = addr.len();
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: the headers point at `iovs`, `payload` and `addr`, all alive for the call;
+        // the kernel only reads them.
+        let r = unsafe { libc::sendmmsg(tx.as_raw_fd(), hdrs.as_mut_ptr(), k as u32, 0) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted
+                || e.raw_os_error() == Some(libc::ENOBUFS)
+            {
+                continue;
+            }
+            return Err(format!("blast sendmmsg: {e}"));
+        }
+        sent += r as usize * dgram;
+    }
+    Ok(())
+}
+
+/// Counts bytes until `stop`; returns (bytes, seconds from the first to the last datagram).
+fn count(sock: &UdpSocket, dgram: usize, stop: &AtomicBool, clock: &Clock) -> (u64, f64) {
+    let mut buf = vec![0u8; dgram + 64];
+    let (mut bytes, mut first, mut last) = (0u64, None, None);
+    while !stop.load(Ordering::Relaxed) {
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                let t = clock.read().0;
+                first.get_or_insert(t);
+                last = Some(t);
+                bytes += n as u64;
+            }
+            Err(_) => continue,
+        }
+    }
+    match (first, last) {
+        (Some(f), Some(l)) if l > f => (bytes, (l - f).as_secs_f64()),
+        _ => (bytes, 0.0),
+    }
+}
+
+/// A gateway on host 0 and `n` enrolled agents on hosts 1..=n.
+struct Fleet<'lab> {
+    data: PathBuf,
+    gateway: LabChild<'lab>,
+    agents: Vec<(LabChild<'lab>, PathBuf)>,
+}
+
+impl<'lab> Fleet<'lab> {
+    fn start(
+        lab: &'lab Lab,
+        plan: &Plan,
+        dir: &Path,
+        n: usize,
+        clock: &Clock,
+    ) -> Result<Fleet<'lab>, String> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let data = dir.join("gateway");
+        let gw_addr = lab.host(0).addr();
+        let listen = SocketAddrV4::new(gw_addr, PORT);
+        let gw_log = std::fs::File::create(dir.join("gateway.log")).map_err(|e| e.to_string())?;
+        let mut gateway = lab
+            .host(0)
+            .spawn(&plan.exe, |c| {
+                c.args(["__gateway", "--", "--data-dir"])
+                    .arg(&data)
+                    .args(["--listen", &listen.to_string()])
+                    .args(["--server-name", &gw_addr.to_string()])
+                    .args(["--mcast-addr", &gw_addr.to_string()])
+                    .args(["--mcast-linger", "600"])
+                    .env("RUST_LOG", "warn")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(gw_log);
+            })
+            .map_err(|e| format!("cannot start the gateway: {e}"))?;
+        let mut line = String::new();
+        let out = gateway.child().stdout.take().ok_or("no gateway stdout")?;
+        BufReader::new(out)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        if !line.starts_with("ready ") {
+            return Err(format!(
+                "the gateway did not start (see {})",
+                dir.join("gateway.log").display()
+            ));
+        }
+        let mut fleet = Fleet {
+            data,
+            gateway,
+            agents: Vec::new(),
+        };
+        for i in 1..=n {
+            let name = format!("r{i}");
+            let d = fleet.admin(&Request::DeviceAdd {
+                name: name.clone(),
+                groups: vec!["bench".into()],
+            })?;
+            let token = d["token"].as_str().ok_or("no token")?.to_string();
+            let state = dir.join(&name);
+            std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
+            let boot = state.join("boot_id");
+            std::fs::write(&boot, "00000000-0000-4000-8000-000000000001\n")
+                .map_err(|e| e.to_string())?;
+            let ca = fleet.data.join("pki/ca.pem");
+            let agent_log =
+                std::fs::File::create(state.join("agent.log")).map_err(|e| e.to_string())?;
+            let child = lab
+                .host(i)
+                .spawn(&plan.exe, |c| {
+                    c.args(["__agent", "--", "--gateway", &listen.to_string()])
+                        .arg("--state-dir")
+                        .arg(state.join("state"))
+                        .arg("--ca")
+                        .arg(&ca)
+                        .arg("--boot-id-file")
+                        .arg(&boot)
+                        .args(["--token", &token, "--name", &name])
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(agent_log);
+                })
+                .map_err(|e| format!("cannot start agent {name}: {e}"))?;
+            fleet.agents.push((child, state.join("state")));
+        }
+        let deadline = clock.read().0 + Duration::from_secs(60);
+        loop {
+            let st = fleet.admin(&Request::Status)?;
+            let online = st["devices"]
+                .as_array()
+                .map_or(0, |d| d.iter().filter(|d| d["online"] == true).count());
+            if online == n {
+                return Ok(fleet);
+            }
+            if clock.read().0 > deadline {
+                return Err(format!("only {online} of {n} agents online within 60 s"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn admin(&self, req: &Request) -> Result<Value, String> {
+        match admin::request(&self.data, req) {
+            Ok(r) if r.ok => Ok(r.data),
+            Ok(r) => Err(r.error.unwrap_or_else(|| "refused".into())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn cpu(&self) -> (f64, f64) {
+        let gw = cpu_seconds(self.gateway.id());
+        let agents = self.agents.iter().map(|(c, _)| cpu_seconds(c.id())).sum();
+        (gw, agents)
+    }
+
+    /// One push at `loss`%, measured.
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &self,
+        lab: &Lab,
+        plan: &Plan,
+        src: &Path,
+        mtu: u32,
+        loss: f64,
+        ceiling: f64,
+        clock: &Clock,
+    ) -> Result<Row, String> {
+        let n = self.agents.len();
+        for i in 1..=n {
+            let h = lab.host(i);
+            h.clear_loss().map_err(|e| e.to_string())?;
+            if loss > 0.0 {
+                h.loss_in(&[MCAST_PORT], loss).map_err(|e| e.to_string())?;
+            }
+            // A fresh copy each time: the previous push's file would be re-verified, not sent.
+            let downloads = self.agents[i - 1].1.join("downloads");
+            let _ = std::fs::remove_dir_all(&downloads);
+        }
+        let size = std::fs::metadata(src).map_err(|e| e.to_string())?.len();
+        let ifs = |i: usize| lab.host(i).counters().map_err(|e| e.to_string());
+        let tx0 = ifs(0)?.tx_bytes;
+        let fb0: u64 = (1..=n)
+            .map(|i| ifs(i).map(|c| c.tx_bytes))
+            .sum::<Result<_, _>>()?;
+        let (cpu_g0, cpu_a0) = self.cpu();
+        let t0 = clock.read().0;
+        // The rate ceiling is the measured raw ceiling: the protocol may use what the
+        // network carries, no more.
+        let rate = (ceiling.max(10.0)) as u64;
+        let r = self.admin(&Request::Push {
+            path: src.display().to_string(),
+            group: "bench".into(),
+            block_size: block_size_for(mtu),
+            rate_mbps: rate,
+        })?;
+        let task = r["task"].as_u64().ok_or("no task id")?;
+        let deadline = t0 + plan.timeout;
+        loop {
+            let t = self.admin(&Request::TaskShow { task: Some(task) })?;
+            let rows = t["devices"].as_array().cloned().unwrap_or_default();
+            let done = rows.iter().filter(|r| r["status"] == "completed").count();
+            if done == n {
+                break;
+            }
+            if let Some(f) = rows.iter().find(|r| r["status"] == "failed") {
+                return Err(format!("a receiver failed: {f}"));
+            }
+            if clock.read().0 > deadline {
+                return Err(format!(
+                    "{done} of {n} copies verified within {:?}",
+                    plan.timeout
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let secs = (clock.read().0 - t0).as_secs_f64();
+        let (cpu_g1, cpu_a1) = self.cpu();
+        let tx1 = ifs(0)?.tx_bytes;
+        let fb1: u64 = (1..=n)
+            .map(|i| ifs(i).map(|c| c.tx_bytes))
+            .sum::<Result<_, _>>()?;
+        Ok(Row {
+            mtu,
+            receivers: n,
+            loss,
+            ceiling_mbps: ceiling,
+            goodput_mbps: size as f64 * 8.0 / secs / 1e6,
+            sender_bytes_per_byte: (tx1 - tx0) as f64 / size as f64,
+            feedback_per_byte: (fb1 - fb0) as f64 / size as f64,
+            slowest_s: secs,
+            cpu_sender_s: cpu_g1 - cpu_g0,
+            cpu_receivers_s: cpu_a1 - cpu_a0,
+        })
+    }
+}
+
+/// User + system CPU seconds of process `pid` (0 if it is gone).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
+    let ticks: u64 = f
+        .get(11..13)
+        .map_or(0, |v| v.iter().filter_map(|x| x.parse::<u64>().ok()).sum());
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / hz as f64
+}
+
+/// A Markdown table of the rows.
+pub fn markdown(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| MTU | receivers | loss % | ceiling Mbit/s | goodput Mbit/s | of ceiling | sender B/B | feedback B/B | slowest s | CPU sender s | CPU receivers s |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.3} | {:.5} | {:.1} | {:.1} | {:.1} |\n",
+            r.mtu,
+            r.receivers,
+            r.loss,
+            r.ceiling_mbps,
+            r.goodput_mbps,
+            r.fraction(),
+            r.sender_bytes_per_byte,
+            r.feedback_per_byte,
+            r.slowest_s,
+            r.cpu_sender_s,
+            r.cpu_receivers_s
+        ));
+    }
+    s
+}
+
+/// An SVG line chart: one series per key, points (x, y).
+pub fn svg_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> String {
+    let (w, h, m) = (640.0, 400.0, 56.0);
+    let xs = series.iter().flat_map(|(_, p)| p.iter().map(|q| q.0));
+    let ys = series.iter().flat_map(|(_, p)| p.iter().map(|q| q.1));
+    let x_max = xs.fold(0.0f64, f64::max).max(1e-9);
+    let y_max = ys.fold(0.0f64, f64::max).max(1e-9) * 1.1;
+    let px = |x: f64| m + x / x_max * (w - 2.0 * m);
+    let py = |y: f64| h - m - y / y_max * (h - 2.0 * m);
+    let colours = [
+        "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+    ];
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"14\">{}</text>\n\
+         <line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n\
+         <text x=\"14\" y=\"{}\" transform=\"rotate(-90 14 {})\" text-anchor=\"middle\">{}</text>\n",
+        w / 2.0,
+        esc(title),
+        h - m,
+        w - m,
+        h - m,
+        h - m,
+        w / 2.0,
+        h - 12.0,
+        esc(x_label),
+        h / 2.0,
+        h / 2.0,
+        esc(y_label)
+    );
+    for i in 0..=4 {
+        let xv = x_max * f64::from(i) / 4.0;
+        let yv = y_max * f64::from(i) / 4.0;
+        s.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n",
+            px(xv),
+            h - m + 16.0,
+            fmt_num(xv),
+            m - 4.0,
+            py(yv) + 4.0,
+            fmt_num(yv)
+        ));
+    }
+    for (k, (name, pts)) in series.iter().enumerate() {
+        let c = colours[k % colours.len()];
+        let path: Vec<String> = pts
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+            .collect();
+        s.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>\n",
+            path.join(" ")
+        ));
+        for &(x, y) in pts {
+            s.push_str(&format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{c}\"/>\n",
+                px(x),
+                py(y)
+            ));
+        }
+        s.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{c}\">{}</text>\n",
+            w - m - 150.0,
+            m + 16.0 * k as f64,
+            esc(name)
+        ));
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn fmt_num(v: f64) -> String {
+    if v >= 10.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The report's two plots: goodput (share of the ceiling) vs loss, one line per receiver
+/// count and MTU; slowest completion time vs receivers, one line per loss and MTU.
+pub fn plots(rows: &[Row]) -> (String, String) {
+    let mut by_n: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let mut by_loss: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for r in rows {
+        let k = format!("{} receivers, MTU {}", r.receivers, r.mtu);
+        match by_n.iter_mut().find(|(n, _)| *n == k) {
+            Some((_, p)) => p.push((r.loss, r.fraction())),
+            None => by_n.push((k, vec![(r.loss, r.fraction())])),
+        }
+        let k = format!("{}% loss, MTU {}", r.loss, r.mtu);
+        match by_loss.iter_mut().find(|(n, _)| *n == k) {
+            Some((_, p)) => p.push((r.receivers as f64, r.slowest_s)),
+            None => by_loss.push((k, vec![(r.receivers as f64, r.slowest_s)])),
+        }
+    }
+    (
+        svg_chart(
+            "Goodput vs loss",
+            "loss per receiver (%)",
+            "goodput / raw UDP ceiling",
+            &by_n,
+        ),
+        svg_chart(
+            "Completion time vs receivers",
+            "receivers",
+            "slowest verified copy (s)",
+            &by_loss,
+        ),
+    )
+}
+
+/// Writes `report.md`, `report.json`, `goodput-vs-loss.svg` and
+/// `completion-vs-receivers.svg` into `dir`; returns the Markdown.
+pub fn write_report(rows: &[Row], plan: &Plan, dir: &Path) -> Result<String, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let md = format!(
+        "# fleetcast bench\n\n{} MiB file; rate ceiling of each push = the raw UDP ceiling \
+         measured in the same run on the same topology.\n\n{}\n\
+         ![goodput vs loss](goodput-vs-loss.svg)\n![completion vs receivers](completion-vs-receivers.svg)\n",
+        plan.mib,
+        markdown(rows)
+    );
+    let json = json!({
+        "file_mib": plan.mib,
+        "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+    });
+    let (goodput, time) = plots(rows);
+    for (name, body) in [
+        ("report.md", md.clone()),
+        ("report.json", format!("{json:#}\n")),
+        ("goodput-vs-loss.svg", goodput),
+        ("completion-vs-receivers.svg", time),
+    ] {
+        let p = dir.join(name);
+        std::fs::write(&p, body).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(md)
+}
+
+/// Parses a comma-separated list (`"1,4,16"`).
+pub fn parse_list<T: std::str::FromStr>(what: &str, s: &str) -> Result<Vec<T>, String> {
+    s.split(',')
+        .map(|v| {
+            v.trim()
+                .parse()
+                .map_err(|_| format!("{what}: `{v}` is not a number (expected e.g. 1,4,16)"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_fills_one_frame() {
+        assert_eq!(
+            block_size_for(1500) as usize + DATA_PREFIX_LEN + TAG_LEN + 28,
+            1500
+        );
+        assert_eq!(
+            block_size_for(9000) as usize + DATA_PREFIX_LEN + TAG_LEN + 28,
+            9000
+        );
+    }
+
+    #[test]
+    fn report_has_a_row_and_a_point_per_measurement() {
+        let row = |n, loss, good| Row {
+            mtu: 1500,
+            receivers: n,
+            loss,
+            ceiling_mbps: 100.0,
+            goodput_mbps: good,
+            sender_bytes_per_byte: 1.02,
+            feedback_per_byte: 0.0004,
+            slowest_s: 3.0,
+            cpu_sender_s: 1.0,
+            cpu_receivers_s: 2.0,
+        };
+        let rows = [row(1, 0.0, 90.0), row(1, 5.0, 80.0), row(4, 0.0, 70.0)];
+        let md = markdown(&rows);
+        assert_eq!(md.lines().count(), 2 + 3);
+        assert!(md.contains("| 1500 | 1 | 5 | 100 | 80 | 0.80 |"), "{md}");
+        let (goodput, time) = plots(&rows);
+        assert_eq!(parse_list::<usize>("r", "1, 4,16").unwrap(), [1, 4, 16]);
+        assert!(parse_list::<f64>("loss", "1,x")
+            .unwrap_err()
+            .contains("`x`"));
+        assert_eq!(goodput.matches("<circle").count(), 3);
+        assert_eq!(goodput.matches("<polyline").count(), 2);
+        assert_eq!(time.matches("<polyline").count(), 2);
+        assert!(goodput.contains("1 receivers, MTU 1500"));
+        assert_eq!(rows[1].to_json()["fraction_of_ceiling"], 0.8);
+    }
+
+    #[test]
+    fn cpu_seconds_of_self_is_read() {
+        // Burn a little CPU so the count is visibly non-zero.
+        let mut x = 0u64;
+        for i in 0..30_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert!(x != 1);
+        assert!(cpu_seconds(std::process::id()) > 0.0);
+        assert_eq!(cpu_seconds(u32::MAX), 0.0);
+    }
+}
