@@ -44,8 +44,9 @@ pub struct SenderConfig {
     /// A block requested by at least this many devices in a round is re-multicast; below it,
     /// it is unicast to each requester. 0 acts as 1 (always multicast).
     pub multicast_threshold: u32,
-    /// Demote a device whose estimated missing count is above this percentage of the file
-    /// (during the first pass: of the blocks sent so far, once 256 have been) ...
+    /// Demote a device whose estimated missing count, or the count of blocks unicast to it
+    /// alone, is above this percentage of the file (during the first pass: of the blocks
+    /// sent so far, once 256 have been) ...
     pub demote_missing_percent: u32,
     /// ... for this many consecutive rounds.
     pub demote_after_rounds: u32,
@@ -160,6 +161,8 @@ struct Rx {
     /// Consecutive rounds after the first pass with the missing estimate above the bar.
     over_rounds: u32,
     nacks_in_round: u32,
+    /// Blocks unicast to this device alone: what its losses have cost the sender.
+    repaired: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -284,6 +287,7 @@ impl McastSender {
                 status: Status::Active,
                 over_rounds: 0,
                 nacks_in_round: 0,
+                repaired: 0,
             },
         );
         true
@@ -325,6 +329,7 @@ impl McastSender {
             status: Status::Active,
             over_rounds: 0,
             nacks_in_round: 0,
+            repaired: 0,
         });
         if matches!(rx.status, Status::Done { .. }) {
             return;
@@ -493,6 +498,9 @@ impl McastSender {
                     }
                 }
                 self.stats.unicast_repairs += 1;
+                if let Some(rx) = self.receivers.get_mut(&dev) {
+                    rx.repaired += 1;
+                }
                 (b, Dest::Unicast(dev), Kind::Repair)
             }
         };
@@ -562,6 +570,12 @@ impl McastSender {
                 let estimate = self.estimate_missing(&req, horizon);
                 let bar = u64::from(horizon) * u64::from(self.config.demote_missing_percent);
                 let rx = self.receivers.get_mut(&dev).expect("checked above");
+                // Repairs that keep up with a lossy device hide its losses from the estimate;
+                // what they cost does not: more unicast than the bar allows demotes at once.
+                if rx.repaired * 100 > bar {
+                    self.demote(dev);
+                    continue;
+                }
                 if estimate * 100 > bar {
                     rx.over_rounds += 1;
                     if rx.over_rounds >= self.config.demote_after_rounds.max(1) {
@@ -954,6 +968,44 @@ mod tests {
             assert!(!ev.contains(&SenderEvent::Demoted(2)), "{ev:?}");
         }
         assert!(!s.first_pass_done());
+    }
+
+    #[test]
+    fn a_device_costing_too_many_unicast_repairs_is_demoted() {
+        // 2000 blocks at 1 block/ms, burst 1. Device 1 NACKs a fresh third of every stretch
+        // the first pass has sent and gets it repaired (the estimate stays small because
+        // repairs keep up); once its unicast repairs exceed 20% of the blocks sent, it goes.
+        let cfg = SenderConfig {
+            file_size: 2_000_000,
+            repair_share_permille: 1000,
+            ..config()
+        };
+        let mut s = McastSender::new(cfg, us(0)).unwrap();
+        s.add_receiver(1);
+        s.add_receiver(2);
+        let mut now = us(0);
+        let mut demoted_at = None;
+        let mut asked = 0u32;
+        while !s.first_pass_done() && demoted_at.is_none() {
+            drain(&mut s, now);
+            let sent = s.next_first;
+            if sent >= asked + 60 {
+                let mut r = Ranges::new();
+                for b in (asked..sent).step_by(3) {
+                    r.push(b, 1).unwrap();
+                }
+                asked = sent;
+                s.handle_nack(now, 1, &r);
+            }
+            now = s.poll_timeout().unwrap();
+            s.handle_timeout(now);
+            if events(&mut s).contains(&SenderEvent::Demoted(1)) {
+                demoted_at = Some(s.next_first);
+            }
+        }
+        let at = demoted_at.unwrap_or_else(|| panic!("not demoted: {:?} next={}", s.stats(), s.next_first));
+        assert!((256..400).contains(&at), "demoted after {at} blocks");
+        assert_eq!(s.stats().demoted, 1);
     }
 
     #[test]
