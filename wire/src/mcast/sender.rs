@@ -961,7 +961,7 @@ mod tests {
         for round in 0..2 {
             s.handle_nack(now, 1, &every(3));
             s.handle_nack(now, 2, &every(20));
-            now = now + Duration::from_millis(50);
+            now += Duration::from_millis(50);
             s.handle_timeout(now);
             let ev = events(&mut s);
             assert_eq!(ev.contains(&SenderEvent::Demoted(1)), round == 1, "{ev:?}");
