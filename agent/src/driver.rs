@@ -454,6 +454,8 @@ impl Agent {
                     "fleetcast-agent: receiving task {} ({} bytes)",
                     a.task_id, a.size
                 );
+                // Joined: tell the gateway at once (a `min_ready` trigger counts these).
+                let _ = s.send_transfer_status(&t.status());
                 self.transfers.insert(a.task_id, t);
             }
             Err(e) => {

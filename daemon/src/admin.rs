@@ -251,6 +251,9 @@ pub enum Request {
         block_size: u32,
         /// Sending rate ceiling, megabits per second.
         rate_mbps: u64,
+        /// When the multicast starts (default: at once).
+        #[serde(default)]
+        trigger: PushTrigger,
     },
     /// A task's status table, or (without an id) every task with its counts.
     TaskShow {
@@ -265,6 +268,55 @@ pub enum Request {
         /// At most this many.
         limit: usize,
     },
+}
+
+/// When a push's multicast starts. Announces go out at once either way, so receivers join
+/// and wait; the first pass starts when the trigger fires. The default starts at once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushTrigger {
+    /// Not before this wall-clock time, milliseconds since the UNIX epoch (a schedule).
+    #[serde(default)]
+    pub at_ms: Option<u64>,
+    /// Once at least this many targets have joined ...
+    #[serde(default)]
+    pub min_ready: Option<u32>,
+    /// ... or this many seconds after the push (or the scheduled time), whichever is first.
+    #[serde(default)]
+    pub max_wait_s: Option<u64>,
+}
+
+impl PushTrigger {
+    /// Refuses contradictions, with what to do instead.
+    pub fn validate(&self, wall_ms: u64) -> Result<(), String> {
+        if let Some(at) = self.at_ms {
+            if at + 1000 < wall_ms {
+                return Err("the scheduled start is in the past: give a future time".into());
+            }
+        }
+        if self.min_ready == Some(0) {
+            return Err("--min-ready must be at least 1 (or leave it out to start at once)".into());
+        }
+        if self.max_wait_s.is_some() && self.min_ready.is_none() {
+            return Err("--max-wait bounds the wait for --min-ready receivers: give both".into());
+        }
+        Ok(())
+    }
+
+    /// The trigger as the task table records it.
+    pub fn describe(&self, who: &str) -> String {
+        let mut s = format!("publish by {who}");
+        if let Some(at) = self.at_ms {
+            s.push_str(&format!(", scheduled at {at} ms (UNIX)"));
+        }
+        match (self.min_ready, self.max_wait_s) {
+            (Some(n), Some(w)) => {
+                s.push_str(&format!(", when {n} receivers are ready or {w} s passed"))
+            }
+            (Some(n), None) => s.push_str(&format!(", when {n} receivers are ready")),
+            _ => {}
+        }
+        s
+    }
 }
 
 /// An admin response: `ok` with data, or an error saying what to do next.

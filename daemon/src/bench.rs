@@ -438,6 +438,7 @@ impl<'lab> Fleet<'lab> {
             group: "bench".into(),
             block_size: block_size_for(mtu),
             rate_mbps: rate,
+            trigger: Default::default(),
         })?;
         let task = r["task"].as_u64().ok_or("no task id")?;
         let deadline = t0 + plan.timeout;

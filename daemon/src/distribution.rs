@@ -26,7 +26,7 @@
 //! - The task key is derived from a per-process secret and the task id, so every announce of
 //!   one process names the same key; a restarted gateway announces a new one.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -35,6 +35,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fleetcast_store::{self as store, DeviceId, TaskId};
+
+use crate::admin::PushTrigger;
 use fleetcast_wire::data::data_mac_prefix;
 use fleetcast_wire::mcast::{Dest, SendBlock, SenderConfig, SenderEvent, SenderStats};
 use fleetcast_wire::{
@@ -253,6 +255,8 @@ pub struct Distribution {
     /// loop iteration after creation: the creating iteration's clock reading predates the
     /// file hash and the task commit, which would eat the warm-up before any announce left.
     start_at: Option<Instant>,
+    /// What must happen before the first pass starts.
+    gate: Gate,
     /// Datagrams the kernel refused for now (sent again later).
     deferred: u64,
     /// Datagrams the kernel refused for good.
@@ -305,6 +309,7 @@ impl Distribution {
             no_addr: 0,
             created: now,
             start_at: None,
+            gate: Gate::default(),
             deferred: 0,
             send_errors: 0,
         };
@@ -379,6 +384,60 @@ impl Distribution {
     }
 }
 
+/// A push mapped and hashed, waiting for its task.
+#[derive(Debug)]
+struct Prepared {
+    map: Mapped,
+    digest: [u8; 32],
+    block_size: u32,
+    rate: u64,
+    gate: Gate,
+}
+
+/// What a distribution waits for before its first pass: a scheduled delay, then (if set) a
+/// quorum of joined receivers or a deadline, whichever comes first. The default opens at
+/// once (after the warm-up).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Gate {
+    /// From the distribution's creation.
+    delay: Duration,
+    /// (receivers, deadline from creation).
+    quorum: Option<(usize, Duration)>,
+    /// Devices that reported joining.
+    ready: BTreeSet<u64>,
+}
+
+impl Gate {
+    /// When the first pass may start, if the gate is open at `now`. Joined receivers need no
+    /// warm-up; a plain or scheduled start gives the others `warmup` to join.
+    fn opens(&self, now: Instant, created: Instant, warmup: Duration) -> Option<Instant> {
+        if now < created + self.delay {
+            return None;
+        }
+        match self.quorum {
+            Some((n, _)) if self.ready.len() >= n => Some(now),
+            Some((_, deadline)) if now >= created + deadline => Some(now),
+            Some(_) => None,
+            None => Some(now + warmup),
+        }
+    }
+
+    /// When to look at the gate again (joins arrive as inputs, which drive the loop anyway).
+    fn wake(&self, now: Instant, created: Instant) -> Instant {
+        if now <= created {
+            return now;
+        }
+        let open = created + self.delay;
+        if now < open {
+            return open;
+        }
+        match self.quorum {
+            Some((_, deadline)) => (created + deadline).max(now),
+            None => now,
+        }
+    }
+}
+
 /// Every live distribution of the gateway and their socket.
 pub struct Distributor {
     cfg: McastConfig,
@@ -386,7 +445,7 @@ pub struct Distributor {
     secret: [u8; 32],
     dists: HashMap<u32, Distribution>,
     /// Pushes mapped and hashed, waiting for the fleet to create their task.
-    prepared: HashMap<u64, (Mapped, [u8; 32], u32, u64)>,
+    prepared: HashMap<u64, Prepared>,
     buf: Vec<u8>,
     /// Shared bucket of every catch-up sender, in bytes.
     catch_up_tokens: u64,
@@ -476,8 +535,8 @@ impl Distributor {
         conn: u64,
         path: &str,
         group: &str,
-        block_size: u32,
-        rate_mbps: u64,
+        (block_size, rate_mbps): (u32, u64),
+        trigger: PushTrigger,
         wall_ms: u64,
     ) -> Result<store::Task, DistError> {
         let map = Mapped::open(Path::new(path)).map_err(|source| DistError::Map {
@@ -501,10 +560,30 @@ impl Distributor {
             block_size,
             sha256: digest,
             group: Some(group.into()),
-            trigger: "publish by operator".into(),
+            trigger: trigger.describe("operator"),
             created_ms: wall_ms,
         };
-        self.prepared.insert(conn, (map, digest, block_size, rate));
+        let delay = Duration::from_millis(trigger.at_ms.map_or(0, |t| t.saturating_sub(wall_ms)));
+        let gate = Gate {
+            delay,
+            quorum: trigger.min_ready.map(|n| {
+                (
+                    n as usize,
+                    delay + Duration::from_secs(trigger.max_wait_s.unwrap_or(u64::MAX / 4)),
+                )
+            }),
+            ready: BTreeSet::new(),
+        };
+        self.prepared.insert(
+            conn,
+            Prepared {
+                map,
+                digest,
+                block_size,
+                rate,
+                gate,
+            },
+        );
         Ok(task)
     }
 
@@ -515,7 +594,14 @@ impl Distributor {
 
     /// The fleet created `task` for the push of `conn`: start its distribution.
     pub fn task_created(&mut self, conn: u64, task: TaskId, targets: &[DeviceId], now: Instant) {
-        let Some((map, digest, bs, rate)) = self.prepared.remove(&conn) else {
+        let Some(Prepared {
+            map,
+            digest,
+            block_size: bs,
+            rate,
+            gate,
+        }) = self.prepared.remove(&conn)
+        else {
             return;
         };
         let key = self.key_for(task);
@@ -530,7 +616,8 @@ impl Distributor {
             Some(targets),
             now,
         ) {
-            Ok(d) => {
+            Ok(mut d) => {
+                d.gate = gate;
                 tracing::info!(
                     task = task.0,
                     blocks = d.group.as_ref().map_or(0, McastSender::n_blocks),
@@ -612,6 +699,14 @@ impl Distributor {
         })
     }
 
+    /// `device` joined `task` (its first transfer status arrived): it counts towards a
+    /// `min_ready` trigger.
+    pub fn receiver_ready(&mut self, task: u64, device: u64) {
+        if let Some(d) = self.dists.get_mut(&(task as u32)) {
+            d.gate.ready.insert(device);
+        }
+    }
+
     /// The task table recorded a device's completion.
     pub fn transfer_done(&mut self, task: TaskId, device: DeviceId, verified: bool) {
         if let Some(d) = self.dists.get_mut(&(task.0 as u32)) {
@@ -676,7 +771,19 @@ impl Distributor {
         for d in self.dists.values_mut() {
             let start = match d.start_at {
                 Some(t) => t,
-                None if now > d.created => *d.start_at.insert(now + warmup),
+                None if now > d.created => match d.gate.opens(now, d.created, warmup) {
+                    Some(t) => {
+                        if d.gate != Gate::default() {
+                            tracing::info!(
+                                task = d.task.0,
+                                ready = d.gate.ready.len(),
+                                "trigger fired: multicast starts"
+                            );
+                        }
+                        *d.start_at.insert(t)
+                    }
+                    None => continue,
+                },
                 None => continue,
             };
             if now < start {
@@ -784,8 +891,8 @@ impl Distributor {
             .values()
             .filter_map(|d| {
                 if d.start_at.is_none_or(|t| now < t) {
-                    // Not started: the next iteration arms the warm-up.
-                    Some(d.start_at.unwrap_or(now))
+                    // Not started: the next iteration arms the warm-up, or the gate's time.
+                    Some(d.start_at.unwrap_or_else(|| d.gate.wake(now, d.created)))
                 } else if !d.backlog.is_empty() {
                     Some(now + Duration::from_millis(1))
                 } else {
@@ -1005,6 +1112,74 @@ fn send_all(
 mod tests {
     use super::*;
     use fleetcast_wire::DataBlock;
+
+    fn ms(v: u64) -> Instant {
+        Instant::from_micros(v * 1000)
+    }
+
+    #[test]
+    fn gate_opens_on_schedule_quorum_or_deadline() {
+        let warm = Duration::from_millis(300);
+        let created = ms(1000);
+        // Default: at once, after the warm-up.
+        let g = Gate::default();
+        assert_eq!(g.opens(ms(1001), created, warm), Some(ms(1301)));
+        // Scheduled 5 s after creation.
+        let g = Gate {
+            delay: Duration::from_secs(5),
+            ..Gate::default()
+        };
+        assert_eq!(g.opens(ms(5999), created, warm), None);
+        assert_eq!(g.wake(ms(2000), created), ms(6000));
+        assert_eq!(g.opens(ms(6000), created, warm), Some(ms(6300)));
+        // Two ready receivers or 10 s.
+        let mut g = Gate {
+            quorum: Some((2, Duration::from_secs(10))),
+            ..Gate::default()
+        };
+        g.ready.insert(7);
+        assert_eq!(g.opens(ms(3000), created, warm), None);
+        assert_eq!(g.wake(ms(3000), created), ms(11_000));
+        g.ready.insert(7);
+        assert_eq!(
+            g.opens(ms(3000), created, warm),
+            None,
+            "a repeated join counts once"
+        );
+        g.ready.insert(8);
+        assert_eq!(g.opens(ms(3000), created, warm), Some(ms(3000)));
+        g.ready.clear();
+        assert_eq!(g.opens(ms(11_000), created, warm), Some(ms(11_000)));
+    }
+
+    #[test]
+    fn triggers_are_validated_and_recorded() {
+        let t = PushTrigger {
+            at_ms: Some(10_000),
+            min_ready: Some(3),
+            max_wait_s: Some(60),
+        };
+        assert_eq!(t.validate(9_000), Ok(()));
+        assert!(t.validate(20_000).unwrap_err().contains("past"));
+        assert_eq!(
+            t.describe("alice"),
+            "publish by alice, scheduled at 10000 ms (UNIX), when 3 receivers are ready or 60 s passed"
+        );
+        let zero = PushTrigger {
+            min_ready: Some(0),
+            ..PushTrigger::default()
+        };
+        assert!(zero.validate(0).is_err());
+        let wait_alone = PushTrigger {
+            max_wait_s: Some(5),
+            ..PushTrigger::default()
+        };
+        assert!(wait_alone.validate(0).unwrap_err().contains("give both"));
+        assert_eq!(
+            PushTrigger::default().describe("operator"),
+            "publish by operator"
+        );
+    }
 
     #[test]
     fn mapped_file_blocks_carry_tags_the_receiver_verifies() {

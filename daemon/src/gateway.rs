@@ -651,7 +651,10 @@ impl Gateway {
             c.out.shrink_to(256);
         }
         while let Some(ev) = s.poll_event() {
-            if let Some(input) = event_to_input(id, c.key_hash, &mut c.device, ev, self.wall_ms) {
+            let dist = self.dist.as_mut();
+            if let Some(input) =
+                event_to_input(id, c.key_hash, &mut c.device, ev, self.wall_ms, dist)
+            {
                 self.inputs.push(input);
             }
         }
@@ -700,6 +703,7 @@ impl Gateway {
                     group,
                     block_size,
                     rate_mbps,
+                    trigger,
                 }) => {
                     let Some(d) = self.dist.as_mut() else {
                         let resp = Response::err(
@@ -708,7 +712,18 @@ impl Gateway {
                         push_json_line(&mut a.out, &resp);
                         continue;
                     };
-                    match d.prepare_push(id, &path, &group, block_size, rate_mbps, self.wall_ms) {
+                    if let Err(e) = trigger.validate(self.wall_ms) {
+                        push_json_line(&mut a.out, &Response::err(e));
+                        continue;
+                    }
+                    match d.prepare_push(
+                        id,
+                        &path,
+                        &group,
+                        (block_size, rate_mbps),
+                        trigger,
+                        self.wall_ms,
+                    ) {
                         Ok(task) => self.inputs.push(Input::Push { conn: id, task }),
                         Err(e) => push_json_line(&mut a.out, &Response::err(e.to_string())),
                     }
@@ -1104,6 +1119,7 @@ fn event_to_input(
     device: &mut Option<DeviceId>,
     ev: GatewayEvent,
     wall_ms: u64,
+    dist: Option<&mut Distributor>,
 ) -> Option<Input> {
     match ev {
         GatewayEvent::Hello {
@@ -1179,13 +1195,19 @@ fn event_to_input(
                 },
             })
         }
-        GatewayEvent::TransferStatus(st) => Some(Input::TransferProgress {
-            conn,
-            device: (*device)?,
-            task: st.task_id,
-            received: st.received,
-            total: st.total,
-        }),
+        GatewayEvent::TransferStatus(st) => {
+            // A device's first status (sent as it joins) makes it count as ready.
+            if let (Some(d), Some(dev)) = (dist, *device) {
+                d.receiver_ready(st.task_id, dev.0);
+            }
+            Some(Input::TransferProgress {
+                conn,
+                device: (*device)?,
+                task: st.task_id,
+                received: st.received,
+                total: st.total,
+            })
+        }
         GatewayEvent::Nack(_) => {
             tracing::debug!(
                 conn,

@@ -70,6 +70,7 @@ fn push(gw: &Gateway<'_>, path: &std::path::Path, rate_mbps: u64) -> u64 {
         group: "fleet".into(),
         block_size: BLOCK,
         rate_mbps,
+        trigger: Default::default(),
     })["task"]
         .as_u64()
         .expect("task id")

@@ -323,6 +323,7 @@ fn push_throughput() {
         group: "fleet".into(),
         block_size: BLOCK,
         rate_mbps: rate,
+        trigger: Default::default(),
     });
     let task = r["task"].as_u64().expect("task id");
     wait_for(
@@ -399,6 +400,7 @@ fn transfers_resume_across_agent_and_gateway_restarts() {
             group: "fleet".into(),
             block_size: BLOCK,
             rate_mbps: 30,
+            trigger: Default::default(),
         })["task"]
             .as_u64()
             .expect("task id")
@@ -488,6 +490,7 @@ fn two_concurrent_pushes_to_the_same_devices_both_complete() {
             group: "fleet".into(),
             block_size: BLOCK,
             rate_mbps,
+            trigger: Default::default(),
         });
         tasks.push(r["task"].as_u64().expect("task id"));
         files.push((name, data));
@@ -563,4 +566,119 @@ fn push_follows_each_receiver_until_every_copy_is_verified() {
         let got = std::fs::read(s.state.join("downloads").join("follow.bin")).expect("copy");
         assert!(got == data, "{} differs", s.state.display());
     }
+}
+
+#[test]
+fn scheduled_and_quorum_triggers_start_the_multicast_when_they_say() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    let (gw, specs, _agents) = gateway_and_two_agents(&lab, dir);
+    let mut data = vec![0u8; 2 << 20];
+    Rng::from_env(0x5eed_0009).fill(&mut data);
+    let src = dir.join("sched.bin");
+    std::fs::write(&src, &data).expect("write source");
+    let fired = |gw: &Gateway<'_>| gw.stderr().matches("trigger fired").count();
+
+    // 1. A schedule: `push --in 3` starts the multicast no earlier than 3 s later, and the
+    //    task table records the trigger.
+    let asked = now();
+    let out = cli(
+        &gw,
+        &[
+            "--json",
+            "push",
+            &src.display().to_string(),
+            "--group",
+            "fleet",
+            "--in",
+            "3",
+        ],
+    );
+    let task = serde_json::from_str::<Value>(&out).expect("json")["data"]["task"]
+        .as_u64()
+        .expect("task id");
+    wait_for(
+        "the scheduled start",
+        WAIT,
+        || (fired(&gw) == 1).then_some(()),
+        || report(&gw, &specs, task),
+    );
+    assert!(
+        asked.elapsed() >= Duration::from_millis(2900),
+        "started {:?} after a 3 s schedule",
+        asked.elapsed()
+    );
+    wait_for(
+        "both copies",
+        WAIT,
+        || {
+            let rows = task_rows(&gw, task);
+            (status_of(&rows, "n1") == "completed" && status_of(&rows, "n2") == "completed")
+                .then_some(())
+        },
+        || report(&gw, &specs, task),
+    );
+    let shown = cli(&gw, &["task", "show", &task.to_string()]);
+    assert!(shown.contains("scheduled at"), "{shown}");
+
+    // 2. A quorum: both online devices join at once, so "2 ready or 60 s" starts long before
+    //    the deadline.
+    for s in &specs {
+        std::fs::remove_file(s.state.join("downloads").join("sched.bin")).expect("rm copy");
+    }
+    let asked = now();
+    let r = gw.admin(&Request::Push {
+        path: src.display().to_string(),
+        group: "fleet".into(),
+        block_size: BLOCK,
+        rate_mbps: 100,
+        trigger: fleetcast_daemon::admin::PushTrigger {
+            at_ms: None,
+            min_ready: Some(2),
+            max_wait_s: Some(60),
+        },
+    });
+    let task2 = r["task"].as_u64().expect("task id");
+    wait_for(
+        "the quorum start",
+        WAIT,
+        || (fired(&gw) == 2).then_some(()),
+        || report(&gw, &specs, task2),
+    );
+    let line = gw
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("trigger fired"))
+        .nth(1)
+        .map(str::to_string)
+        .expect("second trigger line");
+    assert!(line.contains("ready=2"), "{line}");
+    assert!(asked.elapsed() < Duration::from_secs(60), "{line}");
+    wait_for(
+        "both copies of task 2",
+        WAIT,
+        || {
+            let rows = task_rows(&gw, task2);
+            (status_of(&rows, "n1") == "completed" && status_of(&rows, "n2") == "completed")
+                .then_some(())
+        },
+        || report(&gw, &specs, task2),
+    );
+
+    // 3. A contradiction is refused with what to do instead.
+    let err = gw
+        .try_admin(&Request::Push {
+            path: src.display().to_string(),
+            group: "fleet".into(),
+            block_size: BLOCK,
+            rate_mbps: 100,
+            trigger: fleetcast_daemon::admin::PushTrigger {
+                at_ms: None,
+                min_ready: None,
+                max_wait_s: Some(5),
+            },
+        })
+        .unwrap_err();
+    assert!(err.contains("give both"), "{err}");
 }

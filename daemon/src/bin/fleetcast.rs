@@ -51,6 +51,16 @@ enum Cmd {
         /// Return once the task is created instead of following its progress per receiver.
         #[arg(long)]
         no_follow: bool,
+        /// Start the multicast this many seconds from now (a schedule; announces go out at
+        /// once so receivers join and wait).
+        #[arg(long = "in", value_name = "SECONDS")]
+        start_in: Option<u64>,
+        /// Start once this many receivers have joined ...
+        #[arg(long, value_name = "N")]
+        min_ready: Option<u32>,
+        /// ... or after this many seconds, whichever comes first (needs --min-ready).
+        #[arg(long, value_name = "SECONDS", requires = "min_ready")]
+        max_wait: Option<u64>,
     },
     /// Distribution tasks.
     #[command(subcommand)]
@@ -240,6 +250,9 @@ fn build(cmd: Cmd) -> Result<Request, String> {
             group,
             block_size,
             rate,
+            start_in,
+            min_ready,
+            max_wait,
             ..
         } => {
             let path = std::fs::canonicalize(&file)
@@ -249,6 +262,11 @@ fn build(cmd: Cmd) -> Result<Request, String> {
                 group,
                 block_size,
                 rate_mbps: rate,
+                trigger: fleetcast_daemon::admin::PushTrigger {
+                    at_ms: start_in.map(|s| wall_ms() + s * 1000),
+                    min_ready,
+                    max_wait_s: max_wait,
+                },
             }
         }
         Cmd::Task(TaskCmd::Show { id }) => Request::TaskShow { task: id },
@@ -480,4 +498,12 @@ fn follow_task(data_dir: &std::path::Path, task: u64) -> ExitCode {
         }
         std::thread::sleep(std::time::Duration::from_millis(250));
     }
+}
+
+/// Wall-clock milliseconds since the UNIX epoch (for `push --in`).
+#[allow(clippy::disallowed_methods)] // The CLI's one clock read: turning "in N s" into a time.
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
