@@ -254,6 +254,10 @@ pub enum Request {
         /// When the multicast starts (default: at once).
         #[serde(default)]
         trigger: PushTrigger,
+        /// Commands queued for each device once its copy verified (e.g. install it), one
+        /// step list per command, as in `QueueAdd`.
+        #[serde(default)]
+        then: Vec<Vec<StepSpec>>,
     },
     /// A task's status table, or (without an id) every task with its counts.
     TaskShow {

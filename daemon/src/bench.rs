@@ -439,6 +439,7 @@ impl<'lab> Fleet<'lab> {
             block_size: block_size_for(mtu),
             rate_mbps: rate,
             trigger: Default::default(),
+            then: vec![],
         })?;
         let task = r["task"].as_u64().ok_or("no task id")?;
         let deadline = t0 + plan.timeout;

@@ -562,6 +562,7 @@ impl Distributor {
             group: Some(group.into()),
             trigger: trigger.describe("operator"),
             created_ms: wall_ms,
+            then: Vec::new(),
         };
         let delay = Duration::from_millis(trigger.at_ms.map_or(0, |t| t.saturating_sub(wall_ms)));
         let gate = Gate {

@@ -847,6 +847,9 @@ impl Fleet {
                                 }
                             ),
                         ));
+                        if *verified {
+                            queue_follow_up(b, now_ms, *device, id, dirty);
+                        }
                     }
                     Err(e) => {
                         // A repeated completion (already completed or failed) or an unknown
@@ -1023,6 +1026,40 @@ fn fail_all(inputs: &[Input], msg: &str) -> Vec<Action> {
         .collect()
 }
 
+/// Validated queue commands from their admin form: every command has a step, and a
+/// `reboot` only as its last step.
+pub fn commands_from_specs(
+    commands: &[Vec<StepSpec>],
+    timeout_ms: u64,
+    max_attempts: u32,
+    on_failure: OnFailureSpec,
+) -> Result<Vec<Command>, String> {
+    let mut cmds = Vec::new();
+    for steps in commands {
+        let steps = to_store_steps(steps)?;
+        if steps.is_empty() {
+            return Err("a command needs at least one step".into());
+        }
+        if let Some(i) = steps.iter().position(|s| matches!(s, store::Step::Reboot)) {
+            if i + 1 != steps.len() {
+                return Err(
+                    "`reboot` must be the last step of its command: queue the steps after it as a new command (or use --each)".into(),
+                );
+            }
+        }
+        cmds.push(Command {
+            steps,
+            timeout_ms,
+            max_attempts: max_attempts.max(1),
+            on_failure: match on_failure {
+                OnFailureSpec::Stop => store::OnFailure::Stop,
+                OnFailureSpec::Continue => store::OnFailure::Continue,
+            },
+        });
+    }
+    Ok(cmds)
+}
+
 fn to_store_steps(steps: &[StepSpec]) -> Result<Vec<store::Step>, String> {
     steps
         .iter()
@@ -1177,6 +1214,38 @@ fn record_progress(
     if let Err(e) = b.task_progress(task, dev, set) {
         tracing::debug!(device = dev.0, task = task.0, error = %e, "progress not recorded");
     }
+}
+
+/// A verified copy: the task's follow-up commands join the device's queue, in the same
+/// batch as the completion (so a crash loses neither or both).
+fn queue_follow_up(
+    b: &mut Batch<'_>,
+    now_ms: u64,
+    dev: DeviceId,
+    task: store::TaskId,
+    dirty: &mut BTreeSet<DeviceId>,
+) {
+    let then = match b.task(task) {
+        Ok(Some(t)) => t.then,
+        _ => return,
+    };
+    if then.is_empty() {
+        return;
+    }
+    let n = then.len();
+    for c in then {
+        if let Err(e) = b.enqueue(dev, c) {
+            tracing::warn!(device = dev.0, task = task.0, error = %e, "follow-up not queued");
+            return;
+        }
+    }
+    dirty.insert(dev);
+    let _ = b.append_event(event(
+        now_ms,
+        Some(dev),
+        EventKind::TaskStatus,
+        format!("task {} follow-up: {n} command(s) queued", task.0),
+    ));
 }
 
 /// `task show`: one task's status table, or every task with its counts.
@@ -1388,29 +1457,8 @@ fn admin(
                 max_attempts,
                 on_failure,
             } => {
-                let mut cmds = Vec::new();
-                for steps in commands {
-                    let steps = to_store_steps(steps).map_err(Response::err)?;
-                    if steps.is_empty() {
-                        return Err(Response::err("a command needs at least one step"));
-                    }
-                    if let Some(i) = steps.iter().position(|s| matches!(s, store::Step::Reboot)) {
-                        if i + 1 != steps.len() {
-                            return Err(Response::err(
-                                "`reboot` must be the last step of its command: queue the steps after it as a new command (or use --each)",
-                            ));
-                        }
-                    }
-                    cmds.push(Command {
-                        steps,
-                        timeout_ms: *timeout_ms,
-                        max_attempts: (*max_attempts).max(1),
-                        on_failure: match on_failure {
-                            OnFailureSpec::Stop => store::OnFailure::Stop,
-                            OnFailureSpec::Continue => store::OnFailure::Continue,
-                        },
-                    });
-                }
+                let cmds = commands_from_specs(commands, *timeout_ms, *max_attempts, *on_failure)
+                    .map_err(Response::err)?;
                 let mut queued = Vec::new();
                 match b.device_by_name(target).map_err(err)? {
                     Some(d) => {
@@ -2062,6 +2110,15 @@ mod tests {
             group: Some("g".into()),
             trigger: "publish by operator".into(),
             created_ms: T0,
+            // Install what was received: queued only where the copy verified.
+            then: vec![Command {
+                steps: vec![store::Step::Exec {
+                    argv: vec!["/bin/true".into()],
+                }],
+                timeout_ms: 1000,
+                max_attempts: 1,
+                on_failure: store::OnFailure::Stop,
+            }],
         };
         let a = rig.run(vec![Input::Push {
             conn: 900,
@@ -2144,8 +2201,8 @@ mod tests {
             },
         ]);
         assert_eq!(
-            a,
-            vec![
+            a[..2],
+            [
                 Action::TransferDone {
                     conn: 3,
                     device: d1,
@@ -2160,6 +2217,22 @@ mod tests {
                 },
             ]
         );
+        // The follow-up goes to the verified device only, in the same batch.
+        let dispatched: Vec<u64> = a[2..]
+            .iter()
+            .filter_map(|a| match a {
+                Action::Dispatch { conn, .. } => Some(*conn),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dispatched, [3], "{a:?}");
+        let queued = |rig: &mut Rig, n: &str| {
+            rig.admin(Request::QueueShow { device: n.into() }).data["commands"]
+                .as_array()
+                .map(Vec::len)
+        };
+        assert_eq!(queued(&mut rig, "n1"), Some(1));
+        assert_ne!(queued(&mut rig, "n2"), Some(1));
         let r = rig.admin(Request::TaskShow { task: Some(id.0) });
         let rows = r.data["devices"].as_array().unwrap();
         assert_eq!(rows[0]["status"], "completed");

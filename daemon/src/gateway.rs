@@ -100,6 +100,9 @@ pub struct ArtifactsConfig {
     pub base_url: Option<String>,
 }
 
+/// Time allowed for one follow-up command of a push (an install, typically).
+const FOLLOW_UP_TIMEOUT_MS: u64 = 600_000;
+
 /// The driver's clock: the only place the daemon reads time.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
@@ -704,6 +707,7 @@ impl Gateway {
                     block_size,
                     rate_mbps,
                     trigger,
+                    then,
                 }) => {
                     let Some(d) = self.dist.as_mut() else {
                         let resp = Response::err(
@@ -716,6 +720,18 @@ impl Gateway {
                         push_json_line(&mut a.out, &Response::err(e));
                         continue;
                     }
+                    let then = match crate::fleet::commands_from_specs(
+                        &then,
+                        FOLLOW_UP_TIMEOUT_MS,
+                        1,
+                        crate::admin::OnFailureSpec::Stop,
+                    ) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            push_json_line(&mut a.out, &Response::err(format!("--then: {e}")));
+                            continue;
+                        }
+                    };
                     match d.prepare_push(
                         id,
                         &path,
@@ -724,7 +740,10 @@ impl Gateway {
                         trigger,
                         self.wall_ms,
                     ) {
-                        Ok(task) => self.inputs.push(Input::Push { conn: id, task }),
+                        Ok(mut task) => {
+                            task.then = then;
+                            self.inputs.push(Input::Push { conn: id, task });
+                        }
                         Err(e) => push_json_line(&mut a.out, &Response::err(e.to_string())),
                     }
                 }

@@ -71,6 +71,7 @@ fn push(gw: &Gateway<'_>, path: &std::path::Path, rate_mbps: u64) -> u64 {
         block_size: BLOCK,
         rate_mbps,
         trigger: Default::default(),
+        then: vec![],
     })["task"]
         .as_u64()
         .expect("task id")

@@ -324,6 +324,7 @@ fn push_throughput() {
         block_size: BLOCK,
         rate_mbps: rate,
         trigger: Default::default(),
+        then: vec![],
     });
     let task = r["task"].as_u64().expect("task id");
     wait_for(
@@ -401,6 +402,7 @@ fn transfers_resume_across_agent_and_gateway_restarts() {
             block_size: BLOCK,
             rate_mbps: 30,
             trigger: Default::default(),
+            then: vec![],
         })["task"]
             .as_u64()
             .expect("task id")
@@ -491,6 +493,7 @@ fn two_concurrent_pushes_to_the_same_devices_both_complete() {
             block_size: BLOCK,
             rate_mbps,
             trigger: Default::default(),
+            then: vec![],
         });
         tasks.push(r["task"].as_u64().expect("task id"));
         files.push((name, data));
@@ -638,6 +641,7 @@ fn scheduled_and_quorum_triggers_start_the_multicast_when_they_say() {
             min_ready: Some(2),
             max_wait_s: Some(60),
         },
+        then: vec![],
     });
     let task2 = r["task"].as_u64().expect("task id");
     wait_for(
@@ -678,7 +682,63 @@ fn scheduled_and_quorum_triggers_start_the_multicast_when_they_say() {
                 min_ready: None,
                 max_wait_s: Some(5),
             },
+            then: vec![],
         })
         .unwrap_err();
     assert!(err.contains("give both"), "{err}");
+}
+
+#[test]
+fn a_follow_up_command_runs_after_the_verified_copy() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    let (gw, specs, _agents) = gateway_and_two_agents(&lab, dir);
+    let mut data = vec![0u8; 1 << 20];
+    Rng::from_env(0x5eed_000a).fill(&mut data);
+    let src = dir.join("pkg.bin");
+    std::fs::write(&src, &data).expect("write source");
+    let out = cli(
+        &gw,
+        &[
+            "--json",
+            "push",
+            &src.display().to_string(),
+            "--group",
+            "fleet",
+            "--then",
+            "sh:echo installed",
+        ],
+    );
+    let task = serde_json::from_str::<Value>(&out).expect("json")["data"]["task"]
+        .as_u64()
+        .expect("task id");
+    for i in 0..specs.len() {
+        let name = format!("n{}", i + 1);
+        let q = gw.wait_done(&name, WAIT, || report(&gw, &specs, task));
+        let cmds = q["commands"].as_array().expect("commands");
+        assert_eq!(cmds.len(), 1, "{q:#}");
+        assert_eq!(cmds[0]["state"], "ok", "{q:#}");
+        assert!(
+            cmds[0]["output"]
+                .as_str()
+                .unwrap_or("")
+                .contains("installed"),
+            "{q:#}"
+        );
+        assert_eq!(status_of(&task_rows(&gw, task), &name), "completed");
+    }
+    // The event log shows the order: the verified copy, then the follow-up queued.
+    let events: Vec<String> = gw
+        .events()
+        .iter()
+        .filter_map(|e| e["message"].as_str().map(str::to_string))
+        .collect();
+    let at = |what: &str| {
+        events
+            .iter()
+            .position(|t| t.contains(what))
+            .unwrap_or_else(|| panic!("no `{what}` in {events:#?}"))
+    };
+    assert!(at("completed (digest verified)") < at("follow-up: 1 command(s) queued"));
 }

@@ -157,6 +157,10 @@ impl<'a> Reader<'a> {
         }
         Ok(v)
     }
+    /// Whether every byte has been read (for fields added at the end of a record).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
     /// Fails unless the whole record was consumed.
     pub(crate) fn finish(self) -> Result<()> {
         if self.buf.is_empty() {

@@ -363,6 +363,7 @@ fn task_table() {
         group: None,
         trigger: "publish".into(),
         created_ms: 7,
+        then: Vec::new(),
     };
     assert_eq!(task.blocks(), 11);
     let t = b.create_task(task, &[d, d2]).unwrap();
@@ -642,6 +643,7 @@ fn scans_never_outlive_cursors() {
                     group: None,
                     trigger: String::new(),
                     created_ms: 0,
+                    then: Vec::new(),
                 },
                 &[d, d2],
             )

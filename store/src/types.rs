@@ -663,6 +663,9 @@ pub struct Task {
     pub trigger: String,
     /// Creation time, ms since the UNIX epoch.
     pub created_ms: u64,
+    /// Follow-up commands, queued for each device only after its copy verified (e.g. install
+    /// the package just received).
+    pub then: Vec<Command>,
 }
 
 impl Task {
@@ -689,6 +692,15 @@ impl Record for Task {
         }
         w.str(&self.trigger);
         w.u64(self.created_ms);
+        // Added after the first release: absent in older records (decoded as none).
+        if !self.then.is_empty() {
+            w.len(self.then.len());
+            for c in &self.then {
+                let mut buf = Vec::new();
+                c.encode(&mut buf);
+                w.bytes(&buf);
+            }
+        }
     }
     fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
         let path = r.string()?;
@@ -703,14 +715,23 @@ impl Record for Task {
             1 => Some(r.string()?),
             _ => return Err(r.corrupt("bad group tag")),
         };
+        let trigger = r.string()?;
+        let created_ms = r.u64()?;
+        let mut then = Vec::new();
+        if !r.is_empty() {
+            for _ in 0..r.count(4)? {
+                then.push(Command::decode(r.bytes()?)?);
+            }
+        }
         Ok(Task {
             path,
             size,
             block_size,
             sha256,
             group,
-            trigger: r.string()?,
-            created_ms: r.u64()?,
+            trigger,
+            created_ms,
+            then,
         })
     }
 }
@@ -945,5 +966,41 @@ impl Record for Event {
             kind,
             message: r.string()?,
         })
+    }
+}
+
+#[cfg(test)]
+mod task_codec_tests {
+    use super::*;
+
+    #[test]
+    fn task_follow_up_round_trips_and_older_records_still_decode() {
+        let mut t = Task {
+            path: "/srv/pkg.deb".into(),
+            size: 10,
+            block_size: 4,
+            sha256: [3; 32],
+            group: Some("web".into()),
+            trigger: "publish by operator".into(),
+            created_ms: 5,
+            then: vec![Command {
+                steps: vec![Step::Exec {
+                    argv: vec!["dpkg".into(), "-i".into(), "/x/pkg.deb".into()],
+                }],
+                timeout_ms: 60_000,
+                max_attempts: 1,
+                on_failure: OnFailure::Stop,
+            }],
+        };
+        let mut buf = Vec::new();
+        t.encode(&mut buf);
+        assert_eq!(Task::decode(&buf).unwrap(), t);
+        // A record written before follow-ups existed ends after `created_ms`.
+        t.then.clear();
+        let mut old = Vec::new();
+        t.encode(&mut old);
+        assert_eq!(Task::decode(&old).unwrap(), t);
+        // A follow-up cut short is corruption, not silence.
+        assert!(Task::decode(&buf[..buf.len() - 3]).is_err());
     }
 }

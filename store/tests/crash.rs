@@ -78,6 +78,7 @@ fn child(dir: &Path, seed: u64) {
             group: None,
             trigger: "crash test".into(),
             created_ms: 0,
+            then: Vec::new(),
         };
         b.create_task(task, &ids).unwrap();
         b.commit().unwrap();

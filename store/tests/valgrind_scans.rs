@@ -55,6 +55,7 @@ fn exercise() {
             group: Some("g".into()),
             trigger: "t".into(),
             created_ms: 0,
+            then: Vec::new(),
         };
         let t = b.create_task(task, &ids).unwrap();
         assert_eq!(b.group_members("g").unwrap().len(), ids.len());

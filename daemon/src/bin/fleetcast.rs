@@ -61,6 +61,10 @@ enum Cmd {
         /// ... or after this many seconds, whichever comes first (needs --min-ready).
         #[arg(long, value_name = "SECONDS", requires = "min_ready")]
         max_wait: Option<u64>,
+        /// A command queued on each device once its copy verified, in `queue add` step
+        /// syntax (e.g. `sh:dpkg -i /var/lib/fleetcast/downloads/pkg.deb`); repeat for more.
+        #[arg(long, value_name = "STEP")]
+        then: Vec<String>,
     },
     /// Distribution tasks.
     #[command(subcommand)]
@@ -253,8 +257,14 @@ fn build(cmd: Cmd) -> Result<Request, String> {
             start_in,
             min_ready,
             max_wait,
+            then,
             ..
         } => {
+            let then = then
+                .iter()
+                .map(|s| fleetcast_daemon::admin::parse_step(s).map(|st| vec![st]))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("--then: {e}"))?;
             let path = std::fs::canonicalize(&file)
                 .map_err(|e| format!("cannot open {}: {e}", file.display()))?;
             Request::Push {
@@ -267,6 +277,7 @@ fn build(cmd: Cmd) -> Result<Request, String> {
                     min_ready,
                     max_wait_s: max_wait,
                 },
+                then,
             }
         }
         Cmd::Task(TaskCmd::Show { id }) => Request::TaskShow { task: id },
