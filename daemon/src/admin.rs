@@ -306,9 +306,9 @@ impl PushTrigger {
         Ok(())
     }
 
-    /// The trigger as the task table records it.
-    pub fn describe(&self, who: &str) -> String {
-        let mut s = format!("publish by {who}");
+    /// The trigger as the task table records it, after `origin` (what asked for the push).
+    pub fn describe(&self, origin: &str) -> String {
+        let mut s = origin.to_string();
         if let Some(at) = self.at_ms {
             s.push_str(&format!(", scheduled at {at} ms (UNIX)"));
         }

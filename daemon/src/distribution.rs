@@ -536,7 +536,7 @@ impl Distributor {
         path: &str,
         group: &str,
         (block_size, rate_mbps): (u32, u64),
-        trigger: PushTrigger,
+        (origin, trigger): (&str, PushTrigger),
         wall_ms: u64,
     ) -> Result<store::Task, DistError> {
         let map = Mapped::open(Path::new(path)).map_err(|source| DistError::Map {
@@ -560,7 +560,7 @@ impl Distributor {
             block_size,
             sha256: digest,
             group: Some(group.into()),
-            trigger: trigger.describe("operator"),
+            trigger: trigger.describe(origin),
             created_ms: wall_ms,
             then: Vec::new(),
         };
@@ -1163,7 +1163,7 @@ mod tests {
         assert_eq!(t.validate(9_000), Ok(()));
         assert!(t.validate(20_000).unwrap_err().contains("past"));
         assert_eq!(
-            t.describe("alice"),
+            t.describe("publish by alice"),
             "publish by alice, scheduled at 10000 ms (UNIX), when 3 receivers are ready or 60 s passed"
         );
         let zero = PushTrigger {
@@ -1177,7 +1177,7 @@ mod tests {
         };
         assert!(wait_alone.validate(0).unwrap_err().contains("give both"));
         assert_eq!(
-            PushTrigger::default().describe("operator"),
+            PushTrigger::default().describe("publish by operator"),
             "publish by operator"
         );
     }

@@ -36,6 +36,7 @@ use crate::convert::{report_from_wire, result_from_wire, sha256, steps_to_wire};
 use crate::distribution::{DistEvent, Distributor, McastConfig};
 use crate::fleet::{Action, ConnId, Fleet, Input};
 use crate::tlsconn::TlsConn;
+use crate::watch::{DirWatch, WatchConfig};
 
 const LISTENER: Token = Token(0);
 const ADMIN: Token = Token(1);
@@ -69,6 +70,8 @@ pub struct GatewayConfig {
     pub artifacts: Option<ArtifactsConfig>,
     /// Multicast distribution; `None`: pushes are refused.
     pub mcast: Option<McastConfig>,
+    /// A directory whose new or changed files are pushed (needs `mcast`); `None`: off.
+    pub watch: Option<WatchConfig>,
 }
 
 impl Default for GatewayConfig {
@@ -84,6 +87,7 @@ impl Default for GatewayConfig {
             events_capacity: 8192,
             artifacts: None,
             mcast: None,
+            watch: None,
         }
     }
 }
@@ -191,6 +195,10 @@ pub struct Gateway {
     dist: Option<Distributor>,
     /// The multicast socket may hold more NACKs than one turn's budget read.
     mcast_ready: bool,
+    /// The watched directory: its configuration, memory, next scan, and the pseudo
+    /// connection ids its pushes use (counting down from `u64::MAX`, never a real one).
+    watch: Option<(WatchConfig, DirWatch, Instant)>,
+    watch_conn: u64,
     clock: Clock,
     conns: slab::Slab<Slot>,
     generation: u64,
@@ -233,6 +241,10 @@ impl Gateway {
         poll.registry()
             .register(&mut admin, ADMIN, Interest::READABLE)?;
         let mut cfg = cfg;
+        let watch = cfg
+            .watch
+            .clone()
+            .map(|w| (w, DirWatch::new(), Instant::ZERO));
         let artifacts = match &mut cfg.artifacts {
             Some(a) => {
                 std::fs::create_dir_all(&a.root)?;
@@ -266,6 +278,8 @@ impl Gateway {
             fleet,
             dist,
             mcast_ready: false,
+            watch,
+            watch_conn: u64::MAX,
             clock: Clock::new(),
             conns: slab::Slab::new(),
             generation: 0,
@@ -336,11 +350,52 @@ impl Gateway {
                 }
             }
             self.fire_timers(now);
+            self.scan_watch(now);
             self.process_fleet(now, wall);
             self.drive_distributions(now);
             self.flush_touched();
         }
         Ok(())
+    }
+
+    /// Scans the watched directory when due and pushes what settled there.
+    fn scan_watch(&mut self, now: Instant) {
+        let (Some((cfg, watch, next)), Some(d)) = (self.watch.as_mut(), self.dist.as_mut()) else {
+            return;
+        };
+        if now < *next {
+            return;
+        }
+        *next = now + cfg.interval;
+        let entries = match crate::watch::list(&cfg.dir) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(dir = %cfg.dir.display(), error = %e, "watched directory unreadable");
+                return;
+            }
+        };
+        let origin = format!("change in watched directory {}", cfg.dir.display());
+        for name in watch.scan(&entries) {
+            let path = cfg.dir.join(&name);
+            let conn = self.watch_conn;
+            self.watch_conn -= 1;
+            match d.prepare_push(
+                conn,
+                &path.display().to_string(),
+                &cfg.group,
+                (cfg.block_size, cfg.rate_mbps),
+                (&origin, admin::PushTrigger::default()),
+                self.wall_ms,
+            ) {
+                Ok(task) => {
+                    tracing::info!(file = %path.display(), group = %cfg.group, "watched file changed: pushing");
+                    self.inputs.push(Input::Push { conn, task });
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "watched file not pushed")
+                }
+            }
+        }
     }
 
     fn drive_distributions(&mut self, now: Instant) {
@@ -378,6 +433,9 @@ impl Gateway {
         let mut next = limit.unwrap_or(now + Duration::from_secs(3600));
         if let Some(t) = self.dist.as_ref().and_then(|d| d.poll_timeout(now)) {
             next = next.min(t.max(now));
+        }
+        if let Some((_, _, t)) = &self.watch {
+            next = next.min((*t).max(now));
         }
         if let Some(Reverse((t, _, _))) = self.timers.peek() {
             next = next.min(*t);
@@ -737,7 +795,7 @@ impl Gateway {
                         &path,
                         &group,
                         (block_size, rate_mbps),
-                        trigger,
+                        ("publish by operator", trigger),
                         self.wall_ms,
                     ) {
                         Ok(mut task) => {

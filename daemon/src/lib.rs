@@ -12,3 +12,4 @@ pub mod gateway;
 pub mod paths;
 pub mod pki;
 pub mod tlsconn;
+pub mod watch;
