@@ -329,6 +329,49 @@ pub struct Distributor {
     /// Pushes mapped and hashed, waiting for the fleet to create their task.
     prepared: HashMap<u64, (Mapped, [u8; 32], u32, u64)>,
     buf: Vec<u8>,
+    /// Counters of the distributions that have ended (for [`Distributor::totals`]).
+    finished: McastTotals,
+}
+
+/// Multicast counters since the gateway started, over every distribution live or ended (the
+/// metrics endpoint's source).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct McastTotals {
+    /// Datagram bytes sent (multicast and unicast repair; a multicast counts once).
+    pub bytes: u64,
+    /// File bytes multicast in first passes (each byte of each file once): the goodput.
+    pub goodput_bytes: u64,
+    /// First-pass blocks.
+    pub first_pass_blocks: u64,
+    /// Blocks re-multicast as repairs.
+    pub multicast_repairs: u64,
+    /// Blocks unicast as repairs.
+    pub unicast_repairs: u64,
+    /// NACKs received (valid tag, live task).
+    pub nacks: u64,
+    /// NACKs ignored by the sender.
+    pub nacks_ignored: u64,
+    /// Receivers demoted.
+    pub demoted: u64,
+    /// Distributions that have ended.
+    pub finished: u64,
+    /// Distributions live now.
+    pub live: u64,
+}
+
+impl McastTotals {
+    fn add(&mut self, d: &Distribution) {
+        let st = d.sender.stats();
+        self.bytes += st.bytes;
+        self.goodput_bytes +=
+            (st.first_pass_blocks * u64::from(d.block_size)).min(d.map.len as u64);
+        self.first_pass_blocks += st.first_pass_blocks;
+        self.multicast_repairs += st.multicast_repairs;
+        self.unicast_repairs += st.unicast_repairs;
+        self.nacks += st.nacks;
+        self.nacks_ignored += st.nacks_ignored;
+        self.demoted += st.demoted;
+    }
 }
 
 impl std::fmt::Debug for Distributor {
@@ -385,6 +428,7 @@ impl Distributor {
             dists: HashMap::new(),
             prepared: HashMap::new(),
             buf: vec![0u8; 65_536],
+            finished: McastTotals::default(),
         })
     }
 
@@ -633,6 +677,8 @@ impl Distributor {
         }
         for s in done {
             if let Some(d) = self.dists.remove(&s) {
+                self.finished.add(&d);
+                self.finished.finished += 1;
                 if d.no_addr > 0 {
                     tracing::warn!(
                         task = d.task.0,
@@ -665,6 +711,16 @@ impl Distributor {
     /// Live distributions.
     pub fn live(&self) -> usize {
         self.dists.len()
+    }
+
+    /// Counters since the gateway started, over ended and live distributions.
+    pub fn totals(&self) -> McastTotals {
+        let mut t = self.finished;
+        for d in self.dists.values() {
+            t.add(d);
+        }
+        t.live = self.dists.len() as u64;
+        t
     }
 }
 
