@@ -2,6 +2,7 @@
 //! operator CLI's client side (`fleetcast`).
 pub mod admin;
 pub mod artifacts;
+pub mod config;
 pub mod convert;
 pub mod daemon_main;
 pub mod demo;
@@ -12,4 +13,5 @@ pub mod gateway;
 pub mod metrics;
 pub mod paths;
 pub mod pki;
+pub mod sd_notify;
 pub mod tlsconn;
