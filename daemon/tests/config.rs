@@ -119,7 +119,9 @@ fn print_config_shows_defaults_file_env_and_flags_in_order() {
 fn bad_configuration_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");
-    let cases: &[(&str, &[(&str, &str)], &[&str])] = &[
+    /// File text, environment, what the message must contain.
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: &[Case] = &[
         (
             "[mcast]\nprot = 1\n",
             &[],
