@@ -180,6 +180,22 @@ fn every_command_with_json_and_exit_codes() {
     assert!(st.stdout.contains("online: 0"), "{}", st.stdout);
     let st = expect_json(data, &["status"], 0);
     assert_eq!(st["data"]["online"], 0);
+    // The metrics before any device: they move later.
+    let (status, before) = http(&gw.metrics, "GET /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let build = format!(
+        "fleetcast_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    for (name, v) in [
+        ("fleetcast_sessions_connected", 0),
+        ("fleetcast_commands_dispatched_total", 0),
+        ("fleetcast_commands_completed_total", 0),
+        ("fleetcast_mcast_nacks_total", 0),
+        (build.as_str(), 1),
+    ] {
+        assert_eq!(sample(&before, name), Some(v), "{name}:\n{before}");
+    }
 
     // device add (human and JSON), then a real agent enrols with the token.
     let r = expect(data, &["device", "add", "web1", "--group", "g1"], 0);
