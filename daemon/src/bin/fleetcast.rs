@@ -52,7 +52,8 @@ enum Cmd {
         /// Rate ceiling, megabits per second.
         #[arg(long, default_value_t = 200)]
         rate: u64,
-        /// Return once the task is created instead of following its progress per receiver.
+        /// Return once the task is created instead of following its progress per receiver
+        /// (always so with --json: then poll `task show ID --json`).
         #[arg(long)]
         no_follow: bool,
     },
@@ -330,13 +331,14 @@ fn main() -> ExitCode {
         Cmd::InternalAgent { args } => return fleetcast_agent::cli::main_with_args(args),
         _ => {}
     }
+    // With --json a push answers once the task exists (scripts poll `task show ID --json`).
     let follow = matches!(
         cli.cmd,
         Cmd::Push {
             no_follow: false,
             ..
         }
-    );
+    ) && !json;
     let metrics = matches!(cli.cmd, Cmd::Metrics);
     let timeout = match cli.cmd {
         // A backup copies the whole store before it answers.
@@ -355,18 +357,10 @@ fn main() -> ExitCode {
         return refused(json, resp);
     }
     if follow {
-        let task = resp.data.get("task").and_then(|t| t.as_u64());
-        if !json {
-            print_human(&resp.data);
-        }
-        return match task {
-            Some(task) => follow_task(&data_dir, task, json),
-            None => {
-                if json {
-                    print_json(&resp);
-                }
-                Exit::Ok.into()
-            }
+        print_human(&resp.data);
+        return match resp.data.get("task").and_then(|t| t.as_u64()) {
+            Some(task) => follow_task(&data_dir, task),
+            None => Exit::Ok.into(),
         };
     }
     if json {
@@ -514,15 +508,14 @@ fn watch(
 }
 
 /// Prints each receiver's progress as it changes until every target has completed or failed.
-/// Exit code 0 when all completed, 1 when any failed. With `json`, prints nothing on the way
-/// and the final `task show` answer at the end.
-fn follow_task(data_dir: &std::path::Path, task: u64, json: bool) -> ExitCode {
+/// Exit code 0 when all completed, 1 when any failed.
+fn follow_task(data_dir: &std::path::Path, task: u64) -> ExitCode {
     let mut last: std::collections::BTreeMap<String, String> = Default::default();
     loop {
         let resp = match admin::request(data_dir, &Request::TaskShow { task: Some(task) }) {
             Ok(r) if r.ok => r,
-            Ok(r) => return refused(json, r),
-            Err(e) => return client_fail(json, &e),
+            Ok(r) => return refused(false, r),
+            Err(e) => return client_fail(false, &e),
         };
         let rows = resp.data["devices"].as_array().cloned().unwrap_or_default();
         for r in &rows {
@@ -537,9 +530,7 @@ fn follow_task(data_dir: &std::path::Path, task: u64, json: bool) -> ExitCode {
                     .unwrap_or_default()
             );
             if last.get(&name) != Some(&line) {
-                if !json {
-                    println!("  {name}: {line}");
-                }
+                println!("  {name}: {line}");
                 last.insert(name, line);
             }
         }
@@ -549,15 +540,11 @@ fn follow_task(data_dir: &std::path::Path, task: u64, json: bool) -> ExitCode {
         };
         if !rows.is_empty() && done("failed") {
             let failed = rows.iter().filter(|r| r["status"] == "failed").count();
-            if json {
-                print_json(&resp);
-            } else {
-                println!(
-                    "task {task}: {} of {} receivers have a verified copy",
-                    rows.len() - failed,
-                    rows.len()
-                );
-            }
+            println!(
+                "task {task}: {} of {} receivers have a verified copy",
+                rows.len() - failed,
+                rows.len()
+            );
             return if failed == 0 { Exit::Ok } else { Exit::Failed }.into();
         }
         std::thread::sleep(std::time::Duration::from_millis(250));
