@@ -208,16 +208,29 @@ fn every_command_with_json_and_exit_codes() {
         .find_map(|l| l.strip_prefix("token: "))
         .unwrap()
         .to_string();
+    // The agent takes its settings from a configuration file, one of them from the
+    // environment, and a flag over both.
     let agent_dir = dir.path().join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
+    let agent_toml = agent_dir.join("agent.toml");
+    std::fs::write(
+        &agent_toml,
+        format!(
+            "gateway = \"{}\"\nstate_dir = \"/nonexistent/overridden\"\nname = \"web1\"\n\
+             token = \"{token}\"\n",
+            gw.addr
+        ),
+    )
+    .unwrap();
     let agent_log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
     let _agent = Proc(
         Command::new(CLI)
-            .args(["__agent", "--gateway", &gw.addr, "--state-dir"])
+            .args(["__agent", "--config"])
+            .arg(&agent_toml)
+            .arg("--state-dir")
             .arg(agent_dir.join("state"))
-            .arg("--ca")
-            .arg(data.join("pki/ca.pem"))
-            .args(["--token", &token, "--name", "web1", "--reboot-exit", "75"])
+            .args(["--reboot-exit", "75"])
+            .env("FLEETCAST_AGENT_CA", data.join("pki/ca.pem"))
             .stdin(Stdio::null())
             .stdout(agent_log.try_clone().unwrap())
             .stderr(agent_log)
@@ -378,6 +391,34 @@ fn every_command_with_json_and_exit_codes() {
         assert!(r.stdout.contains("backup"), "{shell}");
     }
     expect(data, &["completions", "tcsh"], 2);
+    let r = expect(data, &["--help"], 0);
+    assert!(r.stdout.contains("Exit codes: 0 success"), "{}", r.stdout);
+
+    // The agent's effective configuration, and a refused one (exit 2, the key named).
+    let run_agent = |args: &[&str]| {
+        let o = Command::new(CLI)
+            .args(["__agent", "--config"])
+            .arg(&agent_toml)
+            .args(args)
+            .env("FLEETCAST_AGENT_DOWNLOADS", "/srv/dl")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        (o.status.code(), out, err)
+    };
+    let (code, out, err) = run_agent(&["--state-dir", "/flag", "--print-config"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(&format!("gateway = \"{}\"\n", gw.addr)),
+        "{out}"
+    );
+    assert!(out.contains("state_dir = \"/flag\"\n"), "{out}");
+    assert!(out.contains("downloads = \"/srv/dl\"\n"), "{out}");
+    std::fs::write(&agent_toml, "gateway = \"x:1\"\nstat_dir = \"/s\"\n").unwrap();
+    let (code, _, err) = run_agent(&["--print-config"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("line 2: unknown key `stat_dir`"), "{err}");
 }
 
 #[test]

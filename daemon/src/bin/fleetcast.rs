@@ -15,7 +15,14 @@ use fleetcast_daemon::exit::Exit;
 use fleetcast_daemon::paths::default_data_dir;
 
 #[derive(Parser, Debug)]
-#[command(name = "fleetcast", version, about = "Operate a fleetcast gateway")]
+#[command(
+    name = "fleetcast",
+    version,
+    about = "Operate a fleetcast gateway",
+    after_help = "Exit codes: 0 success; 1 the gateway refused the request or the operation \
+                  failed; 2 usage error; 3 the gateway could not be reached; 4 the named device, \
+                  group, task or file does not exist. See docs/operator.md."
+)]
 struct Cli {
     /// The gateway's data directory (its admin socket lives there).
     #[arg(long, global = true, env = "FLEETCAST_DATA_DIR")]
