@@ -856,7 +856,7 @@ impl Gateway {
         for i in &inputs {
             match i {
                 Input::Result { .. } => self.counters.results += 1,
-                Input::Admin { .. } => self.counters.admin_requests += 1,
+                Input::Admin { .. } | Input::Push { .. } => self.counters.admin_requests += 1,
                 _ => {}
             }
         }
