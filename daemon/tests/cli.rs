@@ -302,6 +302,9 @@ fn every_command_with_json_and_exit_codes() {
     assert_eq!(v["kind"], "usage");
     expect(data, &["queue", "show"], 2);
     expect(data, &["no-such-command"], 2);
+    let v = expect_json(data, &["queue", "show"], 2);
+    assert!(v["error"].as_str().unwrap().contains("DEVICE"), "{v}");
+    assert_eq!(v["kind"], "usage");
 
     // push: refused without multicast (1, and it says which setting to give); a missing file
     // is 4.

@@ -315,7 +315,16 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // Usage errors are JSON too when --json is on the line (help and version are not
+        // errors).
+        Err(e) if e.use_stderr() && std::env::args().any(|a| a == "--json") => {
+            let msg = e.render().to_string();
+            return fail(true, Exit::Usage, msg.trim_end());
+        }
+        Err(e) => e.exit(),
+    };
     let data_dir = cli.data_dir.unwrap_or_else(default_data_dir);
     let json = cli.json;
     match cli.cmd {
