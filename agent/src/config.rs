@@ -34,7 +34,8 @@ const fn key(name: &'static str, doc: &'static str) -> Key {
     }
 }
 
-/// Every key, in print order.
+/// Every key, in print order. (No key may be named `args`: the daemon's test harness passes
+/// agent arguments in `FLEETCAST_AGENT_ARGS`.)
 pub const KEYS: &[Key] = &[
     key("gateway", "The gateway, HOST:PORT (fleetcastd's listen address as agents reach it). Required."),
     key("state_dir", "Where the agent keeps its key, certificate and queue progress; must survive reboots. Required."),
