@@ -446,3 +446,42 @@ fn an_unreachable_gateway_says_how_to_start_it() {
     assert!(r.stderr.contains("nothing listens"), "{}", r.stderr);
     expect(&data, &["watch", "--for", "1"], 3);
 }
+
+/// The command names of a `--help` text's "Commands:" list (without `help`).
+fn commands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn every_command_is_in_the_operator_guide() {
+    let doc = include_str!("../../docs/operator.md");
+    let help = |args: &[&str]| {
+        let o = Command::new(CLI).args(args).arg("--help").output().unwrap();
+        assert!(o.status.success());
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let top = commands(&help(&[]));
+    assert!(top.len() >= 12, "{top:?}");
+    for c in &top {
+        let subs = commands(&help(&[c]));
+        if subs.is_empty() {
+            assert!(
+                doc.contains(&format!("| `{c}")),
+                "`{c}` is not in docs/operator.md"
+            );
+        }
+        for s in subs {
+            assert!(
+                doc.contains(&format!("`{c} {s}")),
+                "`{c} {s}` is not in docs/operator.md"
+            );
+        }
+    }
+}

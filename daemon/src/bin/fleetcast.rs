@@ -69,6 +69,24 @@ enum Cmd {
     Task(TaskCmd),
     /// The gateway's status: per device its queue, session and last configuration report.
     Status,
+    /// Print the event log (from an event id on).
+    Events {
+        /// First event id.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// At most this many events.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Follow the event log as it grows (Ctrl-C to stop).
+    Watch {
+        /// Start at this event id (default: only new events).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long = "for")]
+        duration: Option<u64>,
+    },
     /// The gateway's metrics (the Prometheus text of its metrics endpoint).
     Metrics,
     /// Write a consistent, compacted copy of the store to DEST while the gateway runs.
@@ -103,24 +121,6 @@ enum Cmd {
         /// fleetcast-agent arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
-    },
-    /// Follow the event log as it grows (Ctrl-C to stop).
-    Watch {
-        /// Start at this event id (default: only new events).
-        #[arg(long)]
-        from: Option<u64>,
-        /// Stop after this many seconds.
-        #[arg(long = "for")]
-        duration: Option<u64>,
-    },
-    /// Print the event log (from an event id on).
-    Events {
-        /// First event id.
-        #[arg(long, default_value_t = 0)]
-        from: u64,
-        /// At most this many events.
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
     },
 }
 
@@ -185,8 +185,8 @@ struct QueueAddArgs {
     /// Queue each step as its own command (default: all steps form one command).
     #[arg(long)]
     each: bool,
-    /// Steps: exec:CMD, sh:SCRIPT, fetch:PATH=URL, verify:PATH=SHA256, write:PATH=TEXT,
-    /// reboot, report.
+    /// Steps: exec:CMD, sh:SCRIPT, install:PACKAGE..., fetch:PATH=URL (URL may be
+    /// gateway:NAME), verify:PATH=SHA256, write:PATH=TEXT, reboot, report.
     #[arg(last = true, required = true)]
     steps: Vec<String>,
 }
