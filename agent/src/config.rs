@@ -424,6 +424,37 @@ mod tests {
     }
 
     #[test]
+    fn every_key_can_be_set_from_the_environment_and_read_back() {
+        let sample = |k: &Key| match k.name {
+            "gateway" => "gw.example:7300".to_string(),
+            "ca_fingerprint" => "ab".repeat(32),
+            "reboot_command" => "/sbin/reboot -f".into(),
+            other => format!("/v/{other}"),
+        };
+        let env = |var: &str| KEYS.iter().find(|k| env_var(k.name) == var).map(sample);
+        let Expanded::Print(text) = expand(args(&["--print-config"]), env).unwrap() else {
+            panic!()
+        };
+        let back = parse("printed", &text).unwrap();
+        assert_eq!(back.len(), KEYS.len(), "{text}");
+        for k in KEYS {
+            let want = if k.list {
+                Value::List(sample(k).split(' ').map(String::from).collect())
+            } else {
+                Value::Str(sample(k))
+            };
+            assert_eq!(back[k.name], want, "{}", k.name);
+        }
+        // And each becomes its flag for the command-line parser.
+        let Expanded::Run(a) = expand(vec![], env).unwrap() else {
+            panic!()
+        };
+        for k in KEYS {
+            assert!(a.contains(&flag(k.name)), "{}: {a:?}", k.name);
+        }
+    }
+
+    #[test]
     fn every_key_is_documented() {
         let doc = include_str!("../../docs/configuration.md");
         for k in KEYS {

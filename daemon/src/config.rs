@@ -521,6 +521,61 @@ mod tests {
         }
     }
 
+    /// A valid, non-default value for every key (environment form, TOML form).
+    const SAMPLES: &[(&str, &str, &str)] = &[
+        ("data_dir", "/srv/fc", "\"/srv/fc\""),
+        ("listen", "10.0.0.1:7000", "\"10.0.0.1:7000\""),
+        (
+            "server_names",
+            "a.example,10.0.0.1",
+            "[\"a.example\", \"10.0.0.1\"]",
+        ),
+        ("heartbeat_secs", "20", "20"),
+        ("reboot_timeout_secs", "60", "60"),
+        ("log.level", "debug", "\"debug\""),
+        ("log.format", "json", "\"json\""),
+        ("mcast.addr", "10.0.0.1", "\"10.0.0.1\""),
+        ("mcast.port", "7400", "7400"),
+        ("mcast.group", "239.1.2.3", "\"239.1.2.3\""),
+        ("mcast.linger_secs", "9", "9"),
+        ("mcast.warmup_ms", "50", "50"),
+        ("artifacts.listen", "10.0.0.1:7380", "\"10.0.0.1:7380\""),
+        ("artifacts.url", "http://gw/a", "\"http://gw/a\""),
+        (
+            "admin.metrics_listen",
+            "127.0.0.1:9477",
+            "\"127.0.0.1:9477\"",
+        ),
+    ];
+
+    #[test]
+    fn every_key_can_be_set_from_the_environment_and_a_file() {
+        let mut names: Vec<&str> = SAMPLES.iter().map(|s| s.0).collect();
+        let mut keys: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
+        names.sort_unstable();
+        keys.sort_unstable();
+        assert_eq!(names, keys, "a sample per key");
+        let env = |var: &str| {
+            SAMPLES
+                .iter()
+                .find(|(k, _, _)| KEYS.iter().any(|key| key.name == *k && key.env() == var))
+                .map(|(_, v, _)| v.to_string())
+        };
+        let from_env = load(None, env, &[]).unwrap();
+        assert_ne!(from_env, Config::default());
+        let text = from_env.to_toml();
+        for (k, _, toml) in SAMPLES {
+            let leaf = k.rsplit('.').next().unwrap();
+            assert!(
+                text.contains(&format!("\n{leaf} = {toml}\n")),
+                "{k}:\n{text}"
+            );
+        }
+        // The same values from a file.
+        let (_d, p) = file(&text);
+        assert_eq!(load(Some(&p), no_env, &[]).unwrap(), from_env);
+    }
+
     #[test]
     fn file_then_env_then_flags() {
         let (_d, p) = file(
