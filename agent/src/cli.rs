@@ -13,6 +13,9 @@ use crate::tls::parse_fingerprint;
 
 const USAGE: &str = "usage: fleetcast-agent --gateway HOST:PORT --state-dir DIR [options]
 
+  --config FILE             read settings from FILE (flat TOML: docs/configuration.md);
+                            FLEETCAST_AGENT_<KEY> variables and flags override it
+  --print-config            print the merged settings as a configuration file and exit
   --gateway HOST:PORT       the gateway (fleetcastd --listen)
   --state-dir DIR           where the agent keeps its key, certificate and progress
   --server-name NAME        name in the gateway certificate (default: HOST)
@@ -114,6 +117,17 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> 
 
 /// Runs the agent with these arguments (without the program name); returns the exit code.
 pub fn main_with_args(args: impl IntoIterator<Item = String>) -> ExitCode {
+    let args = match crate::config::expand(args.into_iter().collect(), |v| std::env::var(v).ok()) {
+        Ok(crate::config::Expanded::Run(a)) => a,
+        Ok(crate::config::Expanded::Print(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("fleetcast-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let cfg = match parse(args) {
         Ok(c) => c,
         Err(e) => {

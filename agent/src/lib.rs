@@ -1,5 +1,6 @@
 //! fleetcast device agent.
 pub mod cli;
+pub mod config;
 pub mod driver;
 pub mod exec;
 pub mod report;

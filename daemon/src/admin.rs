@@ -272,6 +272,15 @@ pub enum Request {
         /// At most this many.
         limit: usize,
     },
+    /// The gateway's metrics in the Prometheus text format (served by the gateway loop).
+    Metrics,
+    /// A consistent, compacted copy of the store written to `dest` while the gateway runs
+    /// (served by the gateway loop).
+    Backup {
+        /// Destination directory, as a path the gateway can write (the CLI makes it
+        /// absolute); it must not exist yet or be empty.
+        dest: String,
+    },
 }
 
 /// When a push's multicast starts. Announces go out at once either way, so receivers join
@@ -334,6 +343,17 @@ pub struct Response {
     /// What went wrong.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What kind of failure, when the gateway can tell (absent on success).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ErrorKind>,
+}
+
+/// The kind of a refused request: lets the CLI pick a meaningful exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The device, group or task named does not exist.
+    NotFound,
 }
 
 impl Response {
@@ -343,6 +363,7 @@ impl Response {
             ok: true,
             data,
             error: None,
+            kind: None,
         }
     }
     /// A failure with a message that says what to do next.
@@ -351,6 +372,14 @@ impl Response {
             ok: false,
             data: serde_json::Value::Null,
             error: Some(msg.into()),
+            kind: None,
+        }
+    }
+    /// A failure because the named device, group or task does not exist.
+    pub fn not_found(msg: impl Into<String>) -> Self {
+        Response {
+            kind: Some(ErrorKind::NotFound),
+            ..Response::err(msg)
         }
     }
 }
@@ -358,8 +387,32 @@ impl Response {
 /// Why the CLI could not get an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The socket is not there or refuses: the gateway is not running with this data dir.
-    #[error("cannot reach the gateway at {path}: {source} (is fleetcastd running with this --data-dir?)")]
+    /// Nothing listens on the socket: the gateway is not running with this data directory.
+    #[error(
+        "cannot reach the gateway: {why} at {path}.\n\
+         Start it with `fleetcastd --data-dir {dir}` (or `systemctl start fleetcastd`), or \
+         point this command at the data directory it runs with: `--data-dir DIR` or \
+         FLEETCAST_DATA_DIR"
+    )]
+    NotRunning {
+        /// Socket path tried.
+        path: String,
+        /// The data directory it is in.
+        dir: String,
+        /// "no admin socket" or "nothing listens on the admin socket".
+        why: &'static str,
+    },
+    /// The socket exists but this user may not open it.
+    #[error(
+        "permission denied on the admin socket {path}: it is mode 0600, owned by the user \
+         fleetcastd runs as; run this command as that user (or root)"
+    )]
+    Denied {
+        /// Socket path.
+        path: String,
+    },
+    /// Any other failure to connect.
+    #[error("cannot connect to the admin socket {path}: {source}")]
     Connect {
         /// Socket path.
         path: String,
@@ -367,21 +420,49 @@ pub enum ClientError {
         source: std::io::Error,
     },
     /// The connection broke mid-request.
-    #[error("admin connection failed: {0}")]
+    #[error("admin connection failed: {0} (the gateway may have stopped; see its log)")]
     Io(#[from] std::io::Error),
     /// The gateway answered something that is not a response.
-    #[error("malformed answer from the gateway: {0}")]
+    #[error(
+        "malformed answer from the gateway: {0} (are the CLI and fleetcastd the same version?)"
+    )]
     Malformed(#[from] serde_json::Error),
 }
 
 /// Sends one request to the gateway whose data directory is `data_dir` (blocking; CLI side).
 pub fn request(data_dir: &Path, req: &Request) -> Result<Response, ClientError> {
+    request_timeout(data_dir, req, Duration::from_secs(30))
+}
+
+/// [`request`] with an explicit answer timeout (a backup of a large store takes longer).
+pub fn request_timeout(
+    data_dir: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
     let path = data_dir.join(SOCKET_NAME);
-    let mut s = UnixStream::connect(&path).map_err(|source| ClientError::Connect {
-        path: path.display().to_string(),
-        source,
+    let mut s = UnixStream::connect(&path).map_err(|source| {
+        let path_s = path.display().to_string();
+        let dir = data_dir.display().to_string();
+        match source.kind() {
+            std::io::ErrorKind::NotFound => ClientError::NotRunning {
+                path: path_s,
+                dir,
+                why: "no admin socket",
+            },
+            std::io::ErrorKind::ConnectionRefused => ClientError::NotRunning {
+                path: path_s,
+                dir,
+                why: "nothing listens on the admin socket",
+            },
+            std::io::ErrorKind::PermissionDenied => ClientError::Denied { path: path_s },
+            _ => ClientError::Connect {
+                path: path_s,
+                source,
+            },
+        }
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_read_timeout(Some(timeout))?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     s.write_all(&line)?;

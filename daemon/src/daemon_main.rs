@@ -4,69 +4,160 @@
 //! server key (`pki/`) and the admin socket (`admin.sock`). Restarting it at any instant loses
 //! nothing.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::config::{self, Config, LogFormat};
 use crate::distribution::McastConfig;
+use crate::exit::Exit;
 use crate::fleet::{Fleet, FleetConfig};
 use crate::gateway::{ArtifactsConfig, Clock, Gateway, GatewayConfig};
 use crate::paths::default_data_dir;
 use crate::pki::Pki;
+use crate::sd_notify;
 use clap::Parser;
 use fleetcast_store::Store;
 
 #[derive(Parser, Debug)]
-#[command(name = "fleetcastd", version, about = "The fleetcast gateway daemon")]
+#[command(
+    name = "fleetcastd",
+    version,
+    about = "The fleetcast gateway daemon",
+    after_help = "Every setting can come from the configuration file (--config), from an \
+                  environment variable FLEETCAST_<SECTION>_<KEY>, or from the flag; flags win over \
+                  the environment, which wins over the file. `--print-config` shows the result. \
+                  See docs/configuration.md."
+)]
 struct Args {
-    /// Data directory (store, CA, admin socket).
-    #[arg(long, env = "FLEETCAST_DATA_DIR")]
+    /// Configuration file (TOML). Unknown keys and bad values are refused at start.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the effective configuration (file, environment and flags merged) as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Data directory (store, CA, admin socket) [key: data_dir].
+    #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Address agents connect to.
-    #[arg(long, default_value = "0.0.0.0:7300")]
-    listen: SocketAddr,
-    /// Names (DNS or IP) agents use to reach this gateway; they go into its TLS certificate.
-    #[arg(long = "server-name", default_values_t = vec!["localhost".to_string(), "127.0.0.1".to_string()])]
+    /// Address agents connect to [key: listen; default 0.0.0.0:7300].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Names (DNS or IP) agents use to reach this gateway; they go into its TLS certificate
+    /// (repeat the flag for several) [key: server_names; default localhost, 127.0.0.1].
+    #[arg(long = "server-name")]
     server_names: Vec<String>,
-    /// Heartbeat interval agents are told to use, seconds.
-    #[arg(long, default_value_t = 15)]
-    heartbeat: u32,
-    /// Time a device has to come back from a reboot, seconds.
-    #[arg(long, default_value_t = 900)]
-    reboot_timeout: u64,
+    /// Heartbeat interval agents are told to use, seconds [key: heartbeat_secs; default 15].
+    #[arg(long)]
+    heartbeat: Option<u32>,
+    /// Time a device has to come back from a reboot, seconds [key: reboot_timeout_secs;
+    /// default 900].
+    #[arg(long)]
+    reboot_timeout: Option<u64>,
     /// This gateway's unicast IPv4 address on the devices' network: the multicast socket binds
     /// to it and multicasts through its interface. Required for `fleetcast push`; there is no
-    /// default, so multicast never leaves through an interface nobody chose.
+    /// default, so multicast never leaves through an interface nobody chose [key: mcast.addr].
     #[arg(long)]
-    mcast_addr: Option<std::net::Ipv4Addr>,
-    /// UDP port of the multicast group (and of the gateway's NACK socket).
-    #[arg(long, default_value_t = 7301)]
-    mcast_port: u16,
-    /// Multicast group pushes are sent to.
-    #[arg(long, default_value = "239.77.0.1")]
-    mcast_group: std::net::Ipv4Addr,
+    mcast_addr: Option<Ipv4Addr>,
+    /// UDP port of the multicast group (and of the gateway's NACK socket) [key: mcast.port;
+    /// default 7301].
+    #[arg(long)]
+    mcast_port: Option<u16>,
+    /// Multicast group pushes are sent to [key: mcast.group; default 239.77.0.1].
+    #[arg(long)]
+    mcast_group: Option<Ipv4Addr>,
     /// Seconds a finished multicast waits for targets that have not reported (late devices
-    /// are caught up by unicast while it waits, and by a re-created sender after).
-    #[arg(long, default_value_t = 60)]
-    mcast_linger: u64,
+    /// are caught up by unicast while it waits, and by a re-created sender after)
+    /// [key: mcast.linger_secs; default 60].
+    #[arg(long)]
+    mcast_linger: Option<u64>,
     /// Milliseconds between a push's announces and its first multicast block (time for the
-    /// receivers to join the group).
-    #[arg(long, default_value_t = 300)]
-    mcast_warmup_ms: u64,
+    /// receivers to join the group) [key: mcast.warmup_ms; default 300].
+    #[arg(long)]
+    mcast_warmup_ms: Option<u64>,
     /// Serve the files in `<data-dir>/artifacts/` over HTTP on this address, so `fetch` steps
-    /// can name `gateway:NAME` (pair each with a `verify` step). Off when not given.
+    /// can name `gateway:NAME` (pair each with a `verify` step). Off when not given
+    /// [key: artifacts.listen].
     #[arg(long)]
     artifact_listen: Option<SocketAddr>,
-    /// The URL agents use to reach `--artifact-listen` (default `http://<its address>`).
+    /// The URL agents use to reach `--artifact-listen` (default `http://<its address>`)
+    /// [key: artifacts.url].
     #[arg(long)]
     artifact_url: Option<String>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address [key: admin.metrics_listen].
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Log filter (error, warn, info, debug, trace or tracing directives) [key: log.level].
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Log format: text or json [key: log.format].
+    #[arg(long)]
+    log_format: Option<String>,
     /// Print the CA fingerprint (for `fleetcast-agent --ca-fingerprint`) and exit.
     #[arg(long)]
     print_ca_fingerprint: bool,
 }
 
+impl Args {
+    /// The flags given, as configuration keys and values.
+    fn overrides(&self) -> Vec<(&'static str, toml::Value)> {
+        use toml::Value as V;
+        let s = |x: &dyn std::fmt::Display| V::String(x.to_string());
+        let mut o = Vec::new();
+        if let Some(d) = &self.data_dir {
+            o.push(("data_dir", s(&d.display())));
+        }
+        if let Some(x) = self.listen {
+            o.push(("listen", s(&x)));
+        }
+        if !self.server_names.is_empty() {
+            let names = self.server_names.iter().map(|n| s(n)).collect();
+            o.push(("server_names", V::Array(names)));
+        }
+        if let Some(x) = self.heartbeat {
+            o.push(("heartbeat_secs", V::Integer(x.into())));
+        }
+        if let Some(x) = self.reboot_timeout {
+            o.push(("reboot_timeout_secs", V::Integer(x as i64)));
+        }
+        if let Some(x) = self.mcast_addr {
+            o.push(("mcast.addr", s(&x)));
+        }
+        if let Some(x) = self.mcast_port {
+            o.push(("mcast.port", V::Integer(x.into())));
+        }
+        if let Some(x) = self.mcast_group {
+            o.push(("mcast.group", s(&x)));
+        }
+        if let Some(x) = self.mcast_linger {
+            o.push(("mcast.linger_secs", V::Integer(x as i64)));
+        }
+        if let Some(x) = self.mcast_warmup_ms {
+            o.push(("mcast.warmup_ms", V::Integer(x as i64)));
+        }
+        if let Some(x) = self.artifact_listen {
+            o.push(("artifacts.listen", s(&x)));
+        }
+        if let Some(x) = &self.artifact_url {
+            o.push(("artifacts.url", s(x)));
+        }
+        if let Some(x) = self.metrics_listen {
+            o.push(("admin.metrics_listen", s(&x)));
+        }
+        if let Some(x) = &self.log_level {
+            o.push(("log.level", s(x)));
+        }
+        if let Some(x) = &self.log_format {
+            o.push(("log.format", s(x)));
+        }
+        o
+    }
+}
+
 /// Runs the gateway with these arguments (the first is the program name).
+///
+/// Exit codes ([`crate::exit`]): 0 clean exit, 1 runtime failure, 2 usage error or invalid
+/// configuration.
 pub fn main_with_args<I, T>(args: I) -> ExitCode
 where
     I: IntoIterator<Item = T>,
@@ -76,84 +167,116 @@ where
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(2);
+            return if e.use_stderr() {
+                Exit::Usage
+            } else {
+                Exit::Ok
+            }
+            .into();
         }
     };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
+    let env = |var: &str| {
+        std::env::var(var).ok().or_else(|| {
+            // RUST_LOG stands in for FLEETCAST_LOG_LEVEL.
+            (var == "FLEETCAST_LOG_LEVEL")
+                .then(|| std::env::var("RUST_LOG").ok())
+                .flatten()
+        })
+    };
+    let mut cfg = match config::load(args.config.as_deref(), env, &args.overrides()) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("fleetcastd: {e}");
-            ExitCode::FAILURE
+            return Exit::Usage.into();
+        }
+    };
+    if cfg.data_dir.is_none() {
+        cfg.data_dir = Some(default_data_dir());
+    }
+    if args.print_config {
+        print!("{}", cfg.to_toml());
+        return Exit::Ok.into();
+    }
+    let filter = tracing_subscriber::EnvFilter::new(&cfg.log.level);
+    let _ = match cfg.log.format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init(),
+    };
+    match run(cfg, args.print_ca_fingerprint) {
+        Ok(()) => Exit::Ok.into(),
+        Err(e) => {
+            tracing::error!(error = %e, "fleetcastd stopped");
+            eprintln!("fleetcastd: {e}");
+            Exit::Failed.into()
         }
     }
 }
 
-fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let data = args.data_dir.unwrap_or_else(default_data_dir);
+fn run(cfg: Config, print_ca_fingerprint: bool) -> Result<(), Box<dyn std::error::Error>> {
+    let data = cfg.data_dir.clone().unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&data)
         .map_err(|e| format!("cannot create data directory {}: {e}", data.display()))?;
     let clock = Clock::new();
     let (_, wall_ms) = clock.read();
     let now = std::time::UNIX_EPOCH + Duration::from_millis(wall_ms);
-    let pki = Pki::load_or_create(&data.join("pki"), &args.server_names, now)?;
-    if args.print_ca_fingerprint {
+    let pki = Pki::load_or_create(&data.join("pki"), &cfg.server_names, now)?;
+    if print_ca_fingerprint {
         println!("{}", pki.ca_fingerprint_sha256());
         return Ok(());
     }
     let store = Store::open(data.join("store"))?;
     let fleet_cfg = FleetConfig {
-        heartbeat_ms: args.heartbeat.saturating_mul(1000),
-        reboot_timeout_ms: args.reboot_timeout.saturating_mul(1000),
+        heartbeat_ms: cfg.heartbeat_secs.saturating_mul(1000),
+        reboot_timeout_ms: cfg.reboot_timeout_secs.saturating_mul(1000),
         ..FleetConfig::default()
     };
     let fleet = Fleet::new(store, pki, fleet_cfg)?;
     let session = fleetcast_wire::SessionConfig {
-        idle_timeout: Duration::from_secs(u64::from(args.heartbeat.max(1)) * 3),
+        idle_timeout: Duration::from_secs(u64::from(cfg.heartbeat_secs.max(1)) * 3),
         ..Default::default()
     };
-    let cfg = GatewayConfig {
-        listen: args.listen,
+    let gw_cfg = GatewayConfig {
+        listen: cfg.listen,
         admin_socket: data.join(crate::admin::SOCKET_NAME),
         session,
-        mcast: match args.mcast_addr {
-            Some(addr) => {
-                if !args.mcast_group.is_multicast() {
-                    return Err(format!(
-                        "--mcast-group {} is not a multicast address",
-                        args.mcast_group
-                    )
-                    .into());
-                }
-                Some(McastConfig {
-                    addr,
-                    port: args.mcast_port,
-                    group: args.mcast_group,
-                    linger: Duration::from_secs(args.mcast_linger),
-                    warmup: Duration::from_millis(args.mcast_warmup_ms),
-                })
-            }
-            None => None,
-        },
-        artifacts: args.artifact_listen.map(|listen| ArtifactsConfig {
+        mcast: cfg.mcast.addr.map(|addr| McastConfig {
+            addr,
+            port: cfg.mcast.port,
+            group: cfg.mcast.group,
+            linger: Duration::from_secs(cfg.mcast.linger_secs),
+            warmup: Duration::from_millis(cfg.mcast.warmup_ms),
+        }),
+        artifacts: cfg.artifacts.listen.map(|listen| ArtifactsConfig {
             listen,
             root: data.join("artifacts"),
-            base_url: args.artifact_url.clone(),
+            base_url: cfg.artifacts.url.clone(),
         }),
+        metrics_listen: cfg.admin.metrics_listen,
         ..GatewayConfig::default()
     };
-    let mut gw = Gateway::bind(cfg, fleet)?;
-    tracing::info!(listen = %gw.local_addr()?, data = %data.display(), "fleetcastd ready");
+    let mut gw = Gateway::bind(gw_cfg, fleet)?;
+    let metrics = gw.metrics_addr();
+    tracing::info!(listen = %gw.local_addr()?, data = %data.display(), metrics = ?metrics, "fleetcastd ready");
     // Readiness line for scripts and tests (stdout, one line).
     println!("ready {}", gw.local_addr()?);
+    if let Some(m) = metrics {
+        println!("metrics http://{m}/metrics");
+    }
     if let Some(url) = gw.artifact_base_url() {
         tracing::info!(%url, "serving artifacts");
+    }
+    // systemd readiness (Type=notify): everything is bound.
+    match sd_notify::notify_ready() {
+        Ok(true) => tracing::info!("readiness sent to systemd"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot notify systemd of readiness"),
     }
     gw.run()?;
     Ok(())

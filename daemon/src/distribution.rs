@@ -244,6 +244,8 @@ pub struct Distribution {
     catch_up: BTreeMap<u64, McastSender>,
     /// Rate of this task's catch-up senders (datagram bytes per second).
     catch_up_rate: u64,
+    /// Counters of this task's catch-up senders that have ended.
+    catch_up_done: SenderStats,
     /// Where each device's NACKs came from: the destination of its unicast repairs.
     addrs: HashMap<u64, SocketAddrV4>,
     backlog: VecDeque<SendBlock>,
@@ -304,6 +306,7 @@ impl Distribution {
             group: None,
             catch_up: BTreeMap::new(),
             catch_up_rate: rate_bytes.min(CATCH_UP_RATE),
+            catch_up_done: SenderStats::default(),
             addrs: HashMap::new(),
             backlog: VecDeque::new(),
             no_addr: 0,
@@ -345,6 +348,19 @@ impl Distribution {
     /// The group sender's counters (zero for a catch-up-only task).
     pub fn stats(&self) -> SenderStats {
         self.group.as_ref().map(|g| *g.stats()).unwrap_or_default()
+    }
+
+    /// Counters of every catch-up sender of this task, live and ended.
+    fn catch_up_stats(&self) -> SenderStats {
+        let mut t = self.catch_up_done;
+        for c in self.catch_up.values() {
+            let s = c.stats();
+            t.bytes += s.bytes;
+            t.unicast_repairs += s.unicast_repairs;
+            t.nacks += s.nacks;
+            t.nacks_ignored += s.nacks_ignored;
+        }
+        t
     }
 
     /// Whether the multicast first pass still runs.
@@ -450,6 +466,54 @@ pub struct Distributor {
     /// Shared bucket of every catch-up sender, in bytes.
     catch_up_tokens: u64,
     catch_up_at: Instant,
+    /// Counters of the distributions that have ended (for [`Distributor::totals`]).
+    finished: McastTotals,
+}
+
+/// Multicast counters since the gateway started, over every distribution live or ended (the
+/// metrics endpoint's source).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct McastTotals {
+    /// Datagram bytes sent (multicast and unicast repair; a multicast counts once).
+    pub bytes: u64,
+    /// File bytes multicast in first passes (each byte of each file once): the goodput.
+    pub goodput_bytes: u64,
+    /// First-pass blocks.
+    pub first_pass_blocks: u64,
+    /// Blocks re-multicast as repairs.
+    pub multicast_repairs: u64,
+    /// Blocks unicast as repairs.
+    pub unicast_repairs: u64,
+    /// NACKs received (valid tag, live task).
+    pub nacks: u64,
+    /// NACKs ignored by the sender.
+    pub nacks_ignored: u64,
+    /// Receivers demoted.
+    pub demoted: u64,
+    /// Distributions that have ended.
+    pub finished: u64,
+    /// Distributions live now.
+    pub live: u64,
+}
+
+impl McastTotals {
+    fn add(&mut self, d: &Distribution) {
+        let st = d.stats();
+        self.bytes += st.bytes;
+        self.goodput_bytes +=
+            (st.first_pass_blocks * u64::from(d.block_size)).min(d.map.len as u64);
+        self.first_pass_blocks += st.first_pass_blocks;
+        self.multicast_repairs += st.multicast_repairs;
+        self.unicast_repairs += st.unicast_repairs;
+        self.nacks += st.nacks;
+        self.nacks_ignored += st.nacks_ignored;
+        self.demoted += st.demoted;
+        let c = d.catch_up_stats();
+        self.bytes += c.bytes;
+        self.unicast_repairs += c.unicast_repairs;
+        self.nacks += c.nacks;
+        self.nacks_ignored += c.nacks_ignored;
+    }
 }
 
 impl std::fmt::Debug for Distributor {
@@ -508,6 +572,7 @@ impl Distributor {
             buf: vec![0u8; 65_536],
             catch_up_tokens: CATCH_UP_BURST,
             catch_up_at: Instant::ZERO,
+            finished: McastTotals::default(),
         })
     }
 
@@ -837,6 +902,7 @@ impl Distributor {
                 d.start_catch_up(dev, linger, now);
             }
             let task = d.task;
+            let done = &mut d.catch_up_done;
             d.catch_up.retain(|dev, c| {
                 let mut over = false;
                 while let Some(ev) = c.poll_event() {
@@ -851,13 +917,23 @@ impl Distributor {
                         over = true;
                     }
                 }
+                if over {
+                    let s = c.stats();
+                    done.bytes += s.bytes;
+                    done.unicast_repairs += s.unicast_repairs;
+                    done.nacks += s.nacks;
+                    done.nacks_ignored += s.nacks_ignored;
+                }
                 !over
             });
         }
+        let finished = &mut self.finished;
         self.dists.retain(|_, d| {
             if !d.is_over() {
                 return true;
             }
+            finished.add(d);
+            finished.finished += 1;
             if d.no_addr > 0 {
                 tracing::warn!(
                     task = d.task.0,
@@ -919,6 +995,16 @@ impl Distributor {
     /// Live distributions.
     pub fn live(&self) -> usize {
         self.dists.len()
+    }
+
+    /// Counters since the gateway started, over ended and live distributions.
+    pub fn totals(&self) -> McastTotals {
+        let mut t = self.finished;
+        for d in self.dists.values() {
+            t.add(d);
+        }
+        t.live = self.dists.len() as u64;
+        t
     }
 }
 

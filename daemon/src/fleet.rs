@@ -1260,7 +1260,7 @@ fn task_show(b: &Batch<'_>, task: Option<u64>) -> Result<Response, Response> {
     match task {
         Some(id) => {
             let t = b.task(store::TaskId(id)).map_err(err)?.ok_or_else(|| {
-                Response::err(format!(
+                Response::not_found(format!(
                     "no task {id}: `fleetcast task show` lists the tasks"
                 ))
             })?;
@@ -1329,7 +1329,7 @@ fn task_show(b: &Batch<'_>, task: Option<u64>) -> Result<Response, Response> {
 fn device_id(b: &Batch<'_>, name: &str) -> Result<DeviceId, Response> {
     match b.device_by_name(name) {
         Ok(Some(d)) => Ok(d.id),
-        Ok(None) => Err(Response::err(format!(
+        Ok(None) => Err(Response::not_found(format!(
             "no device named `{name}`: `fleetcast device list` shows the enrolled ones"
         ))),
         Err(e) => Err(Response::err(e.to_string())),
@@ -1470,7 +1470,7 @@ fn admin(
                     None => {
                         let members = b.group_members(target).map_err(err)?;
                         if members.is_empty() {
-                            return Err(Response::err(format!(
+                            return Err(Response::not_found(format!(
                                 "`{target}` is neither a device nor a group with members: see `fleetcast device list`"
                             )));
                         }
@@ -1574,9 +1574,9 @@ fn admin(
                     "devices": rows,
                 }))
             }
-            Request::Push { .. } => {
+            Request::Push { .. } | Request::Metrics | Request::Backup { .. } => {
                 return Err(Response::err(
-                    "push is served by the gateway loop (it maps the file first)",
+                    "push, metrics and backup are served by the gateway loop",
                 ))
             }
             Request::TaskShow { task } => return task_show(b, *task),

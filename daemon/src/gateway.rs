@@ -35,6 +35,7 @@ use crate::artifacts;
 use crate::convert::{report_from_wire, result_from_wire, sha256, steps_to_wire};
 use crate::distribution::{DistEvent, Distributor, McastConfig};
 use crate::fleet::{Action, ConnId, Fleet, Input};
+use crate::metrics;
 use crate::tlsconn::TlsConn;
 use crate::watch::{DirWatch, WatchConfig};
 
@@ -72,6 +73,8 @@ pub struct GatewayConfig {
     pub mcast: Option<McastConfig>,
     /// A directory whose new or changed files are pushed (needs `mcast`); `None`: off.
     pub watch: Option<WatchConfig>,
+    /// Where the Prometheus metrics endpoint listens (`GET /metrics`); `None`: off.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for GatewayConfig {
@@ -88,6 +91,7 @@ impl Default for GatewayConfig {
             artifacts: None,
             mcast: None,
             watch: None,
+            metrics_listen: None,
         }
     }
 }
@@ -209,6 +213,10 @@ pub struct Gateway {
     /// Wall-clock ms at the last clock read (results and events are stamped with it).
     wall_ms: u64,
     stop: bool,
+    /// The metrics endpoint, when configured.
+    metrics: Option<metrics::Server>,
+    /// What the loop counts for the metrics.
+    counters: metrics::Counters,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -268,7 +276,13 @@ impl Gateway {
             }
             None => None,
         };
+        let metrics = match cfg.metrics_listen {
+            Some(addr) => Some(metrics::Server::bind(addr, poll.registry())?),
+            None => None,
+        };
         Ok(Gateway {
+            metrics,
+            counters: metrics::Counters::default(),
             poll,
             listener,
             admin,
@@ -298,6 +312,78 @@ impl Gateway {
             .artifacts
             .as_ref()
             .and_then(|a| a.base_url.as_deref())
+    }
+
+    /// The metrics endpoint's address, when it is on (useful with port 0).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|m| m.local_addr().ok())
+    }
+
+    /// The metrics of this gateway now (what `GET /metrics` and `fleetcast metrics` show).
+    pub fn metrics(&self) -> Result<Vec<metrics::Family>, fleetcast_store::Error> {
+        let live = metrics::Live {
+            sessions: self.fleet.online(),
+            connections: self.conns.len(),
+            counters: self.counters,
+            mcast: self.dist.as_ref().map(|d| d.totals()),
+        };
+        metrics::gather(self.fleet.store(), &live)
+    }
+
+    fn metrics_event(&mut self, token: Token) {
+        let Some(mut srv) = self.metrics.take() else {
+            return;
+        };
+        srv.handle(self.poll.registry(), token, || match self.metrics() {
+            Ok(f) => metrics::render(&f),
+            Err(e) => format!("# metrics unavailable: {e}\n"),
+        });
+        self.metrics = Some(srv);
+    }
+
+    /// Requests the loop serves itself (not the fleet): metrics and backup.
+    fn serve_local(&mut self, idx: usize, req: Request) {
+        self.counters.admin_requests += 1;
+        let resp = match req {
+            Request::Metrics => match self.metrics() {
+                Ok(f) => Response::ok(serde_json::json!({
+                    "text": metrics::render(&f),
+                    "samples": metrics::to_json(&f),
+                })),
+                Err(e) => Response::err(format!("cannot read the store: {e}")),
+            },
+            Request::Backup { dest } => self.backup(&dest),
+            _ => Response::err("not a local request"),
+        };
+        if let Some(Slot {
+            conn: Conn::Admin(a),
+            ..
+        }) = self.conns.get_mut(idx)
+        {
+            push_json_line(&mut a.out, &resp);
+            self.touched.push(idx);
+        }
+    }
+
+    /// `fleetcast backup`: a consistent, compacted copy of the store (the loop waits for it).
+    fn backup(&self, dest: &str) -> Response {
+        let path = std::path::Path::new(dest);
+        if !path.is_absolute() {
+            return Response::err(format!("backup destination `{dest}` must be absolute"));
+        }
+        if path.read_dir().is_ok_and(|mut d| d.next().is_some()) {
+            return Response::err(format!(
+                "backup destination {dest} is not empty: give a new directory"
+            ));
+        }
+        match self.fleet.store().backup(path) {
+            Ok(()) => {
+                let bytes = std::fs::metadata(path.join("data.mdb")).map_or(0, |m| m.len());
+                tracing::info!(dest, bytes, "store backed up");
+                Response::ok(serde_json::json!({ "backup": dest, "bytes": bytes }))
+            }
+            Err(e) => Response::err(format!("backup to {dest} failed: {e}")),
+        }
     }
 
     /// The address agents connect to (useful with port 0).
@@ -335,6 +421,7 @@ impl Gateway {
                     ADMIN => self.accept_admin(),
                     ARTIFACTS => self.accept_artifacts(),
                     MCAST => self.mcast_ready = true,
+                    t if metrics::Server::owns(t) => self.metrics_event(t),
                     Token(t) => {
                         let idx = t - FIRST_CONN;
                         if self.conns.contains(idx) && !self.ready.contains(&idx) {
@@ -756,9 +843,11 @@ impl Gateway {
                 }
             }
         }
+        let mut local = Vec::new();
         while let Some(nl) = a.inbuf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = a.inbuf.drain(..=nl).collect();
             match serde_json::from_slice::<Request>(&line) {
+                Ok(req @ (Request::Metrics | Request::Backup { .. })) => local.push(req),
                 Ok(Request::Push {
                     path,
                     group,
@@ -812,6 +901,9 @@ impl Gateway {
                 }
             }
         }
+        for req in local {
+            self.serve_local(idx, req);
+        }
         false
     }
 
@@ -853,6 +945,13 @@ impl Gateway {
             return;
         }
         let inputs = std::mem::take(&mut self.inputs);
+        for i in &inputs {
+            match i {
+                Input::Result { .. } => self.counters.results += 1,
+                Input::Admin { .. } | Input::Push { .. } => self.counters.admin_requests += 1,
+                _ => {}
+            }
+        }
         let actions = self.fleet.process(wall, inputs);
         for a in actions {
             self.apply(a, now);
@@ -887,6 +986,7 @@ impl Gateway {
                 }
                 return;
             }
+            Action::Dispatch { .. } => self.counters.dispatched += 1,
             Action::Reply { conn, resp } if !resp.ok => {
                 // A push the fleet refused: its mapping is not needed.
                 if let Some(d) = self.dist.as_mut() {

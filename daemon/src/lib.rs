@@ -3,13 +3,17 @@
 pub mod admin;
 pub mod artifacts;
 pub mod bench;
+pub mod config;
 pub mod convert;
 pub mod daemon_main;
 pub mod demo;
 pub mod distribution;
+pub mod exit;
 pub mod fleet;
 pub mod gateway;
+pub mod metrics;
 pub mod paths;
 pub mod pki;
+pub mod sd_notify;
 pub mod tlsconn;
 pub mod watch;

@@ -111,6 +111,58 @@ impl Store {
     pub fn map_size(&self) -> Result<usize> {
         Ok(self.env.info()?.map_size())
     }
+
+    /// Writes a consistent, compacted copy of the committed state into directory `dest`
+    /// (created if missing; it must not already hold a store): LMDB's `mdb_env_copy2` with
+    /// `MDB_CP_COMPACT`, inside one read transaction, so writers go on while it copies and the
+    /// copy is the state of one commit. Free pages are left out. The copy opens with
+    /// [`Store::open`] like any store directory.
+    pub fn backup(&self, dest: impl AsRef<Path>) -> Result<()> {
+        let dest = dest.as_ref();
+        std::fs::create_dir_all(dest)?;
+        if dest.join("data.mdb").exists() {
+            return Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} already holds a store", dest.display()),
+            )));
+        }
+        let c_path = std::ffi::CString::new(dest.as_os_str().as_encoded_bytes()).map_err(|_| {
+            Error::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "backup path contains a NUL byte",
+            ))
+        })?;
+        // The copy runs on a thread of its own: LMDB gives each thread one reader slot, and
+        // the copy's read transaction must not collide with a snapshot this thread holds
+        // (`MDB_BAD_RSLOT`).
+        let env = &self.env;
+        let rc = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: `env.env()` is the live environment handle owned by `self`, valid
+                    // for this borrow (the scope joins before it ends); `c_path` is a
+                    // NUL-terminated string that outlives the call; LMDB copies through its own
+                    // read transaction and keeps neither pointer.
+                    unsafe {
+                        lmdb_sys::mdb_env_copy2(
+                            env.env(),
+                            c_path.as_ptr(),
+                            lmdb_sys::MDB_CP_COMPACT,
+                        )
+                    }
+                })
+                .join()
+                .unwrap_or(libc::EIO)
+        });
+        if rc == 0 {
+            Ok(())
+        } else if rc > 0 {
+            // LMDB returns errno values for file system failures.
+            Err(Error::Io(std::io::Error::from_raw_os_error(rc)))
+        } else {
+            Err(Error::Lmdb(lmdb::Error::from_err_code(rc)))
+        }
+    }
 }
 
 /// A read-only, consistent view of the committed state.

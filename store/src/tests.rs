@@ -701,3 +701,27 @@ fn redelivery_to_a_device_that_never_got_the_command_is_not_an_attempt() {
     );
     b.commit().unwrap();
 }
+
+#[test]
+fn backup_is_a_consistent_store_taken_while_open() {
+    let (dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    b.enqueue(d, exec()).unwrap();
+    b.commit().unwrap();
+    // A read view stays open during the copy, as the gateway's would.
+    let snap = s.snapshot().unwrap();
+    let dest = dir.path().join("backup");
+    s.backup(&dest).unwrap();
+    drop(snap);
+    // Later writes to the original do not reach the copy.
+    let mut b = s.batch().unwrap();
+    b.enqueue(d, exec()).unwrap();
+    b.commit().unwrap();
+    let copy = Store::open(&dest).unwrap();
+    let snap = copy.snapshot().unwrap();
+    assert_eq!(snap.device_by_name("dev-1").unwrap().unwrap().id, d);
+    assert_eq!(snap.commands(d, 0, 10).unwrap().len(), 1);
+    // A second backup into the same directory is refused, not merged.
+    let e = s.backup(&dest).unwrap_err();
+    assert!(e.to_string().contains("already holds a store"), "{e}");
+}

@@ -1,22 +1,33 @@
 //! `fleetcast`: the operator CLI. Talks to a running `fleetcastd` over its admin socket.
 //!
-//! Exit codes: 0 success; 1 the gateway refused the request (the message says why and what to
-//! do); 2 usage error; 3 the gateway could not be reached.
+//! Every command takes `--json`: its output is then one JSON document on stdout (`watch`: one
+//! JSON object per line), `{"ok":true,"data":...}` or `{"ok":false,"error":"...","kind":...}`.
+//! Exit codes are defined in [`fleetcast_daemon::exit`]: 0 success; 1 the gateway refused the
+//! request or the operation failed; 2 usage error; 3 the gateway could not be reached; 4 the
+//! named device, group, task or file does not exist.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
-use fleetcast_daemon::admin::{self, OnFailureSpec, Request};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use fleetcast_daemon::admin::{self, ClientError, ErrorKind, OnFailureSpec, Request, Response};
+use fleetcast_daemon::exit::Exit;
 use fleetcast_daemon::paths::default_data_dir;
 
 #[derive(Parser, Debug)]
-#[command(name = "fleetcast", version, about = "Operate a fleetcast gateway")]
+#[command(
+    name = "fleetcast",
+    version,
+    about = "Operate a fleetcast gateway",
+    after_help = "Exit codes: 0 success; 1 the gateway refused the request or the operation \
+                  failed; 2 usage error; 3 the gateway could not be reached; 4 the named device, \
+                  group, task or file does not exist. See docs/operator.md."
+)]
 struct Cli {
     /// The gateway's data directory (its admin socket lives there).
     #[arg(long, global = true, env = "FLEETCAST_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Print the gateway's answer as JSON.
+    /// Machine-readable output: one JSON document on stdout (`watch`: one per line).
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -48,7 +59,8 @@ enum Cmd {
         /// Rate ceiling, megabits per second.
         #[arg(long, default_value_t = 200)]
         rate: u64,
-        /// Return once the task is created instead of following its progress per receiver.
+        /// Return once the task is created instead of following its progress per receiver
+        /// (always so with --json: then poll `task show ID --json`).
         #[arg(long)]
         no_follow: bool,
         /// Start the multicast this many seconds from now (a schedule; announces go out at
@@ -71,6 +83,39 @@ enum Cmd {
     Task(TaskCmd),
     /// The gateway's status: per device its queue, session and last configuration report.
     Status,
+    /// Print the event log (from an event id on).
+    Events {
+        /// First event id.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// At most this many events.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Follow the event log as it grows (Ctrl-C to stop).
+    Watch {
+        /// Start at this event id (default: only new events).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long = "for")]
+        duration: Option<u64>,
+    },
+    /// The gateway's metrics (the Prometheus text of its metrics endpoint).
+    Metrics,
+    /// Write a consistent, compacted copy of the store to DEST while the gateway runs.
+    /// Restore by stopping fleetcastd and putting DEST in place of `<data-dir>/store`.
+    Backup {
+        /// Destination directory (created; must not exist or be empty). Relative paths are
+        /// taken from the current directory.
+        dest: PathBuf,
+    },
+    /// Print a shell completion script (e.g. `fleetcast completions bash >
+    /// /etc/bash_completion.d/fleetcast`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Run the whole system on this machine: a gateway, agents, a queue with a reboot.
     Demo {
         /// Number of agents.
@@ -90,24 +135,6 @@ enum Cmd {
         /// fleetcast-agent arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
-    },
-    /// Follow the event log as it grows (Ctrl-C to stop).
-    Watch {
-        /// Start at this event id (default: only new events).
-        #[arg(long)]
-        from: Option<u64>,
-        /// Stop after this many seconds.
-        #[arg(long = "for")]
-        duration: Option<u64>,
-    },
-    /// Print the event log (from an event id on).
-    Events {
-        /// First event id.
-        #[arg(long, default_value_t = 0)]
-        from: u64,
-        /// At most this many events.
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
     },
 }
 
@@ -146,6 +173,8 @@ enum GroupCmd {
 
 #[derive(Subcommand, Debug)]
 enum TaskCmd {
+    /// Every task with its counts.
+    List,
     /// One task's status table (per device: pending, in_progress, completed, failed), or
     /// every task with its counts.
     Show {
@@ -170,8 +199,8 @@ struct QueueAddArgs {
     /// Queue each step as its own command (default: all steps form one command).
     #[arg(long)]
     each: bool,
-    /// Steps: exec:CMD, sh:SCRIPT, fetch:PATH=URL, verify:PATH=SHA256, write:PATH=TEXT,
-    /// reboot, report.
+    /// Steps: exec:CMD, sh:SCRIPT, install:PACKAGE..., fetch:PATH=URL (URL may be
+    /// gateway:NAME), verify:PATH=SHA256, write:PATH=TEXT, reboot, report.
     #[arg(last = true, required = true)]
     steps: Vec<String>,
 }
@@ -212,7 +241,10 @@ enum QueueCmd {
     },
 }
 
-fn build(cmd: Cmd) -> Result<Request, String> {
+/// A failure of the CLI itself (before or instead of an answer).
+struct Fail(Exit, String);
+
+fn build(cmd: Cmd) -> Result<Request, Fail> {
     Ok(match cmd {
         Cmd::Device(DeviceCmd::Add { name, groups }) => Request::DeviceAdd { name, groups },
         Cmd::Device(DeviceCmd::List) => Request::DeviceList,
@@ -224,7 +256,8 @@ fn build(cmd: Cmd) -> Result<Request, String> {
                 .steps
                 .iter()
                 .map(|s| admin::parse_step(s))
-                .collect::<Result<Vec<_>, _>>()?;
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Fail(Exit::Usage, e))?;
             let commands = if a.each {
                 steps.into_iter().map(|s| vec![s]).collect()
             } else {
@@ -264,9 +297,14 @@ fn build(cmd: Cmd) -> Result<Request, String> {
                 .iter()
                 .map(|s| fleetcast_daemon::admin::parse_step(s).map(|st| vec![st]))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("--then: {e}"))?;
-            let path = std::fs::canonicalize(&file)
-                .map_err(|e| format!("cannot open {}: {e}", file.display()))?;
+                .map_err(|e| Fail(Exit::Usage, format!("--then: {e}")))?;
+            let path = std::fs::canonicalize(&file).map_err(|e| {
+                let code = match e.kind() {
+                    std::io::ErrorKind::NotFound => Exit::NotFound,
+                    _ => Exit::Usage,
+                };
+                Fail(code, format!("cannot open {}: {e}", file.display()))
+            })?;
             Request::Push {
                 path: path.display().to_string(),
                 group,
@@ -281,20 +319,55 @@ fn build(cmd: Cmd) -> Result<Request, String> {
             }
         }
         Cmd::Task(TaskCmd::Show { id }) => Request::TaskShow { task: id },
+        Cmd::Task(TaskCmd::List) => Request::TaskShow { task: None },
+        Cmd::Metrics => Request::Metrics,
+        Cmd::Backup { dest } => {
+            let dest = std::path::absolute(&dest).map_err(|e| {
+                Fail(
+                    Exit::Usage,
+                    format!("bad destination {}: {e}", dest.display()),
+                )
+            })?;
+            Request::Backup {
+                dest: dest.display().to_string(),
+            }
+        }
         Cmd::Watch { .. }
         | Cmd::Demo { .. }
+        | Cmd::Completions { .. }
         | Cmd::InternalGateway { .. }
-        | Cmd::InternalAgent { .. } => return Err("not a single request".into()),
+        | Cmd::InternalAgent { .. } => {
+            return Err(Fail(Exit::Usage, "not a single request".into()))
+        }
         Cmd::Events { from, limit } => Request::Events { from, limit },
     })
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // Usage errors are JSON too when --json is on the line (help and version are not
+        // errors).
+        Err(e) if e.use_stderr() && std::env::args().any(|a| a == "--json") => {
+            let msg = e.render().to_string();
+            return fail(true, Exit::Usage, msg.trim_end());
+        }
+        Err(e) => e.exit(),
+    };
     let data_dir = cli.data_dir.unwrap_or_else(default_data_dir);
+    let json = cli.json;
     match cli.cmd {
-        Cmd::Watch { from, duration } => return watch(&data_dir, from, duration, cli.json),
+        Cmd::Watch { from, duration } => return watch(&data_dir, from, duration, json),
         Cmd::Demo { devices } => return fleetcast_daemon::demo::run(devices),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "fleetcast",
+                &mut std::io::stdout(),
+            );
+            return Exit::Ok.into();
+        }
         Cmd::InternalGateway { args } => {
             return fleetcast_daemon::daemon_main::main_with_args(
                 std::iter::once("fleetcastd".to_string()).chain(args),
@@ -303,55 +376,85 @@ fn main() -> ExitCode {
         Cmd::InternalAgent { args } => return fleetcast_agent::cli::main_with_args(args),
         _ => {}
     }
+    // With --json a push answers once the task exists (scripts poll `task show ID --json`).
     let follow = matches!(
         cli.cmd,
         Cmd::Push {
             no_follow: false,
             ..
         }
-    ) && !cli.json;
+    ) && !json;
+    let metrics = matches!(cli.cmd, Cmd::Metrics);
+    let timeout = match cli.cmd {
+        // A backup copies the whole store before it answers.
+        Cmd::Backup { .. } => std::time::Duration::from_secs(3600),
+        _ => std::time::Duration::from_secs(30),
+    };
     let req = match build(cli.cmd) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("fleetcast: {e}");
-            return ExitCode::from(2);
-        }
+        Err(Fail(code, msg)) => return fail(json, code, &msg),
     };
-    match admin::request(&data_dir, &req) {
-        Err(e) => {
-            eprintln!("fleetcast: {e}");
-            ExitCode::from(3)
-        }
-        Ok(resp) if cli.json => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&resp).unwrap_or_default()
-            );
-            if resp.ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
-        Ok(resp) if resp.ok && follow => {
-            print_human(&resp.data);
-            match resp.data.get("task").and_then(|t| t.as_u64()) {
-                Some(task) => follow_task(&data_dir, task),
-                None => ExitCode::SUCCESS,
-            }
-        }
-        Ok(resp) if resp.ok => {
-            print_human(&resp.data);
-            ExitCode::SUCCESS
-        }
-        Ok(resp) => {
-            eprintln!(
-                "fleetcast: {}",
-                resp.error.unwrap_or_else(|| "request refused".into())
-            );
-            ExitCode::from(1)
-        }
+    let resp = match admin::request_timeout(&data_dir, &req, timeout) {
+        Ok(r) => r,
+        Err(e) => return client_fail(json, &e),
+    };
+    if !resp.ok {
+        return refused(json, resp);
     }
+    if follow {
+        print_human(&resp.data);
+        return match resp.data.get("task").and_then(|t| t.as_u64()) {
+            Some(task) => follow_task(&data_dir, task),
+            None => Exit::Ok.into(),
+        };
+    }
+    if json {
+        print_json(&resp);
+    } else if metrics {
+        print!("{}", resp.data["text"].as_str().unwrap_or_default());
+    } else {
+        print_human(&resp.data);
+    }
+    Exit::Ok.into()
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Reports a failure: as a JSON document on stdout with `--json`, else on stderr.
+fn fail(json: bool, code: Exit, msg: &str) -> ExitCode {
+    if json {
+        print_json(&serde_json::json!({ "ok": false, "error": msg, "kind": code.name() }));
+    } else {
+        eprintln!("fleetcast: {msg}");
+    }
+    code.into()
+}
+
+fn client_fail(json: bool, e: &ClientError) -> ExitCode {
+    let code = match e {
+        ClientError::Malformed(_) => Exit::Failed,
+        _ => Exit::Unreachable,
+    };
+    fail(json, code, &e.to_string())
+}
+
+/// The gateway refused: exit 4 when what was named does not exist, else 1.
+fn refused(json: bool, resp: Response) -> ExitCode {
+    let code = match resp.kind {
+        Some(ErrorKind::NotFound) => Exit::NotFound,
+        None => Exit::Failed,
+    };
+    if json {
+        let mut v = serde_json::to_value(&resp).unwrap_or_default();
+        v["kind"] = code.name().into();
+        print_json(&v);
+        return code.into();
+    }
+    let msg = resp.error.unwrap_or_else(|| "request refused".into());
+    eprintln!("fleetcast: {msg}");
+    code.into()
 }
 
 /// Plain text for people: `key: value` lines, tables as one line per row.
@@ -408,10 +511,7 @@ fn watch(
                     .unwrap_or(0)
                     + 1
             }
-            Err(e) => {
-                eprintln!("fleetcast: {e}");
-                return ExitCode::from(3);
-            }
+            Err(e) => return client_fail(json, &e),
         },
     };
     let polls = duration.map(|d| d * 4);
@@ -441,18 +541,12 @@ fn watch(
                     next = e["id"].as_u64().unwrap_or(next) + 1;
                 }
             }
-            Ok(r) => {
-                eprintln!("fleetcast: {}", r.error.unwrap_or_default());
-                return ExitCode::from(1);
-            }
-            Err(e) => {
-                eprintln!("fleetcast: {e}");
-                return ExitCode::from(3);
-            }
+            Ok(r) => return refused(json, r),
+            Err(e) => return client_fail(json, &e),
         }
         n += 1;
         if polls.is_some_and(|p| n >= p) {
-            return ExitCode::SUCCESS;
+            return Exit::Ok.into();
         }
         std::thread::sleep(std::time::Duration::from_millis(250));
     }
@@ -463,17 +557,12 @@ fn watch(
 fn follow_task(data_dir: &std::path::Path, task: u64) -> ExitCode {
     let mut last: std::collections::BTreeMap<String, String> = Default::default();
     loop {
-        let rows = match admin::request(data_dir, &Request::TaskShow { task: Some(task) }) {
-            Ok(r) if r.ok => r.data["devices"].as_array().cloned().unwrap_or_default(),
-            Ok(r) => {
-                eprintln!("fleetcast: {}", r.error.unwrap_or_default());
-                return ExitCode::from(1);
-            }
-            Err(e) => {
-                eprintln!("fleetcast: {e}");
-                return ExitCode::from(3);
-            }
+        let resp = match admin::request(data_dir, &Request::TaskShow { task: Some(task) }) {
+            Ok(r) if r.ok => r,
+            Ok(r) => return refused(false, r),
+            Err(e) => return client_fail(false, &e),
         };
+        let rows = resp.data["devices"].as_array().cloned().unwrap_or_default();
         for r in &rows {
             let name = r["device"].as_str().unwrap_or("?").to_string();
             let line = format!(
@@ -501,11 +590,7 @@ fn follow_task(data_dir: &std::path::Path, task: u64) -> ExitCode {
                 rows.len() - failed,
                 rows.len()
             );
-            return if failed == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            };
+            return if failed == 0 { Exit::Ok } else { Exit::Failed }.into();
         }
         std::thread::sleep(std::time::Duration::from_millis(250));
     }

@@ -1003,7 +1003,8 @@ mod tests {
                 demoted_at = Some(s.next_first);
             }
         }
-        let at = demoted_at.unwrap_or_else(|| panic!("not demoted: {:?} next={}", s.stats(), s.next_first));
+        let at = demoted_at
+            .unwrap_or_else(|| panic!("not demoted: {:?} next={}", s.stats(), s.next_first));
         assert!((256..400).contains(&at), "demoted after {at} blocks");
         assert_eq!(s.stats().demoted, 1);
     }

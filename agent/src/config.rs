@@ -1,0 +1,513 @@
+//! `fleetcast-agent`'s configuration file, environment overrides and `--print-config`.
+//!
+//! The file is a flat subset of TOML, parsed by hand to keep the agent small (no serde, no
+//! toml crate): one `key = value` per line, `#` comments, blank lines; a value is a
+//! double-quoted string (escapes `\"`, `\\`, `\n`, `\t`) or, for [`Key::list`] keys, an array of
+//! them on one line (`["a", "b"]`). Anything else is an error naming the line, the key and the
+//! problem; unknown keys are refused.
+//!
+//! Precedence, lowest first: the file (`--config FILE`), environment variables
+//! `FLEETCAST_AGENT_<KEY>` ([`env_var`]), command-line flags. The merge works on arguments:
+//! [`expand`] turns the file and the environment into the equivalent flags, placed before the
+//! command line's own (the parser keeps the last value of a flag, so the command line wins);
+//! `reboot_command`, whose flag takes the rest of the line, goes last, and only when the
+//! command line has no `--reboot-command`.
+
+use std::collections::BTreeMap;
+
+/// One configuration key.
+#[derive(Debug, Clone, Copy)]
+pub struct Key {
+    /// Name in the file (`snake_case`); the flag is `--` and the name with `-` for `_`.
+    pub name: &'static str,
+    /// Meaning.
+    pub doc: &'static str,
+    /// An array of strings (else one string).
+    pub list: bool,
+}
+
+const fn key(name: &'static str, doc: &'static str) -> Key {
+    Key {
+        name,
+        doc,
+        list: false,
+    }
+}
+
+/// Every key, in print order. (No key may be named `args`: the daemon's test harness passes
+/// agent arguments in `FLEETCAST_AGENT_ARGS`.)
+pub const KEYS: &[Key] = &[
+    key("gateway", "The gateway, HOST:PORT (fleetcastd's listen address as agents reach it). Required."),
+    key("state_dir", "Where the agent keeps its key, certificate and queue progress; must survive reboots. Required."),
+    key("server_name", "Name in the gateway's certificate (one of fleetcastd's server_names). Default: the HOST of gateway."),
+    key("ca", "Gateway CA certificate (PEM file: <data_dir>/pki/ca.pem on the gateway), trusted for enrolment."),
+    key("ca_fingerprint", "Or the CA's SHA-256 fingerprint, 64 hex digits (fleetcastd --print-ca-fingerprint)."),
+    key("token", "One-time enrolment token from `fleetcast device add NAME`; needs name. Unused once enrolled."),
+    key("name", "The device name the token was issued for."),
+    key("boot_id_file", "Boot id source. Default: /proc/sys/kernel/random/boot_id."),
+    key("dpkg_status", "Installed-software source for reports. Default: /var/lib/dpkg/status."),
+    key("downloads", "Where pushed files land. Default: <state_dir>/downloads."),
+    Key {
+        name: "reboot_command",
+        doc: "How a reboot step reboots, program and arguments. Default: [\"systemctl\", \"reboot\"].",
+        list: true,
+    },
+];
+
+/// The environment variable of key `name`: `FLEETCAST_AGENT_` and the name in capitals.
+pub fn env_var(name: &str) -> String {
+    format!("FLEETCAST_AGENT_{}", name.to_ascii_uppercase())
+}
+
+fn flag(name: &str) -> String {
+    format!("--{}", name.replace('_', "-"))
+}
+
+/// A value: one string, or a list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    /// A string.
+    Str(String),
+    /// An array of strings.
+    List(Vec<String>),
+}
+
+/// Settings by key name.
+pub type Settings = BTreeMap<&'static str, Value>;
+
+fn lookup(name: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|k| k.name == name)
+}
+
+/// Parses the file's text (`path` only names it in errors).
+pub fn parse(path: &str, text: &str) -> Result<Settings, String> {
+    let mut out = Settings::new();
+    for (i, raw) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = |why: String| format!("{path}, line {n}: {why}");
+        if line.starts_with('[') {
+            return Err(at(format!(
+                "sections are not supported: every key is at the top level (`{line}`)"
+            )));
+        }
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| at(format!("expected `key = \"value\"`, got `{line}`")))?;
+        let k = k.trim();
+        let key = lookup(k).ok_or_else(|| {
+            let names: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
+            at(format!(
+                "unknown key `{k}`; the keys are {}",
+                names.join(", ")
+            ))
+        })?;
+        let (value, rest) = if key.list {
+            let (l, rest) = list(v.trim()).map_err(|e| at(format!("key `{k}`: {e}")))?;
+            (Value::List(l), rest)
+        } else {
+            let (s, rest) = string(v.trim()).map_err(|e| at(format!("key `{k}`: {e}")))?;
+            (Value::Str(s), rest)
+        };
+        let rest = rest.trim_start();
+        if !(rest.is_empty() || rest.starts_with('#')) {
+            return Err(at(format!(
+                "key `{k}`: unexpected `{rest}` after the value"
+            )));
+        }
+        if out.insert(key.name, value).is_some() {
+            return Err(at(format!("key `{k}` is set twice")));
+        }
+    }
+    Ok(out)
+}
+
+/// A double-quoted string at the start of `s`; returns it and the rest.
+fn string(s: &str) -> Result<(String, &str), String> {
+    let Some(body) = s.strip_prefix('"') else {
+        return Err(format!("expected a double-quoted string, got `{s}`"));
+    };
+    let mut out = String::new();
+    let mut chars = body.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return Ok((out, &body[i + 1..])),
+            '\\' => match chars.next().map(|(_, c)| c) {
+                Some('"') => out.push('"'),
+                Some('\\') => out.push('\\'),
+                Some('n') => out.push('\n'),
+                Some('t') => out.push('\t'),
+                other => return Err(format!("unsupported escape `\\{}`", other.unwrap_or(' '))),
+            },
+            c => out.push(c),
+        }
+    }
+    Err("unterminated string (a value is on one line)".into())
+}
+
+/// `["a", "b"]` at the start of `s`.
+fn list(s: &str) -> Result<(Vec<String>, &str), String> {
+    let Some(mut rest) = s.strip_prefix('[') else {
+        return Err(format!("expected a list like [\"a\", \"b\"], got `{s}`"));
+    };
+    let mut out = Vec::new();
+    loop {
+        rest = rest.trim_start();
+        if let Some(r) = rest.strip_prefix(']') {
+            return Ok((out, r));
+        }
+        let (item, r) = string(rest)?;
+        out.push(item);
+        rest = r.trim_start();
+        if let Some(r) = rest.strip_prefix(',') {
+            rest = r;
+        } else if !rest.starts_with(']') {
+            return Err("expected `,` or `]` in the list".into());
+        }
+    }
+}
+
+/// Overlays the environment (`env` looks a variable up): a list value splits on whitespace.
+pub fn overlay_env(s: &mut Settings, env: impl Fn(&str) -> Option<String>) {
+    for k in KEYS {
+        if let Some(v) = env(&env_var(k.name)) {
+            let v = if k.list {
+                Value::List(v.split_whitespace().map(String::from).collect())
+            } else {
+                Value::Str(v)
+            };
+            s.insert(k.name, v);
+        }
+    }
+}
+
+/// Overlays the flags of `args` that are keys (for `--print-config`).
+fn overlay_args(s: &mut Settings, args: &[String]) {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let Some(k) = KEYS.iter().find(|k| flag(k.name) == *a) else {
+            continue;
+        };
+        if k.list {
+            s.insert(k.name, Value::List(it.by_ref().cloned().collect()));
+        } else if let Some(v) = it.next() {
+            s.insert(k.name, Value::Str(v.clone()));
+        }
+    }
+}
+
+/// Checks what the parser of flags would reject less clearly.
+fn validate(s: &Settings) -> Result<(), String> {
+    let bad = |k: &str, why: &str| Err(format!("configuration key `{k}`: {why}"));
+    if let Some(Value::Str(f)) = s.get("ca_fingerprint") {
+        let hex = f.replace(':', "");
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return bad(
+                "ca_fingerprint",
+                "needs 64 hex digits (fleetcastd --print-ca-fingerprint)",
+            );
+        }
+    }
+    if let Some(Value::Str(g)) = s.get("gateway") {
+        if !g
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        {
+            return bad("gateway", "needs HOST:PORT, e.g. gw.example.net:7300");
+        }
+    }
+    if s.contains_key("token") != s.contains_key("name") {
+        return bad("token", "token and name go together");
+    }
+    if let Some(Value::List(l)) = s.get("reboot_command") {
+        if l.is_empty() {
+            return bad("reboot_command", "needs a program");
+        }
+    }
+    for (k, v) in s {
+        if v == &Value::Str(String::new()) {
+            return bad(k, "is empty");
+        }
+    }
+    Ok(())
+}
+
+/// The settings as a configuration file, every key documented, unset ones commented out.
+pub fn render(s: &Settings) -> String {
+    fn quote(v: &str) -> String {
+        let mut o = String::from('"');
+        for c in v.chars() {
+            match c {
+                '"' => o.push_str("\\\""),
+                '\\' => o.push_str("\\\\"),
+                '\n' => o.push_str("\\n"),
+                '\t' => o.push_str("\\t"),
+                c => o.push(c),
+            }
+        }
+        o.push('"');
+        o
+    }
+    let mut out = String::from(
+        "# fleetcast-agent configuration (`fleetcast-agent --config FILE`).\n\
+         # Environment variables FLEETCAST_AGENT_<KEY> and flags override the file.\n",
+    );
+    for k in KEYS {
+        out.push_str(&format!("\n# {} (env {})\n", k.doc, env_var(k.name)));
+        match s.get(k.name) {
+            Some(Value::Str(v)) => out.push_str(&format!("{} = {}\n", k.name, quote(v))),
+            Some(Value::List(l)) => {
+                let items: Vec<String> = l.iter().map(|v| quote(v)).collect();
+                out.push_str(&format!("{} = [{}]\n", k.name, items.join(", ")));
+            }
+            None => out.push_str(&format!("# {} =\n", k.name)),
+        }
+    }
+    out
+}
+
+/// What [`expand`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Expanded {
+    /// Run with these arguments (file and environment as flags, then the command line's).
+    Run(Vec<String>),
+    /// `--print-config`: print this and exit.
+    Print(String),
+}
+
+/// Takes `--config FILE` and `--print-config` out of `args` and merges the file, the
+/// environment (`env`) and the remaining flags. Errors name the file line or the key.
+pub fn expand(args: Vec<String>, env: impl Fn(&str) -> Option<String>) -> Result<Expanded, String> {
+    let mut rest = Vec::with_capacity(args.len());
+    let mut file = None;
+    let mut print = false;
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--config" => file = Some(it.next().ok_or("--config needs a file")?),
+            "--print-config" => print = true,
+            // `--reboot-command` takes everything after it.
+            "--reboot-command" => {
+                rest.push(a);
+                rest.extend(it.by_ref());
+            }
+            _ => rest.push(a),
+        }
+    }
+    let mut s = match &file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read configuration file {path}: {e}"))?;
+            parse(path, &text)?
+        }
+        None => Settings::new(),
+    };
+    overlay_env(&mut s, env);
+    if print {
+        overlay_args(&mut s, &rest);
+        validate(&s)?;
+        return Ok(Expanded::Print(render(&s)));
+    }
+    validate(&s)?;
+    let mut out = Vec::new();
+    let mut reboot = None;
+    for (k, v) in &s {
+        match v {
+            Value::Str(v) => out.extend([flag(k), v.clone()]),
+            Value::List(l) => reboot = Some(l.clone()),
+        }
+    }
+    let cli_reboot = rest.iter().any(|a| a == "--reboot-command");
+    out.extend(rest);
+    if let (Some(l), false) = (reboot, cli_reboot) {
+        out.push("--reboot-command".into());
+        out.extend(l);
+    }
+    Ok(Expanded::Run(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn file(text: &str) -> (tempfile::TempDir, String) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("agent.toml");
+        std::fs::write(&p, text).unwrap();
+        (d, p.display().to_string())
+    }
+
+    #[test]
+    fn no_config_changes_nothing() {
+        let a = args(&["--gateway", "g:1", "--state-dir", "/s"]);
+        assert_eq!(expand(a.clone(), no_env).unwrap(), Expanded::Run(a));
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let (_d, p) = file(
+            "# comment\ngateway = \"gw:7300\"  # trailing\nstate_dir = \"/var/lib/a\"\n\n\
+             reboot_command = [\"/sbin/reboot\", \"-f\"]\nname = \"web \\\"1\\\"\"\ntoken = \"t\"\n",
+        );
+        let got = expand(args(&["--config", &p, "--state-dir", "/flag"]), no_env).unwrap();
+        assert_eq!(
+            got,
+            Expanded::Run(args(&[
+                "--gateway",
+                "gw:7300",
+                "--name",
+                "web \"1\"",
+                "--state-dir",
+                "/var/lib/a",
+                "--token",
+                "t",
+                "--state-dir",
+                "/flag",
+                "--reboot-command",
+                "/sbin/reboot",
+                "-f",
+            ]))
+        );
+        let env = |v: &str| (v == "FLEETCAST_AGENT_GATEWAY").then(|| "env:1".to_string());
+        let Expanded::Run(a) = expand(args(&["--config", &p]), env).unwrap() else {
+            panic!()
+        };
+        assert_eq!(&a[..2], ["--gateway", "env:1"]);
+        // A command-line reboot command replaces the file's.
+        let Expanded::Run(a) =
+            expand(args(&["--config", &p, "--reboot-command", "x"]), no_env).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(&a[a.len() - 2..], ["--reboot-command", "x"]);
+        assert_eq!(a.iter().filter(|x| *x == "--reboot-command").count(), 1);
+    }
+
+    #[test]
+    fn print_config_shows_the_merge_and_reads_back() {
+        let (_d, p) = file("gateway = \"gw:7300\"\nstate_dir = \"/s\"\n");
+        let env = |v: &str| (v == "FLEETCAST_AGENT_DOWNLOADS").then(|| "/dl".to_string());
+        let Expanded::Print(text) = expand(
+            args(&[
+                "--config",
+                &p,
+                "--print-config",
+                "--server-name",
+                "gw.example",
+            ]),
+            env,
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert!(text.contains("gateway = \"gw:7300\"\n"), "{text}");
+        assert!(text.contains("downloads = \"/dl\"\n"), "{text}");
+        assert!(text.contains("server_name = \"gw.example\"\n"), "{text}");
+        assert!(text.contains("# token =\n"), "{text}");
+        for k in KEYS {
+            assert!(text.contains(&env_var(k.name)), "{}", k.name);
+        }
+        let back = parse("printed", &text).unwrap();
+        assert_eq!(back.len(), 4);
+        assert_eq!(back["server_name"], Value::Str("gw.example".into()));
+    }
+
+    #[test]
+    fn every_key_can_be_set_from_the_environment_and_read_back() {
+        let sample = |k: &Key| match k.name {
+            "gateway" => "gw.example:7300".to_string(),
+            "ca_fingerprint" => "ab".repeat(32),
+            "reboot_command" => "/sbin/reboot -f".into(),
+            other => format!("/v/{other}"),
+        };
+        let env = |var: &str| KEYS.iter().find(|k| env_var(k.name) == var).map(sample);
+        let Expanded::Print(text) = expand(args(&["--print-config"]), env).unwrap() else {
+            panic!()
+        };
+        let back = parse("printed", &text).unwrap();
+        assert_eq!(back.len(), KEYS.len(), "{text}");
+        for k in KEYS {
+            let want = if k.list {
+                Value::List(sample(k).split(' ').map(String::from).collect())
+            } else {
+                Value::Str(sample(k))
+            };
+            assert_eq!(back[k.name], want, "{}", k.name);
+        }
+        // And each becomes its flag for the command-line parser.
+        let Expanded::Run(a) = expand(vec![], env).unwrap() else {
+            panic!()
+        };
+        for k in KEYS {
+            assert!(a.contains(&flag(k.name)), "{}: {a:?}", k.name);
+        }
+    }
+
+    #[test]
+    fn every_key_is_documented() {
+        let doc = include_str!("../../docs/configuration.md");
+        for k in KEYS {
+            assert!(doc.contains(&format!("`{}`", k.name)), "{}", k.name);
+            assert!(doc.contains(&env_var(k.name)), "{}", k.name);
+            assert!(doc.contains(&flag(k.name)), "{}", k.name);
+        }
+    }
+
+    #[test]
+    fn errors_name_the_line_the_key_and_the_problem() {
+        let cases = [
+            ("gatway = \"x:1\"\n", "line 1: unknown key `gatway`"),
+            (
+                "\ngateway = x:1\n",
+                "line 2: key `gateway`: expected a double-quoted string",
+            ),
+            ("gateway = \"x:1\n", "unterminated"),
+            ("gateway = \"x:1\" extra\n", "unexpected `extra`"),
+            (
+                "gateway = \"a:1\"\ngateway = \"b:1\"\n",
+                "line 2: key `gateway` is set twice",
+            ),
+            ("[agent]\n", "sections are not supported"),
+            (
+                "reboot_command = \"reboot\"\n",
+                "key `reboot_command`: expected a list",
+            ),
+            ("reboot_command = [\"a\" \"b\"]\n", "expected `,` or `]`"),
+            ("just words\n", "expected `key = \"value\"`"),
+            ("gateway = \"nohost\"\n", "`gateway`: needs HOST:PORT"),
+            (
+                "ca_fingerprint = \"abc\"\n",
+                "`ca_fingerprint`: needs 64 hex digits",
+            ),
+            ("token = \"t\"\n", "token and name go together"),
+            ("reboot_command = []\n", "`reboot_command`: needs a program"),
+            ("server_name = \"\"\n", "`server_name`: is empty"),
+        ];
+        for (text, want) in cases {
+            let (_d, p) = file(text);
+            let e = expand(args(&["--config", &p]), no_env).unwrap_err();
+            assert!(e.contains(want), "{text:?}: want {want:?} in {e:?}");
+        }
+        let e = expand(args(&["--config", "/nonexistent"]), no_env).unwrap_err();
+        assert!(
+            e.contains("cannot read configuration file /nonexistent"),
+            "{e}"
+        );
+        let e = expand(args(&["--config"]), no_env).unwrap_err();
+        assert!(e.contains("--config needs a file"), "{e}");
+        let env = |v: &str| (v == "FLEETCAST_AGENT_GATEWAY").then(|| "bad".to_string());
+        let e = expand(vec![], env).unwrap_err();
+        assert!(e.contains("`gateway`"), "{e}");
+    }
+}
