@@ -40,6 +40,38 @@ pub struct Config {
     pub artifacts: ArtifactsSection,
     /// Admin interface.
     pub admin: AdminSection,
+    /// Watched-directory trigger.
+    pub watch: WatchSection,
+}
+
+/// `[watch]`: push every file that appears or changes in a directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchSection {
+    /// The watched directory; unset: off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Target group of the pushes it triggers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Scan interval, milliseconds.
+    pub interval_ms: u64,
+    /// Rate ceiling of triggered pushes, Mbit/s.
+    pub rate_mbps: u64,
+    /// Block size of triggered pushes, bytes.
+    pub block_size: u32,
+}
+
+impl Default for WatchSection {
+    fn default() -> Self {
+        WatchSection {
+            dir: None,
+            group: None,
+            interval_ms: 2000,
+            rate_mbps: 200,
+            block_size: 1400,
+        }
+    }
 }
 
 /// `[log]`.
@@ -113,6 +145,7 @@ impl Default for Config {
             mcast: McastSection::default(),
             artifacts: ArtifactsSection::default(),
             admin: AdminSection::default(),
+            watch: WatchSection::default(),
         }
     }
 }
@@ -207,6 +240,14 @@ pub const KEYS: &[Key] = &[
         "artifacts.url",
         "The URL agents use to reach artifacts.listen (default http://<its address>). Needs artifacts.listen.",
     ),
+    key(
+        "watch.dir",
+        "A directory whose files are pushed when they appear or change (once unchanged over two scans). Files present at start are not pushed. Needs watch.group and mcast.addr. Unset: off.",
+    ),
+    key("watch.group", "Target group of the pushes watch.dir triggers."),
+    key("watch.interval_ms", "How often watch.dir is scanned, milliseconds."),
+    key("watch.rate_mbps", "Rate ceiling of the pushes watch.dir triggers, Mbit/s."),
+    key("watch.block_size", "Block size of the pushes watch.dir triggers, bytes."),
     key(
         "admin.metrics_listen",
         "Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9477. Unset: off. No authentication: keep it on loopback or a management network.",
@@ -381,6 +422,44 @@ impl Config {
                 ),
             );
         }
+        if let Some(d) = &self.watch.dir {
+            if self.watch.group.as_deref().is_none_or(str::is_empty) {
+                return bad(
+                    "watch.group",
+                    format!("watch.dir {} needs a target group", d.display()),
+                );
+            }
+            if self.mcast.addr.is_none() {
+                return bad(
+                    "watch.dir",
+                    "pushes need multicast: set mcast.addr too".into(),
+                );
+            }
+        }
+        if self.watch.interval_ms < 100 {
+            return bad(
+                "watch.interval_ms",
+                format!(
+                    "{} ms is too often: use at least 100",
+                    self.watch.interval_ms
+                ),
+            );
+        }
+        if self.watch.rate_mbps == 0 {
+            return bad(
+                "watch.rate_mbps",
+                "0 would never send: use at least 1".into(),
+            );
+        }
+        if !(512..=65_000).contains(&self.watch.block_size) {
+            return bad(
+                "watch.block_size",
+                format!(
+                    "{} is out of range: use 512 to 65000",
+                    self.watch.block_size
+                ),
+            );
+        }
         if !self.mcast.group.is_multicast() {
             return bad(
                 "mcast.group",
@@ -496,6 +575,11 @@ mod tests {
             admin: AdminSection {
                 metrics_listen: Some("127.0.0.1:2".parse().unwrap()),
             },
+            watch: WatchSection {
+                dir: Some("/w".into()),
+                group: Some("g".into()),
+                ..WatchSection::default()
+            },
             ..Config::default()
         };
         let t = toml::Table::try_from(&full).unwrap();
@@ -541,6 +625,11 @@ mod tests {
         ("mcast.warmup_ms", "50", "50"),
         ("artifacts.listen", "10.0.0.1:7380", "\"10.0.0.1:7380\""),
         ("artifacts.url", "http://gw/a", "\"http://gw/a\""),
+        ("watch.dir", "/srv/drop", "\"/srv/drop\""),
+        ("watch.group", "web", "\"web\""),
+        ("watch.interval_ms", "500", "500"),
+        ("watch.rate_mbps", "300", "300"),
+        ("watch.block_size", "8000", "8000"),
         (
             "admin.metrics_listen",
             "127.0.0.1:9477",

@@ -87,6 +87,12 @@ struct Args {
     /// Serve Prometheus metrics (`GET /metrics`) on this address [key: admin.metrics_listen].
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Push every file that appears or changes in this directory [key: watch.dir].
+    #[arg(long)]
+    watch_dir: Option<PathBuf>,
+    /// Target group of those pushes [key: watch.group].
+    #[arg(long)]
+    watch_group: Option<String>,
     /// Log filter (error, warn, info, debug, trace or tracing directives) [key: log.level].
     #[arg(long)]
     log_level: Option<String>,
@@ -122,6 +128,12 @@ impl Args {
         }
         if let Some(x) = self.mcast_addr {
             o.push(("mcast.addr", s(&x)));
+        }
+        if let Some(d) = &self.watch_dir {
+            o.push(("watch.dir", s(&d.display())));
+        }
+        if let Some(g) = &self.watch_group {
+            o.push(("watch.group", s(g)));
         }
         if let Some(x) = self.mcast_port {
             o.push(("mcast.port", V::Integer(x.into())));
@@ -259,6 +271,16 @@ fn run(cfg: Config, print_ca_fingerprint: bool) -> Result<(), Box<dyn std::error
             base_url: cfg.artifacts.url.clone(),
         }),
         metrics_listen: cfg.admin.metrics_listen,
+        watch: match (&cfg.watch.dir, &cfg.watch.group) {
+            (Some(dir), Some(group)) => Some(crate::watch::WatchConfig {
+                dir: dir.clone(),
+                group: group.clone(),
+                interval: Duration::from_millis(cfg.watch.interval_ms),
+                rate_mbps: cfg.watch.rate_mbps,
+                block_size: cfg.watch.block_size,
+            }),
+            _ => None,
+        },
         ..GatewayConfig::default()
     };
     let mut gw = Gateway::bind(gw_cfg, fleet)?;

@@ -68,8 +68,23 @@ fn gateway_and_two_agents<'lab>(
     Vec<AgentSpec>,
     Vec<fleetcast_lab::LabChild<'lab>>,
 ) {
+    gateway_with_two_agents(lab, dir, &[])
+}
+
+/// [`gateway_and_two_agents`] with more `fleetcastd` arguments.
+fn gateway_with_two_agents<'lab>(
+    lab: &'lab Lab,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (
+    Gateway<'lab>,
+    Vec<AgentSpec>,
+    Vec<fleetcast_lab::LabChild<'lab>>,
+) {
     let gw_addr = lab.host(0).addr().to_string();
-    let gw = Gateway::start(lab.host(0), dir, &["--mcast-addr", &gw_addr]);
+    let mut args = vec!["--mcast-addr", &gw_addr];
+    args.extend_from_slice(extra);
+    let gw = Gateway::start(lab.host(0), dir, &args);
     let mut specs = Vec::new();
     let mut agents = Vec::new();
     for i in 1..=2 {
@@ -741,4 +756,54 @@ fn a_follow_up_command_runs_after_the_verified_copy() {
             .unwrap_or_else(|| panic!("no `{what}` in {events:#?}"))
     };
     assert!(at("completed (digest verified)") < at("follow-up: 1 command(s) queued"));
+}
+
+#[test]
+fn a_file_dropped_into_the_watched_directory_is_pushed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let drop_dir = dir.join("drop");
+    std::fs::create_dir_all(&drop_dir).expect("drop dir");
+    // Present at start: the baseline, never pushed.
+    std::fs::write(drop_dir.join("old.bin"), b"old").expect("old file");
+    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    let drop_arg = drop_dir.display().to_string();
+    let (gw, specs, _agents) = gateway_with_two_agents(
+        &lab,
+        dir,
+        &["--watch-dir", &drop_arg, "--watch-group", "fleet"],
+    );
+    let mut data = vec![0u8; 1 << 20];
+    Rng::from_env(0x5eed_000b).fill(&mut data);
+    // Written under a temporary name (ignored), then renamed into place.
+    std::fs::write(drop_dir.join("new.bin.tmp"), &data).expect("write");
+    std::fs::rename(drop_dir.join("new.bin.tmp"), drop_dir.join("new.bin")).expect("rename");
+    let task = wait_for(
+        "the watched file's task",
+        WAIT,
+        || {
+            let t = gw.try_admin(&Request::TaskShow { task: None }).ok()?;
+            t["tasks"].as_array()?.first()?["task"].as_u64()
+        },
+        || gw.diag(),
+    );
+    wait_for(
+        "both copies",
+        WAIT,
+        || {
+            let rows = task_rows(&gw, task);
+            (status_of(&rows, "n1") == "completed" && status_of(&rows, "n2") == "completed")
+                .then_some(())
+        },
+        || report(&gw, &specs, task),
+    );
+    for s in &specs {
+        let got = std::fs::read(s.state.join("downloads").join("new.bin")).expect("copy");
+        assert!(got == data, "copy differs");
+    }
+    let shown = cli(&gw, &["task", "show", &task.to_string()]);
+    assert!(shown.contains("change in watched directory"), "{shown}");
+    // One task only: neither the baseline file nor the temporary name was pushed.
+    let all = gw.admin(&Request::TaskShow { task: None });
+    assert_eq!(all["tasks"].as_array().map(Vec::len), Some(1), "{all:#}");
 }
