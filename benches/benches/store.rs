@@ -139,6 +139,7 @@ fn task_table(c: &mut Criterion) {
             group: None,
             trigger: "bench".into(),
             created_ms: 0,
+            then: Vec::new(),
         };
         let mut b = s.batch().expect("batch");
         let t = b.create_task(task, &ids).expect("task");

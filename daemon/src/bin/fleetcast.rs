@@ -116,6 +116,28 @@ enum Cmd {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Measure multicast distribution against a raw UDP ceiling in a private lab network
+    /// (1 gateway, N receivers, random loss, MTU 1500/9000) and write a report with plots.
+    Bench {
+        /// Receiver counts, comma-separated.
+        #[arg(long, default_value = "1,4,16")]
+        receivers: String,
+        /// Loss per receiver in percent, comma-separated.
+        #[arg(long, default_value = "0,1,5")]
+        loss: String,
+        /// Lab MTUs, comma-separated.
+        #[arg(long, default_value = "1500,9000")]
+        mtu: String,
+        /// File size, MiB.
+        #[arg(long, default_value_t = 256)]
+        mib: usize,
+        /// Longest wait for one push, seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Report directory (report.md, report.json, two SVG plots).
+        #[arg(long, default_value = "bench-report")]
+        out: PathBuf,
+    },
     /// Run the whole system on this machine: a gateway, agents, a queue with a reboot.
     Demo {
         /// Number of agents.
@@ -333,6 +355,7 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
             }
         }
         Cmd::Watch { .. }
+        | Cmd::Bench { .. }
         | Cmd::Demo { .. }
         | Cmd::Completions { .. }
         | Cmd::InternalGateway { .. }
@@ -359,6 +382,14 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Watch { from, duration } => return watch(&data_dir, from, duration, json),
         Cmd::Demo { devices } => return fleetcast_daemon::demo::run(devices),
+        Cmd::Bench {
+            receivers,
+            loss,
+            mtu,
+            mib,
+            timeout,
+            out,
+        } => return bench(&receivers, &loss, &mtu, mib, timeout, &out, json),
         Cmd::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -602,4 +633,63 @@ fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `fleetcast bench`: the end-to-end multicast benchmark (see `fleetcast_daemon::bench`).
+fn bench(
+    receivers: &str,
+    loss: &str,
+    mtu: &str,
+    mib: usize,
+    timeout: u64,
+    out: &std::path::Path,
+    json: bool,
+) -> ExitCode {
+    use fleetcast_daemon::bench::{self, parse_list, Plan};
+    let plan = (|| -> Result<Plan, String> {
+        Ok(Plan {
+            receivers: parse_list("--receivers", receivers)?,
+            loss: parse_list("--loss", loss)?,
+            mtus: parse_list("--mtu", mtu)?,
+            mib,
+            timeout: std::time::Duration::from_secs(timeout),
+            exe: std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?,
+            work: std::env::temp_dir().join(format!("fleetcast-bench-{}", std::process::id())),
+        })
+    })();
+    let plan = match plan {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("fleetcast bench: {e}");
+            return Exit::Usage.into();
+        }
+    };
+    let result = bench::run(&plan, &mut |line| eprintln!("{line}"));
+    let _ = std::fs::remove_dir_all(&plan.work);
+    let rows = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fleetcast bench: {e}");
+            return Exit::Failed.into();
+        }
+    };
+    match bench::write_report(&rows, &plan, out) {
+        Ok(md) => {
+            if json {
+                let rows: Vec<_> = rows.iter().map(bench::Row::to_json).collect();
+                println!(
+                    "{}",
+                    serde_json::json!({ "ok": true, "data": { "rows": rows, "report": out.display().to_string() } })
+                );
+            } else {
+                println!("{md}");
+                eprintln!("report written to {}", out.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleetcast bench: {e}");
+            Exit::Failed.into()
+        }
+    }
 }

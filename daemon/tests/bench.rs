@@ -1,0 +1,46 @@
+//! `fleetcast bench` end to end, at toy size: it builds its lab, measures the raw ceiling and
+//! two pushes, and writes the report (the figures themselves are not checked: performance
+//! is measured by running the command, see docs/performance.md).
+
+use serde_json::Value;
+
+#[test]
+fn bench_writes_a_report_with_a_row_per_measurement() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out_dir = tmp.path().join("report");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+        .args(["--json", "bench", "--receivers", "1,2", "--loss", "0,3"])
+        .args(["--mtu", "1500", "--mib", "2", "--timeout", "120", "--out"])
+        .arg(&out_dir)
+        .output()
+        .expect("run fleetcast bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let rows = v["data"]["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 4, "{v:#}");
+    for r in rows {
+        assert!(r["ceiling_mbps"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["goodput_mbps"].as_f64().unwrap() > 0.0, "{r}");
+        // Every file byte left the sender at least once.
+        assert!(
+            r["datagram_bytes_per_file_byte"].as_f64().unwrap() >= 1.0,
+            "{r}"
+        );
+        assert!(
+            r["sender_bytes_per_file_byte"].as_f64().unwrap() >= 1.0,
+            "{r}"
+        );
+    }
+    for f in [
+        "report.md",
+        "report.json",
+        "goodput-vs-loss.svg",
+        "completion-vs-receivers.svg",
+    ] {
+        let text = std::fs::read_to_string(out_dir.join(f)).expect(f);
+        assert!(!text.is_empty(), "{f}");
+    }
+    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    assert_eq!(md.matches("\n| 1500 |").count(), 4, "{md}");
+}
