@@ -1,6 +1,7 @@
 //! The README's run command, `fleetcast demo`, works and its summary holds: it runs a real
-//! gateway and real agents on loopback and fails (non-zero exit) if any device's side effects
-//! ran other than exactly once in order or any result is missing.
+//! gateway and real agents in a private lab network and fails (non-zero exit) if any device's
+//! side effects ran other than exactly once in order, any result is missing, or any copy of
+//! the multicast image differs.
 
 use std::process::Command;
 
@@ -26,4 +27,12 @@ fn demo_runs_queues_with_a_reboot_to_completion() {
         "{stdout}"
     );
     assert!(stdout.contains("2 reboots completed"), "{stdout}");
+    // The multicast part: one receiver online with loss, one caught up by unicast.
+    assert!(stdout.contains("private lab network: 3 hosts"), "{stdout}");
+    assert!(stdout.contains("1 online copies verified"), "{stdout}");
+    assert!(stdout.contains("node2 caught up by unicast"), "{stdout}");
+    assert!(stdout.contains("all 2 copies byte-identical"), "{stdout}");
+    assert!(stdout.contains("2 copies verified"), "{stdout}");
+    // Not a terminal: plain progress lines, no cursor movement.
+    assert!(!stdout.contains('\x1b'), "{stdout}");
 }
