@@ -527,3 +527,31 @@ fn duplicated_nacks_and_repeated_joins_do_not_double_count() {
     );
     assert!(once.stats.unicast_repairs > 0 && once.stats.multicast_repairs > 0);
 }
+
+/// The repair-at-scale table of docs/performance.md ("Repair at scale (simulator)"):
+/// `cargo test -p fleetcast-wire --all-features --release -- --ignored --nocapture repair_scale_table`
+#[test]
+#[ignore = "prints a table; run by hand (see docs/performance.md)"]
+fn repair_scale_table() {
+    println!("receivers loss  total  link   feedback/rx  feedback-all  nacks  mcast  ucast");
+    for receivers in [100, 1000] {
+        for loss in [0.001, 0.01, 0.05] {
+            let s = Scenario {
+                rate: 20_000_000,
+                ..Scenario::new(receivers, 1024, loss)
+            };
+            let o = run(&mut s.build());
+            assert_eq!(o.completed.len(), receivers, "{o:?}");
+            println!(
+                "{receivers:>9} {loss:<5} {:.4} {:.4} {:.6}     {:.4}        {:>6} {:>6} {:>6}",
+                o.total_ratio,
+                o.link_ratio,
+                o.feedback,
+                o.feedback * receivers as f64,
+                o.stats.nacks,
+                o.stats.multicast_repairs,
+                o.stats.unicast_repairs,
+            );
+        }
+    }
+}
