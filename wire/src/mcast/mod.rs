@@ -69,8 +69,13 @@ use core::fmt;
 
 use crate::ranges::{BlockRange, Ranges};
 
+pub mod fec;
 mod receiver;
 mod sender;
+
+#[cfg(feature = "fec")]
+pub use fec::ReedSolomon;
+pub use fec::{Fec, FecError};
 
 pub use receiver::{BlockVerdict, McastReceiver, ReceiverConfig, ReceiverEvent, ReceiverStats};
 pub use sender::{Dest, McastSender, SendBlock, SenderConfig, SenderEvent, SenderStats};
