@@ -67,9 +67,10 @@ pub trait Fec {
     ) -> Result<(), FecError>;
 }
 
-/// Checks what every implementation needs: equal non-zero lengths, enough symbols, distinct
-/// in-range indices. Returns the block length.
-pub(crate) fn check_decode(
+/// The checks every [`Fec::decode`] implementation needs first: equal non-zero lengths, one
+/// output per missing block, distinct in-range indices, enough symbols. Returns the block
+/// length.
+pub fn check_decode(
     data: &[Option<&[u8]>],
     m: usize,
     parity: &[(usize, &[u8])],

@@ -70,6 +70,7 @@ use core::fmt;
 use crate::ranges::{BlockRange, Ranges};
 
 pub mod fec;
+mod plan;
 mod receiver;
 mod sender;
 
@@ -77,8 +78,13 @@ mod sender;
 pub use fec::ReedSolomon;
 pub use fec::{Fec, FecError};
 
-pub use receiver::{BlockVerdict, McastReceiver, ReceiverConfig, ReceiverEvent, ReceiverStats};
-pub use sender::{Dest, McastSender, SendBlock, SenderConfig, SenderEvent, SenderStats};
+pub use receiver::{
+    BlockVerdict, DecodeError, DecodeJob, McastReceiver, ReceiverConfig, ReceiverEvent,
+    ReceiverStats,
+};
+pub use sender::{
+    Dest, McastSender, SendBlock, SendParity, SenderConfig, SenderEvent, SenderStats, Transmit,
+};
 
 /// A configuration a core refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +100,8 @@ pub enum ConfigError {
     MaxRanges,
     /// The initial received record names blocks past the end of the file.
     RecordOutOfRange,
+    /// FEC group size or parity count out of bounds (1..=32768 each when FEC is on).
+    Fec,
 }
 
 impl fmt::Display for ConfigError {
@@ -104,6 +112,7 @@ impl fmt::Display for ConfigError {
             ConfigError::ZeroRate => "sender rate is zero",
             ConfigError::MaxRanges => "max NACK ranges out of bounds",
             ConfigError::RecordOutOfRange => "received record names blocks past the file end",
+            ConfigError::Fec => "FEC group size or parity count out of bounds",
         })
     }
 }

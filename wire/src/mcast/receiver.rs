@@ -9,13 +9,14 @@
 //!   block seen at least `reorder_window` ago, or the first pass has ended.
 //! - `Complete` is emitted once, when every block is present; then no timer stays armed.
 
-use alloc::collections::VecDeque;
+use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec;
 use alloc::vec::Vec;
 use core::time::Duration;
 
-use super::{block_count, ConfigError, Prng};
-use crate::msg::{Message, Nack};
+use super::fec::{Fec, FecError};
+use super::{block_count, push_span, subtract, ConfigError, Prng};
+use crate::msg::{Message, Nack, Parity};
 use crate::ranges::{Ranges, MAX_NACK_RANGES};
 use crate::time::Instant;
 
@@ -54,6 +55,11 @@ pub struct ReceiverConfig {
     pub persist_interval: Duration,
     /// Seed of the back-off randomness.
     pub seed: u64,
+    /// The sender's FEC group size K, or 0 (the default) when the sender sends no parity.
+    /// With K > 0 a block is NACKed only once the first pass is past its whole group (parity
+    /// repairs whole groups), and a NACK that would repeat the previous one word for word is
+    /// held back until the repeat interval. Parity datagrams are accepted either way.
+    pub fec_group: u32,
 }
 
 impl ReceiverConfig {
@@ -74,6 +80,7 @@ impl ReceiverConfig {
             silence: Duration::from_millis(250),
             persist_interval: Duration::from_secs(1),
             seed,
+            fec_group: 0,
         }
     }
 }
@@ -109,7 +116,58 @@ pub struct ReceiverStats {
     pub nacks: u64,
     /// Bytes of NACK datagrams emitted.
     pub nack_bytes: u64,
+    /// Parity symbols kept (useful when they arrived).
+    pub parity_kept: u64,
+    /// Parity symbols dropped: group complete, symbol held already, or enough held.
+    pub parity_useless: u64,
+    /// Blocks rebuilt from parity.
+    pub recovered: u64,
 }
+
+/// A group that can be rebuilt: see [`McastReceiver::poll_decode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DecodeJob {
+    /// Group index.
+    pub group: u32,
+    /// First block of the group.
+    pub first_block: u32,
+    /// Blocks in the group.
+    pub blocks: u32,
+    /// Bytes per block slot in the decode buffer.
+    pub block_size: u32,
+}
+
+impl DecodeJob {
+    /// Length of the buffer [`McastReceiver::decode`] takes: `blocks × block_size`.
+    pub fn buf_len(&self) -> usize {
+        self.blocks as usize * self.block_size as usize
+    }
+}
+
+/// Why [`McastReceiver::decode`] did not rebuild a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The group is not (or no longer) decodable: see [`McastReceiver::poll_decode`].
+    NotReady,
+    /// The buffer is not [`DecodeJob::buf_len`] bytes long.
+    BufferLength,
+    /// The codec failed (its parity is dropped; the blocks will be NACKed again).
+    Fec(FecError),
+}
+
+impl core::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            DecodeError::NotReady => f.write_str("group is not decodable"),
+            DecodeError::BufferLength => f.write_str("decode buffer has the wrong length"),
+            DecodeError::Fec(e) => write!(f, "FEC decode failed: {e}"),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for DecodeError {}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Timer {
@@ -153,6 +211,14 @@ pub struct McastReceiver {
     record: Ranges,
     record_dirty: bool,
     stats: ReceiverStats,
+    /// FEC geometry `(K, M)`, from the config or the first parity symbol.
+    fec: Option<(u32, u16)>,
+    /// Parity symbols held per incomplete group: `(index, symbol)`.
+    held: BTreeMap<u32, Vec<(u16, Vec<u8>)>>,
+    /// Groups with enough data and parity to decode, oldest first.
+    decodable: VecDeque<u32>,
+    /// The last NACK's ranges (FEC mode holds back word-for-word repeats).
+    last_nack_missing: Option<Ranges>,
 }
 
 impl McastReceiver {
@@ -187,6 +253,10 @@ impl McastReceiver {
             record: Ranges::new(),
             record_dirty: true,
             stats: ReceiverStats::default(),
+            fec: None,
+            held: BTreeMap::new(),
+            decodable: VecDeque::new(),
+            last_nack_missing: None,
         };
         if let Some(rec) = initial {
             if rec
@@ -281,6 +351,7 @@ impl McastReceiver {
         }
         self.set(block);
         self.stats.new_blocks += 1;
+        self.note_group_progress(block);
         self.progressed = true;
         if self.timers[Timer::Persist as usize].is_none() {
             self.timers[Timer::Persist as usize] = Some(now + self.config.persist_interval);
@@ -350,15 +421,45 @@ impl McastReceiver {
         if !core::mem::take(&mut self.nack_due) || self.complete {
             return None;
         }
+        let fec = self.config.fec_group > 0;
         let limit = if self.end_of_pass {
+            if fec {
+                // Drained so that `arm_next_gap` arms no deadline already past: after the
+                // pass, NACKs repeat at `nack_repeat` with back-off. (Without FEC a stale gap
+                // sample re-arms the NACK at once, so it repeats every `min_nack_interval`
+                // after the pass: twice the NACKs at scale, but repairs sooner; kept as is.)
+                self.stable_limit_at(now);
+            }
             self.n_blocks
         } else {
-            self.stable_limit_at(now)
+            let k = self.config.fec_group.max(1);
+            self.stable_limit_at(now) / k * k
         };
-        let missing = self.missing_below(limit, self.config.max_ranges);
+        let mut missing = self.missing_below(limit, self.config.max_ranges);
+        if !self.held.is_empty() {
+            missing = self.trim_held(missing);
+        }
+        let repeat_too_soon = fec
+            && self.last_nack_missing.as_ref() == Some(&missing)
+            && self
+                .last_nack
+                .is_some_and(|t| now < t + self.config.nack_repeat);
+        if repeat_too_soon {
+            // Said already: the repeat timer says it again if nothing comes by then.
+            let at = self.last_nack.map_or(now, |t| t + self.config.nack_repeat);
+            self.timers[Timer::Nack as usize] = Some(at);
+            self.nack_reason = NackReason::Repeat;
+            return None;
+        }
         if missing.is_empty() {
+            // Nothing to say (held parity may cover every gap): re-arm only for gaps still
+            // inside the reorder window, never in the past.
+            self.stable_limit_at(now);
             self.arm_next_gap();
             return None;
+        }
+        if fec {
+            self.last_nack_missing = Some(missing.clone());
         }
         let msg = Message::Nack(Nack {
             session: self.config.session,
@@ -386,6 +487,136 @@ impl McastReceiver {
         self.nack_reason = NackReason::Repeat;
         self.arm_next_gap();
         Some(len)
+    }
+
+    /// A valid parity symbol (CRC, tag and session checked by the driver) arrived. The core
+    /// copies the symbol when it can help (its group lacks blocks and the symbol is new);
+    /// `New` means kept, `Duplicate` not needed, `OutOfRange` a geometry that does not fit
+    /// this file or the session's earlier symbols. Then drain [`McastReceiver::poll_decode`].
+    pub fn handle_parity(&mut self, now: Instant, p: &Parity<'_>) -> BlockVerdict {
+        let (k, m) = (u32::from(p.group_size), p.parity_count);
+        let fits = match self.fec {
+            Some(geom) => geom == (k, m),
+            None => self.config.fec_group == 0 || self.config.fec_group == k,
+        };
+        let first = u64::from(p.group) * u64::from(k);
+        if !fits
+            || first >= u64::from(self.n_blocks)
+            || p.payload.len() != self.config.block_size as usize
+        {
+            return BlockVerdict::OutOfRange;
+        }
+        self.fec = Some((k, m));
+        let (start, end) = self.group_span(p.group);
+        let lacking = (end - start) - self.count_present(start, end);
+        let held = self.held.entry(p.group).or_default();
+        if lacking == 0 || held.len() as u32 >= lacking || held.iter().any(|h| h.0 == p.index) {
+            if held.is_empty() {
+                self.held.remove(&p.group);
+            }
+            self.stats.parity_useless += 1;
+            return BlockVerdict::Duplicate;
+        }
+        held.push((p.index, p.payload.to_vec()));
+        self.stats.parity_kept += 1;
+        if held.len() as u32 >= lacking && !self.decodable.contains(&p.group) {
+            self.decodable.push_back(p.group);
+        }
+        // The sender is active: as for a block, hold back repeats and the silence timer.
+        self.progressed = true;
+        if self.nack_reason == NackReason::Repeat {
+            if let Some(t) = &mut self.timers[Timer::Nack as usize] {
+                *t = (*t).max(now + self.config.nack_repeat);
+            }
+        }
+        if !self.complete {
+            self.timers[Timer::Silence as usize] = Some(now + self.config.silence);
+        }
+        BlockVerdict::New
+    }
+
+    /// The next group that can be rebuilt from parity, if any. The driver fills a buffer of
+    /// [`DecodeJob::buf_len`] bytes with the group's *present* blocks (block `first_block + i`
+    /// at offset `i × block_size`; slots of missing blocks are ignored) and calls
+    /// [`McastReceiver::decode`]. Drain until `None` after every input, before `poll_event`.
+    pub fn poll_decode(&mut self) -> Option<DecodeJob> {
+        while let Some(&g) = self.decodable.front() {
+            if self.held.contains_key(&g) {
+                let (start, end) = self.group_span(g);
+                return Some(DecodeJob {
+                    group: g,
+                    first_block: start,
+                    blocks: end - start,
+                    block_size: self.config.block_size,
+                });
+            }
+            self.decodable.pop_front();
+        }
+        None
+    }
+
+    /// Rebuilds the missing blocks of `group` in `buf` (see [`McastReceiver::poll_decode`]),
+    /// marks them received and returns them; the driver writes those blocks from `buf` (the
+    /// last block of the file only up to its length) before acting on the next events. On a
+    /// codec error the group's parity is dropped and its blocks will be NACKed again.
+    pub fn decode(
+        &mut self,
+        now: Instant,
+        fec: &mut dyn Fec,
+        group: u32,
+        buf: &mut [u8],
+    ) -> Result<Ranges, DecodeError> {
+        let (Some((_, m)), Some(held)) = (self.fec, self.held.get(&group)) else {
+            return Err(DecodeError::NotReady);
+        };
+        let (start, end) = self.group_span(group);
+        let bs = self.config.block_size as usize;
+        if buf.len() != (end - start) as usize * bs {
+            return Err(DecodeError::BufferLength);
+        }
+        let lacking = (end - start) - self.count_present(start, end);
+        if (held.len() as u32) < lacking {
+            return Err(DecodeError::NotReady);
+        }
+        // The file's last block is shorter: its slot is zero-padded, as the sender encoded it.
+        let last_len = (self.config.file_size - u64::from(end - 1) * bs as u64) as usize;
+        if end == self.n_blocks && last_len < bs {
+            let from = buf.len() - bs + last_len;
+            buf[from..].fill(0);
+        }
+        let mut present: Vec<Option<&[u8]>> = Vec::with_capacity((end - start) as usize);
+        let mut out: Vec<&mut [u8]> = Vec::with_capacity(lacking as usize);
+        let mut recovered = Ranges::new();
+        for (i, slot) in buf.chunks_mut(bs).enumerate() {
+            let b = start + i as u32;
+            if self.has(b) {
+                present.push(Some(slot));
+            } else {
+                present.push(None);
+                out.push(slot);
+                push_span(&mut recovered, u64::from(b), u64::from(b) + 1);
+            }
+        }
+        let syms: Vec<(usize, &[u8])> = held
+            .iter()
+            .take(lacking as usize)
+            .map(|(i, p)| (usize::from(*i), &p[..]))
+            .collect();
+        let result = fec.decode(&present, usize::from(m), &syms, &mut out);
+        self.held.remove(&group);
+        result.map_err(DecodeError::Fec)?;
+        for r in recovered.as_slice() {
+            for b in r.start..r.start + r.len {
+                self.set(b);
+            }
+        }
+        self.stats.recovered += recovered.blocks();
+        self.progressed = true;
+        if self.timers[Timer::Persist as usize].is_none() {
+            self.timers[Timer::Persist as usize] = Some(now + self.config.persist_interval);
+        }
+        self.check_complete();
+        Ok(recovered)
     }
 
     /// When to call [`McastReceiver::handle_timeout`].
@@ -417,6 +648,71 @@ impl McastReceiver {
             (_, None) => *slot = Some(at),
         }
         self.nack_reason = NackReason::Gap;
+    }
+
+    /// Blocks `start..end` of group `g` (the last group may be short).
+    fn group_span(&self, g: u32) -> (u32, u32) {
+        let k = self.fec.map_or(self.config.fec_group, |f| f.0).max(1);
+        let start = (u64::from(g) * u64::from(k)).min(u64::from(self.n_blocks)) as u32;
+        (start, start.saturating_add(k).min(self.n_blocks))
+    }
+
+    /// Blocks present in `start..end`.
+    fn count_present(&self, start: u32, end: u32) -> u32 {
+        let mut n = 0;
+        let mut b = start;
+        while b < end {
+            let w = self.bits[(b / 64) as usize] >> (b % 64);
+            let take = (64 - b % 64).min(end - b);
+            let mask = if take == 64 {
+                u64::MAX
+            } else {
+                (1u64 << take) - 1
+            };
+            n += (w & mask).count_ones();
+            b += take;
+        }
+        n
+    }
+
+    /// A new block in a group with parity held: the group may now decode, or need it no more.
+    fn note_group_progress(&mut self, block: u32) {
+        let Some((k, _)) = self.fec else { return };
+        let g = block / k.max(1);
+        let Some(held) = self.held.get(&g) else {
+            return;
+        };
+        let (start, end) = self.group_span(g);
+        let lacking = (end - start) - self.count_present(start, end);
+        if lacking == 0 {
+            self.held.remove(&g);
+        } else if held.len() as u32 >= lacking && !self.decodable.contains(&g) {
+            self.decodable.push_back(g);
+        }
+    }
+
+    /// Leaves out of a NACK, per group with parity held, as many of the group's highest
+    /// missing blocks as symbols are held: the NACK then names exactly what is still needed
+    /// (receiving the named blocks makes the group decodable).
+    fn trim_held(&self, missing: Ranges) -> Ranges {
+        let mut drop = Ranges::new();
+        for (&g, held) in &self.held {
+            let (start, end) = self.group_span(g);
+            let mut left = held.len();
+            let mut b = end;
+            let mut picked: Vec<u32> = Vec::new();
+            while left > 0 && b > start {
+                b -= 1;
+                if !self.has(b) {
+                    picked.push(b);
+                    left -= 1;
+                }
+            }
+            for &b in picked.iter().rev() {
+                let _ = drop.push(b, 1);
+            }
+        }
+        subtract(&missing, &drop)
     }
 
     fn set(&mut self, block: u32) {

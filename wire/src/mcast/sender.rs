@@ -14,8 +14,10 @@ use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 use core::time::Duration;
 
-use super::{block_count, block_len, clip_below, subtract, BlockQueue, ConfigError};
+use super::plan::{plan, Inputs};
+use super::{block_count, block_len, clip_below, subtract, union, BlockQueue, ConfigError};
 use crate::data::DATA_PREFIX_LEN;
+use crate::msg::PARITY_PREFIX_LEN;
 use crate::msg_kind::Kind;
 use crate::ranges::Ranges;
 use crate::time::Instant;
@@ -56,6 +58,21 @@ pub struct SenderConfig {
     /// Finish this long after the last NACK or send once nothing is pending, even if some
     /// receivers never reported (they are listed as unfinished).
     pub idle_timeout: Duration,
+    /// FEC group size K in blocks: 0 (the default) turns FEC parity off. With K > 0 repairs
+    /// are chosen per group of K blocks (parity, re-multicast or unicast, see
+    /// [`super::plan`](self)) and the driver must use [`McastSender::poll_send`], which also
+    /// hands out parity symbols. At most 32768.
+    pub fec_group: u32,
+    /// Parity symbols the code defines per group (M), 1..=32768 when FEC is on; each symbol
+    /// is sent at most once, so this bounds parity per group (then it falls back to
+    /// re-multicast). The driver's codec must be built for the same M.
+    pub fec_parity: u32,
+    /// Parity symbols sent beyond the largest need of any one receiver in the group (covers
+    /// the loss of the parity itself).
+    pub fec_margin: u32,
+    /// How long parity sent for a group still counts as on its way: NACKs arriving within it
+    /// are credited with it. At least one round-trip time.
+    pub fec_holdoff: Duration,
 }
 
 impl SenderConfig {
@@ -78,9 +95,26 @@ impl SenderConfig {
             nack_ranges_cap: super::receiver::DEFAULT_MAX_RANGES,
             round: Duration::from_millis(50),
             idle_timeout: Duration::from_secs(5),
+            fec_group: 0,
+            fec_parity: 0,
+            fec_margin: 1,
+            fec_holdoff: Duration::from_millis(50),
+        }
+    }
+
+    /// This configuration with FEC parity over groups of `group` blocks and a code of
+    /// `group / 4` (at least 8) parity symbols per group.
+    pub fn with_fec(self, group: u32) -> Self {
+        SenderConfig {
+            fec_group: group,
+            fec_parity: (group / 4).clamp(8, MAX_FEC),
+            ..self
         }
     }
 }
+
+/// Largest FEC group and parity count (what `reed-solomon-simd` supports in any combination).
+const MAX_FEC: u32 = 32768;
 
 /// Where a block goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -102,6 +136,35 @@ pub struct SendBlock {
     /// [`Kind::Data`] for the group (first pass and re-multicast), [`Kind::Repair`] for
     /// unicast.
     pub kind: Kind,
+}
+
+/// One parity symbol the driver must multicast now: encode group `group` (blocks
+/// `first_block .. first_block + blocks`, the last zero-padded to `block_size`) with a code of
+/// `parity_count` symbols ([`super::Fec::encode`]), take symbol `index`, and send it as a
+/// [`crate::Parity`] datagram to the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SendParity {
+    /// Group index.
+    pub group: u32,
+    /// Symbol index, below `parity_count`; never handed out twice for a group.
+    pub index: u16,
+    /// First block of the group.
+    pub first_block: u32,
+    /// Blocks in this group (K, or fewer for the last group).
+    pub blocks: u32,
+    /// K, as carried in the datagram.
+    pub group_size: u16,
+    /// M, as carried in the datagram.
+    pub parity_count: u16,
+}
+
+/// What [`McastSender::poll_send`] hands the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transmit {
+    /// A data block (first pass, re-multicast or unicast repair).
+    Block(SendBlock),
+    /// A parity symbol for the group.
+    Parity(SendParity),
 }
 
 /// What the sender reports to its driver.
@@ -132,6 +195,8 @@ pub struct SenderStats {
     pub multicast_repairs: u64,
     /// Blocks unicast.
     pub unicast_repairs: u64,
+    /// Parity symbols multicast.
+    pub parity_symbols: u64,
     /// Datagram bytes handed out (prefix + payload; a multicast counts once).
     pub bytes: u64,
     /// NACKs received.
@@ -164,6 +229,15 @@ enum Candidate {
     First(u32),
     Multicast(u32),
     Unicast(u64, u32),
+    /// A parity symbol of this group.
+    Parity(u32),
+}
+
+/// Per FEC group: the next fresh symbol and how many are queued.
+#[derive(Debug, Clone, Copy, Default)]
+struct GroupTx {
+    next_index: u32,
+    queued: u32,
 }
 
 /// The sender core. See the [module docs](super) for the protocol and driving contract.
@@ -187,6 +261,12 @@ pub struct McastSender {
     unicast: BTreeMap<u64, BlockQueue>,
     /// Devices with pending unicast repairs, served round-robin.
     unicast_order: VecDeque<u64>,
+    /// FEC groups (empty without FEC).
+    groups: Vec<GroupTx>,
+    /// Parity to send: `(group, symbols)`, in order.
+    parity_queue: VecDeque<(u32, u32)>,
+    /// Parity symbols sent within the hold-off: `(time, group)`, oldest first.
+    recent_parity: VecDeque<(Instant, u32)>,
     last_activity: Instant,
     finished: bool,
     events: VecDeque<SenderEvent>,
@@ -200,7 +280,21 @@ impl McastSender {
         if config.rate == 0 {
             return Err(ConfigError::ZeroRate);
         }
-        let full = (DATA_PREFIX_LEN as u128 + u128::from(config.block_size)) * UNITS_PER_BYTE;
+        let n_groups = if config.fec_group == 0 {
+            0
+        } else {
+            if config.fec_group > MAX_FEC || config.fec_parity == 0 || config.fec_parity > MAX_FEC {
+                return Err(ConfigError::Fec);
+            }
+            n_blocks.div_ceil(config.fec_group) as usize
+        };
+        // The bucket must hold the largest datagram: with FEC, a parity one.
+        let prefix = if n_groups > 0 {
+            PARITY_PREFIX_LEN
+        } else {
+            DATA_PREFIX_LEN
+        };
+        let full = (prefix as u128 + u128::from(config.block_size)) * UNITS_PER_BYTE;
         let bucket_cap = full * u128::from(config.burst.max(1));
         let mut s = McastSender {
             config,
@@ -218,6 +312,9 @@ impl McastSender {
             multicast: BlockQueue::default(),
             unicast: BTreeMap::new(),
             unicast_order: VecDeque::new(),
+            groups: alloc::vec![GroupTx::default(); n_groups],
+            parity_queue: VecDeque::new(),
+            recent_parity: VecDeque::new(),
             last_activity: now,
             finished: false,
             events: VecDeque::new(),
@@ -326,13 +423,32 @@ impl McastSender {
     }
 
     /// The next block to send at `now`, or `None` when nothing is due (pacing, or nothing
-    /// pending). Drain until `None` after every input.
+    /// pending). Drain until `None` after every input. For a sender without FEC
+    /// (`fec_group == 0`); with FEC use [`McastSender::poll_send`] (this method never hands
+    /// out parity, so parity would stay pending).
     pub fn poll_transmit(&mut self, now: Instant) -> Option<SendBlock> {
+        match self.poll_next(now, false)? {
+            Transmit::Block(b) => Some(b),
+            // Not reached: parity candidates are skipped when `parity` is false.
+            Transmit::Parity(_) => None,
+        }
+    }
+
+    /// The next datagram to send at `now`, data block or parity symbol, or `None` when
+    /// nothing is due. Drain until `None` after every input. Works with or without FEC.
+    pub fn poll_send(&mut self, now: Instant) -> Option<Transmit> {
+        self.poll_next(now, true)
+    }
+
+    fn poll_next(&mut self, now: Instant, parity: bool) -> Option<Transmit> {
         self.tick(now);
         if self.finished {
             return None;
         }
-        if let Some(c) = self.next_repair() {
+        if let Some(c) = self
+            .next_repair()
+            .filter(|c| parity || !matches!(c, Candidate::Parity(_)))
+        {
             let cost = self.cost(c);
             if self.tokens >= cost && (self.first_pass_done || self.repair_tokens >= cost) {
                 self.tokens -= cost;
@@ -418,18 +534,18 @@ impl McastSender {
         self.last_refill + Duration::from_micros(u64::try_from(us).unwrap_or(u64::MAX))
     }
 
-    fn block_of(c: Candidate) -> u32 {
-        match c {
-            Candidate::First(b) | Candidate::Multicast(b) | Candidate::Unicast(_, b) => b,
-        }
-    }
-
     fn cost(&self, c: Candidate) -> u128 {
-        let len = block_len(
-            self.config.file_size,
-            self.config.block_size,
-            Self::block_of(c),
+        let (cfg, b) = (
+            &self.config,
+            match c {
+                Candidate::First(b) | Candidate::Multicast(b) | Candidate::Unicast(_, b) => b,
+                Candidate::Parity(_) => {
+                    let len = PARITY_PREFIX_LEN as u128 + u128::from(self.config.block_size);
+                    return len * UNITS_PER_BYTE;
+                }
+            },
         );
+        let len = block_len(cfg.file_size, cfg.block_size, b);
         (DATA_PREFIX_LEN as u128 + u128::from(len)) * UNITS_PER_BYTE
     }
 
@@ -437,12 +553,15 @@ impl McastSender {
         if let Some(b) = self.multicast.peek() {
             return Some(Candidate::Multicast(b));
         }
+        if let Some(&(g, _)) = self.parity_queue.front() {
+            return Some(Candidate::Parity(g));
+        }
         let dev = *self.unicast_order.front()?;
         let b = self.unicast.get(&dev)?.peek()?;
         Some(Candidate::Unicast(dev, b))
     }
 
-    fn commit(&mut self, now: Instant, c: Candidate, cost: u128) -> SendBlock {
+    fn commit(&mut self, now: Instant, c: Candidate, cost: u128) -> Transmit {
         self.last_activity = now;
         self.stats.bytes += u64::try_from(cost / UNITS_PER_BYTE).unwrap_or(u64::MAX);
         let (block, dest, kind) = match c {
@@ -473,12 +592,42 @@ impl McastSender {
                 self.stats.unicast_repairs += 1;
                 (b, Dest::Unicast(dev), Kind::Repair)
             }
+            Candidate::Parity(g) => return Transmit::Parity(self.commit_parity(now, g)),
         };
-        SendBlock { block, dest, kind }
+        Transmit::Block(SendBlock { block, dest, kind })
+    }
+
+    fn commit_parity(&mut self, now: Instant, g: u32) -> SendParity {
+        if let Some(front) = self.parity_queue.front_mut() {
+            front.1 -= 1;
+            if front.1 == 0 {
+                self.parity_queue.pop_front();
+            }
+        }
+        let k = self.config.fec_group;
+        let gt = &mut self.groups[g as usize];
+        let index = gt.next_index;
+        gt.next_index += 1;
+        gt.queued = gt.queued.saturating_sub(1);
+        self.recent_parity.push_back((now, g));
+        self.stats.parity_symbols += 1;
+        let first_block = g * k;
+        SendParity {
+            group: g,
+            // Both below MAX_FEC (checked in `new`; `plan` never exceeds the fresh symbols).
+            index: index as u16,
+            first_block,
+            blocks: k.min(self.n_blocks - first_block),
+            group_size: k as u16,
+            parity_count: self.config.fec_parity as u16,
+        }
     }
 
     fn nothing_pending(&self) -> bool {
-        self.round_deadline.is_none() && self.multicast.is_empty() && self.unicast.is_empty()
+        self.round_deadline.is_none()
+            && self.multicast.is_empty()
+            && self.unicast.is_empty()
+            && self.parity_queue.is_empty()
     }
 
     fn drop_repairs(&mut self, device: u64) {
@@ -527,8 +676,10 @@ impl McastSender {
                 continue;
             }
             if !self.first_pass_done {
-                // Blocks the first pass has not reached yet will come anyway.
-                let req = clip_below(&req, self.next_first);
+                // Blocks the first pass has not reached yet will come anyway; with FEC, a
+                // group is repaired once the first pass has sent all of it.
+                let k = self.config.fec_group.max(1);
+                let req = clip_below(&req, self.next_first / k * k);
                 if !req.is_empty() {
                     wanted.push((dev, req));
                 }
@@ -549,6 +700,10 @@ impl McastSender {
             if !req.is_empty() {
                 wanted.push((dev, req));
             }
+        }
+        if self.config.fec_group > 0 {
+            self.plan_fec(wanted);
+            return;
         }
         // Requester count per block, as a sweep over range edges: O(ranges log ranges), no
         // per-block or per-(block, device) state.
@@ -591,6 +746,77 @@ impl McastSender {
             if own.is_empty() {
                 continue;
             }
+            let q = self.unicast.entry(dev).or_default();
+            if q.is_empty() {
+                self.unicast_order.push_back(dev);
+            }
+            q.merge(&own);
+        }
+    }
+
+    /// The FEC half of `close_round`: repairs chosen per group by [`plan`].
+    fn plan_fec(&mut self, wanted: Vec<(u64, Ranges)>) {
+        let holdoff = self.config.fec_holdoff;
+        let now = self.now;
+        while self
+            .recent_parity
+            .front()
+            .is_some_and(|&(t, _)| t + holdoff <= now)
+        {
+            self.recent_parity.pop_front();
+        }
+        // Blocks already queued for re-multicast will arrive: not part of anyone's need.
+        let queued = self.multicast.remaining();
+        let wanted: Vec<(u64, Ranges)> = wanted
+            .into_iter()
+            .map(|(d, r)| (d, subtract(&r, &queued)))
+            .filter(|(_, r)| !r.is_empty())
+            .collect();
+        let (groups, recent) = (&self.groups, &self.recent_parity);
+        let credit = |g: u32| {
+            let sent = recent.iter().filter(|&&(_, rg)| rg == g).count() as u32;
+            groups.get(g as usize).map_or(0, |gt| gt.queued) + sent
+        };
+        let m = self.config.fec_parity;
+        let fresh = |g: u32| {
+            groups
+                .get(g as usize)
+                .map_or(0, |gt| m.saturating_sub(gt.next_index + gt.queued))
+        };
+        let p = plan(
+            &wanted,
+            &Inputs {
+                k: self.config.fec_group,
+                margin: self.config.fec_margin,
+                credit: &credit,
+                fresh: &fresh,
+            },
+        );
+        // Blocks now covered by parity or re-multicast leave the unicast queues.
+        let mut covered = p.multicast.clone();
+        let k = self.config.fec_group;
+        for &(g, n) in &p.parity {
+            self.groups[g as usize].queued += n;
+            self.parity_queue.push_back((g, n));
+            let start = g * k;
+            let mut span = Ranges::new();
+            super::push_span(
+                &mut span,
+                u64::from(start),
+                u64::from(start + k.min(self.n_blocks - start)),
+            );
+            covered = union(&covered, &span);
+        }
+        self.multicast.merge(&p.multicast);
+        if !covered.is_empty() {
+            for q in self.unicast.values_mut() {
+                q.remove(&covered);
+            }
+            self.unicast.retain(|_, q| !q.is_empty());
+            let unicast = &self.unicast;
+            self.unicast_order.retain(|d| unicast.contains_key(d));
+        }
+        for (dev, own) in p.unicast {
             let q = self.unicast.entry(dev).or_default();
             if q.is_empty() {
                 self.unicast_order.push_back(dev);
