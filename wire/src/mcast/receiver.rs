@@ -949,4 +949,184 @@ mod tests {
         assert_eq!(r.poll_event(), Some(ReceiverEvent::PersistDue));
         assert_eq!(r.poll_event(), None);
     }
+
+    /// A codec that "rebuilds" every missing block as bytes of 0xEE, recording the call: the
+    /// core's bookkeeping is tested apart from any real code.
+    #[derive(Default)]
+    struct Fake {
+        calls: Vec<(usize, usize, Vec<usize>)>,
+    }
+
+    impl Fec for Fake {
+        fn encode(&mut self, _: &[&[u8]], _: &mut [&mut [u8]]) -> Result<(), FecError> {
+            Ok(())
+        }
+        fn decode(
+            &mut self,
+            data: &[Option<&[u8]>],
+            m: usize,
+            parity: &[(usize, &[u8])],
+            out: &mut [&mut [u8]],
+        ) -> Result<(), FecError> {
+            super::super::fec::check_decode(data, m, parity, out)?;
+            let idx = parity.iter().map(|p| p.0).collect();
+            self.calls.push((data.len(), out.len(), idx));
+            out.iter_mut().for_each(|o| o.fill(0xEE));
+            Ok(())
+        }
+    }
+
+    fn parity(group: u32, index: u16, payload: &[u8]) -> Parity<'_> {
+        Parity {
+            session: 3,
+            group,
+            group_size: 50,
+            parity_count: 8,
+            index,
+            payload,
+        }
+    }
+
+    #[test]
+    fn parity_fills_a_group_and_decodes_into_the_callers_buffer() {
+        // 200 blocks of 100 bytes in groups of 50; group 1 (blocks 50..100) lacks 60 and 70.
+        let cfg = ReceiverConfig {
+            fec_group: 50,
+            ..config()
+        };
+        let mut r = McastReceiver::new(cfg, None, ms(0)).unwrap();
+        for b in (0..200).filter(|&b| b != 60 && b != 70) {
+            r.handle_block(ms(1), b);
+        }
+        let sym = [0xAB; 100];
+        assert_eq!(
+            r.handle_parity(ms(2), &parity(1, 5, &sym)),
+            BlockVerdict::New
+        );
+        assert_eq!(
+            r.handle_parity(ms(2), &parity(1, 5, &sym)),
+            BlockVerdict::Duplicate
+        );
+        // One symbol for two holes: not yet; the NACK names only what is still needed.
+        assert_eq!(r.poll_decode(), None);
+        r.handle_sender_idle(ms(3));
+        r.handle_timeout(ms(3));
+        assert_eq!(nack_of(&mut r, ms(3)), Some(rs(&[(60, 1)])));
+        // Wrong geometry, wrong length, group past the file, complete group: refused.
+        let other = Parity {
+            group_size: 40,
+            ..parity(1, 1, &sym)
+        };
+        assert_eq!(r.handle_parity(ms(4), &other), BlockVerdict::OutOfRange);
+        assert_eq!(
+            r.handle_parity(ms(4), &parity(1, 1, &sym[..99])),
+            BlockVerdict::OutOfRange
+        );
+        assert_eq!(
+            r.handle_parity(ms(4), &parity(4, 1, &sym)),
+            BlockVerdict::OutOfRange
+        );
+        assert_eq!(
+            r.handle_parity(ms(4), &parity(0, 1, &sym)),
+            BlockVerdict::Duplicate
+        );
+        assert_eq!(
+            r.handle_parity(ms(4), &parity(1, 2, &sym)),
+            BlockVerdict::New
+        );
+        // A third symbol is not needed.
+        assert_eq!(
+            r.handle_parity(ms(4), &parity(1, 3, &sym)),
+            BlockVerdict::Duplicate
+        );
+        let job = r.poll_decode().unwrap();
+        assert_eq!(
+            job,
+            DecodeJob {
+                group: 1,
+                first_block: 50,
+                blocks: 50,
+                block_size: 100
+            }
+        );
+        let mut fake = Fake::default();
+        assert_eq!(
+            r.decode(ms(5), &mut fake, 1, &mut vec![0; 10]),
+            Err(DecodeError::BufferLength)
+        );
+        let mut buf = vec![0x11; job.buf_len()];
+        let got = r.decode(ms(5), &mut fake, 1, &mut buf).unwrap();
+        assert_eq!(got, rs(&[(60, 1), (70, 1)]));
+        assert_eq!(fake.calls, [(50, 2, vec![5, 2])]);
+        assert!(buf[1000..1100].iter().all(|&b| b == 0xEE));
+        assert!(buf[2000..2100].iter().all(|&b| b == 0xEE));
+        assert!(
+            buf[..1000].iter().all(|&b| b == 0x11),
+            "present blocks untouched"
+        );
+        assert!(r.has(60) && r.has(70) && r.is_complete());
+        assert_eq!(r.poll_event(), Some(ReceiverEvent::Complete));
+        assert_eq!(r.stats().recovered, 2);
+        assert_eq!(r.poll_decode(), None);
+        assert_eq!(
+            r.decode(ms(6), &mut fake, 1, &mut buf),
+            Err(DecodeError::NotReady)
+        );
+    }
+
+    #[test]
+    fn data_arriving_after_parity_completes_or_unlocks_the_group() {
+        let cfg = ReceiverConfig {
+            fec_group: 50,
+            ..config()
+        };
+        let mut r = McastReceiver::new(cfg, None, ms(0)).unwrap();
+        for b in (0..200).filter(|&b| !(10..13).contains(&b)) {
+            r.handle_block(ms(1), b);
+        }
+        let sym = [1u8; 100];
+        r.handle_parity(ms(2), &parity(0, 0, &sym));
+        r.handle_parity(ms(2), &parity(0, 1, &sym));
+        assert_eq!(r.poll_decode(), None, "2 symbols, 3 holes");
+        // A repair of block 11 leaves 2 holes for 2 symbols: decodable.
+        r.handle_block(ms(3), 11);
+        assert_eq!(r.poll_decode().map(|j| j.group), Some(0));
+        // Both holes repaired instead: the parity is dropped, nothing to decode.
+        r.handle_block(ms(3), 10);
+        r.handle_block(ms(3), 12);
+        assert_eq!(r.poll_decode(), None);
+        assert!(r.is_complete());
+    }
+
+    #[test]
+    fn fec_receiver_nacks_whole_groups_and_holds_back_repeats() {
+        let cfg = ReceiverConfig {
+            fec_group: 50,
+            ..config()
+        };
+        let mut r = McastReceiver::new(cfg, None, ms(0)).unwrap();
+        // Gap at 5 seen at 1 ms; the pass is still inside group 0 at 30 ms: nothing to say.
+        for b in (0..40).filter(|&b| b != 5) {
+            r.handle_block(ms(1), b);
+        }
+        let (_, nack) = fire(&mut r);
+        assert_eq!(nack, None);
+        // Past group 0 (gap at 55 makes the sample): block 5 is NACKed once its group is done.
+        for b in (40..60).filter(|&b| b != 55) {
+            r.handle_block(ms(30), b);
+        }
+        let (t, nack) = fire(&mut r);
+        assert_eq!((t, nack), (ms(50), Some(rs(&[(5, 1)]))));
+        // More gaps in group 1 fire timers, but the same NACK is not repeated before 100 ms.
+        for b in (60..80).filter(|&b| b != 65) {
+            r.handle_block(ms(60), b);
+        }
+        let (t, nack) = fire(&mut r);
+        assert_eq!((t, nack), (ms(80), None));
+        assert_eq!(
+            r.poll_timeout(),
+            Some(ms(150)),
+            "the repeat: last NACK + nack_repeat"
+        );
+    }
 }
