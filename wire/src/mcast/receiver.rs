@@ -1051,7 +1051,7 @@ mod tests {
         );
         let mut fake = Fake::default();
         assert_eq!(
-            r.decode(ms(5), &mut fake, 1, &mut vec![0; 10]),
+            r.decode(ms(5), &mut fake, 1, &mut [0; 10]),
             Err(DecodeError::BufferLength)
         );
         let mut buf = vec![0x11; job.buf_len()];

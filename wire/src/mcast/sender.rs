@@ -71,7 +71,8 @@ pub struct SenderConfig {
     /// the loss of the parity itself).
     pub fec_margin: u32,
     /// How long parity sent for a group still counts as on its way: NACKs arriving within it
-    /// are credited with it. At least one round-trip time.
+    /// (measured from the start of their round) are credited with it. At least one
+    /// round-trip time.
     pub fec_holdoff: Duration,
 }
 
@@ -756,7 +757,9 @@ impl McastSender {
 
     /// The FEC half of `close_round`: repairs chosen per group by [`plan`].
     fn plan_fec(&mut self, wanted: Vec<(u64, Ranges)>) {
-        let holdoff = self.config.fec_holdoff;
+        // The round's NACKs arrived up to a round before now: credit parity sent within the
+        // hold-off before the earliest of them.
+        let holdoff = self.config.fec_holdoff + self.config.round;
         let now = self.now;
         while self
             .recent_parity
@@ -1130,6 +1133,135 @@ mod tests {
             "{st:?}"
         );
         assert_eq!(st.first_pass_blocks + st.multicast_repairs, 400, "{st:?}");
+    }
+
+    /// 40 blocks in groups of 10 with 4 parity symbols per group, one datagram per ms.
+    fn fec_config() -> SenderConfig {
+        SenderConfig {
+            file_size: 40_000,
+            fec_group: 10,
+            fec_parity: 4,
+            ..config()
+        }
+    }
+
+    fn drain_all(s: &mut McastSender, now: Instant) -> Vec<Transmit> {
+        core::iter::from_fn(|| s.poll_send(now)).collect()
+    }
+
+    /// Sends everything due, advancing to each pacing deadline, until `n` datagrams left.
+    fn send_n(s: &mut McastSender, mut now: Instant, n: usize) -> (Instant, Vec<Transmit>) {
+        let mut out = Vec::new();
+        for _ in 0..10 * n + 10 {
+            out.extend(drain_all(s, now));
+            if out.len() >= n {
+                break;
+            }
+            now = s.poll_timeout().unwrap();
+            s.handle_timeout(now);
+        }
+        (now, out)
+    }
+
+    #[test]
+    fn fec_round_sends_fresh_parity_credits_it_and_unicasts_stragglers() {
+        let mut s = McastSender::new(fec_config(), us(0)).unwrap();
+        for d in [1, 2, 3] {
+            s.add_receiver(d);
+        }
+        let (t, first) = send_n(&mut s, us(0), 40);
+        assert_eq!(first.len(), 40);
+        // Group 1 (10..20): three devices miss different blocks, at most 2 each: 2 + 1 parity.
+        s.handle_nack(t, 1, &rs(&[(11, 1)]));
+        s.handle_nack(t, 2, &rs(&[(12, 2)]));
+        s.handle_nack(t, 3, &rs(&[(15, 1), (31, 1)]));
+        let t = t + Duration::from_millis(50);
+        s.handle_timeout(t);
+        let (t, sent) = send_n(&mut s, t, 4);
+        let parity: Vec<(u32, u16)> = sent
+            .iter()
+            .filter_map(|x| match x {
+                Transmit::Parity(p) => Some((p.group, p.index)),
+                Transmit::Block(_) => None,
+            })
+            .collect();
+        assert_eq!(parity, [(1, 0), (1, 1), (1, 2)]);
+        let Transmit::Parity(p) = sent[0] else {
+            panic!("parity first")
+        };
+        assert_eq!(
+            (p.first_block, p.blocks, p.group_size, p.parity_count),
+            (10, 10, 10, 4)
+        );
+        // Group 3: device 3 alone: its block by unicast.
+        assert!(sent.contains(&Transmit::Block(SendBlock {
+            block: 31,
+            dest: Dest::Unicast(3),
+            kind: Kind::Repair
+        })));
+        assert_eq!(s.stats().parity_symbols, 3);
+        // A NACK sent before the parity arrived is credited with it (within the hold-off):
+        // nothing more goes out for group 1.
+        s.handle_nack(t, 2, &rs(&[(12, 2)]));
+        let t2 = t + Duration::from_millis(50);
+        s.handle_timeout(t2);
+        assert!(drain_all(&mut s, t2).is_empty());
+        // After the hold-off two devices still lack blocks: 2 + 1 more symbols would exceed the
+        // one fresh symbol left (4 - 3), so the union is re-multicast instead.
+        let t3 = t2 + Duration::from_millis(100);
+        s.handle_nack(t3, 1, &rs(&[(11, 1)]));
+        s.handle_nack(t3, 2, &rs(&[(12, 2)]));
+        s.handle_timeout(t3 + Duration::from_millis(50));
+        let (_, sent) = send_n(&mut s, t3 + Duration::from_millis(50), 3);
+        let blocks: Vec<u32> = sent
+            .iter()
+            .map(|x| match x {
+                Transmit::Block(b) => {
+                    assert_eq!(b.dest, Dest::Group);
+                    b.block
+                }
+                Transmit::Parity(p) => panic!("no fresh parity left: {p:?}"),
+            })
+            .collect();
+        assert_eq!(blocks, [11, 12, 13]);
+    }
+
+    #[test]
+    fn fec_parity_waits_for_the_whole_group_and_bad_fec_config_is_refused() {
+        let mut s = McastSender::new(fec_config(), us(0)).unwrap();
+        s.add_receiver(1);
+        s.add_receiver(2);
+        // 15 blocks out (group 1 half sent): NACKs for 3 and 12 from two devices.
+        let (t, _) = send_n(&mut s, us(0), 15);
+        s.handle_nack(t, 1, &rs(&[(3, 1), (12, 1)]));
+        s.handle_nack(t, 2, &rs(&[(4, 1), (13, 1)]));
+        s.handle_timeout(t + Duration::from_millis(50));
+        // The rest of the first pass and the repairs.
+        let (_, sent) = send_n(&mut s, t + Duration::from_millis(50), 25 + 2);
+        let parity: Vec<u32> = sent
+            .iter()
+            .filter_map(|x| match x {
+                Transmit::Parity(p) => Some(p.group),
+                Transmit::Block(_) => None,
+            })
+            .collect();
+        // Group 0: 1 + 1 symbols (union 2 <= 2: re-multicast is as cheap). Group 1 untouched.
+        assert!(parity.is_empty(), "{sent:?}");
+        assert_eq!(s.stats().multicast_repairs, 2);
+        for bad in [
+            SenderConfig {
+                fec_parity: 0,
+                ..fec_config()
+            },
+            SenderConfig {
+                fec_group: 40_000,
+                ..fec_config()
+            },
+        ] {
+            assert_eq!(McastSender::new(bad, us(0)).unwrap_err(), ConfigError::Fec);
+        }
+        let ok = SenderConfig::new(1, 1 << 20, 1024, 1 << 20).with_fec(1024);
+        assert_eq!((ok.fec_group, ok.fec_parity), (1024, 256));
     }
 
     #[test]
