@@ -60,7 +60,7 @@ pub struct SenderConfig {
     pub idle_timeout: Duration,
     /// FEC group size K in blocks: 0 (the default) turns FEC parity off. With K > 0 repairs
     /// are chosen per group of K blocks (parity, re-multicast or unicast, see
-    /// [`super::plan`](self)) and the driver must use [`McastSender::poll_send`], which also
+    /// the module docs) and the driver must use [`McastSender::poll_send`], which also
     /// hands out parity symbols. At most 32768.
     pub fec_group: u32,
     /// Parity symbols the code defines per group (M), 1..=32768 when FEC is on; each symbol
