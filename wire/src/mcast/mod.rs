@@ -37,7 +37,8 @@
 //!    `Repair` to each requester. During the first pass repairs get at most
 //!    [`SenderConfig::repair_share_permille`] of the rate (a second token bucket), so they never
 //!    starve the first pass; afterwards they get all of it.
-//! 3a. With FEC (`fec_group` = K > 0) the round's requests are split per group of K blocks
+//!
+//!    With FEC (`fec_group` = K > 0) the round's requests are split per group of K blocks
 //!    and each group gets what its measured need makes cheapest (see `plan.rs`): one device
 //!    → unicast; devices missing the same few blocks → re-multicast them; devices missing
 //!    different blocks → `need + fec_margin` *fresh* parity symbols (`need` = the most any
