@@ -298,6 +298,8 @@ struct Scenario {
     fec: u32,
     /// Receivers that keep a real copy of the file (the first ones).
     copies: usize,
+    /// Whether receivers are told the FEC group size (else they learn it from parity).
+    receiver_fec: bool,
 }
 
 impl Scenario {
@@ -311,6 +313,7 @@ impl Scenario {
             sender: |c| c,
             fec: 0,
             copies: 4,
+            receiver_fec: true,
         }
     }
 
@@ -374,7 +377,7 @@ impl Scenario {
         let receivers = (0..self.receivers)
             .map(|i| {
                 let rc = ReceiverConfig {
-                    fec_group: self.fec,
+                    fec_group: if self.receiver_fec { self.fec } else { 0 },
                     ..ReceiverConfig::new(
                         SESSION,
                         device(i),
@@ -798,4 +801,20 @@ fn fec_single_straggler_gets_unicast_and_shared_losses_multicast() {
     assert!(o.byte_identical);
     assert_eq!(o.stats.parity_symbols, 0, "{o:?}");
     assert!(o.stats.unicast_repairs > 0, "{o:?}");
+}
+
+#[test]
+fn receivers_not_told_the_group_size_learn_it_from_parity() {
+    // An agent that predates `fec_group` in its config (0) still keeps parity and decodes;
+    // it only NACKs as a non-FEC receiver does.
+    let s = Scenario {
+        fec: 256,
+        receiver_fec: false,
+        ..Scenario::new(16, 1024, 0.02)
+    };
+    let o = run(&mut s.build());
+    report("16 rx, loss 0.02, receivers without fec_group", &o);
+    assert_eq!(o.completed, all_devices(16));
+    assert!(o.byte_identical, "{o:?}");
+    assert!(o.stats.parity_symbols > 0 && o.recovered > 0, "{o:?}");
 }
