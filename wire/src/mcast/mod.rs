@@ -124,7 +124,8 @@ pub enum ConfigError {
     MaxRanges,
     /// The initial received record names blocks past the end of the file.
     RecordOutOfRange,
-    /// FEC group size or parity count out of bounds (1..=32768 each when FEC is on).
+    /// FEC group size or parity count out of bounds (1..=32768 each when FEC is on), or a
+    /// block too large for a parity datagram (8 bytes less than [`MAX_BLOCK_SIZE`]).
     Fec,
 }
 

@@ -284,7 +284,14 @@ impl McastSender {
         let n_groups = if config.fec_group == 0 {
             0
         } else {
-            if config.fec_group > MAX_FEC || config.fec_parity == 0 || config.fec_parity > MAX_FEC {
+            // A parity datagram's sub-header is 8 bytes longer than a data block's.
+            let parity_fits = config.block_size as usize + PARITY_PREFIX_LEN
+                <= super::MAX_BLOCK_SIZE as usize + DATA_PREFIX_LEN;
+            if config.fec_group > MAX_FEC
+                || config.fec_parity == 0
+                || config.fec_parity > MAX_FEC
+                || !parity_fits
+            {
                 return Err(ConfigError::Fec);
             }
             n_blocks.div_ceil(config.fec_group) as usize
@@ -1255,6 +1262,11 @@ mod tests {
             },
             SenderConfig {
                 fec_group: 40_000,
+                ..fec_config()
+            },
+            SenderConfig {
+                block_size: super::super::MAX_BLOCK_SIZE,
+                file_size: 1 << 20,
                 ..fec_config()
             },
         ] {
