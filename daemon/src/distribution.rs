@@ -191,6 +191,26 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     out
 }
 
+/// SHA-256 of the file at `path`, read in 1 MiB chunks.
+pub fn sha256_file(path: &Path) -> io::Result<[u8; 32]> {
+    use std::io::Read;
+    let mut f = File::open(path)?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        ctx.update(&buf[..n]);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    Ok(out)
+}
+
 /// The 16-byte tag of a data block, over what [`Frame::mac_input`] gives the receiver.
 pub fn block_tag(
     key: &hmac::Key,
@@ -400,6 +420,25 @@ impl Distribution {
     }
 }
 
+/// What a push asks for.
+#[derive(Debug)]
+pub struct PushSpec<'a> {
+    /// The file, as the gateway opens it.
+    pub path: &'a str,
+    /// Target group.
+    pub group: &'a str,
+    /// Payload bytes per datagram.
+    pub block_size: u32,
+    /// Rate ceiling, Mbit/s.
+    pub rate_mbps: u64,
+    /// What asked for it (the task table's trigger starts with this).
+    pub origin: &'a str,
+    /// When the multicast starts.
+    pub trigger: PushTrigger,
+    /// Follow-up commands per verified device.
+    pub then: Vec<store::Command>,
+}
+
 /// A push mapped and hashed, waiting for its task.
 #[derive(Debug)]
 struct Prepared {
@@ -408,6 +447,8 @@ struct Prepared {
     block_size: u32,
     rate: u64,
     gate: Gate,
+    /// The task row, until its digest is known and it goes to the fleet.
+    task: Option<store::Task>,
 }
 
 /// What a distribution waits for before its first pass: a scheduled delay, then (if set) a
@@ -463,6 +504,10 @@ pub struct Distributor {
     /// Pushes mapped and hashed, waiting for the fleet to create their task.
     prepared: HashMap<u64, Prepared>,
     buf: Vec<u8>,
+    /// Digests computed off the loop: (push connection, result).
+    hashed_tx: std::sync::mpsc::Sender<(u64, io::Result<[u8; 32]>)>,
+    hashed_rx: std::sync::mpsc::Receiver<(u64, io::Result<[u8; 32]>)>,
+    waker: Option<std::sync::Arc<mio::Waker>>,
     /// Shared bucket of every catch-up sender, in bytes.
     catch_up_tokens: u64,
     catch_up_at: Instant,
@@ -560,6 +605,7 @@ impl Distributor {
         let _ = s.set_recv_buffer_size(1 << 20);
         s.set_nonblocking(true)?;
         let sock = mio::net::UdpSocket::from_std(s.into());
+        let (hashed_tx, hashed_rx) = std::sync::mpsc::channel();
         let mut secret = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
             .map_err(|_| io::Error::other("no randomness for the task keys"))?;
@@ -570,6 +616,9 @@ impl Distributor {
             dists: HashMap::new(),
             prepared: HashMap::new(),
             buf: vec![0u8; 65_536],
+            hashed_tx,
+            hashed_rx,
+            waker: None,
             catch_up_tokens: CATCH_UP_BURST,
             catch_up_at: Instant::ZERO,
             finished: McastTotals::default(),
@@ -598,12 +647,18 @@ impl Distributor {
     pub fn prepare_push(
         &mut self,
         conn: u64,
-        path: &str,
-        group: &str,
-        (block_size, rate_mbps): (u32, u64),
-        (origin, trigger): (&str, PushTrigger),
+        push: PushSpec<'_>,
         wall_ms: u64,
-    ) -> Result<store::Task, DistError> {
+    ) -> Result<(), DistError> {
+        let PushSpec {
+            path,
+            group,
+            block_size,
+            rate_mbps,
+            origin,
+            trigger,
+            then,
+        } = push;
         let map = Mapped::open(Path::new(path)).map_err(|source| DistError::Map {
             path: path.into(),
             source,
@@ -618,17 +673,38 @@ impl Distributor {
             path: path.into(),
             why: e.to_string(),
         })?;
-        let digest = sha256(map.bytes());
+        // The digest is computed off the loop (a multi-GiB image takes seconds), by reading
+        // the file on a thread of its own; the task is created when it is known
+        // (`take_hashed`). Reading rather than sharing the mapping keeps the thread free of
+        // raw pointers; an edit between the two is caught by the receivers' digest check.
         let task = store::Task {
             path: path.into(),
             size: map.len as u64,
             block_size,
-            sha256: digest,
+            sha256: [0; 32],
             group: Some(group.into()),
             trigger: trigger.describe(origin),
             created_ms: wall_ms,
-            then: Vec::new(),
+            then,
         };
+        let (tx, waker, file) = (
+            self.hashed_tx.clone(),
+            self.waker.clone(),
+            PathBuf::from(path),
+        );
+        std::thread::Builder::new()
+            .name(format!("fleetcast-hash-{conn}"))
+            .spawn(move || {
+                let r = sha256_file(&file);
+                let _ = tx.send((conn, r));
+                if let Some(w) = waker {
+                    let _ = w.wake();
+                }
+            })
+            .map_err(|source| DistError::Map {
+                path: path.into(),
+                source,
+            })?;
         let delay = Duration::from_millis(trigger.at_ms.map_or(0, |t| t.saturating_sub(wall_ms)));
         let gate = Gate {
             delay,
@@ -644,13 +720,45 @@ impl Distributor {
             conn,
             Prepared {
                 map,
-                digest,
+                digest: [0; 32],
                 block_size,
                 rate,
                 gate,
+                task: Some(task),
             },
         );
-        Ok(task)
+        Ok(())
+    }
+
+    /// Wakes the loop when a file's digest is ready.
+    pub fn set_waker(&mut self, waker: std::sync::Arc<mio::Waker>) {
+        self.waker = Some(waker);
+    }
+
+    /// Pushes whose digest is now known: their task rows, ready for the fleet (or why the
+    /// file could not be read).
+    pub fn take_hashed(&mut self) -> Vec<(u64, Result<store::Task, DistError>)> {
+        let mut out = Vec::new();
+        while let Ok((conn, r)) = self.hashed_rx.try_recv() {
+            let Some(p) = self.prepared.get_mut(&conn) else {
+                continue;
+            };
+            match r {
+                Ok(digest) => {
+                    p.digest = digest;
+                    if let Some(mut t) = p.task.take() {
+                        t.sha256 = digest;
+                        out.push((conn, Ok(t)));
+                    }
+                }
+                Err(source) => {
+                    let path = p.map.path.display().to_string();
+                    self.prepared.remove(&conn);
+                    out.push((conn, Err(DistError::Map { path, source })));
+                }
+            }
+        }
+        out
     }
 
     /// Forgets a prepared push whose task was not created.
@@ -666,6 +774,7 @@ impl Distributor {
             block_size: bs,
             rate,
             gate,
+            ..
         }) = self.prepared.remove(&conn)
         else {
             return;
@@ -1277,6 +1386,8 @@ mod tests {
         let m = Mapped::open(&p).unwrap();
         assert_eq!(m.bytes(), &data[..]);
         assert_eq!(sha256(m.bytes()), sha256(&data));
+        assert_eq!(sha256_file(&p).unwrap(), sha256(&data));
+        assert!(sha256_file(&dir.path().join("missing")).is_err());
         let key = hmac::Key::new(hmac::HMAC_SHA256, &[5; 32]);
         let payload = &m.bytes()[2000..];
         let tag = block_tag(&key, Kind::Data, 9, 2, payload);

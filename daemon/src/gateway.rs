@@ -33,7 +33,7 @@ use rustls::ServerConfig;
 use crate::admin::{self, Request, Response};
 use crate::artifacts;
 use crate::convert::{report_from_wire, result_from_wire, sha256, steps_to_wire};
-use crate::distribution::{DistEvent, Distributor, McastConfig};
+use crate::distribution::{DistEvent, Distributor, McastConfig, PushSpec};
 use crate::fleet::{Action, ConnId, Fleet, Input};
 use crate::metrics;
 use crate::tlsconn::TlsConn;
@@ -43,6 +43,8 @@ const LISTENER: Token = Token(0);
 const ADMIN: Token = Token(1);
 const MCAST: Token = Token(2);
 const ARTIFACTS: Token = Token(3);
+/// Wakes the loop when a pushed file's digest, computed on a thread, is ready.
+const HASHED: Token = Token(usize::MAX - 1);
 const FIRST_CONN: usize = 4;
 
 /// Loop parameters.
@@ -199,6 +201,8 @@ pub struct Gateway {
     dist: Option<Distributor>,
     /// The multicast socket may hold more NACKs than one turn's budget read.
     mcast_ready: bool,
+    /// A pushed file's digest is ready ([`Distributor::take_hashed`]).
+    hashed_ready: bool,
     /// The watched directory: its configuration, memory, next scan, and the pseudo
     /// connection ids its pushes use (counting down from `u64::MAX`, never a real one).
     watch: Option<(WatchConfig, DirWatch, Instant)>,
@@ -272,6 +276,7 @@ impl Gateway {
                 let mut d = Distributor::open(m.clone())?;
                 poll.registry()
                     .register(d.socket(), MCAST, Interest::READABLE)?;
+                d.set_waker(Arc::new(mio::Waker::new(poll.registry(), HASHED)?));
                 Some(d)
             }
             None => None,
@@ -292,6 +297,7 @@ impl Gateway {
             fleet,
             dist,
             mcast_ready: false,
+            hashed_ready: false,
             watch,
             watch_conn: u64::MAX,
             clock: Clock::new(),
@@ -421,6 +427,7 @@ impl Gateway {
                     ADMIN => self.accept_admin(),
                     ARTIFACTS => self.accept_artifacts(),
                     MCAST => self.mcast_ready = true,
+                    HASHED => self.hashed_ready = true,
                     t if metrics::Server::owns(t) => self.metrics_event(t),
                     Token(t) => {
                         let idx = t - FIRST_CONN;
@@ -438,11 +445,35 @@ impl Gateway {
             }
             self.fire_timers(now);
             self.scan_watch(now);
+            if std::mem::take(&mut self.hashed_ready) {
+                self.take_hashed(now);
+            }
             self.process_fleet(now, wall);
             self.drive_distributions(now);
             self.flush_touched();
         }
         Ok(())
+    }
+
+    /// Pushes whose file digest is ready go to the fleet (which creates their task); a file
+    /// that could not be read is refused to whoever asked.
+    fn take_hashed(&mut self, now: Instant) {
+        let Some(d) = self.dist.as_mut() else { return };
+        for (conn, r) in d.take_hashed() {
+            match r {
+                Ok(task) => self.inputs.push(Input::Push { conn, task }),
+                Err(e) => {
+                    tracing::warn!(conn, error = %e, "push refused");
+                    self.apply(
+                        Action::Reply {
+                            conn,
+                            resp: Response::err(e.to_string()),
+                        },
+                        now,
+                    );
+                }
+            }
+        }
     }
 
     /// Scans the watched directory when due and pushes what settled there.
@@ -466,17 +497,18 @@ impl Gateway {
             let path = cfg.dir.join(&name);
             let conn = self.watch_conn;
             self.watch_conn -= 1;
-            match d.prepare_push(
-                conn,
-                &path.display().to_string(),
-                &cfg.group,
-                (cfg.block_size, cfg.rate_mbps),
-                (&origin, admin::PushTrigger::default()),
-                self.wall_ms,
-            ) {
-                Ok(task) => {
+            let spec = PushSpec {
+                path: &path.display().to_string(),
+                group: &cfg.group,
+                block_size: cfg.block_size,
+                rate_mbps: cfg.rate_mbps,
+                origin: &origin,
+                trigger: admin::PushTrigger::default(),
+                then: Vec::new(),
+            };
+            match d.prepare_push(conn, spec, self.wall_ms) {
+                Ok(()) => {
                     tracing::info!(file = %path.display(), group = %cfg.group, "watched file changed: pushing");
-                    self.inputs.push(Input::Push { conn, task });
                 }
                 Err(e) => {
                     tracing::warn!(file = %path.display(), error = %e, "watched file not pushed")
@@ -879,18 +911,18 @@ impl Gateway {
                             continue;
                         }
                     };
-                    match d.prepare_push(
-                        id,
-                        &path,
-                        &group,
-                        (block_size, rate_mbps),
-                        ("publish by operator", trigger),
-                        self.wall_ms,
-                    ) {
-                        Ok(mut task) => {
-                            task.then = then;
-                            self.inputs.push(Input::Push { conn: id, task });
-                        }
+                    let spec = PushSpec {
+                        path: &path,
+                        group: &group,
+                        block_size,
+                        rate_mbps,
+                        origin: "publish by operator",
+                        trigger,
+                        then,
+                    };
+                    match d.prepare_push(id, spec, self.wall_ms) {
+                        // The task is created once the file's digest is known (take_hashed).
+                        Ok(()) => {}
                         Err(e) => push_json_line(&mut a.out, &Response::err(e.to_string())),
                     }
                 }

@@ -2,11 +2,12 @@
 //! the same body (one encoding per value; length conserved).
 #![no_main]
 
-use fleetcast_wire::{DataBlock, Frame, Message, HEADER_LEN};
+use fleetcast_wire::{DataBlock, Frame, Message, Parity, HEADER_LEN};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let _ = DataBlock::parse(data);
+    let _ = Parity::parse(data);
     let Ok((msg, frame)) = Message::parse_datagram(data) else {
         return;
     };

@@ -17,6 +17,8 @@
 //! - `alloc`: the [`Message`] enum (its lists are `Vec`s), [`Deframer`], [`Ranges`].
 //! - without either: the header, data blocks ([`DataBlock`], [`data_prefix`]) and time.
 //! - `arbitrary`: `arbitrary::Arbitrary` for every message (fuzzing).
+//! - `fec` (on with `std`): the Reed–Solomon codec `mcast::ReedSolomon` (`reed-solomon-simd`);
+//!   the `mcast::Fec` trait itself needs only `alloc`.
 //! - `sim`: the seeded in-memory network simulator.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![forbid(unsafe_code)]

@@ -38,13 +38,15 @@ pub enum Kind {
     Completion = 0x24,
     /// [`crate::TransferStatus`]
     TransferStatus = 0x25,
+    /// [`crate::Parity`]: an FEC parity symbol sent to the group
+    Parity = 0x26,
     /// [`crate::Close`]
     Close = 0x3F,
 }
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 17] = [
+    pub const ALL: [Kind; 18] = [
         Kind::Hello,
         Kind::Welcome,
         Kind::Heartbeat,
@@ -61,6 +63,7 @@ impl Kind {
         Kind::Repair,
         Kind::Completion,
         Kind::TransferStatus,
+        Kind::Parity,
         Kind::Close,
     ];
 

@@ -9,6 +9,14 @@
 //! - The receiver core is told which *valid* blocks arrived ([`McastReceiver::handle_block`];
 //!   the driver has already checked CRC, tag and session and written the payload) and emits
 //!   `Nack` datagrams ([`crate::Nack`]) into a caller buffer.
+//! - With FEC (opt-in, [`SenderConfig::fec_group`]) the sender also hands out parity symbols
+//!   ([`McastSender::poll_send`] → [`Transmit::Parity`]); the driver encodes them with a
+//!   [`Fec`] codec ([`ReedSolomon`] with feature `fec`) and sends [`crate::Parity`] datagrams.
+//!   The receiver keeps useful symbols ([`McastReceiver::handle_parity`], the only file bytes
+//!   it ever holds: at most one symbol per missing block) and, once a group has as many data
+//!   blocks and symbols as it has blocks, asks the driver for the group's present blocks in a
+//!   caller buffer and rebuilds the missing ones in place ([`McastReceiver::poll_decode`],
+//!   [`McastReceiver::decode`]); the driver writes them like received blocks.
 //!
 //! # Protocol
 //! 1. First pass: the sender multicasts blocks `0..n` in order, paced by a token bucket at
@@ -29,6 +37,18 @@
 //!    `Repair` to each requester. During the first pass repairs get at most
 //!    [`SenderConfig::repair_share_permille`] of the rate (a second token bucket), so they never
 //!    starve the first pass; afterwards they get all of it.
+//!
+//!    With FEC (`fec_group` = K > 0) the round's requests are split per group of K blocks
+//!    and each group gets what its measured need makes cheapest (see `plan.rs`): one device
+//!    → unicast; devices missing the same few blocks → re-multicast them; devices missing
+//!    different blocks → `need + fec_margin` *fresh* parity symbols (`need` = the most any
+//!    one device lacks in the group; a symbol index is never sent twice), falling back to
+//!    re-multicast when the group's M symbols run out. Only groups the first pass has fully
+//!    sent are repaired. Parity queued or sent within [`SenderConfig::fec_holdoff`] of the
+//!    round is credited against each device's count (its NACK may predate the parity). A FEC
+//!    receiver ([`ReceiverConfig::fec_group`]) NACKs a block only once the pass has left its
+//!    group, leaves out of its NACK as many of a group's missing blocks as it holds symbols
+//!    for, and never repeats a NACK word for word before [`ReceiverConfig::nack_repeat`].
 //! 4. Demotion: after the first pass, a device whose estimated missing count stays above
 //!    [`SenderConfig::demote_missing_percent`] of the file for
 //!    [`SenderConfig::demote_after_rounds`] consecutive rounds, or that sends more than
@@ -45,8 +65,10 @@
 //! total is at least `1 + (1 - (1 - p)^N)` bytes per file byte for N receivers at loss `p`
 //! (about 2 for 1000 receivers at 1%), while each receiver's link carries about
 //! `1 + p + P(at least multicast_threshold receivers lost a block)`. Only a single receiver
-//! gets `1 + p`. Fresh FEC parity as multicast repair is what brings the total near `1 + p`
-//! at scale (ARCHITECTURE.md "later"); `tests.rs` measures and bounds all three figures.
+//! gets `1 + p`. Fresh FEC parity as multicast repair brings the total near `1 + p` at scale:
+//! per group, the largest loss of any one receiver (plus the margin), 1.028 at 1000 receivers
+//! and 1% in the simulator (docs/performance.md "Repair at scale (simulator)"); `tests.rs`
+//! measures and bounds these figures.
 //!
 //! # Driving contract (both cores)
 //! - Time is an input and must be monotonic: never pass an `Instant` earlier than one passed
@@ -54,26 +76,39 @@
 //! - Inputs: `handle_*` calls and `handle_timeout(now)` (call it once the instant from
 //!   `poll_timeout` is reached; calling it early is harmless).
 //! - **After every input**, in this order: drain `poll_transmit(now, ..)` until `None` and send
-//!   each datagram; drain `poll_event()` until `None` and act on each event; re-arm the timer
-//!   from `poll_timeout()` (`None`: no timer). The sender's `poll_transmit` returns `None` when
+//!   each datagram (a FEC sender: `poll_send`); a receiver then drains `poll_decode()` until
+//!   `None`, decoding and writing each group; drain `poll_event()` until `None` and act on
+//!   each event; re-arm the timer from `poll_timeout()` (`None`: no timer). The sender's `poll_transmit` returns `None` when
 //!   the rate ceiling is reached; `poll_timeout` then names the next send time, so a driver that
 //!   follows this loop is paced without any extra logic.
 //!
 //! # Memory
 //! The sender holds per receiver a few counters, the device's latest NACK of the open round and
-//! its pending unicast repairs (all range lists); per block it holds nothing. The receiver holds
-//! one bit per block.
+//! its pending unicast repairs (all range lists); per block it holds nothing, per FEC group two
+//! counters. The receiver holds one bit per block, plus the parity symbols it keeps for groups
+//! not yet decodable (at most one per missing block).
 
 use alloc::vec::Vec;
 use core::fmt;
 
 use crate::ranges::{BlockRange, Ranges};
 
+pub mod fec;
+mod plan;
 mod receiver;
 mod sender;
 
-pub use receiver::{BlockVerdict, McastReceiver, ReceiverConfig, ReceiverEvent, ReceiverStats};
-pub use sender::{Dest, McastSender, SendBlock, SenderConfig, SenderEvent, SenderStats};
+#[cfg(feature = "fec")]
+pub use fec::ReedSolomon;
+pub use fec::{Fec, FecError};
+
+pub use receiver::{
+    BlockVerdict, DecodeError, DecodeJob, McastReceiver, ReceiverConfig, ReceiverEvent,
+    ReceiverStats,
+};
+pub use sender::{
+    Dest, McastSender, SendBlock, SendParity, SenderConfig, SenderEvent, SenderStats, Transmit,
+};
 
 /// A configuration a core refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +124,9 @@ pub enum ConfigError {
     MaxRanges,
     /// The initial received record names blocks past the end of the file.
     RecordOutOfRange,
+    /// FEC group size or parity count out of bounds (1..=32768 each when FEC is on), or a
+    /// block too large for a parity datagram (8 bytes less than [`MAX_BLOCK_SIZE`]).
+    Fec,
 }
 
 impl fmt::Display for ConfigError {
@@ -99,6 +137,7 @@ impl fmt::Display for ConfigError {
             ConfigError::ZeroRate => "sender rate is zero",
             ConfigError::MaxRanges => "max NACK ranges out of bounds",
             ConfigError::RecordOutOfRange => "received record names blocks past the file end",
+            ConfigError::Fec => "FEC group size or parity count out of bounds",
         })
     }
 }

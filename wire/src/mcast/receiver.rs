@@ -9,13 +9,14 @@
 //!   block seen at least `reorder_window` ago, or the first pass has ended.
 //! - `Complete` is emitted once, when every block is present; then no timer stays armed.
 
-use alloc::collections::VecDeque;
+use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec;
 use alloc::vec::Vec;
 use core::time::Duration;
 
-use super::{block_count, ConfigError, Prng};
-use crate::msg::{Message, Nack};
+use super::fec::{Fec, FecError};
+use super::{block_count, push_span, subtract, ConfigError, Prng};
+use crate::msg::{Message, Nack, Parity};
 use crate::ranges::{Ranges, MAX_NACK_RANGES};
 use crate::time::Instant;
 
@@ -54,6 +55,11 @@ pub struct ReceiverConfig {
     pub persist_interval: Duration,
     /// Seed of the back-off randomness.
     pub seed: u64,
+    /// The sender's FEC group size K, or 0 (the default) when the sender sends no parity.
+    /// With K > 0 a block is NACKed only once the first pass is past its whole group (parity
+    /// repairs whole groups), and a NACK that would repeat the previous one word for word is
+    /// held back until the repeat interval. Parity datagrams are accepted either way.
+    pub fec_group: u32,
 }
 
 impl ReceiverConfig {
@@ -74,6 +80,7 @@ impl ReceiverConfig {
             silence: Duration::from_millis(250),
             persist_interval: Duration::from_secs(1),
             seed,
+            fec_group: 0,
         }
     }
 }
@@ -109,7 +116,58 @@ pub struct ReceiverStats {
     pub nacks: u64,
     /// Bytes of NACK datagrams emitted.
     pub nack_bytes: u64,
+    /// Parity symbols kept (useful when they arrived).
+    pub parity_kept: u64,
+    /// Parity symbols dropped: group complete, symbol held already, or enough held.
+    pub parity_useless: u64,
+    /// Blocks rebuilt from parity.
+    pub recovered: u64,
 }
+
+/// A group that can be rebuilt: see [`McastReceiver::poll_decode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DecodeJob {
+    /// Group index.
+    pub group: u32,
+    /// First block of the group.
+    pub first_block: u32,
+    /// Blocks in the group.
+    pub blocks: u32,
+    /// Bytes per block slot in the decode buffer.
+    pub block_size: u32,
+}
+
+impl DecodeJob {
+    /// Length of the buffer [`McastReceiver::decode`] takes: `blocks × block_size`.
+    pub fn buf_len(&self) -> usize {
+        self.blocks as usize * self.block_size as usize
+    }
+}
+
+/// Why [`McastReceiver::decode`] did not rebuild a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The group is not (or no longer) decodable: see [`McastReceiver::poll_decode`].
+    NotReady,
+    /// The buffer is not [`DecodeJob::buf_len`] bytes long.
+    BufferLength,
+    /// The codec failed (its parity is dropped; the blocks will be NACKed again).
+    Fec(FecError),
+}
+
+impl core::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            DecodeError::NotReady => f.write_str("group is not decodable"),
+            DecodeError::BufferLength => f.write_str("decode buffer has the wrong length"),
+            DecodeError::Fec(e) => write!(f, "FEC decode failed: {e}"),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for DecodeError {}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Timer {
@@ -155,6 +213,14 @@ pub struct McastReceiver {
     record: Ranges,
     record_dirty: bool,
     stats: ReceiverStats,
+    /// FEC geometry `(K, M)`, from the config or the first parity symbol.
+    fec: Option<(u32, u16)>,
+    /// Parity symbols held per incomplete group: `(index, symbol)`.
+    held: BTreeMap<u32, Vec<(u16, Vec<u8>)>>,
+    /// Groups with enough data and parity to decode, oldest first.
+    decodable: VecDeque<u32>,
+    /// The last NACK's ranges (FEC mode holds back word-for-word repeats).
+    last_nack_missing: Option<Ranges>,
 }
 
 impl McastReceiver {
@@ -190,6 +256,10 @@ impl McastReceiver {
             record: Ranges::new(),
             record_dirty: true,
             stats: ReceiverStats::default(),
+            fec: None,
+            held: BTreeMap::new(),
+            decodable: VecDeque::new(),
+            last_nack_missing: None,
         };
         if let Some(rec) = initial {
             if rec
@@ -284,6 +354,7 @@ impl McastReceiver {
         }
         self.set(block);
         self.stats.new_blocks += 1;
+        self.note_group_progress(block);
         self.progressed = true;
         if self.timers[Timer::Persist as usize].is_none() {
             self.timers[Timer::Persist as usize] = Some(now + self.config.persist_interval);
@@ -359,17 +430,47 @@ impl McastReceiver {
         if !core::mem::take(&mut self.nack_due) || self.complete {
             return None;
         }
+        let fec = self.config.fec_group > 0;
         let limit = if self.end_of_pass {
+            if fec {
+                // Drained so that `arm_next_gap` arms no deadline already past: after the
+                // pass, NACKs repeat at `nack_repeat` with back-off. (Without FEC a stale gap
+                // sample re-arms the NACK at once, so it repeats every `min_nack_interval`
+                // after the pass: twice the NACKs at scale, but repairs sooner; kept as is.)
+                self.stable_limit_at(now);
+            }
             self.n_blocks
         } else {
-            self.stable_limit_at(now)
+            let k = self.config.fec_group.max(1);
+            self.stable_limit_at(now) / k * k
         };
-        let missing = self.missing_below(limit, self.config.max_ranges);
+        let mut missing = self.missing_below(limit, self.config.max_ranges);
+        if !self.held.is_empty() {
+            missing = self.trim_held(missing);
+        }
+        let repeat_too_soon = fec
+            && self.last_nack_missing.as_ref() == Some(&missing)
+            && self
+                .last_nack
+                .is_some_and(|t| now < t + self.config.nack_repeat);
+        if repeat_too_soon {
+            // Said already: the repeat timer says it again if nothing comes by then.
+            let at = self.last_nack.map_or(now, |t| t + self.config.nack_repeat);
+            self.timers[Timer::Nack as usize] = Some(at);
+            self.nack_reason = NackReason::Repeat;
+            return None;
+        }
         if missing.is_empty() {
+            // Nothing to say (held parity may cover every gap): re-arm only for gaps still
+            // inside the reorder window, never in the past.
+            self.stable_limit_at(now);
             self.arm_next_gap();
             return None;
         }
         self.truncated = missing.len() >= self.config.max_ranges;
+        if fec {
+            self.last_nack_missing = Some(missing.clone());
+        }
         let msg = Message::Nack(Nack {
             session: self.config.session,
             device_id: self.config.device_id,
@@ -396,6 +497,136 @@ impl McastReceiver {
         self.nack_reason = NackReason::Repeat;
         self.arm_next_gap();
         Some(len)
+    }
+
+    /// A valid parity symbol (CRC, tag and session checked by the driver) arrived. The core
+    /// copies the symbol when it can help (its group lacks blocks and the symbol is new);
+    /// `New` means kept, `Duplicate` not needed, `OutOfRange` a geometry that does not fit
+    /// this file or the session's earlier symbols. Then drain [`McastReceiver::poll_decode`].
+    pub fn handle_parity(&mut self, now: Instant, p: &Parity<'_>) -> BlockVerdict {
+        let (k, m) = (u32::from(p.group_size), p.parity_count);
+        let fits = match self.fec {
+            Some(geom) => geom == (k, m),
+            None => self.config.fec_group == 0 || self.config.fec_group == k,
+        };
+        let first = u64::from(p.group) * u64::from(k);
+        if !fits
+            || first >= u64::from(self.n_blocks)
+            || p.payload.len() != self.config.block_size as usize
+        {
+            return BlockVerdict::OutOfRange;
+        }
+        self.fec = Some((k, m));
+        let (start, end) = self.group_span(p.group);
+        let lacking = (end - start) - self.count_present(start, end);
+        let held = self.held.entry(p.group).or_default();
+        if lacking == 0 || held.len() as u32 >= lacking || held.iter().any(|h| h.0 == p.index) {
+            if held.is_empty() {
+                self.held.remove(&p.group);
+            }
+            self.stats.parity_useless += 1;
+            return BlockVerdict::Duplicate;
+        }
+        held.push((p.index, p.payload.to_vec()));
+        self.stats.parity_kept += 1;
+        if held.len() as u32 >= lacking && !self.decodable.contains(&p.group) {
+            self.decodable.push_back(p.group);
+        }
+        // The sender is active: as for a block, hold back repeats and the silence timer.
+        self.progressed = true;
+        if self.nack_reason == NackReason::Repeat {
+            if let Some(t) = &mut self.timers[Timer::Nack as usize] {
+                *t = (*t).max(now + self.config.nack_repeat);
+            }
+        }
+        if !self.complete {
+            self.timers[Timer::Silence as usize] = Some(now + self.config.silence);
+        }
+        BlockVerdict::New
+    }
+
+    /// The next group that can be rebuilt from parity, if any. The driver fills a buffer of
+    /// [`DecodeJob::buf_len`] bytes with the group's *present* blocks (block `first_block + i`
+    /// at offset `i × block_size`; slots of missing blocks are ignored) and calls
+    /// [`McastReceiver::decode`]. Drain until `None` after every input, before `poll_event`.
+    pub fn poll_decode(&mut self) -> Option<DecodeJob> {
+        while let Some(&g) = self.decodable.front() {
+            if self.held.contains_key(&g) {
+                let (start, end) = self.group_span(g);
+                return Some(DecodeJob {
+                    group: g,
+                    first_block: start,
+                    blocks: end - start,
+                    block_size: self.config.block_size,
+                });
+            }
+            self.decodable.pop_front();
+        }
+        None
+    }
+
+    /// Rebuilds the missing blocks of `group` in `buf` (see [`McastReceiver::poll_decode`]),
+    /// marks them received and returns them; the driver writes those blocks from `buf` (the
+    /// last block of the file only up to its length) before acting on the next events. On a
+    /// codec error the group's parity is dropped and its blocks will be NACKed again.
+    pub fn decode(
+        &mut self,
+        now: Instant,
+        fec: &mut dyn Fec,
+        group: u32,
+        buf: &mut [u8],
+    ) -> Result<Ranges, DecodeError> {
+        let (Some((_, m)), Some(held)) = (self.fec, self.held.get(&group)) else {
+            return Err(DecodeError::NotReady);
+        };
+        let (start, end) = self.group_span(group);
+        let bs = self.config.block_size as usize;
+        if buf.len() != (end - start) as usize * bs {
+            return Err(DecodeError::BufferLength);
+        }
+        let lacking = (end - start) - self.count_present(start, end);
+        if (held.len() as u32) < lacking {
+            return Err(DecodeError::NotReady);
+        }
+        // The file's last block is shorter: its slot is zero-padded, as the sender encoded it.
+        let last_len = (self.config.file_size - u64::from(end - 1) * bs as u64) as usize;
+        if end == self.n_blocks && last_len < bs {
+            let from = buf.len() - bs + last_len;
+            buf[from..].fill(0);
+        }
+        let mut present: Vec<Option<&[u8]>> = Vec::with_capacity((end - start) as usize);
+        let mut out: Vec<&mut [u8]> = Vec::with_capacity(lacking as usize);
+        let mut recovered = Ranges::new();
+        for (i, slot) in buf.chunks_mut(bs).enumerate() {
+            let b = start + i as u32;
+            if self.has(b) {
+                present.push(Some(slot));
+            } else {
+                present.push(None);
+                out.push(slot);
+                push_span(&mut recovered, u64::from(b), u64::from(b) + 1);
+            }
+        }
+        let syms: Vec<(usize, &[u8])> = held
+            .iter()
+            .take(lacking as usize)
+            .map(|(i, p)| (usize::from(*i), &p[..]))
+            .collect();
+        let result = fec.decode(&present, usize::from(m), &syms, &mut out);
+        self.held.remove(&group);
+        result.map_err(DecodeError::Fec)?;
+        for r in recovered.as_slice() {
+            for b in r.start..r.start + r.len {
+                self.set(b);
+            }
+        }
+        self.stats.recovered += recovered.blocks();
+        self.progressed = true;
+        if self.timers[Timer::Persist as usize].is_none() {
+            self.timers[Timer::Persist as usize] = Some(now + self.config.persist_interval);
+        }
+        self.check_complete();
+        Ok(recovered)
     }
 
     /// When to call [`McastReceiver::handle_timeout`].
@@ -427,6 +658,71 @@ impl McastReceiver {
             (_, None) => *slot = Some(at),
         }
         self.nack_reason = NackReason::Gap;
+    }
+
+    /// Blocks `start..end` of group `g` (the last group may be short).
+    fn group_span(&self, g: u32) -> (u32, u32) {
+        let k = self.fec.map_or(self.config.fec_group, |f| f.0).max(1);
+        let start = (u64::from(g) * u64::from(k)).min(u64::from(self.n_blocks)) as u32;
+        (start, start.saturating_add(k).min(self.n_blocks))
+    }
+
+    /// Blocks present in `start..end`.
+    fn count_present(&self, start: u32, end: u32) -> u32 {
+        let mut n = 0;
+        let mut b = start;
+        while b < end {
+            let w = self.bits[(b / 64) as usize] >> (b % 64);
+            let take = (64 - b % 64).min(end - b);
+            let mask = if take == 64 {
+                u64::MAX
+            } else {
+                (1u64 << take) - 1
+            };
+            n += (w & mask).count_ones();
+            b += take;
+        }
+        n
+    }
+
+    /// A new block in a group with parity held: the group may now decode, or need it no more.
+    fn note_group_progress(&mut self, block: u32) {
+        let Some((k, _)) = self.fec else { return };
+        let g = block / k.max(1);
+        let Some(held) = self.held.get(&g) else {
+            return;
+        };
+        let (start, end) = self.group_span(g);
+        let lacking = (end - start) - self.count_present(start, end);
+        if lacking == 0 {
+            self.held.remove(&g);
+        } else if held.len() as u32 >= lacking && !self.decodable.contains(&g) {
+            self.decodable.push_back(g);
+        }
+    }
+
+    /// Leaves out of a NACK, per group with parity held, as many of the group's highest
+    /// missing blocks as symbols are held: the NACK then names exactly what is still needed
+    /// (receiving the named blocks makes the group decodable).
+    fn trim_held(&self, missing: Ranges) -> Ranges {
+        let mut drop = Ranges::new();
+        for (&g, held) in &self.held {
+            let (start, end) = self.group_span(g);
+            let mut left = held.len();
+            let mut b = end;
+            let mut picked: Vec<u32> = Vec::new();
+            while left > 0 && b > start {
+                b -= 1;
+                if !self.has(b) {
+                    picked.push(b);
+                    left -= 1;
+                }
+            }
+            for &b in picked.iter().rev() {
+                let _ = drop.push(b, 1);
+            }
+        }
+        subtract(&missing, &drop)
     }
 
     fn set(&mut self, block: u32) {
@@ -700,5 +996,185 @@ mod tests {
         r.handle_timeout(ms(1000));
         assert_eq!(r.poll_event(), Some(ReceiverEvent::PersistDue));
         assert_eq!(r.poll_event(), None);
+    }
+
+    /// A codec that "rebuilds" every missing block as bytes of 0xEE, recording the call: the
+    /// core's bookkeeping is tested apart from any real code.
+    #[derive(Default)]
+    struct Fake {
+        calls: Vec<(usize, usize, Vec<usize>)>,
+    }
+
+    impl Fec for Fake {
+        fn encode(&mut self, _: &[&[u8]], _: &mut [&mut [u8]]) -> Result<(), FecError> {
+            Ok(())
+        }
+        fn decode(
+            &mut self,
+            data: &[Option<&[u8]>],
+            m: usize,
+            parity: &[(usize, &[u8])],
+            out: &mut [&mut [u8]],
+        ) -> Result<(), FecError> {
+            super::super::fec::check_decode(data, m, parity, out)?;
+            let idx = parity.iter().map(|p| p.0).collect();
+            self.calls.push((data.len(), out.len(), idx));
+            out.iter_mut().for_each(|o| o.fill(0xEE));
+            Ok(())
+        }
+    }
+
+    fn parity(group: u32, index: u16, payload: &[u8]) -> Parity<'_> {
+        Parity {
+            session: 3,
+            group,
+            group_size: 50,
+            parity_count: 8,
+            index,
+            payload,
+        }
+    }
+
+    #[test]
+    fn parity_fills_a_group_and_decodes_into_the_callers_buffer() {
+        // 200 blocks of 100 bytes in groups of 50; group 1 (blocks 50..100) lacks 60 and 70.
+        let cfg = ReceiverConfig {
+            fec_group: 50,
+            ..config()
+        };
+        let mut r = McastReceiver::new(cfg, None, ms(0)).unwrap();
+        for b in (0..200).filter(|&b| b != 60 && b != 70) {
+            r.handle_block(ms(1), b);
+        }
+        let sym = [0xAB; 100];
+        assert_eq!(
+            r.handle_parity(ms(2), &parity(1, 5, &sym)),
+            BlockVerdict::New
+        );
+        assert_eq!(
+            r.handle_parity(ms(2), &parity(1, 5, &sym)),
+            BlockVerdict::Duplicate
+        );
+        // One symbol for two holes: not yet; the NACK names only what is still needed.
+        assert_eq!(r.poll_decode(), None);
+        r.handle_sender_idle(ms(3));
+        r.handle_timeout(ms(3));
+        assert_eq!(nack_of(&mut r, ms(3)), Some(rs(&[(60, 1)])));
+        // Wrong geometry, wrong length, group past the file, complete group: refused.
+        let other = Parity {
+            group_size: 40,
+            ..parity(1, 1, &sym)
+        };
+        assert_eq!(r.handle_parity(ms(4), &other), BlockVerdict::OutOfRange);
+        assert_eq!(
+            r.handle_parity(ms(4), &parity(1, 1, &sym[..99])),
+            BlockVerdict::OutOfRange
+        );
+        assert_eq!(
+            r.handle_parity(ms(4), &parity(4, 1, &sym)),
+            BlockVerdict::OutOfRange
+        );
+        assert_eq!(
+            r.handle_parity(ms(4), &parity(0, 1, &sym)),
+            BlockVerdict::Duplicate
+        );
+        assert_eq!(
+            r.handle_parity(ms(4), &parity(1, 2, &sym)),
+            BlockVerdict::New
+        );
+        // A third symbol is not needed.
+        assert_eq!(
+            r.handle_parity(ms(4), &parity(1, 3, &sym)),
+            BlockVerdict::Duplicate
+        );
+        let job = r.poll_decode().unwrap();
+        assert_eq!(
+            job,
+            DecodeJob {
+                group: 1,
+                first_block: 50,
+                blocks: 50,
+                block_size: 100
+            }
+        );
+        let mut fake = Fake::default();
+        assert_eq!(
+            r.decode(ms(5), &mut fake, 1, &mut [0; 10]),
+            Err(DecodeError::BufferLength)
+        );
+        let mut buf = vec![0x11; job.buf_len()];
+        let got = r.decode(ms(5), &mut fake, 1, &mut buf).unwrap();
+        assert_eq!(got, rs(&[(60, 1), (70, 1)]));
+        assert_eq!(fake.calls, [(50, 2, vec![5, 2])]);
+        assert!(buf[1000..1100].iter().all(|&b| b == 0xEE));
+        assert!(buf[2000..2100].iter().all(|&b| b == 0xEE));
+        assert!(
+            buf[..1000].iter().all(|&b| b == 0x11),
+            "present blocks untouched"
+        );
+        assert!(r.has(60) && r.has(70) && r.is_complete());
+        assert_eq!(r.poll_event(), Some(ReceiverEvent::Complete));
+        assert_eq!(r.stats().recovered, 2);
+        assert_eq!(r.poll_decode(), None);
+        assert_eq!(
+            r.decode(ms(6), &mut fake, 1, &mut buf),
+            Err(DecodeError::NotReady)
+        );
+    }
+
+    #[test]
+    fn data_arriving_after_parity_completes_or_unlocks_the_group() {
+        let cfg = ReceiverConfig {
+            fec_group: 50,
+            ..config()
+        };
+        let mut r = McastReceiver::new(cfg, None, ms(0)).unwrap();
+        for b in (0..200).filter(|&b| !(10..13).contains(&b)) {
+            r.handle_block(ms(1), b);
+        }
+        let sym = [1u8; 100];
+        r.handle_parity(ms(2), &parity(0, 0, &sym));
+        r.handle_parity(ms(2), &parity(0, 1, &sym));
+        assert_eq!(r.poll_decode(), None, "2 symbols, 3 holes");
+        // A repair of block 11 leaves 2 holes for 2 symbols: decodable.
+        r.handle_block(ms(3), 11);
+        assert_eq!(r.poll_decode().map(|j| j.group), Some(0));
+        // Both holes repaired instead: the parity is dropped, nothing to decode.
+        r.handle_block(ms(3), 10);
+        r.handle_block(ms(3), 12);
+        assert_eq!(r.poll_decode(), None);
+        assert!(r.is_complete());
+    }
+
+    #[test]
+    fn fec_receiver_nacks_whole_groups_and_holds_back_repeats() {
+        let cfg = ReceiverConfig {
+            fec_group: 50,
+            ..config()
+        };
+        let mut r = McastReceiver::new(cfg, None, ms(0)).unwrap();
+        // Gap at 5 seen at 1 ms; the pass is still inside group 0 at 30 ms: nothing to say.
+        for b in (0..40).filter(|&b| b != 5) {
+            r.handle_block(ms(1), b);
+        }
+        let (_, nack) = fire(&mut r);
+        assert_eq!(nack, None);
+        // Past group 0 (gap at 55 makes the sample): block 5 is NACKed once its group is done.
+        for b in (40..60).filter(|&b| b != 55) {
+            r.handle_block(ms(30), b);
+        }
+        let (t, nack) = fire(&mut r);
+        assert_eq!((t, nack), (ms(50), Some(rs(&[(5, 1)]))));
+        // More gaps in group 1 fire timers, but the same NACK is not repeated before 100 ms.
+        for b in (60..80).filter(|&b| b != 65) {
+            r.handle_block(ms(60), b);
+        }
+        let (t, nack) = fire(&mut r);
+        assert_eq!((t, nack), (ms(80), None));
+        assert_eq!(
+            r.poll_timeout(),
+            Some(ms(150)),
+            "the repeat: last NACK + nack_repeat"
+        );
     }
 }

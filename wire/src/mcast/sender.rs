@@ -14,8 +14,10 @@ use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 use core::time::Duration;
 
-use super::{block_count, block_len, clip_below, subtract, BlockQueue, ConfigError};
+use super::plan::{plan, Inputs};
+use super::{block_count, block_len, clip_below, subtract, union, BlockQueue, ConfigError};
 use crate::data::DATA_PREFIX_LEN;
+use crate::msg::PARITY_PREFIX_LEN;
 use crate::msg_kind::Kind;
 use crate::ranges::Ranges;
 use crate::time::Instant;
@@ -60,6 +62,22 @@ pub struct SenderConfig {
     /// Finish this long after the last NACK or send once nothing is pending, even if some
     /// receivers never reported (they are listed as unfinished).
     pub idle_timeout: Duration,
+    /// FEC group size K in blocks: 0 (the default) turns FEC parity off. With K > 0 repairs
+    /// are chosen per group of K blocks (parity, re-multicast or unicast, see
+    /// the module docs) and the driver must use [`McastSender::poll_send`], which also
+    /// hands out parity symbols. At most 32768.
+    pub fec_group: u32,
+    /// Parity symbols the code defines per group (M), 1..=32768 when FEC is on; each symbol
+    /// is sent at most once, so this bounds parity per group (then it falls back to
+    /// re-multicast). The driver's codec must be built for the same M.
+    pub fec_parity: u32,
+    /// Parity symbols sent beyond the largest need of any one receiver in the group (covers
+    /// the loss of the parity itself).
+    pub fec_margin: u32,
+    /// How long parity sent for a group still counts as on its way: NACKs arriving within it
+    /// (measured from the start of their round) are credited with it. At least one
+    /// round-trip time.
+    pub fec_holdoff: Duration,
 }
 
 impl SenderConfig {
@@ -82,9 +100,26 @@ impl SenderConfig {
             nack_ranges_cap: super::receiver::DEFAULT_MAX_RANGES,
             round: Duration::from_millis(50),
             idle_timeout: Duration::from_secs(5),
+            fec_group: 0,
+            fec_parity: 0,
+            fec_margin: 1,
+            fec_holdoff: Duration::from_millis(50),
+        }
+    }
+
+    /// This configuration with FEC parity over groups of `group` blocks and a code of
+    /// `group / 4` (at least 8) parity symbols per group.
+    pub fn with_fec(self, group: u32) -> Self {
+        SenderConfig {
+            fec_group: group,
+            fec_parity: (group / 4).clamp(8, MAX_FEC),
+            ..self
         }
     }
 }
+
+/// Largest FEC group and parity count (what `reed-solomon-simd` supports in any combination).
+const MAX_FEC: u32 = 32768;
 
 /// Where a block goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -106,6 +141,35 @@ pub struct SendBlock {
     /// [`Kind::Data`] for the group (first pass and re-multicast), [`Kind::Repair`] for
     /// unicast.
     pub kind: Kind,
+}
+
+/// One parity symbol the driver must multicast now: encode group `group` (blocks
+/// `first_block .. first_block + blocks`, the last zero-padded to `block_size`) with a code of
+/// `parity_count` symbols ([`super::Fec::encode`]), take symbol `index`, and send it as a
+/// [`crate::Parity`] datagram to the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SendParity {
+    /// Group index.
+    pub group: u32,
+    /// Symbol index, below `parity_count`; never handed out twice for a group.
+    pub index: u16,
+    /// First block of the group.
+    pub first_block: u32,
+    /// Blocks in this group (K, or fewer for the last group).
+    pub blocks: u32,
+    /// K, as carried in the datagram.
+    pub group_size: u16,
+    /// M, as carried in the datagram.
+    pub parity_count: u16,
+}
+
+/// What [`McastSender::poll_send`] hands the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transmit {
+    /// A data block (first pass, re-multicast or unicast repair).
+    Block(SendBlock),
+    /// A parity symbol for the group.
+    Parity(SendParity),
 }
 
 /// What the sender reports to its driver.
@@ -136,6 +200,8 @@ pub struct SenderStats {
     pub multicast_repairs: u64,
     /// Blocks unicast.
     pub unicast_repairs: u64,
+    /// Parity symbols multicast.
+    pub parity_symbols: u64,
     /// Datagram bytes handed out (prefix + payload; a multicast counts once).
     pub bytes: u64,
     /// NACKs received.
@@ -170,6 +236,15 @@ enum Candidate {
     First(u32),
     Multicast(u32),
     Unicast(u64, u32),
+    /// A parity symbol of this group.
+    Parity(u32),
+}
+
+/// Per FEC group: the next fresh symbol and how many are queued.
+#[derive(Debug, Clone, Copy, Default)]
+struct GroupTx {
+    next_index: u32,
+    queued: u32,
 }
 
 /// The sender core. See the [module docs](super) for the protocol and driving contract.
@@ -193,6 +268,12 @@ pub struct McastSender {
     unicast: BTreeMap<u64, BlockQueue>,
     /// Devices with pending unicast repairs, served round-robin.
     unicast_order: VecDeque<u64>,
+    /// FEC groups (empty without FEC).
+    groups: Vec<GroupTx>,
+    /// Parity to send: `(group, symbols)`, in order.
+    parity_queue: VecDeque<(u32, u32)>,
+    /// Parity symbols sent within the hold-off: `(time, group)`, oldest first.
+    recent_parity: VecDeque<(Instant, u32)>,
     last_activity: Instant,
     finished: bool,
     events: VecDeque<SenderEvent>,
@@ -206,7 +287,28 @@ impl McastSender {
         if config.rate == 0 {
             return Err(ConfigError::ZeroRate);
         }
-        let full = (DATA_PREFIX_LEN as u128 + u128::from(config.block_size)) * UNITS_PER_BYTE;
+        let n_groups = if config.fec_group == 0 {
+            0
+        } else {
+            // A parity datagram's sub-header is 8 bytes longer than a data block's.
+            let parity_fits = config.block_size as usize + PARITY_PREFIX_LEN
+                <= super::MAX_BLOCK_SIZE as usize + DATA_PREFIX_LEN;
+            if config.fec_group > MAX_FEC
+                || config.fec_parity == 0
+                || config.fec_parity > MAX_FEC
+                || !parity_fits
+            {
+                return Err(ConfigError::Fec);
+            }
+            n_blocks.div_ceil(config.fec_group) as usize
+        };
+        // The bucket must hold the largest datagram: with FEC, a parity one.
+        let prefix = if n_groups > 0 {
+            PARITY_PREFIX_LEN
+        } else {
+            DATA_PREFIX_LEN
+        };
+        let full = (prefix as u128 + u128::from(config.block_size)) * UNITS_PER_BYTE;
         let bucket_cap = full * u128::from(config.burst.max(1));
         let mut s = McastSender {
             config,
@@ -224,6 +326,9 @@ impl McastSender {
             multicast: BlockQueue::default(),
             unicast: BTreeMap::new(),
             unicast_order: VecDeque::new(),
+            groups: alloc::vec![GroupTx::default(); n_groups],
+            parity_queue: VecDeque::new(),
+            recent_parity: VecDeque::new(),
             last_activity: now,
             finished: false,
             events: VecDeque::new(),
@@ -353,13 +458,32 @@ impl McastSender {
     }
 
     /// The next block to send at `now`, or `None` when nothing is due (pacing, or nothing
-    /// pending). Drain until `None` after every input.
+    /// pending). Drain until `None` after every input. For a sender without FEC
+    /// (`fec_group == 0`); with FEC use [`McastSender::poll_send`] (this method never hands
+    /// out parity, so parity would stay pending).
     pub fn poll_transmit(&mut self, now: Instant) -> Option<SendBlock> {
+        match self.poll_next(now, false)? {
+            Transmit::Block(b) => Some(b),
+            // Not reached: parity candidates are skipped when `parity` is false.
+            Transmit::Parity(_) => None,
+        }
+    }
+
+    /// The next datagram to send at `now`, data block or parity symbol, or `None` when
+    /// nothing is due. Drain until `None` after every input. Works with or without FEC.
+    pub fn poll_send(&mut self, now: Instant) -> Option<Transmit> {
+        self.poll_next(now, true)
+    }
+
+    fn poll_next(&mut self, now: Instant, parity: bool) -> Option<Transmit> {
         self.tick(now);
         if self.finished {
             return None;
         }
-        if let Some(c) = self.next_repair() {
+        if let Some(c) = self
+            .next_repair()
+            .filter(|c| parity || !matches!(c, Candidate::Parity(_)))
+        {
             let cost = self.cost(c);
             if self.tokens >= cost && (self.first_pass_done || self.repair_tokens >= cost) {
                 self.tokens -= cost;
@@ -445,18 +569,18 @@ impl McastSender {
         self.last_refill + Duration::from_micros(u64::try_from(us).unwrap_or(u64::MAX))
     }
 
-    fn block_of(c: Candidate) -> u32 {
-        match c {
-            Candidate::First(b) | Candidate::Multicast(b) | Candidate::Unicast(_, b) => b,
-        }
-    }
-
     fn cost(&self, c: Candidate) -> u128 {
-        let len = block_len(
-            self.config.file_size,
-            self.config.block_size,
-            Self::block_of(c),
+        let (cfg, b) = (
+            &self.config,
+            match c {
+                Candidate::First(b) | Candidate::Multicast(b) | Candidate::Unicast(_, b) => b,
+                Candidate::Parity(_) => {
+                    let len = PARITY_PREFIX_LEN as u128 + u128::from(self.config.block_size);
+                    return len * UNITS_PER_BYTE;
+                }
+            },
         );
+        let len = block_len(cfg.file_size, cfg.block_size, b);
         (DATA_PREFIX_LEN as u128 + u128::from(len)) * UNITS_PER_BYTE
     }
 
@@ -464,12 +588,15 @@ impl McastSender {
         if let Some(b) = self.multicast.peek() {
             return Some(Candidate::Multicast(b));
         }
+        if let Some(&(g, _)) = self.parity_queue.front() {
+            return Some(Candidate::Parity(g));
+        }
         let dev = *self.unicast_order.front()?;
         let b = self.unicast.get(&dev)?.peek()?;
         Some(Candidate::Unicast(dev, b))
     }
 
-    fn commit(&mut self, now: Instant, c: Candidate, cost: u128) -> SendBlock {
+    fn commit(&mut self, now: Instant, c: Candidate, cost: u128) -> Transmit {
         self.last_activity = now;
         self.stats.bytes += u64::try_from(cost / UNITS_PER_BYTE).unwrap_or(u64::MAX);
         let (block, dest, kind) = match c {
@@ -503,12 +630,42 @@ impl McastSender {
                 }
                 (b, Dest::Unicast(dev), Kind::Repair)
             }
+            Candidate::Parity(g) => return Transmit::Parity(self.commit_parity(now, g)),
         };
-        SendBlock { block, dest, kind }
+        Transmit::Block(SendBlock { block, dest, kind })
+    }
+
+    fn commit_parity(&mut self, now: Instant, g: u32) -> SendParity {
+        if let Some(front) = self.parity_queue.front_mut() {
+            front.1 -= 1;
+            if front.1 == 0 {
+                self.parity_queue.pop_front();
+            }
+        }
+        let k = self.config.fec_group;
+        let gt = &mut self.groups[g as usize];
+        let index = gt.next_index;
+        gt.next_index += 1;
+        gt.queued = gt.queued.saturating_sub(1);
+        self.recent_parity.push_back((now, g));
+        self.stats.parity_symbols += 1;
+        let first_block = g * k;
+        SendParity {
+            group: g,
+            // Both below MAX_FEC (checked in `new`; `plan` never exceeds the fresh symbols).
+            index: index as u16,
+            first_block,
+            blocks: k.min(self.n_blocks - first_block),
+            group_size: k as u16,
+            parity_count: self.config.fec_parity as u16,
+        }
     }
 
     fn nothing_pending(&self) -> bool {
-        self.round_deadline.is_none() && self.multicast.is_empty() && self.unicast.is_empty()
+        self.round_deadline.is_none()
+            && self.multicast.is_empty()
+            && self.unicast.is_empty()
+            && self.parity_queue.is_empty()
     }
 
     fn drop_repairs(&mut self, device: u64) {
@@ -564,7 +721,9 @@ impl McastSender {
             let (req, horizon) = if self.first_pass_done {
                 (req, self.n_blocks)
             } else {
-                (clip_below(&req, self.next_first), self.next_first)
+                // With FEC, a group is repaired once the first pass has sent all of it.
+                let k = self.config.fec_group.max(1);
+                (clip_below(&req, self.next_first / k * k), self.next_first)
             };
             if self.first_pass_done || horizon >= JUDGE_AFTER_BLOCKS {
                 let estimate = self.estimate_missing(&req, horizon);
@@ -589,6 +748,10 @@ impl McastSender {
             if !req.is_empty() {
                 wanted.push((dev, req));
             }
+        }
+        if self.config.fec_group > 0 {
+            self.plan_fec(wanted);
+            return;
         }
         // Requester count per block, as a sweep over range edges: O(ranges log ranges), no
         // per-block or per-(block, device) state.
@@ -631,6 +794,79 @@ impl McastSender {
             if own.is_empty() {
                 continue;
             }
+            let q = self.unicast.entry(dev).or_default();
+            if q.is_empty() {
+                self.unicast_order.push_back(dev);
+            }
+            q.merge(&own);
+        }
+    }
+
+    /// The FEC half of `close_round`: repairs chosen per group by [`plan`].
+    fn plan_fec(&mut self, wanted: Vec<(u64, Ranges)>) {
+        // The round's NACKs arrived up to a round before now: credit parity sent within the
+        // hold-off before the earliest of them.
+        let holdoff = self.config.fec_holdoff + self.config.round;
+        let now = self.now;
+        while self
+            .recent_parity
+            .front()
+            .is_some_and(|&(t, _)| t + holdoff <= now)
+        {
+            self.recent_parity.pop_front();
+        }
+        // Blocks already queued for re-multicast will arrive: not part of anyone's need.
+        let queued = self.multicast.remaining();
+        let wanted: Vec<(u64, Ranges)> = wanted
+            .into_iter()
+            .map(|(d, r)| (d, subtract(&r, &queued)))
+            .filter(|(_, r)| !r.is_empty())
+            .collect();
+        let (groups, recent) = (&self.groups, &self.recent_parity);
+        let credit = |g: u32| {
+            let sent = recent.iter().filter(|&&(_, rg)| rg == g).count() as u32;
+            groups.get(g as usize).map_or(0, |gt| gt.queued) + sent
+        };
+        let m = self.config.fec_parity;
+        let fresh = |g: u32| {
+            groups
+                .get(g as usize)
+                .map_or(0, |gt| m.saturating_sub(gt.next_index + gt.queued))
+        };
+        let p = plan(
+            &wanted,
+            &Inputs {
+                k: self.config.fec_group,
+                margin: self.config.fec_margin,
+                credit: &credit,
+                fresh: &fresh,
+            },
+        );
+        // Blocks now covered by parity or re-multicast leave the unicast queues.
+        let mut covered = p.multicast.clone();
+        let k = self.config.fec_group;
+        for &(g, n) in &p.parity {
+            self.groups[g as usize].queued += n;
+            self.parity_queue.push_back((g, n));
+            let start = g * k;
+            let mut span = Ranges::new();
+            super::push_span(
+                &mut span,
+                u64::from(start),
+                u64::from(start + k.min(self.n_blocks - start)),
+            );
+            covered = union(&covered, &span);
+        }
+        self.multicast.merge(&p.multicast);
+        if !covered.is_empty() {
+            for q in self.unicast.values_mut() {
+                q.remove(&covered);
+            }
+            self.unicast.retain(|_, q| !q.is_empty());
+            let unicast = &self.unicast;
+            self.unicast_order.retain(|d| unicast.contains_key(d));
+        }
+        for (dev, own) in p.unicast {
             let q = self.unicast.entry(dev).or_default();
             if q.is_empty() {
                 self.unicast_order.push_back(dev);
@@ -1066,6 +1302,140 @@ mod tests {
             "{st:?}"
         );
         assert_eq!(st.first_pass_blocks + st.multicast_repairs, 400, "{st:?}");
+    }
+
+    /// 40 blocks in groups of 10 with 4 parity symbols per group, one datagram per ms.
+    fn fec_config() -> SenderConfig {
+        SenderConfig {
+            file_size: 40_000,
+            fec_group: 10,
+            fec_parity: 4,
+            ..config()
+        }
+    }
+
+    fn drain_all(s: &mut McastSender, now: Instant) -> Vec<Transmit> {
+        core::iter::from_fn(|| s.poll_send(now)).collect()
+    }
+
+    /// Sends everything due, advancing to each pacing deadline, until `n` datagrams left.
+    fn send_n(s: &mut McastSender, mut now: Instant, n: usize) -> (Instant, Vec<Transmit>) {
+        let mut out = Vec::new();
+        for _ in 0..10 * n + 10 {
+            out.extend(drain_all(s, now));
+            if out.len() >= n {
+                break;
+            }
+            now = s.poll_timeout().unwrap();
+            s.handle_timeout(now);
+        }
+        (now, out)
+    }
+
+    #[test]
+    fn fec_round_sends_fresh_parity_credits_it_and_unicasts_stragglers() {
+        let mut s = McastSender::new(fec_config(), us(0)).unwrap();
+        for d in [1, 2, 3] {
+            s.add_receiver(d);
+        }
+        let (t, first) = send_n(&mut s, us(0), 40);
+        assert_eq!(first.len(), 40);
+        // Group 1 (10..20): three devices miss different blocks, at most 2 each: 2 + 1 parity.
+        s.handle_nack(t, 1, &rs(&[(11, 1)]));
+        s.handle_nack(t, 2, &rs(&[(12, 2)]));
+        s.handle_nack(t, 3, &rs(&[(15, 1), (31, 1)]));
+        let t = t + Duration::from_millis(50);
+        s.handle_timeout(t);
+        let (t, sent) = send_n(&mut s, t, 4);
+        let parity: Vec<(u32, u16)> = sent
+            .iter()
+            .filter_map(|x| match x {
+                Transmit::Parity(p) => Some((p.group, p.index)),
+                Transmit::Block(_) => None,
+            })
+            .collect();
+        assert_eq!(parity, [(1, 0), (1, 1), (1, 2)]);
+        let Transmit::Parity(p) = sent[0] else {
+            panic!("parity first")
+        };
+        assert_eq!(
+            (p.first_block, p.blocks, p.group_size, p.parity_count),
+            (10, 10, 10, 4)
+        );
+        // Group 3: device 3 alone: its block by unicast.
+        assert!(sent.contains(&Transmit::Block(SendBlock {
+            block: 31,
+            dest: Dest::Unicast(3),
+            kind: Kind::Repair
+        })));
+        assert_eq!(s.stats().parity_symbols, 3);
+        // A NACK sent before the parity arrived is credited with it (within the hold-off):
+        // nothing more goes out for group 1.
+        s.handle_nack(t, 2, &rs(&[(12, 2)]));
+        let t2 = t + Duration::from_millis(50);
+        s.handle_timeout(t2);
+        assert!(drain_all(&mut s, t2).is_empty());
+        // After the hold-off two devices still lack blocks: 2 + 1 more symbols would exceed the
+        // one fresh symbol left (4 - 3), so the union is re-multicast instead.
+        let t3 = t2 + Duration::from_millis(100);
+        s.handle_nack(t3, 1, &rs(&[(11, 1)]));
+        s.handle_nack(t3, 2, &rs(&[(12, 2)]));
+        s.handle_timeout(t3 + Duration::from_millis(50));
+        let (_, sent) = send_n(&mut s, t3 + Duration::from_millis(50), 3);
+        let blocks: Vec<u32> = sent
+            .iter()
+            .map(|x| match x {
+                Transmit::Block(b) => {
+                    assert_eq!(b.dest, Dest::Group);
+                    b.block
+                }
+                Transmit::Parity(p) => panic!("no fresh parity left: {p:?}"),
+            })
+            .collect();
+        assert_eq!(blocks, [11, 12, 13]);
+    }
+
+    #[test]
+    fn fec_parity_waits_for_the_whole_group_and_bad_fec_config_is_refused() {
+        let mut s = McastSender::new(fec_config(), us(0)).unwrap();
+        s.add_receiver(1);
+        s.add_receiver(2);
+        // 15 blocks out (group 1 half sent): NACKs for 3 and 12 from two devices.
+        let (t, _) = send_n(&mut s, us(0), 15);
+        s.handle_nack(t, 1, &rs(&[(3, 1), (12, 1)]));
+        s.handle_nack(t, 2, &rs(&[(4, 1), (13, 1)]));
+        s.handle_timeout(t + Duration::from_millis(50));
+        // The rest of the first pass and the repairs.
+        let (_, sent) = send_n(&mut s, t + Duration::from_millis(50), 25 + 2);
+        let parity: Vec<u32> = sent
+            .iter()
+            .filter_map(|x| match x {
+                Transmit::Parity(p) => Some(p.group),
+                Transmit::Block(_) => None,
+            })
+            .collect();
+        // Group 0: 1 + 1 symbols (union 2 <= 2: re-multicast is as cheap). Group 1 untouched.
+        assert!(parity.is_empty(), "{sent:?}");
+        assert_eq!(s.stats().multicast_repairs, 2);
+        for bad in [
+            SenderConfig {
+                fec_parity: 0,
+                ..fec_config()
+            },
+            SenderConfig {
+                fec_group: 40_000,
+                ..fec_config()
+            },
+            SenderConfig {
+                block_size: super::super::MAX_BLOCK_SIZE,
+                file_size: 1 << 20,
+                ..fec_config()
+            },
+        ] {
+            assert_eq!(McastSender::new(bad, us(0)).unwrap_err(), ConfigError::Fec);
+        }
+        let ok = SenderConfig::new(1, 1 << 20, 1024, 1 << 20).with_fec(1024);
+        assert_eq!((ok.fec_group, ok.fec_parity), (1024, 256));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Distribution messages: announce over the control session, data blocks and NACKs as
-//! datagrams, unicast repair, completion and transfer status.
+//! datagrams, FEC parity as multicast repair, unicast repair, completion and transfer status.
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -7,6 +7,8 @@ use super::control::wire_enum;
 use super::limits::*;
 use crate::codec::{Reader, Sink};
 use crate::error::{Error, Result};
+use crate::header::{Frame, FLAG_AUTH, HEADER_LEN, MAGIC, TAG_LEN, VERSION};
+use crate::msg_kind::Kind;
 use crate::ranges::{Ranges, MAX_NACK_RANGES};
 
 /// `Announce`: a distribution task for this device (gateway → agent, control session).
@@ -201,5 +203,277 @@ impl TransferStatus {
             received: r.u32()?,
             total: r.u32()?,
         })
+    }
+}
+
+/// The parity sub-header: 16 bytes after the frame header of a `Parity` datagram.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::KnownLayout,
+    zerocopy::Immutable,
+    zerocopy::Unaligned,
+)]
+#[repr(C)]
+pub struct ParityHeader {
+    /// The multicast session.
+    pub session: zerocopy::network_endian::U32,
+    /// Group index: the group covers blocks `group × group_size ..` (at most `group_size`).
+    pub group: zerocopy::network_endian::U32,
+    /// Blocks per group (K); the last group of a file may hold fewer.
+    pub group_size: zerocopy::network_endian::U16,
+    /// Parity symbols the code defines per group (M); `index < parity_count`.
+    pub parity_count: zerocopy::network_endian::U16,
+    /// This symbol's index.
+    pub index: zerocopy::network_endian::U16,
+    /// Always 0 in version 1.
+    pub reserved: zerocopy::network_endian::U16,
+}
+
+/// Bytes before a parity payload: frame header plus [`ParityHeader`].
+pub const PARITY_PREFIX_LEN: usize =
+    crate::header::HEADER_LEN + core::mem::size_of::<ParityHeader>();
+
+/// `Parity`: one FEC parity symbol over a group of blocks, multicast as repair (gateway →
+/// group, datagram). Any `k` of a group's `k` data blocks and its parity symbols rebuild the
+/// group, so one parity datagram heals a different lost block at every receiver.
+///
+/// Fields: `session u32`, `group u32`, `group_size u16`, `parity_count u16`, `index u16`,
+/// `reserved u16 = 0`, then the symbol (`block_size` bytes: the code's shard; the group's
+/// last block is zero-padded to `block_size` before encoding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct Parity<'a> {
+    /// The multicast session.
+    pub session: u32,
+    /// Group index.
+    pub group: u32,
+    /// Blocks per group (K), at least 1.
+    pub group_size: u16,
+    /// Parity symbols per group (M), at least 1.
+    pub parity_count: u16,
+    /// This symbol's index, below `parity_count`.
+    pub index: u16,
+    /// The symbol.
+    pub payload: &'a [u8],
+}
+
+impl<'a> Parity<'a> {
+    fn check(group_size: u16, parity_count: u16, index: u16, reserved: u16) -> Result<()> {
+        if group_size == 0 || parity_count == 0 || index >= parity_count || reserved != 0 {
+            return Err(Error::InvalidValue);
+        }
+        Ok(())
+    }
+
+    fn header(&self) -> ParityHeader {
+        use zerocopy::network_endian::{U16, U32};
+        ParityHeader {
+            session: U32::new(self.session),
+            group: U32::new(self.group),
+            group_size: U16::new(self.group_size),
+            parity_count: U16::new(self.parity_count),
+            index: U16::new(self.index),
+            reserved: U16::ZERO,
+        }
+    }
+
+    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        use zerocopy::IntoBytes;
+        Self::check(self.group_size, self.parity_count, self.index, 0)?;
+        s.put(self.header().as_bytes())?;
+        s.put(self.payload)
+    }
+
+    /// Parses a frame body (tag already split off by [`Frame`]).
+    pub fn parse_body(body: &'a [u8]) -> Result<Self> {
+        use zerocopy::FromBytes;
+        let (h, payload) = ParityHeader::ref_from_prefix(body).map_err(|_| Error::Truncated)?;
+        let (group_size, parity_count, index) =
+            (h.group_size.get(), h.parity_count.get(), h.index.get());
+        Self::check(group_size, parity_count, index, h.reserved.get())?;
+        Ok(Parity {
+            session: h.session.get(),
+            group: h.group.get(),
+            group_size,
+            parity_count,
+            index,
+            payload,
+        })
+    }
+
+    /// Parses a whole datagram that must be a `Parity` frame; returns the frame too (for tag
+    /// verification, as for data blocks).
+    pub fn parse(datagram: &'a [u8]) -> Result<(Parity<'a>, Frame<'a>)> {
+        let frame = Frame::parse_datagram(datagram)?;
+        if frame.header.kind != Kind::Parity as u8 {
+            return Err(Error::UnknownKind(frame.header.kind));
+        }
+        Ok((Parity::parse_body(frame.body)?, frame))
+    }
+
+    /// Builds the 28-byte prefix of this parity datagram (its payload and optional tag follow
+    /// in separate buffers), computing the CRC over all of them without copying any; the same
+    /// scheme as [`crate::data_prefix`].
+    pub fn prefix(&self, tag: Option<&[u8; TAG_LEN]>) -> Result<[u8; PARITY_PREFIX_LEN]> {
+        let mut out = self.mac_prefix_with(tag.is_some())?;
+        let mut h = crc32fast::Hasher::new();
+        h.update(&out[..8]);
+        h.update(&out[HEADER_LEN..]);
+        h.update(self.payload);
+        if let Some(t) = tag {
+            h.update(t);
+        }
+        out[8..12].copy_from_slice(&h.finalize().to_be_bytes());
+        Ok(out)
+    }
+
+    /// The bytes this datagram's tag covers, before the payload: header bytes 0..8 (final
+    /// length, `FLAG_AUTH`) and the sub-header; feed `mac(p[..8])`, `mac(p[12..])`,
+    /// `mac(payload)` as for [`crate::data::data_mac_prefix`]. Bytes 8..12 are zero.
+    pub fn mac_prefix(&self) -> Result<[u8; PARITY_PREFIX_LEN]> {
+        self.mac_prefix_with(true)
+    }
+
+    fn mac_prefix_with(&self, tagged: bool) -> Result<[u8; PARITY_PREFIX_LEN]> {
+        use zerocopy::IntoBytes;
+        Self::check(self.group_size, self.parity_count, self.index, 0)?;
+        let body_len = core::mem::size_of::<ParityHeader>()
+            + self.payload.len()
+            + if tagged { TAG_LEN } else { 0 };
+        if body_len > crate::header::MAX_DATAGRAM_BODY as usize {
+            return Err(Error::FieldTooLong);
+        }
+        let mut out = [0u8; PARITY_PREFIX_LEN];
+        out[0] = MAGIC;
+        out[1] = VERSION;
+        out[2] = Kind::Parity as u8;
+        out[3] = if tagged { FLAG_AUTH } else { 0 };
+        out[4..8].copy_from_slice(&(body_len as u32).to_be_bytes());
+        out[HEADER_LEN..].copy_from_slice(self.header().as_bytes());
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use alloc::vec::Vec;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::msg::Message;
+
+    fn sample(payload: &[u8]) -> Parity<'_> {
+        Parity {
+            session: 0xCAFE,
+            group: 9,
+            group_size: 512,
+            parity_count: 64,
+            index: 63,
+            payload,
+        }
+    }
+
+    /// A datagram from `prefix` + payload (+ tag), as a sender hands it to the kernel.
+    fn assemble(prefix: &[u8], payload: &[u8], tag: Option<&[u8; TAG_LEN]>) -> Vec<u8> {
+        let mut d = prefix.to_vec();
+        d.extend_from_slice(payload);
+        if let Some(t) = tag {
+            d.extend_from_slice(t);
+        }
+        d
+    }
+
+    #[test]
+    fn prefix_matches_message_emit_and_parses_back() {
+        let payload: Vec<u8> = (0..100u8).collect();
+        let p = sample(&payload);
+        let dgram = assemble(&p.prefix(None).unwrap(), &payload, None);
+        let mut emitted = Vec::new();
+        Message::Parity(p).emit_to_vec(&mut emitted).unwrap();
+        assert_eq!(dgram, emitted, "zero-copy prefix and Message::emit agree");
+        assert_eq!(&dgram[12..16], &0xCAFEu32.to_be_bytes());
+        assert_eq!(&dgram[16..28], &[0, 0, 0, 9, 2, 0, 0, 64, 0, 63, 0, 0]);
+        let (q, f) = Parity::parse(&dgram).unwrap();
+        assert_eq!(q, p);
+        assert!(f.tag.is_none());
+        let (m, _) = Message::parse_datagram(&dgram).unwrap();
+        assert_eq!(m, Message::Parity(p));
+        let mut bad = dgram.clone();
+        bad[40] ^= 1;
+        assert_eq!(Parity::parse(&bad).unwrap_err(), Error::Checksum);
+    }
+
+    #[test]
+    fn tagged_parity_mac_input_matches_the_receivers() {
+        let payload = [7u8; 33];
+        let p = sample(&payload);
+        let tag = [0xA5; TAG_LEN];
+        let dgram = assemble(&p.prefix(Some(&tag)).unwrap(), &payload, Some(&tag));
+        let (q, f) = Parity::parse(&dgram).unwrap();
+        assert_eq!(q, p);
+        assert_eq!(f.tag, Some(&tag));
+        let mp = p.mac_prefix().unwrap();
+        let (h8, body) = f.mac_input();
+        assert_eq!(h8, &mp[..8]);
+        assert_eq!(&body[..16], &mp[12..]);
+        assert_eq!(&body[16..], &payload);
+    }
+
+    #[test]
+    fn invalid_fields_are_rejected_both_ways() {
+        let payload = [0u8; 4];
+        for (k, m, i) in [(0, 4, 0), (4, 0, 0), (4, 4, 4)] {
+            let p = Parity {
+                group_size: k,
+                parity_count: m,
+                index: i,
+                ..sample(&payload)
+            };
+            assert_eq!(p.prefix(None).unwrap_err(), Error::InvalidValue);
+            assert_eq!(
+                Message::Parity(p).buffer_len().unwrap_err(),
+                Error::InvalidValue
+            );
+        }
+        let good = sample(&payload);
+        let mut dgram = assemble(&good.prefix(None).unwrap(), &payload, None);
+        // Reserved bits set: one encoding per value.
+        dgram[27] = 1;
+        let crc = crate::header::frame_crc(&dgram[..8], &dgram[12..]);
+        dgram[8..12].copy_from_slice(&crc.to_be_bytes());
+        assert_eq!(Parity::parse(&dgram).unwrap_err(), Error::InvalidValue);
+        assert_eq!(Parity::parse_body(&[0; 15]).unwrap_err(), Error::Truncated);
+        // A data datagram is not a parity datagram.
+        let d = crate::data_prefix(Kind::Data, 1, 2, &[], None).unwrap();
+        assert_eq!(
+            Parity::parse(&d).unwrap_err(),
+            Error::UnknownKind(Kind::Data as u8)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics_and_reemits_what_it_accepts(body in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if let Ok(p) = Parity::parse_body(&body) {
+                let mut out = Vec::new();
+                Message::Parity(p).emit_to_vec(&mut out).unwrap();
+                prop_assert_eq!(&out[HEADER_LEN..], &body[..]);
+            }
+        }
+
+        #[test]
+        fn round_trip(session: u32, group: u32, k in 1u16.., m in 1u16.., i: u16,
+                      payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let p = Parity { session, group, group_size: k, parity_count: m, index: i % m, payload: &payload };
+            let d = assemble(&p.prefix(None).unwrap(), &payload, None);
+            prop_assert_eq!(Parity::parse(&d).unwrap().0, p);
+        }
     }
 }

@@ -26,7 +26,10 @@ pub use control::{
     LastExecuted, Package, RebootComplete, RebootStarting, ResultAck, Step, StepResult, StepStatus,
     Welcome,
 };
-pub use mcast::{Announce, Completion, Nack, Outcome, TransferState, TransferStatus};
+pub use mcast::{
+    Announce, Completion, Nack, Outcome, Parity, ParityHeader, TransferState, TransferStatus,
+    PARITY_PREFIX_LEN,
+};
 
 /// One fleetcast message, borrowing from the bytes it was parsed from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +52,7 @@ pub enum Message<'a> {
     Repair(DataBlock<'a>),
     Completion(Completion<'a>),
     TransferStatus(TransferStatus),
+    Parity(Parity<'a>),
     Close(Close<'a>),
 }
 
@@ -72,6 +76,7 @@ impl<'a> Message<'a> {
             Message::Repair(_) => Kind::Repair,
             Message::Completion(_) => Kind::Completion,
             Message::TransferStatus(_) => Kind::TransferStatus,
+            Message::Parity(_) => Kind::Parity,
             Message::Close(_) => Kind::Close,
         }
     }
@@ -100,6 +105,7 @@ impl<'a> Message<'a> {
             Message::Nack(m) => m.encode(s),
             Message::Completion(m) => m.encode(s),
             Message::TransferStatus(m) => m.encode(s),
+            Message::Parity(m) => m.encode(s),
             Message::Close(m) => m.encode(s),
         }
     }
@@ -127,6 +133,7 @@ impl<'a> Message<'a> {
             Kind::Repair => Message::Repair(DataBlock::parse_body(r.rest())?),
             Kind::Completion => Message::Completion(Completion::decode(r)?),
             Kind::TransferStatus => Message::TransferStatus(TransferStatus::decode(r)?),
+            Kind::Parity => Message::Parity(Parity::parse_body(r.rest())?),
             Kind::Close => Message::Close(Close::decode(r)?),
         };
         r.clone().finish()?;

@@ -168,6 +168,14 @@ pub fn all() -> Vec<Message<'static>> {
             received: 1000,
             total: 191_740,
         }),
+        Message::Parity(Parity {
+            session: 0xCAFE,
+            group: 3,
+            group_size: 1024,
+            parity_count: 256,
+            index: 17,
+            payload: PAYLOAD,
+        }),
         Message::Close(Close {
             code: CloseCode::REVOKED,
             reason: "device revoked by operator",

@@ -128,7 +128,7 @@ fn arbitrary_round_trips_cover_every_kind() {
         state ^= state << 17;
         state
     };
-    let mut per_kind = [0u32; 17];
+    let mut per_kind = [0u32; Kind::ALL.len()];
     for _ in 0..20_000 {
         let data: Vec<u8> = (0..256).map(|_| next() as u8).collect();
         let Some(m) = arbitrary_message(&data) else {
@@ -178,7 +178,7 @@ proptest! {
 
     #[test]
     fn deframer_is_indifferent_to_chunking(
-        picks in proptest::collection::vec(0usize..17, 1..20),
+        picks in proptest::collection::vec(0usize..Kind::ALL.len(), 1..20),
         cuts in proptest::collection::vec(1usize..64, 1..200),
     ) {
         let samples = samples::all();
