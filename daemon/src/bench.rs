@@ -78,6 +78,8 @@ pub struct Row {
     pub feedback_per_byte: f64,
     /// Time from the push to the slowest verified copy, seconds.
     pub slowest_s: f64,
+    /// Duration of the multicast first pass (the gateway's log), seconds.
+    pub first_pass_s: f64,
     /// Gateway CPU seconds during the push.
     pub cpu_sender_s: f64,
     /// Agents' CPU seconds during the push, summed.
@@ -107,6 +109,7 @@ impl Row {
             "datagram_bytes_per_file_byte": round(self.datagram_bytes_per_byte, 4),
             "feedback_bytes_per_file_byte": round(self.feedback_per_byte, 6),
             "slowest_completion_s": round(self.slowest_s, 2),
+            "first_pass_s": round(self.first_pass_s, 2),
             "cpu_sender_s": round(self.cpu_sender_s, 2),
             "cpu_receivers_s": round(self.cpu_receivers_s, 2),
         })
@@ -150,20 +153,23 @@ pub fn run(plan: &Plan, log: &mut dyn FnMut(&str)) -> Result<Vec<Row>, String> {
                 log(&format!(
                     "mtu {mtu}, {n} receivers, {loss}% loss: {:.0} Mbit/s = {:.2} of the ceiling, \
                      sender {:.3} B/B on the wire, {:.3} in datagrams, feedback {:.5} B/B, \
-                     slowest {:.1} s, cpu {:.1}+{:.1} s",
+                     slowest {:.1} s (first pass {:.1} s), cpu {:.1}+{:.1} s",
                     row.goodput_mbps,
                     row.fraction(),
                     row.sender_bytes_per_byte,
                     row.datagram_bytes_per_byte,
                     row.feedback_per_byte,
                     row.slowest_s,
+                    row.first_pass_s,
                     row.cpu_sender_s,
                     row.cpu_receivers_s
                 ));
                 rows.push(row);
             }
             drop(fleet);
-            let _ = std::fs::remove_dir_all(&dir);
+            if std::env::var_os("FLEETCAST_BENCH_KEEP").is_none() {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
         }
     }
     Ok(rows)
@@ -294,6 +300,7 @@ fn count(sock: &UdpSocket, dgram: usize, stop: &AtomicBool, clock: &Clock) -> (u
 /// A gateway on host 0 and `n` enrolled agents on hosts 1..=n.
 struct Fleet<'lab> {
     data: PathBuf,
+    log: PathBuf,
     gateway: LabChild<'lab>,
     agents: Vec<(LabChild<'lab>, PathBuf)>,
 }
@@ -321,7 +328,8 @@ impl<'lab> Fleet<'lab> {
                     .args(["--server-name", &gw_addr.to_string()])
                     .args(["--mcast-addr", &gw_addr.to_string()])
                     .args(["--mcast-linger", "600"])
-                    .env("RUST_LOG", "warn")
+                    .env("RUST_LOG", "info")
+                    .env("NO_COLOR", "1")
                     .stdin(Stdio::null())
                     .stdout(Stdio::piped())
                     .stderr(gw_log);
@@ -340,6 +348,7 @@ impl<'lab> Fleet<'lab> {
         }
         let mut fleet = Fleet {
             data,
+            log: dir.join("gateway.log"),
             gateway,
             agents: Vec::new(),
         };
@@ -408,6 +417,21 @@ impl<'lab> Fleet<'lab> {
             .ok_or_else(|| "no fleetcast_mcast_bytes_sent_total in the metrics".into())
     }
 
+    /// The `ms=` of the gateway's latest "first pass done" line (0 if none).
+    fn last_first_pass_ms(&self) -> u64 {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .find(|l| l.contains("first pass done"))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("ms="))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     fn cpu(&self) -> (f64, f64) {
         let gw = cpu_seconds(self.gateway.id());
         let agents = self.agents.iter().map(|(c, _)| cpu_seconds(c.id())).sum();
@@ -454,7 +478,13 @@ impl<'lab> Fleet<'lab> {
             group: "bench".into(),
             block_size: block_size_for(mtu),
             rate_mbps: rate,
-            trigger: Default::default(),
+            // Start as soon as every receiver has joined (no fixed warm-up), as an operator
+            // imaging a known set of machines would.
+            trigger: crate::admin::PushTrigger {
+                at_ms: None,
+                min_ready: Some(n as u32),
+                max_wait_s: Some(10),
+            },
             then: vec![],
         })?;
         let task = r["task"].as_u64().ok_or("no task id")?;
@@ -494,6 +524,7 @@ impl<'lab> Fleet<'lab> {
             datagram_bytes_per_byte: dg1.saturating_sub(dg0) as f64 / size as f64,
             feedback_per_byte: (fb1 - fb0) as f64 / size as f64,
             slowest_s: secs,
+            first_pass_s: self.last_first_pass_ms() as f64 / 1000.0,
             cpu_sender_s: cpu_g1 - cpu_g0,
             cpu_receivers_s: cpu_a1 - cpu_a0,
         })
@@ -739,6 +770,7 @@ mod tests {
             datagram_bytes_per_byte: 1.02,
             feedback_per_byte: 0.0004,
             slowest_s: 3.0,
+            first_pass_s: 2.5,
             cpu_sender_s: 1.0,
             cpu_receivers_s: 2.0,
         };

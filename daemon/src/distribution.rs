@@ -449,6 +449,21 @@ struct Prepared {
     gate: Gate,
     /// The task row, until its digest is known and it goes to the fleet.
     task: Option<store::Task>,
+    /// The file's identity when it was mapped (for the digest cache).
+    key: Option<FileKey>,
+}
+
+/// A file's identity for the digest cache: path, device, inode, size, modification time.
+type FileKey = (PathBuf, u64, u64, u64, i128);
+
+/// Digests remembered (the cache is cleared when full).
+const DIGEST_CACHE: usize = 256;
+
+fn file_key(path: &Path) -> Option<FileKey> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    let mtime = i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec());
+    Some((path.to_path_buf(), m.dev(), m.ino(), m.len(), mtime))
 }
 
 /// What a distribution waits for before its first pass: a scheduled delay, then (if set) a
@@ -508,6 +523,8 @@ pub struct Distributor {
     hashed_tx: std::sync::mpsc::Sender<(u64, io::Result<[u8; 32]>)>,
     hashed_rx: std::sync::mpsc::Receiver<(u64, io::Result<[u8; 32]>)>,
     waker: Option<std::sync::Arc<mio::Waker>>,
+    /// Digests of files pushed before, while they stay unchanged.
+    digests: HashMap<FileKey, [u8; 32]>,
     /// Shared bucket of every catch-up sender, in bytes.
     catch_up_tokens: u64,
     catch_up_at: Instant,
@@ -619,6 +636,7 @@ impl Distributor {
             hashed_tx,
             hashed_rx,
             waker: None,
+            digests: HashMap::new(),
             catch_up_tokens: CATCH_UP_BURST,
             catch_up_at: Instant::ZERO,
             finished: McastTotals::default(),
@@ -692,19 +710,28 @@ impl Distributor {
             self.waker.clone(),
             PathBuf::from(path),
         );
-        std::thread::Builder::new()
-            .name(format!("fleetcast-hash-{conn}"))
-            .spawn(move || {
-                let r = sha256_file(&file);
-                let _ = tx.send((conn, r));
-                if let Some(w) = waker {
-                    let _ = w.wake();
-                }
-            })
-            .map_err(|source| DistError::Map {
-                path: path.into(),
-                source,
-            })?;
+        let key = file_key(&file);
+        if let Some(digest) = key.as_ref().and_then(|k| self.digests.get(k)) {
+            // The same file, unchanged since it was last hashed: no second read.
+            let _ = tx.send((conn, Ok(*digest)));
+            if let Some(w) = &waker {
+                let _ = w.wake();
+            }
+        } else {
+            std::thread::Builder::new()
+                .name(format!("fleetcast-hash-{conn}"))
+                .spawn(move || {
+                    let r = sha256_file(&file);
+                    let _ = tx.send((conn, r));
+                    if let Some(w) = waker {
+                        let _ = w.wake();
+                    }
+                })
+                .map_err(|source| DistError::Map {
+                    path: path.into(),
+                    source,
+                })?;
+        }
         let delay = Duration::from_millis(trigger.at_ms.map_or(0, |t| t.saturating_sub(wall_ms)));
         let gate = Gate {
             delay,
@@ -725,6 +752,7 @@ impl Distributor {
                 rate,
                 gate,
                 task: Some(task),
+                key,
             },
         );
         Ok(())
@@ -746,6 +774,12 @@ impl Distributor {
             match r {
                 Ok(digest) => {
                     p.digest = digest;
+                    if let Some(k) = p.key.clone() {
+                        if self.digests.len() >= DIGEST_CACHE {
+                            self.digests.clear();
+                        }
+                        self.digests.insert(k, digest);
+                    }
                     if let Some(mut t) = p.task.take() {
                         t.sha256 = digest;
                         out.push((conn, Ok(t)));

@@ -44,7 +44,7 @@ const ADMIN: Token = Token(1);
 const MCAST: Token = Token(2);
 const ARTIFACTS: Token = Token(3);
 /// Wakes the loop when a pushed file's digest, computed on a thread, is ready.
-const HASHED: Token = Token(usize::MAX - 1);
+const HASHED: Token = Token(usize::MAX - 3);
 const FIRST_CONN: usize = 4;
 
 /// Loop parameters.

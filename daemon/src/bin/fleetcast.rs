@@ -665,7 +665,9 @@ fn bench(
         }
     };
     let result = bench::run(&plan, &mut |line| eprintln!("{line}"));
-    let _ = std::fs::remove_dir_all(&plan.work);
+    if std::env::var_os("FLEETCAST_BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&plan.work);
+    }
     let rows = match result {
         Ok(r) => r,
         Err(e) => {
