@@ -12,7 +12,7 @@
 //! record is dropped only once the gateway's `Welcome.acked_seq` covers the reboot command.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +25,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection};
 
 use crate::exec::{self, ExecConfig, Job, Running};
+use crate::ladder::{self, Deadline, Memory, Pipe, Rung, Target};
 use crate::report::{self, AGENT_VERSION};
 use crate::state::{Identity, RebootRecord, State};
 use crate::tls::{self, DeviceKey};
@@ -70,12 +71,39 @@ pub struct AgentConfig {
     pub exec: ExecConfig,
     /// What `reboot` does.
     pub reboot: RebootAction,
-    /// Connect timeout per attempt.
-    pub connect_timeout: Duration,
+    /// The transport ladder.
+    pub ladder: LadderConfig,
     /// Longest back-off between reconnects.
     pub max_backoff: Duration,
     /// Stop after this many sessions (tests); `None`: forever.
     pub max_sessions: Option<u32>,
+}
+
+/// How the agent climbs the transport ladder ([`crate::ladder`]).
+#[derive(Debug, Clone)]
+pub struct LadderConfig {
+    /// The rungs allowed (tried best first, the remembered winner before them).
+    pub rungs: Vec<Rung>,
+    /// The alternative port (443 rung, Upgrade, CONNECT target, long-poll).
+    pub alt_port: u16,
+    /// HTTP proxy for the CONNECT and long-poll rungs.
+    pub proxy: Option<ladder::Proxy>,
+    /// Time a rung has from its first packet to the gateway's `Welcome`.
+    pub rung_timeout: Duration,
+    /// While on a rung worse than the best allowed one, retry the better ones this often.
+    pub upgrade_after: Duration,
+}
+
+impl Default for LadderConfig {
+    fn default() -> Self {
+        LadderConfig {
+            rungs: ladder::LADDER.to_vec(),
+            alt_port: 443,
+            proxy: None,
+            rung_timeout: Duration::from_secs(4),
+            upgrade_after: Duration::from_secs(600),
+        }
+    }
 }
 
 /// Why the agent stopped.
@@ -124,6 +152,20 @@ pub struct Agent {
     link: Option<(u64, std::net::IpAddr, SocketAddr)>,
     /// When transfer progress was last reported (for the gateway's task table).
     progress_sent: Instant,
+    /// Where the rungs go.
+    target: Target,
+    /// The rung carrying the current session, and the network it was chosen on.
+    rung: Option<(Rung, String)>,
+    /// Until `Welcome`, the current rung's deadline (the rung has not won yet).
+    probe: Option<Deadline>,
+    /// When this climb started (connect time is measured from here).
+    climb_start: Duration,
+    /// Next time to retry better rungs (`None`: on the best one).
+    upgrade_at: Option<Instant>,
+    /// The next climb ignores the remembered rung (retrying better ones).
+    climb_from_top: bool,
+    /// The rung enrolment went through (tried first by the session that follows).
+    hint: Option<Rung>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -139,6 +181,7 @@ impl Agent {
     #[allow(clippy::disallowed_methods)] // The agent driver's clock epoch.
     pub fn new(cfg: AgentConfig) -> Result<Agent, AgentError> {
         let state = State::open(&cfg.state_dir)?;
+        let target = Target::parse(&cfg.gateway, cfg.ladder.alt_port, cfg.ladder.proxy.clone())?;
         Ok(Agent {
             cfg,
             state,
@@ -148,6 +191,13 @@ impl Agent {
             finished: std::collections::HashMap::new(),
             link: None,
             progress_sent: Instant::ZERO,
+            target,
+            rung: None,
+            probe: None,
+            climb_start: Duration::ZERO,
+            upgrade_at: None,
+            climb_from_top: false,
+            hint: None,
         })
     }
 
@@ -186,26 +236,54 @@ impl Agent {
         }
     }
 
-    fn connect(
+    /// The rungs to try on this network, the remembered winner first.
+    fn climb_order(&mut self) -> (Vec<Rung>, String) {
+        let network = self.target.network_key();
+        let remembered = if std::mem::take(&mut self.climb_from_top) {
+            None
+        } else {
+            Memory::new(&self.cfg.state_dir)
+                .get(&network)
+                .or(self.hint.take())
+        };
+        (ladder::order(&self.cfg.ladder.rungs, remembered), network)
+    }
+
+    /// Opens `rung` up to a running TLS session (and the `101` of the Upgrade rung).
+    fn open_rung(
         &self,
+        rung: Rung,
         config: Arc<ClientConfig>,
-    ) -> Result<(TcpStream, ClientConnection), AgentError> {
-        let addrs: Vec<SocketAddr> = self.cfg.gateway.to_socket_addrs()?.collect();
-        let mut last = io::Error::new(
-            io::ErrorKind::NotFound,
-            "gateway address resolves to nothing",
-        );
-        for addr in addrs {
-            match TcpStream::connect_timeout(&addr, self.cfg.connect_timeout) {
-                Ok(sock) => {
-                    sock.set_nodelay(true)?;
-                    let name = ServerName::try_from(self.cfg.server_name.clone())
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-                    let tls = ClientConnection::new(config, name)
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                    return Ok((sock, tls));
+        deadline: &Deadline,
+    ) -> io::Result<Io> {
+        let mut pipe = ladder::open(rung, &self.target, deadline)?;
+        let name = ServerName::try_from(self.cfg.server_name.clone())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let mut tls = ClientConnection::new(config, name)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        ladder::handshake(&mut tls, &mut pipe, deadline)?;
+        if rung == Rung::Upgrade {
+            ladder::http_upgrade(&mut tls, &mut pipe, &self.target.host, deadline)?;
+        }
+        Ok(Io { pipe, tls })
+    }
+
+    /// Enrolment takes the first rung that completes TLS (enrolment happens once, usually
+    /// on the bench; sessions below demand the full round trip).
+    fn dial_enrol(&mut self, config: Arc<ClientConfig>) -> Result<Io, AgentError> {
+        let (order, _) = self.climb_order();
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no transport rung allowed");
+        for rung in order {
+            let deadline = Deadline::after(ladder::epoch(), self.cfg.ladder.rung_timeout);
+            match self.open_rung(rung, config.clone(), &deadline) {
+                Ok(io) => {
+                    self.hint = Some(rung);
+                    return Ok(io);
                 }
-                Err(e) => last = e,
+                Err(e) => {
+                    eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
+                    last = e;
+                }
             }
         }
         Err(last.into())
@@ -240,8 +318,7 @@ impl Agent {
             name: &name,
             spki: &spki,
         });
-        let (sock, tls) = self.connect(config)?;
-        let mut io = Io { sock, tls };
+        let mut io = self.dial_enrol(config)?;
         let now = self.now();
         let mut s = AgentSession::new(now, SessionConfig::default(), first)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
@@ -296,9 +373,64 @@ impl Agent {
         let config = tls::client_config(ca.as_ref(), Some((&cert, &key)))?;
         let boot_id = report::read_boot_id(&self.cfg.exec.report.boot_id)?;
         let fingerprint = tls::cert_fingerprint_sha256(cert.as_ref());
-        let (sock, tls) = self.connect(config)?;
-        self.link = Some((id.device_id, sock.local_addr()?.ip(), sock.peer_addr()?));
-        let mut io = Io { sock, tls };
+        if let (Some(local), Ok(gw)) = (self.target.local_ip(), self.target.gateway_addr()) {
+            self.link = Some((id.device_id, local, gw));
+        }
+        // Climb: each rung in turn until one carries Hello → Welcome within its timeout.
+        let (order, network) = self.climb_order();
+        let names: Vec<&str> = order.iter().map(|r| r.name()).collect();
+        eprintln!("fleetcast-agent: trying rungs {}", names.join(","));
+        self.climb_start = ladder::epoch().elapsed();
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no transport rung allowed");
+        for rung in order {
+            let deadline = Deadline::after(ladder::epoch(), self.cfg.ladder.rung_timeout);
+            let io = match self.open_rung(rung, config.clone(), &deadline) {
+                Ok(io) => io,
+                Err(e) => {
+                    eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
+                    last = e;
+                    continue;
+                }
+            };
+            self.probe = Some(deadline);
+            self.rung = Some((rung, network.clone()));
+            let r = self.run_session(id, io, boot_id, &fingerprint);
+            let won = self.probe.take().is_none();
+            match r {
+                Ok(end) if won || matches!(end, End::Exit(_)) => return Ok(end),
+                Err(e) if won => return Err(e),
+                Ok(_) => {
+                    eprintln!(
+                        "fleetcast-agent: rung {} closed before Welcome",
+                        rung.name()
+                    );
+                    last =
+                        io::Error::new(io::ErrorKind::ConnectionAborted, "closed before Welcome");
+                }
+                Err(AgentError::Io(e)) => {
+                    eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.into())
+    }
+
+    /// One session over an opened rung.
+    fn run_session(
+        &mut self,
+        id: &Identity,
+        mut io: Io,
+        boot_id: [u8; 16],
+        fingerprint: &[u8; 32],
+    ) -> Result<End, AgentError> {
+        let version = match &self.rung {
+            // The rung rides in the version's build metadata (SemVer 2.0 §10), which the
+            // gateway shows per device.
+            Some((r, _)) => format!("{AGENT_VERSION}+{}", r.name()),
+            None => AGENT_VERSION.to_string(),
+        };
         let hello_last = self
             .state
             .last_executed()
@@ -308,8 +440,8 @@ impl Agent {
             let last = self.state.last_executed();
             let hello = Hello {
                 device_id: id.device_id,
-                credential: &fingerprint,
-                agent_version: AGENT_VERSION,
+                credential: fingerprint,
+                agent_version: &version,
                 boot_id,
                 last,
             };
@@ -332,6 +464,9 @@ impl Agent {
     ) -> Result<Option<End>, AgentError> {
         match ev {
             AgentEvent::Welcomed(w) => {
+                if self.probe.take().is_some() {
+                    self.rung_won();
+                }
                 self.state.ack(w.acked_seq)?;
                 if let Some(r) = self.state.reboot() {
                     if w.acked_seq >= r.seq {
@@ -543,6 +678,39 @@ impl Agent {
         }
     }
 
+    /// The current rung carried Hello → Welcome: it wins on this network.
+    fn rung_won(&mut self) {
+        let Some((rung, network)) = self.rung.clone() else {
+            return;
+        };
+        let ms = (ladder::epoch().elapsed().saturating_sub(self.climb_start)).as_millis();
+        eprintln!(
+            "fleetcast-agent: connected via rung {} in {ms} ms (network {network})",
+            rung.name()
+        );
+        if let Err(e) = Memory::new(&self.cfg.state_dir).set(&network, rung) {
+            eprintln!("fleetcast-agent: cannot remember the rung: {e}");
+        }
+        let best = self.cfg.ladder.rungs.iter().map(|r| r.rank()).min();
+        self.upgrade_at = (best.is_some_and(|b| b < rung.rank()))
+            .then(|| self.now() + self.cfg.ladder.upgrade_after);
+    }
+
+    /// On a worse rung than the best allowed, with nothing running, past the retry time: end
+    /// the session and climb again from the top (the current rung is still on the way down).
+    fn upgrade_due(&mut self) -> bool {
+        let due = self.upgrade_at.is_some_and(|t| self.now() >= t)
+            && self.running.is_none()
+            && self.transfers.is_empty()
+            && self.probe.is_none();
+        if due {
+            eprintln!("fleetcast-agent: retrying better rungs");
+            self.upgrade_at = None;
+            self.climb_from_top = true;
+        }
+        due
+    }
+
     /// The I/O loop of one session: TLS bytes ↔ core, events to `on_event`, the executor.
     fn pump(
         &mut self,
@@ -612,9 +780,22 @@ impl Agent {
             if self.running.is_some() || !self.transfers.is_empty() {
                 wait = wait.min(Duration::from_millis(20));
             }
-            io.sock
+            if let Some(d) = &self.probe {
+                if d.expired() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no Welcome within the rung timeout",
+                    )
+                    .into());
+                }
+                wait = wait.min(d.remaining());
+            }
+            if self.upgrade_due() {
+                return Ok(Some(End::Reconnect { immediately: true }));
+            }
+            io.pipe
                 .set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
-            match io.tls.read_tls(&mut io.sock) {
+            match io.tls.read_tls(&mut io.pipe) {
                 Ok(0) => eof = true,
                 Ok(_) => {
                     let state = io
@@ -658,15 +839,15 @@ fn send_completion(s: &mut AgentSession, d: &TransferDone) {
 }
 
 struct Io {
-    sock: TcpStream,
+    pipe: Pipe,
     tls: ClientConnection,
 }
 
 impl Io {
     fn flush(&mut self) -> io::Result<()> {
-        self.sock.set_write_timeout(Some(Duration::from_secs(30)))?;
+        self.pipe.set_write_timeout(Some(Duration::from_secs(30)))?;
         while self.tls.wants_write() {
-            self.tls.write_tls(&mut self.sock)?;
+            self.tls.write_tls(&mut self.pipe)?;
         }
         Ok(())
     }

@@ -2,6 +2,7 @@
 pub mod cli;
 pub mod driver;
 pub mod exec;
+pub mod ladder;
 pub mod report;
 pub mod state;
 pub mod tls;

@@ -26,6 +26,13 @@ struct Args {
     /// Address agents connect to.
     #[arg(long, default_value = "0.0.0.0:7300")]
     listen: SocketAddr,
+    /// A second address served exactly like --listen (e.g. 0.0.0.0:443, for agents whose
+    /// network lets only HTTPS out).
+    #[arg(long)]
+    listen_extra: Option<SocketAddr>,
+    /// Seconds an HTTP request (Upgrade head, long-poll request) has to arrive complete.
+    #[arg(long, default_value_t = 5)]
+    http_timeout: u64,
     /// Names (DNS or IP) agents use to reach this gateway; they go into its TLS certificate.
     #[arg(long = "server-name", default_values_t = vec!["localhost".to_string(), "127.0.0.1".to_string()])]
     server_names: Vec<String>,
@@ -120,6 +127,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let cfg = GatewayConfig {
         listen: args.listen,
+        extra_listen: args.listen_extra,
+        http_timeout: Duration::from_secs(args.http_timeout.max(1)),
         admin_socket: data.join(crate::admin::SOCKET_NAME),
         session,
         mcast: match args.mcast_addr {
@@ -149,7 +158,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ..GatewayConfig::default()
     };
     let mut gw = Gateway::bind(cfg, fleet)?;
-    tracing::info!(listen = %gw.local_addr()?, data = %data.display(), "fleetcastd ready");
+    tracing::info!(listen = %gw.local_addr()?, extra = ?gw.extra_addr(), data = %data.display(), "fleetcastd ready");
     // Readiness line for scripts and tests (stdout, one line).
     println!("ready {}", gw.local_addr()?);
     if let Some(url) = gw.artifact_base_url() {

@@ -74,6 +74,8 @@ pub enum Input {
         key_hash: [u8; 32],
         /// The last command it executed, and that command's unacknowledged result.
         last: Option<(u64, Option<store::CommandResult>)>,
+        /// The rung of the transport ladder the agent says it came over (`None`: not said).
+        transport: Option<store::Transport>,
     },
     /// A new device presents an enrolment token.
     Enrol {
@@ -496,6 +498,7 @@ impl Fleet {
                 device,
                 key_hash,
                 last,
+                transport,
             } => {
                 let conn = *conn;
                 let dev = match b.device(*device) {
@@ -532,7 +535,11 @@ impl Fleet {
                         "replaced by a newer session",
                     ));
                 }
-                let _ = b.device_seen(*device, now_ms, Some(store::Transport::Native));
+                let _ = b.device_seen(
+                    *device,
+                    now_ms,
+                    Some(transport.unwrap_or(store::Transport::Native)),
+                );
                 let _ = b.append_event(event(
                     now_ms,
                     Some(*device),
@@ -1638,6 +1645,7 @@ mod tests {
                 device: dev,
                 key_hash: key,
                 last,
+                transport: None,
             }])
         }
 

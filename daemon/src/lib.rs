@@ -8,6 +8,8 @@ pub mod demo;
 pub mod distribution;
 pub mod fleet;
 pub mod gateway;
+pub mod http;
 pub mod paths;
 pub mod pki;
+pub mod sniff;
 pub mod tlsconn;
