@@ -35,7 +35,10 @@ transport ladder (see docs/transports.md):
                             (default 443)
   --rungs LIST              rungs allowed, comma-separated, of native,443,upgrade,connect,
                             longpoll (default: all)
-  --rung-timeout-ms MS      time a rung has to get its Hello answered (default 4000)
+  --rung-timeout-ms MS      time a rung has to open (TCP, proxy, TLS), and again to get
+                            its Hello answered (default 4000)
+  --stagger-ms MS           start the next rung this long after the previous one; they
+                            overlap (default 250)
   --upgrade-after SECS      on a fallback rung, retry better ones this often (default 600)
 ";
 
@@ -98,6 +101,11 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> 
                     val()?
                         .parse()
                         .map_err(|_| "--rung-timeout-ms takes a number")?,
+                )
+            }
+            "--stagger-ms" => {
+                lad.stagger = Duration::from_millis(
+                    val()?.parse().map_err(|_| "--stagger-ms takes a number")?,
                 )
             }
             "--upgrade-after" => {

@@ -88,8 +88,11 @@ pub struct LadderConfig {
     pub alt_port: u16,
     /// HTTP proxy for the CONNECT and long-poll rungs.
     pub proxy: Option<ladder::Proxy>,
-    /// Time a rung has from its first packet to the gateway's `Welcome`.
+    /// Time a rung has to open its carrier (TCP, proxy, TLS, Upgrade), and again for the
+    /// gateway's `Welcome`.
     pub rung_timeout: Duration,
+    /// Delay between starting one rung and the next (they overlap).
+    pub stagger: Duration,
     /// While on a rung worse than the best allowed one, retry the better ones this often.
     pub upgrade_after: Duration,
 }
@@ -101,6 +104,7 @@ impl Default for LadderConfig {
             alt_port: 443,
             proxy: None,
             rung_timeout: Duration::from_secs(4),
+            stagger: Duration::from_millis(250),
             upgrade_after: Duration::from_secs(600),
         }
     }
@@ -166,6 +170,8 @@ pub struct Agent {
     climb_from_top: bool,
     /// The rung enrolment went through (tried first by the session that follows).
     hint: Option<Rung>,
+    /// The carriers of the current climb (dropped, closing the losers, once a rung wins).
+    racing: Option<Race>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -182,6 +188,7 @@ impl Agent {
     pub fn new(cfg: AgentConfig) -> Result<Agent, AgentError> {
         let state = State::open(&cfg.state_dir)?;
         let target = Target::parse(&cfg.gateway, cfg.ladder.alt_port, cfg.ladder.proxy.clone())?;
+        ladder::epoch(); // Starts the epoch connect times are measured from.
         Ok(Agent {
             cfg,
             state,
@@ -198,6 +205,7 @@ impl Agent {
             upgrade_at: None,
             climb_from_top: false,
             hint: None,
+            racing: None,
         })
     }
 
@@ -249,33 +257,51 @@ impl Agent {
         (ladder::order(&self.cfg.ladder.rungs, remembered), network)
     }
 
-    /// Opens `rung` up to a running TLS session (and the `101` of the Upgrade rung).
-    fn open_rung(
-        &self,
-        rung: Rung,
-        config: Arc<ClientConfig>,
-        deadline: &Deadline,
-    ) -> io::Result<Io> {
-        let mut pipe = ladder::open(rung, &self.target, deadline)?;
-        let name = ServerName::try_from(self.cfg.server_name.clone())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let mut tls = ClientConnection::new(config, name)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        ladder::handshake(&mut tls, &mut pipe, deadline)?;
-        if rung == Rung::Upgrade {
-            ladder::http_upgrade(&mut tls, &mut pipe, &self.target.host, deadline)?;
+    /// Starts opening every rung of `order`, the i-th after `i × stagger` (a blocked rung
+    /// costs the others no more than the stagger); carriers arrive in the order they are
+    /// ready. Each attempt is bounded by the rung timeout, so the race always ends.
+    fn race(&self, order: &[Rung], config: &Arc<ClientConfig>) -> Race {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for (i, &rung) in order.iter().enumerate() {
+            let stop = cancelled.clone();
+            let txc = tx.clone();
+            let target = self.target.clone();
+            let name = self.cfg.server_name.clone();
+            let config = config.clone();
+            let delay = self.cfg.ladder.stagger * i as u32;
+            let timeout = self.cfg.ladder.rung_timeout;
+            let spawned = std::thread::Builder::new()
+                .name(format!("rung-{}", rung.name()))
+                .spawn(move || {
+                    std::thread::sleep(delay);
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let _ = txc.send((rung, Err(io::Error::other("race already won"))));
+                        return;
+                    }
+                    let deadline = Deadline::after(ladder::epoch(), timeout);
+                    let r = open_rung(rung, &target, name, config, &deadline);
+                    let _ = txc.send((rung, r));
+                });
+            if let Err(e) = spawned {
+                let _ = tx.send((rung, Err(e)));
+            }
         }
-        Ok(Io { pipe, tls })
+        Race {
+            rx,
+            outstanding: order.len(),
+            cancelled,
+        }
     }
 
-    /// Enrolment takes the first rung that completes TLS (enrolment happens once, usually
+    /// Enrolment takes the first carrier that completes TLS (enrolment happens once, usually
     /// on the bench; sessions below demand the full round trip).
     fn dial_enrol(&mut self, config: Arc<ClientConfig>) -> Result<Io, AgentError> {
         let (order, _) = self.climb_order();
+        let mut race = self.race(&order, &config);
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no transport rung allowed");
-        for rung in order {
-            let deadline = Deadline::after(ladder::epoch(), self.cfg.ladder.rung_timeout);
-            match self.open_rung(rung, config.clone(), &deadline) {
+        while let Some((rung, r)) = race.next() {
+            match r {
                 Ok(io) => {
                     self.hint = Some(rung);
                     return Ok(io);
@@ -382,9 +408,9 @@ impl Agent {
         eprintln!("fleetcast-agent: trying rungs {}", names.join(","));
         self.climb_start = ladder::epoch().elapsed();
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no transport rung allowed");
-        for rung in order {
-            let deadline = Deadline::after(ladder::epoch(), self.cfg.ladder.rung_timeout);
-            let io = match self.open_rung(rung, config.clone(), &deadline) {
+        self.racing = Some(self.race(&order, &config));
+        while let Some((rung, r)) = self.racing.as_mut().and_then(Race::next) {
+            let io = match r {
                 Ok(io) => io,
                 Err(e) => {
                     eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
@@ -392,7 +418,12 @@ impl Agent {
                     continue;
                 }
             };
-            self.probe = Some(deadline);
+            // The round trip gets its own rung timeout: the carrier may have waited while
+            // a better one was tried.
+            self.probe = Some(Deadline::after(
+                ladder::epoch(),
+                self.cfg.ladder.rung_timeout,
+            ));
             self.rung = Some((rung, network.clone()));
             let r = self.run_session(id, io, boot_id, &fingerprint);
             let won = self.probe.take().is_none();
@@ -411,9 +442,13 @@ impl Agent {
                     eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
                     last = e;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.racing = None;
+                    return Err(e);
+                }
             }
         }
+        self.racing = None;
         Err(last.into())
     }
 
@@ -680,13 +715,16 @@ impl Agent {
 
     /// The current rung carried Hello → Welcome: it wins on this network.
     fn rung_won(&mut self) {
+        self.racing = None;
         let Some((rung, network)) = self.rung.clone() else {
             return;
         };
-        let ms = (ladder::epoch().elapsed().saturating_sub(self.climb_start)).as_millis();
+        let since_start = ladder::epoch().elapsed();
+        let ms = since_start.saturating_sub(self.climb_start).as_millis();
         eprintln!(
-            "fleetcast-agent: connected via rung {} in {ms} ms (network {network})",
-            rung.name()
+            "fleetcast-agent: connected via rung {} in {ms} ms ({} ms since start; network {network})",
+            rung.name(),
+            since_start.as_millis()
         );
         if let Err(e) = Memory::new(&self.cfg.state_dir).set(&network, rung) {
             eprintln!("fleetcast-agent: cannot remember the rung: {e}");
@@ -836,6 +874,53 @@ fn send_completion(s: &mut AgentSession, d: &TransferDone) {
         sha256: d.sha256,
         reason: &d.reason,
     });
+}
+
+/// Carriers of a [`Agent::race`], as they become ready.
+struct Race {
+    rx: std::sync::mpsc::Receiver<(Rung, io::Result<Io>)>,
+    outstanding: usize,
+    /// Rungs not started yet do not start once the race is dropped (a carrier that opens
+    /// anyway is closed when its send fails).
+    cancelled: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Race {
+    fn drop(&mut self) {
+        self.cancelled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Race {
+    /// The next carrier (or failure); `None` once every rung has reported.
+    fn next(&mut self) -> Option<(Rung, io::Result<Io>)> {
+        if self.outstanding == 0 {
+            return None;
+        }
+        self.outstanding -= 1;
+        self.rx.recv().ok()
+    }
+}
+
+/// Opens `rung` up to a running TLS session (and the `101` of the Upgrade rung).
+fn open_rung(
+    rung: Rung,
+    target: &Target,
+    server_name: String,
+    config: Arc<ClientConfig>,
+    deadline: &Deadline,
+) -> io::Result<Io> {
+    let mut pipe = ladder::open(rung, target, deadline)?;
+    let name = ServerName::try_from(server_name)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut tls = ClientConnection::new(config, name)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    ladder::handshake(&mut tls, &mut pipe, deadline)?;
+    if rung == Rung::Upgrade {
+        ladder::http_upgrade(&mut tls, &mut pipe, &target.host, deadline)?;
+    }
+    Ok(Io { pipe, tls })
 }
 
 struct Io {

@@ -124,15 +124,22 @@ fn log_since(spec: &AgentSpec, from: usize) -> String {
     read_log(&spec.log).get(from..).unwrap_or("").to_string()
 }
 
-/// `(rung, ms)` of the first "connected via rung" line in `log`.
-fn connected(log: &str) -> Option<(String, u64)> {
+/// `(rung, climb ms, ms since the agent started)` of the first "connected via rung" line.
+fn connected(log: &str) -> Option<(String, u64, u64)> {
     let line = log.lines().find(|l| l.contains("connected via rung "))?;
     let rest = line.split("connected via rung ").nth(1)?;
     let mut w = rest.split_whitespace();
     let rung = w.next()?.to_string();
     let _in = w.next()?;
     let ms = w.next()?.parse().ok()?;
-    Some((rung, ms))
+    let since = rest
+        .split('(')
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((rung, ms, since))
 }
 
 #[test]
@@ -149,7 +156,7 @@ fn every_profile_reaches_the_gateway() {
             ProxyConfig {
                 allow_connect: true,
                 connect_ports: vec![ALT],
-                basic_auth: Some(("fleet".into(), "s3cret word".into())),
+                basic_auth: Some(("fleet".into(), "s3cret".into())),
                 ..Default::default()
             },
         )
@@ -190,17 +197,14 @@ fn every_profile_reaches_the_gateway() {
             host: 2,
             want: "443",
             transport: "native443",
-            extra: common_extra(&["--proxy", "none"]),
+            extra: common_extra(&["--proxy", "none", "--upgrade-after", "2"]),
         },
         Case {
             name: "connect",
             host: 3,
             want: "connect",
             transport: "httpconnect",
-            extra: common_extra(&[
-                "--proxy",
-                &format!("http://fleet:s3cret%20word@{}", proxy_a.addr),
-            ]),
+            extra: common_extra(&["--proxy", &format!("http://fleet:s3cret@{}", proxy_a.addr)]),
         },
         Case {
             name: "denied",
@@ -279,16 +283,22 @@ fn run_cases(lab: &Lab, gw: &Gateway<'_>, dir: &Path, cases: &[Case]) {
             format!("{}\n{}", spec.output(), gw.diag())
         });
         let online_after = t0.elapsed();
+        // Online at the gateway can precede the agent's own line by a moment.
+        let (rung, ms, since) = wait_for(
+            &format!("{}'s connect line", c.name),
+            Duration::from_secs(10),
+            || connected(&read_log(&spec.log)),
+            || spec.output(),
+        );
         let log = read_log(&spec.log);
-        let (rung, ms) = connected(&log).unwrap_or_else(|| panic!("no connect line\n{log}"));
         assert_eq!(rung, c.want, "{}: wrong rung\n{log}", c.name);
         let row = gw.device(c.name).expect("row");
         assert_eq!(row["transport"], c.transport, "{}: {row:#}", c.name);
-        measured.push((c.name, rung, ms, online_after));
+        measured.push((c.name, rung, ms, since, online_after));
     }
-    for (name, rung, ms, online) in &measured {
+    for (name, rung, ms, since, online) in &measured {
         eprintln!(
-            "MEASURED profile={name} rung={rung} climb_ms={ms} online_after_ms={}",
+            "MEASURED profile={name} rung={rung} first_start_connected_ms={since} (session climb {ms} ms after enrolment) test_saw_online_ms={}",
             online.as_millis()
         );
     }
@@ -339,6 +349,12 @@ fn run_cases(lab: &Lab, gw: &Gateway<'_>, dir: &Path, cases: &[Case]) {
             "{}",
             c.name
         );
+        wait_for(
+            &format!("{}'s connect line after the reboot", c.name),
+            Duration::from_secs(10),
+            || connected(&log_since(spec, *mark)),
+            || spec.output(),
+        );
         let after = log_since(spec, *mark);
         let first_try = after
             .lines()
@@ -349,7 +365,7 @@ fn run_cases(lab: &Lab, gw: &Gateway<'_>, dir: &Path, cases: &[Case]) {
             "{}: remembered rung not first: {first_try}\n{after}",
             c.name
         );
-        let (rung, ms) = connected(&after).unwrap_or_else(|| panic!("no connect\n{after}"));
+        let (rung, ms, since) = connected(&after).unwrap_or_else(|| panic!("no connect\n{after}"));
         assert_eq!(rung, c.want, "{}\n{after}", c.name);
         let before_win = after.split("connected via rung").next().unwrap_or("");
         assert!(
@@ -358,10 +374,26 @@ fn run_cases(lab: &Lab, gw: &Gateway<'_>, dir: &Path, cases: &[Case]) {
             c.name
         );
         eprintln!(
-            "MEASURED profile={} rung={rung} remembered_climb_ms={ms}",
+            "MEASURED profile={} rung={rung} restart_connected_ms={since} (climb {ms} ms)",
             c.name
         );
     }
+
+    // The 443-only device retries better rungs every 2 s (falling back to 443 while native
+    // is blocked); once the firewall opens, it moves up to native on its own.
+    let c = cases
+        .iter()
+        .position(|c| c.name == "only443")
+        .expect("only443 case");
+    lab.host(cases[c].host)
+        .clear_firewall()
+        .expect("clear firewall");
+    wait_for(
+        "only443 to upgrade to native once the firewall opened",
+        WAIT,
+        || (gw.device("only443")?["transport"] == "native").then_some(()),
+        || format!("{}\n{}", specs[c].output(), gw.diag()),
+    );
 }
 
 fn tls_config(ca: &Path) -> Arc<ClientConfig> {
@@ -494,8 +526,11 @@ fn hostile_http_is_cut_off_while_an_agent_is_served() {
         };
         let text = String::from_utf8_lossy(&got);
         eprintln!("{name}: answered {:?} after {took:?}", text.lines().next());
+        // A slowloris is still writing when it is cut off, so the gateway's close may reset
+        // the connection before the client reads the 408: either is a cut.
+        let cut_quietly = pause.is_some() && got.is_empty();
         assert!(
-            text.starts_with(&format!("HTTP/1.1 {status} ")),
+            cut_quietly || text.starts_with(&format!("HTTP/1.1 {status} ")),
             "{name}: {text}\n{}",
             gw.diag()
         );
