@@ -172,6 +172,12 @@ pub struct Agent {
     hint: Option<Rung>,
     /// The carriers of the current climb (dropped, closing the losers, once a rung wins).
     racing: Option<Race>,
+    /// The session's TLS configuration (for background retries of better rungs).
+    client_config: Option<Arc<ClientConfig>>,
+    /// A background retry of better rungs in progress.
+    upgrade_probe: Option<Race>,
+    /// A better rung opened: end the session when idle and climb from the top.
+    better_found: bool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -206,6 +212,9 @@ impl Agent {
             climb_from_top: false,
             hint: None,
             racing: None,
+            client_config: None,
+            upgrade_probe: None,
+            better_found: false,
         })
     }
 
@@ -403,6 +412,9 @@ impl Agent {
             self.link = Some((id.device_id, local, gw));
         }
         // Climb: each rung in turn until one carries Hello → Welcome within its timeout.
+        self.client_config = Some(config.clone());
+        self.upgrade_probe = None;
+        self.better_found = false;
         let (order, network) = self.climb_order();
         let names: Vec<&str> = order.iter().map(|r| r.name()).collect();
         eprintln!("fleetcast-agent: trying rungs {}", names.join(","));
@@ -734,19 +746,59 @@ impl Agent {
             .then(|| self.now() + self.cfg.ladder.upgrade_after);
     }
 
-    /// On a worse rung than the best allowed, with nothing running, past the retry time: end
-    /// the session and climb again from the top (the current rung is still on the way down).
-    fn upgrade_due(&mut self) -> bool {
-        let due = self.upgrade_at.is_some_and(|t| self.now() >= t)
+    /// Retrying better rungs in the background: past the retry time, the rungs better than
+    /// the current one are opened (TCP, proxy, TLS) on their own threads while the session
+    /// goes on. When one opens, the session ends as soon as nothing is running and the next
+    /// climb starts from the top (the full round trip still decides); when none opens, the
+    /// retry is scheduled again. Returns whether to end the session now.
+    fn poll_upgrade(&mut self) -> bool {
+        if let Some(race) = self.upgrade_probe.as_mut() {
+            loop {
+                match race.try_next() {
+                    Ok(Some((rung, Ok(_carrier)))) => {
+                        eprintln!(
+                            "fleetcast-agent: rung {} passes again: moving up",
+                            rung.name()
+                        );
+                        self.upgrade_probe = None;
+                        self.better_found = true;
+                        break;
+                    }
+                    Ok(Some((_, Err(_)))) => continue,
+                    Ok(None) => break,
+                    Err(()) => {
+                        self.upgrade_probe = None;
+                        self.upgrade_at = Some(self.now() + self.cfg.ladder.upgrade_after);
+                        break;
+                    }
+                }
+            }
+        }
+        if self.upgrade_probe.is_none()
+            && !self.better_found
+            && self.upgrade_at.is_some_and(|t| self.now() >= t)
+        {
+            self.upgrade_at = None;
+            let current = self.rung.as_ref().map_or(0, |(r, _)| r.rank());
+            let better: Vec<Rung> = ladder::order(&self.cfg.ladder.rungs, None)
+                .into_iter()
+                .filter(|r| r.rank() < current)
+                .collect();
+            if let Some(config) = self.client_config.clone() {
+                if !better.is_empty() {
+                    self.upgrade_probe = Some(self.race(&better, &config));
+                }
+            }
+        }
+        let end = self.better_found
             && self.running.is_none()
             && self.transfers.is_empty()
             && self.probe.is_none();
-        if due {
-            eprintln!("fleetcast-agent: retrying better rungs");
-            self.upgrade_at = None;
+        if end {
+            self.better_found = false;
             self.climb_from_top = true;
         }
-        due
+        end
     }
 
     /// The I/O loop of one session: TLS bytes ↔ core, events to `on_event`, the executor.
@@ -828,8 +880,13 @@ impl Agent {
                 }
                 wait = wait.min(d.remaining());
             }
-            if self.upgrade_due() {
+            if self.poll_upgrade() {
                 return Ok(Some(End::Reconnect { immediately: true }));
+            }
+            if self.upgrade_probe.is_some() || self.better_found {
+                wait = wait.min(Duration::from_millis(100));
+            } else if let Some(t) = self.upgrade_at {
+                wait = wait.min(t - self.now());
             }
             io.pipe
                 .set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
@@ -893,6 +950,22 @@ impl Drop for Race {
 }
 
 impl Race {
+    /// Without waiting: a carrier (or failure), `Ok(None)` when none is ready yet, `Err(())`
+    /// once every rung has reported.
+    fn try_next(&mut self) -> Result<Option<(Rung, io::Result<Io>)>, ()> {
+        if self.outstanding == 0 {
+            return Err(());
+        }
+        match self.rx.try_recv() {
+            Ok(x) => {
+                self.outstanding -= 1;
+                Ok(Some(x))
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => Ok(None),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(()),
+        }
+    }
+
     /// The next carrier (or failure); `None` once every rung has reported.
     fn next(&mut self) -> Option<(Rung, io::Result<Io>)> {
         if self.outstanding == 0 {

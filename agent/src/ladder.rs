@@ -347,6 +347,8 @@ impl Write for Pipe {
 const MAX_WAIT: Duration = Duration::from_secs(20);
 /// Largest HTTP response head the agent reads.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+/// Largest long-poll request body the agent sends (the gateway accepts 256 KiB).
+const MAX_REQUEST_BODY: usize = 128 * 1024;
 /// Largest long-poll response body the agent accepts.
 const MAX_RESPONSE_BODY: usize = 2 << 20;
 
@@ -633,8 +635,15 @@ impl LongPoll {
         let via = self.proxy.as_ref().map_or(&self.target, |p| &p.addr);
         let deadline = Deadline::after(epoch(), self.connect_timeout);
         let mut s = tcp(via, &deadline)?;
+        // Bodies stay well under the gateway's limit; while more is queued, ask for no hold.
+        let chunk = self.outbox.len().min(MAX_REQUEST_BODY);
+        let wait = if self.outbox.len() > chunk {
+            Duration::ZERO
+        } else {
+            self.wait
+        };
         s.set_write_timeout(Some(Duration::from_secs(10)))?;
-        s.set_read_timeout(Some(self.wait + Duration::from_secs(10)))?;
+        s.set_read_timeout(Some(wait + Duration::from_secs(10)))?;
         let uri = match &self.proxy {
             Some(_) => format!("http://{}/fleetcast/poll", self.target),
             None => "/fleetcast/poll".to_string(),
@@ -642,8 +651,8 @@ impl LongPoll {
         let mut req = format!(
             "POST {uri} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nX-Fleetcast-Wait: {}\r\nCache-Control: no-store\r\nConnection: close\r\n",
             self.target,
-            self.outbox.len(),
-            self.wait.as_millis()
+            chunk,
+            wait.as_millis()
         );
         if let Some(t) = &self.token {
             req.push_str(&format!("X-Fleetcast-Session: {t}\r\n"));
@@ -653,7 +662,7 @@ impl LongPoll {
         }
         req.push_str("\r\n");
         let mut msg = req.into_bytes();
-        msg.extend_from_slice(&self.outbox);
+        msg.extend_from_slice(&self.outbox[..chunk]);
         s.write_all(&msg)?;
         let head = read_head(&mut s)?;
         let r = parse_response(&head)?;
@@ -675,7 +684,7 @@ impl LongPoll {
                         io::Error::new(io::ErrorKind::InvalidData, "long-poll: no session token")
                     })?);
                 }
-                self.outbox.clear();
+                self.outbox.drain(..chunk);
                 self.inbox = body;
                 self.pos = 0;
                 Ok(())
@@ -853,6 +862,131 @@ mod tests {
         assert_eq!(
             order(&[Rung::Native, Rung::LongPoll], Some(Rung::Upgrade)),
             vec![Rung::Native, Rung::LongPoll]
+        );
+    }
+
+    /// Requests a test server saw: (head, body).
+    type Seen = Vec<(String, Vec<u8>)>;
+
+    /// A one-thread HTTP server on 127.0.0.1 answering each request with `answer(i, head,
+    /// body)`; returns its address and the requests it saw.
+    fn server(
+        n: usize,
+        answer: impl Fn(usize, &str, &[u8]) -> Vec<u8> + Send + 'static,
+    ) -> (SocketAddr, std::thread::JoinHandle<Seen>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for i in 0..n {
+                let (mut c, _) = l.accept().unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let head = String::from_utf8(read_head(&mut c).unwrap()).unwrap();
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                let mut body = vec![0u8; len];
+                c.read_exact(&mut body).unwrap();
+                c.write_all(&answer(i, &head, &body)).unwrap();
+                seen.push((head, body));
+            }
+            seen
+        });
+        (addr, t)
+    }
+
+    fn ok(token: &str, body: &[u8]) -> Vec<u8> {
+        let mut r = format!(
+            "HTTP/1.1 200 OK\r\nX-Fleetcast-Session: {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    #[test]
+    fn long_poll_chunks_carries_the_token_and_ends_on_410() {
+        let (addr, t) = server(4, |i, _, body| match i {
+            0..=2 => ok("t0k3n", &body[..3]),
+            _ => b"HTTP/1.1 410 Gone\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        });
+        let target = Target::parse(&addr.to_string(), addr.port(), None).unwrap();
+        let d = Deadline::after(epoch(), Duration::from_secs(5));
+        let mut pipe = open(Rung::LongPoll, &target, &d).unwrap();
+        pipe.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        let out: Vec<u8> = (0..MAX_REQUEST_BODY * 2 + 1000).map(|i| i as u8).collect();
+        pipe.write_all(&out).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let seen = t.join().unwrap();
+        // Three chunks, the whole stream in order, the token from the second request on, no
+        // hold while more is queued.
+        let sent: Vec<u8> = seen[..3].iter().flat_map(|(_, b)| b.clone()).collect();
+        assert_eq!(sent, out);
+        assert_eq!(seen[0].1.len(), MAX_REQUEST_BODY);
+        assert!(!seen[0].0.contains("X-Fleetcast-Session"), "{}", seen[0].0);
+        assert!(
+            seen[1].0.contains("X-Fleetcast-Session: t0k3n"),
+            "{}",
+            seen[1].0
+        );
+        assert!(
+            seen[0].0.contains("X-Fleetcast-Wait: 0\r\n"),
+            "{}",
+            seen[0].0
+        );
+        assert!(
+            seen[2].0.contains("X-Fleetcast-Wait: 1500\r\n"),
+            "{}",
+            seen[2].0
+        );
+        assert!(seen[0].0.starts_with("POST /fleetcast/poll HTTP/1.1\r\n"));
+        let m = MAX_REQUEST_BODY;
+        assert_eq!(
+            got,
+            [&out[..3], &out[m..m + 3], &out[2 * m..2 * m + 3]].concat()
+        );
+    }
+
+    #[test]
+    fn connect_tunnel_sends_credentials_and_fails_on_refusal() {
+        let (addr, t) = server(2, |i, _, _| match i {
+            0 => b"HTTP/1.1 200 Connection established\r\n\r\n".to_vec(),
+            _ => b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n".to_vec(),
+        });
+        let proxy = parse_proxy(&format!("http://u:p@{addr}")).unwrap();
+        let target = Target::parse("10.9.8.7:7300", 443, Some(proxy)).unwrap();
+        let d = Deadline::after(epoch(), Duration::from_secs(5));
+        assert!(matches!(open(Rung::Connect, &target, &d), Ok(Pipe::Tcp(_))));
+        let err = open(Rung::Connect, &target, &d).unwrap_err();
+        assert!(err.to_string().contains("407"), "{err}");
+        let seen = t.join().unwrap();
+        assert!(
+            seen[0].0.starts_with("CONNECT 10.9.8.7:443 HTTP/1.1\r\n"),
+            "{}",
+            seen[0].0
+        );
+        assert!(
+            seen[0].0.contains("Proxy-Authorization: Basic dTpw\r\n"),
+            "{}",
+            seen[0].0
+        );
+        // Without a proxy the rung fails at once.
+        let direct = Target::parse("10.9.8.7:7300", 443, None).unwrap();
+        assert_eq!(
+            open(Rung::Connect, &direct, &d).unwrap_err().kind(),
+            io::ErrorKind::Unsupported
         );
     }
 

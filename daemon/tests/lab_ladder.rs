@@ -394,6 +394,11 @@ fn run_cases(lab: &Lab, gw: &Gateway<'_>, dir: &Path, cases: &[Case]) {
         || (gw.device("only443")?["transport"] == "native").then_some(()),
         || format!("{}\n{}", specs[c].output(), gw.diag()),
     );
+    let log = read_log(&specs[c].log);
+    assert!(
+        log.contains("rung native passes again: moving up"),
+        "the move up came from the background retry\n{log}"
+    );
 }
 
 fn tls_config(ca: &Path) -> Arc<ClientConfig> {
