@@ -491,6 +491,11 @@ impl Gateway {
         }
         self.touched.push(idx);
         self.touched.push(ridx);
+        // Reading stops at MAX_PENDING and readiness is edge-triggered: read again now that
+        // the buffer may have drained.
+        if !self.ready.contains(&ridx) {
+            self.ready.push_back(ridx);
+        }
     }
 
     /// Opens a relay: a non-blocking loopback connection to this gateway's own listener.
