@@ -303,27 +303,6 @@ impl Agent {
         }
     }
 
-    /// Enrolment takes the first carrier that completes TLS (enrolment happens once, usually
-    /// on the bench; sessions below demand the full round trip).
-    fn dial_enrol(&mut self, config: Arc<ClientConfig>) -> Result<Io, AgentError> {
-        let (order, _) = self.climb_order();
-        let mut race = self.race(&order, &config);
-        let mut last = io::Error::new(io::ErrorKind::NotFound, "no transport rung allowed");
-        while let Some((rung, r)) = race.next() {
-            match r {
-                Ok(io) => {
-                    self.hint = Some(rung);
-                    return Ok(io);
-                }
-                Err(e) => {
-                    eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
-                    last = e;
-                }
-            }
-        }
-        Err(last.into())
-    }
-
     fn enrol(&mut self) -> Result<End, AgentError> {
         let Some((token, name)) = self.cfg.enrol.clone() else {
             return Err(AgentError::NotEnrolled);
@@ -348,34 +327,80 @@ impl Agent {
             }
         };
         let spki = key.spki_der();
-        let first = FirstMessage::Enrol(Enrol {
-            token: token.as_bytes(),
-            name: &name,
-            spki: &spki,
-        });
-        let mut io = self.dial_enrol(config)?;
-        let now = self.now();
-        let mut s = AgentSession::new(now, SessionConfig::default(), first)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        let mut enrolled = None;
-        let mut closed = None;
-        self.pump(&mut io, &mut s, |_agent, _s, ev| {
-            match ev {
-                AgentEvent::Enrolled { device_id, frame } => {
-                    if let Message::Enrolled(e) = frame.message() {
-                        enrolled = Some((device_id, e.certificate.to_vec()));
-                    }
+        // The same climb as a session: a rung wins when `Enrol` is answered by `Enrolled`
+        // (a refusal sent by the gateway is final; silence or a lost stream tries the next).
+        let (order, _) = self.climb_order();
+        let mut race = self.race(&order, &config);
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no transport rung allowed");
+        let mut won = None;
+        while let Some((rung, r)) = race.next() {
+            let mut io = match r {
+                Ok(io) => io,
+                Err(e) => {
+                    eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
+                    last = e;
+                    continue;
                 }
-                AgentEvent::Closed(info) => closed = Some(info),
-                _ => {}
-            }
-            Ok(None)
-        })?;
-        let Some((device_id, cert)) = enrolled else {
-            let why = closed.map_or("connection lost".to_string(), |c| {
-                format!("{:?}: {}", c.code.name(), c.reason)
+            };
+            let first = FirstMessage::Enrol(Enrol {
+                token: token.as_bytes(),
+                name: &name,
+                spki: &spki,
             });
-            return Err(AgentError::Refused(format!("enrolment failed: {why}")));
+            let now = self.now();
+            let mut s = AgentSession::new(now, SessionConfig::default(), first)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+            let mut enrolled = None;
+            let mut closed = None;
+            self.probe = Some(Deadline::after(
+                ladder::epoch(),
+                self.cfg.ladder.rung_timeout,
+            ));
+            let r = self.pump(&mut io, &mut s, |agent, _s, ev| {
+                match ev {
+                    AgentEvent::Enrolled { device_id, frame } => {
+                        agent.probe = None;
+                        if let Message::Enrolled(e) = frame.message() {
+                            enrolled = Some((device_id, e.certificate.to_vec()));
+                        }
+                    }
+                    AgentEvent::Closed(info) => closed = Some(info),
+                    _ => {}
+                }
+                Ok(None)
+            });
+            self.probe = None;
+            match (enrolled, closed, r) {
+                (Some(e), _, _) => {
+                    self.hint = Some(rung);
+                    won = Some((e, io));
+                    break;
+                }
+                (None, Some(c), _) if c.by_peer => {
+                    return Err(AgentError::Refused(format!(
+                        "enrolment failed: {:?}: {}",
+                        c.code.name(),
+                        c.reason
+                    )));
+                }
+                (None, _, Err(AgentError::Io(e))) => {
+                    eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
+                    last = e;
+                }
+                (None, _, Err(e)) => return Err(e),
+                (None, _, Ok(_)) => {
+                    eprintln!(
+                        "fleetcast-agent: rung {} closed before Enrolled",
+                        rung.name()
+                    );
+                    last =
+                        io::Error::new(io::ErrorKind::ConnectionAborted, "closed before Enrolled");
+                }
+            }
+        }
+        drop(race);
+        let Some(((device_id, cert), io)) = won else {
+            return Err(last.into());
         };
         let ca_der: CertificateDer<'static> = match (&self.cfg.ca, pin) {
             (_, Some(fp)) => {

@@ -10,6 +10,7 @@
 //! | 3 | nothing out but proxy A | A allows CONNECT to 443, Basic auth | `connect` |
 //! | 4 | nothing out but proxy B | B denies CONNECT (403) | `longpoll` (forwarded by B) |
 //! | 5 | nothing out but proxy C | C (in this test) answers CONNECT 200, then drops the tunnel; other requests go to B | `longpoll` |
+//! | 11 | nothing out but proxy D | D (in this test) tunnels CONNECT to the gateway through the TLS handshake, then discards all the gateway sends (no `Welcome`, no close); other requests go to B | `longpoll` |
 //! | 9 | open, `--rungs upgrade` | — | `upgrade` |
 //! | 10 | open, `--rungs longpoll`, no proxy | — | `longpoll` (direct) |
 //!
@@ -60,12 +61,16 @@ struct Case {
     extra: Vec<String>,
 }
 
-/// A test-local "proxy" that accepts `CONNECT`, answers 200 and drops the tunnel; any other
-/// request is passed byte for byte to `upstream` (a real forwarding proxy).
+/// A test-local "proxy" that accepts `CONNECT` and answers 200, then either drops the tunnel
+/// (`tunnel_to: None`) or, with `Some(gateway)`, tunnels to the gateway until the TLS
+/// handshake is done and then silently discards everything the gateway sends (the `Welcome`
+/// never arrives, nothing is closed). Any other request is passed byte for byte to
+/// `upstream` (a real forwarding proxy).
 fn dropping_proxy(
     host: Host<'_>,
     port: u16,
     upstream: SocketAddrV4,
+    tunnel_to: Option<SocketAddrV4>,
     stop: &AtomicBool,
     connects: &AtomicUsize,
 ) {
@@ -96,6 +101,9 @@ fn dropping_proxy(
                 if head.starts_with(b"CONNECT ") {
                     connects.fetch_add(1, Ordering::Relaxed);
                     let _ = c.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+                    if let Some(gw) = tunnel_to {
+                        blackhole_after_handshake(host, c, gw);
+                    }
                     return; // Dropped: the tunnel closes.
                 }
                 let Ok(mut up) = host.tcp_connect(upstream, Duration::from_secs(5)) else {
@@ -117,6 +125,51 @@ fn dropping_proxy(
             });
         }
     });
+}
+
+/// Relays a TLS client to `gw`; everything the gateway sends after the client's second
+/// flight (its handshake finish, then `Hello`) is discarded.
+fn blackhole_after_handshake(host: Host<'_>, mut c: std::net::TcpStream, gw: SocketAddrV4) {
+    let Ok(mut up) = host.tcp_connect(gw, Duration::from_secs(5)) else {
+        return;
+    };
+    // The ClientHello: exactly one TLS record.
+    let mut hdr = [0u8; 5];
+    if c.read_exact(&mut hdr).is_err() {
+        return;
+    }
+    let mut hello = vec![0u8; usize::from(u16::from_be_bytes([hdr[3], hdr[4]]))];
+    if c.read_exact(&mut hello).is_err() {
+        return;
+    }
+    let _ = up.write_all(&hdr);
+    let _ = up.write_all(&hello);
+    let blackhole = Arc::new(AtomicBool::new(false));
+    let (mut c2, mut up2) = (
+        c.try_clone().expect("clone"),
+        up.try_clone().expect("clone"),
+    );
+    let bh = blackhole.clone();
+    let t = std::thread::spawn(move || {
+        let mut buf = [0u8; 16 * 1024];
+        while let Ok(n @ 1..) = up2.read(&mut buf) {
+            if !bh.load(Ordering::SeqCst) && c2.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = [0u8; 16 * 1024];
+    while let Ok(n @ 1..) = c.read(&mut buf) {
+        // The client's second flight comes only after the gateway's first: from here on,
+        // nothing reaches the client.
+        blackhole.store(true, Ordering::SeqCst);
+        if up.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = up.shutdown(std::net::Shutdown::Both);
+    let _ = c.shutdown(std::net::Shutdown::Both);
+    let _ = t.join();
 }
 
 /// The agent log after byte `from`.
@@ -146,7 +199,7 @@ fn connected(log: &str) -> Option<(String, u64, u64)> {
 fn every_profile_reaches_the_gateway() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let lab = Lab::new(LabConfig::hosts(11)).expect("lab (see docs/lab.md)");
+    let lab = Lab::new(LabConfig::hosts(12)).expect("lab (see docs/lab.md)");
     let gw_alt = format!("{}:{ALT}", lab.host(0).addr());
     let gw = Gateway::start(lab.host(0), dir, &["--listen-extra", &gw_alt]);
 
@@ -171,8 +224,11 @@ fn every_profile_reaches_the_gateway() {
         )
         .expect("proxy B");
     let proxy_c = SocketAddrV4::new(lab.host(8).addr(), 3129);
+    let proxy_d = SocketAddrV4::new(lab.host(8).addr(), 3130);
+    let gw_alt_addr = SocketAddrV4::new(lab.host(0).addr(), ALT);
     let stop = AtomicBool::new(false);
     let dropped_connects = AtomicUsize::new(0);
+    let silent_connects = AtomicUsize::new(0);
 
     let common_extra = |v: &[&str]| -> Vec<String> {
         let mut e = vec![
@@ -221,6 +277,13 @@ fn every_profile_reaches_the_gateway() {
             extra: common_extra(&["--proxy", &format!("http://{proxy_c}")]),
         },
         Case {
+            name: "silent",
+            host: 11,
+            want: "longpoll",
+            transport: "longpoll",
+            extra: common_extra(&["--proxy", &format!("http://{proxy_d}")]),
+        },
+        Case {
             name: "upgrade",
             host: 9,
             want: "upgrade",
@@ -247,15 +310,26 @@ fn every_profile_reaches_the_gateway() {
     lab.host(5)
         .firewall(&Profile::OnlyTo(proxy_c))
         .expect("fw 5");
+    lab.host(11)
+        .firewall(&Profile::OnlyTo(proxy_d))
+        .expect("fw 11");
 
     std::thread::scope(|scope| {
-        let fake = scope
-            .spawn(|| dropping_proxy(lab.host(8), 3129, proxy_b.addr, &stop, &dropped_connects));
+        let fake = scope.spawn(|| {
+            let h = lab.host(8);
+            dropping_proxy(h, 3129, proxy_b.addr, None, &stop, &dropped_connects)
+        });
+        let silent = scope.spawn(|| {
+            let h = lab.host(8);
+            let gw = Some(gw_alt_addr);
+            dropping_proxy(h, 3130, proxy_b.addr, gw, &stop, &silent_connects)
+        });
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             run_cases(&lab, &gw, dir, &cases)
         }));
         stop.store(true, Ordering::Relaxed);
         fake.join().expect("dropping proxy");
+        silent.join().expect("silent proxy");
         if let Err(p) = result {
             std::panic::resume_unwind(p);
         }
@@ -263,6 +337,10 @@ fn every_profile_reaches_the_gateway() {
     assert!(
         dropped_connects.load(Ordering::Relaxed) >= 1,
         "the dropping proxy never saw a CONNECT"
+    );
+    assert!(
+        silent_connects.load(Ordering::Relaxed) >= 1,
+        "the silent proxy never saw a CONNECT"
     );
 }
 
@@ -296,6 +374,24 @@ fn run_cases(lab: &Lab, gw: &Gateway<'_>, dir: &Path, cases: &[Case]) {
         assert_eq!(row["transport"], c.transport, "{}: {row:#}", c.name);
         measured.push((c.name, rung, ms, since, online_after));
     }
+    let silent = specs
+        .iter()
+        .zip(cases)
+        .find(|(_, c)| c.name == "silent")
+        .map(|(s, _)| read_log(&s.log))
+        .expect("silent case");
+    assert!(
+        silent.contains("rung connect failed: no Welcome within the rung timeout"),
+        "the silent tunnel must lose on the missing Welcome\n{silent}"
+    );
+    // Its `Enrol` went through the silent tunnel and was answered into the void: the repeat
+    // over long-poll got the certificate again instead of "used token".
+    assert!(
+        gw.stderr()
+            .contains("enrolment repeated: certificate sent again"),
+        "{}",
+        gw.diag()
+    );
     for (name, rung, ms, since, online) in &measured {
         eprintln!(
             "MEASURED profile={name} rung={rung} first_start_connected_ms={since} (session climb {ms} ms after enrolment) test_saw_online_ms={}",
