@@ -328,6 +328,56 @@ mod tests {
         ));
     }
 
+    /// Seeded mutations of valid requests and random bytes: never a panic, and every
+    /// complete answer stays inside the buffer and the limits.
+    #[test]
+    fn arbitrary_input_never_panics() {
+        let mut x: u64 = 0x5eed_1add_3e00;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let seeds: [&[u8]; 3] = [
+            b"GET /fleetcast HTTP/1.1\r\nHost: gw\r\nUpgrade: fleetcast\r\n\r\n",
+            b"POST /fleetcast/poll HTTP/1.1\r\nContent-Length: 3\r\nX-Fleetcast-Wait: 10\r\n\r\nabc",
+            b"POST http://h:1/fleetcast/poll?x HTTP/1.0\r\nX-Fleetcast-Session: 00112233445566778899aabbccddeeff\r\nContent-Length: 0\r\n\r\n",
+        ];
+        for i in 0..20_000u32 {
+            let mut buf = seeds[i as usize % seeds.len()].to_vec();
+            for _ in 0..(next() % 6) {
+                let pos = (next() as usize) % (buf.len() + 1);
+                match next() % 4 {
+                    0 => buf.insert(pos, next() as u8),
+                    1 if pos < buf.len() => {
+                        buf.remove(pos);
+                    }
+                    2 if pos < buf.len() => buf[pos] = next() as u8,
+                    _ => buf.truncate(pos),
+                }
+            }
+            if i % 10 == 0 {
+                buf = (0..next() % 64).map(|_| next() as u8).collect();
+            }
+            for tls in [false, true] {
+                match parse_request(&buf, tls) {
+                    Parsed::Request { head_len, route } => {
+                        assert!(head_len <= buf.len() && head_len <= MAX_HEAD);
+                        if let Route::Poll {
+                            body_len, wait_ms, ..
+                        } = route
+                        {
+                            assert!(body_len <= MAX_BODY && wait_ms <= MAX_WAIT_MS);
+                        }
+                    }
+                    Parsed::Reject { status, .. } => assert!((400..500).contains(&status)),
+                    Parsed::Partial => assert!(buf.len() <= MAX_HEAD),
+                }
+            }
+        }
+    }
+
     #[test]
     fn tokens_round_trip() {
         let t: [u8; 16] = core::array::from_fn(|i| i as u8 * 17);
