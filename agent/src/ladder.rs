@@ -300,7 +300,9 @@ impl Pipe {
         match self {
             Pipe::Tcp(s) => s.set_read_timeout(d),
             Pipe::Poll(p) => {
-                p.wait = d.unwrap_or(MAX_WAIT).min(MAX_WAIT);
+                // A floor, so a busy agent (polling its executor every 20 ms) does not turn
+                // into a request storm through the proxy: each exchange is a connection.
+                p.wait = d.unwrap_or(MAX_WAIT).clamp(MIN_WAIT, MAX_WAIT);
                 Ok(())
             }
         }
@@ -345,6 +347,8 @@ impl Write for Pipe {
 
 /// Longest hold a long-poll request asks for (below the gateway's 25 s cap).
 const MAX_WAIT: Duration = Duration::from_secs(20);
+/// Shortest hold a long-poll request asks for (the gateway answers at once when it has bytes).
+const MIN_WAIT: Duration = Duration::from_millis(250);
 /// Largest HTTP response head the agent reads.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 /// Largest long-poll request body the agent sends (the gateway accepts 256 KiB).
