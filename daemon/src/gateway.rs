@@ -1053,6 +1053,7 @@ impl Gateway {
                             c.tls.tls.send_close_notify();
                             let _ = c.tls.flush();
                         }
+                        ladder::discard_input(&mut c.tls.sock);
                         let _ = self.poll.registry().deregister(&mut c.tls.sock);
                         if let Some(dev) = c.device {
                             self.inputs.push(Input::Disconnected {

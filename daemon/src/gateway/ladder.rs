@@ -249,6 +249,20 @@ pub(super) fn flush_plain(c: &mut AgentConn, registry: &mio::Registry, token: To
     c.closing || (matches!(p.state, PlainState::Responded) && !pending)
 }
 
+/// Reads and drops what the peer sent but nobody read (bounded), so closing sends FIN rather
+/// than RST: a RST could destroy a final answer (`408`, `431`, a `Close` frame) before the
+/// peer reads it (RFC 9112 §9.6 asks servers to close in stages for this reason).
+pub(super) fn discard_input(sock: &mut TcpStream) {
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        match sock.read(&mut buf) {
+            Ok(n) if n > 0 => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            _ => return,
+        }
+    }
+}
+
 /// Writes pending agent bytes into the relay; returns whether bytes (or the connect) remain.
 pub(super) fn flush_relay(r: &mut RelayConn) -> bool {
     if !r.connected {
