@@ -392,6 +392,32 @@ fn run_cases(lab: &Lab, gw: &Gateway<'_>, dir: &Path, cases: &[Case]) {
         "{}",
         gw.diag()
     );
+    // What the operator sees: `fleetcast status`, one line per device with its rung.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+        .arg("--data-dir")
+        .arg(&gw.data)
+        .arg("status")
+        .output()
+        .expect("run fleetcast status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = String::from_utf8_lossy(&out.stdout);
+    eprintln!("fleetcast status:\n{status}");
+    for c in cases {
+        let line = status
+            .lines()
+            .find(|l| l.contains(&format!("name={} ", c.name)))
+            .unwrap_or_else(|| panic!("{} missing from status\n{status}", c.name));
+        assert!(
+            line.contains(&format!("transport={} ", c.transport))
+                || line.ends_with(&format!("transport={}", c.transport)),
+            "{}: {line}",
+            c.name
+        );
+    }
     for (name, rung, ms, since, online) in &measured {
         eprintln!(
             "MEASURED profile={name} rung={rung} first_start_connected_ms={since} (session climb {ms} ms after enrolment) test_saw_online_ms={}",
