@@ -263,7 +263,11 @@ impl Agent {
                 .get(&network)
                 .or(self.hint.take())
         };
-        (ladder::order(&self.cfg.ladder.rungs, remembered), network)
+        let mut order = ladder::order(&self.cfg.ladder.rungs, remembered);
+        if self.target.proxy.is_none() {
+            order.retain(|r| *r != Rung::Connect); // Nothing to tunnel through.
+        }
+        (order, network)
     }
 
     /// Starts opening every rung of `order`, the i-th after `i × stagger` (a blocked rung
@@ -808,6 +812,7 @@ impl Agent {
             let better: Vec<Rung> = ladder::order(&self.cfg.ladder.rungs, None)
                 .into_iter()
                 .filter(|r| r.rank() < current)
+                .filter(|r| *r != Rung::Connect || self.target.proxy.is_some())
                 .collect();
             if let Some(config) = self.client_config.clone() {
                 if !better.is_empty() {
