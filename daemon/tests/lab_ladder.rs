@@ -18,7 +18,7 @@
 //! For each agent: it enrols and connects (the time is printed; only a generous sanity bound
 //! is asserted), `fleetcast status` shows its rung, a queue `one`, `reboot`, `two` runs to
 //! completion exactly once in order, and after the reboot (a new process, a new boot id) the
-//! remembered rung is the first one tried and wins without a failure before it.
+//! remembered rung is the first one tried and wins without failing first.
 //!
 //! `hostile_http_is_cut_off_while_an_agent_is_served`: malformed HTTP, oversized heads, too
 //! many fields, a slowloris and an unknown long-poll session, both as plain HTTP and inside
@@ -490,9 +490,12 @@ fn run_cases(lab: &Lab, gw: &Gateway<'_>, dir: &Path, cases: &[Case]) {
         let (rung, ms, since) = connected(&after).unwrap_or_else(|| panic!("no connect\n{after}"));
         assert_eq!(rung, c.want, "{}\n{after}", c.name);
         let before_win = after.split("connected via rung").next().unwrap_or("");
+        // The remembered rung itself did not fail first (the others start a stagger later
+        // and may report on a loaded machine before it wins; they never win).
         assert!(
-            !before_win.contains("failed"),
-            "{}: a rung failed before the remembered one\n{after}",
+            !before_win.contains(&format!("rung {} failed", c.want))
+                && !before_win.contains(&format!("rung {} closed", c.want)),
+            "{}: the remembered rung failed before winning\n{after}",
             c.name
         );
         eprintln!(
