@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::driver::{Agent, AgentConfig, CaSource, RebootAction};
+use crate::driver::{Agent, AgentConfig, CaSource, LadderConfig, RebootAction};
 use crate::exec::ExecConfig;
+use crate::ladder::{self, Rung};
 use crate::tls::parse_fingerprint;
 
 const USAGE: &str = "usage: fleetcast-agent --gateway HOST:PORT --state-dir DIR [options]
@@ -28,6 +29,20 @@ const USAGE: &str = "usage: fleetcast-agent --gateway HOST:PORT --state-dir DIR 
   --reboot-exit CODE        simulate a reboot by exiting with CODE (tests, the lab)
   --max-sessions N          stop after N sessions (tests)
   --downloads DIR           where pushed files land (default: STATE-DIR/downloads)
+
+transport ladder (see docs/transports.md):
+  --proxy URL|none          HTTP proxy for the CONNECT and long-poll rungs,
+                            http://[user:pass@]host:port (default: https_proxy /
+                            HTTPS_PROXY unless no_proxy / NO_PROXY names the gateway)
+  --alt-port PORT           the gateway's second port: 443 rung, Upgrade, CONNECT, long-poll
+                            (default 443)
+  --rungs LIST              rungs allowed, comma-separated, of native,443,upgrade,connect,
+                            longpoll (default: all)
+  --rung-timeout-ms MS      time a rung has to open (TCP, proxy, TLS), and again to get
+                            its Hello answered (default 4000)
+  --stagger-ms MS           start the next rung this long after the previous one; they
+                            overlap (default 250)
+  --upgrade-after SECS      on a fallback rung, retry better ones this often (default 600)
 ";
 
 fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> {
@@ -42,6 +57,8 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> 
     let mut reboot = RebootAction::Command(vec!["systemctl".into(), "reboot".into()]);
     let mut max_sessions = None;
     let mut downloads = None;
+    let mut lad = LadderConfig::default();
+    let mut proxy_arg: Option<String> = None;
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or_else(|| format!("{a} needs a value"));
         match a.as_str() {
@@ -71,6 +88,36 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> 
                         .map_err(|_| "--max-sessions takes a number")?,
                 )
             }
+            "--proxy" => proxy_arg = Some(val()?),
+            "--alt-port" => lad.alt_port = val()?.parse().map_err(|_| "--alt-port takes a port")?,
+            "--rungs" => {
+                lad.rungs = val()?
+                    .split(',')
+                    .map(|r| Rung::parse(r.trim()).ok_or(format!("unknown rung {r:?}")))
+                    .collect::<Result<_, _>>()?;
+                if lad.rungs.is_empty() {
+                    return Err("--rungs needs at least one rung".into());
+                }
+            }
+            "--rung-timeout-ms" => {
+                lad.rung_timeout = Duration::from_millis(
+                    val()?
+                        .parse()
+                        .map_err(|_| "--rung-timeout-ms takes a number")?,
+                )
+            }
+            "--stagger-ms" => {
+                lad.stagger = Duration::from_millis(
+                    val()?.parse().map_err(|_| "--stagger-ms takes a number")?,
+                )
+            }
+            "--upgrade-after" => {
+                lad.upgrade_after = Duration::from_secs(
+                    val()?
+                        .parse()
+                        .map_err(|_| "--upgrade-after takes seconds")?,
+                )
+            }
             "--reboot-command" => {
                 let rest: Vec<String> = args.by_ref().collect();
                 if rest.is_empty() {
@@ -95,6 +142,15 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> 
             .trim_matches(['[', ']'])
             .to_string()
     });
+    let host = gateway
+        .rsplit_once(':')
+        .map_or(gateway.as_str(), |(h, _)| h)
+        .to_string();
+    lad.proxy = match proxy_arg.as_deref() {
+        Some("none") => None,
+        Some(url) => Some(ladder::parse_proxy(url)?),
+        None => ladder::proxy_from_env(&host, |k| std::env::var(k).ok()).transpose()?,
+    };
     let enrol = match (token, name) {
         (Some(t), Some(n)) => Some((t, n)),
         (None, None) => None,
@@ -109,7 +165,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> 
         enrol,
         exec,
         reboot,
-        connect_timeout: Duration::from_secs(5),
+        ladder: lad,
         max_backoff: Duration::from_secs(30),
         max_sessions,
     })

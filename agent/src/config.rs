@@ -47,6 +47,12 @@ pub const KEYS: &[Key] = &[
     key("boot_id_file", "Boot id source. Default: /proc/sys/kernel/random/boot_id."),
     key("dpkg_status", "Installed-software source for reports. Default: /var/lib/dpkg/status."),
     key("downloads", "Where pushed files land. Default: <state_dir>/downloads."),
+    key("proxy", "HTTP proxy for the CONNECT and long-poll rungs, http://[user:pass@]host:port, or `none`. Default: https_proxy / HTTPS_PROXY unless no_proxy names the gateway."),
+    key("alt_port", "The gateway's alternative port for the 443, upgrade, CONNECT and long-poll rungs. Default: 443."),
+    key("rungs", "Transport rungs to try, best first, comma-separated. Default: native,443,upgrade,connect,longpoll."),
+    key("rung_timeout_ms", "Time one rung has to open and answer Hello. Default: 4000."),
+    key("stagger_ms", "Delay between starting one rung and the next (they overlap). Default: 250."),
+    key("upgrade_after", "Seconds between background retries of better rungs while on a worse one. Default: 600."),
     Key {
         name: "reboot_command",
         doc: "How a reboot step reboots, program and arguments. Default: [\"systemctl\", \"reboot\"].",

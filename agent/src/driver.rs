@@ -12,7 +12,7 @@
 //! record is dropped only once the gateway's `Welcome.acked_seq` covers the reboot command.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +25,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection};
 
 use crate::exec::{self, ExecConfig, Job, Running};
+use crate::ladder::{self, Deadline, Memory, Pipe, Rung, Target};
 use crate::report::{self, AGENT_VERSION};
 use crate::state::{Identity, RebootRecord, State};
 use crate::tls::{self, DeviceKey};
@@ -70,12 +71,43 @@ pub struct AgentConfig {
     pub exec: ExecConfig,
     /// What `reboot` does.
     pub reboot: RebootAction,
-    /// Connect timeout per attempt.
-    pub connect_timeout: Duration,
+    /// The transport ladder.
+    pub ladder: LadderConfig,
     /// Longest back-off between reconnects.
     pub max_backoff: Duration,
     /// Stop after this many sessions (tests); `None`: forever.
     pub max_sessions: Option<u32>,
+}
+
+/// How the agent climbs the transport ladder ([`crate::ladder`]).
+#[derive(Debug, Clone)]
+pub struct LadderConfig {
+    /// The rungs allowed (tried best first, the remembered winner before them).
+    pub rungs: Vec<Rung>,
+    /// The alternative port (443 rung, Upgrade, CONNECT target, long-poll).
+    pub alt_port: u16,
+    /// HTTP proxy for the CONNECT and long-poll rungs.
+    pub proxy: Option<ladder::Proxy>,
+    /// Time a rung has to open its carrier (TCP, proxy, TLS, Upgrade), and again for the
+    /// gateway's `Welcome`.
+    pub rung_timeout: Duration,
+    /// Delay between starting one rung and the next (they overlap).
+    pub stagger: Duration,
+    /// While on a rung worse than the best allowed one, retry the better ones this often.
+    pub upgrade_after: Duration,
+}
+
+impl Default for LadderConfig {
+    fn default() -> Self {
+        LadderConfig {
+            rungs: ladder::LADDER.to_vec(),
+            alt_port: 443,
+            proxy: None,
+            rung_timeout: Duration::from_secs(4),
+            stagger: Duration::from_millis(250),
+            upgrade_after: Duration::from_secs(600),
+        }
+    }
 }
 
 /// Why the agent stopped.
@@ -124,6 +156,28 @@ pub struct Agent {
     link: Option<(u64, std::net::IpAddr, SocketAddr)>,
     /// When transfer progress was last reported (for the gateway's task table).
     progress_sent: Instant,
+    /// Where the rungs go.
+    target: Target,
+    /// The rung carrying the current session, and the network it was chosen on.
+    rung: Option<(Rung, String)>,
+    /// Until `Welcome`, the current rung's deadline (the rung has not won yet).
+    probe: Option<Deadline>,
+    /// When this climb started (connect time is measured from here).
+    climb_start: Duration,
+    /// Next time to retry better rungs (`None`: on the best one).
+    upgrade_at: Option<Instant>,
+    /// The next climb ignores the remembered rung (retrying better ones).
+    climb_from_top: bool,
+    /// The rung enrolment went through (tried first by the session that follows).
+    hint: Option<Rung>,
+    /// The carriers of the current climb (dropped, closing the losers, once a rung wins).
+    racing: Option<Race>,
+    /// The session's TLS configuration (for background retries of better rungs).
+    client_config: Option<Arc<ClientConfig>>,
+    /// A background retry of better rungs in progress.
+    upgrade_probe: Option<Race>,
+    /// A better rung opened: end the session when idle and climb from the top.
+    better_found: bool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -139,6 +193,8 @@ impl Agent {
     #[allow(clippy::disallowed_methods)] // The agent driver's clock epoch.
     pub fn new(cfg: AgentConfig) -> Result<Agent, AgentError> {
         let state = State::open(&cfg.state_dir)?;
+        let target = Target::parse(&cfg.gateway, cfg.ladder.alt_port, cfg.ladder.proxy.clone())?;
+        ladder::epoch(); // Starts the epoch connect times are measured from.
         Ok(Agent {
             cfg,
             state,
@@ -148,6 +204,17 @@ impl Agent {
             finished: std::collections::HashMap::new(),
             link: None,
             progress_sent: Instant::ZERO,
+            target,
+            rung: None,
+            probe: None,
+            climb_start: Duration::ZERO,
+            upgrade_at: None,
+            climb_from_top: false,
+            hint: None,
+            racing: None,
+            client_config: None,
+            upgrade_probe: None,
+            better_found: false,
         })
     }
 
@@ -186,29 +253,58 @@ impl Agent {
         }
     }
 
-    fn connect(
-        &self,
-        config: Arc<ClientConfig>,
-    ) -> Result<(TcpStream, ClientConnection), AgentError> {
-        let addrs: Vec<SocketAddr> = self.cfg.gateway.to_socket_addrs()?.collect();
-        let mut last = io::Error::new(
-            io::ErrorKind::NotFound,
-            "gateway address resolves to nothing",
-        );
-        for addr in addrs {
-            match TcpStream::connect_timeout(&addr, self.cfg.connect_timeout) {
-                Ok(sock) => {
-                    sock.set_nodelay(true)?;
-                    let name = ServerName::try_from(self.cfg.server_name.clone())
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-                    let tls = ClientConnection::new(config, name)
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                    return Ok((sock, tls));
-                }
-                Err(e) => last = e,
+    /// The rungs to try on this network, the remembered winner first.
+    fn climb_order(&mut self) -> (Vec<Rung>, String) {
+        let network = self.target.network_key();
+        let remembered = if std::mem::take(&mut self.climb_from_top) {
+            None
+        } else {
+            Memory::new(&self.cfg.state_dir)
+                .get(&network)
+                .or(self.hint.take())
+        };
+        let mut order = ladder::order(&self.cfg.ladder.rungs, remembered);
+        if self.target.proxy.is_none() {
+            order.retain(|r| *r != Rung::Connect); // Nothing to tunnel through.
+        }
+        (order, network)
+    }
+
+    /// Starts opening every rung of `order`, the i-th after `i × stagger` (a blocked rung
+    /// costs the others no more than the stagger); carriers arrive in the order they are
+    /// ready. Each attempt is bounded by the rung timeout, so the race always ends.
+    fn race(&self, order: &[Rung], config: &Arc<ClientConfig>) -> Race {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for (i, &rung) in order.iter().enumerate() {
+            let stop = cancelled.clone();
+            let txc = tx.clone();
+            let target = self.target.clone();
+            let name = self.cfg.server_name.clone();
+            let config = config.clone();
+            let delay = self.cfg.ladder.stagger * i as u32;
+            let timeout = self.cfg.ladder.rung_timeout;
+            let spawned = std::thread::Builder::new()
+                .name(format!("rung-{}", rung.name()))
+                .spawn(move || {
+                    std::thread::sleep(delay);
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let _ = txc.send((rung, Err(io::Error::other("race already won"))));
+                        return;
+                    }
+                    let deadline = Deadline::after(ladder::epoch(), timeout);
+                    let r = open_rung(rung, &target, name, config, &deadline);
+                    let _ = txc.send((rung, r));
+                });
+            if let Err(e) = spawned {
+                let _ = tx.send((rung, Err(e)));
             }
         }
-        Err(last.into())
+        Race {
+            rx,
+            outstanding: order.len(),
+            cancelled,
+        }
     }
 
     fn enrol(&mut self) -> Result<End, AgentError> {
@@ -235,35 +331,80 @@ impl Agent {
             }
         };
         let spki = key.spki_der();
-        let first = FirstMessage::Enrol(Enrol {
-            token: token.as_bytes(),
-            name: &name,
-            spki: &spki,
-        });
-        let (sock, tls) = self.connect(config)?;
-        let mut io = Io { sock, tls };
-        let now = self.now();
-        let mut s = AgentSession::new(now, SessionConfig::default(), first)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        let mut enrolled = None;
-        let mut closed = None;
-        self.pump(&mut io, &mut s, |_agent, _s, ev| {
-            match ev {
-                AgentEvent::Enrolled { device_id, frame } => {
-                    if let Message::Enrolled(e) = frame.message() {
-                        enrolled = Some((device_id, e.certificate.to_vec()));
-                    }
+        // The same climb as a session: a rung wins when `Enrol` is answered by `Enrolled`
+        // (a refusal sent by the gateway is final; silence or a lost stream tries the next).
+        let (order, _) = self.climb_order();
+        let mut race = self.race(&order, &config);
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no transport rung allowed");
+        let mut won = None;
+        while let Some((rung, r)) = race.next() {
+            let mut io = match r {
+                Ok(io) => io,
+                Err(e) => {
+                    eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
+                    last = e;
+                    continue;
                 }
-                AgentEvent::Closed(info) => closed = Some(info),
-                _ => {}
-            }
-            Ok(None)
-        })?;
-        let Some((device_id, cert)) = enrolled else {
-            let why = closed.map_or("connection lost".to_string(), |c| {
-                format!("{:?}: {}", c.code.name(), c.reason)
+            };
+            let first = FirstMessage::Enrol(Enrol {
+                token: token.as_bytes(),
+                name: &name,
+                spki: &spki,
             });
-            return Err(AgentError::Refused(format!("enrolment failed: {why}")));
+            let now = self.now();
+            let mut s = AgentSession::new(now, SessionConfig::default(), first)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+            let mut enrolled = None;
+            let mut closed = None;
+            self.probe = Some(Deadline::after(
+                ladder::epoch(),
+                self.cfg.ladder.rung_timeout,
+            ));
+            let r = self.pump(&mut io, &mut s, |agent, _s, ev| {
+                match ev {
+                    AgentEvent::Enrolled { device_id, frame } => {
+                        agent.probe = None;
+                        if let Message::Enrolled(e) = frame.message() {
+                            enrolled = Some((device_id, e.certificate.to_vec()));
+                        }
+                    }
+                    AgentEvent::Closed(info) => closed = Some(info),
+                    _ => {}
+                }
+                Ok(None)
+            });
+            self.probe = None;
+            match (enrolled, closed, r) {
+                (Some(e), _, _) => {
+                    self.hint = Some(rung);
+                    won = Some((e, io));
+                    break;
+                }
+                (None, Some(c), _) if c.by_peer => {
+                    return Err(AgentError::Refused(format!(
+                        "enrolment failed: {:?}: {}",
+                        c.code.name(),
+                        c.reason
+                    )));
+                }
+                (None, _, Err(AgentError::Io(e))) => {
+                    eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
+                    last = e;
+                }
+                (None, _, Err(e)) => return Err(e),
+                (None, _, Ok(_)) => {
+                    eprintln!(
+                        "fleetcast-agent: rung {} closed before Enrolled",
+                        rung.name()
+                    );
+                    last =
+                        io::Error::new(io::ErrorKind::ConnectionAborted, "closed before Enrolled");
+                }
+            }
+        }
+        drop(race);
+        let Some(((device_id, cert), io)) = won else {
+            return Err(last.into());
         };
         let ca_der: CertificateDer<'static> = match (&self.cfg.ca, pin) {
             (_, Some(fp)) => {
@@ -296,9 +437,76 @@ impl Agent {
         let config = tls::client_config(ca.as_ref(), Some((&cert, &key)))?;
         let boot_id = report::read_boot_id(&self.cfg.exec.report.boot_id)?;
         let fingerprint = tls::cert_fingerprint_sha256(cert.as_ref());
-        let (sock, tls) = self.connect(config)?;
-        self.link = Some((id.device_id, sock.local_addr()?.ip(), sock.peer_addr()?));
-        let mut io = Io { sock, tls };
+        if let (Some(local), Ok(gw)) = (self.target.local_ip(), self.target.gateway_addr()) {
+            self.link = Some((id.device_id, local, gw));
+        }
+        // Climb: each rung in turn until one carries Hello → Welcome within its timeout.
+        self.client_config = Some(config.clone());
+        self.upgrade_probe = None;
+        self.better_found = false;
+        let (order, network) = self.climb_order();
+        let names: Vec<&str> = order.iter().map(|r| r.name()).collect();
+        eprintln!("fleetcast-agent: trying rungs {}", names.join(","));
+        self.climb_start = ladder::epoch().elapsed();
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no transport rung allowed");
+        self.racing = Some(self.race(&order, &config));
+        while let Some((rung, r)) = self.racing.as_mut().and_then(Race::next) {
+            let io = match r {
+                Ok(io) => io,
+                Err(e) => {
+                    eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
+                    last = e;
+                    continue;
+                }
+            };
+            // The round trip gets its own rung timeout: the carrier may have waited while
+            // a better one was tried.
+            self.probe = Some(Deadline::after(
+                ladder::epoch(),
+                self.cfg.ladder.rung_timeout,
+            ));
+            self.rung = Some((rung, network.clone()));
+            let r = self.run_session(id, io, boot_id, &fingerprint);
+            let won = self.probe.take().is_none();
+            match r {
+                Ok(end) if won || matches!(end, End::Exit(_)) => return Ok(end),
+                Err(e) if won => return Err(e),
+                Ok(_) => {
+                    eprintln!(
+                        "fleetcast-agent: rung {} closed before Welcome",
+                        rung.name()
+                    );
+                    last =
+                        io::Error::new(io::ErrorKind::ConnectionAborted, "closed before Welcome");
+                }
+                Err(AgentError::Io(e)) => {
+                    eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
+                    last = e;
+                }
+                Err(e) => {
+                    self.racing = None;
+                    return Err(e);
+                }
+            }
+        }
+        self.racing = None;
+        Err(last.into())
+    }
+
+    /// One session over an opened rung.
+    fn run_session(
+        &mut self,
+        id: &Identity,
+        mut io: Io,
+        boot_id: [u8; 16],
+        fingerprint: &[u8; 32],
+    ) -> Result<End, AgentError> {
+        let version = match &self.rung {
+            // The rung rides in the version's build metadata (SemVer 2.0 §10), which the
+            // gateway shows per device.
+            Some((r, _)) => format!("{AGENT_VERSION}+{}", r.name()),
+            None => AGENT_VERSION.to_string(),
+        };
         let hello_last = self
             .state
             .last_executed()
@@ -308,8 +516,8 @@ impl Agent {
             let last = self.state.last_executed();
             let hello = Hello {
                 device_id: id.device_id,
-                credential: &fingerprint,
-                agent_version: AGENT_VERSION,
+                credential: fingerprint,
+                agent_version: &version,
                 boot_id,
                 last,
             };
@@ -332,6 +540,9 @@ impl Agent {
     ) -> Result<Option<End>, AgentError> {
         match ev {
             AgentEvent::Welcomed(w) => {
+                if self.probe.take().is_some() {
+                    self.rung_won();
+                }
                 self.state.ack(w.acked_seq)?;
                 if let Some(r) = self.state.reboot() {
                     if w.acked_seq >= r.seq {
@@ -545,6 +756,83 @@ impl Agent {
         }
     }
 
+    /// The current rung carried Hello → Welcome: it wins on this network.
+    fn rung_won(&mut self) {
+        self.racing = None;
+        let Some((rung, network)) = self.rung.clone() else {
+            return;
+        };
+        let since_start = ladder::epoch().elapsed();
+        let ms = since_start.saturating_sub(self.climb_start).as_millis();
+        eprintln!(
+            "fleetcast-agent: connected via rung {} in {ms} ms ({} ms since start; network {network})",
+            rung.name(),
+            since_start.as_millis()
+        );
+        if let Err(e) = Memory::new(&self.cfg.state_dir).set(&network, rung) {
+            eprintln!("fleetcast-agent: cannot remember the rung: {e}");
+        }
+        let best = self.cfg.ladder.rungs.iter().map(|r| r.rank()).min();
+        self.upgrade_at = (best.is_some_and(|b| b < rung.rank()))
+            .then(|| self.now() + self.cfg.ladder.upgrade_after);
+    }
+
+    /// Retrying better rungs in the background: past the retry time, the rungs better than
+    /// the current one are opened (TCP, proxy, TLS) on their own threads while the session
+    /// goes on. When one opens, the session ends as soon as nothing is running and the next
+    /// climb starts from the top (the full round trip still decides); when none opens, the
+    /// retry is scheduled again. Returns whether to end the session now.
+    fn poll_upgrade(&mut self) -> bool {
+        if let Some(race) = self.upgrade_probe.as_mut() {
+            loop {
+                match race.try_next() {
+                    Ok(Some((rung, Ok(_carrier)))) => {
+                        eprintln!(
+                            "fleetcast-agent: rung {} passes again: moving up",
+                            rung.name()
+                        );
+                        self.upgrade_probe = None;
+                        self.better_found = true;
+                        break;
+                    }
+                    Ok(Some((_, Err(_)))) => continue,
+                    Ok(None) => break,
+                    Err(()) => {
+                        self.upgrade_probe = None;
+                        self.upgrade_at = Some(self.now() + self.cfg.ladder.upgrade_after);
+                        break;
+                    }
+                }
+            }
+        }
+        if self.upgrade_probe.is_none()
+            && !self.better_found
+            && self.upgrade_at.is_some_and(|t| self.now() >= t)
+        {
+            self.upgrade_at = None;
+            let current = self.rung.as_ref().map_or(0, |(r, _)| r.rank());
+            let better: Vec<Rung> = ladder::order(&self.cfg.ladder.rungs, None)
+                .into_iter()
+                .filter(|r| r.rank() < current)
+                .filter(|r| *r != Rung::Connect || self.target.proxy.is_some())
+                .collect();
+            if let Some(config) = self.client_config.clone() {
+                if !better.is_empty() {
+                    self.upgrade_probe = Some(self.race(&better, &config));
+                }
+            }
+        }
+        let end = self.better_found
+            && self.running.is_none()
+            && self.transfers.is_empty()
+            && self.probe.is_none();
+        if end {
+            self.better_found = false;
+            self.climb_from_top = true;
+        }
+        end
+    }
+
     /// The I/O loop of one session: TLS bytes ↔ core, events to `on_event`, the executor.
     fn pump(
         &mut self,
@@ -614,9 +902,27 @@ impl Agent {
             if self.running.is_some() || !self.transfers.is_empty() {
                 wait = wait.min(Duration::from_millis(20));
             }
-            io.sock
+            if let Some(d) = &self.probe {
+                if d.expired() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no Welcome within the rung timeout",
+                    )
+                    .into());
+                }
+                wait = wait.min(d.remaining());
+            }
+            if self.poll_upgrade() {
+                return Ok(Some(End::Reconnect { immediately: true }));
+            }
+            if self.upgrade_probe.is_some() || self.better_found {
+                wait = wait.min(Duration::from_millis(100));
+            } else if let Some(t) = self.upgrade_at {
+                wait = wait.min(t - self.now());
+            }
+            io.pipe
                 .set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
-            match io.tls.read_tls(&mut io.sock) {
+            match io.tls.read_tls(&mut io.pipe) {
                 Ok(0) => eof = true,
                 Ok(_) => {
                     let state = io
@@ -659,16 +965,79 @@ fn send_completion(s: &mut AgentSession, d: &TransferDone) {
     });
 }
 
+/// Carriers of a [`Agent::race`], as they become ready.
+struct Race {
+    rx: std::sync::mpsc::Receiver<(Rung, io::Result<Io>)>,
+    outstanding: usize,
+    /// Rungs not started yet do not start once the race is dropped (a carrier that opens
+    /// anyway is closed when its send fails).
+    cancelled: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Race {
+    fn drop(&mut self) {
+        self.cancelled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Race {
+    /// Without waiting: a carrier (or failure), `Ok(None)` when none is ready yet, `Err(())`
+    /// once every rung has reported.
+    fn try_next(&mut self) -> Result<Option<(Rung, io::Result<Io>)>, ()> {
+        if self.outstanding == 0 {
+            return Err(());
+        }
+        match self.rx.try_recv() {
+            Ok(x) => {
+                self.outstanding -= 1;
+                Ok(Some(x))
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => Ok(None),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(()),
+        }
+    }
+
+    /// The next carrier (or failure); `None` once every rung has reported.
+    fn next(&mut self) -> Option<(Rung, io::Result<Io>)> {
+        if self.outstanding == 0 {
+            return None;
+        }
+        self.outstanding -= 1;
+        self.rx.recv().ok()
+    }
+}
+
+/// Opens `rung` up to a running TLS session (and the `101` of the Upgrade rung).
+fn open_rung(
+    rung: Rung,
+    target: &Target,
+    server_name: String,
+    config: Arc<ClientConfig>,
+    deadline: &Deadline,
+) -> io::Result<Io> {
+    let mut pipe = ladder::open(rung, target, deadline)?;
+    let name = ServerName::try_from(server_name)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut tls = ClientConnection::new(config, name)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    ladder::handshake(&mut tls, &mut pipe, deadline)?;
+    if rung == Rung::Upgrade {
+        ladder::http_upgrade(&mut tls, &mut pipe, &target.host, deadline)?;
+    }
+    Ok(Io { pipe, tls })
+}
+
 struct Io {
-    sock: TcpStream,
+    pipe: Pipe,
     tls: ClientConnection,
 }
 
 impl Io {
     fn flush(&mut self) -> io::Result<()> {
-        self.sock.set_write_timeout(Some(Duration::from_secs(30)))?;
+        self.pipe.set_write_timeout(Some(Duration::from_secs(30)))?;
         while self.tls.wants_write() {
-            self.tls.write_tls(&mut self.sock)?;
+            self.tls.write_tls(&mut self.pipe)?;
         }
         Ok(())
     }

@@ -381,11 +381,11 @@ impl fmt::Debug for Hex<'_> {
     }
 }
 
-/// RFC 7468 PEM encoding: base64 (RFC 4648 §4, with padding) in 64-column lines.
-fn pem_encode(label: &str, der: &[u8]) -> String {
+/// Base64 (RFC 4648 §4, with padding), as ASCII bytes.
+pub(crate) fn base64(data: &[u8]) -> Vec<u8> {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = Vec::with_capacity(der.len().div_ceil(3) * 4);
-    for chunk in der.chunks(3) {
+    let mut b64 = Vec::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
         let n = chunk.len();
         let v = (u32::from(chunk[0]) << 16)
             | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
@@ -398,6 +398,12 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
             }
         }
     }
+    b64
+}
+
+/// RFC 7468 PEM encoding: base64 (RFC 4648 §4, with padding) in 64-column lines.
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    let b64 = base64(der);
     let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 2 * label.len() + 40);
     out.push_str("-----BEGIN ");
     out.push_str(label);

@@ -26,6 +26,11 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     /// Address agents connect to.
     pub listen: SocketAddr,
+    /// A second address served like `listen` (e.g. port 443); unset: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen_extra: Option<SocketAddr>,
+    /// Seconds an HTTP request (Upgrade head, long-poll request) has to arrive complete.
+    pub http_timeout_secs: u64,
     /// Names in the gateway's TLS certificate.
     pub server_names: Vec<String>,
     /// Heartbeat interval agents are told to use, seconds.
@@ -138,6 +143,8 @@ impl Default for Config {
         Config {
             data_dir: None,
             listen: SocketAddr::from(([0, 0, 0, 0], 7300)),
+            listen_extra: None,
+            http_timeout_secs: 5,
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
             heartbeat_secs: 15,
             reboot_timeout_secs: 900,
@@ -209,6 +216,14 @@ pub const KEYS: &[Key] = &[
     key(
         "reboot_timeout_secs",
         "Time a device has to come back from a reboot step, seconds.",
+    ),
+    key(
+        "listen_extra",
+        "A second address served exactly like `listen` (every transport rung), e.g. 0.0.0.0:443 for agents whose network lets only HTTPS out. Unset: none.",
+    ),
+    key(
+        "http_timeout_secs",
+        "Seconds an HTTP request (Upgrade head, long-poll request) has to arrive complete before the connection is cut (slowloris).",
     ),
     key(
         "log.level",
@@ -401,6 +416,12 @@ impl Config {
                 format!("{} is out of range: use 1 to 3600", self.heartbeat_secs),
             );
         }
+        if !(1..=300).contains(&self.http_timeout_secs) {
+            return bad(
+                "http_timeout_secs",
+                format!("{} is out of range: use 1 to 300", self.http_timeout_secs),
+            );
+        }
         if self.reboot_timeout_secs == 0 {
             return bad(
                 "reboot_timeout_secs",
@@ -564,6 +585,7 @@ mod tests {
         // Every field, with every option set, is a key of KEYS and the other way round.
         let full = Config {
             data_dir: Some("/d".into()),
+            listen_extra: Some("127.0.0.1:3".parse().unwrap()),
             mcast: McastSection {
                 addr: Some(Ipv4Addr::new(10, 0, 0, 1)),
                 ..McastSection::default()
@@ -615,6 +637,8 @@ mod tests {
             "[\"a.example\", \"10.0.0.1\"]",
         ),
         ("heartbeat_secs", "20", "20"),
+        ("listen_extra", "10.0.0.1:443", "\"10.0.0.1:443\""),
+        ("http_timeout_secs", "9", "9"),
         ("reboot_timeout_secs", "60", "60"),
         ("log.level", "debug", "\"debug\""),
         ("log.format", "json", "\"json\""),

@@ -43,6 +43,14 @@ struct Args {
     /// Address agents connect to [key: listen; default 0.0.0.0:7300].
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// A second address served exactly like --listen (e.g. 0.0.0.0:443, for agents whose
+    /// network lets only HTTPS out) [key: listen_extra].
+    #[arg(long)]
+    listen_extra: Option<SocketAddr>,
+    /// Seconds an HTTP request (Upgrade head, long-poll request) has to arrive complete
+    /// [key: http_timeout_secs; default 5].
+    #[arg(long)]
+    http_timeout: Option<u64>,
     /// Names (DNS or IP) agents use to reach this gateway; they go into its TLS certificate
     /// (repeat the flag for several) [key: server_names; default localhost, 127.0.0.1].
     #[arg(long = "server-name")]
@@ -115,6 +123,12 @@ impl Args {
         }
         if let Some(x) = self.listen {
             o.push(("listen", s(&x)));
+        }
+        if let Some(x) = self.listen_extra {
+            o.push(("listen_extra", s(&x)));
+        }
+        if let Some(x) = self.http_timeout {
+            o.push(("http_timeout_secs", V::Integer(x as i64)));
         }
         if !self.server_names.is_empty() {
             let names = self.server_names.iter().map(|n| s(n)).collect();
@@ -256,6 +270,8 @@ fn run(cfg: Config, print_ca_fingerprint: bool) -> Result<(), Box<dyn std::error
     };
     let gw_cfg = GatewayConfig {
         listen: cfg.listen,
+        extra_listen: cfg.listen_extra,
+        http_timeout: Duration::from_secs(cfg.http_timeout_secs.max(1)),
         admin_socket: data.join(crate::admin::SOCKET_NAME),
         session,
         mcast: cfg.mcast.addr.map(|addr| McastConfig {
@@ -285,7 +301,7 @@ fn run(cfg: Config, print_ca_fingerprint: bool) -> Result<(), Box<dyn std::error
     };
     let mut gw = Gateway::bind(gw_cfg, fleet)?;
     let metrics = gw.metrics_addr();
-    tracing::info!(listen = %gw.local_addr()?, data = %data.display(), metrics = ?metrics, "fleetcastd ready");
+    tracing::info!(listen = %gw.local_addr()?, extra = ?gw.extra_addr(), data = %data.display(), metrics = ?metrics, "fleetcastd ready");
     // Readiness line for scripts and tests (stdout, one line).
     println!("ready {}", gw.local_addr()?);
     if let Some(m) = metrics {

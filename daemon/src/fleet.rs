@@ -74,6 +74,8 @@ pub enum Input {
         key_hash: [u8; 32],
         /// The last command it executed, and that command's unacknowledged result.
         last: Option<(u64, Option<store::CommandResult>)>,
+        /// The rung of the transport ladder the agent says it came over (`None`: not said).
+        transport: Option<store::Transport>,
     },
     /// A new device presents an enrolment token.
     Enrol {
@@ -294,6 +296,7 @@ struct Cx<'a> {
     actions: &'a mut Vec<Action>,
     dirty: &'a mut BTreeSet<DeviceId>,
     reboots: &'a mut Vec<(u64, DeviceId)>,
+    recent_enrolments: &'a mut HashMap<[u8; 32], (DeviceId, u64)>,
 }
 
 /// The fleet: store, CA, who is online, and deadlines.
@@ -303,7 +306,14 @@ pub struct Fleet {
     cfg: FleetConfig,
     online: HashMap<DeviceId, Online>,
     deadlines: BinaryHeap<Reverse<(u64, DeviceId, Deadline)>>,
+    /// Tokens consumed lately (token hash → device, ms): an `Enrol` repeated because its
+    /// `Enrolled` was lost on the way (a transport rung that swallows answers) gets the
+    /// certificate again instead of "used token" (same token, same key, not revoked).
+    recent_enrolments: HashMap<[u8; 32], (DeviceId, u64)>,
 }
+
+/// How long a consumed token can be repeated (see `Fleet::recent_enrolments`).
+const ENROL_REPEAT_MS: u64 = 10 * 60 * 1000;
 
 impl std::fmt::Debug for Fleet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -358,6 +368,7 @@ impl Fleet {
             cfg,
             online: HashMap::new(),
             deadlines,
+            recent_enrolments: HashMap::new(),
         })
     }
 
@@ -405,11 +416,14 @@ impl Fleet {
                 | Input::TransferProgress { conn, .. } => *conn,
             };
             touched.push(conn);
+            self.recent_enrolments
+                .retain(|_, (_, at)| now_ms.saturating_sub(*at) < ENROL_REPEAT_MS);
             let mut cx = Cx {
                 online: &mut self.online,
                 actions: &mut actions,
                 dirty: &mut dirty,
                 reboots: &mut reboots,
+                recent_enrolments: &mut self.recent_enrolments,
             };
             Self::apply(&mut b, &mut cx, &self.pki, &self.cfg, now_ms, input);
         }
@@ -489,6 +503,7 @@ impl Fleet {
             actions,
             dirty,
             reboots,
+            recent_enrolments,
         } = cx;
         match input {
             Input::Hello {
@@ -496,6 +511,7 @@ impl Fleet {
                 device,
                 key_hash,
                 last,
+                transport,
             } => {
                 let conn = *conn;
                 let dev = match b.device(*device) {
@@ -532,7 +548,11 @@ impl Fleet {
                         "replaced by a newer session",
                     ));
                 }
-                let _ = b.device_seen(*device, now_ms, Some(store::Transport::Native));
+                let _ = b.device_seen(
+                    *device,
+                    now_ms,
+                    Some(transport.unwrap_or(store::Transport::Native)),
+                );
                 let _ = b.append_event(event(
                     now_ms,
                     Some(*device),
@@ -627,15 +647,31 @@ impl Fleet {
                 let conn = *conn;
                 let token_hash = sha256(token);
                 let key_hash = sha256(spki);
+                let repeated = recent_enrolments.get(&token_hash).and_then(|(id, _)| {
+                    let d = b.device(*id).ok().flatten()?;
+                    (d.credential_hash == key_hash && !d.revoked).then_some(*id)
+                });
                 let id = match b.enrol(token_hash, key_hash, now_ms) {
-                    Ok(id) => id,
-                    Err(store::Error::NotFound(_)) => {
-                        return actions.push(close(
-                            conn,
-                            CloseCode::BAD_TOKEN,
-                            "unknown, used or expired enrolment token",
-                        ))
+                    Ok(id) => {
+                        recent_enrolments.insert(token_hash, (id, now_ms));
+                        id
                     }
+                    Err(store::Error::NotFound(_)) => match repeated {
+                        Some(id) => {
+                            tracing::info!(
+                                device = id.0,
+                                "enrolment repeated: certificate sent again"
+                            );
+                            id
+                        }
+                        None => {
+                            return actions.push(close(
+                                conn,
+                                CloseCode::BAD_TOKEN,
+                                "unknown, used or expired enrolment token",
+                            ))
+                        }
+                    },
                     Err(e) => {
                         return actions.push(close(conn, CloseCode::BAD_TOKEN, &e.to_string()))
                     }
@@ -1686,6 +1722,7 @@ mod tests {
                 device: dev,
                 key_hash: key,
                 last,
+                transport: None,
             }])
         }
 
@@ -1793,9 +1830,44 @@ mod tests {
             name: "n1".into(),
             spki: spki.clone(),
         }]);
-        assert!(matches!(&a[..], [Action::Enrolled { .. }]), "{a:?}");
+        let first = match &a[..] {
+            [Action::Enrolled { device, .. }] => *device,
+            other => panic!("{other:?}"),
+        };
+        // The token again with another key: refused.
+        let other = DeviceKey::generate().unwrap().spki_der();
         let a = rig.run(vec![Input::Enrol {
             conn: 2,
+            token: token.clone(),
+            name: "n1".into(),
+            spki: other,
+        }]);
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Close {
+                    code: CloseCode::BAD_TOKEN,
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        // The same token and key again (its `Enrolled` was lost): the same device, certified
+        // again; no second device.
+        let a = rig.run(vec![Input::Enrol {
+            conn: 4,
+            token: token.clone(),
+            name: "n1".into(),
+            spki: spki.clone(),
+        }]);
+        assert!(
+            matches!(&a[..], [Action::Enrolled { device, .. }] if *device == first),
+            "{a:?}"
+        );
+        // Once the repeat window has passed: refused.
+        rig.now += ENROL_REPEAT_MS;
+        let a = rig.run(vec![Input::Enrol {
+            conn: 5,
             token,
             name: "n1".into(),
             spki,

@@ -39,6 +39,8 @@ use crate::metrics;
 use crate::tlsconn::TlsConn;
 use crate::watch::{DirWatch, WatchConfig};
 
+mod ladder;
+
 const LISTENER: Token = Token(0);
 const ADMIN: Token = Token(1);
 const MCAST: Token = Token(2);
@@ -46,12 +48,18 @@ const ARTIFACTS: Token = Token(3);
 /// Wakes the loop when a pushed file's digest, computed on a thread, is ready.
 const HASHED: Token = Token(usize::MAX - 3);
 const FIRST_CONN: usize = 4;
+/// The optional second agent listener (e.g. port 443), far from the connection tokens.
+const EXTRA_LISTENER: Token = Token(usize::MAX - 1);
 
 /// Loop parameters.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     /// Where agents connect.
     pub listen: SocketAddr,
+    /// A second address served identically (e.g. port 443 for agents behind firewalls).
+    pub extra_listen: Option<SocketAddr>,
+    /// Time an HTTP request (Upgrade head, long-poll request) has to arrive complete.
+    pub http_timeout: Duration,
     /// Admin socket path.
     pub admin_socket: PathBuf,
     /// Session core parameters.
@@ -83,6 +91,8 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             listen: "127.0.0.1:7300".parse().expect("literal address"),
+            extra_listen: None,
+            http_timeout: Duration::from_secs(5),
             admin_socket: PathBuf::from("admin.sock"),
             session: session::Config::default(),
             accept_budget: 256,
@@ -155,6 +165,8 @@ struct AgentConn {
     /// The peer is gone or the session closed: flush and drop.
     closing: bool,
     writable_armed: bool,
+    /// Which layers the first bytes picked (transport ladder).
+    sniff: ladder::Sniffing,
 }
 
 struct AdminConn {
@@ -182,6 +194,8 @@ enum Conn {
     Agent(Box<AgentConn>),
     Admin(AdminConn),
     Artifact(ArtifactConn),
+    /// The gateway end of a long-poll session.
+    Relay(Box<ladder::RelayConn>),
 }
 
 struct Slot {
@@ -193,6 +207,8 @@ struct Slot {
 pub struct Gateway {
     poll: Poll,
     listener: TcpListener,
+    extra: Option<TcpListener>,
+    relays: ladder::Relays,
     admin: UnixListener,
     artifacts: Option<TcpListener>,
     server_cfg: Arc<ServerConfig>,
@@ -235,18 +251,18 @@ impl Gateway {
     /// Binds the listener and the admin socket.
     pub fn bind(cfg: GatewayConfig, fleet: Fleet) -> io::Result<Gateway> {
         let poll = Poll::new()?;
-        let sock = socket2::Socket::new(
-            socket2::Domain::for_address(cfg.listen),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        sock.set_reuse_address(true)?;
-        sock.bind(&cfg.listen.into())?;
-        sock.listen(cfg.listen_backlog)?;
-        sock.set_nonblocking(true)?;
-        let mut listener = TcpListener::from_std(sock.into());
+        let mut listener = bind_listener(cfg.listen, cfg.listen_backlog)?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let extra = match cfg.extra_listen {
+            Some(addr) => {
+                let mut l = bind_listener(addr, cfg.listen_backlog)?;
+                poll.registry()
+                    .register(&mut l, EXTRA_LISTENER, Interest::READABLE)?;
+                Some(l)
+            }
+            None => None,
+        };
         let _ = std::fs::remove_file(&cfg.admin_socket);
         let mut admin = UnixListener::bind(&cfg.admin_socket)?;
         std::fs::set_permissions(&cfg.admin_socket, std::fs::Permissions::from_mode(0o600))?;
@@ -290,6 +306,8 @@ impl Gateway {
             counters: metrics::Counters::default(),
             poll,
             listener,
+            extra,
+            relays: ladder::Relays::default(),
             admin,
             artifacts,
             server_cfg,
@@ -397,6 +415,11 @@ impl Gateway {
         self.listener.local_addr()
     }
 
+    /// The second agent address, when configured.
+    pub fn extra_addr(&self) -> Option<SocketAddr> {
+        self.extra.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Runs until [`Gateway::run_for`]'s limit or forever.
     pub fn run(&mut self) -> io::Result<()> {
         self.run_for(None)
@@ -423,7 +446,7 @@ impl Gateway {
             self.wall_ms = wall;
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept_agents(now),
+                    LISTENER | EXTRA_LISTENER => self.accept_agents(now),
                     ADMIN => self.accept_admin(),
                     ARTIFACTS => self.accept_artifacts(),
                     MCAST => self.mcast_ready = true,
@@ -569,7 +592,7 @@ impl Gateway {
 
     fn accept_agents(&mut self, now: Instant) {
         for _ in 0..self.cfg.accept_budget {
-            match self.listener.accept() {
+            match self.accept_one() {
                 Ok((sock, _peer)) => {
                     if self.conns.len() >= self.cfg.max_connections {
                         drop(sock);
@@ -594,6 +617,7 @@ impl Gateway {
                             out: Vec::new(),
                             closing: false,
                             writable_armed: false,
+                            sniff: ladder::Sniffing::Outer,
                         }))
                     };
                     let Some((idx, id)) = self.add_conn(sock, wrap) else {
@@ -613,6 +637,14 @@ impl Gateway {
         }
         // Budget exhausted: more may be waiting; come back next iteration.
         self.ready.push_back(usize::MAX);
+    }
+
+    /// Accepts from the agent listener, then from the extra one.
+    fn accept_one(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        match (self.listener.accept(), &self.extra) {
+            (Err(e), Some(l)) if e.kind() == io::ErrorKind::WouldBlock => l.accept(),
+            (r, _) => r,
+        }
     }
 
     fn accept_artifacts(&mut self) {
@@ -761,6 +793,7 @@ impl Gateway {
                     self.service_artifact(idx);
                     false
                 }
+                Conn::Relay(_) => self.service_relay(idx),
             };
             if more {
                 self.ready.push_back(idx);
@@ -771,6 +804,10 @@ impl Gateway {
 
     /// Reads and feeds one agent connection. Returns true if the read budget cut it short.
     fn service_agent(&mut self, idx: usize, now: Instant) -> bool {
+        if let Some(more) = self.ladder_pre_read(idx, now) {
+            return more;
+        }
+        let http_timeout = self.cfg.http_timeout;
         let slot = &mut self.conns[idx];
         let id = slot.id;
         let Conn::Agent(c) = &mut slot.conn else {
@@ -793,7 +830,10 @@ impl Gateway {
                 return false;
             }
         };
-        if c.session.is_none() && c.tls.handshake_done() {
+        if c.session.is_none()
+            && c.tls.handshake_done()
+            && ladder::inner_ready(c, idx, id, now, http_timeout, &mut self.timers)
+        {
             let (device, key_hash) = peer_identity(&c.tls.tls);
             c.key_hash = key_hash;
             c.session = Some(GatewaySession::new(now, self.cfg.session, device));
@@ -951,8 +991,13 @@ impl Gateway {
             if slot.id != id {
                 continue; // A stale timer of a connection that is gone.
             }
-            let Conn::Agent(c) = &mut slot.conn else {
-                continue;
+            let c = match &mut slot.conn {
+                Conn::Agent(c) => c,
+                Conn::Relay(_) => {
+                    self.relay_timer(idx, now);
+                    continue;
+                }
+                _ => continue,
             };
             match c.session.as_mut() {
                 Some(s) => {
@@ -963,9 +1008,9 @@ impl Gateway {
                     }
                 }
                 None => {
-                    tracing::info!(conn = id, "TLS handshake timed out");
-                    c.closing = true;
-                    self.touched.push(idx);
+                    if ladder::unsessioned_timer(c, id, now) {
+                        self.touched.push(idx);
+                    }
                 }
             }
         }
@@ -1127,7 +1172,7 @@ impl Gateway {
                     tracing::warn!(conn = conn_id, error = %e, "session refused a fleet action");
                 }
             }
-            (Conn::Admin(_), _) | (Conn::Artifact(_), _) => return,
+            (Conn::Admin(_), _) | (Conn::Artifact(_), _) | (Conn::Relay(_), _) => return,
         }
         self.drain_session(idx, now);
     }
@@ -1142,6 +1187,20 @@ impl Gateway {
             };
             let token = Token(idx + FIRST_CONN);
             let done = match &mut slot.conn {
+                Conn::Agent(c) if matches!(c.sniff, ladder::Sniffing::Plain(_)) => {
+                    ladder::flush_plain(c, self.poll.registry(), token)
+                }
+                Conn::Relay(r) => {
+                    let pending = ladder::flush_relay(r);
+                    arm_writable(
+                        self.poll.registry(),
+                        &mut r.sock,
+                        token,
+                        pending,
+                        &mut r.writable_armed,
+                    );
+                    ladder::relay_done(r)
+                }
                 Conn::Agent(c) => {
                     if let Err(e) = c.tls.flush() {
                         tracing::debug!(error = %e, "write failed");
@@ -1206,8 +1265,11 @@ impl Gateway {
                 let slot = self.conns.remove(idx);
                 match slot.conn {
                     Conn::Agent(mut c) => {
-                        c.tls.tls.send_close_notify();
-                        let _ = c.tls.flush();
+                        if !matches!(c.sniff, ladder::Sniffing::Plain(_)) {
+                            c.tls.tls.send_close_notify();
+                            let _ = c.tls.flush();
+                        }
+                        ladder::discard_input(&mut c.tls.sock);
                         let _ = self.poll.registry().deregister(&mut c.tls.sock);
                         if let Some(dev) = c.device {
                             self.inputs.push(Input::Disconnected {
@@ -1223,11 +1285,29 @@ impl Gateway {
                     Conn::Artifact(mut a) => {
                         let _ = self.poll.registry().deregister(&mut a.sock);
                     }
+                    Conn::Relay(mut r) => {
+                        let _ = self.poll.registry().deregister(&mut r.sock);
+                        self.relays.forget(&r);
+                    }
                 }
             }
         }
         self.touched = touched;
     }
+}
+
+/// A non-blocking agent listener with `SO_REUSEADDR` and the configured backlog.
+fn bind_listener(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(backlog)?;
+    sock.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(sock.into()))
 }
 
 /// Asks for `WRITABLE` readiness exactly while bytes are pending (re-registering only when
@@ -1346,6 +1426,7 @@ fn event_to_input(
                 device: DeviceId(device_id),
                 key_hash,
                 last,
+                transport: ladder::rung_of(h.agent_version),
             })
         }
         GatewayEvent::Enrol(frame) => {
