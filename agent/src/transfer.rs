@@ -47,6 +47,9 @@ use ring::hmac;
 const MAX_WAIT: Duration = Duration::from_millis(100);
 /// Datagrams read from one socket per turn before timers run again.
 const DRAIN: usize = 256;
+/// Times a copy whose digest does not match is received again before the mismatch is
+/// reported.
+const MISMATCH_RETRIES: u32 = 2;
 /// Datagrams per `recvmmsg` call.
 const BATCH: usize = 32;
 
@@ -482,8 +485,40 @@ fn done(spec: &TransferSpec, outcome: Outcome, sha256: [u8; 32], reason: String)
 }
 
 /// The worker: receive until complete (or stopped), then verify and rename.
-#[allow(clippy::disallowed_methods)] // The transfer worker's clock: its one time source.
+/// Receives, and repairs a copy whose digest does not match by receiving it again from
+/// scratch (at most [`MISMATCH_RETRIES`] times) rather than reporting it: only a verified copy,
+/// or a mismatch that persists, is reported.
 fn run(
+    spec: &TransferSpec,
+    socks: (UdpSocket, UdpSocket),
+    stop: &AtomicBool,
+    progress: &Progress,
+) -> io::Result<TransferDone> {
+    let mut attempt = 0;
+    loop {
+        let d = run_once(
+            spec,
+            (socks.0.try_clone()?, socks.1.try_clone()?),
+            stop,
+            progress,
+        )?;
+        if d.outcome != Outcome::DigestMismatch
+            || attempt >= MISMATCH_RETRIES
+            || stop.load(Ordering::Relaxed)
+        {
+            return Ok(d);
+        }
+        attempt += 1;
+        eprintln!(
+            "fleetcast-agent: task {}: {} — receiving it again (attempt {attempt} of {MISMATCH_RETRIES})",
+            spec.task_id, d.reason
+        );
+        progress.received.store(0, Ordering::Relaxed);
+    }
+}
+
+#[allow(clippy::disallowed_methods)] // The transfer worker's clock: its one time source.
+fn run_once(
     spec: &TransferSpec,
     (group_sock, unicast): (UdpSocket, UdpSocket),
     stop: &AtomicBool,
@@ -496,6 +531,8 @@ fn run(
         return Ok(if d == spec.sha256 {
             done(spec, Outcome::Verified, d, String::new())
         } else {
+            // Receive it again: the marker goes, so the next attempt starts from scratch.
+            let _ = std::fs::remove_file(&marker);
             done(
                 spec,
                 Outcome::DigestMismatch,

@@ -807,3 +807,77 @@ fn a_file_dropped_into_the_watched_directory_is_pushed() {
     let all = gw.admin(&Request::TaskShow { task: None });
     assert_eq!(all["tasks"].as_array().map(Vec::len), Some(1), "{all:#}");
 }
+
+#[test]
+fn a_copy_corrupted_on_the_device_is_received_again_not_reported() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    let (gw, specs, _agents) = gateway_and_two_agents(&lab, dir);
+    let mut data = vec![0u8; 6 << 20];
+    Rng::from_env(0x5eed_000c).fill(&mut data);
+    let src = dir.join("disk.img");
+    std::fs::write(&src, &data).expect("write source");
+    // 6 MiB at 16 Mbit/s: about 3 s, time to damage n1's copy while it is received.
+    let r = gw.admin(&Request::Push {
+        path: src.display().to_string(),
+        group: "fleet".into(),
+        block_size: BLOCK,
+        rate_mbps: 16,
+        trigger: Default::default(),
+        then: vec![],
+    });
+    let task = r["task"].as_u64().expect("task id");
+    let part = specs[0].state.join("downloads").join("disk.img.part");
+    wait_for(
+        "n1 to hold a third of the file",
+        WAIT,
+        || {
+            let rows = task_rows(&gw, task);
+            let b = rows
+                .iter()
+                .find(|r| r["device"] == "n1")
+                .and_then(|r| r["blocks"].as_str().map(str::to_string))?;
+            let (got, total) = b.split_once('/')?;
+            let (got, total): (u64, u64) = (got.parse().ok()?, total.parse().ok()?);
+            (total > 0 && got * 3 >= total).then_some(())
+        },
+        || report(&gw, &specs, task),
+    );
+    // A disk fault: the first block, already received and written, is overwritten.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&part)
+            .expect("n1's partial copy");
+        f.write_all_at(&[0xee; 512], 0).expect("damage");
+    }
+    wait_for(
+        "both copies",
+        WAIT,
+        || {
+            let rows = task_rows(&gw, task);
+            (status_of(&rows, "n1") == "completed" && status_of(&rows, "n2") == "completed")
+                .then_some(())
+        },
+        || report(&gw, &specs, task),
+    );
+    let log = read_log(&specs[0].log);
+    assert!(
+        log.contains("receiving it again (attempt 1 of"),
+        "n1 must have detected the damage and received the file again:\n{log}"
+    );
+    for s in &specs {
+        let got = std::fs::read(s.state.join("downloads").join("disk.img")).expect("copy");
+        assert!(got == data, "copy differs");
+    }
+    // Never reported as a failure on the way.
+    assert!(
+        !gw.events()
+            .iter()
+            .any(|e| e["message"].as_str().is_some_and(|m| m.contains("failed"))),
+        "{:#?}",
+        gw.events()
+    );
+}
