@@ -48,8 +48,15 @@ const ARTIFACTS: Token = Token(3);
 /// Wakes the loop when a pushed file's digest, computed on a thread, is ready.
 const HASHED: Token = Token(usize::MAX - 3);
 const FIRST_CONN: usize = 4;
+// Every fixed token is distinct, the metrics endpoint's included.
+const _: () = assert!(
+    HASHED.0 != metrics::LISTENER.0
+        && EXTRA_LISTENER.0 != metrics::LISTENER.0
+        && HASHED.0 != EXTRA_LISTENER.0
+);
 /// The optional second agent listener (e.g. port 443), far from the connection tokens.
-const EXTRA_LISTENER: Token = Token(usize::MAX - 1);
+/// (`usize::MAX - 1` is the metrics listener's: [`metrics::LISTENER`].)
+const EXTRA_LISTENER: Token = Token(usize::MAX - 2);
 
 /// Loop parameters.
 #[derive(Debug, Clone)]
