@@ -36,10 +36,10 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use fleetcast_wire::mcast::{ReceiverConfig, ReceiverEvent};
+use fleetcast_wire::mcast::{ReceiverConfig, ReceiverEvent, ReedSolomon};
 use fleetcast_wire::{
-    DataBlock, Error as WireError, Frame, Instant, McastReceiver, Message, Outcome, Ranges,
-    TransferState, TransferStatus, TAG_LEN,
+    DataBlock, Error as WireError, Frame, Instant, Kind, McastReceiver, Message, Outcome, Parity,
+    Ranges, TransferState, TransferStatus, TAG_LEN,
 };
 use ring::hmac;
 
@@ -460,6 +460,31 @@ fn file_sha256(path: &Path) -> io::Result<[u8; 32]> {
     Ok(out)
 }
 
+/// The parity symbol a datagram carries, if valid for this transfer: it parsed (CRC), names
+/// the session, carries a valid tag when there is a key, and is one block long.
+fn accept_parity<'a>(
+    spec: &TransferSpec,
+    key: Option<&hmac::Key>,
+    datagram: &'a [u8],
+) -> Result<Parity<'a>, Reject> {
+    let (p, frame) = Parity::parse(datagram).map_err(|e| match e {
+        WireError::Checksum => Reject::Crc,
+        _ => Reject::Malformed,
+    })?;
+    if p.session != spec.session {
+        return Err(Reject::Session);
+    }
+    if let Some(k) = key {
+        if !verify_tag(k, &frame) {
+            return Err(Reject::Tag);
+        }
+    }
+    if p.payload.len() != spec.block_size as usize {
+        return Err(Reject::Length);
+    }
+    Ok(p)
+}
+
 fn verify_tag(key: &hmac::Key, frame: &Frame<'_>) -> bool {
     let Some(tag) = frame.tag else { return false };
     let (h8, body) = frame.mac_input();
@@ -587,6 +612,8 @@ fn run_once(
         .register(&mut unicast, mio::Token(1), mio::Interest::READABLE)?;
     let mut nack_dest = spec.gateway;
     let mut batch = RecvBatch::new(spec.block_size);
+    let mut codec = ReedSolomon::new();
+    let mut decode_buf = Vec::new();
     let mut nack = Vec::new();
     let mut tagged = vec![0u8; 4096];
     let mut complete = rx.is_complete();
@@ -662,6 +689,15 @@ fn run_once(
                 let t = now();
                 for j in 0..got {
                     let (dgram, from) = batch.get(j);
+                    if !batch.truncated[j] && dgram.get(2) == Some(&(Kind::Parity as u8)) {
+                        match accept_parity(spec, key.as_ref(), dgram) {
+                            Ok(p) => {
+                                rx.handle_parity(t, &p);
+                            }
+                            Err(why) => dropped.count(why),
+                        }
+                        continue;
+                    }
                     let accepted = if batch.truncated[j] {
                         Err(Reject::Length)
                     } else {
@@ -680,6 +716,42 @@ fn run_once(
                     if !rx.has(block) {
                         file.write_all_at(payload, off)?;
                         rx.handle_block(t, block);
+                    }
+                }
+            }
+            // Groups that parity made whole: read their present blocks back, rebuild the
+            // missing ones, write them.
+            while let Some(job) = rx.poll_decode() {
+                decode_buf.clear();
+                decode_buf.resize(job.buf_len(), 0);
+                let bs = u64::from(job.block_size);
+                for k in 0..job.blocks {
+                    let b = job.first_block + k;
+                    if rx.has(b) {
+                        let off = u64::from(b) * bs;
+                        let len = spec.size.saturating_sub(off).min(bs) as usize;
+                        let at = k as usize * bs as usize;
+                        file.read_exact_at(&mut decode_buf[at..at + len], off)?;
+                    }
+                }
+                match rx.decode(now(), &mut codec, job.group, &mut decode_buf) {
+                    Ok(rebuilt) => {
+                        for r in rebuilt.as_slice() {
+                            for b in r.start..r.start + r.len {
+                                let off = u64::from(b) * bs;
+                                let len = spec.size.saturating_sub(off).min(bs) as usize;
+                                let at = (b - job.first_block) as usize * bs as usize;
+                                file.write_all_at(&decode_buf[at..at + len], off)?;
+                            }
+                        }
+                        n_read += 1;
+                    }
+                    Err(e) => {
+                        eprintln!(
+                            "fleetcast-agent: task {}: group {} not rebuilt: {e}",
+                            spec.task_id, job.group
+                        );
+                        break;
                     }
                 }
             }

@@ -115,6 +115,8 @@ pub struct McastSection {
     pub linger_secs: u64,
     /// Milliseconds between a push's announces and its first block.
     pub warmup_ms: u64,
+    /// FEC group size in blocks; 0: no parity repair.
+    pub fec_group: u32,
 }
 
 /// `[artifacts]`.
@@ -174,6 +176,7 @@ impl Default for McastSection {
             group: Ipv4Addr::new(239, 77, 0, 1),
             linger_secs: 60,
             warmup_ms: 300,
+            fec_group: 512,
         }
     }
 }
@@ -246,6 +249,10 @@ pub const KEYS: &[Key] = &[
     key(
         "mcast.warmup_ms",
         "Milliseconds between a push's announces and its first block (time for receivers to join the group).",
+    ),
+    key(
+        "mcast.fec_group",
+        "Blocks per FEC group: repairs multicast fresh parity that heals different losses at different receivers at once. 0: repair by re-multicast and unicast only.",
     ),
     key(
         "artifacts.listen",
@@ -457,6 +464,15 @@ impl Config {
                 );
             }
         }
+        if self.mcast.fec_group > 32_768 {
+            return bad(
+                "mcast.fec_group",
+                format!(
+                    "{} is too large: use 0 (off) to 32768",
+                    self.mcast.fec_group
+                ),
+            );
+        }
         if self.watch.interval_ms < 100 {
             return bad(
                 "watch.interval_ms",
@@ -647,6 +663,7 @@ mod tests {
         ("mcast.group", "239.1.2.3", "\"239.1.2.3\""),
         ("mcast.linger_secs", "9", "9"),
         ("mcast.warmup_ms", "50", "50"),
+        ("mcast.fec_group", "256", "256"),
         ("artifacts.listen", "10.0.0.1:7380", "\"10.0.0.1:7380\""),
         ("artifacts.url", "http://gw/a", "\"http://gw/a\""),
         ("watch.dir", "/srv/drop", "\"/srv/drop\""),

@@ -280,6 +280,7 @@ fn run(cfg: Config, print_ca_fingerprint: bool) -> Result<(), Box<dyn std::error
             group: cfg.mcast.group,
             linger: Duration::from_secs(cfg.mcast.linger_secs),
             warmup: Duration::from_millis(cfg.mcast.warmup_ms),
+            fec_group: cfg.mcast.fec_group,
         }),
         artifacts: cfg.artifacts.listen.map(|listen| ArtifactsConfig {
             listen,

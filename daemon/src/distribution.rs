@@ -38,9 +38,12 @@ use fleetcast_store::{self as store, DeviceId, TaskId};
 
 use crate::admin::PushTrigger;
 use fleetcast_wire::data::data_mac_prefix;
-use fleetcast_wire::mcast::{Dest, SendBlock, SenderConfig, SenderEvent, SenderStats};
+use fleetcast_wire::mcast::{
+    Dest, Fec, ReedSolomon, SendParity, SenderConfig, SenderEvent, SenderStats, Transmit,
+};
 use fleetcast_wire::{
-    data_prefix, Announce, Frame, Instant, Kind, McastSender, Message, DATA_PREFIX_LEN, TAG_LEN,
+    data_prefix, Announce, Frame, Instant, Kind, McastSender, Message, Parity, DATA_PREFIX_LEN,
+    PARITY_PREFIX_LEN, TAG_LEN,
 };
 use ring::hmac;
 
@@ -71,6 +74,8 @@ pub struct McastConfig {
     /// Delay between a push's announces and its first block, so the receivers have joined
     /// the group when the first pass starts (blocks sent earlier would all be repaired).
     pub warmup: Duration,
+    /// FEC group size in blocks (parity repair); 0: repair by re-multicast and unicast only.
+    pub fec_group: u32,
 }
 
 /// Why a push cannot start.
@@ -268,7 +273,9 @@ pub struct Distribution {
     catch_up_done: SenderStats,
     /// Where each device's NACKs came from: the destination of its unicast repairs.
     addrs: HashMap<u64, SocketAddrV4>,
-    backlog: VecDeque<SendBlock>,
+    backlog: VecDeque<Transmit>,
+    /// Parity of the groups being repaired by FEC.
+    fec: FecCache,
     /// Unicast repairs dropped because the device's address was unknown.
     no_addr: u64,
     /// The loop iteration that created this distribution (its clock reading).
@@ -305,7 +312,7 @@ impl Distribution {
         rate_bytes: u64,
         sha256: [u8; 32],
         key_bytes: [u8; 32],
-        linger: Duration,
+        (linger, fec_group): (Duration, u32),
         targets: Option<&[DeviceId]>,
         now: Instant,
     ) -> Result<Distribution, DistError> {
@@ -329,6 +336,7 @@ impl Distribution {
             catch_up_done: SenderStats::default(),
             addrs: HashMap::new(),
             backlog: VecDeque::new(),
+            fec: FecCache::default(),
             no_addr: 0,
             created: now,
             start_at: None,
@@ -340,6 +348,11 @@ impl Distribution {
             return Ok(d);
         };
         let mut cfg = SenderConfig::new(session, d.map.len as u64, block_size, rate_bytes);
+        if fec_group > 0 {
+            // Parity over groups of `fec_group` blocks heals different losses at different
+            // receivers at once ("Repair at scale" in docs/performance.md).
+            cfg = cfg.with_fec(fec_group);
+        }
         // The loop wakes at millisecond granularity (and a little later): the bucket holds
         // about 2 ms of the rate so one wake-up can send what a millisecond earned, between 8
         // and 256 datagrams.
@@ -821,7 +834,7 @@ impl Distributor {
             rate,
             digest,
             key,
-            self.cfg.linger,
+            (self.cfg.linger, self.cfg.fec_group),
             Some(targets),
             now,
         ) {
@@ -876,7 +889,7 @@ impl Distributor {
                 CATCH_UP_RATE,
                 t.sha256,
                 key,
-                self.cfg.linger,
+                (self.cfg.linger, self.cfg.fec_group),
                 None,
                 now,
             )?;
@@ -1212,69 +1225,107 @@ fn send_all(
     group: SocketAddrV4,
     catch_up_tokens: &mut u64,
 ) {
-    let bytes = d.map.bytes();
     let bs = d.block_size as usize;
     let datagram = (DATA_PREFIX_LEN + bs + TAG_LEN) as u64;
     loop {
-        let mut blocks: Vec<SendBlock> = Vec::with_capacity(BATCH);
-        while blocks.len() < BATCH {
+        let mut items: Vec<Transmit> = Vec::with_capacity(BATCH);
+        while items.len() < BATCH {
             match d.backlog.pop_front() {
-                Some(b) => blocks.push(b),
+                Some(b) => items.push(b),
                 None => break,
             }
         }
         if let Some(g) = d.group.as_mut() {
-            while blocks.len() < BATCH {
-                match g.poll_transmit(now) {
-                    Some(b) => blocks.push(b),
+            while items.len() < BATCH {
+                match g.poll_send(now) {
+                    Some(t) => items.push(t),
                     None => break,
                 }
             }
         }
         // Catch-up senders in turn, one block each per sweep, while the bucket allows.
         let mut idle = false;
-        while blocks.len() < BATCH && !idle && *catch_up_tokens >= datagram {
+        while items.len() < BATCH && !idle && *catch_up_tokens >= datagram {
             idle = true;
             for c in d.catch_up.values_mut() {
-                if blocks.len() == BATCH || *catch_up_tokens < datagram {
+                if items.len() == BATCH || *catch_up_tokens < datagram {
                     break;
                 }
                 if let Some(b) = c.poll_transmit(now) {
                     *catch_up_tokens -= datagram;
-                    blocks.push(b);
+                    items.push(Transmit::Block(b));
                     idle = false;
                 }
             }
         }
-        if blocks.is_empty() {
+        if items.is_empty() {
             return;
         }
-        let mut prefixes = [[0u8; DATA_PREFIX_LEN]; BATCH];
+        // Parity symbols come from the group's encoding (computed once per group, kept for
+        // the few groups being repaired).
+        for t in &items {
+            if let Transmit::Parity(p) = t {
+                d.fec.encode_group(&d.map, d.block_size, p);
+            }
+        }
+        let bytes = d.map.bytes();
+        let mut prefixes = [[0u8; PARITY_PREFIX_LEN]; BATCH];
+        let mut prefix_lens = [0usize; BATCH];
         let mut tags = [[0u8; TAG_LEN]; BATCH];
         let mut addrs: Vec<libc::sockaddr_in> = Vec::with_capacity(BATCH);
-        let mut sendable: Vec<(SendBlock, &[u8])> = Vec::with_capacity(BATCH);
-        for b in &blocks {
-            let dest = match b.dest {
-                Dest::Group => group,
-                Dest::Unicast(dev) => match d.addrs.get(&dev) {
-                    Some(a) => *a,
-                    None => {
-                        d.no_addr += 1;
-                        continue;
-                    }
-                },
-            };
-            let start = b.block as usize * bs;
-            let end = (start + bs).min(bytes.len());
-            let payload = &bytes[start.min(end)..end];
+        let mut sendable: Vec<(Transmit, &[u8])> = Vec::with_capacity(BATCH);
+        for t in &items {
             let i = sendable.len();
-            tags[i] = block_tag(&d.key, b.kind, d.session, b.block, payload);
-            let Ok(p) = data_prefix(b.kind, d.session, b.block, payload, Some(&tags[i])) else {
-                continue;
+            let (dest, payload) = match t {
+                Transmit::Block(b) => {
+                    let dest = match b.dest {
+                        Dest::Group => group,
+                        Dest::Unicast(dev) => match d.addrs.get(&dev) {
+                            Some(a) => *a,
+                            None => {
+                                d.no_addr += 1;
+                                continue;
+                            }
+                        },
+                    };
+                    let start = b.block as usize * bs;
+                    let end = (start + bs).min(bytes.len());
+                    let payload = &bytes[start.min(end)..end];
+                    tags[i] = block_tag(&d.key, b.kind, d.session, b.block, payload);
+                    let Ok(p) = data_prefix(b.kind, d.session, b.block, payload, Some(&tags[i]))
+                    else {
+                        continue;
+                    };
+                    prefixes[i][..DATA_PREFIX_LEN].copy_from_slice(&p);
+                    prefix_lens[i] = DATA_PREFIX_LEN;
+                    (dest, payload)
+                }
+                Transmit::Parity(sp) => {
+                    let Some(symbol) = d.fec.symbol(sp.group, sp.index, bs) else {
+                        continue;
+                    };
+                    let parity = Parity {
+                        session: d.session,
+                        group: sp.group,
+                        group_size: sp.group_size,
+                        parity_count: sp.parity_count,
+                        index: sp.index,
+                        payload: symbol,
+                    };
+                    let Ok(mp) = parity.mac_prefix() else {
+                        continue;
+                    };
+                    tags[i] = mac_tag(&d.key, &mp, symbol);
+                    let Ok(p) = parity.prefix(Some(&tags[i])) else {
+                        continue;
+                    };
+                    prefixes[i] = p;
+                    prefix_lens[i] = PARITY_PREFIX_LEN;
+                    (group, symbol)
+                }
             };
-            prefixes[i] = p;
             addrs.push(sockaddr(dest));
-            sendable.push((*b, payload));
+            sendable.push((*t, payload));
         }
         let n = sendable.len();
         let mut iovs: Vec<[libc::iovec; 3]> = Vec::with_capacity(n);
@@ -1282,7 +1333,7 @@ fn send_all(
             iovs.push([
                 libc::iovec {
                     iov_base: prefixes[i].as_mut_ptr().cast(),
-                    iov_len: DATA_PREFIX_LEN,
+                    iov_len: prefix_lens[i],
                 },
                 libc::iovec {
                     // The kernel only reads through this pointer (sendmmsg), never writes.
@@ -1306,7 +1357,7 @@ fn send_all(
         let mut sent = 0usize;
         while sent < n {
             // SAFETY: `hdrs[sent..n]` point at live buffers (prefixes, tags, addrs, iovs, and
-            // the mapping borrowed by `payload`), all outliving the call.
+            // the mapping or parity cache borrowed by `payload`), all outliving the call.
             let r = unsafe {
                 libc::sendmmsg(fd, hdrs[sent..].as_mut_ptr(), (n - sent) as libc::c_uint, 0)
             };
@@ -1319,8 +1370,8 @@ fn send_all(
                 if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::ENOBUFS)
                 {
                     d.deferred += (n - sent) as u64;
-                    for (b, _) in sendable[sent..].iter().rev() {
-                        d.backlog.push_front(*b);
+                    for (t, _) in sendable[sent..].iter().rev() {
+                        d.backlog.push_front(*t);
                     }
                     return;
                 }
@@ -1332,9 +1383,87 @@ fn send_all(
             }
             sent += r as usize;
         }
-        if blocks.len() < BATCH {
+        if items.len() < BATCH {
             return;
         }
+    }
+}
+
+/// The 16-byte tag over a datagram's MAC prefix (its header without the CRC, then the body
+/// header) and payload: what [`Frame::mac_input`] gives the receiver.
+fn mac_tag(key: &hmac::Key, mac_prefix: &[u8], payload: &[u8]) -> [u8; TAG_LEN] {
+    let mut ctx = hmac::Context::with_key(key);
+    ctx.update(&mac_prefix[..8]);
+    ctx.update(&mac_prefix[12..]);
+    ctx.update(payload);
+    let sig = ctx.sign();
+    let mut tag = [0u8; TAG_LEN];
+    tag.copy_from_slice(&sig.as_ref()[..TAG_LEN]);
+    tag
+}
+
+/// A distribution's FEC state: the codec and the parity of the groups being repaired.
+#[derive(Default)]
+struct FecCache {
+    codec: ReedSolomon,
+    /// (group, its M symbols back to back), most recent last.
+    groups: VecDeque<(u32, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for FecCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FecCache")
+            .field("groups", &self.groups.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Groups whose parity is kept at once.
+const FEC_CACHED_GROUPS: usize = 8;
+
+impl FecCache {
+    /// Encodes `p`'s group from the mapping unless its parity is cached. The file's last
+    /// block is zero-padded to the block size, as the receivers pad it to decode.
+    fn encode_group(&mut self, map: &Mapped, block_size: u32, p: &SendParity) {
+        if self.groups.iter().any(|(g, _)| *g == p.group) {
+            return;
+        }
+        let bs = block_size as usize;
+        let bytes = map.bytes();
+        let first = p.first_block as usize * bs;
+        let mut last = Vec::new();
+        let mut data: Vec<&[u8]> = Vec::with_capacity(p.blocks as usize);
+        for b in 0..p.blocks as usize {
+            let start = first + b * bs;
+            let end = (start + bs).min(bytes.len());
+            if end - start < bs {
+                last.extend_from_slice(&bytes[start..end]);
+                last.resize(bs, 0);
+            } else {
+                data.push(&bytes[start..end]);
+            }
+        }
+        if !last.is_empty() {
+            data.push(&last);
+        }
+        let m = usize::from(p.parity_count);
+        let mut out = vec![0u8; m * bs];
+        let mut parity: Vec<&mut [u8]> = out.chunks_mut(bs).collect();
+        if let Err(e) = self.codec.encode(&data, &mut parity) {
+            tracing::warn!(group = p.group, error = %e, "parity not computed");
+            return;
+        }
+        if self.groups.len() >= FEC_CACHED_GROUPS {
+            self.groups.pop_front();
+        }
+        self.groups.push_back((p.group, out));
+    }
+
+    /// Symbol `index` of `group`, if encoded.
+    fn symbol(&self, group: u32, index: u16, bs: usize) -> Option<&[u8]> {
+        let (_, out) = self.groups.iter().find(|(g, _)| *g == group)?;
+        let i = usize::from(index);
+        out.get(i * bs..(i + 1) * bs)
     }
 }
 
