@@ -613,6 +613,7 @@ fn run_once(
     let mut nack_dest = spec.gateway;
     let mut batch = RecvBatch::new(spec.block_size);
     let mut codec = ReedSolomon::new();
+    let mut rebuilt_blocks = 0u64;
     let mut decode_buf = Vec::new();
     let mut nack = Vec::new();
     let mut tagged = vec![0u8; 4096];
@@ -736,6 +737,7 @@ fn run_once(
                 }
                 match rx.decode(now(), &mut codec, job.group, &mut decode_buf) {
                     Ok(rebuilt) => {
+                        rebuilt_blocks += rebuilt.blocks();
                         for r in rebuilt.as_slice() {
                             for b in r.start..r.start + r.len {
                                 let off = u64::from(b) * bs;
@@ -775,6 +777,12 @@ fn run_once(
         complete = rx.is_complete();
     }
     log_dropped(&dropped);
+    if rebuilt_blocks > 0 {
+        eprintln!(
+            "fleetcast-agent: transfer {}: rebuilt {rebuilt_blocks} blocks from parity",
+            spec.task_id
+        );
+    }
     file.sync_all()?;
     drop(file);
     let digest = file_sha256(&part)?;

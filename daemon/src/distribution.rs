@@ -559,6 +559,8 @@ pub struct McastTotals {
     pub multicast_repairs: u64,
     /// Blocks unicast as repairs.
     pub unicast_repairs: u64,
+    /// FEC parity symbols multicast as repairs.
+    pub parity_symbols: u64,
     /// NACKs received (valid tag, live task).
     pub nacks: u64,
     /// NACKs ignored by the sender.
@@ -580,6 +582,7 @@ impl McastTotals {
         self.first_pass_blocks += st.first_pass_blocks;
         self.multicast_repairs += st.multicast_repairs;
         self.unicast_repairs += st.unicast_repairs;
+        self.parity_symbols += st.parity_symbols;
         self.nacks += st.nacks;
         self.nacks_ignored += st.nacks_ignored;
         self.demoted += st.demoted;

@@ -564,6 +564,7 @@ impl Gateway {
                     unfinished,
                     first_pass = stats.first_pass_blocks,
                     multicast_repairs = stats.multicast_repairs,
+                    parity = stats.parity_symbols,
                     unicast_repairs = stats.unicast_repairs,
                     bytes = stats.bytes,
                     nacks = stats.nacks,

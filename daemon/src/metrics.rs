@@ -256,6 +256,7 @@ pub fn gather(store: &Store, live: &Live) -> Result<Vec<Family>, fleetcast_store
             samples: vec![
                 (vec![("kind", "multicast".into())], m.multicast_repairs),
                 (vec![("kind", "unicast".into())], m.unicast_repairs),
+                (vec![("kind", "parity".into())], m.parity_symbols),
             ],
         },
         one(

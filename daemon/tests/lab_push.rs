@@ -881,3 +881,87 @@ fn a_copy_corrupted_on_the_device_is_received_again_not_reported() {
         gw.events()
     );
 }
+
+#[test]
+fn independent_losses_are_healed_by_parity() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(5)).expect("lab (see docs/lab.md)");
+    let gw_addr = lab.host(0).addr().to_string();
+    let gw = Gateway::start(lab.host(0), dir, &["--mcast-addr", &gw_addr]);
+    let mut specs = Vec::new();
+    let mut agents = Vec::new();
+    for i in 1..=4 {
+        let name = format!("n{i}");
+        let d = gw.admin(&Request::DeviceAdd {
+            name: name.clone(),
+            groups: vec!["fleet".into()],
+        });
+        let token = d["token"].as_str().expect("token").to_string();
+        let spec = AgentSpec::new(&gw, dir, &name, Some(token));
+        agents.push(spec.spawn(lab.host(i)));
+        specs.push(spec);
+        lab.host(i)
+            .loss_in(&[MCAST_PORT], 5.0)
+            .expect("nft loss rule");
+    }
+    for (i, s) in specs.iter().enumerate() {
+        gw.wait_online(&format!("n{}", i + 1), WAIT, || s.output());
+    }
+    // 8 MiB: 6,000 blocks, a dozen FEC groups of 512 (the default).
+    let mut data = vec![0u8; 8 << 20];
+    Rng::from_env(0x5eed_000d).fill(&mut data);
+    let src = dir.join("fec.bin");
+    std::fs::write(&src, &data).expect("write source");
+    let r = gw.admin(&Request::Push {
+        path: src.display().to_string(),
+        group: "fleet".into(),
+        block_size: BLOCK,
+        rate_mbps: 100,
+        trigger: Default::default(),
+        then: vec![],
+    });
+    let task = r["task"].as_u64().expect("task id");
+    wait_for(
+        "four copies",
+        WAIT,
+        || {
+            let rows = task_rows(&gw, task);
+            (1..=4)
+                .all(|i| status_of(&rows, &format!("n{i}")) == "completed")
+                .then_some(())
+        },
+        || report(&gw, &specs, task),
+    );
+    for s in &specs {
+        let got = std::fs::read(s.state.join("downloads").join("fec.bin")).expect("copy");
+        assert!(got == data, "copy differs");
+    }
+    // The sender repaired with parity, and receivers rebuilt blocks from it.
+    let line = wait_for(
+        "the sender's finish line",
+        WAIT,
+        || {
+            gw.stderr()
+                .lines()
+                .find(|l| l.contains("distribution finished"))
+                .map(str::to_string)
+        },
+        || gw.diag(),
+    );
+    let parity: u64 = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("parity="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no parity= in `{line}`"));
+    assert!(parity > 0, "{line}");
+    let rebuilt = specs
+        .iter()
+        .filter(|s| read_log(&s.log).contains("blocks from parity"))
+        .count();
+    assert!(
+        rebuilt > 0,
+        "no receiver rebuilt a block from parity\n{line}"
+    );
+    drop(agents);
+}
