@@ -50,6 +50,8 @@ const DRAIN: usize = 256;
 /// Times a copy whose digest does not match is received again before the mismatch is
 /// reported.
 const MISMATCH_RETRIES: u32 = 2;
+/// Whether this build takes part in FEC repair (cargo feature `fec`, on by default).
+const FEC: bool = cfg!(feature = "fec");
 /// Datagrams per `recvmmsg` call.
 const BATCH: usize = 32;
 
@@ -690,7 +692,9 @@ fn run_once(
                 let t = now();
                 for j in 0..got {
                     let (dgram, from) = batch.get(j);
-                    if !batch.truncated[j] && dgram.get(2) == Some(&(Kind::Parity as u8)) {
+                    // Parity (FEC repair) only in builds with the `fec` feature (the default):
+                    // without it the codec is not linked and parity counts as malformed.
+                    if FEC && !batch.truncated[j] && dgram.get(2) == Some(&(Kind::Parity as u8)) {
                         match accept_parity(spec, key.as_ref(), dgram) {
                             Ok(p) => {
                                 rx.handle_parity(t, &p);
@@ -722,7 +726,7 @@ fn run_once(
             }
             // Groups that parity made whole: read their present blocks back, rebuild the
             // missing ones, write them.
-            while let Some(job) = rx.poll_decode() {
+            while let Some(job) = rx.poll_decode().filter(|_| FEC) {
                 decode_buf.clear();
                 decode_buf.resize(job.buf_len(), 0);
                 let bs = u64::from(job.block_size);
