@@ -430,7 +430,10 @@ impl McastReceiver {
         if !core::mem::take(&mut self.nack_due) || self.complete {
             return None;
         }
-        let fec = self.config.fec_group > 0;
+        // FEC NACKs (whole groups, no early repeats) from the configured group size, or from
+        // the geometry the first parity symbol taught (a sender that repairs with parity).
+        let fec_k = self.fec.map_or(self.config.fec_group, |f| f.0);
+        let fec = fec_k > 0;
         let limit = if self.end_of_pass {
             if fec {
                 // Drained so that `arm_next_gap` arms no deadline already past: after the
@@ -441,7 +444,7 @@ impl McastReceiver {
             }
             self.n_blocks
         } else {
-            let k = self.config.fec_group.max(1);
+            let k = fec_k.max(1);
             self.stable_limit_at(now) / k * k
         };
         let mut missing = self.missing_below(limit, self.config.max_ranges);
@@ -1033,6 +1036,33 @@ mod tests {
             index,
             payload,
         }
+    }
+
+    #[test]
+    fn a_receiver_taught_the_group_size_by_parity_nacks_whole_groups() {
+        // No configured group size. Blocks 0..130 arrive but 5 and 120; 10 ms later both
+        // gaps are past the reorder window.
+        let run = |teach: bool| {
+            let mut r = McastReceiver::new(config(), None, ms(0)).unwrap();
+            if teach {
+                // A parity symbol of group 3 (blocks 150..200, nothing received there) teaches
+                // K = 50 without being usable yet.
+                r.handle_parity(ms(0), &parity(3, 0, &[0xAB; 100]));
+            }
+            for b in (0..130).filter(|&b| b != 5 && b != 120) {
+                r.handle_block(ms(1), b);
+            }
+            r.handle_block(ms(30), 130);
+            loop {
+                if let (_, Some(n)) = fire(&mut r) {
+                    return n;
+                }
+            }
+        };
+        // Untaught: every gap old enough. Taught: only whole groups the pass has left
+        // (0..100), so block 120 waits for its group to be complete.
+        assert_eq!(run(false), rs(&[(5, 1), (120, 1)]));
+        assert_eq!(run(true), rs(&[(5, 1)]));
     }
 
     #[test]
