@@ -614,6 +614,19 @@ fn run_once(
         .register(&mut unicast, mio::Token(1), mio::Interest::READABLE)?;
     let mut nack_dest = spec.gateway;
     let mut batch = RecvBatch::new(spec.block_size);
+    let (persist_tx, persist_rx) = mpsc::sync_channel::<Ranges>(1);
+    let persister = {
+        let (file, spec, rec) = (file.try_clone()?, spec.clone(), rec.clone());
+        std::thread::Builder::new()
+            .name(format!("fleetcast-persist-{}", spec.task_id))
+            .spawn(move || {
+                for snapshot in persist_rx {
+                    if file.sync_data().is_ok() {
+                        let _ = save_record(&spec, &rec, &snapshot);
+                    }
+                }
+            })?
+    };
     let mut codec = ReedSolomon::new();
     let mut rebuilt_blocks = 0u64;
     let mut decode_buf = Vec::new();
@@ -627,6 +640,11 @@ fn run_once(
     while !complete {
         if stop.load(Ordering::Relaxed) {
             log_dropped(&dropped);
+            // The persister first (so no older snapshot lands after this one), then the
+            // final record, after the data.
+            drop(persist_tx);
+            let _ = persister.join();
+            file.sync_data()?;
             save_record(spec, &rec, rx.received())?;
             return Ok(done(spec, Outcome::Aborted, [0; 32], "stopped".into()));
         }
@@ -668,9 +686,12 @@ fn run_once(
         while let Some(ev) = rx.poll_event() {
             match ev {
                 ReceiverEvent::PersistDue => {
-                    // The record may only name blocks that are durable.
-                    file.sync_data()?;
-                    save_record(spec, &rec, rx.received())?;
+                    // The record may only name blocks that are durable: the persister makes
+                    // the file durable, then writes this snapshot (its blocks were all
+                    // written before it was taken). Off this thread, so an fdatasync of a
+                    // second's worth of data never stalls the sockets; if the persister is
+                    // still busy, this round is skipped (the next record covers it).
+                    let _ = persist_tx.try_send(rx.received().clone());
                 }
                 ReceiverEvent::Complete => complete = true,
             }
@@ -781,6 +802,8 @@ fn run_once(
         complete = rx.is_complete();
     }
     log_dropped(&dropped);
+    drop(persist_tx);
+    let _ = persister.join();
     if rebuilt_blocks > 0 {
         eprintln!(
             "fleetcast-agent: transfer {}: rebuilt {rebuilt_blocks} blocks from parity",

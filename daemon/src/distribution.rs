@@ -350,8 +350,12 @@ impl Distribution {
         let mut cfg = SenderConfig::new(session, d.map.len as u64, block_size, rate_bytes);
         if fec_group > 0 {
             // Parity over groups of `fec_group` blocks heals different losses at different
-            // receivers at once ("Repair at scale" in docs/performance.md).
-            cfg = cfg.with_fec(fec_group);
+            // receivers at once ("Repair at scale" in docs/performance.md). A group holds at
+            // most FEC_GROUP_BYTES: a receiver reads a group back to rebuild it, and with
+            // jumbo blocks 512 of them (4.5 MB) stalled loaded receivers long enough to
+            // overflow their sockets (measured: docs/performance.md).
+            let k = fec_group.min((FEC_GROUP_BYTES / block_size.max(1)).max(32));
+            cfg = cfg.with_fec(k);
         }
         // The loop wakes at millisecond granularity (and a little later): the bucket holds
         // about 2 ms of the rate so one wake-up can send what a millisecond earned, between 8
@@ -1420,6 +1424,9 @@ impl std::fmt::Debug for FecCache {
             .finish_non_exhaustive()
     }
 }
+
+/// Most file bytes in one FEC group.
+const FEC_GROUP_BYTES: u32 = 1 << 20;
 
 /// Groups whose parity is kept at once.
 const FEC_CACHED_GROUPS: usize = 8;
