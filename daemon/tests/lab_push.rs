@@ -114,6 +114,33 @@ fn report(gw: &Gateway<'_>, specs: &[AgentSpec], task: u64) -> String {
     s
 }
 
+/// `fleetcast --json push SRC --group fleet EXTRA...` as an operator runs it; the task id.
+fn push_cli(gw: &Gateway<'_>, src: &std::path::Path, extra: &[&str]) -> u64 {
+    let src = src.display().to_string();
+    let mut args = vec!["--json", "push", &src, "--group", "fleet"];
+    args.extend_from_slice(extra);
+    let out = cli(gw, &args);
+    serde_json::from_str::<Value>(&out).expect("json")["data"]["task"]
+        .as_u64()
+        .expect("task id")
+}
+
+/// Waits until every device in `names` has a verified copy of `task`.
+fn wait_completed(gw: &Gateway<'_>, specs: &[AgentSpec], task: u64, names: &[&str]) {
+    wait_for(
+        &format!("{names:?} to complete task {task}"),
+        WAIT,
+        || {
+            let rows = task_rows(gw, task);
+            names
+                .iter()
+                .all(|n| status_of(&rows, n) == "completed")
+                .then_some(())
+        },
+        || report(gw, specs, task),
+    );
+}
+
 #[test]
 fn push_reaches_four_lossy_receivers_and_a_late_one_by_unicast_catch_up() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -432,16 +459,7 @@ fn transfers_resume_across_agent_and_gateway_restarts() {
     );
     agents[0].kill().expect("kill n1");
     agents[0] = specs[0].spawn(lab.host(1));
-    wait_for(
-        "both to complete task 1",
-        WAIT,
-        || {
-            let rows = task_rows(&gw, task);
-            (status_of(&rows, "n1") == "completed" && status_of(&rows, "n2") == "completed")
-                .then_some(())
-        },
-        || report(&gw, &specs, task),
-    );
+    wait_completed(&gw, &specs, task, &["n1", "n2"]);
     assert!(
         read_log(&specs[0].log).contains(&format!("task {task}: resuming with")),
         "n1 must resume from its record\n{}",
@@ -462,16 +480,7 @@ fn transfers_resume_across_agent_and_gateway_restarts() {
     );
     gw.kill();
     gw.restart();
-    wait_for(
-        "both to complete task 2",
-        WAIT,
-        || {
-            let rows = task_rows(&gw, task2);
-            (status_of(&rows, "n1") == "completed" && status_of(&rows, "n2") == "completed")
-                .then_some(())
-        },
-        || report(&gw, &specs, task2),
-    );
+    wait_completed(&gw, &specs, task2, &["n1", "n2"]);
     assert!(gw.stderr().contains("re-created"), "{}", gw.diag());
     for (i, s) in specs.iter().enumerate() {
         let got = std::fs::read(s.state.join("downloads").join("slow.bin")).expect("copy");
@@ -601,21 +610,7 @@ fn scheduled_and_quorum_triggers_start_the_multicast_when_they_say() {
     // 1. A schedule: `push --in 3` starts the multicast no earlier than 3 s later, and the
     //    task table records the trigger.
     let asked = now();
-    let out = cli(
-        &gw,
-        &[
-            "--json",
-            "push",
-            &src.display().to_string(),
-            "--group",
-            "fleet",
-            "--in",
-            "3",
-        ],
-    );
-    let task = serde_json::from_str::<Value>(&out).expect("json")["data"]["task"]
-        .as_u64()
-        .expect("task id");
+    let task = push_cli(&gw, &src, &["--in", "3"]);
     wait_for(
         "the scheduled start",
         WAIT,
@@ -627,16 +622,7 @@ fn scheduled_and_quorum_triggers_start_the_multicast_when_they_say() {
         "started {:?} after a 3 s schedule",
         asked.elapsed()
     );
-    wait_for(
-        "both copies",
-        WAIT,
-        || {
-            let rows = task_rows(&gw, task);
-            (status_of(&rows, "n1") == "completed" && status_of(&rows, "n2") == "completed")
-                .then_some(())
-        },
-        || report(&gw, &specs, task),
-    );
+    wait_completed(&gw, &specs, task, &["n1", "n2"]);
     let shown = cli(&gw, &["task", "show", &task.to_string()]);
     assert!(shown.contains("scheduled at"), "{shown}");
 
@@ -674,16 +660,7 @@ fn scheduled_and_quorum_triggers_start_the_multicast_when_they_say() {
         .expect("second trigger line");
     assert!(line.contains("ready=2"), "{line}");
     assert!(asked.elapsed() < Duration::from_secs(60), "{line}");
-    wait_for(
-        "both copies of task 2",
-        WAIT,
-        || {
-            let rows = task_rows(&gw, task2);
-            (status_of(&rows, "n1") == "completed" && status_of(&rows, "n2") == "completed")
-                .then_some(())
-        },
-        || report(&gw, &specs, task2),
-    );
+    wait_completed(&gw, &specs, task2, &["n1", "n2"]);
 
     // 3. A contradiction is refused with what to do instead.
     let err = gw
@@ -713,21 +690,7 @@ fn a_follow_up_command_runs_after_the_verified_copy() {
     Rng::from_env(0x5eed_000a).fill(&mut data);
     let src = dir.join("pkg.bin");
     std::fs::write(&src, &data).expect("write source");
-    let out = cli(
-        &gw,
-        &[
-            "--json",
-            "push",
-            &src.display().to_string(),
-            "--group",
-            "fleet",
-            "--then",
-            "sh:echo installed",
-        ],
-    );
-    let task = serde_json::from_str::<Value>(&out).expect("json")["data"]["task"]
-        .as_u64()
-        .expect("task id");
+    let task = push_cli(&gw, &src, &["--then", "sh:echo installed"]);
     for i in 0..specs.len() {
         let name = format!("n{}", i + 1);
         let q = gw.wait_done(&name, WAIT, || report(&gw, &specs, task));
@@ -787,16 +750,7 @@ fn a_file_dropped_into_the_watched_directory_is_pushed() {
         },
         || gw.diag(),
     );
-    wait_for(
-        "both copies",
-        WAIT,
-        || {
-            let rows = task_rows(&gw, task);
-            (status_of(&rows, "n1") == "completed" && status_of(&rows, "n2") == "completed")
-                .then_some(())
-        },
-        || report(&gw, &specs, task),
-    );
+    wait_completed(&gw, &specs, task, &["n1", "n2"]);
     for s in &specs {
         let got = std::fs::read(s.state.join("downloads").join("new.bin")).expect("copy");
         assert!(got == data, "copy differs");
@@ -853,16 +807,7 @@ fn a_copy_corrupted_on_the_device_is_received_again_not_reported() {
             .expect("n1's partial copy");
         f.write_all_at(&[0xee; 512], 0).expect("damage");
     }
-    wait_for(
-        "both copies",
-        WAIT,
-        || {
-            let rows = task_rows(&gw, task);
-            (status_of(&rows, "n1") == "completed" && status_of(&rows, "n2") == "completed")
-                .then_some(())
-        },
-        || report(&gw, &specs, task),
-    );
+    wait_completed(&gw, &specs, task, &["n1", "n2"]);
     let log = read_log(&specs[0].log);
     assert!(
         log.contains("receiving it again (attempt 1 of"),
@@ -922,17 +867,7 @@ fn independent_losses_are_healed_by_parity() {
         then: vec![],
     });
     let task = r["task"].as_u64().expect("task id");
-    wait_for(
-        "four copies",
-        WAIT,
-        || {
-            let rows = task_rows(&gw, task);
-            (1..=4)
-                .all(|i| status_of(&rows, &format!("n{i}")) == "completed")
-                .then_some(())
-        },
-        || report(&gw, &specs, task),
-    );
+    wait_completed(&gw, &specs, task, &["n1", "n2", "n3", "n4"]);
     for s in &specs {
         let got = std::fs::read(s.state.join("downloads").join("fec.bin")).expect("copy");
         assert!(got == data, "copy differs");
