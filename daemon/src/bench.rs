@@ -672,9 +672,10 @@ fn esc(s: &str) -> String {
 
 /// The report's two plots: goodput (share of the ceiling) vs loss, one line per receiver
 /// count and MTU; slowest completion time vs receivers, one line per loss and MTU.
-pub fn plots(rows: &[Row]) -> (String, String) {
+pub fn plots(rows: &[Row]) -> (String, String, String) {
     let mut by_n: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     let mut by_loss: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let mut overhead: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for r in rows {
         let k = format!("{} receivers, MTU {}", r.receivers, r.mtu);
         match by_n.iter_mut().find(|(n, _)| *n == k) {
@@ -684,7 +685,12 @@ pub fn plots(rows: &[Row]) -> (String, String) {
         let k = format!("{}% loss, MTU {}", r.loss, r.mtu);
         match by_loss.iter_mut().find(|(n, _)| *n == k) {
             Some((_, p)) => p.push((r.receivers as f64, r.slowest_s)),
-            None => by_loss.push((k, vec![(r.receivers as f64, r.slowest_s)])),
+            None => by_loss.push((k.clone(), vec![(r.receivers as f64, r.slowest_s)])),
+        }
+        let point = (r.receivers as f64, r.datagram_bytes_per_byte);
+        match overhead.iter_mut().find(|(n, _)| *n == k) {
+            Some((_, p)) => p.push(point),
+            None => overhead.push((k, vec![point])),
         }
     }
     (
@@ -700,17 +706,51 @@ pub fn plots(rows: &[Row]) -> (String, String) {
             "slowest verified copy (s)",
             &by_loss,
         ),
+        svg_chart(
+            "Sender overhead vs receivers",
+            "receivers",
+            "sender datagram bytes / file byte",
+            &overhead,
+        ),
     )
 }
 
-/// Writes `report.md`, `report.json`, `goodput-vs-loss.svg` and
-/// `completion-vs-receivers.svg` into `dir`; returns the Markdown.
+/// Rows from a report's `report.json` (to draw the report again without a new run).
+pub fn rows_from_json(v: &Value) -> Result<(usize, Vec<Row>), String> {
+    let f = |r: &Value, k: &str| {
+        r[k].as_f64()
+            .ok_or_else(|| format!("report.json: a row has no number `{k}`"))
+    };
+    let mut rows = Vec::new();
+    for r in v["rows"].as_array().ok_or("report.json: no `rows`")? {
+        rows.push(Row {
+            mtu: f(r, "mtu")? as u32,
+            receivers: f(r, "receivers")? as usize,
+            loss: f(r, "loss_percent")?,
+            ceiling_mbps: f(r, "ceiling_mbps")?,
+            goodput_mbps: f(r, "goodput_mbps")?,
+            sender_bytes_per_byte: f(r, "sender_bytes_per_file_byte")?,
+            datagram_bytes_per_byte: f(r, "datagram_bytes_per_file_byte")?,
+            feedback_per_byte: f(r, "feedback_bytes_per_file_byte")?,
+            slowest_s: f(r, "slowest_completion_s")?,
+            first_pass_s: f(r, "first_pass_s")?,
+            cpu_sender_s: f(r, "cpu_sender_s")?,
+            cpu_receivers_s: f(r, "cpu_receivers_s")?,
+        });
+    }
+    let mib = v["file_mib"].as_u64().ok_or("report.json: no `file_mib`")? as usize;
+    Ok((mib, rows))
+}
+
+/// Writes `report.md`, `report.json`, `goodput-vs-loss.svg`, `completion-vs-receivers.svg`
+/// and `overhead-vs-receivers.svg` into `dir`; returns the Markdown.
 pub fn write_report(rows: &[Row], plan: &Plan, dir: &Path) -> Result<String, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let md = format!(
         "# fleetcast bench\n\n{} MiB file; rate ceiling of each push = the raw UDP ceiling \
          measured in the same run on the same topology.\n\n{}\n\
-         ![goodput vs loss](goodput-vs-loss.svg)\n![completion vs receivers](completion-vs-receivers.svg)\n",
+         ![goodput vs loss](goodput-vs-loss.svg)\n![completion vs receivers](completion-vs-receivers.svg)\n\
+         ![sender overhead vs receivers](overhead-vs-receivers.svg)\n",
         plan.mib,
         markdown(rows)
     );
@@ -718,12 +758,13 @@ pub fn write_report(rows: &[Row], plan: &Plan, dir: &Path) -> Result<String, Str
         "file_mib": plan.mib,
         "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
     });
-    let (goodput, time) = plots(rows);
+    let (goodput, time, overhead) = plots(rows);
     for (name, body) in [
         ("report.md", md.clone()),
         ("report.json", format!("{json:#}\n")),
         ("goodput-vs-loss.svg", goodput),
         ("completion-vs-receivers.svg", time),
+        ("overhead-vs-receivers.svg", overhead),
     ] {
         let p = dir.join(name);
         std::fs::write(&p, body).map_err(|e| format!("{}: {e}", p.display()))?;
@@ -778,7 +819,14 @@ mod tests {
         let md = markdown(&rows);
         assert_eq!(md.lines().count(), 2 + 3);
         assert!(md.contains("| 1500 | 1 | 5 | 100 | 80 | 0.80 |"), "{md}");
-        let (goodput, time) = plots(&rows);
+        let (goodput, time, overhead) = plots(&rows);
+        assert_eq!(overhead.matches("<circle").count(), 3);
+        let back = rows_from_json(&json!({
+            "file_mib": 2,
+            "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+        }))
+        .unwrap();
+        assert_eq!(back, (2, rows.to_vec()));
         assert_eq!(parse_list::<usize>("r", "1, 4,16").unwrap(), [1, 4, 16]);
         assert!(parse_list::<f64>("loss", "1,x")
             .unwrap_err()

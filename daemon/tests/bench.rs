@@ -37,10 +37,41 @@ fn bench_writes_a_report_with_a_row_per_measurement() {
         "report.json",
         "goodput-vs-loss.svg",
         "completion-vs-receivers.svg",
+        "overhead-vs-receivers.svg",
     ] {
         let text = std::fs::read_to_string(out_dir.join(f)).expect(f);
         assert!(!text.is_empty(), "{f}");
     }
     let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
     assert_eq!(md.matches("\n| 1500 |").count(), 4, "{md}");
+
+    // The same report, drawn again from its JSON without measuring.
+    let again = tmp.path().join("again");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+        .args(["bench", "--from-json"])
+        .arg(out_dir.join("report.json"))
+        .arg("--out")
+        .arg(&again)
+        .output()
+        .expect("run fleetcast bench --from-json");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same rows (the JSON keeps fewer digits: compare what identifies each row).
+    let lead = |md: &str| -> Vec<String> {
+        md.lines()
+            .filter(|l| l.starts_with("| 1500 |"))
+            .map(|l| l.split('|').take(4).collect::<Vec<_>>().join("|"))
+            .collect()
+    };
+    let redrawn = std::fs::read_to_string(again.join("report.md")).unwrap();
+    assert_eq!(lead(&redrawn), lead(&md), "{redrawn}");
+    assert!(again.join("overhead-vs-receivers.svg").exists());
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+        .args(["bench", "--from-json", "/nonexistent/report.json"])
+        .output()
+        .expect("run fleetcast bench");
+    assert_eq!(bad.status.code(), Some(2));
 }

@@ -134,9 +134,12 @@ enum Cmd {
         /// Longest wait for one push, seconds.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
-        /// Report directory (report.md, report.json, two SVG plots).
+        /// Report directory (report.md, report.json, three SVG plots).
         #[arg(long, default_value = "bench-report")]
         out: PathBuf,
+        /// Draw the report again from an earlier run's report.json instead of measuring.
+        #[arg(long, value_name = "FILE")]
+        from_json: Option<PathBuf>,
     },
     /// Run the whole system on this machine: a gateway, agents, a queue with a reboot.
     Demo {
@@ -389,7 +392,13 @@ fn main() -> ExitCode {
             mib,
             timeout,
             out,
-        } => return bench(&receivers, &loss, &mtu, mib, timeout, &out, json),
+            from_json,
+        } => {
+            return match from_json {
+                Some(f) => bench_replot(&f, &out, json),
+                None => bench(&receivers, &loss, &mtu, mib, timeout, &out, json),
+            }
+        }
         Cmd::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -686,6 +695,51 @@ fn bench(
             } else {
                 println!("{md}");
                 eprintln!("report written to {}", out.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleetcast bench: {e}");
+            Exit::Failed.into()
+        }
+    }
+}
+
+/// `fleetcast bench --from-json FILE`: the report of an earlier run, drawn again.
+fn bench_replot(file: &std::path::Path, out: &std::path::Path, json: bool) -> ExitCode {
+    use fleetcast_daemon::bench::{self, Plan};
+    let parsed = std::fs::read_to_string(file)
+        .map_err(|e| format!("{}: {e}", file.display()))
+        .and_then(|t| {
+            serde_json::from_str::<serde_json::Value>(&t)
+                .map_err(|e| format!("{}: {e}", file.display()))
+        })
+        .and_then(|v| bench::rows_from_json(&v));
+    let (mib, rows) = match parsed {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("fleetcast bench: {e}");
+            return Exit::Usage.into();
+        }
+    };
+    let plan = Plan {
+        receivers: vec![],
+        loss: vec![],
+        mtus: vec![],
+        mib,
+        timeout: std::time::Duration::ZERO,
+        exe: PathBuf::new(),
+        work: PathBuf::new(),
+    };
+    match bench::write_report(&rows, &plan, out) {
+        Ok(md) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "ok": true, "data": { "rows": rows.len(), "report": out.display().to_string() } })
+                );
+            } else {
+                println!("{md}");
             }
             ExitCode::SUCCESS
         }
