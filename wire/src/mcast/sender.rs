@@ -842,9 +842,35 @@ impl McastSender {
                 fresh: &fresh,
             },
         );
+        // Parity is sized to the neediest receiver of each group: what it needs beyond the
+        // next neediest is its own cost, counted like unicast repairs, so the same demotion
+        // rule (repairs above the bar) applies when losses are healed by parity.
+        let k = self.config.fec_group;
+        for &(g, n) in &p.parity {
+            let (start, end) = (g * k, (g * k).saturating_add(k).min(self.n_blocks));
+            let (mut top, mut second) = ((0u64, 0u32), 0u32);
+            for (dev, r) in &wanted {
+                let lack: u32 = r
+                    .as_slice()
+                    .iter()
+                    .map(|x| {
+                        let (a, b) = (x.start.max(start), (x.end().min(u64::from(end))) as u32);
+                        b.saturating_sub(a)
+                    })
+                    .sum();
+                if lack > top.1 {
+                    second = top.1;
+                    top = (*dev, lack);
+                } else if lack > second {
+                    second = lack;
+                }
+            }
+            if let Some(rx) = self.receivers.get_mut(&top.0) {
+                rx.repaired += u64::from((top.1 - second).min(n));
+            }
+        }
         // Blocks now covered by parity or re-multicast leave the unicast queues.
         let mut covered = p.multicast.clone();
-        let k = self.config.fec_group;
         for &(g, n) in &p.parity {
             self.groups[g as usize].queued += n;
             self.parity_queue.push_back((g, n));
@@ -1393,6 +1419,45 @@ mod tests {
             })
             .collect();
         assert_eq!(blocks, [11, 12, 13]);
+    }
+
+    #[test]
+    fn the_parity_a_device_alone_needs_counts_towards_its_demotion() {
+        // 500 blocks in groups of 100. Each round device 1 misses 25 blocks of a new group
+        // (5% of the file: under the 20% bar), devices 2 and 3 one each: parity is sized to
+        // device 1, and 24 symbols a round are its own cost. After five rounds that is 120
+        // blocks, over 20% of the file: its next NACK demotes it; the others stay.
+        let cfg = SenderConfig {
+            file_size: 500_000,
+            fec_group: 100,
+            fec_parity: 100,
+            ..config()
+        };
+        let mut s = McastSender::new(cfg, us(0)).unwrap();
+        for d in [1, 2, 3] {
+            s.add_receiver(d);
+        }
+        let (mut t, first) = send_n(&mut s, us(0), 500);
+        assert_eq!(first.len(), 500);
+        let mut demoted = Vec::new();
+        for round in 0..6u32 {
+            let g = round % 5 * 100;
+            s.handle_nack(t, 1, &rs(&[(g, 25)]));
+            s.handle_nack(t, 2, &rs(&[(g + 50, 1)]));
+            s.handle_nack(t, 3, &rs(&[(g + 60, 1)]));
+            t += Duration::from_millis(50);
+            s.handle_timeout(t);
+            demoted.extend(events(&mut s).into_iter().filter_map(|e| match e {
+                SenderEvent::Demoted(d) => Some((round, d)),
+                _ => None,
+            }));
+            if round < 5 {
+                let (t2, _) = send_n(&mut s, t, 26);
+                t = t2 + Duration::from_millis(200);
+            }
+        }
+        assert_eq!(demoted, [(5, 1)], "{:?}", s.stats());
+        assert!(s.stats().parity_symbols >= 5 * 26, "{:?}", s.stats());
     }
 
     #[test]
