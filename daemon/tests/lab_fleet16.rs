@@ -20,7 +20,7 @@ mod common;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::{now, read_log, wait_for, AgentSpec, Gateway, Rng};
+use common::{now, read_log, status_of, wait_for, AgentSpec, Gateway, Rng};
 use fleetcast_daemon::admin::Request;
 use fleetcast_lab::{Lab, LabChild, LabConfig};
 use serde_json::Value;
@@ -48,22 +48,8 @@ fn size() -> usize {
         << 20
 }
 
-fn task_rows(gw: &Gateway<'_>, task: u64) -> Vec<Value> {
-    gw.try_admin(&Request::TaskShow { task: Some(task) })
-        .ok()
-        .and_then(|d| d["devices"].as_array().cloned())
-        .unwrap_or_default()
-}
-
 fn row<'a>(rows: &'a [Value], name: &str) -> Option<&'a Value> {
     rows.iter().find(|r| r["device"] == name)
-}
-
-fn status_of(rows: &[Value], name: &str) -> String {
-    row(rows, name)
-        .and_then(|r| r["status"].as_str())
-        .unwrap_or("?")
-        .to_string()
 }
 
 /// `(received, total)` blocks of `name`'s row.
@@ -154,7 +140,7 @@ impl<'lab> Scenario<'lab> {
     }
 
     fn diag(&self, task: u64) -> String {
-        let mut s = format!("task show: {:#?}\n", task_rows(&self.gw, task));
+        let mut s = format!("task show: {:#?}\n", self.gw.task_rows(task));
         for a in &self.specs {
             let out = a.output();
             // The tail of each agent's log is enough to see where it stands.
@@ -172,7 +158,7 @@ impl<'lab> Scenario<'lab> {
             "receivers to complete",
             WAIT,
             || {
-                let rows = task_rows(&self.gw, task);
+                let rows = self.gw.task_rows(task);
                 which
                     .clone()
                     .all(|i| status_of(&rows, &name(i)) == "completed")
@@ -236,11 +222,16 @@ fn lossless_with_a_late_receiver_and_a_restarted_one() {
     let task = sc.push();
     // Kill one receiver once it has a quarter of the file, then start it again.
     let quarter = wait_for(
-        "the restarted receiver to hold a quarter of the file",
+        "the restarted receiver to hold a quarter of the file, recorded",
         WAIT,
         || {
-            let (got, total) = blocks_of(&task_rows(&sc.gw, task), &name(restarted));
-            (total > 0 && got * 4 >= total).then_some(got)
+            let (got, total) = blocks_of(&sc.gw.task_rows(task), &name(restarted));
+            // Its progress record exists (written once a second, after the data is durable).
+            let rec = sc.specs[restarted - 1]
+                .state
+                .join("downloads")
+                .join(format!(".image.bin.task-{task}.rec"));
+            (total > 0 && got * 4 >= total && rec.exists()).then_some(got)
         },
         || sc.diag(task),
     );

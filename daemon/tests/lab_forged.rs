@@ -18,13 +18,12 @@ mod common;
 use std::net::SocketAddrV4;
 use std::time::Duration;
 
-use common::{now, read_log, wait_for, AgentSpec, Gateway, Rng};
+use common::{now, read_log, status_of, wait_for, Gateway, Rng};
 use fleetcast_daemon::admin::Request;
 use fleetcast_daemon::distribution::block_tag;
 use fleetcast_lab::{Lab, LabConfig};
 use fleetcast_wire::{data_prefix, Kind, TAG_LEN};
 use ring::hmac;
-use serde_json::Value;
 
 #[test]
 fn agent_role() {
@@ -38,30 +37,9 @@ const BLOCK: u32 = 1400;
 /// Upper bound on the forger's rounds (each round: four datagrams of each kind, then 10 ms).
 const MAX_ROUNDS: usize = 3000;
 
-fn task_rows(gw: &Gateway<'_>, task: u64) -> Vec<Value> {
-    gw.try_admin(&Request::TaskShow { task: Some(task) })
-        .ok()
-        .and_then(|d| d["devices"].as_array().cloned())
-        .unwrap_or_default()
-}
-
 fn all_completed(gw: &Gateway<'_>, task: u64, names: &[&str]) -> bool {
-    let rows = task_rows(gw, task);
-    names.iter().all(|n| {
-        rows.iter()
-            .find(|r| r["device"] == *n)
-            .is_some_and(|r| r["status"] == "completed")
-    })
-}
-
-fn report(gw: &Gateway<'_>, specs: &[AgentSpec], task: u64) -> String {
-    let mut s = format!("task show: {:#?}\n", task_rows(gw, task));
-    for a in specs {
-        s.push_str(&a.output());
-        s.push('\n');
-    }
-    s.push_str(&gw.diag());
-    s
+    let rows = gw.task_rows(task);
+    names.iter().all(|n| status_of(&rows, n) == "completed")
 }
 
 fn push(gw: &Gateway<'_>, path: &std::path::Path, rate_mbps: u64) -> u64 {
@@ -105,21 +83,7 @@ fn forged_datagrams_are_dropped_counted_and_never_written() {
     let gw_addr = lab.host(0).addr().to_string();
     let gw = Gateway::start(lab.host(0), dir, &["--mcast-addr", &gw_addr]);
     let names = ["n1", "n2"];
-    let mut specs = Vec::new();
-    let mut agents = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let d = gw.admin(&Request::DeviceAdd {
-            name: name.to_string(),
-            groups: vec!["fleet".into()],
-        });
-        let token = d["token"].as_str().expect("token").to_string();
-        let spec = AgentSpec::new(&gw, dir, name, Some(token));
-        agents.push(spec.spawn(lab.host(i + 1)));
-        specs.push(spec);
-    }
-    for (i, s) in specs.iter().enumerate() {
-        gw.wait_online(names[i], WAIT, || s.output());
-    }
+    let (specs, agents) = gw.enrol_agents(&lab, dir, names.len());
     let mut rng = Rng::from_env(0x5eed_000f);
 
     // An earlier push, whose session the forger replays.
@@ -132,7 +96,7 @@ fn forged_datagrams_are_dropped_counted_and_never_written() {
         "the earlier push to complete",
         WAIT,
         || all_completed(&gw, old_task, &names).then_some(()),
-        || report(&gw, &specs, old_task),
+        || gw.task_report(&specs, old_task),
     );
 
     // The push under attack: 6 MiB at 10 Mbit/s, a first pass of about 5 s (long enough for
@@ -158,7 +122,7 @@ fn forged_datagrams_are_dropped_counted_and_never_written() {
                 .all(|s| s.state.join("downloads").join("image.bin.part").exists())
                 .then_some(())
         },
-        || report(&gw, &specs, task),
+        || gw.task_report(&specs, task),
     );
     let forger = lab.host(3).udp_socket(0).expect("forger socket");
     let mut fkey = [0u8; 32];
@@ -186,7 +150,7 @@ fn forged_datagrams_are_dropped_counted_and_never_written() {
         }
         rounds += 1;
         if seen_in_progress.is_none() {
-            seen_in_progress = task_rows(&gw, task).into_iter().find(|r| {
+            seen_in_progress = gw.task_rows(task).into_iter().find(|r| {
                 r["status"] == "in_progress"
                     && !r["blocks"].as_str().unwrap_or("0/").starts_with("0/")
             });
@@ -199,13 +163,13 @@ fn forged_datagrams_are_dropped_counted_and_never_written() {
     eprintln!("forger: {rounds} rounds of 16 datagrams");
     // The task table showed a receiver part-way through (its progress reports were recorded).
     let row = seen_in_progress
-        .unwrap_or_else(|| panic!("no in_progress row seen\n{}", report(&gw, &specs, task)));
+        .unwrap_or_else(|| panic!("no in_progress row seen\n{}", gw.task_report(&specs, task)));
     eprintln!("in progress: {row}");
     wait_for(
         "both to complete the push under attack",
         WAIT,
         || all_completed(&gw, task, &names).then_some(()),
-        || report(&gw, &specs, task),
+        || gw.task_report(&specs, task),
     );
 
     for s in &specs {
@@ -215,7 +179,7 @@ fn forged_datagrams_are_dropped_counted_and_never_written() {
             got == data,
             "{}: the received copy differs from the source\n{}",
             s.log.display(),
-            report(&gw, &specs, task)
+            gw.task_report(&specs, task)
         );
         let got_old = std::fs::read(downloads.join("old.bin")).expect("earlier copy");
         assert!(

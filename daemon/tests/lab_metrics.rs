@@ -13,8 +13,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddrV4;
 use std::time::Duration;
 
-use common::{wait_for, AgentSpec, Gateway, Rng};
-use fleetcast_daemon::admin::Request;
+use common::{wait_for, Gateway, Rng};
 use fleetcast_lab::{Host, Lab, LabConfig};
 use serde_json::Value;
 
@@ -65,22 +64,7 @@ fn multicast_counters_move_with_a_lossy_push() {
             &metrics.to_string(),
         ],
     );
-    let mut specs = Vec::new();
-    let mut agents = Vec::new();
-    for i in 1..=2 {
-        let name = format!("n{i}");
-        let d = gw.admin(&Request::DeviceAdd {
-            name: name.clone(),
-            groups: vec!["fleet".into()],
-        });
-        let token = d["token"].as_str().expect("token").to_string();
-        let spec = AgentSpec::new(&gw, dir, &name, Some(token));
-        agents.push(spec.spawn(lab.host(i)));
-        specs.push(spec);
-    }
-    for (i, s) in specs.iter().enumerate() {
-        gw.wait_online(&format!("n{}", i + 1), WAIT, || s.output());
-    }
+    let (_specs, agents) = gw.enrol_agents(&lab, dir, 2);
     lab.host(1)
         .loss_in(&[MCAST_PORT], 10.0)
         .expect("nft loss rule");

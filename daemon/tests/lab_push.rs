@@ -12,7 +12,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{now, read_log, wait_for, AgentSpec, Gateway, Rng};
+use common::{now, read_log, status_of, wait_for, AgentSpec, Gateway, Rng};
 use fleetcast_daemon::admin::Request;
 use fleetcast_lab::{Lab, LabConfig};
 use serde_json::Value;
@@ -25,21 +25,6 @@ fn agent_role() {
 const WAIT: Duration = Duration::from_secs(45);
 const MCAST_PORT: u16 = 7301;
 const BLOCK: u32 = 1400;
-
-fn task_rows(gw: &Gateway<'_>, task: u64) -> Vec<Value> {
-    gw.try_admin(&Request::TaskShow { task: Some(task) })
-        .ok()
-        .and_then(|d| d["devices"].as_array().cloned())
-        .unwrap_or_default()
-}
-
-fn status_of(rows: &[Value], name: &str) -> String {
-    rows.iter()
-        .find(|r| r["device"] == name)
-        .and_then(|r| r["status"].as_str())
-        .unwrap_or("?")
-        .to_string()
-}
 
 /// Runs the operator CLI against `gw`; returns its stdout (it must succeed).
 fn cli(gw: &Gateway<'_>, args: &[&str]) -> String {
@@ -85,33 +70,8 @@ fn gateway_with_two_agents<'lab>(
     let mut args = vec!["--mcast-addr", &gw_addr];
     args.extend_from_slice(extra);
     let gw = Gateway::start(lab.host(0), dir, &args);
-    let mut specs = Vec::new();
-    let mut agents = Vec::new();
-    for i in 1..=2 {
-        let name = format!("n{i}");
-        let d = gw.admin(&Request::DeviceAdd {
-            name: name.clone(),
-            groups: vec!["fleet".into()],
-        });
-        let token = d["token"].as_str().expect("token").to_string();
-        let spec = AgentSpec::new(&gw, dir, &name, Some(token));
-        agents.push(spec.spawn(lab.host(i)));
-        specs.push(spec);
-    }
-    for (i, s) in specs.iter().enumerate() {
-        gw.wait_online(&format!("n{}", i + 1), WAIT, || s.output());
-    }
+    let (specs, agents) = gw.enrol_agents(lab, dir, 2);
     (gw, specs, agents)
-}
-
-fn report(gw: &Gateway<'_>, specs: &[AgentSpec], task: u64) -> String {
-    let mut s = format!("task show: {:#?}\n", task_rows(gw, task));
-    for a in specs {
-        s.push_str(&a.output());
-        s.push('\n');
-    }
-    s.push_str(&gw.diag());
-    s
 }
 
 /// `fleetcast --json push SRC --group fleet EXTRA...` as an operator runs it; the task id.
@@ -131,13 +91,13 @@ fn wait_completed(gw: &Gateway<'_>, specs: &[AgentSpec], task: u64, names: &[&st
         &format!("{names:?} to complete task {task}"),
         WAIT,
         || {
-            let rows = task_rows(gw, task);
+            let rows = gw.task_rows(task);
             names
                 .iter()
                 .all(|n| status_of(&rows, n) == "completed")
                 .then_some(())
         },
-        || report(gw, specs, task),
+        || gw.task_report(specs, task),
     );
 }
 
@@ -154,22 +114,8 @@ fn push_reaches_four_lossy_receivers_and_a_late_one_by_unicast_catch_up() {
     );
 
     // Five devices in group `fleet`; all enrol, then n5 goes offline before the push.
-    let mut specs = Vec::new();
-    let mut agents = Vec::new();
-    for i in 1..=5 {
-        let name = format!("n{i}");
-        let d = gw.admin(&Request::DeviceAdd {
-            name: name.clone(),
-            groups: vec!["fleet".into()],
-        });
-        let token = d["token"].as_str().expect("token").to_string();
-        let spec = AgentSpec::new(&gw, dir, &name, Some(token));
-        agents.push(Some(spec.spawn(lab.host(i))));
-        specs.push(spec);
-    }
-    for (i, s) in specs.iter().enumerate() {
-        gw.wait_online(&format!("n{}", i + 1), WAIT, || s.output());
-    }
+    let (specs, agents) = gw.enrol_agents(&lab, dir, 5);
+    let mut agents: Vec<_> = agents.into_iter().map(Some).collect();
     let mut n5 = agents[4].take().expect("n5");
     n5.kill().expect("kill n5");
     drop(n5);
@@ -213,7 +159,7 @@ fn push_reaches_four_lossy_receivers_and_a_late_one_by_unicast_catch_up() {
     let task = r["data"]["task"].as_u64().expect("task id");
     let blocks = u64::from(size.div_ceil(BLOCK as usize) as u32);
     let diag = |specs: &[AgentSpec]| {
-        let mut s = format!("task show: {:#?}\n", task_rows(&gw, task));
+        let mut s = format!("task show: {:#?}\n", gw.task_rows(task));
         for a in specs {
             s.push_str(&a.output());
             s.push('\n');
@@ -227,7 +173,7 @@ fn push_reaches_four_lossy_receivers_and_a_late_one_by_unicast_catch_up() {
         "n1..n4 to complete the push",
         WAIT,
         || {
-            let rows = task_rows(&gw, task);
+            let rows = gw.task_rows(task);
             (1..=4)
                 .all(|i| status_of(&rows, &format!("n{i}")) == "completed")
                 .then_some(())
@@ -238,7 +184,7 @@ fn push_reaches_four_lossy_receivers_and_a_late_one_by_unicast_catch_up() {
         "{size} bytes to 4 receivers at 5% loss: {:?} from push to the last completion (20 ms polls)",
         started.elapsed()
     );
-    assert_eq!(status_of(&task_rows(&gw, task), "n5"), "pending");
+    assert_eq!(status_of(&gw.task_rows(task), "n5"), "pending");
     let late = now();
 
     // n5 comes back after the multicast ended: announced on welcome, caught up by unicast.
@@ -246,7 +192,7 @@ fn push_reaches_four_lossy_receivers_and_a_late_one_by_unicast_catch_up() {
     wait_for(
         "n5 to catch up",
         WAIT,
-        || (status_of(&task_rows(&gw, task), "n5") == "completed").then_some(()),
+        || (status_of(&gw.task_rows(task), "n5") == "completed").then_some(()),
         || diag(&specs),
     );
     eprintln!(
@@ -263,7 +209,7 @@ fn push_reaches_four_lossy_receivers_and_a_late_one_by_unicast_catch_up() {
             i + 1
         );
     }
-    let rows = task_rows(&gw, task);
+    let rows = gw.task_rows(task);
     for i in 1..=5 {
         assert_eq!(status_of(&rows, &format!("n{i}")), "completed", "{rows:#?}");
     }
@@ -338,22 +284,7 @@ fn push_throughput() {
         dir,
         &["--mcast-addr", &gw_addr, "--mcast-warmup-ms", &warmup],
     );
-    let mut specs = Vec::new();
-    let mut agents = Vec::new();
-    for i in 1..=4 {
-        let name = format!("n{i}");
-        let d = gw.admin(&Request::DeviceAdd {
-            name: name.clone(),
-            groups: vec!["fleet".into()],
-        });
-        let token = d["token"].as_str().expect("token").to_string();
-        let spec = AgentSpec::new(&gw, dir, &name, Some(token));
-        agents.push(spec.spawn(lab.host(i)));
-        specs.push(spec);
-    }
-    for (i, s) in specs.iter().enumerate() {
-        gw.wait_online(&format!("n{}", i + 1), WAIT, || s.output());
-    }
+    let (_specs, agents) = gw.enrol_agents(&lab, dir, 4);
     let mut rng = Rng::from_env(1);
     let mut data = vec![0u8; 32 << 20];
     rng.fill(&mut data);
@@ -373,7 +304,7 @@ fn push_throughput() {
         "all four to complete",
         Duration::from_secs(120),
         || {
-            let rows = task_rows(&gw, task);
+            let rows = gw.task_rows(task);
             (1..=4)
                 .all(|i| status_of(&rows, &format!("n{i}")) == "completed")
                 .then_some(())
@@ -412,22 +343,7 @@ fn transfers_resume_across_agent_and_gateway_restarts() {
     let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
     let gw_addr = lab.host(0).addr().to_string();
     let mut gw = Gateway::start(lab.host(0), dir, &["--mcast-addr", &gw_addr]);
-    let mut specs = Vec::new();
-    let mut agents = Vec::new();
-    for i in 1..=2 {
-        let name = format!("n{i}");
-        let d = gw.admin(&Request::DeviceAdd {
-            name: name.clone(),
-            groups: vec!["fleet".into()],
-        });
-        let token = d["token"].as_str().expect("token").to_string();
-        let spec = AgentSpec::new(&gw, dir, &name, Some(token));
-        agents.push(spec.spawn(lab.host(i)));
-        specs.push(spec);
-    }
-    for (i, s) in specs.iter().enumerate() {
-        gw.wait_online(&format!("n{}", i + 1), WAIT, || s.output());
-    }
+    let (specs, mut agents) = gw.enrol_agents(&lab, dir, 2);
     let mut rng = Rng::from_env(0x5eed_0008);
     let mut data = vec![0u8; 12 << 20];
     rng.fill(&mut data);
@@ -455,7 +371,7 @@ fn transfers_resume_across_agent_and_gateway_restarts() {
         "n1's progress record",
         WAIT,
         || rec.exists().then_some(()),
-        || report(&gw, &specs, task),
+        || gw.task_report(&specs, task),
     );
     agents[0].kill().expect("kill n1");
     agents[0] = specs[0].spawn(lab.host(1));
@@ -476,7 +392,7 @@ fn transfers_resume_across_agent_and_gateway_restarts() {
         "n2's progress record of task 2",
         WAIT,
         || rec2.exists().then_some(()),
-        || report(&gw, &specs, task2),
+        || gw.task_report(&specs, task2),
     );
     gw.kill();
     gw.restart();
@@ -523,30 +439,30 @@ fn two_concurrent_pushes_to_the_same_devices_both_complete() {
         files.push((name, data));
     }
     let both = |task: u64| {
-        let rows = task_rows(&gw, task);
+        let rows = gw.task_rows(task);
         status_of(&rows, "n1") == "completed" && status_of(&rows, "n2") == "completed"
     };
     wait_for(
         "task a to complete on both",
         WAIT,
         || both(tasks[0]).then_some(()),
-        || report(&gw, &specs, tasks[0]),
+        || gw.task_report(&specs, tasks[0]),
     );
     assert!(
         !both(tasks[1]),
         "the slow task b finished before a: a's repairs were held up\n{}",
-        report(&gw, &specs, tasks[1])
+        gw.task_report(&specs, tasks[1])
     );
     for &task in &tasks {
         wait_for(
             &format!("task {task} to complete on both"),
             WAIT,
             || {
-                let rows = task_rows(&gw, task);
+                let rows = gw.task_rows(task);
                 (status_of(&rows, "n1") == "completed" && status_of(&rows, "n2") == "completed")
                     .then_some(())
             },
-            || report(&gw, &specs, task),
+            || gw.task_report(&specs, task),
         );
     }
     for s in &specs {
@@ -615,7 +531,7 @@ fn scheduled_and_quorum_triggers_start_the_multicast_when_they_say() {
         "the scheduled start",
         WAIT,
         || (fired(&gw) == 1).then_some(()),
-        || report(&gw, &specs, task),
+        || gw.task_report(&specs, task),
     );
     assert!(
         asked.elapsed() >= Duration::from_millis(2900),
@@ -649,7 +565,7 @@ fn scheduled_and_quorum_triggers_start_the_multicast_when_they_say() {
         "the quorum start",
         WAIT,
         || (fired(&gw) == 2).then_some(()),
-        || report(&gw, &specs, task2),
+        || gw.task_report(&specs, task2),
     );
     let line = gw
         .stderr()
@@ -693,7 +609,7 @@ fn a_follow_up_command_runs_after_the_verified_copy() {
     let task = push_cli(&gw, &src, &["--then", "sh:echo installed"]);
     for i in 0..specs.len() {
         let name = format!("n{}", i + 1);
-        let q = gw.wait_done(&name, WAIT, || report(&gw, &specs, task));
+        let q = gw.wait_done(&name, WAIT, || gw.task_report(&specs, task));
         let cmds = q["commands"].as_array().expect("commands");
         assert_eq!(cmds.len(), 1, "{q:#}");
         assert_eq!(cmds[0]["state"], "ok", "{q:#}");
@@ -704,7 +620,7 @@ fn a_follow_up_command_runs_after_the_verified_copy() {
                 .contains("installed"),
             "{q:#}"
         );
-        assert_eq!(status_of(&task_rows(&gw, task), &name), "completed");
+        assert_eq!(status_of(&gw.task_rows(task), &name), "completed");
     }
     // The event log shows the order: the verified copy, then the follow-up queued.
     let events: Vec<String> = gw
@@ -787,7 +703,7 @@ fn a_copy_corrupted_on_the_device_is_received_again_not_reported() {
         "n1 to hold a third of the file",
         WAIT,
         || {
-            let rows = task_rows(&gw, task);
+            let rows = gw.task_rows(task);
             let b = rows
                 .iter()
                 .find(|r| r["device"] == "n1")
@@ -796,7 +712,7 @@ fn a_copy_corrupted_on_the_device_is_received_again_not_reported() {
             let (got, total): (u64, u64) = (got.parse().ok()?, total.parse().ok()?);
             (total > 0 && got * 3 >= total).then_some(())
         },
-        || report(&gw, &specs, task),
+        || gw.task_report(&specs, task),
     );
     // A disk fault: the first block, already received and written, is overwritten.
     {
@@ -834,24 +750,11 @@ fn independent_losses_are_healed_by_parity() {
     let lab = Lab::new(LabConfig::hosts(5)).expect("lab (see docs/lab.md)");
     let gw_addr = lab.host(0).addr().to_string();
     let gw = Gateway::start(lab.host(0), dir, &["--mcast-addr", &gw_addr]);
-    let mut specs = Vec::new();
-    let mut agents = Vec::new();
+    let (specs, agents) = gw.enrol_agents(&lab, dir, 4);
     for i in 1..=4 {
-        let name = format!("n{i}");
-        let d = gw.admin(&Request::DeviceAdd {
-            name: name.clone(),
-            groups: vec!["fleet".into()],
-        });
-        let token = d["token"].as_str().expect("token").to_string();
-        let spec = AgentSpec::new(&gw, dir, &name, Some(token));
-        agents.push(spec.spawn(lab.host(i)));
-        specs.push(spec);
         lab.host(i)
             .loss_in(&[MCAST_PORT], 5.0)
             .expect("nft loss rule");
-    }
-    for (i, s) in specs.iter().enumerate() {
-        gw.wait_online(&format!("n{}", i + 1), WAIT, || s.output());
     }
     // 8 MiB: 6,000 blocks, a dozen FEC groups of 512 (the default).
     let mut data = vec![0u8; 8 << 20];

@@ -346,6 +346,54 @@ impl<'lab> Gateway<'lab> {
         .unwrap_or_default()
     }
 
+    /// Enrols devices `n1..=nN` in group `fleet`, starts their agents on lab hosts 1..=N and
+    /// waits until every one is online.
+    pub fn enrol_agents(
+        &self,
+        lab: &'lab fleetcast_lab::Lab,
+        dir: &Path,
+        n: usize,
+    ) -> (Vec<AgentSpec>, Vec<LabChild<'lab>>) {
+        let mut specs = Vec::new();
+        let mut agents = Vec::new();
+        for i in 1..=n {
+            let name = format!("n{i}");
+            let d = self.admin(&Request::DeviceAdd {
+                name: name.clone(),
+                groups: vec!["fleet".into()],
+            });
+            let token = d["token"].as_str().expect("token").to_string();
+            let spec = AgentSpec::new(self, dir, &name, Some(token));
+            agents.push(spec.spawn(lab.host(i)));
+            specs.push(spec);
+        }
+        for (i, s) in specs.iter().enumerate() {
+            self.wait_online(&format!("n{}", i + 1), Duration::from_secs(60), || {
+                s.output()
+            });
+        }
+        (specs, agents)
+    }
+
+    /// A task's status table (`task show`), one row per device; empty while unreachable.
+    pub fn task_rows(&self, task: u64) -> Vec<Value> {
+        self.try_admin(&Request::TaskShow { task: Some(task) })
+            .ok()
+            .and_then(|d| d["devices"].as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// Diagnostics of a push: the task table, every agent's log, the gateway's stderr.
+    pub fn task_report(&self, specs: &[AgentSpec], task: u64) -> String {
+        let mut s = format!("task show: {:#?}\n", self.task_rows(task));
+        for a in specs {
+            s.push_str(&a.output());
+            s.push('\n');
+        }
+        s.push_str(&self.diag());
+        s
+    }
+
     /// Waits until `name`'s queue is `done`; returns its `queue show`.
     pub fn wait_done(&self, name: &str, timeout: Duration, diag: impl Fn() -> String) -> Value {
         wait_for(
@@ -485,4 +533,13 @@ pub fn wait_exit(
 /// The host part of a lab address, for messages.
 pub fn ip(a: SocketAddrV4) -> Ipv4Addr {
     *a.ip()
+}
+
+/// The `status` of `name`'s row in a task table ("?" when it has none).
+pub fn status_of(rows: &[Value], name: &str) -> String {
+    rows.iter()
+        .find(|r| r["device"] == name)
+        .and_then(|r| r["status"].as_str())
+        .unwrap_or("?")
+        .to_string()
 }
