@@ -72,13 +72,24 @@ pub(crate) const META_COMMIT_SEQ: &[u8] = b"commit_seq";
 pub(crate) const META_NEXT_DEVICE: &[u8] = b"next_device";
 pub(crate) const META_NEXT_TASK: &[u8] = b"next_task";
 
+/// Mode of the store's directory: commands, results and outputs are nobody else's business.
+pub(crate) const DIR_MODE: u32 = 0o700;
+/// Mode of `data.mdb` and `lock.mdb`.
+pub(crate) const FILE_MODE: u32 = 0o600;
+
 /// Opens (creating if needed) the environment at `path` and checks its schema version.
+///
+/// The directory is made 0700 and the files 0600 whatever the umask, existing ones included
+/// (a store restored by `cp` or created by an older build may be world-readable).
 pub(crate) fn open_env(path: &Path) -> Result<(Environment, Dbs)> {
-    std::fs::create_dir_all(path)?;
+    make_private(path, DIR_MODE, true)?;
     let env = Environment::new()
         .set_max_dbs(16)
         .set_map_size(INITIAL_MAP_SIZE)
-        .open(path)?;
+        .open_with_permissions(path, FILE_MODE as lmdb_sys::mdb_mode_t)?;
+    for f in ["data.mdb", "lock.mdb"] {
+        make_private(&path.join(f), FILE_MODE, false)?;
+    }
     let db = |name| env.create_db(Some(name), DatabaseFlags::empty());
     let dbs = Dbs {
         meta: db("meta")?,
@@ -127,6 +138,32 @@ pub(crate) fn open_env(path: &Path) -> Result<(Environment, Dbs)> {
         }
     }
     Ok((env, dbs))
+}
+
+/// Creates the directory `path` (if `dir`) and sets `path` to `mode` when it grants more than
+/// that; a missing file is left missing.
+pub(crate) fn make_private(path: &Path, mode: u32, dir: bool) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    if dir && !path.is_dir() {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
+        match std::fs::DirBuilder::new().mode(mode).create(path) {
+            // The umask may have taken bits away from `mode`: set it exactly.
+            Ok(()) => std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let current = match std::fs::metadata(path) {
+        Ok(m) => m.permissions().mode() & 0o7777,
+        Err(e) if !dir && e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if current & !mode != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
 }
 
 /// Bytes of the map in use (pages up to the last one written).

@@ -117,9 +117,12 @@ impl Store {
     /// `MDB_CP_COMPACT`, inside one read transaction, so writers go on while it copies and the
     /// copy is the state of one commit. Free pages are left out. The copy opens with
     /// [`Store::open`] like any store directory.
+    ///
+    /// The copy is as private as the store: a directory it creates is 0700 and `data.mdb` is
+    /// 0600 (LMDB creates it subject to the umask; it is tightened once written).
     pub fn backup(&self, dest: impl AsRef<Path>) -> Result<()> {
         let dest = dest.as_ref();
-        std::fs::create_dir_all(dest)?;
+        env::make_private(dest, env::DIR_MODE, true)?;
         if dest.join("data.mdb").exists() {
             return Err(Error::Io(std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
@@ -155,7 +158,7 @@ impl Store {
                 .unwrap_or(libc::EIO)
         });
         if rc == 0 {
-            Ok(())
+            env::make_private(&dest.join("data.mdb"), env::FILE_MODE, false)
         } else if rc > 0 {
             // LMDB returns errno values for file system failures.
             Err(Error::Io(std::io::Error::from_raw_os_error(rc)))

@@ -725,3 +725,35 @@ fn backup_is_a_consistent_store_taken_while_open() {
     let e = s.backup(&dest).unwrap_err();
     assert!(e.to_string().contains("already holds a store"), "{e}");
 }
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn the_store_and_its_backup_are_private_to_their_owner() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data/store");
+    let s = Store::open(&path).unwrap();
+    assert_eq!(mode(&path), 0o700);
+    assert_eq!(mode(&path.join("data.mdb")), 0o600);
+    assert_eq!(mode(&path.join("lock.mdb")), 0o600);
+    let dest = dir.path().join("backup");
+    s.backup(&dest).unwrap();
+    assert_eq!(mode(&dest), 0o700);
+    assert_eq!(mode(&dest.join("data.mdb")), 0o600);
+    drop(s);
+    // A store left world-readable (an older build, a careless restore) is tightened on open.
+    let chmod = |p: &std::path::Path, m| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    chmod(&path, 0o755);
+    chmod(&path.join("data.mdb"), 0o644);
+    chmod(&path.join("lock.mdb"), 0o666);
+    let _s = Store::open(&path).unwrap();
+    assert_eq!(mode(&path), 0o700);
+    assert_eq!(mode(&path.join("data.mdb")), 0o600);
+    assert_eq!(mode(&path.join("lock.mdb")), 0o600);
+}
