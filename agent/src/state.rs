@@ -228,12 +228,33 @@ impl State {
     /// Opens (creating it with mode 0700 if needed) the state directory and loads the
     /// command record. A command found `Executing` (the agent died while running it) is
     /// turned into a durable failed result; [`State::interrupted`] then names its `seq`.
+    ///
+    /// The directory holds the device key and the commands' progress: it is made exactly
+    /// 0700 whatever the umask, and an existing one open to group or others is tightened to
+    /// 0700 (with a line on stderr naming the old mode).
     pub fn open(dir: &Path) -> Result<State, StateError> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(|e| io_err(dir, e))?;
+        let mode = fs::metadata(dir)
+            .map_err(|e| io_err(dir, e))?
+            .permissions()
+            .mode()
+            & 0o7777;
+        if mode != 0o700 {
+            fs::set_permissions(dir, Permissions::from_mode(0o700)).map_err(|e| io_err(dir, e))?;
+            if mode & 0o077 != 0 {
+                // Lost, not a panic, if stderr cannot be written.
+                let _ = writeln!(
+                    io::stderr(),
+                    "fleetcast-agent: state directory {} was mode {mode:03o}, open to other \
+                     users: it is now 0700",
+                    dir.display()
+                );
+            }
+        }
         let mut state = State {
             dir: dir.to_owned(),
             command: CommandRecord::None,
@@ -810,6 +831,19 @@ mod tests {
         drop(f);
         assert_eq!(fs::read(&p).unwrap(), b"old");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn an_open_state_directory_is_tightened() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("state");
+        fs::create_dir(&d).unwrap();
+        fs::set_permissions(&d, Permissions::from_mode(0o755)).unwrap();
+        State::open(&d).unwrap();
+        assert_eq!(
+            fs::metadata(&d).unwrap().permissions().mode() & 0o7777,
+            0o700
+        );
     }
 
     #[test]
