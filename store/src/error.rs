@@ -125,7 +125,7 @@ pub enum Error {
         supported: u32,
     },
     /// A protocol rule forbids this transition for `device` (or the task).
-    #[error("illegal transition for device {device:?}: {kind:?}")]
+    #[error("{kind}")]
     IllegalTransition {
         /// The device concerned (`None` for task-only rules).
         device: Option<DeviceId>,
@@ -133,7 +133,7 @@ pub enum Error {
         kind: Illegal,
     },
     /// A record the operation needs does not exist.
-    #[error("not found: {0:?}")]
+    #[error("{0}")]
     NotFound(Missing),
     /// The file system is full (ENOSPC, EDQUOT or EFBIG). The failed batch is not committed;
     /// everything committed before is intact.
@@ -156,6 +156,70 @@ pub enum Error {
     /// An I/O error while preparing the environment directory.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+}
+
+// Human text for the operator and the log (`fleetcast queue retry` prints it): plain values,
+// no Rust debug output.
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Missing::Device(d) => write!(f, "no device with id {}", d.0),
+            Missing::DeviceName(n) => write!(f, "no device named `{n}`"),
+            Missing::EnrolmentToken => f.write_str("no such enrolment token (wrong, or used)"),
+            Missing::Command { device, seq } => {
+                write!(f, "no command {seq} in the queue of device {}", device.0)
+            }
+            Missing::Task(t) => write!(f, "no task {}", t.0),
+            Missing::TaskTarget { task, device } => {
+                write!(f, "device {} is not a target of task {}", device.0, task.0)
+            }
+            Missing::Group(g) => write!(f, "no group `{g}` (or it has no members)"),
+        }
+    }
+}
+
+impl std::fmt::Display for Illegal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Illegal::WrongStatus { op, status } => {
+                // The same lower-case names as `fleetcast queue show`.
+                let status = format!("{status:?}").to_lowercase();
+                let op = op.replace('_', " ");
+                write!(f, "{op} is not allowed while the queue is {status}")
+            }
+            Illegal::NotNextCommand { expected, found } => match expected {
+                Some(e) => write!(f, "command {found} is not the next one ({e} is)"),
+                None => write!(f, "command {found} is not the next one (none is pending)"),
+            },
+            Illegal::NotTransmitted { seq } => write!(f, "command {seq} was never sent"),
+            Illegal::ConflictingResult { seq } => {
+                write!(f, "command {seq} already has a different result")
+            }
+            Illegal::AttemptsExhausted { seq } => {
+                write!(f, "command {seq} has used all its attempts")
+            }
+            Illegal::NotARebootCommand { seq } => write!(f, "command {seq} has no reboot step"),
+            Illegal::BootIdUnchanged => {
+                f.write_str("the device came back with the boot id it had before the reboot")
+            }
+            Illegal::DeadlineNotReached { deadline_ms } => write!(
+                f,
+                "the deadline ({deadline_ms} ms after the UNIX epoch) has not passed"
+            ),
+            Illegal::NameTaken => f.write_str("the name is taken by another device"),
+            Illegal::Revoked => f.write_str("the device is revoked"),
+            Illegal::TaskStatus { op, current } => write!(
+                f,
+                "{} is not allowed while the task is {current}",
+                op.replace('_', " ")
+            ),
+            Illegal::BlockOutOfRange { block, blocks } => {
+                write!(f, "block {block} is past the task's {blocks} blocks")
+            }
+            Illegal::Invalid(why) => f.write_str(why),
+            Illegal::TokenExpired => f.write_str("the enrolment token has expired"),
+        }
+    }
 }
 
 impl From<lmdb::Error> for Error {

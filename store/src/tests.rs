@@ -757,3 +757,37 @@ fn the_store_and_its_backup_are_private_to_their_owner() {
     assert_eq!(mode(&path.join("data.mdb")), 0o600);
     assert_eq!(mode(&path.join("lock.mdb")), 0o600);
 }
+
+#[test]
+fn refusals_read_as_plain_text() {
+    let (_dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    let e = b.retry(d).unwrap_err().to_string();
+    assert_eq!(e, "retry is not allowed while the queue is idle");
+    let e = b.enqueue(d, cmd(vec![], 1, OnFailure::Stop)).unwrap_err();
+    assert_eq!(e.to_string(), "command has no steps");
+    let cases = [
+        Error::NotFound(Missing::DeviceName("web1".into())),
+        Error::NotFound(Missing::Command { device: d, seq: 5 }),
+        Error::illegal(
+            d,
+            Illegal::NotNextCommand {
+                expected: Some(4),
+                found: 5,
+            },
+        ),
+        Error::illegal(
+            d,
+            Illegal::TaskStatus {
+                op: "record_progress",
+                current: "completed",
+            },
+        ),
+    ];
+    for e in cases {
+        let text = e.to_string();
+        for debug in ["Some(", "None", "DeviceId", "{", "\""] {
+            assert!(!text.contains(debug), "{debug:?} in {text:?}");
+        }
+    }
+}
