@@ -772,15 +772,85 @@ pub fn write_report(rows: &[Row], plan: &Plan, dir: &Path) -> Result<String, Str
     Ok(md)
 }
 
-/// Parses a comma-separated list (`"1,4,16"`).
-pub fn parse_list<T: std::str::FromStr>(what: &str, s: &str) -> Result<Vec<T>, String> {
+/// A `fleetcast bench` flag whose value cannot be measured: names the flag the user gave and
+/// says why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{flag} {value}: {why}")]
+pub struct FlagError {
+    /// The flag, e.g. `--receivers`.
+    pub flag: &'static str,
+    /// The value given.
+    pub value: String,
+    /// Why it is refused and what is accepted.
+    pub why: String,
+}
+
+/// Parses the comma-separated list (`"1,4,16"`) given to `flag`.
+pub fn parse_list<T: std::str::FromStr>(flag: &'static str, s: &str) -> Result<Vec<T>, FlagError> {
     s.split(',')
         .map(|v| {
-            v.trim()
-                .parse()
-                .map_err(|_| format!("{what}: `{v}` is not a number (expected e.g. 1,4,16)"))
+            v.trim().parse().map_err(|_| FlagError {
+                flag,
+                value: s.to_string(),
+                why: format!(
+                    "`{}` is not a number (expected a list like 1,4,16)",
+                    v.trim()
+                ),
+            })
         })
         .collect()
+}
+
+/// Smallest and largest lab MTU: IPv4's minimum datagram, and jumbo frames.
+const MTU_RANGE: std::ops::RangeInclusive<u32> = 576..=9000;
+
+impl Plan {
+    /// Refuses, before any lab is built, values that cannot be measured; the error names the
+    /// flag they came from.
+    pub fn check(&self) -> Result<(), FlagError> {
+        let bad = |flag, value: String, why: String| Err(FlagError { flag, value, why });
+        let max = fleetcast_lab::MAX_HOSTS - 1;
+        if let Some(n) = self.receivers.iter().find(|n| !(1..=max).contains(*n)) {
+            return bad(
+                "--receivers",
+                n.to_string(),
+                format!("a push needs at least one receiver, and the lab has room for {max}: give counts from 1 to {max}, e.g. 1,4,16"),
+            );
+        }
+        if let Some(l) = self.loss.iter().find(|l| !(0.0..100.0).contains(*l)) {
+            return bad(
+                "--loss",
+                l.to_string(),
+                "loss is a percentage from 0 up to (not including) 100, e.g. 0,1,5".into(),
+            );
+        }
+        if let Some(m) = self.mtus.iter().find(|m| !MTU_RANGE.contains(*m)) {
+            return bad(
+                "--mtu",
+                m.to_string(),
+                format!(
+                    "the lab's MTU must be {} to {}, e.g. 1500,9000",
+                    MTU_RANGE.start(),
+                    MTU_RANGE.end()
+                ),
+            );
+        }
+        if !(1..=65_536).contains(&self.mib) {
+            return bad(
+                "--mib",
+                self.mib.to_string(),
+                "the pushed file is 1 to 65536 MiB".into(),
+            );
+        }
+        if self.timeout.is_zero() {
+            return bad(
+                "--timeout",
+                "0".into(),
+                "a push needs at least 1 second".into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -828,14 +898,48 @@ mod tests {
         .unwrap();
         assert_eq!(back, (2, rows.to_vec()));
         assert_eq!(parse_list::<usize>("r", "1, 4,16").unwrap(), [1, 4, 16]);
-        assert!(parse_list::<f64>("loss", "1,x")
-            .unwrap_err()
-            .contains("`x`"));
+        let e = parse_list::<f64>("--loss", "1,x").unwrap_err().to_string();
+        assert!(e.starts_with("--loss 1,x: `x` is not a number"), "{e}");
         assert_eq!(goodput.matches("<circle").count(), 3);
         assert_eq!(goodput.matches("<polyline").count(), 2);
         assert_eq!(time.matches("<polyline").count(), 2);
         assert!(goodput.contains("1 receivers, MTU 1500"));
         assert_eq!(rows[1].to_json()["fraction_of_ceiling"], 0.8);
+    }
+
+    #[test]
+    fn values_that_cannot_be_measured_name_their_flag() {
+        let plan = Plan {
+            receivers: vec![1, 4],
+            loss: vec![0.0, 5.0],
+            mtus: vec![1500, 9000],
+            mib: 2,
+            timeout: Duration::from_secs(1),
+            exe: PathBuf::new(),
+            work: PathBuf::new(),
+        };
+        assert_eq!(plan.check(), Ok(()));
+        type Change = fn(&mut Plan);
+        let cases: [(Change, &str); 6] = [
+            (
+                |p| p.receivers = vec![4, 0],
+                "--receivers 0: a push needs at least one receiver",
+            ),
+            (|p| p.loss = vec![100.0], "--loss 100: loss is a percentage"),
+            (|p| p.loss = vec![f64::NAN], "--loss NaN"),
+            (
+                |p| p.mtus = vec![100],
+                "--mtu 100: the lab's MTU must be 576 to 9000",
+            ),
+            (|p| p.mib = 0, "--mib 0"),
+            (|p| p.timeout = Duration::ZERO, "--timeout 0"),
+        ];
+        for (change, want) in cases {
+            let mut p = plan.clone();
+            change(&mut p);
+            let e = p.check().unwrap_err().to_string();
+            assert!(e.starts_with(want), "want {want:?}, got {e:?}");
+        }
     }
 
     #[test]

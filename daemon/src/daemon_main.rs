@@ -1,8 +1,9 @@
 //! The `fleetcastd` command line, as a library function (the binary and `fleetcast demo` use it).
 //!
 //! The gateway keeps everything in its data directory: the LMDB store (`store/`), its CA and
-//! server key (`pki/`) and the admin socket (`admin.sock`). Restarting it at any instant loses
-//! nothing.
+//! server key (`pki/`), the admin socket (`admin.sock`) and the lock that keeps a second
+//! gateway off the directory (`fleetcastd.lock`, see [`crate::datadir`]). Restarting it at any
+//! instant loses nothing.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -10,10 +11,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::config::{self, Config, LogFormat};
+use crate::datadir::{self, Tightened};
 use crate::distribution::McastConfig;
 use crate::exit::Exit;
 use crate::fleet::{Fleet, FleetConfig};
 use crate::gateway::{ArtifactsConfig, Clock, Gateway, GatewayConfig};
+use crate::output;
 use crate::paths::default_data_dir;
 use crate::pki::Pki;
 use crate::sd_notify;
@@ -212,7 +215,7 @@ where
     let mut cfg = match config::load(args.config.as_deref(), env, &args.overrides()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("fleetcastd: {e}");
+            output::err(&format!("fleetcastd: {e}"));
             return Exit::Usage.into();
         }
     };
@@ -220,43 +223,77 @@ where
         cfg.data_dir = Some(default_data_dir());
     }
     if args.print_config {
-        print!("{}", cfg.to_toml());
-        return Exit::Ok.into();
+        return print_out(&cfg.to_toml());
     }
-    let filter = tracing_subscriber::EnvFilter::new(&cfg.log.level);
-    let _ = match cfg.log.format {
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .try_init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .try_init(),
-    };
-    match run(cfg, args.print_ca_fingerprint) {
+    init_logging(&cfg.log);
+    let data = cfg.data_dir.clone().unwrap_or_else(default_data_dir);
+    if args.print_ca_fingerprint {
+        // A print command only reads: no directory, key or certificate is created or
+        // re-issued, and it works beside a running gateway.
+        return match Pki::read_ca_fingerprint(&data.join("pki")) {
+            Ok(fp) => print_out(&format!("{fp}\n")),
+            Err(e) => {
+                output::err(&format!("fleetcastd: {e}"));
+                Exit::Failed.into()
+            }
+        };
+    }
+    match run(cfg, data) {
         Ok(()) => Exit::Ok.into(),
         Err(e) => {
             tracing::error!(error = %e, "fleetcastd stopped");
-            eprintln!("fleetcastd: {e}");
+            output::err(&format!("fleetcastd: {e}"));
             Exit::Failed.into()
         }
     }
 }
 
-fn run(cfg: Config, print_ca_fingerprint: bool) -> Result<(), Box<dyn std::error::Error>> {
-    let data = cfg.data_dir.clone().unwrap_or_else(default_data_dir);
-    std::fs::create_dir_all(&data)
-        .map_err(|e| format!("cannot create data directory {}: {e}", data.display()))?;
+/// Logging to stderr, set up so that it can never take the gateway down and reads well
+/// wherever stderr goes.
+///
+/// - A failed write (a full disk under the log file, a closed journal pipe, `/dev/full`) loses
+///   that line and nothing else: tracing-subscriber's own report of the failure, which would
+///   go to the same stderr through `eprintln!` and panic there, is off.
+/// - Colour only for a person at a terminal (and not with `NO_COLOR`): a file or the journal
+///   gets plain text.
+fn init_logging(log: &config::LogConfig) {
+    use std::io::IsTerminal as _;
+    let ansi = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let filter = tracing_subscriber::EnvFilter::new(&log.level);
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .log_internal_errors(false);
+    let _ = match log.format {
+        LogFormat::Text => fmt.try_init(),
+        LogFormat::Json => fmt.json().try_init(),
+    };
+}
+
+/// The output of a print command (exit 1 when it could not be written; a reader that went
+/// away early, as `| head -1`, is not an error).
+fn print_out(text: &str) -> ExitCode {
+    output::out(text);
+    output::exit_code(Exit::Ok.into())
+}
+
+fn run(cfg: Config, data: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
+    // First the lock: a second gateway on this directory stops here, before it touches the
+    // admin socket, the store or the certificates.
+    let (_lock, tightened) = datadir::claim(&data)?;
+    if let Tightened::From(mode) = tightened {
+        tracing::warn!(
+            dir = %data.display(),
+            mode = %format_args!("{mode:03o}"),
+            "the data directory was open to other users: it is now 0700"
+        );
+    }
     let clock = Clock::new();
     let (_, wall_ms) = clock.read();
     let now = std::time::UNIX_EPOCH + Duration::from_millis(wall_ms);
     let pki = Pki::load_or_create(&data.join("pki"), &cfg.server_names, now)?;
-    if print_ca_fingerprint {
-        println!("{}", pki.ca_fingerprint_sha256());
-        return Ok(());
-    }
     let store = Store::open(data.join("store"))?;
     let fleet_cfg = FleetConfig {
         heartbeat_ms: cfg.heartbeat_secs.saturating_mul(1000),
@@ -302,12 +339,21 @@ fn run(cfg: Config, print_ca_fingerprint: bool) -> Result<(), Box<dyn std::error
     };
     let mut gw = Gateway::bind(gw_cfg, fleet)?;
     let metrics = gw.metrics_addr();
-    tracing::info!(listen = %gw.local_addr()?, extra = ?gw.extra_addr(), data = %data.display(), metrics = ?metrics, "fleetcastd ready");
-    // Readiness line for scripts and tests (stdout, one line).
-    println!("ready {}", gw.local_addr()?);
-    if let Some(m) = metrics {
-        println!("metrics http://{m}/metrics");
+    // Log fields are plain values: optional listeners get a line of their own when present.
+    tracing::info!(listen = %gw.local_addr()?, data = %data.display(), "fleetcastd ready");
+    if let Some(extra) = gw.extra_addr() {
+        tracing::info!(listen = %extra, "also serving agents on a second address");
     }
+    if let Some(m) = metrics {
+        tracing::info!(url = %format_args!("http://{m}/metrics"), "serving metrics");
+    }
+    // Readiness lines for scripts and tests (stdout). Nobody reading them is no reason to
+    // stop: write errors are ignored.
+    let mut ready = format!("ready {}\n", gw.local_addr()?);
+    if let Some(m) = metrics {
+        ready.push_str(&format!("metrics http://{m}/metrics\n"));
+    }
+    output::out(&ready);
     if let Some(url) = gw.artifact_base_url() {
         tracing::info!(%url, "serving artifacts");
     }

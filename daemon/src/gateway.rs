@@ -1514,7 +1514,11 @@ fn event_to_input(
             None
         }
         GatewayEvent::Closed(info) => {
-            tracing::info!(conn, code = ?info.code.name(), reason = %info.reason, by_peer = info.by_peer, "session closed");
+            let code = info
+                .code
+                .name()
+                .map_or_else(|| info.code.0.to_string(), String::from);
+            tracing::info!(conn, %code, reason = %info.reason, by_peer = info.by_peer, "session closed");
             device.map(|d| Input::Disconnected {
                 conn,
                 device: Some(d),

@@ -138,6 +138,12 @@ pub enum PkiError {
         /// Its permission bits.
         mode: u32,
     },
+    /// There is no CA to read yet.
+    #[error(
+        "no CA yet: {0} does not exist (fleetcastd creates it on its first start; check \
+         --data-dir)"
+    )]
+    NoCa(PathBuf),
     /// No server name was configured for the server certificate.
     #[error("no server name configured for the gateway certificate")]
     NoServerNames,
@@ -243,6 +249,16 @@ impl Pki {
             server_key,
             server_config,
         })
+    }
+
+    /// The fingerprint ([`Pki::ca_fingerprint_sha256`]) of the CA stored in `dir`, read
+    /// without creating, checking or re-issuing anything: a print command never writes.
+    pub fn read_ca_fingerprint(dir: &Path) -> Result<String, PkiError> {
+        let path = dir.join(CA_CERT_FILE);
+        if !exists(&path)? {
+            return Err(PkiError::NoCa(path));
+        }
+        Ok(hex(&sha256(&read_cert(&path)?)))
     }
 
     /// The CA certificate (DER), to hand to agents.
@@ -601,7 +617,18 @@ fn server_cert_problem(
             &[],
             UnixTime::since_unix_epoch(since_epoch),
         ) {
-            return Some(format!("not valid for {}: {e}", name.to_str()));
+            use rustls::CertificateError as C;
+            // rustls's own text of these two shows Rust debug output (`IpAddress(..)`).
+            let why = match e {
+                rustls::Error::InvalidCertificate(
+                    C::NotValidForName | C::NotValidForNameContext { .. },
+                ) => "the name is not in it".to_owned(),
+                rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+                    "expired".to_owned()
+                }
+                other => other.to_string(),
+            };
+            return Some(format!("not valid for {}: {why}", name.to_str()));
         }
     }
     None
@@ -837,6 +864,21 @@ mod tests {
         // Another directory is another CA.
         let other = pki(&dir.path().join("other"));
         assert_ne!(first.ca_cert_der(), other.ca_cert_der());
+    }
+
+    #[test]
+    fn reading_the_fingerprint_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let e = Pki::read_ca_fingerprint(&state).unwrap_err();
+        assert!(matches!(e, PkiError::NoCa(_)), "{e}");
+        assert!(e.to_string().contains("no CA yet"), "{e}");
+        assert!(!state.exists(), "the read created the directory");
+        let p = pki(&state);
+        assert_eq!(
+            Pki::read_ca_fingerprint(&state).unwrap(),
+            p.ca_fingerprint_sha256()
+        );
     }
 
     #[test]

@@ -75,3 +75,32 @@ fn bench_writes_a_report_with_a_row_per_measurement() {
         .expect("run fleetcast bench");
     assert_eq!(bad.status.code(), Some(2));
 }
+
+#[test]
+fn values_that_cannot_be_measured_are_refused_naming_their_flag() {
+    for (args, want) in [
+        (
+            &["--receivers", "0"][..],
+            "--receivers 0: a push needs at least one receiver",
+        ),
+        (
+            &["--receivers", "1,x"][..],
+            "--receivers 1,x: `x` is not a number",
+        ),
+        (&["--loss", "100"][..], "--loss 100: loss is a percentage"),
+        (&["--mtu", "20"][..], "--mtu 20: the lab's MTU must be"),
+        (&["--mib", "0"][..], "--mib 0"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+            .arg("bench")
+            .args(args)
+            .output()
+            .expect("run fleetcast bench");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("fleetcast bench: {want}")),
+            "{args:?}: want {want:?} in {stderr:?}"
+        );
+    }
+}

@@ -287,7 +287,13 @@ fn every_command_with_json_and_exit_codes() {
     expect_json(data, &["queue", "pause", "web1"], 0);
     expect(data, &["queue", "resume", "web1"], 0);
     expect_json(data, &["queue", "cancel", "web1"], 0);
-    expect_json(data, &["queue", "retry", "web1"], 1);
+    let v = expect_json(data, &["queue", "retry", "web1"], 1);
+    let refusal = v["error"].as_str().unwrap();
+    assert!(
+        refusal.starts_with("web1: retry is not allowed while the queue is"),
+        "{v}"
+    );
+    assert_plain("a refusal", refusal);
     let r = expect(data, &["queue", "skip", "web1"], 1);
     assert!(r.stderr.starts_with("fleetcast: "), "{}", r.stderr);
     for sub in ["show", "pause", "resume", "cancel", "retry", "skip"] {
@@ -344,6 +350,57 @@ fn every_command_with_json_and_exit_codes() {
     assert!(e["id"].is_u64(), "{e}");
     let r = expect(data, &["watch", "--from", "0", "--for", "1"], 0);
     assert!(r.stdout.starts_with('#'), "{}", r.stdout);
+    // A reader that goes away (`| head -1`) ends the output quietly, with the command's own
+    // exit code: no panic, nothing on stderr, and `watch` stops instead of polling on.
+    for args in [
+        &["--json", "status"][..],
+        &["--json", "events", "--limit", "1000"][..],
+        &["watch", "--from", "0"][..],
+        &["completions", "bash"][..],
+    ] {
+        let mut child = Command::new(CLI)
+            .arg("--data-dir")
+            .arg(data)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let start = now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("{args:?} with its reader gone: still running after 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+    // Output that cannot be written for another reason (a full disk) is a failure, said once.
+    let o = Command::new(CLI)
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--json", "status"])
+        .stdout(
+            std::fs::File::options()
+                .write(true)
+                .open("/dev/full")
+                .unwrap(),
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("fleetcast: cannot write the output: "),
+        "{err}"
+    );
 
     // metrics: over the admin socket (text and JSON) and over HTTP.
     let r = expect(data, &["metrics"], 0);
@@ -422,6 +479,19 @@ fn every_command_with_json_and_exit_codes() {
     let (code, _, err) = run_agent(&["--print-config"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("line 2: unknown key `stat_dir`"), "{err}");
+
+    // The gateway's log of all this (a file, so no colour): plain values only.
+    let log = std::fs::read_to_string(dir.path().join("gateway.stderr")).unwrap();
+    assert!(log.contains("session closed"), "{log}");
+    assert_plain("the gateway's log", &log);
+}
+
+/// Operator-facing text carries no Rust debug output and no colour codes.
+#[track_caller]
+fn assert_plain(what: &str, text: &str) {
+    for debug in ["Some(", "None", "DeviceId(", "\\\"", "\u{1b}"] {
+        assert!(!text.contains(debug), "{debug:?} in {what}:\n{text}");
+    }
 }
 
 #[test]

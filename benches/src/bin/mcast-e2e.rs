@@ -47,20 +47,25 @@ fn run(args: &[String]) -> Result<(), String> {
     };
     let mut out = std::path::PathBuf::from("bench-report");
     let mut it = args.iter();
+    let text = |e: bench::FlagError| e.to_string();
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
-            "--receivers" => plan.receivers = bench::parse_list("--receivers", value()?)?,
-            "--loss" => plan.loss = bench::parse_list("--loss", value()?)?,
-            "--mtu" => plan.mtus = bench::parse_list("--mtu", value()?)?,
-            "--mib" => plan.mib = bench::parse_list("--mib", value()?)?[0],
+            "--receivers" => {
+                plan.receivers = bench::parse_list("--receivers", value()?).map_err(text)?
+            }
+            "--loss" => plan.loss = bench::parse_list("--loss", value()?).map_err(text)?,
+            "--mtu" => plan.mtus = bench::parse_list("--mtu", value()?).map_err(text)?,
+            "--mib" => plan.mib = bench::parse_list("--mib", value()?).map_err(text)?[0],
             "--timeout" => {
-                plan.timeout = Duration::from_secs(bench::parse_list("--timeout", value()?)?[0])
+                plan.timeout =
+                    Duration::from_secs(bench::parse_list("--timeout", value()?).map_err(text)?[0])
             }
             "--out" => out = value()?.into(),
             other => return Err(format!("unknown argument `{other}` (see the file's docs)")),
         }
     }
+    plan.check().map_err(text)?;
     let result = bench::run(&plan, &mut |line| eprintln!("{line}"));
     let _ = std::fs::remove_dir_all(&plan.work);
     let rows = result?;

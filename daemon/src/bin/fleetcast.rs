@@ -13,6 +13,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use fleetcast_daemon::admin::{self, ClientError, ErrorKind, OnFailureSpec, Request, Response};
 use fleetcast_daemon::exit::Exit;
 use fleetcast_daemon::paths::default_data_dir;
+use fleetcast_daemon::{errln, outln, output};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -370,6 +371,12 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
 }
 
 fn main() -> ExitCode {
+    // A reader that goes away (`| head -1`) ends the output quietly; the exit code stays the
+    // command's own (see `fleetcast_daemon::output`).
+    output::exit_code(run())
+}
+
+fn run() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         // Usage errors are JSON too when --json is on the line (help and version are not
@@ -400,12 +407,9 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "fleetcast",
-                &mut std::io::stdout(),
-            );
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "fleetcast", &mut script);
+            output::out(&String::from_utf8_lossy(&script));
             return Exit::Ok.into();
         }
         Cmd::InternalGateway { args } => {
@@ -451,7 +455,7 @@ fn main() -> ExitCode {
     if json {
         print_json(&resp);
     } else if metrics {
-        print!("{}", resp.data["text"].as_str().unwrap_or_default());
+        output::out(resp.data["text"].as_str().unwrap_or_default());
     } else {
         print_human(&resp.data);
     }
@@ -459,7 +463,7 @@ fn main() -> ExitCode {
 }
 
 fn print_json(v: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 /// Reports a failure: as a JSON document on stdout with `--json`, else on stderr.
@@ -467,7 +471,7 @@ fn fail(json: bool, code: Exit, msg: &str) -> ExitCode {
     if json {
         print_json(&serde_json::json!({ "ok": false, "error": msg, "kind": code.name() }));
     } else {
-        eprintln!("fleetcast: {msg}");
+        errln!("fleetcast: {msg}");
     }
     code.into()
 }
@@ -493,7 +497,7 @@ fn refused(json: bool, resp: Response) -> ExitCode {
         return code.into();
     }
     let msg = resp.error.unwrap_or_else(|| "request refused".into());
-    eprintln!("fleetcast: {msg}");
+    errln!("fleetcast: {msg}");
     code.into()
 }
 
@@ -511,7 +515,7 @@ fn print_human(v: &serde_json::Value) {
             for (k, val) in map {
                 match val {
                     serde_json::Value::Array(rows) => {
-                        println!("{k}:");
+                        outln!("{k}:");
                         for row in rows {
                             match row {
                                 serde_json::Value::Object(r) => {
@@ -519,18 +523,18 @@ fn print_human(v: &serde_json::Value) {
                                         .iter()
                                         .map(|(k, v)| format!("{k}={}", scalar(v)))
                                         .collect();
-                                    println!("  {}", cells.join("  "));
+                                    outln!("  {}", cells.join("  "));
                                 }
-                                other => println!("  {}", scalar(other)),
+                                other => outln!("  {}", scalar(other)),
                             }
                         }
                     }
-                    other => println!("{k}: {}", scalar(other)),
+                    other => outln!("{k}: {}", scalar(other)),
                 }
             }
         }
         serde_json::Value::Null => {}
-        other => println!("{}", scalar(other)),
+        other => outln!("{}", scalar(other)),
     }
 }
 
@@ -568,9 +572,9 @@ fn watch(
                 let events = r.data.get("events").and_then(|v| v.as_array());
                 for e in events.into_iter().flatten() {
                     if json {
-                        println!("{e}");
+                        outln!("{e}");
                     } else {
-                        println!(
+                        outln!(
                             "#{} device={} {}: {}",
                             e["id"],
                             e["device"],
@@ -585,7 +589,8 @@ fn watch(
             Err(e) => return client_fail(json, &e),
         }
         n += 1;
-        if polls.is_some_and(|p| n >= p) {
+        // Nobody reads any more (`watch | head`): stop instead of polling forever.
+        if polls.is_some_and(|p| n >= p) || output::stdout_gone() {
             return Exit::Ok.into();
         }
         std::thread::sleep(std::time::Duration::from_millis(250));
@@ -615,7 +620,7 @@ fn follow_task(data_dir: &std::path::Path, task: u64) -> ExitCode {
                     .unwrap_or_default()
             );
             if last.get(&name) != Some(&line) {
-                println!("  {name}: {line}");
+                outln!("  {name}: {line}");
                 last.insert(name, line);
             }
         }
@@ -625,12 +630,16 @@ fn follow_task(data_dir: &std::path::Path, task: u64) -> ExitCode {
         };
         if !rows.is_empty() && done("failed") {
             let failed = rows.iter().filter(|r| r["status"] == "failed").count();
-            println!(
+            outln!(
                 "task {task}: {} of {} receivers have a verified copy",
                 rows.len() - failed,
                 rows.len()
             );
             return if failed == 0 { Exit::Ok } else { Exit::Failed }.into();
+        }
+        if output::stdout_gone() {
+            // Following is only display: the push goes on in the gateway.
+            return Exit::Ok.into();
         }
         std::thread::sleep(std::time::Duration::from_millis(250));
     }
@@ -656,31 +665,33 @@ fn bench(
 ) -> ExitCode {
     use fleetcast_daemon::bench::{self, parse_list, Plan};
     let plan = (|| -> Result<Plan, String> {
-        Ok(Plan {
-            receivers: parse_list("--receivers", receivers)?,
-            loss: parse_list("--loss", loss)?,
-            mtus: parse_list("--mtu", mtu)?,
+        let plan = Plan {
+            receivers: parse_list("--receivers", receivers).map_err(|e| e.to_string())?,
+            loss: parse_list("--loss", loss).map_err(|e| e.to_string())?,
+            mtus: parse_list("--mtu", mtu).map_err(|e| e.to_string())?,
             mib,
             timeout: std::time::Duration::from_secs(timeout),
             exe: std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?,
             work: std::env::temp_dir().join(format!("fleetcast-bench-{}", std::process::id())),
-        })
+        };
+        plan.check().map_err(|e| e.to_string())?;
+        Ok(plan)
     })();
     let plan = match plan {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("fleetcast bench: {e}");
+            errln!("fleetcast bench: {e}");
             return Exit::Usage.into();
         }
     };
-    let result = bench::run(&plan, &mut |line| eprintln!("{line}"));
+    let result = bench::run(&plan, &mut |line| errln!("{line}"));
     if std::env::var_os("FLEETCAST_BENCH_KEEP").is_none() {
         let _ = std::fs::remove_dir_all(&plan.work);
     }
     let rows = match result {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("fleetcast bench: {e}");
+            errln!("fleetcast bench: {e}");
             return Exit::Failed.into();
         }
     };
@@ -688,18 +699,18 @@ fn bench(
         Ok(md) => {
             if json {
                 let rows: Vec<_> = rows.iter().map(bench::Row::to_json).collect();
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "ok": true, "data": { "rows": rows, "report": out.display().to_string() } })
                 );
             } else {
-                println!("{md}");
-                eprintln!("report written to {}", out.display());
+                outln!("{md}");
+                errln!("report written to {}", out.display());
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("fleetcast bench: {e}");
+            errln!("fleetcast bench: {e}");
             Exit::Failed.into()
         }
     }
@@ -718,7 +729,7 @@ fn bench_replot(file: &std::path::Path, out: &std::path::Path, json: bool) -> Ex
     let (mib, rows) = match parsed {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("fleetcast bench: {e}");
+            errln!("fleetcast bench: {e}");
             return Exit::Usage.into();
         }
     };
@@ -734,17 +745,17 @@ fn bench_replot(file: &std::path::Path, out: &std::path::Path, json: bool) -> Ex
     match bench::write_report(&rows, &plan, out) {
         Ok(md) => {
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "ok": true, "data": { "rows": rows.len(), "report": out.display().to_string() } })
                 );
             } else {
-                println!("{md}");
+                outln!("{md}");
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("fleetcast bench: {e}");
+            errln!("fleetcast bench: {e}");
             Exit::Failed.into()
         }
     }
