@@ -181,106 +181,255 @@ impl Default for McastSection {
     }
 }
 
-/// One configuration key: its dotted name and what it means.
+/// What a key's value is, for environment values and for the hints of errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A path (a TOML string).
+    Path,
+    /// An address, `IP:PORT` or `IP` (a TOML string).
+    Addr,
+    /// Other text (a TOML string).
+    Text,
+    /// A whole number.
+    Int,
+    /// A list of strings (environment value: comma-separated).
+    List,
+}
+
+/// One configuration key: its dotted name, what it means and what it accepts.
 #[derive(Debug, Clone, Copy)]
 pub struct Key {
     /// `section.key` (or `key` at the top).
     pub name: &'static str,
     /// One-line meaning, with the unit.
     pub doc: &'static str,
-    /// A list (environment value: comma-separated).
-    pub list: bool,
+    /// The kind of value.
+    pub kind: Kind,
+    /// The values accepted, in words, for error messages (`it takes ...`).
+    pub accepts: &'static str,
+    /// An example value as written in the file.
+    pub example: &'static str,
 }
 
-const fn key(name: &'static str, doc: &'static str) -> Key {
+const fn key(
+    name: &'static str,
+    kind: Kind,
+    accepts: &'static str,
+    example: &'static str,
+    doc: &'static str,
+) -> Key {
     Key {
         name,
         doc,
-        list: false,
+        kind,
+        accepts,
+        example,
     }
 }
+
+use Kind::{Addr, Int, List, Path as PathKind, Text};
 
 /// Every key, in print order.
 pub const KEYS: &[Key] = &[
     key(
         "data_dir",
+        PathKind,
+        "a directory path",
+        "\"/var/lib/fleetcast\"",
         "Data directory: store, CA and keys, admin socket, artifacts. Default: /var/lib/fleetcast for root, else $HOME/.local/state/fleetcast.",
     ),
-    key("listen", "Address and port agents connect to (TLS)."),
-    Key {
-        name: "server_names",
-        doc: "DNS names or IP addresses agents use to reach this gateway; they go into its TLS certificate.",
-        list: true,
-    },
+    key(
+        "listen",
+        Addr,
+        "an IP address and port",
+        "\"0.0.0.0:7300\"",
+        "Address and port agents connect to (TLS).",
+    ),
+    key(
+        "server_names",
+        List,
+        "a list of DNS names or IP addresses",
+        "[\"gw.example.net\", \"10.0.0.1\"]",
+        "DNS names or IP addresses agents use to reach this gateway; they go into its TLS certificate.",
+    ),
     key(
         "heartbeat_secs",
+        Int,
+        "a whole number of seconds from 1 to 3600",
+        "15",
         "Heartbeat interval agents are told to use, seconds (1-3600); a session silent for 3 intervals is closed.",
     ),
     key(
         "reboot_timeout_secs",
+        Int,
+        "a whole number of seconds from 1 to 2592000 (30 days)",
+        "900",
         "Time a device has to come back from a reboot step, seconds.",
     ),
     key(
         "listen_extra",
+        Addr,
+        "an IP address and port",
+        "\"0.0.0.0:443\"",
         "A second address served exactly like `listen` (every transport rung), e.g. 0.0.0.0:443 for agents whose network lets only HTTPS out. Unset: none.",
     ),
     key(
         "http_timeout_secs",
+        Int,
+        "a whole number of seconds from 1 to 300",
+        "5",
         "Seconds an HTTP request (Upgrade head, long-poll request) has to arrive complete before the connection is cut (slowloris).",
     ),
     key(
         "log.level",
+        Text,
+        "a level (error, warn, info, debug, trace or off), optionally followed by TARGET=LEVEL directives",
+        "\"info,fleetcast_daemon=debug\"",
         "Log filter: error, warn, info, debug, trace, or tracing directives like `info,fleetcast_daemon=debug`. When FLEETCAST_LOG_LEVEL is not set, RUST_LOG stands in for it.",
     ),
     key(
         "log.format",
+        Text,
+        "text or json",
+        "\"text\"",
         "Log line format on stderr: `text` or `json` (one object per line).",
     ),
     key(
         "mcast.addr",
+        Addr,
+        "this gateway's unicast IPv4 address on the devices' network",
+        "\"10.0.0.1\"",
         "This gateway's unicast IPv4 address on the devices' network: multicast is sent through its interface. Unset: multicast is off and `fleetcast push` is refused (there is deliberately no default).",
     ),
-    key("mcast.port", "UDP port of the multicast group and of the NACK socket."),
-    key("mcast.group", "IPv4 multicast group pushes are sent to (224.0.0.0/4)."),
+    key(
+        "mcast.port",
+        Int,
+        "a UDP port from 1 to 65535",
+        "7301",
+        "UDP port of the multicast group and of the NACK socket.",
+    ),
+    key(
+        "mcast.group",
+        Addr,
+        "an IPv4 multicast address (224.0.0.0/4)",
+        "\"239.77.0.1\"",
+        "IPv4 multicast group pushes are sent to (224.0.0.0/4).",
+    ),
     key(
         "mcast.linger_secs",
+        Int,
+        "a whole number of seconds from 0 to 86400",
+        "60",
         "Seconds a finished multicast waits for targets that have not reported (late devices are caught up by unicast meanwhile).",
     ),
     key(
         "mcast.warmup_ms",
+        Int,
+        "a whole number of milliseconds from 0 to 60000",
+        "300",
         "Milliseconds between a push's announces and its first block (time for receivers to join the group).",
     ),
     key(
         "mcast.fec_group",
+        Int,
+        "a whole number of blocks from 0 (off) to 32768",
+        "512",
         "Blocks per FEC group: repairs multicast fresh parity that heals different losses at different receivers at once. 0: repair by re-multicast and unicast only.",
     ),
     key(
         "artifacts.listen",
+        Addr,
+        "an IP address and port",
+        "\"0.0.0.0:7380\"",
         "Serve the files of <data_dir>/artifacts/ over HTTP on this address, so `fetch` steps can name `gateway:NAME`. Unset: off.",
     ),
     key(
         "artifacts.url",
+        Text,
+        "an http:// or https:// URL",
+        "\"http://gw.example.net:7380\"",
         "The URL agents use to reach artifacts.listen (default http://<its address>). Needs artifacts.listen.",
     ),
     key(
         "watch.dir",
+        PathKind,
+        "a directory path",
+        "\"/srv/fleetcast/drop\"",
         "A directory whose files are pushed when they appear or change (once unchanged over two scans). Files present at start are not pushed. Needs watch.group and mcast.addr. Unset: off.",
     ),
-    key("watch.group", "Target group of the pushes watch.dir triggers."),
-    key("watch.interval_ms", "How often watch.dir is scanned, milliseconds."),
-    key("watch.rate_mbps", "Rate ceiling of the pushes watch.dir triggers, Mbit/s."),
-    key("watch.block_size", "Block size of the pushes watch.dir triggers, bytes."),
+    key(
+        "watch.group",
+        Text,
+        "a group name",
+        "\"web\"",
+        "Target group of the pushes watch.dir triggers.",
+    ),
+    key(
+        "watch.interval_ms",
+        Int,
+        "a whole number of milliseconds from 100 to 3600000",
+        "2000",
+        "How often watch.dir is scanned, milliseconds.",
+    ),
+    key(
+        "watch.rate_mbps",
+        Int,
+        "a whole number of Mbit/s from 1 to 100000",
+        "200",
+        "Rate ceiling of the pushes watch.dir triggers, Mbit/s.",
+    ),
+    key(
+        "watch.block_size",
+        Int,
+        "a whole number of bytes from 512 to 65000",
+        "1400",
+        "Block size of the pushes watch.dir triggers, bytes.",
+    ),
     key(
         "admin.metrics_listen",
+        Addr,
+        "an IP address and port",
+        "\"127.0.0.1:9477\"",
         "Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9477. Unset: off. No authentication: keep it on loopback or a management network.",
     ),
 ];
+
+/// The key named `name`.
+pub fn lookup(name: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|k| k.name == name)
+}
 
 impl Key {
     /// The environment variable that overrides this key.
     pub fn env(&self) -> String {
         format!("FLEETCAST_{}", self.name.replace('.', "_").to_uppercase())
     }
+}
+
+/// Log levels, as `log.level` accepts them (any case).
+const LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace", "off"];
+
+/// Checks a `log.level` filter: comma-separated directives, each a level or `TARGET=LEVEL`.
+/// `tracing` would also take a bare word as "everything from that target", but then
+/// `verbose` (a misspelt level) would silence the whole log: a target needs its `=LEVEL`.
+fn check_filter(filter: &str) -> Result<(), String> {
+    let level = |l: &str| LEVELS.iter().any(|x| x.eq_ignore_ascii_case(l.trim()));
+    let directives: Vec<&str> = filter.split(',').map(str::trim).collect();
+    if directives.iter().all(|d| d.is_empty()) {
+        return Err("the filter is empty".into());
+    }
+    for d in directives.into_iter().filter(|d| !d.is_empty()) {
+        match d.rsplit_once('=') {
+            None if !level(d) => return Err(format!("`{d}` is not a level")),
+            Some((target, l)) if target.trim().is_empty() || !level(l) => {
+                return Err(format!("`{d}` is not TARGET=LEVEL with a level"))
+            }
+            _ => {}
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(drop)
+        .map_err(|e| format!("`{filter}` is not a log filter ({e})"))
 }
 
 /// A configuration that cannot be used.
@@ -324,7 +473,12 @@ pub enum ConfigError {
 }
 
 /// Loads the configuration: defaults, then `file`, then the environment `env` (the process's
-/// in production, a fixed list in tests), then the `flags` (dotted key, TOML value).
+/// in production, a fixed list in tests; `RUST_LOG` stands in for an unset
+/// `FLEETCAST_LOG_LEVEL`), then the `flags` (dotted key, TOML value).
+///
+/// Each value is checked where it comes from, so the error names the file line or the
+/// variable as well as the key and what it accepts; the merged result is checked again
+/// (flags, and rules between keys).
 pub fn load(
     file: Option<&Path>,
     env: impl Fn(&str) -> Option<String>,
@@ -336,34 +490,71 @@ pub fn load(
                 path: path.display().to_string(),
                 why: e.to_string(),
             })?;
-            // Typed parse first: its errors show the line and name the key.
-            toml::from_str::<Config>(&text).map_err(|e| ConfigError::File {
+            let file_err = |why| ConfigError::File {
                 path: path.display().to_string(),
-                why: e.to_string().trim_end().to_string(),
-            })?;
-            toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::File {
-                path: path.display().to_string(),
-                why: e.to_string(),
-            })?
+                why,
+            };
+            let table = toml::from_str::<toml::Table>(&text)
+                .map_err(|e| file_err(explain(&text, &e, true)))?;
+            let cfg =
+                toml::from_str::<Config>(&text).map_err(|e| file_err(explain(&text, &e, false)))?;
+            for k in KEYS {
+                let Some(n) = line_of(&text, k.name) else {
+                    continue;
+                };
+                cfg.check(k).map_err(|why| {
+                    let leaf = k.name.rsplit('.').next().unwrap_or(k.name);
+                    file_err(format!(
+                        "line {n}: key `{}`: {why}, e.g. {leaf} = {}\n{}",
+                        k.name,
+                        k.example,
+                        show_line(&text, n)
+                    ))
+                })?;
+            }
+            table
         }
         None => toml::Table::new(),
     };
     for k in KEYS {
-        let var = k.env();
-        let Some(raw) = env(&var) else { continue };
-        let value = env_value(k, &raw);
+        let mut var = k.env();
+        let mut raw = env(&var);
+        if raw.is_none() && k.name == "log.level" {
+            raw = env("RUST_LOG");
+            var = "RUST_LOG".into();
+        }
+        let Some(raw) = raw else { continue };
+        let env_err = |why: String| ConfigError::Env {
+            var: var.clone(),
+            key: k.name,
+            why,
+        };
+        // The example as an environment value: no TOML quotes.
+        let example = format!("e.g. {var}={}", k.example.replace('"', ""));
+        let value = env_value(k, &raw).map_err(|why| env_err(format!("{why}, {example}")))?;
         let mut one = toml::Table::new();
         set(&mut one, k.name, value.clone());
-        toml::Value::Table(one)
-            .try_into::<Config>()
-            .map_err(|e| ConfigError::Env {
-                var,
-                key: k.name,
-                why: e.to_string().trim_end().to_string(),
-            })?;
+        let cfg: Config = toml::Value::Table(one).try_into().map_err(|e| {
+            env_err(format!(
+                "{}; it takes {}, {example}",
+                e.message().trim(),
+                k.accepts
+            ))
+        })?;
+        cfg.check(k)
+            .map_err(|why| env_err(format!("{why}, {example}")))?;
         set(&mut table, k.name, value);
     }
     for (name, value) in flags {
+        let mut one = toml::Table::new();
+        set(&mut one, name, value.clone());
+        if let Err(e) = toml::Value::Table(one).try_into::<Config>() {
+            let accepts = lookup(name).map_or("", |k| k.accepts);
+            return Err(ConfigError::Invalid {
+                key: name,
+                why: format!("{}; it takes {accepts}", e.message().trim()),
+            });
+        }
         set(&mut table, name, value.clone());
     }
     let cfg: Config = toml::Value::Table(table)
@@ -376,22 +567,140 @@ pub fn load(
     Ok(cfg)
 }
 
-/// An environment value as TOML: a list splits on commas; an integer-looking value is an
-/// integer; anything else is a string.
-fn env_value(k: &Key, raw: &str) -> toml::Value {
-    if k.list {
-        return toml::Value::Array(
+/// An environment value as TOML, by the key's kind: a list splits on commas, a number must be
+/// digits, anything else is the string as given.
+fn env_value(k: &Key, raw: &str) -> Result<toml::Value, String> {
+    Ok(match k.kind {
+        Kind::List => toml::Value::Array(
             raw.split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .map(|s| toml::Value::String(s.into()))
                 .collect(),
+        ),
+        Kind::Int => toml::Value::Integer(
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("`{raw}` is not a whole number; it takes {}", k.accepts))?,
+        ),
+        Kind::Path | Kind::Addr | Kind::Text => toml::Value::String(raw.into()),
+    })
+}
+
+/// Line `n` (from 1) of `text`, shown under an error.
+fn show_line(text: &str, n: usize) -> String {
+    format!("  {n} | {}", text.lines().nth(n - 1).unwrap_or_default())
+}
+
+/// The dotted key set on line `n` of `text` (the section header above it, and the key before
+/// its `=`), if that line sets one.
+fn key_on_line(text: &str, n: usize) -> Option<String> {
+    let mut section = String::new();
+    for (i, line) in text.lines().enumerate().take(n) {
+        let l = line.trim();
+        if let Some(h) = l.strip_prefix('[').and_then(|h| h.split(']').next()) {
+            section = h.trim().trim_matches('"').to_string();
+            if i + 1 == n {
+                return None;
+            }
+            continue;
+        }
+        if i + 1 == n {
+            let (k, _) = l.split_once('=')?;
+            let k: String = k
+                .split('.')
+                .map(|p| p.trim().trim_matches(['"', '\'']))
+                .collect::<Vec<_>>()
+                .join(".");
+            if k.is_empty() || k.starts_with('#') {
+                return None;
+            }
+            return Some(if section.is_empty() {
+                k
+            } else {
+                format!("{section}.{k}")
+            });
+        }
+    }
+    None
+}
+
+/// The line (from 1) of `text` that sets the dotted key `name`, if one does.
+fn line_of(text: &str, name: &str) -> Option<usize> {
+    (1..=text.lines().count()).find(|&n| key_on_line(text, n).as_deref() == Some(name))
+}
+
+/// A TOML error (`syntax`: of the parser; else of the schema) as one line that names the line
+/// and the key, says what the key accepts, and hints at the usual mistake, then the line.
+fn explain(text: &str, e: &toml::de::Error, syntax: bool) -> String {
+    let msg = e.message().trim();
+    let Some(n) = e
+        .span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+    else {
+        return msg.to_string();
+    };
+    let shown = show_line(text, n);
+    let Some(name) = key_on_line(text, n) else {
+        return format!("line {n}: {msg}\n{shown}");
+    };
+    let leaf = name.rsplit('.').next().unwrap_or(&name);
+    let Some(k) = lookup(&name) else {
+        if KEYS.iter().any(|k| k.name.starts_with(&format!("{name}."))) {
+            return format!(
+                "line {n}: `{name}` is a section: write [{name}] and its keys on the lines below\n{shown}"
+            );
+        }
+        let (section, _) = name.rsplit_once('.').unwrap_or(("", &name));
+        let known: Vec<&str> = KEYS
+            .iter()
+            .filter_map(|k| {
+                let (s, l) = k.name.rsplit_once('.').unwrap_or(("", k.name));
+                (s == section).then_some(l)
+            })
+            .collect();
+        let place = if section.is_empty() {
+            "at the top".to_string()
+        } else {
+            format!("in [{section}]")
+        };
+        return format!(
+            "line {n}: unknown key `{name}`; the keys {place} are {}\n{shown}",
+            known.join(", ")
         );
+    };
+    if msg.starts_with("duplicate key") {
+        return format!("line {n}: key `{name}` is set twice\n{shown}");
     }
-    match raw.trim().parse::<i64>() {
-        Ok(n) => toml::Value::Integer(n),
-        Err(_) => toml::Value::String(raw.into()),
-    }
+    let value = text
+        .lines()
+        .nth(n - 1)
+        .and_then(|l| l.split_once('='))
+        .map_or("", |(_, v)| v.trim());
+    let hint = match k.kind {
+        Kind::Addr | Kind::Path | Kind::Text | Kind::List
+            if syntax && !value.starts_with(['"', '\'', '[']) =>
+        {
+            let what = match k.kind {
+                Kind::Addr => "addresses are strings",
+                Kind::Path => "paths are strings",
+                Kind::List => "it is a list of strings",
+                _ => "its value is a string",
+            };
+            let fixed = match k.kind {
+                Kind::List => format!("[\"{value}\"]"),
+                _ => format!("\"{value}\""),
+            };
+            format!("; {what}: {leaf} = {fixed}")
+        }
+        _ => format!("; it takes {}, e.g. {leaf} = {}", k.accepts, k.example),
+    };
+    let msg = match (syntax, hint.starts_with("; it takes")) {
+        (false, _) => msg.to_string(),
+        (true, true) => format!("`{value}` is not a TOML value ({msg})"),
+        (true, false) => format!("`{value}` is not a TOML value"),
+    };
+    format!("line {n}: key `{name}`: {msg}{hint}\n{shown}")
 }
 
 fn set(table: &mut toml::Table, dotted: &str, value: toml::Value) {
@@ -414,44 +723,15 @@ fn set(table: &mut toml::Table, dotted: &str, value: toml::Value) {
 }
 
 impl Config {
-    /// Checks what the types cannot: ranges and combinations.
+    /// Checks what the types cannot: each key's range or format, then the rules between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        for k in KEYS {
+            self.check(k)
+                .map_err(|why| ConfigError::Invalid { key: k.name, why })?;
+        }
         let bad = |key, why: String| Err(ConfigError::Invalid { key, why });
-        if !(1..=3600).contains(&self.heartbeat_secs) {
-            return bad(
-                "heartbeat_secs",
-                format!("{} is out of range: use 1 to 3600", self.heartbeat_secs),
-            );
-        }
-        if !(1..=300).contains(&self.http_timeout_secs) {
-            return bad(
-                "http_timeout_secs",
-                format!("{} is out of range: use 1 to 300", self.http_timeout_secs),
-            );
-        }
-        if self.reboot_timeout_secs == 0 {
-            return bad(
-                "reboot_timeout_secs",
-                "0 would fail every reboot: use at least 1".into(),
-            );
-        }
-        if self.server_names.is_empty() || self.server_names.iter().any(|n| n.trim().is_empty()) {
-            return bad(
-                "server_names",
-                "needs at least one non-empty name (what agents put in --gateway)".into(),
-            );
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return bad(
-                "log.level",
-                format!(
-                    "`{}` is not a log filter ({e}): use error, warn, info, debug or trace",
-                    self.log.level
-                ),
-            );
-        }
         if let Some(d) = &self.watch.dir {
-            if self.watch.group.as_deref().is_none_or(str::is_empty) {
+            if self.watch.group.is_none() {
                 return bad(
                     "watch.group",
                     format!("watch.dir {} needs a target group", d.display()),
@@ -464,59 +744,6 @@ impl Config {
                 );
             }
         }
-        if self.mcast.fec_group > 32_768 {
-            return bad(
-                "mcast.fec_group",
-                format!(
-                    "{} is too large: use 0 (off) to 32768",
-                    self.mcast.fec_group
-                ),
-            );
-        }
-        if self.watch.interval_ms < 100 {
-            return bad(
-                "watch.interval_ms",
-                format!(
-                    "{} ms is too often: use at least 100",
-                    self.watch.interval_ms
-                ),
-            );
-        }
-        if self.watch.rate_mbps == 0 {
-            return bad(
-                "watch.rate_mbps",
-                "0 would never send: use at least 1".into(),
-            );
-        }
-        if !(512..=65_000).contains(&self.watch.block_size) {
-            return bad(
-                "watch.block_size",
-                format!(
-                    "{} is out of range: use 512 to 65000",
-                    self.watch.block_size
-                ),
-            );
-        }
-        if !self.mcast.group.is_multicast() {
-            return bad(
-                "mcast.group",
-                format!(
-                    "{} is not a multicast address: use one in 224.0.0.0/4, e.g. 239.77.0.1",
-                    self.mcast.group
-                ),
-            );
-        }
-        if let Some(a) = self.mcast.addr {
-            if a.is_multicast() || a.is_unspecified() || a.is_broadcast() {
-                return bad(
-                    "mcast.addr",
-                    format!("{a} is not a unicast address: give this gateway's own address on the devices' network"),
-                );
-            }
-        }
-        if self.mcast.port == 0 {
-            return bad("mcast.port", "0 is not a usable port".into());
-        }
         if self.artifacts.url.is_some() && self.artifacts.listen.is_none() {
             return bad(
                 "artifacts.url",
@@ -524,6 +751,75 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// The value of key `k` on its own: `Err` says what is wrong and what `k` accepts.
+    fn check(&self, k: &Key) -> Result<(), String> {
+        let takes = |what: String| Err(format!("{what}; it takes {}", k.accepts));
+        let range = |v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                takes(format!("{v} is out of range"))
+            }
+        };
+        match k.name {
+            "data_dir" | "watch.dir" => {
+                let d = if k.name == "data_dir" {
+                    &self.data_dir
+                } else {
+                    &self.watch.dir
+                };
+                match d {
+                    Some(d) if d.as_os_str().is_empty() => takes("the path is empty".into()),
+                    _ => Ok(()),
+                }
+            }
+            "server_names" => {
+                if self.server_names.is_empty() {
+                    return takes(
+                        "the list is empty (agents put one of its names in --gateway)".into(),
+                    );
+                }
+                for n in &self.server_names {
+                    if rustls::pki_types::ServerName::try_from(n.as_str()).is_err() {
+                        return takes(format!("`{n}` is neither a DNS name nor an IP address"));
+                    }
+                }
+                Ok(())
+            }
+            "heartbeat_secs" => range(self.heartbeat_secs.into(), 1, 3600),
+            "reboot_timeout_secs" => range(self.reboot_timeout_secs, 1, 30 * 86_400),
+            "http_timeout_secs" => range(self.http_timeout_secs, 1, 300),
+            "log.level" => check_filter(&self.log.level).or_else(takes),
+            "mcast.addr" => match self.mcast.addr {
+                Some(a) if a.is_multicast() || a.is_unspecified() || a.is_broadcast() => {
+                    takes(format!("{a} is not a unicast address"))
+                }
+                _ => Ok(()),
+            },
+            "mcast.port" => range(self.mcast.port.into(), 1, 65_535),
+            "mcast.group" if !self.mcast.group.is_multicast() => {
+                takes(format!("{} is not a multicast address", self.mcast.group))
+            }
+            "mcast.linger_secs" => range(self.mcast.linger_secs, 0, 86_400),
+            "mcast.warmup_ms" => range(self.mcast.warmup_ms, 0, 60_000),
+            "mcast.fec_group" => range(self.mcast.fec_group.into(), 0, 32_768),
+            "artifacts.url" => match &self.artifacts.url {
+                Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                    takes(format!("`{u}` is not an http:// or https:// URL"))
+                }
+                _ => Ok(()),
+            },
+            "watch.group" => match &self.watch.group {
+                Some(g) if g.trim().is_empty() => takes("the name is empty".into()),
+                _ => Ok(()),
+            },
+            "watch.interval_ms" => range(self.watch.interval_ms, 100, 3_600_000),
+            "watch.rate_mbps" => range(self.watch.rate_mbps, 1, 100_000),
+            "watch.block_size" => range(self.watch.block_size.into(), 512, 65_000),
+            _ => Ok(()),
+        }
     }
 
     /// The effective configuration as TOML, each key preceded by its documentation; keys that
@@ -752,11 +1048,162 @@ mod tests {
     fn unknown_keys_are_refused_with_their_name() {
         let (_d, p) = file("listen = \"127.0.0.1:7000\"\n[mcast]\nprot = 9000\n");
         let e = load(Some(&p), no_env, &[]).unwrap_err().to_string();
-        assert!(e.contains("prot") && e.contains("unknown field"), "{e}");
-        assert!(e.contains("line 3"), "{e}");
+        assert!(
+            e.contains("line 3: unknown key `mcast.prot`; the keys in [mcast] are addr, port,"),
+            "{e}"
+        );
+        assert!(e.contains("  3 | prot = 9000"), "{e}");
         let (_d, p) = file("[metrics]\nlisten = \"127.0.0.1:1\"\n");
         let e = load(Some(&p), no_env, &[]).unwrap_err().to_string();
         assert!(e.contains("metrics"), "{e}");
+        let (_d, p) = file("mcast = 5\n");
+        let e = load(Some(&p), no_env, &[]).unwrap_err().to_string();
+        assert!(e.contains("`mcast` is a section: write [mcast]"), "{e}");
+        assert!(!e.contains("McastSection"), "a Rust type name: {e}");
+    }
+
+    /// Load with a file of `text` and no environment; the error's text.
+    fn file_error(text: &str) -> String {
+        let (_d, p) = file(text);
+        load(Some(&p), no_env, &[]).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn toml_mistakes_name_the_line_and_the_key_and_show_the_fix() {
+        for (text, want) in [
+            (
+                "heartbeat_secs = 20\nlisten = 0.0.0.0:7300\n",
+                "line 2: key `listen`: `0.0.0.0:7300` is not a TOML value; addresses are strings: listen = \"0.0.0.0:7300\"",
+            ),
+            (
+                "data_dir = /srv/fc\n",
+                "line 1: key `data_dir`: `/srv/fc` is not a TOML value; paths are strings: data_dir = \"/srv/fc\"",
+            ),
+            (
+                "[mcast]\naddr = 10.0.0.1\n",
+                "line 2: key `mcast.addr`: `10.0.0.1` is not a TOML value; addresses are strings: addr = \"10.0.0.1\"",
+            ),
+            (
+                "[mcast]\nport = \"seven\"\n",
+                "line 2: key `mcast.port`: invalid type: string \"seven\", expected u16; it takes a UDP port from 1 to 65535, e.g. port = 7301",
+            ),
+            (
+                "listen = \"1.2.3.4:5\"\nlisten = \"1.2.3.4:6\"\n",
+                "line 2: key `listen` is set twice",
+            ),
+            (
+                "[log]\nformat = \"xml\"\n",
+                "line 2: key `log.format`: unknown variant `xml`, expected `text` or `json`; it takes text or json",
+            ),
+        ] {
+            let e = file_error(text);
+            assert!(e.contains(want), "{text:?}: want {want:?} in:\n{e}");
+        }
+    }
+
+    #[test]
+    fn every_key_is_checked_and_the_message_says_what_it_takes() {
+        // (file text, key, what the message must say).
+        let cases = [
+            ("heartbeat_secs = 0\n", "heartbeat_secs", "0 is out of range; it takes a whole number of seconds from 1 to 3600"),
+            ("reboot_timeout_secs = 99999999\n", "reboot_timeout_secs", "out of range"),
+            ("http_timeout_secs = 0\n", "http_timeout_secs", "from 1 to 300"),
+            ("server_names = []\n", "server_names", "the list is empty"),
+            ("server_names = [\"a b\"]\n", "server_names", "`a b` is neither a DNS name nor an IP address"),
+            ("data_dir = \"\"\n", "data_dir", "the path is empty"),
+            ("[log]\nlevel = \"verbose\"\n", "log.level", "`verbose` is not a level; it takes a level (error, warn, info, debug, trace or off)"),
+            ("[log]\nlevel = \"info,web=loud\"\n", "log.level", "`web=loud` is not TARGET=LEVEL"),
+            ("[log]\nlevel = \" , \"\n", "log.level", "the filter is empty"),
+            ("[mcast]\naddr = \"239.1.1.1\"\n", "mcast.addr", "not a unicast address"),
+            ("[mcast]\nport = 0\n", "mcast.port", "0 is out of range; it takes a UDP port"),
+            ("[mcast]\ngroup = \"10.0.0.1\"\n", "mcast.group", "not a multicast address"),
+            ("[mcast]\nlinger_secs = 100000\n", "mcast.linger_secs", "from 0 to 86400"),
+            ("[mcast]\nwarmup_ms = 100000\n", "mcast.warmup_ms", "from 0 to 60000"),
+            ("[mcast]\nfec_group = 40000\n", "mcast.fec_group", "from 0 (off) to 32768"),
+            ("[artifacts]\nlisten = \"127.0.0.1:1\"\nurl = \"ftp://x\"\n", "artifacts.url", "not an http:// or https:// URL"),
+            ("[watch]\ngroup = \" \"\n", "watch.group", "the name is empty"),
+            ("[watch]\ninterval_ms = 10\n", "watch.interval_ms", "from 100 to 3600000"),
+            ("[watch]\nrate_mbps = 0\n", "watch.rate_mbps", "from 1 to 100000"),
+            ("[watch]\nblock_size = 100\n", "watch.block_size", "from 512 to 65000"),
+        ];
+        for (text, key, want) in cases {
+            let e = file_error(text);
+            assert!(
+                e.contains(&format!("key `{key}`: ")) && e.contains(want),
+                "{text:?}: want `{key}` and {want:?} in:\n{e}"
+            );
+            assert!(e.contains("line "), "{text:?}: no line in {e}");
+        }
+        // Valid filters stay valid.
+        for ok in [
+            "info",
+            "WARN",
+            "off",
+            "info,fleetcast_daemon=debug",
+            "fleetcast_daemon::gateway=trace",
+        ] {
+            assert_eq!(check_filter(ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn environment_values_are_checked_naming_the_variable() {
+        let one = |var: &'static str, value: &'static str| {
+            load(None, move |v| (v == var).then(|| value.to_string()), &[])
+                .unwrap_err()
+                .to_string()
+        };
+        let e = one("FLEETCAST_LOG_LEVEL", "verbose");
+        assert!(
+            e.starts_with("environment variable FLEETCAST_LOG_LEVEL (key `log.level`): `verbose` is not a level"),
+            "{e}"
+        );
+        let e = one("RUST_LOG", "verbose");
+        assert!(
+            e.starts_with("environment variable RUST_LOG (key `log.level`)"),
+            "{e}"
+        );
+        let e = one("FLEETCAST_MCAST_PORT", "x");
+        assert!(
+            e.contains("`x` is not a whole number; it takes a UDP port from 1 to 65535, e.g. FLEETCAST_MCAST_PORT=7301"),
+            "{e}"
+        );
+        let e = one("FLEETCAST_LISTEN", "nowhere");
+        assert!(
+            e.contains("it takes an IP address and port, e.g. FLEETCAST_LISTEN=0.0.0.0:7300"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "one line: {e}");
+        let e = one("FLEETCAST_HEARTBEAT_SECS", "0");
+        assert!(
+            e.contains("FLEETCAST_HEARTBEAT_SECS") && e.contains("out of range"),
+            "{e}"
+        );
+        // A text key keeps a value that looks like a number.
+        let c = load(
+            None,
+            |v| (v == "FLEETCAST_WATCH_GROUP").then(|| "123".into()),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.watch.group.as_deref(), Some("123"));
+        // A flag's value is checked too, naming the key.
+        let e = load(
+            None,
+            no_env,
+            &[("log.format", toml::Value::String("xml".into()))],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    key: "log.format",
+                    ..
+                }
+            ) && e.to_string().contains("text or json"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -764,8 +1211,8 @@ mod tests {
         let (_d, p) = file("[mcast]\nport = \"seven\"\n");
         let e = load(Some(&p), no_env, &[]).unwrap_err().to_string();
         assert!(e.contains("port") && e.contains("line 2"), "{e}");
-        let (_d, p) = file("heartbeat_secs = 0\n");
-        let e = load(Some(&p), no_env, &[]).unwrap_err();
+        // A flag's value out of range is an error of the merged configuration.
+        let e = load(None, no_env, &[("heartbeat_secs", toml::Value::Integer(0))]).unwrap_err();
         assert!(
             matches!(
                 e,

@@ -115,7 +115,39 @@ struct Args {
     print_ca_fingerprint: bool,
 }
 
+/// The flag of each key that has one.
+const FLAGS: &[(&str, &str)] = &[
+    ("data_dir", "--data-dir"),
+    ("listen", "--listen"),
+    ("listen_extra", "--listen-extra"),
+    ("http_timeout_secs", "--http-timeout"),
+    ("server_names", "--server-name"),
+    ("heartbeat_secs", "--heartbeat"),
+    ("reboot_timeout_secs", "--reboot-timeout"),
+    ("mcast.addr", "--mcast-addr"),
+    ("mcast.port", "--mcast-port"),
+    ("mcast.group", "--mcast-group"),
+    ("mcast.linger_secs", "--mcast-linger"),
+    ("mcast.warmup_ms", "--mcast-warmup-ms"),
+    ("artifacts.listen", "--artifact-listen"),
+    ("artifacts.url", "--artifact-url"),
+    ("admin.metrics_listen", "--metrics-listen"),
+    ("watch.dir", "--watch-dir"),
+    ("watch.group", "--watch-group"),
+    ("log.level", "--log-level"),
+    ("log.format", "--log-format"),
+];
+
 impl Args {
+    /// The flag that set `key`, if one did.
+    fn gave(&self, key: &str) -> Option<&'static str> {
+        let (_, flag) = FLAGS.iter().find(|(k, _)| *k == key)?;
+        self.overrides()
+            .iter()
+            .any(|(k, _)| *k == key)
+            .then_some(*flag)
+    }
+
     /// The flags given, as configuration keys and values.
     fn overrides(&self) -> Vec<(&'static str, toml::Value)> {
         use toml::Value as V;
@@ -204,16 +236,15 @@ where
             .into();
         }
     };
-    let env = |var: &str| {
-        std::env::var(var).ok().or_else(|| {
-            // RUST_LOG stands in for FLEETCAST_LOG_LEVEL.
-            (var == "FLEETCAST_LOG_LEVEL")
-                .then(|| std::env::var("RUST_LOG").ok())
-                .flatten()
-        })
-    };
+    let env = |var: &str| std::env::var(var).ok();
     let mut cfg = match config::load(args.config.as_deref(), env, &args.overrides()) {
         Ok(c) => c,
+        // A value the user gave as a flag is named by its flag.
+        Err(config::ConfigError::Invalid { key, why }) if args.gave(key).is_some() => {
+            let flag = args.gave(key).unwrap_or(key);
+            output::err(&format!("fleetcastd: {flag} (key `{key}`): {why}"));
+            return Exit::Usage.into();
+        }
         Err(e) => {
             output::err(&format!("fleetcastd: {e}"));
             return Exit::Usage.into();
@@ -365,4 +396,30 @@ fn run(cfg: Config, data: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
     }
     gw.run()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_flag_names_a_key_and_is_documented_with_it() {
+        let doc = include_str!("../../docs/configuration.md");
+        for (key, flag) in FLAGS {
+            assert!(config::lookup(key).is_some(), "{key}");
+            let row = doc
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{key}` |")))
+                .unwrap_or_else(|| panic!("{key} has no row"));
+            assert!(
+                row.contains(&format!("`{flag}")),
+                "{key}: {flag} not in {row}"
+            );
+        }
+        let a = Args::try_parse_from(["fleetcastd", "--heartbeat", "5", "--log-level", "debug"])
+            .unwrap();
+        assert_eq!(a.gave("heartbeat_secs"), Some("--heartbeat"));
+        assert_eq!(a.gave("log.level"), Some("--log-level"));
+        assert_eq!(a.gave("listen"), None);
+    }
 }

@@ -125,7 +125,7 @@ fn bad_configuration_exits_2_naming_the_key() {
         (
             "[mcast]\nprot = 1\n",
             &[],
-            &["prot", "unknown field", "line 2"],
+            &["line 2: unknown key `mcast.prot`", "addr, port"],
         ),
         (
             "heartbeat_secs = \"x\"\n",
@@ -153,7 +153,28 @@ fn bad_configuration_exits_2_naming_the_key() {
             &["FLEETCAST_LOG_FORMAT", "`log.format`"],
         ),
         ("", &[("FLEETCAST_LOG_LEVEL", "web=loud")], &["`log.level`"]),
-        ("not toml at all [", &[], &["bad.toml", "TOML parse error"]),
+        ("not toml at all [", &[], &["bad.toml", "line 1: "]),
+        (
+            "listen = 0.0.0.0:7300\n",
+            &[],
+            &[
+                "bad.toml: line 1: key `listen`",
+                "addresses are strings: listen = \"0.0.0.0:7300\"",
+            ],
+        ),
+        (
+            "[log]\nlevel = \"verbose\"\n",
+            &[],
+            &[
+                "line 2: key `log.level`: `verbose` is not a level",
+                "error, warn, info",
+            ],
+        ),
+        (
+            "",
+            &[("RUST_LOG", "verbose")],
+            &["RUST_LOG (key `log.level`)", "`verbose` is not a level"],
+        ),
     ];
     for (text, env, want) in cases {
         std::fs::write(&file, text).unwrap();
@@ -176,6 +197,27 @@ fn bad_configuration_exits_2_naming_the_key() {
     );
     let (code, _, _) = run(dir.path(), &["--no-such-flag"], &[]);
     assert_eq!(code, 2);
+    // A value given as a flag is named by its flag.
+    for (args, want) in [
+        (
+            &["--heartbeat", "0"][..],
+            "--heartbeat (key `heartbeat_secs`): 0 is out of range",
+        ),
+        (
+            &["--log-level", "verbose"][..],
+            "--log-level (key `log.level`): `verbose` is not a level",
+        ),
+        (
+            &["--log-format", "xml"][..],
+            "--log-format (key `log.format`)",
+        ),
+    ] {
+        let mut a = args.to_vec();
+        a.push("--print-config");
+        let (code, out, err) = run(dir.path(), &a, &[]);
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(err.contains(want), "{args:?}: want {want:?} in {err}");
+    }
     let (code, out, _) = run(dir.path(), &["--help"], &[]);
     assert_eq!(code, 0);
     assert!(
