@@ -3,6 +3,7 @@
 //!
 //! Arguments are parsed by hand (no clap) to keep the binary small for embedded targets.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,6 +14,9 @@ use crate::ladder::{self, Rung};
 use crate::tls::parse_fingerprint;
 
 const USAGE: &str = "usage: fleetcast-agent --gateway HOST:PORT --state-dir DIR [options]
+
+  -h, --help                print this help and exit
+  -V, --version             print the version and exit
 
   --config FILE             read settings from FILE (flat TOML: docs/configuration.md);
                             FLEETCAST_AGENT_<KEY> variables and flags override it
@@ -125,11 +129,6 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> 
                 }
                 reboot = RebootAction::Command(rest);
             }
-            "-h" | "--help" => return Err(String::new()),
-            "-V" | "--version" => {
-                println!("fleetcast-agent {}", env!("CARGO_PKG_VERSION"));
-                std::process::exit(0);
-            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -171,26 +170,71 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> 
     })
 }
 
+/// What the command line asks for before anything else is read.
+#[derive(Debug, PartialEq, Eq)]
+enum Asked {
+    Help,
+    Version,
+    Run,
+}
+
+/// `--help` or `--version` anywhere before `--reboot-command` (whose arguments are the reboot
+/// program's): answered before the configuration is read, so they work even when it is bad.
+fn asked(args: &[String]) -> Asked {
+    for a in args {
+        match a.as_str() {
+            "-h" | "--help" => return Asked::Help,
+            "-V" | "--version" => return Asked::Version,
+            "--reboot-command" => break,
+            _ => {}
+        }
+    }
+    Asked::Run
+}
+
+/// Writes to stdout or stderr without `print!`'s panic when it cannot be written.
+fn say(mut to: impl Write, text: &str) {
+    let _ = to.write_all(text.as_bytes()).and_then(|()| to.flush());
+}
+
 /// Runs the agent with these arguments (without the program name); returns the exit code.
+///
+/// `--help` and `--version` print on stdout and exit 0; a usage or configuration error is
+/// exit 2 with the message and the usage on stderr.
 pub fn main_with_args(args: impl IntoIterator<Item = String>) -> ExitCode {
-    let args = match crate::config::expand(args.into_iter().collect(), |v| std::env::var(v).ok()) {
+    let args: Vec<String> = args.into_iter().collect();
+    match asked(&args) {
+        Asked::Help => {
+            say(std::io::stdout(), USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Asked::Version => {
+            say(
+                std::io::stdout(),
+                &format!("fleetcast-agent {}\n", env!("CARGO_PKG_VERSION")),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Asked::Run => {}
+    }
+    let args = match crate::config::expand(args, |v| std::env::var(v).ok()) {
         Ok(crate::config::Expanded::Run(a)) => a,
         Ok(crate::config::Expanded::Print(text)) => {
-            print!("{text}");
+            say(std::io::stdout(), &text);
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("fleetcast-agent: {e}");
+            say(std::io::stderr(), &format!("fleetcast-agent: {e}\n"));
             return ExitCode::from(2);
         }
     };
     let cfg = match parse(args) {
         Ok(c) => c,
         Err(e) => {
-            if !e.is_empty() {
-                eprintln!("fleetcast-agent: {e}\n");
-            }
-            eprint!("{USAGE}");
+            say(
+                std::io::stderr(),
+                &format!("fleetcast-agent: {e}\n\n{USAGE}"),
+            );
             return ExitCode::from(2);
         }
     };
@@ -198,7 +242,7 @@ pub fn main_with_args(args: impl IntoIterator<Item = String>) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
-            eprintln!("fleetcast-agent: {e}");
+            say(std::io::stderr(), &format!("fleetcast-agent: {e}\n"));
             ExitCode::FAILURE
         }
     }

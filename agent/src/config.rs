@@ -115,9 +115,19 @@ pub fn parse(path: &str, text: &str) -> Result<Settings, String> {
             let (l, rest) = list(v.trim()).map_err(|e| at(format!("key `{k}`: {e}")))?;
             (Value::List(l), rest)
         } else {
-            let (s, rest) = string(v.trim()).map_err(|e| at(format!("key `{k}`: {e}")))?;
+            let (s, rest) = string(v.trim()).map_err(|e| {
+                // The usual mistake: a value without its quotes.
+                let raw = v.trim();
+                let hint = if raw.starts_with('"') {
+                    String::new()
+                } else {
+                    format!("; values are strings: {k} = \"{raw}\"")
+                };
+                at(format!("key `{k}`: {e}{hint}"))
+            })?;
             (Value::Str(s), rest)
         };
+        check_value(key, &value).map_err(|why| at(format!("key `{k}`: {why}")))?;
         let rest = rest.trim_start();
         if !(rest.is_empty() || rest.starts_with('#')) {
             return Err(at(format!(
@@ -177,16 +187,119 @@ fn list(s: &str) -> Result<(Vec<String>, &str), String> {
 }
 
 /// Overlays the environment (`env` looks a variable up): a list value splits on whitespace.
-pub fn overlay_env(s: &mut Settings, env: impl Fn(&str) -> Option<String>) {
+/// A value the key does not accept is an error naming the variable and the key.
+pub fn overlay_env(s: &mut Settings, env: impl Fn(&str) -> Option<String>) -> Result<(), String> {
     for k in KEYS {
-        if let Some(v) = env(&env_var(k.name)) {
+        let var = env_var(k.name);
+        if let Some(v) = env(&var) {
             let v = if k.list {
                 Value::List(v.split_whitespace().map(String::from).collect())
             } else {
                 Value::Str(v)
             };
+            check_value(k, &v)
+                .map_err(|why| format!("environment variable {var} (key `{}`): {why}", k.name))?;
             s.insert(k.name, v);
         }
+    }
+    Ok(())
+}
+
+/// Checks the command-line flags that set keys, as the file and the environment are checked.
+fn check_flags(args: &[String]) -> Result<(), String> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let Some(k) = KEYS.iter().find(|k| flag(k.name) == *a) else {
+            continue;
+        };
+        if k.list {
+            // `--reboot-command` takes the rest of the line.
+            let rest: Vec<String> = it.cloned().collect();
+            return check_value(k, &Value::List(rest)).map_err(|why| format!("{a}: {why}"));
+        }
+        match it.next() {
+            Some(v) => {
+                check_value(k, &Value::Str(v.clone())).map_err(|why| format!("{a}: {why}"))?
+            }
+            None => return Err(format!("{a} needs a value")),
+        }
+    }
+    Ok(())
+}
+
+/// Checks one value of key `k`: `Err` says what is wrong and what the key takes.
+pub fn check_value(k: &Key, v: &Value) -> Result<(), String> {
+    let takes = |what: String, accepts: &str| Err(format!("{what}; it takes {accepts}"));
+    let number = |s: &str, lo: u64, hi: u64, unit: &str| match s.trim().parse::<u64>() {
+        Ok(n) if (lo..=hi).contains(&n) => Ok(()),
+        Ok(n) => takes(
+            format!("{n} is out of range"),
+            &format!("{unit} from {lo} to {hi}"),
+        ),
+        Err(_) => takes(
+            format!("`{s}` is not a whole number"),
+            &format!("{unit} from {lo} to {hi}"),
+        ),
+    };
+    let s = match v {
+        Value::List(l) => {
+            return match l.first() {
+                Some(p) if !p.is_empty() => Ok(()),
+                _ => takes(
+                    "needs a program".into(),
+                    "a program and its arguments, e.g. [\"systemctl\", \"reboot\"]",
+                ),
+            }
+        }
+        Value::Str(s) if s.trim().is_empty() => return Err("is empty".into()),
+        Value::Str(s) => s.as_str(),
+    };
+    match k.name {
+        "gateway" => {
+            let ok = s
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if ok {
+                Ok(())
+            } else {
+                takes(
+                    format!("`{s}` is not HOST:PORT"),
+                    "the gateway as HOST:PORT, e.g. gw.example.net:7300",
+                )
+            }
+        }
+        "ca_fingerprint" => {
+            let hex = s.replace(':', "");
+            if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                Ok(())
+            } else {
+                takes(
+                    format!("`{s}` is not a SHA-256 fingerprint"),
+                    "64 hex digits, as fleetcastd --print-ca-fingerprint prints them",
+                )
+            }
+        }
+        "alt_port" => number(s, 1, 65_535, "a TCP port"),
+        "rung_timeout_ms" => number(s, 100, 600_000, "milliseconds"),
+        "stagger_ms" => number(s, 0, 60_000, "milliseconds"),
+        "upgrade_after" => number(s, 1, 604_800, "seconds"),
+        "rungs" => {
+            let names: Vec<&str> = s.split(',').map(str::trim).collect();
+            match names
+                .iter()
+                .find(|r| crate::ladder::Rung::parse(r).is_none())
+            {
+                Some(bad) => takes(
+                    format!("`{bad}` is not a rung"),
+                    "a comma-separated list of native, 443, upgrade, connect, longpoll",
+                ),
+                None => Ok(()),
+            }
+        }
+        "proxy" if s != "none" => crate::ladder::parse_proxy(s)
+            .map(drop)
+            .or_else(|e| takes(e, "none, or an HTTP proxy URL http://[user:pass@]host:port")),
+        _ => Ok(()),
     }
 }
 
@@ -205,38 +318,10 @@ fn overlay_args(s: &mut Settings, args: &[String]) {
     }
 }
 
-/// Checks what the parser of flags would reject less clearly.
+/// Checks the rules between keys (each value was checked where it came from).
 fn validate(s: &Settings) -> Result<(), String> {
-    let bad = |k: &str, why: &str| Err(format!("configuration key `{k}`: {why}"));
-    if let Some(Value::Str(f)) = s.get("ca_fingerprint") {
-        let hex = f.replace(':', "");
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return bad(
-                "ca_fingerprint",
-                "needs 64 hex digits (fleetcastd --print-ca-fingerprint)",
-            );
-        }
-    }
-    if let Some(Value::Str(g)) = s.get("gateway") {
-        if !g
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-        {
-            return bad("gateway", "needs HOST:PORT, e.g. gw.example.net:7300");
-        }
-    }
     if s.contains_key("token") != s.contains_key("name") {
-        return bad("token", "token and name go together");
-    }
-    if let Some(Value::List(l)) = s.get("reboot_command") {
-        if l.is_empty() {
-            return bad("reboot_command", "needs a program");
-        }
-    }
-    for (k, v) in s {
-        if v == &Value::Str(String::new()) {
-            return bad(k, "is empty");
-        }
+        return Err("configuration key `token`: token and name go together".into());
     }
     Ok(())
 }
@@ -311,7 +396,8 @@ pub fn expand(args: Vec<String>, env: impl Fn(&str) -> Option<String>) -> Result
         }
         None => Settings::new(),
     };
-    overlay_env(&mut s, env);
+    overlay_env(&mut s, env)?;
+    check_flags(&rest)?;
     if print {
         overlay_args(&mut s, &rest);
         validate(&s)?;
@@ -435,6 +521,12 @@ mod tests {
             "gateway" => "gw.example:7300".to_string(),
             "ca_fingerprint" => "ab".repeat(32),
             "reboot_command" => "/sbin/reboot -f".into(),
+            "proxy" => "http://proxy.example:3128".into(),
+            "alt_port" => "8443".into(),
+            "rungs" => "native,longpoll".into(),
+            "rung_timeout_ms" => "2500".into(),
+            "stagger_ms" => "100".into(),
+            "upgrade_after" => "300".into(),
             other => format!("/v/{other}"),
         };
         let env = |var: &str| KEYS.iter().find(|k| env_var(k.name) == var).map(sample);
@@ -491,14 +583,50 @@ mod tests {
             ),
             ("reboot_command = [\"a\" \"b\"]\n", "expected `,` or `]`"),
             ("just words\n", "expected `key = \"value\"`"),
-            ("gateway = \"nohost\"\n", "`gateway`: needs HOST:PORT"),
+            (
+                "gateway = \"nohost\"\n",
+                "line 1: key `gateway`: `nohost` is not HOST:PORT; it takes the gateway as HOST:PORT",
+            ),
             (
                 "ca_fingerprint = \"abc\"\n",
-                "`ca_fingerprint`: needs 64 hex digits",
+                "key `ca_fingerprint`: `abc` is not a SHA-256 fingerprint; it takes 64 hex digits",
             ),
             ("token = \"t\"\n", "token and name go together"),
             ("reboot_command = []\n", "`reboot_command`: needs a program"),
             ("server_name = \"\"\n", "`server_name`: is empty"),
+            // Every key with a format is checked, naming the key and what it takes.
+            (
+                "\n\nalt_port = \"0\"\n",
+                "line 3: key `alt_port`: 0 is out of range; it takes a TCP port from 1 to 65535",
+            ),
+            (
+                "alt_port = \"https\"\n",
+                "key `alt_port`: `https` is not a whole number; it takes a TCP port",
+            ),
+            (
+                "rungs = \"native,carrier-pigeon\"\n",
+                "key `rungs`: `carrier-pigeon` is not a rung; it takes a comma-separated list of native, 443, upgrade, connect, longpoll",
+            ),
+            (
+                "rung_timeout_ms = \"0\"\n",
+                "key `rung_timeout_ms`: 0 is out of range; it takes milliseconds from 100 to 600000",
+            ),
+            (
+                "stagger_ms = \"-1\"\n",
+                "key `stagger_ms`: `-1` is not a whole number; it takes milliseconds from 0 to 60000",
+            ),
+            (
+                "upgrade_after = \"0\"\n",
+                "key `upgrade_after`: 0 is out of range; it takes seconds from 1 to 604800",
+            ),
+            (
+                "proxy = \"socks5://p:1080\"\n",
+                "key `proxy`: proxy scheme socks5:// is not supported (use http://); it takes none, or an HTTP proxy URL",
+            ),
+            (
+                "gateway = gw.example.net:7300\n",
+                "line 1: key `gateway`: expected a double-quoted string, got `gw.example.net:7300`; values are strings: gateway = \"gw.example.net:7300\"",
+            ),
         ];
         for (text, want) in cases {
             let (_d, p) = file(text);
@@ -514,6 +642,31 @@ mod tests {
         assert!(e.contains("--config needs a file"), "{e}");
         let env = |v: &str| (v == "FLEETCAST_AGENT_GATEWAY").then(|| "bad".to_string());
         let e = expand(vec![], env).unwrap_err();
-        assert!(e.contains("`gateway`"), "{e}");
+        assert!(
+            e.starts_with("environment variable FLEETCAST_AGENT_GATEWAY (key `gateway`): `bad` is not HOST:PORT"),
+            "{e}"
+        );
+        let env = |v: &str| (v == "FLEETCAST_AGENT_STAGGER_MS").then(|| "soon".to_string());
+        let e = expand(vec![], env).unwrap_err();
+        assert!(
+            e.starts_with("environment variable FLEETCAST_AGENT_STAGGER_MS (key `stagger_ms`): `soon` is not a whole number; it takes milliseconds"),
+            "{e}"
+        );
+        // Flags are checked the same way, named by the flag.
+        for (a, want) in [
+            (
+                &["--alt-port", "99999"][..],
+                "--alt-port: 99999 is out of range; it takes a TCP port from 1 to 65535",
+            ),
+            (&["--rungs", "tls"][..], "--rungs: `tls` is not a rung"),
+            (&["--gateway"][..], "--gateway needs a value"),
+            (
+                &["--reboot-command"][..],
+                "--reboot-command: needs a program",
+            ),
+        ] {
+            let e = expand(args(a), no_env).unwrap_err();
+            assert!(e.starts_with(want), "{a:?}: want {want:?}, got {e:?}");
+        }
     }
 }
