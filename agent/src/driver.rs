@@ -178,6 +178,8 @@ pub struct Agent {
     upgrade_probe: Option<Race>,
     /// A better rung opened: end the session when idle and climb from the top.
     better_found: bool,
+    /// The session since the last back-off reached `Welcome` (the back-off starts over).
+    welcomed: bool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -215,6 +217,7 @@ impl Agent {
             client_config: None,
             upgrade_probe: None,
             better_found: false,
+            welcomed: false,
         })
     }
 
@@ -225,7 +228,8 @@ impl Agent {
     /// Runs until the reboot action exits, the gateway refuses the device, or
     /// `max_sessions` is reached. Returns the process exit code.
     pub fn run(&mut self) -> Result<i32, AgentError> {
-        let mut backoff = Duration::from_millis(200);
+        const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+        let mut backoff = FIRST_BACKOFF;
         let mut sessions = 0u32;
         loop {
             if self.cfg.max_sessions.is_some_and(|m| sessions >= m) {
@@ -239,16 +243,25 @@ impl Agent {
             match end {
                 Ok(End::Exit(code)) => return Ok(code),
                 Ok(End::Reconnect { immediately: true }) => {
-                    backoff = Duration::from_millis(200);
+                    backoff = FIRST_BACKOFF;
+                    self.welcomed = false;
                     continue;
                 }
                 Ok(End::Reconnect { immediately: false }) => {}
                 Err(AgentError::Io(e)) => eprintln!("fleetcast-agent: connection failed: {e}"),
                 Err(e) => return Err(e),
             }
+            // A session that reached `Welcome` was a good one: whatever ended it (a proxy
+            // that cuts tunnels every 30 s), the back-off starts over instead of growing
+            // across good sessions.
+            if std::mem::take(&mut self.welcomed) {
+                backoff = FIRST_BACKOFF;
+            }
             // Jittered exponential back-off, so a fleet does not reconnect in lockstep.
             let jitter = (self.epoch.elapsed().subsec_nanos() as u64 % 1000) as f64 / 1000.0;
-            std::thread::sleep(backoff.mul_f64(0.5 + jitter));
+            let pause = backoff.mul_f64(0.5 + jitter);
+            eprintln!("fleetcast-agent: reconnecting in {} ms", pause.as_millis());
+            std::thread::sleep(pause);
             backoff = (backoff * 2).min(self.cfg.max_backoff);
         }
     }
@@ -540,6 +553,7 @@ impl Agent {
     ) -> Result<Option<End>, AgentError> {
         match ev {
             AgentEvent::Welcomed(w) => {
+                self.welcomed = true;
                 if self.probe.take().is_some() {
                     self.rung_won();
                 }
@@ -594,6 +608,12 @@ impl Agent {
                 self.state.ack(seq)?;
             }
             AgentEvent::Closed(info) => {
+                eprintln!(
+                    "fleetcast-agent: session closed by the {} ({}): {}",
+                    if info.by_peer { "gateway" } else { "agent" },
+                    info.code.name().unwrap_or("?"),
+                    info.reason
+                );
                 match info.code {
                     CloseCode::REVOKED | CloseCode::UNKNOWN_DEVICE | CloseCode::UNAUTHENTICATED => {
                         return Err(AgentError::Refused(format!(
@@ -884,6 +904,9 @@ impl Agent {
                 return Ok(Some(self.do_reboot()));
             }
             if s.is_closed() || eof {
+                if !s.is_closed() {
+                    eprintln!("fleetcast-agent: the connection ended without a Close");
+                }
                 return Ok(None);
             }
             // 4. Flush what handling events produced, then wait for bytes, a timer, or
