@@ -887,7 +887,12 @@ fn a_silent_path_is_noticed_within_three_heartbeats_whatever_the_idle_timeout() 
     // Both ends close within three intervals of the cut (plus one interval of slack for
     // where the cut fell between two heartbeats), far before the 90 s idle timeout.
     p.run_until(cut + hb * (DEAD_AFTER_HEARTBEATS + 1));
-    assert!(p.gw.is_closed() && p.ag.is_closed(), "{:?} {:?}", p.gw.phase(), p.ag.phase());
+    assert!(
+        p.gw.is_closed() && p.ag.is_closed(),
+        "{:?} {:?}",
+        p.gw.phase(),
+        p.ag.phase()
+    );
     let idle = SessionError::TimedOut(TimeoutKind::Idle);
     assert_eq!((p.gw.error(), p.ag.error()), (Some(idle), Some(idle)));
     for c in [
