@@ -991,9 +991,13 @@ impl LongPoll {
         s.write_all(&msg).map_err(retry)?;
         let sent_at = epoch().elapsed();
         let held = || Some((wait, epoch().elapsed().saturating_sub(sent_at)));
-        let head = read_head(&mut s, &deadline).map_err(|error| Failure::Retry {
-            error,
-            held: held(),
+        let head = read_head(&mut s, &deadline).map_err(|error| match error.kind() {
+            // An oversized head is not the path's doing.
+            io::ErrorKind::InvalidData => Failure::Fatal(error),
+            _ => Failure::Retry {
+                error,
+                held: held(),
+            },
         })?;
         let r = parse_response(&head).map_err(Failure::Fatal)?;
         let fatal = |what: &str| Failure::Fatal(io::Error::new(io::ErrorKind::InvalidData, what));
