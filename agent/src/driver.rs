@@ -122,9 +122,20 @@ pub enum AgentError {
     /// Not enrolled and no token given.
     #[error("this device is not enrolled: run with --token TOKEN --name NAME (from `fleetcast device add NAME`)")]
     NotEnrolled,
-    /// The gateway refused us for good (revoked, unknown, bad token).
+    /// The gateway refused us for good (revoked, unknown).
     #[error("the gateway refused this device: {0}")]
     Refused(String),
+    /// The gateway refused the enrolment token (unknown, used or expired): final.
+    #[error("the gateway refused the enrolment token for {name:?}: {reason}. A token works once and expires: ask for a new one (`fleetcast device add`)")]
+    BadToken {
+        /// The device name the token was given for.
+        name: String,
+        /// The gateway's reason.
+        reason: String,
+    },
+    /// No rung carried a session; the most telling cause (retried after a back-off).
+    #[error(transparent)]
+    Connect(#[from] ladder::ClimbError),
     /// The boot id could not be read.
     #[error(transparent)]
     Report(#[from] crate::report::ReportError),
@@ -178,6 +189,8 @@ pub struct Agent {
     upgrade_probe: Option<Race>,
     /// A better rung opened: end the session when idle and climb from the top.
     better_found: bool,
+    /// The session since the last back-off reached `Welcome` (the back-off starts over).
+    welcomed: bool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -215,6 +228,7 @@ impl Agent {
             client_config: None,
             upgrade_probe: None,
             better_found: false,
+            welcomed: false,
         })
     }
 
@@ -225,7 +239,8 @@ impl Agent {
     /// Runs until the reboot action exits, the gateway refuses the device, or
     /// `max_sessions` is reached. Returns the process exit code.
     pub fn run(&mut self) -> Result<i32, AgentError> {
-        let mut backoff = Duration::from_millis(200);
+        const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+        let mut backoff = FIRST_BACKOFF;
         let mut sessions = 0u32;
         loop {
             if self.cfg.max_sessions.is_some_and(|m| sessions >= m) {
@@ -239,16 +254,26 @@ impl Agent {
             match end {
                 Ok(End::Exit(code)) => return Ok(code),
                 Ok(End::Reconnect { immediately: true }) => {
-                    backoff = Duration::from_millis(200);
+                    backoff = FIRST_BACKOFF;
+                    self.welcomed = false;
                     continue;
                 }
                 Ok(End::Reconnect { immediately: false }) => {}
                 Err(AgentError::Io(e)) => eprintln!("fleetcast-agent: connection failed: {e}"),
+                Err(AgentError::Connect(e)) => eprintln!("fleetcast-agent: connection failed: {e}"),
                 Err(e) => return Err(e),
+            }
+            // A session that reached `Welcome` was a good one: whatever ended it (a proxy
+            // that cuts tunnels every 30 s), the back-off starts over instead of growing
+            // across good sessions.
+            if std::mem::take(&mut self.welcomed) {
+                backoff = FIRST_BACKOFF;
             }
             // Jittered exponential back-off, so a fleet does not reconnect in lockstep.
             let jitter = (self.epoch.elapsed().subsec_nanos() as u64 % 1000) as f64 / 1000.0;
-            std::thread::sleep(backoff.mul_f64(0.5 + jitter));
+            let pause = backoff.mul_f64(0.5 + jitter);
+            eprintln!("fleetcast-agent: reconnecting in {} ms", pause.as_millis());
+            std::thread::sleep(pause);
             backoff = (backoff * 2).min(self.cfg.max_backoff);
         }
     }
@@ -335,14 +360,14 @@ impl Agent {
         // (a refusal sent by the gateway is final; silence or a lost stream tries the next).
         let (order, _) = self.climb_order();
         let mut race = self.race(&order, &config);
-        let mut last = io::Error::new(io::ErrorKind::NotFound, "no transport rung allowed");
+        let mut failures = Vec::new();
         let mut won = None;
         while let Some((rung, r)) = race.next() {
             let mut io = match r {
                 Ok(io) => io,
                 Err(e) => {
                     eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
-                    last = e;
+                    failures.push((rung, e));
                     continue;
                 }
             };
@@ -381,15 +406,21 @@ impl Agent {
                     break;
                 }
                 (None, Some(c), _) if c.by_peer => {
-                    return Err(AgentError::Refused(format!(
-                        "enrolment failed: {:?}: {}",
-                        c.code.name(),
-                        c.reason
-                    )));
+                    return Err(match c.code {
+                        CloseCode::BAD_TOKEN => AgentError::BadToken {
+                            name,
+                            reason: c.reason,
+                        },
+                        code => AgentError::Refused(format!(
+                            "enrolment refused ({}): {}",
+                            code.name().unwrap_or("?"),
+                            c.reason
+                        )),
+                    });
                 }
                 (None, _, Err(AgentError::Io(e))) => {
                     eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
-                    last = e;
+                    failures.push((rung, e));
                 }
                 (None, _, Err(e)) => return Err(e),
                 (None, _, Ok(_)) => {
@@ -397,14 +428,15 @@ impl Agent {
                         "fleetcast-agent: rung {} closed before Enrolled",
                         rung.name()
                     );
-                    last =
+                    let e =
                         io::Error::new(io::ErrorKind::ConnectionAborted, "closed before Enrolled");
+                    failures.push((rung, e));
                 }
             }
         }
         drop(race);
         let Some(((device_id, cert), io)) = won else {
-            return Err(last.into());
+            return Err(ladder::ClimbError::from_failures(failures).into());
         };
         let ca_der: CertificateDer<'static> = match (&self.cfg.ca, pin) {
             (_, Some(fp)) => {
@@ -448,17 +480,25 @@ impl Agent {
         let names: Vec<&str> = order.iter().map(|r| r.name()).collect();
         eprintln!("fleetcast-agent: trying rungs {}", names.join(","));
         self.climb_start = ladder::epoch().elapsed();
-        let mut last = io::Error::new(io::ErrorKind::NotFound, "no transport rung allowed");
+        let mut failures = Vec::new();
         self.racing = Some(self.race(&order, &config));
+        let memory = Memory::new(&self.cfg.state_dir);
         while let Some((rung, r)) = self.racing.as_mut().and_then(Race::next) {
-            let io = match r {
+            let mut io = match r {
                 Ok(io) => io,
                 Err(e) => {
                     eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
-                    last = e;
+                    failures.push((rung, e));
                     continue;
                 }
             };
+            if let (Rung::LongPoll, Some(hold)) = (rung, memory.hold(&network)) {
+                eprintln!(
+                    "fleetcast-agent: long-poll: holding at most {} ms (remembered for this network)",
+                    hold.as_millis()
+                );
+                io.pipe.set_max_hold(hold);
+            }
             // The round trip gets its own rung timeout: the carrier may have waited while
             // a better one was tried.
             self.probe = Some(Deadline::after(
@@ -476,12 +516,13 @@ impl Agent {
                         "fleetcast-agent: rung {} closed before Welcome",
                         rung.name()
                     );
-                    last =
+                    let e =
                         io::Error::new(io::ErrorKind::ConnectionAborted, "closed before Welcome");
+                    failures.push((rung, e));
                 }
                 Err(AgentError::Io(e)) => {
                     eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
-                    last = e;
+                    failures.push((rung, e));
                 }
                 Err(e) => {
                     self.racing = None;
@@ -490,7 +531,7 @@ impl Agent {
             }
         }
         self.racing = None;
-        Err(last.into())
+        Err(ladder::ClimbError::from_failures(failures).into())
     }
 
     /// One session over an opened rung.
@@ -540,6 +581,7 @@ impl Agent {
     ) -> Result<Option<End>, AgentError> {
         match ev {
             AgentEvent::Welcomed(w) => {
+                self.welcomed = true;
                 if self.probe.take().is_some() {
                     self.rung_won();
                 }
@@ -594,6 +636,12 @@ impl Agent {
                 self.state.ack(seq)?;
             }
             AgentEvent::Closed(info) => {
+                eprintln!(
+                    "fleetcast-agent: session closed by the {} ({}): {}",
+                    if info.by_peer { "gateway" } else { "agent" },
+                    info.code.name().unwrap_or("?"),
+                    info.reason
+                );
                 match info.code {
                     CloseCode::REVOKED | CloseCode::UNKNOWN_DEVICE | CloseCode::UNAUTHENTICATED => {
                         return Err(AgentError::Refused(format!(
@@ -777,6 +825,16 @@ impl Agent {
             .then(|| self.now() + self.cfg.ladder.upgrade_after);
     }
 
+    /// The long-poll path cut a held request: remember the shorter hold for this network.
+    fn remember_hold(&mut self, hold: Duration) {
+        let Some((_, network)) = &self.rung else {
+            return;
+        };
+        if let Err(e) = Memory::new(&self.cfg.state_dir).set_hold(network, hold) {
+            eprintln!("fleetcast-agent: cannot remember the long-poll hold: {e}");
+        }
+    }
+
     /// Retrying better rungs in the background: past the retry time, the rungs better than
     /// the current one are opened (TCP, proxy, TLS) on their own threads while the session
     /// goes on. When one opens, the session ends as soon as nothing is running and the next
@@ -884,6 +942,9 @@ impl Agent {
                 return Ok(Some(self.do_reboot()));
             }
             if s.is_closed() || eof {
+                if !s.is_closed() {
+                    eprintln!("fleetcast-agent: the connection ended without a Close");
+                }
                 return Ok(None);
             }
             // 4. Flush what handling events produced, then wait for bytes, a timer, or
@@ -922,7 +983,11 @@ impl Agent {
             }
             io.pipe
                 .set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
-            match io.tls.read_tls(&mut io.pipe) {
+            let read = io.tls.read_tls(&mut io.pipe);
+            if let Some(hold) = io.pipe.take_learned_hold() {
+                self.remember_hold(hold);
+            }
+            match read {
                 Ok(0) => eof = true,
                 Ok(_) => {
                     let state = io
@@ -1035,9 +1100,11 @@ struct Io {
 
 impl Io {
     fn flush(&mut self) -> io::Result<()> {
-        self.pipe.set_write_timeout(Some(Duration::from_secs(30)))?;
+        const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+        self.pipe.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        let deadline = Deadline::after(ladder::epoch(), WRITE_TIMEOUT);
         while self.tls.wants_write() {
-            self.tls.write_tls(&mut self.pipe)?;
+            ladder::retry_interrupted(&deadline, "write", || self.tls.write_tls(&mut self.pipe))?;
         }
         Ok(())
     }

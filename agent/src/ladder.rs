@@ -15,8 +15,10 @@
 //! session with the token the gateway handed out, and any TCP connection may carry it.
 //!
 //! This module owns the carriers ([`Pipe`]), the proxy settings ([`Proxy`]), the per-network
-//! memory of the winning rung ([`Memory`]) and deadlines ([`Deadline`]); the driver decides
-//! when a rung has won (a `Welcome` answered the `Hello`).
+//! memory of the winning rung and of the long-poll hold ([`Memory`]), deadlines ([`Deadline`])
+//! and the typed causes of a failed climb ([`ClimbError`]); the driver decides when a rung has
+//! won (a `Welcome` answered the `Hello`). Every blocking call here and in the driver repeats
+//! an interrupted call ([`retry_interrupted`]): a signal must not abandon an exchange.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
@@ -101,7 +103,8 @@ impl Deadline {
         self.remaining().is_zero()
     }
 
-    fn check(&self, what: &str) -> io::Result<Duration> {
+    /// The time left, or a `TimedOut` error naming `what` once it has passed.
+    pub fn check(&self, what: &str) -> io::Result<Duration> {
         let left = self.remaining();
         if left.is_zero() {
             return Err(io::Error::new(
@@ -110,6 +113,124 @@ impl Deadline {
             ));
         }
         Ok(left)
+    }
+}
+
+/// Calls `f` again while it fails with `Interrupted`, until `deadline`. A signal arriving
+/// while a call blocks (a command's child exiting, say) interrupts it before it did anything,
+/// so the call is simply repeated: giving up instead would abandon an exchange whose request
+/// was already sent.
+pub fn retry_interrupted<T>(
+    deadline: &Deadline,
+    what: &str,
+    mut f: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                deadline.check(what)?;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// The proxy asked for credentials or refused the ones given (`407 Proxy Authentication
+/// Required`; tinyproxy answers wrong ones with `401`): a configuration error, not a network
+/// one, reported as such however the other rungs failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the proxy {proxy} {} (HTTP {status})", if *.sent_credentials {
+    "refused the user and password given in the proxy URL"
+} else {
+    "needs a user and password: give them in the proxy URL, http://USER:PASSWORD@HOST:PORT"
+})]
+pub struct ProxyAuthRefused {
+    /// The proxy (`host:port`).
+    pub proxy: String,
+    /// Whether the request carried `Proxy-Authorization`.
+    pub sent_credentials: bool,
+    /// The proxy's status (407, or 401).
+    pub status: u16,
+}
+
+impl ProxyAuthRefused {
+    /// The proxy's answer `status`, if it is about its credentials: `407`, or `401`, which
+    /// only a proxy sends on these requests (tinyproxy answers wrong credentials with it; the
+    /// gateway never does).
+    fn check(p: &Proxy, status: u16) -> io::Result<()> {
+        if status != 407 && status != 401 {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            ProxyAuthRefused {
+                proxy: p.addr.clone(),
+                sent_credentials: p.auth.is_some(),
+                status,
+            },
+        ))
+    }
+
+    /// The refusal inside an I/O error from a rung, if that is what it is.
+    pub fn of(e: &io::Error) -> Option<&ProxyAuthRefused> {
+        e.get_ref()?.downcast_ref()
+    }
+}
+
+/// Why a climb found no rung: the most telling of the rungs' failures. A proxy's `407` or a
+/// certificate the agent cannot trust is a configuration problem that no retry fixes, so it
+/// is named even when other rungs failed later (a blocked rung's timeout) or differently.
+#[derive(Debug, thiserror::Error)]
+pub enum ClimbError {
+    /// A proxy asked for credentials, or refused the ones given.
+    #[error(transparent)]
+    ProxyAuth(ProxyAuthRefused),
+    /// The gateway's chain has no CA with the fingerprint the agent was given.
+    #[error(transparent)]
+    CaFingerprint(crate::tls::CaPinMismatch),
+    /// The gateway's certificate does not verify against the CA the agent trusts (or is not
+    /// for the name it expects).
+    #[error("the gateway's certificate was refused ({0}): it must be issued by the gateway CA the agent was given (--ca, --ca-fingerprint, or the one saved at enrolment) for the --server-name")]
+    Certificate(rustls::Error),
+    /// Nothing got through; each rung's error, in the order they failed.
+    #[error("no rung reached the gateway ({})", list(.0))]
+    Unreachable(Vec<(Rung, io::Error)>),
+}
+
+fn list(failures: &[(Rung, io::Error)]) -> String {
+    if failures.is_empty() {
+        return "no rung is allowed".into();
+    }
+    failures
+        .iter()
+        .map(|(r, e)| format!("{}: {e}", r.name()))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl ClimbError {
+    /// The most telling cause among the rungs' failures.
+    pub fn from_failures(failures: Vec<(Rung, io::Error)>) -> ClimbError {
+        let tls = |e: &io::Error| e.get_ref()?.downcast_ref::<rustls::Error>().cloned();
+        if let Some(p) = failures.iter().find_map(|(_, e)| ProxyAuthRefused::of(e)) {
+            return ClimbError::ProxyAuth(p.clone());
+        }
+        let certificate = failures.iter().find_map(|(_, e)| match tls(e)? {
+            err @ rustls::Error::InvalidCertificate(_) => Some(err),
+            _ => None,
+        });
+        match certificate {
+            Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o))) => {
+                match o.0.downcast_ref::<crate::tls::CaPinMismatch>() {
+                    Some(m) => ClimbError::CaFingerprint(m.clone()),
+                    None => ClimbError::Certificate(rustls::Error::InvalidCertificate(
+                        rustls::CertificateError::Other(o),
+                    )),
+                }
+            }
+            Some(err) => ClimbError::Certificate(err),
+            None => ClimbError::Unreachable(failures),
+        }
     }
 }
 
@@ -302,9 +423,26 @@ impl Pipe {
             Pipe::Poll(p) => {
                 // A floor, so a busy agent (polling its executor every 20 ms) does not turn
                 // into a request storm through the proxy: each exchange is a connection.
-                p.wait = d.unwrap_or(MAX_WAIT).clamp(MIN_WAIT, MAX_WAIT);
+                p.wait = d.unwrap_or(MAX_WAIT).clamp(MIN_WAIT, p.max_hold);
                 Ok(())
             }
+        }
+    }
+
+    /// Long-poll: the longest hold to ask the gateway for (remembered per network, see
+    /// [`Memory::hold`]); nothing for the other carriers.
+    pub fn set_max_hold(&mut self, d: Duration) {
+        if let Pipe::Poll(p) = self {
+            p.max_hold = d.clamp(MIN_WAIT, MAX_WAIT);
+        }
+    }
+
+    /// Long-poll: a shorter hold learnt since the last call, because the path cut a held
+    /// request (to remember for this network).
+    pub fn take_learned_hold(&mut self) -> Option<Duration> {
+        match self {
+            Pipe::Poll(p) => p.learned.take(),
+            Pipe::Tcp(_) => None,
         }
     }
 
@@ -346,9 +484,21 @@ impl Write for Pipe {
 }
 
 /// Longest hold a long-poll request asks for (below the gateway's 25 s cap).
-const MAX_WAIT: Duration = Duration::from_secs(20);
+pub const MAX_WAIT: Duration = Duration::from_secs(20);
 /// Shortest hold a long-poll request asks for (the gateway answers at once when it has bytes).
-const MIN_WAIT: Duration = Duration::from_millis(250);
+pub const MIN_WAIT: Duration = Duration::from_millis(250);
+/// How long past its hold a long-poll response may take.
+const RESPONSE_SLACK: Duration = Duration::from_secs(10);
+/// A long-poll session whose exchanges have all failed for this long is given up: the gateway
+/// closes a relay no request reached for 60 s (`RELAY_IDLE`).
+const GIVE_UP_AFTER: Duration = Duration::from_secs(55);
+/// Longest pause between two attempts at a failed exchange.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(4);
+/// Long-poll request header: the agent-to-gateway stream offset of the body's first byte.
+pub const UP_HEADER: &str = "X-Fleetcast-Up";
+/// Long-poll header: in a request, the gateway bytes the agent has received (an
+/// acknowledgement); in a response, the stream offset of the body's first byte.
+pub const DOWN_HEADER: &str = "X-Fleetcast-Down";
 /// Largest HTTP response head the agent reads.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 /// Largest long-poll request body the agent sends (the gateway accepts 256 KiB).
@@ -381,6 +531,13 @@ pub fn open(rung: Rung, t: &Target, deadline: &Deadline) -> io::Result<Pipe> {
             wait: Duration::ZERO,
             closed: false,
             connect_timeout: deadline.remaining().max(Duration::from_secs(1)),
+            sent: 0,
+            received: 0,
+            max_hold: MAX_WAIT,
+            learned: None,
+            failures: 0,
+            failing_since: None,
+            retry_at: None,
         }))),
     }
 }
@@ -403,8 +560,27 @@ fn tcp(addr: &str, deadline: &Deadline) -> io::Result<TcpStream> {
     Err(last)
 }
 
-/// Reads an HTTP response head byte by byte (so no tunnel byte after it is consumed).
-fn read_head(r: &mut impl Read) -> io::Result<Vec<u8>> {
+/// One blocking read from `s` by `deadline`: an interrupted read is repeated (with the time
+/// left, as a repeated read restarts the socket's timeout), a timed-out one is `TimedOut`.
+fn read_by(s: &mut TcpStream, buf: &mut [u8], deadline: &Deadline) -> io::Result<usize> {
+    loop {
+        s.set_read_timeout(Some(deadline.check("HTTP response")?))?;
+        match s.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no complete HTTP response in time",
+                ))
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Reads an HTTP response head byte by byte (so no tunnel byte after it is consumed), by
+/// `deadline`.
+fn read_head(s: &mut TcpStream, deadline: &Deadline) -> io::Result<Vec<u8>> {
     let mut head = Vec::with_capacity(256);
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -414,7 +590,7 @@ fn read_head(r: &mut impl Read) -> io::Result<Vec<u8>> {
                 "HTTP response head too large",
             ));
         }
-        match r.read(&mut b)? {
+        match read_by(s, &mut b, deadline)? {
             0 => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -427,11 +603,28 @@ fn read_head(r: &mut impl Read) -> io::Result<Vec<u8>> {
     Ok(head)
 }
 
-/// A parsed response head: status, `Content-Length`, session token.
+/// Fills `buf` from `s` by `deadline`.
+fn read_full(s: &mut TcpStream, mut buf: &mut [u8], deadline: &Deadline) -> io::Result<()> {
+    while !buf.is_empty() {
+        match read_by(s, buf, deadline)? {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before the whole HTTP response body",
+                ))
+            }
+            n => buf = &mut buf[n..],
+        }
+    }
+    Ok(())
+}
+
+/// A parsed response head: status, `Content-Length`, session token, body offset.
 struct ResponseHead {
     status: u16,
     content_length: Option<usize>,
     session: Option<String>,
+    down: Option<u64>,
 }
 
 fn parse_response(head: &[u8]) -> io::Result<ResponseHead> {
@@ -457,6 +650,7 @@ fn parse_response(head: &[u8]) -> io::Result<ResponseHead> {
         status: r.code.unwrap_or(0),
         content_length: field("Content-Length").and_then(|v| v.parse().ok()),
         session: field("X-Fleetcast-Session"),
+        down: field(DOWN_HEADER).and_then(|v| v.parse().ok()),
     })
 }
 
@@ -474,9 +668,9 @@ fn connect_tunnel(
     req.push_str("\r\n");
     s.set_write_timeout(Some(deadline.check("CONNECT")?))?;
     s.write_all(req.as_bytes())?;
-    s.set_read_timeout(Some(deadline.check("CONNECT")?))?;
-    let head = read_head(s)?;
+    let head = read_head(s, deadline)?;
     let r = parse_response(&head)?;
+    ProxyAuthRefused::check(p, r.status)?;
     if !(200..300).contains(&r.status) {
         return Err(io::Error::new(
             io::ErrorKind::ConnectionRefused,
@@ -495,7 +689,7 @@ pub fn handshake(
     loop {
         pipe.set_write_timeout(Some(deadline.check("TLS handshake")?))?;
         while tls.wants_write() {
-            tls.write_tls(pipe)?;
+            retry_interrupted(deadline, "TLS handshake", || tls.write_tls(pipe))?;
         }
         if !tls.is_handshaking() {
             return Ok(());
@@ -539,7 +733,7 @@ pub fn http_upgrade(
     loop {
         pipe.set_write_timeout(Some(deadline.check("Upgrade")?))?;
         while tls.wants_write() {
-            tls.write_tls(pipe)?;
+            retry_interrupted(deadline, "Upgrade", || tls.write_tls(pipe))?;
         }
         if let Some(end) = plain.windows(4).position(|w| w == b"\r\n\r\n") {
             if end + 4 != plain.len() {
@@ -600,6 +794,21 @@ pub fn http_upgrade(
 /// performs one exchange (`POST` carrying the buffered bytes; the gateway may hold it up to
 /// the read timeout when it has nothing to send). A read that got nothing returns
 /// `WouldBlock`; a closed session (`410`) reads as end of stream.
+///
+/// # Exchanges may be repeated
+/// Each request names the stream offset of its body ([`UP_HEADER`]) and acknowledges the
+/// gateway bytes received so far ([`DOWN_HEADER`]); each response names the offset of its body.
+/// The gateway drops body bytes it already has and sends again whatever was not acknowledged,
+/// so an exchange whose answer was lost (a proxy that gave up on a held request, a cut
+/// connection) is simply made again: the TLS stream inside loses and duplicates nothing.
+/// Such failures are retried (the first at once, then with growing pauses) for up to
+/// [`GIVE_UP_AFTER`]; the session's own dead-peer timeout usually decides earlier.
+///
+/// # The hold adapts to the path
+/// A held request cut after `t` means something on the path (a proxy's read timeout, a NAT)
+/// does not wait that long: the longest hold asked for drops to ¾ of `t` (at most half the
+/// hold that was cut), and the driver remembers it for the network
+/// ([`Pipe::take_learned_hold`]).
 #[derive(Debug)]
 pub struct LongPoll {
     target: String,
@@ -613,12 +822,38 @@ pub struct LongPoll {
     wait: Duration,
     closed: bool,
     connect_timeout: Duration,
+    /// Agent bytes the gateway has confirmed: the stream offset of `outbox[0]`.
+    sent: u64,
+    /// Gateway bytes received.
+    received: u64,
+    /// Longest hold to ask for.
+    max_hold: Duration,
+    /// A shorter `max_hold` learnt and not yet taken by the driver.
+    learned: Option<Duration>,
+    /// Failed exchanges in a row, since when (on [`epoch`]), and when to try again.
+    failures: u32,
+    failing_since: Option<Duration>,
+    retry_at: Option<Duration>,
+}
+
+/// How a long-poll exchange failed.
+enum Failure {
+    /// Making the exchange again may work, and is harmless: the connect or the write failed,
+    /// the connection ended or timed out before a whole answer, or a proxy answered 502, 503,
+    /// 504 or 408. `held` is `(hold asked for, time waited)` when the request was sent whole
+    /// and the wait for its answer was cut.
+    Retry {
+        error: io::Error,
+        held: Option<(Duration, Duration)>,
+    },
+    /// Repeating cannot help: a refusal, a malformed answer.
+    Fatal(io::Error),
 }
 
 impl LongPoll {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.pos >= self.inbox.len() && !self.closed {
-            self.exchange()?;
+            self.poll()?;
         }
         if self.pos < self.inbox.len() {
             let n = buf.len().min(self.inbox.len() - self.pos);
@@ -635,28 +870,113 @@ impl LongPoll {
         ))
     }
 
-    fn exchange(&mut self) -> io::Result<()> {
+    /// One exchange, or the pause before repeating a failed one (then nothing is read).
+    fn poll(&mut self) -> io::Result<()> {
+        let mut hold = self.wait.min(self.max_hold);
+        if let Some(at) = self.retry_at {
+            let now = epoch().elapsed();
+            if at > now {
+                let pause = (at - now).min(hold);
+                std::thread::sleep(pause);
+                if epoch().elapsed() < at {
+                    return Ok(());
+                }
+                hold = hold.saturating_sub(pause).max(MIN_WAIT);
+            }
+        }
+        let error = match self.exchange(hold) {
+            Ok(()) => {
+                self.failures = 0;
+                self.failing_since = None;
+                self.retry_at = None;
+                return Ok(());
+            }
+            Err(Failure::Fatal(e)) => return Err(e),
+            Err(Failure::Retry { error, held }) => {
+                if let Some((asked, waited)) = held {
+                    self.shorten_hold(asked, waited);
+                }
+                error
+            }
+        };
+        // The first request opens the session: while climbing, its failure moves on to the
+        // next rung, like any other carrier's.
+        if self.token.is_none() {
+            return Err(error);
+        }
+        let now = epoch().elapsed();
+        let since = *self.failing_since.get_or_insert(now);
+        if now - since >= GIVE_UP_AFTER {
+            return Err(io::Error::new(
+                error.kind(),
+                format!(
+                    "long-poll: every exchange failed for {} s, the last: {error}",
+                    GIVE_UP_AFTER.as_secs()
+                ),
+            ));
+        }
+        self.failures += 1;
+        // A cut hold is retried at once; a path that keeps failing gets growing pauses.
+        let pause = match self.failures {
+            1 => Duration::ZERO,
+            n => (MIN_WAIT * (1 << (n - 2).min(8))).min(MAX_RETRY_PAUSE),
+        };
+        self.retry_at = Some(now + pause);
+        eprintln!(
+            "fleetcast-agent: long-poll exchange failed ({error}); repeating it in {} ms",
+            pause.as_millis()
+        );
+        Ok(())
+    }
+
+    /// A request asked to be held up to `asked` was cut after `waited`.
+    fn shorten_hold(&mut self, asked: Duration, waited: Duration) {
+        // A short request that fails says nothing about holds, nor does an instant failure.
+        if asked < Duration::from_secs(1) || waited < MIN_WAIT {
+            return;
+        }
+        let hold = (waited * 3 / 4).min(asked / 2).max(MIN_WAIT);
+        // Whole milliseconds: what the request header and the memory file carry.
+        let hold = Duration::from_millis(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX));
+        if hold < self.max_hold {
+            eprintln!(
+                "fleetcast-agent: long-poll: the path cut a request held for {} ms; holding at most {} ms from now on",
+                waited.as_millis(),
+                hold.as_millis()
+            );
+            self.max_hold = hold;
+            self.learned = Some(hold);
+        }
+    }
+
+    /// One `POST`: sends the next chunk of the outbox (at its stream offset) and the
+    /// acknowledgement of what arrived, and takes the gateway's bytes from the answer.
+    fn exchange(&mut self, hold: Duration) -> Result<(), Failure> {
+        let retry = |error| Failure::Retry { error, held: None };
         let via = self.proxy.as_ref().map_or(&self.target, |p| &p.addr);
-        let deadline = Deadline::after(epoch(), self.connect_timeout);
-        let mut s = tcp(via, &deadline)?;
+        let connect = Deadline::after(epoch(), self.connect_timeout);
+        let mut s = tcp(via, &connect).map_err(retry)?;
         // Bodies stay well under the gateway's limit; while more is queued, ask for no hold.
         let chunk = self.outbox.len().min(MAX_REQUEST_BODY);
         let wait = if self.outbox.len() > chunk {
             Duration::ZERO
         } else {
-            self.wait
+            hold
         };
-        s.set_write_timeout(Some(Duration::from_secs(10)))?;
-        s.set_read_timeout(Some(wait + Duration::from_secs(10)))?;
+        let deadline = Deadline::after(epoch(), wait + RESPONSE_SLACK);
+        s.set_write_timeout(Some(deadline.remaining()))
+            .map_err(retry)?;
         let uri = match &self.proxy {
             Some(_) => format!("http://{}/fleetcast/poll", self.target),
             None => "/fleetcast/poll".to_string(),
         };
         let mut req = format!(
-            "POST {uri} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nX-Fleetcast-Wait: {}\r\nCache-Control: no-store\r\nConnection: close\r\n",
+            "POST {uri} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nX-Fleetcast-Wait: {}\r\n{UP_HEADER}: {}\r\n{DOWN_HEADER}: {}\r\nCache-Control: no-store\r\nConnection: close\r\n",
             self.target,
             chunk,
-            wait.as_millis()
+            wait.as_millis(),
+            self.sent,
+            self.received,
         );
         if let Some(t) = &self.token {
             req.push_str(&format!("X-Fleetcast-Session: {t}\r\n"));
@@ -667,29 +987,48 @@ impl LongPoll {
         req.push_str("\r\n");
         let mut msg = req.into_bytes();
         msg.extend_from_slice(&self.outbox[..chunk]);
-        s.write_all(&msg)?;
-        let head = read_head(&mut s)?;
-        let r = parse_response(&head)?;
+        // `write_all` repeats interrupted writes itself.
+        s.write_all(&msg).map_err(retry)?;
+        let sent_at = epoch().elapsed();
+        let held = || Some((wait, epoch().elapsed().saturating_sub(sent_at)));
+        let head = read_head(&mut s, &deadline).map_err(|error| match error.kind() {
+            // An oversized head is not the path's doing.
+            io::ErrorKind::InvalidData => Failure::Fatal(error),
+            _ => Failure::Retry {
+                error,
+                held: held(),
+            },
+        })?;
+        let r = parse_response(&head).map_err(Failure::Fatal)?;
+        let fatal = |what: &str| Failure::Fatal(io::Error::new(io::ErrorKind::InvalidData, what));
         match r.status {
             200 => {
-                let len = r.content_length.ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidData, "long-poll: no Content-Length")
-                })?;
+                let len = r
+                    .content_length
+                    .ok_or_else(|| fatal("long-poll: no Content-Length"))?;
                 if len > MAX_RESPONSE_BODY {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "long-poll: response too large",
-                    ));
+                    return Err(fatal("long-poll: response too large"));
                 }
                 let mut body = vec![0u8; len];
-                s.read_exact(&mut body)?;
+                read_full(&mut s, &mut body, &deadline).map_err(retry)?;
                 if self.token.is_none() {
-                    self.token = Some(r.session.ok_or_else(|| {
-                        io::Error::new(io::ErrorKind::InvalidData, "long-poll: no session token")
-                    })?);
+                    self.token = Some(
+                        r.session
+                            .ok_or_else(|| fatal("long-poll: no session token"))?,
+                    );
                 }
+                // The body starts at `start` of the gateway's stream; what we already have of
+                // it (an answer to a repeated exchange) is skipped.
+                let start = r.down.unwrap_or(self.received);
+                if start > self.received {
+                    return Err(fatal("long-poll: the gateway skipped bytes of the stream"));
+                }
+                let skip = usize::try_from(self.received - start).unwrap_or(usize::MAX);
+                let fresh = body.get(skip..).unwrap_or_default();
+                self.received += fresh.len() as u64;
                 self.outbox.drain(..chunk);
-                self.inbox = body;
+                self.sent += chunk as u64;
+                self.inbox = fresh.to_vec();
                 self.pos = 0;
                 Ok(())
             }
@@ -698,10 +1037,23 @@ impl LongPoll {
                 self.outbox.clear();
                 Ok(())
             }
-            code => Err(io::Error::new(
+            code @ (401 | 407) if self.proxy.is_some() => Err(Failure::Fatal(
+                self.proxy
+                    .as_ref()
+                    .and_then(|p| ProxyAuthRefused::check(p, code).err())
+                    .unwrap_or_else(|| io::Error::other("long-poll: proxy refusal")),
+            )),
+            code @ (408 | 502 | 503 | 504) => Err(Failure::Retry {
+                error: io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("long-poll: HTTP {code} from the path"),
+                ),
+                held: held(),
+            }),
+            code => Err(Failure::Fatal(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
                 format!("long-poll: HTTP {code}"),
-            )),
+            ))),
         }
     }
 }
@@ -713,8 +1065,10 @@ pub(crate) fn epoch() -> std::time::Instant {
     *EPOCH.get_or_init(std::time::Instant::now)
 }
 
-/// The winning rung per network, in the state directory (`ladder`, one `KEY RUNG` line per
-/// network). Losing the file only costs a full climb.
+/// What the agent remembers per network, in the state directory (`ladder`, one
+/// `KEY RUNG [HOLD-MS]` line per network): the rung that won last time (`-` while none has),
+/// and the longest long-poll hold the path let through, when one was cut. Losing the file
+/// only costs a full climb (and a cut hold).
 #[derive(Debug, Clone)]
 pub struct Memory {
     path: PathBuf,
@@ -728,27 +1082,62 @@ impl Memory {
         }
     }
 
-    /// The rung that won last time on `network`.
-    pub fn get(&self, network: &str) -> Option<Rung> {
-        let text = std::fs::read_to_string(&self.path).ok()?;
-        text.lines().find_map(|l| {
-            let (k, r) = l.rsplit_once(' ')?;
-            (k == network).then(|| Rung::parse(r)).flatten()
-        })
+    /// `(rung, hold)` remembered for `network`.
+    fn entry(&self, network: &str) -> (Option<Rung>, Option<Duration>) {
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        text.lines()
+            .find_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next()? == network).then(|| {
+                    let rung = w.next().and_then(Rung::parse);
+                    let hold = w
+                        .next()
+                        .and_then(|h| h.parse().ok())
+                        .map(Duration::from_millis);
+                    (rung, hold)
+                })
+            })
+            .unwrap_or((None, None))
     }
 
-    /// Records the winner on `network` (atomic replace).
-    pub fn set(&self, network: &str, rung: Rung) -> io::Result<()> {
+    /// Replaces the line of `network` (atomic replace of the file).
+    fn put(&self, network: &str, rung: Option<Rung>, hold: Option<Duration>) -> io::Result<()> {
         let text = std::fs::read_to_string(&self.path).unwrap_or_default();
         let mut out: String = text
             .lines()
-            .filter(|l| l.rsplit_once(' ').is_some_and(|(k, _)| k != network))
+            .filter(|l| l.split_whitespace().next().is_some_and(|k| k != network))
             .map(|l| format!("{l}\n"))
             .collect();
-        out.push_str(&format!("{network} {}\n", rung.name()));
+        out.push_str(&format!("{network} {}", rung.map_or("-", Rung::name)));
+        if let Some(h) = hold {
+            out.push_str(&format!(" {}", h.as_millis()));
+        }
+        out.push('\n');
         let tmp = self.path.with_extension("tmp");
         std::fs::write(&tmp, out)?;
         std::fs::rename(&tmp, &self.path)
+    }
+
+    /// The rung that won last time on `network`.
+    pub fn get(&self, network: &str) -> Option<Rung> {
+        self.entry(network).0
+    }
+
+    /// The longest long-poll hold that works on `network`, once one was cut there.
+    pub fn hold(&self, network: &str) -> Option<Duration> {
+        self.entry(network).1
+    }
+
+    /// Records the winner on `network` (keeping its hold).
+    pub fn set(&self, network: &str, rung: Rung) -> io::Result<()> {
+        let (_, hold) = self.entry(network);
+        self.put(network, Some(rung), hold)
+    }
+
+    /// Records the longest long-poll hold that works on `network` (keeping its rung).
+    pub fn set_hold(&self, network: &str, hold: Duration) -> io::Result<()> {
+        let (rung, _) = self.entry(network);
+        self.put(network, rung, Some(hold))
     }
 }
 
@@ -885,7 +1274,8 @@ mod tests {
             for i in 0..n {
                 let (mut c, _) = l.accept().unwrap();
                 c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                let head = String::from_utf8(read_head(&mut c).unwrap()).unwrap();
+                let d = Deadline::after(epoch(), Duration::from_secs(10));
+                let head = String::from_utf8(read_head(&mut c, &d).unwrap()).unwrap();
                 let len = head
                     .lines()
                     .find_map(|l| l.strip_prefix("Content-Length: "))
@@ -974,6 +1364,16 @@ mod tests {
         let d = Deadline::after(epoch(), Duration::from_secs(5));
         assert!(matches!(open(Rung::Connect, &target, &d), Ok(Pipe::Tcp(_))));
         let err = open(Rung::Connect, &target, &d).unwrap_err();
+        // A typed cause, naming the proxy and that it refused the credentials sent.
+        assert_eq!(
+            ProxyAuthRefused::of(&err),
+            Some(&ProxyAuthRefused {
+                proxy: addr.to_string(),
+                sent_credentials: true,
+                status: 407,
+            }),
+            "{err}"
+        );
         assert!(err.to_string().contains("407"), "{err}");
         let seen = t.join().unwrap();
         assert!(
@@ -991,6 +1391,292 @@ mod tests {
         assert_eq!(
             open(Rung::Connect, &direct, &d).unwrap_err().kind(),
             io::ErrorKind::Unsupported
+        );
+    }
+
+    /// Header `name`'s value in a request head.
+    fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+    }
+
+    /// An answer with a body that starts at `down` of the gateway's stream.
+    fn ok_at(token: &str, down: u64, body: &[u8]) -> Vec<u8> {
+        let mut r = format!(
+            "HTTP/1.1 200 OK\r\nX-Fleetcast-Session: {token}\r\n{DOWN_HEADER}: {down}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    /// Reads from `pipe` until `n` bytes came (`WouldBlock` and `Interrupted` mean "again",
+    /// as in the driver), for at most 20 s.
+    fn read_n(pipe: &mut Pipe, n: usize) -> Vec<u8> {
+        let start = epoch().elapsed();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while got.len() < n {
+            assert!(
+                epoch().elapsed() - start < Duration::from_secs(20),
+                "only {got:?} after 20 s"
+            );
+            match pipe.read(&mut buf) {
+                Ok(0) => panic!("end of stream after {got:?}"),
+                Ok(k) => got.extend_from_slice(&buf[..k]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        got
+    }
+
+    fn long_poll_to(addr: SocketAddr) -> Pipe {
+        let target = Target::parse(&addr.to_string(), addr.port(), None).unwrap();
+        let d = Deadline::after(epoch(), Duration::from_secs(5));
+        open(Rung::LongPoll, &target, &d).unwrap()
+    }
+
+    /// A held request the path cuts (a proxy answering 504, or closing without an answer,
+    /// after its read timeout) is made again with the same stream offsets, so the session
+    /// goes on; the hold shrinks below the cut and is reported for the network's memory.
+    #[test]
+    fn a_cut_held_request_is_repeated_with_a_shorter_hold() {
+        for cut in [
+            &b"HTTP/1.1 504 Gateway Timeout\r\nContent-Length: 0\r\n\r\n"[..],
+            b"",
+        ] {
+            let (addr, t) = server(4, move |i, _, _| match i {
+                0 => ok_at("t0k3n", 0, b"A"),
+                // The proxy's read timeout: 1.2 s into the hold.
+                1 => {
+                    std::thread::sleep(Duration::from_millis(1200));
+                    cut.to_vec()
+                }
+                2 => ok_at("t0k3n", 1, b"B"),
+                _ => ok_at("t0k3n", 2, b"C"),
+            });
+            let mut pipe = long_poll_to(addr);
+            pipe.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            pipe.write_all(b"hello").unwrap();
+            assert_eq!(read_n(&mut pipe, 1), b"A");
+            pipe.write_all(b"xyz").unwrap();
+            assert_eq!(read_n(&mut pipe, 1), b"B");
+            let learned = pipe.take_learned_hold().expect("a shorter hold was learnt");
+            assert!(
+                learned < Duration::from_millis(1200) && learned >= MIN_WAIT,
+                "{learned:?}"
+            );
+            assert_eq!(pipe.take_learned_hold(), None, "reported once");
+            // The next request holds no longer than what was learnt.
+            pipe.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(read_n(&mut pipe, 1), b"C");
+            let seen = t.join().unwrap();
+            // The cut request and its repeat carry the same body at the same offsets.
+            assert_eq!(seen[1].1, b"xyz");
+            assert_eq!(seen[2].1, b"xyz");
+            for i in [1, 2] {
+                assert_eq!(header(&seen[i].0, UP_HEADER), Some("5"), "{}", seen[i].0);
+                assert_eq!(header(&seen[i].0, DOWN_HEADER), Some("1"), "{}", seen[i].0);
+            }
+            assert_eq!(header(&seen[1].0, "X-Fleetcast-Wait"), Some("5000"));
+            let wait: u64 = header(&seen[3].0, "X-Fleetcast-Wait")
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(Duration::from_millis(wait), learned, "{}", seen[3].0);
+            assert_eq!(header(&seen[3].0, UP_HEADER), Some("8"));
+            assert_eq!(header(&seen[3].0, DOWN_HEADER), Some("2"));
+        }
+    }
+
+    /// An answer that repeats bytes already received (the gateway sends again what was not
+    /// acknowledged) yields only the new ones; one that skips bytes ends the session.
+    #[test]
+    fn long_poll_answers_are_taken_at_their_offset() {
+        let (addr, t) = server(3, |i, _, _| match i {
+            0 => ok_at("t", 0, b"AB"),
+            1 => ok_at("t", 0, b"ABCD"),
+            _ => ok_at("t", 9, b"Z"),
+        });
+        let mut pipe = long_poll_to(addr);
+        pipe.set_read_timeout(Some(MIN_WAIT)).unwrap();
+        assert_eq!(read_n(&mut pipe, 2), b"AB");
+        assert_eq!(read_n(&mut pipe, 2), b"CD");
+        let mut buf = [0u8; 8];
+        let err = pipe.read(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        t.join().unwrap();
+    }
+
+    /// A proxy's `407` (or tinyproxy's `401`) on the long-poll rung is the typed cause, not
+    /// a retry.
+    #[test]
+    fn long_poll_407_is_typed() {
+        let (addr, t) = server(1, |_, _, _| {
+            b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n".to_vec()
+        });
+        let proxy = parse_proxy(&format!("http://{addr}")).unwrap();
+        let target = Target::parse("10.9.8.7:7300", 443, Some(proxy)).unwrap();
+        let d = Deadline::after(epoch(), Duration::from_secs(5));
+        let mut pipe = open(Rung::LongPoll, &target, &d).unwrap();
+        pipe.write_all(b"x").unwrap();
+        let err = pipe.read(&mut [0u8; 4]).unwrap_err();
+        let cause = ProxyAuthRefused::of(&err).expect("typed 407");
+        assert!(!cause.sent_credentials);
+        t.join().unwrap();
+    }
+
+    /// Signals hitting the thread while it waits on the socket (a command's child exiting)
+    /// interrupt calls, not exchanges: every exchange is made once, and no bytes are lost or
+    /// sent twice.
+    #[test]
+    fn signals_interrupt_calls_not_exchanges() {
+        static HITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        extern "C" fn on_signal(_: libc::c_int) {
+            HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        // SAFETY: installs a handler that only bumps an atomic; no SA_RESTART, so blocking
+        // calls of the signalled thread fail with EINTR (socket calls with a timeout do so
+        // even with SA_RESTART).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            sa.sa_flags = 0;
+            libc::sigemptyset(&mut sa.sa_mask);
+            assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+        }
+        const EXCHANGES: usize = 4;
+        let (addr, t) = server(EXCHANGES, |i, _, _| {
+            // The agent waits on the socket while the signals come.
+            std::thread::sleep(Duration::from_millis(300));
+            ok_at("t", i as u64, &[b'a' + i as u8])
+        });
+        // SAFETY: the id of this thread, which lives until the signaller is joined.
+        let me = unsafe { libc::pthread_self() };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let signaller = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                for _ in 0..20_000 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    // SAFETY: `me` is alive (joined below before the test returns).
+                    unsafe { libc::pthread_kill(me, libc::SIGUSR1) };
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        let mut pipe = long_poll_to(addr);
+        pipe.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut got = Vec::new();
+        for i in 0..EXCHANGES {
+            pipe.write_all(&[b'0' + i as u8]).unwrap();
+            got.extend(read_n(&mut pipe, 1));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        signaller.join().unwrap();
+        let seen = t.join().unwrap();
+        assert_eq!(got, b"abcd");
+        let bodies: Vec<Vec<u8>> = seen.iter().map(|(_, b)| b.clone()).collect();
+        assert_eq!(bodies, [b"0", b"1", b"2", b"3"].map(|b| b.to_vec()));
+        assert!(
+            HITS.load(std::sync::atomic::Ordering::Relaxed) > 50,
+            "the storm hit the thread"
+        );
+    }
+
+    #[test]
+    fn memory_keeps_the_hold_beside_the_rung() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Memory::new(dir.path());
+        assert_eq!(m.hold("n"), None);
+        m.set_hold("n", Duration::from_millis(1500)).unwrap();
+        assert_eq!(
+            (m.get("n"), m.hold("n")),
+            (None, Some(Duration::from_millis(1500)))
+        );
+        m.set("n", Rung::LongPoll).unwrap();
+        m.set("o", Rung::Native).unwrap();
+        assert_eq!(
+            m.hold("n"),
+            Some(Duration::from_millis(1500)),
+            "kept by set"
+        );
+        assert_eq!(m.get("n"), Some(Rung::LongPoll));
+        m.set_hold("n", Duration::from_millis(700)).unwrap();
+        assert_eq!(m.get("n"), Some(Rung::LongPoll), "kept by set_hold");
+        assert_eq!(m.hold("n"), Some(Duration::from_millis(700)));
+        assert_eq!((m.get("o"), m.hold("o")), (Some(Rung::Native), None));
+        // A file of the earlier `KEY RUNG` format still reads.
+        std::fs::write(dir.path().join("ladder"), "gw:7300@10.0.0.2 connect\n").unwrap();
+        assert_eq!(m.get("gw:7300@10.0.0.2"), Some(Rung::Connect));
+    }
+
+    /// A proxy's `407` or an untrusted certificate is the cause reported, whatever the
+    /// order the rungs failed in; otherwise every rung's error is listed.
+    #[test]
+    fn the_climb_reports_the_most_telling_failure() {
+        let timeout = || io::Error::new(io::ErrorKind::TimedOut, "connect: timed out");
+        let auth = ProxyAuthRefused {
+            proxy: "p:3128".into(),
+            sent_credentials: true,
+            status: 401,
+        };
+        let e = ClimbError::from_failures(vec![
+            (
+                Rung::Connect,
+                io::Error::new(io::ErrorKind::PermissionDenied, auth.clone()),
+            ),
+            (Rung::Native, timeout()),
+        ]);
+        assert!(matches!(&e, ClimbError::ProxyAuth(a) if *a == auth), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "the proxy p:3128 refused the user and password given in the proxy URL (HTTP 401)"
+        );
+        let mismatch = crate::tls::CaPinMismatch {
+            expected: [1; 32],
+            presented: vec![[2; 32]],
+        };
+        let pinned = rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+            rustls::OtherError(std::sync::Arc::new(mismatch.clone())),
+        ));
+        let e = ClimbError::from_failures(vec![
+            (
+                Rung::Native,
+                io::Error::new(io::ErrorKind::InvalidData, pinned),
+            ),
+            (
+                Rung::Port443,
+                io::Error::new(io::ErrorKind::ConnectionRefused, "Connection refused"),
+            ),
+        ]);
+        assert!(
+            matches!(&e, ClimbError::CaFingerprint(m) if *m == mismatch),
+            "{e}"
+        );
+        assert!(e.to_string().contains(&"02".repeat(32)), "{e}");
+        let unknown = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let e = ClimbError::from_failures(vec![
+            (
+                Rung::Native,
+                io::Error::new(io::ErrorKind::InvalidData, unknown),
+            ),
+            (Rung::Port443, timeout()),
+        ]);
+        assert!(matches!(e, ClimbError::Certificate(_)), "{e}");
+        let e =
+            ClimbError::from_failures(vec![(Rung::Native, timeout()), (Rung::Port443, timeout())]);
+        assert_eq!(
+            e.to_string(),
+            "no rung reached the gateway (native: connect: timed out; 443: connect: timed out)"
         );
     }
 

@@ -93,6 +93,26 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
+/// The gateway's chain holds no certificate with the CA fingerprint the agent was given (another
+/// gateway, an intercepting proxy, or a mistyped fingerprint). The pinned verifier's error,
+/// carried in `rustls::CertificateError::Other`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the gateway's CA does not match the fingerprint given: expected {}, but the gateway sent {} (compare with `fleetcastd --print-ca-fingerprint`)", Hex(.expected), list_fingerprints(.presented))]
+pub struct CaPinMismatch {
+    /// The fingerprint the agent was given.
+    pub expected: [u8; 32],
+    /// SHA-256 of each certificate the gateway sent after its own (the CA certificates).
+    pub presented: Vec<[u8; 32]>,
+}
+
+fn list_fingerprints(fps: &[[u8; 32]]) -> String {
+    if fps.is_empty() {
+        return "no CA certificate".into();
+    }
+    let hex: Vec<String> = fps.iter().map(|f| format!("{:?}", Hex(f))).collect();
+    format!("a CA with fingerprint {}", hex.join(" or "))
+}
+
 /// The device's ECDSA P-256 key pair. The private half never leaves the device.
 ///
 /// `Debug` prints only the SHA-256 of the public key.
@@ -320,9 +340,18 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCaVerifier {
         ocsp_response: &[u8],
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let ca = pinned_ca(intermediates, self.pin).ok_or(rustls::Error::InvalidCertificate(
-            rustls::CertificateError::UnknownIssuer,
-        ))?;
+        let ca = pinned_ca(intermediates, self.pin).ok_or_else(|| {
+            let mismatch = CaPinMismatch {
+                expected: self.pin,
+                presented: intermediates
+                    .iter()
+                    .map(|c| cert_fingerprint_sha256(c))
+                    .collect(),
+            };
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(mismatch),
+            )))
+        })?;
         let mut roots = RootCertStore::empty();
         roots.add(ca)?;
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
@@ -378,6 +407,12 @@ impl fmt::Debug for Hex<'_> {
             write!(f, "{b:02x}")?;
         }
         Ok(())
+    }
+}
+
+impl fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
     }
 }
 
@@ -786,16 +821,30 @@ mod tests {
         // The saved CA then works for the ordinary configuration.
         handshake(config(&ca, None), gw.server.clone()).unwrap();
 
-        // Another gateway (its own CA in its chain) does not match the pin.
+        // Another gateway (its own CA in its chain) does not match the pin: a typed error
+        // naming both fingerprints.
         let impostor = TestGateway::new();
         let cfg = client_config_pinned_with_time(pin, Arc::new(FixedTime)).unwrap();
         let err = handshake(cfg, impostor.server.clone()).unwrap_err();
+        let rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) = &err else {
+            panic!("{err:?}");
+        };
+        let mismatch = o.0.downcast_ref::<CaPinMismatch>().expect("a pin mismatch");
+        assert_eq!(
+            mismatch,
+            &CaPinMismatch {
+                expected: pin,
+                presented: vec![cert_fingerprint_sha256(&impostor.ca_der)],
+            }
+        );
+        let text = mismatch.to_string();
         assert!(
-            matches!(
-                err,
-                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
-            ),
-            "{err:?}"
+            text.contains(&format!("{:?}", Hex(&pin)))
+                && text.contains(&format!(
+                    "{:?}",
+                    Hex(&cert_fingerprint_sha256(&impostor.ca_der))
+                )),
+            "{text}"
         );
         // An impostor that sends the genuine CA certificate beside its own server
         // certificate still fails: its certificate is not signed by that CA.

@@ -11,6 +11,10 @@
 //!   session (absent on the first request; the response hands the token out), and
 //!   `X-Fleetcast-Wait` is how long (ms) the gateway may hold the request when it has nothing to
 //!   send. No state is tied to a TCP connection: every request names its session.
+//!   `X-Fleetcast-Up` is the stream offset of the request body and `X-Fleetcast-Down` the
+//!   gateway bytes the agent has received; a response's `X-Fleetcast-Down` is the offset of its
+//!   body. With them an exchange whose answer was lost can be made again: the gateway takes
+//!   only body bytes it does not have, and sends again what was not acknowledged.
 //!
 //! # Limits (each cut is logged with its reason)
 //! - the request head: at most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] fields;
@@ -35,6 +39,11 @@ pub const POLL_PATH: &str = "/fleetcast/poll";
 pub const SESSION_HEADER: &str = "X-Fleetcast-Session";
 /// Hold-time header of the long-poll rung.
 pub const WAIT_HEADER: &str = "X-Fleetcast-Wait";
+/// Long-poll request header: the agent-to-gateway stream offset of the body.
+pub const UP_HEADER: &str = "X-Fleetcast-Up";
+/// Long-poll header: in a request, the gateway bytes the agent has received; in a response, the
+/// gateway-to-agent stream offset of the body.
+pub const DOWN_HEADER: &str = "X-Fleetcast-Down";
 
 /// A request the gateway serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +58,10 @@ pub enum Route {
         wait_ms: u32,
         /// Body length (`Content-Length`).
         body_len: usize,
+        /// The body's stream offset (`None`: an agent that sends none).
+        up: Option<u64>,
+        /// Gateway bytes the agent has received (`None`: an agent that does not say).
+        down: Option<u64>,
     },
 }
 
@@ -141,11 +154,20 @@ pub fn parse_request(buf: &[u8], inside_tls: bool) -> Parsed {
                 .and_then(parse_num)
                 .unwrap_or(0)
                 .min(u64::from(MAX_WAIT_MS)) as u32;
+            let offset = |name| field(name).map(|v| parse_num(v).ok_or(()));
+            let (Ok(up), Ok(down)) = (
+                offset(UP_HEADER).transpose(),
+                offset(DOWN_HEADER).transpose(),
+            ) else {
+                return reject(400, "malformed stream offset");
+            };
             Parsed::Request {
                 route: Route::Poll {
                     session,
                     wait_ms,
                     body_len: body_len as usize,
+                    up,
+                    down,
                 },
                 head_len,
             }
@@ -200,6 +222,21 @@ pub const SWITCHING: &[u8] =
 
 /// Appends a complete response (`Connection: close`) to `out`.
 pub fn respond(out: &mut Vec<u8>, status: u16, session: Option<&[u8; 16]>, body: &[u8]) {
+    respond_with(out, status, session, None, body);
+}
+
+/// Appends a long-poll answer whose body starts at offset `down` of the gateway's stream.
+pub fn respond_poll(out: &mut Vec<u8>, session: &[u8; 16], down: u64, body: &[u8]) {
+    respond_with(out, 200, Some(session), Some(down), body);
+}
+
+fn respond_with(
+    out: &mut Vec<u8>,
+    status: u16,
+    session: Option<&[u8; 16]>,
+    down: Option<u64>,
+    body: &[u8],
+) {
     use std::io::Write;
     let phrase = match status {
         200 => "OK",
@@ -216,6 +253,9 @@ pub fn respond(out: &mut Vec<u8>, status: u16, session: Option<&[u8; 16]>, body:
     let _ = write!(out, "HTTP/1.1 {status} {phrase}\r\n");
     if let Some(t) = session {
         let _ = write!(out, "{SESSION_HEADER}: {}\r\n", format_token(t));
+    }
+    if let Some(d) = down {
+        let _ = write!(out, "{DOWN_HEADER}: {d}\r\n");
     }
     let kind = if status == 200 {
         "application/octet-stream"
@@ -269,11 +309,34 @@ mod tests {
                 route: Route::Poll {
                     session: Some(tok),
                     wait_ms: MAX_WAIT_MS,
-                    body_len: 5
+                    body_len: 5,
+                    up: None,
+                    down: None,
                 },
                 head_len: req.len() - 5
             }
         );
+        let with_offsets = format!(
+            "POST /fleetcast/poll HTTP/1.1\r\nContent-Length: 0\r\n{UP_HEADER}: 1234\r\n{DOWN_HEADER}: 77\r\n\r\n"
+        );
+        assert!(matches!(
+            parse_request(with_offsets.as_bytes(), false),
+            Parsed::Request {
+                route: Route::Poll {
+                    up: Some(1234),
+                    down: Some(77),
+                    ..
+                },
+                ..
+            }
+        ));
+        let bad_offset = format!(
+            "POST /fleetcast/poll HTTP/1.1\r\nContent-Length: 0\r\n{DOWN_HEADER}: -1\r\n\r\n"
+        );
+        assert!(matches!(
+            parse_request(bad_offset.as_bytes(), false),
+            Parsed::Reject { status: 400, .. }
+        ));
         let no_len = b"POST /fleetcast/poll HTTP/1.1\r\n\r\n";
         assert!(matches!(
             parse_request(no_len, false),

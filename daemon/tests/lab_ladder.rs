@@ -698,3 +698,561 @@ fn hostile_http_is_cut_off_while_an_agent_is_served() {
         "one session throughout\n{agent_log}"
     );
 }
+
+/// `(head, body)` of one HTTP message read from `s` (`Content-Length` bodies only); `None`
+/// when the peer closed or sent garbage.
+fn read_message(s: &mut std::net::TcpStream) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 16 * 1024 || s.read(&mut b).ok()? != 1 {
+            return None;
+        }
+        head.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let len = text
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(Some(0), |v| v.trim().parse().ok())?;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some((head, body))
+}
+
+/// A test-local forwarding proxy for long-poll requests that loses answers: every third
+/// answer of a session that carries bytes is read from the gateway and then not delivered
+/// (the client's connection is closed), as when a proxy gives up on a request the gateway
+/// has already answered. `lost` counts them.
+fn lossy_proxy(
+    host: Host<'_>,
+    port: u16,
+    gateway: SocketAddrV4,
+    stop: &AtomicBool,
+    lost: &AtomicUsize,
+) {
+    let l = host.tcp_listener(port).expect("listener");
+    l.set_nonblocking(true).expect("nonblocking");
+    let answers = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        while !stop.load(Ordering::Relaxed) {
+            let mut c = match l.accept() {
+                Ok((c, _)) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(e) => panic!("accept: {e}"),
+            };
+            let answers = &answers;
+            s.spawn(move || {
+                c.set_nonblocking(false).expect("blocking");
+                c.set_read_timeout(Some(Duration::from_secs(40)))
+                    .expect("timeout");
+                let Some((head, body)) = read_message(&mut c) else {
+                    return;
+                };
+                let Ok(mut up) = host.tcp_connect(gateway, Duration::from_secs(5)) else {
+                    return;
+                };
+                up.set_read_timeout(Some(Duration::from_secs(40)))
+                    .expect("timeout");
+                if up
+                    .write_all(&head)
+                    .and_then(|()| up.write_all(&body))
+                    .is_err()
+                {
+                    return;
+                }
+                let mut answer = Vec::new();
+                let _ = up.read_to_end(&mut answer);
+                let in_session = String::from_utf8_lossy(&head)
+                    .to_ascii_lowercase()
+                    .contains("x-fleetcast-session:");
+                let carries = !answer.ends_with(b"\r\n\r\n");
+                if in_session && carries && answers.fetch_add(1, Ordering::Relaxed) % 3 == 2 {
+                    lost.fetch_add(1, Ordering::Relaxed);
+                    return; // Dropped: the client sees its connection close, no answer.
+                }
+                let _ = c.write_all(&answer);
+            });
+        }
+    });
+}
+
+/// A test-local TCP relay to `to` that cuts every connection `period` after accepting it
+/// (a proxy that closes tunnels every few seconds); `accepted` counts connections.
+fn cutting_relay(
+    host: Host<'_>,
+    port: u16,
+    to: SocketAddrV4,
+    period: Duration,
+    stop: &AtomicBool,
+    accepted: &AtomicUsize,
+) {
+    let l = host.tcp_listener(port).expect("listener");
+    l.set_nonblocking(true).expect("nonblocking");
+    std::thread::scope(|s| {
+        while !stop.load(Ordering::Relaxed) {
+            let c = match l.accept() {
+                Ok((c, _)) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(e) => panic!("accept: {e}"),
+            };
+            accepted.fetch_add(1, Ordering::Relaxed);
+            s.spawn(move || {
+                c.set_nonblocking(false).expect("blocking");
+                let Ok(up) = host.tcp_connect(to, Duration::from_secs(5)) else {
+                    return;
+                };
+                let pipe = |mut a: std::net::TcpStream, mut b: std::net::TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut a, &mut b);
+                    })
+                };
+                let t1 = pipe(
+                    c.try_clone().expect("clone"),
+                    up.try_clone().expect("clone"),
+                );
+                let t2 = pipe(
+                    up.try_clone().expect("clone"),
+                    c.try_clone().expect("clone"),
+                );
+                let start = now();
+                while start.elapsed() < period && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let _ = c.shutdown(std::net::Shutdown::Both);
+                let _ = up.shutdown(std::net::Shutdown::Both);
+                let _ = t1.join();
+                let _ = t2.join();
+            });
+        }
+    });
+}
+
+/// Runs `body` while `service` runs on a scoped thread; `stop` ends the service.
+fn with_service<'s, T>(
+    stop: &'s AtomicBool,
+    service: impl FnOnce() + Send + 's,
+    body: impl FnOnce() -> T,
+) -> T {
+    std::thread::scope(|scope| {
+        let svc = scope.spawn(service);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+        stop.store(true, Ordering::Relaxed);
+        svc.join().expect("service thread");
+        result.unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// How many sessions the agent's log shows.
+fn sessions(log: &str) -> usize {
+    log.matches("connected via rung").count()
+}
+
+/// Queues `n` commands appending their number to `name`'s `seq.log` and checks they ran
+/// exactly once, in order.
+fn run_numbered_queue(gw: &Gateway<'_>, spec: &AgentSpec, name: &str, n: u64, step: &str) {
+    let log = spec.log.parent().expect("dir").join("seq.log");
+    let _ = std::fs::remove_file(&log);
+    let cmds = (1..=n)
+        .map(|i| vec![sh(&format!("{step}echo {i} >> {}", log.display()))])
+        .collect();
+    gw.queue_add(name, cmds, OnFailureSpec::Stop);
+    let q = gw.wait_done(name, WAIT, || spec.output());
+    let cmds = q["commands"].as_array().expect("commands");
+    assert_eq!(cmds.len() as u64, n, "{q:#}");
+    assert!(cmds.iter().all(|c| c["state"] == "ok"), "{q:#}");
+    let got = std::fs::read_to_string(&log).expect("seq.log");
+    let want: String = (1..=n).map(|i| format!("{i}\n")).collect();
+    assert_eq!(got, want, "exactly once, in order");
+}
+
+/// A proxy whose read timeout (tinyproxy `Timeout 3`) is shorter than the hold the agent asks
+/// for (up to the 8 s heartbeat) cuts the held long-poll requests. The agent makes the cut
+/// exchange again, shortens its hold below the cut and keeps its one session; the shorter
+/// hold is remembered for the network, so after a restart nothing is cut any more.
+#[test]
+fn a_proxy_read_timeout_shortens_the_hold_and_keeps_the_session() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    let gw_alt = format!("{}:{ALT}", lab.host(0).addr());
+    let gw = Gateway::start(
+        lab.host(0),
+        dir,
+        &["--listen-extra", &gw_alt, "--heartbeat", "8"],
+    );
+    let proxy = lab
+        .proxy(
+            2,
+            ProxyConfig {
+                allow_connect: false,
+                timeout_secs: 3,
+                ..Default::default()
+            },
+        )
+        .expect("proxy");
+    lab.host(1)
+        .firewall(&Profile::OnlyTo(proxy.addr))
+        .expect("fw");
+    let mut spec = AgentSpec::new(&gw, dir, "held", Some(gw.device_add("held")));
+    spec.extra.extend(
+        [
+            "--alt-port",
+            &ALT.to_string(),
+            "--rungs",
+            "longpoll",
+            "--proxy",
+            &format!("http://{}", proxy.addr),
+        ]
+        .map(String::from),
+    );
+    let mut agent = spec.spawn(lab.host(1));
+    gw.wait_online("held", WAIT, || spec.output());
+    let cut = "the path cut a request held for";
+    wait_for(
+        "a held request to be cut and the hold shortened",
+        Duration::from_secs(60),
+        || read_log(&spec.log).contains(cut).then_some(()),
+        || format!("{}\n{}", spec.output(), gw.diag()),
+    );
+    // Idle for a few heartbeats on the shorter hold, then a queue: still the one session.
+    std::thread::sleep(Duration::from_secs(15));
+    run_numbered_queue(&gw, &spec, "held", 5, "");
+    let log = read_log(&spec.log);
+    assert_eq!(sessions(&log), 1, "one session throughout\n{log}");
+    assert!(!log.contains("session closed"), "{log}");
+    // Remembered for the network: `KEY RUNG HOLD-MS`, below the proxy's 3 s.
+    let memory = std::fs::read_to_string(spec.state.join("ladder")).expect("ladder memory");
+    let hold: u64 = memory
+        .split_whitespace()
+        .nth(2)
+        .and_then(|h| h.parse().ok())
+        .unwrap_or_else(|| panic!("no hold remembered: {memory:?}"));
+    assert!((250..3000).contains(&hold), "{memory:?}");
+    eprintln!("MEASURED learned hold {hold} ms under a 3 s proxy timeout");
+
+    // A restart starts with the remembered hold: nothing is cut.
+    agent.kill().expect("kill agent");
+    let mark = read_log(&spec.log).len();
+    let _agent = spec.spawn(lab.host(1));
+    wait_for(
+        "the restarted agent to connect",
+        WAIT,
+        || {
+            log_since(&spec, mark)
+                .contains("connected via rung")
+                .then_some(())
+        },
+        || spec.output(),
+    );
+    std::thread::sleep(Duration::from_secs(12));
+    let after = log_since(&spec, mark);
+    assert!(
+        after.contains(&format!(
+            "holding at most {hold} ms (remembered for this network)"
+        )),
+        "{after}"
+    );
+    assert!(
+        !after.contains(cut),
+        "the remembered hold is short enough\n{after}"
+    );
+    assert_eq!(sessions(&after), 1, "{after}");
+}
+
+/// Long-poll answers lost after the gateway sent them (every third one that carries bytes)
+/// cost nothing: the agent makes the exchange again, the gateway sends again what was not
+/// acknowledged and drops body bytes it already has, and a queue completes exactly once, in
+/// order, on one session (without the stream offsets the TLS stream inside would break).
+#[test]
+fn lost_long_poll_answers_lose_nothing() {
+    const COMMANDS: u64 = 20;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    let gw_alt = format!("{}:{ALT}", lab.host(0).addr());
+    let gw = Gateway::start(lab.host(0), dir, &["--listen-extra", &gw_alt]);
+    let proxy = SocketAddrV4::new(lab.host(2).addr(), 3131);
+    let gw_alt_addr = SocketAddrV4::new(lab.host(0).addr(), ALT);
+    let (stop, lost) = (AtomicBool::new(false), AtomicUsize::new(0));
+    let mut spec = AgentSpec::new(&gw, dir, "lossy", Some(gw.device_add("lossy")));
+    spec.extra.extend(
+        [
+            "--alt-port",
+            &ALT.to_string(),
+            "--rungs",
+            "longpoll",
+            "--proxy",
+            &format!("http://{proxy}"),
+        ]
+        .map(String::from),
+    );
+    with_service(
+        &stop,
+        || lossy_proxy(lab.host(2), 3131, gw_alt_addr, &stop, &lost),
+        || {
+            let _agent = spec.spawn(lab.host(1));
+            gw.wait_online("lossy", WAIT, || spec.output());
+            run_numbered_queue(&gw, &spec, "lossy", COMMANDS, "");
+        },
+    );
+    let log = read_log(&spec.log);
+    let lost = lost.load(Ordering::Relaxed);
+    assert!(lost >= 5, "only {lost} answers lost\n{log}");
+    assert_eq!(sessions(&log), 1, "one session throughout\n{log}");
+    assert!(log.contains("long-poll exchange failed"), "{log}");
+    eprintln!("MEASURED {lost} long-poll answers lost, {COMMANDS} commands exactly once");
+}
+
+/// A relay that cuts every connection 2 s after accepting it: each session reaches
+/// `Welcome`, so the reconnect back-off starts over each time instead of growing
+/// (0.2 → 0.4 → 0.8 → … s), and a queue runs exactly once across the cuts.
+#[test]
+fn cut_tunnels_do_not_grow_the_back_off() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    let gw = Gateway::start(lab.host(0), dir, &[]);
+    let relay = SocketAddrV4::new(lab.host(2).addr(), common::PORT);
+    let (stop, accepted) = (AtomicBool::new(false), AtomicUsize::new(0));
+    let mut spec = AgentSpec::new(&gw, dir, "cut", Some(gw.device_add("cut")));
+    spec.gateway = relay.to_string();
+    spec.extra.extend(
+        [
+            "--server-name",
+            &lab.host(0).addr().to_string(),
+            "--rungs",
+            "native",
+            "--proxy",
+            "none",
+        ]
+        .map(String::from),
+    );
+    let period = Duration::from_secs(2);
+    const CUTS: usize = 8;
+    with_service(
+        &stop,
+        || cutting_relay(lab.host(2), common::PORT, gw.addr, period, &stop, &accepted),
+        || {
+            let _agent = spec.spawn(lab.host(1));
+            gw.wait_online("cut", WAIT, || spec.output());
+            run_numbered_queue(&gw, &spec, "cut", 6, "sleep 0.5; ");
+            wait_for(
+                &format!("{CUTS} sessions cut by the relay"),
+                Duration::from_secs(90),
+                || (sessions(&read_log(&spec.log)) > CUTS).then_some(()),
+                || spec.output(),
+            );
+        },
+    );
+    let log = read_log(&spec.log);
+    let pauses: Vec<u64> = log
+        .lines()
+        .filter_map(|l| {
+            l.split("reconnecting in ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(pauses.len() >= CUTS - 1, "{pauses:?}\n{log}");
+    // The first back-off is 200 ms × [0.5, 1.5); one failed climb in between doubles it once.
+    // Without the reset, the sixth pause alone would be at least 3.2 s.
+    assert!(
+        pauses.iter().all(|&p| p < 1000),
+        "the back-off grew across good sessions: {pauses:?}\n{log}"
+    );
+    assert!(
+        accepted.load(Ordering::Relaxed) > CUTS,
+        "every session went through the relay"
+    );
+    eprintln!("MEASURED reconnect pauses after cuts every {period:?}: {pauses:?} ms");
+}
+
+/// A path that silently stops forwarding (an nftables drop added mid-session) is noticed by
+/// both ends within about three heartbeats (2 s here), not after the agent's 90 s default;
+/// once the path is back, the agent reconnects and is served.
+#[test]
+fn a_silent_path_is_noticed_within_three_heartbeats() {
+    const HEARTBEAT: Duration = Duration::from_secs(2);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(2)).expect("lab (see docs/lab.md)");
+    let gw = Gateway::start(lab.host(0), dir, &["--heartbeat", "2"]);
+    let mut spec = AgentSpec::new(&gw, dir, "quiet", Some(gw.device_add("quiet")));
+    spec.extra
+        .extend(["--rungs", "native", "--proxy", "none"].map(String::from));
+    let _agent = spec.spawn(lab.host(1));
+    gw.wait_online("quiet", WAIT, || spec.output());
+    // A few heartbeats on the live path first.
+    std::thread::sleep(HEARTBEAT * 3);
+    let mark = read_log(&spec.log).len();
+    let cut = now();
+    lab.host(1)
+        .firewall(&Profile::Block(vec![fleetcast_lab::Match::Tcp(None)]))
+        .expect("drop all TCP");
+    let bound = Duration::from_secs(30);
+    let (mut agent_saw, mut gateway_saw) = (None, None);
+    wait_for(
+        "both ends to notice the dead path",
+        bound,
+        || {
+            if agent_saw.is_none()
+                && log_since(&spec, mark).contains("session closed by the agent (timeout)")
+            {
+                agent_saw = Some(cut.elapsed());
+            }
+            if gateway_saw.is_none() && gw.device("quiet").is_some_and(|r| r["online"] == false) {
+                gateway_saw = Some(cut.elapsed());
+            }
+            agent_saw.zip(gateway_saw)
+        },
+        || format!("{}\n{}", spec.output(), gw.diag()),
+    );
+    let (agent_saw, gateway_saw) = (agent_saw.expect("agent"), gateway_saw.expect("gateway"));
+    eprintln!("MEASURED dead path noticed after {agent_saw:?} (agent), {gateway_saw:?} (gateway) with a {HEARTBEAT:?} heartbeat");
+    // Three heartbeats are expected; six leave room for a loaded machine.
+    for (end, took) in [("agent", agent_saw), ("gateway", gateway_saw)] {
+        assert!(
+            took < HEARTBEAT * 6,
+            "{end} took {took:?}\n{}",
+            spec.output()
+        );
+    }
+    lab.host(1).clear_firewall().expect("clear firewall");
+    gw.wait_online("quiet", WAIT, || spec.output());
+    run_numbered_queue(&gw, &spec, "quiet", 2, "");
+}
+
+/// The cause is named, not the last rung's symptom: a wrong proxy password is the proxy's
+/// refusal (tinyproxy's `401`; `407` elsewhere), not the timeout of a blocked rung, a wrong CA fingerprint names both fingerprints
+/// (not `Connection refused` from a closed port), and a used token is a refused token (not
+/// `Some("bad-token")`), which ends the agent.
+#[test]
+fn errors_name_the_real_cause() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(5)).expect("lab (see docs/lab.md)");
+    let gw = Gateway::start(lab.host(0), dir, &[]);
+    let proxy = lab
+        .proxy(
+            4,
+            ProxyConfig {
+                allow_connect: true,
+                connect_ports: vec![ALT],
+                basic_auth: Some(("fleet".into(), "s3cret".into())),
+                ..Default::default()
+            },
+        )
+        .expect("proxy");
+    let failed = |spec: &AgentSpec, needle: &str| {
+        wait_for(
+            &format!("{needle:?} in the agent's log"),
+            Duration::from_secs(60),
+            || {
+                read_log(&spec.log)
+                    .lines()
+                    .find(|l| l.contains("connection failed:"))
+                    .map(str::to_string)
+            },
+            || spec.output(),
+        )
+        .split_once("connection failed: ")
+        .map(|(_, cause)| {
+            eprintln!("REPORTED {}: {cause}", spec.log.display());
+            cause.to_string()
+        })
+        .unwrap_or_default()
+    };
+    let common = |name: &str, extra: &[String]| {
+        let mut s = AgentSpec::new(&gw, dir, name, Some(gw.device_add(name)));
+        s.extra.extend(
+            ["--alt-port", "443", "--rung-timeout-ms", "2000"]
+                .map(String::from)
+                .into_iter()
+                .chain(extra.iter().cloned()),
+        );
+        s
+    };
+
+    // Wrong proxy password, nothing out but the proxy.
+    lab.host(1)
+        .firewall(&Profile::OnlyTo(proxy.addr))
+        .expect("fw");
+    let badpass = common(
+        "badpass",
+        &[
+            "--proxy".into(),
+            format!("http://fleet:wrong@{}", proxy.addr),
+        ],
+    );
+    let _a1 = badpass.spawn(lab.host(1));
+    // A wrong CA fingerprint (the gateway has no 443 listener: those rungs are refused).
+    let ca = CertificateDer::from_pem_file(gw.ca()).expect("CA PEM");
+    let real: String = ring::digest::digest(&ring::digest::SHA256, ca.as_ref())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let badpin = common(
+        "badpin",
+        &[
+            "--ca-fingerprint".into(),
+            "ab".repeat(32),
+            "--proxy".into(),
+            "none".into(),
+        ],
+    );
+    let _a2 = badpin.spawn(lab.host(2));
+
+    let line = failed(&badpass, "the proxy's refusal");
+    assert!(
+        line.contains(&format!(
+            "the proxy {} refused the user and password given in the proxy URL",
+            proxy.addr
+        )),
+        "{line}\n{}",
+        badpass.output()
+    );
+    let line = failed(&badpin, "fingerprint");
+    assert!(
+        line.contains("does not match the fingerprint")
+            && line.contains(&"ab".repeat(32))
+            && line.contains(&real),
+        "{line}\n{}",
+        badpin.output()
+    );
+
+    // A used token: the first device enrols with it; another key then tries it.
+    let token = gw.device_add("first");
+    let first = AgentSpec::new(&gw, dir, "first", Some(token.clone()));
+    let mut a3 = first.spawn(lab.host(3));
+    gw.wait_online("first", WAIT, || first.output());
+    a3.kill().expect("kill first");
+    let mut again = AgentSpec::new(&gw, dir, "again", None);
+    again.enrol = Some((token, "first".into()));
+    let mut a4 = again.spawn(lab.host(3));
+    let st = wait_exit(&mut a4, WAIT, || again.output());
+    assert!(!st.success(), "a refused token ends the agent");
+    let log = read_log(&again.log);
+    eprintln!(
+        "REPORTED {}: {}",
+        again.log.display(),
+        log.lines().last().unwrap_or("")
+    );
+    assert!(
+        log.contains(
+            "the gateway refused the enrolment token for \"first\": unknown, used or expired"
+        ) && log.contains("ask for a new one (`fleetcast device add`)")
+            && !log.contains("Some("),
+        "{log}"
+    );
+}

@@ -364,9 +364,10 @@ impl Lab {
         let host = self.host(index);
         let addr = SocketAddrV4::new(host.addr(), cfg.port);
         let mut conf = format!(
-            "Port {}\nListen {}\nTimeout 30\nMaxClients 256\nLogLevel Info\n",
+            "Port {}\nListen {}\nTimeout {}\nMaxClients 256\nLogLevel Info\n",
             cfg.port,
-            host.addr()
+            host.addr(),
+            cfg.timeout_secs.max(1)
         );
         if !cfg.allow_connect {
             // tinyproxy: "a single ConnectPort line with a value of 0" disables CONNECT.
@@ -459,6 +460,10 @@ pub struct ProxyConfig {
     pub connect_ports: Vec<u16>,
     /// Require `Proxy-Authorization: Basic` with this user and password.
     pub basic_auth: Option<(String, String)>,
+    /// tinyproxy's `Timeout`: a connection idle this long (seconds, at least 1) is closed,
+    /// including a request whose answer is held longer (tinyproxy 1.11 then closes the
+    /// client connection without a response). Default 30.
+    pub timeout_secs: u32,
 }
 
 impl Default for ProxyConfig {
@@ -468,6 +473,7 @@ impl Default for ProxyConfig {
             allow_connect: true,
             connect_ports: Vec::new(),
             basic_auth: None,
+            timeout_secs: 30,
         }
     }
 }

@@ -10,7 +10,9 @@
 //!   a loopback connection ([`RelayConn`]), so the long-poll agent gets an ordinary
 //!   [`AgentConn`] with the same TLS, identity and session core as every other rung. A relay is
 //!   named by a random 128-bit token handed out in `X-Fleetcast-Session`; it lives until its
-//!   agent connection closes or no request names it for [`RELAY_IDLE`].
+//!   agent connection closes or no request names it for [`RELAY_IDLE`]. Its [`PollStream`]
+//!   makes a repeated exchange (an answer lost to a proxy's timeout or a cut connection)
+//!   harmless: body bytes are taken once by offset, answers are kept until acknowledged.
 //!
 //! Limits: HTTP heads are bounded by [`http::MAX_HEAD`] bytes and [`http::MAX_HEADERS`] fields,
 //! and must be complete (with the body) within `GatewayConfig::http_timeout` of the first
@@ -56,6 +58,57 @@ enum PlainState {
     Responded,
 }
 
+/// The stream positions of a long-poll session, which make repeating an exchange harmless:
+/// request bodies are taken by their offset (bytes already taken are dropped), and the
+/// gateway's bytes stay here once answered until the agent acknowledges them (an answer lost
+/// on the way is sent again). An agent that sends no offsets gets the old behaviour: bodies
+/// are appended and an answer counts as received.
+#[derive(Debug, Default)]
+pub(super) struct PollStream {
+    /// Agent bytes taken so far.
+    up: u64,
+    /// Gateway bytes the agent has acknowledged: the stream offset of `unacked[0]`.
+    down: u64,
+    /// Gateway bytes answered and not acknowledged.
+    unacked: Vec<u8>,
+}
+
+impl PollStream {
+    /// The agent has received `down` bytes of the gateway's stream.
+    fn ack(&mut self, down: Option<u64>) -> Result<(), &'static str> {
+        let answered = self.down + self.unacked.len() as u64;
+        let down = down.unwrap_or(answered);
+        if down > answered {
+            return Err("acknowledges bytes never sent");
+        }
+        // An older acknowledgement (a request overtaken by its own repeat) changes nothing.
+        if down > self.down {
+            self.unacked.drain(..(down - self.down) as usize);
+            self.down = down;
+        }
+        Ok(())
+    }
+
+    /// The part of a request body at stream offset `up` not taken before.
+    fn take<'a>(&mut self, up: Option<u64>, body: &'a [u8]) -> Result<&'a [u8], &'static str> {
+        let up = up.unwrap_or(self.up);
+        if up > self.up {
+            return Err("skips bytes of the stream");
+        }
+        let seen = usize::try_from(self.up - up).unwrap_or(usize::MAX);
+        let fresh = body.get(seen..).unwrap_or_default();
+        self.up += fresh.len() as u64;
+        Ok(fresh)
+    }
+
+    /// An answer: what is not acknowledged, then `fresh` (kept until acknowledged). Returns
+    /// the stream offset of the body and the body.
+    fn answer(&mut self, fresh: &[u8]) -> (u64, Vec<u8>) {
+        self.unacked.extend_from_slice(fresh);
+        (self.down, self.unacked.clone())
+    }
+}
+
 /// The gateway end of a long-poll session: a loopback TCP connection to the gateway's own
 /// listener, carrying the agent's TLS bytes.
 pub(super) struct RelayConn {
@@ -64,6 +117,7 @@ pub(super) struct RelayConn {
     connected: bool,
     to_gw: Vec<u8>,
     from_gw: Vec<u8>,
+    stream: PollStream,
     /// The request held for this session, if any.
     waiter: Option<(usize, ConnId)>,
     eof: bool,
@@ -288,19 +342,20 @@ pub(super) fn flush_relay(r: &mut RelayConn) -> bool {
     !r.to_gw.is_empty() && !r.eof
 }
 
-/// Whether a relay can be dropped.
+/// Whether a relay can be dropped (once closed, only after the agent has everything).
 pub(super) fn relay_done(r: &RelayConn) -> bool {
-    r.expired || (r.eof && r.from_gw.is_empty())
+    r.expired || (r.eof && r.from_gw.is_empty() && r.stream.unacked.is_empty())
 }
 
 /// Answers a held (or new) long-poll request from the relay's buffer.
 fn respond_from_relay(p: &mut PlainHttp, r: &mut RelayConn) {
-    if r.from_gw.is_empty() && r.eof {
+    if r.from_gw.is_empty() && r.stream.unacked.is_empty() && r.eof {
         http::respond(&mut p.out, 410, None, b"session closed");
     } else {
         let n = r.from_gw.len().min(MAX_PENDING);
-        let body: Vec<u8> = r.from_gw.drain(..n).collect();
-        http::respond(&mut p.out, 200, Some(&r.token), &body);
+        let fresh: Vec<u8> = r.from_gw.drain(..n).collect();
+        let (down, body) = r.stream.answer(&fresh);
+        http::respond_poll(&mut p.out, &r.token, down, &body);
     }
     p.state = PlainState::Responded;
 }
@@ -402,7 +457,7 @@ impl Gateway {
             }
             return false;
         }
-        let (session, wait_ms, body) = match http::parse_request(&p.inbuf, false) {
+        let (session, wait_ms, body, offsets) = match http::parse_request(&p.inbuf, false) {
             Parsed::Partial => {
                 if eof {
                     tracing::info!(conn = id, "HTTP client closed before a complete head");
@@ -423,6 +478,8 @@ impl Gateway {
                         session,
                         wait_ms,
                         body_len,
+                        up,
+                        down,
                     },
                 head_len,
             } => {
@@ -435,7 +492,7 @@ impl Gateway {
                 }
                 let body = p.inbuf[head_len..head_len + body_len].to_vec();
                 p.inbuf = Vec::new();
-                (session, wait_ms, body)
+                (session, wait_ms, body, (up, down))
             }
             Parsed::Request { .. } => {
                 http::respond(&mut p.out, 404, None, b"no such fleetcast endpoint");
@@ -443,12 +500,14 @@ impl Gateway {
                 return false;
             }
         };
-        self.poll_request(idx, id, session, wait_ms, body, now);
+        self.poll_request(idx, id, session, wait_ms, body, offsets, now);
         false
     }
 
-    /// One complete long-poll request: its body goes to the session's relay; the answer is
-    /// the relay's pending bytes, now or when they arrive (or empty at the hold deadline).
+    /// One complete long-poll request: its body goes to the session's relay (what it had
+    /// not taken yet, by the `(up, down)` stream offsets); the answer is the relay's pending
+    /// bytes, now or when they arrive (or empty at the hold deadline).
+    #[allow(clippy::too_many_arguments)] // One request's fields, taken apart once.
     fn poll_request(
         &mut self,
         idx: usize,
@@ -456,6 +515,7 @@ impl Gateway {
         session: Option<[u8; 16]>,
         wait_ms: u32,
         body: Vec<u8>,
+        (up, down): (Option<u64>, Option<u64>),
         now: Instant,
     ) {
         let found = match session {
@@ -490,11 +550,25 @@ impl Gateway {
         let Sniffing::Plain(p) = &mut c.sniff else {
             return;
         };
-        r.to_gw.extend_from_slice(&body);
         r.last_poll = now;
+        match r.stream.ack(down).and_then(|()| r.stream.take(up, &body)) {
+            Ok(fresh) => r.to_gw.extend_from_slice(fresh),
+            Err(reason) => {
+                tracing::info!(
+                    conn = id,
+                    reason,
+                    "long-poll request refused: bad stream offset"
+                );
+                http::respond(&mut p.out, 400, None, reason.as_bytes());
+                p.state = PlainState::Responded;
+                self.touched.push(idx);
+                return;
+            }
+        }
         // An older request of this session still held answers empty at its own deadline.
         r.waiter = None;
-        if !r.from_gw.is_empty() || r.eof || wait_ms == 0 {
+        // Bytes not acknowledged (an answer lost on the way) go again at once.
+        if !r.from_gw.is_empty() || !r.stream.unacked.is_empty() || r.eof || wait_ms == 0 {
             respond_from_relay(p, r);
         } else {
             let deadline = now + Duration::from_millis(u64::from(wait_ms));
@@ -533,6 +607,7 @@ impl Gateway {
                     connected: false,
                     to_gw: Vec::new(),
                     from_gw: Vec::new(),
+                    stream: PollStream::default(),
                     waiter: None,
                     eof: false,
                     expired: false,
@@ -566,7 +641,7 @@ impl Gateway {
             }
         }
         let mut buf = [0u8; 16 * 1024];
-        while r.connected && !r.eof && r.from_gw.len() < MAX_PENDING {
+        while r.connected && !r.eof && r.from_gw.len() + r.stream.unacked.len() < MAX_PENDING {
             match r.sock.read(&mut buf) {
                 Ok(0) => r.eof = true,
                 Ok(n) => r.from_gw.extend_from_slice(&buf[..n]),
@@ -613,5 +688,49 @@ impl Gateway {
             self.timers
                 .push(Reverse((r.last_poll + RELAY_IDLE, idx, id)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PollStream;
+
+    /// An exchange made again (its answer lost) takes nothing twice and loses nothing.
+    #[test]
+    fn a_repeated_exchange_takes_and_loses_nothing() {
+        let mut s = PollStream::default();
+        // Exchange 1: body "hello" at 0; answered "ABC" at 0.
+        s.ack(Some(0)).unwrap();
+        assert_eq!(s.take(Some(0), b"hello").unwrap(), b"hello");
+        assert_eq!(s.answer(b"ABC"), (0, b"ABC".to_vec()));
+        // Exchange 2 (answer lost): body "xy" at 5, acks 3; answered "D" at 3.
+        s.ack(Some(3)).unwrap();
+        assert_eq!(s.take(Some(5), b"xy").unwrap(), b"xy");
+        assert_eq!(s.answer(b"D"), (3, b"D".to_vec()));
+        // Its repeat: the body is dropped, "D" goes again with what came since.
+        s.ack(Some(3)).unwrap();
+        assert_eq!(s.take(Some(5), b"xy").unwrap(), b"");
+        assert_eq!(s.answer(b"EF"), (3, b"DEF".to_vec()));
+        // A repeat that carries more than was taken: only the new tail.
+        s.ack(Some(6)).unwrap();
+        assert_eq!(s.take(Some(5), b"xyz").unwrap(), b"z");
+        assert_eq!(s.answer(b""), (6, Vec::new()));
+        // A stale acknowledgement changes nothing; impossible offsets are refused.
+        s.ack(Some(4)).unwrap();
+        assert_eq!(s.answer(b""), (6, Vec::new()));
+        assert!(s.ack(Some(7)).is_err());
+        assert!(s.take(Some(9), b"q").is_err());
+    }
+
+    /// An agent that sends no offsets: bodies are appended, answers count as received.
+    #[test]
+    fn without_offsets_the_old_behaviour() {
+        let mut s = PollStream::default();
+        s.ack(None).unwrap();
+        assert_eq!(s.take(None, b"ab").unwrap(), b"ab");
+        assert_eq!(s.answer(b"XY"), (0, b"XY".to_vec()));
+        s.ack(None).unwrap();
+        assert_eq!(s.take(None, b"ab").unwrap(), b"ab");
+        assert_eq!(s.answer(b"Z"), (2, b"Z".to_vec()));
     }
 }

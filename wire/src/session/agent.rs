@@ -380,7 +380,7 @@ impl Core {
             self.conn.timers.clear();
             return;
         }
-        let idle = self.conn.last_rx + self.conn.config.idle_timeout;
+        let idle = self.conn.last_rx + self.conn.idle;
         self.conn.timers.set(Timer::Idle, Some(idle));
         let hb = match (self.conn.phase, self.heartbeat) {
             // Quiet in either direction for an interval, and no request in the last one.
@@ -419,6 +419,7 @@ impl Core {
             (Phase::AwaitingWelcome, Message::Welcome(w)) => {
                 self.conn.phase = Phase::Established;
                 self.heartbeat = (w.heartbeat_ms > 0).then(|| millis(w.heartbeat_ms));
+                self.conn.heartbeats_agreed(w.heartbeat_ms);
                 self.last_ping = now;
                 self.acked = Some(w.acked_seq);
                 self.events.push_back(AgentEvent::Welcomed(w));

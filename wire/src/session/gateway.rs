@@ -251,6 +251,7 @@ impl GatewaySession {
         }
         c.conn.queue(&Message::Welcome(*welcome))?;
         c.conn.phase = Phase::Established;
+        c.conn.heartbeats_agreed(welcome.heartbeat_ms);
         c.acked = Some(welcome.acked_seq);
         if let Slot::ResultPending { seq } = c.slot {
             if seq <= welcome.acked_seq {
@@ -362,7 +363,7 @@ impl Core {
             return;
         }
         let cfg = &self.conn.config;
-        t.set(Timer::Idle, Some(self.conn.last_rx + cfg.idle_timeout));
+        t.set(Timer::Idle, Some(self.conn.last_rx + self.conn.idle));
         t.set(
             Timer::Hello,
             (self.conn.phase == Phase::AwaitingHello).then(|| self.started + cfg.hello_timeout),

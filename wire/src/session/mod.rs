@@ -22,8 +22,12 @@
 //!    new session it sends `Hello` (new boot id) and, once welcomed, `RebootComplete`.
 //! 5. Once established the agent sends `Heartbeat` every `Welcome.heartbeat_ms` when it has
 //!    sent nothing or heard nothing for that long; either end echoes a heartbeat request.
-//!    Each end closes `TIMEOUT` after hearing nothing for [`Config::idle_timeout`]; the gateway
-//!    also after [`Config::hello_timeout`] without `Hello`/`Enrol`.
+//!    Each end closes `TIMEOUT` after hearing nothing for [`Config::idle_timeout`] until the
+//!    session is established, and from then on for [`DEAD_AFTER_HEARTBEATS`] heartbeat
+//!    intervals (when `Welcome.heartbeat_ms` is not 0): a live peer is heard at least once an
+//!    interval, so a path that silently stopped forwarding is noticed within about three
+//!    intervals on both ends, whatever idle timeout the driver configured. The gateway also
+//!    closes after [`Config::hello_timeout`] without `Hello`/`Enrol`.
 //! 6. Any malformed frame or message not allowed in the current [`Phase`] makes the core queue
 //!    `Close{PROTOCOL, reason}` (the reason is the error's `Display`), close, and return a
 //!    sticky [`SessionError`] from this and every later `handle_input`.
@@ -84,11 +88,19 @@ use timer::TimerTable;
 /// Output capacity kept across flushes (a heartbeat frame is 21 bytes); more is released.
 const KEEP_OUT_CAPACITY: usize = 64;
 
+/// Once heartbeats are agreed (`Welcome.heartbeat_ms` > 0), an established session whose peer
+/// has been silent for this many heartbeat intervals is dead (closed `TIMEOUT`). A live agent
+/// sends something at least once an interval and the gateway echoes each request, so three
+/// intervals leave room for one late or lost heartbeat without waiting for minutes.
+pub const DEAD_AFTER_HEARTBEATS: u32 = 3;
+
 /// Session parameters, shared by both ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
-    /// Close with `TIMEOUT` after hearing nothing from the peer for this long. Set it to a few
-    /// heartbeat intervals (the gateway's `Welcome.heartbeat_ms`), e.g. 3×.
+    /// Close with `TIMEOUT` after hearing nothing from the peer for this long, until the
+    /// session is established with heartbeats; from then on the limit is
+    /// [`DEAD_AFTER_HEARTBEATS`] × `Welcome.heartbeat_ms` (this value stays in force when the
+    /// `Welcome` turns heartbeats off).
     pub idle_timeout: Duration,
     /// Gateway: close with `TIMEOUT` when neither `Hello` nor `Enrol` arrives this soon after
     /// the session starts. Unused by the agent.
@@ -480,6 +492,9 @@ struct Conn {
     last_rx: Instant,
     /// When bytes were last handed to the driver.
     last_tx: Instant,
+    /// Silence after which the peer counts as gone: `config.idle_timeout`, then
+    /// [`DEAD_AFTER_HEARTBEATS`] heartbeat intervals once they are agreed.
+    idle: Duration,
     phase: Phase,
     error: Option<SessionError>,
 }
@@ -492,8 +507,17 @@ impl Conn {
             timers: TimerTable::default(),
             last_rx: now,
             last_tx: now,
+            idle: config.idle_timeout,
             phase,
             error: None,
+        }
+    }
+
+    /// The `Welcome` (sent or received) agreed on heartbeats every `heartbeat_ms` (0: none):
+    /// from now on, a peer silent for [`DEAD_AFTER_HEARTBEATS`] intervals is gone.
+    fn heartbeats_agreed(&mut self, heartbeat_ms: u32) {
+        if heartbeat_ms > 0 {
+            self.idle = millis(heartbeat_ms).saturating_mul(DEAD_AFTER_HEARTBEATS);
         }
     }
 

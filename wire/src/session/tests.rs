@@ -862,6 +862,63 @@ fn heartbeats_keep_an_idle_session_alive_and_silence_times_out_both_ends() {
     assert_eq!(p.gw.handle_input(p.now, b"x"), Err(idle));
 }
 
+/// A path that silently stops forwarding is noticed within about three heartbeat intervals
+/// by both ends, although both were configured with a much longer idle timeout: the agreed
+/// heartbeat decides, not the drivers' defaults.
+#[test]
+fn a_silent_path_is_noticed_within_three_heartbeats_whatever_the_idle_timeout() {
+    let slow = Config {
+        idle_timeout: Duration::from_secs(90),
+        ..config()
+    };
+    let mut p = Pair::new(Some(DEVICE), FirstMessage::Hello(hello(BOOT_A, None)));
+    p.gw = GatewaySession::new(p.now, slow, Some(DEVICE));
+    p.ag = AgentSession::new(p.now, slow, FirstMessage::Hello(hello(BOOT_A, None))).unwrap();
+    let hb = Duration::from_secs(2);
+    p.establish(Welcome {
+        heartbeat_ms: 2_000,
+        ..welcome(0)
+    });
+    // Alive: a minute of idle heartbeats keeps both ends open.
+    p.run_until(p.now + Duration::from_secs(60));
+    assert!(!p.gw.is_closed() && !p.ag.is_closed());
+    let cut = p.now;
+    p.partitioned = true;
+    // Both ends close within three intervals of the cut (plus one interval of slack for
+    // where the cut fell between two heartbeats), far before the 90 s idle timeout.
+    p.run_until(cut + hb * (DEAD_AFTER_HEARTBEATS + 1));
+    assert!(
+        p.gw.is_closed() && p.ag.is_closed(),
+        "{:?} {:?}",
+        p.gw.phase(),
+        p.ag.phase()
+    );
+    let idle = SessionError::TimedOut(TimeoutKind::Idle);
+    assert_eq!((p.gw.error(), p.ag.error()), (Some(idle), Some(idle)));
+    for c in [
+        closed_gw(&p.gw_events).unwrap(),
+        closed_ag(&p.ag_events).unwrap(),
+    ] {
+        assert_eq!((c.code, c.by_peer), (CloseCode::TIMEOUT, false));
+    }
+}
+
+/// Heartbeats turned off by the `Welcome` leave the configured idle timeout in force.
+#[test]
+fn without_heartbeats_the_configured_idle_timeout_stays() {
+    let mut p = Pair::new(Some(DEVICE), FirstMessage::Hello(hello(BOOT_A, None)));
+    p.establish(Welcome {
+        heartbeat_ms: 0,
+        ..welcome(0)
+    });
+    let start = p.now;
+    p.partitioned = true;
+    p.run_until(start + (config().idle_timeout - Duration::from_secs(1)));
+    assert!(!p.gw.is_closed() && !p.ag.is_closed());
+    p.run_until(start + (config().idle_timeout + Duration::from_secs(1)));
+    assert!(p.gw.is_closed() && p.ag.is_closed());
+}
+
 #[test]
 fn agent_heartbeats_go_out_only_after_a_quiet_interval() {
     let t0 = Instant::ZERO;

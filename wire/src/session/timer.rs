@@ -8,7 +8,8 @@ use crate::time::Instant;
 /// Every timer a control session can arm. Not every end uses every timer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Timer {
-    /// Nothing heard from the peer for `idle_timeout`: close with `TIMEOUT` (both ends).
+    /// Nothing heard from the peer for `idle_timeout`, or for `DEAD_AFTER_HEARTBEATS`
+    /// heartbeat intervals once established: close with `TIMEOUT` (both ends).
     Idle = 0,
     /// No `Hello`/`Enrol` within `hello_timeout` of the connection (gateway).
     Hello = 1,
