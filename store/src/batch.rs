@@ -52,7 +52,8 @@ pub enum Recorded {
 /// A successful commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Committed {
-    /// Number of batches committed in this environment, this one included.
+    /// Number of batches committed in this environment, this one included (an empty batch
+    /// is not committed: the count is unchanged).
     pub commit_seq: u64,
     /// Operations (transitions) made durable by this commit.
     pub operations: usize,
@@ -300,7 +301,22 @@ impl<'s> Batch<'s> {
     }
 
     /// Commits every transition of the batch durably (one fsync). See the module docs.
+    ///
+    /// A batch in which no transition succeeded (nothing applied, or every call refused) is
+    /// not committed at all: it changed nothing, so it costs no write and no fsync (a storm of
+    /// bad enrolment tokens must not turn into a storm of disk syncs). `Committed` then has
+    /// `operations: 0` and the unchanged `commit_seq`.
     pub fn commit(mut self) -> Result<Committed> {
+        if self.ops.is_empty() && !self.poisoned {
+            if let Some(txn) = self.txn.take() {
+                let seq = env::meta_u64(&txn, self.dbs.meta, env::META_COMMIT_SEQ)?;
+                txn.abort();
+                return Ok(Committed {
+                    commit_seq: seq,
+                    operations: 0,
+                });
+            }
+        }
         loop {
             if self.poisoned {
                 return Err(Error::Poisoned);

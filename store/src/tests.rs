@@ -725,3 +725,34 @@ fn backup_is_a_consistent_store_taken_while_open() {
     let e = s.backup(&dest).unwrap_err();
     assert!(e.to_string().contains("already holds a store"), "{e}");
 }
+
+/// A batch that changed nothing (no operation, or only refused ones) is not committed: no
+/// write transaction reaches the disk (LMDB's transaction id and our commit count stay put).
+#[test]
+fn an_empty_batch_is_not_committed() {
+    let (_dir, mut s, d) = setup();
+    let txnid = |s: &Store| s.env.info().unwrap().last_txnid();
+    let before = (txnid(&s), s.snapshot().unwrap().commit_seq().unwrap());
+    let c = s.batch().unwrap().commit().unwrap();
+    assert_eq!((c.operations, c.commit_seq), (0, before.1));
+    // Only refused operations: an unknown token, a result for nothing transmitted.
+    let mut b = s.batch().unwrap();
+    assert!(matches!(
+        b.enrol([9; 32], [1; 32], 5),
+        Err(Error::NotFound(Missing::EnrolmentToken))
+    ));
+    assert!(b.record_result(d, 1, ok()).is_err());
+    let c = b.commit().unwrap();
+    assert_eq!((c.operations, c.commit_seq), (0, before.1));
+    assert_eq!(
+        (txnid(&s), s.snapshot().unwrap().commit_seq().unwrap()),
+        before,
+        "nothing was written"
+    );
+    // A batch with one real change is committed as before.
+    let mut b = s.batch().unwrap();
+    b.enqueue(d, exec()).unwrap();
+    let c = b.commit().unwrap();
+    assert_eq!((c.operations, c.commit_seq), (1, before.1 + 1));
+    assert_eq!(txnid(&s), before.0 + 1);
+}
