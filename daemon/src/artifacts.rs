@@ -60,6 +60,9 @@ pub fn parse_request(root: &Path, buf: &[u8]) -> Decision {
         }
         Err(_) => respond("400 Bad Request", "malformed request\n"),
         Ok(httparse::Status::Complete(_)) => {
+            if let Some(reason) = crate::http::repeated_field(req.headers) {
+                return respond("400 Bad Request", &format!("{reason}\n"));
+            }
             if req.method != Some("GET") {
                 return respond("405 Method Not Allowed", "only GET\n");
             }
@@ -161,6 +164,25 @@ mod tests {
             status(&parse_request(dir.path(), b"POST /x HTTP/1.1\r\n\r\n")),
             "HTTP/1.1 405 Method Not Allowed"
         );
+    }
+
+    /// A repeated Content-Length is refused (before, the first copy won), even for a file
+    /// that exists.
+    #[test]
+    fn repeated_content_length_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.bin"), b"x").unwrap();
+        let req = b"GET /a.bin HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 10\r\n\r\n";
+        let d = parse_request(dir.path(), req);
+        assert_eq!(status(&d), "HTTP/1.1 400 Bad Request");
+        match d {
+            Decision::Respond { head, file: None } => assert!(
+                String::from_utf8_lossy(&head).ends_with("duplicate Content-Length header\n")
+            ),
+            other => panic!("{other:?}"),
+        }
+        let ok = b"GET /a.bin HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(status(&parse_request(dir.path(), ok)), "HTTP/1.1 200 OK");
     }
 
     #[test]

@@ -15,7 +15,9 @@
 //! # Limits (each cut is logged with its reason)
 //! - the request head: at most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] fields;
 //! - the time from the first byte to a complete head (and body): `GatewayConfig::http_timeout`;
-//! - a long-poll body: at most [`MAX_BODY`] bytes, `Content-Length` required.
+//! - a long-poll body: at most [`MAX_BODY`] bytes, `Content-Length` required;
+//! - a field that must appear once ([`SINGLE_FIELDS`]: `Content-Length` and the others whose
+//!   first copy would otherwise win) repeated: refused with `400`.
 //!
 //! Parsing never panics on any input (`httparse` plus bounded slicing).
 
@@ -35,6 +37,32 @@ pub const POLL_PATH: &str = "/fleetcast/poll";
 pub const SESSION_HEADER: &str = "X-Fleetcast-Session";
 /// Hold-time header of the long-poll rung.
 pub const WAIT_HEADER: &str = "X-Fleetcast-Wait";
+
+/// Header fields a request may carry at most once, with the reason a repetition is refused.
+/// Two `Content-Length`s (or a `Transfer-Encoding` next to one) frame the body two ways: a
+/// proxy that honours the other copy sees a different request than the gateway does
+/// (request smuggling; RFC 9112 §6.3 makes differing lengths an unrecoverable error), so a
+/// repeated field is refused instead of letting the first copy win. Every HTTP parser of the
+/// gateway (long-poll, Upgrade, artifacts, metrics) checks these.
+pub const SINGLE_FIELDS: &[(&str, &str)] = &[
+    ("Content-Length", "duplicate Content-Length header"),
+    ("Transfer-Encoding", "duplicate Transfer-Encoding header"),
+    ("Upgrade", "duplicate Upgrade header"),
+    (SESSION_HEADER, "duplicate X-Fleetcast-Session header"),
+    (WAIT_HEADER, "duplicate X-Fleetcast-Wait header"),
+];
+
+/// The refusal reason when `headers` repeat one of [`SINGLE_FIELDS`] (names compared without
+/// case).
+pub fn repeated_field(headers: &[httparse::Header<'_>]) -> Option<&'static str> {
+    SINGLE_FIELDS.iter().find_map(|(name, reason)| {
+        let n = headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .count();
+        (n > 1).then_some(*reason)
+    })
+}
 
 /// A request the gateway serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +125,9 @@ pub fn parse_request(buf: &[u8], inside_tls: bool) -> Parsed {
     let (Some(method), Some(target)) = (req.method, req.path) else {
         return reject(400, "malformed HTTP request");
     };
+    if let Some(reason) = repeated_field(req.headers) {
+        return reject(400, reason);
+    }
     let path = origin_path(target);
     let field = |name: &str| {
         req.headers
@@ -288,6 +319,48 @@ mod tests {
         assert!(matches!(
             parse_request(bad_tok, false),
             Parsed::Reject { status: 400, .. }
+        ));
+    }
+
+    /// A repeated `Content-Length` (equal or not) or other single field is refused on both
+    /// routes; before, the first copy won.
+    #[test]
+    fn repeated_single_fields_are_refused() {
+        for (len_a, len_b) in [("5", "5"), ("5", "0"), ("0", "5")] {
+            let req = format!(
+                "POST /fleetcast/poll HTTP/1.1\r\nContent-Length: {len_a}\r\ncontent-length: {len_b}\r\n\r\nhello"
+            );
+            assert_eq!(
+                parse_request(req.as_bytes(), false),
+                Parsed::Reject {
+                    status: 400,
+                    reason: "duplicate Content-Length header"
+                },
+                "{len_a}/{len_b}"
+            );
+        }
+        let req = b"GET /fleetcast HTTP/1.1\r\nUpgrade: fleetcast\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n";
+        assert!(matches!(
+            parse_request(req, true),
+            Parsed::Reject { status: 400, .. }
+        ));
+        let two_sessions = format!(
+            "POST /fleetcast/poll HTTP/1.1\r\nContent-Length: 0\r\n{SESSION_HEADER}: {}\r\n{SESSION_HEADER}: {}\r\n\r\n",
+            format_token(&[1; 16]),
+            format_token(&[2; 16])
+        );
+        assert_eq!(
+            parse_request(two_sessions.as_bytes(), false),
+            Parsed::Reject {
+                status: 400,
+                reason: "duplicate X-Fleetcast-Session header"
+            }
+        );
+        // One of each is fine.
+        let one = b"POST /fleetcast/poll HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n";
+        assert!(matches!(
+            parse_request(one, false),
+            Parsed::Request { .. }
         ));
     }
 
