@@ -182,6 +182,8 @@ struct AdminConn {
     out: Vec<u8>,
     closing: bool,
     writable_armed: bool,
+    /// A line over [`admin::MAX_REQUEST`] was refused: its bytes are dropped up to its end.
+    skipping: bool,
 }
 
 /// One artifact download: read the request, then the response head, then the file by
@@ -768,6 +770,7 @@ impl Gateway {
                             out: Vec::new(),
                             closing: false,
                             writable_armed: false,
+                            skipping: false,
                         })
                     });
                 }
@@ -899,33 +902,9 @@ impl Gateway {
         let Conn::Admin(a) = &mut self.conns[idx].conn else {
             return false;
         };
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match a.sock.read(&mut buf) {
-                Ok(0) => {
-                    a.closing = true;
-                    break;
-                }
-                Ok(n) => {
-                    a.inbuf.extend_from_slice(&buf[..n]);
-                    if a.inbuf.len() > admin::MAX_REQUEST {
-                        a.out
-                            .extend_from_slice(b"{\"ok\":false,\"error\":\"request too large\"}\n");
-                        a.closing = true;
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    a.closing = true;
-                    break;
-                }
-            }
-        }
+        let more = admin_read(a);
         let mut local = Vec::new();
-        while let Some(nl) = a.inbuf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = a.inbuf.drain(..=nl).collect();
+        while let Some(line) = admin_next_line(a, id) {
             match serde_json::from_slice::<Request>(&line) {
                 Ok(req @ (Request::Metrics | Request::Backup { .. })) => local.push(req),
                 Ok(Request::Push {
@@ -984,7 +963,7 @@ impl Gateway {
         for req in local {
             self.serve_local(idx, req);
         }
-        false
+        more
     }
 
     fn fire_timers(&mut self, now: Instant) {
@@ -1386,6 +1365,72 @@ fn artifact_write(a: &mut ArtifactConn) -> bool {
         return false;
     }
     false
+}
+
+/// Reads what an admin client sent until `WouldBlock`, or until about one line limit is
+/// buffered (then returns `true`: more may be waiting, serve the lines first). While a
+/// refused line is being skipped its bytes are dropped up to its newline.
+fn admin_read(a: &mut AdminConn) -> bool {
+    let mut buf = [0u8; 16 * 1024];
+    while !a.closing {
+        if a.inbuf.len() > admin::MAX_REQUEST {
+            return true;
+        }
+        match a.sock.read(&mut buf) {
+            Ok(0) => a.closing = true,
+            Ok(n) => {
+                let mut data = &buf[..n];
+                if a.skipping {
+                    match data.iter().position(|b| *b == b'\n') {
+                        Some(p) => {
+                            a.skipping = false;
+                            data = &data[p + 1..];
+                        }
+                        None => continue,
+                    }
+                }
+                a.inbuf.extend_from_slice(data);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => a.closing = true,
+        }
+    }
+    false
+}
+
+/// The next complete admin request line. A line longer than [`admin::MAX_REQUEST`] is
+/// refused whole — none of it is parsed (a prefix cut at the limit could itself be a valid
+/// request) — with an error line to the client; the lines around it are served as usual.
+fn admin_next_line(a: &mut AdminConn, id: ConnId) -> Option<Vec<u8>> {
+    let refuse = |a: &mut AdminConn| {
+        tracing::warn!(
+            conn = id,
+            limit = admin::MAX_REQUEST,
+            "admin request line over the size limit: refused, not executed"
+        );
+        let resp = Response::err(format!(
+            "request line longer than {} bytes: refused, nothing was done",
+            admin::MAX_REQUEST
+        ));
+        push_json_line(&mut a.out, &resp);
+    };
+    loop {
+        match a.inbuf.iter().position(|b| *b == b'\n') {
+            Some(nl) if nl <= admin::MAX_REQUEST => return Some(a.inbuf.drain(..=nl).collect()),
+            Some(nl) => {
+                a.inbuf.drain(..=nl);
+                refuse(a);
+            }
+            None if a.inbuf.len() > admin::MAX_REQUEST => {
+                a.inbuf = Vec::new();
+                a.skipping = true;
+                refuse(a);
+                return None;
+            }
+            None => return None,
+        }
+    }
 }
 
 fn push_json_line(out: &mut Vec<u8>, resp: &Response) {
