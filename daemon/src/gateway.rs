@@ -285,6 +285,9 @@ impl Gateway {
         let artifacts = match &mut cfg.artifacts {
             Some(a) => {
                 std::fs::create_dir_all(&a.root)?;
+                if std::fs::symlink_metadata(&a.root).is_ok_and(|m| m.file_type().is_symlink()) {
+                    tracing::warn!(dir = %a.root.display(), "the artifact directory is a symlink: nothing in it is served (mount the other disk there instead)");
+                }
                 let mut l = TcpListener::bind(a.listen)?;
                 poll.registry()
                     .register(&mut l, ARTIFACTS, Interest::READABLE)?;
