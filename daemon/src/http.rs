@@ -358,10 +358,7 @@ mod tests {
         );
         // One of each is fine.
         let one = b"POST /fleetcast/poll HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n";
-        assert!(matches!(
-            parse_request(one, false),
-            Parsed::Request { .. }
-        ));
+        assert!(matches!(parse_request(one, false), Parsed::Request { .. }));
     }
 
     #[test]

@@ -134,7 +134,10 @@ fn an_admin_line_over_the_limit_is_refused_not_executed() {
     r.read_line(&mut first).expect("first answer");
     let mut second = String::new();
     r.read_line(&mut second).expect("second answer");
-    writer.join().expect("writer").expect("the whole request was read");
+    writer
+        .join()
+        .expect("writer")
+        .expect("the whole request was read");
     let first: admin::Response = serde_json::from_str(&first).expect("json answer");
     assert!(!first.ok, "{first:?}");
     let why = first.error.unwrap_or_default();

@@ -847,7 +847,11 @@ fn results_are_pruned_per_device_keeping_the_last_ones() {
     let (n, next) = b.prune_results(DeviceId(0), 3, 5).unwrap();
     assert_eq!((n, next), (4, Some(d1)));
     let (n, next) = b.prune_results(next.unwrap(), 3, 5).unwrap();
-    assert_eq!((n, next), (3, Some(d2)), "3 more of device 1, then device 2");
+    assert_eq!(
+        (n, next),
+        (3, Some(d2)),
+        "3 more of device 1, then device 2"
+    );
     let (n, next) = b.prune_results(next.unwrap(), 3, 100).unwrap();
     assert_eq!((n, next), (7, None));
     b.commit().unwrap();
