@@ -40,6 +40,10 @@ use crate::tlsconn::TlsConn;
 use crate::watch::{DirWatch, WatchConfig};
 
 mod ladder;
+mod limits;
+
+pub use limits::Budget;
+use limits::Class;
 
 const LISTENER: Token = Token(0);
 const ADMIN: Token = Token(1);
@@ -127,6 +131,10 @@ pub struct ArtifactsConfig {
     pub base_url: Option<String>,
 }
 
+/// Ciphertext read per iteration from a connection not authenticated yet (the handshake and
+/// an `Enrol` need a few KiB).
+const PRE_AUTH_READ_BUDGET: usize = 16 * 1024;
+
 /// Time allowed for one follow-up command of a push (an install, typically).
 const FOLLOW_UP_TIMEOUT_MS: u64 = 600_000;
 
@@ -174,6 +182,12 @@ struct AgentConn {
     writable_armed: bool,
     /// Which layers the first bytes picked (transport ladder).
     sniff: ladder::Sniffing,
+    /// The source address (for a long-poll relay's loopback connection: the address of the
+    /// agent's HTTP requests).
+    peer: std::net::IpAddr,
+    /// TLS authenticated a client certificate of this CA (counts as an agent, not as an
+    /// unauthenticated connection).
+    authenticated: bool,
 }
 
 struct AdminConn {
@@ -197,6 +211,11 @@ struct ArtifactConn {
     responding: bool,
     closing: bool,
     writable_armed: bool,
+    /// The request's deadline, then the next stall check.
+    deadline: Instant,
+    /// Bytes handed to the kernel so far, and at the last stall check.
+    sent: u64,
+    checked: u64,
 }
 
 enum Conn {
@@ -246,6 +265,8 @@ pub struct Gateway {
     metrics: Option<metrics::Server>,
     /// What the loop counts for the metrics.
     counters: metrics::Counters,
+    /// Connection caps, eviction, the enrolment limiter.
+    limits: limits::Limits,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -288,7 +309,7 @@ impl Gateway {
                 if std::fs::symlink_metadata(&a.root).is_ok_and(|m| m.file_type().is_symlink()) {
                     tracing::warn!(dir = %a.root.display(), "the artifact directory is a symlink: nothing in it is served (mount the other disk there instead)");
                 }
-                let mut l = TcpListener::bind(a.listen)?;
+                let mut l = bind_listener(a.listen, cfg.listen_backlog)?;
                 poll.registry()
                     .register(&mut l, ARTIFACTS, Interest::READABLE)?;
                 if a.base_url.is_none() {
@@ -313,7 +334,20 @@ impl Gateway {
             Some(addr) => Some(metrics::Server::bind(addr, poll.registry())?),
             None => None,
         };
+        // Everything is bound: what is left of the descriptor limit is the connections'.
+        let budget = Budget::of_process();
+        tracing::info!(
+            descriptors = budget.descriptors,
+            in_use = budget.in_use,
+            agents = budget.agents,
+            unauthenticated = budget.unauthenticated,
+            artifacts = budget.artifacts,
+            relays = budget.relays,
+            admin = budget.admin,
+            "connection budget"
+        );
         Ok(Gateway {
+            limits: limits::Limits::new(budget),
             metrics,
             counters: metrics::Counters::default(),
             poll,
@@ -456,11 +490,20 @@ impl Gateway {
             }
             let (now, wall) = self.clock.read();
             self.wall_ms = wall;
+            // Listeners paused because their class was full: try again.
+            if self.limits.agents_paused.is_some_and(|t| t <= now) {
+                self.limits.agents_paused = None;
+                self.accept_agents(now);
+            }
+            if self.limits.artifacts_paused.is_some_and(|t| t <= now) {
+                self.limits.artifacts_paused = None;
+                self.accept_artifacts(now);
+            }
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER | EXTRA_LISTENER => self.accept_agents(now),
-                    ADMIN => self.accept_admin(),
-                    ARTIFACTS => self.accept_artifacts(),
+                    ADMIN => self.accept_admin(now),
+                    ARTIFACTS => self.accept_artifacts(now),
                     MCAST => self.mcast_ready = true,
                     HASHED => self.hashed_ready = true,
                     t if metrics::Server::owns(t) => self.metrics_event(t),
@@ -598,6 +641,9 @@ impl Gateway {
         if let Some(d) = self.fleet.next_deadline() {
             next = next.min(now + Duration::from_millis(d.saturating_sub(wall)));
         }
+        if let Some(t) = self.limits.next_retry() {
+            next = next.min(t.max(now));
+        }
         // Round up to whole milliseconds so we never spin on a sub-ms timer.
         let d = next - now;
         Duration::from_millis(d.as_micros().div_ceil(1000) as u64)
@@ -605,13 +651,24 @@ impl Gateway {
 
     fn accept_agents(&mut self, now: Instant) {
         for _ in 0..self.cfg.accept_budget {
+            if self.limits.agents_paused.is_some() {
+                return;
+            }
+            // Room for one more unauthenticated connection, or leave the backlog alone.
+            let Some(victim) = self.room_for(Class::Unauthenticated, now) else {
+                return;
+            };
             match self.accept_one() {
-                Ok((sock, _peer)) => {
+                Ok((sock, peer)) => {
                     if self.conns.len() >= self.cfg.max_connections {
                         drop(sock);
                         tracing::warn!("connection limit reached; refusing");
                         continue;
                     }
+                    if let Some(i) = victim {
+                        self.evict(Class::Unauthenticated, i, now);
+                    }
+                    let peer = self.relays.origin(peer);
                     let _ = sock.set_nodelay(true);
                     let tls = match rustls::ServerConnection::new(self.server_cfg.clone()) {
                         Ok(t) => t,
@@ -631,9 +688,11 @@ impl Gateway {
                             closing: false,
                             writable_armed: false,
                             sniff: ladder::Sniffing::Outer,
+                            peer,
+                            authenticated: false,
                         }))
                     };
-                    let Some((idx, id)) = self.add_conn(sock, wrap) else {
+                    let Some((idx, id)) = self.add_conn(sock, now, wrap) else {
                         continue;
                     };
                     // Handshake timeout: the session core's hello timer starts at handshake
@@ -660,8 +719,15 @@ impl Gateway {
         }
     }
 
-    fn accept_artifacts(&mut self) {
+    fn accept_artifacts(&mut self, now: Instant) {
+        let deadline = now + self.cfg.http_timeout;
         for _ in 0..self.cfg.accept_budget {
+            if self.limits.artifacts_paused.is_some() {
+                return;
+            }
+            let Some(victim) = self.room_for(Class::Artifact, now) else {
+                return;
+            };
             let Some(accepted) = self.artifacts.as_ref().map(|l| l.accept()) else {
                 return;
             };
@@ -670,7 +736,10 @@ impl Gateway {
                     if self.conns.len() >= self.cfg.max_connections {
                         continue;
                     }
-                    self.add_conn(sock, |sock| {
+                    if let Some(i) = victim {
+                        self.evict(Class::Artifact, i, now);
+                    }
+                    let added = self.add_conn(sock, now, |sock| {
                         Conn::Artifact(ArtifactConn {
                             sock,
                             inbuf: Vec::new(),
@@ -679,8 +748,15 @@ impl Gateway {
                             responding: false,
                             closing: false,
                             writable_armed: false,
+                            deadline,
+                            sent: 0,
+                            checked: 0,
                         })
                     });
+                    // The request must be complete by then (slowloris).
+                    if let Some((idx, id)) = added {
+                        self.timers.push(Reverse((deadline, idx, id)));
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -696,6 +772,7 @@ impl Gateway {
     fn add_conn<S: mio::event::Source>(
         &mut self,
         mut sock: S,
+        now: Instant,
         wrap: impl FnOnce(S) -> Conn,
     ) -> Option<(usize, ConnId)> {
         let entry = self.conns.vacant_entry();
@@ -714,11 +791,12 @@ impl Gateway {
             id,
             conn: wrap(sock),
         });
+        self.count_new(idx, id, now);
         Some((idx, id))
     }
 
     /// Reads an artifact request; once complete, decides the answer (flushed later).
-    fn service_artifact(&mut self, idx: usize) {
+    fn service_artifact(&mut self, idx: usize, now: Instant) {
         let Some(root) = self.cfg.artifacts.as_ref().map(|a| a.root.clone()) else {
             return;
         };
@@ -758,15 +836,23 @@ impl Gateway {
                 a.responding = true;
                 a.closing = false;
                 a.inbuf = Vec::new();
+                // From now on the timer checks that the response keeps moving.
+                a.deadline = now + limits::ARTIFACT_STALL;
             }
         }
     }
 
-    fn accept_admin(&mut self) {
+    fn accept_admin(&mut self, now: Instant) {
         loop {
             match self.admin.accept() {
-                Ok((sock, _)) => {
-                    self.add_conn(sock, |sock| {
+                Ok((mut sock, _)) => {
+                    if !self.limits.has_room(Class::Admin) {
+                        // Its descriptors are reserved; more clients than that at once is a
+                        // local client holding connections: say so instead of queueing.
+                        let _ = sock.write(b"{\"ok\":false,\"error\":\"too many admin connections at once: retry\"}\n");
+                        continue;
+                    }
+                    self.add_conn(sock, now, |sock| {
                         Conn::Admin(AdminConn {
                             sock,
                             inbuf: Vec::new(),
@@ -804,7 +890,7 @@ impl Gateway {
                 Conn::Agent(_) => self.service_agent(idx, now),
                 Conn::Admin(_) => self.service_admin(idx, id),
                 Conn::Artifact(_) => {
-                    self.service_artifact(idx);
+                    self.service_artifact(idx, now);
                     false
                 }
                 Conn::Relay(_) => self.service_relay(idx),
@@ -827,7 +913,12 @@ impl Gateway {
         let Conn::Agent(c) = &mut slot.conn else {
             return false;
         };
-        let budget = self.cfg.read_budget;
+        // Before authentication a peer needs a handshake and one small Enrol: read little.
+        let budget = if c.authenticated {
+            self.cfg.read_budget
+        } else {
+            self.cfg.read_budget.min(PRE_AUTH_READ_BUDGET)
+        };
         let outcome = match c.tls.read(&mut c.plain, budget) {
             Ok(o) => o,
             Err(e) => {
@@ -844,6 +935,7 @@ impl Gateway {
                 return false;
             }
         };
+        let mut certified = false;
         if c.session.is_none()
             && c.tls.handshake_done()
             && ladder::inner_ready(c, idx, id, now, http_timeout, &mut self.timers)
@@ -851,6 +943,7 @@ impl Gateway {
             let (device, key_hash) = peer_identity(&c.tls.tls);
             c.key_hash = key_hash;
             c.session = Some(GatewaySession::new(now, self.cfg.session, device));
+            certified = device.is_some();
         }
         if let Some(s) = c.session.as_mut() {
             if !c.plain.is_empty() {
@@ -860,8 +953,15 @@ impl Gateway {
                 c.plain.clear();
             }
         }
+        if !c.authenticated {
+            // Nothing buffered before authentication outlives its use.
+            c.plain = Vec::new();
+        }
         if outcome.eof {
             c.closing = true;
+        }
+        if certified {
+            self.promote(idx);
         }
         self.drain_session(idx, now);
         outcome.wire_bytes >= budget
@@ -875,15 +975,7 @@ impl Gateway {
             return;
         };
         let Some(s) = c.session.as_mut() else { return };
-        while s.poll_transmit(now, &mut c.out).is_some() {}
-        if !c.out.is_empty() {
-            if let Err(e) = c.tls.write_plain(&c.out) {
-                tracing::warn!(conn = id, error = %e, "TLS write failed");
-                c.closing = true;
-            }
-            c.out.clear();
-            c.out.shrink_to(256);
-        }
+        transmit(s, &mut c.tls, &mut c.out, &mut c.closing, id, now);
         while let Some(ev) = s.poll_event() {
             let dist = self.dist.as_mut();
             if let Some(input) =
@@ -987,7 +1079,11 @@ impl Gateway {
                     self.relay_timer(idx, now);
                     continue;
                 }
-                _ => continue,
+                Conn::Artifact(_) => {
+                    self.artifact_timer(idx, now);
+                    continue;
+                }
+                Conn::Admin(_) => continue,
             };
             match c.session.as_mut() {
                 Some(s) => {
@@ -1252,37 +1348,46 @@ impl Gateway {
                 }
             };
             if done {
-                let slot = self.conns.remove(idx);
-                match slot.conn {
-                    Conn::Agent(mut c) => {
-                        if !matches!(c.sniff, ladder::Sniffing::Plain(_)) {
-                            c.tls.tls.send_close_notify();
-                            let _ = c.tls.flush();
-                        }
-                        ladder::discard_input(&mut c.tls.sock);
-                        let _ = self.poll.registry().deregister(&mut c.tls.sock);
-                        if let Some(dev) = c.device {
-                            self.inputs.push(Input::Disconnected {
-                                conn: slot.id,
-                                device: Some(dev),
-                                reason: "connection closed".into(),
-                            });
-                        }
-                    }
-                    Conn::Admin(mut a) => {
-                        let _ = self.poll.registry().deregister(&mut a.sock);
-                    }
-                    Conn::Artifact(mut a) => {
-                        let _ = self.poll.registry().deregister(&mut a.sock);
-                    }
-                    Conn::Relay(mut r) => {
-                        let _ = self.poll.registry().deregister(&mut r.sock);
-                        self.relays.forget(&r);
-                    }
-                }
+                self.remove_conn(idx);
             }
         }
         self.touched = touched;
+    }
+
+    /// Removes connection `idx` (flushing what TLS can still send) and tells the fleet when
+    /// it carried a device's session.
+    fn remove_conn(&mut self, idx: usize) {
+        let Some(slot) = self.conns.try_remove(idx) else {
+            return;
+        };
+        self.limits.counts.remove(Class::of(&slot.conn));
+        match slot.conn {
+            Conn::Agent(mut c) => {
+                if !matches!(c.sniff, ladder::Sniffing::Plain(_)) {
+                    c.tls.tls.send_close_notify();
+                    let _ = c.tls.flush();
+                }
+                ladder::discard_input(&mut c.tls.sock);
+                let _ = self.poll.registry().deregister(&mut c.tls.sock);
+                if let Some(dev) = c.device {
+                    self.inputs.push(Input::Disconnected {
+                        conn: slot.id,
+                        device: Some(dev),
+                        reason: "connection closed".into(),
+                    });
+                }
+            }
+            Conn::Admin(mut a) => {
+                let _ = self.poll.registry().deregister(&mut a.sock);
+            }
+            Conn::Artifact(mut a) => {
+                let _ = self.poll.registry().deregister(&mut a.sock);
+            }
+            Conn::Relay(mut r) => {
+                let _ = self.poll.registry().deregister(&mut r.sock);
+                self.relays.forget(&r);
+            }
+        }
     }
 }
 
@@ -1321,6 +1426,26 @@ fn arm_writable(
     *armed = pending;
 }
 
+/// Moves what a session core has to send into its TLS connection.
+fn transmit(
+    s: &mut GatewaySession,
+    tls: &mut TlsConn,
+    out: &mut Vec<u8>,
+    closing: &mut bool,
+    id: ConnId,
+    now: Instant,
+) {
+    while s.poll_transmit(now, out).is_some() {}
+    if !out.is_empty() {
+        if let Err(e) = tls.write_plain(out) {
+            tracing::warn!(conn = id, error = %e, "TLS write failed");
+            *closing = true;
+        }
+        out.clear();
+        out.shrink_to(256);
+    }
+}
+
 /// Writes an artifact response until done or `WouldBlock`; returns whether bytes remain.
 fn artifact_write(a: &mut ArtifactConn) -> bool {
     use std::os::fd::AsRawFd;
@@ -1332,6 +1457,7 @@ fn artifact_write(a: &mut ArtifactConn) -> bool {
             }
             Ok(n) => {
                 a.head.drain(..n);
+                a.sent += n as u64;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1353,6 +1479,7 @@ fn artifact_write(a: &mut ArtifactConn) -> bool {
         let n = unsafe { libc::sendfile(a.sock.as_raw_fd(), f.as_raw_fd(), &mut o, count) };
         if n > 0 {
             *off = o as u64;
+            a.sent += n as u64;
             continue;
         }
         let err = io::Error::last_os_error();

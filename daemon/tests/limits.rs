@@ -2,13 +2,18 @@
 //! 127.0.0.1 (every byte stays on the loopback interface):
 //!
 //! - an admin request line over the size limit is refused with an error line and not
-//!   executed, and the connection goes on serving the next line.
+//!   executed, and the connection goes on serving the next line;
+//! - a gateway with only 256 descriptors, its agent port and artifact port flooded with idle
+//!   and slow connections, still serves the CLI and lets an enrolled agent in, never runs
+//!   out of descriptors, and closes idle and slow artifact connections at their deadline.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fleetcast_daemon::admin::{self, Request};
 
@@ -99,6 +104,304 @@ impl Gw {
             .map(str::to_string)
             .collect()
     }
+}
+
+/// The clock of the tests' deadlines.
+#[allow(clippy::disallowed_methods)] // Test deadlines, not protocol time.
+fn now() -> Instant {
+    Instant::now()
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after `timeout`.
+fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+    diag: impl FnOnce() -> String,
+) -> T {
+    let start = now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}\n{}",
+            diag()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Open descriptors of process `pid`.
+fn fds_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// A child killed and reaped on drop.
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `fleetcast-agent` (through the CLI's agent mode) against `gw`, native TLS only, its
+/// state in `dir`; `token` enrols it.
+fn agent(gw: &Gw, dir: &Path, token: Option<&str>) -> Kill {
+    let boot = dir.join("boot_id");
+    std::fs::write(&boot, "0f0e0d0c-0b0a-4908-8706-050403020100\n").expect("boot id");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fleetcast"));
+    c.args(["__agent", "--", "--gateway", &gw.addr, "--rungs", "native"])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--ca")
+        .arg(gw.data.join("pki/ca.pem"))
+        .arg("--boot-id-file")
+        .arg(&boot);
+    if let Some(t) = token {
+        c.args(["--token", t, "--name", "n1"]);
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("agent.log"))
+        .expect("agent log");
+    c.stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    Kill(c.spawn().expect("spawn agent"))
+}
+
+/// `n` connections to `addr`, started without waiting for them to complete (non-blocking
+/// connects: the ones the kernel's backlog cannot take yet keep retrying their SYN, as a
+/// flooder's would).
+fn flood(addr: &str, n: usize) -> Vec<TcpStream> {
+    let addr: std::net::SocketAddr = addr.parse().expect("addr");
+    (0..n)
+        .map(|_| {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("socket");
+            s.set_nonblocking(true).expect("nonblocking");
+            match s.connect(&addr.into()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => panic!("connect: {e}"),
+            }
+            TcpStream::from(s)
+        })
+        .collect()
+}
+
+/// A completed connection to `addr`.
+fn connect(addr: &str) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr.parse().expect("addr"), Duration::from_secs(5))
+        .expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    s
+}
+
+/// Whether the peer closed `s` (EOF or reset) by now, without waiting.
+fn closed_by_peer(s: &mut TcpStream) -> bool {
+    s.set_nonblocking(true).expect("nonblocking");
+    let mut b = [0u8; 512];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            // Still connecting (in the backlog's SYN retries) or open.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::NotConnected => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn floods_leave_descriptors_for_the_cli_and_enrolled_agents() {
+    const LIMIT: u64 = 256;
+    const AGENT_FLOOD: usize = 400;
+    const ARTIFACT_IDLE: usize = 250;
+    const ARTIFACT_SLOW: usize = 50;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let art = format!("127.0.0.1:{}", free_port());
+    let gw = Gw::start(
+        tmp.path(),
+        &["--artifact-listen", &art, "--http-timeout", "2"],
+        |c| {
+            // SAFETY: between fork and exec only the async-signal-safe setrlimit runs.
+            unsafe {
+                c.pre_exec(|| {
+                    let r = libc::rlimit {
+                        rlim_cur: LIMIT,
+                        rlim_max: LIMIT,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        },
+    );
+    let pid = gw.child.id();
+    let diag = || {
+        format!(
+            "gateway descriptors: {}\n--- gateway stderr ---\n{}\n--- agent ---\n{}",
+            fds_of(pid),
+            gw.log(),
+            std::fs::read_to_string(tmp.path().join("agent.log")).unwrap_or_default()
+        )
+    };
+    // An enrolled device, stopped: its certificate is what lets it in later.
+    let token = gw.admin(&Request::DeviceAdd {
+        name: "n1".into(),
+        groups: vec![],
+    })["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let online = || {
+        let st = admin::request(&gw.data, &Request::Status).ok()?;
+        (st.ok && st.data["online"] == 1).then_some(())
+    };
+    let enrolling = agent(&gw, tmp.path(), Some(&token));
+    wait_for("the agent to enrol", Duration::from_secs(60), online, &diag);
+    drop(enrolling);
+    wait_for(
+        "the agent to go offline",
+        Duration::from_secs(30),
+        || {
+            let st = admin::request(&gw.data, &Request::Status).ok()?;
+            (st.ok && st.data["online"] == 0).then_some(())
+        },
+        &diag,
+    );
+
+    // The flood, all from 127.0.0.1: idle connections to the agent port; idle ones and
+    // 1-byte-per-half-second ones to the artifact port. Far more than the gateway's 256
+    // descriptors; the kernel's backlog holds what the gateway does not accept.
+    let start = now();
+    let mut agent_flood = flood(&gw.addr, AGENT_FLOOD);
+    let mut idle = flood(&art, ARTIFACT_IDLE);
+    let mut slow = flood(&art, ARTIFACT_SLOW);
+    eprintln!(
+        "flood: {} agent-port, {} idle and {} slow artifact-port connections started in {:?}",
+        agent_flood.len(),
+        idle.len(),
+        slow.len(),
+        start.elapsed()
+    );
+    let mut max_fds = 0;
+    let request = b"GET /nothing HTTP/1.1\r\nHost: gw\r\n\r\n";
+    let trickle = |slow: &mut Vec<TcpStream>, i: usize| {
+        for s in slow.iter_mut() {
+            let _ = s.write(&request[i % request.len()..][..1]);
+        }
+    };
+
+    // The CLI gets in while the flood is on.
+    let t = now();
+    let st = gw.admin(&Request::Status);
+    eprintln!("CLI answered in {:?} during the flood: {st}", t.elapsed());
+    // The enrolled agent gets in while the flood is on.
+    let _agent = agent(&gw, tmp.path(), None);
+    let t = now();
+    let mut i = 0;
+    wait_for(
+        "the enrolled agent to get in during the flood",
+        Duration::from_secs(30),
+        || {
+            i += 1;
+            trickle(&mut slow, i);
+            max_fds = max_fds.max(fds_of(pid));
+            online()
+        },
+        &diag,
+    );
+    eprintln!("enrolled agent online {:?} after its start", t.elapsed());
+    // Every flood connection of the artifact port, idle or slow, is closed by the gateway:
+    // at its 2 s deadline or earlier, evicted to make room for newer ones.
+    let t = now();
+    wait_for(
+        "the gateway to close every flood connection of the artifact port",
+        Duration::from_secs(30),
+        || {
+            i += 1;
+            trickle(&mut slow, i);
+            max_fds = max_fds.max(fds_of(pid));
+            idle.retain_mut(|s| !closed_by_peer(s));
+            slow.retain_mut(|s| !closed_by_peer(s));
+            if i % 40 == 0 {
+                eprintln!("{} idle and {} slow still open", idle.len(), slow.len());
+            }
+            (idle.is_empty() && slow.is_empty()).then_some(())
+        },
+        &diag,
+    );
+    eprintln!("artifact flood closed {:?} later", t.elapsed());
+    assert!(
+        max_fds < LIMIT as usize,
+        "the gateway reached its descriptor limit: {max_fds}\n{}",
+        diag()
+    );
+    eprintln!("gateway descriptors at most {max_fds} of {LIMIT}");
+    assert_eq!(
+        gw.admin(&Request::Status)["online"],
+        1,
+        "still online\n{}",
+        diag()
+    );
+
+    // Without pressure, an idle and a slow artifact connection last until their deadline
+    // (2 s), not longer.
+    let mut idle = connect(&art);
+    let mut slow = connect(&art);
+    let t = now();
+    let mut sent = 0;
+    let (mut idle_closed, mut slow_closed) = (None, None);
+    wait_for(
+        "the deadline of an idle and a slow artifact connection",
+        Duration::from_secs(10),
+        || {
+            if t.elapsed() >= Duration::from_millis(250 * sent as u64) {
+                let _ = slow.write(&request[sent % request.len()..][..1]);
+                sent += 1;
+            }
+            if idle_closed.is_none() && closed_by_peer(&mut idle) {
+                idle_closed = Some(t.elapsed());
+            }
+            if slow_closed.is_none() && closed_by_peer(&mut slow) {
+                slow_closed = Some(t.elapsed());
+            }
+            idle_closed.zip(slow_closed)
+        },
+        &diag,
+    );
+    eprintln!("idle closed after {idle_closed:?}, slow after {slow_closed:?}");
+    for d in [idle_closed, slow_closed].into_iter().flatten() {
+        assert!(
+            d >= Duration::from_millis(1500) && d <= Duration::from_millis(4000),
+            "{d:?}"
+        );
+    }
+    assert!(
+        gw.log().contains("artifact request not complete in time"),
+        "{}",
+        gw.log()
+    );
+    // The agent-port flood is still held open by the test: closing it now is fine.
+    agent_flood.clear();
 }
 
 /// `DeviceAdd NAME` as one JSON line padded with spaces (still valid JSON) to `len` bytes,
