@@ -976,13 +976,29 @@ impl Gateway {
         };
         let Some(s) = c.session.as_mut() else { return };
         transmit(s, &mut c.tls, &mut c.out, &mut c.closing, id, now);
+        let mut refused = false;
         while let Some(ev) = s.poll_event() {
+            if matches!(ev, GatewayEvent::Enrol(_)) && !self.limits.enrol.try_take(c.peer, now) {
+                if let Some(left_out) = self.limits.enrol_log.due(now) {
+                    tracing::warn!(conn = id, peer = %c.peer, left_out, "enrolment refused: too many failed enrolments from this address (rate limit)");
+                }
+                let _ = s.close(
+                    fleetcast_wire::CloseCode::OVERLOADED,
+                    "too many failed enrolments from this address: retry later",
+                );
+                refused = true;
+                continue;
+            }
             let dist = self.dist.as_mut();
             if let Some(input) =
                 event_to_input(id, c.key_hash, &mut c.device, ev, self.wall_ms, dist)
             {
                 self.inputs.push(input);
             }
+        }
+        if refused {
+            // The Close frame.
+            transmit(s, &mut c.tls, &mut c.out, &mut c.closing, id, now);
         }
         if s.is_closed() {
             c.closing = true;
@@ -1150,6 +1166,16 @@ impl Gateway {
                 return;
             }
             Action::Dispatch { .. } => self.counters.dispatched += 1,
+            // Only failed enrolments count against their source.
+            Action::Enrolled { conn, .. } => {
+                if let Some(Slot {
+                    conn: Conn::Agent(c),
+                    ..
+                }) = self.lookup(*conn).and_then(|i| self.conns.get(i))
+                {
+                    self.limits.enrol.refund(c.peer);
+                }
+            }
             Action::Reply { conn, resp } if !resp.ok => {
                 // A push the fleet refused: its mapping is not needed.
                 if let Some(d) = self.dist.as_mut() {

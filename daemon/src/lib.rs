@@ -15,6 +15,7 @@ pub mod http;
 pub mod metrics;
 pub mod paths;
 pub mod pki;
+pub mod ratelimit;
 pub mod sd_notify;
 pub mod sniff;
 pub mod tlsconn;

@@ -5,7 +5,10 @@
 //!   executed, and the connection goes on serving the next line;
 //! - a gateway with only 256 descriptors, its agent port and artifact port flooded with idle
 //!   and slow connections, still serves the CLI and lets an enrolled agent in, never runs
-//!   out of descriptors, and closes idle and slow artifact connections at their deadline.
+//!   out of descriptors, and closes idle and slow artifact connections at their deadline;
+//! - bad enrolment tokens from one source (127.0.0.2) are refused with a rate-limit reason
+//!   after the burst, without a disk sync each, while a good token from another source
+//!   (127.0.0.1) still enrols.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -402,6 +405,133 @@ fn floods_leave_descriptors_for_the_cli_and_enrolled_agents() {
     );
     // The agent-port flood is still held open by the test: closing it now is fine.
     agent_flood.clear();
+}
+
+/// One enrolment attempt with `token` over TLS (no client certificate) from source address
+/// `from`; returns how the gateway closed the session.
+fn enrol_once(gw: &Gw, from: std::net::Ipv4Addr, token: &[u8]) -> fleetcast_wire::CloseInfo {
+    use fleetcast_wire::session::{AgentEvent, AgentSession, FirstMessage};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(gw.data.join("pki/ca.pem")).expect("CA"))
+        .expect("root");
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![fleetcast_daemon::pki::ALPN.to_vec()];
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.bind(&std::net::SocketAddr::from((from, 0)).into())
+        .expect("bind the source address");
+    let addr: std::net::SocketAddr = gw.addr.parse().expect("addr");
+    sock.connect(&addr.into()).expect("connect");
+    let sock = TcpStream::from(sock);
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let name = ServerName::try_from(addr.ip().to_string()).expect("name");
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).expect("tls");
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let t0 = now();
+    let wnow = || fleetcast_wire::Instant::from_micros(t0.elapsed().as_micros() as u64);
+    let spki = [7u8; 91];
+    let mut core = AgentSession::new(
+        wnow(),
+        fleetcast_wire::SessionConfig::default(),
+        FirstMessage::Enrol(fleetcast_wire::Enrol {
+            token,
+            name: "intruder",
+            spki: &spki,
+        }),
+    )
+    .expect("core");
+    let mut out = Vec::new();
+    while core.poll_transmit(wnow(), &mut out).is_some() {}
+    tls.write_all(&out).expect("send Enrol");
+    tls.flush().expect("flush");
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match tls.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => panic!("reading the answer: {e}\n{}", gw.log()),
+        };
+        let _ = core.handle_input(wnow(), &buf[..n]);
+        while let Some(ev) = core.poll_event() {
+            if let AgentEvent::Closed(info) = ev {
+                return info;
+            }
+        }
+        assert!(n > 0, "closed without a Close frame\n{}", gw.log());
+    }
+}
+
+#[test]
+fn failed_enrolments_are_rate_limited_per_source() {
+    use fleetcast_wire::CloseCode;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let gw = Gw::start(tmp.path(), &[], |_| {});
+    let commits = || {
+        let store = fleetcast_store::Store::open(gw.data.join("store")).expect("store");
+        let seq = store
+            .snapshot()
+            .expect("snapshot")
+            .commit_seq()
+            .expect("seq");
+        seq
+    };
+    let attacker = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let before = commits();
+    let mut codes = Vec::new();
+    for i in 0..15u32 {
+        let info = enrol_once(&gw, attacker, format!("guess-{i}").as_bytes());
+        codes.push((info.code, info.reason));
+    }
+    let burst = fleetcast_daemon::ratelimit::BURST as usize;
+    for (i, (code, reason)) in codes.iter().enumerate() {
+        if i < burst {
+            assert_eq!(*code, CloseCode::BAD_TOKEN, "attempt {i}: {reason}");
+        } else {
+            assert_eq!(*code, CloseCode::OVERLOADED, "attempt {i}: {reason}");
+            assert!(reason.contains("too many failed enrolments"), "{reason}");
+        }
+    }
+    assert_eq!(
+        commits(),
+        before,
+        "bad tokens cost no store commit (no disk sync)"
+    );
+    assert!(
+        gw.log()
+            .contains("enrolment refused: too many failed enrolments"),
+        "{}",
+        gw.log()
+    );
+    // Another source enrols with a good token meanwhile.
+    let token = gw.admin(&Request::DeviceAdd {
+        name: "n1".into(),
+        groups: vec![],
+    })["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let _agent = agent(&gw, tmp.path(), Some(&token));
+    wait_for(
+        "the good token to enrol",
+        Duration::from_secs(60),
+        || {
+            let st = admin::request(&gw.data, &Request::Status).ok()?;
+            (st.ok && st.data["online"] == 1).then_some(())
+        },
+        || gw.log(),
+    );
+    // The attacker is still refused without reaching the store.
+    let info = enrol_once(&gw, attacker, b"one-more");
+    assert_eq!(info.code, CloseCode::OVERLOADED, "{info:?}");
 }
 
 /// `DeviceAdd NAME` as one JSON line padded with spaces (still valid JSON) to `len` bytes,

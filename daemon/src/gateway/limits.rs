@@ -235,6 +235,10 @@ pub(super) struct Limits {
     pub(super) agents_paused: Option<Instant>,
     pub(super) artifacts_paused: Option<Instant>,
     full: Throttle,
+    /// Warnings of refused enrolments.
+    pub(super) enrol_log: Throttle,
+    /// Failed enrolments per source.
+    pub(super) enrol: crate::ratelimit::EnrolLimiter,
 }
 
 impl Limits {
@@ -247,6 +251,8 @@ impl Limits {
             agents_paused: None,
             artifacts_paused: None,
             full: Throttle::default(),
+            enrol_log: Throttle::default(),
+            enrol: crate::ratelimit::EnrolLimiter::default(),
         }
     }
 
