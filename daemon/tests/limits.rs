@@ -6,6 +6,9 @@
 //! - a gateway with only 256 descriptors, its agent port and artifact port flooded with idle
 //!   and slow connections, still serves the CLI and lets an enrolled agent in, never runs
 //!   out of descriptors, and closes idle and slow artifact connections at their deadline;
+//! - 200 TLS clients without a certificate, each sending most of a maximum frame, are cut
+//!   at the frame header with a logged reason, and the gateway's memory stays small (the
+//!   figures are printed; the bound asserted is generous);
 //! - bad enrolment tokens from one source (127.0.0.2) are refused with a rate-limit reason
 //!   after the burst, without a disk sync each, while a good token from another source
 //!   (127.0.0.1) still enrols.
@@ -407,12 +410,10 @@ fn floods_leave_descriptors_for_the_cli_and_enrolled_agents() {
     agent_flood.clear();
 }
 
-/// One enrolment attempt with `token` over TLS (no client certificate) from source address
-/// `from`; returns how the gateway closed the session.
-fn enrol_once(gw: &Gw, from: std::net::Ipv4Addr, token: &[u8]) -> fleetcast_wire::CloseInfo {
-    use fleetcast_wire::session::{AgentEvent, AgentSession, FirstMessage};
+/// A rustls client configuration trusting `gw`'s CA, without a client certificate.
+fn client_config(gw: &Gw) -> std::sync::Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, ServerName};
+    use rustls::pki_types::CertificateDer;
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_file(gw.data.join("pki/ca.pem")).expect("CA"))
@@ -425,6 +426,17 @@ fn enrol_once(gw: &Gw, from: std::net::Ipv4Addr, token: &[u8]) -> fleetcast_wire
     .with_root_certificates(roots)
     .with_no_client_auth();
     cfg.alpn_protocols = vec![fleetcast_daemon::pki::ALPN.to_vec()];
+    std::sync::Arc::new(cfg)
+}
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A TLS session to `gw` from a socket bound to `from`, handshake done.
+fn tls_connect(
+    gw: &Gw,
+    cfg: &std::sync::Arc<rustls::ClientConfig>,
+    from: std::net::Ipv4Addr,
+) -> Tls {
     let sock =
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
     sock.bind(&std::net::SocketAddr::from((from, 0)).into())
@@ -434,9 +446,120 @@ fn enrol_once(gw: &Gw, from: std::net::Ipv4Addr, token: &[u8]) -> fleetcast_wire
     let sock = TcpStream::from(sock);
     sock.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
-    let name = ServerName::try_from(addr.ip().to_string()).expect("name");
-    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).expect("tls");
+    let name = rustls::pki_types::ServerName::try_from(addr.ip().to_string()).expect("name");
+    let conn = rustls::ClientConnection::new(cfg.clone(), name).expect("tls");
     let mut tls = rustls::StreamOwned::new(conn, sock);
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .unwrap_or_else(|e| panic!("TLS handshake: {e}\n{}", gw.log()));
+    }
+    tls
+}
+
+/// Resident memory of process `pid`, bytes.
+fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// A frame header of kind Hello announcing a `len`-byte body.
+fn frame_header(len: u32) -> [u8; 12] {
+    let mut h = [0u8; 12];
+    h[0] = fleetcast_wire::MAGIC;
+    h[1] = fleetcast_wire::VERSION;
+    h[2] = 0x01;
+    h[4..8].copy_from_slice(&len.to_be_bytes());
+    h
+}
+
+#[test]
+fn unauthenticated_clients_cannot_make_the_gateway_buffer_big_frames() {
+    const CLIENTS: usize = 200;
+    const MIB: f64 = 1024.0 * 1024.0;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let gw = Gw::start(tmp.path(), &[], |_| {});
+    let pid = gw.child.id();
+    let cfg = client_config(&gw);
+    let base = rss_of(pid);
+    // Most of a maximum frame from each client, over a completed handshake.
+    let body = vec![0u8; 768 * 1024];
+    let mut peak = base;
+    let start = now();
+    let mut conns = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut t = tls_connect(&gw, &cfg, std::net::Ipv4Addr::LOCALHOST);
+        let _ = t.write_all(&frame_header(fleetcast_wire::MAX_STREAM_BODY - 16));
+        let _ = t.write_all(&body);
+        let _ = t.flush();
+        peak = peak.max(rss_of(pid));
+        conns.push(t);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    peak = peak.max(rss_of(pid));
+    eprintln!(
+        "{CLIENTS} clients × 768 KiB of a 1 MiB frame in {:?}: gateway RSS {:.1} MiB → peak {:.1} MiB",
+        start.elapsed(),
+        base as f64 / MIB,
+        peak as f64 / MIB
+    );
+    // Each was cut at the header, with the reason in the log.
+    for (i, t) in conns.iter_mut().enumerate() {
+        let mut buf = [0u8; 4096];
+        let deadline = now() + Duration::from_secs(20);
+        loop {
+            match t.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            assert!(now() < deadline, "client {i} was not closed\n{}", gw.log());
+        }
+    }
+    let cut = gw
+        .log()
+        .matches("before authentication exceeds the pre-authentication limit of 4096")
+        .count();
+    assert!(cut >= CLIENTS, "{cut} cuts logged\n{}", gw.log());
+    drop(conns);
+
+    // Just under the pre-authentication limit, held open: what an attacker can still make
+    // the gateway keep per connection.
+    let base2 = rss_of(pid);
+    let mut held = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut t = tls_connect(&gw, &cfg, std::net::Ipv4Addr::LOCALHOST);
+        t.write_all(&frame_header(4000)).expect("header");
+        t.write_all(&[0u8; 3900]).expect("body");
+        t.flush().expect("flush");
+        held.push(t);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let held_rss = rss_of(pid);
+    eprintln!(
+        "{CLIENTS} clients holding 3,900 bytes of a 4,000-byte frame: gateway RSS {:.1} MiB → {:.1} MiB ({:.1} KiB per client)",
+        base2 as f64 / MIB,
+        held_rss as f64 / MIB,
+        held_rss.saturating_sub(base2) as f64 / 1024.0 / CLIENTS as f64
+    );
+    // Generous bounds (before the limit: 200 such clients took a gateway from 6 to 209 MiB).
+    assert!(
+        peak.saturating_sub(base) < 64 << 20,
+        "peak {:.1} MiB over a base of {:.1} MiB",
+        peak as f64 / MIB,
+        base as f64 / MIB
+    );
+    assert!(held_rss.saturating_sub(base2) < 64 << 20);
+}
+
+/// One enrolment attempt with `token` over TLS (no client certificate) from source address
+/// `from`; returns how the gateway closed the session.
+fn enrol_once(gw: &Gw, from: std::net::Ipv4Addr, token: &[u8]) -> fleetcast_wire::CloseInfo {
+    use fleetcast_wire::session::{AgentEvent, AgentSession, FirstMessage};
+    let mut tls = tls_connect(gw, &client_config(gw), from);
     let t0 = now();
     let wnow = || fleetcast_wire::Instant::from_micros(t0.elapsed().as_micros() as u64);
     let spki = [7u8; 91];
