@@ -47,6 +47,31 @@ pub struct Config {
     pub admin: AdminSection,
     /// Watched-directory trigger.
     pub watch: WatchSection,
+    /// Retention of the event log and results.
+    pub store: StoreSection,
+}
+
+/// `[store]`: what the event log and the results keep (0: no limit of that kind).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// Events older than this many days are deleted.
+    pub events_keep_days: u64,
+    /// At most this many events are kept.
+    pub events_max: u64,
+    /// Results (with their commands) of the last this many finished commands per device.
+    pub results_per_device: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        let d = crate::retention::RetentionConfig::default();
+        StoreSection {
+            events_keep_days: d.events_keep_days,
+            events_max: d.events_max,
+            results_per_device: d.results_per_device,
+        }
+    }
 }
 
 /// `[watch]`: push every file that appears or changes in a directory.
@@ -155,6 +180,7 @@ impl Default for Config {
             artifacts: ArtifactsSection::default(),
             admin: AdminSection::default(),
             watch: WatchSection::default(),
+            store: StoreSection::default(),
         }
     }
 }
@@ -270,6 +296,18 @@ pub const KEYS: &[Key] = &[
     key("watch.interval_ms", "How often watch.dir is scanned, milliseconds."),
     key("watch.rate_mbps", "Rate ceiling of the pushes watch.dir triggers, Mbit/s."),
     key("watch.block_size", "Block size of the pushes watch.dir triggers, bytes."),
+    key(
+        "store.events_keep_days",
+        "Events older than this many days are deleted from the event log (pruned a little at a time). 0: no age limit.",
+    ),
+    key(
+        "store.events_max",
+        "At most this many events are kept (the oldest go first; the newest always stays). 0: no count limit.",
+    ),
+    key(
+        "store.results_per_device",
+        "Per device, the results (with their commands) of the last this many finished commands are kept; older ones are deleted. Pending and running commands are never touched. 0: keep all.",
+    ),
     key(
         "admin.metrics_listen",
         "Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9477. Unset: off. No authentication: keep it on loopback or a management network.",
@@ -517,6 +555,15 @@ impl Config {
         if self.mcast.port == 0 {
             return bad("mcast.port", "0 is not a usable port".into());
         }
+        if self.store.events_keep_days > 36_500 {
+            return bad(
+                "store.events_keep_days",
+                format!(
+                    "{} days is more than a century: use 0 (no age limit) to 36500",
+                    self.store.events_keep_days
+                ),
+            );
+        }
         if self.artifacts.url.is_some() && self.artifacts.listen.is_none() {
             return bad(
                 "artifacts.url",
@@ -671,6 +718,9 @@ mod tests {
         ("watch.interval_ms", "500", "500"),
         ("watch.rate_mbps", "300", "300"),
         ("watch.block_size", "8000", "8000"),
+        ("store.events_keep_days", "7", "7"),
+        ("store.events_max", "5000", "5000"),
+        ("store.results_per_device", "20", "20"),
         (
             "admin.metrics_listen",
             "127.0.0.1:9477",

@@ -96,6 +96,8 @@ pub struct GatewayConfig {
     pub watch: Option<WatchConfig>,
     /// Where the Prometheus metrics endpoint listens (`GET /metrics`); `None`: off.
     pub metrics_listen: Option<SocketAddr>,
+    /// What the event log and the results keep (pruned incrementally by the loop).
+    pub retention: crate::retention::RetentionConfig,
 }
 
 impl Default for GatewayConfig {
@@ -115,6 +117,7 @@ impl Default for GatewayConfig {
             mcast: None,
             watch: None,
             metrics_listen: None,
+            retention: crate::retention::RetentionConfig::default(),
         }
     }
 }
@@ -267,6 +270,8 @@ pub struct Gateway {
     counters: metrics::Counters,
     /// Connection caps, eviction, the enrolment limiter.
     limits: limits::Limits,
+    /// Retention of events and results.
+    pruner: crate::retention::Pruner,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -348,6 +353,7 @@ impl Gateway {
         );
         Ok(Gateway {
             limits: limits::Limits::new(budget),
+            pruner: crate::retention::Pruner::new(cfg.retention),
             metrics,
             counters: metrics::Counters::default(),
             poll,
@@ -527,6 +533,7 @@ impl Gateway {
                 self.take_hashed(now);
             }
             self.process_fleet(now, wall);
+            self.prune(now, wall);
             self.drive_distributions(now);
             self.flush_touched();
         }
@@ -644,6 +651,7 @@ impl Gateway {
         if let Some(t) = self.limits.next_retry() {
             next = next.min(t.max(now));
         }
+        next = next.min(self.pruner.next_due().max(now));
         // Round up to whole milliseconds so we never spin on a sub-ms timer.
         let d = next - now;
         Duration::from_millis(d.as_micros().div_ceil(1000) as u64)
@@ -1134,6 +1142,22 @@ impl Gateway {
         let actions = self.fleet.process(wall, inputs);
         for a in actions {
             self.apply(a, now);
+        }
+    }
+
+    /// One bounded retention pass when due (see [`crate::retention`]).
+    fn prune(&mut self, now: Instant, wall: u64) {
+        match self.pruner.run_due(self.fleet.store_mut(), now, wall) {
+            Some(Ok(p)) if p.events + p.results > 0 => {
+                tracing::debug!(
+                    events = p.events,
+                    results = p.results,
+                    more = p.more,
+                    "retention: pruned"
+                );
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "retention pass failed; retried later"),
+            _ => {}
         }
     }
 

@@ -9,6 +9,8 @@
 //! - 200 TLS clients without a certificate, each sending most of a maximum frame, are cut
 //!   at the frame header with a logged reason, and the gateway's memory stays small (the
 //!   figures are printed; the bound asserted is generous);
+//! - a store with a large event log and many results is pruned to the `[store]` retention
+//!   settings once the gateway runs;
 //! - bad enrolment tokens from one source (127.0.0.2) are refused with a rate-limit reason
 //!   after the burst, without a disk sync each, while a good token from another source
 //!   (127.0.0.1) still enrols.
@@ -553,6 +555,111 @@ fn unauthenticated_clients_cannot_make_the_gateway_buffer_big_frames() {
         base as f64 / MIB
     );
     assert!(held_rss.saturating_sub(base2) < 64 << 20);
+}
+
+#[test]
+fn the_event_log_and_results_are_pruned_to_the_retention_settings() {
+    use fleetcast_store::{
+        Command, CommandResult, Event, EventKind, OnFailure, Step, StepOutcome, StepResult,
+    };
+    const EVENTS: u64 = 5000;
+    const COMMANDS: u64 = 300;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // A store that grew for a long time: 5,000 events, 300 finished commands on a device.
+    {
+        let mut store = fleetcast_store::Store::open(tmp.path().join("gw/store")).expect("store");
+        let mut b = store.batch().expect("batch");
+        let dev = b.add_device("old", [3; 32], 1).expect("device");
+        for seq in 1..=COMMANDS {
+            b.enqueue(
+                dev,
+                Command {
+                    steps: vec![Step::Report],
+                    timeout_ms: 1000,
+                    max_attempts: 1,
+                    on_failure: OnFailure::Stop,
+                },
+            )
+            .expect("enqueue");
+            b.mark_transmitted(dev, seq, 2).expect("transmitted");
+            let r = CommandResult {
+                steps: vec![StepResult {
+                    outcome: StepOutcome::Ok,
+                    exit_code: Some(0),
+                    output: b"ok".to_vec(),
+                    started_ms: 2,
+                    finished_ms: 3,
+                }],
+            };
+            b.record_result(dev, seq, r).expect("result");
+        }
+        for i in 0..EVENTS {
+            b.append_event(Event {
+                time_ms: 1_000_000_000_000 + i,
+                device: None,
+                kind: EventKind::Other,
+                message: format!("reconnect {i}"),
+            })
+            .expect("event");
+        }
+        b.commit().expect("commit");
+    }
+    let config = tmp.path().join("fleetcastd.toml");
+    std::fs::write(
+        &config,
+        "[store]\nevents_keep_days = 0\nevents_max = 100\nresults_per_device = 5\n",
+    )
+    .expect("config");
+    let gw = Gw::start(
+        tmp.path(),
+        &["--config", config.to_str().expect("path")],
+        |_| {},
+    );
+    let events = || {
+        gw.admin(&Request::Events {
+            from: 0,
+            limit: 100_000,
+        })["events"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    wait_for(
+        "the event log to be pruned to 100",
+        Duration::from_secs(30),
+        || (events() <= 100).then_some(()),
+        || format!("{} events left\n{}", events(), gw.log()),
+    );
+    let seqs = || -> Vec<u64> {
+        gw.admin(&Request::QueueShow {
+            device: "old".into(),
+        })["commands"]
+            .as_array()
+            .expect("commands")
+            .iter()
+            .filter_map(|c| c["seq"].as_u64())
+            .collect()
+    };
+    wait_for(
+        "the results to be pruned to the last 5",
+        Duration::from_secs(30),
+        || (seqs().len() <= 5).then_some(()),
+        || format!("{:?} left\n{}", seqs(), gw.log()),
+    );
+    assert_eq!(seqs(), (COMMANDS - 4..=COMMANDS).collect::<Vec<_>>());
+    assert!(events() >= 100, "only what is over the limit goes");
+    // The newest event is still there.
+    let last = gw.admin(&Request::Events {
+        from: 0,
+        limit: 100_000,
+    })["events"]
+        .as_array()
+        .and_then(|e| e.last().cloned())
+        .expect("an event");
+    assert_eq!(
+        last["message"],
+        format!("reconnect {}", EVENTS - 1),
+        "{last:#}"
+    );
 }
 
 /// One enrolment attempt with `token` over TLS (no client certificate) from source address
