@@ -188,9 +188,12 @@ struct AgentConn {
     /// The source address (for a long-poll relay's loopback connection: the address of the
     /// agent's HTTP requests).
     peer: std::net::IpAddr,
-    /// TLS authenticated a client certificate of this CA (counts as an agent, not as an
-    /// unauthenticated connection).
+    /// TLS authenticated a client certificate of this CA, or (a long-poll request) the
+    /// relay it names carries such a session: counts as an agent, not as an unauthenticated
+    /// connection.
     authenticated: bool,
+    /// The long-poll relay this (loopback) connection comes from.
+    relay: Option<(usize, ConnId)>,
 }
 
 struct AdminConn {
@@ -676,7 +679,7 @@ impl Gateway {
                     if let Some(i) = victim {
                         self.evict(Class::Unauthenticated, i, now);
                     }
-                    let peer = self.relays.origin(peer);
+                    let (peer, relay) = self.relays.origin(peer);
                     let _ = sock.set_nodelay(true);
                     let tls = match rustls::ServerConnection::new(self.server_cfg.clone()) {
                         Ok(t) => t,
@@ -698,6 +701,7 @@ impl Gateway {
                             sniff: ladder::Sniffing::Outer,
                             peer,
                             authenticated: false,
+                            relay,
                         }))
                     };
                     let Some((idx, id)) = self.add_conn(sock, now, wrap) else {
@@ -943,15 +947,21 @@ impl Gateway {
                 return false;
             }
         };
-        let mut certified = false;
+        let mut relay_certified = None;
         if c.session.is_none()
             && c.tls.handshake_done()
             && ladder::inner_ready(c, idx, id, now, http_timeout, &mut self.timers)
         {
             let (device, key_hash) = peer_identity(&c.tls.tls);
             c.key_hash = key_hash;
+            if device.is_some() {
+                if !self.limits.authenticate(c, id) {
+                    c.closing = true;
+                    return false;
+                }
+                relay_certified = c.relay;
+            }
             c.session = Some(GatewaySession::new(now, self.cfg.session, device));
-            certified = device.is_some();
         }
         if let Some(s) = c.session.as_mut() {
             if !c.plain.is_empty() {
@@ -961,15 +971,25 @@ impl Gateway {
                 c.plain.clear();
             }
         }
-        if !c.authenticated {
-            // Nothing buffered before authentication outlives its use.
+        if !c.authenticated && c.session.is_some() {
+            // The core took its input: nothing buffered before authentication outlives its
+            // use (before the session, `plain` holds an Upgrade head, bounded by its limit).
             c.plain = Vec::new();
         }
         if outcome.eof {
             c.closing = true;
         }
-        if certified {
-            self.promote(idx);
+        if let Some((ri, rid)) = relay_certified {
+            // The long-poll requests of this relay now carry an authenticated session.
+            if let Some(Slot {
+                id,
+                conn: Conn::Relay(r),
+            }) = self.conns.get_mut(ri)
+            {
+                if *id == rid {
+                    r.authenticated = true;
+                }
+            }
         }
         self.drain_session(idx, now);
         outcome.wire_bytes >= budget

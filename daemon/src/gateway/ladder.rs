@@ -70,6 +70,9 @@ pub(super) struct RelayConn {
     expired: bool,
     last_poll: Instant,
     pub(super) writable_armed: bool,
+    /// The session it carries authenticated with a client certificate: its long-poll
+    /// requests count as an authenticated agent's.
+    pub(super) authenticated: bool,
 }
 
 /// Long-poll sessions by token.
@@ -77,9 +80,9 @@ pub(super) struct RelayConn {
 pub(super) struct Relays {
     by_token: HashMap<[u8; 16], (usize, ConnId)>,
     /// A relay's loopback address (its local end) → the address of the agent whose request
-    /// opened it: the gateway's own listener sees the relay's connection come from loopback,
-    /// and enrolment limits go by the real source.
-    origins: HashMap<SocketAddr, std::net::IpAddr>,
+    /// opened it, and the relay: the gateway's own listener sees the relay's connection come
+    /// from loopback, and enrolment limits go by the real source.
+    origins: HashMap<SocketAddr, (std::net::IpAddr, usize, ConnId)>,
 }
 
 impl Relays {
@@ -90,10 +93,13 @@ impl Relays {
         }
     }
 
-    /// The source to count a connection from `peer` against: the agent behind a relay,
-    /// else `peer` itself.
-    pub(super) fn origin(&self, peer: SocketAddr) -> std::net::IpAddr {
-        self.origins.get(&peer).copied().unwrap_or(peer.ip())
+    /// The source to count a connection from `peer` against (the agent behind a relay, else
+    /// `peer` itself) and the relay it comes from, if any.
+    pub(super) fn origin(&self, peer: SocketAddr) -> (std::net::IpAddr, Option<(usize, ConnId)>) {
+        match self.origins.get(&peer) {
+            Some(&(ip, idx, id)) => (ip, Some((idx, id))),
+            None => (peer.ip(), None),
+        }
     }
 }
 
@@ -504,6 +510,10 @@ impl Gateway {
         let (Conn::Agent(c), Conn::Relay(r)) = (&mut hslot.conn, &mut rslot.conn) else {
             return;
         };
+        if r.authenticated && !self.limits.authenticate(c, id) {
+            c.closing = true;
+            return;
+        }
         let Sniffing::Plain(p) = &mut c.sniff else {
             return;
         };
@@ -562,11 +572,12 @@ impl Gateway {
                     expired: false,
                     last_poll: now,
                     writable_armed: false,
+                    authenticated: false,
                 }))
             })
             .ok_or_else(|| io::Error::other("relay not registered"))?;
         self.relays.by_token.insert(token, (ridx, rid));
-        self.relays.origins.insert(local, origin);
+        self.relays.origins.insert(local, (origin, ridx, rid));
         // One idle timer per relay, re-armed from the last request when it fires.
         self.timers.push(Reverse((now + RELAY_IDLE, ridx, rid)));
         tracing::debug!(relay = rid, "long-poll session opened");

@@ -256,6 +256,28 @@ impl Limits {
         }
     }
 
+    /// Counts agent connection `c` as authenticated from now on (a client certificate of
+    /// this CA, or a long-poll request of a relay whose session has one). `false`: the class
+    /// of authenticated agents is full (logged), the connection should be closed.
+    pub(super) fn authenticate(&mut self, c: &mut AgentConn, id: ConnId) -> bool {
+        if c.authenticated {
+            return true;
+        }
+        if !self.has_room(Class::Agent) {
+            tracing::warn!(
+                conn = id,
+                cap = self.budget.agents,
+                descriptors = self.budget.descriptors,
+                "authenticated agent refused: the descriptor budget for agents is full (raise LimitNOFILE / ulimit -n)"
+            );
+            return false;
+        }
+        c.authenticated = true;
+        self.counts.remove(Class::Unauthenticated);
+        self.counts.add(Class::Agent);
+        true
+    }
+
     /// Whether `class` has room for one more connection.
     pub(super) fn has_room(&self, class: Class) -> bool {
         self.counts.get(class) < self.budget.cap(class)
@@ -388,39 +410,6 @@ impl Gateway {
                 _ => false,
             }
         })
-    }
-
-    /// A session was created with a client certificate: the connection counts as an
-    /// authenticated agent from now on (or is closed when that class is full).
-    pub(super) fn promote(&mut self, idx: usize) {
-        if !self.limits.has_room(Class::Agent) {
-            let Some(Slot {
-                id,
-                conn: Conn::Agent(c),
-            }) = self.conns.get_mut(idx)
-            else {
-                return;
-            };
-            tracing::warn!(
-                conn = *id,
-                cap = self.limits.budget.agents,
-                descriptors = self.limits.budget.descriptors,
-                "authenticated agent refused: the descriptor budget for agents is full (raise LimitNOFILE / ulimit -n)"
-            );
-            c.closing = true;
-            return;
-        }
-        if let Some(Slot {
-            conn: Conn::Agent(c),
-            ..
-        }) = self.conns.get_mut(idx)
-        {
-            if !c.authenticated {
-                c.authenticated = true;
-                self.limits.counts.remove(Class::Unauthenticated);
-                self.limits.counts.add(Class::Agent);
-            }
-        }
     }
 
     /// An artifact connection's timer: the request deadline, then the stall check.
