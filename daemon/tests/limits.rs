@@ -284,7 +284,7 @@ fn floods_leave_descriptors_for_the_cli_and_enrolled_agents() {
         (st.ok && st.data["online"] == 1).then_some(())
     };
     let enrolling = agent(&gw, tmp.path(), Some(&token));
-    wait_for("the agent to enrol", Duration::from_secs(60), online, &diag);
+    wait_for("the agent to enrol", Duration::from_secs(60), online, diag);
     drop(enrolling);
     wait_for(
         "the agent to go offline",
@@ -293,7 +293,7 @@ fn floods_leave_descriptors_for_the_cli_and_enrolled_agents() {
             let st = admin::request(&gw.data, &Request::Status).ok()?;
             (st.ok && st.data["online"] == 0).then_some(())
         },
-        &diag,
+        diag,
     );
 
     // The flood, all from 127.0.0.1: idle connections to the agent port; idle ones and
@@ -335,7 +335,7 @@ fn floods_leave_descriptors_for_the_cli_and_enrolled_agents() {
             max_fds = max_fds.max(fds_of(pid));
             online()
         },
-        &diag,
+        diag,
     );
     eprintln!("enrolled agent online {:?} after its start", t.elapsed());
     // Every flood connection of the artifact port, idle or slow, is closed by the gateway:
@@ -355,7 +355,7 @@ fn floods_leave_descriptors_for_the_cli_and_enrolled_agents() {
             }
             (idle.is_empty() && slow.is_empty()).then_some(())
         },
-        &diag,
+        diag,
     );
     eprintln!("artifact flood closed {:?} later", t.elapsed());
     assert!(
@@ -394,7 +394,7 @@ fn floods_leave_descriptors_for_the_cli_and_enrolled_agents() {
             }
             idle_closed.zip(slow_closed)
         },
-        &diag,
+        diag,
     );
     eprintln!("idle closed after {idle_closed:?}, slow after {slow_closed:?}");
     for d in [idle_closed, slow_closed].into_iter().flatten() {
