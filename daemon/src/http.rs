@@ -242,6 +242,7 @@ pub fn respond(out: &mut Vec<u8>, status: u16, session: Option<&[u8; 16]>, body:
         413 => "Content Too Large",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
         _ => "Error",
     };
     let _ = write!(out, "HTTP/1.1 {status} {phrase}\r\n");
