@@ -39,8 +39,13 @@ use crate::metrics;
 use crate::tlsconn::TlsConn;
 use crate::watch::{DirWatch, WatchConfig};
 
+mod admin_conn;
+mod artifact_conn;
 mod ladder;
 mod limits;
+
+use admin_conn::AdminConn;
+use artifact_conn::{artifact_write, ArtifactConn};
 
 pub use limits::Budget;
 use limits::Class;
@@ -194,34 +199,6 @@ struct AgentConn {
     authenticated: bool,
     /// The long-poll relay this (loopback) connection comes from.
     relay: Option<(usize, ConnId)>,
-}
-
-struct AdminConn {
-    sock: UnixStream,
-    inbuf: Vec<u8>,
-    out: Vec<u8>,
-    closing: bool,
-    writable_armed: bool,
-    /// A line over [`admin::MAX_REQUEST`] was refused: its bytes are dropped up to its end.
-    skipping: bool,
-}
-
-/// One artifact download: read the request, then the response head, then the file by
-/// `sendfile(2)` (page cache to socket, no user-space copy), then close.
-struct ArtifactConn {
-    sock: TcpStream,
-    inbuf: Vec<u8>,
-    head: Vec<u8>,
-    /// The file, the next offset, and its length.
-    file: Option<(std::fs::File, u64, u64)>,
-    responding: bool,
-    closing: bool,
-    writable_armed: bool,
-    /// The request's deadline, then the next stall check.
-    deadline: Instant,
-    /// Bytes handed to the kernel so far, and at the last stall check.
-    sent: u64,
-    checked: u64,
 }
 
 enum Conn {
@@ -731,54 +708,6 @@ impl Gateway {
         }
     }
 
-    fn accept_artifacts(&mut self, now: Instant) {
-        let deadline = now + self.cfg.http_timeout;
-        for _ in 0..self.cfg.accept_budget {
-            if self.limits.artifacts_paused.is_some() {
-                return;
-            }
-            let Some(victim) = self.room_for(Class::Artifact, now) else {
-                return;
-            };
-            let Some(accepted) = self.artifacts.as_ref().map(|l| l.accept()) else {
-                return;
-            };
-            match accepted {
-                Ok((sock, _)) => {
-                    if self.conns.len() >= self.cfg.max_connections {
-                        continue;
-                    }
-                    if let Some(i) = victim {
-                        self.evict(Class::Artifact, i, now);
-                    }
-                    let added = self.add_conn(sock, now, |sock| {
-                        Conn::Artifact(ArtifactConn {
-                            sock,
-                            inbuf: Vec::new(),
-                            head: Vec::new(),
-                            file: None,
-                            responding: false,
-                            closing: false,
-                            writable_armed: false,
-                            deadline,
-                            sent: 0,
-                            checked: 0,
-                        })
-                    });
-                    // The request must be complete by then (slowloris).
-                    if let Some((idx, id)) = added {
-                        self.timers.push(Reverse((deadline, idx, id)));
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "artifact accept failed");
-                    return;
-                }
-            }
-        }
-    }
-
     /// Registers a new connection's socket with the poll and stores it in the slab; returns
     /// its slot index and its id (`generation << 32 | index`, never reused).
     fn add_conn<S: mio::event::Source>(
@@ -805,83 +734,6 @@ impl Gateway {
         });
         self.count_new(idx, id, now);
         Some((idx, id))
-    }
-
-    /// Reads an artifact request; once complete, decides the answer (flushed later).
-    fn service_artifact(&mut self, idx: usize, now: Instant) {
-        let Some(root) = self.cfg.artifacts.as_ref().map(|a| a.root.clone()) else {
-            return;
-        };
-        let Conn::Artifact(a) = &mut self.conns[idx].conn else {
-            return;
-        };
-        if a.responding {
-            return;
-        }
-        let mut buf = [0u8; 4096];
-        loop {
-            match a.sock.read(&mut buf) {
-                Ok(0) => {
-                    a.closing = true;
-                    break;
-                }
-                Ok(n) => {
-                    a.inbuf.extend_from_slice(&buf[..n]);
-                    if a.inbuf.len() > artifacts::MAX_REQUEST_HEAD {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    a.closing = true;
-                    break;
-                }
-            }
-        }
-        match artifacts::parse_request(&root, &a.inbuf) {
-            artifacts::Decision::NeedMore if !a.closing => {}
-            artifacts::Decision::NeedMore => {}
-            artifacts::Decision::Respond { head, file } => {
-                a.head = head;
-                a.file = file.map(|(f, len)| (f, 0, len));
-                a.responding = true;
-                a.closing = false;
-                a.inbuf = Vec::new();
-                // From now on the timer checks that the response keeps moving.
-                a.deadline = now + limits::ARTIFACT_STALL;
-            }
-        }
-    }
-
-    fn accept_admin(&mut self, now: Instant) {
-        loop {
-            match self.admin.accept() {
-                Ok((mut sock, _)) => {
-                    if !self.limits.has_room(Class::Admin) {
-                        // Its descriptors are reserved; more clients than that at once is a
-                        // local client holding connections: say so instead of queueing.
-                        let _ = sock.write(b"{\"ok\":false,\"error\":\"too many admin connections at once: retry\"}\n");
-                        continue;
-                    }
-                    self.add_conn(sock, now, |sock| {
-                        Conn::Admin(AdminConn {
-                            sock,
-                            inbuf: Vec::new(),
-                            out: Vec::new(),
-                            closing: false,
-                            writable_armed: false,
-                            skipping: false,
-                        })
-                    });
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    return;
-                }
-            }
-        }
     }
 
     fn service_ready(&mut self, now: Instant) {
@@ -1035,74 +887,6 @@ impl Gateway {
             self.timers.push(Reverse((t, idx, id)));
         }
         self.touched.push(idx);
-    }
-
-    fn service_admin(&mut self, idx: usize, id: ConnId) -> bool {
-        let Conn::Admin(a) = &mut self.conns[idx].conn else {
-            return false;
-        };
-        let more = admin_read(a);
-        let mut local = Vec::new();
-        while let Some(line) = admin_next_line(a, id) {
-            match serde_json::from_slice::<Request>(&line) {
-                Ok(req @ (Request::Metrics | Request::Backup { .. })) => local.push(req),
-                Ok(Request::Push {
-                    path,
-                    group,
-                    block_size,
-                    rate_mbps,
-                    trigger,
-                    then,
-                }) => {
-                    let Some(d) = self.dist.as_mut() else {
-                        let resp = Response::err(
-                            "multicast is off: start fleetcastd with --mcast-addr ADDRESS (its unicast address on the devices' network)",
-                        );
-                        push_json_line(&mut a.out, &resp);
-                        continue;
-                    };
-                    if let Err(e) = trigger.validate(self.wall_ms) {
-                        push_json_line(&mut a.out, &Response::err(e));
-                        continue;
-                    }
-                    let then = match crate::fleet::commands_from_specs(
-                        &then,
-                        FOLLOW_UP_TIMEOUT_MS,
-                        1,
-                        crate::admin::OnFailureSpec::Stop,
-                    ) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            push_json_line(&mut a.out, &Response::err(format!("--then: {e}")));
-                            continue;
-                        }
-                    };
-                    let spec = PushSpec {
-                        path: &path,
-                        group: &group,
-                        block_size,
-                        rate_mbps,
-                        origin: "publish by operator",
-                        trigger,
-                        then,
-                    };
-                    match d.prepare_push(id, spec, self.wall_ms) {
-                        // The task is created once the file's digest is known (take_hashed).
-                        Ok(()) => {}
-                        Err(e) => push_json_line(&mut a.out, &Response::err(e.to_string())),
-                    }
-                }
-                Ok(req) => self.inputs.push(Input::Admin { conn: id, req }),
-                Err(e) => {
-                    let resp = Response::err(format!("malformed request: {e}"));
-                    push_json_line(&mut a.out, &resp);
-                }
-            }
-        }
-        for req in local {
-            self.serve_local(idx, req);
-        }
-        more
     }
 
     fn fire_timers(&mut self, now: Instant) {
@@ -1513,123 +1297,6 @@ fn transmit(
         }
         out.clear();
         out.shrink_to(256);
-    }
-}
-
-/// Writes an artifact response until done or `WouldBlock`; returns whether bytes remain.
-fn artifact_write(a: &mut ArtifactConn) -> bool {
-    use std::os::fd::AsRawFd;
-    while !a.head.is_empty() {
-        match a.sock.write(&a.head) {
-            Ok(0) => {
-                a.closing = true;
-                return false;
-            }
-            Ok(n) => {
-                a.head.drain(..n);
-                a.sent += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => {
-                a.closing = true;
-                return false;
-            }
-        }
-    }
-    while let Some((f, off, len)) = a.file.as_mut() {
-        if *off >= *len {
-            a.file = None;
-            break;
-        }
-        let mut o = *off as libc::off_t;
-        let count = (*len - *off).min(1 << 20) as usize;
-        // SAFETY: both descriptors are open for the duration of the call (owned by `a`), and
-        // `o` is a valid, exclusively borrowed offset; sendfile does not keep the pointer.
-        let n = unsafe { libc::sendfile(a.sock.as_raw_fd(), f.as_raw_fd(), &mut o, count) };
-        if n > 0 {
-            *off = o as u64;
-            a.sent += n as u64;
-            continue;
-        }
-        let err = io::Error::last_os_error();
-        if n < 0 && err.kind() == io::ErrorKind::WouldBlock {
-            return true;
-        }
-        if n < 0 && err.kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        // 0 (file shrank under us) or a hard error: stop; the client sees a short body.
-        a.closing = true;
-        a.file = None;
-        return false;
-    }
-    false
-}
-
-/// Reads what an admin client sent until `WouldBlock`, or until about one line limit is
-/// buffered (then returns `true`: more may be waiting, serve the lines first). While a
-/// refused line is being skipped its bytes are dropped up to its newline.
-fn admin_read(a: &mut AdminConn) -> bool {
-    let mut buf = [0u8; 16 * 1024];
-    while !a.closing {
-        if a.inbuf.len() > admin::MAX_REQUEST {
-            return true;
-        }
-        match a.sock.read(&mut buf) {
-            Ok(0) => a.closing = true,
-            Ok(n) => {
-                let mut data = &buf[..n];
-                if a.skipping {
-                    match data.iter().position(|b| *b == b'\n') {
-                        Some(p) => {
-                            a.skipping = false;
-                            data = &data[p + 1..];
-                        }
-                        None => continue,
-                    }
-                }
-                a.inbuf.extend_from_slice(data);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => a.closing = true,
-        }
-    }
-    false
-}
-
-/// The next complete admin request line. A line longer than [`admin::MAX_REQUEST`] is
-/// refused whole — none of it is parsed (a prefix cut at the limit could itself be a valid
-/// request) — with an error line to the client; the lines around it are served as usual.
-fn admin_next_line(a: &mut AdminConn, id: ConnId) -> Option<Vec<u8>> {
-    let refuse = |a: &mut AdminConn| {
-        tracing::warn!(
-            conn = id,
-            limit = admin::MAX_REQUEST,
-            "admin request line over the size limit: refused, not executed"
-        );
-        let resp = Response::err(format!(
-            "request line longer than {} bytes: refused, nothing was done",
-            admin::MAX_REQUEST
-        ));
-        push_json_line(&mut a.out, &resp);
-    };
-    loop {
-        match a.inbuf.iter().position(|b| *b == b'\n') {
-            Some(nl) if nl <= admin::MAX_REQUEST => return Some(a.inbuf.drain(..=nl).collect()),
-            Some(nl) => {
-                a.inbuf.drain(..=nl);
-                refuse(a);
-            }
-            None if a.inbuf.len() > admin::MAX_REQUEST => {
-                a.inbuf = Vec::new();
-                a.skipping = true;
-                refuse(a);
-                return None;
-            }
-            None => return None,
-        }
     }
 }
 

@@ -411,40 +411,6 @@ impl Gateway {
             }
         })
     }
-
-    /// An artifact connection's timer: the request deadline, then the stall check.
-    pub(super) fn artifact_timer(&mut self, idx: usize, now: Instant) {
-        let slot = &mut self.conns[idx];
-        let id = slot.id;
-        let Conn::Artifact(a) = &mut slot.conn else {
-            return;
-        };
-        if now < a.deadline {
-            self.timers.push(Reverse((a.deadline, idx, id)));
-            return;
-        }
-        if !a.responding {
-            tracing::info!(
-                conn = id,
-                received = a.inbuf.len(),
-                "artifact request not complete in time: cut off (slowloris)"
-            );
-            a.closing = true;
-        } else if a.sent == a.checked {
-            tracing::info!(
-                conn = id,
-                sent = a.sent,
-                "artifact response stalled (the client stopped reading): closed"
-            );
-            a.closing = true;
-        } else {
-            a.checked = a.sent;
-            a.deadline = now + ARTIFACT_STALL;
-            self.timers.push(Reverse((a.deadline, idx, id)));
-            return;
-        }
-        self.touched.push(idx);
-    }
 }
 
 #[cfg(test)]
