@@ -764,6 +764,48 @@ fn failed_enrolments_are_rate_limited_per_source() {
     assert_eq!(info.code, CloseCode::OVERLOADED, "{info:?}");
 }
 
+/// The admin reserve is a cap too: one connection more than it is told to retry (instead of
+/// taking descriptors from the agents), and the CLI works again once they are gone.
+#[test]
+fn admin_connections_beyond_the_reserve_are_told_to_retry() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let gw = Gw::start(tmp.path(), &[], |_| {});
+    let sock = gw.data.join(admin::SOCKET_NAME);
+    let held: Vec<UnixStream> = (0..64)
+        .map(|_| UnixStream::connect(&sock).expect("connect"))
+        .collect();
+    // Each held one is accepted (a request on it is answered).
+    let mut probe = held[63].try_clone().expect("clone");
+    let mut line = serde_json::to_vec(&Request::DeviceList).expect("json");
+    line.push(b'\n');
+    probe.write_all(&line).expect("write");
+    let mut answer = String::new();
+    BufReader::new(probe)
+        .read_line(&mut answer)
+        .expect("answer");
+    assert!(answer.contains("\"ok\":true"), "{answer}");
+    let extra = UnixStream::connect(&sock).expect("connect");
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut refused = String::new();
+    BufReader::new(extra)
+        .read_line(&mut refused)
+        .expect("refusal");
+    assert!(refused.contains("too many admin connections"), "{refused}");
+    drop(held);
+    wait_for(
+        "the CLI to get in again",
+        Duration::from_secs(10),
+        || {
+            admin::request(&gw.data, &Request::Status)
+                .ok()
+                .filter(|r| r.ok)
+        },
+        || gw.log(),
+    );
+}
+
 /// `DeviceAdd NAME` as one JSON line padded with spaces (still valid JSON) to `len` bytes,
 /// the newline excluded.
 fn padded_device_add(name: &str, len: usize) -> Vec<u8> {

@@ -36,8 +36,10 @@ use super::*;
 /// Descriptors kept free for the process itself (store, pushed files, backups, the metrics
 /// endpoint's 16 connections, an accept in progress).
 pub const SPARE_FDS: usize = 64;
-/// Admin connections at once; their descriptors are reserved before any other class.
-pub const ADMIN_CONNS: usize = 16;
+/// Admin connections at once (each CLI command is one short connection: scripts running
+/// many in parallel fit); their descriptors are reserved before any other class. One more
+/// is answered "too many admin connections at once: retry" and closed.
+pub const ADMIN_CONNS: usize = 64;
 /// An unauthenticated connection that sent nothing for this long may be evicted.
 pub const IDLE_EVICT: Duration = Duration::from_millis(100);
 /// Any unauthenticated connection this old may be evicted.
