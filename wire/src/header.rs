@@ -34,6 +34,11 @@ pub const KNOWN_FLAGS: u8 = FLAG_AUTH;
 pub const TAG_LEN: usize = 16;
 /// Largest body of a control-stream frame (1 MiB).
 pub const MAX_STREAM_BODY: u32 = 1 << 20;
+/// Largest body of a control-stream frame the gateway accepts from a peer TLS did not
+/// authenticate (no client certificate): such a peer may only `Enrol`, whose largest body is
+/// 1,349 bytes (token 64, name 255, key 1,024, their 2-byte lengths), so buffering 1 MiB for it
+/// would only serve an attacker (200 such clients took a gateway from 6 to 209 MiB).
+pub const MAX_PRE_AUTH_BODY: u32 = 4096;
 /// Largest body of a datagram frame (what fits a UDP/IPv4 datagram after our header).
 pub const MAX_DATAGRAM_BODY: u32 = 65_507 - HEADER_LEN as u32;
 

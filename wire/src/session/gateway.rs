@@ -154,8 +154,14 @@ impl GatewaySession {
             events: VecDeque::new(),
         };
         core.rearm();
+        // A peer without a client certificate may only enrol: its frames are cut at the
+        // small pre-authentication limit, so it cannot make the gateway buffer a 1 MiB body.
+        let max_body = match authenticated_device {
+            Some(_) => config.max_frame_body,
+            None => config.max_frame_body.min(config.pre_auth_max_frame_body),
+        };
         GatewaySession {
-            input: Input::new(config.max_frame_body),
+            input: Input::new(max_body),
             core,
         }
     }
@@ -377,10 +383,18 @@ impl Core {
 
     /// Handles one frame (or framing error); returns whether to go on.
     fn on_frame(&mut self, frame: Result<Frame<'_>, Error>) -> bool {
-        let res = frame.map_err(SessionError::Wire).and_then(|frame| {
-            let msg = Message::parse(&frame).map_err(SessionError::Wire)?;
-            self.on_message(&frame, msg)
-        });
+        let authenticated = self.authenticated.is_some();
+        let res = frame
+            .map_err(|e| match e {
+                Error::FrameTooLarge { len, max } if !authenticated => {
+                    SessionError::PreAuthFrameTooLarge { len, max }
+                }
+                e => SessionError::Wire(e),
+            })
+            .and_then(|frame| {
+                let msg = Message::parse(&frame).map_err(SessionError::Wire)?;
+                self.on_message(&frame, msg)
+            });
         if let Err(e) = res {
             self.fail(e);
         }
