@@ -107,8 +107,45 @@ pub use receiver::{
     ReceiverStats,
 };
 pub use sender::{
-    Dest, McastSender, SendBlock, SendParity, SenderConfig, SenderEvent, SenderStats, Transmit,
+    Dest, McastSender, NackVerdict, ReceiverAuth, SendBlock, SendParity, SenderConfig, SenderEvent,
+    SenderStats, Transmit,
 };
+
+/// Default for [`SenderConfig::max_nack_bytes`] and [`ReceiverConfig::max_nack_bytes`]: one
+/// NACK asks for at most 4 MiB of repairs. Large enough that a device catching up a whole
+/// file by unicast loses little to the pause between two capped NACKs (the next one leaves a
+/// reorder window after the last repair of the previous), small enough that a NACK's cost is
+/// bounded.
+pub const DEFAULT_MAX_NACK_BYTES: u64 = 4 << 20;
+
+/// The MAC a sender core checks NACK tags and makes probe cookies with: the driver's
+/// cryptography (fleetcast's is HMAC-SHA-256 truncated to 16 bytes, from `ring`), so the
+/// rules stay here and the crypto library stays out of this crate.
+pub trait NackMac {
+    /// The tag of `h8 ‖ body` under `key`: for a frame, the two parts
+    /// [`crate::Frame::mac_input`] gives.
+    fn tag(&self, key: &[u8; 32], h8: &[u8], body: &[u8]) -> [u8; crate::header::TAG_LEN];
+}
+
+/// Blocks one NACK may ask for: `max_nack_bytes` of payload, at least one block.
+pub(crate) fn nack_block_cap(max_nack_bytes: u64, block_size: u32) -> u64 {
+    (max_nack_bytes / u64::from(block_size.max(1))).max(1)
+}
+
+/// The lowest `max` blocks of `a`.
+pub(crate) fn take_blocks(a: &Ranges, max: u64) -> Ranges {
+    let mut out = Ranges::new();
+    let mut left = max;
+    for r in a.as_slice() {
+        if left == 0 {
+            break;
+        }
+        let n = u64::from(r.len).min(left);
+        push_span(&mut out, u64::from(r.start), u64::from(r.start) + n);
+        left -= n;
+    }
+    out
+}
 
 /// A configuration a core refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,6 +400,11 @@ mod unit {
         assert_eq!(subtract(&a, &a), Ranges::new());
         assert_eq!(union(&a, &Ranges::new()), a);
         assert_eq!(clip_below(&a, 12), rs(&[(0, 3), (10, 2)]));
+        assert_eq!(take_blocks(&a, 5), rs(&[(0, 3), (10, 2)]));
+        assert_eq!(take_blocks(&a, 100), a);
+        assert_eq!(take_blocks(&a, 0), Ranges::new());
+        assert_eq!(nack_block_cap(4096, 1000), 4);
+        assert_eq!(nack_block_cap(10, 1000), 1, "at least one block");
         // A hole punched in the middle of one range.
         assert_eq!(
             subtract(&rs(&[(0, 10)]), &rs(&[(3, 2), (7, 1)])),

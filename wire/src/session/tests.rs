@@ -1021,6 +1021,7 @@ fn scenario(chunking: Chunking) -> (Vec<GatewayEvent>, Vec<AgentEvent>) {
         block_size: 1024,
         sha256: [7; 32],
         auth_key: None,
+        nack_key: None,
         name: "image.bin",
     })
     .unwrap();
@@ -1039,6 +1040,8 @@ fn scenario(chunking: Chunking) -> (Vec<GatewayEvent>, Vec<AgentEvent>) {
     p.ag.send_nack(&Nack {
         session: 77,
         device_id: DEVICE,
+        seq: 1,
+        echo: None,
         missing,
     })
     .unwrap();
