@@ -129,7 +129,148 @@ impl Distributor {
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+    use std::time::Duration;
+
+    use fleetcast_store::{self as store, DeviceId};
+    use fleetcast_wire::{Nack, Ranges};
+
     use super::*;
+    use crate::distribution::McastConfig;
+
+    /// A NACK datagram of `device` tagged under `key`.
+    fn nack(device: u64, seq: u32, echo: Option<[u8; 8]>, key: &[u8; 32]) -> Vec<u8> {
+        let mut missing = Ranges::new();
+        missing.push(0, 3).unwrap();
+        let msg = Message::Nack(Nack {
+            session: 5,
+            device_id: device,
+            seq,
+            echo,
+            missing,
+        });
+        let mut buf = vec![0u8; msg.buffer_len().unwrap() + TAG_LEN];
+        let n = msg
+            .emit_authenticated(&mut buf, |h, b| RingMac.tag(key, h, b))
+            .unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    /// Reads NACKs until the sender serving device 1 has seen `nacks` of them (bounded).
+    fn read_until(dist: &mut Distributor, nacks: u64) {
+        for _ in 0..200 {
+            dist.handle_readable(Instant::ZERO);
+            let d = &dist.dists[&5];
+            let seen: u64 = d.catch_up.values().map(|c| c.stats().nacks).sum();
+            if seen >= nacks {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("{nacks} NACKs not read");
+    }
+
+    /// The gateway's NACK path on 127.0.0.1 (no multicast: the task is a catch-up-only one,
+    /// re-created from its row, and nothing is driven): only the named device's own key
+    /// counts, made-up devices leave no trace, and a source off the session's IP becomes the
+    /// repair address only after echoing the probe sent to it.
+    #[test]
+    fn nacks_count_only_from_the_device_and_other_addresses_must_be_proved() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.bin");
+        std::fs::write(&path, vec![7u8; 10_000]).unwrap();
+        let mut dist = Distributor::open(McastConfig {
+            addr: Ipv4Addr::LOCALHOST,
+            port: 0,
+            group: Ipv4Addr::new(239, 77, 9, 9),
+            linger: Duration::from_secs(5),
+            warmup: Duration::ZERO,
+            fec_group: 0,
+        })
+        .unwrap();
+        let gw = dist.sock.local_addr().unwrap();
+        let row = store::Task {
+            path: path.display().to_string(),
+            size: 10_000,
+            block_size: 1000,
+            sha256: [0; 32],
+            group: None,
+            trigger: String::new(),
+            created_ms: 0,
+            then: vec![],
+        };
+        let session_ip = Some(Ipv4Addr::LOCALHOST.into());
+        let a = dist
+            .announce_for(
+                TaskId(5),
+                DeviceId(1),
+                session_ip,
+                || Some(row.clone()),
+                Instant::ZERO,
+            )
+            .unwrap();
+        let dev = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sent = |sock: &UdpSocket, d: &[u8]| {
+            sock.send_to(d, gw).unwrap();
+        };
+        // Under the group's data key (which every receiver knows), and with made-up ids.
+        sent(&dev, &nack(1, 1, None, &a.auth_key));
+        for id in 2..500 {
+            sent(&dev, &nack(id, 1, None, &a.nack_key));
+        }
+        // The device's own.
+        sent(&dev, &nack(1, 1, None, &a.nack_key));
+        read_until(&mut dist, 2);
+        let d = &dist.dists[&5];
+        assert_eq!(
+            d.catch_up.len(),
+            1,
+            "only the announced device has a sender"
+        );
+        let c = &d.catch_up[&1];
+        assert_eq!(c.receiver_count(), 1);
+        assert_eq!(c.stats().nacks_forged, 1);
+        assert_eq!(c.repair_addr(1), Some(dev.local_addr().unwrap()));
+        // The same device from another address (127.0.0.2: not the session's IP) gets a
+        // probe there; echoing it makes that address the device's.
+        let other = UdpSocket::bind("127.0.0.2:0").unwrap();
+        other
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        sent(&other, &nack(1, 2, None, &a.nack_key));
+        read_until(&mut dist, 3);
+        assert_eq!(
+            dist.dists[&5].catch_up[&1].repair_addr(1),
+            Some(dev.local_addr().unwrap())
+        );
+        let mut buf = [0u8; 256];
+        let (n, from) = other.recv_from(&mut buf).expect("a probe");
+        assert_eq!(from, gw);
+        let (Message::Probe(p), frame) = Message::parse_datagram(&buf[..n]).unwrap() else {
+            panic!("not a probe")
+        };
+        let (h8, body) = frame.mac_input();
+        assert_eq!(frame.tag, Some(&RingMac.tag(&a.nack_key, h8, body)));
+        sent(&other, &nack(1, 3, Some(p.cookie), &a.nack_key));
+        read_until(&mut dist, 4);
+        let moved: SocketAddr = other.local_addr().unwrap();
+        assert_eq!(dist.dists[&5].catch_up[&1].repair_addr(1), Some(moved));
+        // A new announce: a new key; the old one no longer counts.
+        let b = dist
+            .announce_for(
+                TaskId(5),
+                DeviceId(1),
+                session_ip,
+                || Some(row.clone()),
+                Instant::ZERO,
+            )
+            .unwrap();
+        assert_ne!(a.nack_key, b.nack_key);
+        sent(&dev, &nack(1, 9, None, &a.nack_key));
+        read_until(&mut dist, 5);
+        assert_eq!(dist.dists[&5].catch_up[&1].stats().nacks_forged, 2);
+    }
 
     #[test]
     fn device_keys_differ_per_device_announce_and_task() {
