@@ -214,6 +214,9 @@ pub struct Transfer {
 struct Progress {
     received: AtomicU32,
     total: AtomicU32,
+    /// The next NACK's sequence number, kept across receptions of one transfer (the gateway
+    /// takes a number it has seen for a replay).
+    nack_seq: AtomicU32,
 }
 
 /// A file name from an announce reduced to one safe path component.
@@ -661,13 +664,16 @@ fn run_once(
     file.set_len(spec.size)?;
     let initial = load_record(spec, &rec);
     let seed = spec.device_id ^ spec.task_id.rotate_left(32) ^ epoch.elapsed().as_nanos() as u64;
-    let cfg = ReceiverConfig::new(
-        spec.session,
-        spec.device_id,
-        spec.size,
-        spec.block_size,
-        seed,
-    );
+    let cfg = ReceiverConfig {
+        first_seq: progress.nack_seq.load(Ordering::Relaxed).max(1),
+        ..ReceiverConfig::new(
+            spec.session,
+            spec.device_id,
+            spec.size,
+            spec.block_size,
+            seed,
+        )
+    };
     let mut rx = McastReceiver::new(cfg, initial.as_ref(), now())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let publish = |rx: &McastReceiver| {
@@ -737,6 +743,7 @@ fn run_once(
         // Drive the core: NACKs out, then events.
         let bufs = (&mut nack, &mut tagged);
         send_nacks(&mut rx, now, nack_key, bufs, &unicast, nack_dest);
+        progress.nack_seq.store(rx.next_seq(), Ordering::Relaxed);
         while let Some(ev) = rx.poll_event() {
             match ev {
                 ReceiverEvent::PersistDue => {

@@ -67,6 +67,11 @@ pub struct ReceiverConfig {
     /// repairs whole groups), and a NACK that would repeat the previous one word for word is
     /// held back until the repeat interval. Parity datagrams are accepted either way.
     pub fec_group: u32,
+    /// Sequence number of the first NACK (at least 1). A driver that starts a new receiver
+    /// under the same NACK key (a transfer received again after a digest mismatch) continues
+    /// from the last one's [`McastReceiver::next_seq`], or the sender takes its NACKs for
+    /// replays.
+    pub first_seq: u32,
 }
 
 impl ReceiverConfig {
@@ -89,6 +94,7 @@ impl ReceiverConfig {
             persist_interval: Duration::from_secs(1),
             seed,
             fec_group: 0,
+            first_seq: 1,
         }
     }
 }
@@ -274,7 +280,7 @@ impl McastReceiver {
             held: BTreeMap::new(),
             decodable: VecDeque::new(),
             last_nack_missing: None,
-            next_seq: 1,
+            next_seq: config.first_seq.max(1),
             cookie: None,
             probed: false,
         };
@@ -318,6 +324,11 @@ impl McastReceiver {
     /// Blocks in the file.
     pub fn n_blocks(&self) -> u32 {
         self.n_blocks
+    }
+
+    /// The sequence number the next NACK will carry.
+    pub fn next_seq(&self) -> u32 {
+        self.next_seq
     }
 
     /// Blocks present.
@@ -1037,6 +1048,16 @@ mod tests {
         let (_, again) = fire(&mut r);
         assert!(again.is_some());
         assert_eq!(r.stats().nacks, 4);
+        assert_eq!(r.next_seq(), 5);
+        // A receiver started again under the same key continues the count.
+        let cfg = ReceiverConfig {
+            first_seq: r.next_seq(),
+            ..config()
+        };
+        let mut again = McastReceiver::new(cfg, None, ms(0)).unwrap();
+        again.handle_sender_idle(ms(0));
+        again.handle_timeout(ms(0));
+        assert_eq!(full_nack(&mut again, ms(0)).map(|n| n.seq), Some(5));
         // A probe after completion changes nothing.
         let mut done = McastReceiver::new(config(), Some(&rs(&[(0, 200)])), ms(0)).unwrap();
         done.handle_probe(ms(1), [1; COOKIE_LEN]);
