@@ -13,6 +13,11 @@
 //! smaller than the NACK that caused it, at most ten a second), counted by an nftables rule on
 //! the gateway's output; the attack really ran (NACKs of both devices were captured and
 //! re-sent); and both copies still complete, verified, byte-identical to the source.
+//!
+//! `a_long_poll_device_proves_its_address_and_is_repaired`: the other side of the same rule.
+//! A device on the long-poll rung has a control session from the gateway's own relay
+//! (127.0.0.1), so its NACKs never come from its session's address; it gets a probe, echoes
+//! it, and its unicast repairs reach it (counted on the gateway's output) until it verifies.
 
 mod common;
 
@@ -40,13 +45,13 @@ const MAX_PACKETS: usize = 200_000;
 /// Datagrams to the victim above this IP length are repairs (a probe is 64 bytes).
 const BIG: u32 = 100;
 
-/// Counts what the gateway host sends the victim from the distribution port: all of it, and
-/// the datagrams too large to be probes.
-fn count_to_victim(gw: Host<'_>, victim: Ipv4Addr) {
+/// Counts what the gateway host sends `to` from the distribution port: all of it, and the
+/// datagrams too large to be probes.
+fn count_to_victim(gw: Host<'_>, to: Ipv4Addr) {
     gw.nft(&format!(
         "table inet lab_victim {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n    \
-         ip daddr {victim} udp sport {PORT} counter\n    \
-         ip daddr {victim} udp sport {PORT} ip length > {BIG} counter\n  }}\n}}\n"
+         ip daddr {to} udp sport {PORT} counter\n    \
+         ip daddr {to} udp sport {PORT} ip length > {BIG} counter\n  }}\n}}\n"
     ))
     .expect("nft counters on the gateway host");
 }
@@ -209,5 +214,81 @@ fn replayed_and_forged_nacks_send_the_victim_no_repairs() {
             s.log.display()
         );
     }
+    drop(agents);
+}
+
+#[test]
+fn a_long_poll_device_proves_its_address_and_is_repaired() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    let gw_host = lab.host(0);
+    let gw_addr = gw_host.addr();
+    let gw = Gateway::start(gw_host, dir, &["--mcast-addr", &gw_addr.to_string()]);
+    let mut specs = Vec::new();
+    let mut agents = Vec::new();
+    for (i, rungs) in [(1, None), (2, Some("longpoll"))] {
+        let name = format!("n{i}");
+        let d = gw.admin(&Request::DeviceAdd {
+            name: name.clone(),
+            groups: vec!["fleet".into()],
+        });
+        let token = d["token"].as_str().expect("token").to_string();
+        let mut spec = common::AgentSpec::new(&gw, dir, &name, Some(token));
+        if let Some(r) = rungs {
+            // Long-poll to the main port (it tells plain HTTP from TLS).
+            let port = common::PORT.to_string();
+            spec.extra
+                .extend(["--proxy", "none", "--rungs", r, "--alt-port", &port].map(String::from));
+        }
+        agents.push(spec.spawn(lab.host(i)));
+        gw.wait_online(&name, WAIT, || spec.output());
+        specs.push(spec);
+    }
+    let log = common::read_log(&specs[1].log);
+    assert!(log.contains("connected via rung longpoll"), "{log}");
+    // Only the long-poll device loses blocks, so every repair it needs is unicast to it.
+    lab.host(2).loss_in(&[PORT], 5.0).expect("loss");
+    count_to_victim(gw_host, lab.host(2).addr());
+    let mut rng = Rng::from_env(0x5eed_0016);
+    let mut data = vec![0u8; 4 << 20];
+    rng.fill(&mut data);
+    let src = dir.join("image.bin");
+    std::fs::write(&src, &data).expect("write source");
+    let task = gw.admin(&Request::Push {
+        path: src.display().to_string(),
+        group: "fleet".into(),
+        block_size: BLOCK,
+        rate_mbps: 20,
+        trigger: Default::default(),
+        then: vec![],
+    })["task"]
+        .as_u64()
+        .expect("task id");
+    wait_for(
+        "both copies to be verified",
+        WAIT,
+        || {
+            let rows = gw.task_rows(task);
+            ["n1", "n2"]
+                .iter()
+                .all(|n| status_of(&rows, n) == "completed")
+                .then_some(())
+        },
+        || gw.task_report(&specs, task),
+    );
+    let [(all_p, all_b), (big_p, big_b)] = victim_counters(gw_host);
+    eprintln!("gateway → long-poll device: {all_p} datagrams ({all_b} bytes), {big_p} repairs ({big_b} bytes)");
+    assert!(
+        all_p > big_p,
+        "no probe reached the long-poll device\n{}",
+        gw.task_report(&specs, task)
+    );
+    assert!(big_p > 0, "no unicast repair reached the long-poll device");
+    let got = std::fs::read(specs[1].state.join("downloads").join("image.bin")).expect("copy");
+    assert!(
+        got == data,
+        "the long-poll device's copy differs from the source"
+    );
     drop(agents);
 }
