@@ -27,10 +27,17 @@
 //!    [`ReceiverConfig::silence`], or the driver calls [`McastReceiver::handle_sender_idle`])
 //!    makes every missing block NACK-able. NACKs repeat, with exponential back-off while nothing
 //!    arrives, until the blocks arrive; each carries at most [`ReceiverConfig::max_ranges`]
-//!    ranges (the lowest missing ones) and they are at least
-//!    [`ReceiverConfig::min_nack_interval`] apart.
-//! 3. The sender aggregates NACKs per *round* ([`SenderConfig::round`], opened by the first NACK
-//!    after the previous round closed). A device's latest NACK in a round replaces its earlier
+//!    ranges and [`ReceiverConfig::max_nack_bytes`] of blocks (the lowest missing ones) and
+//!    they are at least [`ReceiverConfig::min_nack_interval`] apart. Every NACK carries the device's sequence number (from 1, one more per NACK) and, after a
+//!    [`crate::Probe`] ([`McastReceiver::handle_probe`]), the probe's cookie.
+//! 3. The sender counts a NACK only if it is the named device's own and new
+//!    ([`McastSender::handle_nack`]: a tag under the device's key, checked with the driver's
+//!    [`NackMac`]; a sequence above the device's last), cuts its request to
+//!    [`SenderConfig::max_nack_bytes`], and sends the device's unicast repairs only to its
+//!    repair address ([`McastSender::repair_addr`]: the control session's IP, or an address
+//!    the device proved by echoing a probe's cookie), within
+//!    [`SenderConfig::repair_budget`]; see `sender/auth.rs`. It aggregates NACKs per *round*
+//!    ([`SenderConfig::round`], opened by the first NACK after the previous round closed). A device's latest NACK in a round replaces its earlier
 //!    ones, so repeated or duplicated NACKs never count twice. At the round's end it sweeps the
 //!    requested ranges into a range → requester-count map: blocks wanted by at least
 //!    [`SenderConfig::multicast_threshold`] devices are re-multicast, the rest are unicast as
@@ -74,17 +81,21 @@
 //! - Time is an input and must be monotonic: never pass an `Instant` earlier than one passed
 //!   before to the same core.
 //! - Inputs: `handle_*` calls and `handle_timeout(now)` (call it once the instant from
-//!   `poll_timeout` is reached; calling it early is harmless).
+//!   `poll_timeout` is reached; calling it early is harmless). The control plane's inputs to
+//!   the sender: `add_receiver`, then `bind_receiver` with each announce (the device's new
+//!   NACK key and its session's IP); only they create or key receivers.
 //! - **After every input**, in this order: drain `poll_transmit(now, ..)` until `None` and send
 //!   each datagram (a FEC sender: `poll_send`); a receiver then drains `poll_decode()` until
-//!   `None`, decoding and writing each group; drain `poll_event()` until `None` and act on
+//!   `None`, decoding and writing each group; a sender drains `poll_probe` after every
+//!   `handle_nack`; drain `poll_event()` until `None` and act on
 //!   each event; re-arm the timer from `poll_timeout()` (`None`: no timer). The sender's `poll_transmit` returns `None` when
 //!   the rate ceiling is reached; `poll_timeout` then names the next send time, so a driver that
 //!   follows this loop is paced without any extra logic.
 //!
 //! # Memory
-//! The sender holds per receiver a few counters, the device's latest NACK of the open round and
-//! its pending unicast repairs (all range lists); per block it holds nothing, per FEC group two
+//! The sender holds per receiver a few counters, its NACK key, last sequence and addresses, the
+//! device's latest NACK of the open round and its pending unicast repairs (all range lists),
+//! only for receivers the control plane added; per block it holds nothing, per FEC group two
 //! counters. The receiver holds one bit per block, plus the parity symbols it keeps for groups
 //! not yet decodable (at most one per missing block).
 
