@@ -1017,6 +1017,12 @@ impl Gateway {
         // from the task table).
         let announce = match &action {
             Action::Announce { device, task, .. } => {
+                // The device's repairs are bound to the address of the session the announce
+                // goes over (its NACK key travels in it).
+                let peer = match self.lookup(conn_id).map(|i| &self.conns[i].conn) {
+                    Some(Conn::Agent(c)) => c.tls.sock.peer_addr().ok().map(|a| a.ip()),
+                    _ => None,
+                };
                 let Some(d) = self.dist.as_mut() else {
                     tracing::warn!(
                         task = task.0,
@@ -1029,7 +1035,7 @@ impl Gateway {
                     let snap = store.snapshot().ok()?;
                     snap.task(*task).ok()?
                 };
-                match d.announce_for(*task, *device, row, now) {
+                match d.announce_for(*task, *device, peer, row, now) {
                     Ok(a) => Some(a),
                     Err(e) => {
                         tracing::warn!(task = task.0, device = device.0, error = %e, "task not announced");

@@ -1079,6 +1079,7 @@ fn scenario(chunking: Chunking) -> (Vec<GatewayEvent>, Vec<AgentEvent>) {
         block_size: 1024,
         sha256: [7; 32],
         auth_key: None,
+        nack_key: None,
         name: "image.bin",
     })
     .unwrap();
@@ -1097,6 +1098,8 @@ fn scenario(chunking: Chunking) -> (Vec<GatewayEvent>, Vec<AgentEvent>) {
     p.ag.send_nack(&Nack {
         session: 77,
         device_id: DEVICE,
+        seq: 1,
+        echo: None,
         missing,
     })
     .unwrap();
