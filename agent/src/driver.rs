@@ -510,7 +510,7 @@ impl Agent {
         let hello_last = self
             .state
             .last_executed()
-            .map(|l| (l.seq, l.result.is_some()));
+            .map(|l| (l.seq, l.attempt, l.result.is_some()));
         let now = self.now();
         let mut s = {
             let last = self.state.last_executed();
@@ -536,7 +536,7 @@ impl Agent {
         s: &mut AgentSession,
         ev: AgentEvent,
         boot_id: [u8; 16],
-        hello_last: Option<(u64, bool)>,
+        hello_last: Option<(u64, u32, bool)>,
     ) -> Result<Option<End>, AgentError> {
         match ev {
             AgentEvent::Welcomed(w) => {
@@ -552,6 +552,15 @@ impl Agent {
                         let _ = s.send_reboot_complete(&RebootComplete {
                             seq: r.seq,
                             report: rep.as_wire(),
+                            result: fleetcast_wire::CommandResult {
+                                command_id: r.command_id,
+                                seq: r.seq,
+                                attempt: r.attempt,
+                                exit_code: 0,
+                                steps: Vec::new(),
+                                output: b"",
+                                report: None,
+                            },
                         });
                     } else {
                         // Same boot: the reboot did not happen. Rebooting again is safe.
@@ -560,13 +569,16 @@ impl Agent {
                 }
                 // A command from an earlier session still running, or finished while we were
                 // between sessions: this session carries its result.
-                if let Some((seq, false)) = hello_last {
+                if let Some((seq, attempt, false)) = hello_last {
                     if let Some((run, reboot, command_id)) = &self.running {
-                        if run.seq() == seq {
-                            let _ = s.resume_executing(seq, *command_id, *reboot);
+                        if (run.seq(), run.attempt()) == (seq, attempt) {
+                            let _ = s.resume_executing(seq, attempt, *command_id, *reboot);
                         }
                     } else if let Some(r) = self.state.pending_result() {
-                        if r.seq == seq && s.resume_executing(seq, r.command_id, false).is_ok() {
+                        if (r.seq, r.attempt) == (seq, attempt)
+                            && s.resume_executing(seq, attempt, r.command_id, false)
+                                .is_ok()
+                        {
                             let _ = s.send_result(&r);
                         }
                     }
@@ -574,11 +586,14 @@ impl Agent {
             }
             AgentEvent::Dispatch {
                 seq,
+                attempt,
                 command_id,
                 reboot,
                 frame,
             } => {
-                if !self.state.should_run(seq) || self.running.is_some() {
+                // A redelivery of an attempt already run is refused by the session core; the
+                // ledger is the durable second line.
+                if !self.state.should_run(seq, attempt) || self.running.is_some() {
                     return Ok(None);
                 }
                 let Message::Dispatch(d) = frame.message() else {
@@ -586,7 +601,7 @@ impl Agent {
                 };
                 let job = Job::from_dispatch(&d);
                 self.state
-                    .record_executing(seq, command_id, job.steps.len())?;
+                    .record_executing(seq, attempt, command_id, job.steps.len())?;
                 let run = exec::spawn(job, self.cfg.exec.clone(), || {})?;
                 self.running = Some((run, reboot, command_id));
             }
@@ -726,6 +741,7 @@ impl Agent {
         if done.reboot_at.is_some() {
             let rec = RebootRecord {
                 seq: done.result.seq,
+                attempt: done.result.attempt,
                 command_id: done.result.command_id,
                 old_boot_id: boot_id,
             };

@@ -152,6 +152,8 @@ pub struct Job {
     pub command_id: u64,
     /// Queue sequence number.
     pub seq: u64,
+    /// Which attempt of the command this is.
+    pub attempt: u32,
     /// Time limit of the whole command in ms (0: none).
     pub timeout_ms: u32,
     /// The steps, in order.
@@ -164,6 +166,7 @@ impl Job {
         Job {
             command_id: d.command_id,
             seq: d.seq,
+            attempt: d.attempt,
             timeout_ms: d.timeout_ms,
             steps: d.steps.iter().map(OwnedStep::from_wire).collect(),
         }
@@ -177,6 +180,8 @@ pub struct OwnedResult {
     pub command_id: u64,
     /// Queue sequence number.
     pub seq: u64,
+    /// The attempt this is the result of.
+    pub attempt: u32,
     /// First failing step's exit code, or 0.
     pub exit_code: i32,
     /// One outcome per step.
@@ -191,9 +196,11 @@ impl OwnedResult {
         CommandResult {
             command_id: self.command_id,
             seq: self.seq,
+            attempt: self.attempt,
             exit_code: self.exit_code,
             steps: self.steps.clone(),
             output: &self.output,
+            report: None,
         }
     }
 }
@@ -238,6 +245,7 @@ pub struct Running {
     thread: Option<thread::JoinHandle<()>>,
     command_id: u64,
     seq: u64,
+    attempt: u32,
     steps: usize,
 }
 
@@ -249,7 +257,7 @@ pub fn spawn(
     notify: impl FnOnce() + Send + 'static,
 ) -> io::Result<Running> {
     let (tx, rx) = mpsc::channel();
-    let (command_id, seq, steps) = (job.command_id, job.seq, job.steps.len());
+    let (command_id, seq, attempt, steps) = (job.command_id, job.seq, job.attempt, job.steps.len());
     let thread = thread::Builder::new()
         .name("fleetcast-exec".into())
         // Buffers live on the heap; keep the stack small for embedded targets.
@@ -265,6 +273,7 @@ pub fn spawn(
         thread: Some(thread),
         command_id,
         seq,
+        attempt,
         steps,
     })
 }
@@ -273,6 +282,11 @@ impl Running {
     /// The running command's queue sequence number.
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// The running attempt.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
     }
 
     /// The result, if the job has finished (never blocks). If the worker died without a
@@ -314,6 +328,7 @@ impl Running {
             result: OwnedResult {
                 command_id: self.command_id,
                 seq: self.seq,
+                attempt: self.attempt,
                 exit_code: EXIT_EXECUTOR_LOST,
                 steps,
                 output: b"fleetcast-agent: executor thread died without a result\n".to_vec(),
@@ -434,6 +449,7 @@ pub fn run(job: &Job, cfg: &ExecConfig) -> Completed {
         result: OwnedResult {
             command_id: job.command_id,
             seq: job.seq,
+            attempt: job.attempt,
             exit_code,
             steps,
             output: out.to_vec(),
@@ -1111,6 +1127,7 @@ mod tests {
         Job {
             command_id: 77,
             seq: 3,
+            attempt: 1,
             timeout_ms,
             steps,
         }
@@ -1718,6 +1735,7 @@ mod tests {
         let d = Dispatch {
             command_id: 1,
             seq: 2,
+            attempt: 5,
             timeout_ms: 3,
             steps: vec![
                 Step::Exec {
@@ -1741,7 +1759,7 @@ mod tests {
             ],
         };
         let j = Job::from_dispatch(&d);
-        assert_eq!((j.command_id, j.seq, j.timeout_ms), (1, 2, 3));
+        assert_eq!((j.command_id, j.seq, j.attempt, j.timeout_ms), (1, 2, 5, 3));
         assert_eq!(
             j.steps[0],
             OwnedStep::Exec {
@@ -1752,11 +1770,15 @@ mod tests {
         let r = OwnedResult {
             command_id: 1,
             seq: 2,
+            attempt: 4,
             exit_code: 0,
             steps: vec![skipped()],
             output: b"out".to_vec(),
         };
         let w = r.as_wire();
-        assert_eq!((w.command_id, w.seq, w.output), (1, 2, &b"out"[..]));
+        assert_eq!(
+            (w.command_id, w.seq, w.attempt, w.output),
+            (1, 2, 4, &b"out"[..])
+        );
     }
 }

@@ -61,6 +61,19 @@ impl Default for FleetConfig {
     }
 }
 
+/// What an agent's `Hello` says it executed last.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LastSeen {
+    /// The command.
+    pub seq: u64,
+    /// The attempt of it.
+    pub attempt: u32,
+    /// Still executing it (or rebooting for it).
+    pub executing: bool,
+    /// Its result, not yet acknowledged.
+    pub result: Option<store::CommandResult>,
+}
+
 /// Something that happened, for [`Fleet::process`].
 #[derive(Debug, Clone)]
 pub enum Input {
@@ -72,8 +85,9 @@ pub enum Input {
         device: DeviceId,
         /// SHA-256 of the public key in its certificate.
         key_hash: [u8; 32],
-        /// The last command it executed, and that command's unacknowledged result.
-        last: Option<(u64, Option<store::CommandResult>)>,
+        /// The last command (and attempt) it executed, and that command's unacknowledged
+        /// result.
+        last: Option<LastSeen>,
         /// The rung of the transport ladder the agent says it came over (`None`: not said).
         transport: Option<store::Transport>,
     },
@@ -96,6 +110,8 @@ pub enum Input {
         device: DeviceId,
         /// Command.
         seq: u64,
+        /// Which attempt of it.
+        attempt: u32,
         /// Outcome.
         result: store::CommandResult,
     },
@@ -116,6 +132,8 @@ pub enum Input {
         device: DeviceId,
         /// The reboot command.
         seq: u64,
+        /// The attempt of it the device rebooted for.
+        attempt: u32,
         /// Its configuration after the reboot.
         report: store::ConfigReport,
     },
@@ -182,8 +200,8 @@ pub enum Action {
         /// The welcome to send.
         welcome: Welcome,
         /// A command the agent is still executing from an earlier session:
-        /// (seq, command id, has a reboot step).
-        resume: Option<(u64, u64, bool)>,
+        /// (seq, attempt, command id, has a reboot step).
+        resume: Option<(u64, u32, u64, bool)>,
     },
     /// Send the issued certificate to an enrolling device (then close normally).
     Enrolled {
@@ -209,6 +227,8 @@ pub enum Action {
         command_id: u64,
         /// Queue position.
         seq: u64,
+        /// Attempt number (a redelivery repeats the attempt it redelivers).
+        attempt: u32,
         /// The command.
         cmd: Command,
     },
@@ -286,7 +306,8 @@ enum Deadline {
 #[derive(Debug)]
 struct Online {
     conn: ConnId,
-    /// The command this session is executing (dispatched, or reported in `Hello.last`).
+    /// The command this session is executing (dispatched, or reported executing in
+    /// `Hello.last`, even one the queue no longer has): nothing else is sent until it reports.
     in_flight: Option<u64>,
 }
 
@@ -559,55 +580,45 @@ impl Fleet {
                     EventKind::Connected,
                     format!("session {conn}"),
                 ));
-                let mut in_flight = None;
-                let mut resume = None;
-                // A result the agent still holds: store it; `Welcome.acked_seq` (read after
-                // this) then acknowledges it.
-                if let Some((seq, Some(result))) = last {
-                    match b.record_result(*device, *seq, result.clone()) {
-                        Ok(store::Recorded::Stored(status)) => {
-                            let _ =
-                                b.append_event(event(
-                                    now_ms,
-                                    Some(*device),
-                                    EventKind::CommandResult,
-                                    format!(
-                                    "command {seq} {} (delivered on reconnect; queue {status:?})",
-                                    if result.succeeded() { "succeeded" } else { "failed" }
-                                ),
-                                ));
-                        }
-                        Ok(store::Recorded::Duplicate) => {}
-                        Err(store::Error::IllegalTransition {
-                            kind: Illegal::ConflictingResult { .. },
-                            ..
-                        }) => {
-                            tracing::warn!(
-                                device = device.0,
-                                seq,
-                                "conflicting duplicate result ignored"
-                            );
-                        }
-                        Err(e) => {
-                            tracing::warn!(device = device.0, seq, error = %e, "result in hello not stored")
-                        }
-                    }
+                // A result the agent still holds: store it (or, when it is obsolete, tell why
+                // it is not); either way the agent may forget it, acknowledged below.
+                if let Some(LastSeen {
+                    seq,
+                    attempt,
+                    result: Some(result),
+                    ..
+                }) = last
+                {
+                    // Acknowledged whatever became of it: an agent re-sending it in every Hello
+                    // would hold its session's command slot forever.
+                    let how = format!("delivered on reconnect, attempt {attempt}");
+                    let _ = store_result(b, now_ms, *device, *seq, *attempt, result, &how);
                 }
                 let q = b.queue(*device).ok().flatten().unwrap_or_default();
-                if q.status == QueueStatus::AwaitingResult {
-                    if let (Some(cursor), Some((seq, None))) = (q.cursor, last) {
-                        if *seq == cursor {
-                            // The agent has the command and is still running it.
-                            in_flight = Some(cursor);
-                            let reboot = b
-                                .command(*device, cursor)
-                                .ok()
-                                .flatten()
-                                .is_some_and(|c| c.has_reboot());
-                            resume = Some((cursor, command_id(*device, cursor), reboot));
-                        }
+                let (in_flight, resume) = match last {
+                    Some(l) if l.executing && l.seq > q.completed_through => {
+                        // The agent is still executing it, or back from its reboot: this session
+                        // carries its answer, and nothing else goes to it until then. An attempt
+                        // the queue has given up on (retried, cancelled) is answered too, and
+                        // its result discarded.
+                        let reboot = b
+                            .command(*device, l.seq)
+                            .ok()
+                            .flatten()
+                            .is_none_or(|c| c.has_reboot());
+                        (
+                            Some(l.seq),
+                            Some((l.seq, l.attempt, command_id(*device, l.seq), reboot)),
+                        )
                     }
-                }
+                    _ => (None, None),
+                };
+                // A carried result the welcome does not acknowledge (a failure that stopped
+                // the queue, an obsolete attempt) is acknowledged on its own.
+                let ack = last
+                    .as_ref()
+                    .filter(|l| l.result.is_some() && l.seq > q.completed_through)
+                    .map(|l| l.seq);
                 let pending = b.incomplete_tasks(*device).map(|t| t.len()).unwrap_or(0);
                 actions.push(Action::Welcome {
                     conn,
@@ -626,6 +637,9 @@ impl Fleet {
                     },
                     resume,
                 });
+                if let Some(seq) = ack {
+                    actions.push(Action::Ack { conn, seq });
+                }
                 // Catch-up: every task this device has not completed is announced again
                 // (after the welcome, on the same session).
                 for task in b.incomplete_tasks(*device).unwrap_or_default() {
@@ -721,37 +735,24 @@ impl Fleet {
                 conn,
                 device,
                 seq,
+                attempt,
                 result,
             } => {
-                match b.record_result(*device, *seq, result.clone()) {
-                    Ok(store::Recorded::Stored(status)) => {
-                        let ok = result.succeeded();
-                        let _ = b.append_event(event(
-                            now_ms,
-                            Some(*device),
-                            EventKind::CommandResult,
-                            format!(
-                                "command {seq} {} (queue {status:?})",
-                                if ok { "succeeded" } else { "failed" }
-                            ),
-                        ));
-                        actions.push(Action::Ack {
-                            conn: *conn,
-                            seq: *seq,
-                        });
-                    }
-                    Ok(store::Recorded::Duplicate) => actions.push(Action::Ack {
+                match store_result(b, now_ms, *device, *seq, *attempt, result, "") {
+                    Stored::Answered => actions.push(Action::Ack {
                         conn: *conn,
                         seq: *seq,
                     }),
-                    Err(e) => {
-                        tracing::warn!(device = device.0, seq, error = %e, "result refused");
-                        actions.push(close(
-                            *conn,
-                            CloseCode::PROTOCOL,
-                            &format!("result refused: {e}"),
-                        ));
-                    }
+                    Stored::NeverSent => actions.push(close(
+                        *conn,
+                        CloseCode::PROTOCOL,
+                        &format!("result of command {seq}, which was never sent"),
+                    )),
+                    Stored::Failed => actions.push(close(
+                        *conn,
+                        CloseCode::INTERNAL,
+                        &format!("result of command {seq} not stored"),
+                    )),
                 }
                 if let Some(o) = online.get_mut(device) {
                     if o.in_flight == Some(*seq) {
@@ -786,6 +787,7 @@ impl Fleet {
                 conn: _,
                 device,
                 seq,
+                attempt,
                 report,
             } => {
                 let cmd = b.command(*device, *seq).ok().flatten();
@@ -801,7 +803,7 @@ impl Fleet {
                         })
                         .collect(),
                 };
-                match b.reboot_completed(*device, *seq, report.clone(), result, now_ms) {
+                match b.reboot_completed(*device, *seq, *attempt, report.clone(), result, now_ms) {
                     Ok(status) => {
                         let _ = b.append_event(event(
                             now_ms,
@@ -812,11 +814,6 @@ impl Fleet {
                                 report.boot_id
                             ),
                         ));
-                        if let Some(o) = online.get_mut(device) {
-                            if o.in_flight == Some(*seq) {
-                                o.in_flight = None;
-                            }
-                        }
                     }
                     Err(e) => {
                         // Not the agent's fault (e.g. the operator skipped the command while
@@ -829,6 +826,12 @@ impl Fleet {
                             EventKind::Other,
                             format!("reboot completion for command {seq} not applied: {e}"),
                         ));
+                    }
+                }
+                // Applied or not, the device is done with that command.
+                if let Some(o) = online.get_mut(device) {
+                    if o.in_flight == Some(*seq) {
+                        o.in_flight = None;
                     }
                 }
                 dirty.insert(*device);
@@ -954,6 +957,21 @@ impl Fleet {
                     }
                 }
             }
+            // A cancelled command the session was still running is overdue: stop waiting for
+            // it there (the agent resynchronises from Hello), so the queue's next command can
+            // go.
+            Deadline::Result { seq }
+                if online.get(&dev).is_some_and(|o| o.in_flight == Some(seq))
+                    && b.command(dev, seq).ok().flatten().is_none() =>
+            {
+                if let Some(o) = online.remove(&dev) {
+                    actions.push(close(
+                        o.conn,
+                        CloseCode::TIMEOUT,
+                        "result of a cancelled command overdue",
+                    ));
+                }
+            }
             Deadline::Reboot
                 if q.status == QueueStatus::Rebooting
                     && q.reboot_deadline_ms <= now_ms
@@ -982,8 +1000,9 @@ impl Fleet {
         }
         let q = b.queue(dev).ok()??;
         // The command in flight with no session executing it: the agent's `Hello` proved it
-        // never received it (e.g. the gateway died between commit and send), so it goes again
-        // without counting an attempt. Otherwise the next pending command, counted.
+        // never received this attempt (e.g. the gateway died between commit and send), so it
+        // goes again as the same attempt, not counted. Otherwise the next pending command (or
+        // the same one again, retried), as a new attempt.
         let (seq, cmd, sent) = match (q.status, q.cursor) {
             (QueueStatus::AwaitingResult, Some(c)) => {
                 (c, b.command(dev, c).ok()??, b.redeliver(dev, c, now_ms))
@@ -995,18 +1014,18 @@ impl Fleet {
             _ => return None,
         };
         match sent {
-            Ok(()) => {
+            Ok(attempt) => {
                 o.in_flight = Some(seq);
-                let _ = b.append_event(event(
-                    now_ms,
-                    Some(dev),
-                    EventKind::CommandSent,
-                    format!("command {seq}"),
-                ));
+                let message = match attempt {
+                    0 | 1 => format!("command {seq}"),
+                    n => format!("command {seq} attempt {n}"),
+                };
+                let _ = b.append_event(event(now_ms, Some(dev), EventKind::CommandSent, message));
                 Some(Action::Dispatch {
                     conn: o.conn,
                     command_id: command_id(dev, seq),
                     seq,
+                    attempt,
                     cmd,
                 })
             }
@@ -1017,6 +1036,80 @@ impl Fleet {
             }
         }
     }
+}
+
+/// What became of a device's result ([`store_result`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    /// Stored, or discarded as obsolete (with an event saying why): the agent may forget it.
+    Answered,
+    /// A result of a command never sent to the device: a protocol error.
+    NeverSent,
+    /// The store failed; the batch will not commit.
+    Failed,
+}
+
+/// Stores a device's result of attempt `attempt` of `seq` (with an event), or, when the
+/// queue no longer wants it — the command was cancelled, the attempt was superseded by a
+/// retry, the queue gave up on it — records why it was discarded. `how` says how it arrived,
+/// for the event (empty: on its session).
+fn store_result(
+    b: &mut Batch<'_>,
+    now_ms: u64,
+    dev: DeviceId,
+    seq: u64,
+    attempt: u32,
+    result: &store::CommandResult,
+    how: &str,
+) -> Stored {
+    let how = if how.is_empty() {
+        String::new()
+    } else {
+        format!("{how}; ")
+    };
+    let message = match b.record_result(dev, seq, attempt, result.clone()) {
+        Ok(store::Recorded::Stored(status)) => format!(
+            "command {seq} {} ({how}queue {status:?})",
+            if result.succeeded() {
+                "succeeded"
+            } else {
+                "failed"
+            }
+        ),
+        Ok(store::Recorded::Duplicate) => return Stored::Answered,
+        Err(store::Error::IllegalTransition { kind, .. }) => {
+            let q = b.queue(dev).ok().flatten().unwrap_or_default();
+            let exists = b.command(dev, seq).ok().flatten().is_some();
+            let why = match kind {
+                Illegal::NotTransmitted { .. } if exists || seq >= q.next_seq => {
+                    tracing::warn!(device = dev.0, seq, "result of a command never sent");
+                    return Stored::NeverSent;
+                }
+                _ if !exists => {
+                    format!("result of cancelled command {seq} discarded ({how}attempt {attempt})")
+                }
+                Illegal::StaleAttempt { current, .. } => format!(
+                    "result of command {seq} attempt {attempt} discarded ({how}attempt \
+                     {current} is the current one)"
+                ),
+                Illegal::ConflictingResult { .. } => {
+                    format!("a second result of command {seq} discarded ({how}attempt {attempt})")
+                }
+                kind => {
+                    format!("result of command {seq} attempt {attempt} discarded ({how}{kind:?})")
+                }
+            };
+            tracing::info!(device = dev.0, seq, attempt, "{why}");
+            let _ = b.append_event(event(now_ms, Some(dev), EventKind::Other, why));
+            return Stored::Answered;
+        }
+        Err(e) => {
+            tracing::warn!(device = dev.0, seq, error = %e, "result not stored");
+            return Stored::Failed;
+        }
+    };
+    let _ = b.append_event(event(now_ms, Some(dev), EventKind::CommandResult, message));
+    Stored::Answered
 }
 
 fn wall(now_ms: u64) -> std::time::SystemTime {
@@ -1379,6 +1472,7 @@ fn queue_json(q: &store::QueueState) -> serde_json::Value {
         "completed_through": q.completed_through,
         "pending": q.next_seq.saturating_sub(1).saturating_sub(q.completed_through),
         "attempts": q.attempts,
+        "attempt": q.attempt,
         "failure": q.failure.map(|f| format!("{f:?}")),
     })
 }
@@ -1683,6 +1777,23 @@ mod tests {
             self.fleet.process(self.now, inputs)
         }
 
+        /// A gateway restart: the fleet is rebuilt from the same store and CA.
+        fn restart(&mut self) {
+            let dir = self._dir.path().to_owned();
+            let cfg = self.fleet.cfg.clone();
+            let pki =
+                || Pki::load_or_create(&dir.join("pki"), &["localhost".into()], wall(T0)).unwrap();
+            // The old fleet (and its store environment) is gone before the store reopens.
+            let placeholder = Fleet::new(
+                Store::open(dir.join("placeholder")).unwrap(),
+                pki(),
+                cfg.clone(),
+            )
+            .unwrap();
+            drop(std::mem::replace(&mut self.fleet, placeholder));
+            self.fleet = Fleet::new(Store::open(dir.join("store")).unwrap(), pki(), cfg).unwrap();
+        }
+
         fn admin(&mut self, req: Request) -> Response {
             match &self.run(vec![Input::Admin { conn: 999, req }])[..] {
                 [Action::Reply { resp, .. }] => resp.clone(),
@@ -1715,7 +1826,7 @@ mod tests {
             conn: ConnId,
             dev: DeviceId,
             key: [u8; 32],
-            last: Option<(u64, Option<store::CommandResult>)>,
+            last: Option<LastSeen>,
         ) -> Vec<Action> {
             self.run(vec![Input::Hello {
                 conn,
@@ -1768,6 +1879,16 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// What a `Hello` says: still executing (`result` none) or finished with `result`.
+    fn last(seq: u64, attempt: u32, result: Option<store::CommandResult>) -> Option<LastSeen> {
+        Some(LastSeen {
+            seq,
+            attempt,
+            executing: result.is_none(),
+            result,
+        })
     }
 
     fn dispatched(actions: &[Action]) -> Vec<u64> {
@@ -1922,6 +2043,7 @@ mod tests {
                 conn: 2,
                 device: dev,
                 seq,
+                attempt: 1,
                 result: ok_result(1),
             }]);
             // The ack and the next dispatch leave together, after the commit.
@@ -1937,6 +2059,7 @@ mod tests {
             conn: 2,
             device: dev,
             seq: 9,
+            attempt: 1,
             result: ok_result(1),
         }]);
         assert!(
@@ -1972,12 +2095,12 @@ mod tests {
             reason: "cut".into(),
         }]);
         // The agent is still executing command 1: the new session resumes it, sends nothing.
-        let a = rig.hello(4, dev, key, Some((1, None)));
+        let a = rig.hello(4, dev, key, last(1, 1, None));
         assert!(
             matches!(
                 &a[..],
                 [Action::Welcome {
-                    resume: Some((1, _, false)),
+                    resume: Some((1, 1, _, false)),
                     ..
                 }]
             ),
@@ -1990,7 +2113,7 @@ mod tests {
         }]);
         // The agent finished command 1 while disconnected: its Hello carries the result, the
         // Welcome acknowledges it, and command 2 follows.
-        let a = rig.hello(5, dev, key, Some((1, Some(ok_result(1)))));
+        let a = rig.hello(5, dev, key, last(1, 1, Some(ok_result(1))));
         match &a[..] {
             [Action::Welcome {
                 welcome,
@@ -2021,7 +2144,7 @@ mod tests {
             reason: "rebooting".into(),
         }]);
         // Back on a new session; nothing is dispatched while rebooting.
-        let a = rig.hello(3, dev, key, Some((1, None)));
+        let a = rig.hello(3, dev, key, last(1, 1, None));
         assert!(dispatched(&a).is_empty(), "{a:?}");
         let report = |boot: &str| store::ConfigReport {
             os: "Debian".into(),
@@ -2036,6 +2159,7 @@ mod tests {
             conn: 3,
             device: dev,
             seq: 1,
+            attempt: 1,
             report: report("b2"),
         }]);
         assert_eq!(dispatched(&a), vec![2], "{a:?}");
@@ -2342,5 +2466,189 @@ mod tests {
             matches!(&a[..], [Action::Reply { resp, .. }] if !resp.ok),
             "{a:?}"
         );
+    }
+
+    fn attempt_of(actions: &[Action], seq: u64) -> Option<u32> {
+        actions.iter().find_map(|a| match a {
+            Action::Dispatch {
+                seq: s, attempt, ..
+            } if *s == seq => Some(*attempt),
+            _ => None,
+        })
+    }
+
+    fn failed_result() -> store::CommandResult {
+        let mut r = ok_result(1);
+        r.steps[0].outcome = store::StepOutcome::Failed;
+        r.steps[0].exit_code = Some(3);
+        r
+    }
+
+    fn result_input(conn: ConnId, dev: DeviceId, seq: u64, attempt: u32, ok: bool) -> Input {
+        Input::Result {
+            conn,
+            device: dev,
+            seq,
+            attempt,
+            result: if ok { ok_result(1) } else { failed_result() },
+        }
+    }
+
+    fn events_with(rig: &mut Rig, text: &str) -> usize {
+        let r = rig.admin(Request::Events {
+            from: 0,
+            limit: 1000,
+        });
+        r.data["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["message"].as_str().is_some_and(|m| m.contains(text)))
+            .count()
+    }
+
+    /// A retry is a new attempt of the same command, also after a gateway restart; the
+    /// agent's `Hello` tells a redelivery of that attempt from one still running, and only
+    /// the current attempt's result counts.
+    #[test]
+    fn a_retry_is_a_new_attempt_and_only_its_result_counts() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        let a = add(&mut rig, "n1", vec![exec("a"), exec("b")]);
+        assert_eq!(attempt_of(&a, 1), Some(1), "{a:?}");
+        let a = rig.run(vec![result_input(2, dev, 1, 1, false)]);
+        assert!(matches!(a[..], [Action::Ack { seq: 1, .. }]), "{a:?}");
+        assert_eq!(rig.queue(dev).status, QueueStatus::Failed);
+        let a = rig.run(vec![Input::Admin {
+            conn: 999,
+            req: Request::QueueRetry {
+                device: "n1".into(),
+            },
+        }]);
+        assert_eq!(attempt_of(&a, 1), Some(2), "the retry is attempt 2: {a:?}");
+        rig.run(vec![Input::Disconnected {
+            conn: 2,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+
+        // The device never got attempt 2 and re-sends a result of attempt 1 (one the gateway
+        // has not got byte for byte): not attempt 2's, so it is discarded (and acknowledged,
+        // so the agent can forget it), and attempt 2 goes again.
+        let mut again = failed_result();
+        again.steps[0].output = b"attempt 1 once more".to_vec();
+        let a = rig.hello(3, dev, key, last(1, 1, Some(again)));
+        assert!(matches!(a[1], Action::Ack { conn: 3, seq: 1 }), "{a:?}");
+        assert_eq!(attempt_of(&a, 1), Some(2), "{a:?}");
+        assert_eq!(events_with(&mut rig, "attempt 2 is the current one"), 1);
+        rig.run(vec![Input::Disconnected {
+            conn: 3,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+
+        // The gateway restarts before the device got attempt 2: its Hello names attempt 1,
+        // done, so attempt 2 is redelivered, still attempt 2 and not counted again.
+        rig.restart();
+        let done = last(1, 1, None).map(|l| LastSeen {
+            executing: false,
+            ..l
+        });
+        let a = rig.hello(4, dev, key, done);
+        assert_eq!(attempt_of(&a, 1), Some(2), "{a:?}");
+        assert_eq!((rig.queue(dev).attempts, rig.queue(dev).attempt), (1, 2));
+        rig.run(vec![Input::Disconnected {
+            conn: 4,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+
+        // Another reconnect, the device now running attempt 2: resumed, nothing sent.
+        let a = rig.hello(5, dev, key, last(1, 2, None));
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Welcome {
+                    resume: Some((1, 2, _, false)),
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        let a = rig.run(vec![result_input(5, dev, 1, 2, true)]);
+        assert_eq!(attempt_of(&a, 2), Some(1), "{a:?}");
+    }
+
+    /// A result carried by `Hello` that stopped the queue is not covered by
+    /// `Welcome.acked_seq`: it is acknowledged on its own, or the agent would re-send it
+    /// forever and its session's command slot would never free (a retry could not be sent).
+    #[test]
+    fn a_hello_result_that_fails_the_queue_is_acknowledged() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        add(&mut rig, "n1", vec![exec("a")]);
+        rig.run(vec![Input::Disconnected {
+            conn: 2,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+        let a = rig.hello(3, dev, key, last(1, 1, Some(failed_result())));
+        match &a[..] {
+            [Action::Welcome { welcome, .. }, Action::Ack { conn: 3, seq: 1 }] => {
+                assert_eq!(welcome.acked_seq, 0)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(rig.queue(dev).status, QueueStatus::Failed);
+    }
+
+    /// `queue cancel` releases a queue whose command is in flight; the device finishes it
+    /// (nothing else is sent to it meanwhile), its result is discarded, then the queue goes on.
+    #[test]
+    fn cancel_releases_the_command_in_flight() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        add(&mut rig, "n1", vec![exec("a"), exec("b")]);
+        let r = rig.admin(Request::QueueCancel {
+            device: "n1".into(),
+        });
+        assert_eq!(r.data["done"], "cancelled 2 command(s)", "{r:?}");
+        assert_eq!(rig.queue(dev).status, QueueStatus::Idle);
+        let a = add(&mut rig, "n1", vec![exec("c")]);
+        assert!(dispatched(&a).is_empty(), "the device still runs 1: {a:?}");
+        let a = rig.run(vec![result_input(2, dev, 1, 1, true)]);
+        assert!(matches!(a[0], Action::Ack { seq: 1, .. }), "{a:?}");
+        assert_eq!(dispatched(&a), vec![3], "{a:?}");
+        assert_eq!(events_with(&mut rig, "result of cancelled command 1"), 1);
+
+        // The same after a reconnect: the device says it is still running a command the
+        // queue no longer has; nothing is sent to it until it answers.
+        add(&mut rig, "n1", vec![exec("d")]);
+        rig.run(vec![result_input(2, dev, 3, 1, true)]);
+        rig.admin(Request::QueueCancel {
+            device: "n1".into(),
+        });
+        add(&mut rig, "n1", vec![exec("e")]);
+        rig.run(vec![Input::Disconnected {
+            conn: 2,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+        let a = rig.hello(5, dev, key, last(4, 1, None));
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Welcome {
+                    resume: Some((4, 1, _, _)),
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        let a = rig.run(vec![result_input(5, dev, 4, 1, false)]);
+        assert_eq!(dispatched(&a), vec![5], "{a:?}");
     }
 }

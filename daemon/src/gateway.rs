@@ -34,7 +34,7 @@ use crate::admin::{self, Request, Response};
 use crate::artifacts;
 use crate::convert::{report_from_wire, result_from_wire, sha256, steps_to_wire};
 use crate::distribution::{DistEvent, Distributor, McastConfig, PushSpec};
-use crate::fleet::{Action, ConnId, Fleet, Input};
+use crate::fleet::{Action, ConnId, Fleet, Input, LastSeen};
 use crate::metrics;
 use crate::tlsconn::TlsConn;
 use crate::watch::{DirWatch, WatchConfig};
@@ -1122,8 +1122,8 @@ impl Gateway {
                     Action::Welcome {
                         welcome, resume, ..
                     } => s.accept(&welcome).and_then(|()| match resume {
-                        Some((seq, command_id, reboot)) => {
-                            s.resume_in_flight(seq, command_id, reboot)
+                        Some((seq, attempt, command_id, reboot)) => {
+                            s.resume_in_flight(seq, attempt, command_id, reboot)
                         }
                         None => Ok(()),
                     }),
@@ -1135,6 +1135,7 @@ impl Gateway {
                     Action::Dispatch {
                         command_id,
                         seq,
+                        attempt,
                         cmd,
                         ..
                     } => {
@@ -1163,6 +1164,7 @@ impl Gateway {
                         s.dispatch(&Dispatch {
                             command_id,
                             seq,
+                            attempt,
                             timeout_ms,
                             steps,
                         })
@@ -1426,9 +1428,12 @@ fn event_to_input(
             let Message::Hello(h) = frame.message() else {
                 return None;
             };
-            let last = h
-                .last
-                .map(|l| (l.seq, l.result.map(|r| result_from_wire(&r, wall_ms))));
+            let last = h.last.map(|l| LastSeen {
+                seq: l.seq,
+                attempt: l.attempt,
+                executing: l.executing,
+                result: l.result.map(|r| result_from_wire(&r, wall_ms)),
+            });
             Some(Input::Hello {
                 conn,
                 device: DeviceId(device_id),
@@ -1456,10 +1461,11 @@ fn event_to_input(
                 conn,
                 device: (*device)?,
                 seq,
+                attempt: r.attempt,
                 result: result_from_wire(&r, wall_ms),
             })
         }
-        GatewayEvent::DuplicateResult { .. } => None,
+        GatewayEvent::DuplicateResult { .. } | GatewayEvent::Report(_) => None,
         GatewayEvent::RebootStarting(rs) => Some(Input::RebootStarting {
             conn,
             device: (*device)?,
@@ -1473,6 +1479,7 @@ fn event_to_input(
                 conn,
                 device: (*device)?,
                 seq,
+                attempt: rc.result.attempt,
                 report: report_from_wire(&rc.report),
             })
         }

@@ -63,6 +63,16 @@ pub enum Illegal {
         /// The command named.
         seq: u64,
     },
+    /// A result (or reboot completion) of an attempt that is no longer the current one: the
+    /// command was sent again since (a retry), or the attempt was never sent.
+    StaleAttempt {
+        /// The command named.
+        seq: u64,
+        /// The attempt the result is of.
+        attempt: u32,
+        /// The command's current attempt.
+        current: u32,
+    },
     /// A second, different result for a command whose result is already recorded.
     ConflictingResult {
         /// The command named.

@@ -75,7 +75,7 @@ fn round_trip_survives_reopen() {
     assert_eq!(b.next_to_dispatch(d).unwrap().unwrap().0, 1);
     b.mark_transmitted(d, 1, 10).unwrap();
     assert_eq!(
-        b.record_result(d, 1, ok()).unwrap(),
+        b.record_result(d, 1, 1, ok()).unwrap(),
         Recorded::Stored(QueueStatus::Running)
     );
     let c = b.commit().unwrap();
@@ -100,7 +100,7 @@ fn illegal_transitions_are_typed_and_do_not_poison() {
     let mut b = s.batch().unwrap();
     b.enqueue(d, reboot_cmd()).unwrap();
     assert_eq!(
-        illegal(b.record_result(d, 1, ok()).unwrap_err()),
+        illegal(b.record_result(d, 1, 1, ok()).unwrap_err()),
         Illegal::NotTransmitted { seq: 1 }
     );
     assert!(matches!(
@@ -117,7 +117,7 @@ fn illegal_transitions_are_typed_and_do_not_poison() {
         }
     ));
     assert!(matches!(
-        illegal(b.record_result(d, 1, ok()).unwrap_err()),
+        illegal(b.record_result(d, 1, 1, ok()).unwrap_err()),
         Illegal::WrongStatus {
             status: QueueStatus::Rebooting,
             ..
@@ -147,7 +147,7 @@ fn reboot_cycle() {
     let mut b = s.batch().unwrap();
     assert_eq!(
         illegal(
-            b.reboot_completed(d, 1, report("boot-a"), ok(), 50)
+            b.reboot_completed(d, 1, 1, report("boot-a"), ok(), 50)
                 .unwrap_err()
         ),
         Illegal::BootIdUnchanged
@@ -159,13 +159,13 @@ fn reboot_cycle() {
         }
     );
     assert_eq!(
-        b.reboot_completed(d, 1, report("boot-b"), ok(), 60)
+        b.reboot_completed(d, 1, 1, report("boot-b"), ok(), 60)
             .unwrap(),
         QueueStatus::Running
     );
     assert!(
         illegal(
-            b.reboot_completed(d, 1, report("boot-c"), ok(), 61)
+            b.reboot_completed(d, 1, 1, report("boot-c"), ok(), 61)
                 .unwrap_err()
         ) != Illegal::BootIdUnchanged
     );
@@ -180,7 +180,7 @@ fn reboot_cycle() {
     let mut b = s.batch().unwrap();
     b.enqueue(d, reboot_cmd()).unwrap();
     b.mark_transmitted(d, 2, 100).unwrap();
-    b.record_result(d, 2, ok()).unwrap();
+    b.record_result(d, 2, 1, ok()).unwrap();
     b.mark_transmitted(d, 3, 100).unwrap();
     b.reboot_started(d, 3, 200).unwrap();
     b.reboot_deadline_missed(d, 200).unwrap();
@@ -201,18 +201,18 @@ fn duplicate_and_conflicting_results() {
     b.enqueue(d, exec()).unwrap();
     b.mark_transmitted(d, 1, 0).unwrap();
     assert_eq!(
-        b.record_result(d, 1, ok()).unwrap(),
+        b.record_result(d, 1, 1, ok()).unwrap(),
         Recorded::Stored(QueueStatus::Done)
     );
     b.commit().unwrap();
     let mut b = s.batch().unwrap();
-    assert_eq!(b.record_result(d, 1, ok()).unwrap(), Recorded::Duplicate);
+    assert_eq!(b.record_result(d, 1, 1, ok()).unwrap(), Recorded::Duplicate);
     assert_eq!(
-        illegal(b.record_result(d, 1, failed()).unwrap_err()),
+        illegal(b.record_result(d, 1, 1, failed()).unwrap_err()),
         Illegal::ConflictingResult { seq: 1 }
     );
     assert_eq!(
-        illegal(b.record_result(d, 2, ok()).unwrap_err()),
+        illegal(b.record_result(d, 2, 1, ok()).unwrap_err()),
         Illegal::NotTransmitted { seq: 2 }
     );
 }
@@ -226,9 +226,9 @@ fn output_excerpt_is_bounded_to_tail() {
     let mut r = ok();
     r.steps[0].output = (0..10_000u32).map(|i| i as u8).collect();
     let tail = r.steps[0].output[10_000 - OUTPUT_EXCERPT_MAX..].to_vec();
-    b.record_result(d, 1, r.clone()).unwrap();
+    b.record_result(d, 1, 1, r.clone()).unwrap();
     assert_eq!(b.result(d, 1).unwrap().unwrap().steps[0].output, tail);
-    assert_eq!(b.record_result(d, 1, r).unwrap(), Recorded::Duplicate);
+    assert_eq!(b.record_result(d, 1, 1, r).unwrap(), Recorded::Duplicate);
 }
 
 #[test]
@@ -263,7 +263,7 @@ fn timeouts_retries_and_policies() {
     assert!(!b.result(d, 1).unwrap().unwrap().succeeded());
     b.mark_transmitted(d, 2, 3000).unwrap();
     assert_eq!(
-        b.record_result(d, 2, failed()).unwrap(),
+        b.record_result(d, 2, 1, failed()).unwrap(),
         Recorded::Stored(QueueStatus::Failed)
     );
     assert!(matches!(
@@ -286,18 +286,26 @@ fn pause_resume_cancel() {
     b.mark_transmitted(d, 1, 0).unwrap();
     b.pause(d).unwrap();
     assert_eq!(
-        b.record_result(d, 1, ok()).unwrap(),
+        b.record_result(d, 1, 1, ok()).unwrap(),
         Recorded::Stored(QueueStatus::Paused)
     );
     assert!(b.next_to_dispatch(d).unwrap().is_none());
     assert!(b.mark_transmitted(d, 2, 1).is_err());
     b.resume(d).unwrap();
     b.mark_transmitted(d, 2, 1).unwrap();
-    assert_eq!(b.cancel(d).unwrap(), 1);
+    // Cancel drops the command in flight too: the queue is free at once, and the command's
+    // late result is refused.
+    assert_eq!(b.cancel(d).unwrap(), 2);
+    assert!(b.command(d, 2).unwrap().is_none());
     assert!(b.command(d, 3).unwrap().is_none());
+    let q = b.queue(d).unwrap().unwrap();
     assert_eq!(
-        b.record_result(d, 2, ok()).unwrap(),
-        Recorded::Stored(QueueStatus::Done)
+        (q.status, q.cursor, q.attempts),
+        (QueueStatus::Done, None, 0)
+    );
+    assert_eq!(
+        illegal(b.record_result(d, 2, 1, ok()).unwrap_err()),
+        Illegal::NotTransmitted { seq: 2 }
     );
     assert_eq!(
         b.enqueue(d, exec()).unwrap(),
@@ -558,10 +566,10 @@ proptest! {
             let r = match op {
                 0 => b.enqueue(d, if arg % 2 == 0 { exec() } else { reboot_cmd() }).map(drop),
                 1 => b.mark_transmitted(d, arg, now).map(drop),
-                2 => b.record_result(d, arg, if arg % 3 == 0 { failed() } else { ok() }).map(drop),
+                2 => b.record_result(d, arg, attempt_of(&before, arg), if arg % 3 == 0 { failed() } else { ok() }).map(drop),
                 3 => b.command_timed_out(d, arg, now).map(drop),
                 4 => b.reboot_started(d, arg, now + 1000).map(drop),
-                5 => b.reboot_completed(d, arg, report(&format!("boot{now}")), ok(), now).map(drop),
+                5 => b.reboot_completed(d, arg, attempt_of(&before, arg), report(&format!("boot{now}")), ok(), now).map(drop),
                 6 => b.reboot_deadline_missed(d, now).map(drop),
                 7 => if arg % 2 == 0 { b.pause(d) } else { b.resume(d) },
                 8 => if arg % 2 == 0 { b.retry(d) } else { b.skip(d) },
@@ -574,6 +582,15 @@ proptest! {
             check_queue(&b, d)?;
         }
         b.commit().unwrap();
+    }
+}
+
+/// The attempt a random result names: mostly the current one, sometimes the one before.
+fn attempt_of(q: &QueueState, arg: u64) -> u32 {
+    if arg == 5 {
+        q.attempt.saturating_sub(1)
+    } else {
+        q.attempt
     }
 }
 
@@ -675,11 +692,14 @@ fn redelivery_to_a_device_that_never_got_the_command_is_not_an_attempt() {
         Err(Error::IllegalTransition { .. })
     ));
     b.enqueue(d, exec()).unwrap(); // max_attempts 1
-    b.mark_transmitted(d, 1, 10).unwrap();
-    b.redeliver(d, 1, 20).unwrap();
-    b.redeliver(d, 1, 30).unwrap();
+    assert_eq!(b.mark_transmitted(d, 1, 10).unwrap(), 1);
+    assert_eq!(b.redeliver(d, 1, 20).unwrap(), 1);
+    assert_eq!(b.redeliver(d, 1, 30).unwrap(), 1);
     let q = b.queue(d).unwrap().unwrap();
-    assert_eq!((q.attempts, q.transmitted_ms, q.cursor), (1, 30, Some(1)));
+    assert_eq!(
+        (q.attempts, q.attempt, q.transmitted_ms, q.cursor),
+        (1, 1, 30, Some(1))
+    );
     // A counted retransmission would exceed max_attempts = 1.
     assert!(matches!(
         b.mark_transmitted(d, 1, 40),
@@ -696,7 +716,7 @@ fn redelivery_to_a_device_that_never_got_the_command_is_not_an_attempt() {
         })
     ));
     assert_eq!(
-        b.record_result(d, 1, ok()).unwrap(),
+        b.record_result(d, 1, 1, ok()).unwrap(),
         Recorded::Stored(QueueStatus::Done)
     );
     b.commit().unwrap();
@@ -724,4 +744,81 @@ fn backup_is_a_consistent_store_taken_while_open() {
     // A second backup into the same directory is refused, not merged.
     let e = s.backup(&dest).unwrap_err();
     assert!(e.to_string().contains("already holds a store"), "{e}");
+}
+
+#[test]
+fn an_operator_retry_is_a_new_attempt_and_only_its_result_counts() {
+    let (dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    b.enqueue(d, exec()).unwrap();
+    b.enqueue(d, exec()).unwrap();
+    assert_eq!(b.mark_transmitted(d, 1, 10).unwrap(), 1);
+    assert_eq!(
+        b.record_result(d, 1, 1, failed()).unwrap(),
+        Recorded::Stored(QueueStatus::Failed)
+    );
+    b.retry(d).unwrap();
+    b.commit().unwrap();
+    drop(s);
+
+    // Across a restart of the gateway, the retry is still attempt 2, not 1 again.
+    let mut s = Store::open(dir.path()).unwrap();
+    let mut b = s.batch().unwrap();
+    assert_eq!(b.next_to_dispatch(d).unwrap().unwrap().0, 1);
+    assert_eq!(b.mark_transmitted(d, 1, 20).unwrap(), 2);
+    let q = b.queue(d).unwrap().unwrap();
+    assert_eq!(
+        (q.status, q.cursor, q.attempt, q.attempts),
+        (QueueStatus::AwaitingResult, Some(1), 2, 1)
+    );
+    // A different result of attempt 1 (the device re-sending what it had) is not attempt 2's.
+    let mut late = failed();
+    late.steps[0].output = b"attempt 1, again".to_vec();
+    assert_eq!(
+        illegal(b.record_result(d, 1, 1, late).unwrap_err()),
+        Illegal::StaleAttempt {
+            seq: 1,
+            attempt: 1,
+            current: 2
+        }
+    );
+    assert_eq!(
+        illegal(b.record_result(d, 1, 3, ok()).unwrap_err()),
+        Illegal::StaleAttempt {
+            seq: 1,
+            attempt: 3,
+            current: 2
+        }
+    );
+    assert_eq!(
+        b.record_result(d, 1, 2, ok()).unwrap(),
+        Recorded::Stored(QueueStatus::Running)
+    );
+    assert_eq!(b.result(d, 1).unwrap(), Some(ok()));
+    assert_eq!(b.mark_transmitted(d, 2, 30).unwrap(), 1);
+    b.commit().unwrap();
+}
+
+#[test]
+fn queue_records_written_before_attempts_decode_as_attempt_zero() {
+    use codec::Record;
+    let q = QueueState {
+        status: QueueStatus::AwaitingResult,
+        cursor: Some(4),
+        attempts: 1,
+        attempt: 7,
+        next_seq: 5,
+        completed_through: 3,
+        ..QueueState::default()
+    };
+    let mut buf = Vec::new();
+    q.encode(&mut buf);
+    assert_eq!(QueueState::decode(&buf).unwrap(), q);
+    // The older layout ends before the attempt.
+    let old = &buf[..buf.len() - 4];
+    assert_eq!(
+        QueueState::decode(old).unwrap(),
+        QueueState { attempt: 0, ..q }
+    );
+    assert!(QueueState::decode(&buf[..buf.len() - 2]).is_err());
 }

@@ -115,7 +115,7 @@ fn child(dir: &Path, seed: u64) {
                         let ok = rng.gen_bool(0.9);
                         // A retried command overwrites its earlier (failed) result.
                         res += u64::from(b.result(d, seq).unwrap().is_none());
-                        b.record_result(d, seq, result(ok, now)).unwrap();
+                        b.record_result(d, seq, q.attempt, result(ok, now)).unwrap();
                     }
                 }
                 QueueStatus::Rebooting => {
@@ -125,7 +125,7 @@ fn child(dir: &Path, seed: u64) {
                         ..ConfigReport::default()
                     };
                     res += u64::from(b.result(d, seq).unwrap().is_none());
-                    b.reboot_completed(d, seq, report, result(true, now), now)
+                    b.reboot_completed(d, seq, q.attempt, report, result(true, now), now)
                         .unwrap();
                 }
                 QueueStatus::Failed => {
