@@ -178,6 +178,9 @@ pub struct Agent {
     upgrade_probe: Option<Race>,
     /// A better rung opened: end the session when idle and climb from the top.
     better_found: bool,
+    /// A configuration report is to go out after the next `Welcome` (set when the agent
+    /// starts, so also right after enrolment; a reboot completion carries one instead).
+    report_due: bool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -215,6 +218,7 @@ impl Agent {
             client_config: None,
             upgrade_probe: None,
             better_found: false,
+            report_due: true,
         })
     }
 
@@ -544,11 +548,13 @@ impl Agent {
                     self.rung_won();
                 }
                 self.state.ack(w.acked_seq)?;
+                let mut reported = false;
                 if let Some(r) = self.state.reboot() {
                     if w.acked_seq >= r.seq {
                         self.state.take_reboot()?;
                     } else if r.old_boot_id != boot_id {
                         let rep = report::collect(&self.cfg.exec.report)?;
+                        reported = true;
                         let _ = s.send_reboot_complete(&RebootComplete {
                             seq: r.seq,
                             report: rep.as_wire(),
@@ -566,6 +572,13 @@ impl Agent {
                         // Same boot: the reboot did not happen. Rebooting again is safe.
                         return Ok(Some(self.do_reboot()));
                     }
+                }
+                // The gateway learns the device's configuration when the agent starts (so also
+                // after enrolment), not only after a reboot or a `report` step. Best effort: a
+                // report lost with its session is not repeated before the next start.
+                if std::mem::take(&mut self.report_due) && !reported {
+                    let rep = report::collect(&self.cfg.exec.report)?;
+                    let _ = s.send_report(&rep.as_wire());
                 }
                 // A command from an earlier session still running, or finished while we were
                 // between sessions: this session carries its result.

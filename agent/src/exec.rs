@@ -33,7 +33,9 @@
 //!   later ones `Skipped`, and returns [`Completed::reboot_at`]; the driver records the
 //!   reboot, sends `RebootStarting` and reboots. Work that must follow a reboot is a later
 //!   command in the queue.
-//! - `report` collects a configuration report ([`crate::report`]) into [`Completed::report`].
+//! - `report` collects a configuration report ([`crate::report`]) into
+//!   [`OwnedResult::report`]: it goes to the gateway inside the result, so it is delivered
+//!   exactly when the result is (also in a later `Hello`, from the durable ledger).
 
 use std::fs::File;
 use std::io::{self, BufRead as _, BufReader, Cursor, Read, Write as _};
@@ -188,6 +190,8 @@ pub struct OwnedResult {
     pub steps: Vec<StepResult>,
     /// The last [`MAX_OUTPUT`] bytes of output.
     pub output: Vec<u8>,
+    /// The configuration report of the last `report` step that succeeded, if any.
+    pub report: Option<OwnedConfigReport>,
 }
 
 impl OwnedResult {
@@ -200,7 +204,7 @@ impl OwnedResult {
             exit_code: self.exit_code,
             steps: self.steps.clone(),
             output: &self.output,
-            report: None,
+            report: self.report.as_ref().map(OwnedConfigReport::as_wire),
         }
     }
 }
@@ -213,8 +217,6 @@ pub struct Completed {
     /// Index of the reboot step the executor stopped at: the driver now records the reboot,
     /// sends `RebootStarting` and reboots instead of sending the result.
     pub reboot_at: Option<usize>,
-    /// The configuration report of the last `report` step, if any succeeded.
-    pub report: Option<OwnedConfigReport>,
 }
 
 /// Executor settings.
@@ -332,9 +334,9 @@ impl Running {
                 exit_code: EXIT_EXECUTOR_LOST,
                 steps,
                 output: b"fleetcast-agent: executor thread died without a result\n".to_vec(),
+                report: None,
             },
             reboot_at: None,
-            report: None,
         }
     }
 }
@@ -453,9 +455,9 @@ pub fn run(job: &Job, cfg: &ExecConfig) -> Completed {
             exit_code,
             steps,
             output: out.to_vec(),
+            report,
         },
         reboot_at,
-        report,
     }
 }
 
@@ -1709,9 +1711,11 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(30)).unwrap();
         let done = running.try_finish().expect("notified, so finished");
         assert_eq!(statuses(&done), [StepStatus::Ok, StepStatus::Ok]);
-        let report = done.report.clone().unwrap();
+        let report = done.result.report.clone().unwrap();
         assert_eq!(report.boot_id[1], 0x11);
         assert!(report.software.is_empty());
+        // The report travels inside the result.
+        assert_eq!(done.result.as_wire().report, Some(report.as_wire()));
         assert_eq!(output(&done), "working\n");
 
         // A failing report step (bad boot id file) is a failed step with a message.
@@ -1727,7 +1731,7 @@ mod tests {
             .wait();
         assert_eq!(statuses(&done), [StepStatus::Failed]);
         assert!(output(&done).contains("nope"));
-        assert_eq!(done.report, None);
+        assert_eq!(done.result.report, None);
     }
 
     #[test]
@@ -1774,6 +1778,7 @@ mod tests {
             exit_code: 0,
             steps: vec![skipped()],
             output: b"out".to_vec(),
+            report: None,
         };
         let w = r.as_wire();
         assert_eq!(

@@ -511,11 +511,8 @@ impl State {
 
     /// The result awaiting acknowledgement, parsed from its stored frame.
     pub fn pending_result(&self) -> Option<CommandResult<'_>> {
-        match Message::parse_datagram(self.pending_frame()?) {
-            Ok((Message::Result(r), _)) => Some(r),
-            // Checked when the frame was loaded or emitted.
-            _ => None,
-        }
+        // Checked when the frame was loaded or emitted.
+        parse_frame(self.pending_frame()?).ok()
     }
 
     /// What `Hello.last` should carry: the last recorded command and attempt, whether it is
@@ -656,11 +653,10 @@ fn decode_command(bytes: &[u8]) -> Result<CommandRecord, &'static str> {
                 VERSION => frame.to_vec(),
                 _ => upgrade_v1_result(frame).ok_or("pending result frame does not parse")?,
             };
-            match Message::parse_datagram(&frame) {
-                Ok((Message::Result(r), _))
-                    if r.seq == seq && r.command_id == command_id && r.attempt == attempt => {}
+            match parse_frame(&frame) {
+                Ok(r) if r.seq == seq && r.command_id == command_id && r.attempt == attempt => {}
                 Ok(_) => return Err("pending frame is not this command's result"),
-                Err(_) => return Err("pending result frame does not parse"),
+                Err(e) => return Err(e),
             }
             CommandRecord::Pending {
                 seq,
@@ -678,6 +674,21 @@ fn decode_command(bytes: &[u8]) -> Result<CommandRecord, &'static str> {
         _ => return Err("unknown record tag"),
     };
     Ok(record)
+}
+
+/// Parses a stored `Result` frame: one whole stream frame (a result with its report may be far
+/// larger than a datagram).
+fn parse_frame(frame: &[u8]) -> Result<CommandResult<'_>, &'static str> {
+    let parsed =
+        fleetcast_wire::Frame::parse_prefix(frame, fleetcast_wire::header::MAX_STREAM_BODY)
+            .ok()
+            .filter(|(_, rest)| rest.is_empty())
+            .and_then(|(f, _)| Message::parse(&f).ok());
+    match parsed {
+        Some(Message::Result(r)) => Ok(r),
+        Some(_) => Err("pending frame is not this command's result"),
+        None => Err("pending result frame does not parse"),
+    }
 }
 
 /// Re-emits a `Result` frame of wire version 1 (what a version-1 `command` file holds) as
@@ -1162,6 +1173,38 @@ mod tests {
         assert!(!s.should_run(5, 2));
         assert!(s.should_run(5, 3));
         assert!(s.should_run(6, 1));
+    }
+
+    #[test]
+    fn a_report_inside_a_pending_result_survives_a_restart() {
+        use fleetcast_wire::{ConfigReport, Package};
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        s.record_executing(4, 1, 40, 1).unwrap();
+        let software: Vec<Package<'_>> = (0..2000)
+            .map(|_| Package {
+                name: "some-long-package-name-of-a-full-system",
+                version: "1:2.34.5-6+deb12u7",
+            })
+            .collect();
+        let report = ConfigReport {
+            boot_id: [3; 16],
+            os: "Debian GNU/Linux 12",
+            kernel: "6.1.0-18-amd64",
+            hostname: "n1",
+            agent_version: "0.1.0",
+            addresses: vec!["10.0.0.2/24"],
+            software,
+        };
+        let r = CommandResult {
+            report: Some(report),
+            ..result(4, 40)
+        };
+        // A full system's package list is far more than the 64 KiB the file once allowed.
+        s.record_result(&r).unwrap();
+        let s = State::open(dir.path()).unwrap();
+        let last = s.last_executed().unwrap();
+        assert_eq!(last.result, Some(r));
     }
 
     #[test]

@@ -72,6 +72,8 @@ pub struct LastSeen {
     pub executing: bool,
     /// Its result, not yet acknowledged.
     pub result: Option<store::CommandResult>,
+    /// The configuration report inside that result (from a `report` step).
+    pub report: Option<store::ConfigReport>,
 }
 
 /// Something that happened, for [`Fleet::process`].
@@ -114,6 +116,17 @@ pub enum Input {
         attempt: u32,
         /// Outcome.
         result: store::CommandResult,
+        /// The configuration report inside the result (from a `report` step).
+        report: Option<store::ConfigReport>,
+    },
+    /// The agent's configuration report on its own (`Report`).
+    Report {
+        /// Connection.
+        conn: ConnId,
+        /// Device.
+        device: DeviceId,
+        /// The report.
+        report: store::ConfigReport,
     },
     /// The agent is rebooting for command `seq`.
     RebootStarting {
@@ -428,6 +441,7 @@ impl Fleet {
                 Input::Hello { conn, .. }
                 | Input::Enrol { conn, .. }
                 | Input::Result { conn, .. }
+                | Input::Report { conn, .. }
                 | Input::RebootStarting { conn, .. }
                 | Input::RebootComplete { conn, .. }
                 | Input::Disconnected { conn, .. }
@@ -586,13 +600,15 @@ impl Fleet {
                     seq,
                     attempt,
                     result: Some(result),
+                    report,
                     ..
                 }) = last
                 {
                     // Acknowledged whatever became of it: an agent re-sending it in every Hello
                     // would hold its session's command slot forever.
                     let how = format!("delivered on reconnect, attempt {attempt}");
-                    let _ = store_result(b, now_ms, *device, *seq, *attempt, result, &how);
+                    let r = (result, report.as_ref());
+                    let _ = store_result(b, now_ms, *device, *seq, *attempt, r, &how);
                 }
                 let q = b.queue(*device).ok().flatten().unwrap_or_default();
                 let (in_flight, resume) = match last {
@@ -737,8 +753,10 @@ impl Fleet {
                 seq,
                 attempt,
                 result,
+                report,
             } => {
-                match store_result(b, now_ms, *device, *seq, *attempt, result, "") {
+                let r = (result, report.as_ref());
+                match store_result(b, now_ms, *device, *seq, *attempt, r, "") {
                     Stored::Answered => actions.push(Action::Ack {
                         conn: *conn,
                         seq: *seq,
@@ -760,6 +778,15 @@ impl Fleet {
                     }
                 }
                 dirty.insert(*device);
+            }
+            Input::Report {
+                conn: _,
+                device,
+                report,
+            } => {
+                if let Err(e) = b.set_report(*device, report.clone(), now_ms) {
+                    tracing::warn!(device = device.0, error = %e, "report not stored");
+                }
             }
             Input::RebootStarting { conn, device, seq } => {
                 let deadline = now_ms + cfg.reboot_timeout_ms;
@@ -1049,17 +1076,18 @@ enum Stored {
     Failed,
 }
 
-/// Stores a device's result of attempt `attempt` of `seq` (with an event), or, when the
-/// queue no longer wants it — the command was cancelled, the attempt was superseded by a
-/// retry, the queue gave up on it — records why it was discarded. `how` says how it arrived,
-/// for the event (empty: on its session).
+/// Stores a device's result of attempt `attempt` of `seq` (with an event), and the
+/// configuration report it carries, in the same batch; or, when the queue no longer wants it
+/// — the command was cancelled, the attempt was superseded by a retry, the queue gave up on
+/// it — records why it was discarded. `how` says how it arrived, for the event (empty: on its
+/// session).
 fn store_result(
     b: &mut Batch<'_>,
     now_ms: u64,
     dev: DeviceId,
     seq: u64,
     attempt: u32,
-    result: &store::CommandResult,
+    (result, report): (&store::CommandResult, Option<&store::ConfigReport>),
     how: &str,
 ) -> Stored {
     let how = if how.is_empty() {
@@ -1109,6 +1137,11 @@ fn store_result(
         }
     };
     let _ = b.append_event(event(now_ms, Some(dev), EventKind::CommandResult, message));
+    if let Some(report) = report {
+        if let Err(e) = b.set_report(dev, report.clone(), now_ms) {
+            tracing::warn!(device = dev.0, seq, error = %e, "report of a result not stored");
+        }
+    }
     Stored::Answered
 }
 
@@ -1145,6 +1178,7 @@ fn fail_all(inputs: &[Input], msg: &str) -> Vec<Action> {
             Input::Hello { conn, .. }
             | Input::Enrol { conn, .. }
             | Input::Result { conn, .. }
+            | Input::Report { conn, .. }
             | Input::RebootStarting { conn, .. }
             | Input::RebootComplete { conn, .. }
             | Input::Completion { conn, .. }
@@ -1888,6 +1922,7 @@ mod tests {
             attempt,
             executing: result.is_none(),
             result,
+            report: None,
         })
     }
 
@@ -2045,6 +2080,7 @@ mod tests {
                 seq,
                 attempt: 1,
                 result: ok_result(1),
+                report: None,
             }]);
             // The ack and the next dispatch leave together, after the commit.
             assert!(
@@ -2061,6 +2097,7 @@ mod tests {
             seq: 9,
             attempt: 1,
             result: ok_result(1),
+            report: None,
         }]);
         assert!(
             a.iter().any(|x| matches!(
@@ -2491,6 +2528,7 @@ mod tests {
             seq,
             attempt,
             result: if ok { ok_result(1) } else { failed_result() },
+            report: None,
         }
     }
 
@@ -2650,5 +2688,67 @@ mod tests {
         );
         let a = rig.run(vec![result_input(5, dev, 4, 1, false)]);
         assert_eq!(dispatched(&a), vec![5], "{a:?}");
+    }
+
+    fn report_with(os: &str, boot: &str) -> store::ConfigReport {
+        store::ConfigReport {
+            os: os.into(),
+            kernel: "6.1".into(),
+            hostname: "n1".into(),
+            addresses: vec![],
+            software: vec![("nginx".into(), "1.22".into())],
+            agent_version: "0.1.0".into(),
+            boot_id: boot.into(),
+        }
+    }
+
+    fn stored_report(rig: &Rig, dev: DeviceId) -> Option<store::ConfigReport> {
+        let snap = rig.fleet.store().snapshot().unwrap();
+        snap.device(dev).unwrap().unwrap().report
+    }
+
+    /// Reports reach the device record without a reboot: on their own (after the agent
+    /// starts), inside a `report` step's result, and inside a result carried by `Hello`.
+    #[test]
+    fn reports_are_stored_from_report_messages_and_results() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        assert_eq!(stored_report(&rig, dev), None);
+        rig.run(vec![Input::Report {
+            conn: 2,
+            device: dev,
+            report: report_with("Debian 12", "b1"),
+        }]);
+        assert_eq!(stored_report(&rig, dev).unwrap().os, "Debian 12");
+
+        add(
+            &mut rig,
+            "n1",
+            vec![vec![StepSpec::Report], vec![StepSpec::Report]],
+        );
+        let a = rig.run(vec![Input::Result {
+            conn: 2,
+            device: dev,
+            seq: 1,
+            attempt: 1,
+            result: ok_result(1),
+            report: Some(report_with("Debian 13", "b1")),
+        }]);
+        assert!(matches!(a[0], Action::Ack { seq: 1, .. }), "{a:?}");
+        assert_eq!(stored_report(&rig, dev).unwrap().os, "Debian 13");
+
+        rig.run(vec![Input::Disconnected {
+            conn: 2,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+        let carried = last(2, 1, Some(ok_result(1))).map(|l| LastSeen {
+            report: Some(report_with("Debian 14", "b1")),
+            ..l
+        });
+        rig.hello(3, dev, key, carried);
+        assert_eq!(rig.queue(dev).status, QueueStatus::Done);
+        assert_eq!(stored_report(&rig, dev).unwrap().os, "Debian 14");
     }
 }

@@ -1432,6 +1432,11 @@ fn event_to_input(
                 seq: l.seq,
                 attempt: l.attempt,
                 executing: l.executing,
+                report: l
+                    .result
+                    .as_ref()
+                    .and_then(|r| r.report.as_ref())
+                    .map(report_from_wire),
                 result: l.result.map(|r| result_from_wire(&r, wall_ms)),
             });
             Some(Input::Hello {
@@ -1463,9 +1468,20 @@ fn event_to_input(
                 seq,
                 attempt: r.attempt,
                 result: result_from_wire(&r, wall_ms),
+                report: r.report.as_ref().map(report_from_wire),
             })
         }
-        GatewayEvent::DuplicateResult { .. } | GatewayEvent::Report(_) => None,
+        GatewayEvent::DuplicateResult { .. } => None,
+        GatewayEvent::Report(frame) => {
+            let Message::Report(r) = frame.message() else {
+                return None;
+            };
+            Some(Input::Report {
+                conn,
+                device: (*device)?,
+                report: report_from_wire(&r),
+            })
+        }
         GatewayEvent::RebootStarting(rs) => Some(Input::RebootStarting {
             conn,
             device: (*device)?,
