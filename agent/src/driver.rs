@@ -555,18 +555,23 @@ impl Agent {
                     } else if r.old_boot_id != boot_id {
                         let rep = report::collect(&self.cfg.exec.report)?;
                         reported = true;
-                        let _ = s.send_reboot_complete(&RebootComplete {
-                            seq: r.seq,
-                            report: rep.as_wire(),
-                            result: fleetcast_wire::CommandResult {
+                        let result = self.state.reboot_result().unwrap_or_else(|| {
+                            // Recorded by an agent of version 1, which kept no result.
+                            fleetcast_wire::CommandResult {
                                 command_id: r.command_id,
                                 seq: r.seq,
                                 attempt: r.attempt,
                                 exit_code: 0,
                                 steps: Vec::new(),
-                                output: b"",
+                                output: b"fleetcast-agent: the results of the steps before \
+                                          the reboot were not recorded (older agent)\n",
                                 report: None,
-                            },
+                            }
+                        });
+                        let _ = s.send_reboot_complete(&RebootComplete {
+                            seq: r.seq,
+                            report: rep.as_wire(),
+                            result,
                         });
                     } else {
                         // Same boot: the reboot did not happen. Rebooting again is safe.
@@ -758,7 +763,10 @@ impl Agent {
                 command_id: done.result.command_id,
                 old_boot_id: boot_id,
             };
-            self.state.record_reboot(rec)?;
+            // The steps before the reboot ran: their real results go with the reboot record
+            // (durable before anything is sent or rebooted) and reach the gateway in
+            // `RebootComplete`, after the reboot.
+            self.state.record_reboot(rec, &done.result.as_wire())?;
             if s.send_reboot_starting(rec.seq).is_err() {
                 // Not on a session that knows the command: the reboot is recorded, and the
                 // next session reports its completion.

@@ -28,7 +28,7 @@
 //! ```text
 //!  (none|Acked|Pending|Rebooting of a k' < k) --record_executing(k)--> Executing(k)
 //!  Executing(k) --record_result--> Pending(k, result frame) --ack(≥seq)--> Acked(k)
-//!  Executing(k) --record_reboot--> Rebooting(k, old boot id) --take_reboot--> Acked(k)
+//!  Executing(k) --record_reboot--> Rebooting(k, old boot id, result so far) --take_reboot--> Acked(k)
 //!  Executing(k) --[agent restarts]--> Pending(k, "agent restarted while executing")
 //! ```
 //!
@@ -48,7 +48,9 @@
 //!   also settles it: the gateway sends a new command or attempt only once it has stored the
 //!   previous result (or given up on that attempt), so it implicitly acknowledges it.
 //! - **Reboots.** A reboot step is recorded as `Rebooting(seq, old boot id)` before
-//!   `RebootStarting` is sent and before the reboot runs. After the restart the driver
+//!   `RebootStarting` is sent and before the reboot runs, with the result of the steps before
+//!   it (the exact `Result` frame `RebootComplete` carries after the reboot, so their real
+//!   outcomes and output survive the reboot). After the restart the driver
 //!   compares the boot id: a different one means the reboot happened and `RebootComplete`
 //!   is due; [`State::take_reboot`] clears the record once the gateway has it. The same
 //!   boot id means the agent restarted before the reboot took place (it died between
@@ -165,7 +167,13 @@ pub enum CommandRecord {
         steps: u16,
     },
     /// A reboot step was reached; the reboot is under way.
-    Rebooting(RebootRecord),
+    Rebooting {
+        /// Which command, and the boot being left.
+        reboot: RebootRecord,
+        /// The emitted `Result` frame of the command so far (steps before the reboot with their
+        /// real outcomes, the reboot step `Ok`); empty in a record of version 1, which had none.
+        frame: Vec<u8>,
+    },
     /// Finished; the result awaits the gateway's acknowledgement.
     Pending {
         /// Queue sequence number.
@@ -201,7 +209,7 @@ impl CommandRecord {
             CommandRecord::Executing { seq, attempt, .. }
             | CommandRecord::Pending { seq, attempt, .. }
             | CommandRecord::Acked { seq, attempt, .. } => Some((*seq, *attempt)),
-            CommandRecord::Rebooting(r) => Some((r.seq, r.attempt)),
+            CommandRecord::Rebooting { reboot: r, .. } => Some((r.seq, r.attempt)),
         }
     }
 
@@ -211,7 +219,7 @@ impl CommandRecord {
             CommandRecord::Executing { command_id, .. }
             | CommandRecord::Pending { command_id, .. }
             | CommandRecord::Acked { command_id, .. } => *command_id,
-            CommandRecord::Rebooting(r) => r.command_id,
+            CommandRecord::Rebooting { reboot: r, .. } => r.command_id,
         }
     }
 
@@ -219,7 +227,7 @@ impl CommandRecord {
         match self {
             CommandRecord::None => "none",
             CommandRecord::Executing { .. } => "executing",
-            CommandRecord::Rebooting(_) => "rebooting",
+            CommandRecord::Rebooting { .. } => "rebooting",
             CommandRecord::Pending { .. } => "pending",
             CommandRecord::Acked { .. } => "acked",
         }
@@ -440,10 +448,7 @@ impl State {
     /// Records the result of the executing command (before it is sent).
     pub fn record_result(&mut self, result: &CommandResult<'_>) -> Result<(), StateError> {
         self.expect_executing(result.seq, result.attempt, result.command_id)?;
-        let msg = Message::Result(result.clone());
-        let len = msg.buffer_len().map_err(StateError::Encode)?;
-        let mut frame = vec![0u8; len];
-        msg.emit(&mut frame).map_err(StateError::Encode)?;
+        let frame = emit_result(result)?;
         self.set_command(CommandRecord::Pending {
             seq: result.seq,
             attempt: result.attempt,
@@ -473,17 +478,43 @@ impl State {
         }
     }
 
-    /// Records that the executing command reached a reboot step, with the boot id being left.
+    /// Records that the executing command reached a reboot step, with the boot id being left
+    /// and the command's result so far (`result`, which must be the executing command's).
     /// Call before sending `RebootStarting` and before rebooting.
-    pub fn record_reboot(&mut self, record: RebootRecord) -> Result<(), StateError> {
+    pub fn record_reboot(
+        &mut self,
+        record: RebootRecord,
+        result: &CommandResult<'_>,
+    ) -> Result<(), StateError> {
         self.expect_executing(record.seq, record.attempt, record.command_id)?;
-        self.set_command(CommandRecord::Rebooting(record))
+        if (result.seq, result.attempt, result.command_id)
+            != (record.seq, record.attempt, record.command_id)
+        {
+            return Err(StateError::NotExecuting {
+                seq: result.seq,
+                state: self.command.name(),
+            });
+        }
+        let frame = emit_result(result)?;
+        self.set_command(CommandRecord::Rebooting {
+            reboot: record,
+            frame,
+        })
     }
 
     /// The reboot in progress, if any.
     pub fn reboot(&self) -> Option<RebootRecord> {
         match self.command {
-            CommandRecord::Rebooting(r) => Some(r),
+            CommandRecord::Rebooting { reboot, .. } => Some(reboot),
+            _ => None,
+        }
+    }
+
+    /// The result of the rebooting command's steps before the reboot, as recorded with it;
+    /// `None` for a record written by a version-1 agent, which kept none.
+    pub fn reboot_result(&self) -> Option<CommandResult<'_>> {
+        match &self.command {
+            CommandRecord::Rebooting { frame, .. } if !frame.is_empty() => parse_frame(frame).ok(),
             _ => None,
         }
     }
@@ -524,7 +555,7 @@ impl State {
             attempt,
             executing: matches!(
                 self.command,
-                CommandRecord::Executing { .. } | CommandRecord::Rebooting(_)
+                CommandRecord::Executing { .. } | CommandRecord::Rebooting { .. }
             ),
             result: self.pending_result(),
         })
@@ -574,7 +605,7 @@ fn encode_command(record: &CommandRecord) -> Vec<u8> {
     let tag = match record {
         CommandRecord::None => return out,
         CommandRecord::Executing { .. } => TAG_EXECUTING,
-        CommandRecord::Rebooting(_) => TAG_REBOOTING,
+        CommandRecord::Rebooting { .. } => TAG_REBOOTING,
         CommandRecord::Pending { .. } => TAG_PENDING,
         CommandRecord::Acked { .. } => TAG_ACKED,
     };
@@ -586,7 +617,12 @@ fn encode_command(record: &CommandRecord) -> Vec<u8> {
     out.extend_from_slice(&attempt.to_be_bytes());
     match record {
         CommandRecord::Executing { steps, .. } => out.extend_from_slice(&steps.to_be_bytes()),
-        CommandRecord::Rebooting(r) => out.extend_from_slice(&r.old_boot_id),
+        CommandRecord::Rebooting { reboot, frame } => {
+            out.extend_from_slice(&reboot.old_boot_id);
+            let len = u32::try_from(frame.len()).expect("a result frame is far below 4 GiB");
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(frame);
+        }
         CommandRecord::Pending { frame, .. } => {
             let len = u32::try_from(frame.len()).expect("a result frame is far below 4 GiB");
             out.extend_from_slice(&len.to_be_bytes());
@@ -638,12 +674,41 @@ fn decode_command(bytes: &[u8]) -> Result<CommandRecord, &'static str> {
                 steps: u16::from_be_bytes(steps),
             }
         }
-        TAG_REBOOTING => CommandRecord::Rebooting(RebootRecord {
-            seq,
-            attempt,
-            command_id,
-            old_boot_id: body.try_into().map_err(|_| "bad rebooting record")?,
-        }),
+        TAG_REBOOTING => {
+            let (old_boot_id, rest) = body
+                .split_first_chunk::<16>()
+                .ok_or("bad rebooting record")?;
+            let frame = match version {
+                VERSION => {
+                    let (len, frame) = rest
+                        .split_first_chunk::<4>()
+                        .ok_or("bad rebooting record")?;
+                    if u32::from_be_bytes(*len) as usize != frame.len() {
+                        return Err("bad rebooting record length");
+                    }
+                    match parse_frame(frame) {
+                        Ok(r)
+                            if r.seq == seq
+                                && r.command_id == command_id
+                                && r.attempt == attempt => {}
+                        Ok(_) => return Err("rebooting frame is not this command's result"),
+                        Err(_) => return Err("rebooting result frame does not parse"),
+                    }
+                    frame.to_vec()
+                }
+                _ if rest.is_empty() => Vec::new(),
+                _ => return Err("bad rebooting record"),
+            };
+            CommandRecord::Rebooting {
+                reboot: RebootRecord {
+                    seq,
+                    attempt,
+                    command_id,
+                    old_boot_id: *old_boot_id,
+                },
+                frame,
+            }
+        }
         TAG_PENDING => {
             let (len, frame) = body.split_first_chunk::<4>().ok_or("bad pending record")?;
             if u32::from_be_bytes(*len) as usize != frame.len() {
@@ -674,6 +739,15 @@ fn decode_command(bytes: &[u8]) -> Result<CommandRecord, &'static str> {
         _ => return Err("unknown record tag"),
     };
     Ok(record)
+}
+
+/// Emits a result as the `Result` frame the ledger stores.
+fn emit_result(result: &CommandResult<'_>) -> Result<Vec<u8>, StateError> {
+    let msg = Message::Result(result.clone());
+    let len = msg.buffer_len().map_err(StateError::Encode)?;
+    let mut frame = vec![0u8; len];
+    msg.emit(&mut frame).map_err(StateError::Encode)?;
+    Ok(frame)
 }
 
 /// Parses a stored `Result` frame: one whole stream frame (a result with its report may be far
@@ -1105,13 +1179,37 @@ mod tests {
             command_id: 90,
             old_boot_id: [7; 16],
         };
+        // The steps before the reboot, as they ran: an exec that printed, the reboot itself.
+        let before = CommandResult {
+            exit_code: 0,
+            steps: vec![
+                StepResult {
+                    status: StepStatus::Ok,
+                    exit_code: 0,
+                    duration_ms: 830,
+                },
+                StepResult {
+                    status: StepStatus::Ok,
+                    exit_code: 0,
+                    duration_ms: 0,
+                },
+            ],
+            output: b"kernel installed\n",
+            ..result(9, 90)
+        };
         assert!(matches!(
-            s.record_reboot(rec),
+            s.record_reboot(rec, &before),
             Err(StateError::NotExecuting { .. })
         ));
         s.record_executing(9, 1, 90, 2).unwrap();
-        s.record_reboot(rec).unwrap();
+        // Another command's result is refused.
+        assert!(matches!(
+            s.record_reboot(rec, &result(8, 90)),
+            Err(StateError::NotExecuting { seq: 8, .. })
+        ));
+        s.record_reboot(rec, &before).unwrap();
 
+        // The reboot (a new process): record and result are both still there.
         let mut s = State::open(dir.path()).unwrap();
         assert_eq!(
             s.interrupted(),
@@ -1119,6 +1217,7 @@ mod tests {
             "a reboot is not an interrupted command"
         );
         assert_eq!(s.reboot(), Some(rec));
+        assert_eq!(s.reboot_result(), Some(before));
         assert!(!s.should_run(9, 1));
         assert_eq!(s.take_reboot().unwrap(), Some(rec));
         assert_eq!(s.take_reboot().unwrap(), None);
@@ -1213,12 +1312,19 @@ mod tests {
         let mut s = State::open(dir.path()).unwrap();
         s.record_executing(2, 3, 20, 2).unwrap();
         assert!(s.last_executed().unwrap().executing);
-        s.record_reboot(RebootRecord {
-            seq: 2,
+        let r = CommandResult {
             attempt: 3,
-            command_id: 20,
-            old_boot_id: [1; 16],
-        })
+            ..result(2, 20)
+        };
+        s.record_reboot(
+            RebootRecord {
+                seq: 2,
+                attempt: 3,
+                command_id: 20,
+                old_boot_id: [1; 16],
+            },
+            &r,
+        )
         .unwrap();
         let s = State::open(dir.path()).unwrap();
         let last = s.last_executed().unwrap();
@@ -1302,6 +1408,8 @@ mod tests {
                 old_boot_id: [9; 16]
             })
         );
+        // Version 1 kept no result of the steps before the reboot.
+        assert_eq!(s.reboot_result(), None);
         // A damaged version-1 frame is corruption, not a silently different result.
         let mut bad = frame.clone();
         bad[20] ^= 1;

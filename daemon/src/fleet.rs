@@ -149,6 +149,8 @@ pub enum Input {
         attempt: u32,
         /// Its configuration after the reboot.
         report: store::ConfigReport,
+        /// The reboot command's result: the steps before the reboot, as the device ran them.
+        result: store::CommandResult,
     },
     /// A session ended.
     Disconnected {
@@ -816,21 +818,11 @@ impl Fleet {
                 seq,
                 attempt,
                 report,
+                result,
             } => {
-                let cmd = b.command(*device, *seq).ok().flatten();
-                let steps = cmd.map_or(1, |c| c.steps.len());
-                let result = store::CommandResult {
-                    steps: (0..steps)
-                        .map(|_| store::StepResult {
-                            outcome: store::StepOutcome::Ok,
-                            exit_code: Some(0),
-                            output: Vec::new(),
-                            started_ms: now_ms,
-                            finished_ms: now_ms,
-                        })
-                        .collect(),
-                };
-                match b.reboot_completed(*device, *seq, *attempt, report.clone(), result, now_ms) {
+                // The result is the device's own: the steps before the reboot as they ran.
+                let r = result.clone();
+                match b.reboot_completed(*device, *seq, *attempt, report.clone(), r, now_ms) {
                     Ok(status) => {
                         let _ = b.append_event(event(
                             now_ms,
@@ -2192,23 +2184,22 @@ mod tests {
             agent_version: "0.1.0".into(),
             boot_id: boot.into(),
         };
+        // The device's own result of the command: its output before the reboot is kept.
+        let mut result = ok_result(1);
+        result.steps[0].output = b"kernel installed\n".to_vec();
         let a = rig.run(vec![Input::RebootComplete {
             conn: 3,
             device: dev,
             seq: 1,
             attempt: 1,
             report: report("b2"),
+            result: result.clone(),
         }]);
         assert_eq!(dispatched(&a), vec![2], "{a:?}");
-        let d = rig
-            .fleet
-            .store()
-            .snapshot()
-            .unwrap()
-            .device(dev)
-            .unwrap()
-            .unwrap();
+        let snap = rig.fleet.store().snapshot().unwrap();
+        let d = snap.device(dev).unwrap().unwrap();
         assert_eq!(d.report.unwrap().boot_id, "b2");
+        assert_eq!(snap.result(dev, 1).unwrap(), Some(result));
     }
 
     #[test]

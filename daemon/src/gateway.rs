@@ -1497,6 +1497,7 @@ fn event_to_input(
                 seq,
                 attempt: rc.result.attempt,
                 report: report_from_wire(&rc.report),
+                result: result_from_wire(&rc.result, wall_ms),
             })
         }
         GatewayEvent::Completion(frame) => {

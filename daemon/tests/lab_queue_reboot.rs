@@ -405,3 +405,39 @@ fn reports_arrive_after_enrolment_and_from_a_report_step() {
     let row = status_row(&gw, "p1");
     assert_eq!(row["packages"], 3, "{row:#}\n{}", gw.diag());
 }
+
+/// A command whose last step is `reboot`: the results of the steps before it are the ones
+/// the device produced (exit codes, output), kept by the agent across the reboot, not an
+/// invented "all OK, no output".
+#[test]
+fn a_reboot_command_keeps_the_real_results_of_its_earlier_steps() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(2)).expect("lab (see docs/lab.md)");
+    let gw = Gateway::start(lab.host(0), dir, &[]);
+    let spec = AgentSpec::new(&gw, dir, "k1", Some(gw.device_add("k1")));
+    let mut agent = spec.spawn(lab.host(1));
+    gw.wait_online("k1", WAIT, || spec.output());
+    gw.queue_add(
+        "k1",
+        vec![vec![
+            sh("echo preparing the upgrade; sleep 0.2"),
+            sh("echo kernel installed"),
+            StepSpec::Reboot,
+        ]],
+        OnFailureSpec::Stop,
+    );
+    let st = wait_exit(&mut agent, WAIT, || spec.output());
+    assert_eq!(st.code(), Some(REBOOT_EXIT), "{}", spec.output());
+    spec.set_boot_id("22222222-3333-4444-8555-666666666666");
+    let _agent = spec.spawn(lab.host(1));
+    let q = gw.wait_done("k1", WAIT, || spec.output());
+    let c = &q["commands"][0];
+    assert_eq!(c["state"], "ok", "{q:#}");
+    let out = c["output"].as_str().unwrap_or("");
+    assert!(
+        out.contains("preparing the upgrade\n") && out.contains("kernel installed\n"),
+        "the real output of the steps before the reboot: {q:#}"
+    );
+    assert_eq!(c["steps"], 3, "{q:#}");
+}
