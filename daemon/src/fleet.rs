@@ -87,6 +87,8 @@ pub enum Input {
         device: DeviceId,
         /// SHA-256 of the public key in its certificate.
         key_hash: [u8; 32],
+        /// The boot it is on (`Hello.boot_id`).
+        boot_id: [u8; 16],
         /// The last command (and attempt) it executed, and that command's unacknowledged
         /// result.
         last: Option<LastSeen>,
@@ -136,6 +138,8 @@ pub enum Input {
         device: DeviceId,
         /// Command.
         seq: u64,
+        /// The boot it is leaving (`RebootStarting.boot_id`).
+        boot_id: [u8; 16],
     },
     /// The agent is back from a reboot, on a new session.
     RebootComplete {
@@ -324,6 +328,8 @@ struct Online {
     /// The command this session is executing (dispatched, or reported executing in
     /// `Hello.last`, even one the queue no longer has): nothing else is sent until it reports.
     in_flight: Option<u64>,
+    /// The boot the session runs on (hex, as in reports).
+    boot_id: String,
 }
 
 /// What one input's handling may change besides the batch.
@@ -547,6 +553,7 @@ impl Fleet {
                 conn,
                 device,
                 key_hash,
+                boot_id,
                 last,
                 transport,
             } => {
@@ -667,7 +674,14 @@ impl Fleet {
                         task,
                     });
                 }
-                online.insert(*device, Online { conn, in_flight });
+                online.insert(
+                    *device,
+                    Online {
+                        conn,
+                        in_flight,
+                        boot_id: hex(boot_id),
+                    },
+                );
                 dirty.insert(*device);
             }
             Input::Enrol {
@@ -790,9 +804,14 @@ impl Fleet {
                     tracing::warn!(device = device.0, error = %e, "report not stored");
                 }
             }
-            Input::RebootStarting { conn, device, seq } => {
+            Input::RebootStarting {
+                conn,
+                device,
+                seq,
+                boot_id,
+            } => {
                 let deadline = now_ms + cfg.reboot_timeout_ms;
-                match b.reboot_started(*device, *seq, deadline) {
+                match b.reboot_started(*device, *seq, deadline, &hex(boot_id)) {
                     Ok(()) => {
                         let _ = b.append_event(event(
                             now_ms,
@@ -1032,6 +1051,14 @@ impl Fleet {
             }
             _ => return None,
         };
+        // A reboot must come back on another boot than this session's, even if the device's
+        // `RebootStarting` never reaches the store.
+        let sent = sent.and_then(|attempt| {
+            if cmd.has_reboot() {
+                b.boot_at_dispatch(dev, seq, &o.boot_id)?;
+            }
+            Ok(attempt)
+        });
         match sent {
             Ok(attempt) => {
                 o.in_flight = Some(seq);
@@ -1774,6 +1801,8 @@ mod tests {
     use fleetcast_agent::tls::DeviceKey;
 
     const T0: u64 = 1_795_000_000_000;
+    /// The boot every test device's sessions run on.
+    const BOOT: [u8; 16] = [0xB0; 16];
 
     struct Rig {
         _dir: tempfile::TempDir,
@@ -1858,6 +1887,7 @@ mod tests {
                 conn,
                 device: dev,
                 key_hash: key,
+                boot_id: BOOT,
                 last,
                 transport: None,
             }])
@@ -2165,6 +2195,7 @@ mod tests {
             conn: 2,
             device: dev,
             seq: 1,
+            boot_id: BOOT,
         }]);
         assert_eq!(rig.queue(dev).status, QueueStatus::Rebooting);
         rig.run(vec![Input::Disconnected {
@@ -2212,6 +2243,7 @@ mod tests {
             conn: 2,
             device: dev,
             seq: 1,
+            boot_id: BOOT,
         }]);
         rig.run(vec![Input::Disconnected {
             conn: 2,
@@ -2741,5 +2773,50 @@ mod tests {
         rig.hello(3, dev, key, carried);
         assert_eq!(rig.queue(dev).status, QueueStatus::Done);
         assert_eq!(stored_report(&rig, dev).unwrap().os, "Debian 14");
+    }
+
+    /// A device that never reported (no earlier report to compare with) cannot complete a
+    /// reboot on the boot it left: the one `RebootStarting` named, or, when that was lost, the
+    /// boot of the session the command went out on.
+    #[test]
+    fn a_reboot_completion_on_the_boot_left_is_refused_before_any_report() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        add(
+            &mut rig,
+            "n1",
+            vec![vec![StepSpec::Reboot], vec![StepSpec::Reboot]],
+        );
+        assert_eq!(stored_report(&rig, dev), None);
+        let complete = |conn, seq, boot: [u8; 16]| Input::RebootComplete {
+            conn,
+            device: dev,
+            seq,
+            attempt: 1,
+            report: report_with("Debian", &hex(&boot)),
+            result: ok_result(1),
+        };
+        rig.run(vec![Input::RebootStarting {
+            conn: 2,
+            device: dev,
+            seq: 1,
+            boot_id: BOOT,
+        }]);
+        let a = rig.run(vec![complete(2, 1, BOOT)]);
+        assert!(dispatched(&a).is_empty(), "{a:?}");
+        assert_eq!(rig.queue(dev).status, QueueStatus::Rebooting);
+        assert_eq!(events_with(&mut rig, "BootIdUnchanged"), 1);
+        let a = rig.run(vec![complete(2, 1, [0xB1; 16])]);
+        assert_eq!(dispatched(&a), vec![2], "{a:?}");
+
+        // Command 2's RebootStarting is lost (the gateway died): the completion still has to
+        // come from another boot than the session's it was sent on (BOOT).
+        rig.restart();
+        let a = rig.hello(3, dev, key, last(2, 1, None));
+        assert!(dispatched(&a).is_empty(), "{a:?}");
+        let a = rig.run(vec![complete(3, 2, BOOT)]);
+        assert_eq!(rig.queue(dev).status, QueueStatus::AwaitingResult, "{a:?}");
+        assert_eq!(events_with(&mut rig, "BootIdUnchanged"), 2);
     }
 }

@@ -1443,6 +1443,7 @@ fn event_to_input(
                 conn,
                 device: DeviceId(device_id),
                 key_hash,
+                boot_id: h.boot_id,
                 last,
                 transport: ladder::rung_of(h.agent_version),
             })
@@ -1486,6 +1487,7 @@ fn event_to_input(
             conn,
             device: (*device)?,
             seq: rs.seq,
+            boot_id: rs.boot_id,
         }),
         GatewayEvent::RebootComplete { seq, frame, .. } => {
             let Message::RebootComplete(rc) = frame.message() else {

@@ -126,6 +126,12 @@ enum Op {
         dev: DeviceId,
         seq: u64,
         deadline: u64,
+        boot: String,
+    },
+    BootAtDispatch {
+        dev: DeviceId,
+        seq: u64,
+        boot: String,
     },
     RebootCompleted {
         dev: DeviceId,
@@ -523,12 +529,32 @@ impl<'s> Batch<'s> {
         }
     }
 
-    /// The agent announced that `seq` (a command with a `Reboot` step) is rebooting the device.
-    pub fn reboot_started(&mut self, dev: DeviceId, seq: u64, deadline_ms: u64) -> Result<()> {
+    /// The agent announced that `seq` (a command with a `Reboot` step) is rebooting the device,
+    /// leaving boot `boot_id` (`RebootStarting.boot_id`): the reboot completes only on another.
+    pub fn reboot_started(
+        &mut self,
+        dev: DeviceId,
+        seq: u64,
+        deadline_ms: u64,
+        boot_id: &str,
+    ) -> Result<()> {
         self.exec(Op::RebootStarted {
             dev,
             seq,
             deadline: deadline_ms,
+            boot: boot_id.to_owned(),
+        })
+        .map(drop)
+    }
+
+    /// The command in flight, `seq`, was sent to the device's session on boot `boot_id`: a
+    /// reboot it does must come back on another boot, also when its `RebootStarting` never
+    /// reaches the store (then this is the only record of the boot it left).
+    pub fn boot_at_dispatch(&mut self, dev: DeviceId, seq: u64, boot_id: &str) -> Result<()> {
+        self.exec(Op::BootAtDispatch {
+            dev,
+            seq,
+            boot: boot_id.to_owned(),
         })
         .map(drop)
     }
@@ -1018,10 +1044,22 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
             cx.put_queue(*dev, &q)?;
             Ok(Out::Status(q.status))
         }
-        Op::RebootStarted { dev, seq, deadline } => {
+        Op::RebootStarted {
+            dev,
+            seq,
+            deadline,
+            boot,
+        } => {
             let mut q = cx.queue(*dev)?;
             let has_reboot = read::command(&*cx.t, d, *dev, *seq)?.is_some_and(|c| c.has_reboot());
-            q.reboot_started(*seq, has_reboot, *deadline)
+            q.reboot_started(*seq, has_reboot, *deadline, boot)
+                .map_err(|k| Error::illegal(*dev, k))?;
+            cx.put_queue(*dev, &q)?;
+            Ok(Out::Unit)
+        }
+        Op::BootAtDispatch { dev, seq, boot } => {
+            let mut q = cx.queue(*dev)?;
+            q.boot_at_dispatch(*seq, boot)
                 .map_err(|k| Error::illegal(*dev, k))?;
             cx.put_queue(*dev, &q)?;
             Ok(Out::Unit)
@@ -1036,12 +1074,15 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
         } => {
             let mut q = cx.queue(*dev)?;
             let has_reboot = read::command(&*cx.t, d, *dev, *seq)?.is_some_and(|c| c.has_reboot());
-            q.check_reboot_completed(*seq, *attempt, has_reboot)
+            q.check_reboot_completed(*seq, *attempt, has_reboot, &report.boot_id)
                 .map_err(|k| Error::illegal(*dev, k))?;
             let mut x = cx.device(*dev)?;
-            if x.report
-                .as_ref()
-                .is_some_and(|r| r.boot_id == report.boot_id)
+            // A record from before the boot left was kept: the last report's boot is the best
+            // the store knows.
+            if q.boot_left.is_none()
+                && x.report
+                    .as_ref()
+                    .is_some_and(|r| r.boot_id == report.boot_id)
             {
                 return Err(Error::illegal(*dev, Illegal::BootIdUnchanged));
             }

@@ -148,6 +148,8 @@ impl QueueState {
         } else {
             1
         };
+        // Which boot the device runs this attempt on is recorded with it (reboot commands).
+        self.boot_left = None;
         self.cursor = Some(seq);
         self.transmitted_ms = now_ms;
         self.status = QueueStatus::AwaitingResult;
@@ -217,8 +219,14 @@ impl QueueState {
         Ok(())
     }
 
-    /// The agent announced that `seq` is rebooting the device.
-    pub(crate) fn reboot_started(&mut self, seq: u64, has_reboot: bool, deadline_ms: u64) -> R {
+    /// The agent announced that `seq` is rebooting the device, leaving boot `boot_id`.
+    pub(crate) fn reboot_started(
+        &mut self,
+        seq: u64,
+        has_reboot: bool,
+        deadline_ms: u64,
+        boot_id: &str,
+    ) -> R {
         if self.status != QueueStatus::AwaitingResult {
             return Err(wrong("reboot_started", self.status));
         }
@@ -230,6 +238,7 @@ impl QueueState {
         }
         self.status = QueueStatus::Rebooting;
         self.reboot_deadline_ms = deadline_ms;
+        self.boot_left = Some(boot_id.to_owned());
         Ok(())
     }
 
@@ -240,8 +249,16 @@ impl QueueState {
     ///   (the gateway died first); the completion implies the start.
     /// - `failed` with `RebootDeadlineMissed`: the device came back late; the reboot completed
     ///   after all and the queue goes on (the failure stays in the event log).
-    /// The completion must be of the current attempt ([`Illegal::StaleAttempt`] otherwise).
-    pub(crate) fn check_reboot_completed(&self, seq: u64, attempt: u32, has_reboot: bool) -> R {
+    /// The completion must be of the current attempt ([`Illegal::StaleAttempt`] otherwise) and
+    /// on a boot other than the one the device left ([`Illegal::BootIdUnchanged`]), when that
+    /// one is known ([`QueueState::boot_left`]).
+    pub(crate) fn check_reboot_completed(
+        &self,
+        seq: u64,
+        attempt: u32,
+        has_reboot: bool,
+        boot_id: &str,
+    ) -> R {
         let late = self.status == QueueStatus::Failed
             && self.failure == Some(FailReason::RebootDeadlineMissed);
         let lost_start = self.status == QueueStatus::AwaitingResult && has_reboot;
@@ -258,6 +275,22 @@ impl QueueState {
                 current: self.attempt,
             });
         }
+        if self.boot_left.as_deref() == Some(boot_id) {
+            return Err(Illegal::BootIdUnchanged);
+        }
+        Ok(())
+    }
+
+    /// The device runs the cursor command `seq` on boot `boot_id` (its session's): a reboot
+    /// it does must come back on another, even if its `RebootStarting` is never stored.
+    pub(crate) fn boot_at_dispatch(&mut self, seq: u64, boot_id: &str) -> R {
+        if self.status != QueueStatus::AwaitingResult {
+            return Err(wrong("boot_at_dispatch", self.status));
+        }
+        if self.cursor != Some(seq) {
+            return Err(Illegal::NotTransmitted { seq });
+        }
+        self.boot_left = Some(boot_id.to_owned());
         Ok(())
     }
 
@@ -390,15 +423,15 @@ mod tests {
         let mut q = QueueState::default();
         q.enqueue();
         assert!(matches!(
-            q.reboot_started(1, true, 10),
+            q.reboot_started(1, true, 10, "b0"),
             Err(Illegal::WrongStatus { .. })
         ));
         q.mark_transmitted(1, Some(1), 1, 0).unwrap();
         assert_eq!(
-            q.reboot_started(1, false, 10),
+            q.reboot_started(1, false, 10, "b0"),
             Err(Illegal::NotARebootCommand { seq: 1 })
         );
-        q.reboot_started(1, true, 10).unwrap();
+        q.reboot_started(1, true, 10, "b0").unwrap();
         assert_eq!(q.status, QueueStatus::Rebooting);
         assert!(matches!(
             q.mark_transmitted(1, Some(1), 1, 1),
@@ -416,10 +449,15 @@ mod tests {
         assert_eq!(late.status, QueueStatus::Failed);
         assert_eq!(late.failure, Some(FailReason::RebootDeadlineMissed));
         // Coming back late still completes the reboot; the queue then goes on.
-        late.check_reboot_completed(1, 1, true).unwrap();
+        late.check_reboot_completed(1, 1, true, "b1").unwrap();
         late.command_succeeded(false);
         assert_eq!((late.status, late.failure), (QueueStatus::Done, None));
-        q.check_reboot_completed(1, 1, true).unwrap();
+        assert_eq!(
+            q.check_reboot_completed(1, 1, true, "b0"),
+            Err(Illegal::BootIdUnchanged),
+            "back on the boot it left"
+        );
+        q.check_reboot_completed(1, 1, true, "b1").unwrap();
         q.command_succeeded(false);
         assert_eq!(q.status, QueueStatus::Done);
     }
@@ -515,7 +553,7 @@ mod attempt_tests {
         // The next command starts at attempt 1 again.
         assert_eq!(q.mark_transmitted(2, Some(2), 3, 20), Ok(1));
         assert_eq!(
-            q.check_reboot_completed(2, 2, true),
+            q.check_reboot_completed(2, 2, true, "b1"),
             Err(Illegal::StaleAttempt {
                 seq: 2,
                 attempt: 2,
@@ -531,7 +569,7 @@ mod attempt_tests {
             q.enqueue();
             q.mark_transmitted(1, Some(1), 1, 0).unwrap();
             if rebooting {
-                q.reboot_started(1, true, 100).unwrap();
+                q.reboot_started(1, true, 100, "b0").unwrap();
             }
             q.cancel();
             assert_eq!((q.status, q.attempts), (QueueStatus::Idle, 0));

@@ -108,7 +108,7 @@ fn illegal_transitions_are_typed_and_do_not_poison() {
         Illegal::NotNextCommand { .. }
     ));
     b.mark_transmitted(d, 1, 0).unwrap();
-    b.reboot_started(d, 1, 5_000).unwrap();
+    b.reboot_started(d, 1, 5_000, "boot-a").unwrap();
     assert!(matches!(
         illegal(b.mark_transmitted(d, 1, 1).unwrap_err()),
         Illegal::WrongStatus {
@@ -142,7 +142,7 @@ fn reboot_cycle() {
     b.enqueue(d, reboot_cmd()).unwrap();
     b.enqueue(d, exec()).unwrap();
     b.mark_transmitted(d, 1, 10).unwrap();
-    b.reboot_started(d, 1, 10_000).unwrap();
+    b.reboot_started(d, 1, 10_000, "boot-a").unwrap();
     b.commit().unwrap();
     let mut b = s.batch().unwrap();
     assert_eq!(
@@ -182,7 +182,7 @@ fn reboot_cycle() {
     b.mark_transmitted(d, 2, 100).unwrap();
     b.record_result(d, 2, 1, ok()).unwrap();
     b.mark_transmitted(d, 3, 100).unwrap();
-    b.reboot_started(d, 3, 200).unwrap();
+    b.reboot_started(d, 3, 200, "boot-a").unwrap();
     b.reboot_deadline_missed(d, 200).unwrap();
     let q = b.queue(d).unwrap().unwrap();
     assert_eq!(
@@ -568,7 +568,7 @@ proptest! {
                 1 => b.mark_transmitted(d, arg, now).map(drop),
                 2 => b.record_result(d, arg, attempt_of(&before, arg), if arg % 3 == 0 { failed() } else { ok() }).map(drop),
                 3 => b.command_timed_out(d, arg, now).map(drop),
-                4 => b.reboot_started(d, arg, now + 1000).map(drop),
+                4 => b.reboot_started(d, arg, now + 1000, "boot-a").map(drop),
                 5 => b.reboot_completed(d, arg, attempt_of(&before, arg), report(&format!("boot{now}")), ok(), now).map(drop),
                 6 => b.reboot_deadline_missed(d, now).map(drop),
                 7 => if arg % 2 == 0 { b.pause(d) } else { b.resume(d) },
@@ -815,10 +815,80 @@ fn queue_records_written_before_attempts_decode_as_attempt_zero() {
     q.encode(&mut buf);
     assert_eq!(QueueState::decode(&buf).unwrap(), q);
     // The older layout ends before the attempt.
-    let old = &buf[..buf.len() - 4];
+    // Older layouts end before the boot left (1 byte when none), and before the attempt.
+    let no_boot = &buf[..buf.len() - 1];
+    assert_eq!(QueueState::decode(no_boot).unwrap(), q);
+    let old = &buf[..buf.len() - 5];
     assert_eq!(
         QueueState::decode(old).unwrap(),
         QueueState { attempt: 0, ..q }
     );
-    assert!(QueueState::decode(&buf[..buf.len() - 2]).is_err());
+    assert!(QueueState::decode(&buf[..buf.len() - 3]).is_err());
+    let with_boot = QueueState {
+        boot_left: Some("b1".into()),
+        ..q
+    };
+    buf.clear();
+    with_boot.encode(&mut buf);
+    assert_eq!(QueueState::decode(&buf).unwrap(), with_boot);
+}
+
+/// Before a device's first reboot the store has no report to compare with: the boot the
+/// device left (from `RebootStarting`, or the boot of the session the command was sent on when
+/// that never arrived) is what a completion must differ from.
+#[test]
+fn a_reboot_completes_only_on_a_boot_other_than_the_one_left() {
+    let (_dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    assert!(b.device(d).unwrap().unwrap().report.is_none());
+    b.enqueue(d, reboot_cmd()).unwrap();
+    b.enqueue(d, reboot_cmd()).unwrap();
+    b.mark_transmitted(d, 1, 10).unwrap();
+    b.boot_at_dispatch(d, 1, "boot-a").unwrap();
+    b.reboot_started(d, 1, 10_000, "boot-a").unwrap();
+    assert_eq!(
+        illegal(
+            b.reboot_completed(d, 1, 1, report("boot-a"), ok(), 50)
+                .unwrap_err()
+        ),
+        Illegal::BootIdUnchanged
+    );
+    b.commit().unwrap();
+    drop(s);
+    let mut s = Store::open(_dir.path()).unwrap();
+    let mut b = s.batch().unwrap();
+    assert_eq!(
+        b.queue(d).unwrap().unwrap().boot_left.as_deref(),
+        Some("boot-a"),
+        "durable"
+    );
+    assert_eq!(
+        b.reboot_completed(d, 1, 1, report("boot-b"), ok(), 60)
+            .unwrap(),
+        QueueStatus::Running
+    );
+
+    // The RebootStarting of command 2 never reached the store (the gateway died first): the
+    // boot it was sent on still guards the completion.
+    b.mark_transmitted(d, 2, 70).unwrap();
+    assert_eq!(b.queue(d).unwrap().unwrap().boot_left, None);
+    b.boot_at_dispatch(d, 2, "boot-b").unwrap();
+    assert_eq!(
+        illegal(
+            b.reboot_completed(d, 2, 1, report("boot-b"), ok(), 80)
+                .unwrap_err()
+        ),
+        Illegal::BootIdUnchanged
+    );
+    // Only for the command in flight.
+    assert!(matches!(
+        illegal(b.boot_at_dispatch(d, 1, "boot-x").unwrap_err()),
+        Illegal::NotTransmitted { seq: 1 }
+    ));
+    assert_eq!(
+        b.reboot_completed(d, 2, 1, report("boot-c"), ok(), 90)
+            .unwrap(),
+        QueueStatus::Done
+    );
+    b.commit().unwrap();
 }

@@ -110,7 +110,8 @@ fn child(dir: &Path, seed: u64) {
                     let seq = q.cursor.unwrap();
                     let cmd = b.command(d, seq).unwrap().unwrap();
                     if cmd.has_reboot() {
-                        b.reboot_started(d, seq, now + 10_000).unwrap();
+                        b.reboot_started(d, seq, now + 10_000, "boot-before")
+                            .unwrap();
                     } else {
                         let ok = rng.gen_bool(0.9);
                         // A retried command overwrites its earlier (failed) result.
