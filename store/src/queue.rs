@@ -249,6 +249,7 @@ impl QueueState {
     ///   (the gateway died first); the completion implies the start.
     /// - `failed` with `RebootDeadlineMissed`: the device came back late; the reboot completed
     ///   after all and the queue goes on (the failure stays in the event log).
+    ///
     /// The completion must be of the current attempt ([`Illegal::StaleAttempt`] otherwise) and
     /// on a boot other than the one the device left ([`Illegal::BootIdUnchanged`]), when that
     /// one is known ([`QueueState::boot_left`]).

@@ -31,6 +31,9 @@ use crate::msg::{
 use crate::time::Instant;
 
 /// The agent's first message on a session.
+// A `Hello` carries a whole result (with its report) inline; the value is built once per
+// session and moved once, so boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FirstMessage<'a> {
     /// An enrolled device connects (with its client certificate).
