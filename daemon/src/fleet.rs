@@ -854,7 +854,7 @@ impl Fleet {
                             Some(*device),
                             EventKind::RebootCompleted,
                             format!(
-                                "command {seq}: back with boot id {} (queue {status:?})",
+                                "command {seq}: back with boot id {} (queue {status})",
                                 report.boot_id
                             ),
                         ));
@@ -979,7 +979,7 @@ impl Fleet {
                             now_ms,
                             Some(dev),
                             EventKind::Other,
-                            format!("command {seq} timed out (queue {status:?})"),
+                            format!("command {seq} timed out (queue {status})"),
                         ));
                         // The session did not deliver a result in time: drop it; the agent
                         // resynchronises from Hello when it comes back.
@@ -1122,7 +1122,7 @@ fn store_result(
     };
     let message = match b.record_result(dev, seq, attempt, result.clone()) {
         Ok(store::Recorded::Stored(status)) => format!(
-            "command {seq} {} ({how}queue {status:?})",
+            "command {seq} {} ({how}queue {status})",
             if result.succeeded() {
                 "succeeded"
             } else {
@@ -1526,7 +1526,7 @@ fn device_id(b: &Batch<'_>, name: &str) -> Result<DeviceId, Response> {
 
 fn queue_json(q: &store::QueueState) -> serde_json::Value {
     json!({
-        "status": format!("{:?}", q.status).to_lowercase(),
+        "status": q.status.name(),
         "cursor": q.cursor,
         "completed_through": q.completed_through,
         "pending": q.next_seq.saturating_sub(1).saturating_sub(q.completed_through),
@@ -1591,7 +1591,7 @@ fn admin(
                         "id": d.id.0,
                         "online": online.contains_key(&d.id),
                         "revoked": d.revoked,
-                        "queue": format!("{:?}", q.status).to_lowercase(),
+                        "queue": q.status.name(),
                         "last_seen_ms": d.last_seen_ms,
                         "transport": d.transport.map(|t| format!("{t:?}").to_lowercase()),
                         "boot_id": d.report.as_ref().map(|r| r.boot_id.clone()),
@@ -1733,15 +1733,13 @@ fn admin(
                 let mut rows = Vec::new();
                 for d in b.devices().map_err(err)? {
                     let q = b.queue(d.id).map_err(err)?.unwrap_or_default();
-                    *by_status
-                        .entry(format!("{:?}", q.status).to_lowercase())
-                        .or_default() += 1;
+                    *by_status.entry(q.status.name().to_string()).or_default() += 1;
                     let r = d.report.as_ref();
                     rows.push(json!({
                         "name": d.name,
                         "online": online.contains_key(&d.id),
                         "revoked": d.revoked,
-                        "queue": format!("{:?}", q.status).to_lowercase(),
+                        "queue": q.status.name(),
                         "cursor": q.cursor,
                         "done": q.completed_through,
                         "pending": q.next_seq.saturating_sub(1).saturating_sub(q.completed_through),
@@ -2118,6 +2116,13 @@ mod tests {
             assert_eq!(dispatched(&a), if seq < 3 { vec![seq + 1] } else { vec![] });
         }
         assert_eq!(rig.queue(dev).status, QueueStatus::Done);
+        // The event log names queue states as operators see them, not as Rust debug text.
+        let last = {
+            let snap = rig.fleet.store().snapshot().unwrap();
+            let events = snap.events_from(0, 100).unwrap();
+            events.last().expect("events").1.message.clone()
+        };
+        assert!(last.ends_with("(queue done)"), "{last}");
         // A result for a command that was never sent closes the session.
         let a = rig.run(vec![Input::Result {
             conn: 2,
@@ -2812,7 +2817,10 @@ mod tests {
         let a = rig.run(vec![complete(2, 1, BOOT)]);
         assert!(dispatched(&a).is_empty(), "{a:?}");
         assert_eq!(rig.queue(dev).status, QueueStatus::Rebooting);
-        assert_eq!(events_with(&mut rig, "BootIdUnchanged"), 1);
+        assert_eq!(
+            events_with(&mut rig, "came back with the boot id it had before"),
+            1
+        );
         let a = rig.run(vec![complete(2, 1, [0xB1; 16])]);
         assert_eq!(dispatched(&a), vec![2], "{a:?}");
 
@@ -2823,6 +2831,9 @@ mod tests {
         assert!(dispatched(&a).is_empty(), "{a:?}");
         let a = rig.run(vec![complete(3, 2, BOOT)]);
         assert_eq!(rig.queue(dev).status, QueueStatus::AwaitingResult, "{a:?}");
-        assert_eq!(events_with(&mut rig, "BootIdUnchanged"), 2);
+        assert_eq!(
+            events_with(&mut rig, "came back with the boot id it had before"),
+            2
+        );
     }
 }

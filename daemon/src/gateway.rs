@@ -1433,7 +1433,7 @@ fn event_to_input(
                 reason: if verified {
                     String::new()
                 } else {
-                    format!("{:?}: {}", c.outcome, c.reason)
+                    format!("{}: {}", c.outcome, c.reason)
                 },
             })
         }

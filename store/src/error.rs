@@ -192,8 +192,6 @@ impl std::fmt::Display for Illegal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Illegal::WrongStatus { op, status } => {
-                // The same lower-case names as `fleetcast queue show`.
-                let status = format!("{status:?}").to_lowercase();
                 let op = op.replace('_', " ");
                 write!(f, "{op} is not allowed while the queue is {status}")
             }

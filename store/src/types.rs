@@ -411,7 +411,26 @@ pub enum QueueStatus {
     Done,
 }
 
+impl std::fmt::Display for QueueStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl QueueStatus {
+    /// The lower-case name operators see (`fleetcast queue show`, the event log, errors).
+    pub fn name(self) -> &'static str {
+        match self {
+            QueueStatus::Idle => "idle",
+            QueueStatus::Running => "running",
+            QueueStatus::AwaitingResult => "awaitingresult",
+            QueueStatus::Rebooting => "rebooting",
+            QueueStatus::Paused => "paused",
+            QueueStatus::Failed => "failed",
+            QueueStatus::Done => "done",
+        }
+    }
+
     fn code(self) -> u8 {
         match self {
             QueueStatus::Idle => 0,
