@@ -1263,6 +1263,83 @@ mod tests {
     use crate::convert::sha256;
     use fleetcast_wire::DataBlock;
 
+    /// Each live task holds exactly one entry in the timer set, a turn drives only the tasks
+    /// due or touched, and a task that is over leaves no timer behind (on 127.0.0.1; the
+    /// tasks are catch-up-only ones and nobody NACKs, so nothing is sent).
+    #[test]
+    fn each_task_holds_one_timer_and_leaves_none_when_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.bin");
+        std::fs::write(&path, vec![7u8; 10_000]).unwrap();
+        let mut dist = Distributor::open(McastConfig {
+            addr: Ipv4Addr::LOCALHOST,
+            port: 0,
+            group: Ipv4Addr::new(239, 77, 9, 9),
+            linger: Duration::from_secs(1),
+            warmup: Duration::ZERO,
+            fec_group: 0,
+        })
+        .unwrap();
+        let row = store::Task {
+            path: path.display().to_string(),
+            size: 10_000,
+            block_size: 1000,
+            sha256: [0; 32],
+            group: None,
+            trigger: String::new(),
+            created_ms: 0,
+            then: vec![],
+        };
+        let ip = Some(Ipv4Addr::LOCALHOST.into());
+        for t in [5, 6, 7] {
+            dist.announce_for(
+                TaskId(t),
+                DeviceId(1),
+                ip,
+                || Some(row.clone()),
+                Instant::ZERO,
+            )
+            .unwrap();
+        }
+        assert_eq!(dist.poll_timeout(Instant::ZERO), Some(Instant::ZERO));
+        let mut now = Instant::ZERO;
+        let mut turns = 0;
+        while dist.live() > 0 {
+            assert!(dist.drive(now).is_empty());
+            assert!(dist.touched.is_empty());
+            assert_eq!(dist.timers.len(), dist.live(), "one timer per task");
+            assert_eq!(dist.armed.len(), dist.live());
+            // Only task 6's device reports: its task ends at once, the others linger.
+            if turns == 1 {
+                dist.transfer_done(TaskId(6), DeviceId(1), true);
+                assert_eq!(
+                    dist.poll_timeout(now),
+                    Some(now),
+                    "a touched task is driven"
+                );
+                dist.drive(now);
+                assert_eq!(dist.live(), 2);
+                assert_eq!(dist.timers.len(), 2);
+            }
+            if dist.live() == 0 {
+                break;
+            }
+            now = dist
+                .poll_timeout(now)
+                .expect("a live task has a timer")
+                .max(now);
+            turns += 1;
+            assert!(turns < 100, "the tasks never ended");
+        }
+        assert!(
+            now >= Instant::ZERO + Duration::from_secs(1),
+            "they lingered"
+        );
+        assert!(dist.timers.is_empty() && dist.armed.is_empty());
+        assert_eq!(dist.poll_timeout(now), None);
+        assert_eq!(dist.totals().finished, 3);
+    }
+
     #[test]
     fn triggers_are_validated_and_recorded() {
         let t = PushTrigger {

@@ -249,7 +249,10 @@ mod tests {
         sent(&other, &nack(1, 3, Some(p.cookie), &a.nack_key));
         read_until(&mut dist, 4);
         let moved: SocketAddr = other.local_addr().unwrap();
-        assert_eq!(dist.dists[&5].core.catch_up(1).unwrap().repair_addr(1), Some(moved));
+        assert_eq!(
+            dist.dists[&5].core.catch_up(1).unwrap().repair_addr(1),
+            Some(moved)
+        );
         // A new announce: a new key; the old one no longer counts.
         let b = dist
             .announce_for(
@@ -263,7 +266,15 @@ mod tests {
         assert_ne!(a.nack_key, b.nack_key);
         sent(&dev, &nack(1, 9, None, &a.nack_key));
         read_until(&mut dist, 5);
-        assert_eq!(dist.dists[&5].core.catch_up(1).unwrap().stats().nacks_forged, 2);
+        assert_eq!(
+            dist.dists[&5]
+                .core
+                .catch_up(1)
+                .unwrap()
+                .stats()
+                .nacks_forged,
+            2
+        );
     }
 
     #[test]

@@ -100,7 +100,8 @@ impl TaskNode {
 
     fn announce(&mut self, now: Instant, i: usize) -> bool {
         let ip = sim_addr(NodeId::receiver(i)).ip();
-        self.task.handle_announce(now, device(i), Some(ip), key_of(device(i)))
+        self.task
+            .handle_announce(now, device(i), Some(ip), key_of(device(i)))
     }
 
     fn saw(&self, want: impl Fn(&TaskEvent) -> bool) -> bool {
@@ -185,8 +186,7 @@ impl Endpoint for RxNode {
                 _ => core.handle_block(now, b.block),
             };
             let start = b.block as usize * BLOCK as usize;
-            if verdict == BlockVerdict::New && b.payload != &self.file[start..][..b.payload.len()]
-            {
+            if verdict == BlockVerdict::New && b.payload != &self.file[start..][..b.payload.len()] {
                 self.bad_writes += 1;
             }
         }
@@ -301,7 +301,10 @@ fn run(seed: u64) -> Group<TaskNode, RxNode> {
     assert!(!g.sender_mut().announce(now, LATE), "too late to join");
     assert!(g.sender().task.catch_up(device(LATE)).is_some());
     let over = |g: &Group<TaskNode, RxNode>| g.sender().task.is_over();
-    assert!(g.drive_until(over, deadline), "task not over by {deadline:?}");
+    assert!(
+        g.drive_until(over, deadline),
+        "task not over by {deadline:?}"
+    );
     g
 }
 
@@ -315,16 +318,20 @@ fn thousand_receivers_demotion_catch_up_linger_and_end_of_task() {
         let dev = device(i);
         assert!(s.saw(|e| *e == TaskEvent::Demoted(dev)), "{i} not demoted");
         assert!(
-            s.saw(|e| matches!(e, TaskEvent::CatchUpFinished { device, verified: true, repairs }
-                if *device == dev && *repairs > 0)),
+            s.saw(
+                |e| matches!(e, TaskEvent::CatchUpFinished { device, verified: true, repairs }
+                if *device == dev && *repairs > 0)
+            ),
             "{i} not caught up"
         );
     }
     // So was the late joiner, without being demoted.
     let late = device(LATE);
     assert!(!s.saw(|e| *e == TaskEvent::Demoted(late)));
-    assert!(s.saw(|e| matches!(e, TaskEvent::CatchUpFinished { device, verified: true, .. }
-        if *device == late)));
+    assert!(s.saw(
+        |e| matches!(e, TaskEvent::CatchUpFinished { device, verified: true, .. }
+        if *device == late)
+    ));
     // Every receiver but the offline one has the file, byte for byte.
     for (i, r) in g.receivers().iter().enumerate() {
         assert_eq!(r.complete_at.is_some(), i != OFFLINE, "receiver {i}");
