@@ -25,7 +25,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection};
 
 use crate::exec::{self, ExecConfig, Job, Running};
-use crate::ladder::{self, Deadline, Memory, Pipe, Rung, Target};
+use crate::ladder::{self, Deadline, LadderError, Memory, Pipe, Rung, Target};
 use crate::report::{self, AGENT_VERSION};
 use crate::state::{Identity, RebootRecord, State};
 use crate::tls::{self, DeviceKey};
@@ -122,9 +122,25 @@ pub enum AgentError {
     /// Not enrolled and no token given.
     #[error("this device is not enrolled: run with --token TOKEN --name NAME (from `fleetcast device add NAME`)")]
     NotEnrolled,
-    /// The gateway refused us for good (revoked, unknown).
-    #[error("the gateway refused this device: {0}")]
-    Refused(String),
+    /// The gateway refused us for good (revoked, unknown, unauthenticated).
+    #[error("the gateway refused this device: {}: {reason}", .code.name().unwrap_or("?"))]
+    Refused {
+        /// The gateway's close code.
+        code: CloseCode,
+        /// The gateway's reason.
+        reason: String,
+    },
+    /// The gateway refused the enrolment for another reason than the token: final.
+    #[error("the gateway refused this device: enrolment refused ({}): {reason}", .code.name().unwrap_or("?"))]
+    EnrolRefused {
+        /// The gateway's close code.
+        code: CloseCode,
+        /// The gateway's reason.
+        reason: String,
+    },
+    /// The gateway's chain holds no CA with the fingerprint the agent was given.
+    #[error("the gateway refused this device: gateway sent no CA matching the fingerprint")]
+    NoPinnedCa,
     /// The gateway refused the enrolment token (unknown, used or expired): final.
     #[error("the gateway refused the enrolment token for {name:?}: {reason}. A token works once and expires: ask for a new one (`fleetcast device add`)")]
     BadToken {
@@ -139,9 +155,24 @@ pub enum AgentError {
     /// The boot id could not be read.
     #[error(transparent)]
     Report(#[from] crate::report::ReportError),
+    /// A rung's carrier, TLS or round trip failed (the next rung may do better).
+    #[error(transparent)]
+    Link(#[from] LadderError),
     /// I/O outside a session.
     #[error("io: {0}")]
     Io(#[from] io::Error),
+}
+
+impl AgentError {
+    /// The failure of the current rung, when that is what this is (else the error itself):
+    /// the climb goes on to the next rung.
+    fn rung_failure(self) -> Result<LadderError, AgentError> {
+        match self {
+            AgentError::Io(e) => Ok(e.into()),
+            AgentError::Link(e) => Ok(e),
+            e => Err(e),
+        }
+    }
 }
 
 /// How a session ended.
@@ -260,6 +291,7 @@ impl Agent {
                 }
                 Ok(End::Reconnect { immediately: false }) => {}
                 Err(AgentError::Io(e)) => eprintln!("fleetcast-agent: connection failed: {e}"),
+                Err(AgentError::Link(e)) => eprintln!("fleetcast-agent: connection failed: {e}"),
                 Err(AgentError::Connect(e)) => eprintln!("fleetcast-agent: connection failed: {e}"),
                 Err(e) => return Err(e),
             }
@@ -314,7 +346,7 @@ impl Agent {
                 .spawn(move || {
                     std::thread::sleep(delay);
                     if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        let _ = txc.send((rung, Err(io::Error::other("race already won"))));
+                        let _ = txc.send((rung, Err(LadderError::RaceWon)));
                         return;
                     }
                     let deadline = Deadline::after(ladder::epoch(), timeout);
@@ -322,7 +354,7 @@ impl Agent {
                     let _ = txc.send((rung, r));
                 });
             if let Err(e) = spawned {
-                let _ = tx.send((rung, Err(e)));
+                let _ = tx.send((rung, Err(LadderError::Io(e))));
             }
         }
         Race {
@@ -378,7 +410,7 @@ impl Agent {
             });
             let now = self.now();
             let mut s = AgentSession::new(now, SessionConfig::default(), first)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+                .map_err(LadderError::Session)?;
             let mut enrolled = None;
             let mut closed = None;
             self.probe = Some(Deadline::after(
@@ -411,26 +443,23 @@ impl Agent {
                             name,
                             reason: c.reason,
                         },
-                        code => AgentError::Refused(format!(
-                            "enrolment refused ({}): {}",
-                            code.name().unwrap_or("?"),
-                            c.reason
-                        )),
+                        code => AgentError::EnrolRefused {
+                            code,
+                            reason: c.reason,
+                        },
                     });
                 }
-                (None, _, Err(AgentError::Io(e))) => {
+                (None, _, Err(e)) => {
+                    let e = e.rung_failure()?;
                     eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
                     failures.push((rung, e));
                 }
-                (None, _, Err(e)) => return Err(e),
                 (None, _, Ok(_)) => {
                     eprintln!(
                         "fleetcast-agent: rung {} closed before Enrolled",
                         rung.name()
                     );
-                    let e =
-                        io::Error::new(io::ErrorKind::ConnectionAborted, "closed before Enrolled");
-                    failures.push((rung, e));
+                    failures.push((rung, LadderError::ClosedBefore("Enrolled")));
                 }
             }
         }
@@ -441,9 +470,7 @@ impl Agent {
         let ca_der: CertificateDer<'static> = match (&self.cfg.ca, pin) {
             (_, Some(fp)) => {
                 let chain = io.tls.peer_certificates().unwrap_or(&[]);
-                tls::pinned_ca(chain, fp).ok_or_else(|| {
-                    AgentError::Refused("gateway sent no CA matching the fingerprint".into())
-                })?
+                tls::pinned_ca(chain, fp).ok_or(AgentError::NoPinnedCa)?
             }
             (CaSource::File(p), None) => tls::load_cert_pem(p)?,
             _ => tls::load_cert_pem(&self.state.ca_path())?,
@@ -516,18 +543,18 @@ impl Agent {
                         "fleetcast-agent: rung {} closed before Welcome",
                         rung.name()
                     );
-                    let e =
-                        io::Error::new(io::ErrorKind::ConnectionAborted, "closed before Welcome");
-                    failures.push((rung, e));
+                    failures.push((rung, LadderError::ClosedBefore("Welcome")));
                 }
-                Err(AgentError::Io(e)) => {
-                    eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
-                    failures.push((rung, e));
-                }
-                Err(e) => {
-                    self.racing = None;
-                    return Err(e);
-                }
+                Err(e) => match e.rung_failure() {
+                    Ok(e) => {
+                        eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
+                        failures.push((rung, e));
+                    }
+                    Err(e) => {
+                        self.racing = None;
+                        return Err(e);
+                    }
+                },
             }
         }
         self.racing = None;
@@ -563,7 +590,7 @@ impl Agent {
                 last,
             };
             AgentSession::new(now, SessionConfig::default(), FirstMessage::Hello(hello))
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
+                .map_err(LadderError::Session)?
         };
         let end = self.pump(&mut io, &mut s, |agent, s, ev| {
             agent.on_event(s, ev, boot_id, hello_last)
@@ -644,11 +671,10 @@ impl Agent {
                 );
                 match info.code {
                     CloseCode::REVOKED | CloseCode::UNKNOWN_DEVICE | CloseCode::UNAUTHENTICATED => {
-                        return Err(AgentError::Refused(format!(
-                            "{}: {}",
-                            info.code.name().unwrap_or("?"),
-                            info.reason
-                        )));
+                        return Err(AgentError::Refused {
+                            code: info.code,
+                            reason: info.reason,
+                        });
                     }
                     _ => {}
                 }
@@ -965,11 +991,7 @@ impl Agent {
             }
             if let Some(d) = &self.probe {
                 if d.expired() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "no Welcome within the rung timeout",
-                    )
-                    .into());
+                    return Err(LadderError::NoWelcome.into());
                 }
                 wait = wait.min(d.remaining());
             }
@@ -990,10 +1012,7 @@ impl Agent {
             match read {
                 Ok(0) => eof = true,
                 Ok(_) => {
-                    let state = io
-                        .tls
-                        .process_new_packets()
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    let state = io.tls.process_new_packets().map_err(LadderError::Tls)?;
                     let mut n = state.plaintext_bytes_to_read();
                     while n > 0 {
                         let k = io.tls.reader().read(&mut buf[..n.min(16 * 1024)])?;
@@ -1030,9 +1049,12 @@ fn send_completion(s: &mut AgentSession, d: &TransferDone) {
     });
 }
 
+/// One rung's outcome in a [`Race`]: its opened carrier, or why it failed.
+type Entrant = (Rung, Result<Io, LadderError>);
+
 /// Carriers of a [`Agent::race`], as they become ready.
 struct Race {
-    rx: std::sync::mpsc::Receiver<(Rung, io::Result<Io>)>,
+    rx: std::sync::mpsc::Receiver<Entrant>,
     outstanding: usize,
     /// Rungs not started yet do not start once the race is dropped (a carrier that opens
     /// anyway is closed when its send fails).
@@ -1049,7 +1071,7 @@ impl Drop for Race {
 impl Race {
     /// Without waiting: a carrier (or failure), `Ok(None)` when none is ready yet, `Err(())`
     /// once every rung has reported.
-    fn try_next(&mut self) -> Result<Option<(Rung, io::Result<Io>)>, ()> {
+    fn try_next(&mut self) -> Result<Option<Entrant>, ()> {
         if self.outstanding == 0 {
             return Err(());
         }
@@ -1064,7 +1086,7 @@ impl Race {
     }
 
     /// The next carrier (or failure); `None` once every rung has reported.
-    fn next(&mut self) -> Option<(Rung, io::Result<Io>)> {
+    fn next(&mut self) -> Option<Entrant> {
         if self.outstanding == 0 {
             return None;
         }
@@ -1080,12 +1102,10 @@ fn open_rung(
     server_name: String,
     config: Arc<ClientConfig>,
     deadline: &Deadline,
-) -> io::Result<Io> {
+) -> Result<Io, LadderError> {
     let mut pipe = ladder::open(rung, target, deadline)?;
-    let name = ServerName::try_from(server_name)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut tls = ClientConnection::new(config, name)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let name = ServerName::try_from(server_name)?;
+    let mut tls = ClientConnection::new(config, name)?;
     ladder::handshake(&mut tls, &mut pipe, deadline)?;
     if rung == Rung::Upgrade {
         ladder::http_upgrade(&mut tls, &mut pipe, &target.host, deadline)?;
@@ -1099,7 +1119,7 @@ struct Io {
 }
 
 impl Io {
-    fn flush(&mut self) -> io::Result<()> {
+    fn flush(&mut self) -> Result<(), LadderError> {
         const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
         self.pipe.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let deadline = Deadline::after(ladder::epoch(), WRITE_TIMEOUT);

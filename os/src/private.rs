@@ -78,7 +78,10 @@ mod tests {
         assert_eq!(mode(&dir), 0o700);
         assert!(!create_private_dir(&dir).unwrap());
         fs::set_permissions(&dir, Permissions::from_mode(0o750)).unwrap();
-        assert_eq!(tighten(&dir, PRIVATE_DIR_MODE).unwrap(), Tightened::From(0o750));
+        assert_eq!(
+            tighten(&dir, PRIVATE_DIR_MODE).unwrap(),
+            Tightened::From(0o750)
+        );
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(tighten(&dir, PRIVATE_DIR_MODE).unwrap(), Tightened::No);
     }
@@ -109,7 +112,10 @@ mod tests {
         );
         fs::write(&f, b"x").unwrap();
         fs::set_permissions(&f, Permissions::from_mode(0o644)).unwrap();
-        assert_eq!(tighten(&f, PRIVATE_FILE_MODE).unwrap(), Tightened::From(0o644));
+        assert_eq!(
+            tighten(&f, PRIVATE_FILE_MODE).unwrap(),
+            Tightened::From(0o644)
+        );
         assert_eq!(mode(&f), 0o600);
         assert_eq!(tighten(&f, PRIVATE_FILE_MODE).unwrap(), Tightened::No);
     }

@@ -594,11 +594,7 @@ impl Gateway {
 
     /// Opens a relay: a non-blocking loopback connection to this gateway's own listener, on
     /// behalf of the agent at `origin`.
-    fn open_relay(
-        &mut self,
-        now: Instant,
-        origin: std::net::IpAddr,
-    ) -> Result<usize, RelayError> {
+    fn open_relay(&mut self, now: Instant, origin: std::net::IpAddr) -> Result<usize, RelayError> {
         if !self.limits.has_room(limits::Class::Relay) {
             return Err(RelayError::BudgetFull);
         }

@@ -460,7 +460,10 @@ mod tests {
             } else {
                 "POST /fleetcast/poll HTTP/1.1\r\n"
             }));
-            assert_eq!(head.contains("Proxy-Authorization: Basic dTpw\r\n"), via_proxy);
+            assert_eq!(
+                head.contains("Proxy-Authorization: Basic dTpw\r\n"),
+                via_proxy
+            );
         }
         // The first request opens a session: no token.
         let first = PollRequest {

@@ -159,7 +159,10 @@ mod tests {
         let proxy = b"HTTP/1.1 200 OK\r\nx-fleetcast-session:  t0k3n \r\nContent-Length: 0\r\n\r\n";
         let r = parse_response(proxy).unwrap();
         assert_eq!((r.session.as_deref(), r.down), (Some("t0k3n"), None));
-        assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\n"), Err(MalformedResponse));
+        assert_eq!(
+            parse_response(b"HTTP/1.1 200 OK\r\n"),
+            Err(MalformedResponse)
+        );
         assert_eq!(parse_response(b"SSH-2.0\r\n\r\n"), Err(MalformedResponse));
         assert_eq!(head_len(b"HTTP/1.1 200 OK\r\n"), None);
     }
