@@ -27,8 +27,8 @@ pub use control::{
     Welcome,
 };
 pub use mcast::{
-    Announce, Completion, Nack, Outcome, Parity, ParityHeader, TransferState, TransferStatus,
-    PARITY_PREFIX_LEN,
+    Announce, Completion, Nack, Outcome, Parity, ParityHeader, Probe, TransferState,
+    TransferStatus, COOKIE_LEN, PARITY_PREFIX_LEN,
 };
 
 /// One fleetcast message, borrowing from the bytes it was parsed from.
@@ -46,6 +46,7 @@ pub enum Message<'a> {
     ResultAck(ResultAck),
     RebootStarting(RebootStarting),
     RebootComplete(RebootComplete<'a>),
+    Report(ConfigReport<'a>),
     Announce(Announce<'a>),
     Data(DataBlock<'a>),
     Nack(Nack),
@@ -53,6 +54,7 @@ pub enum Message<'a> {
     Completion(Completion<'a>),
     TransferStatus(TransferStatus),
     Parity(Parity<'a>),
+    Probe(Probe),
     Close(Close<'a>),
 }
 
@@ -70,6 +72,7 @@ impl<'a> Message<'a> {
             Message::ResultAck(_) => Kind::ResultAck,
             Message::RebootStarting(_) => Kind::RebootStarting,
             Message::RebootComplete(_) => Kind::RebootComplete,
+            Message::Report(_) => Kind::Report,
             Message::Announce(_) => Kind::Announce,
             Message::Data(_) => Kind::Data,
             Message::Nack(_) => Kind::Nack,
@@ -77,6 +80,7 @@ impl<'a> Message<'a> {
             Message::Completion(_) => Kind::Completion,
             Message::TransferStatus(_) => Kind::TransferStatus,
             Message::Parity(_) => Kind::Parity,
+            Message::Probe(_) => Kind::Probe,
             Message::Close(_) => Kind::Close,
         }
     }
@@ -94,8 +98,10 @@ impl<'a> Message<'a> {
             Message::RebootStarting(m) => m.encode(s),
             Message::RebootComplete(m) => {
                 s.u64(m.seq)?;
-                m.report.encode(s)
+                m.report.encode(s)?;
+                m.result.encode(s)
             }
+            Message::Report(m) => m.encode(s),
             Message::Announce(m) => m.encode(s),
             Message::Data(b) | Message::Repair(b) => {
                 s.u32(b.session)?;
@@ -106,6 +112,7 @@ impl<'a> Message<'a> {
             Message::Completion(m) => m.encode(s),
             Message::TransferStatus(m) => m.encode(s),
             Message::Parity(m) => m.encode(s),
+            Message::Probe(m) => m.encode(s),
             Message::Close(m) => m.encode(s),
         }
     }
@@ -126,7 +133,9 @@ impl<'a> Message<'a> {
             Kind::RebootComplete => Message::RebootComplete(RebootComplete {
                 seq: r.u64()?,
                 report: ConfigReport::decode(r)?,
+                result: CommandResult::decode(r)?,
             }),
+            Kind::Report => Message::Report(ConfigReport::decode(r)?),
             Kind::Announce => Message::Announce(Announce::decode(r)?),
             Kind::Data => Message::Data(DataBlock::parse_body(r.rest())?),
             Kind::Nack => Message::Nack(Nack::decode(r)?),
@@ -134,6 +143,7 @@ impl<'a> Message<'a> {
             Kind::Completion => Message::Completion(Completion::decode(r)?),
             Kind::TransferStatus => Message::TransferStatus(TransferStatus::decode(r)?),
             Kind::Parity => Message::Parity(Parity::parse_body(r.rest())?),
+            Kind::Probe => Message::Probe(Probe::decode(r)?),
             Kind::Close => Message::Close(Close::decode(r)?),
         };
         r.clone().finish()?;

@@ -17,6 +17,7 @@ fn result() -> CommandResult<'static> {
     CommandResult {
         command_id: 0x0102_0304_0506_0708,
         seq: 7,
+        attempt: 2,
         exit_code: 0,
         steps: vec![
             StepResult {
@@ -31,6 +32,7 @@ fn result() -> CommandResult<'static> {
             },
         ],
         output: OUTPUT,
+        report: Some(report()),
     }
 }
 
@@ -68,6 +70,8 @@ pub fn all() -> Vec<Message<'static>> {
             boot_id: [0xB1; 16],
             last: Some(LastExecuted {
                 seq: 7,
+                attempt: 2,
+                executing: false,
                 result: Some(result()),
             }),
         }),
@@ -95,6 +99,7 @@ pub fn all() -> Vec<Message<'static>> {
         Message::Dispatch(Dispatch {
             command_id: 0x0102_0304_0506_0708,
             seq: 8,
+            attempt: 1,
             timeout_ms: 600_000,
             steps: vec![
                 Step::Fetch {
@@ -127,7 +132,28 @@ pub fn all() -> Vec<Message<'static>> {
         Message::RebootComplete(RebootComplete {
             seq: 9,
             report: report(),
+            result: CommandResult {
+                command_id: 9,
+                seq: 9,
+                attempt: 1,
+                exit_code: 0,
+                steps: vec![
+                    StepResult {
+                        status: StepStatus::Ok,
+                        exit_code: 0,
+                        duration_ms: 830,
+                    },
+                    StepResult {
+                        status: StepStatus::Ok,
+                        exit_code: 0,
+                        duration_ms: 0,
+                    },
+                ],
+                output: b"linux-image-6.1.0-18 installed\n",
+                report: None,
+            },
         }),
+        Message::Report(report()),
         Message::Announce(Announce {
             task_id: 3,
             session: 0xCAFE,
@@ -137,6 +163,7 @@ pub fn all() -> Vec<Message<'static>> {
             block_size: 1400,
             sha256: [0xD1; 32],
             auth_key: Some([0x4B; 32]),
+            nack_key: Some([0x4E; 32]),
             name: "debian-12.img",
         }),
         Message::Data(DataBlock {
@@ -147,6 +174,8 @@ pub fn all() -> Vec<Message<'static>> {
         Message::Nack(Nack {
             session: 0xCAFE,
             device_id: 17,
+            seq: 300,
+            echo: Some([0xEC; COOKIE_LEN]),
             missing,
         }),
         Message::Repair(DataBlock {
@@ -175,6 +204,9 @@ pub fn all() -> Vec<Message<'static>> {
             parity_count: 256,
             index: 17,
             payload: PAYLOAD,
+        }),
+        Message::Probe(Probe {
+            cookie: [0xEC; COOKIE_LEN],
         }),
         Message::Close(Close {
             code: CloseCode::REVOKED,
