@@ -604,8 +604,8 @@ pub enum ConfigError {
         line: usize,
         /// Key.
         key: &'static str,
-        /// What is wrong, and what the key takes.
-        unfit: Unfit,
+        /// What is wrong, and what the key takes (boxed: errors stay small).
+        unfit: Box<Unfit>,
         /// An example as the file writes it (`leaf = value`).
         example: String,
         /// The line itself, numbered.
@@ -618,8 +618,8 @@ pub enum ConfigError {
         var: String,
         /// Key.
         key: &'static str,
-        /// What is wrong, and what the key takes.
-        unfit: Unfit,
+        /// What is wrong, and what the key takes (boxed: errors stay small).
+        unfit: Box<Unfit>,
         /// An example as the environment writes it (`e.g. VAR=value`).
         example: String,
     },
@@ -669,7 +669,7 @@ pub fn load(
                         path: path.display().to_string(),
                         line: n,
                         key: k.name,
-                        unfit,
+                        unfit: Box::new(unfit),
                         example: format!("{leaf} = {}", k.example),
                         shown: show_line(&text, n),
                     }
@@ -690,7 +690,7 @@ pub fn load(
         let env_err = |unfit: Unfit| ConfigError::Env {
             var: var.clone(),
             key: k.name,
-            unfit,
+            unfit: Box::new(unfit),
             // The example as an environment value: no TOML quotes.
             example: format!("e.g. {var}={}", k.example.replace('"', "")),
         };
