@@ -294,9 +294,9 @@ impl Agent {
                     continue;
                 }
                 Ok(End::Reconnect { immediately: false }) => {}
-                Err(AgentError::Io(e)) => eprintln!("fleetcast-agent: connection failed: {e}"),
-                Err(AgentError::Link(e)) => eprintln!("fleetcast-agent: connection failed: {e}"),
-                Err(AgentError::Connect(e)) => eprintln!("fleetcast-agent: connection failed: {e}"),
+                Err(AgentError::Io(e)) => crate::say!("connection failed: {e}"),
+                Err(AgentError::Link(e)) => crate::say!("connection failed: {e}"),
+                Err(AgentError::Connect(e)) => crate::say!("connection failed: {e}"),
                 Err(e) => return Err(e),
             }
             // A session that reached `Welcome` was a good one: whatever ended it (a proxy
@@ -308,7 +308,7 @@ impl Agent {
             // Jittered exponential back-off, so a fleet does not reconnect in lockstep.
             let jitter = (self.epoch.elapsed().subsec_nanos() as u64 % 1000) as f64 / 1000.0;
             let pause = backoff.mul_f64(0.5 + jitter);
-            eprintln!("fleetcast-agent: reconnecting in {} ms", pause.as_millis());
+            crate::say!("reconnecting in {} ms", pause.as_millis());
             std::thread::sleep(pause);
             backoff = (backoff * 2).min(self.cfg.max_backoff);
         }
@@ -402,7 +402,7 @@ impl Agent {
             let mut io = match r {
                 Ok(io) => io,
                 Err(e) => {
-                    eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
+                    crate::say!("rung {} failed: {e}", rung.name());
                     failures.push((rung, e));
                     continue;
                 }
@@ -455,14 +455,11 @@ impl Agent {
                 }
                 (None, _, Err(e)) => {
                     let e = e.rung_failure()?;
-                    eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
+                    crate::say!("rung {} failed: {e}", rung.name());
                     failures.push((rung, e));
                 }
                 (None, _, Ok(_)) => {
-                    eprintln!(
-                        "fleetcast-agent: rung {} closed before Enrolled",
-                        rung.name()
-                    );
+                    crate::say!("rung {} closed before Enrolled", rung.name());
                     failures.push((rung, LadderError::ClosedBefore("Enrolled")));
                 }
             }
@@ -489,7 +486,7 @@ impl Agent {
             cert_pem,
             ca_pem,
         })?;
-        eprintln!("fleetcast-agent: enrolled as device {device_id}");
+        crate::say!("enrolled as device {device_id}");
         Ok(End::Reconnect { immediately: true })
     }
 
@@ -509,7 +506,7 @@ impl Agent {
         self.better_found = false;
         let (order, network) = self.climb_order();
         let names: Vec<&str> = order.iter().map(|r| r.name()).collect();
-        eprintln!("fleetcast-agent: trying rungs {}", names.join(","));
+        crate::say!("trying rungs {}", names.join(","));
         self.climb_start = ladder::epoch().elapsed();
         let mut failures = Vec::new();
         self.racing = Some(self.race(&order, &config));
@@ -518,14 +515,14 @@ impl Agent {
             let mut io = match r {
                 Ok(io) => io,
                 Err(e) => {
-                    eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
+                    crate::say!("rung {} failed: {e}", rung.name());
                     failures.push((rung, e));
                     continue;
                 }
             };
             if let (Rung::LongPoll, Some(hold)) = (rung, memory.hold(&network)) {
-                eprintln!(
-                    "fleetcast-agent: long-poll: holding at most {} ms (remembered for this network)",
+                crate::say!(
+                    "long-poll: holding at most {} ms (remembered for this network)",
                     hold.as_millis()
                 );
                 io.pipe.set_max_hold(hold);
@@ -543,15 +540,12 @@ impl Agent {
                 Ok(end) if won || matches!(end, End::Exit(_)) => return Ok(end),
                 Err(e) if won => return Err(e),
                 Ok(_) => {
-                    eprintln!(
-                        "fleetcast-agent: rung {} closed before Welcome",
-                        rung.name()
-                    );
+                    crate::say!("rung {} closed before Welcome", rung.name());
                     failures.push((rung, LadderError::ClosedBefore("Welcome")));
                 }
                 Err(e) => match e.rung_failure() {
                     Ok(e) => {
-                        eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
+                        crate::say!("rung {} failed: {e}", rung.name());
                         failures.push((rung, e));
                     }
                     Err(e) => {
@@ -696,8 +690,8 @@ impl Agent {
                 self.state.ack(seq)?;
             }
             AgentEvent::Closed(info) => {
-                eprintln!(
-                    "fleetcast-agent: session closed by the {} ({}): {}",
+                crate::say!(
+                    "session closed by the {} ({}): {}",
                     if info.by_peer { "gateway" } else { "agent" },
                     info.code.name().unwrap_or("?"),
                     info.reason
@@ -747,10 +741,7 @@ impl Agent {
             std::net::IpAddr::V4(group),
         ) = (self.link, a.group)
         else {
-            eprintln!(
-                "fleetcast-agent: task {}: only IPv4 multicast is supported",
-                a.task_id
-            );
+            crate::say!("task {}: only IPv4 multicast is supported", a.task_id);
             return;
         };
         let spec = TransferSpec {
@@ -771,10 +762,7 @@ impl Agent {
         };
         match Transfer::spawn(spec) {
             Ok(t) => {
-                eprintln!(
-                    "fleetcast-agent: receiving task {} ({} bytes)",
-                    a.task_id, a.size
-                );
+                crate::say!("receiving task {} ({} bytes)", a.task_id, a.size);
                 // Joined: tell the gateway at once (a `min_ready` trigger counts these).
                 let _ = s.send_transfer_status(&t.status());
                 self.transfers.insert(a.task_id, t);
@@ -814,7 +802,7 @@ impl Agent {
         }
         for (task, d) in ended {
             self.transfers.remove(&task);
-            eprintln!("fleetcast-agent: task {task}: {:?} {}", d.outcome, d.reason);
+            crate::say!("task {task}: {} {}", d.outcome, d.reason);
             send_completion(s, &d);
             self.finished.insert(task, d);
         }
@@ -860,8 +848,10 @@ impl Agent {
             RebootAction::Exit(code) => End::Exit(*code),
             RebootAction::Command(argv) => {
                 if let Some((prog, args)) = argv.split_first() {
-                    let st = std::process::Command::new(prog).args(args).status();
-                    eprintln!("fleetcast-agent: reboot command {prog:?} finished: {st:?}");
+                    match std::process::Command::new(prog).args(args).status() {
+                        Ok(st) => crate::say!("reboot command `{prog}` finished: {st}"),
+                        Err(e) => crate::say!("reboot command `{prog}` failed to start: {e}"),
+                    }
                 }
                 // Still alive: wait for the machine to go down, reconnect if it does not.
                 std::thread::sleep(Duration::from_secs(60));
@@ -878,13 +868,13 @@ impl Agent {
         };
         let since_start = ladder::epoch().elapsed();
         let ms = since_start.saturating_sub(self.climb_start).as_millis();
-        eprintln!(
-            "fleetcast-agent: connected via rung {} in {ms} ms ({} ms since start; network {network})",
+        crate::say!(
+            "connected via rung {} in {ms} ms ({} ms since start; network {network})",
             rung.name(),
             since_start.as_millis()
         );
         if let Err(e) = Memory::new(&self.cfg.state_dir).set(&network, rung) {
-            eprintln!("fleetcast-agent: cannot remember the rung: {e}");
+            crate::say!("cannot remember the rung: {e}");
         }
         let best = self.cfg.ladder.rungs.iter().map(|r| r.rank()).min();
         self.upgrade_at = (best.is_some_and(|b| b < rung.rank()))
@@ -897,7 +887,7 @@ impl Agent {
             return;
         };
         if let Err(e) = Memory::new(&self.cfg.state_dir).set_hold(network, hold) {
-            eprintln!("fleetcast-agent: cannot remember the long-poll hold: {e}");
+            crate::say!("cannot remember the long-poll hold: {e}");
         }
     }
 
@@ -911,10 +901,7 @@ impl Agent {
             loop {
                 match race.try_next() {
                     Ok(Some((rung, Ok(_carrier)))) => {
-                        eprintln!(
-                            "fleetcast-agent: rung {} passes again: moving up",
-                            rung.name()
-                        );
+                        crate::say!("rung {} passes again: moving up", rung.name());
                         self.upgrade_probe = None;
                         self.better_found = true;
                         break;
@@ -1009,7 +996,7 @@ impl Agent {
             }
             if s.is_closed() || eof {
                 if !s.is_closed() {
-                    eprintln!("fleetcast-agent: the connection ended without a Close");
+                    crate::say!("the connection ended without a Close");
                 }
                 return Ok(None);
             }

@@ -991,8 +991,8 @@ impl LongPoll {
             n => (MIN_WAIT * (1 << (n - 2).min(8))).min(MAX_RETRY_PAUSE),
         };
         self.retry_at = Some(now + pause);
-        eprintln!(
-            "fleetcast-agent: long-poll exchange failed ({error}); repeating it in {} ms",
+        crate::say!(
+            "long-poll exchange failed ({error}); repeating it in {} ms",
             pause.as_millis()
         );
         Ok(())
@@ -1008,8 +1008,8 @@ impl LongPoll {
         // Whole milliseconds: what the request header and the memory file carry.
         let hold = Duration::from_millis(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX));
         if hold < self.max_hold {
-            eprintln!(
-                "fleetcast-agent: long-poll: the path cut a request held for {} ms; holding at most {} ms from now on",
+            crate::say!(
+                "long-poll: the path cut a request held for {} ms; holding at most {} ms from now on",
                 waited.as_millis(),
                 hold.as_millis()
             );
