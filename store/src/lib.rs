@@ -42,6 +42,7 @@ mod batch;
 mod codec;
 mod env;
 mod error;
+mod ids;
 mod queue;
 mod read;
 mod types;
