@@ -40,6 +40,7 @@
 
 mod batch;
 mod codec;
+mod engine;
 mod env;
 mod error;
 mod ids;
@@ -52,6 +53,7 @@ use std::path::{Path, PathBuf};
 use lmdb::{Environment, RoTransaction};
 
 pub use batch::{Batch, Committed, Recorded};
+pub use engine::{DeviceOps, Engine, EventOps, QueueOps, Reads, StoreBatch, TaskOps};
 pub use env::{INITIAL_MAP_SIZE, SCHEMA_VERSION};
 pub use error::{Error, Illegal, Missing, Result};
 pub use types::{
@@ -185,8 +187,30 @@ impl<'s> Snapshot<'s> {
     fn read_parts(&self) -> Result<(&RoTransaction<'s>, &Dbs)> {
         Ok((&self.txn, self.dbs))
     }
+}
 
+impl Reads for Snapshot<'_> {
     read_methods!();
+}
+
+/// The store's traits, for `use fleetcast_store::prelude::*`: the methods of batches and
+/// snapshots are trait methods (see [`Engine`]).
+pub mod prelude {
+    pub use crate::engine::{DeviceOps, Engine, EventOps, QueueOps, Reads, StoreBatch, TaskOps};
+}
+
+impl Engine for Store {
+    fn batch(&mut self) -> Result<Box<dyn StoreBatch + '_>> {
+        Ok(Box::new(Store::batch(self)?))
+    }
+
+    fn snapshot(&self) -> Result<Box<dyn Reads + '_>> {
+        Ok(Box::new(Store::snapshot(self)?))
+    }
+
+    fn backup(&self, dest: &Path) -> Result<()> {
+        Store::backup(self, dest)
+    }
 }
 
 #[cfg(test)]

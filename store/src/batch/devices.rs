@@ -1,19 +1,17 @@
 //! Devices: enrolment tokens, enrolment, revocation, liveness, reports and groups.
 
 use super::{Batch, Cx};
+use crate::engine::DeviceOps;
 use crate::env;
 use crate::error::{Error, Illegal, Missing, Result};
 use crate::types::{ConfigReport, DeviceId, EnrolmentToken, Transport};
 
-impl Batch<'_> {
-    /// Stores a one-time enrolment token under the hash of its secret.
-    pub fn add_enrolment_token(&mut self, hash: [u8; 32], token: EnrolmentToken) -> Result<()> {
+impl DeviceOps for Batch<'_> {
+    fn add_enrolment_token(&mut self, hash: [u8; 32], token: EnrolmentToken) -> Result<()> {
         self.exec(move |cx| cx.put(cx.d.enrol_tokens, &hash, &token))
     }
 
-    /// Enrols a device with a one-time token (consumed): the device gets the token's name and
-    /// groups and the given credential hash.
-    pub fn enrol(
+    fn enrol(
         &mut self,
         token_hash: [u8; 32],
         credential: [u8; 32],
@@ -23,25 +21,17 @@ impl Batch<'_> {
             .map(DeviceId)
     }
 
-    /// Adds a device directly (operator action, no token).
-    pub fn add_device(
-        &mut self,
-        name: &str,
-        credential: [u8; 32],
-        now_ms: u64,
-    ) -> Result<DeviceId> {
+    fn add_device(&mut self, name: &str, credential: [u8; 32], now_ms: u64) -> Result<DeviceId> {
         let name = name.to_owned();
         self.exec(move |cx| add_device(cx, &name, credential, now_ms))
             .map(DeviceId)
     }
 
-    /// Revokes a device: no more enqueues or transmissions.
-    pub fn revoke(&mut self, dev: DeviceId) -> Result<()> {
+    fn revoke(&mut self, dev: DeviceId) -> Result<()> {
         self.exec(move |cx| revoke(cx, dev))
     }
 
-    /// Records that the device was heard from (and over which transport, if known).
-    pub fn device_seen(
+    fn device_seen(
         &mut self,
         dev: DeviceId,
         now_ms: u64,
@@ -57,8 +47,7 @@ impl Batch<'_> {
         })
     }
 
-    /// Stores a configuration report.
-    pub fn set_report(&mut self, dev: DeviceId, report: ConfigReport, now_ms: u64) -> Result<()> {
+    fn set_report(&mut self, dev: DeviceId, report: ConfigReport, now_ms: u64) -> Result<()> {
         self.exec(move |cx| {
             let mut x = cx.device(dev)?;
             x.last_seen_ms = Some(now_ms);
@@ -67,8 +56,7 @@ impl Batch<'_> {
         })
     }
 
-    /// Adds a device to a group.
-    pub fn join_group(&mut self, group: &str, dev: DeviceId) -> Result<()> {
+    fn join_group(&mut self, group: &str, dev: DeviceId) -> Result<()> {
         let group = group.to_owned();
         self.exec(move |cx| {
             cx.device(dev)?;
@@ -76,8 +64,7 @@ impl Batch<'_> {
         })
     }
 
-    /// Removes a device from a group (no-op if not a member).
-    pub fn leave_group(&mut self, group: &str, dev: DeviceId) -> Result<()> {
+    fn leave_group(&mut self, group: &str, dev: DeviceId) -> Result<()> {
         let group = group.to_owned();
         self.exec(move |cx| cx.del(cx.d.groups, &env::group_key(&group, dev)))
     }

@@ -5,6 +5,7 @@ use lmdb::{Transaction, WriteFlags};
 
 use super::{Batch, Cx};
 use crate::codec::Record;
+use crate::engine::EventOps;
 use crate::env::{self, key2};
 use crate::error::Result;
 use crate::read;
@@ -20,9 +21,8 @@ impl Pruned {
     }
 }
 
-impl Batch<'_> {
-    /// Appends to the event log; returns the event's id.
-    pub fn append_event(&mut self, event: Event) -> Result<EventId> {
+impl EventOps for Batch<'_> {
+    fn append_event(&mut self, event: Event) -> Result<EventId> {
         self.exec(move |cx| {
             let id = read::last_event_id(&*cx.t, cx.d)? + 1;
             event.encode(cx.buf);
@@ -36,17 +36,7 @@ impl Batch<'_> {
         })
     }
 
-    /// Deletes the oldest events while there are more than `keep_max` (0: no count limit) or
-    /// the oldest is older than `older_than_ms` (0: no age limit), at most `limit` of them
-    /// (bounded work: call again while it returns `limit`). The newest event is never
-    /// deleted, so event ids keep increasing and `fleetcast watch` followers never see an id
-    /// reused. Returns how many were deleted.
-    pub fn prune_events(
-        &mut self,
-        older_than_ms: u64,
-        keep_max: u64,
-        limit: usize,
-    ) -> Result<usize> {
+    fn prune_events(&mut self, older_than_ms: u64, keep_max: u64, limit: usize) -> Result<usize> {
         self.exec_if(
             move |cx| prune_events(cx, older_than_ms, keep_max, limit),
             Pruned::wrote,
@@ -54,13 +44,7 @@ impl Batch<'_> {
         .map(|p| p.0)
     }
 
-    /// Deletes the commands (and their results) of finished commands older than the last
-    /// `keep` queue positions of each device (`seq + keep <= completed_through`; pending and
-    /// in-flight commands are never touched), visiting devices from `from` upwards. The work
-    /// is bounded by `limit` steps (one per deleted command, one per device visited).
-    /// Returns how many commands were deleted and the device to resume from (`None`: the
-    /// scan reached the last device). `keep == 0` deletes nothing.
-    pub fn prune_results(
+    fn prune_results(
         &mut self,
         from: DeviceId,
         keep: u64,

@@ -42,6 +42,7 @@ use std::path::Path;
 
 use lmdb::{Environment, RwTransaction, Transaction, WriteFlags};
 
+use crate::engine::{Reads, StoreBatch};
 use crate::env::{self, Dbs};
 use crate::error::{Error, Result};
 use crate::read::{self, read_methods};
@@ -119,8 +120,6 @@ impl<'s> Batch<'s> {
             _ => Err(Error::Poisoned),
         }
     }
-
-    read_methods!();
 
     /// Number of transitions applied so far.
     pub fn len(&self) -> usize {
@@ -258,6 +257,20 @@ impl<'s> Batch<'s> {
 
     /// Discards the batch.
     pub fn abort(self) {}
+}
+
+impl Reads for Batch<'_> {
+    read_methods!();
+}
+
+impl StoreBatch for Batch<'_> {
+    fn len(&self) -> usize {
+        Batch::len(self)
+    }
+
+    fn commit(self: Box<Self>) -> Result<Committed> {
+        Batch::commit(*self)
+    }
 }
 
 /// Begins a write transaction, adopting a map grown by another process (`MDB_MAP_RESIZED`).

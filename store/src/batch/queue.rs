@@ -1,6 +1,7 @@
 //! Command queues: enqueue, transmission, results, timeouts, reboots and operator actions.
 
 use super::{Batch, Cx, Recorded};
+use crate::engine::QueueOps;
 use crate::env::{self, key2};
 use crate::error::{Error, Illegal, Result};
 use crate::queue::AfterFailure;
@@ -10,9 +11,8 @@ use crate::types::{
     StepResult,
 };
 
-impl Batch<'_> {
-    /// Appends a command to a device's queue; returns its sequence number.
-    pub fn enqueue(&mut self, dev: DeviceId, cmd: Command) -> Result<u64> {
+impl QueueOps for Batch<'_> {
+    fn enqueue(&mut self, dev: DeviceId, cmd: Command) -> Result<u64> {
         self.exec(move |cx| {
             validate_command(dev, &cmd)?;
             let mut q = cx.live_queue(dev)?;
@@ -23,28 +23,16 @@ impl Batch<'_> {
         })
     }
 
-    /// Appends a command to the queue of every non-revoked member of a group.
-    pub fn enqueue_group(&mut self, group: &str, cmd: Command) -> Result<Vec<(DeviceId, u64)>> {
+    fn enqueue_group(&mut self, group: &str, cmd: Command) -> Result<Vec<(DeviceId, u64)>> {
         let group = group.to_owned();
         self.exec(move |cx| enqueue_group(cx, &group, &cmd))
     }
 
-    /// The command `seq` is being transmitted at `now_ms` as a new attempt: cursor = `seq`,
-    /// status `awaiting_result`, attempts + 1; returns the attempt number to send (see
-    /// [`QueueState::attempt`](crate::QueueState::attempt)). Only the next pending command may
-    /// be transmitted, or the one in flight again (a retransmission, still counted against
-    /// `max_attempts`).
-    pub fn mark_transmitted(&mut self, dev: DeviceId, seq: u64, now_ms: u64) -> Result<u32> {
+    fn mark_transmitted(&mut self, dev: DeviceId, seq: u64, now_ms: u64) -> Result<u32> {
         self.exec(move |cx| mark_transmitted(cx, dev, seq, now_ms))
     }
 
-    /// The command in flight (`seq`, the cursor) is sent again to a device whose `Hello`
-    /// proves it never received it (it names an older command): unlike
-    /// [`mark_transmitted`](Self::mark_transmitted) this is not counted as an attempt — the
-    /// device never saw the earlier transmission (e.g. the gateway died between commit and
-    /// send). Only the transmission time (and so the result deadline) moves; the attempt
-    /// number it returns is the one already sent.
-    pub fn redeliver(&mut self, dev: DeviceId, seq: u64, now_ms: u64) -> Result<u32> {
+    fn redeliver(&mut self, dev: DeviceId, seq: u64, now_ms: u64) -> Result<u32> {
         self.exec(move |cx| {
             let mut q = cx.live_queue(dev)?;
             let attempt = q
@@ -55,13 +43,7 @@ impl Batch<'_> {
         })
     }
 
-    /// Records the result of attempt `attempt` of `seq`. A retransmitted identical result
-    /// returns [`Recorded::Duplicate`]; a different one for a finished command is
-    /// [`Illegal::ConflictingResult`]; one of an attempt other than the current one is
-    /// [`Illegal::StaleAttempt`]; a result for a command never transmitted is
-    /// [`Illegal::NotTransmitted`]. A failed result is retried while attempts remain, then the
-    /// command's failure policy applies. Output excerpts are cut to their last 4 KiB.
-    pub fn record_result(
+    fn record_result(
         &mut self,
         dev: DeviceId,
         seq: u64,
@@ -72,20 +54,11 @@ impl Batch<'_> {
         self.exec(move |cx| record_result(cx, dev, seq, attempt, &result))
     }
 
-    /// The command in flight got no result by `transmitted + timeout`: retried while attempts
-    /// remain, else the failure policy applies (`Continue` stores a synthetic failed result).
-    pub fn command_timed_out(
-        &mut self,
-        dev: DeviceId,
-        seq: u64,
-        now_ms: u64,
-    ) -> Result<QueueStatus> {
+    fn command_timed_out(&mut self, dev: DeviceId, seq: u64, now_ms: u64) -> Result<QueueStatus> {
         self.exec(move |cx| command_timed_out(cx, dev, seq, now_ms))
     }
 
-    /// The agent announced that `seq` (a command with a `Reboot` step) is rebooting the device,
-    /// leaving boot `boot_id` (`RebootStarting.boot_id`): the reboot completes only on another.
-    pub fn reboot_started(
+    fn reboot_started(
         &mut self,
         dev: DeviceId,
         seq: u64,
@@ -102,10 +75,7 @@ impl Batch<'_> {
         })
     }
 
-    /// The command in flight, `seq`, was sent to the device's session on boot `boot_id`: a
-    /// reboot it does must come back on another boot, also when its `RebootStarting` never
-    /// reaches the store (then this is the only record of the boot it left).
-    pub fn boot_at_dispatch(&mut self, dev: DeviceId, seq: u64, boot_id: &str) -> Result<()> {
+    fn boot_at_dispatch(&mut self, dev: DeviceId, seq: u64, boot_id: &str) -> Result<()> {
         let boot = boot_id.to_owned();
         self.exec(move |cx| {
             let mut q = cx.queue(dev)?;
@@ -115,10 +85,7 @@ impl Batch<'_> {
         })
     }
 
-    /// The device is back from the reboot of attempt `attempt` of `seq` with a *new* boot id:
-    /// stores its report and the reboot command's result, and moves the queue on (as
-    /// [`record_result`](Self::record_result)).
-    pub fn reboot_completed(
+    fn reboot_completed(
         &mut self,
         dev: DeviceId,
         seq: u64,
@@ -131,8 +98,7 @@ impl Batch<'_> {
         self.exec(move |cx| reboot_completed(cx, dev, seq, attempt, &report, &result, now_ms))
     }
 
-    /// The reboot deadline passed: the queue fails with `RebootDeadlineMissed`.
-    pub fn reboot_deadline_missed(&mut self, dev: DeviceId, now_ms: u64) -> Result<()> {
+    fn reboot_deadline_missed(&mut self, dev: DeviceId, now_ms: u64) -> Result<()> {
         self.exec(move |cx| {
             let mut q = cx.queue(dev)?;
             q.reboot_deadline_missed(now_ms)
@@ -141,8 +107,7 @@ impl Batch<'_> {
         })
     }
 
-    /// Pauses the queue (after the command in flight, if any).
-    pub fn pause(&mut self, dev: DeviceId) -> Result<()> {
+    fn pause(&mut self, dev: DeviceId) -> Result<()> {
         self.exec(move |cx| {
             let mut q = cx.queue(dev)?;
             q.pause().map_err(|k| Error::illegal(dev, k))?;
@@ -150,8 +115,7 @@ impl Batch<'_> {
         })
     }
 
-    /// Resumes a paused queue (or withdraws a pending pause request).
-    pub fn resume(&mut self, dev: DeviceId) -> Result<()> {
+    fn resume(&mut self, dev: DeviceId) -> Result<()> {
         self.exec(move |cx| {
             let mut q = cx.queue(dev)?;
             let pending = cx.first_after(dev, q.completed_through)?.is_some();
@@ -160,8 +124,7 @@ impl Batch<'_> {
         })
     }
 
-    /// Retries the failed command of a `failed` queue (attempts reset).
-    pub fn retry(&mut self, dev: DeviceId) -> Result<()> {
+    fn retry(&mut self, dev: DeviceId) -> Result<()> {
         self.exec(move |cx| {
             let mut q = cx.queue(dev)?;
             q.retry().map_err(|k| Error::illegal(dev, k))?;
@@ -169,14 +132,11 @@ impl Batch<'_> {
         })
     }
 
-    /// Skips the failed command of a `failed` queue (a `skipped` result is stored if none).
-    pub fn skip(&mut self, dev: DeviceId) -> Result<()> {
+    fn skip(&mut self, dev: DeviceId) -> Result<()> {
         self.exec(move |cx| skip(cx, dev))
     }
 
-    /// Drops every pending command, the one in flight too (the queue is released at once; a
-    /// late result of it is refused); returns how many.
-    pub fn cancel(&mut self, dev: DeviceId) -> Result<u64> {
+    fn cancel(&mut self, dev: DeviceId) -> Result<u64> {
         self.exec(move |cx| cancel(cx, dev))
     }
 }

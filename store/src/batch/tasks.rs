@@ -1,21 +1,20 @@
 //! Distribution tasks: creation, targets, and each target's progress to completion.
 
 use super::{Batch, Cx};
+use crate::engine::TaskOps;
 use crate::env;
 use crate::error::{Error, Illegal, Missing, Result};
 use crate::read;
 use crate::types::{BlockSet, DeviceId, Task, TaskDeviceStatus, TaskId};
 
-impl Batch<'_> {
-    /// Creates a distribution task with every target `pending`; returns its id.
-    pub fn create_task(&mut self, task: Task, targets: &[DeviceId]) -> Result<TaskId> {
+impl TaskOps for Batch<'_> {
+    fn create_task(&mut self, task: Task, targets: &[DeviceId]) -> Result<TaskId> {
         let targets = targets.to_vec();
         self.exec(move |cx| create_task(cx, &task, &targets))
             .map(TaskId)
     }
 
-    /// Adds a target to a task (`pending`); no-op if it already is one.
-    pub fn add_task_target(&mut self, task: TaskId, dev: DeviceId) -> Result<()> {
+    fn add_task_target(&mut self, task: TaskId, dev: DeviceId) -> Result<()> {
         self.exec(move |cx| {
             read::task(&*cx.t, cx.d, task)?.ok_or(Error::NotFound(Missing::Task(task)))?;
             cx.device(dev)?;
@@ -26,13 +25,11 @@ impl Batch<'_> {
         })
     }
 
-    /// Merges received blocks: `pending`/`in_progress` → `in_progress`.
-    pub fn task_progress(&mut self, task: TaskId, dev: DeviceId, blocks: BlockSet) -> Result<()> {
+    fn task_progress(&mut self, task: TaskId, dev: DeviceId, blocks: BlockSet) -> Result<()> {
         self.exec(move |cx| task_progress(cx, task, dev, &blocks))
     }
 
-    /// `pending`/`in_progress` → `completed` (idempotent on `completed`).
-    pub fn task_completed(&mut self, task: TaskId, dev: DeviceId) -> Result<()> {
+    fn task_completed(&mut self, task: TaskId, dev: DeviceId) -> Result<()> {
         self.exec(move |cx| match cx.task_entry(task, dev)? {
             TaskDeviceStatus::Pending | TaskDeviceStatus::InProgress(_) => {
                 cx.set_task_entry(task, dev, &TaskDeviceStatus::Completed)
@@ -42,8 +39,7 @@ impl Batch<'_> {
         })
     }
 
-    /// `pending`/`in_progress` → `failed(reason)`.
-    pub fn task_failed(&mut self, task: TaskId, dev: DeviceId, reason: &str) -> Result<()> {
+    fn task_failed(&mut self, task: TaskId, dev: DeviceId, reason: &str) -> Result<()> {
         let reason = reason.to_owned();
         self.exec(move |cx| match cx.task_entry(task, dev)? {
             TaskDeviceStatus::Pending | TaskDeviceStatus::InProgress(_) => {
@@ -53,8 +49,7 @@ impl Batch<'_> {
         })
     }
 
-    /// `failed` → `pending`.
-    pub fn task_retry(&mut self, task: TaskId, dev: DeviceId) -> Result<()> {
+    fn task_retry(&mut self, task: TaskId, dev: DeviceId) -> Result<()> {
         self.exec(move |cx| match cx.task_entry(task, dev)? {
             TaskDeviceStatus::Failed(_) => cx.set_task_entry(task, dev, &TaskDeviceStatus::Pending),
             other => Err(task_illegal("task_retry", &other)),
