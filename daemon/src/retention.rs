@@ -57,7 +57,7 @@ pub struct Pass {
 }
 
 /// The incremental pruner.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Pruner {
     cfg: RetentionConfig,
     next: Instant,

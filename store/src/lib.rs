@@ -23,7 +23,7 @@
 //!   in by the caller.
 //!
 //! # Concurrency
-//! One writer (the daemon's loop). `batch` takes `&mut self`, snapshots borrow `&self`, so a
+//! One writer (the daemon's store thread). `batch` takes `&mut self`, snapshots borrow `&self`, so a
 //! map resize can never race an open transaction of this process. Another process (e.g. the
 //! CLI tailing events) may open the same environment through its own `Store`; LMDB's lock
 //! file serialises writers across processes, and a map grown by the other process is adopted

@@ -1,6 +1,6 @@
 //! Write batches: group commit of many transitions in one LMDB write transaction.
 //!
-//! # Driving contract (the daemon's loop)
+//! # Driving contract (the daemon's store thread)
 //! 1. Once per loop iteration, `let mut b = store.batch()?`.
 //! 2. Apply every transition the iteration produced (`b.mark_transmitted(..)`,
 //!    `b.record_result(..)`, ...). Each call validates first and returns a typed refusal
