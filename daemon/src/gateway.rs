@@ -949,58 +949,6 @@ impl Gateway {
         }
     }
 
-    /// Releases the actions of the batch in flight once it is committed, then hands the
-    /// inputs gathered meanwhile (and due deadlines) to the store thread as the next batch.
-    fn process_fleet(&mut self, now: Instant, wall: u64) {
-        if let Some(actions) = self.fleet.take_done() {
-            for a in actions {
-                self.apply(a, now);
-            }
-        }
-        if self.fleet.busy() {
-            return;
-        }
-        let due = self.fleet.next_deadline().is_some_and(|d| d <= wall);
-        if self.inputs.is_empty() && !due {
-            return;
-        }
-        let inputs = std::mem::take(&mut self.inputs);
-        for i in &inputs {
-            match i {
-                Input::Result { .. } => self.counters.results += 1,
-                Input::Admin { .. } | Input::Push { .. } => self.counters.admin_requests += 1,
-                _ => {}
-            }
-        }
-        self.fleet.submit(wall, inputs);
-    }
-
-    /// One bounded retention pass when due (see [`crate::retention`]).
-    fn prune(&mut self, now: Instant, wall: u64) {
-        // Not while a batch is in flight: the pass would wait for its commit.
-        if self.pruner.next_due() > now || self.fleet.busy() {
-            return;
-        }
-        let mut pruner = self.pruner.clone();
-        let (pruner, pass) = self.fleet.call(move |f| {
-            let pass = pruner.run_due(f.store_mut(), now, wall);
-            (pruner, pass)
-        });
-        self.pruner = pruner;
-        match pass {
-            Some(Ok(p)) if p.events + p.results > 0 => {
-                tracing::debug!(
-                    events = p.events,
-                    results = p.results,
-                    more = p.more,
-                    "retention: pruned"
-                );
-            }
-            Some(Err(e)) => tracing::warn!(error = %e, "retention pass failed; retried later"),
-            _ => {}
-        }
-    }
-
     fn lookup(&self, id: ConnId) -> Option<usize> {
         let idx = (id & 0xffff_ffff) as usize;
         self.conns.get(idx).filter(|s| s.id == id).map(|_| idx)
