@@ -57,17 +57,16 @@ const LISTENER: Token = Token(0);
 const ADMIN: Token = Token(1);
 const MCAST: Token = Token(2);
 const ARTIFACTS: Token = Token(3);
-/// Wakes the loop when a pushed file's digest, computed on a thread, is ready.
-const HASHED: Token = Token(usize::MAX - 3);
-/// Wakes the loop when the store thread committed a batch.
-const STORED: Token = Token(usize::MAX - 4);
+/// Wakes the loop from its threads: the store thread committed a batch, or a pushed file's
+/// digest is ready. mio allows one `Waker` per `Poll`, so both share it; a wake-up makes the
+/// loop look at both (taking a finished batch or digest is cheap when there is none).
+const WAKE: Token = Token(usize::MAX - 3);
 const FIRST_CONN: usize = 4;
 // Every fixed token is distinct, the metrics endpoint's included.
 const _: () = assert!(
-    HASHED.0 != metrics::LISTENER.0
+    WAKE.0 != metrics::LISTENER.0
         && EXTRA_LISTENER.0 != metrics::LISTENER.0
-        && HASHED.0 != EXTRA_LISTENER.0
-        && STORED.0 < HASHED.0
+        && WAKE.0 != EXTRA_LISTENER.0
 );
 /// The optional second agent listener (e.g. port 443), far from the connection tokens.
 /// (`usize::MAX - 1` is the metrics listener's: [`metrics::LISTENER`].)
@@ -312,16 +311,14 @@ impl Gateway {
             None => None,
         };
         let server_cfg = fleet.pki().server_config();
-        let fleet = store_thread::StoreThread::spawn(
-            fleet,
-            Arc::new(mio::Waker::new(poll.registry(), STORED)?),
-        )?;
+        let waker = Arc::new(mio::Waker::new(poll.registry(), WAKE)?);
+        let fleet = store_thread::StoreThread::spawn(fleet, Arc::clone(&waker))?;
         let dist = match &cfg.mcast {
             Some(m) => {
                 let mut d = Distributor::open(m.clone())?;
                 poll.registry()
                     .register(d.socket(), MCAST, Interest::READABLE)?;
-                d.set_waker(Arc::new(mio::Waker::new(poll.registry(), HASHED)?));
+                d.set_waker(Arc::clone(&waker));
                 Some(d)
             }
             None => None,
@@ -506,9 +503,8 @@ impl Gateway {
                     ADMIN => self.accept_admin(now),
                     ARTIFACTS => self.accept_artifacts(now),
                     MCAST => self.mcast_ready = true,
-                    HASHED => self.hashed_ready = true,
-                    // The batch's outcome is taken in `process_fleet`.
-                    STORED => {}
+                    // A finished batch is taken in `process_fleet`, a digest here.
+                    WAKE => self.hashed_ready = true,
                     t if metrics::Server::owns(t) => self.metrics_event(t),
                     Token(t) => {
                         let idx = t - FIRST_CONN;
@@ -629,7 +625,7 @@ impl Gateway {
     }
 
     fn poll_timeout(&self, now: Instant, wall: u64, limit: Option<Instant>) -> Duration {
-        // Inputs wait while a batch is in flight: its commit wakes the loop (`STORED`).
+        // Inputs wait while a batch is in flight: its commit wakes the loop (`WAKE`).
         let inputs = !self.inputs.is_empty() && !self.fleet.busy();
         if !self.ready.is_empty() || inputs || self.mcast_ready {
             return Duration::ZERO;
