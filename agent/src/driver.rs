@@ -674,7 +674,9 @@ impl Agent {
         }
         if let Some(t) = self.transfers.get(&a.task_id) {
             if t.key() == a.auth_key {
-                return; // Already receiving.
+                // Already receiving; a new announce (session) brings a new NACK key.
+                t.set_nack_key(a.nack_key);
+                return;
             }
             // A new key (the gateway restarted): restart from the persisted record.
             if let Some(t) = self.transfers.remove(&a.task_id) {
@@ -701,6 +703,7 @@ impl Agent {
             block_size: a.block_size,
             sha256: a.sha256,
             auth_key: a.auth_key,
+            nack_key: a.nack_key,
             name: safe_name(a.name, a.task_id),
             device_id,
             local,

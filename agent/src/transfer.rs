@@ -22,8 +22,11 @@
 //! - [`Transfer::status`] reports the worker's block counts (received, total) for the
 //!   control session's periodic `TransferStatus`; the count only grows.
 //! - The worker stops within one receive timeout (at most 100 ms) of [`Transfer::stop`].
-//! - `Data` arrives on the shared group port; NACKs leave from, and `Repair`s arrive on, a
-//!   unicast socket of this transfer alone.
+//! - `Data` arrives on the shared group port; NACKs leave from, and `Repair`s and `Probe`s
+//!   arrive on, a unicast socket of this transfer alone.
+//! - NACKs carry a tag under this device's own NACK key (from the announce; a later announce
+//!   replaces it, [`Transfer::set_nack_key`]), never the group's data key; a `Probe` counts
+//!   only with a valid tag under that key, and its cookie is then echoed in the NACKs.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -32,14 +35,14 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fleetcast_wire::mcast::{ReceiverConfig, ReceiverEvent, ReedSolomon};
 use fleetcast_wire::{
     DataBlock, Error as WireError, Frame, Instant, Kind, McastReceiver, Message, Outcome, Parity,
-    Ranges, TransferState, TransferStatus, TAG_LEN,
+    Probe, Ranges, TransferState, TransferStatus, TAG_LEN,
 };
 use ring::hmac;
 
@@ -162,6 +165,8 @@ pub struct TransferSpec {
     pub sha256: [u8; 32],
     /// Tag key, when blocks carry tags.
     pub auth_key: Option<[u8; 32]>,
+    /// This device's NACK key, when NACKs carry tags.
+    pub nack_key: Option<[u8; 32]>,
     /// File name (sanitised: one path component).
     pub name: String,
     /// This device (carried in NACKs).
@@ -199,6 +204,8 @@ pub struct Transfer {
     rx: mpsc::Receiver<TransferDone>,
     handle: Option<JoinHandle<()>>,
     key: Option<[u8; 32]>,
+    /// The NACK key the worker tags with (replaced by a later announce).
+    nack_key: Arc<Mutex<Option<[u8; 32]>>>,
 }
 
 /// Block counts the worker publishes for the control session's `TransferStatus` reports
@@ -207,6 +214,9 @@ pub struct Transfer {
 struct Progress {
     received: AtomicU32,
     total: AtomicU32,
+    /// The next NACK's sequence number, kept across receptions of one transfer (the gateway
+    /// takes a number it has seen for a replay).
+    nack_seq: AtomicU32,
 }
 
 /// A file name from an announce reduced to one safe path component.
@@ -227,6 +237,8 @@ impl Transfer {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let key = spec.auth_key;
+        let nack_key = Arc::new(Mutex::new(spec.nack_key));
+        let worker_key = nack_key.clone();
         let (task_id, session) = (spec.task_id, spec.session);
         let flag = stop.clone();
         let progress = Arc::new(Progress::default());
@@ -234,7 +246,8 @@ impl Transfer {
         let handle = std::thread::Builder::new()
             .name(format!("transfer-{}", spec.task_id))
             .spawn(move || {
-                let done = run(&spec, socks, &flag, &published).unwrap_or_else(|e| TransferDone {
+                let shared = (&*published, &*worker_key);
+                let done = run(&spec, socks, &flag, shared).unwrap_or_else(|e| TransferDone {
                     task_id: spec.task_id,
                     session: spec.session,
                     outcome: Outcome::WriteFailed,
@@ -253,6 +266,7 @@ impl Transfer {
             rx,
             handle: Some(handle),
             key,
+            nack_key,
         })
     }
 
@@ -280,6 +294,14 @@ impl Transfer {
     /// The tag key this transfer checks blocks with.
     pub fn key(&self) -> Option<[u8; 32]> {
         self.key
+    }
+
+    /// The NACK key of a later announce (a new control session): the worker tags its NACKs
+    /// with it from now on (the gateway no longer accepts the old one).
+    pub fn set_nack_key(&self, key: Option<[u8; 32]>) {
+        if let Ok(mut k) = self.nack_key.lock() {
+            *k = key;
+        }
     }
 
     /// Stops the worker (its progress is persisted) and waits for it.
@@ -375,8 +397,8 @@ fn accept_block<'a>(
     spec: &TransferSpec,
     key: Option<&hmac::Key>,
     datagram: &'a [u8],
-) -> Result<(u32, u64, &'a [u8]), Reject> {
-    let (_, block, frame) = DataBlock::parse(datagram).map_err(|e| match e {
+) -> Result<(Kind, u32, u64, &'a [u8]), Reject> {
+    let (kind, block, frame) = DataBlock::parse(datagram).map_err(|e| match e {
         WireError::Checksum => Reject::Crc,
         _ => Reject::Malformed,
     })?;
@@ -394,7 +416,70 @@ fn accept_block<'a>(
     if off >= spec.size || block.payload.len() as u64 != want {
         return Err(Reject::Length);
     }
-    Ok((block.block, off, block.payload))
+    Ok((kind, block.block, off, block.payload))
+}
+
+/// The cookie a `Probe` datagram carries, if it parsed (CRC) and carries a valid tag under
+/// this device's NACK key (which names the task and the device).
+fn accept_probe(nack_key: Option<&hmac::Key>, datagram: &[u8]) -> Result<Probe, Reject> {
+    let (msg, frame) = Message::parse_datagram(datagram).map_err(|e| match e {
+        WireError::Checksum => Reject::Crc,
+        _ => Reject::Malformed,
+    })?;
+    let Message::Probe(p) = msg else {
+        return Err(Reject::Malformed);
+    };
+    match nack_key {
+        Some(k) if verify_tag(k, &frame) => Ok(p),
+        _ => Err(Reject::Tag),
+    }
+}
+
+/// Emits the receiver's due NACKs to `dest`, tagged under the current NACK key.
+fn send_nacks(
+    rx: &mut McastReceiver,
+    now: impl Fn() -> Instant,
+    nack_key: &Mutex<Option<[u8; 32]>>,
+    bufs: (&mut Vec<u8>, &mut Vec<u8>),
+    sock: &mio::net::UdpSocket,
+    dest: SocketAddrV4,
+) {
+    let (nack, tagged) = bufs;
+    let key = nack_key
+        .lock()
+        .ok()
+        .and_then(|k| *k)
+        .map(|k| hmac::Key::new(hmac::HMAC_SHA256, &k));
+    loop {
+        nack.clear();
+        if rx.poll_transmit(now(), nack).is_none() {
+            return;
+        }
+        let out: &[u8] = match &key {
+            Some(k) => {
+                let Ok((msg, _)) = Message::parse_datagram(nack) else {
+                    continue;
+                };
+                let need = msg.buffer_len().unwrap_or(0) + TAG_LEN;
+                if tagged.len() < need {
+                    tagged.resize(need, 0);
+                }
+                match msg.emit_authenticated(tagged, |h, b| {
+                    let mut ctx = hmac::Context::with_key(k);
+                    ctx.update(h);
+                    ctx.update(b);
+                    let mut tag = [0u8; TAG_LEN];
+                    tag.copy_from_slice(&ctx.sign().as_ref()[..TAG_LEN]);
+                    tag
+                }) {
+                    Ok(n) => &tagged[..n],
+                    Err(_) => continue,
+                }
+            }
+            None => nack,
+        };
+        let _ = sock.send_to(out, SocketAddr::V4(dest));
+    }
 }
 
 fn paths(spec: &TransferSpec) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
@@ -519,7 +604,7 @@ fn run(
     spec: &TransferSpec,
     socks: (UdpSocket, UdpSocket),
     stop: &AtomicBool,
-    progress: &Progress,
+    (progress, nack_key): (&Progress, &Mutex<Option<[u8; 32]>>),
 ) -> io::Result<TransferDone> {
     let mut attempt = 0;
     loop {
@@ -527,7 +612,7 @@ fn run(
             spec,
             (socks.0.try_clone()?, socks.1.try_clone()?),
             stop,
-            progress,
+            (progress, nack_key),
         )?;
         if d.outcome != Outcome::DigestMismatch
             || attempt >= MISMATCH_RETRIES
@@ -549,7 +634,7 @@ fn run_once(
     spec: &TransferSpec,
     (group_sock, unicast): (UdpSocket, UdpSocket),
     stop: &AtomicBool,
-    progress: &Progress,
+    (progress, nack_key): (&Progress, &Mutex<Option<[u8; 32]>>),
 ) -> io::Result<TransferDone> {
     let (part, rec, fin, marker) = paths(spec);
     // A task finished before (agent restarted, or the completion was lost): re-verify.
@@ -579,13 +664,16 @@ fn run_once(
     file.set_len(spec.size)?;
     let initial = load_record(spec, &rec);
     let seed = spec.device_id ^ spec.task_id.rotate_left(32) ^ epoch.elapsed().as_nanos() as u64;
-    let cfg = ReceiverConfig::new(
-        spec.session,
-        spec.device_id,
-        spec.size,
-        spec.block_size,
-        seed,
-    );
+    let cfg = ReceiverConfig {
+        first_seq: progress.nack_seq.load(Ordering::Relaxed).max(1),
+        ..ReceiverConfig::new(
+            spec.session,
+            spec.device_id,
+            spec.size,
+            spec.block_size,
+            seed,
+        )
+    };
     let mut rx = McastReceiver::new(cfg, initial.as_ref(), now())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let publish = |rx: &McastReceiver| {
@@ -653,36 +741,9 @@ fn run_once(
             rx.handle_timeout(t);
         }
         // Drive the core: NACKs out, then events.
-        loop {
-            nack.clear();
-            let Some(_) = rx.poll_transmit(now(), &mut nack) else {
-                break;
-            };
-            let out: &[u8] = match &key {
-                Some(k) => match Message::parse_datagram(&nack) {
-                    Ok((msg, _)) => {
-                        let need = msg.buffer_len().unwrap_or(0) + TAG_LEN;
-                        if tagged.len() < need {
-                            tagged.resize(need, 0);
-                        }
-                        match msg.emit_authenticated(&mut tagged, |h, b| {
-                            let mut ctx = hmac::Context::with_key(k);
-                            ctx.update(h);
-                            ctx.update(b);
-                            let mut tag = [0u8; TAG_LEN];
-                            tag.copy_from_slice(&ctx.sign().as_ref()[..TAG_LEN]);
-                            tag
-                        }) {
-                            Ok(n) => &tagged[..n],
-                            Err(_) => continue,
-                        }
-                    }
-                    Err(_) => continue,
-                },
-                None => &nack,
-            };
-            let _ = unicast.send_to(out, SocketAddr::V4(nack_dest));
-        }
+        let bufs = (&mut nack, &mut tagged);
+        send_nacks(&mut rx, now, nack_key, bufs, &unicast, nack_dest);
+        progress.nack_seq.store(rx.next_seq(), Ordering::Relaxed);
         while let Some(ev) = rx.poll_event() {
             match ev {
                 ReceiverEvent::PersistDue => {
@@ -715,6 +776,16 @@ fn run_once(
                     let (dgram, from) = batch.get(j);
                     // Parity (FEC repair) only in builds with the `fec` feature (the default):
                     // without it the codec is not linked and parity counts as malformed.
+                    if i == 1 && !batch.truncated[j] && dgram.get(2) == Some(&(Kind::Probe as u8)) {
+                        // The gateway asks us to prove we receive here: echo its cookie.
+                        let k = nack_key.lock().ok().and_then(|k| *k);
+                        let k = k.map(|k| hmac::Key::new(hmac::HMAC_SHA256, &k));
+                        match accept_probe(k.as_ref(), dgram) {
+                            Ok(p) => rx.handle_probe(t, p.cookie),
+                            Err(why) => dropped.count(why),
+                        }
+                        continue;
+                    }
                     if FEC && !batch.truncated[j] && dgram.get(2) == Some(&(Kind::Parity as u8)) {
                         match accept_parity(spec, key.as_ref(), dgram) {
                             Ok(p) => {
@@ -729,7 +800,7 @@ fn run_once(
                     } else {
                         accept_block(spec, key.as_ref(), dgram)
                     };
-                    let (block, off, payload) = match accepted {
+                    let (kind, block, off, payload) = match accepted {
                         Ok(b) => b,
                         Err(why) => {
                             dropped.count(why);
@@ -741,7 +812,10 @@ fn run_once(
                     }
                     if !rx.has(block) {
                         file.write_all_at(payload, off)?;
-                        rx.handle_block(t, block);
+                        match kind {
+                            Kind::Repair => rx.handle_repair(t, block),
+                            _ => rx.handle_block(t, block),
+                        };
                     }
                 }
             }
@@ -851,6 +925,7 @@ mod tests {
             block_size: 1000,
             sha256: [3; 32],
             auth_key: None,
+            nack_key: None,
             name: "f".into(),
             device_id: 9,
             local: Ipv4Addr::LOCALHOST,
@@ -889,8 +964,8 @@ mod tests {
         let other = hmac::Key::new(hmac::HMAC_SHA256, &[8; 32]);
         let block = [0x5a; 1000];
         let good = datagram(1, 3, &block, &key);
-        let (b, off, p) = accept_block(&spec, Some(&key), &good).unwrap();
-        assert_eq!((b, off, p), (3, 3000, &block[..]));
+        let (k, b, off, p) = accept_block(&spec, Some(&key), &good).unwrap();
+        assert_eq!((k, b, off, p), (Kind::Data, 3, 3000, &block[..]));
 
         let mut crc = good.clone();
         crc[100] ^= 1;
@@ -924,6 +999,64 @@ mod tests {
         assert_eq!(
             dropped.to_string(),
             "crc=1 session=2 tag=1 length=2 malformed=1"
+        );
+    }
+
+    /// `msg` as a datagram, tagged under `key` if given.
+    fn emit(msg: &Message<'_>, key: Option<&hmac::Key>) -> Vec<u8> {
+        let mut buf = vec![0u8; msg.buffer_len().unwrap() + TAG_LEN];
+        let n = match key {
+            Some(k) => msg
+                .emit_authenticated(&mut buf, |h, b| {
+                    let mut ctx = hmac::Context::with_key(k);
+                    ctx.update(h);
+                    ctx.update(b);
+                    let mut tag = [0u8; TAG_LEN];
+                    tag.copy_from_slice(&ctx.sign().as_ref()[..TAG_LEN]);
+                    tag
+                })
+                .unwrap(),
+            None => msg.emit(&mut buf).unwrap(),
+        };
+        buf.truncate(n);
+        buf
+    }
+
+    #[test]
+    fn probes_count_only_under_the_devices_nack_key() {
+        let mine = hmac::Key::new(hmac::HMAC_SHA256, &[7; 32]);
+        let other = hmac::Key::new(hmac::HMAC_SHA256, &[8; 32]);
+        let probe = Message::Probe(Probe { cookie: [0xC0; 8] });
+        let good = emit(&probe, Some(&mine));
+        assert_eq!(good.len(), 36, "a probe is smaller than any tagged NACK");
+        assert_eq!(
+            accept_probe(Some(&mine), &good),
+            Ok(Probe { cookie: [0xC0; 8] })
+        );
+        // Anyone may send us a probe; only the gateway's (under our key) is echoed.
+        assert_eq!(accept_probe(Some(&other), &good), Err(Reject::Tag));
+        assert_eq!(
+            accept_probe(Some(&mine), &emit(&probe, Some(&other))),
+            Err(Reject::Tag)
+        );
+        assert_eq!(
+            accept_probe(Some(&mine), &emit(&probe, None)),
+            Err(Reject::Tag)
+        );
+        assert_eq!(accept_probe(None, &good), Err(Reject::Tag));
+        let mut crc = good.clone();
+        crc[14] ^= 1;
+        assert_eq!(accept_probe(Some(&mine), &crc), Err(Reject::Crc));
+        let nack = Message::Nack(fleetcast_wire::Nack {
+            session: 1,
+            device_id: 9,
+            seq: 1,
+            echo: None,
+            missing: Ranges::new(),
+        });
+        assert_eq!(
+            accept_probe(Some(&mine), &emit(&nack, Some(&mine))),
+            Err(Reject::Malformed)
         );
     }
 

@@ -47,6 +47,31 @@ pub struct Config {
     pub admin: AdminSection,
     /// Watched-directory trigger.
     pub watch: WatchSection,
+    /// Retention of the event log and results.
+    pub store: StoreSection,
+}
+
+/// `[store]`: what the event log and the results keep (0: no limit of that kind).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// Events older than this many days are deleted.
+    pub events_keep_days: u64,
+    /// At most this many events are kept.
+    pub events_max: u64,
+    /// Results (with their commands) of the last this many finished commands per device.
+    pub results_per_device: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        let d = crate::retention::RetentionConfig::default();
+        StoreSection {
+            events_keep_days: d.events_keep_days,
+            events_max: d.events_max,
+            results_per_device: d.results_per_device,
+        }
+    }
 }
 
 /// `[watch]`: push every file that appears or changes in a directory.
@@ -155,6 +180,7 @@ impl Default for Config {
             artifacts: ArtifactsSection::default(),
             admin: AdminSection::default(),
             watch: WatchSection::default(),
+            store: StoreSection::default(),
         }
     }
 }
@@ -384,6 +410,27 @@ pub const KEYS: &[Key] = &[
         "a whole number of bytes from 512 to 65000",
         "1400",
         "Block size of the pushes watch.dir triggers, bytes.",
+    ),
+    key(
+        "store.events_keep_days",
+        Int,
+        "a whole number of days from 0 (no age limit) to 36500",
+        "30",
+        "Events older than this many days are deleted from the event log (pruned a little at a time). 0: no age limit.",
+    ),
+    key(
+        "store.events_max",
+        Int,
+        "a whole number of events, 0 for no count limit",
+        "100000",
+        "At most this many events are kept (the oldest go first; the newest always stays). 0: no count limit.",
+    ),
+    key(
+        "store.results_per_device",
+        Int,
+        "a whole number of finished commands, 0 to keep all",
+        "1000",
+        "Per device, the results (with their commands) of the last this many finished commands are kept; older ones are deleted. Pending and running commands are never touched. 0: keep all.",
     ),
     key(
         "admin.metrics_listen",
@@ -818,6 +865,7 @@ impl Config {
             "watch.interval_ms" => range(self.watch.interval_ms, 100, 3_600_000),
             "watch.rate_mbps" => range(self.watch.rate_mbps, 1, 100_000),
             "watch.block_size" => range(self.watch.block_size.into(), 512, 65_000),
+            "store.events_keep_days" => range(self.store.events_keep_days, 0, 36_500),
             _ => Ok(()),
         }
     }
@@ -967,6 +1015,9 @@ mod tests {
         ("watch.interval_ms", "500", "500"),
         ("watch.rate_mbps", "300", "300"),
         ("watch.block_size", "8000", "8000"),
+        ("store.events_keep_days", "7", "7"),
+        ("store.events_max", "5000", "5000"),
+        ("store.results_per_device", "20", "20"),
         (
             "admin.metrics_listen",
             "127.0.0.1:9477",

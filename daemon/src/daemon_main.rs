@@ -356,6 +356,11 @@ fn run(cfg: Config, data: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
             base_url: cfg.artifacts.url.clone(),
         }),
         metrics_listen: cfg.admin.metrics_listen,
+        retention: crate::retention::RetentionConfig {
+            events_keep_days: cfg.store.events_keep_days,
+            events_max: cfg.store.events_max,
+            results_per_device: cfg.store.results_per_device,
+        },
         watch: match (&cfg.watch.dir, &cfg.watch.group) {
             (Some(dir), Some(group)) => Some(crate::watch::WatchConfig {
                 dir: dir.clone(),

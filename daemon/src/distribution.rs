@@ -10,8 +10,10 @@
 //! - Announces go over each target's control session; a device that connects later is
 //!   announced again on `Welcome` and catches up through the same sender: it NACKs what it
 //!   misses, and with a single requester the sender answers with unicast `Repair`s to the
-//!   address the NACK came from. A task whose sender has finished is re-created from the task
-//!   table on demand (it then runs a new first pass).
+//!   device's repair address (the IP of the control session that carried its announce, or an
+//!   address it proved; never merely where a NACK came from, see `nack.rs`). A task whose
+//!   sender has finished is re-created from the task table on demand (it then catches its
+//!   devices up by unicast).
 //! - One UDP socket serves every task: bound to the gateway's unicast address (never a
 //!   wildcard), multicast interface set to that address, TTL 1, loopback off. NACKs arrive on
 //!   it; blocks leave it in `sendmmsg` batches whose payload iovec points into the mapping
@@ -20,21 +22,28 @@
 //! # Invariants
 //! - The session id of task `t` is `t as u32`; NACKs and blocks name it.
 //! - With authentication on (always, here), every block carries a 16-byte HMAC-SHA256 tag
-//!   under the task's key, and a NACK without a valid tag is dropped.
+//!   under the task's key. A NACK counts only with a valid tag under the named device's own
+//!   key (a new one with every announce to it) and a sequence above the device's last
+//!   accepted one; the sender cores check both (`nack.rs`).
 //! - A block the kernel refused with `EAGAIN` is kept in the task's backlog and sent first on
 //!   the next turn, so pacing never turns into silent loss at the sender.
 //! - The task key is derived from a per-process secret and the task id, so every announce of
-//!   one process names the same key; a restarted gateway announces a new one.
+//!   one process names the same key; a restarted gateway announces a new one. Device NACK
+//!   keys and the probe-cookie key are derived from the same secret, and never leave the
+//!   gateway except each device's own key, in its own announce.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fleetcast_store::{self as store, DeviceId, TaskId};
+
+mod nack;
+use nack::NackKeys;
 
 use crate::admin::PushTrigger;
 use fleetcast_wire::data::data_mac_prefix;
@@ -42,7 +51,7 @@ use fleetcast_wire::mcast::{
     Dest, Fec, ReedSolomon, SendParity, SenderConfig, SenderEvent, SenderStats, Transmit,
 };
 use fleetcast_wire::{
-    data_prefix, Announce, Frame, Instant, Kind, McastSender, Message, Parity, DATA_PREFIX_LEN,
+    data_prefix, Announce, Frame, Instant, Kind, McastSender, Parity, DATA_PREFIX_LEN,
     PARITY_PREFIX_LEN, TAG_LEN,
 };
 use ring::hmac;
@@ -259,8 +268,8 @@ pub struct Distribution {
     catch_up_rate: u64,
     /// Counters of this task's catch-up senders that have ended.
     catch_up_done: SenderStats,
-    /// Where each device's NACKs came from: the destination of its unicast repairs.
-    addrs: HashMap<u64, SocketAddrV4>,
+    /// The task's NACK keys (per device, per announce) and probe-cookie key.
+    nack_keys: NackKeys,
     backlog: VecDeque<Transmit>,
     /// Parity of the groups being repaired by FEC.
     fec: FecCache,
@@ -300,6 +309,7 @@ impl Distribution {
         rate_bytes: u64,
         sha256: [u8; 32],
         key_bytes: [u8; 32],
+        nack_keys: NackKeys,
         (linger, fec_group): (Duration, u32),
         targets: Option<&[DeviceId]>,
         now: Instant,
@@ -322,7 +332,7 @@ impl Distribution {
             catch_up: BTreeMap::new(),
             catch_up_rate: rate_bytes.min(CATCH_UP_RATE),
             catch_up_done: SenderStats::default(),
-            addrs: HashMap::new(),
+            nack_keys,
             backlog: VecDeque::new(),
             fec: FecCache::default(),
             no_addr: 0,
@@ -364,6 +374,7 @@ impl Distribution {
             path: d.map.path.display().to_string(),
             why: e.to_string(),
         })?;
+        sender.set_probe_key(d.nack_keys.probe_key());
         for t in targets {
             sender.add_receiver(t.0);
         }
@@ -413,10 +424,31 @@ impl Distribution {
         cfg.burst = 64;
         match McastSender::new_catch_up(cfg, now) {
             Ok(mut c) => {
-                c.add_receiver(device);
+                c.set_probe_key(self.nack_keys.probe_key());
+                // A demoted device keeps its NACK sequence, address and spent budget.
+                let auth = self.group.as_ref().and_then(|g| g.receiver_auth(device));
+                c.add_receiver_with(device, auth.unwrap_or_default());
                 self.catch_up.insert(device, c);
             }
             Err(e) => tracing::error!(task = self.task.0, error = %e, "catch-up not started"),
+        }
+    }
+
+    /// The sender that takes `device`'s NACKs: its catch-up sender if it has one, else the
+    /// group's.
+    fn sender_of(&mut self, device: u64) -> Option<&mut McastSender> {
+        match self.catch_up.get_mut(&device) {
+            Some(c) => Some(c),
+            None => self.group.as_mut(),
+        }
+    }
+
+    /// Where `device`'s unicast repairs go, as the sender serving it knows.
+    fn repair_addr(&self, device: u64) -> Option<SocketAddrV4> {
+        let sender = self.catch_up.get(&device).or(self.group.as_ref())?;
+        match sender.repair_addr(device)? {
+            SocketAddr::V4(a) => Some(a),
+            SocketAddr::V6(_) => None,
         }
     }
 
@@ -830,6 +862,7 @@ impl Distributor {
             rate,
             digest,
             key,
+            NackKeys::new(&self.secret, task),
             (self.cfg.linger, self.cfg.fec_group),
             Some(targets),
             now,
@@ -847,13 +880,16 @@ impl Distributor {
         }
     }
 
-    /// The announce of `task` for `device`. A device joins the multicast while its first
-    /// pass runs; after that (or when the task's sender is gone: the task is re-created from
-    /// the task table) it is caught up by unicast, without a new multicast.
+    /// The announce of `task` for `device`, to go over the device's control session from
+    /// `peer` (that session's address). A device joins the multicast while its first pass
+    /// runs; after that (or when the task's sender is gone: the task is re-created from the
+    /// task table) it is caught up by unicast, without a new multicast. Every announce gives
+    /// the device a new NACK key and binds its repairs to `peer` (or an address it proves).
     pub fn announce_for(
         &mut self,
         task: TaskId,
         device: DeviceId,
+        peer: Option<IpAddr>,
         row: impl FnOnce() -> Option<store::Task>,
         now: Instant,
     ) -> Result<AnnounceOwned, DistError> {
@@ -885,6 +921,7 @@ impl Distributor {
                 CATCH_UP_RATE,
                 t.sha256,
                 key,
+                NackKeys::new(&self.secret, task),
                 (self.cfg.linger, self.cfg.fec_group),
                 None,
                 now,
@@ -904,6 +941,10 @@ impl Distributor {
         if !joined {
             d.start_catch_up(device.0, linger, now);
         }
+        let nack_key = d.nack_keys.next_device_key(device.0);
+        if let Some(s) = d.sender_of(device.0) {
+            s.bind_receiver(device.0, peer, Some(nack_key));
+        }
         Ok(AnnounceOwned {
             task_id: task.0,
             session,
@@ -913,6 +954,7 @@ impl Distributor {
             block_size: d.block_size,
             sha256: d.sha256,
             auth_key: d.key_bytes,
+            nack_key,
             name: d.name.clone(),
         })
     }
@@ -935,46 +977,6 @@ impl Distributor {
                 c.receiver_done(device.0, verified);
             }
         }
-    }
-
-    /// Reads NACK datagrams (at most a budget per call); returns whether more may be waiting.
-    pub fn handle_readable(&mut self, now: Instant) -> bool {
-        for _ in 0..NACK_BUDGET {
-            let (n, from) = match self.sock.recv_from(&mut self.buf) {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::debug!(error = %e, "mcast socket read failed");
-                    return false;
-                }
-            };
-            let SocketAddr::V4(from) = from else { continue };
-            let Ok((Message::Nack(nack), frame)) = Message::parse_datagram(&self.buf[..n]) else {
-                continue;
-            };
-            let Some(d) = self.dists.get_mut(&nack.session) else {
-                continue;
-            };
-            if !verify_tag(&d.key, &frame) {
-                tracing::debug!(%from, "NACK without a valid tag dropped");
-                continue;
-            }
-            d.addrs.insert(nack.device_id, from);
-            let sender = match d.catch_up.get_mut(&nack.device_id) {
-                Some(c) => c,
-                None => match d.group.as_mut() {
-                    Some(g) => g,
-                    None => continue,
-                },
-            };
-            // Close a round that is due before this NACK counts in it.
-            if sender.poll_timeout().is_some_and(|t| t <= now) {
-                sender.handle_timeout(now);
-            }
-            sender.handle_nack(now, nack.device_id, &nack.missing);
-        }
-        true
     }
 
     /// Drives every sender: timers, sends, events. Call after any input and at
@@ -1179,6 +1181,8 @@ pub struct AnnounceOwned {
     pub sha256: [u8; 32],
     /// Tag key.
     pub auth_key: [u8; 32],
+    /// The device's own NACK key.
+    pub nack_key: [u8; 32],
     /// File name.
     pub name: String,
 }
@@ -1195,6 +1199,7 @@ impl AnnounceOwned {
             block_size: self.block_size,
             sha256: self.sha256,
             auth_key: Some(self.auth_key),
+            nack_key: Some(self.nack_key),
             name: &self.name,
         }
     }
@@ -1276,8 +1281,8 @@ fn send_all(
                 Transmit::Block(b) => {
                     let dest = match b.dest {
                         Dest::Group => group,
-                        Dest::Unicast(dev) => match d.addrs.get(&dev) {
-                            Some(a) => *a,
+                        Dest::Unicast(dev) => match d.repair_addr(dev) {
+                            Some(a) => a,
                             None => {
                                 d.no_addr += 1;
                                 continue;

@@ -377,6 +377,12 @@ impl Fleet {
         &self.store
     }
 
+    /// The store for maintenance outside the fleet's batches (retention pruning deletes only
+    /// finished commands and old events, which no fleet state refers to).
+    pub fn store_mut(&mut self) -> &mut Store {
+        &mut self.store
+    }
+
     /// The CA and server identity.
     pub fn pki(&self) -> &Pki {
         &self.pki

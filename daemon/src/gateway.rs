@@ -39,7 +39,16 @@ use crate::metrics;
 use crate::tlsconn::TlsConn;
 use crate::watch::{DirWatch, WatchConfig};
 
+mod admin_conn;
+mod artifact_conn;
 mod ladder;
+mod limits;
+
+use admin_conn::AdminConn;
+use artifact_conn::{artifact_write, ArtifactConn};
+
+pub use limits::Budget;
+use limits::Class;
 
 const LISTENER: Token = Token(0);
 const ADMIN: Token = Token(1);
@@ -92,6 +101,8 @@ pub struct GatewayConfig {
     pub watch: Option<WatchConfig>,
     /// Where the Prometheus metrics endpoint listens (`GET /metrics`); `None`: off.
     pub metrics_listen: Option<SocketAddr>,
+    /// What the event log and the results keep (pruned incrementally by the loop).
+    pub retention: crate::retention::RetentionConfig,
 }
 
 impl Default for GatewayConfig {
@@ -111,6 +122,7 @@ impl Default for GatewayConfig {
             mcast: None,
             watch: None,
             metrics_listen: None,
+            retention: crate::retention::RetentionConfig::default(),
         }
     }
 }
@@ -126,6 +138,10 @@ pub struct ArtifactsConfig {
     /// `None`: `http://` and the bound address.
     pub base_url: Option<String>,
 }
+
+/// Ciphertext read per iteration from a connection not authenticated yet (the handshake and
+/// an `Enrol` need a few KiB).
+const PRE_AUTH_READ_BUDGET: usize = 16 * 1024;
 
 /// Time allowed for one follow-up command of a push (an install, typically).
 const FOLLOW_UP_TIMEOUT_MS: u64 = 600_000;
@@ -174,27 +190,15 @@ struct AgentConn {
     writable_armed: bool,
     /// Which layers the first bytes picked (transport ladder).
     sniff: ladder::Sniffing,
-}
-
-struct AdminConn {
-    sock: UnixStream,
-    inbuf: Vec<u8>,
-    out: Vec<u8>,
-    closing: bool,
-    writable_armed: bool,
-}
-
-/// One artifact download: read the request, then the response head, then the file by
-/// `sendfile(2)` (page cache to socket, no user-space copy), then close.
-struct ArtifactConn {
-    sock: TcpStream,
-    inbuf: Vec<u8>,
-    head: Vec<u8>,
-    /// The file, the next offset, and its length.
-    file: Option<(std::fs::File, u64, u64)>,
-    responding: bool,
-    closing: bool,
-    writable_armed: bool,
+    /// The source address (for a long-poll relay's loopback connection: the address of the
+    /// agent's HTTP requests).
+    peer: std::net::IpAddr,
+    /// TLS authenticated a client certificate of this CA, or (a long-poll request) the
+    /// relay it names carries such a session: counts as an agent, not as an unauthenticated
+    /// connection.
+    authenticated: bool,
+    /// The long-poll relay this (loopback) connection comes from.
+    relay: Option<(usize, ConnId)>,
 }
 
 enum Conn {
@@ -244,6 +248,10 @@ pub struct Gateway {
     metrics: Option<metrics::Server>,
     /// What the loop counts for the metrics.
     counters: metrics::Counters,
+    /// Connection caps, eviction, the enrolment limiter.
+    limits: limits::Limits,
+    /// Retention of events and results.
+    pruner: crate::retention::Pruner,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -283,7 +291,10 @@ impl Gateway {
         let artifacts = match &mut cfg.artifacts {
             Some(a) => {
                 std::fs::create_dir_all(&a.root)?;
-                let mut l = TcpListener::bind(a.listen)?;
+                if std::fs::symlink_metadata(&a.root).is_ok_and(|m| m.file_type().is_symlink()) {
+                    tracing::warn!(dir = %a.root.display(), "the artifact directory is a symlink: nothing in it is served (mount the other disk there instead)");
+                }
+                let mut l = bind_listener(a.listen, cfg.listen_backlog)?;
                 poll.registry()
                     .register(&mut l, ARTIFACTS, Interest::READABLE)?;
                 if a.base_url.is_none() {
@@ -308,7 +319,21 @@ impl Gateway {
             Some(addr) => Some(metrics::Server::bind(addr, poll.registry())?),
             None => None,
         };
+        // Everything is bound: what is left of the descriptor limit is the connections'.
+        let budget = Budget::of_process();
+        tracing::info!(
+            descriptors = budget.descriptors,
+            in_use = budget.in_use,
+            agents = budget.agents,
+            unauthenticated = budget.unauthenticated,
+            artifacts = budget.artifacts,
+            relays = budget.relays,
+            admin = budget.admin,
+            "connection budget"
+        );
         Ok(Gateway {
+            limits: limits::Limits::new(budget),
+            pruner: crate::retention::Pruner::new(cfg.retention),
             metrics,
             counters: metrics::Counters::default(),
             poll,
@@ -451,11 +476,20 @@ impl Gateway {
             }
             let (now, wall) = self.clock.read();
             self.wall_ms = wall;
+            // Listeners paused because their class was full: try again.
+            if self.limits.agents_paused.is_some_and(|t| t <= now) {
+                self.limits.agents_paused = None;
+                self.accept_agents(now);
+            }
+            if self.limits.artifacts_paused.is_some_and(|t| t <= now) {
+                self.limits.artifacts_paused = None;
+                self.accept_artifacts(now);
+            }
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER | EXTRA_LISTENER => self.accept_agents(now),
-                    ADMIN => self.accept_admin(),
-                    ARTIFACTS => self.accept_artifacts(),
+                    ADMIN => self.accept_admin(now),
+                    ARTIFACTS => self.accept_artifacts(now),
                     MCAST => self.mcast_ready = true,
                     HASHED => self.hashed_ready = true,
                     t if metrics::Server::owns(t) => self.metrics_event(t),
@@ -479,6 +513,7 @@ impl Gateway {
                 self.take_hashed(now);
             }
             self.process_fleet(now, wall);
+            self.prune(now, wall);
             self.drive_distributions(now);
             self.flush_touched();
         }
@@ -593,6 +628,10 @@ impl Gateway {
         if let Some(d) = self.fleet.next_deadline() {
             next = next.min(now + Duration::from_millis(d.saturating_sub(wall)));
         }
+        if let Some(t) = self.limits.next_retry() {
+            next = next.min(t.max(now));
+        }
+        next = next.min(self.pruner.next_due().max(now));
         // Round up to whole milliseconds so we never spin on a sub-ms timer.
         let d = next - now;
         Duration::from_millis(d.as_micros().div_ceil(1000) as u64)
@@ -600,13 +639,24 @@ impl Gateway {
 
     fn accept_agents(&mut self, now: Instant) {
         for _ in 0..self.cfg.accept_budget {
+            if self.limits.agents_paused.is_some() {
+                return;
+            }
+            // Room for one more unauthenticated connection, or leave the backlog alone.
+            let Some(victim) = self.room_for(Class::Unauthenticated, now) else {
+                return;
+            };
             match self.accept_one() {
-                Ok((sock, _peer)) => {
+                Ok((sock, peer)) => {
                     if self.conns.len() >= self.cfg.max_connections {
                         drop(sock);
                         tracing::warn!("connection limit reached; refusing");
                         continue;
                     }
+                    if let Some(i) = victim {
+                        self.evict(Class::Unauthenticated, i, now);
+                    }
+                    let (peer, relay) = self.relays.origin(peer);
                     let _ = sock.set_nodelay(true);
                     let tls = match rustls::ServerConnection::new(self.server_cfg.clone()) {
                         Ok(t) => t,
@@ -626,9 +676,12 @@ impl Gateway {
                             closing: false,
                             writable_armed: false,
                             sniff: ladder::Sniffing::Outer,
+                            peer,
+                            authenticated: false,
+                            relay,
                         }))
                     };
-                    let Some((idx, id)) = self.add_conn(sock, wrap) else {
+                    let Some((idx, id)) = self.add_conn(sock, now, wrap) else {
                         continue;
                     };
                     // Handshake timeout: the session core's hello timer starts at handshake
@@ -655,42 +708,12 @@ impl Gateway {
         }
     }
 
-    fn accept_artifacts(&mut self) {
-        for _ in 0..self.cfg.accept_budget {
-            let Some(accepted) = self.artifacts.as_ref().map(|l| l.accept()) else {
-                return;
-            };
-            match accepted {
-                Ok((sock, _)) => {
-                    if self.conns.len() >= self.cfg.max_connections {
-                        continue;
-                    }
-                    self.add_conn(sock, |sock| {
-                        Conn::Artifact(ArtifactConn {
-                            sock,
-                            inbuf: Vec::new(),
-                            head: Vec::new(),
-                            file: None,
-                            responding: false,
-                            closing: false,
-                            writable_armed: false,
-                        })
-                    });
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "artifact accept failed");
-                    return;
-                }
-            }
-        }
-    }
-
     /// Registers a new connection's socket with the poll and stores it in the slab; returns
     /// its slot index and its id (`generation << 32 | index`, never reused).
     fn add_conn<S: mio::event::Source>(
         &mut self,
         mut sock: S,
+        now: Instant,
         wrap: impl FnOnce(S) -> Conn,
     ) -> Option<(usize, ConnId)> {
         let entry = self.conns.vacant_entry();
@@ -709,75 +732,8 @@ impl Gateway {
             id,
             conn: wrap(sock),
         });
+        self.count_new(idx, id, now);
         Some((idx, id))
-    }
-
-    /// Reads an artifact request; once complete, decides the answer (flushed later).
-    fn service_artifact(&mut self, idx: usize) {
-        let Some(root) = self.cfg.artifacts.as_ref().map(|a| a.root.clone()) else {
-            return;
-        };
-        let Conn::Artifact(a) = &mut self.conns[idx].conn else {
-            return;
-        };
-        if a.responding {
-            return;
-        }
-        let mut buf = [0u8; 4096];
-        loop {
-            match a.sock.read(&mut buf) {
-                Ok(0) => {
-                    a.closing = true;
-                    break;
-                }
-                Ok(n) => {
-                    a.inbuf.extend_from_slice(&buf[..n]);
-                    if a.inbuf.len() > artifacts::MAX_REQUEST_HEAD {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    a.closing = true;
-                    break;
-                }
-            }
-        }
-        match artifacts::parse_request(&root, &a.inbuf) {
-            artifacts::Decision::NeedMore if !a.closing => {}
-            artifacts::Decision::NeedMore => {}
-            artifacts::Decision::Respond { head, file } => {
-                a.head = head;
-                a.file = file.map(|(f, len)| (f, 0, len));
-                a.responding = true;
-                a.closing = false;
-                a.inbuf = Vec::new();
-            }
-        }
-    }
-
-    fn accept_admin(&mut self) {
-        loop {
-            match self.admin.accept() {
-                Ok((sock, _)) => {
-                    self.add_conn(sock, |sock| {
-                        Conn::Admin(AdminConn {
-                            sock,
-                            inbuf: Vec::new(),
-                            out: Vec::new(),
-                            closing: false,
-                            writable_armed: false,
-                        })
-                    });
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    return;
-                }
-            }
-        }
     }
 
     fn service_ready(&mut self, now: Instant) {
@@ -798,7 +754,7 @@ impl Gateway {
                 Conn::Agent(_) => self.service_agent(idx, now),
                 Conn::Admin(_) => self.service_admin(idx, id),
                 Conn::Artifact(_) => {
-                    self.service_artifact(idx);
+                    self.service_artifact(idx, now);
                     false
                 }
                 Conn::Relay(_) => self.service_relay(idx),
@@ -821,7 +777,12 @@ impl Gateway {
         let Conn::Agent(c) = &mut slot.conn else {
             return false;
         };
-        let budget = self.cfg.read_budget;
+        // Before authentication a peer needs a handshake and one small Enrol: read little.
+        let budget = if c.authenticated {
+            self.cfg.read_budget
+        } else {
+            self.cfg.read_budget.min(PRE_AUTH_READ_BUDGET)
+        };
         let outcome = match c.tls.read(&mut c.plain, budget) {
             Ok(o) => o,
             Err(e) => {
@@ -838,12 +799,20 @@ impl Gateway {
                 return false;
             }
         };
+        let mut relay_certified = None;
         if c.session.is_none()
             && c.tls.handshake_done()
             && ladder::inner_ready(c, idx, id, now, http_timeout, &mut self.timers)
         {
             let (device, key_hash) = peer_identity(&c.tls.tls);
             c.key_hash = key_hash;
+            if device.is_some() {
+                if !self.limits.authenticate(c, id) {
+                    c.closing = true;
+                    return false;
+                }
+                relay_certified = c.relay;
+            }
             c.session = Some(GatewaySession::new(now, self.cfg.session, device));
         }
         if let Some(s) = c.session.as_mut() {
@@ -854,8 +823,25 @@ impl Gateway {
                 c.plain.clear();
             }
         }
+        if !c.authenticated && c.session.is_some() {
+            // The core took its input: nothing buffered before authentication outlives its
+            // use (before the session, `plain` holds an Upgrade head, bounded by its limit).
+            c.plain = Vec::new();
+        }
         if outcome.eof {
             c.closing = true;
+        }
+        if let Some((ri, rid)) = relay_certified {
+            // The long-poll requests of this relay now carry an authenticated session.
+            if let Some(Slot {
+                id,
+                conn: Conn::Relay(r),
+            }) = self.conns.get_mut(ri)
+            {
+                if *id == rid {
+                    r.authenticated = true;
+                }
+            }
         }
         self.drain_session(idx, now);
         outcome.wire_bytes >= budget
@@ -869,22 +855,30 @@ impl Gateway {
             return;
         };
         let Some(s) = c.session.as_mut() else { return };
-        while s.poll_transmit(now, &mut c.out).is_some() {}
-        if !c.out.is_empty() {
-            if let Err(e) = c.tls.write_plain(&c.out) {
-                tracing::warn!(conn = id, error = %e, "TLS write failed");
-                c.closing = true;
-            }
-            c.out.clear();
-            c.out.shrink_to(256);
-        }
+        transmit(s, &mut c.tls, &mut c.out, &mut c.closing, id, now);
+        let mut refused = false;
         while let Some(ev) = s.poll_event() {
+            if matches!(ev, GatewayEvent::Enrol(_)) && !self.limits.enrol.try_take(c.peer, now) {
+                if let Some(left_out) = self.limits.enrol_log.due(now) {
+                    tracing::warn!(conn = id, peer = %c.peer, left_out, "enrolment refused: too many failed enrolments from this address (rate limit)");
+                }
+                let _ = s.close(
+                    fleetcast_wire::CloseCode::OVERLOADED,
+                    "too many failed enrolments from this address: retry later",
+                );
+                refused = true;
+                continue;
+            }
             let dist = self.dist.as_mut();
             if let Some(input) =
                 event_to_input(id, c.key_hash, &mut c.device, ev, self.wall_ms, dist)
             {
                 self.inputs.push(input);
             }
+        }
+        if refused {
+            // The Close frame.
+            transmit(s, &mut c.tls, &mut c.out, &mut c.closing, id, now);
         }
         if s.is_closed() {
             c.closing = true;
@@ -893,98 +887,6 @@ impl Gateway {
             self.timers.push(Reverse((t, idx, id)));
         }
         self.touched.push(idx);
-    }
-
-    fn service_admin(&mut self, idx: usize, id: ConnId) -> bool {
-        let Conn::Admin(a) = &mut self.conns[idx].conn else {
-            return false;
-        };
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match a.sock.read(&mut buf) {
-                Ok(0) => {
-                    a.closing = true;
-                    break;
-                }
-                Ok(n) => {
-                    a.inbuf.extend_from_slice(&buf[..n]);
-                    if a.inbuf.len() > admin::MAX_REQUEST {
-                        a.out
-                            .extend_from_slice(b"{\"ok\":false,\"error\":\"request too large\"}\n");
-                        a.closing = true;
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    a.closing = true;
-                    break;
-                }
-            }
-        }
-        let mut local = Vec::new();
-        while let Some(nl) = a.inbuf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = a.inbuf.drain(..=nl).collect();
-            match serde_json::from_slice::<Request>(&line) {
-                Ok(req @ (Request::Metrics | Request::Backup { .. })) => local.push(req),
-                Ok(Request::Push {
-                    path,
-                    group,
-                    block_size,
-                    rate_mbps,
-                    trigger,
-                    then,
-                }) => {
-                    let Some(d) = self.dist.as_mut() else {
-                        let resp = Response::err(
-                            "multicast is off: start fleetcastd with --mcast-addr ADDRESS (its unicast address on the devices' network)",
-                        );
-                        push_json_line(&mut a.out, &resp);
-                        continue;
-                    };
-                    if let Err(e) = trigger.validate(self.wall_ms) {
-                        push_json_line(&mut a.out, &Response::err(e));
-                        continue;
-                    }
-                    let then = match crate::fleet::commands_from_specs(
-                        &then,
-                        FOLLOW_UP_TIMEOUT_MS,
-                        1,
-                        crate::admin::OnFailureSpec::Stop,
-                    ) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            push_json_line(&mut a.out, &Response::err(format!("--then: {e}")));
-                            continue;
-                        }
-                    };
-                    let spec = PushSpec {
-                        path: &path,
-                        group: &group,
-                        block_size,
-                        rate_mbps,
-                        origin: "publish by operator",
-                        trigger,
-                        then,
-                    };
-                    match d.prepare_push(id, spec, self.wall_ms) {
-                        // The task is created once the file's digest is known (take_hashed).
-                        Ok(()) => {}
-                        Err(e) => push_json_line(&mut a.out, &Response::err(e.to_string())),
-                    }
-                }
-                Ok(req) => self.inputs.push(Input::Admin { conn: id, req }),
-                Err(e) => {
-                    let resp = Response::err(format!("malformed request: {e}"));
-                    push_json_line(&mut a.out, &resp);
-                }
-            }
-        }
-        for req in local {
-            self.serve_local(idx, req);
-        }
-        false
     }
 
     fn fire_timers(&mut self, now: Instant) {
@@ -1005,7 +907,11 @@ impl Gateway {
                     self.relay_timer(idx, now);
                     continue;
                 }
-                _ => continue,
+                Conn::Artifact(_) => {
+                    self.artifact_timer(idx, now);
+                    continue;
+                }
+                Conn::Admin(_) => continue,
             };
             match c.session.as_mut() {
                 Some(s) => {
@@ -1043,6 +949,22 @@ impl Gateway {
         }
     }
 
+    /// One bounded retention pass when due (see [`crate::retention`]).
+    fn prune(&mut self, now: Instant, wall: u64) {
+        match self.pruner.run_due(self.fleet.store_mut(), now, wall) {
+            Some(Ok(p)) if p.events + p.results > 0 => {
+                tracing::debug!(
+                    events = p.events,
+                    results = p.results,
+                    more = p.more,
+                    "retention: pruned"
+                );
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "retention pass failed; retried later"),
+            _ => {}
+        }
+    }
+
     fn lookup(&self, id: ConnId) -> Option<usize> {
         let idx = (id & 0xffff_ffff) as usize;
         self.conns.get(idx).filter(|s| s.id == id).map(|_| idx)
@@ -1072,6 +994,16 @@ impl Gateway {
                 return;
             }
             Action::Dispatch { .. } => self.counters.dispatched += 1,
+            // Only failed enrolments count against their source.
+            Action::Enrolled { conn, .. } => {
+                if let Some(Slot {
+                    conn: Conn::Agent(c),
+                    ..
+                }) = self.lookup(*conn).and_then(|i| self.conns.get(i))
+                {
+                    self.limits.enrol.refund(c.peer);
+                }
+            }
             Action::Reply { conn, resp } if !resp.ok => {
                 // A push the fleet refused: its mapping is not needed.
                 if let Some(d) = self.dist.as_mut() {
@@ -1085,6 +1017,12 @@ impl Gateway {
         // from the task table).
         let announce = match &action {
             Action::Announce { device, task, .. } => {
+                // The device's repairs are bound to the address of the session the announce
+                // goes over (its NACK key travels in it).
+                let peer = match self.lookup(conn_id).map(|i| &self.conns[i].conn) {
+                    Some(Conn::Agent(c)) => c.tls.sock.peer_addr().ok().map(|a| a.ip()),
+                    _ => None,
+                };
                 let Some(d) = self.dist.as_mut() else {
                     tracing::warn!(
                         task = task.0,
@@ -1097,7 +1035,7 @@ impl Gateway {
                     let snap = store.snapshot().ok()?;
                     snap.task(*task).ok()?
                 };
-                match d.announce_for(*task, *device, row, now) {
+                match d.announce_for(*task, *device, peer, row, now) {
                     Ok(a) => Some(a),
                     Err(e) => {
                         tracing::warn!(task = task.0, device = device.0, error = %e, "task not announced");
@@ -1270,37 +1208,46 @@ impl Gateway {
                 }
             };
             if done {
-                let slot = self.conns.remove(idx);
-                match slot.conn {
-                    Conn::Agent(mut c) => {
-                        if !matches!(c.sniff, ladder::Sniffing::Plain(_)) {
-                            c.tls.tls.send_close_notify();
-                            let _ = c.tls.flush();
-                        }
-                        ladder::discard_input(&mut c.tls.sock);
-                        let _ = self.poll.registry().deregister(&mut c.tls.sock);
-                        if let Some(dev) = c.device {
-                            self.inputs.push(Input::Disconnected {
-                                conn: slot.id,
-                                device: Some(dev),
-                                reason: "connection closed".into(),
-                            });
-                        }
-                    }
-                    Conn::Admin(mut a) => {
-                        let _ = self.poll.registry().deregister(&mut a.sock);
-                    }
-                    Conn::Artifact(mut a) => {
-                        let _ = self.poll.registry().deregister(&mut a.sock);
-                    }
-                    Conn::Relay(mut r) => {
-                        let _ = self.poll.registry().deregister(&mut r.sock);
-                        self.relays.forget(&r);
-                    }
-                }
+                self.remove_conn(idx);
             }
         }
         self.touched = touched;
+    }
+
+    /// Removes connection `idx` (flushing what TLS can still send) and tells the fleet when
+    /// it carried a device's session.
+    fn remove_conn(&mut self, idx: usize) {
+        let Some(slot) = self.conns.try_remove(idx) else {
+            return;
+        };
+        self.limits.counts.remove(Class::of(&slot.conn));
+        match slot.conn {
+            Conn::Agent(mut c) => {
+                if !matches!(c.sniff, ladder::Sniffing::Plain(_)) {
+                    c.tls.tls.send_close_notify();
+                    let _ = c.tls.flush();
+                }
+                ladder::discard_input(&mut c.tls.sock);
+                let _ = self.poll.registry().deregister(&mut c.tls.sock);
+                if let Some(dev) = c.device {
+                    self.inputs.push(Input::Disconnected {
+                        conn: slot.id,
+                        device: Some(dev),
+                        reason: "connection closed".into(),
+                    });
+                }
+            }
+            Conn::Admin(mut a) => {
+                let _ = self.poll.registry().deregister(&mut a.sock);
+            }
+            Conn::Artifact(mut a) => {
+                let _ = self.poll.registry().deregister(&mut a.sock);
+            }
+            Conn::Relay(mut r) => {
+                let _ = self.poll.registry().deregister(&mut r.sock);
+                self.relays.forget(&r);
+            }
+        }
     }
 }
 
@@ -1339,53 +1286,24 @@ fn arm_writable(
     *armed = pending;
 }
 
-/// Writes an artifact response until done or `WouldBlock`; returns whether bytes remain.
-fn artifact_write(a: &mut ArtifactConn) -> bool {
-    use std::os::fd::AsRawFd;
-    while !a.head.is_empty() {
-        match a.sock.write(&a.head) {
-            Ok(0) => {
-                a.closing = true;
-                return false;
-            }
-            Ok(n) => {
-                a.head.drain(..n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => {
-                a.closing = true;
-                return false;
-            }
+/// Moves what a session core has to send into its TLS connection.
+fn transmit(
+    s: &mut GatewaySession,
+    tls: &mut TlsConn,
+    out: &mut Vec<u8>,
+    closing: &mut bool,
+    id: ConnId,
+    now: Instant,
+) {
+    while s.poll_transmit(now, out).is_some() {}
+    if !out.is_empty() {
+        if let Err(e) = tls.write_plain(out) {
+            tracing::warn!(conn = id, error = %e, "TLS write failed");
+            *closing = true;
         }
+        out.clear();
+        out.shrink_to(256);
     }
-    while let Some((f, off, len)) = a.file.as_mut() {
-        if *off >= *len {
-            a.file = None;
-            break;
-        }
-        let mut o = *off as libc::off_t;
-        let count = (*len - *off).min(1 << 20) as usize;
-        // SAFETY: both descriptors are open for the duration of the call (owned by `a`), and
-        // `o` is a valid, exclusively borrowed offset; sendfile does not keep the pointer.
-        let n = unsafe { libc::sendfile(a.sock.as_raw_fd(), f.as_raw_fd(), &mut o, count) };
-        if n > 0 {
-            *off = o as u64;
-            continue;
-        }
-        let err = io::Error::last_os_error();
-        if n < 0 && err.kind() == io::ErrorKind::WouldBlock {
-            return true;
-        }
-        if n < 0 && err.kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        // 0 (file shrank under us) or a hard error: stop; the client sees a short body.
-        a.closing = true;
-        a.file = None;
-        return false;
-    }
-    false
 }
 
 fn push_json_line(out: &mut Vec<u8>, resp: &Response) {

@@ -19,7 +19,9 @@
 //! # Limits (each cut is logged with its reason)
 //! - the request head: at most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] fields;
 //! - the time from the first byte to a complete head (and body): `GatewayConfig::http_timeout`;
-//! - a long-poll body: at most [`MAX_BODY`] bytes, `Content-Length` required.
+//! - a long-poll body: at most [`MAX_BODY`] bytes, `Content-Length` required;
+//! - a field that must appear once ([`SINGLE_FIELDS`]: `Content-Length` and the others whose
+//!   first copy would otherwise win) repeated: refused with `400`.
 //!
 //! Parsing never panics on any input (`httparse` plus bounded slicing).
 
@@ -44,6 +46,32 @@ pub const UP_HEADER: &str = "X-Fleetcast-Up";
 /// Long-poll header: in a request, the gateway bytes the agent has received; in a response, the
 /// gateway-to-agent stream offset of the body.
 pub const DOWN_HEADER: &str = "X-Fleetcast-Down";
+
+/// Header fields a request may carry at most once, with the reason a repetition is refused.
+/// Two `Content-Length`s (or a `Transfer-Encoding` next to one) frame the body two ways: a
+/// proxy that honours the other copy sees a different request than the gateway does
+/// (request smuggling; RFC 9112 §6.3 makes differing lengths an unrecoverable error), so a
+/// repeated field is refused instead of letting the first copy win. Every HTTP parser of the
+/// gateway (long-poll, Upgrade, artifacts, metrics) checks these.
+pub const SINGLE_FIELDS: &[(&str, &str)] = &[
+    ("Content-Length", "duplicate Content-Length header"),
+    ("Transfer-Encoding", "duplicate Transfer-Encoding header"),
+    ("Upgrade", "duplicate Upgrade header"),
+    (SESSION_HEADER, "duplicate X-Fleetcast-Session header"),
+    (WAIT_HEADER, "duplicate X-Fleetcast-Wait header"),
+];
+
+/// The refusal reason when `headers` repeat one of [`SINGLE_FIELDS`] (names compared without
+/// case).
+pub fn repeated_field(headers: &[httparse::Header<'_>]) -> Option<&'static str> {
+    SINGLE_FIELDS.iter().find_map(|(name, reason)| {
+        let n = headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .count();
+        (n > 1).then_some(*reason)
+    })
+}
 
 /// A request the gateway serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,6 +138,9 @@ pub fn parse_request(buf: &[u8], inside_tls: bool) -> Parsed {
     let (Some(method), Some(target)) = (req.method, req.path) else {
         return reject(400, "malformed HTTP request");
     };
+    if let Some(reason) = repeated_field(req.headers) {
+        return reject(400, reason);
+    }
     let path = origin_path(target);
     let field = |name: &str| {
         req.headers
@@ -248,6 +279,7 @@ fn respond_with(
         413 => "Content Too Large",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
         _ => "Error",
     };
     let _ = write!(out, "HTTP/1.1 {status} {phrase}\r\n");
@@ -352,6 +384,45 @@ mod tests {
             parse_request(bad_tok, false),
             Parsed::Reject { status: 400, .. }
         ));
+    }
+
+    /// A repeated `Content-Length` (equal or not) or other single field is refused on both
+    /// routes; before, the first copy won.
+    #[test]
+    fn repeated_single_fields_are_refused() {
+        for (len_a, len_b) in [("5", "5"), ("5", "0"), ("0", "5")] {
+            let req = format!(
+                "POST /fleetcast/poll HTTP/1.1\r\nContent-Length: {len_a}\r\ncontent-length: {len_b}\r\n\r\nhello"
+            );
+            assert_eq!(
+                parse_request(req.as_bytes(), false),
+                Parsed::Reject {
+                    status: 400,
+                    reason: "duplicate Content-Length header"
+                },
+                "{len_a}/{len_b}"
+            );
+        }
+        let req = b"GET /fleetcast HTTP/1.1\r\nUpgrade: fleetcast\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n";
+        assert!(matches!(
+            parse_request(req, true),
+            Parsed::Reject { status: 400, .. }
+        ));
+        let two_sessions = format!(
+            "POST /fleetcast/poll HTTP/1.1\r\nContent-Length: 0\r\n{SESSION_HEADER}: {}\r\n{SESSION_HEADER}: {}\r\n\r\n",
+            format_token(&[1; 16]),
+            format_token(&[2; 16])
+        );
+        assert_eq!(
+            parse_request(two_sessions.as_bytes(), false),
+            Parsed::Reject {
+                status: 400,
+                reason: "duplicate X-Fleetcast-Session header"
+            }
+        );
+        // One of each is fine.
+        let one = b"POST /fleetcast/poll HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n";
+        assert!(matches!(parse_request(one, false), Parsed::Request { .. }));
     }
 
     #[test]

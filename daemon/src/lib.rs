@@ -16,6 +16,8 @@ pub mod metrics;
 pub mod output;
 pub mod paths;
 pub mod pki;
+pub mod ratelimit;
+pub mod retention;
 pub mod sd_notify;
 pub mod sniff;
 pub mod tlsconn;

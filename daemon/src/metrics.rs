@@ -497,6 +497,10 @@ fn read_request(c: &mut Conn) -> Ask {
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(&c.head) {
         Ok(httparse::Status::Complete(_)) => {
+            if let Some(reason) = crate::http::repeated_field(req.headers) {
+                respond(c, "400 Bad Request", "text/plain", reason);
+                return Ask::Nothing;
+            }
             let path = req.path.unwrap_or("");
             let path = path.split('?').next().unwrap_or("");
             match (req.method, path) {
@@ -548,6 +552,45 @@ fn flush(c: &mut Conn) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One request through `read_request` over a real loopback socket.
+    fn ask(request: &[u8]) -> (bool, String) {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        client.write_all(request).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let (sock, _) = l.accept().unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let mut c = Conn {
+            sock: TcpStream::from_std(sock),
+            head: Vec::new(),
+            out: Vec::new(),
+            answered: false,
+            writable: false,
+            serial: 0,
+        };
+        let mut metrics = false;
+        for _ in 0..200 {
+            metrics = matches!(read_request(&mut c), Ask::Metrics);
+            if metrics || c.answered {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        (metrics, String::from_utf8_lossy(&c.out).into_owned())
+    }
+
+    #[test]
+    fn a_repeated_content_length_is_refused() {
+        let (metrics, out) = ask(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(metrics, "{out}");
+        let (metrics, out) =
+            ask(b"GET /metrics HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 3\r\n\r\n");
+        assert!(!metrics);
+        assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+        assert!(out.ends_with("duplicate Content-Length header"), "{out}");
+    }
 
     #[test]
     fn renders_the_text_format() {

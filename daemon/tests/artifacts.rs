@@ -107,10 +107,7 @@ fn fetch_from_the_gateway_then_verify() {
         "--name".into(),
         "n1".into(),
     ];
-    let agent = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "agent_role", "--nocapture", "--test-threads=1"])
-        .env(common::ROLE_ENV, "agent")
-        .env(common::ARGS_ENV, serde_json::to_string(&args).unwrap())
+    let agent = common::agent_command(&args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -168,4 +165,55 @@ fn fetch_from_the_gateway_then_verify() {
         "{q:#}"
     );
     assert!(!Path::new(&missing).exists());
+}
+
+/// `GET` of one artifact over a fresh connection; returns the status line.
+fn http_get(addr: &str, name: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET /{name} HTTP/1.1\r\nHost: gw\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// A symlink to the CA key and a FIFO placed in `artifacts/` are refused by a live gateway,
+/// which keeps serving (before: the symlink served the key, the FIFO blocked the loop in
+/// `open`, CLI included).
+#[test]
+fn symlinks_and_fifos_in_the_artifact_directory_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("gw");
+    let art = format!("127.0.0.1:{}", free_port());
+    let mut gw = Command::new(env!("CARGO_BIN_EXE_fleetcastd"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", "127.0.0.1:0", "--artifact-listen", &art])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(gw.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _gw = Kill(gw);
+    assert!(line.starts_with("ready "), "{line}");
+    let dir = data.join("artifacts");
+    std::fs::write(dir.join("ok.bin"), b"fine").unwrap();
+    std::os::unix::fs::symlink("../pki/ca.key", dir.join("key.bin")).unwrap();
+    let fifo =
+        std::ffi::CString::new(dir.join("pipe.bin").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    assert_eq!(http_get(&art, "key.bin"), "HTTP/1.1 404 Not Found");
+    assert_eq!(http_get(&art, "pipe.bin"), "HTTP/1.1 404 Not Found");
+    // The loop is not stuck: the CLI and the next download are served.
+    req(&data, &Request::Status);
+    assert_eq!(http_get(&art, "ok.bin"), "HTTP/1.1 200 OK");
 }

@@ -563,6 +563,34 @@ impl<'lab> Host<'lab> {
         )
     }
 
+    /// A UDP socket of this host bound to `src`, which need not be the host's address: its
+    /// datagrams leave with a spoofed source (`IP_TRANSPARENT`). For tests of forged
+    /// traffic; it exists, like everything of the lab, only inside the lab's namespaces.
+    pub fn spoofing_udp_socket(&self, src: SocketAddrV4) -> io::Result<UdpSocket> {
+        sys::udp_spoofing(self.socket(libc::SOCK_DGRAM)?, src)
+    }
+
+    /// A passive capture of the IPv4 UDP datagrams this host receives and sends (a packet
+    /// socket in the host's namespace, as an eavesdropper on its link sees them).
+    pub fn capture(&self) -> io::Result<Capture> {
+        let proto = i32::from((libc::ETH_P_IP as u16).to_be());
+        let fd = sys::socket_of(
+            &self.lab.user,
+            self.net(),
+            (libc::AF_PACKET, libc::SOCK_DGRAM, proto),
+        )
+        .map_err(|e| {
+            io::Error::new(
+                e.err.kind(),
+                format!("packet socket in host {}: {}", self.index, e.err),
+            )
+        })?;
+        Ok(Capture {
+            fd,
+            buf: vec![0; 65_536],
+        })
+    }
+
     /// A TCP listener of this host on `0.0.0.0:port`.
     pub fn tcp_listener(&self, port: u16) -> io::Result<TcpListener> {
         sys::tcp_listen(
@@ -629,6 +657,22 @@ impl<'lab> Host<'lab> {
     /// Removes the firewall.
     pub fn clear_firewall(&self) -> Result<(), LabError> {
         self.nft(&nft::clear_script("lab_fw"))
+    }
+}
+
+/// A capture made by [`Host::capture`].
+#[derive(Debug)]
+pub struct Capture {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+}
+
+impl Capture {
+    /// The next UDP datagram seen, waiting at most `timeout` for a packet (`None`: nothing
+    /// arrived, or what arrived was not IPv4 UDP).
+    pub fn next_udp(&mut self, timeout: Duration) -> io::Result<Option<sys::CapturedUdp>> {
+        Ok(sys::recv_packet(&self.fd, &mut self.buf, timeout)?
+            .and_then(|n| sys::parse_udp(&self.buf[..n])))
     }
 }
 
@@ -710,6 +754,31 @@ pub fn tool_path(tool: &'static str, package: &'static str) -> Result<PathBuf, L
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn captured_packets_parse_as_udp_or_not_at_all() {
+        // 20-byte IPv4 header (no options), UDP 10.77.0.2:40000 -> 10.77.0.1:7301, 3 bytes.
+        let mut p = vec![
+            0x45, 0, 0, 31, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 77, 0, 2, 10, 77, 0, 1,
+        ];
+        p.extend_from_slice(&[0x9c, 0x40, 0x1c, 0x85, 0, 11, 0, 0, 1, 2, 3]);
+        let u = sys::parse_udp(&p).unwrap();
+        assert_eq!(u.src, SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 2), 40000));
+        assert_eq!(u.dst, SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7301));
+        assert_eq!(u.payload, [1, 2, 3]);
+        // Trailing link padding is not payload.
+        let mut padded = p.clone();
+        padded.extend_from_slice(&[0; 5]);
+        assert_eq!(sys::parse_udp(&padded).unwrap().payload, [1, 2, 3]);
+        let mut tcp = p.clone();
+        tcp[9] = 6;
+        assert!(sys::parse_udp(&tcp).is_none());
+        let mut fragment = p.clone();
+        fragment[6] = 0x20; // more fragments
+        assert!(sys::parse_udp(&fragment).is_none());
+        assert!(sys::parse_udp(&p[..25]).is_none());
+        assert!(sys::parse_udp(&[]).is_none());
+    }
 
     #[test]
     fn missing_tool_names_the_package() {

@@ -29,7 +29,9 @@
 //! ```
 //!
 //! Sockets can also be made directly in a host and used from the test's threads:
-//! [`Host::udp_socket`], [`Host::tcp_listener`], [`Host::tcp_connect`]. See `docs/lab.md`.
+//! [`Host::udp_socket`], [`Host::tcp_listener`], [`Host::tcp_connect`]; for tests of forged
+//! traffic, [`Host::spoofing_udp_socket`] (any source address) and [`Host::capture`] (what the
+//! host's link carries). See `docs/lab.md`.
 
 mod counters;
 mod error;
@@ -40,7 +42,8 @@ mod sys;
 pub use counters::IfCounters;
 pub use error::LabError;
 pub use lab::{
-    host_addr, tool_path, Host, Lab, LabChild, LabConfig, Proxy, ProxyConfig, HOST_IFACE,
+    host_addr, tool_path, Capture, Host, Lab, LabChild, LabConfig, Proxy, ProxyConfig, HOST_IFACE,
     MAX_HOSTS, PREFIX_LEN,
 };
 pub use nft::{Action, Match, Profile};
+pub use sys::CapturedUdp;

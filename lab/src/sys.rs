@@ -356,12 +356,21 @@ pub(crate) fn new_host_ns(user: &OwnedFd) -> Result<HostNs, ForkError> {
 /// Creates a socket inside network namespace `net`. Everything else (bind, connect, options)
 /// can then be done from here: those calls act in the socket's own namespace.
 pub(crate) fn socket_in(user: &OwnedFd, net: &OwnedFd, ty: i32) -> Result<OwnedFd, ForkError> {
+    socket_of(user, net, (libc::AF_INET, ty, 0))
+}
+
+/// [`socket_in`] of any `(domain, type, protocol)`, e.g. a packet socket for captures.
+pub(crate) fn socket_of(
+    user: &OwnedFd,
+    net: &OwnedFd,
+    (domain, ty, proto): (i32, i32, i32),
+) -> Result<OwnedFd, ForkError> {
     let (user, net) = (user.as_raw_fd(), net.as_raw_fd());
     // SAFETY: the closure only makes raw system calls.
     let [sock] = unsafe {
         fork_with(|| {
             enter(user, Some(net))?;
-            let fd = libc::socket(libc::AF_INET, ty | libc::SOCK_CLOEXEC, 0);
+            let fd = libc::socket(domain, ty | libc::SOCK_CLOEXEC, proto);
             if fd < 0 {
                 return Err((Step::Socket, errno()));
             }
@@ -434,6 +443,93 @@ pub(crate) fn udp_bind(
     setsockopt(&sock, libc::IPPROTO_IP, libc::IP_MULTICAST_IF, ifaddr)?;
     bind(&sock, addr)?;
     Ok(UdpSocket::from(sock))
+}
+
+/// Makes `sock` (a fresh UDP socket) one that may bind to and send from `src` even if it is
+/// not an address of its host (`IP_TRANSPARENT`, which the lab's user namespace allows):
+/// spoofed sources, inside the lab only.
+pub(crate) fn udp_spoofing(sock: OwnedFd, src: SocketAddrV4) -> io::Result<UdpSocket> {
+    setsockopt(&sock, libc::SOL_IP, libc::IP_TRANSPARENT, 1 as libc::c_int)?;
+    bind(&sock, src)?;
+    Ok(UdpSocket::from(sock))
+}
+
+/// An IPv4 UDP datagram seen by a packet socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapturedUdp {
+    /// Source address and port.
+    pub src: SocketAddrV4,
+    /// Destination address and port.
+    pub dst: SocketAddrV4,
+    /// The UDP payload.
+    pub payload: Vec<u8>,
+}
+
+/// Parses an IPv4 packet (as a `SOCK_DGRAM` packet socket delivers it: no link header) holding
+/// an unfragmented UDP datagram.
+pub(crate) fn parse_udp(packet: &[u8]) -> Option<CapturedUdp> {
+    let ihl = usize::from(*packet.first()? & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([*packet.get(2)?, *packet.get(3)?]));
+    let frag = u16::from_be_bytes([*packet.get(6)?, *packet.get(7)?]) & 0x3fff;
+    if packet[0] >> 4 != 4 || *packet.get(9)? != 17 || ihl < 20 || frag != 0 {
+        return None;
+    }
+    let ip = |at: usize| -> Option<std::net::Ipv4Addr> {
+        Some(std::net::Ipv4Addr::new(
+            *packet.get(at)?,
+            *packet.get(at + 1)?,
+            *packet.get(at + 2)?,
+            *packet.get(at + 3)?,
+        ))
+    };
+    let udp = packet.get(ihl..total.min(packet.len()))?;
+    let port =
+        |at: usize| -> Option<u16> { Some(u16::from_be_bytes([*udp.get(at)?, *udp.get(at + 1)?])) };
+    Some(CapturedUdp {
+        src: SocketAddrV4::new(ip(12)?, port(0)?),
+        dst: SocketAddrV4::new(ip(16)?, port(2)?),
+        payload: udp.get(8..)?.to_vec(),
+    })
+}
+
+/// Receives one packet from packet socket `fd`, waiting at most `timeout`; `None` on timeout.
+pub(crate) fn recv_packet(
+    fd: &OwnedFd,
+    buf: &mut [u8],
+    timeout: Duration,
+) -> io::Result<Option<usize>> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: poll and recv on our descriptor with a live buffer of the stated size.
+    unsafe {
+        let n = loop {
+            let n = libc::poll(&mut pfd, 1, ms);
+            if n >= 0 || errno() != libc::EINTR {
+                break n;
+            }
+        };
+        if cvt(n)? == 0 {
+            return Ok(None);
+        }
+        let r = libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        );
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+                _ => Err(e),
+            };
+        }
+        Ok(Some(r as usize))
+    }
 }
 
 /// Makes `sock` (a fresh TCP socket) a listener on `addr`.

@@ -52,7 +52,8 @@ pub enum Recorded {
 /// A successful commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Committed {
-    /// Number of batches committed in this environment, this one included.
+    /// Number of batches committed in this environment, this one included (an empty batch
+    /// is not committed: the count is unchanged).
     pub commit_seq: u64,
     /// Operations (transitions) made durable by this commit.
     pub operations: usize,
@@ -169,6 +170,16 @@ enum Op {
         dev: DeviceId,
     },
     Event(Event),
+    PruneEvents {
+        older_than: u64,
+        keep_max: u64,
+        limit: usize,
+    },
+    PruneResults {
+        from: DeviceId,
+        keep: u64,
+        limit: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -178,6 +189,16 @@ enum Out {
     Status(QueueStatus),
     Recorded(Recorded),
     Pairs(Vec<(DeviceId, u64)>),
+    /// Entries deleted, and where a bounded scan stopped (`None`: at the end).
+    Pruned(usize, Option<DeviceId>),
+}
+
+impl Out {
+    /// Whether the operation wrote anything: a prune that found nothing to delete is not
+    /// recorded, so a batch holding only such prunes stays empty and is not committed.
+    fn wrote(&self) -> bool {
+        !matches!(self, Out::Pruned(0, _))
+    }
 }
 
 /// One write transaction collecting many transitions. See the module docs for the contract.
@@ -286,7 +307,9 @@ impl<'s> Batch<'s> {
             };
             match apply(txn, self.dbs, &mut self.buf, &op) {
                 Ok(out) => {
-                    self.ops.push(op);
+                    if out.wrote() {
+                        self.ops.push(op);
+                    }
                     return Ok(out);
                 }
                 Err(e) if e.is_refusal() => return Err(e),
@@ -300,7 +323,22 @@ impl<'s> Batch<'s> {
     }
 
     /// Commits every transition of the batch durably (one fsync). See the module docs.
+    ///
+    /// A batch in which no transition succeeded (nothing applied, or every call refused) is
+    /// not committed at all: it changed nothing, so it costs no write and no fsync (a storm of
+    /// bad enrolment tokens must not turn into a storm of disk syncs). `Committed` then has
+    /// `operations: 0` and the unchanged `commit_seq`.
     pub fn commit(mut self) -> Result<Committed> {
+        if self.ops.is_empty() && !self.poisoned {
+            if let Some(txn) = self.txn.take() {
+                let seq = env::meta_u64(&txn, self.dbs.meta, env::META_COMMIT_SEQ)?;
+                txn.abort();
+                return Ok(Committed {
+                    commit_seq: seq,
+                    operations: 0,
+                });
+            }
+        }
         loop {
             if self.poisoned {
                 return Err(Error::Poisoned);
@@ -623,6 +661,47 @@ impl<'s> Batch<'s> {
     pub fn append_event(&mut self, event: Event) -> Result<EventId> {
         match self.exec(Op::Event(event))? {
             Out::U64(id) => Ok(id),
+            _ => unreachable_out(),
+        }
+    }
+
+    // ---- retention ----
+
+    /// Deletes the oldest events while there are more than `keep_max` (0: no count limit) or
+    /// the oldest is older than `older_than_ms` (0: no age limit), at most `limit` of them
+    /// (bounded work: call again while it returns `limit`). The newest event is never
+    /// deleted, so event ids keep increasing and `fleetcast watch` followers never see an id
+    /// reused. Returns how many were deleted.
+    pub fn prune_events(
+        &mut self,
+        older_than_ms: u64,
+        keep_max: u64,
+        limit: usize,
+    ) -> Result<usize> {
+        match self.exec(Op::PruneEvents {
+            older_than: older_than_ms,
+            keep_max,
+            limit,
+        })? {
+            Out::Pruned(n, _) => Ok(n),
+            _ => unreachable_out(),
+        }
+    }
+
+    /// Deletes the commands (and their results) of finished commands older than the last
+    /// `keep` queue positions of each device (`seq + keep <= completed_through`; pending and
+    /// in-flight commands are never touched), visiting devices from `from` upwards. The work
+    /// is bounded by `limit` steps (one per deleted command, one per device visited).
+    /// Returns how many commands were deleted and the device to resume from (`None`: the
+    /// scan reached the last device). `keep == 0` deletes nothing.
+    pub fn prune_results(
+        &mut self,
+        from: DeviceId,
+        keep: u64,
+        limit: usize,
+    ) -> Result<(usize, Option<DeviceId>)> {
+        match self.exec(Op::PruneResults { from, keep, limit })? {
+            Out::Pruned(n, next) => Ok((n, next)),
             _ => unreachable_out(),
         }
     }
@@ -1179,6 +1258,12 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
             }
             Ok(Out::Unit)
         }
+        Op::PruneEvents {
+            older_than,
+            keep_max,
+            limit,
+        } => prune_events(&mut cx, *older_than, *keep_max, *limit),
+        Op::PruneResults { from, keep, limit } => prune_results(&mut cx, *from, *keep, *limit),
         Op::Event(ev) => {
             let id = read::last_event_id(&*cx.t, d)? + 1;
             ev.encode(cx.buf);
@@ -1189,6 +1274,85 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
                 WriteFlags::APPEND,
             )?;
             Ok(Out::U64(id))
+        }
+    }
+}
+
+fn prune_events(cx: &mut Cx<'_, '_>, older_than: u64, keep_max: u64, limit: usize) -> Result<Out> {
+    let d = *cx.d;
+    let last = read::last_event_id(&*cx.t, &d)?;
+    let entries = cx.t.stat(d.events)?.entries() as u64;
+    let mut doomed = Vec::new();
+    env::scan(&*cx.t, d.events, &[], &[], |k, v| {
+        let id = env::be(k, "events")?;
+        if id >= last || doomed.len() >= limit {
+            return Ok(false);
+        }
+        let left = entries - doomed.len() as u64;
+        let too_many = keep_max > 0 && left > keep_max;
+        let too_old = !too_many && older_than > 0 && Event::decode(v)?.time_ms < older_than;
+        if !(too_many || too_old) {
+            return Ok(false);
+        }
+        doomed.push(id);
+        Ok(true)
+    })?;
+    for id in &doomed {
+        cx.del(d.events, &id.to_be_bytes())?;
+    }
+    Ok(Out::Pruned(doomed.len(), None))
+}
+
+fn prune_results(cx: &mut Cx<'_, '_>, from: DeviceId, keep: u64, limit: usize) -> Result<Out> {
+    let d = *cx.d;
+    let mut budget = limit;
+    let mut deleted = 0;
+    let mut dev = from.0;
+    loop {
+        if budget == 0 {
+            return Ok(Out::Pruned(deleted, Some(DeviceId(dev))));
+        }
+        budget -= 1;
+        // The first device at or after `dev`.
+        let mut next = None;
+        env::scan(&*cx.t, d.queues, &dev.to_be_bytes(), &[], |k, v| {
+            next = Some((env::be(k, "queues")?, QueueState::decode(v)?));
+            Ok(false)
+        })?;
+        let Some((id, q)) = next else {
+            return Ok(Out::Pruned(deleted, None));
+        };
+        if keep > 0 && q.completed_through > keep {
+            let upto = q.completed_through - keep;
+            let mut doomed = Vec::new();
+            env::scan(
+                &*cx.t,
+                d.commands,
+                &key2(id, 0),
+                &id.to_be_bytes(),
+                |k, _| {
+                    let (_, seq) = env::split2(k, "commands")?;
+                    if seq > upto || doomed.len() >= budget {
+                        return Ok(false);
+                    }
+                    doomed.push(seq);
+                    Ok(true)
+                },
+            )?;
+            for seq in &doomed {
+                cx.del(d.commands, &key2(id, *seq))?;
+                cx.del(d.results, &key2(id, *seq))?;
+            }
+            deleted += doomed.len();
+            budget -= doomed.len();
+            if budget == 0 {
+                // This device may hold more: resume here.
+                return Ok(Out::Pruned(deleted, Some(DeviceId(id))));
+            }
+        }
+        match id.checked_add(1) {
+            Some(n) => dev = n,
+            None => return Ok(Out::Pruned(deleted, None)),
         }
     }
 }

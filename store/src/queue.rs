@@ -7,7 +7,8 @@
 //! Invariants (checked by the property and crash tests):
 //! - `next_seq` is greater than every sequence number ever enqueued for the device.
 //! - A command is *pending* iff its seq is greater than `completed_through` and it still exists.
-//!   Every command with seq ≤ `completed_through` has a result.
+//!   Every command with seq ≤ `completed_through` that still exists has a result (retention,
+//!   `Batch::prune_results`, deletes old finished commands together with their results).
 //! - `Running` ⇒ a pending command exists, none is in flight.
 //! - `AwaitingResult` / `Rebooting` ⇒ `cursor` is the first pending command and `attempts ≥ 1`.
 //! - `Idle` / `Done` ⇒ nothing pending. `Failed` ⇒ `failure` is set and `cursor` is the

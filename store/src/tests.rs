@@ -791,3 +791,152 @@ fn refusals_read_as_plain_text() {
         }
     }
 }
+
+/// A batch that changed nothing (no operation, or only refused ones) is not committed: no
+/// write transaction reaches the disk (LMDB's transaction id and our commit count stay put).
+#[test]
+fn an_empty_batch_is_not_committed() {
+    let (_dir, mut s, d) = setup();
+    let txnid = |s: &Store| s.env.info().unwrap().last_txnid();
+    let before = (txnid(&s), s.snapshot().unwrap().commit_seq().unwrap());
+    let c = s.batch().unwrap().commit().unwrap();
+    assert_eq!((c.operations, c.commit_seq), (0, before.1));
+    // Only refused operations: an unknown token, a result for nothing transmitted.
+    let mut b = s.batch().unwrap();
+    assert!(matches!(
+        b.enrol([9; 32], [1; 32], 5),
+        Err(Error::NotFound(Missing::EnrolmentToken))
+    ));
+    assert!(b.record_result(d, 1, ok()).is_err());
+    let c = b.commit().unwrap();
+    assert_eq!((c.operations, c.commit_seq), (0, before.1));
+    assert_eq!(
+        (txnid(&s), s.snapshot().unwrap().commit_seq().unwrap()),
+        before,
+        "nothing was written"
+    );
+    // A batch with one real change is committed as before.
+    let mut b = s.batch().unwrap();
+    b.enqueue(d, exec()).unwrap();
+    let c = b.commit().unwrap();
+    assert_eq!((c.operations, c.commit_seq), (1, before.1 + 1));
+    assert_eq!(txnid(&s), before.0 + 1);
+}
+
+fn ev(time_ms: u64) -> Event {
+    Event {
+        time_ms,
+        device: None,
+        kind: EventKind::Other,
+        message: format!("at {time_ms}"),
+    }
+}
+
+/// Events go oldest first, by count and by age, in bounded steps; the newest always stays
+/// (ids keep increasing); a prune that finds nothing writes nothing.
+#[test]
+fn events_are_pruned_by_count_and_age_in_bounded_steps() {
+    let (_dir, mut s, _d) = setup();
+    let mut b = s.batch().unwrap();
+    for t in 1..=100 {
+        b.append_event(ev(t * 1000)).unwrap();
+    }
+    b.commit().unwrap();
+    let ids = |s: &Store| -> Vec<u64> {
+        let snap = s.snapshot().unwrap();
+        snap.events_from(0, 1000)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    };
+    // Count: keep 60, at most 25 per call.
+    let mut b = s.batch().unwrap();
+    assert_eq!(b.prune_events(0, 60, 25).unwrap(), 25);
+    assert_eq!(b.prune_events(0, 60, 25).unwrap(), 15);
+    assert_eq!(b.prune_events(0, 60, 25).unwrap(), 0);
+    b.commit().unwrap();
+    assert_eq!(ids(&s), (41..=100).collect::<Vec<_>>());
+    // Age: everything before t = 70 s goes.
+    let mut b = s.batch().unwrap();
+    assert_eq!(b.prune_events(70_000, 0, 1000).unwrap(), 29);
+    b.commit().unwrap();
+    assert_eq!(ids(&s), (70..=100).collect::<Vec<_>>());
+    // Even when all are too old, the newest stays, and the next id follows it.
+    let mut b = s.batch().unwrap();
+    assert_eq!(b.prune_events(u64::MAX, 1, 1000).unwrap(), 30);
+    assert_eq!(b.append_event(ev(1)).unwrap(), 101);
+    b.commit().unwrap();
+    assert_eq!(ids(&s), vec![100, 101]);
+    // Nothing to prune: not committed.
+    let seq = s.snapshot().unwrap().commit_seq().unwrap();
+    let mut b = s.batch().unwrap();
+    assert_eq!(b.prune_events(0, 10, 1000).unwrap(), 0);
+    assert_eq!(b.commit().unwrap().operations, 0);
+    assert_eq!(s.snapshot().unwrap().commit_seq().unwrap(), seq);
+}
+
+/// Only finished commands older than the last `keep` positions go (command and result);
+/// pending and in-flight ones stay; the scan resumes where its budget ran out.
+#[test]
+fn results_are_pruned_per_device_keeping_the_last_ones() {
+    let (_dir, mut s, d1) = setup();
+    let mut b = s.batch().unwrap();
+    let d2 = b.add_device("dev-2", [8; 32], 100).unwrap();
+    for d in [d1, d2] {
+        for seq in 1..=12 {
+            assert_eq!(b.enqueue(d, exec()).unwrap(), seq);
+        }
+        // 10 finished, the 11th in flight, the 12th pending.
+        for seq in 1..=10 {
+            b.mark_transmitted(d, seq, seq).unwrap();
+            b.record_result(d, seq, ok()).unwrap();
+        }
+        b.mark_transmitted(d, 11, 11).unwrap();
+    }
+    b.commit().unwrap();
+    let left = |s: &Store, d| -> (Vec<u64>, usize) {
+        let snap = s.snapshot().unwrap();
+        let cmds: Vec<u64> = snap
+            .commands(d, 0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect();
+        let results = (1..=12)
+            .filter(|seq| snap.result(d, *seq).unwrap().is_some())
+            .count();
+        (cmds, results)
+    };
+    // keep 3: seqs 1..=7 of each device go. A budget of 5 stops inside device 1.
+    let mut b = s.batch().unwrap();
+    let (n, next) = b.prune_results(DeviceId(0), 3, 5).unwrap();
+    assert_eq!((n, next), (4, Some(d1)));
+    let (n, next) = b.prune_results(next.unwrap(), 3, 5).unwrap();
+    assert_eq!(
+        (n, next),
+        (3, Some(d2)),
+        "3 more of device 1, then device 2"
+    );
+    let (n, next) = b.prune_results(next.unwrap(), 3, 100).unwrap();
+    assert_eq!((n, next), (7, None));
+    b.commit().unwrap();
+    for d in [d1, d2] {
+        assert_eq!(left(&s, d), ((8..=12).collect(), 3), "device {d:?}");
+        let q = s.snapshot().unwrap().queue(d).unwrap().unwrap();
+        assert_eq!(
+            (q.status, q.cursor, q.completed_through),
+            (QueueStatus::AwaitingResult, Some(11), 10)
+        );
+    }
+    // The queue goes on as before: the in-flight result is stored, the next dispatched.
+    let mut b = s.batch().unwrap();
+    b.record_result(d1, 11, ok()).unwrap();
+    assert_eq!(b.next_to_dispatch(d1).unwrap().unwrap().0, 12);
+    // Again: nothing more to delete for device 2, one for device 1 (seq 8), nothing with
+    // keep = 0.
+    assert_eq!(b.prune_results(DeviceId(0), 3, 100).unwrap(), (1, None));
+    assert_eq!(b.prune_results(DeviceId(0), 0, 100).unwrap(), (0, None));
+    b.commit().unwrap();
+    assert_eq!(left(&s, d1), ((9..=12).collect(), 3));
+}

@@ -9,6 +9,7 @@
 //! - `option<T>`: one presence byte, 0 (absent) or 1 (present, then `T`).
 //! - `list<T>`: `u16` count, then the items.
 //! - `varint`: unsigned LEB128, at most 5 bytes for a `u32`.
+//! - `varint64`: unsigned LEB128, at most 10 bytes for a `u64`.
 //!
 //! Every length and count is checked against both its documented limit and the bytes remaining
 //! *before* anything is allocated, so no input can make the parser allocate more than a small
@@ -152,6 +153,27 @@ impl<'a> Reader<'a> {
         }
         Err(Error::InvalidValue)
     }
+
+    /// Reads an unsigned LEB128 `u64` (at most 10 bytes, no overflow, canonical last byte).
+    pub fn varint64(&mut self) -> Result<u64> {
+        let mut value: u64 = 0;
+        for i in 0..10 {
+            let b = self.u8()?;
+            // The tenth group holds bit 63 only.
+            if i == 9 && (b & 0x7e) != 0 {
+                return Err(Error::InvalidValue);
+            }
+            value |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                if i > 0 && b == 0 {
+                    // Non-canonical trailing zero group, as for `varint`.
+                    return Err(Error::InvalidValue);
+                }
+                return Ok(value);
+            }
+        }
+        Err(Error::InvalidValue)
+    }
 }
 
 /// Where an encoder writes: a [`Counter`] or a [`SliceWriter`].
@@ -212,6 +234,17 @@ pub trait Sink {
     }
     /// Appends an unsigned LEB128 `u32`.
     fn varint(&mut self, mut v: u32) -> Result<()> {
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                return self.u8(b);
+            }
+            self.u8(b | 0x80)?;
+        }
+    }
+    /// Appends an unsigned LEB128 `u64`.
+    fn varint64(&mut self, mut v: u64) -> Result<()> {
         loop {
             let b = (v & 0x7f) as u8;
             v >>= 7;
@@ -296,6 +329,45 @@ mod tests {
             Err(Error::InvalidValue)
         );
         assert_eq!(Reader::new(&[0x80]).varint(), Err(Error::Truncated));
+    }
+
+    #[test]
+    fn varint64_round_trips_and_rejects_overlong() {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            0x1000,
+            u64::from(u32::MAX) + 1,
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            let mut buf = [0u8; 12];
+            let mut w = SliceWriter::new(&mut buf);
+            w.varint64(v).unwrap();
+            let n = w.position();
+            let mut c = Counter::default();
+            c.varint64(v).unwrap();
+            assert_eq!(c.0, n);
+            assert!(n <= 10);
+            let mut r = Reader::new(&buf[..n]);
+            assert_eq!(r.varint64().unwrap(), v);
+            r.finish().unwrap();
+        }
+        assert_eq!(
+            Reader::new(&[0x80, 0x00]).varint64(),
+            Err(Error::InvalidValue)
+        );
+        assert_eq!(
+            Reader::new(&[0xff; 11]).varint64(),
+            Err(Error::InvalidValue)
+        );
+        // Bit 64 and above.
+        let mut over = [0xff; 10];
+        over[9] = 0x02;
+        assert_eq!(Reader::new(&over).varint64(), Err(Error::InvalidValue));
+        assert_eq!(Reader::new(&[0x80]).varint64(), Err(Error::Truncated));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //!  0       1       2       3       4       5       6       7       8       9      10      11
 //! +-------+-------+-------+-------+-------+-------+-------+-------+-------+-------+-------+-------+
 //! | magic |version| kind  | flags |       body length (u32 BE)    |         CRC32 (u32 BE)        |
-//! | 0xFC  |  0x01 |       |       |                               |                               |
+//! | 0xFC  |  0x02 |       |       |                               |                               |
 //! +-------+-------+-------+-------+-------+-------+-------+-------+-------+-------+-------+-------+
 //! ```
 //!
@@ -23,17 +23,22 @@ use crate::error::{Error, Result};
 /// First byte of every frame.
 pub const MAGIC: u8 = 0xFC;
 /// The wire version this build emits and accepts.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Size of [`Header`] in bytes.
 pub const HEADER_LEN: usize = 12;
 /// Flag: the body ends with a [`TAG_LEN`]-byte packet-authentication tag.
 pub const FLAG_AUTH: u8 = 0x01;
-/// Flag bits that version 1 defines; any other bit set is [`Error::ReservedFlags`].
+/// Flag bits that this version defines; any other bit set is [`Error::ReservedFlags`].
 pub const KNOWN_FLAGS: u8 = FLAG_AUTH;
 /// Length of the packet-authentication tag.
 pub const TAG_LEN: usize = 16;
 /// Largest body of a control-stream frame (1 MiB).
 pub const MAX_STREAM_BODY: u32 = 1 << 20;
+/// Largest body of a control-stream frame the gateway accepts from a peer TLS did not
+/// authenticate (no client certificate): such a peer may only `Enrol`, whose largest body is
+/// 1,349 bytes (token 64, name 255, key 1,024, their 2-byte lengths), so buffering 1 MiB for it
+/// would only serve an attacker (200 such clients took a gateway from 6 to 209 MiB).
+pub const MAX_PRE_AUTH_BODY: u32 = 4096;
 /// Largest body of a datagram frame (what fits a UDP/IPv4 datagram after our header).
 pub const MAX_DATAGRAM_BODY: u32 = 65_507 - HEADER_LEN as u32;
 

@@ -50,7 +50,10 @@ pub mod sim;
 
 pub use data::{data_prefix, DataBlock, DataHeader, DATA_PREFIX_LEN};
 pub use error::{Error, Result};
-pub use header::{Frame, Header, FLAG_AUTH, HEADER_LEN, MAGIC, TAG_LEN, VERSION};
+pub use header::{
+    Frame, Header, FLAG_AUTH, HEADER_LEN, MAGIC, MAX_PRE_AUTH_BODY, MAX_STREAM_BODY, TAG_LEN,
+    VERSION,
+};
 pub use msg_kind::Kind;
 pub use time::Instant;
 

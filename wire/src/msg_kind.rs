@@ -1,8 +1,8 @@
-//! Message kinds of wire version 1 (the header's `kind` byte).
+//! Message kinds of wire version 2 (the header's `kind` byte).
 
 use crate::error::{Error, Result};
 
-/// Every message kind of wire version 1.
+/// Every message kind of wire version 2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum Kind {
@@ -40,13 +40,15 @@ pub enum Kind {
     TransferStatus = 0x25,
     /// [`crate::Parity`]: an FEC parity symbol sent to the group
     Parity = 0x26,
+    /// [`crate::Probe`]: an address check sent by unicast to one receiver
+    Probe = 0x27,
     /// [`crate::Close`]
     Close = 0x3F,
 }
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 18] = [
+    pub const ALL: [Kind; 19] = [
         Kind::Hello,
         Kind::Welcome,
         Kind::Heartbeat,
@@ -64,6 +66,7 @@ impl Kind {
         Kind::Completion,
         Kind::TransferStatus,
         Kind::Parity,
+        Kind::Probe,
         Kind::Close,
     ];
 

@@ -124,17 +124,36 @@ pub(super) struct RelayConn {
     expired: bool,
     last_poll: Instant,
     pub(super) writable_armed: bool,
+    /// The session it carries authenticated with a client certificate: its long-poll
+    /// requests count as an authenticated agent's.
+    pub(super) authenticated: bool,
 }
 
 /// Long-poll sessions by token.
 #[derive(Default)]
 pub(super) struct Relays {
     by_token: HashMap<[u8; 16], (usize, ConnId)>,
+    /// A relay's loopback address (its local end) → the address of the agent whose request
+    /// opened it, and the relay: the gateway's own listener sees the relay's connection come
+    /// from loopback, and enrolment limits go by the real source.
+    origins: HashMap<SocketAddr, (std::net::IpAddr, usize, ConnId)>,
 }
 
 impl Relays {
     pub(super) fn forget(&mut self, r: &RelayConn) {
         self.by_token.remove(&r.token);
+        if let Ok(local) = r.sock.local_addr() {
+            self.origins.remove(&local);
+        }
+    }
+
+    /// The source to count a connection from `peer` against (the agent behind a relay, else
+    /// `peer` itself) and the relay it comes from, if any.
+    pub(super) fn origin(&self, peer: SocketAddr) -> (std::net::IpAddr, Option<(usize, ConnId)>) {
+        match self.origins.get(&peer) {
+            Some(&(ip, idx, id)) => (ip, Some((idx, id))),
+            None => (peer.ip(), None),
+        }
     }
 }
 
@@ -518,8 +537,12 @@ impl Gateway {
         (up, down): (Option<u64>, Option<u64>),
         now: Instant,
     ) {
+        let origin = match &self.conns[idx].conn {
+            Conn::Agent(c) => c.peer,
+            _ => return,
+        };
         let found = match session {
-            None => self.open_relay(now).map_err(|e| {
+            None => self.open_relay(now, origin).map_err(|e| {
                 tracing::warn!(conn = id, error = %e, "long-poll relay not opened");
                 (503, "cannot open a session")
             }),
@@ -547,6 +570,10 @@ impl Gateway {
         let (Conn::Agent(c), Conn::Relay(r)) = (&mut hslot.conn, &mut rslot.conn) else {
             return;
         };
+        if r.authenticated && !self.limits.authenticate(c, id) {
+            c.closing = true;
+            return;
+        }
         let Sniffing::Plain(p) = &mut c.sniff else {
             return;
         };
@@ -586,8 +613,14 @@ impl Gateway {
         }
     }
 
-    /// Opens a relay: a non-blocking loopback connection to this gateway's own listener.
-    fn open_relay(&mut self, now: Instant) -> io::Result<usize> {
+    /// Opens a relay: a non-blocking loopback connection to this gateway's own listener, on
+    /// behalf of the agent at `origin`.
+    fn open_relay(&mut self, now: Instant, origin: std::net::IpAddr) -> io::Result<usize> {
+        if !self.limits.has_room(limits::Class::Relay) {
+            return Err(io::Error::other(
+                "the long-poll relay budget is full (see the connection budget in the log)",
+            ));
+        }
         let mut addr = self.listener.local_addr()?;
         if addr.ip().is_unspecified() {
             addr.set_ip(match addr {
@@ -596,11 +629,12 @@ impl Gateway {
             });
         }
         let sock = TcpStream::connect(addr)?;
+        let local = sock.local_addr()?;
         let mut token = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut token)
             .map_err(|_| io::Error::other("no randomness for a session token"))?;
         let (ridx, rid) = self
-            .add_conn(sock, |sock| {
+            .add_conn(sock, now, |sock| {
                 Conn::Relay(Box::new(RelayConn {
                     sock,
                     token,
@@ -613,10 +647,12 @@ impl Gateway {
                     expired: false,
                     last_poll: now,
                     writable_armed: false,
+                    authenticated: false,
                 }))
             })
             .ok_or_else(|| io::Error::other("relay not registered"))?;
         self.relays.by_token.insert(token, (ridx, rid));
+        self.relays.origins.insert(local, (origin, ridx, rid));
         // One idle timer per relay, re-armed from the last request when it fires.
         self.timers.push(Reverse((now + RELAY_IDLE, ridx, rid)));
         tracing::debug!(relay = rid, "long-poll session opened");

@@ -23,7 +23,7 @@
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use fleetcast_daemon::admin::{self, OnFailureSpec, Request, StepSpec};
@@ -56,6 +56,22 @@ pub fn agent_role() {
         .find(|n| ExitCode::from(*n) == code)
         .map_or(1, i32::from);
     std::process::exit(n);
+}
+
+/// Makes `c`, a command that runs this test binary, the agent with `args` (see
+/// [`agent_role`]).
+pub fn as_agent<'c>(c: &'c mut Command, args: &[String]) -> &'c mut Command {
+    c.args(["--exact", "agent_role", "--nocapture", "--test-threads=1"])
+        .env(ROLE_ENV, "agent")
+        .env(ARGS_ENV, serde_json::to_string(args).expect("args json"))
+}
+
+/// The agent with `args` on this machine (the loopback tests): this test binary in the agent
+/// role. The test file needs the `agent_role` test.
+pub fn agent_command(args: &[String]) -> Command {
+    let mut c = Command::new(std::env::current_exe().expect("current exe"));
+    as_agent(&mut c, args);
+    c
 }
 
 /// The clock of the tests' deadlines (test-side, not protocol time).
@@ -516,12 +532,9 @@ impl AgentSpec {
 
     /// Runs the agent (this test binary in the agent role) on `host`.
     pub fn spawn<'lab>(&self, host: Host<'lab>) -> LabChild<'lab> {
-        let args = serde_json::to_string(&self.args()).expect("args json");
         let (out, err) = (append(&self.log), append(&self.log));
         host.spawn(std::env::current_exe().expect("current exe"), |c| {
-            c.args(["--exact", "agent_role", "--nocapture", "--test-threads=1"])
-                .env(ROLE_ENV, "agent")
-                .env(ARGS_ENV, args)
+            as_agent(c, &self.args())
                 .stdin(Stdio::null())
                 .stdout(out)
                 .stderr(err);

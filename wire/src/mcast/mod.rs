@@ -27,10 +27,17 @@
 //!    [`ReceiverConfig::silence`], or the driver calls [`McastReceiver::handle_sender_idle`])
 //!    makes every missing block NACK-able. NACKs repeat, with exponential back-off while nothing
 //!    arrives, until the blocks arrive; each carries at most [`ReceiverConfig::max_ranges`]
-//!    ranges (the lowest missing ones) and they are at least
-//!    [`ReceiverConfig::min_nack_interval`] apart.
-//! 3. The sender aggregates NACKs per *round* ([`SenderConfig::round`], opened by the first NACK
-//!    after the previous round closed). A device's latest NACK in a round replaces its earlier
+//!    ranges and [`ReceiverConfig::max_nack_bytes`] of blocks (the lowest missing ones) and
+//!    they are at least [`ReceiverConfig::min_nack_interval`] apart. Every NACK carries the device's sequence number (from 1, one more per NACK) and, after a
+//!    [`crate::Probe`] ([`McastReceiver::handle_probe`]), the probe's cookie.
+//! 3. The sender counts a NACK only if it is the named device's own and new
+//!    ([`McastSender::handle_nack`]: a tag under the device's key, checked with the driver's
+//!    [`NackMac`]; a sequence above the device's last), cuts its request to
+//!    [`SenderConfig::max_nack_bytes`], and sends the device's unicast repairs only to its
+//!    repair address ([`McastSender::repair_addr`]: the control session's IP, or an address
+//!    the device proved by echoing a probe's cookie), within
+//!    [`SenderConfig::repair_budget`]; see `sender/auth.rs`. It aggregates NACKs per *round*
+//!    ([`SenderConfig::round`], opened by the first NACK after the previous round closed). A device's latest NACK in a round replaces its earlier
 //!    ones, so repeated or duplicated NACKs never count twice. At the round's end it sweeps the
 //!    requested ranges into a range → requester-count map: blocks wanted by at least
 //!    [`SenderConfig::multicast_threshold`] devices are re-multicast, the rest are unicast as
@@ -74,17 +81,21 @@
 //! - Time is an input and must be monotonic: never pass an `Instant` earlier than one passed
 //!   before to the same core.
 //! - Inputs: `handle_*` calls and `handle_timeout(now)` (call it once the instant from
-//!   `poll_timeout` is reached; calling it early is harmless).
+//!   `poll_timeout` is reached; calling it early is harmless). The control plane's inputs to
+//!   the sender: `add_receiver`, then `bind_receiver` with each announce (the device's new
+//!   NACK key and its session's IP); only they create or key receivers.
 //! - **After every input**, in this order: drain `poll_transmit(now, ..)` until `None` and send
 //!   each datagram (a FEC sender: `poll_send`); a receiver then drains `poll_decode()` until
-//!   `None`, decoding and writing each group; drain `poll_event()` until `None` and act on
+//!   `None`, decoding and writing each group; a sender drains `poll_probe` after every
+//!   `handle_nack`; drain `poll_event()` until `None` and act on
 //!   each event; re-arm the timer from `poll_timeout()` (`None`: no timer). The sender's `poll_transmit` returns `None` when
 //!   the rate ceiling is reached; `poll_timeout` then names the next send time, so a driver that
 //!   follows this loop is paced without any extra logic.
 //!
 //! # Memory
-//! The sender holds per receiver a few counters, the device's latest NACK of the open round and
-//! its pending unicast repairs (all range lists); per block it holds nothing, per FEC group two
+//! The sender holds per receiver a few counters, its NACK key, last sequence and addresses, the
+//! device's latest NACK of the open round and its pending unicast repairs (all range lists),
+//! only for receivers the control plane added; per block it holds nothing, per FEC group two
 //! counters. The receiver holds one bit per block, plus the parity symbols it keeps for groups
 //! not yet decodable (at most one per missing block).
 
@@ -107,8 +118,45 @@ pub use receiver::{
     ReceiverStats,
 };
 pub use sender::{
-    Dest, McastSender, SendBlock, SendParity, SenderConfig, SenderEvent, SenderStats, Transmit,
+    Dest, McastSender, NackVerdict, ReceiverAuth, SendBlock, SendParity, SenderConfig, SenderEvent,
+    SenderStats, Transmit,
 };
+
+/// Default for [`SenderConfig::max_nack_bytes`] and [`ReceiverConfig::max_nack_bytes`]: one
+/// NACK asks for at most 4 MiB of repairs. Large enough that a device catching up a whole
+/// file by unicast loses little to the pause between two capped NACKs (the next one leaves a
+/// reorder window after the last repair of the previous), small enough that a NACK's cost is
+/// bounded.
+pub const DEFAULT_MAX_NACK_BYTES: u64 = 4 << 20;
+
+/// The MAC a sender core checks NACK tags and makes probe cookies with: the driver's
+/// cryptography (fleetcast's is HMAC-SHA-256 truncated to 16 bytes, from `ring`), so the
+/// rules stay here and the crypto library stays out of this crate.
+pub trait NackMac {
+    /// The tag of `h8 ‖ body` under `key`: for a frame, the two parts
+    /// [`crate::Frame::mac_input`] gives.
+    fn tag(&self, key: &[u8; 32], h8: &[u8], body: &[u8]) -> [u8; crate::header::TAG_LEN];
+}
+
+/// Blocks one NACK may ask for: `max_nack_bytes` of payload, at least one block.
+pub(crate) fn nack_block_cap(max_nack_bytes: u64, block_size: u32) -> u64 {
+    (max_nack_bytes / u64::from(block_size.max(1))).max(1)
+}
+
+/// The lowest `max` blocks of `a`.
+pub(crate) fn take_blocks(a: &Ranges, max: u64) -> Ranges {
+    let mut out = Ranges::new();
+    let mut left = max;
+    for r in a.as_slice() {
+        if left == 0 {
+            break;
+        }
+        let n = u64::from(r.len).min(left);
+        push_span(&mut out, u64::from(r.start), u64::from(r.start) + n);
+        left -= n;
+    }
+    out
+}
 
 /// A configuration a core refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,6 +411,11 @@ mod unit {
         assert_eq!(subtract(&a, &a), Ranges::new());
         assert_eq!(union(&a, &Ranges::new()), a);
         assert_eq!(clip_below(&a, 12), rs(&[(0, 3), (10, 2)]));
+        assert_eq!(take_blocks(&a, 5), rs(&[(0, 3), (10, 2)]));
+        assert_eq!(take_blocks(&a, 100), a);
+        assert_eq!(take_blocks(&a, 0), Ranges::new());
+        assert_eq!(nack_block_cap(4096, 1000), 4);
+        assert_eq!(nack_block_cap(10, 1000), 1, "at least one block");
         // A hole punched in the middle of one range.
         assert_eq!(
             subtract(&rs(&[(0, 10)]), &rs(&[(3, 2), (7, 1)])),

@@ -3,8 +3,11 @@
 //! Invariants:
 //! - A block is `New` exactly once; blocks from the initial record are never `New` and never
 //!   NACKed.
-//! - A NACK never names a block the receiver has, carries at most `max_ranges` ranges (the
-//!   lowest missing ones), and NACKs are at least `min_nack_interval` apart.
+//! - A NACK never names a block the receiver has, carries at most `max_ranges` ranges and
+//!   `max_nack_bytes` of blocks (the lowest missing ones), and NACKs are at least
+//!   `min_nack_interval` apart.
+//! - NACK sequence numbers start at 1 and grow by one per NACK emitted; every NACK after a
+//!   probe echoes its cookie.
 //! - A block is NACKed only once it is older than the reorder window: it lies below the highest
 //!   block seen at least `reorder_window` ago, or the first pass has ended.
 //! - `Complete` is emitted once, when every block is present; then no timer stays armed.
@@ -15,8 +18,8 @@ use alloc::vec::Vec;
 use core::time::Duration;
 
 use super::fec::{Fec, FecError};
-use super::{block_count, push_span, subtract, ConfigError, Prng};
-use crate::msg::{Message, Nack, Parity};
+use super::{block_count, nack_block_cap, push_span, subtract, take_blocks, ConfigError, Prng};
+use crate::msg::{Message, Nack, Parity, COOKIE_LEN};
 use crate::ranges::{Ranges, MAX_NACK_RANGES};
 use crate::time::Instant;
 
@@ -47,6 +50,10 @@ pub struct ReceiverConfig {
     pub nack_repeat_max: Duration,
     /// Most ranges per NACK (1..=[`MAX_NACK_RANGES`]).
     pub max_ranges: usize,
+    /// Most payload bytes of blocks one NACK asks for (at least one block): the sender's
+    /// [`super::SenderConfig::max_nack_bytes`], beyond which it ignores a request. A NACK cut
+    /// here is followed by the next part as soon as its repairs stop arriving.
+    pub max_nack_bytes: u64,
     /// Least time between two NACKs.
     pub min_nack_interval: Duration,
     /// No block for this long means the sender's first pass ended.
@@ -60,11 +67,16 @@ pub struct ReceiverConfig {
     /// repairs whole groups), and a NACK that would repeat the previous one word for word is
     /// held back until the repeat interval. Parity datagrams are accepted either way.
     pub fec_group: u32,
+    /// Sequence number of the first NACK (at least 1). A driver that starts a new receiver
+    /// under the same NACK key (a transfer received again after a digest mismatch) continues
+    /// from the last one's [`McastReceiver::next_seq`], or the sender takes its NACKs for
+    /// replays.
+    pub first_seq: u32,
 }
 
 impl ReceiverConfig {
     /// Defaults: reorder window 20 ms, back-off up to 20 ms, repeats from 100 ms up to 2 s,
-    /// 128 ranges per NACK, NACKs at least 20 ms apart, 250 ms silence, persist every second.
+    /// 128 ranges and [`super::DEFAULT_MAX_NACK_BYTES`] per NACK, NACKs at least 20 ms apart, 250 ms silence, persist every second.
     pub fn new(session: u32, device_id: u64, file_size: u64, block_size: u32, seed: u64) -> Self {
         ReceiverConfig {
             session,
@@ -76,11 +88,13 @@ impl ReceiverConfig {
             nack_repeat: Duration::from_millis(100),
             nack_repeat_max: Duration::from_secs(2),
             max_ranges: DEFAULT_MAX_RANGES,
+            max_nack_bytes: super::DEFAULT_MAX_NACK_BYTES,
             min_nack_interval: Duration::from_millis(20),
             silence: Duration::from_millis(250),
             persist_interval: Duration::from_secs(1),
             seed,
             fec_group: 0,
+            first_seq: 1,
         }
     }
 }
@@ -221,6 +235,12 @@ pub struct McastReceiver {
     decodable: VecDeque<u32>,
     /// The last NACK's ranges (FEC mode holds back word-for-word repeats).
     last_nack_missing: Option<Ranges>,
+    /// The next NACK's sequence number.
+    next_seq: u32,
+    /// The last probe's cookie, echoed in every NACK.
+    cookie: Option<[u8; COOKIE_LEN]>,
+    /// A probe arrived since the last NACK: the next one goes out even if it repeats the last.
+    probed: bool,
 }
 
 impl McastReceiver {
@@ -260,6 +280,9 @@ impl McastReceiver {
             held: BTreeMap::new(),
             decodable: VecDeque::new(),
             last_nack_missing: None,
+            next_seq: config.first_seq.max(1),
+            cookie: None,
+            probed: false,
         };
         if let Some(rec) = initial {
             if rec
@@ -303,6 +326,11 @@ impl McastReceiver {
         self.n_blocks
     }
 
+    /// The sequence number the next NACK will carry.
+    pub fn next_seq(&self) -> u32 {
+        self.next_seq
+    }
+
     /// Blocks present.
     pub fn blocks_received(&self) -> u32 {
         self.have
@@ -343,8 +371,21 @@ impl McastReceiver {
         &self.record
     }
 
-    /// A valid block (CRC, tag and session checked by the driver) arrived.
+    /// A valid block (CRC, tag and session checked by the driver) arrived, multicast (`Data`:
+    /// the first pass or a re-multicast).
     pub fn handle_block(&mut self, now: Instant, block: u32) -> BlockVerdict {
+        self.take_block(now, block, true)
+    }
+
+    /// A valid unicast `Repair` (checked as for [`McastReceiver::handle_block`]) arrived: as a
+    /// block, except that it says nothing about how far the first pass has got (a device
+    /// catching up a whole file gets its repairs in order from block 0, which must not look
+    /// like a pass starting over).
+    pub fn handle_repair(&mut self, now: Instant, block: u32) -> BlockVerdict {
+        self.take_block(now, block, false)
+    }
+
+    fn take_block(&mut self, now: Instant, block: u32, multicast: bool) -> BlockVerdict {
         if block >= self.n_blocks {
             return BlockVerdict::OutOfRange;
         }
@@ -359,7 +400,7 @@ impl McastReceiver {
         if self.timers[Timer::Persist as usize].is_none() {
             self.timers[Timer::Persist as usize] = Some(now + self.config.persist_interval);
         }
-        if self.highest.is_none_or(|h| block > h) {
+        if multicast && self.highest.is_none_or(|h| block > h) {
             self.highest = Some(block);
             // The pass is still running (a silence was only a pause), unless this is the end.
             self.end_of_pass = block + 1 == self.n_blocks;
@@ -451,7 +492,14 @@ impl McastReceiver {
         if !self.held.is_empty() {
             missing = self.trim_held(missing);
         }
+        let range_cut = missing.len() >= self.config.max_ranges;
+        let cap = nack_block_cap(self.config.max_nack_bytes, self.config.block_size);
+        let block_cut = missing.blocks() > cap;
+        if block_cut {
+            missing = take_blocks(&missing, cap);
+        }
         let repeat_too_soon = fec
+            && !self.probed
             && self.last_nack_missing.as_ref() == Some(&missing)
             && self
                 .last_nack
@@ -470,18 +518,23 @@ impl McastReceiver {
             self.arm_next_gap();
             return None;
         }
-        self.truncated = missing.len() >= self.config.max_ranges;
+        self.truncated = range_cut || block_cut;
         if fec {
             self.last_nack_missing = Some(missing.clone());
         }
         let msg = Message::Nack(Nack {
             session: self.config.session,
             device_id: self.config.device_id,
+            seq: self.next_seq,
+            echo: self.cookie,
             missing,
         });
         // A NACK of at most MAX_NACK_RANGES ranges always encodes.
         let range = msg.emit_to_vec(buf).ok()?;
         let len = range.len();
+        // Saturates: 2^32 NACKs, 20 ms apart, take 2.7 years; then the sender ignores them.
+        self.next_seq = self.next_seq.saturating_add(1);
+        self.probed = false;
         self.stats.nacks += 1;
         self.stats.nack_bytes += len as u64;
         self.last_nack = Some(now);
@@ -500,6 +553,19 @@ impl McastReceiver {
         self.nack_reason = NackReason::Repeat;
         self.arm_next_gap();
         Some(len)
+    }
+
+    /// A valid `Probe` (CRC, session, device and tag under this device's NACK key checked by
+    /// the driver) arrived: the sender asks this device to prove it receives where its NACKs
+    /// come from. Every later NACK echoes `cookie`, and the next one goes out soon (as after
+    /// a gap), even if it would repeat the last.
+    pub fn handle_probe(&mut self, now: Instant, cookie: [u8; COOKIE_LEN]) {
+        self.cookie = Some(cookie);
+        if self.complete {
+            return;
+        }
+        self.probed = true;
+        self.arm_gap(now, Duration::ZERO);
     }
 
     /// A valid parity symbol (CRC, tag and session checked by the driver) arrived. The core
@@ -935,6 +1001,67 @@ mod tests {
         r.handle_timeout(ms(3));
         assert_eq!(nack_of(&mut r, ms(3)), None);
         assert_eq!(r.poll_timeout(), Some(ms(22)));
+    }
+
+    /// The whole NACK the receiver emits now, if any.
+    fn full_nack(r: &mut McastReceiver, now: Instant) -> Option<Nack> {
+        let mut buf = Vec::new();
+        r.poll_transmit(now, &mut buf)?;
+        let (Message::Nack(n), _) = Message::parse_datagram(&buf).unwrap() else {
+            panic!("not a nack");
+        };
+        Some(n)
+    }
+
+    #[test]
+    fn nacks_count_up_ask_for_at_most_max_nack_bytes_and_echo_probes() {
+        // 200 blocks of 100 bytes, at most 1000 bytes (10 blocks) per NACK.
+        let cfg = ReceiverConfig {
+            max_nack_bytes: 1000,
+            ..config()
+        };
+        let mut r = McastReceiver::new(cfg, None, ms(0)).unwrap();
+        r.handle_sender_idle(ms(0));
+        r.handle_timeout(ms(0));
+        let n = full_nack(&mut r, ms(0)).unwrap();
+        assert_eq!((n.session, n.device_id, n.seq, n.echo), (3, 42, 1, None));
+        assert_eq!(n.missing, rs(&[(0, 10)]), "the lowest 10 blocks only");
+        // Its repairs arrive: the next part is asked a reorder window after the last one
+        // (they are unicast repairs, which say nothing about a first pass).
+        let t1 = ms(5);
+        for b in 0..10 {
+            r.handle_repair(t1, b);
+        }
+        let t = r.poll_timeout().unwrap();
+        assert_eq!(t, t1 + Duration::from_millis(20));
+        r.handle_timeout(t);
+        let n = full_nack(&mut r, t).unwrap();
+        assert_eq!((n.seq, n.missing), (2, rs(&[(10, 10)])));
+        // A probe: the next NACK comes soon (not at the 100 ms repeat), and every NACK from
+        // now on echoes the cookie.
+        let tp = t + Duration::from_millis(30);
+        r.handle_probe(tp, [0xC0; COOKIE_LEN]);
+        assert_eq!(r.poll_timeout(), Some(tp));
+        r.handle_timeout(tp);
+        let n = full_nack(&mut r, tp).unwrap();
+        assert_eq!((n.seq, n.echo), (3, Some([0xC0; COOKIE_LEN])));
+        let (_, again) = fire(&mut r);
+        assert!(again.is_some());
+        assert_eq!(r.stats().nacks, 4);
+        assert_eq!(r.next_seq(), 5);
+        // A receiver started again under the same key continues the count.
+        let cfg = ReceiverConfig {
+            first_seq: r.next_seq(),
+            ..config()
+        };
+        let mut again = McastReceiver::new(cfg, None, ms(0)).unwrap();
+        again.handle_sender_idle(ms(0));
+        again.handle_timeout(ms(0));
+        assert_eq!(full_nack(&mut again, ms(0)).map(|n| n.seq), Some(5));
+        // A probe after completion changes nothing.
+        let mut done = McastReceiver::new(config(), Some(&rs(&[(0, 200)])), ms(0)).unwrap();
+        done.handle_probe(ms(1), [1; COOKIE_LEN]);
+        assert_eq!(done.poll_timeout(), None);
     }
 
     #[test]

@@ -9,13 +9,22 @@
 //! - A block queued for re-multicast is not also queued for unicast.
 //! - `Finished` is emitted once; a device is listed as completed only after a verified
 //!   [`McastSender::receiver_done`]. After `Finished` the core sends nothing and ignores NACKs.
+//! - Only the control plane adds receivers ([`McastSender::add_receiver`]); a NACK never adds
+//!   an entry. A NACK counts only if its tag verifies under the device's own key, its sequence
+//!   is above every one accepted before, and it asks for at most `max_nack_bytes`; a device's
+//!   unicast repairs go only to its control session's address or one it proved (`auth.rs`),
+//!   and stop once they cost `repair_budget`.
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
+use core::net::SocketAddr;
 use core::time::Duration;
 
 use super::plan::{plan, Inputs};
-use super::{block_count, block_len, clip_below, subtract, union, BlockQueue, ConfigError};
+use super::{
+    block_count, block_len, clip_below, nack_block_cap, subtract, take_blocks, union, BlockQueue,
+    ConfigError,
+};
 use crate::data::DATA_PREFIX_LEN;
 use crate::msg::PARITY_PREFIX_LEN;
 use crate::msg_kind::Kind;
@@ -27,6 +36,9 @@ use crate::time::Instant;
 const JUDGE_AFTER_BLOCKS: u32 = 256;
 /// Token-bucket units per byte: tokens accrue `rate` units per microsecond.
 const UNITS_PER_BYTE: u128 = 1_000_000;
+
+mod auth;
+pub use auth::{NackVerdict, ReceiverAuth};
 
 /// Sender parameters. [`SenderConfig::new`] fills in the tuning knobs with defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,13 +90,29 @@ pub struct SenderConfig {
     /// (measured from the start of their round) are credited with it. At least one
     /// round-trip time.
     pub fec_holdoff: Duration,
+    /// Whether NACKs are authenticated (the default): each must carry a valid tag under its
+    /// device's own key ([`McastSender::bind_receiver`]), and a device's unicast repairs go
+    /// only to its control session's address or an address it proved. Off only where NACKs
+    /// are untagged and their source is trusted (the simulator and unit tests).
+    pub nack_auth: bool,
+    /// Most repair bytes one NACK can ask for: its request is cut to its lowest blocks worth
+    /// this many payload bytes (at least one block). Receivers cut their NACKs the same way
+    /// ([`super::ReceiverConfig::max_nack_bytes`]) and ask for the rest in their next NACK.
+    pub max_nack_bytes: u64,
+    /// Most unicast repair bytes (datagrams) one device may cost this sender; its unicast
+    /// repairs stop there (it is then listed as unfinished unless it completes anyway).
+    pub repair_budget: u64,
+    /// Least time between two [`crate::Probe`]s to one device.
+    pub probe_interval: Duration,
 }
 
 impl SenderConfig {
     /// A configuration with default tuning: burst 8, repairs 25% of the rate during the first
     /// pass, re-multicast at 2 requesters, demotion above 20% missing in the first round after
     /// the first pass or above 8
-    /// NACKs per round, 128-range NACKs, 50 ms rounds, 5 s idle timeout.
+    /// NACKs per round, 128-range NACKs, 50 ms rounds, 5 s idle timeout; authenticated NACKs
+    /// of at most [`super::DEFAULT_MAX_NACK_BYTES`] each, a repair budget of twice the file
+    /// (plus one NACK's worth) per device, a probe per device at most every 100 ms.
     pub fn new(session: u32, file_size: u64, block_size: u32, rate: u64) -> Self {
         SenderConfig {
             session,
@@ -104,6 +132,12 @@ impl SenderConfig {
             fec_parity: 0,
             fec_margin: 1,
             fec_holdoff: Duration::from_millis(50),
+            nack_auth: true,
+            max_nack_bytes: super::DEFAULT_MAX_NACK_BYTES,
+            repair_budget: file_size
+                .saturating_mul(2)
+                .saturating_add(super::DEFAULT_MAX_NACK_BYTES),
+            probe_interval: Duration::from_millis(100),
         }
     }
 
@@ -126,7 +160,8 @@ const MAX_FEC: u32 = 32768;
 pub enum Dest {
     /// The multicast group.
     Group,
-    /// One device (over its unicast path).
+    /// One device, at [`McastSender::repair_addr`] (its control session's address or one it
+    /// proved; never merely where a NACK came from).
     Unicast(u64),
 }
 
@@ -206,8 +241,16 @@ pub struct SenderStats {
     pub bytes: u64,
     /// NACKs received.
     pub nacks: u64,
-    /// NACKs ignored (unknown, demoted or done device, or after `Finished`).
+    /// NACKs ignored (unknown, demoted, done or over-budget device, forged, replayed, or
+    /// after `Finished`).
     pub nacks_ignored: u64,
+    /// NACKs ignored because their tag did not verify under the named device's key (or they
+    /// had none, or named another session).
+    pub nacks_forged: u64,
+    /// NACKs ignored because their sequence was not above the device's last accepted one.
+    pub nacks_replayed: u64,
+    /// Address probes handed out.
+    pub probes: u64,
     /// Repair rounds closed.
     pub rounds: u64,
     /// Devices demoted.
@@ -229,6 +272,23 @@ struct Rx {
     nacks_in_round: u32,
     /// Blocks unicast to this device alone: what its losses have cost the sender.
     repaired: u64,
+    /// Authentication, replay and address state (`auth.rs`).
+    auth: ReceiverAuth,
+    /// When it was last sent a probe.
+    probed: Option<Instant>,
+}
+
+impl Rx {
+    fn new(auth: ReceiverAuth) -> Rx {
+        Rx {
+            status: Status::Active,
+            over_rounds: 0,
+            nacks_in_round: 0,
+            repaired: 0,
+            auth,
+            probed: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -274,6 +334,11 @@ pub struct McastSender {
     parity_queue: VecDeque<(u32, u32)>,
     /// Parity symbols sent within the hold-off: `(time, group)`, oldest first.
     recent_parity: VecDeque<(Instant, u32)>,
+    /// Probes to send: `(device, address)`, at most one per device per probe interval.
+    probes: VecDeque<(u64, SocketAddr)>,
+    /// Key of the probe cookies (only the gateway holds it); `None`: no probes, so only the
+    /// control session's address can receive a device's repairs.
+    probe_key: Option<[u8; 32]>,
     last_activity: Instant,
     finished: bool,
     events: VecDeque<SenderEvent>,
@@ -329,6 +394,8 @@ impl McastSender {
             groups: alloc::vec![GroupTx::default(); n_groups],
             parity_queue: VecDeque::new(),
             recent_parity: VecDeque::new(),
+            probes: VecDeque::new(),
+            probe_key: None,
             last_activity: now,
             finished: false,
             events: VecDeque::new(),
@@ -386,41 +453,41 @@ impl McastSender {
         if self.finished || self.receivers.contains_key(&device) {
             return false;
         }
-        self.receivers.insert(
-            device,
-            Rx {
-                status: Status::Active,
-                over_rounds: 0,
-                nacks_in_round: 0,
-                repaired: 0,
-            },
-        );
+        self.receivers
+            .insert(device, Rx::new(ReceiverAuth::default()));
         true
     }
 
-    /// A NACK from `device` listing blocks it misses.
-    pub fn handle_nack(&mut self, now: Instant, device: u64, missing: &Ranges) {
-        self.tick(now);
-        self.stats.nacks += 1;
+    /// Receivers registered (by the control plane only: NACKs never add one).
+    pub fn receiver_count(&self) -> usize {
+        self.receivers.len()
+    }
+
+    /// Records an authenticated, fresh NACK's request: at most `max_nack_bytes` of its lowest
+    /// blocks count, and it replaces the device's earlier request of the open round.
+    fn accept_request(&mut self, now: Instant, device: u64, missing: &Ranges) -> NackVerdict {
         let limit = self.config.max_nacks_per_round;
+        let budget = self.config.repair_budget;
         let rx = match self.receivers.get_mut(&device) {
             Some(rx) if !self.finished && rx.status == Status::Active => rx,
-            _ => {
-                self.stats.nacks_ignored += 1;
-                return;
-            }
+            _ => return NackVerdict::Inactive,
         };
+        if rx.auth.spent >= budget {
+            return NackVerdict::OverBudget;
+        }
         self.last_activity = now;
         rx.nacks_in_round += 1;
         if rx.nacks_in_round > limit {
             self.demote(device);
-            return;
+            return NackVerdict::Accepted;
         }
-        self.requests
-            .insert(device, clip_below(missing, self.n_blocks));
+        let cap = nack_block_cap(self.config.max_nack_bytes, self.config.block_size);
+        let req = take_blocks(&clip_below(missing, self.n_blocks), cap);
+        self.requests.insert(device, req);
         if self.round_deadline.is_none() {
             self.round_deadline = Some(now + self.config.round);
         }
+        NackVerdict::Accepted
     }
 
     /// The control session reported `device`'s completion: `verified` is whether its digest
@@ -430,12 +497,10 @@ impl McastSender {
         if self.finished {
             return;
         }
-        let rx = self.receivers.entry(device).or_insert(Rx {
-            status: Status::Active,
-            over_rounds: 0,
-            nacks_in_round: 0,
-            repaired: 0,
-        });
+        let rx = self
+            .receivers
+            .entry(device)
+            .or_insert(Rx::new(ReceiverAuth::default()));
         if matches!(rx.status, Status::Done { .. }) {
             return;
         }
@@ -625,8 +690,18 @@ impl McastSender {
                     }
                 }
                 self.stats.unicast_repairs += 1;
-                if let Some(rx) = self.receivers.get_mut(&dev) {
+                let budget = self.config.repair_budget;
+                let spent_all = self.receivers.get_mut(&dev).is_some_and(|rx| {
                     rx.repaired += 1;
+                    rx.auth.spent = rx
+                        .auth
+                        .spent
+                        .saturating_add(u64::try_from(cost / UNITS_PER_BYTE).unwrap_or(u64::MAX));
+                    rx.auth.spent >= budget
+                });
+                if spent_all {
+                    // The device's budget is spent: no more unicast repairs for it.
+                    self.drop_repairs(dev);
                 }
                 (b, Dest::Unicast(dev), Kind::Repair)
             }
@@ -791,7 +866,7 @@ impl McastSender {
         let queued = self.multicast.remaining();
         for (dev, req) in wanted {
             let own = subtract(&req, &queued);
-            if own.is_empty() {
+            if own.is_empty() || !self.reachable(dev) {
                 continue;
             }
             let q = self.unicast.entry(dev).or_default();
@@ -893,12 +968,24 @@ impl McastSender {
             self.unicast_order.retain(|d| unicast.contains_key(d));
         }
         for (dev, own) in p.unicast {
+            if !self.reachable(dev) {
+                continue;
+            }
             let q = self.unicast.entry(dev).or_default();
             if q.is_empty() {
                 self.unicast_order.push_back(dev);
             }
             q.merge(&own);
         }
+    }
+
+    /// Whether unicast repairs can reach `dev`: its address is known (the control session's,
+    /// or proved). Its requests still count for multicast and parity; the blocks it alone
+    /// needs wait for its next NACK, once it is reachable.
+    fn reachable(&self, dev: u64) -> bool {
+        self.receivers
+            .get(&dev)
+            .is_some_and(|rx| rx.auth.addr.is_some())
     }
 
     fn check_finished(&mut self, now: Instant) {
@@ -943,12 +1030,43 @@ mod tests {
         r
     }
 
-    /// 10 blocks of 1000 bytes at 1020 bytes per ms (one datagram per ms), burst 1.
+    /// 10 blocks of 1000 bytes at 1020 bytes per ms (one datagram per ms), burst 1; NACKs
+    /// untagged (authentication has its own tests, in `auth/tests.rs`).
     fn config() -> SenderConfig {
         SenderConfig {
             burst: 1,
+            nack_auth: false,
             ..SenderConfig::new(7, 10_000, 1000, 1_020_000)
         }
+    }
+
+    struct NoMac;
+
+    impl crate::mcast::NackMac for NoMac {
+        fn tag(&self, _: &[u8; 32], _: &[u8], _: &[u8]) -> [u8; crate::header::TAG_LEN] {
+            [0; crate::header::TAG_LEN]
+        }
+    }
+
+    /// An untagged NACK of `missing` from `dev` at 10.0.0.`dev`:5000, with the device's next
+    /// sequence.
+    fn nack(s: &mut McastSender, now: Instant, dev: u64, missing: &Ranges) -> NackVerdict {
+        let seq = s.receivers.get(&dev).map_or(1, |rx| rx.auth.seq + 1);
+        let msg = crate::msg::Message::Nack(crate::msg::Nack {
+            session: s.config.session,
+            device_id: dev,
+            seq,
+            echo: None,
+            missing: missing.clone(),
+        });
+        let mut buf = Vec::new();
+        msg.emit_to_vec(&mut buf).unwrap();
+        let frame = crate::header::Frame::parse_datagram(&buf).unwrap();
+        let from = SocketAddr::from(([10, 0, 0, dev as u8], 5000));
+        let crate::msg::Message::Nack(n) = msg else {
+            unreachable!()
+        };
+        s.handle_nack(now, from, &frame, &n, &NoMac)
     }
 
     fn drain(s: &mut McastSender, now: Instant) -> Vec<SendBlock> {
@@ -982,7 +1100,7 @@ mod tests {
         assert!(s.add_receiver(4));
         assert_eq!(drain(&mut s, us(0)), []);
         assert!(events(&mut s).is_empty());
-        s.handle_nack(us(0), 4, &rs(&[(2, 2), (8, 1)]));
+        nack(&mut s, us(0), 4, &rs(&[(2, 2), (8, 1)]));
         s.handle_timeout(s.poll_timeout().unwrap());
         let mut got = Vec::new();
         while got.len() < 3 {
@@ -1054,9 +1172,9 @@ mod tests {
             s.add_receiver(d);
         }
         let t = first_pass(&mut s);
-        s.handle_nack(t, 1, &rs(&[(2, 2)]));
-        s.handle_nack(t, 2, &rs(&[(3, 1), (7, 1)]));
-        s.handle_nack(t, 3, &rs(&[(3, 1)]));
+        nack(&mut s, t, 1, &rs(&[(2, 2)]));
+        nack(&mut s, t, 2, &rs(&[(3, 1), (7, 1)]));
+        nack(&mut s, t, 3, &rs(&[(3, 1)]));
         let mut now = t + Duration::from_millis(50);
         s.handle_timeout(now);
         let mut sent = Vec::new();
@@ -1098,7 +1216,7 @@ mod tests {
         // Device 1 NACKs block 4 three times (e.g. a repeated join re-sent it): with a
         // threshold of 2 it must still be a unicast, not a multicast.
         for _ in 0..3 {
-            s.handle_nack(t, 1, &rs(&[(4, 1)]));
+            nack(&mut s, t, 1, &rs(&[(4, 1)]));
         }
         s.handle_timeout(t + Duration::from_millis(50));
         let sent = drain(&mut s, t + Duration::from_millis(50));
@@ -1130,7 +1248,7 @@ mod tests {
         events(&mut s);
         // Device 1 misses 5 of 10 blocks (> 20%) for 3 rounds.
         for round in 0..3 {
-            s.handle_nack(t, 1, &rs(&[(0, 5)]));
+            nack(&mut s, t, 1, &rs(&[(0, 5)]));
             t += Duration::from_millis(50);
             s.handle_timeout(t);
             let ev = events(&mut s);
@@ -1140,7 +1258,7 @@ mod tests {
         }
         // Device 2 asks three times in one round.
         for _ in 0..3 {
-            s.handle_nack(t, 2, &rs(&[(9, 1)]));
+            nack(&mut s, t, 2, &rs(&[(9, 1)]));
         }
         assert_eq!(events(&mut s), [SenderEvent::Demoted(2)]);
         s.receiver_done(3, true);
@@ -1178,11 +1296,11 @@ mod tests {
         let t = first_pass(&mut s);
         events(&mut s);
         s.add_receiver(3);
-        s.handle_nack(t, 1, &rs(&[(1, 1), (5, 1), (9, 1), (15, 1)]));
-        s.handle_nack(t, 2, &rs(&[(1, 1), (5, 1), (9, 1)]));
+        nack(&mut s, t, 1, &rs(&[(1, 1), (5, 1), (9, 1), (15, 1)]));
+        nack(&mut s, t, 2, &rs(&[(1, 1), (5, 1), (9, 1)]));
         // Device 3 has everything below 600 (repaired already): 25% dense over 600..616,
         // extrapolated over the 384 blocks left, about 100 missing: 10%, kept.
-        s.handle_nack(t, 3, &rs(&[(600, 1), (605, 1), (609, 1), (615, 1)]));
+        nack(&mut s, t, 3, &rs(&[(600, 1), (605, 1), (609, 1), (615, 1)]));
         s.handle_timeout(t + Duration::from_millis(50));
         assert_eq!(events(&mut s), [SenderEvent::Demoted(1)]);
         // Device 2's three blocks: 1, 5 and 9 (device 1's requests were dropped with it).
@@ -1221,8 +1339,8 @@ mod tests {
             r
         };
         for round in 0..2 {
-            s.handle_nack(now, 1, &every(3));
-            s.handle_nack(now, 2, &every(20));
+            nack(&mut s, now, 1, &every(3));
+            nack(&mut s, now, 2, &every(20));
             now += Duration::from_millis(50);
             s.handle_timeout(now);
             let ev = events(&mut s);
@@ -1257,7 +1375,7 @@ mod tests {
                     r.push(b, 1).unwrap();
                 }
                 asked = sent;
-                s.handle_nack(now, 1, &r);
+                nack(&mut s, now, 1, &r);
             }
             now = s.poll_timeout().unwrap();
             s.handle_timeout(now);
@@ -1307,7 +1425,7 @@ mod tests {
             let sent = drain(&mut s, now).len();
             if !nacked && s.stats().first_pass_blocks >= 100 {
                 // 100 blocks in, the device misses all of them.
-                s.handle_nack(now, 1, &rs(&[(0, 100)]));
+                nack(&mut s, now, 1, &rs(&[(0, 100)]));
                 nacked = true;
             }
             let st = s.stats();
@@ -1367,9 +1485,9 @@ mod tests {
         let (t, first) = send_n(&mut s, us(0), 40);
         assert_eq!(first.len(), 40);
         // Group 1 (10..20): three devices miss different blocks, at most 2 each: 2 + 1 parity.
-        s.handle_nack(t, 1, &rs(&[(11, 1)]));
-        s.handle_nack(t, 2, &rs(&[(12, 2)]));
-        s.handle_nack(t, 3, &rs(&[(15, 1), (31, 1)]));
+        nack(&mut s, t, 1, &rs(&[(11, 1)]));
+        nack(&mut s, t, 2, &rs(&[(12, 2)]));
+        nack(&mut s, t, 3, &rs(&[(15, 1), (31, 1)]));
         let t = t + Duration::from_millis(50);
         s.handle_timeout(t);
         let (t, sent) = send_n(&mut s, t, 4);
@@ -1397,15 +1515,15 @@ mod tests {
         assert_eq!(s.stats().parity_symbols, 3);
         // A NACK sent before the parity arrived is credited with it (within the hold-off):
         // nothing more goes out for group 1.
-        s.handle_nack(t, 2, &rs(&[(12, 2)]));
+        nack(&mut s, t, 2, &rs(&[(12, 2)]));
         let t2 = t + Duration::from_millis(50);
         s.handle_timeout(t2);
         assert!(drain_all(&mut s, t2).is_empty());
         // After the hold-off two devices still lack blocks: 2 + 1 more symbols would exceed the
         // one fresh symbol left (4 - 3), so the union is re-multicast instead.
         let t3 = t2 + Duration::from_millis(100);
-        s.handle_nack(t3, 1, &rs(&[(11, 1)]));
-        s.handle_nack(t3, 2, &rs(&[(12, 2)]));
+        nack(&mut s, t3, 1, &rs(&[(11, 1)]));
+        nack(&mut s, t3, 2, &rs(&[(12, 2)]));
         s.handle_timeout(t3 + Duration::from_millis(50));
         let (_, sent) = send_n(&mut s, t3 + Duration::from_millis(50), 3);
         let blocks: Vec<u32> = sent
@@ -1442,9 +1560,9 @@ mod tests {
         let mut demoted = Vec::new();
         for round in 0..6u32 {
             let g = round % 5 * 100;
-            s.handle_nack(t, 1, &rs(&[(g, 25)]));
-            s.handle_nack(t, 2, &rs(&[(g + 50, 1)]));
-            s.handle_nack(t, 3, &rs(&[(g + 60, 1)]));
+            nack(&mut s, t, 1, &rs(&[(g, 25)]));
+            nack(&mut s, t, 2, &rs(&[(g + 50, 1)]));
+            nack(&mut s, t, 3, &rs(&[(g + 60, 1)]));
             t += Duration::from_millis(50);
             s.handle_timeout(t);
             demoted.extend(events(&mut s).into_iter().filter_map(|e| match e {
@@ -1467,8 +1585,8 @@ mod tests {
         s.add_receiver(2);
         // 15 blocks out (group 1 half sent): NACKs for 3 and 12 from two devices.
         let (t, _) = send_n(&mut s, us(0), 15);
-        s.handle_nack(t, 1, &rs(&[(3, 1), (12, 1)]));
-        s.handle_nack(t, 2, &rs(&[(4, 1), (13, 1)]));
+        nack(&mut s, t, 1, &rs(&[(3, 1), (12, 1)]));
+        nack(&mut s, t, 2, &rs(&[(4, 1), (13, 1)]));
         s.handle_timeout(t + Duration::from_millis(50));
         // The rest of the first pass and the repairs.
         let (_, sent) = send_n(&mut s, t + Duration::from_millis(50), 25 + 2);

@@ -1,4 +1,4 @@
-//! Field limits of wire version 1. A field over its limit is [`crate::Error::FieldTooLong`]
+//! Field limits of wire version 2. A field over its limit is [`crate::Error::FieldTooLong`]
 //! on both parse and emit.
 
 /// Device names, hostnames, versions, OS and kernel strings, package names.

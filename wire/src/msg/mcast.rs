@@ -14,8 +14,8 @@ use crate::ranges::{Ranges, MAX_NACK_RANGES};
 /// `Announce`: a distribution task for this device (gateway → agent, control session).
 ///
 /// Fields: `task_id u64`, `session u32`, `group addr`, `port u16`, `size u64`,
-/// `block_size u32`, `sha256 [32]`, `auth_key option<[32]>`, `name str16`, where `addr` is
-/// `u8 family (4|6)` then 4 or 16 address bytes.
+/// `block_size u32`, `sha256 [32]`, `auth_key option<[32]>`, `nack_key option<[32]>`,
+/// `name str16`, where `addr` is `u8 family (4|6)` then 4 or 16 address bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct Announce<'a> {
@@ -33,8 +33,14 @@ pub struct Announce<'a> {
     pub block_size: u32,
     /// SHA-256 of the whole file.
     pub sha256: [u8; 32],
-    /// Per-session packet-authentication key, when packets carry tags.
+    /// Per-session packet-authentication key, when packets carry tags: the group's key, for
+    /// `Data`, `Parity` and `Repair`.
     pub auth_key: Option<[u8; 32]>,
+    /// This device's own key for the `Nack`s it sends and the `Probe`s it receives, when they
+    /// carry tags. The gateway derives one per device and per announce, so no other receiver
+    /// can tag a NACK in this device's name, and a new announce (a new control session)
+    /// makes every earlier NACK of the device invalid.
+    pub nack_key: Option<[u8; 32]>,
     /// File name (the agent decides where it lands).
     pub name: &'a str,
 }
@@ -61,6 +67,10 @@ impl<'a> Announce<'a> {
         if let Some(k) = &self.auth_key {
             s.put(k)?;
         }
+        s.present(self.nack_key.is_some())?;
+        if let Some(k) = &self.nack_key {
+            s.put(k)?;
+        }
         s.str16(self.name, MAX_NAME)
     }
     pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
@@ -76,6 +86,7 @@ impl<'a> Announce<'a> {
         let block_size = r.u32()?;
         let sha256 = r.array()?;
         let auth_key = if r.present()? { Some(r.array()?) } else { None };
+        let nack_key = if r.present()? { Some(r.array()?) } else { None };
         let name = r.str16(MAX_NAME)?;
         Ok(Announce {
             task_id,
@@ -86,14 +97,20 @@ impl<'a> Announce<'a> {
             block_size,
             sha256,
             auth_key,
+            nack_key,
             name,
         })
     }
 }
 
+/// Length of the address-proof cookie a [`Probe`] carries and a [`Nack`] echoes.
+pub const COOKIE_LEN: usize = 8;
+
 /// `Nack`: blocks a receiver is missing (agent → gateway, datagram or control session).
 ///
-/// Fields: `session u32`, `device_id u64`, `missing ranges` (see [`Ranges`]).
+/// Fields: `session u32`, `device_id varint64`, `seq varint`, `echo option<[8]>`, `missing
+/// ranges` (see [`Ranges`]). As a datagram it carries a tag under the device's own key
+/// ([`Announce::nack_key`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct Nack {
@@ -101,6 +118,14 @@ pub struct Nack {
     pub session: u32,
     /// Who is missing the blocks (counted per device by the sender).
     pub device_id: u64,
+    /// This device's NACK counter, from 1, one more for every NACK it sends under its current
+    /// key: the sender accepts a NACK only if its `seq` is above every one accepted before, so
+    /// a replay (or a stale, reordered NACK, which a newer one supersedes anyway) counts
+    /// nothing.
+    pub seq: u32,
+    /// The cookie of the last [`Probe`] the device received, echoed to prove it receives at
+    /// the address this NACK comes from.
+    pub echo: Option<[u8; COOKIE_LEN]>,
     /// Missing blocks.
     pub missing: Ranges,
 }
@@ -108,15 +133,47 @@ pub struct Nack {
 impl Nack {
     pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
         s.u32(self.session)?;
-        s.u64(self.device_id)?;
+        s.varint64(self.device_id)?;
+        s.varint(self.seq)?;
+        s.present(self.echo.is_some())?;
+        if let Some(c) = &self.echo {
+            s.put(c)?;
+        }
         self.missing.encode(s, MAX_NACK_RANGES)
     }
     pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self> {
         Ok(Nack {
             session: r.u32()?,
-            device_id: r.u64()?,
+            device_id: r.varint64()?,
+            seq: r.varint()?,
+            echo: if r.present()? { Some(r.array()?) } else { None },
             missing: Ranges::decode(r, MAX_NACK_RANGES)?,
         })
+    }
+}
+
+/// `Probe`: an address check (gateway → one agent, datagram, always tagged under the device's
+/// NACK key, which names the device and the task). A NACK whose source is not on the IP the
+/// device's control session came from gets one back, to that source; the device proves it
+/// receives there by echoing the cookie in its next NACKs ([`Nack::echo`]). Only then do its
+/// unicast repairs go there. With its tag it is 36 bytes, less than any tagged NACK, so a
+/// probe never amplifies what caused it.
+///
+/// Fields: `cookie [8]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct Probe {
+    /// What the device echoes: a MAC, under a key only the gateway holds, of the session,
+    /// the device and the address the probe was sent to.
+    pub cookie: [u8; COOKIE_LEN],
+}
+
+impl Probe {
+    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        s.put(&self.cookie)
+    }
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(Probe { cookie: r.array()? })
     }
 }
 
@@ -231,7 +288,7 @@ pub struct ParityHeader {
     pub parity_count: zerocopy::network_endian::U16,
     /// This symbol's index.
     pub index: zerocopy::network_endian::U16,
-    /// Always 0 in version 1.
+    /// Always 0 (in version 2, as in 1).
     pub reserved: zerocopy::network_endian::U16,
 }
 

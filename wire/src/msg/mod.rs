@@ -27,8 +27,8 @@ pub use control::{
     Welcome,
 };
 pub use mcast::{
-    Announce, Completion, Nack, Outcome, Parity, ParityHeader, TransferState, TransferStatus,
-    PARITY_PREFIX_LEN,
+    Announce, Completion, Nack, Outcome, Parity, ParityHeader, Probe, TransferState,
+    TransferStatus, COOKIE_LEN, PARITY_PREFIX_LEN,
 };
 
 /// One fleetcast message, borrowing from the bytes it was parsed from.
@@ -53,6 +53,7 @@ pub enum Message<'a> {
     Completion(Completion<'a>),
     TransferStatus(TransferStatus),
     Parity(Parity<'a>),
+    Probe(Probe),
     Close(Close<'a>),
 }
 
@@ -77,6 +78,7 @@ impl<'a> Message<'a> {
             Message::Completion(_) => Kind::Completion,
             Message::TransferStatus(_) => Kind::TransferStatus,
             Message::Parity(_) => Kind::Parity,
+            Message::Probe(_) => Kind::Probe,
             Message::Close(_) => Kind::Close,
         }
     }
@@ -106,6 +108,7 @@ impl<'a> Message<'a> {
             Message::Completion(m) => m.encode(s),
             Message::TransferStatus(m) => m.encode(s),
             Message::Parity(m) => m.encode(s),
+            Message::Probe(m) => m.encode(s),
             Message::Close(m) => m.encode(s),
         }
     }
@@ -134,6 +137,7 @@ impl<'a> Message<'a> {
             Kind::Completion => Message::Completion(Completion::decode(r)?),
             Kind::TransferStatus => Message::TransferStatus(TransferStatus::decode(r)?),
             Kind::Parity => Message::Parity(Parity::parse_body(r.rest())?),
+            Kind::Probe => Message::Probe(Probe::decode(r)?),
             Kind::Close => Message::Close(Close::decode(r)?),
         };
         r.clone().finish()?;

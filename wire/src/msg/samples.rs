@@ -137,6 +137,7 @@ pub fn all() -> Vec<Message<'static>> {
             block_size: 1400,
             sha256: [0xD1; 32],
             auth_key: Some([0x4B; 32]),
+            nack_key: Some([0x4E; 32]),
             name: "debian-12.img",
         }),
         Message::Data(DataBlock {
@@ -147,6 +148,8 @@ pub fn all() -> Vec<Message<'static>> {
         Message::Nack(Nack {
             session: 0xCAFE,
             device_id: 17,
+            seq: 300,
+            echo: Some([0xEC; COOKIE_LEN]),
             missing,
         }),
         Message::Repair(DataBlock {
@@ -175,6 +178,9 @@ pub fn all() -> Vec<Message<'static>> {
             parity_count: 256,
             index: 17,
             payload: PAYLOAD,
+        }),
+        Message::Probe(Probe {
+            cookie: [0xEC; COOKIE_LEN],
         }),
         Message::Close(Close {
             code: CloseCode::REVOKED,

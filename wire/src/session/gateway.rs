@@ -154,8 +154,14 @@ impl GatewaySession {
             events: VecDeque::new(),
         };
         core.rearm();
+        // A peer without a client certificate may only enrol: its frames are cut at the
+        // small pre-authentication limit, so it cannot make the gateway buffer a 1 MiB body.
+        let max_body = match authenticated_device {
+            Some(_) => config.max_frame_body,
+            None => config.max_frame_body.min(config.pre_auth_max_frame_body),
+        };
         GatewaySession {
-            input: Input::new(config.max_frame_body),
+            input: Input::new(max_body),
             core,
         }
     }
@@ -377,10 +383,18 @@ impl Core {
 
     /// Handles one frame (or framing error); returns whether to go on.
     fn on_frame(&mut self, frame: Result<Frame<'_>, Error>) -> bool {
-        let res = frame.map_err(SessionError::Wire).and_then(|frame| {
-            let msg = Message::parse(&frame).map_err(SessionError::Wire)?;
-            self.on_message(&frame, msg)
-        });
+        let authenticated = self.authenticated.is_some();
+        let res = frame
+            .map_err(|e| match e {
+                Error::FrameTooLarge { len, max } if !authenticated => {
+                    SessionError::PreAuthFrameTooLarge { len, max }
+                }
+                e => SessionError::Wire(e),
+            })
+            .and_then(|frame| {
+                let msg = Message::parse(&frame).map_err(SessionError::Wire)?;
+                self.on_message(&frame, msg)
+            });
         if let Err(e) = res {
             self.fail(e);
         }
@@ -565,12 +579,12 @@ mod tests {
 
     /// `Heartbeat{nonce: 1, echo: true}`, computed independently (Python `zlib.crc32`).
     const HEARTBEAT_ECHO_1: &[u8] = &[
-        0xfc, 0x01, 0x03, 0x00, 0x00, 0x00, 0x00, 0x09, 0xaf, 0xd3, 0x4d, 0x82, 0, 0, 0, 0, 0, 0,
+        0xfc, 0x02, 0x03, 0x00, 0x00, 0x00, 0x00, 0x09, 0x86, 0x1b, 0xf9, 0x70, 0, 0, 0, 0, 0, 0,
         0, 1, 1,
     ];
     /// `ResultAck{seq: 5}`.
     const RESULT_ACK_5: &[u8] = &[
-        0xfc, 0x01, 0x12, 0x00, 0x00, 0x00, 0x00, 0x08, 0x3d, 0x97, 0xb3, 0xce, 0, 0, 0, 0, 0, 0,
+        0xfc, 0x02, 0x12, 0x00, 0x00, 0x00, 0x00, 0x08, 0x2c, 0xea, 0xd9, 0xb7, 0, 0, 0, 0, 0, 0,
         0, 5,
     ];
 

@@ -70,7 +70,7 @@ use zerocopy::IntoBytes;
 
 use crate::deframer::Deframer;
 use crate::error::Error;
-use crate::header::{Frame, HEADER_LEN, MAX_STREAM_BODY};
+use crate::header::{Frame, HEADER_LEN, MAX_PRE_AUTH_BODY, MAX_STREAM_BODY};
 use crate::msg::limits::MAX_REASON;
 use crate::msg::{Close, CloseCode, Message};
 use crate::msg_kind::Kind;
@@ -107,6 +107,10 @@ pub struct Config {
     pub hello_timeout: Duration,
     /// Largest frame body accepted from the peer.
     pub max_frame_body: u32,
+    /// Gateway: largest frame body accepted from a peer TLS did not authenticate (it may
+    /// only enrol); checked on the header, before any of the body is buffered. Unused by the
+    /// agent.
+    pub pre_auth_max_frame_body: u32,
 }
 
 impl Default for Config {
@@ -115,6 +119,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(90),
             hello_timeout: Duration::from_secs(10),
             max_frame_body: MAX_STREAM_BODY,
+            pre_auth_max_frame_body: MAX_PRE_AUTH_BODY,
         }
     }
 }
@@ -233,6 +238,14 @@ pub enum SessionError {
     /// Gateway: `Hello` on a session whose TLS layer authenticated no device; such a session
     /// may only `Enrol` (closes `UNAUTHENTICATED`).
     Unauthenticated,
+    /// Gateway: a frame header on a session TLS did not authenticate declares a body over
+    /// [`Config::pre_auth_max_frame_body`] (closes `PROTOCOL`; nothing of the body is kept).
+    PreAuthFrameTooLarge {
+        /// Declared body length.
+        len: u32,
+        /// The pre-authentication limit.
+        max: u32,
+    },
     /// The peer stayed silent too long (closes `TIMEOUT`).
     TimedOut(TimeoutKind),
     /// Gateway driver: `dispatch` while a command is in flight (dispatched and not answered,
@@ -327,6 +340,10 @@ impl fmt::Display for SessionError {
             SessionError::Unauthenticated => {
                 f.write_str("hello without a client certificate (only enrolment is allowed)")
             }
+            SessionError::PreAuthFrameTooLarge { len, max } => write!(
+                f,
+                "frame body of {len} bytes before authentication exceeds the pre-authentication limit of {max} (only an enrolment is accepted)"
+            ),
             SessionError::TimedOut(TimeoutKind::Idle) => f.write_str("peer silent too long"),
             SessionError::TimedOut(TimeoutKind::Hello) => f.write_str("no hello in time"),
             SessionError::AlreadyInFlight { in_flight } => {

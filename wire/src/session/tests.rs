@@ -74,6 +74,7 @@ fn config() -> Config {
         idle_timeout: Duration::from_secs(30),
         hello_timeout: Duration::from_secs(5),
         max_frame_body: crate::header::MAX_STREAM_BODY,
+        pre_auth_max_frame_body: crate::header::MAX_PRE_AUTH_BODY,
     }
 }
 
@@ -1078,6 +1079,7 @@ fn scenario(chunking: Chunking) -> (Vec<GatewayEvent>, Vec<AgentEvent>) {
         block_size: 1024,
         sha256: [7; 32],
         auth_key: None,
+        nack_key: None,
         name: "image.bin",
     })
     .unwrap();
@@ -1096,6 +1098,8 @@ fn scenario(chunking: Chunking) -> (Vec<GatewayEvent>, Vec<AgentEvent>) {
     p.ag.send_nack(&Nack {
         session: 77,
         device_id: DEVICE,
+        seq: 1,
+        echo: None,
         missing,
     })
     .unwrap();
@@ -1342,4 +1346,48 @@ fn reboot_complete_after_a_lost_reboot_starting_completes_the_resumed_reboot() {
         "{:?}",
         q.gw_errors
     );
+}
+
+/// A peer TLS did not authenticate may send at most `pre_auth_max_frame_body` per frame: the
+/// largest possible `Enrol` fits, a bigger header is refused before any of its body is
+/// buffered, and an authenticated session keeps the full limit.
+#[test]
+fn frames_before_authentication_are_cut_at_the_pre_auth_limit() {
+    use crate::msg::limits::{MAX_NAME, MAX_SPKI, MAX_TOKEN};
+    let name = "n".repeat(MAX_NAME);
+    let (token, spki) = (vec![7u8; MAX_TOKEN], vec![9u8; MAX_SPKI]);
+    let biggest = stream(&[Message::Enrol(Enrol {
+        token: &token,
+        name: &name,
+        spki: &spki,
+    })]);
+    assert!(biggest.len() < crate::header::MAX_PRE_AUTH_BODY as usize);
+    let mut gw = GatewaySession::new(Instant::ZERO, config(), None);
+    gw.handle_input(Instant::ZERO, &biggest).unwrap();
+    assert!(matches!(gw.poll_event(), Some(GatewayEvent::Enrol(_))));
+
+    // A header announcing a body just over the limit, and most of that body.
+    let len = crate::header::MAX_PRE_AUTH_BODY + 1;
+    let mut big = vec![crate::MAGIC, crate::VERSION, 0x01, 0];
+    big.extend_from_slice(&len.to_be_bytes());
+    big.extend_from_slice(&[0; 4]);
+    big.resize(big.len() + len as usize - 10, 0);
+    let want = SessionError::PreAuthFrameTooLarge {
+        len,
+        max: crate::header::MAX_PRE_AUTH_BODY,
+    };
+    let mut gw = GatewaySession::new(Instant::ZERO, config(), None);
+    assert_eq!(gw.handle_input(Instant::ZERO, &big), Err(want));
+    assert!(gw.is_closed());
+    match gw.poll_event() {
+        Some(GatewayEvent::Closed(info)) => {
+            assert_eq!(info.code, CloseCode::PROTOCOL);
+            assert!(info.reason.contains("before authentication"), "{info:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // With a client certificate the same frame is only incomplete.
+    let mut gw = GatewaySession::new(Instant::ZERO, config(), Some(DEVICE));
+    gw.handle_input(Instant::ZERO, &big).unwrap();
+    assert!(!gw.is_closed());
 }
