@@ -191,6 +191,9 @@ pub struct Agent {
     better_found: bool,
     /// The session since the last back-off reached `Welcome` (the back-off starts over).
     welcomed: bool,
+    /// A configuration report is to go out after the next `Welcome` (set when the agent
+    /// starts, so also right after enrolment; a reboot completion carries one instead).
+    report_due: bool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -229,6 +232,7 @@ impl Agent {
             upgrade_probe: None,
             better_found: false,
             welcomed: false,
+            report_due: true,
         })
     }
 
@@ -551,7 +555,7 @@ impl Agent {
         let hello_last = self
             .state
             .last_executed()
-            .map(|l| (l.seq, l.result.is_some()));
+            .map(|l| (l.seq, l.attempt, l.result.is_some()));
         let now = self.now();
         let mut s = {
             let last = self.state.last_executed();
@@ -577,7 +581,7 @@ impl Agent {
         s: &mut AgentSession,
         ev: AgentEvent,
         boot_id: [u8; 16],
-        hello_last: Option<(u64, bool)>,
+        hello_last: Option<(u64, u32, bool)>,
     ) -> Result<Option<End>, AgentError> {
         match ev {
             AgentEvent::Welcomed(w) => {
@@ -586,29 +590,55 @@ impl Agent {
                     self.rung_won();
                 }
                 self.state.ack(w.acked_seq)?;
+                let mut reported = false;
                 if let Some(r) = self.state.reboot() {
                     if w.acked_seq >= r.seq {
                         self.state.take_reboot()?;
                     } else if r.old_boot_id != boot_id {
                         let rep = report::collect(&self.cfg.exec.report)?;
+                        reported = true;
+                        let result = self.state.reboot_result().unwrap_or_else(|| {
+                            // Recorded by an agent of version 1, which kept no result.
+                            fleetcast_wire::CommandResult {
+                                command_id: r.command_id,
+                                seq: r.seq,
+                                attempt: r.attempt,
+                                exit_code: 0,
+                                steps: Vec::new(),
+                                output: b"fleetcast-agent: the results of the steps before \
+                                          the reboot were not recorded (older agent)\n",
+                                report: None,
+                            }
+                        });
                         let _ = s.send_reboot_complete(&RebootComplete {
                             seq: r.seq,
                             report: rep.as_wire(),
+                            result,
                         });
                     } else {
                         // Same boot: the reboot did not happen. Rebooting again is safe.
                         return Ok(Some(self.do_reboot()));
                     }
                 }
+                // The gateway learns the device's configuration when the agent starts (so also
+                // after enrolment), not only after a reboot or a `report` step. Best effort: a
+                // report lost with its session is not repeated before the next start.
+                if std::mem::take(&mut self.report_due) && !reported {
+                    let rep = report::collect(&self.cfg.exec.report)?;
+                    let _ = s.send_report(&rep.as_wire());
+                }
                 // A command from an earlier session still running, or finished while we were
                 // between sessions: this session carries its result.
-                if let Some((seq, false)) = hello_last {
+                if let Some((seq, attempt, false)) = hello_last {
                     if let Some((run, reboot, command_id)) = &self.running {
-                        if run.seq() == seq {
-                            let _ = s.resume_executing(seq, *command_id, *reboot);
+                        if (run.seq(), run.attempt()) == (seq, attempt) {
+                            let _ = s.resume_executing(seq, attempt, *command_id, *reboot);
                         }
                     } else if let Some(r) = self.state.pending_result() {
-                        if r.seq == seq && s.resume_executing(seq, r.command_id, false).is_ok() {
+                        if (r.seq, r.attempt) == (seq, attempt)
+                            && s.resume_executing(seq, attempt, r.command_id, false)
+                                .is_ok()
+                        {
                             let _ = s.send_result(&r);
                         }
                     }
@@ -616,11 +646,14 @@ impl Agent {
             }
             AgentEvent::Dispatch {
                 seq,
+                attempt,
                 command_id,
                 reboot,
                 frame,
             } => {
-                if !self.state.should_run(seq) || self.running.is_some() {
+                // A redelivery of an attempt already run is refused by the session core; the
+                // ledger is the durable second line.
+                if !self.state.should_run(seq, attempt) || self.running.is_some() {
                     return Ok(None);
                 }
                 let Message::Dispatch(d) = frame.message() else {
@@ -628,7 +661,7 @@ impl Agent {
                 };
                 let job = Job::from_dispatch(&d);
                 self.state
-                    .record_executing(seq, command_id, job.steps.len())?;
+                    .record_executing(seq, attempt, command_id, job.steps.len())?;
                 let run = exec::spawn(job, self.cfg.exec.clone(), || {})?;
                 self.running = Some((run, reboot, command_id));
             }
@@ -777,10 +810,14 @@ impl Agent {
         if done.reboot_at.is_some() {
             let rec = RebootRecord {
                 seq: done.result.seq,
+                attempt: done.result.attempt,
                 command_id: done.result.command_id,
                 old_boot_id: boot_id,
             };
-            self.state.record_reboot(rec)?;
+            // The steps before the reboot ran: their real results go with the reboot record
+            // (durable before anything is sent or rebooted) and reach the gateway in
+            // `RebootComplete`, after the reboot.
+            self.state.record_reboot(rec, &done.result.as_wire())?;
             if s.send_reboot_starting(rec.seq).is_err() {
                 // Not on a session that knows the command: the reboot is recorded, and the
                 // next session reports its completion.

@@ -33,7 +33,9 @@
 //!   later ones `Skipped`, and returns [`Completed::reboot_at`]; the driver records the
 //!   reboot, sends `RebootStarting` and reboots. Work that must follow a reboot is a later
 //!   command in the queue.
-//! - `report` collects a configuration report ([`crate::report`]) into [`Completed::report`].
+//! - `report` collects a configuration report ([`crate::report`]) into
+//!   [`OwnedResult::report`]: it goes to the gateway inside the result, so it is delivered
+//!   exactly when the result is (also in a later `Hello`, from the durable ledger).
 
 use std::fs::File;
 use std::io::{self, BufRead as _, BufReader, Cursor, Read, Write as _};
@@ -152,6 +154,8 @@ pub struct Job {
     pub command_id: u64,
     /// Queue sequence number.
     pub seq: u64,
+    /// Which attempt of the command this is.
+    pub attempt: u32,
     /// Time limit of the whole command in ms (0: none).
     pub timeout_ms: u32,
     /// The steps, in order.
@@ -164,6 +168,7 @@ impl Job {
         Job {
             command_id: d.command_id,
             seq: d.seq,
+            attempt: d.attempt,
             timeout_ms: d.timeout_ms,
             steps: d.steps.iter().map(OwnedStep::from_wire).collect(),
         }
@@ -177,12 +182,16 @@ pub struct OwnedResult {
     pub command_id: u64,
     /// Queue sequence number.
     pub seq: u64,
+    /// The attempt this is the result of.
+    pub attempt: u32,
     /// First failing step's exit code, or 0.
     pub exit_code: i32,
     /// One outcome per step.
     pub steps: Vec<StepResult>,
     /// The last [`MAX_OUTPUT`] bytes of output.
     pub output: Vec<u8>,
+    /// The configuration report of the last `report` step that succeeded, if any.
+    pub report: Option<OwnedConfigReport>,
 }
 
 impl OwnedResult {
@@ -191,9 +200,11 @@ impl OwnedResult {
         CommandResult {
             command_id: self.command_id,
             seq: self.seq,
+            attempt: self.attempt,
             exit_code: self.exit_code,
             steps: self.steps.clone(),
             output: &self.output,
+            report: self.report.as_ref().map(OwnedConfigReport::as_wire),
         }
     }
 }
@@ -206,8 +217,6 @@ pub struct Completed {
     /// Index of the reboot step the executor stopped at: the driver now records the reboot,
     /// sends `RebootStarting` and reboots instead of sending the result.
     pub reboot_at: Option<usize>,
-    /// The configuration report of the last `report` step, if any succeeded.
-    pub report: Option<OwnedConfigReport>,
 }
 
 /// Executor settings.
@@ -238,6 +247,7 @@ pub struct Running {
     thread: Option<thread::JoinHandle<()>>,
     command_id: u64,
     seq: u64,
+    attempt: u32,
     steps: usize,
 }
 
@@ -249,7 +259,7 @@ pub fn spawn(
     notify: impl FnOnce() + Send + 'static,
 ) -> io::Result<Running> {
     let (tx, rx) = mpsc::channel();
-    let (command_id, seq, steps) = (job.command_id, job.seq, job.steps.len());
+    let (command_id, seq, attempt, steps) = (job.command_id, job.seq, job.attempt, job.steps.len());
     let thread = thread::Builder::new()
         .name("fleetcast-exec".into())
         // Buffers live on the heap; keep the stack small for embedded targets.
@@ -265,6 +275,7 @@ pub fn spawn(
         thread: Some(thread),
         command_id,
         seq,
+        attempt,
         steps,
     })
 }
@@ -273,6 +284,11 @@ impl Running {
     /// The running command's queue sequence number.
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// The running attempt.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
     }
 
     /// The result, if the job has finished (never blocks). If the worker died without a
@@ -314,12 +330,13 @@ impl Running {
             result: OwnedResult {
                 command_id: self.command_id,
                 seq: self.seq,
+                attempt: self.attempt,
                 exit_code: EXIT_EXECUTOR_LOST,
                 steps,
                 output: b"fleetcast-agent: executor thread died without a result\n".to_vec(),
+                report: None,
             },
             reboot_at: None,
-            report: None,
         }
     }
 }
@@ -434,12 +451,13 @@ pub fn run(job: &Job, cfg: &ExecConfig) -> Completed {
         result: OwnedResult {
             command_id: job.command_id,
             seq: job.seq,
+            attempt: job.attempt,
             exit_code,
             steps,
             output: out.to_vec(),
+            report,
         },
         reboot_at,
-        report,
     }
 }
 
@@ -1111,6 +1129,7 @@ mod tests {
         Job {
             command_id: 77,
             seq: 3,
+            attempt: 1,
             timeout_ms,
             steps,
         }
@@ -1692,9 +1711,11 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(30)).unwrap();
         let done = running.try_finish().expect("notified, so finished");
         assert_eq!(statuses(&done), [StepStatus::Ok, StepStatus::Ok]);
-        let report = done.report.clone().unwrap();
+        let report = done.result.report.clone().unwrap();
         assert_eq!(report.boot_id[1], 0x11);
         assert!(report.software.is_empty());
+        // The report travels inside the result.
+        assert_eq!(done.result.as_wire().report, Some(report.as_wire()));
         assert_eq!(output(&done), "working\n");
 
         // A failing report step (bad boot id file) is a failed step with a message.
@@ -1710,7 +1731,7 @@ mod tests {
             .wait();
         assert_eq!(statuses(&done), [StepStatus::Failed]);
         assert!(output(&done).contains("nope"));
-        assert_eq!(done.report, None);
+        assert_eq!(done.result.report, None);
     }
 
     #[test]
@@ -1718,6 +1739,7 @@ mod tests {
         let d = Dispatch {
             command_id: 1,
             seq: 2,
+            attempt: 5,
             timeout_ms: 3,
             steps: vec![
                 Step::Exec {
@@ -1741,7 +1763,7 @@ mod tests {
             ],
         };
         let j = Job::from_dispatch(&d);
-        assert_eq!((j.command_id, j.seq, j.timeout_ms), (1, 2, 3));
+        assert_eq!((j.command_id, j.seq, j.attempt, j.timeout_ms), (1, 2, 5, 3));
         assert_eq!(
             j.steps[0],
             OwnedStep::Exec {
@@ -1752,11 +1774,16 @@ mod tests {
         let r = OwnedResult {
             command_id: 1,
             seq: 2,
+            attempt: 4,
             exit_code: 0,
             steps: vec![skipped()],
             output: b"out".to_vec(),
+            report: None,
         };
         let w = r.as_wire();
-        assert_eq!((w.command_id, w.seq, w.output), (1, 2, &b"out"[..]));
+        assert_eq!(
+            (w.command_id, w.seq, w.attempt, w.output),
+            (1, 2, 4, &b"out"[..])
+        );
     }
 }

@@ -515,10 +515,7 @@ version: 0.1-1";
             prefix.parse::<u8>().unwrap();
         }
         // The wire form encodes (every field within its limit).
-        let msg = fleetcast_wire::Message::RebootComplete(fleetcast_wire::RebootComplete {
-            seq: 1,
-            report: r.as_wire(),
-        });
+        let msg = fleetcast_wire::Message::Report(r.as_wire());
         let mut buf = vec![0; msg.buffer_len().unwrap()];
         msg.emit(&mut buf).unwrap();
 

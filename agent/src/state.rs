@@ -19,32 +19,38 @@
 //!
 //! # Exactly-once execution
 //! The gateway dispatches one command at a time; each has a queue sequence number `seq`,
-//! strictly increasing per device. The `command` file moves through these states, each
-//! transition one atomic file replacement:
+//! strictly increasing per device, and an attempt number, strictly increasing per command
+//! (a retry — by the command's policy or by the operator — is a new attempt of the same
+//! `seq`). The ledger is keyed by `(seq, attempt)`, ordered lexicographically. The `command`
+//! file moves through these states, each transition one atomic file replacement (`k` is
+//! `(seq, attempt)`):
 //!
 //! ```text
-//!  (none|Acked|Pending(older)|Rebooting(older)) --record_executing(seq)--> Executing(seq)
-//!  Executing(seq) --record_result--> Pending(seq, result frame) --ack(≥seq)--> Acked(seq)
-//!  Executing(seq) --record_reboot--> Rebooting(seq, old boot id) --take_reboot--> Acked(seq)
-//!  Executing(seq) --[agent restarts]--> Pending(seq, "agent restarted while executing")
+//!  (none|Acked|Pending|Rebooting of a k' < k) --record_executing(k)--> Executing(k)
+//!  Executing(k) --record_result--> Pending(k, result frame) --ack(≥seq)--> Acked(k)
+//!  Executing(k) --record_reboot--> Rebooting(k, old boot id, result so far) --take_reboot--> Acked(k)
+//!  Executing(k) --[agent restarts]--> Pending(k, "agent restarted while executing")
 //! ```
 //!
-//! - **Never twice.** `Executing(seq)` is durable *before* the first step runs. A dispatch is
-//!   only run if its `seq` is greater than every recorded one ([`State::should_run`]); a
-//!   re-sent dispatch (the gateway crashed before storing the result, or the ack was lost)
-//!   finds its `seq` already recorded and the driver re-sends the stored result instead of
-//!   running the command again. If the agent dies mid-command, [`State::open`] finds
+//! - **Never twice.** `Executing(k)` is durable *before* the first step runs. A dispatch is
+//!   only run if its `(seq, attempt)` is greater than every recorded one
+//!   ([`State::should_run`]); a re-sent dispatch (the gateway crashed before storing the
+//!   result, or the ack was lost) carries the same attempt, finds it already recorded and is
+//!   not run again, whether the agent or the gateway restarted in between. A deliberate retry
+//!   carries a higher attempt and runs. If the agent dies mid-command, [`State::open`] finds
 //!   `Executing(seq)` and turns it into a failed result ("agent restarted while executing",
 //!   exit code [`EXIT_AGENT_RESTARTED`]) rather than running the command again: its effects
 //!   are unknown, and the operator decides.
 //! - **Never lost.** The result is durable (`Pending`) before it is sent, and stays until the
 //!   gateway acknowledges it ([`State::ack`]: a `ResultAck`, or `Welcome.acked_seq` on a new
 //!   session), which the gateway sends only after *its* store is durable. Until then every
-//!   `Hello` carries it ([`State::last_executed`]). A dispatch with a higher `seq` also
-//!   proves the older result was stored (the gateway sends the next command only after
-//!   storing the previous result), so it implicitly acknowledges it.
+//!   `Hello` carries it ([`State::last_executed`]). A dispatch with a higher `(seq, attempt)`
+//!   also settles it: the gateway sends a new command or attempt only once it has stored the
+//!   previous result (or given up on that attempt), so it implicitly acknowledges it.
 //! - **Reboots.** A reboot step is recorded as `Rebooting(seq, old boot id)` before
-//!   `RebootStarting` is sent and before the reboot runs. After the restart the driver
+//!   `RebootStarting` is sent and before the reboot runs, with the result of the steps before
+//!   it (the exact `Result` frame `RebootComplete` carries after the reboot, so their real
+//!   outcomes and output survive the reboot). After the restart the driver
 //!   compares the boot id: a different one means the reboot happened and `RebootComplete`
 //!   is due; [`State::take_reboot`] clears the record once the gateway has it. The same
 //!   boot id means the agent restarted before the reboot took place (it died between
@@ -87,14 +93,19 @@ pub enum StateError {
         /// Which value.
         what: &'static str,
     },
-    /// `record_executing` for a `seq` not greater than the last recorded one: running it would
-    /// run a command twice.
-    #[error("command seq {seq} already executed (last recorded seq {last})")]
+    /// `record_executing` for a `(seq, attempt)` not greater than the last recorded one:
+    /// running it would run a command (attempt) twice.
+    #[error(
+        "command seq {seq} attempt {attempt} already executed \
+         (last recorded: seq {} attempt {})", last.0, last.1
+    )]
     AlreadyExecuted {
         /// The refused sequence number.
         seq: u64,
-        /// The last recorded sequence number.
-        last: u64,
+        /// The refused attempt.
+        attempt: u32,
+        /// The last recorded `(seq, attempt)`.
+        last: (u64, u32),
     },
     /// A transition that needs `Executing(seq)` found another state.
     #[error("command seq {seq} is not the one executing (state: {state})")]
@@ -131,6 +142,8 @@ pub struct Identity {
 pub struct RebootRecord {
     /// The reboot command's queue sequence number.
     pub seq: u64,
+    /// Its attempt.
+    pub attempt: u32,
     /// The reboot command's gateway-wide id.
     pub command_id: u64,
     /// The boot id before the reboot: a different current one proves the reboot happened.
@@ -146,17 +159,27 @@ pub enum CommandRecord {
     Executing {
         /// Queue sequence number.
         seq: u64,
+        /// Attempt number.
+        attempt: u32,
         /// Gateway-wide id.
         command_id: u64,
         /// Number of steps (to build a result if the agent dies).
         steps: u16,
     },
     /// A reboot step was reached; the reboot is under way.
-    Rebooting(RebootRecord),
+    Rebooting {
+        /// Which command, and the boot being left.
+        reboot: RebootRecord,
+        /// The emitted `Result` frame of the command so far (steps before the reboot with their
+        /// real outcomes, the reboot step `Ok`); empty in a record of version 1, which had none.
+        frame: Vec<u8>,
+    },
     /// Finished; the result awaits the gateway's acknowledgement.
     Pending {
         /// Queue sequence number.
         seq: u64,
+        /// Attempt number.
+        attempt: u32,
         /// Gateway-wide id.
         command_id: u64,
         /// The emitted wire frame of the `Result` message.
@@ -166,6 +189,8 @@ pub enum CommandRecord {
     Acked {
         /// Queue sequence number.
         seq: u64,
+        /// Attempt number.
+        attempt: u32,
         /// Gateway-wide id.
         command_id: u64,
     },
@@ -174,12 +199,27 @@ pub enum CommandRecord {
 impl CommandRecord {
     /// The recorded sequence number, if any.
     pub fn seq(&self) -> Option<u64> {
+        self.key().map(|(seq, _)| seq)
+    }
+
+    /// The recorded `(seq, attempt)`, if any: the ledger's order.
+    pub fn key(&self) -> Option<(u64, u32)> {
         match self {
             CommandRecord::None => None,
-            CommandRecord::Executing { seq, .. }
-            | CommandRecord::Pending { seq, .. }
-            | CommandRecord::Acked { seq, .. } => Some(*seq),
-            CommandRecord::Rebooting(r) => Some(r.seq),
+            CommandRecord::Executing { seq, attempt, .. }
+            | CommandRecord::Pending { seq, attempt, .. }
+            | CommandRecord::Acked { seq, attempt, .. } => Some((*seq, *attempt)),
+            CommandRecord::Rebooting { reboot: r, .. } => Some((r.seq, r.attempt)),
+        }
+    }
+
+    fn command_id(&self) -> u64 {
+        match self {
+            CommandRecord::None => 0,
+            CommandRecord::Executing { command_id, .. }
+            | CommandRecord::Pending { command_id, .. }
+            | CommandRecord::Acked { command_id, .. } => *command_id,
+            CommandRecord::Rebooting { reboot: r, .. } => r.command_id,
         }
     }
 
@@ -187,7 +227,7 @@ impl CommandRecord {
         match self {
             CommandRecord::None => "none",
             CommandRecord::Executing { .. } => "executing",
-            CommandRecord::Rebooting(_) => "rebooting",
+            CommandRecord::Rebooting { .. } => "rebooting",
             CommandRecord::Pending { .. } => "pending",
             CommandRecord::Acked { .. } => "acked",
         }
@@ -204,17 +244,23 @@ const COMMAND_FILE: &str = "command";
 /// Longest transport name stored.
 pub const MAX_TRANSPORT: usize = 64;
 
-/// `command` file: magic, version, tag, seq, command_id, body, CRC-32 (big-endian).
+/// `command` file: magic, version, tag, seq, command_id, attempt, body, CRC-32 (big-endian).
+/// Version 1 had no attempt (read as attempt 0, the gateway's number for commands sent
+/// before attempts existed) and held wire-version-1 result frames (converted when read).
 const MAGIC: &[u8; 4] = b"FCCR";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+const VERSION_1: u8 = 1;
 const TAG_EXECUTING: u8 = 1;
 const TAG_REBOOTING: u8 = 2;
 const TAG_PENDING: u8 = 3;
 const TAG_ACKED: u8 = 4;
 /// Bytes before the per-state body.
-const FIXED: usize = 4 + 1 + 1 + 8 + 8;
-/// The largest `command` file accepted (a result frame is far smaller).
-const MAX_COMMAND_FILE: u64 = 64 * 1024;
+const FIXED: usize = 4 + 1 + 1 + 8 + 8 + 4;
+/// The same in version 1 (no attempt).
+const FIXED_V1: usize = 4 + 1 + 1 + 8 + 8;
+/// The largest `command` file accepted: a result frame (with its configuration report) is
+/// at most a stream frame.
+const MAX_COMMAND_FILE: u64 = fleetcast_wire::header::MAX_STREAM_BODY as u64 + 4096;
 
 /// The agent's state directory, with the command record cached in memory.
 #[derive(Debug)]
@@ -263,6 +309,7 @@ impl State {
         state.command = state.load_command()?;
         if let CommandRecord::Executing {
             seq,
+            attempt,
             command_id,
             steps,
         } = state.command
@@ -274,6 +321,7 @@ impl State {
             let result = CommandResult {
                 command_id,
                 seq,
+                attempt,
                 exit_code: EXIT_AGENT_RESTARTED,
                 steps: vec![
                     StepResult {
@@ -284,6 +332,7 @@ impl State {
                     usize::from(steps)
                 ],
                 output: message.as_bytes(),
+                report: None,
             };
             state.record_result(&result)?;
             state.interrupted = Some(seq);
@@ -383,32 +432,35 @@ impl State {
         &self.command
     }
 
-    /// Whether a dispatch with this `seq` may run: it must be newer than every recorded one.
-    /// A dispatch that may not run is a re-send: answer it with [`State::pending_frame`] (or
-    /// nothing, when already acknowledged).
-    pub fn should_run(&self, seq: u64) -> bool {
-        self.command.seq().is_none_or(|last| seq > last)
+    /// Whether a dispatch of attempt `attempt` of command `seq` may run: its `(seq, attempt)`
+    /// must be newer than every recorded one. One that may not run is a redelivery: answer it
+    /// with [`State::pending_frame`] (or nothing, when already acknowledged).
+    pub fn should_run(&self, seq: u64, attempt: u32) -> bool {
+        self.command.key().is_none_or(|last| (seq, attempt) > last)
     }
 
-    /// Records, durably, that command `seq` is about to run. Call before the first step.
+    /// Records, durably, that attempt `attempt` of command `seq` is about to run. Call before
+    /// the first step.
     pub fn record_executing(
         &mut self,
         seq: u64,
+        attempt: u32,
         command_id: u64,
         steps: usize,
     ) -> Result<(), StateError> {
         if let CommandRecord::Executing { seq: executing, .. } = self.command {
             return Err(StateError::Busy { executing });
         }
-        if let Some(last) = self.command.seq() {
-            if seq <= last {
-                return Err(StateError::AlreadyExecuted { seq, last });
+        if let Some(last) = self.command.key() {
+            if (seq, attempt) <= last {
+                return Err(StateError::AlreadyExecuted { seq, attempt, last });
             }
         }
         let steps =
             u16::try_from(steps).map_err(|_| StateError::InvalidValue { what: "step count" })?;
         self.set_command(CommandRecord::Executing {
             seq,
+            attempt,
             command_id,
             steps,
         })
@@ -416,13 +468,11 @@ impl State {
 
     /// Records the result of the executing command (before it is sent).
     pub fn record_result(&mut self, result: &CommandResult<'_>) -> Result<(), StateError> {
-        self.expect_executing(result.seq, result.command_id)?;
-        let msg = Message::Result(result.clone());
-        let len = msg.buffer_len().map_err(StateError::Encode)?;
-        let mut frame = vec![0u8; len];
-        msg.emit(&mut frame).map_err(StateError::Encode)?;
+        self.expect_executing(result.seq, result.attempt, result.command_id)?;
+        let frame = emit_result(result)?;
         self.set_command(CommandRecord::Pending {
             seq: result.seq,
+            attempt: result.attempt,
             command_id: result.command_id,
             frame,
         })
@@ -434,11 +484,13 @@ impl State {
         match self.command {
             CommandRecord::Pending {
                 seq: pending,
+                attempt,
                 command_id,
                 ..
             } if pending <= seq => {
                 self.set_command(CommandRecord::Acked {
                     seq: pending,
+                    attempt,
                     command_id,
                 })?;
                 Ok(true)
@@ -447,17 +499,43 @@ impl State {
         }
     }
 
-    /// Records that the executing command reached a reboot step, with the boot id being left.
+    /// Records that the executing command reached a reboot step, with the boot id being left
+    /// and the command's result so far (`result`, which must be the executing command's).
     /// Call before sending `RebootStarting` and before rebooting.
-    pub fn record_reboot(&mut self, record: RebootRecord) -> Result<(), StateError> {
-        self.expect_executing(record.seq, record.command_id)?;
-        self.set_command(CommandRecord::Rebooting(record))
+    pub fn record_reboot(
+        &mut self,
+        record: RebootRecord,
+        result: &CommandResult<'_>,
+    ) -> Result<(), StateError> {
+        self.expect_executing(record.seq, record.attempt, record.command_id)?;
+        if (result.seq, result.attempt, result.command_id)
+            != (record.seq, record.attempt, record.command_id)
+        {
+            return Err(StateError::NotExecuting {
+                seq: result.seq,
+                state: self.command.name(),
+            });
+        }
+        let frame = emit_result(result)?;
+        self.set_command(CommandRecord::Rebooting {
+            reboot: record,
+            frame,
+        })
     }
 
     /// The reboot in progress, if any.
     pub fn reboot(&self) -> Option<RebootRecord> {
         match self.command {
-            CommandRecord::Rebooting(r) => Some(r),
+            CommandRecord::Rebooting { reboot, .. } => Some(reboot),
+            _ => None,
+        }
+    }
+
+    /// The result of the rebooting command's steps before the reboot, as recorded with it;
+    /// `None` for a record written by a version-1 agent, which kept none.
+    pub fn reboot_result(&self) -> Option<CommandResult<'_>> {
+        match &self.command {
+            CommandRecord::Rebooting { frame, .. } if !frame.is_empty() => parse_frame(frame).ok(),
             _ => None,
         }
     }
@@ -469,6 +547,7 @@ impl State {
         };
         self.set_command(CommandRecord::Acked {
             seq: r.seq,
+            attempt: r.attempt,
             command_id: r.command_id,
         })?;
         Ok(Some(r))
@@ -484,30 +563,33 @@ impl State {
 
     /// The result awaiting acknowledgement, parsed from its stored frame.
     pub fn pending_result(&self) -> Option<CommandResult<'_>> {
-        match Message::parse_datagram(self.pending_frame()?) {
-            Ok((Message::Result(r), _)) => Some(r),
-            // Checked when the frame was loaded or emitted.
-            _ => None,
-        }
+        // Checked when the frame was loaded or emitted.
+        parse_frame(self.pending_frame()?).ok()
     }
 
-    /// What `Hello.last` should carry: the last recorded command, with its result while
-    /// unacknowledged.
+    /// What `Hello.last` should carry: the last recorded command and attempt, whether it is
+    /// still executing (or rebooting), and its result while unacknowledged.
     pub fn last_executed(&self) -> Option<LastExecuted<'_>> {
-        let seq = self.command.seq()?;
+        let (seq, attempt) = self.command.key()?;
         Some(LastExecuted {
             seq,
+            attempt,
+            executing: matches!(
+                self.command,
+                CommandRecord::Executing { .. } | CommandRecord::Rebooting { .. }
+            ),
             result: self.pending_result(),
         })
     }
 
-    fn expect_executing(&self, seq: u64, command_id: u64) -> Result<(), StateError> {
+    fn expect_executing(&self, seq: u64, attempt: u32, command_id: u64) -> Result<(), StateError> {
         match self.command {
             CommandRecord::Executing {
                 seq: s,
+                attempt: a,
                 command_id: c,
                 ..
-            } if s == seq && c == command_id => Ok(()),
+            } if s == seq && a == attempt && c == command_id => Ok(()),
             _ => Err(StateError::NotExecuting {
                 seq,
                 state: self.command.name(),
@@ -538,25 +620,30 @@ impl State {
 
 fn encode_command(record: &CommandRecord) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
-    let (tag, seq, command_id) = match record {
+    let Some((seq, attempt)) = record.key() else {
+        return out;
+    };
+    let tag = match record {
         CommandRecord::None => return out,
-        CommandRecord::Executing {
-            seq, command_id, ..
-        } => (TAG_EXECUTING, *seq, *command_id),
-        CommandRecord::Rebooting(r) => (TAG_REBOOTING, r.seq, r.command_id),
-        CommandRecord::Pending {
-            seq, command_id, ..
-        } => (TAG_PENDING, *seq, *command_id),
-        CommandRecord::Acked { seq, command_id } => (TAG_ACKED, *seq, *command_id),
+        CommandRecord::Executing { .. } => TAG_EXECUTING,
+        CommandRecord::Rebooting { .. } => TAG_REBOOTING,
+        CommandRecord::Pending { .. } => TAG_PENDING,
+        CommandRecord::Acked { .. } => TAG_ACKED,
     };
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
     out.push(tag);
     out.extend_from_slice(&seq.to_be_bytes());
-    out.extend_from_slice(&command_id.to_be_bytes());
+    out.extend_from_slice(&record.command_id().to_be_bytes());
+    out.extend_from_slice(&attempt.to_be_bytes());
     match record {
         CommandRecord::Executing { steps, .. } => out.extend_from_slice(&steps.to_be_bytes()),
-        CommandRecord::Rebooting(r) => out.extend_from_slice(&r.old_boot_id),
+        CommandRecord::Rebooting { reboot, frame } => {
+            out.extend_from_slice(&reboot.old_boot_id);
+            let len = u32::try_from(frame.len()).expect("a result frame is far below 4 GiB");
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(frame);
+        }
         CommandRecord::Pending { frame, .. } => {
             let len = u32::try_from(frame.len()).expect("a result frame is far below 4 GiB");
             out.extend_from_slice(&len.to_be_bytes());
@@ -573,7 +660,7 @@ fn decode_command(bytes: &[u8]) -> Result<CommandRecord, &'static str> {
     let Some((content, crc)) = bytes.split_last_chunk::<4>() else {
         return Err("truncated");
     };
-    if content.len() < FIXED {
+    if content.len() < FIXED_V1 {
         return Err("truncated");
     }
     if &content[..4] != MAGIC {
@@ -582,48 +669,198 @@ fn decode_command(bytes: &[u8]) -> Result<CommandRecord, &'static str> {
     if crc32fast::hash(content) != u32::from_be_bytes(*crc) {
         return Err("checksum mismatch");
     }
-    if content[4] != VERSION {
-        return Err("unknown version");
-    }
+    let version = content[4];
+    let fixed = match version {
+        VERSION if content.len() >= FIXED => FIXED,
+        VERSION => return Err("truncated"),
+        VERSION_1 => FIXED_V1,
+        _ => return Err("unknown version"),
+    };
     let tag = content[5];
     let seq = u64::from_be_bytes(content[6..14].try_into().expect("8 bytes"));
     let command_id = u64::from_be_bytes(content[14..22].try_into().expect("8 bytes"));
-    let body = &content[FIXED..];
+    let attempt = match version {
+        VERSION => u32::from_be_bytes(content[22..26].try_into().expect("4 bytes")),
+        // Before attempts: the gateway numbers such commands' attempt 0 too.
+        _ => 0,
+    };
+    let body = &content[fixed..];
     let record = match tag {
         TAG_EXECUTING => {
             let steps: [u8; 2] = body.try_into().map_err(|_| "bad executing record")?;
             CommandRecord::Executing {
                 seq,
+                attempt,
                 command_id,
                 steps: u16::from_be_bytes(steps),
             }
         }
-        TAG_REBOOTING => CommandRecord::Rebooting(RebootRecord {
-            seq,
-            command_id,
-            old_boot_id: body.try_into().map_err(|_| "bad rebooting record")?,
-        }),
+        TAG_REBOOTING => {
+            let (old_boot_id, rest) = body
+                .split_first_chunk::<16>()
+                .ok_or("bad rebooting record")?;
+            let frame = match version {
+                VERSION => {
+                    let (len, frame) = rest
+                        .split_first_chunk::<4>()
+                        .ok_or("bad rebooting record")?;
+                    if u32::from_be_bytes(*len) as usize != frame.len() {
+                        return Err("bad rebooting record length");
+                    }
+                    match parse_frame(frame) {
+                        Ok(r)
+                            if r.seq == seq
+                                && r.command_id == command_id
+                                && r.attempt == attempt => {}
+                        Ok(_) => return Err("rebooting frame is not this command's result"),
+                        Err(_) => return Err("rebooting result frame does not parse"),
+                    }
+                    frame.to_vec()
+                }
+                _ if rest.is_empty() => Vec::new(),
+                _ => return Err("bad rebooting record"),
+            };
+            CommandRecord::Rebooting {
+                reboot: RebootRecord {
+                    seq,
+                    attempt,
+                    command_id,
+                    old_boot_id: *old_boot_id,
+                },
+                frame,
+            }
+        }
         TAG_PENDING => {
             let (len, frame) = body.split_first_chunk::<4>().ok_or("bad pending record")?;
             if u32::from_be_bytes(*len) as usize != frame.len() {
                 return Err("bad pending record length");
             }
-            match Message::parse_datagram(frame) {
-                Ok((Message::Result(r), _)) if r.seq == seq && r.command_id == command_id => {}
+            let frame = match version {
+                VERSION => frame.to_vec(),
+                _ => upgrade_v1_result(frame).ok_or("pending result frame does not parse")?,
+            };
+            match parse_frame(&frame) {
+                Ok(r) if r.seq == seq && r.command_id == command_id && r.attempt == attempt => {}
                 Ok(_) => return Err("pending frame is not this command's result"),
-                Err(_) => return Err("pending result frame does not parse"),
+                Err(e) => return Err(e),
             }
             CommandRecord::Pending {
                 seq,
+                attempt,
                 command_id,
-                frame: frame.to_vec(),
+                frame,
             }
         }
-        TAG_ACKED if body.is_empty() => CommandRecord::Acked { seq, command_id },
+        TAG_ACKED if body.is_empty() => CommandRecord::Acked {
+            seq,
+            attempt,
+            command_id,
+        },
         TAG_ACKED => return Err("bad acked record"),
         _ => return Err("unknown record tag"),
     };
     Ok(record)
+}
+
+/// Emits a result as the `Result` frame the ledger stores.
+fn emit_result(result: &CommandResult<'_>) -> Result<Vec<u8>, StateError> {
+    let msg = Message::Result(result.clone());
+    let len = msg.buffer_len().map_err(StateError::Encode)?;
+    let mut frame = vec![0u8; len];
+    msg.emit(&mut frame).map_err(StateError::Encode)?;
+    Ok(frame)
+}
+
+/// Parses a stored `Result` frame: one whole stream frame (a result with its report may be far
+/// larger than a datagram).
+fn parse_frame(frame: &[u8]) -> Result<CommandResult<'_>, &'static str> {
+    let parsed =
+        fleetcast_wire::Frame::parse_prefix(frame, fleetcast_wire::header::MAX_STREAM_BODY)
+            .ok()
+            .filter(|(_, rest)| rest.is_empty())
+            .and_then(|(f, _)| Message::parse(&f).ok());
+    match parsed {
+        Some(Message::Result(r)) => Ok(r),
+        Some(_) => Err("pending frame is not this command's result"),
+        None => Err("pending result frame does not parse"),
+    }
+}
+
+/// Re-emits a `Result` frame of wire version 1 (what a version-1 `command` file holds) as
+/// the current version: attempt 0, no report. `None` if it is not a valid version-1 `Result`
+/// frame. Version 1 body: `command_id u64, seq u64, exit_code i32, steps list<(status u8,
+/// exit_code i32, duration_ms u32)>, output bytes16`.
+fn upgrade_v1_result(frame: &[u8]) -> Option<Vec<u8>> {
+    use fleetcast_wire::msg::limits::{MAX_OUTPUT, MAX_STEPS};
+    const V1_RESULT: [u8; 4] = [
+        fleetcast_wire::MAGIC,
+        1,
+        fleetcast_wire::Kind::Result as u8,
+        0,
+    ];
+    let (header, body) = frame.split_at_checked(fleetcast_wire::HEADER_LEN)?;
+    if header[..4] != V1_RESULT
+        || u32::from_be_bytes(header[4..8].try_into().ok()?) as usize != body.len()
+    {
+        return None;
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&header[..8]);
+    crc.update(body);
+    if crc.finalize().to_be_bytes() != header[8..12] {
+        return None;
+    }
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let b = body.get(at..at.checked_add(n)?)?;
+        at += n;
+        Some(b)
+    };
+    let u64_at = |b: &[u8]| u64::from_be_bytes(b.try_into().expect("8 bytes"));
+    let u32_at = |b: &[u8]| u32::from_be_bytes(b.try_into().expect("4 bytes"));
+    let command_id = u64_at(take(8)?);
+    let seq = u64_at(take(8)?);
+    let exit_code = u32_at(take(4)?) as i32;
+    let n = usize::from(u16::from_be_bytes(take(2)?.try_into().ok()?));
+    if n > MAX_STEPS {
+        return None;
+    }
+    let mut steps = Vec::with_capacity(n);
+    for _ in 0..n {
+        let st = take(9)?;
+        let status = match st[0] {
+            0 => StepStatus::Ok,
+            1 => StepStatus::Failed,
+            2 => StepStatus::Skipped,
+            3 => StepStatus::TimedOut,
+            _ => return None,
+        };
+        steps.push(StepResult {
+            status,
+            exit_code: u32_at(&st[1..5]) as i32,
+            duration_ms: u32_at(&st[5..9]),
+        });
+    }
+    let len = usize::from(u16::from_be_bytes(take(2)?.try_into().ok()?));
+    if len > MAX_OUTPUT {
+        return None;
+    }
+    let output = take(len)?;
+    if at != body.len() {
+        return None;
+    }
+    let msg = Message::Result(CommandResult {
+        command_id,
+        seq,
+        attempt: 0,
+        exit_code,
+        steps,
+        output,
+        report: None,
+    });
+    let mut out = Vec::new();
+    msg.emit_to_vec(&mut out).ok()?;
+    Some(out)
 }
 
 fn valid_transport(name: &[u8]) -> bool {
@@ -796,6 +1033,7 @@ mod tests {
         CommandResult {
             command_id,
             seq,
+            attempt: 1,
             exit_code: 3,
             steps: vec![StepResult {
                 status: StepStatus::Failed,
@@ -803,6 +1041,7 @@ mod tests {
                 duration_ms: 12,
             }],
             output: b"hi\n",
+            report: None,
         }
     }
 
@@ -878,9 +1117,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = State::open(dir.path()).unwrap();
         assert!(s.last_executed().is_none());
-        assert!(s.should_run(1));
-        s.record_executing(7, 700, 1).unwrap();
-        assert!(!s.should_run(7));
+        assert!(s.should_run(1, 1));
+        s.record_executing(7, 1, 700, 1).unwrap();
+        assert!(!s.should_run(7, 1));
         s.record_result(&result(7, 700)).unwrap();
 
         let mut s = State::open(dir.path()).unwrap();
@@ -889,10 +1128,14 @@ mod tests {
         let last = s.last_executed().unwrap();
         assert_eq!((last.seq, last.result), (7, Some(result(7, 700))));
         // A re-sent dispatch of seq 7 must not run again.
-        assert!(!s.should_run(7));
+        assert!(!s.should_run(7, 1));
         assert!(matches!(
-            s.record_executing(7, 700, 1),
-            Err(StateError::AlreadyExecuted { seq: 7, last: 7 })
+            s.record_executing(7, 1, 700, 1),
+            Err(StateError::AlreadyExecuted {
+                seq: 7,
+                attempt: 1,
+                last: (7, 1)
+            })
         ));
         assert!(!s.ack(6).unwrap());
         assert!(s.ack(7).unwrap());
@@ -903,12 +1146,13 @@ mod tests {
             *s.command(),
             CommandRecord::Acked {
                 seq: 7,
+                attempt: 1,
                 command_id: 700
             }
         );
         let last = s.last_executed().unwrap();
         assert_eq!((last.seq, last.result), (7, None));
-        assert!(s.should_run(8));
+        assert!(s.should_run(8, 1));
     }
 
     #[test]
@@ -919,9 +1163,9 @@ mod tests {
             s.record_result(&result(1, 10)),
             Err(StateError::NotExecuting { seq: 1, .. })
         ));
-        s.record_executing(1, 10, 1).unwrap();
+        s.record_executing(1, 1, 10, 1).unwrap();
         assert!(matches!(
-            s.record_executing(2, 20, 1),
+            s.record_executing(2, 1, 20, 1),
             Err(StateError::Busy { executing: 1 })
         ));
         // A result for another command is refused.
@@ -930,7 +1174,7 @@ mod tests {
             Err(StateError::NotExecuting { .. })
         ));
         s.record_result(&result(1, 10)).unwrap();
-        s.record_executing(2, 20, 1).unwrap();
+        s.record_executing(2, 1, 20, 1).unwrap();
         assert_eq!(s.pending_frame(), None);
     }
 
@@ -938,12 +1182,12 @@ mod tests {
     fn crash_while_executing_becomes_a_failed_result_not_a_rerun() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = State::open(dir.path()).unwrap();
-        s.record_executing(5, 50, 3).unwrap();
+        s.record_executing(5, 1, 50, 3).unwrap();
         drop(s); // the agent dies here: no result recorded
 
         let s = State::open(dir.path()).unwrap();
         assert_eq!(s.interrupted(), Some(5));
-        assert!(!s.should_run(5));
+        assert!(!s.should_run(5, 1));
         let r = s.pending_result().unwrap();
         assert_eq!((r.seq, r.command_id), (5, 50));
         assert_eq!(r.exit_code, EXIT_AGENT_RESTARTED);
@@ -965,16 +1209,41 @@ mod tests {
         let mut s = State::open(dir.path()).unwrap();
         let rec = RebootRecord {
             seq: 9,
+            attempt: 1,
             command_id: 90,
             old_boot_id: [7; 16],
         };
+        // The steps before the reboot, as they ran: an exec that printed, the reboot itself.
+        let before = CommandResult {
+            exit_code: 0,
+            steps: vec![
+                StepResult {
+                    status: StepStatus::Ok,
+                    exit_code: 0,
+                    duration_ms: 830,
+                },
+                StepResult {
+                    status: StepStatus::Ok,
+                    exit_code: 0,
+                    duration_ms: 0,
+                },
+            ],
+            output: b"kernel installed\n",
+            ..result(9, 90)
+        };
         assert!(matches!(
-            s.record_reboot(rec),
+            s.record_reboot(rec, &before),
             Err(StateError::NotExecuting { .. })
         ));
-        s.record_executing(9, 90, 2).unwrap();
-        s.record_reboot(rec).unwrap();
+        s.record_executing(9, 1, 90, 2).unwrap();
+        // Another command's result is refused.
+        assert!(matches!(
+            s.record_reboot(rec, &result(8, 90)),
+            Err(StateError::NotExecuting { seq: 8, .. })
+        ));
+        s.record_reboot(rec, &before).unwrap();
 
+        // The reboot (a new process): record and result are both still there.
         let mut s = State::open(dir.path()).unwrap();
         assert_eq!(
             s.interrupted(),
@@ -982,7 +1251,8 @@ mod tests {
             "a reboot is not an interrupted command"
         );
         assert_eq!(s.reboot(), Some(rec));
-        assert!(!s.should_run(9));
+        assert_eq!(s.reboot_result(), Some(before));
+        assert!(!s.should_run(9, 1));
         assert_eq!(s.take_reboot().unwrap(), Some(rec));
         assert_eq!(s.take_reboot().unwrap(), None);
         let s = State::open(dir.path()).unwrap();
@@ -991,10 +1261,209 @@ mod tests {
     }
 
     #[test]
+    fn a_higher_attempt_of_the_same_seq_runs_a_redelivery_never_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        s.record_executing(5, 1, 50, 1).unwrap();
+        let last = s.last_executed().unwrap();
+        assert_eq!((last.seq, last.attempt, last.executing), (5, 1, true));
+        let mut r1 = result(5, 50);
+        r1.exit_code = 3;
+        s.record_result(&r1).unwrap();
+        assert!(s.ack(5).unwrap());
+        // The same attempt again (a redelivery), an older one, an older seq: refused.
+        assert!(!s.should_run(5, 1));
+        assert!(!s.should_run(5, 0));
+        assert!(!s.should_run(4, 9));
+        assert!(matches!(
+            s.record_executing(5, 1, 50, 1),
+            Err(StateError::AlreadyExecuted {
+                seq: 5,
+                attempt: 1,
+                last: (5, 1)
+            })
+        ));
+        // The operator's retry: attempt 2 runs.
+        assert!(s.should_run(5, 2));
+        s.record_executing(5, 2, 50, 1).unwrap();
+        // A result must name the attempt executing.
+        assert!(matches!(
+            s.record_result(&r1),
+            Err(StateError::NotExecuting { seq: 5, .. })
+        ));
+        drop(s); // the agent dies while running attempt 2
+
+        let s = State::open(dir.path()).unwrap();
+        assert_eq!(s.interrupted(), Some(5));
+        let r = s.pending_result().unwrap();
+        assert_eq!(
+            (r.seq, r.attempt, r.exit_code),
+            (5, 2, EXIT_AGENT_RESTARTED)
+        );
+        let last = s.last_executed().unwrap();
+        assert_eq!((last.seq, last.attempt, last.executing), (5, 2, false));
+        // After the restart, attempt 2 redelivered does not run again; attempt 3 would.
+        assert!(!s.should_run(5, 2));
+        assert!(s.should_run(5, 3));
+        assert!(s.should_run(6, 1));
+    }
+
+    #[test]
+    fn a_report_inside_a_pending_result_survives_a_restart() {
+        use fleetcast_wire::{ConfigReport, Package};
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        s.record_executing(4, 1, 40, 1).unwrap();
+        let software: Vec<Package<'_>> = (0..2000)
+            .map(|_| Package {
+                name: "some-long-package-name-of-a-full-system",
+                version: "1:2.34.5-6+deb12u7",
+            })
+            .collect();
+        let report = ConfigReport {
+            boot_id: [3; 16],
+            os: "Debian GNU/Linux 12",
+            kernel: "6.1.0-18-amd64",
+            hostname: "n1",
+            agent_version: "0.1.0",
+            addresses: vec!["10.0.0.2/24"],
+            software,
+        };
+        let r = CommandResult {
+            report: Some(report),
+            ..result(4, 40)
+        };
+        // A full system's package list is far more than the 64 KiB the file once allowed.
+        s.record_result(&r).unwrap();
+        let s = State::open(dir.path()).unwrap();
+        let last = s.last_executed().unwrap();
+        assert_eq!(last.result, Some(r));
+    }
+
+    #[test]
+    fn hello_says_whether_the_command_is_still_executing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        s.record_executing(2, 3, 20, 2).unwrap();
+        assert!(s.last_executed().unwrap().executing);
+        let r = CommandResult {
+            attempt: 3,
+            ..result(2, 20)
+        };
+        s.record_reboot(
+            RebootRecord {
+                seq: 2,
+                attempt: 3,
+                command_id: 20,
+                old_boot_id: [1; 16],
+            },
+            &r,
+        )
+        .unwrap();
+        let s = State::open(dir.path()).unwrap();
+        let last = s.last_executed().unwrap();
+        assert_eq!((last.seq, last.attempt, last.executing), (2, 3, true));
+        assert!(last.result.is_none());
+    }
+
+    /// A `command` file of version 1: `FCCR`, 1, tag, seq, command id, body, CRC-32.
+    fn v1_file(tag: u8, seq: u64, command_id: u64, body: &[u8]) -> Vec<u8> {
+        let mut out = b"FCCR".to_vec();
+        out.push(1);
+        out.push(tag);
+        out.extend_from_slice(&seq.to_be_bytes());
+        out.extend_from_slice(&command_id.to_be_bytes());
+        out.extend_from_slice(body);
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_be_bytes());
+        out
+    }
+
+    /// A `Result` frame of wire version 1, built by hand from docs/wire.md of version 1.
+    fn v1_result_frame(seq: u64, command_id: u64) -> Vec<u8> {
+        let mut body = command_id.to_be_bytes().to_vec();
+        body.extend_from_slice(&seq.to_be_bytes());
+        body.extend_from_slice(&3i32.to_be_bytes());
+        body.extend_from_slice(&1u16.to_be_bytes());
+        body.push(1); // failed
+        body.extend_from_slice(&3i32.to_be_bytes());
+        body.extend_from_slice(&12u32.to_be_bytes());
+        body.extend_from_slice(&3u16.to_be_bytes());
+        body.extend_from_slice(b"hi\n");
+        let mut frame = vec![0xFC, 1, 0x11, 0];
+        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&frame);
+        crc.update(&body);
+        frame.extend_from_slice(&crc.finalize().to_be_bytes());
+        frame.extend_from_slice(&body);
+        frame
+    }
+
+    #[test]
+    fn a_version_1_ledger_is_read_as_attempt_0_and_keeps_its_pending_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(COMMAND_FILE);
+        let frame = v1_result_frame(7, 700);
+        let mut body = (frame.len() as u32).to_be_bytes().to_vec();
+        body.extend_from_slice(&frame);
+        fs::write(&path, v1_file(TAG_PENDING, 7, 700, &body)).unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        // The result an agent upgraded with a pending result still has, as the current wire
+        // version, attempt 0 (what the gateway calls commands sent before attempts).
+        let want = CommandResult {
+            attempt: 0,
+            ..result(7, 700)
+        };
+        assert_eq!(s.pending_result(), Some(want));
+        let last = s.last_executed().unwrap();
+        assert_eq!((last.seq, last.attempt), (7, 0));
+        assert!(!s.should_run(7, 0));
+        assert!(s.should_run(7, 1));
+        // Written back in the current version on the next transition.
+        assert!(s.ack(7).unwrap());
+        assert_eq!(fs::read(&path).unwrap()[4], VERSION);
+        let s = State::open(dir.path()).unwrap();
+        assert_eq!(s.command().key(), Some((7, 0)));
+
+        // The other records of version 1.
+        fs::write(&path, v1_file(TAG_EXECUTING, 3, 30, &2u16.to_be_bytes())).unwrap();
+        let s = State::open(dir.path()).unwrap();
+        assert_eq!(s.interrupted(), Some(3));
+        assert_eq!(s.pending_result().unwrap().attempt, 0);
+        fs::write(&path, v1_file(TAG_REBOOTING, 4, 40, &[9; 16])).unwrap();
+        let s = State::open(dir.path()).unwrap();
+        assert_eq!(
+            s.reboot(),
+            Some(RebootRecord {
+                seq: 4,
+                attempt: 0,
+                command_id: 40,
+                old_boot_id: [9; 16]
+            })
+        );
+        // Version 1 kept no result of the steps before the reboot.
+        assert_eq!(s.reboot_result(), None);
+        // A damaged version-1 frame is corruption, not a silently different result.
+        let mut bad = frame.clone();
+        bad[20] ^= 1;
+        let mut body = (bad.len() as u32).to_be_bytes().to_vec();
+        body.extend_from_slice(&bad);
+        fs::write(&path, v1_file(TAG_PENDING, 7, 700, &body)).unwrap();
+        assert!(matches!(
+            State::open(dir.path()),
+            Err(StateError::Corrupt {
+                reason: "pending result frame does not parse",
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn corrupt_files_are_typed_errors_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = State::open(dir.path()).unwrap();
-        s.record_executing(1, 10, 1).unwrap();
+        s.record_executing(1, 1, 10, 1).unwrap();
         s.record_result(&result(1, 10)).unwrap();
         let path = dir.path().join(COMMAND_FILE);
         let good = fs::read(&path).unwrap();

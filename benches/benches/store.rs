@@ -115,8 +115,8 @@ fn round_trip(c: &mut Criterion) {
                     now += 1;
                     b.enqueue(d, cmd()).expect("enqueue");
                     let (seq, _) = b.next_to_dispatch(d).expect("read").expect("next");
-                    b.mark_transmitted(d, seq, now).expect("transmit");
-                    b.record_result(d, seq, ok()).expect("result");
+                    let attempt = b.mark_transmitted(d, seq, now).expect("transmit");
+                    b.record_result(d, seq, attempt, ok()).expect("result");
                 }
                 b.commit().expect("commit")
             })

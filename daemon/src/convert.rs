@@ -115,6 +115,7 @@ mod tests {
         let r = wire::CommandResult {
             command_id: 1,
             seq: 2,
+            attempt: 1,
             exit_code: 3,
             steps: vec![
                 wire::StepResult {
@@ -134,6 +135,7 @@ mod tests {
                 },
             ],
             output: b"tail",
+            report: None,
         };
         let s = result_from_wire(&r, 10_000);
         assert_eq!(s.steps.len(), 3);

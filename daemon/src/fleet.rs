@@ -61,6 +61,21 @@ impl Default for FleetConfig {
     }
 }
 
+/// What an agent's `Hello` says it executed last.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LastSeen {
+    /// The command.
+    pub seq: u64,
+    /// The attempt of it.
+    pub attempt: u32,
+    /// Still executing it (or rebooting for it).
+    pub executing: bool,
+    /// Its result, not yet acknowledged.
+    pub result: Option<store::CommandResult>,
+    /// The configuration report inside that result (from a `report` step).
+    pub report: Option<store::ConfigReport>,
+}
+
 /// Something that happened, for [`Fleet::process`].
 #[derive(Debug, Clone)]
 pub enum Input {
@@ -72,8 +87,11 @@ pub enum Input {
         device: DeviceId,
         /// SHA-256 of the public key in its certificate.
         key_hash: [u8; 32],
-        /// The last command it executed, and that command's unacknowledged result.
-        last: Option<(u64, Option<store::CommandResult>)>,
+        /// The boot it is on (`Hello.boot_id`).
+        boot_id: [u8; 16],
+        /// The last command (and attempt) it executed, and that command's unacknowledged
+        /// result.
+        last: Option<LastSeen>,
         /// The rung of the transport ladder the agent says it came over (`None`: not said).
         transport: Option<store::Transport>,
     },
@@ -96,8 +114,21 @@ pub enum Input {
         device: DeviceId,
         /// Command.
         seq: u64,
+        /// Which attempt of it.
+        attempt: u32,
         /// Outcome.
         result: store::CommandResult,
+        /// The configuration report inside the result (from a `report` step).
+        report: Option<store::ConfigReport>,
+    },
+    /// The agent's configuration report on its own (`Report`).
+    Report {
+        /// Connection.
+        conn: ConnId,
+        /// Device.
+        device: DeviceId,
+        /// The report.
+        report: store::ConfigReport,
     },
     /// The agent is rebooting for command `seq`.
     RebootStarting {
@@ -107,6 +138,8 @@ pub enum Input {
         device: DeviceId,
         /// Command.
         seq: u64,
+        /// The boot it is leaving (`RebootStarting.boot_id`).
+        boot_id: [u8; 16],
     },
     /// The agent is back from a reboot, on a new session.
     RebootComplete {
@@ -116,8 +149,12 @@ pub enum Input {
         device: DeviceId,
         /// The reboot command.
         seq: u64,
+        /// The attempt of it the device rebooted for.
+        attempt: u32,
         /// Its configuration after the reboot.
         report: store::ConfigReport,
+        /// The reboot command's result: the steps before the reboot, as the device ran them.
+        result: store::CommandResult,
     },
     /// A session ended.
     Disconnected {
@@ -182,8 +219,8 @@ pub enum Action {
         /// The welcome to send.
         welcome: Welcome,
         /// A command the agent is still executing from an earlier session:
-        /// (seq, command id, has a reboot step).
-        resume: Option<(u64, u64, bool)>,
+        /// (seq, attempt, command id, has a reboot step).
+        resume: Option<(u64, u32, u64, bool)>,
     },
     /// Send the issued certificate to an enrolling device (then close normally).
     Enrolled {
@@ -209,6 +246,8 @@ pub enum Action {
         command_id: u64,
         /// Queue position.
         seq: u64,
+        /// Attempt number (a redelivery repeats the attempt it redelivers).
+        attempt: u32,
         /// The command.
         cmd: Command,
     },
@@ -286,8 +325,11 @@ enum Deadline {
 #[derive(Debug)]
 struct Online {
     conn: ConnId,
-    /// The command this session is executing (dispatched, or reported in `Hello.last`).
+    /// The command this session is executing (dispatched, or reported executing in
+    /// `Hello.last`, even one the queue no longer has): nothing else is sent until it reports.
     in_flight: Option<u64>,
+    /// The boot the session runs on (hex, as in reports).
+    boot_id: String,
 }
 
 /// What one input's handling may change besides the batch.
@@ -413,6 +455,7 @@ impl Fleet {
                 Input::Hello { conn, .. }
                 | Input::Enrol { conn, .. }
                 | Input::Result { conn, .. }
+                | Input::Report { conn, .. }
                 | Input::RebootStarting { conn, .. }
                 | Input::RebootComplete { conn, .. }
                 | Input::Disconnected { conn, .. }
@@ -516,6 +559,7 @@ impl Fleet {
                 conn,
                 device,
                 key_hash,
+                boot_id,
                 last,
                 transport,
             } => {
@@ -565,55 +609,47 @@ impl Fleet {
                     EventKind::Connected,
                     format!("session {conn}"),
                 ));
-                let mut in_flight = None;
-                let mut resume = None;
-                // A result the agent still holds: store it; `Welcome.acked_seq` (read after
-                // this) then acknowledges it.
-                if let Some((seq, Some(result))) = last {
-                    match b.record_result(*device, *seq, result.clone()) {
-                        Ok(store::Recorded::Stored(status)) => {
-                            let _ =
-                                b.append_event(event(
-                                    now_ms,
-                                    Some(*device),
-                                    EventKind::CommandResult,
-                                    format!(
-                                    "command {seq} {} (delivered on reconnect; queue {status:?})",
-                                    if result.succeeded() { "succeeded" } else { "failed" }
-                                ),
-                                ));
-                        }
-                        Ok(store::Recorded::Duplicate) => {}
-                        Err(store::Error::IllegalTransition {
-                            kind: Illegal::ConflictingResult { .. },
-                            ..
-                        }) => {
-                            tracing::warn!(
-                                device = device.0,
-                                seq,
-                                "conflicting duplicate result ignored"
-                            );
-                        }
-                        Err(e) => {
-                            tracing::warn!(device = device.0, seq, error = %e, "result in hello not stored")
-                        }
-                    }
+                // A result the agent still holds: store it (or, when it is obsolete, tell why
+                // it is not); either way the agent may forget it, acknowledged below.
+                if let Some(LastSeen {
+                    seq,
+                    attempt,
+                    result: Some(result),
+                    report,
+                    ..
+                }) = last
+                {
+                    // Acknowledged whatever became of it: an agent re-sending it in every Hello
+                    // would hold its session's command slot forever.
+                    let how = format!("delivered on reconnect, attempt {attempt}");
+                    let r = (result, report.as_ref());
+                    let _ = store_result(b, now_ms, *device, *seq, *attempt, r, &how);
                 }
                 let q = b.queue(*device).ok().flatten().unwrap_or_default();
-                if q.status == QueueStatus::AwaitingResult {
-                    if let (Some(cursor), Some((seq, None))) = (q.cursor, last) {
-                        if *seq == cursor {
-                            // The agent has the command and is still running it.
-                            in_flight = Some(cursor);
-                            let reboot = b
-                                .command(*device, cursor)
-                                .ok()
-                                .flatten()
-                                .is_some_and(|c| c.has_reboot());
-                            resume = Some((cursor, command_id(*device, cursor), reboot));
-                        }
+                let (in_flight, resume) = match last {
+                    Some(l) if l.executing && l.seq > q.completed_through => {
+                        // The agent is still executing it, or back from its reboot: this session
+                        // carries its answer, and nothing else goes to it until then. An attempt
+                        // the queue has given up on (retried, cancelled) is answered too, and
+                        // its result discarded.
+                        let reboot = b
+                            .command(*device, l.seq)
+                            .ok()
+                            .flatten()
+                            .is_none_or(|c| c.has_reboot());
+                        (
+                            Some(l.seq),
+                            Some((l.seq, l.attempt, command_id(*device, l.seq), reboot)),
+                        )
                     }
-                }
+                    _ => (None, None),
+                };
+                // A carried result the welcome does not acknowledge (a failure that stopped
+                // the queue, an obsolete attempt) is acknowledged on its own.
+                let ack = last
+                    .as_ref()
+                    .filter(|l| l.result.is_some() && l.seq > q.completed_through)
+                    .map(|l| l.seq);
                 let pending = b.incomplete_tasks(*device).map(|t| t.len()).unwrap_or(0);
                 actions.push(Action::Welcome {
                     conn,
@@ -632,6 +668,9 @@ impl Fleet {
                     },
                     resume,
                 });
+                if let Some(seq) = ack {
+                    actions.push(Action::Ack { conn, seq });
+                }
                 // Catch-up: every task this device has not completed is announced again
                 // (after the welcome, on the same session).
                 for task in b.incomplete_tasks(*device).unwrap_or_default() {
@@ -641,7 +680,14 @@ impl Fleet {
                         task,
                     });
                 }
-                online.insert(*device, Online { conn, in_flight });
+                online.insert(
+                    *device,
+                    Online {
+                        conn,
+                        in_flight,
+                        boot_id: hex(boot_id),
+                    },
+                );
                 dirty.insert(*device);
             }
             Input::Enrol {
@@ -727,37 +773,26 @@ impl Fleet {
                 conn,
                 device,
                 seq,
+                attempt,
                 result,
+                report,
             } => {
-                match b.record_result(*device, *seq, result.clone()) {
-                    Ok(store::Recorded::Stored(status)) => {
-                        let ok = result.succeeded();
-                        let _ = b.append_event(event(
-                            now_ms,
-                            Some(*device),
-                            EventKind::CommandResult,
-                            format!(
-                                "command {seq} {} (queue {status:?})",
-                                if ok { "succeeded" } else { "failed" }
-                            ),
-                        ));
-                        actions.push(Action::Ack {
-                            conn: *conn,
-                            seq: *seq,
-                        });
-                    }
-                    Ok(store::Recorded::Duplicate) => actions.push(Action::Ack {
+                let r = (result, report.as_ref());
+                match store_result(b, now_ms, *device, *seq, *attempt, r, "") {
+                    Stored::Answered => actions.push(Action::Ack {
                         conn: *conn,
                         seq: *seq,
                     }),
-                    Err(e) => {
-                        tracing::warn!(device = device.0, seq, error = %e, "result refused");
-                        actions.push(close(
-                            *conn,
-                            CloseCode::PROTOCOL,
-                            &format!("result refused: {e}"),
-                        ));
-                    }
+                    Stored::NeverSent => actions.push(close(
+                        *conn,
+                        CloseCode::PROTOCOL,
+                        &format!("result of command {seq}, which was never sent"),
+                    )),
+                    Stored::Failed => actions.push(close(
+                        *conn,
+                        CloseCode::INTERNAL,
+                        &format!("result of command {seq} not stored"),
+                    )),
                 }
                 if let Some(o) = online.get_mut(device) {
                     if o.in_flight == Some(*seq) {
@@ -766,9 +801,23 @@ impl Fleet {
                 }
                 dirty.insert(*device);
             }
-            Input::RebootStarting { conn, device, seq } => {
+            Input::Report {
+                conn: _,
+                device,
+                report,
+            } => {
+                if let Err(e) = b.set_report(*device, report.clone(), now_ms) {
+                    tracing::warn!(device = device.0, error = %e, "report not stored");
+                }
+            }
+            Input::RebootStarting {
+                conn,
+                device,
+                seq,
+                boot_id,
+            } => {
                 let deadline = now_ms + cfg.reboot_timeout_ms;
-                match b.reboot_started(*device, *seq, deadline) {
+                match b.reboot_started(*device, *seq, deadline, &hex(boot_id)) {
                     Ok(()) => {
                         let _ = b.append_event(event(
                             now_ms,
@@ -792,37 +841,23 @@ impl Fleet {
                 conn: _,
                 device,
                 seq,
+                attempt,
                 report,
+                result,
             } => {
-                let cmd = b.command(*device, *seq).ok().flatten();
-                let steps = cmd.map_or(1, |c| c.steps.len());
-                let result = store::CommandResult {
-                    steps: (0..steps)
-                        .map(|_| store::StepResult {
-                            outcome: store::StepOutcome::Ok,
-                            exit_code: Some(0),
-                            output: Vec::new(),
-                            started_ms: now_ms,
-                            finished_ms: now_ms,
-                        })
-                        .collect(),
-                };
-                match b.reboot_completed(*device, *seq, report.clone(), result, now_ms) {
+                // The result is the device's own: the steps before the reboot as they ran.
+                let r = result.clone();
+                match b.reboot_completed(*device, *seq, *attempt, report.clone(), r, now_ms) {
                     Ok(status) => {
                         let _ = b.append_event(event(
                             now_ms,
                             Some(*device),
                             EventKind::RebootCompleted,
                             format!(
-                                "command {seq}: back with boot id {} (queue {status:?})",
+                                "command {seq}: back with boot id {} (queue {status})",
                                 report.boot_id
                             ),
                         ));
-                        if let Some(o) = online.get_mut(device) {
-                            if o.in_flight == Some(*seq) {
-                                o.in_flight = None;
-                            }
-                        }
                     }
                     Err(e) => {
                         // Not the agent's fault (e.g. the operator skipped the command while
@@ -835,6 +870,12 @@ impl Fleet {
                             EventKind::Other,
                             format!("reboot completion for command {seq} not applied: {e}"),
                         ));
+                    }
+                }
+                // Applied or not, the device is done with that command.
+                if let Some(o) = online.get_mut(device) {
+                    if o.in_flight == Some(*seq) {
+                        o.in_flight = None;
                     }
                 }
                 dirty.insert(*device);
@@ -938,7 +979,7 @@ impl Fleet {
                             now_ms,
                             Some(dev),
                             EventKind::Other,
-                            format!("command {seq} timed out (queue {status:?})"),
+                            format!("command {seq} timed out (queue {status})"),
                         ));
                         // The session did not deliver a result in time: drop it; the agent
                         // resynchronises from Hello when it comes back.
@@ -958,6 +999,21 @@ impl Fleet {
                     Err(e) => {
                         tracing::warn!(device = dev.0, seq, error = %e, "timeout not applied")
                     }
+                }
+            }
+            // A cancelled command the session was still running is overdue: stop waiting for
+            // it there (the agent resynchronises from Hello), so the queue's next command can
+            // go.
+            Deadline::Result { seq }
+                if online.get(&dev).is_some_and(|o| o.in_flight == Some(seq))
+                    && b.command(dev, seq).ok().flatten().is_none() =>
+            {
+                if let Some(o) = online.remove(&dev) {
+                    actions.push(close(
+                        o.conn,
+                        CloseCode::TIMEOUT,
+                        "result of a cancelled command overdue",
+                    ));
                 }
             }
             Deadline::Reboot
@@ -988,8 +1044,9 @@ impl Fleet {
         }
         let q = b.queue(dev).ok()??;
         // The command in flight with no session executing it: the agent's `Hello` proved it
-        // never received it (e.g. the gateway died between commit and send), so it goes again
-        // without counting an attempt. Otherwise the next pending command, counted.
+        // never received this attempt (e.g. the gateway died between commit and send), so it
+        // goes again as the same attempt, not counted. Otherwise the next pending command (or
+        // the same one again, retried), as a new attempt.
         let (seq, cmd, sent) = match (q.status, q.cursor) {
             (QueueStatus::AwaitingResult, Some(c)) => {
                 (c, b.command(dev, c).ok()??, b.redeliver(dev, c, now_ms))
@@ -1000,19 +1057,27 @@ impl Fleet {
             }
             _ => return None,
         };
+        // A reboot must come back on another boot than this session's, even if the device's
+        // `RebootStarting` never reaches the store.
+        let sent = sent.and_then(|attempt| {
+            if cmd.has_reboot() {
+                b.boot_at_dispatch(dev, seq, &o.boot_id)?;
+            }
+            Ok(attempt)
+        });
         match sent {
-            Ok(()) => {
+            Ok(attempt) => {
                 o.in_flight = Some(seq);
-                let _ = b.append_event(event(
-                    now_ms,
-                    Some(dev),
-                    EventKind::CommandSent,
-                    format!("command {seq}"),
-                ));
+                let message = match attempt {
+                    0 | 1 => format!("command {seq}"),
+                    n => format!("command {seq} attempt {n}"),
+                };
+                let _ = b.append_event(event(now_ms, Some(dev), EventKind::CommandSent, message));
                 Some(Action::Dispatch {
                     conn: o.conn,
                     command_id: command_id(dev, seq),
                     seq,
+                    attempt,
                     cmd,
                 })
             }
@@ -1023,6 +1088,86 @@ impl Fleet {
             }
         }
     }
+}
+
+/// What became of a device's result ([`store_result`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    /// Stored, or discarded as obsolete (with an event saying why): the agent may forget it.
+    Answered,
+    /// A result of a command never sent to the device: a protocol error.
+    NeverSent,
+    /// The store failed; the batch will not commit.
+    Failed,
+}
+
+/// Stores a device's result of attempt `attempt` of `seq` (with an event), and the
+/// configuration report it carries, in the same batch; or, when the queue no longer wants it
+/// — the command was cancelled, the attempt was superseded by a retry, the queue gave up on
+/// it — records why it was discarded. `how` says how it arrived, for the event (empty: on its
+/// session).
+fn store_result(
+    b: &mut Batch<'_>,
+    now_ms: u64,
+    dev: DeviceId,
+    seq: u64,
+    attempt: u32,
+    (result, report): (&store::CommandResult, Option<&store::ConfigReport>),
+    how: &str,
+) -> Stored {
+    let how = if how.is_empty() {
+        String::new()
+    } else {
+        format!("{how}; ")
+    };
+    let message = match b.record_result(dev, seq, attempt, result.clone()) {
+        Ok(store::Recorded::Stored(status)) => format!(
+            "command {seq} {} ({how}queue {status})",
+            if result.succeeded() {
+                "succeeded"
+            } else {
+                "failed"
+            }
+        ),
+        Ok(store::Recorded::Duplicate) => return Stored::Answered,
+        Err(store::Error::IllegalTransition { kind, .. }) => {
+            let q = b.queue(dev).ok().flatten().unwrap_or_default();
+            let exists = b.command(dev, seq).ok().flatten().is_some();
+            let why = match kind {
+                Illegal::NotTransmitted { .. } if exists || seq >= q.next_seq => {
+                    tracing::warn!(device = dev.0, seq, "result of a command never sent");
+                    return Stored::NeverSent;
+                }
+                _ if !exists => {
+                    format!("result of cancelled command {seq} discarded ({how}attempt {attempt})")
+                }
+                Illegal::StaleAttempt { current, .. } => format!(
+                    "result of command {seq} attempt {attempt} discarded ({how}attempt \
+                     {current} is the current one)"
+                ),
+                Illegal::ConflictingResult { .. } => {
+                    format!("a second result of command {seq} discarded ({how}attempt {attempt})")
+                }
+                kind => {
+                    format!("result of command {seq} attempt {attempt} discarded ({how}{kind:?})")
+                }
+            };
+            tracing::info!(device = dev.0, seq, attempt, "{why}");
+            let _ = b.append_event(event(now_ms, Some(dev), EventKind::Other, why));
+            return Stored::Answered;
+        }
+        Err(e) => {
+            tracing::warn!(device = dev.0, seq, error = %e, "result not stored");
+            return Stored::Failed;
+        }
+    };
+    let _ = b.append_event(event(now_ms, Some(dev), EventKind::CommandResult, message));
+    if let Some(report) = report {
+        if let Err(e) = b.set_report(dev, report.clone(), now_ms) {
+            tracing::warn!(device = dev.0, seq, error = %e, "report of a result not stored");
+        }
+    }
+    Stored::Answered
 }
 
 fn wall(now_ms: u64) -> std::time::SystemTime {
@@ -1058,6 +1203,7 @@ fn fail_all(inputs: &[Input], msg: &str) -> Vec<Action> {
             Input::Hello { conn, .. }
             | Input::Enrol { conn, .. }
             | Input::Result { conn, .. }
+            | Input::Report { conn, .. }
             | Input::RebootStarting { conn, .. }
             | Input::RebootComplete { conn, .. }
             | Input::Completion { conn, .. }
@@ -1380,11 +1526,12 @@ fn device_id(b: &Batch<'_>, name: &str) -> Result<DeviceId, Response> {
 
 fn queue_json(q: &store::QueueState) -> serde_json::Value {
     json!({
-        "status": format!("{:?}", q.status).to_lowercase(),
+        "status": q.status.name(),
         "cursor": q.cursor,
         "completed_through": q.completed_through,
         "pending": q.next_seq.saturating_sub(1).saturating_sub(q.completed_through),
         "attempts": q.attempts,
+        "attempt": q.attempt,
         "failure": q.failure.map(|f| format!("{f:?}")),
     })
 }
@@ -1444,7 +1591,7 @@ fn admin(
                         "id": d.id.0,
                         "online": online.contains_key(&d.id),
                         "revoked": d.revoked,
-                        "queue": format!("{:?}", q.status).to_lowercase(),
+                        "queue": q.status.name(),
                         "last_seen_ms": d.last_seen_ms,
                         "transport": d.transport.map(|t| format!("{t:?}").to_lowercase()),
                         "boot_id": d.report.as_ref().map(|r| r.boot_id.clone()),
@@ -1586,15 +1733,13 @@ fn admin(
                 let mut rows = Vec::new();
                 for d in b.devices().map_err(err)? {
                     let q = b.queue(d.id).map_err(err)?.unwrap_or_default();
-                    *by_status
-                        .entry(format!("{:?}", q.status).to_lowercase())
-                        .or_default() += 1;
+                    *by_status.entry(q.status.name().to_string()).or_default() += 1;
                     let r = d.report.as_ref();
                     rows.push(json!({
                         "name": d.name,
                         "online": online.contains_key(&d.id),
                         "revoked": d.revoked,
-                        "queue": format!("{:?}", q.status).to_lowercase(),
+                        "queue": q.status.name(),
                         "cursor": q.cursor,
                         "done": q.completed_through,
                         "pending": q.next_seq.saturating_sub(1).saturating_sub(q.completed_through),
@@ -1668,6 +1813,8 @@ mod tests {
     }
 
     const T0: u64 = 1_795_000_000_000;
+    /// The boot every test device's sessions run on.
+    const BOOT: [u8; 16] = [0xB0; 16];
 
     struct Rig {
         _dir: tempfile::TempDir,
@@ -1695,6 +1842,23 @@ mod tests {
         fn run(&mut self, inputs: Vec<Input>) -> Vec<Action> {
             self.now += 10;
             self.fleet.process(self.now, inputs)
+        }
+
+        /// A gateway restart: the fleet is rebuilt from the same store and CA.
+        fn restart(&mut self) {
+            let dir = self._dir.path().to_owned();
+            let cfg = self.fleet.cfg.clone();
+            let pki =
+                || Pki::load_or_create(&dir.join("pki"), &["localhost".into()], wall(T0)).unwrap();
+            // The old fleet (and its store environment) is gone before the store reopens.
+            let placeholder = Fleet::new(
+                Store::open(dir.join("placeholder")).unwrap(),
+                pki(),
+                cfg.clone(),
+            )
+            .unwrap();
+            drop(std::mem::replace(&mut self.fleet, placeholder));
+            self.fleet = Fleet::new(Store::open(dir.join("store")).unwrap(), pki(), cfg).unwrap();
         }
 
         fn admin(&mut self, req: Request) -> Response {
@@ -1729,12 +1893,13 @@ mod tests {
             conn: ConnId,
             dev: DeviceId,
             key: [u8; 32],
-            last: Option<(u64, Option<store::CommandResult>)>,
+            last: Option<LastSeen>,
         ) -> Vec<Action> {
             self.run(vec![Input::Hello {
                 conn,
                 device: dev,
                 key_hash: key,
+                boot_id: BOOT,
                 last,
                 transport: None,
             }])
@@ -1782,6 +1947,17 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// What a `Hello` says: still executing (`result` none) or finished with `result`.
+    fn last(seq: u64, attempt: u32, result: Option<store::CommandResult>) -> Option<LastSeen> {
+        Some(LastSeen {
+            seq,
+            attempt,
+            executing: result.is_none(),
+            result,
+            report: None,
+        })
     }
 
     fn dispatched(actions: &[Action]) -> Vec<u64> {
@@ -1936,7 +2112,9 @@ mod tests {
                 conn: 2,
                 device: dev,
                 seq,
+                attempt: 1,
                 result: ok_result(1),
+                report: None,
             }]);
             // The ack and the next dispatch leave together, after the commit.
             assert!(
@@ -1946,12 +2124,21 @@ mod tests {
             assert_eq!(dispatched(&a), if seq < 3 { vec![seq + 1] } else { vec![] });
         }
         assert_eq!(rig.queue(dev).status, QueueStatus::Done);
+        // The event log names queue states as operators see them, not as Rust debug text.
+        let last = {
+            let snap = rig.fleet.store().snapshot().unwrap();
+            let events = snap.events_from(0, 100).unwrap();
+            events.last().expect("events").1.message.clone()
+        };
+        assert!(last.ends_with("(queue done)"), "{last}");
         // A result for a command that was never sent closes the session.
         let a = rig.run(vec![Input::Result {
             conn: 2,
             device: dev,
             seq: 9,
+            attempt: 1,
             result: ok_result(1),
+            report: None,
         }]);
         assert!(
             a.iter().any(|x| matches!(
@@ -1986,12 +2173,12 @@ mod tests {
             reason: "cut".into(),
         }]);
         // The agent is still executing command 1: the new session resumes it, sends nothing.
-        let a = rig.hello(4, dev, key, Some((1, None)));
+        let a = rig.hello(4, dev, key, last(1, 1, None));
         assert!(
             matches!(
                 &a[..],
                 [Action::Welcome {
-                    resume: Some((1, _, false)),
+                    resume: Some((1, 1, _, false)),
                     ..
                 }]
             ),
@@ -2004,7 +2191,7 @@ mod tests {
         }]);
         // The agent finished command 1 while disconnected: its Hello carries the result, the
         // Welcome acknowledges it, and command 2 follows.
-        let a = rig.hello(5, dev, key, Some((1, Some(ok_result(1)))));
+        let a = rig.hello(5, dev, key, last(1, 1, Some(ok_result(1))));
         match &a[..] {
             [Action::Welcome {
                 welcome,
@@ -2027,6 +2214,7 @@ mod tests {
             conn: 2,
             device: dev,
             seq: 1,
+            boot_id: BOOT,
         }]);
         assert_eq!(rig.queue(dev).status, QueueStatus::Rebooting);
         rig.run(vec![Input::Disconnected {
@@ -2035,7 +2223,7 @@ mod tests {
             reason: "rebooting".into(),
         }]);
         // Back on a new session; nothing is dispatched while rebooting.
-        let a = rig.hello(3, dev, key, Some((1, None)));
+        let a = rig.hello(3, dev, key, last(1, 1, None));
         assert!(dispatched(&a).is_empty(), "{a:?}");
         let report = |boot: &str| store::ConfigReport {
             os: "Debian".into(),
@@ -2046,22 +2234,22 @@ mod tests {
             agent_version: "0.1.0".into(),
             boot_id: boot.into(),
         };
+        // The device's own result of the command: its output before the reboot is kept.
+        let mut result = ok_result(1);
+        result.steps[0].output = b"kernel installed\n".to_vec();
         let a = rig.run(vec![Input::RebootComplete {
             conn: 3,
             device: dev,
             seq: 1,
+            attempt: 1,
             report: report("b2"),
+            result: result.clone(),
         }]);
         assert_eq!(dispatched(&a), vec![2], "{a:?}");
-        let d = rig
-            .fleet
-            .store()
-            .snapshot()
-            .unwrap()
-            .device(dev)
-            .unwrap()
-            .unwrap();
+        let snap = rig.fleet.store().snapshot().unwrap();
+        let d = snap.device(dev).unwrap().unwrap();
         assert_eq!(d.report.unwrap().boot_id, "b2");
+        assert_eq!(snap.result(dev, 1).unwrap(), Some(result));
     }
 
     #[test]
@@ -2074,6 +2262,7 @@ mod tests {
             conn: 2,
             device: dev,
             seq: 1,
+            boot_id: BOOT,
         }]);
         rig.run(vec![Input::Disconnected {
             conn: 2,
@@ -2355,6 +2544,304 @@ mod tests {
         assert!(
             matches!(&a[..], [Action::Reply { resp, .. }] if !resp.ok),
             "{a:?}"
+        );
+    }
+
+    fn attempt_of(actions: &[Action], seq: u64) -> Option<u32> {
+        actions.iter().find_map(|a| match a {
+            Action::Dispatch {
+                seq: s, attempt, ..
+            } if *s == seq => Some(*attempt),
+            _ => None,
+        })
+    }
+
+    fn failed_result() -> store::CommandResult {
+        let mut r = ok_result(1);
+        r.steps[0].outcome = store::StepOutcome::Failed;
+        r.steps[0].exit_code = Some(3);
+        r
+    }
+
+    fn result_input(conn: ConnId, dev: DeviceId, seq: u64, attempt: u32, ok: bool) -> Input {
+        Input::Result {
+            conn,
+            device: dev,
+            seq,
+            attempt,
+            result: if ok { ok_result(1) } else { failed_result() },
+            report: None,
+        }
+    }
+
+    fn events_with(rig: &mut Rig, text: &str) -> usize {
+        let r = rig.admin(Request::Events {
+            from: 0,
+            limit: 1000,
+        });
+        r.data["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["message"].as_str().is_some_and(|m| m.contains(text)))
+            .count()
+    }
+
+    /// A retry is a new attempt of the same command, also after a gateway restart; the
+    /// agent's `Hello` tells a redelivery of that attempt from one still running, and only
+    /// the current attempt's result counts.
+    #[test]
+    fn a_retry_is_a_new_attempt_and_only_its_result_counts() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        let a = add(&mut rig, "n1", vec![exec("a"), exec("b")]);
+        assert_eq!(attempt_of(&a, 1), Some(1), "{a:?}");
+        let a = rig.run(vec![result_input(2, dev, 1, 1, false)]);
+        assert!(matches!(a[..], [Action::Ack { seq: 1, .. }]), "{a:?}");
+        assert_eq!(rig.queue(dev).status, QueueStatus::Failed);
+        let a = rig.run(vec![Input::Admin {
+            conn: 999,
+            req: Request::QueueRetry {
+                device: "n1".into(),
+            },
+        }]);
+        assert_eq!(attempt_of(&a, 1), Some(2), "the retry is attempt 2: {a:?}");
+        rig.run(vec![Input::Disconnected {
+            conn: 2,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+
+        // The device never got attempt 2 and re-sends a result of attempt 1 (one the gateway
+        // has not got byte for byte): not attempt 2's, so it is discarded (and acknowledged,
+        // so the agent can forget it), and attempt 2 goes again.
+        let mut again = failed_result();
+        again.steps[0].output = b"attempt 1 once more".to_vec();
+        let a = rig.hello(3, dev, key, last(1, 1, Some(again)));
+        assert!(matches!(a[1], Action::Ack { conn: 3, seq: 1 }), "{a:?}");
+        assert_eq!(attempt_of(&a, 1), Some(2), "{a:?}");
+        assert_eq!(events_with(&mut rig, "attempt 2 is the current one"), 1);
+        rig.run(vec![Input::Disconnected {
+            conn: 3,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+
+        // The gateway restarts before the device got attempt 2: its Hello names attempt 1,
+        // done, so attempt 2 is redelivered, still attempt 2 and not counted again.
+        rig.restart();
+        let done = last(1, 1, None).map(|l| LastSeen {
+            executing: false,
+            ..l
+        });
+        let a = rig.hello(4, dev, key, done);
+        assert_eq!(attempt_of(&a, 1), Some(2), "{a:?}");
+        assert_eq!((rig.queue(dev).attempts, rig.queue(dev).attempt), (1, 2));
+        rig.run(vec![Input::Disconnected {
+            conn: 4,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+
+        // Another reconnect, the device now running attempt 2: resumed, nothing sent.
+        let a = rig.hello(5, dev, key, last(1, 2, None));
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Welcome {
+                    resume: Some((1, 2, _, false)),
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        let a = rig.run(vec![result_input(5, dev, 1, 2, true)]);
+        assert_eq!(attempt_of(&a, 2), Some(1), "{a:?}");
+    }
+
+    /// A result carried by `Hello` that stopped the queue is not covered by
+    /// `Welcome.acked_seq`: it is acknowledged on its own, or the agent would re-send it
+    /// forever and its session's command slot would never free (a retry could not be sent).
+    #[test]
+    fn a_hello_result_that_fails_the_queue_is_acknowledged() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        add(&mut rig, "n1", vec![exec("a")]);
+        rig.run(vec![Input::Disconnected {
+            conn: 2,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+        let a = rig.hello(3, dev, key, last(1, 1, Some(failed_result())));
+        match &a[..] {
+            [Action::Welcome { welcome, .. }, Action::Ack { conn: 3, seq: 1 }] => {
+                assert_eq!(welcome.acked_seq, 0)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(rig.queue(dev).status, QueueStatus::Failed);
+    }
+
+    /// `queue cancel` releases a queue whose command is in flight; the device finishes it
+    /// (nothing else is sent to it meanwhile), its result is discarded, then the queue goes on.
+    #[test]
+    fn cancel_releases_the_command_in_flight() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        add(&mut rig, "n1", vec![exec("a"), exec("b")]);
+        let r = rig.admin(Request::QueueCancel {
+            device: "n1".into(),
+        });
+        assert_eq!(r.data["done"], "cancelled 2 command(s)", "{r:?}");
+        assert_eq!(rig.queue(dev).status, QueueStatus::Idle);
+        let a = add(&mut rig, "n1", vec![exec("c")]);
+        assert!(dispatched(&a).is_empty(), "the device still runs 1: {a:?}");
+        let a = rig.run(vec![result_input(2, dev, 1, 1, true)]);
+        assert!(matches!(a[0], Action::Ack { seq: 1, .. }), "{a:?}");
+        assert_eq!(dispatched(&a), vec![3], "{a:?}");
+        assert_eq!(events_with(&mut rig, "result of cancelled command 1"), 1);
+
+        // The same after a reconnect: the device says it is still running a command the
+        // queue no longer has; nothing is sent to it until it answers.
+        add(&mut rig, "n1", vec![exec("d")]);
+        rig.run(vec![result_input(2, dev, 3, 1, true)]);
+        rig.admin(Request::QueueCancel {
+            device: "n1".into(),
+        });
+        add(&mut rig, "n1", vec![exec("e")]);
+        rig.run(vec![Input::Disconnected {
+            conn: 2,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+        let a = rig.hello(5, dev, key, last(4, 1, None));
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Welcome {
+                    resume: Some((4, 1, _, _)),
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        let a = rig.run(vec![result_input(5, dev, 4, 1, false)]);
+        assert_eq!(dispatched(&a), vec![5], "{a:?}");
+    }
+
+    fn report_with(os: &str, boot: &str) -> store::ConfigReport {
+        store::ConfigReport {
+            os: os.into(),
+            kernel: "6.1".into(),
+            hostname: "n1".into(),
+            addresses: vec![],
+            software: vec![("nginx".into(), "1.22".into())],
+            agent_version: "0.1.0".into(),
+            boot_id: boot.into(),
+        }
+    }
+
+    fn stored_report(rig: &Rig, dev: DeviceId) -> Option<store::ConfigReport> {
+        let snap = rig.fleet.store().snapshot().unwrap();
+        snap.device(dev).unwrap().unwrap().report
+    }
+
+    /// Reports reach the device record without a reboot: on their own (after the agent
+    /// starts), inside a `report` step's result, and inside a result carried by `Hello`.
+    #[test]
+    fn reports_are_stored_from_report_messages_and_results() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        assert_eq!(stored_report(&rig, dev), None);
+        rig.run(vec![Input::Report {
+            conn: 2,
+            device: dev,
+            report: report_with("Debian 12", "b1"),
+        }]);
+        assert_eq!(stored_report(&rig, dev).unwrap().os, "Debian 12");
+
+        add(
+            &mut rig,
+            "n1",
+            vec![vec![StepSpec::Report], vec![StepSpec::Report]],
+        );
+        let a = rig.run(vec![Input::Result {
+            conn: 2,
+            device: dev,
+            seq: 1,
+            attempt: 1,
+            result: ok_result(1),
+            report: Some(report_with("Debian 13", "b1")),
+        }]);
+        assert!(matches!(a[0], Action::Ack { seq: 1, .. }), "{a:?}");
+        assert_eq!(stored_report(&rig, dev).unwrap().os, "Debian 13");
+
+        rig.run(vec![Input::Disconnected {
+            conn: 2,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+        let carried = last(2, 1, Some(ok_result(1))).map(|l| LastSeen {
+            report: Some(report_with("Debian 14", "b1")),
+            ..l
+        });
+        rig.hello(3, dev, key, carried);
+        assert_eq!(rig.queue(dev).status, QueueStatus::Done);
+        assert_eq!(stored_report(&rig, dev).unwrap().os, "Debian 14");
+    }
+
+    /// A device that never reported (no earlier report to compare with) cannot complete a
+    /// reboot on the boot it left: the one `RebootStarting` named, or, when that was lost, the
+    /// boot of the session the command went out on.
+    #[test]
+    fn a_reboot_completion_on_the_boot_left_is_refused_before_any_report() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        add(
+            &mut rig,
+            "n1",
+            vec![vec![StepSpec::Reboot], vec![StepSpec::Reboot]],
+        );
+        assert_eq!(stored_report(&rig, dev), None);
+        let complete = |conn, seq, boot: [u8; 16]| Input::RebootComplete {
+            conn,
+            device: dev,
+            seq,
+            attempt: 1,
+            report: report_with("Debian", &hex(&boot)),
+            result: ok_result(1),
+        };
+        rig.run(vec![Input::RebootStarting {
+            conn: 2,
+            device: dev,
+            seq: 1,
+            boot_id: BOOT,
+        }]);
+        let a = rig.run(vec![complete(2, 1, BOOT)]);
+        assert!(dispatched(&a).is_empty(), "{a:?}");
+        assert_eq!(rig.queue(dev).status, QueueStatus::Rebooting);
+        assert_eq!(
+            events_with(&mut rig, "came back with the boot id it had before"),
+            1
+        );
+        let a = rig.run(vec![complete(2, 1, [0xB1; 16])]);
+        assert_eq!(dispatched(&a), vec![2], "{a:?}");
+
+        // Command 2's RebootStarting is lost (the gateway died): the completion still has to
+        // come from another boot than the session's it was sent on (BOOT).
+        rig.restart();
+        let a = rig.hello(3, dev, key, last(2, 1, None));
+        assert!(dispatched(&a).is_empty(), "{a:?}");
+        let a = rig.run(vec![complete(3, 2, BOOT)]);
+        assert_eq!(rig.queue(dev).status, QueueStatus::AwaitingResult, "{a:?}");
+        assert_eq!(
+            events_with(&mut rig, "came back with the boot id it had before"),
+            2
         );
     }
 }

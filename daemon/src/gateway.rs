@@ -34,7 +34,7 @@ use crate::admin::{self, Request, Response};
 use crate::artifacts;
 use crate::convert::{report_from_wire, result_from_wire, sha256, steps_to_wire};
 use crate::distribution::{DistEvent, Distributor, McastConfig, PushSpec};
-use crate::fleet::{Action, ConnId, Fleet, Input};
+use crate::fleet::{Action, ConnId, Fleet, Input, LastSeen};
 use crate::metrics;
 use crate::tlsconn::TlsConn;
 use crate::watch::{DirWatch, WatchConfig};
@@ -1060,8 +1060,8 @@ impl Gateway {
                     Action::Welcome {
                         welcome, resume, ..
                     } => s.accept(&welcome).and_then(|()| match resume {
-                        Some((seq, command_id, reboot)) => {
-                            s.resume_in_flight(seq, command_id, reboot)
+                        Some((seq, attempt, command_id, reboot)) => {
+                            s.resume_in_flight(seq, attempt, command_id, reboot)
                         }
                         None => Ok(()),
                     }),
@@ -1073,6 +1073,7 @@ impl Gateway {
                     Action::Dispatch {
                         command_id,
                         seq,
+                        attempt,
                         cmd,
                         ..
                     } => {
@@ -1101,6 +1102,7 @@ impl Gateway {
                         s.dispatch(&Dispatch {
                             command_id,
                             seq,
+                            attempt,
                             timeout_ms,
                             steps,
                         })
@@ -1344,13 +1346,22 @@ fn event_to_input(
             let Message::Hello(h) = frame.message() else {
                 return None;
             };
-            let last = h
-                .last
-                .map(|l| (l.seq, l.result.map(|r| result_from_wire(&r, wall_ms))));
+            let last = h.last.map(|l| LastSeen {
+                seq: l.seq,
+                attempt: l.attempt,
+                executing: l.executing,
+                report: l
+                    .result
+                    .as_ref()
+                    .and_then(|r| r.report.as_ref())
+                    .map(report_from_wire),
+                result: l.result.map(|r| result_from_wire(&r, wall_ms)),
+            });
             Some(Input::Hello {
                 conn,
                 device: DeviceId(device_id),
                 key_hash,
+                boot_id: h.boot_id,
                 last,
                 transport: ladder::rung_of(h.agent_version),
             })
@@ -1374,14 +1385,27 @@ fn event_to_input(
                 conn,
                 device: (*device)?,
                 seq,
+                attempt: r.attempt,
                 result: result_from_wire(&r, wall_ms),
+                report: r.report.as_ref().map(report_from_wire),
             })
         }
         GatewayEvent::DuplicateResult { .. } => None,
+        GatewayEvent::Report(frame) => {
+            let Message::Report(r) = frame.message() else {
+                return None;
+            };
+            Some(Input::Report {
+                conn,
+                device: (*device)?,
+                report: report_from_wire(&r),
+            })
+        }
         GatewayEvent::RebootStarting(rs) => Some(Input::RebootStarting {
             conn,
             device: (*device)?,
             seq: rs.seq,
+            boot_id: rs.boot_id,
         }),
         GatewayEvent::RebootComplete { seq, frame, .. } => {
             let Message::RebootComplete(rc) = frame.message() else {
@@ -1391,7 +1415,9 @@ fn event_to_input(
                 conn,
                 device: (*device)?,
                 seq,
+                attempt: rc.result.attempt,
                 report: report_from_wire(&rc.report),
+                result: result_from_wire(&rc.result, wall_ms),
             })
         }
         GatewayEvent::Completion(frame) => {
@@ -1407,7 +1433,7 @@ fn event_to_input(
                 reason: if verified {
                     String::new()
                 } else {
-                    format!("{:?}: {}", c.outcome, c.reason)
+                    format!("{}: {}", c.outcome, c.reason)
                 },
             })
         }

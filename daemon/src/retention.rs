@@ -154,7 +154,7 @@ mod tests {
                     on_failure: OnFailure::Stop,
                 };
                 b.enqueue(dev, cmd).unwrap();
-                b.mark_transmitted(dev, seq, 1).unwrap();
+                let attempt = b.mark_transmitted(dev, seq, 1).unwrap();
                 let ok = CommandResult {
                     steps: vec![StepResult {
                         outcome: StepOutcome::Ok,
@@ -164,7 +164,7 @@ mod tests {
                         finished_ms: 2,
                     }],
                 };
-                b.record_result(dev, seq, ok).unwrap();
+                b.record_result(dev, seq, attempt, ok).unwrap();
             }
         }
         for i in 0..events {

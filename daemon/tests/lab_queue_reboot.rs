@@ -348,3 +348,96 @@ fn skip_while_away_then_late_return_is_recorded_once_and_the_queue_completes() {
     std::thread::sleep(Duration::from_secs(3));
     assert!(not_applied(&gw) <= 1, "a reconnect loop\n{}", gw.diag());
 }
+
+/// `fleetcast status`'s row for `name`.
+fn status_row(gw: &Gateway<'_>, name: &str) -> Value {
+    let st = gw.admin(&fleetcast_daemon::admin::Request::Status);
+    st["devices"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["name"] == name).cloned())
+        .unwrap_or(Value::Null)
+}
+
+/// The configuration report reaches the gateway on a device that never reboots: once after
+/// enrolment, and again from a `report` step (after the device's software changed).
+#[test]
+fn reports_arrive_after_enrolment_and_from_a_report_step() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(2)).expect("lab (see docs/lab.md)");
+    let gw = Gateway::start(lab.host(0), dir, &[]);
+    let spec = AgentSpec::new(&gw, dir, "p1", Some(gw.device_add("p1")));
+    let _agent = spec.spawn(lab.host(1));
+    gw.wait_online("p1", WAIT, || spec.output());
+    let row = wait_for(
+        "the report sent after enrolment",
+        WAIT,
+        || {
+            let r = status_row(&gw, "p1");
+            (r["packages"] == 2).then_some(r)
+        },
+        || {
+            format!(
+                "{:#}\n{}\n{}",
+                status_row(&gw, "p1"),
+                spec.output(),
+                gw.diag()
+            )
+        },
+    );
+    assert!(row["os"].as_str().is_some_and(|s| !s.is_empty()), "{row:#}");
+    assert!(
+        row["kernel"].as_str().is_some_and(|s| !s.is_empty()),
+        "{row:#}"
+    );
+    assert_eq!(
+        row["boot_id"], "00000000000040008000000000000001",
+        "{row:#}"
+    );
+
+    // A package is installed; a `report` step tells the gateway.
+    let mut dpkg = std::fs::read_to_string(&spec.dpkg).expect("dpkg status");
+    dpkg.push_str("Package: nginx\nStatus: install ok installed\nVersion: 1.22.1-9\n\n");
+    std::fs::write(&spec.dpkg, dpkg).expect("dpkg status");
+    gw.queue_add("p1", vec![vec![StepSpec::Report]], OnFailureSpec::Stop);
+    let q = gw.wait_done("p1", WAIT, || spec.output());
+    assert_eq!(q["commands"][0]["state"], "ok", "{q:#}");
+    let row = status_row(&gw, "p1");
+    assert_eq!(row["packages"], 3, "{row:#}\n{}", gw.diag());
+}
+
+/// A command whose last step is `reboot`: the results of the steps before it are the ones
+/// the device produced (exit codes, output), kept by the agent across the reboot, not an
+/// invented "all OK, no output".
+#[test]
+fn a_reboot_command_keeps_the_real_results_of_its_earlier_steps() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(2)).expect("lab (see docs/lab.md)");
+    let gw = Gateway::start(lab.host(0), dir, &[]);
+    let spec = AgentSpec::new(&gw, dir, "k1", Some(gw.device_add("k1")));
+    let mut agent = spec.spawn(lab.host(1));
+    gw.wait_online("k1", WAIT, || spec.output());
+    gw.queue_add(
+        "k1",
+        vec![vec![
+            sh("echo preparing the upgrade; sleep 0.2"),
+            sh("echo kernel installed"),
+            StepSpec::Reboot,
+        ]],
+        OnFailureSpec::Stop,
+    );
+    let st = wait_exit(&mut agent, WAIT, || spec.output());
+    assert_eq!(st.code(), Some(REBOOT_EXIT), "{}", spec.output());
+    spec.set_boot_id("22222222-3333-4444-8555-666666666666");
+    let _agent = spec.spawn(lab.host(1));
+    let q = gw.wait_done("k1", WAIT, || spec.output());
+    let c = &q["commands"][0];
+    assert_eq!(c["state"], "ok", "{q:#}");
+    let out = c["output"].as_str().unwrap_or("");
+    assert!(
+        out.contains("preparing the upgrade\n") && out.contains("kernel installed\n"),
+        "the real output of the steps before the reboot: {q:#}"
+    );
+    assert_eq!(c["steps"], 3, "{q:#}");
+}

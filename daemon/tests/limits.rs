@@ -593,7 +593,7 @@ fn the_event_log_and_results_are_pruned_to_the_retention_settings() {
                 },
             )
             .expect("enqueue");
-            b.mark_transmitted(dev, seq, 2).expect("transmitted");
+            let attempt = b.mark_transmitted(dev, seq, 2).expect("transmitted");
             let r = CommandResult {
                 steps: vec![StepResult {
                     outcome: StepOutcome::Ok,
@@ -603,7 +603,7 @@ fn the_event_log_and_results_are_pruned_to_the_retention_settings() {
                     finished_ms: 3,
                 }],
             };
-            b.record_result(dev, seq, r).expect("result");
+            b.record_result(dev, seq, attempt, r).expect("result");
         }
         for i in 0..EVENTS {
             b.append_event(Event {

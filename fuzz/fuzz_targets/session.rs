@@ -55,6 +55,7 @@ fuzz_target!(|input: (bool, Vec<Op<'_>>)| {
                 let _ = s.dispatch(&Dispatch {
                     command_id: seq,
                     seq,
+                    attempt: 1,
                     timeout_ms: 0,
                     steps: vec![Step::Report],
                 });

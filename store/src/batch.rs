@@ -115,6 +115,7 @@ enum Op {
     Result {
         dev: DeviceId,
         seq: u64,
+        attempt: u32,
         result: CommandResult,
     },
     TimedOut {
@@ -126,10 +127,17 @@ enum Op {
         dev: DeviceId,
         seq: u64,
         deadline: u64,
+        boot: String,
+    },
+    BootAtDispatch {
+        dev: DeviceId,
+        seq: u64,
+        boot: String,
     },
     RebootCompleted {
         dev: DeviceId,
         seq: u64,
+        attempt: u32,
         report: ConfigReport,
         result: CommandResult,
         now: u64,
@@ -484,45 +492,58 @@ impl<'s> Batch<'s> {
         }
     }
 
-    /// The command `seq` is being transmitted at `now_ms`: cursor = `seq`, status
-    /// `awaiting_result`, attempts + 1. Only the next pending command may be transmitted, or
-    /// the one in flight again (a retransmission, still counted against `max_attempts`).
-    pub fn mark_transmitted(&mut self, dev: DeviceId, seq: u64, now_ms: u64) -> Result<()> {
-        self.exec(Op::Transmitted {
+    /// The command `seq` is being transmitted at `now_ms` as a new attempt: cursor = `seq`,
+    /// status `awaiting_result`, attempts + 1; returns the attempt number to send (see
+    /// [`QueueState::attempt`]). Only the next pending command may be transmitted, or the one
+    /// in flight again (a retransmission, still counted against `max_attempts`).
+    pub fn mark_transmitted(&mut self, dev: DeviceId, seq: u64, now_ms: u64) -> Result<u32> {
+        match self.exec(Op::Transmitted {
             dev,
             seq,
             now: now_ms,
-        })
-        .map(drop)
+        })? {
+            Out::U64(a) => Ok(a as u32),
+            _ => unreachable_out(),
+        }
     }
 
     /// The command in flight (`seq`, the cursor) is sent again to a device whose `Hello`
     /// proves it never received it (it names an older command): unlike
     /// [`mark_transmitted`](Self::mark_transmitted) this is not counted as an attempt — the
     /// device never saw the earlier transmission (e.g. the gateway died between commit and
-    /// send). Only the transmission time (and so the result deadline) moves.
-    pub fn redeliver(&mut self, dev: DeviceId, seq: u64, now_ms: u64) -> Result<()> {
-        self.exec(Op::Redeliver {
+    /// send). Only the transmission time (and so the result deadline) moves; the attempt
+    /// number it returns is the one already sent.
+    pub fn redeliver(&mut self, dev: DeviceId, seq: u64, now_ms: u64) -> Result<u32> {
+        match self.exec(Op::Redeliver {
             dev,
             seq,
             now: now_ms,
-        })
-        .map(drop)
+        })? {
+            Out::U64(a) => Ok(a as u32),
+            _ => unreachable_out(),
+        }
     }
 
-    /// Records the result of `seq`. A retransmitted identical result returns
-    /// [`Recorded::Duplicate`]; a different one for a finished command is
-    /// [`Illegal::ConflictingResult`]; a result for a command never transmitted is
+    /// Records the result of attempt `attempt` of `seq`. A retransmitted identical result
+    /// returns [`Recorded::Duplicate`]; a different one for a finished command is
+    /// [`Illegal::ConflictingResult`]; one of an attempt other than the current one is
+    /// [`Illegal::StaleAttempt`]; a result for a command never transmitted is
     /// [`Illegal::NotTransmitted`]. A failed result is retried while attempts remain, then the
     /// command's failure policy applies. Output excerpts are cut to their last 4 KiB.
     pub fn record_result(
         &mut self,
         dev: DeviceId,
         seq: u64,
+        attempt: u32,
         mut result: CommandResult,
     ) -> Result<Recorded> {
         result.bound();
-        match self.exec(Op::Result { dev, seq, result })? {
+        match self.exec(Op::Result {
+            dev,
+            seq,
+            attempt,
+            result,
+        })? {
             Out::Recorded(r) => Ok(r),
             _ => unreachable_out(),
         }
@@ -546,22 +567,44 @@ impl<'s> Batch<'s> {
         }
     }
 
-    /// The agent announced that `seq` (a command with a `Reboot` step) is rebooting the device.
-    pub fn reboot_started(&mut self, dev: DeviceId, seq: u64, deadline_ms: u64) -> Result<()> {
+    /// The agent announced that `seq` (a command with a `Reboot` step) is rebooting the device,
+    /// leaving boot `boot_id` (`RebootStarting.boot_id`): the reboot completes only on another.
+    pub fn reboot_started(
+        &mut self,
+        dev: DeviceId,
+        seq: u64,
+        deadline_ms: u64,
+        boot_id: &str,
+    ) -> Result<()> {
         self.exec(Op::RebootStarted {
             dev,
             seq,
             deadline: deadline_ms,
+            boot: boot_id.to_owned(),
         })
         .map(drop)
     }
 
-    /// The device is back with a *new* boot id: stores its report and the reboot command's
-    /// result, and moves the queue on (as [`record_result`](Self::record_result)).
+    /// The command in flight, `seq`, was sent to the device's session on boot `boot_id`: a
+    /// reboot it does must come back on another boot, also when its `RebootStarting` never
+    /// reaches the store (then this is the only record of the boot it left).
+    pub fn boot_at_dispatch(&mut self, dev: DeviceId, seq: u64, boot_id: &str) -> Result<()> {
+        self.exec(Op::BootAtDispatch {
+            dev,
+            seq,
+            boot: boot_id.to_owned(),
+        })
+        .map(drop)
+    }
+
+    /// The device is back from the reboot of attempt `attempt` of `seq` with a *new* boot id:
+    /// stores its report and the reboot command's result, and moves the queue on (as
+    /// [`record_result`](Self::record_result)).
     pub fn reboot_completed(
         &mut self,
         dev: DeviceId,
         seq: u64,
+        attempt: u32,
         report: ConfigReport,
         mut result: CommandResult,
         now_ms: u64,
@@ -570,6 +613,7 @@ impl<'s> Batch<'s> {
         match self.exec(Op::RebootCompleted {
             dev,
             seq,
+            attempt,
             report,
             result,
             now: now_ms,
@@ -604,7 +648,8 @@ impl<'s> Batch<'s> {
         self.exec(Op::Skip(dev)).map(drop)
     }
 
-    /// Drops every pending command that is not in flight; returns how many.
+    /// Drops every pending command, the one in flight too (the queue is released at once; a
+    /// late result of it is refused); returns how many.
     pub fn cancel(&mut self, dev: DeviceId) -> Result<u64> {
         match self.exec(Op::Cancel(dev))? {
             Out::U64(n) => Ok(n),
@@ -1009,19 +1054,26 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
             };
             let max =
                 read::command_policy(&*cx.t, d, *dev, *seq)?.map_or(u32::MAX, |c| c.max_attempts);
-            q.mark_transmitted(*seq, first, max, *now)
+            let attempt = q
+                .mark_transmitted(*seq, first, max, *now)
                 .map_err(|k| Error::illegal(*dev, k))?;
             cx.put_queue(*dev, &q)?;
-            Ok(Out::Unit)
+            Ok(Out::U64(u64::from(attempt)))
         }
         Op::Redeliver { dev, seq, now } => {
             let mut q = cx.live_queue(*dev)?;
-            q.redeliver(*seq, *now)
+            let attempt = q
+                .redeliver(*seq, *now)
                 .map_err(|k| Error::illegal(*dev, k))?;
             cx.put_queue(*dev, &q)?;
-            Ok(Out::Unit)
+            Ok(Out::U64(u64::from(attempt)))
         }
-        Op::Result { dev, seq, result } => {
+        Op::Result {
+            dev,
+            seq,
+            attempt,
+            result,
+        } => {
             let mut q = cx.queue(*dev)?;
             // Duplicate detection compares encodings: no decode of the stored result.
             result.encode(cx.buf);
@@ -1031,8 +1083,14 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
                 Err(lmdb::Error::NotFound) => false,
                 Err(e) => return Err(e.into()),
             };
-            if !q.accepts_result(*seq) {
-                let kind = if existing {
+            if !q.accepts_result(*seq, *attempt) {
+                let kind = if q.accepts_result(*seq, q.attempt) {
+                    Illegal::StaleAttempt {
+                        seq: *seq,
+                        attempt: *attempt,
+                        current: q.attempt,
+                    }
+                } else if existing {
                     Illegal::ConflictingResult { seq: *seq }
                 } else if q.cursor.is_none_or(|c| *seq > c) {
                     Illegal::NotTransmitted { seq: *seq }
@@ -1065,10 +1123,22 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
             cx.put_queue(*dev, &q)?;
             Ok(Out::Status(q.status))
         }
-        Op::RebootStarted { dev, seq, deadline } => {
+        Op::RebootStarted {
+            dev,
+            seq,
+            deadline,
+            boot,
+        } => {
             let mut q = cx.queue(*dev)?;
             let has_reboot = read::command(&*cx.t, d, *dev, *seq)?.is_some_and(|c| c.has_reboot());
-            q.reboot_started(*seq, has_reboot, *deadline)
+            q.reboot_started(*seq, has_reboot, *deadline, boot)
+                .map_err(|k| Error::illegal(*dev, k))?;
+            cx.put_queue(*dev, &q)?;
+            Ok(Out::Unit)
+        }
+        Op::BootAtDispatch { dev, seq, boot } => {
+            let mut q = cx.queue(*dev)?;
+            q.boot_at_dispatch(*seq, boot)
                 .map_err(|k| Error::illegal(*dev, k))?;
             cx.put_queue(*dev, &q)?;
             Ok(Out::Unit)
@@ -1076,18 +1146,22 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
         Op::RebootCompleted {
             dev,
             seq,
+            attempt,
             report,
             result,
             now,
         } => {
             let mut q = cx.queue(*dev)?;
             let has_reboot = read::command(&*cx.t, d, *dev, *seq)?.is_some_and(|c| c.has_reboot());
-            q.check_reboot_completed(*seq, has_reboot)
+            q.check_reboot_completed(*seq, *attempt, has_reboot, &report.boot_id)
                 .map_err(|k| Error::illegal(*dev, k))?;
             let mut x = cx.device(*dev)?;
-            if x.report
-                .as_ref()
-                .is_some_and(|r| r.boot_id == report.boot_id)
+            // A record from before the boot left was kept: the last report's boot is the best
+            // the store knows.
+            if q.boot_left.is_none()
+                && x.report
+                    .as_ref()
+                    .is_some_and(|r| r.boot_id == report.boot_id)
             {
                 return Err(Error::illegal(*dev, Illegal::BootIdUnchanged));
             }
@@ -1152,7 +1226,7 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
         }
         Op::Cancel(dev) => {
             let mut q = cx.queue(*dev)?;
-            let keep = q.cancel();
+            q.cancel();
             let mut doomed = Vec::new();
             let p = dev.0.to_be_bytes();
             env::scan(
@@ -1162,9 +1236,7 @@ fn apply(t: &mut RwTransaction<'_>, d: &Dbs, buf: &mut Vec<u8>, op: &Op) -> Resu
                 &p,
                 |k, _| {
                     let (_, s) = env::split2(k, "commands")?;
-                    if Some(s) != keep {
-                        doomed.push(s);
-                    }
+                    doomed.push(s);
                     Ok(true)
                 },
             )?;

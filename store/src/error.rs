@@ -63,6 +63,16 @@ pub enum Illegal {
         /// The command named.
         seq: u64,
     },
+    /// A result (or reboot completion) of an attempt that is no longer the current one: the
+    /// command was sent again since (a retry), or the attempt was never sent.
+    StaleAttempt {
+        /// The command named.
+        seq: u64,
+        /// The attempt the result is of.
+        attempt: u32,
+        /// The command's current attempt.
+        current: u32,
+    },
     /// A second, different result for a command whose result is already recorded.
     ConflictingResult {
         /// The command named.
@@ -182,8 +192,6 @@ impl std::fmt::Display for Illegal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Illegal::WrongStatus { op, status } => {
-                // The same lower-case names as `fleetcast queue show`.
-                let status = format!("{status:?}").to_lowercase();
                 let op = op.replace('_', " ");
                 write!(f, "{op} is not allowed while the queue is {status}")
             }
@@ -192,6 +200,14 @@ impl std::fmt::Display for Illegal {
                 None => write!(f, "command {found} is not the next one (none is pending)"),
             },
             Illegal::NotTransmitted { seq } => write!(f, "command {seq} was never sent"),
+            Illegal::StaleAttempt {
+                seq,
+                attempt,
+                current,
+            } => write!(
+                f,
+                "a result of attempt {attempt} of command {seq}, whose current attempt is {current}"
+            ),
             Illegal::ConflictingResult { seq } => {
                 write!(f, "command {seq} already has a different result")
             }

@@ -11,6 +11,11 @@
 //!   `Batch::prune_results`, deletes old finished commands together with their results).
 //! - `Running` ⇒ a pending command exists, none is in flight.
 //! - `AwaitingResult` / `Rebooting` ⇒ `cursor` is the first pending command and `attempts ≥ 1`.
+//! - `attempt` numbers the cursor command's transmissions that count (1, 2, …): it grows by
+//!   one with every one of them and is never reset while the cursor stays on the command
+//!   (an operator's retry resets `attempts`, the policy's count, not `attempt`), so every
+//!   attempt the device is sent has a number it never saw before. A redelivery keeps it.
+//!   Only a result (or reboot completion) of the current `attempt` is accepted.
 //! - `Idle` / `Done` ⇒ nothing pending. `Failed` ⇒ `failure` is set and `cursor` is the
 //!   first pending command (the one that failed).
 //! - At most one command is in flight per device.
@@ -26,7 +31,9 @@
 //! Rebooting --reboot_deadline_missed--> Failed(RebootDeadlineMissed)
 //! Idle|Running|Done --pause--> Paused --resume--> Idle|Running|Done
 //! AwaitingResult|Rebooting --pause--> (same, pause_requested) --command ends--> Paused
-//! Failed --retry--> Running (same seq, attempts reset);  Failed --skip--> Running | Done
+//! Failed --retry--> Running (same seq, attempts reset; its next transmission is a new attempt)
+//! Failed --skip--> Running | Done
+//! any --cancel--> Idle | Done | Paused (every pending command dropped, the one in flight too)
 //! ```
 
 use crate::error::Illegal;
@@ -80,15 +87,15 @@ impl QueueState {
         seq
     }
 
-    /// `seq` is being transmitted at `now_ms`. `first_pending` is the first pending command.
     /// The command in flight is sent again to a device that proved it never received it
-    /// (its `Hello` names an older command): not a new attempt, so `attempts` is unchanged;
-    /// only the transmission time moves (the result deadline restarts).
-    pub(crate) fn redeliver(&mut self, seq: u64, now_ms: u64) -> R {
+    /// (its `Hello` names an older command or attempt): not a new attempt, so `attempts` and
+    /// `attempt` are unchanged; only the transmission time moves (the result deadline
+    /// restarts). Returns the attempt being redelivered.
+    pub(crate) fn redeliver(&mut self, seq: u64, now_ms: u64) -> R<u32> {
         match self.status {
             QueueStatus::AwaitingResult if self.cursor == Some(seq) => {
                 self.transmitted_ms = now_ms;
-                Ok(())
+                Ok(self.attempt)
             }
             QueueStatus::AwaitingResult => Err(Illegal::NotNextCommand {
                 expected: self.cursor,
@@ -98,13 +105,15 @@ impl QueueState {
         }
     }
 
+    /// `seq` is being transmitted at `now_ms` as a new attempt; returns its attempt number.
+    /// `first_pending` is the first pending command.
     pub(crate) fn mark_transmitted(
         &mut self,
         seq: u64,
         first_pending: Option<u64>,
         max_attempts: u32,
         now_ms: u64,
-    ) -> R {
+    ) -> R<u32> {
         match self.status {
             QueueStatus::Running => {
                 if first_pending != Some(seq) {
@@ -135,16 +144,25 @@ impl QueueState {
         if self.attempts > max_attempts.max(1) {
             return Err(Illegal::AttemptsExhausted { seq });
         }
+        self.attempt = if self.cursor == Some(seq) {
+            self.attempt.saturating_add(1)
+        } else {
+            1
+        };
+        // Which boot the device runs this attempt on is recorded with it (reboot commands).
+        self.boot_left = None;
         self.cursor = Some(seq);
         self.transmitted_ms = now_ms;
         self.status = QueueStatus::AwaitingResult;
-        Ok(())
+        Ok(self.attempt)
     }
 
-    /// True if a result for `seq` may be recorded now (it is the command in flight, or was
-    /// requeued after a timeout and the late result arrives before the retransmission).
-    pub(crate) fn accepts_result(&self, seq: u64) -> bool {
+    /// True if a result for attempt `attempt` of `seq` may be recorded now (it is the command
+    /// in flight, or was requeued after a timeout and the late result arrives before the
+    /// retransmission), and it is the current attempt.
+    pub(crate) fn accepts_result(&self, seq: u64, attempt: u32) -> bool {
         self.cursor == Some(seq)
+            && attempt == self.attempt
             && seq > self.completed_through
             && matches!(
                 self.status,
@@ -202,8 +220,14 @@ impl QueueState {
         Ok(())
     }
 
-    /// The agent announced that `seq` is rebooting the device.
-    pub(crate) fn reboot_started(&mut self, seq: u64, has_reboot: bool, deadline_ms: u64) -> R {
+    /// The agent announced that `seq` is rebooting the device, leaving boot `boot_id`.
+    pub(crate) fn reboot_started(
+        &mut self,
+        seq: u64,
+        has_reboot: bool,
+        deadline_ms: u64,
+        boot_id: &str,
+    ) -> R {
         if self.status != QueueStatus::AwaitingResult {
             return Err(wrong("reboot_started", self.status));
         }
@@ -215,6 +239,7 @@ impl QueueState {
         }
         self.status = QueueStatus::Rebooting;
         self.reboot_deadline_ms = deadline_ms;
+        self.boot_left = Some(boot_id.to_owned());
         Ok(())
     }
 
@@ -225,7 +250,17 @@ impl QueueState {
     ///   (the gateway died first); the completion implies the start.
     /// - `failed` with `RebootDeadlineMissed`: the device came back late; the reboot completed
     ///   after all and the queue goes on (the failure stays in the event log).
-    pub(crate) fn check_reboot_completed(&self, seq: u64, has_reboot: bool) -> R {
+    ///
+    /// The completion must be of the current attempt ([`Illegal::StaleAttempt`] otherwise) and
+    /// on a boot other than the one the device left ([`Illegal::BootIdUnchanged`]), when that
+    /// one is known ([`QueueState::boot_left`]).
+    pub(crate) fn check_reboot_completed(
+        &self,
+        seq: u64,
+        attempt: u32,
+        has_reboot: bool,
+        boot_id: &str,
+    ) -> R {
         let late = self.status == QueueStatus::Failed
             && self.failure == Some(FailReason::RebootDeadlineMissed);
         let lost_start = self.status == QueueStatus::AwaitingResult && has_reboot;
@@ -235,6 +270,29 @@ impl QueueState {
         if self.cursor != Some(seq) {
             return Err(Illegal::NotTransmitted { seq });
         }
+        if attempt != self.attempt {
+            return Err(Illegal::StaleAttempt {
+                seq,
+                attempt,
+                current: self.attempt,
+            });
+        }
+        if self.boot_left.as_deref() == Some(boot_id) {
+            return Err(Illegal::BootIdUnchanged);
+        }
+        Ok(())
+    }
+
+    /// The device runs the cursor command `seq` on boot `boot_id` (its session's): a reboot
+    /// it does must come back on another, even if its `RebootStarting` is never stored.
+    pub(crate) fn boot_at_dispatch(&mut self, seq: u64, boot_id: &str) -> R {
+        if self.status != QueueStatus::AwaitingResult {
+            return Err(wrong("boot_at_dispatch", self.status));
+        }
+        if self.cursor != Some(seq) {
+            return Err(Illegal::NotTransmitted { seq });
+        }
+        self.boot_left = Some(boot_id.to_owned());
         Ok(())
     }
 
@@ -280,7 +338,8 @@ impl QueueState {
         Ok(())
     }
 
-    /// Operator retry of a failed queue: the failed command is transmitted again.
+    /// Operator retry of a failed queue: the failed command is transmitted again, as a new
+    /// attempt (`attempt` goes on counting), with the policy's `attempts` reset.
     pub(crate) fn retry(&mut self) -> R {
         if self.status != QueueStatus::Failed {
             return Err(wrong("retry", self.status));
@@ -300,25 +359,23 @@ impl QueueState {
         Ok(())
     }
 
-    /// Operator cancel: every pending command not in flight is dropped (the caller deletes
-    /// them). Returns the in-flight command to keep, if any.
-    pub(crate) fn cancel(&mut self) -> Option<u64> {
+    /// Operator cancel: every pending command is dropped (the caller deletes them and clears
+    /// the cursor), the one in flight too, so a queue waiting for a result or a reboot is free
+    /// at once. The device is not told: a command it is running finishes there, and its late
+    /// result is refused (the cursor no longer names it).
+    pub(crate) fn cancel(&mut self) {
+        self.failure = None;
+        self.attempts = 0;
         match self.status {
-            QueueStatus::AwaitingResult | QueueStatus::Rebooting => self.cursor,
             QueueStatus::Paused => {
                 self.paused_from = if self.completed_through > 0 {
                     QueueStatus::Done
                 } else {
                     QueueStatus::Idle
                 };
-                None
             }
-            _ => {
-                self.failure = None;
-                self.attempts = 0;
-                self.settle(false);
-                None
-            }
+            // A pause requested while the command was in flight takes effect now.
+            _ => self.settle(false),
         }
     }
 }
@@ -352,14 +409,15 @@ mod tests {
             (q.status, q.cursor, q.attempts),
             (QueueStatus::AwaitingResult, Some(1), 1)
         );
-        assert!(q.accepts_result(1));
-        assert!(!q.accepts_result(2));
+        assert!(q.accepts_result(1, 1));
+        assert!(!q.accepts_result(1, 2));
+        assert!(!q.accepts_result(2, 1));
         q.command_succeeded(true);
         assert_eq!((q.status, q.completed_through), (QueueStatus::Running, 1));
         q.mark_transmitted(2, Some(2), 1, 6).unwrap();
         q.command_succeeded(false);
         assert_eq!(q.status, QueueStatus::Done);
-        assert!(!q.accepts_result(2));
+        assert!(!q.accepts_result(2, 1));
     }
 
     #[test]
@@ -367,15 +425,15 @@ mod tests {
         let mut q = QueueState::default();
         q.enqueue();
         assert!(matches!(
-            q.reboot_started(1, true, 10),
+            q.reboot_started(1, true, 10, "b0"),
             Err(Illegal::WrongStatus { .. })
         ));
         q.mark_transmitted(1, Some(1), 1, 0).unwrap();
         assert_eq!(
-            q.reboot_started(1, false, 10),
+            q.reboot_started(1, false, 10, "b0"),
             Err(Illegal::NotARebootCommand { seq: 1 })
         );
-        q.reboot_started(1, true, 10).unwrap();
+        q.reboot_started(1, true, 10, "b0").unwrap();
         assert_eq!(q.status, QueueStatus::Rebooting);
         assert!(matches!(
             q.mark_transmitted(1, Some(1), 1, 1),
@@ -393,10 +451,15 @@ mod tests {
         assert_eq!(late.status, QueueStatus::Failed);
         assert_eq!(late.failure, Some(FailReason::RebootDeadlineMissed));
         // Coming back late still completes the reboot; the queue then goes on.
-        late.check_reboot_completed(1, true).unwrap();
+        late.check_reboot_completed(1, 1, true, "b1").unwrap();
         late.command_succeeded(false);
         assert_eq!((late.status, late.failure), (QueueStatus::Done, None));
-        q.check_reboot_completed(1, true).unwrap();
+        assert_eq!(
+            q.check_reboot_completed(1, 1, true, "b0"),
+            Err(Illegal::BootIdUnchanged),
+            "back on the boot it left"
+        );
+        q.check_reboot_completed(1, 1, true, "b1").unwrap();
         q.command_succeeded(false);
         assert_eq!(q.status, QueueStatus::Done);
     }
@@ -426,8 +489,18 @@ mod tests {
         );
         assert_eq!(q.status, QueueStatus::Failed);
         q.retry().unwrap();
-        assert_eq!((q.status, q.attempts), (QueueStatus::Running, 0));
-        q.mark_transmitted(1, Some(1), 2, 300).unwrap();
+        assert_eq!(
+            (q.status, q.attempts, q.attempt),
+            (QueueStatus::Running, 0, 2)
+        );
+        // The operator's retry is a new attempt (3), counted afresh against the policy.
+        assert_eq!(q.mark_transmitted(1, Some(1), 2, 300), Ok(3));
+        assert_eq!((q.attempts, q.attempt), (1, 3));
+        assert!(
+            !q.accepts_result(1, 2),
+            "a result of the attempt before the retry"
+        );
+        assert!(q.accepts_result(1, 3));
         let cont = cmd(1, OnFailure::Continue);
         assert_eq!(
             q.command_failed(&cont, FailReason::CommandFailed, false),
@@ -453,5 +526,65 @@ mod tests {
         q.resume(true).unwrap();
         assert_eq!(q.status, QueueStatus::Running);
         assert!(q.resume(true).is_err());
+    }
+}
+
+#[cfg(test)]
+mod attempt_tests {
+    use super::*;
+
+    #[test]
+    fn every_counted_transmission_is_a_new_attempt_and_a_redelivery_is_not() {
+        let mut q = QueueState::default();
+        q.enqueue();
+        q.enqueue();
+        assert_eq!(q.mark_transmitted(1, Some(1), 3, 0), Ok(1));
+        assert_eq!(q.redeliver(1, 5), Ok(1));
+        assert_eq!((q.attempt, q.attempts, q.transmitted_ms), (1, 1, 5));
+        let c = CommandPolicy {
+            timeout_ms: 10,
+            max_attempts: 3,
+            on_failure: OnFailure::Stop,
+        };
+        assert_eq!(
+            q.command_failed(&c, FailReason::CommandFailed, true),
+            AfterFailure::Retry
+        );
+        assert_eq!(q.mark_transmitted(1, Some(1), 3, 10), Ok(2));
+        q.command_succeeded(true);
+        // The next command starts at attempt 1 again.
+        assert_eq!(q.mark_transmitted(2, Some(2), 3, 20), Ok(1));
+        assert_eq!(
+            q.check_reboot_completed(2, 2, true, "b1"),
+            Err(Illegal::StaleAttempt {
+                seq: 2,
+                attempt: 2,
+                current: 1
+            })
+        );
+    }
+
+    #[test]
+    fn cancel_releases_a_command_in_flight() {
+        for rebooting in [false, true] {
+            let mut q = QueueState::default();
+            q.enqueue();
+            q.mark_transmitted(1, Some(1), 1, 0).unwrap();
+            if rebooting {
+                q.reboot_started(1, true, 100, "b0").unwrap();
+            }
+            q.cancel();
+            assert_eq!((q.status, q.attempts), (QueueStatus::Idle, 0));
+        }
+        // A pause requested while in flight takes effect.
+        let mut q = QueueState::default();
+        q.enqueue();
+        q.mark_transmitted(1, Some(1), 1, 0).unwrap();
+        q.pause().unwrap();
+        q.cancel();
+        assert_eq!(
+            (q.status, q.paused_from, q.pause_requested),
+            (QueueStatus::Paused, QueueStatus::Idle, false)
+        );
     }
 }

@@ -75,7 +75,7 @@ fn round_trip_survives_reopen() {
     assert_eq!(b.next_to_dispatch(d).unwrap().unwrap().0, 1);
     b.mark_transmitted(d, 1, 10).unwrap();
     assert_eq!(
-        b.record_result(d, 1, ok()).unwrap(),
+        b.record_result(d, 1, 1, ok()).unwrap(),
         Recorded::Stored(QueueStatus::Running)
     );
     let c = b.commit().unwrap();
@@ -100,7 +100,7 @@ fn illegal_transitions_are_typed_and_do_not_poison() {
     let mut b = s.batch().unwrap();
     b.enqueue(d, reboot_cmd()).unwrap();
     assert_eq!(
-        illegal(b.record_result(d, 1, ok()).unwrap_err()),
+        illegal(b.record_result(d, 1, 1, ok()).unwrap_err()),
         Illegal::NotTransmitted { seq: 1 }
     );
     assert!(matches!(
@@ -108,7 +108,7 @@ fn illegal_transitions_are_typed_and_do_not_poison() {
         Illegal::NotNextCommand { .. }
     ));
     b.mark_transmitted(d, 1, 0).unwrap();
-    b.reboot_started(d, 1, 5_000).unwrap();
+    b.reboot_started(d, 1, 5_000, "boot-a").unwrap();
     assert!(matches!(
         illegal(b.mark_transmitted(d, 1, 1).unwrap_err()),
         Illegal::WrongStatus {
@@ -117,7 +117,7 @@ fn illegal_transitions_are_typed_and_do_not_poison() {
         }
     ));
     assert!(matches!(
-        illegal(b.record_result(d, 1, ok()).unwrap_err()),
+        illegal(b.record_result(d, 1, 1, ok()).unwrap_err()),
         Illegal::WrongStatus {
             status: QueueStatus::Rebooting,
             ..
@@ -142,12 +142,12 @@ fn reboot_cycle() {
     b.enqueue(d, reboot_cmd()).unwrap();
     b.enqueue(d, exec()).unwrap();
     b.mark_transmitted(d, 1, 10).unwrap();
-    b.reboot_started(d, 1, 10_000).unwrap();
+    b.reboot_started(d, 1, 10_000, "boot-a").unwrap();
     b.commit().unwrap();
     let mut b = s.batch().unwrap();
     assert_eq!(
         illegal(
-            b.reboot_completed(d, 1, report("boot-a"), ok(), 50)
+            b.reboot_completed(d, 1, 1, report("boot-a"), ok(), 50)
                 .unwrap_err()
         ),
         Illegal::BootIdUnchanged
@@ -159,13 +159,13 @@ fn reboot_cycle() {
         }
     );
     assert_eq!(
-        b.reboot_completed(d, 1, report("boot-b"), ok(), 60)
+        b.reboot_completed(d, 1, 1, report("boot-b"), ok(), 60)
             .unwrap(),
         QueueStatus::Running
     );
     assert!(
         illegal(
-            b.reboot_completed(d, 1, report("boot-c"), ok(), 61)
+            b.reboot_completed(d, 1, 1, report("boot-c"), ok(), 61)
                 .unwrap_err()
         ) != Illegal::BootIdUnchanged
     );
@@ -180,9 +180,9 @@ fn reboot_cycle() {
     let mut b = s.batch().unwrap();
     b.enqueue(d, reboot_cmd()).unwrap();
     b.mark_transmitted(d, 2, 100).unwrap();
-    b.record_result(d, 2, ok()).unwrap();
+    b.record_result(d, 2, 1, ok()).unwrap();
     b.mark_transmitted(d, 3, 100).unwrap();
-    b.reboot_started(d, 3, 200).unwrap();
+    b.reboot_started(d, 3, 200, "boot-a").unwrap();
     b.reboot_deadline_missed(d, 200).unwrap();
     let q = b.queue(d).unwrap().unwrap();
     assert_eq!(
@@ -201,18 +201,18 @@ fn duplicate_and_conflicting_results() {
     b.enqueue(d, exec()).unwrap();
     b.mark_transmitted(d, 1, 0).unwrap();
     assert_eq!(
-        b.record_result(d, 1, ok()).unwrap(),
+        b.record_result(d, 1, 1, ok()).unwrap(),
         Recorded::Stored(QueueStatus::Done)
     );
     b.commit().unwrap();
     let mut b = s.batch().unwrap();
-    assert_eq!(b.record_result(d, 1, ok()).unwrap(), Recorded::Duplicate);
+    assert_eq!(b.record_result(d, 1, 1, ok()).unwrap(), Recorded::Duplicate);
     assert_eq!(
-        illegal(b.record_result(d, 1, failed()).unwrap_err()),
+        illegal(b.record_result(d, 1, 1, failed()).unwrap_err()),
         Illegal::ConflictingResult { seq: 1 }
     );
     assert_eq!(
-        illegal(b.record_result(d, 2, ok()).unwrap_err()),
+        illegal(b.record_result(d, 2, 1, ok()).unwrap_err()),
         Illegal::NotTransmitted { seq: 2 }
     );
 }
@@ -226,9 +226,9 @@ fn output_excerpt_is_bounded_to_tail() {
     let mut r = ok();
     r.steps[0].output = (0..10_000u32).map(|i| i as u8).collect();
     let tail = r.steps[0].output[10_000 - OUTPUT_EXCERPT_MAX..].to_vec();
-    b.record_result(d, 1, r.clone()).unwrap();
+    b.record_result(d, 1, 1, r.clone()).unwrap();
     assert_eq!(b.result(d, 1).unwrap().unwrap().steps[0].output, tail);
-    assert_eq!(b.record_result(d, 1, r).unwrap(), Recorded::Duplicate);
+    assert_eq!(b.record_result(d, 1, 1, r).unwrap(), Recorded::Duplicate);
 }
 
 #[test]
@@ -263,7 +263,7 @@ fn timeouts_retries_and_policies() {
     assert!(!b.result(d, 1).unwrap().unwrap().succeeded());
     b.mark_transmitted(d, 2, 3000).unwrap();
     assert_eq!(
-        b.record_result(d, 2, failed()).unwrap(),
+        b.record_result(d, 2, 1, failed()).unwrap(),
         Recorded::Stored(QueueStatus::Failed)
     );
     assert!(matches!(
@@ -286,18 +286,26 @@ fn pause_resume_cancel() {
     b.mark_transmitted(d, 1, 0).unwrap();
     b.pause(d).unwrap();
     assert_eq!(
-        b.record_result(d, 1, ok()).unwrap(),
+        b.record_result(d, 1, 1, ok()).unwrap(),
         Recorded::Stored(QueueStatus::Paused)
     );
     assert!(b.next_to_dispatch(d).unwrap().is_none());
     assert!(b.mark_transmitted(d, 2, 1).is_err());
     b.resume(d).unwrap();
     b.mark_transmitted(d, 2, 1).unwrap();
-    assert_eq!(b.cancel(d).unwrap(), 1);
+    // Cancel drops the command in flight too: the queue is free at once, and the command's
+    // late result is refused.
+    assert_eq!(b.cancel(d).unwrap(), 2);
+    assert!(b.command(d, 2).unwrap().is_none());
     assert!(b.command(d, 3).unwrap().is_none());
+    let q = b.queue(d).unwrap().unwrap();
     assert_eq!(
-        b.record_result(d, 2, ok()).unwrap(),
-        Recorded::Stored(QueueStatus::Done)
+        (q.status, q.cursor, q.attempts),
+        (QueueStatus::Done, None, 0)
+    );
+    assert_eq!(
+        illegal(b.record_result(d, 2, 1, ok()).unwrap_err()),
+        Illegal::NotTransmitted { seq: 2 }
     );
     assert_eq!(
         b.enqueue(d, exec()).unwrap(),
@@ -558,10 +566,10 @@ proptest! {
             let r = match op {
                 0 => b.enqueue(d, if arg % 2 == 0 { exec() } else { reboot_cmd() }).map(drop),
                 1 => b.mark_transmitted(d, arg, now).map(drop),
-                2 => b.record_result(d, arg, if arg % 3 == 0 { failed() } else { ok() }).map(drop),
+                2 => b.record_result(d, arg, attempt_of(&before, arg), if arg % 3 == 0 { failed() } else { ok() }).map(drop),
                 3 => b.command_timed_out(d, arg, now).map(drop),
-                4 => b.reboot_started(d, arg, now + 1000).map(drop),
-                5 => b.reboot_completed(d, arg, report(&format!("boot{now}")), ok(), now).map(drop),
+                4 => b.reboot_started(d, arg, now + 1000, "boot-a").map(drop),
+                5 => b.reboot_completed(d, arg, attempt_of(&before, arg), report(&format!("boot{now}")), ok(), now).map(drop),
                 6 => b.reboot_deadline_missed(d, now).map(drop),
                 7 => if arg % 2 == 0 { b.pause(d) } else { b.resume(d) },
                 8 => if arg % 2 == 0 { b.retry(d) } else { b.skip(d) },
@@ -574,6 +582,15 @@ proptest! {
             check_queue(&b, d)?;
         }
         b.commit().unwrap();
+    }
+}
+
+/// The attempt a random result names: mostly the current one, sometimes the one before.
+fn attempt_of(q: &QueueState, arg: u64) -> u32 {
+    if arg == 5 {
+        q.attempt.saturating_sub(1)
+    } else {
+        q.attempt
     }
 }
 
@@ -675,11 +692,14 @@ fn redelivery_to_a_device_that_never_got_the_command_is_not_an_attempt() {
         Err(Error::IllegalTransition { .. })
     ));
     b.enqueue(d, exec()).unwrap(); // max_attempts 1
-    b.mark_transmitted(d, 1, 10).unwrap();
-    b.redeliver(d, 1, 20).unwrap();
-    b.redeliver(d, 1, 30).unwrap();
+    assert_eq!(b.mark_transmitted(d, 1, 10).unwrap(), 1);
+    assert_eq!(b.redeliver(d, 1, 20).unwrap(), 1);
+    assert_eq!(b.redeliver(d, 1, 30).unwrap(), 1);
     let q = b.queue(d).unwrap().unwrap();
-    assert_eq!((q.attempts, q.transmitted_ms, q.cursor), (1, 30, Some(1)));
+    assert_eq!(
+        (q.attempts, q.attempt, q.transmitted_ms, q.cursor),
+        (1, 1, 30, Some(1))
+    );
     // A counted retransmission would exceed max_attempts = 1.
     assert!(matches!(
         b.mark_transmitted(d, 1, 40),
@@ -696,7 +716,7 @@ fn redelivery_to_a_device_that_never_got_the_command_is_not_an_attempt() {
         })
     ));
     assert_eq!(
-        b.record_result(d, 1, ok()).unwrap(),
+        b.record_result(d, 1, 1, ok()).unwrap(),
         Recorded::Stored(QueueStatus::Done)
     );
     b.commit().unwrap();
@@ -807,7 +827,7 @@ fn an_empty_batch_is_not_committed() {
         b.enrol([9; 32], [1; 32], 5),
         Err(Error::NotFound(Missing::EnrolmentToken))
     ));
-    assert!(b.record_result(d, 1, ok()).is_err());
+    assert!(b.record_result(d, 1, 1, ok()).is_err());
     let c = b.commit().unwrap();
     assert_eq!((c.operations, c.commit_seq), (0, before.1));
     assert_eq!(
@@ -890,7 +910,7 @@ fn results_are_pruned_per_device_keeping_the_last_ones() {
         // 10 finished, the 11th in flight, the 12th pending.
         for seq in 1..=10 {
             b.mark_transmitted(d, seq, seq).unwrap();
-            b.record_result(d, seq, ok()).unwrap();
+            b.record_result(d, seq, 1, ok()).unwrap();
         }
         b.mark_transmitted(d, 11, 11).unwrap();
     }
@@ -931,7 +951,7 @@ fn results_are_pruned_per_device_keeping_the_last_ones() {
     }
     // The queue goes on as before: the in-flight result is stored, the next dispatched.
     let mut b = s.batch().unwrap();
-    b.record_result(d1, 11, ok()).unwrap();
+    b.record_result(d1, 11, 1, ok()).unwrap();
     assert_eq!(b.next_to_dispatch(d1).unwrap().unwrap().0, 12);
     // Again: nothing more to delete for device 2, one for device 1 (seq 8), nothing with
     // keep = 0.
@@ -939,4 +959,151 @@ fn results_are_pruned_per_device_keeping_the_last_ones() {
     assert_eq!(b.prune_results(DeviceId(0), 0, 100).unwrap(), (0, None));
     b.commit().unwrap();
     assert_eq!(left(&s, d1), ((9..=12).collect(), 3));
+}
+
+#[test]
+fn an_operator_retry_is_a_new_attempt_and_only_its_result_counts() {
+    let (dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    b.enqueue(d, exec()).unwrap();
+    b.enqueue(d, exec()).unwrap();
+    assert_eq!(b.mark_transmitted(d, 1, 10).unwrap(), 1);
+    assert_eq!(
+        b.record_result(d, 1, 1, failed()).unwrap(),
+        Recorded::Stored(QueueStatus::Failed)
+    );
+    b.retry(d).unwrap();
+    b.commit().unwrap();
+    drop(s);
+
+    // Across a restart of the gateway, the retry is still attempt 2, not 1 again.
+    let mut s = Store::open(dir.path()).unwrap();
+    let mut b = s.batch().unwrap();
+    assert_eq!(b.next_to_dispatch(d).unwrap().unwrap().0, 1);
+    assert_eq!(b.mark_transmitted(d, 1, 20).unwrap(), 2);
+    let q = b.queue(d).unwrap().unwrap();
+    assert_eq!(
+        (q.status, q.cursor, q.attempt, q.attempts),
+        (QueueStatus::AwaitingResult, Some(1), 2, 1)
+    );
+    // A different result of attempt 1 (the device re-sending what it had) is not attempt 2's.
+    let mut late = failed();
+    late.steps[0].output = b"attempt 1, again".to_vec();
+    assert_eq!(
+        illegal(b.record_result(d, 1, 1, late).unwrap_err()),
+        Illegal::StaleAttempt {
+            seq: 1,
+            attempt: 1,
+            current: 2
+        }
+    );
+    assert_eq!(
+        illegal(b.record_result(d, 1, 3, ok()).unwrap_err()),
+        Illegal::StaleAttempt {
+            seq: 1,
+            attempt: 3,
+            current: 2
+        }
+    );
+    assert_eq!(
+        b.record_result(d, 1, 2, ok()).unwrap(),
+        Recorded::Stored(QueueStatus::Running)
+    );
+    assert_eq!(b.result(d, 1).unwrap(), Some(ok()));
+    assert_eq!(b.mark_transmitted(d, 2, 30).unwrap(), 1);
+    b.commit().unwrap();
+}
+
+#[test]
+fn queue_records_written_before_attempts_decode_as_attempt_zero() {
+    use codec::Record;
+    let q = QueueState {
+        status: QueueStatus::AwaitingResult,
+        cursor: Some(4),
+        attempts: 1,
+        attempt: 7,
+        next_seq: 5,
+        completed_through: 3,
+        ..QueueState::default()
+    };
+    let mut buf = Vec::new();
+    q.encode(&mut buf);
+    assert_eq!(QueueState::decode(&buf).unwrap(), q);
+    // The older layout ends before the attempt.
+    // Older layouts end before the boot left (1 byte when none), and before the attempt.
+    let no_boot = &buf[..buf.len() - 1];
+    assert_eq!(QueueState::decode(no_boot).unwrap(), q);
+    let old = &buf[..buf.len() - 5];
+    assert_eq!(
+        QueueState::decode(old).unwrap(),
+        QueueState { attempt: 0, ..q }
+    );
+    assert!(QueueState::decode(&buf[..buf.len() - 3]).is_err());
+    let with_boot = QueueState {
+        boot_left: Some("b1".into()),
+        ..q
+    };
+    buf.clear();
+    with_boot.encode(&mut buf);
+    assert_eq!(QueueState::decode(&buf).unwrap(), with_boot);
+}
+
+/// Before a device's first reboot the store has no report to compare with: the boot the
+/// device left (from `RebootStarting`, or the boot of the session the command was sent on when
+/// that never arrived) is what a completion must differ from.
+#[test]
+fn a_reboot_completes_only_on_a_boot_other_than_the_one_left() {
+    let (_dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    assert!(b.device(d).unwrap().unwrap().report.is_none());
+    b.enqueue(d, reboot_cmd()).unwrap();
+    b.enqueue(d, reboot_cmd()).unwrap();
+    b.mark_transmitted(d, 1, 10).unwrap();
+    b.boot_at_dispatch(d, 1, "boot-a").unwrap();
+    b.reboot_started(d, 1, 10_000, "boot-a").unwrap();
+    assert_eq!(
+        illegal(
+            b.reboot_completed(d, 1, 1, report("boot-a"), ok(), 50)
+                .unwrap_err()
+        ),
+        Illegal::BootIdUnchanged
+    );
+    b.commit().unwrap();
+    drop(s);
+    let mut s = Store::open(_dir.path()).unwrap();
+    let mut b = s.batch().unwrap();
+    assert_eq!(
+        b.queue(d).unwrap().unwrap().boot_left.as_deref(),
+        Some("boot-a"),
+        "durable"
+    );
+    assert_eq!(
+        b.reboot_completed(d, 1, 1, report("boot-b"), ok(), 60)
+            .unwrap(),
+        QueueStatus::Running
+    );
+
+    // The RebootStarting of command 2 never reached the store (the gateway died first): the
+    // boot it was sent on still guards the completion.
+    b.mark_transmitted(d, 2, 70).unwrap();
+    assert_eq!(b.queue(d).unwrap().unwrap().boot_left, None);
+    b.boot_at_dispatch(d, 2, "boot-b").unwrap();
+    assert_eq!(
+        illegal(
+            b.reboot_completed(d, 2, 1, report("boot-b"), ok(), 80)
+                .unwrap_err()
+        ),
+        Illegal::BootIdUnchanged
+    );
+    // Only for the command in flight.
+    assert!(matches!(
+        illegal(b.boot_at_dispatch(d, 1, "boot-x").unwrap_err()),
+        Illegal::NotTransmitted { seq: 1 }
+    ));
+    assert_eq!(
+        b.reboot_completed(d, 2, 1, report("boot-c"), ok(), 90)
+            .unwrap(),
+        QueueStatus::Done
+    );
+    b.commit().unwrap();
 }

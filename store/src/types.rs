@@ -411,7 +411,26 @@ pub enum QueueStatus {
     Done,
 }
 
+impl std::fmt::Display for QueueStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl QueueStatus {
+    /// The lower-case name operators see (`fleetcast queue show`, the event log, errors).
+    pub fn name(self) -> &'static str {
+        match self {
+            QueueStatus::Idle => "idle",
+            QueueStatus::Running => "running",
+            QueueStatus::AwaitingResult => "awaitingresult",
+            QueueStatus::Rebooting => "rebooting",
+            QueueStatus::Paused => "paused",
+            QueueStatus::Failed => "failed",
+            QueueStatus::Done => "done",
+        }
+    }
+
     fn code(self) -> u8 {
         match self {
             QueueStatus::Idle => 0,
@@ -461,8 +480,18 @@ pub struct QueueState {
     pub cursor: Option<u64>,
     /// When the cursor command was last transmitted, ms since the UNIX epoch.
     pub transmitted_ms: u64,
-    /// Transmissions of the cursor command so far.
+    /// Transmissions of the cursor command counted against its `max_attempts` (reset by an
+    /// operator's retry).
     pub attempts: u32,
+    /// The cursor command's current attempt number (1, 2, …): every counted transmission is
+    /// a new attempt, also after a retry; a redelivery is not. The device's ledger runs an
+    /// attempt at most once. 0 in records written before attempts existed.
+    pub attempt: u32,
+    /// The boot the device left for the cursor command's reboot: the one `RebootStarting`
+    /// named, or, until it arrives, the boot of the session the command was sent on. A reboot
+    /// completes only on a different boot. `None` for commands without a reboot (and in older
+    /// records, where the last stored report's boot id is compared instead).
+    pub boot_left: Option<String>,
     /// Reboot deadline while `rebooting`.
     pub reboot_deadline_ms: u64,
     /// Why the queue failed, while `failed`.
@@ -484,6 +513,8 @@ impl Default for QueueState {
             cursor: None,
             transmitted_ms: 0,
             attempts: 0,
+            attempt: 0,
+            boot_left: None,
             reboot_deadline_ms: 0,
             failure: None,
             pause_requested: false,
@@ -512,6 +543,16 @@ impl Record for QueueState {
         w.bool(self.pause_requested);
         w.u8(self.paused_from.code());
         w.bool(self.revoked);
+        // Added after the first release: absent in older records (attempt 0, which is also
+        // what an agent's older ledger records, so the two still agree).
+        w.u32(self.attempt);
+        match &self.boot_left {
+            None => w.u8(0),
+            Some(b) => {
+                w.u8(1);
+                w.str(b);
+            }
+        }
     }
     fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
         let status = QueueStatus::from_code(r.u8()?).ok_or_else(|| r.corrupt("bad status"))?;
@@ -532,6 +573,16 @@ impl Record for QueueState {
         let paused_from =
             QueueStatus::from_code(r.u8()?).ok_or_else(|| r.corrupt("bad paused_from"))?;
         let revoked = r.bool()?;
+        let attempt = if r.is_empty() { 0 } else { r.u32()? };
+        let boot_left = if r.is_empty() {
+            None
+        } else {
+            match r.u8()? {
+                0 => None,
+                1 => Some(r.string()?),
+                _ => return Err(r.corrupt("bad boot tag")),
+            }
+        };
         Ok(QueueState {
             status,
             next_seq,
@@ -539,6 +590,8 @@ impl Record for QueueState {
             cursor,
             transmitted_ms,
             attempts,
+            attempt,
+            boot_left,
             reboot_deadline_ms,
             failure,
             pause_requested,

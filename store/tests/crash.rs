@@ -4,8 +4,8 @@
 //! half-applied and that every queue's cursor is consistent with the results.
 //!
 //! The child re-executes this test binary (role selected by an environment variable) and,
-//! after each successful commit, appends `commit_seq enqueued results` to an fsync'd side log:
-//! only what the store confirmed durable. The parent's checks:
+//! when it starts and after each successful commit, appends `commit_seq enqueued results` to
+//! an fsync'd side log: only what the store confirmed durable. The parent's checks:
 //! - the store's `commit_seq` equals the last logged one, or is one more (killed between the
 //!   commit and the log write);
 //! - at the logged commit the store's totals equal the logged totals exactly (nothing lost,
@@ -83,7 +83,16 @@ fn child(dir: &Path, seed: u64) {
         b.create_task(task, &ids).unwrap();
         b.commit().unwrap();
     }
-    let (mut enq, mut res) = totals(&store.snapshot().unwrap());
+    let (mut enq, mut res) = {
+        let snap = store.snapshot().unwrap();
+        let (enq, res) = totals(&snap);
+        // The starting point is durable too: logging it first keeps the log at most one
+        // commit behind even when the previous child was killed after a commit and before
+        // its log line, and this one is killed the same way.
+        writeln!(log, "{} {enq} {res}", snap.commit_seq().unwrap()).unwrap();
+        log.sync_data().unwrap();
+        (enq, res)
+    };
     let mut now = seed * 1_000_000;
     for _ in 0..100_000 {
         let mut b = store.batch().unwrap();
@@ -101,12 +110,13 @@ fn child(dir: &Path, seed: u64) {
                     let seq = q.cursor.unwrap();
                     let cmd = b.command(d, seq).unwrap().unwrap();
                     if cmd.has_reboot() {
-                        b.reboot_started(d, seq, now + 10_000).unwrap();
+                        b.reboot_started(d, seq, now + 10_000, "boot-before")
+                            .unwrap();
                     } else {
                         let ok = rng.gen_bool(0.9);
                         // A retried command overwrites its earlier (failed) result.
                         res += u64::from(b.result(d, seq).unwrap().is_none());
-                        b.record_result(d, seq, result(ok, now)).unwrap();
+                        b.record_result(d, seq, q.attempt, result(ok, now)).unwrap();
                     }
                 }
                 QueueStatus::Rebooting => {
@@ -116,7 +126,7 @@ fn child(dir: &Path, seed: u64) {
                         ..ConfigReport::default()
                     };
                     res += u64::from(b.result(d, seq).unwrap().is_none());
-                    b.reboot_completed(d, seq, report, result(true, now), now)
+                    b.reboot_completed(d, seq, q.attempt, report, result(true, now), now)
                         .unwrap();
                 }
                 QueueStatus::Failed => {

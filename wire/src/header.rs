@@ -22,13 +22,16 @@ use crate::error::{Error, Result};
 
 /// First byte of every frame.
 pub const MAGIC: u8 = 0xFC;
-/// The wire version this build emits and accepts.
+/// The wire version this build emits and accepts. Version 2 added command attempts
+/// (`Dispatch`, `Result`, `Hello.last`), the report inside a result, the pre-reboot result in
+/// `RebootComplete`, the `Report` kind, per-device NACK keys (`Announce.nack_key`), numbered
+/// NACKs and the `Probe` kind (docs/wire.md, "Versioning").
 pub const VERSION: u8 = 2;
 /// Size of [`Header`] in bytes.
 pub const HEADER_LEN: usize = 12;
 /// Flag: the body ends with a [`TAG_LEN`]-byte packet-authentication tag.
 pub const FLAG_AUTH: u8 = 0x01;
-/// Flag bits that this version defines; any other bit set is [`Error::ReservedFlags`].
+/// Flag bits that versions 1 and 2 define; any other bit set is [`Error::ReservedFlags`].
 pub const KNOWN_FLAGS: u8 = FLAG_AUTH;
 /// Length of the packet-authentication tag.
 pub const TAG_LEN: usize = 16;

@@ -26,6 +26,8 @@ pub enum Kind {
     RebootStarting = 0x13,
     /// [`crate::RebootComplete`]
     RebootComplete = 0x14,
+    /// [`crate::ConfigReport`] on its own (after enrolment, at agent start)
+    Report = 0x15,
     /// [`crate::Announce`]
     Announce = 0x20,
     /// [`crate::DataBlock`] sent to the group
@@ -48,7 +50,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 19] = [
+    pub const ALL: [Kind; 20] = [
         Kind::Hello,
         Kind::Welcome,
         Kind::Heartbeat,
@@ -59,6 +61,7 @@ impl Kind {
         Kind::ResultAck,
         Kind::RebootStarting,
         Kind::RebootComplete,
+        Kind::Report,
         Kind::Announce,
         Kind::Data,
         Kind::Nack,

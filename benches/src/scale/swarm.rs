@@ -101,7 +101,8 @@ pub struct SimAgent {
     link: Option<Box<Link>>,
     gen: u32,
     backoff: Duration,
-    last_seq: Option<u64>,
+    /// The last command executed: (seq, attempt).
+    last_seq: Option<(u64, u32)>,
     unacked: Option<CommandResult<'static>>,
     tag: Option<(u64, u64)>,
     /// Whether it is past `Welcome` on its current link.
@@ -360,8 +361,10 @@ impl Swarm {
                 }),
             )
         } else {
-            let last = a.last_seq.map(|seq| LastExecuted {
+            let last = a.last_seq.map(|(seq, attempt)| LastExecuted {
                 seq,
+                attempt,
+                executing: false,
                 result: a.unacked.clone(),
             });
             AgentSession::new(
@@ -550,6 +553,7 @@ impl Swarm {
                 }
                 AgentEvent::Dispatch {
                     seq,
+                    attempt,
                     command_id,
                     frame,
                     ..
@@ -567,6 +571,7 @@ impl Swarm {
                     let result = CommandResult {
                         command_id,
                         seq,
+                        attempt,
                         exit_code: 0,
                         steps: vec![
                             StepResult {
@@ -577,9 +582,10 @@ impl Swarm {
                             d.steps.len()
                         ],
                         output: &[],
+                        report: None,
                     };
                     if link.session.send_result(&result).is_ok() {
-                        a.last_seq = Some(seq);
+                        a.last_seq = Some((seq, attempt));
                         a.unacked = Some(result);
                         self.stats.results += 1;
                     }

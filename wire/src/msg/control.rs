@@ -48,14 +48,57 @@ pub struct Hello<'a> {
 
 /// The last command an agent executed (inside [`Hello`]).
 ///
-/// Fields: `seq u64`, `result option<CommandResult>`.
+/// Fields: `seq u64`, `attempt u32`, `state u8` (0: finished and acknowledged, 1: still
+/// executing or rebooting, 2: finished, the unacknowledged `CommandResult` follows).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct LastExecuted<'a> {
     /// Queue sequence number of the command.
     pub seq: u64,
+    /// Which attempt of it ([`Dispatch::attempt`]).
+    pub attempt: u32,
+    /// The agent is still executing it (or rebooting for it): no result yet. Never set
+    /// together with `result` (such a value does not encode).
+    pub executing: bool,
     /// Its result, when the gateway has not acknowledged it yet.
     pub result: Option<CommandResult<'a>>,
+}
+
+/// `LastExecuted.state` codes.
+const LAST_ACKED: u8 = 0;
+const LAST_EXECUTING: u8 = 1;
+const LAST_RESULT: u8 = 2;
+
+impl<'a> LastExecuted<'a> {
+    fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        s.u64(self.seq)?;
+        s.u32(self.attempt)?;
+        match (&self.result, self.executing) {
+            (Some(_), true) => Err(Error::InvalidValue),
+            (Some(r), false) => {
+                s.u8(LAST_RESULT)?;
+                r.encode(s)
+            }
+            (None, true) => s.u8(LAST_EXECUTING),
+            (None, false) => s.u8(LAST_ACKED),
+        }
+    }
+    fn decode(r: &mut Reader<'a>) -> Result<Self> {
+        let seq = r.u64()?;
+        let attempt = r.u32()?;
+        let (executing, result) = match r.u8()? {
+            LAST_ACKED => (false, None),
+            LAST_EXECUTING => (true, None),
+            LAST_RESULT => (false, Some(CommandResult::decode(r)?)),
+            _ => return Err(Error::InvalidValue),
+        };
+        Ok(LastExecuted {
+            seq,
+            attempt,
+            executing,
+            result,
+        })
+    }
 }
 
 impl<'a> Hello<'a> {
@@ -65,14 +108,10 @@ impl<'a> Hello<'a> {
         s.str16(self.agent_version, MAX_NAME)?;
         s.put(&self.boot_id)?;
         s.present(self.last.is_some())?;
-        if let Some(last) = &self.last {
-            s.u64(last.seq)?;
-            s.present(last.result.is_some())?;
-            if let Some(r) = &last.result {
-                r.encode(s)?;
-            }
+        match &self.last {
+            Some(last) => last.encode(s),
+            None => Ok(()),
         }
-        Ok(())
     }
     pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
         let device_id = r.u64()?;
@@ -80,13 +119,7 @@ impl<'a> Hello<'a> {
         let agent_version = r.str16(MAX_NAME)?;
         let boot_id = r.array()?;
         let last = if r.present()? {
-            let seq = r.u64()?;
-            let result = if r.present()? {
-                Some(CommandResult::decode(r)?)
-            } else {
-                None
-            };
-            Some(LastExecuted { seq, result })
+            Some(LastExecuted::decode(r)?)
         } else {
             None
         };
@@ -339,7 +372,7 @@ impl<'a> Step<'a> {
 
 /// `Dispatch`: one command for the agent to execute (gateway → agent).
 ///
-/// Fields: `command_id u64`, `seq u64`, `timeout_ms u32`, `steps list<Step>`.
+/// Fields: `command_id u64`, `seq u64`, `attempt u32`, `timeout_ms u32`, `steps list<Step>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct Dispatch<'a> {
@@ -347,6 +380,10 @@ pub struct Dispatch<'a> {
     pub command_id: u64,
     /// Position in this device's queue; strictly increasing per device.
     pub seq: u64,
+    /// Which attempt of the command this is (1, 2, …; strictly increasing per command, also
+    /// across an operator's retry). A dispatch with the `(seq, attempt)` the agent already
+    /// executed is a redelivery and never runs again; a higher attempt is a deliberate retry.
+    pub attempt: u32,
     /// The whole operation's time limit on the device (0: none).
     pub timeout_ms: u32,
     /// The operation's component steps, run in order.
@@ -357,6 +394,7 @@ impl<'a> Dispatch<'a> {
     pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
         s.u64(self.command_id)?;
         s.u64(self.seq)?;
+        s.u32(self.attempt)?;
         s.u32(self.timeout_ms)?;
         s.count(self.steps.len(), MAX_STEPS)?;
         self.steps.iter().try_for_each(|st| st.encode(s))
@@ -364,6 +402,7 @@ impl<'a> Dispatch<'a> {
     pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
         let command_id = r.u64()?;
         let seq = r.u64()?;
+        let attempt = r.u32()?;
         let timeout_ms = r.u32()?;
         let n = r.count(MAX_STEPS, 1)?;
         let mut steps = Vec::with_capacity(n);
@@ -373,6 +412,7 @@ impl<'a> Dispatch<'a> {
         Ok(Dispatch {
             command_id,
             seq,
+            attempt,
             timeout_ms,
             steps,
         })
@@ -400,8 +440,8 @@ pub struct StepResult {
 
 /// `Result`: the outcome of a dispatched command (agent → gateway; also inside [`Hello`]).
 ///
-/// Fields: `command_id u64`, `seq u64`, `exit_code i32`, `steps list<StepResult>`,
-/// `output bytes16` (≤ [`MAX_OUTPUT`]).
+/// Fields: `command_id u64`, `seq u64`, `attempt u32`, `exit_code i32`,
+/// `steps list<StepResult>`, `output bytes16` (≤ [`MAX_OUTPUT`]), `report opt<ConfigReport>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct CommandResult<'a> {
@@ -409,18 +449,24 @@ pub struct CommandResult<'a> {
     pub command_id: u64,
     /// The command's queue sequence number.
     pub seq: u64,
+    /// The attempt this is the result of ([`Dispatch::attempt`]).
+    pub attempt: u32,
     /// Overall exit code (first failing step's, or 0).
     pub exit_code: i32,
     /// Per-step outcomes, in step order (steps not reached are `Skipped`).
     pub steps: Vec<StepResult>,
     /// The tail of the combined output.
     pub output: &'a [u8],
+    /// The configuration report of the command's last successful `report` step: it travels
+    /// with the result, so it is delivered exactly when the result is.
+    pub report: Option<ConfigReport<'a>>,
 }
 
 impl<'a> CommandResult<'a> {
     pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
         s.u64(self.command_id)?;
         s.u64(self.seq)?;
+        s.u32(self.attempt)?;
         s.i32(self.exit_code)?;
         s.count(self.steps.len(), MAX_STEPS)?;
         for st in &self.steps {
@@ -428,11 +474,17 @@ impl<'a> CommandResult<'a> {
             s.i32(st.exit_code)?;
             s.u32(st.duration_ms)?;
         }
-        s.bytes16(self.output, MAX_OUTPUT)
+        s.bytes16(self.output, MAX_OUTPUT)?;
+        s.present(self.report.is_some())?;
+        match &self.report {
+            Some(rep) => rep.encode(s),
+            None => Ok(()),
+        }
     }
     pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
         let command_id = r.u64()?;
         let seq = r.u64()?;
+        let attempt = r.u32()?;
         let exit_code = r.i32()?;
         let n = r.count(MAX_STEPS, 9)?;
         let mut steps = Vec::with_capacity(n);
@@ -444,12 +496,19 @@ impl<'a> CommandResult<'a> {
             });
         }
         let output = r.bytes16(MAX_OUTPUT)?;
+        let report = if r.present()? {
+            Some(ConfigReport::decode(r)?)
+        } else {
+            None
+        };
         Ok(CommandResult {
             command_id,
             seq,
+            attempt,
             exit_code,
             steps,
             output,
+            report,
         })
     }
 }
@@ -577,7 +636,7 @@ impl<'a> ConfigReport<'a> {
 /// `RebootComplete`: first message after [`Hello`] on the session that follows a reboot
 /// (agent → gateway).
 ///
-/// Fields: `seq u64` (the reboot command), `report ConfigReport`.
+/// Fields: `seq u64` (the reboot command), `report ConfigReport`, `result CommandResult`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct RebootComplete<'a> {
@@ -585,6 +644,9 @@ pub struct RebootComplete<'a> {
     pub seq: u64,
     /// Configuration after the reboot.
     pub report: ConfigReport<'a>,
+    /// The reboot command's result: the real outcomes and output of the steps before the
+    /// reboot (kept by the agent across it), the reboot step `Ok`. Its `seq` is `seq`.
+    pub result: CommandResult<'a>,
 }
 
 /// Why a session is closing. A `u16` on the wire; unknown codes are kept, not rejected, so a

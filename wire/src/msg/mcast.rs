@@ -182,6 +182,17 @@ wire_enum! {
     Outcome { Verified = 0, DigestMismatch = 1, WriteFailed = 2, Aborted = 3 }
 }
 
+impl core::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Outcome::Verified => "verified",
+            Outcome::DigestMismatch => "digest mismatch",
+            Outcome::WriteFailed => "write failed",
+            Outcome::Aborted => "aborted",
+        })
+    }
+}
+
 /// `Completion`: a receiver's final word on a task (agent → gateway, control session).
 ///
 /// Fields: `task_id u64`, `session u32`, `outcome u8`, `sha256 [32]` (what the receiver

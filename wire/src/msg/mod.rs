@@ -46,6 +46,7 @@ pub enum Message<'a> {
     ResultAck(ResultAck),
     RebootStarting(RebootStarting),
     RebootComplete(RebootComplete<'a>),
+    Report(ConfigReport<'a>),
     Announce(Announce<'a>),
     Data(DataBlock<'a>),
     Nack(Nack),
@@ -71,6 +72,7 @@ impl<'a> Message<'a> {
             Message::ResultAck(_) => Kind::ResultAck,
             Message::RebootStarting(_) => Kind::RebootStarting,
             Message::RebootComplete(_) => Kind::RebootComplete,
+            Message::Report(_) => Kind::Report,
             Message::Announce(_) => Kind::Announce,
             Message::Data(_) => Kind::Data,
             Message::Nack(_) => Kind::Nack,
@@ -96,8 +98,10 @@ impl<'a> Message<'a> {
             Message::RebootStarting(m) => m.encode(s),
             Message::RebootComplete(m) => {
                 s.u64(m.seq)?;
-                m.report.encode(s)
+                m.report.encode(s)?;
+                m.result.encode(s)
             }
+            Message::Report(m) => m.encode(s),
             Message::Announce(m) => m.encode(s),
             Message::Data(b) | Message::Repair(b) => {
                 s.u32(b.session)?;
@@ -129,7 +133,9 @@ impl<'a> Message<'a> {
             Kind::RebootComplete => Message::RebootComplete(RebootComplete {
                 seq: r.u64()?,
                 report: ConfigReport::decode(r)?,
+                result: CommandResult::decode(r)?,
             }),
+            Kind::Report => Message::Report(ConfigReport::decode(r)?),
             Kind::Announce => Message::Announce(Announce::decode(r)?),
             Kind::Data => Message::Data(DataBlock::parse_body(r.rest())?),
             Kind::Nack => Message::Nack(Nack::decode(r)?),

@@ -17,6 +17,7 @@ fn result() -> CommandResult<'static> {
     CommandResult {
         command_id: 0x0102_0304_0506_0708,
         seq: 7,
+        attempt: 2,
         exit_code: 0,
         steps: vec![
             StepResult {
@@ -31,6 +32,7 @@ fn result() -> CommandResult<'static> {
             },
         ],
         output: OUTPUT,
+        report: Some(report()),
     }
 }
 
@@ -68,6 +70,8 @@ pub fn all() -> Vec<Message<'static>> {
             boot_id: [0xB1; 16],
             last: Some(LastExecuted {
                 seq: 7,
+                attempt: 2,
+                executing: false,
                 result: Some(result()),
             }),
         }),
@@ -95,6 +99,7 @@ pub fn all() -> Vec<Message<'static>> {
         Message::Dispatch(Dispatch {
             command_id: 0x0102_0304_0506_0708,
             seq: 8,
+            attempt: 1,
             timeout_ms: 600_000,
             steps: vec![
                 Step::Fetch {
@@ -127,7 +132,28 @@ pub fn all() -> Vec<Message<'static>> {
         Message::RebootComplete(RebootComplete {
             seq: 9,
             report: report(),
+            result: CommandResult {
+                command_id: 9,
+                seq: 9,
+                attempt: 1,
+                exit_code: 0,
+                steps: vec![
+                    StepResult {
+                        status: StepStatus::Ok,
+                        exit_code: 0,
+                        duration_ms: 830,
+                    },
+                    StepResult {
+                        status: StepStatus::Ok,
+                        exit_code: 0,
+                        duration_ms: 0,
+                    },
+                ],
+                output: b"linux-image-6.1.0-18 installed\n",
+                report: None,
+            },
         }),
+        Message::Report(report()),
         Message::Announce(Announce {
             task_id: 3,
             session: 0xCAFE,

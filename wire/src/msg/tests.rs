@@ -92,8 +92,8 @@ fn trailing_bytes_unknown_values_and_bad_utf8_are_errors() {
     let close = [0, 0, 0, 2, 0xff, 0xfe];
     assert_eq!(Message::decode_body(Kind::Close, &close), Err(Error::Utf8));
     assert_eq!(Kind::from_u8(0x7e), Err(Error::UnknownKind(0x7e)));
-    // A step code this version does not define.
-    let mut d = vec![0u8; 20];
+    // A step code this version does not define (after command id, seq, attempt, timeout).
+    let mut d = vec![0u8; 24];
     d.extend_from_slice(&[0, 1, 9]);
     assert_eq!(
         Message::decode_body(Kind::Dispatch, &d),
@@ -103,13 +103,68 @@ fn trailing_bytes_unknown_values_and_bad_utf8_are_errors() {
 
 #[test]
 fn huge_list_counts_do_not_allocate() {
-    // A Result claiming 64 steps (the limit) in a 30-byte body fails before allocating.
-    let mut body = vec![0u8; 20];
+    // A Result claiming 64 steps (the limit) in a 34-byte body fails before allocating.
+    let mut body = vec![0u8; 24];
     body.extend_from_slice(&64u16.to_be_bytes());
     body.extend_from_slice(&[0u8; 8]);
     assert_eq!(
         Message::decode_body(Kind::Result, &body),
         Err(Error::Truncated)
+    );
+}
+
+#[test]
+fn last_executed_states_are_one_byte_and_exclusive() {
+    let hello = |last| {
+        Message::Hello(Hello {
+            device_id: 1,
+            credential: b"",
+            agent_version: "",
+            boot_id: [0; 16],
+            last: Some(last),
+        })
+    };
+    let tail = |m: &Message<'_>| {
+        let mut v = Vec::new();
+        m.emit_to_vec(&mut v).unwrap();
+        v[v.len() - 13..].to_vec()
+    };
+    let last = |executing| LastExecuted {
+        seq: 9,
+        attempt: 3,
+        executing,
+        result: None,
+    };
+    // seq, attempt, then the state byte: 0 finished and acknowledged, 1 executing.
+    let mut want = 9u64.to_be_bytes().to_vec();
+    want.extend_from_slice(&3u32.to_be_bytes());
+    want.push(0);
+    assert_eq!(tail(&hello(last(false))), want);
+    *want.last_mut().unwrap() = 1;
+    assert_eq!(tail(&hello(last(true))), want);
+    // Executing and a result at once means nothing: it does not encode, and state 3 does not
+    // parse.
+    let both = LastExecuted {
+        result: Some(
+            samples::all()
+                .into_iter()
+                .find_map(|m| match m {
+                    Message::Result(r) => Some(r),
+                    _ => None,
+                })
+                .unwrap(),
+        ),
+        ..last(true)
+    };
+    assert_eq!(hello(both).buffer_len(), Err(Error::InvalidValue));
+    let mut v = Vec::new();
+    hello(last(true)).emit_to_vec(&mut v).unwrap();
+    let body = &mut v[HEADER_LEN..];
+    let n = body.len();
+    body[n - 1] = 3;
+    assert_eq!(
+        Message::decode_body(Kind::Hello, body),
+        Err(Error::InvalidValue)
     );
 }
 

@@ -6,8 +6,9 @@
 //! - At most one command is in flight: executing (dispatched, no result sent) or awaiting its
 //!   `ResultAck`. A result carried in `Hello.last` awaits its ack from the start, and is acked
 //!   by a `ResultAck` or by `Welcome.acked_seq` reaching it. A second `Dispatch` while one is
-//!   in flight is a protocol error, and so is a `Dispatch` at or below a seq already executed
-//!   (`Hello.last.seq` or an earlier dispatch): running it would break exactly-once.
+//!   in flight is a protocol error, and so is a `Dispatch` whose `(seq, attempt)` is at or
+//!   below one already executed (`Hello.last` or an earlier dispatch): running it would break
+//!   exactly-once. The same seq with a higher attempt is a deliberate retry and runs.
 //! - Once established, a heartbeat request goes out when nothing has been sent, or nothing
 //!   heard, for `Welcome.heartbeat_ms` (0 disables heartbeats), and at most one per interval.
 //! - After `RebootStarting` the session closes normally; the post-reboot `RebootComplete` goes
@@ -24,12 +25,15 @@ use super::{
 use crate::error::Error;
 use crate::header::Frame;
 use crate::msg::{
-    CloseCode, CommandResult, Completion, Enrol, Heartbeat, Hello, Message, Nack, RebootComplete,
-    RebootStarting, Step, TransferStatus, Welcome,
+    CloseCode, CommandResult, Completion, ConfigReport, Enrol, Heartbeat, Hello, Message, Nack,
+    RebootComplete, RebootStarting, Step, TransferStatus, Welcome,
 };
 use crate::time::Instant;
 
 /// The agent's first message on a session.
+// A `Hello` carries a whole result (with its report) inline; the value is built once per
+// session and moved once, so boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FirstMessage<'a> {
     /// An enrolled device connects (with its client certificate).
@@ -51,12 +55,14 @@ pub enum AgentEvent {
         /// The `Enrolled` message (with the certificate).
         frame: ReceivedFrame,
     },
-    /// A command to execute. The driver persists "executing seq" before running it, then
-    /// calls [`AgentSession::send_result`] (or [`AgentSession::send_reboot_starting`] at a
+    /// A command to execute. The driver persists "executing seq, attempt" before running it,
+    /// then calls [`AgentSession::send_result`] (or [`AgentSession::send_reboot_starting`] at a
     /// reboot step).
     Dispatch {
         /// The command's seq.
         seq: u64,
+        /// Which attempt of it.
+        attempt: u32,
         /// The command's id.
         command_id: u64,
         /// Whether its steps include `Reboot`.
@@ -84,6 +90,7 @@ enum Slot {
     /// Dispatched; no result sent yet.
     Executing {
         seq: u64,
+        attempt: u32,
         command_id: u64,
         reboot: bool,
     },
@@ -122,8 +129,8 @@ struct Core {
     last_ping: Instant,
     next_nonce: u64,
     slot: Slot,
-    /// Highest seq executed: `Hello.last.seq` or a dispatch of this session.
-    last_seq: Option<u64>,
+    /// Highest `(seq, attempt)` executed: `Hello.last` or a dispatch of this session.
+    last: Option<(u64, u32)>,
     /// Highest seq acknowledged in this session.
     acked: Option<u64>,
     events: VecDeque<AgentEvent>,
@@ -138,9 +145,9 @@ impl AgentSession {
         config: Config,
         first: FirstMessage<'_>,
     ) -> Result<Self, SessionError> {
-        let (msg, phase, boot_id, last_seq, slot) = match first {
+        let (msg, phase, boot_id, last, slot) = match first {
             FirstMessage::Hello(h) => {
-                let last_seq = h.last.as_ref().map(|l| l.seq);
+                let last = h.last.as_ref().map(|l| (l.seq, l.attempt));
                 let slot = match &h.last {
                     Some(l) if l.result.is_some() => Slot::AwaitingAck { seq: l.seq },
                     _ => Slot::Idle,
@@ -150,7 +157,7 @@ impl AgentSession {
                     Message::Hello(h),
                     Phase::AwaitingWelcome,
                     boot_id,
-                    last_seq,
+                    last,
                     slot,
                 )
             }
@@ -169,7 +176,7 @@ impl AgentSession {
             last_ping: now,
             next_nonce: 0,
             slot,
-            last_seq,
+            last,
             acked: None,
             events: VecDeque::new(),
         };
@@ -257,12 +264,14 @@ impl AgentSession {
         self.core.slot.seq()
     }
 
-    /// Declares that the driver is still executing command `seq`, dispatched on an earlier
-    /// session (this session's `Hello.last` named it without a result): its result may be
-    /// sent on this session. Refused unless established with nothing in flight.
+    /// Declares that the driver is still executing attempt `attempt` of command `seq`,
+    /// dispatched on an earlier session (this session's `Hello.last` named it without a
+    /// result): its result may be sent on this session. Refused unless established with
+    /// nothing in flight.
     pub fn resume_executing(
         &mut self,
         seq: u64,
+        attempt: u32,
         command_id: u64,
         reboot: bool,
     ) -> Result<(), SessionError> {
@@ -273,6 +282,7 @@ impl AgentSession {
         }
         c.slot = Slot::Executing {
             seq,
+            attempt,
             command_id,
             reboot,
         };
@@ -284,7 +294,10 @@ impl AgentSession {
         let c = &mut self.core;
         c.conn.check_established()?;
         let Slot::Executing {
-            seq, command_id, ..
+            seq,
+            attempt,
+            command_id,
+            ..
         } = c.slot
         else {
             return Err(SessionError::NotInFlight { seq: result.seq });
@@ -297,6 +310,13 @@ impl AgentSession {
                 seq,
                 got: result.command_id,
                 expected: command_id,
+            });
+        }
+        if attempt != result.attempt {
+            return Err(SessionError::AttemptMismatch {
+                seq,
+                got: result.attempt,
+                expected: attempt,
             });
         }
         c.conn.queue(&Message::Result(result.clone()))?;
@@ -314,6 +334,7 @@ impl AgentSession {
             seq: s,
             command_id,
             reboot,
+            ..
         } = c.slot
         else {
             return Err(SessionError::NotInFlight { seq });
@@ -344,6 +365,12 @@ impl AgentSession {
             return Err(SessionError::AlreadyInFlight { in_flight });
         }
         c.conn.queue(&Message::RebootComplete(rc.clone()))
+    }
+
+    /// Sends the device's configuration report on its own (e.g. after enrolment).
+    pub fn send_report(&mut self, report: &ConfigReport<'_>) -> Result<(), SessionError> {
+        self.core.conn.check_established()?;
+        self.core.conn.queue(&Message::Report(report.clone()))
     }
 
     /// Reports the end of a distribution task.
@@ -462,18 +489,24 @@ impl Core {
                         in_flight,
                     });
                 }
-                if let Some(last) = self.last_seq.filter(|&l| d.seq <= l) {
-                    return Err(SessionError::StaleDispatch { seq: d.seq, last });
+                if let Some(last) = self.last.filter(|&l| (d.seq, d.attempt) <= l) {
+                    return Err(SessionError::StaleDispatch {
+                        seq: d.seq,
+                        attempt: d.attempt,
+                        last,
+                    });
                 }
                 let reboot = d.steps.iter().any(|s| matches!(s, Step::Reboot));
                 self.slot = Slot::Executing {
                     seq: d.seq,
+                    attempt: d.attempt,
                     command_id: d.command_id,
                     reboot,
                 };
-                self.last_seq = Some(d.seq);
+                self.last = Some((d.seq, d.attempt));
                 self.events.push_back(AgentEvent::Dispatch {
                     seq: d.seq,
+                    attempt: d.attempt,
                     command_id: d.command_id,
                     reboot,
                     frame: ReceivedFrame::new(frame),
@@ -570,6 +603,7 @@ mod tests {
         CommandResult {
             command_id: seq * 10,
             seq,
+            attempt: 1,
             exit_code: 0,
             steps: vec![StepResult {
                 status: StepStatus::Ok,
@@ -577,6 +611,7 @@ mod tests {
                 duration_ms: 1,
             }],
             output: b"",
+            report: None,
         }
     }
 
@@ -584,6 +619,7 @@ mod tests {
         Message::Dispatch(Dispatch {
             command_id: seq * 10,
             seq,
+            attempt: 1,
             timeout_ms: 0,
             steps: vec![Step::Report],
         })

@@ -4,14 +4,17 @@
 //! - At most one command is in flight ([`Slot`]): dispatched and unanswered, answered and not
 //!   yet acked, or rebooting. `dispatch` refuses another with
 //!   [`SessionError::AlreadyInFlight`].
-//! - A `Result` is accepted only for the dispatched seq and command id. A `Result` for a seq at
-//!   or below the highest acknowledged in this session (by `ack_result` or by
+//! - A `Result` is accepted only for the dispatched seq, command id and attempt. A `Result`
+//!   for a seq at or below the highest acknowledged in this session (by `ack_result` or by
 //!   `Welcome.acked_seq`) is a harmless duplicate: the gateway has it durably, so the core
 //!   re-acks it and reports [`GatewayEvent::DuplicateResult`]. Any other seq is a protocol error.
 //! - A `Hello` is accepted only when TLS authenticated the same device id; an unauthenticated
 //!   session may only `Enrol`. An authenticated session may `Enrol` too (re-enrolment, e.g. a
 //!   key rotation): the driver decides.
 //! - Nothing but `Close` is accepted while the driver decides on a `Hello` or `Enrol`.
+//! - A `RebootComplete` for the dispatched reboot command ends it only when it names the
+//!   dispatched attempt; one of an earlier attempt (the device is back from a reboot the queue
+//!   has since retried) is passed to the driver and leaves the command in flight.
 
 use alloc::collections::VecDeque;
 
@@ -68,7 +71,8 @@ pub enum GatewayEvent {
     /// puts the queue into `rebooting`.
     RebootStarting(RebootStarting),
     /// The agent is back from a reboot (sent after `Hello` on a new session). The driver
-    /// checks that the boot id changed, stores the report and clears `rebooting`.
+    /// checks that the boot id changed, stores the report and the command's result, and
+    /// clears `rebooting`.
     RebootComplete {
         /// The reboot command's seq.
         seq: u64,
@@ -77,6 +81,8 @@ pub enum GatewayEvent {
         /// The `RebootComplete` message (with the configuration report).
         frame: ReceivedFrame,
     },
+    /// The agent's configuration report (the `Report` message).
+    Report(ReceivedFrame),
     /// A receiver's final word on a distribution task.
     Completion(ReceivedFrame),
     /// A receiver's progress on a distribution task.
@@ -94,6 +100,7 @@ enum Slot {
     /// Dispatched, no answer yet.
     Dispatched {
         seq: u64,
+        attempt: u32,
         command_id: u64,
         reboot: bool,
     },
@@ -296,19 +303,21 @@ impl GatewaySession {
         c.conn.queue(&Message::Dispatch(dispatch.clone()))?;
         c.slot = Slot::Dispatched {
             seq: dispatch.seq,
+            attempt: dispatch.attempt,
             command_id: dispatch.command_id,
             reboot: dispatch.steps.iter().any(|s| matches!(s, Step::Reboot)),
         };
         Ok(())
     }
 
-    /// Records that the agent is still executing command `seq` from an earlier session (its
-    /// `Hello.last` named `seq` without a result, and the store's cursor is `seq`): its
-    /// `Result` or `RebootStarting` may arrive on this session without a new `Dispatch`.
-    /// Refused unless the session is established with nothing in flight.
+    /// Records that the agent is still executing attempt `attempt` of command `seq` from an
+    /// earlier session (its `Hello.last` says so): its `Result` or `RebootStarting` may
+    /// arrive on this session without a new `Dispatch`. Refused unless the session is
+    /// established with nothing in flight.
     pub fn resume_in_flight(
         &mut self,
         seq: u64,
+        attempt: u32,
         command_id: u64,
         reboot: bool,
     ) -> Result<(), SessionError> {
@@ -319,6 +328,7 @@ impl GatewaySession {
         }
         c.slot = Slot::Dispatched {
             seq,
+            attempt,
             command_id,
             reboot,
         };
@@ -422,7 +432,9 @@ impl Core {
                 let mut unacked_result = false;
                 if let Some(LastExecuted {
                     seq,
+                    attempt,
                     result: Some(r),
+                    ..
                 }) = &h.last
                 {
                     if r.seq != *seq {
@@ -430,6 +442,13 @@ impl Core {
                             kind: crate::Kind::Hello,
                             got: r.seq,
                             expected: Some(*seq),
+                        });
+                    }
+                    if r.attempt != *attempt {
+                        return Err(SessionError::AttemptMismatch {
+                            seq: *seq,
+                            got: r.attempt,
+                            expected: *attempt,
                         });
                     }
                     // The agent's unacknowledged result is in flight until acked.
@@ -472,13 +491,23 @@ impl Core {
             Message::Heartbeat(Heartbeat { echo: true, .. }) => {}
             Message::Result(r) => match self.slot {
                 Slot::Dispatched {
-                    seq, command_id, ..
+                    seq,
+                    attempt,
+                    command_id,
+                    ..
                 } if seq == r.seq => {
                     if command_id != r.command_id {
                         return Err(SessionError::CommandIdMismatch {
                             seq,
                             got: r.command_id,
                             expected: command_id,
+                        });
+                    }
+                    if attempt != r.attempt {
+                        return Err(SessionError::AttemptMismatch {
+                            seq,
+                            got: r.attempt,
+                            expected: attempt,
                         });
                     }
                     self.slot = Slot::ResultPending { seq };
@@ -508,6 +537,7 @@ impl Core {
                     seq,
                     command_id,
                     reboot,
+                    ..
                 } if seq == rs.seq => {
                     if command_id != rs.command_id {
                         return Err(SessionError::CommandIdMismatch {
@@ -531,14 +561,29 @@ impl Core {
                 }
             },
             Message::RebootComplete(rc) => {
+                if rc.result.seq != rc.seq {
+                    return Err(SessionError::SeqMismatch {
+                        kind: crate::Kind::RebootComplete,
+                        got: rc.result.seq,
+                        expected: Some(rc.seq),
+                    });
+                }
                 // Sent once welcomed, before any dispatch of the new session. The one command
                 // that may be in flight is the reboot itself, resumed by the driver because its
                 // `RebootStarting` never reached the store: the completion implies the start.
+                // A completion of an earlier attempt leaves the dispatched attempt in flight.
                 match self.slot {
                     Slot::Idle => {}
                     Slot::Dispatched {
-                        seq, reboot: true, ..
-                    } if seq == rc.seq => self.slot = Slot::Idle,
+                        seq,
+                        reboot: true,
+                        attempt,
+                        ..
+                    } if seq == rc.seq => {
+                        if attempt == rc.result.attempt {
+                            self.slot = Slot::Idle;
+                        }
+                    }
                     slot => {
                         return Err(SessionError::SeqMismatch {
                             kind: crate::Kind::RebootComplete,
@@ -553,6 +598,9 @@ impl Core {
                     frame: ReceivedFrame::new(frame),
                 });
             }
+            Message::Report(_) => self
+                .events
+                .push_back(GatewayEvent::Report(ReceivedFrame::new(frame))),
             Message::Completion(_) => self
                 .events
                 .push_back(GatewayEvent::Completion(ReceivedFrame::new(frame))),
@@ -635,6 +683,7 @@ mod tests {
         Dispatch {
             command_id: seq * 10,
             seq,
+            attempt: 1,
             timeout_ms: 0,
             steps: vec![Step::Report],
         }
@@ -644,6 +693,7 @@ mod tests {
         Message::Result(CommandResult {
             command_id,
             seq,
+            attempt: 1,
             exit_code: 0,
             steps: vec![StepResult {
                 status: StepStatus::Ok,
@@ -651,6 +701,7 @@ mod tests {
                 duration_ms: 1,
             }],
             output: b"",
+            report: None,
         })
     }
 

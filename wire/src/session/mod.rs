@@ -12,15 +12,20 @@
 //!    `Close` ([`GatewaySession::send_enrolled`]). When TLS authenticated a device id, the core
 //!    itself closes `UNAUTHENTICATED` a `Hello` naming another device; a session without one may
 //!    only `Enrol`.
-//! 3. At most one command is in flight per session: `Dispatch{seq}` → `Result{seq}` → the
-//!    driver stores it durably and calls [`GatewaySession::ack_result`] → `ResultAck{seq}`; only
-//!    then may the next `Dispatch` go ([`SessionError::AlreadyInFlight`] otherwise).
+//! 3. At most one command is in flight per session: `Dispatch{seq, attempt}` →
+//!    `Result{seq, attempt}` → the driver stores it durably and calls
+//!    [`GatewaySession::ack_result`] → `ResultAck{seq}`; only then may the next `Dispatch` go
+//!    ([`SessionError::AlreadyInFlight`] otherwise). The next may be the same seq with a higher
+//!    attempt (a retry); the agent refuses a `(seq, attempt)` it already executed
+//!    ([`SessionError::StaleDispatch`]).
 //!    A result the agent still holds unacknowledged from an earlier session travels in
 //!    `Hello.last` and counts as in flight until acked (by `ack_result`, or by
 //!    `Welcome.acked_seq` reaching its seq).
 //! 4. For a command with a `Reboot` step the agent answers `RebootStarting` and closes; on a
-//!    new session it sends `Hello` (new boot id) and, once welcomed, `RebootComplete`.
-//! 5. Once established the agent sends `Heartbeat` every `Welcome.heartbeat_ms` when it has
+//!    new session it sends `Hello` (new boot id) and, once welcomed, `RebootComplete` (the new
+//!    configuration and the results of the steps before the reboot).
+//! 5. The agent may send a `Report` (its configuration) at any time once established.
+//! 6. Once established the agent sends `Heartbeat` every `Welcome.heartbeat_ms` when it has
 //!    sent nothing or heard nothing for that long; either end echoes a heartbeat request.
 //!    Each end closes `TIMEOUT` after hearing nothing for [`Config::idle_timeout`] until the
 //!    session is established, and from then on for [`DEAD_AFTER_HEARTBEATS`] heartbeat
@@ -28,10 +33,10 @@
 //!    interval, so a path that silently stopped forwarding is noticed within about three
 //!    intervals on both ends, whatever idle timeout the driver configured. The gateway also
 //!    closes after [`Config::hello_timeout`] without `Hello`/`Enrol`.
-//! 6. Any malformed frame or message not allowed in the current [`Phase`] makes the core queue
+//! 7. Any malformed frame or message not allowed in the current [`Phase`] makes the core queue
 //!    `Close{PROTOCOL, reason}` (the reason is the error's `Display`), close, and return a
 //!    sticky [`SessionError`] from this and every later `handle_input`.
-//! 7. Distribution messages ride along once established: `Announce` and `TransferStatus` from
+//! 8. Distribution messages ride along once established: `Announce` and `TransferStatus` from
 //!    the gateway; `Completion`, `TransferStatus` and `Nack` from the agent. The cores only pass
 //!    them through as events.
 //!
@@ -206,6 +211,16 @@ pub enum SessionError {
         /// The command id that was dispatched.
         expected: u64,
     },
+    /// A `Result` or `Hello.last` named the in-flight (or its own) sequence number with
+    /// another attempt number.
+    AttemptMismatch {
+        /// The sequence number.
+        seq: u64,
+        /// The attempt the message carried.
+        got: u32,
+        /// The attempt that was dispatched (or that `Hello.last` named).
+        expected: u32,
+    },
     /// `RebootStarting` for a command without a `Reboot` step (from the agent: fatal; from the
     /// agent driver's `send_reboot_starting`: refused).
     NotARebootCommand {
@@ -219,13 +234,15 @@ pub enum SessionError {
         /// The command in flight.
         in_flight: u64,
     },
-    /// Agent: the gateway dispatched a sequence number at or below one already executed (it
-    /// would run a command twice).
+    /// Agent: the gateway dispatched a `(seq, attempt)` at or below one already executed: a
+    /// redelivery that running would turn into a second execution.
     StaleDispatch {
         /// The dispatch's sequence number.
         seq: u64,
-        /// The highest sequence number already executed.
-        last: u64,
+        /// The dispatch's attempt.
+        attempt: u32,
+        /// The highest `(seq, attempt)` already executed.
+        last: (u64, u32),
     },
     /// Gateway: `Hello.device_id` differs from the device TLS authenticated (closes
     /// `UNAUTHENTICATED`).
@@ -315,6 +332,10 @@ impl fmt::Display for SessionError {
                 f,
                 "seq {seq} carries command id {got}, but command {expected} was dispatched"
             ),
+            SessionError::AttemptMismatch { seq, got, expected } => write!(
+                f,
+                "seq {seq} carries attempt {got}, but attempt {expected} was dispatched"
+            ),
             SessionError::NotARebootCommand { seq } => {
                 write!(f, "reboot starting for seq {seq}, which has no reboot step")
             }
@@ -324,10 +345,15 @@ impl fmt::Display for SessionError {
                     "dispatch of seq {seq} while seq {in_flight} is in flight"
                 )
             }
-            SessionError::StaleDispatch { seq, last } => {
+            SessionError::StaleDispatch {
+                seq,
+                attempt,
+                last: (last, last_attempt),
+            } => {
                 write!(
                     f,
-                    "dispatch of seq {seq}, but seq {last} was already executed"
+                    "dispatch of seq {seq} attempt {attempt}, but seq {last} attempt \
+                     {last_attempt} was already executed"
                 )
             }
             SessionError::DeviceMismatch {

@@ -299,6 +299,7 @@ fn exec(seq: u64) -> Dispatch<'static> {
     Dispatch {
         command_id: 1000 + seq,
         seq,
+        attempt: 1,
         timeout_ms: 60_000,
         steps: vec![Step::Exec {
             argv: vec!["/bin/true"],
@@ -310,6 +311,7 @@ fn reboot_cmd(seq: u64) -> Dispatch<'static> {
     Dispatch {
         command_id: 1000 + seq,
         seq,
+        attempt: 1,
         timeout_ms: 0,
         steps: vec![
             Step::Write {
@@ -326,6 +328,7 @@ fn result(seq: u64) -> CommandResult<'static> {
     CommandResult {
         command_id: 1000 + seq,
         seq,
+        attempt: 1,
         exit_code: 0,
         steps: vec![StepResult {
             status: StepStatus::Ok,
@@ -333,6 +336,7 @@ fn result(seq: u64) -> CommandResult<'static> {
             duration_ms: 5,
         }],
         output: b"ok\n",
+        report: None,
     }
 }
 
@@ -497,6 +501,7 @@ fn dispatch_result_ack_then_next_dispatch_in_order() {
         match &ev[..] {
             [AgentEvent::Dispatch {
                 seq: s,
+                attempt: 1,
                 command_id,
                 reboot: false,
                 frame,
@@ -597,6 +602,8 @@ fn agent_rejects_a_dispatch_while_busy() {
 fn agent_rejects_a_dispatch_it_already_executed() {
     let last = LastExecuted {
         seq: 5,
+        attempt: 1,
+        executing: false,
         result: None,
     };
     let mut ag = AgentSession::new(
@@ -608,7 +615,11 @@ fn agent_rejects_a_dispatch_it_already_executed() {
     let bytes = stream(&[Message::Welcome(welcome(5)), Message::Dispatch(exec(5))]);
     assert_eq!(
         ag.handle_input(Instant::ZERO, &bytes),
-        Err(SessionError::StaleDispatch { seq: 5, last: 5 })
+        Err(SessionError::StaleDispatch {
+            seq: 5,
+            attempt: 1,
+            last: (5, 1)
+        })
     );
 }
 
@@ -643,6 +654,8 @@ fn reboot_suspends_across_sessions() {
     // The device reboots and reconnects on a new session with a new boot id.
     let last = LastExecuted {
         seq: 7,
+        attempt: 1,
+        executing: true,
         result: None,
     };
     let mut p = Pair::with(
@@ -668,6 +681,7 @@ fn reboot_suspends_across_sessions() {
     let rc = RebootComplete {
         seq: 7,
         report: report(BOOT_B),
+        result: result(7),
     };
     p.ag.send_reboot_complete(&rc).unwrap();
     p.drive();
@@ -747,6 +761,8 @@ fn unacked_result_is_resent_in_hello_and_acked_once() {
     let r = result(3);
     let last = LastExecuted {
         seq: 3,
+        attempt: 1,
+        executing: false,
         result: Some(r.clone()),
     };
     let mut p = Pair::new(
@@ -1059,6 +1075,8 @@ fn garbage_closes_protocol_with_a_sticky_error() {
 fn scenario(chunking: Chunking) -> (Vec<GatewayEvent>, Vec<AgentEvent>) {
     let last = LastExecuted {
         seq: 1,
+        attempt: 1,
+        executing: false,
         result: Some(result(1)),
     };
     let mut p = Pair::with(
@@ -1277,6 +1295,8 @@ fn a_command_still_executing_across_a_reconnect_delivers_its_result_on_the_new_s
     // Session 2: Hello names seq 4 without a result; both drivers resume it.
     let last = LastExecuted {
         seq: 4,
+        attempt: 1,
+        executing: true,
         result: None,
     };
     let mut q = Pair::with(
@@ -1287,10 +1307,10 @@ fn a_command_still_executing_across_a_reconnect_delivers_its_result_on_the_new_s
     );
     q.establish(welcome(3));
     // Without resuming, the gateway would treat the result as a protocol error.
-    q.gw.resume_in_flight(4, 1004, false).unwrap();
-    q.ag.resume_executing(4, 1004, false).unwrap();
+    q.gw.resume_in_flight(4, 1, 1004, false).unwrap();
+    q.ag.resume_executing(4, 1, 1004, false).unwrap();
     assert_eq!(
-        q.gw.resume_in_flight(4, 1004, false),
+        q.gw.resume_in_flight(4, 1, 1004, false),
         Err(SessionError::AlreadyInFlight { in_flight: 4 })
     );
     q.ag.send_result(&result(4)).unwrap();
@@ -1315,14 +1335,17 @@ fn reboot_complete_after_a_lost_reboot_starting_completes_the_resumed_reboot() {
     // the agent, back from the reboot, reports completion.
     let last = LastExecuted {
         seq: 5,
+        attempt: 1,
+        executing: true,
         result: None,
     };
     let mut p = Pair::new(Some(DEVICE), FirstMessage::Hello(hello(BOOT_B, Some(last))));
     p.establish(welcome(4));
-    p.gw.resume_in_flight(5, 1005, true).unwrap();
+    p.gw.resume_in_flight(5, 1, 1005, true).unwrap();
     p.ag.send_reboot_complete(&RebootComplete {
         seq: 5,
         report: report(BOOT_B),
+        result: result(5),
     })
     .unwrap();
     p.drive();
@@ -1334,10 +1357,11 @@ fn reboot_complete_after_a_lost_reboot_starting_completes_the_resumed_reboot() {
     // A completion for another seq while something else is in flight is still refused.
     let mut q = Pair::new(Some(DEVICE), FirstMessage::Hello(hello(BOOT_B, None)));
     q.establish(welcome(4));
-    q.gw.resume_in_flight(6, 1006, false).unwrap();
+    q.gw.resume_in_flight(6, 1, 1006, false).unwrap();
     q.ag.send_reboot_complete(&RebootComplete {
         seq: 5,
         report: report(BOOT_B),
+        result: result(5),
     })
     .unwrap();
     q.drive();
@@ -1390,4 +1414,206 @@ fn frames_before_authentication_are_cut_at_the_pre_auth_limit() {
     let mut gw = GatewaySession::new(Instant::ZERO, config(), Some(DEVICE));
     gw.handle_input(Instant::ZERO, &big).unwrap();
     assert!(!gw.is_closed());
+}
+
+fn attempt<'a>(mut d: Dispatch<'a>, attempt: u32) -> Dispatch<'a> {
+    d.attempt = attempt;
+    d
+}
+
+fn result_of(seq: u64, attempt: u32) -> CommandResult<'static> {
+    CommandResult {
+        attempt,
+        ..result(seq)
+    }
+}
+
+/// A retry is the same seq with a higher attempt: the agent runs it; a dispatch of the
+/// attempt it already executed (a redelivery) or of an older one is refused.
+#[test]
+fn agent_runs_a_higher_attempt_of_the_same_seq_and_refuses_a_redelivery() {
+    let last = LastExecuted {
+        seq: 5,
+        attempt: 1,
+        executing: false,
+        result: None,
+    };
+    let mut p = Pair::new(Some(DEVICE), FirstMessage::Hello(hello(BOOT_A, Some(last))));
+    p.establish(welcome(4));
+    p.gw.dispatch(&attempt(exec(5), 2)).unwrap();
+    p.drive();
+    assert!(
+        matches!(
+            p.take_ag()[..],
+            [AgentEvent::Dispatch {
+                seq: 5,
+                attempt: 2,
+                ..
+            }]
+        ),
+        "{:?}",
+        p.ag_errors
+    );
+    // The result of attempt 2 goes through; one of attempt 1 is not the one executing.
+    assert_eq!(
+        p.ag.send_result(&result_of(5, 1)),
+        Err(SessionError::AttemptMismatch {
+            seq: 5,
+            got: 1,
+            expected: 2
+        })
+    );
+    p.ag.send_result(&result_of(5, 2)).unwrap();
+    p.drive();
+    assert!(matches!(
+        p.take_gw()[..],
+        [GatewayEvent::Result { seq: 5, .. }]
+    ));
+    p.gw.ack_result(5).unwrap();
+    p.drive();
+    // In the same session, a third attempt still runs; attempt 3 again does not.
+    p.gw.dispatch(&attempt(exec(5), 3)).unwrap();
+    p.drive();
+    assert!(p.ag_errors.is_empty(), "{:?}", p.ag_errors);
+    p.ag.send_result(&result_of(5, 3)).unwrap();
+    p.drive();
+    p.gw.ack_result(5).unwrap();
+    p.gw.dispatch(&attempt(exec(5), 3)).unwrap();
+    p.drive();
+    assert_eq!(
+        p.ag_errors,
+        vec![SessionError::StaleDispatch {
+            seq: 5,
+            attempt: 3,
+            last: (5, 3)
+        }]
+    );
+
+    // A Hello naming attempt 2: attempt 1 of the same seq is stale too.
+    let last = LastExecuted {
+        seq: 5,
+        attempt: 2,
+        executing: false,
+        result: None,
+    };
+    let mut ag = AgentSession::new(
+        Instant::ZERO,
+        config(),
+        FirstMessage::Hello(hello(BOOT_A, Some(last))),
+    )
+    .unwrap();
+    let bytes = stream(&[
+        Message::Welcome(welcome(4)),
+        Message::Dispatch(attempt(exec(5), 1)),
+    ]);
+    assert!(matches!(
+        ag.handle_input(Instant::ZERO, &bytes),
+        Err(SessionError::StaleDispatch { attempt: 1, .. })
+    ));
+}
+
+/// The gateway accepts a result only for the dispatched attempt, and a `Hello.last` whose
+/// result names another attempt than the `LastExecuted` is malformed.
+#[test]
+fn gateway_checks_the_attempt_of_results() {
+    let mut p = Pair::new(Some(DEVICE), FirstMessage::Hello(hello(BOOT_A, None)));
+    p.establish(welcome(0));
+    p.gw.dispatch(&attempt(exec(3), 2)).unwrap();
+    p.drive();
+    p.take_ag();
+    // The agent core would refuse to send it: feed the gateway directly.
+    let err =
+        p.gw.handle_input(p.now, &stream(&[Message::Result(result_of(3, 1))]))
+            .unwrap_err();
+    assert_eq!(
+        err,
+        SessionError::AttemptMismatch {
+            seq: 3,
+            got: 1,
+            expected: 2
+        }
+    );
+    assert_eq!(
+        alloc::format!("{err}"),
+        "seq 3 carries attempt 1, but attempt 2 was dispatched"
+    );
+
+    let last = LastExecuted {
+        seq: 3,
+        attempt: 2,
+        executing: false,
+        result: Some(result_of(3, 1)),
+    };
+    let mut gw = GatewaySession::new(Instant::ZERO, config(), Some(DEVICE));
+    let bytes = stream(&[Message::Hello(hello(BOOT_A, Some(last)))]);
+    assert!(matches!(
+        gw.handle_input(Instant::ZERO, &bytes),
+        Err(SessionError::AttemptMismatch { seq: 3, .. })
+    ));
+}
+
+/// The device is back from the reboot of attempt 1 while the gateway has dispatched attempt
+/// 2 (the queue was retried): that completion is passed on but does not end attempt 2.
+#[test]
+fn a_reboot_completion_of_an_earlier_attempt_leaves_the_dispatched_one_in_flight() {
+    let mut p = Pair::new(Some(DEVICE), FirstMessage::Hello(hello(BOOT_B, None)));
+    p.establish(welcome(4));
+    p.gw.dispatch(&attempt(reboot_cmd(5), 2)).unwrap();
+    p.drive();
+    p.take_ag();
+    let stale = RebootComplete {
+        seq: 5,
+        report: report(BOOT_B),
+        result: result_of(5, 1),
+    };
+    p.gw.handle_input(p.now, &stream(&[Message::RebootComplete(stale)]))
+        .unwrap();
+    assert!(matches!(
+        p.gw.poll_event(),
+        Some(GatewayEvent::RebootComplete { seq: 5, .. })
+    ));
+    assert_eq!(p.gw.in_flight(), Some(5));
+    // Its own completion ends it.
+    let own = RebootComplete {
+        seq: 5,
+        report: report(BOOT_B),
+        result: result_of(5, 2),
+    };
+    p.gw.handle_input(p.now, &stream(&[Message::RebootComplete(own)]))
+        .unwrap();
+    assert_eq!(p.gw.in_flight(), None);
+    // A completion whose result names another command is malformed.
+    let bad = RebootComplete {
+        seq: 5,
+        report: report(BOOT_B),
+        result: result_of(6, 2),
+    };
+    assert!(matches!(
+        p.gw.handle_input(p.now, &stream(&[Message::RebootComplete(bad)])),
+        Err(SessionError::SeqMismatch {
+            kind: crate::Kind::RebootComplete,
+            ..
+        })
+    ));
+}
+
+/// A configuration report on its own reaches the gateway driver once established.
+#[test]
+fn a_report_is_passed_to_the_gateway_driver() {
+    let mut p = Pair::new(Some(DEVICE), FirstMessage::Hello(hello(BOOT_A, None)));
+    assert_eq!(
+        p.ag.send_report(&report(BOOT_A)),
+        Err(SessionError::NotEstablished {
+            phase: Phase::AwaitingWelcome
+        })
+    );
+    p.establish(welcome(0));
+    p.ag.send_report(&report(BOOT_A)).unwrap();
+    p.drive();
+    match &p.take_gw()[..] {
+        [GatewayEvent::Report(frame)] => {
+            assert_eq!(frame.message(), Message::Report(report(BOOT_A)));
+        }
+        other => panic!("{other:?}"),
+    }
 }
