@@ -10,8 +10,45 @@ use std::time::Duration;
 
 use crate::driver::{Agent, AgentConfig, CaSource, LadderConfig, RebootAction};
 use crate::exec::ExecConfig;
-use crate::ladder::{self, Rung};
+use crate::ladder::{self, ProxyError, Rung};
 use crate::tls::parse_fingerprint;
+
+/// A command line the agent cannot run with (answered with the usage, exit 2).
+#[derive(Debug, thiserror::Error)]
+enum UsageError {
+    /// A flag that takes a value is the last argument.
+    #[error("{0} needs a value")]
+    NeedsValue(String),
+    /// A flag's value is not what it takes.
+    #[error("{flag} takes {what}")]
+    Takes {
+        /// The flag.
+        flag: &'static str,
+        /// What it takes.
+        what: &'static str,
+    },
+    /// A name in `--rungs` that is no rung.
+    #[error("unknown rung {0:?}")]
+    UnknownRung(String),
+    /// `--rungs` names none.
+    #[error("--rungs needs at least one rung")]
+    NoRungs,
+    /// `--reboot-command` without a program.
+    #[error("--reboot-command needs a program")]
+    NoRebootProgram,
+    /// Not a flag of the agent.
+    #[error("unknown argument {0}")]
+    Unknown(String),
+    /// A required flag is missing.
+    #[error("{0} is required")]
+    Required(&'static str),
+    /// The proxy (`--proxy`, or the environment's) is not one the agent can use.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    /// `--token` without `--name`, or the other way round.
+    #[error("--token and --name go together")]
+    TokenWithoutName,
+}
 
 const USAGE: &str = "usage: fleetcast-agent --gateway HOST:PORT --state-dir DIR [options]
 
@@ -49,7 +86,8 @@ transport ladder (see docs/transports.md):
   --upgrade-after SECS      on a fallback rung, retry better ones this often (default 600)
 ";
 
-fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> {
+fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, UsageError> {
+    let takes = |flag, what| UsageError::Takes { flag, what };
     let mut args = args.into_iter();
     let mut gateway = None;
     let mut state_dir = None;
@@ -64,7 +102,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> 
     let mut lad = LadderConfig::default();
     let mut proxy_arg: Option<String> = None;
     while let Some(a) = args.next() {
-        let mut val = || args.next().ok_or_else(|| format!("{a} needs a value"));
+        let mut val = || args.next().ok_or_else(|| UsageError::NeedsValue(a.clone()));
         match a.as_str() {
             "--gateway" => gateway = Some(val()?),
             "--state-dir" => state_dir = Some(PathBuf::from(val()?)),
@@ -73,7 +111,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> 
             "--ca-fingerprint" => {
                 let v = val()?;
                 ca = CaSource::Fingerprint(
-                    parse_fingerprint(&v).ok_or("--ca-fingerprint takes 64 hex digits")?,
+                    parse_fingerprint(&v).ok_or(takes("--ca-fingerprint", "64 hex digits"))?,
                 )
             }
             "--token" => token = Some(val()?),
@@ -82,58 +120,65 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> 
             "--boot-id-file" => exec.report.boot_id = PathBuf::from(val()?),
             "--dpkg-status" => exec.report.dpkg_status = PathBuf::from(val()?),
             "--reboot-exit" => {
-                reboot =
-                    RebootAction::Exit(val()?.parse().map_err(|_| "--reboot-exit takes a number")?)
+                reboot = RebootAction::Exit(
+                    val()?
+                        .parse()
+                        .map_err(|_| takes("--reboot-exit", "a number"))?,
+                )
             }
             "--max-sessions" => {
                 max_sessions = Some(
                     val()?
                         .parse()
-                        .map_err(|_| "--max-sessions takes a number")?,
+                        .map_err(|_| takes("--max-sessions", "a number"))?,
                 )
             }
             "--proxy" => proxy_arg = Some(val()?),
-            "--alt-port" => lad.alt_port = val()?.parse().map_err(|_| "--alt-port takes a port")?,
+            "--alt-port" => {
+                lad.alt_port = val()?.parse().map_err(|_| takes("--alt-port", "a port"))?
+            }
             "--rungs" => {
                 lad.rungs = val()?
                     .split(',')
-                    .map(|r| Rung::parse(r.trim()).ok_or(format!("unknown rung {r:?}")))
+                    .map(|r| Rung::parse(r.trim()).ok_or_else(|| UsageError::UnknownRung(r.into())))
                     .collect::<Result<_, _>>()?;
                 if lad.rungs.is_empty() {
-                    return Err("--rungs needs at least one rung".into());
+                    return Err(UsageError::NoRungs);
                 }
             }
             "--rung-timeout-ms" => {
                 lad.rung_timeout = Duration::from_millis(
                     val()?
                         .parse()
-                        .map_err(|_| "--rung-timeout-ms takes a number")?,
+                        .map_err(|_| takes("--rung-timeout-ms", "a number"))?,
                 )
             }
             "--stagger-ms" => {
                 lad.stagger = Duration::from_millis(
-                    val()?.parse().map_err(|_| "--stagger-ms takes a number")?,
+                    val()?
+                        .parse()
+                        .map_err(|_| takes("--stagger-ms", "a number"))?,
                 )
             }
             "--upgrade-after" => {
                 lad.upgrade_after = Duration::from_secs(
                     val()?
                         .parse()
-                        .map_err(|_| "--upgrade-after takes seconds")?,
+                        .map_err(|_| takes("--upgrade-after", "seconds"))?,
                 )
             }
             "--reboot-command" => {
                 let rest: Vec<String> = args.by_ref().collect();
                 if rest.is_empty() {
-                    return Err("--reboot-command needs a program".into());
+                    return Err(UsageError::NoRebootProgram);
                 }
                 reboot = RebootAction::Command(rest);
             }
-            other => return Err(format!("unknown argument {other}")),
+            other => return Err(UsageError::Unknown(other.into())),
         }
     }
-    let gateway = gateway.ok_or("--gateway is required")?;
-    let state_dir = state_dir.ok_or("--state-dir is required")?;
+    let gateway = gateway.ok_or(UsageError::Required("--gateway"))?;
+    let state_dir = state_dir.ok_or(UsageError::Required("--state-dir"))?;
     let server_name = server_name.unwrap_or_else(|| {
         gateway
             .rsplit_once(':')
@@ -153,7 +198,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, String> 
     let enrol = match (token, name) {
         (Some(t), Some(n)) => Some((t, n)),
         (None, None) => None,
-        _ => return Err("--token and --name go together".into()),
+        _ => return Err(UsageError::TokenWithoutName),
     };
     Ok(AgentConfig {
         gateway,

@@ -14,6 +14,170 @@
 //! command line has no `--reboot-command`.
 
 use std::collections::BTreeMap;
+use std::io;
+
+use crate::ladder::ProxyError;
+
+/// A configuration (file, environment, flags) the agent cannot run with: each variant names
+/// where the value came from, and says what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A line of the file.
+    #[error("{path}, line {line}: {problem}")]
+    Line {
+        /// The file as given.
+        path: String,
+        /// The line (from 1).
+        line: usize,
+        /// What is wrong.
+        problem: LineError,
+    },
+    /// An environment variable's value does not fit its key.
+    #[error("environment variable {var} (key `{key}`): {problem}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// Its key.
+        key: &'static str,
+        /// What is wrong.
+        problem: ValueError,
+    },
+    /// A flag's value does not fit its key.
+    #[error("{flag}: {problem}")]
+    Flag {
+        /// The flag as given.
+        flag: String,
+        /// What is wrong.
+        problem: ValueError,
+    },
+    /// A flag that takes a value is the last argument.
+    #[error("{0} needs a value")]
+    FlagWithoutValue(String),
+    /// `--config` is the last argument.
+    #[error("--config needs a file")]
+    NoConfigFile,
+    /// The file cannot be read.
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        /// The file as given.
+        path: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// `token` without `name`, or the other way round.
+    #[error("configuration key `token`: token and name go together")]
+    TokenWithoutName,
+}
+
+/// What is wrong with a line of the configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LineError {
+    /// A `[section]` header.
+    #[error("sections are not supported: every key is at the top level (`{0}`)")]
+    Section(String),
+    /// Neither a comment nor `key = value`.
+    #[error("expected `key = \"value\"`, got `{0}`")]
+    NotKeyValue(String),
+    /// A key the agent does not know.
+    #[error("unknown key `{0}`; the keys are {names}", names = key_names())]
+    UnknownKey(String),
+    /// A string key's value without its quotes (the usual mistake).
+    #[error("key `{key}`: expected a double-quoted string, got `{raw}`; values are strings: {key} = \"{raw}\"")]
+    Unquoted {
+        /// The key.
+        key: &'static str,
+        /// The value as written.
+        raw: String,
+    },
+    /// The value does not parse, or the key does not take it.
+    #[error("key `{key}`: {problem}")]
+    Value {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        problem: ValueError,
+    },
+    /// Something after the value.
+    #[error("key `{key}`: unexpected `{rest}` after the value")]
+    Trailing {
+        /// The key.
+        key: &'static str,
+        /// What follows the value.
+        rest: String,
+    },
+    /// The key is set on an earlier line too.
+    #[error("key `{0}` is set twice")]
+    Twice(&'static str),
+}
+
+/// What is wrong with one value: its syntax in the file, or what its key takes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    /// A string value without its opening quote.
+    #[error("expected a double-quoted string, got `{0}`")]
+    NotQuoted(String),
+    /// An escape other than `\"`, `\\`, `\n`, `\t`.
+    #[error("unsupported escape `\\{0}`")]
+    Escape(char),
+    /// No closing quote on the line.
+    #[error("unterminated string (a value is on one line)")]
+    Unterminated,
+    /// A list key's value that is not `[...]`.
+    #[error("expected a list like [\"a\", \"b\"], got `{0}`")]
+    NotAList(String),
+    /// List items not separated by commas.
+    #[error("expected `,` or `]` in the list")]
+    ListSeparator,
+    /// An empty string.
+    #[error("is empty")]
+    Empty,
+    /// An empty reboot command.
+    #[error(
+        "needs a program; it takes a program and its arguments, e.g. [\"systemctl\", \"reboot\"]"
+    )]
+    NoProgram,
+    /// A number outside its key's range.
+    #[error("{value} is out of range; it takes {unit} from {lo} to {hi}")]
+    OutOfRange {
+        /// The number given.
+        value: u64,
+        /// What the number counts.
+        unit: &'static str,
+        /// Smallest accepted.
+        lo: u64,
+        /// Largest accepted.
+        hi: u64,
+    },
+    /// Not a whole number.
+    #[error("`{raw}` is not a whole number; it takes {unit} from {lo} to {hi}")]
+    NotANumber {
+        /// The value given.
+        raw: String,
+        /// What the number counts.
+        unit: &'static str,
+        /// Smallest accepted.
+        lo: u64,
+        /// Largest accepted.
+        hi: u64,
+    },
+    /// `gateway` is not `HOST:PORT`.
+    #[error("`{0}` is not HOST:PORT; it takes the gateway as HOST:PORT, e.g. gw.example.net:7300")]
+    NotHostPort(String),
+    /// `ca_fingerprint` is not 64 hex digits.
+    #[error("`{0}` is not a SHA-256 fingerprint; it takes 64 hex digits, as fleetcastd --print-ca-fingerprint prints them")]
+    NotFingerprint(String),
+    /// A name in `rungs` that is no rung.
+    #[error("`{0}` is not a rung; it takes a comma-separated list of native, 443, upgrade, connect, longpoll")]
+    NotARung(String),
+    /// `proxy` is not a proxy URL the agent can use.
+    #[error("{0}; it takes none, or an HTTP proxy URL http://[user:pass@]host:port")]
+    Proxy(ProxyError),
+}
+
+/// The keys, comma-separated (for [`LineError::UnknownKey`]).
+fn key_names() -> String {
+    KEYS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+}
 
 /// One configuration key.
 #[derive(Debug, Clone, Copy)]
@@ -86,65 +250,66 @@ fn lookup(name: &str) -> Option<&'static Key> {
 }
 
 /// Parses the file's text (`path` only names it in errors).
-pub fn parse(path: &str, text: &str) -> Result<Settings, String> {
+pub fn parse(path: &str, text: &str) -> Result<Settings, ConfigError> {
     let mut out = Settings::new();
     for (i, raw) in text.lines().enumerate() {
-        let n = i + 1;
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let at = |why: String| format!("{path}, line {n}: {why}");
-        if line.starts_with('[') {
-            return Err(at(format!(
-                "sections are not supported: every key is at the top level (`{line}`)"
-            )));
-        }
-        let (k, v) = line
-            .split_once('=')
-            .ok_or_else(|| at(format!("expected `key = \"value\"`, got `{line}`")))?;
-        let k = k.trim();
-        let key = lookup(k).ok_or_else(|| {
-            let names: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
-            at(format!(
-                "unknown key `{k}`; the keys are {}",
-                names.join(", ")
-            ))
-        })?;
-        let (value, rest) = if key.list {
-            let (l, rest) = list(v.trim()).map_err(|e| at(format!("key `{k}`: {e}")))?;
-            (Value::List(l), rest)
-        } else {
-            let (s, rest) = string(v.trim()).map_err(|e| {
-                // The usual mistake: a value without its quotes.
-                let raw = v.trim();
-                let hint = if raw.starts_with('"') {
-                    String::new()
-                } else {
-                    format!("; values are strings: {k} = \"{raw}\"")
-                };
-                at(format!("key `{k}`: {e}{hint}"))
-            })?;
-            (Value::Str(s), rest)
+        let at = |problem| ConfigError::Line {
+            path: path.into(),
+            line: i + 1,
+            problem,
         };
-        check_value(key, &value).map_err(|why| at(format!("key `{k}`: {why}")))?;
-        let rest = rest.trim_start();
-        if !(rest.is_empty() || rest.starts_with('#')) {
-            return Err(at(format!(
-                "key `{k}`: unexpected `{rest}` after the value"
-            )));
-        }
-        if out.insert(key.name, value).is_some() {
-            return Err(at(format!("key `{k}` is set twice")));
-        }
+        let (key, value) = parse_line(line, &out).map_err(at)?;
+        out.insert(key, value);
     }
     Ok(out)
 }
 
+/// One `key = value` line (not blank, not a comment), checked against the keys `seen` so far.
+fn parse_line(line: &str, seen: &Settings) -> Result<(&'static str, Value), LineError> {
+    if line.starts_with('[') {
+        return Err(LineError::Section(line.into()));
+    }
+    let (k, v) = line
+        .split_once('=')
+        .ok_or_else(|| LineError::NotKeyValue(line.into()))?;
+    let k = k.trim();
+    let key = lookup(k).ok_or_else(|| LineError::UnknownKey(k.into()))?;
+    let bad = |problem| LineError::Value {
+        key: key.name,
+        problem,
+    };
+    let (value, rest) = if key.list {
+        let (l, rest) = list(v.trim()).map_err(bad)?;
+        (Value::List(l), rest)
+    } else {
+        let (s, rest) = string(v.trim()).map_err(|e| match e {
+            ValueError::NotQuoted(raw) => LineError::Unquoted { key: key.name, raw },
+            e => bad(e),
+        })?;
+        (Value::Str(s), rest)
+    };
+    check_value(key, &value).map_err(bad)?;
+    let rest = rest.trim_start();
+    if !(rest.is_empty() || rest.starts_with('#')) {
+        return Err(LineError::Trailing {
+            key: key.name,
+            rest: rest.into(),
+        });
+    }
+    if seen.contains_key(key.name) {
+        return Err(LineError::Twice(key.name));
+    }
+    Ok((key.name, value))
+}
+
 /// A double-quoted string at the start of `s`; returns it and the rest.
-fn string(s: &str) -> Result<(String, &str), String> {
+fn string(s: &str) -> Result<(String, &str), ValueError> {
     let Some(body) = s.strip_prefix('"') else {
-        return Err(format!("expected a double-quoted string, got `{s}`"));
+        return Err(ValueError::NotQuoted(s.into()));
     };
     let mut out = String::new();
     let mut chars = body.char_indices();
@@ -156,18 +321,18 @@ fn string(s: &str) -> Result<(String, &str), String> {
                 Some('\\') => out.push('\\'),
                 Some('n') => out.push('\n'),
                 Some('t') => out.push('\t'),
-                other => return Err(format!("unsupported escape `\\{}`", other.unwrap_or(' '))),
+                other => return Err(ValueError::Escape(other.unwrap_or(' '))),
             },
             c => out.push(c),
         }
     }
-    Err("unterminated string (a value is on one line)".into())
+    Err(ValueError::Unterminated)
 }
 
 /// `["a", "b"]` at the start of `s`.
-fn list(s: &str) -> Result<(Vec<String>, &str), String> {
+fn list(s: &str) -> Result<(Vec<String>, &str), ValueError> {
     let Some(mut rest) = s.strip_prefix('[') else {
-        return Err(format!("expected a list like [\"a\", \"b\"], got `{s}`"));
+        return Err(ValueError::NotAList(s.into()));
     };
     let mut out = Vec::new();
     loop {
@@ -181,14 +346,17 @@ fn list(s: &str) -> Result<(Vec<String>, &str), String> {
         if let Some(r) = rest.strip_prefix(',') {
             rest = r;
         } else if !rest.starts_with(']') {
-            return Err("expected `,` or `]` in the list".into());
+            return Err(ValueError::ListSeparator);
         }
     }
 }
 
 /// Overlays the environment (`env` looks a variable up): a list value splits on whitespace.
 /// A value the key does not accept is an error naming the variable and the key.
-pub fn overlay_env(s: &mut Settings, env: impl Fn(&str) -> Option<String>) -> Result<(), String> {
+pub fn overlay_env(
+    s: &mut Settings,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
     for k in KEYS {
         let var = env_var(k.name);
         if let Some(v) = env(&var) {
@@ -197,8 +365,11 @@ pub fn overlay_env(s: &mut Settings, env: impl Fn(&str) -> Option<String>) -> Re
             } else {
                 Value::Str(v)
             };
-            check_value(k, &v)
-                .map_err(|why| format!("environment variable {var} (key `{}`): {why}", k.name))?;
+            check_value(k, &v).map_err(|problem| ConfigError::Env {
+                var: var.clone(),
+                key: k.name,
+                problem,
+            })?;
             s.insert(k.name, v);
         }
     }
@@ -206,7 +377,7 @@ pub fn overlay_env(s: &mut Settings, env: impl Fn(&str) -> Option<String>) -> Re
 }
 
 /// Checks the command-line flags that set keys, as the file and the environment are checked.
-fn check_flags(args: &[String]) -> Result<(), String> {
+fn check_flags(args: &[String]) -> Result<(), ConfigError> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let Some(k) = KEYS.iter().find(|k| flag(k.name) == *a) else {
@@ -215,43 +386,49 @@ fn check_flags(args: &[String]) -> Result<(), String> {
         if k.list {
             // `--reboot-command` takes the rest of the line.
             let rest: Vec<String> = it.cloned().collect();
-            return check_value(k, &Value::List(rest)).map_err(|why| format!("{a}: {why}"));
+            return check_value(k, &Value::List(rest)).map_err(|problem| ConfigError::Flag {
+                flag: a.clone(),
+                problem,
+            });
         }
         match it.next() {
             Some(v) => {
-                check_value(k, &Value::Str(v.clone())).map_err(|why| format!("{a}: {why}"))?
+                check_value(k, &Value::Str(v.clone())).map_err(|problem| ConfigError::Flag {
+                    flag: a.clone(),
+                    problem,
+                })?
             }
-            None => return Err(format!("{a} needs a value")),
+            None => return Err(ConfigError::FlagWithoutValue(a.clone())),
         }
     }
     Ok(())
 }
 
 /// Checks one value of key `k`: `Err` says what is wrong and what the key takes.
-pub fn check_value(k: &Key, v: &Value) -> Result<(), String> {
-    let takes = |what: String, accepts: &str| Err(format!("{what}; it takes {accepts}"));
-    let number = |s: &str, lo: u64, hi: u64, unit: &str| match s.trim().parse::<u64>() {
+pub fn check_value(k: &Key, v: &Value) -> Result<(), ValueError> {
+    let number = |s: &str, lo: u64, hi: u64, unit: &'static str| match s.trim().parse::<u64>() {
         Ok(n) if (lo..=hi).contains(&n) => Ok(()),
-        Ok(n) => takes(
-            format!("{n} is out of range"),
-            &format!("{unit} from {lo} to {hi}"),
-        ),
-        Err(_) => takes(
-            format!("`{s}` is not a whole number"),
-            &format!("{unit} from {lo} to {hi}"),
-        ),
+        Ok(value) => Err(ValueError::OutOfRange {
+            value,
+            unit,
+            lo,
+            hi,
+        }),
+        Err(_) => Err(ValueError::NotANumber {
+            raw: s.into(),
+            unit,
+            lo,
+            hi,
+        }),
     };
     let s = match v {
         Value::List(l) => {
             return match l.first() {
                 Some(p) if !p.is_empty() => Ok(()),
-                _ => takes(
-                    "needs a program".into(),
-                    "a program and its arguments, e.g. [\"systemctl\", \"reboot\"]",
-                ),
+                _ => Err(ValueError::NoProgram),
             }
         }
-        Value::Str(s) if s.trim().is_empty() => return Err("is empty".into()),
+        Value::Str(s) if s.trim().is_empty() => return Err(ValueError::Empty),
         Value::Str(s) => s.as_str(),
     };
     match k.name {
@@ -262,10 +439,7 @@ pub fn check_value(k: &Key, v: &Value) -> Result<(), String> {
             if ok {
                 Ok(())
             } else {
-                takes(
-                    format!("`{s}` is not HOST:PORT"),
-                    "the gateway as HOST:PORT, e.g. gw.example.net:7300",
-                )
+                Err(ValueError::NotHostPort(s.into()))
             }
         }
         "ca_fingerprint" => {
@@ -273,32 +447,24 @@ pub fn check_value(k: &Key, v: &Value) -> Result<(), String> {
             if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
                 Ok(())
             } else {
-                takes(
-                    format!("`{s}` is not a SHA-256 fingerprint"),
-                    "64 hex digits, as fleetcastd --print-ca-fingerprint prints them",
-                )
+                Err(ValueError::NotFingerprint(s.into()))
             }
         }
         "alt_port" => number(s, 1, 65_535, "a TCP port"),
         "rung_timeout_ms" => number(s, 100, 600_000, "milliseconds"),
         "stagger_ms" => number(s, 0, 60_000, "milliseconds"),
         "upgrade_after" => number(s, 1, 604_800, "seconds"),
-        "rungs" => {
-            let names: Vec<&str> = s.split(',').map(str::trim).collect();
-            match names
-                .iter()
-                .find(|r| crate::ladder::Rung::parse(r).is_none())
-            {
-                Some(bad) => takes(
-                    format!("`{bad}` is not a rung"),
-                    "a comma-separated list of native, 443, upgrade, connect, longpoll",
-                ),
-                None => Ok(()),
-            }
-        }
+        "rungs" => match s
+            .split(',')
+            .map(str::trim)
+            .find(|r| crate::ladder::Rung::parse(r).is_none())
+        {
+            Some(bad) => Err(ValueError::NotARung(bad.into())),
+            None => Ok(()),
+        },
         "proxy" if s != "none" => crate::ladder::parse_proxy(s)
             .map(drop)
-            .or_else(|e| takes(e, "none, or an HTTP proxy URL http://[user:pass@]host:port")),
+            .map_err(ValueError::Proxy),
         _ => Ok(()),
     }
 }
@@ -319,9 +485,9 @@ fn overlay_args(s: &mut Settings, args: &[String]) {
 }
 
 /// Checks the rules between keys (each value was checked where it came from).
-fn validate(s: &Settings) -> Result<(), String> {
+fn validate(s: &Settings) -> Result<(), ConfigError> {
     if s.contains_key("token") != s.contains_key("name") {
-        return Err("configuration key `token`: token and name go together".into());
+        return Err(ConfigError::TokenWithoutName);
     }
     Ok(())
 }
@@ -371,14 +537,17 @@ pub enum Expanded {
 
 /// Takes `--config FILE` and `--print-config` out of `args` and merges the file, the
 /// environment (`env`) and the remaining flags. Errors name the file line or the key.
-pub fn expand(args: Vec<String>, env: impl Fn(&str) -> Option<String>) -> Result<Expanded, String> {
+pub fn expand(
+    args: Vec<String>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Expanded, ConfigError> {
     let mut rest = Vec::with_capacity(args.len());
     let mut file = None;
     let mut print = false;
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--config" => file = Some(it.next().ok_or("--config needs a file")?),
+            "--config" => file = Some(it.next().ok_or(ConfigError::NoConfigFile)?),
             "--print-config" => print = true,
             // `--reboot-command` takes everything after it.
             "--reboot-command" => {
@@ -390,8 +559,10 @@ pub fn expand(args: Vec<String>, env: impl Fn(&str) -> Option<String>) -> Result
     }
     let mut s = match &file {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read configuration file {path}: {e}"))?;
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
             parse(path, &text)?
         }
         None => Settings::new(),
@@ -630,24 +801,28 @@ mod tests {
         ];
         for (text, want) in cases {
             let (_d, p) = file(text);
-            let e = expand(args(&["--config", &p]), no_env).unwrap_err();
+            let e = expand(args(&["--config", &p]), no_env)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{text:?}: want {want:?} in {e:?}");
         }
-        let e = expand(args(&["--config", "/nonexistent"]), no_env).unwrap_err();
+        let e = expand(args(&["--config", "/nonexistent"]), no_env)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("cannot read configuration file /nonexistent"),
             "{e}"
         );
-        let e = expand(args(&["--config"]), no_env).unwrap_err();
+        let e = expand(args(&["--config"]), no_env).unwrap_err().to_string();
         assert!(e.contains("--config needs a file"), "{e}");
         let env = |v: &str| (v == "FLEETCAST_AGENT_GATEWAY").then(|| "bad".to_string());
-        let e = expand(vec![], env).unwrap_err();
+        let e = expand(vec![], env).unwrap_err().to_string();
         assert!(
             e.starts_with("environment variable FLEETCAST_AGENT_GATEWAY (key `gateway`): `bad` is not HOST:PORT"),
             "{e}"
         );
         let env = |v: &str| (v == "FLEETCAST_AGENT_STAGGER_MS").then(|| "soon".to_string());
-        let e = expand(vec![], env).unwrap_err();
+        let e = expand(vec![], env).unwrap_err().to_string();
         assert!(
             e.starts_with("environment variable FLEETCAST_AGENT_STAGGER_MS (key `stagger_ms`): `soon` is not a whole number; it takes milliseconds"),
             "{e}"
@@ -665,7 +840,7 @@ mod tests {
                 "--reboot-command: needs a program",
             ),
         ] {
-            let e = expand(args(a), no_env).unwrap_err();
+            let e = expand(args(a), no_env).unwrap_err().to_string();
             assert!(e.starts_with(want), "{a:?}: want {want:?}, got {e:?}");
         }
     }

@@ -25,7 +25,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection};
 
 use crate::exec::{self, ExecConfig, Job, Running};
-use crate::ladder::{self, Deadline, Memory, Pipe, Rung, Target};
+use crate::ladder::{self, Deadline, LadderError, Memory, Pipe, Rung, Target};
 use crate::report::{self, AGENT_VERSION};
 use crate::state::{Identity, RebootRecord, State};
 use crate::tls::{self, DeviceKey};
@@ -122,9 +122,25 @@ pub enum AgentError {
     /// Not enrolled and no token given.
     #[error("this device is not enrolled: run with --token TOKEN --name NAME (from `fleetcast device add NAME`)")]
     NotEnrolled,
-    /// The gateway refused us for good (revoked, unknown).
-    #[error("the gateway refused this device: {0}")]
-    Refused(String),
+    /// The gateway refused us for good (revoked, unknown, unauthenticated).
+    #[error("the gateway refused this device: {}: {reason}", .code.name().unwrap_or("?"))]
+    Refused {
+        /// The gateway's close code.
+        code: CloseCode,
+        /// The gateway's reason.
+        reason: String,
+    },
+    /// The gateway refused the enrolment for another reason than the token: final.
+    #[error("the gateway refused this device: enrolment refused ({}): {reason}", .code.name().unwrap_or("?"))]
+    EnrolRefused {
+        /// The gateway's close code.
+        code: CloseCode,
+        /// The gateway's reason.
+        reason: String,
+    },
+    /// The gateway's chain holds no CA with the fingerprint the agent was given.
+    #[error("the gateway refused this device: gateway sent no CA matching the fingerprint")]
+    NoPinnedCa,
     /// The gateway refused the enrolment token (unknown, used or expired): final.
     #[error("the gateway refused the enrolment token for {name:?}: {reason}. A token works once and expires: ask for a new one (`fleetcast device add`)")]
     BadToken {
@@ -139,9 +155,24 @@ pub enum AgentError {
     /// The boot id could not be read.
     #[error(transparent)]
     Report(#[from] crate::report::ReportError),
+    /// A rung's carrier, TLS or round trip failed (the next rung may do better).
+    #[error(transparent)]
+    Link(#[from] LadderError),
     /// I/O outside a session.
     #[error("io: {0}")]
     Io(#[from] io::Error),
+}
+
+impl AgentError {
+    /// The failure of the current rung, when that is what this is (else the error itself):
+    /// the climb goes on to the next rung.
+    fn rung_failure(self) -> Result<LadderError, AgentError> {
+        match self {
+            AgentError::Io(e) => Ok(e.into()),
+            AgentError::Link(e) => Ok(e),
+            e => Err(e),
+        }
+    }
 }
 
 /// How a session ended.
@@ -263,8 +294,9 @@ impl Agent {
                     continue;
                 }
                 Ok(End::Reconnect { immediately: false }) => {}
-                Err(AgentError::Io(e)) => eprintln!("fleetcast-agent: connection failed: {e}"),
-                Err(AgentError::Connect(e)) => eprintln!("fleetcast-agent: connection failed: {e}"),
+                Err(AgentError::Io(e)) => crate::say!("connection failed: {e}"),
+                Err(AgentError::Link(e)) => crate::say!("connection failed: {e}"),
+                Err(AgentError::Connect(e)) => crate::say!("connection failed: {e}"),
                 Err(e) => return Err(e),
             }
             // A session that reached `Welcome` was a good one: whatever ended it (a proxy
@@ -276,7 +308,7 @@ impl Agent {
             // Jittered exponential back-off, so a fleet does not reconnect in lockstep.
             let jitter = (self.epoch.elapsed().subsec_nanos() as u64 % 1000) as f64 / 1000.0;
             let pause = backoff.mul_f64(0.5 + jitter);
-            eprintln!("fleetcast-agent: reconnecting in {} ms", pause.as_millis());
+            crate::say!("reconnecting in {} ms", pause.as_millis());
             std::thread::sleep(pause);
             backoff = (backoff * 2).min(self.cfg.max_backoff);
         }
@@ -318,7 +350,7 @@ impl Agent {
                 .spawn(move || {
                     std::thread::sleep(delay);
                     if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        let _ = txc.send((rung, Err(io::Error::other("race already won"))));
+                        let _ = txc.send((rung, Err(LadderError::RaceWon)));
                         return;
                     }
                     let deadline = Deadline::after(ladder::epoch(), timeout);
@@ -326,7 +358,7 @@ impl Agent {
                     let _ = txc.send((rung, r));
                 });
             if let Err(e) = spawned {
-                let _ = tx.send((rung, Err(e)));
+                let _ = tx.send((rung, Err(LadderError::Io(e))));
             }
         }
         Race {
@@ -370,7 +402,7 @@ impl Agent {
             let mut io = match r {
                 Ok(io) => io,
                 Err(e) => {
-                    eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
+                    crate::say!("rung {} failed: {e}", rung.name());
                     failures.push((rung, e));
                     continue;
                 }
@@ -382,7 +414,7 @@ impl Agent {
             });
             let now = self.now();
             let mut s = AgentSession::new(now, SessionConfig::default(), first)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+                .map_err(LadderError::Session)?;
             let mut enrolled = None;
             let mut closed = None;
             self.probe = Some(Deadline::after(
@@ -415,26 +447,20 @@ impl Agent {
                             name,
                             reason: c.reason,
                         },
-                        code => AgentError::Refused(format!(
-                            "enrolment refused ({}): {}",
-                            code.name().unwrap_or("?"),
-                            c.reason
-                        )),
+                        code => AgentError::EnrolRefused {
+                            code,
+                            reason: c.reason,
+                        },
                     });
                 }
-                (None, _, Err(AgentError::Io(e))) => {
-                    eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
+                (None, _, Err(e)) => {
+                    let e = e.rung_failure()?;
+                    crate::say!("rung {} failed: {e}", rung.name());
                     failures.push((rung, e));
                 }
-                (None, _, Err(e)) => return Err(e),
                 (None, _, Ok(_)) => {
-                    eprintln!(
-                        "fleetcast-agent: rung {} closed before Enrolled",
-                        rung.name()
-                    );
-                    let e =
-                        io::Error::new(io::ErrorKind::ConnectionAborted, "closed before Enrolled");
-                    failures.push((rung, e));
+                    crate::say!("rung {} closed before Enrolled", rung.name());
+                    failures.push((rung, LadderError::ClosedBefore("Enrolled")));
                 }
             }
         }
@@ -445,9 +471,7 @@ impl Agent {
         let ca_der: CertificateDer<'static> = match (&self.cfg.ca, pin) {
             (_, Some(fp)) => {
                 let chain = io.tls.peer_certificates().unwrap_or(&[]);
-                tls::pinned_ca(chain, fp).ok_or_else(|| {
-                    AgentError::Refused("gateway sent no CA matching the fingerprint".into())
-                })?
+                tls::pinned_ca(chain, fp).ok_or(AgentError::NoPinnedCa)?
             }
             (CaSource::File(p), None) => tls::load_cert_pem(p)?,
             _ => tls::load_cert_pem(&self.state.ca_path())?,
@@ -462,7 +486,7 @@ impl Agent {
             cert_pem,
             ca_pem,
         })?;
-        eprintln!("fleetcast-agent: enrolled as device {device_id}");
+        crate::say!("enrolled as device {device_id}");
         Ok(End::Reconnect { immediately: true })
     }
 
@@ -482,7 +506,7 @@ impl Agent {
         self.better_found = false;
         let (order, network) = self.climb_order();
         let names: Vec<&str> = order.iter().map(|r| r.name()).collect();
-        eprintln!("fleetcast-agent: trying rungs {}", names.join(","));
+        crate::say!("trying rungs {}", names.join(","));
         self.climb_start = ladder::epoch().elapsed();
         let mut failures = Vec::new();
         self.racing = Some(self.race(&order, &config));
@@ -491,14 +515,14 @@ impl Agent {
             let mut io = match r {
                 Ok(io) => io,
                 Err(e) => {
-                    eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
+                    crate::say!("rung {} failed: {e}", rung.name());
                     failures.push((rung, e));
                     continue;
                 }
             };
             if let (Rung::LongPoll, Some(hold)) = (rung, memory.hold(&network)) {
-                eprintln!(
-                    "fleetcast-agent: long-poll: holding at most {} ms (remembered for this network)",
+                crate::say!(
+                    "long-poll: holding at most {} ms (remembered for this network)",
                     hold.as_millis()
                 );
                 io.pipe.set_max_hold(hold);
@@ -516,22 +540,19 @@ impl Agent {
                 Ok(end) if won || matches!(end, End::Exit(_)) => return Ok(end),
                 Err(e) if won => return Err(e),
                 Ok(_) => {
-                    eprintln!(
-                        "fleetcast-agent: rung {} closed before Welcome",
-                        rung.name()
-                    );
-                    let e =
-                        io::Error::new(io::ErrorKind::ConnectionAborted, "closed before Welcome");
-                    failures.push((rung, e));
+                    crate::say!("rung {} closed before Welcome", rung.name());
+                    failures.push((rung, LadderError::ClosedBefore("Welcome")));
                 }
-                Err(AgentError::Io(e)) => {
-                    eprintln!("fleetcast-agent: rung {} failed: {e}", rung.name());
-                    failures.push((rung, e));
-                }
-                Err(e) => {
-                    self.racing = None;
-                    return Err(e);
-                }
+                Err(e) => match e.rung_failure() {
+                    Ok(e) => {
+                        crate::say!("rung {} failed: {e}", rung.name());
+                        failures.push((rung, e));
+                    }
+                    Err(e) => {
+                        self.racing = None;
+                        return Err(e);
+                    }
+                },
             }
         }
         self.racing = None;
@@ -567,7 +588,7 @@ impl Agent {
                 last,
             };
             AgentSession::new(now, SessionConfig::default(), FirstMessage::Hello(hello))
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
+                .map_err(LadderError::Session)?
         };
         let end = self.pump(&mut io, &mut s, |agent, s, ev| {
             agent.on_event(s, ev, boot_id, hello_last)
@@ -669,19 +690,18 @@ impl Agent {
                 self.state.ack(seq)?;
             }
             AgentEvent::Closed(info) => {
-                eprintln!(
-                    "fleetcast-agent: session closed by the {} ({}): {}",
+                crate::say!(
+                    "session closed by the {} ({}): {}",
                     if info.by_peer { "gateway" } else { "agent" },
                     info.code.name().unwrap_or("?"),
                     info.reason
                 );
                 match info.code {
                     CloseCode::REVOKED | CloseCode::UNKNOWN_DEVICE | CloseCode::UNAUTHENTICATED => {
-                        return Err(AgentError::Refused(format!(
-                            "{}: {}",
-                            info.code.name().unwrap_or("?"),
-                            info.reason
-                        )));
+                        return Err(AgentError::Refused {
+                            code: info.code,
+                            reason: info.reason,
+                        });
                     }
                     _ => {}
                 }
@@ -721,10 +741,7 @@ impl Agent {
             std::net::IpAddr::V4(group),
         ) = (self.link, a.group)
         else {
-            eprintln!(
-                "fleetcast-agent: task {}: only IPv4 multicast is supported",
-                a.task_id
-            );
+            crate::say!("task {}: only IPv4 multicast is supported", a.task_id);
             return;
         };
         let spec = TransferSpec {
@@ -745,10 +762,7 @@ impl Agent {
         };
         match Transfer::spawn(spec) {
             Ok(t) => {
-                eprintln!(
-                    "fleetcast-agent: receiving task {} ({} bytes)",
-                    a.task_id, a.size
-                );
+                crate::say!("receiving task {} ({} bytes)", a.task_id, a.size);
                 // Joined: tell the gateway at once (a `min_ready` trigger counts these).
                 let _ = s.send_transfer_status(&t.status());
                 self.transfers.insert(a.task_id, t);
@@ -788,7 +802,7 @@ impl Agent {
         }
         for (task, d) in ended {
             self.transfers.remove(&task);
-            eprintln!("fleetcast-agent: task {task}: {:?} {}", d.outcome, d.reason);
+            crate::say!("task {task}: {} {}", d.outcome, d.reason);
             send_completion(s, &d);
             self.finished.insert(task, d);
         }
@@ -834,8 +848,10 @@ impl Agent {
             RebootAction::Exit(code) => End::Exit(*code),
             RebootAction::Command(argv) => {
                 if let Some((prog, args)) = argv.split_first() {
-                    let st = std::process::Command::new(prog).args(args).status();
-                    eprintln!("fleetcast-agent: reboot command {prog:?} finished: {st:?}");
+                    match std::process::Command::new(prog).args(args).status() {
+                        Ok(st) => crate::say!("reboot command `{prog}` finished: {st}"),
+                        Err(e) => crate::say!("reboot command `{prog}` failed to start: {e}"),
+                    }
                 }
                 // Still alive: wait for the machine to go down, reconnect if it does not.
                 std::thread::sleep(Duration::from_secs(60));
@@ -852,13 +868,13 @@ impl Agent {
         };
         let since_start = ladder::epoch().elapsed();
         let ms = since_start.saturating_sub(self.climb_start).as_millis();
-        eprintln!(
-            "fleetcast-agent: connected via rung {} in {ms} ms ({} ms since start; network {network})",
+        crate::say!(
+            "connected via rung {} in {ms} ms ({} ms since start; network {network})",
             rung.name(),
             since_start.as_millis()
         );
         if let Err(e) = Memory::new(&self.cfg.state_dir).set(&network, rung) {
-            eprintln!("fleetcast-agent: cannot remember the rung: {e}");
+            crate::say!("cannot remember the rung: {e}");
         }
         let best = self.cfg.ladder.rungs.iter().map(|r| r.rank()).min();
         self.upgrade_at = (best.is_some_and(|b| b < rung.rank()))
@@ -871,7 +887,7 @@ impl Agent {
             return;
         };
         if let Err(e) = Memory::new(&self.cfg.state_dir).set_hold(network, hold) {
-            eprintln!("fleetcast-agent: cannot remember the long-poll hold: {e}");
+            crate::say!("cannot remember the long-poll hold: {e}");
         }
     }
 
@@ -885,10 +901,7 @@ impl Agent {
             loop {
                 match race.try_next() {
                     Ok(Some((rung, Ok(_carrier)))) => {
-                        eprintln!(
-                            "fleetcast-agent: rung {} passes again: moving up",
-                            rung.name()
-                        );
+                        crate::say!("rung {} passes again: moving up", rung.name());
                         self.upgrade_probe = None;
                         self.better_found = true;
                         break;
@@ -983,7 +996,7 @@ impl Agent {
             }
             if s.is_closed() || eof {
                 if !s.is_closed() {
-                    eprintln!("fleetcast-agent: the connection ended without a Close");
+                    crate::say!("the connection ended without a Close");
                 }
                 return Ok(None);
             }
@@ -1005,11 +1018,7 @@ impl Agent {
             }
             if let Some(d) = &self.probe {
                 if d.expired() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "no Welcome within the rung timeout",
-                    )
-                    .into());
+                    return Err(LadderError::NoWelcome.into());
                 }
                 wait = wait.min(d.remaining());
             }
@@ -1030,10 +1039,7 @@ impl Agent {
             match read {
                 Ok(0) => eof = true,
                 Ok(_) => {
-                    let state = io
-                        .tls
-                        .process_new_packets()
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    let state = io.tls.process_new_packets().map_err(LadderError::Tls)?;
                     let mut n = state.plaintext_bytes_to_read();
                     while n > 0 {
                         let k = io.tls.reader().read(&mut buf[..n.min(16 * 1024)])?;
@@ -1070,9 +1076,12 @@ fn send_completion(s: &mut AgentSession, d: &TransferDone) {
     });
 }
 
+/// One rung's outcome in a [`Race`]: its opened carrier, or why it failed.
+type Entrant = (Rung, Result<Io, LadderError>);
+
 /// Carriers of a [`Agent::race`], as they become ready.
 struct Race {
-    rx: std::sync::mpsc::Receiver<(Rung, io::Result<Io>)>,
+    rx: std::sync::mpsc::Receiver<Entrant>,
     outstanding: usize,
     /// Rungs not started yet do not start once the race is dropped (a carrier that opens
     /// anyway is closed when its send fails).
@@ -1089,7 +1098,7 @@ impl Drop for Race {
 impl Race {
     /// Without waiting: a carrier (or failure), `Ok(None)` when none is ready yet, `Err(())`
     /// once every rung has reported.
-    fn try_next(&mut self) -> Result<Option<(Rung, io::Result<Io>)>, ()> {
+    fn try_next(&mut self) -> Result<Option<Entrant>, ()> {
         if self.outstanding == 0 {
             return Err(());
         }
@@ -1104,7 +1113,7 @@ impl Race {
     }
 
     /// The next carrier (or failure); `None` once every rung has reported.
-    fn next(&mut self) -> Option<(Rung, io::Result<Io>)> {
+    fn next(&mut self) -> Option<Entrant> {
         if self.outstanding == 0 {
             return None;
         }
@@ -1120,12 +1129,10 @@ fn open_rung(
     server_name: String,
     config: Arc<ClientConfig>,
     deadline: &Deadline,
-) -> io::Result<Io> {
+) -> Result<Io, LadderError> {
     let mut pipe = ladder::open(rung, target, deadline)?;
-    let name = ServerName::try_from(server_name)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut tls = ClientConnection::new(config, name)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let name = ServerName::try_from(server_name)?;
+    let mut tls = ClientConnection::new(config, name)?;
     ladder::handshake(&mut tls, &mut pipe, deadline)?;
     if rung == Rung::Upgrade {
         ladder::http_upgrade(&mut tls, &mut pipe, &target.host, deadline)?;
@@ -1139,7 +1146,7 @@ struct Io {
 }
 
 impl Io {
-    fn flush(&mut self) -> io::Result<()> {
+    fn flush(&mut self) -> Result<(), LadderError> {
         const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
         self.pipe.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let deadline = Deadline::after(ladder::epoch(), WRITE_TIMEOUT);

@@ -52,7 +52,7 @@ use fleetcast_wire::msg::limits::MAX_OUTPUT;
 use fleetcast_wire::{CommandResult, Dispatch, Step, StepResult, StepStatus};
 
 use crate::report::{self, OwnedConfigReport, ReportConfig};
-use crate::state::AtomicFile;
+use fleetcast_os::AtomicFile;
 
 /// Exit code of a non-`exec` step that failed.
 pub const EXIT_FAILED: i32 = 1;

@@ -14,68 +14,23 @@
 //! know which rung they run on. Long-poll keeps no sticky state: every request names its
 //! session with the token the gateway handed out, and any TCP connection may carry it.
 //!
-//! This module owns the carriers ([`Pipe`]), the proxy settings ([`Proxy`]), the per-network
+//! The HTTP protocol itself (paths, fields, limits, the request heads sent and the response
+//! heads read, the stream offsets) is [`fleetcast_wire::ladder`], shared with the gateway;
+//! this module owns the carriers ([`Pipe`]), the proxy settings ([`Proxy`]), the per-network
 //! memory of the winning rung and of the long-poll hold ([`Memory`]), deadlines ([`Deadline`])
-//! and the typed causes of a failed climb ([`ClimbError`]); the driver decides when a rung has
-//! won (a `Welcome` answered the `Hello`). Every blocking call here and in the driver repeats
-//! an interrupted call ([`retry_interrupted`]): a signal must not abandon an exchange.
+//! and the typed causes of a failed rung ([`LadderError`]) and climb ([`ClimbError`]); the
+//! driver decides when a rung has won (a `Welcome` answered the `Hello`). Every blocking call
+//! here and in the driver repeats an interrupted call ([`retry_interrupted`]): a signal must
+//! not abandon an exchange.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use fleetcast_wire::ladder::{self as proto, status, MalformedResponse, PollRequest};
+pub use fleetcast_wire::ladder::{Rung, DOWN_HEADER, LADDER, UP_HEADER};
 use rustls::ClientConnection;
-
-/// One way to reach the gateway.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Rung {
-    /// Binary framing over TLS to the gateway's port.
-    Native,
-    /// The same on the alternative port (443 by default).
-    Port443,
-    /// HTTP/1.1 `Upgrade: fleetcast` inside TLS on the alternative port.
-    Upgrade,
-    /// An HTTP `CONNECT` tunnel through the proxy to the alternative port.
-    Connect,
-    /// HTTP long-poll carrying the TLS stream, direct or through the proxy.
-    LongPoll,
-}
-
-/// The ladder, best first.
-pub const LADDER: [Rung; 5] = [
-    Rung::Native,
-    Rung::Port443,
-    Rung::Upgrade,
-    Rung::Connect,
-    Rung::LongPoll,
-];
-
-impl Rung {
-    /// Short name (logs, the state file, `fleetcast status`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Rung::Native => "native",
-            Rung::Port443 => "443",
-            Rung::Upgrade => "upgrade",
-            Rung::Connect => "connect",
-            Rung::LongPoll => "longpoll",
-        }
-    }
-
-    /// Parses [`Rung::name`].
-    pub fn parse(s: &str) -> Option<Rung> {
-        LADDER.into_iter().find(|r| r.name() == s)
-    }
-
-    /// Position in [`LADDER`] (0 is best).
-    pub fn rank(self) -> usize {
-        LADDER
-            .iter()
-            .position(|r| *r == self)
-            .unwrap_or(LADDER.len())
-    }
-}
 
 /// A deadline on the agent's monotonic epoch (the agent reads no clock but its epoch).
 #[derive(Debug, Clone, Copy)]
@@ -103,34 +58,219 @@ impl Deadline {
         self.remaining().is_zero()
     }
 
-    /// The time left, or a `TimedOut` error naming `what` once it has passed.
-    pub fn check(&self, what: &str) -> io::Result<Duration> {
+    /// The time left, or [`LadderError::RungTimeout`] naming `what` once it has passed.
+    pub fn check(&self, what: &str) -> Result<Duration, LadderError> {
         let left = self.remaining();
         if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("{what}: rung timeout"),
-            ));
+            return Err(LadderError::RungTimeout(what.into()));
         }
         Ok(left)
     }
 }
 
-/// Calls `f` again while it fails with `Interrupted`, until `deadline`. A signal arriving
-/// while a call blocks (a command's child exiting, say) interrupts it before it did anything,
-/// so the call is simply repeated: giving up instead would abandon an exchange whose request
-/// was already sent.
+/// Calls `f` again while it fails with `Interrupted`, until `deadline`
+/// ([`fleetcast_os::retry_interrupted`]): a signal arriving while a call blocks (a command's
+/// child exiting, say) interrupts it before it did anything, so the call is simply repeated.
 pub fn retry_interrupted<T>(
     deadline: &Deadline,
     what: &str,
-    mut f: impl FnMut() -> io::Result<T>,
-) -> io::Result<T> {
-    loop {
-        match f() {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                deadline.check(what)?;
+    f: impl FnMut() -> io::Result<T>,
+) -> Result<T, LadderError> {
+    fleetcast_os::retry_interrupted(f, || deadline.check(what).map(drop))
+}
+
+/// Why a rung (its carrier, its TLS handshake, its Upgrade, a long-poll exchange, or the
+/// round trip the driver waits for) failed: one variant per broken rule. [`LadderError::kind`]
+/// is the `io::ErrorKind` the failure has always had; a long-poll carrier's reads carry the
+/// error inside an `io::Error` (the `Read` trait's type) and [`From<io::Error>`] takes it out
+/// again, so the cause stays typed across the TLS layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LadderError {
+    /// The rung's deadline passed while `.0` was under way.
+    #[error("{0}: rung timeout")]
+    RungTimeout(String),
+    /// A proxy asked for credentials, or refused the ones given.
+    #[error(transparent)]
+    ProxyAuth(ProxyAuthRefused),
+    /// The CONNECT rung without a proxy.
+    #[error("no proxy configured")]
+    NoProxy,
+    /// The gateway is not given as `HOST:PORT`.
+    #[error("gateway must be HOST:PORT")]
+    GatewayAddress,
+    /// A name resolved to no address.
+    #[error("{0} resolves to nothing")]
+    Unresolved(String),
+    /// A name could not be resolved.
+    #[error("{addr}: {source}")]
+    Resolve {
+        /// The name (`host:port`).
+        addr: String,
+        /// The resolver's error.
+        source: io::Error,
+    },
+    /// A TCP connect failed.
+    #[error("connect {addr}: {source}")]
+    Connect {
+        /// The address tried.
+        addr: SocketAddr,
+        /// The system's error.
+        source: io::Error,
+    },
+    /// No complete HTTP response came in time.
+    #[error("no complete HTTP response in time")]
+    ResponseTimeout,
+    /// A response head over [`proto::MAX_RESPONSE_HEAD`].
+    #[error("HTTP response head too large")]
+    ResponseHeadTooLarge,
+    /// The connection ended inside a response head.
+    #[error("closed before a complete HTTP response head")]
+    ClosedBeforeHead,
+    /// The connection ended inside a response body.
+    #[error("closed before the whole HTTP response body")]
+    ClosedBeforeBody,
+    /// A response head that is not HTTP.
+    #[error(transparent)]
+    Malformed(#[from] MalformedResponse),
+    /// The proxy answered CONNECT with something else than 2xx.
+    #[error("the proxy refused CONNECT {target}: HTTP {status}")]
+    ConnectRefused {
+        /// The tunnel asked for.
+        target: String,
+        /// The proxy's status.
+        status: u16,
+    },
+    /// The connection ended during the TLS handshake.
+    #[error("closed during the TLS handshake")]
+    ClosedInHandshake,
+    /// TLS failed (a certificate refused, a bad record) or could not be set up.
+    #[error(transparent)]
+    Tls(#[from] rustls::Error),
+    /// The name to verify the gateway's certificate against is not a valid name.
+    #[error(transparent)]
+    ServerName(#[from] rustls::pki_types::InvalidDnsNameError),
+    /// The gateway sent bytes after its `101` before the agent's first frame.
+    #[error("bytes after the 101 answer")]
+    BytesAfterUpgrade,
+    /// The gateway answered the Upgrade request with another status than `101`.
+    #[error("the gateway refused the Upgrade: HTTP {0}")]
+    UpgradeRefused(u16),
+    /// The connection ended before the Upgrade answer.
+    #[error("closed before the Upgrade answer")]
+    ClosedBeforeUpgrade,
+    /// A long-poll `200` without `Content-Length`.
+    #[error("long-poll: no Content-Length")]
+    PollNoLength,
+    /// A long-poll body over [`proto::MAX_RESPONSE_BODY`].
+    #[error("long-poll: response too large")]
+    PollTooLarge,
+    /// The first long-poll answer handed out no session token.
+    #[error("long-poll: no session token")]
+    PollNoToken,
+    /// A long-poll answer that starts past the bytes received ([`proto::fresh_part`]).
+    #[error("long-poll: the gateway skipped bytes of the stream")]
+    PollGap,
+    /// Something on the path (a proxy) answered a status worth repeating the exchange for.
+    #[error("long-poll: HTTP {0} from the path")]
+    PathStatus(u16),
+    /// The long-poll request was refused.
+    #[error("long-poll: HTTP {0}")]
+    PollRefused(u16),
+    /// Every long-poll exchange failed for `secs` seconds.
+    #[error("long-poll: every exchange failed for {secs} s, the last: {last}")]
+    GaveUp {
+        /// How long they failed.
+        secs: u64,
+        /// The last failure.
+        last: Box<LadderError>,
+    },
+    /// The session core cannot send the rung's first message (`Hello` or `Enrol`).
+    #[error(transparent)]
+    Session(fleetcast_wire::SessionError),
+    /// The rung's session closed before the gateway answered (`Enrolled` or `Welcome`).
+    #[error("closed before {0}")]
+    ClosedBefore(&'static str),
+    /// The gateway's `Welcome` did not come within the rung timeout.
+    #[error("no Welcome within the rung timeout")]
+    NoWelcome,
+    /// Another rung won before this one started.
+    #[error("race already won")]
+    RaceWon,
+    /// The system refused an operation (a socket option, a read, a thread).
+    #[error(transparent)]
+    Io(io::Error),
+}
+
+impl LadderError {
+    /// The `io::ErrorKind` of the failure (how the driver tells a timeout or a would-block
+    /// from a refusal).
+    pub fn kind(&self) -> io::ErrorKind {
+        use io::ErrorKind as K;
+        match self {
+            LadderError::RungTimeout(_)
+            | LadderError::ResponseTimeout
+            | LadderError::PathStatus(_)
+            | LadderError::NoWelcome => K::TimedOut,
+            LadderError::ProxyAuth(_) => K::PermissionDenied,
+            LadderError::NoProxy => K::Unsupported,
+            LadderError::GatewayAddress | LadderError::ServerName(_) | LadderError::Session(_) => {
+                K::InvalidInput
             }
-            r => return r,
+            LadderError::Unresolved(_) => K::NotFound,
+            LadderError::Resolve { source, .. } | LadderError::Connect { source, .. } => {
+                source.kind()
+            }
+            LadderError::ResponseHeadTooLarge
+            | LadderError::Malformed(_)
+            | LadderError::Tls(_)
+            | LadderError::BytesAfterUpgrade
+            | LadderError::PollNoLength
+            | LadderError::PollTooLarge
+            | LadderError::PollNoToken
+            | LadderError::PollGap => K::InvalidData,
+            LadderError::ClosedBeforeHead
+            | LadderError::ClosedBeforeBody
+            | LadderError::ClosedInHandshake
+            | LadderError::ClosedBeforeUpgrade => K::UnexpectedEof,
+            LadderError::ConnectRefused { .. }
+            | LadderError::UpgradeRefused(_)
+            | LadderError::PollRefused(_) => K::ConnectionRefused,
+            LadderError::ClosedBefore(_) => K::ConnectionAborted,
+            LadderError::GaveUp { last, .. } => last.kind(),
+            LadderError::RaceWon => K::Other,
+            LadderError::Io(e) => e.kind(),
+        }
+    }
+
+    /// The proxy's refusal of its credentials, if that is what this is.
+    pub fn proxy_auth(&self) -> Option<&ProxyAuthRefused> {
+        match self {
+            LadderError::ProxyAuth(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for LadderError {
+    /// An `io::Error` that carries a ladder error (a long-poll read, through TLS) or a TLS
+    /// error gives it back; any other is [`LadderError::Io`].
+    fn from(e: io::Error) -> Self {
+        match e.downcast::<LadderError>() {
+            Ok(l) => l,
+            Err(e) => match e.downcast::<rustls::Error>() {
+                Ok(t) => LadderError::Tls(t),
+                Err(e) => LadderError::Io(e),
+            },
+        }
+    }
+}
+
+impl From<LadderError> for io::Error {
+    fn from(e: LadderError) -> Self {
+        match e {
+            LadderError::Io(e) => e,
+            e => io::Error::new(e.kind(), e),
         }
     }
 }
@@ -157,23 +297,21 @@ impl ProxyAuthRefused {
     /// The proxy's answer `status`, if it is about its credentials: `407`, or `401`, which
     /// only a proxy sends on these requests (tinyproxy answers wrong credentials with it; the
     /// gateway never does).
-    fn check(p: &Proxy, status: u16) -> io::Result<()> {
-        if status != 407 && status != 401 {
+    fn check(p: &Proxy, status: u16) -> Result<(), LadderError> {
+        if status != status::PROXY_AUTH_REQUIRED && status != status::UNAUTHORIZED {
             return Ok(());
         }
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            ProxyAuthRefused {
-                proxy: p.addr.clone(),
-                sent_credentials: p.auth.is_some(),
-                status,
-            },
-        ))
+        Err(LadderError::ProxyAuth(ProxyAuthRefused {
+            proxy: p.addr.clone(),
+            sent_credentials: p.auth.is_some(),
+            status,
+        }))
     }
 
-    /// The refusal inside an I/O error from a rung, if that is what it is.
+    /// The refusal inside an I/O error from a carrier (a long-poll read), if that is what it
+    /// is.
     pub fn of(e: &io::Error) -> Option<&ProxyAuthRefused> {
-        e.get_ref()?.downcast_ref()
+        e.get_ref()?.downcast_ref::<LadderError>()?.proxy_auth()
     }
 }
 
@@ -194,10 +332,10 @@ pub enum ClimbError {
     Certificate(rustls::Error),
     /// Nothing got through; each rung's error, in the order they failed.
     #[error("no rung reached the gateway ({})", list(.0))]
-    Unreachable(Vec<(Rung, io::Error)>),
+    Unreachable(Vec<(Rung, LadderError)>),
 }
 
-fn list(failures: &[(Rung, io::Error)]) -> String {
+fn list(failures: &[(Rung, LadderError)]) -> String {
     if failures.is_empty() {
         return "no rung is allowed".into();
     }
@@ -210,13 +348,12 @@ fn list(failures: &[(Rung, io::Error)]) -> String {
 
 impl ClimbError {
     /// The most telling cause among the rungs' failures.
-    pub fn from_failures(failures: Vec<(Rung, io::Error)>) -> ClimbError {
-        let tls = |e: &io::Error| e.get_ref()?.downcast_ref::<rustls::Error>().cloned();
-        if let Some(p) = failures.iter().find_map(|(_, e)| ProxyAuthRefused::of(e)) {
+    pub fn from_failures(failures: Vec<(Rung, LadderError)>) -> ClimbError {
+        if let Some(p) = failures.iter().find_map(|(_, e)| e.proxy_auth()) {
             return ClimbError::ProxyAuth(p.clone());
         }
-        let certificate = failures.iter().find_map(|(_, e)| match tls(e)? {
-            err @ rustls::Error::InvalidCertificate(_) => Some(err),
+        let certificate = failures.iter().find_map(|(_, e)| match e {
+            LadderError::Tls(err @ rustls::Error::InvalidCertificate(_)) => Some(err.clone()),
             _ => None,
         });
         match certificate {
@@ -252,17 +389,27 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
+/// A proxy URL the agent cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    /// Another scheme than `http://`.
+    #[error("proxy scheme {0}:// is not supported (use http://)")]
+    Scheme(String),
+    /// No `host[:port]` after the scheme and the user information.
+    #[error("bad proxy address in {0:?}")]
+    Address(String),
+    /// The user information is not valid percent-encoding.
+    #[error("bad percent-encoding in the proxy user")]
+    PercentEncoding,
+}
+
 /// Parses a proxy URL: `http://` (or no scheme), optional `user:password@` (percent-encoded),
 /// `host:port` (port 80 when absent), an optional trailing `/`.
-pub fn parse_proxy(url: &str) -> Result<Proxy, String> {
+pub fn parse_proxy(url: &str) -> Result<Proxy, ProxyError> {
     let url = url.trim();
     let rest = match url.split_once("://") {
         Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
-        Some((scheme, _)) => {
-            return Err(format!(
-                "proxy scheme {scheme}:// is not supported (use http://)"
-            ))
-        }
+        Some((scheme, _)) => return Err(ProxyError::Scheme(scheme.into())),
         None => url,
     };
     let rest = rest.trim_end_matches('/');
@@ -271,7 +418,7 @@ pub fn parse_proxy(url: &str) -> Result<Proxy, String> {
         None => (None, rest),
     };
     if hostport.is_empty() || hostport.contains('/') {
-        return Err(format!("bad proxy address in {url:?}"));
+        return Err(ProxyError::Address(url.into()));
     }
     let has_port = match hostport.rsplit_once(':') {
         Some((h, p)) => !h.ends_with(':') && !p.is_empty() && p.parse::<u16>().is_ok(),
@@ -285,7 +432,7 @@ pub fn parse_proxy(url: &str) -> Result<Proxy, String> {
     let auth = match userinfo {
         None => None,
         Some(u) => {
-            let decoded = percent_decode(u).ok_or("bad percent-encoding in the proxy user")?;
+            let decoded = percent_decode(u).ok_or(ProxyError::PercentEncoding)?;
             let b64 = crate::tls::base64(&decoded);
             Some(format!("Basic {}", String::from_utf8_lossy(&b64)))
         }
@@ -316,7 +463,7 @@ fn percent_decode(s: &str) -> Option<Vec<u8>> {
 pub fn proxy_from_env(
     host: &str,
     get: impl Fn(&str) -> Option<String>,
-) -> Option<Result<Proxy, String>> {
+) -> Option<Result<Proxy, ProxyError>> {
     let url = get("https_proxy")
         .or_else(|| get("HTTPS_PROXY"))
         .filter(|v| !v.trim().is_empty())?;
@@ -349,13 +496,15 @@ pub struct Target {
 
 impl Target {
     /// From `host:port`.
-    pub fn parse(gateway: &str, alt_port: u16, proxy: Option<Proxy>) -> io::Result<Target> {
+    pub fn parse(
+        gateway: &str,
+        alt_port: u16,
+        proxy: Option<Proxy>,
+    ) -> Result<Target, LadderError> {
         let (host, port) = gateway
             .rsplit_once(':')
             .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse().ok()?)))
-            .ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidInput, "gateway must be HOST:PORT")
-            })?;
+            .ok_or(LadderError::GatewayAddress)?;
         Ok(Target {
             host: host.to_string(),
             port,
@@ -373,11 +522,9 @@ impl Target {
     }
 
     /// The gateway's address (first resolution).
-    pub fn gateway_addr(&self) -> io::Result<SocketAddr> {
-        self.hostport(self.port)
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "gateway resolves to nothing"))
+    pub fn gateway_addr(&self) -> Result<SocketAddr, LadderError> {
+        let addr = self.hostport(self.port);
+        resolve(&addr)?.next().ok_or(LadderError::Unresolved(addr))
     }
 
     /// Which network we are on, as seen from here: the gateway and the local source address
@@ -404,6 +551,15 @@ impl Target {
         let key = self.network_key();
         key.rsplit_once('@')?.1.parse().ok()
     }
+}
+
+/// The addresses `addr` (`host:port`) resolves to.
+fn resolve(addr: &str) -> Result<std::vec::IntoIter<SocketAddr>, LadderError> {
+    addr.to_socket_addrs()
+        .map_err(|source| LadderError::Resolve {
+            addr: addr.into(),
+            source,
+        })
 }
 
 /// A byte carrier under TLS.
@@ -459,7 +615,8 @@ impl Read for Pipe {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Pipe::Tcp(s) => s.read(buf),
-            Pipe::Poll(p) => p.read(buf),
+            // The typed cause rides inside the `io::Error` (see `LadderError`).
+            Pipe::Poll(p) => p.read(buf).map_err(io::Error::from),
         }
     }
 }
@@ -483,40 +640,34 @@ impl Write for Pipe {
     }
 }
 
-/// Longest hold a long-poll request asks for (below the gateway's 25 s cap).
+/// Longest hold a long-poll request asks for (below the gateway's cap).
 pub const MAX_WAIT: Duration = Duration::from_secs(20);
 /// Shortest hold a long-poll request asks for (the gateway answers at once when it has bytes).
 pub const MIN_WAIT: Duration = Duration::from_millis(250);
 /// How long past its hold a long-poll response may take.
 const RESPONSE_SLACK: Duration = Duration::from_secs(10);
-/// A long-poll session whose exchanges have all failed for this long is given up: the gateway
-/// closes a relay no request reached for 60 s (`RELAY_IDLE`).
-const GIVE_UP_AFTER: Duration = Duration::from_secs(55);
+/// A long-poll session whose exchanges have all failed for this long is given up: a little
+/// before the gateway closes a relay no request reached ([`proto::RELAY_IDLE`]).
+const GIVE_UP_AFTER: Duration = Duration::from_secs(proto::RELAY_IDLE.as_secs() - 5);
 /// Longest pause between two attempts at a failed exchange.
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(4);
-/// Long-poll request header: the agent-to-gateway stream offset of the body's first byte.
-pub const UP_HEADER: &str = "X-Fleetcast-Up";
-/// Long-poll header: in a request, the gateway bytes the agent has received (an
-/// acknowledgement); in a response, the stream offset of the body's first byte.
-pub const DOWN_HEADER: &str = "X-Fleetcast-Down";
 /// Largest HTTP response head the agent reads.
-const MAX_RESPONSE_HEAD: usize = 16 * 1024;
-/// Largest long-poll request body the agent sends (the gateway accepts 256 KiB).
-const MAX_REQUEST_BODY: usize = 128 * 1024;
+const MAX_RESPONSE_HEAD: usize = proto::MAX_RESPONSE_HEAD;
+/// Largest long-poll request body the agent sends (under the gateway's limit).
+const MAX_REQUEST_BODY: usize = proto::MAX_REQUEST_BODY;
 /// Largest long-poll response body the agent accepts.
-const MAX_RESPONSE_BODY: usize = 2 << 20;
+const MAX_RESPONSE_BODY: usize = proto::MAX_RESPONSE_BODY;
+
+const _: () = assert!(MAX_WAIT.as_millis() < proto::MAX_WAIT_MS as u128);
 
 /// Opens the carrier of `rung` (TCP, CONNECT tunnel or long-poll) within `deadline`.
 /// TLS (and the Upgrade request) come after, in [`handshake`] and [`http_upgrade`].
-pub fn open(rung: Rung, t: &Target, deadline: &Deadline) -> io::Result<Pipe> {
+pub fn open(rung: Rung, t: &Target, deadline: &Deadline) -> Result<Pipe, LadderError> {
     match rung {
         Rung::Native => Ok(Pipe::Tcp(tcp(&t.hostport(t.port), deadline)?)),
         Rung::Port443 | Rung::Upgrade => Ok(Pipe::Tcp(tcp(&t.hostport(t.alt_port), deadline)?)),
         Rung::Connect => {
-            let p = t
-                .proxy
-                .as_ref()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "no proxy configured"))?;
+            let p = t.proxy.as_ref().ok_or(LadderError::NoProxy)?;
             let mut s = tcp(&p.addr, deadline)?;
             connect_tunnel(&mut s, &t.hostport(t.alt_port), p, deadline)?;
             Ok(Pipe::Tcp(s))
@@ -542,61 +693,48 @@ pub fn open(rung: Rung, t: &Target, deadline: &Deadline) -> io::Result<Pipe> {
     }
 }
 
-fn tcp(addr: &str, deadline: &Deadline) -> io::Result<TcpStream> {
-    let mut last = io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("{addr} resolves to nothing"),
-    );
-    for a in addr.to_socket_addrs()? {
+fn tcp(addr: &str, deadline: &Deadline) -> Result<TcpStream, LadderError> {
+    let mut last = LadderError::Unresolved(addr.into());
+    for a in resolve(addr)? {
         let left = deadline.check(&format!("connect {a}"))?;
         match TcpStream::connect_timeout(&a, left) {
             Ok(s) => {
                 s.set_nodelay(true)?;
                 return Ok(s);
             }
-            Err(e) => last = io::Error::new(e.kind(), format!("connect {a}: {e}")),
+            Err(source) => last = LadderError::Connect { addr: a, source },
         }
     }
     Err(last)
 }
 
 /// One blocking read from `s` by `deadline`: an interrupted read is repeated (with the time
-/// left, as a repeated read restarts the socket's timeout), a timed-out one is `TimedOut`.
-fn read_by(s: &mut TcpStream, buf: &mut [u8], deadline: &Deadline) -> io::Result<usize> {
+/// left, as a repeated read restarts the socket's timeout), a timed-out one is
+/// [`LadderError::ResponseTimeout`].
+fn read_by(s: &mut TcpStream, buf: &mut [u8], deadline: &Deadline) -> Result<usize, LadderError> {
     loop {
         s.set_read_timeout(Some(deadline.check("HTTP response")?))?;
         match s.read(buf) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no complete HTTP response in time",
-                ))
+                return Err(LadderError::ResponseTimeout)
             }
-            r => return r,
+            r => return Ok(r?),
         }
     }
 }
 
 /// Reads an HTTP response head byte by byte (so no tunnel byte after it is consumed), by
 /// `deadline`.
-fn read_head(s: &mut TcpStream, deadline: &Deadline) -> io::Result<Vec<u8>> {
+fn read_head(s: &mut TcpStream, deadline: &Deadline) -> Result<Vec<u8>, LadderError> {
     let mut head = Vec::with_capacity(256);
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         if head.len() >= MAX_RESPONSE_HEAD {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "HTTP response head too large",
-            ));
+            return Err(LadderError::ResponseHeadTooLarge);
         }
         match read_by(s, &mut b, deadline)? {
-            0 => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "closed before a complete HTTP response head",
-                ))
-            }
+            0 => return Err(LadderError::ClosedBeforeHead),
             _ => head.push(b[0]),
         }
     }
@@ -604,54 +742,18 @@ fn read_head(s: &mut TcpStream, deadline: &Deadline) -> io::Result<Vec<u8>> {
 }
 
 /// Fills `buf` from `s` by `deadline`.
-fn read_full(s: &mut TcpStream, mut buf: &mut [u8], deadline: &Deadline) -> io::Result<()> {
+fn read_full(
+    s: &mut TcpStream,
+    mut buf: &mut [u8],
+    deadline: &Deadline,
+) -> Result<(), LadderError> {
     while !buf.is_empty() {
         match read_by(s, buf, deadline)? {
-            0 => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "closed before the whole HTTP response body",
-                ))
-            }
+            0 => return Err(LadderError::ClosedBeforeBody),
             n => buf = &mut buf[n..],
         }
     }
     Ok(())
-}
-
-/// A parsed response head: status, `Content-Length`, session token, body offset.
-struct ResponseHead {
-    status: u16,
-    content_length: Option<usize>,
-    session: Option<String>,
-    down: Option<u64>,
-}
-
-fn parse_response(head: &[u8]) -> io::Result<ResponseHead> {
-    let mut fields = [httparse::EMPTY_HEADER; 32];
-    let mut r = httparse::Response::new(&mut fields);
-    match r.parse(head) {
-        Ok(httparse::Status::Complete(_)) => {}
-        _ => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "malformed HTTP response",
-            ))
-        }
-    }
-    let field = |name: &str| {
-        r.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-            .map(|v| v.trim().to_string())
-    };
-    Ok(ResponseHead {
-        status: r.code.unwrap_or(0),
-        content_length: field("Content-Length").and_then(|v| v.parse().ok()),
-        session: field("X-Fleetcast-Session"),
-        down: field(DOWN_HEADER).and_then(|v| v.parse().ok()),
-    })
 }
 
 /// Asks the proxy for a tunnel to `target`; `Ok` once it answered 2xx.
@@ -660,22 +762,18 @@ fn connect_tunnel(
     target: &str,
     p: &Proxy,
     deadline: &Deadline,
-) -> io::Result<()> {
-    let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
-    if let Some(a) = &p.auth {
-        req.push_str(&format!("Proxy-Authorization: {a}\r\n"));
-    }
-    req.push_str("\r\n");
+) -> Result<(), LadderError> {
+    let req = proto::connect_request(target, p.auth.as_deref());
     s.set_write_timeout(Some(deadline.check("CONNECT")?))?;
     s.write_all(req.as_bytes())?;
     let head = read_head(s, deadline)?;
-    let r = parse_response(&head)?;
+    let r = proto::parse_response(&head)?;
     ProxyAuthRefused::check(p, r.status)?;
     if !(200..300).contains(&r.status) {
-        return Err(io::Error::new(
-            io::ErrorKind::ConnectionRefused,
-            format!("the proxy refused CONNECT {target}: HTTP {}", r.status),
-        ));
+        return Err(LadderError::ConnectRefused {
+            target: target.into(),
+            status: r.status,
+        });
     }
     Ok(())
 }
@@ -685,7 +783,7 @@ pub fn handshake(
     tls: &mut ClientConnection,
     pipe: &mut Pipe,
     deadline: &Deadline,
-) -> io::Result<()> {
+) -> Result<(), LadderError> {
     loop {
         pipe.set_write_timeout(Some(deadline.check("TLS handshake")?))?;
         while tls.wants_write() {
@@ -696,15 +794,9 @@ pub fn handshake(
         }
         pipe.set_read_timeout(Some(deadline.check("TLS handshake")?))?;
         match tls.read_tls(pipe) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "closed during the TLS handshake",
-                ))
-            }
+            Ok(0) => return Err(LadderError::ClosedInHandshake),
             Ok(_) => {
-                tls.process_new_packets()
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                tls.process_new_packets()?;
             }
             Err(e)
                 if matches!(
@@ -712,7 +804,7 @@ pub fn handshake(
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -723,11 +815,9 @@ pub fn http_upgrade(
     pipe: &mut Pipe,
     host: &str,
     deadline: &Deadline,
-) -> io::Result<()> {
-    let req = format!(
-        "GET /fleetcast HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: fleetcast\r\n\r\n"
-    );
-    tls.writer().write_all(req.as_bytes())?;
+) -> Result<(), LadderError> {
+    tls.writer()
+        .write_all(proto::upgrade_request(host).as_bytes())?;
     let mut plain = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -735,40 +825,24 @@ pub fn http_upgrade(
         while tls.wants_write() {
             retry_interrupted(deadline, "Upgrade", || tls.write_tls(pipe))?;
         }
-        if let Some(end) = plain.windows(4).position(|w| w == b"\r\n\r\n") {
-            if end + 4 != plain.len() {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "bytes after the 101 answer",
-                ));
+        if let Some(end) = proto::head_len(&plain) {
+            if end != plain.len() {
+                return Err(LadderError::BytesAfterUpgrade);
             }
-            let r = parse_response(&plain)?;
-            if r.status != 101 {
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionRefused,
-                    format!("the gateway refused the Upgrade: HTTP {}", r.status),
-                ));
+            let r = proto::parse_response(&plain)?;
+            if r.status != status::SWITCHING_PROTOCOLS {
+                return Err(LadderError::UpgradeRefused(r.status));
             }
             return Ok(());
         }
         if plain.len() > MAX_RESPONSE_HEAD {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "HTTP response head too large",
-            ));
+            return Err(LadderError::ResponseHeadTooLarge);
         }
         pipe.set_read_timeout(Some(deadline.check("Upgrade")?))?;
         match tls.read_tls(pipe) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "closed before the Upgrade answer",
-                ))
-            }
+            Ok(0) => return Err(LadderError::ClosedBeforeUpgrade),
             Ok(_) => {
-                let st = tls
-                    .process_new_packets()
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                let st = tls.process_new_packets()?;
                 let mut n = st.plaintext_bytes_to_read();
                 while n > 0 {
                     let k = tls.reader().read(&mut buf[..n.min(4096)])?;
@@ -785,7 +859,7 @@ pub fn http_upgrade(
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -843,15 +917,15 @@ enum Failure {
     /// 504 or 408. `held` is `(hold asked for, time waited)` when the request was sent whole
     /// and the wait for its answer was cut.
     Retry {
-        error: io::Error,
+        error: LadderError,
         held: Option<(Duration, Duration)>,
     },
     /// Repeating cannot help: a refusal, a malformed answer.
-    Fatal(io::Error),
+    Fatal(LadderError),
 }
 
 impl LongPoll {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, LadderError> {
         if self.pos >= self.inbox.len() && !self.closed {
             self.poll()?;
         }
@@ -864,14 +938,12 @@ impl LongPoll {
         if self.closed {
             return Ok(0);
         }
-        Err(io::Error::new(
-            io::ErrorKind::WouldBlock,
-            "long-poll: nothing yet",
-        ))
+        // Nothing yet.
+        Err(LadderError::Io(io::ErrorKind::WouldBlock.into()))
     }
 
     /// One exchange, or the pause before repeating a failed one (then nothing is read).
-    fn poll(&mut self) -> io::Result<()> {
+    fn poll(&mut self) -> Result<(), LadderError> {
         let mut hold = self.wait.min(self.max_hold);
         if let Some(at) = self.retry_at {
             let now = epoch().elapsed();
@@ -907,13 +979,10 @@ impl LongPoll {
         let now = epoch().elapsed();
         let since = *self.failing_since.get_or_insert(now);
         if now - since >= GIVE_UP_AFTER {
-            return Err(io::Error::new(
-                error.kind(),
-                format!(
-                    "long-poll: every exchange failed for {} s, the last: {error}",
-                    GIVE_UP_AFTER.as_secs()
-                ),
-            ));
+            return Err(LadderError::GaveUp {
+                secs: GIVE_UP_AFTER.as_secs(),
+                last: Box::new(error),
+            });
         }
         self.failures += 1;
         // A cut hold is retried at once; a path that keeps failing gets growing pauses.
@@ -922,8 +991,8 @@ impl LongPoll {
             n => (MIN_WAIT * (1 << (n - 2).min(8))).min(MAX_RETRY_PAUSE),
         };
         self.retry_at = Some(now + pause);
-        eprintln!(
-            "fleetcast-agent: long-poll exchange failed ({error}); repeating it in {} ms",
+        crate::say!(
+            "long-poll exchange failed ({error}); repeating it in {} ms",
             pause.as_millis()
         );
         Ok(())
@@ -939,8 +1008,8 @@ impl LongPoll {
         // Whole milliseconds: what the request header and the memory file carry.
         let hold = Duration::from_millis(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX));
         if hold < self.max_hold {
-            eprintln!(
-                "fleetcast-agent: long-poll: the path cut a request held for {} ms; holding at most {} ms from now on",
+            crate::say!(
+                "long-poll: the path cut a request held for {} ms; holding at most {} ms from now on",
                 waited.as_millis(),
                 hold.as_millis()
             );
@@ -952,7 +1021,7 @@ impl LongPoll {
     /// One `POST`: sends the next chunk of the outbox (at its stream offset) and the
     /// acknowledgement of what arrived, and takes the gateway's bytes from the answer.
     fn exchange(&mut self, hold: Duration) -> Result<(), Failure> {
-        let retry = |error| Failure::Retry { error, held: None };
+        let retry = |error: LadderError| Failure::Retry { error, held: None };
         let via = self.proxy.as_ref().map_or(&self.target, |p| &p.addr);
         let connect = Deadline::after(epoch(), self.connect_timeout);
         let mut s = tcp(via, &connect).map_err(retry)?;
@@ -965,66 +1034,50 @@ impl LongPoll {
         };
         let deadline = Deadline::after(epoch(), wait + RESPONSE_SLACK);
         s.set_write_timeout(Some(deadline.remaining()))
-            .map_err(retry)?;
-        let uri = match &self.proxy {
-            Some(_) => format!("http://{}/fleetcast/poll", self.target),
-            None => "/fleetcast/poll".to_string(),
-        };
-        let mut req = format!(
-            "POST {uri} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nX-Fleetcast-Wait: {}\r\n{UP_HEADER}: {}\r\n{DOWN_HEADER}: {}\r\nCache-Control: no-store\r\nConnection: close\r\n",
-            self.target,
-            chunk,
-            wait.as_millis(),
-            self.sent,
-            self.received,
-        );
-        if let Some(t) = &self.token {
-            req.push_str(&format!("X-Fleetcast-Session: {t}\r\n"));
+            .map_err(|e| retry(e.into()))?;
+        let head = PollRequest {
+            target: &self.target,
+            via_proxy: self.proxy.is_some(),
+            body_len: chunk,
+            wait_ms: wait.as_millis(),
+            up: self.sent,
+            down: self.received,
+            session: self.token.as_deref(),
+            proxy_auth: self.proxy.as_ref().and_then(|p| p.auth.as_deref()),
         }
-        if let Some(a) = self.proxy.as_ref().and_then(|p| p.auth.as_ref()) {
-            req.push_str(&format!("Proxy-Authorization: {a}\r\n"));
-        }
-        req.push_str("\r\n");
-        let mut msg = req.into_bytes();
+        .head();
+        let mut msg = head.into_bytes();
         msg.extend_from_slice(&self.outbox[..chunk]);
         // `write_all` repeats interrupted writes itself.
-        s.write_all(&msg).map_err(retry)?;
+        s.write_all(&msg).map_err(|e| retry(e.into()))?;
         let sent_at = epoch().elapsed();
         let held = || Some((wait, epoch().elapsed().saturating_sub(sent_at)));
-        let head = read_head(&mut s, &deadline).map_err(|error| match error.kind() {
+        let head = read_head(&mut s, &deadline).map_err(|error| match error {
             // An oversized head is not the path's doing.
-            io::ErrorKind::InvalidData => Failure::Fatal(error),
+            LadderError::ResponseHeadTooLarge => Failure::Fatal(error),
             _ => Failure::Retry {
                 error,
                 held: held(),
             },
         })?;
-        let r = parse_response(&head).map_err(Failure::Fatal)?;
-        let fatal = |what: &str| Failure::Fatal(io::Error::new(io::ErrorKind::InvalidData, what));
+        let r = proto::parse_response(&head).map_err(|e| Failure::Fatal(e.into()))?;
         match r.status {
-            200 => {
+            status::OK => {
                 let len = r
                     .content_length
-                    .ok_or_else(|| fatal("long-poll: no Content-Length"))?;
+                    .ok_or(Failure::Fatal(LadderError::PollNoLength))?;
                 if len > MAX_RESPONSE_BODY {
-                    return Err(fatal("long-poll: response too large"));
+                    return Err(Failure::Fatal(LadderError::PollTooLarge));
                 }
                 let mut body = vec![0u8; len];
                 read_full(&mut s, &mut body, &deadline).map_err(retry)?;
                 if self.token.is_none() {
-                    self.token = Some(
-                        r.session
-                            .ok_or_else(|| fatal("long-poll: no session token"))?,
-                    );
+                    self.token = Some(r.session.ok_or(Failure::Fatal(LadderError::PollNoToken))?);
                 }
-                // The body starts at `start` of the gateway's stream; what we already have of
-                // it (an answer to a repeated exchange) is skipped.
-                let start = r.down.unwrap_or(self.received);
-                if start > self.received {
-                    return Err(fatal("long-poll: the gateway skipped bytes of the stream"));
-                }
-                let skip = usize::try_from(self.received - start).unwrap_or(usize::MAX);
-                let fresh = body.get(skip..).unwrap_or_default();
+                // What we already have of the body (an answer to a repeated exchange) is
+                // skipped.
+                let fresh = proto::fresh_part(self.received, r.down, &body)
+                    .map_err(|_| Failure::Fatal(LadderError::PollGap))?;
                 self.received += fresh.len() as u64;
                 self.outbox.drain(..chunk);
                 self.sent += chunk as u64;
@@ -1032,28 +1085,27 @@ impl LongPoll {
                 self.pos = 0;
                 Ok(())
             }
-            410 => {
+            status::GONE => {
                 self.closed = true;
                 self.outbox.clear();
                 Ok(())
             }
-            code @ (401 | 407) if self.proxy.is_some() => Err(Failure::Fatal(
-                self.proxy
-                    .as_ref()
-                    .and_then(|p| ProxyAuthRefused::check(p, code).err())
-                    .unwrap_or_else(|| io::Error::other("long-poll: proxy refusal")),
-            )),
-            code @ (408 | 502 | 503 | 504) => Err(Failure::Retry {
-                error: io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("long-poll: HTTP {code} from the path"),
-                ),
+            code @ (status::UNAUTHORIZED | status::PROXY_AUTH_REQUIRED) => match &self.proxy {
+                Some(p) => Err(Failure::Fatal(
+                    ProxyAuthRefused::check(p, code)
+                        .err()
+                        .unwrap_or(LadderError::PollRefused(code)),
+                )),
+                None => Err(Failure::Fatal(LadderError::PollRefused(code))),
+            },
+            code @ (status::REQUEST_TIMEOUT
+            | status::BAD_GATEWAY
+            | status::SERVICE_UNAVAILABLE
+            | status::GATEWAY_TIMEOUT) => Err(Failure::Retry {
+                error: LadderError::PathStatus(code),
                 held: held(),
             }),
-            code => Err(Failure::Fatal(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                format!("long-poll: HTTP {code}"),
-            ))),
+            code => Err(Failure::Fatal(LadderError::PollRefused(code))),
         }
     }
 }
@@ -1113,9 +1165,7 @@ impl Memory {
             out.push_str(&format!(" {}", h.as_millis()));
         }
         out.push('\n');
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, out)?;
-        std::fs::rename(&tmp, &self.path)
+        fleetcast_os::write_atomic(&self.path, out.as_bytes(), 0o600)
     }
 
     /// The rung that won last time on `network`.
@@ -1158,15 +1208,6 @@ pub fn order(allowed: &[Rung], remembered: Option<Rung>) -> Vec<Rung> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_round_trip_and_rank() {
-        for (i, r) in LADDER.into_iter().enumerate() {
-            assert_eq!(Rung::parse(r.name()), Some(r));
-            assert_eq!(r.rank(), i);
-        }
-        assert_eq!(Rung::parse("carrier-pigeon"), None);
-    }
 
     #[test]
     fn proxy_urls() {
@@ -1366,7 +1407,7 @@ mod tests {
         let err = open(Rung::Connect, &target, &d).unwrap_err();
         // A typed cause, naming the proxy and that it refused the credentials sent.
         assert_eq!(
-            ProxyAuthRefused::of(&err),
+            err.proxy_auth(),
             Some(&ProxyAuthRefused {
                 proxy: addr.to_string(),
                 sent_credentials: true,
@@ -1623,17 +1664,19 @@ mod tests {
     /// order the rungs failed in; otherwise every rung's error is listed.
     #[test]
     fn the_climb_reports_the_most_telling_failure() {
-        let timeout = || io::Error::new(io::ErrorKind::TimedOut, "connect: timed out");
+        let timeout = || {
+            LadderError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connect: timed out",
+            ))
+        };
         let auth = ProxyAuthRefused {
             proxy: "p:3128".into(),
             sent_credentials: true,
             status: 401,
         };
         let e = ClimbError::from_failures(vec![
-            (
-                Rung::Connect,
-                io::Error::new(io::ErrorKind::PermissionDenied, auth.clone()),
-            ),
+            (Rung::Connect, LadderError::ProxyAuth(auth.clone())),
             (Rung::Native, timeout()),
         ]);
         assert!(matches!(&e, ClimbError::ProxyAuth(a) if *a == auth), "{e}");
@@ -1649,13 +1692,13 @@ mod tests {
             rustls::OtherError(std::sync::Arc::new(mismatch.clone())),
         ));
         let e = ClimbError::from_failures(vec![
-            (
-                Rung::Native,
-                io::Error::new(io::ErrorKind::InvalidData, pinned),
-            ),
+            (Rung::Native, LadderError::Tls(pinned)),
             (
                 Rung::Port443,
-                io::Error::new(io::ErrorKind::ConnectionRefused, "Connection refused"),
+                LadderError::Io(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    "Connection refused",
+                )),
             ),
         ]);
         assert!(
@@ -1665,10 +1708,7 @@ mod tests {
         assert!(e.to_string().contains(&"02".repeat(32)), "{e}");
         let unknown = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
         let e = ClimbError::from_failures(vec![
-            (
-                Rung::Native,
-                io::Error::new(io::ErrorKind::InvalidData, unknown),
-            ),
+            (Rung::Native, LadderError::Tls(unknown)),
             (Rung::Port443, timeout()),
         ]);
         assert!(matches!(e, ClimbError::Certificate(_)), "{e}");
@@ -1677,6 +1717,50 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "no rung reached the gateway (native: connect: timed out; 443: connect: timed out)"
+        );
+    }
+
+    /// A cause that travels inside an `io::Error` (a long-poll read through TLS) comes out
+    /// as the same typed cause with the same kind; a TLS error is typed as such; any other
+    /// error stays the system's.
+    #[test]
+    fn a_typed_cause_survives_the_io_layer() {
+        let e = io::Error::from(LadderError::PollGap);
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(
+            e.to_string(),
+            "long-poll: the gateway skipped bytes of the stream"
+        );
+        assert!(matches!(LadderError::from(e), LadderError::PollGap));
+        let auth = ProxyAuthRefused {
+            proxy: "p:3128".into(),
+            sent_credentials: false,
+            status: 407,
+        };
+        let e = io::Error::from(LadderError::ProxyAuth(auth.clone()));
+        assert_eq!(ProxyAuthRefused::of(&e), Some(&auth));
+        assert_eq!(LadderError::from(e).proxy_auth(), Some(&auth));
+        let tls = io::Error::new(io::ErrorKind::InvalidData, rustls::Error::DecryptError);
+        assert!(matches!(
+            LadderError::from(tls),
+            LadderError::Tls(rustls::Error::DecryptError)
+        ));
+        let os = LadderError::from(io::Error::from(io::ErrorKind::ConnectionReset));
+        assert!(matches!(&os, LadderError::Io(_)));
+        assert_eq!(os.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(
+            io::Error::from(os).kind(),
+            io::ErrorKind::ConnectionReset,
+            "not wrapped twice"
+        );
+        let gave_up = LadderError::GaveUp {
+            secs: 55,
+            last: Box::new(LadderError::PathStatus(504)),
+        };
+        assert_eq!(gave_up.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(
+            gave_up.to_string(),
+            "long-poll: every exchange failed for 55 s, the last: long-poll: HTTP 504 from the path"
         );
     }
 

@@ -1,4 +1,20 @@
 //! fleetcast device agent.
+
+/// Writes one line to stderr, prefixed `fleetcast-agent: `. Unlike `eprintln!` it never
+/// panics: a full disk or a closed journal under the agent's log must not stop the agent
+/// (the line is lost; the work goes on).
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "fleetcast-agent: {}",
+            format_args!($($arg)*)
+        );
+    }};
+}
+
 pub mod cli;
 pub mod config;
 pub mod driver;

@@ -11,7 +11,7 @@
 //! | `command`   | the [`CommandRecord`]: what was last executed and what became of it    |
 //!
 //! Every write goes to a temporary file in the same directory, is fsynced, renamed over the
-//! destination and the directory is fsynced ([`write_atomic`], [`AtomicFile`]): after a crash
+//! destination and the directory is fsynced ([`fleetcast_os::write_atomic`]): after a crash
 //! a file holds either its old or its new contents, never a mix. The `command` file also
 //! carries a CRC-32, and a pending result is stored as the exact wire frame of the `Result`
 //! message (which has its own CRC), so a file damaged some other way is detected: loading
@@ -57,11 +57,11 @@
 //!   recording and rebooting): rebooting again is safe, unlike re-running an arbitrary
 //!   command, so the driver may simply reboot.
 
-use std::fs::{self, File, OpenOptions, Permissions};
+use std::fs::File;
 use std::io::{self, Read as _, Write};
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+
+use fleetcast_os::{write_atomic, Tightened};
 
 use fleetcast_wire::{CommandResult, LastExecuted, Message, StepResult, StepStatus};
 
@@ -279,27 +279,14 @@ impl State {
     /// 0700 whatever the umask, and an existing one open to group or others is tightened to
     /// 0700 (with a line on stderr naming the old mode).
     pub fn open(dir: &Path) -> Result<State, StateError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| io_err(dir, e))?;
-        let mode = fs::metadata(dir)
-            .map_err(|e| io_err(dir, e))?
-            .permissions()
-            .mode()
-            & 0o7777;
-        if mode != 0o700 {
-            fs::set_permissions(dir, Permissions::from_mode(0o700)).map_err(|e| io_err(dir, e))?;
-            if mode & 0o077 != 0 {
-                // Lost, not a panic, if stderr cannot be written.
-                let _ = writeln!(
-                    io::stderr(),
-                    "fleetcast-agent: state directory {} was mode {mode:03o}, open to other \
-                     users: it is now 0700",
-                    dir.display()
-                );
-            }
+        if let Tightened::From(mode) = fleetcast_os::private_dir(dir).map_err(|e| io_err(dir, e))? {
+            // Lost, not a panic, if stderr cannot be written.
+            let _ = writeln!(
+                io::stderr(),
+                "fleetcast-agent: state directory {} was mode {mode:03o}, open to other \
+                 users: it is now 0700",
+                dir.display()
+            );
         }
         let mut state = State {
             dir: dir.to_owned(),
@@ -919,113 +906,11 @@ fn corrupt(path: &Path, reason: &'static str) -> StateError {
     }
 }
 
-/// A file written in place of `dest` only when [`AtomicFile::commit`] succeeds: the data goes
-/// to a temporary file in the same directory (so the rename cannot cross file systems),
-/// which is fsynced, renamed over `dest`, and the directory fsynced. Dropped uncommitted, the
-/// temporary file is removed and `dest` is untouched.
-#[derive(Debug)]
-pub struct AtomicFile {
-    file: Option<File>,
-    tmp: PathBuf,
-    dest: PathBuf,
-}
-
-impl AtomicFile {
-    /// Creates the temporary file for `dest`, with permission bits `mode` (set explicitly,
-    /// not filtered by the umask).
-    pub fn create(dest: &Path, mode: u32) -> io::Result<AtomicFile> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let name = dest
-            .file_name()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-        let dir = parent_dir(dest);
-        let mut attempt = 0;
-        loop {
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let mut tmp_name = std::ffi::OsString::from(".");
-            tmp_name.push(name);
-            tmp_name.push(format!(".tmp.{}.{n}", std::process::id()));
-            let tmp = dir.join(tmp_name);
-            match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-            {
-                Ok(file) => {
-                    let this = AtomicFile {
-                        file: Some(file),
-                        tmp,
-                        dest: dest.to_owned(),
-                    };
-                    this.handle()
-                        .set_permissions(Permissions::from_mode(mode & 0o7777))?;
-                    return Ok(this);
-                }
-                // A leftover of a crashed earlier process with the same pid: try another name.
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 16 => {
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    fn handle(&self) -> &File {
-        self.file.as_ref().expect("present until commit")
-    }
-
-    /// Flushes the data to disk and replaces `dest` with it, durably.
-    pub fn commit(mut self) -> io::Result<()> {
-        let file = self.file.take().expect("present until commit");
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&self.tmp, &self.dest)?;
-        // Renamed: nothing left to clean up, even if the directory sync fails.
-        self.tmp = PathBuf::new();
-        sync_dir(&parent_dir(&self.dest))
-    }
-}
-
-impl Write for AtomicFile {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.file.as_mut().expect("present until commit").write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for AtomicFile {
-    fn drop(&mut self) {
-        if !self.tmp.as_os_str().is_empty() {
-            let _ = fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-/// Replaces `dest` with `bytes` atomically and durably (see [`AtomicFile`]).
-pub fn write_atomic(dest: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let mut f = AtomicFile::create(dest, mode)?;
-    f.write_all(bytes)?;
-    f.commit()
-}
-
-/// Makes a directory's entries (creations, renames) durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-fn parent_dir(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::{self, Permissions};
+    use std::os::unix::fs::PermissionsExt as _;
 
     const CERT: &str = "-----BEGIN CERTIFICATE-----\nMAMCAQA=\n-----END CERTIFICATE-----\n";
 
@@ -1043,33 +928,6 @@ mod tests {
             output: b"hi\n",
             report: None,
         }
-    }
-
-    #[test]
-    fn atomic_write_replaces_and_sets_mode() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        write_atomic(&p, b"one", 0o640).unwrap();
-        write_atomic(&p, b"two", 0o600).unwrap();
-        assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(
-            fs::metadata(&p).unwrap().permissions().mode() & 0o7777,
-            0o600
-        );
-        // No temporary files left behind.
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
-    }
-
-    #[test]
-    fn uncommitted_atomic_file_leaves_destination_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        write_atomic(&p, b"old", 0o644).unwrap();
-        let mut f = AtomicFile::create(&p, 0o644).unwrap();
-        f.write_all(b"new, never committed").unwrap();
-        drop(f);
-        assert_eq!(fs::read(&p).unwrap(), b"old");
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

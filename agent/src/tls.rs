@@ -14,7 +14,8 @@
 //! Invariants:
 //! - The private key is generated on the device and never leaves it: the only key material this
 //!   module exports is the public [`DeviceKey::spki_der`]; the private half is written only to
-//!   the key file (mode 0600, written via a temporary file and an atomic rename).
+//!   the key file (mode 0600, written via a temporary file and an atomic rename,
+//!   [`fleetcast_os::write_atomic`]).
 //! - No `Debug` output contains private key material.
 //! - The server is verified against the gateway CA alone, never against the system roots.
 //! - Crypto is the `ring` provider, chosen explicitly (no aws-lc anywhere in the agent).
@@ -23,8 +24,8 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write as _};
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::io;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -476,38 +477,13 @@ fn check_private_mode(path: &Path) -> Result<(), TlsError> {
     Ok(())
 }
 
-/// Writes `bytes` to `path` through `path.tmp` (created with `mode`), fsync, rename, and fsync
-/// of the directory, so a crash leaves either the old file or the new one.
+/// Replaces `path` with `bytes` (mode `mode`) atomically and durably
+/// ([`fleetcast_os::write_atomic`]), so a crash leaves either the old file or the new one.
 fn write_file_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
-    let io_err = |p: &Path| {
-        let p = p.to_owned();
-        move |source| TlsError::Io { path: p, source }
-    };
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    // A stale temporary file from a crash may have other permissions: start afresh.
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(&tmp)(e)),
-    }
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    file.write_all(bytes).map_err(io_err(&tmp))?;
-    file.sync_all().map_err(io_err(&tmp))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(io_err(path))?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir))?;
-    }
-    Ok(())
+    fleetcast_os::write_atomic(path, bytes, mode).map_err(|source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -621,9 +621,10 @@ fn run(
             return Ok(d);
         }
         attempt += 1;
-        eprintln!(
-            "fleetcast-agent: task {}: {} — receiving it again (attempt {attempt} of {MISMATCH_RETRIES})",
-            spec.task_id, d.reason
+        crate::say!(
+            "task {}: {} — receiving it again (attempt {attempt} of {MISMATCH_RETRIES})",
+            spec.task_id,
+            d.reason
         );
         progress.received.store(0, Ordering::Relaxed);
     }
@@ -684,8 +685,8 @@ fn run_once(
     progress.total.store(rx.n_blocks(), Ordering::Relaxed);
     publish(&rx);
     if initial.is_some() {
-        eprintln!(
-            "fleetcast-agent: task {}: resuming with {} of {} blocks from the record",
+        crate::say!(
+            "task {}: resuming with {} of {} blocks from the record",
             spec.task_id,
             rx.blocks_received(),
             rx.n_blocks()
@@ -723,7 +724,7 @@ fn run_once(
     let mut complete = rx.is_complete();
     let mut dropped = Dropped::default();
     let log_dropped = |d: &Dropped| {
-        eprintln!("fleetcast-agent: transfer {}: dropped {d}", spec.task_id);
+        crate::say!("transfer {}: dropped {d}", spec.task_id);
     };
     while !complete {
         if stop.load(Ordering::Relaxed) {
@@ -848,9 +849,10 @@ fn run_once(
                         n_read += 1;
                     }
                     Err(e) => {
-                        eprintln!(
-                            "fleetcast-agent: task {}: group {} not rebuilt: {e}",
-                            spec.task_id, job.group
+                        crate::say!(
+                            "task {}: group {} not rebuilt: {e}",
+                            spec.task_id,
+                            job.group
                         );
                         break;
                     }
@@ -879,8 +881,8 @@ fn run_once(
     drop(persist_tx);
     let _ = persister.join();
     if rebuilt_blocks > 0 {
-        eprintln!(
-            "fleetcast-agent: transfer {}: rebuilt {rebuilt_blocks} blocks from parity",
+        crate::say!(
+            "transfer {}: rebuilt {rebuilt_blocks} blocks from parity",
             spec.task_id
         );
     }

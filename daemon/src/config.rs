@@ -459,36 +459,129 @@ const LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace", "off"];
 /// Checks a `log.level` filter: comma-separated directives, each a level or `TARGET=LEVEL`.
 /// `tracing` would also take a bare word as "everything from that target", but then
 /// `verbose` (a misspelt level) would silence the whole log: a target needs its `=LEVEL`.
-fn check_filter(filter: &str) -> Result<(), String> {
+fn check_filter(filter: &str) -> Result<(), FilterError> {
     let level = |l: &str| LEVELS.iter().any(|x| x.eq_ignore_ascii_case(l.trim()));
     let directives: Vec<&str> = filter.split(',').map(str::trim).collect();
     if directives.iter().all(|d| d.is_empty()) {
-        return Err("the filter is empty".into());
+        return Err(FilterError::Empty);
     }
     for d in directives.into_iter().filter(|d| !d.is_empty()) {
         match d.rsplit_once('=') {
-            None if !level(d) => return Err(format!("`{d}` is not a level")),
+            None if !level(d) => return Err(FilterError::NotALevel(d.into())),
             Some((target, l)) if target.trim().is_empty() || !level(l) => {
-                return Err(format!("`{d}` is not TARGET=LEVEL with a level"))
+                return Err(FilterError::NotTargetLevel(d.into()))
             }
             _ => {}
         }
     }
     tracing_subscriber::EnvFilter::try_new(filter)
         .map(drop)
-        .map_err(|e| format!("`{filter}` is not a log filter ({e})"))
+        .map_err(|e| FilterError::Rejected {
+            filter: filter.into(),
+            reason: e.to_string(),
+        })
+}
+
+/// What is wrong with a `log.level` filter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FilterError {
+    /// No directive at all.
+    #[error("the filter is empty")]
+    Empty,
+    /// A bare word that is no level.
+    #[error("`{0}` is not a level")]
+    NotALevel(String),
+    /// `TARGET=LEVEL` without a target or a level.
+    #[error("`{0}` is not TARGET=LEVEL with a level")]
+    NotTargetLevel(String),
+    /// `tracing` refuses the filter.
+    #[error("`{filter}` is not a log filter ({reason})")]
+    Rejected {
+        /// The filter.
+        filter: String,
+        /// `tracing`'s reason.
+        reason: String,
+    },
+}
+
+/// What is wrong with one value of a key; [`Unfit`] adds what the key takes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    /// A number outside the key's range.
+    #[error("{0} is out of range")]
+    OutOfRange(u64),
+    /// An empty path.
+    #[error("the path is empty")]
+    EmptyPath,
+    /// No server name.
+    #[error("the list is empty (agents put one of its names in --gateway)")]
+    NoServerNames,
+    /// A server name that cannot be in a certificate.
+    #[error("`{0}` is neither a DNS name nor an IP address")]
+    BadServerName(String),
+    /// A `log.level` that is no filter.
+    #[error(transparent)]
+    Filter(FilterError),
+    /// `mcast.addr` is not a unicast address.
+    #[error("{0} is not a unicast address")]
+    NotUnicast(Ipv4Addr),
+    /// `mcast.group` is not a multicast address.
+    #[error("{0} is not a multicast address")]
+    NotMulticast(Ipv4Addr),
+    /// `artifacts.url` is not an HTTP URL.
+    #[error("`{0}` is not an http:// or https:// URL")]
+    NotHttpUrl(String),
+    /// An empty name.
+    #[error("the name is empty")]
+    EmptyName,
+    /// An environment value of a number key that is not a whole number.
+    #[error("`{0}` is not a whole number")]
+    NotANumber(String),
+    /// A value of the wrong type, in the words of the TOML parser.
+    #[error("{0}")]
+    Type(String),
+}
+
+/// A value its key does not take: what is wrong, and what the key takes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{problem}; it takes {accepts}")]
+pub struct Unfit {
+    /// What is wrong.
+    pub problem: Problem,
+    /// The values the key accepts, in words ([`Key::accepts`]).
+    pub accepts: &'static str,
+}
+
+/// Why the merged configuration cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rule {
+    /// A value its key does not take.
+    #[error(transparent)]
+    Unfit(Unfit),
+    /// `watch.dir` without `watch.group`.
+    #[error("watch.dir {} needs a target group", .0.display())]
+    WatchWithoutGroup(PathBuf),
+    /// `watch.dir` without `mcast.addr`.
+    #[error("pushes need multicast: set mcast.addr too")]
+    WatchWithoutMcast,
+    /// `artifacts.url` without `artifacts.listen`.
+    #[error("is set but artifacts.listen is not: set both, or neither")]
+    UrlWithoutListen,
+    /// The merged table does not fit the schema, in the words of the TOML parser.
+    #[error("{0}")]
+    Merge(String),
 }
 
 /// A configuration that cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file cannot be read.
-    #[error("cannot read configuration file {path}: {why}")]
+    #[error("cannot read configuration file {path}: {source}")]
     Read {
         /// File.
         path: String,
         /// Cause.
-        why: String,
+        source: std::io::Error,
     },
     /// The file is not valid TOML or does not fit the schema (the message shows the line and
     /// names the key).
@@ -496,26 +589,47 @@ pub enum ConfigError {
     File {
         /// File.
         path: String,
-        /// The parser's message.
+        /// The TOML parser's message, explained: the line, the key, what it takes, the line
+        /// itself.
         why: String,
     },
+    /// A value in the file its key does not take.
+    #[error(
+        "configuration file {path}: line {line}: key `{key}`: {unfit}, e.g. {example}\n{shown}"
+    )]
+    FileValue {
+        /// File.
+        path: String,
+        /// The line (from 1).
+        line: usize,
+        /// Key.
+        key: &'static str,
+        /// What is wrong, and what the key takes (boxed: errors stay small).
+        unfit: Box<Unfit>,
+        /// An example as the file writes it (`leaf = value`).
+        example: String,
+        /// The line itself, numbered.
+        shown: String,
+    },
     /// An environment variable's value does not fit its key.
-    #[error("environment variable {var} (key `{key}`): {why}")]
+    #[error("environment variable {var} (key `{key}`): {unfit}, {example}")]
     Env {
         /// Variable.
         var: String,
         /// Key.
         key: &'static str,
-        /// Problem.
-        why: String,
+        /// What is wrong, and what the key takes (boxed: errors stay small).
+        unfit: Box<Unfit>,
+        /// An example as the environment writes it (`e.g. VAR=value`).
+        example: String,
     },
     /// The merged value of a key is not acceptable.
     #[error("configuration key `{key}`: {why}")]
     Invalid {
         /// Key.
         key: &'static str,
-        /// Problem and what to do.
-        why: String,
+        /// The rule broken.
+        why: Rule,
     },
 }
 
@@ -533,9 +647,9 @@ pub fn load(
 ) -> Result<Config, ConfigError> {
     let mut table = match file {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.display().to_string(),
-                why: e.to_string(),
+                source,
             })?;
             let file_err = |why| ConfigError::File {
                 path: path.display().to_string(),
@@ -549,14 +663,16 @@ pub fn load(
                 let Some(n) = line_of(&text, k.name) else {
                     continue;
                 };
-                cfg.check(k).map_err(|why| {
+                cfg.check(k).map_err(|unfit| {
                     let leaf = k.name.rsplit('.').next().unwrap_or(k.name);
-                    file_err(format!(
-                        "line {n}: key `{}`: {why}, e.g. {leaf} = {}\n{}",
-                        k.name,
-                        k.example,
-                        show_line(&text, n)
-                    ))
+                    ConfigError::FileValue {
+                        path: path.display().to_string(),
+                        line: n,
+                        key: k.name,
+                        unfit: Box::new(unfit),
+                        example: format!("{leaf} = {}", k.example),
+                        shown: show_line(&text, n),
+                    }
                 })?;
             }
             table
@@ -571,25 +687,23 @@ pub fn load(
             var = "RUST_LOG".into();
         }
         let Some(raw) = raw else { continue };
-        let env_err = |why: String| ConfigError::Env {
+        let env_err = |unfit: Unfit| ConfigError::Env {
             var: var.clone(),
             key: k.name,
-            why,
+            unfit: Box::new(unfit),
+            // The example as an environment value: no TOML quotes.
+            example: format!("e.g. {var}={}", k.example.replace('"', "")),
         };
-        // The example as an environment value: no TOML quotes.
-        let example = format!("e.g. {var}={}", k.example.replace('"', ""));
-        let value = env_value(k, &raw).map_err(|why| env_err(format!("{why}, {example}")))?;
+        let value = env_value(k, &raw).map_err(env_err)?;
         let mut one = toml::Table::new();
         set(&mut one, k.name, value.clone());
         let cfg: Config = toml::Value::Table(one).try_into().map_err(|e| {
-            env_err(format!(
-                "{}; it takes {}, {example}",
-                e.message().trim(),
-                k.accepts
-            ))
+            env_err(Unfit {
+                problem: Problem::Type(e.message().trim().into()),
+                accepts: k.accepts,
+            })
         })?;
-        cfg.check(k)
-            .map_err(|why| env_err(format!("{why}, {example}")))?;
+        cfg.check(k).map_err(env_err)?;
         set(&mut table, k.name, value);
     }
     for (name, value) in flags {
@@ -599,7 +713,10 @@ pub fn load(
             let accepts = lookup(name).map_or("", |k| k.accepts);
             return Err(ConfigError::Invalid {
                 key: name,
-                why: format!("{}; it takes {accepts}", e.message().trim()),
+                why: Rule::Unfit(Unfit {
+                    problem: Problem::Type(e.message().trim().into()),
+                    accepts,
+                }),
             });
         }
         set(&mut table, name, value.clone());
@@ -608,7 +725,7 @@ pub fn load(
         .try_into()
         .map_err(|e| ConfigError::Invalid {
             key: "(flags)",
-            why: e.to_string(),
+            why: Rule::Merge(e.to_string()),
         })?;
     cfg.validate()?;
     Ok(cfg)
@@ -616,7 +733,7 @@ pub fn load(
 
 /// An environment value as TOML, by the key's kind: a list splits on commas, a number must be
 /// digits, anything else is the string as given.
-fn env_value(k: &Key, raw: &str) -> Result<toml::Value, String> {
+fn env_value(k: &Key, raw: &str) -> Result<toml::Value, Unfit> {
     Ok(match k.kind {
         Kind::List => toml::Value::Array(
             raw.split(',')
@@ -625,11 +742,10 @@ fn env_value(k: &Key, raw: &str) -> Result<toml::Value, String> {
                 .map(|s| toml::Value::String(s.into()))
                 .collect(),
         ),
-        Kind::Int => toml::Value::Integer(
-            raw.trim()
-                .parse()
-                .map_err(|_| format!("`{raw}` is not a whole number; it takes {}", k.accepts))?,
-        ),
+        Kind::Int => toml::Value::Integer(raw.trim().parse().map_err(|_| Unfit {
+            problem: Problem::NotANumber(raw.into()),
+            accepts: k.accepts,
+        })?),
         Kind::Path | Kind::Addr | Kind::Text => toml::Value::String(raw.into()),
     })
 }
@@ -773,41 +889,39 @@ impl Config {
     /// Checks what the types cannot: each key's range or format, then the rules between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
         for k in KEYS {
-            self.check(k)
-                .map_err(|why| ConfigError::Invalid { key: k.name, why })?;
+            self.check(k).map_err(|unfit| ConfigError::Invalid {
+                key: k.name,
+                why: Rule::Unfit(unfit),
+            })?;
         }
-        let bad = |key, why: String| Err(ConfigError::Invalid { key, why });
+        let bad = |key, why| Err(ConfigError::Invalid { key, why });
         if let Some(d) = &self.watch.dir {
             if self.watch.group.is_none() {
-                return bad(
-                    "watch.group",
-                    format!("watch.dir {} needs a target group", d.display()),
-                );
+                return bad("watch.group", Rule::WatchWithoutGroup(d.clone()));
             }
             if self.mcast.addr.is_none() {
-                return bad(
-                    "watch.dir",
-                    "pushes need multicast: set mcast.addr too".into(),
-                );
+                return bad("watch.dir", Rule::WatchWithoutMcast);
             }
         }
         if self.artifacts.url.is_some() && self.artifacts.listen.is_none() {
-            return bad(
-                "artifacts.url",
-                "is set but artifacts.listen is not: set both, or neither".into(),
-            );
+            return bad("artifacts.url", Rule::UrlWithoutListen);
         }
         Ok(())
     }
 
     /// The value of key `k` on its own: `Err` says what is wrong and what `k` accepts.
-    fn check(&self, k: &Key) -> Result<(), String> {
-        let takes = |what: String| Err(format!("{what}; it takes {}", k.accepts));
+    fn check(&self, k: &Key) -> Result<(), Unfit> {
+        let takes = |problem| {
+            Err(Unfit {
+                problem,
+                accepts: k.accepts,
+            })
+        };
         let range = |v: u64, lo: u64, hi: u64| {
             if (lo..=hi).contains(&v) {
                 Ok(())
             } else {
-                takes(format!("{v} is out of range"))
+                takes(Problem::OutOfRange(v))
             }
         };
         match k.name {
@@ -818,19 +932,17 @@ impl Config {
                     &self.watch.dir
                 };
                 match d {
-                    Some(d) if d.as_os_str().is_empty() => takes("the path is empty".into()),
+                    Some(d) if d.as_os_str().is_empty() => takes(Problem::EmptyPath),
                     _ => Ok(()),
                 }
             }
             "server_names" => {
                 if self.server_names.is_empty() {
-                    return takes(
-                        "the list is empty (agents put one of its names in --gateway)".into(),
-                    );
+                    return takes(Problem::NoServerNames);
                 }
                 for n in &self.server_names {
                     if rustls::pki_types::ServerName::try_from(n.as_str()).is_err() {
-                        return takes(format!("`{n}` is neither a DNS name nor an IP address"));
+                        return takes(Problem::BadServerName(n.clone()));
                     }
                 }
                 Ok(())
@@ -838,28 +950,28 @@ impl Config {
             "heartbeat_secs" => range(self.heartbeat_secs.into(), 1, 3600),
             "reboot_timeout_secs" => range(self.reboot_timeout_secs, 1, 30 * 86_400),
             "http_timeout_secs" => range(self.http_timeout_secs, 1, 300),
-            "log.level" => check_filter(&self.log.level).or_else(takes),
+            "log.level" => check_filter(&self.log.level).or_else(|e| takes(Problem::Filter(e))),
             "mcast.addr" => match self.mcast.addr {
                 Some(a) if a.is_multicast() || a.is_unspecified() || a.is_broadcast() => {
-                    takes(format!("{a} is not a unicast address"))
+                    takes(Problem::NotUnicast(a))
                 }
                 _ => Ok(()),
             },
             "mcast.port" => range(self.mcast.port.into(), 1, 65_535),
             "mcast.group" if !self.mcast.group.is_multicast() => {
-                takes(format!("{} is not a multicast address", self.mcast.group))
+                takes(Problem::NotMulticast(self.mcast.group))
             }
             "mcast.linger_secs" => range(self.mcast.linger_secs, 0, 86_400),
             "mcast.warmup_ms" => range(self.mcast.warmup_ms, 0, 60_000),
             "mcast.fec_group" => range(self.mcast.fec_group.into(), 0, 32_768),
             "artifacts.url" => match &self.artifacts.url {
                 Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
-                    takes(format!("`{u}` is not an http:// or https:// URL"))
+                    takes(Problem::NotHttpUrl(u.clone()))
                 }
                 _ => Ok(()),
             },
             "watch.group" => match &self.watch.group {
-                Some(g) if g.trim().is_empty() => takes("the name is empty".into()),
+                Some(g) if g.trim().is_empty() => takes(Problem::EmptyName),
                 _ => Ok(()),
             },
             "watch.interval_ms" => range(self.watch.interval_ms, 100, 3_600_000),

@@ -15,7 +15,7 @@
 use std::fs;
 use std::io::{self, Read as _, Seek as _, Write as _};
 use std::os::fd::AsRawFd as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 /// The lock file's name inside the data directory.
@@ -52,13 +52,7 @@ pub struct DataDirLock {
 }
 
 /// What [`claim`] did to an existing directory's mode, for the caller to log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tightened {
-    /// The directory already was private (or was just created 0700).
-    No,
-    /// It had these permission bits and is now 0700.
-    From(u32),
-}
+pub use fleetcast_os::Tightened;
 
 /// Creates `dir` (mode 0700) if missing, takes its lock, and makes it 0700 if group or others
 /// had access. Refuses with [`DataDirError::InUse`] when another process holds the lock, before
@@ -68,7 +62,7 @@ pub fn claim(dir: &Path) -> Result<(DataDirLock, Tightened), DataDirError> {
         let path = path.to_owned();
         move |source| DataDirError::Io { path, source }
     };
-    let created = create_private_dir(dir).map_err(io_err(dir))?;
+    let created = fleetcast_os::create_private_dir(dir).map_err(io_err(dir))?;
     let path = dir.join(LOCK_FILE);
     // No truncation on open: a refused second gateway must leave the holder's PID in place.
     let mut file = fs::OpenOptions::new()
@@ -76,7 +70,7 @@ pub fn claim(dir: &Path) -> Result<(DataDirLock, Tightened), DataDirError> {
         .write(true)
         .create(true)
         .truncate(false)
-        .mode(0o600)
+        .mode(fleetcast_os::PRIVATE_FILE_MODE)
         .open(&path)
         .map_err(io_err(&path))?;
     if let Err(e) = try_lock(&file) {
@@ -102,58 +96,31 @@ pub fn claim(dir: &Path) -> Result<(DataDirLock, Tightened), DataDirError> {
     let tightened = if created {
         Tightened::No
     } else {
-        make_private(dir).map_err(io_err(dir))?
+        fleetcast_os::tighten(dir, fleetcast_os::PRIVATE_DIR_MODE).map_err(io_err(dir))?
     };
     Ok((DataDirLock { _file: file }, tightened))
 }
 
-/// Creates `dir` with mode exactly 0700 (its missing parents with the usual mode); returns
-/// whether it was created. An existing directory is left as it is.
-pub fn create_private_dir(dir: &Path) -> io::Result<bool> {
-    if dir.is_dir() {
-        return Ok(false);
-    }
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::create_dir_all(parent)?;
-    }
-    match fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => {}
-        // Another process created it in between: treat it as existing.
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(false),
-        Err(e) => return Err(e),
-    }
-    // The umask may have taken bits away (0700 & !umask); set exactly 0700.
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-    Ok(true)
-}
-
-/// Sets `dir` to 0700 if group or others have any access; returns what it was.
-pub fn make_private(dir: &Path) -> io::Result<Tightened> {
-    let mode = fs::metadata(dir)?.permissions().mode() & 0o7777;
-    if mode & 0o077 == 0 {
-        return Ok(Tightened::No);
-    }
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-    Ok(Tightened::From(mode))
-}
-
 fn try_lock(file: &fs::File) -> io::Result<()> {
-    loop {
-        // SAFETY: flock on a descriptor this function borrows open; no memory is passed.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    fleetcast_os::retry_interrupted(
+        || {
+            // SAFETY: flock on a descriptor this function borrows open; no memory is passed.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        },
+        // Each repeat needs another signal: repeating for as long as they come is bounded.
+        || Ok::<_, io::Error>(()),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     fn mode(p: &Path) -> u32 {
         fs::metadata(p).unwrap().permissions().mode() & 0o7777
@@ -185,19 +152,5 @@ mod tests {
         let (_lock, t) = claim(&dir).unwrap();
         assert_eq!(t, Tightened::From(0o755));
         assert_eq!(mode(&dir), 0o700);
-    }
-
-    #[test]
-    fn created_exactly_private_and_parents_made() {
-        let d = tempfile::tempdir().unwrap();
-        assert!(create_private_dir(&d.path().join("a/b")).unwrap());
-        assert_eq!(mode(&d.path().join("a/b")), 0o700);
-        assert!(!create_private_dir(&d.path().join("a/b")).unwrap());
-        fs::set_permissions(d.path().join("a/b"), fs::Permissions::from_mode(0o750)).unwrap();
-        assert_eq!(
-            make_private(&d.path().join("a/b")).unwrap(),
-            Tightened::From(0o750)
-        );
-        assert_eq!(make_private(&d.path().join("a/b")).unwrap(), Tightened::No);
     }
 }

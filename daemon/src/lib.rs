@@ -19,6 +19,5 @@ pub mod pki;
 pub mod ratelimit;
 pub mod retention;
 pub mod sd_notify;
-pub mod sniff;
 pub mod tlsconn;
 pub mod watch;

@@ -36,8 +36,8 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write as _};
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::io;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -223,13 +223,7 @@ impl Pki {
                     .map_err(|_| PkiError::InvalidServerName(n.clone()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if !dir.exists() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(io_err(dir))?;
-        }
+        fleetcast_os::create_private_dir(dir).map_err(io_err(dir))?;
 
         let (ca_der, issuer) = load_or_create_ca(dir, now)?;
         let (server_cert, server_key) =
@@ -699,34 +693,10 @@ fn read_key(path: &Path) -> Result<KeyPair, PkiError> {
     KeyPair::try_from(&pkcs8).map_err(|_| pem_err())
 }
 
-/// Writes `bytes` to `path` through `path.tmp` (created with `mode`), fsync, rename, and fsync
-/// of the directory, so a crash leaves either no file or the complete one.
+/// Replaces `path` with `bytes` (mode `mode`) atomically and durably
+/// ([`fleetcast_os::write_atomic`]), so a crash leaves either no file or the complete one.
 fn write_file_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    // A stale temporary file from a crash may have other permissions: start afresh.
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(&tmp)(e)),
-    }
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    file.write_all(bytes).map_err(io_err(&tmp))?;
-    file.sync_all().map_err(io_err(&tmp))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(io_err(path))?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir))?;
-    }
-    Ok(())
+    fleetcast_os::write_atomic(path, bytes, mode).map_err(io_err(path))
 }
 
 /// RFC 7468 PEM: base64 (RFC 4648 §4, padded) in 64-column lines.

@@ -73,9 +73,9 @@ pub(crate) const META_NEXT_DEVICE: &[u8] = b"next_device";
 pub(crate) const META_NEXT_TASK: &[u8] = b"next_task";
 
 /// Mode of the store's directory: commands, results and outputs are nobody else's business.
-pub(crate) const DIR_MODE: u32 = 0o700;
+pub(crate) const DIR_MODE: u32 = fleetcast_os::PRIVATE_DIR_MODE;
 /// Mode of `data.mdb` and `lock.mdb`.
-pub(crate) const FILE_MODE: u32 = 0o600;
+pub(crate) const FILE_MODE: u32 = fleetcast_os::PRIVATE_FILE_MODE;
 
 /// Opens (creating if needed) the environment at `path` and checks its schema version.
 ///
@@ -141,29 +141,17 @@ pub(crate) fn open_env(path: &Path) -> Result<(Environment, Dbs)> {
 }
 
 /// Creates the directory `path` (if `dir`) and sets `path` to `mode` when it grants more than
-/// that; a missing file is left missing.
+/// that; a missing file is left missing. The rules are `fleetcast_os`'s, shared with the
+/// gateway's data directory and the agent's state directory.
 pub(crate) fn make_private(path: &Path, mode: u32, dir: bool) -> Result<()> {
-    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
-    if dir && !path.is_dir() {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)?;
-        }
-        match std::fs::DirBuilder::new().mode(mode).create(path) {
-            // The umask may have taken bits away from `mode`: set it exactly.
-            Ok(()) => std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e.into()),
-        }
+    if dir {
+        fleetcast_os::create_private_dir(path)?;
     }
-    let current = match std::fs::metadata(path) {
-        Ok(m) => m.permissions().mode() & 0o7777,
-        Err(e) if !dir && e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    if current & !mode != 0 {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    match fleetcast_os::tighten(path, mode) {
+        Ok(_) => Ok(()),
+        Err(e) if !dir && e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
     }
-    Ok(())
 }
 
 /// Bytes of the map in use (pages up to the last one written).

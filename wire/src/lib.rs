@@ -14,7 +14,8 @@
 //!
 //! # Features
 //! - `std` (default): `std::error::Error` for [`Error`]; implies `alloc`.
-//! - `alloc`: the [`Message`] enum (its lists are `Vec`s), [`Deframer`], [`Ranges`].
+//! - `alloc`: the [`Message`] enum (its lists are `Vec`s), [`Deframer`], [`Ranges`], the
+//!   transport ladder's HTTP protocol ([`ladder`], with `httparse`).
 //! - without either: the header, data blocks ([`DataBlock`], [`data_prefix`]) and time.
 //! - `arbitrary`: `arbitrary::Arbitrary` for every message (fuzzing).
 //! - `fec` (on with `std`): the Reed–Solomon codec `mcast::ReedSolomon` (`reed-solomon-simd`);
@@ -36,6 +37,8 @@ pub mod time;
 
 #[cfg(feature = "alloc")]
 pub mod deframer;
+#[cfg(feature = "alloc")]
+pub mod ladder;
 #[cfg(feature = "alloc")]
 pub mod mcast;
 #[cfg(feature = "alloc")]

@@ -1,7 +1,9 @@
 //! The gateway's side of the agent's transport ladder, inside the one mio loop.
 //!
-//! Every accepted agent connection starts in [`Sniffing::Outer`]; its first byte (peeked, not
-//! consumed) picks the layer ([`crate::sniff`]):
+//! The protocol itself (paths, fields, limits, refusals, the sniffing of first bytes, the
+//! stream offsets) is [`fleetcast_wire::ladder`], shared with the agent; this module is the
+//! I/O around it. Every accepted agent connection starts in [`Sniffing::Outer`]; its first
+//! byte (peeked, not consumed) picks the layer ([`sniff`]):
 //! - TLS → after the handshake the first plaintext byte picks binary framing (native, port 443
 //!   and CONNECT rungs) or an HTTP head (`GET /fleetcast` + `Upgrade: fleetcast` → `101`, then
 //!   binary framing). The session core is created only once binary framing starts.
@@ -10,24 +12,41 @@
 //!   a loopback connection ([`RelayConn`]), so the long-poll agent gets an ordinary
 //!   [`AgentConn`] with the same TLS, identity and session core as every other rung. A relay is
 //!   named by a random 128-bit token handed out in `X-Fleetcast-Session`; it lives until its
-//!   agent connection closes or no request names it for [`RELAY_IDLE`]. Its [`PollStream`]
+//!   agent connection closes or no request names it for [`proto::RELAY_IDLE`]. Its [`PollStream`]
 //!   makes a repeated exchange (an answer lost to a proxy's timeout or a cut connection)
 //!   harmless: body bytes are taken once by offset, answers are kept until acknowledged.
 //!
-//! Limits: HTTP heads are bounded by [`http::MAX_HEAD`] bytes and [`http::MAX_HEADERS`] fields,
+//! Limits: HTTP heads are bounded by [`proto::MAX_HEAD`] bytes and [`proto::MAX_HEADERS`] fields,
 //! and must be complete (with the body) within `GatewayConfig::http_timeout` of the first
 //! byte; a cut is logged with its reason and answered with a status when possible. None of
 //! this blocks or costs a thread: it is readiness, buffers and one timer per connection.
 
 use super::*;
-use crate::http::{self, Parsed, Route};
-use crate::sniff::{self, Inner, Outer};
+use fleetcast_wire::ladder::sniff::{self, Inner, Outer};
+use fleetcast_wire::ladder::{self as proto, status, Parsed, PollStream, Refusal, Route, Rung};
 use std::collections::HashMap;
 
 /// A relay no long-poll request has named for this long is closed (and its session with it).
-pub const RELAY_IDLE: Duration = Duration::from_secs(60);
+const RELAY_IDLE: Duration = proto::RELAY_IDLE;
 /// Most gateway bytes a relay buffers for its agent (reading stops above this).
-const MAX_PENDING: usize = 1 << 20;
+const MAX_PENDING: usize = proto::RELAY_BUFFER;
+
+/// Why a long-poll relay could not be opened (the request is answered `503`).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RelayError {
+    /// The connection budget keeps no room for another relay.
+    #[error("the long-poll relay budget is full (see the connection budget in the log)")]
+    BudgetFull,
+    /// The loopback connection to the gateway's own listener failed.
+    #[error("loopback connection to the gateway's listener: {0}")]
+    Loopback(#[from] io::Error),
+    /// The system random number generator failed.
+    #[error("no randomness for a session token")]
+    NoRandomness,
+    /// The connection table refused the relay's connection.
+    #[error("relay not registered")]
+    NotRegistered,
+}
 
 /// Where an agent connection is in the sniffing of its layers.
 pub(super) enum Sniffing {
@@ -56,57 +75,6 @@ enum PlainState {
     Request,
     Holding { token: [u8; 16] },
     Responded,
-}
-
-/// The stream positions of a long-poll session, which make repeating an exchange harmless:
-/// request bodies are taken by their offset (bytes already taken are dropped), and the
-/// gateway's bytes stay here once answered until the agent acknowledges them (an answer lost
-/// on the way is sent again). An agent that sends no offsets gets the old behaviour: bodies
-/// are appended and an answer counts as received.
-#[derive(Debug, Default)]
-pub(super) struct PollStream {
-    /// Agent bytes taken so far.
-    up: u64,
-    /// Gateway bytes the agent has acknowledged: the stream offset of `unacked[0]`.
-    down: u64,
-    /// Gateway bytes answered and not acknowledged.
-    unacked: Vec<u8>,
-}
-
-impl PollStream {
-    /// The agent has received `down` bytes of the gateway's stream.
-    fn ack(&mut self, down: Option<u64>) -> Result<(), &'static str> {
-        let answered = self.down + self.unacked.len() as u64;
-        let down = down.unwrap_or(answered);
-        if down > answered {
-            return Err("acknowledges bytes never sent");
-        }
-        // An older acknowledgement (a request overtaken by its own repeat) changes nothing.
-        if down > self.down {
-            self.unacked.drain(..(down - self.down) as usize);
-            self.down = down;
-        }
-        Ok(())
-    }
-
-    /// The part of a request body at stream offset `up` not taken before.
-    fn take<'a>(&mut self, up: Option<u64>, body: &'a [u8]) -> Result<&'a [u8], &'static str> {
-        let up = up.unwrap_or(self.up);
-        if up > self.up {
-            return Err("skips bytes of the stream");
-        }
-        let seen = usize::try_from(self.up - up).unwrap_or(usize::MAX);
-        let fresh = body.get(seen..).unwrap_or_default();
-        self.up += fresh.len() as u64;
-        Ok(fresh)
-    }
-
-    /// An answer: what is not acknowledged, then `fresh` (kept until acknowledged). Returns
-    /// the stream offset of the body and the body.
-    fn answer(&mut self, fresh: &[u8]) -> (u64, Vec<u8>) {
-        self.unacked.extend_from_slice(fresh);
-        (self.down, self.unacked.clone())
-    }
 }
 
 /// The gateway end of a long-poll session: a loopback TCP connection to the gateway's own
@@ -157,16 +125,16 @@ impl Relays {
     }
 }
 
-/// The rung an agent reports in its version's build metadata (`0.1.0+connect`).
+/// The rung an agent reports in its version's build metadata (`0.1.0+connect`,
+/// [`Rung::of_version`]), as the store records it.
 pub(super) fn rung_of(agent_version: &str) -> Option<fleetcast_store::Transport> {
     use fleetcast_store::Transport;
-    Some(match agent_version.rsplit_once('+')?.1 {
-        "native" => Transport::Native,
-        "443" => Transport::Native443,
-        "upgrade" => Transport::HttpUpgrade,
-        "connect" => Transport::HttpConnect,
-        "longpoll" => Transport::LongPoll,
-        _ => return None,
+    Some(match Rung::of_version(agent_version)? {
+        Rung::Native => Transport::Native,
+        Rung::Port443 => Transport::Native443,
+        Rung::Upgrade => Transport::HttpUpgrade,
+        Rung::Connect => Transport::HttpConnect,
+        Rung::LongPoll => Transport::LongPoll,
     })
 }
 
@@ -202,14 +170,14 @@ pub(super) fn inner_ready(
                     return false;
                 }
             },
-            Sniffing::UpgradeHead(_) => match http::parse_request(&c.plain, true) {
+            Sniffing::UpgradeHead(_) => match proto::parse_request(&c.plain, true) {
                 Parsed::Partial => return false,
                 Parsed::Request {
                     route: Route::Upgrade,
                     head_len,
                 } => {
                     c.plain.drain(..head_len);
-                    if let Err(e) = c.tls.write_plain(http::SWITCHING) {
+                    if let Err(e) = c.tls.write_plain(proto::SWITCHING) {
                         tracing::warn!(conn = id, error = %e, "TLS write failed");
                         c.closing = true;
                         return false;
@@ -218,11 +186,11 @@ pub(super) fn inner_ready(
                     c.sniff = Sniffing::Binary;
                 }
                 Parsed::Request { .. } => {
-                    refuse_in_tls(c, id, 404, "no such fleetcast endpoint");
+                    refuse_in_tls(c, id, Refusal::NoSuchEndpoint);
                     return false;
                 }
-                Parsed::Reject { status, reason } => {
-                    refuse_in_tls(c, id, status, reason);
+                Parsed::Reject(r) => {
+                    refuse_in_tls(c, id, r);
                     return false;
                 }
             },
@@ -230,10 +198,15 @@ pub(super) fn inner_ready(
     }
 }
 
-fn refuse_in_tls(c: &mut AgentConn, id: ConnId, status: u16, reason: &str) {
-    tracing::info!(conn = id, status, reason, "HTTP request inside TLS refused");
+fn refuse_in_tls(c: &mut AgentConn, id: ConnId, r: Refusal) {
+    tracing::info!(
+        conn = id,
+        status = r.status(),
+        reason = r.reason(),
+        "HTTP request inside TLS refused"
+    );
     let mut out = Vec::new();
-    http::respond(&mut out, status, None, reason.as_bytes());
+    proto::refuse(&mut out, r);
     let _ = c.tls.write_plain(&out);
     c.closing = true;
 }
@@ -252,11 +225,12 @@ pub(super) fn unsessioned_timer(c: &mut AgentConn, id: ConnId, now: Instant) -> 
                         received = p.inbuf.len(),
                         "HTTP request not complete in time: cut off (slowloris)"
                     );
-                    http::respond(&mut p.out, 408, None, b"request not complete in time");
+                    proto::refuse(&mut p.out, Refusal::RequestTimeout);
                     p.state = PlainState::Responded;
                 }
                 PlainState::Holding { token } => {
-                    http::respond(&mut p.out, 200, Some(&token), b"");
+                    // Nothing came during the hold: an empty answer (no offset, no bytes).
+                    proto::respond(&mut p.out, status::OK, Some(&token), b"");
                     p.state = PlainState::Responded;
                 }
                 PlainState::Responded => c.closing = true,
@@ -273,7 +247,7 @@ pub(super) fn unsessioned_timer(c: &mut AgentConn, id: ConnId, now: Instant) -> 
                 "HTTP Upgrade head not complete in time: cut off (slowloris)"
             );
             let mut out = Vec::new();
-            http::respond(&mut out, 408, None, b"request head not complete in time");
+            proto::refuse(&mut out, Refusal::HeadTimeout);
             let _ = c.tls.write_plain(&out);
             c.closing = true;
             true
@@ -363,18 +337,18 @@ pub(super) fn flush_relay(r: &mut RelayConn) -> bool {
 
 /// Whether a relay can be dropped (once closed, only after the agent has everything).
 pub(super) fn relay_done(r: &RelayConn) -> bool {
-    r.expired || (r.eof && r.from_gw.is_empty() && r.stream.unacked.is_empty())
+    r.expired || (r.eof && r.from_gw.is_empty() && r.stream.unacked() == 0)
 }
 
 /// Answers a held (or new) long-poll request from the relay's buffer.
 fn respond_from_relay(p: &mut PlainHttp, r: &mut RelayConn) {
-    if r.from_gw.is_empty() && r.stream.unacked.is_empty() && r.eof {
-        http::respond(&mut p.out, 410, None, b"session closed");
+    if r.from_gw.is_empty() && r.stream.unacked() == 0 && r.eof {
+        proto::refuse(&mut p.out, Refusal::SessionClosed);
     } else {
         let n = r.from_gw.len().min(MAX_PENDING);
         let fresh: Vec<u8> = r.from_gw.drain(..n).collect();
         let (down, body) = r.stream.answer(&fresh);
-        http::respond_poll(&mut p.out, &r.token, down, &body);
+        proto::respond_poll(&mut p.out, &r.token, down, &body);
     }
     p.state = PlainState::Responded;
 }
@@ -444,7 +418,7 @@ impl Gateway {
         };
         let mut buf = [0u8; 16 * 1024];
         let mut eof = false;
-        let limit = http::MAX_HEAD + http::MAX_BODY;
+        let limit = proto::MAX_HEAD + proto::MAX_BODY;
         loop {
             match c.tls.sock.read(&mut buf) {
                 Ok(0) => {
@@ -476,7 +450,7 @@ impl Gateway {
             }
             return false;
         }
-        let (session, wait_ms, body, offsets) = match http::parse_request(&p.inbuf, false) {
+        let (session, wait_ms, body, offsets) = match proto::parse_request(&p.inbuf, false) {
             Parsed::Partial => {
                 if eof {
                     tracing::info!(conn = id, "HTTP client closed before a complete head");
@@ -484,9 +458,14 @@ impl Gateway {
                 }
                 return false;
             }
-            Parsed::Reject { status, reason } => {
-                tracing::info!(conn = id, status, reason, "HTTP request refused");
-                http::respond(&mut p.out, status, None, reason.as_bytes());
+            Parsed::Reject(r) => {
+                tracing::info!(
+                    conn = id,
+                    status = r.status(),
+                    reason = r.reason(),
+                    "HTTP request refused"
+                );
+                proto::refuse(&mut p.out, r);
                 p.state = PlainState::Responded;
                 p.inbuf = Vec::new();
                 return false;
@@ -514,7 +493,7 @@ impl Gateway {
                 (session, wait_ms, body, (up, down))
             }
             Parsed::Request { .. } => {
-                http::respond(&mut p.out, 404, None, b"no such fleetcast endpoint");
+                proto::refuse(&mut p.out, Refusal::NoSuchEndpoint);
                 p.state = PlainState::Responded;
                 return false;
             }
@@ -544,19 +523,19 @@ impl Gateway {
         let found = match session {
             None => self.open_relay(now, origin).map_err(|e| {
                 tracing::warn!(conn = id, error = %e, "long-poll relay not opened");
-                (503, "cannot open a session")
+                Refusal::CannotOpenSession
             }),
             Some(t) => match self.relays.by_token.get(&t) {
                 Some(&(ri, rid)) if self.conns.get(ri).is_some_and(|s| s.id == rid) => Ok(ri),
-                _ => Err((410, "unknown or expired session")),
+                _ => Err(Refusal::UnknownSession),
             },
         };
         let ridx = match found {
             Ok(r) => r,
-            Err((status, reason)) => {
+            Err(refusal) => {
                 if let Conn::Agent(c) = &mut self.conns[idx].conn {
                     if let Sniffing::Plain(p) = &mut c.sniff {
-                        http::respond(&mut p.out, status, None, reason.as_bytes());
+                        proto::refuse(&mut p.out, refusal);
                         p.state = PlainState::Responded;
                     }
                 }
@@ -580,13 +559,13 @@ impl Gateway {
         r.last_poll = now;
         match r.stream.ack(down).and_then(|()| r.stream.take(up, &body)) {
             Ok(fresh) => r.to_gw.extend_from_slice(fresh),
-            Err(reason) => {
+            Err(e) => {
                 tracing::info!(
                     conn = id,
-                    reason,
+                    reason = e.reason(),
                     "long-poll request refused: bad stream offset"
                 );
-                http::respond(&mut p.out, 400, None, reason.as_bytes());
+                proto::refuse(&mut p.out, Refusal::Stream(e));
                 p.state = PlainState::Responded;
                 self.touched.push(idx);
                 return;
@@ -595,7 +574,7 @@ impl Gateway {
         // An older request of this session still held answers empty at its own deadline.
         r.waiter = None;
         // Bytes not acknowledged (an answer lost on the way) go again at once.
-        if !r.from_gw.is_empty() || !r.stream.unacked.is_empty() || r.eof || wait_ms == 0 {
+        if !r.from_gw.is_empty() || r.stream.unacked() != 0 || r.eof || wait_ms == 0 {
             respond_from_relay(p, r);
         } else {
             let deadline = now + Duration::from_millis(u64::from(wait_ms));
@@ -615,11 +594,9 @@ impl Gateway {
 
     /// Opens a relay: a non-blocking loopback connection to this gateway's own listener, on
     /// behalf of the agent at `origin`.
-    fn open_relay(&mut self, now: Instant, origin: std::net::IpAddr) -> io::Result<usize> {
+    fn open_relay(&mut self, now: Instant, origin: std::net::IpAddr) -> Result<usize, RelayError> {
         if !self.limits.has_room(limits::Class::Relay) {
-            return Err(io::Error::other(
-                "the long-poll relay budget is full (see the connection budget in the log)",
-            ));
+            return Err(RelayError::BudgetFull);
         }
         let mut addr = self.listener.local_addr()?;
         if addr.ip().is_unspecified() {
@@ -632,7 +609,7 @@ impl Gateway {
         let local = sock.local_addr()?;
         let mut token = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut token)
-            .map_err(|_| io::Error::other("no randomness for a session token"))?;
+            .map_err(|_| RelayError::NoRandomness)?;
         let (ridx, rid) = self
             .add_conn(sock, now, |sock| {
                 Conn::Relay(Box::new(RelayConn {
@@ -650,7 +627,7 @@ impl Gateway {
                     authenticated: false,
                 }))
             })
-            .ok_or_else(|| io::Error::other("relay not registered"))?;
+            .ok_or(RelayError::NotRegistered)?;
         self.relays.by_token.insert(token, (ridx, rid));
         self.relays.origins.insert(local, (origin, ridx, rid));
         // One idle timer per relay, re-armed from the last request when it fires.
@@ -677,7 +654,7 @@ impl Gateway {
             }
         }
         let mut buf = [0u8; 16 * 1024];
-        while r.connected && !r.eof && r.from_gw.len() + r.stream.unacked.len() < MAX_PENDING {
+        while r.connected && !r.eof && r.from_gw.len() + r.stream.unacked() < MAX_PENDING {
             match r.sock.read(&mut buf) {
                 Ok(0) => r.eof = true,
                 Ok(n) => r.from_gw.extend_from_slice(&buf[..n]),
@@ -724,49 +701,5 @@ impl Gateway {
             self.timers
                 .push(Reverse((r.last_poll + RELAY_IDLE, idx, id)));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::PollStream;
-
-    /// An exchange made again (its answer lost) takes nothing twice and loses nothing.
-    #[test]
-    fn a_repeated_exchange_takes_and_loses_nothing() {
-        let mut s = PollStream::default();
-        // Exchange 1: body "hello" at 0; answered "ABC" at 0.
-        s.ack(Some(0)).unwrap();
-        assert_eq!(s.take(Some(0), b"hello").unwrap(), b"hello");
-        assert_eq!(s.answer(b"ABC"), (0, b"ABC".to_vec()));
-        // Exchange 2 (answer lost): body "xy" at 5, acks 3; answered "D" at 3.
-        s.ack(Some(3)).unwrap();
-        assert_eq!(s.take(Some(5), b"xy").unwrap(), b"xy");
-        assert_eq!(s.answer(b"D"), (3, b"D".to_vec()));
-        // Its repeat: the body is dropped, "D" goes again with what came since.
-        s.ack(Some(3)).unwrap();
-        assert_eq!(s.take(Some(5), b"xy").unwrap(), b"");
-        assert_eq!(s.answer(b"EF"), (3, b"DEF".to_vec()));
-        // A repeat that carries more than was taken: only the new tail.
-        s.ack(Some(6)).unwrap();
-        assert_eq!(s.take(Some(5), b"xyz").unwrap(), b"z");
-        assert_eq!(s.answer(b""), (6, Vec::new()));
-        // A stale acknowledgement changes nothing; impossible offsets are refused.
-        s.ack(Some(4)).unwrap();
-        assert_eq!(s.answer(b""), (6, Vec::new()));
-        assert!(s.ack(Some(7)).is_err());
-        assert!(s.take(Some(9), b"q").is_err());
-    }
-
-    /// An agent that sends no offsets: bodies are appended, answers count as received.
-    #[test]
-    fn without_offsets_the_old_behaviour() {
-        let mut s = PollStream::default();
-        s.ack(None).unwrap();
-        assert_eq!(s.take(None, b"ab").unwrap(), b"ab");
-        assert_eq!(s.answer(b"XY"), (0, b"XY".to_vec()));
-        s.ack(None).unwrap();
-        assert_eq!(s.take(None, b"ab").unwrap(), b"ab");
-        assert_eq!(s.answer(b"Z"), (2, b"Z".to_vec()));
     }
 }

@@ -1,17 +1,16 @@
-//! What the first bytes of a connection say it speaks (sans-IO, no allocation).
-//!
-//! The gateway serves every rung of the agent's transport ladder on one port by looking at
-//! the first bytes of each accepted connection:
+//! What the first bytes of a connection say it speaks (no allocation): the gateway serves
+//! every rung of the ladder on one port by looking at the first byte of each accepted
+//! connection.
 //!
 //! | outer first byte | meaning | then |
 //! |---|---|---|
 //! | `0x16` (TLS handshake record) | TLS | inside TLS: [`sniff_inner`] |
-//! | an upper-case ASCII letter | plain HTTP (`POST /fleetcast/poll`, long-poll) | [`crate::http`] |
+//! | an upper-case ASCII letter | plain HTTP (`POST /fleetcast/poll`, long-poll) | [`super::parse_request`] |
 //! | anything else | nothing we serve | closed, reason logged |
 //!
-//! Inside TLS, the first plaintext byte is our frame magic ([`fleetcast_wire::MAGIC`],
-//! `0xFC`, never an ASCII letter) for binary framing, or an ASCII letter for an HTTP request
-//! (`GET /fleetcast` with `Upgrade: fleetcast`).
+//! Inside TLS, the first plaintext byte is our frame magic ([`crate::MAGIC`], `0xFC`, never an
+//! ASCII letter) for binary framing, or an ASCII letter for an HTTP request (`GET /fleetcast`
+//! with `Upgrade: fleetcast`).
 //!
 //! Invariant: one byte decides; the functions never panic and never ask for more than one byte.
 
@@ -55,7 +54,7 @@ pub fn sniff_outer(first: &[u8]) -> Outer {
 pub fn sniff_inner(plain: &[u8]) -> Inner {
     match plain.first() {
         None => Inner::NeedMore,
-        Some(&fleetcast_wire::MAGIC) => Inner::Binary,
+        Some(&crate::MAGIC) => Inner::Binary,
         Some(b) if b.is_ascii_uppercase() => Inner::Http,
         Some(&b) => Inner::Unknown(b),
     }
@@ -83,8 +82,13 @@ mod tests {
     #[test]
     fn inner_classification() {
         assert_eq!(sniff_inner(b""), Inner::NeedMore);
-        assert_eq!(sniff_inner(&[fleetcast_wire::MAGIC, 1]), Inner::Binary);
+        assert_eq!(sniff_inner(&[crate::MAGIC, 1]), Inner::Binary);
         assert_eq!(sniff_inner(b"GET /fleetcast HTTP/1.1\r\n"), Inner::Http);
         assert_eq!(sniff_inner(b"\x16\x03"), Inner::Unknown(0x16));
+        // What the agent's requests start with is HTTP on both layers.
+        assert_eq!(
+            sniff_inner(super::super::upgrade_request("gw").as_bytes()),
+            Inner::Http
+        );
     }
 }
