@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use fleetcast_store::prelude::*;
 use fleetcast_store::{
     BlockSet, Command, CommandResult, DeviceId, OnFailure, Step, StepOutcome, StepResult, Store,
     Task,

@@ -439,6 +439,7 @@ fn every_command_with_json_and_exit_codes() {
     let dest = dir.path().join("backup");
     let v = expect_json(data, &["backup", dest.to_str().unwrap()], 0);
     assert!(v["data"]["bytes"].as_u64().unwrap() > 0, "{v}");
+    use fleetcast_store::prelude::*;
     let copy = fleetcast_store::Store::open(&dest).expect("the backup opens");
     let snap = copy.snapshot().unwrap();
     assert!(snap.device_by_name("web1").unwrap().is_some());

@@ -1,15 +1,20 @@
-//! Multicast distribution, the gateway's side: the file mapping, the UDP socket, and one
-//! [`McastSender`] core per live task (ARCHITECTURE.md "Multicast distribution").
+//! Multicast distribution, the gateway's side: the file mapping, the UDP socket, the digest
+//! thread, the tags, `sendmmsg` and the parity cache, driving one [`McastTask`] core per live
+//! task (ARCHITECTURE.md "Multicast distribution"). The policy (trigger gate, demotion
+//! hand-off, shared catch-up budget, linger, end of task) is the core's
+//! (`fleetcast_wire::mcast::task`); each task has one entry in [`Distributor`]'s timer set, so
+//! a loop turn visits only the tasks that are due or that an input touched.
 //!
 //! # Shape
 //! - A push maps the file read-only ([`Mapped`]) and hashes it *before* the fleet creates the
 //!   task ([`Distributor::prepare_push`]); the fleet's `TaskCreated` action binds the mapping
-//!   to the new task ([`Distributor::task_created`]), whose [`Distribution`] owns the sender
-//!   core with every target registered as a receiver (offline ones too: the sender stays
-//!   alive until they report or [`McastConfig::linger`] passes without traffic).
+//!   to the new task ([`Distributor::task_created`]), whose [`Distribution`] owns the task
+//!   core; its group sender has every target registered as a receiver (offline ones too: it
+//!   stays alive until they report or [`McastConfig::linger`] passes without traffic).
 //! - Announces go over each target's control session; a device that connects later is
-//!   announced again on `Welcome` and catches up through the same sender: it NACKs what it
-//!   misses, and with a single requester the sender answers with unicast `Repair`s to the
+//!   announced again on `Welcome`; after the first pass it catches up through a catch-up
+//!   sender of its own (the core's): it NACKs what it misses, and the sender answers with
+//!   unicast `Repair`s to the
 //!   device's repair address (the IP of the control session that carried its announce, or an
 //!   address it proved; never merely where a NACK came from, see `nack.rs`). A task whose
 //!   sender has finished is re-created from the task table on demand (it then catches its
@@ -32,7 +37,7 @@
 //!   keys and the probe-cookie key are derived from the same secret, and never leave the
 //!   gateway except each device's own key, in its own announce.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -47,8 +52,10 @@ use nack::NackKeys;
 
 use crate::admin::PushTrigger;
 use fleetcast_wire::data::data_mac_prefix;
+use fleetcast_wire::mcast::task::CATCH_UP_RATE;
 use fleetcast_wire::mcast::{
-    Dest, Fec, ReedSolomon, SendParity, SenderConfig, SenderEvent, SenderStats, Transmit,
+    CatchUpBudget, Dest, Fec, McastTask, ReedSolomon, SendParity, SenderConfig, SenderStats,
+    TaskConfig, TaskEvent, Transmit, Trigger,
 };
 use fleetcast_wire::{
     data_prefix, Announce, Frame, Instant, Kind, McastSender, Parity, DATA_PREFIX_LEN,
@@ -60,14 +67,6 @@ use ring::hmac;
 const BATCH: usize = 64;
 /// NACK datagrams read per loop turn (the rest wait for the next turn).
 const NACK_BUDGET: usize = 256;
-/// Rate of unicast catch-up, all catch-up senders together (bytes per second), when no
-/// multicast first pass runs; a quarter of it while one does, so catch-up never starves a
-/// group. Also the rate of a task re-created only for catch-up.
-const CATCH_UP_RATE: u64 = 25_000_000;
-/// Depth of the shared catch-up bucket, in bytes.
-const CATCH_UP_BURST: u64 = 96 * 1024;
-/// Aggregation round of a catch-up sender: one device asks, so there is nothing to wait for.
-const CATCH_UP_ROUND: Duration = Duration::from_millis(2);
 
 /// The multicast set-up of a gateway.
 #[derive(Debug, Clone)]
@@ -258,16 +257,9 @@ pub struct Distribution {
     sha256: [u8; 32],
     key_bytes: [u8; 32],
     key: hmac::Key,
-    /// The multicast sender (first pass and group repairs); `None` for a task re-created only
-    /// to catch devices up.
-    group: Option<McastSender>,
-    /// Unicast catch-up senders, one per device demoted from the group or arriving after its
-    /// first pass (`McastSender::new_catch_up`). Their NACKs go here, not to `group`.
-    catch_up: BTreeMap<u64, McastSender>,
-    /// Rate of this task's catch-up senders (datagram bytes per second).
-    catch_up_rate: u64,
-    /// Counters of this task's catch-up senders that have ended.
-    catch_up_done: SenderStats,
+    /// The task's distribution policy: its group sender and catch-up senders, the trigger
+    /// gate, the hand-off of demoted receivers, the linger and the end of the task.
+    core: McastTask,
     /// The task's NACK keys (per device, per announce) and probe-cookie key.
     nack_keys: NackKeys,
     backlog: VecDeque<Transmit>,
@@ -275,14 +267,6 @@ pub struct Distribution {
     fec: FecCache,
     /// Unicast repairs dropped because the device's address was unknown.
     no_addr: u64,
-    /// The loop iteration that created this distribution (its clock reading).
-    created: Instant,
-    /// Nothing is sent before this instant (see [`McastConfig::warmup`]). Set on the first
-    /// loop iteration after creation: the creating iteration's clock reading predates the
-    /// file hash and the task commit, which would eat the warm-up before any announce left.
-    start_at: Option<Instant>,
-    /// What must happen before the first pass starts.
-    gate: Gate,
     /// Datagrams the kernel refused for now (sent again later).
     deferred: u64,
     /// Datagrams the kernel refused for good.
@@ -299,18 +283,18 @@ impl std::fmt::Debug for Distribution {
 }
 
 impl Distribution {
-    /// A distribution of `map` as `task`, to `targets`.
+    /// A distribution of `map` as `task`, to `targets`, starting as `trigger` says.
     /// With `targets == None` no multicast runs: the task only catches devices up.
     #[allow(clippy::too_many_arguments)]
     fn new(
         task: TaskId,
         map: Mapped,
-        block_size: u32,
-        rate_bytes: u64,
+        (block_size, rate_bytes): (u32, u64),
         sha256: [u8; 32],
         key_bytes: [u8; 32],
         nack_keys: NackKeys,
-        (linger, fec_group): (Duration, u32),
+        mcast: &McastConfig,
+        trigger: Trigger,
         targets: Option<&[DeviceId]>,
         now: Instant,
     ) -> Result<Distribution, DistError> {
@@ -319,7 +303,28 @@ impl Distribution {
             || format!("task-{}", task.0),
             |n| n.to_string_lossy().into_owned(),
         );
-        let mut d = Distribution {
+        let cfg = TaskConfig {
+            session,
+            file_size: map.len as u64,
+            block_size,
+            rate: rate_bytes,
+            linger: mcast.linger,
+            warmup: mcast.warmup,
+            fec_group: mcast.fec_group,
+            trigger,
+            probe_key: nack_keys.probe_key(),
+        };
+        let core = match targets {
+            Some(targets) => {
+                let ids: Vec<u64> = targets.iter().map(|t| t.0).collect();
+                McastTask::new(cfg, &ids, now).map_err(|e| DistError::Config {
+                    path: map.path.display().to_string(),
+                    why: e.to_string(),
+                })?
+            }
+            None => McastTask::catch_up_only(cfg, now),
+        };
+        Ok(Distribution {
             task,
             session,
             key: hmac::Key::new(hmac::HMAC_SHA256, &key_bytes),
@@ -328,133 +333,36 @@ impl Distribution {
             name,
             block_size,
             sha256,
-            group: None,
-            catch_up: BTreeMap::new(),
-            catch_up_rate: rate_bytes.min(CATCH_UP_RATE),
-            catch_up_done: SenderStats::default(),
+            core,
             nack_keys,
             backlog: VecDeque::new(),
             fec: FecCache::default(),
             no_addr: 0,
-            created: now,
-            start_at: None,
-            gate: Gate::default(),
             deferred: 0,
             send_errors: 0,
-        };
-        let Some(targets) = targets else {
-            return Ok(d);
-        };
-        let mut cfg = SenderConfig::new(session, d.map.len as u64, block_size, rate_bytes);
-        if fec_group > 0 {
-            // Parity over groups of `fec_group` blocks heals different losses at different
-            // receivers at once ("Repair at scale" in docs/performance.md). A group holds at
-            // most FEC_GROUP_BYTES, which bounds what a receiver reads back to rebuild one
-            // (512 jumbo blocks would be 4.5 MB). Measured with 4 receivers at MTU 9000, the
-            // cap did not change the repair overhead (1.44 / 1.59 B/B at 1 / 5% with it,
-            // 1.43 / 1.75 without): those runs are limited by overrun receivers, not rebuilds.
-            let k = fec_group.min((FEC_GROUP_BYTES / block_size.max(1)).max(32));
-            cfg = cfg.with_fec(k);
-        }
-        // The loop wakes at millisecond granularity (and a little later): the bucket holds
-        // about 2 ms of the rate so one wake-up can send what a millisecond earned, between 8
-        // and 256 datagrams.
-        let datagram = DATA_PREFIX_LEN as u64 + u64::from(block_size) + TAG_LEN as u64;
-        cfg.burst = (rate_bytes / 500 / datagram.max(1)).clamp(8, 256) as u32;
-        // A receiver missing more than a fifth of the file after the first pass, two rounds
-        // running, is demoted to its own unicast catch-up sender: the group's repairs stop
-        // waiting for it. The NACK-rate demotion is off: a loop stalled for a few rounds
-        // reads several NACKs of one device at once and would demote it for our delay, not
-        // its behaviour.
-        cfg.demote_missing_percent = 20;
-        cfg.demote_after_rounds = 2;
-        cfg.max_nacks_per_round = u32::MAX;
-        cfg.idle_timeout = linger;
-        let mut sender = McastSender::new(cfg, now).map_err(|e| DistError::Config {
-            path: d.map.path.display().to_string(),
-            why: e.to_string(),
-        })?;
-        sender.set_probe_key(d.nack_keys.probe_key());
-        for t in targets {
-            sender.add_receiver(t.0);
-        }
-        d.group = Some(sender);
-        Ok(d)
+        })
     }
 
     /// The group sender's counters (zero for a catch-up-only task).
     pub fn stats(&self) -> SenderStats {
-        self.group.as_ref().map(|g| *g.stats()).unwrap_or_default()
-    }
-
-    /// Counters of every catch-up sender of this task, live and ended.
-    fn catch_up_stats(&self) -> SenderStats {
-        let mut t = self.catch_up_done;
-        for c in self.catch_up.values() {
-            let s = c.stats();
-            t.bytes += s.bytes;
-            t.unicast_repairs += s.unicast_repairs;
-            t.nacks += s.nacks;
-            t.nacks_ignored += s.nacks_ignored;
-        }
-        t
-    }
-
-    /// Whether the multicast first pass still runs.
-    fn group_running(&self) -> bool {
-        self.group
-            .as_ref()
-            .is_some_and(|g| !g.is_finished() && !g.first_pass_done())
-    }
-
-    /// Serves `device` by unicast catch-up from now on (idempotent).
-    fn start_catch_up(&mut self, device: u64, linger: Duration, now: Instant) {
-        if self.catch_up.contains_key(&device) {
-            return;
-        }
-        let mut cfg = SenderConfig::new(
-            self.session,
-            self.map.len as u64,
-            self.block_size,
-            self.catch_up_rate,
-        );
-        cfg.multicast_threshold = u32::MAX;
-        cfg.round = CATCH_UP_ROUND;
-        cfg.idle_timeout = linger;
-        cfg.burst = 64;
-        match McastSender::new_catch_up(cfg, now) {
-            Ok(mut c) => {
-                c.set_probe_key(self.nack_keys.probe_key());
-                // A demoted device keeps its NACK sequence, address and spent budget.
-                let auth = self.group.as_ref().and_then(|g| g.receiver_auth(device));
-                c.add_receiver_with(device, auth.unwrap_or_default());
-                self.catch_up.insert(device, c);
-            }
-            Err(e) => tracing::error!(task = self.task.0, error = %e, "catch-up not started"),
-        }
-    }
-
-    /// The sender that takes `device`'s NACKs: its catch-up sender if it has one, else the
-    /// group's.
-    fn sender_of(&mut self, device: u64) -> Option<&mut McastSender> {
-        match self.catch_up.get_mut(&device) {
-            Some(c) => Some(c),
-            None => self.group.as_mut(),
-        }
+        self.core.stats()
     }
 
     /// Where `device`'s unicast repairs go, as the sender serving it knows.
     fn repair_addr(&self, device: u64) -> Option<SocketAddrV4> {
-        let sender = self.catch_up.get(&device).or(self.group.as_ref())?;
-        match sender.repair_addr(device)? {
+        match self.core.repair_addr(device)? {
             SocketAddr::V4(a) => Some(a),
             SocketAddr::V6(_) => None,
         }
     }
 
-    /// Whether nothing is left to do.
-    fn is_over(&self) -> bool {
-        self.group.as_ref().is_none_or(McastSender::is_finished) && self.catch_up.is_empty()
+    /// When the task's one timer must fire: in a millisecond while the kernel holds back
+    /// its backlog, else when the core asks.
+    fn next_timer(&self, now: Instant, budget: &CatchUpBudget) -> Option<Instant> {
+        if !self.backlog.is_empty() {
+            return Some(now + Duration::from_millis(1));
+        }
+        self.core.poll_timeout(budget)
     }
 }
 
@@ -484,7 +392,7 @@ struct Prepared {
     digest: [u8; 32],
     block_size: u32,
     rate: u64,
-    gate: Gate,
+    trigger: Trigger,
     /// The task row, until its digest is known and it goes to the fleet.
     task: Option<store::Task>,
     /// The file's identity when it was mapped (for the digest cache).
@@ -504,50 +412,6 @@ fn file_key(path: &Path) -> Option<FileKey> {
     Some((path.to_path_buf(), m.dev(), m.ino(), m.len(), mtime))
 }
 
-/// What a distribution waits for before its first pass: a scheduled delay, then (if set) a
-/// quorum of joined receivers or a deadline, whichever comes first. The default opens at
-/// once (after the warm-up).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Gate {
-    /// From the distribution's creation.
-    delay: Duration,
-    /// (receivers, deadline from creation).
-    quorum: Option<(usize, Duration)>,
-    /// Devices that reported joining.
-    ready: BTreeSet<u64>,
-}
-
-impl Gate {
-    /// When the first pass may start, if the gate is open at `now`. Joined receivers need no
-    /// warm-up; a plain or scheduled start gives the others `warmup` to join.
-    fn opens(&self, now: Instant, created: Instant, warmup: Duration) -> Option<Instant> {
-        if now < created + self.delay {
-            return None;
-        }
-        match self.quorum {
-            Some((n, _)) if self.ready.len() >= n => Some(now),
-            Some((_, deadline)) if now >= created + deadline => Some(now),
-            Some(_) => None,
-            None => Some(now + warmup),
-        }
-    }
-
-    /// When to look at the gate again (joins arrive as inputs, which drive the loop anyway).
-    fn wake(&self, now: Instant, created: Instant) -> Instant {
-        if now <= created {
-            return now;
-        }
-        let open = created + self.delay;
-        if now < open {
-            return open;
-        }
-        match self.quorum {
-            Some((_, deadline)) => (created + deadline).max(now),
-            None => now,
-        }
-    }
-}
-
 /// Every live distribution of the gateway and their socket.
 pub struct Distributor {
     cfg: McastConfig,
@@ -563,9 +427,17 @@ pub struct Distributor {
     waker: Option<std::sync::Arc<mio::Waker>>,
     /// Digests of files pushed before, while they stay unchanged.
     digests: HashMap<FileKey, [u8; 32]>,
-    /// Shared bucket of every catch-up sender, in bytes.
-    catch_up_tokens: u64,
-    catch_up_at: Instant,
+    /// Shared bucket of every catch-up sender of every task (lent to the task being driven).
+    budget: CatchUpBudget,
+    /// Each live task's one timer, ordered by deadline: `(deadline, session)`, and the
+    /// deadline each session holds there. [`Distributor::drive`] visits only the tasks due
+    /// and those an input touched, never every task.
+    timers: BTreeSet<(Instant, u32)>,
+    armed: HashMap<u32, Instant>,
+    /// Tasks an input touched since the last [`Distributor::drive`].
+    touched: BTreeSet<u32>,
+    /// Tasks whose multicast first pass runs (the shared budget refills slower then).
+    running: HashSet<u32>,
     /// Counters of the distributions that have ended (for [`Distributor::totals`]).
     finished: McastTotals,
 }
@@ -611,7 +483,7 @@ impl McastTotals {
         self.nacks += st.nacks;
         self.nacks_ignored += st.nacks_ignored;
         self.demoted += st.demoted;
-        let c = d.catch_up_stats();
+        let c = d.core.catch_up_stats();
         self.bytes += c.bytes;
         self.unicast_repairs += c.unicast_repairs;
         self.nacks += c.nacks;
@@ -678,8 +550,11 @@ impl Distributor {
             hashed_rx,
             waker: None,
             digests: HashMap::new(),
-            catch_up_tokens: CATCH_UP_BURST,
-            catch_up_at: Instant::ZERO,
+            budget: CatchUpBudget::new(),
+            timers: BTreeSet::new(),
+            armed: HashMap::new(),
+            touched: BTreeSet::new(),
+            running: HashSet::new(),
             finished: McastTotals::default(),
         })
     }
@@ -774,7 +649,7 @@ impl Distributor {
                 })?;
         }
         let delay = Duration::from_millis(trigger.at_ms.map_or(0, |t| t.saturating_sub(wall_ms)));
-        let gate = Gate {
+        let trigger = Trigger {
             delay,
             quorum: trigger.min_ready.map(|n| {
                 (
@@ -782,7 +657,6 @@ impl Distributor {
                     delay + Duration::from_secs(trigger.max_wait_s.unwrap_or(u64::MAX / 4)),
                 )
             }),
-            ready: BTreeSet::new(),
         };
         self.prepared.insert(
             conn,
@@ -791,7 +665,7 @@ impl Distributor {
                 digest: [0; 32],
                 block_size,
                 rate,
-                gate,
+                trigger,
                 task: Some(task),
                 key,
             },
@@ -848,7 +722,7 @@ impl Distributor {
             digest,
             block_size: bs,
             rate,
-            gate,
+            trigger,
             ..
         }) = self.prepared.remove(&conn)
         else {
@@ -858,22 +732,22 @@ impl Distributor {
         match Distribution::new(
             task,
             map,
-            bs,
-            rate,
+            (bs, rate),
             digest,
             key,
             NackKeys::new(&self.secret, task),
-            (self.cfg.linger, self.cfg.fec_group),
+            &self.cfg,
+            trigger,
             Some(targets),
             now,
         ) {
-            Ok(mut d) => {
-                d.gate = gate;
+            Ok(d) => {
                 tracing::info!(
                     task = task.0,
-                    blocks = d.group.as_ref().map_or(0, McastSender::n_blocks),
+                    blocks = d.core.n_blocks(),
                     "distribution started"
                 );
+                self.touched.insert(d.session);
                 self.dists.insert(d.session, d);
             }
             Err(e) => tracing::error!(task = task.0, error = %e, "distribution not started"),
@@ -917,34 +791,22 @@ impl Distributor {
             let d = Distribution::new(
                 task,
                 map,
-                t.block_size,
-                CATCH_UP_RATE,
+                (t.block_size, CATCH_UP_RATE),
                 t.sha256,
                 key,
                 NackKeys::new(&self.secret, task),
-                (self.cfg.linger, self.cfg.fec_group),
+                &self.cfg,
+                Trigger::default(),
                 None,
                 now,
             )?;
             tracing::info!(task = task.0, "distribution re-created for catch-up");
             self.dists.insert(session, d);
         }
-        let linger = self.cfg.linger;
         let d = self.dists.get_mut(&session).expect("inserted above");
-        let joined = match d.group.as_mut() {
-            Some(g) if !g.is_finished() && !g.first_pass_done() => {
-                g.add_receiver(device.0);
-                true
-            }
-            _ => false,
-        };
-        if !joined {
-            d.start_catch_up(device.0, linger, now);
-        }
         let nack_key = d.nack_keys.next_device_key(device.0);
-        if let Some(s) = d.sender_of(device.0) {
-            s.bind_receiver(device.0, peer, Some(nack_key));
-        }
+        d.core.handle_announce(now, device.0, peer, nack_key);
+        self.touched.insert(session);
         Ok(AnnounceOwned {
             task_id: task.0,
             session,
@@ -963,187 +825,90 @@ impl Distributor {
     /// `min_ready` trigger.
     pub fn receiver_ready(&mut self, task: u64, device: u64) {
         if let Some(d) = self.dists.get_mut(&(task as u32)) {
-            d.gate.ready.insert(device);
+            d.core.handle_ready(device);
+            self.touched.insert(d.session);
         }
     }
 
     /// The task table recorded a device's completion.
     pub fn transfer_done(&mut self, task: TaskId, device: DeviceId, verified: bool) {
         if let Some(d) = self.dists.get_mut(&(task.0 as u32)) {
-            if let Some(g) = d.group.as_mut() {
-                g.receiver_done(device.0, verified);
-            }
-            if let Some(c) = d.catch_up.get_mut(&device.0) {
-                c.receiver_done(device.0, verified);
-            }
+            d.core.handle_done(device.0, verified);
+            self.touched.insert(d.session);
         }
     }
 
-    /// Drives every sender: timers, sends, events. Call after any input and at
-    /// [`Distributor::poll_timeout`].
+    /// Drives the tasks that are due or were touched by an input since the last call:
+    /// timers, sends, events; re-arms each one's timer and drops the tasks that are over.
+    /// Call after any input and at [`Distributor::poll_timeout`].
     pub fn drive(&mut self, now: Instant) -> Vec<DistEvent> {
         let mut out = Vec::new();
         let group = SocketAddrV4::new(self.cfg.group, self.cfg.port);
         let fd = self.sock.as_raw_fd();
-        let warmup = self.cfg.warmup;
-        let linger = self.cfg.linger;
-        self.refill_catch_up(now);
-        for d in self.dists.values_mut() {
-            let start = match d.start_at {
-                Some(t) => t,
-                None if now > d.created => match d.gate.opens(now, d.created, warmup) {
-                    Some(t) => {
-                        if d.gate != Gate::default() {
-                            tracing::info!(
-                                task = d.task.0,
-                                ready = d.gate.ready.len(),
-                                "trigger fired: multicast starts"
-                            );
-                        }
-                        *d.start_at.insert(t)
-                    }
-                    None => continue,
-                },
-                None => continue,
-            };
-            if now < start {
-                continue;
+        self.budget.refill(now, !self.running.is_empty());
+        let mut due = std::mem::take(&mut self.touched);
+        while let Some(&(t, session)) = self.timers.first() {
+            if t > now {
+                break;
             }
-            for c in d.group.iter_mut().chain(d.catch_up.values_mut()) {
-                if c.poll_timeout().is_some_and(|t| t <= now) {
-                    c.handle_timeout(now);
-                }
-            }
-            send_all(fd, d, now, group, &mut self.catch_up_tokens);
-            let mut demoted = Vec::new();
-            if let Some(g) = d.group.as_mut() {
-                while let Some(ev) = g.poll_event() {
-                    match ev {
-                        SenderEvent::Finished {
-                            completed,
-                            unfinished,
-                        } => out.push(DistEvent::Finished {
-                            task: d.task,
-                            completed: completed.len(),
-                            unfinished: unfinished.len(),
-                            stats: *g.stats(),
-                            deferred: d.deferred,
-                            send_errors: d.send_errors,
-                        }),
-                        SenderEvent::Demoted(dev) => {
-                            tracing::info!(
-                                task = d.task.0,
-                                device = dev,
-                                "receiver demoted to unicast catch-up"
-                            );
-                            demoted.push(dev);
-                        }
-                        SenderEvent::FirstPassDone => {
-                            let ms = (now - start).as_millis() as u64;
-                            let mbit = (d.map.len as u64 * 8 / 1000).checked_div(ms).unwrap_or(0);
-                            tracing::info!(
-                                task = d.task.0,
-                                ms,
-                                mbit_per_s = mbit,
-                                "first pass done"
-                            );
-                        }
-                        SenderEvent::Completed(_) => {}
-                    }
-                }
-            }
-            for dev in demoted {
-                d.start_catch_up(dev, linger, now);
-            }
-            let task = d.task;
-            let done = &mut d.catch_up_done;
-            d.catch_up.retain(|dev, c| {
-                let mut over = false;
-                while let Some(ev) = c.poll_event() {
-                    if let SenderEvent::Finished { completed, .. } = ev {
-                        tracing::info!(
-                            task = task.0,
-                            device = dev,
-                            verified = !completed.is_empty(),
-                            repairs = c.stats().unicast_repairs,
-                            "catch-up finished"
-                        );
-                        over = true;
-                    }
-                }
-                if over {
-                    let s = c.stats();
-                    done.bytes += s.bytes;
-                    done.unicast_repairs += s.unicast_repairs;
-                    done.nacks += s.nacks;
-                    done.nacks_ignored += s.nacks_ignored;
-                }
-                !over
-            });
+            self.timers.pop_first();
+            self.armed.remove(&session);
+            due.insert(session);
         }
-        let finished = &mut self.finished;
-        self.dists.retain(|_, d| {
-            if !d.is_over() {
-                return true;
+        for session in due {
+            let Some(d) = self.dists.get_mut(&session) else {
+                continue;
+            };
+            d.core.handle_timeout(now);
+            send_all(fd, d, now, group, &mut self.budget);
+            while let Some(ev) = d.core.poll_event() {
+                if let Some(e) = log_event(d, ev) {
+                    out.push(e);
+                }
             }
-            finished.add(d);
-            finished.finished += 1;
-            if d.no_addr > 0 {
-                tracing::warn!(
-                    task = d.task.0,
-                    dropped = d.no_addr,
-                    "repairs without a known address"
-                );
+            if d.core.group_running() {
+                self.running.insert(session);
+            } else {
+                self.running.remove(&session);
             }
-            false
-        });
+            let next = if d.core.is_over() {
+                self.finished.add(d);
+                self.finished.finished += 1;
+                if d.no_addr > 0 {
+                    tracing::warn!(
+                        task = d.task.0,
+                        dropped = d.no_addr,
+                        "repairs without a known address"
+                    );
+                }
+                self.dists.remove(&session);
+                None
+            } else {
+                d.next_timer(now, &self.budget)
+            };
+            self.arm(session, next);
+        }
         out
     }
 
-    /// Refills the shared catch-up bucket: [`CATCH_UP_RATE`], a quarter of it while any
-    /// multicast first pass runs.
-    fn refill_catch_up(&mut self, now: Instant) {
-        let rate = if self.dists.values().any(Distribution::group_running) {
-            CATCH_UP_RATE / 4
-        } else {
-            CATCH_UP_RATE
-        };
-        let us = (now - self.catch_up_at).as_micros() as u64;
-        self.catch_up_at = self.catch_up_at.max(now);
-        let add = u64::try_from(u128::from(us) * u128::from(rate) / 1_000_000).unwrap_or(u64::MAX);
-        self.catch_up_tokens = self.catch_up_tokens.saturating_add(add).min(CATCH_UP_BURST);
+    /// Sets `session`'s one timer to `at` (`None`: none).
+    fn arm(&mut self, session: u32, at: Option<Instant>) {
+        if let Some(old) = self.armed.remove(&session) {
+            self.timers.remove(&(old, session));
+        }
+        if let Some(t) = at {
+            self.timers.insert((t, session));
+            self.armed.insert(session, t);
+        }
     }
 
-    /// When [`Distributor::drive`] must run next.
+    /// When [`Distributor::drive`] must run next: the earliest task timer (at once if an
+    /// input touched a task since the last drive).
     pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
-        // A catch-up sender held back by the shared bucket: look again in a millisecond.
-        let throttled = self.catch_up_tokens < 2048;
-        self.dists
-            .values()
-            .filter_map(|d| {
-                if d.start_at.is_none_or(|t| now < t) {
-                    // Not started: the next iteration arms the warm-up, or the gate's time.
-                    Some(d.start_at.unwrap_or_else(|| d.gate.wake(now, d.created)))
-                } else if !d.backlog.is_empty() {
-                    Some(now + Duration::from_millis(1))
-                } else {
-                    let group = d.group.as_ref().and_then(McastSender::poll_timeout);
-                    let catch_up = d
-                        .catch_up
-                        .values()
-                        .filter_map(McastSender::poll_timeout)
-                        .min()
-                        .map(|t| {
-                            if throttled {
-                                t.max(now + Duration::from_millis(1))
-                            } else {
-                                t
-                            }
-                        });
-                    group.into_iter().chain(catch_up).min()
-                }
-            })
-            .min()
+        if !self.touched.is_empty() {
+            return Some(now);
+        }
+        self.timers.first().map(|&(t, _)| t)
     }
 
     /// Live distributions.
@@ -1216,18 +981,58 @@ fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
-/// Sends the backlog, then what the sender core releases, in `sendmmsg` batches; blocks the
+/// Logs a task core's event; the end of its group sender goes to the loop.
+fn log_event(d: &Distribution, ev: TaskEvent) -> Option<DistEvent> {
+    let task = d.task.0;
+    match ev {
+        TaskEvent::TriggerFired { ready } => {
+            tracing::info!(task, ready, "trigger fired: multicast starts");
+        }
+        TaskEvent::FirstPassDone { elapsed } => {
+            let ms = elapsed.as_millis() as u64;
+            let mbit = (d.map.len as u64 * 8 / 1000).checked_div(ms).unwrap_or(0);
+            tracing::info!(task, ms, mbit_per_s = mbit, "first pass done");
+        }
+        TaskEvent::Demoted(device) => {
+            tracing::info!(task, device, "receiver demoted to unicast catch-up");
+        }
+        TaskEvent::CatchUpRefused { device, error } => {
+            tracing::error!(task, device, error = %error, "catch-up not started");
+        }
+        TaskEvent::CatchUpFinished {
+            device,
+            verified,
+            repairs,
+        } => tracing::info!(task, device, verified, repairs, "catch-up finished"),
+        TaskEvent::Finished {
+            completed,
+            unfinished,
+            stats,
+        } => {
+            return Some(DistEvent::Finished {
+                task: d.task,
+                completed: completed.len(),
+                unfinished: unfinished.len(),
+                stats,
+                deferred: d.deferred,
+                send_errors: d.send_errors,
+            })
+        }
+    }
+    None
+}
+
+/// Sends the backlog, then what the task core releases, in `sendmmsg` batches; blocks the
 /// kernel refuses with `EAGAIN` go back to the backlog.
-/// Catch-up senders draw from `catch_up_tokens` (bytes) on top of their own pacing.
+/// Catch-up senders draw from the shared `budget` on top of their own pacing.
 fn send_all(
     fd: i32,
     d: &mut Distribution,
     now: Instant,
     group: SocketAddrV4,
-    catch_up_tokens: &mut u64,
+    budget: &mut CatchUpBudget,
 ) {
     let bs = d.block_size as usize;
-    let datagram = (DATA_PREFIX_LEN + bs + TAG_LEN) as u64;
     loop {
         let mut items: Vec<Transmit> = Vec::with_capacity(BATCH);
         while items.len() < BATCH {
@@ -1236,27 +1041,11 @@ fn send_all(
                 None => break,
             }
         }
-        if let Some(g) = d.group.as_mut() {
-            while items.len() < BATCH {
-                match g.poll_send(now) {
-                    Some(t) => items.push(t),
-                    None => break,
-                }
-            }
-        }
-        // Catch-up senders in turn, one block each per sweep, while the bucket allows.
-        let mut idle = false;
-        while items.len() < BATCH && !idle && *catch_up_tokens >= datagram {
-            idle = true;
-            for c in d.catch_up.values_mut() {
-                if items.len() == BATCH || *catch_up_tokens < datagram {
-                    break;
-                }
-                if let Some(b) = c.poll_transmit(now) {
-                    *catch_up_tokens -= datagram;
-                    items.push(Transmit::Block(b));
-                    idle = false;
-                }
+        // The group first, then the catch-up senders in turn while the budget allows.
+        while items.len() < BATCH {
+            match d.core.poll_transmit(now, budget) {
+                Some(t) => items.push(t),
+                None => break,
             }
         }
         if items.is_empty() {
@@ -1419,9 +1208,6 @@ impl std::fmt::Debug for FecCache {
     }
 }
 
-/// Most file bytes in one FEC group.
-const FEC_GROUP_BYTES: u32 = 1 << 20;
-
 /// Groups whose parity is kept at once.
 const FEC_CACHED_GROUPS: usize = 8;
 
@@ -1477,43 +1263,81 @@ mod tests {
     use crate::convert::sha256;
     use fleetcast_wire::DataBlock;
 
-    fn ms(v: u64) -> Instant {
-        Instant::from_micros(v * 1000)
-    }
-
+    /// Each live task holds exactly one entry in the timer set, a turn drives only the tasks
+    /// due or touched, and a task that is over leaves no timer behind (on 127.0.0.1; the
+    /// tasks are catch-up-only ones and nobody NACKs, so nothing is sent).
     #[test]
-    fn gate_opens_on_schedule_quorum_or_deadline() {
-        let warm = Duration::from_millis(300);
-        let created = ms(1000);
-        // Default: at once, after the warm-up.
-        let g = Gate::default();
-        assert_eq!(g.opens(ms(1001), created, warm), Some(ms(1301)));
-        // Scheduled 5 s after creation.
-        let g = Gate {
-            delay: Duration::from_secs(5),
-            ..Gate::default()
+    fn each_task_holds_one_timer_and_leaves_none_when_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.bin");
+        std::fs::write(&path, vec![7u8; 10_000]).unwrap();
+        let mut dist = Distributor::open(McastConfig {
+            addr: Ipv4Addr::LOCALHOST,
+            port: 0,
+            group: Ipv4Addr::new(239, 77, 9, 9),
+            linger: Duration::from_secs(1),
+            warmup: Duration::ZERO,
+            fec_group: 0,
+        })
+        .unwrap();
+        let row = store::Task {
+            path: path.display().to_string(),
+            size: 10_000,
+            block_size: 1000,
+            sha256: [0; 32],
+            group: None,
+            trigger: String::new(),
+            created_ms: 0,
+            then: vec![],
         };
-        assert_eq!(g.opens(ms(5999), created, warm), None);
-        assert_eq!(g.wake(ms(2000), created), ms(6000));
-        assert_eq!(g.opens(ms(6000), created, warm), Some(ms(6300)));
-        // Two ready receivers or 10 s.
-        let mut g = Gate {
-            quorum: Some((2, Duration::from_secs(10))),
-            ..Gate::default()
-        };
-        g.ready.insert(7);
-        assert_eq!(g.opens(ms(3000), created, warm), None);
-        assert_eq!(g.wake(ms(3000), created), ms(11_000));
-        g.ready.insert(7);
-        assert_eq!(
-            g.opens(ms(3000), created, warm),
-            None,
-            "a repeated join counts once"
+        let ip = Some(Ipv4Addr::LOCALHOST.into());
+        for t in [5, 6, 7] {
+            dist.announce_for(
+                TaskId(t),
+                DeviceId(1),
+                ip,
+                || Some(row.clone()),
+                Instant::ZERO,
+            )
+            .unwrap();
+        }
+        assert_eq!(dist.poll_timeout(Instant::ZERO), Some(Instant::ZERO));
+        let mut now = Instant::ZERO;
+        let mut turns = 0;
+        while dist.live() > 0 {
+            assert!(dist.drive(now).is_empty());
+            assert!(dist.touched.is_empty());
+            assert_eq!(dist.timers.len(), dist.live(), "one timer per task");
+            assert_eq!(dist.armed.len(), dist.live());
+            // Only task 6's device reports: its task ends at once, the others linger.
+            if turns == 1 {
+                dist.transfer_done(TaskId(6), DeviceId(1), true);
+                assert_eq!(
+                    dist.poll_timeout(now),
+                    Some(now),
+                    "a touched task is driven"
+                );
+                dist.drive(now);
+                assert_eq!(dist.live(), 2);
+                assert_eq!(dist.timers.len(), 2);
+            }
+            if dist.live() == 0 {
+                break;
+            }
+            now = dist
+                .poll_timeout(now)
+                .expect("a live task has a timer")
+                .max(now);
+            turns += 1;
+            assert!(turns < 100, "the tasks never ended");
+        }
+        assert!(
+            now >= Instant::ZERO + Duration::from_secs(1),
+            "they lingered"
         );
-        g.ready.insert(8);
-        assert_eq!(g.opens(ms(3000), created, warm), Some(ms(3000)));
-        g.ready.clear();
-        assert_eq!(g.opens(ms(11_000), created, warm), Some(ms(11_000)));
+        assert!(dist.timers.is_empty() && dist.armed.is_empty());
+        assert_eq!(dist.poll_timeout(now), None);
+        assert_eq!(dist.totals().finished, 3);
     }
 
     #[test]

@@ -22,9 +22,9 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
 
+use fleetcast_store::prelude::*;
 use fleetcast_store::{
-    self as store, Batch, Command, DeviceId, EnrolmentToken, Event, EventKind, Illegal,
-    QueueStatus, Store,
+    self as store, Command, DeviceId, EnrolmentToken, Event, EventKind, Illegal, QueueStatus,
 };
 use fleetcast_wire::{CloseCode, Welcome};
 use serde_json::json;
@@ -343,7 +343,8 @@ struct Cx<'a> {
 
 /// The fleet: store, CA, who is online, and deadlines.
 pub struct Fleet {
-    store: Store,
+    /// The storage engine (LMDB by default; see `fleetcast_store::Engine`).
+    store: Box<dyn Engine>,
     pki: Pki,
     cfg: FleetConfig,
     online: HashMap<DeviceId, Online>,
@@ -384,7 +385,7 @@ fn illegal_status(e: &store::Error) -> bool {
 
 impl Fleet {
     /// Opens the fleet over a store, rebuilding deadlines from the queues.
-    pub fn new(store: Store, pki: Pki, cfg: FleetConfig) -> store::Result<Fleet> {
+    pub fn new(store: impl Engine + 'static, pki: Pki, cfg: FleetConfig) -> store::Result<Fleet> {
         let mut deadlines = BinaryHeap::new();
         {
             let snap = store.snapshot()?;
@@ -405,7 +406,7 @@ impl Fleet {
             }
         }
         Ok(Fleet {
-            store,
+            store: Box::new(store),
             pki,
             cfg,
             online: HashMap::new(),
@@ -415,14 +416,14 @@ impl Fleet {
     }
 
     /// The store (read access for status pages).
-    pub fn store(&self) -> &Store {
-        &self.store
+    pub fn store(&self) -> &dyn Engine {
+        &*self.store
     }
 
     /// The store for maintenance outside the fleet's batches (retention pruning deletes only
     /// finished commands and old events, which no fleet state refers to).
-    pub fn store_mut(&mut self) -> &mut Store {
-        &mut self.store
+    pub fn store_mut(&mut self) -> &mut dyn Engine {
+        &mut *self.store
     }
 
     /// The CA and server identity.
@@ -474,7 +475,7 @@ impl Fleet {
                 reboots: &mut reboots,
                 recent_enrolments: &mut self.recent_enrolments,
             };
-            Self::apply(&mut b, &mut cx, &self.pki, &self.cfg, now_ms, input);
+            Self::apply(&mut *b, &mut cx, &self.pki, &self.cfg, now_ms, input);
         }
         // Deadlines.
         while let Some(Reverse((at, dev, what))) = self.deadlines.peek().copied() {
@@ -483,7 +484,7 @@ impl Fleet {
             }
             self.deadlines.pop();
             Self::fire(
-                &mut b,
+                &mut *b,
                 &mut self.online,
                 &self.cfg,
                 now_ms,
@@ -495,7 +496,7 @@ impl Fleet {
         }
         // Next commands for every device that may have become free.
         for dev in dirty {
-            if let Some(a) = Self::next_dispatch(&mut b, &mut self.online, now_ms, dev) {
+            if let Some(a) = Self::next_dispatch(&mut *b, &mut self.online, now_ms, dev) {
                 if let Action::Dispatch { seq, ref cmd, .. } = a {
                     let at = now_ms + cmd.timeout_ms + self.cfg.result_grace_ms;
                     self.deadlines
@@ -540,7 +541,7 @@ impl Fleet {
     }
 
     fn apply(
-        b: &mut Batch<'_>,
+        b: &mut dyn StoreBatch,
         cx: &mut Cx<'_>,
         pki: &Pki,
         cfg: &FleetConfig,
@@ -959,7 +960,7 @@ impl Fleet {
 
     #[allow(clippy::too_many_arguments)]
     fn fire(
-        b: &mut Batch<'_>,
+        b: &mut dyn StoreBatch,
         online: &mut HashMap<DeviceId, Online>,
         _cfg: &FleetConfig,
         now_ms: u64,
@@ -1033,7 +1034,7 @@ impl Fleet {
     }
 
     fn next_dispatch(
-        b: &mut Batch<'_>,
+        b: &mut dyn StoreBatch,
         online: &mut HashMap<DeviceId, Online>,
         now_ms: u64,
         dev: DeviceId,
@@ -1107,7 +1108,7 @@ enum Stored {
 /// it — records why it was discarded. `how` says how it arrived, for the event (empty: on its
 /// session).
 fn store_result(
-    b: &mut Batch<'_>,
+    b: &mut dyn StoreBatch,
     now_ms: u64,
     dev: DeviceId,
     seq: u64,
@@ -1280,7 +1281,7 @@ fn to_store_steps(steps: &[StepSpec]) -> Result<Vec<store::Step>, String> {
 
 /// Creates a push task for the members of `task.group` and announces it to those online.
 fn push(
-    b: &mut Batch<'_>,
+    b: &mut dyn StoreBatch,
     online: &HashMap<DeviceId, Online>,
     now_ms: u64,
     conn: ConnId,
@@ -1382,7 +1383,7 @@ pub fn progress_blocks(received: u32, total: u32, blocks: u32) -> Option<store::
 /// completion or failure (or for an unknown task) is refused by the store and dropped: it is
 /// informational, and the session stays.
 fn record_progress(
-    b: &mut Batch<'_>,
+    b: &mut dyn StoreBatch,
     dev: DeviceId,
     task: store::TaskId,
     received: u32,
@@ -1407,7 +1408,7 @@ fn record_progress(
 /// A verified copy: the task's follow-up commands join the device's queue, in the same
 /// batch as the completion (so a crash loses neither or both).
 fn queue_follow_up(
-    b: &mut Batch<'_>,
+    b: &mut dyn StoreBatch,
     now_ms: u64,
     dev: DeviceId,
     task: store::TaskId,
@@ -1437,7 +1438,7 @@ fn queue_follow_up(
 }
 
 /// `task show`: one task's status table, or every task with its counts.
-fn task_show(b: &Batch<'_>, task: Option<u64>) -> Result<Response, Response> {
+fn task_show(b: &dyn StoreBatch, task: Option<u64>) -> Result<Response, Response> {
     let err = |e: store::Error| Response::err(e.to_string());
     let name = |d: DeviceId| {
         b.device(d)
@@ -1514,7 +1515,7 @@ fn task_show(b: &Batch<'_>, task: Option<u64>) -> Result<Response, Response> {
     }
 }
 
-fn device_id(b: &Batch<'_>, name: &str) -> Result<DeviceId, Response> {
+fn device_id(b: &dyn StoreBatch, name: &str) -> Result<DeviceId, Response> {
     match b.device_by_name(name) {
         Ok(Some(d)) => Ok(d.id),
         Ok(None) => Err(Response::not_found(format!(
@@ -1537,7 +1538,7 @@ fn queue_json(q: &store::QueueState) -> serde_json::Value {
 }
 
 fn admin(
-    b: &mut Batch<'_>,
+    b: &mut dyn StoreBatch,
     online: &mut HashMap<DeviceId, Online>,
     cfg: &FleetConfig,
     now_ms: u64,
@@ -1802,6 +1803,7 @@ mod tests {
     //! The fleet logic without sockets: inputs in, actions out, the store checked directly.
 
     use super::*;
+    use fleetcast_store::Store;
 
     /// A device's public key as an agent sends it (P-256 SubjectPublicKeyInfo, DER); made with
     /// the daemon's own certificate library, so these tests need no agent.

@@ -10,8 +10,10 @@
 //! 4. Feed plaintext to each session core, fire due timers, and drain every core in its
 //!    documented order: `poll_transmit` into TLS, `poll_event` into fleet [`Input`]s,
 //!    `poll_timeout` into the timer heap.
-//! 5. One [`Fleet::process`] call applies all inputs in one store batch (one fsync) and only
-//!    then returns acks, dispatches and replies, which go back into the cores (step 4 again).
+//! 5. The fleet runs on the store thread (`store_thread`): when the batch in flight is
+//!    committed its acks, dispatches and replies go back into the cores (step 4 again), and
+//!    the inputs gathered meanwhile go to the thread as the next batch: one
+//!    [`Fleet::process`] call, one store batch, one fsync, off this thread.
 //! 6. Write TLS until `WouldBlock`, asking for `WRITABLE` only while bytes are pending.
 
 use std::cmp::Reverse;
@@ -43,6 +45,7 @@ mod admin_conn;
 mod artifact_conn;
 mod ladder;
 mod limits;
+mod store_thread;
 
 use admin_conn::AdminConn;
 use artifact_conn::{artifact_write, ArtifactConn};
@@ -56,12 +59,15 @@ const MCAST: Token = Token(2);
 const ARTIFACTS: Token = Token(3);
 /// Wakes the loop when a pushed file's digest, computed on a thread, is ready.
 const HASHED: Token = Token(usize::MAX - 3);
+/// Wakes the loop when the store thread committed a batch.
+const STORED: Token = Token(usize::MAX - 4);
 const FIRST_CONN: usize = 4;
 // Every fixed token is distinct, the metrics endpoint's included.
 const _: () = assert!(
     HASHED.0 != metrics::LISTENER.0
         && EXTRA_LISTENER.0 != metrics::LISTENER.0
         && HASHED.0 != EXTRA_LISTENER.0
+        && STORED.0 < HASHED.0
 );
 /// The optional second agent listener (e.g. port 443), far from the connection tokens.
 /// (`usize::MAX - 1` is the metrics listener's: [`metrics::LISTENER`].)
@@ -224,7 +230,8 @@ pub struct Gateway {
     artifacts: Option<TcpListener>,
     server_cfg: Arc<ServerConfig>,
     cfg: GatewayConfig,
-    fleet: Fleet,
+    /// The fleet, on the store thread (see [`store_thread`]).
+    fleet: store_thread::StoreThread,
     dist: Option<Distributor>,
     /// The multicast socket may hold more NACKs than one turn's budget read.
     mcast_ready: bool,
@@ -305,6 +312,10 @@ impl Gateway {
             None => None,
         };
         let server_cfg = fleet.pki().server_config();
+        let fleet = store_thread::StoreThread::spawn(
+            fleet,
+            Arc::new(mio::Waker::new(poll.registry(), STORED)?),
+        )?;
         let dist = match &cfg.mcast {
             Some(m) => {
                 let mut d = Distributor::open(m.clone())?;
@@ -377,13 +388,16 @@ impl Gateway {
 
     /// The metrics of this gateway now (what `GET /metrics` and `fleetcast metrics` show).
     pub fn metrics(&self) -> Result<Vec<metrics::Family>, fleetcast_store::Error> {
-        let live = metrics::Live {
-            sessions: self.fleet.online(),
+        let mut live = metrics::Live {
+            sessions: 0,
             connections: self.conns.len(),
             counters: self.counters,
             mcast: self.dist.as_ref().map(|d| d.totals()),
         };
-        metrics::gather(self.fleet.store(), &live)
+        self.fleet.call(move |f| {
+            live.sessions = f.online();
+            metrics::gather(f.store(), &live)
+        })
     }
 
     fn metrics_event(&mut self, token: Token) {
@@ -432,7 +446,8 @@ impl Gateway {
                 "backup destination {dest} is not empty: give a new directory"
             ));
         }
-        match self.fleet.store().backup(path) {
+        let dest_path = path.to_path_buf();
+        match self.fleet.call(move |f| f.store().backup(&dest_path)) {
             Ok(()) => {
                 let bytes = std::fs::metadata(path.join("data.mdb")).map_or(0, |m| m.len());
                 tracing::info!(dest, bytes, "store backed up");
@@ -492,6 +507,8 @@ impl Gateway {
                     ARTIFACTS => self.accept_artifacts(now),
                     MCAST => self.mcast_ready = true,
                     HASHED => self.hashed_ready = true,
+                    // The batch's outcome is taken in `process_fleet`.
+                    STORED => {}
                     t if metrics::Server::owns(t) => self.metrics_event(t),
                     Token(t) => {
                         let idx = t - FIRST_CONN;
@@ -612,7 +629,9 @@ impl Gateway {
     }
 
     fn poll_timeout(&self, now: Instant, wall: u64, limit: Option<Instant>) -> Duration {
-        if !self.ready.is_empty() || !self.inputs.is_empty() || self.mcast_ready {
+        // Inputs wait while a batch is in flight: its commit wakes the loop (`STORED`).
+        let inputs = !self.inputs.is_empty() && !self.fleet.busy();
+        if !self.ready.is_empty() || inputs || self.mcast_ready {
             return Duration::ZERO;
         }
         let mut next = limit.unwrap_or(now + Duration::from_secs(3600));
@@ -625,7 +644,7 @@ impl Gateway {
         if let Some(Reverse((t, _, _))) = self.timers.peek() {
             next = next.min(*t);
         }
-        if let Some(d) = self.fleet.next_deadline() {
+        if let Some(d) = self.fleet.next_deadline().filter(|_| !self.fleet.busy()) {
             next = next.min(now + Duration::from_millis(d.saturating_sub(wall)));
         }
         if let Some(t) = self.limits.next_retry() {
@@ -930,41 +949,6 @@ impl Gateway {
         }
     }
 
-    fn process_fleet(&mut self, now: Instant, wall: u64) {
-        let due = self.fleet.next_deadline().is_some_and(|d| d <= wall);
-        if self.inputs.is_empty() && !due {
-            return;
-        }
-        let inputs = std::mem::take(&mut self.inputs);
-        for i in &inputs {
-            match i {
-                Input::Result { .. } => self.counters.results += 1,
-                Input::Admin { .. } | Input::Push { .. } => self.counters.admin_requests += 1,
-                _ => {}
-            }
-        }
-        let actions = self.fleet.process(wall, inputs);
-        for a in actions {
-            self.apply(a, now);
-        }
-    }
-
-    /// One bounded retention pass when due (see [`crate::retention`]).
-    fn prune(&mut self, now: Instant, wall: u64) {
-        match self.pruner.run_due(self.fleet.store_mut(), now, wall) {
-            Some(Ok(p)) if p.events + p.results > 0 => {
-                tracing::debug!(
-                    events = p.events,
-                    results = p.results,
-                    more = p.more,
-                    "retention: pruned"
-                );
-            }
-            Some(Err(e)) => tracing::warn!(error = %e, "retention pass failed; retried later"),
-            _ => {}
-        }
-    }
-
     fn lookup(&self, id: ConnId) -> Option<usize> {
         let idx = (id & 0xffff_ffff) as usize;
         self.conns.get(idx).filter(|s| s.id == id).map(|_| idx)
@@ -1030,10 +1014,12 @@ impl Gateway {
                     );
                     return;
                 };
-                let store = self.fleet.store();
+                let (fleet, task_id) = (&self.fleet, *task);
                 let row = || {
-                    let snap = store.snapshot().ok()?;
-                    snap.task(*task).ok()?
+                    fleet.call(move |f| {
+                        let snap = f.store().snapshot().ok()?;
+                        snap.task(task_id).ok()?
+                    })
                 };
                 match d.announce_for(*task, *device, peer, row, now) {
                     Ok(a) => Some(a),

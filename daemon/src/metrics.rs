@@ -16,7 +16,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 
-use fleetcast_store::{QueueStatus, Store};
+use fleetcast_store::prelude::*;
+use fleetcast_store::QueueStatus;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
@@ -89,7 +90,7 @@ const QUEUE_STATES: [(QueueStatus, &str); 7] = [
 ];
 
 /// Gathers every metric: the store through one snapshot, the rest from `live`.
-pub fn gather(store: &Store, live: &Live) -> Result<Vec<Family>, fleetcast_store::Error> {
+pub fn gather(store: &dyn Engine, live: &Live) -> Result<Vec<Family>, fleetcast_store::Error> {
     let snap = store.snapshot()?;
     let devices = snap.devices()?;
     let revoked = devices.iter().filter(|d| d.revoked).count() as u64;
@@ -552,6 +553,7 @@ fn flush(c: &mut Conn) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleetcast_store::Store;
 
     /// One request through `read_request` over a real loopback socket.
     fn ask(request: &[u8]) -> (bool, String) {

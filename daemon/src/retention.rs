@@ -10,7 +10,8 @@
 
 use std::time::Duration;
 
-use fleetcast_store::{DeviceId, Store};
+use fleetcast_store::prelude::*;
+use fleetcast_store::DeviceId;
 use fleetcast_wire::Instant;
 
 /// Most entries one pass deletes (and steps it takes over the device table).
@@ -56,7 +57,7 @@ pub struct Pass {
 }
 
 /// The incremental pruner.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Pruner {
     cfg: RetentionConfig,
     next: Instant,
@@ -82,7 +83,7 @@ impl Pruner {
     /// Runs one pass if it is due at `now` (`wall_ms`: the wall clock, events carry it).
     pub fn run_due(
         &mut self,
-        store: &mut Store,
+        store: &mut dyn Engine,
         now: Instant,
         wall_ms: u64,
     ) -> Option<fleetcast_store::Result<Pass>> {
@@ -98,7 +99,7 @@ impl Pruner {
     }
 
     /// One bounded pass: one batch, at most [`PASS_BUDGET`] deletions, one commit if any.
-    pub fn pass(&mut self, store: &mut Store, wall_ms: u64) -> fleetcast_store::Result<Pass> {
+    pub fn pass(&mut self, store: &mut dyn Engine, wall_ms: u64) -> fleetcast_store::Result<Pass> {
         let older_than = match self.cfg.events_keep_days {
             0 => 0,
             d => wall_ms.saturating_sub(d.saturating_mul(DAY_MS)),
@@ -138,11 +139,12 @@ impl Pruner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleetcast_store::Store;
     use fleetcast_store::{
         Command, CommandResult, Event, EventKind, OnFailure, Step, StepOutcome, StepResult,
     };
 
-    fn fill(store: &mut Store, devices: u64, commands: u64, events: u64, old_ms: u64) {
+    fn fill(store: &mut dyn Engine, devices: u64, commands: u64, events: u64, old_ms: u64) {
         let mut b = store.batch().unwrap();
         for d in 0..devices {
             let dev = b.add_device(&format!("d{d}"), [1; 32], 0).unwrap();

@@ -571,6 +571,7 @@ fn unauthenticated_clients_cannot_make_the_gateway_buffer_big_frames() {
 
 #[test]
 fn the_event_log_and_results_are_pruned_to_the_retention_settings() {
+    use fleetcast_store::prelude::*;
     use fleetcast_store::{
         Command, CommandResult, Event, EventKind, OnFailure, Step, StepOutcome, StepResult,
     };
@@ -714,6 +715,7 @@ fn enrol_once(gw: &Gw, from: std::net::Ipv4Addr, token: &[u8]) -> fleetcast_wire
 
 #[test]
 fn failed_enrolments_are_rate_limited_per_source() {
+    use fleetcast_store::prelude::*;
     use fleetcast_wire::CloseCode;
     let tmp = tempfile::tempdir().expect("tempdir");
     let gw = Gw::start(tmp.path(), &[], |_| {});

@@ -8,7 +8,7 @@
 //!   [`Error::Poisoned`] and nothing of the batch is written. What was committed earlier is
 //!   untouched.
 
-use crate::types::{DeviceId, QueueStatus, TaskId};
+use crate::ids::{DeviceId, QueueStatus, TaskId};
 
 /// What a [`Error::NotFound`] did not find.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -23,7 +23,7 @@
 //!   in by the caller.
 //!
 //! # Concurrency
-//! One writer (the daemon's loop). `batch` takes `&mut self`, snapshots borrow `&self`, so a
+//! One writer (the daemon's store thread). `batch` takes `&mut self`, snapshots borrow `&self`, so a
 //! map resize can never race an open transaction of this process. Another process (e.g. the
 //! CLI tailing events) may open the same environment through its own `Store`; LMDB's lock
 //! file serialises writers across processes, and a map grown by the other process is adopted
@@ -40,8 +40,10 @@
 
 mod batch;
 mod codec;
+mod engine;
 mod env;
 mod error;
+mod ids;
 mod queue;
 mod read;
 mod types;
@@ -51,6 +53,7 @@ use std::path::{Path, PathBuf};
 use lmdb::{Environment, RoTransaction};
 
 pub use batch::{Batch, Committed, Recorded};
+pub use engine::{DeviceOps, Engine, EventOps, QueueOps, Reads, StoreBatch, TaskOps};
 pub use env::{INITIAL_MAP_SIZE, SCHEMA_VERSION};
 pub use error::{Error, Illegal, Missing, Result};
 pub use types::{
@@ -184,8 +187,30 @@ impl<'s> Snapshot<'s> {
     fn read_parts(&self) -> Result<(&RoTransaction<'s>, &Dbs)> {
         Ok((&self.txn, self.dbs))
     }
+}
 
+impl Reads for Snapshot<'_> {
     read_methods!();
+}
+
+/// The store's traits, for `use fleetcast_store::prelude::*`: the methods of batches and
+/// snapshots are trait methods (see [`Engine`]).
+pub mod prelude {
+    pub use crate::engine::{DeviceOps, Engine, EventOps, QueueOps, Reads, StoreBatch, TaskOps};
+}
+
+impl Engine for Store {
+    fn batch(&mut self) -> Result<Box<dyn StoreBatch + '_>> {
+        Ok(Box::new(Store::batch(self)?))
+    }
+
+    fn snapshot(&self) -> Result<Box<dyn Reads + '_>> {
+        Ok(Box::new(Store::snapshot(self)?))
+    }
+
+    fn backup(&self, dest: &Path) -> Result<()> {
+        Store::backup(self, dest)
+    }
 }
 
 #[cfg(test)]

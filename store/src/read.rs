@@ -267,104 +267,79 @@ pub(crate) fn last_event_id<T: Transaction>(t: &T, d: &Dbs) -> Result<EventId> {
 /// Generates the public read methods on a type with `fn read_parts(&self) -> Result<(&T, &Dbs)>`.
 macro_rules! read_methods {
     () => {
-        /// The device with this id.
-        pub fn device(&self, id: DeviceId) -> Result<Option<Device>> {
+        fn device(&self, id: DeviceId) -> Result<Option<Device>> {
             let (t, d) = self.read_parts()?;
             read::device(t, d, id)
         }
-        /// The device with this name.
-        pub fn device_by_name(&self, name: &str) -> Result<Option<Device>> {
+        fn device_by_name(&self, name: &str) -> Result<Option<Device>> {
             let (t, d) = self.read_parts()?;
             read::device_by_name(t, d, name)
         }
-        /// All devices, by id.
-        pub fn devices(&self) -> Result<Vec<Device>> {
+        fn devices(&self) -> Result<Vec<Device>> {
             let (t, d) = self.read_parts()?;
             read::devices(t, d)
         }
-        /// The queue state of a device (`None` if the device does not exist).
-        pub fn queue(&self, id: DeviceId) -> Result<Option<QueueState>> {
+        fn queue(&self, id: DeviceId) -> Result<Option<QueueState>> {
             let (t, d) = self.read_parts()?;
             read::queue(t, d, id)
         }
-        /// Every queue, by device id: what the daemon loads on start.
-        pub fn queues(&self) -> Result<Vec<(DeviceId, QueueState)>> {
+        fn queues(&self) -> Result<Vec<(DeviceId, QueueState)>> {
             let (t, d) = self.read_parts()?;
             read::queues(t, d)
         }
-        /// One queued command.
-        pub fn command(&self, id: DeviceId, seq: u64) -> Result<Option<Command>> {
+        fn command(&self, id: DeviceId, seq: u64) -> Result<Option<Command>> {
             let (t, d) = self.read_parts()?;
             read::command(t, d, id, seq)
         }
-        /// Up to `limit` commands of a device with seq ≥ `from`, in queue order.
-        pub fn commands(
-            &self,
-            id: DeviceId,
-            from: u64,
-            limit: usize,
-        ) -> Result<Vec<(u64, Command)>> {
+        fn commands(&self, id: DeviceId, from: u64, limit: usize) -> Result<Vec<(u64, Command)>> {
             let (t, d) = self.read_parts()?;
             read::commands(t, d, id, from, limit)
         }
-        /// The command to transmit next, if the queue is `running`.
-        pub fn next_to_dispatch(&self, id: DeviceId) -> Result<Option<(u64, Command)>> {
+        fn next_to_dispatch(&self, id: DeviceId) -> Result<Option<(u64, Command)>> {
             let (t, d) = self.read_parts()?;
             read::next_to_dispatch(t, d, id)
         }
-        /// The recorded result of a command.
-        pub fn result(&self, id: DeviceId, seq: u64) -> Result<Option<CommandResult>> {
+        fn result(&self, id: DeviceId, seq: u64) -> Result<Option<CommandResult>> {
             let (t, d) = self.read_parts()?;
             read::result(t, d, id, seq)
         }
-        /// Members of a group, by id.
-        pub fn group_members(&self, group: &str) -> Result<Vec<DeviceId>> {
+        fn group_members(&self, group: &str) -> Result<Vec<DeviceId>> {
             let (t, d) = self.read_parts()?;
             read::group_members(t, d, group)
         }
-        /// Every group and its members.
-        pub fn groups(&self) -> Result<Vec<(String, Vec<DeviceId>)>> {
+        fn groups(&self) -> Result<Vec<(String, Vec<DeviceId>)>> {
             let (t, d) = self.read_parts()?;
             read::groups(t, d)
         }
-        /// One distribution task.
-        pub fn task(&self, id: TaskId) -> Result<Option<Task>> {
+        fn task(&self, id: TaskId) -> Result<Option<Task>> {
             let (t, d) = self.read_parts()?;
             read::task(t, d, id)
         }
-        /// Every task, by id.
-        pub fn tasks(&self) -> Result<Vec<(TaskId, Task)>> {
+        fn tasks(&self) -> Result<Vec<(TaskId, Task)>> {
             let (t, d) = self.read_parts()?;
             read::tasks(t, d)
         }
-        /// Status of one device within a task.
-        pub fn task_status(&self, task: TaskId, dev: DeviceId) -> Result<Option<TaskDeviceStatus>> {
+        fn task_status(&self, task: TaskId, dev: DeviceId) -> Result<Option<TaskDeviceStatus>> {
             let (t, d) = self.read_parts()?;
             read::task_status(t, d, task, dev)
         }
-        /// The task status table of one task, by device id.
-        pub fn task_statuses(&self, task: TaskId) -> Result<Vec<(DeviceId, TaskDeviceStatus)>> {
+        fn task_statuses(&self, task: TaskId) -> Result<Vec<(DeviceId, TaskDeviceStatus)>> {
             let (t, d) = self.read_parts()?;
             read::task_statuses(t, d, task)
         }
-        /// Tasks still pending or in progress for a device (catch-up on reconnect).
-        pub fn incomplete_tasks(&self, dev: DeviceId) -> Result<Vec<TaskId>> {
+        fn incomplete_tasks(&self, dev: DeviceId) -> Result<Vec<TaskId>> {
             let (t, d) = self.read_parts()?;
             read::incomplete_tasks(t, d, dev)
         }
-        /// Up to `limit` events with id ≥ `from`, in order (tail the log with
-        /// `from = last seen + 1`).
-        pub fn events_from(&self, from: EventId, limit: usize) -> Result<Vec<(EventId, Event)>> {
+        fn events_from(&self, from: EventId, limit: usize) -> Result<Vec<(EventId, Event)>> {
             let (t, d) = self.read_parts()?;
             read::events_from(t, d, from, limit)
         }
-        /// Id of the newest event, 0 if the log is empty.
-        pub fn last_event_id(&self) -> Result<EventId> {
+        fn last_event_id(&self) -> Result<EventId> {
             let (t, d) = self.read_parts()?;
             read::last_event_id(t, d)
         }
-        /// Number of batches committed so far.
-        pub fn commit_seq(&self) -> Result<u64> {
+        fn commit_seq(&self) -> Result<u64> {
             let (t, d) = self.read_parts()?;
             env::meta_u64(t, d.meta, env::META_COMMIT_SEQ)
         }

@@ -6,20 +6,10 @@
 
 use crate::codec::{Reader, Record, Writer};
 use crate::error::Result;
+pub use crate::ids::{DeviceId, EventId, QueueStatus, TaskId};
 
 /// Maximum stored length of a step's output excerpt; longer output keeps its last bytes.
 pub const OUTPUT_EXCERPT_MAX: usize = 4096;
-
-/// Identifier of an enrolled device, allocated by the store (never reused).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DeviceId(pub u64);
-
-/// Identifier of a distribution task, allocated by the store (never reused).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TaskId(pub u64);
-
-/// Position in the event log (monotonically increasing, starts at 1).
-pub type EventId = u64;
 
 /// The transport of the traversal ladder that last worked for a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -388,70 +378,6 @@ impl Record for Command {
             timeout_ms,
             max_attempts,
             on_failure,
-        })
-    }
-}
-
-/// Status of a device's command queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum QueueStatus {
-    /// Nothing pending and nothing ever completed (or everything was cancelled).
-    Idle,
-    /// Commands pending, none in flight.
-    Running,
-    /// The command at the cursor was transmitted; waiting for its result.
-    AwaitingResult,
-    /// The command at the cursor is rebooting the device; waiting for `RebootComplete`.
-    Rebooting,
-    /// Stopped by the operator; nothing is dispatched until resumed.
-    Paused,
-    /// A command failed under `OnFailure::Stop` (see [`QueueState::failure`]).
-    Failed,
-    /// Everything completed; nothing pending.
-    Done,
-}
-
-impl std::fmt::Display for QueueStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl QueueStatus {
-    /// The lower-case name operators see (`fleetcast queue show`, the event log, errors).
-    pub fn name(self) -> &'static str {
-        match self {
-            QueueStatus::Idle => "idle",
-            QueueStatus::Running => "running",
-            QueueStatus::AwaitingResult => "awaitingresult",
-            QueueStatus::Rebooting => "rebooting",
-            QueueStatus::Paused => "paused",
-            QueueStatus::Failed => "failed",
-            QueueStatus::Done => "done",
-        }
-    }
-
-    fn code(self) -> u8 {
-        match self {
-            QueueStatus::Idle => 0,
-            QueueStatus::Running => 1,
-            QueueStatus::AwaitingResult => 2,
-            QueueStatus::Rebooting => 3,
-            QueueStatus::Paused => 4,
-            QueueStatus::Failed => 5,
-            QueueStatus::Done => 6,
-        }
-    }
-    fn from_code(c: u8) -> Option<Self> {
-        Some(match c {
-            0 => QueueStatus::Idle,
-            1 => QueueStatus::Running,
-            2 => QueueStatus::AwaitingResult,
-            3 => QueueStatus::Rebooting,
-            4 => QueueStatus::Paused,
-            5 => QueueStatus::Failed,
-            6 => QueueStatus::Done,
-            _ => return None,
         })
     }
 }

@@ -17,6 +17,7 @@ use std::path::Path;
 use std::process::Command as Proc;
 use std::time::Duration;
 
+use fleetcast_store::prelude::*;
 use fleetcast_store::{
     BlockSet, Command, CommandResult, ConfigReport, DeviceId, Event, EventKind, OnFailure,
     QueueStatus, Snapshot, Step, StepOutcome, StepResult, Store, Task, TaskId,

@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::process::Command as Proc;
 
+use fleetcast_store::prelude::*;
 use fleetcast_store::{Command, Error, OnFailure, Step, Store};
 
 const ROLE: &str = "FLEETCAST_STORE_DISK_FULL_CHILD";

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::process::Command as Proc;
 
+use fleetcast_store::prelude::*;
 use fleetcast_store::{Command, DeviceId, Error, OnFailure, Step, Store};
 
 const ROLE: &str = "FLEETCAST_STORE_MP_CHILD";

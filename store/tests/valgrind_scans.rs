@@ -7,6 +7,7 @@
 
 use std::process::Command as Proc;
 
+use fleetcast_store::prelude::*;
 use fleetcast_store::{
     Command, DeviceId, Event, EventKind, OnFailure, Step, Store, Task, TaskDeviceStatus,
 };

@@ -98,24 +98,18 @@ impl Distributor {
             let Ok((Message::Nack(nack), frame)) = Message::parse_datagram(&self.buf[..n]) else {
                 continue;
             };
-            let Some(sender) = self
-                .dists
-                .get_mut(&nack.session)
-                .and_then(|d| d.sender_of(nack.device_id))
-            else {
+            let Some(d) = self.dists.get_mut(&nack.session) else {
                 continue;
             };
-            // Close a round that is due before this NACK counts in it.
-            if sender.poll_timeout().is_some_and(|t| t <= now) {
-                sender.handle_timeout(now);
-            }
-            let verdict = sender.handle_nack(now, from, &frame, &nack, &RingMac);
+            // The task's core routes it to the sender serving the device.
+            let verdict = d.core.handle_nack(now, from, &frame, &nack, &RingMac);
             if verdict != NackVerdict::Accepted {
                 tracing::debug!(%from, device = nack.device_id, ?verdict, "NACK ignored");
             }
+            self.touched.insert(nack.session);
             loop {
                 probe.clear();
-                let Some(to) = sender.poll_probe(&RingMac, &mut probe) else {
+                let Some(to) = d.core.poll_probe(&RingMac, &mut probe) else {
                     break;
                 };
                 if let Err(e) = self.sock.send_to(&probe, to) {
@@ -162,7 +156,7 @@ mod tests {
         for _ in 0..200 {
             dist.handle_readable(Instant::ZERO);
             let d = &dist.dists[&5];
-            let seen: u64 = d.catch_up.values().map(|c| c.stats().nacks).sum();
+            let seen: u64 = d.core.catch_up_stats().nacks;
             if seen >= nacks {
                 return;
             }
@@ -224,11 +218,11 @@ mod tests {
         read_until(&mut dist, 2);
         let d = &dist.dists[&5];
         assert_eq!(
-            d.catch_up.len(),
+            d.core.catch_up_count(),
             1,
             "only the announced device has a sender"
         );
-        let c = &d.catch_up[&1];
+        let c = d.core.catch_up(1).unwrap();
         assert_eq!(c.receiver_count(), 1);
         assert_eq!(c.stats().nacks_forged, 1);
         assert_eq!(c.repair_addr(1), Some(dev.local_addr().unwrap()));
@@ -241,7 +235,7 @@ mod tests {
         sent(&other, &nack(1, 2, None, &a.nack_key));
         read_until(&mut dist, 3);
         assert_eq!(
-            dist.dists[&5].catch_up[&1].repair_addr(1),
+            dist.dists[&5].core.catch_up(1).unwrap().repair_addr(1),
             Some(dev.local_addr().unwrap())
         );
         let mut buf = [0u8; 256];
@@ -255,7 +249,10 @@ mod tests {
         sent(&other, &nack(1, 3, Some(p.cookie), &a.nack_key));
         read_until(&mut dist, 4);
         let moved: SocketAddr = other.local_addr().unwrap();
-        assert_eq!(dist.dists[&5].catch_up[&1].repair_addr(1), Some(moved));
+        assert_eq!(
+            dist.dists[&5].core.catch_up(1).unwrap().repair_addr(1),
+            Some(moved)
+        );
         // A new announce: a new key; the old one no longer counts.
         let b = dist
             .announce_for(
@@ -269,7 +266,15 @@ mod tests {
         assert_ne!(a.nack_key, b.nack_key);
         sent(&dev, &nack(1, 9, None, &a.nack_key));
         read_until(&mut dist, 5);
-        assert_eq!(dist.dists[&5].catch_up[&1].stats().nacks_forged, 2);
+        assert_eq!(
+            dist.dists[&5]
+                .core
+                .catch_up(1)
+                .unwrap()
+                .stats()
+                .nacks_forged,
+            2
+        );
     }
 
     #[test]

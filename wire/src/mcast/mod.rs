@@ -108,6 +108,7 @@ pub mod fec;
 mod plan;
 mod receiver;
 mod sender;
+pub mod task;
 
 #[cfg(feature = "fec")]
 pub use fec::ReedSolomon;
@@ -121,6 +122,7 @@ pub use sender::{
     Dest, McastSender, NackVerdict, ReceiverAuth, SendBlock, SendParity, SenderConfig, SenderEvent,
     SenderStats, Transmit,
 };
+pub use task::{CatchUpBudget, McastTask, TaskConfig, TaskEvent, Trigger};
 
 /// Default for [`SenderConfig::max_nack_bytes`] and [`ReceiverConfig::max_nack_bytes`]: one
 /// NACK asks for at most 4 MiB of repairs. Large enough that a device catching up a whole

@@ -1,0 +1,358 @@
+//! Command queues: enqueue, transmission, results, timeouts, reboots and operator actions.
+
+use super::{Batch, Cx, Recorded};
+use crate::engine::QueueOps;
+use crate::env::{self, key2};
+use crate::error::{Error, Illegal, Result};
+use crate::queue::AfterFailure;
+use crate::read;
+use crate::types::{
+    Command, CommandResult, ConfigReport, DeviceId, FailReason, QueueStatus, StepOutcome,
+    StepResult,
+};
+
+impl QueueOps for Batch<'_> {
+    fn enqueue(&mut self, dev: DeviceId, cmd: Command) -> Result<u64> {
+        self.exec(move |cx| {
+            validate_command(dev, &cmd)?;
+            let mut q = cx.live_queue(dev)?;
+            let seq = q.enqueue();
+            cx.put(cx.d.commands, &key2(dev.0, seq), &cmd)?;
+            cx.put_queue(dev, &q)?;
+            Ok(seq)
+        })
+    }
+
+    fn enqueue_group(&mut self, group: &str, cmd: Command) -> Result<Vec<(DeviceId, u64)>> {
+        let group = group.to_owned();
+        self.exec(move |cx| enqueue_group(cx, &group, &cmd))
+    }
+
+    fn mark_transmitted(&mut self, dev: DeviceId, seq: u64, now_ms: u64) -> Result<u32> {
+        self.exec(move |cx| mark_transmitted(cx, dev, seq, now_ms))
+    }
+
+    fn redeliver(&mut self, dev: DeviceId, seq: u64, now_ms: u64) -> Result<u32> {
+        self.exec(move |cx| {
+            let mut q = cx.live_queue(dev)?;
+            let attempt = q
+                .redeliver(seq, now_ms)
+                .map_err(|k| Error::illegal(dev, k))?;
+            cx.put_queue(dev, &q)?;
+            Ok(attempt)
+        })
+    }
+
+    fn record_result(
+        &mut self,
+        dev: DeviceId,
+        seq: u64,
+        attempt: u32,
+        mut result: CommandResult,
+    ) -> Result<Recorded> {
+        result.bound();
+        self.exec(move |cx| record_result(cx, dev, seq, attempt, &result))
+    }
+
+    fn command_timed_out(&mut self, dev: DeviceId, seq: u64, now_ms: u64) -> Result<QueueStatus> {
+        self.exec(move |cx| command_timed_out(cx, dev, seq, now_ms))
+    }
+
+    fn reboot_started(
+        &mut self,
+        dev: DeviceId,
+        seq: u64,
+        deadline_ms: u64,
+        boot_id: &str,
+    ) -> Result<()> {
+        let boot = boot_id.to_owned();
+        self.exec(move |cx| {
+            let mut q = cx.queue(dev)?;
+            let has_reboot = read::command(&*cx.t, cx.d, dev, seq)?.is_some_and(|c| c.has_reboot());
+            q.reboot_started(seq, has_reboot, deadline_ms, &boot)
+                .map_err(|k| Error::illegal(dev, k))?;
+            cx.put_queue(dev, &q)
+        })
+    }
+
+    fn boot_at_dispatch(&mut self, dev: DeviceId, seq: u64, boot_id: &str) -> Result<()> {
+        let boot = boot_id.to_owned();
+        self.exec(move |cx| {
+            let mut q = cx.queue(dev)?;
+            q.boot_at_dispatch(seq, &boot)
+                .map_err(|k| Error::illegal(dev, k))?;
+            cx.put_queue(dev, &q)
+        })
+    }
+
+    fn reboot_completed(
+        &mut self,
+        dev: DeviceId,
+        seq: u64,
+        attempt: u32,
+        report: ConfigReport,
+        mut result: CommandResult,
+        now_ms: u64,
+    ) -> Result<QueueStatus> {
+        result.bound();
+        self.exec(move |cx| reboot_completed(cx, dev, seq, attempt, &report, &result, now_ms))
+    }
+
+    fn reboot_deadline_missed(&mut self, dev: DeviceId, now_ms: u64) -> Result<()> {
+        self.exec(move |cx| {
+            let mut q = cx.queue(dev)?;
+            q.reboot_deadline_missed(now_ms)
+                .map_err(|k| Error::illegal(dev, k))?;
+            cx.put_queue(dev, &q)
+        })
+    }
+
+    fn pause(&mut self, dev: DeviceId) -> Result<()> {
+        self.exec(move |cx| {
+            let mut q = cx.queue(dev)?;
+            q.pause().map_err(|k| Error::illegal(dev, k))?;
+            cx.put_queue(dev, &q)
+        })
+    }
+
+    fn resume(&mut self, dev: DeviceId) -> Result<()> {
+        self.exec(move |cx| {
+            let mut q = cx.queue(dev)?;
+            let pending = cx.first_after(dev, q.completed_through)?.is_some();
+            q.resume(pending).map_err(|k| Error::illegal(dev, k))?;
+            cx.put_queue(dev, &q)
+        })
+    }
+
+    fn retry(&mut self, dev: DeviceId) -> Result<()> {
+        self.exec(move |cx| {
+            let mut q = cx.queue(dev)?;
+            q.retry().map_err(|k| Error::illegal(dev, k))?;
+            cx.put_queue(dev, &q)
+        })
+    }
+
+    fn skip(&mut self, dev: DeviceId) -> Result<()> {
+        self.exec(move |cx| skip(cx, dev))
+    }
+
+    fn cancel(&mut self, dev: DeviceId) -> Result<u64> {
+        self.exec(move |cx| cancel(cx, dev))
+    }
+}
+
+fn enqueue_group(cx: &mut Cx<'_, '_>, group: &str, cmd: &Command) -> Result<Vec<(DeviceId, u64)>> {
+    let d = *cx.d;
+    let members = read::group_members(&*cx.t, &d, group)?;
+    if members.is_empty() {
+        return Err(Error::NotFound(crate::error::Missing::Group(
+            group.to_owned(),
+        )));
+    }
+    validate_command(members[0], cmd)?;
+    let mut targets = Vec::with_capacity(members.len());
+    for m in members {
+        let q = cx.queue(m)?;
+        if !q.revoked {
+            targets.push((m, q));
+        }
+    }
+    let mut out = Vec::with_capacity(targets.len());
+    for (m, mut q) in targets {
+        let seq = q.enqueue();
+        cx.put(d.commands, &key2(m.0, seq), cmd)?;
+        cx.put_queue(m, &q)?;
+        out.push((m, seq));
+    }
+    Ok(out)
+}
+
+fn mark_transmitted(cx: &mut Cx<'_, '_>, dev: DeviceId, seq: u64, now: u64) -> Result<u32> {
+    let mut q = cx.live_queue(dev)?;
+    let first = if q.status == QueueStatus::Running {
+        cx.first_after(dev, q.completed_through)?
+    } else {
+        q.cursor
+    };
+    let max = read::command_policy(&*cx.t, cx.d, dev, seq)?.map_or(u32::MAX, |c| c.max_attempts);
+    let attempt = q
+        .mark_transmitted(seq, first, max, now)
+        .map_err(|k| Error::illegal(dev, k))?;
+    cx.put_queue(dev, &q)?;
+    Ok(attempt)
+}
+
+fn record_result(
+    cx: &mut Cx<'_, '_>,
+    dev: DeviceId,
+    seq: u64,
+    attempt: u32,
+    result: &CommandResult,
+) -> Result<Recorded> {
+    use crate::codec::Record;
+    use lmdb::Transaction;
+    let mut q = cx.queue(dev)?;
+    // Duplicate detection compares encodings: no decode of the stored result.
+    result.encode(cx.buf);
+    let existing = match cx.t.get(cx.d.results, &key2(dev.0, seq)) {
+        Ok(v) if v == cx.buf.as_slice() => return Ok(Recorded::Duplicate),
+        Ok(_) => true,
+        Err(lmdb::Error::NotFound) => false,
+        Err(e) => return Err(e.into()),
+    };
+    if !q.accepts_result(seq, attempt) {
+        let kind = if q.accepts_result(seq, q.attempt) {
+            Illegal::StaleAttempt {
+                seq,
+                attempt,
+                current: q.attempt,
+            }
+        } else if existing {
+            Illegal::ConflictingResult { seq }
+        } else if q.cursor.is_none_or(|c| seq > c) {
+            Illegal::NotTransmitted { seq }
+        } else {
+            Illegal::WrongStatus {
+                op: "record_result",
+                status: q.status,
+            }
+        };
+        return Err(Error::illegal(dev, kind));
+    }
+    cx.finish_attempt(dev, &mut q, seq, result)?;
+    Ok(Recorded::Stored(q.status))
+}
+
+fn command_timed_out(
+    cx: &mut Cx<'_, '_>,
+    dev: DeviceId,
+    seq: u64,
+    now: u64,
+) -> Result<QueueStatus> {
+    let mut q = cx.queue(dev)?;
+    let policy = match read::command_policy(&*cx.t, cx.d, dev, seq)? {
+        Some(p) => p,
+        None => return Err(Error::illegal(dev, Illegal::NotTransmitted { seq })),
+    };
+    q.check_timeout(seq, policy.timeout_ms, now)
+        .map_err(|k| Error::illegal(dev, k))?;
+    let more = cx.first_after(dev, seq)?.is_some();
+    if q.command_failed(&policy, FailReason::AttemptsExhausted, more) == AfterFailure::MovedOn {
+        let r = synthetic(StepOutcome::Failed, "timed out", now);
+        cx.put(cx.d.results, &key2(dev.0, seq), &r)?;
+    }
+    cx.put_queue(dev, &q)?;
+    Ok(q.status)
+}
+
+fn reboot_completed(
+    cx: &mut Cx<'_, '_>,
+    dev: DeviceId,
+    seq: u64,
+    attempt: u32,
+    report: &ConfigReport,
+    result: &CommandResult,
+    now: u64,
+) -> Result<QueueStatus> {
+    let mut q = cx.queue(dev)?;
+    let has_reboot = read::command(&*cx.t, cx.d, dev, seq)?.is_some_and(|c| c.has_reboot());
+    q.check_reboot_completed(seq, attempt, has_reboot, &report.boot_id)
+        .map_err(|k| Error::illegal(dev, k))?;
+    let mut x = cx.device(dev)?;
+    // A record from before the boot left was kept: the last report's boot is the best the
+    // store knows.
+    if q.boot_left.is_none()
+        && x.report
+            .as_ref()
+            .is_some_and(|r| r.boot_id == report.boot_id)
+    {
+        return Err(Error::illegal(dev, Illegal::BootIdUnchanged));
+    }
+    x.report = Some(report.clone());
+    x.last_seen_ms = Some(now);
+    cx.put(cx.d.devices, &dev.0.to_be_bytes(), &x)?;
+    cx.finish_attempt(dev, &mut q, seq, result)?;
+    Ok(q.status)
+}
+
+fn skip(cx: &mut Cx<'_, '_>, dev: DeviceId) -> Result<()> {
+    let mut q = cx.queue(dev)?;
+    if q.status != QueueStatus::Failed {
+        return Err(Error::illegal(
+            dev,
+            Illegal::WrongStatus {
+                op: "skip",
+                status: q.status,
+            },
+        ));
+    }
+    let cursor = q.cursor.ok_or(Error::Corrupt {
+        table: "queues",
+        reason: "failed queue without cursor",
+    })?;
+    let more = cx.first_after(dev, cursor)?.is_some();
+    q.skip(more).map_err(|k| Error::illegal(dev, k))?;
+    if read::result(&*cx.t, cx.d, dev, cursor)?.is_none() {
+        cx.put(
+            cx.d.results,
+            &key2(dev.0, cursor),
+            &synthetic(StepOutcome::Skipped, "skipped", 0),
+        )?;
+    }
+    cx.put_queue(dev, &q)
+}
+
+fn cancel(cx: &mut Cx<'_, '_>, dev: DeviceId) -> Result<u64> {
+    let d = *cx.d;
+    let mut q = cx.queue(dev)?;
+    q.cancel();
+    let mut doomed = Vec::new();
+    let p = dev.0.to_be_bytes();
+    env::scan(
+        &*cx.t,
+        d.commands,
+        &key2(dev.0, q.completed_through.saturating_add(1)),
+        &p,
+        |k, _| {
+            let (_, s) = env::split2(k, "commands")?;
+            doomed.push(s);
+            Ok(true)
+        },
+    )?;
+    // A cancelled command can no longer be the cursor: its late result is refused.
+    if q.cursor.is_some_and(|c| doomed.contains(&c)) {
+        q.cursor = None;
+        q.attempts = 0;
+    }
+    for s in &doomed {
+        cx.del(d.commands, &key2(dev.0, *s))?;
+        cx.del(d.results, &key2(dev.0, *s))?;
+    }
+    cx.put_queue(dev, &q)?;
+    Ok(doomed.len() as u64)
+}
+
+fn validate_command(dev: DeviceId, cmd: &Command) -> Result<()> {
+    if cmd.steps.is_empty() {
+        return Err(Error::illegal(
+            dev,
+            Illegal::Invalid("command has no steps"),
+        ));
+    }
+    if cmd.max_attempts == 0 {
+        return Err(Error::illegal(dev, Illegal::Invalid("max_attempts is 0")));
+    }
+    Ok(())
+}
+
+fn synthetic(outcome: StepOutcome, note: &str, now: u64) -> CommandResult {
+    CommandResult {
+        steps: vec![StepResult {
+            outcome,
+            exit_code: None,
+            output: note.as_bytes().to_vec(),
+            started_ms: now,
+            finished_ms: now,
+        }],
+    }
+}

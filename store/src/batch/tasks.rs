@@ -1,0 +1,116 @@
+//! Distribution tasks: creation, targets, and each target's progress to completion.
+
+use super::{Batch, Cx};
+use crate::engine::TaskOps;
+use crate::env;
+use crate::error::{Error, Illegal, Missing, Result};
+use crate::read;
+use crate::types::{BlockSet, DeviceId, Task, TaskDeviceStatus, TaskId};
+
+impl TaskOps for Batch<'_> {
+    fn create_task(&mut self, task: Task, targets: &[DeviceId]) -> Result<TaskId> {
+        let targets = targets.to_vec();
+        self.exec(move |cx| create_task(cx, &task, &targets))
+            .map(TaskId)
+    }
+
+    fn add_task_target(&mut self, task: TaskId, dev: DeviceId) -> Result<()> {
+        self.exec(move |cx| {
+            read::task(&*cx.t, cx.d, task)?.ok_or(Error::NotFound(Missing::Task(task)))?;
+            cx.device(dev)?;
+            if read::task_status(&*cx.t, cx.d, task, dev)?.is_none() {
+                cx.set_task_entry(task, dev, &TaskDeviceStatus::Pending)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn task_progress(&mut self, task: TaskId, dev: DeviceId, blocks: BlockSet) -> Result<()> {
+        self.exec(move |cx| task_progress(cx, task, dev, &blocks))
+    }
+
+    fn task_completed(&mut self, task: TaskId, dev: DeviceId) -> Result<()> {
+        self.exec(move |cx| match cx.task_entry(task, dev)? {
+            TaskDeviceStatus::Pending | TaskDeviceStatus::InProgress(_) => {
+                cx.set_task_entry(task, dev, &TaskDeviceStatus::Completed)
+            }
+            TaskDeviceStatus::Completed => Ok(()),
+            other => Err(task_illegal("task_completed", &other)),
+        })
+    }
+
+    fn task_failed(&mut self, task: TaskId, dev: DeviceId, reason: &str) -> Result<()> {
+        let reason = reason.to_owned();
+        self.exec(move |cx| match cx.task_entry(task, dev)? {
+            TaskDeviceStatus::Pending | TaskDeviceStatus::InProgress(_) => {
+                cx.set_task_entry(task, dev, &TaskDeviceStatus::Failed(reason.clone()))
+            }
+            other => Err(task_illegal("task_failed", &other)),
+        })
+    }
+
+    fn task_retry(&mut self, task: TaskId, dev: DeviceId) -> Result<()> {
+        self.exec(move |cx| match cx.task_entry(task, dev)? {
+            TaskDeviceStatus::Failed(_) => cx.set_task_entry(task, dev, &TaskDeviceStatus::Pending),
+            other => Err(task_illegal("task_retry", &other)),
+        })
+    }
+}
+
+fn create_task(cx: &mut Cx<'_, '_>, task: &Task, targets: &[DeviceId]) -> Result<u64> {
+    if task.block_size == 0 {
+        return Err(Error::IllegalTransition {
+            device: None,
+            kind: Illegal::Invalid("block size is 0"),
+        });
+    }
+    for dev in targets {
+        cx.device(*dev)?;
+    }
+    let d = *cx.d;
+    let id = env::meta_u64(&*cx.t, d.meta, env::META_NEXT_TASK)? + 1;
+    cx.put_raw(d.meta, env::META_NEXT_TASK, &id.to_le_bytes())?;
+    cx.put(d.tasks, &id.to_be_bytes(), task)?;
+    for dev in targets {
+        cx.set_task_entry(TaskId(id), *dev, &TaskDeviceStatus::Pending)?;
+    }
+    Ok(id)
+}
+
+fn task_progress(
+    cx: &mut Cx<'_, '_>,
+    task: TaskId,
+    dev: DeviceId,
+    blocks: &BlockSet,
+) -> Result<()> {
+    let st = cx.task_entry(task, dev)?;
+    let info = read::task(&*cx.t, cx.d, task)?.ok_or(Error::NotFound(Missing::Task(task)))?;
+    if blocks.end() > info.blocks() {
+        return Err(Error::IllegalTransition {
+            device: Some(dev),
+            kind: Illegal::BlockOutOfRange {
+                block: info.blocks(),
+                blocks: info.blocks(),
+            },
+        });
+    }
+    let next = match st {
+        TaskDeviceStatus::Pending => TaskDeviceStatus::InProgress(blocks.clone()),
+        TaskDeviceStatus::InProgress(mut b) => {
+            b.union(blocks);
+            TaskDeviceStatus::InProgress(b)
+        }
+        other => return Err(task_illegal("task_progress", &other)),
+    };
+    cx.set_task_entry(task, dev, &next)
+}
+
+fn task_illegal(op: &'static str, st: &TaskDeviceStatus) -> Error {
+    Error::IllegalTransition {
+        device: None,
+        kind: Illegal::TaskStatus {
+            op,
+            current: st.name(),
+        },
+    }
+}

@@ -1,0 +1,88 @@
+//! The task policy's unit tests (the trigger gate, moved from the daemon) and its scenario on
+//! the seeded simulator: 1,000 receivers, lossy ones demoted and handed to catch-up senders,
+//! a late joiner caught up by unicast, an offline target the group lingers for, and the end
+//! of the task.
+
+use super::*;
+
+fn ms(v: u64) -> Instant {
+    Instant::from_micros(v * 1000)
+}
+
+fn cfg(trigger: Trigger, warmup: Duration) -> TaskConfig {
+    TaskConfig {
+        session: 9,
+        file_size: 10_000,
+        block_size: 1000,
+        rate: 1_000_000,
+        linger: Duration::from_secs(5),
+        warmup,
+        fec_group: 0,
+        trigger,
+        probe_key: [1; 32],
+    }
+}
+
+#[test]
+fn gate_opens_on_schedule_quorum_or_deadline() {
+    let warm = Duration::from_millis(300);
+    let created = ms(1000);
+    // Default: at once, after the warm-up.
+    let g = McastTask::catch_up_only(cfg(Trigger::default(), warm), created);
+    assert_eq!(g.gate_opens(ms(1001)), Some(ms(1301)));
+    // Scheduled 5 s after creation.
+    let t = Trigger {
+        delay: Duration::from_secs(5),
+        ..Trigger::default()
+    };
+    let g = McastTask::catch_up_only(cfg(t, warm), created);
+    assert_eq!(g.gate_opens(ms(5999)), None);
+    assert_eq!(g.gate_wake(ms(2000)), ms(6000));
+    assert_eq!(g.gate_opens(ms(6000)), Some(ms(6300)));
+    // Two ready receivers or 10 s.
+    let t = Trigger {
+        quorum: Some((2, Duration::from_secs(10))),
+        ..Trigger::default()
+    };
+    let mut g = McastTask::catch_up_only(cfg(t, warm), created);
+    g.handle_ready(7);
+    assert_eq!(g.gate_opens(ms(3000)), None);
+    assert_eq!(g.gate_wake(ms(3000)), ms(11_000));
+    g.handle_ready(7);
+    assert_eq!(g.gate_opens(ms(3000)), None, "a repeated join counts once");
+    g.handle_ready(8);
+    assert_eq!(g.gate_opens(ms(3000)), Some(ms(3000)));
+    g.ready.clear();
+    assert_eq!(g.gate_opens(ms(11_000)), Some(ms(11_000)));
+}
+
+#[test]
+fn gate_is_looked_at_only_after_the_creating_instant() {
+    let created = ms(1000);
+    let mut t = McastTask::new(cfg(Trigger::default(), Duration::ZERO), &[1], created).unwrap();
+    let mut budget = CatchUpBudget::new();
+    t.handle_timeout(created);
+    assert!(!t.started(created));
+    assert_eq!(t.poll_transmit(created, &mut budget), None);
+    let next = t.poll_timeout(&budget).unwrap();
+    assert!(next > created && next <= created + Duration::from_millis(1));
+    t.handle_timeout(next);
+    assert!(t.started(next));
+    assert!(t.poll_transmit(next, &mut budget).is_some());
+}
+
+#[test]
+fn shared_budget_refills_at_a_quarter_while_a_first_pass_runs() {
+    let mut b = CatchUpBudget::new();
+    b.tokens = 0;
+    b.refill(ms(1), true);
+    assert_eq!(b.tokens(), CATCH_UP_RATE / 4 / 1000);
+    b.refill(ms(2), false);
+    assert_eq!(b.tokens(), CATCH_UP_RATE / 4 / 1000 + CATCH_UP_RATE / 1000);
+    assert!(!b.throttled());
+    b.refill(ms(1000), false);
+    assert_eq!(b.tokens(), CATCH_UP_BURST, "the bucket is bounded");
+}
+
+#[cfg(feature = "sim")]
+mod sim;
