@@ -1803,8 +1803,16 @@ mod tests {
     //! The fleet logic without sockets: inputs in, actions out, the store checked directly.
 
     use super::*;
-    use fleetcast_agent::tls::DeviceKey;
     use fleetcast_store::Store;
+
+    /// A device's public key as an agent sends it (P-256 SubjectPublicKeyInfo, DER); made with
+    /// the daemon's own certificate library, so these tests need no agent.
+    fn device_spki() -> Vec<u8> {
+        use rcgen::PublicKeyData as _;
+        rcgen::KeyPair::generate()
+            .unwrap()
+            .subject_public_key_info()
+    }
 
     const T0: u64 = 1_795_000_000_000;
     /// The boot every test device's sessions run on.
@@ -1869,7 +1877,7 @@ mod tests {
                 groups: vec!["g".into()],
             });
             let token = r.data["token"].as_str().unwrap().to_string();
-            let spki = DeviceKey::generate().unwrap().spki_der();
+            let spki = device_spki();
             let a = self.run(vec![Input::Enrol {
                 conn,
                 token: token.into_bytes(),
@@ -2007,7 +2015,7 @@ mod tests {
             groups: vec![],
         });
         let token = r.data["token"].as_str().unwrap().as_bytes().to_vec();
-        let spki = DeviceKey::generate().unwrap().spki_der();
+        let spki = device_spki();
         let a = rig.run(vec![Input::Enrol {
             conn: 1,
             token: token.clone(),
@@ -2019,7 +2027,7 @@ mod tests {
             other => panic!("{other:?}"),
         };
         // The token again with another key: refused.
-        let other = DeviceKey::generate().unwrap().spki_der();
+        let other = device_spki();
         let a = rig.run(vec![Input::Enrol {
             conn: 2,
             token: token.clone(),

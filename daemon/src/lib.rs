@@ -1,13 +1,12 @@
 //! fleetcast gateway daemon: the `mio` event loop (`fleetcastd`), its admin interface and the
-//! operator CLI's client side (`fleetcast`).
+//! client side of the admin protocol ([`admin::request`], used by the operator CLI in the
+//! `fleetcast-cli` crate). It links neither the agent nor the lab.
 pub mod admin;
 pub mod artifacts;
-pub mod bench;
 pub mod config;
 pub mod convert;
 pub mod daemon_main;
 pub mod datadir;
-pub mod demo;
 pub mod distribution;
 pub mod exit;
 pub mod fleet;

@@ -1,6 +1,9 @@
 //! `fetch` from the gateway: an artifact placed in `<data-dir>/artifacts/` reaches a real agent
 //! through `fetch:PATH=gateway:NAME`, its digest is verified, and a missing artifact fails the
-//! step with a recorded reason. Gateway and agent are real processes on 127.0.0.1.
+//! step with a recorded reason. Gateway and agent are real processes on 127.0.0.1 (the agent
+//! is this test binary in the harness's agent role, [`common::agent_role`]).
+
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -8,6 +11,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use fleetcast_daemon::admin::{self, OnFailureSpec, Request, StepSpec};
+
+#[test]
+fn agent_role() {
+    common::agent_role();
+}
 
 struct Kill(Child);
 impl Drop for Kill {
@@ -85,14 +93,21 @@ fn fetch_from_the_gateway_then_verify() {
         .to_string();
     let boot = tmp.path().join("boot");
     std::fs::write(&boot, "0f0e0d0c-0b0a-4908-8706-050403020100").unwrap();
-    let agent = Command::new(env!("CARGO_BIN_EXE_fleetcast"))
-        .args(["__agent", "--", "--gateway", &addr, "--state-dir"])
-        .arg(tmp.path().join("agent"))
-        .arg("--ca")
-        .arg(data.join("pki/ca.pem"))
-        .arg("--boot-id-file")
-        .arg(&boot)
-        .args(["--token", &token, "--name", "n1"])
+    let args = [
+        "--gateway".into(),
+        addr.clone(),
+        "--state-dir".into(),
+        tmp.path().join("agent").display().to_string(),
+        "--ca".into(),
+        data.join("pki/ca.pem").display().to_string(),
+        "--boot-id-file".into(),
+        boot.display().to_string(),
+        "--token".into(),
+        token.clone(),
+        "--name".into(),
+        "n1".into(),
+    ];
+    let agent = common::agent_command(&args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

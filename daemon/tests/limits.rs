@@ -15,6 +15,8 @@
 //!   after the burst, without a disk sync each, while a good token from another source
 //!   (127.0.0.1) still enrols.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
@@ -24,6 +26,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fleetcast_daemon::admin::{self, Request};
+
+#[test]
+fn agent_role() {
+    common::agent_role();
+}
 
 /// A `fleetcastd` on 127.0.0.1, killed and reaped on drop.
 struct Gw {
@@ -163,22 +170,27 @@ impl Drop for Kill {
     }
 }
 
-/// `fleetcast-agent` (through the CLI's agent mode) against `gw`, native TLS only, its
-/// state in `dir`; `token` enrols it.
+/// `fleetcast-agent` (this test binary in the harness's agent role) against `gw`, native TLS
+/// only, its state in `dir`; `token` enrols it.
 fn agent(gw: &Gw, dir: &Path, token: Option<&str>) -> Kill {
     let boot = dir.join("boot_id");
     std::fs::write(&boot, "0f0e0d0c-0b0a-4908-8706-050403020100\n").expect("boot id");
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fleetcast"));
-    c.args(["__agent", "--", "--gateway", &gw.addr, "--rungs", "native"])
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--ca")
-        .arg(gw.data.join("pki/ca.pem"))
-        .arg("--boot-id-file")
-        .arg(&boot);
+    let mut args = vec![
+        "--gateway".to_string(),
+        gw.addr.clone(),
+        "--rungs".into(),
+        "native".into(),
+        "--state-dir".into(),
+        dir.join("state").display().to_string(),
+        "--ca".into(),
+        gw.data.join("pki/ca.pem").display().to_string(),
+        "--boot-id-file".into(),
+        boot.display().to_string(),
+    ];
     if let Some(t) = token {
-        c.args(["--token", t, "--name", "n1"]);
+        args.extend(["--token".into(), t.into(), "--name".into(), "n1".into()]);
     }
+    let mut c = common::agent_command(&args);
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use fleetcast_daemon::admin::{self, Request};
+
 const GATEWAYD: &str = env!("CARGO_BIN_EXE_fleetcastd");
-const CLI: &str = env!("CARGO_BIN_EXE_fleetcast");
 
 #[allow(clippy::disallowed_methods)] // Test deadlines: the file's one clock read.
 fn now() -> Instant {
@@ -116,13 +117,29 @@ fn run_bounded(mut c: Command) -> Run {
     }
 }
 
-fn cli(data: &Path, args: &[&str]) -> Run {
-    let mut c = Command::new(CLI);
-    c.arg("--data-dir")
-        .arg(data)
-        .args(args)
-        .env_remove("FLEETCAST_DATA_DIR");
-    run_bounded(c)
+/// Asks the gateway of `data` over its admin socket, as the operator CLI does (the CLI is
+/// another package's binary; its own tests are in `cli/tests/`), and checks that it answered
+/// `ok`.
+#[track_caller]
+fn admin_ok(data: &Path, req: Request) {
+    match admin::request(data, &req) {
+        Ok(r) => assert!(r.ok, "{req:?}: refused: {:?}", r.error),
+        Err(e) => panic!("{req:?}: {e}"),
+    }
+}
+
+fn status(data: &Path) {
+    admin_ok(data, Request::Status);
+}
+
+fn device_add(data: &Path, name: &str) {
+    admin_ok(
+        data,
+        Request::DeviceAdd {
+            name: name.into(),
+            groups: vec![],
+        },
+    );
 }
 
 /// What is compared of one entry: kind, mode, size, mtime in ns, inode, content of a file.
@@ -168,7 +185,7 @@ fn a_second_gateway_on_the_same_data_directory_is_refused_and_touches_nothing() 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let first = start(gateway_command(&data));
-    assert_eq!(cli(&data, &["status"]).code, Some(0));
+    status(&data);
     // The store's files change under a live gateway (LMDB's reader table); everything else
     // must stay exactly as it is.
     let outside_store = |m: BTreeMap<PathBuf, _>| -> BTreeMap<PathBuf, _> {
@@ -190,13 +207,12 @@ fn a_second_gateway_on_the_same_data_directory_is_refused_and_touches_nothing() 
     );
     assert!(r.stdout.is_empty(), "{}", r.stdout);
     assert_eq!(outside_store(snapshot(&data)), before);
-    // The first gateway is still the one the CLI reaches.
-    let r = cli(&data, &["device", "add", "web1"]);
-    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    // The first gateway is still the one the admin socket reaches.
+    device_add(&data, "web1");
     first.stop();
     // Once it is gone the lock goes with it: the next gateway starts.
     let again = start(gateway_command(&data));
-    assert_eq!(cli(&data, &["status"]).code, Some(0));
+    status(&data);
     again.stop();
 }
 
@@ -252,10 +268,8 @@ fn a_full_disk_under_the_log_does_not_stop_the_gateway() {
     let mut gw = start(c);
     // Each of these logs lines, all of them lost.
     for i in 0..5 {
-        let r = cli(&data, &["device", "add", &format!("dev{i}")]);
-        assert_eq!(r.code, Some(0), "{}", r.stderr);
-        let r = cli(&data, &["status"]);
-        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        device_add(&data, &format!("dev{i}"));
+        status(&data);
         gw.assert_running("with its log on a full disk");
     }
 }
@@ -270,7 +284,7 @@ fn logs_in_a_file_are_plain_text_with_plain_values() {
         c.args(["--log-format", format, "--metrics-listen", "127.0.0.1:0"])
             .stderr(File::create(&log).unwrap());
         let gw = start(c);
-        assert_eq!(cli(&data, &["status"]).code, Some(0));
+        status(&data);
         gw.stop();
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(text.contains("fleetcastd ready"), "{text}");

@@ -1,5 +1,5 @@
 //! End-to-end multicast benchmark against the raw UDP ceiling (issue #8); the same harness
-//! as `fleetcast bench` (see `fleetcast_daemon::bench`).
+//! as `fleetcast bench` (see `fleetcast_cli::bench`).
 //!
 //! ```text
 //! cargo build --release -p fleetcast-benches --bin mcast-e2e
@@ -13,7 +13,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use fleetcast_daemon::bench::{self, Plan};
+use fleetcast_cli::bench::{self, Plan};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -1,7 +1,11 @@
-//! Shared harness of the daemon's lab integration tests: a real `fleetcastd` and real agents
-//! in the namespaces of a [`fleetcast_lab::Lab`].
+//! Shared harness of the lab integration tests: a real `fleetcastd` and real agents in the
+//! namespaces of a [`fleetcast_lab::Lab`]. One file for two packages: the daemon's lab tests
+//! use it as `mod common`, the CLI's (`cli/tests/lab_*.rs`, the ones that run the operator
+//! CLI) include it by path.
 //!
-//! - The gateway is this package's `fleetcastd` binary, run on a lab host with its stdout and
+//! - The gateway is the daemon package's `fleetcastd` binary (in the cli package, which
+//!   cannot name another package's binary, the same `daemon_main` run as
+//!   `fleetcast __gateway --`; see [`gateway_program`]), run on a lab host with its stdout and
 //!   stderr appended to files of the test's temporary directory (one file each across
 //!   restarts, so a failure message shows the whole history).
 //! - The agent has no binary this package can name, so the test binary re-executes itself in
@@ -19,7 +23,7 @@
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use fleetcast_daemon::admin::{self, OnFailureSpec, Request, StepSpec};
@@ -52,6 +56,22 @@ pub fn agent_role() {
         .find(|n| ExitCode::from(*n) == code)
         .map_or(1, i32::from);
     std::process::exit(n);
+}
+
+/// Makes `c`, a command that runs this test binary, the agent with `args` (see
+/// [`agent_role`]).
+pub fn as_agent<'c>(c: &'c mut Command, args: &[String]) -> &'c mut Command {
+    c.args(["--exact", "agent_role", "--nocapture", "--test-threads=1"])
+        .env(ROLE_ENV, "agent")
+        .env(ARGS_ENV, serde_json::to_string(args).expect("args json"))
+}
+
+/// The agent with `args` on this machine (the loopback tests): this test binary in the agent
+/// role. The test file needs the `agent_role` test.
+pub fn agent_command(args: &[String]) -> Command {
+    let mut c = Command::new(std::env::current_exe().expect("current exe"));
+    as_agent(&mut c, args);
+    c
 }
 
 /// The clock of the tests' deadlines (test-side, not protocol time).
@@ -156,6 +176,21 @@ fn append(path: &Path) -> File {
         .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()))
 }
 
+/// The program that runs the gateway and the arguments that come before `fleetcastd`'s own:
+/// `fleetcastd` itself in the daemon package; in the cli package the operator CLI's internal
+/// `__gateway` mode (the same `daemon_main`, as `fleetcast demo` runs it). Cargo gives an
+/// integration test the paths of its own package's binaries only, hence `option_env!`.
+pub fn gateway_program() -> (&'static str, &'static [&'static str]) {
+    match (
+        option_env!("CARGO_BIN_EXE_fleetcastd"),
+        option_env!("CARGO_BIN_EXE_fleetcast"),
+    ) {
+        (Some(daemon), _) => (daemon, &[]),
+        (None, Some(cli)) => (cli, &["__gateway", "--"]),
+        (None, None) => panic!("this package builds neither fleetcastd nor fleetcast"),
+    }
+}
+
 /// A `fleetcastd` on a lab host, restartable with the same data directory and port.
 pub struct Gateway<'lab> {
     host: Host<'lab>,
@@ -193,10 +228,12 @@ impl<'lab> Gateway<'lab> {
         assert!(self.child.is_none(), "the gateway is still running");
         let host = self.host.addr().to_string();
         let (out, err) = (append(&self.out), append(&self.err));
+        let (program, lead) = gateway_program();
         let child = self
             .host
-            .spawn(env!("CARGO_BIN_EXE_fleetcastd"), |c| {
-                c.arg("--data-dir")
+            .spawn(program, |c| {
+                c.args(lead)
+                    .arg("--data-dir")
                     .arg(&self.data)
                     .args(["--listen", &self.addr.to_string()])
                     .args(["--server-name", &host])
@@ -495,12 +532,9 @@ impl AgentSpec {
 
     /// Runs the agent (this test binary in the agent role) on `host`.
     pub fn spawn<'lab>(&self, host: Host<'lab>) -> LabChild<'lab> {
-        let args = serde_json::to_string(&self.args()).expect("args json");
         let (out, err) = (append(&self.log), append(&self.log));
         host.spawn(std::env::current_exe().expect("current exe"), |c| {
-            c.args(["--exact", "agent_role", "--nocapture", "--test-threads=1"])
-                .env(ROLE_ENV, "agent")
-                .env(ARGS_ENV, args)
+            as_agent(c, &self.args())
                 .stdin(Stdio::null())
                 .stdout(out)
                 .stderr(err);

@@ -7,6 +7,8 @@
 //! NACKs and the repairs they caused are counted, the task shows as finished with two
 //! completed receivers, and the command counters stay put (no command was queued).
 
+// The lab harness of the daemon's tests, one file shared by both packages.
+#[path = "../../daemon/tests/common/mod.rs"]
 mod common;
 
 use std::io::{Read, Write};

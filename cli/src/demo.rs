@@ -23,11 +23,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::time::Duration;
 
+use fleetcast_daemon::admin::{self, OnFailureSpec, PushTrigger, Request, StepSpec};
+use fleetcast_daemon::gateway::Clock;
+use fleetcast_daemon::{errln, outln};
 use fleetcast_lab::{Lab, LabChild, LabConfig};
 use serde_json::Value;
-
-use crate::admin::{self, OnFailureSpec, PushTrigger, Request, StepSpec};
-use crate::gateway::Clock;
 
 /// Exit code with which a demo agent "reboots".
 const REBOOT_EXIT: i32 = 75;
@@ -124,7 +124,7 @@ pub fn run(devices: usize) -> ExitCode {
     match demo(devices.clamp(2, 50)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            crate::errln!("fleetcast demo: {e}");
+            errln!("fleetcast demo: {e}");
             ExitCode::FAILURE
         }
     }
@@ -198,12 +198,12 @@ fn demo(n: usize) -> Result<(), String> {
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let cleanup = TempDir(tmp.clone());
     let data = tmp.join("gateway");
-    crate::outln!("fleetcast demo: gateway data in {}", data.display());
+    outln!("fleetcast demo: gateway data in {}", data.display());
 
     // 0. The network.
     let net = match Lab::new(LabConfig::hosts(n + 1)) {
         Ok(lab) => {
-            crate::outln!(
+            outln!(
                 "  private lab network: {} hosts on a bridge, built in {:.2} s (user + network namespaces, no root)",
                 n + 1,
                 lab.setup_time().as_secs_f64()
@@ -211,7 +211,7 @@ fn demo(n: usize) -> Result<(), String> {
             Net { lab: Some(lab) }
         }
         Err(e) => {
-            crate::outln!(
+            outln!(
                 "  no private lab network here ({e}); running on 127.0.0.1 without the multicast part"
             );
             Net { lab: None }
@@ -252,7 +252,7 @@ fn demo(n: usize) -> Result<(), String> {
             )
         })?
         .to_string();
-    crate::outln!("  gateway listening on {addr} (TLS, its own CA, embedded LMDB store)");
+    outln!("  gateway listening on {addr} (TLS, its own CA, embedded LMDB store)");
 
     // 2. Enrol the agents.
     let names: Vec<String> = (1..=n).map(|i| format!("node{i}")).collect();
@@ -279,7 +279,7 @@ fn demo(n: usize) -> Result<(), String> {
         let boot = new_boot_id(&tmp, name, boots[i], &clock).map_err(|e| e.to_string())?;
         agents.push(Some(start_agent(i, Some(&token), &boot)?));
     }
-    crate::outln!("  {n} agents started; enrolling with one-time tokens, then mutual TLS");
+    outln!("  {n} agents started; enrolling with one-time tokens, then mutual TLS");
     let enrol_deadline = t0 + Duration::from_secs(60);
     loop {
         let st = req(&data, &Request::Status)?;
@@ -295,7 +295,7 @@ fn demo(n: usize) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let (t_enrolled, _) = clock.read();
-    crate::outln!(
+    outln!(
         "  {n} devices enrolled and online in {:.2} s",
         (t_enrolled - t0).as_secs_f64()
     );
@@ -329,7 +329,7 @@ fn demo(n: usize) -> Result<(), String> {
             },
         )?;
     }
-    crate::outln!("  queued 5 commands per device: exec, write, exec+reboot, exec, report");
+    outln!("  queued 5 commands per device: exec, write, exec+reboot, exec, report");
 
     let mut progress = Progress::new();
     let deadline = t0 + Duration::from_secs(180);
@@ -378,7 +378,7 @@ fn demo(n: usize) -> Result<(), String> {
     }
     progress.done();
     let (t1, _) = clock.read();
-    crate::outln!(
+    outln!(
         "all {n} queues done {:.2} s after queueing (5 commands each, one reboot each)",
         (t1 - t_enrolled).as_secs_f64()
     );
@@ -409,7 +409,7 @@ fn demo(n: usize) -> Result<(), String> {
         if ok != 5 {
             return Err(format!("{name}: {ok} of 5 results are ok"));
         }
-        crate::outln!(
+        outln!(
             "  {name}: 5/5 results ok; side effects ran [{ran}], once each, in order; back from reboot with boot id {}; report: {} / {} / {} packages",
             d["boot_id"].as_str().unwrap_or("-"),
             d["os"].as_str().unwrap_or("-"),
@@ -444,7 +444,7 @@ fn demo(n: usize) -> Result<(), String> {
         let image = tmp.join("image.bin");
         let bytes = generate(IMAGE_MIB << 20);
         std::fs::write(&image, &bytes).map_err(|e| e.to_string())?;
-        crate::outln!(
+        outln!(
             "\npushing a {IMAGE_MIB} MiB image to group `demo` by multicast: {} online receivers each dropping {LOSS}% of the datagrams, {} offline",
             n - 1,
             names[late]
@@ -470,7 +470,7 @@ fn demo(n: usize) -> Result<(), String> {
         let rows = follow(&data, task, &clock, &mut progress, all_online)?;
         let (tm, _) = clock.read();
         let took = (tm - tp).as_secs_f64();
-        crate::outln!(
+        outln!(
             "{} online copies verified in {took:.2} s from the push ({:.0} Mbit/s per receiver); {} pending",
             n - 1,
             (IMAGE_MIB << 20) as f64 * 8.0 / took / 1e6,
@@ -482,7 +482,7 @@ fn demo(n: usize) -> Result<(), String> {
         {
             return Err(format!("{} completed while offline?", names[late]));
         }
-        crate::outln!("bringing {} back: unicast catch-up", names[late]);
+        outln!("bringing {} back: unicast catch-up", names[late]);
         boots[late] += 1;
         let boot =
             new_boot_id(&tmp, &names[late], boots[late], &clock).map_err(|e| e.to_string())?;
@@ -492,7 +492,7 @@ fn demo(n: usize) -> Result<(), String> {
             rows.iter().all(|r| r["status"] == "completed")
         })?;
         let (tc, _) = clock.read();
-        crate::outln!(
+        outln!(
             "{} caught up by unicast in {:.2} s from its restart (no second multicast)",
             names[late],
             (tc - tl).as_secs_f64()
@@ -505,11 +505,11 @@ fn demo(n: usize) -> Result<(), String> {
                 return Err(format!("{name}: the copy differs from the image"));
             }
         }
-        crate::outln!("  all {n} copies byte-identical to the image (checked here, and by each device's SHA-256)");
+        outln!("  all {n} copies byte-identical to the image (checked here, and by each device's SHA-256)");
         let m = req(&data, &Request::Metrics)?;
         let s = |k: &str| m["samples"][k].as_u64().unwrap_or(0);
         let file = (IMAGE_MIB << 20) as f64;
-        crate::outln!(
+        outln!(
             "  sender: {:.3} datagram bytes per file byte (one file's worth of it is the late device's catch-up); {} blocks re-multicast, {} unicast repairs; {} NACKs; {} demoted",
             s("fleetcast_mcast_bytes_sent_total") as f64 / file,
             s("fleetcast_mcast_repairs_total{kind=\"multicast\"}"),
@@ -531,7 +531,7 @@ fn demo(n: usize) -> Result<(), String> {
             .as_array()
             .map_or(0, |a| a.iter().filter(|e| e["kind"] == k).count())
     };
-    crate::outln!(
+    outln!(
         "\nevents: {} enrolled, {} sessions, {} commands sent, {} results, {} reboots completed, {} copies verified",
         count("enrolled"),
         count("connected"),
@@ -543,7 +543,7 @@ fn demo(n: usize) -> Result<(), String> {
             .filter(|e| e["message"].as_str().is_some_and(|m| m.contains("digest verified")))
             .count())
     );
-    crate::outln!(
+    outln!(
         "demo done in {:.1} s; every process it started is stopped and {} removed",
         (clock.read().0 - t0).as_secs_f64(),
         tmp.display()

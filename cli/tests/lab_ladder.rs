@@ -25,6 +25,8 @@
 //! TLS (the Upgrade rung), are answered with a status and cut off with a logged reason while
 //! a good agent's queue completes on its one session.
 
+// The lab harness of the daemon's tests, one file shared by both packages.
+#[path = "../../daemon/tests/common/mod.rs"]
 mod common;
 
 use std::io::{Read, Write};

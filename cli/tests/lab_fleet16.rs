@@ -15,6 +15,8 @@
 //! lists sixteen `completed` rows. The scenarios run one at a time (the lab is CPU-bound).
 //! Timings are printed, not asserted (see docs/performance.md).
 
+// The lab harness of the daemon's tests, one file shared by both packages.
+#[path = "../../daemon/tests/common/mod.rs"]
 mod common;
 
 use std::sync::Mutex;

@@ -8,6 +8,8 @@
 //! at least one file's worth of them) from the sender that was still alive, not by a
 //! re-created one.
 
+// The lab harness of the daemon's tests, one file shared by both packages.
+#[path = "../../daemon/tests/common/mod.rs"]
 mod common;
 
 use std::time::Duration;

@@ -21,12 +21,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleetcast_daemon::admin::{self, Request};
+use fleetcast_daemon::gateway::Clock;
 use fleetcast_lab::{Lab, LabChild, LabConfig};
 use fleetcast_wire::{DATA_PREFIX_LEN, TAG_LEN};
 use serde_json::{json, Value};
-
-use crate::admin::{self, Request};
-use crate::gateway::Clock;
 
 /// The gateway's control port in the lab.
 const PORT: u16 = 7300;
@@ -480,7 +479,7 @@ impl<'lab> Fleet<'lab> {
             rate_mbps: rate,
             // Start as soon as every receiver has joined (no fixed warm-up), as an operator
             // imaging a known set of machines would.
-            trigger: crate::admin::PushTrigger {
+            trigger: admin::PushTrigger {
                 at_ms: None,
                 min_ready: Some(n as u32),
                 max_wait_s: Some(10),

@@ -2,9 +2,10 @@
 //! `--json` form, and the documented exit codes (`fleetcast_daemon::exit`). Also: the gateway's
 //! systemd readiness datagram, its metrics endpoint, and an online backup.
 //!
-//! One gateway and one real agent (run as `fleetcast __agent`) serve the whole file: the
-//! steps depend on each other (a device must exist before it is grouped), so they are one test.
-//! Everything listens on loopback; nothing is multicast.
+//! One gateway (run as `fleetcast __gateway`: the same `daemon_main` as `fleetcastd`, which
+//! this package cannot name) and one real agent (run as `fleetcast __agent`) serve the whole
+//! file: the steps depend on each other (a device must exist before it is grouped), so they
+//! are one test. Everything listens on loopback; nothing is multicast.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -16,7 +17,13 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 const CLI: &str = env!("CARGO_BIN_EXE_fleetcast");
-const GATEWAYD: &str = env!("CARGO_BIN_EXE_fleetcastd");
+
+/// `fleetcastd`: the CLI's internal gateway mode, whose arguments are `fleetcastd`'s.
+fn gatewayd() -> Command {
+    let mut c = Command::new(CLI);
+    c.args(["__gateway", "--"]);
+    c
+}
 
 /// A child killed (by its PID) and reaped on drop.
 struct Proc(Child);
@@ -107,7 +114,7 @@ struct Gw {
 /// Starts fleetcastd on loopback with metrics on, notifying readiness to `notify`.
 fn start_gateway(dir: &Path, notify: &Path) -> Gw {
     let data = dir.join("gateway");
-    let mut child = Command::new(GATEWAYD)
+    let mut child = gatewayd()
         .arg("--data-dir")
         .arg(&data)
         .args(["--listen", "127.0.0.1:0", "--server-name", "127.0.0.1"])

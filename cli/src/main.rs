@@ -391,7 +391,7 @@ fn run() -> ExitCode {
     let json = cli.json;
     match cli.cmd {
         Cmd::Watch { from, duration } => return watch(&data_dir, from, duration, json),
-        Cmd::Demo { devices } => return fleetcast_daemon::demo::run(devices),
+        Cmd::Demo { devices } => return fleetcast_cli::demo::run(devices),
         Cmd::Bench {
             receivers,
             loss,
@@ -653,7 +653,7 @@ fn wall_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// `fleetcast bench`: the end-to-end multicast benchmark (see `fleetcast_daemon::bench`).
+/// `fleetcast bench`: the end-to-end multicast benchmark (see `fleetcast_cli::bench`).
 fn bench(
     receivers: &str,
     loss: &str,
@@ -663,7 +663,7 @@ fn bench(
     out: &std::path::Path,
     json: bool,
 ) -> ExitCode {
-    use fleetcast_daemon::bench::{self, parse_list, Plan};
+    use fleetcast_cli::bench::{self, parse_list, Plan};
     let plan = (|| -> Result<Plan, String> {
         let plan = Plan {
             receivers: parse_list("--receivers", receivers).map_err(|e| e.to_string())?,
@@ -718,7 +718,7 @@ fn bench(
 
 /// `fleetcast bench --from-json FILE`: the report of an earlier run, drawn again.
 fn bench_replot(file: &std::path::Path, out: &std::path::Path, json: bool) -> ExitCode {
-    use fleetcast_daemon::bench::{self, Plan};
+    use fleetcast_cli::bench::{self, Plan};
     let parsed = std::fs::read_to_string(file)
         .map_err(|e| format!("{}: {e}", file.display()))
         .and_then(|t| {
