@@ -11,6 +11,7 @@
 //! recorded (`record_reboot`) before `RebootStarting` goes out and before the reboot; the
 //! record is dropped only once the gateway's `Welcome.acked_seq` covers the reboot command.
 
+use std::borrow::Cow;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -408,9 +409,9 @@ impl Agent {
                 }
             };
             let first = FirstMessage::Enrol(Enrol {
-                token: token.as_bytes(),
-                name: &name,
-                spki: &spki,
+                token: token.as_bytes().into(),
+                name: Cow::Borrowed(&name),
+                spki: Cow::Borrowed(&spki),
             });
             let now = self.now();
             let mut s = AgentSession::new(now, SessionConfig::default(), first)
@@ -582,8 +583,8 @@ impl Agent {
             let last = self.state.last_executed();
             let hello = Hello {
                 device_id: id.device_id,
-                credential: fingerprint,
-                agent_version: &version,
+                credential: fingerprint.into(),
+                agent_version: Cow::Borrowed(&version),
                 boot_id,
                 last,
             };
@@ -627,7 +628,8 @@ impl Agent {
                                 exit_code: 0,
                                 steps: Vec::new(),
                                 output: b"fleetcast-agent: the results of the steps before \
-                                          the reboot were not recorded (older agent)\n",
+                                          the reboot were not recorded (older agent)\n"
+                                    .into(),
                                 report: None,
                             }
                         });
@@ -754,7 +756,7 @@ impl Agent {
             sha256: a.sha256,
             auth_key: a.auth_key,
             nack_key: a.nack_key,
-            name: safe_name(a.name, a.task_id),
+            name: safe_name(&a.name, a.task_id),
             device_id,
             local,
             gateway: std::net::SocketAddrV4::new(*gw.ip(), a.port),
@@ -1072,7 +1074,7 @@ fn send_completion(s: &mut AgentSession, d: &TransferDone) {
         session: d.session,
         outcome: d.outcome,
         sha256: d.sha256,
-        reason: &d.reason,
+        reason: Cow::Borrowed(&d.reason),
     });
 }
 

@@ -37,6 +37,7 @@
 //!   [`OwnedResult::report`]: it goes to the gateway inside the result, so it is delivered
 //!   exactly when the result is (also in a later `Hello`, from the durable ledger).
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, BufRead as _, BufReader, Cursor, Read, Write as _};
 use std::net::{TcpStream, ToSocketAddrs as _};
@@ -111,11 +112,11 @@ impl OwnedStep {
     pub fn from_wire(step: &Step<'_>) -> OwnedStep {
         match step {
             Step::Fetch { url, path } => OwnedStep::Fetch {
-                url: (*url).into(),
-                path: (*path).into(),
+                url: url.to_string(),
+                path: path.to_string(),
             },
             Step::Verify { path, sha256 } => OwnedStep::Verify {
-                path: (*path).into(),
+                path: path.to_string(),
                 sha256: *sha256,
             },
             Step::Write {
@@ -123,12 +124,12 @@ impl OwnedStep {
                 mode,
                 contents,
             } => OwnedStep::Write {
-                path: (*path).into(),
+                path: path.to_string(),
                 mode: *mode,
                 contents: contents.to_vec(),
             },
             Step::Exec { argv } => OwnedStep::Exec {
-                argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+                argv: argv.iter().map(|a| a.to_string()).collect(),
             },
             Step::Reboot => OwnedStep::Reboot,
             Step::Report => OwnedStep::Report,
@@ -203,7 +204,7 @@ impl OwnedResult {
             attempt: self.attempt,
             exit_code: self.exit_code,
             steps: self.steps.clone(),
-            output: &self.output,
+            output: Cow::Borrowed(&self.output),
             report: self.report.as_ref().map(OwnedConfigReport::as_wire),
         }
     }
@@ -1743,20 +1744,20 @@ mod tests {
             timeout_ms: 3,
             steps: vec![
                 Step::Exec {
-                    argv: vec!["a", "b"],
+                    argv: vec!["a".into(), "b".into()],
                 },
                 Step::Write {
-                    path: "/p",
+                    path: "/p".into(),
                     mode: 0o600,
-                    contents: b"c",
+                    contents: b"c".into(),
                 },
                 Step::Verify {
-                    path: "/p",
+                    path: "/p".into(),
                     sha256: [1; 32],
                 },
                 Step::Fetch {
-                    url: "file:///x",
-                    path: "/y",
+                    url: "file:///x".into(),
+                    path: "/y".into(),
                 },
                 Step::Reboot,
                 Step::Report,
@@ -1782,7 +1783,7 @@ mod tests {
         };
         let w = r.as_wire();
         assert_eq!(
-            (w.command_id, w.seq, w.attempt, w.output),
+            (w.command_id, w.seq, w.attempt, &*w.output),
             (1, 2, 4, &b"out"[..])
         );
     }

@@ -12,6 +12,7 @@
 //! - The only fallible source is the boot id, which the control protocol cannot do without;
 //!   everything else degrades to `"unknown"` or an empty list.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -98,17 +99,21 @@ impl OwnedConfigReport {
     pub fn as_wire(&self) -> ConfigReport<'_> {
         ConfigReport {
             boot_id: self.boot_id,
-            os: &self.os,
-            kernel: &self.kernel,
-            hostname: &self.hostname,
-            agent_version: &self.agent_version,
-            addresses: self.addresses.iter().map(String::as_str).collect(),
+            os: Cow::Borrowed(&self.os),
+            kernel: Cow::Borrowed(&self.kernel),
+            hostname: Cow::Borrowed(&self.hostname),
+            agent_version: Cow::Borrowed(&self.agent_version),
+            addresses: self
+                .addresses
+                .iter()
+                .map(|a| Cow::Borrowed(a.as_str()))
+                .collect(),
             software: self
                 .software
                 .iter()
                 .map(|p| Package {
-                    name: &p.name,
-                    version: &p.version,
+                    name: Cow::Borrowed(&p.name),
+                    version: Cow::Borrowed(&p.version),
                 })
                 .collect(),
         }

@@ -318,7 +318,7 @@ impl State {
                     };
                     usize::from(steps)
                 ],
-                output: message.as_bytes(),
+                output: message.as_bytes().into(),
                 report: None,
             };
             state.record_result(&result)?;
@@ -842,7 +842,7 @@ fn upgrade_v1_result(frame: &[u8]) -> Option<Vec<u8>> {
         attempt: 0,
         exit_code,
         steps,
-        output,
+        output: output.into(),
         report: None,
     });
     let mut out = Vec::new();
@@ -925,7 +925,7 @@ mod tests {
                 exit_code: 3,
                 duration_ms: 12,
             }],
-            output: b"hi\n",
+            output: b"hi\n".into(),
             report: None,
         }
     }
@@ -1051,7 +1051,7 @@ mod tests {
         assert_eq!(r.exit_code, EXIT_AGENT_RESTARTED);
         assert_eq!(r.steps.len(), 3);
         assert!(r.steps.iter().all(|st| st.status == StepStatus::Failed));
-        assert!(std::str::from_utf8(r.output)
+        assert!(std::str::from_utf8(&r.output)
             .unwrap()
             .contains("agent restarted while executing"));
 
@@ -1086,7 +1086,7 @@ mod tests {
                     duration_ms: 0,
                 },
             ],
-            output: b"kernel installed\n",
+            output: b"kernel installed\n".into(),
             ..result(9, 90)
         };
         assert!(matches!(
@@ -1174,17 +1174,17 @@ mod tests {
         s.record_executing(4, 1, 40, 1).unwrap();
         let software: Vec<Package<'_>> = (0..2000)
             .map(|_| Package {
-                name: "some-long-package-name-of-a-full-system",
-                version: "1:2.34.5-6+deb12u7",
+                name: "some-long-package-name-of-a-full-system".into(),
+                version: "1:2.34.5-6+deb12u7".into(),
             })
             .collect();
         let report = ConfigReport {
             boot_id: [3; 16],
-            os: "Debian GNU/Linux 12",
-            kernel: "6.1.0-18-amd64",
-            hostname: "n1",
-            agent_version: "0.1.0",
-            addresses: vec!["10.0.0.2/24"],
+            os: "Debian GNU/Linux 12".into(),
+            kernel: "6.1.0-18-amd64".into(),
+            hostname: "n1".into(),
+            agent_version: "0.1.0".into(),
+            addresses: vec!["10.0.0.2/24".into()],
             software,
         };
         let r = CommandResult {

@@ -2,6 +2,7 @@
 
 use fleetcast_store as store;
 use fleetcast_wire as wire;
+use std::borrow::Cow;
 
 /// Wall-clock milliseconds plus a duration, saturating.
 pub fn ms_after(now_ms: u64, ms: u64) -> u64 {
@@ -13,9 +14,12 @@ pub fn steps_to_wire(cmd: &store::Command) -> Vec<wire::Step<'_>> {
     cmd.steps
         .iter()
         .map(|s| match s {
-            store::Step::Fetch { url, path } => wire::Step::Fetch { url, path },
+            store::Step::Fetch { url, path } => wire::Step::Fetch {
+                url: Cow::Borrowed(url),
+                path: Cow::Borrowed(path),
+            },
             store::Step::Verify { path, sha256 } => wire::Step::Verify {
-                path,
+                path: Cow::Borrowed(path),
                 sha256: *sha256,
             },
             store::Step::Write {
@@ -23,12 +27,12 @@ pub fn steps_to_wire(cmd: &store::Command) -> Vec<wire::Step<'_>> {
                 mode,
                 contents,
             } => wire::Step::Write {
-                path,
+                path: Cow::Borrowed(path),
                 mode: *mode,
-                contents,
+                contents: Cow::Borrowed(contents),
             },
             store::Step::Exec { argv } => wire::Step::Exec {
-                argv: argv.iter().map(String::as_str).collect(),
+                argv: argv.iter().map(|a| Cow::Borrowed(a.as_str())).collect(),
             },
             store::Step::Reboot => wire::Step::Reboot,
             store::Step::Report => wire::Step::Report,
@@ -74,16 +78,16 @@ pub fn result_from_wire(r: &wire::CommandResult<'_>, now_ms: u64) -> store::Comm
 /// A wire configuration report as the store's record.
 pub fn report_from_wire(r: &wire::ConfigReport<'_>) -> store::ConfigReport {
     store::ConfigReport {
-        os: r.os.into(),
-        kernel: r.kernel.into(),
-        hostname: r.hostname.into(),
-        addresses: r.addresses.iter().map(|a| (*a).into()).collect(),
+        os: r.os.to_string(),
+        kernel: r.kernel.to_string(),
+        hostname: r.hostname.to_string(),
+        addresses: r.addresses.iter().map(|a| a.to_string()).collect(),
         software: r
             .software
             .iter()
-            .map(|p| (p.name.into(), p.version.into()))
+            .map(|p| (p.name.to_string(), p.version.to_string()))
             .collect(),
-        agent_version: r.agent_version.into(),
+        agent_version: r.agent_version.to_string(),
         boot_id: hex(&r.boot_id),
     }
 }
@@ -134,7 +138,7 @@ mod tests {
                     duration_ms: 0,
                 },
             ],
-            output: b"tail",
+            output: b"tail".into(),
             report: None,
         };
         let s = result_from_wire(&r, 10_000);
@@ -182,12 +186,17 @@ mod tests {
         assert_eq!(
             w[2],
             wire::Step::Write {
-                path: "/etc/x",
+                path: "/etc/x".into(),
                 mode: 0o600,
-                contents: b"x"
+                contents: b"x".into()
             }
         );
-        assert_eq!(w[3], wire::Step::Exec { argv: vec!["true"] });
+        assert_eq!(
+            w[3],
+            wire::Step::Exec {
+                argv: vec!["true".into()]
+            }
+        );
         assert_eq!(w.len(), 6);
     }
 }

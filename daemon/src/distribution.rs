@@ -37,6 +37,7 @@
 //!   keys and the probe-cookie key are derived from the same secret, and never leave the
 //!   gateway except each device's own key, in its own announce.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io;
@@ -965,7 +966,7 @@ impl AnnounceOwned {
             sha256: self.sha256,
             auth_key: Some(self.auth_key),
             nack_key: Some(self.nack_key),
-            name: &self.name,
+            name: Cow::Borrowed(&self.name),
         }
     }
 }

@@ -16,6 +16,7 @@
 //!    [`Fleet::process`] call, one store batch, one fsync, off this thread.
 //! 6. Write TLS until `WouldBlock`, asking for `WRITABLE` only while bytes are pending.
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, Read, Write};
@@ -1049,7 +1050,7 @@ impl Gateway {
                     }),
                     Action::Enrolled { device, cert, .. } => s.send_enrolled(&Enrolled {
                         device_id: device.0,
-                        certificate: &cert,
+                        certificate: Cow::Borrowed(&cert),
                     }),
                     Action::Ack { seq, .. } => s.ack_result(seq),
                     Action::Dispatch {
@@ -1077,7 +1078,7 @@ impl Gateway {
                         let mut steps = steps_to_wire(&cmd);
                         for (st, u) in steps.iter_mut().zip(&urls) {
                             if let fleetcast_wire::Step::Fetch { url, .. } = st {
-                                *url = u;
+                                *url = u.into();
                             }
                         }
                         let timeout_ms = u32::try_from(cmd.timeout_ms).unwrap_or(u32::MAX);
@@ -1345,7 +1346,7 @@ fn event_to_input(
                 key_hash,
                 boot_id: h.boot_id,
                 last,
-                transport: ladder::rung_of(h.agent_version),
+                transport: ladder::rung_of(&h.agent_version),
             })
         }
         GatewayEvent::Enrol(frame) => {

@@ -15,6 +15,7 @@
 
 mod common;
 
+use std::borrow::Cow;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
@@ -237,8 +238,8 @@ fn hostile_clients_are_cut_off_and_the_good_queue_completes() {
             SessionConfig::default(),
             FirstMessage::Hello(Hello {
                 device_id: good_id,
-                credential: &fp,
-                agent_version: "hostile",
+                credential: Cow::Borrowed(&fp),
+                agent_version: "hostile".into(),
                 boot_id: [7; 16],
                 last: None,
             }),

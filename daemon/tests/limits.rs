@@ -17,6 +17,7 @@
 
 mod common;
 
+use std::borrow::Cow;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
@@ -687,9 +688,9 @@ fn enrol_once(gw: &Gw, from: std::net::Ipv4Addr, token: &[u8]) -> fleetcast_wire
         wnow(),
         fleetcast_wire::SessionConfig::default(),
         FirstMessage::Enrol(fleetcast_wire::Enrol {
-            token,
-            name: "intruder",
-            spki: &spki,
+            token: Cow::Borrowed(token),
+            name: "intruder".into(),
+            spki: Cow::Borrowed(&spki),
         }),
     )
     .expect("core");

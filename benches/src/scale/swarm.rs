@@ -12,6 +12,7 @@
 //! Invariants: every agent has at most one link; timers are `(deadline, agent, link gen)`
 //! entries in one heap, and an entry whose generation is stale is ignored.
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, Read, Write};
@@ -355,9 +356,9 @@ impl Swarm {
                 now,
                 scfg,
                 FirstMessage::Enrol(Enrol {
-                    token: token.as_bytes(),
-                    name: &a.name,
-                    spki: &spki,
+                    token: token.as_bytes().into(),
+                    name: Cow::Borrowed(&a.name),
+                    spki: Cow::Borrowed(&spki),
                 }),
             )
         } else {
@@ -372,8 +373,8 @@ impl Swarm {
                 scfg,
                 FirstMessage::Hello(Hello {
                     device_id: a.device_id,
-                    credential: &a.cert_fp,
-                    agent_version: "loadgen",
+                    credential: Cow::Borrowed(&a.cert_fp),
+                    agent_version: "loadgen".into(),
                     boot_id: a.boot_id,
                     last,
                 }),
@@ -562,7 +563,7 @@ impl Swarm {
                         continue;
                     };
                     if let Some(Step::Exec { argv }) = d.steps.first() {
-                        if argv.first() == Some(&LATENCY_TAG) {
+                        if argv.first().map(|a| &**a) == Some(LATENCY_TAG) {
                             if let Some(t) = argv.get(1).and_then(|t| t.parse().ok()) {
                                 a.tag = Some((seq, t));
                             }
@@ -581,7 +582,7 @@ impl Swarm {
                             };
                             d.steps.len()
                         ],
-                        output: &[],
+                        output: Cow::Borrowed(&[]),
                         report: None,
                     };
                     if link.session.send_result(&result).is_ok() {

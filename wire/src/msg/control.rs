@@ -3,9 +3,11 @@
 //! Byte layouts are specified in `docs/wire.md`; each `encode`/`decode` pair below follows the
 //! field order written in its type's doc comment.
 
+use alloc::borrow::Cow;
 use alloc::vec::Vec;
 
 use super::limits::*;
+use super::{borrowed_bytes16, borrowed_str16, owned, owned_list};
 use crate::codec::{Reader, Sink};
 use crate::error::{Error, Result};
 
@@ -37,9 +39,9 @@ pub struct Hello<'a> {
     /// The enrolled device's id.
     pub device_id: u64,
     /// Reference to the credential the session authenticated with (certificate fingerprint).
-    pub credential: &'a [u8],
+    pub credential: Cow<'a, [u8]>,
     /// Agent software version.
-    pub agent_version: &'a str,
+    pub agent_version: Cow<'a, str>,
     /// Identifies this boot of the device; changes on every reboot.
     pub boot_id: [u8; 16],
     /// The last command the agent executed, with its result if not yet acknowledged.
@@ -104,8 +106,8 @@ impl<'a> LastExecuted<'a> {
 impl<'a> Hello<'a> {
     pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
         s.u64(self.device_id)?;
-        s.bytes16(self.credential, MAX_CREDENTIAL)?;
-        s.str16(self.agent_version, MAX_NAME)?;
+        s.bytes16(&self.credential, MAX_CREDENTIAL)?;
+        s.str16(&self.agent_version, MAX_NAME)?;
         s.put(&self.boot_id)?;
         s.present(self.last.is_some())?;
         match &self.last {
@@ -115,8 +117,8 @@ impl<'a> Hello<'a> {
     }
     pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
         let device_id = r.u64()?;
-        let credential = r.bytes16(MAX_CREDENTIAL)?;
-        let agent_version = r.str16(MAX_NAME)?;
+        let credential = borrowed_bytes16(r, MAX_CREDENTIAL)?;
+        let agent_version = borrowed_str16(r, MAX_NAME)?;
         let boot_id = r.array()?;
         let last = if r.present()? {
             Some(LastExecuted::decode(r)?)
@@ -209,24 +211,24 @@ impl Heartbeat {
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct Enrol<'a> {
     /// The one-time enrolment token the operator issued.
-    pub token: &'a [u8],
+    pub token: Cow<'a, [u8]>,
     /// The device name the token was issued for.
-    pub name: &'a str,
+    pub name: Cow<'a, str>,
     /// The agent's public key (SubjectPublicKeyInfo, DER) to certify.
-    pub spki: &'a [u8],
+    pub spki: Cow<'a, [u8]>,
 }
 
 impl<'a> Enrol<'a> {
     pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
-        s.bytes16(self.token, MAX_TOKEN)?;
-        s.str16(self.name, MAX_NAME)?;
-        s.bytes16(self.spki, MAX_SPKI)
+        s.bytes16(&self.token, MAX_TOKEN)?;
+        s.str16(&self.name, MAX_NAME)?;
+        s.bytes16(&self.spki, MAX_SPKI)
     }
     pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
         Ok(Enrol {
-            token: r.bytes16(MAX_TOKEN)?,
-            name: r.str16(MAX_NAME)?,
-            spki: r.bytes16(MAX_SPKI)?,
+            token: borrowed_bytes16(r, MAX_TOKEN)?,
+            name: borrowed_str16(r, MAX_NAME)?,
+            spki: borrowed_bytes16(r, MAX_SPKI)?,
         })
     }
 }
@@ -240,18 +242,18 @@ pub struct Enrolled<'a> {
     /// The id assigned to the device.
     pub device_id: u64,
     /// The device's client certificate (DER), signed by the gateway CA.
-    pub certificate: &'a [u8],
+    pub certificate: Cow<'a, [u8]>,
 }
 
 impl<'a> Enrolled<'a> {
     pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
         s.u64(self.device_id)?;
-        s.bytes16(self.certificate, MAX_CERT)
+        s.bytes16(&self.certificate, MAX_CERT)
     }
     pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
         Ok(Enrolled {
             device_id: r.u64()?,
-            certificate: r.bytes16(MAX_CERT)?,
+            certificate: borrowed_bytes16(r, MAX_CERT)?,
         })
     }
 }
@@ -268,30 +270,30 @@ pub enum Step<'a> {
     /// Download `url` to `path`.
     Fetch {
         /// Source URL.
-        url: &'a str,
+        url: Cow<'a, str>,
         /// Destination path on the device.
-        path: &'a str,
+        path: Cow<'a, str>,
     },
     /// Check that the file at `path` has this SHA-256 digest.
     Verify {
         /// File to check.
-        path: &'a str,
+        path: Cow<'a, str>,
         /// Expected digest.
         sha256: [u8; 32],
     },
     /// Write `contents` to `path` with permission bits `mode`.
     Write {
         /// Destination path.
-        path: &'a str,
+        path: Cow<'a, str>,
         /// Unix permission bits.
         mode: u32,
         /// File contents.
-        contents: &'a [u8],
+        contents: Cow<'a, [u8]>,
     },
     /// Run a program (`argv[0]`) with arguments, no shell.
     Exec {
         /// Program and arguments.
-        argv: Vec<&'a str>,
+        argv: Vec<Cow<'a, str>>,
     },
     /// Reboot the device; the queue suspends until the agent reports back from a new boot.
     Reboot,
@@ -343,23 +345,23 @@ impl<'a> Step<'a> {
     pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
         Ok(match r.u8()? {
             1 => Step::Fetch {
-                url: r.str16(MAX_PATH)?,
-                path: r.str16(MAX_PATH)?,
+                url: borrowed_str16(r, MAX_PATH)?,
+                path: borrowed_str16(r, MAX_PATH)?,
             },
             2 => Step::Verify {
-                path: r.str16(MAX_PATH)?,
+                path: borrowed_str16(r, MAX_PATH)?,
                 sha256: r.array()?,
             },
             3 => Step::Write {
-                path: r.str16(MAX_PATH)?,
+                path: borrowed_str16(r, MAX_PATH)?,
                 mode: r.u32()?,
-                contents: r.bytes32(MAX_WRITE)?,
+                contents: Cow::Borrowed(r.bytes32(MAX_WRITE)?),
             },
             4 => {
                 let n = r.count(MAX_ARGV, 2)?;
                 let mut argv = Vec::with_capacity(n);
                 for _ in 0..n {
-                    argv.push(r.str16(MAX_PATH)?);
+                    argv.push(borrowed_str16(r, MAX_PATH)?);
                 }
                 Step::Exec { argv }
             }
@@ -456,7 +458,7 @@ pub struct CommandResult<'a> {
     /// Per-step outcomes, in step order (steps not reached are `Skipped`).
     pub steps: Vec<StepResult>,
     /// The tail of the combined output.
-    pub output: &'a [u8],
+    pub output: Cow<'a, [u8]>,
     /// The configuration report of the command's last successful `report` step: it travels
     /// with the result, so it is delivered exactly when the result is.
     pub report: Option<ConfigReport<'a>>,
@@ -474,7 +476,7 @@ impl<'a> CommandResult<'a> {
             s.i32(st.exit_code)?;
             s.u32(st.duration_ms)?;
         }
-        s.bytes16(self.output, MAX_OUTPUT)?;
+        s.bytes16(&self.output, MAX_OUTPUT)?;
         s.present(self.report.is_some())?;
         match &self.report {
             Some(rep) => rep.encode(s),
@@ -495,7 +497,7 @@ impl<'a> CommandResult<'a> {
                 duration_ms: r.u32()?,
             });
         }
-        let output = r.bytes16(MAX_OUTPUT)?;
+        let output = borrowed_bytes16(r, MAX_OUTPUT)?;
         let report = if r.present()? {
             Some(ConfigReport::decode(r)?)
         } else {
@@ -553,13 +555,13 @@ impl RebootStarting {
 }
 
 /// An installed package in a [`ConfigReport`]. Fields: `name str16`, `version str16`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct Package<'a> {
     /// Package name.
-    pub name: &'a str,
+    pub name: Cow<'a, str>,
     /// Installed version.
-    pub version: &'a str,
+    pub version: Cow<'a, str>,
 }
 
 /// A device's configuration report.
@@ -572,15 +574,15 @@ pub struct ConfigReport<'a> {
     /// The current boot's id.
     pub boot_id: [u8; 16],
     /// Operating system name and version.
-    pub os: &'a str,
+    pub os: Cow<'a, str>,
     /// Kernel release.
-    pub kernel: &'a str,
+    pub kernel: Cow<'a, str>,
     /// Host name.
-    pub hostname: &'a str,
+    pub hostname: Cow<'a, str>,
     /// Agent software version.
-    pub agent_version: &'a str,
+    pub agent_version: Cow<'a, str>,
     /// Interface addresses, textual (`10.0.0.5/24`).
-    pub addresses: Vec<&'a str>,
+    pub addresses: Vec<Cow<'a, str>>,
     /// Installed software.
     pub software: Vec<Package<'a>>,
 }
@@ -588,37 +590,37 @@ pub struct ConfigReport<'a> {
 impl<'a> ConfigReport<'a> {
     pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
         s.put(&self.boot_id)?;
-        s.str16(self.os, MAX_NAME)?;
-        s.str16(self.kernel, MAX_NAME)?;
-        s.str16(self.hostname, MAX_NAME)?;
-        s.str16(self.agent_version, MAX_NAME)?;
+        s.str16(&self.os, MAX_NAME)?;
+        s.str16(&self.kernel, MAX_NAME)?;
+        s.str16(&self.hostname, MAX_NAME)?;
+        s.str16(&self.agent_version, MAX_NAME)?;
         s.count(self.addresses.len(), MAX_ADDRESSES)?;
         self.addresses
             .iter()
             .try_for_each(|a| s.str16(a, MAX_NAME))?;
         s.count(self.software.len(), MAX_SOFTWARE)?;
         self.software.iter().try_for_each(|p| {
-            s.str16(p.name, MAX_NAME)?;
-            s.str16(p.version, MAX_NAME)
+            s.str16(&p.name, MAX_NAME)?;
+            s.str16(&p.version, MAX_NAME)
         })
     }
     pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
         let boot_id = r.array()?;
-        let os = r.str16(MAX_NAME)?;
-        let kernel = r.str16(MAX_NAME)?;
-        let hostname = r.str16(MAX_NAME)?;
-        let agent_version = r.str16(MAX_NAME)?;
+        let os = borrowed_str16(r, MAX_NAME)?;
+        let kernel = borrowed_str16(r, MAX_NAME)?;
+        let hostname = borrowed_str16(r, MAX_NAME)?;
+        let agent_version = borrowed_str16(r, MAX_NAME)?;
         let n = r.count(MAX_ADDRESSES, 2)?;
         let mut addresses = Vec::with_capacity(n);
         for _ in 0..n {
-            addresses.push(r.str16(MAX_NAME)?);
+            addresses.push(borrowed_str16(r, MAX_NAME)?);
         }
         let n = r.count(MAX_SOFTWARE, 4)?;
         let mut software = Vec::with_capacity(n);
         for _ in 0..n {
             software.push(Package {
-                name: r.str16(MAX_NAME)?,
-                version: r.str16(MAX_NAME)?,
+                name: borrowed_str16(r, MAX_NAME)?,
+                version: borrowed_str16(r, MAX_NAME)?,
             });
         }
         Ok(ConfigReport {
@@ -698,24 +700,177 @@ impl CloseCode {
 /// `Close`: the sender is closing the session (either direction).
 ///
 /// Fields: `code u16`, `reason str16` (≤ [`MAX_REASON`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct Close<'a> {
     /// Machine-readable reason.
     pub code: CloseCode,
     /// Human-readable detail.
-    pub reason: &'a str,
+    pub reason: Cow<'a, str>,
 }
 
 impl<'a> Close<'a> {
     pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
         s.u16(self.code.0)?;
-        s.str16(self.reason, MAX_REASON)
+        s.str16(&self.reason, MAX_REASON)
     }
     pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
         Ok(Close {
             code: CloseCode(r.u16()?),
-            reason: r.str16(MAX_REASON)?,
+            reason: borrowed_str16(r, MAX_REASON)?,
         })
+    }
+}
+
+// `into_owned`: the same message detached from the buffer it was parsed from, to keep in a
+// queue, a store record or another thread. Parsing never copies; only this does.
+
+impl Hello<'_> {
+    /// This message, owning its strings and bytes.
+    pub fn into_owned(self) -> Hello<'static> {
+        Hello {
+            device_id: self.device_id,
+            credential: owned(self.credential),
+            agent_version: owned(self.agent_version),
+            boot_id: self.boot_id,
+            last: self.last.map(LastExecuted::into_owned),
+        }
+    }
+}
+
+impl LastExecuted<'_> {
+    /// This value, owning its strings and bytes.
+    pub fn into_owned(self) -> LastExecuted<'static> {
+        LastExecuted {
+            seq: self.seq,
+            attempt: self.attempt,
+            executing: self.executing,
+            result: self.result.map(CommandResult::into_owned),
+        }
+    }
+}
+
+impl Enrol<'_> {
+    /// This message, owning its strings and bytes.
+    pub fn into_owned(self) -> Enrol<'static> {
+        Enrol {
+            token: owned(self.token),
+            name: owned(self.name),
+            spki: owned(self.spki),
+        }
+    }
+}
+
+impl Enrolled<'_> {
+    /// This message, owning its bytes.
+    pub fn into_owned(self) -> Enrolled<'static> {
+        Enrolled {
+            device_id: self.device_id,
+            certificate: owned(self.certificate),
+        }
+    }
+}
+
+impl Step<'_> {
+    /// This step, owning its strings and bytes.
+    pub fn into_owned(self) -> Step<'static> {
+        match self {
+            Step::Fetch { url, path } => Step::Fetch {
+                url: owned(url),
+                path: owned(path),
+            },
+            Step::Verify { path, sha256 } => Step::Verify {
+                path: owned(path),
+                sha256,
+            },
+            Step::Write {
+                path,
+                mode,
+                contents,
+            } => Step::Write {
+                path: owned(path),
+                mode,
+                contents: owned(contents),
+            },
+            Step::Exec { argv } => Step::Exec {
+                argv: owned_list(argv),
+            },
+            Step::Reboot => Step::Reboot,
+            Step::Report => Step::Report,
+        }
+    }
+}
+
+impl Dispatch<'_> {
+    /// This message, owning its steps' strings and bytes.
+    pub fn into_owned(self) -> Dispatch<'static> {
+        Dispatch {
+            command_id: self.command_id,
+            seq: self.seq,
+            attempt: self.attempt,
+            timeout_ms: self.timeout_ms,
+            steps: self.steps.into_iter().map(Step::into_owned).collect(),
+        }
+    }
+}
+
+impl CommandResult<'_> {
+    /// This message, owning its output and report.
+    pub fn into_owned(self) -> CommandResult<'static> {
+        CommandResult {
+            command_id: self.command_id,
+            seq: self.seq,
+            attempt: self.attempt,
+            exit_code: self.exit_code,
+            steps: self.steps,
+            output: owned(self.output),
+            report: self.report.map(ConfigReport::into_owned),
+        }
+    }
+}
+
+impl Package<'_> {
+    /// This value, owning its strings.
+    pub fn into_owned(self) -> Package<'static> {
+        Package {
+            name: owned(self.name),
+            version: owned(self.version),
+        }
+    }
+}
+
+impl ConfigReport<'_> {
+    /// This report, owning its strings.
+    pub fn into_owned(self) -> ConfigReport<'static> {
+        ConfigReport {
+            boot_id: self.boot_id,
+            os: owned(self.os),
+            kernel: owned(self.kernel),
+            hostname: owned(self.hostname),
+            agent_version: owned(self.agent_version),
+            addresses: owned_list(self.addresses),
+            software: self.software.into_iter().map(Package::into_owned).collect(),
+        }
+    }
+}
+
+impl RebootComplete<'_> {
+    /// This message, owning its report and result.
+    pub fn into_owned(self) -> RebootComplete<'static> {
+        RebootComplete {
+            seq: self.seq,
+            report: self.report.into_owned(),
+            result: self.result.into_owned(),
+        }
+    }
+}
+
+impl Close<'_> {
+    /// This message, owning its reason.
+    pub fn into_owned(self) -> Close<'static> {
+        Close {
+            code: self.code,
+            reason: owned(self.reason),
+        }
     }
 }

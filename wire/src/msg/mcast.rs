@@ -1,10 +1,12 @@
 //! Distribution messages: announce over the control session, data blocks and NACKs as
 //! datagrams, FEC parity as multicast repair, unicast repair, completion and transfer status.
 
+use alloc::borrow::Cow;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::control::wire_enum;
 use super::limits::*;
+use super::{borrowed_str16, owned};
 use crate::codec::{Reader, Sink};
 use crate::error::{Error, Result};
 use crate::header::{Frame, FLAG_AUTH, HEADER_LEN, MAGIC, TAG_LEN, VERSION};
@@ -16,7 +18,7 @@ use crate::ranges::{Ranges, MAX_NACK_RANGES};
 /// Fields: `task_id u64`, `session u32`, `group addr`, `port u16`, `size u64`,
 /// `block_size u32`, `sha256 [32]`, `auth_key option<[32]>`, `nack_key option<[32]>`,
 /// `name str16`, where `addr` is `u8 family (4|6)` then 4 or 16 address bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct Announce<'a> {
     /// The task in the gateway's task table.
@@ -42,7 +44,7 @@ pub struct Announce<'a> {
     /// makes every earlier NACK of the device invalid.
     pub nack_key: Option<[u8; 32]>,
     /// File name (the agent decides where it lands).
-    pub name: &'a str,
+    pub name: Cow<'a, str>,
 }
 
 impl<'a> Announce<'a> {
@@ -71,7 +73,7 @@ impl<'a> Announce<'a> {
         if let Some(k) = &self.nack_key {
             s.put(k)?;
         }
-        s.str16(self.name, MAX_NAME)
+        s.str16(&self.name, MAX_NAME)
     }
     pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
         let task_id = r.u64()?;
@@ -87,7 +89,7 @@ impl<'a> Announce<'a> {
         let sha256 = r.array()?;
         let auth_key = if r.present()? { Some(r.array()?) } else { None };
         let nack_key = if r.present()? { Some(r.array()?) } else { None };
-        let name = r.str16(MAX_NAME)?;
+        let name = borrowed_str16(r, MAX_NAME)?;
         Ok(Announce {
             task_id,
             session,
@@ -100,6 +102,16 @@ impl<'a> Announce<'a> {
             nack_key,
             name,
         })
+    }
+}
+
+impl Announce<'_> {
+    /// This message, owning its name (to keep in a task table or a store record).
+    pub fn into_owned(self) -> Announce<'static> {
+        Announce {
+            name: owned(self.name),
+            ..self
+        }
     }
 }
 
@@ -197,7 +209,7 @@ impl core::fmt::Display for Outcome {
 ///
 /// Fields: `task_id u64`, `session u32`, `outcome u8`, `sha256 [32]` (what the receiver
 /// computed), `reason str16`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct Completion<'a> {
     /// The task.
@@ -209,7 +221,7 @@ pub struct Completion<'a> {
     /// Digest the receiver computed over its copy.
     pub sha256: [u8; 32],
     /// Detail for a failure (empty when verified).
-    pub reason: &'a str,
+    pub reason: Cow<'a, str>,
 }
 
 impl<'a> Completion<'a> {
@@ -218,7 +230,7 @@ impl<'a> Completion<'a> {
         s.u32(self.session)?;
         s.u8(self.outcome as u8)?;
         s.put(&self.sha256)?;
-        s.str16(self.reason, MAX_REASON)
+        s.str16(&self.reason, MAX_REASON)
     }
     pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
         Ok(Completion {
@@ -226,8 +238,18 @@ impl<'a> Completion<'a> {
             session: r.u32()?,
             outcome: Outcome::from_u8(r.u8()?)?,
             sha256: r.array()?,
-            reason: r.str16(MAX_REASON)?,
+            reason: borrowed_str16(r, MAX_REASON)?,
         })
+    }
+}
+
+impl Completion<'_> {
+    /// This message, owning its reason.
+    pub fn into_owned(self) -> Completion<'static> {
+        Completion {
+            reason: owned(self.reason),
+            ..self
+        }
     }
 }
 

@@ -1,14 +1,24 @@
 //! Every fleetcast message: one [`Message`] enum with `parse`, `emit` and `buffer_len`.
 //!
 //! # Contract
-//! - Parsing borrows from the input (strings and byte strings are slices of it); only lists
-//!   allocate, and only after their count has been checked against the bytes remaining, so a
-//!   frame of `n` bytes never makes the parser allocate more than a small multiple of `n`.
+//! - Parsing borrows from the input (strings and byte strings are `Cow::Borrowed` slices of
+//!   it); only lists allocate, and only after their count has been checked against the bytes
+//!   remaining, so a frame of `n` bytes never makes the parser allocate more than a small
+//!   multiple of `n`.
+//! - Every message with a lifetime has `into_owned(self) -> Self<'static>` (the rustls
+//!   `Payload<'a>` idea): the same type, borrowed on the hot path, owned where it is kept (the
+//!   store's records, the agent's state, queues between threads). There is one type per
+//!   message, never a parallel "owned" struct. Data blocks, repairs and parity symbols stay
+//!   plain slices: they are never kept, and a `Cow` would only slow the multicast path, so
+//!   [`Message`] itself has no `into_owned`.
 //! - No input can panic, loop or allocate unboundedly; every declared length is checked before
 //!   use; unknown versions, kinds and enum values are typed errors; a body must be consumed
 //!   exactly ([`Error::TrailingBytes`] otherwise).
 //! - `emit` writes exactly `buffer_len()` bytes; `parse(emit(m)) == m` for every message that
 //!   `emit` accepts (tested by property tests and the `roundtrip` fuzz target).
+
+use alloc::borrow::{Cow, ToOwned};
+use alloc::vec::Vec;
 
 use crate::codec::{Counter, Reader, Sink, SliceWriter};
 use crate::data::DataBlock;
@@ -234,6 +244,26 @@ impl<'a> Message<'a> {
         debug_assert_eq!(written, n);
         Ok(start..start + written)
     }
+}
+
+/// Reads a `str16` as a borrowed `Cow` (decoding never copies).
+fn borrowed_str16<'a>(r: &mut Reader<'a>, max: usize) -> Result<Cow<'a, str>> {
+    r.str16(max).map(Cow::Borrowed)
+}
+
+/// Reads a `bytes16` as a borrowed `Cow`.
+fn borrowed_bytes16<'a>(r: &mut Reader<'a>, max: usize) -> Result<Cow<'a, [u8]>> {
+    r.bytes16(max).map(Cow::Borrowed)
+}
+
+/// Detaches one field from the buffer it borrows (a no-op when it is owned already).
+fn owned<B: ?Sized + ToOwned + 'static>(c: Cow<'_, B>) -> Cow<'static, B> {
+    Cow::Owned(c.into_owned())
+}
+
+/// Detaches a list of strings.
+fn owned_list(v: Vec<Cow<'_, str>>) -> Vec<Cow<'static, str>> {
+    v.into_iter().map(owned).collect()
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! every list non-empty. The golden vectors (`wire/tests/golden/`) are these samples emitted;
 //! benches and the fuzz seed corpus use them too.
 
+use alloc::borrow::Cow;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::net::{IpAddr, Ipv4Addr};
@@ -31,7 +32,7 @@ fn result() -> CommandResult<'static> {
                 duration_ms: 0,
             },
         ],
-        output: OUTPUT,
+        output: Cow::Borrowed(OUTPUT),
         report: Some(report()),
     }
 }
@@ -39,42 +40,126 @@ fn result() -> CommandResult<'static> {
 fn report() -> ConfigReport<'static> {
     ConfigReport {
         boot_id: [0xB2; 16],
-        os: "Debian GNU/Linux 12",
-        kernel: "6.1.0-18-amd64",
-        hostname: "rack4-node17",
-        agent_version: "0.1.0",
-        addresses: vec!["10.77.0.17/16", "fe80::1/64"],
+        os: "Debian GNU/Linux 12".into(),
+        kernel: "6.1.0-18-amd64".into(),
+        hostname: "rack4-node17".into(),
+        agent_version: "0.1.0".into(),
+        addresses: vec!["10.77.0.17/16".into(), "fe80::1/64".into()],
         software: vec![
             Package {
-                name: "nginx",
-                version: "1.22.1-9",
+                name: "nginx".into(),
+                version: "1.22.1-9".into(),
             },
             Package {
-                name: "fleetcast-agent",
-                version: "0.1.0",
+                name: "fleetcast-agent".into(),
+                version: "0.1.0".into(),
             },
         ],
     }
 }
 
-/// A sample of every kind, in [`Kind::ALL`] order.
-pub fn all() -> Vec<Message<'static>> {
+fn hello() -> Hello<'static> {
+    Hello {
+        device_id: 17,
+        credential: Cow::Borrowed(&[0xC7; 32]),
+        agent_version: "0.1.0".into(),
+        boot_id: [0xB1; 16],
+        last: Some(LastExecuted {
+            seq: 7,
+            attempt: 2,
+            executing: false,
+            result: Some(result()),
+        }),
+    }
+}
+
+fn dispatch() -> Dispatch<'static> {
+    Dispatch {
+        command_id: 0x0102_0304_0506_0708,
+        seq: 8,
+        attempt: 1,
+        timeout_ms: 600_000,
+        steps: vec![
+            Step::Fetch {
+                url: "https://gw/pkg.deb".into(),
+                path: "/tmp/pkg.deb".into(),
+            },
+            Step::Verify {
+                path: "/tmp/pkg.deb".into(),
+                sha256: [0x5A; 32],
+            },
+            Step::Write {
+                path: "/etc/app.conf".into(),
+                mode: 0o644,
+                contents: Cow::Borrowed(b"port=80\n"),
+            },
+            Step::Exec {
+                argv: vec!["dpkg".into(), "-i".into(), "/tmp/pkg.deb".into()],
+            },
+            Step::Reboot,
+            Step::Report,
+        ],
+    }
+}
+
+fn reboot_complete() -> RebootComplete<'static> {
+    let step = |duration_ms| StepResult {
+        status: StepStatus::Ok,
+        exit_code: 0,
+        duration_ms,
+    };
+    RebootComplete {
+        seq: 9,
+        report: report(),
+        result: CommandResult {
+            command_id: 9,
+            seq: 9,
+            attempt: 1,
+            exit_code: 0,
+            steps: vec![step(830), step(0)],
+            output: Cow::Borrowed(b"linux-image-6.1.0-18 installed\n"),
+            report: None,
+        },
+    }
+}
+
+fn announce() -> Announce<'static> {
+    Announce {
+        task_id: 3,
+        session: 0xCAFE,
+        group: IpAddr::V4(Ipv4Addr::new(239, 77, 0, 1)),
+        port: 7301,
+        size: 268_435_456,
+        block_size: 1400,
+        sha256: [0xD1; 32],
+        auth_key: Some([0x4B; 32]),
+        nack_key: Some([0x4E; 32]),
+        name: "debian-12.img".into(),
+    }
+}
+
+fn nack() -> Nack {
     let mut missing = Ranges::new();
     missing.push(3, 2).expect("canonical");
     missing.push(100, 1).expect("canonical");
+    Nack {
+        session: 0xCAFE,
+        device_id: 17,
+        seq: 300,
+        echo: Some([0xEC; COOKIE_LEN]),
+        missing,
+    }
+}
+
+/// A sample of every kind, in [`Kind::ALL`] order.
+pub fn all() -> Vec<Message<'static>> {
+    let block = |block| DataBlock {
+        session: 0xCAFE,
+        block,
+        payload: PAYLOAD,
+    };
     vec![
-        Message::Hello(Hello {
-            device_id: 17,
-            credential: &[0xC7; 32],
-            agent_version: "0.1.0",
-            boot_id: [0xB1; 16],
-            last: Some(LastExecuted {
-                seq: 7,
-                attempt: 2,
-                executing: false,
-                result: Some(result()),
-            }),
-        }),
+        Message::Hello(hello()),
         Message::Welcome(Welcome {
             session_id: 0xAB,
             server_time_ms: 1_795_000_000_000,
@@ -88,40 +173,15 @@ pub fn all() -> Vec<Message<'static>> {
             echo: false,
         }),
         Message::Enrol(Enrol {
-            token: b"tok-5f2a",
-            name: "rack4-node17",
-            spki: &[0x30, 0x59, 0x30],
+            token: Cow::Borrowed(b"tok-5f2a"),
+            name: "rack4-node17".into(),
+            spki: Cow::Borrowed(&[0x30, 0x59, 0x30]),
         }),
         Message::Enrolled(Enrolled {
             device_id: 17,
-            certificate: &[0x30, 0x82, 0x01, 0x0a],
+            certificate: Cow::Borrowed(&[0x30, 0x82, 0x01, 0x0a]),
         }),
-        Message::Dispatch(Dispatch {
-            command_id: 0x0102_0304_0506_0708,
-            seq: 8,
-            attempt: 1,
-            timeout_ms: 600_000,
-            steps: vec![
-                Step::Fetch {
-                    url: "https://gw/pkg.deb",
-                    path: "/tmp/pkg.deb",
-                },
-                Step::Verify {
-                    path: "/tmp/pkg.deb",
-                    sha256: [0x5A; 32],
-                },
-                Step::Write {
-                    path: "/etc/app.conf",
-                    mode: 0o644,
-                    contents: b"port=80\n",
-                },
-                Step::Exec {
-                    argv: vec!["dpkg", "-i", "/tmp/pkg.deb"],
-                },
-                Step::Reboot,
-                Step::Report,
-            ],
-        }),
+        Message::Dispatch(dispatch()),
         Message::Result(result()),
         Message::ResultAck(ResultAck { seq: 7 }),
         Message::RebootStarting(RebootStarting {
@@ -129,66 +189,18 @@ pub fn all() -> Vec<Message<'static>> {
             seq: 9,
             boot_id: [0xB1; 16],
         }),
-        Message::RebootComplete(RebootComplete {
-            seq: 9,
-            report: report(),
-            result: CommandResult {
-                command_id: 9,
-                seq: 9,
-                attempt: 1,
-                exit_code: 0,
-                steps: vec![
-                    StepResult {
-                        status: StepStatus::Ok,
-                        exit_code: 0,
-                        duration_ms: 830,
-                    },
-                    StepResult {
-                        status: StepStatus::Ok,
-                        exit_code: 0,
-                        duration_ms: 0,
-                    },
-                ],
-                output: b"linux-image-6.1.0-18 installed\n",
-                report: None,
-            },
-        }),
+        Message::RebootComplete(reboot_complete()),
         Message::Report(report()),
-        Message::Announce(Announce {
-            task_id: 3,
-            session: 0xCAFE,
-            group: IpAddr::V4(Ipv4Addr::new(239, 77, 0, 1)),
-            port: 7301,
-            size: 268_435_456,
-            block_size: 1400,
-            sha256: [0xD1; 32],
-            auth_key: Some([0x4B; 32]),
-            nack_key: Some([0x4E; 32]),
-            name: "debian-12.img",
-        }),
-        Message::Data(DataBlock {
-            session: 0xCAFE,
-            block: 5,
-            payload: PAYLOAD,
-        }),
-        Message::Nack(Nack {
-            session: 0xCAFE,
-            device_id: 17,
-            seq: 300,
-            echo: Some([0xEC; COOKIE_LEN]),
-            missing,
-        }),
-        Message::Repair(DataBlock {
-            session: 0xCAFE,
-            block: 100,
-            payload: PAYLOAD,
-        }),
+        Message::Announce(announce()),
+        Message::Data(block(5)),
+        Message::Nack(nack()),
+        Message::Repair(block(100)),
         Message::Completion(Completion {
             task_id: 3,
             session: 0xCAFE,
             outcome: Outcome::Verified,
             sha256: [0xD1; 32],
-            reason: "",
+            reason: "".into(),
         }),
         Message::TransferStatus(TransferStatus {
             task_id: 3,
@@ -210,7 +222,7 @@ pub fn all() -> Vec<Message<'static>> {
         }),
         Message::Close(Close {
             code: CloseCode::REVOKED,
-            reason: "device revoked by operator",
+            reason: "device revoked by operator".into(),
         }),
     ]
 }

@@ -59,7 +59,7 @@ fn limits_are_enforced_on_emit_and_parse() {
     let long = "x".repeat(limits::MAX_REASON + 1);
     let m = Message::Close(Close {
         code: CloseCode::NORMAL,
-        reason: &long,
+        reason: (&long).into(),
     });
     assert_eq!(m.buffer_len(), Err(Error::FieldTooLong));
     // Hand-built body with an over-long reason.
@@ -118,8 +118,8 @@ fn last_executed_states_are_one_byte_and_exclusive() {
     let hello = |last| {
         Message::Hello(Hello {
             device_id: 1,
-            credential: b"",
-            agent_version: "",
+            credential: b"".into(),
+            agent_version: "".into(),
             boot_id: [0; 16],
             last: Some(last),
         })
@@ -264,5 +264,61 @@ proptest! {
         let want_bytes: Vec<Vec<u8>> = want.iter().map(|m| { let mut v = Vec::new(); m.emit_to_vec(&mut v).unwrap(); v }).collect();
         prop_assert_eq!(got, want_bytes);
         prop_assert_eq!(d.buffered(), 0);
+    }
+}
+
+/// The owned copy of a parsed message, for the kinds that can be kept (not data, repair or
+/// parity, which stay slices of the datagram).
+fn owned(m: Message<'_>) -> Option<Message<'static>> {
+    Some(match m {
+        Message::Hello(m) => Message::Hello(m.into_owned()),
+        Message::Enrol(m) => Message::Enrol(m.into_owned()),
+        Message::Enrolled(m) => Message::Enrolled(m.into_owned()),
+        Message::Dispatch(m) => Message::Dispatch(m.into_owned()),
+        Message::Result(m) => Message::Result(m.into_owned()),
+        Message::RebootComplete(m) => Message::RebootComplete(m.into_owned()),
+        Message::Report(m) => Message::Report(m.into_owned()),
+        Message::Announce(m) => Message::Announce(m.into_owned()),
+        Message::Completion(m) => Message::Completion(m.into_owned()),
+        Message::Close(m) => Message::Close(m.into_owned()),
+        Message::Data(_) | Message::Repair(_) | Message::Parity(_) => return None,
+        Message::Welcome(m) => Message::Welcome(m),
+        Message::Heartbeat(m) => Message::Heartbeat(m),
+        Message::ResultAck(m) => Message::ResultAck(m),
+        Message::RebootStarting(m) => Message::RebootStarting(m),
+        Message::Nack(m) => Message::Nack(m),
+        Message::TransferStatus(m) => Message::TransferStatus(m),
+        Message::Probe(m) => Message::Probe(m),
+    })
+}
+
+#[test]
+fn parsing_borrows_and_into_owned_outlives_the_buffer() {
+    let mut kept = Vec::new();
+    for m in samples::all() {
+        let mut buf = Vec::new();
+        m.emit_to_vec(&mut buf).unwrap();
+        let (frame, _) = Frame::parse_prefix(&buf, MAX_STREAM_BODY).unwrap();
+        let parsed = Message::parse(&frame).unwrap();
+        if let Message::Dispatch(d) = &parsed {
+            // The hot path does not copy: strings and bytes point into the frame.
+            let Step::Exec { argv } = &d.steps[3] else {
+                panic!("sample step 3 is exec")
+            };
+            assert!(matches!(argv[0], Cow::Borrowed(_)));
+            let Step::Write { contents, .. } = &d.steps[2] else {
+                panic!("sample step 2 is write")
+            };
+            let inside = buf.as_ptr_range();
+            assert!(inside.contains(&contents.as_ptr()));
+        }
+        if let Some(o) = owned(parsed) {
+            kept.push((m, o));
+        }
+        // `buf` is dropped here; the owned copies must not need it.
+    }
+    assert_eq!(kept.len(), Kind::ALL.len() - 3);
+    for (sample, o) in &kept {
+        assert_eq!(sample, o);
     }
 }

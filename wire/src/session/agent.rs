@@ -14,6 +14,7 @@
 //! - After `RebootStarting` the session closes normally; the post-reboot `RebootComplete` goes
 //!   on a new session, after its `Welcome`.
 
+use alloc::borrow::Cow;
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::time::Duration;
@@ -376,7 +377,11 @@ impl AgentSession {
     /// Reports the end of a distribution task.
     pub fn send_completion(&mut self, completion: &Completion<'_>) -> Result<(), SessionError> {
         self.core.conn.check_established()?;
-        self.core.conn.queue(&Message::Completion(*completion))
+        // Reborrows the reason: queueing encodes at once, nothing is copied.
+        self.core.conn.queue(&Message::Completion(Completion {
+            reason: Cow::Borrowed(&completion.reason),
+            ..*completion
+        }))
     }
 
     /// Reports transfer progress (and so asks for catch-up after a reconnect).
@@ -440,7 +445,7 @@ impl Core {
     ) -> Result<(), SessionError> {
         match (self.conn.phase, msg) {
             (_, Message::Close(close)) => {
-                let info = self.conn.close(close.code, close.reason, true);
+                let info = self.conn.close(close.code, &close.reason, true);
                 self.events.push_back(AgentEvent::Closed(info));
             }
             (Phase::AwaitingWelcome, Message::Welcome(w)) => {
@@ -581,8 +586,8 @@ mod tests {
     fn hello(last: Option<crate::msg::LastExecuted<'static>>) -> Hello<'static> {
         Hello {
             device_id: 7,
-            credential: b"fp",
-            agent_version: "0.1.0",
+            credential: b"fp".into(),
+            agent_version: "0.1.0".into(),
             boot_id: [1; 16],
             last,
         }
@@ -610,7 +615,7 @@ mod tests {
                 exit_code: 0,
                 duration_ms: 1,
             }],
-            output: b"",
+            output: b"".into(),
             report: None,
         }
     }
@@ -712,9 +717,9 @@ mod tests {
     #[test]
     fn enrol_session_accepts_only_enrolled_or_close() {
         let enrol = Enrol {
-            token: b"tok",
-            name: "n",
-            spki: b"k",
+            token: b"tok".into(),
+            name: "n".into(),
+            spki: b"k".into(),
         };
         let mut s = AgentSession::new(t(0), Config::default(), FirstMessage::Enrol(enrol)).unwrap();
         assert_eq!(
@@ -730,7 +735,7 @@ mod tests {
     fn an_unencodable_first_message_is_refused() {
         let long = [0u8; 65];
         let h = Hello {
-            credential: &long,
+            credential: (&long).into(),
             ..hello(None)
         };
         assert_eq!(

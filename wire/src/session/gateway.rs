@@ -16,6 +16,7 @@
 //!   dispatched attempt; one of an earlier attempt (the device is back from a reboot the queue
 //!   has since retried) is passed to the driver and leaves the command in flight.
 
+use alloc::borrow::Cow;
 use alloc::collections::VecDeque;
 
 use super::timer::Timer;
@@ -352,7 +353,11 @@ impl GatewaySession {
     /// Announces a distribution task.
     pub fn announce(&mut self, announce: &Announce<'_>) -> Result<(), SessionError> {
         self.core.conn.check_established()?;
-        self.core.conn.queue(&Message::Announce(*announce))
+        // Reborrows the name: queueing encodes at once, nothing is copied.
+        self.core.conn.queue(&Message::Announce(Announce {
+            name: Cow::Borrowed(&announce.name),
+            ..*announce
+        }))
     }
 
     /// Sends the gateway's view of a transfer (answer to the agent's report).
@@ -415,7 +420,7 @@ impl Core {
         let phase = self.conn.phase;
         match (phase, msg) {
             (_, Message::Close(close)) => {
-                let info = self.conn.close(close.code, close.reason, true);
+                let info = self.conn.close(close.code, &close.reason, true);
                 self.events.push_back(GatewayEvent::Closed(info));
             }
             (Phase::AwaitingHello, Message::Hello(h)) => {
@@ -661,8 +666,8 @@ mod tests {
     fn hello(device_id: u64) -> Message<'static> {
         Message::Hello(Hello {
             device_id,
-            credential: b"fp",
-            agent_version: "0.1.0",
+            credential: b"fp".into(),
+            agent_version: "0.1.0".into(),
             boot_id: [1; 16],
             last: None,
         })
@@ -700,7 +705,7 @@ mod tests {
                 exit_code: 0,
                 duration_ms: 1,
             }],
-            output: b"",
+            output: b"".into(),
             report: None,
         })
     }
@@ -817,7 +822,7 @@ mod tests {
             2,
             Message::Close(crate::msg::Close {
                 code: CloseCode::SHUTDOWN,
-                reason: "agent stopping"
+                reason: "agent stopping".into()
             })
         )
         .unwrap();

@@ -66,6 +66,7 @@
 //! Events own the bytes of the frame they report ([`ReceivedFrame`]) so the queue borrows
 //! nothing.
 
+use alloc::borrow::Cow;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
@@ -597,7 +598,10 @@ impl Conn {
         let reason = truncate(reason, MAX_REASON);
         if !by_peer {
             // A reason within MAX_REASON always encodes.
-            let _ = self.queue(&Message::Close(Close { code, reason }));
+            let _ = self.queue(&Message::Close(Close {
+                code,
+                reason: Cow::Borrowed(reason),
+            }));
         }
         self.phase = Phase::Closed;
         self.timers.clear();

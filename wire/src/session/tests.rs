@@ -277,8 +277,8 @@ impl Pair {
 fn hello(boot_id: [u8; 16], last: Option<LastExecuted<'static>>) -> Hello<'static> {
     Hello {
         device_id: DEVICE,
-        credential: b"sha256:fingerprint",
-        agent_version: "0.1.0",
+        credential: b"sha256:fingerprint".into(),
+        agent_version: "0.1.0".into(),
         boot_id,
         last,
     }
@@ -302,7 +302,7 @@ fn exec(seq: u64) -> Dispatch<'static> {
         attempt: 1,
         timeout_ms: 60_000,
         steps: vec![Step::Exec {
-            argv: vec!["/bin/true"],
+            argv: vec!["/bin/true".into()],
         }],
     }
 }
@@ -315,9 +315,9 @@ fn reboot_cmd(seq: u64) -> Dispatch<'static> {
         timeout_ms: 0,
         steps: vec![
             Step::Write {
-                path: "/etc/motd",
+                path: "/etc/motd".into(),
                 mode: 0o644,
-                contents: b"hi",
+                contents: b"hi".into(),
             },
             Step::Reboot,
         ],
@@ -335,7 +335,7 @@ fn result(seq: u64) -> CommandResult<'static> {
             exit_code: 0,
             duration_ms: 5,
         }],
-        output: b"ok\n",
+        output: b"ok\n".into(),
         report: None,
     }
 }
@@ -343,14 +343,14 @@ fn result(seq: u64) -> CommandResult<'static> {
 fn report(boot_id: [u8; 16]) -> ConfigReport<'static> {
     ConfigReport {
         boot_id,
-        os: "Debian GNU/Linux 12",
-        kernel: "6.1.0-18-amd64",
-        hostname: "rack4-node17",
-        agent_version: "0.1.0",
-        addresses: vec!["10.77.0.17/16"],
+        os: "Debian GNU/Linux 12".into(),
+        kernel: "6.1.0-18-amd64".into(),
+        hostname: "rack4-node17".into(),
+        agent_version: "0.1.0".into(),
+        addresses: vec!["10.77.0.17/16".into()],
         software: vec![Package {
-            name: "nginx",
-            version: "1.22.1-9",
+            name: "nginx".into(),
+            version: "1.22.1-9".into(),
         }],
     }
 }
@@ -393,9 +393,9 @@ fn frames(bytes: &[u8]) -> Vec<Message<'_>> {
 #[test]
 fn enrolment_issues_a_certificate_then_closes_normally() {
     let enrol = Enrol {
-        token: b"one-time-token",
-        name: "rack4-node17",
-        spki: b"spki-der",
+        token: b"one-time-token".into(),
+        name: "rack4-node17".into(),
+        spki: b"spki-der".into(),
     };
     let mut p = Pair::new(None, FirstMessage::Enrol(enrol.clone()));
     p.drive();
@@ -414,7 +414,7 @@ fn enrolment_issues_a_certificate_then_closes_normally() {
     );
     p.gw.send_enrolled(&Enrolled {
         device_id: DEVICE,
-        certificate: b"cert-der",
+        certificate: b"cert-der".into(),
     })
     .unwrap();
     p.drive();
@@ -424,7 +424,7 @@ fn enrolment_issues_a_certificate_then_closes_normally() {
         [AgentEvent::Enrolled { device_id, frame }, AgentEvent::Closed(c)] => {
             assert_eq!(*device_id, DEVICE);
             assert!(
-                matches!(frame.message(), Message::Enrolled(e) if e.certificate == b"cert-der")
+                matches!(frame.message(), Message::Enrolled(e) if *e.certificate == *b"cert-der")
             );
             assert_eq!((c.code, c.by_peer), (CloseCode::NORMAL, true));
         }
@@ -436,9 +436,9 @@ fn enrolment_issues_a_certificate_then_closes_normally() {
 #[test]
 fn bad_enrolment_token_is_refused() {
     let enrol = Enrol {
-        token: b"stale",
-        name: "n",
-        spki: b"k",
+        token: b"stale".into(),
+        name: "n".into(),
+        spki: b"k".into(),
     };
     let mut p = Pair::new(None, FirstMessage::Enrol(enrol));
     p.drive();
@@ -1098,7 +1098,7 @@ fn scenario(chunking: Chunking) -> (Vec<GatewayEvent>, Vec<AgentEvent>) {
         sha256: [7; 32],
         auth_key: None,
         nack_key: None,
-        name: "image.bin",
+        name: "image.bin".into(),
     })
     .unwrap();
     p.gw.dispatch(&exec(2)).unwrap();
@@ -1127,7 +1127,7 @@ fn scenario(chunking: Chunking) -> (Vec<GatewayEvent>, Vec<AgentEvent>) {
         session: 77,
         outcome: Outcome::Verified,
         sha256: [7; 32],
-        reason: "",
+        reason: "".into(),
     })
     .unwrap();
     p.drive();
@@ -1381,9 +1381,9 @@ fn frames_before_authentication_are_cut_at_the_pre_auth_limit() {
     let name = "n".repeat(MAX_NAME);
     let (token, spki) = (vec![7u8; MAX_TOKEN], vec![9u8; MAX_SPKI]);
     let biggest = stream(&[Message::Enrol(Enrol {
-        token: &token,
-        name: &name,
-        spki: &spki,
+        token: (&token).into(),
+        name: (&name).into(),
+        spki: (&spki).into(),
     })]);
     assert!(biggest.len() < crate::header::MAX_PRE_AUTH_BODY as usize);
     let mut gw = GatewaySession::new(Instant::ZERO, config(), None);
