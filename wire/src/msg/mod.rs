@@ -30,6 +30,10 @@ mod control;
 pub mod limits;
 mod mcast;
 pub mod samples;
+#[cfg(feature = "serde")]
+mod serde_steps;
+#[cfg(feature = "serde")]
+pub use serde_steps::parse_sha256;
 
 pub use control::{
     Close, CloseCode, CommandResult, ConfigReport, Dispatch, Enrol, Enrolled, Heartbeat, Hello,
@@ -245,6 +249,43 @@ impl<'a> Message<'a> {
         Ok(start..start + written)
     }
 }
+
+/// A message part kept outside a frame. The gateway's store records and the agent's state keep
+/// wire values in this encoding (the same bytes as inside a message, without a frame), so a
+/// kept value has exactly one encoding, this crate's, and is decoded with the same checks as a
+/// received one.
+pub trait Embed<'a>: Sized {
+    /// Appends the encoding to `out` (nothing is appended on error).
+    fn encode_to_vec(&self, out: &mut Vec<u8>) -> Result<()>;
+    /// Decodes exactly `bytes`; trailing bytes are [`Error::TrailingBytes`].
+    fn decode_exact(bytes: &'a [u8]) -> Result<Self>;
+}
+
+macro_rules! embed {
+    ($($t:ident),+) => {$(
+        impl<'a> Embed<'a> for $t<'a> {
+            fn encode_to_vec(&self, out: &mut Vec<u8>) -> Result<()> {
+                let mut c = Counter::default();
+                self.encode(&mut c)?;
+                let start = out.len();
+                out.resize(start + c.0, 0);
+                let mut w = SliceWriter::new(&mut out[start..]);
+                let r = self.encode(&mut w);
+                if r.is_err() {
+                    out.truncate(start);
+                }
+                r
+            }
+            fn decode_exact(bytes: &'a [u8]) -> Result<Self> {
+                let mut r = Reader::new(bytes);
+                let v = Self::decode(&mut r)?;
+                r.finish()?;
+                Ok(v)
+            }
+        }
+    )+};
+}
+embed!(Step, CommandResult, ConfigReport, Announce);
 
 /// Reads a `str16` as a borrowed `Cow` (decoding never copies).
 fn borrowed_str16<'a>(r: &mut Reader<'a>, max: usize) -> Result<Cow<'a, str>> {
