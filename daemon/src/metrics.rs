@@ -105,28 +105,7 @@ pub fn gather(store: &dyn Engine, live: &Live) -> Result<Vec<Family>, fleetcast_
             .saturating_sub(1)
             .saturating_sub(q.completed_through);
     }
-    // The label values are `TaskDeviceStatus::name()`s.
-    let mut receivers: BTreeMap<&'static str, u64> = [
-        ("pending", 0),
-        ("in_progress", 0),
-        ("completed", 0),
-        ("failed", 0),
-    ]
-    .into_iter()
-    .collect();
-    let (mut active, mut finished) = (0u64, 0u64);
-    for (id, _) in snap.tasks()? {
-        let mut incomplete = false;
-        for (_, st) in snap.task_statuses(id)? {
-            incomplete |= st.is_incomplete();
-            *receivers.entry(st.name()).or_default() += 1;
-        }
-        if incomplete {
-            active += 1;
-        } else {
-            finished += 1;
-        }
-    }
+    let (receivers, active, finished) = task_counts(&*snap)?;
     let c = live.counters;
     let mut out = vec![
         Family {
@@ -212,13 +191,49 @@ pub fn gather(store: &dyn Engine, live: &Live) -> Result<Vec<Family>, fleetcast_
                 .collect(),
         },
     ];
-    let m = live.mcast.unwrap_or_default();
-    out.extend([
+    out.extend(mcast_families(live.mcast));
+    Ok(out)
+}
+
+/// Receivers of every task by state, and how many tasks are active (a receiver pending or
+/// in progress) and finished.
+fn task_counts(
+    snap: &dyn Reads,
+) -> Result<(BTreeMap<&'static str, u64>, u64, u64), fleetcast_store::Error> {
+    // The label values are `TaskDeviceStatus::name()`s.
+    let mut receivers: BTreeMap<&'static str, u64> = [
+        ("pending", 0),
+        ("in_progress", 0),
+        ("completed", 0),
+        ("failed", 0),
+    ]
+    .into_iter()
+    .collect();
+    let (mut active, mut finished) = (0u64, 0u64);
+    for (id, _) in snap.tasks()? {
+        let mut incomplete = false;
+        for (_, st) in snap.task_statuses(id)? {
+            incomplete |= st.is_incomplete();
+            *receivers.entry(st.name()).or_default() += 1;
+        }
+        if incomplete {
+            active += 1;
+        } else {
+            finished += 1;
+        }
+    }
+    Ok((receivers, active, finished))
+}
+
+/// The multicast sender's families (zeros when multicast is off).
+fn mcast_families(mcast: Option<McastTotals>) -> Vec<Family> {
+    let m = mcast.unwrap_or_default();
+    vec![
         one(
             "fleetcast_mcast_enabled",
             "gauge",
             "1 when multicast distribution is configured (mcast.addr).",
-            u64::from(live.mcast.is_some()),
+            u64::from(mcast.is_some()),
         ),
         one(
             "fleetcast_mcast_distributions_active",
@@ -278,8 +293,7 @@ pub fn gather(store: &dyn Engine, live: &Live) -> Result<Vec<Family>, fleetcast_
             "Receivers demoted from multicast.",
             m.demoted,
         ),
-    ]);
-    Ok(out)
+    ]
 }
 
 /// Renders families in the Prometheus text exposition format (version 0.0.4).
