@@ -22,11 +22,8 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
 use crate::distribution::McastTotals;
+use crate::token::Tok;
 
-/// The endpoint's listener token; connection tokens are `CONN_BASE + slot`.
-pub const LISTENER: Token = Token(usize::MAX - 1);
-/// First token of the endpoint's connections (far above the gateway's own tokens).
-pub const CONN_BASE: usize = usize::MAX / 2;
 /// Most connections open at once.
 pub const MAX_CONNS: usize = 16;
 /// Largest request head read.
@@ -374,7 +371,11 @@ impl Server {
     /// Binds `addr` and registers the listener.
     pub fn bind(addr: std::net::SocketAddr, registry: &Registry) -> io::Result<Server> {
         let mut listener = TcpListener::bind(addr)?;
-        registry.register(&mut listener, LISTENER, Interest::READABLE)?;
+        registry.register(
+            &mut listener,
+            Tok::MetricsListener.encode(),
+            Interest::READABLE,
+        )?;
         Ok(Server {
             listener,
             conns: slab::Slab::new(),
@@ -387,19 +388,17 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// Whether `token` is the endpoint's.
-    pub fn owns(token: Token) -> bool {
-        token == LISTENER || token.0 >= CONN_BASE
-    }
-
     /// Handles a readiness event of one of the endpoint's tokens; `render` produces the
     /// metrics text when a complete `GET /metrics` has arrived.
     pub fn handle(&mut self, registry: &Registry, token: Token, render: impl FnOnce() -> String) {
-        if token == LISTENER {
-            self.accept(registry);
-            return;
-        }
-        let idx = token.0 - CONN_BASE;
+        let idx = match Tok::decode(token) {
+            Tok::MetricsConn(idx) => idx,
+            Tok::MetricsListener => {
+                self.accept(registry);
+                return;
+            }
+            _ => return,
+        };
         let Some(c) = self.conns.get_mut(idx) else {
             return;
         };
@@ -449,7 +448,7 @@ impl Server {
                         }
                     }
                     let entry = self.conns.vacant_entry();
-                    let token = Token(CONN_BASE + entry.key());
+                    let token = Tok::MetricsConn(entry.key()).encode();
                     if registry
                         .register(&mut sock, token, Interest::READABLE)
                         .is_err()

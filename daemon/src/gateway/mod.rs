@@ -40,6 +40,7 @@ use crate::distribution::{DistEvent, Distributor, McastConfig, PushSpec};
 use crate::fleet::{Action, ConnId, Fleet, Input, LastSeen};
 use crate::metrics;
 use crate::tlsconn::TlsConn;
+use crate::token::Tok;
 use crate::watch::{DirWatch, WatchConfig};
 
 mod actions;
@@ -64,24 +65,10 @@ pub use config::{ArtifactsConfig, GatewayConfig};
 pub use limits::Budget;
 use limits::Class;
 
-const LISTENER: Token = Token(0);
-const ADMIN: Token = Token(1);
-const MCAST: Token = Token(2);
-const ARTIFACTS: Token = Token(3);
-/// Wakes the loop from its threads: the store thread committed a batch, or a pushed file's
-/// digest is ready. mio allows one `Waker` per `Poll`, so both share it; a wake-up makes the
-/// loop look at both (taking a finished batch or digest is cheap when there is none).
-const WAKE: Token = Token(usize::MAX - 3);
-const FIRST_CONN: usize = 4;
-// Every fixed token is distinct, the metrics endpoint's included.
-const _: () = assert!(
-    WAKE.0 != metrics::LISTENER.0
-        && EXTRA_LISTENER.0 != metrics::LISTENER.0
-        && WAKE.0 != EXTRA_LISTENER.0
-);
-/// The optional second agent listener (e.g. port 443), far from the connection tokens.
-/// (`usize::MAX - 1` is the metrics listener's: [`metrics::LISTENER`].)
-const EXTRA_LISTENER: Token = Token(usize::MAX - 2);
+// The wake-up (`Tok::Wake`) comes from the loop's threads: the store thread committed a
+// batch, or a pushed file's digest is ready. mio allows one `Waker` per `Poll`, so both share
+// it; a wake-up makes the loop look at both (taking a finished batch or digest is cheap when
+// there is none).
 
 /// Time allowed for one follow-up command of a push (an install, typically).
 const FOLLOW_UP_TIMEOUT_MS: u64 = 600_000;
@@ -154,12 +141,15 @@ impl Gateway {
         let poll = Poll::new()?;
         let mut listener = bind_listener(cfg.listen, cfg.listen_backlog)?;
         poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+            .register(&mut listener, Tok::Listener.encode(), Interest::READABLE)?;
         let extra = match cfg.extra_listen {
             Some(addr) => {
                 let mut l = bind_listener(addr, cfg.listen_backlog)?;
-                poll.registry()
-                    .register(&mut l, EXTRA_LISTENER, Interest::READABLE)?;
+                poll.registry().register(
+                    &mut l,
+                    Tok::ExtraListener.encode(),
+                    Interest::READABLE,
+                )?;
                 Some(l)
             }
             None => None,
@@ -168,7 +158,7 @@ impl Gateway {
         let mut admin = UnixListener::bind(&cfg.admin_socket)?;
         std::fs::set_permissions(&cfg.admin_socket, std::fs::Permissions::from_mode(0o600))?;
         poll.registry()
-            .register(&mut admin, ADMIN, Interest::READABLE)?;
+            .register(&mut admin, Tok::Admin.encode(), Interest::READABLE)?;
         let mut cfg = cfg;
         let watch = cfg
             .watch
@@ -182,7 +172,7 @@ impl Gateway {
                 }
                 let mut l = bind_listener(a.listen, cfg.listen_backlog)?;
                 poll.registry()
-                    .register(&mut l, ARTIFACTS, Interest::READABLE)?;
+                    .register(&mut l, Tok::Artifacts.encode(), Interest::READABLE)?;
                 if a.base_url.is_none() {
                     a.base_url = Some(format!("http://{}", l.local_addr()?));
                 }
@@ -191,13 +181,13 @@ impl Gateway {
             None => None,
         };
         let server_cfg = fleet.pki().server_config();
-        let waker = Arc::new(mio::Waker::new(poll.registry(), WAKE)?);
+        let waker = Arc::new(mio::Waker::new(poll.registry(), Tok::Wake.encode())?);
         let fleet = store_thread::StoreThread::spawn(fleet, Arc::clone(&waker))?;
         let dist = match &cfg.mcast {
             Some(m) => {
                 let mut d = Distributor::open(m.clone())?;
                 poll.registry()
-                    .register(d.socket(), MCAST, Interest::READABLE)?;
+                    .register(d.socket(), Tok::Mcast.encode(), Interest::READABLE)?;
                 d.set_waker(Arc::clone(&waker));
                 Some(d)
             }
@@ -307,16 +297,15 @@ impl Gateway {
                 self.accept_artifacts(now);
             }
             for ev in events.iter() {
-                match ev.token() {
-                    LISTENER | EXTRA_LISTENER => self.accept_agents(now),
-                    ADMIN => self.accept_admin(now),
-                    ARTIFACTS => self.accept_artifacts(now),
-                    MCAST => self.mcast_ready = true,
+                match Tok::decode(ev.token()) {
+                    Tok::Listener | Tok::ExtraListener => self.accept_agents(now),
+                    Tok::Admin => self.accept_admin(now),
+                    Tok::Artifacts => self.accept_artifacts(now),
+                    Tok::Mcast => self.mcast_ready = true,
                     // A finished batch is taken in `process_fleet`, a digest here.
-                    WAKE => self.hashed_ready = true,
-                    t if metrics::Server::owns(t) => self.metrics_event(t),
-                    Token(t) => {
-                        let idx = t - FIRST_CONN;
+                    Tok::Wake => self.hashed_ready = true,
+                    Tok::MetricsListener | Tok::MetricsConn(_) => self.metrics_event(ev.token()),
+                    Tok::Conn(idx) => {
                         if self.conns.contains(idx) && !self.ready.contains(&idx) {
                             self.ready.push_back(idx);
                         }
@@ -355,7 +344,7 @@ impl Gateway {
         if let Err(e) =
             self.poll
                 .registry()
-                .register(&mut sock, Token(idx + FIRST_CONN), Interest::READABLE)
+                .register(&mut sock, Tok::Conn(idx).encode(), Interest::READABLE)
         {
             tracing::error!(error = %e, "register failed");
             return None;
