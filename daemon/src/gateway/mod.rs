@@ -86,14 +86,31 @@ struct Slot {
     conn: Conn,
 }
 
+/// The sockets the loop accepts connections from.
+struct Listeners {
+    /// Where agents connect.
+    agent: TcpListener,
+    /// The second agent address, when configured.
+    extra: Option<TcpListener>,
+    /// The admin socket.
+    admin: UnixListener,
+    /// The artifact endpoint, when configured.
+    artifacts: Option<TcpListener>,
+}
+
+/// The metrics endpoint and the loop's counters.
+struct Telemetry {
+    /// The endpoint (`GET /metrics`), when configured.
+    endpoint: Option<metrics::Server>,
+    /// What the loop counts (since start).
+    counters: metrics::Counters,
+}
+
 /// The gateway event loop.
 pub struct Gateway {
     poll: Poll,
-    listener: TcpListener,
-    extra: Option<TcpListener>,
+    listeners: Listeners,
     relays: ladder::Relays,
-    admin: UnixListener,
-    artifacts: Option<TcpListener>,
     server_cfg: Arc<ServerConfig>,
     cfg: GatewayConfig,
     /// The fleet, on the store thread (see [`store_thread`]).
@@ -117,10 +134,8 @@ pub struct Gateway {
     /// Wall-clock ms at the last clock read (results and events are stamped with it).
     wall_ms: u64,
     stop: bool,
-    /// The metrics endpoint, when configured.
-    metrics: Option<metrics::Server>,
-    /// What the loop counts for the metrics.
-    counters: metrics::Counters,
+    /// The metrics endpoint and what the loop counts for it.
+    telemetry: Telemetry,
     /// Connection caps, eviction, the enrolment limiter.
     limits: limits::Limits,
     /// Retention of events and results.
@@ -212,14 +227,18 @@ impl Gateway {
         Ok(Gateway {
             limits: limits::Limits::new(budget),
             pruner: crate::retention::Pruner::new(cfg.retention),
-            metrics,
-            counters: metrics::Counters::default(),
+            telemetry: Telemetry {
+                endpoint: metrics,
+                counters: metrics::Counters::default(),
+            },
             poll,
-            listener,
-            extra,
+            listeners: Listeners {
+                agent: listener,
+                extra,
+                admin,
+                artifacts,
+            },
             relays: ladder::Relays::default(),
-            admin,
-            artifacts,
             server_cfg,
             cfg,
             fleet,
@@ -250,17 +269,23 @@ impl Gateway {
 
     /// The metrics endpoint's address, when it is on (useful with port 0).
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics.as_ref().and_then(|m| m.local_addr().ok())
+        self.telemetry
+            .endpoint
+            .as_ref()
+            .and_then(|m| m.local_addr().ok())
     }
 
     /// The address agents connect to (useful with port 0).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.listeners.agent.local_addr()
     }
 
     /// The second agent address, when configured.
     pub fn extra_addr(&self) -> Option<SocketAddr> {
-        self.extra.as_ref().and_then(|l| l.local_addr().ok())
+        self.listeners
+            .extra
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// Runs until [`Gateway::run_for`]'s limit or forever.
