@@ -32,7 +32,7 @@ impl Gateway {
                 }
                 return;
             }
-            Action::Dispatch { .. } => self.counters.dispatched += 1,
+            Action::Dispatch { .. } => self.telemetry.counters.dispatched += 1,
             // Only failed enrolments count against their source.
             Action::Enrolled { conn, .. } => {
                 if let Some(Slot {

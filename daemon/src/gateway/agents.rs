@@ -96,7 +96,7 @@ impl Gateway {
 
     /// Accepts from the agent listener, then from the extra one.
     pub(super) fn accept_one(&self) -> io::Result<(TcpStream, SocketAddr)> {
-        match (self.listener.accept(), &self.extra) {
+        match (self.listeners.agent.accept(), &self.listeners.extra) {
             (Err(e), Some(l)) if e.kind() == io::ErrorKind::WouldBlock => l.accept(),
             (r, _) => r,
         }

@@ -12,7 +12,7 @@ impl Gateway {
             let Some(slot) = self.conns.get_mut(idx) else {
                 continue;
             };
-            let token = Token(idx + FIRST_CONN);
+            let token = Tok::Conn(idx).encode();
             let done = match &mut slot.conn {
                 Conn::Agent(c) if matches!(c.sniff, ladder::Sniffing::Plain(_)) => {
                     ladder::flush_plain(c, self.poll.registry(), token)

@@ -9,7 +9,7 @@ impl Gateway {
         let mut live = metrics::Live {
             sessions: 0,
             connections: self.conns.len(),
-            counters: self.counters,
+            counters: self.telemetry.counters,
             mcast: self.dist.as_ref().map(|d| d.totals()),
         };
         self.fleet.call(move |f| {
@@ -19,19 +19,19 @@ impl Gateway {
     }
 
     pub(super) fn metrics_event(&mut self, token: Token) {
-        let Some(mut srv) = self.metrics.take() else {
+        let Some(mut srv) = self.telemetry.endpoint.take() else {
             return;
         };
         srv.handle(self.poll.registry(), token, || match self.metrics() {
             Ok(f) => metrics::render(&f),
             Err(e) => format!("# metrics unavailable: {e}\n"),
         });
-        self.metrics = Some(srv);
+        self.telemetry.endpoint = Some(srv);
     }
 
     /// Requests the loop serves itself (not the fleet): metrics and backup.
     pub(super) fn serve_local(&mut self, idx: usize, req: Request) {
-        self.counters.admin_requests += 1;
+        self.telemetry.counters.admin_requests += 1;
         let resp = match req {
             Request::Metrics => match self.metrics() {
                 Ok(f) => Response::ok(serde_json::json!({

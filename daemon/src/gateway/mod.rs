@@ -40,6 +40,7 @@ use crate::distribution::{DistEvent, Distributor, McastConfig, PushSpec};
 use crate::fleet::{Action, ConnId, Fleet, Input, LastSeen};
 use crate::metrics;
 use crate::tlsconn::TlsConn;
+use crate::token::Tok;
 use crate::watch::{DirWatch, WatchConfig};
 
 mod actions;
@@ -64,24 +65,10 @@ pub use config::{ArtifactsConfig, GatewayConfig};
 pub use limits::Budget;
 use limits::Class;
 
-const LISTENER: Token = Token(0);
-const ADMIN: Token = Token(1);
-const MCAST: Token = Token(2);
-const ARTIFACTS: Token = Token(3);
-/// Wakes the loop from its threads: the store thread committed a batch, or a pushed file's
-/// digest is ready. mio allows one `Waker` per `Poll`, so both share it; a wake-up makes the
-/// loop look at both (taking a finished batch or digest is cheap when there is none).
-const WAKE: Token = Token(usize::MAX - 3);
-const FIRST_CONN: usize = 4;
-// Every fixed token is distinct, the metrics endpoint's included.
-const _: () = assert!(
-    WAKE.0 != metrics::LISTENER.0
-        && EXTRA_LISTENER.0 != metrics::LISTENER.0
-        && WAKE.0 != EXTRA_LISTENER.0
-);
-/// The optional second agent listener (e.g. port 443), far from the connection tokens.
-/// (`usize::MAX - 1` is the metrics listener's: [`metrics::LISTENER`].)
-const EXTRA_LISTENER: Token = Token(usize::MAX - 2);
+// The wake-up (`Tok::Wake`) comes from the loop's threads: the store thread committed a
+// batch, or a pushed file's digest is ready. mio allows one `Waker` per `Poll`, so both share
+// it; a wake-up makes the loop look at both (taking a finished batch or digest is cheap when
+// there is none).
 
 /// Time allowed for one follow-up command of a push (an install, typically).
 const FOLLOW_UP_TIMEOUT_MS: u64 = 600_000;
@@ -99,14 +86,31 @@ struct Slot {
     conn: Conn,
 }
 
+/// The sockets the loop accepts connections from.
+struct Listeners {
+    /// Where agents connect.
+    agent: TcpListener,
+    /// The second agent address, when configured.
+    extra: Option<TcpListener>,
+    /// The admin socket.
+    admin: UnixListener,
+    /// The artifact endpoint, when configured.
+    artifacts: Option<TcpListener>,
+}
+
+/// The metrics endpoint and the loop's counters.
+struct Telemetry {
+    /// The endpoint (`GET /metrics`), when configured.
+    endpoint: Option<metrics::Server>,
+    /// What the loop counts (since start).
+    counters: metrics::Counters,
+}
+
 /// The gateway event loop.
 pub struct Gateway {
     poll: Poll,
-    listener: TcpListener,
-    extra: Option<TcpListener>,
+    listeners: Listeners,
     relays: ladder::Relays,
-    admin: UnixListener,
-    artifacts: Option<TcpListener>,
     server_cfg: Arc<ServerConfig>,
     cfg: GatewayConfig,
     /// The fleet, on the store thread (see [`store_thread`]).
@@ -130,10 +134,8 @@ pub struct Gateway {
     /// Wall-clock ms at the last clock read (results and events are stamped with it).
     wall_ms: u64,
     stop: bool,
-    /// The metrics endpoint, when configured.
-    metrics: Option<metrics::Server>,
-    /// What the loop counts for the metrics.
-    counters: metrics::Counters,
+    /// The metrics endpoint and what the loop counts for it.
+    telemetry: Telemetry,
     /// Connection caps, eviction, the enrolment limiter.
     limits: limits::Limits,
     /// Retention of events and results.
@@ -154,12 +156,15 @@ impl Gateway {
         let poll = Poll::new()?;
         let mut listener = bind_listener(cfg.listen, cfg.listen_backlog)?;
         poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+            .register(&mut listener, Tok::Listener.encode(), Interest::READABLE)?;
         let extra = match cfg.extra_listen {
             Some(addr) => {
                 let mut l = bind_listener(addr, cfg.listen_backlog)?;
-                poll.registry()
-                    .register(&mut l, EXTRA_LISTENER, Interest::READABLE)?;
+                poll.registry().register(
+                    &mut l,
+                    Tok::ExtraListener.encode(),
+                    Interest::READABLE,
+                )?;
                 Some(l)
             }
             None => None,
@@ -168,7 +173,7 @@ impl Gateway {
         let mut admin = UnixListener::bind(&cfg.admin_socket)?;
         std::fs::set_permissions(&cfg.admin_socket, std::fs::Permissions::from_mode(0o600))?;
         poll.registry()
-            .register(&mut admin, ADMIN, Interest::READABLE)?;
+            .register(&mut admin, Tok::Admin.encode(), Interest::READABLE)?;
         let mut cfg = cfg;
         let watch = cfg
             .watch
@@ -182,7 +187,7 @@ impl Gateway {
                 }
                 let mut l = bind_listener(a.listen, cfg.listen_backlog)?;
                 poll.registry()
-                    .register(&mut l, ARTIFACTS, Interest::READABLE)?;
+                    .register(&mut l, Tok::Artifacts.encode(), Interest::READABLE)?;
                 if a.base_url.is_none() {
                     a.base_url = Some(format!("http://{}", l.local_addr()?));
                 }
@@ -191,13 +196,13 @@ impl Gateway {
             None => None,
         };
         let server_cfg = fleet.pki().server_config();
-        let waker = Arc::new(mio::Waker::new(poll.registry(), WAKE)?);
+        let waker = Arc::new(mio::Waker::new(poll.registry(), Tok::Wake.encode())?);
         let fleet = store_thread::StoreThread::spawn(fleet, Arc::clone(&waker))?;
         let dist = match &cfg.mcast {
             Some(m) => {
                 let mut d = Distributor::open(m.clone())?;
                 poll.registry()
-                    .register(d.socket(), MCAST, Interest::READABLE)?;
+                    .register(d.socket(), Tok::Mcast.encode(), Interest::READABLE)?;
                 d.set_waker(Arc::clone(&waker));
                 Some(d)
             }
@@ -222,14 +227,18 @@ impl Gateway {
         Ok(Gateway {
             limits: limits::Limits::new(budget),
             pruner: crate::retention::Pruner::new(cfg.retention),
-            metrics,
-            counters: metrics::Counters::default(),
+            telemetry: Telemetry {
+                endpoint: metrics,
+                counters: metrics::Counters::default(),
+            },
             poll,
-            listener,
-            extra,
+            listeners: Listeners {
+                agent: listener,
+                extra,
+                admin,
+                artifacts,
+            },
             relays: ladder::Relays::default(),
-            admin,
-            artifacts,
             server_cfg,
             cfg,
             fleet,
@@ -260,17 +269,23 @@ impl Gateway {
 
     /// The metrics endpoint's address, when it is on (useful with port 0).
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics.as_ref().and_then(|m| m.local_addr().ok())
+        self.telemetry
+            .endpoint
+            .as_ref()
+            .and_then(|m| m.local_addr().ok())
     }
 
     /// The address agents connect to (useful with port 0).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.listeners.agent.local_addr()
     }
 
     /// The second agent address, when configured.
     pub fn extra_addr(&self) -> Option<SocketAddr> {
-        self.extra.as_ref().and_then(|l| l.local_addr().ok())
+        self.listeners
+            .extra
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// Runs until [`Gateway::run_for`]'s limit or forever.
@@ -307,16 +322,15 @@ impl Gateway {
                 self.accept_artifacts(now);
             }
             for ev in events.iter() {
-                match ev.token() {
-                    LISTENER | EXTRA_LISTENER => self.accept_agents(now),
-                    ADMIN => self.accept_admin(now),
-                    ARTIFACTS => self.accept_artifacts(now),
-                    MCAST => self.mcast_ready = true,
+                match Tok::decode(ev.token()) {
+                    Tok::Listener | Tok::ExtraListener => self.accept_agents(now),
+                    Tok::Admin => self.accept_admin(now),
+                    Tok::Artifacts => self.accept_artifacts(now),
+                    Tok::Mcast => self.mcast_ready = true,
                     // A finished batch is taken in `process_fleet`, a digest here.
-                    WAKE => self.hashed_ready = true,
-                    t if metrics::Server::owns(t) => self.metrics_event(t),
-                    Token(t) => {
-                        let idx = t - FIRST_CONN;
+                    Tok::Wake => self.hashed_ready = true,
+                    Tok::MetricsListener | Tok::MetricsConn(_) => self.metrics_event(ev.token()),
+                    Tok::Conn(idx) => {
                         if self.conns.contains(idx) && !self.ready.contains(&idx) {
                             self.ready.push_back(idx);
                         }
@@ -355,7 +369,7 @@ impl Gateway {
         if let Err(e) =
             self.poll
                 .registry()
-                .register(&mut sock, Token(idx + FIRST_CONN), Interest::READABLE)
+                .register(&mut sock, Tok::Conn(idx).encode(), Interest::READABLE)
         {
             tracing::error!(error = %e, "register failed");
             return None;
