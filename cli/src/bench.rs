@@ -943,10 +943,11 @@ mod tests {
 
     #[test]
     fn cpu_seconds_of_self_is_read() {
-        // Burn a little CPU so the count is visibly non-zero.
+        // Burn a little CPU so the count is visibly non-zero; `black_box` keeps a release
+        // build from folding the loop away (it did, and the count read 0).
         let mut x = 0u64;
         for i in 0..30_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
         }
         assert!(x != 1);
         assert!(cpu_seconds(std::process::id()) > 0.0);

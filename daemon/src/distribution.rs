@@ -55,8 +55,8 @@ use crate::admin::PushTrigger;
 use fleetcast_wire::data::data_mac_prefix;
 use fleetcast_wire::mcast::task::CATCH_UP_RATE;
 use fleetcast_wire::mcast::{
-    CatchUpBudget, Dest, Fec, McastTask, ReedSolomon, SendParity, SenderConfig, SenderStats,
-    TaskConfig, TaskEvent, Transmit, Trigger,
+    CatchUpBudget, ConfigError, Dest, Fec, McastTask, ReedSolomon, SendParity, SenderConfig,
+    SenderStats, TaskConfig, TaskEvent, Transmit, Trigger,
 };
 use fleetcast_wire::{
     data_prefix, Announce, Frame, Instant, Kind, McastSender, Parity, DATA_PREFIX_LEN,
@@ -103,8 +103,14 @@ pub enum DistError {
     Config {
         /// The file.
         path: String,
-        /// What the core said.
-        why: String,
+        /// The rule the core found broken.
+        why: ConfigError,
+    },
+    /// An announce names a task the task table does not hold.
+    #[error("cannot distribute: task {task} is not in the task table")]
+    NoTask {
+        /// The task id.
+        task: u64,
     },
     /// The file changed size since the task was created.
     #[error("{path} is {now} bytes now, the task says {task}")]
@@ -320,7 +326,7 @@ impl Distribution {
                 let ids: Vec<u64> = targets.iter().map(|t| t.0).collect();
                 McastTask::new(cfg, &ids, now).map_err(|e| DistError::Config {
                     path: map.path.display().to_string(),
-                    why: e.to_string(),
+                    why: e,
                 })?
             }
             None => McastTask::catch_up_only(cfg, now),
@@ -606,7 +612,7 @@ impl Distributor {
         )
         .map_err(|e| DistError::Config {
             path: path.into(),
-            why: e.to_string(),
+            why: e,
         })?;
         // The digest is computed off the loop (a multi-GiB image takes seconds), by reading
         // the file on a thread of its own; the task is created when it is known
@@ -771,10 +777,7 @@ impl Distributor {
         let session = task.0 as u32;
         if !self.dists.contains_key(&session) {
             let Some(t) = row() else {
-                return Err(DistError::Config {
-                    path: String::new(),
-                    why: format!("task {} is not in the task table", task.0),
-                });
+                return Err(DistError::NoTask { task: task.0 });
             };
             let map = Mapped::open(Path::new(&t.path)).map_err(|source| DistError::Map {
                 path: t.path.clone(),
@@ -1035,20 +1038,7 @@ fn send_all(
 ) {
     let bs = d.block_size as usize;
     loop {
-        let mut items: Vec<Transmit> = Vec::with_capacity(BATCH);
-        while items.len() < BATCH {
-            match d.backlog.pop_front() {
-                Some(b) => items.push(b),
-                None => break,
-            }
-        }
-        // The group first, then the catch-up senders in turn while the budget allows.
-        while items.len() < BATCH {
-            match d.core.poll_transmit(now, budget) {
-                Some(t) => items.push(t),
-                None => break,
-            }
-        }
+        let items = next_batch(d, now, budget);
         if items.is_empty() {
             return;
         }
@@ -1145,39 +1135,71 @@ fn send_all(
             h.msg_hdr.msg_iov = iovs[i].as_mut_ptr();
             h.msg_hdr.msg_iovlen = 3;
         }
-        let mut sent = 0usize;
-        while sent < n {
-            // SAFETY: `hdrs[sent..n]` point at live buffers (prefixes, tags, addrs, iovs, and
-            // the mapping or parity cache borrowed by `payload`), all outliving the call.
-            let r = unsafe {
-                libc::sendmmsg(fd, hdrs[sent..].as_mut_ptr(), (n - sent) as libc::c_uint, 0)
-            };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                // A full socket buffer or device queue: keep the rest for the next turn.
-                if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::ENOBUFS)
-                {
-                    d.deferred += (n - sent) as u64;
-                    for (t, _) in sendable[sent..].iter().rev() {
-                        d.backlog.push_front(*t);
-                    }
-                    return;
-                }
-                // Anything else fails this datagram only: it is lost like network loss.
-                tracing::debug!(error = %e, "sendmmsg failed");
-                d.send_errors += 1;
-                sent += 1;
-                continue;
+        let (sent, errors) = sendmmsg_batch(fd, &mut hdrs);
+        d.send_errors += errors;
+        if sent < n {
+            // A full socket buffer or device queue: keep the rest for the next turn.
+            d.deferred += (n - sent) as u64;
+            for (t, _) in sendable[sent..].iter().rev() {
+                d.backlog.push_front(*t);
             }
-            sent += r as usize;
+            return;
         }
         if items.len() < BATCH {
             return;
         }
     }
+}
+
+/// Up to [`BATCH`] transmits: the backlog first, then the group's, then the catch-up
+/// senders' in turn while the shared budget allows.
+fn next_batch(d: &mut Distribution, now: Instant, budget: &mut CatchUpBudget) -> Vec<Transmit> {
+    let mut items: Vec<Transmit> = Vec::with_capacity(BATCH);
+    while items.len() < BATCH {
+        match d.backlog.pop_front() {
+            Some(b) => items.push(b),
+            None => break,
+        }
+    }
+    // The group first, then the catch-up senders in turn while the budget allows.
+    while items.len() < BATCH {
+        match d.core.poll_transmit(now, budget) {
+            Some(t) => items.push(t),
+            None => break,
+        }
+    }
+    items
+}
+
+/// Hands `hdrs` to `sendmmsg` until every datagram is through or the kernel pushes back
+/// (`EAGAIN`, `ENOBUFS`). Returns how many are through (the rest are the caller's to keep
+/// for the next turn) and how many of those failed on their own (lost like network loss).
+fn sendmmsg_batch(fd: i32, hdrs: &mut [libc::mmsghdr]) -> (usize, u64) {
+    let n = hdrs.len();
+    let mut errors = 0u64;
+    let mut sent = 0usize;
+    while sent < n {
+        // SAFETY: `hdrs[sent..n]` point at live buffers (prefixes, tags, addrs, iovs, and
+        // the mapping or parity cache borrowed by `payload`), all outliving the call.
+        let r =
+            unsafe { libc::sendmmsg(fd, hdrs[sent..].as_mut_ptr(), (n - sent) as libc::c_uint, 0) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::ENOBUFS) {
+                return (sent, errors);
+            }
+            // Anything else fails this datagram only: it is lost like network loss.
+            tracing::debug!(error = %e, "sendmmsg failed");
+            errors += 1;
+            sent += 1;
+            continue;
+        }
+        sent += r as usize;
+    }
+    (sent, errors)
 }
 
 /// The 16-byte tag over a datagram's MAC prefix (its header without the CRC, then the body

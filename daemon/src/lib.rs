@@ -20,4 +20,5 @@ pub mod ratelimit;
 pub mod retention;
 pub mod sd_notify;
 pub mod tlsconn;
+pub mod token;
 pub mod watch;

@@ -22,11 +22,8 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
 use crate::distribution::McastTotals;
+use crate::token::Tok;
 
-/// The endpoint's listener token; connection tokens are `CONN_BASE + slot`.
-pub const LISTENER: Token = Token(usize::MAX - 1);
-/// First token of the endpoint's connections (far above the gateway's own tokens).
-pub const CONN_BASE: usize = usize::MAX / 2;
 /// Most connections open at once.
 pub const MAX_CONNS: usize = 16;
 /// Largest request head read.
@@ -105,28 +102,7 @@ pub fn gather(store: &dyn Engine, live: &Live) -> Result<Vec<Family>, fleetcast_
             .saturating_sub(1)
             .saturating_sub(q.completed_through);
     }
-    // The label values are `TaskDeviceStatus::name()`s.
-    let mut receivers: BTreeMap<&'static str, u64> = [
-        ("pending", 0),
-        ("in_progress", 0),
-        ("completed", 0),
-        ("failed", 0),
-    ]
-    .into_iter()
-    .collect();
-    let (mut active, mut finished) = (0u64, 0u64);
-    for (id, _) in snap.tasks()? {
-        let mut incomplete = false;
-        for (_, st) in snap.task_statuses(id)? {
-            incomplete |= st.is_incomplete();
-            *receivers.entry(st.name()).or_default() += 1;
-        }
-        if incomplete {
-            active += 1;
-        } else {
-            finished += 1;
-        }
-    }
+    let (receivers, active, finished) = task_counts(&*snap)?;
     let c = live.counters;
     let mut out = vec![
         Family {
@@ -212,13 +188,49 @@ pub fn gather(store: &dyn Engine, live: &Live) -> Result<Vec<Family>, fleetcast_
                 .collect(),
         },
     ];
-    let m = live.mcast.unwrap_or_default();
-    out.extend([
+    out.extend(mcast_families(live.mcast));
+    Ok(out)
+}
+
+/// Receivers of every task by state, and how many tasks are active (a receiver pending or
+/// in progress) and finished.
+fn task_counts(
+    snap: &dyn Reads,
+) -> Result<(BTreeMap<&'static str, u64>, u64, u64), fleetcast_store::Error> {
+    // The label values are `TaskDeviceStatus::name()`s.
+    let mut receivers: BTreeMap<&'static str, u64> = [
+        ("pending", 0),
+        ("in_progress", 0),
+        ("completed", 0),
+        ("failed", 0),
+    ]
+    .into_iter()
+    .collect();
+    let (mut active, mut finished) = (0u64, 0u64);
+    for (id, _) in snap.tasks()? {
+        let mut incomplete = false;
+        for (_, st) in snap.task_statuses(id)? {
+            incomplete |= st.is_incomplete();
+            *receivers.entry(st.name()).or_default() += 1;
+        }
+        if incomplete {
+            active += 1;
+        } else {
+            finished += 1;
+        }
+    }
+    Ok((receivers, active, finished))
+}
+
+/// The multicast sender's families (zeros when multicast is off).
+fn mcast_families(mcast: Option<McastTotals>) -> Vec<Family> {
+    let m = mcast.unwrap_or_default();
+    vec![
         one(
             "fleetcast_mcast_enabled",
             "gauge",
             "1 when multicast distribution is configured (mcast.addr).",
-            u64::from(live.mcast.is_some()),
+            u64::from(mcast.is_some()),
         ),
         one(
             "fleetcast_mcast_distributions_active",
@@ -278,8 +290,7 @@ pub fn gather(store: &dyn Engine, live: &Live) -> Result<Vec<Family>, fleetcast_
             "Receivers demoted from multicast.",
             m.demoted,
         ),
-    ]);
-    Ok(out)
+    ]
 }
 
 /// Renders families in the Prometheus text exposition format (version 0.0.4).
@@ -360,7 +371,11 @@ impl Server {
     /// Binds `addr` and registers the listener.
     pub fn bind(addr: std::net::SocketAddr, registry: &Registry) -> io::Result<Server> {
         let mut listener = TcpListener::bind(addr)?;
-        registry.register(&mut listener, LISTENER, Interest::READABLE)?;
+        registry.register(
+            &mut listener,
+            Tok::MetricsListener.encode(),
+            Interest::READABLE,
+        )?;
         Ok(Server {
             listener,
             conns: slab::Slab::new(),
@@ -373,19 +388,17 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// Whether `token` is the endpoint's.
-    pub fn owns(token: Token) -> bool {
-        token == LISTENER || token.0 >= CONN_BASE
-    }
-
     /// Handles a readiness event of one of the endpoint's tokens; `render` produces the
     /// metrics text when a complete `GET /metrics` has arrived.
     pub fn handle(&mut self, registry: &Registry, token: Token, render: impl FnOnce() -> String) {
-        if token == LISTENER {
-            self.accept(registry);
-            return;
-        }
-        let idx = token.0 - CONN_BASE;
+        let idx = match Tok::decode(token) {
+            Tok::MetricsConn(idx) => idx,
+            Tok::MetricsListener => {
+                self.accept(registry);
+                return;
+            }
+            _ => return,
+        };
         let Some(c) = self.conns.get_mut(idx) else {
             return;
         };
@@ -435,7 +448,7 @@ impl Server {
                         }
                     }
                     let entry = self.conns.vacant_entry();
-                    let token = Token(CONN_BASE + entry.key());
+                    let token = Tok::MetricsConn(entry.key()).encode();
                     if registry
                         .register(&mut sock, token, Interest::READABLE)
                         .is_err()

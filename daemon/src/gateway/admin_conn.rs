@@ -16,7 +16,7 @@ pub(super) struct AdminConn {
 impl Gateway {
     pub(super) fn accept_admin(&mut self, now: Instant) {
         loop {
-            match self.admin.accept() {
+            match self.listeners.admin.accept() {
                 Ok((mut sock, _)) => {
                     if !self.limits.has_room(Class::Admin) {
                         // Its descriptors are reserved; more clients than that at once is a

@@ -32,7 +32,7 @@ impl Gateway {
             let Some(victim) = self.room_for(Class::Artifact, now) else {
                 return;
             };
-            let Some(accepted) = self.artifacts.as_ref().map(|l| l.accept()) else {
+            let Some(accepted) = self.listeners.artifacts.as_ref().map(|l| l.accept()) else {
                 return;
             };
             match accepted {

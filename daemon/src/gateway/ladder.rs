@@ -598,7 +598,7 @@ impl Gateway {
         if !self.limits.has_room(limits::Class::Relay) {
             return Err(RelayError::BudgetFull);
         }
-        let mut addr = self.listener.local_addr()?;
+        let mut addr = self.listeners.agent.local_addr()?;
         if addr.ip().is_unspecified() {
             addr.set_ip(match addr {
                 SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),

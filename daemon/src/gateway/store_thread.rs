@@ -47,8 +47,10 @@ impl Gateway {
         let inputs = std::mem::take(&mut self.inputs);
         for i in &inputs {
             match i {
-                Input::Result { .. } => self.counters.results += 1,
-                Input::Admin { .. } | Input::Push { .. } => self.counters.admin_requests += 1,
+                Input::Result { .. } => self.telemetry.counters.results += 1,
+                Input::Admin { .. } | Input::Push { .. } => {
+                    self.telemetry.counters.admin_requests += 1
+                }
                 _ => {}
             }
         }

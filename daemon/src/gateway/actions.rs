@@ -1,0 +1,178 @@
+//! Applying the fleet's actions: to the distributor (tasks, transfers), to an admin
+//! connection (a reply), or to an agent's session core (welcome, dispatch, close, announce).
+
+use super::*;
+
+impl Gateway {
+    pub(super) fn lookup(&self, id: ConnId) -> Option<usize> {
+        let idx = (id & 0xffff_ffff) as usize;
+        self.conns.get(idx).filter(|s| s.id == id).map(|_| idx)
+    }
+
+    pub(super) fn apply(&mut self, action: Action, now: Instant) {
+        match &action {
+            Action::TaskCreated {
+                conn,
+                task,
+                targets,
+            } => {
+                if let Some(d) = self.dist.as_mut() {
+                    d.task_created(*conn, *task, targets, now);
+                }
+                return;
+            }
+            Action::TransferDone {
+                device,
+                task,
+                verified,
+                ..
+            } => {
+                if let Some(d) = self.dist.as_mut() {
+                    d.transfer_done(*task, *device, *verified);
+                }
+                return;
+            }
+            Action::Dispatch { .. } => self.telemetry.counters.dispatched += 1,
+            // Only failed enrolments count against their source.
+            Action::Enrolled { conn, .. } => {
+                if let Some(Slot {
+                    conn: Conn::Agent(c),
+                    ..
+                }) = self.lookup(*conn).and_then(|i| self.conns.get(i))
+                {
+                    self.limits.enrol.refund(c.peer);
+                }
+            }
+            Action::Reply { conn, resp } if !resp.ok => {
+                // A push the fleet refused: its mapping is not needed.
+                if let Some(d) = self.dist.as_mut() {
+                    d.drop_prepared(*conn);
+                }
+            }
+            _ => {}
+        }
+        let conn_id = action.conn();
+        // The announce is built before the session is borrowed (it may re-create a sender
+        // from the task table).
+        let announce = match &action {
+            Action::Announce { device, task, .. } => {
+                // The device's repairs are bound to the address of the session the announce
+                // goes over (its NACK key travels in it).
+                let peer = match self.lookup(conn_id).map(|i| &self.conns[i].conn) {
+                    Some(Conn::Agent(c)) => c.tls.sock.peer_addr().ok().map(|a| a.ip()),
+                    _ => None,
+                };
+                let Some(d) = self.dist.as_mut() else {
+                    tracing::warn!(
+                        task = task.0,
+                        "task not announced: multicast is off (--mcast-addr)"
+                    );
+                    return;
+                };
+                let (fleet, task_id) = (&self.fleet, *task);
+                let row = || {
+                    fleet.call(move |f| {
+                        let snap = f.store().snapshot().ok()?;
+                        snap.task(task_id).ok()?
+                    })
+                };
+                match d.announce_for(*task, *device, peer, row, now) {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        tracing::warn!(task = task.0, device = device.0, error = %e, "task not announced");
+                        return;
+                    }
+                }
+            }
+            _ => None,
+        };
+        let Some(idx) = self.lookup(conn_id) else {
+            return;
+        };
+        match (&mut self.conns[idx].conn, action) {
+            (Conn::Admin(a), Action::Reply { resp, .. }) => {
+                push_json_line(&mut a.out, &resp);
+                self.touched.push(idx);
+                return;
+            }
+            (Conn::Agent(c), action) => {
+                let Some(s) = c.session.as_mut() else { return };
+                let r = match action {
+                    Action::Welcome {
+                        welcome, resume, ..
+                    } => s.accept(&welcome).and_then(|()| match resume {
+                        Some((seq, attempt, command_id, reboot)) => {
+                            s.resume_in_flight(seq, attempt, command_id, reboot)
+                        }
+                        None => Ok(()),
+                    }),
+                    Action::Enrolled { device, cert, .. } => s.send_enrolled(&Enrolled {
+                        device_id: device.0,
+                        certificate: Cow::Borrowed(&cert),
+                    }),
+                    Action::Ack { seq, .. } => s.ack_result(seq),
+                    Action::Dispatch {
+                        command_id,
+                        seq,
+                        attempt,
+                        cmd,
+                        ..
+                    } => {
+                        let base = self
+                            .cfg
+                            .artifacts
+                            .as_ref()
+                            .and_then(|a| a.base_url.as_deref());
+                        send_dispatch(s, base, command_id, seq, attempt, &cmd)
+                    }
+                    Action::Close { code, reason, .. } => s.close(code, &reason),
+                    Action::Announce { .. } => match &announce {
+                        Some(a) => s.announce(&a.as_wire()),
+                        None => Ok(()),
+                    },
+                    Action::Reply { .. }
+                    | Action::TaskCreated { .. }
+                    | Action::TransferDone { .. } => Ok(()),
+                };
+                if let Err(e) = r {
+                    tracing::warn!(conn = conn_id, error = %e, "session refused a fleet action");
+                }
+            }
+            (Conn::Admin(_), _) | (Conn::Artifact(_), _) | (Conn::Relay(_), _) => return,
+        }
+        self.drain_session(idx, now);
+    }
+}
+
+/// Sends a command to its session core, `gateway:NAME` fetch URLs resolved against `base`.
+fn send_dispatch(
+    s: &mut GatewaySession,
+    base: Option<&str>,
+    command_id: u64,
+    seq: u64,
+    attempt: u32,
+    cmd: &fleetcast_store::Command,
+) -> Result<(), session::SessionError> {
+    let urls: Vec<String> = cmd
+        .steps
+        .iter()
+        .map(|st| match st {
+            fleetcast_store::Step::Fetch { url, .. } => artifacts::resolve_url(url, base),
+            _ => String::new(),
+        })
+        .collect();
+    let mut steps = steps_to_wire(cmd);
+    for (st, u) in steps.iter_mut().zip(&urls) {
+        if let fleetcast_wire::Step::Fetch { url, .. } = st {
+            *url = u.into();
+        }
+    }
+    let timeout_ms = u32::try_from(cmd.timeout_ms).unwrap_or(u32::MAX);
+    s.dispatch(&Dispatch {
+        command_id,
+        seq,
+        attempt,
+        timeout_ms,
+        steps,
+    })
+}
