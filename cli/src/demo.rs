@@ -23,10 +23,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::time::Duration;
 
-use fleetcast_daemon::admin::{self, OnFailureSpec, PushTrigger, Request, StepSpec};
+use fleetcast_daemon::admin::{self, OnFailureSpec, PushTrigger, Request};
 use fleetcast_daemon::gateway::Clock;
 use fleetcast_daemon::{errln, outln};
 use fleetcast_lab::{Lab, LabChild, LabConfig};
+use fleetcast_wire::Step;
 use serde_json::Value;
 
 /// Exit code with which a demo agent "reboots".
@@ -304,19 +305,23 @@ fn demo(n: usize) -> Result<(), String> {
     let log = |name: &str| tmp.join(format!("{name}.log"));
     for name in &names {
         let l = log(name).display().to_string();
-        let sh = |script: String| StepSpec::Exec {
-            argv: vec!["/bin/sh".into(), "-c".into(), script],
+        let sh = |script: String| Step::Exec {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
         };
-        let cmds: Vec<Vec<StepSpec>> = vec![
+        let cmds: Vec<Vec<Step<'static>>> = vec![
             vec![sh(format!("echo 1 >> {l}; uname -sr"))],
-            vec![StepSpec::Write {
-                path: tmp.join(format!("{name}.conf")).display().to_string(),
+            vec![Step::Write {
+                path: tmp
+                    .join(format!("{name}.conf"))
+                    .display()
+                    .to_string()
+                    .into(),
                 mode: 0o644,
-                contents: format!("device={name}\n"),
+                contents: format!("device={name}\n").into_bytes().into(),
             }],
-            vec![sh(format!("echo 3 >> {l}")), StepSpec::Reboot],
+            vec![sh(format!("echo 3 >> {l}")), Step::Reboot],
             vec![sh(format!("echo 4 >> {l}"))],
-            vec![StepSpec::Report],
+            vec![Step::Report],
         ];
         req(
             &data,

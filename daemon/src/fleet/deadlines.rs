@@ -98,7 +98,11 @@ mod tests {
         let mut rig = Rig::new();
         let (dev, key) = rig.enrol("n1", 1);
         rig.hello(2, dev, key, None);
-        add(&mut rig, "n1", vec![vec![StepSpec::Reboot], exec("after")]);
+        add(
+            &mut rig,
+            "n1",
+            vec![vec![wire::Step::Reboot], exec("after")],
+        );
         rig.run(vec![Input::RebootStarting {
             conn: 2,
             device: dev,
@@ -114,18 +118,13 @@ mod tests {
         // Back on a new session; nothing is dispatched while rebooting.
         let a = rig.hello(3, dev, key, last(1, 1, None));
         assert!(dispatched(&a).is_empty(), "{a:?}");
-        let report = |boot: &str| store::ConfigReport {
-            os: "Debian".into(),
-            kernel: "6.1".into(),
-            hostname: "n1".into(),
-            addresses: vec![],
+        let report = |boot: &str| wire::ConfigReport {
             software: vec![],
-            agent_version: "0.1.0".into(),
-            boot_id: boot.into(),
+            ..report_with("Debian", boot_named(boot))
         };
         // The device's own result of the command: its output before the reboot is kept.
         let mut result = ok_result(1);
-        result.steps[0].output = b"kernel installed\n".to_vec();
+        result.result.output = b"kernel installed\n".into();
         let a = rig.run(vec![Input::RebootComplete {
             conn: 3,
             device: dev,
@@ -137,8 +136,11 @@ mod tests {
         assert_eq!(dispatched(&a), vec![2], "{a:?}");
         let snap = rig.fleet.store().snapshot().unwrap();
         let d = snap.device(dev).unwrap().unwrap();
-        assert_eq!(d.report.unwrap().boot_id, "b2");
-        assert_eq!(snap.result(dev, 1).unwrap(), Some(result));
+        assert_eq!(d.report.unwrap().boot_id, boot_named("b2"));
+        assert_eq!(
+            snap.result(dev, 1).unwrap(),
+            Some(store::StoredResult::Received(result))
+        );
     }
 
     #[test]
@@ -146,7 +148,11 @@ mod tests {
         let mut rig = Rig::new();
         let (dev, key) = rig.enrol("n1", 1);
         rig.hello(2, dev, key, None);
-        add(&mut rig, "n1", vec![vec![StepSpec::Reboot], exec("after")]);
+        add(
+            &mut rig,
+            "n1",
+            vec![vec![wire::Step::Reboot], exec("after")],
+        );
         rig.run(vec![Input::RebootStarting {
             conn: 2,
             device: dev,
@@ -190,7 +196,7 @@ mod tests {
         add(
             &mut rig,
             "n1",
-            vec![vec![StepSpec::Reboot], vec![StepSpec::Reboot]],
+            vec![vec![wire::Step::Reboot], vec![wire::Step::Reboot]],
         );
         assert_eq!(stored_report(&rig, dev), None);
         let complete = |conn, seq, boot: [u8; 16]| Input::RebootComplete {
@@ -198,7 +204,7 @@ mod tests {
             device: dev,
             seq,
             attempt: 1,
-            report: report_with("Debian", &hex(&boot)),
+            report: report_with("Debian", boot),
             result: ok_result(1),
         };
         rig.run(vec![Input::RebootStarting {

@@ -26,12 +26,11 @@ use fleetcast_store::prelude::*;
 use fleetcast_store::{
     self as store, Command, DeviceId, EnrolmentToken, Event, EventKind, Illegal, QueueStatus,
 };
-use fleetcast_wire::{CloseCode, Welcome};
+use fleetcast_wire::{self as wire, hex, CloseCode, Welcome};
 use serde_json::json;
 
-use crate::admin::{OnFailureSpec, Request, Response, StepSpec};
-use crate::convert::{hex, sha256};
-use crate::pki::Pki;
+use crate::admin::{OnFailureSpec, Request, Response};
+use crate::pki::{sha256, Pki};
 
 mod admin;
 mod deadlines;
@@ -84,10 +83,9 @@ pub struct LastSeen {
     pub attempt: u32,
     /// Still executing it (or rebooting for it).
     pub executing: bool,
-    /// Its result, not yet acknowledged.
-    pub result: Option<store::CommandResult>,
-    /// The configuration report inside that result (from a `report` step).
-    pub report: Option<store::ConfigReport>,
+    /// Its result, not yet acknowledged (with its configuration report, from a `report`
+    /// step), and when it arrived.
+    pub result: Option<store::Received>,
 }
 
 /// Something that happened, for [`Fleet::process`].
@@ -130,10 +128,8 @@ pub enum Input {
         seq: u64,
         /// Which attempt of it.
         attempt: u32,
-        /// Outcome.
-        result: store::CommandResult,
-        /// The configuration report inside the result (from a `report` step).
-        report: Option<store::ConfigReport>,
+        /// Outcome (with the configuration report of a `report` step), and when it arrived.
+        result: store::Received,
     },
     /// The agent's configuration report on its own (`Report`).
     Report {
@@ -142,7 +138,7 @@ pub enum Input {
         /// Device.
         device: DeviceId,
         /// The report.
-        report: store::ConfigReport,
+        report: wire::ConfigReport<'static>,
     },
     /// The agent is rebooting for command `seq`.
     RebootStarting {
@@ -166,9 +162,9 @@ pub enum Input {
         /// The attempt of it the device rebooted for.
         attempt: u32,
         /// Its configuration after the reboot.
-        report: store::ConfigReport,
+        report: wire::ConfigReport<'static>,
         /// The reboot command's result: the steps before the reboot, as the device ran them.
-        result: store::CommandResult,
+        result: store::Received,
     },
     /// A session ended.
     Disconnected {
@@ -624,15 +620,13 @@ impl Fleet {
                     seq,
                     attempt,
                     result: Some(result),
-                    report,
                     ..
                 }) = last
                 {
                     // Acknowledged whatever became of it: an agent re-sending it in every Hello
                     // would hold its session's command slot forever.
                     let how = format!("delivered on reconnect, attempt {attempt}");
-                    let r = (result, report.as_ref());
-                    let _ = store_result(b, now_ms, *device, *seq, *attempt, r, &how);
+                    let _ = store_result(b, now_ms, *device, *seq, *attempt, result, &how);
                 }
                 let q = b.queue(*device).ok().flatten().unwrap_or_default();
                 let (in_flight, resume) = match last {
@@ -784,10 +778,8 @@ impl Fleet {
                 seq,
                 attempt,
                 result,
-                report,
             } => {
-                let r = (result, report.as_ref());
-                match store_result(b, now_ms, *device, *seq, *attempt, r, "") {
+                match store_result(b, now_ms, *device, *seq, *attempt, result, "") {
                     Stored::Answered => actions.push(Action::Ack {
                         conn: *conn,
                         seq: *seq,
@@ -864,7 +856,7 @@ impl Fleet {
                             EventKind::RebootCompleted,
                             format!(
                                 "command {seq}: back with boot id {} (queue {status})",
-                                report.boot_id
+                                hex(&report.boot_id)
                             ),
                         ));
                     }

@@ -83,7 +83,7 @@ pub(super) fn store_result(
     dev: DeviceId,
     seq: u64,
     attempt: u32,
-    (result, report): (&store::CommandResult, Option<&store::ConfigReport>),
+    result: &store::Received,
     how: &str,
 ) -> Stored {
     let how = if how.is_empty() {
@@ -133,7 +133,7 @@ pub(super) fn store_result(
         }
     };
     let _ = b.append_event(event(now_ms, Some(dev), EventKind::CommandResult, message));
-    if let Some(report) = report {
+    if let Some(report) = &result.result.report {
         if let Err(e) = b.set_report(dev, report.clone(), now_ms) {
             tracing::warn!(device = dev.0, seq, error = %e, "report of a result not stored");
         }
@@ -289,7 +289,6 @@ mod tests {
                 seq,
                 attempt: 1,
                 result: ok_result(1),
-                report: None,
             }]);
             // The ack and the next dispatch leave together, after the commit.
             assert!(
@@ -313,7 +312,6 @@ mod tests {
             seq: 9,
             attempt: 1,
             result: ok_result(1),
-            report: None,
         }]);
         assert!(
             a.iter().any(|x| matches!(
@@ -409,7 +407,7 @@ mod tests {
         // has not got byte for byte): not attempt 2's, so it is discarded (and acknowledged,
         // so the agent can forget it), and attempt 2 goes again.
         let mut again = failed_result();
-        again.steps[0].output = b"attempt 1 once more".to_vec();
+        again.result.output = b"attempt 1 once more".into();
         let a = rig.hello(3, dev, key, last(1, 1, Some(again)));
         assert!(matches!(a[1], Action::Ack { conn: 3, seq: 1 }), "{a:?}");
         assert_eq!(attempt_of(&a, 1), Some(2), "{a:?}");
@@ -487,22 +485,21 @@ mod tests {
         rig.run(vec![Input::Report {
             conn: 2,
             device: dev,
-            report: report_with("Debian 12", "b1"),
+            report: report_with("Debian 12", boot_named("b1")),
         }]);
         assert_eq!(stored_report(&rig, dev).unwrap().os, "Debian 12");
 
         add(
             &mut rig,
             "n1",
-            vec![vec![StepSpec::Report], vec![StepSpec::Report]],
+            vec![vec![wire::Step::Report], vec![wire::Step::Report]],
         );
         let a = rig.run(vec![Input::Result {
             conn: 2,
             device: dev,
             seq: 1,
             attempt: 1,
-            result: ok_result(1),
-            report: Some(report_with("Debian 13", "b1")),
+            result: with_report(ok_result(1), report_with("Debian 13", boot_named("b1"))),
         }]);
         assert!(matches!(a[0], Action::Ack { seq: 1, .. }), "{a:?}");
         assert_eq!(stored_report(&rig, dev).unwrap().os, "Debian 13");
@@ -512,10 +509,8 @@ mod tests {
             device: Some(dev),
             reason: "cut".into(),
         }]);
-        let carried = last(2, 1, Some(ok_result(1))).map(|l| LastSeen {
-            report: Some(report_with("Debian 14", "b1")),
-            ..l
-        });
+        let report = report_with("Debian 14", boot_named("b1"));
+        let carried = last(2, 1, Some(with_report(ok_result(1), report)));
         rig.hello(3, dev, key, carried);
         assert_eq!(rig.queue(dev).status, QueueStatus::Done);
         assert_eq!(stored_report(&rig, dev).unwrap().os, "Debian 14");

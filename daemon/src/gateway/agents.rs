@@ -260,6 +260,14 @@ pub(super) fn peer_identity(tls: &rustls::ServerConnection) -> (Option<u64>, [u8
     (Some(id.id), key_hash)
 }
 
+/// A device's result as the store keeps it: the message itself, and when it arrived.
+fn received(r: fleetcast_wire::CommandResult<'_>, wall_ms: u64) -> fleetcast_store::Received {
+    fleetcast_store::Received {
+        result: r.into_owned(),
+        at_ms: wall_ms,
+    }
+}
+
 /// Turns a session event into fleet input (or handles it here when the fleet has no part).
 pub(super) fn event_to_input(
     conn: ConnId,
@@ -281,12 +289,7 @@ pub(super) fn event_to_input(
                 seq: l.seq,
                 attempt: l.attempt,
                 executing: l.executing,
-                report: l
-                    .result
-                    .as_ref()
-                    .and_then(|r| r.report.as_ref())
-                    .map(report_from_wire),
-                result: l.result.map(|r| result_from_wire(&r, wall_ms)),
+                result: l.result.map(|r| received(r, wall_ms)),
             });
             Some(Input::Hello {
                 conn,
@@ -317,8 +320,7 @@ pub(super) fn event_to_input(
                 device: (*device)?,
                 seq,
                 attempt: r.attempt,
-                result: result_from_wire(&r, wall_ms),
-                report: r.report.as_ref().map(report_from_wire),
+                result: received(r, wall_ms),
             })
         }
         GatewayEvent::DuplicateResult { .. } => None,
@@ -329,7 +331,7 @@ pub(super) fn event_to_input(
             Some(Input::Report {
                 conn,
                 device: (*device)?,
-                report: report_from_wire(&r),
+                report: r.into_owned(),
             })
         }
         GatewayEvent::RebootStarting(rs) => Some(Input::RebootStarting {
@@ -347,8 +349,8 @@ pub(super) fn event_to_input(
                 device: (*device)?,
                 seq,
                 attempt: rc.result.attempt,
-                report: report_from_wire(&rc.report),
-                result: result_from_wire(&rc.result, wall_ms),
+                report: rc.report.into_owned(),
+                result: received(rc.result, wall_ms),
             })
         }
         GatewayEvent::Completion(frame) => {

@@ -28,17 +28,17 @@ use std::time::Duration;
 
 use fleetcast_store::DeviceId;
 use fleetcast_wire::session::{self, GatewayEvent, GatewaySession};
-use fleetcast_wire::{Dispatch, Enrolled, Instant, Message};
+use fleetcast_wire::{Dispatch, Enrolled, Instant, Message, Step};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token};
 use rustls::ServerConfig;
 
 use crate::admin::{self, Request, Response};
 use crate::artifacts;
-use crate::convert::{report_from_wire, result_from_wire, sha256, steps_to_wire};
 use crate::distribution::{DistEvent, Distributor, McastConfig, PushSpec};
 use crate::fleet::{Action, ConnId, Fleet, Input, LastSeen};
 use crate::metrics;
+use crate::pki::sha256;
 use crate::tlsconn::TlsConn;
 use crate::token::Tok;
 use crate::watch::{DirWatch, WatchConfig};

@@ -18,6 +18,7 @@
 //!   `emit` accepts (tested by property tests and the `roundtrip` fuzz target).
 
 use alloc::borrow::{Cow, ToOwned};
+use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::codec::{Counter, Reader, Sink, SliceWriter};
@@ -32,8 +33,6 @@ mod mcast;
 pub mod samples;
 #[cfg(feature = "serde")]
 mod serde_steps;
-#[cfg(feature = "serde")]
-pub use serde_steps::parse_sha256;
 
 pub use control::{
     Close, CloseCode, CommandResult, ConfigReport, Dispatch, Enrol, Enrolled, Heartbeat, Hello,
@@ -286,6 +285,33 @@ macro_rules! embed {
     )+};
 }
 embed!(Step, CommandResult, ConfigReport, Announce);
+
+/// Lower-case hex: digests and boot ids as text (admin JSON, logs, the store's queue records).
+pub fn hex(bytes: &[u8]) -> String {
+    use core::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// Parses a SHA-256 digest written as 64 hex digits (either case).
+pub fn parse_sha256(hex: &str) -> core::result::Result<[u8; 32], String> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return Err(alloc::format!(
+            "a SHA-256 is 64 hex digits, got {} characters",
+            bytes.len()
+        ));
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        let s = core::str::from_utf8(pair).map_err(|_| String::from("not hex"))?;
+        out[i] = u8::from_str_radix(s, 16).map_err(|_| alloc::format!("`{s}` is not hex"))?;
+    }
+    Ok(out)
+}
 
 /// Reads a `str16` as a borrowed `Cow` (decoding never copies).
 fn borrowed_str16<'a>(r: &mut Reader<'a>, max: usize) -> Result<Cow<'a, str>> {

@@ -3,13 +3,11 @@
 //! contents as text, the format the operator CLI has always sent.
 
 use alloc::borrow::Cow;
-use alloc::string::String;
 use alloc::vec::Vec;
-use core::fmt::Write as _;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::Step;
+use super::{hex, parse_sha256, Step};
 
 /// The JSON shape of a step; [`Step`] converts to and from it.
 #[derive(Serialize, Deserialize)]
@@ -33,31 +31,6 @@ enum Json<'a> {
     },
     Reboot,
     Report,
-}
-
-/// Parses 64 hex digits (either case) into a digest.
-pub fn parse_sha256(hex: &str) -> Result<[u8; 32], String> {
-    let bytes = hex.as_bytes();
-    if bytes.len() != 64 {
-        return Err(alloc::format!(
-            "a SHA-256 is 64 hex digits, got {} characters",
-            bytes.len()
-        ));
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in bytes.chunks(2).enumerate() {
-        let s = core::str::from_utf8(pair).map_err(|_| String::from("not hex"))?;
-        out[i] = u8::from_str_radix(s, 16).map_err(|_| alloc::format!("`{s}` is not hex"))?;
-    }
-    Ok(out)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 impl Serialize for Step<'_> {

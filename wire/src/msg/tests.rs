@@ -360,3 +360,23 @@ fn embedded_parts_round_trip_and_must_be_exact() {
     assert_eq!(too_long.encode_to_vec(&mut out), Err(Error::FieldTooLong));
     assert_eq!(out, [1, 2], "nothing appended on error");
 }
+
+#[test]
+fn a_kept_step_reborrows_without_copying() {
+    let Message::Dispatch(d) = &samples::all()[5] else {
+        panic!("sample 5 is a dispatch")
+    };
+    for st in &d.steps {
+        let owned = st.clone().into_owned();
+        let b = owned.borrowed();
+        assert_eq!(&b, st);
+        if let (Step::Exec { argv }, Step::Exec { argv: kept }) = (&b, &owned) {
+            assert!(matches!(argv[0], Cow::Borrowed(_)));
+            assert_eq!(
+                argv[0].as_ptr(),
+                kept[0].as_ptr(),
+                "the same bytes, not a copy"
+            );
+        }
+    }
+}
