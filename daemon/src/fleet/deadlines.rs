@@ -1,0 +1,232 @@
+//! Deadlines: a command result that is overdue, a device that does not come back from its
+//! reboot in time.
+
+use super::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Deadline {
+    Result { seq: u64 },
+    Reboot,
+}
+
+impl Fleet {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fire(
+        b: &mut dyn StoreBatch,
+        online: &mut HashMap<DeviceId, Online>,
+        _cfg: &FleetConfig,
+        now_ms: u64,
+        dev: DeviceId,
+        what: Deadline,
+        actions: &mut Vec<Action>,
+        dirty: &mut BTreeSet<DeviceId>,
+    ) {
+        let Ok(Some(q)) = b.queue(dev) else { return };
+        match what {
+            Deadline::Result { seq }
+                if q.status == QueueStatus::AwaitingResult && q.cursor == Some(seq) =>
+            {
+                match b.command_timed_out(dev, seq, now_ms) {
+                    Ok(status) => {
+                        let _ = b.append_event(event(
+                            now_ms,
+                            Some(dev),
+                            EventKind::Other,
+                            format!("command {seq} timed out (queue {status})"),
+                        ));
+                        // The session did not deliver a result in time: drop it; the agent
+                        // resynchronises from Hello when it comes back.
+                        if let Some(o) = online.remove(&dev) {
+                            actions.push(close(
+                                o.conn,
+                                CloseCode::TIMEOUT,
+                                "command result overdue",
+                            ));
+                        }
+                        dirty.insert(dev);
+                    }
+                    Err(store::Error::IllegalTransition {
+                        kind: Illegal::DeadlineNotReached { .. },
+                        ..
+                    }) => {}
+                    Err(e) => {
+                        tracing::warn!(device = dev.0, seq, error = %e, "timeout not applied")
+                    }
+                }
+            }
+            // A cancelled command the session was still running is overdue: stop waiting for
+            // it there (the agent resynchronises from Hello), so the queue's next command can
+            // go.
+            Deadline::Result { seq }
+                if online.get(&dev).is_some_and(|o| o.in_flight == Some(seq))
+                    && b.command(dev, seq).ok().flatten().is_none() =>
+            {
+                if let Some(o) = online.remove(&dev) {
+                    actions.push(close(
+                        o.conn,
+                        CloseCode::TIMEOUT,
+                        "result of a cancelled command overdue",
+                    ));
+                }
+            }
+            Deadline::Reboot
+                if q.status == QueueStatus::Rebooting
+                    && q.reboot_deadline_ms <= now_ms
+                    && b.reboot_deadline_missed(dev, now_ms).is_ok() =>
+            {
+                let _ = b.append_event(event(
+                    now_ms,
+                    Some(dev),
+                    EventKind::QueueFailed,
+                    "device did not come back before its reboot deadline".into(),
+                ));
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Reboots and their deadlines.
+
+    use crate::fleet::rig::*;
+    use crate::fleet::*;
+
+    #[test]
+    fn reboot_suspends_the_queue_until_a_new_boot_reports() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        add(&mut rig, "n1", vec![vec![StepSpec::Reboot], exec("after")]);
+        rig.run(vec![Input::RebootStarting {
+            conn: 2,
+            device: dev,
+            seq: 1,
+            boot_id: BOOT,
+        }]);
+        assert_eq!(rig.queue(dev).status, QueueStatus::Rebooting);
+        rig.run(vec![Input::Disconnected {
+            conn: 2,
+            device: Some(dev),
+            reason: "rebooting".into(),
+        }]);
+        // Back on a new session; nothing is dispatched while rebooting.
+        let a = rig.hello(3, dev, key, last(1, 1, None));
+        assert!(dispatched(&a).is_empty(), "{a:?}");
+        let report = |boot: &str| store::ConfigReport {
+            os: "Debian".into(),
+            kernel: "6.1".into(),
+            hostname: "n1".into(),
+            addresses: vec![],
+            software: vec![],
+            agent_version: "0.1.0".into(),
+            boot_id: boot.into(),
+        };
+        // The device's own result of the command: its output before the reboot is kept.
+        let mut result = ok_result(1);
+        result.steps[0].output = b"kernel installed\n".to_vec();
+        let a = rig.run(vec![Input::RebootComplete {
+            conn: 3,
+            device: dev,
+            seq: 1,
+            attempt: 1,
+            report: report("b2"),
+            result: result.clone(),
+        }]);
+        assert_eq!(dispatched(&a), vec![2], "{a:?}");
+        let snap = rig.fleet.store().snapshot().unwrap();
+        let d = snap.device(dev).unwrap().unwrap();
+        assert_eq!(d.report.unwrap().boot_id, "b2");
+        assert_eq!(snap.result(dev, 1).unwrap(), Some(result));
+    }
+
+    #[test]
+    fn a_device_that_misses_its_reboot_deadline_fails_visibly() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        add(&mut rig, "n1", vec![vec![StepSpec::Reboot], exec("after")]);
+        rig.run(vec![Input::RebootStarting {
+            conn: 2,
+            device: dev,
+            seq: 1,
+            boot_id: BOOT,
+        }]);
+        rig.run(vec![Input::Disconnected {
+            conn: 2,
+            device: Some(dev),
+            reason: "rebooting".into(),
+        }]);
+        assert!(rig.fleet.next_deadline().is_some());
+        rig.now += 60_001;
+        rig.run(vec![]);
+        let q = rig.queue(dev);
+        assert_eq!(
+            (q.status, q.failure),
+            (
+                QueueStatus::Failed,
+                Some(store::FailReason::RebootDeadlineMissed)
+            )
+        );
+        let ev = rig
+            .fleet
+            .store()
+            .snapshot()
+            .unwrap()
+            .events_from(1, 1000)
+            .unwrap();
+        assert!(ev.iter().any(|(_, e)| e.kind == EventKind::QueueFailed));
+    }
+
+    /// A device that never reported (no earlier report to compare with) cannot complete a
+    /// reboot on the boot it left: the one `RebootStarting` named, or, when that was lost, the
+    /// boot of the session the command went out on.
+    #[test]
+    fn a_reboot_completion_on_the_boot_left_is_refused_before_any_report() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        add(
+            &mut rig,
+            "n1",
+            vec![vec![StepSpec::Reboot], vec![StepSpec::Reboot]],
+        );
+        assert_eq!(stored_report(&rig, dev), None);
+        let complete = |conn, seq, boot: [u8; 16]| Input::RebootComplete {
+            conn,
+            device: dev,
+            seq,
+            attempt: 1,
+            report: report_with("Debian", &hex(&boot)),
+            result: ok_result(1),
+        };
+        rig.run(vec![Input::RebootStarting {
+            conn: 2,
+            device: dev,
+            seq: 1,
+            boot_id: BOOT,
+        }]);
+        let a = rig.run(vec![complete(2, 1, BOOT)]);
+        assert!(dispatched(&a).is_empty(), "{a:?}");
+        assert_eq!(rig.queue(dev).status, QueueStatus::Rebooting);
+        assert_eq!(
+            events_with(&mut rig, "came back with the boot id it had before"),
+            1
+        );
+        let a = rig.run(vec![complete(2, 1, [0xB1; 16])]);
+        assert_eq!(dispatched(&a), vec![2], "{a:?}");
+
+        // Command 2's RebootStarting is lost (the gateway died): the completion still has to
+        // come from another boot than the session's it was sent on (BOOT).
+        rig.restart();
+        let a = rig.hello(3, dev, key, last(2, 1, None));
+        assert!(dispatched(&a).is_empty(), "{a:?}");
+        let a = rig.run(vec![complete(3, 2, BOOT)]);
+        assert_eq!(rig.queue(dev).status, QueueStatus::AwaitingResult, "{a:?}");
+        assert_eq!(
+            events_with(&mut rig, "came back with the boot id it had before"),
+            2
+        );
+    }
+}

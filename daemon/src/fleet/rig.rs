@@ -1,0 +1,236 @@
+//! The test rig of the fleet's unit tests: the fleet logic without sockets, inputs in,
+//! actions out, the store checked directly.
+
+use super::*;
+use fleetcast_store::Store;
+
+/// A device's public key as an agent sends it (P-256 SubjectPublicKeyInfo, DER); made with
+/// the daemon's own certificate library, so these tests need no agent.
+pub(super) fn device_spki() -> Vec<u8> {
+    use rcgen::PublicKeyData as _;
+    rcgen::KeyPair::generate()
+        .unwrap()
+        .subject_public_key_info()
+}
+
+pub(super) const T0: u64 = 1_795_000_000_000;
+/// The boot every test device's sessions run on.
+pub(super) const BOOT: [u8; 16] = [0xB0; 16];
+
+pub(super) struct Rig {
+    pub(super) _dir: tempfile::TempDir,
+    pub(super) fleet: Fleet,
+    pub(super) now: u64,
+}
+
+impl Rig {
+    pub(super) fn new() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let pki =
+            Pki::load_or_create(&dir.path().join("pki"), &["localhost".into()], wall(T0)).unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let cfg = FleetConfig {
+            reboot_timeout_ms: 60_000,
+            ..FleetConfig::default()
+        };
+        Rig {
+            fleet: Fleet::new(store, pki, cfg).unwrap(),
+            _dir: dir,
+            now: T0,
+        }
+    }
+
+    pub(super) fn run(&mut self, inputs: Vec<Input>) -> Vec<Action> {
+        self.now += 10;
+        self.fleet.process(self.now, inputs)
+    }
+
+    /// A gateway restart: the fleet is rebuilt from the same store and CA.
+    pub(super) fn restart(&mut self) {
+        let dir = self._dir.path().to_owned();
+        let cfg = self.fleet.cfg.clone();
+        let pki =
+            || Pki::load_or_create(&dir.join("pki"), &["localhost".into()], wall(T0)).unwrap();
+        // The old fleet (and its store environment) is gone before the store reopens.
+        let placeholder = Fleet::new(
+            Store::open(dir.join("placeholder")).unwrap(),
+            pki(),
+            cfg.clone(),
+        )
+        .unwrap();
+        drop(std::mem::replace(&mut self.fleet, placeholder));
+        self.fleet = Fleet::new(Store::open(dir.join("store")).unwrap(), pki(), cfg).unwrap();
+    }
+
+    pub(super) fn admin(&mut self, req: Request) -> Response {
+        match &self.run(vec![Input::Admin { conn: 999, req }])[..] {
+            [Action::Reply { resp, .. }] => resp.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Issues a token and enrols a device over connection `conn`; returns its id and key hash.
+    pub(super) fn enrol(&mut self, name: &str, conn: ConnId) -> (DeviceId, [u8; 32]) {
+        let r = self.admin(Request::DeviceAdd {
+            name: name.into(),
+            groups: vec!["g".into()],
+        });
+        let token = r.data["token"].as_str().unwrap().to_string();
+        let spki = device_spki();
+        let a = self.run(vec![Input::Enrol {
+            conn,
+            token: token.into_bytes(),
+            name: name.into(),
+            spki: spki.clone(),
+        }]);
+        match &a[..] {
+            [Action::Enrolled { device, .. }] => (*device, sha256(&spki)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    pub(super) fn hello(
+        &mut self,
+        conn: ConnId,
+        dev: DeviceId,
+        key: [u8; 32],
+        last: Option<LastSeen>,
+    ) -> Vec<Action> {
+        self.run(vec![Input::Hello {
+            conn,
+            device: dev,
+            key_hash: key,
+            boot_id: BOOT,
+            last,
+            transport: None,
+        }])
+    }
+
+    pub(super) fn queue(&mut self, dev: DeviceId) -> store::QueueState {
+        self.fleet
+            .store()
+            .snapshot()
+            .unwrap()
+            .queue(dev)
+            .unwrap()
+            .unwrap_or_default()
+    }
+}
+
+pub(super) fn exec(name: &str) -> Vec<StepSpec> {
+    vec![StepSpec::Exec {
+        argv: vec!["echo".into(), name.into()],
+    }]
+}
+
+pub(super) fn add(rig: &mut Rig, target: &str, commands: Vec<Vec<StepSpec>>) -> Vec<Action> {
+    rig.run(vec![Input::Admin {
+        conn: 999,
+        req: Request::QueueAdd {
+            target: target.into(),
+            commands,
+            timeout_ms: 10_000,
+            max_attempts: 1,
+            on_failure: OnFailureSpec::Stop,
+        },
+    }])
+}
+
+pub(super) fn ok_result(steps: usize) -> store::CommandResult {
+    store::CommandResult {
+        steps: (0..steps)
+            .map(|_| store::StepResult {
+                outcome: store::StepOutcome::Ok,
+                exit_code: Some(0),
+                output: vec![],
+                started_ms: T0,
+                finished_ms: T0,
+            })
+            .collect(),
+    }
+}
+
+/// What a `Hello` says: still executing (`result` none) or finished with `result`.
+pub(super) fn last(
+    seq: u64,
+    attempt: u32,
+    result: Option<store::CommandResult>,
+) -> Option<LastSeen> {
+    Some(LastSeen {
+        seq,
+        attempt,
+        executing: result.is_none(),
+        result,
+        report: None,
+    })
+}
+
+pub(super) fn dispatched(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| {
+            if let Action::Dispatch { seq, .. } = a {
+                Some(*seq)
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+pub(super) fn attempt_of(actions: &[Action], seq: u64) -> Option<u32> {
+    actions.iter().find_map(|a| match a {
+        Action::Dispatch {
+            seq: s, attempt, ..
+        } if *s == seq => Some(*attempt),
+        _ => None,
+    })
+}
+
+pub(super) fn failed_result() -> store::CommandResult {
+    let mut r = ok_result(1);
+    r.steps[0].outcome = store::StepOutcome::Failed;
+    r.steps[0].exit_code = Some(3);
+    r
+}
+
+pub(super) fn result_input(conn: ConnId, dev: DeviceId, seq: u64, attempt: u32, ok: bool) -> Input {
+    Input::Result {
+        conn,
+        device: dev,
+        seq,
+        attempt,
+        result: if ok { ok_result(1) } else { failed_result() },
+        report: None,
+    }
+}
+
+pub(super) fn events_with(rig: &mut Rig, text: &str) -> usize {
+    let r = rig.admin(Request::Events {
+        from: 0,
+        limit: 1000,
+    });
+    r.data["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["message"].as_str().is_some_and(|m| m.contains(text)))
+        .count()
+}
+
+pub(super) fn report_with(os: &str, boot: &str) -> store::ConfigReport {
+    store::ConfigReport {
+        os: os.into(),
+        kernel: "6.1".into(),
+        hostname: "n1".into(),
+        addresses: vec![],
+        software: vec![("nginx".into(), "1.22".into())],
+        agent_version: "0.1.0".into(),
+        boot_id: boot.into(),
+    }
+}
+
+pub(super) fn stored_report(rig: &Rig, dev: DeviceId) -> Option<store::ConfigReport> {
+    let snap = rig.fleet.store().snapshot().unwrap();
+    snap.device(dev).unwrap().unwrap().report
+}

@@ -1,0 +1,523 @@
+//! Sessions: what becomes of a device's results, and which command goes to it next.
+
+use super::*;
+
+impl Fleet {
+    pub(super) fn next_dispatch(
+        b: &mut dyn StoreBatch,
+        online: &mut HashMap<DeviceId, Online>,
+        now_ms: u64,
+        dev: DeviceId,
+    ) -> Option<Action> {
+        let o = online.get_mut(&dev)?;
+        if o.in_flight.is_some() {
+            return None;
+        }
+        let q = b.queue(dev).ok()??;
+        // The command in flight with no session executing it: the agent's `Hello` proved it
+        // never received this attempt (e.g. the gateway died between commit and send), so it
+        // goes again as the same attempt, not counted. Otherwise the next pending command (or
+        // the same one again, retried), as a new attempt.
+        let (seq, cmd, sent) = match (q.status, q.cursor) {
+            (QueueStatus::AwaitingResult, Some(c)) => {
+                (c, b.command(dev, c).ok()??, b.redeliver(dev, c, now_ms))
+            }
+            (QueueStatus::Running | QueueStatus::Idle | QueueStatus::Done, _) => {
+                let (seq, cmd) = b.next_to_dispatch(dev).ok()??;
+                (seq, cmd, b.mark_transmitted(dev, seq, now_ms))
+            }
+            _ => return None,
+        };
+        // A reboot must come back on another boot than this session's, even if the device's
+        // `RebootStarting` never reaches the store.
+        let sent = sent.and_then(|attempt| {
+            if cmd.has_reboot() {
+                b.boot_at_dispatch(dev, seq, &o.boot_id)?;
+            }
+            Ok(attempt)
+        });
+        match sent {
+            Ok(attempt) => {
+                o.in_flight = Some(seq);
+                let message = match attempt {
+                    0 | 1 => format!("command {seq}"),
+                    n => format!("command {seq} attempt {n}"),
+                };
+                let _ = b.append_event(event(now_ms, Some(dev), EventKind::CommandSent, message));
+                Some(Action::Dispatch {
+                    conn: o.conn,
+                    command_id: command_id(dev, seq),
+                    seq,
+                    attempt,
+                    cmd,
+                })
+            }
+            Err(e) if illegal_status(&e) => None,
+            Err(e) => {
+                tracing::warn!(device = dev.0, seq, error = %e, "dispatch refused by the store");
+                None
+            }
+        }
+    }
+}
+
+/// What became of a device's result ([`store_result`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stored {
+    /// Stored, or discarded as obsolete (with an event saying why): the agent may forget it.
+    Answered,
+    /// A result of a command never sent to the device: a protocol error.
+    NeverSent,
+    /// The store failed; the batch will not commit.
+    Failed,
+}
+
+/// Stores a device's result of attempt `attempt` of `seq` (with an event), and the
+/// configuration report it carries, in the same batch; or, when the queue no longer wants it
+/// — the command was cancelled, the attempt was superseded by a retry, the queue gave up on
+/// it — records why it was discarded. `how` says how it arrived, for the event (empty: on its
+/// session).
+pub(super) fn store_result(
+    b: &mut dyn StoreBatch,
+    now_ms: u64,
+    dev: DeviceId,
+    seq: u64,
+    attempt: u32,
+    (result, report): (&store::CommandResult, Option<&store::ConfigReport>),
+    how: &str,
+) -> Stored {
+    let how = if how.is_empty() {
+        String::new()
+    } else {
+        format!("{how}; ")
+    };
+    let message = match b.record_result(dev, seq, attempt, result.clone()) {
+        Ok(store::Recorded::Stored(status)) => format!(
+            "command {seq} {} ({how}queue {status})",
+            if result.succeeded() {
+                "succeeded"
+            } else {
+                "failed"
+            }
+        ),
+        Ok(store::Recorded::Duplicate) => return Stored::Answered,
+        Err(store::Error::IllegalTransition { kind, .. }) => {
+            let q = b.queue(dev).ok().flatten().unwrap_or_default();
+            let exists = b.command(dev, seq).ok().flatten().is_some();
+            let why = match kind {
+                Illegal::NotTransmitted { .. } if exists || seq >= q.next_seq => {
+                    tracing::warn!(device = dev.0, seq, "result of a command never sent");
+                    return Stored::NeverSent;
+                }
+                _ if !exists => {
+                    format!("result of cancelled command {seq} discarded ({how}attempt {attempt})")
+                }
+                Illegal::StaleAttempt { current, .. } => format!(
+                    "result of command {seq} attempt {attempt} discarded ({how}attempt \
+                     {current} is the current one)"
+                ),
+                Illegal::ConflictingResult { .. } => {
+                    format!("a second result of command {seq} discarded ({how}attempt {attempt})")
+                }
+                kind => {
+                    format!("result of command {seq} attempt {attempt} discarded ({how}{kind:?})")
+                }
+            };
+            tracing::info!(device = dev.0, seq, attempt, "{why}");
+            let _ = b.append_event(event(now_ms, Some(dev), EventKind::Other, why));
+            return Stored::Answered;
+        }
+        Err(e) => {
+            tracing::warn!(device = dev.0, seq, error = %e, "result not stored");
+            return Stored::Failed;
+        }
+    };
+    let _ = b.append_event(event(now_ms, Some(dev), EventKind::CommandResult, message));
+    if let Some(report) = report {
+        if let Err(e) = b.set_report(dev, report.clone(), now_ms) {
+            tracing::warn!(device = dev.0, seq, error = %e, "report of a result not stored");
+        }
+    }
+    Stored::Answered
+}
+
+#[cfg(test)]
+mod tests {
+    //! Hello, enrolment, results and reports.
+
+    use crate::fleet::rig::*;
+    use crate::fleet::*;
+
+    #[test]
+    fn unknown_device_and_bad_token_are_refused_with_reasons() {
+        let mut rig = Rig::new();
+        let a = rig.hello(1, DeviceId(77), [0; 32], None);
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Close {
+                    code: CloseCode::UNKNOWN_DEVICE,
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        let a = rig.run(vec![Input::Enrol {
+            conn: 2,
+            token: b"nope".to_vec(),
+            name: "x".into(),
+            spki: vec![1],
+        }]);
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Close {
+                    code: CloseCode::BAD_TOKEN,
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn a_token_enrols_once() {
+        let mut rig = Rig::new();
+        let r = rig.admin(Request::DeviceAdd {
+            name: "n1".into(),
+            groups: vec![],
+        });
+        let token = r.data["token"].as_str().unwrap().as_bytes().to_vec();
+        let spki = device_spki();
+        let a = rig.run(vec![Input::Enrol {
+            conn: 1,
+            token: token.clone(),
+            name: "n1".into(),
+            spki: spki.clone(),
+        }]);
+        let first = match &a[..] {
+            [Action::Enrolled { device, .. }] => *device,
+            other => panic!("{other:?}"),
+        };
+        // The token again with another key: refused.
+        let other = device_spki();
+        let a = rig.run(vec![Input::Enrol {
+            conn: 2,
+            token: token.clone(),
+            name: "n1".into(),
+            spki: other,
+        }]);
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Close {
+                    code: CloseCode::BAD_TOKEN,
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        // The same token and key again (its `Enrolled` was lost): the same device, certified
+        // again; no second device.
+        let a = rig.run(vec![Input::Enrol {
+            conn: 4,
+            token: token.clone(),
+            name: "n1".into(),
+            spki: spki.clone(),
+        }]);
+        assert!(
+            matches!(&a[..], [Action::Enrolled { device, .. }] if *device == first),
+            "{a:?}"
+        );
+        // Once the repeat window has passed: refused.
+        rig.now += ENROL_REPEAT_MS;
+        let a = rig.run(vec![Input::Enrol {
+            conn: 5,
+            token,
+            name: "n1".into(),
+            spki,
+        }]);
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Close {
+                    code: CloseCode::BAD_TOKEN,
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        // A key other than the enrolled one is refused.
+        let dev = rig
+            .fleet
+            .store()
+            .snapshot()
+            .unwrap()
+            .device_by_name("n1")
+            .unwrap()
+            .unwrap()
+            .id;
+        let a = rig.hello(3, dev, [9; 32], None);
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Close {
+                    code: CloseCode::UNAUTHENTICATED,
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn next_command_goes_only_after_the_result_is_stored() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        let a = rig.hello(2, dev, key, None);
+        assert!(
+            matches!(&a[..], [Action::Welcome { resume: None, .. }]),
+            "{a:?}"
+        );
+        let a = add(&mut rig, "n1", vec![exec("a"), exec("b"), exec("c")]);
+        assert_eq!(dispatched(&a), vec![1], "one command in flight: {a:?}");
+        for seq in 1..=3u64 {
+            assert_eq!(rig.queue(dev).cursor, Some(seq));
+            let a = rig.run(vec![Input::Result {
+                conn: 2,
+                device: dev,
+                seq,
+                attempt: 1,
+                result: ok_result(1),
+                report: None,
+            }]);
+            // The ack and the next dispatch leave together, after the commit.
+            assert!(
+                matches!(a[0], Action::Ack { seq: s, .. } if s == seq),
+                "{a:?}"
+            );
+            assert_eq!(dispatched(&a), if seq < 3 { vec![seq + 1] } else { vec![] });
+        }
+        assert_eq!(rig.queue(dev).status, QueueStatus::Done);
+        // The event log names queue states as operators see them, not as Rust debug text.
+        let last = {
+            let snap = rig.fleet.store().snapshot().unwrap();
+            let events = snap.events_from(0, 100).unwrap();
+            events.last().expect("events").1.message.clone()
+        };
+        assert!(last.ends_with("(queue done)"), "{last}");
+        // A result for a command that was never sent closes the session.
+        let a = rig.run(vec![Input::Result {
+            conn: 2,
+            device: dev,
+            seq: 9,
+            attempt: 1,
+            result: ok_result(1),
+            report: None,
+        }]);
+        assert!(
+            a.iter().any(|x| matches!(
+                x,
+                Action::Close {
+                    code: CloseCode::PROTOCOL,
+                    ..
+                }
+            )),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn reconnect_resumes_redelivers_or_takes_the_result_from_hello() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        add(&mut rig, "n1", vec![exec("a"), exec("b"), exec("c")]);
+        rig.run(vec![Input::Disconnected {
+            conn: 2,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+        // The agent never got command 1 (its Hello names nothing): redelivered, not counted.
+        let a = rig.hello(3, dev, key, None);
+        assert_eq!(dispatched(&a), vec![1]);
+        assert_eq!(rig.queue(dev).attempts, 1);
+        rig.run(vec![Input::Disconnected {
+            conn: 3,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+        // The agent is still executing command 1: the new session resumes it, sends nothing.
+        let a = rig.hello(4, dev, key, last(1, 1, None));
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Welcome {
+                    resume: Some((1, 1, _, false)),
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        rig.run(vec![Input::Disconnected {
+            conn: 4,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+        // The agent finished command 1 while disconnected: its Hello carries the result, the
+        // Welcome acknowledges it, and command 2 follows.
+        let a = rig.hello(5, dev, key, last(1, 1, Some(ok_result(1))));
+        match &a[..] {
+            [Action::Welcome {
+                welcome,
+                resume: None,
+                ..
+            }, Action::Dispatch { seq: 2, .. }] => {
+                assert_eq!(welcome.acked_seq, 1)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A retry is a new attempt of the same command, also after a gateway restart; the
+    /// agent's `Hello` tells a redelivery of that attempt from one still running, and only
+    /// the current attempt's result counts.
+    #[test]
+    fn a_retry_is_a_new_attempt_and_only_its_result_counts() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        let a = add(&mut rig, "n1", vec![exec("a"), exec("b")]);
+        assert_eq!(attempt_of(&a, 1), Some(1), "{a:?}");
+        let a = rig.run(vec![result_input(2, dev, 1, 1, false)]);
+        assert!(matches!(a[..], [Action::Ack { seq: 1, .. }]), "{a:?}");
+        assert_eq!(rig.queue(dev).status, QueueStatus::Failed);
+        let a = rig.run(vec![Input::Admin {
+            conn: 999,
+            req: Request::QueueRetry {
+                device: "n1".into(),
+            },
+        }]);
+        assert_eq!(attempt_of(&a, 1), Some(2), "the retry is attempt 2: {a:?}");
+        rig.run(vec![Input::Disconnected {
+            conn: 2,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+
+        // The device never got attempt 2 and re-sends a result of attempt 1 (one the gateway
+        // has not got byte for byte): not attempt 2's, so it is discarded (and acknowledged,
+        // so the agent can forget it), and attempt 2 goes again.
+        let mut again = failed_result();
+        again.steps[0].output = b"attempt 1 once more".to_vec();
+        let a = rig.hello(3, dev, key, last(1, 1, Some(again)));
+        assert!(matches!(a[1], Action::Ack { conn: 3, seq: 1 }), "{a:?}");
+        assert_eq!(attempt_of(&a, 1), Some(2), "{a:?}");
+        assert_eq!(events_with(&mut rig, "attempt 2 is the current one"), 1);
+        rig.run(vec![Input::Disconnected {
+            conn: 3,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+
+        // The gateway restarts before the device got attempt 2: its Hello names attempt 1,
+        // done, so attempt 2 is redelivered, still attempt 2 and not counted again.
+        rig.restart();
+        let done = last(1, 1, None).map(|l| LastSeen {
+            executing: false,
+            ..l
+        });
+        let a = rig.hello(4, dev, key, done);
+        assert_eq!(attempt_of(&a, 1), Some(2), "{a:?}");
+        assert_eq!((rig.queue(dev).attempts, rig.queue(dev).attempt), (1, 2));
+        rig.run(vec![Input::Disconnected {
+            conn: 4,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+
+        // Another reconnect, the device now running attempt 2: resumed, nothing sent.
+        let a = rig.hello(5, dev, key, last(1, 2, None));
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Welcome {
+                    resume: Some((1, 2, _, false)),
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        let a = rig.run(vec![result_input(5, dev, 1, 2, true)]);
+        assert_eq!(attempt_of(&a, 2), Some(1), "{a:?}");
+    }
+
+    /// A result carried by `Hello` that stopped the queue is not covered by
+    /// `Welcome.acked_seq`: it is acknowledged on its own, or the agent would re-send it
+    /// forever and its session's command slot would never free (a retry could not be sent).
+    #[test]
+    fn a_hello_result_that_fails_the_queue_is_acknowledged() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        add(&mut rig, "n1", vec![exec("a")]);
+        rig.run(vec![Input::Disconnected {
+            conn: 2,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+        let a = rig.hello(3, dev, key, last(1, 1, Some(failed_result())));
+        match &a[..] {
+            [Action::Welcome { welcome, .. }, Action::Ack { conn: 3, seq: 1 }] => {
+                assert_eq!(welcome.acked_seq, 0)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(rig.queue(dev).status, QueueStatus::Failed);
+    }
+
+    /// Reports reach the device record without a reboot: on their own (after the agent
+    /// starts), inside a `report` step's result, and inside a result carried by `Hello`.
+    #[test]
+    fn reports_are_stored_from_report_messages_and_results() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        assert_eq!(stored_report(&rig, dev), None);
+        rig.run(vec![Input::Report {
+            conn: 2,
+            device: dev,
+            report: report_with("Debian 12", "b1"),
+        }]);
+        assert_eq!(stored_report(&rig, dev).unwrap().os, "Debian 12");
+
+        add(
+            &mut rig,
+            "n1",
+            vec![vec![StepSpec::Report], vec![StepSpec::Report]],
+        );
+        let a = rig.run(vec![Input::Result {
+            conn: 2,
+            device: dev,
+            seq: 1,
+            attempt: 1,
+            result: ok_result(1),
+            report: Some(report_with("Debian 13", "b1")),
+        }]);
+        assert!(matches!(a[0], Action::Ack { seq: 1, .. }), "{a:?}");
+        assert_eq!(stored_report(&rig, dev).unwrap().os, "Debian 13");
+
+        rig.run(vec![Input::Disconnected {
+            conn: 2,
+            device: Some(dev),
+            reason: "cut".into(),
+        }]);
+        let carried = last(2, 1, Some(ok_result(1))).map(|l| LastSeen {
+            report: Some(report_with("Debian 14", "b1")),
+            ..l
+        });
+        rig.hello(3, dev, key, carried);
+        assert_eq!(rig.queue(dev).status, QueueStatus::Done);
+        assert_eq!(stored_report(&rig, dev).unwrap().os, "Debian 14");
+    }
+}

@@ -1,0 +1,436 @@
+//! Push tasks: creation and announce, receivers' progress and completions' follow-ups, and
+//! `task show`.
+
+use super::*;
+
+/// Creates a push task for the members of `task.group` and announces it to those online.
+pub(super) fn push(
+    b: &mut dyn StoreBatch,
+    online: &HashMap<DeviceId, Online>,
+    now_ms: u64,
+    conn: ConnId,
+    task: &store::Task,
+    actions: &mut Vec<Action>,
+) {
+    let group = task.group.clone().unwrap_or_default();
+    let targets = match b.group_members(&group) {
+        Ok(t) if !t.is_empty() => t,
+        Ok(_) => {
+            return actions.push(Action::Reply {
+                conn,
+                resp: Response::err(format!(
+                    "group `{group}` has no members: `fleetcast group add {group} DEVICE...` first"
+                )),
+            })
+        }
+        Err(e) => {
+            return actions.push(Action::Reply {
+                conn,
+                resp: Response::err(e.to_string()),
+            })
+        }
+    };
+    let id = match b.create_task(task.clone(), &targets) {
+        Ok(id) => id,
+        Err(e) => {
+            return actions.push(Action::Reply {
+                conn,
+                resp: Response::err(e.to_string()),
+            })
+        }
+    };
+    let _ = b.append_event(event(
+        now_ms,
+        None,
+        EventKind::TaskStatus,
+        format!(
+            "task {}: {} ({} bytes) to group {group}, {} targets ({})",
+            id.0,
+            task.path,
+            task.size,
+            targets.len(),
+            task.trigger
+        ),
+    ));
+    let names: Vec<String> = targets
+        .iter()
+        .map(|d| {
+            b.device(*d)
+                .ok()
+                .flatten()
+                .map_or_else(|| d.0.to_string(), |d| d.name)
+        })
+        .collect();
+    actions.push(Action::TaskCreated {
+        conn,
+        task: id,
+        targets: targets.clone(),
+    });
+    for dev in &targets {
+        if let Some(o) = online.get(dev) {
+            actions.push(Action::Announce {
+                conn: o.conn,
+                device: *dev,
+                task: id,
+            });
+        }
+    }
+    actions.push(Action::Reply {
+        conn,
+        resp: Response::ok(json!({
+            "task": id.0,
+            "size": task.size,
+            "blocks": task.blocks(),
+            "sha256": hex(&task.sha256),
+            "targets": names.join(","),
+        })),
+    });
+}
+
+/// The task table's `in_progress` set for a receiver's progress report.
+///
+/// `TransferStatus` carries counts only, so `received` blocks are recorded as the prefix
+/// `0..received`: the count `task show` prints is exact, the positions are not (the store's
+/// set is the union of every report, so it only grows, as the receiver's count does). `None`
+/// when the report's `total` is not the task's block count (a report of another geometry),
+/// or nothing was received yet (the device stays `pending`).
+pub fn progress_blocks(received: u32, total: u32, blocks: u32) -> Option<store::BlockSet> {
+    if total != blocks || received == 0 {
+        return None;
+    }
+    let mut set = store::BlockSet::new();
+    set.insert(0, received.min(blocks));
+    Some(set)
+}
+
+/// Records a receiver's progress report. A report that arrives after the device's
+/// completion or failure (or for an unknown task) is refused by the store and dropped: it is
+/// informational, and the session stays.
+pub(super) fn record_progress(
+    b: &mut dyn StoreBatch,
+    dev: DeviceId,
+    task: store::TaskId,
+    received: u32,
+    total: u32,
+) {
+    let blocks = match b.task(task) {
+        Ok(Some(t)) => t.blocks(),
+        Ok(None) => return,
+        Err(e) => {
+            tracing::debug!(device = dev.0, task = task.0, error = %e, "progress not recorded");
+            return;
+        }
+    };
+    let Some(set) = progress_blocks(received, total, blocks) else {
+        return;
+    };
+    if let Err(e) = b.task_progress(task, dev, set) {
+        tracing::debug!(device = dev.0, task = task.0, error = %e, "progress not recorded");
+    }
+}
+
+/// A verified copy: the task's follow-up commands join the device's queue, in the same
+/// batch as the completion (so a crash loses neither or both).
+pub(super) fn queue_follow_up(
+    b: &mut dyn StoreBatch,
+    now_ms: u64,
+    dev: DeviceId,
+    task: store::TaskId,
+    dirty: &mut BTreeSet<DeviceId>,
+) {
+    let then = match b.task(task) {
+        Ok(Some(t)) => t.then,
+        _ => return,
+    };
+    if then.is_empty() {
+        return;
+    }
+    let n = then.len();
+    for c in then {
+        if let Err(e) = b.enqueue(dev, c) {
+            tracing::warn!(device = dev.0, task = task.0, error = %e, "follow-up not queued");
+            return;
+        }
+    }
+    dirty.insert(dev);
+    let _ = b.append_event(event(
+        now_ms,
+        Some(dev),
+        EventKind::TaskStatus,
+        format!("task {} follow-up: {n} command(s) queued", task.0),
+    ));
+}
+
+/// `task show`: one task's status table, or every task with its counts.
+pub(super) fn task_show(b: &dyn StoreBatch, task: Option<u64>) -> Result<Response, Response> {
+    let err = |e: store::Error| Response::err(e.to_string());
+    let name = |d: DeviceId| {
+        b.device(d)
+            .ok()
+            .flatten()
+            .map_or_else(|| d.0.to_string(), |d| d.name)
+    };
+    match task {
+        Some(id) => {
+            let t = b.task(store::TaskId(id)).map_err(err)?.ok_or_else(|| {
+                Response::not_found(format!(
+                    "no task {id}: `fleetcast task show` lists the tasks"
+                ))
+            })?;
+            let n = t.blocks();
+            let rows: Vec<_> = b
+                .task_statuses(store::TaskId(id))
+                .map_err(err)?
+                .into_iter()
+                .map(|(d, st)| {
+                    let (blocks, reason) = match &st {
+                        store::TaskDeviceStatus::InProgress(set) => (
+                            set.ranges()
+                                .iter()
+                                .map(|(s, e)| u64::from(e - s))
+                                .sum::<u64>(),
+                            None,
+                        ),
+                        store::TaskDeviceStatus::Completed => (u64::from(n), None),
+                        store::TaskDeviceStatus::Failed(r) => (0, Some(r.clone())),
+                        store::TaskDeviceStatus::Pending => (0, None),
+                    };
+                    json!({
+                        "device": name(d),
+                        "id": d.0,
+                        "status": st.name(),
+                        "blocks": format!("{blocks}/{n}"),
+                        "reason": reason,
+                    })
+                })
+                .collect();
+            Ok(Response::ok(json!({
+                "task": id,
+                "path": t.path,
+                "size": t.size,
+                "block_size": t.block_size,
+                "sha256": hex(&t.sha256),
+                "group": t.group,
+                "trigger": t.trigger,
+                "created_ms": t.created_ms,
+                "devices": rows,
+            })))
+        }
+        None => {
+            let mut rows = Vec::new();
+            for (id, t) in b.tasks().map_err(err)? {
+                let mut counts: HashMap<&'static str, u64> = HashMap::new();
+                for (_, st) in b.task_statuses(id).map_err(err)? {
+                    *counts.entry(st.name()).or_default() += 1;
+                }
+                rows.push(json!({
+                    "task": id.0,
+                    "path": t.path,
+                    "size": t.size,
+                    "group": t.group,
+                    "completed": counts.get("completed").copied().unwrap_or(0),
+                    "in_progress": counts.get("in_progress").copied().unwrap_or(0),
+                    "pending": counts.get("pending").copied().unwrap_or(0),
+                    "failed": counts.get("failed").copied().unwrap_or(0),
+                }));
+            }
+            Ok(Response::ok(json!({ "tasks": rows })))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Push tasks and progress.
+
+    use crate::fleet::rig::*;
+    use crate::fleet::*;
+
+    #[test]
+    fn progress_counts_map_to_a_prefix_of_the_task() {
+        let set = progress_blocks(5, 10, 10).unwrap();
+        assert_eq!(set.ranges(), &[(0, 5)]);
+        assert_eq!(set.count(), 5);
+        assert_eq!(progress_blocks(10, 10, 10).unwrap().ranges(), &[(0, 10)]);
+        // More than the file has (a confused receiver) is capped at the file.
+        assert_eq!(progress_blocks(11, 10, 10).unwrap().ranges(), &[(0, 10)]);
+        assert_eq!(progress_blocks(0, 10, 10), None);
+        assert_eq!(progress_blocks(5, 12, 10), None);
+    }
+
+    #[test]
+    fn push_creates_a_task_announces_online_targets_and_late_ones_on_welcome() {
+        let mut rig = Rig::new();
+        let (d1, k1) = rig.enrol("n1", 1);
+        let (d2, k2) = rig.enrol("n2", 2);
+        rig.hello(3, d1, k1, None);
+        let task = store::Task {
+            path: "/srv/image.bin".into(),
+            size: 3000,
+            block_size: 1000,
+            sha256: [7; 32],
+            group: Some("g".into()),
+            trigger: "publish by operator".into(),
+            created_ms: T0,
+            // Install what was received: queued only where the copy verified.
+            then: vec![Command {
+                steps: vec![store::Step::Exec {
+                    argv: vec!["/bin/true".into()],
+                }],
+                timeout_ms: 1000,
+                max_attempts: 1,
+                on_failure: store::OnFailure::Stop,
+            }],
+        };
+        let a = rig.run(vec![Input::Push {
+            conn: 900,
+            task: task.clone(),
+        }]);
+        let id = match &a[..] {
+            [Action::TaskCreated {
+                conn: 900,
+                task: id,
+                targets,
+            }, Action::Announce {
+                conn: 3,
+                device,
+                task: t2,
+            }, Action::Reply { resp, .. }] => {
+                assert_eq!(targets, &vec![d1, d2]);
+                assert_eq!((device, t2), (&d1, id));
+                assert_eq!(resp.data["task"], id.0);
+                *id
+            }
+            other => panic!("{other:?}"),
+        };
+        // n2 connects later: the welcome is followed by the announce.
+        let a = rig.hello(4, d2, k2, None);
+        assert!(
+            matches!(&a[..], [Action::Welcome { conn: 4, .. }, Action::Announce { conn: 4, device, task }] if *device == d2 && *task == id),
+            "{a:?}"
+        );
+        // Progress reports: counts become a prefix of the task's blocks; a report of another
+        // geometry is ignored; the recorded set only grows.
+        let a = rig.run(vec![
+            Input::TransferProgress {
+                conn: 3,
+                device: d1,
+                task: id.0,
+                received: 2,
+                total: 3,
+            },
+            Input::TransferProgress {
+                conn: 4,
+                device: d2,
+                task: id.0,
+                received: 1,
+                total: 9,
+            },
+        ]);
+        assert_eq!(a, vec![]);
+        let r = rig.admin(Request::TaskShow { task: Some(id.0) });
+        let rows = r.data["devices"].as_array().unwrap();
+        assert_eq!(rows[0]["status"], "in_progress");
+        assert_eq!(rows[0]["blocks"], "2/3");
+        assert_eq!(rows[1]["status"], "pending");
+        assert_eq!(rows[1]["blocks"], "0/3");
+        let r = rig.admin(Request::TaskShow { task: None });
+        assert_eq!(r.data["tasks"][0]["in_progress"], 1);
+        rig.run(vec![Input::TransferProgress {
+            conn: 3,
+            device: d1,
+            task: id.0,
+            received: 1,
+            total: 3,
+        }]);
+        let r = rig.admin(Request::TaskShow { task: Some(id.0) });
+        assert_eq!(r.data["devices"][0]["blocks"], "2/3");
+        // Completions: verified, and a digest mismatch.
+        let a = rig.run(vec![
+            Input::Completion {
+                conn: 3,
+                device: d1,
+                task: id.0,
+                verified: true,
+                reason: String::new(),
+            },
+            Input::Completion {
+                conn: 4,
+                device: d2,
+                task: id.0,
+                verified: false,
+                reason: "DigestMismatch: bad".into(),
+            },
+        ]);
+        assert_eq!(
+            a[..2],
+            [
+                Action::TransferDone {
+                    conn: 3,
+                    device: d1,
+                    task: id,
+                    verified: true
+                },
+                Action::TransferDone {
+                    conn: 4,
+                    device: d2,
+                    task: id,
+                    verified: false
+                },
+            ]
+        );
+        // The follow-up goes to the verified device only, in the same batch.
+        let dispatched: Vec<u64> = a[2..]
+            .iter()
+            .filter_map(|a| match a {
+                Action::Dispatch { conn, .. } => Some(*conn),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dispatched, [3], "{a:?}");
+        let queued = |rig: &mut Rig, n: &str| {
+            rig.admin(Request::QueueShow { device: n.into() }).data["commands"]
+                .as_array()
+                .map(Vec::len)
+        };
+        assert_eq!(queued(&mut rig, "n1"), Some(1));
+        assert_ne!(queued(&mut rig, "n2"), Some(1));
+        let r = rig.admin(Request::TaskShow { task: Some(id.0) });
+        let rows = r.data["devices"].as_array().unwrap();
+        assert_eq!(rows[0]["status"], "completed");
+        assert_eq!(rows[0]["blocks"], "3/3");
+        assert_eq!(rows[1]["status"], "failed");
+        let r = rig.admin(Request::TaskShow { task: None });
+        assert_eq!(r.data["tasks"][0]["completed"], 1);
+        assert_eq!(r.data["tasks"][0]["failed"], 1);
+        // A completed device is not announced again.
+        let a = rig.hello(5, d1, k1, None);
+        assert!(
+            !a.iter().any(|a| matches!(a, Action::Announce { .. })),
+            "{a:?}"
+        );
+        // A late progress report does not undo the completion.
+        let a = rig.run(vec![Input::TransferProgress {
+            conn: 5,
+            device: d1,
+            task: id.0,
+            received: 1,
+            total: 3,
+        }]);
+        assert_eq!(a, vec![]);
+        let r = rig.admin(Request::TaskShow { task: Some(id.0) });
+        assert_eq!(r.data["devices"][0]["status"], "completed");
+        // A push to an empty group is refused before any task exists.
+        let a = rig.run(vec![Input::Push {
+            conn: 901,
+            task: store::Task {
+                group: Some("nobody".into()),
+                ..task
+            },
+        }]);
+        assert!(
+            matches!(&a[..], [Action::Reply { resp, .. }] if !resp.ok),
+            "{a:?}"
+        );
+    }
+}
