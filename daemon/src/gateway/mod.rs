@@ -15,6 +15,15 @@
 //!    the inputs gathered meanwhile go to the thread as the next batch: one
 //!    [`Fleet::process`] call, one store batch, one fsync, off this thread.
 //! 6. Write TLS until `WouldBlock`, asking for `WRITABLE` only while bytes are pending.
+//!
+//! # Layout
+//! This file holds the struct, `bind` and the iteration; the siblings hold one concern each:
+//! `agents` (agent connections and their session cores), `admin_conn`, `artifact_conn`,
+//! `ladder` (the transport ladder's HTTP rungs and long-poll relays), `actions` (applying the
+//! fleet's actions), `push` (digests, the watched directory, driving distributions), `clock`
+//! (the clock, the poll timeout, connection timers), `flush` (writing and removing
+//! connections), `local` (metrics and backup), `limits` (connection caps), `store_thread`
+//! and `config`. Tokens are [`crate::token::Tok`].
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
