@@ -92,7 +92,7 @@ impl Gateway {
         match (&mut self.conns[idx].conn, action) {
             (Conn::Admin(a), Action::Reply { resp, .. }) => {
                 push_json_line(&mut a.out, &resp);
-                self.touched.push(idx);
+                self.work.touched.push(idx);
                 return;
             }
             (Conn::Agent(c), action) => {

@@ -80,7 +80,8 @@ impl Gateway {
                     };
                     // Handshake timeout: the session core's hello timer starts at handshake
                     // end; until then this timer bounds a silent TLS client.
-                    self.timers
+                    self.work
+                        .timers
                         .push(Reverse((now + self.cfg.session.hello_timeout, idx, id)));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -91,7 +92,7 @@ impl Gateway {
             }
         }
         // Budget exhausted: more may be waiting; come back next iteration.
-        self.ready.push_back(usize::MAX);
+        self.work.ready.push_back(usize::MAX);
     }
 
     /// Accepts from the agent listener, then from the extra one.
@@ -138,7 +139,7 @@ impl Gateway {
         let mut relay_certified = None;
         if c.session.is_none()
             && c.tls.handshake_done()
-            && ladder::inner_ready(c, idx, id, now, http_timeout, &mut self.timers)
+            && ladder::inner_ready(c, idx, id, now, http_timeout, &mut self.work.timers)
         {
             let (device, key_hash) = peer_identity(&c.tls.tls);
             c.key_hash = key_hash;
@@ -220,9 +221,9 @@ impl Gateway {
             c.closing = true;
         }
         if let Some(t) = s.poll_timeout() {
-            self.timers.push(Reverse((t, idx, id)));
+            self.work.timers.push(Reverse((t, idx, id)));
         }
-        self.touched.push(idx);
+        self.work.touched.push(idx);
     }
 }
 
