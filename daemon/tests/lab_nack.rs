@@ -245,8 +245,18 @@ fn a_long_poll_device_proves_its_address_and_is_repaired() {
         gw.wait_online(&name, WAIT, || spec.output());
         specs.push(spec);
     }
-    let log = common::read_log(&specs[1].log);
-    assert!(log.contains("connected via rung longpoll"), "{log}");
+    // The gateway sees the device online as soon as its `Hello` is in; the agent writes its
+    // "connected via" line a moment later, so wait for it rather than read the log once.
+    wait_for(
+        "the long-poll agent to log its rung",
+        WAIT,
+        || {
+            common::read_log(&specs[1].log)
+                .contains("connected via rung longpoll")
+                .then_some(())
+        },
+        || common::read_log(&specs[1].log),
+    );
     // Only the long-poll device loses blocks, so every repair it needs is unicast to it.
     lab.host(2).loss_in(&[PORT], 5.0).expect("loss");
     count_to_victim(gw_host, lab.host(2).addr());
