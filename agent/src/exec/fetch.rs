@@ -1,0 +1,612 @@
+//! The `fetch` step: `file:///path` copies and a minimal HTTP/1.1 GET client (no TLS, no
+//! redirects, status 200 only), writing the destination atomically. Every read is bounded by
+//! [`ExecConfig::io_timeout`] and the command's deadline; the response header by
+//! [`ExecConfig::max_header_bytes`].
+
+use std::fs::File;
+use std::io::{self, BufRead as _, BufReader, Cursor, Read, Write as _};
+use std::net::{TcpStream, ToSocketAddrs as _};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use fleetcast_os::AtomicFile;
+
+use super::file::{absolute, with_path};
+use super::{expired, now, ExecConfig, StepError, CHUNK};
+use crate::report;
+
+/// Longest chunk-size or trailer line accepted in a chunked HTTP body.
+const MAX_CHUNK_LINE: u64 = 1024;
+
+pub(super) fn fetch(
+    url: &str,
+    path: &str,
+    deadline: Option<Instant>,
+    cfg: &ExecConfig,
+) -> Result<(), StepError> {
+    let dest = absolute(path)?;
+    if let Some(src) = url.strip_prefix("file://") {
+        // `file:///abs/path` (RFC 8089: empty authority).
+        if !src.starts_with('/') {
+            return Err(StepError::Failed(format!(
+                "{url}: only file:///absolute/path URLs are supported"
+            )));
+        }
+        let mut input = File::open(src).map_err(with_path(src))?;
+        let mut f = AtomicFile::create(dest, 0o644).map_err(with_path(path))?;
+        copy(&mut input, &mut f, None, deadline)?;
+        return f.commit().map_err(with_path(path));
+    }
+    if url.starts_with("http://") {
+        return http_get(url, dest, deadline, cfg);
+    }
+    Err(StepError::Failed(format!(
+        "{url}: unsupported URL (file:// and http:// only)"
+    )))
+}
+
+/// Copies `input` to `out` (at most `limit` bytes if given), checking `deadline` between
+/// reads. Returns the bytes copied.
+fn copy(
+    input: &mut impl Read,
+    out: &mut AtomicFile,
+    limit: Option<u64>,
+    deadline: Option<Instant>,
+) -> Result<u64, StepError> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut done = 0u64;
+    loop {
+        let want = match limit {
+            Some(l) if l - done < CHUNK as u64 => (l - done) as usize,
+            _ => CHUNK,
+        };
+        if want == 0 {
+            return Ok(done);
+        }
+        let n = match input.read(&mut buf[..want]) {
+            Ok(0) => return Ok(done),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_error(e, deadline)),
+        };
+        out.write_all(&buf[..n])?;
+        done += n as u64;
+        if expired(deadline) {
+            return Err(StepError::TimedOut);
+        }
+    }
+}
+
+fn read_error(e: io::Error, deadline: Option<Instant>) -> StepError {
+    if expired(deadline) {
+        StepError::TimedOut
+    } else if matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    ) {
+        StepError::Failed("read timed out".into())
+    } else {
+        StepError::Failed(e.to_string())
+    }
+}
+
+/// The parts of an `http://` URL.
+#[derive(Debug, PartialEq, Eq)]
+struct HttpUrl<'a> {
+    /// Host without IPv6 brackets (for resolving).
+    host: &'a str,
+    port: u16,
+    /// `host[:port]` as written (for the `Host` header).
+    authority: &'a str,
+    /// Path and query, starting with `/`.
+    target: &'a str,
+}
+
+fn parse_http_url(url: &str) -> Option<HttpUrl<'_>> {
+    let rest = url.strip_prefix("http://")?;
+    let rest = rest.split('#').next().unwrap_or(rest);
+    let (authority, target) = match rest.find(['/', '?']) {
+        Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], &rest[i..]),
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() || authority.contains('@') || target.starts_with('?') {
+        return None;
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6.split_once(']')?;
+        let port = match after {
+            "" => 80,
+            p => p.strip_prefix(':')?.parse().ok()?,
+        };
+        (h, port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse().ok()?),
+            None => (authority, 80),
+        }
+    };
+    // No spaces or control characters: they would let a URL inject request lines.
+    let clean = |t: &str| t.bytes().all(|b| b.is_ascii_graphic());
+    if host.is_empty() || !clean(authority) || !clean(target) {
+        return None;
+    }
+    Some(HttpUrl {
+        host,
+        port,
+        authority,
+        target,
+    })
+}
+
+/// A socket whose every read waits at most `min(io_timeout, time to the deadline)`.
+struct TimedStream {
+    stream: TcpStream,
+    io_timeout: Duration,
+    deadline: Option<Instant>,
+}
+
+impl TimedStream {
+    fn wait(&self) -> io::Result<Duration> {
+        let Some(d) = self.deadline else {
+            return Ok(self.io_timeout);
+        };
+        match d.checked_duration_since(now()) {
+            Some(left) if !left.is_zero() => Ok(left.min(self.io_timeout)),
+            _ => Err(io::ErrorKind::TimedOut.into()),
+        }
+    }
+}
+
+impl Read for TimedStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let wait = self.wait()?;
+        self.stream.set_read_timeout(Some(wait))?;
+        self.stream.read(buf)
+    }
+}
+
+fn http_get(
+    url: &str,
+    dest: &Path,
+    deadline: Option<Instant>,
+    cfg: &ExecConfig,
+) -> Result<(), StepError> {
+    let u = parse_http_url(url)
+        .ok_or_else(|| StepError::Failed(format!("{url}: not an http://host[:port]/path URL")))?;
+    let fail = |msg: String| StepError::Failed(format!("{url}: {msg}"));
+    let mut conn = TimedStream {
+        stream: connect(&u, deadline, cfg.io_timeout).map_err(|e| match e {
+            StepError::Failed(m) => fail(m),
+            t => t,
+        })?,
+        io_timeout: cfg.io_timeout,
+        deadline,
+    };
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: fleetcast-agent/{}\r\nAccept-Encoding: identity\r\nConnection: close\r\n\r\n",
+        u.target,
+        u.authority,
+        report::AGENT_VERSION
+    );
+    conn.stream
+        .set_write_timeout(Some(conn.wait().map_err(|_| StepError::TimedOut)?))?;
+    conn.stream
+        .write_all(request.as_bytes())
+        .map_err(|e| read_error(e, deadline))?;
+
+    // Read until the header is complete, never holding more than `max_header_bytes`.
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let (header_len, status, body) = loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&head) {
+            Ok(httparse::Status::Complete(n)) => {
+                let body = body_kind(resp.headers).map_err(|m| fail(m.into()))?;
+                break (n, resp.code.unwrap_or(0), body);
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(e) => return Err(fail(format!("bad response header: {e}"))),
+        }
+        if head.len() >= cfg.max_header_bytes {
+            return Err(fail(format!(
+                "response header larger than {} bytes",
+                cfg.max_header_bytes
+            )));
+        }
+        let room = (cfg.max_header_bytes - head.len()).min(chunk.len());
+        let n = match conn.read(&mut chunk[..room]) {
+            Ok(0) => return Err(fail("connection closed before the response header".into())),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_error(e, deadline)),
+        };
+        head.extend_from_slice(&chunk[..n]);
+    };
+    if status != 200 {
+        return Err(fail(format!("HTTP status {status}")));
+    }
+    let leftover = head.split_off(header_len);
+    let mut body_in = BufReader::with_capacity(16 * 1024, Cursor::new(leftover).chain(conn));
+    let mut f = AtomicFile::create(dest, 0o644).map_err(with_path(&dest.to_string_lossy()))?;
+    match body {
+        Body::Length(len) => {
+            let got = copy(&mut body_in, &mut f, Some(len), deadline)?;
+            if got != len {
+                return Err(fail(format!(
+                    "connection closed after {got} of {len} body bytes"
+                )));
+            }
+        }
+        Body::Close => {
+            copy(&mut body_in, &mut f, None, deadline)?;
+        }
+        Body::Chunked => read_chunked(&mut body_in, &mut f, deadline).map_err(|e| match e {
+            StepError::Failed(m) => fail(m),
+            t => t,
+        })?,
+    }
+    f.commit().map_err(with_path(&dest.to_string_lossy()))
+}
+
+fn connect(
+    u: &HttpUrl<'_>,
+    deadline: Option<Instant>,
+    io_timeout: Duration,
+) -> Result<TcpStream, StepError> {
+    let addrs = (u.host, u.port)
+        .to_socket_addrs()
+        .map_err(|e| StepError::Failed(format!("resolving {}: {e}", u.host)))?;
+    let mut last = None;
+    for addr in addrs {
+        let wait = match deadline {
+            None => io_timeout,
+            Some(d) => match d.checked_duration_since(now()) {
+                Some(left) if !left.is_zero() => left.min(io_timeout),
+                _ => return Err(StepError::TimedOut),
+            },
+        };
+        match TcpStream::connect_timeout(&addr, wait) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(format!("connecting to {addr}: {e}")),
+        }
+    }
+    if expired(deadline) {
+        return Err(StepError::TimedOut);
+    }
+    Err(StepError::Failed(
+        last.unwrap_or_else(|| format!("{}: no addresses", u.host)),
+    ))
+}
+
+/// How the response body is delimited (RFC 9112 §6.3).
+enum Body {
+    Length(u64),
+    Chunked,
+    Close,
+}
+
+fn body_kind(headers: &[httparse::Header<'_>]) -> Result<Body, &'static str> {
+    let mut length: Option<u64> = None;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // "If a Transfer-Encoding header field is present in a response and the chunked
+            // transfer coding is not the final encoding, the message body length is determined
+            // by reading the connection until it is closed by the server." (§6.3 item 4)
+            let v = std::str::from_utf8(h.value).map_err(|_| "bad Transfer-Encoding")?;
+            let last = v.rsplit(',').next().unwrap_or("").trim();
+            return Ok(if last.eq_ignore_ascii_case("chunked") {
+                Body::Chunked
+            } else {
+                Body::Close
+            });
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or("bad Content-Length")?;
+            if length.is_some_and(|l| l != v) {
+                return Err("conflicting Content-Length headers");
+            }
+            length = Some(v);
+        }
+    }
+    Ok(length.map_or(Body::Close, Body::Length))
+}
+
+/// Decodes a chunked body into `f` (RFC 9112 §7.1).
+fn read_chunked(
+    r: &mut BufReader<impl Read>,
+    f: &mut AtomicFile,
+    deadline: Option<Instant>,
+) -> Result<(), StepError> {
+    let mut line = Vec::with_capacity(64);
+    loop {
+        read_line(r, &mut line, deadline)?;
+        let size = match httparse::parse_chunk_size(&line) {
+            Ok(httparse::Status::Complete((_, size))) => size,
+            _ => return Err(StepError::Failed("bad chunk size line".into())),
+        };
+        if size == 0 {
+            // Trailer section, ended by an empty line.
+            loop {
+                read_line(r, &mut line, deadline)?;
+                if line == b"\r\n" || line == b"\n" {
+                    return Ok(());
+                }
+            }
+        }
+        let got = copy(r, f, Some(size), deadline)?;
+        if got != size {
+            return Err(StepError::Failed("connection closed inside a chunk".into()));
+        }
+        read_line(r, &mut line, deadline)?;
+        if line != b"\r\n" && line != b"\n" {
+            return Err(StepError::Failed("chunk not followed by CRLF".into()));
+        }
+    }
+}
+
+/// Reads one line (with its terminator) of at most [`MAX_CHUNK_LINE`] bytes.
+fn read_line(
+    r: &mut BufReader<impl Read>,
+    line: &mut Vec<u8>,
+    deadline: Option<Instant>,
+) -> Result<(), StepError> {
+    line.clear();
+    r.by_ref()
+        .take(MAX_CHUNK_LINE)
+        .read_until(b'\n', line)
+        .map_err(|e| read_error(e, deadline))?;
+    if line.last() != Some(&b'\n') {
+        return Err(StepError::Failed(
+            "connection closed or line too long in chunked body".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::*;
+    use super::super::*;
+    use super::*;
+    use std::fs;
+    use std::net::TcpListener;
+    use std::path::Path;
+    use std::thread;
+    use std::time::Duration;
+
+    #[test]
+    fn fetch_file_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let data = vec![0x5a; 150_000];
+        fs::write(&src, &data).unwrap();
+        let dest = dir.path().join("dest");
+        let done = run(
+            &job(
+                0,
+                vec![
+                    OwnedStep::Fetch {
+                        url: format!("file://{}", src.display()),
+                        path: dest.to_str().unwrap().into(),
+                    },
+                    OwnedStep::Verify {
+                        path: dest.to_str().unwrap().into(),
+                        sha256: sha256(&data),
+                    },
+                ],
+            ),
+            &ExecConfig::default(),
+        );
+        assert_eq!(statuses(&done), [StepStatus::Ok, StepStatus::Ok]);
+        assert_eq!(fs::read(&dest).unwrap(), data);
+
+        let done = run(
+            &job(
+                0,
+                vec![OwnedStep::Fetch {
+                    url: "ftp://example.invalid/x".into(),
+                    path: dest.to_str().unwrap().into(),
+                }],
+            ),
+            &ExecConfig::default(),
+        );
+        assert!(output(&done).contains("unsupported URL"));
+    }
+
+    /// A one-shot HTTP server on 127.0.0.1: answers one request with `response`, then keeps
+    /// the connection open until the client closes it (bounded by a read timeout). Returns
+    /// the base URL and a handle yielding the request head.
+    fn serve_once(response: Vec<u8>) -> (String, thread::JoinHandle<String>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let h = thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut req = Vec::new();
+            let mut b = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut b) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&b[..n]),
+                }
+            }
+            // The client may give up mid-response (header too large): ignore write errors.
+            let _ = s.write_all(&response);
+            // Hold the connection until the client closes it.
+            while matches!(s.read(&mut b), Ok(n) if n > 0) {}
+            String::from_utf8_lossy(&req).into_owned()
+        });
+        (format!("http://{addr}"), h)
+    }
+
+    fn fetch_job(url: String, dest: &Path, timeout_ms: u32) -> Completed {
+        run(
+            &job(
+                timeout_ms,
+                vec![OwnedStep::Fetch {
+                    url,
+                    path: dest.to_str().unwrap().into(),
+                }],
+            ),
+            &ExecConfig::default(),
+        )
+    }
+
+    #[test]
+    fn fetch_http_content_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out");
+        let (base, server) = serve_once(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nContent-Type: text/plain\r\n\r\nhello world"
+                .to_vec(),
+        );
+        let done = fetch_job(format!("{base}/a/b?x=1"), &dest, 5000);
+        assert_eq!(statuses(&done), [StepStatus::Ok], "{}", output(&done));
+        assert_eq!(fs::read(&dest).unwrap(), b"hello world");
+        let req = server.join().unwrap();
+        assert!(req.starts_with("GET /a/b?x=1 HTTP/1.1\r\n"), "{req}");
+        assert!(req.contains(&format!("Host: {}\r\n", &base[7..])), "{req}");
+    }
+
+    #[test]
+    fn fetch_http_chunked() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out");
+        let (base, server) = serve_once(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: y\r\n\r\n"
+                .to_vec(),
+        );
+        let done = fetch_job(format!("{base}/"), &dest, 0);
+        assert_eq!(statuses(&done), [StepStatus::Ok], "{}", output(&done));
+        assert_eq!(fs::read(&dest).unwrap(), b"hello world");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn fetch_http_read_to_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out");
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut resp = b"HTTP/1.0 200 OK\r\n\r\n".to_vec();
+        resp.extend_from_slice(&body);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        // This server closes right after writing (no length: the close ends the body).
+        let server = thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut b = [0u8; 1024];
+            let _ = s.read(&mut b).unwrap();
+            s.write_all(&resp).unwrap();
+        });
+        let done = fetch_job(format!("http://{addr}/big"), &dest, 0);
+        assert_eq!(statuses(&done), [StepStatus::Ok], "{}", output(&done));
+        assert_eq!(fs::read(&dest).unwrap(), body);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn fetch_http_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out");
+
+        let (base, server) =
+            serve_once(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec());
+        let done = fetch_job(format!("{base}/missing"), &dest, 5000);
+        assert_eq!(statuses(&done), [StepStatus::Failed]);
+        assert!(
+            output(&done).contains("HTTP status 404"),
+            "{}",
+            output(&done)
+        );
+        server.join().unwrap();
+
+        // Short body: the server closes early.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut b = [0u8; 1024];
+            let _ = s.read(&mut b).unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+                .unwrap();
+        });
+        let done = fetch_job(format!("http://{addr}/short"), &dest, 5000);
+        assert_eq!(statuses(&done), [StepStatus::Failed]);
+        assert!(
+            output(&done).contains("after 10 of 100"),
+            "{}",
+            output(&done)
+        );
+        server.join().unwrap();
+
+        // A header over the limit.
+        let mut big = b"HTTP/1.1 200 OK\r\nX-Big: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', 20_000));
+        big.extend_from_slice(b"\r\n\r\n");
+        let (base, server) = serve_once(big);
+        let done = fetch_job(format!("{base}/"), &dest, 5000);
+        assert_eq!(statuses(&done), [StepStatus::Failed]);
+        assert!(
+            output(&done).contains("response header larger"),
+            "{}",
+            output(&done)
+        );
+        server.join().unwrap();
+
+        // The body never comes: the command timeout stops the fetch.
+        let (base, server) = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".to_vec());
+        let done = fetch_job(format!("{base}/slow"), &dest, 300);
+        assert_eq!(statuses(&done), [StepStatus::TimedOut], "{}", output(&done));
+        assert_eq!(done.result.exit_code, EXIT_TIMED_OUT);
+        server.join().unwrap();
+
+        // Nothing listens (a port just released).
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let done = fetch_job(format!("http://127.0.0.1:{port}/"), &dest, 5000);
+        assert_eq!(statuses(&done), [StepStatus::Failed]);
+        assert!(output(&done).contains("connecting to"), "{}", output(&done));
+
+        assert!(!dest.exists(), "a failed fetch must not create the file");
+    }
+
+    #[test]
+    fn http_url_parsing() {
+        let u = parse_http_url("http://10.0.0.1:8080/a/b?c=d#frag").unwrap();
+        assert_eq!(
+            u,
+            HttpUrl {
+                host: "10.0.0.1",
+                port: 8080,
+                authority: "10.0.0.1:8080",
+                target: "/a/b?c=d"
+            }
+        );
+        let u = parse_http_url("http://[::1]:81").unwrap();
+        assert_eq!((u.host, u.port, u.target), ("::1", 81, "/"));
+        let u = parse_http_url("http://example.com/x").unwrap();
+        assert_eq!((u.host, u.port), ("example.com", 80));
+        for bad in [
+            "http://",
+            "http:///x",
+            "http://u:p@host/",
+            "http://host:port/",
+            "http://host:99999/",
+            "http://[::1/",
+            "http://host/a b",
+            "http://ho\r\nX-Injected: 1/",
+            "https://host/",
+        ] {
+            assert_eq!(parse_http_url(bad), None, "{bad}");
+        }
+    }
+}
