@@ -11,12 +11,156 @@ use std::time::{Duration, Instant};
 
 use fleetcast_os::AtomicFile;
 
+use std::net::SocketAddr;
+
 use super::file::{absolute, with_path};
 use super::{expired, now, ExecConfig, StepError, CHUNK};
 use crate::report;
 
 /// Longest chunk-size or trailer line accepted in a chunked HTTP body.
 const MAX_CHUNK_LINE: u64 = 1024;
+
+/// Why a `fetch` source failed (its destination's errors are [`super::FileError`]s).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// `file://` with an authority or a relative path (RFC 8089: `file:///abs/path` only).
+    #[error("{url}: only file:///absolute/path URLs are supported")]
+    FileUrlNotAbsolute {
+        /// The URL given.
+        url: String,
+    },
+    /// Neither `file://` nor `http://`.
+    #[error("{url}: unsupported URL (file:// and http:// only)")]
+    UnsupportedScheme {
+        /// The URL given.
+        url: String,
+    },
+    /// An `http://` URL that is not `http://host[:port]/path` (or would inject request lines).
+    #[error("{url}: not an http://host[:port]/path URL")]
+    NotHttpUrl {
+        /// The URL given.
+        url: String,
+    },
+    /// The HTTP exchange broke a rule.
+    #[error("{url}: {why}")]
+    Http {
+        /// The URL fetched.
+        url: String,
+        /// What went wrong.
+        why: HttpError,
+    },
+    /// One read waited longer than [`ExecConfig::io_timeout`].
+    #[error("read timed out")]
+    ReadTimeout,
+    /// Reading the source failed.
+    #[error("{0}")]
+    Read(io::Error),
+    /// Writing the destination failed.
+    #[error("{0}")]
+    Write(io::Error),
+    /// Setting up the socket failed.
+    #[error("{0}")]
+    Socket(io::Error),
+}
+
+/// What broke in an HTTP exchange (reported with the URL, [`FetchError::Http`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HttpError {
+    /// The host name did not resolve.
+    #[error("resolving {host}: {source}")]
+    Resolve {
+        /// The host.
+        host: String,
+        /// The resolver's error.
+        source: io::Error,
+    },
+    /// No address of the host accepted a connection (the last one's error).
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        /// The last address tried.
+        addr: SocketAddr,
+        /// Its error.
+        source: io::Error,
+    },
+    /// The host resolved to no address.
+    #[error("{host}: no addresses")]
+    NoAddresses {
+        /// The host.
+        host: String,
+    },
+    /// A `Transfer-Encoding` value that is not UTF-8.
+    #[error("bad Transfer-Encoding")]
+    BadTransferEncoding,
+    /// A `Content-Length` that is not a decimal number.
+    #[error("bad Content-Length")]
+    BadContentLength,
+    /// Two `Content-Length` headers that disagree (RFC 9112 §6.3 item 5).
+    #[error("conflicting Content-Length headers")]
+    ConflictingLength,
+    /// The response head did not parse.
+    #[error("bad response header: {0}")]
+    BadHeader(httparse::Error),
+    /// The response head exceeds [`ExecConfig::max_header_bytes`].
+    #[error("response header larger than {0} bytes")]
+    HeaderTooLarge(usize),
+    /// The server closed before the head was complete.
+    #[error("connection closed before the response header")]
+    ClosedBeforeHeader,
+    /// Only `200` is accepted (no redirects).
+    #[error("HTTP status {0}")]
+    Status(u16),
+    /// A `Content-Length` body cut short by the server.
+    #[error("connection closed after {got} of {len} body bytes")]
+    ShortBody {
+        /// Bytes received.
+        got: u64,
+        /// Bytes announced.
+        len: u64,
+    },
+    /// A chunk-size line that does not parse.
+    #[error("bad chunk size line")]
+    BadChunkSize,
+    /// The server closed inside a chunk.
+    #[error("connection closed inside a chunk")]
+    ClosedInChunk,
+    /// A chunk's data not followed by CRLF.
+    #[error("chunk not followed by CRLF")]
+    NoCrlfAfterChunk,
+    /// A chunk-size or trailer line over [`MAX_CHUNK_LINE`] bytes, or the close inside one.
+    #[error("connection closed or line too long in chunked body")]
+    BadChunkLine,
+    /// One read of a chunked body waited longer than [`ExecConfig::io_timeout`].
+    #[error("read timed out")]
+    ReadTimeout,
+    /// Reading a chunked body failed.
+    #[error("{0}")]
+    Read(io::Error),
+    /// Writing a chunked body to the destination failed.
+    #[error("{0}")]
+    Write(io::Error),
+}
+
+fn http(url: &str, why: HttpError) -> StepError {
+    FetchError::Http {
+        url: url.into(),
+        why,
+    }
+    .into()
+}
+
+/// A chunked body's read and write errors are reported with the URL (as its framing errors
+/// are); a timeout stays a timeout.
+fn in_url(url: &str, e: StepError) -> StepError {
+    let why = match e {
+        StepError::Fetch(FetchError::ReadTimeout) => HttpError::ReadTimeout,
+        StepError::Fetch(FetchError::Read(e)) => HttpError::Read(e),
+        StepError::Fetch(FetchError::Write(e)) => HttpError::Write(e),
+        other => return other,
+    };
+    http(url, why)
+}
 
 pub(super) fn fetch(
     url: &str,
@@ -28,21 +172,17 @@ pub(super) fn fetch(
     if let Some(src) = url.strip_prefix("file://") {
         // `file:///abs/path` (RFC 8089: empty authority).
         if !src.starts_with('/') {
-            return Err(StepError::Failed(format!(
-                "{url}: only file:///absolute/path URLs are supported"
-            )));
+            return Err(FetchError::FileUrlNotAbsolute { url: url.into() }.into());
         }
         let mut input = File::open(src).map_err(with_path(src))?;
         let mut f = AtomicFile::create(dest, 0o644).map_err(with_path(path))?;
         copy(&mut input, &mut f, None, deadline)?;
-        return f.commit().map_err(with_path(path));
+        return Ok(f.commit().map_err(with_path(path))?);
     }
     if url.starts_with("http://") {
         return http_get(url, dest, deadline, cfg);
     }
-    Err(StepError::Failed(format!(
-        "{url}: unsupported URL (file:// and http:// only)"
-    )))
+    Err(FetchError::UnsupportedScheme { url: url.into() }.into())
 }
 
 /// Copies `input` to `out` (at most `limit` bytes if given), checking `deadline` between
@@ -69,7 +209,7 @@ fn copy(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(read_error(e, deadline)),
         };
-        out.write_all(&buf[..n])?;
+        out.write_all(&buf[..n]).map_err(FetchError::Write)?;
         done += n as u64;
         if expired(deadline) {
             return Err(StepError::TimedOut);
@@ -84,9 +224,9 @@ fn read_error(e: io::Error, deadline: Option<Instant>) -> StepError {
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     ) {
-        StepError::Failed("read timed out".into())
+        FetchError::ReadTimeout.into()
     } else {
-        StepError::Failed(e.to_string())
+        FetchError::Read(e).into()
     }
 }
 
@@ -172,14 +312,11 @@ fn http_get(
     deadline: Option<Instant>,
     cfg: &ExecConfig,
 ) -> Result<(), StepError> {
-    let u = parse_http_url(url)
-        .ok_or_else(|| StepError::Failed(format!("{url}: not an http://host[:port]/path URL")))?;
-    let fail = |msg: String| StepError::Failed(format!("{url}: {msg}"));
+    let u = parse_http_url(url).ok_or_else(|| FetchError::NotHttpUrl { url: url.into() })?;
+    let fail = |why: HttpError| http(url, why);
     let mut conn = TimedStream {
-        stream: connect(&u, deadline, cfg.io_timeout).map_err(|e| match e {
-            StepError::Failed(m) => fail(m),
-            t => t,
-        })?,
+        stream: connect(&u, deadline, cfg.io_timeout)
+            .map_err(|e| e.map_or(StepError::TimedOut, fail))?,
         io_timeout: cfg.io_timeout,
         deadline,
     };
@@ -190,7 +327,8 @@ fn http_get(
         report::AGENT_VERSION
     );
     conn.stream
-        .set_write_timeout(Some(conn.wait().map_err(|_| StepError::TimedOut)?))?;
+        .set_write_timeout(Some(conn.wait().map_err(|_| StepError::TimedOut)?))
+        .map_err(FetchError::Socket)?;
     conn.stream
         .write_all(request.as_bytes())
         .map_err(|e| read_error(e, deadline))?;
@@ -203,21 +341,18 @@ fn http_get(
         let mut resp = httparse::Response::new(&mut headers);
         match resp.parse(&head) {
             Ok(httparse::Status::Complete(n)) => {
-                let body = body_kind(resp.headers).map_err(|m| fail(m.into()))?;
+                let body = body_kind(resp.headers).map_err(fail)?;
                 break (n, resp.code.unwrap_or(0), body);
             }
             Ok(httparse::Status::Partial) => {}
-            Err(e) => return Err(fail(format!("bad response header: {e}"))),
+            Err(e) => return Err(fail(HttpError::BadHeader(e))),
         }
         if head.len() >= cfg.max_header_bytes {
-            return Err(fail(format!(
-                "response header larger than {} bytes",
-                cfg.max_header_bytes
-            )));
+            return Err(fail(HttpError::HeaderTooLarge(cfg.max_header_bytes)));
         }
         let room = (cfg.max_header_bytes - head.len()).min(chunk.len());
         let n = match conn.read(&mut chunk[..room]) {
-            Ok(0) => return Err(fail("connection closed before the response header".into())),
+            Ok(0) => return Err(fail(HttpError::ClosedBeforeHeader)),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(read_error(e, deadline)),
@@ -225,7 +360,7 @@ fn http_get(
         head.extend_from_slice(&chunk[..n]);
     };
     if status != 200 {
-        return Err(fail(format!("HTTP status {status}")));
+        return Err(fail(HttpError::Status(status)));
     }
     let leftover = head.split_off(header_len);
     let mut body_in = BufReader::with_capacity(16 * 1024, Cursor::new(leftover).chain(conn));
@@ -234,50 +369,49 @@ fn http_get(
         Body::Length(len) => {
             let got = copy(&mut body_in, &mut f, Some(len), deadline)?;
             if got != len {
-                return Err(fail(format!(
-                    "connection closed after {got} of {len} body bytes"
-                )));
+                return Err(fail(HttpError::ShortBody { got, len }));
             }
         }
         Body::Close => {
             copy(&mut body_in, &mut f, None, deadline)?;
         }
-        Body::Chunked => read_chunked(&mut body_in, &mut f, deadline).map_err(|e| match e {
-            StepError::Failed(m) => fail(m),
-            t => t,
-        })?,
+        Body::Chunked => read_chunked(url, &mut body_in, &mut f, deadline)?,
     }
-    f.commit().map_err(with_path(&dest.to_string_lossy()))
+    Ok(f.commit().map_err(with_path(&dest.to_string_lossy()))?)
 }
 
+/// Connects to the first address of the host that answers. `Err(None)`: the deadline passed.
 fn connect(
     u: &HttpUrl<'_>,
     deadline: Option<Instant>,
     io_timeout: Duration,
-) -> Result<TcpStream, StepError> {
-    let addrs = (u.host, u.port)
-        .to_socket_addrs()
-        .map_err(|e| StepError::Failed(format!("resolving {}: {e}", u.host)))?;
+) -> Result<TcpStream, Option<HttpError>> {
+    let addrs = (u.host, u.port).to_socket_addrs().map_err(|source| {
+        Some(HttpError::Resolve {
+            host: u.host.into(),
+            source,
+        })
+    })?;
     let mut last = None;
     for addr in addrs {
         let wait = match deadline {
             None => io_timeout,
             Some(d) => match d.checked_duration_since(now()) {
                 Some(left) if !left.is_zero() => left.min(io_timeout),
-                _ => return Err(StepError::TimedOut),
+                _ => return Err(None),
             },
         };
         match TcpStream::connect_timeout(&addr, wait) {
             Ok(s) => return Ok(s),
-            Err(e) => last = Some(format!("connecting to {addr}: {e}")),
+            Err(source) => last = Some(HttpError::Connect { addr, source }),
         }
     }
     if expired(deadline) {
-        return Err(StepError::TimedOut);
+        return Err(None);
     }
-    Err(StepError::Failed(
-        last.unwrap_or_else(|| format!("{}: no addresses", u.host)),
-    ))
+    Err(Some(last.unwrap_or_else(|| HttpError::NoAddresses {
+        host: u.host.into(),
+    })))
 }
 
 /// How the response body is delimited (RFC 9112 §6.3).
@@ -287,14 +421,14 @@ enum Body {
     Close,
 }
 
-fn body_kind(headers: &[httparse::Header<'_>]) -> Result<Body, &'static str> {
+fn body_kind(headers: &[httparse::Header<'_>]) -> Result<Body, HttpError> {
     let mut length: Option<u64> = None;
     for h in headers {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
             // "If a Transfer-Encoding header field is present in a response and the chunked
             // transfer coding is not the final encoding, the message body length is determined
             // by reading the connection until it is closed by the server." (§6.3 item 4)
-            let v = std::str::from_utf8(h.value).map_err(|_| "bad Transfer-Encoding")?;
+            let v = std::str::from_utf8(h.value).map_err(|_| HttpError::BadTransferEncoding)?;
             let last = v.rsplit(',').next().unwrap_or("").trim();
             return Ok(if last.eq_ignore_ascii_case("chunked") {
                 Body::Chunked
@@ -306,9 +440,9 @@ fn body_kind(headers: &[httparse::Header<'_>]) -> Result<Body, &'static str> {
             let v = std::str::from_utf8(h.value)
                 .ok()
                 .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or("bad Content-Length")?;
+                .ok_or(HttpError::BadContentLength)?;
             if length.is_some_and(|l| l != v) {
-                return Err("conflicting Content-Length headers");
+                return Err(HttpError::ConflictingLength);
             }
             length = Some(v);
         }
@@ -318,39 +452,41 @@ fn body_kind(headers: &[httparse::Header<'_>]) -> Result<Body, &'static str> {
 
 /// Decodes a chunked body into `f` (RFC 9112 §7.1).
 fn read_chunked(
+    url: &str,
     r: &mut BufReader<impl Read>,
     f: &mut AtomicFile,
     deadline: Option<Instant>,
 ) -> Result<(), StepError> {
     let mut line = Vec::with_capacity(64);
     loop {
-        read_line(r, &mut line, deadline)?;
+        read_line(url, r, &mut line, deadline)?;
         let size = match httparse::parse_chunk_size(&line) {
             Ok(httparse::Status::Complete((_, size))) => size,
-            _ => return Err(StepError::Failed("bad chunk size line".into())),
+            _ => return Err(http(url, HttpError::BadChunkSize)),
         };
         if size == 0 {
             // Trailer section, ended by an empty line.
             loop {
-                read_line(r, &mut line, deadline)?;
+                read_line(url, r, &mut line, deadline)?;
                 if line == b"\r\n" || line == b"\n" {
                     return Ok(());
                 }
             }
         }
-        let got = copy(r, f, Some(size), deadline)?;
+        let got = copy(r, f, Some(size), deadline).map_err(|e| in_url(url, e))?;
         if got != size {
-            return Err(StepError::Failed("connection closed inside a chunk".into()));
+            return Err(http(url, HttpError::ClosedInChunk));
         }
-        read_line(r, &mut line, deadline)?;
+        read_line(url, r, &mut line, deadline)?;
         if line != b"\r\n" && line != b"\n" {
-            return Err(StepError::Failed("chunk not followed by CRLF".into()));
+            return Err(http(url, HttpError::NoCrlfAfterChunk));
         }
     }
 }
 
 /// Reads one line (with its terminator) of at most [`MAX_CHUNK_LINE`] bytes.
 fn read_line(
+    url: &str,
     r: &mut BufReader<impl Read>,
     line: &mut Vec<u8>,
     deadline: Option<Instant>,
@@ -359,11 +495,9 @@ fn read_line(
     r.by_ref()
         .take(MAX_CHUNK_LINE)
         .read_until(b'\n', line)
-        .map_err(|e| read_error(e, deadline))?;
+        .map_err(|e| in_url(url, read_error(e, deadline)))?;
     if line.last() != Some(&b'\n') {
-        return Err(StepError::Failed(
-            "connection closed or line too long in chunked body".into(),
-        ));
+        return Err(http(url, HttpError::BadChunkLine));
     }
     Ok(())
 }
@@ -608,5 +742,37 @@ mod tests {
         ] {
             assert_eq!(parse_http_url(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn errors_name_the_broken_rule() {
+        let h = |name: &'static str, value: &'static [u8]| httparse::Header { name, value };
+        let twice = [h("Content-Length", b"3"), h("content-length", b"4")];
+        assert!(matches!(
+            body_kind(&twice),
+            Err(HttpError::ConflictingLength)
+        ));
+        assert!(matches!(
+            body_kind(&[h("Content-Length", b"x")]),
+            Err(HttpError::BadContentLength)
+        ));
+        assert!(matches!(
+            body_kind(&[h("Transfer-Encoding", b"gzip, chunked")]),
+            Ok(Body::Chunked)
+        ));
+        // A chunked body's read errors carry the URL; a timeout stays a timeout.
+        let e = in_url("http://h/x", FetchError::ReadTimeout.into());
+        assert!(matches!(
+            e,
+            StepError::Fetch(FetchError::Http {
+                why: HttpError::ReadTimeout,
+                ..
+            })
+        ));
+        assert_eq!(e.to_string(), "http://h/x: read timed out");
+        assert!(matches!(
+            in_url("http://h/x", StepError::TimedOut),
+            StepError::TimedOut
+        ));
     }
 }

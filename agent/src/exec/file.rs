@@ -10,24 +10,61 @@ use fleetcast_os::AtomicFile;
 
 use super::{expired, StepError, CHUNK};
 
-pub(super) fn absolute(path: &str) -> Result<&Path, StepError> {
+/// Why a file step (or a fetch's destination) failed. Each message starts with the path.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FileError {
+    /// Step paths are absolute: the agent's working directory is no contract.
+    #[error("{path}: path must be absolute")]
+    NotAbsolute {
+        /// The path given.
+        path: String,
+    },
+    /// Opening, reading, writing or committing the file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// `verify`: the file's digest is not the expected one.
+    #[error(
+        "{path}: sha256 mismatch: expected {}, got {}",
+        hex(expected),
+        hex(got)
+    )]
+    Mismatch {
+        /// The file.
+        path: String,
+        /// The digest the step expects.
+        expected: [u8; 32],
+        /// The file's digest.
+        got: [u8; 32],
+    },
+}
+
+pub(super) fn absolute(path: &str) -> Result<&Path, FileError> {
     let p = Path::new(path);
     if p.is_absolute() {
         Ok(p)
     } else {
-        Err(StepError::Failed(format!("{path}: path must be absolute")))
+        Err(FileError::NotAbsolute { path: path.into() })
     }
 }
 
-pub(super) fn with_path(path: &str) -> impl Fn(io::Error) -> StepError + '_ {
-    move |e| StepError::Failed(format!("{path}: {e}"))
+pub(super) fn with_path(path: &str) -> impl Fn(io::Error) -> FileError + '_ {
+    move |source| FileError::Io {
+        path: path.into(),
+        source,
+    }
 }
 
 pub(super) fn write(path: &str, mode: u32, contents: &[u8]) -> Result<(), StepError> {
     let p = absolute(path)?;
     let mut f = AtomicFile::create(p, mode).map_err(with_path(path))?;
     f.write_all(contents).map_err(with_path(path))?;
-    f.commit().map_err(with_path(path))
+    Ok(f.commit().map_err(with_path(path))?)
 }
 
 pub(super) fn verify(
@@ -44,22 +81,24 @@ pub(super) fn verify(
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(with_path(path)(e)),
+            Err(e) => return Err(with_path(path)(e).into()),
         };
         ctx.update(&buf[..n]);
         if expired(deadline) {
             return Err(StepError::TimedOut);
         }
     }
-    let got = ctx.finish();
-    if got.as_ref() == expected {
+    let mut got = [0u8; 32];
+    got.copy_from_slice(ctx.finish().as_ref());
+    if &got == expected {
         Ok(())
     } else {
-        Err(StepError::Failed(format!(
-            "{path}: sha256 mismatch: expected {}, got {}",
-            hex(expected),
-            hex(got.as_ref())
-        )))
+        Err(FileError::Mismatch {
+            path: path.into(),
+            expected: *expected,
+            got,
+        }
+        .into())
     }
 }
 

@@ -61,6 +61,8 @@ mod process;
 #[cfg(test)]
 mod test_util;
 
+pub use fetch::{FetchError, HttpError};
+pub use file::FileError;
 pub use output::TailBuffer;
 
 /// Exit code of a non-`exec` step that failed.
@@ -363,15 +365,17 @@ enum Outcome {
 }
 
 /// Why a non-exec step stopped early.
+#[derive(Debug, thiserror::Error)]
 enum StepError {
+    /// The command's deadline passed (the step becomes `TimedOut`, not `Failed`).
+    #[error("command timed out")]
     TimedOut,
-    Failed(String),
-}
-
-impl From<io::Error> for StepError {
-    fn from(e: io::Error) -> Self {
-        StepError::Failed(e.to_string())
-    }
+    /// A `write` or `verify`, or a fetch's destination file.
+    #[error(transparent)]
+    File(#[from] file::FileError),
+    /// A `fetch` source.
+    #[error(transparent)]
+    Fetch(#[from] fetch::FetchError),
 }
 
 /// Runs `job` to completion on the calling thread (blocking).
@@ -483,7 +487,7 @@ fn file_step(
     match r {
         Ok(()) => Outcome::Ok,
         Err(StepError::TimedOut) => Outcome::TimedOut,
-        Err(StepError::Failed(msg)) => fail(out, i, step, &msg),
+        Err(e) => fail(out, i, step, &e.to_string()),
     }
 }
 
