@@ -524,12 +524,12 @@ mod tests {
             &job(
                 0,
                 vec![
-                    OwnedStep::Fetch {
-                        url: format!("file://{}", src.display()),
-                        path: dest.to_str().unwrap().into(),
+                    Step::Fetch {
+                        url: format!("file://{}", src.display()).into(),
+                        path: dest.to_str().unwrap().to_owned().into(),
                     },
-                    OwnedStep::Verify {
-                        path: dest.to_str().unwrap().into(),
+                    Step::Verify {
+                        path: dest.to_str().unwrap().to_owned().into(),
                         sha256: sha256(&data),
                     },
                 ],
@@ -542,9 +542,9 @@ mod tests {
         let done = run(
             &job(
                 0,
-                vec![OwnedStep::Fetch {
+                vec![Step::Fetch {
                     url: "ftp://example.invalid/x".into(),
-                    path: dest.to_str().unwrap().into(),
+                    path: dest.to_str().unwrap().to_owned().into(),
                 }],
             ),
             &ExecConfig::default(),
@@ -582,9 +582,9 @@ mod tests {
         run(
             &job(
                 timeout_ms,
-                vec![OwnedStep::Fetch {
-                    url,
-                    path: dest.to_str().unwrap().into(),
+                vec![Step::Fetch {
+                    url: url.into(),
+                    path: dest.to_str().unwrap().to_owned().into(),
                 }],
             ),
             &ExecConfig::default(),

@@ -127,10 +127,10 @@ mod tests {
         let done = run(
             &job(
                 0,
-                vec![OwnedStep::Write {
-                    path: path.clone(),
+                vec![Step::Write {
+                    path: path.clone().into(),
                     mode: 0o640,
-                    contents: b"new".to_vec(),
+                    contents: b"new".into(),
                 }],
             ),
             &ExecConfig::default(),
@@ -152,10 +152,10 @@ mod tests {
             let done = run(
                 &job(
                     0,
-                    vec![OwnedStep::Write {
-                        path: bad.clone(),
+                    vec![Step::Write {
+                        path: bad.clone().into(),
                         mode: 0o644,
-                        contents: b"x".to_vec(),
+                        contents: b"x".into(),
                     }],
                 ),
                 &ExecConfig::default(),
@@ -176,8 +176,8 @@ mod tests {
         let ok = run(
             &job(
                 0,
-                vec![OwnedStep::Verify {
-                    path: path.clone(),
+                vec![Step::Verify {
+                    path: path.clone().into(),
                     sha256: sha256(&data),
                 }],
             ),
@@ -187,8 +187,8 @@ mod tests {
         let bad = run(
             &job(
                 0,
-                vec![OwnedStep::Verify {
-                    path: path.clone(),
+                vec![Step::Verify {
+                    path: path.clone().into(),
                     sha256: [0xab; 32],
                 }],
             ),
@@ -202,8 +202,8 @@ mod tests {
         let missing = run(
             &job(
                 0,
-                vec![OwnedStep::Verify {
-                    path: format!("{path}.missing"),
+                vec![Step::Verify {
+                    path: format!("{path}.missing").into(),
                     sha256: [0; 32],
                 }],
             ),

@@ -88,96 +88,19 @@ fn now() -> Instant {
     Instant::now()
 }
 
-/// One step, owned (a [`Step`] borrows from the received frame).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[allow(missing_docs)]
-pub enum OwnedStep {
-    Fetch {
-        url: String,
-        path: String,
-    },
-    Verify {
-        path: String,
-        sha256: [u8; 32],
-    },
-    Write {
-        path: String,
-        mode: u32,
-        contents: Vec<u8>,
-    },
-    Exec {
-        argv: Vec<String>,
-    },
-    Reboot,
-    Report,
-}
+/// A command to execute: the received [`Dispatch`], owned ([`Dispatch::into_owned`]), so the
+/// worker thread keeps it after the frame's buffer is reused.
+pub type Job = Dispatch<'static>;
 
-impl OwnedStep {
-    /// Copies a wire step.
-    pub fn from_wire(step: &Step<'_>) -> OwnedStep {
-        match step {
-            Step::Fetch { url, path } => OwnedStep::Fetch {
-                url: url.to_string(),
-                path: path.to_string(),
-            },
-            Step::Verify { path, sha256 } => OwnedStep::Verify {
-                path: path.to_string(),
-                sha256: *sha256,
-            },
-            Step::Write {
-                path,
-                mode,
-                contents,
-            } => OwnedStep::Write {
-                path: path.to_string(),
-                mode: *mode,
-                contents: contents.to_vec(),
-            },
-            Step::Exec { argv } => OwnedStep::Exec {
-                argv: argv.iter().map(|a| a.to_string()).collect(),
-            },
-            Step::Reboot => OwnedStep::Reboot,
-            Step::Report => OwnedStep::Report,
-        }
-    }
-
-    fn kind(&self) -> &'static str {
-        match self {
-            OwnedStep::Fetch { .. } => "fetch",
-            OwnedStep::Verify { .. } => "verify",
-            OwnedStep::Write { .. } => "write",
-            OwnedStep::Exec { .. } => "exec",
-            OwnedStep::Reboot => "reboot",
-            OwnedStep::Report => "report",
-        }
-    }
-}
-
-/// A command to execute (an owned [`Dispatch`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Job {
-    /// Gateway-wide command id.
-    pub command_id: u64,
-    /// Queue sequence number.
-    pub seq: u64,
-    /// Which attempt of the command this is.
-    pub attempt: u32,
-    /// Time limit of the whole command in ms (0: none).
-    pub timeout_ms: u32,
-    /// The steps, in order.
-    pub steps: Vec<OwnedStep>,
-}
-
-impl Job {
-    /// Copies a received dispatch.
-    pub fn from_dispatch(d: &Dispatch<'_>) -> Job {
-        Job {
-            command_id: d.command_id,
-            seq: d.seq,
-            attempt: d.attempt,
-            timeout_ms: d.timeout_ms,
-            steps: d.steps.iter().map(OwnedStep::from_wire).collect(),
-        }
+/// The step's name in failure lines of the output.
+fn kind(step: &Step<'_>) -> &'static str {
+    match step {
+        Step::Fetch { .. } => "fetch",
+        Step::Verify { .. } => "verify",
+        Step::Write { .. } => "write",
+        Step::Exec { .. } => "exec",
+        Step::Reboot => "reboot",
+        Step::Report => "report",
     }
 }
 
@@ -399,22 +322,22 @@ pub fn run(job: &Job, cfg: &ExecConfig) -> Completed {
             Outcome::TimedOut
         } else {
             match step {
-                OwnedStep::Exec { argv } => process::exec(argv, deadline, &mut out),
-                OwnedStep::Reboot => Outcome::Reboot,
-                OwnedStep::Report => match report::collect(&cfg.report) {
+                Step::Exec { argv } => process::exec(argv, deadline, &mut out),
+                Step::Reboot => Outcome::Reboot,
+                Step::Report => match report::collect(&cfg.report) {
                     Ok(r) => {
                         report = Some(r);
                         Outcome::Ok
                     }
                     Err(e) => fail(&mut out, i, step, &e.to_string()),
                 },
-                OwnedStep::Fetch { url, path } => {
+                Step::Fetch { url, path } => {
                     file_step(&mut out, i, step, fetch::fetch(url, path, deadline, cfg))
                 }
-                OwnedStep::Verify { path, sha256 } => {
+                Step::Verify { path, sha256 } => {
                     file_step(&mut out, i, step, file::verify(path, sha256, deadline))
                 }
-                OwnedStep::Write {
+                Step::Write {
                     path,
                     mode,
                     contents,
@@ -437,7 +360,7 @@ pub fn run(job: &Job, cfg: &ExecConfig) -> Completed {
                 out.push(
                     format!(
                         "fleetcast-agent: step {i} ({}): command timed out after {} ms\n",
-                        step.kind(),
+                        kind(step),
                         job.timeout_ms
                     )
                     .as_bytes(),
@@ -473,17 +396,12 @@ fn expired(deadline: Option<Instant>) -> bool {
     deadline.is_some_and(|d| now() >= d)
 }
 
-fn fail(out: &mut TailBuffer, i: usize, step: &OwnedStep, msg: &str) -> Outcome {
-    out.push(format!("fleetcast-agent: step {i} ({}): {msg}\n", step.kind()).as_bytes());
+fn fail(out: &mut TailBuffer, i: usize, step: &Step<'_>, msg: &str) -> Outcome {
+    out.push(format!("fleetcast-agent: step {i} ({}): {msg}\n", kind(step)).as_bytes());
     Outcome::Failed(EXIT_FAILED)
 }
 
-fn file_step(
-    out: &mut TailBuffer,
-    i: usize,
-    step: &OwnedStep,
-    r: Result<(), StepError>,
-) -> Outcome {
+fn file_step(out: &mut TailBuffer, i: usize, step: &Step<'_>, r: Result<(), StepError>) -> Outcome {
     match r {
         Ok(()) => Outcome::Ok,
         Err(StepError::TimedOut) => Outcome::TimedOut,
@@ -509,10 +427,10 @@ mod tests {
                 vec![
                     sh("true"),
                     sh("exit 5"),
-                    OwnedStep::Write {
-                        path: target.to_str().unwrap().into(),
+                    Step::Write {
+                        path: target.to_str().unwrap().to_owned().into(),
                         mode: 0o644,
-                        contents: b"x".to_vec(),
+                        contents: b"x".into(),
                     },
                     sh("echo nope"),
                 ],
@@ -542,7 +460,7 @@ mod tests {
                 0,
                 vec![
                     sh("echo before"),
-                    OwnedStep::Reboot,
+                    Step::Reboot,
                     sh(&format!("touch {}", marker.display())),
                 ],
             ),
@@ -572,7 +490,7 @@ mod tests {
         };
         let (tx, rx) = mpsc::channel();
         let mut running = spawn(
-            job(0, vec![sh("echo working"), OwnedStep::Report]),
+            job(0, vec![sh("echo working"), Step::Report]),
             cfg.clone(),
             move || tx.send(()).unwrap(),
         )
@@ -596,7 +514,7 @@ mod tests {
             },
             ..ExecConfig::default()
         };
-        let done = spawn(job(0, vec![OwnedStep::Report]), bad, || {})
+        let done = spawn(job(0, vec![Step::Report]), bad, || {})
             .unwrap()
             .wait();
         assert_eq!(statuses(&done), [StepStatus::Failed]);
@@ -606,6 +524,8 @@ mod tests {
 
     #[test]
     fn job_from_dispatch_and_result_as_wire() {
+        // Borrowed from a buffer that is gone before the job runs.
+        let frame = String::from("a");
         let d = Dispatch {
             command_id: 1,
             seq: 2,
@@ -613,7 +533,7 @@ mod tests {
             timeout_ms: 3,
             steps: vec![
                 Step::Exec {
-                    argv: vec!["a".into(), "b".into()],
+                    argv: vec![Cow::Borrowed(frame.as_str()), "b".into()],
                 },
                 Step::Write {
                     path: "/p".into(),
@@ -632,11 +552,13 @@ mod tests {
                 Step::Report,
             ],
         };
-        let j = Job::from_dispatch(&d);
+        let j: Job = d.clone().into_owned();
+        drop(d);
+        drop(frame);
         assert_eq!((j.command_id, j.seq, j.attempt, j.timeout_ms), (1, 2, 5, 3));
         assert_eq!(
             j.steps[0],
-            OwnedStep::Exec {
+            Step::Exec {
                 argv: vec!["a".into(), "b".into()]
             }
         );

@@ -2,6 +2,7 @@
 //! its own (so a timeout kills its descendants too), stdin `/dev/null`, stdout and stderr on
 //! one close-on-exec pipe read into the output ring.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, Read as _};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
@@ -84,7 +85,11 @@ fn exit_code(status: ExitStatus) -> i32 {
         .unwrap_or(EXIT_FAILED)
 }
 
-pub(super) fn exec(argv: &[String], deadline: Option<Instant>, out: &mut TailBuffer) -> Outcome {
+pub(super) fn exec(
+    argv: &[Cow<'_, str>],
+    deadline: Option<Instant>,
+    out: &mut TailBuffer,
+) -> Outcome {
     let Some(program) = argv.first() else {
         out.push(b"fleetcast-agent: exec: empty argv\n");
         return Outcome::Failed(EXIT_NOT_FOUND);
@@ -93,8 +98,8 @@ pub(super) fn exec(argv: &[String], deadline: Option<Instant>, out: &mut TailBuf
         let w2 = w.try_clone()?;
         // The Command (holding the parent's copies of the write end) is dropped at the end of
         // this closure, so end of file arrives when the child side closes.
-        let child = Command::new(program)
-            .args(&argv[1..])
+        let child = Command::new(&**program)
+            .args(argv[1..].iter().map(|a| &**a))
             .stdin(Stdio::null())
             .stdout(Stdio::from(w))
             .stderr(Stdio::from(w2))
@@ -211,7 +216,7 @@ mod tests {
         let done = run(
             &job(
                 0,
-                vec![OwnedStep::Exec {
+                vec![Step::Exec {
                     argv: vec!["/nonexistent/program".into()],
                 }],
             ),
@@ -220,7 +225,7 @@ mod tests {
         assert_eq!(done.result.exit_code, EXIT_NOT_FOUND);
         assert!(output(&done).contains("/nonexistent/program"));
         let done = run(
-            &job(0, vec![OwnedStep::Exec { argv: vec![] }]),
+            &job(0, vec![Step::Exec { argv: vec![] }]),
             &ExecConfig::default(),
         );
         assert_eq!(done.result.exit_code, EXIT_NOT_FOUND);
@@ -229,10 +234,10 @@ mod tests {
             &job(
                 0,
                 vec![
-                    OwnedStep::Exec {
+                    Step::Exec {
                         argv: vec!["echo".into(), "$HOME;".into(), "|x".into()],
                     },
-                    OwnedStep::Exec {
+                    Step::Exec {
                         argv: vec!["cat".into()],
                     },
                 ],

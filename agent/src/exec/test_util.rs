@@ -1,15 +1,15 @@
 //! Helpers shared by the executor's unit tests (one per concern file).
 
-use super::{Completed, Job, OwnedStep};
-use fleetcast_wire::StepStatus;
+use super::{Completed, Job};
+use fleetcast_wire::{Step, StepStatus};
 
-pub(super) fn sh(script: &str) -> OwnedStep {
-    OwnedStep::Exec {
-        argv: vec!["sh".into(), "-c".into(), script.into()],
+pub(super) fn sh(script: &str) -> Step<'static> {
+    Step::Exec {
+        argv: vec!["sh".into(), "-c".into(), script.to_owned().into()],
     }
 }
 
-pub(super) fn job(timeout_ms: u32, steps: Vec<OwnedStep>) -> Job {
+pub(super) fn job(timeout_ms: u32, steps: Vec<Step<'static>>) -> Job {
     Job {
         command_id: 77,
         seq: 3,
