@@ -30,7 +30,7 @@ use crate::ladder::{self, Deadline, LadderError, Memory, Pipe, Rung, Target};
 use crate::report::{self, AGENT_VERSION};
 use crate::state::{Identity, RebootRecord, State};
 use crate::tls::{self, DeviceKey};
-use crate::transfer::{safe_name, Transfer, TransferDone, TransferSpec};
+use crate::transfer::{Transfer, TransferDone, TransferSpec};
 
 /// How the agent trusts the gateway before it has a CA certificate stored.
 #[derive(Debug, Clone)]
@@ -682,7 +682,7 @@ impl Agent {
                 let Message::Dispatch(d) = frame.message() else {
                     return Ok(None);
                 };
-                let job = Job::from_dispatch(&d);
+                let job: Job = d.into_owned();
                 self.state
                     .record_executing(seq, attempt, command_id, job.steps.len())?;
                 let run = exec::spawn(job, self.cfg.exec.clone(), || {})?;
@@ -740,23 +740,14 @@ impl Agent {
         }
         let (
             Some((device_id, std::net::IpAddr::V4(local), SocketAddr::V4(gw))),
-            std::net::IpAddr::V4(group),
+            std::net::IpAddr::V4(_),
         ) = (self.link, a.group)
         else {
             crate::say!("task {}: only IPv4 multicast is supported", a.task_id);
             return;
         };
         let spec = TransferSpec {
-            task_id: a.task_id,
-            session: a.session,
-            group,
-            port: a.port,
-            size: a.size,
-            block_size: a.block_size,
-            sha256: a.sha256,
-            auth_key: a.auth_key,
-            nack_key: a.nack_key,
-            name: safe_name(&a.name, a.task_id),
+            announce: a.clone().into_owned(),
             device_id,
             local,
             gateway: std::net::SocketAddrV4::new(*gw.ip(), a.port),

@@ -37,8 +37,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::time_provider::{DefaultTimeProvider, TimeProvider};
 use rustls::RootCertStore;
 
-/// The ALPN protocol name both ends offer.
-pub const ALPN: &[u8] = b"fleetcast/1";
+/// The ALPN protocol name both ends offer (defined once, with the ladder's protocol).
+pub use fleetcast_wire::ladder::ALPN;
 
 /// DER prefix of a SubjectPublicKeyInfo for an uncompressed ECDSA P-256 point (RFC 5480 §2):
 /// SEQUENCE { SEQUENCE { id-ecPublicKey, secp256r1 }, BIT STRING (0 unused bits, 65 bytes) }.

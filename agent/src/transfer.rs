@@ -30,7 +30,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -39,10 +39,10 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use fleetcast_wire::mcast::{ReceiverConfig, ReceiverEvent, ReedSolomon};
+use fleetcast_wire::mcast::{ReceiverConfig, ReceiverEvent};
 use fleetcast_wire::{
-    DataBlock, Error as WireError, Frame, Instant, Kind, McastReceiver, Message, Outcome, Parity,
-    Probe, Ranges, TransferState, TransferStatus, TAG_LEN,
+    Announce, DataBlock, Error as WireError, Frame, Instant, Kind, McastReceiver, Message, Outcome,
+    Parity, Probe, Ranges, TransferState, TransferStatus, TAG_LEN,
 };
 use ring::hmac;
 
@@ -55,6 +55,38 @@ const DRAIN: usize = 256;
 const MISMATCH_RETRIES: u32 = 2;
 /// Whether this build takes part in FEC repair (cargo feature `fec`, on by default).
 const FEC: bool = cfg!(feature = "fec");
+
+/// The parity codec: Reed–Solomon with the `fec` feature.
+#[cfg(feature = "fec")]
+type Codec = fleetcast_wire::mcast::ReedSolomon;
+
+/// Without the `fec` feature no parity is accepted ([`FEC`]), so the receiver core never
+/// hands out a decode job; this stands in for the codec on that path, and the codec crate is
+/// not compiled at all.
+#[cfg(not(feature = "fec"))]
+#[derive(Debug, Default)]
+struct Codec;
+
+#[cfg(not(feature = "fec"))]
+impl fleetcast_wire::mcast::Fec for Codec {
+    fn encode(
+        &mut self,
+        _: &[&[u8]],
+        _: &mut [&mut [u8]],
+    ) -> Result<(), fleetcast_wire::mcast::FecError> {
+        Err(fleetcast_wire::mcast::FecError::Unsupported)
+    }
+
+    fn decode(
+        &mut self,
+        _: &[Option<&[u8]>],
+        _: usize,
+        _: &[(usize, &[u8])],
+        _: &mut [&mut [u8]],
+    ) -> Result<(), fleetcast_wire::mcast::FecError> {
+        Err(fleetcast_wire::mcast::FecError::Unsupported)
+    }
+}
 /// Datagrams per `recvmmsg` call.
 const BATCH: usize = 32;
 
@@ -146,29 +178,13 @@ impl RecvBatch {
     }
 }
 
-/// What an announce asks this device to receive.
+/// What an announce asks this device to receive: the announce itself (owned), and where this
+/// device receives it.
 #[derive(Debug, Clone)]
 pub struct TransferSpec {
-    /// Task id.
-    pub task_id: u64,
-    /// Session id in every block.
-    pub session: u32,
-    /// Group to join.
-    pub group: Ipv4Addr,
-    /// Its port.
-    pub port: u16,
-    /// File size.
-    pub size: u64,
-    /// Block size.
-    pub block_size: u32,
-    /// Expected SHA-256.
-    pub sha256: [u8; 32],
-    /// Tag key, when blocks carry tags.
-    pub auth_key: Option<[u8; 32]>,
-    /// This device's NACK key, when NACKs carry tags.
-    pub nack_key: Option<[u8; 32]>,
-    /// File name (sanitised: one path component).
-    pub name: String,
+    /// The announce, as received. Its group must be IPv4 (checked by [`Transfer::spawn`]); its
+    /// name is reduced to one path component ([`safe_name`]) before it names a file.
+    pub announce: Announce<'static>,
     /// This device (carried in NACKs).
     pub device_id: u64,
     /// Local address of the control connection: the interface to join the group on.
@@ -177,6 +193,13 @@ pub struct TransferSpec {
     pub gateway: SocketAddrV4,
     /// Downloads directory.
     pub dir: PathBuf,
+}
+
+impl TransferSpec {
+    /// The file name: the announce's, as one safe path component.
+    fn name(&self) -> String {
+        safe_name(&self.announce.name, self.announce.task_id)
+    }
 }
 
 /// How a transfer ended, for the `Completion` message.
@@ -236,20 +259,20 @@ impl Transfer {
         let socks = open_sockets(&spec)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
-        let key = spec.auth_key;
-        let nack_key = Arc::new(Mutex::new(spec.nack_key));
+        let key = spec.announce.auth_key;
+        let nack_key = Arc::new(Mutex::new(spec.announce.nack_key));
         let worker_key = nack_key.clone();
-        let (task_id, session) = (spec.task_id, spec.session);
+        let (task_id, session) = (spec.announce.task_id, spec.announce.session);
         let flag = stop.clone();
         let progress = Arc::new(Progress::default());
         let published = progress.clone();
         let handle = std::thread::Builder::new()
-            .name(format!("transfer-{}", spec.task_id))
+            .name(format!("transfer-{}", spec.announce.task_id))
             .spawn(move || {
                 let shared = (&*published, &*worker_key);
                 let done = run(&spec, socks, &flag, shared).unwrap_or_else(|e| TransferDone {
-                    task_id: spec.task_id,
-                    session: spec.session,
+                    task_id: spec.announce.task_id,
+                    session: spec.announce.session,
                     outcome: Outcome::WriteFailed,
                     sha256: [0; 32],
                     reason: e.to_string(),
@@ -321,9 +344,15 @@ fn open_sockets(spec: &TransferSpec) -> io::Result<(UdpSocket, UdpSocket)> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     s.set_reuse_address(true)?;
-    s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, spec.port)).into())?;
+    s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, spec.announce.port)).into())?;
     // Join on the interface of the control connection, never on whatever the routing picks.
-    s.join_multicast_v4(&spec.group, &spec.local)?;
+    let IpAddr::V4(group) = spec.announce.group else {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "only IPv4 multicast is supported",
+        ));
+    };
+    s.join_multicast_v4(&group, &spec.local)?;
     s.set_multicast_if_v4(&spec.local)?;
     let _ = s.set_recv_buffer_size(8 << 20);
     s.set_nonblocking(true)?;
@@ -402,7 +431,7 @@ fn accept_block<'a>(
         WireError::Checksum => Reject::Crc,
         _ => Reject::Malformed,
     })?;
-    if block.session != spec.session {
+    if block.session != spec.announce.session {
         return Err(Reject::Session);
     }
     if let Some(k) = key {
@@ -410,10 +439,10 @@ fn accept_block<'a>(
             return Err(Reject::Tag);
         }
     }
-    let bs = u64::from(spec.block_size);
+    let bs = u64::from(spec.announce.block_size);
     let off = u64::from(block.block) * bs;
-    let want = spec.size.saturating_sub(off).min(bs);
-    if off >= spec.size || block.payload.len() as u64 != want {
+    let want = spec.announce.size.saturating_sub(off).min(bs);
+    if off >= spec.announce.size || block.payload.len() as u64 != want {
         return Err(Reject::Length);
     }
     Ok((kind, block.block, off, block.payload))
@@ -484,22 +513,22 @@ fn send_nacks(
 
 fn paths(spec: &TransferSpec) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
     let d = &spec.dir;
-    let n = &spec.name;
+    let n = &spec.name();
     (
         d.join(format!("{n}.part")),
-        d.join(format!(".{n}.task-{}.rec", spec.task_id)),
+        d.join(format!(".{n}.task-{}.rec", spec.announce.task_id)),
         d.join(n),
-        d.join(format!(".{n}.task-{}.done", spec.task_id)),
+        d.join(format!(".{n}.task-{}.done", spec.announce.task_id)),
     )
 }
 
 /// Record header: task, size, block size, digest.
 fn record_header(spec: &TransferSpec) -> Vec<u8> {
     let mut h = Vec::with_capacity(52);
-    h.extend_from_slice(&spec.task_id.to_be_bytes());
-    h.extend_from_slice(&spec.size.to_be_bytes());
-    h.extend_from_slice(&spec.block_size.to_be_bytes());
-    h.extend_from_slice(&spec.sha256);
+    h.extend_from_slice(&spec.announce.task_id.to_be_bytes());
+    h.extend_from_slice(&spec.announce.size.to_be_bytes());
+    h.extend_from_slice(&spec.announce.block_size.to_be_bytes());
+    h.extend_from_slice(&spec.announce.sha256);
     h
 }
 
@@ -558,7 +587,7 @@ fn accept_parity<'a>(
         WireError::Checksum => Reject::Crc,
         _ => Reject::Malformed,
     })?;
-    if p.session != spec.session {
+    if p.session != spec.announce.session {
         return Err(Reject::Session);
     }
     if let Some(k) = key {
@@ -566,7 +595,7 @@ fn accept_parity<'a>(
             return Err(Reject::Tag);
         }
     }
-    if p.payload.len() != spec.block_size as usize {
+    if p.payload.len() != spec.announce.block_size as usize {
         return Err(Reject::Length);
     }
     Ok(p)
@@ -588,8 +617,8 @@ fn verify_tag(key: &hmac::Key, frame: &Frame<'_>) -> bool {
 
 fn done(spec: &TransferSpec, outcome: Outcome, sha256: [u8; 32], reason: String) -> TransferDone {
     TransferDone {
-        task_id: spec.task_id,
-        session: spec.session,
+        task_id: spec.announce.task_id,
+        session: spec.announce.session,
         outcome,
         sha256,
         reason,
@@ -623,7 +652,7 @@ fn run(
         attempt += 1;
         crate::say!(
             "task {}: {} — receiving it again (attempt {attempt} of {MISMATCH_RETRIES})",
-            spec.task_id,
+            spec.announce.task_id,
             d.reason
         );
         progress.received.store(0, Ordering::Relaxed);
@@ -641,7 +670,7 @@ fn run_once(
     // A task finished before (agent restarted, or the completion was lost): re-verify.
     if marker.exists() && fin.exists() {
         let d = file_sha256(&fin)?;
-        return Ok(if d == spec.sha256 {
+        return Ok(if d == spec.announce.sha256 {
             done(spec, Outcome::Verified, d, String::new())
         } else {
             // Receive it again: the marker goes, so the next attempt starts from scratch.
@@ -662,16 +691,17 @@ fn run_once(
         .create(true)
         .truncate(false)
         .open(&part)?;
-    file.set_len(spec.size)?;
+    file.set_len(spec.announce.size)?;
     let initial = load_record(spec, &rec);
-    let seed = spec.device_id ^ spec.task_id.rotate_left(32) ^ epoch.elapsed().as_nanos() as u64;
+    let seed =
+        spec.device_id ^ spec.announce.task_id.rotate_left(32) ^ epoch.elapsed().as_nanos() as u64;
     let cfg = ReceiverConfig {
         first_seq: progress.nack_seq.load(Ordering::Relaxed).max(1),
         ..ReceiverConfig::new(
-            spec.session,
+            spec.announce.session,
             spec.device_id,
-            spec.size,
-            spec.block_size,
+            spec.announce.size,
+            spec.announce.block_size,
             seed,
         )
     };
@@ -687,12 +717,15 @@ fn run_once(
     if initial.is_some() {
         crate::say!(
             "task {}: resuming with {} of {} blocks from the record",
-            spec.task_id,
+            spec.announce.task_id,
             rx.blocks_received(),
             rx.n_blocks()
         );
     }
-    let key = spec.auth_key.map(|k| hmac::Key::new(hmac::HMAC_SHA256, &k));
+    let key = spec
+        .announce
+        .auth_key
+        .map(|k| hmac::Key::new(hmac::HMAC_SHA256, &k));
     let mut poll = mio::Poll::new()?;
     let mut events = mio::Events::with_capacity(4);
     let mut group_sock = mio::net::UdpSocket::from_std(group_sock);
@@ -702,12 +735,12 @@ fn run_once(
     poll.registry()
         .register(&mut unicast, mio::Token(1), mio::Interest::READABLE)?;
     let mut nack_dest = spec.gateway;
-    let mut batch = RecvBatch::new(spec.block_size);
+    let mut batch = RecvBatch::new(spec.announce.block_size);
     let (persist_tx, persist_rx) = mpsc::sync_channel::<Ranges>(1);
     let persister = {
         let (file, spec, rec) = (file.try_clone()?, spec.clone(), rec.clone());
         std::thread::Builder::new()
-            .name(format!("fleetcast-persist-{}", spec.task_id))
+            .name(format!("fleetcast-persist-{}", spec.announce.task_id))
             .spawn(move || {
                 for snapshot in persist_rx {
                     if file.sync_data().is_ok() {
@@ -716,7 +749,9 @@ fn run_once(
                 }
             })?
     };
-    let mut codec = ReedSolomon::new();
+    // One expression for both codecs (without `fec` the stand-in is a unit struct).
+    #[allow(clippy::default_constructed_unit_structs)]
+    let mut codec = Codec::default();
     let mut rebuilt_blocks = 0u64;
     let mut decode_buf = Vec::new();
     let mut nack = Vec::new();
@@ -724,7 +759,7 @@ fn run_once(
     let mut complete = rx.is_complete();
     let mut dropped = Dropped::default();
     let log_dropped = |d: &Dropped| {
-        crate::say!("transfer {}: dropped {d}", spec.task_id);
+        crate::say!("transfer {}: dropped {d}", spec.announce.task_id);
     };
     while !complete {
         if stop.load(Ordering::Relaxed) {
@@ -776,7 +811,7 @@ fn run_once(
                 for j in 0..got {
                     let (dgram, from) = batch.get(j);
                     // Parity (FEC repair) only in builds with the `fec` feature (the default):
-                    // without it the codec is not linked and parity counts as malformed.
+                    // without it the codec is not built and parity counts as malformed.
                     if i == 1 && !batch.truncated[j] && dgram.get(2) == Some(&(Kind::Probe as u8)) {
                         // The gateway asks us to prove we receive here: echo its cookie.
                         let k = nack_key.lock().ok().and_then(|k| *k);
@@ -809,7 +844,7 @@ fn run_once(
                         }
                     };
                     if i == 0 {
-                        nack_dest = SocketAddrV4::new(*from.ip(), spec.port);
+                        nack_dest = SocketAddrV4::new(*from.ip(), spec.announce.port);
                     }
                     if !rx.has(block) {
                         file.write_all_at(payload, off)?;
@@ -830,7 +865,7 @@ fn run_once(
                     let b = job.first_block + k;
                     if rx.has(b) {
                         let off = u64::from(b) * bs;
-                        let len = spec.size.saturating_sub(off).min(bs) as usize;
+                        let len = spec.announce.size.saturating_sub(off).min(bs) as usize;
                         let at = k as usize * bs as usize;
                         file.read_exact_at(&mut decode_buf[at..at + len], off)?;
                     }
@@ -841,7 +876,7 @@ fn run_once(
                         for r in rebuilt.as_slice() {
                             for b in r.start..r.start + r.len {
                                 let off = u64::from(b) * bs;
-                                let len = spec.size.saturating_sub(off).min(bs) as usize;
+                                let len = spec.announce.size.saturating_sub(off).min(bs) as usize;
                                 let at = (b - job.first_block) as usize * bs as usize;
                                 file.write_all_at(&decode_buf[at..at + len], off)?;
                             }
@@ -851,7 +886,7 @@ fn run_once(
                     Err(e) => {
                         crate::say!(
                             "task {}: group {} not rebuilt: {e}",
-                            spec.task_id,
+                            spec.announce.task_id,
                             job.group
                         );
                         break;
@@ -883,13 +918,13 @@ fn run_once(
     if rebuilt_blocks > 0 {
         crate::say!(
             "transfer {}: rebuilt {rebuilt_blocks} blocks from parity",
-            spec.task_id
+            spec.announce.task_id
         );
     }
     file.sync_all()?;
     drop(file);
     let digest = file_sha256(&part)?;
-    if digest != spec.sha256 {
+    if digest != spec.announce.sha256 {
         let _ = std::fs::remove_file(&part);
         let _ = std::fs::remove_file(&rec);
         return Ok(done(
@@ -919,16 +954,18 @@ mod tests {
 
     fn spec(dir: &Path) -> TransferSpec {
         TransferSpec {
-            task_id: 1,
-            session: 1,
-            group: Ipv4Addr::new(239, 77, 0, 1),
-            port: 7301,
-            size: 10_000,
-            block_size: 1000,
-            sha256: [3; 32],
-            auth_key: None,
-            nack_key: None,
-            name: "f".into(),
+            announce: Announce {
+                task_id: 1,
+                session: 1,
+                group: Ipv4Addr::new(239, 77, 0, 1).into(),
+                port: 7301,
+                size: 10_000,
+                block_size: 1000,
+                sha256: [3; 32],
+                auth_key: None,
+                nack_key: None,
+                name: "f".into(),
+            },
             device_id: 9,
             local: Ipv4Addr::LOCALHOST,
             gateway: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7301),
@@ -958,10 +995,8 @@ mod tests {
     #[test]
     fn forged_datagrams_are_rejected_by_reason() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = TransferSpec {
-            auth_key: Some([7; 32]),
-            ..spec(dir.path())
-        };
+        let mut spec = spec(dir.path());
+        spec.announce.auth_key = Some([7; 32]);
         let key = hmac::Key::new(hmac::HMAC_SHA256, &[7; 32]);
         let other = hmac::Key::new(hmac::HMAC_SHA256, &[8; 32]);
         let block = [0x5a; 1000];
@@ -1072,10 +1107,8 @@ mod tests {
         r.push(5, 2).unwrap();
         save_record(&spec, &p, &r).unwrap();
         assert_eq!(load_record(&spec, &p), Some(r));
-        let other = TransferSpec {
-            sha256: [4; 32],
-            ..spec.clone()
-        };
+        let mut other = spec.clone();
+        other.announce.sha256 = [4; 32];
         assert_eq!(load_record(&other, &p), None);
     }
 }

@@ -63,8 +63,8 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     out
 }
 
-/// The ALPN protocol name both ends offer.
-pub const ALPN: &[u8] = b"fleetcast/1";
+/// The ALPN protocol name both ends offer (defined once, with the ladder's protocol).
+pub use fleetcast_wire::ladder::ALPN;
 /// CA certificate file name inside the state directory.
 pub const CA_CERT_FILE: &str = "ca.pem";
 /// CA private key file name inside the state directory.

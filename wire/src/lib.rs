@@ -18,7 +18,7 @@
 //!   transport ladder's HTTP protocol ([`ladder`], with `httparse`).
 //! - without either: the header, data blocks ([`DataBlock`], [`data_prefix`]) and time.
 //! - `arbitrary`: `arbitrary::Arbitrary` for every message (fuzzing).
-//! - `fec` (on with `std`): the Reed–Solomon codec `mcast::ReedSolomon` (`reed-solomon-simd`);
+//! - `fec` (default; not implied by `std`): the Reed–Solomon codec `mcast::ReedSolomon` (`reed-solomon-simd`);
 //!   the `mcast::Fec` trait itself needs only `alloc`.
 //! - `sim`: the seeded in-memory network simulator.
 #![cfg_attr(not(feature = "std"), no_std)]

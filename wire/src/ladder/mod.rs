@@ -56,6 +56,9 @@ use core::time::Duration;
 
 /// Path of the Upgrade rung.
 pub const UPGRADE_PATH: &str = "/fleetcast";
+/// The ALPN protocol name (RFC 7301) both ends offer on every TLS connection, whichever rung
+/// carries it; the gateway's TLS configuration and the agent's must agree on it.
+pub const ALPN: &[u8] = b"fleetcast/1";
 /// Path of the long-poll rung.
 pub const POLL_PATH: &str = "/fleetcast/poll";
 /// The protocol name in `Upgrade:` (request and `101` answer).

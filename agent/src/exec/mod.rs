@@ -1,0 +1,581 @@
+//! The executor: runs one command's steps in order and produces its result.
+//!
+//! This module holds the command's model and the step loop ([`run`]) with its worker thread
+//! ([`spawn`]); each kind of step lives in a file of its own: [`process`] (`exec`), [`fetch`],
+//! [`file`] (`write`, `verify`) and [`output`] (the output ring). The step files depend on
+//! this module, never on each other's internals, and nothing here depends on the agent's
+//! durable state ([`crate::state`] uses the exit codes defined here, not the reverse).
+//!
+//! # Threading: a worker thread and a channel
+//! Steps block: child processes, pipes, file hashing, DNS and HTTP. Making each of them
+//! pollable (non-blocking HTTP client, SIGCHLD/pidfd reaping, chunked hashing) would put a
+//! second event loop's worth of code into a size-constrained agent for no gain, since the
+//! gateway sends one command at a time. So [`spawn`] runs [`run`] on one worker thread that
+//! owns everything it touches ([`Job`] is owned); the result comes back over an `mpsc`
+//! channel, and a caller-supplied `notify` closure (e.g. `mio::Waker::wake`) wakes the
+//! driver's poll so it calls [`Running::try_finish`]. The driver stays single-threaded.
+//!
+//! # Semantics
+//! - Steps run in order; after a step that fails or times out, the rest are `Skipped`.
+//!   Overall `exit_code` is the first failing step's, or 0.
+//! - `timeout_ms` (0: none) bounds the whole command: a running `exec` is killed with its
+//!   whole process group (each exec starts a new group), a fetch or verify stops between
+//!   reads; that step is `TimedOut` ([`EXIT_TIMED_OUT`]).
+//! - Output: the combined stdout+stderr of every `exec` (one pipe, so the interleaving is
+//!   the program's own) plus one `fleetcast-agent: …` line per failure, kept as the last
+//!   [`MAX_OUTPUT`] bytes in a ring ([`TailBuffer`]): memory is bounded however much a
+//!   program prints.
+//! - `exec` runs `argv` directly (no shell), stdin `/dev/null`, working directory `/`, the
+//!   agent's environment. Exit code: the program's, `128 + n` if killed by signal `n`,
+//!   [`EXIT_NOT_FOUND`]/[`EXIT_CANNOT_EXECUTE`] if it could not be started.
+//! - `write` and `fetch` replace their destination atomically ([`AtomicFile`]: temporary file
+//!   in the same directory, fsync, rename, directory fsync): a crash leaves the old file or
+//!   the new one. Paths must be absolute; parent directories are not created.
+//! - `fetch` accepts `file:///path` (no percent-decoding) and `http://host[:port]/path` (HTTP/1.1 GET, no TLS, no
+//!   redirects, status 200 only; body by `Content-Length`, chunked, or read to close; the
+//!   response header is bounded by [`ExecConfig::max_header_bytes`]; each read or connect
+//!   waits at most [`ExecConfig::io_timeout`]).
+//! - `reboot` is not executed here: the executor stops, marks the reboot step `Ok` and the
+//!   later ones `Skipped`, and returns [`Completed::reboot_at`]; the driver records the
+//!   reboot, sends `RebootStarting` and reboots. Work that must follow a reboot is a later
+//!   command in the queue.
+//! - `report` collects a configuration report ([`crate::report`]) into
+//!   [`OwnedResult::report`]: it goes to the gateway inside the result, so it is delivered
+//!   exactly when the result is (also in a later `Hello`, from the durable ledger).
+
+use std::borrow::Cow;
+use std::io;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use fleetcast_wire::msg::limits::MAX_OUTPUT;
+use fleetcast_wire::{CommandResult, Dispatch, Step, StepResult, StepStatus};
+
+use crate::report::{self, OwnedConfigReport, ReportConfig};
+
+mod fetch;
+mod file;
+mod output;
+mod process;
+#[cfg(test)]
+mod test_util;
+
+pub use fetch::{FetchError, HttpError};
+pub use file::FileError;
+pub use output::TailBuffer;
+
+/// Exit code of a non-`exec` step that failed.
+pub const EXIT_FAILED: i32 = 1;
+/// Exit code of a step stopped by the command's timeout (as `timeout(1)`).
+pub const EXIT_TIMED_OUT: i32 = 124;
+/// Exit code when the program exists but could not be executed (as the shell).
+pub const EXIT_CANNOT_EXECUTE: i32 = 126;
+/// Exit code when the program was not found (as the shell).
+pub const EXIT_NOT_FOUND: i32 = 127;
+/// Exit code of a command the agent was running when it restarted (negative: no process
+/// exits with it).
+pub const EXIT_AGENT_RESTARTED: i32 = -1;
+/// Exit code of a command whose worker thread died without a result.
+pub const EXIT_EXECUTOR_LOST: i32 = -2;
+
+/// Reads of a file or socket are done in chunks of this size.
+const CHUNK: usize = 64 * 1024;
+
+/// The driver's clock, read at this one call site.
+#[allow(clippy::disallowed_methods)] // The executor is driver-side: step durations and the command deadline are measured in real time.
+fn now() -> Instant {
+    Instant::now()
+}
+
+/// A command to execute: the received [`Dispatch`], owned ([`Dispatch::into_owned`]), so the
+/// worker thread keeps it after the frame's buffer is reused.
+pub type Job = Dispatch<'static>;
+
+/// The step's name in failure lines of the output.
+fn kind(step: &Step<'_>) -> &'static str {
+    match step {
+        Step::Fetch { .. } => "fetch",
+        Step::Verify { .. } => "verify",
+        Step::Write { .. } => "write",
+        Step::Exec { .. } => "exec",
+        Step::Reboot => "reboot",
+        Step::Report => "report",
+    }
+}
+
+/// A command's result, owned; [`OwnedResult::as_wire`] borrows it as the wire message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedResult {
+    /// Gateway-wide command id.
+    pub command_id: u64,
+    /// Queue sequence number.
+    pub seq: u64,
+    /// The attempt this is the result of.
+    pub attempt: u32,
+    /// First failing step's exit code, or 0.
+    pub exit_code: i32,
+    /// One outcome per step.
+    pub steps: Vec<StepResult>,
+    /// The last [`MAX_OUTPUT`] bytes of output.
+    pub output: Vec<u8>,
+    /// The configuration report of the last `report` step that succeeded, if any.
+    pub report: Option<OwnedConfigReport>,
+}
+
+impl OwnedResult {
+    /// Borrows the result as the wire message.
+    pub fn as_wire(&self) -> CommandResult<'_> {
+        CommandResult {
+            command_id: self.command_id,
+            seq: self.seq,
+            attempt: self.attempt,
+            exit_code: self.exit_code,
+            steps: self.steps.clone(),
+            output: Cow::Borrowed(&self.output),
+            report: self.report.as_ref().map(OwnedConfigReport::as_wire),
+        }
+    }
+}
+
+/// What running a [`Job`] produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completed {
+    /// The result (partial when a reboot was requested: later steps `Skipped`).
+    pub result: OwnedResult,
+    /// Index of the reboot step the executor stopped at: the driver now records the reboot,
+    /// sends `RebootStarting` and reboots instead of sending the result.
+    pub reboot_at: Option<usize>,
+}
+
+/// Executor settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecConfig {
+    /// Sources of the `report` step.
+    pub report: ReportConfig,
+    /// Longest wait for one connect or read of a fetch.
+    pub io_timeout: Duration,
+    /// Largest HTTP response header accepted.
+    pub max_header_bytes: usize,
+}
+
+impl Default for ExecConfig {
+    fn default() -> Self {
+        ExecConfig {
+            report: ReportConfig::default(),
+            io_timeout: Duration::from_secs(30),
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// A job running on its worker thread.
+#[derive(Debug)]
+pub struct Running {
+    rx: mpsc::Receiver<Completed>,
+    thread: Option<thread::JoinHandle<()>>,
+    command_id: u64,
+    seq: u64,
+    attempt: u32,
+    steps: usize,
+}
+
+/// Starts `job` on a worker thread. `notify` is called on that thread once the result is
+/// ready (wake the driver's poll with it); then [`Running::try_finish`] returns it.
+pub fn spawn(
+    job: Job,
+    cfg: ExecConfig,
+    notify: impl FnOnce() + Send + 'static,
+) -> io::Result<Running> {
+    let (tx, rx) = mpsc::channel();
+    let (command_id, seq, attempt, steps) = (job.command_id, job.seq, job.attempt, job.steps.len());
+    let thread = thread::Builder::new()
+        .name("fleetcast-exec".into())
+        // Buffers live on the heap; keep the stack small for embedded targets.
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            let done = run(&job, &cfg);
+            // The driver may have dropped `Running` (shutting down): nothing to deliver to.
+            let _ = tx.send(done);
+            notify();
+        })?;
+    Ok(Running {
+        rx,
+        thread: Some(thread),
+        command_id,
+        seq,
+        attempt,
+        steps,
+    })
+}
+
+impl Running {
+    /// The running command's queue sequence number.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The running attempt.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The result, if the job has finished (never blocks). If the worker died without a
+    /// result, a failed result saying so ([`EXIT_EXECUTOR_LOST`]).
+    pub fn try_finish(&mut self) -> Option<Completed> {
+        match self.rx.try_recv() {
+            Ok(done) => {
+                self.join();
+                Some(done)
+            }
+            Err(mpsc::TryRecvError::Empty) => None,
+            Err(mpsc::TryRecvError::Disconnected) => {
+                self.join();
+                Some(self.lost())
+            }
+        }
+    }
+
+    /// Blocks until the job finishes.
+    pub fn wait(mut self) -> Completed {
+        let done = self.rx.recv().unwrap_or_else(|_| self.lost());
+        self.join();
+        done
+    }
+
+    fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn lost(&self) -> Completed {
+        let mut steps = vec![skipped(); self.steps];
+        if let Some(first) = steps.first_mut() {
+            first.status = StepStatus::Failed;
+            first.exit_code = EXIT_EXECUTOR_LOST;
+        }
+        Completed {
+            result: OwnedResult {
+                command_id: self.command_id,
+                seq: self.seq,
+                attempt: self.attempt,
+                exit_code: EXIT_EXECUTOR_LOST,
+                steps,
+                output: b"fleetcast-agent: executor thread died without a result\n".to_vec(),
+                report: None,
+            },
+            reboot_at: None,
+        }
+    }
+}
+
+fn skipped() -> StepResult {
+    StepResult {
+        status: StepStatus::Skipped,
+        exit_code: 0,
+        duration_ms: 0,
+    }
+}
+
+/// How one step ended.
+enum Outcome {
+    Ok,
+    /// Failed with this exit code.
+    Failed(i32),
+    TimedOut,
+    Reboot,
+}
+
+/// Why a non-exec step stopped early.
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    /// The command's deadline passed (the step becomes `TimedOut`, not `Failed`).
+    #[error("command timed out")]
+    TimedOut,
+    /// A `write` or `verify`, or a fetch's destination file.
+    #[error(transparent)]
+    File(#[from] file::FileError),
+    /// A `fetch` source.
+    #[error(transparent)]
+    Fetch(#[from] fetch::FetchError),
+}
+
+/// Runs `job` to completion on the calling thread (blocking).
+pub fn run(job: &Job, cfg: &ExecConfig) -> Completed {
+    let start = now();
+    let deadline =
+        (job.timeout_ms > 0).then(|| start + Duration::from_millis(job.timeout_ms.into()));
+    let mut out = TailBuffer::new(MAX_OUTPUT);
+    let mut steps = Vec::with_capacity(job.steps.len());
+    let mut exit_code = 0;
+    let mut reboot_at = None;
+    let mut report = None;
+    let mut stopped = false;
+    for (i, step) in job.steps.iter().enumerate() {
+        if stopped {
+            steps.push(skipped());
+            continue;
+        }
+        let t0 = now();
+        let outcome = if expired(deadline) {
+            Outcome::TimedOut
+        } else {
+            match step {
+                Step::Exec { argv } => process::exec(argv, deadline, &mut out),
+                Step::Reboot => Outcome::Reboot,
+                Step::Report => match report::collect(&cfg.report) {
+                    Ok(r) => {
+                        report = Some(r);
+                        Outcome::Ok
+                    }
+                    Err(e) => fail(&mut out, i, step, &e.to_string()),
+                },
+                Step::Fetch { url, path } => {
+                    file_step(&mut out, i, step, fetch::fetch(url, path, deadline, cfg))
+                }
+                Step::Verify { path, sha256 } => {
+                    file_step(&mut out, i, step, file::verify(path, sha256, deadline))
+                }
+                Step::Write {
+                    path,
+                    mode,
+                    contents,
+                } => file_step(&mut out, i, step, file::write(path, *mode, contents)),
+            }
+        };
+        let duration_ms = u32::try_from(now().duration_since(t0).as_millis()).unwrap_or(u32::MAX);
+        let (status, code) = match outcome {
+            Outcome::Ok => (StepStatus::Ok, 0),
+            Outcome::Reboot => {
+                reboot_at = Some(i);
+                stopped = true;
+                (StepStatus::Ok, 0)
+            }
+            Outcome::Failed(code) => {
+                stopped = true;
+                (StepStatus::Failed, code)
+            }
+            Outcome::TimedOut => {
+                out.push(
+                    format!(
+                        "fleetcast-agent: step {i} ({}): command timed out after {} ms\n",
+                        kind(step),
+                        job.timeout_ms
+                    )
+                    .as_bytes(),
+                );
+                stopped = true;
+                (StepStatus::TimedOut, EXIT_TIMED_OUT)
+            }
+        };
+        if status != StepStatus::Ok && exit_code == 0 {
+            exit_code = code;
+        }
+        steps.push(StepResult {
+            status,
+            exit_code: code,
+            duration_ms,
+        });
+    }
+    Completed {
+        result: OwnedResult {
+            command_id: job.command_id,
+            seq: job.seq,
+            attempt: job.attempt,
+            exit_code,
+            steps,
+            output: out.to_vec(),
+            report,
+        },
+        reboot_at,
+    }
+}
+
+fn expired(deadline: Option<Instant>) -> bool {
+    deadline.is_some_and(|d| now() >= d)
+}
+
+fn fail(out: &mut TailBuffer, i: usize, step: &Step<'_>, msg: &str) -> Outcome {
+    out.push(format!("fleetcast-agent: step {i} ({}): {msg}\n", kind(step)).as_bytes());
+    Outcome::Failed(EXIT_FAILED)
+}
+
+fn file_step(out: &mut TailBuffer, i: usize, step: &Step<'_>, r: Result<(), StepError>) -> Outcome {
+    match r {
+        Ok(()) => Outcome::Ok,
+        Err(StepError::TimedOut) => Outcome::TimedOut,
+        Err(e) => fail(out, i, step, &e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::*;
+    use super::*;
+    use std::fs;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    #[test]
+    fn steps_after_a_failure_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("never");
+        let done = run(
+            &job(
+                0,
+                vec![
+                    sh("true"),
+                    sh("exit 5"),
+                    Step::Write {
+                        path: target.to_str().unwrap().to_owned().into(),
+                        mode: 0o644,
+                        contents: b"x".into(),
+                    },
+                    sh("echo nope"),
+                ],
+            ),
+            &ExecConfig::default(),
+        );
+        assert_eq!(
+            statuses(&done),
+            [
+                StepStatus::Ok,
+                StepStatus::Failed,
+                StepStatus::Skipped,
+                StepStatus::Skipped
+            ]
+        );
+        assert_eq!(done.result.exit_code, 5);
+        assert!(!target.exists());
+        assert!(!output(&done).contains("nope"));
+    }
+
+    #[test]
+    fn reboot_stops_the_executor() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("after");
+        let done = run(
+            &job(
+                0,
+                vec![
+                    sh("echo before"),
+                    Step::Reboot,
+                    sh(&format!("touch {}", marker.display())),
+                ],
+            ),
+            &ExecConfig::default(),
+        );
+        assert_eq!(done.reboot_at, Some(1));
+        assert_eq!(
+            statuses(&done),
+            [StepStatus::Ok, StepStatus::Ok, StepStatus::Skipped]
+        );
+        assert_eq!(done.result.exit_code, 0);
+        assert!(!marker.exists());
+    }
+
+    #[test]
+    fn report_step_and_worker_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let boot = dir.path().join("boot_id");
+        fs::write(&boot, "00112233-4455-6677-8899-aabbccddeeff\n").unwrap();
+        let cfg = ExecConfig {
+            report: ReportConfig {
+                os_release: dir.path().join("missing-os-release"),
+                dpkg_status: dir.path().join("missing-status"),
+                boot_id: boot,
+            },
+            ..ExecConfig::default()
+        };
+        let (tx, rx) = mpsc::channel();
+        let mut running = spawn(
+            job(0, vec![sh("echo working"), Step::Report]),
+            cfg.clone(),
+            move || tx.send(()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(running.seq(), 3);
+        rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        let done = running.try_finish().expect("notified, so finished");
+        assert_eq!(statuses(&done), [StepStatus::Ok, StepStatus::Ok]);
+        let report = done.result.report.clone().unwrap();
+        assert_eq!(report.boot_id[1], 0x11);
+        assert!(report.software.is_empty());
+        // The report travels inside the result.
+        assert_eq!(done.result.as_wire().report, Some(report.as_wire()));
+        assert_eq!(output(&done), "working\n");
+
+        // A failing report step (bad boot id file) is a failed step with a message.
+        let bad = ExecConfig {
+            report: ReportConfig {
+                boot_id: dir.path().join("nope"),
+                ..cfg.report
+            },
+            ..ExecConfig::default()
+        };
+        let done = spawn(job(0, vec![Step::Report]), bad, || {})
+            .unwrap()
+            .wait();
+        assert_eq!(statuses(&done), [StepStatus::Failed]);
+        assert!(output(&done).contains("nope"));
+        assert_eq!(done.result.report, None);
+    }
+
+    #[test]
+    fn job_from_dispatch_and_result_as_wire() {
+        // Borrowed from a buffer that is gone before the job runs.
+        let frame = String::from("a");
+        let d = Dispatch {
+            command_id: 1,
+            seq: 2,
+            attempt: 5,
+            timeout_ms: 3,
+            steps: vec![
+                Step::Exec {
+                    argv: vec![Cow::Borrowed(frame.as_str()), "b".into()],
+                },
+                Step::Write {
+                    path: "/p".into(),
+                    mode: 0o600,
+                    contents: b"c".into(),
+                },
+                Step::Verify {
+                    path: "/p".into(),
+                    sha256: [1; 32],
+                },
+                Step::Fetch {
+                    url: "file:///x".into(),
+                    path: "/y".into(),
+                },
+                Step::Reboot,
+                Step::Report,
+            ],
+        };
+        let j: Job = d.clone().into_owned();
+        drop(d);
+        drop(frame);
+        assert_eq!((j.command_id, j.seq, j.attempt, j.timeout_ms), (1, 2, 5, 3));
+        assert_eq!(
+            j.steps[0],
+            Step::Exec {
+                argv: vec!["a".into(), "b".into()]
+            }
+        );
+        assert_eq!(j.steps.len(), 6);
+        let r = OwnedResult {
+            command_id: 1,
+            seq: 2,
+            attempt: 4,
+            exit_code: 0,
+            steps: vec![skipped()],
+            output: b"out".to_vec(),
+            report: None,
+        };
+        let w = r.as_wire();
+        assert_eq!(
+            (w.command_id, w.seq, w.attempt, &*w.output),
+            (1, 2, 4, &b"out"[..])
+        );
+    }
+}
