@@ -239,6 +239,60 @@ pub(super) fn task_show(b: &dyn StoreBatch, task: Option<u64>) -> Result<Respons
     }
 }
 
+impl Cx<'_> {
+    /// A receiver's final word on a task: recorded, and the task's sender told.
+    pub(super) fn completion(
+        &mut self,
+        conn: ConnId,
+        device: DeviceId,
+        task: u64,
+        verified: bool,
+        reason: &str,
+    ) {
+        let now_ms = self.now_ms;
+        let Cx {
+            b, actions, dirty, ..
+        } = self;
+        let id = store::TaskId(task);
+        let r = if verified {
+            b.task_completed(id, device)
+        } else {
+            b.task_failed(id, device, reason)
+        };
+        match r {
+            Ok(()) => {
+                let _ = b.append_event(event(
+                    now_ms,
+                    Some(device),
+                    EventKind::TaskStatus,
+                    format!(
+                        "task {task} {}",
+                        if verified {
+                            "completed (digest verified)".to_string()
+                        } else {
+                            format!("failed: {reason}")
+                        }
+                    ),
+                ));
+                if verified {
+                    queue_follow_up(&mut **b, now_ms, device, id, dirty);
+                }
+            }
+            Err(e) => {
+                // A repeated completion (already completed or failed) or an unknown
+                // task: nothing to record; the sender is told anyway.
+                tracing::info!(device = device.0, task, error = %e, "completion not recorded");
+            }
+        }
+        actions.push(Action::TransferDone {
+            conn,
+            device,
+            task: id,
+            verified,
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! Push tasks and progress.
