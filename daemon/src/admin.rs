@@ -107,7 +107,7 @@ pub fn parse_step(spec: &str) -> Result<StepSpec, String> {
         }
         "verify" => {
             let (path, sha256) = pair("PATH=SHA256")?;
-            parse_sha256(&sha256)?;
+            parse_sha256(&sha256).map_err(|e| e.to_string())?;
             StepSpec::Verify { path, sha256 }
         }
         "write" => {
@@ -140,19 +140,30 @@ elif command -v apk >/dev/null 2>&1; then exec apk add \"$@\"; \
 elif command -v opkg >/dev/null 2>&1; then exec opkg install \"$@\"; \
 else echo 'fleetcast: no supported package manager on this device' >&2; exit 127; fi";
 
+/// Why a text is not a SHA-256 digest (one variant per broken rule).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DigestError {
+    /// Not 64 characters long.
+    #[error("a SHA-256 is 64 hex digits, got {0} characters")]
+    Length(usize),
+    /// A pair of bytes that is not text (the digits are ASCII).
+    #[error("not hex")]
+    NotText,
+    /// A pair of characters that is not a hex number.
+    #[error("`{0}` is not hex")]
+    NotHex(String),
+}
+
 /// Parses 64 hex digits.
-pub fn parse_sha256(hex: &str) -> Result<[u8; 32], String> {
+pub fn parse_sha256(hex: &str) -> Result<[u8; 32], DigestError> {
     let bytes = hex.as_bytes();
     if bytes.len() != 64 {
-        return Err(format!(
-            "a SHA-256 is 64 hex digits, got {} characters",
-            bytes.len()
-        ));
+        return Err(DigestError::Length(bytes.len()));
     }
     let mut out = [0u8; 32];
     for (i, pair) in bytes.chunks(2).enumerate() {
-        let s = std::str::from_utf8(pair).map_err(|_| "not hex".to_string())?;
-        out[i] = u8::from_str_radix(s, 16).map_err(|_| format!("`{s}` is not hex"))?;
+        let s = std::str::from_utf8(pair).map_err(|_| DigestError::NotText)?;
+        out[i] = u8::from_str_radix(s, 16).map_err(|_| DigestError::NotHex(s.to_string()))?;
     }
     Ok(out)
 }

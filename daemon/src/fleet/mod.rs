@@ -27,7 +27,6 @@ use fleetcast_store::{
     self as store, Command, DeviceId, EnrolmentToken, Event, EventKind, Illegal, QueueStatus,
 };
 use fleetcast_wire::{CloseCode, Welcome};
-use serde_json::json;
 
 use crate::admin::{OnFailureSpec, Request, Response, StepSpec};
 use crate::convert::{hex, sha256};
@@ -35,13 +34,13 @@ use crate::pki::Pki;
 
 mod admin;
 mod deadlines;
+mod responses;
 #[cfg(test)]
 mod rig;
 mod session;
 mod tasks;
 
-use admin::admin;
-pub use admin::commands_from_specs;
+pub use admin::{commands_from_specs, AdminError, CommandError};
 use deadlines::Deadline;
 pub use tasks::progress_blocks;
 use tasks::{push, record_progress, task_show};
@@ -601,9 +600,7 @@ impl Fleet {
                 reason,
             } => cx.disconnected(*conn, device.as_ref(), reason),
             Input::Admin { conn, req } => {
-                let resp = admin(
-                    cx.b, cx.online, cx.cfg, cx.now_ms, req, cx.dirty, cx.actions,
-                );
+                let resp = cx.admin(req);
                 cx.actions.push(Action::Reply { conn: *conn, resp });
             }
             Input::Push { conn, task } => push(cx.b, cx.online, cx.now_ms, *conn, task, cx.actions),
