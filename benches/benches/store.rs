@@ -8,10 +8,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fleetcast_store::prelude::*;
-use fleetcast_store::{
-    BlockSet, Command, CommandResult, DeviceId, OnFailure, Step, StepOutcome, StepResult, Store,
-    Task,
-};
+use fleetcast_store::{BlockSet, Command, DeviceId, OnFailure, Received, Store, Task};
+use fleetcast_wire::{self as wire, Step};
 
 const BATCH: u64 = 1000;
 const SIZES: [u64; 3] = [1, 100, 10_000];
@@ -32,15 +30,22 @@ fn cmd() -> Command {
     }
 }
 
-fn ok() -> CommandResult {
-    CommandResult {
-        steps: vec![StepResult {
-            outcome: StepOutcome::Ok,
-            exit_code: Some(0),
-            output: vec![b'.'; 200],
-            started_ms: 1,
-            finished_ms: 2,
-        }],
+fn ok() -> Received {
+    Received {
+        result: wire::CommandResult {
+            command_id: 1,
+            seq: 1,
+            attempt: 1,
+            exit_code: 0,
+            steps: vec![wire::StepResult {
+                status: wire::StepStatus::Ok,
+                exit_code: 0,
+                duration_ms: 1,
+            }],
+            output: vec![b'.'; 200].into(),
+            report: None,
+        },
+        at_ms: 2,
     }
 }
 

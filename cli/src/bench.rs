@@ -12,7 +12,7 @@
 //! Processes run as this binary re-executed in a role (`__gateway`, `__agent`), inside lab
 //! hosts; nothing leaves the lab's namespaces. Every run is bounded in time.
 
-use std::io::{BufRead, BufReader};
+use std::io::{self, BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use fleetcast_daemon::admin::{self, Request};
 use fleetcast_daemon::gateway::Clock;
-use fleetcast_lab::{Lab, LabChild, LabConfig};
+use fleetcast_lab::{Lab, LabChild, LabConfig, LabError};
 use fleetcast_wire::{DATA_PREFIX_LEN, TAG_LEN};
 use serde_json::{json, Value};
 
@@ -120,6 +120,103 @@ fn round(v: f64, digits: i32) -> f64 {
     (v * p).round() / p
 }
 
+/// Why a bench run (or drawing its report again) stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A file or directory of the run could not be made, written or read.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// A report to draw again is not JSON.
+    #[error("{}: {source}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: serde_json::Error,
+    },
+    /// The lab network could not be built.
+    #[error("cannot build the lab network (see docs/lab.md): {0}")]
+    Lab(#[source] LabError),
+    /// A lab host's socket or counters could not be set up or read.
+    #[error("lab host: {0}")]
+    Host(#[source] io::Error),
+    /// A loss rule could not be set or cleared.
+    #[error("loss rule: {0}")]
+    Loss(#[source] LabError),
+    /// A raw-ceiling receiver thread panicked.
+    #[error("blast receiver panicked")]
+    ReceiverPanicked,
+    /// The raw-ceiling sender failed.
+    #[error("blast sendmmsg: {0}")]
+    Blast(#[source] io::Error),
+    /// A process could not be started.
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        /// Which process.
+        what: String,
+        /// Cause.
+        source: io::Error,
+    },
+    /// The gateway's first line could not be read.
+    #[error("the gateway's output: {0}")]
+    GatewayOutput(#[source] io::Error),
+    /// The gateway's first line is not `ready ADDR`.
+    #[error("the gateway did not start (see {})", log.display())]
+    GatewayNotStarted {
+        /// Its log.
+        log: PathBuf,
+    },
+    /// Not every agent came online.
+    #[error("only {online} of {n} agents online within 60 s")]
+    NotOnline {
+        /// Online.
+        online: usize,
+        /// Started.
+        n: usize,
+    },
+    /// The admin socket did not answer.
+    #[error(transparent)]
+    Admin(#[from] admin::ClientError),
+    /// The gateway refused a request (its own words).
+    #[error("{0}")]
+    Refused(String),
+    /// An answer or the gateway's output lacks something the bench needs.
+    #[error("no {0}")]
+    Missing(&'static str),
+    /// A receiver's row says failed.
+    #[error("a receiver failed: {0}")]
+    ReceiverFailed(Value),
+    /// Not every copy was verified in time.
+    #[error("{done} of {n} copies verified within {timeout:?}")]
+    TimedOut {
+        /// Copies verified.
+        done: usize,
+        /// Receivers.
+        n: usize,
+        /// The plan's timeout.
+        timeout: Duration,
+    },
+    /// A row of `report.json` lacks a number.
+    #[error("report.json: a row has no number `{0}`")]
+    RowField(&'static str),
+    /// `report.json` lacks a field.
+    #[error("report.json: no `{0}`")]
+    ReportField(&'static str),
+}
+
+/// `path` as the context of an I/O error.
+fn at(path: &Path) -> impl FnOnce(io::Error) -> BenchError + '_ {
+    move |source| BenchError::File {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// Payload bytes per datagram at `mtu`: the block, its prefix and tag, UDP and IPv4 headers
 /// fill one frame exactly.
 pub fn block_size_for(mtu: u32) -> u32 {
@@ -127,9 +224,9 @@ pub fn block_size_for(mtu: u32) -> u32 {
 }
 
 /// Runs the plan; `log` gets a line per step. Rows come in plan order.
-pub fn run(plan: &Plan, log: &mut dyn FnMut(&str)) -> Result<Vec<Row>, String> {
+pub fn run(plan: &Plan, log: &mut dyn FnMut(&str)) -> Result<Vec<Row>, BenchError> {
     let clock = Clock::new();
-    std::fs::create_dir_all(&plan.work).map_err(|e| format!("{}: {e}", plan.work.display()))?;
+    std::fs::create_dir_all(&plan.work).map_err(at(&plan.work))?;
     let src = plan.work.join("image.bin");
     write_file(&src, plan.mib << 20)?;
     let max_n = plan.receivers.iter().copied().max().unwrap_or(1);
@@ -139,7 +236,7 @@ pub fn run(plan: &Plan, log: &mut dyn FnMut(&str)) -> Result<Vec<Row>, String> {
             mtu,
             ..LabConfig::hosts(max_n + 1)
         })
-        .map_err(|e| format!("cannot build the lab network (see docs/lab.md): {e}"))?;
+        .map_err(BenchError::Lab)?;
         for &n in &plan.receivers {
             let ceiling = blast(&lab, n, mtu, plan.mib << 20, &clock)?;
             log(&format!(
@@ -175,7 +272,7 @@ pub fn run(plan: &Plan, log: &mut dyn FnMut(&str)) -> Result<Vec<Row>, String> {
 }
 
 /// A seeded, incompressible file of `len` bytes.
-fn write_file(path: &Path, len: usize) -> Result<(), String> {
+fn write_file(path: &Path, len: usize) -> Result<(), BenchError> {
     let mut x: u64 = 0x5eed_0008;
     let mut data = vec![0u8; len];
     for chunk in data.chunks_mut(8) {
@@ -185,25 +282,25 @@ fn write_file(path: &Path, len: usize) -> Result<(), String> {
         let b = x.to_le_bytes();
         chunk.copy_from_slice(&b[..chunk.len()]);
     }
-    std::fs::write(path, &data).map_err(|e| format!("{}: {e}", path.display()))
+    std::fs::write(path, &data).map_err(at(path))
 }
 
 /// The raw ceiling: host 0 blasts `len` bytes in datagrams of the protocol's size to a group
 /// joined by hosts 1..=n, as fast as `sendmmsg` goes; each receiver counts with `recvmmsg`.
 /// Returns the slowest receiver's rate in Mbit/s (bytes it got / first-to-last arrival).
-fn blast(lab: &Lab, n: usize, mtu: u32, len: usize, clock: &Clock) -> Result<f64, String> {
+fn blast(lab: &Lab, n: usize, mtu: u32, len: usize, clock: &Clock) -> Result<f64, BenchError> {
     let dgram = block_size_for(mtu) as usize + DATA_PREFIX_LEN + TAG_LEN;
     let stop = Arc::new(AtomicBool::new(false));
     let mut rxs = Vec::new();
     for i in 1..=n {
         let h = lab.host(i);
-        let s = h.udp_socket(BLAST_PORT).map_err(|e| e.to_string())?;
+        let s = h.udp_socket(BLAST_PORT).map_err(BenchError::Host)?;
         let s2 = socket2::Socket::from(s);
         s2.join_multicast_v4(&BLAST_GROUP, &h.addr())
-            .map_err(|e| e.to_string())?;
+            .map_err(BenchError::Host)?;
         let _ = s2.set_recv_buffer_size(8 << 20);
         s2.set_read_timeout(Some(Duration::from_millis(200)))
-            .map_err(|e| e.to_string())?;
+            .map_err(BenchError::Host)?;
         let sock: UdpSocket = s2.into();
         let stop = stop.clone();
         let clock = *clock;
@@ -211,11 +308,11 @@ fn blast(lab: &Lab, n: usize, mtu: u32, len: usize, clock: &Clock) -> Result<f64
             count(&sock, dgram, &stop, &clock)
         }));
     }
-    let tx = lab.host(0).udp_socket(0).map_err(|e| e.to_string())?;
+    let tx = lab.host(0).udp_socket(0).map_err(BenchError::Host)?;
     let tx2 = socket2::Socket::from(tx);
     tx2.set_multicast_if_v4(&lab.host(0).addr())
-        .map_err(|e| e.to_string())?;
-    tx2.set_multicast_ttl_v4(1).map_err(|e| e.to_string())?;
+        .map_err(BenchError::Host)?;
+    tx2.set_multicast_ttl_v4(1).map_err(BenchError::Host)?;
     let _ = tx2.set_send_buffer_size(4 << 20);
     let tx: UdpSocket = tx2.into();
     std::thread::sleep(Duration::from_millis(200));
@@ -225,7 +322,7 @@ fn blast(lab: &Lab, n: usize, mtu: u32, len: usize, clock: &Clock) -> Result<f64
     stop.store(true, Ordering::Relaxed);
     let mut slowest = f64::MAX;
     for r in rxs {
-        let (bytes, secs) = r.join().map_err(|_| "blast receiver panicked")?;
+        let (bytes, secs) = r.join().map_err(|_| BenchError::ReceiverPanicked)?;
         let mbps = if secs > 0.0 {
             bytes as f64 * 8.0 / secs / 1e6
         } else {
@@ -237,7 +334,12 @@ fn blast(lab: &Lab, n: usize, mtu: u32, len: usize, clock: &Clock) -> Result<f64
 }
 
 /// Sends `len` bytes in `dgram`-byte datagrams with `sendmmsg`, 64 at a time, blocking.
-fn send_blast(tx: &UdpSocket, to: SocketAddrV4, dgram: usize, len: usize) -> Result<(), String> {
+fn send_blast(
+    tx: &UdpSocket,
+    to: SocketAddrV4,
+    dgram: usize,
+    len: usize,
+) -> Result<(), BenchError> {
     const B: usize = 64;
     let payload = vec![0xa5u8; dgram];
     let addr = socket2::SockAddr::from(SocketAddr::V4(to));
@@ -268,7 +370,7 @@ fn send_blast(tx: &UdpSocket, to: SocketAddrV4, dgram: usize, len: usize) -> Res
             {
                 continue;
             }
-            return Err(format!("blast sendmmsg: {e}"));
+            return Err(BenchError::Blast(e));
         }
         sent += r as usize * dgram;
     }
@@ -311,13 +413,14 @@ impl<'lab> Fleet<'lab> {
         dir: &Path,
         n: usize,
         clock: &Clock,
-    ) -> Result<Fleet<'lab>, String> {
+    ) -> Result<Fleet<'lab>, BenchError> {
         let _ = std::fs::remove_dir_all(dir);
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(at(dir))?;
         let data = dir.join("gateway");
         let gw_addr = lab.host(0).addr();
         let listen = SocketAddrV4::new(gw_addr, PORT);
-        let gw_log = std::fs::File::create(dir.join("gateway.log")).map_err(|e| e.to_string())?;
+        let log = dir.join("gateway.log");
+        let gw_log = std::fs::File::create(&log).map_err(at(&log))?;
         let mut gateway = lab
             .host(0)
             .spawn(&plan.exe, |c| {
@@ -333,21 +436,25 @@ impl<'lab> Fleet<'lab> {
                     .stdout(Stdio::piped())
                     .stderr(gw_log);
             })
-            .map_err(|e| format!("cannot start the gateway: {e}"))?;
+            .map_err(|source| BenchError::Spawn {
+                what: "the gateway".into(),
+                source,
+            })?;
         let mut line = String::new();
-        let out = gateway.child().stdout.take().ok_or("no gateway stdout")?;
+        let out = gateway
+            .child()
+            .stdout
+            .take()
+            .ok_or(BenchError::Missing("gateway stdout"))?;
         BufReader::new(out)
             .read_line(&mut line)
-            .map_err(|e| e.to_string())?;
+            .map_err(BenchError::GatewayOutput)?;
         if !line.starts_with("ready ") {
-            return Err(format!(
-                "the gateway did not start (see {})",
-                dir.join("gateway.log").display()
-            ));
+            return Err(BenchError::GatewayNotStarted { log });
         }
         let mut fleet = Fleet {
             data,
-            log: dir.join("gateway.log"),
+            log,
             gateway,
             agents: Vec::new(),
         };
@@ -357,15 +464,17 @@ impl<'lab> Fleet<'lab> {
                 name: name.clone(),
                 groups: vec!["bench".into()],
             })?;
-            let token = d["token"].as_str().ok_or("no token")?.to_string();
+            let token = d["token"]
+                .as_str()
+                .ok_or(BenchError::Missing("token"))?
+                .to_string();
             let state = dir.join(&name);
-            std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(&state).map_err(at(&state))?;
             let boot = state.join("boot_id");
-            std::fs::write(&boot, "00000000-0000-4000-8000-000000000001\n")
-                .map_err(|e| e.to_string())?;
+            std::fs::write(&boot, "00000000-0000-4000-8000-000000000001\n").map_err(at(&boot))?;
             let ca = fleet.data.join("pki/ca.pem");
-            let agent_log =
-                std::fs::File::create(state.join("agent.log")).map_err(|e| e.to_string())?;
+            let agent_log_path = state.join("agent.log");
+            let agent_log = std::fs::File::create(&agent_log_path).map_err(at(&agent_log_path))?;
             let child = lab
                 .host(i)
                 .spawn(&plan.exe, |c| {
@@ -381,7 +490,10 @@ impl<'lab> Fleet<'lab> {
                         .stdout(Stdio::null())
                         .stderr(agent_log);
                 })
-                .map_err(|e| format!("cannot start agent {name}: {e}"))?;
+                .map_err(|source| BenchError::Spawn {
+                    what: format!("agent {name}"),
+                    source,
+                })?;
             fleet.agents.push((child, state.join("state")));
         }
         let deadline = clock.read().0 + Duration::from_secs(60);
@@ -394,26 +506,31 @@ impl<'lab> Fleet<'lab> {
                 return Ok(fleet);
             }
             if clock.read().0 > deadline {
-                return Err(format!("only {online} of {n} agents online within 60 s"));
+                return Err(BenchError::NotOnline { online, n });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    fn admin(&self, req: &Request) -> Result<Value, String> {
-        match admin::request(&self.data, req) {
-            Ok(r) if r.ok => Ok(r.data),
-            Ok(r) => Err(r.error.unwrap_or_else(|| "refused".into())),
-            Err(e) => Err(e.to_string()),
+    fn admin(&self, req: &Request) -> Result<Value, BenchError> {
+        let r = admin::request(&self.data, req)?;
+        if r.ok {
+            Ok(r.data)
+        } else {
+            Err(BenchError::Refused(
+                r.error.unwrap_or_else(|| "refused".into()),
+            ))
         }
     }
 
     /// The gateway's multicast datagram byte counter (its metrics, over the admin socket).
-    fn datagram_bytes(&self) -> Result<u64, String> {
+    fn datagram_bytes(&self) -> Result<u64, BenchError> {
         let m = self.admin(&Request::Metrics)?;
         m["samples"]["fleetcast_mcast_bytes_sent_total"]
             .as_u64()
-            .ok_or_else(|| "no fleetcast_mcast_bytes_sent_total in the metrics".into())
+            .ok_or(BenchError::Missing(
+                "fleetcast_mcast_bytes_sent_total in the metrics",
+            ))
     }
 
     /// The `ms=` of the gateway's latest "first pass done" line (0 if none).
@@ -448,20 +565,20 @@ impl<'lab> Fleet<'lab> {
         loss: f64,
         ceiling: f64,
         clock: &Clock,
-    ) -> Result<Row, String> {
+    ) -> Result<Row, BenchError> {
         let n = self.agents.len();
         for i in 1..=n {
             let h = lab.host(i);
-            h.clear_loss().map_err(|e| e.to_string())?;
+            h.clear_loss().map_err(BenchError::Loss)?;
             if loss > 0.0 {
-                h.loss_in(&[MCAST_PORT], loss).map_err(|e| e.to_string())?;
+                h.loss_in(&[MCAST_PORT], loss).map_err(BenchError::Loss)?;
             }
             // A fresh copy each time: the previous push's file would be re-verified, not sent.
             let downloads = self.agents[i - 1].1.join("downloads");
             let _ = std::fs::remove_dir_all(&downloads);
         }
-        let size = std::fs::metadata(src).map_err(|e| e.to_string())?.len();
-        let ifs = |i: usize| lab.host(i).counters().map_err(|e| e.to_string());
+        let size = std::fs::metadata(src).map_err(at(src))?.len();
+        let ifs = |i: usize| lab.host(i).counters().map_err(BenchError::Host);
         let tx0 = ifs(0)?.tx_bytes;
         let fb0: u64 = (1..=n)
             .map(|i| ifs(i).map(|c| c.tx_bytes))
@@ -486,7 +603,7 @@ impl<'lab> Fleet<'lab> {
             },
             then: vec![],
         })?;
-        let task = r["task"].as_u64().ok_or("no task id")?;
+        let task = r["task"].as_u64().ok_or(BenchError::Missing("task id"))?;
         let deadline = t0 + plan.timeout;
         loop {
             let t = self.admin(&Request::TaskShow { task: Some(task) })?;
@@ -496,13 +613,14 @@ impl<'lab> Fleet<'lab> {
                 break;
             }
             if let Some(f) = rows.iter().find(|r| r["status"] == "failed") {
-                return Err(format!("a receiver failed: {f}"));
+                return Err(BenchError::ReceiverFailed(f.clone()));
             }
             if clock.read().0 > deadline {
-                return Err(format!(
-                    "{done} of {n} copies verified within {:?}",
-                    plan.timeout
-                ));
+                return Err(BenchError::TimedOut {
+                    done,
+                    n,
+                    timeout: plan.timeout,
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -715,13 +833,13 @@ pub fn plots(rows: &[Row]) -> (String, String, String) {
 }
 
 /// Rows from a report's `report.json` (to draw the report again without a new run).
-pub fn rows_from_json(v: &Value) -> Result<(usize, Vec<Row>), String> {
-    let f = |r: &Value, k: &str| {
-        r[k].as_f64()
-            .ok_or_else(|| format!("report.json: a row has no number `{k}`"))
-    };
+pub fn rows_from_json(v: &Value) -> Result<(usize, Vec<Row>), BenchError> {
+    let f = |r: &Value, k: &'static str| r[k].as_f64().ok_or(BenchError::RowField(k));
     let mut rows = Vec::new();
-    for r in v["rows"].as_array().ok_or("report.json: no `rows`")? {
+    for r in v["rows"]
+        .as_array()
+        .ok_or(BenchError::ReportField("rows"))?
+    {
         rows.push(Row {
             mtu: f(r, "mtu")? as u32,
             receivers: f(r, "receivers")? as usize,
@@ -737,14 +855,16 @@ pub fn rows_from_json(v: &Value) -> Result<(usize, Vec<Row>), String> {
             cpu_receivers_s: f(r, "cpu_receivers_s")?,
         });
     }
-    let mib = v["file_mib"].as_u64().ok_or("report.json: no `file_mib`")? as usize;
+    let mib = v["file_mib"]
+        .as_u64()
+        .ok_or(BenchError::ReportField("file_mib"))? as usize;
     Ok((mib, rows))
 }
 
 /// Writes `report.md`, `report.json`, `goodput-vs-loss.svg`, `completion-vs-receivers.svg`
 /// and `overhead-vs-receivers.svg` into `dir`; returns the Markdown.
-pub fn write_report(rows: &[Row], plan: &Plan, dir: &Path) -> Result<String, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+pub fn write_report(rows: &[Row], plan: &Plan, dir: &Path) -> Result<String, BenchError> {
+    std::fs::create_dir_all(dir).map_err(at(dir))?;
     let md = format!(
         "# fleetcast bench\n\n{} MiB file; rate ceiling of each push = the raw UDP ceiling \
          measured in the same run on the same topology.\n\n{}\n\
@@ -766,7 +886,7 @@ pub fn write_report(rows: &[Row], plan: &Plan, dir: &Path) -> Result<String, Str
         ("overhead-vs-receivers.svg", overhead),
     ] {
         let p = dir.join(name);
-        std::fs::write(&p, body).map_err(|e| format!("{}: {e}", p.display()))?;
+        std::fs::write(&p, body).map_err(at(&p))?;
     }
     Ok(md)
 }

@@ -653,6 +653,17 @@ fn wall_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Why `fleetcast bench`'s flags give no plan.
+#[derive(Debug, thiserror::Error)]
+enum PlanError {
+    /// A flag's value cannot be measured.
+    #[error(transparent)]
+    Flag(#[from] fleetcast_cli::bench::FlagError),
+    /// `current_exe` failed: the bench re-executes its own binary.
+    #[error("cannot find my own binary: {0}")]
+    OwnBinary(#[source] std::io::Error),
+}
+
 /// `fleetcast bench`: the end-to-end multicast benchmark (see `fleetcast_cli::bench`).
 fn bench(
     receivers: &str,
@@ -664,17 +675,17 @@ fn bench(
     json: bool,
 ) -> ExitCode {
     use fleetcast_cli::bench::{self, parse_list, Plan};
-    let plan = (|| -> Result<Plan, String> {
+    let plan = (|| -> Result<Plan, PlanError> {
         let plan = Plan {
-            receivers: parse_list("--receivers", receivers).map_err(|e| e.to_string())?,
-            loss: parse_list("--loss", loss).map_err(|e| e.to_string())?,
-            mtus: parse_list("--mtu", mtu).map_err(|e| e.to_string())?,
+            receivers: parse_list("--receivers", receivers)?,
+            loss: parse_list("--loss", loss)?,
+            mtus: parse_list("--mtu", mtu)?,
             mib,
             timeout: std::time::Duration::from_secs(timeout),
-            exe: std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?,
+            exe: std::env::current_exe().map_err(PlanError::OwnBinary)?,
             work: std::env::temp_dir().join(format!("fleetcast-bench-{}", std::process::id())),
         };
-        plan.check().map_err(|e| e.to_string())?;
+        plan.check()?;
         Ok(plan)
     })();
     let plan = match plan {
@@ -720,10 +731,17 @@ fn bench(
 fn bench_replot(file: &std::path::Path, out: &std::path::Path, json: bool) -> ExitCode {
     use fleetcast_cli::bench::{self, Plan};
     let parsed = std::fs::read_to_string(file)
-        .map_err(|e| format!("{}: {e}", file.display()))
+        .map_err(|source| bench::BenchError::File {
+            path: file.to_path_buf(),
+            source,
+        })
         .and_then(|t| {
-            serde_json::from_str::<serde_json::Value>(&t)
-                .map_err(|e| format!("{}: {e}", file.display()))
+            serde_json::from_str::<serde_json::Value>(&t).map_err(|source| {
+                bench::BenchError::Json {
+                    path: file.to_path_buf(),
+                    source,
+                }
+            })
         })
         .and_then(|v| bench::rows_from_json(&v));
     let (mib, rows) = match parsed {

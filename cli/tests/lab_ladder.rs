@@ -37,8 +37,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{now, read_log, sh, wait_exit, wait_for, AgentSpec, Gateway, REBOOT_EXIT};
-use fleetcast_daemon::admin::{OnFailureSpec, StepSpec};
+use fleetcast_daemon::admin::OnFailureSpec;
 use fleetcast_lab::{Host, Lab, LabConfig, Profile, ProxyConfig};
+use fleetcast_wire::Step;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
@@ -435,7 +436,7 @@ fn run_cases(lab: &Lab, gw: &Gateway<'_>, dir: &Path, cases: &[Case]) {
             c.name,
             vec![
                 vec![sh(&format!("echo one >> {log}"))],
-                vec![StepSpec::Reboot],
+                vec![Step::Reboot],
                 vec![sh(&format!("echo two >> {log}"))],
             ],
             OnFailureSpec::Stop,

@@ -5,11 +5,13 @@
 //! through the same store batch (group commit) and the same dispatch logic as agent traffic.
 //! The socket is created mode 0600: whoever can open it administers the fleet.
 
+use std::borrow::Cow;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use fleetcast_wire::Step;
 use serde::{Deserialize, Serialize};
 
 /// Name of the admin socket inside the data directory.
@@ -17,44 +19,6 @@ pub const SOCKET_NAME: &str = "admin.sock";
 
 /// Largest request line the gateway accepts.
 pub const MAX_REQUEST: usize = 1 << 20;
-
-/// One component step, as the operator writes it (see [`parse_step`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "step")]
-pub enum StepSpec {
-    /// Download `url` to `path`.
-    Fetch {
-        /// Source URL (`http://` or `file://`).
-        url: String,
-        /// Destination on the device.
-        path: String,
-    },
-    /// Check a file's SHA-256 (hex).
-    Verify {
-        /// File on the device.
-        path: String,
-        /// Expected digest, 64 hex digits.
-        sha256: String,
-    },
-    /// Write a text file.
-    Write {
-        /// Destination on the device.
-        path: String,
-        /// Unix permission bits.
-        mode: u32,
-        /// Contents.
-        contents: String,
-    },
-    /// Run a program (no shell).
-    Exec {
-        /// Program and arguments.
-        argv: Vec<String>,
-    },
-    /// Reboot the device.
-    Reboot,
-    /// Send a configuration report.
-    Report,
-}
 
 /// Why a step as the operator wrote it cannot be queued (one variant per broken rule); the
 /// message says what to write instead.
@@ -79,9 +43,9 @@ pub enum StepError {
     /// `install:` without package names (or with an option instead).
     #[error("`install` needs package names: `install:PACKAGE...`")]
     NoPackages,
-    /// `verify:` with a digest that is not one.
-    #[error(transparent)]
-    Digest(#[from] DigestError),
+    /// `verify:` with a digest that is not one (`fleetcast_wire::parse_sha256` says why).
+    #[error("{0}")]
+    Digest(String),
     /// No such step.
     #[error(
         "unknown step `{0}`: use exec:CMD, sh:SCRIPT, install:PACKAGE, fetch:PATH=URL \
@@ -117,7 +81,7 @@ pub enum TriggerError {
 /// | `write:PATH=TEXT` | write a file, mode 0644 |
 /// | `reboot` | reboot, the queue suspends until the device is back |
 /// | `report` | send a configuration report |
-pub fn parse_step(spec: &str) -> Result<StepSpec, StepError> {
+pub fn parse_step(spec: &str) -> Result<Step<'static>, StepError> {
     let (kind, arg) = spec.split_once(':').unwrap_or((spec, ""));
     let pair = |what: &str| {
         arg.split_once('=')
@@ -136,7 +100,9 @@ pub fn parse_step(spec: &str) -> Result<StepSpec, StepError> {
             if argv.is_empty() {
                 return Err(StepError::NoProgram);
             }
-            StepSpec::Exec { argv }
+            Step::Exec {
+                argv: argv.into_iter().map(Cow::Owned).collect(),
+            }
         }
         "install" => {
             let pkgs =
@@ -150,31 +116,36 @@ pub fn parse_step(spec: &str) -> Result<StepSpec, StepError> {
                 INSTALL_SCRIPT.into(),
                 "fleetcast-install".into(),
             ];
-            argv.extend(pkgs);
-            StepSpec::Exec { argv }
+            argv.extend(pkgs.into_iter().map(Cow::Owned));
+            Step::Exec { argv }
         }
-        "sh" if !arg.is_empty() => StepSpec::Exec {
-            argv: vec!["/bin/sh".into(), "-c".into(), arg.into()],
+        "sh" if !arg.is_empty() => Step::Exec {
+            argv: vec!["/bin/sh".into(), "-c".into(), arg.to_string().into()],
         },
         "fetch" => {
             let (path, url) = pair("PATH=URL")?;
-            StepSpec::Fetch { url, path }
+            Step::Fetch {
+                url: url.into(),
+                path: path.into(),
+            }
         }
         "verify" => {
             let (path, sha256) = pair("PATH=SHA256")?;
-            parse_sha256(&sha256)?;
-            StepSpec::Verify { path, sha256 }
+            Step::Verify {
+                path: path.into(),
+                sha256: fleetcast_wire::parse_sha256(&sha256).map_err(StepError::Digest)?,
+            }
         }
         "write" => {
             let (path, contents) = pair("PATH=TEXT")?;
-            StepSpec::Write {
-                path,
+            Step::Write {
+                path: path.into(),
                 mode: 0o644,
-                contents,
+                contents: contents.into_bytes().into(),
             }
         }
-        "reboot" if arg.is_empty() => StepSpec::Reboot,
-        "report" if arg.is_empty() => StepSpec::Report,
+        "reboot" if arg.is_empty() => Step::Reboot,
+        "report" if arg.is_empty() => Step::Report,
         _ => return Err(StepError::Unknown(spec.to_string())),
     };
     Ok(step)
@@ -189,34 +160,6 @@ elif command -v zypper >/dev/null 2>&1; then exec zypper --non-interactive insta
 elif command -v apk >/dev/null 2>&1; then exec apk add \"$@\"; \
 elif command -v opkg >/dev/null 2>&1; then exec opkg install \"$@\"; \
 else echo 'fleetcast: no supported package manager on this device' >&2; exit 127; fi";
-
-/// Why a text is not a SHA-256 digest (one variant per broken rule).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DigestError {
-    /// Not 64 characters long.
-    #[error("a SHA-256 is 64 hex digits, got {0} characters")]
-    Length(usize),
-    /// A pair of bytes that is not text (the digits are ASCII).
-    #[error("not hex")]
-    NotText,
-    /// A pair of characters that is not a hex number.
-    #[error("`{0}` is not hex")]
-    NotHex(String),
-}
-
-/// Parses 64 hex digits.
-pub fn parse_sha256(hex: &str) -> Result<[u8; 32], DigestError> {
-    let bytes = hex.as_bytes();
-    if bytes.len() != 64 {
-        return Err(DigestError::Length(bytes.len()));
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in bytes.chunks(2).enumerate() {
-        let s = std::str::from_utf8(pair).map_err(|_| DigestError::NotText)?;
-        out[i] = u8::from_str_radix(s, 16).map_err(|_| DigestError::NotHex(s.to_string()))?;
-    }
-    Ok(out)
-}
 
 /// Failure policy of a queued command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -262,7 +205,7 @@ pub enum Request {
         /// Device name, or group name.
         target: String,
         /// The commands: each is an operation of steps.
-        commands: Vec<Vec<StepSpec>>,
+        commands: Vec<Vec<Step<'static>>>,
         /// Per-attempt timeout.
         timeout_ms: u64,
         /// Transmissions allowed (retries = attempts − 1).
@@ -318,7 +261,7 @@ pub enum Request {
         /// Commands queued for each device once its copy verified (e.g. install it), one
         /// step list per command, as in `QueueAdd`.
         #[serde(default)]
-        then: Vec<Vec<StepSpec>>,
+        then: Vec<Vec<Step<'static>>>,
     },
     /// A task's status table, or (without an id) every task with its counts.
     TaskShow {
@@ -540,7 +483,7 @@ mod tests {
     fn steps_parse() {
         assert_eq!(
             parse_step("exec:apt-get install -y 'nginx light'").unwrap(),
-            StepSpec::Exec {
+            Step::Exec {
                 argv: vec![
                     "apt-get".into(),
                     "install".into(),
@@ -551,28 +494,28 @@ mod tests {
         );
         assert_eq!(
             parse_step("sh:echo hi > /tmp/x").unwrap(),
-            StepSpec::Exec {
+            Step::Exec {
                 argv: vec!["/bin/sh".into(), "-c".into(), "echo hi > /tmp/x".into()]
             }
         );
         assert_eq!(
             parse_step("fetch:/tmp/a.deb=http://10.0.0.1/a.deb").unwrap(),
-            StepSpec::Fetch {
+            Step::Fetch {
                 url: "http://10.0.0.1/a.deb".into(),
                 path: "/tmp/a.deb".into()
             }
         );
         assert_eq!(
             parse_step("write:/etc/motd=hello=world").unwrap(),
-            StepSpec::Write {
+            Step::Write {
                 path: "/etc/motd".into(),
                 mode: 0o644,
-                contents: "hello=world".into()
+                contents: b"hello=world".into()
             }
         );
-        assert_eq!(parse_step("reboot").unwrap(), StepSpec::Reboot);
+        assert_eq!(parse_step("reboot").unwrap(), Step::Reboot);
         match parse_step("install:nginx curl").unwrap() {
-            StepSpec::Exec { argv } => {
+            Step::Exec { argv } => {
                 assert_eq!(&argv[..2], ["/bin/sh", "-c"]);
                 assert!(argv[2].contains("apt-get install -y \"$@\""));
                 assert_eq!(&argv[3..], ["fleetcast-install", "nginx", "curl"]);
@@ -581,7 +524,7 @@ mod tests {
         }
         assert!(parse_step("install:").is_err());
         assert!(parse_step("install:-y").is_err());
-        assert_eq!(parse_step("report").unwrap(), StepSpec::Report);
+        assert_eq!(parse_step("report").unwrap(), Step::Report);
         let sha = "ab".repeat(32);
         assert!(parse_step(&format!("verify:/x={sha}")).is_ok());
     }
@@ -599,11 +542,11 @@ mod tests {
         )
         .unwrap();
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let StepSpec::Exec { argv } = parse_step("install:'nginx-light' curl").unwrap() else {
+        let Step::Exec { argv } = parse_step("install:'nginx-light' curl").unwrap() else {
             panic!("not exec")
         };
-        let st = std::process::Command::new(&argv[0])
-            .args(&argv[1..])
+        let st = std::process::Command::new(&*argv[0])
+            .args(argv[1..].iter().map(|a| &**a))
             .env("PATH", dir.path())
             .status()
             .unwrap();
@@ -614,8 +557,8 @@ mod tests {
         );
         // No package manager at all: a clear failure.
         std::fs::remove_file(&fake).unwrap();
-        let o = std::process::Command::new(&argv[0])
-            .args(&argv[1..])
+        let o = std::process::Command::new(&*argv[0])
+            .args(argv[1..].iter().map(|a| &**a))
             .env("PATH", dir.path())
             .output()
             .unwrap();

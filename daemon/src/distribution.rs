@@ -773,7 +773,7 @@ impl Distributor {
         peer: Option<IpAddr>,
         row: impl FnOnce() -> Option<store::Task>,
         now: Instant,
-    ) -> Result<AnnounceOwned, DistError> {
+    ) -> Result<Announce<'static>, DistError> {
         let session = task.0 as u32;
         if !self.dists.contains_key(&session) {
             let Some(t) = row() else {
@@ -811,17 +811,17 @@ impl Distributor {
         let nack_key = d.nack_keys.next_device_key(device.0);
         d.core.handle_announce(now, device.0, peer, nack_key);
         self.touched.insert(session);
-        Ok(AnnounceOwned {
+        Ok(Announce {
             task_id: task.0,
             session,
-            group: self.cfg.group,
+            group: self.cfg.group.into(),
             port: self.cfg.port,
             size: d.map.len as u64,
             block_size: d.block_size,
             sha256: d.sha256,
-            auth_key: d.key_bytes,
-            nack_key,
-            name: d.name.clone(),
+            auth_key: Some(d.key_bytes),
+            nack_key: Some(nack_key),
+            name: Cow::Owned(d.name.clone()),
         })
     }
 
@@ -928,49 +928,6 @@ impl Distributor {
         }
         t.live = self.dists.len() as u64;
         t
-    }
-}
-
-/// An [`Announce`] with owned parts, built outside the session borrow.
-#[derive(Debug, Clone)]
-pub struct AnnounceOwned {
-    /// Task.
-    pub task_id: u64,
-    /// Session.
-    pub session: u32,
-    /// Group.
-    pub group: Ipv4Addr,
-    /// Port.
-    pub port: u16,
-    /// Size.
-    pub size: u64,
-    /// Block size.
-    pub block_size: u32,
-    /// Digest.
-    pub sha256: [u8; 32],
-    /// Tag key.
-    pub auth_key: [u8; 32],
-    /// The device's own NACK key.
-    pub nack_key: [u8; 32],
-    /// File name.
-    pub name: String,
-}
-
-impl AnnounceOwned {
-    /// The wire message.
-    pub fn as_wire(&self) -> Announce<'_> {
-        Announce {
-            task_id: self.task_id,
-            session: self.session,
-            group: self.group.into(),
-            port: self.port,
-            size: self.size,
-            block_size: self.block_size,
-            sha256: self.sha256,
-            auth_key: Some(self.auth_key),
-            nack_key: Some(self.nack_key),
-            name: Cow::Borrowed(&self.name),
-        }
     }
 }
 
@@ -1283,7 +1240,7 @@ impl FecCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::convert::sha256;
+    use crate::pki::sha256;
     use fleetcast_wire::DataBlock;
 
     /// Each live task holds exactly one entry in the timer set, a turn drives only the tasks

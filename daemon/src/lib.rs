@@ -4,7 +4,6 @@
 pub mod admin;
 pub mod artifacts;
 pub mod config;
-pub mod convert;
 pub mod daemon_main;
 pub mod datadir;
 pub mod distribution;

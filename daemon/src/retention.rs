@@ -140,9 +140,8 @@ impl Pruner {
 mod tests {
     use super::*;
     use fleetcast_store::Store;
-    use fleetcast_store::{
-        Command, CommandResult, Event, EventKind, OnFailure, Step, StepOutcome, StepResult,
-    };
+    use fleetcast_store::{Command, Event, EventKind, OnFailure};
+    use fleetcast_wire::Step;
 
     fn fill(store: &mut dyn Engine, devices: u64, commands: u64, events: u64, old_ms: u64) {
         let mut b = store.batch().unwrap();
@@ -157,14 +156,21 @@ mod tests {
                 };
                 b.enqueue(dev, cmd).unwrap();
                 let attempt = b.mark_transmitted(dev, seq, 1).unwrap();
-                let ok = CommandResult {
-                    steps: vec![StepResult {
-                        outcome: StepOutcome::Ok,
-                        exit_code: Some(0),
-                        output: Vec::new(),
-                        started_ms: 1,
-                        finished_ms: 2,
-                    }],
+                let ok = fleetcast_store::Received {
+                    result: fleetcast_wire::CommandResult {
+                        command_id: 1,
+                        seq: 1,
+                        attempt: 1,
+                        exit_code: 0,
+                        steps: vec![fleetcast_wire::StepResult {
+                            status: fleetcast_wire::StepStatus::Ok,
+                            exit_code: 0,
+                            duration_ms: 1,
+                        }],
+                        output: b"".into(),
+                        report: None,
+                    },
+                    at_ms: 2,
                 };
                 b.record_result(dev, seq, attempt, ok).unwrap();
             }

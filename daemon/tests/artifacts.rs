@@ -10,7 +10,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use fleetcast_daemon::admin::{self, OnFailureSpec, Request, StepSpec};
+use fleetcast_daemon::admin::{self, OnFailureSpec, Request};
+use fleetcast_wire::Step;
 
 #[test]
 fn agent_role() {
@@ -126,18 +127,18 @@ fn fetch_from_the_gateway_then_verify() {
             target: "n1".into(),
             commands: vec![
                 vec![
-                    StepSpec::Fetch {
+                    Step::Fetch {
                         url: "gateway:pkg-1.0.bin".into(),
-                        path: out.clone(),
+                        path: out.clone().into(),
                     },
-                    StepSpec::Verify {
-                        path: out.clone(),
-                        sha256: sha.clone(),
+                    Step::Verify {
+                        path: out.clone().into(),
+                        sha256: fleetcast_wire::parse_sha256(&sha).unwrap(),
                     },
                 ],
-                vec![StepSpec::Fetch {
+                vec![Step::Fetch {
                     url: "gateway:no-such.bin".into(),
-                    path: missing.clone(),
+                    path: missing.clone().into(),
                 }],
             ],
             timeout_ms: 30_000,

@@ -224,7 +224,7 @@ fn gateway_sigkill_while_a_device_reboots() {
         "c3",
         vec![
             vec![sh(&format!("echo 1 >> {l}"))],
-            vec![fleetcast_daemon::admin::StepSpec::Reboot],
+            vec![fleetcast_wire::Step::Reboot],
             vec![sh(&format!("echo 3 >> {l}"))],
             vec![sh(&format!("echo 4 >> {l}"))],
         ],
@@ -290,7 +290,7 @@ fn gateway_sigkills_around_reboots() {
     let cmds = (1..=COMMANDS)
         .map(|n| {
             if is_reboot(n) {
-                vec![fleetcast_daemon::admin::StepSpec::Reboot]
+                vec![fleetcast_wire::Step::Reboot]
             } else {
                 vec![sh(&format!("sleep 0.05; echo {n} >> {}", log.display()))]
             }
@@ -385,7 +385,7 @@ fn lost_reboot_starting_then_reboot_complete_is_accepted() {
             vec![sh(&format!("echo 1 >> {l}"))],
             vec![
                 sh(&format!("echo pre-reboot >> {l}; sleep 1")),
-                fleetcast_daemon::admin::StepSpec::Reboot,
+                fleetcast_wire::Step::Reboot,
             ],
             vec![sh(&format!("echo 3 >> {l}"))],
         ],

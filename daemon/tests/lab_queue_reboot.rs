@@ -14,8 +14,9 @@ mod common;
 use std::time::Duration;
 
 use common::{sh, wait_exit, wait_for, AgentSpec, Gateway, REBOOT_EXIT};
-use fleetcast_daemon::admin::{OnFailureSpec, StepSpec};
+use fleetcast_daemon::admin::OnFailureSpec;
 use fleetcast_lab::{Lab, LabConfig};
+use fleetcast_wire::Step;
 use serde_json::Value;
 
 #[test]
@@ -65,16 +66,16 @@ fn three_devices_run_a_queue_through_a_reboot_exactly_once_in_order() {
         let cmds = vec![
             vec![sh(&format!("echo one >> {log}"))],
             vec![
-                StepSpec::Write {
-                    path: two.clone(),
+                Step::Write {
+                    path: two.clone().into(),
                     mode: 0o644,
-                    contents: "two\n".into(),
+                    contents: b"two\n".into(),
                 },
                 sh(&format!("cat {two} >> {log}")),
             ],
-            vec![StepSpec::Reboot],
+            vec![Step::Reboot],
             vec![sh(&format!("echo four >> {log}"))],
-            vec![StepSpec::Report],
+            vec![Step::Report],
         ];
         gw.queue_add(&format!("n{}", i + 1), cmds, OnFailureSpec::Stop);
     }
@@ -208,7 +209,7 @@ fn a_reboot_that_did_not_change_the_boot_id_is_done_again() {
         "r1",
         vec![
             vec![sh(&format!("echo one >> {log}"))],
-            vec![StepSpec::Reboot],
+            vec![Step::Reboot],
             vec![sh(&format!("echo three >> {log}"))],
         ],
         OnFailureSpec::Stop,
@@ -267,10 +268,7 @@ fn late_return<'lab>(
     let log = dir.join("t1").join("commands.log").display().to_string();
     gw.queue_add(
         "t1",
-        vec![
-            vec![StepSpec::Reboot],
-            vec![sh(&format!("echo two >> {log}"))],
-        ],
+        vec![vec![Step::Reboot], vec![sh(&format!("echo two >> {log}"))]],
         OnFailureSpec::Stop,
     );
     let st = wait_exit(&mut agent, WAIT, || spec.output());
@@ -399,7 +397,7 @@ fn reports_arrive_after_enrolment_and_from_a_report_step() {
     let mut dpkg = std::fs::read_to_string(&spec.dpkg).expect("dpkg status");
     dpkg.push_str("Package: nginx\nStatus: install ok installed\nVersion: 1.22.1-9\n\n");
     std::fs::write(&spec.dpkg, dpkg).expect("dpkg status");
-    gw.queue_add("p1", vec![vec![StepSpec::Report]], OnFailureSpec::Stop);
+    gw.queue_add("p1", vec![vec![Step::Report]], OnFailureSpec::Stop);
     let q = gw.wait_done("p1", WAIT, || spec.output());
     assert_eq!(q["commands"][0]["state"], "ok", "{q:#}");
     let row = status_row(&gw, "p1");
@@ -423,7 +421,7 @@ fn a_reboot_command_keeps_the_real_results_of_its_earlier_steps() {
         vec![vec![
             sh("echo preparing the upgrade; sleep 0.2"),
             sh("echo kernel installed"),
-            StepSpec::Reboot,
+            Step::Reboot,
         ]],
         OnFailureSpec::Stop,
     );

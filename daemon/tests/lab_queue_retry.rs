@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{sh, wait_for, AgentSpec, Gateway};
-use fleetcast_daemon::admin::{OnFailureSpec, Request, StepSpec};
+use fleetcast_daemon::admin::{OnFailureSpec, Request};
 use fleetcast_lab::{Lab, LabConfig};
+use fleetcast_wire::Step;
 use serde_json::Value;
 
 #[test]
@@ -29,7 +30,7 @@ const WAIT: Duration = Duration::from_secs(45);
 
 /// A step that fails the first time it runs (exit 3) and succeeds afterwards; every run
 /// appends a line to `log` (`first`, then `again`).
-fn fails_once(dir: &Path, log: &Path) -> StepSpec {
+fn fails_once(dir: &Path, log: &Path) -> Step<'static> {
     let flag = dir.join("ran-once");
     sh(&format!(
         "if [ -e {flag} ]; then echo again >> {log}; else touch {flag}; echo first >> {log}; \
@@ -39,7 +40,7 @@ fn fails_once(dir: &Path, log: &Path) -> StepSpec {
     ))
 }
 
-fn echo(word: &str, log: &Path) -> Vec<StepSpec> {
+fn echo(word: &str, log: &Path) -> Vec<Step<'static>> {
     vec![sh(&format!("echo {word} >> {}", log.display()))]
 }
 

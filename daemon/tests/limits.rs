@@ -573,9 +573,8 @@ fn unauthenticated_clients_cannot_make_the_gateway_buffer_big_frames() {
 #[test]
 fn the_event_log_and_results_are_pruned_to_the_retention_settings() {
     use fleetcast_store::prelude::*;
-    use fleetcast_store::{
-        Command, CommandResult, Event, EventKind, OnFailure, Step, StepOutcome, StepResult,
-    };
+    use fleetcast_store::{Command, Event, EventKind, OnFailure};
+    use fleetcast_wire::Step;
     const EVENTS: u64 = 5000;
     const COMMANDS: u64 = 300;
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -596,14 +595,21 @@ fn the_event_log_and_results_are_pruned_to_the_retention_settings() {
             )
             .expect("enqueue");
             let attempt = b.mark_transmitted(dev, seq, 2).expect("transmitted");
-            let r = CommandResult {
-                steps: vec![StepResult {
-                    outcome: StepOutcome::Ok,
-                    exit_code: Some(0),
-                    output: b"ok".to_vec(),
-                    started_ms: 2,
-                    finished_ms: 3,
-                }],
+            let r = fleetcast_store::Received {
+                result: fleetcast_wire::CommandResult {
+                    command_id: 1,
+                    seq: 1,
+                    attempt: 1,
+                    exit_code: 0,
+                    steps: vec![fleetcast_wire::StepResult {
+                        status: fleetcast_wire::StepStatus::Ok,
+                        exit_code: 0,
+                        duration_ms: 1,
+                    }],
+                    output: b"ok".into(),
+                    report: None,
+                },
+                at_ms: 3,
             };
             b.record_result(dev, seq, attempt, r).expect("result");
         }

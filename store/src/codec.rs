@@ -2,23 +2,37 @@
 //!
 //! Every record value starts with one version byte ([`VERSION`]). Integers are little-endian
 //! fixed width; strings and byte strings are a `u32` length followed by the bytes; sequences
-//! are a `u32` count followed by the items. Keys are *not* encoded here: they are big-endian
-//! composites built in `keys` so that LMDB's lexicographic order is numeric order.
+//! are a `u32` count followed by the items. A wire value a record keeps (a step, a result, a
+//! configuration report) is embedded as a byte string holding its wire encoding
+//! ([`fleetcast_wire::Embed`]): one encoding per value, the wire's. Keys are *not* encoded
+//! here: they are big-endian composites built in `keys` so that LMDB's lexicographic order is
+//! numeric order.
+//!
+//! Versions: format 1 kept steps, results and reports in store-only layouts; format 2 (this
+//! build) embeds the wire values. Records of both formats are read (`legacy` decodes format
+//! 1 into today's types); every record written is format 2.
 //!
 //! No-panic contract: [`Reader`] checks every length against the remaining input and decoding
 //! returns `Error::Corrupt` on truncated, oversized or trailing bytes, unknown enum tags and
 //! invalid UTF-8. No decoder indexes a slice without a bound check, and no allocation is sized
 //! from an unchecked length (a count is first checked against the bytes left).
 
+use fleetcast_wire::Embed;
+
 use crate::error::{Error, Result};
 
 /// Current record encoding version.
-pub(crate) const VERSION: u8 = 1;
+pub(crate) const VERSION: u8 = 2;
+/// The first format: steps, results and reports in store-only layouts (see `legacy`).
+pub(crate) const FORMAT_1: u8 = 1;
 
 /// Appends encoded fields to a caller-owned buffer.
 #[derive(Debug)]
 pub(crate) struct Writer<'a> {
     buf: &'a mut Vec<u8>,
+    /// The first embedded value that did not encode (over a wire limit): the record is
+    /// refused by [`Record::encode`], never written cut short.
+    failed: Option<fleetcast_wire::Error>,
 }
 
 impl<'a> Writer<'a> {
@@ -26,15 +40,31 @@ impl<'a> Writer<'a> {
     pub(crate) fn new(buf: &'a mut Vec<u8>) -> Self {
         buf.clear();
         buf.push(VERSION);
-        Writer { buf }
+        Writer { buf, failed: None }
+    }
+    /// Appends a wire value's encoding as a byte string.
+    pub(crate) fn embed<'v, T: Embed<'v>>(&mut self, v: &T) {
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]);
+        match v.encode_to_vec(self.buf) {
+            Ok(()) => {
+                let n = u32::try_from(self.buf.len() - at - 4).unwrap_or(u32::MAX);
+                self.buf[at..at + 4].copy_from_slice(&n.to_le_bytes());
+            }
+            Err(e) => {
+                self.buf.truncate(at);
+                self.failed.get_or_insert(e);
+            }
+        }
+    }
+    /// Marks the record as not encodable (a nested record failed).
+    pub(crate) fn fail(&mut self, e: fleetcast_wire::Error) {
+        self.failed.get_or_insert(e);
     }
     pub(crate) fn u8(&mut self, v: u8) {
         self.buf.push(v);
     }
     pub(crate) fn u32(&mut self, v: u32) {
-        self.buf.extend_from_slice(&v.to_le_bytes());
-    }
-    pub(crate) fn i32(&mut self, v: i32) {
         self.buf.extend_from_slice(&v.to_le_bytes());
     }
     pub(crate) fn u64(&mut self, v: u64) {
@@ -73,16 +103,34 @@ impl<'a> Writer<'a> {
 pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     table: &'static str,
+    version: u8,
 }
 
 impl<'a> Reader<'a> {
     /// Checks the version byte. `table` names the table in `Corrupt` errors.
     pub(crate) fn new(buf: &'a [u8], table: &'static str) -> Result<Self> {
-        let mut r = Reader { buf, table };
+        let mut r = Reader {
+            buf,
+            table,
+            version: VERSION,
+        };
         match r.u8()? {
-            VERSION => Ok(r),
+            v @ (FORMAT_1 | VERSION) => {
+                r.version = v;
+                Ok(r)
+            }
             _ => Err(r.corrupt("unknown record version")),
         }
+    }
+    /// The record's format version ([`FORMAT_1`] or [`VERSION`]).
+    pub(crate) fn version(&self) -> u8 {
+        self.version
+    }
+    /// Reads an embedded wire value (borrowing from the record: the caller owns it with
+    /// `into_owned` before the record's bytes go away).
+    pub(crate) fn embedded<T: Embed<'a>>(&mut self) -> Result<T> {
+        let b = self.bytes()?;
+        T::decode_exact(b).map_err(|_| self.corrupt("embedded wire value does not decode"))
     }
     pub(crate) fn corrupt(&self, reason: &'static str) -> Error {
         Error::Corrupt {
@@ -180,9 +228,18 @@ pub(crate) trait Record: Sized {
     /// Reads the fields (after the version byte).
     fn decode_fields(r: &mut Reader<'_>) -> Result<Self>;
 
-    fn encode(&self, buf: &mut Vec<u8>) {
+    /// Encodes the record; refused (nothing to write) if a wire value it embeds is over a
+    /// wire limit.
+    fn encode(&self, buf: &mut Vec<u8>) -> Result<()> {
         let mut w = Writer::new(buf);
         self.encode_fields(&mut w);
+        match w.failed {
+            None => Ok(()),
+            Some(error) => Err(Error::Unencodable {
+                table: Self::TABLE,
+                error,
+            }),
+        }
     }
     fn decode(buf: &[u8]) -> Result<Self> {
         let mut r = Reader::new(buf, Self::TABLE)?;
@@ -213,6 +270,7 @@ mod tests {
         let mut r = Reader::new(&[VERSION, 0xff, 0xff, 0xff, 0xff], "t").unwrap();
         assert!(r.count(1).is_err());
         assert!(Reader::new(&[VERSION + 1], "t").is_err());
+        assert_eq!(Reader::new(&[FORMAT_1], "t").unwrap().version(), FORMAT_1);
         assert!(Reader::new(&[], "t").is_err());
     }
 }

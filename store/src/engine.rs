@@ -22,10 +22,12 @@
 
 use std::path::Path;
 
+use fleetcast_wire as wire;
+
 use crate::error::Result;
 use crate::types::{
-    BlockSet, Command, CommandResult, ConfigReport, Device, DeviceId, EnrolmentToken, Event,
-    EventId, QueueState, QueueStatus, Task, TaskDeviceStatus, TaskId, Transport,
+    BlockSet, Command, Device, DeviceId, EnrolmentToken, Event, EventId, QueueState, QueueStatus,
+    Received, StoredResult, Task, TaskDeviceStatus, TaskId, Transport,
 };
 use crate::{Committed, Recorded};
 
@@ -58,7 +60,7 @@ pub trait Reads {
     /// The command to transmit next, if the queue is `running`.
     fn next_to_dispatch(&self, id: DeviceId) -> Result<Option<(u64, Command)>>;
     /// The recorded result of a command.
-    fn result(&self, id: DeviceId, seq: u64) -> Result<Option<CommandResult>>;
+    fn result(&self, id: DeviceId, seq: u64) -> Result<Option<StoredResult>>;
     /// Members of a group, by id.
     fn group_members(&self, group: &str) -> Result<Vec<DeviceId>>;
     /// Every group and its members.
@@ -121,7 +123,12 @@ pub trait DeviceOps {
         transport: Option<Transport>,
     ) -> Result<()>;
     /// Stores a configuration report.
-    fn set_report(&mut self, dev: DeviceId, report: ConfigReport, now_ms: u64) -> Result<()>;
+    fn set_report(
+        &mut self,
+        dev: DeviceId,
+        report: wire::ConfigReport<'static>,
+        now_ms: u64,
+    ) -> Result<()>;
     /// Adds a device to a group.
     fn join_group(&mut self, group: &str, dev: DeviceId) -> Result<()>;
     /// Removes a device from a group (no-op if not a member).
@@ -153,13 +160,15 @@ pub trait QueueOps {
     /// a result for a command never transmitted is
     /// [`Illegal::NotTransmitted`](crate::Illegal::NotTransmitted). A failed result is retried
     /// while attempts remain, then the command's failure policy applies. Output excerpts are
-    /// cut to their last 4 KiB.
+    /// cut to their last 4 KiB. Whether a result is the one already stored ignores when each
+    /// was received. A result over the wire's limits is
+    /// [`Illegal::Invalid`](crate::Illegal::Invalid).
     fn record_result(
         &mut self,
         dev: DeviceId,
         seq: u64,
         attempt: u32,
-        result: CommandResult,
+        result: Received,
     ) -> Result<Recorded>;
     /// The command in flight got no result by `transmitted + timeout`: retried while attempts
     /// remain, else the failure policy applies (`Continue` stores a synthetic failed result).
@@ -185,8 +194,8 @@ pub trait QueueOps {
         dev: DeviceId,
         seq: u64,
         attempt: u32,
-        report: ConfigReport,
-        result: CommandResult,
+        report: wire::ConfigReport<'static>,
+        result: Received,
         now_ms: u64,
     ) -> Result<QueueStatus>;
     /// The reboot deadline passed: the queue fails with `RebootDeadlineMissed`.

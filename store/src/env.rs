@@ -41,8 +41,11 @@ use crate::codec::Record;
 use crate::error::{Error, Result};
 use crate::types::DeviceId;
 
-/// Schema version written by this build.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Schema version written by this build. 2: records embed wire values (record format 2, see
+/// `codec`); a schema-1 store is upgraded on open (its format-1 records stay readable and are
+/// rewritten as they change), and a build that knows only schema 1 refuses the upgraded store
+/// with [`Error::SchemaTooNew`] instead of misreading format-2 records.
+pub const SCHEMA_VERSION: u32 = 2;
 /// Initial map size (grows on demand).
 pub const INITIAL_MAP_SIZE: usize = 64 << 20;
 /// Map size ceiling: growth beyond this reports `DiskFull` instead.
@@ -125,8 +128,8 @@ pub(crate) fn open_env(path: &Path) -> Result<(Environment, Dbs)> {
                 supported: SCHEMA_VERSION,
             })
         }
-        Some(_) => {}
-        None => {
+        Some(v) if v == SCHEMA_VERSION => {}
+        Some(_) | None => {
             let mut txn = env.begin_rw_txn()?;
             txn.put(
                 dbs.meta,

@@ -157,6 +157,15 @@ pub enum Error {
         /// What was wrong.
         reason: &'static str,
     },
+    /// A record would embed a wire value over a wire limit (a step, result or report the
+    /// protocol cannot carry); nothing was written.
+    #[error("a {table} record does not encode: {error}")]
+    Unencodable {
+        /// Table the record was for.
+        table: &'static str,
+        /// The wire limit broken.
+        error: fleetcast_wire::Error,
+    },
     /// An earlier operation of this batch failed with a storage error; the batch cannot commit.
     #[error("batch poisoned by an earlier storage error; nothing of it was committed")]
     Poisoned,

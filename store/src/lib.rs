@@ -44,6 +44,7 @@ mod engine;
 mod env;
 mod error;
 mod ids;
+mod legacy;
 mod queue;
 mod read;
 mod types;
@@ -57,9 +58,9 @@ pub use engine::{DeviceOps, Engine, EventOps, QueueOps, Reads, StoreBatch, TaskO
 pub use env::{INITIAL_MAP_SIZE, SCHEMA_VERSION};
 pub use error::{Error, Illegal, Missing, Result};
 pub use types::{
-    BlockSet, Command, CommandResult, ConfigReport, Device, DeviceId, EnrolmentToken, Event,
-    EventId, EventKind, FailReason, OnFailure, QueueState, QueueStatus, Step, StepOutcome,
-    StepResult, Task, TaskDeviceStatus, TaskId, Transport, OUTPUT_EXCERPT_MAX,
+    boot_hex, BlockSet, Command, Device, DeviceId, EnrolmentToken, Event, EventId, EventKind,
+    FailReason, OnFailure, QueueState, QueueStatus, Received, StoredResult, Task, TaskDeviceStatus,
+    TaskId, Transport, OUTPUT_EXCERPT_MAX,
 };
 
 use env::Dbs;

@@ -9,8 +9,8 @@ use crate::codec::Record;
 use crate::env::{self, be, key2, split2, Dbs};
 use crate::error::{Error, Result};
 use crate::types::{
-    Command, CommandPolicy, CommandResult, Device, DeviceId, Event, EventId, QueueState,
-    QueueStatus, Task, TaskDeviceStatus, TaskId,
+    Command, CommandPolicy, Device, DeviceId, Event, EventId, QueueState, QueueStatus,
+    StoredResult, Task, TaskDeviceStatus, TaskId,
 };
 
 pub(crate) fn device<T: Transaction>(t: &T, d: &Dbs, id: DeviceId) -> Result<Option<Device>> {
@@ -149,8 +149,15 @@ pub(crate) fn result<T: Transaction>(
     d: &Dbs,
     id: DeviceId,
     seq: u64,
-) -> Result<Option<CommandResult>> {
-    env::get(t, d.results, &key2(id.0, seq))
+) -> Result<Option<StoredResult>> {
+    let mut r: Option<StoredResult> = env::get(t, d.results, &key2(id.0, seq))?;
+    // Format-1 records did not keep the sequence number inside: it is the key's.
+    if let Some(StoredResult::Received(x)) = &mut r {
+        if x.result.seq == 0 {
+            x.result.seq = seq;
+        }
+    }
+    Ok(r)
 }
 
 pub(crate) fn group_members<T: Transaction>(t: &T, d: &Dbs, name: &str) -> Result<Vec<DeviceId>> {
@@ -299,7 +306,7 @@ macro_rules! read_methods {
             let (t, d) = self.read_parts()?;
             read::next_to_dispatch(t, d, id)
         }
-        fn result(&self, id: DeviceId, seq: u64) -> Result<Option<CommandResult>> {
+        fn result(&self, id: DeviceId, seq: u64) -> Result<Option<StoredResult>> {
             let (t, d) = self.read_parts()?;
             read::result(t, d, id, seq)
         }

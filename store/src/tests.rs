@@ -1,9 +1,11 @@
 //! Store-level tests of every transition through real LMDB transactions.
 
-use super::*;
+use fleetcast_wire::{self as wire, Step};
 use proptest::prelude::*;
 
-fn cmd(steps: Vec<Step>, max_attempts: u32, on_failure: OnFailure) -> Command {
+use super::*;
+
+fn cmd(steps: Vec<Step<'static>>, max_attempts: u32, on_failure: OnFailure) -> Command {
     Command {
         steps,
         timeout_ms: 1000,
@@ -23,32 +25,55 @@ fn exec() -> Command {
 fn reboot_cmd() -> Command {
     cmd(vec![Step::Reboot, Step::Report], 1, OnFailure::Stop)
 }
-fn ok() -> CommandResult {
-    CommandResult {
-        steps: vec![StepResult {
-            outcome: StepOutcome::Ok,
-            exit_code: Some(0),
-            output: b"done".to_vec(),
-            started_ms: 1,
-            finished_ms: 2,
-        }],
+fn ok() -> Received {
+    Received {
+        result: wire::CommandResult {
+            command_id: 1,
+            seq: 1,
+            attempt: 1,
+            exit_code: 0,
+            steps: vec![wire::StepResult {
+                status: wire::StepStatus::Ok,
+                exit_code: 0,
+                duration_ms: 1,
+            }],
+            output: b"done".into(),
+            report: None,
+        },
+        at_ms: 2,
     }
 }
-fn failed() -> CommandResult {
+fn failed() -> Received {
     let mut r = ok();
-    r.steps[0].outcome = StepOutcome::Failed;
-    r.steps[0].exit_code = Some(1);
+    r.result.steps[0].status = wire::StepStatus::Failed;
+    r.result.steps[0].exit_code = 1;
+    r.result.exit_code = 1;
     r
 }
-fn report(boot: &str) -> ConfigReport {
-    ConfigReport {
+/// A test boot id from a readable name.
+fn boot_id(name: &str) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    for (o, c) in b.iter_mut().zip(name.bytes()) {
+        *o = c;
+    }
+    b
+}
+/// The boot as queue records keep it.
+fn boot(name: &str) -> String {
+    boot_hex(&boot_id(name))
+}
+fn report(boot: &str) -> wire::ConfigReport<'static> {
+    wire::ConfigReport {
+        boot_id: boot_id(boot),
         os: "Debian 13".into(),
         kernel: "6.12".into(),
         hostname: "dev".into(),
-        addresses: vec!["10.0.0.2".into()],
-        software: vec![("openssl".into(), "3.5".into())],
         agent_version: "0.1.0".into(),
-        boot_id: boot.into(),
+        addresses: vec!["10.0.0.2".into()],
+        software: vec![wire::Package {
+            name: "openssl".into(),
+            version: "3.5".into(),
+        }],
     }
 }
 fn setup() -> (tempfile::TempDir, Store, DeviceId) {
@@ -88,7 +113,10 @@ fn round_trip_survives_reopen() {
         (q.status, q.completed_through, q.cursor),
         (QueueStatus::Running, 1, Some(1))
     );
-    assert_eq!(snap.result(d, 1).unwrap(), Some(ok()));
+    assert_eq!(
+        snap.result(d, 1).unwrap(),
+        Some(StoredResult::Received(ok()))
+    );
     assert_eq!(snap.next_to_dispatch(d).unwrap().unwrap().0, 2);
     assert_eq!(snap.commit_seq().unwrap(), c.commit_seq);
     assert_eq!(snap.commands(d, 0, 10).unwrap().len(), 2);
@@ -108,7 +136,7 @@ fn illegal_transitions_are_typed_and_do_not_poison() {
         Illegal::NotNextCommand { .. }
     ));
     b.mark_transmitted(d, 1, 0).unwrap();
-    b.reboot_started(d, 1, 5_000, "boot-a").unwrap();
+    b.reboot_started(d, 1, 5_000, &boot("boot-a")).unwrap();
     assert!(matches!(
         illegal(b.mark_transmitted(d, 1, 1).unwrap_err()),
         Illegal::WrongStatus {
@@ -142,7 +170,7 @@ fn reboot_cycle() {
     b.enqueue(d, reboot_cmd()).unwrap();
     b.enqueue(d, exec()).unwrap();
     b.mark_transmitted(d, 1, 10).unwrap();
-    b.reboot_started(d, 1, 10_000, "boot-a").unwrap();
+    b.reboot_started(d, 1, 10_000, &boot("boot-a")).unwrap();
     b.commit().unwrap();
     let mut b = s.batch().unwrap();
     assert_eq!(
@@ -172,7 +200,7 @@ fn reboot_cycle() {
     b.commit().unwrap();
     let snap = s.snapshot().unwrap();
     let dev = snap.device(d).unwrap().unwrap();
-    assert_eq!(dev.report.unwrap().boot_id, "boot-b");
+    assert_eq!(dev.report.unwrap().boot_id, boot_id("boot-b"));
     assert_eq!(dev.last_seen_ms, Some(60));
     assert_eq!(snap.next_to_dispatch(d).unwrap().unwrap().0, 2);
     drop(snap);
@@ -182,7 +210,7 @@ fn reboot_cycle() {
     b.mark_transmitted(d, 2, 100).unwrap();
     b.record_result(d, 2, 1, ok()).unwrap();
     b.mark_transmitted(d, 3, 100).unwrap();
-    b.reboot_started(d, 3, 200, "boot-a").unwrap();
+    b.reboot_started(d, 3, 200, &boot("boot-a")).unwrap();
     b.reboot_deadline_missed(d, 200).unwrap();
     let q = b.queue(d).unwrap().unwrap();
     assert_eq!(
@@ -224,10 +252,15 @@ fn output_excerpt_is_bounded_to_tail() {
     b.enqueue(d, exec()).unwrap();
     b.mark_transmitted(d, 1, 0).unwrap();
     let mut r = ok();
-    r.steps[0].output = (0..10_000u32).map(|i| i as u8).collect();
-    let tail = r.steps[0].output[10_000 - OUTPUT_EXCERPT_MAX..].to_vec();
+    r.result.output = (0..10_000u32).map(|i| i as u8).collect::<Vec<u8>>().into();
+    let tail = r.result.output[10_000 - OUTPUT_EXCERPT_MAX..].to_vec();
     b.record_result(d, 1, 1, r.clone()).unwrap();
-    assert_eq!(b.result(d, 1).unwrap().unwrap().steps[0].output, tail);
+    let Some(StoredResult::Received(stored)) = b.result(d, 1).unwrap() else {
+        panic!("a received result")
+    };
+    assert_eq!(*stored.result.output, *tail);
+    // The same result again, received later, is the same result.
+    r.at_ms += 1_000;
     assert_eq!(b.record_result(d, 1, 1, r).unwrap(), Recorded::Duplicate);
 }
 
@@ -473,7 +506,7 @@ fn map_grows_during_a_batch() {
         vec![Step::Write {
             path: "/x".into(),
             mode: 0o644,
-            contents: vec![0xab; 64 * 1024],
+            contents: vec![0xab; 64 * 1024].into(),
         }],
         1,
         OnFailure::Stop,
@@ -508,7 +541,7 @@ fn corrupt_records_are_errors_not_panics() {
         3,
         OnFailure::Continue,
     );
-    c.encode(&mut buf);
+    c.encode(&mut buf).unwrap();
     assert_eq!(Command::decode(&buf).unwrap(), c);
     for cut in 0..buf.len() {
         assert!(Command::decode(&buf[..cut]).is_err());
@@ -527,7 +560,7 @@ proptest! {
         use codec::Record;
         let _ = Command::decode(&bytes);
         let _ = QueueState::decode(&bytes);
-        let _ = CommandResult::decode(&bytes);
+        let _ = StoredResult::decode(&bytes);
         let _ = Device::decode(&bytes);
         let _ = TaskDeviceStatus::decode(&bytes);
         let _ = Event::decode(&bytes);
@@ -568,7 +601,7 @@ proptest! {
                 1 => b.mark_transmitted(d, arg, now).map(drop),
                 2 => b.record_result(d, arg, attempt_of(&before, arg), if arg % 3 == 0 { failed() } else { ok() }).map(drop),
                 3 => b.command_timed_out(d, arg, now).map(drop),
-                4 => b.reboot_started(d, arg, now + 1000, "boot-a").map(drop),
+                4 => b.reboot_started(d, arg, now + 1000, &boot("boot-a")).map(drop),
                 5 => b.reboot_completed(d, arg, attempt_of(&before, arg), report(&format!("boot{now}")), ok(), now).map(drop),
                 6 => b.reboot_deadline_missed(d, now).map(drop),
                 7 => if arg % 2 == 0 { b.pause(d) } else { b.resume(d) },
@@ -988,7 +1021,7 @@ fn an_operator_retry_is_a_new_attempt_and_only_its_result_counts() {
     );
     // A different result of attempt 1 (the device re-sending what it had) is not attempt 2's.
     let mut late = failed();
-    late.steps[0].output = b"attempt 1, again".to_vec();
+    late.result.output = b"attempt 1, again".into();
     assert_eq!(
         illegal(b.record_result(d, 1, 1, late).unwrap_err()),
         Illegal::StaleAttempt {
@@ -1009,7 +1042,7 @@ fn an_operator_retry_is_a_new_attempt_and_only_its_result_counts() {
         b.record_result(d, 1, 2, ok()).unwrap(),
         Recorded::Stored(QueueStatus::Running)
     );
-    assert_eq!(b.result(d, 1).unwrap(), Some(ok()));
+    assert_eq!(b.result(d, 1).unwrap(), Some(StoredResult::Received(ok())));
     assert_eq!(b.mark_transmitted(d, 2, 30).unwrap(), 1);
     b.commit().unwrap();
 }
@@ -1027,7 +1060,7 @@ fn queue_records_written_before_attempts_decode_as_attempt_zero() {
         ..QueueState::default()
     };
     let mut buf = Vec::new();
-    q.encode(&mut buf);
+    q.encode(&mut buf).unwrap();
     assert_eq!(QueueState::decode(&buf).unwrap(), q);
     // The older layout ends before the attempt.
     // Older layouts end before the boot left (1 byte when none), and before the attempt.
@@ -1044,7 +1077,7 @@ fn queue_records_written_before_attempts_decode_as_attempt_zero() {
         ..q
     };
     buf.clear();
-    with_boot.encode(&mut buf);
+    with_boot.encode(&mut buf).unwrap();
     assert_eq!(QueueState::decode(&buf).unwrap(), with_boot);
 }
 
@@ -1059,8 +1092,8 @@ fn a_reboot_completes_only_on_a_boot_other_than_the_one_left() {
     b.enqueue(d, reboot_cmd()).unwrap();
     b.enqueue(d, reboot_cmd()).unwrap();
     b.mark_transmitted(d, 1, 10).unwrap();
-    b.boot_at_dispatch(d, 1, "boot-a").unwrap();
-    b.reboot_started(d, 1, 10_000, "boot-a").unwrap();
+    b.boot_at_dispatch(d, 1, &boot("boot-a")).unwrap();
+    b.reboot_started(d, 1, 10_000, &boot("boot-a")).unwrap();
     assert_eq!(
         illegal(
             b.reboot_completed(d, 1, 1, report("boot-a"), ok(), 50)
@@ -1073,8 +1106,8 @@ fn a_reboot_completes_only_on_a_boot_other_than_the_one_left() {
     let mut s = Store::open(_dir.path()).unwrap();
     let mut b = s.batch().unwrap();
     assert_eq!(
-        b.queue(d).unwrap().unwrap().boot_left.as_deref(),
-        Some("boot-a"),
+        b.queue(d).unwrap().unwrap().boot_left,
+        Some(boot("boot-a")),
         "durable"
     );
     assert_eq!(
@@ -1087,7 +1120,7 @@ fn a_reboot_completes_only_on_a_boot_other_than_the_one_left() {
     // boot it was sent on still guards the completion.
     b.mark_transmitted(d, 2, 70).unwrap();
     assert_eq!(b.queue(d).unwrap().unwrap().boot_left, None);
-    b.boot_at_dispatch(d, 2, "boot-b").unwrap();
+    b.boot_at_dispatch(d, 2, &boot("boot-b")).unwrap();
     assert_eq!(
         illegal(
             b.reboot_completed(d, 2, 1, report("boot-b"), ok(), 80)
@@ -1097,7 +1130,7 @@ fn a_reboot_completes_only_on_a_boot_other_than_the_one_left() {
     );
     // Only for the command in flight.
     assert!(matches!(
-        illegal(b.boot_at_dispatch(d, 1, "boot-x").unwrap_err()),
+        illegal(b.boot_at_dispatch(d, 1, &boot("boot-x")).unwrap_err()),
         Illegal::NotTransmitted { seq: 1 }
     ));
     assert_eq!(
@@ -1105,5 +1138,62 @@ fn a_reboot_completes_only_on_a_boot_other_than_the_one_left() {
             .unwrap(),
         QueueStatus::Done
     );
+    b.commit().unwrap();
+}
+
+/// The stored result is the device's message: a timed-out step stays timed out, the overall
+/// exit code and every duration are kept, and the reception time is the caller's.
+#[test]
+fn a_result_is_stored_as_the_device_sent_it() {
+    let (_dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    b.enqueue(d, exec()).unwrap();
+    b.mark_transmitted(d, 1, 0).unwrap();
+    let mut r = failed();
+    r.result.exit_code = 137;
+    r.result.steps = vec![
+        wire::StepResult {
+            status: wire::StepStatus::Ok,
+            exit_code: 0,
+            duration_ms: 250,
+        },
+        wire::StepResult {
+            status: wire::StepStatus::TimedOut,
+            exit_code: 137,
+            duration_ms: 60_000,
+        },
+        wire::StepResult {
+            status: wire::StepStatus::Skipped,
+            exit_code: 0,
+            duration_ms: 0,
+        },
+    ];
+    r.result.report = Some(report("boot-a"));
+    r.at_ms = 1_795_000_000_123;
+    assert!(!r.succeeded(), "a timed-out step is not a success");
+    b.record_result(d, 1, 1, r.clone()).unwrap();
+    b.commit().unwrap();
+    let snap = s.snapshot().unwrap();
+    assert_eq!(snap.result(d, 1).unwrap(), Some(StoredResult::Received(r)));
+    // The queue treated it as the failure it is.
+    assert_eq!(snap.queue(d).unwrap().unwrap().status, QueueStatus::Failed);
+}
+
+#[test]
+fn a_command_the_wire_cannot_carry_is_refused_before_anything_is_written() {
+    let (_dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    let long = Step::Exec {
+        argv: vec!["x".repeat(wire::limits::MAX_PATH + 1).into()],
+    };
+    assert_eq!(
+        illegal(
+            b.enqueue(d, cmd(vec![long], 1, OnFailure::Stop))
+                .unwrap_err()
+        ),
+        Illegal::Invalid("command over the wire's limits")
+    );
+    // The batch is still good.
+    assert_eq!(b.enqueue(d, exec()).unwrap(), 1);
     b.commit().unwrap();
 }

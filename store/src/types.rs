@@ -1,15 +1,27 @@
 //! Domain types of the store and their record encodings.
 //!
-//! These types are the store's own vocabulary; they do not depend on `fleetcast-wire`. The
-//! daemon converts between the wire messages and these. Output excerpts are bounded to
+//! What travels on the wire is kept as the wire message itself (`docs/architecture.md`, "The
+//! data model"): a command's steps are [`wire::Step`]s, a device's result is the
+//! [`wire::CommandResult`] it sent, a configuration report is a [`wire::ConfigReport`], all
+//! owned (`'static`) and embedded in records with the wire's own encoding. The rest (queues,
+//! tasks, events) is the store's own vocabulary. Output excerpts are bounded to
 //! [`OUTPUT_EXCERPT_MAX`] bytes (the store keeps the *tail*, where errors usually are).
 
-use crate::codec::{Reader, Record, Writer};
-use crate::error::Result;
-pub use crate::ids::{DeviceId, EventId, QueueStatus, TaskId};
+use fleetcast_wire as wire;
 
-/// Maximum stored length of a step's output excerpt; longer output keeps its last bytes.
-pub const OUTPUT_EXCERPT_MAX: usize = 4096;
+use crate::codec::{Reader, Record, Writer, FORMAT_1};
+use crate::error::{Error, Result};
+pub use crate::ids::{DeviceId, EventId, QueueStatus, TaskId};
+use crate::legacy;
+
+/// Maximum stored length of a result's output excerpt (the wire's own limit); longer output
+/// keeps its last bytes.
+pub const OUTPUT_EXCERPT_MAX: usize = wire::limits::MAX_OUTPUT;
+
+/// The hex text of a boot id, as queue records keep the boot a device left.
+pub fn boot_hex(boot_id: &[u8; 16]) -> String {
+    wire::hex(boot_id)
+}
 
 /// The transport of the traversal ladder that last worked for a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -48,64 +60,6 @@ impl Transport {
     }
 }
 
-/// A device's configuration report (sent after enrolment and after every reboot).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ConfigReport {
-    /// Operating system name and version.
-    pub os: String,
-    /// Kernel release.
-    pub kernel: String,
-    /// Host name.
-    pub hostname: String,
-    /// Network addresses, as text.
-    pub addresses: Vec<String>,
-    /// Installed software as (name, version).
-    pub software: Vec<(String, String)>,
-    /// Agent version.
-    pub agent_version: String,
-    /// Boot id (changes on every boot).
-    pub boot_id: String,
-}
-
-impl ConfigReport {
-    fn write(&self, w: &mut Writer<'_>) {
-        w.str(&self.os);
-        w.str(&self.kernel);
-        w.str(&self.hostname);
-        w.len(self.addresses.len());
-        for a in &self.addresses {
-            w.str(a);
-        }
-        w.len(self.software.len());
-        for (n, v) in &self.software {
-            w.str(n);
-            w.str(v);
-        }
-        w.str(&self.agent_version);
-        w.str(&self.boot_id);
-    }
-    fn read(r: &mut Reader<'_>) -> Result<Self> {
-        let os = r.string()?;
-        let kernel = r.string()?;
-        let hostname = r.string()?;
-        let addresses = r.strings()?;
-        let n = r.count(8)?;
-        let mut software = Vec::with_capacity(n);
-        for _ in 0..n {
-            software.push((r.string()?, r.string()?));
-        }
-        Ok(ConfigReport {
-            os,
-            kernel,
-            hostname,
-            addresses,
-            software,
-            agent_version: r.string()?,
-            boot_id: r.string()?,
-        })
-    }
-}
-
 /// An enrolled device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
@@ -121,8 +75,8 @@ pub struct Device {
     pub enrolled_ms: u64,
     /// Last time the device was heard from.
     pub last_seen_ms: Option<u64>,
-    /// Last configuration report.
-    pub report: Option<ConfigReport>,
+    /// Last configuration report, as the device sent it.
+    pub report: Option<wire::ConfigReport<'static>>,
     /// Transport that last worked.
     pub transport: Option<Transport>,
 }
@@ -140,7 +94,7 @@ impl Record for Device {
             None => w.u8(0),
             Some(r) => {
                 w.u8(1);
-                r.write(w);
+                w.embed(r);
             }
         }
         w.u8(self.transport.map_or(0, Transport::code));
@@ -154,7 +108,8 @@ impl Record for Device {
         let last_seen_ms = r.opt_u64()?;
         let report = match r.u8()? {
             0 => None,
-            1 => Some(ConfigReport::read(r)?),
+            1 if r.version() == FORMAT_1 => Some(legacy::report(r)?),
+            1 => Some(r.embedded::<wire::ConfigReport<'_>>()?.into_owned()),
             _ => return Err(r.corrupt("bad report tag")),
         };
         let transport = match r.u8()? {
@@ -204,43 +159,6 @@ impl Record for EnrolmentToken {
     }
 }
 
-/// One component step of an operation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
-    /// Fetch an artifact to a path on the device.
-    Fetch {
-        /// Where from.
-        url: String,
-        /// Where to on the device.
-        path: String,
-    },
-    /// Verify the digest of a file on the device.
-    Verify {
-        /// The file.
-        path: String,
-        /// Expected SHA-256.
-        sha256: [u8; 32],
-    },
-    /// Write a file.
-    Write {
-        /// Target path.
-        path: String,
-        /// Unix permission bits.
-        mode: u32,
-        /// Contents.
-        contents: Vec<u8>,
-    },
-    /// Execute a program.
-    Exec {
-        /// Program and arguments.
-        argv: Vec<String>,
-    },
-    /// Reboot the device (the queue goes through `rebooting`).
-    Reboot,
-    /// Send a configuration report.
-    Report,
-}
-
 /// What happens to the rest of the queue when a command finally fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnFailure {
@@ -253,8 +171,8 @@ pub enum OnFailure {
 /// A queued command: an operation (ordered steps) and its policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Command {
-    /// The steps, executed in order.
-    pub steps: Vec<Step>,
+    /// The steps, executed in order, as they are dispatched.
+    pub steps: Vec<wire::Step<'static>>,
     /// Time allowed for one attempt, from transmission to result.
     pub timeout_ms: u64,
     /// Transmissions allowed before the command counts as failed (at least 1).
@@ -296,7 +214,7 @@ impl CommandPolicy {
 impl Command {
     /// True if the operation contains a reboot step.
     pub fn has_reboot(&self) -> bool {
-        self.steps.iter().any(|s| matches!(s, Step::Reboot))
+        self.steps.iter().any(|s| matches!(s, wire::Step::Reboot))
     }
 }
 
@@ -311,37 +229,7 @@ impl Record for Command {
         });
         w.len(self.steps.len());
         for s in &self.steps {
-            match s {
-                Step::Fetch { url, path } => {
-                    w.u8(1);
-                    w.str(url);
-                    w.str(path);
-                }
-                Step::Verify { path, sha256 } => {
-                    w.u8(2);
-                    w.str(path);
-                    w.raw(sha256);
-                }
-                Step::Write {
-                    path,
-                    mode,
-                    contents,
-                } => {
-                    w.u8(3);
-                    w.str(path);
-                    w.u32(*mode);
-                    w.bytes(contents);
-                }
-                Step::Exec { argv } => {
-                    w.u8(4);
-                    w.len(argv.len());
-                    for a in argv {
-                        w.str(a);
-                    }
-                }
-                Step::Reboot => w.u8(5),
-                Step::Report => w.u8(6),
-            }
+            w.embed(s);
         }
     }
     fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
@@ -350,29 +238,16 @@ impl Record for Command {
             max_attempts,
             on_failure,
         } = CommandPolicy::read(r)?;
-        let n = r.count(1)?;
-        let mut steps = Vec::with_capacity(n);
-        for _ in 0..n {
-            steps.push(match r.u8()? {
-                1 => Step::Fetch {
-                    url: r.string()?,
-                    path: r.string()?,
-                },
-                2 => Step::Verify {
-                    path: r.string()?,
-                    sha256: r.array()?,
-                },
-                3 => Step::Write {
-                    path: r.string()?,
-                    mode: r.u32()?,
-                    contents: r.bytes()?.to_vec(),
-                },
-                4 => Step::Exec { argv: r.strings()? },
-                5 => Step::Reboot,
-                6 => Step::Report,
-                _ => return Err(r.corrupt("bad step kind")),
-            });
-        }
+        let steps = if r.version() == FORMAT_1 {
+            legacy::steps(r)?
+        } else {
+            let n = r.count(5)?;
+            let mut steps = Vec::with_capacity(n);
+            for _ in 0..n {
+                steps.push(r.embedded::<wire::Step<'_>>()?.into_owned());
+            }
+            steps
+        };
         Ok(Command {
             steps,
             timeout_ms,
@@ -527,101 +402,115 @@ impl Record for QueueState {
     }
 }
 
-/// Outcome of one step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StepOutcome {
-    /// The step succeeded.
-    Ok,
-    /// The step failed.
-    Failed,
-    /// The step was not run (an earlier step failed).
+/// A device's result, as the store keeps it: the wire message exactly as the device sent it
+/// (every step's status, `TimedOut` included, its exit code and duration, the overall exit
+/// code, the output excerpt), and when the gateway received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// The result.
+    pub result: wire::CommandResult<'static>,
+    /// When the gateway received it, ms since the UNIX epoch.
+    pub at_ms: u64,
+}
+
+impl Received {
+    /// True if no step failed or timed out.
+    pub fn succeeded(&self) -> bool {
+        self.result.steps.iter().all(|s| {
+            !matches!(
+                s.status,
+                wire::StepStatus::Failed | wire::StepStatus::TimedOut
+            )
+        })
+    }
+    /// Keeps the last [`OUTPUT_EXCERPT_MAX`] bytes of the output excerpt.
+    pub(crate) fn bound(&mut self) {
+        let out = &mut self.result.output;
+        if out.len() > OUTPUT_EXCERPT_MAX {
+            let cut = out.len() - OUTPUT_EXCERPT_MAX;
+            out.to_mut().drain(..cut);
+        }
+    }
+}
+
+/// The final result of one command.
+// Nearly every stored result is `Received`: boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredResult {
+    /// The device's own result.
+    Received(Received),
+    /// No result: every attempt timed out, and the queue moved on (`on_failure: continue`).
+    TimedOut {
+        /// When the gateway gave up, ms since the UNIX epoch.
+        at_ms: u64,
+    },
+    /// No result: an operator skipped the failed command.
     Skipped,
 }
 
-/// Result of one step.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StepResult {
-    /// Outcome.
-    pub outcome: StepOutcome,
-    /// Exit code, for steps that run a program.
-    pub exit_code: Option<i32>,
-    /// Output excerpt (at most [`OUTPUT_EXCERPT_MAX`] bytes are stored: the tail).
-    pub output: Vec<u8>,
-    /// Start, ms since the UNIX epoch.
-    pub started_ms: u64,
-    /// End, ms since the UNIX epoch.
-    pub finished_ms: u64,
-}
+/// `StoredResult` record tags.
+const RESULT_RECEIVED: u8 = 0;
+const RESULT_TIMED_OUT: u8 = 1;
+const RESULT_SKIPPED: u8 = 2;
 
-/// Result of one command: per-step results.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct CommandResult {
-    /// One entry per step that was reported.
-    pub steps: Vec<StepResult>,
-}
-
-impl CommandResult {
-    /// True if no step failed.
+impl StoredResult {
+    /// True for a device's result with no failed or timed-out step, and for a skip (the queue
+    /// went on as after a success).
     pub fn succeeded(&self) -> bool {
-        self.steps.iter().all(|s| s.outcome != StepOutcome::Failed)
-    }
-    /// Truncates every output excerpt to its last [`OUTPUT_EXCERPT_MAX`] bytes.
-    pub(crate) fn bound(&mut self) {
-        for s in &mut self.steps {
-            if s.output.len() > OUTPUT_EXCERPT_MAX {
-                let cut = s.output.len() - OUTPUT_EXCERPT_MAX;
-                s.output.drain(..cut);
-            }
+        match self {
+            StoredResult::Received(r) => r.succeeded(),
+            StoredResult::TimedOut { .. } => false,
+            StoredResult::Skipped => true,
         }
     }
+
+    /// Whether two encoded results are the same device result, whenever each was received
+    /// (redelivery detection without decoding: the encodings differ only in the trailing
+    /// reception time).
+    pub(crate) fn same_received(a: &[u8], b: &[u8]) -> bool {
+        let tail = 8;
+        a.len() == b.len()
+            && a.len() > 2 + tail
+            && a[1] == RESULT_RECEIVED
+            && b[1] == RESULT_RECEIVED
+            && a[..a.len() - tail] == b[..b.len() - tail]
+    }
 }
 
-impl Record for CommandResult {
+impl Record for StoredResult {
     const TABLE: &'static str = "results";
     fn encode_fields(&self, w: &mut Writer<'_>) {
-        w.len(self.steps.len());
-        for s in &self.steps {
-            w.u8(match s.outcome {
-                StepOutcome::Ok => 0,
-                StepOutcome::Failed => 1,
-                StepOutcome::Skipped => 2,
-            });
-            match s.exit_code {
-                None => w.u8(0),
-                Some(c) => {
-                    w.u8(1);
-                    w.i32(c);
-                }
+        match self {
+            StoredResult::Received(r) => {
+                w.u8(RESULT_RECEIVED);
+                w.embed(&r.result);
+                // Last, so `same_received` compares everything before it.
+                w.u64(r.at_ms);
             }
-            w.bytes(&s.output);
-            w.u64(s.started_ms);
-            w.u64(s.finished_ms);
+            StoredResult::TimedOut { at_ms } => {
+                w.u8(RESULT_TIMED_OUT);
+                w.u64(*at_ms);
+            }
+            StoredResult::Skipped => w.u8(RESULT_SKIPPED),
         }
     }
     fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
-        let n = r.count(22)?;
-        let mut steps = Vec::with_capacity(n);
-        for _ in 0..n {
-            let outcome = match r.u8()? {
-                0 => StepOutcome::Ok,
-                1 => StepOutcome::Failed,
-                2 => StepOutcome::Skipped,
-                _ => return Err(r.corrupt("bad step outcome")),
-            };
-            let exit_code = match r.u8()? {
-                0 => None,
-                1 => Some(r.i32()?),
-                _ => return Err(r.corrupt("bad exit code tag")),
-            };
-            steps.push(StepResult {
-                outcome,
-                exit_code,
-                output: r.bytes()?.to_vec(),
-                started_ms: r.u64()?,
-                finished_ms: r.u64()?,
-            });
+        if r.version() == FORMAT_1 {
+            return legacy::result(r);
         }
-        Ok(CommandResult { steps })
+        Ok(match r.u8()? {
+            RESULT_RECEIVED => {
+                let result = r.embedded::<wire::CommandResult<'_>>()?.into_owned();
+                StoredResult::Received(Received {
+                    result,
+                    at_ms: r.u64()?,
+                })
+            }
+            RESULT_TIMED_OUT => StoredResult::TimedOut { at_ms: r.u64()? },
+            RESULT_SKIPPED => StoredResult::Skipped,
+            _ => return Err(r.corrupt("bad result tag")),
+        })
     }
 }
 
@@ -676,7 +565,9 @@ impl Record for Task {
             w.len(self.then.len());
             for c in &self.then {
                 let mut buf = Vec::new();
-                c.encode(&mut buf);
+                if let Err(Error::Unencodable { error, .. }) = c.encode(&mut buf) {
+                    w.fail(error);
+                }
                 w.bytes(&buf);
             }
         }
@@ -963,7 +854,7 @@ mod task_codec_tests {
             trigger: "publish by operator".into(),
             created_ms: 5,
             then: vec![Command {
-                steps: vec![Step::Exec {
+                steps: vec![wire::Step::Exec {
                     argv: vec!["dpkg".into(), "-i".into(), "/x/pkg.deb".into()],
                 }],
                 timeout_ms: 60_000,
@@ -972,12 +863,12 @@ mod task_codec_tests {
             }],
         };
         let mut buf = Vec::new();
-        t.encode(&mut buf);
+        t.encode(&mut buf).unwrap();
         assert_eq!(Task::decode(&buf).unwrap(), t);
         // A record written before follow-ups existed ends after `created_ms`.
         t.then.clear();
         let mut old = Vec::new();
-        t.encode(&mut old);
+        t.encode(&mut old).unwrap();
         assert_eq!(Task::decode(&old).unwrap(), t);
         // A follow-up cut short is corruption, not silence.
         assert!(Task::decode(&buf[..buf.len() - 3]).is_err());

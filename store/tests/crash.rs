@@ -19,9 +19,10 @@ use std::time::Duration;
 
 use fleetcast_store::prelude::*;
 use fleetcast_store::{
-    BlockSet, Command, CommandResult, ConfigReport, DeviceId, Event, EventKind, OnFailure,
-    QueueStatus, Snapshot, Step, StepOutcome, StepResult, Store, Task, TaskId,
+    boot_hex, BlockSet, Command, DeviceId, Event, EventKind, OnFailure, QueueStatus, Received,
+    Snapshot, Store, Task, TaskId,
 };
+use fleetcast_wire::{self as wire, Step};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -41,19 +42,26 @@ fn totals(s: &Snapshot<'_>) -> (u64, u64) {
     (enq, res)
 }
 
-fn result(ok: bool, now: u64) -> CommandResult {
-    CommandResult {
-        steps: vec![StepResult {
-            outcome: if ok {
-                StepOutcome::Ok
-            } else {
-                StepOutcome::Failed
-            },
-            exit_code: Some(i32::from(!ok)),
-            output: format!("at {now}").into_bytes(),
-            started_ms: now,
-            finished_ms: now + 1,
-        }],
+fn result(ok: bool, now: u64) -> Received {
+    Received {
+        result: wire::CommandResult {
+            command_id: 1,
+            seq: 1,
+            attempt: 1,
+            exit_code: i32::from(!ok),
+            steps: vec![wire::StepResult {
+                status: if ok {
+                    wire::StepStatus::Ok
+                } else {
+                    wire::StepStatus::Failed
+                },
+                exit_code: i32::from(!ok),
+                duration_ms: 1,
+            }],
+            output: format!("at {now}").into_bytes().into(),
+            report: None,
+        },
+        at_ms: now + 1,
     }
 }
 
@@ -111,7 +119,7 @@ fn child(dir: &Path, seed: u64) {
                     let seq = q.cursor.unwrap();
                     let cmd = b.command(d, seq).unwrap().unwrap();
                     if cmd.has_reboot() {
-                        b.reboot_started(d, seq, now + 10_000, "boot-before")
+                        b.reboot_started(d, seq, now + 10_000, &boot_hex(&[0xbe; 16]))
                             .unwrap();
                     } else {
                         let ok = rng.gen_bool(0.9);
@@ -122,9 +130,16 @@ fn child(dir: &Path, seed: u64) {
                 }
                 QueueStatus::Rebooting => {
                     let seq = q.cursor.unwrap();
-                    let report = ConfigReport {
-                        boot_id: format!("boot-{now}"),
-                        ..ConfigReport::default()
+                    let mut boot_id = [0u8; 16];
+                    boot_id[..8].copy_from_slice(&now.to_be_bytes());
+                    let report = wire::ConfigReport {
+                        boot_id,
+                        os: "".into(),
+                        kernel: "".into(),
+                        hostname: "".into(),
+                        agent_version: "".into(),
+                        addresses: Vec::new(),
+                        software: Vec::new(),
                     };
                     res += u64::from(b.result(d, seq).unwrap().is_none());
                     b.reboot_completed(d, seq, q.attempt, report, result(true, now), now)
@@ -150,7 +165,7 @@ fn child(dir: &Path, seed: u64) {
                     vec![Step::Write {
                         path: "/big".into(),
                         mode: 0o644,
-                        contents: vec![0x5a; 256 * 1024],
+                        contents: vec![0x5a; 256 * 1024].into(),
                     }]
                 } else {
                     vec![Step::Exec {

@@ -9,7 +9,8 @@ use std::path::Path;
 use std::process::Command as Proc;
 
 use fleetcast_store::prelude::*;
-use fleetcast_store::{Command, Error, OnFailure, Step, Store};
+use fleetcast_store::{Command, Error, OnFailure, Store};
+use fleetcast_wire::Step;
 
 const ROLE: &str = "FLEETCAST_STORE_DISK_FULL_CHILD";
 const PER_BATCH: u64 = 8;
@@ -17,9 +18,9 @@ const PER_BATCH: u64 = 8;
 fn big(i: u64) -> Command {
     Command {
         steps: vec![Step::Write {
-            path: format!("/f{i}"),
+            path: format!("/f{i}").into(),
             mode: 0o644,
-            contents: vec![(i % 251) as u8; 16 * 1024],
+            contents: vec![(i % 251) as u8; 16 * 1024].into(),
         }],
         timeout_ms: 1,
         max_attempts: 1,

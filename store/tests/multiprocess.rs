@@ -6,7 +6,8 @@ use std::path::Path;
 use std::process::Command as Proc;
 
 use fleetcast_store::prelude::*;
-use fleetcast_store::{Command, DeviceId, Error, OnFailure, Step, Store};
+use fleetcast_store::{Command, DeviceId, Error, OnFailure, Store};
+use fleetcast_wire::Step;
 
 const ROLE: &str = "FLEETCAST_STORE_MP_CHILD";
 
@@ -15,7 +16,7 @@ fn big() -> Command {
         steps: vec![Step::Write {
             path: "/blob".into(),
             mode: 0o644,
-            contents: vec![7; 256 * 1024],
+            contents: vec![7; 256 * 1024].into(),
         }],
         timeout_ms: 1,
         max_attempts: 1,

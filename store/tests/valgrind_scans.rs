@@ -9,8 +9,9 @@ use std::process::Command as Proc;
 
 use fleetcast_store::prelude::*;
 use fleetcast_store::{
-    Command, DeviceId, Event, EventKind, OnFailure, Step, Store, Task, TaskDeviceStatus,
+    Command, DeviceId, Event, EventKind, OnFailure, Store, Task, TaskDeviceStatus,
 };
+use fleetcast_wire::Step;
 
 const ROLE: &str = "FLEETCAST_STORE_VALGRIND_CHILD";
 
@@ -19,7 +20,7 @@ fn exercise() {
     let mut s = Store::open(dir.path()).unwrap();
     let cmd = Command {
         steps: vec![Step::Exec {
-            argv: vec!["x".repeat(40)],
+            argv: vec!["x".repeat(40).into()],
         }],
         timeout_ms: 1,
         max_attempts: 1,

@@ -35,37 +35,53 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &[String]) -> Result<(), String> {
+/// Why the benchmark stopped.
+#[derive(Debug, thiserror::Error)]
+enum E2eError {
+    /// `current_exe` failed: the binary re-executes itself.
+    #[error("cannot find my own binary: {0}")]
+    OwnBinary(#[source] std::io::Error),
+    /// A flag was given without its value.
+    #[error("{0} needs a value")]
+    NoValue(String),
+    /// An argument this binary does not take.
+    #[error("unknown argument `{0}` (see the file's docs)")]
+    Unknown(String),
+    /// A flag's value cannot be measured.
+    #[error(transparent)]
+    Flag(#[from] bench::FlagError),
+    /// The run or its report failed.
+    #[error(transparent)]
+    Bench(#[from] bench::BenchError),
+}
+
+fn run(args: &[String]) -> Result<(), E2eError> {
     let mut plan = Plan {
         receivers: vec![1, 4, 16],
         loss: vec![0.0, 1.0, 5.0],
         mtus: vec![1500, 9000],
         mib: 256,
         timeout: Duration::from_secs(600),
-        exe: std::env::current_exe().map_err(|e| e.to_string())?,
+        exe: std::env::current_exe().map_err(E2eError::OwnBinary)?,
         work: std::env::temp_dir().join(format!("fleetcast-bench-{}", std::process::id())),
     };
     let mut out = std::path::PathBuf::from("bench-report");
     let mut it = args.iter();
-    let text = |e: bench::FlagError| e.to_string();
     while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        let mut value = || it.next().ok_or_else(|| E2eError::NoValue(flag.clone()));
         match flag.as_str() {
-            "--receivers" => {
-                plan.receivers = bench::parse_list("--receivers", value()?).map_err(text)?
-            }
-            "--loss" => plan.loss = bench::parse_list("--loss", value()?).map_err(text)?,
-            "--mtu" => plan.mtus = bench::parse_list("--mtu", value()?).map_err(text)?,
-            "--mib" => plan.mib = bench::parse_list("--mib", value()?).map_err(text)?[0],
+            "--receivers" => plan.receivers = bench::parse_list("--receivers", value()?)?,
+            "--loss" => plan.loss = bench::parse_list("--loss", value()?)?,
+            "--mtu" => plan.mtus = bench::parse_list("--mtu", value()?)?,
+            "--mib" => plan.mib = bench::parse_list("--mib", value()?)?[0],
             "--timeout" => {
-                plan.timeout =
-                    Duration::from_secs(bench::parse_list("--timeout", value()?).map_err(text)?[0])
+                plan.timeout = Duration::from_secs(bench::parse_list("--timeout", value()?)?[0])
             }
             "--out" => out = value()?.into(),
-            other => return Err(format!("unknown argument `{other}` (see the file's docs)")),
+            other => return Err(E2eError::Unknown(other.to_string())),
         }
     }
-    plan.check().map_err(text)?;
+    plan.check()?;
     let result = bench::run(&plan, &mut |line| eprintln!("{line}"));
     let _ = std::fs::remove_dir_all(&plan.work);
     let rows = result?;

@@ -26,8 +26,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetcast_daemon::admin::{OnFailureSpec, Request, Response, StepSpec};
+use fleetcast_daemon::admin::{OnFailureSpec, Request, Response};
 use fleetcast_wire::Instant;
+use fleetcast_wire::Step;
 
 use swarm::{Swarm, SwarmConfig, LATENCY_TAG};
 
@@ -630,7 +631,7 @@ fn run_phases(
 
     // 4. Throughput: K commands on every agent.
     if cfg.commands > 0 {
-        let cmd = vec![StepSpec::Exec {
+        let cmd = vec![Step::Exec {
             argv: vec!["true".into()],
         }];
         let want = swarm.stats.acks + (n * cfg.commands) as u64;
@@ -681,8 +682,8 @@ fn run_phases(
                     let tag = clock.now().as_micros();
                     let data = admin.call(Request::QueueAdd {
                         target: format!("g{}", j % groups),
-                        commands: vec![vec![StepSpec::Exec {
-                            argv: vec![LATENCY_TAG.into(), tag.to_string()],
+                        commands: vec![vec![Step::Exec {
+                            argv: vec![LATENCY_TAG.into(), tag.to_string().into()],
                         }]],
                         timeout_ms: 600_000,
                         max_attempts: 1,
@@ -734,7 +735,7 @@ fn run_phases(
         let mut admin = AdminPipe::connect(data)?;
         let data = admin.call(Request::QueueAdd {
             target: "all".into(),
-            commands: vec![vec![StepSpec::Exec {
+            commands: vec![vec![Step::Exec {
                 argv: vec!["true".into()],
             }]],
             timeout_ms: 600_000,

@@ -209,12 +209,12 @@ mod tests {
             sock.send_to(d, gw).unwrap();
         };
         // Under the group's data key (which every receiver knows), and with made-up ids.
-        sent(&dev, &nack(1, 1, None, &a.auth_key));
+        sent(&dev, &nack(1, 1, None, &a.auth_key.unwrap()));
         for id in 2..500 {
-            sent(&dev, &nack(id, 1, None, &a.nack_key));
+            sent(&dev, &nack(id, 1, None, &a.nack_key.unwrap()));
         }
         // The device's own.
-        sent(&dev, &nack(1, 1, None, &a.nack_key));
+        sent(&dev, &nack(1, 1, None, &a.nack_key.unwrap()));
         read_until(&mut dist, 2);
         let d = &dist.dists[&5];
         assert_eq!(
@@ -232,7 +232,7 @@ mod tests {
         other
             .set_read_timeout(Some(Duration::from_secs(2)))
             .unwrap();
-        sent(&other, &nack(1, 2, None, &a.nack_key));
+        sent(&other, &nack(1, 2, None, &a.nack_key.unwrap()));
         read_until(&mut dist, 3);
         assert_eq!(
             dist.dists[&5].core.catch_up(1).unwrap().repair_addr(1),
@@ -245,8 +245,11 @@ mod tests {
             panic!("not a probe")
         };
         let (h8, body) = frame.mac_input();
-        assert_eq!(frame.tag, Some(&RingMac.tag(&a.nack_key, h8, body)));
-        sent(&other, &nack(1, 3, Some(p.cookie), &a.nack_key));
+        assert_eq!(
+            frame.tag,
+            Some(&RingMac.tag(&a.nack_key.unwrap(), h8, body))
+        );
+        sent(&other, &nack(1, 3, Some(p.cookie), &a.nack_key.unwrap()));
         read_until(&mut dist, 4);
         let moved: SocketAddr = other.local_addr().unwrap();
         assert_eq!(
@@ -264,7 +267,7 @@ mod tests {
             )
             .unwrap();
         assert_ne!(a.nack_key, b.nack_key);
-        sent(&dev, &nack(1, 9, None, &a.nack_key));
+        sent(&dev, &nack(1, 9, None, &a.nack_key.unwrap()));
         read_until(&mut dist, 5);
         assert_eq!(
             dist.dists[&5]

@@ -16,9 +16,6 @@ pub enum CommandError {
         "`reboot` must be the last step of its command: queue the steps after it as a new command (or use --each)"
     )]
     RebootNotLast,
-    /// A `verify` step whose digest is not 64 hex digits.
-    #[error(transparent)]
-    Digest(#[from] crate::admin::DigestError),
 }
 
 /// Why an operator request was refused (one variant per broken rule). The message says what
@@ -79,24 +76,23 @@ impl From<AdminError> for Response {
 /// Validated queue commands from their admin form: every command has a step, and a
 /// `reboot` only as its last step.
 pub fn commands_from_specs(
-    commands: &[Vec<StepSpec>],
+    commands: &[Vec<wire::Step<'static>>],
     timeout_ms: u64,
     max_attempts: u32,
     on_failure: OnFailureSpec,
 ) -> Result<Vec<Command>, CommandError> {
     let mut cmds = Vec::new();
     for steps in commands {
-        let steps = to_store_steps(steps)?;
         if steps.is_empty() {
             return Err(CommandError::NoSteps);
         }
-        if let Some(i) = steps.iter().position(|s| matches!(s, store::Step::Reboot)) {
+        if let Some(i) = steps.iter().position(|s| matches!(s, wire::Step::Reboot)) {
             if i + 1 != steps.len() {
                 return Err(CommandError::RebootNotLast);
             }
         }
         cmds.push(Command {
-            steps,
+            steps: steps.clone(),
             timeout_ms,
             max_attempts: max_attempts.max(1),
             on_failure: match on_failure {
@@ -108,34 +104,24 @@ pub fn commands_from_specs(
     Ok(cmds)
 }
 
-fn to_store_steps(steps: &[StepSpec]) -> Result<Vec<store::Step>, CommandError> {
-    steps
-        .iter()
-        .map(|s| {
-            Ok(match s {
-                StepSpec::Fetch { url, path } => store::Step::Fetch {
-                    url: url.clone(),
-                    path: path.clone(),
-                },
-                StepSpec::Verify { path, sha256 } => store::Step::Verify {
-                    path: path.clone(),
-                    sha256: crate::admin::parse_sha256(sha256)?,
-                },
-                StepSpec::Write {
-                    path,
-                    mode,
-                    contents,
-                } => store::Step::Write {
-                    path: path.clone(),
-                    mode: *mode,
-                    contents: contents.clone().into_bytes(),
-                },
-                StepSpec::Exec { argv } => store::Step::Exec { argv: argv.clone() },
-                StepSpec::Reboot => store::Step::Reboot,
-                StepSpec::Report => store::Step::Report,
-            })
-        })
-        .collect()
+/// `queue show`'s `exit_code`: the device's overall one; none when the gateway recorded the
+/// end itself (a timeout, a skip).
+fn result_exit_code(r: &store::StoredResult) -> Option<i32> {
+    match r {
+        store::StoredResult::Received(x) => Some(x.result.exit_code),
+        store::StoredResult::TimedOut { .. } | store::StoredResult::Skipped => None,
+    }
+}
+
+/// `queue show`'s `output`: the device's output excerpt (none if empty), or what the gateway
+/// recorded instead.
+fn result_output(r: &store::StoredResult) -> Option<String> {
+    match r {
+        store::StoredResult::Received(x) if x.result.output.is_empty() => None,
+        store::StoredResult::Received(x) => Some(String::from_utf8_lossy(&x.result.output).into()),
+        store::StoredResult::TimedOut { .. } => Some("timed out".into()),
+        store::StoredResult::Skipped => Some("skipped".into()),
+    }
 }
 
 pub(super) fn device_id(b: &dyn StoreBatch, name: &str) -> Result<DeviceId, AdminError> {
@@ -235,7 +221,7 @@ impl Cx<'_> {
                 queue: q.status.name(),
                 last_seen_ms: d.last_seen_ms,
                 transport: transport_name(d.transport),
-                boot_id: d.report.as_ref().map(|r| r.boot_id.clone()),
+                boot_id: d.report.as_ref().map(|r| hex(&r.boot_id)),
                 id: d.id.0,
                 name: d.name,
             });
@@ -333,7 +319,6 @@ impl Cx<'_> {
         let mut commands = Vec::new();
         for (seq, c) in self.b.commands(id, 1, 10_000)? {
             let result = self.b.result(id, seq)?;
-            let steps = result.as_ref().map(|r| &r.steps[..]).unwrap_or_default();
             commands.push(CommandRow {
                 seq,
                 steps: c.steps.len(),
@@ -348,12 +333,8 @@ impl Cx<'_> {
                     }
                     None => "pending",
                 },
-                exit_code: steps.iter().rev().find_map(|s| s.exit_code),
-                output: steps
-                    .iter()
-                    .rev()
-                    .find(|s| !s.output.is_empty())
-                    .map(|s| String::from_utf8_lossy(&s.output).into_owned()),
+                exit_code: result.as_ref().and_then(result_exit_code),
+                output: result.as_ref().and_then(result_output),
             });
         }
         Ok(QueueShown {
@@ -414,11 +395,11 @@ impl Cx<'_> {
                     .saturating_sub(q.completed_through),
                 transport: transport_name(d.transport),
                 last_seen_ms: d.last_seen_ms,
-                hostname: r.map(|r| r.hostname.clone()),
-                os: r.map(|r| r.os.clone()),
-                kernel: r.map(|r| r.kernel.clone()),
-                agent: r.map(|r| r.agent_version.clone()),
-                boot_id: r.map(|r| r.boot_id.clone()),
+                hostname: r.map(|r| r.hostname.to_string()),
+                os: r.map(|r| r.os.to_string()),
+                kernel: r.map(|r| r.kernel.to_string()),
+                agent: r.map(|r| r.agent_version.to_string()),
+                boot_id: r.map(|r| hex(&r.boot_id)),
                 addresses: r.map(|r| r.addresses.join(",")),
                 packages: r.map(|r| r.software.len()),
                 name: d.name,
@@ -517,7 +498,7 @@ mod tests {
         );
         let r = rig.admin(Request::QueueAdd {
             target: "n1".into(),
-            commands: vec![vec![StepSpec::Reboot, StepSpec::Report]],
+            commands: vec![vec![wire::Step::Reboot, wire::Step::Report]],
             timeout_ms: 1,
             max_attempts: 1,
             on_failure: OnFailureSpec::Stop,

@@ -132,8 +132,8 @@ impl Cx<'_> {
         device: DeviceId,
         seq: u64,
         attempt: u32,
-        report: &store::ConfigReport,
-        result: &store::CommandResult,
+        report: &wire::ConfigReport<'static>,
+        result: &store::Received,
     ) {
         let now_ms = self.now_ms;
         let Cx {
@@ -149,7 +149,7 @@ impl Cx<'_> {
                     EventKind::RebootCompleted,
                     format!(
                         "command {seq}: back with boot id {} (queue {status})",
-                        report.boot_id
+                        hex(&report.boot_id)
                     ),
                 ));
             }
@@ -188,7 +188,11 @@ mod tests {
         let mut rig = Rig::new();
         let (dev, key) = rig.enrol("n1", 1);
         rig.hello(2, dev, key, None);
-        add(&mut rig, "n1", vec![vec![StepSpec::Reboot], exec("after")]);
+        add(
+            &mut rig,
+            "n1",
+            vec![vec![wire::Step::Reboot], exec("after")],
+        );
         rig.run(vec![Input::RebootStarting {
             conn: 2,
             device: dev,
@@ -204,18 +208,13 @@ mod tests {
         // Back on a new session; nothing is dispatched while rebooting.
         let a = rig.hello(3, dev, key, last(1, 1, None));
         assert!(dispatched(&a).is_empty(), "{a:?}");
-        let report = |boot: &str| store::ConfigReport {
-            os: "Debian".into(),
-            kernel: "6.1".into(),
-            hostname: "n1".into(),
-            addresses: vec![],
+        let report = |boot: &str| wire::ConfigReport {
             software: vec![],
-            agent_version: "0.1.0".into(),
-            boot_id: boot.into(),
+            ..report_with("Debian", boot_named(boot))
         };
         // The device's own result of the command: its output before the reboot is kept.
         let mut result = ok_result(1);
-        result.steps[0].output = b"kernel installed\n".to_vec();
+        result.result.output = b"kernel installed\n".into();
         let a = rig.run(vec![Input::RebootComplete {
             conn: 3,
             device: dev,
@@ -227,8 +226,11 @@ mod tests {
         assert_eq!(dispatched(&a), vec![2], "{a:?}");
         let snap = rig.fleet.store().snapshot().unwrap();
         let d = snap.device(dev).unwrap().unwrap();
-        assert_eq!(d.report.unwrap().boot_id, "b2");
-        assert_eq!(snap.result(dev, 1).unwrap(), Some(result));
+        assert_eq!(d.report.unwrap().boot_id, boot_named("b2"));
+        assert_eq!(
+            snap.result(dev, 1).unwrap(),
+            Some(store::StoredResult::Received(result))
+        );
     }
 
     #[test]
@@ -236,7 +238,11 @@ mod tests {
         let mut rig = Rig::new();
         let (dev, key) = rig.enrol("n1", 1);
         rig.hello(2, dev, key, None);
-        add(&mut rig, "n1", vec![vec![StepSpec::Reboot], exec("after")]);
+        add(
+            &mut rig,
+            "n1",
+            vec![vec![wire::Step::Reboot], exec("after")],
+        );
         rig.run(vec![Input::RebootStarting {
             conn: 2,
             device: dev,
@@ -280,7 +286,7 @@ mod tests {
         add(
             &mut rig,
             "n1",
-            vec![vec![StepSpec::Reboot], vec![StepSpec::Reboot]],
+            vec![vec![wire::Step::Reboot], vec![wire::Step::Reboot]],
         );
         assert_eq!(stored_report(&rig, dev), None);
         let complete = |conn, seq, boot: [u8; 16]| Input::RebootComplete {
@@ -288,7 +294,7 @@ mod tests {
             device: dev,
             seq,
             attempt: 1,
-            report: report_with("Debian", &hex(&boot)),
+            report: report_with("Debian", boot),
             result: ok_result(1),
         };
         rig.run(vec![Input::RebootStarting {

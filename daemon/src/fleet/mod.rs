@@ -26,11 +26,10 @@ use fleetcast_store::prelude::*;
 use fleetcast_store::{
     self as store, Command, DeviceId, EnrolmentToken, Event, EventKind, Illegal, QueueStatus,
 };
-use fleetcast_wire::{CloseCode, Welcome};
+use fleetcast_wire::{self as wire, hex, CloseCode, Welcome};
 
-use crate::admin::{OnFailureSpec, Request, Response, StepSpec};
-use crate::convert::{hex, sha256};
-use crate::pki::Pki;
+use crate::admin::{OnFailureSpec, Request, Response};
+use crate::pki::{sha256, Pki};
 
 mod admin;
 mod deadlines;
@@ -82,10 +81,9 @@ pub struct LastSeen {
     pub attempt: u32,
     /// Still executing it (or rebooting for it).
     pub executing: bool,
-    /// Its result, not yet acknowledged.
-    pub result: Option<store::CommandResult>,
-    /// The configuration report inside that result (from a `report` step).
-    pub report: Option<store::ConfigReport>,
+    /// Its result, not yet acknowledged (with its configuration report, from a `report`
+    /// step), and when it arrived.
+    pub result: Option<store::Received>,
 }
 
 /// Something that happened, for [`Fleet::process`].
@@ -128,10 +126,8 @@ pub enum Input {
         seq: u64,
         /// Which attempt of it.
         attempt: u32,
-        /// Outcome.
-        result: store::CommandResult,
-        /// The configuration report inside the result (from a `report` step).
-        report: Option<store::ConfigReport>,
+        /// Outcome (with the configuration report of a `report` step), and when it arrived.
+        result: store::Received,
     },
     /// The agent's configuration report on its own (`Report`).
     Report {
@@ -140,7 +136,7 @@ pub enum Input {
         /// Device.
         device: DeviceId,
         /// The report.
-        report: store::ConfigReport,
+        report: wire::ConfigReport<'static>,
     },
     /// The agent is rebooting for command `seq`.
     RebootStarting {
@@ -164,9 +160,9 @@ pub enum Input {
         /// The attempt of it the device rebooted for.
         attempt: u32,
         /// Its configuration after the reboot.
-        report: store::ConfigReport,
+        report: wire::ConfigReport<'static>,
         /// The reboot command's result: the steps before the reboot, as the device ran them.
-        result: store::CommandResult,
+        result: store::Received,
     },
     /// A session ended.
     Disconnected {
@@ -577,8 +573,7 @@ impl Fleet {
                 seq,
                 attempt,
                 result,
-                report,
-            } => cx.result(*conn, *device, *seq, *attempt, result, report),
+            } => cx.result(*conn, *device, *seq, *attempt, result),
             Input::Report { device, report, .. } => cx.report(*device, report),
             Input::RebootStarting {
                 conn,

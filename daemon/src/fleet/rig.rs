@@ -117,13 +117,17 @@ impl Rig {
     }
 }
 
-pub(super) fn exec(name: &str) -> Vec<StepSpec> {
-    vec![StepSpec::Exec {
-        argv: vec!["echo".into(), name.into()],
+pub(super) fn exec(name: &str) -> Vec<wire::Step<'static>> {
+    vec![wire::Step::Exec {
+        argv: vec!["echo".into(), name.to_string().into()],
     }]
 }
 
-pub(super) fn add(rig: &mut Rig, target: &str, commands: Vec<Vec<StepSpec>>) -> Vec<Action> {
+pub(super) fn add(
+    rig: &mut Rig,
+    target: &str,
+    commands: Vec<Vec<wire::Step<'static>>>,
+) -> Vec<Action> {
     rig.run(vec![Input::Admin {
         conn: 999,
         req: Request::QueueAdd {
@@ -136,32 +140,34 @@ pub(super) fn add(rig: &mut Rig, target: &str, commands: Vec<Vec<StepSpec>>) -> 
     }])
 }
 
-pub(super) fn ok_result(steps: usize) -> store::CommandResult {
-    store::CommandResult {
-        steps: (0..steps)
-            .map(|_| store::StepResult {
-                outcome: store::StepOutcome::Ok,
-                exit_code: Some(0),
-                output: vec![],
-                started_ms: T0,
-                finished_ms: T0,
-            })
-            .collect(),
+pub(super) fn ok_result(steps: usize) -> store::Received {
+    store::Received {
+        result: wire::CommandResult {
+            command_id: 1,
+            seq: 1,
+            attempt: 1,
+            exit_code: 0,
+            steps: (0..steps)
+                .map(|_| wire::StepResult {
+                    status: wire::StepStatus::Ok,
+                    exit_code: 0,
+                    duration_ms: 0,
+                })
+                .collect(),
+            output: b"".into(),
+            report: None,
+        },
+        at_ms: T0,
     }
 }
 
 /// What a `Hello` says: still executing (`result` none) or finished with `result`.
-pub(super) fn last(
-    seq: u64,
-    attempt: u32,
-    result: Option<store::CommandResult>,
-) -> Option<LastSeen> {
+pub(super) fn last(seq: u64, attempt: u32, result: Option<store::Received>) -> Option<LastSeen> {
     Some(LastSeen {
         seq,
         attempt,
         executing: result.is_none(),
         result,
-        report: None,
     })
 }
 
@@ -187,10 +193,11 @@ pub(super) fn attempt_of(actions: &[Action], seq: u64) -> Option<u32> {
     })
 }
 
-pub(super) fn failed_result() -> store::CommandResult {
+pub(super) fn failed_result() -> store::Received {
     let mut r = ok_result(1);
-    r.steps[0].outcome = store::StepOutcome::Failed;
-    r.steps[0].exit_code = Some(3);
+    r.result.steps[0].status = wire::StepStatus::Failed;
+    r.result.steps[0].exit_code = 3;
+    r.result.exit_code = 3;
     r
 }
 
@@ -201,7 +208,6 @@ pub(super) fn result_input(conn: ConnId, dev: DeviceId, seq: u64, attempt: u32, 
         seq,
         attempt,
         result: if ok { ok_result(1) } else { failed_result() },
-        report: None,
     }
 }
 
@@ -218,19 +224,40 @@ pub(super) fn events_with(rig: &mut Rig, text: &str) -> usize {
         .count()
 }
 
-pub(super) fn report_with(os: &str, boot: &str) -> store::ConfigReport {
-    store::ConfigReport {
-        os: os.into(),
+/// `r` carrying the configuration report of a `report` step.
+pub(super) fn with_report(
+    mut r: store::Received,
+    report: wire::ConfigReport<'static>,
+) -> store::Received {
+    r.result.report = Some(report);
+    r
+}
+
+/// A test boot id from a readable name.
+pub(super) fn boot_named(name: &str) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    for (o, c) in b.iter_mut().zip(name.bytes()) {
+        *o = c;
+    }
+    b
+}
+
+pub(super) fn report_with(os: &str, boot_id: [u8; 16]) -> wire::ConfigReport<'static> {
+    wire::ConfigReport {
+        boot_id,
+        os: os.to_string().into(),
         kernel: "6.1".into(),
         hostname: "n1".into(),
-        addresses: vec![],
-        software: vec![("nginx".into(), "1.22".into())],
         agent_version: "0.1.0".into(),
-        boot_id: boot.into(),
+        addresses: vec![],
+        software: vec![wire::Package {
+            name: "nginx".into(),
+            version: "1.22".into(),
+        }],
     }
 }
 
-pub(super) fn stored_report(rig: &Rig, dev: DeviceId) -> Option<store::ConfigReport> {
+pub(super) fn stored_report(rig: &Rig, dev: DeviceId) -> Option<wire::ConfigReport<'static>> {
     let snap = rig.fleet.store().snapshot().unwrap();
     snap.device(dev).unwrap().unwrap().report
 }

@@ -83,7 +83,7 @@ pub(super) fn store_result(
     dev: DeviceId,
     seq: u64,
     attempt: u32,
-    (result, report): (&store::CommandResult, Option<&store::ConfigReport>),
+    result: &store::Received,
     how: &str,
 ) -> Stored {
     let how = if how.is_empty() {
@@ -133,7 +133,7 @@ pub(super) fn store_result(
         }
     };
     let _ = b.append_event(event(now_ms, Some(dev), EventKind::CommandResult, message));
-    if let Some(report) = report {
+    if let Some(report) = &result.result.report {
         if let Err(e) = b.set_report(dev, report.clone(), now_ms) {
             tracing::warn!(device = dev.0, seq, error = %e, "report of a result not stored");
         }
@@ -188,15 +188,13 @@ impl Cx<'_> {
             seq,
             attempt,
             result: Some(result),
-            report,
             ..
         }) = last
         {
             // Acknowledged whatever became of it: an agent re-sending it in every Hello
             // would hold its session's command slot forever.
             let how = format!("delivered on reconnect, attempt {attempt}");
-            let r = (result, report.as_ref());
-            let _ = store_result(&mut **b, now_ms, device, *seq, *attempt, r, &how);
+            let _ = store_result(&mut **b, now_ms, device, *seq, *attempt, result, &how);
         }
         let q = b.queue(device).ok().flatten().unwrap_or_default();
         let (in_flight, resume) = match last {
@@ -382,8 +380,7 @@ impl Cx<'_> {
         device: DeviceId,
         seq: u64,
         attempt: u32,
-        result: &store::CommandResult,
-        report: &Option<store::ConfigReport>,
+        result: &store::Received,
     ) {
         let now_ms = self.now_ms;
         let Cx {
@@ -393,8 +390,7 @@ impl Cx<'_> {
             dirty,
             ..
         } = self;
-        let r = (result, report.as_ref());
-        match store_result(&mut **b, now_ms, device, seq, attempt, r, "") {
+        match store_result(&mut **b, now_ms, device, seq, attempt, result, "") {
             Stored::Answered => actions.push(Action::Ack { conn, seq }),
             Stored::NeverSent => actions.push(close(
                 conn,
@@ -416,7 +412,7 @@ impl Cx<'_> {
     }
 
     /// The agent's configuration report on its own.
-    pub(super) fn report(&mut self, device: DeviceId, report: &store::ConfigReport) {
+    pub(super) fn report(&mut self, device: DeviceId, report: &wire::ConfigReport<'static>) {
         let now_ms = self.now_ms;
         let Cx { b, .. } = self;
         if let Err(e) = b.set_report(device, report.clone(), now_ms) {
@@ -590,7 +586,6 @@ mod tests {
                 seq,
                 attempt: 1,
                 result: ok_result(1),
-                report: None,
             }]);
             // The ack and the next dispatch leave together, after the commit.
             assert!(
@@ -614,7 +609,6 @@ mod tests {
             seq: 9,
             attempt: 1,
             result: ok_result(1),
-            report: None,
         }]);
         assert!(
             a.iter().any(|x| matches!(
@@ -710,7 +704,7 @@ mod tests {
         // has not got byte for byte): not attempt 2's, so it is discarded (and acknowledged,
         // so the agent can forget it), and attempt 2 goes again.
         let mut again = failed_result();
-        again.steps[0].output = b"attempt 1 once more".to_vec();
+        again.result.output = b"attempt 1 once more".into();
         let a = rig.hello(3, dev, key, last(1, 1, Some(again)));
         assert!(matches!(a[1], Action::Ack { conn: 3, seq: 1 }), "{a:?}");
         assert_eq!(attempt_of(&a, 1), Some(2), "{a:?}");
@@ -788,22 +782,21 @@ mod tests {
         rig.run(vec![Input::Report {
             conn: 2,
             device: dev,
-            report: report_with("Debian 12", "b1"),
+            report: report_with("Debian 12", boot_named("b1")),
         }]);
         assert_eq!(stored_report(&rig, dev).unwrap().os, "Debian 12");
 
         add(
             &mut rig,
             "n1",
-            vec![vec![StepSpec::Report], vec![StepSpec::Report]],
+            vec![vec![wire::Step::Report], vec![wire::Step::Report]],
         );
         let a = rig.run(vec![Input::Result {
             conn: 2,
             device: dev,
             seq: 1,
             attempt: 1,
-            result: ok_result(1),
-            report: Some(report_with("Debian 13", "b1")),
+            result: with_report(ok_result(1), report_with("Debian 13", boot_named("b1"))),
         }]);
         assert!(matches!(a[0], Action::Ack { seq: 1, .. }), "{a:?}");
         assert_eq!(stored_report(&rig, dev).unwrap().os, "Debian 13");
@@ -813,10 +806,8 @@ mod tests {
             device: Some(dev),
             reason: "cut".into(),
         }]);
-        let carried = last(2, 1, Some(ok_result(1))).map(|l| LastSeen {
-            report: Some(report_with("Debian 14", "b1")),
-            ..l
-        });
+        let report = report_with("Debian 14", boot_named("b1"));
+        let carried = last(2, 1, Some(with_report(ok_result(1), report)));
         rig.hello(3, dev, key, carried);
         assert_eq!(rig.queue(dev).status, QueueStatus::Done);
         assert_eq!(stored_report(&rig, dev).unwrap().os, "Debian 14");

@@ -313,7 +313,7 @@ mod tests {
             created_ms: T0,
             // Install what was received: queued only where the copy verified.
             then: vec![Command {
-                steps: vec![store::Step::Exec {
+                steps: vec![wire::Step::Exec {
                     argv: vec!["/bin/true".into()],
                 }],
                 timeout_ms: 1000,

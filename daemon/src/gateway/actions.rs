@@ -92,7 +92,7 @@ impl Gateway {
         match (&mut self.conns[idx].conn, action) {
             (Conn::Admin(a), Action::Reply { resp, .. }) => {
                 push_json_line(&mut a.out, &resp);
-                self.touched.push(idx);
+                self.work.touched.push(idx);
                 return;
             }
             (Conn::Agent(c), action) => {
@@ -127,7 +127,7 @@ impl Gateway {
                     }
                     Action::Close { code, reason, .. } => s.close(code, &reason),
                     Action::Announce { .. } => match &announce {
-                        Some(a) => s.announce(&a.as_wire()),
+                        Some(a) => s.announce(a),
                         None => Ok(()),
                     },
                     Action::Reply { .. }
@@ -153,20 +153,18 @@ fn send_dispatch(
     attempt: u32,
     cmd: &fleetcast_store::Command,
 ) -> Result<(), session::SessionError> {
-    let urls: Vec<String> = cmd
+    // The stored steps, borrowed; only a fetch URL resolved against `base` is new text.
+    let steps = cmd
         .steps
         .iter()
         .map(|st| match st {
-            fleetcast_store::Step::Fetch { url, .. } => artifacts::resolve_url(url, base),
-            _ => String::new(),
+            Step::Fetch { url, path } => Step::Fetch {
+                url: Cow::Owned(artifacts::resolve_url(url, base)),
+                path: Cow::Borrowed(path),
+            },
+            other => other.borrowed(),
         })
         .collect();
-    let mut steps = steps_to_wire(cmd);
-    for (st, u) in steps.iter_mut().zip(&urls) {
-        if let fleetcast_wire::Step::Fetch { url, .. } = st {
-            *url = u.into();
-        }
-    }
     let timeout_ms = u32::try_from(cmd.timeout_ms).unwrap_or(u32::MAX);
     s.dispatch(&Dispatch {
         command_id,

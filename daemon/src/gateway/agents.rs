@@ -80,7 +80,8 @@ impl Gateway {
                     };
                     // Handshake timeout: the session core's hello timer starts at handshake
                     // end; until then this timer bounds a silent TLS client.
-                    self.timers
+                    self.work
+                        .timers
                         .push(Reverse((now + self.cfg.session.hello_timeout, idx, id)));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -91,7 +92,7 @@ impl Gateway {
             }
         }
         // Budget exhausted: more may be waiting; come back next iteration.
-        self.ready.push_back(usize::MAX);
+        self.work.ready.push_back(usize::MAX);
     }
 
     /// Accepts from the agent listener, then from the extra one.
@@ -138,7 +139,7 @@ impl Gateway {
         let mut relay_certified = None;
         if c.session.is_none()
             && c.tls.handshake_done()
-            && ladder::inner_ready(c, idx, id, now, http_timeout, &mut self.timers)
+            && ladder::inner_ready(c, idx, id, now, http_timeout, &mut self.work.timers)
         {
             let (device, key_hash) = peer_identity(&c.tls.tls);
             c.key_hash = key_hash;
@@ -220,9 +221,9 @@ impl Gateway {
             c.closing = true;
         }
         if let Some(t) = s.poll_timeout() {
-            self.timers.push(Reverse((t, idx, id)));
+            self.work.timers.push(Reverse((t, idx, id)));
         }
-        self.touched.push(idx);
+        self.work.touched.push(idx);
     }
 }
 
@@ -260,6 +261,14 @@ pub(super) fn peer_identity(tls: &rustls::ServerConnection) -> (Option<u64>, [u8
     (Some(id.id), key_hash)
 }
 
+/// A device's result as the store keeps it: the message itself, and when it arrived.
+fn received(r: fleetcast_wire::CommandResult<'_>, wall_ms: u64) -> fleetcast_store::Received {
+    fleetcast_store::Received {
+        result: r.into_owned(),
+        at_ms: wall_ms,
+    }
+}
+
 /// Turns a session event into fleet input (or handles it here when the fleet has no part).
 pub(super) fn event_to_input(
     conn: ConnId,
@@ -281,12 +290,7 @@ pub(super) fn event_to_input(
                 seq: l.seq,
                 attempt: l.attempt,
                 executing: l.executing,
-                report: l
-                    .result
-                    .as_ref()
-                    .and_then(|r| r.report.as_ref())
-                    .map(report_from_wire),
-                result: l.result.map(|r| result_from_wire(&r, wall_ms)),
+                result: l.result.map(|r| received(r, wall_ms)),
             });
             Some(Input::Hello {
                 conn,
@@ -317,8 +321,7 @@ pub(super) fn event_to_input(
                 device: (*device)?,
                 seq,
                 attempt: r.attempt,
-                result: result_from_wire(&r, wall_ms),
-                report: r.report.as_ref().map(report_from_wire),
+                result: received(r, wall_ms),
             })
         }
         GatewayEvent::DuplicateResult { .. } => None,
@@ -329,7 +332,7 @@ pub(super) fn event_to_input(
             Some(Input::Report {
                 conn,
                 device: (*device)?,
-                report: report_from_wire(&r),
+                report: r.into_owned(),
             })
         }
         GatewayEvent::RebootStarting(rs) => Some(Input::RebootStarting {
@@ -347,8 +350,8 @@ pub(super) fn event_to_input(
                 device: (*device)?,
                 seq,
                 attempt: rc.result.attempt,
-                report: report_from_wire(&rc.report),
-                result: result_from_wire(&rc.result, wall_ms),
+                report: rc.report.into_owned(),
+                result: received(rc.result, wall_ms),
             })
         }
         GatewayEvent::Completion(frame) => {

@@ -59,7 +59,7 @@ impl Gateway {
                     });
                     // The request must be complete by then (slowloris).
                     if let Some((idx, id)) = added {
-                        self.timers.push(Reverse((deadline, idx, id)));
+                        self.work.timers.push(Reverse((deadline, idx, id)));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -126,7 +126,7 @@ impl Gateway {
             return;
         };
         if now < a.deadline {
-            self.timers.push(Reverse((a.deadline, idx, id)));
+            self.work.timers.push(Reverse((a.deadline, idx, id)));
             return;
         }
         if !a.responding {
@@ -146,10 +146,10 @@ impl Gateway {
         } else {
             a.checked = a.sent;
             a.deadline = now + limits::ARTIFACT_STALL;
-            self.timers.push(Reverse((a.deadline, idx, id)));
+            self.work.timers.push(Reverse((a.deadline, idx, id)));
             return;
         }
-        self.touched.push(idx);
+        self.work.touched.push(idx);
     }
 }
 

@@ -40,7 +40,7 @@ impl Gateway {
     pub(super) fn poll_timeout(&self, now: Instant, wall: u64, limit: Option<Instant>) -> Duration {
         // Inputs wait while a batch is in flight: its commit wakes the loop (`WAKE`).
         let inputs = !self.inputs.is_empty() && !self.fleet.busy();
-        if !self.ready.is_empty() || inputs || self.mcast_ready {
+        if !self.work.ready.is_empty() || inputs || self.mcast_ready {
             return Duration::ZERO;
         }
         let mut next = limit.unwrap_or(now + Duration::from_secs(3600));
@@ -50,7 +50,7 @@ impl Gateway {
         if let Some((_, _, t)) = &self.watch {
             next = next.min((*t).max(now));
         }
-        if let Some(Reverse((t, _, _))) = self.timers.peek() {
+        if let Some(Reverse((t, _, _))) = self.work.timers.peek() {
             next = next.min(*t);
         }
         if let Some(d) = self.fleet.next_deadline().filter(|_| !self.fleet.busy()) {
@@ -66,11 +66,11 @@ impl Gateway {
     }
 
     pub(super) fn fire_timers(&mut self, now: Instant) {
-        while let Some(Reverse((t, idx, id))) = self.timers.peek().copied() {
+        while let Some(Reverse((t, idx, id))) = self.work.timers.peek().copied() {
             if t > now {
                 break;
             }
-            self.timers.pop();
+            self.work.timers.pop();
             let Some(slot) = self.conns.get_mut(idx) else {
                 continue;
             };
@@ -99,7 +99,7 @@ impl Gateway {
                 }
                 None => {
                     if ladder::unsessioned_timer(c, id, now) {
-                        self.touched.push(idx);
+                        self.work.touched.push(idx);
                     }
                 }
             }

@@ -5,7 +5,7 @@ use super::*;
 
 impl Gateway {
     pub(super) fn flush_touched(&mut self) {
-        let mut touched = std::mem::take(&mut self.touched);
+        let mut touched = std::mem::take(&mut self.work.touched);
         touched.sort_unstable();
         touched.dedup();
         for idx in touched.drain(..) {
@@ -92,7 +92,7 @@ impl Gateway {
                 self.remove_conn(idx);
             }
         }
-        self.touched = touched;
+        self.work.touched = touched;
     }
 
     /// Removes connection `idx` (flushing what TLS can still send) and tells the fleet when

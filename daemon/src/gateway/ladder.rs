@@ -379,7 +379,9 @@ impl Gateway {
                             state: PlainState::Request,
                             deadline: now + http_timeout,
                         }));
-                        self.timers.push(Reverse((now + http_timeout, idx, id)));
+                        self.work
+                            .timers
+                            .push(Reverse((now + http_timeout, idx, id)));
                     }
                     Outer::NeedMore => return Some(false),
                     Outer::Unknown(b) => {
@@ -539,7 +541,7 @@ impl Gateway {
                         p.state = PlainState::Responded;
                     }
                 }
-                self.touched.push(idx);
+                self.work.touched.push(idx);
                 return;
             }
         };
@@ -567,7 +569,7 @@ impl Gateway {
                 );
                 proto::refuse(&mut p.out, Refusal::Stream(e));
                 p.state = PlainState::Responded;
-                self.touched.push(idx);
+                self.work.touched.push(idx);
                 return;
             }
         }
@@ -581,14 +583,14 @@ impl Gateway {
             r.waiter = Some((idx, id));
             p.state = PlainState::Holding { token: r.token };
             p.deadline = deadline;
-            self.timers.push(Reverse((deadline, idx, id)));
+            self.work.timers.push(Reverse((deadline, idx, id)));
         }
-        self.touched.push(idx);
-        self.touched.push(ridx);
+        self.work.touched.push(idx);
+        self.work.touched.push(ridx);
         // Reading stops at MAX_PENDING and readiness is edge-triggered: read again now that
         // the buffer may have drained.
-        if !self.ready.contains(&ridx) {
-            self.ready.push_back(ridx);
+        if !self.work.ready.contains(&ridx) {
+            self.work.ready.push_back(ridx);
         }
     }
 
@@ -631,7 +633,9 @@ impl Gateway {
         self.relays.by_token.insert(token, (ridx, rid));
         self.relays.origins.insert(local, (origin, ridx, rid));
         // One idle timer per relay, re-armed from the last request when it fires.
-        self.timers.push(Reverse((now + RELAY_IDLE, ridx, rid)));
+        self.work
+            .timers
+            .push(Reverse((now + RELAY_IDLE, ridx, rid)));
         tracing::debug!(relay = rid, "long-poll session opened");
         Ok(ridx)
     }
@@ -679,7 +683,7 @@ impl Gateway {
             if let Sniffing::Plain(p) = &mut c.sniff {
                 if matches!(p.state, PlainState::Holding { .. }) {
                     respond_from_relay(p, r);
-                    self.touched.push(widx);
+                    self.work.touched.push(widx);
                 }
             }
         }
@@ -696,9 +700,10 @@ impl Gateway {
         if now - r.last_poll >= RELAY_IDLE {
             tracing::info!(relay = id, "long-poll session idle: closed");
             r.expired = true;
-            self.touched.push(idx);
+            self.work.touched.push(idx);
         } else {
-            self.timers
+            self.work
+                .timers
                 .push(Reverse((r.last_poll + RELAY_IDLE, idx, id)));
         }
     }

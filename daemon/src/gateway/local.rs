@@ -49,7 +49,7 @@ impl Gateway {
         }) = self.conns.get_mut(idx)
         {
             push_json_line(&mut a.out, &resp);
-            self.touched.push(idx);
+            self.work.touched.push(idx);
         }
     }
 

@@ -15,6 +15,15 @@
 //!    the inputs gathered meanwhile go to the thread as the next batch: one
 //!    [`Fleet::process`] call, one store batch, one fsync, off this thread.
 //! 6. Write TLS until `WouldBlock`, asking for `WRITABLE` only while bytes are pending.
+//!
+//! # Layout
+//! This file holds the struct, `bind` and the iteration; the siblings hold one concern each:
+//! `agents` (agent connections and their session cores), `admin_conn`, `artifact_conn`,
+//! `ladder` (the transport ladder's HTTP rungs and long-poll relays), `actions` (applying the
+//! fleet's actions), `push` (digests, the watched directory, driving distributions), `clock`
+//! (the clock, the poll timeout, connection timers), `flush` (writing and removing
+//! connections), `local` (metrics and backup), `limits` (connection caps), `store_thread`
+//! and `config`. Tokens are [`crate::token::Tok`].
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
@@ -28,17 +37,17 @@ use std::time::Duration;
 
 use fleetcast_store::DeviceId;
 use fleetcast_wire::session::{self, GatewayEvent, GatewaySession};
-use fleetcast_wire::{Dispatch, Enrolled, Instant, Message};
+use fleetcast_wire::{Dispatch, Enrolled, Instant, Message, Step};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token};
 use rustls::ServerConfig;
 
 use crate::admin::{self, Request, Response};
 use crate::artifacts;
-use crate::convert::{report_from_wire, result_from_wire, sha256, steps_to_wire};
 use crate::distribution::{DistEvent, Distributor, McastConfig, PushSpec};
 use crate::fleet::{Action, ConnId, Fleet, Input, LastSeen};
 use crate::metrics;
+use crate::pki::sha256;
 use crate::tlsconn::TlsConn;
 use crate::token::Tok;
 use crate::watch::{DirWatch, WatchConfig};
@@ -106,6 +115,19 @@ struct Telemetry {
     counters: metrics::Counters,
 }
 
+/// What the loop has to do for its connections: slab indices, each entry checked against
+/// the slot when it is taken (a slot may have been freed, or reused by a new connection).
+#[derive(Default)]
+struct Work {
+    /// Connection timers, earliest first: `(deadline, index, id)`; an entry whose id no
+    /// longer matches its slot is stale and skipped.
+    timers: BinaryHeap<Reverse<(Instant, usize, ConnId)>>,
+    /// Connections to read this iteration (`usize::MAX`: accept more agents).
+    ready: VecDeque<usize>,
+    /// Connections with something to write or to close, flushed at the end of the iteration.
+    touched: Vec<usize>,
+}
+
 /// The gateway event loop.
 pub struct Gateway {
     poll: Poll,
@@ -127,10 +149,9 @@ pub struct Gateway {
     clock: Clock,
     conns: slab::Slab<Slot>,
     generation: u64,
-    timers: BinaryHeap<Reverse<(Instant, usize, ConnId)>>,
-    ready: VecDeque<usize>,
+    /// The connections' timers and what is to be read and written.
+    work: Work,
     inputs: Vec<Input>,
-    touched: Vec<usize>,
     /// Wall-clock ms at the last clock read (results and events are stamped with it).
     wall_ms: u64,
     stop: bool,
@@ -250,10 +271,8 @@ impl Gateway {
             clock: Clock::new(),
             conns: slab::Slab::new(),
             generation: 0,
-            timers: BinaryHeap::new(),
-            ready: VecDeque::new(),
+            work: Work::default(),
             inputs: Vec::new(),
-            touched: Vec::new(),
             wall_ms: 0,
             stop: false,
         })
@@ -331,8 +350,8 @@ impl Gateway {
                     Tok::Wake => self.hashed_ready = true,
                     Tok::MetricsListener | Tok::MetricsConn(_) => self.metrics_event(ev.token()),
                     Tok::Conn(idx) => {
-                        if self.conns.contains(idx) && !self.ready.contains(&idx) {
-                            self.ready.push_back(idx);
+                        if self.conns.contains(idx) && !self.work.ready.contains(&idx) {
+                            self.work.ready.push_back(idx);
                         }
                     }
                 }
@@ -385,9 +404,9 @@ impl Gateway {
     }
 
     fn service_ready(&mut self, now: Instant) {
-        let n = self.ready.len();
+        let n = self.work.ready.len();
         for _ in 0..n {
-            let Some(idx) = self.ready.pop_front() else {
+            let Some(idx) = self.work.ready.pop_front() else {
                 break;
             };
             if idx == usize::MAX {
@@ -408,9 +427,9 @@ impl Gateway {
                 Conn::Relay(_) => self.service_relay(idx),
             };
             if more {
-                self.ready.push_back(idx);
+                self.work.ready.push_back(idx);
             }
-            self.touched.push(idx);
+            self.work.touched.push(idx);
         }
     }
 }

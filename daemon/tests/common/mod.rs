@@ -26,8 +26,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use fleetcast_daemon::admin::{self, OnFailureSpec, Request, StepSpec};
+use fleetcast_daemon::admin::{self, OnFailureSpec, Request};
 use fleetcast_lab::{Host, LabChild};
+use fleetcast_wire::Step;
 use serde_json::Value;
 
 /// Environment variable that turns the test binary into an agent.
@@ -362,7 +363,12 @@ impl<'lab> Gateway<'lab> {
     }
 
     /// Queues one command per element of `commands` for `target`.
-    pub fn queue_add(&self, target: &str, commands: Vec<Vec<StepSpec>>, on_failure: OnFailureSpec) {
+    pub fn queue_add(
+        &self,
+        target: &str,
+        commands: Vec<Vec<Step<'static>>>,
+        on_failure: OnFailureSpec,
+    ) {
         self.admin(&Request::QueueAdd {
             target: target.into(),
             commands,
@@ -453,7 +459,7 @@ impl<'lab> Gateway<'lab> {
 }
 
 /// `sh:SCRIPT` as a step.
-pub fn sh(script: &str) -> StepSpec {
+pub fn sh(script: &str) -> Step<'static> {
     admin::parse_step(&format!("sh:{script}")).expect("sh step")
 }
 

@@ -7,8 +7,7 @@ use crate::env::{self, key2, Dbs};
 use crate::error::{Error, Illegal, Missing, Result};
 use crate::read;
 use crate::types::{
-    CommandPolicy, CommandResult, Device, DeviceId, FailReason, QueueState, TaskDeviceStatus,
-    TaskId,
+    CommandPolicy, Device, DeviceId, FailReason, QueueState, StoredResult, TaskDeviceStatus, TaskId,
 };
 
 /// Write helpers over one transaction.
@@ -23,7 +22,7 @@ impl<'a, 't> Cx<'a, 't> {
         Cx { t, d, buf }
     }
     pub(super) fn put<R: Record>(&mut self, db: lmdb::Database, key: &[u8], rec: &R) -> Result<()> {
-        rec.encode(self.buf);
+        rec.encode(self.buf)?;
         self.t
             .put(db, &key, &self.buf.as_slice(), WriteFlags::empty())?;
         Ok(())
@@ -117,7 +116,7 @@ impl<'a, 't> Cx<'a, 't> {
         dev: DeviceId,
         q: &mut QueueState,
         seq: u64,
-        result: &CommandResult,
+        result: &StoredResult,
     ) -> Result<()> {
         let more = self.first_after(dev, seq)?.is_some();
         if result.succeeded() {

@@ -4,7 +4,9 @@ use super::{Batch, Cx};
 use crate::engine::DeviceOps;
 use crate::env;
 use crate::error::{Error, Illegal, Missing, Result};
-use crate::types::{ConfigReport, DeviceId, EnrolmentToken, Transport};
+use fleetcast_wire as wire;
+
+use crate::types::{DeviceId, EnrolmentToken, Transport};
 
 impl DeviceOps for Batch<'_> {
     fn add_enrolment_token(&mut self, hash: [u8; 32], token: EnrolmentToken) -> Result<()> {
@@ -47,7 +49,12 @@ impl DeviceOps for Batch<'_> {
         })
     }
 
-    fn set_report(&mut self, dev: DeviceId, report: ConfigReport, now_ms: u64) -> Result<()> {
+    fn set_report(
+        &mut self,
+        dev: DeviceId,
+        report: wire::ConfigReport<'static>,
+        now_ms: u64,
+    ) -> Result<()> {
         self.exec(move |cx| {
             let mut x = cx.device(dev)?;
             x.last_seen_ms = Some(now_ms);

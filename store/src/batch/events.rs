@@ -25,7 +25,7 @@ impl EventOps for Batch<'_> {
     fn append_event(&mut self, event: Event) -> Result<EventId> {
         self.exec(move |cx| {
             let id = read::last_event_id(&*cx.t, cx.d)? + 1;
-            event.encode(cx.buf);
+            event.encode(cx.buf)?;
             cx.t.put(
                 cx.d.events,
                 &id.to_be_bytes(),

@@ -47,7 +47,7 @@ use crate::env::{self, Dbs};
 use crate::error::{Error, Result};
 use crate::read::{self, read_methods};
 use crate::types::{
-    Command, CommandResult, Device, DeviceId, Event, EventId, QueueState, QueueStatus, Task,
+    Command, Device, DeviceId, Event, EventId, QueueState, QueueStatus, StoredResult, Task,
     TaskDeviceStatus, TaskId,
 };
 

@@ -6,10 +6,9 @@ use crate::env::{self, key2};
 use crate::error::{Error, Illegal, Result};
 use crate::queue::AfterFailure;
 use crate::read;
-use crate::types::{
-    Command, CommandResult, ConfigReport, DeviceId, FailReason, QueueStatus, StepOutcome,
-    StepResult,
-};
+use fleetcast_wire::{self as wire, Embed};
+
+use crate::types::{boot_hex, Command, DeviceId, FailReason, QueueStatus, Received, StoredResult};
 
 impl QueueOps for Batch<'_> {
     fn enqueue(&mut self, dev: DeviceId, cmd: Command) -> Result<u64> {
@@ -48,9 +47,10 @@ impl QueueOps for Batch<'_> {
         dev: DeviceId,
         seq: u64,
         attempt: u32,
-        mut result: CommandResult,
+        mut result: Received,
     ) -> Result<Recorded> {
         result.bound();
+        let result = StoredResult::Received(result);
         self.exec(move |cx| record_result(cx, dev, seq, attempt, &result))
     }
 
@@ -90,11 +90,12 @@ impl QueueOps for Batch<'_> {
         dev: DeviceId,
         seq: u64,
         attempt: u32,
-        report: ConfigReport,
-        mut result: CommandResult,
+        report: wire::ConfigReport<'static>,
+        mut result: Received,
         now_ms: u64,
     ) -> Result<QueueStatus> {
         result.bound();
+        let result = StoredResult::Received(result);
         self.exec(move |cx| reboot_completed(cx, dev, seq, attempt, &report, &result, now_ms))
     }
 
@@ -187,15 +188,17 @@ fn record_result(
     dev: DeviceId,
     seq: u64,
     attempt: u32,
-    result: &CommandResult,
+    result: &StoredResult,
 ) -> Result<Recorded> {
     use crate::codec::Record;
     use lmdb::Transaction;
     let mut q = cx.queue(dev)?;
     // Duplicate detection compares encodings: no decode of the stored result.
-    result.encode(cx.buf);
+    result
+        .encode(cx.buf)
+        .map_err(|_| Error::illegal(dev, Illegal::Invalid("result over the wire's limits")))?;
     let existing = match cx.t.get(cx.d.results, &key2(dev.0, seq)) {
-        Ok(v) if v == cx.buf.as_slice() => return Ok(Recorded::Duplicate),
+        Ok(v) if StoredResult::same_received(v, cx.buf) => return Ok(Recorded::Duplicate),
         Ok(_) => true,
         Err(lmdb::Error::NotFound) => false,
         Err(e) => return Err(e.into()),
@@ -238,7 +241,7 @@ fn command_timed_out(
         .map_err(|k| Error::illegal(dev, k))?;
     let more = cx.first_after(dev, seq)?.is_some();
     if q.command_failed(&policy, FailReason::AttemptsExhausted, more) == AfterFailure::MovedOn {
-        let r = synthetic(StepOutcome::Failed, "timed out", now);
+        let r = StoredResult::TimedOut { at_ms: now };
         cx.put(cx.d.results, &key2(dev.0, seq), &r)?;
     }
     cx.put_queue(dev, &q)?;
@@ -250,13 +253,13 @@ fn reboot_completed(
     dev: DeviceId,
     seq: u64,
     attempt: u32,
-    report: &ConfigReport,
-    result: &CommandResult,
+    report: &wire::ConfigReport<'static>,
+    result: &StoredResult,
     now: u64,
 ) -> Result<QueueStatus> {
     let mut q = cx.queue(dev)?;
     let has_reboot = read::command(&*cx.t, cx.d, dev, seq)?.is_some_and(|c| c.has_reboot());
-    q.check_reboot_completed(seq, attempt, has_reboot, &report.boot_id)
+    q.check_reboot_completed(seq, attempt, has_reboot, &boot_hex(&report.boot_id))
         .map_err(|k| Error::illegal(dev, k))?;
     let mut x = cx.device(dev)?;
     // A record from before the boot left was kept: the last report's boot is the best the
@@ -293,11 +296,7 @@ fn skip(cx: &mut Cx<'_, '_>, dev: DeviceId) -> Result<()> {
     let more = cx.first_after(dev, cursor)?.is_some();
     q.skip(more).map_err(|k| Error::illegal(dev, k))?;
     if read::result(&*cx.t, cx.d, dev, cursor)?.is_none() {
-        cx.put(
-            cx.d.results,
-            &key2(dev.0, cursor),
-            &synthetic(StepOutcome::Skipped, "skipped", 0),
-        )?;
+        cx.put(cx.d.results, &key2(dev.0, cursor), &StoredResult::Skipped)?;
     }
     cx.put_queue(dev, &q)
 }
@@ -342,17 +341,18 @@ fn validate_command(dev: DeviceId, cmd: &Command) -> Result<()> {
     if cmd.max_attempts == 0 {
         return Err(Error::illegal(dev, Illegal::Invalid("max_attempts is 0")));
     }
-    Ok(())
-}
-
-fn synthetic(outcome: StepOutcome, note: &str, now: u64) -> CommandResult {
-    CommandResult {
-        steps: vec![StepResult {
-            outcome,
-            exit_code: None,
-            output: note.as_bytes().to_vec(),
-            started_ms: now,
-            finished_ms: now,
-        }],
+    // Refused here, not when the record is written: an illegal command leaves the batch valid.
+    let mut probe = Vec::new();
+    let fits = cmd.steps.len() <= wire::limits::MAX_STEPS
+        && cmd.steps.iter().all(|s| {
+            probe.clear();
+            s.encode_to_vec(&mut probe).is_ok()
+        });
+    if !fits {
+        return Err(Error::illegal(
+            dev,
+            Illegal::Invalid("command over the wire's limits"),
+        ));
     }
+    Ok(())
 }

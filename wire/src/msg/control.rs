@@ -801,6 +801,36 @@ impl Step<'_> {
     }
 }
 
+impl Step<'_> {
+    /// This step borrowing from `self` (to encode a kept step without copying it).
+    pub fn borrowed(&self) -> Step<'_> {
+        match self {
+            Step::Fetch { url, path } => Step::Fetch {
+                url: Cow::Borrowed(url),
+                path: Cow::Borrowed(path),
+            },
+            Step::Verify { path, sha256 } => Step::Verify {
+                path: Cow::Borrowed(path),
+                sha256: *sha256,
+            },
+            Step::Write {
+                path,
+                mode,
+                contents,
+            } => Step::Write {
+                path: Cow::Borrowed(path),
+                mode: *mode,
+                contents: Cow::Borrowed(contents),
+            },
+            Step::Exec { argv } => Step::Exec {
+                argv: argv.iter().map(|a| Cow::Borrowed(&**a)).collect(),
+            },
+            Step::Reboot => Step::Reboot,
+            Step::Report => Step::Report,
+        }
+    }
+}
+
 impl Dispatch<'_> {
     /// This message, owning its steps' strings and bytes.
     pub fn into_owned(self) -> Dispatch<'static> {

@@ -18,6 +18,7 @@
 //!   `emit` accepts (tested by property tests and the `roundtrip` fuzz target).
 
 use alloc::borrow::{Cow, ToOwned};
+use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::codec::{Counter, Reader, Sink, SliceWriter};
@@ -30,6 +31,8 @@ mod control;
 pub mod limits;
 mod mcast;
 pub mod samples;
+#[cfg(feature = "serde")]
+mod serde_steps;
 
 pub use control::{
     Close, CloseCode, CommandResult, ConfigReport, Dispatch, Enrol, Enrolled, Heartbeat, Hello,
@@ -244,6 +247,70 @@ impl<'a> Message<'a> {
         debug_assert_eq!(written, n);
         Ok(start..start + written)
     }
+}
+
+/// A message part kept outside a frame. The gateway's store records and the agent's state keep
+/// wire values in this encoding (the same bytes as inside a message, without a frame), so a
+/// kept value has exactly one encoding, this crate's, and is decoded with the same checks as a
+/// received one.
+pub trait Embed<'a>: Sized {
+    /// Appends the encoding to `out` (nothing is appended on error).
+    fn encode_to_vec(&self, out: &mut Vec<u8>) -> Result<()>;
+    /// Decodes exactly `bytes`; trailing bytes are [`Error::TrailingBytes`].
+    fn decode_exact(bytes: &'a [u8]) -> Result<Self>;
+}
+
+macro_rules! embed {
+    ($($t:ident),+) => {$(
+        impl<'a> Embed<'a> for $t<'a> {
+            fn encode_to_vec(&self, out: &mut Vec<u8>) -> Result<()> {
+                let mut c = Counter::default();
+                self.encode(&mut c)?;
+                let start = out.len();
+                out.resize(start + c.0, 0);
+                let mut w = SliceWriter::new(&mut out[start..]);
+                let r = self.encode(&mut w);
+                if r.is_err() {
+                    out.truncate(start);
+                }
+                r
+            }
+            fn decode_exact(bytes: &'a [u8]) -> Result<Self> {
+                let mut r = Reader::new(bytes);
+                let v = Self::decode(&mut r)?;
+                r.finish()?;
+                Ok(v)
+            }
+        }
+    )+};
+}
+embed!(Step, CommandResult, ConfigReport, Announce);
+
+/// Lower-case hex: digests and boot ids as text (admin JSON, logs, the store's queue records).
+pub fn hex(bytes: &[u8]) -> String {
+    use core::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// Parses a SHA-256 digest written as 64 hex digits (either case).
+pub fn parse_sha256(hex: &str) -> core::result::Result<[u8; 32], String> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return Err(alloc::format!(
+            "a SHA-256 is 64 hex digits, got {} characters",
+            bytes.len()
+        ));
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        let s = core::str::from_utf8(pair).map_err(|_| String::from("not hex"))?;
+        out[i] = u8::from_str_radix(s, 16).map_err(|_| alloc::format!("`{s}` is not hex"))?;
+    }
+    Ok(out)
 }
 
 /// Reads a `str16` as a borrowed `Cow` (decoding never copies).

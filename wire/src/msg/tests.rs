@@ -322,3 +322,61 @@ fn parsing_borrows_and_into_owned_outlives_the_buffer() {
         assert_eq!(sample, o);
     }
 }
+
+fn embeds_exactly<'a, T: Embed<'a> + PartialEq + core::fmt::Debug>(v: &T, buf: &'a mut Vec<u8>) {
+    buf.clear();
+    buf.push(0xEE); // encode_to_vec appends
+    v.encode_to_vec(buf).unwrap();
+    buf.push(0);
+    let body = &buf[1..];
+    assert_eq!(
+        T::decode_exact(body).map(|_| ()),
+        Err(Error::TrailingBytes),
+        "a trailing byte is refused"
+    );
+    assert_eq!(&T::decode_exact(&body[..body.len() - 1]).unwrap(), v);
+}
+
+#[test]
+fn embedded_parts_round_trip_and_must_be_exact() {
+    for m in samples::all() {
+        let mut buf = Vec::new();
+        match &m {
+            Message::Dispatch(d) => d.steps.iter().for_each(|s| embeds_exactly(s, &mut buf)),
+            Message::Result(r) => embeds_exactly(r, &mut buf),
+            Message::Report(r) => embeds_exactly(r, &mut buf),
+            Message::Announce(a) => embeds_exactly(a, &mut buf),
+            _ => {}
+        }
+    }
+    let too_long = CommandResult {
+        output: vec![0; limits::MAX_OUTPUT + 1].into(),
+        ..match &samples::all()[6] {
+            Message::Result(r) => r.clone(),
+            _ => panic!("sample 6 is a result"),
+        }
+    };
+    let mut out = vec![1, 2];
+    assert_eq!(too_long.encode_to_vec(&mut out), Err(Error::FieldTooLong));
+    assert_eq!(out, [1, 2], "nothing appended on error");
+}
+
+#[test]
+fn a_kept_step_reborrows_without_copying() {
+    let Message::Dispatch(d) = &samples::all()[5] else {
+        panic!("sample 5 is a dispatch")
+    };
+    for st in &d.steps {
+        let owned = st.clone().into_owned();
+        let b = owned.borrowed();
+        assert_eq!(&b, st);
+        if let (Step::Exec { argv }, Step::Exec { argv: kept }) = (&b, &owned) {
+            assert!(matches!(argv[0], Cow::Borrowed(_)));
+            assert_eq!(
+                argv[0].as_ptr(),
+                kept[0].as_ptr(),
+                "the same bytes, not a copy"
+            );
+        }
+    }
+}
