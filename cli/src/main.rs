@@ -283,7 +283,7 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
                 .iter()
                 .map(|s| admin::parse_step(s))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| Fail(Exit::Usage, e))?;
+                .map_err(|e| Fail(Exit::Usage, e.to_string()))?;
             let commands = if a.each {
                 steps.into_iter().map(|s| vec![s]).collect()
             } else {

@@ -20,6 +20,55 @@ pub const SOCKET_NAME: &str = "admin.sock";
 /// Largest request line the gateway accepts.
 pub const MAX_REQUEST: usize = 1 << 20;
 
+/// Why a step as the operator wrote it cannot be queued (one variant per broken rule); the
+/// message says what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StepError {
+    /// `fetch`, `verify` or `write` without its `PATH=VALUE`.
+    #[error("`{kind}` needs `{kind}:{what}`, got `{spec}`")]
+    NeedsPair {
+        /// The step's kind.
+        kind: String,
+        /// What it needs, e.g. `PATH=URL`.
+        what: String,
+        /// The step as written.
+        spec: String,
+    },
+    /// Words that do not split like a shell's (an open quote).
+    #[error("unbalanced quotes in `{0}`")]
+    UnbalancedQuotes(String),
+    /// `exec:` without a program.
+    #[error("`exec` needs a program: `exec:PROGRAM ARG...`")]
+    NoProgram,
+    /// `install:` without package names (or with an option instead).
+    #[error("`install` needs package names: `install:PACKAGE...`")]
+    NoPackages,
+    /// `verify:` with a digest that is not one (`fleetcast_wire::parse_sha256` says why).
+    #[error("{0}")]
+    Digest(String),
+    /// No such step.
+    #[error(
+        "unknown step `{0}`: use exec:CMD, sh:SCRIPT, install:PACKAGE, fetch:PATH=URL \
+         (URL may be gateway:NAME), verify:PATH=SHA256, write:PATH=TEXT, reboot or report"
+    )]
+    Unknown(String),
+}
+
+/// Why a push trigger is refused (one variant per contradiction); the message says what to
+/// do instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TriggerError {
+    /// `at_ms` more than a second in the past.
+    #[error("the scheduled start is in the past: give a future time")]
+    InThePast,
+    /// `min_ready` of zero.
+    #[error("--min-ready must be at least 1 (or leave it out to start at once)")]
+    NoneReady,
+    /// `max_wait_s` without the `min_ready` it bounds.
+    #[error("--max-wait bounds the wait for --min-ready receivers: give both")]
+    WaitAlone,
+}
+
 /// Parses one step as written on the command line:
 ///
 /// | syntax | step |
@@ -32,28 +81,34 @@ pub const MAX_REQUEST: usize = 1 << 20;
 /// | `write:PATH=TEXT` | write a file, mode 0644 |
 /// | `reboot` | reboot, the queue suspends until the device is back |
 /// | `report` | send a configuration report |
-pub fn parse_step(spec: &str) -> Result<Step<'static>, String> {
+pub fn parse_step(spec: &str) -> Result<Step<'static>, StepError> {
     let (kind, arg) = spec.split_once(':').unwrap_or((spec, ""));
     let pair = |what: &str| {
         arg.split_once('=')
             .filter(|(p, v)| !p.is_empty() && !v.is_empty())
             .map(|(p, v)| (p.to_string(), v.to_string()))
-            .ok_or_else(|| format!("`{kind}` needs `{kind}:{what}`, got `{spec}`"))
+            .ok_or_else(|| StepError::NeedsPair {
+                kind: kind.to_string(),
+                what: what.to_string(),
+                spec: spec.to_string(),
+            })
     };
     let step = match kind {
         "exec" => {
-            let argv = shlex::split(arg).ok_or_else(|| format!("unbalanced quotes in `{spec}`"))?;
+            let argv =
+                shlex::split(arg).ok_or_else(|| StepError::UnbalancedQuotes(spec.to_string()))?;
             if argv.is_empty() {
-                return Err("`exec` needs a program: `exec:PROGRAM ARG...`".into());
+                return Err(StepError::NoProgram);
             }
             Step::Exec {
                 argv: argv.into_iter().map(Cow::Owned).collect(),
             }
         }
         "install" => {
-            let pkgs = shlex::split(arg).ok_or_else(|| format!("unbalanced quotes in `{spec}`"))?;
+            let pkgs =
+                shlex::split(arg).ok_or_else(|| StepError::UnbalancedQuotes(spec.to_string()))?;
             if pkgs.is_empty() || pkgs.iter().any(|p| p.starts_with('-')) {
-                return Err("`install` needs package names: `install:PACKAGE...`".into());
+                return Err(StepError::NoPackages);
             }
             let mut argv = vec![
                 "/bin/sh".into(),
@@ -78,7 +133,7 @@ pub fn parse_step(spec: &str) -> Result<Step<'static>, String> {
             let (path, sha256) = pair("PATH=SHA256")?;
             Step::Verify {
                 path: path.into(),
-                sha256: fleetcast_wire::parse_sha256(&sha256)?,
+                sha256: fleetcast_wire::parse_sha256(&sha256).map_err(StepError::Digest)?,
             }
         }
         "write" => {
@@ -91,12 +146,7 @@ pub fn parse_step(spec: &str) -> Result<Step<'static>, String> {
         }
         "reboot" if arg.is_empty() => Step::Reboot,
         "report" if arg.is_empty() => Step::Report,
-        _ => {
-            return Err(format!(
-                "unknown step `{spec}`: use exec:CMD, sh:SCRIPT, install:PACKAGE, fetch:PATH=URL \
-                 (URL may be gateway:NAME), verify:PATH=SHA256, write:PATH=TEXT, reboot or report"
-            ))
-        }
+        _ => return Err(StepError::Unknown(spec.to_string())),
     };
     Ok(step)
 }
@@ -254,17 +304,17 @@ pub struct PushTrigger {
 
 impl PushTrigger {
     /// Refuses contradictions, with what to do instead.
-    pub fn validate(&self, wall_ms: u64) -> Result<(), String> {
+    pub fn validate(&self, wall_ms: u64) -> Result<(), TriggerError> {
         if let Some(at) = self.at_ms {
             if at + 1000 < wall_ms {
-                return Err("the scheduled start is in the past: give a future time".into());
+                return Err(TriggerError::InThePast);
             }
         }
         if self.min_ready == Some(0) {
-            return Err("--min-ready must be at least 1 (or leave it out to start at once)".into());
+            return Err(TriggerError::NoneReady);
         }
         if self.max_wait_s.is_some() && self.min_ready.is_none() {
-            return Err("--max-wait bounds the wait for --min-ready receivers: give both".into());
+            return Err(TriggerError::WaitAlone);
         }
         Ok(())
     }
@@ -518,17 +568,29 @@ mod tests {
 
     #[test]
     fn bad_steps_say_what_to_do() {
-        assert!(parse_step("exec:").unwrap_err().contains("needs a program"));
+        assert!(parse_step("exec:")
+            .unwrap_err()
+            .to_string()
+            .contains("needs a program"));
         assert!(parse_step("exec:'unbalanced")
             .unwrap_err()
+            .to_string()
             .contains("quotes"));
         assert!(parse_step("fetch:/tmp/x")
             .unwrap_err()
+            .to_string()
             .contains("fetch:PATH=URL"));
-        assert!(parse_step("verify:/x=abc").unwrap_err().contains("64 hex"));
-        assert!(parse_step("dance").unwrap_err().contains("unknown step"));
+        assert!(parse_step("verify:/x=abc")
+            .unwrap_err()
+            .to_string()
+            .contains("64 hex"));
+        assert!(parse_step("dance")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown step"));
         assert!(parse_step("reboot:now")
             .unwrap_err()
+            .to_string()
             .contains("unknown step"));
     }
 

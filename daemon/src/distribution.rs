@@ -1328,7 +1328,7 @@ mod tests {
             max_wait_s: Some(60),
         };
         assert_eq!(t.validate(9_000), Ok(()));
-        assert!(t.validate(20_000).unwrap_err().contains("past"));
+        assert!(t.validate(20_000).unwrap_err().to_string().contains("past"));
         assert_eq!(
             t.describe("publish by alice"),
             "publish by alice, scheduled at 10000 ms (UNIX), when 3 receivers are ready or 60 s passed"
@@ -1342,7 +1342,11 @@ mod tests {
             max_wait_s: Some(5),
             ..PushTrigger::default()
         };
-        assert!(wait_alone.validate(0).unwrap_err().contains("give both"));
+        assert!(wait_alone
+            .validate(0)
+            .unwrap_err()
+            .to_string()
+            .contains("give both"));
         assert_eq!(
             PushTrigger::default().describe("publish by operator"),
             "publish by operator"

@@ -1,6 +1,77 @@
-//! Operator requests: devices, groups, queues, status and events.
+//! Operator requests: devices, groups, queues, status and events. Each request has its own
+//! handler on [`Cx`], which answers with a typed response (see `responses`) or says which
+//! rule the request broke ([`AdminError`]).
 
+use super::responses::*;
 use super::*;
+
+/// Why a queue command was refused (one variant per broken rule).
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// A command with no step.
+    #[error("a command needs at least one step")]
+    NoSteps,
+    /// A `reboot` before another step: the steps after it would run on the boot left.
+    #[error(
+        "`reboot` must be the last step of its command: queue the steps after it as a new command (or use --each)"
+    )]
+    RebootNotLast,
+}
+
+/// Why an operator request was refused (one variant per broken rule). The message says what
+/// to do next; the not-found variants let the CLI pick its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The store failed (the batch will not commit).
+    #[error("{0}")]
+    Store(#[from] store::Error),
+    /// A device name that is empty, too long or has spaces or control characters.
+    #[error("device names are 1-128 characters without spaces")]
+    BadName,
+    /// `device add` of a name in use.
+    #[error("a device named `{0}` exists already")]
+    NameTaken(String),
+    /// The system's random source failed (no token can be issued).
+    #[error("no randomness: {0}")]
+    NoRandomness(ring::error::Unspecified),
+    /// No device has the name given.
+    #[error("no device named `{0}`: `fleetcast device list` shows the enrolled ones")]
+    NoSuchDevice(String),
+    /// `queue add` to a name that is neither a device nor a group with members.
+    #[error("`{0}` is neither a device nor a group with members: see `fleetcast device list`")]
+    NoSuchTarget(String),
+    /// `task show` of a task that does not exist.
+    #[error("no task {0}: `fleetcast task show` lists the tasks")]
+    NoSuchTask(u64),
+    /// `push` to a group without members.
+    #[error("group `{0}` has no members: `fleetcast group add {0} DEVICE...` first")]
+    EmptyGroup(String),
+    /// A queue control the queue's state does not allow (e.g. `retry` of a running queue).
+    #[error("{device}: {source}")]
+    Queue {
+        /// The device named.
+        device: String,
+        /// The store's refusal.
+        source: store::Error,
+    },
+    /// A command of `queue add` that breaks a rule.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// A request the gateway loop serves itself, sent to the fleet.
+    #[error("push, metrics and backup are served by the gateway loop")]
+    NotFleet,
+}
+
+impl From<AdminError> for Response {
+    fn from(e: AdminError) -> Response {
+        match e {
+            AdminError::NoSuchDevice(_)
+            | AdminError::NoSuchTarget(_)
+            | AdminError::NoSuchTask(_) => Response::not_found(e.to_string()),
+            e => Response::err(e.to_string()),
+        }
+    }
+}
 
 /// Validated queue commands from their admin form: every command has a step, and a
 /// `reboot` only as its last step.
@@ -9,17 +80,15 @@ pub fn commands_from_specs(
     timeout_ms: u64,
     max_attempts: u32,
     on_failure: OnFailureSpec,
-) -> Result<Vec<Command>, String> {
+) -> Result<Vec<Command>, CommandError> {
     let mut cmds = Vec::new();
     for steps in commands {
         if steps.is_empty() {
-            return Err("a command needs at least one step".into());
+            return Err(CommandError::NoSteps);
         }
         if let Some(i) = steps.iter().position(|s| matches!(s, wire::Step::Reboot)) {
             if i + 1 != steps.len() {
-                return Err(
-                    "`reboot` must be the last step of its command: queue the steps after it as a new command (or use --each)".into(),
-                );
+                return Err(CommandError::RebootNotLast);
             }
         }
         cmds.push(Command {
@@ -55,131 +124,35 @@ fn result_output(r: &store::StoredResult) -> Option<String> {
     }
 }
 
-fn device_id(b: &dyn StoreBatch, name: &str) -> Result<DeviceId, Response> {
-    match b.device_by_name(name) {
-        Ok(Some(d)) => Ok(d.id),
-        Ok(None) => Err(Response::not_found(format!(
-            "no device named `{name}`: `fleetcast device list` shows the enrolled ones"
-        ))),
-        Err(e) => Err(Response::err(e.to_string())),
+pub(super) fn device_id(b: &dyn StoreBatch, name: &str) -> Result<DeviceId, AdminError> {
+    match b.device_by_name(name)? {
+        Some(d) => Ok(d.id),
+        None => Err(AdminError::NoSuchDevice(name.to_string())),
     }
 }
 
-fn queue_json(q: &store::QueueState) -> serde_json::Value {
-    json!({
-        "status": q.status.name(),
-        "cursor": q.cursor,
-        "completed_through": q.completed_through,
-        "pending": q.next_seq.saturating_sub(1).saturating_sub(q.completed_through),
-        "attempts": q.attempts,
-        "attempt": q.attempt,
-        "failure": q.failure.map(|f| format!("{f:?}")),
-    })
+/// The name a device is shown by (its id when it has no record).
+pub(super) fn device_name(b: &dyn StoreBatch, d: DeviceId) -> Result<String, store::Error> {
+    Ok(b.device(d)?.map_or_else(|| d.0.to_string(), |d| d.name))
 }
 
-pub(super) fn admin(
-    b: &mut dyn StoreBatch,
-    online: &mut HashMap<DeviceId, Online>,
-    cfg: &FleetConfig,
-    now_ms: u64,
-    req: &Request,
-    dirty: &mut BTreeSet<DeviceId>,
-    closes: &mut Vec<Action>,
-) -> Response {
-    let r = (|| -> Result<Response, Response> {
-        let err = |e: store::Error| Response::err(e.to_string());
+fn transport_name(t: Option<store::Transport>) -> Option<String> {
+    t.map(|t| format!("{t:?}").to_lowercase())
+}
+
+impl Cx<'_> {
+    /// Answers an operator request.
+    pub(super) fn admin(&mut self, req: &Request) -> Response {
+        self.admin_request(req).unwrap_or_else(Response::from)
+    }
+
+    fn admin_request(&mut self, req: &Request) -> Result<Response, AdminError> {
         Ok(match req {
-            Request::DeviceAdd { name, groups } => {
-                if name.is_empty()
-                    || name.len() > 128
-                    || name.chars().any(|c| c.is_control() || c.is_whitespace())
-                {
-                    return Err(Response::err(
-                        "device names are 1-128 characters without spaces",
-                    ));
-                }
-                if b.device_by_name(name).map_err(err)?.is_some() {
-                    return Err(Response::err(format!(
-                        "a device named `{name}` exists already"
-                    )));
-                }
-                let token =
-                    random_token().map_err(|e| Response::err(format!("no randomness: {e}")))?;
-                let expires_ms = now_ms + cfg.token_ttl_ms;
-                b.add_enrolment_token(
-                    sha256(token.as_bytes()),
-                    EnrolmentToken {
-                        name: name.clone(),
-                        expires_ms,
-                        groups: groups.clone(),
-                    },
-                )
-                .map_err(err)?;
-                let _ = b.append_event(event(
-                    now_ms,
-                    None,
-                    EventKind::Operator,
-                    format!("enrolment token issued for {name}"),
-                ));
-                Response::ok(json!({ "name": name, "token": token, "expires_ms": expires_ms }))
-            }
-            Request::DeviceList => {
-                let mut rows = Vec::new();
-                for d in b.devices().map_err(err)? {
-                    let q = b.queue(d.id).map_err(err)?.unwrap_or_default();
-                    rows.push(json!({
-                        "name": d.name,
-                        "id": d.id.0,
-                        "online": online.contains_key(&d.id),
-                        "revoked": d.revoked,
-                        "queue": q.status.name(),
-                        "last_seen_ms": d.last_seen_ms,
-                        "transport": d.transport.map(|t| format!("{t:?}").to_lowercase()),
-                        "boot_id": d.report.as_ref().map(|r| hex(&r.boot_id)),
-                    }));
-                }
-                Response::ok(json!({ "devices": rows }))
-            }
-            Request::DeviceRevoke { name } => {
-                let id = device_id(b, name)?;
-                b.revoke(id).map_err(err)?;
-                let _ = b.append_event(event(
-                    now_ms,
-                    Some(id),
-                    EventKind::Operator,
-                    format!("{name} revoked"),
-                ));
-                if let Some(o) = online.remove(&id) {
-                    closes.push(close(
-                        o.conn,
-                        CloseCode::REVOKED,
-                        "device was revoked by the operator",
-                    ));
-                }
-                Response::ok(json!({ "revoked": name }))
-            }
-            Request::GroupAdd { group, devices } => {
-                for name in devices {
-                    let id = device_id(b, name)?;
-                    b.join_group(group, id).map_err(err)?;
-                }
-                Response::ok(json!({ "group": group, "added": devices }))
-            }
-            Request::GroupList => {
-                let mut rows = Vec::new();
-                for (group, members) in b.groups().map_err(err)? {
-                    let mut names = Vec::new();
-                    for id in members {
-                        names.push(
-                            b.device(id)
-                                .map_err(err)?
-                                .map_or_else(|| id.0.to_string(), |d| d.name),
-                        );
-                    }
-                    rows.push(json!({ "group": group, "members": names.join(",") }));
-                }
-                Response::ok(json!({ "groups": rows }))
-            }
+            Request::DeviceAdd { name, groups } => reply(&self.device_add(name, groups)?),
+            Request::DeviceList => reply(&self.device_list()?),
+            Request::DeviceRevoke { name } => reply(&self.device_revoke(name)?),
+            Request::GroupAdd { group, devices } => reply(&self.group_add(group, devices)?),
+            Request::GroupList => reply(&self.group_list()?),
             Request::QueueAdd {
                 target,
                 commands,
@@ -187,146 +160,274 @@ pub(super) fn admin(
                 max_attempts,
                 on_failure,
             } => {
-                let cmds = commands_from_specs(commands, *timeout_ms, *max_attempts, *on_failure)
-                    .map_err(Response::err)?;
-                let mut queued = Vec::new();
-                match b.device_by_name(target).map_err(err)? {
-                    Some(d) => {
-                        for c in cmds {
-                            queued.push(json!({ "device": target, "seq": b.enqueue(d.id, c).map_err(err)? }));
-                        }
-                        dirty.insert(d.id);
-                    }
-                    None => {
-                        let members = b.group_members(target).map_err(err)?;
-                        if members.is_empty() {
-                            return Err(Response::not_found(format!(
-                                "`{target}` is neither a device nor a group with members: see `fleetcast device list`"
-                            )));
-                        }
-                        for c in cmds {
-                            for (dev, seq) in b.enqueue_group(target, c).map_err(err)? {
-                                queued.push(json!({ "device_id": dev.0, "seq": seq }));
-                                dirty.insert(dev);
-                            }
-                        }
-                    }
-                }
-                let _ = b.append_event(event(
-                    now_ms,
-                    None,
-                    EventKind::Operator,
-                    format!("{} command(s) queued for {target}", queued.len()),
-                ));
-                Response::ok(json!({ "queued": queued }))
+                let cmds = commands_from_specs(commands, *timeout_ms, *max_attempts, *on_failure)?;
+                reply(&self.queue_add(target, cmds)?)
             }
-            Request::QueueShow { device } => {
-                let id = device_id(b, device)?;
-                let q = b.queue(id).map_err(err)?.unwrap_or_default();
-                let mut cmds = Vec::new();
-                for (seq, c) in b.commands(id, 1, 10_000).map_err(err)? {
-                    let result = b.result(id, seq).map_err(err)?;
-                    cmds.push(json!({
-                        "seq": seq,
-                        "steps": c.steps.len(),
-                        "state": match &result {
-                            Some(r) if r.succeeded() => "ok",
-                            Some(_) => "failed",
-                            None if q.cursor == Some(seq) && q.status == QueueStatus::Rebooting => "rebooting",
-                            None if q.cursor == Some(seq) && q.status == QueueStatus::AwaitingResult => "running",
-                            None => "pending",
-                        },
-                        "exit_code": result.as_ref().and_then(result_exit_code),
-                        "output": result.as_ref().and_then(result_output),
-                    }));
-                }
-                Response::ok(json!({ "device": device, "queue": queue_json(&q), "commands": cmds }))
-            }
+            Request::QueueShow { device } => reply(&self.queue_show(device)?),
             Request::QueuePause { device }
             | Request::QueueResume { device }
             | Request::QueueCancel { device }
             | Request::QueueRetry { device }
-            | Request::QueueSkip { device } => {
-                let id = device_id(b, device)?;
-                let what = match req {
-                    Request::QueuePause { .. } => b.pause(id).map(|_| "paused".to_string()),
-                    Request::QueueResume { .. } => b.resume(id).map(|_| "resumed".to_string()),
-                    Request::QueueCancel { .. } => {
-                        b.cancel(id).map(|n| format!("cancelled {n} command(s)"))
-                    }
-                    Request::QueueRetry { .. } => b.retry(id).map(|_| "retrying".to_string()),
-                    _ => b.skip(id).map(|_| "skipped".to_string()),
-                }
-                .map_err(|e| Response::err(format!("{device}: {e}")))?;
-                let _ = b.append_event(event(
-                    now_ms,
-                    Some(id),
-                    EventKind::Operator,
-                    format!("queue {what}"),
-                ));
-                dirty.insert(id);
-                let q = b.queue(id).map_err(err)?.unwrap_or_default();
-                Response::ok(json!({ "device": device, "done": what, "queue": queue_json(&q) }))
-            }
-            Request::Status => {
-                let mut by_status: HashMap<String, u64> = HashMap::new();
-                let mut rows = Vec::new();
-                for d in b.devices().map_err(err)? {
-                    let q = b.queue(d.id).map_err(err)?.unwrap_or_default();
-                    *by_status.entry(q.status.name().to_string()).or_default() += 1;
-                    let r = d.report.as_ref();
-                    rows.push(json!({
-                        "name": d.name,
-                        "online": online.contains_key(&d.id),
-                        "revoked": d.revoked,
-                        "queue": q.status.name(),
-                        "cursor": q.cursor,
-                        "done": q.completed_through,
-                        "pending": q.next_seq.saturating_sub(1).saturating_sub(q.completed_through),
-                        "transport": d.transport.map(|t| format!("{t:?}").to_lowercase()),
-                        "last_seen_ms": d.last_seen_ms,
-                        "hostname": r.map(|r| r.hostname.clone()),
-                        "os": r.map(|r| r.os.clone()),
-                        "kernel": r.map(|r| r.kernel.clone()),
-                        "agent": r.map(|r| r.agent_version.clone()),
-                        "boot_id": r.map(|r| hex(&r.boot_id)),
-                        "addresses": r.map(|r| r.addresses.join(",")),
-                        "packages": r.map(|r| r.software.len()),
-                    }));
-                }
-                Response::ok(json!({
-                    "online": online.len(),
-                    "queues": by_status,
-                    "last_event": b.last_event_id().map_err(err)?,
-                    "devices": rows,
-                }))
-            }
+            | Request::QueueSkip { device } => reply(&self.queue_control(req, device)?),
+            Request::Status => reply(&self.status()?),
             Request::Push { .. } | Request::Metrics | Request::Backup { .. } => {
-                return Err(Response::err(
-                    "push, metrics and backup are served by the gateway loop",
-                ))
+                return Err(AdminError::NotFleet)
             }
-            Request::TaskShow { task } => return task_show(b, *task),
-            Request::Events { from, limit } => {
-                let rows: Vec<_> = b
-                    .events_from(*from, (*limit).min(10_000))
-                    .map_err(err)?
-                    .into_iter()
-                    .map(|(id, e)| {
-                        json!({
-                            "id": id,
-                            "time_ms": e.time_ms,
-                            "device": e.device.map(|d| d.0),
-                            "kind": format!("{:?}", e.kind).to_lowercase(),
-                            "message": e.message,
-                        })
-                    })
-                    .collect();
-                Response::ok(json!({ "events": rows }))
-            }
+            Request::TaskShow { task } => task_show(&*self.b, *task)?,
+            Request::Events { from, limit } => reply(&self.events(*from, *limit)?),
         })
-    })();
-    r.unwrap_or_else(|e| e)
+    }
+
+    fn device_add(&mut self, name: &str, groups: &[String]) -> Result<DeviceAdded, AdminError> {
+        if name.is_empty()
+            || name.len() > 128
+            || name.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(AdminError::BadName);
+        }
+        if self.b.device_by_name(name)?.is_some() {
+            return Err(AdminError::NameTaken(name.to_string()));
+        }
+        let token = random_token().map_err(AdminError::NoRandomness)?;
+        let expires_ms = self.now_ms + self.cfg.token_ttl_ms;
+        self.b.add_enrolment_token(
+            sha256(token.as_bytes()),
+            EnrolmentToken {
+                name: name.to_string(),
+                expires_ms,
+                groups: groups.to_vec(),
+            },
+        )?;
+        let _ = self.b.append_event(event(
+            self.now_ms,
+            None,
+            EventKind::Operator,
+            format!("enrolment token issued for {name}"),
+        ));
+        Ok(DeviceAdded {
+            name: name.to_string(),
+            token,
+            expires_ms,
+        })
+    }
+
+    fn device_list(&self) -> Result<DeviceList, AdminError> {
+        let mut devices = Vec::new();
+        for d in self.b.devices()? {
+            let q = self.b.queue(d.id)?.unwrap_or_default();
+            devices.push(DeviceRow {
+                online: self.online.contains_key(&d.id),
+                revoked: d.revoked,
+                queue: q.status.name(),
+                last_seen_ms: d.last_seen_ms,
+                transport: transport_name(d.transport),
+                boot_id: d.report.as_ref().map(|r| hex(&r.boot_id)),
+                id: d.id.0,
+                name: d.name,
+            });
+        }
+        Ok(DeviceList { devices })
+    }
+
+    fn device_revoke(&mut self, name: &str) -> Result<Revoked, AdminError> {
+        let id = device_id(&*self.b, name)?;
+        self.b.revoke(id)?;
+        let _ = self.b.append_event(event(
+            self.now_ms,
+            Some(id),
+            EventKind::Operator,
+            format!("{name} revoked"),
+        ));
+        if let Some(o) = self.online.remove(&id) {
+            self.actions.push(close(
+                o.conn,
+                CloseCode::REVOKED,
+                "device was revoked by the operator",
+            ));
+        }
+        Ok(Revoked {
+            revoked: name.to_string(),
+        })
+    }
+
+    fn group_add(&mut self, group: &str, devices: &[String]) -> Result<GroupAdded, AdminError> {
+        for name in devices {
+            let id = device_id(&*self.b, name)?;
+            self.b.join_group(group, id)?;
+        }
+        Ok(GroupAdded {
+            group: group.to_string(),
+            added: devices.to_vec(),
+        })
+    }
+
+    fn group_list(&self) -> Result<GroupList, AdminError> {
+        let mut groups = Vec::new();
+        for (group, members) in self.b.groups()? {
+            let mut names = Vec::new();
+            for id in members {
+                names.push(device_name(&*self.b, id)?);
+            }
+            groups.push(GroupRow {
+                group,
+                members: names.join(","),
+            });
+        }
+        Ok(GroupList { groups })
+    }
+
+    /// `queue add`: to the device named `target`, or else to every member of the group.
+    fn queue_add(&mut self, target: &str, cmds: Vec<Command>) -> Result<Queued, AdminError> {
+        let mut queued = Vec::new();
+        match self.b.device_by_name(target)? {
+            Some(d) => {
+                for c in cmds {
+                    queued.push(QueuedRow::Device {
+                        device: target.to_string(),
+                        seq: self.b.enqueue(d.id, c)?,
+                    });
+                }
+                self.dirty.insert(d.id);
+            }
+            None => {
+                if self.b.group_members(target)?.is_empty() {
+                    return Err(AdminError::NoSuchTarget(target.to_string()));
+                }
+                for c in cmds {
+                    for (dev, seq) in self.b.enqueue_group(target, c)? {
+                        queued.push(QueuedRow::Member {
+                            device_id: dev.0,
+                            seq,
+                        });
+                        self.dirty.insert(dev);
+                    }
+                }
+            }
+        }
+        let _ = self.b.append_event(event(
+            self.now_ms,
+            None,
+            EventKind::Operator,
+            format!("{} command(s) queued for {target}", queued.len()),
+        ));
+        Ok(Queued { queued })
+    }
+
+    fn queue_show(&self, device: &str) -> Result<QueueShown, AdminError> {
+        let id = device_id(&*self.b, device)?;
+        let q = self.b.queue(id)?.unwrap_or_default();
+        let mut commands = Vec::new();
+        for (seq, c) in self.b.commands(id, 1, 10_000)? {
+            let result = self.b.result(id, seq)?;
+            commands.push(CommandRow {
+                seq,
+                steps: c.steps.len(),
+                state: match &result {
+                    Some(r) if r.succeeded() => "ok",
+                    Some(_) => "failed",
+                    None if q.cursor == Some(seq) && q.status == QueueStatus::Rebooting => {
+                        "rebooting"
+                    }
+                    None if q.cursor == Some(seq) && q.status == QueueStatus::AwaitingResult => {
+                        "running"
+                    }
+                    None => "pending",
+                },
+                exit_code: result.as_ref().and_then(result_exit_code),
+                output: result.as_ref().and_then(result_output),
+            });
+        }
+        Ok(QueueShown {
+            device: device.to_string(),
+            queue: QueueView::of(&q),
+            commands,
+        })
+    }
+
+    /// `queue pause|resume|cancel|retry|skip` (`req` says which).
+    fn queue_control(&mut self, req: &Request, device: &str) -> Result<QueueChanged, AdminError> {
+        let id = device_id(&*self.b, device)?;
+        let b = &mut *self.b;
+        let done = match req {
+            Request::QueuePause { .. } => b.pause(id).map(|_| "paused".to_string()),
+            Request::QueueResume { .. } => b.resume(id).map(|_| "resumed".to_string()),
+            Request::QueueCancel { .. } => {
+                b.cancel(id).map(|n| format!("cancelled {n} command(s)"))
+            }
+            Request::QueueRetry { .. } => b.retry(id).map(|_| "retrying".to_string()),
+            _ => b.skip(id).map(|_| "skipped".to_string()),
+        }
+        .map_err(|source| AdminError::Queue {
+            device: device.to_string(),
+            source,
+        })?;
+        let _ = b.append_event(event(
+            self.now_ms,
+            Some(id),
+            EventKind::Operator,
+            format!("queue {done}"),
+        ));
+        self.dirty.insert(id);
+        let q = b.queue(id)?.unwrap_or_default();
+        Ok(QueueChanged {
+            device: device.to_string(),
+            done,
+            queue: QueueView::of(&q),
+        })
+    }
+
+    fn status(&self) -> Result<FleetStatus, AdminError> {
+        let mut queues: HashMap<String, u64> = HashMap::new();
+        let mut devices = Vec::new();
+        for d in self.b.devices()? {
+            let q = self.b.queue(d.id)?.unwrap_or_default();
+            *queues.entry(q.status.name().to_string()).or_default() += 1;
+            let r = d.report.as_ref();
+            devices.push(StatusRow {
+                online: self.online.contains_key(&d.id),
+                revoked: d.revoked,
+                queue: q.status.name(),
+                cursor: q.cursor,
+                done: q.completed_through,
+                pending: q
+                    .next_seq
+                    .saturating_sub(1)
+                    .saturating_sub(q.completed_through),
+                transport: transport_name(d.transport),
+                last_seen_ms: d.last_seen_ms,
+                hostname: r.map(|r| r.hostname.to_string()),
+                os: r.map(|r| r.os.to_string()),
+                kernel: r.map(|r| r.kernel.to_string()),
+                agent: r.map(|r| r.agent_version.to_string()),
+                boot_id: r.map(|r| hex(&r.boot_id)),
+                addresses: r.map(|r| r.addresses.join(",")),
+                packages: r.map(|r| r.software.len()),
+                name: d.name,
+            });
+        }
+        Ok(FleetStatus {
+            online: self.online.len(),
+            queues,
+            last_event: self.b.last_event_id()?,
+            devices,
+        })
+    }
+
+    fn events(&self, from: store::EventId, limit: usize) -> Result<Events, AdminError> {
+        let events = self
+            .b
+            .events_from(from, limit.min(10_000))?
+            .into_iter()
+            .map(|(id, e)| EventRow {
+                id,
+                time_ms: e.time_ms,
+                device: e.device.map(|d| d.0),
+                kind: format!("{:?}", e.kind).to_lowercase(),
+                message: e.message,
+            })
+            .collect();
+        Ok(Events { events })
+    }
 }
 
 /// 128 bits from the system's CSPRNG, hex.

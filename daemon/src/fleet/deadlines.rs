@@ -86,6 +86,96 @@ impl Fleet {
     }
 }
 
+impl Cx<'_> {
+    /// The agent is rebooting for command `seq`: its deadline starts.
+    pub(super) fn reboot_starting(
+        &mut self,
+        conn: ConnId,
+        device: DeviceId,
+        seq: u64,
+        boot_id: &[u8; 16],
+    ) {
+        let now_ms = self.now_ms;
+        let Cx {
+            b,
+            cfg,
+            online,
+            actions,
+            reboots,
+            ..
+        } = self;
+        let deadline = now_ms + cfg.reboot_timeout_ms;
+        match b.reboot_started(device, seq, deadline, &hex(boot_id)) {
+            Ok(()) => {
+                let _ = b.append_event(event(
+                    now_ms,
+                    Some(device),
+                    EventKind::RebootStarted,
+                    format!("command {seq}"),
+                ));
+                reboots.push((deadline, device));
+            }
+            Err(e) => actions.push(close(
+                conn,
+                CloseCode::PROTOCOL,
+                &format!("reboot refused: {e}"),
+            )),
+        }
+        if let Some(o) = online.get_mut(&device) {
+            o.in_flight = None;
+        }
+    }
+
+    /// The agent is back from a reboot, on a new session.
+    pub(super) fn reboot_complete(
+        &mut self,
+        device: DeviceId,
+        seq: u64,
+        attempt: u32,
+        report: &wire::ConfigReport<'static>,
+        result: &store::Received,
+    ) {
+        let now_ms = self.now_ms;
+        let Cx {
+            b, online, dirty, ..
+        } = self;
+        // The result is the device's own: the steps before the reboot as they ran.
+        let r = result.clone();
+        match b.reboot_completed(device, seq, attempt, report.clone(), r, now_ms) {
+            Ok(status) => {
+                let _ = b.append_event(event(
+                    now_ms,
+                    Some(device),
+                    EventKind::RebootCompleted,
+                    format!(
+                        "command {seq}: back with boot id {} (queue {status})",
+                        hex(&report.boot_id)
+                    ),
+                ));
+            }
+            Err(e) => {
+                // Not the agent's fault (e.g. the operator skipped the command while
+                // the device was away): keep the session, record why. Closing would
+                // only make the agent reconnect and report the same thing again.
+                tracing::warn!(device = device.0, seq, error = %e, "reboot completion not applied");
+                let _ = b.append_event(event(
+                    now_ms,
+                    Some(device),
+                    EventKind::Other,
+                    format!("reboot completion for command {seq} not applied: {e}"),
+                ));
+            }
+        }
+        // Applied or not, the device is done with that command.
+        if let Some(o) = online.get_mut(&device) {
+            if o.in_flight == Some(seq) {
+                o.in_flight = None;
+            }
+        }
+        dirty.insert(device);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! Reboots and their deadlines.

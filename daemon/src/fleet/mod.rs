@@ -27,24 +27,22 @@ use fleetcast_store::{
     self as store, Command, DeviceId, EnrolmentToken, Event, EventKind, Illegal, QueueStatus,
 };
 use fleetcast_wire::{self as wire, hex, CloseCode, Welcome};
-use serde_json::json;
 
 use crate::admin::{OnFailureSpec, Request, Response};
 use crate::pki::{sha256, Pki};
 
 mod admin;
 mod deadlines;
+mod responses;
 #[cfg(test)]
 mod rig;
 mod session;
 mod tasks;
 
-use admin::admin;
-pub use admin::commands_from_specs;
+pub use admin::{commands_from_specs, AdminError, CommandError};
 use deadlines::Deadline;
-use session::{store_result, Stored};
 pub use tasks::progress_blocks;
-use tasks::{push, queue_follow_up, record_progress, task_show};
+use tasks::{push, record_progress, task_show};
 
 /// Identifies a connection (agent session or admin client) for the life of the process.
 pub type ConnId = u64;
@@ -336,8 +334,12 @@ struct Online {
     boot_id: String,
 }
 
-/// What one input's handling may change besides the batch.
+/// One input's handling: the batch it writes to, what it may change besides, and the time.
 struct Cx<'a> {
+    b: &'a mut dyn StoreBatch,
+    pki: &'a Pki,
+    cfg: &'a FleetConfig,
+    now_ms: u64,
     online: &'a mut HashMap<DeviceId, Online>,
     actions: &'a mut Vec<Action>,
     dirty: &'a mut BTreeSet<DeviceId>,
@@ -473,13 +475,17 @@ impl Fleet {
             self.recent_enrolments
                 .retain(|_, (_, at)| now_ms.saturating_sub(*at) < ENROL_REPEAT_MS);
             let mut cx = Cx {
+                b: &mut *b,
+                pki: &self.pki,
+                cfg: &self.cfg,
+                now_ms,
                 online: &mut self.online,
                 actions: &mut actions,
                 dirty: &mut dirty,
                 reboots: &mut reboots,
                 recent_enrolments: &mut self.recent_enrolments,
             };
-            Self::apply(&mut *b, &mut cx, &self.pki, &self.cfg, now_ms, input);
+            Self::apply(&mut cx, input);
         }
         // Deadlines.
         while let Some(Reverse((at, dev, what))) = self.deadlines.peek().copied() {
@@ -544,21 +550,8 @@ impl Fleet {
         }
     }
 
-    fn apply(
-        b: &mut dyn StoreBatch,
-        cx: &mut Cx<'_>,
-        pki: &Pki,
-        cfg: &FleetConfig,
-        now_ms: u64,
-        input: &Input,
-    ) {
-        let Cx {
-            online,
-            actions,
-            dirty,
-            reboots,
-            recent_enrolments,
-        } = cx;
+    /// Routes one input to its handler (each in the module of its concern).
+    fn apply(cx: &mut Cx<'_>, input: &Input) {
         match input {
             Input::Hello {
                 conn,
@@ -567,394 +560,59 @@ impl Fleet {
                 boot_id,
                 last,
                 transport,
-            } => {
-                let conn = *conn;
-                let dev = match b.device(*device) {
-                    Ok(Some(d)) => d,
-                    Ok(None) => {
-                        return actions.push(close(
-                            conn,
-                            CloseCode::UNKNOWN_DEVICE,
-                            "device is not enrolled",
-                        ))
-                    }
-                    Err(e) => {
-                        return actions.push(close(conn, CloseCode::INTERNAL, &e.to_string()))
-                    }
-                };
-                if dev.revoked {
-                    return actions.push(close(
-                        conn,
-                        CloseCode::REVOKED,
-                        "device was revoked by the operator",
-                    ));
-                }
-                if dev.credential_hash != *key_hash {
-                    return actions.push(close(
-                        conn,
-                        CloseCode::UNAUTHENTICATED,
-                        "certificate key does not match the enrolled key",
-                    ));
-                }
-                if let Some(old) = online.remove(device) {
-                    actions.push(close(
-                        old.conn,
-                        CloseCode::NORMAL,
-                        "replaced by a newer session",
-                    ));
-                }
-                let _ = b.device_seen(
-                    *device,
-                    now_ms,
-                    Some(transport.unwrap_or(store::Transport::Native)),
-                );
-                let _ = b.append_event(event(
-                    now_ms,
-                    Some(*device),
-                    EventKind::Connected,
-                    format!("session {conn}"),
-                ));
-                // A result the agent still holds: store it (or, when it is obsolete, tell why
-                // it is not); either way the agent may forget it, acknowledged below.
-                if let Some(LastSeen {
-                    seq,
-                    attempt,
-                    result: Some(result),
-                    ..
-                }) = last
-                {
-                    // Acknowledged whatever became of it: an agent re-sending it in every Hello
-                    // would hold its session's command slot forever.
-                    let how = format!("delivered on reconnect, attempt {attempt}");
-                    let _ = store_result(b, now_ms, *device, *seq, *attempt, result, &how);
-                }
-                let q = b.queue(*device).ok().flatten().unwrap_or_default();
-                let (in_flight, resume) = match last {
-                    Some(l) if l.executing && l.seq > q.completed_through => {
-                        // The agent is still executing it, or back from its reboot: this session
-                        // carries its answer, and nothing else goes to it until then. An attempt
-                        // the queue has given up on (retried, cancelled) is answered too, and
-                        // its result discarded.
-                        let reboot = b
-                            .command(*device, l.seq)
-                            .ok()
-                            .flatten()
-                            .is_none_or(|c| c.has_reboot());
-                        (
-                            Some(l.seq),
-                            Some((l.seq, l.attempt, command_id(*device, l.seq), reboot)),
-                        )
-                    }
-                    _ => (None, None),
-                };
-                // A carried result the welcome does not acknowledge (a failure that stopped
-                // the queue, an obsolete attempt) is acknowledged on its own.
-                let ack = last
-                    .as_ref()
-                    .filter(|l| l.result.is_some() && l.seq > q.completed_through)
-                    .map(|l| l.seq);
-                let pending = b.incomplete_tasks(*device).map(|t| t.len()).unwrap_or(0);
-                actions.push(Action::Welcome {
-                    conn,
-                    welcome: Welcome {
-                        session_id: conn,
-                        server_time_ms: now_ms,
-                        heartbeat_ms: cfg.heartbeat_ms,
-                        acked_seq: q.completed_through,
-                        pending_commands: u32::try_from(
-                            q.next_seq
-                                .saturating_sub(1)
-                                .saturating_sub(q.completed_through),
-                        )
-                        .unwrap_or(u32::MAX),
-                        pending_transfers: u32::try_from(pending).unwrap_or(u32::MAX),
-                    },
-                    resume,
-                });
-                if let Some(seq) = ack {
-                    actions.push(Action::Ack { conn, seq });
-                }
-                // Catch-up: every task this device has not completed is announced again
-                // (after the welcome, on the same session).
-                for task in b.incomplete_tasks(*device).unwrap_or_default() {
-                    actions.push(Action::Announce {
-                        conn,
-                        device: *device,
-                        task,
-                    });
-                }
-                online.insert(
-                    *device,
-                    Online {
-                        conn,
-                        in_flight,
-                        boot_id: hex(boot_id),
-                    },
-                );
-                dirty.insert(*device);
-            }
+            } => cx.hello(*conn, *device, key_hash, boot_id, last, *transport),
             Input::Enrol {
                 conn,
                 token,
                 name,
                 spki,
-            } => {
-                let conn = *conn;
-                let token_hash = sha256(token);
-                let key_hash = sha256(spki);
-                let repeated = recent_enrolments.get(&token_hash).and_then(|(id, _)| {
-                    let d = b.device(*id).ok().flatten()?;
-                    (d.credential_hash == key_hash && !d.revoked).then_some(*id)
-                });
-                let id = match b.enrol(token_hash, key_hash, now_ms) {
-                    Ok(id) => {
-                        recent_enrolments.insert(token_hash, (id, now_ms));
-                        id
-                    }
-                    Err(store::Error::NotFound(_)) => match repeated {
-                        Some(id) => {
-                            tracing::info!(
-                                device = id.0,
-                                "enrolment repeated: certificate sent again"
-                            );
-                            id
-                        }
-                        None => {
-                            return actions.push(close(
-                                conn,
-                                CloseCode::BAD_TOKEN,
-                                "unknown, used or expired enrolment token",
-                            ))
-                        }
-                    },
-                    Err(e) => {
-                        return actions.push(close(conn, CloseCode::BAD_TOKEN, &e.to_string()))
-                    }
-                };
-                let stored_name = b
-                    .device(id)
-                    .ok()
-                    .flatten()
-                    .map(|d| d.name)
-                    .unwrap_or_default();
-                if stored_name != *name {
-                    tracing::info!(device = id.0, claimed = %name, name = %stored_name, "device enrolled under the token's name");
-                }
-                match pki.issue_device_cert(id.0, &stored_name, spki, wall(now_ms)) {
-                    Ok(cert) => {
-                        let _ = b.append_event(event(
-                            now_ms,
-                            Some(id),
-                            EventKind::Enrolled,
-                            format!("enrolled as {stored_name}"),
-                        ));
-                        actions.push(Action::Enrolled {
-                            conn,
-                            device: id,
-                            cert: cert.to_vec(),
-                        });
-                    }
-                    Err(e) => {
-                        // The batch must not keep the enrolment: refuse the whole connection;
-                        // the token was consumed only if the batch commits, so abort is not
-                        // available per operation — record the failure visibly instead.
-                        let _ = b.append_event(event(
-                            now_ms,
-                            Some(id),
-                            EventKind::Other,
-                            format!("certificate issue failed: {e}"),
-                        ));
-                        actions.push(close(
-                            conn,
-                            CloseCode::UNAUTHENTICATED,
-                            &format!("cannot certify this key: {e}"),
-                        ));
-                    }
-                }
-            }
+            } => cx.enrol(*conn, token, name, spki),
             Input::Result {
                 conn,
                 device,
                 seq,
                 attempt,
                 result,
-            } => {
-                match store_result(b, now_ms, *device, *seq, *attempt, result, "") {
-                    Stored::Answered => actions.push(Action::Ack {
-                        conn: *conn,
-                        seq: *seq,
-                    }),
-                    Stored::NeverSent => actions.push(close(
-                        *conn,
-                        CloseCode::PROTOCOL,
-                        &format!("result of command {seq}, which was never sent"),
-                    )),
-                    Stored::Failed => actions.push(close(
-                        *conn,
-                        CloseCode::INTERNAL,
-                        &format!("result of command {seq} not stored"),
-                    )),
-                }
-                if let Some(o) = online.get_mut(device) {
-                    if o.in_flight == Some(*seq) {
-                        o.in_flight = None;
-                    }
-                }
-                dirty.insert(*device);
-            }
-            Input::Report {
-                conn: _,
-                device,
-                report,
-            } => {
-                if let Err(e) = b.set_report(*device, report.clone(), now_ms) {
-                    tracing::warn!(device = device.0, error = %e, "report not stored");
-                }
-            }
+            } => cx.result(*conn, *device, *seq, *attempt, result),
+            Input::Report { device, report, .. } => cx.report(*device, report),
             Input::RebootStarting {
                 conn,
                 device,
                 seq,
                 boot_id,
-            } => {
-                let deadline = now_ms + cfg.reboot_timeout_ms;
-                match b.reboot_started(*device, *seq, deadline, &hex(boot_id)) {
-                    Ok(()) => {
-                        let _ = b.append_event(event(
-                            now_ms,
-                            Some(*device),
-                            EventKind::RebootStarted,
-                            format!("command {seq}"),
-                        ));
-                        reboots.push((deadline, *device));
-                    }
-                    Err(e) => actions.push(close(
-                        *conn,
-                        CloseCode::PROTOCOL,
-                        &format!("reboot refused: {e}"),
-                    )),
-                }
-                if let Some(o) = online.get_mut(device) {
-                    o.in_flight = None;
-                }
-            }
+            } => cx.reboot_starting(*conn, *device, *seq, boot_id),
             Input::RebootComplete {
-                conn: _,
                 device,
                 seq,
                 attempt,
                 report,
                 result,
-            } => {
-                // The result is the device's own: the steps before the reboot as they ran.
-                let r = result.clone();
-                match b.reboot_completed(*device, *seq, *attempt, report.clone(), r, now_ms) {
-                    Ok(status) => {
-                        let _ = b.append_event(event(
-                            now_ms,
-                            Some(*device),
-                            EventKind::RebootCompleted,
-                            format!(
-                                "command {seq}: back with boot id {} (queue {status})",
-                                hex(&report.boot_id)
-                            ),
-                        ));
-                    }
-                    Err(e) => {
-                        // Not the agent's fault (e.g. the operator skipped the command while
-                        // the device was away): keep the session, record why. Closing would
-                        // only make the agent reconnect and report the same thing again.
-                        tracing::warn!(device = device.0, seq, error = %e, "reboot completion not applied");
-                        let _ = b.append_event(event(
-                            now_ms,
-                            Some(*device),
-                            EventKind::Other,
-                            format!("reboot completion for command {seq} not applied: {e}"),
-                        ));
-                    }
-                }
-                // Applied or not, the device is done with that command.
-                if let Some(o) = online.get_mut(device) {
-                    if o.in_flight == Some(*seq) {
-                        o.in_flight = None;
-                    }
-                }
-                dirty.insert(*device);
-            }
+                ..
+            } => cx.reboot_complete(*device, *seq, *attempt, report, result),
             Input::Disconnected {
                 conn,
                 device,
                 reason,
-            } => {
-                if let Some(dev) = device {
-                    if online.get(dev).is_some_and(|o| o.conn == *conn) {
-                        online.remove(dev);
-                        let _ = b.append_event(event(
-                            now_ms,
-                            Some(*dev),
-                            EventKind::Disconnected,
-                            reason.clone(),
-                        ));
-                    }
-                }
-            }
+            } => cx.disconnected(*conn, device.as_ref(), reason),
             Input::Admin { conn, req } => {
-                let resp = admin(b, online, cfg, now_ms, req, dirty, actions);
-                actions.push(Action::Reply { conn: *conn, resp });
+                let resp = cx.admin(req);
+                cx.actions.push(Action::Reply { conn: *conn, resp });
             }
-            Input::Push { conn, task } => push(b, online, now_ms, *conn, task, actions),
+            Input::Push { conn, task } => push(cx.b, cx.online, cx.now_ms, *conn, task, cx.actions),
             Input::Completion {
                 conn,
                 device,
                 task,
                 verified,
                 reason,
-            } => {
-                let id = store::TaskId(*task);
-                let r = if *verified {
-                    b.task_completed(id, *device)
-                } else {
-                    b.task_failed(id, *device, reason)
-                };
-                match r {
-                    Ok(()) => {
-                        let _ = b.append_event(event(
-                            now_ms,
-                            Some(*device),
-                            EventKind::TaskStatus,
-                            format!(
-                                "task {task} {}",
-                                if *verified {
-                                    "completed (digest verified)".to_string()
-                                } else {
-                                    format!("failed: {reason}")
-                                }
-                            ),
-                        ));
-                        if *verified {
-                            queue_follow_up(b, now_ms, *device, id, dirty);
-                        }
-                    }
-                    Err(e) => {
-                        // A repeated completion (already completed or failed) or an unknown
-                        // task: nothing to record; the sender is told anyway.
-                        tracing::info!(device = device.0, task, error = %e, "completion not recorded");
-                    }
-                }
-                actions.push(Action::TransferDone {
-                    conn: *conn,
-                    device: *device,
-                    task: id,
-                    verified: *verified,
-                });
-            }
+            } => cx.completion(*conn, *device, *task, *verified, reason),
             Input::TransferProgress {
                 device,
                 task,
                 received,
                 total,
                 ..
-            } => record_progress(b, *device, store::TaskId(*task), *received, *total),
+            } => record_progress(cx.b, *device, store::TaskId(*task), *received, *total),
         }
     }
 }

@@ -141,6 +141,303 @@ pub(super) fn store_result(
     Stored::Answered
 }
 
+impl Cx<'_> {
+    /// An authenticated agent said hello: welcome it, with what it carries and what it missed.
+    pub(super) fn hello(
+        &mut self,
+        conn: ConnId,
+        device: DeviceId,
+        key_hash: &[u8; 32],
+        boot_id: &[u8; 16],
+        last: &Option<LastSeen>,
+        transport: Option<store::Transport>,
+    ) {
+        if !self.admit(conn, device, key_hash) {
+            return;
+        }
+        let now_ms = self.now_ms;
+        let Cx {
+            b,
+            cfg,
+            online,
+            actions,
+            dirty,
+            ..
+        } = self;
+        if let Some(old) = online.remove(&device) {
+            actions.push(close(
+                old.conn,
+                CloseCode::NORMAL,
+                "replaced by a newer session",
+            ));
+        }
+        let _ = b.device_seen(
+            device,
+            now_ms,
+            Some(transport.unwrap_or(store::Transport::Native)),
+        );
+        let _ = b.append_event(event(
+            now_ms,
+            Some(device),
+            EventKind::Connected,
+            format!("session {conn}"),
+        ));
+        // A result the agent still holds: store it (or, when it is obsolete, tell why
+        // it is not); either way the agent may forget it, acknowledged below.
+        if let Some(LastSeen {
+            seq,
+            attempt,
+            result: Some(result),
+            ..
+        }) = last
+        {
+            // Acknowledged whatever became of it: an agent re-sending it in every Hello
+            // would hold its session's command slot forever.
+            let how = format!("delivered on reconnect, attempt {attempt}");
+            let _ = store_result(&mut **b, now_ms, device, *seq, *attempt, result, &how);
+        }
+        let q = b.queue(device).ok().flatten().unwrap_or_default();
+        let (in_flight, resume) = match last {
+            Some(l) if l.executing && l.seq > q.completed_through => {
+                // The agent is still executing it, or back from its reboot: this session
+                // carries its answer, and nothing else goes to it until then. An attempt
+                // the queue has given up on (retried, cancelled) is answered too, and
+                // its result discarded.
+                let reboot = b
+                    .command(device, l.seq)
+                    .ok()
+                    .flatten()
+                    .is_none_or(|c| c.has_reboot());
+                (
+                    Some(l.seq),
+                    Some((l.seq, l.attempt, command_id(device, l.seq), reboot)),
+                )
+            }
+            _ => (None, None),
+        };
+        // A carried result the welcome does not acknowledge (a failure that stopped
+        // the queue, an obsolete attempt) is acknowledged on its own.
+        let ack = last
+            .as_ref()
+            .filter(|l| l.result.is_some() && l.seq > q.completed_through)
+            .map(|l| l.seq);
+        let pending = b.incomplete_tasks(device).map(|t| t.len()).unwrap_or(0);
+        actions.push(Action::Welcome {
+            conn,
+            welcome: Welcome {
+                session_id: conn,
+                server_time_ms: now_ms,
+                heartbeat_ms: cfg.heartbeat_ms,
+                acked_seq: q.completed_through,
+                pending_commands: u32::try_from(
+                    q.next_seq
+                        .saturating_sub(1)
+                        .saturating_sub(q.completed_through),
+                )
+                .unwrap_or(u32::MAX),
+                pending_transfers: u32::try_from(pending).unwrap_or(u32::MAX),
+            },
+            resume,
+        });
+        if let Some(seq) = ack {
+            actions.push(Action::Ack { conn, seq });
+        }
+        // Catch-up: every task this device has not completed is announced again
+        // (after the welcome, on the same session).
+        for task in b.incomplete_tasks(device).unwrap_or_default() {
+            actions.push(Action::Announce { conn, device, task });
+        }
+        online.insert(
+            device,
+            Online {
+                conn,
+                in_flight,
+                boot_id: hex(boot_id),
+            },
+        );
+        dirty.insert(device);
+    }
+
+    /// Whether `device` may open a session with the key `key_hash`; if not, its connection is
+    /// closed with the reason.
+    fn admit(&mut self, conn: ConnId, device: DeviceId, key_hash: &[u8; 32]) -> bool {
+        let dev = match self.b.device(device) {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                return self.refuse(close(
+                    conn,
+                    CloseCode::UNKNOWN_DEVICE,
+                    "device is not enrolled",
+                ))
+            }
+            Err(e) => return self.refuse(close(conn, CloseCode::INTERNAL, &e.to_string())),
+        };
+        if dev.revoked {
+            return self.refuse(close(
+                conn,
+                CloseCode::REVOKED,
+                "device was revoked by the operator",
+            ));
+        }
+        if dev.credential_hash != *key_hash {
+            return self.refuse(close(
+                conn,
+                CloseCode::UNAUTHENTICATED,
+                "certificate key does not match the enrolled key",
+            ));
+        }
+        true
+    }
+
+    /// Refuses a session with `close`: `false`, for [`Cx::admit`].
+    fn refuse(&mut self, close: Action) -> bool {
+        self.actions.push(close);
+        false
+    }
+
+    /// A new device presents an enrolment token: certify its key.
+    pub(super) fn enrol(&mut self, conn: ConnId, token: &[u8], name: &str, spki: &[u8]) {
+        let now_ms = self.now_ms;
+        let Cx {
+            b,
+            pki,
+            actions,
+            recent_enrolments,
+            ..
+        } = self;
+        let token_hash = sha256(token);
+        let key_hash = sha256(spki);
+        let repeated = recent_enrolments.get(&token_hash).and_then(|(id, _)| {
+            let d = b.device(*id).ok().flatten()?;
+            (d.credential_hash == key_hash && !d.revoked).then_some(*id)
+        });
+        let id = match b.enrol(token_hash, key_hash, now_ms) {
+            Ok(id) => {
+                recent_enrolments.insert(token_hash, (id, now_ms));
+                id
+            }
+            Err(store::Error::NotFound(_)) => match repeated {
+                Some(id) => {
+                    tracing::info!(device = id.0, "enrolment repeated: certificate sent again");
+                    id
+                }
+                None => {
+                    return actions.push(close(
+                        conn,
+                        CloseCode::BAD_TOKEN,
+                        "unknown, used or expired enrolment token",
+                    ))
+                }
+            },
+            Err(e) => return actions.push(close(conn, CloseCode::BAD_TOKEN, &e.to_string())),
+        };
+        let stored_name = b
+            .device(id)
+            .ok()
+            .flatten()
+            .map(|d| d.name)
+            .unwrap_or_default();
+        if stored_name != *name {
+            tracing::info!(device = id.0, claimed = %name, name = %stored_name, "device enrolled under the token's name");
+        }
+        match pki.issue_device_cert(id.0, &stored_name, spki, wall(now_ms)) {
+            Ok(cert) => {
+                let _ = b.append_event(event(
+                    now_ms,
+                    Some(id),
+                    EventKind::Enrolled,
+                    format!("enrolled as {stored_name}"),
+                ));
+                actions.push(Action::Enrolled {
+                    conn,
+                    device: id,
+                    cert: cert.to_vec(),
+                });
+            }
+            Err(e) => {
+                // The batch must not keep the enrolment: refuse the whole connection;
+                // the token was consumed only if the batch commits, so abort is not
+                // available per operation — record the failure visibly instead.
+                let _ = b.append_event(event(
+                    now_ms,
+                    Some(id),
+                    EventKind::Other,
+                    format!("certificate issue failed: {e}"),
+                ));
+                actions.push(close(
+                    conn,
+                    CloseCode::UNAUTHENTICATED,
+                    &format!("cannot certify this key: {e}"),
+                ));
+            }
+        }
+    }
+
+    /// A command's result: acknowledged once stored.
+    pub(super) fn result(
+        &mut self,
+        conn: ConnId,
+        device: DeviceId,
+        seq: u64,
+        attempt: u32,
+        result: &store::Received,
+    ) {
+        let now_ms = self.now_ms;
+        let Cx {
+            b,
+            online,
+            actions,
+            dirty,
+            ..
+        } = self;
+        match store_result(&mut **b, now_ms, device, seq, attempt, result, "") {
+            Stored::Answered => actions.push(Action::Ack { conn, seq }),
+            Stored::NeverSent => actions.push(close(
+                conn,
+                CloseCode::PROTOCOL,
+                &format!("result of command {seq}, which was never sent"),
+            )),
+            Stored::Failed => actions.push(close(
+                conn,
+                CloseCode::INTERNAL,
+                &format!("result of command {seq} not stored"),
+            )),
+        }
+        if let Some(o) = online.get_mut(&device) {
+            if o.in_flight == Some(seq) {
+                o.in_flight = None;
+            }
+        }
+        dirty.insert(device);
+    }
+
+    /// The agent's configuration report on its own.
+    pub(super) fn report(&mut self, device: DeviceId, report: &wire::ConfigReport<'static>) {
+        let now_ms = self.now_ms;
+        let Cx { b, .. } = self;
+        if let Err(e) = b.set_report(device, report.clone(), now_ms) {
+            tracing::warn!(device = device.0, error = %e, "report not stored");
+        }
+    }
+
+    /// A session ended.
+    pub(super) fn disconnected(&mut self, conn: ConnId, device: Option<&DeviceId>, reason: &str) {
+        let now_ms = self.now_ms;
+        let Cx { b, online, .. } = self;
+        if let Some(dev) = device {
+            if online.get(dev).is_some_and(|o| o.conn == conn) {
+                online.remove(dev);
+                let _ = b.append_event(event(
+                    now_ms,
+                    Some(*dev),
+                    EventKind::Disconnected,
+                    reason.to_string(),
+                ));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! Hello, enrolment, results and reports.

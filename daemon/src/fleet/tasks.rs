@@ -1,9 +1,12 @@
 //! Push tasks: creation and announce, receivers' progress and completions' follow-ups, and
 //! `task show`.
 
+use super::admin::{device_name, AdminError};
+use super::responses::*;
 use super::*;
 
-/// Creates a push task for the members of `task.group` and announces it to those online.
+/// Creates a push task for the members of `task.group` and announces it to those online; the
+/// pushing connection is answered last.
 pub(super) fn push(
     b: &mut dyn StoreBatch,
     online: &HashMap<DeviceId, Online>,
@@ -12,33 +15,27 @@ pub(super) fn push(
     task: &store::Task,
     actions: &mut Vec<Action>,
 ) {
+    let resp = match create_task(b, online, now_ms, conn, task, actions) {
+        Ok(pushed) => reply(&pushed),
+        Err(e) => Response::from(e),
+    };
+    actions.push(Action::Reply { conn, resp });
+}
+
+fn create_task(
+    b: &mut dyn StoreBatch,
+    online: &HashMap<DeviceId, Online>,
+    now_ms: u64,
+    conn: ConnId,
+    task: &store::Task,
+    actions: &mut Vec<Action>,
+) -> Result<Pushed, AdminError> {
     let group = task.group.clone().unwrap_or_default();
-    let targets = match b.group_members(&group) {
-        Ok(t) if !t.is_empty() => t,
-        Ok(_) => {
-            return actions.push(Action::Reply {
-                conn,
-                resp: Response::err(format!(
-                    "group `{group}` has no members: `fleetcast group add {group} DEVICE...` first"
-                )),
-            })
-        }
-        Err(e) => {
-            return actions.push(Action::Reply {
-                conn,
-                resp: Response::err(e.to_string()),
-            })
-        }
-    };
-    let id = match b.create_task(task.clone(), &targets) {
-        Ok(id) => id,
-        Err(e) => {
-            return actions.push(Action::Reply {
-                conn,
-                resp: Response::err(e.to_string()),
-            })
-        }
-    };
+    let targets = b.group_members(&group)?;
+    if targets.is_empty() {
+        return Err(AdminError::EmptyGroup(group));
+    }
+    let id = b.create_task(task.clone(), &targets)?;
     let _ = b.append_event(event(
         now_ms,
         None,
@@ -52,14 +49,10 @@ pub(super) fn push(
             task.trigger
         ),
     ));
+    // A name the store cannot read is shown as the device's id: the task exists either way.
     let names: Vec<String> = targets
         .iter()
-        .map(|d| {
-            b.device(*d)
-                .ok()
-                .flatten()
-                .map_or_else(|| d.0.to_string(), |d| d.name)
-        })
+        .map(|d| device_name(&*b, *d).unwrap_or_else(|_| d.0.to_string()))
         .collect();
     actions.push(Action::TaskCreated {
         conn,
@@ -75,16 +68,13 @@ pub(super) fn push(
             });
         }
     }
-    actions.push(Action::Reply {
-        conn,
-        resp: Response::ok(json!({
-            "task": id.0,
-            "size": task.size,
-            "blocks": task.blocks(),
-            "sha256": hex(&task.sha256),
-            "targets": names.join(","),
-        })),
-    });
+    Ok(Pushed {
+        task: id.0,
+        size: task.size,
+        blocks: task.blocks(),
+        sha256: hex(&task.sha256),
+        targets: names.join(","),
+    })
 }
 
 /// The task table's `in_progress` set for a receiver's progress report.
@@ -162,80 +152,129 @@ pub(super) fn queue_follow_up(
 }
 
 /// `task show`: one task's status table, or every task with its counts.
-pub(super) fn task_show(b: &dyn StoreBatch, task: Option<u64>) -> Result<Response, Response> {
-    let err = |e: store::Error| Response::err(e.to_string());
-    let name = |d: DeviceId| {
-        b.device(d)
-            .ok()
-            .flatten()
-            .map_or_else(|| d.0.to_string(), |d| d.name)
-    };
-    match task {
-        Some(id) => {
-            let t = b.task(store::TaskId(id)).map_err(err)?.ok_or_else(|| {
-                Response::not_found(format!(
-                    "no task {id}: `fleetcast task show` lists the tasks"
-                ))
-            })?;
-            let n = t.blocks();
-            let rows: Vec<_> = b
-                .task_statuses(store::TaskId(id))
-                .map_err(err)?
-                .into_iter()
-                .map(|(d, st)| {
-                    let (blocks, reason) = match &st {
-                        store::TaskDeviceStatus::InProgress(set) => (
-                            set.ranges()
-                                .iter()
-                                .map(|(s, e)| u64::from(e - s))
-                                .sum::<u64>(),
-                            None,
-                        ),
-                        store::TaskDeviceStatus::Completed => (u64::from(n), None),
-                        store::TaskDeviceStatus::Failed(r) => (0, Some(r.clone())),
-                        store::TaskDeviceStatus::Pending => (0, None),
-                    };
-                    json!({
-                        "device": name(d),
-                        "id": d.0,
-                        "status": st.name(),
-                        "blocks": format!("{blocks}/{n}"),
-                        "reason": reason,
-                    })
-                })
-                .collect();
-            Ok(Response::ok(json!({
-                "task": id,
-                "path": t.path,
-                "size": t.size,
-                "block_size": t.block_size,
-                "sha256": hex(&t.sha256),
-                "group": t.group,
-                "trigger": t.trigger,
-                "created_ms": t.created_ms,
-                "devices": rows,
-            })))
-        }
-        None => {
-            let mut rows = Vec::new();
-            for (id, t) in b.tasks().map_err(err)? {
-                let mut counts: HashMap<&'static str, u64> = HashMap::new();
-                for (_, st) in b.task_statuses(id).map_err(err)? {
-                    *counts.entry(st.name()).or_default() += 1;
-                }
-                rows.push(json!({
-                    "task": id.0,
-                    "path": t.path,
-                    "size": t.size,
-                    "group": t.group,
-                    "completed": counts.get("completed").copied().unwrap_or(0),
-                    "in_progress": counts.get("in_progress").copied().unwrap_or(0),
-                    "pending": counts.get("pending").copied().unwrap_or(0),
-                    "failed": counts.get("failed").copied().unwrap_or(0),
-                }));
+pub(super) fn task_show(b: &dyn StoreBatch, task: Option<u64>) -> Result<Response, AdminError> {
+    Ok(match task {
+        Some(id) => reply(&task_table(b, id)?),
+        None => reply(&task_list(b)?),
+    })
+}
+
+fn task_table(b: &dyn StoreBatch, id: u64) -> Result<TaskShown, AdminError> {
+    let t = b
+        .task(store::TaskId(id))?
+        .ok_or(AdminError::NoSuchTask(id))?;
+    let n = t.blocks();
+    let devices = b
+        .task_statuses(store::TaskId(id))?
+        .into_iter()
+        .map(|(d, st)| {
+            let (blocks, reason) = match &st {
+                store::TaskDeviceStatus::InProgress(set) => (
+                    set.ranges()
+                        .iter()
+                        .map(|(s, e)| u64::from(e - s))
+                        .sum::<u64>(),
+                    None,
+                ),
+                store::TaskDeviceStatus::Completed => (u64::from(n), None),
+                store::TaskDeviceStatus::Failed(r) => (0, Some(r.clone())),
+                store::TaskDeviceStatus::Pending => (0, None),
+            };
+            TaskDeviceRow {
+                device: device_name(b, d).unwrap_or_else(|_| d.0.to_string()),
+                id: d.0,
+                status: st.name(),
+                blocks: format!("{blocks}/{n}"),
+                reason,
             }
-            Ok(Response::ok(json!({ "tasks": rows })))
+        })
+        .collect();
+    Ok(TaskShown {
+        task: id,
+        sha256: hex(&t.sha256),
+        path: t.path,
+        size: t.size,
+        block_size: t.block_size,
+        group: t.group,
+        trigger: t.trigger,
+        created_ms: t.created_ms,
+        devices,
+    })
+}
+
+fn task_list(b: &dyn StoreBatch) -> Result<TaskList, AdminError> {
+    let mut tasks = Vec::new();
+    for (id, t) in b.tasks()? {
+        let mut counts: HashMap<&'static str, u64> = HashMap::new();
+        for (_, st) in b.task_statuses(id)? {
+            *counts.entry(st.name()).or_default() += 1;
         }
+        let count = |name| counts.get(name).copied().unwrap_or(0);
+        tasks.push(TaskRow {
+            task: id.0,
+            path: t.path,
+            size: t.size,
+            group: t.group,
+            completed: count("completed"),
+            in_progress: count("in_progress"),
+            pending: count("pending"),
+            failed: count("failed"),
+        });
+    }
+    Ok(TaskList { tasks })
+}
+
+impl Cx<'_> {
+    /// A receiver's final word on a task: recorded, and the task's sender told.
+    pub(super) fn completion(
+        &mut self,
+        conn: ConnId,
+        device: DeviceId,
+        task: u64,
+        verified: bool,
+        reason: &str,
+    ) {
+        let now_ms = self.now_ms;
+        let Cx {
+            b, actions, dirty, ..
+        } = self;
+        let id = store::TaskId(task);
+        let r = if verified {
+            b.task_completed(id, device)
+        } else {
+            b.task_failed(id, device, reason)
+        };
+        match r {
+            Ok(()) => {
+                let _ = b.append_event(event(
+                    now_ms,
+                    Some(device),
+                    EventKind::TaskStatus,
+                    format!(
+                        "task {task} {}",
+                        if verified {
+                            "completed (digest verified)".to_string()
+                        } else {
+                            format!("failed: {reason}")
+                        }
+                    ),
+                ));
+                if verified {
+                    queue_follow_up(&mut **b, now_ms, device, id, dirty);
+                }
+            }
+            Err(e) => {
+                // A repeated completion (already completed or failed) or an unknown
+                // task: nothing to record; the sender is told anyway.
+                tracing::info!(device = device.0, task, error = %e, "completion not recorded");
+            }
+        }
+        actions.push(Action::TransferDone {
+            conn,
+            device,
+            task: id,
+            verified,
+        });
     }
 }
 

@@ -69,7 +69,7 @@ impl Gateway {
                         continue;
                     };
                     if let Err(e) = trigger.validate(self.wall_ms) {
-                        push_json_line(&mut a.out, &Response::err(e));
+                        push_json_line(&mut a.out, &Response::err(e.to_string()));
                         continue;
                     }
                     let then = match crate::fleet::commands_from_specs(
