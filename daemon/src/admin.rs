@@ -45,7 +45,7 @@ pub enum StepError {
     NoPackages,
     /// `verify:` with a digest that is not one (`fleetcast_wire::parse_sha256` says why).
     #[error("{0}")]
-    Digest(String),
+    Digest(fleetcast_wire::DigestError),
     /// No such step.
     #[error(
         "unknown step `{0}`: use exec:CMD, sh:SCRIPT, install:PACKAGE, fetch:PATH=URL \

@@ -296,19 +296,46 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// Parses a SHA-256 digest written as 64 hex digits (either case).
-pub fn parse_sha256(hex: &str) -> core::result::Result<[u8; 32], String> {
+/// Why text is not a SHA-256 digest (see [`parse_sha256`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DigestError {
+    /// Not 64 characters long (the length it has).
+    Length(usize),
+    /// A character that is not a hex digit, at this byte offset.
+    NotHex(usize),
+}
+
+impl core::fmt::Display for DigestError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            DigestError::Length(n) => {
+                write!(f, "a SHA-256 is 64 hex digits, got {n} characters")
+            }
+            DigestError::NotHex(at) => write!(f, "character {} is not a hex digit", at + 1),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for DigestError {}
+
+/// Parses a SHA-256 digest written as 64 hex digits (either case). Each character is checked
+/// itself: `u8::from_str_radix` would take a `+` sign inside a pair.
+pub fn parse_sha256(hex: &str) -> core::result::Result<[u8; 32], DigestError> {
     let bytes = hex.as_bytes();
     if bytes.len() != 64 {
-        return Err(alloc::format!(
-            "a SHA-256 is 64 hex digits, got {} characters",
-            bytes.len()
-        ));
+        return Err(DigestError::Length(hex.chars().count()));
     }
+    let digit = |at: usize| -> core::result::Result<u8, DigestError> {
+        let c = bytes[at];
+        (c as char)
+            .to_digit(16)
+            .map(|d| d as u8)
+            .ok_or(DigestError::NotHex(at))
+    };
     let mut out = [0u8; 32];
-    for (i, pair) in bytes.chunks(2).enumerate() {
-        let s = core::str::from_utf8(pair).map_err(|_| String::from("not hex"))?;
-        out[i] = u8::from_str_radix(s, 16).map_err(|_| alloc::format!("`{s}` is not hex"))?;
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = digit(2 * i)? << 4 | digit(2 * i + 1)?;
     }
     Ok(out)
 }

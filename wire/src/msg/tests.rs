@@ -380,3 +380,22 @@ fn a_kept_step_reborrows_without_copying() {
         }
     }
 }
+
+#[test]
+fn sha256_text_is_64_hex_digits_and_nothing_else() {
+    let d: [u8; 32] = core::array::from_fn(|i| (i * 7 + 3) as u8);
+    assert_eq!(parse_sha256(&hex(&d)), Ok(d));
+    assert_eq!(parse_sha256(&hex(&d).to_uppercase()), Ok(d));
+    assert_eq!(parse_sha256("ab"), Err(DigestError::Length(2)));
+    // A sign inside a pair is not a digit (from_str_radix would have read "+f" as 0x0f).
+    let mut signed = hex(&d);
+    signed.replace_range(10..11, "+");
+    assert_eq!(parse_sha256(&signed), Err(DigestError::NotHex(10)));
+    let mut bad = hex(&d);
+    bad.replace_range(63..64, "g");
+    assert_eq!(parse_sha256(&bad), Err(DigestError::NotHex(63)));
+    assert_eq!(
+        DigestError::Length(2).to_string(),
+        "a SHA-256 is 64 hex digits, got 2 characters"
+    );
+}
