@@ -147,7 +147,7 @@ mod tests {
             "zz".repeat(32)
         ))
         .unwrap_err();
-        assert!(e.to_string().contains("is not hex"), "{e}");
+        assert!(e.to_string().contains("is not a hex digit"), "{e}");
         let binary = Step::Write {
             path: "/x".into(),
             mode: 0o600,
