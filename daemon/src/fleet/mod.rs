@@ -307,6 +307,25 @@ pub enum Action {
     },
 }
 
+impl Input {
+    /// The connection the input came from.
+    pub fn conn(&self) -> ConnId {
+        match self {
+            Input::Hello { conn, .. }
+            | Input::Enrol { conn, .. }
+            | Input::Result { conn, .. }
+            | Input::Report { conn, .. }
+            | Input::RebootStarting { conn, .. }
+            | Input::RebootComplete { conn, .. }
+            | Input::Disconnected { conn, .. }
+            | Input::Admin { conn, .. }
+            | Input::Push { conn, .. }
+            | Input::Completion { conn, .. }
+            | Input::TransferProgress { conn, .. } => *conn,
+        }
+    }
+}
+
 impl Action {
     /// The connection the action is for.
     pub fn conn(&self) -> ConnId {
@@ -458,20 +477,7 @@ impl Fleet {
             Err(e) => return fail_all(&inputs, &format!("store unavailable: {e}")),
         };
         for input in &inputs {
-            let conn = match input {
-                Input::Hello { conn, .. }
-                | Input::Enrol { conn, .. }
-                | Input::Result { conn, .. }
-                | Input::Report { conn, .. }
-                | Input::RebootStarting { conn, .. }
-                | Input::RebootComplete { conn, .. }
-                | Input::Disconnected { conn, .. }
-                | Input::Admin { conn, .. }
-                | Input::Push { conn, .. }
-                | Input::Completion { conn, .. }
-                | Input::TransferProgress { conn, .. } => *conn,
-            };
-            touched.push(conn);
+            touched.push(input.conn());
             self.recent_enrolments
                 .retain(|_, (_, at)| now_ms.saturating_sub(*at) < ENROL_REPEAT_MS);
             let mut cx = Cx {
