@@ -17,7 +17,7 @@
 //! message's own encoding, [`fleetcast_wire::Embed`]) inside an envelope with a CRC-32, so a
 //! file damaged some other way is detected: loading fails with [`StateError::Corrupt`] naming
 //! the file and the broken rule ([`Corrupt`]), never with a silently wrong state. Files of the
-//! layouts of before are read too ([`crate::legacy`]) and rewritten in today's on the next
+//! layouts of before are read too (`legacy.rs`) and rewritten in today's on the next
 //! transition.
 //!
 //! # Exactly-once execution
@@ -490,7 +490,7 @@ impl State {
 }
 
 /// A `command` file of any version: today's ([`crate::record`]) or one of before
-/// ([`crate::legacy`]).
+/// (`legacy.rs`).
 fn decode_command(bytes: &[u8]) -> Result<CommandRecord, Corrupt> {
     let (version, r) = open(bytes, &COMMAND_MAGIC)?;
     match version {

@@ -11,7 +11,7 @@
 //!   fsync) on every `PersistDue` and on stop, always after the data it names is durable. A
 //!   restarted agent resumes from it instead of starting over; a record of another geometry
 //!   or digest, or one that does not decode, is ignored (the transfer starts over). A record
-//!   of the layout of before (no envelope) is read too ([`crate::legacy`]).
+//!   of the layout of before (no envelope) is read too (`legacy.rs`).
 //! - `<name>`: the verified file (renamed from `.part` only after the SHA-256 matched).
 //! - `.<name>.task-<id>.done`: written after the rename; a repeated announce of a finished
 //!   task re-verifies `<name>` and reports at once.
@@ -551,7 +551,7 @@ fn load_record(spec: &TransferSpec, path: &Path) -> Option<Ranges> {
 }
 
 /// A record file of either layout: today's ([`crate::record`]) or the one of before, which
-/// has no envelope ([`crate::legacy`]).
+/// has no envelope (`legacy.rs`).
 fn decode_record(bytes: &[u8]) -> Result<TransferRecord, Corrupt> {
     match record::open(bytes, &TRANSFER_MAGIC) {
         Ok((TRANSFER_VERSION, r)) => TransferRecord::decode(r),
