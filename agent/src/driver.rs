@@ -635,7 +635,7 @@ impl Agent {
                         });
                         let _ = s.send_reboot_complete(&RebootComplete {
                             seq: r.seq,
-                            report: rep.as_wire(),
+                            report: rep,
                             result,
                         });
                     } else {
@@ -648,7 +648,7 @@ impl Agent {
                 // report lost with its session is not repeated before the next start.
                 if std::mem::take(&mut self.report_due) && !reported {
                     let rep = report::collect(&self.cfg.exec.report)?;
-                    let _ = s.send_report(&rep.as_wire());
+                    let _ = s.send_report(&rep);
                 }
                 // A command from an earlier session still running, or finished while we were
                 // between sessions: this session carries its result.
@@ -662,7 +662,7 @@ impl Agent {
                             && s.resume_executing(seq, attempt, r.command_id, false)
                                 .is_ok()
                         {
-                            let _ = s.send_result(&r);
+                            let _ = s.send_result(r);
                         }
                     }
                 }
@@ -824,15 +824,15 @@ impl Agent {
             // The steps before the reboot ran: their real results go with the reboot record
             // (durable before anything is sent or rebooted) and reach the gateway in
             // `RebootComplete`, after the reboot.
-            self.state.record_reboot(rec, &done.result.as_wire())?;
+            self.state.record_reboot(rec, &done.result)?;
             if s.send_reboot_starting(rec.seq).is_err() {
                 // Not on a session that knows the command: the reboot is recorded, and the
                 // next session reports its completion.
             }
             return Ok(Some(End::Exit(i32::MIN)));
         }
-        self.state.record_result(&done.result.as_wire())?;
-        let _ = s.send_result(&done.result.as_wire());
+        self.state.record_result(&done.result)?;
+        let _ = s.send_result(&done.result);
         Ok(None)
     }
 

@@ -20,6 +20,8 @@ pub mod config;
 pub mod driver;
 pub mod exec;
 pub mod ladder;
+mod legacy;
+pub mod record;
 pub mod report;
 pub mod state;
 pub mod tls;

@@ -3,8 +3,10 @@
 //!
 //! Invariants:
 //! - Every string fits the wire's [`MAX_NAME`] (cut at a character boundary) and the lists
-//!   are capped at [`MAX_ADDRESSES`] and [`MAX_SOFTWARE`], so an [`OwnedConfigReport`]
-//!   always encodes.
+//!   are capped at [`MAX_ADDRESSES`] and [`MAX_SOFTWARE`], so a collected report always
+//!   encodes.
+//! - The report is the wire message itself, owned ([`ConfigReport<'static>`]): it goes into a
+//!   command's result, a `Report` or a `RebootComplete` as it is, with no copy type.
 //! - Memory is bounded by those caps: the dpkg status file (megabytes on a full system) is
 //!   streamed line by line, keeping only the current entry's package name and version.
 //! - Paths come from [`ReportConfig`]: tests and the lab point them at fixtures, and simulate
@@ -12,7 +14,6 @@
 //! - The only fallible source is the boot id, which the control protocol cannot do without;
 //!   everything else degrades to `"unknown"` or an empty list.
 
-use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -65,63 +66,8 @@ pub enum ReportError {
     },
 }
 
-/// An installed package (owned).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OwnedPackage {
-    /// Package name.
-    pub name: String,
-    /// Installed version.
-    pub version: String,
-}
-
-/// A configuration report that owns its strings; [`OwnedConfigReport::as_wire`] borrows it
-/// as the wire message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OwnedConfigReport {
-    /// The current boot's id.
-    pub boot_id: [u8; 16],
-    /// `PRETTY_NAME` from os-release.
-    pub os: String,
-    /// Kernel release (`uname -r`).
-    pub kernel: String,
-    /// Host name (`uname -n`).
-    pub hostname: String,
-    /// This agent's version.
-    pub agent_version: String,
-    /// Non-loopback interface addresses with prefix length, e.g. `10.0.0.5/24`.
-    pub addresses: Vec<String>,
-    /// Installed dpkg packages.
-    pub software: Vec<OwnedPackage>,
-}
-
-impl OwnedConfigReport {
-    /// Borrows the report as the wire message.
-    pub fn as_wire(&self) -> ConfigReport<'_> {
-        ConfigReport {
-            boot_id: self.boot_id,
-            os: Cow::Borrowed(&self.os),
-            kernel: Cow::Borrowed(&self.kernel),
-            hostname: Cow::Borrowed(&self.hostname),
-            agent_version: Cow::Borrowed(&self.agent_version),
-            addresses: self
-                .addresses
-                .iter()
-                .map(|a| Cow::Borrowed(a.as_str()))
-                .collect(),
-            software: self
-                .software
-                .iter()
-                .map(|p| Package {
-                    name: Cow::Borrowed(&p.name),
-                    version: Cow::Borrowed(&p.version),
-                })
-                .collect(),
-        }
-    }
-}
-
 /// Collects the report.
-pub fn collect(cfg: &ReportConfig) -> Result<OwnedConfigReport, ReportError> {
+pub fn collect(cfg: &ReportConfig) -> Result<ConfigReport<'static>, ReportError> {
     let boot_id = read_boot_id(&cfg.boot_id)?;
     let uname = uname();
     let os = read_os_release(&cfg.os_release)
@@ -135,13 +81,13 @@ pub fn collect(cfg: &ReportConfig) -> Result<OwnedConfigReport, ReportError> {
         Ok(f) => parse_dpkg_status(BufReader::new(f)).unwrap_or_default(),
         Err(_) => Vec::new(),
     };
-    Ok(OwnedConfigReport {
+    Ok(ConfigReport {
         boot_id,
-        os: bounded(&os),
-        kernel: bounded(&kernel),
-        hostname: bounded(&hostname),
-        agent_version: bounded(AGENT_VERSION),
-        addresses: interface_addresses(),
+        os: bounded(&os).into(),
+        kernel: bounded(&kernel).into(),
+        hostname: bounded(&hostname).into(),
+        agent_version: bounded(AGENT_VERSION).into(),
+        addresses: interface_addresses().into_iter().map(Into::into).collect(),
         software,
     })
 }
@@ -213,20 +159,20 @@ fn unquote(v: &str) -> String {
 /// Parses dpkg's status database: `Package` and `Version` of each entry whose `Status` is
 /// `install ok installed`, in file order, at most [`MAX_SOFTWARE`]. Lines that are not UTF-8
 /// (descriptions in legacy encodings) are skipped.
-pub fn parse_dpkg_status(mut r: impl BufRead) -> io::Result<Vec<OwnedPackage>> {
+pub fn parse_dpkg_status(mut r: impl BufRead) -> io::Result<Vec<Package<'static>>> {
     #[derive(Default)]
     struct Entry {
         name: Option<String>,
         version: Option<String>,
         installed: bool,
     }
-    fn finish(e: &mut Entry, out: &mut Vec<OwnedPackage>) {
+    fn finish(e: &mut Entry, out: &mut Vec<Package<'static>>) {
         let e = std::mem::take(e);
         if let (true, Some(name), Some(version)) = (e.installed, e.name, e.version) {
             if out.len() < MAX_SOFTWARE {
-                out.push(OwnedPackage {
-                    name: bounded(&name),
-                    version: bounded(&version),
+                out.push(Package {
+                    name: bounded(&name).into(),
+                    version: bounded(&version).into(),
                 });
             }
         }
@@ -423,10 +369,7 @@ version: 0.1-1";
     #[test]
     fn dpkg_parser_keeps_installed_packages_only() {
         let pkgs = parse_dpkg_status(DPKG_FIXTURE).unwrap();
-        let got: Vec<(&str, &str)> = pkgs
-            .iter()
-            .map(|p| (p.name.as_str(), p.version.as_str()))
-            .collect();
+        let got: Vec<(&str, &str)> = pkgs.iter().map(|p| (&*p.name, &*p.version)).collect();
         assert_eq!(
             got,
             [
@@ -520,7 +463,7 @@ version: 0.1-1";
             prefix.parse::<u8>().unwrap();
         }
         // The wire form encodes (every field within its limit).
-        let msg = fleetcast_wire::Message::Report(r.as_wire());
+        let msg = fleetcast_wire::Message::Report(r.clone());
         let mut buf = vec![0; msg.buffer_len().unwrap()];
         msg.emit(&mut buf).unwrap();
 

@@ -12,10 +12,13 @@
 //!
 //! Every write goes to a temporary file in the same directory, is fsynced, renamed over the
 //! destination and the directory is fsynced ([`fleetcast_os::write_atomic`]): after a crash
-//! a file holds either its old or its new contents, never a mix. The `command` file also
-//! carries a CRC-32, and a pending result is stored as the exact wire frame of the `Result`
-//! message (which has its own CRC), so a file damaged some other way is detected: loading
-//! fails with [`StateError::Corrupt`] naming the file, never with a silently wrong state.
+//! a file holds either its old or its new contents, never a mix. The `command` file is a
+//! record of [`crate::record`]: encoded with the wire codec (a kept result is the `Result`
+//! message's own encoding, [`fleetcast_wire::Embed`]) inside an envelope with a CRC-32, so a
+//! file damaged some other way is detected: loading fails with [`StateError::Corrupt`] naming
+//! the file and the broken rule ([`Corrupt`]), never with a silently wrong state. Files of the
+//! layouts of before are read too (`legacy.rs`) and rewritten in today's on the next
+//! transition.
 //!
 //! # Exactly-once execution
 //! The gateway dispatches one command at a time; each has a queue sequence number `seq`,
@@ -27,7 +30,7 @@
 //!
 //! ```text
 //!  (none|Acked|Pending|Rebooting of a k' < k) --record_executing(k)--> Executing(k)
-//!  Executing(k) --record_result--> Pending(k, result frame) --ack(≥seq)--> Acked(k)
+//!  Executing(k) --record_result--> Pending(k, result) --ack(≥seq)--> Acked(k)
 //!  Executing(k) --record_reboot--> Rebooting(k, old boot id, result so far) --take_reboot--> Acked(k)
 //!  Executing(k) --[agent restarts]--> Pending(k, "agent restarted while executing")
 //! ```
@@ -49,8 +52,8 @@
 //!   previous result (or given up on that attempt), so it implicitly acknowledges it.
 //! - **Reboots.** A reboot step is recorded as `Rebooting(seq, old boot id)` before
 //!   `RebootStarting` is sent and before the reboot runs, with the result of the steps before
-//!   it (the exact `Result` frame `RebootComplete` carries after the reboot, so their real
-//!   outcomes and output survive the reboot). After the restart the driver
+//!   it (the `Result` that `RebootComplete` carries after the reboot, so their real outcomes
+//!   and output survive the reboot). After the restart the driver
 //!   compares the boot id: a different one means the reboot happened and `RebootComplete`
 //!   is due; [`State::take_reboot`] clears the record once the gateway has it. The same
 //!   boot id means the agent restarted before the reboot took place (it died between
@@ -63,9 +66,12 @@ use std::path::{Path, PathBuf};
 
 use fleetcast_os::{write_atomic, Tightened};
 
-use fleetcast_wire::{CommandResult, LastExecuted, Message, StepResult, StepStatus};
+use fleetcast_wire::{CommandResult, LastExecuted, StepResult, StepStatus};
 
 use crate::exec::EXIT_AGENT_RESTARTED;
+use crate::legacy;
+use crate::record::{open, COMMAND_MAGIC, COMMAND_VERSION};
+pub use crate::record::{CommandRecord, Corrupt, RebootRecord};
 
 /// Errors of the durable state.
 #[derive(Debug, thiserror::Error)]
@@ -84,8 +90,8 @@ pub enum StateError {
     Corrupt {
         /// The file.
         path: PathBuf,
-        /// What is wrong with it.
-        reason: &'static str,
+        /// The rule its contents break.
+        reason: Corrupt,
     },
     /// A value to store is not acceptable (e.g. a transport name that is too long).
     #[error("invalid {what}")]
@@ -121,7 +127,7 @@ pub enum StateError {
         /// The sequence number executing.
         executing: u64,
     },
-    /// The result could not be encoded as a wire frame (a field over its wire limit).
+    /// The result could not be encoded in the wire format (a field over its wire limit).
     #[error("result does not fit the wire format: {0}")]
     Encode(fleetcast_wire::Error),
 }
@@ -137,103 +143,6 @@ pub struct Identity {
     pub ca_pem: String,
 }
 
-/// The reboot in progress.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RebootRecord {
-    /// The reboot command's queue sequence number.
-    pub seq: u64,
-    /// Its attempt.
-    pub attempt: u32,
-    /// The reboot command's gateway-wide id.
-    pub command_id: u64,
-    /// The boot id before the reboot: a different current one proves the reboot happened.
-    pub old_boot_id: [u8; 16],
-}
-
-/// What the agent last executed (the `command` file). See the module doc for transitions.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CommandRecord {
-    /// Nothing executed yet.
-    None,
-    /// Steps are running (or were, when the agent died).
-    Executing {
-        /// Queue sequence number.
-        seq: u64,
-        /// Attempt number.
-        attempt: u32,
-        /// Gateway-wide id.
-        command_id: u64,
-        /// Number of steps (to build a result if the agent dies).
-        steps: u16,
-    },
-    /// A reboot step was reached; the reboot is under way.
-    Rebooting {
-        /// Which command, and the boot being left.
-        reboot: RebootRecord,
-        /// The emitted `Result` frame of the command so far (steps before the reboot with their
-        /// real outcomes, the reboot step `Ok`); empty in a record of version 1, which had none.
-        frame: Vec<u8>,
-    },
-    /// Finished; the result awaits the gateway's acknowledgement.
-    Pending {
-        /// Queue sequence number.
-        seq: u64,
-        /// Attempt number.
-        attempt: u32,
-        /// Gateway-wide id.
-        command_id: u64,
-        /// The emitted wire frame of the `Result` message.
-        frame: Vec<u8>,
-    },
-    /// Finished and acknowledged (or the reboot reported).
-    Acked {
-        /// Queue sequence number.
-        seq: u64,
-        /// Attempt number.
-        attempt: u32,
-        /// Gateway-wide id.
-        command_id: u64,
-    },
-}
-
-impl CommandRecord {
-    /// The recorded sequence number, if any.
-    pub fn seq(&self) -> Option<u64> {
-        self.key().map(|(seq, _)| seq)
-    }
-
-    /// The recorded `(seq, attempt)`, if any: the ledger's order.
-    pub fn key(&self) -> Option<(u64, u32)> {
-        match self {
-            CommandRecord::None => None,
-            CommandRecord::Executing { seq, attempt, .. }
-            | CommandRecord::Pending { seq, attempt, .. }
-            | CommandRecord::Acked { seq, attempt, .. } => Some((*seq, *attempt)),
-            CommandRecord::Rebooting { reboot: r, .. } => Some((r.seq, r.attempt)),
-        }
-    }
-
-    fn command_id(&self) -> u64 {
-        match self {
-            CommandRecord::None => 0,
-            CommandRecord::Executing { command_id, .. }
-            | CommandRecord::Pending { command_id, .. }
-            | CommandRecord::Acked { command_id, .. } => *command_id,
-            CommandRecord::Rebooting { reboot: r, .. } => r.command_id,
-        }
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            CommandRecord::None => "none",
-            CommandRecord::Executing { .. } => "executing",
-            CommandRecord::Rebooting { .. } => "rebooting",
-            CommandRecord::Pending { .. } => "pending",
-            CommandRecord::Acked { .. } => "acked",
-        }
-    }
-}
-
 const KEY_FILE: &str = "device.key";
 const CERT_FILE: &str = "device.crt";
 const CA_FILE: &str = "ca.crt";
@@ -244,22 +153,8 @@ const COMMAND_FILE: &str = "command";
 /// Longest transport name stored.
 pub const MAX_TRANSPORT: usize = 64;
 
-/// `command` file: magic, version, tag, seq, command_id, attempt, body, CRC-32 (big-endian).
-/// Version 1 had no attempt (read as attempt 0, the gateway's number for commands sent
-/// before attempts existed) and held wire-version-1 result frames (converted when read).
-const MAGIC: &[u8; 4] = b"FCCR";
-const VERSION: u8 = 2;
-const VERSION_1: u8 = 1;
-const TAG_EXECUTING: u8 = 1;
-const TAG_REBOOTING: u8 = 2;
-const TAG_PENDING: u8 = 3;
-const TAG_ACKED: u8 = 4;
-/// Bytes before the per-state body.
-const FIXED: usize = 4 + 1 + 1 + 8 + 8 + 4;
-/// The same in version 1 (no attempt).
-const FIXED_V1: usize = 4 + 1 + 1 + 8 + 8;
-/// The largest `command` file accepted: a result frame (with its configuration report) is
-/// at most a stream frame.
+/// The largest `command` file accepted: a result (with its configuration report) is at most a
+/// stream frame.
 const MAX_COMMAND_FILE: u64 = fleetcast_wire::header::MAX_STREAM_BODY as u64 + 4096;
 
 /// The agent's state directory, with the command record cached in memory.
@@ -318,7 +213,7 @@ impl State {
                     };
                     usize::from(steps)
                 ],
-                output: message.as_bytes().into(),
+                output: message.into_bytes().into(),
                 report: None,
             };
             state.record_result(&result)?;
@@ -381,7 +276,7 @@ impl State {
         let device_id = std::str::from_utf8(&text)
             .ok()
             .and_then(|t| t.trim().parse::<u64>().ok())
-            .ok_or_else(|| corrupt(&id_path, "not a decimal device id"))?;
+            .ok_or_else(|| corrupt(&id_path, Corrupt::DeviceId))?;
         let cert_pem = read_pem(&self.cert_path())?;
         let ca_pem = read_pem(&self.ca_path())?;
         Ok(Some(Identity {
@@ -409,7 +304,7 @@ impl State {
             return Ok(None);
         };
         if !valid_transport(&bytes) {
-            return Err(corrupt(&path, "not a transport name"));
+            return Err(corrupt(&path, Corrupt::TransportName));
         }
         Ok(Some(String::from_utf8(bytes).expect("checked ASCII")))
     }
@@ -421,7 +316,7 @@ impl State {
 
     /// Whether a dispatch of attempt `attempt` of command `seq` may run: its `(seq, attempt)`
     /// must be newer than every recorded one. One that may not run is a redelivery: answer it
-    /// with [`State::pending_frame`] (or nothing, when already acknowledged).
+    /// with [`State::pending_result`] (or nothing, when already acknowledged).
     pub fn should_run(&self, seq: u64, attempt: u32) -> bool {
         self.command.key().is_none_or(|last| (seq, attempt) > last)
     }
@@ -456,30 +351,22 @@ impl State {
     /// Records the result of the executing command (before it is sent).
     pub fn record_result(&mut self, result: &CommandResult<'_>) -> Result<(), StateError> {
         self.expect_executing(result.seq, result.attempt, result.command_id)?;
-        let frame = emit_result(result)?;
         self.set_command(CommandRecord::Pending {
-            seq: result.seq,
-            attempt: result.attempt,
-            command_id: result.command_id,
-            frame,
+            result: result.clone().into_owned(),
         })
     }
 
     /// The gateway has durably stored results up to `seq`: forget a pending result whose
     /// `seq` is not above it. Returns whether one was cleared.
     pub fn ack(&mut self, seq: u64) -> Result<bool, StateError> {
-        match self.command {
-            CommandRecord::Pending {
-                seq: pending,
-                attempt,
-                command_id,
-                ..
-            } if pending <= seq => {
-                self.set_command(CommandRecord::Acked {
-                    seq: pending,
-                    attempt,
-                    command_id,
-                })?;
+        match &self.command {
+            CommandRecord::Pending { result } if result.seq <= seq => {
+                let acked = CommandRecord::Acked {
+                    seq: result.seq,
+                    attempt: result.attempt,
+                    command_id: result.command_id,
+                };
+                self.set_command(acked)?;
                 Ok(true)
             }
             _ => Ok(false),
@@ -503,10 +390,9 @@ impl State {
                 state: self.command.name(),
             });
         }
-        let frame = emit_result(result)?;
         self.set_command(CommandRecord::Rebooting {
             reboot: record,
-            frame,
+            result: Some(result.clone().into_owned()),
         })
     }
 
@@ -520,9 +406,9 @@ impl State {
 
     /// The result of the rebooting command's steps before the reboot, as recorded with it;
     /// `None` for a record written by a version-1 agent, which kept none.
-    pub fn reboot_result(&self) -> Option<CommandResult<'_>> {
+    pub fn reboot_result(&self) -> Option<CommandResult<'static>> {
         match &self.command {
-            CommandRecord::Rebooting { frame, .. } if !frame.is_empty() => parse_frame(frame).ok(),
+            CommandRecord::Rebooting { result, .. } => result.clone(),
             _ => None,
         }
     }
@@ -540,18 +426,12 @@ impl State {
         Ok(Some(r))
     }
 
-    /// The emitted `Result` frame awaiting acknowledgement: send it as is.
-    pub fn pending_frame(&self) -> Option<&[u8]> {
+    /// The result awaiting acknowledgement.
+    pub fn pending_result(&self) -> Option<&CommandResult<'static>> {
         match &self.command {
-            CommandRecord::Pending { frame, .. } => Some(frame),
+            CommandRecord::Pending { result } => Some(result),
             _ => None,
         }
-    }
-
-    /// The result awaiting acknowledgement, parsed from its stored frame.
-    pub fn pending_result(&self) -> Option<CommandResult<'_>> {
-        // Checked when the frame was loaded or emitted.
-        parse_frame(self.pending_frame()?).ok()
     }
 
     /// What `Hello.last` should carry: the last recorded command and attempt, whether it is
@@ -565,7 +445,7 @@ impl State {
                 self.command,
                 CommandRecord::Executing { .. } | CommandRecord::Rebooting { .. }
             ),
-            result: self.pending_result(),
+            result: self.pending_result().cloned(),
         })
     }
 
@@ -584,9 +464,13 @@ impl State {
         }
     }
 
+    /// Makes `record` durable (encoded first: a result over a wire limit is refused before
+    /// anything is written), then current.
     fn set_command(&mut self, record: CommandRecord) -> Result<(), StateError> {
-        let bytes = encode_command(&record);
-        self.write(COMMAND_FILE, &bytes, 0o600)?;
+        // `None` is never set: the ledger only moves forward from the first command.
+        if let Some(bytes) = record.encode().map_err(StateError::Encode)? {
+            self.write(COMMAND_FILE, &bytes, 0o600)?;
+        }
         self.command = record;
         Ok(())
     }
@@ -605,249 +489,15 @@ impl State {
     }
 }
 
-fn encode_command(record: &CommandRecord) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64);
-    let Some((seq, attempt)) = record.key() else {
-        return out;
-    };
-    let tag = match record {
-        CommandRecord::None => return out,
-        CommandRecord::Executing { .. } => TAG_EXECUTING,
-        CommandRecord::Rebooting { .. } => TAG_REBOOTING,
-        CommandRecord::Pending { .. } => TAG_PENDING,
-        CommandRecord::Acked { .. } => TAG_ACKED,
-    };
-    out.extend_from_slice(MAGIC);
-    out.push(VERSION);
-    out.push(tag);
-    out.extend_from_slice(&seq.to_be_bytes());
-    out.extend_from_slice(&record.command_id().to_be_bytes());
-    out.extend_from_slice(&attempt.to_be_bytes());
-    match record {
-        CommandRecord::Executing { steps, .. } => out.extend_from_slice(&steps.to_be_bytes()),
-        CommandRecord::Rebooting { reboot, frame } => {
-            out.extend_from_slice(&reboot.old_boot_id);
-            let len = u32::try_from(frame.len()).expect("a result frame is far below 4 GiB");
-            out.extend_from_slice(&len.to_be_bytes());
-            out.extend_from_slice(frame);
-        }
-        CommandRecord::Pending { frame, .. } => {
-            let len = u32::try_from(frame.len()).expect("a result frame is far below 4 GiB");
-            out.extend_from_slice(&len.to_be_bytes());
-            out.extend_from_slice(frame);
-        }
-        CommandRecord::None | CommandRecord::Acked { .. } => {}
+/// A `command` file of any version: today's ([`crate::record`]) or one of before
+/// (`legacy.rs`).
+fn decode_command(bytes: &[u8]) -> Result<CommandRecord, Corrupt> {
+    let (version, r) = open(bytes, &COMMAND_MAGIC)?;
+    match version {
+        COMMAND_VERSION => CommandRecord::decode(r),
+        legacy::COMMAND_V1 | legacy::COMMAND_V2 => legacy::command(version, r),
+        v => Err(Corrupt::UnknownVersion(v)),
     }
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_be_bytes());
-    out
-}
-
-fn decode_command(bytes: &[u8]) -> Result<CommandRecord, &'static str> {
-    let Some((content, crc)) = bytes.split_last_chunk::<4>() else {
-        return Err("truncated");
-    };
-    if content.len() < FIXED_V1 {
-        return Err("truncated");
-    }
-    if &content[..4] != MAGIC {
-        return Err("bad magic");
-    }
-    if crc32fast::hash(content) != u32::from_be_bytes(*crc) {
-        return Err("checksum mismatch");
-    }
-    let version = content[4];
-    let fixed = match version {
-        VERSION if content.len() >= FIXED => FIXED,
-        VERSION => return Err("truncated"),
-        VERSION_1 => FIXED_V1,
-        _ => return Err("unknown version"),
-    };
-    let tag = content[5];
-    let seq = u64::from_be_bytes(content[6..14].try_into().expect("8 bytes"));
-    let command_id = u64::from_be_bytes(content[14..22].try_into().expect("8 bytes"));
-    let attempt = match version {
-        VERSION => u32::from_be_bytes(content[22..26].try_into().expect("4 bytes")),
-        // Before attempts: the gateway numbers such commands' attempt 0 too.
-        _ => 0,
-    };
-    let body = &content[fixed..];
-    let record = match tag {
-        TAG_EXECUTING => {
-            let steps: [u8; 2] = body.try_into().map_err(|_| "bad executing record")?;
-            CommandRecord::Executing {
-                seq,
-                attempt,
-                command_id,
-                steps: u16::from_be_bytes(steps),
-            }
-        }
-        TAG_REBOOTING => {
-            let (old_boot_id, rest) = body
-                .split_first_chunk::<16>()
-                .ok_or("bad rebooting record")?;
-            let frame = match version {
-                VERSION => {
-                    let (len, frame) = rest
-                        .split_first_chunk::<4>()
-                        .ok_or("bad rebooting record")?;
-                    if u32::from_be_bytes(*len) as usize != frame.len() {
-                        return Err("bad rebooting record length");
-                    }
-                    match parse_frame(frame) {
-                        Ok(r)
-                            if r.seq == seq
-                                && r.command_id == command_id
-                                && r.attempt == attempt => {}
-                        Ok(_) => return Err("rebooting frame is not this command's result"),
-                        Err(_) => return Err("rebooting result frame does not parse"),
-                    }
-                    frame.to_vec()
-                }
-                _ if rest.is_empty() => Vec::new(),
-                _ => return Err("bad rebooting record"),
-            };
-            CommandRecord::Rebooting {
-                reboot: RebootRecord {
-                    seq,
-                    attempt,
-                    command_id,
-                    old_boot_id: *old_boot_id,
-                },
-                frame,
-            }
-        }
-        TAG_PENDING => {
-            let (len, frame) = body.split_first_chunk::<4>().ok_or("bad pending record")?;
-            if u32::from_be_bytes(*len) as usize != frame.len() {
-                return Err("bad pending record length");
-            }
-            let frame = match version {
-                VERSION => frame.to_vec(),
-                _ => upgrade_v1_result(frame).ok_or("pending result frame does not parse")?,
-            };
-            match parse_frame(&frame) {
-                Ok(r) if r.seq == seq && r.command_id == command_id && r.attempt == attempt => {}
-                Ok(_) => return Err("pending frame is not this command's result"),
-                Err(e) => return Err(e),
-            }
-            CommandRecord::Pending {
-                seq,
-                attempt,
-                command_id,
-                frame,
-            }
-        }
-        TAG_ACKED if body.is_empty() => CommandRecord::Acked {
-            seq,
-            attempt,
-            command_id,
-        },
-        TAG_ACKED => return Err("bad acked record"),
-        _ => return Err("unknown record tag"),
-    };
-    Ok(record)
-}
-
-/// Emits a result as the `Result` frame the ledger stores.
-fn emit_result(result: &CommandResult<'_>) -> Result<Vec<u8>, StateError> {
-    let msg = Message::Result(result.clone());
-    let len = msg.buffer_len().map_err(StateError::Encode)?;
-    let mut frame = vec![0u8; len];
-    msg.emit(&mut frame).map_err(StateError::Encode)?;
-    Ok(frame)
-}
-
-/// Parses a stored `Result` frame: one whole stream frame (a result with its report may be far
-/// larger than a datagram).
-fn parse_frame(frame: &[u8]) -> Result<CommandResult<'_>, &'static str> {
-    let parsed =
-        fleetcast_wire::Frame::parse_prefix(frame, fleetcast_wire::header::MAX_STREAM_BODY)
-            .ok()
-            .filter(|(_, rest)| rest.is_empty())
-            .and_then(|(f, _)| Message::parse(&f).ok());
-    match parsed {
-        Some(Message::Result(r)) => Ok(r),
-        Some(_) => Err("pending frame is not this command's result"),
-        None => Err("pending result frame does not parse"),
-    }
-}
-
-/// Re-emits a `Result` frame of wire version 1 (what a version-1 `command` file holds) as
-/// the current version: attempt 0, no report. `None` if it is not a valid version-1 `Result`
-/// frame. Version 1 body: `command_id u64, seq u64, exit_code i32, steps list<(status u8,
-/// exit_code i32, duration_ms u32)>, output bytes16`.
-fn upgrade_v1_result(frame: &[u8]) -> Option<Vec<u8>> {
-    use fleetcast_wire::msg::limits::{MAX_OUTPUT, MAX_STEPS};
-    const V1_RESULT: [u8; 4] = [
-        fleetcast_wire::MAGIC,
-        1,
-        fleetcast_wire::Kind::Result as u8,
-        0,
-    ];
-    let (header, body) = frame.split_at_checked(fleetcast_wire::HEADER_LEN)?;
-    if header[..4] != V1_RESULT
-        || u32::from_be_bytes(header[4..8].try_into().ok()?) as usize != body.len()
-    {
-        return None;
-    }
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&header[..8]);
-    crc.update(body);
-    if crc.finalize().to_be_bytes() != header[8..12] {
-        return None;
-    }
-    let mut at = 0usize;
-    let mut take = |n: usize| -> Option<&[u8]> {
-        let b = body.get(at..at.checked_add(n)?)?;
-        at += n;
-        Some(b)
-    };
-    let u64_at = |b: &[u8]| u64::from_be_bytes(b.try_into().expect("8 bytes"));
-    let u32_at = |b: &[u8]| u32::from_be_bytes(b.try_into().expect("4 bytes"));
-    let command_id = u64_at(take(8)?);
-    let seq = u64_at(take(8)?);
-    let exit_code = u32_at(take(4)?) as i32;
-    let n = usize::from(u16::from_be_bytes(take(2)?.try_into().ok()?));
-    if n > MAX_STEPS {
-        return None;
-    }
-    let mut steps = Vec::with_capacity(n);
-    for _ in 0..n {
-        let st = take(9)?;
-        let status = match st[0] {
-            0 => StepStatus::Ok,
-            1 => StepStatus::Failed,
-            2 => StepStatus::Skipped,
-            3 => StepStatus::TimedOut,
-            _ => return None,
-        };
-        steps.push(StepResult {
-            status,
-            exit_code: u32_at(&st[1..5]) as i32,
-            duration_ms: u32_at(&st[5..9]),
-        });
-    }
-    let len = usize::from(u16::from_be_bytes(take(2)?.try_into().ok()?));
-    if len > MAX_OUTPUT {
-        return None;
-    }
-    let output = take(len)?;
-    if at != body.len() {
-        return None;
-    }
-    let msg = Message::Result(CommandResult {
-        command_id,
-        seq,
-        attempt: 0,
-        exit_code,
-        steps,
-        output: output.into(),
-        report: None,
-    });
-    let mut out = Vec::new();
-    msg.emit_to_vec(&mut out).ok()?;
-    Some(out)
 }
 
 fn valid_transport(name: &[u8]) -> bool {
@@ -858,7 +508,7 @@ fn check_cert_pem(path: &Path, pem: &[u8]) -> Result<(), StateError> {
     use rustls::pki_types::pem::PemObject as _;
     rustls::pki_types::CertificateDer::from_pem_slice(pem)
         .map(drop)
-        .map_err(|_| corrupt(path, "no PEM CERTIFICATE section"))
+        .map_err(|_| corrupt(path, Corrupt::NoCertificate))
 }
 
 fn read_pem(path: &Path) -> Result<String, StateError> {
@@ -872,7 +522,7 @@ fn read_pem(path: &Path) -> Result<String, StateError> {
         )
     })?;
     check_cert_pem(path, &bytes)?;
-    String::from_utf8(bytes).map_err(|_| corrupt(path, "not UTF-8"))
+    String::from_utf8(bytes).map_err(|_| corrupt(path, Corrupt::NotUtf8))
 }
 
 /// Reads a whole file of at most `max` bytes; `None` if it does not exist.
@@ -887,7 +537,7 @@ fn read_optional(path: &Path, max: u64) -> Result<Option<Vec<u8>>, StateError> {
         .read_to_end(&mut bytes)
         .map_err(|e| io_err(path, e))?;
     if bytes.len() as u64 > max {
-        return Err(corrupt(path, "file too large"));
+        return Err(corrupt(path, Corrupt::TooLarge { max }));
     }
     Ok(Some(bytes))
 }
@@ -899,7 +549,7 @@ fn io_err(path: &Path, source: io::Error) -> StateError {
     }
 }
 
-fn corrupt(path: &Path, reason: &'static str) -> StateError {
+fn corrupt(path: &Path, reason: Corrupt) -> StateError {
     StateError::Corrupt {
         path: path.to_owned(),
         reason,
@@ -909,6 +559,9 @@ fn corrupt(path: &Path, reason: &'static str) -> StateError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::legacy::tests as old;
+    use crate::record::{TAG_ACKED, TAG_EXECUTING, TAG_PENDING, TAG_REBOOTING};
+    use fleetcast_wire::Kind;
     use std::fs::{self, Permissions};
     use std::os::unix::fs::PermissionsExt as _;
 
@@ -982,7 +635,7 @@ mod tests {
 
         let mut s = State::open(dir.path()).unwrap();
         assert_eq!(s.interrupted(), None);
-        assert_eq!(s.pending_result(), Some(result(7, 700)));
+        assert_eq!(s.pending_result(), Some(&result(7, 700)));
         let last = s.last_executed().unwrap();
         assert_eq!((last.seq, last.result), (7, Some(result(7, 700))));
         // A re-sent dispatch of seq 7 must not run again.
@@ -1033,7 +686,7 @@ mod tests {
         ));
         s.record_result(&result(1, 10)).unwrap();
         s.record_executing(2, 1, 20, 1).unwrap();
-        assert_eq!(s.pending_frame(), None);
+        assert_eq!(s.pending_result(), None);
     }
 
     #[test]
@@ -1224,48 +877,16 @@ mod tests {
         assert!(last.result.is_none());
     }
 
-    /// A `command` file of version 1: `FCCR`, 1, tag, seq, command id, body, CRC-32.
-    fn v1_file(tag: u8, seq: u64, command_id: u64, body: &[u8]) -> Vec<u8> {
-        let mut out = b"FCCR".to_vec();
-        out.push(1);
-        out.push(tag);
-        out.extend_from_slice(&seq.to_be_bytes());
-        out.extend_from_slice(&command_id.to_be_bytes());
-        out.extend_from_slice(body);
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_be_bytes());
-        out
-    }
-
-    /// A `Result` frame of wire version 1, built by hand from docs/wire.md of version 1.
-    fn v1_result_frame(seq: u64, command_id: u64) -> Vec<u8> {
-        let mut body = command_id.to_be_bytes().to_vec();
-        body.extend_from_slice(&seq.to_be_bytes());
-        body.extend_from_slice(&3i32.to_be_bytes());
-        body.extend_from_slice(&1u16.to_be_bytes());
-        body.push(1); // failed
-        body.extend_from_slice(&3i32.to_be_bytes());
-        body.extend_from_slice(&12u32.to_be_bytes());
-        body.extend_from_slice(&3u16.to_be_bytes());
-        body.extend_from_slice(b"hi\n");
-        let mut frame = vec![0xFC, 1, 0x11, 0];
-        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&frame);
-        crc.update(&body);
-        frame.extend_from_slice(&crc.finalize().to_be_bytes());
-        frame.extend_from_slice(&body);
-        frame
-    }
-
     #[test]
     fn a_version_1_ledger_is_read_as_attempt_0_and_keeps_its_pending_result() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(COMMAND_FILE);
-        let frame = v1_result_frame(7, 700);
-        let mut body = (frame.len() as u32).to_be_bytes().to_vec();
-        body.extend_from_slice(&frame);
-        fs::write(&path, v1_file(TAG_PENDING, 7, 700, &body)).unwrap();
+        let frame = old::frame(1, Kind::Result as u8, &old::v1_result_body(7, 700));
+        fs::write(
+            &path,
+            old::v1_file(TAG_PENDING, 7, 700, &old::with_len(&frame)),
+        )
+        .unwrap();
         let mut s = State::open(dir.path()).unwrap();
         // The result an agent upgraded with a pending result still has, as the current wire
         // version, attempt 0 (what the gateway calls commands sent before attempts).
@@ -1273,23 +894,27 @@ mod tests {
             attempt: 0,
             ..result(7, 700)
         };
-        assert_eq!(s.pending_result(), Some(want));
+        assert_eq!(s.pending_result(), Some(&want));
         let last = s.last_executed().unwrap();
         assert_eq!((last.seq, last.attempt), (7, 0));
         assert!(!s.should_run(7, 0));
         assert!(s.should_run(7, 1));
-        // Written back in the current version on the next transition.
+        // Written back in the current layout on the next transition.
         assert!(s.ack(7).unwrap());
-        assert_eq!(fs::read(&path).unwrap()[4], VERSION);
+        assert_eq!(fs::read(&path).unwrap()[4], COMMAND_VERSION);
         let s = State::open(dir.path()).unwrap();
         assert_eq!(s.command().key(), Some((7, 0)));
 
         // The other records of version 1.
-        fs::write(&path, v1_file(TAG_EXECUTING, 3, 30, &2u16.to_be_bytes())).unwrap();
+        fs::write(
+            &path,
+            old::v1_file(TAG_EXECUTING, 3, 30, &2u16.to_be_bytes()),
+        )
+        .unwrap();
         let s = State::open(dir.path()).unwrap();
         assert_eq!(s.interrupted(), Some(3));
         assert_eq!(s.pending_result().unwrap().attempt, 0);
-        fs::write(&path, v1_file(TAG_REBOOTING, 4, 40, &[9; 16])).unwrap();
+        fs::write(&path, old::v1_file(TAG_REBOOTING, 4, 40, &[9; 16])).unwrap();
         let s = State::open(dir.path()).unwrap();
         assert_eq!(
             s.reboot(),
@@ -1305,16 +930,77 @@ mod tests {
         // A damaged version-1 frame is corruption, not a silently different result.
         let mut bad = frame.clone();
         bad[20] ^= 1;
-        let mut body = (bad.len() as u32).to_be_bytes().to_vec();
-        body.extend_from_slice(&bad);
-        fs::write(&path, v1_file(TAG_PENDING, 7, 700, &body)).unwrap();
+        fs::write(
+            &path,
+            old::v1_file(TAG_PENDING, 7, 700, &old::with_len(&bad)),
+        )
+        .unwrap();
         assert!(matches!(
             State::open(dir.path()),
             Err(StateError::Corrupt {
-                reason: "pending result frame does not parse",
+                reason: Corrupt::Result(fleetcast_wire::Error::Checksum),
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_version_2_ledger_keeps_its_result_and_reboot_across_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(COMMAND_FILE);
+        // A pending result as the release before this layout wrote it: a whole `Result` frame.
+        let frame = old::frame(2, Kind::Result as u8, &old::v2_result_body(7, 1, 700));
+        fs::write(
+            &path,
+            old::v2_file(TAG_PENDING, 7, 700, 1, &old::with_len(&frame)),
+        )
+        .unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        assert_eq!(s.pending_result(), Some(&result(7, 700)));
+        assert_eq!(s.last_executed().unwrap().result, Some(result(7, 700)));
+        assert!(!s.should_run(7, 1));
+        assert!(s.ack(7).unwrap());
+        assert_eq!(fs::read(&path).unwrap()[4], COMMAND_VERSION);
+
+        // A reboot under way, with the result of the steps before it.
+        let r = CommandResult {
+            attempt: 2,
+            ..result(9, 90)
+        };
+        let frame = old::frame(2, Kind::Result as u8, &old::v2_result_body(9, 2, 90));
+        let mut body = [5u8; 16].to_vec();
+        body.extend_from_slice(&old::with_len(&frame));
+        fs::write(&path, old::v2_file(TAG_REBOOTING, 9, 90, 2, &body)).unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        assert_eq!(s.interrupted(), None);
+        let rec = RebootRecord {
+            seq: 9,
+            attempt: 2,
+            command_id: 90,
+            old_boot_id: [5; 16],
+        };
+        assert_eq!(s.reboot(), Some(rec));
+        assert_eq!(s.reboot_result(), Some(r));
+        assert_eq!(s.take_reboot().unwrap(), Some(rec));
+        let s = State::open(dir.path()).unwrap();
+        assert_eq!(s.command().key(), Some((9, 2)));
+        assert_eq!(fs::read(&path).unwrap()[4], COMMAND_VERSION);
+
+        // Executing when the agent was upgraded: a failed result, not a rerun.
+        fs::write(
+            &path,
+            old::v2_file(TAG_EXECUTING, 10, 100, 1, &1u16.to_be_bytes()),
+        )
+        .unwrap();
+        let s = State::open(dir.path()).unwrap();
+        assert_eq!(s.interrupted(), Some(10));
+        assert_eq!(
+            s.pending_result().map(|r| (r.seq, r.exit_code)),
+            Some((10, EXIT_AGENT_RESTARTED))
+        );
+        fs::write(&path, old::v2_file(TAG_ACKED, 11, 110, 3, &[])).unwrap();
+        let s = State::open(dir.path()).unwrap();
+        assert!(!s.should_run(11, 3) && s.should_run(11, 4));
     }
 
     #[test]
@@ -1326,44 +1012,41 @@ mod tests {
         let path = dir.path().join(COMMAND_FILE);
         let good = fs::read(&path).unwrap();
 
-        let cases: Vec<(Vec<u8>, &str)> = vec![
-            (b"garbage".to_vec(), "truncated"),
+        let flip = |at: usize| {
+            let mut b = good.clone();
+            b[at] ^= 1;
+            b
+        };
+        let cases: Vec<(Vec<u8>, Corrupt, &str)> = vec![
+            (b"garbage".to_vec(), Corrupt::Truncated, "truncated"),
+            (flip(30), Corrupt::Checksum, "checksum mismatch"),
             (
-                {
-                    let mut b = good.clone();
-                    b[30] ^= 1;
-                    b
-                },
+                good[..good.len() - 1].to_vec(),
+                Corrupt::Checksum,
                 "checksum mismatch",
             ),
-            (good[..good.len() - 1].to_vec(), "checksum mismatch"),
-            (
-                {
-                    let mut b = good.clone();
-                    b[0] = b'X';
-                    b
-                },
-                "bad magic",
-            ),
+            (flip(0), Corrupt::BadMagic, "bad magic"),
         ];
-        for (bytes, reason) in cases {
+        for (bytes, want, text) in cases {
             fs::write(&path, &bytes).unwrap();
-            match State::open(dir.path()) {
-                Err(e @ StateError::Corrupt { .. }) => {
-                    let text = e.to_string();
-                    assert!(text.contains(&*path.to_string_lossy()), "{text}");
-                    assert!(text.contains(reason), "{text}");
-                }
-                other => panic!("expected Corrupt({reason}), got {other:?}"),
-            }
+            let e = State::open(dir.path()).unwrap_err();
+            assert!(
+                matches!(e, StateError::Corrupt { reason, .. } if reason == want),
+                "expected Corrupt({want:?}), got {e:?}"
+            );
+            let shown = e.to_string();
+            assert!(shown.contains(&*path.to_string_lossy()), "{shown}");
+            assert!(shown.contains(text), "{shown}");
         }
 
-        // A valid CRC over a frame that is not a `Result` is still caught.
+        // A valid CRC over a result that does not decode is still caught.
         let bad = {
-            let mut content = good[..FIXED].to_vec();
-            let frame = b"not a frame";
-            content.extend_from_slice(&(frame.len() as u32).to_be_bytes());
-            content.extend_from_slice(frame);
+            let mut content = good[..good.len() - 4].to_vec();
+            let at = 4 + 1 + 1 + 8 + 8 + 4;
+            content.truncate(at);
+            let junk = b"not a result";
+            content.extend_from_slice(&(junk.len() as u32).to_be_bytes());
+            content.extend_from_slice(junk);
             let crc = crc32fast::hash(&content);
             content.extend_from_slice(&crc.to_be_bytes());
             content
@@ -1372,7 +1055,7 @@ mod tests {
         assert!(matches!(
             State::open(dir.path()),
             Err(StateError::Corrupt {
-                reason: "pending result frame does not parse",
+                reason: Corrupt::Result(_),
                 ..
             })
         ));
@@ -1382,17 +1065,36 @@ mod tests {
         fs::write(dir.path().join(DEVICE_ID_FILE), "forty-two\n").unwrap();
         let e = s.load_identity().unwrap_err();
         assert!(e.to_string().contains("device_id"), "{e}");
+        assert!(matches!(
+            e,
+            StateError::Corrupt {
+                reason: Corrupt::DeviceId,
+                ..
+            }
+        ));
         fs::write(dir.path().join(DEVICE_ID_FILE), "42\n").unwrap();
         fs::write(dir.path().join(CERT_FILE), "junk").unwrap();
         fs::write(dir.path().join(CA_FILE), CERT).unwrap();
         assert!(matches!(
             s.load_identity(),
-            Err(StateError::Corrupt { path, .. }) if path.ends_with(CERT_FILE)
+            Err(StateError::Corrupt { path, reason: Corrupt::NoCertificate })
+                if path.ends_with(CERT_FILE)
         ));
         fs::write(dir.path().join(TRANSPORT_FILE), "a b").unwrap();
         assert!(matches!(
             s.load_transport(),
-            Err(StateError::Corrupt { .. })
+            Err(StateError::Corrupt {
+                reason: Corrupt::TransportName,
+                ..
+            })
+        ));
+        fs::write(dir.path().join(TRANSPORT_FILE), [b'x'; MAX_TRANSPORT + 2]).unwrap();
+        assert!(matches!(
+            s.load_transport(),
+            Err(StateError::Corrupt {
+                reason: Corrupt::TooLarge { .. },
+                ..
+            })
         ));
     }
 }

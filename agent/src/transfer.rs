@@ -5,10 +5,13 @@
 //!
 //! # Files (in the downloads directory)
 //! - `<name>.part`: the file being received, written at `block × block_size`.
-//! - `.<name>.task-<id>.rec`: the received-block record (task geometry and digest, then
-//!   ranges), rewritten atomically (write to a temporary, fsync, rename) on every
-//!   `PersistDue` and on stop. A restarted agent resumes from it instead of starting over; a
-//!   record of another geometry or digest is ignored.
+//! - `.<name>.task-<id>.rec`: the received-block record ([`TransferRecord`]: task geometry
+//!   and digest, then ranges, in the wire codec with a CRC-32; [`crate::record`]), rewritten
+//!   atomically ([`fleetcast_os::write_atomic`]: temporary file, fsync, rename, directory
+//!   fsync) on every `PersistDue` and on stop, always after the data it names is durable. A
+//!   restarted agent resumes from it instead of starting over; a record of another geometry
+//!   or digest, or one that does not decode, is ignored (the transfer starts over). A record
+//!   of the layout of before (no envelope) is read too (`legacy.rs`).
 //! - `<name>`: the verified file (renamed from `.part` only after the SHA-256 matched).
 //! - `.<name>.task-<id>.done`: written after the rename; a repeated announce of a finished
 //!   task re-verifies `<name>` and reports at once.
@@ -29,7 +32,7 @@
 //!   only with a valid tag under that key, and its cookie is then echoed in the NACKs.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -45,6 +48,9 @@ use fleetcast_wire::{
     Parity, Probe, Ranges, TransferState, TransferStatus, TAG_LEN,
 };
 use ring::hmac;
+
+use crate::legacy;
+use crate::record::{self, Corrupt, TransferRecord, TRANSFER_MAGIC, TRANSFER_VERSION};
 
 /// Longest receive wait, so a stop request is seen promptly.
 const MAX_WAIT: Duration = Duration::from_millis(100);
@@ -522,42 +528,55 @@ fn paths(spec: &TransferSpec) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
     )
 }
 
-/// Record header: task, size, block size, digest.
-fn record_header(spec: &TransferSpec) -> Vec<u8> {
-    let mut h = Vec::with_capacity(52);
-    h.extend_from_slice(&spec.announce.task_id.to_be_bytes());
-    h.extend_from_slice(&spec.announce.size.to_be_bytes());
-    h.extend_from_slice(&spec.announce.block_size.to_be_bytes());
-    h.extend_from_slice(&spec.announce.sha256);
-    h
-}
-
+/// The received-block record of this transfer, if `path` holds one: the blocks to resume
+/// from. A record of another task, geometry or digest is not this transfer's; one that does
+/// not decode is said on stderr and ignored (the blocks are received again).
 fn load_record(spec: &TransferSpec, path: &Path) -> Option<Ranges> {
     let raw = std::fs::read(path).ok()?;
-    let head = record_header(spec);
-    let rest = raw.strip_prefix(head.as_slice())?;
-    let mut r = Ranges::new();
-    for pair in rest.chunks_exact(8) {
-        let start = u32::from_be_bytes(pair[..4].try_into().ok()?);
-        let len = u32::from_be_bytes(pair[4..].try_into().ok()?);
-        r.push(start, len).ok()?;
-    }
-    Some(r)
+    let rec = match decode_record(&raw) {
+        Ok(rec) => rec,
+        Err(e) => {
+            crate::say!(
+                "task {}: ignoring the record {}: {e}",
+                spec.announce.task_id,
+                path.display()
+            );
+            return None;
+        }
+    };
+    let a = &spec.announce;
+    ((rec.task_id, rec.size, rec.block_size, rec.sha256)
+        == (a.task_id, a.size, a.block_size, a.sha256))
+        .then_some(rec.received)
 }
 
-fn save_record(spec: &TransferSpec, path: &Path, received: &Ranges) -> io::Result<()> {
-    let mut buf = record_header(spec);
-    for r in received.as_slice() {
-        buf.extend_from_slice(&r.start.to_be_bytes());
-        buf.extend_from_slice(&r.len.to_be_bytes());
+/// A record file of either layout: today's ([`crate::record`]) or the one of before, which
+/// has no envelope (`legacy.rs`).
+fn decode_record(bytes: &[u8]) -> Result<TransferRecord, Corrupt> {
+    match record::open(bytes, &TRANSFER_MAGIC) {
+        Ok((TRANSFER_VERSION, r)) => TransferRecord::decode(r),
+        Ok((v, _)) => Err(Corrupt::UnknownVersion(v)),
+        Err(Corrupt::BadMagic) => legacy::transfer_record(bytes),
+        Err(e) => Err(e),
     }
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(&buf)?;
-        f.sync_data()?;
-    }
-    std::fs::rename(&tmp, path)
+}
+
+/// Replaces the record with `received`, atomically and durably (the caller made the blocks
+/// it names durable first).
+fn save_record(spec: &TransferSpec, path: &Path, received: Ranges) -> io::Result<()> {
+    let a = &spec.announce;
+    let rec = TransferRecord {
+        task_id: a.task_id,
+        size: a.size,
+        block_size: a.block_size,
+        sha256: a.sha256,
+        received,
+    };
+    // A `Ranges` always encodes (its invariant keeps counts and gaps in range).
+    let bytes = rec
+        .encode()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    fleetcast_os::write_atomic(path, &bytes, 0o644)
 }
 
 fn file_sha256(path: &Path) -> io::Result<[u8; 32]> {
@@ -744,7 +763,7 @@ fn run_once(
             .spawn(move || {
                 for snapshot in persist_rx {
                     if file.sync_data().is_ok() {
-                        let _ = save_record(&spec, &rec, &snapshot);
+                        let _ = save_record(&spec, &rec, snapshot);
                     }
                 }
             })?
@@ -769,7 +788,7 @@ fn run_once(
             drop(persist_tx);
             let _ = persister.join();
             file.sync_data()?;
-            save_record(spec, &rec, rx.received())?;
+            save_record(spec, &rec, rx.received().clone())?;
             return Ok(done(spec, Outcome::Aborted, [0; 32], "stopped".into()));
         }
         let t = now();
@@ -943,6 +962,7 @@ fn run_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn names_are_one_component() {
@@ -1105,10 +1125,46 @@ mod tests {
         let mut r = Ranges::new();
         r.push(0, 3).unwrap();
         r.push(5, 2).unwrap();
-        save_record(&spec, &p, &r).unwrap();
-        assert_eq!(load_record(&spec, &p), Some(r));
+        save_record(&spec, &p, r.clone()).unwrap();
+        assert_eq!(&fs::read(&p).unwrap()[..5], b"FCTR\x02");
+        assert_eq!(load_record(&spec, &p), Some(r.clone()));
         let mut other = spec.clone();
         other.announce.sha256 = [4; 32];
         assert_eq!(load_record(&other, &p), None);
+        let mut other = spec.clone();
+        other.announce.block_size += 1;
+        assert_eq!(load_record(&other, &p), None);
+
+        // A record written by the release before (no envelope) still resumes the transfer;
+        // the next save writes today's layout.
+        let a = &spec.announce;
+        let mut old = a.task_id.to_be_bytes().to_vec();
+        old.extend_from_slice(&a.size.to_be_bytes());
+        old.extend_from_slice(&a.block_size.to_be_bytes());
+        old.extend_from_slice(&a.sha256);
+        for (start, len) in [(0u32, 3u32), (5, 2)] {
+            old.extend_from_slice(&start.to_be_bytes());
+            old.extend_from_slice(&len.to_be_bytes());
+        }
+        fs::write(&p, &old).unwrap();
+        assert_eq!(load_record(&spec, &p), Some(r.clone()));
+        assert_eq!(load_record(&other, &p), None);
+
+        // A damaged record is ignored, not resumed from.
+        save_record(&spec, &p, r).unwrap();
+        let mut bytes = fs::read(&p).unwrap();
+        let last = bytes.len() - 5;
+        bytes[last] ^= 1;
+        fs::write(&p, &bytes).unwrap();
+        assert_eq!(load_record(&spec, &p), None);
+        assert!(matches!(decode_record(&bytes), Err(Corrupt::Checksum)));
+        assert!(matches!(
+            decode_record(b"FCTR\x07\0\0\0\0"),
+            Err(Corrupt::Checksum)
+        ));
+        let mut future = b"FCTR\x07".to_vec();
+        let crc = crc32fast::hash(&future);
+        future.extend_from_slice(&crc.to_be_bytes());
+        assert_eq!(decode_record(&future), Err(Corrupt::UnknownVersion(7)));
     }
 }

@@ -88,6 +88,34 @@ impl Ranges {
     /// the distance from the end of the previous range (from 0 for the first range).
     pub(crate) fn encode<S: Sink>(&self, s: &mut S, max: usize) -> Result<()> {
         s.count(self.0.len(), max)?;
+        self.encode_items(s)
+    }
+
+    pub(crate) fn decode(r: &mut Reader<'_>, max: usize) -> Result<Ranges> {
+        let n = r.count(max, 2)?;
+        Self::decode_items(r, n)
+    }
+
+    /// Encodes the received-block record of a transfer (kept by the agent in its `.rec` file):
+    /// a `u32` count, then the ranges as in a NACK. A record holds a whole file's ranges, far
+    /// more than one NACK may carry (a file of `u32::MAX` blocks has fewer than 2³¹ ranges,
+    /// none adjacent), hence the wider count and no limit but the input's own length.
+    pub fn encode_record<S: Sink>(&self, s: &mut S) -> Result<()> {
+        s.u32(u32::try_from(self.0.len()).map_err(|_| Error::FieldTooLong)?)?;
+        self.encode_items(s)
+    }
+
+    /// Decodes [`Ranges::encode_record`]'s encoding. The count is checked against the bytes
+    /// remaining (each range takes at least two) before anything is allocated.
+    pub fn decode_record(r: &mut Reader<'_>) -> Result<Ranges> {
+        let n = r.u32()? as usize;
+        if n.saturating_mul(2) > r.remaining() {
+            return Err(Error::Truncated);
+        }
+        Self::decode_items(r, n)
+    }
+
+    fn encode_items<S: Sink>(&self, s: &mut S) -> Result<()> {
         let mut prev_end = 0u64;
         for r in &self.0 {
             let gap = u64::from(r.start) - prev_end;
@@ -98,8 +126,8 @@ impl Ranges {
         Ok(())
     }
 
-    pub(crate) fn decode(r: &mut Reader<'_>, max: usize) -> Result<Ranges> {
-        let n = r.count(max, 2)?;
+    /// `n` ranges, already checked to fit the input.
+    fn decode_items(r: &mut Reader<'_>, n: usize) -> Result<Ranges> {
         let mut out = Ranges(Vec::with_capacity(n));
         let mut prev_end = 0u64;
         for i in 0..n {
@@ -184,5 +212,38 @@ mod tests {
         // A range running past u32::MAX.
         let mut rd = Reader::new(&[0, 1, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x05]);
         assert_eq!(Ranges::decode(&mut rd, 16), Err(Error::InvalidValue));
+    }
+
+    #[test]
+    fn record_encoding_has_a_wide_count_and_round_trips() {
+        let mut r = Ranges::new();
+        for i in 0..70_000u32 {
+            // More ranges than a u16 count holds: a record is a whole file's.
+            r.push(i * 3, 2).unwrap();
+        }
+        let mut c = Counter::default();
+        r.encode_record(&mut c).unwrap();
+        let mut buf = vec![0u8; c.0];
+        let mut w = SliceWriter::new(&mut buf);
+        r.encode_record(&mut w).unwrap();
+        assert_eq!(w.position(), c.0);
+        assert_eq!(&buf[..4], &70_000u32.to_be_bytes());
+        let mut rd = Reader::new(&buf);
+        assert_eq!(Ranges::decode_record(&mut rd).unwrap(), r);
+        rd.finish().unwrap();
+
+        // The same items as a NACK's: count(1), varint(5), varint(1).
+        let mut one = Ranges::new();
+        one.push(5, 2).unwrap();
+        let mut buf = [0u8; 8];
+        let mut w = SliceWriter::new(&mut buf);
+        one.encode_record(&mut w).unwrap();
+        let n = w.position();
+        assert_eq!(&buf[..n], &[0, 0, 0, 1, 5, 1]);
+        // A count the input cannot hold is refused before allocating; so is a gap of 0.
+        let mut rd = Reader::new(&[0xff, 0xff, 0xff, 0xff, 0, 0]);
+        assert_eq!(Ranges::decode_record(&mut rd), Err(Error::Truncated));
+        let mut rd = Reader::new(&[0, 0, 0, 2, 0, 0, 0, 0]);
+        assert_eq!(Ranges::decode_record(&mut rd), Err(Error::InvalidValue));
     }
 }

@@ -39,11 +39,12 @@
 //!   later ones `Skipped`, and returns [`Completed::reboot_at`]; the driver records the
 //!   reboot, sends `RebootStarting` and reboots. Work that must follow a reboot is a later
 //!   command in the queue.
-//! - `report` collects a configuration report ([`crate::report`]) into
-//!   [`OwnedResult::report`]: it goes to the gateway inside the result, so it is delivered
-//!   exactly when the result is (also in a later `Hello`, from the durable ledger).
+//! - `report` collects a configuration report ([`crate::report`]) into the result's
+//!   `report`: it goes to the gateway inside the result, so it is delivered exactly when the
+//!   result is (also in a later `Hello`, from the durable ledger).
+//! - The result is the wire message itself, owned ([`CommandResult<'static>`]): what the
+//!   executor produces is what the ledger keeps and the session sends, with no copy type.
 
-use std::borrow::Cow;
 use std::io;
 use std::sync::mpsc;
 use std::thread;
@@ -52,7 +53,7 @@ use std::time::{Duration, Instant};
 use fleetcast_wire::msg::limits::MAX_OUTPUT;
 use fleetcast_wire::{CommandResult, Dispatch, Step, StepResult, StepStatus};
 
-use crate::report::{self, OwnedConfigReport, ReportConfig};
+use crate::report::{self, ReportConfig};
 
 mod fetch;
 mod file;
@@ -104,45 +105,11 @@ fn kind(step: &Step<'_>) -> &'static str {
     }
 }
 
-/// A command's result, owned; [`OwnedResult::as_wire`] borrows it as the wire message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OwnedResult {
-    /// Gateway-wide command id.
-    pub command_id: u64,
-    /// Queue sequence number.
-    pub seq: u64,
-    /// The attempt this is the result of.
-    pub attempt: u32,
-    /// First failing step's exit code, or 0.
-    pub exit_code: i32,
-    /// One outcome per step.
-    pub steps: Vec<StepResult>,
-    /// The last [`MAX_OUTPUT`] bytes of output.
-    pub output: Vec<u8>,
-    /// The configuration report of the last `report` step that succeeded, if any.
-    pub report: Option<OwnedConfigReport>,
-}
-
-impl OwnedResult {
-    /// Borrows the result as the wire message.
-    pub fn as_wire(&self) -> CommandResult<'_> {
-        CommandResult {
-            command_id: self.command_id,
-            seq: self.seq,
-            attempt: self.attempt,
-            exit_code: self.exit_code,
-            steps: self.steps.clone(),
-            output: Cow::Borrowed(&self.output),
-            report: self.report.as_ref().map(OwnedConfigReport::as_wire),
-        }
-    }
-}
-
 /// What running a [`Job`] produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completed {
     /// The result (partial when a reboot was requested: later steps `Skipped`).
-    pub result: OwnedResult,
+    pub result: CommandResult<'static>,
     /// Index of the reboot step the executor stopped at: the driver now records the reboot,
     /// sends `RebootStarting` and reboots instead of sending the result.
     pub reboot_at: Option<usize>,
@@ -256,13 +223,13 @@ impl Running {
             first.exit_code = EXIT_EXECUTOR_LOST;
         }
         Completed {
-            result: OwnedResult {
+            result: CommandResult {
                 command_id: self.command_id,
                 seq: self.seq,
                 attempt: self.attempt,
                 exit_code: EXIT_EXECUTOR_LOST,
                 steps,
-                output: b"fleetcast-agent: executor thread died without a result\n".to_vec(),
+                output: b"fleetcast-agent: executor thread died without a result\n".into(),
                 report: None,
             },
             reboot_at: None,
@@ -379,13 +346,13 @@ pub fn run(job: &Job, cfg: &ExecConfig) -> Completed {
         });
     }
     Completed {
-        result: OwnedResult {
+        result: CommandResult {
             command_id: job.command_id,
             seq: job.seq,
             attempt: job.attempt,
             exit_code,
             steps,
-            output: out.to_vec(),
+            output: out.to_vec().into(),
             report,
         },
         reboot_at,
@@ -413,6 +380,7 @@ fn file_step(out: &mut TailBuffer, i: usize, step: &Step<'_>, r: Result<(), Step
 mod tests {
     use super::test_util::*;
     use super::*;
+    use std::borrow::Cow;
     use std::fs;
     use std::sync::mpsc;
     use std::time::Duration;
@@ -502,8 +470,17 @@ mod tests {
         let report = done.result.report.clone().unwrap();
         assert_eq!(report.boot_id[1], 0x11);
         assert!(report.software.is_empty());
-        // The report travels inside the result.
-        assert_eq!(done.result.as_wire().report, Some(report.as_wire()));
+        // The report travels inside the result, which is the wire message: it emits as one.
+        let msg = fleetcast_wire::Message::Result(done.result.clone());
+        let mut frame = Vec::new();
+        msg.emit_to_vec(&mut frame).unwrap();
+        let (parsed, _) =
+            fleetcast_wire::Frame::parse_prefix(&frame, fleetcast_wire::header::MAX_STREAM_BODY)
+                .unwrap();
+        match fleetcast_wire::Message::parse(&parsed).unwrap() {
+            fleetcast_wire::Message::Result(r) => assert_eq!(r.report, Some(report)),
+            other => panic!("not a Result: {other:?}"),
+        }
         assert_eq!(output(&done), "working\n");
 
         // A failing report step (bad boot id file) is a failed step with a message.
@@ -523,7 +500,7 @@ mod tests {
     }
 
     #[test]
-    fn job_from_dispatch_and_result_as_wire() {
+    fn job_from_dispatch_is_owned() {
         // Borrowed from a buffer that is gone before the job runs.
         let frame = String::from("a");
         let d = Dispatch {
@@ -563,19 +540,5 @@ mod tests {
             }
         );
         assert_eq!(j.steps.len(), 6);
-        let r = OwnedResult {
-            command_id: 1,
-            seq: 2,
-            attempt: 4,
-            exit_code: 0,
-            steps: vec![skipped()],
-            output: b"out".to_vec(),
-            report: None,
-        };
-        let w = r.as_wire();
-        assert_eq!(
-            (w.command_id, w.seq, w.attempt, &*w.output),
-            (1, 2, 4, &b"out"[..])
-        );
     }
 }

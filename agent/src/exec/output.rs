@@ -105,7 +105,7 @@ mod tests {
         assert_eq!(expected.len(), 100_000);
         assert_eq!(done.result.output.len(), MAX_OUTPUT);
         assert_eq!(
-            done.result.output,
+            *done.result.output,
             expected.as_bytes()[expected.len() - MAX_OUTPUT..]
         );
     }
