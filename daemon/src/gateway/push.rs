@@ -1,63 +1,78 @@
-//! Multicast pushes in the loop: digests ready from the hashing thread, the watched
-//! directory's scans, and driving the distributions.
+//! Multicast pushes in the loop, routed and not decided: the fleet's `PreparePush` goes to
+//! the distributor, the digest (or why there is none) back to the fleet as
+//! [`Input::Hashed`]; the watched directory's scans; driving the distributions.
 
 use super::*;
 
 impl Gateway {
-    /// Pushes whose file digest is ready go to the fleet (which creates their task); a file
-    /// that could not be read is refused to whoever asked.
-    pub(super) fn take_hashed(&mut self, now: Instant) {
-        let Some(d) = self.dist.as_mut() else { return };
-        for (conn, r) in d.take_hashed() {
-            match r {
-                Ok(task) => self.inputs.push(Input::Push { conn, task }),
-                Err(e) => {
-                    tracing::warn!(conn, error = %e, "push refused");
-                    self.apply(
-                        Action::Reply {
-                            conn,
-                            resp: Response::err(e.to_string()),
-                        },
-                        now,
-                    );
-                }
-            }
+    /// The fleet accepted a push: the distributor maps its file and starts the digest. A file
+    /// it cannot map goes back to the fleet as the push's result (the fleet answers).
+    pub(super) fn prepare_push(&mut self, origin: Origin, spec: PushSpec) {
+        // The fleet asks only while multicast is on (`Fleet::set_multicast` at bind).
+        let Some(d) = self.mcast.dist.as_mut() else {
+            tracing::error!(%origin, "push to prepare without a distributor: dropped");
+            return;
+        };
+        if let Err(e) = d.prepare_push(origin, spec, self.wall_ms) {
+            self.inputs.push(Input::Hashed {
+                origin,
+                result: Err(Arc::new(e)),
+            });
         }
     }
 
-    /// Scans the watched directory when due and pushes what settled there.
-    pub(super) fn scan_watch(&mut self, now: Instant) {
-        let (Some((cfg, watch, next)), Some(d)) = (self.watch.as_mut(), self.dist.as_mut()) else {
+    /// Digests ready from the hashing thread (or files that could not be read) go to the
+    /// fleet, which creates the task or answers why not.
+    pub(super) fn take_hashed(&mut self) {
+        let Some(d) = self.mcast.dist.as_mut() else {
             return;
         };
-        if now < *next {
+        for (origin, r) in d.take_hashed() {
+            let result = r.map_err(|e| Arc::new(e) as crate::fleet::PrepareError);
+            self.inputs.push(Input::Hashed { origin, result });
+        }
+    }
+
+    /// Scans the watched directory when due and pushes what settled there. Nothing here is
+    /// a request to validate (the watch's configuration was checked at start), so its pushes
+    /// go to the distributor directly; their digests go to the fleet like an operator's.
+    pub(super) fn scan_watch(&mut self, now: Instant) {
+        let Multicast {
+            dist: Some(d),
+            watch: Some(w),
+            ..
+        } = &mut self.mcast
+        else {
+            return;
+        };
+        if now < w.next_scan {
             return;
         }
-        *next = now + cfg.interval;
-        let entries = match crate::watch::list(&cfg.dir) {
+        w.next_scan = now + w.cfg.interval;
+        let entries = match crate::watch::list(&w.cfg.dir) {
             Ok(e) => e,
             Err(e) => {
-                tracing::warn!(dir = %cfg.dir.display(), error = %e, "watched directory unreadable");
+                tracing::warn!(dir = %w.cfg.dir.display(), error = %e, "watched directory unreadable");
                 return;
             }
         };
-        let origin = format!("change in watched directory {}", cfg.dir.display());
-        for name in watch.scan(&entries) {
-            let path = cfg.dir.join(&name);
-            let conn = self.watch_conn;
-            self.watch_conn -= 1;
+        let reason = format!("change in watched directory {}", w.cfg.dir.display());
+        for name in w.dir.scan(&entries) {
+            let path = w.cfg.dir.join(&name);
+            w.pushes += 1;
+            let origin = Origin::Watch { push: w.pushes };
             let spec = PushSpec {
-                path: &path.display().to_string(),
-                group: &cfg.group,
-                block_size: cfg.block_size,
-                rate_mbps: cfg.rate_mbps,
-                origin: &origin,
+                path: path.display().to_string(),
+                group: w.cfg.group.clone(),
+                block_size: w.cfg.block_size,
+                rate_mbps: w.cfg.rate_mbps,
+                reason: reason.clone(),
                 trigger: admin::PushTrigger::default(),
                 then: Vec::new(),
             };
-            match d.prepare_push(conn, spec, self.wall_ms) {
+            match d.prepare_push(origin, spec, self.wall_ms) {
                 Ok(()) => {
-                    tracing::info!(file = %path.display(), group = %cfg.group, "watched file changed: pushing");
+                    tracing::info!(file = %path.display(), group = %w.cfg.group, %origin, "watched file changed: pushing");
                 }
                 Err(e) => {
                     tracing::warn!(file = %path.display(), error = %e, "watched file not pushed")
@@ -67,7 +82,9 @@ impl Gateway {
     }
 
     pub(super) fn drive_distributions(&mut self, now: Instant) {
-        let Some(d) = self.dist.as_mut() else { return };
+        let Some(d) = self.mcast.dist.as_mut() else {
+            return;
+        };
         for ev in d.drive(now) {
             match ev {
                 DistEvent::Finished {
