@@ -26,6 +26,9 @@ pub(super) fn push(
     }
     match (origin.conn(), r) {
         (Some(conn), r) => {
+            if let Err(e) = &r {
+                tracing::warn!(%origin, error = %e, "push refused");
+            }
             let resp = r.map_or_else(Response::from, |pushed| reply(&pushed));
             actions.push(Action::Reply { conn, resp });
         }
