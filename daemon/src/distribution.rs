@@ -702,6 +702,12 @@ impl Distributor {
         out
     }
 
+    /// Pushes prepared and waiting for their task (tests check none is left behind).
+    #[cfg(test)]
+    pub(crate) fn prepared(&self) -> usize {
+        self.prepared.len()
+    }
+
     /// Forgets a prepared push whose task was not created.
     pub fn drop_prepared(&mut self, origin: Origin) {
         self.prepared.remove(&origin);
