@@ -190,7 +190,7 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     /// Binds the listener and the admin socket.
-    pub fn bind(cfg: GatewayConfig, fleet: Fleet) -> io::Result<Gateway> {
+    pub fn bind(cfg: GatewayConfig, mut fleet: Fleet) -> io::Result<Gateway> {
         let poll = Poll::new()?;
         let mut listener = bind_listener(cfg.listen, cfg.listen_backlog)?;
         poll.registry()
@@ -248,7 +248,6 @@ impl Gateway {
             None => None,
         };
         // The fleet refuses pushes exactly when there is no distributor to prepare them.
-        let mut fleet = fleet;
         fleet.set_multicast(dist.is_some());
         let fleet = store_thread::StoreThread::spawn(fleet, Arc::clone(&waker))?;
         let metrics = match cfg.metrics_listen {
