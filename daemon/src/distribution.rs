@@ -6,9 +6,11 @@
 //! a loop turn visits only the tasks that are due or that an input touched.
 //!
 //! # Shape
-//! - A push maps the file read-only ([`Mapped`]) and hashes it *before* the fleet creates the
-//!   task ([`Distributor::prepare_push`]); the fleet's `TaskCreated` action binds the mapping
-//!   to the new task ([`Distributor::task_created`]), whose [`Distribution`] owns the task
+//! - A push the fleet accepted (its `PreparePush` action) maps the file read-only
+//!   ([`Mapped`]) and hashes it *before* the fleet creates the task
+//!   ([`Distributor::prepare_push`]); the digest goes back to the fleet (`Input::Hashed`),
+//!   keyed, like the mapping, by the push's [`Origin`]; the fleet's `TaskCreated` action
+//!   binds the mapping to the new task ([`Distributor::task_created`]), whose [`Distribution`] owns the task
 //!   core; its group sender has every target registered as a receiver (offline ones too: it
 //!   stays alive until they report or [`McastConfig::linger`] passes without traffic).
 //! - Announces go over each target's control session; a device that connects later is
@@ -51,7 +53,7 @@ use fleetcast_store::{self as store, DeviceId, TaskId};
 mod nack;
 use nack::NackKeys;
 
-use crate::admin::PushTrigger;
+use crate::fleet::{Origin, PushSpec};
 use fleetcast_wire::data::data_mac_prefix;
 use fleetcast_wire::mcast::task::CATCH_UP_RATE;
 use fleetcast_wire::mcast::{
@@ -373,25 +375,6 @@ impl Distribution {
     }
 }
 
-/// What a push asks for.
-#[derive(Debug)]
-pub struct PushSpec<'a> {
-    /// The file, as the gateway opens it.
-    pub path: &'a str,
-    /// Target group.
-    pub group: &'a str,
-    /// Payload bytes per datagram.
-    pub block_size: u32,
-    /// Rate ceiling, Mbit/s.
-    pub rate_mbps: u64,
-    /// What asked for it (the task table's trigger starts with this).
-    pub origin: &'a str,
-    /// When the multicast starts.
-    pub trigger: PushTrigger,
-    /// Follow-up commands per verified device.
-    pub then: Vec<store::Command>,
-}
-
 /// A push mapped and hashed, waiting for its task.
 #[derive(Debug)]
 struct Prepared {
@@ -426,11 +409,11 @@ pub struct Distributor {
     secret: [u8; 32],
     dists: HashMap<u32, Distribution>,
     /// Pushes mapped and hashed, waiting for the fleet to create their task.
-    prepared: HashMap<u64, Prepared>,
+    prepared: HashMap<Origin, Prepared>,
     buf: Vec<u8>,
-    /// Digests computed off the loop: (push connection, result).
-    hashed_tx: std::sync::mpsc::Sender<(u64, io::Result<[u8; 32]>)>,
-    hashed_rx: std::sync::mpsc::Receiver<(u64, io::Result<[u8; 32]>)>,
+    /// Digests computed off the loop: (who pushed, result).
+    hashed_tx: std::sync::mpsc::Sender<(Origin, io::Result<[u8; 32]>)>,
+    hashed_rx: std::sync::mpsc::Receiver<(Origin, io::Result<[u8; 32]>)>,
     waker: Option<std::sync::Arc<mio::Waker>>,
     /// Digests of files pushed before, while they stay unchanged.
     digests: HashMap<FileKey, [u8; 32]>,
@@ -584,11 +567,12 @@ impl Distributor {
         out
     }
 
-    /// Maps and hashes a file for the push of admin connection `conn`; returns the task row.
+    /// Maps the file of `origin`'s push and starts hashing it; its task row comes out of
+    /// [`Distributor::take_hashed`] once the digest is known.
     pub fn prepare_push(
         &mut self,
-        conn: u64,
-        push: PushSpec<'_>,
+        origin: Origin,
+        push: PushSpec,
         wall_ms: u64,
     ) -> Result<(), DistError> {
         let PushSpec {
@@ -596,10 +580,11 @@ impl Distributor {
             group,
             block_size,
             rate_mbps,
-            origin,
+            reason,
             trigger,
             then,
         } = push;
+        let path = path.as_str();
         let map = Mapped::open(Path::new(path)).map_err(|source| DistError::Map {
             path: path.into(),
             source,
@@ -623,8 +608,8 @@ impl Distributor {
             size: map.len as u64,
             block_size,
             sha256: [0; 32],
-            group: Some(group.into()),
-            trigger: trigger.describe(origin),
+            group: Some(group),
+            trigger: trigger.describe(&reason),
             created_ms: wall_ms,
             then,
         };
@@ -636,16 +621,16 @@ impl Distributor {
         let key = file_key(&file);
         if let Some(digest) = key.as_ref().and_then(|k| self.digests.get(k)) {
             // The same file, unchanged since it was last hashed: no second read.
-            let _ = tx.send((conn, Ok(*digest)));
+            let _ = tx.send((origin, Ok(*digest)));
             if let Some(w) = &waker {
                 let _ = w.wake();
             }
         } else {
             std::thread::Builder::new()
-                .name(format!("fleetcast-hash-{conn}"))
+                .name("fleetcast-hash".into())
                 .spawn(move || {
                     let r = sha256_file(&file);
-                    let _ = tx.send((conn, r));
+                    let _ = tx.send((origin, r));
                     if let Some(w) = waker {
                         let _ = w.wake();
                     }
@@ -666,7 +651,7 @@ impl Distributor {
             }),
         };
         self.prepared.insert(
-            conn,
+            origin,
             Prepared {
                 map,
                 digest: [0; 32],
@@ -687,10 +672,10 @@ impl Distributor {
 
     /// Pushes whose digest is now known: their task rows, ready for the fleet (or why the
     /// file could not be read).
-    pub fn take_hashed(&mut self) -> Vec<(u64, Result<store::Task, DistError>)> {
+    pub fn take_hashed(&mut self) -> Vec<(Origin, Result<store::Task, DistError>)> {
         let mut out = Vec::new();
-        while let Ok((conn, r)) = self.hashed_rx.try_recv() {
-            let Some(p) = self.prepared.get_mut(&conn) else {
+        while let Ok((origin, r)) = self.hashed_rx.try_recv() {
+            let Some(p) = self.prepared.get_mut(&origin) else {
                 continue;
             };
             match r {
@@ -704,26 +689,38 @@ impl Distributor {
                     }
                     if let Some(mut t) = p.task.take() {
                         t.sha256 = digest;
-                        out.push((conn, Ok(t)));
+                        out.push((origin, Ok(t)));
                     }
                 }
                 Err(source) => {
                     let path = p.map.path.display().to_string();
-                    self.prepared.remove(&conn);
-                    out.push((conn, Err(DistError::Map { path, source })));
+                    self.prepared.remove(&origin);
+                    out.push((origin, Err(DistError::Map { path, source })));
                 }
             }
         }
         out
     }
 
-    /// Forgets a prepared push whose task was not created.
-    pub fn drop_prepared(&mut self, conn: u64) {
-        self.prepared.remove(&conn);
+    /// Pushes prepared and waiting for their task (tests check none is left behind).
+    #[cfg(test)]
+    pub(crate) fn prepared(&self) -> usize {
+        self.prepared.len()
     }
 
-    /// The fleet created `task` for the push of `conn`: start its distribution.
-    pub fn task_created(&mut self, conn: u64, task: TaskId, targets: &[DeviceId], now: Instant) {
+    /// Forgets a prepared push whose task was not created.
+    pub fn drop_prepared(&mut self, origin: Origin) {
+        self.prepared.remove(&origin);
+    }
+
+    /// The fleet created `task` for the push of `origin`: start its distribution.
+    pub fn task_created(
+        &mut self,
+        origin: Origin,
+        task: TaskId,
+        targets: &[DeviceId],
+        now: Instant,
+    ) {
         let Some(Prepared {
             map,
             digest,
@@ -731,7 +728,7 @@ impl Distributor {
             rate,
             trigger,
             ..
-        }) = self.prepared.remove(&conn)
+        }) = self.prepared.remove(&origin)
         else {
             return;
         };
@@ -1240,6 +1237,7 @@ impl FecCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admin::PushTrigger;
     use crate::pki::sha256;
     use fleetcast_wire::DataBlock;
 

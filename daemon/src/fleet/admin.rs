@@ -4,6 +4,10 @@
 
 use super::responses::*;
 use super::*;
+use crate::admin::TriggerError;
+
+/// Time allowed for one follow-up command of a push (an install, typically).
+const FOLLOW_UP_TIMEOUT_MS: u64 = 600_000;
 
 /// Why a queue command was refused (one variant per broken rule).
 #[derive(Debug, thiserror::Error)]
@@ -58,8 +62,22 @@ pub enum AdminError {
     #[error(transparent)]
     Command(#[from] CommandError),
     /// A request the gateway loop serves itself, sent to the fleet.
-    #[error("push, metrics and backup are served by the gateway loop")]
+    #[error("metrics and backup are served by the gateway loop")]
     NotFleet,
+    /// `push` while the gateway has no distributor.
+    #[error(
+        "multicast is off: start fleetcastd with --mcast-addr ADDRESS (its unicast address on the devices' network)"
+    )]
+    MulticastOff,
+    /// A push trigger that contradicts itself.
+    #[error(transparent)]
+    Trigger(#[from] TriggerError),
+    /// A follow-up command of `push --then` that breaks a rule.
+    #[error("--then: {0}")]
+    Then(CommandError),
+    /// The distributor could not prepare the push's file.
+    #[error("{0}")]
+    NotPrepared(PrepareError),
 }
 
 impl From<AdminError> for Response {
@@ -124,6 +142,14 @@ fn result_output(r: &store::StoredResult) -> Option<String> {
     }
 }
 
+/// What an operator request gets from the fleet.
+enum Answer {
+    /// Its answer, now.
+    Now(Response),
+    /// A push to prepare: answered once its task exists (or cannot).
+    Prepare(PushSpec),
+}
+
 pub(super) fn device_id(b: &dyn StoreBatch, name: &str) -> Result<DeviceId, AdminError> {
     match b.device_by_name(name)? {
         Some(d) => Ok(d.id),
@@ -141,13 +167,25 @@ fn transport_name(t: Option<store::Transport>) -> Option<String> {
 }
 
 impl Cx<'_> {
-    /// Answers an operator request.
-    pub(super) fn admin(&mut self, req: &Request) -> Response {
-        self.admin_request(req).unwrap_or_else(Response::from)
+    /// Answers an operator request on its connection; a valid push is answered later, once
+    /// its task exists (or cannot), and asks the loop to prepare its file meanwhile.
+    pub(super) fn admin(&mut self, conn: ConnId, req: &Request) {
+        let resp = match self.admin_request(req) {
+            Ok(Answer::Now(resp)) => resp,
+            Ok(Answer::Prepare(spec)) => {
+                self.actions.push(Action::PreparePush {
+                    origin: Origin::Operator(conn),
+                    spec,
+                });
+                return;
+            }
+            Err(e) => Response::from(e),
+        };
+        self.actions.push(Action::Reply { conn, resp });
     }
 
-    fn admin_request(&mut self, req: &Request) -> Result<Response, AdminError> {
-        Ok(match req {
+    fn admin_request(&mut self, req: &Request) -> Result<Answer, AdminError> {
+        Ok(Answer::Now(match req {
             Request::DeviceAdd { name, groups } => reply(&self.device_add(name, groups)?),
             Request::DeviceList => reply(&self.device_list()?),
             Request::DeviceRevoke { name } => reply(&self.device_revoke(name)?),
@@ -170,11 +208,50 @@ impl Cx<'_> {
             | Request::QueueRetry { device }
             | Request::QueueSkip { device } => reply(&self.queue_control(req, device)?),
             Request::Status => reply(&self.status()?),
-            Request::Push { .. } | Request::Metrics | Request::Backup { .. } => {
-                return Err(AdminError::NotFleet)
+            Request::Push {
+                path,
+                group,
+                block_size,
+                rate_mbps,
+                trigger,
+                then,
+            } => {
+                let spec = self.push_spec(path, group, *block_size, *rate_mbps, *trigger, then)?;
+                return Ok(Answer::Prepare(spec));
             }
+            // They need the gateway's own state (its counters, the store's environment
+            // while the loop waits): the admin connection serves them itself.
+            Request::Metrics | Request::Backup { .. } => return Err(AdminError::NotFleet),
             Request::TaskShow { task } => task_show(&*self.b, *task)?,
             Request::Events { from, limit } => reply(&self.events(*from, *limit)?),
+        }))
+    }
+
+    /// `push`: refused while multicast is off, or with a contradicting trigger or a bad
+    /// follow-up; otherwise what the distributor is to prepare (checked in this order).
+    fn push_spec(
+        &self,
+        path: &str,
+        group: &str,
+        block_size: u32,
+        rate_mbps: u64,
+        trigger: PushTrigger,
+        then: &[Vec<wire::Step<'static>>],
+    ) -> Result<PushSpec, AdminError> {
+        if !self.multicast {
+            return Err(AdminError::MulticastOff);
+        }
+        trigger.validate(self.now_ms)?;
+        let then = commands_from_specs(then, FOLLOW_UP_TIMEOUT_MS, 1, OnFailureSpec::Stop)
+            .map_err(AdminError::Then)?;
+        Ok(PushSpec {
+            path: path.to_string(),
+            group: group.to_string(),
+            block_size,
+            rate_mbps,
+            reason: "publish by operator".into(),
+            trigger,
+            then,
         })
     }
 
@@ -442,6 +519,7 @@ fn random_token() -> Result<String, ring::error::Unspecified> {
 mod tests {
     //! Operator requests.
 
+    use super::FOLLOW_UP_TIMEOUT_MS;
     use crate::fleet::rig::*;
     use crate::fleet::*;
 
@@ -560,5 +638,292 @@ mod tests {
         );
         let a = rig.run(vec![result_input(5, dev, 4, 1, false)]);
         assert_eq!(dispatched(&a), vec![5], "{a:?}");
+    }
+
+    /// A push request as the CLI sends it, to group `g`, with one follow-up.
+    fn push_req(trigger: PushTrigger, then: Vec<Vec<wire::Step<'static>>>) -> Request {
+        Request::Push {
+            path: "/srv/image.bin".into(),
+            group: "g".into(),
+            block_size: 1000,
+            rate_mbps: 100,
+            trigger,
+            then,
+        }
+    }
+
+    /// The task row the distributor makes of a prepared push once its digest is known.
+    fn hashed_row(spec: &PushSpec, group: &str) -> store::Task {
+        store::Task {
+            path: spec.path.clone(),
+            size: 3000,
+            block_size: spec.block_size,
+            sha256: [9; 32],
+            group: Some(group.into()),
+            trigger: spec.trigger.describe(&spec.reason),
+            created_ms: T0,
+            then: spec.then.clone(),
+        }
+    }
+
+    /// The distributor's refusal of a file (what the gateway hands back as the result).
+    fn unreadable() -> PrepareError {
+        Arc::new(crate::distribution::DistError::Map {
+            path: "/srv/image.bin".into(),
+            source: std::io::ErrorKind::NotFound.into(),
+        })
+    }
+
+    #[test]
+    fn an_operator_push_is_prepared_then_its_digest_creates_the_task_and_the_answer() {
+        let mut rig = Rig::with_multicast();
+        let (d1, k1) = rig.enrol("n1", 1);
+        rig.hello(3, d1, k1, None);
+        let a = rig.run(vec![Input::Admin {
+            conn: 900,
+            req: push_req(PushTrigger::default(), vec![exec("install")]),
+        }]);
+        // No answer yet: the loop is asked to map and hash the file.
+        let spec = match &a[..] {
+            [Action::PreparePush {
+                origin: Origin::Operator(900),
+                spec,
+            }] => spec.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            spec,
+            PushSpec {
+                path: "/srv/image.bin".into(),
+                group: "g".into(),
+                block_size: 1000,
+                rate_mbps: 100,
+                reason: "publish by operator".into(),
+                trigger: PushTrigger::default(),
+                then: vec![Command {
+                    steps: exec("install"),
+                    timeout_ms: FOLLOW_UP_TIMEOUT_MS,
+                    max_attempts: 1,
+                    on_failure: store::OnFailure::Stop,
+                }],
+            }
+        );
+        // Nothing is stored before the digest is known.
+        let r = rig.admin(Request::TaskShow { task: None });
+        assert_eq!(r.data["tasks"], serde_json::json!([]));
+        // The digest: the task is created, bound, announced, and the operator answered.
+        let a = rig.run(vec![Input::Hashed {
+            origin: Origin::Operator(900),
+            result: Ok(hashed_row(&spec, "g")),
+        }]);
+        let id = match &a[..] {
+            [Action::TaskCreated {
+                origin: Origin::Operator(900),
+                task,
+                targets,
+            }, Action::Announce {
+                conn: 3,
+                device,
+                task: announced,
+            }, Action::Reply { conn: 900, resp }] => {
+                assert_eq!((targets, device, announced), (&vec![d1], &d1, task));
+                assert!(resp.ok, "{resp:?}");
+                assert_eq!(resp.data["task"], task.0);
+                assert_eq!(resp.data["targets"], "n1");
+                assert_eq!(resp.data["sha256"], hex(&[9; 32]));
+                *task
+            }
+            other => panic!("{other:?}"),
+        };
+        let r = rig.admin(Request::TaskShow { task: Some(id.0) });
+        assert_eq!(r.data["trigger"], "publish by operator");
+        assert_eq!(r.data["path"], "/srv/image.bin");
+    }
+
+    #[test]
+    fn a_push_whose_file_cannot_be_prepared_is_answered_on_its_connection() {
+        let mut rig = Rig::with_multicast();
+        let (d1, k1) = rig.enrol("n1", 1);
+        rig.hello(3, d1, k1, None);
+        let a = rig.run(vec![Input::Hashed {
+            origin: Origin::Operator(900),
+            result: Err(unreadable()),
+        }]);
+        assert_eq!(
+            a,
+            vec![
+                Action::PushRefused {
+                    origin: Origin::Operator(900)
+                },
+                Action::Reply {
+                    conn: 900,
+                    resp: Response::err(unreadable().to_string()),
+                },
+            ]
+        );
+        assert!(unreadable()
+            .to_string()
+            .starts_with("cannot map /srv/image.bin: "));
+        let r = rig.admin(Request::TaskShow { task: None });
+        assert_eq!(r.data["tasks"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn a_watched_directory_push_is_answered_to_no_one() {
+        let mut rig = Rig::with_multicast();
+        let (d1, k1) = rig.enrol("n1", 1);
+        rig.hello(3, d1, k1, None);
+        let watch = |push| Origin::Watch { push };
+        let spec = PushSpec {
+            path: "/srv/drop/image.bin".into(),
+            group: "g".into(),
+            block_size: 1000,
+            rate_mbps: 100,
+            reason: "change in watched directory /srv/drop".into(),
+            trigger: PushTrigger::default(),
+            then: vec![],
+        };
+        // A file that cannot be read, and a group without members: the mapping goes, and no
+        // connection hears of it (the fleet logs it).
+        let a = rig.run(vec![
+            Input::Hashed {
+                origin: watch(1),
+                result: Err(unreadable()),
+            },
+            Input::Hashed {
+                origin: watch(2),
+                result: Ok(hashed_row(&spec, "nobody")),
+            },
+        ]);
+        assert_eq!(
+            a,
+            vec![
+                Action::PushRefused { origin: watch(1) },
+                Action::PushRefused { origin: watch(2) },
+            ]
+        );
+        // Its task is created and announced like an operator's, with no answer.
+        let a = rig.run(vec![Input::Hashed {
+            origin: watch(3),
+            result: Ok(hashed_row(&spec, "g")),
+        }]);
+        assert!(
+            matches!(
+                &a[..],
+                [Action::TaskCreated { origin, targets, .. }, Action::Announce { conn: 3, .. }]
+                    if *origin == watch(3) && targets == &vec![d1]
+            ),
+            "{a:?}"
+        );
+        let r = rig.admin(Request::TaskShow { task: None });
+        assert_eq!(r.data["tasks"][0]["path"], "/srv/drop/image.bin");
+    }
+
+    #[test]
+    fn a_push_is_refused_while_multicast_is_off_or_when_it_breaks_a_rule() {
+        let mut rig = Rig::new();
+        let past = PushTrigger {
+            at_ms: Some(T0 - 60_000),
+            ..PushTrigger::default()
+        };
+        // Multicast off is said first, whatever else the request gets wrong.
+        for req in [
+            push_req(PushTrigger::default(), vec![]),
+            push_req(past, vec![vec![]]),
+        ] {
+            assert_eq!(
+                rig.admin(req),
+                Response::err(
+                    "multicast is off: start fleetcastd with --mcast-addr ADDRESS (its unicast address on the devices' network)"
+                )
+            );
+        }
+        rig.fleet.set_multicast(true);
+        let refusals = [
+            (
+                push_req(past, vec![]),
+                "the scheduled start is in the past: give a future time",
+            ),
+            (
+                push_req(PushTrigger::default(), vec![vec![]]),
+                "--then: a command needs at least one step",
+            ),
+            (
+                push_req(
+                    PushTrigger::default(),
+                    vec![vec![wire::Step::Reboot, exec("x").remove(0)]],
+                ),
+                "--then: `reboot` must be the last step of its command: queue the steps after it as a new command (or use --each)",
+            ),
+        ];
+        for (req, error) in refusals {
+            assert_eq!(rig.admin(req), Response::err(error));
+        }
+        let r = rig.admin(Request::TaskShow { task: None });
+        assert_eq!(r.data["tasks"], serde_json::json!([]));
+    }
+
+    /// A store that cannot begin a batch (reads still work).
+    struct NoBatches(fleetcast_store::Store);
+
+    impl Engine for NoBatches {
+        fn batch(&mut self) -> store::Result<Box<dyn StoreBatch + '_>> {
+            Err(store::Error::DiskFull)
+        }
+        fn snapshot(&self) -> store::Result<Box<dyn Reads + '_>> {
+            Engine::snapshot(&self.0)
+        }
+        fn backup(&self, dest: &std::path::Path) -> store::Result<()> {
+            Engine::backup(&self.0, dest)
+        }
+    }
+
+    #[test]
+    fn a_push_the_store_cannot_take_is_refused_to_its_operator_only() {
+        let rig = Rig::with_multicast();
+        let dir = rig._dir.path();
+        let pki = Pki::load_or_create(&dir.join("pki"), &["localhost".into()], wall(T0)).unwrap();
+        let store = fleetcast_store::Store::open(dir.join("other")).unwrap();
+        let mut fleet = Fleet::new(NoBatches(store), pki, FleetConfig::default()).unwrap();
+        fleet.set_multicast(true);
+        let row = store::Task {
+            path: "/srv/image.bin".into(),
+            size: 3000,
+            block_size: 1000,
+            sha256: [9; 32],
+            group: Some("g".into()),
+            trigger: "publish by operator".into(),
+            created_ms: T0,
+            then: vec![],
+        };
+        let a = fleet.process(
+            T0,
+            vec![
+                Input::Hashed {
+                    origin: Origin::Operator(900),
+                    result: Ok(row.clone()),
+                },
+                Input::Hashed {
+                    origin: Origin::Watch { push: 1 },
+                    result: Ok(row),
+                },
+            ],
+        );
+        let error = format!("store unavailable: {}", store::Error::DiskFull);
+        assert_eq!(
+            a,
+            vec![
+                Action::PushRefused {
+                    origin: Origin::Operator(900)
+                },
+                Action::Reply {
+                    conn: 900,
+                    resp: Response::err(error),
+                },
+                Action::PushRefused {
+                    origin: Origin::Watch { push: 1 }
+                },
+            ]
+        );
     }
 }

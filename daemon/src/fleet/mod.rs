@@ -2,8 +2,11 @@
 //! against the store alone and free of sockets, so it is tested without a network.
 //!
 //! # Driving contract (one loop iteration)
-//! 1. The loop turns session events and admin requests into [`Input`]s and calls
-//!    [`Fleet::process`] once with all of them and the current wall time.
+//! 1. The loop turns session events, admin requests and pushed files' digests into
+//!    [`Input`]s and calls [`Fleet::process`] once with all of them and the current wall
+//!    time. Every admin request is the fleet's but `metrics` and `backup` (the loop's own
+//!    state); a push comes back as [`Input::Hashed`] after the loop prepared its file
+//!    ([`Action::PreparePush`]), carrying its [`Origin`] throughout.
 //! 2. `process` applies every transition in **one** store batch, fires expired command and
 //!    reboot deadlines, picks the next command for every device that became free, and commits
 //!    once (group commit: one fsync for the whole iteration).
@@ -21,6 +24,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::sync::Arc;
 
 use fleetcast_store::prelude::*;
 use fleetcast_store::{
@@ -28,7 +32,7 @@ use fleetcast_store::{
 };
 use fleetcast_wire::{self as wire, hex, CloseCode, Welcome};
 
-use crate::admin::{OnFailureSpec, Request, Response};
+use crate::admin::{OnFailureSpec, PushTrigger, Request, Response};
 use crate::pki::{sha256, Pki};
 
 mod admin;
@@ -46,6 +50,66 @@ use tasks::{push, record_progress, task_show};
 
 /// Identifies a connection (agent session or admin client) for the life of the process.
 pub type ConnId = u64;
+
+/// Who asked for a push, and so who hears how it went. It travels with the push from the
+/// request to the task: [`Action::PreparePush`], the distributor's prepared file,
+/// [`Input::Hashed`], [`Action::TaskCreated`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// An operator's `push` over this admin connection: every outcome is answered there.
+    Operator(ConnId),
+    /// A file that settled in the watched directory: answered to no one (its failures are
+    /// logged). `push` numbers the watch's pushes since the gateway started, so two pushes
+    /// of it in flight at once (the same file changed again while hashing) stay apart.
+    Watch {
+        /// The watch's push number.
+        push: u64,
+    },
+}
+
+impl Origin {
+    /// The admin connection to answer, if any.
+    pub fn conn(self) -> Option<ConnId> {
+        match self {
+            Origin::Operator(conn) => Some(conn),
+            Origin::Watch { .. } => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Operator(conn) => write!(f, "admin connection {conn}"),
+            Origin::Watch { push } => write!(f, "watched-directory push {push}"),
+        }
+    }
+}
+
+/// A push to prepare: what the distributor maps and hashes before the fleet creates the
+/// task (validated already: its trigger and follow-up commands keep the rules).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushSpec {
+    /// The file, as the gateway opens it.
+    pub path: String,
+    /// Target group.
+    pub group: String,
+    /// Payload bytes per datagram.
+    pub block_size: u32,
+    /// Rate ceiling, Mbit/s.
+    pub rate_mbps: u64,
+    /// What asked for it, in words (the task table's trigger starts with this).
+    pub reason: String,
+    /// When the multicast starts.
+    pub trigger: PushTrigger,
+    /// Follow-up commands per verified device.
+    pub then: Vec<Command>,
+}
+
+/// Why the distributor could not prepare a push's file (cannot map or read it, a geometry
+/// the sender refuses). The distributor's own typed error, kept whole: the fleet only
+/// answers and logs it, and shares it (`Arc`) because inputs are cloneable.
+pub type PrepareError = Arc<dyn std::error::Error + Send + Sync>;
 
 /// Fleet policy.
 #[derive(Debug, Clone)]
@@ -180,13 +244,13 @@ pub enum Input {
         /// The request.
         req: Request,
     },
-    /// An operator publishes a file to a group (the loop has mapped and hashed it already):
-    /// create the task and announce it.
-    Push {
-        /// Admin connection.
-        conn: ConnId,
-        /// The task to create (`group` names the targets).
-        task: store::Task,
+    /// A push's file is mapped and hashed ([`Action::PreparePush`] asked for it): create the
+    /// task and announce it; or the distributor could not prepare it: say why.
+    Hashed {
+        /// Who pushed.
+        origin: Origin,
+        /// The task to create (`group` names the targets), or why there is none.
+        result: Result<store::Task, PrepareError>,
     },
     /// A receiver's final word on a task (`Completion` over its control session).
     Completion {
@@ -275,11 +339,25 @@ pub enum Action {
         /// The answer.
         resp: Response,
     },
-    /// A push created a task: the loop binds the file it mapped for `conn` to `task` (before
-    /// the announces that follow in the same action list).
+    /// A valid push: the loop has the distributor map and hash its file, and gives the
+    /// digest back as [`Input::Hashed`].
+    PreparePush {
+        /// Who pushed.
+        origin: Origin,
+        /// What to push.
+        spec: PushSpec,
+    },
+    /// A prepared push gets no task (refused after its file was mapped): the loop forgets
+    /// the mapping.
+    PushRefused {
+        /// Who pushed.
+        origin: Origin,
+    },
+    /// A push created a task: the loop binds the file it mapped for `origin` to `task`
+    /// (before the announces that follow in the same action list).
     TaskCreated {
-        /// The admin connection that pushed.
-        conn: ConnId,
+        /// Who pushed.
+        origin: Origin,
         /// The new task.
         task: store::TaskId,
         /// Its targets.
@@ -308,9 +386,9 @@ pub enum Action {
 }
 
 impl Input {
-    /// The connection the input came from.
-    pub fn conn(&self) -> ConnId {
-        match self {
+    /// The connection the input came from (none: a watched-directory push).
+    pub fn conn(&self) -> Option<ConnId> {
+        Some(match self {
             Input::Hello { conn, .. }
             | Input::Enrol { conn, .. }
             | Input::Result { conn, .. }
@@ -319,27 +397,30 @@ impl Input {
             | Input::RebootComplete { conn, .. }
             | Input::Disconnected { conn, .. }
             | Input::Admin { conn, .. }
-            | Input::Push { conn, .. }
             | Input::Completion { conn, .. }
             | Input::TransferProgress { conn, .. } => *conn,
-        }
+            Input::Hashed { origin, .. } => return origin.conn(),
+        })
     }
 }
 
 impl Action {
-    /// The connection the action is for.
-    pub fn conn(&self) -> ConnId {
-        match self {
+    /// The connection the action is for (none: an action for the distributor alone, of a
+    /// watched-directory push).
+    pub fn conn(&self) -> Option<ConnId> {
+        Some(match self {
             Action::Welcome { conn, .. }
             | Action::Enrolled { conn, .. }
             | Action::Ack { conn, .. }
             | Action::Dispatch { conn, .. }
             | Action::Close { conn, .. }
             | Action::Reply { conn, .. }
-            | Action::TaskCreated { conn, .. }
             | Action::Announce { conn, .. }
             | Action::TransferDone { conn, .. } => *conn,
-        }
+            Action::PreparePush { origin, .. }
+            | Action::PushRefused { origin }
+            | Action::TaskCreated { origin, .. } => return origin.conn(),
+        })
     }
 }
 
@@ -358,6 +439,8 @@ struct Cx<'a> {
     b: &'a mut dyn StoreBatch,
     pki: &'a Pki,
     cfg: &'a FleetConfig,
+    /// The gateway has a distributor (multicast on): pushes are possible.
+    multicast: bool,
     now_ms: u64,
     online: &'a mut HashMap<DeviceId, Online>,
     actions: &'a mut Vec<Action>,
@@ -378,6 +461,8 @@ pub struct Fleet {
     /// `Enrolled` was lost on the way (a transport rung that swallows answers) gets the
     /// certificate again instead of "used token" (same token, same key, not revoked).
     recent_enrolments: HashMap<[u8; 32], (DeviceId, u64)>,
+    /// The gateway has a distributor (see [`Fleet::set_multicast`]).
+    multicast: bool,
 }
 
 /// How long a consumed token can be repeated (see `Fleet::recent_enrolments`).
@@ -437,7 +522,15 @@ impl Fleet {
             online: HashMap::new(),
             deadlines,
             recent_enrolments: HashMap::new(),
+            multicast: false,
         })
+    }
+
+    /// Whether the gateway has a distributor (multicast on: `--mcast-addr`); off until the
+    /// gateway says so, and a push is refused while it is off. The gateway sets it once,
+    /// from the distributor it opened, before the first batch.
+    pub fn set_multicast(&mut self, on: bool) {
+        self.multicast = on;
     }
 
     /// The store (read access for status pages).
@@ -477,13 +570,14 @@ impl Fleet {
             Err(e) => return fail_all(&inputs, &format!("store unavailable: {e}")),
         };
         for input in &inputs {
-            touched.push(input.conn());
+            touched.extend(input.conn());
             self.recent_enrolments
                 .retain(|_, (_, at)| now_ms.saturating_sub(*at) < ENROL_REPEAT_MS);
             let mut cx = Cx {
                 b: &mut *b,
                 pki: &self.pki,
                 cfg: &self.cfg,
+                multicast: self.multicast,
                 now_ms,
                 online: &mut self.online,
                 actions: &mut actions,
@@ -543,7 +637,7 @@ impl Fleet {
                 touched.sort_unstable();
                 touched.dedup();
                 for conn in touched {
-                    if !out.iter().any(|a| a.conn() == conn) {
+                    if !out.iter().any(|a| a.conn() == Some(conn)) {
                         out.push(Action::Close {
                             conn,
                             code: CloseCode::INTERNAL,
@@ -600,11 +694,10 @@ impl Fleet {
                 device,
                 reason,
             } => cx.disconnected(*conn, device.as_ref(), reason),
-            Input::Admin { conn, req } => {
-                let resp = cx.admin(req);
-                cx.actions.push(Action::Reply { conn: *conn, resp });
+            Input::Admin { conn, req } => cx.admin(*conn, req),
+            Input::Hashed { origin, result } => {
+                push(cx.b, cx.online, cx.now_ms, *origin, result, cx.actions)
             }
-            Input::Push { conn, task } => push(cx.b, cx.online, cx.now_ms, *conn, task, cx.actions),
             Input::Completion {
                 conn,
                 device,
@@ -647,12 +740,29 @@ fn event(time_ms: u64, device: Option<DeviceId>, kind: EventKind, message: Strin
 fn fail_all(inputs: &[Input], msg: &str) -> Vec<Action> {
     inputs
         .iter()
-        .filter_map(|i| match i {
-            Input::Admin { conn, .. } | Input::Push { conn, .. } => Some(Action::Reply {
+        .flat_map(|i| match i {
+            Input::Admin { conn, .. } => vec![Action::Reply {
                 conn: *conn,
                 resp: Response::err(msg),
-            }),
-            Input::Disconnected { .. } => None,
+            }],
+            // No task: the mapping goes, and whoever pushed hears why.
+            Input::Hashed { origin, .. } => {
+                let refused = Action::PushRefused { origin: *origin };
+                match origin.conn() {
+                    Some(conn) => vec![
+                        refused,
+                        Action::Reply {
+                            conn,
+                            resp: Response::err(msg),
+                        },
+                    ],
+                    None => {
+                        tracing::warn!(%origin, error = msg, "watched file not pushed");
+                        vec![refused]
+                    }
+                }
+            }
+            Input::Disconnected { .. } => vec![],
             Input::Hello { conn, .. }
             | Input::Enrol { conn, .. }
             | Input::Result { conn, .. }
@@ -661,7 +771,7 @@ fn fail_all(inputs: &[Input], msg: &str) -> Vec<Action> {
             | Input::RebootComplete { conn, .. }
             | Input::Completion { conn, .. }
             | Input::TransferProgress { conn, .. } => {
-                Some(close(*conn, CloseCode::INTERNAL, "gateway store failure"))
+                vec![close(*conn, CloseCode::INTERNAL, "gateway store failure")]
             }
         })
         .collect()

@@ -40,6 +40,13 @@ impl Rig {
         }
     }
 
+    /// A rig whose gateway has a distributor (multicast on: pushes are accepted).
+    pub(super) fn with_multicast() -> Rig {
+        let mut rig = Rig::new();
+        rig.fleet.set_multicast(true);
+        rig
+    }
+
     pub(super) fn run(&mut self, inputs: Vec<Input>) -> Vec<Action> {
         self.now += 10;
         self.fleet.process(self.now, inputs)
@@ -59,7 +66,9 @@ impl Rig {
         )
         .unwrap();
         drop(std::mem::replace(&mut self.fleet, placeholder));
+        let multicast = self.fleet.multicast;
         self.fleet = Fleet::new(Store::open(dir.join("store")).unwrap(), pki(), cfg).unwrap();
+        self.fleet.set_multicast(multicast);
     }
 
     pub(super) fn admin(&mut self, req: Request) -> Response {

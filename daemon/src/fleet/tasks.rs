@@ -5,28 +5,48 @@ use super::admin::{device_name, AdminError};
 use super::responses::*;
 use super::*;
 
-/// Creates a push task for the members of `task.group` and announces it to those online; the
-/// pushing connection is answered last.
+/// A push's file is prepared (or could not be): creates its task for the members of
+/// `task.group` and announces it to those online. An operator is answered last, on their
+/// connection; a watched-directory push is answered to no one, its failure logged. A push
+/// that gets no task has its mapping dropped.
 pub(super) fn push(
     b: &mut dyn StoreBatch,
     online: &HashMap<DeviceId, Online>,
     now_ms: u64,
-    conn: ConnId,
-    task: &store::Task,
+    origin: Origin,
+    result: &Result<store::Task, PrepareError>,
     actions: &mut Vec<Action>,
 ) {
-    let resp = match create_task(b, online, now_ms, conn, task, actions) {
-        Ok(pushed) => reply(&pushed),
-        Err(e) => Response::from(e),
+    let r = match result {
+        Ok(task) => create_task(b, online, now_ms, origin, task, actions),
+        Err(e) => Err(AdminError::NotPrepared(Arc::clone(e))),
     };
-    actions.push(Action::Reply { conn, resp });
+    if r.is_err() {
+        actions.push(Action::PushRefused { origin });
+    }
+    match (origin.conn(), r) {
+        (Some(conn), r) => {
+            if let Err(e) = &r {
+                tracing::warn!(%origin, error = %e, "push refused");
+            }
+            let resp = r.map_or_else(Response::from, |pushed| reply(&pushed));
+            actions.push(Action::Reply { conn, resp });
+        }
+        (None, Ok(pushed)) => {
+            tracing::info!(%origin, task = pushed.task, targets = %pushed.targets, "watched file: task created");
+        }
+        (None, Err(e)) => {
+            let file = result.as_ref().map_or("", |t| t.path.as_str());
+            tracing::warn!(%origin, file, error = %e, "watched file not pushed");
+        }
+    }
 }
 
 fn create_task(
     b: &mut dyn StoreBatch,
     online: &HashMap<DeviceId, Online>,
     now_ms: u64,
-    conn: ConnId,
+    origin: Origin,
     task: &store::Task,
     actions: &mut Vec<Action>,
 ) -> Result<Pushed, AdminError> {
@@ -55,7 +75,7 @@ fn create_task(
         .map(|d| device_name(&*b, *d).unwrap_or_else(|_| d.0.to_string()))
         .collect();
     actions.push(Action::TaskCreated {
-        conn,
+        origin,
         task: id,
         targets: targets.clone(),
     });
@@ -321,13 +341,13 @@ mod tests {
                 on_failure: store::OnFailure::Stop,
             }],
         };
-        let a = rig.run(vec![Input::Push {
-            conn: 900,
-            task: task.clone(),
+        let a = rig.run(vec![Input::Hashed {
+            origin: Origin::Operator(900),
+            result: Ok(task.clone()),
         }]);
         let id = match &a[..] {
             [Action::TaskCreated {
-                conn: 900,
+                origin: Origin::Operator(900),
                 task: id,
                 targets,
             }, Action::Announce {
@@ -459,16 +479,17 @@ mod tests {
         assert_eq!(a, vec![]);
         let r = rig.admin(Request::TaskShow { task: Some(id.0) });
         assert_eq!(r.data["devices"][0]["status"], "completed");
-        // A push to an empty group is refused before any task exists.
-        let a = rig.run(vec![Input::Push {
-            conn: 901,
-            task: store::Task {
+        // A push to an empty group is refused before any task exists (and its mapping is
+        // dropped).
+        let a = rig.run(vec![Input::Hashed {
+            origin: Origin::Operator(901),
+            result: Ok(store::Task {
                 group: Some("nobody".into()),
                 ..task
-            },
+            }),
         }]);
         assert!(
-            matches!(&a[..], [Action::Reply { resp, .. }] if !resp.ok),
+            matches!(&a[..], [Action::PushRefused { origin: Origin::Operator(901) }, Action::Reply { conn: 901, resp }] if !resp.ok),
             "{a:?}"
         );
     }

@@ -1,5 +1,6 @@
-//! Applying the fleet's actions: to the distributor (tasks, transfers), to an admin
-//! connection (a reply), or to an agent's session core (welcome, dispatch, close, announce).
+//! Applying the fleet's actions: to the distributor (pushes to prepare, tasks, transfers),
+//! to an admin connection (a reply), or to an agent's session core (welcome, dispatch,
+//! close, announce). The loop routes; the fleet decided.
 
 use super::*;
 
@@ -10,14 +11,24 @@ impl Gateway {
     }
 
     pub(super) fn apply(&mut self, action: Action, now: Instant) {
+        let action = match action {
+            Action::PreparePush { origin, spec } => return self.prepare_push(origin, spec),
+            other => other,
+        };
         match &action {
             Action::TaskCreated {
-                conn,
+                origin,
                 task,
                 targets,
             } => {
-                if let Some(d) = self.dist.as_mut() {
-                    d.task_created(*conn, *task, targets, now);
+                if let Some(d) = self.mcast.dist.as_mut() {
+                    d.task_created(*origin, *task, targets, now);
+                }
+                return;
+            }
+            Action::PushRefused { origin } => {
+                if let Some(d) = self.mcast.dist.as_mut() {
+                    d.drop_prepared(*origin);
                 }
                 return;
             }
@@ -27,7 +38,7 @@ impl Gateway {
                 verified,
                 ..
             } => {
-                if let Some(d) = self.dist.as_mut() {
+                if let Some(d) = self.mcast.dist.as_mut() {
                     d.transfer_done(*task, *device, *verified);
                 }
                 return;
@@ -43,15 +54,11 @@ impl Gateway {
                     self.limits.enrol.refund(c.peer);
                 }
             }
-            Action::Reply { conn, resp } if !resp.ok => {
-                // A push the fleet refused: its mapping is not needed.
-                if let Some(d) = self.dist.as_mut() {
-                    d.drop_prepared(*conn);
-                }
-            }
             _ => {}
         }
-        let conn_id = action.conn();
+        let Some(conn_id) = action.conn() else {
+            return;
+        };
         // The announce is built before the session is borrowed (it may re-create a sender
         // from the task table).
         let announce = match &action {
@@ -62,7 +69,7 @@ impl Gateway {
                     Some(Conn::Agent(c)) => c.tls.sock.peer_addr().ok().map(|a| a.ip()),
                     _ => None,
                 };
-                let Some(d) = self.dist.as_mut() else {
+                let Some(d) = self.mcast.dist.as_mut() else {
                     tracing::warn!(
                         task = task.0,
                         "task not announced: multicast is off (--mcast-addr)"
@@ -131,6 +138,8 @@ impl Gateway {
                         None => Ok(()),
                     },
                     Action::Reply { .. }
+                    | Action::PreparePush { .. }
+                    | Action::PushRefused { .. }
                     | Action::TaskCreated { .. }
                     | Action::TransferDone { .. } => Ok(()),
                 };

@@ -52,53 +52,9 @@ impl Gateway {
         let mut local = Vec::new();
         while let Some(line) = admin_next_line(a, id) {
             match serde_json::from_slice::<Request>(&line) {
+                // Metrics and backup need the loop's own state (see `local`); every other
+                // request, push included, is the fleet's.
                 Ok(req @ (Request::Metrics | Request::Backup { .. })) => local.push(req),
-                Ok(Request::Push {
-                    path,
-                    group,
-                    block_size,
-                    rate_mbps,
-                    trigger,
-                    then,
-                }) => {
-                    let Some(d) = self.dist.as_mut() else {
-                        let resp = Response::err(
-                            "multicast is off: start fleetcastd with --mcast-addr ADDRESS (its unicast address on the devices' network)",
-                        );
-                        push_json_line(&mut a.out, &resp);
-                        continue;
-                    };
-                    if let Err(e) = trigger.validate(self.wall_ms) {
-                        push_json_line(&mut a.out, &Response::err(e.to_string()));
-                        continue;
-                    }
-                    let then = match crate::fleet::commands_from_specs(
-                        &then,
-                        FOLLOW_UP_TIMEOUT_MS,
-                        1,
-                        crate::admin::OnFailureSpec::Stop,
-                    ) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            push_json_line(&mut a.out, &Response::err(format!("--then: {e}")));
-                            continue;
-                        }
-                    };
-                    let spec = PushSpec {
-                        path: &path,
-                        group: &group,
-                        block_size,
-                        rate_mbps,
-                        origin: "publish by operator",
-                        trigger,
-                        then,
-                    };
-                    match d.prepare_push(id, spec, self.wall_ms) {
-                        // The task is created once the file's digest is known (take_hashed).
-                        Ok(()) => {}
-                        Err(e) => push_json_line(&mut a.out, &Response::err(e.to_string())),
-                    }
-                }
                 Ok(req) => self.inputs.push(Input::Admin { conn: id, req }),
                 Err(e) => {
                     let resp = Response::err(format!("malformed request: {e}"));

@@ -206,7 +206,7 @@ impl Gateway {
                 refused = true;
                 continue;
             }
-            let dist = self.dist.as_mut();
+            let dist = self.mcast.dist.as_mut();
             if let Some(input) =
                 event_to_input(id, c.key_hash, &mut c.device, ev, self.wall_ms, dist)
             {

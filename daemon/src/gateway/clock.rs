@@ -40,15 +40,15 @@ impl Gateway {
     pub(super) fn poll_timeout(&self, now: Instant, wall: u64, limit: Option<Instant>) -> Duration {
         // Inputs wait while a batch is in flight: its commit wakes the loop (`WAKE`).
         let inputs = !self.inputs.is_empty() && !self.fleet.busy();
-        if !self.work.ready.is_empty() || inputs || self.mcast_ready {
+        if !self.work.ready.is_empty() || inputs || self.mcast.socket_ready {
             return Duration::ZERO;
         }
         let mut next = limit.unwrap_or(now + Duration::from_secs(3600));
-        if let Some(t) = self.dist.as_ref().and_then(|d| d.poll_timeout(now)) {
+        if let Some(t) = self.mcast.dist.as_ref().and_then(|d| d.poll_timeout(now)) {
             next = next.min(t.max(now));
         }
-        if let Some((_, _, t)) = &self.watch {
-            next = next.min((*t).max(now));
+        if let Some(w) = &self.mcast.watch {
+            next = next.min(w.next_scan.max(now));
         }
         if let Some(Reverse((t, _, _))) = self.work.timers.peek() {
             next = next.min(*t);

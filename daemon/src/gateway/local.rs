@@ -10,7 +10,7 @@ impl Gateway {
             sessions: 0,
             connections: self.conns.len(),
             counters: self.telemetry.counters,
-            mcast: self.dist.as_ref().map(|d| d.totals()),
+            mcast: self.mcast.dist.as_ref().map(|d| d.totals()),
         };
         self.fleet.call(move |f| {
             live.sessions = f.online();

@@ -20,10 +20,16 @@
 //! This file holds the struct, `bind` and the iteration; the siblings hold one concern each:
 //! `agents` (agent connections and their session cores), `admin_conn`, `artifact_conn`,
 //! `ladder` (the transport ladder's HTTP rungs and long-poll relays), `actions` (applying the
-//! fleet's actions), `push` (digests, the watched directory, driving distributions), `clock`
+//! fleet's actions), `push` (routing pushes: the fleet's `PreparePush` to the distributor,
+//! digests back to the fleet; the watched directory; driving distributions), `clock`
 //! (the clock, the poll timeout, connection timers), `flush` (writing and removing
 //! connections), `local` (metrics and backup), `limits` (connection caps), `store_thread`
 //! and `config`. Tokens are [`crate::token::Tok`].
+//!
+//! Every admin request is the fleet's (push included: it validates, asks for the file to be
+//! prepared, creates the task, answers) except `metrics` and `backup`, which need the loop's
+//! own state (its counters and connections, the store's environment while the loop waits)
+//! and are served here (`local`).
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
@@ -44,8 +50,8 @@ use rustls::ServerConfig;
 
 use crate::admin::{self, Request, Response};
 use crate::artifacts;
-use crate::distribution::{DistEvent, Distributor, McastConfig, PushSpec};
-use crate::fleet::{Action, ConnId, Fleet, Input, LastSeen};
+use crate::distribution::{DistEvent, Distributor, McastConfig};
+use crate::fleet::{Action, ConnId, Fleet, Input, LastSeen, Origin, PushSpec};
 use crate::metrics;
 use crate::pki::sha256;
 use crate::tlsconn::TlsConn;
@@ -78,9 +84,6 @@ use limits::Class;
 // batch, or a pushed file's digest is ready. mio allows one `Waker` per `Poll`, so both share
 // it; a wake-up makes the loop look at both (taking a finished batch or digest is cheap when
 // there is none).
-
-/// Time allowed for one follow-up command of a push (an install, typically).
-const FOLLOW_UP_TIMEOUT_MS: u64 = 600_000;
 
 enum Conn {
     Agent(Box<AgentConn>),
@@ -128,6 +131,27 @@ struct Work {
     touched: Vec<usize>,
 }
 
+/// Multicast: the distributor, what the loop noticed for it, and the watched directory.
+struct Multicast {
+    /// The distributor, when multicast is on (`--mcast-addr`).
+    dist: Option<Distributor>,
+    /// The multicast socket may hold more NACKs than one turn's budget read.
+    socket_ready: bool,
+    /// A pushed file's digest is ready ([`Distributor::take_hashed`]).
+    hashed_ready: bool,
+    /// The watched directory, when configured.
+    watch: Option<Watched>,
+}
+
+/// The watched directory: its configuration, memory, next scan, and how many pushes it has
+/// made (each push's [`Origin::Watch`] number).
+struct Watched {
+    cfg: WatchConfig,
+    dir: DirWatch,
+    next_scan: Instant,
+    pushes: u64,
+}
+
 /// The gateway event loop.
 pub struct Gateway {
     poll: Poll,
@@ -137,15 +161,8 @@ pub struct Gateway {
     cfg: GatewayConfig,
     /// The fleet, on the store thread (see [`store_thread`]).
     fleet: store_thread::StoreThread,
-    dist: Option<Distributor>,
-    /// The multicast socket may hold more NACKs than one turn's budget read.
-    mcast_ready: bool,
-    /// A pushed file's digest is ready ([`Distributor::take_hashed`]).
-    hashed_ready: bool,
-    /// The watched directory: its configuration, memory, next scan, and the pseudo
-    /// connection ids its pushes use (counting down from `u64::MAX`, never a real one).
-    watch: Option<(WatchConfig, DirWatch, Instant)>,
-    watch_conn: u64,
+    /// The distributor, its readiness, the watched directory.
+    mcast: Multicast,
     clock: Clock,
     conns: slab::Slab<Slot>,
     generation: u64,
@@ -173,7 +190,7 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     /// Binds the listener and the admin socket.
-    pub fn bind(cfg: GatewayConfig, fleet: Fleet) -> io::Result<Gateway> {
+    pub fn bind(cfg: GatewayConfig, mut fleet: Fleet) -> io::Result<Gateway> {
         let poll = Poll::new()?;
         let mut listener = bind_listener(cfg.listen, cfg.listen_backlog)?;
         poll.registry()
@@ -196,10 +213,12 @@ impl Gateway {
         poll.registry()
             .register(&mut admin, Tok::Admin.encode(), Interest::READABLE)?;
         let mut cfg = cfg;
-        let watch = cfg
-            .watch
-            .clone()
-            .map(|w| (w, DirWatch::new(), Instant::ZERO));
+        let watch = cfg.watch.clone().map(|cfg| Watched {
+            cfg,
+            dir: DirWatch::new(),
+            next_scan: Instant::ZERO,
+            pushes: 0,
+        });
         let artifacts = match &mut cfg.artifacts {
             Some(a) => {
                 std::fs::create_dir_all(&a.root)?;
@@ -218,7 +237,6 @@ impl Gateway {
         };
         let server_cfg = fleet.pki().server_config();
         let waker = Arc::new(mio::Waker::new(poll.registry(), Tok::Wake.encode())?);
-        let fleet = store_thread::StoreThread::spawn(fleet, Arc::clone(&waker))?;
         let dist = match &cfg.mcast {
             Some(m) => {
                 let mut d = Distributor::open(m.clone())?;
@@ -229,6 +247,9 @@ impl Gateway {
             }
             None => None,
         };
+        // The fleet refuses pushes exactly when there is no distributor to prepare them.
+        fleet.set_multicast(dist.is_some());
+        let fleet = store_thread::StoreThread::spawn(fleet, Arc::clone(&waker))?;
         let metrics = match cfg.metrics_listen {
             Some(addr) => Some(metrics::Server::bind(addr, poll.registry())?),
             None => None,
@@ -263,11 +284,12 @@ impl Gateway {
             server_cfg,
             cfg,
             fleet,
-            dist,
-            mcast_ready: false,
-            hashed_ready: false,
-            watch,
-            watch_conn: u64::MAX,
+            mcast: Multicast {
+                dist,
+                socket_ready: false,
+                hashed_ready: false,
+                watch,
+            },
             clock: Clock::new(),
             conns: slab::Slab::new(),
             generation: 0,
@@ -345,9 +367,9 @@ impl Gateway {
                     Tok::Listener | Tok::ExtraListener => self.accept_agents(now),
                     Tok::Admin => self.accept_admin(now),
                     Tok::Artifacts => self.accept_artifacts(now),
-                    Tok::Mcast => self.mcast_ready = true,
+                    Tok::Mcast => self.mcast.socket_ready = true,
                     // A finished batch is taken in `process_fleet`, a digest here.
-                    Tok::Wake => self.hashed_ready = true,
+                    Tok::Wake => self.mcast.hashed_ready = true,
                     Tok::MetricsListener | Tok::MetricsConn(_) => self.metrics_event(ev.token()),
                     Tok::Conn(idx) => {
                         if self.conns.contains(idx) && !self.work.ready.contains(&idx) {
@@ -357,15 +379,15 @@ impl Gateway {
                 }
             }
             self.service_ready(now);
-            if std::mem::take(&mut self.mcast_ready) {
-                if let Some(d) = self.dist.as_mut() {
-                    self.mcast_ready = d.handle_readable(now);
+            if std::mem::take(&mut self.mcast.socket_ready) {
+                if let Some(d) = self.mcast.dist.as_mut() {
+                    self.mcast.socket_ready = d.handle_readable(now);
                 }
             }
             self.fire_timers(now);
             self.scan_watch(now);
-            if std::mem::take(&mut self.hashed_ready) {
-                self.take_hashed(now);
+            if std::mem::take(&mut self.mcast.hashed_ready) {
+                self.take_hashed();
             }
             self.process_fleet(now, wall);
             self.prune(now, wall);

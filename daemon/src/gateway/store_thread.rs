@@ -48,9 +48,7 @@ impl Gateway {
         for i in &inputs {
             match i {
                 Input::Result { .. } => self.telemetry.counters.results += 1,
-                Input::Admin { .. } | Input::Push { .. } => {
-                    self.telemetry.counters.admin_requests += 1
-                }
+                Input::Admin { .. } => self.telemetry.counters.admin_requests += 1,
                 _ => {}
             }
         }
