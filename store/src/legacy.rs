@@ -9,7 +9,7 @@ use fleetcast_wire as wire;
 
 use crate::codec::Reader;
 use crate::error::Result;
-use crate::types::{Received, StoredResult, OUTPUT_EXCERPT_MAX};
+use crate::result::{Received, StoredResult, OUTPUT_EXCERPT_MAX};
 
 /// A format-1 configuration report (the boot id was kept as hex text).
 pub(crate) fn report(r: &mut Reader<'_>) -> Result<wire::ConfigReport<'static>> {

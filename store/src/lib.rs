@@ -47,6 +47,7 @@ mod ids;
 mod legacy;
 mod queue;
 mod read;
+mod result;
 mod types;
 
 use std::path::{Path, PathBuf};

@@ -13,10 +13,8 @@ use crate::codec::{Reader, Record, Writer, FORMAT_1};
 use crate::error::{Error, Result};
 pub use crate::ids::{DeviceId, EventId, QueueStatus, TaskId};
 use crate::legacy;
-
-/// Maximum stored length of a result's output excerpt (the wire's own limit); longer output
-/// keeps its last bytes.
-pub const OUTPUT_EXCERPT_MAX: usize = wire::limits::MAX_OUTPUT;
+pub use crate::result::{Received, StoredResult, OUTPUT_EXCERPT_MAX};
+use crate::result::{RESULT_RECEIVED, RESULT_SKIPPED, RESULT_TIMED_OUT};
 
 /// The hex text of a boot id, as queue records keep the boot a device left.
 pub fn boot_hex(boot_id: &[u8; 16]) -> String {
@@ -399,82 +397,6 @@ impl Record for QueueState {
             paused_from,
             revoked,
         })
-    }
-}
-
-/// A device's result, as the store keeps it: the wire message exactly as the device sent it
-/// (every step's status, `TimedOut` included, its exit code and duration, the overall exit
-/// code, the output excerpt), and when the gateway received it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Received {
-    /// The result.
-    pub result: wire::CommandResult<'static>,
-    /// When the gateway received it, ms since the UNIX epoch.
-    pub at_ms: u64,
-}
-
-impl Received {
-    /// True if no step failed or timed out.
-    pub fn succeeded(&self) -> bool {
-        self.result.steps.iter().all(|s| {
-            !matches!(
-                s.status,
-                wire::StepStatus::Failed | wire::StepStatus::TimedOut
-            )
-        })
-    }
-    /// Keeps the last [`OUTPUT_EXCERPT_MAX`] bytes of the output excerpt.
-    pub(crate) fn bound(&mut self) {
-        let out = &mut self.result.output;
-        if out.len() > OUTPUT_EXCERPT_MAX {
-            let cut = out.len() - OUTPUT_EXCERPT_MAX;
-            out.to_mut().drain(..cut);
-        }
-    }
-}
-
-/// The final result of one command.
-// Nearly every stored result is `Received`: boxing it would only add an allocation.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoredResult {
-    /// The device's own result.
-    Received(Received),
-    /// No result: every attempt timed out, and the queue moved on (`on_failure: continue`).
-    TimedOut {
-        /// When the gateway gave up, ms since the UNIX epoch.
-        at_ms: u64,
-    },
-    /// No result: an operator skipped the failed command.
-    Skipped,
-}
-
-/// `StoredResult` record tags.
-const RESULT_RECEIVED: u8 = 0;
-const RESULT_TIMED_OUT: u8 = 1;
-const RESULT_SKIPPED: u8 = 2;
-
-impl StoredResult {
-    /// True for a device's result with no failed or timed-out step, and for a skip (the queue
-    /// went on as after a success).
-    pub fn succeeded(&self) -> bool {
-        match self {
-            StoredResult::Received(r) => r.succeeded(),
-            StoredResult::TimedOut { .. } => false,
-            StoredResult::Skipped => true,
-        }
-    }
-
-    /// Whether two encoded results are the same device result, whenever each was received
-    /// (redelivery detection without decoding: the encodings differ only in the trailing
-    /// reception time).
-    pub(crate) fn same_received(a: &[u8], b: &[u8]) -> bool {
-        let tail = 8;
-        a.len() == b.len()
-            && a.len() > 2 + tail
-            && a[1] == RESULT_RECEIVED
-            && b[1] == RESULT_RECEIVED
-            && a[..a.len() - tail] == b[..b.len() - tail]
     }
 }
 
