@@ -1035,6 +1035,9 @@ impl Agent {
             // shortest hold (see `Pending`); a TCP read returns as bytes come anyway.
             if matches!(self.rung, Some((Rung::LongPoll, _))) {
                 wait = self.pending.read_wait(now, wait);
+                if self.pending.take_relaxed(now) {
+                    crate::say!("long-poll: the pending work has come; normal holds again");
+                }
             }
             if let Some(d) = &self.probe {
                 if d.expired() {
@@ -1103,7 +1106,8 @@ impl Agent {
 pub(crate) struct Pending {
     commands: u32,
     transfers: u32,
-    /// When the Welcome's counts stop counting.
+    /// When the Welcome's counts stop counting (`None`: nothing was pending, or the agent
+    /// relaxed already).
     until: Option<Instant>,
 }
 
@@ -1113,11 +1117,22 @@ impl Pending {
 
     /// The counts of the Welcome received at `now`.
     pub(crate) fn welcomed(now: Instant, w: &fleetcast_wire::Welcome) -> Pending {
+        let any = w.pending_commands > 0 || w.pending_transfers > 0;
         Pending {
             commands: w.pending_commands,
             transfers: w.pending_transfers,
-            until: Some(now + Self::WINDOW),
+            until: any.then(|| now + Self::WINDOW),
         }
+    }
+
+    /// `true` once, at the first `now` the Welcome's pending work no longer counts (it
+    /// arrived, or the window passed); never for a Welcome with nothing pending.
+    pub(crate) fn take_relaxed(&mut self, now: Instant) -> bool {
+        if self.until.is_some() && !self.is_pending(now) {
+            self.until = None;
+            return true;
+        }
+        false
     }
 
     /// A command arrived.
@@ -1278,9 +1293,17 @@ pub(crate) mod tests {
             ladder::MIN_WAIT,
             "one command to come"
         );
+        assert!(!p.take_relaxed(t0), "still pending");
         p.announced(); // more announces than counted (a re-announce) do not underflow
         p.dispatched();
         assert_eq!(p.read_wait(t0, normal), normal, "everything arrived");
+        assert!(p.take_relaxed(t0), "relaxed, said once");
+        assert!(!p.take_relaxed(t0));
+        let mut idle = idle;
+        assert!(
+            !idle.take_relaxed(t0),
+            "nothing was pending: nothing to relax from"
+        );
 
         // A count that never reaches zero is acted on for the window only.
         let p = Pending::welcomed(t0, &welcome(5, 0));
