@@ -732,6 +732,48 @@ fn a_receiver_cancelled_during_a_push_is_served_again_on_retry() {
     }
 }
 
+/// A receiver that failed (its downloads directory cannot be made: a file is in the way) is
+/// served again by `task retry` of the whole task once the fault is fixed, by unicast
+/// catch-up, and ends with a verified copy; the device that completed is left alone.
+#[test]
+fn a_failed_receiver_completes_after_task_retry() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    let (gw, specs, _agents) = gateway_and_two_agents(&lab, dir);
+    let downloads = specs[0].state.join("downloads");
+    std::fs::write(&downloads, b"in the way").expect("block n1's downloads");
+    let mut data = vec![0u8; 1 << 20];
+    Rng::from_env(0x5eed_000f).fill(&mut data);
+    let src = dir.join("pkg.bin");
+    std::fs::write(&src, &data).expect("write source");
+    let task = push_cli(&gw, &src, &[]);
+    wait_completed(&gw, &specs, task, &["n2"]);
+    wait_for(
+        "n1 to fail",
+        WAIT,
+        || (status_of(&gw.task_rows(task), "n1") == "failed").then_some(()),
+        || gw.task_report(&specs, task),
+    );
+    std::fs::remove_file(&downloads).expect("clear the fault");
+    let t = task.to_string();
+    let out = cli(&gw, &["--json", "task", "retry", &t]);
+    let v: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["data"]["devices"], "n1", "only the failed one: {v:#}");
+    wait_completed(&gw, &specs, task, &["n1", "n2"]);
+    for s in &specs {
+        let got = std::fs::read(s.state.join("downloads").join("pkg.bin")).expect("copy");
+        assert!(got == data, "copy differs");
+    }
+    assert!(
+        gw.events().iter().any(|e| e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("task {task} retried for n1")))),
+        "{:#?}",
+        gw.events()
+    );
+}
+
 #[test]
 fn a_file_dropped_into_the_watched_directory_is_pushed() {
     let tmp = tempfile::tempdir().expect("tempdir");
