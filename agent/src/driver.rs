@@ -226,6 +226,8 @@ pub struct Agent {
     /// A configuration report is to go out after the next `Welcome` (set when the agent
     /// starts, so also right after enrolment; a reboot completion carries one instead).
     report_due: bool,
+    /// What the session's `Welcome` said is pending, counted down as it arrives.
+    pending: Pending,
 }
 
 impl std::fmt::Debug for Agent {
@@ -265,6 +267,7 @@ impl Agent {
             better_found: false,
             welcomed: false,
             report_due: true,
+            pending: Pending::default(),
         })
     }
 
@@ -611,6 +614,14 @@ impl Agent {
                 if self.probe.take().is_some() {
                     self.rung_won();
                 }
+                self.pending = Pending::welcomed(self.now(), &w);
+                if self.pending.is_pending(self.now()) {
+                    crate::say!(
+                        "pending at the gateway: {} command(s), {} transfer(s)",
+                        w.pending_commands,
+                        w.pending_transfers
+                    );
+                }
                 self.state.ack(w.acked_seq)?;
                 let mut reported = false;
                 if let Some(r) = self.state.reboot() {
@@ -674,6 +685,7 @@ impl Agent {
                 reboot,
                 frame,
             } => {
+                self.pending.dispatched();
                 // A redelivery of an attempt already run is refused by the session core; the
                 // ledger is the durable second line.
                 if !self.state.should_run(seq, attempt) || self.running.is_some() {
@@ -712,6 +724,7 @@ impl Agent {
                 return Ok(Some(End::Reconnect { immediately }));
             }
             AgentEvent::Announce(frame) => {
+                self.pending.announced();
                 if let Message::Announce(a) = frame.message() {
                     self.on_announce(s, &a);
                 }
@@ -723,9 +736,18 @@ impl Agent {
 
     /// Starts (or answers) the transfer an announce names.
     fn on_announce(&mut self, s: &mut AgentSession, a: &fleetcast_wire::Announce<'_>) {
-        if let Some(d) = self.finished.get(&a.task_id) {
-            send_completion(s, d);
-            return;
+        match self.finished.get(&a.task_id) {
+            Some(d) if d.outcome == fleetcast_wire::Outcome::Verified => {
+                send_completion(s, d);
+                return;
+            }
+            // A failed task announced again: the gateway records no failure twice, so the
+            // operator retried it (`task retry`), or the failure never reached the table.
+            // Either way it is received again.
+            Some(_) => {
+                self.finished.remove(&a.task_id);
+            }
+            None => {}
         }
         if let Some(t) = self.transfers.get(&a.task_id) {
             if t.key() == a.auth_key {
@@ -1009,6 +1031,14 @@ impl Agent {
             if self.running.is_some() || !self.transfers.is_empty() {
                 wait = wait.min(Duration::from_millis(20));
             }
+            // Long-poll: while the Welcome's work is on its way, every request asks for the
+            // shortest hold (see `Pending`); a TCP read returns as bytes come anyway.
+            if matches!(self.rung, Some((Rung::LongPoll, _))) {
+                wait = self.pending.read_wait(now, wait);
+                if self.pending.take_relaxed(now) {
+                    crate::say!("long-poll: the pending work has come; normal holds again");
+                }
+            }
             if let Some(d) = &self.probe {
                 if d.expired() {
                     return Err(LadderError::NoWelcome.into());
@@ -1055,6 +1085,77 @@ impl Agent {
                 Err(e) => return Err(e.into()),
             }
             s.handle_timeout(self.now());
+        }
+    }
+}
+
+/// What the last `Welcome` said is pending for this device (`pending_commands`,
+/// `pending_transfers`), counted down as the commands (`Dispatch`) and tasks (`Announce`)
+/// arrive.
+///
+/// The agent acts on it on the long-poll rung, where it decides when the next exchange is
+/// made and how long the gateway may hold it ([`ladder::Pipe::set_read_timeout`]): while work
+/// is pending every request asks for the shortest hold ([`ladder::MIN_WAIT`]), so requests
+/// follow each other at once and what the agent answers to the work (a result, a joining
+/// transfer's status) never waits behind a held one; when none is (the counts reached zero,
+/// or [`Pending::WINDOW`] passed) it relaxes to its normal hold (up to the next heartbeat,
+/// at most [`ladder::MAX_WAIT`] or the hold remembered for the network). The window bounds a
+/// count that never reaches zero (a command the agent is already running is counted but not
+/// dispatched again; a queue paused after the Welcome), so no miscount keeps it polling.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Pending {
+    commands: u32,
+    transfers: u32,
+    /// When the Welcome's counts stop counting (`None`: nothing was pending, or the agent
+    /// relaxed already).
+    until: Option<Instant>,
+}
+
+impl Pending {
+    /// How long the Welcome's counts are acted on at most.
+    pub(crate) const WINDOW: Duration = Duration::from_secs(10);
+
+    /// The counts of the Welcome received at `now`.
+    pub(crate) fn welcomed(now: Instant, w: &fleetcast_wire::Welcome) -> Pending {
+        let any = w.pending_commands > 0 || w.pending_transfers > 0;
+        Pending {
+            commands: w.pending_commands,
+            transfers: w.pending_transfers,
+            until: any.then(|| now + Self::WINDOW),
+        }
+    }
+
+    /// `true` once, at the first `now` the Welcome's pending work no longer counts (it
+    /// arrived, or the window passed); never for a Welcome with nothing pending.
+    pub(crate) fn take_relaxed(&mut self, now: Instant) -> bool {
+        if self.until.is_some() && !self.is_pending(now) {
+            self.until = None;
+            return true;
+        }
+        false
+    }
+
+    /// A command arrived.
+    pub(crate) fn dispatched(&mut self) {
+        self.commands = self.commands.saturating_sub(1);
+    }
+
+    /// A task was announced.
+    pub(crate) fn announced(&mut self) {
+        self.transfers = self.transfers.saturating_sub(1);
+    }
+
+    /// Whether work the Welcome announced is still on its way at `now`.
+    pub(crate) fn is_pending(&self, now: Instant) -> bool {
+        (self.commands > 0 || self.transfers > 0) && self.until.is_some_and(|t| now < t)
+    }
+
+    /// The longest the next read may wait at `now`, given the loop's own `normal` wait.
+    pub(crate) fn read_wait(&self, now: Instant, normal: Duration) -> Duration {
+        if self.is_pending(now) {
+            normal.min(ladder::MIN_WAIT)
+        } else {
+            normal
         }
     }
 }
@@ -1147,5 +1248,67 @@ impl Io {
             ladder::retry_interrupted(&deadline, "write", || self.tls.write_tls(&mut self.pipe))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A Welcome with these pending counts.
+    pub(crate) fn welcome(
+        pending_commands: u32,
+        pending_transfers: u32,
+    ) -> fleetcast_wire::Welcome {
+        fleetcast_wire::Welcome {
+            session_id: 1,
+            server_time_ms: 0,
+            heartbeat_ms: 15_000,
+            acked_seq: 0,
+            pending_commands,
+            pending_transfers,
+        }
+    }
+
+    /// Work the Welcome says is pending cuts the long-poll wait to the shortest hold until it
+    /// arrived (or the window passed); none leaves the normal wait.
+    #[test]
+    fn pending_work_asks_at_once_and_none_relaxes() {
+        let t0 = Instant::ZERO + Duration::from_secs(1);
+        let normal = Duration::from_secs(15);
+        let idle = Pending::welcomed(t0, &welcome(0, 0));
+        assert!(!idle.is_pending(t0));
+        assert_eq!(idle.read_wait(t0, normal), normal);
+        assert_eq!(Pending::default().read_wait(t0, normal), normal);
+
+        let mut p = Pending::welcomed(t0, &welcome(2, 1));
+        assert_eq!(p.read_wait(t0, normal), ladder::MIN_WAIT);
+        // A shorter wait of the loop's own (a command running) stays.
+        let short = Duration::from_millis(20);
+        assert_eq!(p.read_wait(t0, short), short);
+        p.dispatched();
+        p.announced();
+        assert_eq!(
+            p.read_wait(t0, normal),
+            ladder::MIN_WAIT,
+            "one command to come"
+        );
+        assert!(!p.take_relaxed(t0), "still pending");
+        p.announced(); // more announces than counted (a re-announce) do not underflow
+        p.dispatched();
+        assert_eq!(p.read_wait(t0, normal), normal, "everything arrived");
+        assert!(p.take_relaxed(t0), "relaxed, said once");
+        assert!(!p.take_relaxed(t0));
+        let mut idle = idle;
+        assert!(
+            !idle.take_relaxed(t0),
+            "nothing was pending: nothing to relax from"
+        );
+
+        // A count that never reaches zero is acted on for the window only.
+        let p = Pending::welcomed(t0, &welcome(5, 0));
+        let almost = t0 + (Pending::WINDOW - Duration::from_millis(1));
+        assert_eq!(p.read_wait(almost, normal), ladder::MIN_WAIT);
+        assert_eq!(p.read_wait(t0 + Pending::WINDOW, normal), normal);
     }
 }

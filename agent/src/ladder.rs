@@ -1536,6 +1536,34 @@ mod tests {
         }
     }
 
+    /// The driver's wait for a Welcome that says work is pending makes the next long-poll
+    /// request ask for the shortest hold (an exchange at once); a Welcome with nothing
+    /// pending leaves the hold the driver's normal wait asks for.
+    #[test]
+    fn pending_work_makes_the_long_poll_ask_at_once() {
+        use crate::driver::tests::welcome;
+        use crate::driver::Pending;
+        let (addr, t) = server(3, |i, _, _| ok_at("t", i as u64, b"x"));
+        let mut pipe = long_poll_to(addr);
+        let now = fleetcast_wire::Instant::ZERO + Duration::from_secs(1);
+        let normal = Duration::from_secs(5);
+        let wait = |pipe: &mut Pipe, p: Pending| {
+            pipe.set_read_timeout(Some(p.read_wait(now, normal)))
+                .unwrap();
+            read_n(pipe, 1);
+        };
+        wait(&mut pipe, Pending::welcomed(now, &welcome(0, 0)));
+        wait(&mut pipe, Pending::welcomed(now, &welcome(3, 0)));
+        wait(&mut pipe, Pending::welcomed(now, &welcome(0, 1)));
+        let seen = t.join().unwrap();
+        let holds: Vec<&str> = seen
+            .iter()
+            .map(|(head, _)| header(head, "X-Fleetcast-Wait").unwrap())
+            .collect();
+        assert_eq!(holds, ["5000", "250", "250"]);
+        assert_eq!(MIN_WAIT, Duration::from_millis(250));
+    }
+
     /// An answer that repeats bytes already received (the gateway sends again what was not
     /// acknowledged) yields only the new ones; one that skips bytes ends the session.
     #[test]

@@ -201,11 +201,29 @@ enum GroupCmd {
 enum TaskCmd {
     /// Every task with its counts.
     List,
-    /// One task's status table (per device: pending, in_progress, completed, failed), or
-    /// every task with its counts.
+    /// One task's status table (per device: pending, in_progress, completed, failed,
+    /// cancelled), or every task with its counts.
     Show {
         /// Task id (default: all tasks).
         id: Option<u64>,
+    },
+    /// Stop serving a task to one device, or to every device still pending or receiving: it
+    /// is no longer announced or caught up (the agent is not told; see docs/operator.md).
+    Cancel {
+        /// Task id.
+        id: u64,
+        /// Only this device (default: the whole task).
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Serve a task again to a failed or cancelled device, or to every such device: pending
+    /// again, caught up by unicast.
+    Retry {
+        /// Task id.
+        id: u64,
+        /// Only this device (default: the whole task).
+        #[arg(long)]
+        device: Option<String>,
     },
 }
 
@@ -346,6 +364,8 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
         }
         Cmd::Task(TaskCmd::Show { id }) => Request::TaskShow { task: id },
         Cmd::Task(TaskCmd::List) => Request::TaskShow { task: None },
+        Cmd::Task(TaskCmd::Cancel { id, device }) => Request::TaskCancel { task: id, device },
+        Cmd::Task(TaskCmd::Retry { id, device }) => Request::TaskRetry { task: id, device },
         Cmd::Metrics => Request::Metrics,
         Cmd::Backup { dest } => {
             let dest = std::path::absolute(&dest).map_err(|e| {
@@ -597,8 +617,8 @@ fn watch(
     }
 }
 
-/// Prints each receiver's progress as it changes until every target has completed or failed.
-/// Exit code 0 when all completed, 1 when any failed.
+/// Prints each receiver's progress as it changes until every target has completed, failed or
+/// was cancelled. Exit code 0 when all completed, 1 otherwise.
 fn follow_task(data_dir: &std::path::Path, task: u64) -> ExitCode {
     let mut last: std::collections::BTreeMap<String, String> = Default::default();
     loop {
@@ -624,18 +644,24 @@ fn follow_task(data_dir: &std::path::Path, task: u64) -> ExitCode {
                 last.insert(name, line);
             }
         }
-        let done = |st: &str| {
-            rows.iter()
-                .all(|r| r["status"] == "completed" || r["status"] == st)
-        };
-        if !rows.is_empty() && done("failed") {
-            let failed = rows.iter().filter(|r| r["status"] == "failed").count();
+        // Final: completed, failed, or cancelled by an operator (`task cancel`).
+        let over = rows.iter().all(|r| {
+            ["completed", "failed", "cancelled"]
+                .iter()
+                .any(|st| r["status"] == *st)
+        });
+        if !rows.is_empty() && over {
+            let completed = rows.iter().filter(|r| r["status"] == "completed").count();
             outln!(
-                "task {task}: {} of {} receivers have a verified copy",
-                rows.len() - failed,
+                "task {task}: {completed} of {} receivers have a verified copy",
                 rows.len()
             );
-            return if failed == 0 { Exit::Ok } else { Exit::Failed }.into();
+            return if completed == rows.len() {
+                Exit::Ok
+            } else {
+                Exit::Failed
+            }
+            .into();
         }
         if output::stdout_gone() {
             // Following is only display: the push goes on in the gateway.

@@ -292,6 +292,33 @@ fn every_command_with_json_and_exit_codes() {
     // pause / resume / cancel succeed; retry / skip of a queue that has not failed are
     // refused (1); a device that does not exist is 4.
     expect_json(data, &["queue", "pause", "web1"], 0);
+    // status: per device the queue's pending count, and what its Welcome says is pending
+    // (no command while the queue is paused; no task).
+    expect(data, &["queue", "add", "web1", "--", "exec:true"], 0);
+    let v = expect_json(data, &["status"], 0);
+    let row = v["data"]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "web1")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (
+            &row["pending"],
+            &row["pending_commands"],
+            &row["pending_transfers"]
+        ),
+        (&Value::from(1), &Value::from(0), &Value::from(0)),
+        "{row:#}"
+    );
+    let r = expect(data, &["status"], 0);
+    assert!(
+        r.stdout
+            .contains("pending=1  pending_commands=0  pending_transfers=0"),
+        "{}",
+        r.stdout
+    );
     expect(data, &["queue", "resume", "web1"], 0);
     expect_json(data, &["queue", "cancel", "web1"], 0);
     let v = expect_json(data, &["queue", "retry", "web1"], 1);
@@ -339,6 +366,27 @@ fn every_command_with_json_and_exit_codes() {
     expect(data, &["task", "show"], 0);
     let v = expect_json(data, &["task", "show", "99"], 4);
     assert!(v["error"].as_str().unwrap().contains("no task 99"), "{v}");
+    // task cancel / retry: of the whole task or one device; an unknown task is 4, a missing
+    // id 2. (A task needs multicast, which this file does not run: the fleet's and the lab's
+    // tests cancel and retry real ones.)
+    for args in [
+        &["task", "cancel", "99"][..],
+        &["task", "cancel", "99", "--device", "web1"][..],
+        &["task", "retry", "99"][..],
+        &["task", "retry", "99", "--device", "web1"][..],
+    ] {
+        let v = expect_json(data, args, 4);
+        assert_eq!(v["kind"], "not_found", "{v}");
+        assert!(v["error"].as_str().unwrap().contains("no task 99"), "{v}");
+    }
+    let r = expect(data, &["task", "retry", "99"], 4);
+    assert!(
+        r.stderr.starts_with("fleetcast: no task 99"),
+        "{}",
+        r.stderr
+    );
+    expect(data, &["task", "cancel"], 2);
+    expect(data, &["task", "retry", "--device", "web1"], 2);
 
     // events / watch
     let v = expect_json(data, &["events", "--limit", "1000"], 0);

@@ -969,6 +969,51 @@ fn a_proxy_read_timeout_shortens_the_hold_and_keeps_the_session() {
     assert_eq!(sessions(&after), 1, "{after}");
 }
 
+/// Commands queued while a long-poll device was away: its next `Welcome` says they are
+/// pending, the agent polls at once (shortest holds) until they have come, then relaxes to
+/// its normal hold, and the queue runs exactly once, in order.
+#[test]
+fn pending_work_in_the_welcome_is_fetched_then_the_hold_relaxes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(2)).expect("lab (see docs/lab.md)");
+    let gw_alt = format!("{}:{ALT}", lab.host(0).addr());
+    let gw = Gateway::start(lab.host(0), dir, &["--listen-extra", &gw_alt]);
+    let mut spec = AgentSpec::new(&gw, dir, "away", Some(gw.device_add("away")));
+    spec.extra
+        .extend(["--alt-port", &ALT.to_string(), "--rungs", "longpoll"].map(String::from));
+    let mut agent = spec.spawn(lab.host(1));
+    gw.wait_online("away", WAIT, || spec.output());
+    let first = read_log(&spec.log);
+    assert!(
+        !first.contains("pending at the gateway"),
+        "nothing was queued\n{first}"
+    );
+    agent.kill().expect("kill agent");
+    let mark = first.len();
+    let seq = spec.log.parent().expect("dir").join("seq.log");
+    let cmds = (1..=3)
+        .map(|i| vec![sh(&format!("echo {i} >> {}", seq.display()))])
+        .collect();
+    gw.queue_add("away", cmds, OnFailureSpec::Stop);
+    let _agent = spec.spawn(lab.host(1));
+    let q = gw.wait_done("away", WAIT, || spec.output());
+    assert_eq!(q["commands"].as_array().map(Vec::len), Some(3), "{q:#}");
+    assert_eq!(std::fs::read_to_string(&seq).expect("seq.log"), "1\n2\n3\n");
+    let relaxed = "long-poll: the pending work has come; normal holds again";
+    wait_for(
+        "the agent to relax its hold",
+        WAIT,
+        || log_since(&spec, mark).contains(relaxed).then_some(()),
+        || spec.output(),
+    );
+    let log = log_since(&spec, mark);
+    let told = log
+        .find("pending at the gateway: 3 command(s), 0 transfer(s)")
+        .unwrap_or_else(|| panic!("the Welcome's count is not in the log\n{log}"));
+    assert!(told < log.find(relaxed).unwrap(), "{log}");
+}
+
 /// Long-poll answers lost after the gateway sent them (every third one that carries bytes)
 /// cost nothing: the agent makes the exchange again, the gateway sends again what was not
 /// acknowledged and drops body bytes it already has, and a queue completes exactly once, in

@@ -639,6 +639,141 @@ fn a_follow_up_command_runs_after_the_verified_copy() {
     assert!(at("completed (digest verified)") < at("follow-up: 1 command(s) queued"));
 }
 
+/// `task cancel` during a push stops serving one receiver, and whatever it reports afterwards
+/// is not recorded (no follow-up runs); `task retry` serves it again, it ends with a verified
+/// copy, and the follow-up runs there once. Both are in the event log.
+#[test]
+fn a_receiver_cancelled_during_a_push_is_served_again_on_retry() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    let (gw, specs, _agents) = gateway_and_two_agents(&lab, dir);
+    let mut data = vec![0u8; 6 << 20];
+    Rng::from_env(0x5eed_000e).fill(&mut data);
+    let src = dir.join("disk.img");
+    std::fs::write(&src, &data).expect("write source");
+    // 6 MiB at 16 Mbit/s: about 3 s, time to cancel n1 while it receives.
+    let src_arg = src.display().to_string();
+    let out = cli(
+        &gw,
+        &[
+            "--json",
+            "push",
+            &src_arg,
+            "--group",
+            "fleet",
+            "--rate",
+            "16",
+            "--block-size",
+            &BLOCK.to_string(),
+            "--then",
+            "sh:echo installed",
+        ],
+    );
+    let task = serde_json::from_str::<Value>(&out).expect("json")["data"]["task"]
+        .as_u64()
+        .expect("task id");
+    let t = task.to_string();
+    wait_for(
+        "n1 to be receiving",
+        WAIT,
+        || (status_of(&gw.task_rows(task), "n1") == "in_progress").then_some(()),
+        || gw.task_report(&specs, task),
+    );
+    let out = cli(&gw, &["--json", "task", "cancel", &t, "--device", "n1"]);
+    let v: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["data"]["done"], "cancelled", "{v:#}");
+    assert_eq!(v["data"]["devices"], "n1", "{v:#}");
+    wait_completed(&gw, &specs, task, &["n2"]);
+    // The multicast went on for n2, so n1 may have finished its copy from it: it is not
+    // recorded, and no follow-up is queued for n1.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(status_of(&gw.task_rows(task), "n1"), "cancelled");
+    assert_eq!(
+        gw.queue("n1")["commands"].as_array().map(Vec::len),
+        Some(0),
+        "{}",
+        gw.task_report(&specs, task)
+    );
+    let out = cli(&gw, &["task", "show", &t]);
+    assert!(out.contains("status=cancelled"), "{out}");
+    // Retried: pending again, announced, caught up, verified; the follow-up runs once.
+    let out = cli(&gw, &["--json", "task", "retry", &t, "--device", "n1"]);
+    let v: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["data"]["done"], "retried", "{v:#}");
+    wait_completed(&gw, &specs, task, &["n1", "n2"]);
+    let q = gw.wait_done("n1", WAIT, || gw.task_report(&specs, task));
+    let cmds = q["commands"].as_array().expect("commands");
+    assert_eq!(cmds.len(), 1, "{q:#}");
+    assert!(
+        cmds[0]["output"]
+            .as_str()
+            .unwrap_or("")
+            .contains("installed"),
+        "{q:#}"
+    );
+    for s in &specs {
+        let got = std::fs::read(s.state.join("downloads").join("disk.img")).expect("copy");
+        assert!(got == data, "copy differs");
+    }
+    let events: Vec<String> = gw
+        .events()
+        .iter()
+        .filter_map(|e| e["message"].as_str().map(str::to_string))
+        .collect();
+    for what in [
+        format!("task {task} cancelled for n1 by the operator"),
+        format!("task {task} retried for n1 by the operator"),
+    ] {
+        assert!(
+            events.iter().any(|e| e.contains(&what)),
+            "no `{what}` in {events:#?}"
+        );
+    }
+}
+
+/// A receiver that failed (its downloads directory cannot be made: a file is in the way) is
+/// served again by `task retry` of the whole task once the fault is fixed, by unicast
+/// catch-up, and ends with a verified copy; the device that completed is left alone.
+#[test]
+fn a_failed_receiver_completes_after_task_retry() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    let (gw, specs, _agents) = gateway_and_two_agents(&lab, dir);
+    let downloads = specs[0].state.join("downloads");
+    std::fs::write(&downloads, b"in the way").expect("block n1's downloads");
+    let mut data = vec![0u8; 1 << 20];
+    Rng::from_env(0x5eed_000f).fill(&mut data);
+    let src = dir.join("pkg.bin");
+    std::fs::write(&src, &data).expect("write source");
+    let task = push_cli(&gw, &src, &[]);
+    wait_completed(&gw, &specs, task, &["n2"]);
+    wait_for(
+        "n1 to fail",
+        WAIT,
+        || (status_of(&gw.task_rows(task), "n1") == "failed").then_some(()),
+        || gw.task_report(&specs, task),
+    );
+    std::fs::remove_file(&downloads).expect("clear the fault");
+    let t = task.to_string();
+    let out = cli(&gw, &["--json", "task", "retry", &t]);
+    let v: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["data"]["devices"], "n1", "only the failed one: {v:#}");
+    wait_completed(&gw, &specs, task, &["n1", "n2"]);
+    for s in &specs {
+        let got = std::fs::read(s.state.join("downloads").join("pkg.bin")).expect("copy");
+        assert!(got == data, "copy differs");
+    }
+    assert!(
+        gw.events().iter().any(|e| e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("task {task} retried for n1")))),
+        "{:#?}",
+        gw.events()
+    );
+}
+
 #[test]
 fn a_file_dropped_into_the_watched_directory_is_pushed() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -269,6 +269,24 @@ pub enum Request {
         #[serde(default)]
         task: Option<u64>,
     },
+    /// Cancels a task for one target, or for every target still pending or in progress: they
+    /// are no longer announced or caught up.
+    TaskCancel {
+        /// Task id.
+        task: u64,
+        /// The target's device name (`None`: the whole task).
+        #[serde(default)]
+        device: Option<String>,
+    },
+    /// Retries a task for one failed or cancelled target, or for every such target: pending
+    /// again, served by unicast catch-up.
+    TaskRetry {
+        /// Task id.
+        task: u64,
+        /// The target's device name (`None`: the whole task).
+        #[serde(default)]
+        device: Option<String>,
+    },
     /// Events from the log, from id `from` on.
     Events {
         /// First event id to return.

@@ -203,6 +203,7 @@ fn task_counts(
         ("in_progress", 0),
         ("completed", 0),
         ("failed", 0),
+        ("cancelled", 0),
     ]
     .into_iter()
     .collect();

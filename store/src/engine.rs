@@ -221,12 +221,16 @@ pub trait TaskOps {
     fn add_task_target(&mut self, task: TaskId, dev: DeviceId) -> Result<()>;
     /// Merges received blocks: `pending`/`in_progress` → `in_progress`.
     fn task_progress(&mut self, task: TaskId, dev: DeviceId, blocks: BlockSet) -> Result<()>;
-    /// `pending`/`in_progress` → `completed` (idempotent on `completed`).
-    fn task_completed(&mut self, task: TaskId, dev: DeviceId) -> Result<()>;
+    /// `pending`/`in_progress` → `completed`: `true`. Idempotent on `completed`, and then
+    /// `false`, so a caller acts on a completion (queues its follow-ups) exactly once however
+    /// often the device repeats it.
+    fn task_completed(&mut self, task: TaskId, dev: DeviceId) -> Result<bool>;
     /// `pending`/`in_progress` → `failed(reason)`.
     fn task_failed(&mut self, task: TaskId, dev: DeviceId, reason: &str) -> Result<()>;
-    /// `failed` → `pending`.
+    /// `failed`/`cancelled` → `pending` (the operator's `task retry`).
     fn task_retry(&mut self, task: TaskId, dev: DeviceId) -> Result<()>;
+    /// `pending`/`in_progress` → `cancelled` (the operator's `task cancel`).
+    fn task_cancel(&mut self, task: TaskId, dev: DeviceId) -> Result<()>;
 }
 
 /// The event log and retention.

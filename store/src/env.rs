@@ -44,8 +44,11 @@ use crate::types::DeviceId;
 /// Schema version written by this build. 2: records embed wire values (record format 2, see
 /// `codec`); a schema-1 store is upgraded on open (its format-1 records stay readable and are
 /// rewritten as they change), and a build that knows only schema 1 refuses the upgraded store
-/// with [`Error::SchemaTooNew`] instead of misreading format-2 records.
-pub const SCHEMA_VERSION: u32 = 2;
+/// with [`Error::SchemaTooNew`] instead of misreading format-2 records. 3: a task status may
+/// be `cancelled` (tag 4, see `TaskDeviceStatus`); every schema-2 record reads unchanged, so
+/// the upgrade only writes the new version, and a schema-2 build refuses the store rather
+/// than take a cancelled row for a corrupt one.
+pub const SCHEMA_VERSION: u32 = 3;
 /// Initial map size (grows on demand).
 pub const INITIAL_MAP_SIZE: usize = 64 << 20;
 /// Map size ceiling: growth beyond this reports `DiskFull` instead.

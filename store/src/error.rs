@@ -103,7 +103,8 @@ pub enum Illegal {
     TaskStatus {
         /// The transition attempted.
         op: &'static str,
-        /// Name of the current status (`pending`, `in_progress`, `completed`, `failed`).
+        /// Name of the current status (`pending`, `in_progress`, `completed`, `failed`,
+        /// `cancelled`).
         current: &'static str,
     },
     /// A block range outside the task's block count.

@@ -364,7 +364,10 @@ mod tests {
         let mut s = Store::open(dir.path()).unwrap();
         {
             let t = s.env.begin_ro_txn().unwrap();
-            assert_eq!(t.get(s.dbs.meta, &META_SCHEMA).unwrap(), 2u32.to_le_bytes());
+            assert_eq!(
+                t.get(s.dbs.meta, &META_SCHEMA).unwrap(),
+                crate::SCHEMA_VERSION.to_le_bytes()
+            );
         }
         let snap = s.snapshot().unwrap();
         assert_eq!(

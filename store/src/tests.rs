@@ -424,8 +424,8 @@ fn task_table() {
         TaskDeviceStatus::InProgress(b) => assert_eq!(b.ranges(), &[(0, 11)]),
         other => panic!("{other:?}"),
     }
-    b.task_completed(t, d).unwrap();
-    b.task_completed(t, d).unwrap();
+    assert!(b.task_completed(t, d).unwrap(), "recorded");
+    assert!(!b.task_completed(t, d).unwrap(), "a repeat records nothing");
     assert!(b.incomplete_tasks(d).unwrap().is_empty());
     assert!(matches!(
         illegal(b.task_progress(t, d, BlockSet::new()).unwrap_err()),
@@ -446,6 +446,95 @@ fn task_table() {
         vec![
             (d, TaskDeviceStatus::Completed),
             (d2, TaskDeviceStatus::Pending)
+        ]
+    );
+}
+
+/// `task cancel` and `task retry`: which states each leaves, what the device-task index (the
+/// announce list) says after each, and that a cancelled row takes no late word from the device.
+#[test]
+fn task_cancel_and_retry() {
+    let (_dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    let d2 = b.add_device("dev-2", [0; 32], 0).unwrap();
+    let d3 = b.add_device("dev-3", [0; 32], 0).unwrap();
+    let task = Task {
+        path: "/srv/img.bin".into(),
+        size: 4096,
+        block_size: 1024,
+        sha256: [5; 32],
+        group: None,
+        trigger: "publish".into(),
+        created_ms: 7,
+        then: Vec::new(),
+    };
+    let t = b.create_task(task, &[d, d2, d3]).unwrap();
+    let mut blocks = BlockSet::new();
+    blocks.insert(0, 2);
+    b.task_progress(t, d2, blocks).unwrap();
+    // Pending and in progress can be cancelled; both leave the announce list.
+    b.task_cancel(t, d).unwrap();
+    b.task_cancel(t, d2).unwrap();
+    assert!(b.incomplete_tasks(d).unwrap().is_empty());
+    assert!(b.incomplete_tasks(d2).unwrap().is_empty());
+    assert_eq!(
+        b.task_status(t, d).unwrap(),
+        Some(TaskDeviceStatus::Cancelled)
+    );
+    // A cancelled row refuses a second cancel and the device's late progress, completion
+    // or failure.
+    for (e, op) in [
+        (b.task_cancel(t, d).unwrap_err(), "task_cancel"),
+        (
+            b.task_progress(t, d, BlockSet::new()).unwrap_err(),
+            "task_progress",
+        ),
+        (b.task_completed(t, d).unwrap_err(), "task_completed"),
+        (b.task_failed(t, d, "late").unwrap_err(), "task_failed"),
+    ] {
+        assert_eq!(
+            illegal(e),
+            Illegal::TaskStatus {
+                op,
+                current: "cancelled"
+            }
+        );
+    }
+    // Completed and failed rows cannot be cancelled; completed and pending cannot be retried.
+    assert!(b.task_completed(t, d3).unwrap());
+    assert!(matches!(
+        illegal(b.task_cancel(t, d3).unwrap_err()),
+        Illegal::TaskStatus {
+            op: "task_cancel",
+            current: "completed"
+        }
+    ));
+    assert!(matches!(
+        illegal(b.task_retry(t, d3).unwrap_err()),
+        Illegal::TaskStatus {
+            op: "task_retry",
+            current: "completed"
+        }
+    ));
+    // Retry: cancelled (and failed, see `task_table`) back to pending, on the announce list
+    // again, from no blocks.
+    b.task_retry(t, d2).unwrap();
+    assert_eq!(b.incomplete_tasks(d2).unwrap(), vec![t]);
+    assert!(matches!(
+        illegal(b.task_retry(t, d2).unwrap_err()),
+        Illegal::TaskStatus {
+            op: "task_retry",
+            current: "pending"
+        }
+    ));
+    b.commit().unwrap();
+    let st = s.snapshot().unwrap().task_statuses(t).unwrap();
+    assert_eq!(
+        st,
+        vec![
+            (d, TaskDeviceStatus::Cancelled),
+            (d2, TaskDeviceStatus::Pending),
+            (d3, TaskDeviceStatus::Completed)
         ]
     );
 }
@@ -496,6 +585,84 @@ fn schema_too_new_is_refused() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// A schema-2 store (before `cancelled` existed) opens as schema 3 with its task rows read as
+/// they were written: the bytes below are what schema 2 wrote for each status.
+#[test]
+fn a_schema2_task_table_opens_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, devs) = {
+        let mut s = Store::open(dir.path()).unwrap();
+        let mut b = s.batch().unwrap();
+        let devs: Vec<DeviceId> = (0..4)
+            .map(|i| b.add_device(&format!("d{i}"), [0; 32], 0).unwrap())
+            .collect();
+        let task = Task {
+            path: "/srv/img.bin".into(),
+            size: 4096,
+            block_size: 1024,
+            sha256: [5; 32],
+            group: None,
+            trigger: "publish".into(),
+            created_ms: 7,
+            then: Vec::new(),
+        };
+        let t = b.create_task(task, &devs).unwrap();
+        b.commit().unwrap();
+        use lmdb::Transaction;
+        let old: [&[u8]; 4] = [
+            &[2, 0],                                     // pending
+            &[2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0], // in progress: blocks 0..3
+            &[2, 2],                                     // completed
+            &[2, 3, 3, 0, 0, 0, b'b', b'a', b'd'],       // failed: "bad"
+        ];
+        let mut txn = s.env.begin_rw_txn().unwrap();
+        for (dev, bytes) in devs.iter().zip(old) {
+            txn.put(
+                s.dbs.task_status,
+                &env::key2(t.0, dev.0),
+                &bytes,
+                lmdb::WriteFlags::empty(),
+            )
+            .unwrap();
+        }
+        txn.put(
+            s.dbs.meta,
+            &env::META_SCHEMA,
+            &2u32.to_le_bytes(),
+            lmdb::WriteFlags::empty(),
+        )
+        .unwrap();
+        txn.commit().unwrap();
+        (t, devs)
+    };
+    let s = Store::open(dir.path()).unwrap();
+    {
+        use lmdb::Transaction;
+        let txn = s.env.begin_ro_txn().unwrap();
+        assert_eq!(
+            txn.get(s.dbs.meta, &env::META_SCHEMA).unwrap(),
+            SCHEMA_VERSION.to_le_bytes()
+        );
+    }
+    assert_eq!(SCHEMA_VERSION, 3);
+    let mut blocks = BlockSet::new();
+    blocks.insert(0, 3);
+    assert_eq!(
+        s.snapshot().unwrap().task_statuses(t).unwrap(),
+        vec![
+            (devs[0], TaskDeviceStatus::Pending),
+            (devs[1], TaskDeviceStatus::InProgress(blocks)),
+            (devs[2], TaskDeviceStatus::Completed),
+            (devs[3], TaskDeviceStatus::Failed("bad".into())),
+        ]
+    );
+    // What schema 3 adds is one more tag, beside the old ones.
+    use codec::Record;
+    let mut buf = Vec::new();
+    TaskDeviceStatus::Cancelled.encode(&mut buf).unwrap();
+    assert_eq!(buf, [2, 4]);
 }
 
 #[test]

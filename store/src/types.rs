@@ -630,6 +630,9 @@ pub enum TaskDeviceStatus {
     Completed,
     /// Gave up, with a reason.
     Failed(String),
+    /// The operator cancelled it (`task cancel`): not announced or caught up again until
+    /// `task retry`.
+    Cancelled,
 }
 
 impl TaskDeviceStatus {
@@ -640,6 +643,7 @@ impl TaskDeviceStatus {
             TaskDeviceStatus::InProgress(_) => "in_progress",
             TaskDeviceStatus::Completed => "completed",
             TaskDeviceStatus::Failed(_) => "failed",
+            TaskDeviceStatus::Cancelled => "cancelled",
         }
     }
     /// Pending or in progress.
@@ -665,6 +669,9 @@ impl Record for TaskDeviceStatus {
                 w.u8(3);
                 w.str(reason);
             }
+            // Added in schema 3: a schema-2 store has no such record, and a build that knows
+            // only schema 2 refuses a schema-3 store instead of meeting it.
+            TaskDeviceStatus::Cancelled => w.u8(4),
         }
     }
     fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
@@ -673,6 +680,7 @@ impl Record for TaskDeviceStatus {
             1 => TaskDeviceStatus::InProgress(BlockSet::read(r)?),
             2 => TaskDeviceStatus::Completed,
             3 => TaskDeviceStatus::Failed(r.string()?),
+            4 => TaskDeviceStatus::Cancelled,
             _ => return Err(r.corrupt("bad task status")),
         })
     }

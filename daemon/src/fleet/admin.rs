@@ -47,6 +47,34 @@ pub enum AdminError {
     /// `task show` of a task that does not exist.
     #[error("no task {0}: `fleetcast task show` lists the tasks")]
     NoSuchTask(u64),
+    /// `task cancel|retry --device` of a device the task does not target.
+    #[error(
+        "device `{device}` is not a target of task {task}: `fleetcast task show {task}` lists them"
+    )]
+    NotATarget {
+        /// The task.
+        task: u64,
+        /// The device named.
+        device: String,
+    },
+    /// A whole-task `task cancel|retry` that finds no target to change.
+    #[error(
+        "task {task}: nothing to {op} (`fleetcast task show {task}` says the state of each target)"
+    )]
+    NothingToChange {
+        /// The task.
+        task: u64,
+        /// `cancel` or `retry`.
+        op: &'static str,
+    },
+    /// A task control the target's row does not allow (e.g. `retry` of a completed copy).
+    #[error("{device}: {source}")]
+    Task {
+        /// The device named.
+        device: String,
+        /// The store's refusal.
+        source: store::Error,
+    },
     /// `push` to a group without members.
     #[error("group `{0}` has no members: `fleetcast group add {0} DEVICE...` first")]
     EmptyGroup(String),
@@ -85,7 +113,8 @@ impl From<AdminError> for Response {
         match e {
             AdminError::NoSuchDevice(_)
             | AdminError::NoSuchTarget(_)
-            | AdminError::NoSuchTask(_) => Response::not_found(e.to_string()),
+            | AdminError::NoSuchTask(_)
+            | AdminError::NotATarget { .. } => Response::not_found(e.to_string()),
             e => Response::err(e.to_string()),
         }
     }
@@ -223,6 +252,12 @@ impl Cx<'_> {
             // while the loop waits): the admin connection serves them itself.
             Request::Metrics | Request::Backup { .. } => return Err(AdminError::NotFleet),
             Request::TaskShow { task } => task_show(&*self.b, *task)?,
+            Request::TaskCancel { task, device } => {
+                reply(&self.task_control(TaskControl::Cancel, *task, device.as_deref())?)
+            }
+            Request::TaskRetry { task, device } => {
+                reply(&self.task_control(TaskControl::Retry, *task, device.as_deref())?)
+            }
             Request::Events { from, limit } => reply(&self.events(*from, *limit)?),
         }))
     }
@@ -460,6 +495,8 @@ impl Cx<'_> {
             let q = self.b.queue(d.id)?.unwrap_or_default();
             *queues.entry(q.status.name().to_string()).or_default() += 1;
             let r = d.report.as_ref();
+            let (pending_commands, pending_transfers) =
+                super::session::pending_actions(&*self.b, d.id, &q);
             devices.push(StatusRow {
                 online: self.online.contains_key(&d.id),
                 revoked: d.revoked,
@@ -470,6 +507,8 @@ impl Cx<'_> {
                     .next_seq
                     .saturating_sub(1)
                     .saturating_sub(q.completed_through),
+                pending_commands,
+                pending_transfers,
                 transport: transport_name(d.transport),
                 last_seen_ms: d.last_seen_ms,
                 hostname: r.map(|r| r.hostname.to_string()),
@@ -925,5 +964,70 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// `status` shows per device what its `Welcome` says is pending: the commands the
+    /// gateway is to send (none while paused) and the tasks not completed.
+    #[test]
+    fn status_shows_what_the_welcome_says_is_pending() {
+        let mut rig = Rig::new();
+        let (d1, k1) = rig.enrol("n1", 1);
+        add(&mut rig, "n1", vec![exec("a"), exec("b")]);
+        let a = rig.run(vec![Input::Hashed {
+            origin: Origin::Operator(900),
+            result: Ok(store::Task {
+                path: "/srv/image.bin".into(),
+                size: 3000,
+                block_size: 1000,
+                sha256: [7; 32],
+                group: Some("g".into()),
+                trigger: "publish by operator".into(),
+                created_ms: T0,
+                then: Vec::new(),
+            }),
+        }]);
+        assert!(
+            matches!(a.last(), Some(Action::Reply { resp, .. }) if resp.ok),
+            "{a:?}"
+        );
+        let pending = |rig: &mut Rig| {
+            let r = rig.admin(Request::Status);
+            let row = &r.data["devices"][0];
+            (
+                row["pending"].as_u64().unwrap(),
+                row["pending_commands"].as_u64().unwrap(),
+                row["pending_transfers"].as_u64().unwrap(),
+            )
+        };
+        assert_eq!(pending(&mut rig), (2, 2, 1));
+        // Paused: the commands are queued, but none is coming.
+        rig.admin(Request::QueuePause {
+            device: "n1".into(),
+        });
+        assert_eq!(pending(&mut rig), (2, 0, 1));
+        rig.admin(Request::QueueResume {
+            device: "n1".into(),
+        });
+        // The Welcome carries the same counts.
+        let a = rig.hello(3, d1, k1, None);
+        let w = a
+            .iter()
+            .find_map(|a| match a {
+                Action::Welcome { welcome, .. } => Some(*welcome),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{a:?}"));
+        assert_eq!((w.pending_commands, w.pending_transfers), (2, 1));
+        assert_eq!(pending(&mut rig), (2, 2, 1));
+        let r = rig.admin(Request::TaskShow { task: None });
+        let task = r.data["tasks"][0]["task"].as_u64().unwrap();
+        rig.run(vec![Input::Completion {
+            conn: 3,
+            device: d1,
+            task,
+            verified: true,
+            reason: String::new(),
+        }]);
+        assert_eq!(pending(&mut rig), (2, 2, 0));
     }
 }

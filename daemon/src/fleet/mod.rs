@@ -41,10 +41,12 @@ mod responses;
 #[cfg(test)]
 mod rig;
 mod session;
+mod task_control;
 mod tasks;
 
 pub use admin::{commands_from_specs, AdminError, CommandError};
 use deadlines::Deadline;
+use task_control::TaskControl;
 pub use tasks::progress_blocks;
 use tasks::{push, record_progress, task_show};
 
@@ -372,9 +374,10 @@ pub enum Action {
         /// The task.
         task: store::TaskId,
     },
-    /// The task table recorded `device`'s completion: tell the task's sender.
+    /// The task table recorded `device`'s completion (or an operator cancelled it): tell the
+    /// task's sender.
     TransferDone {
-        /// The device's connection.
+        /// The device's connection (0 when it has none: the loop does not use it).
         conn: ConnId,
         /// The device.
         device: DeviceId,

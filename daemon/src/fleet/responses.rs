@@ -166,6 +166,9 @@ pub(super) struct StatusRow {
     pub cursor: Option<u64>,
     pub done: u64,
     pub pending: u64,
+    /// What the device's `Welcome` says is pending (see `session::pending_actions`).
+    pub pending_commands: u32,
+    pub pending_transfers: u32,
     pub transport: Option<String>,
     pub last_seen_ms: Option<u64>,
     pub hostname: Option<String>,
@@ -244,4 +247,13 @@ pub(super) struct TaskRow {
     pub in_progress: u64,
     pub pending: u64,
     pub failed: u64,
+    pub cancelled: u64,
+}
+
+/// `task cancel|retry`: the targets changed, comma-separated.
+#[derive(Debug, Serialize)]
+pub(super) struct TaskChanged {
+    pub task: u64,
+    pub done: &'static str,
+    pub devices: String,
 }

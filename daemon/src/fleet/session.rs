@@ -141,6 +141,31 @@ pub(super) fn store_result(
     Stored::Answered
 }
 
+/// What a `Welcome` tells `device` is pending (and `fleetcast status` shows): the commands
+/// the gateway is to send it, the one in flight included (none while its queue is paused or
+/// stopped on a failure: nothing comes until an operator acts), and the tasks it has not
+/// completed (pending or in progress; not failed or cancelled ones). The agent polls at once
+/// while either is non-zero (see the agent's `driver::Pending`).
+pub(super) fn pending_actions(
+    b: &dyn StoreBatch,
+    device: DeviceId,
+    q: &store::QueueState,
+) -> (u32, u32) {
+    let commands = match q.status {
+        QueueStatus::Paused | QueueStatus::Failed => 0,
+        _ => q
+            .next_seq
+            .saturating_sub(1)
+            .saturating_sub(q.completed_through),
+    };
+    // A store error counts nothing: the count only hurries the agent, it is never trusted.
+    let transfers = b.incomplete_tasks(device).map_or(0, |t| t.len());
+    (
+        u32::try_from(commands).unwrap_or(u32::MAX),
+        u32::try_from(transfers).unwrap_or(u32::MAX),
+    )
+}
+
 impl Cx<'_> {
     /// An authenticated agent said hello: welcome it, with what it carries and what it missed.
     pub(super) fn hello(
@@ -221,7 +246,7 @@ impl Cx<'_> {
             .as_ref()
             .filter(|l| l.result.is_some() && l.seq > q.completed_through)
             .map(|l| l.seq);
-        let pending = b.incomplete_tasks(device).map(|t| t.len()).unwrap_or(0);
+        let (pending_commands, pending_transfers) = pending_actions(&**b, device, &q);
         actions.push(Action::Welcome {
             conn,
             welcome: Welcome {
@@ -229,13 +254,8 @@ impl Cx<'_> {
                 server_time_ms: now_ms,
                 heartbeat_ms: cfg.heartbeat_ms,
                 acked_seq: q.completed_through,
-                pending_commands: u32::try_from(
-                    q.next_seq
-                        .saturating_sub(1)
-                        .saturating_sub(q.completed_through),
-                )
-                .unwrap_or(u32::MAX),
-                pending_transfers: u32::try_from(pending).unwrap_or(u32::MAX),
+                pending_commands,
+                pending_transfers,
             },
             resume,
         });

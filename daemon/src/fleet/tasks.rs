@@ -198,7 +198,8 @@ fn task_table(b: &dyn StoreBatch, id: u64) -> Result<TaskShown, AdminError> {
                 ),
                 store::TaskDeviceStatus::Completed => (u64::from(n), None),
                 store::TaskDeviceStatus::Failed(r) => (0, Some(r.clone())),
-                store::TaskDeviceStatus::Pending => (0, None),
+                // A cancelled row keeps no blocks: a retry serves it from what it reports.
+                store::TaskDeviceStatus::Pending | store::TaskDeviceStatus::Cancelled => (0, None),
             };
             TaskDeviceRow {
                 device: device_name(b, d).unwrap_or_else(|_| d.0.to_string()),
@@ -239,6 +240,7 @@ fn task_list(b: &dyn StoreBatch) -> Result<TaskList, AdminError> {
             in_progress: count("in_progress"),
             pending: count("pending"),
             failed: count("failed"),
+            cancelled: count("cancelled"),
         });
     }
     Ok(TaskList { tasks })
@@ -259,13 +261,22 @@ impl Cx<'_> {
             b, actions, dirty, ..
         } = self;
         let id = store::TaskId(task);
+        // `Ok(false)`: a repeated completion of a completed row (the agent repeats it when
+        // the task is announced again): nothing is recorded, so nothing is queued twice.
         let r = if verified {
             b.task_completed(id, device)
         } else {
-            b.task_failed(id, device, reason)
+            b.task_failed(id, device, reason).map(|()| true)
         };
         match r {
-            Ok(()) => {
+            Ok(false) => {
+                tracing::info!(
+                    device = device.0,
+                    task,
+                    "repeated completion: already recorded"
+                );
+            }
+            Ok(true) => {
                 let _ = b.append_event(event(
                     now_ms,
                     Some(device),

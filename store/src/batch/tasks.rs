@@ -29,14 +29,18 @@ impl TaskOps for Batch<'_> {
         self.exec(move |cx| task_progress(cx, task, dev, &blocks))
     }
 
-    fn task_completed(&mut self, task: TaskId, dev: DeviceId) -> Result<()> {
-        self.exec(move |cx| match cx.task_entry(task, dev)? {
-            TaskDeviceStatus::Pending | TaskDeviceStatus::InProgress(_) => {
-                cx.set_task_entry(task, dev, &TaskDeviceStatus::Completed)
-            }
-            TaskDeviceStatus::Completed => Ok(()),
-            other => Err(task_illegal("task_completed", &other)),
-        })
+    fn task_completed(&mut self, task: TaskId, dev: DeviceId) -> Result<bool> {
+        // A repeat writes nothing, so it is not recorded for replay either.
+        self.exec_if(
+            move |cx| match cx.task_entry(task, dev)? {
+                TaskDeviceStatus::Pending | TaskDeviceStatus::InProgress(_) => cx
+                    .set_task_entry(task, dev, &TaskDeviceStatus::Completed)
+                    .map(|()| true),
+                TaskDeviceStatus::Completed => Ok(false),
+                other => Err(task_illegal("task_completed", &other)),
+            },
+            |recorded| *recorded,
+        )
     }
 
     fn task_failed(&mut self, task: TaskId, dev: DeviceId, reason: &str) -> Result<()> {
@@ -51,8 +55,19 @@ impl TaskOps for Batch<'_> {
 
     fn task_retry(&mut self, task: TaskId, dev: DeviceId) -> Result<()> {
         self.exec(move |cx| match cx.task_entry(task, dev)? {
-            TaskDeviceStatus::Failed(_) => cx.set_task_entry(task, dev, &TaskDeviceStatus::Pending),
+            TaskDeviceStatus::Failed(_) | TaskDeviceStatus::Cancelled => {
+                cx.set_task_entry(task, dev, &TaskDeviceStatus::Pending)
+            }
             other => Err(task_illegal("task_retry", &other)),
+        })
+    }
+
+    fn task_cancel(&mut self, task: TaskId, dev: DeviceId) -> Result<()> {
+        self.exec(move |cx| match cx.task_entry(task, dev)? {
+            TaskDeviceStatus::Pending | TaskDeviceStatus::InProgress(_) => {
+                cx.set_task_entry(task, dev, &TaskDeviceStatus::Cancelled)
+            }
+            other => Err(task_illegal("task_cancel", &other)),
         })
     }
 }

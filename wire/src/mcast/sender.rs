@@ -458,6 +458,13 @@ impl McastSender {
         true
     }
 
+    /// Whether `device` gave this sender its final word ([`McastSender::receiver_done`]).
+    pub fn receiver_is_done(&self, device: u64) -> bool {
+        self.receivers
+            .get(&device)
+            .is_some_and(|rx| matches!(rx.status, Status::Done { .. }))
+    }
+
     /// Receivers registered (by the control plane only: NACKs never add one).
     pub fn receiver_count(&self) -> usize {
         self.receivers.len()

@@ -370,7 +370,9 @@ impl McastTask {
 
     /// The task was announced to `device` over a control session from `peer`, with the
     /// device's new NACK key: it joins the multicast while the first pass runs, else it is
-    /// caught up by unicast. Returns whether it joined the group.
+    /// caught up by unicast. Returns whether it joined the group. A device the group sender
+    /// already counts as done (it failed, or an operator cancelled it, and was then retried)
+    /// is caught up by unicast too: the group takes no second word from a receiver.
     pub fn handle_announce(
         &mut self,
         now: Instant,
@@ -380,7 +382,7 @@ impl McastTask {
     ) -> bool {
         self.now = self.now.max(now);
         let joined = match self.group.as_mut() {
-            Some(g) if !g.is_finished() && !g.first_pass_done() => {
+            Some(g) if !g.is_finished() && !g.first_pass_done() && !g.receiver_is_done(device) => {
                 g.add_receiver(device);
                 true
             }

@@ -151,9 +151,12 @@ pub struct Welcome {
     /// Highest command sequence whose result the gateway has durably stored: the agent may
     /// forget results up to here.
     pub acked_seq: u64,
-    /// Commands waiting in this device's queue.
+    /// Commands the gateway is to send this device, the one in flight included (none while
+    /// its queue is paused or stopped on a failure). A hint: the agent polls sooner while it
+    /// is not zero (see docs/wire.md); nothing depends on it being exact.
     pub pending_commands: u32,
-    /// Distribution tasks this device has not completed.
+    /// Distribution tasks this device has not completed (pending or in progress; not failed
+    /// or cancelled ones). A hint, as `pending_commands`.
     pub pending_transfers: u32,
 }
 

@@ -84,5 +84,24 @@ fn shared_budget_refills_at_a_quarter_while_a_first_pass_runs() {
     assert_eq!(b.tokens(), CATCH_UP_BURST, "the bucket is bounded");
 }
 
+/// A receiver the group counts as done (failed, or cancelled by an operator) and announced
+/// again (`task retry`) during the first pass gets a catch-up sender: the group takes no second
+/// word from it. An active receiver announced again (a new session) stays in the group.
+#[test]
+fn a_done_receiver_announced_again_is_caught_up_by_unicast() {
+    let now = ms(1000);
+    let mut t = McastTask::new(cfg(Trigger::default(), Duration::ZERO), &[1, 2], now).unwrap();
+    assert!(
+        t.handle_announce(now, 1, None, [3; 32]),
+        "joins the first pass"
+    );
+    t.handle_done(1, false);
+    assert!(!t.handle_announce(now, 1, None, [4; 32]), "retried");
+    assert!(t.catch_up(1).is_some());
+    assert!(t.handle_announce(now, 2, None, [5; 32]));
+    assert!(t.handle_announce(now, 2, None, [6; 32]), "a new session");
+    assert!(t.catch_up(2).is_none());
+}
+
 #[cfg(feature = "sim")]
 mod sim;
