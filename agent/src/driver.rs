@@ -194,7 +194,7 @@ pub struct Agent {
     /// Multicast downloads in progress, by task.
     transfers: std::collections::HashMap<u64, Transfer>,
     /// Finished downloads, by task: their completion is repeated if the task is announced
-    /// again (the gateway re-announces until it has recorded the completion).
+    /// again (the gateway serves an asked task until it has recorded the completion).
     finished: std::collections::HashMap<u64, TransferDone>,
     /// This session's device id, local and gateway addresses (for transfers).
     link: Option<(u64, std::net::IpAddr, SocketAddr)>,

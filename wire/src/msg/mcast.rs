@@ -259,7 +259,8 @@ wire_enum! {
 }
 
 /// `TransferStatus`: progress of one task on one device, in either direction: an agent
-/// reports it (and so asks for catch-up on reconnect); the gateway answers with its view.
+/// reports it while it receives; the gateway may answer with its view. (A device asks for
+/// completion with [`TaskAsk`].)
 ///
 /// Fields: `task_id u64`, `session u32`, `state u8`, `received u32`, `total u32` (blocks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -386,7 +386,8 @@ impl AgentSession {
         }))
     }
 
-    /// Reports transfer progress (and so asks for catch-up after a reconnect).
+    /// Reports transfer progress (the task table's `in_progress`; asking for completion is
+    /// [`AgentSession::send_task_ask`]).
     pub fn send_transfer_status(&mut self, status: &TransferStatus) -> Result<(), SessionError> {
         self.core.conn.check_established()?;
         self.core.conn.queue(&Message::TransferStatus(*status))
