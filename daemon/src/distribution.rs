@@ -14,8 +14,8 @@
 //!   core; its group sender has every target registered as a receiver (offline ones too: it
 //!   stays alive until they report or [`McastConfig::linger`] passes without traffic).
 //! - Announces go over each target's control session; a device that connects later is
-//!   announced again on `Welcome`; after the first pass it catches up through a catch-up
-//!   sender of its own (the core's): it NACKs what it misses, and the sender answers with
+//!   announced when its agent asks (`TaskAsk`, after `Welcome`); after the first pass it
+//!   catches up through a catch-up sender of its own (the core's): it NACKs what it misses, and the sender answers with
 //!   unicast `Repair`s to the
 //!   device's repair address (the IP of the control session that carried its announce, or an
 //!   address it proved; never merely where a NACK came from, see `nack.rs`). A task whose
