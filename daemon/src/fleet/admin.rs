@@ -244,8 +244,11 @@ impl Cx<'_> {
                 rate_mbps,
                 trigger,
                 then,
+                delivery,
             } => {
-                let spec = self.push_spec(path, group, *block_size, *rate_mbps, *trigger, then)?;
+                let mut spec =
+                    self.push_spec(path, group, *block_size, *rate_mbps, *trigger, then)?;
+                spec.delivery = *delivery;
                 return Ok(Answer::Prepare(spec));
             }
             // They need the gateway's own state (its counters, the store's environment
@@ -287,6 +290,7 @@ impl Cx<'_> {
             reason: "publish by operator".into(),
             trigger,
             then,
+            delivery: Default::default(),
         })
     }
 
@@ -688,6 +692,7 @@ mod tests {
             rate_mbps: 100,
             trigger,
             then,
+            delivery: Default::default(),
         }
     }
 
@@ -738,6 +743,7 @@ mod tests {
                 block_size: 1000,
                 rate_mbps: 100,
                 reason: "publish by operator".into(),
+                delivery: Default::default(),
                 trigger: PushTrigger::default(),
                 then: vec![Command {
                     steps: exec("install"),
@@ -821,6 +827,7 @@ mod tests {
             reason: "change in watched directory /srv/drop".into(),
             trigger: PushTrigger::default(),
             then: vec![],
+            delivery: Default::default(),
         };
         // A file that cannot be read, and a group without members: the mapping goes, and no
         // connection hears of it (the fleet logs it).
