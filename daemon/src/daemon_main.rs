@@ -278,6 +278,16 @@ where
             }
         };
     }
+    if let (Some(addr), Some(b)) = (cfg.mcast.addr, cfg.mcast.broadcast) {
+        // The default broadcast must be the directed broadcast of the interface that holds
+        // mcast.addr: refuse to start (a configuration error) rather than every push.
+        let iface = crate::distribution::Iface::holding(addr);
+        if let Err(e) = crate::distribution::resolve_broadcast(iface.as_ref(), addr, Some(b)) {
+            let e = crate::distribution::BroadcastKeyError(e);
+            output::err(&format!("fleetcastd: {e}"));
+            return Exit::Usage.into();
+        }
+    }
     match run(cfg, data) {
         Ok(()) => Exit::Ok.into(),
         Err(e) => {
@@ -329,13 +339,6 @@ fn run(cfg: Config, data: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
             mode = %format_args!("{mode:03o}"),
             "the data directory was open to other users: it is now 0700"
         );
-    }
-    if let (Some(addr), Some(b)) = (cfg.mcast.addr, cfg.mcast.broadcast) {
-        // The default broadcast must be the directed broadcast of the interface that holds
-        // mcast.addr: refuse to start rather than refuse every push.
-        let iface = crate::distribution::Iface::holding(addr);
-        crate::distribution::resolve_broadcast(iface.as_ref(), addr, Some(b))
-            .map_err(crate::distribution::BroadcastKeyError)?;
     }
     let clock = Clock::new();
     let (_, wall_ms) = clock.read();
