@@ -1014,18 +1014,7 @@ fn push_by_broadcast_reaches_three_lossy_receivers() {
     // What n1's host receives from the gateway on the data port while the push runs (read
     // as it goes: the capture's buffer holds only a few packets; the loss rule drops after
     // the capture sees a datagram).
-    let mut dsts = Vec::new();
-    let started = now();
-    while dsts.len() < 200 && started.elapsed() < WAIT {
-        if let Some(d) = capture
-            .next_udp(Duration::from_millis(20))
-            .expect("capture")
-        {
-            if *d.src.ip() == gw_ip && d.dst.port() == MCAST_PORT {
-                dsts.push(*d.dst.ip());
-            }
-        }
-    }
+    let dsts = data_destinations(&mut capture, gw_ip, 200);
     wait_completed(&gw, &specs, task, &["n1", "n2", "n3"]);
     for (i, s) in specs.iter().enumerate() {
         let got = std::fs::read(s.state.join("downloads").join("bcast.bin")).expect("copy");
@@ -1043,4 +1032,62 @@ fn push_by_broadcast_reaches_three_lossy_receivers() {
             .all(|a| *a == std::net::Ipv4Addr::new(10, 77, 255, 255)),
         "{dsts:?}"
     );
+}
+
+/// The destination addresses of the first `n` datagrams from `gw` to the data port that
+/// `capture` sees (fewer if they do not come within [`WAIT`]).
+fn data_destinations(
+    capture: &mut fleetcast_lab::Capture,
+    gw: std::net::Ipv4Addr,
+    n: usize,
+) -> Vec<std::net::Ipv4Addr> {
+    let mut dsts = Vec::new();
+    let started = now();
+    while dsts.len() < n && started.elapsed() < WAIT {
+        if let Some(d) = capture
+            .next_udp(Duration::from_millis(20))
+            .expect("capture")
+        {
+            if *d.src.ip() == gw && d.dst.port() == MCAST_PORT {
+                dsts.push(*d.dst.ip());
+            }
+        }
+    }
+    dsts
+}
+
+/// `mcast.broadcast` (here `--mcast-broadcast`) makes broadcast the default: a plain push
+/// goes to the subnet's broadcast, `push --multicast` to the group; both copies verify.
+#[test]
+fn the_broadcast_key_is_the_default_and_multicast_can_still_be_asked_for() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    let gw_ip = lab.host(0).addr();
+    let (gw, specs, _agents) =
+        gateway_with_two_agents(&lab, dir, &["--mcast-broadcast", "10.77.255.255"]);
+    let mut data = vec![0u8; 2 << 20];
+    Rng::from_env(0x5eed_000c).fill(&mut data);
+    let src = dir.join("dflt.bin");
+    std::fs::write(&src, &data).expect("write source");
+    for (extra, want) in [
+        (&[][..], std::net::Ipv4Addr::new(10, 77, 255, 255)),
+        (&["--multicast"][..], std::net::Ipv4Addr::new(239, 77, 0, 1)),
+    ] {
+        for s in &specs {
+            let _ = std::fs::remove_file(s.state.join("downloads").join("dflt.bin"));
+        }
+        let mut capture = lab.host(1).capture().expect("capture on n1's host");
+        let mut args = vec!["--rate", "50"];
+        args.extend_from_slice(extra);
+        let task = push_cli(&gw, &src, &args);
+        let dsts = data_destinations(&mut capture, gw_ip, 100);
+        wait_completed(&gw, &specs, task, &["n1", "n2"]);
+        for (i, s) in specs.iter().enumerate() {
+            let got = std::fs::read(s.state.join("downloads").join("dflt.bin")).expect("copy");
+            assert!(got == data, "n{}: copy differs ({extra:?})", i + 1);
+        }
+        assert!(dsts.len() >= 100, "{extra:?}: too few captured: {dsts:?}");
+        assert!(dsts.iter().all(|a| *a == want), "{extra:?}: {dsts:?}");
+    }
 }
