@@ -364,7 +364,9 @@ impl Distribution {
             no_addr: 0,
             deferred: 0,
             send_errors: 0,
-            dest: mcast.group,
+            // The gateway's default; a push's own choice replaces it (`task_created`). A
+            // re-created, catch-up-only task sends nothing there: it only names it.
+            dest: mcast.broadcast.unwrap_or(mcast.group),
         })
     }
 
