@@ -719,6 +719,42 @@ mod tests {
     }
 
     #[test]
+    fn a_push_by_broadcast_reaches_the_distributor_as_asked() {
+        // The address is the distributor's to check (it knows the interface); the fleet
+        // passes the choice on unchanged, and an old client's request (no `delivery`) is the
+        // gateway's default.
+        let mut rig = Rig::with_multicast();
+        let b = std::net::Ipv4Addr::new(10, 0, 0, 255);
+        let mut req = push_req(PushTrigger::default(), vec![]);
+        if let Request::Push { delivery, .. } = &mut req {
+            *delivery = crate::admin::Delivery::Broadcast(Some(b));
+        }
+        let line = serde_json::to_value(&req).unwrap();
+        assert_eq!(line["op"], "push");
+        assert_eq!(
+            line["delivery"],
+            serde_json::json!({"broadcast": "10.0.0.255"})
+        );
+        let a = rig.run(vec![Input::Admin { conn: 900, req }]);
+        match &a[..] {
+            [Action::PreparePush { spec, .. }] => {
+                assert_eq!(spec.delivery, crate::admin::Delivery::Broadcast(Some(b)))
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut old = line.clone();
+        old.as_object_mut().unwrap().remove("delivery");
+        let old: Request = serde_json::from_value(old).unwrap();
+        assert!(matches!(
+            old,
+            Request::Push {
+                delivery: crate::admin::Delivery::Default,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn an_operator_push_is_prepared_then_its_digest_creates_the_task_and_the_answer() {
         let mut rig = Rig::with_multicast();
         let (d1, k1) = rig.enrol("n1", 1);
