@@ -711,17 +711,12 @@ impl Distributor {
         };
         let b = broadcast::resolve(self.iface.as_ref(), self.cfg.addr, asked)?;
         if !self.broadcast_on {
-            if let Err(e) = socket2::SockRef::from(&self.sock).set_broadcast(true) {
-                tracing::error!(error = %e, "SO_BROADCAST refused");
-            }
+            socket2::SockRef::from(&self.sock)
+                .set_broadcast(true)
+                .map_err(|e| BroadcastError::Socket(e.kind()))?;
             self.broadcast_on = true;
         }
         Ok(b)
-    }
-
-    /// The interface holding `mcast.addr` (`None`: none does).
-    pub fn iface(&self) -> Option<&Iface> {
-        self.iface.as_ref()
     }
 
     /// Wakes the loop when a file's digest is ready.

@@ -38,6 +38,9 @@ pub enum BroadcastError {
         /// Its prefix length.
         prefix: u8,
     },
+    /// The socket refused `SO_BROADCAST`.
+    #[error("the socket refused SO_BROADCAST ({0})")]
+    Socket(std::io::ErrorKind),
     /// An address that is not the interface's directed broadcast.
     #[error(
         "{asked} is not the broadcast address of interface {iface} ({addr}/{prefix}): use {expected}, or --broadcast without an address"
