@@ -342,7 +342,8 @@ impl Transfer {
     }
 }
 
-/// The group socket (`0.0.0.0:port`, joined, receives `Data`) and this transfer's own
+/// The group socket (`0.0.0.0:port`, joined to a multicast group, or not for a broadcast;
+/// receives `Data`) and this transfer's own
 /// unicast socket (ephemeral port: sends NACKs, receives the `Repair`s they ask for; a port
 /// of its own, because several transfers share the group port and unicast to a shared port
 /// would reach only one of them).
@@ -358,8 +359,13 @@ fn open_sockets(spec: &TransferSpec) -> io::Result<(UdpSocket, UdpSocket)> {
             "only IPv4 multicast is supported",
         ));
     };
-    s.join_multicast_v4(&group, &spec.local)?;
-    s.set_multicast_if_v4(&spec.local)?;
+    // A group that is not multicast is the subnet-directed broadcast of the gateway's
+    // interface (`push --broadcast`): the socket, bound to the port on every address,
+    // receives it as it is; there is no group to join. The tags say what is the gateway's.
+    if group.is_multicast() {
+        s.join_multicast_v4(&group, &spec.local)?;
+        s.set_multicast_if_v4(&spec.local)?;
+    }
     let _ = s.set_recv_buffer_size(8 << 20);
     s.set_nonblocking(true)?;
     let u = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;

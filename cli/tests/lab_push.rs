@@ -300,6 +300,7 @@ fn push_throughput() {
         rate_mbps: rate,
         trigger: Default::default(),
         then: vec![],
+        delivery: Default::default(),
     });
     let task = r["task"].as_u64().expect("task id");
     wait_for(
@@ -363,6 +364,7 @@ fn transfers_resume_across_agent_and_gateway_restarts() {
             rate_mbps: 30,
             trigger: Default::default(),
             then: vec![],
+            delivery: Default::default(),
         })["task"]
             .as_u64()
             .expect("task id")
@@ -436,6 +438,7 @@ fn two_concurrent_pushes_to_the_same_devices_both_complete() {
             rate_mbps,
             trigger: Default::default(),
             then: vec![],
+            delivery: Default::default(),
         });
         tasks.push(r["task"].as_u64().expect("task id"));
         files.push((name, data));
@@ -561,6 +564,7 @@ fn scheduled_and_quorum_triggers_start_the_multicast_when_they_say() {
             max_wait_s: Some(60),
         },
         then: vec![],
+        delivery: Default::default(),
     });
     let task2 = r["task"].as_u64().expect("task id");
     wait_for(
@@ -593,6 +597,7 @@ fn scheduled_and_quorum_triggers_start_the_multicast_when_they_say() {
                 max_wait_s: Some(5),
             },
             then: vec![],
+            delivery: Default::default(),
         })
         .unwrap_err();
     assert!(err.contains("give both"), "{err}");
@@ -833,6 +838,7 @@ fn a_copy_corrupted_on_the_device_is_received_again_not_reported() {
         rate_mbps: 16,
         trigger: Default::default(),
         then: vec![],
+        delivery: Default::default(),
     });
     let task = r["task"].as_u64().expect("task id");
     let part = specs[0].state.join("downloads").join("disk.img.part");
@@ -905,6 +911,7 @@ fn independent_losses_are_healed_by_parity() {
         rate_mbps: 100,
         trigger: Default::default(),
         then: vec![],
+        delivery: Default::default(),
     });
     let task = r["task"].as_u64().expect("task id");
     wait_completed(&gw, &specs, task, &["n1", "n2", "n3", "n4"]);
@@ -1055,4 +1062,148 @@ fn a_device_that_lost_its_records_asks_from_zero() {
     let (_task, blocks, held, repairs) = finisher_after_a_death(0x5eed_0017, true);
     assert_eq!(held, 0, "a device without records holds nothing");
     assert!(repairs >= blocks, "{repairs} repairs for {blocks} blocks");
+}
+
+/// Runs the operator CLI against `gw` where it must fail; returns its stderr.
+fn cli_fails(gw: &Gateway<'_>, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+        .arg("--data-dir")
+        .arg(&gw.data)
+        .args(args)
+        .output()
+        .expect("run fleetcast");
+    assert!(
+        !out.status.success(),
+        "fleetcast {args:?} succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `fleetcast push --broadcast`: the same datagrams go to the subnet-directed broadcast of
+/// the gateway's interface (10.77.255.255 for the lab's 10.77.0.0/16) instead of the group,
+/// to three agents that each drop 5% of what arrives on the data port; every copy verifies.
+/// A receiver's capture shows the data came to the broadcast address and none to a
+/// multicast group; an address that is not that subnet's broadcast is refused, naming the
+/// one to use.
+#[test]
+fn push_by_broadcast_reaches_three_lossy_receivers() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(4)).expect("lab (see docs/lab.md)");
+    let gw_ip = lab.host(0).addr();
+    let gw = Gateway::start(lab.host(0), dir, &["--mcast-addr", &gw_ip.to_string()]);
+    let (specs, _agents) = gw.enrol_agents(&lab, dir, 3);
+    for i in 1..=specs.len() {
+        lab.host(i)
+            .loss_in(&[MCAST_PORT], 5.0)
+            .expect("nft loss rule");
+    }
+    let mut data = vec![0u8; 6 << 20];
+    Rng::from_env(0x5eed_000b).fill(&mut data);
+    let src = dir.join("bcast.bin");
+    std::fs::write(&src, &data).expect("write source");
+    let src_s = src.display().to_string();
+
+    // A broadcast address of another subnet is refused before anything is sent.
+    let before = cli(&gw, &["--json", "task", "list"]);
+    let err = cli_fails(
+        &gw,
+        &[
+            "push",
+            &src_s,
+            "--group",
+            "fleet",
+            "--broadcast",
+            "10.77.0.255",
+        ],
+    );
+    assert!(
+        err.contains("cannot broadcast: 10.77.0.255 is not the broadcast address of interface eth0 (10.77.0.1/16): use 10.77.255.255"),
+        "{err}"
+    );
+    let after = cli(&gw, &["--json", "task", "list"]);
+    assert_eq!(before, after, "a refused push changed the task table");
+
+    let mut capture = lab.host(1).capture().expect("capture on n1's host");
+    let task = push_cli(&gw, &src, &["--broadcast", "--rate", "100"]);
+    // What n1's host receives from the gateway on the data port while the push runs (read
+    // as it goes: the capture's buffer holds only a few packets; the loss rule drops after
+    // the capture sees a datagram).
+    let dsts = data_destinations(&mut capture, gw_ip, 200);
+    wait_completed(&gw, &specs, task, &["n1", "n2", "n3"]);
+    for (i, s) in specs.iter().enumerate() {
+        let got = std::fs::read(s.state.join("downloads").join("bcast.bin")).expect("copy");
+        assert!(got == data, "n{}: copy differs", i + 1);
+    }
+    let shown = cli(&gw, &["task", "show", &task.to_string()]);
+    assert!(shown.contains("by broadcast to 10.77.255.255"), "{shown}");
+
+    assert!(
+        dsts.len() >= 200,
+        "too few data datagrams captured: {dsts:?}"
+    );
+    assert!(
+        dsts.iter()
+            .all(|a| *a == std::net::Ipv4Addr::new(10, 77, 255, 255)),
+        "{dsts:?}"
+    );
+}
+
+/// The destination addresses of the first `n` datagrams from `gw` to the data port that
+/// `capture` sees (fewer if they do not come within [`WAIT`]).
+fn data_destinations(
+    capture: &mut fleetcast_lab::Capture,
+    gw: std::net::Ipv4Addr,
+    n: usize,
+) -> Vec<std::net::Ipv4Addr> {
+    let mut dsts = Vec::new();
+    let started = now();
+    while dsts.len() < n && started.elapsed() < WAIT {
+        if let Some(d) = capture
+            .next_udp(Duration::from_millis(20))
+            .expect("capture")
+        {
+            if *d.src.ip() == gw && d.dst.port() == MCAST_PORT {
+                dsts.push(*d.dst.ip());
+            }
+        }
+    }
+    dsts
+}
+
+/// `mcast.broadcast` (here `--mcast-broadcast`) makes broadcast the default: a plain push
+/// goes to the subnet's broadcast, `push --multicast` to the group; both copies verify.
+#[test]
+fn the_broadcast_key_is_the_default_and_multicast_can_still_be_asked_for() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    let gw_ip = lab.host(0).addr();
+    let (gw, specs, _agents) =
+        gateway_with_two_agents(&lab, dir, &["--mcast-broadcast", "10.77.255.255"]);
+    let mut data = vec![0u8; 2 << 20];
+    Rng::from_env(0x5eed_000c).fill(&mut data);
+    let src = dir.join("dflt.bin");
+    std::fs::write(&src, &data).expect("write source");
+    for (extra, want) in [
+        (&[][..], std::net::Ipv4Addr::new(10, 77, 255, 255)),
+        (&["--multicast"][..], std::net::Ipv4Addr::new(239, 77, 0, 1)),
+    ] {
+        for s in &specs {
+            let _ = std::fs::remove_file(s.state.join("downloads").join("dflt.bin"));
+        }
+        let mut capture = lab.host(1).capture().expect("capture on n1's host");
+        let mut args = vec!["--rate", "50"];
+        args.extend_from_slice(extra);
+        let task = push_cli(&gw, &src, &args);
+        let dsts = data_destinations(&mut capture, gw_ip, 100);
+        wait_completed(&gw, &specs, task, &["n1", "n2"]);
+        for (i, s) in specs.iter().enumerate() {
+            let got = std::fs::read(s.state.join("downloads").join("dflt.bin")).expect("copy");
+            assert!(got == data, "n{}: copy differs ({extra:?})", i + 1);
+        }
+        assert!(dsts.len() >= 100, "{extra:?}: too few captured: {dsts:?}");
+        assert!(dsts.iter().all(|a| *a == want), "{extra:?}: {dsts:?}");
+    }
 }

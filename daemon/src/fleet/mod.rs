@@ -107,6 +107,8 @@ pub struct PushSpec {
     pub trigger: PushTrigger,
     /// Follow-up commands per verified device.
     pub then: Vec<Command>,
+    /// Multicast group or broadcast (the distributor resolves and checks it).
+    pub delivery: crate::admin::Delivery,
 }
 
 /// Why the distributor could not prepare a push's file (cannot map or read it, a geometry
