@@ -1038,7 +1038,9 @@ fn finisher_after_a_death(seed: u64, wipe: bool) -> (u64, u64, u64, u64) {
 fn a_device_with_a_partial_record_asks_and_gets_only_what_is_missing() {
     let (_task, blocks, held, repairs) = finisher_after_a_death(0x5eed_0016, false);
     assert!(
-        held >= blocks / 4 && held < blocks,
+        // A partial record: how much n1 held when it died depends on the machine's load (the
+        // kill follows the progress log), so only "some, not all" is asserted.
+        held > 0 && held < blocks,
         "held {held} of {blocks}"
     );
     // Everything missing came by unicast, and what it held did not: measured, exactly the
