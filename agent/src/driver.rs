@@ -731,23 +731,38 @@ impl Agent {
                     self.on_announce(s, &a);
                 }
             }
-            AgentEvent::TaskAnswer(a) => match a.verdict {
-                fleetcast_wire::TaskVerdict::Completed if a.task_id != 0 => {
-                    crate::say!(
+            AgentEvent::TaskAnswer(a) => {
+                match a.verdict {
+                    fleetcast_wire::TaskVerdict::Completed if a.task_id != 0 => crate::say!(
                         "task {}: completed at the gateway, nothing to do",
                         a.task_id
-                    );
+                    ),
+                    fleetcast_wire::TaskVerdict::Closed => crate::say!(
+                        "task {}: not served (failed, cancelled or not this device's)",
+                        a.task_id
+                    ),
+                    // Served: its announce came first and the transfer says the rest.
+                    _ => return Ok(None),
                 }
-                fleetcast_wire::TaskVerdict::Closed => crate::say!(
-                    "task {}: not served (failed, cancelled or not this device's)",
-                    a.task_id
-                ),
-                // Served: its announce came first and the transfer says the rest.
-                _ => {}
-            },
+                self.retire(a.task_id);
+            }
             AgentEvent::Enrolled { .. } | AgentEvent::TransferStatus(_) => {}
         }
         Ok(None)
+    }
+
+    /// Drops what the agent keeps of `task` once the gateway said nothing more comes for it:
+    /// its held record and partial file (unless a transfer of it runs: that one ends on its
+    /// own), so the next connect does not ask about it again.
+    fn retire(&mut self, task: u64) {
+        if task == 0 || self.transfers.contains_key(&task) {
+            return;
+        }
+        match crate::transfer::retire_record(&self.cfg.downloads, task) {
+            Ok(0) => {}
+            Ok(n) => crate::say!("task {task}: dropped {n} held record(s) and partial file"),
+            Err(e) => crate::say!("task {task}: could not drop its held record: {e}"),
+        }
     }
 
     /// The task finisher, after every `Welcome` (so on every connect, and after the agent

@@ -579,6 +579,38 @@ pub fn held_records(dir: &Path) -> Vec<TransferRecord> {
     out
 }
 
+/// Retires the held record of `task_id` (its `.rec` file and the partial `<name>.part` it
+/// describes) once the gateway answered that there is nothing more to receive for it
+/// (completed at the gateway, or closed: failed, cancelled, not this device's). Without this,
+/// the finisher would ask about the same dead record on every connect. Returns how many
+/// records were retired; a record that is not there is not an error.
+pub fn retire_record(dir: &Path, task_id: u64) -> io::Result<usize> {
+    let suffix = format!(".task-{task_id}.rec");
+    let mut retired = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let Some(file) = name
+            .strip_suffix(&suffix)
+            .and_then(|stem| stem.strip_prefix('.'))
+        else {
+            continue;
+        };
+        match std::fs::remove_file(dir.join(format!("{file}.part"))) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        std::fs::remove_file(entry.path())?;
+        retired += 1;
+    }
+    if retired > 0 {
+        fleetcast_os::sync_dir(dir)?;
+    }
+    Ok(retired)
+}
+
 /// A record file of either layout: today's ([`crate::record`]) or the one of before, which
 /// has no envelope (`legacy.rs`).
 fn decode_record(bytes: &[u8]) -> Result<TransferRecord, Corrupt> {
@@ -1018,6 +1050,35 @@ mod tests {
         put("e.rec", &rec(7).encode().unwrap());
         assert_eq!(held_records(dir.path()), vec![rec(4), rec(9)]);
         assert!(held_records(&dir.path().join("gone")).is_empty());
+    }
+
+    #[test]
+    fn a_retired_record_is_gone_with_its_partial_file_and_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = |task_id| {
+            let mut received = Ranges::new();
+            received.push(0, 3).unwrap();
+            TransferRecord {
+                task_id,
+                size: 10_000,
+                block_size: 1000,
+                sha256: [task_id as u8; 32],
+                received,
+            }
+        };
+        let put = |name: &str, bytes: &[u8]| fs::write(dir.path().join(name), bytes).unwrap();
+        put(".b.bin.task-9.rec", &rec(9).encode().unwrap());
+        put("b.bin.part", b"partial");
+        put(".a.bin.task-19.rec", &rec(19).encode().unwrap());
+        put("a.bin.part", b"partial");
+        put("b.bin", b"a verified file of another task stays");
+        assert_eq!(retire_record(dir.path(), 9).unwrap(), 1);
+        assert_eq!(held_records(dir.path()), vec![rec(19)]);
+        assert!(!dir.path().join("b.bin.part").exists());
+        assert!(dir.path().join("a.bin.part").exists());
+        assert!(dir.path().join("b.bin").exists());
+        // Again: nothing left to retire, and that is not an error.
+        assert_eq!(retire_record(dir.path(), 9).unwrap(), 0);
     }
 
     #[test]
