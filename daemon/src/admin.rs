@@ -186,6 +186,12 @@ pub enum Request {
     },
     /// List devices.
     DeviceList,
+    /// One device in full: its latest configuration report (software, attached devices) and
+    /// when it came.
+    DeviceShow {
+        /// Device name.
+        name: String,
+    },
     /// Revoke a device: its sessions are closed and it is refused from now on.
     DeviceRevoke {
         /// Device name.

@@ -451,8 +451,9 @@ mod tests {
         let cfg = ExecConfig {
             report: ReportConfig {
                 os_release: dir.path().join("missing-os-release"),
-                dpkg_status: dir.path().join("missing-status"),
                 boot_id: boot,
+                root: dir.path().join("empty-root"),
+                dpkg_status: None,
             },
             ..ExecConfig::default()
         };

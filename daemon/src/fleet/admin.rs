@@ -217,6 +217,7 @@ impl Cx<'_> {
         Ok(Answer::Now(match req {
             Request::DeviceAdd { name, groups } => reply(&self.device_add(name, groups)?),
             Request::DeviceList => reply(&self.device_list()?),
+            Request::DeviceShow { name } => reply(&self.device_show(name)?),
             Request::DeviceRevoke { name } => reply(&self.device_revoke(name)?),
             Request::GroupAdd { group, devices } => reply(&self.group_add(group, devices)?),
             Request::GroupList => reply(&self.group_list()?),
@@ -339,6 +340,24 @@ impl Cx<'_> {
             });
         }
         Ok(DeviceList { devices })
+    }
+
+    fn device_show(&self, name: &str) -> Result<DeviceShown, AdminError> {
+        let d = self
+            .b
+            .device_by_name(name)?
+            .ok_or_else(|| AdminError::NoSuchDevice(name.to_string()))?;
+        Ok(DeviceShown {
+            online: self.online.contains_key(&d.id),
+            revoked: d.revoked,
+            enrolled_ms: d.enrolled_ms,
+            last_seen_ms: d.last_seen_ms,
+            transport: transport_name(d.transport),
+            report_ms: d.report_ms,
+            report: d.report.as_ref().map(ReportView::of),
+            id: d.id.0,
+            name: d.name,
+        })
     }
 
     fn device_revoke(&mut self, name: &str) -> Result<Revoked, AdminError> {
@@ -561,6 +580,62 @@ mod tests {
     use super::FOLLOW_UP_TIMEOUT_MS;
     use crate::fleet::rig::*;
     use crate::fleet::*;
+
+    /// `device show` answers the latest report, every field of it, and the time it was
+    /// stored; before any report both are null, and an unknown name is "not found".
+    #[test]
+    fn device_show_has_the_latest_report_and_when_it_came() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        let r = rig.admin(Request::DeviceShow { name: "n1".into() });
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.data["name"], "n1");
+        assert!(r.data["report"].is_null() && r.data["report_ms"].is_null());
+
+        let mut report = report_with("Alpine Linux v3.19", boot_named("b1"));
+        report.package_manager = wire::PackageManager::Apk;
+        report.cpu_model = "Fake CPU".into();
+        report.cpus = 4;
+        report.memory = 8 << 30;
+        report.devices = vec![wire::Attached {
+            kind: wire::AttachedKind::Disk,
+            name: "sda".into(),
+            id: "S3Z9NB0K123456".into(),
+            wwn: "naa.5002538e40a1b2c3".into(),
+            model: "Samsung SSD 860".into(),
+            size: 500_107_862_016,
+        }];
+        rig.run(vec![Input::Report {
+            conn: 2,
+            device: dev,
+            report,
+        }]);
+        let at = rig.now;
+        let r = rig.admin(Request::DeviceShow { name: "n1".into() });
+        assert_eq!(r.data["report_ms"], at);
+        let rep = &r.data["report"];
+        assert_eq!(rep["os"], "Alpine Linux v3.19");
+        assert_eq!(rep["package_manager"], "apk");
+        assert_eq!(
+            (rep["cpu_model"].clone(), rep["cpus"].clone()),
+            ("Fake CPU".into(), 4.into())
+        );
+        assert_eq!(rep["memory"], 8u64 << 30);
+        assert_eq!(
+            rep["software"],
+            serde_json::json!([{ "name": "nginx", "version": "1.22" }])
+        );
+        assert_eq!(rep["devices"][0]["target"], "disk:S3Z9NB0K123456");
+        assert_eq!(rep["devices"][0]["wwn"], "naa.5002538e40a1b2c3");
+        assert_eq!(rep["devices"][0]["size"], 500_107_862_016u64);
+
+        let r = rig.admin(Request::DeviceShow {
+            name: "nobody".into(),
+        });
+        assert!(!r.ok);
+        assert_eq!(r.kind, Some(crate::admin::ErrorKind::NotFound));
+    }
 
     #[test]
     fn revoking_closes_the_session_and_refuses_the_next_hello() {

@@ -263,6 +263,7 @@ pub(super) fn report_with(os: &str, boot_id: [u8; 16]) -> wire::ConfigReport<'st
             name: "nginx".into(),
             version: "1.22".into(),
         }],
+        ..Default::default()
     }
 }
 

@@ -272,6 +272,7 @@ fn reboot_completed(
         return Err(Error::illegal(dev, Illegal::BootIdUnchanged));
     }
     x.report = Some(report.clone());
+    x.report_ms = Some(now);
     x.last_seen_ms = Some(now);
     cx.put(cx.d.devices, &dev.0.to_be_bytes(), &x)?;
     cx.finish_attempt(dev, &mut q, seq, result)?;

@@ -352,6 +352,7 @@ fn report(boot_id: [u8; 16]) -> ConfigReport<'static> {
             name: "nginx".into(),
             version: "1.22.1-9".into(),
         }],
+        ..Default::default()
     }
 }
 
