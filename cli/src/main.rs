@@ -249,6 +249,11 @@ struct QueueAddArgs {
     /// Queue each step as its own command (default: all steps form one command).
     #[arg(long)]
     each: bool,
+    /// The attached device the commands operate on, KIND:ID as `device show` lists it
+    /// (disk:SERIAL or disk:WWN, net:MAC, usb:VENDOR:PRODUCT[:SERIAL], serial:/dev/ttyUSB0):
+    /// the agent runs no step unless it is attached.
+    #[arg(long, value_name = "KIND:ID")]
+    attached: Option<String>,
     /// Steps: exec:CMD, sh:SCRIPT, install:PACKAGE..., fetch:PATH=URL (URL may be
     /// gateway:NAME), verify:PATH=SHA256, write:PATH=TEXT, reboot, report.
     #[arg(last = true, required = true)]
@@ -324,6 +329,7 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
                 } else {
                     OnFailureSpec::Stop
                 },
+                attached: a.attached,
             }
         }
         Cmd::Queue(QueueCmd::Show { device }) => Request::QueueShow { device },

@@ -315,6 +315,74 @@ fn every_command_with_json_and_exit_codes() {
     }
     let v = expect_json(data, &["device", "show", "nosuch"], 4);
     assert_eq!(v["kind"], "not_found");
+    // queue add --attached: a target the report lists runs (and its steps see it); one it
+    // does not list fails before any step, saying why.
+    expect(
+        data,
+        &[
+            "queue",
+            "add",
+            "web1",
+            "--attached",
+            "disk:LAB-DISK-1",
+            "--",
+            "sh:echo \"got $FLEETCAST_TARGET_PATH\"",
+        ],
+        0,
+    );
+    expect(
+        data,
+        &[
+            "queue",
+            "add",
+            "web1",
+            "--continue-on-failure",
+            "--attached",
+            "disk:NOPE",
+            "--",
+            "sh:echo ran",
+        ],
+        0,
+    );
+    let v = expect_json(
+        data,
+        &[
+            "queue",
+            "add",
+            "web1",
+            "--attached",
+            "disk",
+            "--",
+            "exec:true",
+        ],
+        1,
+    );
+    assert!(v["error"].as_str().unwrap().contains("KIND:ID"), "{v}");
+    let cmds = wait_for("the targeted commands", || {
+        let v = expect_json(data, &["queue", "show", "web1"], 0);
+        let cmds = v["data"]["commands"].as_array()?.clone();
+        (cmds.len() == 2
+            && cmds
+                .iter()
+                .all(|c| c["state"] != "pending" && c["state"] != "running"))
+        .then_some(cmds)
+    });
+    assert_eq!(cmds[0]["state"], "ok", "{cmds:#?}");
+    assert_eq!(cmds[0]["target"], "disk:LAB-DISK-1");
+    let out0 = cmds[0]["output"].as_str().unwrap();
+    assert!(
+        out0.contains("target disk:LAB-DISK-1 is /dev/vda") && out0.contains("got /dev/vda"),
+        "{out0}"
+    );
+    assert_eq!(cmds[1]["state"], "failed", "{cmds:#?}");
+    assert_eq!(cmds[1]["exit_code"], -3);
+    let out1 = cmds[1]["output"].as_str().unwrap();
+    assert!(
+        out1.contains(
+            "target disk:NOPE is not attached to this device (attached: disk:LAB-DISK-1 (vda))"
+        ) && !out1.lines().any(|l| l == "ran"),
+        "{out1}"
+    );
     // An enrolled name cannot be added again: refused, exit 1.
     let v = expect_json(data, &["device", "add", "web1"], 1);
     assert!(

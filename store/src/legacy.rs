@@ -445,4 +445,76 @@ mod tests {
         buf[0] = VERSION;
         assert!(Device::decode(&buf).is_err());
     }
+
+    /// A device's result as format 2 kept it: wire version 2's `Result` body, whose report
+    /// lacked what version 3 added, then the reception time.
+    #[test]
+    fn format2_result_reads_with_its_report() {
+        let result = wire::CommandResult {
+            command_id: 70,
+            seq: 7,
+            attempt: 1,
+            exit_code: 0,
+            steps: vec![],
+            output: b"ok\n".to_vec().into(),
+            report: Some(wire::ConfigReport {
+                hostname: "n7".into(),
+                ..Default::default()
+            }),
+        };
+        let mut v2 = Vec::new();
+        wire::Embed::encode_to_vec(&result, &mut v2).unwrap();
+        // The report is last: its version-3 fields (15 bytes, empty here) end the body.
+        let cut = v2.len() - 15;
+        assert!(v2[cut..].iter().all(|&b| b == 0));
+        v2.truncate(cut);
+        let mut buf = Vec::new();
+        let mut w = Writer::new(&mut buf);
+        w.u8(crate::result::RESULT_RECEIVED);
+        w.bytes(&v2);
+        w.u64(9_000);
+        buf[0] = FORMAT_2;
+        let Ok(StoredResult::Received(x)) = StoredResult::decode(&buf) else {
+            panic!("a device's result")
+        };
+        assert_eq!((x.result, x.at_ms), (result, 9_000));
+    }
+
+    /// A command record as format 2 wrote it (no target) reads without one; today's keeps
+    /// its target.
+    #[test]
+    fn format2_command_reads_without_a_target_and_today_s_keeps_it() {
+        let step = wire::Step::Exec {
+            argv: vec!["/bin/true".into()],
+        };
+        let mut buf = Vec::new();
+        let mut w = Writer::new(&mut buf);
+        w.u64(60_000);
+        w.u32(3);
+        w.u8(0); // stop
+        w.len(1);
+        w.embed(&step);
+        buf[0] = FORMAT_2;
+        let c = Command::decode(&buf).unwrap();
+        assert_eq!((c.steps, c.target), (vec![step.clone()], None));
+        let cmd = Command {
+            steps: vec![step],
+            timeout_ms: 1,
+            max_attempts: 1,
+            on_failure: OnFailure::Stop,
+            target: Some(wire::Target {
+                kind: wire::AttachedKind::Serial,
+                id: "/dev/ttyUSB0".into(),
+            }),
+        };
+        let mut raw = Vec::new();
+        cmd.encode(&mut raw).unwrap();
+        assert_eq!(raw[0], VERSION);
+        assert_eq!(Command::decode(&raw).unwrap(), cmd);
+        // A target kind no version defines is corruption.
+        let at = raw.len() - (2 + 4 + "/dev/ttyUSB0".len()) + 1;
+        assert_eq!(raw[at], wire::AttachedKind::Serial as u8);
+        raw[at] = 9;
+        assert!(Command::decode(&raw).is_err());
+    }
 }

@@ -192,6 +192,8 @@ pub struct Command {
     pub max_attempts: u32,
     /// Failure policy.
     pub on_failure: OnFailure,
+    /// The attached device the steps operate on (`None` in records of formats 1 and 2).
+    pub target: Option<wire::Target<'static>>,
 }
 
 /// The policy part of a [`Command`], decodable without the steps.
@@ -244,6 +246,14 @@ impl Record for Command {
         for s in &self.steps {
             w.embed(s);
         }
+        match &self.target {
+            None => w.u8(0),
+            Some(t) => {
+                w.u8(1);
+                w.u8(t.kind as u8);
+                w.str(&t.id);
+            }
+        }
     }
     fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
         let CommandPolicy {
@@ -261,11 +271,28 @@ impl Record for Command {
             }
             steps
         };
+        // Formats 1 and 2 had no targets.
+        let target = match r.version() {
+            FORMAT_1 | FORMAT_2 => None,
+            _ => match r.u8()? {
+                0 => None,
+                1 => {
+                    let kind = wire::AttachedKind::from_code(r.u8()?)
+                        .ok_or_else(|| r.corrupt("bad target kind"))?;
+                    Some(wire::Target {
+                        kind,
+                        id: r.string()?.into(),
+                    })
+                }
+                _ => return Err(r.corrupt("bad target tag")),
+            },
+        };
         Ok(Command {
             steps,
             timeout_ms,
             max_attempts,
             on_failure,
+            target,
         })
     }
 }
@@ -804,6 +831,7 @@ mod task_codec_tests {
             trigger: "publish by operator".into(),
             created_ms: 5,
             then: vec![Command {
+                target: None,
                 steps: vec![wire::Step::Exec {
                     argv: vec!["dpkg".into(), "-i".into(), "/x/pkg.deb".into()],
                 }],

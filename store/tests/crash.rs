@@ -174,6 +174,7 @@ fn child(dir: &Path, seed: u64) {
                     }]
                 };
                 let cmd = Command {
+                    target: None,
                     steps,
                     timeout_ms: 1000,
                     max_attempts: 1,

@@ -20,6 +20,9 @@ pub enum CommandError {
         "`reboot` must be the last step of its command: queue the steps after it as a new command (or use --each)"
     )]
     RebootNotLast,
+    /// An attached-device target that is not `KIND:ID` with a known kind.
+    #[error("target {0:?} is not KIND:ID with KIND one of disk, net, usb, serial (e.g. disk:S3Z9NB0K123456, serial:/dev/ttyUSB0)")]
+    BadTarget(String),
 }
 
 /// Why an operator request was refused (one variant per broken rule). The message says what
@@ -146,6 +149,7 @@ pub fn commands_from_specs(
                 OnFailureSpec::Stop => store::OnFailure::Stop,
                 OnFailureSpec::Continue => store::OnFailure::Continue,
             },
+            target: None,
         });
     }
     Ok(cmds)
@@ -227,8 +231,17 @@ impl Cx<'_> {
                 timeout_ms,
                 max_attempts,
                 on_failure,
+                attached,
             } => {
-                let cmds = commands_from_specs(commands, *timeout_ms, *max_attempts, *on_failure)?;
+                let mut cmds =
+                    commands_from_specs(commands, *timeout_ms, *max_attempts, *on_failure)?;
+                if let Some(a) = attached {
+                    let t =
+                        wire::Target::parse(a).ok_or_else(|| CommandError::BadTarget(a.clone()))?;
+                    for c in &mut cmds {
+                        c.target = Some(t.clone().into_owned());
+                    }
+                }
                 reply(&self.queue_add(target, cmds)?)
             }
             Request::QueueShow { device } => reply(&self.queue_show(device)?),
@@ -466,6 +479,7 @@ impl Cx<'_> {
                 },
                 exit_code: result.as_ref().and_then(result_exit_code),
                 output: result.as_ref().and_then(result_output),
+                target: c.target.as_ref().map(ToString::to_string),
             });
         }
         Ok(QueueShown {
@@ -637,6 +651,58 @@ mod tests {
         assert_eq!(r.kind, Some(crate::admin::ErrorKind::NotFound));
     }
 
+    /// `queue add --attached KIND:ID`: every command queued keeps the target, `queue show`
+    /// names it, and it goes to the agent with the command; a malformed one is refused.
+    #[test]
+    fn queue_add_with_an_attached_target() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        let add = |rig: &mut Rig, attached: &str| {
+            rig.admin(Request::QueueAdd {
+                target: "n1".into(),
+                commands: vec![exec("a"), exec("b")],
+                timeout_ms: 1000,
+                max_attempts: 1,
+                on_failure: OnFailureSpec::Stop,
+                attached: Some(attached.into()),
+            })
+        };
+        let r = add(&mut rig, "disk:S3Z9NB0K123456");
+        assert!(r.ok, "{r:?}");
+        for bad in ["S3Z9NB0K123456", "bmc:1", "disk:"] {
+            let r = add(&mut rig, bad);
+            assert!(
+                r.error.as_deref().is_some_and(|e| e.contains("KIND:ID")),
+                "{bad}: {r:?}"
+            );
+        }
+        let r = rig.admin(Request::QueueShow {
+            device: "n1".into(),
+        });
+        let targets: Vec<_> = r.data["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["target"].clone())
+            .collect();
+        assert_eq!(targets, ["disk:S3Z9NB0K123456", "disk:S3Z9NB0K123456"]);
+        let a = rig.hello(2, dev, key, None);
+        let cmd = a
+            .iter()
+            .find_map(|x| match x {
+                Action::Dispatch { cmd, .. } => Some(cmd.clone()),
+                _ => None,
+            })
+            .expect("dispatched");
+        assert_eq!(
+            cmd.target,
+            Some(wire::Target {
+                kind: wire::AttachedKind::Disk,
+                id: "S3Z9NB0K123456".into()
+            })
+        );
+    }
+
     #[test]
     fn revoking_closes_the_session_and_refuses_the_next_hello() {
         let mut rig = Rig::new();
@@ -689,6 +755,7 @@ mod tests {
             serde_json::json!([{ "group": "g", "members": "n1,n2" }, { "group": "web", "members": "n2" }])
         );
         let r = rig.admin(Request::QueueAdd {
+            attached: None,
             target: "n1".into(),
             commands: vec![vec![wire::Step::Reboot, wire::Step::Report]],
             timeout_ms: 1,
@@ -697,6 +764,7 @@ mod tests {
         });
         assert!(r.error.unwrap().contains("last step"));
         let r = rig.admin(Request::QueueAdd {
+            attached: None,
             target: "nobody".into(),
             commands: vec![exec("x")],
             timeout_ms: 1,
@@ -815,6 +883,7 @@ mod tests {
                 reason: "publish by operator".into(),
                 trigger: PushTrigger::default(),
                 then: vec![Command {
+                    target: None,
                     steps: exec("install"),
                     timeout_ms: FOLLOW_UP_TIMEOUT_MS,
                     max_attempts: 1,

@@ -226,6 +226,8 @@ pub(super) struct CommandRow {
     pub state: &'static str,
     pub exit_code: Option<i32>,
     pub output: Option<String>,
+    /// The attached device the command operates on (`KIND:ID`), if it names one.
+    pub target: Option<String>,
 }
 
 /// `queue pause|resume|cancel|retry|skip`.

@@ -140,6 +140,7 @@ pub(super) fn add(
     rig.run(vec![Input::Admin {
         conn: 999,
         req: Request::QueueAdd {
+            attached: None,
             target: target.into(),
             commands,
             timeout_ms: 10_000,

@@ -181,5 +181,6 @@ fn send_dispatch(
         attempt,
         timeout_ms,
         steps,
+        target: cmd.target.clone(),
     })
 }

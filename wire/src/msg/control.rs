@@ -11,7 +11,7 @@ use super::{borrowed_bytes16, borrowed_str16, owned, owned_list};
 use crate::codec::{Reader, Sink};
 use crate::error::{Error, Result};
 
-pub use super::report::{ConfigReport, Package};
+pub use super::report::{ConfigReport, Package, Target};
 
 macro_rules! wire_enum {
     ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $var:ident = $val:expr),+ $(,)? }) => {
@@ -379,7 +379,8 @@ impl<'a> Step<'a> {
 
 /// `Dispatch`: one command for the agent to execute (gateway → agent).
 ///
-/// Fields: `command_id u64`, `seq u64`, `attempt u32`, `timeout_ms u32`, `steps list<Step>`.
+/// Fields: `command_id u64`, `seq u64`, `attempt u32`, `timeout_ms u32`, `steps list<Step>`,
+/// `target opt<Target>` (wire version 3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct Dispatch<'a> {
@@ -395,6 +396,9 @@ pub struct Dispatch<'a> {
     pub timeout_ms: u32,
     /// The operation's component steps, run in order.
     pub steps: Vec<Step<'a>>,
+    /// The attached device the steps operate on: the agent runs none of them unless its
+    /// report lists it.
+    pub target: Option<Target<'a>>,
 }
 
 impl<'a> Dispatch<'a> {
@@ -404,7 +408,12 @@ impl<'a> Dispatch<'a> {
         s.u32(self.attempt)?;
         s.u32(self.timeout_ms)?;
         s.count(self.steps.len(), MAX_STEPS)?;
-        self.steps.iter().try_for_each(|st| st.encode(s))
+        self.steps.iter().try_for_each(|st| st.encode(s))?;
+        s.present(self.target.is_some())?;
+        match &self.target {
+            Some(t) => t.encode(s),
+            None => Ok(()),
+        }
     }
     pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
         let command_id = r.u64()?;
@@ -416,12 +425,17 @@ impl<'a> Dispatch<'a> {
         for _ in 0..n {
             steps.push(Step::decode(r)?);
         }
+        let target = match r.present()? {
+            true => Some(Target::decode(r)?),
+            false => None,
+        };
         Ok(Dispatch {
             command_id,
             seq,
             attempt,
             timeout_ms,
             steps,
+            target,
         })
     }
 }
@@ -776,6 +790,7 @@ impl Dispatch<'_> {
             attempt: self.attempt,
             timeout_ms: self.timeout_ms,
             steps: self.steps.into_iter().map(Step::into_owned).collect(),
+            target: self.target.map(Target::into_owned),
         }
     }
 }

@@ -44,7 +44,7 @@ pub use mcast::{
     Announce, Completion, Nack, Outcome, Parity, ParityHeader, Probe, TransferState,
     TransferStatus, COOKIE_LEN, PARITY_PREFIX_LEN,
 };
-pub use report::{Attached, AttachedKind, PackageManager};
+pub use report::{Attached, AttachedKind, PackageManager, Target};
 
 /// One fleetcast message, borrowing from the bytes it was parsed from.
 #[derive(Debug, Clone, PartialEq, Eq)]

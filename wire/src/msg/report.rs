@@ -66,6 +66,10 @@ impl AttachedKind {
             AttachedKind::Serial => "serial",
         }
     }
+    /// The kind of a wire code (`None` for a code no version defines).
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::from_u8(code).ok()
+    }
     /// The kind a target's prefix names.
     pub fn from_name(name: &str) -> Option<Self> {
         Some(match name {
@@ -75,6 +79,64 @@ impl AttachedKind {
             "serial" => AttachedKind::Serial,
             _ => return None,
         })
+    }
+}
+
+/// What a command runs against: an attached device named by kind and stable id, written
+/// `KIND:ID` (`disk:S3Z9NB0K123456`, `serial:/dev/ttyUSB0`). The agent checks that its report
+/// lists it ([`Attached::matches`]) before it runs any step.
+///
+/// Fields: `kind u8` (an [`AttachedKind`]), `id str16` (non-empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct Target<'a> {
+    /// The kind of device.
+    pub kind: AttachedKind,
+    /// Its id, WWN or kernel name.
+    pub id: Cow<'a, str>,
+}
+
+impl<'a> Target<'a> {
+    /// Parses `KIND:ID`; `None` for an unknown kind or an empty or over-long id.
+    pub fn parse(text: &'a str) -> Option<Self> {
+        let (kind, id) = text.split_once(':')?;
+        let kind = AttachedKind::from_name(kind)?;
+        (!id.is_empty() && id.len() <= MAX_NAME).then_some(Target {
+            kind,
+            id: Cow::Borrowed(id),
+        })
+    }
+
+    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        // An empty id names nothing: refused both ways, so what emits parses back.
+        if self.id.is_empty() {
+            return Err(Error::InvalidValue);
+        }
+        s.u8(self.kind as u8)?;
+        s.str16(&self.id, MAX_NAME)
+    }
+
+    pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
+        let kind = AttachedKind::from_u8(r.u8()?)?;
+        let id = borrowed_str16(r, MAX_NAME)?;
+        if id.is_empty() {
+            return Err(Error::InvalidValue);
+        }
+        Ok(Target { kind, id })
+    }
+
+    /// This value, owning its id.
+    pub fn into_owned(self) -> Target<'static> {
+        Target {
+            kind: self.kind,
+            id: owned(self.id),
+        }
+    }
+}
+
+impl core::fmt::Display for Target<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}:{}", self.kind.name(), self.id)
     }
 }
 
@@ -257,6 +319,11 @@ impl<'a> ConfigReport<'a> {
         Ok(v)
     }
 
+    /// The attached device `target` names, if the report lists it.
+    pub fn find(&self, target: &Target<'_>) -> Option<&Attached<'a>> {
+        self.attached(target.kind, &target.id)
+    }
+
     /// The attached device a target `kind:value` names, if the report lists it.
     pub fn attached(&self, kind: AttachedKind, value: &str) -> Option<&Attached<'a>> {
         self.devices.iter().find(|d| d.matches(kind, value))
@@ -378,5 +445,16 @@ mod tests {
             Some("disk")
         );
         assert_eq!(AttachedKind::from_name("bmc"), None);
+        let t = Target::parse("disk:naa.5002538e40a1b2c3").unwrap();
+        assert_eq!(r.find(&t).map(|d| &*d.name), Some("sda"));
+        assert_eq!(t.to_string(), "disk:naa.5002538e40a1b2c3");
+        let port = Target::parse("serial:/dev/ttyUSB0").unwrap();
+        assert_eq!(
+            (port.kind, &*port.id),
+            (AttachedKind::Serial, "/dev/ttyUSB0")
+        );
+        for bad in ["disk:", "disk", "bmc:1", ":x"] {
+            assert_eq!(Target::parse(bad), None, "{bad}");
+        }
     }
 }

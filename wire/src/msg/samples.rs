@@ -97,6 +97,10 @@ fn hello() -> Hello<'static> {
 
 fn dispatch() -> Dispatch<'static> {
     Dispatch {
+        target: Some(Target {
+            kind: AttachedKind::Disk,
+            id: "S3Z9NB0K123456".into(),
+        }),
         command_id: 0x0102_0304_0506_0708,
         seq: 8,
         attempt: 1,

@@ -622,6 +622,7 @@ mod tests {
 
     fn dispatch(seq: u64) -> Message<'static> {
         Message::Dispatch(Dispatch {
+            target: None,
             command_id: seq * 10,
             seq,
             attempt: 1,

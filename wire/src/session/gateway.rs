@@ -686,6 +686,7 @@ mod tests {
 
     fn dispatch(seq: u64) -> Dispatch<'static> {
         Dispatch {
+            target: None,
             command_id: seq * 10,
             seq,
             attempt: 1,
