@@ -3,7 +3,7 @@
 //! `/dev` under a root directory, so tests read a fake tree and never the machine's hardware.
 //!
 //! Invariants:
-//! - Every string fits the wire's [`MAX_NAME`] and at most [`MAX_DEVICES`] devices are listed,
+//! - Every string fits the wire's [`MAX_NAME`](fleetcast_wire::msg::limits::MAX_NAME) and at most [`MAX_DEVICES`] devices are listed,
 //!   so the report always encodes.
 //! - Nothing here fails: a missing or unreadable source is left out (an empty list, a zero),
 //!   because a report with less in it is better than no report.
@@ -14,14 +14,15 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read as _};
 use std::path::Path;
 
-use fleetcast_wire::msg::limits::{MAX_DEVICES, MAX_NAME};
+use fleetcast_wire::msg::limits::MAX_DEVICES;
 use fleetcast_wire::{Attached, AttachedKind};
 
 use crate::report::bounded;
 
-/// Largest `/proc` or `/sys` attribute file read (cpuinfo of a big machine is far larger; only
-/// its first processor's model is needed, which comes first).
-const MAX_ATTR: u64 = 64 * 1024;
+/// Most bytes of a `/sys` attribute or of `proc/meminfo` read: attributes are one short
+/// line, and `MemTotal` is meminfo's first. (`proc/cpuinfo` is read line by line instead: it
+/// has a block per processor, and all are counted.)
+const MAX_ATTR: u64 = 4096;
 
 /// CPU model (the first `model name`, else `Model`/`Hardware` as ARM kernels say it) and the
 /// number of processors in `proc/cpuinfo` under `root`.
@@ -223,7 +224,7 @@ fn read_attr(path: &Path) -> Option<String> {
     fs::File::open(path)
         .and_then(|f| f.take(MAX_ATTR).read_to_end(&mut buf))
         .ok()?;
-    Some(String::from_utf8_lossy(&buf[..buf.len().min(MAX_NAME * 16)]).into_owned())
+    Some(String::from_utf8_lossy(&buf).into_owned())
 }
 
 #[cfg(test)]
