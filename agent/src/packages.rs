@@ -4,7 +4,7 @@
 //!
 //! Invariants:
 //! - At most [`MAX_SOFTWARE`] packages, every string within the wire's name limit
-//!   ([`bounded`]): the report encodes.
+//!   (`report::bounded`): the report encodes.
 //! - Memory is bounded by those caps: a database (megabytes on a full system) is streamed line
 //!   by line, keeping only the current entry.
 //! - Nothing here fails: an unreadable database (or an `rpm` that will not run) gives the
