@@ -18,9 +18,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleetcast_wire::ranges::MAX_NACK_RANGES;
 use fleetcast_wire::session::{AgentEvent, AgentSession, FirstMessage};
 use fleetcast_wire::{
-    CloseCode, Completion, Enrol, Hello, Instant, Message, RebootComplete, SessionConfig,
+    CloseCode, Completion, Enrol, Hello, Instant, Message, RebootComplete, SessionConfig, TaskAsk,
 };
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection};
@@ -193,7 +194,7 @@ pub struct Agent {
     /// Multicast downloads in progress, by task.
     transfers: std::collections::HashMap<u64, Transfer>,
     /// Finished downloads, by task: their completion is repeated if the task is announced
-    /// again (the gateway re-announces until it has recorded the completion).
+    /// again (the gateway serves an asked task until it has recorded the completion).
     finished: std::collections::HashMap<u64, TransferDone>,
     /// This session's device id, local and gateway addresses (for transfers).
     link: Option<(u64, std::net::IpAddr, SocketAddr)>,
@@ -661,6 +662,7 @@ impl Agent {
                     let rep = report::collect(&self.cfg.exec.report)?;
                     let _ = s.send_report(&rep);
                 }
+                self.ask_tasks(s);
                 // A command from an earlier session still running, or finished while we were
                 // between sessions: this session carries its result.
                 if let Some((seq, attempt, false)) = hello_last {
@@ -729,9 +731,64 @@ impl Agent {
                     self.on_announce(s, &a);
                 }
             }
+            AgentEvent::TaskAnswer(a) => match a.verdict {
+                fleetcast_wire::TaskVerdict::Completed if a.task_id != 0 => {
+                    crate::say!(
+                        "task {}: completed at the gateway, nothing to do",
+                        a.task_id
+                    );
+                }
+                fleetcast_wire::TaskVerdict::Closed => crate::say!(
+                    "task {}: not served (failed, cancelled or not this device's)",
+                    a.task_id
+                ),
+                // Served: its announce came first and the transfer says the rest.
+                _ => {}
+            },
             AgentEvent::Enrolled { .. } | AgentEvent::TransferStatus(_) => {}
         }
         Ok(None)
+    }
+
+    /// The task finisher, after every `Welcome` (so on every connect, and after the agent
+    /// rejoined a network): one `TaskAsk` for every transfer record it holds (with the blocks
+    /// it names), one for every task it was told of and has no record of yet, then one from
+    /// zero for every other task of its own. The gateway answers each from its task table.
+    fn ask_tasks(&mut self, s: &mut AgentSession) {
+        let Some((device_id, ..)) = self.link else {
+            return;
+        };
+        let mut asked = std::collections::BTreeSet::new();
+        for rec in crate::transfer::held_records(&self.cfg.downloads) {
+            let blocks = rec.size.div_ceil(u64::from(rec.block_size.max(1)));
+            // Over the wire limit, the first ranges: an understatement is safe (the gateway
+            // serves what the NACKs name, and they come from the whole record).
+            let mut have = fleetcast_wire::Ranges::new();
+            for r in rec.received.as_slice().iter().take(MAX_NACK_RANGES) {
+                let _ = have.push(r.start, r.len);
+            }
+            asked.insert(rec.task_id);
+            let _ = s.send_task_ask(&TaskAsk {
+                device_id,
+                task_id: rec.task_id,
+                total: u32::try_from(blocks).unwrap_or(u32::MAX),
+                have,
+            });
+        }
+        for task in self.transfers.keys().filter(|t| !asked.contains(*t)) {
+            let _ = s.send_task_ask(&TaskAsk {
+                device_id,
+                task_id: *task,
+                total: 0,
+                have: fleetcast_wire::Ranges::new(),
+            });
+        }
+        let _ = s.send_task_ask(&TaskAsk {
+            device_id,
+            task_id: 0,
+            total: 0,
+            have: fleetcast_wire::Ranges::new(),
+        });
     }
 
     /// Starts (or answers) the transfer an announce names.

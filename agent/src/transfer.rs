@@ -342,7 +342,8 @@ impl Transfer {
     }
 }
 
-/// The group socket (`0.0.0.0:port`, joined, receives `Data`) and this transfer's own
+/// The group socket (`0.0.0.0:port`, joined to a multicast group, or not for a broadcast;
+/// receives `Data`) and this transfer's own
 /// unicast socket (ephemeral port: sends NACKs, receives the `Repair`s they ask for; a port
 /// of its own, because several transfers share the group port and unicast to a shared port
 /// would reach only one of them).
@@ -358,8 +359,13 @@ fn open_sockets(spec: &TransferSpec) -> io::Result<(UdpSocket, UdpSocket)> {
             "only IPv4 multicast is supported",
         ));
     };
-    s.join_multicast_v4(&group, &spec.local)?;
-    s.set_multicast_if_v4(&spec.local)?;
+    // A group that is not multicast is the subnet-directed broadcast of the gateway's
+    // interface (`push --broadcast`): the socket, bound to the port on every address,
+    // receives it as it is; there is no group to join. The tags say what is the gateway's.
+    if group.is_multicast() {
+        s.join_multicast_v4(&group, &spec.local)?;
+        s.set_multicast_if_v4(&spec.local)?;
+    }
     let _ = s.set_recv_buffer_size(8 << 20);
     s.set_nonblocking(true)?;
     let u = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
@@ -548,6 +554,29 @@ fn load_record(spec: &TransferSpec, path: &Path) -> Option<Ranges> {
     ((rec.task_id, rec.size, rec.block_size, rec.sha256)
         == (a.task_id, a.size, a.block_size, a.sha256))
         .then_some(rec.received)
+}
+
+/// Every received-block record in the downloads directory `dir` that decodes (the task
+/// finisher's account of what the device holds, task by task). A task whose `.done` marker
+/// is there is finished and left out; a record that does not decode is not an account.
+pub fn held_records(dir: &Path) -> Vec<TransferRecord> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<TransferRecord> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let stem = name.strip_suffix(".rec")?;
+            let done = dir.join(format!("{stem}.done"));
+            if !name.starts_with('.') || !stem.contains(".task-") || done.exists() {
+                return None;
+            }
+            decode_record(&std::fs::read(e.path()).ok()?).ok()
+        })
+        .collect();
+    out.sort_by_key(|r| r.task_id);
+    out
 }
 
 /// A record file of either layout: today's ([`crate::record`]) or the one of before, which
@@ -963,6 +992,33 @@ fn run_once(
 mod tests {
     use super::*;
     use std::fs;
+
+    /// The finisher's account: every record that decodes, by task, without finished tasks
+    /// (their `.done` marker is there) or files that are not records.
+    #[test]
+    fn held_records_are_the_decodable_unfinished_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = |task_id| {
+            let mut received = Ranges::new();
+            received.push(0, 3).unwrap();
+            TransferRecord {
+                task_id,
+                size: 10_000,
+                block_size: 1000,
+                sha256: [task_id as u8; 32],
+                received,
+            }
+        };
+        let put = |name: &str, bytes: &[u8]| fs::write(dir.path().join(name), bytes).unwrap();
+        put(".b.bin.task-9.rec", &rec(9).encode().unwrap());
+        put(".a.bin.task-4.rec", &rec(4).encode().unwrap());
+        put(".c.bin.task-5.rec", &rec(5).encode().unwrap());
+        put(".c.bin.task-5.done", b"");
+        put(".d.bin.task-6.rec", b"not a record");
+        put("e.rec", &rec(7).encode().unwrap());
+        assert_eq!(held_records(dir.path()), vec![rec(4), rec(9)]);
+        assert!(held_records(&dir.path().join("gone")).is_empty());
+    }
 
     #[test]
     fn names_are_one_component() {

@@ -602,6 +602,7 @@ impl<'lab> Fleet<'lab> {
                 max_wait_s: Some(10),
             },
             then: vec![],
+            delivery: Default::default(),
         })?;
         let task = r["task"].as_u64().ok_or(BenchError::Missing("task id"))?;
         let deadline = t0 + plan.timeout;

@@ -666,6 +666,7 @@ impl<'n> Demo<'n> {
             rate_mbps: 300,
             trigger: PushTrigger::default(),
             then: vec![],
+            delivery: Default::default(),
         })?;
         let task = r["task"].as_u64().ok_or(DemoError::Missing("task id"))?;
         let all_online = |rows: &[Value]| {

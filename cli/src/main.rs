@@ -78,6 +78,15 @@ enum Cmd {
         /// syntax (e.g. `sh:dpkg -i /var/lib/fleetcast/downloads/pkg.deb`); repeat for more.
         #[arg(long, value_name = "STEP")]
         then: Vec<String>,
+        /// Send by subnet-directed broadcast instead of the multicast group, on the interface
+        /// of the gateway's --mcast-addr only: to ADDR, which must be that interface's
+        /// directed broadcast (the gateway refuses any other), or without ADDR to that
+        /// broadcast itself. Default: the gateway's `mcast.broadcast`, if set.
+        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "subnet", conflicts_with = "multicast")]
+        broadcast: Option<BroadcastArg>,
+        /// Send to the multicast group even when the gateway's `mcast.broadcast` is set.
+        #[arg(long)]
+        multicast: bool,
     },
     /// Distribution tasks.
     #[command(subcommand)]
@@ -348,8 +357,16 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
             min_ready,
             max_wait,
             then,
+            broadcast,
+            multicast,
             ..
         } => {
+            use fleetcast_daemon::admin::Delivery;
+            let delivery = match (broadcast, multicast) {
+                (Some(BroadcastArg(a)), _) => Delivery::Broadcast(a),
+                (None, true) => Delivery::Multicast,
+                (None, false) => Delivery::Default,
+            };
             let then = then
                 .iter()
                 .map(|s| fleetcast_daemon::admin::parse_step(s).map(|st| vec![st]))
@@ -373,6 +390,7 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
                     max_wait_s: max_wait,
                 },
                 then,
+                delivery,
             }
         }
         Cmd::Task(TaskCmd::Show { id }) => Request::TaskShow { task: id },
@@ -743,6 +761,20 @@ fn follow_task(data_dir: &std::path::Path, task: u64) -> ExitCode {
             return Exit::Ok.into();
         }
         std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+/// `push --broadcast [ADDR]`: an address, or (bare flag) the subnet's own broadcast.
+#[derive(Debug, Clone, Copy)]
+struct BroadcastArg(Option<std::net::Ipv4Addr>);
+
+impl std::str::FromStr for BroadcastArg {
+    type Err = std::net::AddrParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "subnet" {
+            return Ok(BroadcastArg(None));
+        }
+        s.parse().map(|a| BroadcastArg(Some(a)))
     }
 }
 

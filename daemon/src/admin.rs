@@ -272,6 +272,10 @@ pub enum Request {
         /// step list per command, as in `QueueAdd`.
         #[serde(default)]
         then: Vec<Vec<Step<'static>>>,
+        /// Multicast group or subnet-directed broadcast (default: the gateway's own,
+        /// `mcast.broadcast`).
+        #[serde(default)]
+        delivery: Delivery,
     },
     /// A task's status table, or (without an id) every task with its counts.
     TaskShow {
@@ -313,6 +317,21 @@ pub enum Request {
         /// absolute); it must not exist yet or be empty.
         dest: String,
     },
+}
+
+/// How a push's datagrams reach the devices: the same datagrams, repair and task table
+/// either way; only the destination address differs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// The gateway's default: `mcast.broadcast` when it is set, the multicast group otherwise.
+    #[default]
+    Default,
+    /// The multicast group (`mcast.group`), even when `mcast.broadcast` is set.
+    Multicast,
+    /// Subnet-directed broadcast on the interface of `mcast.addr`: to this address, which
+    /// must be that interface's directed broadcast, or (`None`) to that broadcast itself.
+    Broadcast(Option<std::net::Ipv4Addr>),
 }
 
 /// When a push's multicast starts. Announces go out at once either way, so receivers join

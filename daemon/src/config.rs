@@ -142,6 +142,10 @@ pub struct McastSection {
     pub warmup_ms: u64,
     /// FEC group size in blocks; 0: no parity repair.
     pub fec_group: u32,
+    /// Pushes go by broadcast to this address (the directed broadcast of `addr`'s subnet)
+    /// unless they ask for multicast; unset: multicast unless a push asks for broadcast.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broadcast: Option<Ipv4Addr>,
 }
 
 /// `[artifacts]`.
@@ -203,6 +207,7 @@ impl Default for McastSection {
             linger_secs: 60,
             warmup_ms: 300,
             fec_group: 512,
+            broadcast: None,
         }
     }
 }
@@ -361,6 +366,13 @@ pub const KEYS: &[Key] = &[
         "a whole number of blocks from 0 (off) to 32768",
         "512",
         "Blocks per FEC group: repairs multicast fresh parity that heals different losses at different receivers at once. 0: repair by re-multicast and unicast only.",
+    ),
+    key(
+        "mcast.broadcast",
+        Addr,
+        "the directed broadcast address of mcast.addr's subnet (e.g. 10.0.0.255 for 10.0.0.1/24)",
+        "\"10.0.0.255\"",
+        "Pushes go by subnet-directed broadcast to this address instead of the multicast group (same datagrams and repair), through mcast.addr's interface only; a push can still ask for multicast (`fleetcast push --multicast`). It must be that interface's own broadcast address: fleetcastd refuses to start otherwise. Unset: multicast, unless a push asks for broadcast (`fleetcast push --broadcast`).",
     ),
     key(
         "artifacts.listen",
@@ -528,6 +540,9 @@ pub enum Problem {
     /// `mcast.group` is not a multicast address.
     #[error("{0} is not a multicast address")]
     NotMulticast(Ipv4Addr),
+    /// `mcast.broadcast` cannot be a subnet's directed broadcast.
+    #[error("{0} is not a subnet's broadcast address")]
+    NotDirectedBroadcast(Ipv4Addr),
     /// `artifacts.url` is not an HTTP URL.
     #[error("`{0}` is not an http:// or https:// URL")]
     NotHttpUrl(String),
@@ -964,6 +979,14 @@ impl Config {
             "mcast.linger_secs" => range(self.mcast.linger_secs, 0, 86_400),
             "mcast.warmup_ms" => range(self.mcast.warmup_ms, 0, 60_000),
             "mcast.fec_group" => range(self.mcast.fec_group.into(), 0, 32_768),
+            // The subnet is checked against the interface at start (`daemon_main`); here
+            // only what no interface's directed broadcast can be.
+            "mcast.broadcast" => match self.mcast.broadcast {
+                Some(a) if a.is_multicast() || a.is_unspecified() || a.is_broadcast() => {
+                    takes(Problem::NotDirectedBroadcast(a))
+                }
+                _ => Ok(()),
+            },
             "artifacts.url" => match &self.artifacts.url {
                 Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
                     takes(Problem::NotHttpUrl(u.clone()))
@@ -1060,6 +1083,7 @@ mod tests {
             listen_extra: Some("127.0.0.1:3".parse().unwrap()),
             mcast: McastSection {
                 addr: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                broadcast: Some(Ipv4Addr::new(10, 0, 0, 255)),
                 ..McastSection::default()
             },
             artifacts: ArtifactsSection {
@@ -1120,6 +1144,7 @@ mod tests {
         ("mcast.linger_secs", "9", "9"),
         ("mcast.warmup_ms", "50", "50"),
         ("mcast.fec_group", "256", "256"),
+        ("mcast.broadcast", "10.0.0.255", "\"10.0.0.255\""),
         ("artifacts.listen", "10.0.0.1:7380", "\"10.0.0.1:7380\""),
         ("artifacts.url", "http://gw/a", "\"http://gw/a\""),
         ("watch.dir", "/srv/drop", "\"/srv/drop\""),
@@ -1283,6 +1308,8 @@ mod tests {
             ("[mcast]\nlinger_secs = 100000\n", "mcast.linger_secs", "from 0 to 86400"),
             ("[mcast]\nwarmup_ms = 100000\n", "mcast.warmup_ms", "from 0 to 60000"),
             ("[mcast]\nfec_group = 40000\n", "mcast.fec_group", "from 0 (off) to 32768"),
+            ("[mcast]\nbroadcast = \"255.255.255.255\"\n", "mcast.broadcast", "255.255.255.255 is not a subnet's broadcast address; it takes the directed broadcast address of mcast.addr's subnet"),
+            ("[mcast]\nbroadcast = \"239.1.1.1\"\n", "mcast.broadcast", "not a subnet's broadcast address"),
             ("[artifacts]\nlisten = \"127.0.0.1:1\"\nurl = \"ftp://x\"\n", "artifacts.url", "not an http:// or https:// URL"),
             ("[watch]\ngroup = \" \"\n", "watch.group", "the name is empty"),
             ("[watch]\ninterval_ms = 10\n", "watch.interval_ms", "from 100 to 3600000"),

@@ -86,6 +86,11 @@ struct Args {
     /// receivers to join the group) [key: mcast.warmup_ms; default 300].
     #[arg(long)]
     mcast_warmup_ms: Option<u64>,
+    /// Pushes go by subnet-directed broadcast to this address (the broadcast address of
+    /// --mcast-addr's subnet; checked at start) unless they ask for multicast
+    /// [key: mcast.broadcast; default: unset, multicast].
+    #[arg(long, value_name = "ADDR")]
+    mcast_broadcast: Option<Ipv4Addr>,
     /// Serve the files in `<data-dir>/artifacts/` over HTTP on this address, so `fetch` steps
     /// can name `gateway:NAME` (pair each with a `verify` step). Off when not given
     /// [key: artifacts.listen].
@@ -129,6 +134,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("mcast.group", "--mcast-group"),
     ("mcast.linger_secs", "--mcast-linger"),
     ("mcast.warmup_ms", "--mcast-warmup-ms"),
+    ("mcast.broadcast", "--mcast-broadcast"),
     ("artifacts.listen", "--artifact-listen"),
     ("artifacts.url", "--artifact-url"),
     ("admin.metrics_listen", "--metrics-listen"),
@@ -195,6 +201,9 @@ impl Args {
         }
         if let Some(x) = self.mcast_warmup_ms {
             o.push(("mcast.warmup_ms", V::Integer(x as i64)));
+        }
+        if let Some(x) = self.mcast_broadcast {
+            o.push(("mcast.broadcast", s(&x)));
         }
         if let Some(x) = self.artifact_listen {
             o.push(("artifacts.listen", s(&x)));
@@ -268,6 +277,16 @@ where
                 Exit::Failed.into()
             }
         };
+    }
+    if let (Some(addr), Some(b)) = (cfg.mcast.addr, cfg.mcast.broadcast) {
+        // The default broadcast must be the directed broadcast of the interface that holds
+        // mcast.addr: refuse to start (a configuration error) rather than every push.
+        let iface = crate::distribution::Iface::holding(addr);
+        if let Err(e) = crate::distribution::resolve_broadcast(iface.as_ref(), addr, Some(b)) {
+            let e = crate::distribution::BroadcastKeyError(e);
+            output::err(&format!("fleetcastd: {e}"));
+            return Exit::Usage.into();
+        }
     }
     match run(cfg, data) {
         Ok(()) => Exit::Ok.into(),
@@ -349,6 +368,7 @@ fn run(cfg: Config, data: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
             linger: Duration::from_secs(cfg.mcast.linger_secs),
             warmup: Duration::from_millis(cfg.mcast.warmup_ms),
             fec_group: cfg.mcast.fec_group,
+            broadcast: cfg.mcast.broadcast,
         }),
         artifacts: cfg.artifacts.listen.map(|listen| ArtifactsConfig {
             listen,

@@ -14,15 +14,16 @@
 //!   core; its group sender has every target registered as a receiver (offline ones too: it
 //!   stays alive until they report or [`McastConfig::linger`] passes without traffic).
 //! - Announces go over each target's control session; a device that connects later is
-//!   announced again on `Welcome`; after the first pass it catches up through a catch-up
-//!   sender of its own (the core's): it NACKs what it misses, and the sender answers with
+//!   announced when its agent asks (`TaskAsk`, after `Welcome`); after the first pass it
+//!   catches up through a catch-up sender of its own (the core's): it NACKs what it misses, and the sender answers with
 //!   unicast `Repair`s to the
 //!   device's repair address (the IP of the control session that carried its announce, or an
 //!   address it proved; never merely where a NACK came from, see `nack.rs`). A task whose
 //!   sender has finished is re-created from the task table on demand (it then catches its
 //!   devices up by unicast).
 //! - One UDP socket serves every task: bound to the gateway's unicast address (never a
-//!   wildcard), multicast interface set to that address, TTL 1, loopback off. NACKs arrive on
+//!   wildcard), multicast interface set to that address, TTL 1, loopback off (and, from the
+//!   first push by broadcast, `SO_BROADCAST`: see `broadcast.rs`). NACKs arrive on
 //!   it; blocks leave it in `sendmmsg` batches whose payload iovec points into the mapping
 //!   (zero copy: the kernel reads the file's pages).
 //!
@@ -50,9 +51,14 @@ use std::time::Duration;
 
 use fleetcast_store::{self as store, DeviceId, TaskId};
 
+mod broadcast;
 mod nack;
+pub use broadcast::{
+    directed_broadcast, resolve as resolve_broadcast, BroadcastError, BroadcastKeyError, Iface,
+};
 use nack::NackKeys;
 
+use crate::admin::Delivery;
 use crate::fleet::{Origin, PushSpec};
 use fleetcast_wire::data::data_mac_prefix;
 use fleetcast_wire::mcast::task::CATCH_UP_RATE;
@@ -87,6 +93,10 @@ pub struct McastConfig {
     pub warmup: Duration,
     /// FEC group size in blocks (parity repair); 0: repair by re-multicast and unicast only.
     pub fec_group: u32,
+    /// Pushes go by broadcast to this address unless they ask for multicast
+    /// (`mcast.broadcast`; checked against the interface of `addr` at start); `None`:
+    /// multicast unless a push asks for broadcast.
+    pub broadcast: Option<Ipv4Addr>,
 }
 
 /// Why a push cannot start.
@@ -114,6 +124,9 @@ pub enum DistError {
         /// The task id.
         task: u64,
     },
+    /// A push by broadcast that the interface of `mcast.addr` cannot carry.
+    #[error("cannot broadcast: {0}")]
+    Broadcast(#[from] BroadcastError),
     /// The file changed size since the task was created.
     #[error("{path} is {now} bytes now, the task says {task}")]
     Changed {
@@ -280,6 +293,8 @@ pub struct Distribution {
     deferred: u64,
     /// Datagrams the kernel refused for good.
     send_errors: u64,
+    /// Where its group datagrams go: the multicast group or the subnet's broadcast.
+    dest: Ipv4Addr,
 }
 
 impl std::fmt::Debug for Distribution {
@@ -349,6 +364,9 @@ impl Distribution {
             no_addr: 0,
             deferred: 0,
             send_errors: 0,
+            // The gateway's default; a push's own choice replaces it (`task_created`). A
+            // re-created, catch-up-only task sends nothing there: it only names it.
+            dest: mcast.broadcast.unwrap_or(mcast.group),
         })
     }
 
@@ -383,6 +401,8 @@ struct Prepared {
     block_size: u32,
     rate: u64,
     trigger: Trigger,
+    /// The push's destination (group or broadcast).
+    dest: Ipv4Addr,
     /// The task row, until its digest is known and it goes to the fleet.
     task: Option<store::Task>,
     /// The file's identity when it was mapped (for the digest cache).
@@ -430,6 +450,10 @@ pub struct Distributor {
     running: HashSet<u32>,
     /// Counters of the distributions that have ended (for [`Distributor::totals`]).
     finished: McastTotals,
+    /// The interface holding `cfg.addr`, for broadcast pushes (`None`: none does).
+    iface: Option<Iface>,
+    /// Whether `SO_BROADCAST` is on (set at the first broadcast push).
+    broadcast_on: bool,
 }
 
 /// Multicast counters since the gateway started, over every distribution live or ended (the
@@ -514,6 +538,7 @@ impl Distributor {
     /// Opens the multicast socket as `cfg` says.
     pub fn open(cfg: McastConfig) -> io::Result<Distributor> {
         use socket2::{Domain, Protocol, Socket, Type};
+        let iface = Iface::holding(cfg.addr);
         let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
         s.set_reuse_address(true)?;
         s.bind(&SocketAddr::V4(SocketAddrV4::new(cfg.addr, cfg.port)).into())?;
@@ -546,6 +571,8 @@ impl Distributor {
             touched: BTreeSet::new(),
             running: HashSet::new(),
             finished: McastTotals::default(),
+            iface,
+            broadcast_on: false,
         })
     }
 
@@ -583,7 +610,14 @@ impl Distributor {
             reason,
             trigger,
             then,
+            delivery,
         } = push;
+        let dest = self.destination(delivery)?;
+        let reason = if dest == self.cfg.group {
+            reason
+        } else {
+            format!("{reason}, by broadcast to {dest}")
+        };
         let path = path.as_str();
         let map = Mapped::open(Path::new(path)).map_err(|source| DistError::Map {
             path: path.into(),
@@ -658,11 +692,31 @@ impl Distributor {
                 block_size,
                 rate,
                 trigger,
+                dest,
                 task: Some(task),
                 key,
             },
         );
         Ok(())
+    }
+
+    /// Where a push's group datagrams go. A broadcast is checked against the interface of
+    /// `mcast.addr` (its directed broadcast only), and turns `SO_BROADCAST` on at the first
+    /// one: a gateway that never broadcasts never has it.
+    fn destination(&mut self, delivery: Delivery) -> Result<Ipv4Addr, BroadcastError> {
+        let asked = match (delivery, self.cfg.broadcast) {
+            (Delivery::Multicast, _) | (Delivery::Default, None) => return Ok(self.cfg.group),
+            (Delivery::Default, Some(b)) => Some(b),
+            (Delivery::Broadcast(a), dflt) => a.or(dflt),
+        };
+        let b = broadcast::resolve(self.iface.as_ref(), self.cfg.addr, asked)?;
+        if !self.broadcast_on {
+            socket2::SockRef::from(&self.sock)
+                .set_broadcast(true)
+                .map_err(|e| BroadcastError::Socket(e.kind()))?;
+            self.broadcast_on = true;
+        }
+        Ok(b)
     }
 
     /// Wakes the loop when a file's digest is ready.
@@ -727,6 +781,7 @@ impl Distributor {
             block_size: bs,
             rate,
             trigger,
+            dest,
             ..
         }) = self.prepared.remove(&origin)
         else {
@@ -745,10 +800,12 @@ impl Distributor {
             Some(targets),
             now,
         ) {
-            Ok(d) => {
+            Ok(mut d) => {
+                d.dest = dest;
                 tracing::info!(
                     task = task.0,
                     blocks = d.core.n_blocks(),
+                    %dest,
                     "distribution started"
                 );
                 self.touched.insert(d.session);
@@ -811,7 +868,7 @@ impl Distributor {
         Ok(Announce {
             task_id: task.0,
             session,
-            group: self.cfg.group.into(),
+            group: d.dest.into(),
             port: self.cfg.port,
             size: d.map.len as u64,
             block_size: d.block_size,
@@ -844,7 +901,7 @@ impl Distributor {
     /// Call after any input and at [`Distributor::poll_timeout`].
     pub fn drive(&mut self, now: Instant) -> Vec<DistEvent> {
         let mut out = Vec::new();
-        let group = SocketAddrV4::new(self.cfg.group, self.cfg.port);
+        let port = self.cfg.port;
         let fd = self.sock.as_raw_fd();
         self.budget.refill(now, !self.running.is_empty());
         let mut due = std::mem::take(&mut self.touched);
@@ -861,6 +918,7 @@ impl Distributor {
                 continue;
             };
             d.core.handle_timeout(now);
+            let group = SocketAddrV4::new(d.dest, port);
             send_all(fd, d, now, group, &mut self.budget);
             while let Some(ev) = d.core.poll_event() {
                 if let Some(e) = log_event(d, ev) {
@@ -1256,6 +1314,7 @@ mod tests {
             linger: Duration::from_secs(1),
             warmup: Duration::ZERO,
             fec_group: 0,
+            broadcast: None,
         })
         .unwrap();
         let row = store::Task {

@@ -227,6 +227,38 @@ fn bad_configuration_exits_2_naming_the_key() {
 }
 
 #[test]
+fn a_default_broadcast_off_the_interface_stops_the_start() {
+    // Checked before anything binds or sends: 127.0.0.1 is on `lo`, which has no broadcast,
+    // and no interface holds 10.255.0.1.
+    let dir = tempfile::tempdir().unwrap();
+    for (args, want) in [
+        (
+            &["--mcast-addr", "127.0.0.1", "--mcast-broadcast", "127.255.255.255"][..],
+            "fleetcastd: key `mcast.broadcast`: interface lo (127.0.0.1/8) has no broadcast address: push by multicast",
+        ),
+        (
+            &["--mcast-addr", "10.255.0.1", "--mcast-broadcast", "10.255.255.255"][..],
+            "fleetcastd: key `mcast.broadcast`: no interface holds 10.255.0.1 (mcast.addr)",
+        ),
+    ] {
+        let (code, out, err) = run(dir.path(), args, &[]);
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(err.contains(want), "{args:?}: want {want:?} in {err}");
+    }
+    // Without mcast.addr the key has nothing to check and the value itself is refused.
+    let (code, _, err) = run(
+        dir.path(),
+        &["--mcast-broadcast", "255.255.255.255", "--print-config"],
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--mcast-broadcast (key `mcast.broadcast`): 255.255.255.255 is not a subnet's broadcast address"),
+        "{err}"
+    );
+}
+
+#[test]
 fn json_logs_are_one_object_per_line() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(GATEWAYD)

@@ -50,6 +50,7 @@ fn push(gw: &Gateway<'_>, path: &std::path::Path, rate_mbps: u64) -> u64 {
         rate_mbps,
         trigger: Default::default(),
         then: vec![],
+        delivery: Default::default(),
     })["task"]
         .as_u64()
         .expect("task id")

@@ -136,6 +136,7 @@ fn replayed_and_forged_nacks_send_the_victim_no_repairs() {
         rate_mbps: 20,
         trigger: Default::default(),
         then: vec![],
+        delivery: Default::default(),
     })["task"]
         .as_u64()
         .expect("task id");
@@ -272,6 +273,7 @@ fn a_long_poll_device_proves_its_address_and_is_repaired() {
         rate_mbps: 20,
         trigger: Default::default(),
         then: vec![],
+        delivery: Default::default(),
     })["task"]
         .as_u64()
         .expect("task id");

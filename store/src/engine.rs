@@ -221,6 +221,10 @@ pub trait TaskOps {
     fn add_task_target(&mut self, task: TaskId, dev: DeviceId) -> Result<()>;
     /// Merges received blocks: `pending`/`in_progress` → `in_progress`.
     fn task_progress(&mut self, task: TaskId, dev: DeviceId, blocks: BlockSet) -> Result<()>;
+    /// The device's own account of what it holds (its task finisher's ask), which replaces
+    /// the row's blocks rather than merging them: `pending`/`in_progress` → `in_progress(blocks)`,
+    /// or `pending` when `blocks` is empty (a device that lost its records holds nothing).
+    fn task_reported(&mut self, task: TaskId, dev: DeviceId, blocks: BlockSet) -> Result<()>;
     /// `pending`/`in_progress` → `completed`: `true`. Idempotent on `completed`, and then
     /// `false`, so a caller acts on a completion (queues its follow-ups) exactly once however
     /// often the device repeats it.

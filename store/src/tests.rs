@@ -440,6 +440,34 @@ fn task_table() {
         Illegal::TaskStatus { .. }
     ));
     b.task_retry(t, d2).unwrap();
+    // The finisher's report replaces what the row held: fewer blocks than before, then
+    // nothing at all (a device that lost its records is `pending` again).
+    let mut lots = BlockSet::new();
+    lots.insert(0, 9);
+    b.task_progress(t, d2, lots).unwrap();
+    let mut few = BlockSet::new();
+    few.insert(2, 5);
+    b.task_reported(t, d2, few).unwrap();
+    match b.task_status(t, d2).unwrap().unwrap() {
+        TaskDeviceStatus::InProgress(b) => assert_eq!(b.ranges(), &[(2, 5)]),
+        other => panic!("{other:?}"),
+    }
+    let mut past = BlockSet::new();
+    past.insert(0, 12);
+    assert!(matches!(
+        illegal(b.task_reported(t, d2, past).unwrap_err()),
+        Illegal::BlockOutOfRange { .. }
+    ));
+    b.task_reported(t, d2, BlockSet::new()).unwrap();
+    assert_eq!(
+        b.task_status(t, d2).unwrap(),
+        Some(TaskDeviceStatus::Pending)
+    );
+    // A completed row takes no report.
+    assert!(matches!(
+        illegal(b.task_reported(t, d, BlockSet::new()).unwrap_err()),
+        Illegal::TaskStatus { .. }
+    ));
     assert_eq!(b.incomplete_tasks(d2).unwrap(), vec![t]);
     b.commit().unwrap();
     let st = s.snapshot().unwrap().task_statuses(t).unwrap();

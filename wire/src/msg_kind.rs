@@ -44,13 +44,17 @@ pub enum Kind {
     Parity = 0x26,
     /// [`crate::Probe`]: an address check sent by unicast to one receiver
     Probe = 0x27,
+    /// [`crate::TaskAsk`]: the device's task finisher asks for a task's completion
+    TaskAsk = 0x28,
+    /// [`crate::TaskAnswer`]: the gateway's answer to a `TaskAsk`, from the task table
+    TaskAnswer = 0x29,
     /// [`crate::Close`]
     Close = 0x3F,
 }
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 20] = [
+    pub const ALL: [Kind; 22] = [
         Kind::Hello,
         Kind::Welcome,
         Kind::Heartbeat,
@@ -70,6 +74,8 @@ impl Kind {
         Kind::TransferStatus,
         Kind::Parity,
         Kind::Probe,
+        Kind::TaskAsk,
+        Kind::TaskAnswer,
         Kind::Close,
     ];
 

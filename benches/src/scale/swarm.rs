@@ -606,7 +606,9 @@ impl Swarm {
                     }
                 }
                 AgentEvent::Closed(_) => end = Some(end.unwrap_or(false)),
-                AgentEvent::Announce(_) | AgentEvent::TransferStatus(_) => {}
+                AgentEvent::Announce(_)
+                | AgentEvent::TransferStatus(_)
+                | AgentEvent::TaskAnswer(_) => {}
             }
         }
         self.flush(i, now);

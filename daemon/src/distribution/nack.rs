@@ -181,6 +181,7 @@ mod tests {
             linger: Duration::from_secs(5),
             warmup: Duration::ZERO,
             fec_group: 0,
+            broadcast: None,
         })
         .unwrap();
         let gw = dist.sock.local_addr().unwrap();

@@ -258,8 +258,11 @@ impl Cx<'_> {
                 rate_mbps,
                 trigger,
                 then,
+                delivery,
             } => {
-                let spec = self.push_spec(path, group, *block_size, *rate_mbps, *trigger, then)?;
+                let mut spec =
+                    self.push_spec(path, group, *block_size, *rate_mbps, *trigger, then)?;
+                spec.delivery = *delivery;
                 return Ok(Answer::Prepare(spec));
             }
             // They need the gateway's own state (its counters, the store's environment
@@ -301,6 +304,7 @@ impl Cx<'_> {
             reason: "publish by operator".into(),
             trigger,
             then,
+            delivery: Default::default(),
         })
     }
 
@@ -831,6 +835,7 @@ mod tests {
             rate_mbps: 100,
             trigger,
             then,
+            delivery: Default::default(),
         }
     }
 
@@ -854,6 +859,42 @@ mod tests {
             path: "/srv/image.bin".into(),
             source: std::io::ErrorKind::NotFound.into(),
         })
+    }
+
+    #[test]
+    fn a_push_by_broadcast_reaches_the_distributor_as_asked() {
+        // The address is the distributor's to check (it knows the interface); the fleet
+        // passes the choice on unchanged, and an old client's request (no `delivery`) is the
+        // gateway's default.
+        let mut rig = Rig::with_multicast();
+        let b = std::net::Ipv4Addr::new(10, 0, 0, 255);
+        let mut req = push_req(PushTrigger::default(), vec![]);
+        if let Request::Push { delivery, .. } = &mut req {
+            *delivery = crate::admin::Delivery::Broadcast(Some(b));
+        }
+        let line = serde_json::to_value(&req).unwrap();
+        assert_eq!(line["op"], "push");
+        assert_eq!(
+            line["delivery"],
+            serde_json::json!({"broadcast": "10.0.0.255"})
+        );
+        let a = rig.run(vec![Input::Admin { conn: 900, req }]);
+        match &a[..] {
+            [Action::PreparePush { spec, .. }] => {
+                assert_eq!(spec.delivery, crate::admin::Delivery::Broadcast(Some(b)))
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut old = line.clone();
+        old.as_object_mut().unwrap().remove("delivery");
+        let old: Request = serde_json::from_value(old).unwrap();
+        assert!(matches!(
+            old,
+            Request::Push {
+                delivery: crate::admin::Delivery::Default,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -881,6 +922,7 @@ mod tests {
                 block_size: 1000,
                 rate_mbps: 100,
                 reason: "publish by operator".into(),
+                delivery: Default::default(),
                 trigger: PushTrigger::default(),
                 then: vec![Command {
                     target: None,
@@ -965,6 +1007,7 @@ mod tests {
             reason: "change in watched directory /srv/drop".into(),
             trigger: PushTrigger::default(),
             then: vec![],
+            delivery: Default::default(),
         };
         // A file that cannot be read, and a group without members: the mapping goes, and no
         // connection hears of it (the fleet logs it).

@@ -37,6 +37,7 @@ use crate::pki::{sha256, Pki};
 
 mod admin;
 mod deadlines;
+mod finisher;
 mod responses;
 #[cfg(test)]
 mod rig;
@@ -106,6 +107,8 @@ pub struct PushSpec {
     pub trigger: PushTrigger,
     /// Follow-up commands per verified device.
     pub then: Vec<Command>,
+    /// Multicast group or broadcast (the distributor resolves and checks it).
+    pub delivery: crate::admin::Delivery,
 }
 
 /// Why the distributor could not prepare a push's file (cannot map or read it, a geometry
@@ -281,6 +284,19 @@ pub enum Input {
         /// Blocks in the file, as the receiver counts them.
         total: u32,
     },
+    /// The device's task finisher asks for a task's completion (`TaskAsk`; see `finisher.rs`).
+    TaskAsk {
+        /// Connection.
+        conn: ConnId,
+        /// Device (the session core checked the ask names it).
+        device: DeviceId,
+        /// The task, or 0: every other task of the device.
+        task: u64,
+        /// Blocks in the file, as the device's record says (0: no record).
+        total: u32,
+        /// The blocks it holds.
+        have: store::BlockSet,
+    },
 }
 
 /// What the loop must do after a successful commit, in order.
@@ -386,6 +402,13 @@ pub enum Action {
         /// Digest verified.
         verified: bool,
     },
+    /// Answer a device's `TaskAsk` (after the task's `Announce`, when it is served).
+    TaskAnswer {
+        /// The device's connection.
+        conn: ConnId,
+        /// The answer.
+        answer: wire::TaskAnswer,
+    },
 }
 
 impl Input {
@@ -401,7 +424,8 @@ impl Input {
             | Input::Disconnected { conn, .. }
             | Input::Admin { conn, .. }
             | Input::Completion { conn, .. }
-            | Input::TransferProgress { conn, .. } => *conn,
+            | Input::TransferProgress { conn, .. }
+            | Input::TaskAsk { conn, .. } => *conn,
             Input::Hashed { origin, .. } => return origin.conn(),
         })
     }
@@ -419,7 +443,8 @@ impl Action {
             | Action::Close { conn, .. }
             | Action::Reply { conn, .. }
             | Action::Announce { conn, .. }
-            | Action::TransferDone { conn, .. } => *conn,
+            | Action::TransferDone { conn, .. }
+            | Action::TaskAnswer { conn, .. } => *conn,
             Action::PreparePush { origin, .. }
             | Action::PushRefused { origin }
             | Action::TaskCreated { origin, .. } => return origin.conn(),
@@ -435,6 +460,8 @@ struct Online {
     in_flight: Option<u64>,
     /// The boot the session runs on (hex, as in reports).
     boot_id: String,
+    /// Tasks this session's finisher asked about (a from-zero ask serves the others).
+    asked: BTreeSet<u64>,
 }
 
 /// One input's handling: the batch it writes to, what it may change besides, and the time.
@@ -715,6 +742,13 @@ impl Fleet {
                 total,
                 ..
             } => record_progress(cx.b, *device, store::TaskId(*task), *received, *total),
+            Input::TaskAsk {
+                conn,
+                device,
+                task,
+                total,
+                have,
+            } => cx.task_ask(*conn, *device, *task, *total, have),
         }
     }
 }
@@ -773,7 +807,8 @@ fn fail_all(inputs: &[Input], msg: &str) -> Vec<Action> {
             | Input::RebootStarting { conn, .. }
             | Input::RebootComplete { conn, .. }
             | Input::Completion { conn, .. }
-            | Input::TransferProgress { conn, .. } => {
+            | Input::TransferProgress { conn, .. }
+            | Input::TaskAsk { conn, .. } => {
                 vec![close(*conn, CloseCode::INTERNAL, "gateway store failure")]
             }
         })

@@ -115,6 +115,36 @@ impl Rig {
         }])
     }
 
+    /// The device's finisher asks for `task` (0: from zero), holding `have` of `total` blocks.
+    pub(super) fn ask(
+        &mut self,
+        conn: ConnId,
+        dev: DeviceId,
+        task: u64,
+        total: u32,
+        have: &[(u32, u32)],
+    ) -> Vec<Action> {
+        let mut set = store::BlockSet::new();
+        for (s, e) in have {
+            set.insert(*s, *e);
+        }
+        self.run(vec![Input::TaskAsk {
+            conn,
+            device: dev,
+            task,
+            total,
+            have: set,
+        }])
+    }
+
+    /// What an agent without records does on connecting: `Hello`, then its finisher's
+    /// from-zero ask; the actions of both.
+    pub(super) fn connect(&mut self, conn: ConnId, dev: DeviceId, key: [u8; 32]) -> Vec<Action> {
+        let mut a = self.hello(conn, dev, key, None);
+        a.extend(self.ask(conn, dev, 0, 0, &[]));
+        a
+    }
+
     pub(super) fn queue(&mut self, dev: DeviceId) -> store::QueueState {
         self.fleet
             .store()

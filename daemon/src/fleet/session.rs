@@ -262,17 +262,15 @@ impl Cx<'_> {
         if let Some(seq) = ack {
             actions.push(Action::Ack { conn, seq });
         }
-        // Catch-up: every task this device has not completed is announced again
-        // (after the welcome, on the same session).
-        for task in b.incomplete_tasks(device).unwrap_or_default() {
-            actions.push(Action::Announce { conn, device, task });
-        }
+        // No announce here: the device's task finisher asks for every task it holds or
+        // misses after the welcome (`TaskAsk`, `finisher.rs`), and is served from the table.
         online.insert(
             device,
             Online {
                 conn,
                 in_flight,
                 boot_id: hex(boot_id),
+                asked: BTreeSet::new(),
             },
         );
         dirty.insert(device);

@@ -276,9 +276,9 @@ mod tests {
         assert_eq!(statuses(&mut rig, task), ["cancelled", "pending"]);
         assert_eq!(events_with(&mut rig, "cancelled for n1 by the operator"), 1);
         // Not announced again on a new session (n2, still pending, is).
-        let a = rig.hello(4, d1, k1, None);
+        let a = rig.connect(4, d1, k1);
         assert_eq!(announced(&a), []);
-        let a = rig.hello(5, d2, k2, None);
+        let a = rig.connect(5, d2, k2);
         assert_eq!(announced(&a), [(5, d2)]);
         // The Welcome counts it no more.
         let pending_transfers = |a: &[Action]| {
@@ -448,7 +448,7 @@ mod tests {
             Some("n1: task retry is not allowed while the task is pending")
         );
         // Pending again: announced on the next session, and it completes this time.
-        assert_eq!(announced(&rig.hello(5, d1, k1, None)), [(5, d1)]);
+        assert_eq!(announced(&rig.connect(5, d1, k1)), [(5, d1)]);
         rig.run(vec![completion(5, d1, task, true)]);
         assert_eq!(statuses(&mut rig, task), ["completed"]);
         assert_eq!(commands(&mut rig, "n1"), 1);

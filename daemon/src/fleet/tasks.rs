@@ -374,10 +374,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         };
-        // n2 connects later: the welcome is followed by the announce.
-        let a = rig.hello(4, d2, k2, None);
+        // n2 connects later: its finisher's from-zero ask is answered with the announce.
+        let a = rig.connect(4, d2, k2);
         assert!(
-            matches!(&a[..], [Action::Welcome { conn: 4, .. }, Action::Announce { conn: 4, device, task }] if *device == d2 && *task == id),
+            matches!(&a[..], [Action::Welcome { conn: 4, .. }, Action::Announce { conn: 4, device, task }, Action::TaskAnswer { conn: 4, answer }] if *device == d2 && *task == id && answer.verdict == wire::TaskVerdict::Serving),
             "{a:?}"
         );
         // Progress reports: counts become a prefix of the task's blocks; a report of another
@@ -475,7 +475,7 @@ mod tests {
         assert_eq!(r.data["tasks"][0]["completed"], 1);
         assert_eq!(r.data["tasks"][0]["failed"], 1);
         // A completed device is not announced again.
-        let a = rig.hello(5, d1, k1, None);
+        let a = rig.connect(5, d1, k1);
         assert!(
             !a.iter().any(|a| matches!(a, Action::Announce { .. })),
             "{a:?}"

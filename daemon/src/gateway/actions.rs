@@ -137,6 +137,7 @@ impl Gateway {
                         Some(a) => s.announce(a),
                         None => Ok(()),
                     },
+                    Action::TaskAnswer { answer, .. } => s.send_task_answer(&answer),
                     Action::Reply { .. }
                     | Action::PreparePush { .. }
                     | Action::PushRefused { .. }

@@ -384,6 +384,19 @@ pub(super) fn event_to_input(
                 total: st.total,
             })
         }
+        GatewayEvent::TaskAsk(ask) => {
+            let mut have = fleetcast_store::BlockSet::new();
+            for r in ask.have.as_slice() {
+                have.insert(r.start, r.start.saturating_add(r.len));
+            }
+            Some(Input::TaskAsk {
+                conn,
+                device: (*device)?,
+                task: ask.task_id,
+                total: ask.total,
+                have,
+            })
+        }
         GatewayEvent::Nack(_) => {
             tracing::debug!(
                 conn,

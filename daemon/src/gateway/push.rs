@@ -69,6 +69,7 @@ impl Gateway {
                 reason: reason.clone(),
                 trigger: admin::PushTrigger::default(),
                 then: Vec::new(),
+                delivery: admin::Delivery::Default,
             };
             match d.prepare_push(origin, spec, self.wall_ms) {
                 Ok(()) => {
@@ -127,7 +128,7 @@ mod tests {
     use fleetcast_store::Store;
 
     use super::super::{Gateway, GatewayConfig};
-    use crate::admin::{PushTrigger, Request};
+    use crate::admin::{Delivery, PushTrigger, Request};
     use crate::distribution::McastConfig;
     use crate::fleet::{Fleet, FleetConfig};
     use crate::pki::Pki;
@@ -153,6 +154,7 @@ mod tests {
                 linger: Duration::from_secs(1),
                 warmup: Duration::ZERO,
                 fec_group: 0,
+                broadcast: None,
             }),
             watch,
             ..GatewayConfig::default()
@@ -168,6 +170,7 @@ mod tests {
             rate_mbps: 10,
             trigger,
             then: vec![],
+            delivery: Default::default(),
         }
     }
 
@@ -190,6 +193,15 @@ mod tests {
             push("/nonexistent/fleetcast-image.bin", PushTrigger::default()),
             // Mapped and hashed, then refused by the fleet (the group has no members).
             push(&file.display().to_string(), PushTrigger::default()),
+            // By broadcast on loopback, which has none: refused by the distributor before
+            // the file is mapped (nothing is ever sent here).
+            {
+                let mut r = push(&file.display().to_string(), PushTrigger::default());
+                if let Request::Push { delivery, .. } = &mut r {
+                    *delivery = Delivery::Broadcast(Some(Ipv4Addr::new(127, 255, 255, 255)));
+                }
+                r
+            },
         ];
         let sock = dir.path().join("admin.sock");
         let client = std::thread::spawn(move || {
@@ -226,6 +238,10 @@ mod tests {
         assert_eq!(
             answers[2],
             serde_json::json!({"ok": false, "error": "group `g` has no members: `fleetcast group add g DEVICE...` first"})
+        );
+        assert_eq!(
+            answers[3],
+            serde_json::json!({"ok": false, "error": "cannot broadcast: interface lo (127.0.0.1/8) has no broadcast address: push by multicast"})
         );
         let d = gw.mcast.dist.as_ref().unwrap();
         assert_eq!(d.prepared(), 0, "a refused push left its mapping behind");

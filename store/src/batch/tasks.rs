@@ -29,6 +29,20 @@ impl TaskOps for Batch<'_> {
         self.exec(move |cx| task_progress(cx, task, dev, &blocks))
     }
 
+    fn task_reported(&mut self, task: TaskId, dev: DeviceId, blocks: BlockSet) -> Result<()> {
+        self.exec(move |cx| {
+            match cx.task_entry(task, dev)? {
+                TaskDeviceStatus::Pending | TaskDeviceStatus::InProgress(_) => {}
+                other => return Err(task_illegal("task_reported", &other)),
+            }
+            if blocks.count() == 0 {
+                return cx.set_task_entry(task, dev, &TaskDeviceStatus::Pending);
+            }
+            check_blocks(cx, task, dev, &blocks)?;
+            cx.set_task_entry(task, dev, &TaskDeviceStatus::InProgress(blocks.clone()))
+        })
+    }
+
     fn task_completed(&mut self, task: TaskId, dev: DeviceId) -> Result<bool> {
         // A repeat writes nothing, so it is not recorded for replay either.
         self.exec_if(
@@ -99,6 +113,20 @@ fn task_progress(
     blocks: &BlockSet,
 ) -> Result<()> {
     let st = cx.task_entry(task, dev)?;
+    check_blocks(cx, task, dev, blocks)?;
+    let next = match st {
+        TaskDeviceStatus::Pending => TaskDeviceStatus::InProgress(blocks.clone()),
+        TaskDeviceStatus::InProgress(mut b) => {
+            b.union(blocks);
+            TaskDeviceStatus::InProgress(b)
+        }
+        other => return Err(task_illegal("task_progress", &other)),
+    };
+    cx.set_task_entry(task, dev, &next)
+}
+
+/// Refuses blocks past the end of the task's file.
+fn check_blocks(cx: &Cx<'_, '_>, task: TaskId, dev: DeviceId, blocks: &BlockSet) -> Result<()> {
     let info = read::task(&*cx.t, cx.d, task)?.ok_or(Error::NotFound(Missing::Task(task)))?;
     if blocks.end() > info.blocks() {
         return Err(Error::IllegalTransition {
@@ -109,15 +137,7 @@ fn task_progress(
             },
         });
     }
-    let next = match st {
-        TaskDeviceStatus::Pending => TaskDeviceStatus::InProgress(blocks.clone()),
-        TaskDeviceStatus::InProgress(mut b) => {
-            b.union(blocks);
-            TaskDeviceStatus::InProgress(b)
-        }
-        other => return Err(task_illegal("task_progress", &other)),
-    };
-    cx.set_task_entry(task, dev, &next)
+    Ok(())
 }
 
 fn task_illegal(op: &'static str, st: &TaskDeviceStatus) -> Error {

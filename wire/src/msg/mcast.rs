@@ -259,7 +259,8 @@ wire_enum! {
 }
 
 /// `TransferStatus`: progress of one task on one device, in either direction: an agent
-/// reports it (and so asks for catch-up on reconnect); the gateway answers with its view.
+/// reports it while it receives; the gateway may answer with its view. (A device asks for
+/// completion with [`TaskAsk`].)
 ///
 /// Fields: `task_id u64`, `session u32`, `state u8`, `received u32`, `total u32` (blocks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,6 +293,80 @@ impl TransferStatus {
             state: TransferState::from_u8(r.u8()?)?,
             received: r.u32()?,
             total: r.u32()?,
+        })
+    }
+}
+
+/// `TaskAsk`: the device's task finisher asks the gateway to finish one task (agent → gateway,
+/// control session), saying what it already holds. It goes out after every `Welcome`, for
+/// every transfer record the agent holds and every task it was told of but has not finished,
+/// and once more with `task_id = 0` ("from zero": every other task of mine), which is all a
+/// device that lost its records sends.
+///
+/// Fields: `device_id u64`, `task_id u64` (0: every task of this device), `total u32` (blocks
+/// in the file as the device knows it; 0 when it knows nothing of the task), `have ranges`
+/// (blocks held, see [`Ranges`]; at most [`MAX_NACK_RANGES`] ranges: a device whose record
+/// has more sends its first ones, which only understates what it holds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct TaskAsk {
+    /// The asking device; the gateway refuses an ask naming another device than the
+    /// session's.
+    pub device_id: u64,
+    /// The task, or 0 for every task of the device not asked about otherwise.
+    pub task_id: u64,
+    /// Blocks in the file, as the device's record says (0: no record).
+    pub total: u32,
+    /// Blocks the device holds (durably written).
+    pub have: Ranges,
+}
+
+impl TaskAsk {
+    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        s.u64(self.device_id)?;
+        s.u64(self.task_id)?;
+        s.u32(self.total)?;
+        self.have.encode(s, MAX_NACK_RANGES)
+    }
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(TaskAsk {
+            device_id: r.u64()?,
+            task_id: r.u64()?,
+            total: r.u32()?,
+            have: Ranges::decode(r, MAX_NACK_RANGES)?,
+        })
+    }
+}
+
+wire_enum! {
+    /// What the task table says of an asked task: `Completed` (nothing to do), `Serving` (the
+    /// task's `Announce` follows on this session and the device is caught up by unicast from
+    /// what it NACKs), `Closed` (failed, cancelled or not this device's task: not served).
+    TaskVerdict { Completed = 0, Serving = 1, Closed = 2 }
+}
+
+/// `TaskAnswer`: the gateway's answer to a [`TaskAsk`], read from the task table (gateway →
+/// agent, control session).
+///
+/// Fields: `task_id u64` (0 answers a from-zero ask that found nothing left), `verdict u8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct TaskAnswer {
+    /// The task answered.
+    pub task_id: u64,
+    /// The table's verdict.
+    pub verdict: TaskVerdict,
+}
+
+impl TaskAnswer {
+    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        s.u64(self.task_id)?;
+        s.u8(self.verdict as u8)
+    }
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(TaskAnswer {
+            task_id: r.u64()?,
+            verdict: TaskVerdict::from_u8(r.u8()?)?,
         })
     }
 }

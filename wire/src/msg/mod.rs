@@ -41,8 +41,8 @@ pub use control::{
     Welcome,
 };
 pub use mcast::{
-    Announce, Completion, Nack, Outcome, Parity, ParityHeader, Probe, TransferState,
-    TransferStatus, COOKIE_LEN, PARITY_PREFIX_LEN,
+    Announce, Completion, Nack, Outcome, Parity, ParityHeader, Probe, TaskAnswer, TaskAsk,
+    TaskVerdict, TransferState, TransferStatus, COOKIE_LEN, PARITY_PREFIX_LEN,
 };
 pub use report::{Attached, AttachedKind, PackageManager, Target};
 
@@ -70,6 +70,8 @@ pub enum Message<'a> {
     TransferStatus(TransferStatus),
     Parity(Parity<'a>),
     Probe(Probe),
+    TaskAsk(TaskAsk),
+    TaskAnswer(TaskAnswer),
     Close(Close<'a>),
 }
 
@@ -96,6 +98,8 @@ impl<'a> Message<'a> {
             Message::TransferStatus(_) => Kind::TransferStatus,
             Message::Parity(_) => Kind::Parity,
             Message::Probe(_) => Kind::Probe,
+            Message::TaskAsk(_) => Kind::TaskAsk,
+            Message::TaskAnswer(_) => Kind::TaskAnswer,
             Message::Close(_) => Kind::Close,
         }
     }
@@ -128,6 +132,8 @@ impl<'a> Message<'a> {
             Message::TransferStatus(m) => m.encode(s),
             Message::Parity(m) => m.encode(s),
             Message::Probe(m) => m.encode(s),
+            Message::TaskAsk(m) => m.encode(s),
+            Message::TaskAnswer(m) => m.encode(s),
             Message::Close(m) => m.encode(s),
         }
     }
@@ -159,6 +165,8 @@ impl<'a> Message<'a> {
             Kind::TransferStatus => Message::TransferStatus(TransferStatus::decode(r)?),
             Kind::Parity => Message::Parity(Parity::parse_body(r.rest())?),
             Kind::Probe => Message::Probe(Probe::decode(r)?),
+            Kind::TaskAsk => Message::TaskAsk(TaskAsk::decode(r)?),
+            Kind::TaskAnswer => Message::TaskAnswer(TaskAnswer::decode(r)?),
             Kind::Close => Message::Close(Close::decode(r)?),
         };
         r.clone().finish()?;

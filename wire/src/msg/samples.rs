@@ -246,6 +246,21 @@ pub fn all() -> Vec<Message<'static>> {
         Message::Probe(Probe {
             cookie: [0xEC; COOKIE_LEN],
         }),
+        Message::TaskAsk(TaskAsk {
+            device_id: 42,
+            task_id: 3,
+            total: 191_740,
+            have: {
+                let mut r = Ranges::new();
+                r.push(0, 1000).expect("sample ranges are valid");
+                r.push(1500, 20).expect("sample ranges are valid");
+                r
+            },
+        }),
+        Message::TaskAnswer(TaskAnswer {
+            task_id: 3,
+            verdict: TaskVerdict::Serving,
+        }),
         Message::Close(Close {
             code: CloseCode::REVOKED,
             reason: "device revoked by operator".into(),

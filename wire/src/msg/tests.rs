@@ -289,6 +289,8 @@ fn owned(m: Message<'_>) -> Option<Message<'static>> {
         Message::Nack(m) => Message::Nack(m),
         Message::TransferStatus(m) => Message::TransferStatus(m),
         Message::Probe(m) => Message::Probe(m),
+        Message::TaskAsk(m) => Message::TaskAsk(m),
+        Message::TaskAnswer(m) => Message::TaskAnswer(m),
     })
 }
 

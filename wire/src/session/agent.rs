@@ -27,7 +27,7 @@ use crate::error::Error;
 use crate::header::Frame;
 use crate::msg::{
     CloseCode, CommandResult, Completion, ConfigReport, Enrol, Heartbeat, Hello, Message, Nack,
-    RebootComplete, RebootStarting, Step, TransferStatus, Welcome,
+    RebootComplete, RebootStarting, Step, TaskAnswer, TaskAsk, TransferStatus, Welcome,
 };
 use crate::time::Instant;
 
@@ -80,6 +80,8 @@ pub enum AgentEvent {
     Announce(ReceivedFrame),
     /// The gateway's view of a transfer.
     TransferStatus(TransferStatus),
+    /// The gateway's answer to a `TaskAsk`.
+    TaskAnswer(TaskAnswer),
     /// The session closed (exactly once per session, whoever closed it).
     Closed(CloseInfo),
 }
@@ -384,10 +386,18 @@ impl AgentSession {
         }))
     }
 
-    /// Reports transfer progress (and so asks for catch-up after a reconnect).
+    /// Reports transfer progress (the task table's `in_progress`; asking for completion is
+    /// [`AgentSession::send_task_ask`]).
     pub fn send_transfer_status(&mut self, status: &TransferStatus) -> Result<(), SessionError> {
         self.core.conn.check_established()?;
         self.core.conn.queue(&Message::TransferStatus(*status))
+    }
+
+    /// The task finisher: asks the gateway to finish a task (or, with `task_id` 0, every task
+    /// of this device), saying what the device holds.
+    pub fn send_task_ask(&mut self, ask: &TaskAsk) -> Result<(), SessionError> {
+        self.core.conn.check_established()?;
+        self.core.conn.queue(&Message::TaskAsk(ask.clone()))
     }
 
     /// Sends a NACK over the control session.
@@ -537,6 +547,7 @@ impl Core {
                 .events
                 .push_back(AgentEvent::Announce(ReceivedFrame::new(frame))),
             Message::TransferStatus(s) => self.events.push_back(AgentEvent::TransferStatus(s)),
+            Message::TaskAnswer(a) => self.events.push_back(AgentEvent::TaskAnswer(a)),
             msg => {
                 return Err(SessionError::UnexpectedMessage {
                     kind: msg.kind(),

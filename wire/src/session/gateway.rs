@@ -25,7 +25,7 @@ use crate::error::Error;
 use crate::header::Frame;
 use crate::msg::{
     Announce, CloseCode, Dispatch, Enrolled, Heartbeat, LastExecuted, Message, Nack,
-    RebootStarting, ResultAck, Step, TransferStatus, Welcome,
+    RebootStarting, ResultAck, Step, TaskAnswer, TaskAsk, TransferStatus, Welcome,
 };
 use crate::time::Instant;
 
@@ -90,6 +90,9 @@ pub enum GatewayEvent {
     TransferStatus(TransferStatus),
     /// Blocks a receiver is missing.
     Nack(Nack),
+    /// The device's task finisher asks for a task's completion (its `device_id` is the
+    /// session's: the core checked it).
+    TaskAsk(TaskAsk),
     /// The session closed (exactly once per session, whoever closed it).
     Closed(CloseInfo),
 }
@@ -366,6 +369,12 @@ impl GatewaySession {
         self.core.conn.queue(&Message::TransferStatus(*status))
     }
 
+    /// Answers a device's `TaskAsk` from the task table.
+    pub fn send_task_answer(&mut self, answer: &TaskAnswer) -> Result<(), SessionError> {
+        self.core.conn.check_established()?;
+        self.core.conn.queue(&Message::TaskAnswer(*answer))
+    }
+
     /// Closes the session with `code` and `reason` (truncated to the wire limit).
     pub fn close(&mut self, code: CloseCode, reason: &str) -> Result<(), SessionError> {
         let c = &mut self.core;
@@ -611,6 +620,22 @@ impl Core {
                 .push_back(GatewayEvent::Completion(ReceivedFrame::new(frame))),
             Message::TransferStatus(s) => self.events.push_back(GatewayEvent::TransferStatus(s)),
             Message::Nack(n) => self.events.push_back(GatewayEvent::Nack(n)),
+            Message::TaskAsk(a) => match self.device_id {
+                Some(id) if id == a.device_id => self.events.push_back(GatewayEvent::TaskAsk(a)),
+                Some(id) => {
+                    return Err(SessionError::ForeignAsk {
+                        claimed: a.device_id,
+                        session: id,
+                    })
+                }
+                // Established means a Hello was accepted, so the id is known.
+                None => {
+                    return Err(SessionError::UnexpectedMessage {
+                        kind: crate::Kind::TaskAsk,
+                        phase: Phase::Established,
+                    })
+                }
+            },
             msg => {
                 return Err(SessionError::UnexpectedMessage {
                     kind: msg.kind(),

@@ -36,8 +36,9 @@
 //! 7. Any malformed frame or message not allowed in the current [`Phase`] makes the core queue
 //!    `Close{PROTOCOL, reason}` (the reason is the error's `Display`), close, and return a
 //!    sticky [`SessionError`] from this and every later `handle_input`.
-//! 8. Distribution messages ride along once established: `Announce` and `TransferStatus` from
-//!    the gateway; `Completion`, `TransferStatus` and `Nack` from the agent. The cores only pass
+//! 8. Distribution messages ride along once established: `Announce`, `TransferStatus` and
+//!    `TaskAnswer` from the gateway; `Completion`, `TransferStatus`, `TaskAsk` and `Nack` from
+//!    the agent (a `TaskAsk` must name the session's own device). The cores only pass
 //!    them through as events.
 //!
 //! # Driving contract
@@ -253,6 +254,14 @@ pub enum SessionError {
         /// The id from the client certificate.
         authenticated: u64,
     },
+    /// Gateway: a `TaskAsk` names another device than the session's `Hello` (closes
+    /// `UNAUTHENTICATED`): a device asks for its own tasks only.
+    ForeignAsk {
+        /// The id in the ask.
+        claimed: u64,
+        /// The session's device.
+        session: u64,
+    },
     /// Gateway: `Hello` on a session whose TLS layer authenticated no device; such a session
     /// may only `Enrol` (closes `UNAUTHENTICATED`).
     Unauthenticated,
@@ -298,9 +307,9 @@ impl SessionError {
     /// The close code a fatal error is reported to the peer with.
     pub fn close_code(&self) -> CloseCode {
         match self {
-            SessionError::DeviceMismatch { .. } | SessionError::Unauthenticated => {
-                CloseCode::UNAUTHENTICATED
-            }
+            SessionError::DeviceMismatch { .. }
+            | SessionError::ForeignAsk { .. }
+            | SessionError::Unauthenticated => CloseCode::UNAUTHENTICATED,
             SessionError::TimedOut(_) => CloseCode::TIMEOUT,
             _ => CloseCode::PROTOCOL,
         }
@@ -363,6 +372,10 @@ impl fmt::Display for SessionError {
             } => write!(
                 f,
                 "hello for device {claimed} on a session authenticated as device {authenticated}"
+            ),
+            SessionError::ForeignAsk { claimed, session } => write!(
+                f,
+                "task ask for device {claimed} on the session of device {session}"
             ),
             SessionError::Unauthenticated => {
                 f.write_str("hello without a client certificate (only enrolment is allowed)")

@@ -247,6 +247,94 @@ fn chunking_does_not_change_the_event_sequence() {
     }
 }
 
+/// The task finisher: the agent's `TaskAsk` reaches the gateway's driver as it was sent, and
+/// the driver's `TaskAnswer` reaches the agent's.
+#[test]
+fn a_task_ask_reaches_the_gateway_and_its_answer_the_agent() {
+    let mut p = Pair::new(Some(DEVICE), FirstMessage::Hello(hello(BOOT_A, None)));
+    p.establish(welcome(0));
+    let mut have = Ranges::new();
+    have.push(0, 10).unwrap();
+    have.push(20, 5).unwrap();
+    let ask = TaskAsk {
+        device_id: DEVICE,
+        task_id: 5,
+        total: 64,
+        have,
+    };
+    p.ag.send_task_ask(&ask).unwrap();
+    // From zero: a device without records asks for every task of its own.
+    let zero = TaskAsk {
+        device_id: DEVICE,
+        task_id: 0,
+        total: 0,
+        have: Ranges::new(),
+    };
+    p.ag.send_task_ask(&zero).unwrap();
+    p.drive();
+    assert_eq!(
+        p.take_gw(),
+        vec![GatewayEvent::TaskAsk(ask), GatewayEvent::TaskAsk(zero)]
+    );
+    let answer = TaskAnswer {
+        task_id: 5,
+        verdict: TaskVerdict::Completed,
+    };
+    p.gw.send_task_answer(&answer).unwrap();
+    p.drive();
+    assert_eq!(p.take_ag(), vec![AgentEvent::TaskAnswer(answer)]);
+    assert!(p.gw_errors.is_empty() && p.ag_errors.is_empty());
+}
+
+/// A device asks for its own tasks only: an ask in another device's name closes the session
+/// `UNAUTHENTICATED`, and the gateway's driver never sees it.
+#[test]
+fn a_task_ask_in_another_devices_name_closes_the_session() {
+    let mut p = Pair::new(Some(DEVICE), FirstMessage::Hello(hello(BOOT_A, None)));
+    p.establish(welcome(0));
+    p.ag.send_task_ask(&TaskAsk {
+        device_id: DEVICE + 1,
+        task_id: 5,
+        total: 0,
+        have: Ranges::new(),
+    })
+    .unwrap();
+    p.drive();
+    assert!(
+        matches!(
+            p.gw_errors[..],
+            [SessionError::ForeignAsk {
+                claimed: 43,
+                session: DEVICE
+            }]
+        ),
+        "{:?}",
+        p.gw_errors
+    );
+    let gw = p.take_gw();
+    assert!(!gw.iter().any(|e| matches!(e, GatewayEvent::TaskAsk(_))));
+    assert_eq!(
+        closed_gw(&gw).map(|c| c.code),
+        Some(CloseCode::UNAUTHENTICATED)
+    );
+}
+
+/// Before `Welcome` the agent cannot ask (the driver is refused, nothing is sent).
+#[test]
+fn a_task_ask_needs_an_established_session() {
+    let mut p = Pair::new(Some(DEVICE), FirstMessage::Hello(hello(BOOT_A, None)));
+    let r = p.ag.send_task_ask(&TaskAsk {
+        device_id: DEVICE,
+        task_id: 0,
+        total: 0,
+        have: Ranges::new(),
+    });
+    assert!(
+        matches!(r, Err(SessionError::NotEstablished { .. })),
+        "{r:?}"
+    );
+}
+
 mod props {
     use proptest::prelude::*;
 

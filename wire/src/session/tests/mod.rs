@@ -13,8 +13,8 @@ use core::time::Duration;
 use super::*;
 use crate::msg::{
     Announce, CommandResult, Completion, ConfigReport, Dispatch, Enrol, Enrolled, Heartbeat, Hello,
-    LastExecuted, Nack, Outcome, Package, RebootComplete, Step, StepResult, StepStatus,
-    TransferState, TransferStatus, Welcome,
+    LastExecuted, Nack, Outcome, Package, RebootComplete, Step, StepResult, StepStatus, TaskAnswer,
+    TaskAsk, TaskVerdict, TransferState, TransferStatus, Welcome,
 };
 use crate::ranges::Ranges;
 
