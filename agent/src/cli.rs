@@ -65,7 +65,9 @@ const USAGE: &str = "usage: fleetcast-agent --gateway HOST:PORT --state-dir DIR 
   --ca-fingerprint HEX      or its SHA-256 (fleetcastd --print-ca-fingerprint)
   --token TOKEN --name NAME enrol with a token from `fleetcast device add NAME`
   --boot-id-file FILE       boot id source (default /proc/sys/kernel/random/boot_id)
-  --dpkg-status FILE        installed-software source (default /var/lib/dpkg/status)
+  --dpkg-status FILE        dpkg database to report (default: detect dpkg, rpm, apk or
+                            opkg under the report root)
+  --report-root DIR         root of proc/, sys/, dev/ and package databases (default /)
   --reboot-command CMD...   how to reboot (default: systemctl reboot); must be last
   --reboot-exit CODE        simulate a reboot by exiting with CODE (tests, the lab)
   --max-sessions N          stop after N sessions (tests)
@@ -118,7 +120,8 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, UsageErr
             "--downloads" => downloads = Some(PathBuf::from(val()?)),
             "--name" => name = Some(val()?),
             "--boot-id-file" => exec.report.boot_id = PathBuf::from(val()?),
-            "--dpkg-status" => exec.report.dpkg_status = PathBuf::from(val()?),
+            "--dpkg-status" => exec.report.dpkg_status = Some(PathBuf::from(val()?)),
+            "--report-root" => exec.report.root = PathBuf::from(val()?),
             "--reboot-exit" => {
                 reboot = RebootAction::Exit(
                     val()?

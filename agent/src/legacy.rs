@@ -24,8 +24,7 @@ use fleetcast_wire::codec::Reader;
 use fleetcast_wire::header::{frame_crc, MAX_STREAM_BODY};
 use fleetcast_wire::msg::limits::{MAX_OUTPUT, MAX_STEPS};
 use fleetcast_wire::{
-    CommandResult, Error as WireError, Frame, Kind, Message, Ranges, StepResult, StepStatus,
-    HEADER_LEN, MAGIC,
+    CommandResult, Error as WireError, Kind, Ranges, StepResult, StepStatus, HEADER_LEN, MAGIC,
 };
 
 use crate::record::{
@@ -100,36 +99,36 @@ pub(crate) fn command(version: u8, mut r: Reader<'_>) -> Result<CommandRecord, C
     Ok(record)
 }
 
-/// A whole `Result` frame, as version 2 kept it. Its wire version is 2, today's, so today's
-/// parser reads it with every check of a received frame.
+/// A whole `Result` frame, as version 2 kept it: of wire version 2, whose report lacked what
+/// version 3 added ([`CommandResult::decode_v2_exact`]).
 fn frame_v2(frame: &[u8]) -> Result<CommandResult<'static>, Corrupt> {
-    let (f, rest) = Frame::parse_prefix(frame, MAX_STREAM_BODY).map_err(Corrupt::Result)?;
-    if !rest.is_empty() {
-        return Err(Corrupt::Result(WireError::TrailingBytes));
-    }
-    match Message::parse(&f).map_err(Corrupt::Result)? {
-        Message::Result(r) => Ok(r.into_owned()),
-        other => Err(Corrupt::NotAResult {
-            kind: other.kind() as u8,
-        }),
-    }
+    let body = old_frame(frame, 2)?;
+    CommandResult::decode_v2_exact(body)
+        .map(CommandResult::into_owned)
+        .map_err(Corrupt::Result)
 }
 
 /// A `Result` frame of wire version 1 (what a version-1 `command` file holds), as today's
-/// result: attempt 0, no report (version 1 had neither). The header is today's with version
-/// byte 1 (magic, version, kind, flags, body length, CRC-32 of the first 8 header bytes and the
-/// body); the body is `command_id u64, seq u64, exit_code i32, steps list<(status u8,
-/// exit_code i32, duration_ms u32)>, output bytes16`.
+/// result: attempt 0, no report (version 1 had neither). The body is `command_id u64, seq
+/// u64, exit_code i32, steps list<(status u8, exit_code i32, duration_ms u32)>, output
+/// bytes16`.
 fn frame_v1(frame: &[u8]) -> Result<CommandResult<'static>, Corrupt> {
+    result_body_v1(Reader::new(old_frame(frame, 1)?)).map_err(Corrupt::Result)
+}
+
+/// The body of a `Result` frame of an earlier wire `version`, checked as a received frame
+/// is: the header is today's with that version byte (magic, version, kind, flags, body
+/// length, CRC-32 of the first 8 header bytes and the body), with nothing after the body.
+fn old_frame(frame: &[u8], version: u8) -> Result<&[u8], Corrupt> {
     let mut r = Reader::new(frame);
     let head: [u8; 8] = r.array().map_err(Corrupt::Result)?;
     let crc = r.u32().map_err(Corrupt::Result)?;
     let body = r.rest();
-    let [magic, version, kind, flags, len @ ..] = head;
+    let [magic, found, kind, flags, len @ ..] = head;
     let check = if magic != MAGIC {
         Err(WireError::BadMagic(magic))
-    } else if version != 1 {
-        Err(WireError::UnsupportedVersion(version))
+    } else if found != version {
+        Err(WireError::UnsupportedVersion(found))
     } else if flags != 0 {
         Err(WireError::ReservedFlags(flags))
     } else if u32::from_be_bytes(len) as usize != body.len() {
@@ -143,7 +142,7 @@ fn frame_v1(frame: &[u8]) -> Result<CommandResult<'static>, Corrupt> {
     if kind != Kind::Result as u8 {
         return Err(Corrupt::NotAResult { kind });
     }
-    result_body_v1(Reader::new(body)).map_err(Corrupt::Result)
+    Ok(body)
 }
 
 fn result_body_v1(mut r: Reader<'_>) -> Result<CommandResult<'static>, WireError> {
@@ -408,12 +407,15 @@ pub(crate) mod tests {
             })
         );
         let f = frame(2, result, &v2_result_body(7, 1, 700));
-        // The hand-built frame is the one that release stored: the wire's own emitter's.
+        // The hand-built frame is the one that release stored: the wire's own emitter's but
+        // for the version byte (and so the CRC); a result without a report has the same body
+        // in wire versions 2 and 3.
         let mut emitted = Vec::new();
-        Message::Result(expected(7, 1, 700))
+        fleetcast_wire::Message::Result(expected(7, 1, 700))
             .emit_to_vec(&mut emitted)
             .unwrap();
-        assert_eq!(f, emitted);
+        assert_eq!((f[1], emitted[1]), (2, 3));
+        assert_eq!(f[12..], emitted[12..]);
         assert_eq!(
             decode(&v2_file(TAG_PENDING, 7, 700, 1, &with_len(&f))),
             Ok(CommandRecord::Pending {

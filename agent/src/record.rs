@@ -20,9 +20,9 @@
 //! never a mix; the CRC catches damage of any other kind (a bad disk, a hand edit), so such a
 //! file is refused with a [`Corrupt`] naming the broken rule, never read as another state.
 //!
-//! # Layouts (`command` version 3, `.rec` version 2)
+//! # Layouts (`command` version 4, `.rec` version 2)
 //! ```text
-//! command  "FCCR" 3  tag u8, seq u64, command_id u64, attempt u32, then by tag:
+//! command  "FCCR" 4  tag u8, seq u64, command_id u64, attempt u32, then by tag:
 //!                      1 executing  steps u16
 //!                      2 rebooting  old_boot_id [16], result option<bytes32>
 //!                      3 pending    result bytes32
@@ -32,8 +32,10 @@
 //! ```
 //! A `result` is the `Result` message's body (docs/wire.md) and must name the record's `seq`,
 //! `attempt` and `command_id`; `received` is [`Ranges::encode_record`] (a NACK's ranges with a
-//! wider count). The layouts of before stay readable (`crate::legacy`: `command` versions 1
-//! and 2, the `.rec` without envelope); every record written is of the current version.
+//! wider count). `command` version 3 was this layout with the result in wire version 2's
+//! layout (its report without what version 3 added); it is read here too. The layouts of
+//! before stay readable (`crate::legacy`: `command` versions 1 and 2, the `.rec` without
+//! envelope); every record written is of the current version.
 
 use fleetcast_wire::codec::{Reader, Sink};
 use fleetcast_wire::{CommandResult, Embed, Error as WireError, Ranges};
@@ -41,7 +43,9 @@ use fleetcast_wire::{CommandResult, Embed, Error as WireError, Ranges};
 /// Magic of the `command` file.
 pub(crate) const COMMAND_MAGIC: [u8; 4] = *b"FCCR";
 /// Version of the `command` layout written.
-pub(crate) const COMMAND_VERSION: u8 = 3;
+pub(crate) const COMMAND_VERSION: u8 = 4;
+/// `command` version 3: today's layout, the kept result in wire version 2's layout.
+pub(crate) const COMMAND_V3: u8 = 3;
 /// Magic of a transfer record.
 pub(crate) const TRANSFER_MAGIC: [u8; 4] = *b"FCTR";
 /// Version of the transfer record layout written (version 1 had no envelope).
@@ -245,9 +249,16 @@ impl CommandRecord {
         .map(Some)
     }
 
-    /// Decodes the record of a `command` file of the current version: `r` reads what follows
-    /// the version byte ([`open`]).
-    pub(crate) fn decode(mut r: Reader<'_>) -> Result<CommandRecord, Corrupt> {
+    /// Decodes the record of a `command` file of the current version or of version 3 (whose
+    /// result is in wire version 2's layout): `r` reads what follows the version byte
+    /// ([`open`]).
+    pub(crate) fn decode(version: u8, mut r: Reader<'_>) -> Result<CommandRecord, Corrupt> {
+        let wire_v2 = match version {
+            COMMAND_VERSION => false,
+            COMMAND_V3 => true,
+            v => return Err(Corrupt::UnknownVersion(v)),
+        };
+        let kept = |r: &mut Reader<'_>, key| kept_result(r, key, wire_v2);
         let tag = r.u8()?;
         let seq = r.u64()?;
         let command_id = r.u64()?;
@@ -262,7 +273,7 @@ impl CommandRecord {
             TAG_REBOOTING => {
                 let old_boot_id = r.array()?;
                 let result = match r.present()? {
-                    true => Some(kept_result(&mut r, (seq, attempt, command_id))?),
+                    true => Some(kept(&mut r, (seq, attempt, command_id))?),
                     false => None,
                 };
                 CommandRecord::Rebooting {
@@ -276,7 +287,7 @@ impl CommandRecord {
                 }
             }
             TAG_PENDING => CommandRecord::Pending {
-                result: kept_result(&mut r, (seq, attempt, command_id))?,
+                result: kept(&mut r, (seq, attempt, command_id))?,
             },
             TAG_ACKED => CommandRecord::Acked {
                 seq,
@@ -402,14 +413,19 @@ fn embed(s: &mut VecSink<'_>, result: &CommandResult<'_>) -> Result<(), WireErro
     Ok(())
 }
 
-/// Reads a result embedded as `bytes32` and checks it is the record's `(seq, attempt,
-/// command_id)`.
+/// Reads a result embedded as `bytes32` (in wire version 2's layout if `wire_v2`) and checks
+/// it is the record's `(seq, attempt, command_id)`.
 fn kept_result(
     r: &mut Reader<'_>,
     key: (u64, u32, u64),
+    wire_v2: bool,
 ) -> Result<CommandResult<'static>, Corrupt> {
     let bytes = r.bytes32(MAX_RESULT)?;
-    let result = CommandResult::decode_exact(bytes).map_err(Corrupt::Result)?;
+    let result = match wire_v2 {
+        true => CommandResult::decode_v2_exact(bytes),
+        false => CommandResult::decode_exact(bytes),
+    }
+    .map_err(Corrupt::Result)?;
     check_result(result.into_owned(), key)
 }
 
@@ -464,13 +480,14 @@ mod tests {
                     name: "libc6".into(),
                     version: "2.36".into(),
                 }],
+                ..Default::default()
             }),
         }
     }
 
     fn decode_command(bytes: &[u8]) -> Result<CommandRecord, Corrupt> {
         match open(bytes, &COMMAND_MAGIC)? {
-            (COMMAND_VERSION, r) => CommandRecord::decode(r),
+            (v @ (COMMAND_VERSION | COMMAND_V3), r) => CommandRecord::decode(v, r),
             (v, _) => Err(Corrupt::UnknownVersion(v)),
         }
     }
@@ -509,10 +526,47 @@ mod tests {
         ];
         for rec in records {
             let bytes = rec.encode().unwrap().unwrap();
-            assert_eq!(&bytes[..5], b"FCCR\x03");
+            assert_eq!(&bytes[..5], b"FCCR\x04");
             assert_eq!(decode_command(&bytes).unwrap(), rec);
         }
         assert_eq!(CommandRecord::None.encode().unwrap(), None);
+    }
+
+    /// A `command` file of version 3: today's layout, its result (and the result's report)
+    /// in wire version 2's layout, which lacked the report's package manager, CPU, memory
+    /// and devices (15 bytes when they are empty, as in `result`).
+    #[test]
+    fn a_version_3_record_reads_with_its_report() {
+        let rec = CommandRecord::Pending {
+            result: result(7, 4, 700),
+        };
+        let now = rec.encode().unwrap().unwrap();
+        let record = &now[5..now.len() - 4];
+        // tag, seq, command_id, attempt (21 bytes), the result's u32 length, the result.
+        let (head, rest) = record.split_at(21);
+        let (len, res) = rest.split_at(4);
+        assert_eq!(
+            u32::from_be_bytes(len.try_into().unwrap()) as usize,
+            res.len()
+        );
+        let (v2, added) = res.split_at(res.len() - 15);
+        assert!(added.iter().all(|&b| b == 0));
+        let mut old = b"FCCR\x03".to_vec();
+        old.extend_from_slice(head);
+        old.extend_from_slice(&(v2.len() as u32).to_be_bytes());
+        old.extend_from_slice(v2);
+        let crc = crc32fast::hash(&old);
+        old.extend_from_slice(&crc.to_be_bytes());
+        assert_eq!(decode_command(&old).unwrap(), rec);
+        // Read as today's layout, the old result is short: corruption, not a guess.
+        old[4] = COMMAND_VERSION;
+        let n = old.len();
+        let crc = crc32fast::hash(&old[..n - 4]);
+        old[n - 4..].copy_from_slice(&crc.to_be_bytes());
+        assert!(matches!(
+            decode_command(&old),
+            Err(Corrupt::Result(WireError::Truncated))
+        ));
     }
 
     #[test]
@@ -538,7 +592,7 @@ mod tests {
         body.extend_from_slice(&[0, 3]);
         body.extend_from_slice(b"hi\n");
         body.push(0); // no report
-        let mut want = b"FCCR\x03\x03".to_vec();
+        let mut want = b"FCCR\x04\x03".to_vec();
         want.extend_from_slice(&7u64.to_be_bytes());
         want.extend_from_slice(&700u64.to_be_bytes());
         want.extend_from_slice(&1u32.to_be_bytes());

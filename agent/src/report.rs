@@ -1,26 +1,31 @@
-//! The device's configuration report (Linux): OS, kernel, hostname, addresses, installed
-//! software, agent version and boot id.
+//! The device's configuration report (Linux): OS, kernel, hostname, addresses, boot id,
+//! agent version, CPU and memory, attached devices ([`crate::inventory`]) and installed
+//! software from the package manager the device has ([`crate::packages`]).
 //!
 //! Invariants:
 //! - Every string fits the wire's [`MAX_NAME`] (cut at a character boundary) and the lists
-//!   are capped at [`MAX_ADDRESSES`] and [`MAX_SOFTWARE`], so a collected report always
-//!   encodes.
+//!   are capped at [`MAX_ADDRESSES`], [`MAX_SOFTWARE`] and [`MAX_DEVICES`], so a collected
+//!   report always encodes.
 //! - The report is the wire message itself, owned ([`ConfigReport<'static>`]): it goes into a
 //!   command's result, a `Report` or a `RebootComplete` as it is, with no copy type.
-//! - Memory is bounded by those caps: the dpkg status file (megabytes on a full system) is
-//!   streamed line by line, keeping only the current entry's package name and version.
-//! - Paths come from [`ReportConfig`]: tests and the lab point them at fixtures, and simulate
-//!   a reboot by giving the agent a different boot id file.
+//! - Paths come from [`ReportConfig`]: tests and the lab point them at fixtures (a fake root
+//!   for `/proc`, `/sys`, `/dev` and the package databases), and simulate a reboot by giving
+//!   the agent a different boot id file.
 //! - The only fallible source is the boot id, which the control protocol cannot do without;
-//!   everything else degrades to `"unknown"` or an empty list.
+//!   everything else degrades to `"unknown"`, zero or an empty list.
+//!
+//! [`MAX_SOFTWARE`]: fleetcast_wire::msg::limits::MAX_SOFTWARE
+//! [`MAX_DEVICES`]: fleetcast_wire::msg::limits::MAX_DEVICES
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
-use fleetcast_wire::msg::limits::{MAX_ADDRESSES, MAX_NAME, MAX_SOFTWARE};
-use fleetcast_wire::{ConfigReport, Package};
+use fleetcast_wire::msg::limits::{MAX_ADDRESSES, MAX_NAME};
+use fleetcast_wire::ConfigReport;
+
+use crate::{inventory, packages};
 
 /// The agent's version, as reported to the gateway.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -30,18 +35,23 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 pub struct ReportConfig {
     /// `os-release(5)` file (its `PRETTY_NAME`).
     pub os_release: PathBuf,
-    /// dpkg's status database; a missing file means no software list.
-    pub dpkg_status: PathBuf,
     /// The boot id: a UUID in text form.
     pub boot_id: PathBuf,
+    /// The root under which `proc/`, `sys/`, `dev/` and the package databases are read
+    /// (`/`; a fake tree in tests).
+    pub root: PathBuf,
+    /// dpkg's status database instead of the one under `root` (the lab gives each agent its
+    /// own); `None`: detect the package manager under `root`.
+    pub dpkg_status: Option<PathBuf>,
 }
 
 impl Default for ReportConfig {
     fn default() -> Self {
         ReportConfig {
             os_release: PathBuf::from("/etc/os-release"),
-            dpkg_status: PathBuf::from("/var/lib/dpkg/status"),
             boot_id: PathBuf::from("/proc/sys/kernel/random/boot_id"),
+            root: PathBuf::from("/"),
+            dpkg_status: None,
         }
     }
 }
@@ -77,10 +87,8 @@ pub fn collect(cfg: &ReportConfig) -> Result<ConfigReport<'static>, ReportError>
         Some(u) => (u.release, u.nodename),
         None => ("unknown".into(), "unknown".into()),
     };
-    let software = match File::open(&cfg.dpkg_status) {
-        Ok(f) => parse_dpkg_status(BufReader::new(f)).unwrap_or_default(),
-        Err(_) => Vec::new(),
-    };
+    let (package_manager, software) = packages::installed(&cfg.root, cfg.dpkg_status.as_deref());
+    let (cpu_model, cpus) = inventory::cpu(&cfg.root);
     Ok(ConfigReport {
         boot_id,
         os: bounded(&os).into(),
@@ -89,6 +97,11 @@ pub fn collect(cfg: &ReportConfig) -> Result<ConfigReport<'static>, ReportError>
         agent_version: bounded(AGENT_VERSION).into(),
         addresses: interface_addresses().into_iter().map(Into::into).collect(),
         software,
+        package_manager,
+        cpu_model: cpu_model.into(),
+        cpus,
+        memory: inventory::memory(&cfg.root),
+        devices: inventory::devices(&cfg.root),
     })
 }
 
@@ -156,68 +169,8 @@ fn unquote(v: &str) -> String {
     out
 }
 
-/// Parses dpkg's status database: `Package` and `Version` of each entry whose `Status` is
-/// `install ok installed`, in file order, at most [`MAX_SOFTWARE`]. Lines that are not UTF-8
-/// (descriptions in legacy encodings) are skipped.
-pub fn parse_dpkg_status(mut r: impl BufRead) -> io::Result<Vec<Package<'static>>> {
-    #[derive(Default)]
-    struct Entry {
-        name: Option<String>,
-        version: Option<String>,
-        installed: bool,
-    }
-    fn finish(e: &mut Entry, out: &mut Vec<Package<'static>>) {
-        let e = std::mem::take(e);
-        if let (true, Some(name), Some(version)) = (e.installed, e.name, e.version) {
-            if out.len() < MAX_SOFTWARE {
-                out.push(Package {
-                    name: bounded(&name).into(),
-                    version: bounded(&version).into(),
-                });
-            }
-        }
-    }
-    let mut out = Vec::new();
-    let mut entry = Entry::default();
-    let mut line = Vec::with_capacity(256);
-    loop {
-        line.clear();
-        if r.read_until(b'\n', &mut line)? == 0 {
-            break;
-        }
-        let l = line.trim_ascii_end();
-        if l.is_empty() {
-            finish(&mut entry, &mut out);
-            continue;
-        }
-        // Continuation lines start with a space or tab.
-        if l[0] == b' ' || l[0] == b'\t' {
-            continue;
-        }
-        let Ok(l) = std::str::from_utf8(l) else {
-            continue;
-        };
-        let Some((field, value)) = l.split_once(':') else {
-            continue;
-        };
-        let value = value.trim();
-        // Field names are case-insensitive (deb822).
-        if field.eq_ignore_ascii_case("Package") {
-            entry.name = Some(value.to_owned());
-        } else if field.eq_ignore_ascii_case("Version") {
-            entry.version = Some(value.to_owned());
-        } else if field.eq_ignore_ascii_case("Status") {
-            entry.installed = value
-                .split_ascii_whitespace()
-                .eq(["install", "ok", "installed"]);
-        }
-    }
-    finish(&mut entry, &mut out);
-    Ok(out)
-}
-
 /// `s` cut to at most [`MAX_NAME`] bytes at a character boundary.
-fn bounded(s: &str) -> String {
+pub(crate) fn bounded(s: &str) -> String {
     let mut end = s.len().min(MAX_NAME);
     while !s.is_char_boundary(end) {
         end -= 1;
@@ -336,61 +289,6 @@ pub fn hostname() -> Option<String> {
 mod tests {
     use super::*;
 
-    const DPKG_FIXTURE: &[u8] = b"\
-Package: adduser
-Status: install ok installed
-Priority: important
-Version: 3.134
-Description: add and remove users and groups
- This package includes the 'adduser' and 'deluser' commands.
- .
- Version: 9.9 (a continuation line, not a field)
-
-Package: removed-pkg
-Status: deinstall ok config-files
-Version: 1.0
-
-Package: half
-Status: install ok half-installed
-Version: 2.0
-
-Package: libc6
-Status: install ok installed
-Architecture: amd64
-Multi-Arch: same
-Version: 2.36-9+deb12u4
-Description: GNU C Library: Shared libraries
- Latin-1 bytes follow: \xe9\xe8
-
-package: lowercase-fields
-status: install ok installed
-version: 0.1-1";
-
-    #[test]
-    fn dpkg_parser_keeps_installed_packages_only() {
-        let pkgs = parse_dpkg_status(DPKG_FIXTURE).unwrap();
-        let got: Vec<(&str, &str)> = pkgs.iter().map(|p| (&*p.name, &*p.version)).collect();
-        assert_eq!(
-            got,
-            [
-                ("adduser", "3.134"),
-                ("libc6", "2.36-9+deb12u4"),
-                ("lowercase-fields", "0.1-1")
-            ]
-        );
-    }
-
-    #[test]
-    fn dpkg_list_is_capped_at_the_wire_limit() {
-        let mut big = Vec::new();
-        for i in 0..MAX_SOFTWARE + 10 {
-            big.extend_from_slice(
-                format!("Package: p{i}\nStatus: install ok installed\nVersion: 1\n\n").as_bytes(),
-            );
-        }
-        assert_eq!(parse_dpkg_status(&big[..]).unwrap().len(), MAX_SOFTWARE);
-    }
-
     #[test]
     fn uuid_parsing() {
         let id = parse_uuid(b"0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0\n").unwrap();
@@ -441,12 +339,22 @@ version: 0.1-1";
         std::fs::write(&boot, "11111111-2222-3333-4444-555555555555\n").unwrap();
         let os = dir.path().join("os-release");
         std::fs::write(&os, "NAME=\"X\"\nPRETTY_NAME=\"Fixture OS 1\"\n").unwrap();
-        let dpkg = dir.path().join("status");
-        std::fs::write(&dpkg, DPKG_FIXTURE).unwrap();
+        let root = dir.path().join("root");
+        crate::inventory::tests::fake_tree(&root);
+        let dpkg = root.join("var/lib/dpkg/status");
+        std::fs::create_dir_all(dpkg.parent().unwrap()).unwrap();
+        std::fs::write(
+            &dpkg,
+            "Package: a\nStatus: install ok installed\nVersion: 1\n\n\
+             Package: b\nStatus: install ok installed\nVersion: 2\n\n\
+             Package: c\nStatus: install ok installed\nVersion: 3\n",
+        )
+        .unwrap();
         let cfg = ReportConfig {
             os_release: os,
-            dpkg_status: dpkg,
             boot_id: boot,
+            root: root.clone(),
+            dpkg_status: None,
         };
         let r = collect(&cfg).unwrap();
         assert_eq!(r.boot_id[0], 0x11);
@@ -456,6 +364,12 @@ version: 0.1-1";
         assert!(!r.hostname.is_empty() && r.hostname != "unknown");
         assert_eq!(r.agent_version, AGENT_VERSION);
         assert_eq!(r.software.len(), 3);
+        assert_eq!(r.package_manager, fleetcast_wire::PackageManager::Dpkg);
+        // CPU, memory and devices come from the fake tree, never the machine's hardware.
+        assert_eq!((&*r.cpu_model, r.cpus), ("Fake CPU @ 2.0GHz", 2));
+        assert_eq!(r.memory, 8_048_576 * 1024);
+        assert_eq!(r.devices, crate::inventory::devices(&root));
+        assert_eq!(r.devices.len(), 6);
         for a in &r.addresses {
             let (ip, prefix) = a.split_once('/').unwrap();
             let ip: IpAddr = ip.parse().unwrap();
@@ -469,7 +383,7 @@ version: 0.1-1";
 
         // Missing dpkg database: empty list, not an error. Missing boot id: an error.
         let cfg2 = ReportConfig {
-            dpkg_status: dir.path().join("nope"),
+            dpkg_status: Some(dir.path().join("nope")),
             ..cfg.clone()
         };
         assert!(collect(&cfg2).unwrap().software.is_empty());

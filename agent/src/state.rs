@@ -70,7 +70,7 @@ use fleetcast_wire::{CommandResult, LastExecuted, StepResult, StepStatus};
 
 use crate::exec::EXIT_AGENT_RESTARTED;
 use crate::legacy;
-use crate::record::{open, COMMAND_MAGIC, COMMAND_VERSION};
+use crate::record::{open, COMMAND_MAGIC, COMMAND_V3, COMMAND_VERSION};
 pub use crate::record::{CommandRecord, Corrupt, RebootRecord};
 
 /// Errors of the durable state.
@@ -494,7 +494,7 @@ impl State {
 fn decode_command(bytes: &[u8]) -> Result<CommandRecord, Corrupt> {
     let (version, r) = open(bytes, &COMMAND_MAGIC)?;
     match version {
-        COMMAND_VERSION => CommandRecord::decode(r),
+        COMMAND_VERSION | COMMAND_V3 => CommandRecord::decode(version, r),
         legacy::COMMAND_V1 | legacy::COMMAND_V2 => legacy::command(version, r),
         v => Err(Corrupt::UnknownVersion(v)),
     }
@@ -839,6 +839,7 @@ mod tests {
             agent_version: "0.1.0".into(),
             addresses: vec!["10.0.0.2/24".into()],
             software,
+            ..Default::default()
         };
         let r = CommandResult {
             report: Some(report),

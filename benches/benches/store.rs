@@ -16,6 +16,7 @@ const SIZES: [u64; 3] = [1, 100, 10_000];
 
 fn cmd() -> Command {
     Command {
+        target: None,
         steps: vec![Step::Exec {
             argv: vec![
                 "/usr/bin/apt-get".into(),

@@ -514,6 +514,7 @@ impl<'n> Demo<'n> {
                 vec![Step::Report],
             ];
             self.req(&Request::QueueAdd {
+                attached: None,
                 target: name.clone(),
                 commands: cmds,
                 timeout_ms: 30_000,

@@ -185,6 +185,12 @@ enum DeviceCmd {
     },
     /// List devices.
     List,
+    /// Show a device and its latest configuration report (OS, kernel, CPU, memory,
+    /// addresses, attached devices with their targets, installed software) and when it came.
+    Show {
+        /// Device name.
+        name: String,
+    },
     /// Revoke a device: it is disconnected and refused from now on.
     Revoke {
         /// Device name.
@@ -252,6 +258,11 @@ struct QueueAddArgs {
     /// Queue each step as its own command (default: all steps form one command).
     #[arg(long)]
     each: bool,
+    /// The attached device the commands operate on, KIND:ID as `device show` lists it
+    /// (disk:SERIAL or disk:WWN, net:MAC, usb:VENDOR:PRODUCT[:SERIAL], serial:/dev/ttyUSB0):
+    /// the agent runs no step unless it is attached.
+    #[arg(long, value_name = "KIND:ID")]
+    attached: Option<String>,
     /// Steps: exec:CMD, sh:SCRIPT, install:PACKAGE..., fetch:PATH=URL (URL may be
     /// gateway:NAME), verify:PATH=SHA256, write:PATH=TEXT, reboot, report.
     #[arg(last = true, required = true)]
@@ -301,6 +312,7 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
     Ok(match cmd {
         Cmd::Device(DeviceCmd::Add { name, groups }) => Request::DeviceAdd { name, groups },
         Cmd::Device(DeviceCmd::List) => Request::DeviceList,
+        Cmd::Device(DeviceCmd::Show { name }) => Request::DeviceShow { name },
         Cmd::Device(DeviceCmd::Revoke { name }) => Request::DeviceRevoke { name },
         Cmd::Group(GroupCmd::Add { group, devices }) => Request::GroupAdd { group, devices },
         Cmd::Group(GroupCmd::List) => Request::GroupList,
@@ -326,6 +338,7 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
                 } else {
                     OnFailureSpec::Stop
                 },
+                attached: a.attached,
             }
         }
         Cmd::Queue(QueueCmd::Show { device }) => Request::QueueShow { device },
@@ -467,6 +480,7 @@ fn run() -> ExitCode {
         }
     ) && !json;
     let metrics = matches!(cli.cmd, Cmd::Metrics);
+    let device_show = matches!(cli.cmd, Cmd::Device(DeviceCmd::Show { .. }));
     let timeout = match cli.cmd {
         // A backup copies the whole store before it answers.
         Cmd::Backup { .. } => std::time::Duration::from_secs(3600),
@@ -494,6 +508,8 @@ fn run() -> ExitCode {
         print_json(&resp);
     } else if metrics {
         output::out(resp.data["text"].as_str().unwrap_or_default());
+    } else if device_show {
+        print_device(&resp.data);
     } else {
         print_human(&resp.data);
     }
@@ -537,6 +553,65 @@ fn refused(json: bool, resp: Response) -> ExitCode {
     let msg = resp.error.unwrap_or_else(|| "request refused".into());
     errln!("fleetcast: {msg}");
     code.into()
+}
+
+/// `device show` for people: the device's fields, then its report's, then a table each of
+/// attached devices and installed software.
+fn print_device(v: &serde_json::Value) {
+    let mut top = v.clone();
+    let report = top
+        .as_object_mut()
+        .and_then(|m| m.remove("report"))
+        .unwrap_or_default();
+    print_human(&top);
+    if report.is_null() {
+        outln!("report: - (none received yet)");
+        return;
+    }
+    outln!("report:");
+    for (k, val) in report.as_object().into_iter().flatten() {
+        match (k.as_str(), val) {
+            ("software" | "devices", _) => {}
+            (_, serde_json::Value::Array(items)) => {
+                let items: Vec<String> = items
+                    .iter()
+                    .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
+                    .collect();
+                outln!("  {k}: {}", items.join(", "));
+            }
+            (_, serde_json::Value::String(s)) => outln!("  {k}: {s}"),
+            (_, other) => outln!("  {k}: {other}"),
+        }
+    }
+    let devices = report["devices"].as_array().cloned().unwrap_or_default();
+    outln!("  devices: {}", devices.len());
+    for d in &devices {
+        let text = |k: &str| d[k].as_str().unwrap_or_default().to_string();
+        let size = d["size"].as_u64().unwrap_or(0);
+        let mut line = format!("    {}  {}", text("target"), text("name"));
+        for k in ["model", "wwn"] {
+            if !text(k).is_empty() {
+                line.push_str(&format!("  {k}={}", text(k)));
+            }
+        }
+        if size > 0 {
+            line.push_str(&format!("  size={size}"));
+        }
+        outln!("{line}");
+    }
+    let software = report["software"].as_array().cloned().unwrap_or_default();
+    outln!(
+        "  software: {} ({})",
+        software.len(),
+        report["package_manager"].as_str().unwrap_or("none")
+    );
+    for p in &software {
+        outln!(
+            "    {} {}",
+            p["name"].as_str().unwrap_or_default(),
+            p["version"].as_str().unwrap_or_default()
+        );
+    }
 }
 
 /// Plain text for people: `key: value` lines, tables as one line per row.

@@ -229,6 +229,21 @@ fn every_command_with_json_and_exit_codes() {
         ),
     )
     .unwrap();
+    // Its report reads a fake root (CPU, memory, a disk, a serial port, apk's database), so
+    // what `device show` must say does not depend on this machine's hardware.
+    let root = agent_dir.join("root");
+    for (rel, text) in [
+        ("proc/cpuinfo", "processor : 0\nmodel name : Lab CPU\n"),
+        ("proc/meminfo", "MemTotal: 2048 kB\n"),
+        ("sys/block/vda/size", "8\n"),
+        ("sys/block/vda/device/serial", "LAB-DISK-1\n"),
+        ("dev/ttyUSB0", ""),
+        ("lib/apk/db/installed", "P:musl\nV:1.2.4-r2\n\n"),
+    ] {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
     let agent_log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
     let _agent = Proc(
         Command::new(CLI)
@@ -236,6 +251,8 @@ fn every_command_with_json_and_exit_codes() {
             .arg(&agent_toml)
             .arg("--state-dir")
             .arg(agent_dir.join("state"))
+            .arg("--report-root")
+            .arg(&root)
             .args(["--reboot-exit", "75"])
             .env("FLEETCAST_AGENT_CA", data.join("pki/ca.pem"))
             .stdin(Stdio::null())
@@ -255,6 +272,117 @@ fn every_command_with_json_and_exit_codes() {
     });
     let r = expect(data, &["device", "list"], 0);
     assert!(r.stdout.contains("web1"), "{}", r.stdout);
+    // device show: the report the agent sent after its Welcome, and when it came.
+    let shown = wait_for("web1's report", || {
+        let v = expect_json(data, &["device", "show", "web1"], 0);
+        (!v["data"]["report"].is_null()).then_some(v)
+    });
+    let rep = &shown["data"]["report"];
+    assert!(
+        shown["data"]["report_ms"].as_u64().is_some_and(|t| t > 0),
+        "{shown:#}"
+    );
+    assert_eq!(rep["cpu_model"], "Lab CPU", "{shown:#}");
+    assert_eq!(
+        (rep["cpus"].as_u64(), rep["memory"].as_u64()),
+        (Some(1), Some(2048 * 1024))
+    );
+    assert_eq!(rep["package_manager"], "apk");
+    assert_eq!(
+        rep["software"],
+        serde_json::json!([{ "name": "musl", "version": "1.2.4-r2" }])
+    );
+    let targets: Vec<&str> = rep["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|d| d["target"].as_str())
+        .collect();
+    assert_eq!(
+        targets,
+        ["disk:LAB-DISK-1", "serial:/dev/ttyUSB0"],
+        "{shown:#}"
+    );
+    assert!(!rep["hostname"].as_str().unwrap_or_default().is_empty());
+    let r = expect(data, &["device", "show", "web1"], 0);
+    for want in [
+        "report_ms: ",
+        "cpu_model: Lab CPU",
+        "disk:LAB-DISK-1  vda",
+        "musl 1.2.4-r2",
+    ] {
+        assert!(r.stdout.contains(want), "{want}: {}", r.stdout);
+    }
+    let v = expect_json(data, &["device", "show", "nosuch"], 4);
+    assert_eq!(v["kind"], "not_found");
+    // queue add --attached: a target the report lists runs (and its steps see it); one it
+    // does not list fails before any step, saying why.
+    expect(
+        data,
+        &[
+            "queue",
+            "add",
+            "web1",
+            "--attached",
+            "disk:LAB-DISK-1",
+            "--",
+            "sh:echo \"got $FLEETCAST_TARGET_PATH\"",
+        ],
+        0,
+    );
+    expect(
+        data,
+        &[
+            "queue",
+            "add",
+            "web1",
+            "--continue-on-failure",
+            "--attached",
+            "disk:NOPE",
+            "--",
+            "sh:echo ran",
+        ],
+        0,
+    );
+    let v = expect_json(
+        data,
+        &[
+            "queue",
+            "add",
+            "web1",
+            "--attached",
+            "disk",
+            "--",
+            "exec:true",
+        ],
+        1,
+    );
+    assert!(v["error"].as_str().unwrap().contains("KIND:ID"), "{v}");
+    let cmds = wait_for("the targeted commands", || {
+        let v = expect_json(data, &["queue", "show", "web1"], 0);
+        let cmds = v["data"]["commands"].as_array()?.clone();
+        (cmds.len() == 2
+            && cmds
+                .iter()
+                .all(|c| c["state"] != "pending" && c["state"] != "running"))
+        .then_some(cmds)
+    });
+    assert_eq!(cmds[0]["state"], "ok", "{cmds:#?}");
+    assert_eq!(cmds[0]["target"], "disk:LAB-DISK-1");
+    let out0 = cmds[0]["output"].as_str().unwrap();
+    assert!(
+        out0.contains("target disk:LAB-DISK-1 is /dev/vda") && out0.contains("got /dev/vda"),
+        "{out0}"
+    );
+    assert_eq!(cmds[1]["state"], "failed", "{cmds:#?}");
+    assert_eq!(cmds[1]["exit_code"], -3);
+    let out1 = cmds[1]["output"].as_str().unwrap();
+    assert!(
+        out1.contains(
+            "target disk:NOPE is not attached to this device (attached: disk:LAB-DISK-1 (vda))"
+        ) && !out1.lines().any(|l| l == "ran"),
+        "{out1}"
+    );
     // An enrolled name cannot be added again: refused, exit 1.
     let v = expect_json(data, &["device", "add", "web1"], 1);
     assert!(

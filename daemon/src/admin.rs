@@ -186,6 +186,12 @@ pub enum Request {
     },
     /// List devices.
     DeviceList,
+    /// One device in full: its latest configuration report (software, attached devices) and
+    /// when it came.
+    DeviceShow {
+        /// Device name.
+        name: String,
+    },
     /// Revoke a device: its sessions are closed and it is refused from now on.
     DeviceRevoke {
         /// Device name.
@@ -212,6 +218,10 @@ pub enum Request {
         max_attempts: u32,
         /// What a final failure does to the rest of the queue.
         on_failure: OnFailureSpec,
+        /// The attached device the commands operate on, `KIND:ID` (`disk:SERIAL`): the
+        /// agent runs none of their steps unless its report lists it.
+        #[serde(default)]
+        attached: Option<String>,
     },
     /// Show a device's queue, commands and results.
     QueueShow {

@@ -149,6 +149,7 @@ mod tests {
             let dev = b.add_device(&format!("d{d}"), [1; 32], 0).unwrap();
             for seq in 1..=commands {
                 let cmd = Command {
+                    target: None,
                     steps: vec![Step::Report],
                     timeout_ms: 1000,
                     max_attempts: 1,

@@ -124,6 +124,7 @@ fn fetch_from_the_gateway_then_verify() {
     req(
         &data,
         &Request::QueueAdd {
+            attached: None,
             target: "n1".into(),
             commands: vec![
                 vec![

@@ -151,6 +151,7 @@ fn a_second_attempt_of_the_policy_runs_once() {
     let r = rig(&lab, dir, "a1");
     let d = dir.join("a1");
     r.gw.admin(&Request::QueueAdd {
+        attached: None,
         target: "a1".into(),
         commands: vec![vec![fails_once(&d, &r.log)], echo("two", &r.log)],
         timeout_ms: 60_000,

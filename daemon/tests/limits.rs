@@ -587,6 +587,7 @@ fn the_event_log_and_results_are_pruned_to_the_retention_settings() {
             b.enqueue(
                 dev,
                 Command {
+                    target: None,
                     steps: vec![Step::Report],
                     timeout_ms: 1000,
                     max_attempts: 1,

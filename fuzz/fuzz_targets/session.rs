@@ -58,6 +58,7 @@ fuzz_target!(|input: (bool, Vec<Op<'_>>)| {
                     attempt: 1,
                     timeout_ms: 0,
                     steps: vec![Step::Report],
+                    target: None,
                 });
             }
             Op::Ack(seq) => {

@@ -8,9 +8,11 @@
 //! here: they are big-endian composites built in `keys` so that LMDB's lexicographic order is
 //! numeric order.
 //!
-//! Versions: format 1 kept steps, results and reports in store-only layouts; format 2 (this
-//! build) embeds the wire values. Records of both formats are read (`legacy` decodes format
-//! 1 into today's types); every record written is format 2.
+//! Versions: format 1 kept steps, results and reports in store-only layouts; format 2 embeds
+//! the wire values; format 3 (this build) adds the time a device's report came to the device
+//! record (a format-2 device record reads with that time unknown; every other record reads
+//! unchanged). Records of all three formats are read (`legacy` decodes format 1 into today's
+//! types); every record written is format 3.
 //!
 //! No-panic contract: [`Reader`] checks every length against the remaining input and decoding
 //! returns `Error::Corrupt` on truncated, oversized or trailing bytes, unknown enum tags and
@@ -22,7 +24,9 @@ use fleetcast_wire::Embed;
 use crate::error::{Error, Result};
 
 /// Current record encoding version.
-pub(crate) const VERSION: u8 = 2;
+pub(crate) const VERSION: u8 = 3;
+/// The second format: as today's, without the device record's report time.
+pub(crate) const FORMAT_2: u8 = 2;
 /// The first format: steps, results and reports in store-only layouts (see `legacy`).
 pub(crate) const FORMAT_1: u8 = 1;
 
@@ -115,14 +119,14 @@ impl<'a> Reader<'a> {
             version: VERSION,
         };
         match r.u8()? {
-            v @ (FORMAT_1 | VERSION) => {
+            v @ (FORMAT_1 | FORMAT_2 | VERSION) => {
                 r.version = v;
                 Ok(r)
             }
             _ => Err(r.corrupt("unknown record version")),
         }
     }
-    /// The record's format version ([`FORMAT_1`] or [`VERSION`]).
+    /// The record's format version ([`FORMAT_1`], [`FORMAT_2`] or [`VERSION`]).
     pub(crate) fn version(&self) -> u8 {
         self.version
     }
@@ -131,6 +135,15 @@ impl<'a> Reader<'a> {
     pub(crate) fn embedded<T: Embed<'a>>(&mut self) -> Result<T> {
         let b = self.bytes()?;
         T::decode_exact(b).map_err(|_| self.corrupt("embedded wire value does not decode"))
+    }
+    /// Reads an embedded wire value with a given decoder: an earlier wire layout's, for a
+    /// record of an earlier format.
+    pub(crate) fn embedded_with<T>(
+        &mut self,
+        decode: impl FnOnce(&'a [u8]) -> fleetcast_wire::Result<T>,
+    ) -> Result<T> {
+        let b = self.bytes()?;
+        decode(b).map_err(|_| self.corrupt("embedded wire value does not decode"))
     }
     pub(crate) fn corrupt(&self, reason: &'static str) -> Error {
         Error::Corrupt {

@@ -47,8 +47,10 @@ use crate::types::DeviceId;
 /// with [`Error::SchemaTooNew`] instead of misreading format-2 records. 3: a task status may
 /// be `cancelled` (tag 4, see `TaskDeviceStatus`); every schema-2 record reads unchanged, so
 /// the upgrade only writes the new version, and a schema-2 build refuses the store rather
-/// than take a cancelled row for a corrupt one.
-pub const SCHEMA_VERSION: u32 = 3;
+/// than take a cancelled row for a corrupt one. 4: device records of format 3 keep the time
+/// their report came (`Device::report_ms`); older records read unchanged (that time unknown),
+/// and a schema-3 build refuses the store rather than take a format-3 record for a corrupt one.
+pub const SCHEMA_VERSION: u32 = 4;
 /// Initial map size (grows on demand).
 pub const INITIAL_MAP_SIZE: usize = 64 << 20;
 /// Map size ceiling: growth beyond this reports `DiskFull` instead.

@@ -37,6 +37,7 @@ pub(crate) fn report(r: &mut Reader<'_>) -> Result<wire::ConfigReport<'static>> 
         agent_version: agent_version.into(),
         addresses: addresses.into_iter().map(Cow::Owned).collect(),
         software,
+        ..Default::default()
     })
 }
 
@@ -172,7 +173,7 @@ mod tests {
     use lmdb::Transaction;
 
     use super::*;
-    use crate::codec::{Record, Writer, FORMAT_1, VERSION};
+    use crate::codec::{Record, Writer, FORMAT_1, FORMAT_2, VERSION};
     use crate::env::{key2, META_SCHEMA};
     use crate::prelude::*;
     use crate::{Command, Device, OnFailure, Store};
@@ -391,5 +392,129 @@ mod tests {
         assert_eq!(raw[0], VERSION);
         let d = Device::decode(raw).unwrap();
         assert_eq!(&*d.report.unwrap().hostname, "renamed");
+        assert_eq!(
+            d.report_ms,
+            Some(300),
+            "today's format keeps the report's time"
+        );
+    }
+
+    /// A device record as format 2 wrote it: today's fields up to the transport, the report
+    /// embedded in the wire layout, no report time.
+    #[test]
+    fn format2_device_reads_with_its_report_and_no_report_time() {
+        let report = wire::ConfigReport {
+            boot_id: [5; 16],
+            os: "Debian GNU/Linux 12".into(),
+            kernel: "6.1.0-18-amd64".into(),
+            hostname: "rack4-node17".into(),
+            agent_version: "0.1.0".into(),
+            addresses: vec!["10.77.0.17/16".into()],
+            software: vec![wire::Package {
+                name: "nginx".into(),
+                version: "1.22.1-9".into(),
+            }],
+            ..Default::default()
+        };
+        // Wire version 2's report layout is today's without the fields version 3 appended:
+        // package manager u8, cpu model str16, cpus u16, memory u64, devices list (15 bytes
+        // when empty, as they are in `report`).
+        let mut v2 = Vec::new();
+        wire::Embed::encode_to_vec(&report, &mut v2).unwrap();
+        let cut = v2.len() - 15;
+        assert!(v2[cut..].iter().all(|&b| b == 0));
+        v2.truncate(cut);
+        let mut buf = Vec::new();
+        let mut w = Writer::new(&mut buf);
+        w.u64(9);
+        w.str("rack4-node17");
+        w.raw(&[7; 32]);
+        w.bool(false);
+        w.u64(100);
+        w.opt_u64(Some(200));
+        w.u8(1); // a report
+        w.bytes(&v2);
+        w.u8(1); // transport: native
+        buf[0] = FORMAT_2;
+        let d = Device::decode(&buf).unwrap();
+        assert_eq!(d.report.as_ref(), Some(&report));
+        assert_eq!(d.report_ms, None);
+        assert_eq!(d.last_seen_ms, Some(200));
+        assert_eq!(d.transport, Some(crate::Transport::Native));
+        // The same bytes with a format-3 version byte lack the report time: refused.
+        buf[0] = VERSION;
+        assert!(Device::decode(&buf).is_err());
+    }
+
+    /// A device's result as format 2 kept it: wire version 2's `Result` body, whose report
+    /// lacked what version 3 added, then the reception time.
+    #[test]
+    fn format2_result_reads_with_its_report() {
+        let result = wire::CommandResult {
+            command_id: 70,
+            seq: 7,
+            attempt: 1,
+            exit_code: 0,
+            steps: vec![],
+            output: b"ok\n".to_vec().into(),
+            report: Some(wire::ConfigReport {
+                hostname: "n7".into(),
+                ..Default::default()
+            }),
+        };
+        let mut v2 = Vec::new();
+        wire::Embed::encode_to_vec(&result, &mut v2).unwrap();
+        // The report is last: its version-3 fields (15 bytes, empty here) end the body.
+        let cut = v2.len() - 15;
+        assert!(v2[cut..].iter().all(|&b| b == 0));
+        v2.truncate(cut);
+        let mut buf = Vec::new();
+        let mut w = Writer::new(&mut buf);
+        w.u8(crate::result::RESULT_RECEIVED);
+        w.bytes(&v2);
+        w.u64(9_000);
+        buf[0] = FORMAT_2;
+        let Ok(StoredResult::Received(x)) = StoredResult::decode(&buf) else {
+            panic!("a device's result")
+        };
+        assert_eq!((x.result, x.at_ms), (result, 9_000));
+    }
+
+    /// A command record as format 2 wrote it (no target) reads without one; today's keeps
+    /// its target.
+    #[test]
+    fn format2_command_reads_without_a_target_and_today_s_keeps_it() {
+        let step = wire::Step::Exec {
+            argv: vec!["/bin/true".into()],
+        };
+        let mut buf = Vec::new();
+        let mut w = Writer::new(&mut buf);
+        w.u64(60_000);
+        w.u32(3);
+        w.u8(0); // stop
+        w.len(1);
+        w.embed(&step);
+        buf[0] = FORMAT_2;
+        let c = Command::decode(&buf).unwrap();
+        assert_eq!((c.steps, c.target), (vec![step.clone()], None));
+        let cmd = Command {
+            steps: vec![step],
+            timeout_ms: 1,
+            max_attempts: 1,
+            on_failure: OnFailure::Stop,
+            target: Some(wire::Target {
+                kind: wire::AttachedKind::Serial,
+                id: "/dev/ttyUSB0".into(),
+            }),
+        };
+        let mut raw = Vec::new();
+        cmd.encode(&mut raw).unwrap();
+        assert_eq!(raw[0], VERSION);
+        assert_eq!(Command::decode(&raw).unwrap(), cmd);
+        // A target kind no version defines is corruption.
+        let at = raw.len() - (2 + 4 + "/dev/ttyUSB0".len()) + 1;
+        assert_eq!(raw[at], wire::AttachedKind::Serial as u8);
+        raw[at] = 9;
+        assert!(Command::decode(&raw).is_err());
     }
 }

@@ -71,6 +71,16 @@ impl StoredResult {
         }
     }
 
+    /// Whether the encoded `stored` is the device result `new`, whenever each was received
+    /// (for a stored record of an older format, whose bytes differ).
+    pub(crate) fn same_decoded(stored: &[u8], new: &StoredResult) -> bool {
+        use crate::codec::Record;
+        match (StoredResult::decode(stored), new) {
+            (Ok(StoredResult::Received(a)), StoredResult::Received(b)) => a.result == b.result,
+            _ => false,
+        }
+    }
+
     /// Whether two encoded results are the same device result, whenever each was received
     /// (redelivery detection without decoding: the encodings differ only in the trailing
     /// reception time).

@@ -7,6 +7,7 @@ use super::*;
 
 fn cmd(steps: Vec<Step<'static>>, max_attempts: u32, on_failure: OnFailure) -> Command {
     Command {
+        target: None,
         steps,
         timeout_ms: 1000,
         max_attempts,
@@ -74,6 +75,7 @@ fn report(boot: &str) -> wire::ConfigReport<'static> {
             name: "openssl".into(),
             version: "3.5".into(),
         }],
+        ..Default::default()
     }
 }
 fn setup() -> (tempfile::TempDir, Store, DeviceId) {
@@ -674,7 +676,7 @@ fn a_schema2_task_table_opens_unchanged() {
             SCHEMA_VERSION.to_le_bytes()
         );
     }
-    assert_eq!(SCHEMA_VERSION, 3);
+    assert_eq!(SCHEMA_VERSION, 4);
     let mut blocks = BlockSet::new();
     blocks.insert(0, 3);
     assert_eq!(
@@ -690,7 +692,8 @@ fn a_schema2_task_table_opens_unchanged() {
     use codec::Record;
     let mut buf = Vec::new();
     TaskDeviceStatus::Cancelled.encode(&mut buf).unwrap();
-    assert_eq!(buf, [2, 4]);
+    // (Written in today's record format, 3, whose task status layout is format 2's.)
+    assert_eq!(buf, [3, 4]);
 }
 
 #[test]
@@ -1391,4 +1394,40 @@ fn a_command_the_wire_cannot_carry_is_refused_before_anything_is_written() {
     // The batch is still good.
     assert_eq!(b.enqueue(d, exec()).unwrap(), 1);
     b.commit().unwrap();
+}
+
+/// A result stored in format 2 (before an upgrade) and sent again by the device afterwards is
+/// a duplicate, not a conflict, though its bytes differ from today's.
+#[test]
+fn a_result_kept_in_format_2_is_a_duplicate_of_the_same_result_resent() {
+    use codec::Record;
+    use lmdb::Transaction;
+    let (_dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    b.enqueue(d, exec()).unwrap();
+    b.mark_transmitted(d, 1, 0).unwrap();
+    b.record_result(d, 1, 1, ok()).unwrap();
+    b.commit().unwrap();
+    // Rewrite the stored record as format 2 did: version byte 2, the result in wire version
+    // 2's layout (no report here, so the same body).
+    let mut raw = Vec::new();
+    StoredResult::Received(ok()).encode(&mut raw).unwrap();
+    raw[0] = codec::FORMAT_2;
+    {
+        let mut t = s.env.begin_rw_txn().unwrap();
+        t.put(
+            s.dbs.results,
+            &env::key2(d.0, 1),
+            &raw,
+            lmdb::WriteFlags::empty(),
+        )
+        .unwrap();
+        t.commit().unwrap();
+    }
+    let mut b = s.batch().unwrap();
+    assert_eq!(b.record_result(d, 1, 1, ok()).unwrap(), Recorded::Duplicate);
+    assert_eq!(
+        illegal(b.record_result(d, 1, 1, failed()).unwrap_err()),
+        Illegal::ConflictingResult { seq: 1 }
+    );
 }

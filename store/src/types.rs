@@ -9,7 +9,7 @@
 
 use fleetcast_wire as wire;
 
-use crate::codec::{Reader, Record, Writer, FORMAT_1};
+use crate::codec::{Reader, Record, Writer, FORMAT_1, FORMAT_2};
 use crate::error::{Error, Result};
 pub use crate::ids::{DeviceId, EventId, QueueStatus, TaskId};
 use crate::legacy;
@@ -75,6 +75,9 @@ pub struct Device {
     pub last_seen_ms: Option<u64>,
     /// Last configuration report, as the device sent it.
     pub report: Option<wire::ConfigReport<'static>>,
+    /// When that report was stored, ms since the UNIX epoch (`None` for a report kept by a
+    /// format-2 record, which did not say).
+    pub report_ms: Option<u64>,
     /// Transport that last worked.
     pub transport: Option<Transport>,
 }
@@ -96,6 +99,7 @@ impl Record for Device {
             }
         }
         w.u8(self.transport.map_or(0, Transport::code));
+        w.opt_u64(self.report_ms);
     }
     fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
         let id = DeviceId(r.u64()?);
@@ -107,12 +111,22 @@ impl Record for Device {
         let report = match r.u8()? {
             0 => None,
             1 if r.version() == FORMAT_1 => Some(legacy::report(r)?),
+            // Format 2 embedded the report in wire version 2's layout.
+            1 if r.version() == FORMAT_2 => Some(
+                r.embedded_with(wire::ConfigReport::decode_v2_exact)?
+                    .into_owned(),
+            ),
             1 => Some(r.embedded::<wire::ConfigReport<'_>>()?.into_owned()),
             _ => return Err(r.corrupt("bad report tag")),
         };
         let transport = match r.u8()? {
             0 => None,
             c => Some(Transport::from_code(c).ok_or_else(|| r.corrupt("bad transport"))?),
+        };
+        // Formats 1 and 2 did not keep the report's time.
+        let report_ms = match r.version() {
+            FORMAT_1 | FORMAT_2 => None,
+            _ => r.opt_u64()?,
         };
         Ok(Device {
             id,
@@ -122,6 +136,7 @@ impl Record for Device {
             enrolled_ms,
             last_seen_ms,
             report,
+            report_ms,
             transport,
         })
     }
@@ -177,6 +192,8 @@ pub struct Command {
     pub max_attempts: u32,
     /// Failure policy.
     pub on_failure: OnFailure,
+    /// The attached device the steps operate on (`None` in records of formats 1 and 2).
+    pub target: Option<wire::Target<'static>>,
 }
 
 /// The policy part of a [`Command`], decodable without the steps.
@@ -229,6 +246,14 @@ impl Record for Command {
         for s in &self.steps {
             w.embed(s);
         }
+        match &self.target {
+            None => w.u8(0),
+            Some(t) => {
+                w.u8(1);
+                w.u8(t.kind as u8);
+                w.str(&t.id);
+            }
+        }
     }
     fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
         let CommandPolicy {
@@ -246,11 +271,28 @@ impl Record for Command {
             }
             steps
         };
+        // Formats 1 and 2 had no targets.
+        let target = match r.version() {
+            FORMAT_1 | FORMAT_2 => None,
+            _ => match r.u8()? {
+                0 => None,
+                1 => {
+                    let kind = wire::AttachedKind::from_code(r.u8()?)
+                        .ok_or_else(|| r.corrupt("bad target kind"))?;
+                    Some(wire::Target {
+                        kind,
+                        id: r.string()?.into(),
+                    })
+                }
+                _ => return Err(r.corrupt("bad target tag")),
+            },
+        };
         Ok(Command {
             steps,
             timeout_ms,
             max_attempts,
             on_failure,
+            target,
         })
     }
 }
@@ -423,7 +465,12 @@ impl Record for StoredResult {
         }
         Ok(match r.u8()? {
             RESULT_RECEIVED => {
-                let result = r.embedded::<wire::CommandResult<'_>>()?.into_owned();
+                // Format 2 embedded the result (and its report) in wire version 2's layout.
+                let result = match r.version() {
+                    FORMAT_2 => r.embedded_with(wire::CommandResult::decode_v2_exact)?,
+                    _ => r.embedded::<wire::CommandResult<'_>>()?,
+                }
+                .into_owned();
                 StoredResult::Received(Received {
                     result,
                     at_ms: r.u64()?,
@@ -784,6 +831,7 @@ mod task_codec_tests {
             trigger: "publish by operator".into(),
             created_ms: 5,
             then: vec![Command {
+                target: None,
                 steps: vec![wire::Step::Exec {
                     argv: vec!["dpkg".into(), "-i".into(), "/x/pkg.deb".into()],
                 }],

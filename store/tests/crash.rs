@@ -140,6 +140,7 @@ fn child(dir: &Path, seed: u64) {
                         agent_version: "".into(),
                         addresses: Vec::new(),
                         software: Vec::new(),
+                        ..Default::default()
                     };
                     res += u64::from(b.result(d, seq).unwrap().is_none());
                     b.reboot_completed(d, seq, q.attempt, report, result(true, now), now)
@@ -173,6 +174,7 @@ fn child(dir: &Path, seed: u64) {
                     }]
                 };
                 let cmd = Command {
+                    target: None,
                     steps,
                     timeout_ms: 1000,
                     max_attempts: 1,

@@ -17,6 +17,7 @@ const PER_BATCH: u64 = 8;
 
 fn big(i: u64) -> Command {
     Command {
+        target: None,
         steps: vec![Step::Write {
             path: format!("/f{i}").into(),
             mode: 0o644,

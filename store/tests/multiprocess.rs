@@ -13,6 +13,7 @@ const ROLE: &str = "FLEETCAST_STORE_MP_CHILD";
 
 fn big() -> Command {
     Command {
+        target: None,
         steps: vec![Step::Write {
             path: "/blob".into(),
             mode: 0o644,

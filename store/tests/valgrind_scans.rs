@@ -19,6 +19,7 @@ fn exercise() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = Store::open(dir.path()).unwrap();
     let cmd = Command {
+        target: None,
         steps: vec![Step::Exec {
             argv: vec!["x".repeat(40).into()],
         }],

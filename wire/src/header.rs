@@ -25,8 +25,9 @@ pub const MAGIC: u8 = 0xFC;
 /// The wire version this build emits and accepts. Version 2 added command attempts
 /// (`Dispatch`, `Result`, `Hello.last`), the report inside a result, the pre-reboot result in
 /// `RebootComplete`, the `Report` kind, per-device NACK keys (`Announce.nack_key`), numbered
-/// NACKs and the `Probe` kind (docs/wire.md, "Versioning").
-pub const VERSION: u8 = 2;
+/// NACKs and the `Probe` kind; version 3 the report's package manager, CPU, memory and
+/// attached devices (docs/wire.md, "Versioning").
+pub const VERSION: u8 = 3;
 /// Size of [`Header`] in bytes.
 pub const HEADER_LEN: usize = 12;
 /// Flag: the body ends with a [`TAG_LEN`]-byte packet-authentication tag.

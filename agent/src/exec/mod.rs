@@ -42,6 +42,13 @@
 //! - `report` collects a configuration report ([`crate::report`]) into the result's
 //!   `report`: it goes to the gateway inside the result, so it is delivered exactly when the
 //!   result is (also in a later `Hello`, from the durable ledger).
+//! - A command with a target (`Dispatch::target`, `KIND:ID`) runs only if the attached
+//!   devices the report would list ([`crate::inventory::devices`]) include it: otherwise its
+//!   first step fails with [`EXIT_TARGET_MISSING`] and the output says which target is missing
+//!   and what of its kind is attached, and nothing runs. When it is there, the output's first
+//!   line names it, and every `exec` gets `FLEETCAST_TARGET` (`KIND:ID`),
+//!   `FLEETCAST_TARGET_NAME` (the kernel's name: `sda`) and `FLEETCAST_TARGET_PATH` (`/dev/sda`;
+//!   for a network interface or USB device, its `/sys` directory) in its environment.
 //! - The result is the wire message itself, owned ([`CommandResult<'static>`]): what the
 //!   executor produces is what the ledger keeps and the session sends, with no copy type.
 
@@ -51,8 +58,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use fleetcast_wire::msg::limits::MAX_OUTPUT;
-use fleetcast_wire::{CommandResult, Dispatch, Step, StepResult, StepStatus};
+use fleetcast_wire::{AttachedKind, CommandResult, Dispatch, Step, StepResult, StepStatus};
 
+use crate::inventory;
 use crate::report::{self, ReportConfig};
 
 mod fetch;
@@ -79,6 +87,8 @@ pub const EXIT_NOT_FOUND: i32 = 127;
 pub const EXIT_AGENT_RESTARTED: i32 = -1;
 /// Exit code of a command whose worker thread died without a result.
 pub const EXIT_EXECUTOR_LOST: i32 = -2;
+/// Exit code of a command whose target is not attached: none of its steps ran.
+pub const EXIT_TARGET_MISSING: i32 = -3;
 
 /// Reads of a file or socket are done in chunks of this size.
 const CHUNK: usize = 64 * 1024;
@@ -268,12 +278,72 @@ enum StepError {
     Fetch(#[from] fetch::FetchError),
 }
 
+/// Checks `job`'s target against the attached devices: the environment its `exec` steps get
+/// (empty without a target), or the failed result when the target is not attached.
+fn resolve_target(
+    job: &Job,
+    cfg: &ExecConfig,
+    out: &mut TailBuffer,
+) -> Result<Vec<(&'static str, String)>, Box<Completed>> {
+    let Some(t) = &job.target else {
+        return Ok(Vec::new());
+    };
+    let attached = inventory::devices(&cfg.report.root);
+    let Some(d) = attached.iter().find(|d| d.matches(t.kind, &t.id)) else {
+        let same: Vec<String> = attached
+            .iter()
+            .filter(|d| d.kind == t.kind)
+            .map(|d| format!("{}:{} ({})", d.kind.name(), d.id, d.name))
+            .collect();
+        let have = match same.is_empty() {
+            true => format!("no {} is attached", t.kind.name()),
+            false => format!("attached: {}", same.join(", ")),
+        };
+        out.push(
+            format!("fleetcast-agent: target {t} is not attached to this device ({have}); no step ran\n")
+                .as_bytes(),
+        );
+        let mut steps = vec![skipped(); job.steps.len()];
+        if let Some(first) = steps.first_mut() {
+            first.status = StepStatus::Failed;
+            first.exit_code = EXIT_TARGET_MISSING;
+        }
+        return Err(Box::new(Completed {
+            result: CommandResult {
+                command_id: job.command_id,
+                seq: job.seq,
+                attempt: job.attempt,
+                exit_code: EXIT_TARGET_MISSING,
+                steps,
+                output: out.to_vec().into(),
+                report: None,
+            },
+            reboot_at: None,
+        }));
+    };
+    let path = match d.kind {
+        AttachedKind::Disk | AttachedKind::Serial => format!("/dev/{}", d.name),
+        AttachedKind::Net => format!("/sys/class/net/{}", d.name),
+        AttachedKind::Usb => format!("/sys/bus/usb/devices/{}", d.name),
+    };
+    out.push(format!("fleetcast-agent: target {t} is {path}\n").as_bytes());
+    Ok(vec![
+        ("FLEETCAST_TARGET", t.to_string()),
+        ("FLEETCAST_TARGET_NAME", d.name.to_string()),
+        ("FLEETCAST_TARGET_PATH", path),
+    ])
+}
+
 /// Runs `job` to completion on the calling thread (blocking).
 pub fn run(job: &Job, cfg: &ExecConfig) -> Completed {
     let start = now();
     let deadline =
         (job.timeout_ms > 0).then(|| start + Duration::from_millis(job.timeout_ms.into()));
     let mut out = TailBuffer::new(MAX_OUTPUT);
+    let env = match resolve_target(job, cfg, &mut out) {
+        Ok(env) => env,
+        Err(missing) => return *missing,
+    };
     let mut steps = Vec::with_capacity(job.steps.len());
     let mut exit_code = 0;
     let mut reboot_at = None;
@@ -289,7 +359,7 @@ pub fn run(job: &Job, cfg: &ExecConfig) -> Completed {
             Outcome::TimedOut
         } else {
             match step {
-                Step::Exec { argv } => process::exec(argv, deadline, &mut out),
+                Step::Exec { argv } => process::exec(argv, deadline, &env, &mut out),
                 Step::Reboot => Outcome::Reboot,
                 Step::Report => match report::collect(&cfg.report) {
                     Ok(r) => {
@@ -443,6 +513,76 @@ mod tests {
         assert!(!marker.exists());
     }
 
+    /// A command whose target the fake tree has runs, with the target in its environment
+    /// and named in its output; one whose target is missing runs nothing and says why.
+    #[test]
+    fn a_target_is_checked_before_any_step_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::inventory::tests::fake_tree(dir.path());
+        let cfg = ExecConfig {
+            report: ReportConfig {
+                root: dir.path().to_owned(),
+                ..ReportConfig::default()
+            },
+            ..ExecConfig::default()
+        };
+        let marker = dir.path().join("ran");
+        let touch = sh(&format!(
+            "echo \"$FLEETCAST_TARGET $FLEETCAST_TARGET_NAME $FLEETCAST_TARGET_PATH\"; touch {}",
+            marker.display()
+        ));
+        let target = |t: &str| Some(fleetcast_wire::Target::parse(t).unwrap().into_owned());
+
+        // Present, by serial (and by WWN): runs.
+        let mut j = job(0, vec![touch.clone(), sh("true")]);
+        j.target = target("disk:S3Z9NB0K123456");
+        let done = run(&j, &cfg);
+        assert_eq!(statuses(&done), [StepStatus::Ok, StepStatus::Ok]);
+        assert_eq!(
+            output(&done),
+            "fleetcast-agent: target disk:S3Z9NB0K123456 is /dev/sda\n\
+             disk:S3Z9NB0K123456 sda /dev/sda\n"
+        );
+        assert!(marker.exists());
+        std::fs::remove_file(&marker).unwrap();
+        j.target = target("serial:/dev/ttyUSB0");
+        assert_eq!(run(&j, &cfg).result.exit_code, 0);
+        std::fs::remove_file(&marker).unwrap();
+
+        // Missing: the first step fails with the reason, the rest are skipped, nothing ran.
+        j.target = target("disk:NOT-HERE");
+        let done = run(&j, &cfg);
+        assert_eq!(statuses(&done), [StepStatus::Failed, StepStatus::Skipped]);
+        assert_eq!(done.result.exit_code, EXIT_TARGET_MISSING);
+        assert_eq!(done.result.steps[0].exit_code, EXIT_TARGET_MISSING);
+        assert_eq!(
+            output(&done),
+            "fleetcast-agent: target disk:NOT-HERE is not attached to this device (attached: \
+             disk:eui.0025388b91b0a1c2 (nvme0n1), disk:S3Z9NB0K123456 (sda)); no step ran\n"
+        );
+        assert!(!marker.exists());
+        // A kind with nothing attached says so; a phantom ttyS (no UART) is not attached.
+        j.target = target("serial:/dev/ttyS1");
+        let done = run(&j, &cfg);
+        assert_eq!(done.result.exit_code, EXIT_TARGET_MISSING);
+        assert!(
+            output(&done)
+                .contains("attached: serial:/dev/ttyS0 (ttyS0), serial:/dev/ttyUSB0 (ttyUSB0)"),
+            "{}",
+            output(&done)
+        );
+        let empty = ExecConfig {
+            report: ReportConfig {
+                root: dir.path().join("nothing"),
+                ..ReportConfig::default()
+            },
+            ..ExecConfig::default()
+        };
+        j.target = target("usb:0403:6001");
+        assert!(output(&run(&j, &empty)).contains("(no usb is attached)"));
+        assert!(!marker.exists());
+    }
+
     #[test]
     fn report_step_and_worker_thread() {
         let dir = tempfile::tempdir().unwrap();
@@ -451,8 +591,9 @@ mod tests {
         let cfg = ExecConfig {
             report: ReportConfig {
                 os_release: dir.path().join("missing-os-release"),
-                dpkg_status: dir.path().join("missing-status"),
                 boot_id: boot,
+                root: dir.path().join("empty-root"),
+                dpkg_status: None,
             },
             ..ExecConfig::default()
         };
@@ -504,6 +645,7 @@ mod tests {
         // Borrowed from a buffer that is gone before the job runs.
         let frame = String::from("a");
         let d = Dispatch {
+            target: None,
             command_id: 1,
             seq: 2,
             attempt: 5,

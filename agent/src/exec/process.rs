@@ -88,6 +88,7 @@ fn exit_code(status: ExitStatus) -> i32 {
 pub(super) fn exec(
     argv: &[Cow<'_, str>],
     deadline: Option<Instant>,
+    env: &[(&str, String)],
     out: &mut TailBuffer,
 ) -> Outcome {
     let Some(program) = argv.first() else {
@@ -104,6 +105,7 @@ pub(super) fn exec(
             .stdout(Stdio::from(w))
             .stderr(Stdio::from(w2))
             .current_dir("/")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .process_group(0)
             .spawn()?;
         Ok((child, File::from(r)))

@@ -11,6 +11,7 @@ pub(super) fn sh(script: &str) -> Step<'static> {
 
 pub(super) fn job(timeout_ms: u32, steps: Vec<Step<'static>>) -> Job {
     Job {
+        target: None,
         command_id: 77,
         seq: 3,
         attempt: 1,

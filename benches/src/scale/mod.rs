@@ -640,6 +640,7 @@ fn run_phases(
         let prof = Profiler::start("throughput", pid);
         let t = clock.now();
         admin.call(Request::QueueAdd {
+            attached: None,
             target: "all".into(),
             commands: vec![cmd; cfg.commands],
             timeout_ms: 600_000,
@@ -681,6 +682,7 @@ fn run_phases(
                     next += interval;
                     let tag = clock.now().as_micros();
                     let data = admin.call(Request::QueueAdd {
+                        attached: None,
                         target: format!("g{}", j % groups),
                         commands: vec![vec![Step::Exec {
                             argv: vec![LATENCY_TAG.into(), tag.to_string().into()],
@@ -734,6 +736,7 @@ fn run_phases(
         let prof = Profiler::start("storm", pid);
         let mut admin = AdminPipe::connect(data)?;
         let data = admin.call(Request::QueueAdd {
+            attached: None,
             target: "all".into(),
             commands: vec![vec![Step::Exec {
                 argv: vec!["true".into()],

@@ -20,6 +20,9 @@ pub enum CommandError {
         "`reboot` must be the last step of its command: queue the steps after it as a new command (or use --each)"
     )]
     RebootNotLast,
+    /// An attached-device target that is not `KIND:ID` with a known kind.
+    #[error("target {0:?} is not KIND:ID with KIND one of disk, net, usb, serial (e.g. disk:S3Z9NB0K123456, serial:/dev/ttyUSB0)")]
+    BadTarget(String),
 }
 
 /// Why an operator request was refused (one variant per broken rule). The message says what
@@ -146,6 +149,7 @@ pub fn commands_from_specs(
                 OnFailureSpec::Stop => store::OnFailure::Stop,
                 OnFailureSpec::Continue => store::OnFailure::Continue,
             },
+            target: None,
         });
     }
     Ok(cmds)
@@ -217,6 +221,7 @@ impl Cx<'_> {
         Ok(Answer::Now(match req {
             Request::DeviceAdd { name, groups } => reply(&self.device_add(name, groups)?),
             Request::DeviceList => reply(&self.device_list()?),
+            Request::DeviceShow { name } => reply(&self.device_show(name)?),
             Request::DeviceRevoke { name } => reply(&self.device_revoke(name)?),
             Request::GroupAdd { group, devices } => reply(&self.group_add(group, devices)?),
             Request::GroupList => reply(&self.group_list()?),
@@ -226,8 +231,17 @@ impl Cx<'_> {
                 timeout_ms,
                 max_attempts,
                 on_failure,
+                attached,
             } => {
-                let cmds = commands_from_specs(commands, *timeout_ms, *max_attempts, *on_failure)?;
+                let mut cmds =
+                    commands_from_specs(commands, *timeout_ms, *max_attempts, *on_failure)?;
+                if let Some(a) = attached {
+                    let t =
+                        wire::Target::parse(a).ok_or_else(|| CommandError::BadTarget(a.clone()))?;
+                    for c in &mut cmds {
+                        c.target = Some(t.clone().into_owned());
+                    }
+                }
                 reply(&self.queue_add(target, cmds)?)
             }
             Request::QueueShow { device } => reply(&self.queue_show(device)?),
@@ -345,6 +359,24 @@ impl Cx<'_> {
         Ok(DeviceList { devices })
     }
 
+    fn device_show(&self, name: &str) -> Result<DeviceShown, AdminError> {
+        let d = self
+            .b
+            .device_by_name(name)?
+            .ok_or_else(|| AdminError::NoSuchDevice(name.to_string()))?;
+        Ok(DeviceShown {
+            online: self.online.contains_key(&d.id),
+            revoked: d.revoked,
+            enrolled_ms: d.enrolled_ms,
+            last_seen_ms: d.last_seen_ms,
+            transport: transport_name(d.transport),
+            report_ms: d.report_ms,
+            report: d.report.as_ref().map(ReportView::of),
+            id: d.id.0,
+            name: d.name,
+        })
+    }
+
     fn device_revoke(&mut self, name: &str) -> Result<Revoked, AdminError> {
         let id = device_id(&*self.b, name)?;
         self.b.revoke(id)?;
@@ -451,6 +483,7 @@ impl Cx<'_> {
                 },
                 exit_code: result.as_ref().and_then(result_exit_code),
                 output: result.as_ref().and_then(result_output),
+                target: c.target.as_ref().map(ToString::to_string),
             });
         }
         Ok(QueueShown {
@@ -566,6 +599,114 @@ mod tests {
     use crate::fleet::rig::*;
     use crate::fleet::*;
 
+    /// `device show` answers the latest report, every field of it, and the time it was
+    /// stored; before any report both are null, and an unknown name is "not found".
+    #[test]
+    fn device_show_has_the_latest_report_and_when_it_came() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        let r = rig.admin(Request::DeviceShow { name: "n1".into() });
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.data["name"], "n1");
+        assert!(r.data["report"].is_null() && r.data["report_ms"].is_null());
+
+        let mut report = report_with("Alpine Linux v3.19", boot_named("b1"));
+        report.package_manager = wire::PackageManager::Apk;
+        report.cpu_model = "Fake CPU".into();
+        report.cpus = 4;
+        report.memory = 8 << 30;
+        report.devices = vec![wire::Attached {
+            kind: wire::AttachedKind::Disk,
+            name: "sda".into(),
+            id: "S3Z9NB0K123456".into(),
+            wwn: "naa.5002538e40a1b2c3".into(),
+            model: "Samsung SSD 860".into(),
+            size: 500_107_862_016,
+        }];
+        rig.run(vec![Input::Report {
+            conn: 2,
+            device: dev,
+            report,
+        }]);
+        let at = rig.now;
+        let r = rig.admin(Request::DeviceShow { name: "n1".into() });
+        assert_eq!(r.data["report_ms"], at);
+        let rep = &r.data["report"];
+        assert_eq!(rep["os"], "Alpine Linux v3.19");
+        assert_eq!(rep["package_manager"], "apk");
+        assert_eq!(
+            (rep["cpu_model"].clone(), rep["cpus"].clone()),
+            ("Fake CPU".into(), 4.into())
+        );
+        assert_eq!(rep["memory"], 8u64 << 30);
+        assert_eq!(
+            rep["software"],
+            serde_json::json!([{ "name": "nginx", "version": "1.22" }])
+        );
+        assert_eq!(rep["devices"][0]["target"], "disk:S3Z9NB0K123456");
+        assert_eq!(rep["devices"][0]["wwn"], "naa.5002538e40a1b2c3");
+        assert_eq!(rep["devices"][0]["size"], 500_107_862_016u64);
+
+        let r = rig.admin(Request::DeviceShow {
+            name: "nobody".into(),
+        });
+        assert!(!r.ok);
+        assert_eq!(r.kind, Some(crate::admin::ErrorKind::NotFound));
+    }
+
+    /// `queue add --attached KIND:ID`: every command queued keeps the target, `queue show`
+    /// names it, and it goes to the agent with the command; a malformed one is refused.
+    #[test]
+    fn queue_add_with_an_attached_target() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        let add = |rig: &mut Rig, attached: &str| {
+            rig.admin(Request::QueueAdd {
+                target: "n1".into(),
+                commands: vec![exec("a"), exec("b")],
+                timeout_ms: 1000,
+                max_attempts: 1,
+                on_failure: OnFailureSpec::Stop,
+                attached: Some(attached.into()),
+            })
+        };
+        let r = add(&mut rig, "disk:S3Z9NB0K123456");
+        assert!(r.ok, "{r:?}");
+        for bad in ["S3Z9NB0K123456", "bmc:1", "disk:"] {
+            let r = add(&mut rig, bad);
+            assert!(
+                r.error.as_deref().is_some_and(|e| e.contains("KIND:ID")),
+                "{bad}: {r:?}"
+            );
+        }
+        let r = rig.admin(Request::QueueShow {
+            device: "n1".into(),
+        });
+        let targets: Vec<_> = r.data["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["target"].clone())
+            .collect();
+        assert_eq!(targets, ["disk:S3Z9NB0K123456", "disk:S3Z9NB0K123456"]);
+        let a = rig.hello(2, dev, key, None);
+        let cmd = a
+            .iter()
+            .find_map(|x| match x {
+                Action::Dispatch { cmd, .. } => Some(cmd.clone()),
+                _ => None,
+            })
+            .expect("dispatched");
+        assert_eq!(
+            cmd.target,
+            Some(wire::Target {
+                kind: wire::AttachedKind::Disk,
+                id: "S3Z9NB0K123456".into()
+            })
+        );
+    }
+
     #[test]
     fn revoking_closes_the_session_and_refuses_the_next_hello() {
         let mut rig = Rig::new();
@@ -618,6 +759,7 @@ mod tests {
             serde_json::json!([{ "group": "g", "members": "n1,n2" }, { "group": "web", "members": "n2" }])
         );
         let r = rig.admin(Request::QueueAdd {
+            attached: None,
             target: "n1".into(),
             commands: vec![vec![wire::Step::Reboot, wire::Step::Report]],
             timeout_ms: 1,
@@ -626,6 +768,7 @@ mod tests {
         });
         assert!(r.error.unwrap().contains("last step"));
         let r = rig.admin(Request::QueueAdd {
+            attached: None,
             target: "nobody".into(),
             commands: vec![exec("x")],
             timeout_ms: 1,
@@ -782,6 +925,7 @@ mod tests {
                 delivery: Default::default(),
                 trigger: PushTrigger::default(),
                 then: vec![Command {
+                    target: None,
                     steps: exec("install"),
                     timeout_ms: FOLLOW_UP_TIMEOUT_MS,
                     max_attempts: 1,

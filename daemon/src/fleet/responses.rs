@@ -50,6 +50,95 @@ pub(super) struct DeviceRow {
     pub boot_id: Option<String>,
 }
 
+/// `device show NAME`: the device and its latest configuration report.
+#[derive(Debug, Serialize)]
+pub(super) struct DeviceShown {
+    pub name: String,
+    pub id: u64,
+    pub online: bool,
+    pub revoked: bool,
+    pub enrolled_ms: u64,
+    pub last_seen_ms: Option<u64>,
+    pub transport: Option<String>,
+    /// When the report was stored (`null`: no report, or one kept from before the time was).
+    pub report_ms: Option<u64>,
+    pub report: Option<ReportView>,
+}
+
+/// A configuration report, every field of it.
+#[derive(Debug, Serialize)]
+pub(super) struct ReportView {
+    pub boot_id: String,
+    pub os: String,
+    pub kernel: String,
+    pub hostname: String,
+    pub agent_version: String,
+    pub addresses: Vec<String>,
+    pub cpu_model: String,
+    pub cpus: u16,
+    pub memory: u64,
+    pub package_manager: &'static str,
+    pub software: Vec<PackageRow>,
+    pub devices: Vec<AttachedRow>,
+}
+
+/// One installed package.
+#[derive(Debug, Serialize)]
+pub(super) struct PackageRow {
+    pub name: String,
+    pub version: String,
+}
+
+/// One attached device; `target` is what `queue add --target` takes to name it.
+#[derive(Debug, Serialize)]
+pub(super) struct AttachedRow {
+    pub kind: &'static str,
+    pub name: String,
+    pub id: String,
+    pub wwn: String,
+    pub model: String,
+    pub size: u64,
+    pub target: String,
+}
+
+impl ReportView {
+    pub(super) fn of(r: &fleetcast_wire::ConfigReport<'_>) -> Self {
+        ReportView {
+            boot_id: fleetcast_wire::hex(&r.boot_id),
+            os: r.os.to_string(),
+            kernel: r.kernel.to_string(),
+            hostname: r.hostname.to_string(),
+            agent_version: r.agent_version.to_string(),
+            addresses: r.addresses.iter().map(|a| a.to_string()).collect(),
+            cpu_model: r.cpu_model.to_string(),
+            cpus: r.cpus,
+            memory: r.memory,
+            package_manager: r.package_manager.name(),
+            software: r
+                .software
+                .iter()
+                .map(|p| PackageRow {
+                    name: p.name.to_string(),
+                    version: p.version.to_string(),
+                })
+                .collect(),
+            devices: r
+                .devices
+                .iter()
+                .map(|d| AttachedRow {
+                    kind: d.kind.name(),
+                    name: d.name.to_string(),
+                    id: d.id.to_string(),
+                    wwn: d.wwn.to_string(),
+                    model: d.model.to_string(),
+                    size: d.size,
+                    target: format!("{}:{}", d.kind.name(), d.id),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// `device revoke`.
 #[derive(Debug, Serialize)]
 pub(super) struct Revoked {
@@ -137,6 +226,8 @@ pub(super) struct CommandRow {
     pub state: &'static str,
     pub exit_code: Option<i32>,
     pub output: Option<String>,
+    /// The attached device the command operates on (`KIND:ID`), if it names one.
+    pub target: Option<String>,
 }
 
 /// `queue pause|resume|cancel|retry|skip`.

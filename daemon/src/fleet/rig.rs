@@ -170,6 +170,7 @@ pub(super) fn add(
     rig.run(vec![Input::Admin {
         conn: 999,
         req: Request::QueueAdd {
+            attached: None,
             target: target.into(),
             commands,
             timeout_ms: 10_000,
@@ -293,6 +294,7 @@ pub(super) fn report_with(os: &str, boot_id: [u8; 16]) -> wire::ConfigReport<'st
             name: "nginx".into(),
             version: "1.22".into(),
         }],
+        ..Default::default()
     }
 }
 

@@ -157,6 +157,7 @@ mod tests {
             trigger: "publish by operator".into(),
             created_ms: T0,
             then: vec![Command {
+                target: None,
                 steps: exec("/bin/true"),
                 timeout_ms: 1000,
                 max_attempts: 1,

@@ -344,6 +344,7 @@ mod tests {
             created_ms: T0,
             // Install what was received: queued only where the copy verified.
             then: vec![Command {
+                target: None,
                 steps: vec![wire::Step::Exec {
                     argv: vec!["/bin/true".into()],
                 }],

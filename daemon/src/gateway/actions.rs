@@ -182,5 +182,6 @@ fn send_dispatch(
         attempt,
         timeout_ms,
         steps,
+        target: cmd.target.clone(),
     })
 }

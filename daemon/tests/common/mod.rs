@@ -370,6 +370,7 @@ impl<'lab> Gateway<'lab> {
         on_failure: OnFailureSpec,
     ) {
         self.admin(&Request::QueueAdd {
+            attached: None,
             target: target.into(),
             commands,
             timeout_ms: 60_000,

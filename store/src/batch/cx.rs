@@ -98,6 +98,7 @@ impl<'a, 't> Cx<'a, 't> {
             enrolled_ms: now,
             last_seen_ms: None,
             report: None,
+            report_ms: None,
             transport: None,
         };
         let d = *self.d;

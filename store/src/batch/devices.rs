@@ -59,6 +59,7 @@ impl DeviceOps for Batch<'_> {
             let mut x = cx.device(dev)?;
             x.last_seen_ms = Some(now_ms);
             x.report = Some(report.clone());
+            x.report_ms = Some(now_ms);
             cx.put(cx.d.devices, &dev.0.to_be_bytes(), &x)
         })
     }

@@ -199,6 +199,11 @@ fn record_result(
         .map_err(|_| Error::illegal(dev, Illegal::Invalid("result over the wire's limits")))?;
     let existing = match cx.t.get(cx.d.results, &key2(dev.0, seq)) {
         Ok(v) if StoredResult::same_received(v, cx.buf) => return Ok(Recorded::Duplicate),
+        // A record of an older format (kept before an upgrade) has other bytes for the same
+        // result: compared decoded.
+        Ok(v) if v.first() != cx.buf.first() && StoredResult::same_decoded(v, result) => {
+            return Ok(Recorded::Duplicate)
+        }
         Ok(_) => true,
         Err(lmdb::Error::NotFound) => false,
         Err(e) => return Err(e.into()),
@@ -272,6 +277,7 @@ fn reboot_completed(
         return Err(Error::illegal(dev, Illegal::BootIdUnchanged));
     }
     x.report = Some(report.clone());
+    x.report_ms = Some(now);
     x.last_seen_ms = Some(now);
     cx.put(cx.d.devices, &dev.0.to_be_bytes(), &x)?;
     cx.finish_attempt(dev, &mut q, seq, result)?;

@@ -11,6 +11,8 @@ use super::{borrowed_bytes16, borrowed_str16, owned, owned_list};
 use crate::codec::{Reader, Sink};
 use crate::error::{Error, Result};
 
+pub use super::report::{ConfigReport, Package, Target};
+
 macro_rules! wire_enum {
     ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $var:ident = $val:expr),+ $(,)? }) => {
         $(#[$m])*
@@ -377,7 +379,8 @@ impl<'a> Step<'a> {
 
 /// `Dispatch`: one command for the agent to execute (gateway → agent).
 ///
-/// Fields: `command_id u64`, `seq u64`, `attempt u32`, `timeout_ms u32`, `steps list<Step>`.
+/// Fields: `command_id u64`, `seq u64`, `attempt u32`, `timeout_ms u32`, `steps list<Step>`,
+/// `target opt<Target>` (wire version 3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct Dispatch<'a> {
@@ -393,6 +396,9 @@ pub struct Dispatch<'a> {
     pub timeout_ms: u32,
     /// The operation's component steps, run in order.
     pub steps: Vec<Step<'a>>,
+    /// The attached device the steps operate on: the agent runs none of them unless its
+    /// report lists it.
+    pub target: Option<Target<'a>>,
 }
 
 impl<'a> Dispatch<'a> {
@@ -402,7 +408,12 @@ impl<'a> Dispatch<'a> {
         s.u32(self.attempt)?;
         s.u32(self.timeout_ms)?;
         s.count(self.steps.len(), MAX_STEPS)?;
-        self.steps.iter().try_for_each(|st| st.encode(s))
+        self.steps.iter().try_for_each(|st| st.encode(s))?;
+        s.present(self.target.is_some())?;
+        match &self.target {
+            Some(t) => t.encode(s),
+            None => Ok(()),
+        }
     }
     pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
         let command_id = r.u64()?;
@@ -414,12 +425,17 @@ impl<'a> Dispatch<'a> {
         for _ in 0..n {
             steps.push(Step::decode(r)?);
         }
+        let target = match r.present()? {
+            true => Some(Target::decode(r)?),
+            false => None,
+        };
         Ok(Dispatch {
             command_id,
             seq,
             attempt,
             timeout_ms,
             steps,
+            target,
         })
     }
 }
@@ -487,6 +503,22 @@ impl<'a> CommandResult<'a> {
         }
     }
     pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
+        Self::decode_with(r, ConfigReport::decode)
+    }
+
+    /// Decodes exactly `bytes` in the layout of wire version 2, whose report lacked what
+    /// version 3 added (see [`ConfigReport::decode_v2`]). For records kept before version 3.
+    pub fn decode_v2_exact(bytes: &'a [u8]) -> Result<Self> {
+        let mut r = Reader::new(bytes);
+        let v = Self::decode_with(&mut r, ConfigReport::decode_v2)?;
+        r.finish()?;
+        Ok(v)
+    }
+
+    fn decode_with(
+        r: &mut Reader<'a>,
+        report: fn(&mut Reader<'a>) -> Result<ConfigReport<'a>>,
+    ) -> Result<Self> {
         let command_id = r.u64()?;
         let seq = r.u64()?;
         let attempt = r.u32()?;
@@ -501,11 +533,7 @@ impl<'a> CommandResult<'a> {
             });
         }
         let output = borrowed_bytes16(r, MAX_OUTPUT)?;
-        let report = if r.present()? {
-            Some(ConfigReport::decode(r)?)
-        } else {
-            None
-        };
+        let report = if r.present()? { Some(report(r)?) } else { None };
         Ok(CommandResult {
             command_id,
             seq,
@@ -553,87 +581,6 @@ impl RebootStarting {
             command_id: r.u64()?,
             seq: r.u64()?,
             boot_id: r.array()?,
-        })
-    }
-}
-
-/// An installed package in a [`ConfigReport`]. Fields: `name str16`, `version str16`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
-pub struct Package<'a> {
-    /// Package name.
-    pub name: Cow<'a, str>,
-    /// Installed version.
-    pub version: Cow<'a, str>,
-}
-
-/// A device's configuration report.
-///
-/// Fields: `boot_id [16]`, `os str16`, `kernel str16`, `hostname str16`, `agent_version str16`,
-/// `addresses list<str16>`, `software list<Package>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
-pub struct ConfigReport<'a> {
-    /// The current boot's id.
-    pub boot_id: [u8; 16],
-    /// Operating system name and version.
-    pub os: Cow<'a, str>,
-    /// Kernel release.
-    pub kernel: Cow<'a, str>,
-    /// Host name.
-    pub hostname: Cow<'a, str>,
-    /// Agent software version.
-    pub agent_version: Cow<'a, str>,
-    /// Interface addresses, textual (`10.0.0.5/24`).
-    pub addresses: Vec<Cow<'a, str>>,
-    /// Installed software.
-    pub software: Vec<Package<'a>>,
-}
-
-impl<'a> ConfigReport<'a> {
-    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
-        s.put(&self.boot_id)?;
-        s.str16(&self.os, MAX_NAME)?;
-        s.str16(&self.kernel, MAX_NAME)?;
-        s.str16(&self.hostname, MAX_NAME)?;
-        s.str16(&self.agent_version, MAX_NAME)?;
-        s.count(self.addresses.len(), MAX_ADDRESSES)?;
-        self.addresses
-            .iter()
-            .try_for_each(|a| s.str16(a, MAX_NAME))?;
-        s.count(self.software.len(), MAX_SOFTWARE)?;
-        self.software.iter().try_for_each(|p| {
-            s.str16(&p.name, MAX_NAME)?;
-            s.str16(&p.version, MAX_NAME)
-        })
-    }
-    pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
-        let boot_id = r.array()?;
-        let os = borrowed_str16(r, MAX_NAME)?;
-        let kernel = borrowed_str16(r, MAX_NAME)?;
-        let hostname = borrowed_str16(r, MAX_NAME)?;
-        let agent_version = borrowed_str16(r, MAX_NAME)?;
-        let n = r.count(MAX_ADDRESSES, 2)?;
-        let mut addresses = Vec::with_capacity(n);
-        for _ in 0..n {
-            addresses.push(borrowed_str16(r, MAX_NAME)?);
-        }
-        let n = r.count(MAX_SOFTWARE, 4)?;
-        let mut software = Vec::with_capacity(n);
-        for _ in 0..n {
-            software.push(Package {
-                name: borrowed_str16(r, MAX_NAME)?,
-                version: borrowed_str16(r, MAX_NAME)?,
-            });
-        }
-        Ok(ConfigReport {
-            boot_id,
-            os,
-            kernel,
-            hostname,
-            agent_version,
-            addresses,
-            software,
         })
     }
 }
@@ -843,6 +790,7 @@ impl Dispatch<'_> {
             attempt: self.attempt,
             timeout_ms: self.timeout_ms,
             steps: self.steps.into_iter().map(Step::into_owned).collect(),
+            target: self.target.map(Target::into_owned),
         }
     }
 }
@@ -858,31 +806,6 @@ impl CommandResult<'_> {
             steps: self.steps,
             output: owned(self.output),
             report: self.report.map(ConfigReport::into_owned),
-        }
-    }
-}
-
-impl Package<'_> {
-    /// This value, owning its strings.
-    pub fn into_owned(self) -> Package<'static> {
-        Package {
-            name: owned(self.name),
-            version: owned(self.version),
-        }
-    }
-}
-
-impl ConfigReport<'_> {
-    /// This report, owning its strings.
-    pub fn into_owned(self) -> ConfigReport<'static> {
-        ConfigReport {
-            boot_id: self.boot_id,
-            os: owned(self.os),
-            kernel: owned(self.kernel),
-            hostname: owned(self.hostname),
-            agent_version: owned(self.agent_version),
-            addresses: owned_list(self.addresses),
-            software: self.software.into_iter().map(Package::into_owned).collect(),
         }
     }
 }

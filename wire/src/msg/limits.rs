@@ -1,4 +1,4 @@
-//! Field limits of wire version 2. A field over its limit is [`crate::Error::FieldTooLong`]
+//! Field limits of wire version 3. A field over its limit is [`crate::Error::FieldTooLong`]
 //! on both parse and emit.
 
 /// Device names, hostnames, versions, OS and kernel strings, package names.
@@ -17,6 +17,8 @@ pub const MAX_WRITE: usize = 256 * 1024;
 pub const MAX_ADDRESSES: usize = 64;
 /// Installed packages in a configuration report.
 pub const MAX_SOFTWARE: usize = 16_384;
+/// Attached devices in a configuration report (disks, interfaces, USB devices, serial ports).
+pub const MAX_DEVICES: usize = 256;
 /// Credential reference in a hello (a certificate fingerprint).
 pub const MAX_CREDENTIAL: usize = 64;
 /// One-time enrolment token.

@@ -30,6 +30,7 @@ use crate::msg_kind::Kind;
 mod control;
 pub mod limits;
 mod mcast;
+mod report;
 pub mod samples;
 #[cfg(feature = "serde")]
 mod serde_steps;
@@ -43,6 +44,7 @@ pub use mcast::{
     Announce, Completion, Nack, Outcome, Parity, ParityHeader, Probe, TaskAnswer, TaskAsk,
     TaskVerdict, TransferState, TransferStatus, COOKIE_LEN, PARITY_PREFIX_LEN,
 };
+pub use report::{Attached, AttachedKind, PackageManager, Target};
 
 /// One fleetcast message, borrowing from the bytes it was parsed from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -55,6 +55,28 @@ fn report() -> ConfigReport<'static> {
                 version: "0.1.0".into(),
             },
         ],
+        package_manager: PackageManager::Dpkg,
+        cpu_model: "Intel(R) Xeon(R) E-2236".into(),
+        cpus: 12,
+        memory: 34_359_738_368,
+        devices: vec![
+            Attached {
+                kind: AttachedKind::Disk,
+                name: "sda".into(),
+                id: "S3Z9NB0K123456".into(),
+                wwn: "naa.5002538e40a1b2c3".into(),
+                model: "Samsung SSD 860".into(),
+                size: 500_107_862_016,
+            },
+            Attached {
+                kind: AttachedKind::Serial,
+                name: "ttyUSB0".into(),
+                id: "/dev/ttyUSB0".into(),
+                wwn: "".into(),
+                model: "".into(),
+                size: 0,
+            },
+        ],
     }
 }
 
@@ -75,6 +97,10 @@ fn hello() -> Hello<'static> {
 
 fn dispatch() -> Dispatch<'static> {
     Dispatch {
+        target: Some(Target {
+            kind: AttachedKind::Disk,
+            id: "S3Z9NB0K123456".into(),
+        }),
         command_id: 0x0102_0304_0506_0708,
         seq: 8,
         attempt: 1,

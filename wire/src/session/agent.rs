@@ -568,7 +568,7 @@ mod tests {
 
     /// `Heartbeat{nonce: 0, echo: false}`, computed independently (Python `zlib.crc32`).
     const HEARTBEAT_REQUEST_0: &[u8] = &[
-        0xfc, 0x02, 0x03, 0x00, 0x00, 0x00, 0x00, 0x09, 0xe8, 0x07, 0xf8, 0xa7, 0, 0, 0, 0, 0, 0,
+        0xfc, 0x03, 0x03, 0x00, 0x00, 0x00, 0x00, 0x09, 0x46, 0x6f, 0x69, 0x36, 0, 0, 0, 0, 0, 0,
         0, 0, 0,
     ];
 
@@ -633,6 +633,7 @@ mod tests {
 
     fn dispatch(seq: u64) -> Message<'static> {
         Message::Dispatch(Dispatch {
+            target: None,
             command_id: seq * 10,
             seq,
             attempt: 1,

@@ -297,6 +297,7 @@ fn welcome(acked_seq: u64) -> Welcome {
 
 fn exec(seq: u64) -> Dispatch<'static> {
     Dispatch {
+        target: None,
         command_id: 1000 + seq,
         seq,
         attempt: 1,
@@ -309,6 +310,7 @@ fn exec(seq: u64) -> Dispatch<'static> {
 
 fn reboot_cmd(seq: u64) -> Dispatch<'static> {
     Dispatch {
+        target: None,
         command_id: 1000 + seq,
         seq,
         attempt: 1,
@@ -352,6 +354,7 @@ fn report(boot_id: [u8; 16]) -> ConfigReport<'static> {
             name: "nginx".into(),
             version: "1.22.1-9".into(),
         }],
+        ..Default::default()
     }
 }
 
