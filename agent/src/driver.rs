@@ -446,6 +446,16 @@ impl Agent {
                     won = Some((e, io));
                     break;
                 }
+                // "Retry later" (a rate limit on this source, a gateway shutting down or out
+                // of room) is not a verdict on the token: back off and enrol again.
+                (None, Some(c), _) if c.by_peer && retry_later(c.code) => {
+                    crate::say!(
+                        "enrolment deferred by the gateway ({}): {}",
+                        c.code.name().unwrap_or("?"),
+                        c.reason
+                    );
+                    return Ok(End::Reconnect { immediately: false });
+                }
                 (None, Some(c), _) if c.by_peer => {
                     return Err(match c.code {
                         CloseCode::BAD_TOKEN => AgentError::BadToken {
@@ -1321,6 +1331,15 @@ impl Io {
         }
         Ok(())
     }
+}
+
+/// Close codes by which the gateway defers an enrolment instead of refusing it: the token is
+/// not spent or judged, so the agent tries again after its back-off.
+fn retry_later(code: CloseCode) -> bool {
+    matches!(
+        code,
+        CloseCode::OVERLOADED | CloseCode::SHUTDOWN | CloseCode::TIMEOUT | CloseCode::INTERNAL
+    )
 }
 
 #[cfg(test)]

@@ -786,6 +786,48 @@ fn failed_enrolments_are_rate_limited_per_source() {
     assert_eq!(info.code, CloseCode::OVERLOADED, "{info:?}");
 }
 
+/// A good token from a source the rate limit defers (`OVERLOADED`) is not refused for good:
+/// the agent backs off and enrols once the source has room again.
+#[test]
+fn an_agent_deferred_by_the_enrolment_limit_retries_and_enrols() {
+    use fleetcast_wire::CloseCode;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let gw = Gw::start(tmp.path(), &[], |_| {});
+    // The agent's own source address, exhausted by failures before it starts.
+    let source = std::net::Ipv4Addr::LOCALHOST;
+    for i in 0..=fleetcast_daemon::ratelimit::BURST {
+        let _ = enrol_once(&gw, source, format!("guess-{i}").as_bytes());
+    }
+    let info = enrol_once(&gw, source, b"one-more");
+    assert_eq!(info.code, CloseCode::OVERLOADED, "{info:?}");
+    let token = gw.admin(&Request::DeviceAdd {
+        name: "n1".into(),
+        groups: vec![],
+    })["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let mut agent = agent(&gw, tmp.path(), Some(&token));
+    let agent_log = || std::fs::read_to_string(tmp.path().join("agent.log")).unwrap_or_default();
+    wait_for(
+        "the deferred agent to enrol",
+        Duration::from_secs(90),
+        || {
+            if let Ok(Some(st)) = agent.0.try_wait() {
+                panic!("the agent gave up ({st}):\n{}", agent_log());
+            }
+            let st = admin::request(&gw.data, &Request::Status).ok()?;
+            (st.ok && st.data["online"] == 1).then_some(())
+        },
+        || format!("{}\n--- agent ---\n{}", gw.log(), agent_log()),
+    );
+    assert!(
+        agent_log().contains("enrolment deferred by the gateway (overloaded)"),
+        "{}",
+        agent_log()
+    );
+}
+
 /// The admin reserve is a cap too: one connection more than it is told to retry (instead of
 /// taking descriptors from the agents), and the CLI works again once they are gone.
 #[test]
