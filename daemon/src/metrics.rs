@@ -9,7 +9,9 @@
 //! - The endpoint answers `GET /metrics` only (404 for other paths, 405 for other methods,
 //!   400 for malformed requests, 431 past [`MAX_HEAD`] bytes of request head), one request
 //!   per connection, then closes. At most [`MAX_CONNS`] connections are open: one more
-//!   evicts the oldest, so a client that never sends cannot hold the endpoint.
+//!   evicts the oldest, so a client that never sends cannot hold the endpoint; and a
+//!   connection is closed [`IDLE`] after it was accepted whatever it did (a scraper that
+//!   reads its answer slowly, or a client that sends a byte a minute, holds a slot no longer).
 //! - The endpoint has no authentication: bind it to loopback or a management network.
 
 use std::collections::BTreeMap;
@@ -21,11 +23,17 @@ use fleetcast_store::QueueStatus;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
+use fleetcast_wire::Instant;
+use std::time::Duration;
+
 use crate::distribution::McastTotals;
 use crate::token::Tok;
 
 /// Most connections open at once.
 pub const MAX_CONNS: usize = 16;
+/// How long a connection may stay open from its accept (request, answer and all); a scrape
+/// takes milliseconds.
+pub const IDLE: Duration = Duration::from_secs(10);
 /// Largest request head read.
 pub const MAX_HEAD: usize = 8 * 1024;
 
@@ -343,6 +351,8 @@ struct Conn {
     writable: bool,
     /// Accept order, for eviction.
     serial: u64,
+    /// Closed at this instant, whatever state it is in ([`IDLE`] after its accept).
+    deadline: Instant,
 }
 
 /// The HTTP endpoint: a listener and its connections, driven by the gateway loop.
@@ -391,11 +401,17 @@ impl Server {
 
     /// Handles a readiness event of one of the endpoint's tokens; `render` produces the
     /// metrics text when a complete `GET /metrics` has arrived.
-    pub fn handle(&mut self, registry: &Registry, token: Token, render: impl FnOnce() -> String) {
+    pub fn handle(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        now: Instant,
+        render: impl FnOnce() -> String,
+    ) {
         let idx = match Tok::decode(token) {
             Tok::MetricsConn(idx) => idx,
             Tok::MetricsListener => {
-                self.accept(registry);
+                self.accept(registry, now);
                 return;
             }
             _ => return,
@@ -434,7 +450,26 @@ impl Server {
         }
     }
 
-    fn accept(&mut self, registry: &Registry) {
+    /// The earliest connection deadline, for the loop's poll timeout.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.conns.iter().map(|(_, c)| c.deadline).min()
+    }
+
+    /// Closes the connections whose deadline passed (at most [`MAX_CONNS`] to look at).
+    pub fn expire(&mut self, registry: &Registry, now: Instant) {
+        let due: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline <= now)
+            .map(|(i, _)| i)
+            .collect();
+        for idx in due {
+            tracing::debug!(idx, "metrics connection closed: open for {IDLE:?}");
+            self.close(registry, idx);
+        }
+    }
+
+    fn accept(&mut self, registry: &Registry, now: Instant) {
         loop {
             match self.listener.accept() {
                 Ok((mut sock, _)) => {
@@ -464,6 +499,7 @@ impl Server {
                         answered: false,
                         writable: false,
                         serial: self.serial,
+                        deadline: now + IDLE,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -585,6 +621,7 @@ mod tests {
             answered: false,
             writable: false,
             serial: 0,
+            deadline: Instant::ZERO + IDLE,
         };
         let mut metrics = false;
         for _ in 0..200 {

@@ -828,6 +828,41 @@ fn an_agent_deferred_by_the_enrolment_limit_retries_and_enrols() {
     );
 }
 
+/// A metrics client that sends half a request and then nothing is closed by the gateway
+/// ([`fleetcast_daemon::metrics::IDLE`] after its accept) instead of holding a slot for ever;
+/// a whole scrape afterwards is answered.
+#[test]
+fn a_metrics_client_that_stalls_is_closed() {
+    use std::io::{Read as _, Write as _};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let gw = Gw::start(tmp.path(), &["--metrics-listen", &addr], |_| {});
+    let mut stalled = std::net::TcpStream::connect(&addr).expect("connect");
+    stalled.write_all(b"GET /metr").expect("half a request");
+    let limit = fleetcast_daemon::metrics::IDLE + Duration::from_secs(20);
+    stalled.set_read_timeout(Some(limit)).expect("timeout");
+    let mut buf = [0u8; 256];
+    match stalled.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("an answer to half a request: {:?}", &buf[..n]),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("not closed within {limit:?}: {e}\n{}", gw.log()),
+    }
+    let mut scrape = std::net::TcpStream::connect(&addr).expect("connect");
+    scrape
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .expect("request");
+    let mut body = String::new();
+    scrape.read_to_string(&mut body).expect("answer");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("fleetcast_"), "{body}");
+}
+
 /// The admin reserve is a cap too: one connection more than it is told to retry (instead of
 /// taking descriptors from the agents), and the CLI works again once they are gone.
 #[test]

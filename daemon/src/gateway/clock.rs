@@ -56,6 +56,14 @@ impl Gateway {
         if let Some(d) = self.fleet.next_deadline().filter(|_| !self.fleet.busy()) {
             next = next.min(now + Duration::from_millis(d.saturating_sub(wall)));
         }
+        if let Some(t) = self
+            .telemetry
+            .endpoint
+            .as_ref()
+            .and_then(|m| m.next_deadline())
+        {
+            next = next.min(t.max(now));
+        }
         if let Some(t) = self.limits.next_retry() {
             next = next.min(t.max(now));
         }

@@ -18,11 +18,11 @@ impl Gateway {
         })
     }
 
-    pub(super) fn metrics_event(&mut self, token: Token) {
+    pub(super) fn metrics_event(&mut self, token: Token, now: Instant) {
         let Some(mut srv) = self.telemetry.endpoint.take() else {
             return;
         };
-        srv.handle(self.poll.registry(), token, || match self.metrics() {
+        srv.handle(self.poll.registry(), token, now, || match self.metrics() {
             Ok(f) => metrics::render(&f),
             Err(e) => format!("# metrics unavailable: {e}\n"),
         });

@@ -370,7 +370,9 @@ impl Gateway {
                     Tok::Mcast => self.mcast.socket_ready = true,
                     // A finished batch is taken in `process_fleet`, a digest here.
                     Tok::Wake => self.mcast.hashed_ready = true,
-                    Tok::MetricsListener | Tok::MetricsConn(_) => self.metrics_event(ev.token()),
+                    Tok::MetricsListener | Tok::MetricsConn(_) => {
+                        self.metrics_event(ev.token(), now)
+                    }
                     Tok::Conn(idx) => {
                         if self.conns.contains(idx) && !self.work.ready.contains(&idx) {
                             self.work.ready.push_back(idx);
@@ -385,6 +387,9 @@ impl Gateway {
                 }
             }
             self.fire_timers(now);
+            if let Some(m) = self.telemetry.endpoint.as_mut() {
+                m.expire(self.poll.registry(), now);
+            }
             self.scan_watch(now);
             if std::mem::take(&mut self.mcast.hashed_ready) {
                 self.take_hashed();
