@@ -147,6 +147,8 @@ fn task_table(c: &mut Criterion) {
             trigger: "bench".into(),
             created_ms: 0,
             then: Vec::new(),
+            plan: Default::default(),
+            follow: Default::default(),
         };
         let mut b = s.batch().expect("batch");
         let t = b.create_task(task, &ids).expect("task");

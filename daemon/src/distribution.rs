@@ -646,6 +646,8 @@ impl Distributor {
             trigger: trigger.describe(&reason),
             created_ms: wall_ms,
             then,
+            plan: Default::default(),
+            follow: Default::default(),
         };
         let (tx, waker, file) = (
             self.hashed_tx.clone(),
@@ -1326,6 +1328,8 @@ mod tests {
             trigger: String::new(),
             created_ms: 0,
             then: vec![],
+            plan: Default::default(),
+            follow: Default::default(),
         };
         let ip = Some(Ipv4Addr::LOCALHOST.into());
         for t in [5, 6, 7] {

@@ -61,6 +61,11 @@ impl<'a> Writer<'a> {
             }
         }
     }
+    /// A writer of a nested field list into `buf` (no version byte: a record's extension).
+    pub(crate) fn raw_into(buf: &'a mut Vec<u8>) -> Self {
+        buf.clear();
+        Writer { buf, failed: None }
+    }
     /// Marks the record as not encodable (a nested record failed).
     pub(crate) fn fail(&mut self, e: fleetcast_wire::Error) {
         self.failed.get_or_insert(e);
@@ -189,6 +194,23 @@ impl<'a> Reader<'a> {
             0 => Ok(None),
             1 => Ok(Some(self.u64()?)),
             _ => Err(self.corrupt("bad option tag")),
+        }
+    }
+    /// An optional `u32` (written as an optional `u64`; a value over `u32::MAX` is corrupt).
+    pub(crate) fn opt_u32(&mut self) -> Result<Option<u32>> {
+        match self.opt_u64()? {
+            None => Ok(None),
+            Some(v) => u32::try_from(v)
+                .map(Some)
+                .map_err(|_| self.corrupt("value over u32")),
+        }
+    }
+    /// A reader of a nested field list (a record's extension), with this record's version.
+    pub(crate) fn sub(&self, buf: &'a [u8]) -> Reader<'a> {
+        Reader {
+            buf,
+            table: self.table,
+            version: self.version,
         }
     }
     /// A sequence count, checked so that `count * min_item` bytes remain.

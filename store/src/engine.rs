@@ -217,6 +217,9 @@ pub trait QueueOps {
 pub trait TaskOps {
     /// Creates a distribution task with every target `pending`; returns its id.
     fn create_task(&mut self, task: Task, targets: &[DeviceId]) -> Result<TaskId>;
+    /// Records that the task's multicast first pass is over (a restart then catches its
+    /// devices up by unicast); idempotent.
+    fn task_pass_done(&mut self, task: TaskId) -> Result<()>;
     /// Adds a target to a task (`pending`); no-op if it already is one.
     fn add_task_target(&mut self, task: TaskId, dev: DeviceId) -> Result<()>;
     /// Merges received blocks: `pending`/`in_progress` → `in_progress`.

@@ -394,6 +394,62 @@ fn devices_enrolment_groups() {
 }
 
 #[test]
+fn a_task_plan_is_kept_and_its_pass_marked_done_once() {
+    let (dir, mut s, d) = setup();
+    let mut b = s.batch().unwrap();
+    let task = Task {
+        path: "/srv/img.bin".into(),
+        size: 4096,
+        block_size: 1024,
+        sha256: [5; 32],
+        group: Some("rack7".into()),
+        trigger: "publish".into(),
+        created_ms: 7,
+        then: Vec::new(),
+        plan: TaskPlan {
+            at_ms: Some(9_000),
+            rate: 1_000_000,
+            ..Default::default()
+        },
+        follow: TaskFollow {
+            group: true,
+            when_online: None,
+        },
+    };
+    let t = b.create_task(task.clone(), &[]).unwrap();
+    b.add_task_target(t, d).unwrap();
+    b.commit().unwrap();
+    assert!(s
+        .snapshot()
+        .unwrap()
+        .task(t)
+        .unwrap()
+        .unwrap()
+        .plan
+        .multicast_pending());
+    let mut b = s.batch().unwrap();
+    b.task_pass_done(t).unwrap();
+    b.task_pass_done(t).unwrap();
+    assert!(matches!(
+        b.task_pass_done(TaskId(t.0 + 1)).unwrap_err(),
+        Error::NotFound(_)
+    ));
+    b.commit().unwrap();
+    drop(s);
+    // After a reopen: the same task, its pass over, its target still pending.
+    let s = Store::open(dir.path()).unwrap();
+    let snap = s.snapshot().unwrap();
+    let back = snap.task(t).unwrap().unwrap();
+    assert_eq!(back.plan.at_ms, Some(9_000));
+    assert!(back.plan.pass_done && !back.plan.multicast_pending());
+    assert_eq!(back.follow, task.follow);
+    assert_eq!(
+        snap.task_status(t, d).unwrap(),
+        Some(TaskDeviceStatus::Pending)
+    );
+}
+
+#[test]
 fn task_table() {
     let (_dir, mut s, d) = setup();
     let mut b = s.batch().unwrap();
@@ -407,6 +463,8 @@ fn task_table() {
         trigger: "publish".into(),
         created_ms: 7,
         then: Vec::new(),
+        plan: Default::default(),
+        follow: Default::default(),
     };
     assert_eq!(task.blocks(), 11);
     let t = b.create_task(task, &[d, d2]).unwrap();
@@ -497,6 +555,8 @@ fn task_cancel_and_retry() {
         trigger: "publish".into(),
         created_ms: 7,
         then: Vec::new(),
+        plan: Default::default(),
+        follow: Default::default(),
     };
     let t = b.create_task(task, &[d, d2, d3]).unwrap();
     let mut blocks = BlockSet::new();
@@ -637,6 +697,8 @@ fn a_schema2_task_table_opens_unchanged() {
             trigger: "publish".into(),
             created_ms: 7,
             then: Vec::new(),
+            plan: Default::default(),
+            follow: Default::default(),
         };
         let t = b.create_task(task, &devs).unwrap();
         b.commit().unwrap();
@@ -892,6 +954,8 @@ fn scans_never_outlive_cursors() {
                     trigger: String::new(),
                     created_ms: 0,
                     then: Vec::new(),
+                    plan: Default::default(),
+                    follow: Default::default(),
                 },
                 &[d, d2],
             )

@@ -503,7 +503,63 @@ pub struct Task {
     /// Follow-up commands, queued for each device only after its copy verified (e.g. install
     /// the package just received).
     pub then: Vec<Command>,
+    /// How the multicast runs: kept so that a gateway restart re-creates it as pushed.
+    pub plan: TaskPlan,
+    /// Which devices the task serves beyond its first targets, and the online gate.
+    pub follow: TaskFollow,
 }
+
+/// How a task's multicast runs, recorded with the task so that a gateway restart before or
+/// during the first pass re-creates the same multicast (at its time, after its quorum, at its
+/// rate, to its destination) instead of catching every device up by unicast.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TaskPlan {
+    /// Not before this wall-clock time, ms since the UNIX epoch (a schedule).
+    pub at_ms: Option<u64>,
+    /// Once at least this many targets have joined ...
+    pub min_ready: Option<u32>,
+    /// ... or this many seconds after the push (or the scheduled time), whichever is first
+    /// (also the longest wait of [`TaskFollow::when_online`]).
+    pub max_wait_s: Option<u64>,
+    /// Rate ceiling of the group sender, datagram bytes per second; 0 in a record written
+    /// before plans were kept (a restart then catches devices up, as it always did).
+    pub rate: u64,
+    /// Subnet-directed broadcast address the group datagrams go to (`None`: the gateway's
+    /// multicast group).
+    pub broadcast: Option<std::net::Ipv4Addr>,
+    /// Whether the multicast first pass is over: after it, a restart catches devices up by
+    /// unicast, never multicasts the file again.
+    pub pass_done: bool,
+}
+
+impl TaskPlan {
+    /// Whether a restart should re-create the multicast (a plan was recorded and its first
+    /// pass did not end).
+    pub fn multicast_pending(&self) -> bool {
+        self.rate > 0 && !self.pass_done
+    }
+}
+
+/// Which devices a task serves beyond the members its group had when it was pushed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TaskFollow {
+    /// Devices added to the group later, or enrolled into it, get the task too.
+    pub group: bool,
+    /// The multicast waits until this many devices of the group are online (or
+    /// [`TaskPlan::max_wait_s`] passed).
+    pub when_online: Option<u32>,
+}
+
+impl TaskFollow {
+    /// Whether the task asks for nothing beyond its first targets.
+    pub fn is_default(&self) -> bool {
+        *self == TaskFollow::default()
+    }
+}
+
+/// Tags of a task record's trailing extensions (each `tag, bytes`), after `then`.
+const TASK_EXT_PLAN: u8 = 1;
+const TASK_EXT_FOLLOW: u8 = 2;
 
 impl Task {
     /// Number of blocks.
@@ -529,8 +585,11 @@ impl Record for Task {
         }
         w.str(&self.trigger);
         w.u64(self.created_ms);
-        // Added after the first release: absent in older records (decoded as none).
-        if !self.then.is_empty() {
+        // Added after the first release: absent in older records (decoded as none). The
+        // extensions after it need the count, even of none.
+        let plan = self.plan != TaskPlan::default();
+        let follow = !self.follow.is_default();
+        if !self.then.is_empty() || plan || follow {
             w.len(self.then.len());
             for c in &self.then {
                 let mut buf = Vec::new();
@@ -539,6 +598,29 @@ impl Record for Task {
                 }
                 w.bytes(&buf);
             }
+        }
+        // Tagged extensions, each a byte string: a reader skips a tag it does not know, so
+        // a later extension never makes an older build refuse the record.
+        if plan {
+            let mut b = Vec::new();
+            let mut e = Writer::raw_into(&mut b);
+            let p = &self.plan;
+            e.opt_u64(p.at_ms);
+            e.opt_u64(p.min_ready.map(u64::from));
+            e.opt_u64(p.max_wait_s);
+            e.u64(p.rate);
+            e.opt_u64(p.broadcast.map(|a| u64::from(u32::from(a))));
+            e.bool(p.pass_done);
+            w.u8(TASK_EXT_PLAN);
+            w.bytes(&b);
+        }
+        if follow {
+            let mut b = Vec::new();
+            let mut e = Writer::raw_into(&mut b);
+            e.bool(self.follow.group);
+            e.opt_u64(self.follow.when_online.map(u64::from));
+            w.u8(TASK_EXT_FOLLOW);
+            w.bytes(&b);
         }
     }
     fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
@@ -562,6 +644,38 @@ impl Record for Task {
                 then.push(Command::decode(r.bytes()?)?);
             }
         }
+        let (mut plan, mut follow) = (TaskPlan::default(), TaskFollow::default());
+        while !r.is_empty() {
+            let tag = r.u8()?;
+            let ext = r.bytes()?;
+            let mut e = r.sub(ext);
+            match tag {
+                TASK_EXT_PLAN => {
+                    plan = TaskPlan {
+                        at_ms: e.opt_u64()?,
+                        min_ready: e.opt_u32()?,
+                        max_wait_s: e.opt_u64()?,
+                        rate: e.u64()?,
+                        broadcast: match e.opt_u64()? {
+                            None => None,
+                            Some(a) => Some(std::net::Ipv4Addr::from(
+                                u32::try_from(a).map_err(|_| e.corrupt("bad broadcast address"))?,
+                            )),
+                        },
+                        pass_done: e.bool()?,
+                    };
+                }
+                TASK_EXT_FOLLOW => {
+                    follow = TaskFollow {
+                        group: e.bool()?,
+                        when_online: e.opt_u32()?,
+                    };
+                }
+                // Written by a later build: skipped, as its writer meant.
+                _ => continue,
+            }
+            e.finish()?;
+        }
         Ok(Task {
             path,
             size,
@@ -571,6 +685,8 @@ impl Record for Task {
             trigger,
             created_ms,
             then,
+            plan,
+            follow,
         })
     }
 }
@@ -839,6 +955,8 @@ mod task_codec_tests {
                 max_attempts: 1,
                 on_failure: OnFailure::Stop,
             }],
+            plan: Default::default(),
+            follow: Default::default(),
         };
         let mut buf = Vec::new();
         t.encode(&mut buf).unwrap();
@@ -850,5 +968,81 @@ mod task_codec_tests {
         assert_eq!(Task::decode(&old).unwrap(), t);
         // A follow-up cut short is corruption, not silence.
         assert!(Task::decode(&buf[..buf.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn task_plan_and_follow_round_trip_and_records_without_them_still_decode() {
+        let mut t = Task {
+            path: "/srv/os.img".into(),
+            size: 10,
+            block_size: 4,
+            sha256: [3; 32],
+            group: Some("rack7".into()),
+            trigger: "publish by operator".into(),
+            created_ms: 5,
+            then: vec![],
+            plan: TaskPlan {
+                at_ms: Some(1_800_000_000_000),
+                min_ready: Some(3),
+                max_wait_s: Some(60),
+                rate: 12_500_000,
+                broadcast: Some(std::net::Ipv4Addr::new(10, 9, 255, 255)),
+                pass_done: false,
+            },
+            follow: TaskFollow {
+                group: true,
+                when_online: Some(20),
+            },
+        };
+        let mut buf = Vec::new();
+        t.encode(&mut buf).unwrap();
+        assert_eq!(Task::decode(&buf).unwrap(), t);
+        // Either extension alone, with no follow-ups before it.
+        let plan = t.plan;
+        t.follow = TaskFollow::default();
+        t.encode(&mut buf).unwrap();
+        assert_eq!(Task::decode(&buf).unwrap(), t);
+        t.plan = TaskPlan::default();
+        t.follow.when_online = Some(1);
+        t.encode(&mut buf).unwrap();
+        assert_eq!(Task::decode(&buf).unwrap(), t);
+
+        // Bytes built by hand as a build before plans wrote them (format 3, nothing after
+        // `created_ms`; and format 2, the same layout): the task reads with no plan.
+        for version in [crate::codec::VERSION, FORMAT_2] {
+            let mut old = vec![version];
+            old.extend_from_slice(&7u32.to_le_bytes());
+            old.extend_from_slice(b"/a/file");
+            old.extend_from_slice(&10u64.to_le_bytes());
+            old.extend_from_slice(&4u32.to_le_bytes());
+            old.extend_from_slice(&[3; 32]);
+            old.push(0);
+            old.extend_from_slice(&2u32.to_le_bytes());
+            old.extend_from_slice(b"op");
+            old.extend_from_slice(&5u64.to_le_bytes());
+            let d = Task::decode(&old).unwrap();
+            assert_eq!(
+                (d.path.as_str(), d.group.as_deref(), d.created_ms),
+                ("/a/file", None, 5)
+            );
+            assert!(!d.plan.multicast_pending() && d.follow.is_default() && d.then.is_empty());
+            // A later build's extension (tag 9) is skipped; a known one cut short is not.
+            old.extend_from_slice(&0u32.to_le_bytes());
+            old.push(9);
+            old.extend_from_slice(&1u32.to_le_bytes());
+            old.push(0xee);
+            assert_eq!(Task::decode(&old).unwrap(), d);
+            old.push(TASK_EXT_FOLLOW);
+            old.extend_from_slice(&1u32.to_le_bytes());
+            old.push(1);
+            assert!(Task::decode(&old).is_err());
+        }
+        // The plan's own reading of itself.
+        assert!(plan.multicast_pending());
+        assert!(!TaskPlan {
+            pass_done: true,
+            ..plan
+        }
+        .multicast_pending());
     }
 }

@@ -88,6 +88,8 @@ fn child(dir: &Path, seed: u64) {
             trigger: "crash test".into(),
             created_ms: 0,
             then: Vec::new(),
+            plan: Default::default(),
+            follow: Default::default(),
         };
         b.create_task(task, &ids).unwrap();
         b.commit().unwrap();

@@ -59,6 +59,8 @@ fn exercise() {
             trigger: "t".into(),
             created_ms: 0,
             then: Vec::new(),
+            plan: Default::default(),
+            follow: Default::default(),
         };
         let t = b.create_task(task, &ids).unwrap();
         assert_eq!(b.group_members("g").unwrap().len(), ids.len());

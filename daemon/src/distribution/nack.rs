@@ -194,6 +194,8 @@ mod tests {
             trigger: String::new(),
             created_ms: 0,
             then: vec![],
+            plan: Default::default(),
+            follow: Default::default(),
         };
         let session_ip = Some(Ipv4Addr::LOCALHOST.into());
         let a = dist

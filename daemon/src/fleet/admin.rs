@@ -850,6 +850,8 @@ mod tests {
             trigger: spec.trigger.describe(&spec.reason),
             created_ms: T0,
             then: spec.then.clone(),
+            plan: Default::default(),
+            follow: Default::default(),
         }
     }
 
@@ -1121,6 +1123,8 @@ mod tests {
             trigger: "publish by operator".into(),
             created_ms: T0,
             then: vec![],
+            plan: Default::default(),
+            follow: Default::default(),
         };
         let a = fleet.process(
             T0,
@@ -1171,6 +1175,8 @@ mod tests {
                 trigger: "publish by operator".into(),
                 created_ms: T0,
                 then: Vec::new(),
+                plan: Default::default(),
+                follow: Default::default(),
             }),
         }]);
         assert!(

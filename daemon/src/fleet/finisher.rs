@@ -141,6 +141,8 @@ mod tests {
                 trigger: "publish by operator".into(),
                 created_ms: T0,
                 then: Vec::new(),
+                plan: Default::default(),
+                follow: Default::default(),
             }),
         }]);
         a.iter()

@@ -163,6 +163,8 @@ mod tests {
                 max_attempts: 1,
                 on_failure: store::OnFailure::Stop,
             }],
+            plan: Default::default(),
+            follow: Default::default(),
         }
     }
 

@@ -352,6 +352,8 @@ mod tests {
                 max_attempts: 1,
                 on_failure: store::OnFailure::Stop,
             }],
+            plan: Default::default(),
+            follow: Default::default(),
         };
         let a = rig.run(vec![Input::Hashed {
             origin: Origin::Operator(900),

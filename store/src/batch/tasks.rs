@@ -14,6 +14,19 @@ impl TaskOps for Batch<'_> {
             .map(TaskId)
     }
 
+    fn task_pass_done(&mut self, task: TaskId) -> Result<()> {
+        self.exec(move |cx| {
+            let d = *cx.d;
+            let mut t =
+                read::task(&*cx.t, cx.d, task)?.ok_or(Error::NotFound(Missing::Task(task)))?;
+            if t.plan.pass_done {
+                return Ok(());
+            }
+            t.plan.pass_done = true;
+            cx.put(d.tasks, &task.0.to_be_bytes(), &t)
+        })
+    }
+
     fn add_task_target(&mut self, task: TaskId, dev: DeviceId) -> Result<()> {
         self.exec(move |cx| {
             read::task(&*cx.t, cx.d, task)?.ok_or(Error::NotFound(Missing::Task(task)))?;
