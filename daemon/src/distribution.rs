@@ -514,9 +514,14 @@ impl std::fmt::Debug for Distributor {
     }
 }
 
-/// A sender event the loop reports (logs).
+/// A sender event the loop reports (logs, and the task table's record of a first pass).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DistEvent {
+    /// A task's multicast first pass is over.
+    PassDone {
+        /// The task.
+        task: TaskId,
+    },
     /// A distribution ended.
     Finished {
         /// The task.
@@ -637,6 +642,15 @@ impl Distributor {
         // the file on a thread of its own; the task is created when it is known
         // (`take_hashed`). Reading rather than sharing the mapping keeps the thread free of
         // raw pointers; an edit between the two is caught by the receivers' digest check.
+        let plan = store::TaskPlan {
+            at_ms: trigger.at_ms,
+            min_ready: trigger.min_ready,
+            max_wait_s: trigger.max_wait_s,
+            rate,
+            broadcast: (dest != self.cfg.group).then_some(dest),
+            pass_done: false,
+        };
+        let follow = store::TaskFollow::default();
         let task = store::Task {
             path: path.into(),
             size: map.len as u64,
@@ -646,8 +660,8 @@ impl Distributor {
             trigger: trigger.describe(&reason),
             created_ms: wall_ms,
             then,
-            plan: Default::default(),
-            follow: Default::default(),
+            plan,
+            follow,
         };
         let (tx, waker, file) = (
             self.hashed_tx.clone(),
@@ -676,16 +690,7 @@ impl Distributor {
                     source,
                 })?;
         }
-        let delay = Duration::from_millis(trigger.at_ms.map_or(0, |t| t.saturating_sub(wall_ms)));
-        let trigger = Trigger {
-            delay,
-            quorum: trigger.min_ready.map(|n| {
-                (
-                    n as usize,
-                    delay + Duration::from_secs(trigger.max_wait_s.unwrap_or(u64::MAX / 4)),
-                )
-            }),
-        };
+        let trigger = core_trigger(&plan, &follow, wall_ms, wall_ms);
         self.prepared.insert(
             origin,
             Prepared {
@@ -819,48 +824,27 @@ impl Distributor {
 
     /// The announce of `task` for `device`, to go over the device's control session from
     /// `peer` (that session's address). A device joins the multicast while its first pass
-    /// runs; after that (or when the task's sender is gone: the task is re-created from the
-    /// task table) it is caught up by unicast, without a new multicast. Every announce gives
+    /// runs; after that it is caught up by unicast, without a new multicast. When the task's
+    /// sender is gone (a gateway restart), it is re-created from the task table: `row`
+    /// gives the task and its targets still pending. A task whose first pass had not ended
+    /// gets its multicast back as planned (its time, quorum, rate and destination, counted
+    /// on the wall clock `wall_ms`), any other is caught up by unicast. Every announce gives
     /// the device a new NACK key and binds its repairs to `peer` (or an address it proves).
     pub fn announce_for(
         &mut self,
         task: TaskId,
         device: DeviceId,
         peer: Option<IpAddr>,
-        row: impl FnOnce() -> Option<store::Task>,
-        now: Instant,
+        row: impl FnOnce() -> Option<(store::Task, Vec<DeviceId>)>,
+        (now, wall_ms): (Instant, u64),
     ) -> Result<Announce<'static>, DistError> {
         let session = task.0 as u32;
         if !self.dists.contains_key(&session) {
-            let Some(t) = row() else {
+            let Some((t, pending)) = row() else {
                 return Err(DistError::NoTask { task: task.0 });
             };
-            let map = Mapped::open(Path::new(&t.path)).map_err(|source| DistError::Map {
-                path: t.path.clone(),
-                source,
-            })?;
-            if map.len as u64 != t.size {
-                return Err(DistError::Changed {
-                    path: t.path.clone(),
-                    now: map.len as u64,
-                    task: t.size,
-                });
-            }
-            // The digest is the table's: a file edited in place is caught by the receivers.
-            let key = self.key_for(task);
-            let d = Distribution::new(
-                task,
-                map,
-                (t.block_size, CATCH_UP_RATE),
-                t.sha256,
-                key,
-                NackKeys::new(&self.secret, task),
-                &self.cfg,
-                Trigger::default(),
-                None,
-                now,
-            )?;
-            tracing::info!(task = task.0, "distribution re-created for catch-up");
+            let d = self.recreate(task, &t, &pending, now, wall_ms)?;
+            self.touched.insert(session);
             self.dists.insert(session, d);
         }
         let d = self.dists.get_mut(&session).expect("inserted above");
@@ -879,6 +863,89 @@ impl Distributor {
             nack_key: Some(nack_key),
             name: Cow::Owned(d.name.clone()),
         })
+    }
+
+    /// The distribution of a task whose sender is gone, from its row: as planned while its
+    /// first pass is still to run, catch-up only otherwise.
+    fn recreate(
+        &mut self,
+        task: TaskId,
+        t: &store::Task,
+        pending: &[DeviceId],
+        now: Instant,
+        wall_ms: u64,
+    ) -> Result<Distribution, DistError> {
+        let map = Mapped::open(Path::new(&t.path)).map_err(|source| DistError::Map {
+            path: t.path.clone(),
+            source,
+        })?;
+        if map.len as u64 != t.size {
+            return Err(DistError::Changed {
+                path: t.path.clone(),
+                now: map.len as u64,
+                task: t.size,
+            });
+        }
+        // A broadcast is checked again: the interface may have changed since the push. If it
+        // no longer holds, the devices are caught up by unicast (never a broadcast elsewhere).
+        let dest = match t.plan.broadcast {
+            None => Ok(self.cfg.group),
+            Some(b) => self.destination(Delivery::Broadcast(Some(b))),
+        };
+        let planned = match dest {
+            Ok(dest) if t.plan.multicast_pending() => Some(dest),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(task = task.0, error = %e, "planned broadcast no longer possible: catching up by unicast");
+                None
+            }
+        };
+        // The digest is the table's: a file edited in place is caught by the receivers.
+        let key = self.key_for(task);
+        let nack_keys = NackKeys::new(&self.secret, task);
+        let d = match planned {
+            Some(dest) => {
+                let trigger = core_trigger(&t.plan, &t.follow, t.created_ms, wall_ms);
+                let mut d = Distribution::new(
+                    task,
+                    map,
+                    (t.block_size, t.plan.rate),
+                    t.sha256,
+                    key,
+                    nack_keys,
+                    &self.cfg,
+                    trigger,
+                    Some(pending),
+                    now,
+                )?;
+                d.dest = dest;
+                tracing::info!(
+                    task = task.0,
+                    targets = pending.len(),
+                    in_ms = trigger.delay.as_millis() as u64,
+                    %dest,
+                    "distribution re-created as planned: its multicast has not run"
+                );
+                d
+            }
+            None => {
+                let d = Distribution::new(
+                    task,
+                    map,
+                    (t.block_size, CATCH_UP_RATE),
+                    t.sha256,
+                    key,
+                    nack_keys,
+                    &self.cfg,
+                    Trigger::default(),
+                    None,
+                    now,
+                )?;
+                tracing::info!(task = task.0, "distribution re-created for catch-up");
+                d
+            }
+        };
+        Ok(d)
     }
 
     /// `device` joined `task` (its first transfer status arrived): it counts towards a
@@ -988,6 +1055,34 @@ impl Distributor {
     }
 }
 
+/// The core's trigger for a task planned as `plan` (with `follow`'s online gate), pushed at
+/// `created_ms`, as of the wall-clock time `wall_ms`: a schedule and a quorum's longest wait
+/// are wall-clock instants, so a task re-created after a restart keeps them. The wait counts
+/// from the scheduled time, or the push.
+fn core_trigger(
+    plan: &store::TaskPlan,
+    follow: &store::TaskFollow,
+    created_ms: u64,
+    wall_ms: u64,
+) -> Trigger {
+    let delay_ms = plan.at_ms.map_or(0, |t| t.saturating_sub(wall_ms));
+    let quorum = plan.min_ready.or(follow.when_online).map(|n| {
+        let deadline = match plan.max_wait_s {
+            Some(w) => {
+                let from = plan.at_ms.unwrap_or(created_ms);
+                let at = from.saturating_add(w.saturating_mul(1000));
+                Duration::from_millis(at.saturating_sub(wall_ms).max(delay_ms))
+            }
+            None => Duration::from_secs(u64::MAX / 4),
+        };
+        (n as usize, deadline)
+    });
+    Trigger {
+        delay: Duration::from_millis(delay_ms),
+        quorum,
+    }
+}
+
 fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
     libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
@@ -1010,6 +1105,7 @@ fn log_event(d: &Distribution, ev: TaskEvent) -> Option<DistEvent> {
             let ms = elapsed.as_millis() as u64;
             let mbit = (d.map.len as u64 * 8 / 1000).checked_div(ms).unwrap_or(0);
             tracing::info!(task, ms, mbit_per_s = mbit, "first pass done");
+            return Some(DistEvent::PassDone { task: d.task });
         }
         TaskEvent::Demoted(device) => {
             tracing::info!(task, device, "receiver demoted to unicast catch-up");
@@ -1301,6 +1397,140 @@ mod tests {
     use crate::pki::sha256;
     use fleetcast_wire::DataBlock;
 
+    /// A task re-created after a restart (its sender gone) gets back the multicast it was
+    /// planned with while its first pass is still to run: its schedule and its quorum's
+    /// longest wait stay wall-clock instants, its rate and targets are the row's. A task
+    /// whose pass ended, a record from before plans were kept, and a broadcast the interface
+    /// no longer allows are caught up by unicast. Nothing is driven: nothing is sent.
+    #[test]
+    fn a_planned_task_is_recreated_as_its_multicast_and_a_finished_one_for_catch_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.bin");
+        std::fs::write(&path, vec![7u8; 10_000]).unwrap();
+        let mut dist = Distributor::open(McastConfig {
+            addr: Ipv4Addr::LOCALHOST,
+            port: 0,
+            group: Ipv4Addr::new(239, 77, 9, 9),
+            linger: Duration::from_secs(1),
+            warmup: Duration::ZERO,
+            fec_group: 0,
+            broadcast: None,
+        })
+        .unwrap();
+        // Pushed at 1,000,000 ms for 1,060,000 ms; the gateway is back at 1,030,000 ms.
+        let planned = store::Task {
+            path: path.display().to_string(),
+            size: 10_000,
+            block_size: 1000,
+            sha256: [0; 32],
+            group: Some("rack7".into()),
+            trigger: String::new(),
+            created_ms: 1_000_000,
+            then: vec![],
+            plan: store::TaskPlan {
+                at_ms: Some(1_060_000),
+                min_ready: Some(2),
+                max_wait_s: Some(30),
+                rate: 2_000_000,
+                broadcast: None,
+                pass_done: false,
+            },
+            follow: Default::default(),
+        };
+        let ip = Some(Ipv4Addr::LOCALHOST.into());
+        let wall = 1_030_000;
+        let targets = vec![DeviceId(1), DeviceId(2), DeviceId(3)];
+        let announce = |dist: &mut Distributor, t: u64, row: &store::Task| {
+            let row = row.clone();
+            let targets = targets.clone();
+            dist.announce_for(
+                TaskId(t),
+                DeviceId(1),
+                ip,
+                move || Some((row, targets)),
+                (Instant::ZERO, wall),
+            )
+            .unwrap()
+        };
+        let a = announce(&mut dist, 5, &planned);
+        assert_eq!(a.group, IpAddr::V4(Ipv4Addr::new(239, 77, 9, 9)));
+        let core = &dist.dists[&5].core;
+        let g = core.group().expect("the multicast is back");
+        assert_eq!(g.receiver_count(), 3, "the row's pending targets");
+        assert_eq!(core.config().rate, 2_000_000);
+        assert_eq!(
+            core.config().trigger,
+            Trigger {
+                delay: Duration::from_secs(30),
+                quorum: Some((2, Duration::from_secs(60))),
+            },
+            "still at 1,060,000 ms, and at most 30 s after it"
+        );
+        assert!(!core.started(Instant::ZERO + Duration::from_secs(29)));
+
+        let mut over = planned.clone();
+        over.plan.pass_done = true;
+        announce(&mut dist, 6, &over);
+        let mut old = planned.clone();
+        old.plan = store::TaskPlan::default();
+        announce(&mut dist, 7, &old);
+        let mut lo = planned.clone();
+        lo.plan.broadcast = Some(Ipv4Addr::new(127, 255, 255, 255));
+        announce(&mut dist, 8, &lo);
+        for t in [6, 7, 8] {
+            let core = &dist.dists[&t].core;
+            assert!(core.group().is_none(), "task {t}: caught up, not multicast");
+            assert_eq!(core.catch_up_count(), 1, "task {t}");
+        }
+    }
+
+    #[test]
+    fn the_core_trigger_keeps_wall_clock_instants_across_a_restart() {
+        let plan = store::TaskPlan {
+            at_ms: None,
+            min_ready: None,
+            max_wait_s: Some(60),
+            rate: 1,
+            broadcast: None,
+            pass_done: false,
+        };
+        let online = store::TaskFollow {
+            group: true,
+            when_online: Some(20),
+        };
+        // The online gate is a quorum; its wait counts from the push (no schedule).
+        assert_eq!(
+            core_trigger(&plan, &online, 1_000, 21_000),
+            Trigger {
+                delay: Duration::ZERO,
+                quorum: Some((20, Duration::from_secs(40))),
+            }
+        );
+        // Past every instant: at once.
+        let late = store::TaskPlan {
+            at_ms: Some(5_000),
+            min_ready: Some(3),
+            ..plan
+        };
+        assert_eq!(
+            core_trigger(&late, &Default::default(), 1_000, 900_000),
+            Trigger {
+                delay: Duration::ZERO,
+                quorum: Some((3, Duration::ZERO)),
+            }
+        );
+        // No quorum, no wait: the schedule alone.
+        let at = store::TaskPlan {
+            at_ms: Some(9_000),
+            max_wait_s: None,
+            ..plan
+        };
+        assert_eq!(
+            core_trigger(&at, &Default::default(), 1_000, 4_000).delay,
+            Duration::from_secs(5)
+        );
+    }
+
     /// Each live task holds exactly one entry in the timer set, a turn drives only the tasks
     /// due or touched, and a task that is over leaves no timer behind (on 127.0.0.1; the
     /// tasks are catch-up-only ones and nobody NACKs, so nothing is sent).
@@ -1337,8 +1567,8 @@ mod tests {
                 TaskId(t),
                 DeviceId(1),
                 ip,
-                || Some(row.clone()),
-                Instant::ZERO,
+                || Some((row.clone(), vec![])),
+                (Instant::ZERO, 0),
             )
             .unwrap();
         }

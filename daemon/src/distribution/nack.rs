@@ -203,8 +203,8 @@ mod tests {
                 TaskId(5),
                 DeviceId(1),
                 session_ip,
-                || Some(row.clone()),
-                Instant::ZERO,
+                || Some((row.clone(), vec![])),
+                (Instant::ZERO, 0),
             )
             .unwrap();
         let dev = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -265,8 +265,8 @@ mod tests {
                 TaskId(5),
                 DeviceId(1),
                 session_ip,
-                || Some(row.clone()),
-                Instant::ZERO,
+                || Some((row.clone(), vec![])),
+                (Instant::ZERO, 0),
             )
             .unwrap();
         assert_ne!(a.nack_key, b.nack_key);

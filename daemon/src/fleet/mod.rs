@@ -284,6 +284,13 @@ pub enum Input {
         /// Blocks in the file, as the receiver counts them.
         total: u32,
     },
+    /// A task's multicast first pass is over (or its group sender ended before one): the
+    /// task table records it, so a restart catches its devices up instead of multicasting
+    /// the file again.
+    PassDone {
+        /// The task.
+        task: store::TaskId,
+    },
     /// The device's task finisher asks for a task's completion (`TaskAsk`; see `finisher.rs`).
     TaskAsk {
         /// Connection.
@@ -427,6 +434,7 @@ impl Input {
             | Input::TransferProgress { conn, .. }
             | Input::TaskAsk { conn, .. } => *conn,
             Input::Hashed { origin, .. } => return origin.conn(),
+            Input::PassDone { .. } => return None,
         })
     }
 }
@@ -749,6 +757,13 @@ impl Fleet {
                 total,
                 have,
             } => cx.task_ask(*conn, *device, *task, *total, have),
+            Input::PassDone { task } => {
+                // A task gone (pruned) or a store refusal only costs a restart's second
+                // multicast of the file: logged, nothing else to undo.
+                if let Err(e) = cx.b.task_pass_done(*task) {
+                    tracing::warn!(task = task.0, error = %e, "first pass not recorded");
+                }
+            }
         }
     }
 }
@@ -799,7 +814,7 @@ fn fail_all(inputs: &[Input], msg: &str) -> Vec<Action> {
                     }
                 }
             }
-            Input::Disconnected { .. } => vec![],
+            Input::Disconnected { .. } | Input::PassDone { .. } => vec![],
             Input::Hello { conn, .. }
             | Input::Enrol { conn, .. }
             | Input::Result { conn, .. }

@@ -328,6 +328,63 @@ mod tests {
         assert_eq!(progress_blocks(5, 12, 10), None);
     }
 
+    /// The distributor's word that a first pass is over reaches the task table and
+    /// survives a restart (which then catches the devices up instead of multicasting again).
+    #[test]
+    fn a_first_pass_done_is_recorded_in_the_task_and_kept_across_a_restart() {
+        let mut rig = Rig::new();
+        let (d1, _) = rig.enrol("n1", 1);
+        let task = store::Task {
+            path: "/srv/image.bin".into(),
+            size: 3000,
+            block_size: 1000,
+            sha256: [7; 32],
+            group: Some("g".into()),
+            trigger: "publish by operator".into(),
+            created_ms: T0,
+            then: vec![],
+            plan: store::TaskPlan {
+                at_ms: Some(T0 + 60_000),
+                rate: 1_000_000,
+                ..Default::default()
+            },
+            follow: Default::default(),
+        };
+        let a = rig.run(vec![Input::Hashed {
+            origin: Origin::Operator(900),
+            result: Ok(task),
+        }]);
+        let Some(Action::TaskCreated {
+            task: id, targets, ..
+        }) = a.first()
+        else {
+            panic!("{a:?}")
+        };
+        assert_eq!(targets, &vec![d1]);
+        let id = *id;
+        let plan = |rig: &Rig| {
+            let snap = rig.fleet.store().snapshot().unwrap();
+            snap.task(id).unwrap().unwrap().plan
+        };
+        assert!(plan(&rig).multicast_pending());
+        rig.restart();
+        assert!(plan(&rig).multicast_pending(), "kept as planned");
+        assert_eq!(rig.run(vec![Input::PassDone { task: id }]), vec![]);
+        // Repeated (the pass ended, then the group sender): no change, no action.
+        assert_eq!(rig.run(vec![Input::PassDone { task: id }]), vec![]);
+        rig.restart();
+        let p = plan(&rig);
+        assert!(p.pass_done && !p.multicast_pending());
+        assert_eq!(p.at_ms, Some(T0 + 60_000), "the rest of the plan stays");
+        // A task pruned meanwhile: logged, nothing else.
+        assert_eq!(
+            rig.run(vec![Input::PassDone {
+                task: store::TaskId(id.0 + 7)
+            }]),
+            vec![]
+        );
+    }
+
     #[test]
     fn push_creates_a_task_announces_online_targets_and_late_ones_on_welcome() {
         let mut rig = Rig::new();

@@ -77,13 +77,29 @@ impl Gateway {
                     return;
                 };
                 let (fleet, task_id) = (&self.fleet, *task);
+                // The row and the targets still to serve, should the task's sender have to
+                // be re-created (after a restart).
                 let row = || {
                     fleet.call(move |f| {
                         let snap = f.store().snapshot().ok()?;
-                        snap.task(task_id).ok()?
+                        let t = snap.task(task_id).ok()??;
+                        let pending = snap
+                            .task_statuses(task_id)
+                            .ok()?
+                            .into_iter()
+                            .filter(|(_, st)| {
+                                matches!(
+                                    st,
+                                    fleetcast_store::TaskDeviceStatus::Pending
+                                        | fleetcast_store::TaskDeviceStatus::InProgress(_)
+                                )
+                            })
+                            .map(|(dev, _)| dev)
+                            .collect();
+                        Some((t, pending))
                     })
                 };
-                match d.announce_for(*task, *device, peer, row, now) {
+                match d.announce_for(*task, *device, peer, row, (now, self.wall_ms)) {
                     Ok(a) => Some(a),
                     Err(e) => {
                         tracing::warn!(task = task.0, device = device.0, error = %e, "task not announced");

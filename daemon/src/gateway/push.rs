@@ -88,6 +88,7 @@ impl Gateway {
         };
         for ev in d.drive(now) {
             match ev {
+                DistEvent::PassDone { task } => self.inputs.push(Input::PassDone { task }),
                 DistEvent::Finished {
                     task,
                     completed,
@@ -95,20 +96,25 @@ impl Gateway {
                     stats,
                     deferred,
                     send_errors,
-                } => tracing::info!(
-                    task = task.0,
-                    completed,
-                    unfinished,
-                    first_pass = stats.first_pass_blocks,
-                    multicast_repairs = stats.multicast_repairs,
-                    parity = stats.parity_symbols,
-                    unicast_repairs = stats.unicast_repairs,
-                    bytes = stats.bytes,
-                    nacks = stats.nacks,
-                    deferred,
-                    send_errors,
-                    "distribution finished"
-                ),
+                } => {
+                    // A group sender that ended without a full pass (every target done or
+                    // cancelled first) is over too: a restart must not multicast it again.
+                    self.inputs.push(Input::PassDone { task });
+                    tracing::info!(
+                        task = task.0,
+                        completed,
+                        unfinished,
+                        first_pass = stats.first_pass_blocks,
+                        multicast_repairs = stats.multicast_repairs,
+                        parity = stats.parity_symbols,
+                        unicast_repairs = stats.unicast_repairs,
+                        bytes = stats.bytes,
+                        nacks = stats.nacks,
+                        deferred,
+                        send_errors,
+                        "distribution finished"
+                    )
+                }
             }
         }
     }
