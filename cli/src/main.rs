@@ -81,8 +81,10 @@ enum Cmd {
         /// Send by subnet-directed broadcast instead of the multicast group, on the interface
         /// of the gateway's --mcast-addr only: to ADDR, which must be that interface's
         /// directed broadcast (the gateway refuses any other), or without ADDR to that
-        /// broadcast itself. Default: the gateway's `mcast.broadcast`, if set.
-        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "subnet", conflicts_with = "multicast")]
+        /// broadcast itself. Default: the gateway's `mcast.broadcast`, if set. The address
+        /// takes `=` (`--broadcast=10.9.255.255`), so a bare `--broadcast FILE` leaves FILE
+        /// the file.
+        #[arg(long, value_name = "ADDR", num_args = 0..=1, require_equals = true, default_missing_value = "subnet", conflicts_with = "multicast")]
         broadcast: Option<BroadcastArg>,
         /// Send to the multicast group even when the gateway's `mcast.broadcast` is set.
         #[arg(long)]
@@ -909,5 +911,62 @@ fn bench_replot(file: &std::path::Path, out: &std::path::Path, json: bool) -> Ex
             errln!("fleetcast bench: {e}");
             Exit::Failed.into()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Cmd};
+
+    /// `--broadcast` takes its address only with `=`: a bare flag before the file leaves
+    /// the file alone (it used to swallow it as the address, and fail to parse).
+    #[test]
+    fn a_bare_broadcast_flag_does_not_take_the_file() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).map(|c| c.cmd) {
+            Ok(Cmd::Push {
+                file, broadcast, ..
+            }) => Ok((file, broadcast.map(|b| b.0))),
+            Ok(_) => panic!("not a push"),
+            Err(e) => Err(e.kind()),
+        };
+        let bare = parse(&[
+            "fleetcast",
+            "push",
+            "--broadcast",
+            "img.bin",
+            "--group",
+            "g",
+        ]);
+        assert_eq!(bare, Ok(("img.bin".into(), Some(None))));
+        let at = parse(&[
+            "fleetcast",
+            "push",
+            "img.bin",
+            "--broadcast=10.9.255.255",
+            "--group",
+            "g",
+        ]);
+        assert_eq!(
+            at,
+            Ok((
+                "img.bin".into(),
+                Some(Some("10.9.255.255".parse().unwrap()))
+            ))
+        );
+        let none = parse(&["fleetcast", "push", "img.bin", "--group", "g"]);
+        assert_eq!(none, Ok(("img.bin".into(), None)));
+        // An address after a space is now the file, and the file a second one: refused.
+        assert!(parse(&[
+            "fleetcast",
+            "push",
+            "img.bin",
+            "--broadcast",
+            "10.9.255.255",
+            "--group",
+            "g"
+        ])
+        .is_err());
     }
 }

@@ -1116,8 +1116,7 @@ fn push_by_broadcast_reaches_three_lossy_receivers() {
             &src_s,
             "--group",
             "fleet",
-            "--broadcast",
-            "10.77.0.255",
+            "--broadcast=10.77.0.255",
         ],
     );
     assert!(
