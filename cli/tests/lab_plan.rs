@@ -122,3 +122,58 @@ fn a_scheduled_push_still_multicasts_at_its_time_after_the_gateway_is_killed() {
         assert!(got == data, "n{}: copy differs", i + 1);
     }
 }
+
+/// `watch.then`: a file dropped into the watched directory is pushed, and each device runs
+/// the configured follow-up on its verified copy, with `{file}` its name (one with a space
+/// and a quote here, which reaches the script as its `$1`, not as shell text).
+#[test]
+fn a_watched_push_runs_the_configured_follow_up_on_each_verified_copy() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let drop_dir = dir.join("drop");
+    std::fs::create_dir_all(&drop_dir).expect("drop dir");
+    let config = dir.join("fleetcastd.toml");
+    std::fs::write(
+        &config,
+        "[watch]\nthen = [\"sh:echo installed {file}\", \"report\"]\n",
+    )
+    .expect("config");
+    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    let gw_addr = lab.host(0).addr().to_string();
+    let (drop_arg, config_arg) = (drop_dir.display().to_string(), config.display().to_string());
+    let gw = Gateway::start(
+        lab.host(0),
+        dir,
+        &[
+            "--mcast-addr",
+            &gw_addr,
+            "--config",
+            &config_arg,
+            "--watch-dir",
+            &drop_arg,
+            "--watch-group",
+            "fleet",
+        ],
+    );
+    let (specs, _agents) = gw.enrol_agents(&lab, dir, 2);
+    let mut data = vec![0u8; 1 << 20];
+    Rng::from_env(0x5eed_0017).fill(&mut data);
+    let name = "pkg one's.bin";
+    std::fs::write(drop_dir.join(format!("{name}.tmp")), &data).expect("write");
+    std::fs::rename(drop_dir.join(format!("{name}.tmp")), drop_dir.join(name)).expect("rename");
+    for i in 0..specs.len() {
+        let dev = format!("n{}", i + 1);
+        let q = gw.wait_done(&dev, WAIT, || gw.diag());
+        let cmds = q["commands"].as_array().expect("commands");
+        assert_eq!(cmds.len(), 2, "one command per step: {q:#}");
+        assert_eq!(cmds[0]["state"], "ok", "{q:#}");
+        assert_eq!(
+            cmds[0]["output"].as_str().map(str::trim_end),
+            Some(format!("installed {name}").as_str()),
+            "{q:#}"
+        );
+        assert_eq!(cmds[1]["state"], "ok", "{q:#}");
+        let got = std::fs::read(specs[i].state.join("downloads").join(name)).expect("copy");
+        assert!(got == data, "{dev}: copy differs");
+    }
+}

@@ -90,6 +90,10 @@ pub struct WatchSection {
     pub rate_mbps: u64,
     /// Block size of triggered pushes, bytes.
     pub block_size: u32,
+    /// Follow-up commands of triggered pushes, one step each in `queue add` step syntax;
+    /// `{file}` stands for the pushed file's name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub then: Vec<String>,
 }
 
 impl Default for WatchSection {
@@ -100,6 +104,7 @@ impl Default for WatchSection {
             interval_ms: 2000,
             rate_mbps: 200,
             block_size: 1400,
+            then: Vec::new(),
         }
     }
 }
@@ -424,6 +429,13 @@ pub const KEYS: &[Key] = &[
         "Block size of the pushes watch.dir triggers, bytes.",
     ),
     key(
+        "watch.then",
+        List,
+        "a list of steps in `fleetcast queue add` syntax (sh:, exec:, install:, fetch:, verify:, write:, reboot, report)",
+        "[\"sh:dpkg -i /var/lib/fleetcast/downloads/{file}\"]",
+        "Commands queued on each device once its copy of a file watch.dir pushed verified, one step each, in order ({file}: the file's name; in sh: steps it is passed quoted, as $1). In the environment, comma-separated. Unset: none.",
+    ),
+    key(
         "store.events_keep_days",
         Int,
         "a whole number of days from 0 (no age limit) to 36500",
@@ -552,6 +564,9 @@ pub enum Problem {
     /// An environment value of a number key that is not a whole number.
     #[error("`{0}` is not a whole number")]
     NotANumber(String),
+    /// A `watch.then` step that does not parse or breaks a rule.
+    #[error(transparent)]
+    BadStep(crate::watch::ThenError),
     /// A value of the wrong type, in the words of the TOML parser.
     #[error("{0}")]
     Type(String),
@@ -1000,6 +1015,10 @@ impl Config {
             "watch.interval_ms" => range(self.watch.interval_ms, 100, 3_600_000),
             "watch.rate_mbps" => range(self.watch.rate_mbps, 1, 100_000),
             "watch.block_size" => range(self.watch.block_size.into(), 512, 65_000),
+            "watch.then" => match crate::watch::follow_up_templates(&self.watch.then) {
+                Ok(_) => Ok(()),
+                Err(e) => takes(Problem::BadStep(e)),
+            },
             "store.events_keep_days" => range(self.store.events_keep_days, 0, 36_500),
             _ => Ok(()),
         }
@@ -1096,6 +1115,7 @@ mod tests {
             watch: WatchSection {
                 dir: Some("/w".into()),
                 group: Some("g".into()),
+                then: vec!["report".into()],
                 ..WatchSection::default()
             },
             ..Config::default()
@@ -1152,6 +1172,7 @@ mod tests {
         ("watch.interval_ms", "500", "500"),
         ("watch.rate_mbps", "300", "300"),
         ("watch.block_size", "8000", "8000"),
+        ("watch.then", "sh:dpkg -i {file}", "[\"sh:dpkg -i {file}\"]"),
         ("store.events_keep_days", "7", "7"),
         ("store.events_max", "5000", "5000"),
         ("store.results_per_device", "20", "20"),
@@ -1315,6 +1336,8 @@ mod tests {
             ("[watch]\ninterval_ms = 10\n", "watch.interval_ms", "from 100 to 3600000"),
             ("[watch]\nrate_mbps = 0\n", "watch.rate_mbps", "from 1 to 100000"),
             ("[watch]\nblock_size = 100\n", "watch.block_size", "from 512 to 65000"),
+            ("[watch]\nthen = [\"shell:ls\"]\n", "watch.then", "step 1 (`shell:ls`): unknown step `shell:ls`"),
+            ("[watch]\nthen = [\"reboot\", \"fetch:/x\"]\n", "watch.then", "fetch:PATH=URL"),
         ];
         for (text, key, want) in cases {
             let e = file_error(text);

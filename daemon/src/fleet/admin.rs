@@ -7,7 +7,7 @@ use super::*;
 use crate::admin::TriggerError;
 
 /// Time allowed for one follow-up command of a push (an install, typically).
-const FOLLOW_UP_TIMEOUT_MS: u64 = 600_000;
+pub const FOLLOW_UP_TIMEOUT_MS: u64 = 600_000;
 
 /// Why a queue command was refused (one variant per broken rule).
 #[derive(Debug, thiserror::Error)]

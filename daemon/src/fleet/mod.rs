@@ -45,7 +45,7 @@ mod session;
 mod task_control;
 mod tasks;
 
-pub use admin::{commands_from_specs, AdminError, CommandError};
+pub use admin::{commands_from_specs, AdminError, CommandError, FOLLOW_UP_TIMEOUT_MS};
 use deadlines::Deadline;
 use task_control::TaskControl;
 pub use tasks::progress_blocks;

@@ -68,7 +68,11 @@ impl Gateway {
                 rate_mbps: w.cfg.rate_mbps,
                 reason: reason.clone(),
                 trigger: admin::PushTrigger::default(),
-                then: Vec::new(),
+                then: crate::watch::follow_ups(
+                    &w.cfg.then,
+                    &name,
+                    crate::fleet::FOLLOW_UP_TIMEOUT_MS,
+                ),
                 delivery: admin::Delivery::Default,
             };
             match d.prepare_push(origin, spec, self.wall_ms) {
@@ -264,6 +268,7 @@ mod tests {
             interval: Duration::from_millis(20),
             rate_mbps: 10,
             block_size: 1000,
+            then: vec![],
         };
         let mut gw = gateway(dir.path(), Some(watch));
         // The first scan is the baseline; the file appears after it and settles.
