@@ -161,7 +161,7 @@ fn a_watched_push_runs_the_configured_follow_up_on_each_verified_copy() {
     let name = "pkg one's.bin";
     std::fs::write(drop_dir.join(format!("{name}.tmp")), &data).expect("write");
     std::fs::rename(drop_dir.join(format!("{name}.tmp")), drop_dir.join(name)).expect("rename");
-    for i in 0..specs.len() {
+    for (i, spec) in specs.iter().enumerate() {
         let dev = format!("n{}", i + 1);
         let q = gw.wait_done(&dev, WAIT, || gw.diag());
         let cmds = q["commands"].as_array().expect("commands");
@@ -173,7 +173,7 @@ fn a_watched_push_runs_the_configured_follow_up_on_each_verified_copy() {
             "{q:#}"
         );
         assert_eq!(cmds[1]["state"], "ok", "{q:#}");
-        let got = std::fs::read(specs[i].state.join("downloads").join(name)).expect("copy");
+        let got = std::fs::read(spec.state.join("downloads").join(name)).expect("copy");
         assert!(got == data, "{dev}: copy differs");
     }
 }

@@ -566,7 +566,7 @@ pub enum Problem {
     NotANumber(String),
     /// A `watch.then` step that does not parse or breaks a rule.
     #[error(transparent)]
-    BadStep(crate::watch::ThenError),
+    BadStep(Box<crate::watch::ThenError>),
     /// A value of the wrong type, in the words of the TOML parser.
     #[error("{0}")]
     Type(String),
@@ -1017,7 +1017,7 @@ impl Config {
             "watch.block_size" => range(self.watch.block_size.into(), 512, 65_000),
             "watch.then" => match crate::watch::follow_up_templates(&self.watch.then) {
                 Ok(_) => Ok(()),
-                Err(e) => takes(Problem::BadStep(e)),
+                Err(e) => takes(Problem::BadStep(Box::new(e))),
             },
             "store.events_keep_days" => range(self.store.events_keep_days, 0, 36_500),
             _ => Ok(()),
