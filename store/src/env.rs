@@ -50,7 +50,10 @@ use crate::types::DeviceId;
 /// than take a cancelled row for a corrupt one. 4: device records of format 3 keep the time
 /// their report came (`Device::report_ms`); older records read unchanged (that time unknown),
 /// and a schema-3 build refuses the store rather than take a format-3 record for a corrupt one.
-pub const SCHEMA_VERSION: u32 = 4;
+/// 5: a task record may end in tagged extensions (its plan and what it follows, see `Task`);
+/// every schema-4 record reads unchanged, and a schema-4 build, which would take the
+/// extensions for trailing bytes, refuses the store.
+pub const SCHEMA_VERSION: u32 = 5;
 /// Initial map size (grows on demand).
 pub const INITIAL_MAP_SIZE: usize = 64 << 20;
 /// Map size ceiling: growth beyond this reports `DiskFull` instead.

@@ -738,7 +738,7 @@ fn a_schema2_task_table_opens_unchanged() {
             SCHEMA_VERSION.to_le_bytes()
         );
     }
-    assert_eq!(SCHEMA_VERSION, 4);
+    assert_eq!(SCHEMA_VERSION, 5);
     let mut blocks = BlockSet::new();
     blocks.insert(0, 3);
     assert_eq!(
