@@ -79,26 +79,7 @@ impl Gateway {
                 let (fleet, task_id) = (&self.fleet, *task);
                 // The row and the targets still to serve, should the task's sender have to
                 // be re-created (after a restart).
-                let row = || {
-                    fleet.call(move |f| {
-                        let snap = f.store().snapshot().ok()?;
-                        let t = snap.task(task_id).ok()??;
-                        let pending = snap
-                            .task_statuses(task_id)
-                            .ok()?
-                            .into_iter()
-                            .filter(|(_, st)| {
-                                matches!(
-                                    st,
-                                    fleetcast_store::TaskDeviceStatus::Pending
-                                        | fleetcast_store::TaskDeviceStatus::InProgress(_)
-                                )
-                            })
-                            .map(|(dev, _)| dev)
-                            .collect();
-                        Some((t, pending))
-                    })
-                };
+                let row = || fleet.call(move |f| task_to_recreate(f, task_id));
                 match d.announce_for(*task, *device, peer, row, (now, self.wall_ms)) {
                     Ok(a) => Some(a),
                     Err(e) => {
@@ -200,4 +181,23 @@ fn send_dispatch(
         steps,
         target: cmd.target.clone(),
     })
+}
+
+/// A task's row and its targets still pending or in progress, from a snapshot (`None`: no
+/// such task, or the store failed: the announce is not sent, and logged).
+fn task_to_recreate(
+    f: &crate::fleet::Fleet,
+    task: fleetcast_store::TaskId,
+) -> Option<(fleetcast_store::Task, Vec<fleetcast_store::DeviceId>)> {
+    use fleetcast_store::TaskDeviceStatus::{InProgress, Pending};
+    let snap = f.store().snapshot().ok()?;
+    let t = snap.task(task).ok()??;
+    let pending = snap
+        .task_statuses(task)
+        .ok()?
+        .into_iter()
+        .filter(|(_, st)| matches!(st, Pending | InProgress(_)))
+        .map(|(dev, _)| dev)
+        .collect();
+    Some((t, pending))
 }
