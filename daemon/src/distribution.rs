@@ -611,6 +611,7 @@ impl Distributor {
             trigger,
             then,
             delivery,
+            follow,
         } = push;
         let dest = self.destination(delivery)?;
         let reason = if dest == self.cfg.group {
@@ -647,7 +648,7 @@ impl Distributor {
             created_ms: wall_ms,
             then,
             plan: Default::default(),
-            follow: Default::default(),
+            follow,
         };
         let (tx, waker, file) = (
             self.hashed_tx.clone(),
@@ -679,7 +680,7 @@ impl Distributor {
         let delay = Duration::from_millis(trigger.at_ms.map_or(0, |t| t.saturating_sub(wall_ms)));
         let trigger = Trigger {
             delay,
-            quorum: trigger.min_ready.map(|n| {
+            quorum: trigger.min_ready.or(follow.when_online).map(|n| {
                 (
                     n as usize,
                     delay + Duration::from_secs(trigger.max_wait_s.unwrap_or(u64::MAX / 4)),

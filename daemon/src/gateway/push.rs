@@ -70,6 +70,7 @@ impl Gateway {
                 trigger: admin::PushTrigger::default(),
                 then: Vec::new(),
                 delivery: admin::Delivery::Default,
+                follow: Default::default(),
             };
             match d.prepare_push(origin, spec, self.wall_ms) {
                 Ok(()) => {
@@ -171,6 +172,7 @@ mod tests {
             trigger,
             then: vec![],
             delivery: Default::default(),
+            follow: Default::default(),
         }
     }
 
