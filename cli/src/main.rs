@@ -733,6 +733,7 @@ fn watch(
 fn follow_task(data_dir: &std::path::Path, task: u64) -> ExitCode {
     let mut last: std::collections::BTreeMap<String, String> = Default::default();
     let mut waiting: Option<String> = None;
+    let mut told_empty = false;
     loop {
         let resp = match admin::request(data_dir, &Request::TaskShow { task: Some(task) }) {
             Ok(r) if r.ok => r,
@@ -748,6 +749,15 @@ fn follow_task(data_dir: &std::path::Path, task: u64) -> ExitCode {
             waiting = now_waiting;
         }
         let rows = resp.data["devices"].as_array().cloned().unwrap_or_default();
+        // A push that follows an empty group: nothing to show until a device joins it.
+        if rows.is_empty() && !told_empty {
+            outln!(
+                "  no targets yet: devices joining group {} get it as they come (stop following \
+                 with Ctrl-C: the push goes on)",
+                resp.data["group"].as_str().unwrap_or("?")
+            );
+            told_empty = true;
+        }
         for r in &rows {
             let name = r["device"].as_str().unwrap_or("?").to_string();
             let line = format!(

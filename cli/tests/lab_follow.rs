@@ -105,6 +105,99 @@ fn assert_copy(spec: &AgentSpec, name: &str, data: &[u8]) {
     assert!(got == data, "{name}: received file differs from the source");
 }
 
+/// `fleetcast push FILE ARGS...` as a person runs it (following the task), its output read
+/// as it comes.
+struct FollowedPush {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FollowedPush {
+    fn start(gw: &Gateway<'_>, src: &std::path::Path, args: &[&str]) -> FollowedPush {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+            .arg("--data-dir")
+            .arg(&gw.data)
+            .arg("push")
+            .arg(src)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run fleetcast push");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let (out, sink) = (child.stdout.take().expect("stdout"), lines.clone());
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+        FollowedPush {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// The first line printed so far that contains `what`.
+    fn printed(&self, what: &str) -> Option<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains(what))
+            .cloned()
+    }
+
+    fn wait_printed(&self, what: &str, gw: &Gateway<'_>) -> String {
+        wait_for(
+            &format!("the push to print {what:?}"),
+            WAIT,
+            || self.printed(what),
+            || format!("{}\n{}", self.output(), gw.diag()),
+        )
+    }
+
+    /// The task id the push printed (`task: N`).
+    fn task(&self, gw: &Gateway<'_>) -> u64 {
+        let line = self.wait_printed("task: ", gw);
+        line.trim()
+            .strip_prefix("task: ")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("no task id in {line:?}"))
+    }
+
+    /// Waits for the push to end successfully, having printed `last`.
+    fn wait_success(mut self, last: &str) {
+        let lines = self.lines.clone();
+        let status = wait_for(
+            "the push to end",
+            WAIT,
+            || self.child.try_wait().expect("wait fleetcast push"),
+            || lines.lock().unwrap().join("\n"),
+        );
+        if let Some(r) = self.reader.take() {
+            r.join().expect("output reader");
+        }
+        assert!(status.success(), "{}", self.output());
+        assert!(self.printed(last).is_some(), "{}", self.output());
+    }
+}
+
+impl Drop for FollowedPush {
+    fn drop(&mut self) {
+        // A failed test leaves no follower behind (the one this test started).
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Event messages that contain `text`.
 fn events_with(gw: &Gateway<'_>, text: &str) -> Vec<String> {
     gw.events()
@@ -171,7 +264,13 @@ fn a_following_push_to_an_empty_group_reaches_devices_as_they_enrol_into_it() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let task = push_cli(&gw, &dir.join("new.bin"), "new", &["--follow-group"]);
+    let push = FollowedPush::start(
+        &gw,
+        &dir.join("new.bin"),
+        &["--group", "new", "--follow-group"],
+    );
+    let task = push.task(&gw);
+    push.wait_printed("no targets yet: devices joining group new get it", &gw);
     assert!(gw.task_rows(task).is_empty(), "{:#?}", gw.task_rows(task));
 
     // A device enrols into `new` (its token names the group) and completes the task.
@@ -191,6 +290,10 @@ fn a_following_push_to_an_empty_group_reaches_devices_as_they_enrol_into_it() {
         "{}",
         gw.diag()
     );
+    // The operator's push followed it to the end: every target so far has its copy.
+    push.wait_success(&format!(
+        "task {task}: 1 of 1 receivers have a verified copy"
+    ));
 
     // An enrolled device added to the group later completes it too.
     cli(&gw, &["group", "add", "new", "n1"]);
@@ -229,13 +332,15 @@ fn when_online_waits_for_the_devices_then_multicasts_to_them_together() {
     let data = source(dir, "rack.bin", 2 << 20, 0x5eed_0f03);
     let fired = |gw: &Gateway<'_>| gw.stderr().matches("trigger fired").count();
 
+    // The push as a person runs it: it follows the task, saying what it waits for.
     let asked = now();
-    let task = push_cli(
+    let push = FollowedPush::start(
         &gw,
         &dir.join("rack.bin"),
-        "fleet",
-        &["--when-online", "2", "--max-wait", "60"],
+        &["--group", "fleet", "--when-online", "2", "--max-wait", "60"],
     );
+    let task = push.task(&gw);
+    push.wait_printed("waiting: 1 of 2 devices of fleet online", &gw);
     let waiting = |gw: &Gateway<'_>| {
         gw.try_admin(&Request::TaskShow { task: Some(task) })
             .ok()
@@ -282,4 +387,8 @@ fn when_online_waits_for_the_devices_then_multicasts_to_them_together() {
     assert_eq!(waiting(&gw), None);
     assert_copy(&specs[0], "rack.bin", &data);
     assert_copy(&specs[1], "rack.bin", &data);
+    // The following push ends with both copies verified (exit 0).
+    push.wait_success(&format!(
+        "task {task}: 2 of 2 receivers have a verified copy"
+    ));
 }
