@@ -345,6 +345,61 @@ mod tests {
         assert!(r.data.get("waiting").is_none(), "{r:?}");
     }
 
+    #[test]
+    fn a_whole_task_cancel_stops_following_the_group_and_a_device_cancel_does_not() {
+        let mut rig = Rig::with_multicast();
+        let (d1, k1) = rig.enrol_into("n1", 1, &["other"]);
+        rig.enrol_into("n2", 2, &["other"]);
+        rig.hello(11, d1, k1, None);
+        let gate = store::TaskFollow {
+            group: true,
+            when_online: Some(5),
+        };
+        let (_, empty) = create(&mut rig, row("new", gate, None));
+        let empty = empty.unwrap();
+        let (_, kept) = create(&mut rig, row("kept", FOLLOW, None));
+        let kept = kept.unwrap();
+        // The reply (a cancelled online device's sender is told first).
+        let cancel = |rig: &mut Rig, task: store::TaskId, device: Option<&str>| {
+            let a = rig.run(vec![Input::Admin {
+                conn: 999,
+                req: Request::TaskCancel {
+                    task: task.0,
+                    device: device.map(str::to_string),
+                },
+            }]);
+            match a.last() {
+                Some(Action::Reply { resp, .. }) => resp.clone(),
+                other => panic!("{other:?}"),
+            }
+        };
+        // Nobody joined yet, but there is something to cancel: the following and the gate.
+        let r = cancel(&mut rig, empty, None);
+        assert!(r.ok, "{r:?}");
+        assert_eq!(events_with(&mut rig, "no longer follows group new"), 1);
+        let r = rig.admin(Request::TaskShow {
+            task: Some(empty.0),
+        });
+        assert!(r.data.get("waiting").is_none(), "{r:?}");
+        let a = group_add(&mut rig, "new", &["n1"]);
+        assert_eq!(announced(&a), [], "{a:?}");
+        assert_eq!(row_of(&mut rig, empty, "n1"), None);
+        // Cancelled again: nothing left to change.
+        assert!(!cancel(&mut rig, empty, None).ok);
+
+        // One device's cancel leaves the task following its group.
+        group_add(&mut rig, "kept", &["n1"]);
+        assert!(cancel(&mut rig, kept, Some("n1")).ok);
+        let a = group_add(&mut rig, "kept", &["n2"]);
+        assert_eq!(
+            row_of(&mut rig, kept, "n2").as_deref(),
+            Some("pending"),
+            "{a:?}"
+        );
+        assert_eq!(row_of(&mut rig, kept, "n1").as_deref(), Some("cancelled"));
+        assert_eq!(events_with(&mut rig, "no longer follows group kept"), 0);
+    }
+
     fn push_req(trigger: PushTrigger, follow: PushFollow) -> Request {
         Request::Push {
             path: "/srv/image.bin".into(),
