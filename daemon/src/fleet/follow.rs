@@ -11,6 +11,8 @@
 //!   join the multicast while the first pass runs, and catches it up by unicast otherwise. One
 //!   that is offline is served when it connects, by its task finisher's ask (`finisher.rs`),
 //!   like any incomplete task of its own.
+//! - A whole-task cancel ends the following (`task_control.rs`): the task record then follows
+//!   nothing, so nothing here picks it up again.
 //! - The online gate itself is the distributor's quorum (devices that reported joining):
 //!   online devices of the group are announced the task, and report joining at once. The
 //!   fleet only says how far it is: `waiting` while fewer than the gate's count of the
