@@ -667,6 +667,7 @@ impl<'n> Demo<'n> {
             trigger: PushTrigger::default(),
             then: vec![],
             delivery: Default::default(),
+            follow: Default::default(),
         })?;
         let task = r["task"].as_u64().ok_or(DemoError::Missing("task id"))?;
         let all_online = |rows: &[Value]| {

@@ -48,6 +48,7 @@ enum Cmd {
     Queue(QueueCmd),
     /// Publish a file to every member of a group by multicast (with unicast repair and
     /// catch-up for devices that join later). Do not rewrite the file while it is pushed.
+    #[command(group(clap::ArgGroup::new("gate").args(["min_ready", "when_online"]).multiple(true)))]
     Push {
         /// The file (on the gateway's machine).
         file: PathBuf,
@@ -71,8 +72,19 @@ enum Cmd {
         /// Start once this many receivers have joined ...
         #[arg(long, value_name = "N")]
         min_ready: Option<u32>,
-        /// ... or after this many seconds, whichever comes first (needs --min-ready).
-        #[arg(long, value_name = "SECONDS", requires = "min_ready")]
+        /// Devices added to the group later (`group add`) or enrolled into it get the file
+        /// too: joining the multicast while it runs, caught up by unicast after. The group may
+        /// be empty at the push.
+        #[arg(long)]
+        follow_group: bool,
+        /// Start once N devices of the group are online (and joined), so freshly racked
+        /// machines get imaged together; devices that enrol into the group meanwhile count
+        /// (implies --follow-group).
+        #[arg(long, value_name = "N")]
+        when_online: Option<u32>,
+        /// ... or after this many seconds, whichever comes first (needs --min-ready or
+        /// --when-online).
+        #[arg(long, value_name = "SECONDS", requires = "gate")]
         max_wait: Option<u64>,
         /// A command queued on each device once its copy verified, in `queue add` step
         /// syntax (e.g. `sh:dpkg -i /var/lib/fleetcast/downloads/pkg.deb`); repeat for more.
@@ -358,6 +370,8 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
             start_in,
             min_ready,
             max_wait,
+            follow_group,
+            when_online,
             then,
             broadcast,
             multicast,
@@ -393,6 +407,10 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
                 },
                 then,
                 delivery,
+                follow: fleetcast_daemon::admin::PushFollow {
+                    group: follow_group,
+                    when_online,
+                },
             }
         }
         Cmd::Task(TaskCmd::Show { id }) => Request::TaskShow { task: id },
@@ -716,13 +734,32 @@ fn watch(
 /// was cancelled. Exit code 0 when all completed, 1 otherwise.
 fn follow_task(data_dir: &std::path::Path, task: u64) -> ExitCode {
     let mut last: std::collections::BTreeMap<String, String> = Default::default();
+    let mut waiting: Option<String> = None;
+    let mut told_empty = false;
     loop {
         let resp = match admin::request(data_dir, &Request::TaskShow { task: Some(task) }) {
             Ok(r) if r.ok => r,
             Ok(r) => return refused(false, r),
             Err(e) => return client_fail(false, &e),
         };
+        // A `--when-online` gate: say how far it is whenever that changes.
+        let now_waiting = resp.data["waiting"].as_str().map(str::to_string);
+        if now_waiting != waiting {
+            if let Some(w) = &now_waiting {
+                outln!("  waiting: {w}");
+            }
+            waiting = now_waiting;
+        }
         let rows = resp.data["devices"].as_array().cloned().unwrap_or_default();
+        // A push that follows an empty group: nothing to show until a device joins it.
+        if rows.is_empty() && !told_empty {
+            outln!(
+                "  no targets yet: devices joining group {} get it as they come (stop following \
+                 with Ctrl-C: the push goes on)",
+                resp.data["group"].as_str().unwrap_or("?")
+            );
+            told_empty = true;
+        }
         for r in &rows {
             let name = r["device"].as_str().unwrap_or("?").to_string();
             let line = format!(

@@ -301,6 +301,7 @@ fn push_throughput() {
         trigger: Default::default(),
         then: vec![],
         delivery: Default::default(),
+        follow: Default::default(),
     });
     let task = r["task"].as_u64().expect("task id");
     wait_for(
@@ -365,6 +366,7 @@ fn transfers_resume_across_agent_and_gateway_restarts() {
             trigger: Default::default(),
             then: vec![],
             delivery: Default::default(),
+            follow: Default::default(),
         })["task"]
             .as_u64()
             .expect("task id")
@@ -439,6 +441,7 @@ fn two_concurrent_pushes_to_the_same_devices_both_complete() {
             trigger: Default::default(),
             then: vec![],
             delivery: Default::default(),
+            follow: Default::default(),
         });
         tasks.push(r["task"].as_u64().expect("task id"));
         files.push((name, data));
@@ -565,6 +568,7 @@ fn scheduled_and_quorum_triggers_start_the_multicast_when_they_say() {
         },
         then: vec![],
         delivery: Default::default(),
+        follow: Default::default(),
     });
     let task2 = r["task"].as_u64().expect("task id");
     wait_for(
@@ -598,6 +602,7 @@ fn scheduled_and_quorum_triggers_start_the_multicast_when_they_say() {
             },
             then: vec![],
             delivery: Default::default(),
+            follow: Default::default(),
         })
         .unwrap_err();
     assert!(err.contains("give both"), "{err}");
@@ -839,6 +844,7 @@ fn a_copy_corrupted_on_the_device_is_received_again_not_reported() {
         trigger: Default::default(),
         then: vec![],
         delivery: Default::default(),
+        follow: Default::default(),
     });
     let task = r["task"].as_u64().expect("task id");
     let part = specs[0].state.join("downloads").join("disk.img.part");
@@ -912,6 +918,7 @@ fn independent_losses_are_healed_by_parity() {
         trigger: Default::default(),
         then: vec![],
         delivery: Default::default(),
+        follow: Default::default(),
     });
     let task = r["task"].as_u64().expect("task id");
     wait_completed(&gw, &specs, task, &["n1", "n2", "n3", "n4"]);

@@ -64,9 +64,20 @@ pub enum TriggerError {
     /// `min_ready` of zero.
     #[error("--min-ready must be at least 1 (or leave it out to start at once)")]
     NoneReady,
-    /// `max_wait_s` without the `min_ready` it bounds.
-    #[error("--max-wait bounds the wait for --min-ready receivers: give both")]
+    /// `max_wait_s` without the `min_ready` or `when_online` it bounds.
+    #[error(
+        "--max-wait bounds the wait for --min-ready receivers or --when-online devices: give both"
+    )]
     WaitAlone,
+    /// `when_online` of zero.
+    #[error("--when-online must be at least 1 (or leave it out to start at once)")]
+    NoneOnline,
+    /// `when_online` and `min_ready` together: two gates on the same start.
+    #[error(
+        "--when-online and --min-ready both gate the start: give one (--when-online N waits \
+         for N devices of the group to be online and join)"
+    )]
+    TwoGates,
 }
 
 /// Parses one step as written on the command line:
@@ -276,6 +287,10 @@ pub enum Request {
         /// `mcast.broadcast`).
         #[serde(default)]
         delivery: Delivery,
+        /// Whether devices that join the group later get the task, and whether the multicast
+        /// waits for devices to come online (default: neither; older clients send none).
+        #[serde(default)]
+        follow: PushFollow,
     },
     /// A task's status table, or (without an id) every task with its counts.
     TaskShow {
@@ -350,8 +365,20 @@ pub struct PushTrigger {
 }
 
 impl PushTrigger {
-    /// Refuses contradictions, with what to do instead.
+    /// Refuses contradictions, with what to do instead (a push that follows nothing).
     pub fn validate(&self, wall_ms: u64) -> Result<(), TriggerError> {
+        self.validate_with(&PushFollow::default(), wall_ms)
+    }
+
+    /// [`PushTrigger::validate`] of a push with `follow`: `max_wait_s` may bound its online
+    /// gate instead of `min_ready`, and the two gates exclude each other.
+    pub fn validate_with(&self, follow: &PushFollow, wall_ms: u64) -> Result<(), TriggerError> {
+        if follow.when_online == Some(0) {
+            return Err(TriggerError::NoneOnline);
+        }
+        if follow.when_online.is_some() && self.min_ready.is_some() {
+            return Err(TriggerError::TwoGates);
+        }
         if let Some(at) = self.at_ms {
             if at + 1000 < wall_ms {
                 return Err(TriggerError::InThePast);
@@ -360,7 +387,7 @@ impl PushTrigger {
         if self.min_ready == Some(0) {
             return Err(TriggerError::NoneReady);
         }
-        if self.max_wait_s.is_some() && self.min_ready.is_none() {
+        if self.max_wait_s.is_some() && self.min_ready.is_none() && follow.when_online.is_none() {
             return Err(TriggerError::WaitAlone);
         }
         Ok(())
@@ -380,6 +407,45 @@ impl PushTrigger {
             _ => {}
         }
         s
+    }
+}
+
+/// Which devices a push serves beyond the group's members at the time of the push, and
+/// whether its multicast waits for devices to come online.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushFollow {
+    /// Devices added to the group later (`group add`) or enrolled into it get the task too
+    /// (`--follow-group`).
+    #[serde(default)]
+    pub group: bool,
+    /// The multicast starts once this many devices of the group are online and joined (or
+    /// `PushTrigger::max_wait_s` passed); implies [`PushFollow::group`], so devices that
+    /// enrol while it waits count (`--when-online N`).
+    #[serde(default)]
+    pub when_online: Option<u32>,
+}
+
+impl PushFollow {
+    /// As the task record keeps it: an online gate follows the group (the devices it waits
+    /// for are typically not enrolled yet).
+    pub fn to_task(self) -> fleetcast_store::TaskFollow {
+        fleetcast_store::TaskFollow {
+            group: self.group || self.when_online.is_some(),
+            when_online: self.when_online,
+        }
+    }
+
+    /// What the push follows, in the words of the task table's trigger (after the origin
+    /// and before the schedule): empty when it follows nothing.
+    pub fn describe(&self, group: &str, max_wait_s: Option<u64>) -> String {
+        match (self.when_online, max_wait_s) {
+            (Some(n), Some(w)) => {
+                format!(", when {n} devices of group {group} are online or {w} s passed")
+            }
+            (Some(n), None) => format!(", when {n} devices of group {group} are online"),
+            (None, _) if self.group => format!(", following group {group}"),
+            (None, _) => String::new(),
+        }
     }
 }
 

@@ -454,6 +454,9 @@ pub struct Distributor {
     iface: Option<Iface>,
     /// Whether `SO_BROADCAST` is on (set at the first broadcast push).
     broadcast_on: bool,
+    /// Tasks created with no multicast to run (no target and nothing to wait for): their
+    /// pass is over from the start, reported by the next [`Distributor::drive`].
+    passless: Vec<TaskId>,
 }
 
 /// Multicast counters since the gateway started, over every distribution live or ended (the
@@ -578,6 +581,7 @@ impl Distributor {
             finished: McastTotals::default(),
             iface,
             broadcast_on: false,
+            passless: Vec::new(),
         })
     }
 
@@ -616,6 +620,7 @@ impl Distributor {
             trigger,
             then,
             delivery,
+            follow,
         } = push;
         let dest = self.destination(delivery)?;
         let reason = if dest == self.cfg.group {
@@ -650,7 +655,6 @@ impl Distributor {
             broadcast: (dest != self.cfg.group).then_some(dest),
             pass_done: false,
         };
-        let follow = store::TaskFollow::default();
         let task = store::Task {
             path: path.into(),
             size: map.len as u64,
@@ -809,6 +813,9 @@ impl Distributor {
         ) {
             Ok(mut d) => {
                 d.dest = dest;
+                if d.core.group().is_none() {
+                    self.passless.push(task);
+                }
                 tracing::info!(
                     task = task.0,
                     blocks = d.core.n_blocks(),
@@ -919,6 +926,9 @@ impl Distributor {
                     now,
                 )?;
                 d.dest = dest;
+                if d.core.group().is_none() {
+                    self.passless.push(task);
+                }
                 tracing::info!(
                     task = task.0,
                     targets = pending.len(),
@@ -969,7 +979,11 @@ impl Distributor {
     /// timers, sends, events; re-arms each one's timer and drops the tasks that are over.
     /// Call after any input and at [`Distributor::poll_timeout`].
     pub fn drive(&mut self, now: Instant) -> Vec<DistEvent> {
-        let mut out = Vec::new();
+        let mut out: Vec<DistEvent> = self
+            .passless
+            .drain(..)
+            .map(|task| DistEvent::PassDone { task })
+            .collect();
         let port = self.cfg.port;
         let fd = self.sock.as_raw_fd();
         self.budget.refill(now, !self.running.is_empty());

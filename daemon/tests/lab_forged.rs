@@ -51,6 +51,7 @@ fn push(gw: &Gateway<'_>, path: &std::path::Path, rate_mbps: u64) -> u64 {
         trigger: Default::default(),
         then: vec![],
         delivery: Default::default(),
+        follow: Default::default(),
     })["task"]
         .as_u64()
         .expect("task id")

@@ -137,6 +137,7 @@ fn replayed_and_forged_nacks_send_the_victim_no_repairs() {
         trigger: Default::default(),
         then: vec![],
         delivery: Default::default(),
+        follow: Default::default(),
     })["task"]
         .as_u64()
         .expect("task id");
@@ -274,6 +275,7 @@ fn a_long_poll_device_proves_its_address_and_is_repaired() {
         trigger: Default::default(),
         then: vec![],
         delivery: Default::default(),
+        follow: Default::default(),
     })["task"]
         .as_u64()
         .expect("task id");

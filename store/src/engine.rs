@@ -220,6 +220,10 @@ pub trait TaskOps {
     /// Records that the task's multicast first pass is over (a restart then catches its
     /// devices up by unicast); idempotent.
     fn task_pass_done(&mut self, task: TaskId) -> Result<()>;
+    /// Stops a task from following its group and from waiting for devices to come online
+    /// (an operator cancelled the whole task): `true` if it did either. Idempotent, and then
+    /// `false` (nothing is written).
+    fn task_unfollow(&mut self, task: TaskId) -> Result<bool>;
     /// Adds a target to a task (`pending`); no-op if it already is one.
     fn add_task_target(&mut self, task: TaskId, dev: DeviceId) -> Result<()>;
     /// Merges received blocks: `pending`/`in_progress` → `in_progress`.

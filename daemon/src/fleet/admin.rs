@@ -259,16 +259,17 @@ impl Cx<'_> {
                 trigger,
                 then,
                 delivery,
+                follow,
             } => {
-                let mut spec =
-                    self.push_spec(path, group, *block_size, *rate_mbps, *trigger, then)?;
+                let gates = (*trigger, *follow);
+                let mut spec = self.push_spec(path, group, *block_size, *rate_mbps, gates, then)?;
                 spec.delivery = *delivery;
                 return Ok(Answer::Prepare(spec));
             }
             // They need the gateway's own state (its counters, the store's environment
             // while the loop waits): the admin connection serves them itself.
             Request::Metrics | Request::Backup { .. } => return Err(AdminError::NotFleet),
-            Request::TaskShow { task } => task_show(&*self.b, *task)?,
+            Request::TaskShow { task } => task_show(&*self.b, self.online, self.now_ms, *task)?,
             Request::TaskCancel { task, device } => {
                 reply(&self.task_control(TaskControl::Cancel, *task, device.as_deref())?)
             }
@@ -287,13 +288,13 @@ impl Cx<'_> {
         group: &str,
         block_size: u32,
         rate_mbps: u64,
-        trigger: PushTrigger,
+        (trigger, follow): (PushTrigger, crate::admin::PushFollow),
         then: &[Vec<wire::Step<'static>>],
     ) -> Result<PushSpec, AdminError> {
         if !self.multicast {
             return Err(AdminError::MulticastOff);
         }
-        trigger.validate(self.now_ms)?;
+        trigger.validate_with(&follow, self.now_ms)?;
         let then = commands_from_specs(then, FOLLOW_UP_TIMEOUT_MS, 1, OnFailureSpec::Stop)
             .map_err(AdminError::Then)?;
         Ok(PushSpec {
@@ -301,10 +302,16 @@ impl Cx<'_> {
             group: group.to_string(),
             block_size,
             rate_mbps,
-            reason: "publish by operator".into(),
+            // The trigger text is the distributor's `describe` after this: what the push
+            // follows goes here so the task table says it.
+            reason: format!(
+                "publish by operator{}",
+                follow.describe(group, trigger.max_wait_s)
+            ),
             trigger,
             then,
             delivery: Default::default(),
+            follow: follow.to_task(),
         })
     }
 
@@ -402,6 +409,7 @@ impl Cx<'_> {
         for name in devices {
             let id = device_id(&*self.b, name)?;
             self.b.join_group(group, id)?;
+            self.follow_group(id, group)?;
         }
         Ok(GroupAdded {
             group: group.to_string(),
@@ -563,6 +571,7 @@ impl Cx<'_> {
             queues,
             last_event: self.b.last_event_id()?,
             devices,
+            waiting: super::follow::waiting_tasks(&*self.b, self.online, self.now_ms)?,
         })
     }
 
@@ -836,6 +845,7 @@ mod tests {
             trigger,
             then,
             delivery: Default::default(),
+            follow: Default::default(),
         }
     }
 
@@ -851,7 +861,7 @@ mod tests {
             created_ms: T0,
             then: spec.then.clone(),
             plan: Default::default(),
-            follow: Default::default(),
+            follow: spec.follow,
         }
     }
 
@@ -925,6 +935,7 @@ mod tests {
                 rate_mbps: 100,
                 reason: "publish by operator".into(),
                 delivery: Default::default(),
+                follow: Default::default(),
                 trigger: PushTrigger::default(),
                 then: vec![Command {
                     target: None,
@@ -1010,6 +1021,7 @@ mod tests {
             trigger: PushTrigger::default(),
             then: vec![],
             delivery: Default::default(),
+            follow: Default::default(),
         };
         // A file that cannot be read, and a group without members: the mapping goes, and no
         // connection hears of it (the fleet logs it).

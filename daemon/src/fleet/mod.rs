@@ -38,6 +38,7 @@ use crate::pki::{sha256, Pki};
 mod admin;
 mod deadlines;
 mod finisher;
+mod follow;
 mod responses;
 #[cfg(test)]
 mod rig;
@@ -109,6 +110,8 @@ pub struct PushSpec {
     pub then: Vec<Command>,
     /// Multicast group or broadcast (the distributor resolves and checks it).
     pub delivery: crate::admin::Delivery,
+    /// Devices beyond the group's members now, and the online gate (kept in the task row).
+    pub follow: store::TaskFollow,
 }
 
 /// Why the distributor could not prepare a push's file (cannot map or read it, a geometry

@@ -245,6 +245,21 @@ pub(super) struct FleetStatus {
     pub queues: HashMap<String, u64>,
     pub last_event: EventId,
     pub devices: Vec<StatusRow>,
+    /// Tasks whose multicast waits for devices of their group to come online.
+    pub waiting: Vec<TaskWaiting>,
+}
+
+/// A task held back by its online gate (`push --when-online`; see `follow.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(super) struct TaskWaiting {
+    pub task: u64,
+    pub group: String,
+    /// Members of the group online now.
+    pub online: u32,
+    /// Devices the gate waits for.
+    pub needed: u32,
+    /// In words: "7 of 20 devices of rack7 online".
+    pub waiting: String,
 }
 
 /// One device in `status`, with its last configuration report.
@@ -308,6 +323,9 @@ pub(super) struct TaskShown {
     pub group: Option<String>,
     pub trigger: String,
     pub created_ms: u64,
+    /// While the online gate holds the multicast back: "7 of 20 devices of rack7 online".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
     pub devices: Vec<TaskDeviceRow>,
 }
 

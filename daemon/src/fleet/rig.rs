@@ -80,9 +80,19 @@ impl Rig {
 
     /// Issues a token and enrols a device over connection `conn`; returns its id and key hash.
     pub(super) fn enrol(&mut self, name: &str, conn: ConnId) -> (DeviceId, [u8; 32]) {
+        self.enrol_into(name, conn, &["g"])
+    }
+
+    /// [`Rig::enrol`] with a token that names `groups`.
+    pub(super) fn enrol_into(
+        &mut self,
+        name: &str,
+        conn: ConnId,
+        groups: &[&str],
+    ) -> (DeviceId, [u8; 32]) {
         let r = self.admin(Request::DeviceAdd {
             name: name.into(),
-            groups: vec!["g".into()],
+            groups: groups.iter().map(|g| g.to_string()).collect(),
         });
         let token = r.data["token"].as_str().unwrap().to_string();
         let spki = device_spki();

@@ -371,6 +371,10 @@ impl Cx<'_> {
                     device: id,
                     cert: cert.to_vec(),
                 });
+                // Its groups' following tasks: served once it connects (its finisher asks).
+                if let Err(e) = self.follow_enrolled(id) {
+                    tracing::warn!(device = id.0, error = %e, "following tasks not joined");
+                }
             }
             Err(e) => {
                 // The batch must not keep the enrolment: refuse the whole connection;

@@ -12,6 +12,8 @@
 //!   reports later is refused by its row (`cancelled` takes no progress, completion or
 //!   failure), so no follow-up command is ever queued for it.
 //! - Each changed row is one store transition and one event-log entry, in the request's batch.
+//! - A whole-task cancel also ends the task's following of its group (`push --follow-group`,
+//!   `--when-online`): devices that join the group later are not made targets of it.
 
 use super::admin::{device_id, device_name, AdminError};
 use super::responses::TaskChanged;
@@ -64,7 +66,22 @@ impl Cx<'_> {
         device: Option<&str>,
     ) -> Result<TaskChanged, AdminError> {
         let id = store::TaskId(task);
-        self.b.task(id)?.ok_or(AdminError::NoSuchTask(task))?;
+        let t = self.b.task(id)?.ok_or(AdminError::NoSuchTask(task))?;
+        // A whole task cancelled takes no more devices as they join its group (nor waits
+        // for them); a retry brings its rows back, not the following: push again for that.
+        let unfollowed =
+            op == TaskControl::Cancel && device.is_none() && self.b.task_unfollow(id)?;
+        if unfollowed {
+            let _ = self.b.append_event(event(
+                self.now_ms,
+                None,
+                EventKind::Operator,
+                format!(
+                    "task {task} no longer follows group {} (cancelled by the operator)",
+                    t.group.as_deref().unwrap_or("-")
+                ),
+            ));
+        }
         let rows: Vec<DeviceId> = match device {
             Some(name) => {
                 let dev = device_id(&*self.b, name)?;
@@ -84,7 +101,7 @@ impl Cx<'_> {
                 .map(|(d, _)| d)
                 .collect(),
         };
-        if rows.is_empty() {
+        if rows.is_empty() && !unfollowed {
             return Err(AdminError::NothingToChange {
                 task,
                 op: op.verb(),

@@ -52,7 +52,8 @@ fn create_task(
 ) -> Result<Pushed, AdminError> {
     let group = task.group.clone().unwrap_or_default();
     let targets = b.group_members(&group)?;
-    if targets.is_empty() {
+    // A task that follows its group may start with none: its devices come as they join.
+    if targets.is_empty() && !task.follow.group {
         return Err(AdminError::EmptyGroup(group));
     }
     let id = b.create_task(task.clone(), &targets)?;
@@ -61,11 +62,16 @@ fn create_task(
         None,
         EventKind::TaskStatus,
         format!(
-            "task {}: {} ({} bytes) to group {group}, {} targets ({})",
+            "task {}: {} ({} bytes) to group {group}, {} targets{} ({})",
             id.0,
             task.path,
             task.size,
             targets.len(),
+            if task.follow.group {
+                " so far, more as they join the group"
+            } else {
+                ""
+            },
             task.trigger
         ),
     ));
@@ -171,18 +177,31 @@ pub(super) fn queue_follow_up(
     ));
 }
 
-/// `task show`: one task's status table, or every task with its counts.
-pub(super) fn task_show(b: &dyn StoreBatch, task: Option<u64>) -> Result<Response, AdminError> {
+/// `task show`: one task's status table (with its online gate while it waits), or every
+/// task with its counts.
+pub(super) fn task_show(
+    b: &dyn StoreBatch,
+    online: &HashMap<DeviceId, Online>,
+    now_ms: u64,
+    task: Option<u64>,
+) -> Result<Response, AdminError> {
     Ok(match task {
-        Some(id) => reply(&task_table(b, id)?),
+        Some(id) => reply(&task_table(b, online, now_ms, id)?),
         None => reply(&task_list(b)?),
     })
 }
 
-fn task_table(b: &dyn StoreBatch, id: u64) -> Result<TaskShown, AdminError> {
+fn task_table(
+    b: &dyn StoreBatch,
+    online: &HashMap<DeviceId, Online>,
+    now_ms: u64,
+    id: u64,
+) -> Result<TaskShown, AdminError> {
     let t = b
         .task(store::TaskId(id))?
         .ok_or(AdminError::NoSuchTask(id))?;
+    let waiting =
+        super::follow::online_gate(b, online, now_ms, store::TaskId(id), &t)?.map(|w| w.waiting);
     let n = t.blocks();
     let devices = b
         .task_statuses(store::TaskId(id))?
@@ -219,6 +238,7 @@ fn task_table(b: &dyn StoreBatch, id: u64) -> Result<TaskShown, AdminError> {
         group: t.group,
         trigger: t.trigger,
         created_ms: t.created_ms,
+        waiting,
         devices,
     })
 }

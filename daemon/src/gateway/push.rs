@@ -74,6 +74,7 @@ impl Gateway {
                     crate::fleet::FOLLOW_UP_TIMEOUT_MS,
                 ),
                 delivery: admin::Delivery::Default,
+                follow: Default::default(),
             };
             match d.prepare_push(origin, spec, self.wall_ms) {
                 Ok(()) => {
@@ -181,6 +182,7 @@ mod tests {
             trigger,
             then: vec![],
             delivery: Default::default(),
+            follow: Default::default(),
         }
     }
 

@@ -5,7 +5,7 @@ use crate::engine::TaskOps;
 use crate::env;
 use crate::error::{Error, Illegal, Missing, Result};
 use crate::read;
-use crate::types::{BlockSet, DeviceId, Task, TaskDeviceStatus, TaskId};
+use crate::types::{BlockSet, DeviceId, Task, TaskDeviceStatus, TaskFollow, TaskId};
 
 impl TaskOps for Batch<'_> {
     fn create_task(&mut self, task: Task, targets: &[DeviceId]) -> Result<TaskId> {
@@ -25,6 +25,23 @@ impl TaskOps for Batch<'_> {
             t.plan.pass_done = true;
             cx.put(d.tasks, &task.0.to_be_bytes(), &t)
         })
+    }
+
+    fn task_unfollow(&mut self, task: TaskId) -> Result<bool> {
+        // A task that follows nothing writes nothing, so it is not recorded for replay.
+        self.exec_if(
+            move |cx| {
+                let d = *cx.d;
+                let mut t =
+                    read::task(&*cx.t, cx.d, task)?.ok_or(Error::NotFound(Missing::Task(task)))?;
+                if t.follow.is_default() {
+                    return Ok(false);
+                }
+                t.follow = TaskFollow::default();
+                cx.put(d.tasks, &task.0.to_be_bytes(), &t).map(|()| true)
+            },
+            |wrote| *wrote,
+        )
     }
 
     fn add_task_target(&mut self, task: TaskId, dev: DeviceId) -> Result<()> {
@@ -160,5 +177,64 @@ fn task_illegal(op: &'static str, st: &TaskDeviceStatus) -> Error {
             op,
             current: st.name(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! `task_unfollow`.
+
+    use crate::prelude::*;
+    use crate::{Error, Store, Task, TaskDeviceStatus, TaskFollow, TaskId, TaskPlan};
+
+    #[test]
+    fn a_task_unfollowed_keeps_its_targets_and_follows_nothing_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        let mut b = s.batch().unwrap();
+        let d = b.add_device("dev-1", [7; 32], 100).unwrap();
+        let task = Task {
+            path: "/srv/img.bin".into(),
+            size: 4096,
+            block_size: 1024,
+            sha256: [5; 32],
+            group: Some("rack7".into()),
+            trigger: "publish".into(),
+            created_ms: 7,
+            then: Vec::new(),
+            plan: TaskPlan {
+                max_wait_s: Some(60),
+                ..Default::default()
+            },
+            follow: TaskFollow {
+                group: true,
+                when_online: Some(20),
+            },
+        };
+        let t = b.create_task(task.clone(), &[d]).unwrap();
+        b.commit().unwrap();
+        let mut b = s.batch().unwrap();
+        assert!(b.task_unfollow(t).unwrap());
+        assert!(!b.task_unfollow(t).unwrap(), "idempotent");
+        assert!(matches!(
+            b.task_unfollow(TaskId(t.0 + 1)).unwrap_err(),
+            Error::NotFound(_)
+        ));
+        b.commit().unwrap();
+        // A second unfollow alone writes nothing: the batch is not committed.
+        let mut b = s.batch().unwrap();
+        assert!(!b.task_unfollow(t).unwrap());
+        assert_eq!(b.commit().unwrap().operations, 0);
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        let snap = s.snapshot().unwrap();
+        let back = snap.task(t).unwrap().unwrap();
+        assert!(back.follow.is_default());
+        assert_eq!(back.plan, task.plan);
+        assert_eq!(back.trigger, task.trigger);
+        assert_eq!(
+            snap.task_status(t, d).unwrap(),
+            Some(TaskDeviceStatus::Pending)
+        );
     }
 }

@@ -274,8 +274,17 @@ impl McastTask {
     /// A task created at `now` whose group multicasts to `targets` (every target is a
     /// receiver, offline ones too: the group sender stays alive until they report or the
     /// linger passes without traffic).
+    ///
+    /// With no target, no quorum and no scheduled delay there is no one for a first pass to
+    /// reach, nor any wait for one to join (a push that follows an empty group): the task
+    /// starts catch-up only, and the devices that join the group later are caught up by
+    /// unicast instead of a whole file multicast to nobody.
     pub fn new(cfg: TaskConfig, targets: &[u64], now: Instant) -> Result<Self, ConfigError> {
+        // The geometry is checked either way.
         let mut sender = McastSender::new(cfg.group_sender(), now)?;
+        if targets.is_empty() && cfg.trigger == Trigger::default() {
+            return Ok(Self::catch_up_only(cfg, now));
+        }
         sender.set_probe_key(cfg.probe_key);
         for &t in targets {
             sender.add_receiver(t);

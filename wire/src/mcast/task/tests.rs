@@ -103,5 +103,42 @@ fn a_done_receiver_announced_again_is_caught_up_by_unicast() {
     assert!(t.catch_up(2).is_none());
 }
 
+/// No target and nothing to wait for (a push that follows an empty group): no first pass to
+/// nobody; the task is over at once and a device is caught up by unicast. With a quorum (an
+/// online gate) or a schedule the group sender waits for devices to join.
+#[test]
+fn a_task_without_targets_multicasts_only_when_it_waits_for_some() {
+    let now = ms(1000);
+    let mut budget = CatchUpBudget::new();
+    let mut t = McastTask::new(cfg(Trigger::default(), Duration::ZERO), &[], now).unwrap();
+    assert!(t.group().is_none());
+    assert!(t.is_over());
+    t.handle_timeout(now + Duration::from_millis(5));
+    assert_eq!(
+        t.poll_transmit(now + Duration::from_millis(5), &mut budget),
+        None
+    );
+    assert!(
+        !t.handle_announce(now, 1, None, [3; 32]),
+        "caught up by unicast"
+    );
+    assert!(t.catch_up(1).is_some());
+    for trigger in [
+        Trigger {
+            quorum: Some((2, Duration::from_secs(60))),
+            ..Trigger::default()
+        },
+        Trigger {
+            delay: Duration::from_secs(5),
+            ..Trigger::default()
+        },
+    ] {
+        let mut t = McastTask::new(cfg(trigger, Duration::ZERO), &[], now).unwrap();
+        assert!(t.group().is_some());
+        assert!(!t.is_over());
+        assert!(t.handle_announce(now, 1, None, [3; 32]), "joins the group");
+    }
+}
+
 #[cfg(feature = "sim")]
 mod sim;
