@@ -55,9 +55,10 @@ enum Cmd {
         /// Target group.
         #[arg(long)]
         group: String,
-        /// Payload bytes per datagram.
-        #[arg(long, default_value_t = 1400)]
-        block_size: u32,
+        /// Payload bytes per datagram. Default: fill a frame of the gateway's multicast
+        /// interface (1436 at MTU 1500).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        block_size: Option<u32>,
         /// Rate ceiling, megabits per second.
         #[arg(long, default_value_t = 200)]
         rate: u64,
@@ -398,7 +399,8 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
             Request::Push {
                 path: path.display().to_string(),
                 group,
-                block_size,
+                // 0: the gateway picks the block that fills its interface's MTU.
+                block_size: block_size.unwrap_or(0),
                 rate_mbps: rate,
                 trigger: fleetcast_daemon::admin::PushTrigger {
                     at_ms: start_in.map(|s| wall_ms() + s * 1000),

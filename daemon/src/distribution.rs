@@ -412,6 +412,10 @@ struct Prepared {
 /// A file's identity for the digest cache: path, device, inode, size, modification time.
 type FileKey = (PathBuf, u64, u64, u64, i128);
 
+/// Block size of a push that names none when the interface's MTU is unknown (fits any
+/// Ethernet path with room to spare).
+const FALLBACK_BLOCK_SIZE: u32 = 1400;
+
 /// Digests remembered (the cache is cleared when full).
 const DIGEST_CACHE: usize = 256;
 
@@ -614,7 +618,7 @@ impl Distributor {
         let PushSpec {
             path,
             group,
-            block_size,
+            mut block_size,
             rate_mbps,
             reason,
             trigger,
@@ -623,6 +627,9 @@ impl Distributor {
             follow,
         } = push;
         let dest = self.destination(delivery)?;
+        if block_size == 0 {
+            block_size = self.default_block_size();
+        }
         let reason = if dest == self.cfg.group {
             reason
         } else {
@@ -709,6 +716,16 @@ impl Distributor {
             },
         );
         Ok(())
+    }
+
+    /// The block size of a push that names none: one that fills a frame of `mcast.addr`'s
+    /// interface (1,436 bytes at MTU 1,500), or 1,400 when the interface or its MTU is unknown.
+    pub fn default_block_size(&self) -> u32 {
+        self.iface
+            .as_ref()
+            .and_then(|i| i.mtu(self.sock.as_raw_fd()))
+            .and_then(fleetcast_wire::mcast::block_size_for_mtu)
+            .unwrap_or(FALLBACK_BLOCK_SIZE)
     }
 
     /// Where a push's group datagrams go. A broadcast is checked against the interface of
@@ -1496,6 +1513,37 @@ mod tests {
             assert!(core.group().is_none(), "task {t}: caught up, not multicast");
             assert_eq!(core.catch_up_count(), 1, "task {t}");
         }
+    }
+
+    /// A push that names no block size gets the one that fills a frame of the interface
+    /// (on loopback, MTU 65,536: as large as a parity datagram carries), asked through the
+    /// distributor's own socket.
+    #[test]
+    fn the_default_block_fills_the_interface_mtu() {
+        let dist = Distributor::open(McastConfig {
+            addr: Ipv4Addr::LOCALHOST,
+            port: 0,
+            group: Ipv4Addr::new(239, 77, 9, 9),
+            linger: Duration::from_secs(1),
+            warmup: Duration::ZERO,
+            fec_group: 0,
+            broadcast: None,
+        })
+        .unwrap();
+        let iface = dist.iface.as_ref().expect("loopback holds 127.0.0.1");
+        let mtu = iface
+            .mtu(dist.sock.as_raw_fd())
+            .expect("the kernel says lo's MTU");
+        let want = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", iface.name))
+            .ok()
+            .and_then(|m| m.trim().parse::<u32>().ok());
+        if let Some(w) = want {
+            assert_eq!(mtu, w, "the ioctl agrees with sysfs");
+        }
+        assert_eq!(
+            Some(dist.default_block_size()),
+            fleetcast_wire::mcast::block_size_for_mtu(mtu)
+        );
     }
 
     #[test]
