@@ -873,7 +873,7 @@ impl Distributor {
         }
         let d = self.dists.get_mut(&session).expect("inserted above");
         let nack_key = d.nack_keys.next_device_key(device.0);
-        d.core.handle_announce(now, device.0, peer, nack_key);
+        let joined = d.core.handle_announce(now, device.0, peer, nack_key);
         self.touched.insert(session);
         Ok(Announce {
             task_id: task.0,
@@ -882,6 +882,9 @@ impl Distributor {
             port: self.cfg.port,
             size: d.map.len as u64,
             block_size: d.block_size,
+            // Parity comes from the group sender only: a device caught up by unicast is
+            // repaired block by block, and NACKs gaps as they open.
+            fec_group: if joined { d.core.config().fec_group } else { 0 },
             sha256: d.sha256,
             auth_key: Some(d.key_bytes),
             nack_key: Some(nack_key),
