@@ -32,6 +32,10 @@ const UDPCAST_PORTBASE: u16 = 7310;
 /// the sender's IP and use broadcast for the rendez-vous).
 const UDPCAST_DATA_GROUP: Ipv4Addr = Ipv4Addr::new(239, 77, 10, 1);
 const UDPCAST_RDV_GROUP: Ipv4Addr = Ipv4Addr::new(239, 77, 10, 2);
+/// The highest `--max-bitrate` udp-sender takes, kbit/s: it holds the rate in a signed 32-bit
+/// count of bits per second, and a larger value wraps (a 7 Gbit/s ceiling became a negative
+/// rate and the sender slept for ever before its first hello).
+const UDPCAST_MAX_KBPS: u64 = i32::MAX as u64 / 1000;
 /// UFTP's port, and its public (announce) and private (data) groups.
 const UFTP_PORT: u16 = 7320;
 const UFTP_PUBLIC_GROUP: Ipv4Addr = Ipv4Addr::new(239, 77, 11, 1);
@@ -403,8 +407,8 @@ pub(crate) fn run_peer(
     let (tx0, fb0) = (ifs(0)?.tx_bytes, feedback()?);
     let sender_log = cell.dir.join("sender.log");
     // Whichever side listens first starts first, and is given time to open its sockets and
-    // join its groups: udpcast's receivers send their connect request once, to a group the
-    // sender must already have joined; UFTP's daemons must be listening for the sender's
+    // join its groups: udpcast's receivers send their connect request to a group the sender
+    // must already have joined; UFTP's daemons must be listening for the sender's
     // announcement. The time runs from starting the other side.
     let mut sender = None;
     if peer == Peer::Udpcast {
@@ -532,6 +536,11 @@ fn rate_kbps(cell: &Cell) -> u64 {
     (cell.ceiling_mbps.max(10.0) * 1000.0) as u64
 }
 
+/// udp-sender's `--max-bitrate` for `kbps`, capped where its counter ends.
+fn udpcast_bitrate(kbps: u64) -> String {
+    format!("{}k", kbps.min(UDPCAST_MAX_KBPS))
+}
+
 fn spawn_receiver<'lab>(
     peer: Peer,
     bin: &Path,
@@ -597,7 +606,15 @@ fn spawn_sender<'lab>(
                     .args(["--mcast-rdv-address", &UDPCAST_RDV_GROUP.to_string()])
                     .args(["--ttl", "1", "--nokbd", "--no-progress"])
                     .args(["--min-receivers", &n.to_string()])
-                    .args(["--max-bitrate", &format!("{rate}k")])
+                    // A receiver sends its connect request once at start and again only on a
+                    // hello: without hellos repeated, one lost request (seen in the lab)
+                    // leaves it out for good. The repeat is also how often udp-sender checks
+                    // --min-receivers (2 s otherwise).
+                    .args(["--rexmit-hello-interval", "100"])
+                    .args(["--max-bitrate", &udpcast_bitrate(rate)])
+                    // Its default, 1456, is its own fit for a 1500-byte frame: keep the same
+                    // 44 bytes of headroom at every MTU.
+                    .args(["--blocksize", &cell.mtu.saturating_sub(44).to_string()])
                     .args([
                         "--start-timeout",
                         &cell.timeout.as_secs().max(1).to_string(),
@@ -841,6 +858,15 @@ mod tests {
             peer_rows_from_json(&bad),
             Err(BenchError::RowField("tool"))
         ));
+    }
+
+    #[test]
+    fn udpcast_gets_the_ceiling_up_to_what_its_counter_holds() {
+        assert_eq!(udpcast_bitrate(994_000), "994000k");
+        assert_eq!(udpcast_bitrate(2_147_483), "2147483k");
+        // 7.1 Gbit/s wrapped to a negative rate in udp-sender.
+        assert_eq!(udpcast_bitrate(7_133_000), "2147483k");
+        assert!(2_147_483u64 * 1000 <= i32::MAX as u64);
     }
 
     #[test]
