@@ -965,10 +965,11 @@ pub fn write_report(m: &Measured, plan: &Plan, dir: &Path) -> Result<String, Ben
         String::new()
     } else {
         format!(
-            "## Side by side\n\nEach peer ran in the same lab, with the same receivers, loss rule \
-             (on its own ports), file and rate ceiling, right after fleetcast's push. A peer's \
-             time ends when its sender exits, once every receiver has confirmed its copy; every \
-             copy was then checked against the source's SHA-256.\n\n{}\n",
+            "## Side by side\n\nEach peer ran in the same lab, with the same receivers, file and \
+             rate ceiling (udpcast's capped at 2,147 Mbit/s, the most its --max-bitrate holds), \
+             right after fleetcast's push, with the same loss rule applied to its multicast data \
+             group. A peer's time ends when its sender exits, once every receiver has confirmed \
+             its copy; every copy was then checked against the source's SHA-256.\n\n{}\n",
             peers::side_by_side(&m.rows, &m.peers)
         )
     };

@@ -1,8 +1,9 @@
 //! Other multicast file senders run by `fleetcast bench --peers udpcast,uftp`, so that a
 //! fleetcast figure stands beside what established tools do with the same bytes: the same lab
 //! (the same namespaces and veths), the same receivers, the same loss rule (each receiver
-//! drops the same share of the tool's incoming UDP datagrams), the same file and the same rate
-//! ceiling (the raw UDP ceiling measured in the run).
+//! drops the same share of the datagrams of the tool's multicast data stream), the same file
+//! and the same rate ceiling (the raw UDP ceiling measured in the run; udpcast's capped at
+//! 2,147 Mbit/s, the most its counter holds).
 //!
 //! Every process runs inside a lab host (`Host::spawn`), with its interface named explicitly
 //! and its multicast groups in 239.77.0.0/16 at TTL 1, on ports apart from fleetcast's
@@ -26,7 +27,8 @@ use serde_json::{json, Value};
 
 use super::{at, cpu_seconds, round, BenchError, FlagError};
 
-/// udpcast's port base (it uses this port and the next; it must be even).
+/// udpcast's port base (it uses this port and the next; it must be even): apart from
+/// fleetcast's and the blast's.
 const UDPCAST_PORTBASE: u16 = 7310;
 /// udpcast's data and rendez-vous groups (explicit: its defaults derive a 232/8 address from
 /// the sender's IP and use broadcast for the rendez-vous).
@@ -78,11 +80,11 @@ impl Peer {
         }
     }
 
-    /// The UDP ports its receivers get data and control on: the loss rule's ports.
-    fn ports(self) -> Vec<u16> {
+    /// The multicast group its file data goes to: the loss rule's target.
+    fn data_group(self) -> Ipv4Addr {
         match self {
-            Peer::Udpcast => vec![UDPCAST_PORTBASE, UDPCAST_PORTBASE + 1],
-            Peer::Uftp => vec![UFTP_PORT],
+            Peer::Udpcast => UDPCAST_DATA_GROUP,
+            Peer::Uftp => UFTP_PRIVATE_GROUP,
         }
     }
 
@@ -373,6 +375,21 @@ impl<'lab> Watched<'lab> {
     }
 }
 
+/// The nftables script of a peer's loss rule: `percent`% (0.01% resolution) of the UDP
+/// datagrams a receiver gets for `group` are dropped, picked by the kernel's `numgen random`.
+/// It is fleetcast's rule (`Host::loss_in` on its multicast port) applied to the peer's
+/// multicast stream: a first try dropped on udpcast's ports instead, which also hit its unicast
+/// connect replies, a loss fleetcast's TCP control never sees, and left a receiver out. The
+/// table is the lab's own (`lab_loss`), so `Host::clear_loss` removes it.
+fn loss_script(group: Ipv4Addr, percent: f64) -> String {
+    let threshold = (percent.clamp(0.0, 100.0) * 100.0).round() as u32;
+    format!(
+        "table inet lab_loss\ndelete table inet lab_loss\ntable inet lab_loss {{\n  chain input {{\n    \
+         type filter hook input priority -10; policy accept;\n    \
+         ip daddr {group} meta l4proto udp numgen random mod 10000 < {threshold} counter drop\n  }}\n}}\n"
+    )
+}
+
 /// The state letter of `/proc/PID/stat` (`R`, `S`, `Z`…), `None` if it is gone.
 fn proc_state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -395,7 +412,7 @@ pub(crate) fn run_peer(
         let h = cell.lab.host(i);
         h.clear_loss().map_err(BenchError::Loss)?;
         if cell.loss > 0.0 {
-            h.loss_in(&peer.ports(), cell.loss)
+            h.nft(&loss_script(peer.data_group(), cell.loss))
                 .map_err(BenchError::Loss)?;
         }
     }
@@ -858,6 +875,23 @@ mod tests {
             peer_rows_from_json(&bad),
             Err(BenchError::RowField("tool"))
         ));
+    }
+
+    #[test]
+    fn the_loss_rule_drops_a_share_of_the_data_group_only() {
+        let s = loss_script(Peer::Uftp.data_group(), 5.0);
+        assert!(
+            s.starts_with("table inet lab_loss\ndelete table inet lab_loss\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "ip daddr 239.77.11.2 meta l4proto udp numgen random mod 10000 < 500 counter drop"
+            ),
+            "{s}"
+        );
+        assert!(loss_script(Peer::Udpcast.data_group(), 0.25)
+            .contains("239.77.10.1 meta l4proto udp numgen random mod 10000 < 25 "));
     }
 
     #[test]
