@@ -9,8 +9,13 @@
 //! sent back (NACKs and the control sessions) per file byte, the slowest completion time,
 //! and the CPU seconds of the gateway and of the agents (from `/proc/<pid>/stat`).
 //!
-//! Processes run as this binary re-executed in a role (`__gateway`, `__agent`), inside lab
-//! hosts; nothing leaves the lab's namespaces. Every run is bounded in time.
+//! With `--peers udpcast,uftp`, each cell also runs those tools after fleetcast's push, in the
+//! same lab, on the same file, loss and rate ceiling, and the report sets them side by side
+//! (see [`peers`]).
+//!
+//! Processes run as this binary re-executed in a role (`__gateway`, `__agent`), or as the
+//! peers' own binaries, inside lab hosts; nothing leaves the lab's namespaces. Every run is
+//! bounded in time.
 
 use std::io::{self, BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
