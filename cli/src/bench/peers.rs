@@ -359,7 +359,9 @@ impl<'lab> Watched<'lab> {
         if cpu > 0.0 {
             self.cpu_s = cpu;
         }
-        if proc_state(self.child.id()) == Some('Z') {
+        // Reaped only once dead (`Z`, `X`), or if /proc no longer knows it (then nothing is
+        // lost by reaping, and waiting for a state that never comes would hang to the timeout).
+        if matches!(proc_state(self.child.id()), Some('Z' | 'X') | None) {
             self.exit = self.child.try_wait().map_err(BenchError::Host)?;
         }
         Ok(self.exit.is_some())
