@@ -480,7 +480,7 @@ pub(crate) fn run_peer(
     }
     let (tx1, fb1) = (ifs(0)?.tx_bytes, feedback()?);
     let outcome = outcome.and_then(|secs| {
-        verify_copies(peer, cell)?;
+        verify_copies(cell)?;
         Ok(PeerFigures {
             goodput_mbps: size as f64 * 8.0 / secs / 1e6,
             sender_bytes_per_byte: (tx1 - tx0) as f64 / size as f64,
@@ -536,7 +536,7 @@ fn copy_path(cell: &Cell, i: usize) -> PathBuf {
     cell.dir.join(format!("r{i}")).join(name)
 }
 
-fn verify_copies(_peer: Peer, cell: &Cell) -> Result<(), PeerFailure> {
+fn verify_copies(cell: &Cell) -> Result<(), PeerFailure> {
     for i in 1..=cell.receivers {
         let sha = sha256_file(&copy_path(cell, i)).map_err(|e| PeerFailure::NoCopy {
             receiver: i,
