@@ -60,8 +60,6 @@ pub struct Plan {
     pub exe: PathBuf,
     /// Scratch directory (file, gateway data, agent state); removed by the caller.
     pub work: PathBuf,
-    /// Other tools run in each cell after fleetcast (`--peers`).
-    pub peers: Vec<Peer>,
 }
 
 /// One measured configuration.
@@ -251,9 +249,19 @@ pub struct Measured {
 }
 
 /// Runs the plan; `log` gets a line per step. Rows come in plan order.
-pub fn run(plan: &Plan, log: &mut dyn FnMut(&str)) -> Result<Measured, BenchError> {
+pub fn run(plan: &Plan, log: &mut dyn FnMut(&str)) -> Result<Vec<Row>, BenchError> {
+    run_with_peers(plan, &[], log).map(|m| m.rows)
+}
+
+/// Runs the plan, and `peers` in each cell right after fleetcast's push (`--peers`); `log`
+/// gets a line per step. Rows come in plan order.
+pub fn run_with_peers(
+    plan: &Plan,
+    peers: &[Peer],
+    log: &mut dyn FnMut(&str),
+) -> Result<Measured, BenchError> {
     // Before any lab is built: a missing peer is the user's to install, not a failed row.
-    let peer_bins = peers::find_binaries(&plan.peers)?;
+    let peer_bins = peers::find_binaries(peers)?;
     let clock = Clock::new();
     std::fs::create_dir_all(&plan.work).map_err(at(&plan.work))?;
     let src = plan.work.join("image.bin");
@@ -962,9 +970,18 @@ pub fn measured_from_json(v: &Value) -> Result<(usize, Measured), BenchError> {
     Ok((mib, Measured { rows, peers }))
 }
 
+/// Writes the report of fleetcast's rows alone (see [`write_measured`]).
+pub fn write_report(rows: &[Row], plan: &Plan, dir: &Path) -> Result<String, BenchError> {
+    let m = Measured {
+        rows: rows.to_vec(),
+        peers: Vec::new(),
+    };
+    write_measured(&m, plan, dir)
+}
+
 /// Writes `report.md`, `report.json`, `goodput-vs-loss.svg`, `completion-vs-receivers.svg`,
 /// `overhead-vs-receivers.svg` and `wire-vs-receivers.svg` into `dir`; returns the Markdown.
-pub fn write_report(m: &Measured, plan: &Plan, dir: &Path) -> Result<String, BenchError> {
+pub fn write_measured(m: &Measured, plan: &Plan, dir: &Path) -> Result<String, BenchError> {
     std::fs::create_dir_all(dir).map_err(at(dir))?;
     let side = if m.peers.is_empty() {
         String::new()
@@ -1164,7 +1181,6 @@ mod tests {
             timeout: Duration::from_secs(1),
             exe: PathBuf::new(),
             work: PathBuf::new(),
-            peers: vec![],
         };
         assert_eq!(plan.check(), Ok(()));
         type Change = fn(&mut Plan);

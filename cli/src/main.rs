@@ -828,7 +828,7 @@ struct BenchFlags<'a> {
 /// `fleetcast bench`: the end-to-end multicast benchmark (see `fleetcast_cli::bench`).
 fn bench(flags: &BenchFlags, out: &std::path::Path, json: bool) -> ExitCode {
     use fleetcast_cli::bench::{self, parse_list, peers::parse_peers, Plan};
-    let plan = (|| -> Result<Plan, PlanError> {
+    let plan = (|| -> Result<(Plan, Vec<fleetcast_cli::bench::peers::Peer>), PlanError> {
         let plan = Plan {
             receivers: parse_list("--receivers", flags.receivers)?,
             loss: parse_list("--loss", flags.loss)?,
@@ -837,19 +837,18 @@ fn bench(flags: &BenchFlags, out: &std::path::Path, json: bool) -> ExitCode {
             timeout: std::time::Duration::from_secs(flags.timeout),
             exe: std::env::current_exe().map_err(PlanError::OwnBinary)?,
             work: std::env::temp_dir().join(format!("fleetcast-bench-{}", std::process::id())),
-            peers: parse_peers(flags.peers)?,
         };
         plan.check()?;
-        Ok(plan)
+        Ok((plan, parse_peers(flags.peers)?))
     })();
-    let plan = match plan {
+    let (plan, peers) = match plan {
         Ok(p) => p,
         Err(e) => {
             errln!("fleetcast bench: {e}");
             return Exit::Usage.into();
         }
     };
-    let result = bench::run(&plan, &mut |line| errln!("{line}"));
+    let result = bench::run_with_peers(&plan, &peers, &mut |line| errln!("{line}"));
     if std::env::var_os("FLEETCAST_BENCH_KEEP").is_none() {
         let _ = std::fs::remove_dir_all(&plan.work);
     }
@@ -860,7 +859,7 @@ fn bench(flags: &BenchFlags, out: &std::path::Path, json: bool) -> ExitCode {
             return Exit::Failed.into();
         }
     };
-    match bench::write_report(&measured, &plan, out) {
+    match bench::write_measured(&measured, &plan, out) {
         Ok(md) => {
             if json {
                 let rows: Vec<_> = measured.rows.iter().map(bench::Row::to_json).collect();
@@ -918,9 +917,8 @@ fn bench_replot(file: &std::path::Path, out: &std::path::Path, json: bool) -> Ex
         timeout: std::time::Duration::ZERO,
         exe: PathBuf::new(),
         work: PathBuf::new(),
-        peers: vec![],
     };
-    match bench::write_report(&measured, &plan, out) {
+    match bench::write_measured(&measured, &plan, out) {
         Ok(md) => {
             if json {
                 outln!(
