@@ -805,14 +805,27 @@ pub fn svg_chart(
             fmt_num(yv)
         ));
     }
+    // One colour per cell, one dash per tool: fleetcast's line and the peers' for the same
+    // cell share a colour, so the plot reads side by side.
+    let mut cells: Vec<&str> = Vec::new();
     for (k, (name, pts)) in series.iter().enumerate() {
-        let c = colours[k % colours.len()];
+        let (cell, dash) = series_style(name);
+        let i = cells.iter().position(|c| *c == cell).unwrap_or_else(|| {
+            cells.push(cell);
+            cells.len() - 1
+        });
+        let c = colours[i % colours.len()];
         let path: Vec<String> = pts
             .iter()
             .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
             .collect();
+        let dash = if dash.is_empty() {
+            String::new()
+        } else {
+            format!(" stroke-dasharray=\"{dash}\"")
+        };
         s.push_str(&format!(
-            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>\n",
+            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\"{dash} points=\"{}\"/>\n",
             path.join(" ")
         ));
         for &(x, y) in pts {
@@ -831,6 +844,17 @@ pub fn svg_chart(
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// A series' cell (its name without the tool) and its dash pattern: a peer's series is named
+/// `udpcast, …` or `uftp, …` by [`plots`]; fleetcast's is solid.
+fn series_style(name: &str) -> (&str, &'static str) {
+    for (tool, dash) in [("udpcast, ", "6 3"), ("uftp, ", "2 3")] {
+        if let Some(cell) = name.strip_prefix(tool) {
+            return (cell, dash);
+        }
+    }
+    (name.strip_prefix("fleetcast, ").unwrap_or(name), "")
 }
 
 fn fmt_num(v: f64) -> String {
@@ -1168,6 +1192,19 @@ mod tests {
         assert_eq!(goodput.matches("<polyline").count(), 2);
         assert_eq!(time.matches("<polyline").count(), 2);
         assert!(goodput.contains("1 receivers, MTU 1500"));
+        assert!(!goodput.contains("stroke-dasharray"), "{goodput}");
+        assert_eq!(
+            series_style("uftp, 5% loss, MTU 1500"),
+            ("5% loss, MTU 1500", "2 3")
+        );
+        assert_eq!(
+            series_style("fleetcast, 5% loss, MTU 1500"),
+            ("5% loss, MTU 1500", "")
+        );
+        assert_eq!(
+            series_style("4 receivers, MTU 9000"),
+            ("4 receivers, MTU 9000", "")
+        );
         assert_eq!(rows[1].to_json()["fraction_of_ceiling"], 0.8);
     }
 

@@ -846,6 +846,22 @@ mod tests {
             plots.goodput
         );
         assert!(plots.wire.contains("udpcast, 0% loss, MTU 1500"));
+        // The peer's line is dashed, in the colour of fleetcast's line for the same cell.
+        let stroke = |svg: &str, nth: usize| -> String {
+            let line = svg
+                .lines()
+                .filter(|l| l.starts_with("<polyline"))
+                .nth(nth)
+                .unwrap();
+            line.split("stroke=\"").nth(1).unwrap()[..7].to_string()
+        };
+        assert_eq!(
+            stroke(&plots.wire, 0),
+            stroke(&plots.wire, 1),
+            "{}",
+            plots.wire
+        );
+        assert_eq!(plots.wire.matches("stroke-dasharray=\"6 3\"").count(), 1);
         assert!(!plots.wire.contains("uftp"));
     }
 
