@@ -899,15 +899,21 @@ pub fn plots(m: &Measured) -> Plots {
     let mut by_loss = Vec::new();
     let mut overhead = Vec::new();
     let mut wire = Vec::new();
+    // fleetcast's lines are named for their tool only when peers share the plot.
+    let ours = if m.peers.is_empty() {
+        ""
+    } else {
+        "fleetcast, "
+    };
     for r in &m.rows {
         let n = r.receivers as f64;
         add_point(
             &mut by_n,
-            format!("{} receivers, MTU {}", r.receivers, r.mtu),
+            format!("{ours}{} receivers, MTU {}", r.receivers, r.mtu),
             (r.loss, r.fraction()),
         );
         let k = format!("{}% loss, MTU {}", r.loss, r.mtu);
-        add_point(&mut by_loss, k.clone(), (n, r.slowest_s));
+        add_point(&mut by_loss, format!("{ours}{k}"), (n, r.slowest_s));
         add_point(&mut overhead, k.clone(), (n, r.datagram_bytes_per_byte));
         add_point(
             &mut wire,

@@ -862,6 +862,16 @@ mod tests {
             plots.wire
         );
         assert_eq!(plots.wire.matches("stroke-dasharray=\"6 3\"").count(), 1);
+        assert!(
+            plots.goodput.contains(">fleetcast, 2 receivers, MTU 1500<"),
+            "{}",
+            plots.goodput
+        );
+        assert!(
+            plots.time.contains(">fleetcast, 0% loss, MTU 1500<"),
+            "{}",
+            plots.time
+        );
         assert!(!plots.wire.contains("uftp"));
     }
 
