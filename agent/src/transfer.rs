@@ -373,13 +373,47 @@ fn open_sockets(spec: &TransferSpec) -> io::Result<(UdpSocket, UdpSocket)> {
         s.join_multicast_v4(&group, &spec.local)?;
         s.set_multicast_if_v4(&spec.local)?;
     }
-    let _ = s.set_recv_buffer_size(8 << 20);
+    let got = grow_recv_buffer(&s, RECV_BUFFER);
+    if got < RECV_BUFFER_LOW {
+        crate::say!(
+            "task {}: receive buffer only {got} bytes (net.core.rmem_max): a fast push can overflow it; raise net.core.rmem_max to {RECV_BUFFER}",
+            spec.announce.task_id
+        );
+    }
     s.set_nonblocking(true)?;
     let u = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     u.bind(&SocketAddr::V4(SocketAddrV4::new(spec.local, 0)).into())?;
-    let _ = u.set_recv_buffer_size(8 << 20);
+    grow_recv_buffer(&u, RECV_BUFFER);
     u.set_nonblocking(true)?;
     Ok((s.into(), u.into()))
+}
+
+/// Receive buffer asked for: 8 MiB holds some 30 ms of a 2 Gbit/s push, enough to ride out a
+/// scheduling hiccup of the receiving thread (a jumbo datagram takes 12 KiB or more of
+/// buffer, so the kernel's default of about 200 KiB holds a mere 16 of them).
+const RECV_BUFFER: usize = 8 << 20;
+/// Below this the agent says the buffer is small (and how to raise it).
+const RECV_BUFFER_LOW: usize = 2 << 20;
+
+/// Sets the socket's receive buffer to `bytes`: beyond `net.core.rmem_max` when the agent
+/// may (`SO_RCVBUFFORCE`, with `CAP_NET_ADMIN`, as a root agent has), else up to that limit.
+/// Returns the size the kernel gives (it counts its own overhead: about twice the request).
+fn grow_recv_buffer(s: &socket2::Socket, bytes: usize) -> usize {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt reads a c_int from a live local for the given length.
+    let forced = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        let _ = s.set_recv_buffer_size(bytes);
+    }
+    s.recv_buffer_size().unwrap_or(0)
 }
 
 /// Why a datagram on a transfer's sockets was not written.

@@ -558,8 +558,20 @@ impl Distributor {
         s.set_multicast_if_v4(&cfg.addr)?;
         s.set_multicast_ttl_v4(1)?;
         s.set_multicast_loop_v4(false)?;
-        let _ = s.set_send_buffer_size(4 << 20);
-        let _ = s.set_recv_buffer_size(1 << 20);
+        // Beyond net.core.wmem_max/rmem_max when the gateway may (CAP_NET_ADMIN): a batch of
+        // jumbo datagrams to the group fills the default 200 KiB at once.
+        force_buffer(
+            &s,
+            libc::SO_SNDBUFFORCE,
+            4 << 20,
+            Socket::set_send_buffer_size,
+        );
+        force_buffer(
+            &s,
+            libc::SO_RCVBUFFORCE,
+            1 << 20,
+            Socket::set_recv_buffer_size,
+        );
         s.set_nonblocking(true)?;
         let sock = mio::net::UdpSocket::from_std(s.into());
         let (hashed_tx, hashed_rx) = std::sync::mpsc::channel();
@@ -1114,6 +1126,30 @@ fn core_trigger(
     Trigger {
         delay: Duration::from_millis(delay_ms),
         quorum,
+    }
+}
+
+/// Sets a socket buffer to `bytes` with the `*BUFFORCE` option `force` (past the system's
+/// maximum, which needs `CAP_NET_ADMIN`), or else with `fallback` (up to that maximum).
+fn force_buffer(
+    s: &socket2::Socket,
+    force: libc::c_int,
+    bytes: usize,
+    fallback: fn(&socket2::Socket, usize) -> io::Result<()>,
+) {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt reads a c_int from a live local for the given length.
+    let forced = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            force,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        let _ = fallback(s, bytes);
     }
 }
 
