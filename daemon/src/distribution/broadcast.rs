@@ -79,6 +79,12 @@ impl Iface {
         list().into_iter().find(|i| i.addr == addr)
     }
 
+    /// The first IPv4 address of the interface called `name`, if it has one (the standalone
+    /// `fleetcast send` and `receive` bind and join there, never where routing points).
+    pub fn named(name: &str) -> Option<Iface> {
+        list().into_iter().find(|i| i.name == name)
+    }
+
     /// The broadcast address a push may use: `asked` if it is this interface's directed
     /// broadcast, or (`asked == None`) that address itself.
     pub fn broadcast(&self, asked: Option<Ipv4Addr>) -> Result<Ipv4Addr, BroadcastError> {
