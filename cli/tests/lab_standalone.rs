@@ -155,6 +155,105 @@ fn send_reaches_two_receivers_one_losing_five_percent_and_both_verify() {
     assert!(s["goodput_mbit_s"].as_f64().expect("rate") > 1.0, "{doc}");
 }
 
+/// The `--key` value of the `fleetcast receive` line a send without `--key` printed on its
+/// stderr (`log.err`), once it is there (bounded).
+fn printed_key(log: &Path) -> String {
+    for _ in 0..200 {
+        let err = std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
+        if let Some(line) = err
+            .lines()
+            .find(|l| l.starts_with("receive with: fleetcast receive"))
+        {
+            let mut words = line.split_whitespace().skip_while(|w| *w != "--key");
+            return words.nth(1).expect("a key after --key").to_string();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no receive line printed");
+}
+
+/// Waits (bounded) until `log.err` holds `needle`.
+fn wait_for_line(log: &Path, needle: &str) {
+    for _ in 0..400 {
+        let err = std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
+        if err.contains(needle) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{} never said {needle:?}", log.display());
+}
+
+/// Without `--key` the send prints a one-time key and the receive line to paste; a receiver
+/// given it verifies, and one started while the first pass runs joins it, has what it
+/// missed repaired, and is counted too.
+#[test]
+fn a_one_time_key_works_and_a_receiver_started_mid_pass_is_caught_up() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    let src = data(2 << 20);
+    let image = dir.join("image.bin");
+    std::fs::write(&image, &src).expect("source");
+    let iface = lab.host(0).iface();
+    let send = [
+        "send",
+        image.to_str().expect("utf-8"),
+        "--iface",
+        iface,
+        "--group",
+        GROUP,
+        "--rate",
+        "4",
+    ];
+    let slog = dir.join("send");
+    let mut sender = spawn(&lab, 0, &send, &slog);
+    let key = printed_key(&slog);
+    assert_eq!(key.len(), 64, "{key}");
+    assert_ne!(key, KEY);
+    let mut receivers = Vec::new();
+    for h in [1, 2] {
+        if h == 2 {
+            // Once the first pass runs (about 4 s of it at 4 Mbit/s).
+            wait_for_line(&slog, "send: blocks");
+        }
+        let out = dir.join(format!("copy{h}.bin"));
+        let args = [
+            "receive",
+            "--iface",
+            iface,
+            "--group",
+            GROUP,
+            "--key",
+            &key,
+            "--out",
+            out.to_str().expect("utf-8"),
+            "--max-wait",
+            "30",
+        ];
+        let log = dir.join(format!("receive{h}"));
+        receivers.push((h, spawn(&lab, h, &args, &log), log, out));
+    }
+    for (h, child, log, out) in &mut receivers {
+        let (status, stdout, err) = finish(child, log, WAIT);
+        assert!(
+            status.success(),
+            "receive on host {h}: {status}\n{stdout}\n{err}"
+        );
+        assert!(
+            std::fs::read(&*out).expect("copy") == src,
+            "host {h}: the copy differs"
+        );
+    }
+    let (status, out, err) = finish(&mut sender, &slog, WAIT);
+    assert!(status.success(), "send: {status}\n{out}\n{err}");
+    assert!(out.contains("to 2 receivers (2 verified)"), "{out}");
+    assert!(
+        !out.contains("repairs 0 multicast 0 unicast, 0 parity"),
+        "host 2 missed the start: {out}"
+    );
+}
+
 #[test]
 fn a_receive_with_the_wrong_key_writes_nothing_and_says_why() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -7,8 +7,9 @@
 //!
 //! # Exchange
 //! - The sender multicasts its `Announce` every [`ANNOUNCE_WAITING`] until the first pass
-//!   starts (so a receiver started late still joins the multicast), then every
-//!   [`ANNOUNCE_RUNNING`] (for receivers that join later and are caught up by unicast).
+//!   starts, then every [`ANNOUNCE_RUNNING`]: a receiver started late still joins while the
+//!   sender runs (during the first pass it joins the multicast and its missing blocks are
+//!   repaired; after it, it is caught up by unicast).
 //! - A receiver that verified an announce joins: a `TaskAsk` (it names the receiver's random
 //!   device id) to the announce's source, at once and then every [`JOIN_EVERY`] while it
 //!   receives (a lost join is repeated; the sender counts the first, per address).
@@ -25,10 +26,11 @@ use core::time::Duration;
 
 use crate::Instant;
 
-/// Announce period before the first pass starts.
+/// Announce period before the first pass starts (receivers waiting to join).
 pub const ANNOUNCE_WAITING: Duration = Duration::from_millis(500);
-/// Announce period once the first pass runs (for late receivers).
-pub const ANNOUNCE_RUNNING: Duration = Duration::from_secs(5);
+/// Announce period once the first pass runs: a receiver started late still joins within a
+/// second (its missing blocks are repaired), at about 100 bytes a second.
+pub const ANNOUNCE_RUNNING: Duration = Duration::from_secs(1);
 /// A receiver's join (and keep-alive) period.
 pub const JOIN_EVERY: Duration = Duration::from_secs(1);
 /// A receiver's `Completion` period until it is answered.
@@ -378,8 +380,8 @@ mod tests {
         assert!(s.poll_announce(at(500), false));
         assert_eq!(s.poll_timeout(), at(1000));
         assert!(s.poll_announce(at(1000), true));
-        assert!(!s.poll_announce(at(5999), true));
-        assert!(s.poll_announce(at(6000), true));
+        assert!(!s.poll_announce(at(1999), true));
+        assert!(s.poll_announce(at(2000), true));
     }
 
     #[test]
