@@ -109,23 +109,45 @@ impl std::fmt::Display for SendSummary {
     }
 }
 
-/// The block size that fills `iface`'s MTU, as /sys/class/net says.
+/// The block size that fills `iface`'s MTU.
 fn block_size_for_iface(iface: &str) -> Result<u32, StandaloneError> {
-    let p = format!("/sys/class/net/{iface}/mtu");
-    let mtu: u32 = std::fs::read_to_string(&p)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| {
-            StandaloneError::BlockSize(format!(
-                "cannot read the MTU of {iface} from {p}: give --block-size"
-            ))
-        })?;
+    let mtu = iface_mtu(iface).ok_or_else(|| {
+        StandaloneError::BlockSize(format!("cannot read the MTU of {iface}: give --block-size"))
+    })?;
     let overhead = 28 + (DATA_PREFIX_LEN + TAG_LEN) as u32;
     mtu.checked_sub(overhead)
         .filter(|b| *b >= 64)
         .ok_or_else(|| {
             StandaloneError::BlockSize(format!("the MTU of {iface} ({mtu}) is too small"))
         })
+}
+
+/// `iface`'s MTU, asked of the kernel through a socket (`SIOCGIFMTU`): that answers for this
+/// process's network namespace, where /sys/class/net may show another one's (a namespace
+/// entered without remounting sysfs); /sys only if the ioctl fails.
+fn iface_mtu(iface: &str) -> Option<u32> {
+    let name = iface.as_bytes();
+    // SAFETY: ifreq is plain data; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() < req.ifr_name.len() {
+        for (d, s) in req.ifr_name.iter_mut().zip(name) {
+            *d = *s as libc::c_char;
+        }
+        let sock = UdpSocket::bind("0.0.0.0:0").ok();
+        if let Some(sock) = sock {
+            use std::os::fd::AsRawFd;
+            // SAFETY: SIOCGIFMTU reads the NUL-terminated name of `req` and writes its MTU
+            // field; `req` lives across the call.
+            let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) };
+            if r == 0 {
+                // SAFETY: the kernel filled the MTU member of the union.
+                return u32::try_from(unsafe { req.ifr_ifru.ifru_mtu }).ok();
+            }
+        }
+    }
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
 }
 
 /// How a send that ran ended: its summary, and why it did not verify, if it did not.
