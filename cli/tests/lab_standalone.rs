@@ -64,11 +64,43 @@ fn data(n: usize) -> Vec<u8> {
         .collect()
 }
 
+/// From `host`: waits for an announce, then sends its source a join tagged under a wrong
+/// key and one without a tag (neither may count: the send's summary must name 2 receivers
+/// and count them as forged).
+fn forge_joins(lab: &Lab, host: usize) {
+    use fleetcast_wire::{Message, Ranges, TaskAsk, TAG_LEN};
+    let spy = lab.host(host).udp_socket(PORT + 1).expect("socket");
+    let group: std::net::Ipv4Addr = GROUP.split(':').next().unwrap().parse().unwrap();
+    spy.join_multicast_v4(&group, &lab.host(host).addr())
+        .expect("join");
+    spy.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut buf = [0u8; 2048];
+    let (n, sender) = spy.recv_from(&mut buf).expect("an announce");
+    let Ok((Message::Announce(a), _)) = Message::parse_datagram(&buf[..n]) else {
+        panic!("not an announce");
+    };
+    let join = Message::TaskAsk(TaskAsk {
+        device_id: 666,
+        task_id: a.task_id,
+        total: 0,
+        have: Ranges::new(),
+    });
+    let mut out = vec![0u8; join.buffer_len().unwrap() + TAG_LEN];
+    let n = join
+        .emit_authenticated(&mut out, |_, _| [0x5a; TAG_LEN])
+        .unwrap();
+    spy.send_to(&out[..n], sender).expect("send");
+    let n = join.emit(&mut out).unwrap();
+    spy.send_to(&out[..n], sender).expect("send");
+}
+
 #[test]
 fn send_reaches_two_receivers_one_losing_five_percent_and_both_verify() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let lab = Lab::new(LabConfig::hosts(3)).expect("lab (see docs/lab.md)");
+    // Host 3 forges joins.
+    let lab = Lab::new(LabConfig::hosts(4)).expect("lab (see docs/lab.md)");
     lab.host(2).loss_in(&[PORT], 5.0).expect("nft loss rule");
     let src = data(4 << 20);
     std::fs::write(dir.join("image.bin"), &src).expect("source");
@@ -115,6 +147,7 @@ fn send_reaches_two_receivers_one_losing_five_percent_and_both_verify() {
     ];
     let slog = dir.join("send");
     let mut sender = spawn(&lab, 0, &args, &slog);
+    forge_joins(&lab, 3);
     for (h, child, log, out_dir) in &mut receivers {
         let (status, out, err) = finish(child, log, WAIT);
         eprintln!("receive on host {h}: {out}\n{err}");
@@ -153,6 +186,10 @@ fn send_reaches_two_receivers_one_losing_five_percent_and_both_verify() {
         .sum::<u64>();
     assert!(repairs > 0, "host 2 lost 5%: something was repaired: {doc}");
     assert!(s["feedback_bytes"].as_u64().expect("bytes") > 0, "{doc}");
+    assert!(
+        s["forged"].as_u64().expect("count") >= 2,
+        "the forged joins: {doc}"
+    );
     assert!(s["goodput_mbit_s"].as_f64().expect("rate") > 1.0, "{doc}");
 }
 
