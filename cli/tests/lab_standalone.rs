@@ -386,3 +386,56 @@ fn send_and_receive_refuse_to_run_without_iface() {
     }
     assert!(!out.exists());
 }
+
+/// A sender that stops mid-transfer (killed): the receive takes it for gone after 30 s
+/// without an announce, exits non-zero, says so and leaves nothing behind.
+#[test]
+fn a_receive_whose_sender_stops_gives_up_and_removes_its_partial_copy() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(2)).expect("lab (see docs/lab.md)");
+    let image = dir.join("image.bin");
+    std::fs::write(&image, data(2 << 20)).expect("source");
+    let iface = lab.host(0).iface();
+    let out_dir = dir.join("r1");
+    std::fs::create_dir(&out_dir).expect("dir");
+    let out = out_dir.join("copy.bin");
+    let recv = [
+        "receive",
+        "--iface",
+        iface,
+        "--group",
+        GROUP,
+        "--key",
+        KEY,
+        "--out",
+        out.to_str().expect("utf-8"),
+    ];
+    let rlog = dir.join("receive");
+    let mut receiver = spawn(&lab, 1, &recv, &rlog);
+    // About 8 s of first pass at 2 Mbit/s.
+    let send = [
+        "send",
+        image.to_str().expect("utf-8"),
+        "--iface",
+        iface,
+        "--group",
+        GROUP,
+        "--key",
+        KEY,
+        "--rate",
+        "2",
+    ];
+    let slog = dir.join("send");
+    let mut sender = spawn(&lab, 0, &send, &slog);
+    wait_for_line(&rlog, "receive: blocks");
+    sender.kill().expect("kill the sender");
+    let (status, _, err) = finish(&mut receiver, &rlog, Duration::from_secs(45));
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("the sender stopped"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&out_dir).expect("dir").count(),
+        0,
+        "the partial copy is removed"
+    );
+}

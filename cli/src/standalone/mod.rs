@@ -76,6 +76,11 @@ pub enum StandaloneError {
     /// The receiver saw no announce in its longest wait.
     #[error("no announce on the group within --max-wait: is `fleetcast send` running on this network, with this --group?")]
     NoAnnounce,
+    /// The sender stopped announcing while the copy was being received.
+    #[error(
+        "the sender stopped: no announce for 30 s while receiving; the partial copy was removed"
+    )]
+    SenderGone,
     /// The received copy did not verify.
     #[error("the copy did not verify ({outcome}): {reason}")]
     Unverified {

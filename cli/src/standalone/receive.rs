@@ -136,9 +136,13 @@ pub fn run(
     while !rules.is_done() {
         let t = now();
         if let Some(g) = rules.give_up(t) {
+            if let Some(r) = run.take() {
+                abandon(r, (&name, &dir));
+            }
             return Err(match g {
                 GiveUp::Forged { dropped } => StandaloneError::Forged { dropped },
                 GiveUp::NoAnnounce => StandaloneError::NoAnnounce,
+                GiveUp::SenderGone => StandaloneError::SenderGone,
             });
         }
         // Announces: the first valid one starts the transfer; later ones are only drained.
@@ -150,8 +154,12 @@ pub fn run(
                 rules.handle_forged(now());
                 continue;
             }
-            // Only the group and port asked for: an announce elsewhere is not this receive's.
-            if a.group != std::net::IpAddr::V4(group) || a.port != port || run.is_some() {
+            // Only the group and port asked for, and then only the task being received: an
+            // announce elsewhere is not this receive's.
+            let other = run
+                .as_ref()
+                .is_some_and(|r| r.announce.task_id != a.task_id);
+            if a.group != std::net::IpAddr::V4(group) || a.port != port || other {
                 continue;
             }
             if rules.handle_announce(now()) {
@@ -299,6 +307,18 @@ fn start(
         started: now,
         finished: None,
     })
+}
+
+/// Stops an unfinished transfer and removes what it wrote (a standalone copy has no agent to
+/// resume it).
+fn abandon(r: Running, (name, dir): (&str, &Path)) {
+    if let Some(t) = r.transfer {
+        t.stop();
+    }
+    let id = r.announce.task_id;
+    for f in [format!("{name}.part"), format!(".{name}.task-{id}.rec")] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
 }
 
 /// The summary, and the transfer's own bookkeeping files removed (a standalone copy has no

@@ -18,7 +18,8 @@
 //!   passed. The sender takes the first `Completion` from a joined address as that device's
 //!   outcome; every one gets an answer.
 //! - A receiver that saw only forged announces for [`FORGED_GIVE_UP`] stops (a wrong key), and
-//!   says how many it dropped.
+//!   says how many it dropped; one that is receiving and hears no announce for
+//!   [`SENDER_GONE`] takes the sender for gone and stops.
 
 use alloc::collections::BTreeMap;
 use core::net::SocketAddr;
@@ -39,6 +40,9 @@ pub const COMPLETION_EVERY: Duration = Duration::from_millis(250);
 pub const COMPLETION_FOR: Duration = Duration::from_secs(5);
 /// How long a receiver listens to forged announces only before it stops.
 pub const FORGED_GIVE_UP: Duration = Duration::from_secs(3);
+/// How long a receiver that is receiving goes without an announce before it takes the
+/// sender for gone (it announces every [`ANNOUNCE_RUNNING`] while it runs).
+pub const SENDER_GONE: Duration = Duration::from_secs(30);
 
 /// What a join datagram did at the sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,8 +208,11 @@ enum Phase {
         /// When the first forged announce came.
         forged_since: Option<Instant>,
     },
-    /// Receiving; the next join is due then.
-    Joined { next_join: Instant },
+    /// Receiving; the next join is due then; the last announce came then.
+    Joined {
+        next_join: Instant,
+        last_announce: Instant,
+    },
     /// The copy is done; repeating the `Completion` since `since`, next at `next`.
     Completing { since: Instant, next: Instant },
     /// The sender answered, or the repeats ran out.
@@ -222,6 +229,8 @@ pub enum GiveUp {
     },
     /// No announce at all within the receiver's longest wait.
     NoAnnounce,
+    /// Receiving, but no announce for [`SENDER_GONE`]: the sender stopped.
+    SenderGone,
 }
 
 /// The receiver's side of the exchange.
@@ -256,21 +265,35 @@ impl ReceiveRules {
         }
     }
 
-    /// A verified announce: returns whether it is the first (start receiving, then join).
+    /// A verified announce of the task (the first one, or the one being received): returns
+    /// whether it is the first (start receiving, then join).
     pub fn handle_announce(&mut self, now: Instant) -> bool {
-        if let Phase::Listening { .. } = self.phase {
-            self.phase = Phase::Joined { next_join: now };
-            return true;
+        match &mut self.phase {
+            Phase::Listening { .. } => {
+                self.phase = Phase::Joined {
+                    next_join: now,
+                    last_announce: now,
+                };
+                true
+            }
+            Phase::Joined { last_announce, .. } => {
+                *last_announce = now;
+                false
+            }
+            _ => false,
         }
-        false
     }
 
     /// Whether a join is due at `now` (then the next one is scheduled).
     pub fn poll_join(&mut self, now: Instant) -> bool {
         match self.phase {
-            Phase::Joined { next_join } if now >= next_join => {
+            Phase::Joined {
+                next_join,
+                last_announce,
+            } if now >= next_join => {
                 self.phase = Phase::Joined {
                     next_join: now + JOIN_EVERY,
+                    last_announce,
                 };
                 true
             }
@@ -322,8 +345,12 @@ impl ReceiveRules {
 
     /// Why to stop now without a copy, if so.
     pub fn give_up(&self, now: Instant) -> Option<GiveUp> {
-        let Phase::Listening { forged_since } = self.phase else {
-            return None;
+        let forged_since = match self.phase {
+            Phase::Listening { forged_since } => forged_since,
+            Phase::Joined { last_announce, .. } if now >= last_announce + SENDER_GONE => {
+                return Some(GiveUp::SenderGone)
+            }
+            _ => return None,
         };
         if forged_since.is_some_and(|t| now >= t + FORGED_GIVE_UP) {
             return Some(GiveUp::Forged {
@@ -353,7 +380,10 @@ impl ReceiveRules {
                     (a, b) => a.or(b),
                 }
             }
-            Phase::Joined { next_join } => Some(next_join),
+            Phase::Joined {
+                next_join,
+                last_announce,
+            } => Some(next_join.min(last_announce + SENDER_GONE)),
             Phase::Completing { since, next } => Some(next.min(since + COMPLETION_FOR)),
             Phase::Done => None,
         }
@@ -471,7 +501,19 @@ mod tests {
         assert!(r.handle_announce(at(2000)));
         r.handle_forged(at(2500));
         assert_eq!(r.forged, 2);
-        assert_eq!(r.give_up(at(60_000)), None);
+        assert_eq!(r.give_up(at(31_999)), None);
+        // Receiving, and the sender stops announcing: it is gone after SENDER_GONE.
+        assert_eq!(r.give_up(at(32_000)), Some(GiveUp::SenderGone));
+        assert!(!r.handle_announce(at(31_000)), "not a first announce");
+        assert_eq!(r.give_up(at(60_999)), None, "a new announce holds it off");
+        assert!(r.poll_join(at(31_000)));
+        assert_eq!(
+            r.poll_timeout(),
+            Some(at(32_000)),
+            "the next join comes first"
+        );
+        r.transfer_done(at(61_000));
+        assert_eq!(r.give_up(at(100_000)), None, "done: nothing to give up");
         // Nothing at all.
         let r = ReceiveRules::new(at(0), Some(Duration::from_secs(10)));
         assert_eq!(r.give_up(at(9_999)), None);
