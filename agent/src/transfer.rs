@@ -861,6 +861,7 @@ fn run_once(
         spec.device_id ^ spec.announce.task_id.rotate_left(32) ^ epoch.elapsed().as_nanos() as u64;
     let cfg = ReceiverConfig {
         first_seq: progress.nack_seq.load(Ordering::Relaxed).max(1),
+        fec_group: spec.announce.fec_group,
         ..ReceiverConfig::new(
             spec.announce.session,
             spec.device_id,
@@ -1239,6 +1240,7 @@ mod tests {
                 port: 7301,
                 size: 10_000,
                 block_size: 1000,
+                fec_group: 0,
                 sha256: [3; 32],
                 auth_key: None,
                 nack_key: None,

@@ -9,8 +9,13 @@
 //! sent back (NACKs and the control sessions) per file byte, the slowest completion time,
 //! and the CPU seconds of the gateway and of the agents (from `/proc/<pid>/stat`).
 //!
-//! Processes run as this binary re-executed in a role (`__gateway`, `__agent`), inside lab
-//! hosts; nothing leaves the lab's namespaces. Every run is bounded in time.
+//! With `--peers udpcast,uftp`, each cell also runs those tools after fleetcast's push, in the
+//! same lab, on the same file, loss and rate ceiling, and the report sets them side by side
+//! (see [`peers`]).
+//!
+//! Processes run as this binary re-executed in a role (`__gateway`, `__agent`), or as the
+//! peers' own binaries, inside lab hosts; nothing leaves the lab's namespaces. Every run is
+//! bounded in time.
 
 use std::io::{self, BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
@@ -26,6 +31,9 @@ use fleetcast_daemon::gateway::Clock;
 use fleetcast_lab::{Lab, LabChild, LabConfig, LabError};
 use fleetcast_wire::{DATA_PREFIX_LEN, TAG_LEN};
 use serde_json::{json, Value};
+
+pub mod peers;
+use peers::{Peer, PeerRow};
 
 /// The gateway's control port in the lab.
 const PORT: u16 = 7300;
@@ -115,7 +123,7 @@ impl Row {
     }
 }
 
-fn round(v: f64, digits: i32) -> f64 {
+pub(crate) fn round(v: f64, digits: i32) -> f64 {
     let p = 10f64.powi(digits);
     (v * p).round() / p
 }
@@ -207,10 +215,18 @@ pub enum BenchError {
     /// `report.json` lacks a field.
     #[error("report.json: no `{0}`")]
     ReportField(&'static str),
+    /// A `--peers` tool is not installed.
+    #[error("--peers needs `{tool}`: install the Debian package `{package}`")]
+    PeerMissing {
+        /// The binary.
+        tool: &'static str,
+        /// Its package.
+        package: &'static str,
+    },
 }
 
 /// `path` as the context of an I/O error.
-fn at(path: &Path) -> impl FnOnce(io::Error) -> BenchError + '_ {
+pub(crate) fn at(path: &Path) -> impl FnOnce(io::Error) -> BenchError + '_ {
     move |source| BenchError::File {
         path: path.to_path_buf(),
         source,
@@ -223,14 +239,37 @@ pub fn block_size_for(mtu: u32) -> u32 {
     mtu - 28 - DATA_PREFIX_LEN as u32 - TAG_LEN as u32
 }
 
+/// What a run measured: fleetcast's rows and the peers' rows, each in plan order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Measured {
+    /// fleetcast, one row per (mtu, receivers, loss).
+    pub rows: Vec<Row>,
+    /// Each `--peers` tool, one row per (mtu, receivers, loss) and tool.
+    pub peers: Vec<PeerRow>,
+}
+
 /// Runs the plan; `log` gets a line per step. Rows come in plan order.
 pub fn run(plan: &Plan, log: &mut dyn FnMut(&str)) -> Result<Vec<Row>, BenchError> {
+    run_with_peers(plan, &[], log).map(|m| m.rows)
+}
+
+/// Runs the plan, and `peers` in each cell right after fleetcast's push (`--peers`); `log`
+/// gets a line per step. Rows come in plan order.
+pub fn run_with_peers(
+    plan: &Plan,
+    peers: &[Peer],
+    log: &mut dyn FnMut(&str),
+) -> Result<Measured, BenchError> {
+    // Before any lab is built: a missing peer is the user's to install, not a failed row.
+    let peer_bins = peers::find_binaries(peers)?;
     let clock = Clock::new();
     std::fs::create_dir_all(&plan.work).map_err(at(&plan.work))?;
     let src = plan.work.join("image.bin");
     write_file(&src, plan.mib << 20)?;
+    let src_sha = fleetcast_daemon::distribution::sha256_file(&src).map_err(at(&src))?;
     let max_n = plan.receivers.iter().copied().max().unwrap_or(1);
     let mut rows = Vec::new();
+    let mut peer_rows = Vec::new();
     for &mtu in &plan.mtus {
         let lab = Lab::new(LabConfig {
             mtu,
@@ -261,6 +300,23 @@ pub fn run(plan: &Plan, log: &mut dyn FnMut(&str)) -> Result<Vec<Row>, BenchErro
                     row.cpu_receivers_s
                 ));
                 rows.push(row);
+                for (peer, bins) in &peer_bins {
+                    let cell = peers::Cell {
+                        lab: &lab,
+                        mtu,
+                        receivers: n,
+                        loss,
+                        ceiling_mbps: ceiling,
+                        src: &src,
+                        src_sha,
+                        timeout: plan.timeout,
+                        dir: dir.join(peer.name()),
+                        clock: &clock,
+                    };
+                    let r = peers::run_peer(*peer, bins, &cell)?;
+                    log(&r.describe());
+                    peer_rows.push(r);
+                }
             }
             drop(fleet);
             if std::env::var_os("FLEETCAST_BENCH_KEEP").is_none() {
@@ -268,7 +324,10 @@ pub fn run(plan: &Plan, log: &mut dyn FnMut(&str)) -> Result<Vec<Row>, BenchErro
             }
         }
     }
-    Ok(rows)
+    Ok(Measured {
+        rows,
+        peers: peer_rows,
+    })
 }
 
 /// A seeded, incompressible file of `len` bytes.
@@ -651,7 +710,7 @@ impl<'lab> Fleet<'lab> {
 }
 
 /// User + system CPU seconds of process `pid` (0 if it is gone).
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -747,14 +806,27 @@ pub fn svg_chart(
             fmt_num(yv)
         ));
     }
+    // One colour per cell, one dash per tool: fleetcast's line and the peers' for the same
+    // cell share a colour, so the plot reads side by side.
+    let mut cells: Vec<&str> = Vec::new();
     for (k, (name, pts)) in series.iter().enumerate() {
-        let c = colours[k % colours.len()];
+        let (cell, dash) = series_style(name);
+        let i = cells.iter().position(|c| *c == cell).unwrap_or_else(|| {
+            cells.push(cell);
+            cells.len() - 1
+        });
+        let c = colours[i % colours.len()];
         let path: Vec<String> = pts
             .iter()
             .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
             .collect();
+        let dash = if dash.is_empty() {
+            String::new()
+        } else {
+            format!(" stroke-dasharray=\"{dash}\"")
+        };
         s.push_str(&format!(
-            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>\n",
+            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\"{dash} points=\"{}\"/>\n",
             path.join(" ")
         ));
         for &(x, y) in pts {
@@ -775,6 +847,17 @@ pub fn svg_chart(
     s
 }
 
+/// A series' cell (its name without the tool) and its dash pattern: a peer's series is named
+/// `udpcast, …` or `uftp, …` by [`plots`]; fleetcast's is solid.
+fn series_style(name: &str) -> (&str, &'static str) {
+    for (tool, dash) in [("udpcast, ", "6 3"), ("uftp, ", "2 3")] {
+        if let Some(cell) = name.strip_prefix(tool) {
+            return (cell, dash);
+        }
+    }
+    (name.strip_prefix("fleetcast, ").unwrap_or(name), "")
+}
+
 fn fmt_num(v: f64) -> String {
     if v >= 10.0 {
         format!("{v:.0}")
@@ -789,49 +872,96 @@ fn esc(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// The report's two plots: goodput (share of the ceiling) vs loss, one line per receiver
-/// count and MTU; slowest completion time vs receivers, one line per loss and MTU.
-pub fn plots(rows: &[Row]) -> (String, String, String) {
-    let mut by_n: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    let mut by_loss: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    let mut overhead: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    for r in rows {
-        let k = format!("{} receivers, MTU {}", r.receivers, r.mtu);
-        match by_n.iter_mut().find(|(n, _)| *n == k) {
-            Some((_, p)) => p.push((r.loss, r.fraction())),
-            None => by_n.push((k, vec![(r.loss, r.fraction())])),
-        }
-        let k = format!("{}% loss, MTU {}", r.loss, r.mtu);
-        match by_loss.iter_mut().find(|(n, _)| *n == k) {
-            Some((_, p)) => p.push((r.receivers as f64, r.slowest_s)),
-            None => by_loss.push((k.clone(), vec![(r.receivers as f64, r.slowest_s)])),
-        }
-        let point = (r.receivers as f64, r.datagram_bytes_per_byte);
-        match overhead.iter_mut().find(|(n, _)| *n == k) {
-            Some((_, p)) => p.push(point),
-            None => overhead.push((k, vec![point])),
-        }
+/// Adds point `p` to the series named `key`, starting it if new.
+fn add_point(series: &mut Vec<(String, Vec<(f64, f64)>)>, key: String, p: (f64, f64)) {
+    match series.iter_mut().find(|(n, _)| *n == key) {
+        Some((_, pts)) => pts.push(p),
+        None => series.push((key, vec![p])),
     }
-    (
-        svg_chart(
+}
+
+/// The report's plots.
+#[derive(Debug, Clone)]
+pub struct Plots {
+    /// Goodput (share of the ceiling) vs loss, one line per tool, receiver count and MTU.
+    pub goodput: String,
+    /// Slowest completion time vs receivers, one line per tool, loss and MTU.
+    pub time: String,
+    /// fleetcast's datagram bytes per file byte vs receivers (the peers have no such
+    /// counter), one line per loss and MTU.
+    pub overhead: String,
+    /// Sender wire bytes per file byte vs receivers, one line per tool, loss and MTU.
+    pub wire: String,
+}
+
+/// The report's plots; failed peer rows have no point.
+pub fn plots(m: &Measured) -> Plots {
+    let mut by_n = Vec::new();
+    let mut by_loss = Vec::new();
+    let mut overhead = Vec::new();
+    let mut wire = Vec::new();
+    // fleetcast's lines are named for their tool only when peers share the plot.
+    let ours = if m.peers.is_empty() {
+        ""
+    } else {
+        "fleetcast, "
+    };
+    for r in &m.rows {
+        let n = r.receivers as f64;
+        add_point(
+            &mut by_n,
+            format!("{ours}{} receivers, MTU {}", r.receivers, r.mtu),
+            (r.loss, r.fraction()),
+        );
+        let k = format!("{}% loss, MTU {}", r.loss, r.mtu);
+        add_point(&mut by_loss, format!("{ours}{k}"), (n, r.slowest_s));
+        add_point(&mut overhead, k.clone(), (n, r.datagram_bytes_per_byte));
+        add_point(
+            &mut wire,
+            format!("fleetcast, {k}"),
+            (n, r.sender_bytes_per_byte),
+        );
+    }
+    for r in &m.peers {
+        let (Ok(f), Some(frac)) = (&r.outcome, r.fraction()) else {
+            continue;
+        };
+        let (tool, n) = (r.peer.name(), r.receivers as f64);
+        add_point(
+            &mut by_n,
+            format!("{tool}, {} receivers, MTU {}", r.receivers, r.mtu),
+            (r.loss, frac),
+        );
+        let k = format!("{tool}, {}% loss, MTU {}", r.loss, r.mtu);
+        add_point(&mut by_loss, k.clone(), (n, f.slowest_s));
+        add_point(&mut wire, k, (n, f.sender_bytes_per_byte));
+    }
+    Plots {
+        goodput: svg_chart(
             "Goodput vs loss",
             "loss per receiver (%)",
             "goodput / raw UDP ceiling",
             &by_n,
         ),
-        svg_chart(
+        time: svg_chart(
             "Completion time vs receivers",
             "receivers",
             "slowest verified copy (s)",
             &by_loss,
         ),
-        svg_chart(
+        overhead: svg_chart(
             "Sender overhead vs receivers",
             "receivers",
             "sender datagram bytes / file byte",
             &overhead,
         ),
-    )
+        wire: svg_chart(
+            "Sender bytes on the wire vs receivers",
+            "receivers",
+            "sender interface bytes / file byte",
+            &wire,
+        ),
+    }
 }
 
 /// Rows from a report's `report.json` (to draw the report again without a new run).
@@ -863,29 +993,63 @@ pub fn rows_from_json(v: &Value) -> Result<(usize, Vec<Row>), BenchError> {
     Ok((mib, rows))
 }
 
-/// Writes `report.md`, `report.json`, `goodput-vs-loss.svg`, `completion-vs-receivers.svg`
-/// and `overhead-vs-receivers.svg` into `dir`; returns the Markdown.
+/// Everything a report's `report.json` holds: the file size and the rows (a report from
+/// before `--peers` has no peer rows).
+pub fn measured_from_json(v: &Value) -> Result<(usize, Measured), BenchError> {
+    let (mib, rows) = rows_from_json(v)?;
+    let peers = peers::peer_rows_from_json(v)?;
+    Ok((mib, Measured { rows, peers }))
+}
+
+/// Writes the report of fleetcast's rows alone (see [`write_measured`]).
 pub fn write_report(rows: &[Row], plan: &Plan, dir: &Path) -> Result<String, BenchError> {
+    let m = Measured {
+        rows: rows.to_vec(),
+        peers: Vec::new(),
+    };
+    write_measured(&m, plan, dir)
+}
+
+/// Writes `report.md`, `report.json`, `goodput-vs-loss.svg`, `completion-vs-receivers.svg`,
+/// `overhead-vs-receivers.svg` and `wire-vs-receivers.svg` into `dir`; returns the Markdown.
+pub fn write_measured(m: &Measured, plan: &Plan, dir: &Path) -> Result<String, BenchError> {
     std::fs::create_dir_all(dir).map_err(at(dir))?;
+    let side = if m.peers.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "## Side by side\n\nEach peer ran in the same lab, with the same receivers, file and \
+             rate ceiling (udpcast's capped at 2,147 Mbit/s, the most its --max-bitrate holds), \
+             right after fleetcast's push, with the same loss rule applied to its multicast data \
+             group. A peer's time ends when its sender exits, once every receiver has confirmed \
+             its copy; every copy was then checked against the source's SHA-256.\n\n{}\n",
+            peers::side_by_side(&m.rows, &m.peers)
+        )
+    };
     let md = format!(
         "# fleetcast bench\n\n{} MiB file; rate ceiling of each push = the raw UDP ceiling \
-         measured in the same run on the same topology.\n\n{}\n\
+         measured in the same run on the same topology.\n\n{}\n{side}\
          ![goodput vs loss](goodput-vs-loss.svg)\n![completion vs receivers](completion-vs-receivers.svg)\n\
-         ![sender overhead vs receivers](overhead-vs-receivers.svg)\n",
+         ![sender overhead vs receivers](overhead-vs-receivers.svg)\n\
+         ![sender bytes on the wire vs receivers](wire-vs-receivers.svg)\n",
         plan.mib,
-        markdown(rows)
+        markdown(&m.rows)
     );
-    let json = json!({
+    let mut json = json!({
         "file_mib": plan.mib,
-        "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+        "rows": m.rows.iter().map(Row::to_json).collect::<Vec<_>>(),
     });
-    let (goodput, time, overhead) = plots(rows);
+    if !m.peers.is_empty() {
+        json["peer_rows"] = m.peers.iter().map(PeerRow::to_json).collect();
+    }
+    let p = plots(m);
     for (name, body) in [
         ("report.md", md.clone()),
         ("report.json", format!("{json:#}\n")),
-        ("goodput-vs-loss.svg", goodput),
-        ("completion-vs-receivers.svg", time),
-        ("overhead-vs-receivers.svg", overhead),
+        ("goodput-vs-loss.svg", p.goodput),
+        ("completion-vs-receivers.svg", p.time),
+        ("overhead-vs-receivers.svg", p.overhead),
+        ("wire-vs-receivers.svg", p.wire),
     ] {
         let p = dir.join(name);
         std::fs::write(&p, body).map_err(at(&p))?;
@@ -1010,8 +1174,18 @@ mod tests {
         let md = markdown(&rows);
         assert_eq!(md.lines().count(), 2 + 3);
         assert!(md.contains("| 1500 | 1 | 5 | 100 | 80 | 0.80 |"), "{md}");
-        let (goodput, time, overhead) = plots(&rows);
+        let measured = Measured {
+            rows: rows.to_vec(),
+            peers: vec![],
+        };
+        let Plots {
+            goodput,
+            time,
+            overhead,
+            wire,
+        } = plots(&measured);
         assert_eq!(overhead.matches("<circle").count(), 3);
+        assert_eq!(wire.matches("<circle").count(), 3);
         let back = rows_from_json(&json!({
             "file_mib": 2,
             "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
@@ -1025,6 +1199,19 @@ mod tests {
         assert_eq!(goodput.matches("<polyline").count(), 2);
         assert_eq!(time.matches("<polyline").count(), 2);
         assert!(goodput.contains("1 receivers, MTU 1500"));
+        assert!(!goodput.contains("stroke-dasharray"), "{goodput}");
+        assert_eq!(
+            series_style("uftp, 5% loss, MTU 1500"),
+            ("5% loss, MTU 1500", "2 3")
+        );
+        assert_eq!(
+            series_style("fleetcast, 5% loss, MTU 1500"),
+            ("5% loss, MTU 1500", "")
+        );
+        assert_eq!(
+            series_style("4 receivers, MTU 9000"),
+            ("4 receivers, MTU 9000", "")
+        );
         assert_eq!(rows[1].to_json()["fraction_of_ceiling"], 0.8);
     }
 

@@ -56,9 +56,10 @@ enum Cmd {
         /// Target group.
         #[arg(long)]
         group: String,
-        /// Payload bytes per datagram.
-        #[arg(long, default_value_t = 1400)]
-        block_size: u32,
+        /// Payload bytes per datagram. Default: fill a frame of the gateway's multicast
+        /// interface (1436 at MTU 1500).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        block_size: Option<u32>,
         /// Rate ceiling, megabits per second.
         #[arg(long, default_value_t = 200)]
         rate: u64,
@@ -165,6 +166,10 @@ enum Cmd {
         /// Draw the report again from an earlier run's report.json instead of measuring.
         #[arg(long, value_name = "FILE")]
         from_json: Option<PathBuf>,
+        /// Other tools to run in each cell after fleetcast, comma-separated: udpcast, uftp
+        /// (Debian packages `udpcast`, `uftp`).
+        #[arg(long, default_value = "")]
+        peers: String,
     },
     /// Send one file by multicast to the receivers that join, with no gateway or enrolment
     /// (like udpcast's udp-sender): progress on stderr, a summary at the end; exit 0 only when
@@ -406,7 +411,8 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
             Request::Push {
                 path: path.display().to_string(),
                 group,
-                block_size,
+                // 0: the gateway picks the block that fills its interface's MTU.
+                block_size: block_size.unwrap_or(0),
                 rate_mbps: rate,
                 trigger: fleetcast_daemon::admin::PushTrigger {
                     at_ms: start_in.map(|s| wall_ms() + s * 1000),
@@ -483,10 +489,22 @@ fn run() -> ExitCode {
             timeout,
             out,
             from_json,
+            peers,
         } => {
             return match from_json {
                 Some(f) => bench_replot(&f, &out, json),
-                None => bench(&receivers, &loss, &mtu, mib, timeout, &out, json),
+                None => bench(
+                    &BenchFlags {
+                        receivers: &receivers,
+                        loss: &loss,
+                        mtu: &mtu,
+                        peers: &peers,
+                        mib,
+                        timeout,
+                    },
+                    &out,
+                    json,
+                ),
             }
         }
         Cmd::Completions { shell } => {
@@ -848,55 +866,62 @@ enum PlanError {
     OwnBinary(#[source] std::io::Error),
 }
 
-/// `fleetcast bench`: the end-to-end multicast benchmark (see `fleetcast_cli::bench`).
-fn bench(
-    receivers: &str,
-    loss: &str,
-    mtu: &str,
+/// `fleetcast bench`'s measuring flags, as given.
+struct BenchFlags<'a> {
+    receivers: &'a str,
+    loss: &'a str,
+    mtu: &'a str,
+    peers: &'a str,
     mib: usize,
     timeout: u64,
-    out: &std::path::Path,
-    json: bool,
-) -> ExitCode {
-    use fleetcast_cli::bench::{self, parse_list, Plan};
-    let plan = (|| -> Result<Plan, PlanError> {
+}
+
+/// `fleetcast bench`: the end-to-end multicast benchmark (see `fleetcast_cli::bench`).
+fn bench(flags: &BenchFlags, out: &std::path::Path, json: bool) -> ExitCode {
+    use fleetcast_cli::bench::{self, parse_list, peers::parse_peers, Plan};
+    let plan = (|| -> Result<(Plan, Vec<fleetcast_cli::bench::peers::Peer>), PlanError> {
         let plan = Plan {
-            receivers: parse_list("--receivers", receivers)?,
-            loss: parse_list("--loss", loss)?,
-            mtus: parse_list("--mtu", mtu)?,
-            mib,
-            timeout: std::time::Duration::from_secs(timeout),
+            receivers: parse_list("--receivers", flags.receivers)?,
+            loss: parse_list("--loss", flags.loss)?,
+            mtus: parse_list("--mtu", flags.mtu)?,
+            mib: flags.mib,
+            timeout: std::time::Duration::from_secs(flags.timeout),
             exe: std::env::current_exe().map_err(PlanError::OwnBinary)?,
             work: std::env::temp_dir().join(format!("fleetcast-bench-{}", std::process::id())),
         };
         plan.check()?;
-        Ok(plan)
+        Ok((plan, parse_peers(flags.peers)?))
     })();
-    let plan = match plan {
+    let (plan, peers) = match plan {
         Ok(p) => p,
         Err(e) => {
             errln!("fleetcast bench: {e}");
             return Exit::Usage.into();
         }
     };
-    let result = bench::run(&plan, &mut |line| errln!("{line}"));
+    let result = bench::run_with_peers(&plan, &peers, &mut |line| errln!("{line}"));
     if std::env::var_os("FLEETCAST_BENCH_KEEP").is_none() {
         let _ = std::fs::remove_dir_all(&plan.work);
     }
-    let rows = match result {
+    let measured = match result {
         Ok(r) => r,
         Err(e) => {
             errln!("fleetcast bench: {e}");
             return Exit::Failed.into();
         }
     };
-    match bench::write_report(&rows, &plan, out) {
+    match bench::write_measured(&measured, &plan, out) {
         Ok(md) => {
             if json {
-                let rows: Vec<_> = rows.iter().map(bench::Row::to_json).collect();
+                let rows: Vec<_> = measured.rows.iter().map(bench::Row::to_json).collect();
+                let peer_rows: Vec<_> = measured
+                    .peers
+                    .iter()
+                    .map(bench::peers::PeerRow::to_json)
+                    .collect();
                 outln!(
                     "{}",
-                    serde_json::json!({ "ok": true, "data": { "rows": rows, "report": out.display().to_string() } })
+                    serde_json::json!({ "ok": true, "data": { "rows": rows, "peer_rows": peer_rows, "report": out.display().to_string() } })
                 );
             } else {
                 outln!("{md}");
@@ -927,8 +952,8 @@ fn bench_replot(file: &std::path::Path, out: &std::path::Path, json: bool) -> Ex
                 }
             })
         })
-        .and_then(|v| bench::rows_from_json(&v));
-    let (mib, rows) = match parsed {
+        .and_then(|v| bench::measured_from_json(&v));
+    let (mib, measured) = match parsed {
         Ok(x) => x,
         Err(e) => {
             errln!("fleetcast bench: {e}");
@@ -944,12 +969,12 @@ fn bench_replot(file: &std::path::Path, out: &std::path::Path, json: bool) -> Ex
         exe: PathBuf::new(),
         work: PathBuf::new(),
     };
-    match bench::write_report(&rows, &plan, out) {
+    match bench::write_measured(&measured, &plan, out) {
         Ok(md) => {
             if json {
                 outln!(
                     "{}",
-                    serde_json::json!({ "ok": true, "data": { "rows": rows.len(), "report": out.display().to_string() } })
+                    serde_json::json!({ "ok": true, "data": { "rows": measured.rows.len(), "peer_rows": measured.peers.len(), "report": out.display().to_string() } })
                 );
             } else {
                 outln!("{md}");

@@ -71,9 +71,14 @@ fn a_scheduled_push_still_multicasts_at_its_time_after_the_gateway_is_killed() {
             "--no-follow",
         ],
     );
-    let task = serde_json::from_str::<Value>(&out).expect("json")["data"]["task"]
-        .as_u64()
-        .expect("task id");
+    let pushed = serde_json::from_str::<Value>(&out).expect("json");
+    let task = pushed["data"]["task"].as_u64().expect("task id");
+    // No --block-size: the block fills a frame of the lab's MTU 1500 (1,436 bytes).
+    assert_eq!(
+        pushed["data"]["blocks"].as_u64(),
+        Some((3u64 << 20).div_ceil(1436)),
+        "{pushed:#}"
+    );
     // Both devices joined and wait (their progress rows exist), then the gateway dies.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(

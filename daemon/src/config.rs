@@ -88,8 +88,9 @@ pub struct WatchSection {
     pub interval_ms: u64,
     /// Rate ceiling of triggered pushes, Mbit/s.
     pub rate_mbps: u64,
-    /// Block size of triggered pushes, bytes.
-    pub block_size: u32,
+    /// Block size of triggered pushes, bytes (unset: fill `mcast.addr`'s MTU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u32>,
     /// Follow-up commands of triggered pushes, one step each in `queue add` step syntax;
     /// `{file}` stands for the pushed file's name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -103,7 +104,7 @@ impl Default for WatchSection {
             group: None,
             interval_ms: 2000,
             rate_mbps: 200,
-            block_size: 1400,
+            block_size: None,
             then: Vec::new(),
         }
     }
@@ -426,7 +427,7 @@ pub const KEYS: &[Key] = &[
         Int,
         "a whole number of bytes from 512 to 65000",
         "1400",
-        "Block size of the pushes watch.dir triggers, bytes.",
+        "Block size of the pushes watch.dir triggers, bytes. Unset: the block that fills a frame of mcast.addr's interface (1436 at MTU 1500).",
     ),
     key(
         "watch.then",
@@ -1014,7 +1015,10 @@ impl Config {
             },
             "watch.interval_ms" => range(self.watch.interval_ms, 100, 3_600_000),
             "watch.rate_mbps" => range(self.watch.rate_mbps, 1, 100_000),
-            "watch.block_size" => range(self.watch.block_size.into(), 512, 65_000),
+            "watch.block_size" => match self.watch.block_size {
+                Some(b) => range(b.into(), 512, 65_000),
+                None => Ok(()),
+            },
             "watch.then" => match crate::watch::follow_up_templates(&self.watch.then) {
                 Ok(_) => Ok(()),
                 Err(e) => takes(Problem::BadStep(Box::new(e))),
@@ -1116,6 +1120,7 @@ mod tests {
                 dir: Some("/w".into()),
                 group: Some("g".into()),
                 then: vec!["report".into()],
+                block_size: Some(1400),
                 ..WatchSection::default()
             },
             ..Config::default()

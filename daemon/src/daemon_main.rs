@@ -387,7 +387,8 @@ fn run(cfg: Config, data: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
                 group: group.clone(),
                 interval: Duration::from_millis(cfg.watch.interval_ms),
                 rate_mbps: cfg.watch.rate_mbps,
-                block_size: cfg.watch.block_size,
+                // 0: the distributor fills the interface's MTU.
+                block_size: cfg.watch.block_size.unwrap_or(0),
                 // Parsed by `Config::validate` already: a bad step stopped the start there.
                 then: crate::watch::follow_up_templates(&cfg.watch.then).unwrap_or_default(),
             }),

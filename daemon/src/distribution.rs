@@ -422,6 +422,10 @@ struct Prepared {
 /// A file's identity for the digest cache: path, device, inode, size, modification time.
 type FileKey = (PathBuf, u64, u64, u64, i128);
 
+/// Block size of a push that names none when the interface's MTU is unknown (fits any
+/// Ethernet path with room to spare).
+const FALLBACK_BLOCK_SIZE: u32 = 1400;
+
 /// Digests remembered (the cache is cleared when full).
 const DIGEST_CACHE: usize = 256;
 
@@ -628,7 +632,7 @@ impl Distributor {
         let PushSpec {
             path,
             group,
-            block_size,
+            mut block_size,
             rate_mbps,
             reason,
             trigger,
@@ -637,6 +641,9 @@ impl Distributor {
             follow,
         } = push;
         let dest = self.destination(delivery)?;
+        if block_size == 0 {
+            block_size = self.default_block_size();
+        }
         let reason = if dest == self.cfg.group {
             reason
         } else {
@@ -723,6 +730,16 @@ impl Distributor {
             },
         );
         Ok(())
+    }
+
+    /// The block size of a push that names none: one that fills a frame of `mcast.addr`'s
+    /// interface (1,436 bytes at MTU 1,500), or 1,400 when the interface or its MTU is unknown.
+    pub fn default_block_size(&self) -> u32 {
+        self.iface
+            .as_ref()
+            .and_then(|i| i.mtu(self.sock.as_raw_fd()))
+            .and_then(fleetcast_wire::mcast::block_size_for_mtu)
+            .unwrap_or(FALLBACK_BLOCK_SIZE)
     }
 
     /// Where a push's group datagrams go. A broadcast is checked against the interface of
@@ -870,7 +887,7 @@ impl Distributor {
         }
         let d = self.dists.get_mut(&session).expect("inserted above");
         let nack_key = d.nack_keys.next_device_key(device.0);
-        d.core.handle_announce(now, device.0, peer, nack_key);
+        let joined = d.core.handle_announce(now, device.0, peer, nack_key);
         self.touched.insert(session);
         Ok(Announce {
             task_id: task.0,
@@ -879,6 +896,9 @@ impl Distributor {
             port: self.cfg.port,
             size: d.map.len as u64,
             block_size: d.block_size,
+            // Parity comes from the group sender only: a device caught up by unicast is
+            // repaired block by block, and NACKs gaps as they open.
+            fec_group: if joined { d.core.config().fec_group } else { 0 },
             sha256: d.sha256,
             auth_key: Some(d.key_bytes),
             nack_key: Some(nack_key),
@@ -1563,6 +1583,37 @@ mod tests {
             assert!(core.group().is_none(), "task {t}: caught up, not multicast");
             assert_eq!(core.catch_up_count(), 1, "task {t}");
         }
+    }
+
+    /// A push that names no block size gets the one that fills a frame of the interface
+    /// (on loopback, MTU 65,536: as large as a parity datagram carries), asked through the
+    /// distributor's own socket.
+    #[test]
+    fn the_default_block_fills_the_interface_mtu() {
+        let dist = Distributor::open(McastConfig {
+            addr: Ipv4Addr::LOCALHOST,
+            port: 0,
+            group: Ipv4Addr::new(239, 77, 9, 9),
+            linger: Duration::from_secs(1),
+            warmup: Duration::ZERO,
+            fec_group: 0,
+            broadcast: None,
+        })
+        .unwrap();
+        let iface = dist.iface.as_ref().expect("loopback holds 127.0.0.1");
+        let mtu = iface
+            .mtu(dist.sock.as_raw_fd())
+            .expect("the kernel says lo's MTU");
+        let want = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", iface.name))
+            .ok()
+            .and_then(|m| m.trim().parse::<u32>().ok());
+        if let Some(w) = want {
+            assert_eq!(mtu, w, "the ioctl agrees with sysfs");
+        }
+        assert_eq!(
+            Some(dist.default_block_size()),
+            fleetcast_wire::mcast::block_size_for_mtu(mtu)
+        );
     }
 
     #[test]

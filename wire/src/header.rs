@@ -26,8 +26,8 @@ pub const MAGIC: u8 = 0xFC;
 /// (`Dispatch`, `Result`, `Hello.last`), the report inside a result, the pre-reboot result in
 /// `RebootComplete`, the `Report` kind, per-device NACK keys (`Announce.nack_key`), numbered
 /// NACKs and the `Probe` kind; version 3 the report's package manager, CPU, memory and
-/// attached devices (docs/wire.md, "Versioning").
-pub const VERSION: u8 = 3;
+/// attached devices; version 4 the FEC group size in `Announce` (docs/wire.md, "Versioning").
+pub const VERSION: u8 = 4;
 /// Size of [`Header`] in bytes.
 pub const HEADER_LEN: usize = 12;
 /// Flag: the body ends with a [`TAG_LEN`]-byte packet-authentication tag.

@@ -47,9 +47,6 @@ pub enum StandaloneError {
     /// `--key` is not 64 hex digits.
     #[error("--key: give 32 bytes as 64 hex digits (as `fleetcast send` prints them)")]
     Key,
-    /// `--block-size` cannot be used at the interface's MTU, or the MTU cannot be read.
-    #[error("{0}")]
-    BlockSize(String),
     /// A socket could not be set up or used.
     #[error("{what}: {source}")]
     Io {
@@ -275,8 +272,7 @@ fn report<'a, S: serde::Serialize + 'a>(
         Some(StandaloneError::NoIface)
         | Some(StandaloneError::IfaceAddr(_))
         | Some(StandaloneError::Group(_))
-        | Some(StandaloneError::Key)
-        | Some(StandaloneError::BlockSize(_)) => Exit::Usage,
+        | Some(StandaloneError::Key) => Exit::Usage,
         Some(_) => Exit::Failed,
     };
     if json {

@@ -10,9 +10,7 @@ use fleetcast_daemon::distribution::{sha256_file, DistEvent, Distributor, McastC
 use fleetcast_store::{DeviceId, TaskId};
 use fleetcast_wire::mcast::standalone::{Join, SendRules, SendVerdict};
 use fleetcast_wire::mcast::Trigger;
-use fleetcast_wire::{
-    Announce, Instant, Message, TaskAnswer, TaskVerdict, DATA_PREFIX_LEN, TAG_LEN,
-};
+use fleetcast_wire::{Announce, Instant, Message, TaskAnswer, TaskVerdict};
 
 use super::{io_err, Keys, StandaloneError};
 
@@ -109,47 +107,6 @@ impl std::fmt::Display for SendSummary {
     }
 }
 
-/// The block size that fills `iface`'s MTU.
-fn block_size_for_iface(iface: &str) -> Result<u32, StandaloneError> {
-    let mtu = iface_mtu(iface).ok_or_else(|| {
-        StandaloneError::BlockSize(format!("cannot read the MTU of {iface}: give --block-size"))
-    })?;
-    let overhead = 28 + (DATA_PREFIX_LEN + TAG_LEN) as u32;
-    mtu.checked_sub(overhead)
-        .filter(|b| *b >= 64)
-        .ok_or_else(|| {
-            StandaloneError::BlockSize(format!("the MTU of {iface} ({mtu}) is too small"))
-        })
-}
-
-/// `iface`'s MTU, asked of the kernel through a socket (`SIOCGIFMTU`): that answers for this
-/// process's network namespace, where /sys/class/net may show another one's (a namespace
-/// entered without remounting sysfs); /sys only if the ioctl fails.
-fn iface_mtu(iface: &str) -> Option<u32> {
-    let name = iface.as_bytes();
-    // SAFETY: ifreq is plain data; all-zero is valid.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    if name.len() < req.ifr_name.len() {
-        for (d, s) in req.ifr_name.iter_mut().zip(name) {
-            *d = *s as libc::c_char;
-        }
-        let sock = UdpSocket::bind("0.0.0.0:0").ok();
-        if let Some(sock) = sock {
-            use std::os::fd::AsRawFd;
-            // SAFETY: SIOCGIFMTU reads the NUL-terminated name of `req` and writes its MTU
-            // field; `req` lives across the call.
-            let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) };
-            if r == 0 {
-                // SAFETY: the kernel filled the MTU member of the union.
-                return u32::try_from(unsafe { req.ifr_ifru.ifru_mtu }).ok();
-            }
-        }
-    }
-    std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-}
-
 /// How a send that ran ended: its summary, and why it did not verify, if it did not.
 #[derive(Debug)]
 pub struct SendOutcome {
@@ -165,7 +122,9 @@ struct Sender {
     ctl: UdpSocket,
     keys: Keys,
     task: TaskId,
-    announce: Vec<u8>,
+    /// The announce, and as a tagged datagram.
+    announce: Announce<'static>,
+    announce_bytes: Vec<u8>,
     announce_to: SocketAddr,
     rules: SendRules,
     size: u64,
@@ -181,12 +140,8 @@ struct Sender {
 
 /// Runs the send; `say` gets the one-time key's lines and the progress lines (stderr).
 pub fn run(opts: &SendOpts, say: &mut dyn FnMut(&str)) -> Result<SendOutcome, StandaloneError> {
-    let (iface, addr) = super::iface_addr(opts.iface.as_deref())?;
+    let (_, addr) = super::iface_addr(opts.iface.as_deref())?;
     let (group, port) = super::parse_group(&opts.group)?;
-    let block_size = match opts.block_size {
-        Some(b) => b,
-        None => block_size_for_iface(&iface)?,
-    };
     let psk = match &opts.key {
         Some(k) => super::parse_key(k)?,
         None => {
@@ -214,6 +169,9 @@ pub fn run(opts: &SendOpts, say: &mut dyn FnMut(&str)) -> Result<SendOutcome, St
     .map_err(io_err(format!(
         "cannot open the multicast socket on {addr}:{port}"
     )))?;
+    // Fills a frame of the interface (its MTU asked through the socket, so in this network
+    // namespace), as a push does.
+    let block_size = opts.block_size.unwrap_or_else(|| dist.default_block_size());
     let now = super::clock();
     // A random task id: a capture of an earlier send names another session.
     let task = TaskId(u64::from_be_bytes(super::random()?) | 1);
@@ -239,20 +197,24 @@ pub fn run(opts: &SendOpts, say: &mut dyn FnMut(&str)) -> Result<SendOutcome, St
         .file
         .file_name()
         .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
-    let announce = Message::Announce(Announce {
+    let announce = Announce {
         task_id: task.0,
         session: task.0 as u32,
         group: group.into(),
         port,
         size,
         block_size,
+        // Receivers that join the multicast NACK whole parity groups from the start; after
+        // the first pass the announce says 0 (see `pass_done`).
+        fec_group: opts.fec_group,
         sha256,
         auth_key: None,
         nack_key: None,
         name: Cow::Owned(name),
-    });
+    };
     let mut s = Sender {
-        announce: super::tagged(&announce, &keys.control),
+        announce_bytes: super::tagged(&Message::Announce(announce.clone()), &keys.control),
+        announce,
         announce_to: SocketAddr::V4(SocketAddrV4::new(group, port + 1)),
         dist,
         ctl,
@@ -308,13 +270,14 @@ impl Sender {
                 }
             }
             if self.over_at.is_none() && self.rules.poll_announce(t, started) {
-                super::send(&self.ctl, &self.announce, self.announce_to);
+                super::send(&self.ctl, &self.announce_bytes, self.announce_to);
             }
             self.read_control(t);
             while self.dist.handle_readable(now()) {}
             for ev in self.dist.drive(now()) {
-                if let DistEvent::Finished { .. } = ev {
-                    self.over_at = Some(now());
+                match ev {
+                    DistEvent::Finished { .. } => self.over_at = Some(now()),
+                    DistEvent::PassDone { .. } => self.pass_done(),
                 }
             }
             if let Some(over) = self.over_at {
@@ -354,6 +317,15 @@ impl Sender {
                 );
             }
         }
+    }
+
+    /// The first pass is over: a receiver that joins from now on is caught up by unicast,
+    /// block by block, with no parity (as the gateway's `announce_for` says it), so the
+    /// announce no longer names a parity group.
+    fn pass_done(&mut self) {
+        self.announce.fec_group = 0;
+        let msg = Message::Announce(self.announce.clone());
+        self.announce_bytes = super::tagged(&msg, &self.keys.control);
     }
 
     /// Reads the joins and completions waiting on the control socket.

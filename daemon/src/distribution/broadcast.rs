@@ -85,6 +85,30 @@ impl Iface {
         list().into_iter().find(|i| i.name == name)
     }
 
+    /// The interface's MTU, asked through the socket `fd` (an ioctl answers for the socket's
+    /// own network namespace, which `/sys/class/net` does not always show); `None` if the
+    /// kernel does not say.
+    pub fn mtu(&self, fd: std::os::fd::RawFd) -> Option<u32> {
+        let name = self.name.as_bytes();
+        if name.len() >= libc::IFNAMSIZ {
+            return None;
+        }
+        // SAFETY: ifreq is plain data (a name and a union of integers and addresses); all
+        // zero is a valid request with an empty name.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, &b) in req.ifr_name.iter_mut().zip(name) {
+            *d = b as libc::c_char;
+        }
+        // SAFETY: SIOCGIFMTU reads the NUL-terminated name and writes `ifru_mtu` of `req`,
+        // which lives across the call.
+        let r = unsafe { libc::ioctl(fd, libc::SIOCGIFMTU, &mut req) };
+        if r != 0 {
+            return None;
+        }
+        // SAFETY: on success the kernel wrote the MTU member of the union.
+        u32::try_from(unsafe { req.ifr_ifru.ifru_mtu }).ok()
+    }
+
     /// The broadcast address a push may use: `asked` if it is this interface's directed
     /// broadcast, or (`asked == None`) that address itself.
     pub fn broadcast(&self, asked: Option<Ipv4Addr>) -> Result<Ipv4Addr, BroadcastError> {

@@ -202,6 +202,24 @@ pub const MAX_BLOCK_SIZE: u32 = crate::header::MAX_DATAGRAM_BODY
     - core::mem::size_of::<crate::data::DataHeader>() as u32
     - crate::header::TAG_LEN as u32;
 
+/// Bytes of IPv4 and UDP headers in front of every datagram (no IP options).
+pub const IPV4_UDP_HEADERS: u32 = 28;
+
+/// The block size whose tagged data datagram exactly fills a frame of `mtu` (1,436 bytes at
+/// the Ethernet MTU of 1,500), never above what a parity datagram can carry; `None` for an
+/// MTU too small to carry a useful block (under 576, the least every IPv4 host takes).
+pub fn block_size_for_mtu(mtu: u32) -> Option<u32> {
+    if mtu < 576 {
+        return None;
+    }
+    let fit = mtu
+        - IPV4_UDP_HEADERS
+        - crate::data::DATA_PREFIX_LEN as u32
+        - crate::header::TAG_LEN as u32;
+    // A parity datagram's header is 8 bytes longer than a data block's.
+    Some(fit.min(MAX_BLOCK_SIZE - 8))
+}
+
 /// Number of blocks of a file, validated.
 pub(crate) fn block_count(file_size: u64, block_size: u32) -> Result<u32, ConfigError> {
     if block_size == 0 || block_size > MAX_BLOCK_SIZE {
@@ -402,6 +420,21 @@ mod unit {
             r.push(s, l).unwrap();
         }
         r
+    }
+
+    /// The default block fills the frame: a data datagram of that block is the MTU exactly.
+    #[test]
+    fn the_mtu_block_size_fills_the_frame_and_stays_within_parity() {
+        assert_eq!(block_size_for_mtu(1500), Some(1436));
+        for mtu in [576, 1280, 1500, 9000] {
+            let b = block_size_for_mtu(mtu).unwrap();
+            let datagram = b + crate::data::DATA_PREFIX_LEN as u32 + crate::header::TAG_LEN as u32;
+            assert_eq!(datagram + IPV4_UDP_HEADERS, mtu, "mtu {mtu}");
+            assert!(block_count(1, b).is_ok());
+        }
+        // Loopback's 65,536: as large as a parity datagram carries.
+        assert_eq!(block_size_for_mtu(65_536), Some(MAX_BLOCK_SIZE - 8));
+        assert_eq!(block_size_for_mtu(575), None);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::ranges::{Ranges, MAX_NACK_RANGES};
 /// `Announce`: a distribution task for this device (gateway → agent, control session).
 ///
 /// Fields: `task_id u64`, `session u32`, `group addr`, `port u16`, `size u64`,
-/// `block_size u32`, `sha256 [32]`, `auth_key option<[32]>`, `nack_key option<[32]>`,
+/// `block_size u32`, `fec_group u32`, `sha256 [32]`, `auth_key option<[32]>`, `nack_key option<[32]>`,
 /// `name str16`, where `addr` is `u8 family (4|6)` then 4 or 16 address bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
@@ -33,6 +33,11 @@ pub struct Announce<'a> {
     pub size: u64,
     /// Bytes per block (the last block may be shorter).
     pub block_size: u32,
+    /// Blocks per FEC group of the parity this device's sender repairs with, or 0 when it
+    /// sends none (a device caught up by unicast). Knowing it from the start, a receiver
+    /// NACKs whole groups once the first pass is past them, and never the same NACK twice
+    /// before its repeat interval, instead of every gap as it opens.
+    pub fec_group: u32,
     /// SHA-256 of the whole file.
     pub sha256: [u8; 32],
     /// Per-session packet-authentication key, when packets carry tags: the group's key, for
@@ -64,6 +69,7 @@ impl<'a> Announce<'a> {
         s.u16(self.port)?;
         s.u64(self.size)?;
         s.u32(self.block_size)?;
+        s.u32(self.fec_group)?;
         s.put(&self.sha256)?;
         s.present(self.auth_key.is_some())?;
         if let Some(k) = &self.auth_key {
@@ -86,6 +92,7 @@ impl<'a> Announce<'a> {
         let port = r.u16()?;
         let size = r.u64()?;
         let block_size = r.u32()?;
+        let fec_group = r.u32()?;
         let sha256 = r.array()?;
         let auth_key = if r.present()? { Some(r.array()?) } else { None };
         let nack_key = if r.present()? { Some(r.array()?) } else { None };
@@ -97,6 +104,7 @@ impl<'a> Announce<'a> {
             port,
             size,
             block_size,
+            fec_group,
             sha256,
             auth_key,
             nack_key,

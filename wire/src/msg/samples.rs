@@ -157,6 +157,7 @@ fn announce() -> Announce<'static> {
         port: 7301,
         size: 268_435_456,
         block_size: 1400,
+        fec_group: 512,
         sha256: [0xD1; 32],
         auth_key: Some([0x4B; 32]),
         nack_key: Some([0x4E; 32]),

@@ -158,6 +158,7 @@ fn scenario(chunking: Chunking) -> (Vec<GatewayEvent>, Vec<AgentEvent>) {
         port: 5000,
         size: 1 << 20,
         block_size: 1024,
+        fec_group: 0,
         sha256: [7; 32],
         auth_key: None,
         nack_key: None,
