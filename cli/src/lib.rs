@@ -6,3 +6,4 @@
 //! `__agent`.
 pub mod bench;
 pub mod demo;
+pub mod standalone;

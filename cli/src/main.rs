@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
+use fleetcast_cli::standalone;
 use fleetcast_daemon::admin::{self, ClientError, ErrorKind, OnFailureSpec, Request, Response};
 use fleetcast_daemon::exit::Exit;
 use fleetcast_daemon::paths::default_data_dir;
@@ -170,6 +171,13 @@ enum Cmd {
         #[arg(long, default_value = "")]
         peers: String,
     },
+    /// Send one file by multicast to the receivers that join, with no gateway or enrolment
+    /// (like udpcast's udp-sender): progress on stderr, a summary at the end; exit 0 only when
+    /// every receiver that joined reported a verified copy. Do not rewrite the file meanwhile.
+    Send(standalone::send::SendOpts),
+    /// Receive one file from `fleetcast send` (like udpcast's udp-receiver); exit 0 only when
+    /// its SHA-256 matched the announced one.
+    Receive(standalone::receive::ReceiveOpts),
     /// Run the whole system on this machine: a gateway, agents, a queue with a reboot.
     Demo {
         /// Number of agents.
@@ -437,6 +445,8 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
         }
         Cmd::Watch { .. }
         | Cmd::Bench { .. }
+        | Cmd::Send(_)
+        | Cmd::Receive(_)
         | Cmd::Demo { .. }
         | Cmd::Completions { .. }
         | Cmd::InternalGateway { .. }
@@ -469,6 +479,8 @@ fn run() -> ExitCode {
     match cli.cmd {
         Cmd::Watch { from, duration } => return watch(&data_dir, from, duration, json),
         Cmd::Demo { devices } => return fleetcast_cli::demo::run(devices),
+        Cmd::Send(opts) => return standalone::send_main(&opts, json),
+        Cmd::Receive(opts) => return standalone::receive_main(&opts, json),
         Cmd::Bench {
             receivers,
             loss,

@@ -393,6 +393,16 @@ impl Distribution {
     }
 }
 
+/// The keys of a distribution started from a pre-shared key
+/// ([`Distributor::start_standalone`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ExplicitKeys {
+    /// The tag key of its `Data`, `Repair` and `Parity` datagrams.
+    pub data: [u8; 32],
+    /// The tag key of every receiver's NACKs (and of the probes sent to them).
+    pub nack: [u8; 32],
+}
+
 /// A push mapped and hashed, waiting for its task.
 #[derive(Debug)]
 struct Prepared {
@@ -461,6 +471,9 @@ pub struct Distributor {
     /// Tasks created with no multicast to run (no target and nothing to wait for): their
     /// pass is over from the start, reported by the next [`Distributor::drive`].
     passless: Vec<TaskId>,
+    /// Bytes of the NACK datagrams read (the receivers' feedback, for `fleetcast send`'s
+    /// summary).
+    nack_bytes: u64,
 }
 
 /// Multicast counters since the gateway started, over every distribution live or ended (the
@@ -598,6 +611,7 @@ impl Distributor {
             iface,
             broadcast_on: false,
             passless: Vec::new(),
+            nack_bytes: 0,
         })
     }
 
@@ -988,6 +1002,59 @@ impl Distributor {
             }
         };
         Ok(d)
+    }
+
+    /// Starts the distribution of the file at `path` as `task` with no fleet behind it
+    /// (`fleetcast send`): its blocks are tagged under `keys.data` and every receiver NACKs
+    /// under `keys.nack` (both from a pre-shared key), and its multicast starts as `trigger`
+    /// says (a quorum of receivers: with none, nobody would be there to join). Receivers
+    /// join through [`Distributor::announce_for`] (its row is never needed: the task is
+    /// live) and [`Distributor::receiver_ready`].
+    pub fn start_standalone(
+        &mut self,
+        task: TaskId,
+        path: &Path,
+        (block_size, rate_bytes, sha256): (u32, u64, [u8; 32]),
+        keys: ExplicitKeys,
+        trigger: Trigger,
+        now: Instant,
+    ) -> Result<(), DistError> {
+        let map = Mapped::open(path).map_err(|source| DistError::Map {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let nack_keys = NackKeys::shared(&self.secret, task, keys.nack);
+        let d = Distribution::new(
+            task,
+            map,
+            (block_size, rate_bytes),
+            sha256,
+            keys.data,
+            nack_keys,
+            &self.cfg,
+            trigger,
+            Some(&[]),
+            now,
+        )?;
+        self.touched.insert(d.session);
+        self.dists.insert(d.session, d);
+        Ok(())
+    }
+
+    /// The group and catch-up counters of a live `task`, and whether its first pass has
+    /// started at `now`.
+    pub fn task_stats(
+        &self,
+        task: TaskId,
+        now: Instant,
+    ) -> Option<(SenderStats, SenderStats, bool)> {
+        let d = self.dists.get(&(task.0 as u32))?;
+        Some((d.core.stats(), d.core.catch_up_stats(), d.core.started(now)))
+    }
+
+    /// Bytes of the NACK datagrams read so far.
+    pub fn nack_bytes(&self) -> u64 {
+        self.nack_bytes
     }
 
     /// `device` joined `task` (its first transfer status arrived): it counts towards a

@@ -79,6 +79,12 @@ impl Iface {
         list().into_iter().find(|i| i.addr == addr)
     }
 
+    /// The first IPv4 address of the interface called `name`, if it has one (the standalone
+    /// `fleetcast send` and `receive` bind and join there, never where routing points).
+    pub fn named(name: &str) -> Option<Iface> {
+        list().into_iter().find(|i| i.name == name)
+    }
+
     /// The interface's MTU, asked through the socket `fd` (an ioctl answers for the socket's
     /// own network namespace, which `/sys/class/net` does not always show); `None` if the
     /// kernel does not say.

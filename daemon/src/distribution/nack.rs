@@ -36,6 +36,9 @@ pub(super) struct NackKeys {
     probe: [u8; 32],
     /// Announces made so far (each gets a new device key).
     epoch: u64,
+    /// The one NACK key of every device, when a pre-shared key gave it
+    /// ([`Distributor::start_standalone`]): there is no control session to carry one each.
+    shared: Option<[u8; 32]>,
 }
 
 fn derive(key: &hmac::Key, parts: &[&[u8]]) -> [u8; 32] {
@@ -61,11 +64,24 @@ impl NackKeys {
             ),
             probe: derive(&k, &[b"fleetcast probe cookies", &id]),
             epoch: 0,
+            shared: None,
+        }
+    }
+
+    /// The keys of `task` whose devices all NACK under `shared` (the probe-cookie key is
+    /// still the gateway's own).
+    pub(super) fn shared(secret: &[u8; 32], task: TaskId, shared: [u8; 32]) -> NackKeys {
+        NackKeys {
+            shared: Some(shared),
+            ..NackKeys::new(secret, task)
         }
     }
 
     /// A new NACK key for `device`, for the announce about to go out.
     pub(super) fn next_device_key(&mut self, device: u64) -> [u8; 32] {
+        if let Some(k) = self.shared {
+            return k;
+        }
         self.epoch += 1;
         derive(
             &self.base,
@@ -98,6 +114,7 @@ impl Distributor {
             let Ok((Message::Nack(nack), frame)) = Message::parse_datagram(&self.buf[..n]) else {
                 continue;
             };
+            self.nack_bytes += n as u64;
             let Some(d) = self.dists.get_mut(&nack.session) else {
                 continue;
             };

@@ -108,6 +108,7 @@ pub mod fec;
 mod plan;
 mod receiver;
 mod sender;
+pub mod standalone;
 pub mod task;
 
 #[cfg(feature = "fec")]
