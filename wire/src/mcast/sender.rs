@@ -800,16 +800,38 @@ impl McastSender {
             // During the first pass only blocks already sent count (the rest will come
             // anyway), and a device is judged against what has been sent so far, once that is
             // enough for a share to mean something.
-            let (req, horizon) = if self.first_pass_done {
-                (req, self.n_blocks)
+            // `horizon`: what the device is judged against for its repair cost (the file, or
+            // what the first pass has sent); `judged`: the blocks its NACK speaks for.
+            let (req, horizon, judged) = if self.first_pass_done {
+                (req, self.n_blocks, self.n_blocks)
             } else {
                 // With FEC, a group is repaired once the first pass has sent all of it.
                 let k = self.config.fec_group.max(1);
-                (clip_below(&req, self.next_first / k * k), self.next_first)
+                let req = clip_below(&req, self.next_first / k * k);
+                // A receiver that knows the groups NACKs the whole groups its own view of the
+                // pass has left behind, which lags what has been sent (by its queue, and by up
+                // to a pacing interval of NACKs), and has every block below its first range:
+                // a whole NACK speaks for the groups from its first range's to its last's,
+                // not for every block sent, or a lossy receiver on a busy machine looks a
+                // fraction as lossy as it is. A NACK cut at the range cap is extrapolated
+                // over all that was sent (`estimate_missing`); without groups a NACK speaks
+                // for everything sent (its gaps are NACKed as they open).
+                let whole = req.len() < self.config.nack_ranges_cap.max(1);
+                let judged = match (req.as_slice().first(), req.as_slice().last()) {
+                    (Some(first), Some(last)) if k > 1 && whole => {
+                        let k = u64::from(k);
+                        let from = u64::from(first.start) / k * k;
+                        let reach = (last.end().div_ceil(k) * k).min(u64::from(self.next_first));
+                        reach.saturating_sub(from) as u32
+                    }
+                    _ => self.next_first,
+                };
+                (req, self.next_first, judged)
             };
             if self.first_pass_done || horizon >= JUDGE_AFTER_BLOCKS {
                 let estimate = self.estimate_missing(&req, horizon);
-                let bar = u64::from(horizon) * u64::from(self.config.demote_missing_percent);
+                let pct = u64::from(self.config.demote_missing_percent);
+                let bar = u64::from(horizon) * pct;
                 let rx = self.receivers.get_mut(&dev).expect("checked above");
                 // Repairs that keep up with a lossy device hide its losses from the estimate;
                 // what they cost does not: more unicast than the bar allows demotes at once.
@@ -817,7 +839,7 @@ impl McastSender {
                     self.demote(dev);
                     continue;
                 }
-                if estimate * 100 > bar {
+                if estimate * 100 > u64::from(judged) * pct {
                     rx.over_rounds += 1;
                     if rx.over_rounds >= self.config.demote_after_rounds.max(1) {
                         self.demote(dev);
@@ -1317,6 +1339,43 @@ mod tests {
             .collect();
         assert_eq!(sent, [1]);
         assert_eq!(s.unicast.get(&2).map(|q| q.remaining().blocks()), Some(2));
+    }
+
+    #[test]
+    fn a_lagging_fec_receiver_is_judged_by_the_groups_its_nack_reaches() {
+        // 2000 blocks in groups of 100; the pass has sent 1000. Device 1's NACK reaches only
+        // group 1 (its view lags the pass) and misses 30 of its 100 blocks: 30% of what it
+        // speaks for, though 3% of all sent. Device 2 misses 5 of group 1: kept.
+        let cfg = SenderConfig {
+            file_size: 2_000_000,
+            fec_group: 100,
+            fec_parity: 100,
+            nack_ranges_cap: 128,
+            ..config()
+        };
+        let mut s = McastSender::new(cfg, us(0)).unwrap();
+        s.add_receiver(1);
+        s.add_receiver(2);
+        let mut now = us(0);
+        let mut sent = 0;
+        while sent < 1000 {
+            sent += drain(&mut s, now).len();
+            now = s.poll_timeout().unwrap();
+        }
+        let gaps = |n: u32| {
+            let mut r = Ranges::new();
+            for b in (100..200).step_by(100 / n as usize).take(n as usize) {
+                r.push(b, 1).unwrap();
+            }
+            r
+        };
+        nack(&mut s, now, 1, &gaps(30));
+        nack(&mut s, now, 2, &gaps(5));
+        now += Duration::from_millis(50);
+        s.handle_timeout(now);
+        let ev = events(&mut s);
+        assert!(ev.contains(&SenderEvent::Demoted(1)), "{ev:?}");
+        assert!(!ev.contains(&SenderEvent::Demoted(2)), "{ev:?}");
     }
 
     #[test]
