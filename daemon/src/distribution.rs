@@ -91,8 +91,10 @@ pub struct McastConfig {
     /// Delay between a push's announces and its first block, so the receivers have joined
     /// the group when the first pass starts (blocks sent earlier would all be repaired).
     pub warmup: Duration,
-    /// FEC group size in blocks (parity repair); 0: repair by re-multicast and unicast only.
-    pub fec_group: u32,
+    /// FEC group size in blocks (parity repair); 0: repair by re-multicast and unicast only;
+    /// `None`: groups of about 720 KiB for each push's block size
+    /// ([`fleetcast_wire::mcast::fec_group_for`]).
+    pub fec_group: Option<u32>,
     /// Pushes go by broadcast to this address unless they ask for multicast
     /// (`mcast.broadcast`; checked against the interface of `addr` at start); `None`:
     /// multicast unless a push asks for broadcast.
@@ -334,7 +336,9 @@ impl Distribution {
             rate: rate_bytes,
             linger: mcast.linger,
             warmup: mcast.warmup,
-            fec_group: mcast.fec_group,
+            fec_group: mcast
+                .fec_group
+                .unwrap_or_else(|| fleetcast_wire::mcast::fec_group_for(block_size)),
             trigger,
             probe_key: nack_keys.probe_key(),
         };
@@ -1550,7 +1554,7 @@ mod tests {
             group: Ipv4Addr::new(239, 77, 9, 9),
             linger: Duration::from_secs(1),
             warmup: Duration::ZERO,
-            fec_group: 0,
+            fec_group: Some(0),
             broadcast: None,
         })
         .unwrap();
@@ -1632,7 +1636,7 @@ mod tests {
             group: Ipv4Addr::new(239, 77, 9, 9),
             linger: Duration::from_secs(1),
             warmup: Duration::ZERO,
-            fec_group: 0,
+            fec_group: Some(0),
             broadcast: None,
         })
         .unwrap();
@@ -1713,7 +1717,7 @@ mod tests {
             group: Ipv4Addr::new(239, 77, 9, 9),
             linger: Duration::from_secs(1),
             warmup: Duration::ZERO,
-            fec_group: 0,
+            fec_group: Some(0),
             broadcast: None,
         })
         .unwrap();

@@ -41,9 +41,10 @@ pub struct SendOpts {
     /// Payload bytes per datagram (default: fill the interface's MTU).
     #[arg(long)]
     pub block_size: Option<u32>,
-    /// FEC group size in blocks (0: repair by retransmission only).
-    #[arg(long, default_value_t = 512)]
-    pub fec_group: u32,
+    /// FEC group size in blocks (0: repair by retransmission only). Default: about 720 KiB
+    /// of blocks (512 at MTU 1500, 82 at 9000).
+    #[arg(long)]
+    pub fec_group: Option<u32>,
     /// Receivers to wait for before the first pass.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub min_receivers: usize,
@@ -206,7 +207,9 @@ pub fn run(opts: &SendOpts, say: &mut dyn FnMut(&str)) -> Result<SendOutcome, St
         block_size,
         // Receivers that join the multicast NACK whole parity groups from the start; after
         // the first pass the announce says 0 (see `pass_done`).
-        fec_group: opts.fec_group,
+        fec_group: opts
+            .fec_group
+            .unwrap_or_else(|| fleetcast_wire::mcast::fec_group_for(block_size)),
         sha256,
         auth_key: None,
         nack_key: None,

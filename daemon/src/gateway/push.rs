@@ -164,7 +164,7 @@ mod tests {
                 group: Ipv4Addr::new(239, 77, 9, 9),
                 linger: Duration::from_secs(1),
                 warmup: Duration::ZERO,
-                fec_group: 0,
+                fec_group: Some(0),
                 broadcast: None,
             }),
             watch,
