@@ -56,13 +56,6 @@ pub struct ReceiverConfig {
     pub max_nack_bytes: u64,
     /// Least time between two NACKs.
     pub min_nack_interval: Duration,
-    /// Least time between two NACKs while the sender's first pass runs, when it repairs with
-    /// parity (`fec_group` known): a NACK then names every group the pass left short since
-    /// the last one, so a receiver sends a few NACKs a second however fast the pass goes
-    /// (each group as it passed made it some 20 a second at 100 Mbit/s and 512-block groups,
-    /// the bulk of the feedback). Parity repairs a group whenever it is asked for; after the
-    /// pass, NACKs go at `min_nack_interval` again.
-    pub pass_nack_interval: Duration,
     /// No block for this long means the sender's first pass ended.
     pub silence: Duration,
     /// `PersistDue` at most this often while new blocks arrive.
@@ -83,8 +76,7 @@ pub struct ReceiverConfig {
 
 impl ReceiverConfig {
     /// Defaults: reorder window 20 ms, back-off up to 20 ms, repeats from 100 ms up to 2 s,
-    /// 128 ranges and [`super::DEFAULT_MAX_NACK_BYTES`] per NACK, NACKs at least 20 ms apart
-    /// (200 ms during a first pass with parity), 250 ms silence, persist every second.
+    /// 128 ranges and [`super::DEFAULT_MAX_NACK_BYTES`] per NACK, NACKs at least 20 ms apart, 250 ms silence, persist every second.
     pub fn new(session: u32, device_id: u64, file_size: u64, block_size: u32, seed: u64) -> Self {
         ReceiverConfig {
             session,
@@ -98,7 +90,6 @@ impl ReceiverConfig {
             max_ranges: DEFAULT_MAX_RANGES,
             max_nack_bytes: super::DEFAULT_MAX_NACK_BYTES,
             min_nack_interval: Duration::from_millis(20),
-            pass_nack_interval: Duration::from_millis(200),
             silence: Duration::from_millis(250),
             persist_interval: Duration::from_secs(1),
             seed,
@@ -463,15 +454,9 @@ impl McastReceiver {
             self.events.push_back(ReceiverEvent::PersistDue);
         }
         if self.due(Timer::Nack, now) {
-            let fec = self.fec.map_or(self.config.fec_group, |f| f.0) > 0;
-            let interval = if fec && !self.end_of_pass {
-                self.config
-                    .pass_nack_interval
-                    .max(self.config.min_nack_interval)
-            } else {
-                self.config.min_nack_interval
-            };
-            let earliest = self.last_nack.map_or(now, |t| t + interval);
+            let earliest = self
+                .last_nack
+                .map_or(now, |t| t + self.config.min_nack_interval);
             if now < earliest {
                 self.timers[Timer::Nack as usize] = Some(earliest);
             } else {
@@ -1322,8 +1307,6 @@ mod tests {
     fn fec_receiver_nacks_whole_groups_and_holds_back_repeats() {
         let cfg = ReceiverConfig {
             fec_group: 50,
-            // The pass's own pacing is the next test's.
-            pass_nack_interval: Duration::ZERO,
             ..config()
         };
         let mut r = McastReceiver::new(cfg, None, ms(0)).unwrap();
@@ -1349,64 +1332,6 @@ mod tests {
             r.poll_timeout(),
             Some(ms(150)),
             "the repeat: last NACK + nack_repeat"
-        );
-    }
-
-    /// While the first pass runs, a receiver that knows the parity geometry NACKs at most
-    /// every `pass_nack_interval`, each NACK naming every group left short since the last; at
-    /// the end of the pass it NACKs at once.
-    #[test]
-    fn during_the_pass_fec_nacks_gather_the_groups_passed_since_the_last() {
-        let cfg = ReceiverConfig {
-            fec_group: 20,
-            pass_nack_interval: Duration::from_millis(200),
-            ..config()
-        };
-        let mut r = McastReceiver::new(cfg, None, ms(0)).unwrap();
-        // Group 0 (blocks 0..20) passes with block 5 lost: the first NACK goes as it would.
-        for b in (0..30).filter(|&b| b != 5 && b != 25) {
-            r.handle_block(ms(1), b);
-        }
-        let (t, nack) = fire(&mut r);
-        assert_eq!((t, nack), (ms(21), Some(rs(&[(5, 1)]))));
-        // Groups 1 to 4 pass over the next 150 ms, each short of one block: no NACK before
-        // 221 ms, and then one that names them all (and block 5 again, still missing).
-        let mut at = 30;
-        for b in (30..100).filter(|&b| b != 45 && b != 65 && b != 85) {
-            r.handle_block(ms(at), b);
-            at += 2;
-        }
-        let mut sent = Vec::new();
-        while let Some(t) = r.poll_timeout() {
-            if t > ms(221) {
-                break;
-            }
-            r.handle_timeout(t);
-            if let Some(n) = nack_of(&mut r, t) {
-                sent.push((t, n));
-            }
-        }
-        assert_eq!(
-            sent,
-            vec![(ms(221), rs(&[(5, 1), (25, 1), (45, 1), (65, 1)]))],
-            "one NACK for the groups passed since 21 ms"
-        );
-        // The pass ends (its last block): the rest is asked for without waiting.
-        for b in 100..200 {
-            r.handle_block(ms(230), b);
-        }
-        let (mut t, mut nack) = fire(&mut r);
-        while nack.is_none() && t < ms(400) {
-            (t, nack) = fire(&mut r);
-        }
-        assert_eq!(
-            t,
-            ms(241),
-            "min_nack_interval after the last NACK, not 200 ms"
-        );
-        assert_eq!(
-            nack,
-            Some(rs(&[(5, 1), (25, 1), (45, 1), (65, 1), (85, 1)]))
         );
     }
 }
