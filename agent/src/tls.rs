@@ -219,6 +219,66 @@ pub fn cert_fingerprint_sha256(cert: &[u8]) -> [u8; 32] {
     out
 }
 
+/// The agent's crypto: *ring*, cut down to what a fleetcast gateway speaks. Its PKI issues
+/// ECDSA P-256 keys (and accepts Ed25519 device keys), so the agent verifies only those
+/// signatures, exchanges keys by X25519 or P-256, offers only AEAD suites with ECDSA
+/// authentication, and loads only EC keys: rustls' default provider names RSA and P-384 too,
+/// which keeps their code in the embedded binary though no gateway ever uses it.
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    use rustls::crypto::ring::{cipher_suite as cs, kx_group};
+    Arc::new(rustls::crypto::CryptoProvider {
+        cipher_suites: vec![
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        ],
+        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1],
+        signature_verification_algorithms: SIG_ALGS,
+        secure_random: &AgentCrypto,
+        key_provider: &AgentCrypto,
+    })
+}
+
+/// Signatures a gateway's certificates and handshakes carry (see [`provider`]).
+static SIG_ALGS: rustls::crypto::WebPkiSupportedAlgorithms =
+    rustls::crypto::WebPkiSupportedAlgorithms {
+        all: &[webpki::ring::ECDSA_P256_SHA256, webpki::ring::ED25519],
+        mapping: &[
+            (
+                rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+                &[webpki::ring::ECDSA_P256_SHA256],
+            ),
+            (rustls::SignatureScheme::ED25519, &[webpki::ring::ED25519]),
+        ],
+    };
+
+/// Randomness and key loading for [`provider`].
+#[derive(Debug)]
+struct AgentCrypto;
+
+impl rustls::crypto::SecureRandom for AgentCrypto {
+    fn fill(&self, buf: &mut [u8]) -> Result<(), rustls::crypto::GetRandomFailed> {
+        ring::rand::SecureRandom::fill(&SystemRandom::new(), buf)
+            .map_err(|_| rustls::crypto::GetRandomFailed)
+    }
+}
+
+impl rustls::crypto::KeyProvider for AgentCrypto {
+    fn load_private_key(
+        &self,
+        key_der: PrivateKeyDer<'static>,
+    ) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
+        match &key_der {
+            PrivateKeyDer::Pkcs8(p) => rustls::crypto::ring::sign::any_ecdsa_type(&key_der)
+                .or_else(|_| rustls::crypto::ring::sign::any_eddsa_type(p)),
+            _ => rustls::crypto::ring::sign::any_ecdsa_type(&key_der),
+        }
+    }
+}
+
 /// Client configuration for talking to the gateway: ring provider, TLS 1.3 and 1.2, server
 /// verified against `ca_der` only, ALPN `fleetcast/1`, in-memory session resumption (reuse the
 /// returned `Arc` across connections to resume). `identity` is the enrolled certificate and
@@ -244,7 +304,7 @@ pub fn client_config_with_time(
     roots
         .add(CertificateDer::from(ca_der.to_vec()))
         .map_err(TlsError::InvalidCa)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = provider();
     let builder = ClientConfig::builder_with_details(provider, time)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_root_certificates(roots);
@@ -275,7 +335,7 @@ pub fn client_config_pinned_with_time(
     ca_fingerprint: [u8; 32],
     time: Arc<dyn TimeProvider>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = provider();
     let verifier = Arc::new(PinnedCaVerifier {
         pin: ca_fingerprint,
         provider: provider.clone(),
