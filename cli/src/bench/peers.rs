@@ -678,8 +678,10 @@ pub(crate) fn side_by_side(rows: &[super::Row], peers: &[PeerRow]) -> String {
             r.mtu,
             r.receivers,
             r.loss,
-            r.ceiling_mbps,
-            r.goodput_mbps,
+            // As `report.json` keeps them, so a report drawn again from it reads the same
+            // (a ceiling of 3203.45 printed raw is 3203, kept as 3203.5 it is 3204).
+            round(r.ceiling_mbps, 1),
+            round(r.goodput_mbps, 1),
             r.fraction(),
             r.sender_bytes_per_byte,
             r.feedback_per_byte,
@@ -695,12 +697,12 @@ pub(crate) fn side_by_side(rows: &[super::Row], peers: &[PeerRow]) -> String {
                 p.mtu,
                 p.receivers,
                 p.loss,
-                p.ceiling_mbps
+                round(p.ceiling_mbps, 1)
             );
             s.push_str(&match &p.outcome {
                 Ok(f) => format!(
                     "{lead} {:.0} | {:.2} | {:.3} | {:.5} | {:.1} | {:.1} | {:.1} | verified |\n",
-                    f.goodput_mbps,
+                    round(f.goodput_mbps, 1),
                     p.fraction().unwrap_or(0.0),
                     f.sender_bytes_per_byte,
                     f.feedback_per_byte,
