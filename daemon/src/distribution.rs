@@ -1538,6 +1538,21 @@ mod tests {
     use crate::pki::sha256;
     use fleetcast_wire::DataBlock;
 
+    /// A distributor on 127.0.0.1 (no parity, a 1 s linger): tests that drive it send
+    /// nothing, or only to loopback.
+    fn loopback() -> Distributor {
+        Distributor::open(McastConfig {
+            addr: Ipv4Addr::LOCALHOST,
+            port: 0,
+            group: Ipv4Addr::new(239, 77, 9, 9),
+            linger: Duration::from_secs(1),
+            warmup: Duration::ZERO,
+            fec_group: Some(0),
+            broadcast: None,
+        })
+        .unwrap()
+    }
+
     /// A task re-created after a restart (its sender gone) gets back the multicast it was
     /// planned with while its first pass is still to run: its schedule and its quorum's
     /// longest wait stay wall-clock instants, its rate and targets are the row's. A task
@@ -1548,16 +1563,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.bin");
         std::fs::write(&path, vec![7u8; 10_000]).unwrap();
-        let mut dist = Distributor::open(McastConfig {
-            addr: Ipv4Addr::LOCALHOST,
-            port: 0,
-            group: Ipv4Addr::new(239, 77, 9, 9),
-            linger: Duration::from_secs(1),
-            warmup: Duration::ZERO,
-            fec_group: Some(0),
-            broadcast: None,
-        })
-        .unwrap();
+        let mut dist = loopback();
         // Pushed at 1,000,000 ms for 1,060,000 ms; the gateway is back at 1,030,000 ms.
         let planned = store::Task {
             path: path.display().to_string(),
@@ -1630,16 +1636,7 @@ mod tests {
     /// distributor's own socket.
     #[test]
     fn the_default_block_fills_the_interface_mtu() {
-        let dist = Distributor::open(McastConfig {
-            addr: Ipv4Addr::LOCALHOST,
-            port: 0,
-            group: Ipv4Addr::new(239, 77, 9, 9),
-            linger: Duration::from_secs(1),
-            warmup: Duration::ZERO,
-            fec_group: Some(0),
-            broadcast: None,
-        })
-        .unwrap();
+        let dist = loopback();
         let iface = dist.iface.as_ref().expect("loopback holds 127.0.0.1");
         let mtu = iface
             .mtu(dist.sock.as_raw_fd())
@@ -1711,16 +1708,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.bin");
         std::fs::write(&path, vec![7u8; 10_000]).unwrap();
-        let mut dist = Distributor::open(McastConfig {
-            addr: Ipv4Addr::LOCALHOST,
-            port: 0,
-            group: Ipv4Addr::new(239, 77, 9, 9),
-            linger: Duration::from_secs(1),
-            warmup: Duration::ZERO,
-            fec_group: Some(0),
-            broadcast: None,
-        })
-        .unwrap();
+        let mut dist = loopback();
         let row = store::Task {
             path: path.display().to_string(),
             size: 10_000,

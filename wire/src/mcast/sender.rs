@@ -1069,6 +1069,18 @@ mod tests {
         }
     }
 
+    /// Drives `s` from time 0 until its first pass has sent at least `blocks` blocks;
+    /// returns the time it got there.
+    fn first_pass_to(s: &mut McastSender, blocks: usize) -> Instant {
+        let mut now = us(0);
+        let mut sent = 0;
+        while sent < blocks {
+            sent += drain(s, now).len();
+            now = s.poll_timeout().unwrap();
+        }
+        now
+    }
+
     struct NoMac;
 
     impl crate::mcast::NackMac for NoMac {
@@ -1356,12 +1368,7 @@ mod tests {
         let mut s = McastSender::new(cfg, us(0)).unwrap();
         s.add_receiver(1);
         s.add_receiver(2);
-        let mut now = us(0);
-        let mut sent = 0;
-        while sent < 1000 {
-            sent += drain(&mut s, now).len();
-            now = s.poll_timeout().unwrap();
-        }
+        let mut now = first_pass_to(&mut s, 1000);
         let gaps = |n: u32| {
             let mut r = Ranges::new();
             for b in (100..200).step_by(100 / n as usize).take(n as usize) {
@@ -1391,12 +1398,7 @@ mod tests {
         let mut s = McastSender::new(cfg, us(0)).unwrap();
         s.add_receiver(1);
         s.add_receiver(2);
-        let mut now = us(0);
-        let mut sent = 0;
-        while sent < 1000 {
-            sent += drain(&mut s, now).len();
-            now = s.poll_timeout().unwrap();
-        }
+        let mut now = first_pass_to(&mut s, 1000);
         let every = |k: u32| {
             let mut r = Ranges::new();
             for b in (0..1000).step_by(k as usize).take(128) {
