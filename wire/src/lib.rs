@@ -21,6 +21,8 @@
 //! - `fec` (default; not implied by `std`): the Reed–Solomon codec `mcast::ReedSolomon` (`reed-solomon-simd`);
 //!   the `mcast::Fec` trait itself needs only `alloc`.
 //! - `sim`: the seeded in-memory network simulator.
+//! - `zstd`: the disk images' chunk decoder ([`image::decode_chunk`], pure-Rust `ruzstd`);
+//!   the image formats themselves ([`image`]) need only `alloc`.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -37,6 +39,8 @@ pub mod time;
 
 #[cfg(feature = "alloc")]
 pub mod deframer;
+#[cfg(feature = "alloc")]
+pub mod image;
 #[cfg(feature = "alloc")]
 pub mod ladder;
 #[cfg(feature = "alloc")]
