@@ -6,4 +6,5 @@
 //! `__agent`.
 pub mod bench;
 pub mod demo;
+pub mod image;
 pub mod standalone;

@@ -178,6 +178,9 @@ enum Cmd {
     /// Receive one file from `fleetcast send` (like udpcast's udp-receiver); exit 0 only when
     /// its SHA-256 matched the announced one.
     Receive(standalone::receive::ReceiveOpts),
+    /// Disk images: prepare (sparse map, compressed form) once, cached for pushes.
+    #[command(subcommand)]
+    Image(fleetcast_cli::image::ImageCmd),
     /// Run the whole system on this machine: a gateway, agents, a queue with a reboot.
     Demo {
         /// Number of agents.
@@ -448,6 +451,7 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
         | Cmd::Send(_)
         | Cmd::Receive(_)
         | Cmd::Demo { .. }
+        | Cmd::Image(_)
         | Cmd::Completions { .. }
         | Cmd::InternalGateway { .. }
         | Cmd::InternalAgent { .. } => {
@@ -479,6 +483,7 @@ fn run() -> ExitCode {
     match cli.cmd {
         Cmd::Watch { from, duration } => return watch(&data_dir, from, duration, json),
         Cmd::Demo { devices } => return fleetcast_cli::demo::run(devices),
+        Cmd::Image(cmd) => return fleetcast_cli::image::run(cmd, &data_dir, json),
         Cmd::Send(opts) => return standalone::send_main(&opts, json),
         Cmd::Receive(opts) => return standalone::receive_main(&opts, json),
         Cmd::Bench {

@@ -739,3 +739,46 @@ fn every_command_is_in_the_operator_guide() {
         }
     }
 }
+
+/// `fleetcast image prepare` through the binary: what it made, then the cache found.
+#[test]
+fn image_prepare_makes_then_finds_the_cache() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(4 << 20).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&[7u8; 100_000], 1 << 20).unwrap();
+    drop(f);
+    let cache = d.path().join("cache");
+    let run = |extra: &[&str]| {
+        let mut c = Command::new(CLI);
+        c.args(["image", "prepare"]).arg(&img).arg("--compress");
+        c.arg("--cache-dir").arg(&cache).args(extra);
+        c.env("FLEETCAST_DATA_DIR", d.path().join("no-gateway"));
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let first = run(&[]);
+    assert!(first.contains("image bytes 4194304"), "{first}");
+    assert!(first.contains("data bytes 102400 in 1 extents"), "{first}");
+    assert!(first.contains("(built)"), "{first}");
+    assert!(first.contains("CPU"), "{first}");
+    let second = run(&["--json"]);
+    let v: serde_json::Value = serde_json::from_str(&second).unwrap();
+    assert_eq!(v["data"]["cache"], "cached", "{second}");
+    assert_eq!(v["data"]["compressed"]["cache"], "cached", "{second}");
+    assert_eq!(v["data"]["compressed"]["chunks"], 1, "{second}");
+    assert!(
+        v["data"]["compressed"]["bytes"].as_u64().unwrap() < 1000,
+        "{second}"
+    );
+    // Bad sizes are usage errors naming the flag.
+    let o = Command::new(CLI)
+        .args(["image", "prepare", "x", "--chunk", "1G"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--chunk"));
+}
