@@ -200,7 +200,7 @@ fn real_uart(class: &Path) -> bool {
 }
 
 /// Entry names of a directory, sorted (empty when it cannot be read).
-fn names(dir: &Path) -> Vec<String> {
+pub(crate) fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
@@ -213,7 +213,7 @@ fn names(dir: &Path) -> Vec<String> {
 }
 
 /// A `/sys` attribute: trimmed, `None` when missing or empty.
-fn attr(path: &Path) -> Option<String> {
+pub(crate) fn attr(path: &Path) -> Option<String> {
     let text = read_attr(path)?;
     let t = text.trim();
     (!t.is_empty()).then(|| t.to_owned())

@@ -26,5 +26,6 @@ pub mod packages;
 pub mod record;
 pub mod report;
 pub mod state;
+pub mod target;
 pub mod tls;
 pub mod transfer;
