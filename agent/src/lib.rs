@@ -29,3 +29,4 @@ pub mod state;
 pub mod target;
 pub mod tls;
 pub mod transfer;
+pub mod update;
