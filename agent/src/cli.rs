@@ -48,6 +48,9 @@ enum UsageError {
     /// `--token` without `--name`, or the other way round.
     #[error("--token and --name go together")]
     TokenWithoutName,
+    /// The A/B slot configuration (`--slots`) is bad or does not fit this machine.
+    #[error(transparent)]
+    Slots(#[from] Box<crate::slots::LoadError>),
 }
 
 const USAGE: &str = "usage: fleetcast-agent --gateway HOST:PORT --state-dir DIR [options]
@@ -72,6 +75,8 @@ const USAGE: &str = "usage: fleetcast-agent --gateway HOST:PORT --state-dir DIR 
   --reboot-exit CODE        simulate a reboot by exiting with CODE (tests, the lab)
   --max-sessions N          stop after N sessions (tests)
   --downloads DIR           where pushed files land (default: STATE-DIR/downloads)
+  --slots FILE              A/B slots: FILE's [slot] section, checked against this
+                            machine (under --report-root) at start
 
 transport ladder (see docs/transports.md):
   --proxy URL|none          HTTP proxy for the CONNECT and long-poll rungs,
@@ -103,6 +108,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, UsageErr
     let mut downloads = None;
     let mut lad = LadderConfig::default();
     let mut proxy_arg: Option<String> = None;
+    let mut slots: Option<PathBuf> = None;
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or_else(|| UsageError::NeedsValue(a.clone()));
         match a.as_str() {
@@ -118,6 +124,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, UsageErr
             }
             "--token" => token = Some(val()?),
             "--downloads" => downloads = Some(PathBuf::from(val()?)),
+            "--slots" => slots = Some(PathBuf::from(val()?)),
             "--name" => name = Some(val()?),
             "--boot-id-file" => exec.report.boot_id = PathBuf::from(val()?),
             "--dpkg-status" => exec.report.dpkg_status = Some(PathBuf::from(val()?)),
@@ -198,6 +205,13 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, UsageErr
         Some(url) => Some(ladder::parse_proxy(url)?),
         None => ladder::proxy_from_env(&host, |k| std::env::var(k).ok()).transpose()?,
     };
+    // Checked at start so a bad slot setup is found when the agent is installed, not when
+    // the first update comes (nothing runs an update yet: issue 18).
+    if let Some(path) = &slots {
+        let env_path = std::env::var_os("PATH");
+        crate::slots::load_checked(path, &exec.report.root, env_path.as_deref())
+            .map_err(Box::new)?;
+    }
     let enrol = match (token, name) {
         (Some(t), Some(n)) => Some((t, n)),
         (None, None) => None,

@@ -4,7 +4,8 @@
 //! toml crate): one `key = value` per line, `#` comments, blank lines; a value is a
 //! double-quoted string (escapes `\"`, `\\`, `\n`, `\t`) or, for [`Key::list`] keys, an array of
 //! them on one line (`["a", "b"]`). Anything else is an error naming the line, the key and the
-//! problem; unknown keys are refused.
+//! problem; unknown keys are refused. The one section is `[slot]`, last in the file: its lines
+//! are `slots.rs`'s to parse when the agent starts, and its presence sets `slots` to this file.
 //!
 //! Precedence, lowest first: the file (`--config FILE`), environment variables
 //! `FLEETCAST_AGENT_<KEY>` ([`env_var`]), command-line flags. The merge works on arguments:
@@ -218,6 +219,7 @@ pub const KEYS: &[Key] = &[
     key("rung_timeout_ms", "Time one rung has to open and answer Hello. Default: 4000."),
     key("stagger_ms", "Delay between starting one rung and the next (they overlap). Default: 250."),
     key("upgrade_after", "Seconds between background retries of better rungs while on a worse one. Default: 600."),
+    key("slots", "A file whose [slot] section configures the A/B slots (checked at start). Default: this file, when it has a [slot] section."),
     Key {
         name: "reboot_command",
         doc: "How a reboot step reboots, program and arguments. Default: [\"systemctl\", \"reboot\"].",
@@ -263,6 +265,16 @@ pub fn parse(path: &str, text: &str) -> Result<Settings, ConfigError> {
             line: i + 1,
             problem,
         };
+        // The one section: the A/B slots, last in the file. Its lines are `slots.rs`'s,
+        // read (and checked, naming the line) from `slots` when the agent starts: parsing
+        // them here too would link a second copy of the checks' messages into the agent.
+        if line == "[slot]" {
+            if out.contains_key("slots") {
+                return Err(at(LineError::Twice("slots")));
+            }
+            out.insert("slots", Value::Str(path.into()));
+            break;
+        }
         let (key, value) = parse_line(line, &out).map_err(at)?;
         out.insert(key, value);
     }
@@ -308,7 +320,7 @@ fn parse_line(line: &str, seen: &Settings) -> Result<(&'static str, Value), Line
 }
 
 /// A double-quoted string at the start of `s`; returns it and the rest.
-fn string(s: &str) -> Result<(String, &str), ValueError> {
+pub(crate) fn string(s: &str) -> Result<(String, &str), ValueError> {
     let Some(body) = s.strip_prefix('"') else {
         return Err(ValueError::NotQuoted(s.into()));
     };
@@ -331,7 +343,7 @@ fn string(s: &str) -> Result<(String, &str), ValueError> {
 }
 
 /// `["a", "b"]` at the start of `s`.
-fn list(s: &str) -> Result<(Vec<String>, &str), ValueError> {
+pub(crate) fn list(s: &str) -> Result<(Vec<String>, &str), ValueError> {
     let Some(mut rest) = s.strip_prefix('[') else {
         return Err(ValueError::NotAList(s.into()));
     };

@@ -95,3 +95,31 @@ fn usage_and_configuration_errors_exit_2_on_stderr() {
         "a refused start created its state"
     );
 }
+
+/// A `[slot]` section that does not fit the machine stops the agent at start with exit 2 and
+/// the reason, before it would dial.
+#[test]
+fn a_bad_slot_section_stops_the_agent_at_start() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("agent.toml");
+    let state = d.path().join("state");
+    std::fs::write(
+        &cfg,
+        format!(
+            "gateway = \"127.0.0.1:9\"\nstate_dir = \"{}\"\n\n[slot]\na = \"{}/a.img\"\nb = \"{}/b.img\"\n\
+             running_command = [\"fleetcast-no-such-program\"]\nboot_once = [\"true\", \"{{slot}}\"]\n\
+             set_default = [\"true\", \"{{slot}}\"]\nhealth_check = [\"true\"]\n",
+            state.display(),
+            d.path().display(),
+            d.path().display()
+        ),
+    )
+    .unwrap();
+    let o = run(&["--config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("key `slot.running_command`: program `fleetcast-no-such-program` is not an executable file here"),
+        "{err}"
+    );
+}
