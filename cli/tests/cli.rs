@@ -774,6 +774,16 @@ fn image_prepare_makes_then_finds_the_cache() {
         v["data"]["compressed"]["bytes"].as_u64().unwrap() < 1000,
         "{second}"
     );
+    // A missing image is "not found".
+    let o = Command::new(CLI)
+        .args(["image", "prepare"])
+        .arg(d.path().join("missing.img"))
+        .arg("--cache-dir")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot read image"));
     // Bad sizes are usage errors naming the flag.
     let o = Command::new(CLI)
         .args(["image", "prepare", "x", "--chunk", "1G"])

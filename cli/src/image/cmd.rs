@@ -110,16 +110,25 @@ fn run_prepare(a: PrepareArgs, data_dir: &Path, json: bool) -> ExitCode {
     let p = match prepare(&opts) {
         Ok(p) => p,
         Err(e) => {
+            // A missing image is "not found" (exit 4), like a missing file elsewhere.
+            let code = match &e {
+                super::PrepareError::Image { source, .. }
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    Exit::NotFound
+                }
+                _ => Exit::Failed,
+            };
             let msg = e.to_string();
             if json {
                 outln!(
                     "{}",
-                    serde_json::json!({ "ok": false, "error": msg, "kind": Exit::Failed.name() })
+                    serde_json::json!({ "ok": false, "error": msg, "kind": code.name() })
                 );
             } else {
                 errln!("fleetcast: {msg}");
             }
-            return Exit::Failed.into();
+            return code.into();
         }
     };
     let (secs, cpu) = (t0.elapsed().as_secs_f64(), (cpu_time() - c0).as_secs_f64());

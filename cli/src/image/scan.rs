@@ -33,7 +33,8 @@ pub struct Scanned {
     pub hole_bytes: u64,
 }
 
-/// Where the next data starts at or after `at` (`SEEK_DATA`), `None` past the last data;
+/// `lseek(at, whence)` for `SEEK_DATA` (where the next data starts at or after `at`) or
+/// `SEEK_HOLE` (where the next hole does): `None` when there is no data at or after `at`;
 /// `Err` when the file system cannot say.
 fn seek(file: &File, at: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
     let off =
