@@ -19,7 +19,7 @@
 use alloc::vec::Vec;
 use core::fmt;
 
-use super::sparse::{chunk_plan, Extent};
+use super::sparse::{chunk_count, chunk_plan, Extent};
 use crate::codec::Reader;
 
 /// The map's first four bytes.
@@ -347,13 +347,17 @@ impl ImageMap {
             return Err(MapError::ChunkSpan(span));
         }
         count_ok(chunks.len())?;
-        let plan = chunk_plan(&self.extents, span);
-        if plan.len() != chunks.len() {
+        // Counted before the plan is built: the extents may describe far more chunks than
+        // the map lists (found by the image_map fuzz target as an out-of-memory), and only
+        // a plan as long as the listed chunks, themselves bounded by the map's bytes, is built.
+        let expected = chunk_count(&self.extents, span);
+        if expected != chunks.len() as u64 {
             return Err(MapError::ChunkCount {
-                expected: plan.len() as u32,
+                expected: u32::try_from(expected).unwrap_or(u32::MAX),
                 found: chunks.len() as u32,
             });
         }
+        let plan = chunk_plan(&self.extents, span);
         let mut stream = 0u64;
         for (i, (c, p)) in chunks.iter().zip(&plan).enumerate() {
             let i = i as u32;
@@ -595,6 +599,53 @@ mod tests {
         assert_eq!(m.data_bytes(), 8192 + 4096 + 1000);
         assert_eq!(m.wire_bytes(), 100 + 101 + 102 + 103);
         assert_eq!(sample(false).wire_bytes(), m.data_bytes());
+    }
+
+    /// The image_map fuzz target's first finding: extents that describe 2⁴⁸ chunks in a map
+    /// of a few hundred bytes made the check build the whole chunk plan (out of memory). The
+    /// count is now compared first; this map must be refused at once.
+    #[test]
+    fn extents_describing_vast_chunk_plans_are_refused_without_building_them() {
+        let huge = 1u64 << 60;
+        let map = ImageMap {
+            block_size: 4096,
+            image_size: huge,
+            image_sha256: [7; 32],
+            extents: vec![ext(0, huge)],
+            compression: Compression::Zstd {
+                span: 4096,
+                chunks: Vec::new(),
+            },
+        };
+        assert_eq!(
+            map.validate(),
+            Err(MapError::ChunkCount {
+                expected: u32::MAX,
+                found: 0
+            })
+        );
+        // And through the decoder, from the fuzzer's own input with its CRC made right.
+        let mut v = include_bytes!("../../../fuzz/corpus/image_map/oom-chunk-plan").to_vec();
+        recrc(&mut v);
+        assert!(ImageMap::decode(&v).is_err());
+    }
+
+    #[test]
+    fn chunk_count_matches_the_plan() {
+        let extents = [
+            ext(0, 8192),
+            ext(16_384, 4096),
+            ext(65_536, 1000),
+            ext(81_920, 1),
+        ];
+        for span in [1, 4096, 8192, 12_288, 1 << 20] {
+            assert_eq!(
+                chunk_count(&extents, span),
+                chunk_plan(&extents, span).len() as u64,
+                "span {span}"
+            );
+        }
+        assert_eq!(chunk_count(&[], 4096), 0);
     }
 
     #[test]

@@ -39,21 +39,37 @@ pub fn data_bytes(extents: &[Extent]) -> u64 {
 /// longer than `span`. `span` 0 is treated as 1 (the map's decoder refuses it before this is
 /// reached).
 pub fn chunk_plan(extents: &[Extent], span: u32) -> Vec<Extent> {
-    let span = u64::from(span.max(1));
     let mut out = Vec::new();
+    for_each_chunk(extents, span, |c| out.push(c));
+    out
+}
+
+/// How many chunks [`chunk_plan`] would cut, counted without building them: a map's decoder
+/// compares this with the chunks it read before it builds the plan, so an extent of 2⁶⁰
+/// bytes in a tiny map costs arithmetic, not memory.
+pub fn chunk_count(extents: &[Extent], span: u32) -> u64 {
+    let span = u64::from(span.max(1));
+    extents
+        .iter()
+        .filter(|e| e.len > 0)
+        .map(|e| (e.end() - 1) / span - e.offset / span + 1)
+        .fold(0u64, u64::saturating_add)
+}
+
+fn for_each_chunk(extents: &[Extent], span: u32, mut f: impl FnMut(Extent)) {
+    let span = u64::from(span.max(1));
     for e in extents {
         let mut at = e.offset;
         while at < e.end() {
             let boundary = (at / span + 1).saturating_mul(span);
             let end = boundary.min(e.end());
-            out.push(Extent {
+            f(Extent {
                 offset: at,
                 len: end - at,
             });
             at = end;
         }
     }
-    out
 }
 
 /// Builds the sparse map of an image from its bytes, fed in order.
