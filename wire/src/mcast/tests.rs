@@ -846,63 +846,67 @@ fn receivers_not_told_the_group_size_learn_it_from_parity() {
 
 /// Issue 17's feedback goal in the simulator: 16 receivers at 1% loss, 40 groups of 512
 /// blocks. Feedback summed over all receivers (NACK datagrams; the simulator's are untagged
-/// and carry no IP/UDP headers, so each costs about 60 bytes less than on a network) stays
-/// under 0.05% of the file with proactive parity, against several times that with parity
-/// only on request, while the sender's payload and the last completion are no worse.
-/// `cargo test -p fleetcast-wire --all-features -- --nocapture proactive_parity` prints both.
+/// and carry no IP/UDP headers, so 44 bytes per NACK are added) stays under 0.05% of the file
+/// with proactive parity, against several times that with parity only on request, while the
+/// sender's payload and the mean completion are no worse; at 5% too, without the 0.05% bar.
+/// `cargo test -p fleetcast-wire --all-features -- --nocapture proactive_parity` prints them.
 #[test]
 fn proactive_parity_cuts_feedback_at_16_receivers_without_costing_repair() {
-    let after = Scenario {
-        rate: 20_000_000,
-        fec: FEC_GROUP,
-        copies: 2,
-        ..Scenario::new(16, 40 * FEC_GROUP, 0.01)
-    };
-    let before = Scenario {
-        sender: |c| SenderConfig {
-            fec_proactive: false,
-            ..c
-        },
-        receiver: |c| ReceiverConfig { parity_lag: 0, ..c },
-        ..after
-    };
-    let (mut gb, mut ga) = (before.build(), after.build());
-    let (b, a) = (run(&mut gb), run(&mut ga));
-    // Mean completion, in ms: the last one is one receiver's luck with its last repair (a
-    // lost or under-credited top-up costs a NACK repeat, 100 ms and more, either way).
-    let mean = |g: &Group<SenderNode, ReceiverNode>| {
-        let t: u64 = g
-            .receivers()
-            .iter()
-            .filter_map(|r| r.complete_at)
-            .map(|t| t.as_micros())
-            .sum();
-        t / 1000 / g.receivers().len() as u64
-    };
-    let (mean_b, mean_a) = (mean(&gb), mean(&ga));
-    let file = after.file_size() as f64;
-    // Real NACKs carry a 16-byte tag and 28 bytes of IPv4 and UDP headers.
-    let summed = |o: &Outcome| o.feedback * 16.0 + o.stats.nacks as f64 * 44.0 / file;
-    for (name, o) in [("before", &b), ("after", &a)] {
-        report(&format!("16 rx, loss 0.01, 40 groups, {name}"), o);
-        println!(
-            "{name}: {} NACKs, feedback summed {:.6} ({:.6} with tags and headers)",
-            o.stats.nacks,
-            o.feedback * 16.0,
-            summed(o)
+    for (loss, bar) in [(0.01, Some(0.0005)), (0.05, None)] {
+        let after = Scenario {
+            rate: 20_000_000,
+            fec: FEC_GROUP,
+            copies: 2,
+            ..Scenario::new(16, 40 * FEC_GROUP, loss)
+        };
+        let before = Scenario {
+            sender: |c| SenderConfig {
+                fec_proactive: false,
+                ..c
+            },
+            receiver: |c| ReceiverConfig { parity_lag: 0, ..c },
+            ..after
+        };
+        let (mut gb, mut ga) = (before.build(), after.build());
+        let (b, a) = (run(&mut gb), run(&mut ga));
+        // Mean completion, in ms: the last one is one receiver's luck with its last repair (a
+        // lost or under-credited top-up costs a NACK repeat, 100 ms and more, either way).
+        let mean = |g: &Group<SenderNode, ReceiverNode>| {
+            let t: u64 = g
+                .receivers()
+                .iter()
+                .filter_map(|r| r.complete_at)
+                .map(|t| t.as_micros())
+                .sum();
+            t / 1000 / g.receivers().len() as u64
+        };
+        let (mean_b, mean_a) = (mean(&gb), mean(&ga));
+        let file = after.file_size() as f64;
+        // Real NACKs carry a 16-byte tag and 28 bytes of IPv4 and UDP headers.
+        let summed = |o: &Outcome| o.feedback * 16.0 + o.stats.nacks as f64 * 44.0 / file;
+        for (name, o) in [("before", &b), ("after", &a)] {
+            report(&format!("16 rx, loss {loss}, 40 groups, {name}"), o);
+            println!(
+                "{name}: {} NACKs, feedback summed {:.6} ({:.6} with tags and headers)",
+                o.stats.nacks,
+                o.feedback * 16.0,
+                summed(o)
+            );
+            assert_eq!(o.completed, all_devices(16), "{o:?}");
+            assert!(o.byte_identical, "{o:?}");
+        }
+        println!("loss {loss}: mean completion before {mean_b} ms, after {mean_a} ms");
+        if let Some(bar) = bar {
+            assert!(summed(&a) <= bar, "{a:?}");
+        }
+        assert!(summed(&a) * 3.0 <= summed(&b), "{a:?} {b:?}");
+        assert!(a.total_ratio <= b.total_ratio + 0.002, "{a:?} {b:?}");
+        assert!(mean_a <= mean_b, "{mean_a} ms against {mean_b} ms");
+        assert!(
+            a.last_complete <= b.last_complete + Duration::from_millis(100),
+            "{a:?} {b:?}"
         );
-        assert_eq!(o.completed, all_devices(16), "{o:?}");
-        assert!(o.byte_identical, "{o:?}");
     }
-    assert!(summed(&a) <= 0.0005, "{a:?}");
-    assert!(summed(&a) * 3.0 <= summed(&b), "{a:?} {b:?}");
-    assert!(a.total_ratio <= b.total_ratio + 0.002, "{a:?} {b:?}");
-    println!("mean completion: before {mean_b} ms, after {mean_a} ms");
-    assert!(mean_a <= mean_b, "{mean_a} ms against {mean_b} ms");
-    assert!(
-        a.last_complete <= b.last_complete + Duration::from_millis(100),
-        "{a:?} {b:?}"
-    );
 }
 
 /// lab_fleet16's third scenario in the simulator: with proactive parity sized to the fleet,

@@ -31,9 +31,11 @@ use crate::time::Instant;
 const SCALE: u32 = 8;
 
 /// A group nobody NACKed is judged clean only once the pass has left the group after it (the
-/// receivers wait that long for its parity) and this long has passed since it left the group
-/// (their reorder window and back-off, and the sender's round).
-const CLEAN_AFTER: Duration = Duration::from_millis(100);
+/// receivers wait that long for its parity) and this long has passed since it left the group:
+/// at a fast pass the next group takes 20 ms, the receivers' reorder window and back-off up to
+/// 40 ms more and the sender's round 50 ms, so a NACKed group is judged (by its round) well
+/// before a late clean verdict could take its place.
+const CLEAN_AFTER: Duration = Duration::from_millis(250);
 
 /// The level and the groups awaiting their verdict.
 #[derive(Debug, Default)]
@@ -119,8 +121,8 @@ mod tests {
         // The pass is in group 1: receivers may still NACK group 0.
         assert_eq!(p.due(t + Duration::from_secs(1), 15, 10), None);
         // Past group 1, but not long enough.
-        assert_eq!(p.due(t + Duration::from_millis(50), 20, 10), None);
-        assert_eq!(p.due(t + Duration::from_millis(100), 20, 10), Some(0));
-        assert_eq!(p.due(t + Duration::from_millis(100), 20, 10), None);
+        assert_eq!(p.due(t + Duration::from_millis(200), 20, 10), None);
+        assert_eq!(p.due(t + Duration::from_millis(250), 20, 10), Some(0));
+        assert_eq!(p.due(t + Duration::from_millis(250), 20, 10), None);
     }
 }
