@@ -221,9 +221,9 @@ pub fn cert_fingerprint_sha256(cert: &[u8]) -> [u8; 32] {
 
 /// The agent's crypto: *ring*, cut down to what a fleetcast gateway speaks. Its PKI issues
 /// ECDSA P-256 keys (and accepts Ed25519 device keys), so the agent verifies only those
-/// signatures, exchanges keys by X25519 or P-256, offers only AEAD suites with ECDSA
-/// authentication, and loads only EC keys: rustls' default provider names RSA and P-384 too,
-/// which keeps their code in the embedded binary though no gateway ever uses it.
+/// signatures, exchanges keys by X25519 or P-256, speaks only TLS 1.3 (the gateway speaks it;
+/// TLS 1.2 cost 41,920 B) and loads only EC keys: rustls' default provider names RSA and P-384
+/// too, which keeps their code in the embedded binary though no gateway ever uses it.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::crypto::ring::{cipher_suite as cs, kx_group};
     Arc::new(rustls::crypto::CryptoProvider {
@@ -231,9 +231,6 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
             cs::TLS13_AES_128_GCM_SHA256,
             cs::TLS13_CHACHA20_POLY1305_SHA256,
             cs::TLS13_AES_256_GCM_SHA384,
-            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
         ],
         kx_groups: vec![kx_group::X25519, kx_group::SECP256R1],
         signature_verification_algorithms: SIG_ALGS,
@@ -279,7 +276,7 @@ impl rustls::crypto::KeyProvider for AgentCrypto {
     }
 }
 
-/// Client configuration for talking to the gateway: ring provider, TLS 1.3 and 1.2, server
+/// Client configuration for talking to the gateway: ring provider, TLS 1.3 only, server
 /// verified against `ca_der` only, ALPN `fleetcast/1`, in-memory session resumption (reuse the
 /// returned `Arc` across connections to resume). `identity` is the enrolled certificate and
 /// key; `None` for the enrolment connection.
@@ -306,7 +303,7 @@ pub fn client_config_with_time(
         .map_err(TlsError::InvalidCa)?;
     let provider = provider();
     let builder = ClientConfig::builder_with_details(provider, time)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots);
     let mut config = match identity {
         Some((cert, key)) => builder.with_client_auth_cert(
@@ -341,7 +338,7 @@ pub fn client_config_pinned_with_time(
         provider: provider.clone(),
     });
     let mut config = ClientConfig::builder_with_details(provider, time)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
