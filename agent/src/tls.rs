@@ -220,10 +220,11 @@ pub fn cert_fingerprint_sha256(cert: &[u8]) -> [u8; 32] {
 }
 
 /// The agent's crypto: *ring*, cut down to what a fleetcast gateway speaks. Its PKI issues
-/// ECDSA P-256 keys (and accepts Ed25519 device keys), so the agent verifies only those
-/// signatures, exchanges keys by X25519 or P-256, speaks only TLS 1.3 (the gateway speaks it;
-/// TLS 1.2 cost 41,920 B) and loads only EC keys: rustls' default provider names RSA and P-384
-/// too, which keeps their code in the embedded binary though no gateway ever uses it.
+/// ECDSA P-256 CA and server certificates, so the agent verifies only ECDSA P-256 signatures
+/// (Ed25519 cost 11,840 B), signs only with its own P-256 key (rustls' `any_ecdsa_type` linked
+/// P-384 signing: 34,880 B), exchanges keys by X25519 or P-256 and speaks only TLS 1.3 (the
+/// gateway speaks it; TLS 1.2 cost 41,920 B): every algorithm named here keeps its code in the
+/// embedded binary (sizes in docs/performance.md).
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::crypto::ring::{cipher_suite as cs, kx_group};
     Arc::new(rustls::crypto::CryptoProvider {
@@ -242,14 +243,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// Signatures a gateway's certificates and handshakes carry (see [`provider`]).
 static SIG_ALGS: rustls::crypto::WebPkiSupportedAlgorithms =
     rustls::crypto::WebPkiSupportedAlgorithms {
-        all: &[webpki::ring::ECDSA_P256_SHA256, webpki::ring::ED25519],
-        mapping: &[
-            (
-                rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
-                &[webpki::ring::ECDSA_P256_SHA256],
-            ),
-            (rustls::SignatureScheme::ED25519, &[webpki::ring::ED25519]),
-        ],
+        all: &[webpki::ring::ECDSA_P256_SHA256],
+        mapping: &[(
+            rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+            &[webpki::ring::ECDSA_P256_SHA256],
+        )],
     };
 
 /// Randomness and key loading for [`provider`].
@@ -264,15 +262,72 @@ impl rustls::crypto::SecureRandom for AgentCrypto {
 }
 
 impl rustls::crypto::KeyProvider for AgentCrypto {
+    /// Only the device's own kind of key, ECDSA P-256 in PKCS#8 ([`DeviceKey`]): rustls'
+    /// `any_ecdsa_type` would try P-384 too and link its signing code.
     fn load_private_key(
         &self,
         key_der: PrivateKeyDer<'static>,
     ) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
-        match &key_der {
-            PrivateKeyDer::Pkcs8(p) => rustls::crypto::ring::sign::any_ecdsa_type(&key_der)
-                .or_else(|_| rustls::crypto::ring::sign::any_eddsa_type(p)),
-            _ => rustls::crypto::ring::sign::any_ecdsa_type(&key_der),
-        }
+        let not_p256 = || rustls::Error::General("not an ECDSA P-256 PKCS#8 key".into());
+        let PrivateKeyDer::Pkcs8(pkcs8) = &key_der else {
+            return Err(not_p256());
+        };
+        let pair = EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_ASN1_SIGNING,
+            pkcs8.secret_pkcs8_der(),
+            &SystemRandom::new(),
+        )
+        .map_err(|_| not_p256())?;
+        let spki = [&P256_SPKI_PREFIX[..], pair.public_key().as_ref()].concat();
+        Ok(Arc::new(P256SigningKey {
+            pair: Arc::new(pair),
+            spki,
+        }))
+    }
+}
+
+/// The device key as rustls signs with it: ECDSA P-256 with SHA-256 (ASN.1 signatures), the
+/// one scheme a P-256 key has in TLS 1.3. `Debug` shows no key material (ring's key pair
+/// prints only its public key).
+#[derive(Debug)]
+struct P256SigningKey {
+    pair: Arc<EcdsaKeyPair>,
+    /// DER SubjectPublicKeyInfo, for rustls' check that the certificate matches the key.
+    spki: Vec<u8>,
+}
+
+impl rustls::sign::SigningKey for P256SigningKey {
+    fn choose_scheme(
+        &self,
+        offered: &[rustls::SignatureScheme],
+    ) -> Option<Box<dyn rustls::sign::Signer>> {
+        offered
+            .contains(&rustls::SignatureScheme::ECDSA_NISTP256_SHA256)
+            .then(|| Box::new(P256Signer(self.pair.clone())) as Box<dyn rustls::sign::Signer>)
+    }
+
+    fn public_key(&self) -> Option<rustls::pki_types::SubjectPublicKeyInfoDer<'_>> {
+        Some(self.spki.as_slice().into())
+    }
+
+    fn algorithm(&self) -> rustls::SignatureAlgorithm {
+        rustls::SignatureAlgorithm::ECDSA
+    }
+}
+
+#[derive(Debug)]
+struct P256Signer(Arc<EcdsaKeyPair>);
+
+impl rustls::sign::Signer for P256Signer {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        self.0
+            .sign(&SystemRandom::new(), message)
+            .map(|sig| sig.as_ref().to_vec())
+            .map_err(|_| rustls::Error::General("ECDSA P-256 signing failed".into()))
+    }
+
+    fn scheme(&self) -> rustls::SignatureScheme {
+        rustls::SignatureScheme::ECDSA_NISTP256_SHA256
     }
 }
 
@@ -732,6 +787,41 @@ mod tests {
                 assert!(e.to_string().contains("device.key"), "{e}")
             }
             other => panic!("expected InvalidKey, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn key_provider_loads_only_p256_keys() {
+        use rustls::crypto::KeyProvider as _;
+        let key = DeviceKey::generate().unwrap();
+        let signing = AgentCrypto
+            .load_private_key(PrivateKeyDer::Pkcs8(key.pkcs8.clone_key()))
+            .unwrap();
+        assert_eq!(signing.public_key().unwrap().as_ref(), &key.spki_der()[..]);
+        let signer = signing
+            .choose_scheme(&[
+                rustls::SignatureScheme::ED25519,
+                rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+            ])
+            .unwrap();
+        assert_eq!(
+            signer.scheme(),
+            rustls::SignatureScheme::ECDSA_NISTP256_SHA256
+        );
+        let sig = signer.sign(b"transcript").unwrap();
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_ASN1,
+            key.public,
+        )
+        .verify(b"transcript", &sig)
+        .unwrap();
+        assert!(signing
+            .choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP384_SHA384])
+            .is_none());
+        for alg in [&rcgen::PKCS_ED25519, &rcgen::PKCS_ECDSA_P384_SHA384] {
+            let other = KeyPair::generate_for(alg).unwrap();
+            let der = PrivateKeyDer::Pkcs8(other.serialize_der().into());
+            assert!(AgentCrypto.load_private_key(der).is_err());
         }
     }
 
