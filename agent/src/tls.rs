@@ -219,20 +219,19 @@ pub fn cert_fingerprint_sha256(cert: &[u8]) -> [u8; 32] {
     out
 }
 
-/// The agent's crypto: *ring*, cut down to what a fleetcast gateway speaks. Its PKI issues
-/// ECDSA P-256 CA and server certificates, so the agent verifies only ECDSA P-256 signatures
-/// (Ed25519 cost 11,840 B), signs only with its own P-256 key (rustls' `any_ecdsa_type` linked
-/// P-384 signing: 34,880 B), exchanges keys by X25519 or P-256 and speaks only TLS 1.3 (the
-/// gateway speaks it; TLS 1.2 cost 41,920 B): every algorithm named here keeps its code in the
-/// embedded binary (sizes in docs/performance.md).
+/// The agent's crypto: *ring*, cut down to what a fleetcast gateway speaks. The gateway
+/// (`fleetcast_daemon::pki`) has ECDSA P-256 CA and server keys and rustls' whole ring
+/// provider, so the agent needs one of each: TLS 1.3 with its mandatory suite
+/// (`TLS_AES_128_GCM_SHA256`, RFC 8446 §9.1), X25519 or P-256 key exchange, ECDSA P-256
+/// signatures to verify and its own P-256 key to sign with ([`P256SigningKey`]). The session
+/// carries only control messages (files travel by multicast, UDP catch-up and HTTP), so a
+/// second AEAD would buy no speed that matters. Every algorithm named here keeps its code in
+/// the embedded binary; what each one left out cost is in docs/performance.md ("Agent
+/// footprint").
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::crypto::ring::{cipher_suite as cs, kx_group};
     Arc::new(rustls::crypto::CryptoProvider {
-        cipher_suites: vec![
-            cs::TLS13_AES_128_GCM_SHA256,
-            cs::TLS13_CHACHA20_POLY1305_SHA256,
-            cs::TLS13_AES_256_GCM_SHA384,
-        ],
+        cipher_suites: vec![cs::TLS13_AES_128_GCM_SHA256],
         kx_groups: vec![kx_group::X25519, kx_group::SECP256R1],
         signature_verification_algorithms: SIG_ALGS,
         secure_random: &AgentCrypto,
@@ -876,6 +875,10 @@ mod tests {
         let (client, server) = handshake(config(&gw.ca_der, None), gw.server.clone()).unwrap();
         assert!(server.peer_certificates().is_none());
         assert_eq!(client.alpn_protocol(), Some(ALPN));
+        assert_eq!(
+            client.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
 
         // The gateway issues a certificate for the SPKI; the agent persists it and reconnects.
         let cert = gw.issue(&key.spki_der());
