@@ -221,18 +221,18 @@ pub fn cert_fingerprint_sha256(cert: &[u8]) -> [u8; 32] {
 
 /// The agent's crypto: *ring*, cut down to what a fleetcast gateway speaks. The gateway
 /// (`fleetcast_daemon::pki`) has ECDSA P-256 CA and server keys and rustls' whole ring
-/// provider, so the agent needs one of each: TLS 1.3 with its mandatory suite
-/// (`TLS_AES_128_GCM_SHA256`, RFC 8446 §9.1), X25519 or P-256 key exchange, ECDSA P-256
-/// signatures to verify and its own P-256 key to sign with ([`P256SigningKey`]). The session
-/// carries only control messages (files travel by multicast, UDP catch-up and HTTP), so a
-/// second AEAD would buy no speed that matters. Every algorithm named here keeps its code in
-/// the embedded binary; what each one left out cost is in docs/performance.md ("Agent
-/// footprint").
+/// provider, so the agent needs one of each: TLS 1.3 with its mandatory suite and key exchange
+/// (`TLS_AES_128_GCM_SHA256` and secp256r1, RFC 8446 §9.1: X25519 is only a "SHOULD", and
+/// P-256's code is linked for the signatures anyway), ECDSA P-256 signatures to verify and
+/// its own P-256 key to sign with ([`P256SigningKey`]). The session carries only control
+/// messages (files travel by multicast, UDP catch-up and HTTP), so a second AEAD would buy no
+/// speed that matters. Every algorithm named here keeps its code in the embedded binary; what
+/// each one left out cost is in docs/performance.md ("Agent footprint").
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::crypto::ring::{cipher_suite as cs, kx_group};
     Arc::new(rustls::crypto::CryptoProvider {
         cipher_suites: vec![cs::TLS13_AES_128_GCM_SHA256],
-        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1],
+        kx_groups: vec![kx_group::SECP256R1],
         signature_verification_algorithms: SIG_ALGS,
         secure_random: &AgentCrypto,
         key_provider: &AgentCrypto,
@@ -878,6 +878,10 @@ mod tests {
         assert_eq!(
             client.negotiated_cipher_suite().map(|s| s.suite()),
             Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+        assert_eq!(
+            client.negotiated_key_exchange_group().map(|g| g.name()),
+            Some(rustls::NamedGroup::secp256r1)
         );
 
         // The gateway issues a certificate for the SPKI; the agent persists it and reconnects.
