@@ -219,23 +219,20 @@ pub fn cert_fingerprint_sha256(cert: &[u8]) -> [u8; 32] {
     out
 }
 
-/// The agent's crypto: *ring*, cut down to what a fleetcast gateway speaks. Its PKI issues
-/// ECDSA P-256 keys (and accepts Ed25519 device keys), so the agent verifies only those
-/// signatures, exchanges keys by X25519 or P-256, offers only AEAD suites with ECDSA
-/// authentication, and loads only EC keys: rustls' default provider names RSA and P-384 too,
-/// which keeps their code in the embedded binary though no gateway ever uses it.
+/// The agent's crypto: *ring*, cut down to what a fleetcast gateway speaks. The gateway
+/// (`fleetcast_daemon::pki`) has ECDSA P-256 CA and server keys and rustls' whole ring
+/// provider, so the agent needs one of each: TLS 1.3 with its mandatory suite and key exchange
+/// (`TLS_AES_128_GCM_SHA256` and secp256r1, RFC 8446 §9.1: X25519 is only a "SHOULD", and
+/// P-256's code is linked for the signatures anyway), ECDSA P-256 signatures to verify and
+/// its own P-256 key to sign with ([`P256SigningKey`]). The session carries only control
+/// messages (files travel by multicast, UDP catch-up and HTTP), so a second AEAD would buy no
+/// speed that matters. Every algorithm named here keeps its code in the embedded binary; what
+/// each one left out cost is in docs/performance.md ("Agent footprint").
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::crypto::ring::{cipher_suite as cs, kx_group};
     Arc::new(rustls::crypto::CryptoProvider {
-        cipher_suites: vec![
-            cs::TLS13_AES_128_GCM_SHA256,
-            cs::TLS13_CHACHA20_POLY1305_SHA256,
-            cs::TLS13_AES_256_GCM_SHA384,
-            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-        ],
-        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1],
+        cipher_suites: vec![cs::TLS13_AES_128_GCM_SHA256],
+        kx_groups: vec![kx_group::SECP256R1],
         signature_verification_algorithms: SIG_ALGS,
         secure_random: &AgentCrypto,
         key_provider: &AgentCrypto,
@@ -245,14 +242,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// Signatures a gateway's certificates and handshakes carry (see [`provider`]).
 static SIG_ALGS: rustls::crypto::WebPkiSupportedAlgorithms =
     rustls::crypto::WebPkiSupportedAlgorithms {
-        all: &[webpki::ring::ECDSA_P256_SHA256, webpki::ring::ED25519],
-        mapping: &[
-            (
-                rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
-                &[webpki::ring::ECDSA_P256_SHA256],
-            ),
-            (rustls::SignatureScheme::ED25519, &[webpki::ring::ED25519]),
-        ],
+        all: &[webpki::ring::ECDSA_P256_SHA256],
+        mapping: &[(
+            rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+            &[webpki::ring::ECDSA_P256_SHA256],
+        )],
     };
 
 /// Randomness and key loading for [`provider`].
@@ -267,19 +261,76 @@ impl rustls::crypto::SecureRandom for AgentCrypto {
 }
 
 impl rustls::crypto::KeyProvider for AgentCrypto {
+    /// Only the device's own kind of key, ECDSA P-256 in PKCS#8 ([`DeviceKey`]): rustls'
+    /// `any_ecdsa_type` would try P-384 too and link its signing code.
     fn load_private_key(
         &self,
         key_der: PrivateKeyDer<'static>,
     ) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
-        match &key_der {
-            PrivateKeyDer::Pkcs8(p) => rustls::crypto::ring::sign::any_ecdsa_type(&key_der)
-                .or_else(|_| rustls::crypto::ring::sign::any_eddsa_type(p)),
-            _ => rustls::crypto::ring::sign::any_ecdsa_type(&key_der),
-        }
+        let not_p256 = || rustls::Error::General("not an ECDSA P-256 PKCS#8 key".into());
+        let PrivateKeyDer::Pkcs8(pkcs8) = &key_der else {
+            return Err(not_p256());
+        };
+        let pair = EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_ASN1_SIGNING,
+            pkcs8.secret_pkcs8_der(),
+            &SystemRandom::new(),
+        )
+        .map_err(|_| not_p256())?;
+        let spki = [&P256_SPKI_PREFIX[..], pair.public_key().as_ref()].concat();
+        Ok(Arc::new(P256SigningKey {
+            pair: Arc::new(pair),
+            spki,
+        }))
     }
 }
 
-/// Client configuration for talking to the gateway: ring provider, TLS 1.3 and 1.2, server
+/// The device key as rustls signs with it: ECDSA P-256 with SHA-256 (ASN.1 signatures), the
+/// one scheme a P-256 key has in TLS 1.3. `Debug` shows no key material (ring's key pair
+/// prints only its public key).
+#[derive(Debug)]
+struct P256SigningKey {
+    pair: Arc<EcdsaKeyPair>,
+    /// DER SubjectPublicKeyInfo, for rustls' check that the certificate matches the key.
+    spki: Vec<u8>,
+}
+
+impl rustls::sign::SigningKey for P256SigningKey {
+    fn choose_scheme(
+        &self,
+        offered: &[rustls::SignatureScheme],
+    ) -> Option<Box<dyn rustls::sign::Signer>> {
+        offered
+            .contains(&rustls::SignatureScheme::ECDSA_NISTP256_SHA256)
+            .then(|| Box::new(P256Signer(self.pair.clone())) as Box<dyn rustls::sign::Signer>)
+    }
+
+    fn public_key(&self) -> Option<rustls::pki_types::SubjectPublicKeyInfoDer<'_>> {
+        Some(self.spki.as_slice().into())
+    }
+
+    fn algorithm(&self) -> rustls::SignatureAlgorithm {
+        rustls::SignatureAlgorithm::ECDSA
+    }
+}
+
+#[derive(Debug)]
+struct P256Signer(Arc<EcdsaKeyPair>);
+
+impl rustls::sign::Signer for P256Signer {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        self.0
+            .sign(&SystemRandom::new(), message)
+            .map(|sig| sig.as_ref().to_vec())
+            .map_err(|_| rustls::Error::General("ECDSA P-256 signing failed".into()))
+    }
+
+    fn scheme(&self) -> rustls::SignatureScheme {
+        rustls::SignatureScheme::ECDSA_NISTP256_SHA256
+    }
+}
+
+/// Client configuration for talking to the gateway: ring provider, TLS 1.3 only, server
 /// verified against `ca_der` only, ALPN `fleetcast/1`, in-memory session resumption (reuse the
 /// returned `Arc` across connections to resume). `identity` is the enrolled certificate and
 /// key; `None` for the enrolment connection.
@@ -306,7 +357,7 @@ pub fn client_config_with_time(
         .map_err(TlsError::InvalidCa)?;
     let provider = provider();
     let builder = ClientConfig::builder_with_details(provider, time)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots);
     let mut config = match identity {
         Some((cert, key)) => builder.with_client_auth_cert(
@@ -341,7 +392,7 @@ pub fn client_config_pinned_with_time(
         provider: provider.clone(),
     });
     let mut config = ClientConfig::builder_with_details(provider, time)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
@@ -739,6 +790,41 @@ mod tests {
     }
 
     #[test]
+    fn key_provider_loads_only_p256_keys() {
+        use rustls::crypto::KeyProvider as _;
+        let key = DeviceKey::generate().unwrap();
+        let signing = AgentCrypto
+            .load_private_key(PrivateKeyDer::Pkcs8(key.pkcs8.clone_key()))
+            .unwrap();
+        assert_eq!(signing.public_key().unwrap().as_ref(), &key.spki_der()[..]);
+        let signer = signing
+            .choose_scheme(&[
+                rustls::SignatureScheme::ED25519,
+                rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+            ])
+            .unwrap();
+        assert_eq!(
+            signer.scheme(),
+            rustls::SignatureScheme::ECDSA_NISTP256_SHA256
+        );
+        let sig = signer.sign(b"transcript").unwrap();
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_ASN1,
+            key.public,
+        )
+        .verify(b"transcript", &sig)
+        .unwrap();
+        assert!(signing
+            .choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP384_SHA384])
+            .is_none());
+        for alg in [&rcgen::PKCS_ED25519, &rcgen::PKCS_ECDSA_P384_SHA384] {
+            let other = KeyPair::generate_for(alg).unwrap();
+            let der = PrivateKeyDer::Pkcs8(other.serialize_der().into());
+            assert!(AgentCrypto.load_private_key(der).is_err());
+        }
+    }
+
+    #[test]
     fn pem_encoding_matches_an_independent_decoder() {
         // Lengths 0..=200 cover every padding case and multi-line output; the decoder in
         // rustls-pki-types is the reference.
@@ -789,6 +875,14 @@ mod tests {
         let (client, server) = handshake(config(&gw.ca_der, None), gw.server.clone()).unwrap();
         assert!(server.peer_certificates().is_none());
         assert_eq!(client.alpn_protocol(), Some(ALPN));
+        assert_eq!(
+            client.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+        assert_eq!(
+            client.negotiated_key_exchange_group().map(|g| g.name()),
+            Some(rustls::NamedGroup::secp256r1)
+        );
 
         // The gateway issues a certificate for the SPKI; the agent persists it and reconnects.
         let cert = gw.issue(&key.spki_der());

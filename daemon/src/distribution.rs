@@ -101,6 +101,23 @@ pub struct McastConfig {
     pub broadcast: Option<Ipv4Addr>,
 }
 
+#[cfg(test)]
+impl McastConfig {
+    /// Multicast from 127.0.0.1 on an ephemeral port, no parity, a 1 s linger: for the
+    /// daemon's unit tests, which send nothing or only to loopback.
+    pub(crate) fn loopback() -> McastConfig {
+        McastConfig {
+            addr: Ipv4Addr::LOCALHOST,
+            port: 0,
+            group: Ipv4Addr::new(239, 77, 9, 9),
+            linger: Duration::from_secs(1),
+            warmup: Duration::ZERO,
+            fec_group: Some(0),
+            broadcast: None,
+        }
+    }
+}
+
 /// Why a push cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum DistError {
@@ -1538,19 +1555,10 @@ mod tests {
     use crate::pki::sha256;
     use fleetcast_wire::DataBlock;
 
-    /// A distributor on 127.0.0.1 (no parity, a 1 s linger): tests that drive it send
+    /// A distributor on 127.0.0.1 ([`McastConfig::loopback`]): tests that drive it send
     /// nothing, or only to loopback.
     fn loopback() -> Distributor {
-        Distributor::open(McastConfig {
-            addr: Ipv4Addr::LOCALHOST,
-            port: 0,
-            group: Ipv4Addr::new(239, 77, 9, 9),
-            linger: Duration::from_secs(1),
-            warmup: Duration::ZERO,
-            fec_group: Some(0),
-            broadcast: None,
-        })
-        .unwrap()
+        Distributor::open(McastConfig::loopback()).unwrap()
     }
 
     /// A task re-created after a restart (its sender gone) gets back the multicast it was

@@ -158,15 +158,7 @@ mod tests {
         let cfg = GatewayConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             admin_socket: dir.join("admin.sock"),
-            mcast: Some(McastConfig {
-                addr: Ipv4Addr::LOCALHOST,
-                port: 0,
-                group: Ipv4Addr::new(239, 77, 9, 9),
-                linger: Duration::from_secs(1),
-                warmup: Duration::ZERO,
-                fec_group: Some(0),
-                broadcast: None,
-            }),
+            mcast: Some(McastConfig::loopback()),
             watch,
             ..GatewayConfig::default()
         };

@@ -56,6 +56,22 @@
 //!    receiver ([`ReceiverConfig::fec_group`]) NACKs a block only once the pass has left its
 //!    group, leaves out of its NACK as many of a group's missing blocks as it holds symbols
 //!    for, and never repeats a NACK word for word before [`ReceiverConfig::nack_repeat`].
+//!
+//!    *Proactive parity* ([`SenderConfig::fec_proactive`], `sender/proactive.rs`): as the
+//!    first pass leaves a group, the sender queues fresh symbols for it unasked, ahead of every
+//!    other repair, as many as earlier groups needed: a smoothed level, moved halfway towards
+//!    one less than each group took (its proactive symbols plus the largest count any
+//!    receiver still NACKed there; receivers over the demotion bar are left out) or one less
+//!    than it was sent when nobody NACKed it. It starts at 0, so a clean network pays
+//!    nothing. These symbols are not credited against later NACKs (the receivers waited for
+//!    them, and their NACKs already leave out what they hold). A receiver NACKs a group only
+//!    once the pass has also left the next [`ReceiverConfig::parity_lag`] groups (1), the time
+//!    the proactive symbols take at the repair share, and its NACK after the pass's last block
+//!    waits a reorder window for the last group's: a receiver whose losses the proactive
+//!    symbols cover never NACKs the group, and the rest NACK what is left short, topped up by
+//!    the round's plan as before. A NACK still names every short group below its limit.
+//!    Demotion is unchanged: a lossy receiver's NACKs come one group later, and it is judged
+//!    on what they name.
 //! 4. Demotion: after the first pass, a device whose estimated missing count stays above
 //!    [`SenderConfig::demote_missing_percent`] of the file for
 //!    [`SenderConfig::demote_after_rounds`] consecutive rounds, or that sends more than

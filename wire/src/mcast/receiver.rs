@@ -67,6 +67,14 @@ pub struct ReceiverConfig {
     /// repairs whole groups), and a NACK that would repeat the previous one word for word is
     /// held back until the repeat interval. Parity datagrams are accepted either way.
     pub fec_group: u32,
+    /// With FEC, how many more groups the first pass must leave behind a group before it is
+    /// NACKed: the sender's proactive parity for a group follows its last block, interleaved
+    /// with the next group's blocks at the repair share of the rate
+    /// ([`super::SenderConfig::fec_proactive`]), and a NACK that waits for it names only what
+    /// the parity left short (most groups then need no NACK). Also, the NACK after the pass's
+    /// last block waits a reorder window, for the last group's parity. Default 1; 0 NACKs a
+    /// group as soon as the pass leaves it.
+    pub parity_lag: u32,
     /// Sequence number of the first NACK (at least 1). A driver that starts a new receiver
     /// under the same NACK key (a transfer received again after a digest mismatch) continues
     /// from the last one's [`McastReceiver::next_seq`], or the sender takes its NACKs for
@@ -94,6 +102,7 @@ impl ReceiverConfig {
             persist_interval: Duration::from_secs(1),
             seed,
             fec_group: 0,
+            parity_lag: 1,
             first_seq: 1,
         }
     }
@@ -409,7 +418,14 @@ impl McastReceiver {
                 self.arm_gap(now, self.config.reorder_window);
             }
             if self.end_of_pass {
-                self.arm_gap(now, Duration::ZERO);
+                // The last group's proactive parity follows its last block.
+                let lag = self.fec_k() > 0 && self.config.parity_lag > 0;
+                let wait = if lag {
+                    self.config.reorder_window
+                } else {
+                    Duration::ZERO
+                };
+                self.arm_gap(now, wait);
             }
         }
         if self.nack_reason == NackReason::Repeat {
@@ -473,7 +489,7 @@ impl McastReceiver {
         }
         // FEC NACKs (whole groups, no early repeats) from the configured group size, or from
         // the geometry the first parity symbol taught (a sender that repairs with parity).
-        let fec_k = self.fec.map_or(self.config.fec_group, |f| f.0);
+        let fec_k = self.fec_k();
         let fec = fec_k > 0;
         let limit = if self.end_of_pass {
             if fec {
@@ -486,7 +502,10 @@ impl McastReceiver {
             self.n_blocks
         } else {
             let k = fec_k.max(1);
-            self.stable_limit_at(now) / k * k
+            // With FEC, whole groups, the last `parity_lag` of those passed excepted: their
+            // proactive parity may still be on its way.
+            let lag = if fec { self.config.parity_lag } else { 0 };
+            (self.stable_limit_at(now) / k).saturating_sub(lag) * k
         };
         let mut missing = self.missing_below(limit, self.config.max_ranges);
         if !self.held.is_empty() {
@@ -727,6 +746,11 @@ impl McastReceiver {
             (_, None) => *slot = Some(at),
         }
         self.nack_reason = NackReason::Gap;
+    }
+
+    /// The FEC group size: configured, or learnt from the first parity symbol; 0 without FEC.
+    fn fec_k(&self) -> u32 {
+        self.fec.map_or(self.config.fec_group, |f| f.0)
     }
 
     /// Blocks `start..end` of group `g` (the last group may be short).
@@ -1305,8 +1329,10 @@ mod tests {
 
     #[test]
     fn fec_receiver_nacks_whole_groups_and_holds_back_repeats() {
+        // Without the wait for proactive parity (see the next test).
         let cfg = ReceiverConfig {
             fec_group: 50,
+            parity_lag: 0,
             ..config()
         };
         let mut r = McastReceiver::new(cfg, None, ms(0)).unwrap();
@@ -1333,5 +1359,34 @@ mod tests {
             Some(ms(150)),
             "the repeat: last NACK + nack_repeat"
         );
+    }
+
+    #[test]
+    fn fec_receiver_waits_a_group_for_proactive_parity() {
+        // Groups of 50 among 200 blocks; the default lag of one group.
+        let cfg = ReceiverConfig {
+            fec_group: 50,
+            ..config()
+        };
+        let mut r = McastReceiver::new(cfg, None, ms(0)).unwrap();
+        for b in (0..60).filter(|&b| b != 5) {
+            r.handle_block(ms(1), b);
+        }
+        // The pass left group 0 but is still in group 1: group 0's parity may be on its way.
+        let (_, nack) = fire(&mut r);
+        assert_eq!(nack, None);
+        for b in (60..120).filter(|&b| b != 105) {
+            r.handle_block(ms(30), b);
+        }
+        // Past group 1: group 0 is NACKed, not yet group 2's gap.
+        let (t, nack) = fire(&mut r);
+        assert_eq!((t, nack), (ms(50), Some(rs(&[(5, 1)]))));
+        // The last block: the tail is NACKed a reorder window later (the last group's
+        // parity follows its last block), not at once.
+        for b in 120..200 {
+            r.handle_block(ms(60), b);
+        }
+        let (t, nack) = fire(&mut r);
+        assert_eq!((t, nack), (ms(80), Some(rs(&[(5, 1), (105, 1)]))));
     }
 }

@@ -38,7 +38,9 @@ const JUDGE_AFTER_BLOCKS: u32 = 256;
 const UNITS_PER_BYTE: u128 = 1_000_000;
 
 mod auth;
+mod proactive;
 pub use auth::{NackVerdict, ReceiverAuth};
+use proactive::Proactive;
 
 /// Sender parameters. [`SenderConfig::new`] fills in the tuning knobs with defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +92,11 @@ pub struct SenderConfig {
     /// (measured from the start of their round) are credited with it. At least one
     /// round-trip time.
     pub fec_holdoff: Duration,
+    /// Whether a group gets fresh parity unasked as soon as the first pass leaves it, as many
+    /// symbols as earlier groups needed (`sender/proactive.rs`; none until a group needed
+    /// some). Receivers wait for it ([`super::ReceiverConfig::parity_lag`]) before they
+    /// NACK, so most groups cost no NACK at all. On by default.
+    pub fec_proactive: bool,
     /// Whether NACKs are authenticated (the default): each must carry a valid tag under its
     /// device's own key ([`McastSender::bind_receiver`]), and a device's unicast repairs go
     /// only to its control session's address or an address it proved. Off only where NACKs
@@ -132,6 +139,7 @@ impl SenderConfig {
             fec_parity: 0,
             fec_margin: 1,
             fec_holdoff: Duration::from_millis(50),
+            fec_proactive: true,
             nack_auth: true,
             max_nack_bytes: super::DEFAULT_MAX_NACK_BYTES,
             repair_budget: file_size
@@ -305,6 +313,10 @@ enum Candidate {
 struct GroupTx {
     next_index: u32,
     queued: u32,
+    /// Symbols sent unasked when the first pass left it.
+    proactive: u32,
+    /// Its verdict (NACKed or clean) has moved the proactive level.
+    judged: bool,
 }
 
 /// The sender core. See the [module docs](super) for the protocol and driving contract.
@@ -330,8 +342,10 @@ pub struct McastSender {
     unicast_order: VecDeque<u64>,
     /// FEC groups (empty without FEC).
     groups: Vec<GroupTx>,
-    /// Parity to send: `(group, symbols)`, in order.
-    parity_queue: VecDeque<(u32, u32)>,
+    /// Parity to send: `(group, symbols, proactive)`, in order; proactive entries first.
+    parity_queue: VecDeque<(u32, u32, bool)>,
+    /// How much parity groups get unasked.
+    proactive: Proactive,
     /// Parity symbols sent within the hold-off: `(time, group)`, oldest first.
     recent_parity: VecDeque<(Instant, u32)>,
     /// Probes to send: `(device, address)`, at most one per device per probe interval.
@@ -393,6 +407,7 @@ impl McastSender {
             unicast_order: VecDeque::new(),
             groups: alloc::vec![GroupTx::default(); n_groups],
             parity_queue: VecDeque::new(),
+            proactive: Proactive::default(),
             recent_parity: VecDeque::new(),
             probes: VecDeque::new(),
             probe_key: None,
@@ -657,10 +672,14 @@ impl McastSender {
     }
 
     fn next_repair(&self) -> Option<Candidate> {
+        // Proactive parity first: receivers hold their NACKs for it (one group's time).
+        if let Some(&(g, _, true)) = self.parity_queue.front() {
+            return Some(Candidate::Parity(g));
+        }
         if let Some(b) = self.multicast.peek() {
             return Some(Candidate::Multicast(b));
         }
-        if let Some(&(g, _)) = self.parity_queue.front() {
+        if let Some(&(g, _, _)) = self.parity_queue.front() {
             return Some(Candidate::Parity(g));
         }
         let dev = *self.unicast_order.front()?;
@@ -675,6 +694,10 @@ impl McastSender {
             Candidate::First(b) => {
                 self.next_first += 1;
                 self.stats.first_pass_blocks += 1;
+                let k = self.config.fec_group;
+                if k > 0 && (self.next_first % k == 0 || self.next_first == self.n_blocks) {
+                    self.leave_group(now, b / k);
+                }
                 if self.next_first == self.n_blocks {
                     self.first_pass_done = true;
                     self.events.push_back(SenderEvent::FirstPassDone);
@@ -718,8 +741,10 @@ impl McastSender {
     }
 
     fn commit_parity(&mut self, now: Instant, g: u32) -> SendParity {
+        let mut proactive = false;
         if let Some(front) = self.parity_queue.front_mut() {
             front.1 -= 1;
+            proactive = front.2;
             if front.1 == 0 {
                 self.parity_queue.pop_front();
             }
@@ -729,7 +754,11 @@ impl McastSender {
         let index = gt.next_index;
         gt.next_index += 1;
         gt.queued = gt.queued.saturating_sub(1);
-        self.recent_parity.push_back((now, g));
+        // Receivers NACK a group only after its proactive parity (they leave out of a NACK
+        // what their symbols cover), so a later NACK is not credited with it again.
+        if !proactive {
+            self.recent_parity.push_back((now, g));
+        }
         self.stats.parity_symbols += 1;
         let first_block = g * k;
         SendParity {
@@ -740,6 +769,74 @@ impl McastSender {
             blocks: k.min(self.n_blocks - first_block),
             group_size: k as u16,
             parity_count: self.config.fec_parity as u16,
+        }
+    }
+
+    /// The first pass left group `g` at `now`: judge the groups left long enough ago that
+    /// nobody NACKed, then queue `g`'s proactive parity, behind other groups' proactive
+    /// parity and ahead of everything else.
+    fn leave_group(&mut self, now: Instant, g: u32) {
+        if !self.config.fec_proactive {
+            return;
+        }
+        let k = self.config.fec_group;
+        while let Some(done) = self.proactive.due(now, self.next_first, k) {
+            let gt = &mut self.groups[done as usize];
+            if !gt.judged {
+                gt.judged = true;
+                self.proactive.clean(gt.proactive);
+            }
+        }
+        self.proactive.left(now, g);
+        let m = self.config.fec_parity;
+        let gt = &mut self.groups[g as usize];
+        let n = self
+            .proactive
+            .symbols()
+            .min(m.saturating_sub(gt.next_index + gt.queued));
+        if n == 0 {
+            return;
+        }
+        gt.queued += n;
+        gt.proactive = n;
+        let at = self.parity_queue.iter().take_while(|e| e.2).count();
+        self.parity_queue.insert(at, (g, n, true));
+    }
+
+    /// Moves the proactive level by the groups this round's NACKs name for the first time
+    /// (once their proactive parity is all sent): by the largest count any receiver that is
+    /// not an `outlier` still lacks there.
+    fn judge_needed(&mut self, wanted: &[(u64, Ranges)], outliers: &[u64]) {
+        let k = self.config.fec_group.max(1);
+        let mut tops: BTreeMap<u32, u32> = BTreeMap::new();
+        for (dev, req) in wanted {
+            if outliers.contains(dev) {
+                continue;
+            }
+            let mut per: BTreeMap<u32, u32> = BTreeMap::new();
+            for r in req.as_slice() {
+                let (mut s, e) = (r.start, r.end() as u32);
+                while s < e {
+                    let g = s / k;
+                    let end = e.min((g + 1).saturating_mul(k));
+                    *per.entry(g).or_default() += end - s;
+                    s = end;
+                }
+            }
+            for (g, n) in per {
+                let top = tops.entry(g).or_default();
+                *top = (*top).max(n);
+            }
+        }
+        for (g, top) in tops {
+            let Some(gt) = self.groups.get_mut(g as usize) else {
+                continue;
+            };
+            if gt.judged || gt.queued > 0 {
+                continue;
+            }
+            gt.judged = true;
+            self.proactive.needed(gt.proactive, top);
         }
     }
 
@@ -789,6 +886,8 @@ impl McastSender {
         self.stats.rounds += 1;
         let requests = core::mem::take(&mut self.requests);
         let mut wanted: Vec<(u64, Ranges)> = Vec::with_capacity(requests.len());
+        // Devices over the demotion bar this round: their losses do not size proactive parity.
+        let mut outliers: Vec<u64> = Vec::new();
         for (dev, req) in requests {
             let Some(rx) = self.receivers.get_mut(&dev) else {
                 continue;
@@ -840,6 +939,7 @@ impl McastSender {
                     continue;
                 }
                 if estimate * 100 > u64::from(judged) * pct {
+                    outliers.push(dev);
                     rx.over_rounds += 1;
                     if rx.over_rounds >= self.config.demote_after_rounds.max(1) {
                         self.demote(dev);
@@ -854,7 +954,7 @@ impl McastSender {
             }
         }
         if self.config.fec_group > 0 {
-            self.plan_fec(wanted);
+            self.plan_fec(wanted, &outliers);
             return;
         }
         // Requester count per block, as a sweep over range edges: O(ranges log ranges), no
@@ -907,7 +1007,7 @@ impl McastSender {
     }
 
     /// The FEC half of `close_round`: repairs chosen per group by [`plan`].
-    fn plan_fec(&mut self, wanted: Vec<(u64, Ranges)>) {
+    fn plan_fec(&mut self, wanted: Vec<(u64, Ranges)>, outliers: &[u64]) {
         // The round's NACKs arrived up to a round before now: credit parity sent within the
         // hold-off before the earliest of them.
         let holdoff = self.config.fec_holdoff + self.config.round;
@@ -926,6 +1026,9 @@ impl McastSender {
             .map(|(d, r)| (d, subtract(&r, &queued)))
             .filter(|(_, r)| !r.is_empty())
             .collect();
+        if self.config.fec_proactive && !self.first_pass_done {
+            self.judge_needed(&wanted, outliers);
+        }
         let (groups, recent) = (&self.groups, &self.recent_parity);
         let credit = |g: u32| {
             let sent = recent.iter().filter(|&&(_, rg)| rg == g).count() as u32;
@@ -977,7 +1080,7 @@ impl McastSender {
         let mut covered = p.multicast.clone();
         for &(g, n) in &p.parity {
             self.groups[g as usize].queued += n;
-            self.parity_queue.push_back((g, n));
+            self.parity_queue.push_back((g, n, false));
             let start = g * k;
             let mut span = Ranges::new();
             super::push_span(
