@@ -25,6 +25,7 @@ mod legacy;
 pub mod packages;
 pub mod record;
 pub mod report;
+pub mod sink;
 pub mod slots;
 pub mod state;
 pub mod target;
