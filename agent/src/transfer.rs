@@ -156,7 +156,8 @@ impl RecvBatch {
                     fd,
                     hdrs.as_mut_ptr(),
                     n as libc::c_uint,
-                    libc::MSG_DONTWAIT,
+                    // glibc declares the flags `int`, musl `unsigned int`.
+                    libc::MSG_DONTWAIT as _,
                     std::ptr::null_mut(),
                 )
             };
