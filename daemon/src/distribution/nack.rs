@@ -1,6 +1,6 @@
 //! The gateway's NACK path: the keys of a task's NACKs, the MAC the sender cores check them
-//! with, and the socket reads that hand NACKs to the cores and send the probes the cores ask
-//! for. The rules (whose NACK counts, where repairs go, how much one may cost) are the
+//! with, and the socket reads that hand NACKs (and overflow reports, tagged the same way) to
+//! the cores and send the probes the cores ask for. The rules (whose NACK counts, where repairs go, how much one may cost) are the
 //! cores' (`fleetcast_wire::mcast`, `sender/auth.rs`); this file only does crypto and I/O.
 //!
 //! Keys, all derived from the per-process secret, so a restarted gateway makes new ones:
@@ -111,8 +111,21 @@ impl Distributor {
                     return false;
                 }
             };
-            let Ok((Message::Nack(nack), frame)) = Message::parse_datagram(&self.buf[..n]) else {
-                continue;
+            let (nack, frame) = match Message::parse_datagram(&self.buf[..n]) {
+                Ok((Message::Nack(nack), frame)) => (nack, frame),
+                Ok((Message::Overflow(report), frame)) => {
+                    // Feedback like a NACK: counted with them, checked by the core the same way.
+                    self.nack_bytes += n as u64;
+                    if let Some(d) = self.dists.get_mut(&report.session) {
+                        let verdict = d.core.handle_overflow(now, from, &frame, &report, &RingMac);
+                        if verdict != NackVerdict::Accepted {
+                            tracing::debug!(%from, device = report.device_id, ?verdict, "overflow report ignored");
+                        }
+                        self.touched.insert(report.session);
+                    }
+                    continue;
+                }
+                _ => continue,
             };
             self.nack_bytes += n as u64;
             let Some(d) = self.dists.get_mut(&nack.session) else {
