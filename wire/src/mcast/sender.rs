@@ -159,7 +159,7 @@ impl SenderConfig {
                 .saturating_add(super::DEFAULT_MAX_NACK_BYTES),
             probe_interval: Duration::from_millis(100),
             pace_follow: true,
-            pace_floor_permille: 250,
+            pace_floor_permille: 50,
             pace_interval: Duration::from_millis(50),
         }
     }
@@ -731,7 +731,9 @@ impl McastSender {
 
     fn commit(&mut self, now: Instant, c: Candidate, cost: u128) -> Transmit {
         self.last_activity = now;
-        self.stats.bytes += u64::try_from(cost / UNITS_PER_BYTE).unwrap_or(u64::MAX);
+        let bytes = u64::try_from(cost / UNITS_PER_BYTE).unwrap_or(u64::MAX);
+        self.stats.bytes += bytes;
+        self.pacing.sent(now, bytes);
         let (block, dest, kind) = match c {
             Candidate::First(b) => {
                 self.next_first += 1;

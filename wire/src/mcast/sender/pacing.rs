@@ -10,20 +10,23 @@
 //!   active (not demoted, not done) receiver, and its count is above the last one accepted
 //!   from it: the count only grows, so it is its own freshness counter, and a replay moves
 //!   nothing.
-//! - New drops cut the rate to [`CUT_PERMILLE`] of itself, at most once per
+//! - New drops cut the rate to [`CUT_PERMILLE`] of what was sent in the last interval (or of
+//!   the rate, if less: a sender held back by its CPU sends below its rate), at most once per
 //!   [`super::SenderConfig::pace_interval`] (a cut needs about a feedback delay to show: the
 //!   reports of drops that happened before it are still on their way), never below the
 //!   floor ([`super::SenderConfig::pace_floor_permille`] of the configured rate).
-//! - While no report cuts it, the rate grows by [`STEP_PER_MILLE`] of the configured rate
-//!   every interval, up to the configured rate: it probes for what the receivers absorb now
-//!   (their load changes), and the configured rate stays the ceiling.
+//! - While no report cuts it, the rate grows by [`STEP_PER_MILLE`] of what the last cut
+//!   started from every interval, and beyond that level by a step that doubles every
+//!   interval, up to the configured rate: it probes for what the receivers absorb now (their
+//!   load changes), and the configured rate stays the ceiling.
 //! - A receiver that keeps overflowing at the floor ([`FLOOR_STRIKES`] reports that leave the
 //!   rate there) no longer
 //!   moves the rate: it cannot keep up at any rate the others should be held to, so it is
 //!   left to the demotion rules (repairs above the bar demote it), and the rate probes back up
 //!   for the others.
 //!
-//! Multiplicative decrease and additive increase, as in TCP: the fleet converges near what its
+//! Multiplicative decrease and additive increase, as in TCP (with a faster probe past the
+//! last level, as CUBIC's): the fleet converges near what its
 //! slowest non-demoted receiver absorbs, and a cut costs a few intervals of probing back.
 
 use core::net::SocketAddr;
@@ -35,13 +38,13 @@ use crate::mcast::NackMac;
 use crate::msg::Overflow;
 use crate::time::Instant;
 
-/// A cut leaves this much of the rate, in thousandths: gentler than TCP's half, because the
-/// loss it answers is a receiver's queue, which a smaller step already drains, and every cut
-/// slows the whole fleet.
+/// A cut leaves this much of the rate sent, in thousandths: gentler than TCP's half, because
+/// the loss it answers is a receiver's queue, which a smaller step already drains, and every
+/// cut slows the whole fleet.
 pub(super) const CUT_PERMILLE: u64 = 750;
-/// Per interval without a cut the rate grows by this much of the configured rate, in
-/// thousandths: back from one cut in about 8 intervals (0.4 s at 50 ms).
-pub(super) const STEP_PER_MILLE: u64 = 32;
+/// Per interval without a cut the rate grows by this much of what it was cut from, in
+/// thousandths: back to it in about 10 intervals (0.5 s at 50 ms), then on, linearly.
+pub(super) const STEP_PER_MILLE: u64 = 25;
 /// Reports at the floor after which a receiver no longer moves the rate.
 pub(super) const FLOOR_STRIKES: u32 = 4;
 
@@ -58,6 +61,14 @@ pub(super) struct Pacing {
     last_cut: Option<Instant>,
     /// Start of the interval that ends with the next increase.
     step_from: Instant,
+    /// Bytes per increase step: a share of what the last cut started from.
+    step: u64,
+    /// What the last cut started from.
+    cut_from: u64,
+    /// The current measuring window of what was sent: its start and bytes.
+    window: (Instant, u64),
+    /// Bytes per second sent in the last whole window, if one closed.
+    measured: Option<u64>,
 }
 
 impl Pacing {
@@ -72,6 +83,10 @@ impl Pacing {
             interval: interval.max(Duration::from_millis(1)),
             last_cut: None,
             step_from: now,
+            step: 1,
+            cut_from: ceiling,
+            window: (now, 0),
+            measured: None,
         }
     }
 
@@ -85,29 +100,55 @@ impl Pacing {
         self.rate <= self.floor
     }
 
-    /// Advances the additive increase to `now`.
+    /// `bytes` were sent at `now`. What was sent, not the bucket's rate, is what a cut starts
+    /// from: a sender held back by its CPU or its socket sends well below the rate, and a
+    /// cut of a rate it does not reach would change nothing.
+    pub(super) fn sent(&mut self, now: Instant, bytes: u64) {
+        let (start, n) = self.window;
+        if now >= start + self.interval {
+            let us = (now - start).as_micros().max(1);
+            self.measured = Some(u64::try_from(u128::from(n) * 1_000_000 / us).unwrap_or(u64::MAX));
+            self.window = (now, 0);
+        }
+        self.window.1 = self.window.1.saturating_add(bytes);
+    }
+
+    /// Advances the increase to `now`: one step per interval, of a fixed size up to the rate
+    /// the last cut started from, doubling each interval beyond it (that level was absorbed
+    /// then; beyond it the receivers' capacity is unknown, and a receiver left to demotion at
+    /// the floor must not keep the others near it for long).
     pub(super) fn advance(&mut self, now: Instant) {
         if self.rate >= self.ceiling || now < self.step_from + self.interval {
             return;
         }
         let us = self.interval.as_micros().max(1);
         let steps = (now - self.step_from).as_micros() / us;
-        let step = u128::from(self.ceiling) * u128::from(STEP_PER_MILLE) / 1000;
-        let up = (steps * step.max(1)).min(u128::from(self.ceiling));
-        self.rate = (u128::from(self.rate) + up).min(u128::from(self.ceiling)) as u64;
+        // 64 doublings reach any rate: the loop is bounded whatever the gap.
+        for _ in 0..steps.min(64) {
+            if self.rate >= self.cut_from {
+                self.step = self.step.saturating_mul(2);
+            }
+            self.rate = self.rate.saturating_add(self.step).min(self.ceiling);
+        }
+        if steps > 64 {
+            self.rate = self.ceiling;
+        }
         let moved = u64::try_from(steps * us).unwrap_or(u64::MAX);
         self.step_from += Duration::from_micros(moved);
     }
 
-    /// New drops reported at `now`: cuts the rate unless it was cut within the interval or is
-    /// at the floor. Returns whether it cut.
+    /// New drops reported at `now`: cuts the rate (from what was sent, if less) unless it was
+    /// cut within the interval or is at the floor. Returns whether it cut.
     pub(super) fn overflow(&mut self, now: Instant) -> bool {
         self.advance(now);
         if self.last_cut.is_some_and(|t| now < t + self.interval) || self.at_floor() {
             return false;
         }
-        let cut = u128::from(self.rate) * u128::from(CUT_PERMILLE) / 1000;
+        let from = self.measured.map_or(self.rate, |m| m.min(self.rate));
+        let cut = u128::from(from) * u128::from(CUT_PERMILLE) / 1000;
         self.rate = (cut as u64).max(self.floor);
+        self.step = (u128::from(from) * u128::from(STEP_PER_MILLE) / 1000).max(1) as u64;
+        self.cut_from = from;
         self.last_cut = Some(now);
         // Probing restarts a whole interval after the cut.
         self.step_from = now;

@@ -17,7 +17,7 @@ fn cuts_at_most_once_per_interval_and_never_below_the_floor() {
     assert_eq!(p.rate(), 750_000);
     // One increase step (an interval after the cut) came first.
     assert!(p.overflow(ms(60)));
-    assert_eq!(p.rate(), 586_500);
+    assert_eq!(p.rate(), 581_250);
     let mut t = 60;
     for _ in 0..10 {
         t += 50;
@@ -33,21 +33,39 @@ fn cuts_at_most_once_per_interval_and_never_below_the_floor() {
 fn probes_back_up_additively_to_the_configured_rate() {
     let mut p = Pacing::new(1_000_000, 250, Duration::from_millis(50), ms(0));
     assert!(p.overflow(ms(0)));
-    // Nothing for a whole interval after the cut, then 3.2% of the ceiling per interval.
+    // Nothing for a whole interval after the cut, then 2.5% of what was cut per interval.
     p.advance(ms(49));
     assert_eq!(p.rate(), 750_000);
     p.advance(ms(50));
-    assert_eq!(p.rate(), 782_000);
+    assert_eq!(p.rate(), 775_000);
     p.advance(ms(99));
-    assert_eq!(p.rate(), 782_000);
+    assert_eq!(p.rate(), 775_000);
     p.advance(ms(120));
-    assert_eq!(p.rate(), 814_000);
-    p.advance(ms(150));
-    assert_eq!(p.rate(), 846_000);
-    p.advance(ms(199));
-    assert_eq!(p.rate(), 846_000);
-    p.advance(ms(10_000));
-    assert_eq!(p.rate(), 1_000_000, "the configured rate is the ceiling");
+    assert_eq!(p.rate(), 800_000);
+    p.advance(ms(500));
+    assert_eq!(
+        p.rate(),
+        1_000_000,
+        "back where it was cut from after 10 intervals"
+    );
+}
+
+#[test]
+fn a_cut_starts_from_what_was_sent_and_probes_faster_beyond_it() {
+    let mut p = Pacing::new(1_000_000, 50, Duration::from_millis(50), ms(0));
+    // Held back elsewhere: 200 kB/s sent, far below the rate.
+    for t in 0..=100 {
+        p.sent(ms(t), 200);
+    }
+    assert!(p.overflow(ms(100)));
+    assert_eq!(p.rate(), 150_000, "3/4 of what was sent");
+    p.advance(ms(100 + 10 * 50));
+    assert_eq!(p.rate(), 200_000, "linear back to it");
+    // Beyond it the step doubles: 10, 20, 40 kB/s...
+    p.advance(ms(100 + 13 * 50));
+    assert_eq!(p.rate(), 200_000 + 10_000 + 20_000 + 40_000);
+    p.advance(ms(100 + 20 * 50));
+    assert_eq!(p.rate(), 1_000_000);
 }
 
 struct NoMac;
@@ -151,7 +169,7 @@ fn a_receiver_that_overflows_at_the_floor_stops_holding_the_others_down() {
         report(&mut s, ms(t), 1, drops);
         t += 50;
     }
-    assert_eq!(s.stats().rate, 255_000);
+    assert_eq!(s.stats().rate, 51_000);
     for _ in 0..FLOOR_STRIKES {
         drops += 10;
         assert_eq!(report(&mut s, ms(t), 1, drops), NackVerdict::Accepted);
