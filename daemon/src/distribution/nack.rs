@@ -311,6 +311,34 @@ mod tests {
                 .nacks_forged,
             2
         );
+        // Overflow reports take the same path and the same keys: under the old key forged,
+        // under the current one they cut the rate of the sender serving the device.
+        let overflow = |drops, key: &[u8; 32]| {
+            let msg = Message::Overflow(fleetcast_wire::Overflow {
+                session: 5,
+                device_id: 1,
+                drops,
+            });
+            let mut buf = vec![0u8; msg.buffer_len().unwrap() + TAG_LEN];
+            let n = msg
+                .emit_authenticated(&mut buf, |h, b| RingMac.tag(key, h, b))
+                .unwrap();
+            buf.truncate(n);
+            buf
+        };
+        sent(&dev, &overflow(10, &a.nack_key.unwrap()));
+        sent(&dev, &overflow(10, &b.nack_key.unwrap()));
+        let before = dist.nack_bytes();
+        for _ in 0..200 {
+            dist.handle_readable(Instant::ZERO);
+            if dist.dists[&5].core.catch_up_stats().overflow_reports >= 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let c = dist.dists[&5].core.catch_up(1).unwrap().stats();
+        assert_eq!((c.overflow_reports, c.nacks_forged, c.rate_cuts), (2, 3, 1));
+        assert!(dist.nack_bytes() > before, "counted as feedback");
     }
 
     #[test]
