@@ -37,12 +37,14 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use fleetcast_wire::mcast::{ReceiverConfig, ReceiverEvent};
+use fleetcast_wire::mcast::{
+    OverflowReporter, ReceiverConfig, ReceiverEvent, DEFAULT_OVERFLOW_INTERVAL,
+};
 use fleetcast_wire::{
     Announce, DataBlock, Error as WireError, Frame, Instant, Kind, McastReceiver, Message, Outcome,
     Parity, Probe, Ranges, TransferState, TransferStatus, TAG_LEN,
@@ -112,7 +114,16 @@ struct RecvBatch {
     /// The slot's datagram was longer than the slot (cut: never a valid block).
     truncated: [bool; BATCH],
     from: [libc::sockaddr_in; BATCH],
+    /// Ancillary data per slot: room for the `SO_RXQ_OVFL` drop count.
+    control: [[u64; CONTROL_WORDS]; BATCH],
+    /// The highest drop count the last call's datagrams carried (`SO_RXQ_OVFL`: the socket's
+    /// cumulative count when the datagram was queued; 0 if none carried one).
+    drops: u32,
 }
+
+/// `u64` words of ancillary data per datagram: `CMSG_SPACE(4)` is 16 bytes on 64-bit Linux
+/// and 12 on 32-bit; 4 words leave room for one more unexpected message.
+const CONTROL_WORDS: usize = 4;
 
 impl RecvBatch {
     /// Slots fit a whole datagram of `block_size` (and a little more, so an oversized one is
@@ -126,6 +137,8 @@ impl RecvBatch {
             truncated: [false; BATCH],
             // SAFETY: sockaddr_in is plain data; all-zero is valid.
             from: [unsafe { std::mem::zeroed() }; BATCH],
+            control: [[0; CONTROL_WORDS]; BATCH],
+            drops: 0,
         }
     }
 
@@ -148,6 +161,8 @@ impl RecvBatch {
             h.msg_iovlen = 1;
             h.msg_name = (&mut self.from[i] as *mut libc::sockaddr_in).cast();
             h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_control = self.control[i].as_mut_ptr().cast();
+            h.msg_controllen = std::mem::size_of::<[u64; CONTROL_WORDS]>() as _;
         }
         loop {
             // SAFETY: every header points at live buffers of `self` and `iovs` for the call.
@@ -163,9 +178,11 @@ impl RecvBatch {
             };
             if r >= 0 {
                 let got = r as usize;
+                self.drops = 0;
                 for (i, h) in hdrs.iter().enumerate().take(got) {
                     self.lens[i] = (h.msg_len as usize).min(self.slot);
                     self.truncated[i] = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+                    self.drops = self.drops.max(rxq_ovfl(&h.msg_hdr));
                 }
                 return Ok(got);
             }
@@ -176,6 +193,11 @@ impl RecvBatch {
                 _ => return Err(e),
             }
         }
+    }
+
+    /// The highest drop count the last call's datagrams carried.
+    fn drops(&self) -> u32 {
+        self.drops
     }
 
     /// Datagram `i` of the last call and its source.
@@ -189,6 +211,40 @@ impl RecvBatch {
             &self.bufs[i * self.slot..i * self.slot + self.lens[i]],
             from,
         )
+    }
+}
+
+/// The `SO_RXQ_OVFL` count a received message's ancillary data carries, or 0 (the kernel
+/// attaches it only once the socket has dropped something).
+fn rxq_ovfl(h: &libc::msghdr) -> u32 {
+    let mut drops = 0;
+    // SAFETY: `h` is a header the kernel filled in by `recvmmsg`, its control pointer and
+    // length describing a live buffer of the batch; the CMSG macros walk only within it.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_RXQ_OVFL {
+                drops = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u32>());
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    drops
+}
+
+/// Asks the kernel for the socket's drop count with every datagram (`SO_RXQ_OVFL`); the
+/// overflow reports depend on it, the transfer does not.
+fn want_drop_counts(s: &socket2::Socket) {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads a c_int from a live local for the given length.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RXQ_OVFL,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
@@ -254,6 +310,9 @@ struct Progress {
     /// The next NACK's sequence number, kept across receptions of one transfer (the gateway
     /// takes a number it has seen for a replay).
     nack_seq: AtomicU32,
+    /// The drops the kernel counted on this transfer's sockets so far, over every reception
+    /// (the overflow reports' count only grows).
+    drops: AtomicU64,
 }
 
 /// A file name from an announce reduced to one safe path component.
@@ -381,10 +440,12 @@ fn open_sockets(spec: &TransferSpec) -> io::Result<(UdpSocket, UdpSocket)> {
             spec.announce.task_id
         );
     }
+    want_drop_counts(&s);
     s.set_nonblocking(true)?;
     let u = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     u.bind(&SocketAddr::V4(SocketAddrV4::new(spec.local, 0)).into())?;
     grow_recv_buffer(&u, RECV_BUFFER);
+    want_drop_counts(&u);
     u.set_nonblocking(true)?;
     Ok((s.into(), u.into()))
 }
@@ -518,9 +579,10 @@ fn accept_probe(nack_key: Option<&hmac::Key>, datagram: &[u8]) -> Result<Probe, 
     }
 }
 
-/// Emits the receiver's due NACKs to `dest`, tagged under the current NACK key.
+/// Emits the receiver's due NACKs and overflow reports to `dest`, tagged under the current
+/// NACK key.
 fn send_nacks(
-    rx: &mut McastReceiver,
+    (rx, reporter): (&mut McastReceiver, &mut OverflowReporter),
     now: impl Fn() -> Instant,
     nack_key: &Mutex<Option<[u8; 32]>>,
     bufs: (&mut Vec<u8>, &mut Vec<u8>),
@@ -536,33 +598,52 @@ fn send_nacks(
     loop {
         nack.clear();
         if rx.poll_transmit(now(), nack).is_none() {
+            break;
+        }
+        send_tagged(nack, key.as_ref(), tagged, sock, dest);
+    }
+    loop {
+        nack.clear();
+        if reporter.poll_transmit(now(), nack).is_none() {
             return;
         }
-        let out: &[u8] = match &key {
-            Some(k) => {
-                let Ok((msg, _)) = Message::parse_datagram(nack) else {
-                    continue;
-                };
-                let need = msg.buffer_len().unwrap_or(0) + TAG_LEN;
-                if tagged.len() < need {
-                    tagged.resize(need, 0);
-                }
-                match msg.emit_authenticated(tagged, |h, b| {
-                    let mut ctx = hmac::Context::with_key(k);
-                    ctx.update(h);
-                    ctx.update(b);
-                    let mut tag = [0u8; TAG_LEN];
-                    tag.copy_from_slice(&ctx.sign().as_ref()[..TAG_LEN]);
-                    tag
-                }) {
-                    Ok(n) => &tagged[..n],
-                    Err(_) => continue,
-                }
-            }
-            None => nack,
-        };
-        let _ = sock.send_to(out, SocketAddr::V4(dest));
+        send_tagged(nack, key.as_ref(), tagged, sock, dest);
     }
+}
+
+/// Sends the feedback datagram `raw` (a NACK or an overflow report) to `dest`, tagged under
+/// `key` when there is one.
+fn send_tagged(
+    raw: &[u8],
+    key: Option<&hmac::Key>,
+    tagged: &mut Vec<u8>,
+    sock: &mio::net::UdpSocket,
+    dest: SocketAddrV4,
+) {
+    let out: &[u8] = match key {
+        Some(k) => {
+            let Ok((msg, _)) = Message::parse_datagram(raw) else {
+                return;
+            };
+            let need = msg.buffer_len().unwrap_or(0) + TAG_LEN;
+            if tagged.len() < need {
+                tagged.resize(need, 0);
+            }
+            match msg.emit_authenticated(tagged, |h, b| {
+                let mut ctx = hmac::Context::with_key(k);
+                ctx.update(h);
+                ctx.update(b);
+                let mut tag = [0u8; TAG_LEN];
+                tag.copy_from_slice(&ctx.sign().as_ref()[..TAG_LEN]);
+                tag
+            }) {
+                Ok(n) => &tagged[..n],
+                Err(_) => return,
+            }
+        }
+        None => raw,
+    };
+    let _ = sock.send_to(out, SocketAddr::V4(dest));
 }
 
 fn paths(spec: &TransferSpec) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
@@ -907,6 +988,16 @@ fn run_once(
     };
     let mut rx = McastReceiver::new(cfg, initial.as_ref(), now())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    // The kernel's drops on this reception's sockets (each count from 0), above the earlier
+    // receptions' total.
+    let drops_base = progress.drops.load(Ordering::Relaxed);
+    let mut sock_drops = [0u64; 2];
+    let mut reporter = OverflowReporter::new(
+        spec.announce.session,
+        spec.device_id,
+        drops_base,
+        DEFAULT_OVERFLOW_INTERVAL,
+    );
     let publish = |rx: &McastReceiver| {
         progress
             .received
@@ -982,7 +1073,14 @@ fn run_once(
         }
         // Drive the core: NACKs out, then events.
         let bufs = (&mut nack, &mut tagged);
-        send_nacks(&mut rx, now, nack_key, bufs, &unicast, nack_dest);
+        send_nacks(
+            (&mut rx, &mut reporter),
+            now,
+            nack_key,
+            bufs,
+            &unicast,
+            nack_dest,
+        );
         progress.nack_seq.store(rx.next_seq(), Ordering::Relaxed);
         while let Some(ev) = rx.poll_event() {
             match ev {
@@ -1011,6 +1109,7 @@ fn run_once(
                     break;
                 }
                 n_read += got;
+                sock_drops[i] = sock_drops[i].max(u64::from(batch.drops()));
                 let t = now();
                 writes.clear();
                 for j in 0..got {
@@ -1107,12 +1206,17 @@ fn run_once(
             }
             got += n_read;
         }
+        reporter.observe(drops_base + sock_drops[0] + sock_drops[1]);
+        progress.drops.store(reporter.drops(), Ordering::Relaxed);
         if got > 0 {
             streaming = true;
         } else if !rx.is_complete() {
             let t = now();
             let due = rx
                 .poll_timeout()
+                .into_iter()
+                .chain(reporter.poll_timeout())
+                .min()
                 .map_or(MAX_WAIT, |d| d.saturating_duration_since(t));
             if streaming && due > COALESCE {
                 // Data came in the last turn: let the next batch gather (see COALESCE). A

@@ -1,6 +1,6 @@
 //! The gateway's NACK path: the keys of a task's NACKs, the MAC the sender cores check them
-//! with, and the socket reads that hand NACKs to the cores and send the probes the cores ask
-//! for. The rules (whose NACK counts, where repairs go, how much one may cost) are the
+//! with, and the socket reads that hand NACKs (and overflow reports, tagged the same way) to
+//! the cores and send the probes the cores ask for. The rules (whose NACK counts, where repairs go, how much one may cost) are the
 //! cores' (`fleetcast_wire::mcast`, `sender/auth.rs`); this file only does crypto and I/O.
 //!
 //! Keys, all derived from the per-process secret, so a restarted gateway makes new ones:
@@ -111,8 +111,21 @@ impl Distributor {
                     return false;
                 }
             };
-            let Ok((Message::Nack(nack), frame)) = Message::parse_datagram(&self.buf[..n]) else {
-                continue;
+            let (nack, frame) = match Message::parse_datagram(&self.buf[..n]) {
+                Ok((Message::Nack(nack), frame)) => (nack, frame),
+                Ok((Message::Overflow(report), frame)) => {
+                    // Feedback like a NACK: counted with them, checked by the core the same way.
+                    self.nack_bytes += n as u64;
+                    if let Some(d) = self.dists.get_mut(&report.session) {
+                        let verdict = d.core.handle_overflow(now, from, &frame, &report, &RingMac);
+                        if verdict != NackVerdict::Accepted {
+                            tracing::debug!(%from, device = report.device_id, ?verdict, "overflow report ignored");
+                        }
+                        self.touched.insert(report.session);
+                    }
+                    continue;
+                }
+                _ => continue,
             };
             self.nack_bytes += n as u64;
             let Some(d) = self.dists.get_mut(&nack.session) else {
@@ -298,6 +311,34 @@ mod tests {
                 .nacks_forged,
             2
         );
+        // Overflow reports take the same path and the same keys: under the old key forged,
+        // under the current one they cut the rate of the sender serving the device.
+        let overflow = |drops, key: &[u8; 32]| {
+            let msg = Message::Overflow(fleetcast_wire::Overflow {
+                session: 5,
+                device_id: 1,
+                drops,
+            });
+            let mut buf = vec![0u8; msg.buffer_len().unwrap() + TAG_LEN];
+            let n = msg
+                .emit_authenticated(&mut buf, |h, b| RingMac.tag(key, h, b))
+                .unwrap();
+            buf.truncate(n);
+            buf
+        };
+        sent(&dev, &overflow(10, &a.nack_key.unwrap()));
+        sent(&dev, &overflow(10, &b.nack_key.unwrap()));
+        let before = dist.nack_bytes();
+        for _ in 0..200 {
+            dist.handle_readable(Instant::ZERO);
+            if dist.dists[&5].core.catch_up_stats().overflow_reports >= 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let c = dist.dists[&5].core.catch_up(1).unwrap().stats();
+        assert_eq!((c.overflow_reports, c.nacks_forged, c.rate_cuts), (2, 3, 1));
+        assert!(dist.nack_bytes() > before, "counted as feedback");
     }
 
     #[test]

@@ -115,6 +115,9 @@ impl Gateway {
                         unicast_repairs = stats.unicast_repairs,
                         bytes = stats.bytes,
                         nacks = stats.nacks,
+                        overflow_reports = stats.overflow_reports,
+                        rate_cuts = stats.rate_cuts,
+                        rate = stats.rate,
                         deferred,
                         send_errors,
                         "distribution finished"

@@ -121,6 +121,7 @@ use core::fmt;
 use crate::ranges::{BlockRange, Ranges};
 
 pub mod fec;
+mod overflow;
 mod plan;
 mod receiver;
 mod sender;
@@ -131,6 +132,7 @@ pub mod task;
 pub use fec::ReedSolomon;
 pub use fec::{Fec, FecError};
 
+pub use overflow::{OverflowReporter, DEFAULT_OVERFLOW_INTERVAL};
 pub use receiver::{
     BlockVerdict, DecodeError, DecodeJob, McastReceiver, ReceiverConfig, ReceiverEvent,
     ReceiverStats,

@@ -2,7 +2,8 @@
 //!
 //! Invariants:
 //! - Every block of the first pass is sent exactly once, in order, as `Data` to the group.
-//! - Sends never exceed the token bucket (rate, burst); during the first pass repairs also
+//! - Sends never exceed the token bucket (burst, and the pacing rate: `rate` unless receivers'
+//!   overflow reports cut it, `sender/pacing.rs`); during the first pass repairs also
 //!   draw from a second bucket refilled at `repair_share_permille` of the rate.
 //! - A device counts at most once per block per round (its latest NACK in a round replaces the
 //!   earlier ones); blocks still to come in the first pass are never repaired.
@@ -38,8 +39,10 @@ const JUDGE_AFTER_BLOCKS: u32 = 256;
 const UNITS_PER_BYTE: u128 = 1_000_000;
 
 mod auth;
+mod pacing;
 mod proactive;
 pub use auth::{NackVerdict, ReceiverAuth};
+use pacing::Pacing;
 use proactive::Proactive;
 
 /// Sender parameters. [`SenderConfig::new`] fills in the tuning knobs with defaults.
@@ -111,6 +114,15 @@ pub struct SenderConfig {
     pub repair_budget: u64,
     /// Least time between two [`crate::Probe`]s to one device.
     pub probe_interval: Duration,
+    /// Whether the rate follows the receivers (`sender/pacing.rs`): new drops an active
+    /// receiver reports ([`McastSender::handle_overflow`]) cut it, and it probes back up to
+    /// `rate` while none are reported. On by default; off, `rate` is a fixed pace.
+    pub pace_follow: bool,
+    /// The least the rate is cut to, in thousandths of `rate` (at most 1000).
+    pub pace_floor_permille: u32,
+    /// Least time between two cuts of the rate, and the period of its increase steps: about
+    /// a feedback round-trip, so a cut shows in the reports before the next one.
+    pub pace_interval: Duration,
 }
 
 impl SenderConfig {
@@ -146,6 +158,9 @@ impl SenderConfig {
                 .saturating_mul(2)
                 .saturating_add(super::DEFAULT_MAX_NACK_BYTES),
             probe_interval: Duration::from_millis(100),
+            pace_follow: true,
+            pace_floor_permille: 50,
+            pace_interval: Duration::from_millis(50),
         }
     }
 
@@ -263,6 +278,13 @@ pub struct SenderStats {
     pub rounds: u64,
     /// Devices demoted.
     pub demoted: u64,
+    /// [`crate::Overflow`] reports received (counted like `nacks`, whatever became of them).
+    pub overflow_reports: u64,
+    /// Times the rate was cut for a receiver's overflow.
+    pub rate_cuts: u64,
+    /// The pacing rate now, in datagram bytes per second (the configured rate unless
+    /// overflows cut it).
+    pub rate: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,6 +306,10 @@ struct Rx {
     auth: ReceiverAuth,
     /// When it was last sent a probe.
     probed: Option<Instant>,
+    /// The highest drop count it reported ([`crate::Overflow`]).
+    drops: u64,
+    /// Its reports of new drops while the rate was at the floor (`sender/pacing.rs`).
+    floor_strikes: u32,
 }
 
 impl Rx {
@@ -295,6 +321,8 @@ impl Rx {
             repaired: 0,
             auth,
             probed: None,
+            drops: 0,
+            floor_strikes: 0,
         }
     }
 }
@@ -332,6 +360,8 @@ pub struct McastSender {
     repair_tokens: u128,
     bucket_cap: u128,
     last_refill: Instant,
+    /// The bucket's rate, following the receivers' overflows (`sender/pacing.rs`).
+    pacing: Pacing,
     receivers: BTreeMap<u64, Rx>,
     /// Latest NACK per device in the open round.
     requests: BTreeMap<u64, Ranges>,
@@ -399,6 +429,12 @@ impl McastSender {
             repair_tokens: bucket_cap,
             bucket_cap,
             last_refill: now,
+            pacing: Pacing::new(
+                config.rate,
+                config.pace_floor_permille,
+                config.pace_interval,
+                now,
+            ),
             receivers: BTreeMap::new(),
             requests: BTreeMap::new(),
             round_deadline: None,
@@ -414,7 +450,10 @@ impl McastSender {
             last_activity: now,
             finished: false,
             events: VecDeque::new(),
-            stats: SenderStats::default(),
+            stats: SenderStats {
+                rate: config.rate,
+                ..SenderStats::default()
+            },
         };
         if n_blocks == 0 {
             s.first_pass_done = true;
@@ -606,11 +645,11 @@ impl McastSender {
         };
         if !self.first_pass_done {
             let cost = self.cost(Candidate::First(self.next_first));
-            consider(Some(self.when(self.tokens, cost, self.config.rate)));
+            consider(Some(self.when(self.tokens, cost, self.pacing.rate())));
         }
         if let Some(c) = self.next_repair() {
             let cost = self.cost(c);
-            let main = self.when(self.tokens, cost, self.config.rate);
+            let main = self.when(self.tokens, cost, self.pacing.rate());
             if self.first_pass_done {
                 consider(Some(main));
             } else {
@@ -632,7 +671,7 @@ impl McastSender {
     }
 
     fn repair_rate(&self) -> u64 {
-        let share = u128::from(self.config.rate) * u128::from(self.config.repair_share_permille);
+        let share = u128::from(self.pacing.rate()) * u128::from(self.config.repair_share_permille);
         u64::try_from(share / 1000).unwrap_or(u64::MAX)
     }
 
@@ -641,10 +680,13 @@ impl McastSender {
         self.now = self.now.max(now);
         let us = u128::from((self.now - self.last_refill).as_micros() as u64);
         self.last_refill = self.now;
-        let add = us * u128::from(self.config.rate);
+        // The elapsed time refills at the rate it began with; then the rate steps up.
+        let add = us * u128::from(self.pacing.rate());
         self.tokens = (self.tokens + add).min(self.bucket_cap);
         let add = us * u128::from(self.repair_rate());
         self.repair_tokens = (self.repair_tokens + add).min(self.bucket_cap);
+        self.pacing.advance(self.now);
+        self.stats.rate = self.pacing.rate();
     }
 
     /// The instant a bucket holding `tokens` reaches `cost` at `rate` units per microsecond.
@@ -689,7 +731,9 @@ impl McastSender {
 
     fn commit(&mut self, now: Instant, c: Candidate, cost: u128) -> Transmit {
         self.last_activity = now;
-        self.stats.bytes += u64::try_from(cost / UNITS_PER_BYTE).unwrap_or(u64::MAX);
+        let bytes = u64::try_from(cost / UNITS_PER_BYTE).unwrap_or(u64::MAX);
+        self.stats.bytes += bytes;
+        self.pacing.sent(now, bytes);
         let (block, dest, kind) = match c {
             Candidate::First(b) => {
                 self.next_first += 1;

@@ -67,7 +67,7 @@ use super::{
 };
 use crate::data::DATA_PREFIX_LEN;
 use crate::header::{Frame, TAG_LEN};
-use crate::msg::Nack;
+use crate::msg::{Nack, Overflow};
 use crate::time::Instant;
 
 /// Rate of unicast catch-up, all catch-up senders together (bytes per second), when no
@@ -443,6 +443,24 @@ impl McastTask {
         sender.handle_nack(now, from, frame, nack, mac)
     }
 
+    /// An [`Overflow`] datagram from `from` naming this task's session, parsed: the sender
+    /// serving the device it names decides whether it moves that sender's rate
+    /// ([`McastSender::handle_overflow`]).
+    pub fn handle_overflow(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        frame: &Frame<'_>,
+        report: &Overflow,
+        mac: &dyn NackMac,
+    ) -> NackVerdict {
+        self.now = self.now.max(now);
+        let Some(sender) = self.sender_of(report.device_id) else {
+            return NackVerdict::Inactive;
+        };
+        sender.handle_overflow(now, from, frame, report, mac)
+    }
+
     /// The next address probe the last NACK asked for: appends its datagram to `buf` and
     /// returns where to send it.
     pub fn poll_probe(&mut self, mac: &dyn NackMac, buf: &mut Vec<u8>) -> Option<SocketAddr> {
@@ -678,6 +696,8 @@ fn add_catch_up(t: &mut SenderStats, s: &SenderStats) {
     t.unicast_repairs += s.unicast_repairs;
     t.nacks += s.nacks;
     t.nacks_ignored += s.nacks_ignored;
+    t.overflow_reports += s.overflow_reports;
+    t.rate_cuts += s.rate_cuts;
 }
 
 #[cfg(test)]

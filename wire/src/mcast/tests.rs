@@ -943,3 +943,113 @@ fn proactive_parity_still_demotes_a_thirty_percent_receiver() {
     // Parity stayed sized to the 5% receivers: well under the 30% one's losses.
     assert!(o.total_ratio < 1.15, "{o:?}");
 }
+
+/// Receivers whose queues cannot take the configured rate (a 7 MB/s bottleneck with a 32 KiB
+/// queue before each, under a 10 MB/s sender): the drop-tail queue stands in for the socket's
+/// receive buffer, and its drop count, reported to the sender the moment it grows (as the
+/// agent's `Overflow`, without the network's delay), is what `SO_RXQ_OVFL` counts. Runs
+/// to the sender's end with `pace_follow` as given and receiver `i` behind a bottleneck of
+/// `bottleneck[i]` bits per second (`None`: none); returns (outcome, rate cuts).
+fn run_bottlenecked(pace_follow: bool, bottleneck: [Option<u64>; 4]) -> (Outcome, u64) {
+    let mut sc = Scenario::new(4, 2048, 0.0);
+    sc.sender = if pace_follow {
+        |c| c
+    } else {
+        |c| SenderConfig {
+            pace_follow: false,
+            ..c
+        }
+    };
+    let mut g = sc.build();
+    for (i, bits) in bottleneck.iter().enumerate() {
+        g.set_link(
+            NodeId::SENDER,
+            NodeId::receiver(i),
+            LinkConfig {
+                rate: bits.map(|bits_per_sec| sim::RateLimit {
+                    bits_per_sec,
+                    queue_bytes: 32 << 10,
+                }),
+                ..sc.link(0.0)
+            },
+        );
+    }
+    let mut seen = [0u64; 4];
+    let deadline = Instant::ZERO + Duration::from_secs(120);
+    while g.sender().finished().is_none() {
+        assert!(g.time() < deadline, "sender did not finish");
+        if !g.step() {
+            break;
+        }
+        for (i, seen) in seen.iter_mut().enumerate() {
+            let drops = g
+                .link_stats(NodeId::SENDER, NodeId::receiver(i))
+                .map_or(0, |s| s.dropped_queue);
+            if drops > *seen {
+                *seen = drops;
+                let o = crate::Overflow {
+                    session: SESSION,
+                    device_id: device(i),
+                    drops,
+                };
+                let mut buf = Vec::new();
+                Message::Overflow(o).emit_to_vec(&mut buf).unwrap();
+                let frame = crate::header::Frame::parse_datagram(&buf).unwrap();
+                let now = g.time();
+                let from = sim_addr(NodeId::receiver(i));
+                g.sender_mut()
+                    .core
+                    .handle_overflow(now, from, &frame, &o, &Untagged);
+            }
+        }
+    }
+    let cuts = g.sender().core.stats().rate_cuts;
+    (run(&mut g), cuts)
+}
+
+#[test]
+fn pacing_follows_receivers_that_overflow_and_repairs_less() {
+    let (fixed, no_cuts) = run_bottlenecked(false, [Some(56_000_000); 4]);
+    let (paced, cuts) = run_bottlenecked(true, [Some(56_000_000); 4]);
+    std::println!(
+        "fixed: {:.3} B/B, completed {:?}; paced: {:.3} B/B, completed {:?}, {cuts} cuts, rate {}",
+        fixed.wire_ratio,
+        fixed.completed,
+        paced.wire_ratio,
+        paced.completed,
+        paced.stats.rate
+    );
+    assert_eq!(no_cuts, 0);
+    // At a fixed pace every receiver loses some 30% of the first pass and is demoted.
+    assert!(fixed.completed.is_empty(), "{fixed:?}");
+    assert!(cuts > 0);
+    assert_eq!(paced.completed.len(), 4, "{paced:?}");
+    assert!(paced.byte_identical);
+    assert!(
+        paced.wire_ratio < fixed.wire_ratio,
+        "{} against {}",
+        paced.wire_ratio,
+        fixed.wire_ratio
+    );
+}
+
+#[test]
+fn a_receiver_that_overflows_even_at_the_floor_is_demoted_and_the_others_finish() {
+    // Receiver 0 takes 2 Mbit/s (250 kB/s), under the floor (5% of 10 MB/s).
+    let (o, cuts) = run_bottlenecked(true, [Some(2_000_000), None, None, None]);
+    std::println!(
+        "{cuts} cuts, rate {}, completed {:?}, unfinished {:?}, last at {:?}",
+        o.stats.rate,
+        o.completed,
+        o.unfinished,
+        o.last_complete
+    );
+    assert!(cuts > 0);
+    assert_eq!(o.unfinished, [device(0)], "{o:?}");
+    assert_eq!(o.completed.len(), 3);
+    assert_eq!(o.stats.demoted, 1);
+    // Cut while it counted (0.57 s here, against 0.21 s for the pass at the full rate), not
+    // held at the floor to the end: the rate was climbing back when the others finished.
+    assert!(o.last_complete < Instant::ZERO + Duration::from_secs(1));
+    assert!(o.stats.rate > 1_000_000);
+}

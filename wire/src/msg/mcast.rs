@@ -197,6 +197,41 @@ impl Probe {
     }
 }
 
+/// `Overflow`: the kernel dropped datagrams on a receiver's group socket (agent → gateway,
+/// datagram, tagged under the device's NACK key like a [`Nack`]). The sender paces down when a
+/// receiver that is not demoted reports new drops (`mcast/sender/pacing.rs`), instead of
+/// losing the same datagrams at every receiver whose socket cannot keep up.
+///
+/// Fields: `session u32`, `device_id varint64`, `drops varint64`: the socket's cumulative
+/// drop count for this task (`SO_RXQ_OVFL`), over every socket the device opened for it. It
+/// only grows, so it is its own freshness counter: a report not above the last one accepted
+/// (a replay, a duplicate, a reordered one) says nothing new and moves nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct Overflow {
+    /// The multicast session.
+    pub session: u32,
+    /// The reporting device.
+    pub device_id: u64,
+    /// Datagrams the kernel dropped on the device's group socket for this task, so far.
+    pub drops: u64,
+}
+
+impl Overflow {
+    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        s.u32(self.session)?;
+        s.varint64(self.device_id)?;
+        s.varint64(self.drops)
+    }
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(Overflow {
+            session: r.u32()?,
+            device_id: r.varint64()?,
+            drops: r.varint64()?,
+        })
+    }
+}
+
 wire_enum! {
     /// How a transfer ended on a receiver.
     Outcome { Verified = 0, DigestMismatch = 1, WriteFailed = 2, Aborted = 3 }

@@ -41,8 +41,8 @@ pub use control::{
     Welcome,
 };
 pub use mcast::{
-    Announce, Completion, Nack, Outcome, Parity, ParityHeader, Probe, TaskAnswer, TaskAsk,
-    TaskVerdict, TransferState, TransferStatus, COOKIE_LEN, PARITY_PREFIX_LEN,
+    Announce, Completion, Nack, Outcome, Overflow, Parity, ParityHeader, Probe, TaskAnswer,
+    TaskAsk, TaskVerdict, TransferState, TransferStatus, COOKIE_LEN, PARITY_PREFIX_LEN,
 };
 pub use report::{Attached, AttachedKind, PackageManager, Target};
 
@@ -72,6 +72,7 @@ pub enum Message<'a> {
     Probe(Probe),
     TaskAsk(TaskAsk),
     TaskAnswer(TaskAnswer),
+    Overflow(Overflow),
     Close(Close<'a>),
 }
 
@@ -100,6 +101,7 @@ impl<'a> Message<'a> {
             Message::Probe(_) => Kind::Probe,
             Message::TaskAsk(_) => Kind::TaskAsk,
             Message::TaskAnswer(_) => Kind::TaskAnswer,
+            Message::Overflow(_) => Kind::Overflow,
             Message::Close(_) => Kind::Close,
         }
     }
@@ -134,6 +136,7 @@ impl<'a> Message<'a> {
             Message::Probe(m) => m.encode(s),
             Message::TaskAsk(m) => m.encode(s),
             Message::TaskAnswer(m) => m.encode(s),
+            Message::Overflow(m) => m.encode(s),
             Message::Close(m) => m.encode(s),
         }
     }
@@ -167,6 +170,7 @@ impl<'a> Message<'a> {
             Kind::Probe => Message::Probe(Probe::decode(r)?),
             Kind::TaskAsk => Message::TaskAsk(TaskAsk::decode(r)?),
             Kind::TaskAnswer => Message::TaskAnswer(TaskAnswer::decode(r)?),
+            Kind::Overflow => Message::Overflow(Overflow::decode(r)?),
             Kind::Close => Message::Close(Close::decode(r)?),
         };
         r.clone().finish()?;

@@ -262,6 +262,11 @@ pub fn all() -> Vec<Message<'static>> {
             task_id: 3,
             verdict: TaskVerdict::Serving,
         }),
+        Message::Overflow(Overflow {
+            session: 0xCAFE,
+            device_id: 42,
+            drops: 1500,
+        }),
         Message::Close(Close {
             code: CloseCode::REVOKED,
             reason: "device revoked by operator".into(),

@@ -291,6 +291,7 @@ fn owned(m: Message<'_>) -> Option<Message<'static>> {
         Message::Probe(m) => Message::Probe(m),
         Message::TaskAsk(m) => Message::TaskAsk(m),
         Message::TaskAnswer(m) => Message::TaskAnswer(m),
+        Message::Overflow(m) => Message::Overflow(m),
     })
 }
 

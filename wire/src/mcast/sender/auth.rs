@@ -110,6 +110,8 @@ impl McastSender {
         let Some(rx) = self.receivers.get_mut(&device) else {
             return false;
         };
+        // A new key is a new agent or transfer: its drop count starts over.
+        rx.drops = 0;
         let a = &mut rx.auth;
         a.key = key;
         a.seq = 0;
@@ -180,13 +182,7 @@ impl McastSender {
             };
         }
         // The tag first: a forged NACK must not move the device's sequence.
-        let (Some(key), Some(tag)) = (rx.auth.key, frame.tag) else {
-            return Err(NackVerdict::Forged);
-        };
-        let (h8, body) = frame.mac_input();
-        if !tags_equal(&mac.tag(&key, h8, body), tag) {
-            return Err(NackVerdict::Forged);
-        }
+        self.verify_tag(nack.device_id, frame, mac)?;
         if nack.seq <= rx.auth.seq {
             return Err(NackVerdict::Replayed);
         }
@@ -195,6 +191,31 @@ impl McastSender {
             .echo
             .is_some_and(|c| self.cookie(mac, nack.device_id, from) == Some(c));
         Ok(on_session_ip || echoed)
+    }
+
+    /// Whether `frame` carries a valid tag under `device`'s own key (always, with
+    /// `nack_auth` off: untagged feedback, its source trusted).
+    pub(super) fn verify_tag(
+        &self,
+        device: u64,
+        frame: &Frame<'_>,
+        mac: &dyn NackMac,
+    ) -> Result<(), NackVerdict> {
+        let rx = self
+            .receivers
+            .get(&device)
+            .ok_or(NackVerdict::UnknownDevice)?;
+        if !self.config.nack_auth {
+            return Ok(());
+        }
+        let (Some(key), Some(tag)) = (rx.auth.key, frame.tag) else {
+            return Err(NackVerdict::Forged);
+        };
+        let (h8, body) = frame.mac_input();
+        if !tags_equal(&mac.tag(&key, h8, body), tag) {
+            return Err(NackVerdict::Forged);
+        }
+        Ok(())
     }
 
     /// An authenticated, new NACK from `from`: its sequence is the device's latest; a proven
