@@ -120,6 +120,7 @@ use core::fmt;
 
 use crate::ranges::{BlockRange, Ranges};
 
+pub mod digest;
 pub mod fec;
 mod plan;
 mod receiver;
