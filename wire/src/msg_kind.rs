@@ -48,13 +48,15 @@ pub enum Kind {
     TaskAsk = 0x28,
     /// [`crate::TaskAnswer`]: the gateway's answer to a `TaskAsk`, from the task table
     TaskAnswer = 0x29,
+    /// [`crate::Manifest`]: block digests and their Merkle path (version 5)
+    Manifest = 0x2A,
     /// [`crate::Close`]
     Close = 0x3F,
 }
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 22] = [
+    pub const ALL: [Kind; 23] = [
         Kind::Hello,
         Kind::Welcome,
         Kind::Heartbeat,
@@ -76,6 +78,7 @@ impl Kind {
         Kind::Probe,
         Kind::TaskAsk,
         Kind::TaskAnswer,
+        Kind::Manifest,
         Kind::Close,
     ];
 
