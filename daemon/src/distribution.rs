@@ -29,12 +29,13 @@
 //!
 //! # Invariants
 //! - The session id of task `t` is `t as u32`; NACKs and blocks name it.
-//! - With authentication on (always, here), every block carries a 16-byte HMAC-SHA256 tag
-//!   under the task's key. A NACK counts only with a valid tag under the named device's own
+//! - Blocks, repairs and parity carry no tag: receivers check each block against its digest
+//!   in a manifest the announce's Merkle root vouches for (`digests.rs`). A NACK counts only with a valid tag under the named device's own
 //!   key (a new one with every announce to it) and a sequence above the device's last
 //!   accepted one; the sender cores check both (`nack.rs`).
-//! - A block the kernel refused with `EAGAIN` is kept in the task's backlog and sent first on
-//!   the next turn, so pacing never turns into silent loss at the sender.
+//! - A datagram the kernel refused with `EAGAIN` (block, symbol or manifest) is kept in the
+//!   task's backlog and sent first on the next turn, so pacing never turns into silent loss
+//!   at the sender.
 //! - The task key is derived from a per-process secret and the task id, so every announce of
 //!   one process names the same key; a restarted gateway announces a new one. Device NACK
 //!   keys and the probe-cookie key are derived from the same secret, and never leave the
@@ -300,7 +301,10 @@ pub struct Distribution {
     core: McastTask,
     /// The task's NACK keys (per device, per announce) and probe-cookie key.
     nack_keys: NackKeys,
-    backlog: VecDeque<Transmit>,
+    /// Datagrams the kernel refused with `EAGAIN`, in order, sent first next time.
+    backlog: VecDeque<Queued>,
+    /// Bytes of the manifest datagrams sent (the sender core counts only blocks and parity).
+    manifest_bytes: u64,
     /// Parity of the groups being repaired by FEC.
     fec: FecCache,
     /// Unicast repairs dropped because the device's address was unknown.
@@ -378,6 +382,7 @@ impl Distribution {
             core,
             nack_keys,
             backlog: VecDeque::new(),
+            manifest_bytes: 0,
             fec: FecCache::default(),
             no_addr: 0,
             deferred: 0,
@@ -529,7 +534,7 @@ pub struct McastTotals {
 impl McastTotals {
     fn add(&mut self, d: &Distribution) {
         let st = d.stats();
-        self.bytes += st.bytes;
+        self.bytes += st.bytes + d.manifest_bytes;
         self.goodput_bytes +=
             (st.first_pass_blocks * u64::from(d.block_size)).min(d.map.len as u64);
         self.first_pass_blocks += st.first_pass_blocks;
@@ -758,7 +763,7 @@ impl Distributor {
     }
 
     /// The block size of a push that names none: one that fills a frame of `mcast.addr`'s
-    /// interface (1,436 bytes at MTU 1,500), or 1,400 when the interface or its MTU is unknown.
+    /// interface (1,452 bytes at MTU 1,500), or 1,400 when the interface or its MTU is unknown.
     pub fn default_block_size(&self) -> u32 {
         self.iface
             .as_ref()
@@ -1321,16 +1326,28 @@ enum Out<'a> {
         dest: SocketAddrV4,
     },
     Manifest {
+        m: u32,
         buf: usize,
         dest: SocketAddrV4,
     },
 }
 
-/// Sends the backlog, then what the task core releases, in `sendmmsg` batches; blocks the
-/// kernel refuses with `EAGAIN` go back to the backlog. Each datagram is preceded by the
-/// manifests the task's schedule says are due (`mcast::digest::ManifestSchedule`); a
-/// manifest the kernel refuses is not kept (lost like network loss: the schedule's next
-/// copy goes with the next block or repair of it).
+/// A datagram the kernel refused with `EAGAIN`, kept for the next turn as the batch had it:
+/// a block or parity symbol, or a manifest and where it was going. A kept block is not put to
+/// the manifest schedule again (its manifests are kept with it), so a refused datagram costs
+/// no extra manifest and a refused manifest is not lost.
+#[derive(Debug, Clone, Copy)]
+enum Queued {
+    Item(Transmit),
+    Manifest(u32, SocketAddrV4),
+}
+
+/// Sends the backlog, then what the task core releases, in `sendmmsg` batches; datagrams the
+/// kernel refuses with `EAGAIN` go back to the backlog, manifests included (measured:
+/// dropping refused manifests, at the push's full rate with 1% loss, left receivers holding
+/// up to 1,600 blocks each for manifests that never came before their repairs). Each new
+/// datagram is preceded by the manifests the task's schedule says are due
+/// (`mcast::digest::ManifestSchedule`), asked once per datagram.
 /// Catch-up senders draw from the shared `budget` on top of their own pacing.
 fn send_all(
     fd: i32,
@@ -1343,20 +1360,27 @@ fn send_all(
     let mut scratch = Vec::new();
     let mut due: Vec<u32> = Vec::new();
     loop {
-        let items = next_batch(d, now, budget);
-        if items.is_empty() {
+        let (batch, kept) = next_batch(d, now, budget);
+        if batch.is_empty() {
             return;
         }
         // Parity symbols come from the group's encoding (computed once per group, kept for
         // the few groups being repaired).
-        for t in &items {
-            if let Transmit::Parity(p) = t {
+        for q in &batch {
+            if let Queued::Item(Transmit::Parity(p)) = q {
                 d.fec.encode_group(&d.map, d.block_size, p);
             }
         }
         let mut out: Vec<Out<'_>> = Vec::with_capacity(2 * BATCH);
-        let mut n_man = 0;
-        for t in &items {
+        let mut bufs = (&mut manifests, &mut scratch, 0usize);
+        for (i, q) in batch.iter().enumerate() {
+            let t = match *q {
+                Queued::Manifest(m, dest) => {
+                    push_manifest(&d.digests, d.session, (m, dest), &mut bufs, &mut out);
+                    continue;
+                }
+                Queued::Item(t) => t,
+            };
             let dest = match t {
                 Transmit::Block(b) => match b.dest {
                     Dest::Group => group,
@@ -1370,28 +1394,20 @@ fn send_all(
                 },
                 Transmit::Parity(_) => group,
             };
-            let Some(item) = prepare((&d.map, &d.fec), (d.session, d.block_size), t, dest) else {
+            let Some(item) = prepare((&d.map, &d.fec), (d.session, d.block_size), &t, dest) else {
                 continue;
             };
-            due.clear();
-            match t {
-                Transmit::Block(b) => due.extend(d.manifests.for_block(now, b.dest, b.block)),
-                Transmit::Parity(p) => {
-                    let span = p.first_block..p.first_block.saturating_add(p.blocks);
-                    d.manifests.for_span(now, span, &mut due);
+            if i >= kept {
+                due.clear();
+                match t {
+                    Transmit::Block(b) => d.manifests.for_block(now, b.dest, b.block, &mut due),
+                    Transmit::Parity(p) => {
+                        let span = p.first_block..p.first_block.saturating_add(p.blocks);
+                        d.manifests.for_span(now, span, &mut due);
+                    }
                 }
-            }
-            for &m in &due {
-                if n_man == manifests.len() {
-                    manifests.push(Vec::new());
-                }
-                let buf = &mut manifests[n_man];
-                if d.digests
-                    .manifest_datagram(d.session, m, &mut scratch, buf)
-                    .is_some()
-                {
-                    out.push(Out::Manifest { buf: n_man, dest });
-                    n_man += 1;
+                for &m in &due {
+                    push_manifest(&d.digests, d.session, (m, dest), &mut bufs, &mut out);
                 }
             }
             out.push(item);
@@ -1408,7 +1424,7 @@ fn send_all(
                     dest,
                     ..
                 } => (*dest, &mut prefix[..*prefix_len], payload),
-                Out::Manifest { buf, dest } => (*dest, &mut manifests[*buf][..], &[]),
+                Out::Manifest { buf, dest, .. } => (*dest, &mut manifests[*buf][..], &[]),
             };
             addrs.push(sockaddr(dest));
             iovs.push([
@@ -1433,19 +1449,49 @@ fn send_all(
         }
         let (sent, errors) = sendmmsg_batch(fd, &mut hdrs);
         d.send_errors += errors;
+        d.manifest_bytes += iovs[..sent]
+            .iter()
+            .zip(&out)
+            .filter(|(_, o)| matches!(o, Out::Manifest { .. }))
+            .map(|(v, _)| v[0].iov_len as u64)
+            .sum::<u64>();
         if sent < n {
             // A full socket buffer or device queue: keep the rest for the next turn.
             d.deferred += (n - sent) as u64;
             for o in out[sent..].iter().rev() {
-                if let Out::Item { t, .. } = o {
-                    d.backlog.push_front(*t);
-                }
+                d.backlog.push_front(match o {
+                    Out::Item { t, .. } => Queued::Item(*t),
+                    Out::Manifest { m, dest, .. } => Queued::Manifest(*m, *dest),
+                });
             }
             return;
         }
-        if items.len() < BATCH {
+        if batch.len() < BATCH {
             return;
         }
+    }
+}
+
+/// Builds manifest `m` for `dest` into the batch's next manifest buffer (`bufs`: the buffers,
+/// grown as needed and reused across batches, a scratch buffer, and how many are in use) and
+/// appends it to `out`.
+fn push_manifest(
+    digests: &BlockDigests,
+    session: u32,
+    (m, dest): (u32, SocketAddrV4),
+    (manifests, scratch, used): &mut (&mut Vec<Vec<u8>>, &mut Vec<u8>, usize),
+    out: &mut Vec<Out<'_>>,
+) {
+    if *used == manifests.len() {
+        manifests.push(Vec::new());
+    }
+    let buf = *used;
+    if digests
+        .manifest_datagram(session, m, scratch, &mut manifests[buf])
+        .is_some()
+    {
+        *used += 1;
+        out.push(Out::Manifest { m, buf, dest });
     }
 }
 
@@ -1494,24 +1540,30 @@ fn prepare<'a>(
     })
 }
 
-/// Up to [`BATCH`] transmits: the backlog first, then the group's, then the catch-up
-/// senders' in turn while the shared budget allows.
-fn next_batch(d: &mut Distribution, now: Instant, budget: &mut CatchUpBudget) -> Vec<Transmit> {
-    let mut items: Vec<Transmit> = Vec::with_capacity(BATCH);
-    while items.len() < BATCH {
+/// Up to [`BATCH`] datagrams: the backlog first, then the group's transmits, then the
+/// catch-up senders' in turn while the shared budget allows. Also returns how many came from
+/// the backlog (scheduled already).
+fn next_batch(
+    d: &mut Distribution,
+    now: Instant,
+    budget: &mut CatchUpBudget,
+) -> (Vec<Queued>, usize) {
+    let mut batch: Vec<Queued> = Vec::with_capacity(BATCH);
+    while batch.len() < BATCH {
         match d.backlog.pop_front() {
-            Some(b) => items.push(b),
+            Some(q) => batch.push(q),
             None => break,
         }
     }
+    let kept = batch.len();
     // The group first, then the catch-up senders in turn while the budget allows.
-    while items.len() < BATCH {
+    while batch.len() < BATCH {
         match d.core.poll_transmit(now, budget) {
-            Some(t) => items.push(t),
+            Some(t) => batch.push(Queued::Item(t)),
             None => break,
         }
     }
-    items
+    (batch, kept)
 }
 
 /// Hands `hdrs` to `sendmmsg` until every datagram is through or the kernel pushes back

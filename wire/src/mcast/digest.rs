@@ -40,7 +40,7 @@ pub const DIGEST_LEN: usize = 16;
 pub const NODE_LEN: usize = 32;
 /// Most block digests one manifest carries. It bounds how many blocks a receiver may have to
 /// hold while their manifest is missing (at MTU 9000, 128 blocks of 8,936 bytes: 1.1 MiB); at
-/// MTU 1500 the datagram is the tighter bound (64 digests for files up to 4 GiB).
+/// MTU 1500 the datagram is the tighter bound (70 digests for 64 MiB, 58 for 4 GiB).
 pub const MAX_PER_MANIFEST: u32 = 128;
 /// Most Merkle path entries a manifest may carry: 2³² blocks in manifests of one need 32.
 pub const MAX_PATH: usize = 32;
@@ -50,12 +50,14 @@ pub const MANIFEST_FIXED: usize = 4 + 4 + 2 + 1;
 /// is never larger than a data datagram of the same task otherwise).
 const MIN_MANIFEST_ROOM: usize = 1024;
 /// Default bound of [`DigestBook`]'s buffer of blocks waiting for their manifest: about two
-/// manifests of jumbo blocks, 23 of Ethernet-MTU blocks.
+/// manifests of jumbo blocks, 20 of Ethernet-MTU blocks.
 pub const DEFAULT_PENDING_BYTES: usize = 2 << 20;
-/// How far past the highest manifest verified so far a block may be held while its
-/// manifest is missing. In a first pass manifests go out ahead of their blocks, so a block
-/// whose manifest is missing is nearly always in the next one or two (its copies were lost):
-/// holding only those keeps a forger's junk for the rest of the file out of the buffer.
+/// The least distance past the highest manifest verified so far at which a block may be held
+/// while its manifest is missing (the window is as many manifests as the buffer holds
+/// whole, when that is more). In a first pass manifests go out ahead of their blocks, so a
+/// block whose manifest is missing is nearly always just past the highest verified (its
+/// copies were lost): holding only those keeps a forger's junk for the rest of the file out
+/// of the buffer.
 pub const PENDING_WINDOW: u32 = 2;
 /// How often a manifest is sent again to one destination alongside repairs of its blocks.
 pub const DEFAULT_MANIFEST_REPEAT: Duration = Duration::from_millis(200);
@@ -307,26 +309,49 @@ impl MerkleTree {
 }
 
 /// When the sender sends a manifest (the gateway's driver asks before every block and
-/// parity symbol it sends; the schedule says which manifest goes first, to the same
+/// parity symbol it sends; the schedule says which manifests go first, to the same
 /// destination):
-/// - to the group, the first time any of its blocks goes out (ahead of them), and a second
-///   time once half its blocks have followed, so one lost copy costs a receiver at most the
-///   half of the blocks it then holds in its buffer, not the blocks themselves;
+/// - to the group in the first pass, twice before its blocks: a first copy one manifest-span
+///   ahead (just before the first block of the previous manifest), a second just before its
+///   own first block (manifest 0, which has no span ahead of it, gets its second copy after
+///   half its blocks). A receiver whose socket overflows loses a run of datagrams; with the
+///   two copies a span apart one run rarely takes both before the blocks arrive (measured:
+///   copies half a span apart, the second after the blocks had started, left receivers
+///   holding or dropping whole manifests' blocks at 1% loss);
+/// - with the first repair or parity symbol over it after the first pass, always: a
+///   receiver that lost both copies holds its blocks, or had to drop them, and NACKs them as
+///   missing; the rate limit would otherwise keep the manifest from the very repair that
+///   asks for it;
 /// - after that, and to each unicast destination, with a block of it at most once per
-///   [`ManifestSchedule::repeat`]: repairs carry their manifest, rate-limited.
+///   [`ManifestSchedule::repeat`].
 ///
-/// Parity symbols ask for every manifest of their group ([`ManifestSchedule::for_span`]),
-/// rate-limited the same way, so a receiver whose manifest copies were all lost gets one
-/// with the parity that rebuilds its blocks.
+/// Every decision is made once per datagram: the driver keeps what the kernel refused with
+/// its manifests (it does not ask again), and a block behind the first pass's frontier is a
+/// repair.
 #[derive(Debug, Clone)]
 pub struct ManifestSchedule {
     geom: ManifestGeometry,
     repeat: Duration,
-    /// Per manifest: copies sent to the group in the first pass, blocks of it sent to the
-    /// group since the first copy, and when it last went to the group.
-    group: Vec<(u8, u32, Option<Instant>)>,
+    /// One past the highest block sent to the group so far: blocks below it are repairs.
+    frontier: u32,
+    /// Per manifest, to the group.
+    group: Vec<GroupCopies>,
     /// Per unicast device, when each manifest last went to it.
     unicast: alloc::collections::BTreeMap<u64, Vec<Option<Instant>>>,
+}
+
+/// What the group got of one manifest.
+#[derive(Debug, Clone, Copy, Default)]
+struct GroupCopies {
+    /// First-pass copies sent (0 to 2).
+    copies: u8,
+    /// Whether the first copy went a span ahead of the blocks (then the second goes with the
+    /// first block; else after half of them).
+    ahead: bool,
+    /// Whether a copy went with a repair or parity already.
+    repaired: bool,
+    /// When it last went to the group.
+    last: Option<Instant>,
 }
 
 impl ManifestSchedule {
@@ -335,7 +360,8 @@ impl ManifestSchedule {
         ManifestSchedule {
             geom,
             repeat,
-            group: vec![(0, 0, None); geom.n_manifests() as usize],
+            frontier: 0,
+            group: vec![GroupCopies::default(); geom.n_manifests() as usize],
             unicast: alloc::collections::BTreeMap::new(),
         }
     }
@@ -346,52 +372,83 @@ impl ManifestSchedule {
         self.repeat
     }
 
-    /// The manifest to send to `dest` just before `block`, if one is due.
-    pub fn for_block(&mut self, now: Instant, dest: Dest, block: u32) -> Option<u32> {
+    /// The manifests to send to `dest` just before `block`, in order (appended to `out`).
+    pub fn for_block(&mut self, now: Instant, dest: Dest, block: u32, out: &mut Vec<u32>) {
         if block >= self.geom.n_blocks() {
-            return None;
+            return;
         }
         let m = self.geom.manifest_of(block);
-        let half = self.geom.blocks_of(m).len().div_ceil(2) as u32;
         match dest {
-            Dest::Group => {
-                let repeat = self.repeat;
-                let (copies, since, last) = self.group.get_mut(m as usize)?;
-                let due = match *copies {
+            Dest::Group if block >= self.frontier => {
+                self.frontier = block + 1;
+                let start = self.geom.blocks_of(m).start;
+                let half = self.geom.blocks_of(m).len().div_ceil(2) as u32;
+                let c = &mut self.group[m as usize];
+                let due = match c.copies {
                     0 => true,
-                    1 => {
-                        *since += 1;
-                        *since >= half.max(2) || last.is_some_and(|t| now >= t + repeat)
-                    }
-                    _ => last.is_none_or(|t| now >= t + repeat),
+                    1 if c.ahead => true,
+                    1 => block - start >= half,
+                    _ => false,
                 };
                 if due {
-                    *copies = copies.saturating_add(1);
-                    *last = Some(now);
+                    c.copies += 1;
+                    c.last = Some(now);
+                    out.push(m);
                 }
-                due.then_some(m)
+                // The next manifest's first copy, a span ahead of its blocks.
+                if let Some(next) = self.group.get_mut(m as usize + 1) {
+                    if next.copies == 0 {
+                        *next = GroupCopies {
+                            copies: 1,
+                            ahead: true,
+                            repaired: false,
+                            last: Some(now),
+                        };
+                        out.push(m + 1);
+                    }
+                }
             }
-            Dest::Unicast(dev) => self.unicast_due(now, dev, m).then_some(m),
+            Dest::Group => {
+                if self.repair_due(now, m) {
+                    out.push(m);
+                }
+            }
+            Dest::Unicast(dev) => {
+                if self.unicast_due(now, dev, m) {
+                    out.push(m);
+                }
+            }
         }
     }
 
-    /// The manifests of blocks `span` to send to the group with a parity symbol over them:
-    /// each at most once per [`ManifestSchedule::repeat`]. Appends to `out`.
+    /// The manifests of blocks `span` to send to the group with a parity symbol over them
+    /// (a repair of each, for the schedule). Appends to `out`.
     pub fn for_span(&mut self, now: Instant, span: Range<u32>, out: &mut Vec<u32>) {
         if span.is_empty() || span.start >= self.geom.n_blocks() {
             return;
         }
         let last_block = span.end.min(self.geom.n_blocks()) - 1;
         for m in self.geom.manifest_of(span.start)..=self.geom.manifest_of(last_block) {
-            let Some((copies, _, last)) = self.group.get_mut(m as usize) else {
-                continue;
-            };
-            if last.is_none_or(|t| now >= t + self.repeat) {
-                *copies = copies.saturating_add(1).max(2);
-                *last = Some(now);
+            if self.repair_due(now, m) {
                 out.push(m);
             }
         }
+    }
+
+    /// Whether manifest `m` goes with a repair to the group now: the first time always,
+    /// then at most once per `repeat`.
+    fn repair_due(&mut self, now: Instant, m: u32) -> bool {
+        let repeat = self.repeat;
+        let Some(c) = self.group.get_mut(m as usize) else {
+            return false;
+        };
+        let due = !c.repaired || c.last.is_none_or(|t| now >= t + repeat);
+        if due {
+            c.repaired = true;
+            c.copies = c.copies.max(2);
+            c.last = Some(now);
+        }
+        due
     }
 
     fn unicast_due(&mut self, now: Instant, dev: u64, m: u32) -> bool {
@@ -559,14 +616,31 @@ impl DigestBook {
     }
 
     /// Keeps a copy of block `block` (whose manifest is missing) until its manifest
-    /// arrives, if the buffer has room and the manifest is within [`PENDING_WINDOW`] of the
-    /// highest verified one. Returns whether it was kept; a block not kept is simply not
-    /// received (the receiver core NACKs it in due time).
+    /// arrives, if the buffer has room and the manifest is within the window (see
+    /// [`PENDING_WINDOW`]) past the highest verified one. Returns whether it is kept (an
+    /// identical copy held already counts); a block not kept is simply not received (the
+    /// receiver core NACKs it in due time).
     pub fn hold(&mut self, block: u32, payload: &[u8]) -> bool {
         let m = self.geom.manifest_of(block);
+        // As many manifests past the highest verified as the buffer could hold whole, at
+        // least [`PENDING_WINDOW`]: a receiver whose socket overflowed loses a run of
+        // manifests with their blocks, and the blocks after the run must still be held
+        // until their manifest's second copy (measured: a window of 2 dropped up to 128
+        // blocks per receiver in a 64 MiB push at 1% loss).
+        let whole = (self.geom.per_manifest() as usize).saturating_mul(payload.len().max(1));
+        let window = PENDING_WINDOW.max((self.limit / whole.max(1)) as u32);
         let near = self
             .highest
-            .map_or(m < PENDING_WINDOW, |x| m <= x + PENDING_WINDOW);
+            .map_or(m < window, |x| m <= x.saturating_add(window));
+        // The same copy again (a repair of a held block) takes no more room; a different
+        // one is another candidate (either may be forged: both wait for the manifest).
+        if self
+            .held
+            .iter()
+            .any(|(b, p)| *b == block && p[..] == *payload)
+        {
+            return true;
+        }
         if block >= self.geom.n_blocks()
             || !near
             || self.state.get(m as usize) != Some(&0)
@@ -700,7 +774,8 @@ mod tests {
 
     #[test]
     fn the_chosen_manifest_fits_a_data_datagram() {
-        // MTU 1500 blocks (1,436 bytes): 64 digests up to a few GiB, fewer for larger files.
+        // Blocks of 1,436 bytes (MTU 1500 before version 5): 64 digests up to a few GiB,
+        // fewer for larger files.
         for (blocks, bs) in [
             (1u32, 1436u32),
             (4_700, 1436),
@@ -730,6 +805,12 @@ mod tests {
                 .per_manifest(),
             128
         );
+        // The figures docs/wire.md gives for MTU 1500's blocks of 1,452 bytes.
+        let per = |bytes: u64| {
+            let n = bytes.div_ceil(1452) as u32;
+            ManifestGeometry::choose(n, 1452).unwrap().per_manifest()
+        };
+        assert_eq!((per(64 << 20), per(4 << 30)), (70, 58));
         assert_eq!(ManifestGeometry::new(10, 0), Err(DigestError::Geometry));
     }
 
@@ -818,34 +899,48 @@ mod tests {
     }
 
     #[test]
-    fn manifests_go_ahead_of_their_blocks_twice_then_rate_limited() {
+    fn manifests_go_a_span_ahead_of_their_blocks_twice_then_with_the_first_repair() {
         let geom = ManifestGeometry::new(20, 8).unwrap();
         let mut s = ManifestSchedule::new(geom, Duration::from_millis(200));
         let t0 = Instant::ZERO;
-        let sent: Vec<Option<u32>> = (0..20).map(|b| s.for_block(t0, Dest::Group, b)).collect();
-        // Manifest 0 before block 0 and again after 4 of its 8 blocks; the last (4 blocks)
-        // after 2.
-        assert_eq!(sent[0], Some(0));
-        assert_eq!(sent[4], Some(0));
-        assert_eq!(sent[8], Some(1));
-        assert_eq!(sent[12], Some(1));
-        assert_eq!(sent[16], Some(2));
-        assert_eq!(sent[18], Some(2));
+        let sent: Vec<Vec<u32>> = (0..20)
+            .map(|b| {
+                let mut out = Vec::new();
+                s.for_block(t0, Dest::Group, b, &mut out);
+                out
+            })
+            .collect();
+        // Manifest 0 before block 0 and after 4 of its 8 blocks; manifest 1's first copy
+        // with block 0 (a span ahead), its second before block 8, with manifest 2's first.
+        assert_eq!(sent[0], [0, 1]);
+        assert_eq!(sent[4], [0]);
+        assert_eq!(sent[8], [1, 2]);
+        assert_eq!(sent[16], [2]);
         assert_eq!(sent.iter().flatten().count(), 6);
-        // A repair of block 3 right after: no third copy yet; 200 ms later, one.
-        assert_eq!(s.for_block(t0, Dest::Group, 3), None);
-        let later = t0 + Duration::from_millis(200);
-        assert_eq!(s.for_block(later, Dest::Group, 3), Some(0));
-        assert_eq!(s.for_block(later, Dest::Group, 2), None);
-        // Unicast: per device, rate-limited.
-        assert_eq!(s.for_block(t0, Dest::Unicast(7), 9), Some(1));
-        assert_eq!(s.for_block(t0, Dest::Unicast(7), 10), None);
-        assert_eq!(s.for_block(t0, Dest::Unicast(8), 10), Some(1));
-        // Parity over blocks 0..20 asks for the manifests not sent in the last 200 ms.
+        // The first repair of block 3 carries manifest 0 at once, the next one 200 ms later.
         let mut out = Vec::new();
+        s.for_block(t0, Dest::Group, 3, &mut out);
+        assert_eq!(out, [0]);
+        s.for_block(t0, Dest::Group, 2, &mut out);
+        assert_eq!(out, [0], "rate-limited");
+        let later = t0 + Duration::from_millis(200);
+        s.for_block(later, Dest::Group, 3, &mut out);
+        assert_eq!(out, [0, 0]);
+        // Unicast: per device, rate-limited.
+        out.clear();
+        s.for_block(t0, Dest::Unicast(7), 9, &mut out);
+        s.for_block(t0, Dest::Unicast(7), 10, &mut out);
+        s.for_block(t0, Dest::Unicast(8), 10, &mut out);
+        assert_eq!(out, [1, 1]);
+        // Parity over blocks 0..20: manifests 1 and 2 (never repaired) at once; manifest 0
+        // (repaired at `later`) not yet.
+        out.clear();
         s.for_span(later, 0..20, &mut out);
         assert_eq!(out, [1, 2]);
-        assert_eq!(s.for_block(t0, Dest::Group, 99), None);
+        s.for_span(later, 0..20, &mut out);
+        assert_eq!(out, [1, 2]);
+        s.for_block(t0, Dest::Group, 99, &mut out);
+        assert_eq!(out, [1, 2]);
     }
     /// A group rebuilt from a forged symbol is taken back: its rebuilt blocks are missing
     /// again (and NACKed), and a completion the decode reported is withdrawn.
