@@ -844,12 +844,14 @@ impl Agent {
             None => {}
         }
         if let Some(t) = self.transfers.get(&a.task_id) {
-            if t.key() == a.auth_key {
-                // Already receiving; a new announce (session) brings a new NACK key.
+            if t.digests() == a.digests {
+                // Already receiving; a new announce (session) brings a new NACK key. A gateway
+                // that restarted computes the same root from the same file: the transfer goes
+                // on (before version 5 its new data key made it restart from the record).
                 t.set_nack_key(a.nack_key);
                 return;
             }
-            // A new key (the gateway restarted): restart from the persisted record.
+            // Another root (the file or its block size changed): restart from the record.
             if let Some(t) = self.transfers.remove(&a.task_id) {
                 t.stop();
             }

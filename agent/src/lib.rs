@@ -32,3 +32,4 @@ pub mod target;
 pub mod tls;
 pub mod transfer;
 pub mod update;
+mod verify;

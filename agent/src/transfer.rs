@@ -1,7 +1,8 @@
 //! One multicast download on a worker thread: UDP socket joined to the announced group,
-//! blocks checked (CRC by the parser, session, tag, length) and written in place with
-//! `pwrite`, the sans-IO [`McastReceiver`] driven on the worker's clock, NACKs sent to the
-//! gateway, progress persisted, digest verified, file renamed into place.
+//! blocks checked (CRC by the parser, session, length, then their digest in a manifest the
+//! announce's Merkle root vouches for: `verify.rs`) and written in place with `pwrite`, the
+//! sans-IO [`McastReceiver`] driven on the worker's clock, NACKs sent to the gateway,
+//! progress persisted, file renamed into place.
 //!
 //! # Files (in the downloads directory)
 //! - `<name>.part`: the file being received, written at `block × block_size`.
@@ -12,23 +13,28 @@
 //!   restarted agent resumes from it instead of starting over; a record of another geometry
 //!   or digest, or one that does not decode, is ignored (the transfer starts over). A record
 //!   of the layout of before (no envelope) is read too (`legacy.rs`).
-//! - `<name>`: the verified file (renamed from `.part` only after the SHA-256 matched).
+//! - `<name>`: the verified file (renamed from `.part` once every block was verified by
+//!   digest, or, for a copy resumed from a record or an announce without digests, once the
+//!   whole file's SHA-256 matched: blocks written by an earlier run are read back once).
 //! - `.<name>.task-<id>.done`: written after the rename; a repeated announce of a finished
 //!   task re-verifies `<name>` and reports at once.
 //!
 //! # Invariants
 //! - A block is written and handed to the core only if it parsed (CRC), names this session,
-//!   carries a valid tag when the announce has a key, and has exactly the block's length.
-//!   Every other datagram is counted by its reason ([`Dropped`]) and the counts are logged
-//!   on stderr when the transfer ends (`fleetcast-agent: transfer <task>: dropped crc=N
-//!   session=N tag=N length=N malformed=N`).
+//!   has exactly the block's length and matches its digest (when the announce has a root);
+//!   a block whose manifest is missing waits in a bounded buffer until it comes. Every other
+//!   datagram is counted by its reason ([`Dropped`]) and the counts are logged on stderr
+//!   when the transfer ends (`fleetcast-agent: transfer <task>: dropped crc=N session=N
+//!   tag=N length=N malformed=N unverified=N`; `tag` counts what failed authentication: a
+//!   block or rebuilt group whose digest does not match, a manifest whose path does not
+//!   lead to the root, a probe without a valid tag).
 //! - [`Transfer::status`] reports the worker's block counts (received, total) for the
 //!   control session's periodic `TransferStatus`; the count only grows.
 //! - The worker stops within one receive timeout (at most 100 ms) of [`Transfer::stop`].
 //! - `Data` arrives on the shared group port; NACKs leave from, and `Repair`s and `Probe`s
 //!   arrive on, a unicast socket of this transfer alone.
 //! - NACKs carry a tag under this device's own NACK key (from the announce; a later announce
-//!   replaces it, [`Transfer::set_nack_key`]), never the group's data key; a `Probe` counts
+//!   replaces it, [`Transfer::set_nack_key`]); a `Probe` counts
 //!   only with a valid tag under that key, and its cookie is then echoed in the NACKs.
 
 use std::fs::{File, OpenOptions};
@@ -46,13 +52,14 @@ use fleetcast_wire::mcast::{
     OverflowReporter, ReceiverConfig, ReceiverEvent, DEFAULT_OVERFLOW_INTERVAL,
 };
 use fleetcast_wire::{
-    Announce, DataBlock, Error as WireError, Frame, Instant, Kind, McastReceiver, Message, Outcome,
-    Parity, Probe, Ranges, TransferState, TransferStatus, TAG_LEN,
+    Announce, DataBlock, DigestRoot, Error as WireError, Frame, Instant, Kind, Manifest,
+    McastReceiver, Message, Outcome, Parity, Probe, Ranges, TransferState, TransferStatus, TAG_LEN,
 };
 use ring::hmac;
 
 use crate::legacy;
 use crate::record::{self, Corrupt, TransferRecord, TRANSFER_MAGIC, TRANSFER_VERSION};
+use crate::verify::{Verdict, Verifier};
 
 /// Longest receive wait, so a stop request is seen promptly.
 const MAX_WAIT: Duration = Duration::from_millis(100);
@@ -296,7 +303,7 @@ pub struct Transfer {
     session: u32,
     rx: mpsc::Receiver<TransferDone>,
     handle: Option<JoinHandle<()>>,
-    key: Option<[u8; 32]>,
+    digests: Option<DigestRoot>,
     /// The NACK key the worker tags with (replaced by a later announce).
     nack_key: Arc<Mutex<Option<[u8; 32]>>>,
 }
@@ -332,7 +339,7 @@ impl Transfer {
         let socks = open_sockets(&spec)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
-        let key = spec.announce.auth_key;
+        let digests = spec.announce.digests;
         let nack_key = Arc::new(Mutex::new(spec.announce.nack_key));
         let worker_key = nack_key.clone();
         let (task_id, session) = (spec.announce.task_id, spec.announce.session);
@@ -361,7 +368,7 @@ impl Transfer {
             session,
             rx,
             handle: Some(handle),
-            key,
+            digests,
             nack_key,
         })
     }
@@ -387,9 +394,9 @@ impl Transfer {
         }
     }
 
-    /// The tag key this transfer checks blocks with.
-    pub fn key(&self) -> Option<[u8; 32]> {
-        self.key
+    /// The Merkle root (and manifest size) this transfer checks blocks against.
+    pub fn digests(&self) -> Option<DigestRoot> {
+        self.digests
     }
 
     /// The NACK key of a later announce (a new control session): the worker tags its NACKs
@@ -487,7 +494,8 @@ enum Reject {
     Malformed,
     /// A block of another session (another task, or one replayed from an earlier push).
     Session,
-    /// Missing or invalid tag while the announce has a key.
+    /// Failed authentication: a block (or rebuilt group) whose digest does not match, a
+    /// manifest whose path does not lead to the root, a probe without a valid tag.
     Tag,
     /// Outside the file, or not the block's exact length.
     Length,
@@ -505,10 +513,13 @@ pub struct Dropped {
     pub malformed: u64,
     /// Named another session.
     pub session: u64,
-    /// Missing or invalid tag.
+    /// Failed authentication (see [`Reject::Tag`]).
     pub tag: u64,
     /// Outside the file or of the wrong length.
     pub length: u64,
+    /// Blocks whose manifest was missing and that the bounded buffer could not hold (they
+    /// stay missing and are NACKed); not forged as far as anyone can tell.
+    pub unverified: u64,
 }
 
 impl Dropped {
@@ -528,31 +539,25 @@ impl std::fmt::Display for Dropped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "crc={} session={} tag={} length={} malformed={}",
-            self.crc, self.session, self.tag, self.length, self.malformed
+            "crc={} session={} tag={} length={} malformed={} unverified={}",
+            self.crc, self.session, self.tag, self.length, self.malformed, self.unverified
         )
     }
 }
 
-/// The block a datagram carries, if it is valid for this transfer: it parsed (CRC), names
-/// the session, carries a valid tag when there is a key, and has the block's exact length.
-/// Checked in that order; the first failure is the reason.
+/// The block a datagram carries, if it is well-formed for this transfer: it parsed (CRC),
+/// names the session and has the block's exact length. Checked in that order; the first
+/// failure is the reason. (Whether it is the block is its digest's business.)
 fn accept_block<'a>(
     spec: &TransferSpec,
-    key: Option<&hmac::Key>,
     datagram: &'a [u8],
 ) -> Result<(Kind, u32, u64, &'a [u8]), Reject> {
-    let (kind, block, frame) = DataBlock::parse(datagram).map_err(|e| match e {
+    let (kind, block, _) = DataBlock::parse(datagram).map_err(|e| match e {
         WireError::Checksum => Reject::Crc,
         _ => Reject::Malformed,
     })?;
     if block.session != spec.announce.session {
         return Err(Reject::Session);
-    }
-    if let Some(k) = key {
-        if !verify_tag(k, &frame) {
-            return Err(Reject::Tag);
-        }
     }
     let bs = u64::from(spec.announce.block_size);
     let off = u64::from(block.block) * bs;
@@ -779,29 +784,33 @@ fn file_sha256(path: &Path) -> io::Result<[u8; 32]> {
     Ok(out)
 }
 
-/// The parity symbol a datagram carries, if valid for this transfer: it parsed (CRC), names
-/// the session, carries a valid tag when there is a key, and is one block long.
-fn accept_parity<'a>(
-    spec: &TransferSpec,
-    key: Option<&hmac::Key>,
-    datagram: &'a [u8],
-) -> Result<Parity<'a>, Reject> {
-    let (p, frame) = Parity::parse(datagram).map_err(|e| match e {
+/// The parity symbol a datagram carries, if well-formed for this transfer: it parsed (CRC),
+/// names the session and is one block long. (Untagged: what it rebuilds is checked by
+/// digest.)
+fn accept_parity<'a>(spec: &TransferSpec, datagram: &'a [u8]) -> Result<Parity<'a>, Reject> {
+    let (p, _) = Parity::parse(datagram).map_err(|e| match e {
         WireError::Checksum => Reject::Crc,
         _ => Reject::Malformed,
     })?;
     if p.session != spec.announce.session {
         return Err(Reject::Session);
     }
-    if let Some(k) = key {
-        if !verify_tag(k, &frame) {
-            return Err(Reject::Tag);
-        }
-    }
     if p.payload.len() != spec.announce.block_size as usize {
         return Err(Reject::Length);
     }
     Ok(p)
+}
+
+/// The manifest a datagram carries, if it parsed (CRC) and names the session.
+fn accept_manifest<'a>(spec: &TransferSpec, datagram: &'a [u8]) -> Result<Manifest<'a>, Reject> {
+    let m = Manifest::parse(datagram).map_err(|e| match e {
+        WireError::Checksum => Reject::Crc,
+        _ => Reject::Malformed,
+    })?;
+    if m.session != spec.announce.session {
+        return Err(Reject::Session);
+    }
+    Ok(m)
 }
 
 fn verify_tag(key: &hmac::Key, frame: &Frame<'_>) -> bool {
@@ -893,6 +902,123 @@ fn write_run(file: &File, mut iovs: &mut [libc::iovec], mut off: u64) -> io::Res
         }
     }
     Ok(())
+}
+
+/// Length of block `b` of the transfer's file.
+fn block_len(spec: &TransferSpec, b: u32) -> usize {
+    let bs = u64::from(spec.announce.block_size);
+    spec.announce.size.saturating_sub(u64::from(b) * bs).min(bs) as usize
+}
+
+/// Writes the blocks that waited for a manifest just verified, those whose digest matches
+/// and that the core does not hold already; returns how many were forged.
+fn write_held(
+    spec: &TransferSpec,
+    file: &File,
+    rx: &mut McastReceiver,
+    verifier: &mut Verifier,
+    held: Vec<(u32, Vec<u8>)>,
+    now: Instant,
+) -> io::Result<u64> {
+    let mut forged = 0;
+    for (b, payload) in held {
+        if rx.has(b) {
+            continue;
+        }
+        match verifier.block(b, &payload) {
+            Verdict::Write => {
+                file.write_all_at(&payload, u64::from(b) * u64::from(spec.announce.block_size))?;
+                verifier.written(b);
+                // A held block says nothing of how far the first pass has got.
+                rx.handle_repair(now, b);
+            }
+            _ => forged += 1,
+        }
+    }
+    Ok(forged)
+}
+
+/// What [`decode_groups`] did.
+#[derive(Debug, Default)]
+struct Decoded {
+    groups: usize,
+    rebuilt: u64,
+    forged: u64,
+    unverified: u64,
+}
+
+/// Rebuilds every group parity made whole: reads its present blocks back, decodes, checks
+/// each rebuilt block against its digest and writes it. A group with a rebuilt block that
+/// does not match (parity is untagged: a forged symbol rebuilds garbage) is discarded whole
+/// and NACKed again ([`McastReceiver::discard_rebuilt`]); a rebuilt block whose manifest is
+/// missing waits for it like a received one.
+fn decode_groups(
+    spec: &TransferSpec,
+    file: &File,
+    rx: &mut McastReceiver,
+    verifier: &mut Verifier,
+    codec: &mut Codec,
+    now: impl Fn() -> Instant,
+) -> io::Result<Decoded> {
+    let mut out = Decoded::default();
+    let mut buf = Vec::new();
+    while let Some(job) = rx.poll_decode().filter(|_| FEC) {
+        buf.clear();
+        buf.resize(job.buf_len(), 0);
+        let bs = job.block_size as usize;
+        for k in 0..job.blocks {
+            let b = job.first_block + k;
+            if rx.has(b) {
+                let at = k as usize * bs;
+                let len = block_len(spec, b);
+                file.read_exact_at(&mut buf[at..at + len], u64::from(b) * bs as u64)?;
+            }
+        }
+        let rebuilt = match rx.decode(now(), codec, job.group, &mut buf) {
+            Ok(r) => r,
+            Err(e) => {
+                crate::say!(
+                    "task {}: group {} not rebuilt: {e}",
+                    spec.announce.task_id,
+                    job.group
+                );
+                break;
+            }
+        };
+        out.groups += 1;
+        let slot = |b: u32| {
+            let at = (b - job.first_block) as usize * bs;
+            at..at + block_len(spec, b)
+        };
+        let blocks = || {
+            rebuilt
+                .as_slice()
+                .iter()
+                .flat_map(|r| r.start..r.start + r.len)
+        };
+        if blocks().any(|b| verifier.rebuilt(b, &buf[slot(b)]) == Some(false)) {
+            out.forged += 1;
+            rx.discard_rebuilt(now(), &rebuilt);
+            continue;
+        }
+        let mut waiting = Ranges::new();
+        for b in blocks() {
+            if verifier.rebuilt(b, &buf[slot(b)]).is_none() {
+                if !verifier.hold(b, &buf[slot(b)]) {
+                    out.unverified += 1;
+                }
+                let _ = waiting.push(b, 1);
+                continue;
+            }
+            file.write_all_at(&buf[slot(b)], u64::from(b) * bs as u64)?;
+            verifier.written(b);
+            out.rebuilt += 1;
+        }
+        if !waiting.is_empty() {
+            rx.discard_rebuilt(now(), &waiting);
+        }
+    }
+    Ok(out)
 }
 
 fn done(spec: &TransferSpec, outcome: Outcome, sha256: [u8; 32], reason: String) -> TransferDone {
@@ -1013,10 +1139,8 @@ fn run_once(
             rx.n_blocks()
         );
     }
-    let key = spec
-        .announce
-        .auth_key
-        .map(|k| hmac::Key::new(hmac::HMAC_SHA256, &k));
+    let mut verifier = Verifier::new(&spec.announce, rx.n_blocks())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let mut poll = mio::Poll::new()?;
     let mut events = mio::Events::with_capacity(4);
     let mut group_sock = mio::net::UdpSocket::from_std(group_sock);
@@ -1044,7 +1168,6 @@ fn run_once(
     #[allow(clippy::default_constructed_unit_structs)]
     let mut codec = Codec::default();
     let mut rebuilt_blocks = 0u64;
-    let mut decode_buf = Vec::new();
     let mut nack = Vec::new();
     let mut tagged = vec![0u8; 4096];
     // New blocks of the batch being read: (file offset, slot, payload start, length).
@@ -1126,8 +1249,22 @@ fn run_once(
                         }
                         continue;
                     }
+                    if !batch.truncated[j] && dgram.get(2) == Some(&(Kind::Manifest as u8)) {
+                        let r = accept_manifest(spec, dgram).and_then(|m| {
+                            let held = verifier.manifest(&m, |b| rx.has(b));
+                            held.map_err(|_| Reject::Tag)
+                        });
+                        match r {
+                            Ok(held) => {
+                                write_held(spec, &file, &mut rx, &mut verifier, held, t)
+                                    .map(|forged| dropped.tag += forged)?;
+                            }
+                            Err(why) => dropped.count(why),
+                        }
+                        continue;
+                    }
                     if FEC && !batch.truncated[j] && dgram.get(2) == Some(&(Kind::Parity as u8)) {
-                        match accept_parity(spec, key.as_ref(), dgram) {
+                        match accept_parity(spec, dgram) {
                             Ok(p) => {
                                 rx.handle_parity(t, &p);
                             }
@@ -1138,7 +1275,7 @@ fn run_once(
                     let accepted = if batch.truncated[j] {
                         Err(Reject::Length)
                     } else {
-                        accept_block(spec, key.as_ref(), dgram)
+                        accept_block(spec, dgram)
                     };
                     let (kind, block, off, payload) = match accepted {
                         Ok(b) => b,
@@ -1151,6 +1288,18 @@ fn run_once(
                         nack_dest = SocketAddrV4::new(*from.ip(), spec.announce.port);
                     }
                     if !rx.has(block) {
+                        match verifier.block(block, payload) {
+                            Verdict::Write => verifier.written(block),
+                            Verdict::Forged => {
+                                dropped.count(Reject::Tag);
+                                continue;
+                            }
+                            Verdict::Held => continue,
+                            Verdict::NotHeld => {
+                                dropped.unverified += 1;
+                                continue;
+                            }
+                        }
                         // Written with the batch's other new blocks (below), before anything
                         // reads the file back (parity decoding) or makes it durable.
                         let at = payload.as_ptr() as usize - dgram.as_ptr() as usize;
@@ -1164,43 +1313,12 @@ fn run_once(
                 write_blocks(&file, &batch, &writes)?;
             }
             // Groups that parity made whole: read their present blocks back, rebuild the
-            // missing ones, write them.
-            while let Some(job) = rx.poll_decode().filter(|_| FEC) {
-                decode_buf.clear();
-                decode_buf.resize(job.buf_len(), 0);
-                let bs = u64::from(job.block_size);
-                for k in 0..job.blocks {
-                    let b = job.first_block + k;
-                    if rx.has(b) {
-                        let off = u64::from(b) * bs;
-                        let len = spec.announce.size.saturating_sub(off).min(bs) as usize;
-                        let at = k as usize * bs as usize;
-                        file.read_exact_at(&mut decode_buf[at..at + len], off)?;
-                    }
-                }
-                match rx.decode(now(), &mut codec, job.group, &mut decode_buf) {
-                    Ok(rebuilt) => {
-                        rebuilt_blocks += rebuilt.blocks();
-                        for r in rebuilt.as_slice() {
-                            for b in r.start..r.start + r.len {
-                                let off = u64::from(b) * bs;
-                                let len = spec.announce.size.saturating_sub(off).min(bs) as usize;
-                                let at = (b - job.first_block) as usize * bs as usize;
-                                file.write_all_at(&decode_buf[at..at + len], off)?;
-                            }
-                        }
-                        n_read += 1;
-                    }
-                    Err(e) => {
-                        crate::say!(
-                            "task {}: group {} not rebuilt: {e}",
-                            spec.announce.task_id,
-                            job.group
-                        );
-                        break;
-                    }
-                }
-            }
+            // missing ones, check and write them.
+            let decoded = decode_groups(spec, &file, &mut rx, &mut verifier, &mut codec, now)?;
+            rebuilt_blocks += decoded.rebuilt;
+            dropped.tag += decoded.forged;
+            dropped.unverified += decoded.unverified;
+            n_read += decoded.groups;
             if n_read > 0 {
                 publish(&rx);
             }
@@ -1245,7 +1363,16 @@ fn run_once(
     }
     file.sync_all()?;
     drop(file);
-    let digest = file_sha256(&part)?;
+    // Every block of a copy received in this run was checked against its digest before it
+    // was written, and the digests against the announce's root: the copy is the gateway's
+    // file, whose SHA-256 the announce names, without reading it back. A copy resumed from
+    // a record holds blocks of an earlier run, which were written before this run checked
+    // anything (and may predate digests): it is read back once, whole.
+    let digest = if verifier.checks() && initial.is_none() {
+        spec.announce.sha256
+    } else {
+        file_sha256(&part)?
+    };
     if digest != spec.announce.sha256 {
         let _ = std::fs::remove_file(&part);
         let _ = std::fs::remove_file(&rec);
@@ -1381,7 +1508,7 @@ mod tests {
                 block_size: 1000,
                 fec_group: 0,
                 sha256: [3; 32],
-                auth_key: None,
+                digests: None,
                 nack_key: None,
                 name: "f".into(),
             },
@@ -1392,70 +1519,94 @@ mod tests {
         }
     }
 
-    /// A tagged data datagram: the block's tag under `key`.
-    fn datagram(session: u32, block: u32, payload: &[u8], key: &hmac::Key) -> Vec<u8> {
-        use fleetcast_wire::data::{data_mac_prefix, data_prefix};
+    /// An untagged data datagram.
+    fn datagram(session: u32, block: u32, payload: &[u8]) -> Vec<u8> {
+        use fleetcast_wire::data::data_prefix;
         use fleetcast_wire::Kind;
-        let mp = data_mac_prefix(Kind::Data, session, block, payload.len());
-        let mut ctx = hmac::Context::with_key(key);
-        ctx.update(&mp[..8]);
-        ctx.update(&mp[12..]);
-        ctx.update(payload);
-        let mut tag = [0u8; TAG_LEN];
-        tag.copy_from_slice(&ctx.sign().as_ref()[..TAG_LEN]);
-        let mut d = data_prefix(Kind::Data, session, block, payload, Some(&tag))
+        let mut d = data_prefix(Kind::Data, session, block, payload, None)
             .unwrap()
             .to_vec();
         d.extend_from_slice(payload);
-        d.extend_from_slice(&tag);
         d
     }
 
+    /// Framing rejects by reason; then a well-formed block is written only if its digest,
+    /// from a manifest the root vouches for, matches; before its manifest it is held.
     #[test]
     fn forged_datagrams_are_rejected_by_reason() {
+        use crate::verify::RingSha;
+        use fleetcast_wire::mcast::digest::{block_digest, ManifestGeometry, MerkleTree};
         let dir = tempfile::tempdir().unwrap();
         let mut spec = spec(dir.path());
-        spec.announce.auth_key = Some([7; 32]);
-        let key = hmac::Key::new(hmac::HMAC_SHA256, &[7; 32]);
-        let other = hmac::Key::new(hmac::HMAC_SHA256, &[8; 32]);
-        let block = [0x5a; 1000];
-        let good = datagram(1, 3, &block, &key);
-        let (k, b, off, p) = accept_block(&spec, Some(&key), &good).unwrap();
-        assert_eq!((k, b, off, p), (Kind::Data, 3, 3000, &block[..]));
+        let file: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+        let digests: Vec<_> = file
+            .chunks(1000)
+            .enumerate()
+            .map(|(b, p)| block_digest(&mut RingSha, b as u32, p))
+            .collect();
+        let geom = ManifestGeometry::new(10, 2).unwrap();
+        let tree = MerkleTree::build(&mut RingSha, &geom, &digests);
+        spec.announce.digests = Some(DigestRoot {
+            root: tree.root(),
+            per_manifest: 2,
+        });
+        let block = &file[1000..2000];
+        let good = datagram(1, 1, block);
+        let (k, b, off, p) = accept_block(&spec, &good).unwrap();
+        assert_eq!((k, b, off, p), (Kind::Data, 1, 1000, block));
 
         let mut crc = good.clone();
         crc[100] ^= 1;
         let cases = [
             (crc, Reject::Crc),
-            (datagram(2, 3, &block, &key), Reject::Session),
-            // A replay from another push: its session and its key.
-            (datagram(0, 3, &block, &other), Reject::Session),
-            (datagram(1, 3, &block, &other), Reject::Tag),
-            (datagram(1, 3, &block[..999], &key), Reject::Length),
-            (datagram(1, 10, &block, &key), Reject::Length),
+            (datagram(2, 1, block), Reject::Session),
+            (datagram(1, 1, &block[..999]), Reject::Length),
+            (datagram(1, 10, block), Reject::Length),
             (good[..10].to_vec(), Reject::Malformed),
         ];
         let mut dropped = Dropped::default();
         for (d, why) in cases {
-            let got = accept_block(&spec, Some(&key), &d).map(|_| ());
+            let got = accept_block(&spec, &d).map(|_| ());
             assert_eq!(got, Err(why));
             dropped.count(why);
         }
-        // Untagged blocks are refused when the announce has a key.
-        let mut plain =
-            fleetcast_wire::data::data_prefix(fleetcast_wire::Kind::Data, 1, 3, &block, None)
-                .unwrap()
-                .to_vec();
-        plain.extend_from_slice(&block);
-        assert_eq!(
-            accept_block(&spec, Some(&key), &plain).map(|_| ()),
-            Err(Reject::Tag)
-        );
-        assert!(accept_block(&spec, None, &plain).is_ok());
+        let mut v = Verifier::new(&spec.announce, 10).unwrap();
+        assert!(v.checks());
+        let forged = [0x5a; 1000];
+        assert_eq!(v.block(1, &forged), Verdict::Held, "no manifest yet: held");
+        assert_eq!(v.block(1, block), Verdict::Held);
+        let mut path = Vec::new();
+        tree.path_into(0, &mut path);
+        let list = digests[..2].as_flattened();
+        let m = Manifest {
+            session: 1,
+            index: 0,
+            digests: list,
+            path: &path,
+        };
+        let mut bad = list.to_vec();
+        bad[0] ^= 1;
+        let forged_m = Manifest { digests: &bad, ..m };
+        assert!(v.manifest(&forged_m, |_| false).is_err());
+        dropped.count(Reject::Tag);
+        let held = v.manifest(&m, |_| false).unwrap();
+        let verdicts: Vec<Verdict> = held.iter().map(|(b, p)| v.block(*b, p)).collect();
+        assert_eq!(verdicts, [Verdict::Forged, Verdict::Write]);
+        assert_eq!(v.block(0, &forged), Verdict::Forged);
+        assert_eq!(v.block(0, &file[..1000]), Verdict::Write);
+        // Far ahead, but within what the 2 MiB buffer holds of whole manifests: held.
+        assert_eq!(v.block(9, &file[9000..]), Verdict::Held);
+        dropped.count(Reject::Tag);
+        dropped.unverified += 1;
         assert_eq!(
             dropped.to_string(),
-            "crc=1 session=2 tag=1 length=2 malformed=1"
+            "crc=1 session=1 tag=2 length=2 malformed=1 unverified=1"
         );
+        // An announce without a root authenticates nothing (tests and simulations only).
+        spec.announce.digests = None;
+        let mut none = Verifier::new(&spec.announce, 10).unwrap();
+        assert!(!none.checks());
+        assert_eq!(none.block(1, &forged), Verdict::Write);
     }
 
     /// `msg` as a datagram, tagged under `key` if given.

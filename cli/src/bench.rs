@@ -29,7 +29,7 @@ use std::time::Duration;
 use fleetcast_daemon::admin::{self, Request};
 use fleetcast_daemon::gateway::Clock;
 use fleetcast_lab::{Lab, LabChild, LabConfig, LabError};
-use fleetcast_wire::{DATA_PREFIX_LEN, TAG_LEN};
+use fleetcast_wire::DATA_PREFIX_LEN;
 use serde_json::{json, Value};
 
 pub mod peers;
@@ -233,10 +233,10 @@ pub(crate) fn at(path: &Path) -> impl FnOnce(io::Error) -> BenchError + '_ {
     }
 }
 
-/// Payload bytes per datagram at `mtu`: the block, its prefix and tag, UDP and IPv4 headers
-/// fill one frame exactly.
+/// Payload bytes per datagram at `mtu`: the block, its prefix (blocks carry no tag), UDP and
+/// IPv4 headers fill one frame exactly (the gateway's default block).
 pub fn block_size_for(mtu: u32) -> u32 {
-    mtu - 28 - DATA_PREFIX_LEN as u32 - TAG_LEN as u32
+    mtu - 28 - DATA_PREFIX_LEN as u32
 }
 
 /// What a run measured: fleetcast's rows and the peers' rows, each in plan order.
@@ -348,7 +348,7 @@ fn write_file(path: &Path, len: usize) -> Result<(), BenchError> {
 /// joined by hosts 1..=n, as fast as `sendmmsg` goes; each receiver counts with `recvmmsg`.
 /// Returns the slowest receiver's rate in Mbit/s (bytes it got / first-to-last arrival).
 fn blast(lab: &Lab, n: usize, mtu: u32, len: usize, clock: &Clock) -> Result<f64, BenchError> {
-    let dgram = block_size_for(mtu) as usize + DATA_PREFIX_LEN + TAG_LEN;
+    let dgram = block_size_for(mtu) as usize + DATA_PREFIX_LEN;
     let stop = Arc::new(AtomicBool::new(false));
     let mut rxs = Vec::new();
     for i in 1..=n {
@@ -1144,14 +1144,8 @@ mod tests {
 
     #[test]
     fn block_fills_one_frame() {
-        assert_eq!(
-            block_size_for(1500) as usize + DATA_PREFIX_LEN + TAG_LEN + 28,
-            1500
-        );
-        assert_eq!(
-            block_size_for(9000) as usize + DATA_PREFIX_LEN + TAG_LEN + 28,
-            9000
-        );
+        assert_eq!(block_size_for(1500) as usize + DATA_PREFIX_LEN + 28, 1500);
+        assert_eq!(block_size_for(9000) as usize + DATA_PREFIX_LEN + 28, 9000);
     }
 
     #[test]

@@ -29,12 +29,13 @@
 //!
 //! # Invariants
 //! - The session id of task `t` is `t as u32`; NACKs and blocks name it.
-//! - With authentication on (always, here), every block carries a 16-byte HMAC-SHA256 tag
-//!   under the task's key. A NACK counts only with a valid tag under the named device's own
+//! - Blocks, repairs and parity carry no tag: receivers check each block against its digest
+//!   in a manifest the announce's Merkle root vouches for (`digests.rs`). A NACK counts only with a valid tag under the named device's own
 //!   key (a new one with every announce to it) and a sequence above the device's last
 //!   accepted one; the sender cores check both (`nack.rs`).
-//! - A block the kernel refused with `EAGAIN` is kept in the task's backlog and sent first on
-//!   the next turn, so pacing never turns into silent loss at the sender.
+//! - A datagram the kernel refused with `EAGAIN` (block, symbol or manifest) is kept in the
+//!   task's backlog and sent first on the next turn, so pacing never turns into silent loss
+//!   at the sender.
 //! - The task key is derived from a per-process secret and the task id, so every announce of
 //!   one process names the same key; a restarted gateway announces a new one. Device NACK
 //!   keys and the probe-cookie key are derived from the same secret, and never leave the
@@ -52,23 +53,25 @@ use std::time::Duration;
 use fleetcast_store::{self as store, DeviceId, TaskId};
 
 mod broadcast;
+mod digests;
 mod nack;
 pub use broadcast::{
     directed_broadcast, resolve as resolve_broadcast, BroadcastError, BroadcastKeyError, Iface,
 };
+pub use digests::{BlockDigests, DigestsError, RingSha};
 use nack::NackKeys;
 
 use crate::admin::Delivery;
 use crate::fleet::{Origin, PushSpec};
-use fleetcast_wire::data::data_mac_prefix;
+use fleetcast_wire::mcast::digest::{ManifestSchedule, DEFAULT_MANIFEST_REPEAT};
 use fleetcast_wire::mcast::task::CATCH_UP_RATE;
 use fleetcast_wire::mcast::{
     CatchUpBudget, ConfigError, Dest, Fec, McastTask, ReedSolomon, SendParity, SenderConfig,
     SenderStats, TaskConfig, TaskEvent, Transmit, Trigger,
 };
 use fleetcast_wire::{
-    data_prefix, Announce, Frame, Instant, Kind, McastSender, Parity, DATA_PREFIX_LEN,
-    PARITY_PREFIX_LEN, TAG_LEN,
+    data_prefix, Announce, Frame, Instant, McastSender, Parity, DATA_PREFIX_LEN, PARITY_PREFIX_LEN,
+    TAG_LEN,
 };
 use ring::hmac;
 
@@ -146,6 +149,14 @@ pub enum DistError {
     /// A push by broadcast that the interface of `mcast.addr` cannot carry.
     #[error("cannot broadcast: {0}")]
     Broadcast(#[from] BroadcastError),
+    /// The block digests (data authentication) could not be computed.
+    #[error("cannot compute the block digests of {path}: {why}")]
+    Digests {
+        /// The file.
+        path: String,
+        /// Cause.
+        why: DigestsError,
+    },
     /// The file changed size since the task was created.
     #[error("{path} is {now} bytes now, the task says {task}")]
     Changed {
@@ -257,21 +268,6 @@ pub fn sha256_file(path: &Path) -> io::Result<[u8; 32]> {
     Ok(out)
 }
 
-/// The 16-byte tag of a data block, over what [`Frame::mac_input`] gives the receiver.
-pub fn block_tag(
-    key: &hmac::Key,
-    kind: Kind,
-    session: u32,
-    block: u32,
-    payload: &[u8],
-) -> [u8; TAG_LEN] {
-    mac_tag(
-        key,
-        &data_mac_prefix(kind, session, block, payload.len()),
-        payload,
-    )
-}
-
 /// Whether `frame` carries a valid tag under `key`.
 pub fn verify_tag(key: &hmac::Key, frame: &Frame<'_>) -> bool {
     let Some(tag) = frame.tag else { return false };
@@ -296,14 +292,19 @@ pub struct Distribution {
     name: String,
     block_size: u32,
     sha256: [u8; 32],
-    key_bytes: [u8; 32],
-    key: hmac::Key,
+    /// Every block's digest and the Merkle tree over the manifests (data authentication).
+    digests: std::sync::Arc<BlockDigests>,
+    /// When each manifest goes out, ahead of and alongside its blocks.
+    manifests: ManifestSchedule,
     /// The task's distribution policy: its group sender and catch-up senders, the trigger
     /// gate, the hand-off of demoted receivers, the linger and the end of the task.
     core: McastTask,
     /// The task's NACK keys (per device, per announce) and probe-cookie key.
     nack_keys: NackKeys,
-    backlog: VecDeque<Transmit>,
+    /// Datagrams the kernel refused with `EAGAIN`, in order, sent first next time.
+    backlog: VecDeque<Queued>,
+    /// Bytes of the manifest datagrams sent (the sender core counts only blocks and parity).
+    manifest_bytes: u64,
     /// Parity of the groups being repaired by FEC.
     fec: FecCache,
     /// Unicast repairs dropped because the device's address was unknown.
@@ -334,7 +335,7 @@ impl Distribution {
         map: Mapped,
         (block_size, rate_bytes): (u32, u64),
         sha256: [u8; 32],
-        key_bytes: [u8; 32],
+        digests: std::sync::Arc<BlockDigests>,
         nack_keys: NackKeys,
         mcast: &McastConfig,
         trigger: Trigger,
@@ -372,8 +373,8 @@ impl Distribution {
         Ok(Distribution {
             task,
             session,
-            key: hmac::Key::new(hmac::HMAC_SHA256, &key_bytes),
-            key_bytes,
+            manifests: ManifestSchedule::new(*digests.geometry(), DEFAULT_MANIFEST_REPEAT),
+            digests,
             map,
             name,
             block_size,
@@ -381,6 +382,7 @@ impl Distribution {
             core,
             nack_keys,
             backlog: VecDeque::new(),
+            manifest_bytes: 0,
             fec: FecCache::default(),
             no_addr: 0,
             deferred: 0,
@@ -418,8 +420,6 @@ impl Distribution {
 /// ([`Distributor::start_standalone`]).
 #[derive(Debug, Clone, Copy)]
 pub struct ExplicitKeys {
-    /// The tag key of its `Data`, `Repair` and `Parity` datagrams.
-    pub data: [u8; 32],
     /// The tag key of every receiver's NACKs (and of the probes sent to them).
     pub nack: [u8; 32],
 }
@@ -429,6 +429,8 @@ pub struct ExplicitKeys {
 struct Prepared {
     map: Mapped,
     digest: [u8; 32],
+    /// The block digests, once the hashing thread has them.
+    blocks: Option<std::sync::Arc<BlockDigests>>,
     block_size: u32,
     rate: u64,
     trigger: Trigger,
@@ -457,6 +459,10 @@ fn file_key(path: &Path) -> Option<FileKey> {
     Some((path.to_path_buf(), m.dev(), m.ino(), m.len(), mtime))
 }
 
+/// What a push's hashing thread finds: the file's SHA-256 (`None` when the digest cache had
+/// it) and its block digests.
+type Hashed = Result<(Option<[u8; 32]>, BlockDigests), DigestsError>;
+
 /// Every live distribution of the gateway and their socket.
 pub struct Distributor {
     cfg: McastConfig,
@@ -467,8 +473,8 @@ pub struct Distributor {
     prepared: HashMap<Origin, Prepared>,
     buf: Vec<u8>,
     /// Digests computed off the loop: (who pushed, result).
-    hashed_tx: std::sync::mpsc::Sender<(Origin, io::Result<[u8; 32]>)>,
-    hashed_rx: std::sync::mpsc::Receiver<(Origin, io::Result<[u8; 32]>)>,
+    hashed_tx: std::sync::mpsc::Sender<(Origin, Hashed)>,
+    hashed_rx: std::sync::mpsc::Receiver<(Origin, Hashed)>,
     waker: Option<std::sync::Arc<mio::Waker>>,
     /// Digests of files pushed before, while they stay unchanged.
     digests: HashMap<FileKey, [u8; 32]>,
@@ -528,7 +534,7 @@ pub struct McastTotals {
 impl McastTotals {
     fn add(&mut self, d: &Distribution) {
         let st = d.stats();
-        self.bytes += st.bytes;
+        self.bytes += st.bytes + d.manifest_bytes;
         self.goodput_bytes +=
             (st.first_pass_blocks * u64::from(d.block_size)).min(d.map.len as u64);
         self.first_pass_blocks += st.first_pass_blocks;
@@ -646,14 +652,6 @@ impl Distributor {
         &self.cfg
     }
 
-    fn key_for(&self, task: TaskId) -> [u8; 32] {
-        let k = hmac::Key::new(hmac::HMAC_SHA256, &self.secret);
-        let tag = hmac::sign(&k, &task.0.to_be_bytes());
-        let mut out = [0u8; 32];
-        out.copy_from_slice(tag.as_ref());
-        out
-    }
-
     /// Maps the file of `origin`'s push and starts hashing it; its task row comes out of
     /// [`Distributor::take_hashed`] once the digest is known.
     pub fn prepare_push(
@@ -727,33 +725,32 @@ impl Distributor {
             PathBuf::from(path),
         );
         let key = file_key(&file);
-        if let Some(digest) = key.as_ref().and_then(|k| self.digests.get(k)) {
-            // The same file, unchanged since it was last hashed: no second read.
-            let _ = tx.send((origin, Ok(*digest)));
-            if let Some(w) = &waker {
-                let _ = w.wake();
-            }
-        } else {
-            std::thread::Builder::new()
-                .name("fleetcast-hash".into())
-                .spawn(move || {
-                    let r = sha256_file(&file);
-                    let _ = tx.send((origin, r));
-                    if let Some(w) = waker {
-                        let _ = w.wake();
-                    }
-                })
-                .map_err(|source| DistError::Map {
-                    path: path.into(),
-                    source,
-                })?;
-        }
+        // The same file, unchanged since it was last hashed: its SHA-256 is not computed
+        // again. The block digests always are (in the same pass when both are needed): they
+        // depend on the push's block size, and caching them would hold 16 bytes per block of
+        // every file pushed.
+        let cached = key.as_ref().and_then(|k| self.digests.get(k)).copied();
+        let size = map.len as u64;
+        std::thread::Builder::new()
+            .name("fleetcast-hash".into())
+            .spawn(move || {
+                let r = BlockDigests::of_file(&file, size, block_size, cached.is_none());
+                let _ = tx.send((origin, r));
+                if let Some(w) = waker {
+                    let _ = w.wake();
+                }
+            })
+            .map_err(|source| DistError::Map {
+                path: path.into(),
+                source,
+            })?;
         let trigger = core_trigger(&plan, &follow, wall_ms, wall_ms);
         self.prepared.insert(
             origin,
             Prepared {
                 map,
-                digest: [0; 32],
+                digest: cached.unwrap_or([0; 32]),
+                blocks: None,
                 block_size,
                 rate,
                 trigger,
@@ -766,7 +763,7 @@ impl Distributor {
     }
 
     /// The block size of a push that names none: one that fills a frame of `mcast.addr`'s
-    /// interface (1,436 bytes at MTU 1,500), or 1,400 when the interface or its MTU is unknown.
+    /// interface (1,452 bytes at MTU 1,500), or 1,400 when the interface or its MTU is unknown.
     pub fn default_block_size(&self) -> u32 {
         self.iface
             .as_ref()
@@ -808,8 +805,10 @@ impl Distributor {
                 continue;
             };
             match r {
-                Ok(digest) => {
+                Ok((whole, blocks)) => {
+                    let digest = whole.unwrap_or(p.digest);
                     p.digest = digest;
+                    p.blocks = Some(std::sync::Arc::new(blocks));
                     if let Some(k) = p.key.clone() {
                         if self.digests.len() >= DIGEST_CACHE {
                             self.digests.clear();
@@ -821,10 +820,10 @@ impl Distributor {
                         out.push((origin, Ok(t)));
                     }
                 }
-                Err(source) => {
+                Err(why) => {
                     let path = p.map.path.display().to_string();
                     self.prepared.remove(&origin);
-                    out.push((origin, Err(DistError::Map { path, source })));
+                    out.push((origin, Err(DistError::Digests { path, why })));
                 }
             }
         }
@@ -853,6 +852,7 @@ impl Distributor {
         let Some(Prepared {
             map,
             digest,
+            blocks: Some(blocks),
             block_size: bs,
             rate,
             trigger,
@@ -862,13 +862,12 @@ impl Distributor {
         else {
             return;
         };
-        let key = self.key_for(task);
         match Distribution::new(
             task,
             map,
             (bs, rate),
             digest,
-            key,
+            blocks,
             NackKeys::new(&self.secret, task),
             &self.cfg,
             trigger,
@@ -933,7 +932,7 @@ impl Distributor {
             // repaired block by block, and NACKs gaps as they open.
             fec_group: if joined { d.core.config().fec_group } else { 0 },
             sha256: d.sha256,
-            auth_key: Some(d.key_bytes),
+            digests: Some(d.digests.root()),
             nack_key: Some(nack_key),
             name: Cow::Owned(d.name.clone()),
         })
@@ -974,8 +973,18 @@ impl Distributor {
                 None
             }
         };
-        // The digest is the table's: a file edited in place is caught by the receivers.
-        let key = self.key_for(task);
+        // The digest is the table's: a file edited in place is caught by the receivers
+        // (the whole file's SHA-256 in the announce is the table's, the block digests are
+        // the file's as it is now: they disagree, so no copy verifies). The block digests
+        // are computed here, on the loop, from the mapping: one SHA-256 pass over the file
+        // (about 2 s per GiB on a core without SHA extensions) before the announce goes.
+        let blocks =
+            std::sync::Arc::new(BlockDigests::of_bytes(map.bytes(), t.block_size).map_err(
+                |why| DistError::Digests {
+                    path: t.path.clone(),
+                    why,
+                },
+            )?);
         let nack_keys = NackKeys::new(&self.secret, task);
         let d = match planned {
             Some(dest) => {
@@ -985,7 +994,7 @@ impl Distributor {
                     map,
                     (t.block_size, t.plan.rate),
                     t.sha256,
-                    key,
+                    blocks,
                     nack_keys,
                     &self.cfg,
                     trigger,
@@ -1011,7 +1020,7 @@ impl Distributor {
                     map,
                     (t.block_size, CATCH_UP_RATE),
                     t.sha256,
-                    key,
+                    blocks,
                     nack_keys,
                     &self.cfg,
                     Trigger::default(),
@@ -1026,7 +1035,8 @@ impl Distributor {
     }
 
     /// Starts the distribution of the file at `path` as `task` with no fleet behind it
-    /// (`fleetcast send`): its blocks are tagged under `keys.data` and every receiver NACKs
+    /// (`fleetcast send`): its blocks are authenticated by digest (the root goes in its
+    /// PSK-tagged announce) and every receiver NACKs
     /// under `keys.nack` (both from a pre-shared key), and its multicast starts as `trigger`
     /// says (a quorum of receivers: with none, nobody would be there to join). Receivers
     /// join through [`Distributor::announce_for`] (its row is never needed: the task is
@@ -1045,12 +1055,17 @@ impl Distributor {
             source,
         })?;
         let nack_keys = NackKeys::shared(&self.secret, task, keys.nack);
+        let blocks =
+            BlockDigests::of_bytes(map.bytes(), block_size).map_err(|why| DistError::Digests {
+                path: path.display().to_string(),
+                why,
+            })?;
         let d = Distribution::new(
             task,
             map,
             (block_size, rate_bytes),
             sha256,
-            keys.data,
+            std::sync::Arc::new(blocks),
             nack_keys,
             &self.cfg,
             trigger,
@@ -1060,6 +1075,12 @@ impl Distributor {
         self.touched.insert(d.session);
         self.dists.insert(d.session, d);
         Ok(())
+    }
+
+    /// The Merkle root (and manifest size) of a live `task`, for an announce built outside
+    /// [`Distributor::announce_for`] (a standalone sender's).
+    pub fn digests_of(&self, task: TaskId) -> Option<fleetcast_wire::DigestRoot> {
+        Some(self.dists.get(&(task.0 as u32))?.digests.root())
     }
 
     /// The group and catch-up counters of a live `task`, and whether its first pass has
@@ -1294,8 +1315,39 @@ fn log_event(d: &Distribution, ev: TaskEvent) -> Option<DistEvent> {
     None
 }
 
-/// Sends the backlog, then what the task core releases, in `sendmmsg` batches; blocks the
-/// kernel refuses with `EAGAIN` go back to the backlog.
+/// One datagram of a batch: a block or parity symbol (its prefix and where its payload lies),
+/// or a manifest (built whole in a buffer of the batch).
+enum Out<'a> {
+    Item {
+        t: Transmit,
+        prefix: [u8; PARITY_PREFIX_LEN],
+        prefix_len: usize,
+        payload: &'a [u8],
+        dest: SocketAddrV4,
+    },
+    Manifest {
+        m: u32,
+        buf: usize,
+        dest: SocketAddrV4,
+    },
+}
+
+/// A datagram the kernel refused with `EAGAIN`, kept for the next turn as the batch had it:
+/// a block or parity symbol, or a manifest and where it was going. A kept block is not put to
+/// the manifest schedule again (its manifests are kept with it), so a refused datagram costs
+/// no extra manifest and a refused manifest is not lost.
+#[derive(Debug, Clone, Copy)]
+enum Queued {
+    Item(Transmit),
+    Manifest(u32, SocketAddrV4),
+}
+
+/// Sends the backlog, then what the task core releases, in `sendmmsg` batches; datagrams the
+/// kernel refuses with `EAGAIN` go back to the backlog, manifests included (measured:
+/// dropping refused manifests, at the push's full rate with 1% loss, left receivers holding
+/// up to 1,600 blocks each for manifests that never came before their repairs). Each new
+/// datagram is preceded by the manifests the task's schedule says are due
+/// (`mcast::digest::ManifestSchedule`), asked once per datagram.
 /// Catch-up senders draw from the shared `budget` on top of their own pacing.
 fn send_all(
     fd: i32,
@@ -1304,94 +1356,86 @@ fn send_all(
     group: SocketAddrV4,
     budget: &mut CatchUpBudget,
 ) {
-    let bs = d.block_size as usize;
+    let mut manifests: Vec<Vec<u8>> = Vec::new();
+    let mut scratch = Vec::new();
+    let mut due: Vec<u32> = Vec::new();
     loop {
-        let items = next_batch(d, now, budget);
-        if items.is_empty() {
+        let (batch, kept) = next_batch(d, now, budget);
+        if batch.is_empty() {
             return;
         }
         // Parity symbols come from the group's encoding (computed once per group, kept for
         // the few groups being repaired).
-        for t in &items {
-            if let Transmit::Parity(p) = t {
+        for q in &batch {
+            if let Queued::Item(Transmit::Parity(p)) = q {
                 d.fec.encode_group(&d.map, d.block_size, p);
             }
         }
-        let bytes = d.map.bytes();
-        let mut prefixes = [[0u8; PARITY_PREFIX_LEN]; BATCH];
-        let mut prefix_lens = [0usize; BATCH];
-        let mut tags = [[0u8; TAG_LEN]; BATCH];
-        let mut addrs: Vec<libc::sockaddr_in> = Vec::with_capacity(BATCH);
-        let mut sendable: Vec<(Transmit, &[u8])> = Vec::with_capacity(BATCH);
-        for t in &items {
-            let i = sendable.len();
-            let (dest, payload) = match t {
-                Transmit::Block(b) => {
-                    let dest = match b.dest {
-                        Dest::Group => group,
-                        Dest::Unicast(dev) => match d.repair_addr(dev) {
-                            Some(a) => a,
-                            None => {
-                                d.no_addr += 1;
-                                continue;
-                            }
-                        },
-                    };
-                    let start = b.block as usize * bs;
-                    let end = (start + bs).min(bytes.len());
-                    let payload = &bytes[start.min(end)..end];
-                    tags[i] = block_tag(&d.key, b.kind, d.session, b.block, payload);
-                    let Ok(p) = data_prefix(b.kind, d.session, b.block, payload, Some(&tags[i]))
-                    else {
-                        continue;
-                    };
-                    prefixes[i][..DATA_PREFIX_LEN].copy_from_slice(&p);
-                    prefix_lens[i] = DATA_PREFIX_LEN;
-                    (dest, payload)
+        let mut out: Vec<Out<'_>> = Vec::with_capacity(2 * BATCH);
+        let mut bufs = (&mut manifests, &mut scratch, 0usize);
+        for (i, q) in batch.iter().enumerate() {
+            let t = match *q {
+                Queued::Manifest(m, dest) => {
+                    push_manifest(&d.digests, d.session, (m, dest), &mut bufs, &mut out);
+                    continue;
                 }
-                Transmit::Parity(sp) => {
-                    let Some(symbol) = d.fec.symbol(sp.group, sp.index, bs) else {
-                        continue;
-                    };
-                    let parity = Parity {
-                        session: d.session,
-                        group: sp.group,
-                        group_size: sp.group_size,
-                        parity_count: sp.parity_count,
-                        index: sp.index,
-                        payload: symbol,
-                    };
-                    let Ok(mp) = parity.mac_prefix() else {
-                        continue;
-                    };
-                    tags[i] = mac_tag(&d.key, &mp, symbol);
-                    let Ok(p) = parity.prefix(Some(&tags[i])) else {
-                        continue;
-                    };
-                    prefixes[i] = p;
-                    prefix_lens[i] = PARITY_PREFIX_LEN;
-                    (group, symbol)
+                Queued::Item(t) => t,
+            };
+            let dest = match t {
+                Transmit::Block(b) => match b.dest {
+                    Dest::Group => group,
+                    Dest::Unicast(dev) => match d.repair_addr(dev) {
+                        Some(a) => a,
+                        None => {
+                            d.no_addr += 1;
+                            continue;
+                        }
+                    },
+                },
+                Transmit::Parity(_) => group,
+            };
+            let Some(item) = prepare((&d.map, &d.fec), (d.session, d.block_size), &t, dest) else {
+                continue;
+            };
+            if i >= kept {
+                due.clear();
+                match t {
+                    Transmit::Block(b) => d.manifests.for_block(now, b.dest, b.block, &mut due),
+                    Transmit::Parity(p) => {
+                        let span = p.first_block..p.first_block.saturating_add(p.blocks);
+                        d.manifests.for_span(now, span, &mut due);
+                    }
                 }
+                for &m in &due {
+                    push_manifest(&d.digests, d.session, (m, dest), &mut bufs, &mut out);
+                }
+            }
+            out.push(item);
+        }
+        let n = out.len();
+        let mut addrs: Vec<libc::sockaddr_in> = Vec::with_capacity(n);
+        let mut iovs: Vec<[libc::iovec; 2]> = Vec::with_capacity(n);
+        for o in out.iter_mut() {
+            let (dest, head, payload): (_, &mut [u8], &[u8]) = match o {
+                Out::Item {
+                    prefix,
+                    prefix_len,
+                    payload,
+                    dest,
+                    ..
+                } => (*dest, &mut prefix[..*prefix_len], payload),
+                Out::Manifest { buf, dest, .. } => (*dest, &mut manifests[*buf][..], &[]),
             };
             addrs.push(sockaddr(dest));
-            sendable.push((*t, payload));
-        }
-        let n = sendable.len();
-        let mut iovs: Vec<[libc::iovec; 3]> = Vec::with_capacity(n);
-        for (i, (_, payload)) in sendable.iter().enumerate() {
             iovs.push([
                 libc::iovec {
-                    iov_base: prefixes[i].as_mut_ptr().cast(),
-                    iov_len: prefix_lens[i],
+                    iov_base: head.as_mut_ptr().cast(),
+                    iov_len: head.len(),
                 },
                 libc::iovec {
                     // The kernel only reads through this pointer (sendmmsg), never writes.
                     iov_base: payload.as_ptr() as *mut libc::c_void,
                     iov_len: payload.len(),
-                },
-                libc::iovec {
-                    iov_base: tags[i].as_mut_ptr().cast(),
-                    iov_len: TAG_LEN,
                 },
             ]);
         }
@@ -1401,42 +1445,125 @@ fn send_all(
             h.msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
             h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             h.msg_hdr.msg_iov = iovs[i].as_mut_ptr();
-            h.msg_hdr.msg_iovlen = 3;
+            h.msg_hdr.msg_iovlen = 2;
         }
         let (sent, errors) = sendmmsg_batch(fd, &mut hdrs);
         d.send_errors += errors;
+        d.manifest_bytes += iovs[..sent]
+            .iter()
+            .zip(&out)
+            .filter(|(_, o)| matches!(o, Out::Manifest { .. }))
+            .map(|(v, _)| v[0].iov_len as u64)
+            .sum::<u64>();
         if sent < n {
             // A full socket buffer or device queue: keep the rest for the next turn.
             d.deferred += (n - sent) as u64;
-            for (t, _) in sendable[sent..].iter().rev() {
-                d.backlog.push_front(*t);
+            for o in out[sent..].iter().rev() {
+                d.backlog.push_front(match o {
+                    Out::Item { t, .. } => Queued::Item(*t),
+                    Out::Manifest { m, dest, .. } => Queued::Manifest(*m, *dest),
+                });
             }
             return;
         }
-        if items.len() < BATCH {
+        if batch.len() < BATCH {
             return;
         }
     }
 }
 
-/// Up to [`BATCH`] transmits: the backlog first, then the group's, then the catch-up
-/// senders' in turn while the shared budget allows.
-fn next_batch(d: &mut Distribution, now: Instant, budget: &mut CatchUpBudget) -> Vec<Transmit> {
-    let mut items: Vec<Transmit> = Vec::with_capacity(BATCH);
-    while items.len() < BATCH {
+/// Builds manifest `m` for `dest` into the batch's next manifest buffer (`bufs`: the buffers,
+/// grown as needed and reused across batches, a scratch buffer, and how many are in use) and
+/// appends it to `out`.
+fn push_manifest(
+    digests: &BlockDigests,
+    session: u32,
+    (m, dest): (u32, SocketAddrV4),
+    (manifests, scratch, used): &mut (&mut Vec<Vec<u8>>, &mut Vec<u8>, usize),
+    out: &mut Vec<Out<'_>>,
+) {
+    if *used == manifests.len() {
+        manifests.push(Vec::new());
+    }
+    let buf = *used;
+    if digests
+        .manifest_datagram(session, m, scratch, &mut manifests[buf])
+        .is_some()
+    {
+        *used += 1;
+        out.push(Out::Manifest { m, buf, dest });
+    }
+}
+
+/// The datagram of one transmit to `dest`: its prefix and its payload where it lies (the
+/// mapping, or the parity cache); `None` when it cannot go (a symbol not encoded).
+fn prepare<'a>(
+    (map, fec): (&'a Mapped, &'a FecCache),
+    (session, block_size): (u32, u32),
+    t: &Transmit,
+    dest: SocketAddrV4,
+) -> Option<Out<'a>> {
+    let bs = block_size as usize;
+    let mut prefix = [0u8; PARITY_PREFIX_LEN];
+    let (prefix_len, payload) = match t {
+        Transmit::Block(b) => {
+            let bytes = map.bytes();
+            let start = b.block as usize * bs;
+            let end = (start + bs).min(bytes.len());
+            let payload = &bytes[start.min(end)..end];
+            // No tag: the block is authenticated by its digest in a manifest.
+            let p = data_prefix(b.kind, session, b.block, payload, None).ok()?;
+            prefix[..DATA_PREFIX_LEN].copy_from_slice(&p);
+            (DATA_PREFIX_LEN, payload)
+        }
+        Transmit::Parity(sp) => {
+            let symbol = fec.symbol(sp.group, sp.index, bs)?;
+            let parity = Parity {
+                session,
+                group: sp.group,
+                group_size: sp.group_size,
+                parity_count: sp.parity_count,
+                index: sp.index,
+                payload: symbol,
+            };
+            // Untagged too: a block rebuilt from it is verified like a received one.
+            prefix = parity.prefix(None).ok()?;
+            (PARITY_PREFIX_LEN, symbol)
+        }
+    };
+    Some(Out::Item {
+        t: *t,
+        prefix,
+        prefix_len,
+        payload,
+        dest,
+    })
+}
+
+/// Up to [`BATCH`] datagrams: the backlog first, then the group's transmits, then the
+/// catch-up senders' in turn while the shared budget allows. Also returns how many came from
+/// the backlog (scheduled already).
+fn next_batch(
+    d: &mut Distribution,
+    now: Instant,
+    budget: &mut CatchUpBudget,
+) -> (Vec<Queued>, usize) {
+    let mut batch: Vec<Queued> = Vec::with_capacity(BATCH);
+    while batch.len() < BATCH {
         match d.backlog.pop_front() {
-            Some(b) => items.push(b),
+            Some(q) => batch.push(q),
             None => break,
         }
     }
+    let kept = batch.len();
     // The group first, then the catch-up senders in turn while the budget allows.
-    while items.len() < BATCH {
+    while batch.len() < BATCH {
         match d.core.poll_transmit(now, budget) {
-            Some(t) => items.push(t),
+            Some(t) => batch.push(Queued::Item(t)),
             None => break,
         }
     }
-    items
+    (batch, kept)
 }
 
 /// Hands `hdrs` to `sendmmsg` until every datagram is through or the kernel pushes back
@@ -1468,19 +1595,6 @@ fn sendmmsg_batch(fd: i32, hdrs: &mut [libc::mmsghdr]) -> (usize, u64) {
         sent += r as usize;
     }
     (sent, errors)
-}
-
-/// The 16-byte tag over a datagram's MAC prefix (its header without the CRC, then the body
-/// header) and payload: what [`Frame::mac_input`] gives the receiver.
-fn mac_tag(key: &hmac::Key, mac_prefix: &[u8], payload: &[u8]) -> [u8; TAG_LEN] {
-    let mut ctx = hmac::Context::with_key(key);
-    ctx.update(&mac_prefix[..8]);
-    ctx.update(&mac_prefix[12..]);
-    ctx.update(payload);
-    let sig = ctx.sign();
-    let mut tag = [0u8; TAG_LEN];
-    tag.copy_from_slice(&sig.as_ref()[..TAG_LEN]);
-    tag
 }
 
 /// A distribution's FEC state: the codec and the parity of the groups being repaired.
@@ -1813,7 +1927,7 @@ mod tests {
     }
 
     #[test]
-    fn mapped_file_blocks_carry_tags_the_receiver_verifies() {
+    fn mapped_file_blocks_go_untagged_and_parse() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f.bin");
         let data: Vec<u8> = (0..2500u32).map(|i| (i * 7) as u8).collect();
@@ -1823,18 +1937,13 @@ mod tests {
         assert_eq!(sha256(m.bytes()), sha256(&data));
         assert_eq!(sha256_file(&p).unwrap(), sha256(&data));
         assert!(sha256_file(&dir.path().join("missing")).is_err());
-        let key = hmac::Key::new(hmac::HMAC_SHA256, &[5; 32]);
         let payload = &m.bytes()[2000..];
-        let tag = block_tag(&key, Kind::Data, 9, 2, payload);
-        let prefix = data_prefix(Kind::Data, 9, 2, payload, Some(&tag)).unwrap();
+        let prefix = data_prefix(fleetcast_wire::Kind::Data, 9, 2, payload, None).unwrap();
         let mut dgram = prefix.to_vec();
         dgram.extend_from_slice(payload);
-        dgram.extend_from_slice(&tag);
         let (_, b, f) = DataBlock::parse(&dgram).unwrap();
         assert_eq!((b.session, b.block, b.payload), (9, 2, payload));
-        assert!(verify_tag(&key, &f));
-        let other = hmac::Key::new(hmac::HMAC_SHA256, &[6; 32]);
-        assert!(!verify_tag(&other, &f));
+        assert!(f.tag.is_none());
         // An empty file maps nothing and reads as empty.
         let e = dir.path().join("empty");
         std::fs::write(&e, b"").unwrap();

@@ -3,15 +3,22 @@
 //!
 //! - blocks of the live session whose CRC is corrupted,
 //! - blocks with a valid CRC naming a session no task has,
-//! - blocks of the live session with a valid CRC but a tag under another key (forged
-//!   payload),
-//! - blocks "replayed" from an earlier push: that push's session id, a valid CRC and a
-//!   well-formed tag under another key (the agent has no way to tell a replay from any other
-//!   foreign session, so it counts under `session`).
+//! - blocks of the live session with a valid CRC but a forged payload (whose digest is not
+//!   the block's),
+//! - blocks "replayed" from an earlier push: that push's session id and a valid CRC (the
+//!   agent has no way to tell a replay from any other foreign session, so it counts under
+//!   `session`).
 //!
 //! Checked: both copies are byte-identical to the source, `task show` says `completed` for
 //! both, and each agent's end-of-transfer line (`transfer <task>: dropped crc=N session=N
 //! tag=N ...`) counts drops under `crc`, `session` and `tag`.
+//!
+//! A second test has an *enrolled receiver* forge for the others: it knows everything a
+//! device of the task knows (session, announce, Merkle root, geometry, and, having the file,
+//! every real digest and Merkle node), and sends well-formed blocks with wrong payloads
+//! together with well-formed manifests listing those payloads' digests, with the real Merkle
+//! path of their position. The other receivers drop and count them (`tag`), and finish
+//! with byte-identical copies and `completed` rows.
 
 mod common;
 
@@ -20,10 +27,10 @@ use std::time::Duration;
 
 use common::{now, read_log, status_of, wait_for, Gateway, Rng};
 use fleetcast_daemon::admin::Request;
-use fleetcast_daemon::distribution::block_tag;
+use fleetcast_daemon::distribution::{BlockDigests, RingSha};
 use fleetcast_lab::{Lab, LabConfig};
-use fleetcast_wire::{data_prefix, Kind, TAG_LEN};
-use ring::hmac;
+use fleetcast_wire::mcast::digest::{block_digest, ManifestGeometry, MerkleTree, DIGEST_LEN};
+use fleetcast_wire::{data_prefix, Kind, Manifest, Message};
 
 #[test]
 fn agent_role() {
@@ -57,13 +64,11 @@ fn push(gw: &Gateway<'_>, path: &std::path::Path, rate_mbps: u64) -> u64 {
         .expect("task id")
 }
 
-/// A tagged data datagram (tag under `key`), CRC valid.
-fn forged(key: &hmac::Key, session: u32, block: u32, payload: &[u8]) -> Vec<u8> {
-    let tag: [u8; TAG_LEN] = block_tag(key, Kind::Data, session, block, payload);
-    let prefix = data_prefix(Kind::Data, session, block, payload, Some(&tag)).expect("prefix");
+/// A data datagram, CRC valid (data carries no tag: it is authenticated by digest).
+fn forged(session: u32, block: u32, payload: &[u8]) -> Vec<u8> {
+    let prefix = data_prefix(Kind::Data, session, block, payload, None).expect("prefix");
     let mut d = prefix.to_vec();
     d.extend_from_slice(payload);
-    d.extend_from_slice(&tag);
     d
 }
 
@@ -127,9 +132,6 @@ fn forged_datagrams_are_dropped_counted_and_never_written() {
         || gw.task_report(&specs, task),
     );
     let forger = lab.host(3).udp_socket(0).expect("forger socket");
-    let mut fkey = [0u8; 32];
-    rng.fill(&mut fkey);
-    let fkey = hmac::Key::new(hmac::HMAC_SHA256, &fkey);
     let mut payload = vec![0u8; BLOCK as usize];
     let mut rounds = 0;
     let mut seen_in_progress = None;
@@ -140,12 +142,12 @@ fn forged_datagrams_are_dropped_counted_and_never_written() {
             // fails.
             let block = rng.range(0, u64::from(blocks - 1)) as u32;
             rng.fill(&mut payload);
-            let mut crc = forged(&fkey, session, block, &payload);
+            let mut crc = forged(session, block, &payload);
             let i = 20 + rng.range(0, u64::from(BLOCK)) as usize;
             crc[i] ^= 0x01;
-            let wrong_session = forged(&fkey, 0xF0F0_0000 | block, block, &payload);
-            let wrong_tag = forged(&fkey, session, block, &payload);
-            let replay = forged(&fkey, old_session, block, &payload);
+            let wrong_session = forged(0xF0F0_0000 | block, block, &payload);
+            let wrong_tag = forged(session, block, &payload);
+            let replay = forged(old_session, block, &payload);
             for d in [&crc, &wrong_session, &wrong_tag, &replay] {
                 forger.send_to(d, GROUP).expect("forger send");
             }
@@ -206,6 +208,119 @@ fn forged_datagrams_are_dropped_counted_and_never_written() {
             log.lines()
                 .find(|l| l.contains(&format!("transfer {task}: dropped ")))
                 .unwrap_or_default()
+        );
+    }
+    drop(agents);
+}
+
+/// A receiver of the task forges for the others (see the module docs): forged manifests
+/// with real paths and the forged blocks they list, for the blocks the first pass is about
+/// to send and for every other position, all through the push.
+#[test]
+fn an_enrolled_receiver_cannot_forge_for_the_others() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab = Lab::new(LabConfig::hosts(4)).expect("lab (see docs/lab.md)");
+    let gw_addr = lab.host(0).addr().to_string();
+    let gw = Gateway::start(lab.host(0), dir, &["--mcast-addr", &gw_addr]);
+    // Three enrolled devices on hosts 1..=3; the forger runs on host 3, beside its device,
+    // with all that device knows.
+    let names = ["n1", "n2", "n3"];
+    let (specs, agents) = gw.enrol_agents(&lab, dir, names.len());
+    let mut rng = Rng::from_env(0x5eed_0017);
+    let size = 6 << 20;
+    let mut data = vec![0u8; size];
+    rng.fill(&mut data);
+    let src = dir.join("image.bin");
+    std::fs::write(&src, &data).expect("write source");
+    // What a device of the task knows: the geometry and root (the announce), and, from its
+    // own copy, every real digest and so every Merkle node.
+    let real = BlockDigests::of_bytes(&data, BLOCK).expect("digests");
+    let geom: ManifestGeometry = *real.geometry();
+    let real_digests: Vec<[u8; DIGEST_LEN]> = data
+        .chunks(BLOCK as usize)
+        .enumerate()
+        .map(|(b, p)| block_digest(&mut RingSha, b as u32, p))
+        .collect();
+    let tree = MerkleTree::build(&mut RingSha, &geom, &real_digests);
+    assert_eq!(tree.root(), real.root().root);
+    let task = push(&gw, &src, 10);
+    let session = task as u32;
+    let forger = lab.host(3).udp_socket(0).expect("forger socket");
+    let (mut rounds, mut sent_manifests, mut sent_blocks) = (0u64, 0u64, 0u64);
+    let started = now();
+    let n_manifests = geom.n_manifests();
+    let mut next = 0u32;
+    while started.elapsed() < WAIT && !all_completed(&gw, task, &names) {
+        // In turn through the file (so each manifest is forged ahead of the real one at
+        // some point), plus one at random.
+        for m in [
+            next % n_manifests,
+            rng.range(0, u64::from(n_manifests)) as u32,
+        ] {
+            let blocks = geom.blocks_of(m);
+            let mut payloads = Vec::new();
+            let mut digests = Vec::new();
+            for b in blocks.clone() {
+                let len = (size - b as usize * BLOCK as usize).min(BLOCK as usize);
+                let mut p = vec![0u8; len];
+                rng.fill(&mut p);
+                digests.extend_from_slice(&block_digest(&mut RingSha, b, &p));
+                payloads.push((b, p));
+            }
+            let mut path = Vec::new();
+            tree.path_into(m, &mut path);
+            let man = Message::Manifest(Manifest {
+                session,
+                index: m,
+                digests: &digests,
+                path: &path,
+            });
+            let mut d = Vec::new();
+            man.emit_to_vec(&mut d).expect("manifest");
+            // The forged manifest first, as the real sender does, then its blocks.
+            forger.send_to(&d, GROUP).expect("forger send");
+            sent_manifests += 1;
+            for (b, p) in payloads.iter().take(8) {
+                forger
+                    .send_to(&forged(session, *b, p), GROUP)
+                    .expect("forger send");
+                sent_blocks += 1;
+            }
+        }
+        next = next.wrapping_add(1);
+        rounds += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!("forger: {rounds} rounds, {sent_manifests} manifests, {sent_blocks} blocks");
+    wait_for(
+        "all three to complete the push under attack",
+        WAIT,
+        || all_completed(&gw, task, &names).then_some(()),
+        || gw.task_report(&specs, task),
+    );
+    for s in &specs {
+        let got = std::fs::read(s.state.join("downloads").join("image.bin")).expect("copy");
+        assert!(
+            got == data,
+            "{}: the received copy differs from the source\n{}",
+            s.log.display(),
+            gw.task_report(&specs, task)
+        );
+        let log = read_log(&s.log);
+        let tag = dropped(&log, task, "tag")
+            .unwrap_or_else(|| panic!("no `transfer {task}: dropped` line\n{}", s.output()));
+        eprintln!(
+            "{}",
+            log.lines()
+                .find(|l| l.contains(&format!("transfer {task}: dropped ")))
+                .unwrap_or_default()
+        );
+        assert!(
+            tag > 0,
+            "{}: no forgery counted under tag\n{}",
+            s.log.display(),
+            s.output()
         );
     }
     drop(agents);

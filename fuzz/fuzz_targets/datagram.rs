@@ -2,12 +2,20 @@
 //! the same body (one encoding per value; length conserved).
 #![no_main]
 
-use fleetcast_wire::{DataBlock, Frame, Message, Parity, HEADER_LEN};
+use fleetcast_wire::{DataBlock, Frame, Manifest, Message, Parity, HEADER_LEN};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let _ = DataBlock::parse(data);
     let _ = Parity::parse(data);
+    // The manifest parser the receivers run on every `Manifest` datagram: whole digests and
+    // path entries only, and it agrees with the message parser.
+    if let Ok(m) = Manifest::parse(data) {
+        assert_eq!(m.digests.len() % 16, 0);
+        assert_eq!(m.path.len() % 32, 0);
+        let (msg, _) = Message::parse_datagram(data).expect("a manifest is a message");
+        assert_eq!(msg, Message::Manifest(m));
+    }
     let Ok((msg, frame)) = Message::parse_datagram(data) else {
         return;
     };

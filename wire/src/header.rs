@@ -26,8 +26,10 @@ pub const MAGIC: u8 = 0xFC;
 /// (`Dispatch`, `Result`, `Hello.last`), the report inside a result, the pre-reboot result in
 /// `RebootComplete`, the `Report` kind, per-device NACK keys (`Announce.nack_key`), numbered
 /// NACKs and the `Probe` kind; version 3 the report's package manager, CPU, memory and
-/// attached devices; version 4 the FEC group size in `Announce` (docs/wire.md, "Versioning").
-pub const VERSION: u8 = 4;
+/// attached devices; version 4 the FEC group size in `Announce`; version 5 authentication by digest (the
+/// `Announce`'s Merkle root instead of its data key, the `Manifest` kind; docs/wire.md,
+/// "Versioning").
+pub const VERSION: u8 = 5;
 /// Size of [`Header`] in bytes.
 pub const HEADER_LEN: usize = 12;
 /// Flag: the body ends with a [`TAG_LEN`]-byte packet-authentication tag.

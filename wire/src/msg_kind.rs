@@ -48,6 +48,8 @@ pub enum Kind {
     TaskAsk = 0x28,
     /// [`crate::TaskAnswer`]: the gateway's answer to a `TaskAsk`, from the task table
     TaskAnswer = 0x29,
+    /// [`crate::Manifest`]: block digests and their Merkle path (version 5)
+    Manifest = 0x2A,
     /// [`crate::Overflow`]: a receiver's socket dropped datagrams (the sender paces down)
     Overflow = 0x2B,
     /// [`crate::Close`]
@@ -56,7 +58,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 23] = [
+    pub const ALL: [Kind; 24] = [
         Kind::Hello,
         Kind::Welcome,
         Kind::Heartbeat,
@@ -78,6 +80,7 @@ impl Kind {
         Kind::Probe,
         Kind::TaskAsk,
         Kind::TaskAnswer,
+        Kind::Manifest,
         Kind::Overflow,
         Kind::Close,
     ];

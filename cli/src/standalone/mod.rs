@@ -110,9 +110,8 @@ pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> 
 /// The keys of one purpose each, from the pre-shared key.
 #[derive(Debug, Clone, Copy)]
 pub struct Keys {
-    /// `Data`, `Repair`, `Parity`.
-    pub data: [u8; 32],
-    /// `Nack`, `Probe`.
+    /// `Nack`, `Probe`. (`Data`, `Repair` and `Parity` carry no tag since wire version 5:
+    /// they are authenticated by digest, under the Merkle root in the tagged `Announce`.)
     pub nack: [u8; 32],
     /// `Announce`, `TaskAsk`, `Completion`, `TaskAnswer`.
     pub control: [u8; 32],
@@ -128,7 +127,6 @@ impl Keys {
             out
         };
         Keys {
-            data: one(b"fleetcast standalone data"),
             nack: one(b"fleetcast standalone nack"),
             control: one(b"fleetcast standalone control"),
         }
@@ -136,10 +134,7 @@ impl Keys {
 
     /// The distribution's keys.
     pub fn explicit(&self) -> ExplicitKeys {
-        ExplicitKeys {
-            data: self.data,
-            nack: self.nack,
-        }
+        ExplicitKeys { nack: self.nack }
     }
 }
 
@@ -305,9 +300,8 @@ mod tests {
         assert!(parse_key("ab").is_err());
         assert!(parse_key(&"zz".repeat(32)).is_err());
         let keys = Keys::derive(&k);
-        assert_ne!(keys.data, keys.nack);
         assert_ne!(keys.nack, keys.control);
-        assert_ne!(Keys::derive(&[1; 32]).data, keys.data);
+        assert_ne!(Keys::derive(&[1; 32]).nack, keys.nack);
         assert_eq!(
             parse_group("239.1.2.3:9000").unwrap(),
             (Ipv4Addr::new(239, 1, 2, 3), 9000)

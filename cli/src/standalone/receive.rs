@@ -280,7 +280,6 @@ fn start(
     now: Instant,
 ) -> Result<Running, StandaloneError> {
     let announce = Announce {
-        auth_key: Some(keys.data),
         nack_key: Some(keys.nack),
         name: Cow::Owned(name.to_string()),
         ..a.clone().into_owned()

@@ -211,7 +211,9 @@ pub fn run(opts: &SendOpts, say: &mut dyn FnMut(&str)) -> Result<SendOutcome, St
             .fec_group
             .unwrap_or_else(|| fleetcast_wire::mcast::fec_group_for(block_size)),
         sha256,
-        auth_key: None,
+        // The Merkle root over the file's manifests, which the sender just computed: the
+        // announce is tagged under the control key, so the root is the PSK's word.
+        digests: dist.digests_of(task),
         nack_key: None,
         name: Cow::Owned(name),
     };

@@ -241,8 +241,8 @@ mod tests {
         let sent = |sock: &UdpSocket, d: &[u8]| {
             sock.send_to(d, gw).unwrap();
         };
-        // Under the group's data key (which every receiver knows), and with made-up ids.
-        sent(&dev, &nack(1, 1, None, &a.auth_key.unwrap()));
+        // Under a key that is not the device's, and with made-up ids.
+        sent(&dev, &nack(1, 1, None, &[0x4B; 32]));
         for id in 2..500 {
             sent(&dev, &nack(id, 1, None, &a.nack_key.unwrap()));
         }

@@ -120,6 +120,7 @@ use core::fmt;
 
 use crate::ranges::{BlockRange, Ranges};
 
+pub mod digest;
 pub mod fec;
 mod overflow;
 mod plan;
@@ -223,23 +224,22 @@ pub const MAX_BLOCK_SIZE: u32 = crate::header::MAX_DATAGRAM_BODY
 /// Bytes of IPv4 and UDP headers in front of every datagram (no IP options).
 pub const IPV4_UDP_HEADERS: u32 = 28;
 
-/// The block size whose tagged data datagram exactly fills a frame of `mtu` (1,436 bytes at
-/// the Ethernet MTU of 1,500), never above what a parity datagram can carry; `None` for an
-/// MTU too small to carry a useful block (under 576, the least every IPv4 host takes).
+/// The block size whose data datagram exactly fills a frame of `mtu` (1,452 bytes at the
+/// Ethernet MTU of 1,500: since version 5 blocks carry no tag), never above what a parity
+/// datagram can carry; `None` for an MTU too small to carry a useful block (under 576, the
+/// least every IPv4 host takes).
 pub fn block_size_for_mtu(mtu: u32) -> Option<u32> {
     if mtu < 576 {
         return None;
     }
-    let fit = mtu
-        - IPV4_UDP_HEADERS
-        - crate::data::DATA_PREFIX_LEN as u32
-        - crate::header::TAG_LEN as u32;
+    let fit = mtu - IPV4_UDP_HEADERS - crate::data::DATA_PREFIX_LEN as u32;
     // A parity datagram's header is 8 bytes longer than a data block's.
     Some(fit.min(MAX_BLOCK_SIZE - 8))
 }
 
 /// Bytes of file data a parity group spans by default: 512 blocks of 1,436 bytes (the Ethernet
-/// MTU's block), where the group size was first tuned.
+/// MTU's tagged block before version 5), where the group size was first tuned; 506 blocks of
+/// today's 1,452.
 pub const FEC_GROUP_BYTES: u32 = 512 * 1436;
 
 /// The default FEC group size for blocks of `block_size`: groups of about
@@ -456,10 +456,10 @@ mod unit {
     /// The default block fills the frame: a data datagram of that block is the MTU exactly.
     #[test]
     fn the_mtu_block_size_fills_the_frame_and_stays_within_parity() {
-        assert_eq!(block_size_for_mtu(1500), Some(1436));
+        assert_eq!(block_size_for_mtu(1500), Some(1452));
         for mtu in [576, 1280, 1500, 9000] {
             let b = block_size_for_mtu(mtu).unwrap();
-            let datagram = b + crate::data::DATA_PREFIX_LEN as u32 + crate::header::TAG_LEN as u32;
+            let datagram = b + crate::data::DATA_PREFIX_LEN as u32;
             assert_eq!(datagram + IPV4_UDP_HEADERS, mtu, "mtu {mtu}");
             assert!(block_count(1, b).is_ok());
         }
@@ -472,6 +472,8 @@ mod unit {
     fn the_default_fec_group_spans_about_the_same_bytes_at_every_mtu() {
         assert_eq!(fec_group_for(1436), 512);
         assert_eq!(fec_group_for(8936), 82);
+        assert_eq!(fec_group_for(1452), 506, "version 5's Ethernet block");
+        assert_eq!(fec_group_for(8952), 82);
         assert_eq!(fec_group_for(100), 512, "at most 512 blocks");
         assert_eq!(fec_group_for(65_000), 32, "at least 32 blocks");
         assert_eq!(fec_group_for(0), 512);

@@ -717,6 +717,31 @@ impl McastReceiver {
         Ok(recovered)
     }
 
+    /// The driver found blocks that [`McastReceiver::decode`] rebuilt to be wrong (their
+    /// digests did not match: parity is not authenticated, so a forged symbol rebuilds
+    /// garbage): `rebuilt`, what that decode returned, is missing again (the group's symbols
+    /// went with the decode) and is NACKed again like any missing block. A completion the
+    /// decode reported is taken back.
+    pub fn discard_rebuilt(&mut self, now: Instant, rebuilt: &Ranges) {
+        for r in rebuilt.as_slice() {
+            for b in r.start..r.start.saturating_add(r.len).min(self.n_blocks) {
+                let w = &mut self.bits[(b / 64) as usize];
+                let m = 1u64 << (b % 64);
+                if *w & m != 0 {
+                    *w &= !m;
+                    self.have -= 1;
+                    self.record_dirty = true;
+                }
+            }
+        }
+        self.stats.recovered = self.stats.recovered.saturating_sub(rebuilt.blocks());
+        if self.complete && self.have < self.n_blocks {
+            self.complete = false;
+            self.events.retain(|e| *e != ReceiverEvent::Complete);
+        }
+        self.arm_gap(now, Duration::ZERO);
+    }
+
     /// When to call [`McastReceiver::handle_timeout`].
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.timers.iter().flatten().copied().min()

@@ -16,8 +16,9 @@ use crate::ranges::{Ranges, MAX_NACK_RANGES};
 /// `Announce`: a distribution task for this device (gateway → agent, control session).
 ///
 /// Fields: `task_id u64`, `session u32`, `group addr`, `port u16`, `size u64`,
-/// `block_size u32`, `fec_group u32`, `sha256 [32]`, `auth_key option<[32]>`, `nack_key option<[32]>`,
-/// `name str16`, where `addr` is `u8 family (4|6)` then 4 or 16 address bytes.
+/// `block_size u32`, `fec_group u32`, `sha256 [32]`, `digests option<root [32], per_manifest
+/// u16 (≥ 1)>`, `nack_key option<[32]>`, `name str16`, where `addr` is `u8 family (4|6)` then 4 or 16
+/// address bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct Announce<'a> {
@@ -40,9 +41,11 @@ pub struct Announce<'a> {
     pub fec_group: u32,
     /// SHA-256 of the whole file.
     pub sha256: [u8; 32],
-    /// Per-session packet-authentication key, when packets carry tags: the group's key, for
-    /// `Data`, `Parity` and `Repair`.
-    pub auth_key: Option<[u8; 32]>,
+    /// How blocks are authenticated: the Merkle root over the task's manifests and their size
+    /// (`mcast::digest`); every block a receiver writes must match its digest in a manifest
+    /// whose path leads to the root. `None`: blocks are not authenticated (tests and
+    /// simulations only; a gateway always sends one).
+    pub digests: Option<DigestRoot>,
     /// This device's own key for the `Nack`s it sends and the `Probe`s it receives, when they
     /// carry tags. The gateway derives one per device and per announce, so no other receiver
     /// can tag a NACK in this device's name, and a new announce (a new control session)
@@ -71,9 +74,11 @@ impl<'a> Announce<'a> {
         s.u32(self.block_size)?;
         s.u32(self.fec_group)?;
         s.put(&self.sha256)?;
-        s.present(self.auth_key.is_some())?;
-        if let Some(k) = &self.auth_key {
-            s.put(k)?;
+        s.present(self.digests.is_some())?;
+        if let Some(d) = &self.digests {
+            d.check()?;
+            s.put(&d.root)?;
+            s.u16(d.per_manifest)?;
         }
         s.present(self.nack_key.is_some())?;
         if let Some(k) = &self.nack_key {
@@ -94,7 +99,16 @@ impl<'a> Announce<'a> {
         let block_size = r.u32()?;
         let fec_group = r.u32()?;
         let sha256 = r.array()?;
-        let auth_key = if r.present()? { Some(r.array()?) } else { None };
+        let digests = if r.present()? {
+            let d = DigestRoot {
+                root: r.array()?,
+                per_manifest: r.u16()?,
+            };
+            d.check()?;
+            Some(d)
+        } else {
+            None
+        };
         let nack_key = if r.present()? { Some(r.array()?) } else { None };
         let name = borrowed_str16(r, MAX_NAME)?;
         Ok(Announce {
@@ -106,7 +120,7 @@ impl<'a> Announce<'a> {
             block_size,
             fec_group,
             sha256,
-            auth_key,
+            digests,
             nack_key,
             name,
         })
@@ -120,6 +134,27 @@ impl Announce<'_> {
             name: owned(self.name),
             ..self
         }
+    }
+}
+
+/// The block authentication an [`Announce`] carries: the Merkle root over the task's
+/// manifests and how many block digests each lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct DigestRoot {
+    /// The root (SHA-256, `mcast::digest::MerkleTree`).
+    pub root: [u8; 32],
+    /// Digests per manifest, at least 1 (the receiver refuses a geometry it cannot hold:
+    /// above `mcast::digest::MAX_PER_MANIFEST`).
+    pub per_manifest: u16,
+}
+
+impl DigestRoot {
+    fn check(&self) -> Result<()> {
+        if self.per_manifest == 0 {
+            return Err(Error::InvalidValue);
+        }
+        Ok(())
     }
 }
 
@@ -411,6 +446,108 @@ impl TaskAnswer {
             task_id: r.u64()?,
             verdict: TaskVerdict::from_u8(r.u8()?)?,
         })
+    }
+}
+
+/// `Manifest`: the digests of consecutive blocks and the Merkle path that proves them
+/// (gateway → group, or → one agent with its repairs; datagram, untagged: the path is the
+/// authentication, checked against the announce's root; see `mcast::digest`).
+///
+/// Fields: `session u32`, `index u32` (manifest `index` lists blocks `index × per_manifest
+/// ..`), `count u16` then `count` digests of 16 bytes, `path count u8` then that many
+/// 32-byte siblings, from the leaf up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Manifest<'a> {
+    /// The multicast session.
+    pub session: u32,
+    /// The manifest's index.
+    pub index: u32,
+    /// The block digests, back to back (a multiple of 16 bytes, at most
+    /// [`MAX_MANIFEST_DIGESTS`] of them).
+    pub digests: &'a [u8],
+    /// The Merkle path, back to back (a multiple of 32 bytes, at most 32 of them).
+    pub path: &'a [u8],
+}
+
+/// Whole digests and path entries only (random byte strings would almost never be), so
+/// fuzzing and property tests reach the parser's valid side.
+#[cfg(any(test, feature = "arbitrary"))]
+impl<'a> arbitrary::Arbitrary<'a> for Manifest<'a> {
+    fn arbitrary(u: &mut arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
+        use crate::mcast::digest::{DIGEST_LEN, NODE_LEN};
+        let session = u.arbitrary()?;
+        let index = u.arbitrary()?;
+        let nd = u.int_in_range(0..=6usize)?;
+        let digests = u.bytes(nd * DIGEST_LEN)?;
+        let np = u.int_in_range(0..=3usize)?;
+        let path = u.bytes(np * NODE_LEN)?;
+        Ok(Manifest {
+            session,
+            index,
+            digests,
+            path,
+        })
+    }
+}
+
+/// Most digests a `Manifest` may carry (a parse limit; the geometry's own is lower).
+pub const MAX_MANIFEST_DIGESTS: usize = 4096;
+
+impl<'a> Manifest<'a> {
+    fn counts(&self) -> Result<(u16, u8)> {
+        use crate::mcast::digest::{DIGEST_LEN, MAX_PATH, NODE_LEN};
+        let (d, p) = (self.digests.len(), self.path.len());
+        if d % DIGEST_LEN != 0 || p % NODE_LEN != 0 {
+            return Err(Error::InvalidValue);
+        }
+        if d / DIGEST_LEN > MAX_MANIFEST_DIGESTS || p / NODE_LEN > MAX_PATH {
+            return Err(Error::FieldTooLong);
+        }
+        Ok(((d / DIGEST_LEN) as u16, (p / NODE_LEN) as u8))
+    }
+
+    pub(crate) fn encode<S: Sink>(&self, s: &mut S) -> Result<()> {
+        let (nd, np) = self.counts()?;
+        s.u32(self.session)?;
+        s.u32(self.index)?;
+        s.u16(nd)?;
+        s.put(self.digests)?;
+        s.u8(np)?;
+        s.put(self.path)
+    }
+
+    pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
+        use crate::mcast::digest::{DIGEST_LEN, MAX_PATH, NODE_LEN};
+        let session = r.u32()?;
+        let index = r.u32()?;
+        let nd = usize::from(r.u16()?);
+        if nd > MAX_MANIFEST_DIGESTS {
+            return Err(Error::FieldTooLong);
+        }
+        let digests = r.take(nd * DIGEST_LEN)?;
+        let np = usize::from(r.u8()?);
+        if np > MAX_PATH {
+            return Err(Error::FieldTooLong);
+        }
+        let path = r.take(np * NODE_LEN)?;
+        Ok(Manifest {
+            session,
+            index,
+            digests,
+            path,
+        })
+    }
+
+    /// Parses a whole datagram that must be a `Manifest` frame.
+    pub fn parse(datagram: &'a [u8]) -> Result<Manifest<'a>> {
+        let frame = Frame::parse_datagram(datagram)?;
+        if frame.header.kind != Kind::Manifest as u8 {
+            return Err(Error::UnknownKind(frame.header.kind));
+        }
+        let mut r = Reader::new(frame.body);
+        let m = Manifest::decode(&mut r)?;
+        r.finish()?;
+        Ok(m)
     }
 }
 

@@ -8,7 +8,7 @@
 //! - Every message with a lifetime has `into_owned(self) -> Self<'static>` (the rustls
 //!   `Payload<'a>` idea): the same type, borrowed on the hot path, owned where it is kept (the
 //!   store's records, the agent's state, queues between threads). There is one type per
-//!   message, never a parallel "owned" struct. Data blocks, repairs and parity symbols stay
+//!   message, never a parallel "owned" struct. Data blocks, repairs, parity symbols and manifests stay
 //!   plain slices: they are never kept, and a `Cow` would only slow the multicast path, so
 //!   [`Message`] itself has no `into_owned`.
 //! - No input can panic, loop or allocate unboundedly; every declared length is checked before
@@ -41,8 +41,9 @@ pub use control::{
     Welcome,
 };
 pub use mcast::{
-    Announce, Completion, Nack, Outcome, Overflow, Parity, ParityHeader, Probe, TaskAnswer,
-    TaskAsk, TaskVerdict, TransferState, TransferStatus, COOKIE_LEN, PARITY_PREFIX_LEN,
+    Announce, Completion, DigestRoot, Manifest, Nack, Outcome, Overflow, Parity, ParityHeader,
+    Probe, TaskAnswer, TaskAsk, TaskVerdict, TransferState, TransferStatus, COOKIE_LEN,
+    MAX_MANIFEST_DIGESTS, PARITY_PREFIX_LEN,
 };
 pub use report::{Attached, AttachedKind, PackageManager, Target};
 
@@ -72,6 +73,7 @@ pub enum Message<'a> {
     Probe(Probe),
     TaskAsk(TaskAsk),
     TaskAnswer(TaskAnswer),
+    Manifest(Manifest<'a>),
     Overflow(Overflow),
     Close(Close<'a>),
 }
@@ -101,6 +103,7 @@ impl<'a> Message<'a> {
             Message::Probe(_) => Kind::Probe,
             Message::TaskAsk(_) => Kind::TaskAsk,
             Message::TaskAnswer(_) => Kind::TaskAnswer,
+            Message::Manifest(_) => Kind::Manifest,
             Message::Overflow(_) => Kind::Overflow,
             Message::Close(_) => Kind::Close,
         }
@@ -136,6 +139,7 @@ impl<'a> Message<'a> {
             Message::Probe(m) => m.encode(s),
             Message::TaskAsk(m) => m.encode(s),
             Message::TaskAnswer(m) => m.encode(s),
+            Message::Manifest(m) => m.encode(s),
             Message::Overflow(m) => m.encode(s),
             Message::Close(m) => m.encode(s),
         }
@@ -170,6 +174,7 @@ impl<'a> Message<'a> {
             Kind::Probe => Message::Probe(Probe::decode(r)?),
             Kind::TaskAsk => Message::TaskAsk(TaskAsk::decode(r)?),
             Kind::TaskAnswer => Message::TaskAnswer(TaskAnswer::decode(r)?),
+            Kind::Manifest => Message::Manifest(Manifest::decode(r)?),
             Kind::Overflow => Message::Overflow(Overflow::decode(r)?),
             Kind::Close => Message::Close(Close::decode(r)?),
         };

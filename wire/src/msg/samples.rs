@@ -13,6 +13,9 @@ use crate::ranges::Ranges;
 
 const OUTPUT: &[u8] = b"Setting up nginx (1.22.1-9) ...\n";
 const PAYLOAD: &[u8] = b"0123456789abcdef0123456789abcdef";
+/// Two block digests and a two-sibling path, for the `Manifest` sample.
+const DIGESTS: [u8; 32] = [0xD6; 32];
+const PATH: [u8; 64] = [0x9A; 64];
 
 fn result() -> CommandResult<'static> {
     CommandResult {
@@ -159,7 +162,10 @@ fn announce() -> Announce<'static> {
         block_size: 1400,
         fec_group: 512,
         sha256: [0xD1; 32],
-        auth_key: Some([0x4B; 32]),
+        digests: Some(DigestRoot {
+            root: [0x4B; 32],
+            per_manifest: 64,
+        }),
         nack_key: Some([0x4E; 32]),
         name: "debian-12.img".into(),
     }
@@ -261,6 +267,12 @@ pub fn all() -> Vec<Message<'static>> {
         Message::TaskAnswer(TaskAnswer {
             task_id: 3,
             verdict: TaskVerdict::Serving,
+        }),
+        Message::Manifest(Manifest {
+            session: 0xCAFE,
+            index: 2,
+            digests: &DIGESTS,
+            path: &PATH,
         }),
         Message::Overflow(Overflow {
             session: 0xCAFE,

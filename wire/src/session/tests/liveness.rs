@@ -160,7 +160,7 @@ fn scenario(chunking: Chunking) -> (Vec<GatewayEvent>, Vec<AgentEvent>) {
         block_size: 1024,
         fec_group: 0,
         sha256: [7; 32],
-        auth_key: None,
+        digests: None,
         nack_key: None,
         name: "image.bin".into(),
     })
