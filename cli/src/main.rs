@@ -57,7 +57,7 @@ enum Cmd {
         #[arg(long)]
         group: String,
         /// Payload bytes per datagram. Default: fill a frame of the gateway's multicast
-        /// interface (1452 at MTU 1500).
+        /// interface (1444 at MTU 1500).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         block_size: Option<u32>,
         /// Rate ceiling, megabits per second.

@@ -357,10 +357,10 @@ fn when_online_waits_for_the_devices_then_multicasts_to_them_together() {
     assert_eq!(fired(&gw), 0, "{}", gw.task_report(&specs, task));
     let rows = gw.task_rows(task);
     assert_eq!(status_of(&rows, "n1"), "pending", "{rows:#?}");
-    // 2 MiB in blocks that fill the lab's MTU 1500 (1,452 bytes), none received yet.
+    // 2 MiB in blocks that fill the lab's MTU 1500 (1,444 bytes), none received yet.
     assert_eq!(
         rows[0]["blocks"],
-        format!("0/{}", (2u64 << 20).div_ceil(1452)),
+        format!("0/{}", (2u64 << 20).div_ceil(1444)),
         "{rows:#?}"
     );
     let shown = cli(&gw, &["task", "show", &task.to_string()]);

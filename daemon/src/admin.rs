@@ -273,7 +273,7 @@ pub enum Request {
         /// Target group.
         group: String,
         /// Payload bytes per datagram; 0 (or absent): fill a frame of `mcast.addr`'s
-        /// interface (1,452 bytes at MTU 1,500).
+        /// interface (1,444 bytes at MTU 1,500).
         #[serde(default)]
         block_size: u32,
         /// Sending rate ceiling, megabits per second.

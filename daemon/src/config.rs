@@ -372,7 +372,7 @@ pub const KEYS: &[Key] = &[
         Int,
         "a whole number of blocks from 0 (off) to 32768",
         "512",
-        "Blocks per FEC group: repairs multicast fresh parity that heals different losses at different receivers at once. 0: repair by re-multicast and unicast only. Unset: groups of about 720 KiB, 506 blocks of 1452 bytes (MTU 1500) and 82 of 8952 (MTU 9000), between 32 and 512.",
+        "Blocks per FEC group: repairs multicast fresh parity that heals different losses at different receivers at once. 0: repair by re-multicast and unicast only. Unset: groups of about 720 KiB, 509 blocks of 1444 bytes (MTU 1500) and 82 of 8944 (MTU 9000), between 32 and 512.",
     ),
     key(
         "mcast.broadcast",
@@ -428,7 +428,7 @@ pub const KEYS: &[Key] = &[
         Int,
         "a whole number of bytes from 512 to 65000",
         "1400",
-        "Block size of the pushes watch.dir triggers, bytes. Unset: the block that fills a frame of mcast.addr's interface (1452 at MTU 1500).",
+        "Block size of the pushes watch.dir triggers, bytes. Unset: the block that fills a frame of mcast.addr's interface (1444 at MTU 1500).",
     ),
     key(
         "watch.then",

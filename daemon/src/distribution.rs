@@ -763,7 +763,7 @@ impl Distributor {
     }
 
     /// The block size of a push that names none: one that fills a frame of `mcast.addr`'s
-    /// interface (1,452 bytes at MTU 1,500), or 1,400 when the interface or its MTU is unknown.
+    /// interface (1,444 bytes at MTU 1,500), or 1,400 when the interface or its MTU is unknown.
     pub fn default_block_size(&self) -> u32 {
         self.iface
             .as_ref()

@@ -805,10 +805,10 @@ mod tests {
                 .per_manifest(),
             128
         );
-        // The figures docs/wire.md gives for MTU 1500's blocks of 1,452 bytes.
+        // The figures docs/wire.md gives for MTU 1500's blocks of 1,444 bytes.
         let per = |bytes: u64| {
-            let n = bytes.div_ceil(1452) as u32;
-            ManifestGeometry::choose(n, 1452).unwrap().per_manifest()
+            let n = bytes.div_ceil(1444) as u32;
+            ManifestGeometry::choose(n, 1444).unwrap().per_manifest()
         };
         assert_eq!((per(64 << 20), per(4 << 30)), (70, 58));
         assert_eq!(ManifestGeometry::new(10, 0), Err(DigestError::Geometry));

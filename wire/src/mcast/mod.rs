@@ -224,22 +224,26 @@ pub const MAX_BLOCK_SIZE: u32 = crate::header::MAX_DATAGRAM_BODY
 /// Bytes of IPv4 and UDP headers in front of every datagram (no IP options).
 pub const IPV4_UDP_HEADERS: u32 = 28;
 
-/// The block size whose data datagram exactly fills a frame of `mtu` (1,452 bytes at the
-/// Ethernet MTU of 1,500: since version 5 blocks carry no tag), never above what a parity
-/// datagram can carry; `None` for an MTU too small to carry a useful block (under 576, the
+/// The block size whose *parity* datagram exactly fills a frame of `mtu` (1,444 bytes at the
+/// Ethernet MTU of 1,500; since version 5 blocks carry no tag), so a data datagram is 8 bytes
+/// short of the frame; `None` for an MTU too small to carry a useful block (under 576, the
 /// least every IPv4 host takes).
+///
+/// A parity symbol is a block long and its prefix is 8 bytes longer than a data block's: a
+/// block that filled the frame as data (1,452) made every parity datagram 1,508 bytes, sent
+/// as two IP fragments, each lost on its own (either loss loses the symbol) and reassembled
+/// by every receiver. 8 bytes of each data frame (0.55%) are cheaper.
 pub fn block_size_for_mtu(mtu: u32) -> Option<u32> {
     if mtu < 576 {
         return None;
     }
-    let fit = mtu - IPV4_UDP_HEADERS - crate::data::DATA_PREFIX_LEN as u32;
-    // A parity datagram's header is 8 bytes longer than a data block's.
+    let fit = mtu - IPV4_UDP_HEADERS - crate::msg::PARITY_PREFIX_LEN as u32;
     Some(fit.min(MAX_BLOCK_SIZE - 8))
 }
 
 /// Bytes of file data a parity group spans by default: 512 blocks of 1,436 bytes (the Ethernet
-/// MTU's tagged block before version 5), where the group size was first tuned; 506 blocks of
-/// today's 1,452.
+/// MTU's tagged block before version 5), where the group size was first tuned; 509 blocks of
+/// today's 1,444.
 pub const FEC_GROUP_BYTES: u32 = 512 * 1436;
 
 /// The default FEC group size for blocks of `block_size`: groups of about
@@ -453,14 +457,18 @@ mod unit {
         r
     }
 
-    /// The default block fills the frame: a data datagram of that block is the MTU exactly.
+    /// The default block's parity datagram fills the frame exactly, and its data datagram
+    /// fits (neither is fragmented).
     #[test]
-    fn the_mtu_block_size_fills_the_frame_and_stays_within_parity() {
-        assert_eq!(block_size_for_mtu(1500), Some(1452));
+    fn the_mtu_block_size_fills_the_frame_with_parity_and_data_fits() {
+        assert_eq!(block_size_for_mtu(1500), Some(1444));
+        assert_eq!(block_size_for_mtu(9000), Some(8944));
         for mtu in [576, 1280, 1500, 9000] {
             let b = block_size_for_mtu(mtu).unwrap();
-            let datagram = b + crate::data::DATA_PREFIX_LEN as u32;
-            assert_eq!(datagram + IPV4_UDP_HEADERS, mtu, "mtu {mtu}");
+            let parity = b + crate::msg::PARITY_PREFIX_LEN as u32;
+            assert_eq!(parity + IPV4_UDP_HEADERS, mtu, "mtu {mtu}");
+            let data = b + crate::data::DATA_PREFIX_LEN as u32;
+            assert!(data + IPV4_UDP_HEADERS < mtu, "mtu {mtu}");
             assert!(block_count(1, b).is_ok());
         }
         // Loopback's 65,536: as large as a parity datagram carries.
@@ -472,8 +480,8 @@ mod unit {
     fn the_default_fec_group_spans_about_the_same_bytes_at_every_mtu() {
         assert_eq!(fec_group_for(1436), 512);
         assert_eq!(fec_group_for(8936), 82);
-        assert_eq!(fec_group_for(1452), 506, "version 5's Ethernet block");
-        assert_eq!(fec_group_for(8952), 82);
+        assert_eq!(fec_group_for(1444), 509, "version 5's Ethernet block");
+        assert_eq!(fec_group_for(8944), 82);
         assert_eq!(fec_group_for(100), 512, "at most 512 blocks");
         assert_eq!(fec_group_for(65_000), 32, "at least 32 blocks");
         assert_eq!(fec_group_for(0), 512);
