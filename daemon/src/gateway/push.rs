@@ -118,6 +118,8 @@ impl Gateway {
                         overflow_reports = stats.overflow_reports,
                         rate_cuts = stats.rate_cuts,
                         rate = stats.rate,
+                        demoted = stats.demoted,
+                        demotions_withheld = stats.demotions_withheld,
                         deferred,
                         send_errors,
                         "distribution finished"

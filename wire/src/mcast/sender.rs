@@ -278,6 +278,9 @@ pub struct SenderStats {
     pub rounds: u64,
     /// Devices demoted.
     pub demoted: u64,
+    /// Rounds in which a device over a demotion bar was kept because its own overflow
+    /// reports account for its losses (see `close_round`).
+    pub demotions_withheld: u64,
     /// [`crate::Overflow`] reports received (counted like `nacks`, whatever became of them).
     pub overflow_reports: u64,
     /// Times the rate was cut for a receiver's overflow.
@@ -923,6 +926,20 @@ impl McastSender {
         }
     }
 
+    /// Whether the rate follows the receivers and most active receivers' sockets have
+    /// overflowed: then the pass outran the fleet, not one slow device (see the demotion
+    /// checks of `close_round`).
+    fn fleet_overflowed(&self) -> bool {
+        let (active, overflowed) = self
+            .receivers
+            .values()
+            .filter(|r| r.status == Status::Active)
+            .fold((0usize, 0usize), |(a, o), r| {
+                (a + 1, o + usize::from(r.drops > 0))
+            });
+        self.config.pace_follow && overflowed * 2 > active
+    }
+
     /// Closes the open round: demotion checks, then the requester-count sweep that splits the
     /// requested blocks into re-multicast and per-device unicast.
     fn close_round(&mut self) {
@@ -932,6 +949,7 @@ impl McastSender {
         let mut wanted: Vec<(u64, Ranges)> = Vec::with_capacity(requests.len());
         // Devices over the demotion bar this round: their losses do not size proactive parity.
         let mut outliers: Vec<u64> = Vec::new();
+        let fleet_overflowed = self.fleet_overflowed();
         for (dev, req) in requests {
             let Some(rx) = self.receivers.get_mut(&dev) else {
                 continue;
@@ -976,13 +994,32 @@ impl McastSender {
                 let pct = u64::from(self.config.demote_missing_percent);
                 let bar = u64::from(horizon) * pct;
                 let rx = self.receivers.get_mut(&dev).expect("checked above");
-                // Repairs that keep up with a lossy device hide its losses from the estimate;
-                // what they cost does not: more unicast than the bar allows demotes at once.
-                if rx.repaired * 100 > bar {
+                // When most of the fleet overflowed, the losses a device's own overflow
+                // reports account for were caused by our rate, which pacing is already
+                // cutting: they do not demote it (measured at MTU 9000: every receiver of a
+                // pass that outran them all was demoted in the first round, and each fetched
+                // a third of the file by unicast). One device overflowing alone is simply
+                // slower than the group and is judged as before, and so is one that
+                // overflows even at the floor.
+                let overflowed = fleet_overflowed
+                    && rx.floor_strikes < pacing::FLOOR_STRIKES
+                    && rx.drops >= estimate.max(1);
+                let over = estimate * 100 > u64::from(judged) * pct;
+                if overflowed {
+                    if over || rx.repaired * 100 > bar {
+                        self.stats.demotions_withheld += 1;
+                    }
+                    if over {
+                        outliers.push(dev);
+                    }
+                    rx.over_rounds = 0;
+                } else if rx.repaired * 100 > bar {
+                    // Repairs that keep up with a lossy device hide its losses from the
+                    // estimate; what they cost does not: more unicast than the bar allows
+                    // demotes at once.
                     self.demote(dev);
                     continue;
-                }
-                if estimate * 100 > u64::from(judged) * pct {
+                } else if over {
                     outliers.push(dev);
                     rx.over_rounds += 1;
                     if rx.over_rounds >= self.config.demote_after_rounds.max(1) {
@@ -1563,6 +1600,62 @@ mod tests {
             assert!(!ev.contains(&SenderEvent::Demoted(2)), "{ev:?}");
         }
         assert!(!s.first_pass_done());
+    }
+
+    /// Devices 1 and 2 miss the same third of what the first pass sent; device 1's socket
+    /// overflowed and it said so (its drops account for its losses), and so did device 3's
+    /// (most of the fleet overflowed), while device 2's link loses them. Only device 2 is
+    /// demoted: device 1's losses are the sender's rate, which pacing cuts, not a device too
+    /// slow for the group.
+    #[test]
+    fn losses_a_receivers_overflow_reports_account_for_do_not_demote_it() {
+        let cfg = SenderConfig {
+            file_size: 2_000_000,
+            demote_after_rounds: 2,
+            nack_ranges_cap: 128,
+            ..config()
+        };
+        let mut s = McastSender::new(cfg, us(0)).unwrap();
+        for d in 1..=3 {
+            s.add_receiver(d);
+        }
+        let mut now = first_pass_to(&mut s, 1000);
+        for (dev, drops) in [(1, 400), (3, 20)] {
+            let o = crate::Overflow {
+                session: s.config.session,
+                device_id: dev,
+                drops,
+            };
+            let mut buf = Vec::new();
+            crate::msg::Message::Overflow(o)
+                .emit_to_vec(&mut buf)
+                .unwrap();
+            let frame = crate::header::Frame::parse_datagram(&buf).unwrap();
+            let from = SocketAddr::from(([10, 0, 0, dev as u8], 5000));
+            assert_eq!(
+                s.handle_overflow(now, from, &frame, &o, &NoMac),
+                NackVerdict::Accepted
+            );
+        }
+        let mut third = Ranges::new();
+        for b in (0..1000).step_by(3).take(128) {
+            third.push(b, 1).unwrap();
+        }
+        for round in 0..2 {
+            nack(&mut s, now, 1, &third);
+            nack(&mut s, now, 2, &third);
+            now += Duration::from_millis(50);
+            s.handle_timeout(now);
+            let ev = events(&mut s);
+            assert_eq!(ev.contains(&SenderEvent::Demoted(2)), round == 1, "{ev:?}");
+            assert!(!ev.contains(&SenderEvent::Demoted(1)), "{ev:?}");
+        }
+        assert_eq!(
+            s.stats().demotions_withheld,
+            2,
+            "one per round over the bar"
+        );
+        assert_eq!(s.stats().demoted, 1);
     }
 
     #[test]
