@@ -417,10 +417,10 @@ fn check_flags(args: &[String]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Checks one value of key `k`: `Err` says what is wrong and what the key takes.
-pub fn check_value(k: &Key, v: &Value) -> Result<(), ValueError> {
-    let number = |s: &str, lo: u64, hi: u64, unit: &'static str| match s.trim().parse::<u64>() {
-        Ok(n) if (lo..=hi).contains(&n) => Ok(()),
+/// `s` as a whole number of `unit` from `lo` to `hi`, or what is wrong with it.
+pub(crate) fn number_in(s: &str, lo: u64, hi: u64, unit: &'static str) -> Result<u64, ValueError> {
+    match s.trim().parse::<u64>() {
+        Ok(n) if (lo..=hi).contains(&n) => Ok(n),
         Ok(value) => Err(ValueError::OutOfRange {
             value,
             unit,
@@ -433,7 +433,12 @@ pub fn check_value(k: &Key, v: &Value) -> Result<(), ValueError> {
             lo,
             hi,
         }),
-    };
+    }
+}
+
+/// Checks one value of key `k`: `Err` says what is wrong and what the key takes.
+pub fn check_value(k: &Key, v: &Value) -> Result<(), ValueError> {
+    let number = |s: &str, lo, hi, unit| number_in(s, lo, hi, unit).map(|_| ());
     let s = match v {
         Value::List(l) => {
             return match l.first() {

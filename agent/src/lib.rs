@@ -29,6 +29,8 @@ pub mod sink;
 pub mod slots;
 pub mod state;
 pub mod target;
+#[cfg(test)]
+mod test_loop;
 pub mod tls;
 pub mod transfer;
 pub mod update;

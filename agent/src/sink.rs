@@ -210,8 +210,8 @@ impl Sink {
         }
     }
 
-    /// Image bytes written so far (a compressed chunk counts once decoded and written): what
-    /// progress reports speak of.
+    /// Image data bytes written so far (holes are not counted; a compressed chunk counts
+    /// once decoded and written): what progress reports speak of.
     pub fn image_done(&self) -> u64 {
         self.image_done
     }
@@ -278,7 +278,8 @@ impl Sink {
         if self.assembler.is_none() {
             // Raw and sparse blocks were written in place; count them for progress.
             let n: u64 = stored.into_iter().count() as u64;
-            self.image_done = (n * self.block).min(self.image_size());
+            // The stream's last block may be short; the stream is the image's data.
+            self.image_done = (n * self.block).min(self.stream_len());
             return Ok(());
         }
         for b in stored {

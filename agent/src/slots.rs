@@ -338,22 +338,7 @@ fn build(mut v: Values) -> Result<SlotConfig, Bad> {
 }
 
 fn deadline(s: &str) -> Result<u64, ValueError> {
-    let (lo, hi, unit) = (10, 86_400, "seconds");
-    match s.trim().parse::<u64>() {
-        Ok(n) if (lo..=hi).contains(&n) => Ok(n),
-        Ok(value) => Err(ValueError::OutOfRange {
-            value,
-            unit,
-            lo,
-            hi,
-        }),
-        Err(_) => Err(ValueError::NotANumber {
-            raw: s.into(),
-            unit,
-            lo,
-            hi,
-        }),
-    }
+    crate::config::number_in(s, 10, 86_400, "seconds")
 }
 
 impl SlotConfig {

@@ -242,16 +242,20 @@ fn rxq_ovfl(h: &libc::msghdr) -> u32 {
 /// Asks the kernel for the socket's drop count with every datagram (`SO_RXQ_OVFL`); the
 /// overflow reports depend on it, the transfer does not.
 fn want_drop_counts(s: &socket2::Socket) {
-    let on: libc::c_int = 1;
+    set_int_option(s, libc::SO_RXQ_OVFL, 1);
+}
+
+/// Sets the `SOL_SOCKET` option `name` to `v`; whether the kernel took it.
+fn set_int_option(s: &socket2::Socket, name: libc::c_int, v: libc::c_int) -> bool {
     // SAFETY: setsockopt reads a c_int from a live local for the given length.
     unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RXQ_OVFL,
-            (&on as *const libc::c_int).cast(),
+            name,
+            (&v as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
+        ) == 0
     }
 }
 
@@ -469,16 +473,7 @@ const RECV_BUFFER_LOW: usize = 2 << 20;
 /// Returns the size the kernel gives (it counts its own overhead: about twice the request).
 fn grow_recv_buffer(s: &socket2::Socket, bytes: usize) -> usize {
     let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: setsockopt reads a c_int from a live local for the given length.
-    let forced = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    } == 0;
+    let forced = set_int_option(s, libc::SO_RCVBUFFORCE, v);
     if !forced {
         let _ = s.set_recv_buffer_size(bytes);
     }

@@ -353,43 +353,20 @@ fn a_real_loop_device_when_root_else_a_file() {
     let f = fs::File::create(&backing).unwrap();
     f.set_len(8 << 20).unwrap();
     drop(f);
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    let out = root
-        .then(|| {
-            std::process::Command::new("losetup")
-                .args(["--find", "--show"])
-                .arg(&backing)
-                .output()
-                .ok()
-        })
-        .flatten()
-        .filter(|o| o.status.success());
-    let Some(out) = out else {
+    let Some(dev) = crate::test_loop::LoopDevice::attach(&backing) else {
         eprintln!("ran on a regular file: not root or losetup unavailable");
         let h = Host::new("/");
         let t = h.resolve(&TargetSpec::File(backing.clone()), None).unwrap();
         h.check(&t, 8 << 20).unwrap();
         return;
     };
-    let node = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let node = dev.node();
     let name = node.file_name().unwrap().to_string_lossy().into_owned();
-    eprintln!("ran on loop device {}", node.display());
-    struct Detach(PathBuf);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("losetup")
-                .arg("-d")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _detach = Detach(node.clone());
     let h = Host::new("/");
-    let f = fs::File::open(&node).unwrap();
+    let f = fs::File::open(node).unwrap();
     assert_eq!(blk_size(&f).unwrap(), 8 << 20);
-    h.check_device(&node, &name, None, 8 << 20).unwrap();
-    match h.check_device(&node, &name, None, (8 << 20) + 1) {
+    h.check_device(node, &name, None, 8 << 20).unwrap();
+    match h.check_device(node, &name, None, (8 << 20) + 1) {
         Err(Refusal::TooSmall { need, have, .. }) => {
             assert_eq!((need, have), ((8 << 20) + 1, 8 << 20))
         }

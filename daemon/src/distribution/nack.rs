@@ -117,7 +117,7 @@ impl Distributor {
                     // Feedback like a NACK: counted with them, checked by the core the same way.
                     self.nack_bytes += n as u64;
                     if let Some(d) = self.dists.get_mut(&report.session) {
-                        let verdict = d.core.handle_overflow(now, from, &frame, &report, &RingMac);
+                        let verdict = d.core.handle_overflow(now, &frame, &report, &RingMac);
                         if verdict != NackVerdict::Accepted {
                             tracing::debug!(%from, device = report.device_id, ?verdict, "overflow report ignored");
                         }
@@ -173,6 +173,11 @@ mod tests {
             echo,
             missing,
         });
+        tagged(&msg, key)
+    }
+
+    /// `msg` as a datagram tagged under `key`.
+    fn tagged(msg: &Message<'_>, key: &[u8; 32]) -> Vec<u8> {
         let mut buf = vec![0u8; msg.buffer_len().unwrap() + TAG_LEN];
         let n = msg
             .emit_authenticated(&mut buf, |h, b| RingMac.tag(key, h, b))
@@ -319,12 +324,7 @@ mod tests {
                 device_id: 1,
                 drops,
             });
-            let mut buf = vec![0u8; msg.buffer_len().unwrap() + TAG_LEN];
-            let n = msg
-                .emit_authenticated(&mut buf, |h, b| RingMac.tag(key, h, b))
-                .unwrap();
-            buf.truncate(n);
-            buf
+            tagged(&msg, key)
         };
         sent(&dev, &overflow(10, &a.nack_key.unwrap()));
         sent(&dev, &overflow(10, &b.nack_key.unwrap()));

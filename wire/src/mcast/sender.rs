@@ -1631,9 +1631,8 @@ mod tests {
                 .emit_to_vec(&mut buf)
                 .unwrap();
             let frame = crate::header::Frame::parse_datagram(&buf).unwrap();
-            let from = SocketAddr::from(([10, 0, 0, dev as u8], 5000));
             assert_eq!(
-                s.handle_overflow(now, from, &frame, &o, &NoMac),
+                s.handle_overflow(now, &frame, &o, &NoMac),
                 NackVerdict::Accepted
             );
         }

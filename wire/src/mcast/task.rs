@@ -449,7 +449,6 @@ impl McastTask {
     pub fn handle_overflow(
         &mut self,
         now: Instant,
-        from: SocketAddr,
         frame: &Frame<'_>,
         report: &Overflow,
         mac: &dyn NackMac,
@@ -458,7 +457,7 @@ impl McastTask {
         let Some(sender) = self.sender_of(report.device_id) else {
             return NackVerdict::Inactive;
         };
-        sender.handle_overflow(now, from, frame, report, mac)
+        sender.handle_overflow(now, frame, report, mac)
     }
 
     /// The next address probe the last NACK asked for: appends its datagram to `buf` and

@@ -996,10 +996,9 @@ fn run_bottlenecked(pace_follow: bool, bottleneck: [Option<u64>; 4]) -> (Outcome
                 Message::Overflow(o).emit_to_vec(&mut buf).unwrap();
                 let frame = crate::header::Frame::parse_datagram(&buf).unwrap();
                 let now = g.time();
-                let from = sim_addr(NodeId::receiver(i));
                 g.sender_mut()
                     .core
-                    .handle_overflow(now, from, &frame, &o, &Untagged);
+                    .handle_overflow(now, &frame, &o, &Untagged);
             }
         }
     }

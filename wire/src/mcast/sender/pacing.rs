@@ -29,7 +29,6 @@
 //! last level, as CUBIC's): the fleet converges near what its
 //! slowest non-demoted receiver absorbs, and a cut costs a few intervals of probing back.
 
-use core::net::SocketAddr;
 use core::time::Duration;
 
 use super::{McastSender, NackVerdict, Status};
@@ -157,18 +156,17 @@ impl Pacing {
 }
 
 impl McastSender {
-    /// An [`Overflow`] datagram from `from`, parsed (`frame`, `report`; the driver routed it
-    /// here by its session): the device's kernel dropped datagrams. See the module docs for
+    /// An [`Overflow`] datagram, parsed (`frame`, `report`; the driver routed it here by its
+    /// session): the device's kernel dropped datagrams. Unlike a NACK it teaches no address
+    /// (nothing is sent in answer to it). See the module docs for
     /// what makes it count and what it does. `Replayed` means its count said nothing new.
     pub fn handle_overflow(
         &mut self,
         now: Instant,
-        from: SocketAddr,
         frame: &Frame<'_>,
         report: &Overflow,
         mac: &dyn NackMac,
     ) -> NackVerdict {
-        let _ = from;
         self.tick(now);
         self.stats.overflow_reports += 1;
         let verdict = self.accept_overflow(now, frame, report, mac);

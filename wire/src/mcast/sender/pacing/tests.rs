@@ -99,8 +99,7 @@ fn report(s: &mut McastSender, now: Instant, dev: u64, drops: u64) -> NackVerdic
     let mut buf = Vec::new();
     Message::Overflow(o).emit_to_vec(&mut buf).unwrap();
     let frame = Frame::parse_datagram(&buf).unwrap();
-    let from = SocketAddr::from(([10, 0, 0, dev as u8], 5000));
-    s.handle_overflow(now, from, &frame, &o, &NoMac)
+    s.handle_overflow(now, &frame, &o, &NoMac)
 }
 
 /// Datagrams the sender hands out from `from` to `to` (ms), polled at its own deadlines.
@@ -220,11 +219,10 @@ fn reports_must_carry_the_devices_tag() {
         buf.truncate(n);
         (buf, o)
     };
-    let from = SocketAddr::from(([10, 0, 0, 1], 5000));
     let (forged, o) = emit(&[2; 32], 10);
     let f = Frame::parse_datagram(&forged).unwrap();
     assert_eq!(
-        s.handle_overflow(ms(1), from, &f, &o, &KeyMac),
+        s.handle_overflow(ms(1), &f, &o, &KeyMac),
         NackVerdict::Forged
     );
     assert_eq!(s.stats().rate_cuts, 0);
@@ -232,7 +230,7 @@ fn reports_must_carry_the_devices_tag() {
     let (good, o) = emit(&[1; 32], 10);
     let f = Frame::parse_datagram(&good).unwrap();
     assert_eq!(
-        s.handle_overflow(ms(2), from, &f, &o, &KeyMac),
+        s.handle_overflow(ms(2), &f, &o, &KeyMac),
         NackVerdict::Accepted
     );
     assert_eq!(s.stats().rate_cuts, 1);
