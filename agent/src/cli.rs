@@ -206,12 +206,17 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, UsageErr
         None => ladder::proxy_from_env(&host, |k| std::env::var(k).ok()).transpose()?,
     };
     // Checked at start so a bad slot setup is found when the agent is installed, not when
-    // the first update comes (nothing runs an update yet: issue 18).
-    if let Some(path) = &slots {
-        let env_path = std::env::var_os("PATH");
-        crate::slots::load_checked(path, &exec.report.root, env_path.as_deref())
-            .map_err(Box::new)?;
-    }
+    // the first update comes.
+    let slots = match &slots {
+        Some(path) => {
+            let env_path = std::env::var_os("PATH");
+            Some(
+                crate::slots::load_checked(path, &exec.report.root, env_path.as_deref())
+                    .map_err(Box::new)?,
+            )
+        }
+        None => None,
+    };
     let enrol = match (token, name) {
         (Some(t), Some(n)) => Some((t, n)),
         (None, None) => None,
@@ -229,6 +234,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, UsageErr
         ladder: lad,
         max_backoff: Duration::from_secs(30),
         max_sessions,
+        slots,
     })
 }
 

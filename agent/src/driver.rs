@@ -88,6 +88,8 @@ pub struct AgentConfig {
     pub max_backoff: Duration,
     /// Stop after this many sessions (tests); `None`: forever.
     pub max_sessions: Option<u32>,
+    /// The A/B slots (`--slots`, checked at start), for `slot=` push targets and updates.
+    pub slots: Option<crate::slots::SlotConfig>,
 }
 
 /// How the agent climbs the transport ladder ([`crate::ladder`]).

@@ -143,6 +143,15 @@ pub enum SlotError {
     /// `running_file` is not there.
     #[error("key `slot.running_file`: {0} does not exist")]
     RunningFileMissing(PathBuf),
+    /// The running-slot source could not be read (the file, or the command did not run or
+    /// failed).
+    #[error("cannot learn the running slot from {source_name}: {why}")]
+    RunningUnreadable {
+        /// The file or the command, as configured.
+        source_name: String,
+        /// Why.
+        why: String,
+    },
     /// What the running-slot source said is neither slot's name.
     #[error("the running slot is `{said}`, which is neither a_name ({a}) nor b_name ({b})")]
     UnknownRunning {
@@ -273,7 +282,7 @@ type Bad = (Option<usize>, SlotError);
 fn target(v: &mut Values, key: &'static str) -> Result<TargetSpec, Bad> {
     let (line, s) = v.remove(key).ok_or((None, SlotError::Missing(key)))?;
     match TargetSpec::parse(&s[0]) {
-        Ok(TargetSpec::Slot(_)) => Err((
+        Ok(TargetSpec::Slot(_) | TargetSpec::InactiveSlot) => Err((
             Some(line),
             SlotError::Target {
                 key,
@@ -368,6 +377,39 @@ impl SlotConfig {
                 a: self.names[0].clone(),
                 b: self.names[1].clone(),
             })
+    }
+
+    /// The slot the device runs now: the running-slot file's contents, or the running-slot
+    /// command's standard output (it must exit 0), matched against the slots' names.
+    pub fn read_running(&self) -> Result<Slot, SlotError> {
+        let said = match &self.running {
+            Running::File(p) => {
+                std::fs::read_to_string(p).map_err(|e| SlotError::RunningUnreadable {
+                    source_name: p.display().to_string(),
+                    why: e.to_string(),
+                })?
+            }
+            Running::Command(cmd) => {
+                let unreadable = |why: String| SlotError::RunningUnreadable {
+                    source_name: cmd.join(" "),
+                    why,
+                };
+                let (prog, args) = cmd
+                    .split_first()
+                    .ok_or_else(|| unreadable("empty".into()))?;
+                let out = std::process::Command::new(prog)
+                    .args(args)
+                    .stdin(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::inherit())
+                    .output()
+                    .map_err(|e| unreadable(e.to_string()))?;
+                if !out.status.success() {
+                    return Err(unreadable(format!("it exited with {}", out.status)));
+                }
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            }
+        };
+        self.running_slot(&said)
     }
 
     /// The checks against this machine (see the module doc): `host` for the slots, `path`

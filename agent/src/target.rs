@@ -85,6 +85,10 @@ pub enum TargetSpec {
     Uuid(String),
     /// A slot of the agent's configuration.
     Slot(Slot),
+    /// The slot the device does not run now (`slot=inactive`: an update's target, the same
+    /// push for devices that run different slots). The driver turns it into [`TargetSpec::Slot`]
+    /// once it has read the running slot; [`Host::resolve`] refuses it.
+    InactiveSlot,
 }
 
 /// Why a target could not be named or found.
@@ -113,12 +117,16 @@ pub enum ResolveError {
         /// What it resolves to.
         device: PathBuf,
     },
-    /// `slot=` with another value than `a` or `b`.
-    #[error("`slot={0}`: a slot is a or b")]
+    /// `slot=` with another value than `a`, `b` or `inactive`.
+    #[error("`slot={0}`: a slot is a, b or inactive")]
     BadSlot(String),
     /// `slot=…` on an agent with no slots configured.
     #[error("`slot={0}`: this agent has no A/B slots configured (slot_a, slot_b)")]
     NoSlots(&'static str),
+    /// `slot=inactive` before the running slot was read (a driver's mistake: it reads the
+    /// running slot first).
+    #[error("`slot=inactive` names a slot only once the running slot is known")]
+    InactiveUnread,
     /// A slot whose target is itself a slot.
     #[error("slot {0}'s target is a slot; a slot's target is a file path or a stable id")]
     SlotOfSlot(&'static str),
@@ -176,6 +184,7 @@ impl TargetSpec {
             "partlabel" => TargetSpec::PartLabel(id),
             "partuuid" => TargetSpec::PartUuid(id),
             "uuid" => TargetSpec::Uuid(id),
+            _ if id == "inactive" => TargetSpec::InactiveSlot,
             _ => TargetSpec::Slot(Slot::parse(&id).ok_or(ResolveError::BadSlot(id))?),
         })
     }
@@ -191,6 +200,7 @@ impl std::fmt::Display for TargetSpec {
             TargetSpec::PartUuid(s) => write!(f, "partuuid={s}"),
             TargetSpec::Uuid(s) => write!(f, "uuid={s}"),
             TargetSpec::Slot(s) => write!(f, "slot={}", s.name()),
+            TargetSpec::InactiveSlot => f.write_str("slot=inactive"),
         }
     }
 }
@@ -349,6 +359,7 @@ impl Host {
     ) -> Result<Target, ResolveError> {
         match spec {
             TargetSpec::File(p) => self.file(p),
+            TargetSpec::InactiveSlot => Err(ResolveError::InactiveUnread),
             TargetSpec::Slot(s) => {
                 let slots = slots.ok_or(ResolveError::NoSlots(s.name()))?;
                 match slots.get(*s) {
