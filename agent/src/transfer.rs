@@ -1506,6 +1506,7 @@ mod tests {
                 digests: None,
                 nack_key: None,
                 name: "f".into(),
+                image: None,
             },
             device_id: 9,
             local: Ipv4Addr::LOCALHOST,

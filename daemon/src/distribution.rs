@@ -935,6 +935,7 @@ impl Distributor {
             digests: Some(d.digests.root()),
             nack_key: Some(nack_key),
             name: Cow::Owned(d.name.clone()),
+            image: None,
         })
     }
 

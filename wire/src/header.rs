@@ -27,9 +27,9 @@ pub const MAGIC: u8 = 0xFC;
 /// `RebootComplete`, the `Report` kind, per-device NACK keys (`Announce.nack_key`), numbered
 /// NACKs and the `Probe` kind; version 3 the report's package manager, CPU, memory and
 /// attached devices; version 4 the FEC group size in `Announce`; version 5 authentication by digest (the
-/// `Announce`'s Merkle root instead of its data key, the `Manifest` kind; docs/wire.md,
-/// "Versioning").
-pub const VERSION: u8 = 5;
+/// `Announce`'s Merkle root instead of its data key, the `Manifest` kind); version 6 the image
+/// target and map in `Announce` and the `Refused` outcome (docs/wire.md, "Versioning").
+pub const VERSION: u8 = 6;
 /// Size of [`Header`] in bytes.
 pub const HEADER_LEN: usize = 12;
 /// Flag: the body ends with a [`TAG_LEN`]-byte packet-authentication tag.

@@ -64,9 +64,9 @@ fn samples_match_golden_vectors() {
 
 #[test]
 fn golden_header_fields_are_as_specified() {
-    // docs/wire.md: magic 0xFC, version 5, kind byte, flags 0, body length, CRC32.
+    // docs/wire.md: magic 0xFC, version 6, kind byte, flags 0, body length, CRC32.
     let golden = from_hex(&std::fs::read_to_string(path(Kind::ResultAck)).unwrap());
-    assert_eq!(&golden[..8], &[0xFC, 0x05, 0x12, 0x00, 0, 0, 0, 8]);
+    assert_eq!(&golden[..8], &[0xFC, 0x06, 0x12, 0x00, 0, 0, 0, 8]);
     assert_eq!(&golden[12..], &7u64.to_be_bytes());
     let mut h = crc32fast::Hasher::new();
     h.update(&golden[..8]);

@@ -282,6 +282,7 @@ fn start(
     let announce = Announce {
         nack_key: Some(keys.nack),
         name: Cow::Owned(name.to_string()),
+        image: None,
         ..a.clone().into_owned()
     };
     let SocketAddr::V4(src) = from else {

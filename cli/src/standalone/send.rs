@@ -216,6 +216,7 @@ pub fn run(opts: &SendOpts, say: &mut dyn FnMut(&str)) -> Result<SendOutcome, St
         digests: dist.digests_of(task),
         nack_key: None,
         name: Cow::Owned(name),
+        image: None,
     };
     let mut s = Sender {
         announce_bytes: super::tagged(&Message::Announce(announce.clone()), &keys.control),

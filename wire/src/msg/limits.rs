@@ -27,5 +27,10 @@ pub const MAX_TOKEN: usize = 64;
 pub const MAX_SPKI: usize = 1024;
 /// An issued certificate (DER).
 pub const MAX_CERT: usize = 8192;
+/// Bytes of an encoded image map in an `Announce` (version 6): the frame's 1 MiB less room
+/// for the rest. About 61,000 sparse extents, or 17,000 compressed chunks (17 GiB of data
+/// at the default 1 MiB chunk span); a map larger than that needs a larger chunk span, or
+/// the image goes raw.
+pub const MAX_IMAGE_MAP: usize = 960 * 1024;
 /// Human-readable reasons (close, failed transfer).
 pub const MAX_REASON: usize = 256;

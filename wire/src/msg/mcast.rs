@@ -17,8 +17,8 @@ use crate::ranges::{Ranges, MAX_NACK_RANGES};
 ///
 /// Fields: `task_id u64`, `session u32`, `group addr`, `port u16`, `size u64`,
 /// `block_size u32`, `fec_group u32`, `sha256 [32]`, `digests option<root [32], per_manifest
-/// u16 (≥ 1)>`, `nack_key option<[32]>`, `name str16`, where `addr` is `u8 family (4|6)` then 4 or 16
-/// address bytes.
+/// u16 (≥ 1)>`, `nack_key option<[32]>`, `name str16`, `image option<target str16, map
+/// bytes32>` (version 6), where `addr` is `u8 family (4|6)` then 4 or 16 address bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct Announce<'a> {
@@ -53,6 +53,24 @@ pub struct Announce<'a> {
     pub nack_key: Option<[u8; 32]>,
     /// File name (the agent decides where it lands).
     pub name: Cow<'a, str>,
+    /// Where the file goes when it is an image for a disk, a partition or a slot, and how
+    /// the stream relates to the image; `None`: an ordinary file for the downloads directory.
+    pub image: Option<ImageTarget<'a>>,
+}
+
+/// An image push's target and form ([`Announce::image`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct ImageTarget<'a> {
+    /// The target as the operator named it: an absolute file path, `KIND=ID` of a disk or a
+    /// partition (`serial`, `wwn`, `partlabel`, `partuuid`, `uuid`) or a slot (`slot=a`,
+    /// `slot=b`, `slot=inactive`). The agent resolves and checks it; never a bare `/dev` name.
+    pub target: Cow<'a, str>,
+    /// The image map (`image::ImageMap`, encoded) when the stream is the image's data extents
+    /// (sparse) or its compressed chunks; empty when the stream is the image itself (raw).
+    /// Kept as bytes here: the agent decodes and checks it, and refuses the task (naming why)
+    /// if it does not decode, so a bad map never closes the control session.
+    pub map: Cow<'a, [u8]>,
 }
 
 impl<'a> Announce<'a> {
@@ -84,7 +102,13 @@ impl<'a> Announce<'a> {
         if let Some(k) = &self.nack_key {
             s.put(k)?;
         }
-        s.str16(&self.name, MAX_NAME)
+        s.str16(&self.name, MAX_NAME)?;
+        s.present(self.image.is_some())?;
+        if let Some(i) = &self.image {
+            s.str16(&i.target, MAX_PATH)?;
+            s.bytes32(&i.map, MAX_IMAGE_MAP)?;
+        }
+        Ok(())
     }
     pub(crate) fn decode(r: &mut Reader<'a>) -> Result<Self> {
         let task_id = r.u64()?;
@@ -111,6 +135,14 @@ impl<'a> Announce<'a> {
         };
         let nack_key = if r.present()? { Some(r.array()?) } else { None };
         let name = borrowed_str16(r, MAX_NAME)?;
+        let image = if r.present()? {
+            Some(ImageTarget {
+                target: borrowed_str16(r, MAX_PATH)?,
+                map: Cow::Borrowed(r.bytes32(MAX_IMAGE_MAP)?),
+            })
+        } else {
+            None
+        };
         Ok(Announce {
             task_id,
             session,
@@ -123,6 +155,7 @@ impl<'a> Announce<'a> {
             digests,
             nack_key,
             name,
+            image,
         })
     }
 }
@@ -132,7 +165,33 @@ impl Announce<'_> {
     pub fn into_owned(self) -> Announce<'static> {
         Announce {
             name: owned(self.name),
+            image: self.image.map(|i| ImageTarget {
+                target: owned(i.target),
+                map: owned(i.map),
+            }),
             ..self
+        }
+    }
+
+    /// This message borrowing its name and image from `self` (to queue it: queueing encodes
+    /// at once, nothing is copied).
+    pub fn reborrow(&self) -> Announce<'_> {
+        Announce {
+            task_id: self.task_id,
+            session: self.session,
+            group: self.group,
+            port: self.port,
+            size: self.size,
+            block_size: self.block_size,
+            fec_group: self.fec_group,
+            sha256: self.sha256,
+            digests: self.digests,
+            nack_key: self.nack_key,
+            name: Cow::Borrowed(&self.name),
+            image: self.image.as_ref().map(|i| ImageTarget {
+                target: Cow::Borrowed(&i.target),
+                map: Cow::Borrowed(&i.map),
+            }),
         }
     }
 }
@@ -269,7 +328,7 @@ impl Overflow {
 
 wire_enum! {
     /// How a transfer ended on a receiver.
-    Outcome { Verified = 0, DigestMismatch = 1, WriteFailed = 2, Aborted = 3 }
+    Outcome { Verified = 0, DigestMismatch = 1, WriteFailed = 2, Aborted = 3, Refused = 4 }
 }
 
 impl core::fmt::Display for Outcome {
@@ -279,6 +338,7 @@ impl core::fmt::Display for Outcome {
             Outcome::DigestMismatch => "digest mismatch",
             Outcome::WriteFailed => "write failed",
             Outcome::Aborted => "aborted",
+            Outcome::Refused => "refused",
         })
     }
 }

@@ -41,7 +41,7 @@ pub use control::{
     Welcome,
 };
 pub use mcast::{
-    Announce, Completion, DigestRoot, Manifest, Nack, Outcome, Overflow, Parity, ParityHeader,
+    Announce, Completion, DigestRoot, ImageTarget, Manifest, Nack, Outcome, Overflow, Parity, ParityHeader,
     Probe, TaskAnswer, TaskAsk, TaskVerdict, TransferState, TransferStatus, COOKIE_LEN,
     MAX_MANIFEST_DIGESTS, PARITY_PREFIX_LEN,
 };

@@ -168,6 +168,10 @@ fn announce() -> Announce<'static> {
         }),
         nack_key: Some([0x4E; 32]),
         name: "debian-12.img".into(),
+        image: Some(ImageTarget {
+            target: "partlabel=rootfs-b".into(),
+            map: (&b"FCIM\x01\x01"[..]).into(),
+        }),
     }
 }
 

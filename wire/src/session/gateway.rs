@@ -16,7 +16,6 @@
 //!   dispatched attempt; one of an earlier attempt (the device is back from a reboot the queue
 //!   has since retried) is passed to the driver and leaves the command in flight.
 
-use alloc::borrow::Cow;
 use alloc::collections::VecDeque;
 
 use super::timer::Timer;
@@ -356,11 +355,9 @@ impl GatewaySession {
     /// Announces a distribution task.
     pub fn announce(&mut self, announce: &Announce<'_>) -> Result<(), SessionError> {
         self.core.conn.check_established()?;
-        // Reborrows the name: queueing encodes at once, nothing is copied.
-        self.core.conn.queue(&Message::Announce(Announce {
-            name: Cow::Borrowed(&announce.name),
-            ..*announce
-        }))
+        self.core
+            .conn
+            .queue(&Message::Announce(announce.reborrow()))
     }
 
     /// Sends the gateway's view of a transfer (answer to the agent's report).
@@ -657,12 +654,12 @@ mod tests {
 
     /// `Heartbeat{nonce: 1, echo: true}`, computed independently (Python `zlib.crc32`).
     const HEARTBEAT_ECHO_1: &[u8] = &[
-        0xfc, 0x05, 0x03, 0x00, 0x00, 0x00, 0x00, 0x09, 0x7b, 0xe2, 0x01, 0x05, 0, 0, 0, 0, 0, 0,
+        0xfc, 0x06, 0x03, 0x00, 0x00, 0x00, 0x00, 0x09, 0x52, 0x2a, 0xb5, 0xf7, 0, 0, 0, 0, 0, 0,
         0, 1, 1,
     ];
     /// `ResultAck{seq: 5}`.
     const RESULT_ACK_5: &[u8] = &[
-        0xfc, 0x05, 0x12, 0x00, 0x00, 0x00, 0x00, 0x08, 0xb7, 0xeb, 0xd6, 0xad, 0, 0, 0, 0, 0, 0,
+        0xfc, 0x06, 0x12, 0x00, 0x00, 0x00, 0x00, 0x08, 0xa6, 0x96, 0xbc, 0xd4, 0, 0, 0, 0, 0, 0,
         0, 5,
     ];
 

@@ -163,6 +163,7 @@ fn scenario(chunking: Chunking) -> (Vec<GatewayEvent>, Vec<AgentEvent>) {
         digests: None,
         nack_key: None,
         name: "image.bin".into(),
+        image: None,
     })
     .unwrap();
     p.gw.dispatch(&exec(2)).unwrap();
