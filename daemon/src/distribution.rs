@@ -718,6 +718,7 @@ impl Distributor {
             then,
             plan,
             follow,
+            image: None,
         };
         let (tx, waker, file) = (
             self.hashed_tx.clone(),
@@ -1706,6 +1707,7 @@ mod tests {
                 pass_done: false,
             },
             follow: Default::default(),
+            image: None,
         };
         let ip = Some(Ipv4Addr::LOCALHOST.into());
         let wall = 1_030_000;
@@ -1843,6 +1845,7 @@ mod tests {
             then: vec![],
             plan: Default::default(),
             follow: Default::default(),
+            image: None,
         };
         let ip = Some(Ipv4Addr::LOCALHOST.into());
         for t in [5, 6, 7] {

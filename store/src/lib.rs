@@ -61,7 +61,7 @@ pub use error::{Error, Illegal, Missing, Result};
 pub use types::{
     boot_hex, BlockSet, Command, Device, DeviceId, EnrolmentToken, Event, EventId, EventKind,
     FailReason, OnFailure, QueueState, QueueStatus, Received, StoredResult, Task, TaskDeviceStatus,
-    TaskFollow, TaskId, TaskPlan, Transport, OUTPUT_EXCERPT_MAX,
+    TaskFollow, TaskId, TaskImage, TaskPlan, Transport, OUTPUT_EXCERPT_MAX,
 };
 
 use env::Dbs;

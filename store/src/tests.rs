@@ -415,6 +415,7 @@ fn a_task_plan_is_kept_and_its_pass_marked_done_once() {
             group: true,
             when_online: None,
         },
+        image: None,
     };
     let t = b.create_task(task.clone(), &[]).unwrap();
     b.add_task_target(t, d).unwrap();
@@ -465,6 +466,7 @@ fn task_table() {
         then: Vec::new(),
         plan: Default::default(),
         follow: Default::default(),
+        image: None,
     };
     assert_eq!(task.blocks(), 11);
     let t = b.create_task(task, &[d, d2]).unwrap();
@@ -557,6 +559,7 @@ fn task_cancel_and_retry() {
         then: Vec::new(),
         plan: Default::default(),
         follow: Default::default(),
+        image: None,
     };
     let t = b.create_task(task, &[d, d2, d3]).unwrap();
     let mut blocks = BlockSet::new();
@@ -699,6 +702,7 @@ fn a_schema2_task_table_opens_unchanged() {
             then: Vec::new(),
             plan: Default::default(),
             follow: Default::default(),
+            image: None,
         };
         let t = b.create_task(task, &devs).unwrap();
         b.commit().unwrap();
@@ -956,6 +960,7 @@ fn scans_never_outlive_cursors() {
                     then: Vec::new(),
                     plan: Default::default(),
                     follow: Default::default(),
+                    image: None,
                 },
                 &[d, d2],
             )

@@ -507,6 +507,21 @@ pub struct Task {
     pub plan: TaskPlan,
     /// Which devices the task serves beyond its first targets, and the online gate.
     pub follow: TaskFollow,
+    /// Where an image goes on each device, and how its stream relates to it (`None`: a file
+    /// for the downloads directory).
+    pub image: Option<TaskImage>,
+}
+
+/// An image task's target and map, as the announce carries them
+/// (`fleetcast_wire::ImageTarget`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskImage {
+    /// The target as the operator named it (`partlabel=rootfs-b`, `slot=inactive`, a path).
+    pub target: String,
+    /// The encoded image map; empty for a raw image (the stream is the image).
+    pub map: Vec<u8>,
+    /// Bytes of the image on the target (the stream's size for a raw image).
+    pub image_size: u64,
 }
 
 /// How a task's multicast runs, recorded with the task so that a gateway restart before or
@@ -560,6 +575,7 @@ impl TaskFollow {
 /// Tags of a task record's trailing extensions (each `tag, bytes`), after `then`.
 const TASK_EXT_PLAN: u8 = 1;
 const TASK_EXT_FOLLOW: u8 = 2;
+const TASK_EXT_IMAGE: u8 = 3;
 
 impl Task {
     /// Number of blocks.
@@ -589,7 +605,7 @@ impl Record for Task {
         // extensions after it need the count, even of none.
         let plan = self.plan != TaskPlan::default();
         let follow = !self.follow.is_default();
-        if !self.then.is_empty() || plan || follow {
+        if !self.then.is_empty() || plan || follow || self.image.is_some() {
             w.len(self.then.len());
             for c in &self.then {
                 let mut buf = Vec::new();
@@ -622,6 +638,15 @@ impl Record for Task {
             w.u8(TASK_EXT_FOLLOW);
             w.bytes(&b);
         }
+        if let Some(i) = &self.image {
+            let mut b = Vec::new();
+            let mut e = Writer::raw_into(&mut b);
+            e.str(&i.target);
+            e.bytes(&i.map);
+            e.u64(i.image_size);
+            w.u8(TASK_EXT_IMAGE);
+            w.bytes(&b);
+        }
     }
     fn decode_fields(r: &mut Reader<'_>) -> Result<Self> {
         let path = r.string()?;
@@ -644,7 +669,7 @@ impl Record for Task {
                 then.push(Command::decode(r.bytes()?)?);
             }
         }
-        let (mut plan, mut follow) = (TaskPlan::default(), TaskFollow::default());
+        let (mut plan, mut follow, mut image) = (TaskPlan::default(), TaskFollow::default(), None);
         while !r.is_empty() {
             let tag = r.u8()?;
             let ext = r.bytes()?;
@@ -671,6 +696,13 @@ impl Record for Task {
                         when_online: e.opt_u32()?,
                     };
                 }
+                TASK_EXT_IMAGE => {
+                    image = Some(TaskImage {
+                        target: e.string()?,
+                        map: e.bytes()?.to_vec(),
+                        image_size: e.u64()?,
+                    });
+                }
                 // Written by a later build: skipped, as its writer meant.
                 _ => continue,
             }
@@ -687,6 +719,7 @@ impl Record for Task {
             then,
             plan,
             follow,
+            image,
         })
     }
 }
@@ -957,6 +990,7 @@ mod task_codec_tests {
             }],
             plan: Default::default(),
             follow: Default::default(),
+            image: None,
         };
         let mut buf = Vec::new();
         t.encode(&mut buf).unwrap();
@@ -993,6 +1027,7 @@ mod task_codec_tests {
                 group: true,
                 when_online: Some(20),
             },
+            image: None,
         };
         let mut buf = Vec::new();
         t.encode(&mut buf).unwrap();
@@ -1006,6 +1041,20 @@ mod task_codec_tests {
         t.follow.when_online = Some(1);
         t.encode(&mut buf).unwrap();
         assert_eq!(Task::decode(&buf).unwrap(), t);
+        // An image task, with and without the others, and a raw image's empty map.
+        for map in [vec![], b"FCIM map bytes".to_vec()] {
+            t.image = Some(TaskImage {
+                target: "partlabel=rootfs-b".into(),
+                map,
+                image_size: 1 << 33,
+            });
+            t.encode(&mut buf).unwrap();
+            assert_eq!(Task::decode(&buf).unwrap(), t);
+            t.follow = TaskFollow::default();
+            t.encode(&mut buf).unwrap();
+            assert_eq!(Task::decode(&buf).unwrap(), t);
+        }
+        t.image = None;
 
         // Bytes built by hand as a build before plans wrote them (format 3, nothing after
         // `created_ms`; and format 2, the same layout): the task reads with no plan.

@@ -90,6 +90,7 @@ fn child(dir: &Path, seed: u64) {
             then: Vec::new(),
             plan: Default::default(),
             follow: Default::default(),
+            image: None,
         };
         b.create_task(task, &ids).unwrap();
         b.commit().unwrap();

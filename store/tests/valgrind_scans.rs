@@ -61,6 +61,7 @@ fn exercise() {
             then: Vec::new(),
             plan: Default::default(),
             follow: Default::default(),
+            image: None,
         };
         let t = b.create_task(task, &ids).unwrap();
         assert_eq!(b.group_members("g").unwrap().len(), ids.len());

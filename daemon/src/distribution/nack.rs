@@ -231,6 +231,7 @@ mod tests {
             then: vec![],
             plan: Default::default(),
             follow: Default::default(),
+            image: None,
         };
         let session_ip = Some(Ipv4Addr::LOCALHOST.into());
         let a = dist

@@ -862,6 +862,7 @@ mod tests {
             then: spec.then.clone(),
             plan: Default::default(),
             follow: spec.follow,
+            image: None,
         }
     }
 
@@ -1137,6 +1138,7 @@ mod tests {
             then: vec![],
             plan: Default::default(),
             follow: Default::default(),
+            image: None,
         };
         let a = fleet.process(
             T0,
@@ -1189,6 +1191,7 @@ mod tests {
                 then: Vec::new(),
                 plan: Default::default(),
                 follow: Default::default(),
+                image: None,
             }),
         }]);
         assert!(

@@ -143,6 +143,7 @@ mod tests {
                 then: Vec::new(),
                 plan: Default::default(),
                 follow: Default::default(),
+                image: None,
             }),
         }]);
         a.iter()

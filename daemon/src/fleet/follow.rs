@@ -154,6 +154,7 @@ mod tests {
                 ..Default::default()
             },
             follow,
+            image: None,
         }
     }
 

@@ -182,6 +182,7 @@ mod tests {
             }],
             plan: Default::default(),
             follow: Default::default(),
+            image: None,
         }
     }
 

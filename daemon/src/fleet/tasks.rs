@@ -369,6 +369,7 @@ mod tests {
                 ..Default::default()
             },
             follow: Default::default(),
+            image: None,
         };
         let a = rig.run(vec![Input::Hashed {
             origin: Origin::Operator(900),
@@ -431,6 +432,7 @@ mod tests {
             }],
             plan: Default::default(),
             follow: Default::default(),
+            image: None,
         };
         let a = rig.run(vec![Input::Hashed {
             origin: Origin::Operator(900),

@@ -210,6 +210,7 @@ mod tests {
                 group: true,
                 when_online: Some(20),
             },
+            image: None,
         };
         let t = b.create_task(task.clone(), &[d]).unwrap();
         b.commit().unwrap();

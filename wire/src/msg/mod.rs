@@ -41,9 +41,9 @@ pub use control::{
     Welcome,
 };
 pub use mcast::{
-    Announce, Completion, DigestRoot, ImageTarget, Manifest, Nack, Outcome, Overflow, Parity, ParityHeader,
-    Probe, TaskAnswer, TaskAsk, TaskVerdict, TransferState, TransferStatus, COOKIE_LEN,
-    MAX_MANIFEST_DIGESTS, PARITY_PREFIX_LEN,
+    Announce, Completion, DigestRoot, ImageTarget, Manifest, Nack, Outcome, Overflow, Parity,
+    ParityHeader, Probe, TaskAnswer, TaskAsk, TaskVerdict, TransferState, TransferStatus,
+    COOKIE_LEN, MAX_MANIFEST_DIGESTS, PARITY_PREFIX_LEN,
 };
 pub use report::{Attached, AttachedKind, PackageManager, Target};
 
