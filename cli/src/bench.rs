@@ -663,6 +663,7 @@ impl<'lab> Fleet<'lab> {
             then: vec![],
             delivery: Default::default(),
             follow: Default::default(),
+            image: None,
         })?;
         let task = r["task"].as_u64().ok_or(BenchError::Missing("task id"))?;
         let deadline = t0 + plan.timeout;

@@ -668,6 +668,7 @@ impl<'n> Demo<'n> {
             then: vec![],
             delivery: Default::default(),
             follow: Default::default(),
+            image: None,
         })?;
         let task = r["task"].as_u64().ok_or(DemoError::Missing("task id"))?;
         let all_online = |rows: &[Value]| {

@@ -428,6 +428,7 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
                     group: follow_group,
                     when_online,
                 },
+                image: None,
             }
         }
         Cmd::Task(TaskCmd::Show { id }) => Request::TaskShow { task: id },

@@ -302,6 +302,7 @@ fn push_throughput() {
         then: vec![],
         delivery: Default::default(),
         follow: Default::default(),
+        image: None,
     });
     let task = r["task"].as_u64().expect("task id");
     wait_for(
@@ -367,6 +368,7 @@ fn transfers_resume_across_agent_and_gateway_restarts() {
             then: vec![],
             delivery: Default::default(),
             follow: Default::default(),
+            image: None,
         })["task"]
             .as_u64()
             .expect("task id")
@@ -442,6 +444,7 @@ fn two_concurrent_pushes_to_the_same_devices_both_complete() {
             then: vec![],
             delivery: Default::default(),
             follow: Default::default(),
+            image: None,
         });
         tasks.push(r["task"].as_u64().expect("task id"));
         files.push((name, data));
@@ -569,6 +572,7 @@ fn scheduled_and_quorum_triggers_start_the_multicast_when_they_say() {
         then: vec![],
         delivery: Default::default(),
         follow: Default::default(),
+        image: None,
     });
     let task2 = r["task"].as_u64().expect("task id");
     wait_for(
@@ -603,6 +607,7 @@ fn scheduled_and_quorum_triggers_start_the_multicast_when_they_say() {
             then: vec![],
             delivery: Default::default(),
             follow: Default::default(),
+            image: None,
         })
         .unwrap_err();
     assert!(err.contains("give both"), "{err}");
@@ -849,6 +854,7 @@ fn a_resumed_copy_corrupted_on_the_device_is_received_again_not_reported() {
         then: vec![],
         delivery: Default::default(),
         follow: Default::default(),
+        image: None,
     });
     let task = r["task"].as_u64().expect("task id");
     let part = specs[0].state.join("downloads").join("disk.img.part");
@@ -936,6 +942,7 @@ fn independent_losses_are_healed_by_parity() {
         then: vec![],
         delivery: Default::default(),
         follow: Default::default(),
+        image: None,
     });
     let task = r["task"].as_u64().expect("task id");
     wait_completed(&gw, &specs, task, &["n1", "n2", "n3", "n4"]);

@@ -293,6 +293,10 @@ pub enum Request {
         /// waits for devices to come online (default: neither; older clients send none).
         #[serde(default)]
         follow: PushFollow,
+        /// The file is an image for each device's disk, partition or slot (default: a file
+        /// for the downloads directory).
+        #[serde(default)]
+        image: Option<PushImage>,
     },
     /// A task's status table, or (without an id) every task with its counts.
     TaskShow {
@@ -349,6 +353,18 @@ pub enum Delivery {
     /// Subnet-directed broadcast on the interface of `mcast.addr`: to this address, which
     /// must be that interface's directed broadcast, or (`None`) to that broadcast itself.
     Broadcast(Option<std::net::Ipv4Addr>),
+}
+
+/// Where an image push goes on each device, and the form it travels in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushImage {
+    /// The target as each agent resolves it: an absolute file path, `KIND=ID` of a disk or a
+    /// partition (`serial`, `wwn`, `partlabel`, `partuuid`, `uuid`), or `slot=a|b|inactive`.
+    pub target: String,
+    /// The image map (a `.map` file of `fleetcast image prepare`'s cache) when the pushed file
+    /// is the image's sparse data or its compressed stream; absent: the file is the image.
+    #[serde(default)]
+    pub map: Option<String>,
 }
 
 /// When a push's multicast starts. Announces go out at once either way, so receivers join

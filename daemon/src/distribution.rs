@@ -54,11 +54,14 @@ use fleetcast_store::{self as store, DeviceId, TaskId};
 
 mod broadcast;
 mod digests;
+mod image;
 mod nack;
+
 pub use broadcast::{
     directed_broadcast, resolve as resolve_broadcast, BroadcastError, BroadcastKeyError, Iface,
 };
 pub use digests::{BlockDigests, DigestsError, RingSha};
+pub use image::ImageError;
 use nack::NackKeys;
 
 use crate::admin::Delivery;
@@ -70,8 +73,8 @@ use fleetcast_wire::mcast::{
     SenderStats, TaskConfig, TaskEvent, Transmit, Trigger,
 };
 use fleetcast_wire::{
-    data_prefix, Announce, Frame, Instant, McastSender, Parity, DATA_PREFIX_LEN, PARITY_PREFIX_LEN,
-    TAG_LEN,
+    data_prefix, Announce, Frame, ImageTarget, Instant, McastSender, Parity, DATA_PREFIX_LEN,
+    PARITY_PREFIX_LEN, TAG_LEN,
 };
 use ring::hmac;
 
@@ -156,6 +159,14 @@ pub enum DistError {
         path: String,
         /// Cause.
         why: DigestsError,
+    },
+    /// An image push's target or map cannot be used.
+    #[error("cannot push {path} as an image: {why}")]
+    Image {
+        /// The pushed file.
+        path: String,
+        /// Why.
+        why: ImageError,
     },
     /// The file changed size since the task was created.
     #[error("{path} is {now} bytes now, the task says {task}")]
@@ -315,6 +326,8 @@ pub struct Distribution {
     send_errors: u64,
     /// Where its group datagrams go: the multicast group or the subnet's broadcast.
     dest: Ipv4Addr,
+    /// An image task's target and map, for its announces.
+    image: Option<store::TaskImage>,
 }
 
 impl std::fmt::Debug for Distribution {
@@ -390,6 +403,7 @@ impl Distribution {
             // The gateway's default; a push's own choice replaces it (`task_created`). A
             // re-created, catch-up-only task sends nothing there: it only names it.
             dest: mcast.broadcast.unwrap_or(mcast.group),
+            image: None,
         })
     }
 
@@ -440,6 +454,8 @@ struct Prepared {
     task: Option<store::Task>,
     /// The file's identity when it was mapped (for the digest cache).
     key: Option<FileKey>,
+    /// An image push's target and map.
+    image: Option<store::TaskImage>,
 }
 
 /// A file's identity for the digest cache: path, device, inode, size, modification time.
@@ -670,6 +686,7 @@ impl Distributor {
             then,
             delivery,
             follow,
+            image,
         } = push;
         let dest = self.destination(delivery)?;
         if block_size == 0 {
@@ -685,6 +702,17 @@ impl Distributor {
             path: path.into(),
             source,
         })?;
+        let image = match &image {
+            Some(i) => {
+                Some(
+                    image::task_image(i, map.len as u64).map_err(|why| DistError::Image {
+                        path: path.into(),
+                        why,
+                    })?,
+                )
+            }
+            None => None,
+        };
         let rate = rate_mbps.saturating_mul(1_000_000) / 8;
         // Let the core check the geometry now, so a bad push fails before the task exists.
         McastSender::new(
@@ -718,7 +746,7 @@ impl Distributor {
             then,
             plan,
             follow,
-            image: None,
+            image: image.clone(),
         };
         let (tx, waker, file) = (
             self.hashed_tx.clone(),
@@ -758,6 +786,7 @@ impl Distributor {
                 dest,
                 task: Some(task),
                 key,
+                image,
             },
         );
         Ok(())
@@ -858,6 +887,7 @@ impl Distributor {
             rate,
             trigger,
             dest,
+            image,
             ..
         }) = self.prepared.remove(&origin)
         else {
@@ -877,6 +907,7 @@ impl Distributor {
         ) {
             Ok(mut d) => {
                 d.dest = dest;
+                d.image = image;
                 if d.core.group().is_none() {
                     self.passless.push(task);
                 }
@@ -936,7 +967,10 @@ impl Distributor {
             digests: Some(d.digests.root()),
             nack_key: Some(nack_key),
             name: Cow::Owned(d.name.clone()),
-            image: None,
+            image: d.image.as_ref().map(|i| ImageTarget {
+                target: Cow::Owned(i.target.clone()),
+                map: Cow::Owned(i.map.clone()),
+            }),
         })
     }
 
@@ -988,7 +1022,7 @@ impl Distributor {
                 },
             )?);
         let nack_keys = NackKeys::new(&self.secret, task);
-        let d = match planned {
+        let mut d = match planned {
             Some(dest) => {
                 let trigger = core_trigger(&t.plan, &t.follow, t.created_ms, wall_ms);
                 let mut d = Distribution::new(
@@ -1033,6 +1067,7 @@ impl Distributor {
                 d
             }
         };
+        d.image = t.image.clone();
         Ok(d)
     }
 

@@ -59,6 +59,7 @@ fn push(gw: &Gateway<'_>, path: &std::path::Path, rate_mbps: u64) -> u64 {
         then: vec![],
         delivery: Default::default(),
         follow: Default::default(),
+        image: None,
     })["task"]
         .as_u64()
         .expect("task id")

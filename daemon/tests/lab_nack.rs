@@ -138,6 +138,7 @@ fn replayed_and_forged_nacks_send_the_victim_no_repairs() {
         then: vec![],
         delivery: Default::default(),
         follow: Default::default(),
+        image: None,
     })["task"]
         .as_u64()
         .expect("task id");
@@ -276,6 +277,7 @@ fn a_long_poll_device_proves_its_address_and_is_repaired() {
         then: vec![],
         delivery: Default::default(),
         follow: Default::default(),
+        image: None,
     })["task"]
         .as_u64()
         .expect("task id");

@@ -260,10 +260,12 @@ impl Cx<'_> {
                 then,
                 delivery,
                 follow,
+                image,
             } => {
                 let gates = (*trigger, *follow);
                 let mut spec = self.push_spec(path, group, *block_size, *rate_mbps, gates, then)?;
                 spec.delivery = *delivery;
+                spec.image = image.clone();
                 return Ok(Answer::Prepare(spec));
             }
             // They need the gateway's own state (its counters, the store's environment
@@ -312,6 +314,7 @@ impl Cx<'_> {
             then,
             delivery: Default::default(),
             follow: follow.to_task(),
+            image: None,
         })
     }
 
@@ -846,6 +849,7 @@ mod tests {
             then,
             delivery: Default::default(),
             follow: Default::default(),
+            image: None,
         }
     }
 
@@ -945,6 +949,7 @@ mod tests {
                     max_attempts: 1,
                     on_failure: store::OnFailure::Stop,
                 }],
+                image: None,
             }
         );
         // Nothing is stored before the digest is known.
@@ -1023,6 +1028,7 @@ mod tests {
             then: vec![],
             delivery: Default::default(),
             follow: Default::default(),
+            image: None,
         };
         // A file that cannot be read, and a group without members: the mapping goes, and no
         // connection hears of it (the fleet logs it).

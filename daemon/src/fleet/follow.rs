@@ -413,6 +413,7 @@ mod tests {
             then: vec![],
             delivery: Default::default(),
             follow,
+            image: None,
         }
     }
 

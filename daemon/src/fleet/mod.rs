@@ -112,6 +112,8 @@ pub struct PushSpec {
     pub delivery: crate::admin::Delivery,
     /// Devices beyond the group's members now, and the online gate (kept in the task row).
     pub follow: store::TaskFollow,
+    /// An image's target and map (the distributor reads and checks the map).
+    pub image: Option<crate::admin::PushImage>,
 }
 
 /// Why the distributor could not prepare a push's file (cannot map or read it, a geometry

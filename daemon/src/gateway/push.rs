@@ -75,6 +75,7 @@ impl Gateway {
                 ),
                 delivery: admin::Delivery::Default,
                 follow: Default::default(),
+                image: None,
             };
             match d.prepare_push(origin, spec, self.wall_ms) {
                 Ok(()) => {
@@ -180,6 +181,7 @@ mod tests {
             then: vec![],
             delivery: Default::default(),
             follow: Default::default(),
+            image: None,
         }
     }
 
