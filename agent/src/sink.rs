@@ -75,7 +75,8 @@ pub enum SinkError {
         /// Blocks in the stream.
         blocks: u64,
     },
-    /// A payload longer than its block (a whole block, or what is left of the stream).
+    /// A payload that is not its whole block (a block, or what is left of the stream): blocks
+    /// of a run are written end to end.
     #[error("block {index} carries {len} bytes where the stream has room for {room}")]
     PayloadLength {
         /// The block.
@@ -231,7 +232,7 @@ impl Sink {
         for (i, p) in payloads.iter().enumerate() {
             let index = first + i as u64;
             let room = self.block.min(stream - index * self.block);
-            if p.len() as u64 > room {
+            if p.len() as u64 != room {
                 return Err(SinkError::PayloadLength {
                     index,
                     len: p.len(),
@@ -239,28 +240,34 @@ impl Sink {
                 });
             }
         }
-        let mut at = first * self.block;
-        for p in payloads {
-            match &self.form {
-                Form::Raw { .. } => {
-                    write_at(&self.target, &self.path, p, at)?;
+        let at = first * self.block;
+        let map = match &self.form {
+            Form::Raw { .. } => {
+                // The run lies end to end on the target: one vectored write for all of it.
+                write_vectored_at(&self.target, payloads, at).map_err(|source| self.io(source))?;
+                self.image_done += payloads.iter().map(|p| p.len() as u64).sum::<u64>();
+                return Ok(());
+            }
+            Form::Image(map) => map,
+        };
+        match map.compression {
+            Compression::None => {
+                for (i, p) in payloads.iter().enumerate() {
+                    let from = at + i as u64 * self.block;
+                    for (off, piece) in sparse_pieces(&map.extents, &self.starts, from, p) {
+                        write_at(&self.target, &self.path, piece, off)?;
+                    }
                     self.image_done += p.len() as u64;
                 }
-                Form::Image(map) => match map.compression {
-                    Compression::None => {
-                        let (map, starts) = (&map.extents, &self.starts);
-                        for (off, piece) in sparse_pieces(map, starts, at, p) {
-                            write_at(&self.target, &self.path, piece, off)?;
-                        }
-                        self.image_done += p.len() as u64;
-                    }
-                    Compression::Zstd { .. } => {
-                        let (f, path) = self.stage.as_ref().ok_or(SinkError::NoStage)?;
-                        write_at(f, path, p, at)?;
-                    }
-                },
             }
-            at += self.block;
+            Compression::Zstd { .. } => {
+                // The staged stream is the stream: the run lies end to end there too.
+                let (f, path) = self.stage.as_ref().ok_or(SinkError::NoStage)?;
+                write_vectored_at(f, payloads, at).map_err(|source| SinkError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
         }
         if self.assembler.is_some() {
             for b in first..last {
@@ -269,6 +276,63 @@ impl Sink {
             self.write_whole_chunks()?;
         }
         Ok(())
+    }
+
+    /// Reads stream block `index` back into `buf` (its length: the block's, shorter for the
+    /// stream's last), from where [`Sink::write`] put it: the target (raw, sparse) or the
+    /// staging file (compressed). Parity decoding reads a group's present blocks this way.
+    pub fn read_block(&self, index: u64, buf: &mut [u8]) -> Result<(), SinkError> {
+        let at = index.saturating_mul(self.block);
+        let end = at.saturating_add(buf.len() as u64);
+        if end > self.stream_len() {
+            return Err(SinkError::BlockOutOfRange {
+                index,
+                blocks: self.stream_len().div_ceil(self.block),
+            });
+        }
+        match &self.form {
+            Form::Raw { .. } => self
+                .target
+                .read_exact_at(buf, at)
+                .map_err(|source| self.io(source)),
+            Form::Image(map) => match &map.compression {
+                Compression::None => {
+                    let mut done = 0usize;
+                    for (off, len) in sparse_spans(&map.extents, &self.starts, at, buf.len()) {
+                        self.target
+                            .read_exact_at(&mut buf[done..done + len], off)
+                            .map_err(|source| self.io(source))?;
+                        done += len;
+                    }
+                    Ok(())
+                }
+                Compression::Zstd { .. } => {
+                    let (f, path) = self.stage.as_ref().ok_or(SinkError::NoStage)?;
+                    f.read_exact_at(buf, at).map_err(|source| SinkError::Io {
+                        path: path.clone(),
+                        source,
+                    })
+                }
+            },
+        }
+    }
+
+    /// Handles on the files [`Sink::sync`] makes durable (the target, and the staging file
+    /// when there is one), for a thread that syncs them while this one writes.
+    pub fn handles(&self) -> Result<Vec<File>, SinkError> {
+        let mut out = vec![self.target.try_clone().map_err(|source| self.io(source))?];
+        if let Some((f, path)) = &self.stage {
+            out.push(f.try_clone().map_err(|source| SinkError::Io {
+                path: path.clone(),
+                source,
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// The target's path (as opened).
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// After a restart: the compressed-stream blocks the transfer's record says are stored
@@ -423,6 +487,62 @@ fn image_size(form: &Form) -> u64 {
     }
 }
 
+/// `pwritev` of `bufs` end to end at `off`, until every byte is written (a short write goes
+/// on where it stopped). One call for a run of blocks instead of one per block.
+pub(crate) fn write_vectored_at(file: &File, bufs: &[&[u8]], mut off: u64) -> io::Result<()> {
+    // At most IOV_MAX (1024 on Linux) per call.
+    const MAX_IOV: usize = 1024;
+    let mut iovs: Vec<libc::iovec> = bufs
+        .iter()
+        .filter(|b| !b.is_empty())
+        .map(|b| libc::iovec {
+            // The kernel only reads through this pointer (pwritev), never writes.
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut iovs = &mut iovs[..];
+    while !iovs.is_empty() {
+        let n = iovs.len().min(MAX_IOV);
+        // SAFETY: every iovec points at `iov_len` readable bytes of `bufs`, which outlive
+        // the call; `n` is at most IOV_MAX.
+        let r = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                iovs.as_ptr(),
+                n as libc::c_int,
+                off as libc::off_t,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "pwritev wrote nothing",
+            ));
+        }
+        let mut left = r as usize;
+        off += left as u64;
+        while let Some(first) = iovs.first_mut() {
+            if left < first.iov_len {
+                // SAFETY: advancing within the same buffer, `left` < its length.
+                first.iov_base = unsafe { first.iov_base.cast::<u8>().add(left) }.cast();
+                first.iov_len -= left;
+                break;
+            }
+            left -= first.iov_len;
+            iovs = &mut std::mem::take(&mut iovs)[1..];
+        }
+    }
+    Ok(())
+}
+
 fn write_at(f: &File, path: &Path, bytes: &[u8], at: u64) -> Result<(), SinkError> {
     f.write_all_at(bytes, at).map_err(|source| SinkError::Io {
         path: path.to_owned(),
@@ -436,22 +556,41 @@ fn write_at(f: &File, path: &Path, bytes: &[u8], at: u64) -> Result<(), SinkErro
 fn sparse_pieces<'a>(
     extents: &[Extent],
     starts: &[u64],
-    mut at: u64,
-    mut payload: &'a [u8],
+    at: u64,
+    payload: &'a [u8],
 ) -> Vec<(u64, &'a [u8])> {
+    let mut rest = payload;
+    sparse_spans(extents, starts, at, payload.len())
+        .into_iter()
+        .map(|(off, len)| {
+            let (piece, tail) = rest.split_at(len);
+            rest = tail;
+            (off, piece)
+        })
+        .collect()
+}
+
+/// The image ranges (offset, length) of `len` stream bytes from `at`, one per extent they
+/// fall in, in stream order (see [`sparse_pieces`]).
+fn sparse_spans(
+    extents: &[Extent],
+    starts: &[u64],
+    mut at: u64,
+    mut len: usize,
+) -> Vec<(u64, usize)> {
     let mut out = Vec::new();
     // The extent holding `at`: the last one starting at or before it.
     let mut k = starts.partition_point(|&s| s <= at).saturating_sub(1);
-    while !payload.is_empty() && k < extents.len() {
+    while len > 0 && k < extents.len() {
         let e = extents[k];
         let into = at - starts[k];
         if into >= e.len {
             k += 1;
             continue;
         }
-        let n = (e.len - into).min(payload.len() as u64) as usize;
-        out.push((e.offset + into, &payload[..n]));
-        payload = &payload[n..];
+        let n = (e.len - into).min(len as u64) as usize;
+        out.push((e.offset + into, n));
+        len -= n;
         at += n as u64;
         k += 1;
     }

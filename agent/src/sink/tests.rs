@@ -72,6 +72,39 @@ fn dirty_target(dir: &Path, len: usize) -> PathBuf {
     p
 }
 
+/// Every block of `stream` reads back from the sink as it was written (parity decoding's
+/// view of the stream).
+fn assert_blocks_read_back(sink: &Sink, stream: &[u8]) {
+    for (i, block) in stream.chunks(BLOCK as usize).enumerate() {
+        let mut buf = vec![0u8; block.len()];
+        sink.read_block(i as u64, &mut buf).unwrap();
+        assert!(buf == block, "stream block {i} read back differs");
+    }
+    let past = stream.len().div_ceil(BLOCK as usize) as u64;
+    let mut buf = vec![0u8; 1];
+    assert!(matches!(
+        sink.read_block(past, &mut buf),
+        Err(SinkError::BlockOutOfRange { .. })
+    ));
+}
+
+#[test]
+fn a_short_block_in_the_middle_of_a_run_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let form = Form::Raw {
+        size: 3 * u64::from(BLOCK),
+    };
+    let mut sink = Sink::open(&d.path().join("t"), None, form, BLOCK).unwrap();
+    let whole = vec![1u8; BLOCK as usize];
+    let short = vec![1u8; BLOCK as usize - 1];
+    let e = sink.write(0, &[&whole, &short, &whole]).unwrap_err();
+    assert!(
+        matches!(e, SinkError::PayloadLength { index: 1, .. }),
+        "{e}"
+    );
+    assert_eq!(sink.image_done(), 0);
+}
+
 #[test]
 fn raw_stream_lands_at_its_offsets_and_reads_back() {
     let d = tempfile::tempdir().unwrap();
@@ -86,6 +119,7 @@ fn raw_stream_lands_at_its_offsets_and_reads_back() {
     assert_eq!(sink.image_done(), img.len() as u64);
     assert_eq!(sink.read_back().unwrap(), sha(&img));
     assert_eq!(fs::metadata(&target).unwrap().len(), img.len() as u64);
+    assert_blocks_read_back(&sink, &img);
 }
 
 #[test]
@@ -103,6 +137,7 @@ fn sparse_stream_fills_extents_and_zeroes_holes_on_a_dirty_target() {
     feed(&mut sink, &stream);
     assert_eq!(sink.image_done(), stream.len() as u64);
     assert_eq!(sink.read_back().unwrap(), sha(&img));
+    assert_blocks_read_back(&sink, &stream);
     // After a restart, progress counts the stream's (data) bytes, its short last block too.
     let form = Form::Image(sparse_map(&img));
     let mut again = Sink::open(&target, None, form, BLOCK).unwrap();
@@ -211,6 +246,7 @@ mod compressed {
         let data: u64 = sparse_map(&img).data_bytes();
         assert_eq!(sink.image_done(), data, "progress in image bytes");
         assert_eq!(sink.read_back().unwrap(), sha(&img));
+        assert_blocks_read_back(&sink, &stream);
     }
 
     #[test]
