@@ -9,7 +9,8 @@
 //!   `/dev/disk/by-id/` link ending in `_ID` (serial) or named `wwn-ID`;
 //! - `partlabel=L`, `partuuid=U`, `uuid=U`: the `/dev/disk/by-partlabel`, `by-partuuid`,
 //!   `by-uuid` link;
-//! - `slot=a` or `slot=b`: the target the agent's configuration gives that slot.
+//! - `slot=a` or `slot=b`: the target the agent's configuration gives that slot; `slot=inactive`:
+//!   the one of the two the device does not run now (read from the running-slot source).
 //!
 //! A bare `/dev/sdX` is refused: kernel names move between boots and between identical
 //! machines, and an image written to the wrong disk is not undone.
@@ -30,7 +31,7 @@ use crate::inventory::{attr, names};
 
 /// The stable-id kinds a target may name, as written before `=` (for the error that lists
 /// them).
-pub const ID_KINDS: &str = "serial, wwn, partlabel, partuuid, uuid, slot (a or b)";
+pub const ID_KINDS: &str = "serial, wwn, partlabel, partuuid, uuid, slot (a, b or inactive)";
 
 /// An A/B slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
