@@ -866,12 +866,34 @@ impl Agent {
             crate::say!("task {}: only IPv4 multicast is supported", a.task_id);
             return;
         };
+        // An image is checked before anything is written; a refusal is the device's final
+        // word on the task (the task table shows its reason), not a transfer.
+        let host = crate::target::Host::new(&self.cfg.exec.report.root);
+        let downloads = &self.cfg.downloads;
+        let image = match crate::imaging::plan(a, &host, self.cfg.slots.as_ref(), downloads) {
+            None => None,
+            Some(Ok(plan)) => Some(plan),
+            Some(Err(e)) => {
+                crate::say!("task {}: refused: {e}", a.task_id);
+                let d = TransferDone {
+                    task_id: a.task_id,
+                    session: a.session,
+                    outcome: fleetcast_wire::Outcome::Refused,
+                    sha256: [0; 32],
+                    reason: e.to_string(),
+                };
+                send_completion(s, &d);
+                self.finished.insert(a.task_id, d);
+                return;
+            }
+        };
         let spec = TransferSpec {
             announce: a.clone().into_owned(),
             device_id,
             local,
             gateway: std::net::SocketAddrV4::new(*gw.ip(), a.port),
             dir: self.cfg.downloads.clone(),
+            image,
         };
         match Transfer::spawn(spec) {
             Ok(t) => {

@@ -37,11 +37,10 @@
 //!   replaces it, [`Transfer::set_nack_key`]); a `Probe` counts
 //!   only with a valid tag under that key, and its cookie is then echoed in the NACKs.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -57,9 +56,13 @@ use fleetcast_wire::{
 };
 use ring::hmac;
 
+use crate::imaging::ImagePlan;
 use crate::legacy;
 use crate::record::{self, Corrupt, TransferRecord, TRANSFER_MAGIC, TRANSFER_VERSION};
 use crate::verify::{Verdict, Verifier};
+
+mod dest;
+use dest::Dest;
 
 /// Longest receive wait, so a stop request is seen promptly.
 const MAX_WAIT: Duration = Duration::from_millis(100);
@@ -274,6 +277,9 @@ pub struct TransferSpec {
     pub gateway: SocketAddrV4,
     /// Downloads directory.
     pub dir: PathBuf,
+    /// An image push's checked plan (`imaging::plan`): the blocks go to its target, not to
+    /// a file in `dir` (which still holds the record and the markers).
+    pub image: Option<ImagePlan>,
 }
 
 impl TransferSpec {
@@ -546,7 +552,7 @@ impl std::fmt::Display for Dropped {
 fn accept_block<'a>(
     spec: &TransferSpec,
     datagram: &'a [u8],
-) -> Result<(Kind, u32, u64, &'a [u8]), Reject> {
+) -> Result<(Kind, u32, &'a [u8]), Reject> {
     let (kind, block, _) = DataBlock::parse(datagram).map_err(|e| match e {
         WireError::Checksum => Reject::Crc,
         _ => Reject::Malformed,
@@ -560,7 +566,7 @@ fn accept_block<'a>(
     if off >= spec.announce.size || block.payload.len() as u64 != want {
         return Err(Reject::Length);
     }
-    Ok((kind, block.block, off, block.payload))
+    Ok((kind, block.block, block.payload))
 }
 
 /// The cookie a `Probe` datagram carries, if it parsed (CRC) and carries a valid tag under
@@ -823,78 +829,29 @@ fn verify_tag(key: &hmac::Key, frame: &Frame<'_>) -> bool {
 }
 
 /// Writes the new blocks of one received batch, each run of blocks that follow one another
-/// in the file with one `pwritev` from the receive buffers (a first pass arrives in order:
-/// one call per batch instead of one per block). `writes` are (file offset, slot of `batch`,
-/// payload start in the datagram, length), in arrival order.
+/// in the stream with one vectored write from the receive buffers (a first pass arrives in
+/// order: one call per batch instead of one per block). `writes` are (block, slot of
+/// `batch`, payload start in the datagram, length), in arrival order.
 fn write_blocks(
-    file: &File,
+    dest: &mut Dest,
+    block_size: u32,
     batch: &RecvBatch,
-    writes: &[(u64, usize, usize, usize)],
+    writes: &[(u32, usize, usize, usize)],
 ) -> io::Result<()> {
+    let mut run: Vec<&[u8]> = Vec::with_capacity(BATCH);
     let mut i = 0;
     while i < writes.len() {
-        let mut iovs = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; BATCH];
-        let start = writes[i].0;
-        let (mut end, mut n) = (start, 0);
-        while let Some(&(off, j, at, len)) = writes.get(i + n).filter(|w| w.0 == end && n < BATCH) {
+        run.clear();
+        let first = writes[i].0;
+        while let Some(&(_, j, at, len)) = writes
+            .get(i + run.len())
+            .filter(|w| u64::from(w.0) == u64::from(first) + run.len() as u64)
+        {
             let (dgram, _) = batch.get(j);
-            let payload = &dgram[at..at + len];
-            // The kernel only reads through this pointer (pwritev), never writes.
-            iovs[n] = libc::iovec {
-                iov_base: payload.as_ptr() as *mut libc::c_void,
-                iov_len: len,
-            };
-            end = off + len as u64;
-            n += 1;
+            run.push(&dgram[at..at + len]);
         }
-        write_run(file, &mut iovs[..n], start)?;
-        i += n;
-    }
-    Ok(())
-}
-
-/// `pwritev` of `iovs` at `off`, until every byte is written (a short write goes on where it
-/// stopped).
-fn write_run(file: &File, mut iovs: &mut [libc::iovec], mut off: u64) -> io::Result<()> {
-    while !iovs.is_empty() {
-        // SAFETY: every iovec points at `len` readable bytes of the receive buffers, which
-        // outlive the call; the count is at most BATCH.
-        let r = unsafe {
-            libc::pwritev(
-                file.as_raw_fd(),
-                iovs.as_ptr(),
-                iovs.len() as libc::c_int,
-                off as libc::off_t,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "pwritev wrote nothing",
-            ));
-        }
-        let mut left = r as usize;
-        off += left as u64;
-        while let Some(first) = iovs.first_mut() {
-            if left < first.iov_len {
-                // SAFETY: advancing within the same buffer, `left` < its length.
-                first.iov_base = unsafe { first.iov_base.cast::<u8>().add(left) }.cast();
-                first.iov_len -= left;
-                break;
-            }
-            left -= first.iov_len;
-            iovs = &mut std::mem::take(&mut iovs)[1..];
-        }
+        dest.write_run(first, block_size, &run)?;
+        i += run.len();
     }
     Ok(())
 }
@@ -909,7 +866,7 @@ fn block_len(spec: &TransferSpec, b: u32) -> usize {
 /// and that the core does not hold already; returns how many were forged.
 fn write_held(
     spec: &TransferSpec,
-    file: &File,
+    dest: &mut Dest,
     rx: &mut McastReceiver,
     verifier: &mut Verifier,
     held: Vec<(u32, Vec<u8>)>,
@@ -922,7 +879,7 @@ fn write_held(
         }
         match verifier.block(b, &payload) {
             Verdict::Write => {
-                file.write_all_at(&payload, u64::from(b) * u64::from(spec.announce.block_size))?;
+                dest.write_run(b, spec.announce.block_size, &[&payload])?;
                 verifier.written(b);
                 // A held block says nothing of how far the first pass has got.
                 rx.handle_repair(now, b);
@@ -949,7 +906,7 @@ struct Decoded {
 /// missing waits for it like a received one.
 fn decode_groups(
     spec: &TransferSpec,
-    file: &File,
+    dest: &mut Dest,
     rx: &mut McastReceiver,
     verifier: &mut Verifier,
     codec: &mut Codec,
@@ -966,7 +923,7 @@ fn decode_groups(
             if rx.has(b) {
                 let at = k as usize * bs;
                 let len = block_len(spec, b);
-                file.read_exact_at(&mut buf[at..at + len], u64::from(b) * bs as u64)?;
+                dest.read_block(b, job.block_size, &mut buf[at..at + len])?;
             }
         }
         let rebuilt = match rx.decode(now(), codec, job.group, &mut buf) {
@@ -1005,7 +962,7 @@ fn decode_groups(
                 let _ = waiting.push(b, 1);
                 continue;
             }
-            file.write_all_at(&buf[slot(b)], u64::from(b) * bs as u64)?;
+            dest.write_run(b, job.block_size, &[&buf[slot(b)]])?;
             verifier.written(b);
             out.rebuilt += 1;
         }
@@ -1069,31 +1026,21 @@ fn run_once(
 ) -> io::Result<TransferDone> {
     let (part, rec, fin, marker) = paths(spec);
     // A task finished before (agent restarted, or the completion was lost): re-verify.
-    if marker.exists() && fin.exists() {
-        let d = file_sha256(&fin)?;
-        return Ok(if d == spec.announce.sha256 {
-            done(spec, Outcome::Verified, d, String::new())
-        } else {
-            // Receive it again: the marker goes, so the next attempt starts from scratch.
-            let _ = std::fs::remove_file(&marker);
-            done(
-                spec,
-                Outcome::DigestMismatch,
-                d,
-                "file changed since it was received".into(),
-            )
-        });
+    if let Some(d) = verify_finished(spec, &fin, &marker)? {
+        return Ok(d);
     }
     let epoch = std::time::Instant::now();
     let now = || Instant::from_micros(epoch.elapsed().as_micros() as u64);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&part)?;
-    file.set_len(spec.announce.size)?;
+    let mut dest = Dest::open(
+        spec.image.as_ref(),
+        &part,
+        spec.announce.size,
+        spec.announce.block_size,
+    )?;
     let initial = load_record(spec, &rec);
+    if let Some(r) = &initial {
+        dest.resume(r)?;
+    }
     let seed =
         spec.device_id ^ spec.announce.task_id.rotate_left(32) ^ epoch.elapsed().as_nanos() as u64;
     let cfg = ReceiverConfig {
@@ -1148,12 +1095,12 @@ fn run_once(
     let mut batch = RecvBatch::new(spec.announce.block_size);
     let (persist_tx, persist_rx) = mpsc::sync_channel::<Ranges>(1);
     let persister = {
-        let (file, spec, rec) = (file.try_clone()?, spec.clone(), rec.clone());
+        let (files, spec, rec) = (dest.handles()?, spec.clone(), rec.clone());
         std::thread::Builder::new()
             .name(format!("fleetcast-persist-{}", spec.announce.task_id))
             .spawn(move || {
                 for snapshot in persist_rx {
-                    if file.sync_data().is_ok() {
+                    if files.iter().all(|f| f.sync_data().is_ok()) {
                         let _ = save_record(&spec, &rec, snapshot);
                     }
                 }
@@ -1166,7 +1113,7 @@ fn run_once(
     let mut nack = Vec::new();
     let mut tagged = vec![0u8; 4096];
     // New blocks of the batch being read: (file offset, slot, payload start, length).
-    let mut writes: Vec<(u64, usize, usize, usize)> = Vec::with_capacity(BATCH);
+    let mut writes: Vec<(u32, usize, usize, usize)> = Vec::with_capacity(BATCH);
     let mut complete = rx.is_complete();
     // Whether the last turn that read anything was the one before (see COALESCE).
     let mut streaming = false;
@@ -1181,7 +1128,7 @@ fn run_once(
             // final record, after the data.
             drop(persist_tx);
             let _ = persister.join();
-            file.sync_data()?;
+            dest.sync()?;
             save_record(spec, &rec, rx.received().clone())?;
             return Ok(done(spec, Outcome::Aborted, [0; 32], "stopped".into()));
         }
@@ -1251,7 +1198,7 @@ fn run_once(
                         });
                         match r {
                             Ok(held) => {
-                                write_held(spec, &file, &mut rx, &mut verifier, held, t)
+                                write_held(spec, &mut dest, &mut rx, &mut verifier, held, t)
                                     .map(|forged| dropped.tag += forged)?;
                             }
                             Err(why) => dropped.count(why),
@@ -1272,7 +1219,7 @@ fn run_once(
                     } else {
                         accept_block(spec, dgram)
                     };
-                    let (kind, block, off, payload) = match accepted {
+                    let (kind, block, payload) = match accepted {
                         Ok(b) => b,
                         Err(why) => {
                             dropped.count(why);
@@ -1298,18 +1245,18 @@ fn run_once(
                         // Written with the batch's other new blocks (below), before anything
                         // reads the file back (parity decoding) or makes it durable.
                         let at = payload.as_ptr() as usize - dgram.as_ptr() as usize;
-                        writes.push((off, j, at, payload.len()));
+                        writes.push((block, j, at, payload.len()));
                         match kind {
                             Kind::Repair => rx.handle_repair(t, block),
                             _ => rx.handle_block(t, block),
                         };
                     }
                 }
-                write_blocks(&file, &batch, &writes)?;
+                write_blocks(&mut dest, spec.announce.block_size, &batch, &writes)?;
             }
             // Groups that parity made whole: read their present blocks back, rebuild the
             // missing ones, check and write them.
-            let decoded = decode_groups(spec, &file, &mut rx, &mut verifier, &mut codec, now)?;
+            let decoded = decode_groups(spec, &mut dest, &mut rx, &mut verifier, &mut codec, now)?;
             rebuilt_blocks += decoded.rebuilt;
             dropped.tag += decoded.forged;
             dropped.unverified += decoded.unverified;
@@ -1356,8 +1303,11 @@ fn run_once(
             spec.announce.task_id
         );
     }
-    file.sync_all()?;
-    drop(file);
+    dest.sync()?;
+    if let Some(plan) = &spec.image {
+        return finish_image(spec, plan, &dest, (&rec, &marker));
+    }
+    drop(dest);
     // Every block of a copy received in this run was checked against its digest before it
     // was written, and the digests against the announce's root: the copy is the gateway's
     // file, whose SHA-256 the announce names, without reading it back. A copy resumed from
@@ -1382,6 +1332,80 @@ fn run_once(
     File::create(&marker)?.sync_all()?;
     let _ = std::fs::remove_file(&rec);
     Ok(done(spec, Outcome::Verified, digest, String::new()))
+}
+
+/// An image received whole: its holes zeroed, the target read back (the digest of what the
+/// disk holds, not of what was received), the marker written once it matches. A mismatch
+/// drops the record (and the staged stream), so the next attempt receives it all again.
+fn finish_image(
+    spec: &TransferSpec,
+    plan: &ImagePlan,
+    dest: &Dest,
+    (rec, marker): (&Path, &Path),
+) -> io::Result<TransferDone> {
+    let digest = dest.read_back_image()?.unwrap_or([0; 32]);
+    if digest != plan.image_sha256 {
+        let _ = std::fs::remove_file(rec);
+        if let Some(stage) = &plan.stage {
+            let _ = std::fs::remove_file(stage);
+        }
+        return Ok(done(
+            spec,
+            Outcome::DigestMismatch,
+            digest,
+            format!(
+                "SHA-256 of the image read back from {} differs from the image's",
+                plan.shown
+            ),
+        ));
+    }
+    File::create(marker)?.sync_all()?;
+    let _ = std::fs::remove_file(rec);
+    if let Some(stage) = &plan.stage {
+        let _ = std::fs::remove_file(stage);
+    }
+    crate::say!(
+        "task {}: image verified on {} (read back)",
+        spec.announce.task_id,
+        plan.shown
+    );
+    Ok(done(spec, Outcome::Verified, digest, String::new()))
+}
+
+/// The answer for a task finished before (the agent restarted, or its completion was
+/// lost), if its marker is there: its copy (the file, or the image on its target) is
+/// checked again. `None`: not finished, receive it.
+fn verify_finished(
+    spec: &TransferSpec,
+    fin: &Path,
+    marker: &Path,
+) -> io::Result<Option<TransferDone>> {
+    if !marker.exists() {
+        return Ok(None);
+    }
+    let (digest, want) = match &spec.image {
+        None if fin.exists() => (file_sha256(fin)?, spec.announce.sha256),
+        None => return Ok(None),
+        Some(plan) => {
+            // Opened without its staging file: reading a finished image needs none.
+            let block = spec.announce.block_size;
+            let digest = crate::sink::Sink::open(&plan.path, None, plan.form.clone(), block)
+                .and_then(|s| s.read_back())
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            (digest, plan.image_sha256)
+        }
+    };
+    if digest == want {
+        return Ok(Some(done(spec, Outcome::Verified, digest, String::new())));
+    }
+    // Receive it again: the marker goes, so the next attempt starts from scratch.
+    let _ = std::fs::remove_file(marker);
+    Ok(Some(done(
+        spec,
+        Outcome::DigestMismatch,
+        digest,
+        "the copy changed since it was received".into(),
+    )))
 }
 
 #[cfg(test)]
@@ -1451,15 +1475,8 @@ mod tests {
     fn batch_writes_put_every_block_at_its_offset() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
         let bs = 100usize;
-        file.set_len(10 * bs as u64).unwrap();
+        let mut dest = Dest::open(None, &path, 10 * bs as u64, bs as u32).unwrap();
         let mut batch = RecvBatch::new(bs as u32);
         // Datagrams of 7 header bytes then the block filled with its number.
         let order = [2u8, 3, 4, 0, 7, 8, 5];
@@ -1469,9 +1486,9 @@ mod tests {
             slot[..7].fill(0xee);
             slot[7..7 + bs].fill(b + 1);
             batch.lens[j] = 7 + bs;
-            writes.push((u64::from(b) * bs as u64, j, 7, bs));
+            writes.push((u32::from(b), j, 7, bs));
         }
-        write_blocks(&file, &batch, &writes).unwrap();
+        write_blocks(&mut dest, bs as u32, &batch, &writes).unwrap();
         let got = std::fs::read(&path).unwrap();
         for b in 0..10u8 {
             let want = if order.contains(&b) { b + 1 } else { 0 };
@@ -1512,6 +1529,7 @@ mod tests {
             local: Ipv4Addr::LOCALHOST,
             gateway: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7301),
             dir: dir.into(),
+            image: None,
         }
     }
 
@@ -1548,8 +1566,8 @@ mod tests {
         });
         let block = &file[1000..2000];
         let good = datagram(1, 1, block);
-        let (k, b, off, p) = accept_block(&spec, &good).unwrap();
-        assert_eq!((k, b, off, p), (Kind::Data, 1, 1000, block));
+        let (k, b, p) = accept_block(&spec, &good).unwrap();
+        assert_eq!((k, b, p), (Kind::Data, 1, block));
 
         let mut crc = good.clone();
         crc[100] ^= 1;

@@ -149,6 +149,7 @@ fn task_table(c: &mut Criterion) {
             then: Vec::new(),
             plan: Default::default(),
             follow: Default::default(),
+            image: None,
         };
         let mut b = s.batch().expect("batch");
         let t = b.create_task(task, &ids).expect("task");

@@ -294,6 +294,7 @@ fn start(
         local,
         gateway: SocketAddrV4::new(*src.ip(), a.port),
         dir: dir.to_path_buf(),
+        image: None,
     };
     let transfer = Transfer::spawn(spec).map_err(io_err(format!(
         "cannot receive into {}",
