@@ -28,6 +28,10 @@ pub struct PrepareArgs {
     /// Also make the compressed form: the data cut into independently decodable zstd chunks.
     #[arg(long)]
     pub compress: bool,
+    /// Also make the sparse form's stream (the data extents end to end: what a sparse push
+    /// sends).
+    #[arg(long)]
+    pub sparse: bool,
     /// Image bytes per compressed chunk, with an optional K or M suffix (a multiple of the
     /// block size from 4K to 64M).
     #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
@@ -101,6 +105,7 @@ fn run_prepare(a: PrepareArgs, data_dir: &Path, json: bool) -> ExitCode {
     let opts = PrepareOpts {
         image: a.image.clone(),
         compress: a.compress,
+        sparse: a.sparse,
         chunk_span: a.chunk,
         block_size: a.block_size,
         level: a.level,
@@ -163,6 +168,11 @@ fn to_json(o: &PrepareOpts, p: &Prepared, secs: f64, cpu: f64) -> serde_json::Va
         "data_bytes": p.data_bytes, "hole_bytes_reported": p.hole_bytes, "extents": p.extents,
         "block_size": o.block_size, "map": p.map.0, "cache": map_state,
         "rebuilt_because": map_why, "compressed": compressed,
+        "sparse": p.sparse.as_ref().map(|(path, st)| {
+            let (s, why) = state(st);
+            serde_json::json!({ "stream": path, "cache": s, "rebuilt_because": why,
+                                "bytes": p.data_bytes })
+        }),
         "seconds": secs, "cpu_seconds": cpu,
     }})
 }
@@ -195,6 +205,13 @@ fn print_human(o: &PrepareOpts, p: &Prepared, secs: f64, cpu: f64) {
     outln!("sparse map  {} ({s})", p.map.0.display());
     if let Some(why) = why {
         outln!("            rebuilt because {why}");
+    }
+    if let Some((path, st)) = &p.sparse {
+        let (s, why) = state(st);
+        outln!("sparse      {} ({s})", path.display());
+        if let Some(why) = why {
+            outln!("            rebuilt because {why}");
+        }
     }
     if let Some(c) = &p.compressed {
         let (s, why) = state(&c.state);

@@ -1,10 +1,14 @@
-//! `fleetcast image prepare IMG [--compress] [--chunk SIZE]`: makes an image's sparse map and
-//! (with `--compress`) its compressed form once, and keeps them in a cache keyed by the
-//! image's SHA-256, so a push of the same image later (issue 18) finds them ready.
+//! `fleetcast image prepare IMG [--sparse] [--compress] [--chunk SIZE]`: makes an image's
+//! sparse map, (with `--sparse`) the sparse form's stream and (with `--compress`) its
+//! compressed form once, and keeps them in a cache keyed by the image's SHA-256, so a push of
+//! the same image (`fleetcast push --form sparse|compressed`, which prepares through here)
+//! finds them ready.
 //!
 //! Cache layout (`<cache>/`, the gateway's `<data_dir>/images/` when that data directory
 //! exists, else `.fleetcast-images/` next to the image):
-//! - `<sha256>.map`: the raw form's image map (extents, no chunks);
+//! - `<sha256>.map`: the raw form's image map (extents, no chunks), also the sparse form's;
+//! - `<sha256>.sparse`: the sparse form's stream (the data extents end to end), checked byte
+//!   for byte against the image before it is used;
 //! - `<sha256>.z<span>.map` and `<sha256>.z<span>.zst`: the compressed form's map and its
 //!   stream (the chunks' zstd frames end to end), one pair per chunk span.
 //!
@@ -20,6 +24,7 @@
 
 mod cmd;
 mod scan;
+mod stream;
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
@@ -40,6 +45,9 @@ pub struct PrepareOpts {
     pub image: PathBuf,
     /// Make the compressed form too.
     pub compress: bool,
+    /// Make the sparse form's stream too (the data extents end to end, what a sparse push
+    /// sends).
+    pub sparse: bool,
     /// Image bytes per compressed chunk.
     pub chunk_span: u32,
     /// The sparse map's block size.
@@ -56,6 +64,7 @@ impl PrepareOpts {
         PrepareOpts {
             image,
             compress: false,
+            sparse: false,
             chunk_span: fleetcast_wire::image::DEFAULT_CHUNK_SPAN,
             block_size: DEFAULT_BLOCK_SIZE,
             level: 3,
@@ -102,6 +111,8 @@ pub struct Prepared {
     pub map: (PathBuf, CacheState),
     /// The compressed form, if asked: map, stream, what the cache did, stream bytes, chunks.
     pub compressed: Option<CompressedForm>,
+    /// The sparse form's stream, if asked, and what the cache did (its map is `map`).
+    pub sparse: Option<(PathBuf, CacheState)>,
 }
 
 /// The compressed form as `image prepare` left it.
@@ -192,6 +203,11 @@ pub fn prepare(opts: &PrepareOpts) -> Result<Prepared, PrepareError> {
     } else {
         None
     };
+    let sparse = if opts.sparse {
+        Some(stream::sparse(opts, &file, &raw, &key)?)
+    } else {
+        None
+    };
     Ok(Prepared {
         image_bytes: scanned.size,
         data_bytes: raw.data_bytes(),
@@ -200,6 +216,7 @@ pub fn prepare(opts: &PrepareOpts) -> Result<Prepared, PrepareError> {
         extents: raw.extents.len(),
         map: (map_path, raw_state),
         compressed,
+        sparse,
     })
 }
 

@@ -231,3 +231,35 @@ fn bad_options_are_refused_before_any_work() {
     let e = prepare(&o).unwrap_err().to_string();
     assert!(e.starts_with("cannot read image"), "{e}");
 }
+
+#[test]
+fn the_sparse_stream_is_the_data_end_to_end_checked_against_the_image() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("img");
+    write_image(&img, true);
+    let mut o = PrepareOpts::new(img.clone(), d.path().join("cache"));
+    o.sparse = true;
+    let p = prepare(&o).unwrap();
+    let (path, state) = p.sparse.clone().unwrap();
+    assert_eq!(state, CacheState::Built);
+    let want: Vec<u8> = layout().into_iter().flat_map(|(_, b)| b).collect();
+    assert!(
+        std::fs::read(&path).unwrap() == want,
+        "the stream is the data"
+    );
+    // Its map describes it: the gateway takes the pair.
+    let map = ImageMap::decode(&std::fs::read(&p.map.0).unwrap()).unwrap();
+    assert_eq!(map.wire_bytes(), want.len() as u64);
+    assert_eq!(prepare(&o).unwrap().sparse.unwrap().1, CacheState::Hit);
+    // One byte changed in the cached stream: found and made again.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[600_000] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let again = prepare(&o).unwrap().sparse.unwrap();
+    assert!(
+        matches!(&again.1, CacheState::Rebuilt(why) if why.contains("differs from the image")),
+        "{:?}",
+        again.1
+    );
+    assert!(std::fs::read(&path).unwrap() == want);
+}
