@@ -103,6 +103,21 @@ enum Cmd {
         /// Send to the multicast group even when the gateway's `mcast.broadcast` is set.
         #[arg(long)]
         multicast: bool,
+        /// Write the file as an image straight to each device's disk, partition or slot
+        /// instead of its downloads directory: an absolute file path, KIND=ID of a disk or
+        /// partition (serial, wwn, partlabel, partuuid, uuid; never a bare /dev name), or
+        /// slot=a, slot=b, slot=inactive. The agent refuses a target that is mounted, holds
+        /// the running system or is too small, and says why in `task show`.
+        #[arg(long, value_name = "SPEC")]
+        target: Option<String>,
+        /// How the image travels: raw (every byte), sparse (runs of zeros stay off the wire)
+        /// or compressed (zstd chunks; agents built with feature `zstd`). Sparse and
+        /// compressed forms are prepared once and cached (`fleetcast image prepare`).
+        #[arg(long, value_enum, default_value = "raw", requires = "target")]
+        form: fleetcast_cli::image::ImageForm,
+        /// Image bytes per compressed chunk (K or M suffix), with --form compressed.
+        #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = fleetcast_cli::image::parse_size)]
+        chunk: u32,
     },
     /// Distribution tasks.
     #[command(subcommand)]
@@ -338,7 +353,7 @@ enum QueueCmd {
 /// A failure of the CLI itself (before or instead of an answer).
 struct Fail(Exit, String);
 
-fn build(cmd: Cmd) -> Result<Request, Fail> {
+fn build(cmd: Cmd, data_dir: &std::path::Path) -> Result<Request, Fail> {
     Ok(match cmd {
         Cmd::Device(DeviceCmd::Add { name, groups }) => Request::DeviceAdd { name, groups },
         Cmd::Device(DeviceCmd::List) => Request::DeviceList,
@@ -391,6 +406,9 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
             then,
             broadcast,
             multicast,
+            target,
+            form,
+            chunk,
             ..
         } => {
             use fleetcast_daemon::admin::Delivery;
@@ -411,6 +429,22 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
                 };
                 Fail(code, format!("cannot open {}: {e}", file.display()))
             })?;
+            let (path, image) = match &target {
+                None => (path, None),
+                Some(t) => {
+                    let (stream, image) = fleetcast_cli::image::image_push(
+                        &path, t, form, chunk, data_dir,
+                    )
+                    .map_err(|e| {
+                        let code = match e {
+                            fleetcast_cli::image::PushImageError::Target { .. } => Exit::Usage,
+                            _ => Exit::Failed,
+                        };
+                        Fail(code, e.to_string())
+                    })?;
+                    (stream, Some(image))
+                }
+            };
             Request::Push {
                 path: path.display().to_string(),
                 group,
@@ -428,7 +462,7 @@ fn build(cmd: Cmd) -> Result<Request, Fail> {
                     group: follow_group,
                     when_online,
                 },
-                image: None,
+                image,
             }
         }
         Cmd::Task(TaskCmd::Show { id }) => Request::TaskShow { task: id },
@@ -542,7 +576,7 @@ fn run() -> ExitCode {
         Cmd::Backup { .. } => std::time::Duration::from_secs(3600),
         _ => std::time::Duration::from_secs(30),
     };
-    let req = match build(cli.cmd) {
+    let req = match build(cli.cmd, &data_dir) {
         Ok(r) => r,
         Err(Fail(code, msg)) => return fail(json, code, &msg),
     };

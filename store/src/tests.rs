@@ -455,19 +455,7 @@ fn task_table() {
     let (_dir, mut s, d) = setup();
     let mut b = s.batch().unwrap();
     let d2 = b.add_device("dev-2", [0; 32], 0).unwrap();
-    let task = Task {
-        path: "/srv/img.bin".into(),
-        size: 10 * 1024 + 1,
-        block_size: 1024,
-        sha256: [5; 32],
-        group: None,
-        trigger: "publish".into(),
-        created_ms: 7,
-        then: Vec::new(),
-        plan: Default::default(),
-        follow: Default::default(),
-        image: None,
-    };
+    let task = img_task(10 * 1024 + 1);
     assert_eq!(task.blocks(), 11);
     let t = b.create_task(task, &[d, d2]).unwrap();
     assert_eq!(b.incomplete_tasks(d).unwrap(), vec![t]);
@@ -548,19 +536,7 @@ fn task_cancel_and_retry() {
     let mut b = s.batch().unwrap();
     let d2 = b.add_device("dev-2", [0; 32], 0).unwrap();
     let d3 = b.add_device("dev-3", [0; 32], 0).unwrap();
-    let task = Task {
-        path: "/srv/img.bin".into(),
-        size: 4096,
-        block_size: 1024,
-        sha256: [5; 32],
-        group: None,
-        trigger: "publish".into(),
-        created_ms: 7,
-        then: Vec::new(),
-        plan: Default::default(),
-        follow: Default::default(),
-        image: None,
-    };
+    let task = img_task(4096);
     let t = b.create_task(task, &[d, d2, d3]).unwrap();
     let mut blocks = BlockSet::new();
     blocks.insert(0, 2);
@@ -691,19 +667,7 @@ fn a_schema2_task_table_opens_unchanged() {
         let devs: Vec<DeviceId> = (0..4)
             .map(|i| b.add_device(&format!("d{i}"), [0; 32], 0).unwrap())
             .collect();
-        let task = Task {
-            path: "/srv/img.bin".into(),
-            size: 4096,
-            block_size: 1024,
-            sha256: [5; 32],
-            group: None,
-            trigger: "publish".into(),
-            created_ms: 7,
-            then: Vec::new(),
-            plan: Default::default(),
-            follow: Default::default(),
-            image: None,
-        };
+        let task = img_task(4096);
         let t = b.create_task(task, &devs).unwrap();
         b.commit().unwrap();
         use lmdb::Transaction;
@@ -1499,4 +1463,21 @@ fn a_result_kept_in_format_2_is_a_duplicate_of_the_same_result_resent() {
         illegal(b.record_result(d, 1, 1, failed()).unwrap_err()),
         Illegal::ConflictingResult { seq: 1 }
     );
+}
+
+/// A file task of `size` bytes in 1 KiB blocks, addressed to no group.
+fn img_task(size: u64) -> Task {
+    Task {
+        path: "/srv/img.bin".into(),
+        size,
+        block_size: 1024,
+        sha256: [5; 32],
+        group: None,
+        trigger: "publish".into(),
+        created_ms: 7,
+        then: Vec::new(),
+        plan: Default::default(),
+        follow: Default::default(),
+        image: None,
+    }
 }

@@ -60,7 +60,7 @@ pub enum SizeError {
 
 /// `1048576`, `1024K`, `1M`. (The map's own rules on block sizes and chunk spans are checked
 /// by the map, which names the rule.)
-fn parse_size(s: &str) -> Result<u32, SizeError> {
+pub fn parse_size(s: &str) -> Result<u32, SizeError> {
     let (digits, mult) = match s.as_bytes().last() {
         Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
         Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),

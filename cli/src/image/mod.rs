@@ -23,6 +23,7 @@
 //! stream of another level is used as it is.
 
 mod cmd;
+mod push;
 mod scan;
 mod stream;
 
@@ -35,7 +36,8 @@ use fleetcast_wire::image::{
 };
 use ring::digest;
 
-pub use cmd::{run, ImageCmd, PrepareArgs, SizeError};
+pub use cmd::{parse_size, run, ImageCmd, PrepareArgs, SizeError};
+pub use push::{image_push, ImageForm, PushImageError};
 pub use scan::{scan, Scanned};
 
 /// What `image prepare` was asked.

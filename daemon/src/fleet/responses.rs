@@ -326,7 +326,23 @@ pub(super) struct TaskShown {
     /// While the online gate holds the multicast back: "7 of 20 devices of rack7 online".
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
+    /// An image task's target and form (absent for a file task).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<TaskImageShown>,
     pub devices: Vec<TaskDeviceRow>,
+}
+
+/// An image task in `task show`.
+#[derive(Debug, Serialize)]
+pub(super) struct TaskImageShown {
+    /// As the operator named it.
+    pub target: String,
+    /// `raw`, `sparse` or `compressed`.
+    pub form: &'static str,
+    /// Bytes of the image on each target.
+    pub image_bytes: u64,
+    /// Its data bytes (what a sparse push sends).
+    pub data_bytes: u64,
 }
 
 /// One target of a task.
@@ -336,6 +352,9 @@ pub(super) struct TaskDeviceRow {
     pub id: u64,
     pub status: &'static str,
     pub blocks: String,
+    /// An image task: image bytes received of the image's (the stream's share).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_bytes: Option<String>,
     pub reason: Option<String>,
 }
 

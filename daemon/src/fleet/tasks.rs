@@ -225,6 +225,11 @@ fn task_table(
                 id: d.0,
                 status: st.name(),
                 blocks: format!("{blocks}/{n}"),
+                image_bytes: t.image.as_ref().map(|i| {
+                    // The stream's share received, in image bytes (exact for a raw image).
+                    let done = u128::from(i.image_size) * u128::from(blocks) / u128::from(n.max(1));
+                    format!("{done}/{}", i.image_size)
+                }),
                 reason,
             }
         })
@@ -239,8 +244,29 @@ fn task_table(
         trigger: t.trigger,
         created_ms: t.created_ms,
         waiting,
+        image: t.image.as_ref().map(image_shown),
         devices,
     })
+}
+
+/// An image task's target, form and sizes, for `task show`.
+fn image_shown(i: &store::TaskImage) -> TaskImageShown {
+    use fleetcast_wire::image::{Compression, ImageMap};
+    let (form, data_bytes) = match ImageMap::decode(&i.map) {
+        _ if i.map.is_empty() => ("raw", i.image_size),
+        Ok(m) => match m.compression {
+            Compression::None => ("sparse", m.data_bytes()),
+            Compression::Zstd { .. } => ("compressed", m.data_bytes()),
+        },
+        // Checked when the task was made; a record damaged since says so here.
+        Err(_) => ("unreadable map", 0),
+    };
+    TaskImageShown {
+        target: i.target.clone(),
+        form,
+        image_bytes: i.image_size,
+        data_bytes,
+    }
 }
 
 fn task_list(b: &dyn StoreBatch) -> Result<TaskList, AdminError> {
