@@ -32,6 +32,7 @@ use fleetcast_lab::{Lab, LabChild, LabConfig, LabError};
 use fleetcast_wire::DATA_PREFIX_LEN;
 use serde_json::{json, Value};
 
+pub mod image;
 pub mod peers;
 use peers::{Peer, PeerRow};
 
@@ -193,6 +194,9 @@ pub enum BenchError {
     /// The gateway refused a request (its own words).
     #[error("{0}")]
     Refused(String),
+    /// An image push of `--image` could not be asked for (its form not prepared).
+    #[error("{0}")]
+    Image(#[from] Box<crate::image::PushImageError>),
     /// An answer or the gateway's output lacks something the bench needs.
     #[error("no {0}")]
     Missing(&'static str),
@@ -473,6 +477,19 @@ impl<'lab> Fleet<'lab> {
         n: usize,
         clock: &Clock,
     ) -> Result<Fleet<'lab>, BenchError> {
+        Self::start_with_disks(lab, plan, dir, n, clock, None)
+    }
+
+    /// [`Fleet::start`], each agent with a disk of `disk` bytes labelled
+    /// [`image::LABEL`] when asked (a file, see [`image::disk_root`]).
+    fn start_with_disks(
+        lab: &'lab Lab,
+        plan: &Plan,
+        dir: &Path,
+        n: usize,
+        clock: &Clock,
+        disk: Option<u64>,
+    ) -> Result<Fleet<'lab>, BenchError> {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).map_err(at(dir))?;
         let data = dir.join("gateway");
@@ -534,6 +551,12 @@ impl<'lab> Fleet<'lab> {
             let ca = fleet.data.join("pki/ca.pem");
             let agent_log_path = state.join("agent.log");
             let agent_log = std::fs::File::create(&agent_log_path).map_err(at(&agent_log_path))?;
+            let mut extra = Vec::new();
+            if let Some(size) = disk {
+                let root = state.join("root");
+                image::disk_root(&root, &state.join("disk.img"), size)?;
+                extra = vec!["--report-root".to_string(), root.display().to_string()];
+            }
             let child = lab
                 .host(i)
                 .spawn(&plan.exe, |c| {
@@ -545,6 +568,7 @@ impl<'lab> Fleet<'lab> {
                         .arg("--boot-id-file")
                         .arg(&boot)
                         .args(["--token", &token, "--name", &name])
+                        .args(&extra)
                         .stdin(Stdio::null())
                         .stdout(Stdio::null())
                         .stderr(agent_log);
@@ -607,6 +631,32 @@ impl<'lab> Fleet<'lab> {
             .unwrap_or(0)
     }
 
+    /// Waits until all `n` rows of `task` are completed (a failed row or the deadline end it).
+    fn wait_completed(
+        &self,
+        task: u64,
+        n: usize,
+        deadline: fleetcast_wire::Instant,
+        timeout: Duration,
+        clock: &Clock,
+    ) -> Result<(), BenchError> {
+        loop {
+            let t = self.admin(&Request::TaskShow { task: Some(task) })?;
+            let rows = t["devices"].as_array().cloned().unwrap_or_default();
+            let done = rows.iter().filter(|r| r["status"] == "completed").count();
+            if done == n {
+                return Ok(());
+            }
+            if let Some(f) = rows.iter().find(|r| r["status"] == "failed") {
+                return Err(BenchError::ReceiverFailed(f.clone()));
+            }
+            if clock.read().0 > deadline {
+                return Err(BenchError::TimedOut { done, n, timeout });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn cpu(&self) -> (f64, f64) {
         let gw = cpu_seconds(self.gateway.id());
         let agents = self.agents.iter().map(|(c, _)| cpu_seconds(c.id())).sum();
@@ -666,26 +716,7 @@ impl<'lab> Fleet<'lab> {
             image: None,
         })?;
         let task = r["task"].as_u64().ok_or(BenchError::Missing("task id"))?;
-        let deadline = t0 + plan.timeout;
-        loop {
-            let t = self.admin(&Request::TaskShow { task: Some(task) })?;
-            let rows = t["devices"].as_array().cloned().unwrap_or_default();
-            let done = rows.iter().filter(|r| r["status"] == "completed").count();
-            if done == n {
-                break;
-            }
-            if let Some(f) = rows.iter().find(|r| r["status"] == "failed") {
-                return Err(BenchError::ReceiverFailed(f.clone()));
-            }
-            if clock.read().0 > deadline {
-                return Err(BenchError::TimedOut {
-                    done,
-                    n,
-                    timeout: plan.timeout,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_completed(task, n, t0 + plan.timeout, plan.timeout, clock)?;
         let secs = (clock.read().0 - t0).as_secs_f64();
         let (cpu_g1, cpu_a1) = self.cpu();
         let dg1 = self.datagram_bytes()?;

@@ -185,6 +185,11 @@ enum Cmd {
         /// (Debian packages `udpcast`, `uftp`).
         #[arg(long, default_value = "")]
         peers: String,
+        /// Measure imaging instead: push a generated disk image in these forms
+        /// (comma-separated: raw, sparse, compressed) to each receiver's disk (a file labelled
+        /// like a partition) at each loss, on the first MTU; writes image-report.md/.json.
+        #[arg(long, value_name = "FORMS", value_delimiter = ',')]
+        image: Vec<fleetcast_cli::image::ImageForm>,
     },
     /// Send one file by multicast to the receivers that join, with no gateway or enrolment
     /// (like udpcast's udp-sender): progress on stderr, a summary at the end; exit 0 only when
@@ -530,9 +535,22 @@ fn run() -> ExitCode {
             out,
             from_json,
             peers,
+            image,
         } => {
             return match from_json {
                 Some(f) => bench_replot(&f, &out, json),
+                None if !image.is_empty() => bench_image(
+                    &BenchFlags {
+                        receivers: &receivers,
+                        loss: &loss,
+                        mtu: &mtu,
+                        peers: "",
+                        mib,
+                        timeout,
+                    },
+                    &image,
+                    &out,
+                ),
                 None => bench(
                     &BenchFlags {
                         receivers: &receivers,
@@ -974,6 +992,61 @@ fn bench(flags: &BenchFlags, out: &std::path::Path, json: bool) -> ExitCode {
             Exit::Failed.into()
         }
     }
+}
+
+/// `fleetcast bench --image FORMS`: imaging end to end (see `fleetcast_cli::bench::image`).
+fn bench_image(
+    flags: &BenchFlags,
+    forms: &[fleetcast_cli::image::ImageForm],
+    out: &std::path::Path,
+) -> ExitCode {
+    use fleetcast_cli::bench::{image, parse_list, Plan};
+    let plan = (|| -> Result<Plan, PlanError> {
+        let plan = Plan {
+            receivers: parse_list("--receivers", flags.receivers)?,
+            loss: parse_list("--loss", flags.loss)?,
+            mtus: parse_list("--mtu", flags.mtu)?,
+            mib: flags.mib,
+            timeout: std::time::Duration::from_secs(flags.timeout),
+            exe: std::env::current_exe().map_err(PlanError::OwnBinary)?,
+            work: std::env::temp_dir().join(format!("fleetcast-bench-{}", std::process::id())),
+        };
+        plan.check()?;
+        Ok(plan)
+    })();
+    let plan = match plan {
+        Ok(p) => p,
+        Err(e) => {
+            errln!("fleetcast bench: {e}");
+            return Exit::Usage.into();
+        }
+    };
+    let result = image::run(&plan, forms, &mut |line| errln!("{line}"));
+    if std::env::var_os("FLEETCAST_BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&plan.work);
+    }
+    let rows = match result {
+        Ok(r) => r,
+        Err(e) => {
+            errln!("fleetcast bench: {e}");
+            return Exit::Failed.into();
+        }
+    };
+    let md = image::markdown(&rows);
+    let json: Vec<_> = rows.iter().map(image::ImageRow::to_json).collect();
+    let written = std::fs::create_dir_all(out)
+        .and_then(|()| std::fs::write(out.join("image-report.md"), &md))
+        .and_then(|()| {
+            let v = serde_json::json!({ "mib": plan.mib, "rows": json });
+            std::fs::write(out.join("image-report.json"), format!("{v:#}\n"))
+        });
+    if let Err(e) = written {
+        errln!("fleetcast bench: {}: {e}", out.display());
+        return Exit::Failed.into();
+    }
+    outln!("{md}");
+    errln!("report written to {}", out.display());
+    ExitCode::SUCCESS
 }
 
 /// `fleetcast bench --from-json FILE`: the report of an earlier run, drawn again.
