@@ -6,6 +6,9 @@
 //! code as a block device (its report root gives the file a partition label and a size), and
 //! reads it back before it reports.
 //!
+//! Each cell starts with the same image pushed as a plain file (to the downloads directory,
+//! no target): each form's time against it is what imaging costs over a file push.
+//!
 //! Per row: image bytes per second to disk per device (the image's bytes over the time from
 //! the push to the slowest verified read-back), datagram bytes per image byte (the form's
 //! wire cost: about 1 raw, the data share sparse, less compressed), and the agents' CPU
@@ -130,7 +133,10 @@ pub fn run(
         let disk = Some(((plan.mib as u64) << 20) + (1 << 20));
         let fleet = Fleet::start_with_disks(&lab, plan, &dir, n, &clock, disk)?;
         for &loss in &plan.loss {
-            for &form in forms {
+            // The same image as a plain file to the downloads directory first: the ratio of
+            // each form's time to it is what imaging costs over a file push, same run.
+            let baseline = std::iter::once(None);
+            for form in baseline.chain(forms.iter().copied().map(Some)) {
                 let row = push_image(&fleet, &lab, plan, &src, (mtu, n, loss, form), &clock)?;
                 log(&format!(
                     "{n} receivers, {loss}% loss, {}: {:.1} MiB/s of image per device, {:.3} datagram B per image B, \
@@ -153,21 +159,22 @@ pub fn run(
     Ok(rows)
 }
 
-fn form_name(f: ImageForm) -> &'static str {
+fn form_name(f: Option<ImageForm>) -> &'static str {
     match f {
-        ImageForm::Raw => "raw",
-        ImageForm::Sparse => "sparse",
-        ImageForm::Compressed => "compressed",
+        None => "file (downloads, no target)",
+        Some(ImageForm::Raw) => "raw",
+        Some(ImageForm::Sparse) => "sparse",
+        Some(ImageForm::Compressed) => "compressed",
     }
 }
 
-/// One image push of `src` in `form`, measured.
+/// One image push of `src` in `form` (`None`: as a plain file), measured.
 fn push_image(
     fleet: &Fleet<'_>,
     lab: &Lab,
     plan: &Plan,
     src: &Path,
-    (mtu, n, loss, form): (u32, usize, f64, ImageForm),
+    (mtu, n, loss, form): (u32, usize, f64, Option<ImageForm>),
     clock: &Clock,
 ) -> Result<ImageRow, BenchError> {
     for i in 1..=n {
@@ -180,8 +187,20 @@ fn push_image(
     let image_bytes = std::fs::metadata(src).map_err(at(src))?.len();
     let p0 = clock.read().0;
     let cache = plan.work.join("image-cache");
-    let (stream, image) =
-        image_push(src, &format!("partlabel={LABEL}"), form, 1 << 20, &cache).map_err(Box::new)?;
+    let (stream, image) = match form {
+        Some(f) => {
+            let target = format!("partlabel={LABEL}");
+            let (stream, image) = image_push(src, &target, f, 1 << 20, &cache).map_err(Box::new)?;
+            (stream, Some(image))
+        }
+        None => {
+            // A fresh copy each time: a file already in the downloads would be re-verified.
+            for (_, state) in &fleet.agents {
+                let _ = std::fs::remove_dir_all(state.join("downloads"));
+            }
+            (src.to_owned(), None)
+        }
+    };
     let prepare_s = (clock.read().0 - p0).as_secs_f64();
     let stream_bytes = std::fs::metadata(&stream).map_err(at(&stream))?.len();
     let (_, cpu_a0) = fleet.cpu();
@@ -200,7 +219,7 @@ fn push_image(
         then: vec![],
         delivery: Default::default(),
         follow: Default::default(),
-        image: Some(image),
+        image,
     })?;
     let task = r["task"].as_u64().ok_or(BenchError::Missing("task id"))?;
     fleet.wait_completed(task, n, t0 + plan.timeout, plan.timeout, clock)?;
