@@ -934,22 +934,26 @@ struct BenchFlags<'a> {
     timeout: u64,
 }
 
+/// The plan `fleetcast bench`'s measuring flags give (checked).
+fn bench_plan(flags: &BenchFlags) -> Result<fleetcast_cli::bench::Plan, PlanError> {
+    use fleetcast_cli::bench::{parse_list, Plan};
+    let plan = Plan {
+        receivers: parse_list("--receivers", flags.receivers)?,
+        loss: parse_list("--loss", flags.loss)?,
+        mtus: parse_list("--mtu", flags.mtu)?,
+        mib: flags.mib,
+        timeout: std::time::Duration::from_secs(flags.timeout),
+        exe: std::env::current_exe().map_err(PlanError::OwnBinary)?,
+        work: std::env::temp_dir().join(format!("fleetcast-bench-{}", std::process::id())),
+    };
+    plan.check()?;
+    Ok(plan)
+}
+
 /// `fleetcast bench`: the end-to-end multicast benchmark (see `fleetcast_cli::bench`).
 fn bench(flags: &BenchFlags, out: &std::path::Path, json: bool) -> ExitCode {
-    use fleetcast_cli::bench::{self, parse_list, peers::parse_peers, Plan};
-    let plan = (|| -> Result<(Plan, Vec<fleetcast_cli::bench::peers::Peer>), PlanError> {
-        let plan = Plan {
-            receivers: parse_list("--receivers", flags.receivers)?,
-            loss: parse_list("--loss", flags.loss)?,
-            mtus: parse_list("--mtu", flags.mtu)?,
-            mib: flags.mib,
-            timeout: std::time::Duration::from_secs(flags.timeout),
-            exe: std::env::current_exe().map_err(PlanError::OwnBinary)?,
-            work: std::env::temp_dir().join(format!("fleetcast-bench-{}", std::process::id())),
-        };
-        plan.check()?;
-        Ok((plan, parse_peers(flags.peers)?))
-    })();
+    use fleetcast_cli::bench::{self, peers::parse_peers};
+    let plan = bench_plan(flags).and_then(|p| Ok((p, parse_peers(flags.peers)?)));
     let (plan, peers) = match plan {
         Ok(p) => p,
         Err(e) => {
@@ -1000,21 +1004,8 @@ fn bench_image(
     forms: &[fleetcast_cli::image::ImageForm],
     out: &std::path::Path,
 ) -> ExitCode {
-    use fleetcast_cli::bench::{image, parse_list, Plan};
-    let plan = (|| -> Result<Plan, PlanError> {
-        let plan = Plan {
-            receivers: parse_list("--receivers", flags.receivers)?,
-            loss: parse_list("--loss", flags.loss)?,
-            mtus: parse_list("--mtu", flags.mtu)?,
-            mib: flags.mib,
-            timeout: std::time::Duration::from_secs(flags.timeout),
-            exe: std::env::current_exe().map_err(PlanError::OwnBinary)?,
-            work: std::env::temp_dir().join(format!("fleetcast-bench-{}", std::process::id())),
-        };
-        plan.check()?;
-        Ok(plan)
-    })();
-    let plan = match plan {
+    use fleetcast_cli::bench::image;
+    let plan = match bench_plan(flags) {
         Ok(p) => p,
         Err(e) => {
             errln!("fleetcast bench: {e}");

@@ -31,19 +31,7 @@ const WAIT: Duration = Duration::from_secs(45);
 
 /// Runs the operator CLI against `gw`; returns its stdout (it must succeed).
 fn cli(gw: &Gateway<'_>, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"))
-        .arg("--data-dir")
-        .arg(&gw.data)
-        .args(args)
-        .output()
-        .expect("run fleetcast");
-    assert!(
-        out.status.success(),
-        "fleetcast {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        gw.diag()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    gw.cli(env!("CARGO_BIN_EXE_fleetcast"), args)
 }
 
 /// A gateway (multicast on) on host 0 and `n` enrolled, online agents `n1..` (group

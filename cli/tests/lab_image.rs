@@ -201,19 +201,7 @@ fn read_back(path: &Path, len: usize) -> Vec<u8> {
 
 /// Runs the operator CLI against `gw`; returns its stdout (it must succeed).
 fn cli(gw: &Gateway<'_>, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_fleetcast"))
-        .arg("--data-dir")
-        .arg(&gw.data)
-        .args(args)
-        .output()
-        .expect("run fleetcast");
-    assert!(
-        out.status.success(),
-        "fleetcast {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        gw.diag()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    gw.cli(env!("CARGO_BIN_EXE_fleetcast"), args)
 }
 
 /// `fleetcast --json push SRC --group fleet EXTRA...`; the task id.

@@ -419,6 +419,24 @@ impl<'lab> Gateway<'lab> {
         (specs, agents)
     }
 
+    /// Runs the operator CLI `exe` (a cli test's `env!("CARGO_BIN_EXE_fleetcast")`) against
+    /// this gateway, as an operator would; its stdout (it must succeed).
+    pub fn cli(&self, exe: &str, args: &[&str]) -> String {
+        let out = Command::new(exe)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(args)
+            .output()
+            .expect("run fleetcast");
+        assert!(
+            out.status.success(),
+            "fleetcast {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.diag()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// A task's status table (`task show`), one row per device; empty while unreachable.
     pub fn task_rows(&self, task: u64) -> Vec<Value> {
         self.try_admin(&Request::TaskShow { task: Some(task) })
