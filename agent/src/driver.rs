@@ -723,7 +723,14 @@ impl Agent {
                 let job: Job = d.into_owned();
                 self.state
                     .record_executing(seq, attempt, command_id, job.steps.len())?;
-                let run = exec::spawn(job, self.cfg.exec.clone(), || {})?;
+                let cfg = ExecConfig {
+                    update: self.cfg.slots.clone().map(|slots| exec::UpdateSetup {
+                        slots,
+                        ledger: self.cfg.state_dir.join(exec::UPDATE_LEDGER),
+                    }),
+                    ..self.cfg.exec.clone()
+                };
+                let run = exec::spawn(job, cfg, || {})?;
                 self.running = Some((run, reboot, command_id));
             }
             AgentEvent::ResultAcked { seq } => {
@@ -981,6 +988,13 @@ impl Agent {
         }
         self.state.record_result(&done.result)?;
         let _ = s.send_result(&done.result);
+        if done.reboot_after {
+            // A rolled-back update on the new slot: the result is durable (a later Hello
+            // carries it if this session loses it) and goes out before the reboot into the
+            // default slot.
+            crate::say!("rebooting into the default slot after a rollback");
+            return Ok(Some(End::Exit(i32::MIN)));
+        }
         Ok(None)
     }
 

@@ -5,8 +5,9 @@
 //! changes nothing when it refuses. Time is an input (milliseconds of wall time, the only
 //! clock that survives the reboot in the middle).
 //!
-//! Not yet driven by anything: the queue's `update` command (issue 18) will run it and keep
-//! it in the agent's ledger across the reboot.
+//! Driven by the queue's `slot_switch` and `slot_commit` steps (`exec/slot.rs`), which keep
+//! it in the agent's state directory across the reboot ([`Update::encode`] /
+//! [`Update::decode`], one `key=value` line each).
 //!
 //! Transitions:
 //! ```text
@@ -266,6 +267,133 @@ impl Update {
     }
 }
 
+/// A ledger record that is not an update's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("update ledger: bad or missing `{0}`")]
+pub struct RecordError(pub &'static str);
+
+impl AbortReason {
+    fn token(self) -> &'static str {
+        match self {
+            AbortReason::VerifyFailed => "verify_failed",
+            AbortReason::BootOnceFailed => "boot_once_failed",
+        }
+    }
+}
+
+impl RollbackReason {
+    fn token(self) -> &'static str {
+        match self {
+            RollbackReason::HealthCheckFailed => "health_check_failed",
+            RollbackReason::DeadlinePassed => "deadline_passed",
+            RollbackReason::BootedOldSlot => "booted_old_slot",
+            RollbackReason::SetDefaultFailed => "set_default_failed",
+        }
+    }
+}
+
+impl Phase {
+    fn token(self) -> String {
+        match self {
+            Phase::Chosen => "chosen".into(),
+            Phase::Written => "written".into(),
+            Phase::Verified => "verified".into(),
+            Phase::BootOnceSet => "boot_once_set".into(),
+            Phase::Rebooting => "rebooting".into(),
+            Phase::BootedNew { health, gateway } => {
+                format!("booted_new:{}:{}", u8::from(health), u8::from(gateway))
+            }
+            Phase::Healthy => "healthy".into(),
+            Phase::Committed => "committed".into(),
+            Phase::RolledBack(r) => format!("rolled_back:{}", r.token()),
+            Phase::Aborted(r) => format!("aborted:{}", r.token()),
+        }
+    }
+
+    fn parse(s: &str) -> Option<Phase> {
+        const ROLLBACKS: [RollbackReason; 4] = [
+            RollbackReason::HealthCheckFailed,
+            RollbackReason::DeadlinePassed,
+            RollbackReason::BootedOldSlot,
+            RollbackReason::SetDefaultFailed,
+        ];
+        const ABORTS: [AbortReason; 2] = [AbortReason::VerifyFailed, AbortReason::BootOnceFailed];
+        let flag = |c: &str| match c {
+            "0" => Some(false),
+            "1" => Some(true),
+            _ => None,
+        };
+        Some(match s.split_once(':') {
+            None => match s {
+                "chosen" => Phase::Chosen,
+                "written" => Phase::Written,
+                "verified" => Phase::Verified,
+                "boot_once_set" => Phase::BootOnceSet,
+                "rebooting" => Phase::Rebooting,
+                "healthy" => Phase::Healthy,
+                "committed" => Phase::Committed,
+                _ => return None,
+            },
+            Some(("booted_new", hg)) => {
+                let (h, g) = hg.split_once(':')?;
+                Phase::BootedNew {
+                    health: flag(h)?,
+                    gateway: flag(g)?,
+                }
+            }
+            Some(("rolled_back", r)) => {
+                Phase::RolledBack(ROLLBACKS.into_iter().find(|x| x.token() == r)?)
+            }
+            Some(("aborted", r)) => Phase::Aborted(ABORTS.into_iter().find(|x| x.token() == r)?),
+            _ => return None,
+        })
+    }
+}
+
+impl Update {
+    /// The ledger record: `key=value` lines (text, so an operator can read what the device
+    /// is doing from its state directory).
+    pub fn encode(&self) -> String {
+        let deadline = self.deadline_ms.map_or("none".into(), |d| d.to_string());
+        format!(
+            "from={}\nto={}\nphase={}\nhealth_deadline_ms={}\ndeadline_ms={deadline}\n",
+            self.from.name(),
+            self.to.name(),
+            self.phase.token(),
+            self.health_deadline_ms,
+        )
+    }
+
+    /// The update a record of [`Update::encode`] holds; `from != to` is checked too.
+    pub fn decode(text: &str) -> Result<Update, RecordError> {
+        let get = |k: &'static str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+                .ok_or(RecordError(k))
+        };
+        let slot = |k| get(k).and_then(|v| Slot::parse(v).ok_or(RecordError(k)));
+        let (from, to) = (slot("from")?, slot("to")?);
+        if from == to {
+            return Err(RecordError("to"));
+        }
+        let phase = Phase::parse(get("phase")?).ok_or(RecordError("phase"))?;
+        let health_deadline_ms = get("health_deadline_ms")?
+            .parse()
+            .map_err(|_| RecordError("health_deadline_ms"))?;
+        let deadline_ms = match get("deadline_ms")? {
+            "none" => None,
+            d => Some(d.parse().map_err(|_| RecordError("deadline_ms"))?),
+        };
+        Ok(Update {
+            from,
+            to,
+            phase,
+            health_deadline_ms,
+            deadline_ms,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,6 +517,53 @@ mod tests {
         ] {
             let mut u = at(phase);
             assert_eq!(u.timeout(u64::MAX), Ok(phase), "{phase:?}");
+        }
+    }
+
+    /// Every phase survives the ledger record; a broken record names what is wrong.
+    #[test]
+    fn the_ledger_record_round_trips_and_refuses_damage() {
+        let phases = [
+            Phase::Chosen,
+            Phase::Written,
+            Phase::Verified,
+            Phase::BootOnceSet,
+            Phase::Rebooting,
+            booted_new(false, true),
+            booted_new(true, false),
+            Phase::Healthy,
+            Phase::Committed,
+            Phase::RolledBack(RollbackReason::HealthCheckFailed),
+            Phase::RolledBack(RollbackReason::DeadlinePassed),
+            Phase::RolledBack(RollbackReason::BootedOldSlot),
+            Phase::RolledBack(RollbackReason::SetDefaultFailed),
+            Phase::Aborted(AbortReason::VerifyFailed),
+            Phase::Aborted(AbortReason::BootOnceFailed),
+        ];
+        for p in phases {
+            let u = at(p);
+            assert_eq!(Update::decode(&u.encode()), Ok(u), "{p:?}");
+        }
+        let fresh = Update::start(Slot::B, DEADLINE);
+        assert_eq!(
+            fresh.encode(),
+            "from=b\nto=a\nphase=chosen\nhealth_deadline_ms=600000\ndeadline_ms=none\n"
+        );
+        assert_eq!(Update::decode(&fresh.encode()), Ok(fresh));
+        let good = at(Phase::Rebooting).encode();
+        for (from, to, key) in [
+            ("phase=rebooting", "phase=sleeping", "phase"),
+            ("phase=rebooting", "phase=booted_new:2:0", "phase"),
+            ("to=b", "to=a", "to"),
+            ("from=a", "from=c", "from"),
+            ("deadline_ms=601000", "deadline_ms=soon", "deadline_ms"),
+            ("health_deadline_ms=600000\n", "", "health_deadline_ms"),
+        ] {
+            assert_eq!(
+                Update::decode(&good.replace(from, to)),
+                Err(RecordError(key)),
+                "{to}"
+            );
         }
     }
 

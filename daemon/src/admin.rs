@@ -46,10 +46,14 @@ pub enum StepError {
     /// `verify:` with a digest that is not one (`fleetcast_wire::parse_sha256` says why).
     #[error("{0}")]
     Digest(fleetcast_wire::DigestError),
+    /// `slot-switch:` with a deadline that is not a number of seconds.
+    #[error("`slot-switch` takes its deadline in seconds (`slot-switch:600`), got `{0}`")]
+    Deadline(String),
     /// No such step.
     #[error(
         "unknown step `{0}`: use exec:CMD, sh:SCRIPT, install:PACKAGE, fetch:PATH=URL \
-         (URL may be gateway:NAME), verify:PATH=SHA256, write:PATH=TEXT, reboot or report"
+         (URL may be gateway:NAME), verify:PATH=SHA256, write:PATH=TEXT, reboot, report, \
+         slot-switch[:SECONDS] or slot-commit"
     )]
     Unknown(String),
 }
@@ -92,6 +96,8 @@ pub enum TriggerError {
 /// | `write:PATH=TEXT` | write a file, mode 0644 |
 /// | `reboot` | reboot, the queue suspends until the device is back |
 /// | `report` | send a configuration report |
+/// | `slot-switch[:SECONDS]` | A/B update: try the inactive slot on the next boot (a `reboot` must follow); the deadline from the reboot to a healthy slot, default the device's |
+/// | `slot-commit` | A/B update, after the reboot: health check, then keep the new slot or roll back |
 pub fn parse_step(spec: &str) -> Result<Step<'static>, StepError> {
     let (kind, arg) = spec.split_once(':').unwrap_or((spec, ""));
     let pair = |what: &str| {
@@ -157,6 +163,17 @@ pub fn parse_step(spec: &str) -> Result<Step<'static>, StepError> {
         }
         "reboot" if arg.is_empty() => Step::Reboot,
         "report" if arg.is_empty() => Step::Report,
+        "slot-switch" => Step::SlotSwitch {
+            deadline_secs: match arg {
+                "" => 0,
+                a => a
+                    .parse()
+                    .ok()
+                    .filter(|&s| s > 0)
+                    .ok_or_else(|| StepError::Deadline(a.to_string()))?,
+            },
+        },
+        "slot-commit" if arg.is_empty() => Step::SlotCommit,
         _ => return Err(StepError::Unknown(spec.to_string())),
     };
     Ok(step)
@@ -656,6 +673,18 @@ mod tests {
         assert!(parse_step("install:").is_err());
         assert!(parse_step("install:-y").is_err());
         assert_eq!(parse_step("report").unwrap(), Step::Report);
+        assert_eq!(
+            parse_step("slot-switch").unwrap(),
+            Step::SlotSwitch { deadline_secs: 0 }
+        );
+        assert_eq!(
+            parse_step("slot-switch:90").unwrap(),
+            Step::SlotSwitch { deadline_secs: 90 }
+        );
+        for bad in ["slot-switch:0", "slot-switch:soon", "slot-commit:x"] {
+            assert!(parse_step(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_step("slot-commit").unwrap(), Step::SlotCommit);
         let sha = "ab".repeat(32);
         assert!(parse_step(&format!("verify:/x={sha}")).is_ok());
     }

@@ -67,12 +67,14 @@ mod fetch;
 mod file;
 mod output;
 mod process;
+mod slot;
 #[cfg(test)]
 mod test_util;
 
 pub use fetch::{FetchError, HttpError};
 pub use file::FileError;
 pub use output::TailBuffer;
+pub use slot::{SlotStepError, UpdateSetup, LEDGER as UPDATE_LEDGER};
 
 /// Exit code of a non-`exec` step that failed.
 pub const EXIT_FAILED: i32 = 1;
@@ -112,6 +114,8 @@ fn kind(step: &Step<'_>) -> &'static str {
         Step::Exec { .. } => "exec",
         Step::Reboot => "reboot",
         Step::Report => "report",
+        Step::SlotSwitch { .. } => "slot_switch",
+        Step::SlotCommit => "slot_commit",
     }
 }
 
@@ -123,6 +127,9 @@ pub struct Completed {
     /// Index of the reboot step the executor stopped at: the driver now records the reboot,
     /// sends `RebootStarting` and reboots instead of sending the result.
     pub reboot_at: Option<usize>,
+    /// Reboot once the result is recorded and sent (not a queue reboot: a `slot_commit` that
+    /// rolled back on the new slot goes back to the default, old, slot).
+    pub reboot_after: bool,
 }
 
 /// Executor settings.
@@ -134,6 +141,9 @@ pub struct ExecConfig {
     pub io_timeout: Duration,
     /// Largest HTTP response header accepted.
     pub max_header_bytes: usize,
+    /// The A/B slots and the update ledger (`slot_switch`, `slot_commit`); `None`: the device
+    /// has no slots and those steps fail saying so.
+    pub update: Option<UpdateSetup>,
 }
 
 impl Default for ExecConfig {
@@ -142,6 +152,7 @@ impl Default for ExecConfig {
             report: ReportConfig::default(),
             io_timeout: Duration::from_secs(30),
             max_header_bytes: 16 * 1024,
+            update: None,
         }
     }
 }
@@ -243,6 +254,7 @@ impl Running {
                 report: None,
             },
             reboot_at: None,
+            reboot_after: false,
         }
     }
 }
@@ -319,6 +331,7 @@ fn resolve_target(
                 report: None,
             },
             reboot_at: None,
+            reboot_after: false,
         }));
     };
     let path = match d.kind {
@@ -347,6 +360,7 @@ pub fn run(job: &Job, cfg: &ExecConfig) -> Completed {
     let mut steps = Vec::with_capacity(job.steps.len());
     let mut exit_code = 0;
     let mut reboot_at = None;
+    let mut reboot_after = false;
     let mut report = None;
     let mut stopped = false;
     for (i, step) in job.steps.iter().enumerate() {
@@ -379,6 +393,19 @@ pub fn run(job: &Job, cfg: &ExecConfig) -> Completed {
                     mode,
                     contents,
                 } => file_step(&mut out, i, step, file::write(path, *mode, contents)),
+                Step::SlotSwitch { deadline_secs } => {
+                    let r = slot::switch(
+                        cfg.update.as_ref(),
+                        *deadline_secs,
+                        slot::wall_ms(),
+                        &mut out,
+                    );
+                    slot_step(&mut out, i, step, r, &mut reboot_after)
+                }
+                Step::SlotCommit => {
+                    let r = slot::commit(cfg.update.as_ref(), slot::wall_ms(), &mut out);
+                    slot_step(&mut out, i, step, r, &mut reboot_after)
+                }
             }
         };
         let duration_ms = u32::try_from(now().duration_since(t0).as_millis()).unwrap_or(u32::MAX);
@@ -426,6 +453,23 @@ pub fn run(job: &Job, cfg: &ExecConfig) -> Completed {
             report,
         },
         reboot_at,
+        reboot_after,
+    }
+}
+
+fn slot_step(
+    out: &mut TailBuffer,
+    i: usize,
+    step: &Step<'_>,
+    r: Result<slot::Done, SlotStepError>,
+    reboot_after: &mut bool,
+) -> Outcome {
+    match r {
+        Ok(done) => {
+            *reboot_after |= done.reboot_after;
+            done.outcome
+        }
+        Err(e) => fail(out, i, step, &e.to_string()),
     }
 }
 

@@ -20,6 +20,12 @@ pub enum CommandError {
         "`reboot` must be the last step of its command: queue the steps after it as a new command (or use --each)"
     )]
     RebootNotLast,
+    /// A `slot-switch` not directly followed by the command's `reboot`: the one-time boot it
+    /// sets is only safe when the reboot that spends it comes next.
+    #[error(
+        "`slot-switch` must be followed by `reboot`, its command's last step (slot-switch reboot)"
+    )]
+    SwitchWithoutReboot,
     /// An attached-device target that is not `KIND:ID` with a known kind.
     #[error("target {0:?} is not KIND:ID with KIND one of disk, net, usb, serial (e.g. disk:S3Z9NB0K123456, serial:/dev/ttyUSB0)")]
     BadTarget(String),
@@ -139,6 +145,14 @@ pub fn commands_from_specs(
         if let Some(i) = steps.iter().position(|s| matches!(s, wire::Step::Reboot)) {
             if i + 1 != steps.len() {
                 return Err(CommandError::RebootNotLast);
+            }
+        }
+        if let Some(i) = steps
+            .iter()
+            .position(|s| matches!(s, wire::Step::SlotSwitch { .. }))
+        {
+            if i + 2 != steps.len() || !matches!(steps[i + 1], wire::Step::Reboot) {
+                return Err(CommandError::SwitchWithoutReboot);
             }
         }
         cmds.push(Command {
@@ -1101,6 +1115,13 @@ mod tests {
                     vec![vec![wire::Step::Reboot, exec("x").remove(0)]],
                 ),
                 "--then: `reboot` must be the last step of its command: queue the steps after it as a new command (or use --each)",
+            ),
+            (
+                push_req(
+                    PushTrigger::default(),
+                    vec![vec![wire::Step::SlotSwitch { deadline_secs: 0 }]],
+                ),
+                "--then: `slot-switch` must be followed by `reboot`, its command's last step (slot-switch reboot)",
             ),
         ];
         for (req, error) in refusals {

@@ -104,7 +104,18 @@ impl Cx<'_> {
             reboots,
             ..
         } = self;
-        let deadline = now_ms + cfg.reboot_timeout_ms;
+        // An A/B switch bounds its reboot by its own deadline (the update's, from the reboot
+        // to a healthy new slot): a device that does not come back fails then, not at the
+        // gateway's general reboot timeout.
+        let switch_ms = b.command(device, seq).ok().flatten().and_then(|c| {
+            c.steps.iter().find_map(|s| match s {
+                wire::Step::SlotSwitch { deadline_secs } if *deadline_secs > 0 => {
+                    Some(u64::from(*deadline_secs) * 1000)
+                }
+                _ => None,
+            })
+        });
+        let deadline = now_ms + switch_ms.unwrap_or(cfg.reboot_timeout_ms);
         match b.reboot_started(device, seq, deadline, &hex(boot_id)) {
             Ok(()) => {
                 let _ = b.append_event(event(
@@ -273,6 +284,48 @@ mod tests {
             .events_from(1, 1000)
             .unwrap();
         assert!(ev.iter().any(|(_, e)| e.kind == EventKind::QueueFailed));
+    }
+
+    /// An A/B switch's reboot is bounded by its own deadline (5 s here), not by the gateway's
+    /// reboot timeout (60 s in the rig).
+    #[test]
+    fn a_slot_switch_bounds_its_reboot_by_its_own_deadline() {
+        let mut rig = Rig::new();
+        let (dev, key) = rig.enrol("n1", 1);
+        rig.hello(2, dev, key, None);
+        add(
+            &mut rig,
+            "n1",
+            vec![
+                vec![
+                    wire::Step::SlotSwitch { deadline_secs: 5 },
+                    wire::Step::Reboot,
+                ],
+                vec![wire::Step::SlotCommit],
+            ],
+        );
+        rig.run(vec![Input::RebootStarting {
+            conn: 2,
+            device: dev,
+            seq: 1,
+            boot_id: BOOT,
+        }]);
+        let deadline = rig.queue(dev).reboot_deadline_ms;
+        assert_eq!(deadline, rig.now + 5_000);
+        // `run` steps the rig's clock by 10 ms before processing.
+        rig.now = deadline - 11;
+        rig.run(vec![]);
+        assert_eq!(rig.queue(dev).status, QueueStatus::Rebooting);
+        rig.now = deadline - 10;
+        rig.run(vec![]);
+        let q = rig.queue(dev);
+        assert_eq!(
+            (q.status, q.failure),
+            (
+                QueueStatus::Failed,
+                Some(store::FailReason::RebootDeadlineMissed)
+            )
+        );
     }
 
     /// A device that never reported (no earlier report to compare with) cannot complete a

@@ -268,7 +268,7 @@ impl<'a> Enrolled<'a> {
 /// Encoding: a `u8` step code, then the step's fields:
 /// `1 Fetch {url str16, path str16}`, `2 Verify {path str16, sha256 [32]}`,
 /// `3 Write {path str16, mode u32, contents bytes32}`, `4 Exec {argv list<str16>}`,
-/// `5 Reboot {}`, `6 Report {}`.
+/// `5 Reboot {}`, `6 Report {}`, `7 SlotSwitch {deadline_secs u32}`, `8 SlotCommit {}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub enum Step<'a> {
@@ -304,6 +304,17 @@ pub enum Step<'a> {
     Reboot,
     /// Send a configuration report.
     Report,
+    /// A/B update, before its reboot: the agent records an update of the slot it does not
+    /// run (its ledger: from, to, deadline) and makes the bootloader try that slot once.
+    /// Must be followed by `Reboot` in the same command.
+    SlotSwitch {
+        /// Seconds from the reboot to a healthy new slot; 0: the device's own
+        /// `health_deadline_secs`. The gateway's reboot deadline for the command too.
+        deadline_secs: u32,
+    },
+    /// A/B update, after its reboot: the agent checks the running slot and the health check,
+    /// and makes the new slot the default (ok) or rolls back (failed, with the reason).
+    SlotCommit,
 }
 
 impl<'a> Step<'a> {
@@ -316,6 +327,8 @@ impl<'a> Step<'a> {
             Step::Exec { .. } => 4,
             Step::Reboot => 5,
             Step::Report => 6,
+            Step::SlotSwitch { .. } => 7,
+            Step::SlotCommit => 8,
         }
     }
 
@@ -343,7 +356,8 @@ impl<'a> Step<'a> {
                 s.count(argv.len(), MAX_ARGV)?;
                 argv.iter().try_for_each(|a| s.str16(a, MAX_PATH))
             }
-            Step::Reboot | Step::Report => Ok(()),
+            Step::SlotSwitch { deadline_secs } => s.u32(*deadline_secs),
+            Step::Reboot | Step::Report | Step::SlotCommit => Ok(()),
         }
     }
 
@@ -372,6 +386,10 @@ impl<'a> Step<'a> {
             }
             5 => Step::Reboot,
             6 => Step::Report,
+            7 => Step::SlotSwitch {
+                deadline_secs: r.u32()?,
+            },
+            8 => Step::SlotCommit,
             _ => return Err(Error::InvalidValue),
         })
     }
@@ -747,6 +765,8 @@ impl Step<'_> {
             },
             Step::Reboot => Step::Reboot,
             Step::Report => Step::Report,
+            Step::SlotSwitch { deadline_secs } => Step::SlotSwitch { deadline_secs },
+            Step::SlotCommit => Step::SlotCommit,
         }
     }
 }
@@ -777,6 +797,10 @@ impl Step<'_> {
             },
             Step::Reboot => Step::Reboot,
             Step::Report => Step::Report,
+            Step::SlotSwitch { deadline_secs } => Step::SlotSwitch {
+                deadline_secs: *deadline_secs,
+            },
+            Step::SlotCommit => Step::SlotCommit,
         }
     }
 }

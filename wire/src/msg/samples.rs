@@ -127,6 +127,8 @@ fn dispatch() -> Dispatch<'static> {
             },
             Step::Reboot,
             Step::Report,
+            Step::SlotSwitch { deadline_secs: 600 },
+            Step::SlotCommit,
         ],
     }
 }

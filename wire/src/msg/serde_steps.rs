@@ -31,6 +31,11 @@ enum Json<'a> {
     },
     Reboot,
     Report,
+    SlotSwitch {
+        #[serde(default)]
+        deadline_secs: u32,
+    },
+    SlotCommit,
 }
 
 impl Serialize for Step<'_> {
@@ -61,6 +66,10 @@ impl Serialize for Step<'_> {
             },
             Step::Reboot => Json::Reboot,
             Step::Report => Json::Report,
+            Step::SlotSwitch { deadline_secs } => Json::SlotSwitch {
+                deadline_secs: *deadline_secs,
+            },
+            Step::SlotCommit => Json::SlotCommit,
         };
         json.serialize(s)
     }
@@ -92,6 +101,8 @@ impl<'de> Deserialize<'de> for Step<'static> {
             },
             Json::Reboot => Step::Reboot,
             Json::Report => Step::Report,
+            Json::SlotSwitch { deadline_secs } => Step::SlotSwitch { deadline_secs },
+            Json::SlotCommit => Step::SlotCommit,
         })
     }
 }
@@ -115,7 +126,8 @@ mod tests {
                  {{\"step\":\"verify\",\"path\":\"/tmp/pkg.deb\",\"sha256\":\"{digest}\"}},\
                  {{\"step\":\"write\",\"path\":\"/etc/app.conf\",\"mode\":420,\"contents\":\"port=80\\n\"}},\
                  {{\"step\":\"exec\",\"argv\":[\"dpkg\",\"-i\",\"/tmp/pkg.deb\"]}},\
-                 {{\"step\":\"reboot\"}},{{\"step\":\"report\"}}]"
+                 {{\"step\":\"reboot\"}},{{\"step\":\"report\"}},\
+                 {{\"step\":\"slot_switch\",\"deadline_secs\":600}},{{\"step\":\"slot_commit\"}}]"
             )
         );
         let back: Vec<Step<'static>> = serde_json::from_str(&json).unwrap();
