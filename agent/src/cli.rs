@@ -210,10 +210,15 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, UsageErr
     let slots = match &slots {
         Some(path) => {
             let env_path = std::env::var_os("PATH");
-            Some(
-                crate::slots::load_checked(path, &exec.report.root, env_path.as_deref())
-                    .map_err(Box::new)?,
-            )
+            let c = crate::slots::load_checked(path, &exec.report.root, env_path.as_deref())
+                .map_err(Box::new)?;
+            // Each start says which slot it runs: after an update's reboot (or its rollback)
+            // the log shows where the device came back.
+            match c.read_running() {
+                Ok(s) => crate::say!("A/B slots: running slot {} ({})", s.name(), c.name(s)),
+                Err(e) => crate::say!("A/B slots: {e}"),
+            }
+            Some(c)
         }
         None => None,
     };

@@ -119,6 +119,34 @@ enum Cmd {
         #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = fleetcast_cli::image::parse_size)]
         chunk: u32,
     },
+    /// A/B update of a group: push IMAGE to each device's inactive slot, and once a device's
+    /// copy verified, switch it to that slot for one boot, reboot, run its health check and
+    /// keep the new slot, or roll back to the old one (docs/operator.md, "Updating a fleet
+    /// safely"). Follow it with `task show` and `queue show DEVICE`.
+    Update {
+        /// The image (on the gateway's machine).
+        image: PathBuf,
+        /// Target group.
+        #[arg(long)]
+        group: String,
+        /// Seconds from each device's reboot to a healthy new slot (default: the device's
+        /// `health_deadline_secs`, and the gateway's reboot timeout for a device that does
+        /// not come back).
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u32).range(1..))]
+        deadline: Option<u32>,
+        /// Rate ceiling, megabits per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        /// Return once the task is created instead of following its progress.
+        #[arg(long)]
+        no_follow: bool,
+        /// How the image travels, as for `push --form`: raw, sparse or compressed.
+        #[arg(long, value_enum, default_value = "raw")]
+        form: fleetcast_cli::image::ImageForm,
+        /// Image bytes per compressed chunk (K or M suffix), with --form compressed.
+        #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = fleetcast_cli::image::parse_size)]
+        chunk: u32,
+    },
     /// Distribution tasks.
     #[command(subcommand)]
     Task(TaskCmd),
@@ -358,6 +386,38 @@ enum QueueCmd {
 /// A failure of the CLI itself (before or instead of an answer).
 struct Fail(Exit, String);
 
+/// `file` as the absolute path the gateway opens (it runs elsewhere in the file system's
+/// view: another working directory).
+fn absolute_file(file: &std::path::Path) -> Result<std::path::PathBuf, Fail> {
+    std::fs::canonicalize(file).map_err(|e| {
+        let code = match e.kind() {
+            std::io::ErrorKind::NotFound => Exit::NotFound,
+            _ => Exit::Usage,
+        };
+        Fail(code, format!("cannot open {}: {e}", file.display()))
+    })
+}
+
+/// The stream and image of a push of `file` to `target` in `form` (the cache prepares it).
+fn image_push(
+    file: &std::path::Path,
+    target: &str,
+    form: fleetcast_cli::image::ImageForm,
+    chunk: u32,
+    data_dir: &std::path::Path,
+) -> Result<(String, admin::PushImage), Fail> {
+    let path = absolute_file(file)?;
+    let (stream, image) = fleetcast_cli::image::image_push(&path, target, form, chunk, data_dir)
+        .map_err(|e| {
+            let code = match e {
+                fleetcast_cli::image::PushImageError::Target { .. } => Exit::Usage,
+                _ => Exit::Failed,
+            };
+            Fail(code, e.to_string())
+        })?;
+    Ok((stream.display().to_string(), image))
+}
+
 fn build(cmd: Cmd, data_dir: &std::path::Path) -> Result<Request, Fail> {
     Ok(match cmd {
         Cmd::Device(DeviceCmd::Add { name, groups }) => Request::DeviceAdd { name, groups },
@@ -427,31 +487,15 @@ fn build(cmd: Cmd, data_dir: &std::path::Path) -> Result<Request, Fail> {
                 .map(|s| fleetcast_daemon::admin::parse_step(s).map(|st| vec![st]))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| Fail(Exit::Usage, format!("--then: {e}")))?;
-            let path = std::fs::canonicalize(&file).map_err(|e| {
-                let code = match e.kind() {
-                    std::io::ErrorKind::NotFound => Exit::NotFound,
-                    _ => Exit::Usage,
-                };
-                Fail(code, format!("cannot open {}: {e}", file.display()))
-            })?;
             let (path, image) = match &target {
-                None => (path, None),
+                None => (absolute_file(&file)?.display().to_string(), None),
                 Some(t) => {
-                    let (stream, image) = fleetcast_cli::image::image_push(
-                        &path, t, form, chunk, data_dir,
-                    )
-                    .map_err(|e| {
-                        let code = match e {
-                            fleetcast_cli::image::PushImageError::Target { .. } => Exit::Usage,
-                            _ => Exit::Failed,
-                        };
-                        Fail(code, e.to_string())
-                    })?;
+                    let (stream, image) = image_push(&file, t, form, chunk, data_dir)?;
                     (stream, Some(image))
                 }
             };
             Request::Push {
-                path: path.display().to_string(),
+                path,
                 group,
                 // 0: the gateway picks the block that fills its interface's MTU.
                 block_size: block_size.unwrap_or(0),
@@ -468,6 +512,29 @@ fn build(cmd: Cmd, data_dir: &std::path::Path) -> Result<Request, Fail> {
                     when_online,
                 },
                 image,
+            }
+        }
+        Cmd::Update {
+            image,
+            group,
+            deadline,
+            rate,
+            form,
+            chunk,
+            ..
+        } => {
+            let target = fleetcast_daemon::admin::UPDATE_TARGET;
+            let (path, image) = image_push(&image, target, form, chunk, data_dir)?;
+            Request::Push {
+                path,
+                group,
+                block_size: 0,
+                rate_mbps: rate,
+                trigger: Default::default(),
+                then: fleetcast_daemon::admin::update_commands(deadline.unwrap_or(0)),
+                delivery: Default::default(),
+                follow: Default::default(),
+                image: Some(image),
             }
         }
         Cmd::Task(TaskCmd::Show { id }) => Request::TaskShow { task: id },
@@ -583,6 +650,9 @@ fn run() -> ExitCode {
     let follow = matches!(
         cli.cmd,
         Cmd::Push {
+            no_follow: false,
+            ..
+        } | Cmd::Update {
             no_follow: false,
             ..
         }
@@ -1097,6 +1167,52 @@ mod tests {
     use clap::Parser;
 
     use super::{Cli, Cmd};
+
+    /// `fleetcast update` is a push to each device's inactive slot whose `then` commands switch,
+    /// reboot and commit.
+    #[test]
+    fn update_is_a_push_to_the_inactive_slot_that_switches_and_commits() {
+        use fleetcast_daemon::admin::Request;
+        use fleetcast_wire::Step;
+        let img = tempfile::NamedTempFile::new().unwrap();
+        let path = img.path().to_str().unwrap();
+        let cli = Cli::try_parse_from([
+            "fleetcast",
+            "update",
+            path,
+            "--group",
+            "g",
+            "--deadline",
+            "90",
+        ])
+        .unwrap();
+        match super::build(cli.cmd, img.path().parent().unwrap()) {
+            Ok(Request::Push {
+                group, then, image, ..
+            }) => {
+                assert_eq!(group, "g");
+                assert_eq!(image.unwrap().target, "slot=inactive");
+                assert_eq!(
+                    then,
+                    [
+                        vec![Step::SlotSwitch { deadline_secs: 90 }, Step::Reboot],
+                        vec![Step::SlotCommit]
+                    ]
+                );
+            }
+            _ => panic!("not a push"),
+        }
+        let bad = Cli::try_parse_from([
+            "fleetcast",
+            "update",
+            path,
+            "--group",
+            "g",
+            "--deadline",
+            "0",
+        ]);
+        assert!(bad.is_err());
+    }
 
     /// `--broadcast` takes its address only with `=`: a bare flag before the file leaves
     /// the file alone (it used to swallow it as the address, and fail to parse).

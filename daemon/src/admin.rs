@@ -179,6 +179,20 @@ pub fn parse_step(spec: &str) -> Result<Step<'static>, StepError> {
     Ok(step)
 }
 
+/// The commands an A/B update (`fleetcast update`) queues on each device once its copy of the
+/// image verified on the inactive slot: `slot-switch reboot`, then `slot-commit`.
+/// `deadline_secs` (0: each device's own `health_deadline_secs`) bounds the reboot and the
+/// health check.
+pub fn update_commands(deadline_secs: u32) -> Vec<Vec<Step<'static>>> {
+    vec![
+        vec![Step::SlotSwitch { deadline_secs }, Step::Reboot],
+        vec![Step::SlotCommit],
+    ]
+}
+
+/// Where an A/B update writes its image: the slot each device does not run.
+pub const UPDATE_TARGET: &str = "slot=inactive";
+
 /// Installs "$@" with whichever package manager the device has; fails clearly if none.
 const INSTALL_SCRIPT: &str = "\
 if command -v apt-get >/dev/null 2>&1; then DEBIAN_FRONTEND=noninteractive exec apt-get install -y \"$@\"; \
