@@ -114,6 +114,14 @@ fn last_running(spec: &AgentSpec) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// `device show NAME`'s `update`: the last A/B update as the gateway records it.
+fn shown_update(gw: &Gateway<'_>, name: &str) -> String {
+    gw.admin(&Request::DeviceShow { name: name.into() })["update"]
+        .as_str()
+        .unwrap_or("-")
+        .to_owned()
+}
+
 fn command_output(q: &Value, i: usize) -> String {
     q["commands"][i]["output"].as_str().unwrap_or("").to_owned()
 }
@@ -265,6 +273,7 @@ fn an_update_commits_rolls_back_and_fails_at_its_deadline() {
         assert_eq!(slots[i].read("default"), "b", "{name}");
         assert_eq!(slots[i].read("health.log"), "health check ran");
         assert_eq!(last_running(&specs[i]).as_deref(), Some("b"));
+        assert_eq!(shown_update(&gw, &name), "command 2: committed slot b");
     }
 
     // n3: the health check failed; rolled back by itself and rebooted into slot a.
@@ -300,8 +309,18 @@ fn an_update_commits_rolls_back_and_fails_at_its_deadline() {
         || format!("{:?}\n{}", gw.device("n3"), specs[2].output()),
     );
     assert_eq!(last_running(&specs[2]).as_deref(), Some("a"));
+    assert_eq!(
+        shown_update(&gw, "n3"),
+        "command 2: rolled back: health check failed; rebooting into slot a (the default)"
+    );
 
-    // n4: never came back; failed at the update's deadline.
+    // n4: never came back; failed at the update's deadline (`device show` said rebooting
+    // until then).
+    let early = shown_update(&gw, "n4");
+    assert!(
+        early == "command 1: rebooting into the new slot" || early.contains("did not come back"),
+        "{early}"
+    );
     let q = wait_for(
         "n4's reboot deadline",
         Duration::from_secs(u64::from(DEADLINE_SECS) + 30),
@@ -313,6 +332,11 @@ fn an_update_commits_rolls_back_and_fails_at_its_deadline() {
     );
     assert_eq!(q["queue"]["failure"], "RebootDeadlineMissed", "{q:#}");
     assert_eq!(slots[3].read("default"), "a");
+    assert_eq!(
+        shown_update(&gw, "n4"),
+        "command 1: did not come back before the update's deadline (RebootDeadlineMissed)"
+    );
+    assert_eq!(shown_update(&gw, "n5"), "-", "never updated");
     drop(back);
     drop(agents);
 }

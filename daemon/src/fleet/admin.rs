@@ -389,6 +389,7 @@ impl Cx<'_> {
             .device_by_name(name)?
             .ok_or_else(|| AdminError::NoSuchDevice(name.to_string()))?;
         Ok(DeviceShown {
+            update: self.last_update(d.id)?,
             online: self.online.contains_key(&d.id),
             revoked: d.revoked,
             enrolled_ms: d.enrolled_ms,
@@ -399,6 +400,51 @@ impl Cx<'_> {
             id: d.id.0,
             name: d.name,
         })
+    }
+
+    /// The device's last A/B update as its queue tells it (the slot it runs now and why it
+    /// rolled back are in the update steps' results): the newest command with a slot step
+    /// that has a result, or that the queue waits on.
+    fn last_update(&self, id: DeviceId) -> Result<Option<String>, AdminError> {
+        let q = self.b.queue(id)?.unwrap_or_default();
+        let slot_step = |c: &store::Command| {
+            c.steps
+                .iter()
+                .any(|s| matches!(s, wire::Step::SlotSwitch { .. } | wire::Step::SlotCommit))
+        };
+        let commands = self.b.commands(id, 1, 10_000)?;
+        for (seq, _) in commands.iter().rev().filter(|(_, c)| slot_step(c)) {
+            if let Some(r) = self.b.result(id, *seq)? {
+                let out = result_output(&r).unwrap_or_default();
+                let said = out
+                    .lines()
+                    .rev()
+                    .filter_map(|l| l.strip_prefix("fleetcast-agent: "))
+                    .find(|l| {
+                        [
+                            "committed slot",
+                            "rolled back:",
+                            "slot switch aborted",
+                            "switching slot",
+                        ]
+                        .iter()
+                        .any(|p| l.starts_with(p))
+                    });
+                let said = said.map_or_else(|| out.trim().to_owned(), str::to_owned);
+                return Ok(Some(format!("command {seq}: {said}")));
+            }
+            if q.cursor == Some(*seq) {
+                let now = match (q.status, q.failure) {
+                    (QueueStatus::Rebooting, _) => "rebooting into the new slot",
+                    (QueueStatus::Failed, Some(store::FailReason::RebootDeadlineMissed)) => {
+                        "did not come back before the update's deadline (RebootDeadlineMissed)"
+                    }
+                    _ => continue,
+                };
+                return Ok(Some(format!("command {seq}: {now}")));
+            }
+        }
+        Ok(None)
     }
 
     fn device_revoke(&mut self, name: &str) -> Result<Revoked, AdminError> {

@@ -62,6 +62,9 @@ pub(super) struct DeviceShown {
     pub transport: Option<String>,
     /// When the report was stored (`null`: no report, or one kept from before the time was).
     pub report_ms: Option<u64>,
+    /// The last A/B update: `command 7: committed slot b`, `command 7: rolled back: health
+    /// check failed; …`, `command 6: rebooting into the new slot` (none: never updated).
+    pub update: Option<String>,
     pub report: Option<ReportView>,
 }
 
