@@ -1789,6 +1789,23 @@ mod tests {
             assert!(core.group().is_none(), "task {t}: caught up, not multicast");
             assert_eq!(core.catch_up_count(), 1, "task {t}");
         }
+        // An image task, re-created either way, announces its target and map again.
+        assert_eq!(a.image, None, "a file task has no image");
+        for (t, pass_done) in [(9, false), (10, true)] {
+            let mut img = planned.clone();
+            img.plan.pass_done = pass_done;
+            img.image = Some(store::TaskImage {
+                target: "partlabel=rootfs-b".into(),
+                map: b"map bytes".to_vec(),
+                image_size: 1 << 20,
+            });
+            let a = announce(&mut dist, t, &img);
+            let i = a.image.expect("the image is announced again");
+            assert_eq!(
+                (&*i.target, &*i.map),
+                ("partlabel=rootfs-b", &b"map bytes"[..])
+            );
+        }
     }
 
     /// A push that names no block size gets the one that fills a frame of the interface
