@@ -461,6 +461,32 @@ fn count(sock: &UdpSocket, dgram: usize, stop: &AtomicBool, clock: &Clock) -> (u
     }
 }
 
+/// The bench's push of `path` to its `n` receivers: started as soon as every receiver has
+/// joined (no fixed warm-up), as an operator imaging a known set of machines would.
+fn push_request(
+    path: &Path,
+    mtu: u32,
+    n: usize,
+    rate_mbps: u64,
+    image: Option<admin::PushImage>,
+) -> Request {
+    Request::Push {
+        path: path.display().to_string(),
+        group: "bench".into(),
+        block_size: block_size_for(mtu),
+        rate_mbps,
+        trigger: admin::PushTrigger {
+            at_ms: None,
+            min_ready: Some(n as u32),
+            max_wait_s: Some(10),
+        },
+        then: vec![],
+        delivery: Default::default(),
+        follow: Default::default(),
+        image,
+    }
+}
+
 /// A gateway on host 0 and `n` enrolled agents on hosts 1..=n.
 struct Fleet<'lab> {
     data: PathBuf,
@@ -698,23 +724,7 @@ impl<'lab> Fleet<'lab> {
         // The rate ceiling is the measured raw ceiling: the protocol may use what the
         // network carries, no more.
         let rate = (ceiling.max(10.0)) as u64;
-        let r = self.admin(&Request::Push {
-            path: src.display().to_string(),
-            group: "bench".into(),
-            block_size: block_size_for(mtu),
-            rate_mbps: rate,
-            // Start as soon as every receiver has joined (no fixed warm-up), as an operator
-            // imaging a known set of machines would.
-            trigger: admin::PushTrigger {
-                at_ms: None,
-                min_ready: Some(n as u32),
-                max_wait_s: Some(10),
-            },
-            then: vec![],
-            delivery: Default::default(),
-            follow: Default::default(),
-            image: None,
-        })?;
+        let r = self.admin(&push_request(src, mtu, n, rate, None))?;
         let task = r["task"].as_u64().ok_or(BenchError::Missing("task id"))?;
         self.wait_completed(task, n, t0 + plan.timeout, plan.timeout, clock)?;
         let secs = (clock.read().0 - t0).as_secs_f64();

@@ -16,12 +16,11 @@
 
 use std::path::Path;
 
-use fleetcast_daemon::admin::{self, Request};
 use fleetcast_daemon::gateway::Clock;
 use fleetcast_lab::{Lab, LabConfig};
 use serde_json::{json, Value};
 
-use super::{at, block_size_for, round, BenchError, Fleet, Plan, MCAST_PORT};
+use super::{at, push_request, round, BenchError, Fleet, Plan, MCAST_PORT};
 use crate::image::{image_push, ImageForm};
 
 /// The partition label every bench agent's disk has.
@@ -206,21 +205,7 @@ fn push_image(
     let (_, cpu_a0) = fleet.cpu();
     let dg0 = fleet.datagram_bytes()?;
     let t0 = clock.read().0;
-    let r = fleet.admin(&Request::Push {
-        path: stream.display().to_string(),
-        group: "bench".into(),
-        block_size: block_size_for(mtu),
-        rate_mbps: 1000,
-        trigger: admin::PushTrigger {
-            at_ms: None,
-            min_ready: Some(n as u32),
-            max_wait_s: Some(10),
-        },
-        then: vec![],
-        delivery: Default::default(),
-        follow: Default::default(),
-        image,
-    })?;
+    let r = fleet.admin(&push_request(&stream, mtu, n, 1000, image))?;
     let task = r["task"].as_u64().ok_or(BenchError::Missing("task id"))?;
     fleet.wait_completed(task, n, t0 + plan.timeout, plan.timeout, clock)?;
     let secs = (clock.read().0 - t0).as_secs_f64();
