@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use crate::counters::{self, IfCounters};
 use crate::error::LabError;
+use crate::ethtool;
 use crate::nft::{self, Action, Profile};
 use crate::sys;
 
@@ -174,7 +175,8 @@ fn run_checked(mut cmd: Command, stdin: &str) -> Result<Output, LabError> {
 
 impl Lab {
     /// Builds the topology: user namespace, hub bridge, `cfg.hosts` hosts with addresses,
-    /// loopback up and a multicast route (224.0.0.0/4) on each host's `eth0`.
+    /// loopback up and a multicast route (224.0.0.0/4) on each host's `eth0`, which cuts UDP GSO
+    /// messages into datagrams itself.
     pub fn new(cfg: LabConfig) -> Result<Lab, LabError> {
         if cfg.hosts == 0 || cfg.hosts > MAX_HOSTS {
             return Err(LabError::Config(format!(
@@ -223,10 +225,8 @@ impl Lab {
             });
         }
         // Each host creates its own veth pair, with the peer placed straight into the hub.
-        // At most a few `ip` processes at a time: the machine has few cores.
         let hub_fd = lab.hub.as_raw_fd();
-        let mut running = Vec::new();
-        for i in 0..cfg.hosts {
+        lab.in_each_host("ip -batch -", |i| {
             let script = format!(
                 "link set lo up\n\
                  link add name {HOST_IFACE} mtu {mtu} type veth peer name h{i} mtu {mtu} netns /proc/self/fd/{hub_fd}\n\
@@ -238,38 +238,24 @@ impl Lab {
             );
             let mut cmd = lab.in_ns(&lab.hosts[i].net, Some(lab.hub.clone()), &lab.ip);
             cmd.args(["-batch", "-"]);
-            running.push((i, cmd, script));
-            if running.len() == 8 || i + 1 == cfg.hosts {
-                let children = running
-                    .drain(..)
-                    .map(|(i, mut cmd, script)| {
-                        let mut child = cmd
-                            .stdin(Stdio::piped())
-                            .stdout(Stdio::null())
-                            .stderr(Stdio::piped())
-                            .spawn()?;
-                        child
-                            .stdin
-                            .take()
-                            .expect("piped")
-                            .write_all(script.as_bytes())?;
-                        Ok((i, child))
-                    })
-                    .collect::<io::Result<Vec<_>>>()?;
-                for (i, child) in children {
-                    let out = child.wait_with_output()?;
-                    if !out.status.success() {
-                        return Err(LabError::Command {
-                            command: format!("ip -batch - (host {i})"),
-                            detail: format!(
-                                "{}: {}",
-                                out.status,
-                                String::from_utf8_lossy(&out.stderr).trim()
+            (cmd, script)
+        })?;
+        // A UDP GSO message a host sends is cut into datagrams at its own interface, as a NIC
+        // that segments UDP does, not carried whole across the bridge: loss rules and every
+        // receiver then see each datagram as it would be on a wire.
+        for (i, h) in lab.hosts.iter().enumerate() {
+            sys::socket_in(&lab.user, &h.net, libc::SOCK_DGRAM)
+                .map_err(|e| ns_error("open a socket in a host", e))
+                .and_then(|s| {
+                    ethtool::feature_off(&s, HOST_IFACE, "tx-udp-segmentation").map_err(|e| {
+                        LabError::Command {
+                            command: format!(
+                                "ethtool -K {HOST_IFACE} tx-udp-segmentation off (host {i})"
                             ),
-                        });
-                    }
-                }
-            }
+                            detail: e.to_string(),
+                        }
+                    })
+                })?;
         }
         let mut hub_script = String::new();
         for i in 0..cfg.hosts {
@@ -278,6 +264,51 @@ impl Lab {
         lab.ip_batch(&lab.hub, &hub_script)?;
         lab.setup_time = start.elapsed();
         Ok(lab)
+    }
+
+    /// Runs the command `make(i)` gives for every host `i`, with its stdin script, at most
+    /// a few at a time (the machine has few cores); any failure is the lab's, named by
+    /// `what` and the host.
+    fn in_each_host(
+        &self,
+        what: &str,
+        make: impl Fn(usize) -> (Command, String),
+    ) -> Result<(), LabError> {
+        let n = self.hosts.len();
+        let mut i = 0;
+        while i < n {
+            let children = (i..(i + 8).min(n))
+                .map(|i| {
+                    let (mut cmd, script) = make(i);
+                    let mut child = cmd
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::piped())
+                        .spawn()?;
+                    child
+                        .stdin
+                        .take()
+                        .expect("piped")
+                        .write_all(script.as_bytes())?;
+                    Ok((i, child))
+                })
+                .collect::<io::Result<Vec<_>>>()?;
+            i += children.len();
+            for (i, child) in children {
+                let out = child.wait_with_output()?;
+                if !out.status.success() {
+                    return Err(LabError::Command {
+                        command: format!("{what} (host {i})"),
+                        detail: format!(
+                            "{}: {}",
+                            out.status,
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A command for `program` that runs inside namespace `net` of this lab.

@@ -35,6 +35,7 @@
 
 mod counters;
 mod error;
+mod ethtool;
 mod lab;
 mod nft;
 mod sys;

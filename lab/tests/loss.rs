@@ -94,3 +94,50 @@ fn five_percent_input_loss_drops_about_five_percent() {
     lab.host(1).clear_loss().unwrap();
     assert_eq!(stream(&lab, 5000), COUNT, "loss after clear_loss");
 }
+
+#[test]
+fn a_gso_message_reaches_the_receiver_as_separate_datagrams() {
+    use std::os::fd::AsRawFd;
+    let lab = Lab::new(LabConfig::hosts(2)).unwrap();
+    // Counts every packet to port 5002 on host 1's input, where loss rules sit.
+    lab.host(1)
+        .nft(
+            "table inet gso_count {\n  chain input {\n    \
+             type filter hook input priority -20; policy accept;\n    \
+             udp dport 5002 counter\n  }\n}\n",
+        )
+        .unwrap();
+    let rx = lab.host(1).udp_socket(5002).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let tx = lab.host(0).udp_socket(0).unwrap();
+    tx.connect(SocketAddrV4::new(lab.host(1).addr(), 5002))
+        .unwrap();
+    // One send of 4 × 1000 bytes with UDP_SEGMENT 1000: one message, four datagrams.
+    let seg: libc::c_int = 1000;
+    // SAFETY: setsockopt reads a c_int from a live local for the given length.
+    let ok = unsafe {
+        libc::setsockopt(
+            tx.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&seg as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    assert!(ok, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+    assert_eq!(tx.send(&[9u8; 4000]).unwrap(), 4000);
+    let mut buf = [0u8; 4096];
+    for _ in 0..4 {
+        assert_eq!(rx.recv(&mut buf).unwrap(), 1000);
+    }
+    // Cut at the sender's interface: host 1's input saw four packets, not one, so a loss
+    // rule there drops datagrams, never a whole GSO message.
+    let out = lab
+        .host(1)
+        .command(fleetcast_lab::tool_path("nft", "nftables").unwrap())
+        .args(["list", "table", "inet", "gso_count"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("counter packets 4 "), "{text}");
+}
