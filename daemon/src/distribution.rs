@@ -54,6 +54,7 @@ use fleetcast_store::{self as store, DeviceId, TaskId};
 
 mod broadcast;
 mod digests;
+mod gso;
 mod image;
 mod nack;
 
@@ -61,6 +62,7 @@ pub use broadcast::{
     directed_broadcast, resolve as resolve_broadcast, BroadcastError, BroadcastKeyError, Iface,
 };
 pub use digests::{BlockDigests, DigestsError, RingSha};
+use gso::Gso;
 pub use image::ImageError;
 use nack::NackKeys;
 
@@ -511,6 +513,8 @@ pub struct Distributor {
     iface: Option<Iface>,
     /// Whether `SO_BROADCAST` is on (set at the first broadcast push).
     broadcast_on: bool,
+    /// Whether runs of datagrams go as UDP GSO messages (`gso.rs`).
+    gso: Gso,
     /// Tasks created with no multicast to run (no target and nothing to wait for): their
     /// pass is over from the start, reported by the next [`Distributor::drive`].
     passless: Vec<TaskId>,
@@ -653,6 +657,7 @@ impl Distributor {
             finished: McastTotals::default(),
             iface,
             broadcast_on: false,
+            gso: Gso::default(),
             passless: Vec::new(),
             nack_bytes: 0,
         })
@@ -1180,7 +1185,7 @@ impl Distributor {
             };
             d.core.handle_timeout(now);
             let group = SocketAddrV4::new(d.dest, port);
-            send_all(fd, d, now, group, &mut self.budget);
+            send_all((fd, &mut self.gso), d, now, group, &mut self.budget);
             while let Some(ev) = d.core.poll_event() {
                 if let Some(e) = log_event(d, ev) {
                     out.push(e);
@@ -1299,17 +1304,6 @@ fn force_buffer(
     }
 }
 
-fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(a.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
 /// Logs a task core's event; the end of its group sender goes to the loop.
 fn log_event(d: &Distribution, ev: TaskEvent) -> Option<DistEvent> {
     let task = d.task.0;
@@ -1387,7 +1381,7 @@ enum Queued {
 /// (`mcast::digest::ManifestSchedule`), asked once per datagram.
 /// Catch-up senders draw from the shared `budget` on top of their own pacing.
 fn send_all(
-    fd: i32,
+    (fd, gso): (i32, &mut Gso),
     d: &mut Distribution,
     now: Instant,
     group: SocketAddrV4,
@@ -1450,7 +1444,7 @@ fn send_all(
             out.push(item);
         }
         let n = out.len();
-        let mut addrs: Vec<libc::sockaddr_in> = Vec::with_capacity(n);
+        let mut dests: Vec<SocketAddrV4> = Vec::with_capacity(n);
         let mut iovs: Vec<[libc::iovec; 2]> = Vec::with_capacity(n);
         for o in out.iter_mut() {
             let (dest, head, payload): (_, &mut [u8], &[u8]) = match o {
@@ -1463,7 +1457,7 @@ fn send_all(
                 } => (*dest, &mut prefix[..*prefix_len], payload),
                 Out::Manifest { buf, dest, .. } => (*dest, &mut manifests[*buf][..], &[]),
             };
-            addrs.push(sockaddr(dest));
+            dests.push(dest);
             iovs.push([
                 libc::iovec {
                     iov_base: head.as_mut_ptr().cast(),
@@ -1476,15 +1470,8 @@ fn send_all(
                 },
             ]);
         }
-        // SAFETY: mmsghdr is plain data; all-zero is a valid empty header.
-        let mut hdrs: Vec<libc::mmsghdr> = (0..n).map(|_| unsafe { std::mem::zeroed() }).collect();
-        for (i, h) in hdrs.iter_mut().enumerate() {
-            h.msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
-            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            h.msg_hdr.msg_iov = iovs[i].as_mut_ptr();
-            h.msg_hdr.msg_iovlen = 2;
-        }
-        let (sent, errors) = sendmmsg_batch(fd, &mut hdrs);
+        let block_dgram = DATA_PREFIX_LEN + d.block_size as usize;
+        let (sent, errors) = gso.send(fd, (&mut iovs, &dests), block_dgram);
         d.send_errors += errors;
         d.manifest_bytes += iovs[..sent]
             .iter()
@@ -1601,37 +1588,6 @@ fn next_batch(
         }
     }
     (batch, kept)
-}
-
-/// Hands `hdrs` to `sendmmsg` until every datagram is through or the kernel pushes back
-/// (`EAGAIN`, `ENOBUFS`). Returns how many are through (the rest are the caller's to keep
-/// for the next turn) and how many of those failed on their own (lost like network loss).
-fn sendmmsg_batch(fd: i32, hdrs: &mut [libc::mmsghdr]) -> (usize, u64) {
-    let n = hdrs.len();
-    let mut errors = 0u64;
-    let mut sent = 0usize;
-    while sent < n {
-        // SAFETY: `hdrs[sent..n]` point at live buffers (prefixes, tags, addrs, iovs, and
-        // the mapping or parity cache borrowed by `payload`), all outliving the call.
-        let r =
-            unsafe { libc::sendmmsg(fd, hdrs[sent..].as_mut_ptr(), (n - sent) as libc::c_uint, 0) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::ENOBUFS) {
-                return (sent, errors);
-            }
-            // Anything else fails this datagram only: it is lost like network loss.
-            tracing::debug!(error = %e, "sendmmsg failed");
-            errors += 1;
-            sent += 1;
-            continue;
-        }
-        sent += r as usize;
-    }
-    (sent, errors)
 }
 
 /// A distribution's FEC state: the codec and the parity of the groups being repaired.
