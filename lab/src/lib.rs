@@ -38,6 +38,7 @@ mod error;
 mod ethtool;
 mod lab;
 mod nft;
+mod postgres;
 mod sys;
 
 pub use counters::IfCounters;
@@ -47,4 +48,5 @@ pub use lab::{
     MAX_HOSTS, PREFIX_LEN,
 };
 pub use nft::{Action, Match, Profile};
+pub use postgres::{Postgres, PG_USER};
 pub use sys::CapturedUdp;
