@@ -1,0 +1,13 @@
+//! fleetcast's PostgreSQL store engine, for a cell of several gateways sharing one fleet
+//! (issue 19). Built so far: the cell's schema (`migrations/`) and [`migrate`], which a
+//! gateway runs at start. The engine behind `fleetcast_store::Engine` comes next; until
+//! then `fleetcastd` runs on LMDB only and nothing here is reachable from it.
+//!
+//! The client is the `postgres` crate, the synchronous face of `tokio-postgres` (the
+//! best-kept PostgreSQL client in Rust): each `Client` drives its connection on a small
+//! runtime of its own, inside whichever thread calls it. That thread is the gateway's store
+//! thread, never the `mio` event loop, so no second async runtime runs in the loop.
+
+mod migrate;
+
+pub use migrate::{migrate, schema_version, MigrateError, Migrated, SCHEMA_VERSION};
