@@ -1,6 +1,7 @@
 //! fleetcast's PostgreSQL store engine, for a cell of several gateways sharing one fleet
 //! (issue 19). Built so far: the cell's schema (`migrations/`) and [`migrate`], which a
-//! gateway runs at start. The engine behind `fleetcast_store::Engine` comes next; until
+//! gateway runs at start; the cell's membership, device ownership and write fence
+//! ([`Membership`], [`rendezvous`]). The engine behind `fleetcast_store::Engine` comes next; until
 //! then `fleetcastd` runs on LMDB only and nothing here is reachable from it.
 //!
 //! The client is the `postgres` crate, the synchronous face of `tokio-postgres` (the
@@ -8,6 +9,8 @@
 //! runtime of its own, inside whichever thread calls it. That thread is the gateway's store
 //! thread, never the `mio` event loop, so no second async runtime runs in the loop.
 
+mod cell;
 mod migrate;
 
+pub use cell::{live_gateways, rendezvous, CellError, Claim, Membership};
 pub use migrate::{migrate, schema_version, MigrateError, Migrated, SCHEMA_VERSION};
