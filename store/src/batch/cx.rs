@@ -1,47 +1,29 @@
-//! The write helpers of one transaction, shared by every operation.
+//! The helpers every operation shares, over the transaction's [`Tables`].
 
-use lmdb::{RwTransaction, WriteFlags};
-
-use crate::codec::Record;
-use crate::env::{self, key2, Dbs};
+use super::tables::{Counter, Tables};
 use crate::error::{Error, Illegal, Missing, Result};
-use crate::read;
 use crate::types::{
     CommandPolicy, Device, DeviceId, FailReason, QueueState, StoredResult, TaskDeviceStatus, TaskId,
 };
 
-/// Write helpers over one transaction.
-pub(super) struct Cx<'a, 't> {
-    pub(super) t: &'a mut RwTransaction<'t>,
-    pub(super) d: &'a Dbs,
-    pub(super) buf: &'a mut Vec<u8>,
+/// One operation's view of its transaction.
+pub(super) struct Cx<'a> {
+    pub(super) t: &'a mut dyn Tables,
 }
 
-impl<'a, 't> Cx<'a, 't> {
-    pub(super) fn new(t: &'a mut RwTransaction<'t>, d: &'a Dbs, buf: &'a mut Vec<u8>) -> Self {
-        Cx { t, d, buf }
-    }
-    pub(super) fn put<R: Record>(&mut self, db: lmdb::Database, key: &[u8], rec: &R) -> Result<()> {
-        rec.encode(self.buf)?;
-        self.t
-            .put(db, &key, &self.buf.as_slice(), WriteFlags::empty())?;
-        Ok(())
-    }
-    pub(super) fn put_raw(&mut self, db: lmdb::Database, key: &[u8], val: &[u8]) -> Result<()> {
-        self.t.put(db, &key, &val, WriteFlags::empty())?;
-        Ok(())
-    }
-    pub(super) fn del(&mut self, db: lmdb::Database, key: &[u8]) -> Result<()> {
-        match self.t.del(db, &key, None) {
-            Ok(()) | Err(lmdb::Error::NotFound) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+impl<'a> Cx<'a> {
+    pub(super) fn new(t: &'a mut dyn Tables) -> Self {
+        Cx { t }
     }
     pub(super) fn queue(&self, dev: DeviceId) -> Result<QueueState> {
-        read::queue(&*self.t, self.d, dev)?.ok_or(Error::NotFound(Missing::Device(dev)))
+        self.t
+            .queue(dev)?
+            .ok_or(Error::NotFound(Missing::Device(dev)))
     }
     pub(super) fn device(&self, dev: DeviceId) -> Result<Device> {
-        read::device(&*self.t, self.d, dev)?.ok_or(Error::NotFound(Missing::Device(dev)))
+        self.t
+            .device(dev)?
+            .ok_or(Error::NotFound(Missing::Device(dev)))
     }
     /// The queue of a device that is not revoked.
     pub(super) fn live_queue(&self, dev: DeviceId) -> Result<QueueState> {
@@ -52,20 +34,20 @@ impl<'a, 't> Cx<'a, 't> {
         Ok(q)
     }
     pub(super) fn put_queue(&mut self, dev: DeviceId, q: &QueueState) -> Result<()> {
-        let d = self.d.queues;
-        self.put(d, &dev.0.to_be_bytes(), q)
+        self.t.put_queue(dev, q)
     }
     pub(super) fn first_after(&self, dev: DeviceId, after: u64) -> Result<Option<u64>> {
-        read::first_after(&*self.t, self.d, dev, after)
+        self.t.first_after(dev, after)
     }
     pub(super) fn cursor_policy(&self, dev: DeviceId, seq: u64) -> Result<CommandPolicy> {
-        read::command_policy(&*self.t, self.d, dev, seq)?.ok_or(Error::Corrupt {
+        self.t.command_policy(dev, seq)?.ok_or(Error::Corrupt {
             table: "commands",
             reason: "queue cursor names a missing command",
         })
     }
     pub(super) fn task_entry(&self, task: TaskId, dev: DeviceId) -> Result<TaskDeviceStatus> {
-        read::task_status(&*self.t, self.d, task, dev)?
+        self.t
+            .task_status(task, dev)?
             .ok_or(Error::NotFound(Missing::TaskTarget { task, device: dev }))
     }
     pub(super) fn set_task_entry(
@@ -74,13 +56,7 @@ impl<'a, 't> Cx<'a, 't> {
         dev: DeviceId,
         st: &TaskDeviceStatus,
     ) -> Result<()> {
-        let (ts, dt) = (self.d.task_status, self.d.device_tasks);
-        self.put(ts, &key2(task.0, dev.0), st)?;
-        if st.is_incomplete() {
-            self.put_raw(dt, &key2(dev.0, task.0), &[])
-        } else {
-            self.del(dt, &key2(dev.0, task.0))
-        }
+        self.t.put_task_status(task, dev, st)
     }
     pub(super) fn new_device(
         &mut self,
@@ -89,7 +65,7 @@ impl<'a, 't> Cx<'a, 't> {
         now: u64,
         groups: &[String],
     ) -> Result<u64> {
-        let id = env::meta_u64(&*self.t, self.d.meta, env::META_NEXT_DEVICE)? + 1;
+        let id = self.t.next_id(Counter::Device)?;
         let dev = Device {
             id: DeviceId(id),
             name: name.to_owned(),
@@ -101,13 +77,11 @@ impl<'a, 't> Cx<'a, 't> {
             report_ms: None,
             transport: None,
         };
-        let d = *self.d;
-        self.put_raw(d.meta, env::META_NEXT_DEVICE, &id.to_le_bytes())?;
-        self.put(d.devices, &id.to_be_bytes(), &dev)?;
-        self.put_raw(d.device_names, name.as_bytes(), &id.to_be_bytes())?;
+        self.t.put_device(&dev)?;
+        self.t.put_device_name(name, DeviceId(id))?;
         self.put_queue(DeviceId(id), &QueueState::default())?;
         for g in groups {
-            self.put_raw(d.groups, &env::group_key(g, DeviceId(id)), &[])?;
+            self.t.add_member(g, DeviceId(id))?;
         }
         Ok(id)
     }
@@ -126,8 +100,7 @@ impl<'a, 't> Cx<'a, 't> {
             let policy = self.cursor_policy(dev, seq)?;
             q.command_failed(&policy, FailReason::CommandFailed, more);
         }
-        let r = self.d.results;
-        self.put(r, &key2(dev.0, seq), result)?;
+        self.t.put_result(dev, seq, result)?;
         self.put_queue(dev, q)
     }
 }

@@ -2,7 +2,6 @@
 
 use super::{Batch, Cx};
 use crate::engine::DeviceOps;
-use crate::env;
 use crate::error::{Error, Illegal, Missing, Result};
 use fleetcast_wire as wire;
 
@@ -10,7 +9,7 @@ use crate::types::{DeviceId, EnrolmentToken, Transport};
 
 impl DeviceOps for Batch<'_> {
     fn add_enrolment_token(&mut self, hash: [u8; 32], token: EnrolmentToken) -> Result<()> {
-        self.exec(move |cx| cx.put(cx.d.enrol_tokens, &hash, &token))
+        self.exec(move |cx| cx.t.put_token(&hash, &token))
     }
 
     fn enrol(
@@ -45,7 +44,7 @@ impl DeviceOps for Batch<'_> {
             if transport.is_some() {
                 x.transport = transport;
             }
-            cx.put(cx.d.devices, &dev.0.to_be_bytes(), &x)
+            cx.t.put_device(&x)
         })
     }
 
@@ -60,7 +59,7 @@ impl DeviceOps for Batch<'_> {
             x.last_seen_ms = Some(now_ms);
             x.report = Some(report.clone());
             x.report_ms = Some(now_ms);
-            cx.put(cx.d.devices, &dev.0.to_be_bytes(), &x)
+            cx.t.put_device(&x)
         })
     }
 
@@ -68,46 +67,46 @@ impl DeviceOps for Batch<'_> {
         let group = group.to_owned();
         self.exec(move |cx| {
             cx.device(dev)?;
-            cx.put_raw(cx.d.groups, &env::group_key(&group, dev), &[])
+            cx.t.add_member(&group, dev)
         })
     }
 
     fn leave_group(&mut self, group: &str, dev: DeviceId) -> Result<()> {
         let group = group.to_owned();
-        self.exec(move |cx| cx.del(cx.d.groups, &env::group_key(&group, dev)))
+        self.exec(move |cx| cx.t.del_member(&group, dev))
     }
 }
 
-fn enrol(cx: &mut Cx<'_, '_>, hash: &[u8; 32], credential: [u8; 32], now: u64) -> Result<u64> {
-    let d = *cx.d;
+fn enrol(cx: &mut Cx<'_>, hash: &[u8; 32], credential: [u8; 32], now: u64) -> Result<u64> {
     let token: EnrolmentToken =
-        env::get(&*cx.t, d.enrol_tokens, hash)?.ok_or(Error::NotFound(Missing::EnrolmentToken))?;
+        cx.t.token(hash)?
+            .ok_or(Error::NotFound(Missing::EnrolmentToken))?;
     if now > token.expires_ms {
         return Err(Error::IllegalTransition {
             device: None,
             kind: Illegal::TokenExpired,
         });
     }
-    if env::exists(&*cx.t, d.device_names, token.name.as_bytes())? {
+    if cx.t.name_taken(&token.name)? {
         return Err(name_taken());
     }
-    cx.del(d.enrol_tokens, hash)?;
+    cx.t.del_token(hash)?;
     cx.new_device(&token.name, credential, now, &token.groups)
 }
 
-fn add_device(cx: &mut Cx<'_, '_>, name: &str, credential: [u8; 32], now: u64) -> Result<u64> {
-    if env::exists(&*cx.t, cx.d.device_names, name.as_bytes())? {
+fn add_device(cx: &mut Cx<'_>, name: &str, credential: [u8; 32], now: u64) -> Result<u64> {
+    if cx.t.name_taken(name)? {
         return Err(name_taken());
     }
     cx.new_device(name, credential, now, &[])
 }
 
-fn revoke(cx: &mut Cx<'_, '_>, dev: DeviceId) -> Result<()> {
+fn revoke(cx: &mut Cx<'_>, dev: DeviceId) -> Result<()> {
     let mut x = cx.device(dev)?;
     let mut q = cx.queue(dev)?;
     x.revoked = true;
     q.revoked = true;
-    cx.put(cx.d.devices, &dev.0.to_be_bytes(), &x)?;
+    cx.t.put_device(&x)?;
     cx.put_queue(dev, &q)
 }
 

@@ -28,14 +28,16 @@
 //!
 //! # Layout
 //! One file per concern (`devices`, `queue`, `tasks`, `events`); each operation is one small
-//! function over a [`Cx`] (the write helpers of one transaction) plus the public method that
-//! hands it to [`Batch::exec`]. Nothing lists the operations a second time: the recorded form
+//! function over a [`Cx`] (the helpers of one transaction, over its typed [`tables::Tables`],
+//! which `tables.rs` implements on LMDB) plus the public method that hands it to
+//! [`Batch::exec`]. Nothing lists the operations a second time: the recorded form
 //! of an operation is the closure itself.
 
 mod cx;
 mod devices;
 mod events;
 mod queue;
+mod tables;
 mod tasks;
 
 use std::path::Path;
@@ -52,6 +54,7 @@ use crate::types::{
 };
 
 use cx::Cx;
+use tables::Lmdb;
 
 /// What [`Batch::record_result`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +76,7 @@ pub struct Committed {
 }
 
 /// A recorded operation: applied again, in order, on a fresh transaction after the map grew.
-type Op = Box<dyn Fn(&mut Cx<'_, '_>) -> Result<()>>;
+type Op = Box<dyn Fn(&mut Cx<'_>) -> Result<()>>;
 
 /// One write transaction collecting many transitions. See the module docs for the contract.
 /// Dropping a batch without committing aborts it.
@@ -150,8 +153,12 @@ impl<'s> Batch<'s> {
             };
             let mut full = false;
             for op in &self.ops {
-                let mut cx = Cx::new(&mut txn, self.dbs, &mut self.buf);
-                match op(&mut cx) {
+                let mut t = Lmdb {
+                    t: &mut txn,
+                    d: self.dbs,
+                    buf: &mut self.buf,
+                };
+                match op(&mut Cx::new(&mut t)) {
                     Ok(_) => {}
                     Err(e) if is_map_full(&e) => {
                         full = true;
@@ -171,7 +178,7 @@ impl<'s> Batch<'s> {
     }
 
     /// Applies one operation and records it for replay (see the module docs).
-    fn exec<T>(&mut self, op: impl Fn(&mut Cx<'_, '_>) -> Result<T> + 'static) -> Result<T> {
+    fn exec<T>(&mut self, op: impl Fn(&mut Cx<'_>) -> Result<T> + 'static) -> Result<T> {
         self.exec_if(op, |_| true)
     }
 
@@ -180,7 +187,7 @@ impl<'s> Batch<'s> {
     /// stays empty and is not committed.
     fn exec_if<T>(
         &mut self,
-        op: impl Fn(&mut Cx<'_, '_>) -> Result<T> + 'static,
+        op: impl Fn(&mut Cx<'_>) -> Result<T> + 'static,
         wrote: impl Fn(&T) -> bool,
     ) -> Result<T> {
         loop {
@@ -190,8 +197,12 @@ impl<'s> Batch<'s> {
             let Some(txn) = self.txn.as_mut() else {
                 return Err(Error::Poisoned);
             };
-            let mut cx = Cx::new(txn, self.dbs, &mut self.buf);
-            match op(&mut cx) {
+            let mut t = Lmdb {
+                t: txn,
+                d: self.dbs,
+                buf: &mut self.buf,
+            };
+            match op(&mut Cx::new(&mut t)) {
                 Ok(out) => {
                     if wrote(&out) {
                         self.ops.push(Box::new(move |cx| op(cx).map(drop)));

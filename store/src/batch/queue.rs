@@ -2,10 +2,8 @@
 
 use super::{Batch, Cx, Recorded};
 use crate::engine::QueueOps;
-use crate::env::{self, key2};
 use crate::error::{Error, Illegal, Result};
 use crate::queue::AfterFailure;
-use crate::read;
 use fleetcast_wire::{self as wire, Embed};
 
 use crate::types::{boot_hex, Command, DeviceId, FailReason, QueueStatus, Received, StoredResult};
@@ -16,7 +14,7 @@ impl QueueOps for Batch<'_> {
             validate_command(dev, &cmd)?;
             let mut q = cx.live_queue(dev)?;
             let seq = q.enqueue();
-            cx.put(cx.d.commands, &key2(dev.0, seq), &cmd)?;
+            cx.t.put_command(dev, seq, &cmd)?;
             cx.put_queue(dev, &q)?;
             Ok(seq)
         })
@@ -68,7 +66,7 @@ impl QueueOps for Batch<'_> {
         let boot = boot_id.to_owned();
         self.exec(move |cx| {
             let mut q = cx.queue(dev)?;
-            let has_reboot = read::command(&*cx.t, cx.d, dev, seq)?.is_some_and(|c| c.has_reboot());
+            let has_reboot = cx.t.command(dev, seq)?.is_some_and(|c| c.has_reboot());
             q.reboot_started(seq, has_reboot, deadline_ms, &boot)
                 .map_err(|k| Error::illegal(dev, k))?;
             cx.put_queue(dev, &q)
@@ -142,9 +140,8 @@ impl QueueOps for Batch<'_> {
     }
 }
 
-fn enqueue_group(cx: &mut Cx<'_, '_>, group: &str, cmd: &Command) -> Result<Vec<(DeviceId, u64)>> {
-    let d = *cx.d;
-    let members = read::group_members(&*cx.t, &d, group)?;
+fn enqueue_group(cx: &mut Cx<'_>, group: &str, cmd: &Command) -> Result<Vec<(DeviceId, u64)>> {
+    let members = cx.t.group_members(group)?;
     if members.is_empty() {
         return Err(Error::NotFound(crate::error::Missing::Group(
             group.to_owned(),
@@ -161,21 +158,23 @@ fn enqueue_group(cx: &mut Cx<'_, '_>, group: &str, cmd: &Command) -> Result<Vec<
     let mut out = Vec::with_capacity(targets.len());
     for (m, mut q) in targets {
         let seq = q.enqueue();
-        cx.put(d.commands, &key2(m.0, seq), cmd)?;
+        cx.t.put_command(m, seq, cmd)?;
         cx.put_queue(m, &q)?;
         out.push((m, seq));
     }
     Ok(out)
 }
 
-fn mark_transmitted(cx: &mut Cx<'_, '_>, dev: DeviceId, seq: u64, now: u64) -> Result<u32> {
+fn mark_transmitted(cx: &mut Cx<'_>, dev: DeviceId, seq: u64, now: u64) -> Result<u32> {
     let mut q = cx.live_queue(dev)?;
     let first = if q.status == QueueStatus::Running {
         cx.first_after(dev, q.completed_through)?
     } else {
         q.cursor
     };
-    let max = read::command_policy(&*cx.t, cx.d, dev, seq)?.map_or(u32::MAX, |c| c.max_attempts);
+    let max =
+        cx.t.command_policy(dev, seq)?
+            .map_or(u32::MAX, |c| c.max_attempts);
     let attempt = q
         .mark_transmitted(seq, first, max, now)
         .map_err(|k| Error::illegal(dev, k))?;
@@ -184,29 +183,28 @@ fn mark_transmitted(cx: &mut Cx<'_, '_>, dev: DeviceId, seq: u64, now: u64) -> R
 }
 
 fn record_result(
-    cx: &mut Cx<'_, '_>,
+    cx: &mut Cx<'_>,
     dev: DeviceId,
     seq: u64,
     attempt: u32,
     result: &StoredResult,
 ) -> Result<Recorded> {
     use crate::codec::Record;
-    use lmdb::Transaction;
     let mut q = cx.queue(dev)?;
     // Duplicate detection compares encodings: no decode of the stored result.
+    let mut mine = Vec::new();
     result
-        .encode(cx.buf)
+        .encode(&mut mine)
         .map_err(|_| Error::illegal(dev, Illegal::Invalid("result over the wire's limits")))?;
-    let existing = match cx.t.get(cx.d.results, &key2(dev.0, seq)) {
-        Ok(v) if StoredResult::same_received(v, cx.buf) => return Ok(Recorded::Duplicate),
+    let existing = match cx.t.result_bytes(dev, seq)? {
+        Some(v) if StoredResult::same_received(&v, &mine) => return Ok(Recorded::Duplicate),
         // A record of an older format (kept before an upgrade) has other bytes for the same
         // result: compared decoded.
-        Ok(v) if v.first() != cx.buf.first() && StoredResult::same_decoded(v, result) => {
+        Some(v) if v.first() != mine.first() && StoredResult::same_decoded(&v, result) => {
             return Ok(Recorded::Duplicate)
         }
-        Ok(_) => true,
-        Err(lmdb::Error::NotFound) => false,
-        Err(e) => return Err(e.into()),
+        Some(_) => true,
+        None => false,
     };
     if !q.accepts_result(seq, attempt) {
         let kind = if q.accepts_result(seq, q.attempt) {
@@ -231,14 +229,9 @@ fn record_result(
     Ok(Recorded::Stored(q.status))
 }
 
-fn command_timed_out(
-    cx: &mut Cx<'_, '_>,
-    dev: DeviceId,
-    seq: u64,
-    now: u64,
-) -> Result<QueueStatus> {
+fn command_timed_out(cx: &mut Cx<'_>, dev: DeviceId, seq: u64, now: u64) -> Result<QueueStatus> {
     let mut q = cx.queue(dev)?;
-    let policy = match read::command_policy(&*cx.t, cx.d, dev, seq)? {
+    let policy = match cx.t.command_policy(dev, seq)? {
         Some(p) => p,
         None => return Err(Error::illegal(dev, Illegal::NotTransmitted { seq })),
     };
@@ -247,14 +240,14 @@ fn command_timed_out(
     let more = cx.first_after(dev, seq)?.is_some();
     if q.command_failed(&policy, FailReason::AttemptsExhausted, more) == AfterFailure::MovedOn {
         let r = StoredResult::TimedOut { at_ms: now };
-        cx.put(cx.d.results, &key2(dev.0, seq), &r)?;
+        cx.t.put_result(dev, seq, &r)?;
     }
     cx.put_queue(dev, &q)?;
     Ok(q.status)
 }
 
 fn reboot_completed(
-    cx: &mut Cx<'_, '_>,
+    cx: &mut Cx<'_>,
     dev: DeviceId,
     seq: u64,
     attempt: u32,
@@ -263,7 +256,7 @@ fn reboot_completed(
     now: u64,
 ) -> Result<QueueStatus> {
     let mut q = cx.queue(dev)?;
-    let has_reboot = read::command(&*cx.t, cx.d, dev, seq)?.is_some_and(|c| c.has_reboot());
+    let has_reboot = cx.t.command(dev, seq)?.is_some_and(|c| c.has_reboot());
     q.check_reboot_completed(seq, attempt, has_reboot, &boot_hex(&report.boot_id))
         .map_err(|k| Error::illegal(dev, k))?;
     let mut x = cx.device(dev)?;
@@ -279,12 +272,12 @@ fn reboot_completed(
     x.report = Some(report.clone());
     x.report_ms = Some(now);
     x.last_seen_ms = Some(now);
-    cx.put(cx.d.devices, &dev.0.to_be_bytes(), &x)?;
+    cx.t.put_device(&x)?;
     cx.finish_attempt(dev, &mut q, seq, result)?;
     Ok(q.status)
 }
 
-fn skip(cx: &mut Cx<'_, '_>, dev: DeviceId) -> Result<()> {
+fn skip(cx: &mut Cx<'_>, dev: DeviceId) -> Result<()> {
     let mut q = cx.queue(dev)?;
     if q.status != QueueStatus::Failed {
         return Err(Error::illegal(
@@ -301,37 +294,24 @@ fn skip(cx: &mut Cx<'_, '_>, dev: DeviceId) -> Result<()> {
     })?;
     let more = cx.first_after(dev, cursor)?.is_some();
     q.skip(more).map_err(|k| Error::illegal(dev, k))?;
-    if read::result(&*cx.t, cx.d, dev, cursor)?.is_none() {
-        cx.put(cx.d.results, &key2(dev.0, cursor), &StoredResult::Skipped)?;
+    if cx.t.result(dev, cursor)?.is_none() {
+        cx.t.put_result(dev, cursor, &StoredResult::Skipped)?;
     }
     cx.put_queue(dev, &q)
 }
 
-fn cancel(cx: &mut Cx<'_, '_>, dev: DeviceId) -> Result<u64> {
-    let d = *cx.d;
+fn cancel(cx: &mut Cx<'_>, dev: DeviceId) -> Result<u64> {
     let mut q = cx.queue(dev)?;
     q.cancel();
-    let mut doomed = Vec::new();
-    let p = dev.0.to_be_bytes();
-    env::scan(
-        &*cx.t,
-        d.commands,
-        &key2(dev.0, q.completed_through.saturating_add(1)),
-        &p,
-        |k, _| {
-            let (_, s) = env::split2(k, "commands")?;
-            doomed.push(s);
-            Ok(true)
-        },
-    )?;
+    let doomed =
+        cx.t.command_seqs_from(dev, q.completed_through.saturating_add(1))?;
     // A cancelled command can no longer be the cursor: its late result is refused.
     if q.cursor.is_some_and(|c| doomed.contains(&c)) {
         q.cursor = None;
         q.attempts = 0;
     }
     for s in &doomed {
-        cx.del(d.commands, &key2(dev.0, *s))?;
-        cx.del(d.results, &key2(dev.0, *s))?;
+        cx.t.del_command(dev, *s)?;
     }
     cx.put_queue(dev, &q)?;
     Ok(doomed.len() as u64)

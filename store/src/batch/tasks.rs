@@ -1,10 +1,9 @@
 //! Distribution tasks: creation, targets, and each target's progress to completion.
 
+use super::tables::Counter;
 use super::{Batch, Cx};
 use crate::engine::TaskOps;
-use crate::env;
 use crate::error::{Error, Illegal, Missing, Result};
-use crate::read;
 use crate::types::{BlockSet, DeviceId, Task, TaskDeviceStatus, TaskFollow, TaskId};
 
 impl TaskOps for Batch<'_> {
@@ -16,14 +15,14 @@ impl TaskOps for Batch<'_> {
 
     fn task_pass_done(&mut self, task: TaskId) -> Result<()> {
         self.exec(move |cx| {
-            let d = *cx.d;
             let mut t =
-                read::task(&*cx.t, cx.d, task)?.ok_or(Error::NotFound(Missing::Task(task)))?;
+                cx.t.task(task)?
+                    .ok_or(Error::NotFound(Missing::Task(task)))?;
             if t.plan.pass_done {
                 return Ok(());
             }
             t.plan.pass_done = true;
-            cx.put(d.tasks, &task.0.to_be_bytes(), &t)
+            cx.t.put_task(task, &t)
         })
     }
 
@@ -31,14 +30,14 @@ impl TaskOps for Batch<'_> {
         // A task that follows nothing writes nothing, so it is not recorded for replay.
         self.exec_if(
             move |cx| {
-                let d = *cx.d;
                 let mut t =
-                    read::task(&*cx.t, cx.d, task)?.ok_or(Error::NotFound(Missing::Task(task)))?;
+                    cx.t.task(task)?
+                        .ok_or(Error::NotFound(Missing::Task(task)))?;
                 if t.follow.is_default() {
                     return Ok(false);
                 }
                 t.follow = TaskFollow::default();
-                cx.put(d.tasks, &task.0.to_be_bytes(), &t).map(|()| true)
+                cx.t.put_task(task, &t).map(|()| true)
             },
             |wrote| *wrote,
         )
@@ -46,9 +45,10 @@ impl TaskOps for Batch<'_> {
 
     fn add_task_target(&mut self, task: TaskId, dev: DeviceId) -> Result<()> {
         self.exec(move |cx| {
-            read::task(&*cx.t, cx.d, task)?.ok_or(Error::NotFound(Missing::Task(task)))?;
+            cx.t.task(task)?
+                .ok_or(Error::NotFound(Missing::Task(task)))?;
             cx.device(dev)?;
-            if read::task_status(&*cx.t, cx.d, task, dev)?.is_none() {
+            if cx.t.task_status(task, dev)?.is_none() {
                 cx.set_task_entry(task, dev, &TaskDeviceStatus::Pending)?;
             }
             Ok(())
@@ -116,7 +116,7 @@ impl TaskOps for Batch<'_> {
     }
 }
 
-fn create_task(cx: &mut Cx<'_, '_>, task: &Task, targets: &[DeviceId]) -> Result<u64> {
+fn create_task(cx: &mut Cx<'_>, task: &Task, targets: &[DeviceId]) -> Result<u64> {
     if task.block_size == 0 {
         return Err(Error::IllegalTransition {
             device: None,
@@ -126,22 +126,15 @@ fn create_task(cx: &mut Cx<'_, '_>, task: &Task, targets: &[DeviceId]) -> Result
     for dev in targets {
         cx.device(*dev)?;
     }
-    let d = *cx.d;
-    let id = env::meta_u64(&*cx.t, d.meta, env::META_NEXT_TASK)? + 1;
-    cx.put_raw(d.meta, env::META_NEXT_TASK, &id.to_le_bytes())?;
-    cx.put(d.tasks, &id.to_be_bytes(), task)?;
+    let id = cx.t.next_id(Counter::Task)?;
+    cx.t.put_task(TaskId(id), task)?;
     for dev in targets {
         cx.set_task_entry(TaskId(id), *dev, &TaskDeviceStatus::Pending)?;
     }
     Ok(id)
 }
 
-fn task_progress(
-    cx: &mut Cx<'_, '_>,
-    task: TaskId,
-    dev: DeviceId,
-    blocks: &BlockSet,
-) -> Result<()> {
+fn task_progress(cx: &mut Cx<'_>, task: TaskId, dev: DeviceId, blocks: &BlockSet) -> Result<()> {
     let st = cx.task_entry(task, dev)?;
     check_blocks(cx, task, dev, blocks)?;
     let next = match st {
@@ -156,8 +149,10 @@ fn task_progress(
 }
 
 /// Refuses blocks past the end of the task's file.
-fn check_blocks(cx: &Cx<'_, '_>, task: TaskId, dev: DeviceId, blocks: &BlockSet) -> Result<()> {
-    let info = read::task(&*cx.t, cx.d, task)?.ok_or(Error::NotFound(Missing::Task(task)))?;
+fn check_blocks(cx: &Cx<'_>, task: TaskId, dev: DeviceId, blocks: &BlockSet) -> Result<()> {
+    let info =
+        cx.t.task(task)?
+            .ok_or(Error::NotFound(Missing::Task(task)))?;
     if blocks.end() > info.blocks() {
         return Err(Error::IllegalTransition {
             device: Some(dev),
