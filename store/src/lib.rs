@@ -50,6 +50,9 @@ mod read;
 mod result;
 mod types;
 
+#[cfg(feature = "postgres")]
+pub mod pg;
+
 use std::path::{Path, PathBuf};
 
 use lmdb::{Environment, RoTransaction};

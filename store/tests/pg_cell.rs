@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use fleetcast_lab::Postgres;
-use fleetcast_store_pg::{live_gateways, migrate, CellError, Claim, Membership};
+use fleetcast_store::pg::{live_gateways, migrate, CellError, Claim, Membership};
 use postgres::{Client, NoTls};
 
 const LONG: Duration = Duration::from_secs(60);

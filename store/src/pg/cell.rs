@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use postgres::{Client, GenericClient};
 
-use crate::migrate::describe;
+use super::migrate::describe;
 
 /// Why a cell operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -17,7 +17,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 /// The migrations, in order: (version, name, SQL).
 const MIGRATIONS: &[(u32, &str, &str)] =
-    &[(1, "cell", include_str!("../migrations/0001_cell.sql"))];
+    &[(1, "cell", include_str!("../../pg/migrations/0001_cell.sql"))];
 
 /// The advisory lock key serialising migrations (`fleetcast` in ASCII, as a number).
 const LOCK_KEY: i64 = 0x666c_6565_7463_6173;

@@ -1,8 +1,8 @@
-//! fleetcast's PostgreSQL store engine, for a cell of several gateways sharing one fleet
-//! (issue 19). Built so far: the cell's schema (`migrations/`) and [`migrate`], which a
-//! gateway runs at start; the cell's membership, device ownership and write fence
-//! ([`Membership`], [`rendezvous`]). The engine behind `fleetcast_store::Engine` comes next; until
-//! then `fleetcastd` runs on LMDB only and nothing here is reachable from it.
+//! The PostgreSQL engine, for a cell of several gateways sharing one fleet (feature
+//! `postgres`, issue 19). Built so far: the cell's schema (`store/pg/migrations/`) and
+//! [`migrate`], which a gateway runs at start; the cell's membership, device ownership and
+//! write fence ([`Membership`], [`rendezvous`]). The engine behind [`crate::Engine`] comes
+//! next; until then `fleetcastd` runs on LMDB only and nothing here is reachable from it.
 //!
 //! The client is the `postgres` crate, the synchronous face of `tokio-postgres` (the
 //! best-kept PostgreSQL client in Rust): each `Client` drives its connection on a small

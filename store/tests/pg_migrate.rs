@@ -2,7 +2,7 @@
 //! same on every later start, refused when newer, safe when gateways start together.
 
 use fleetcast_lab::Postgres;
-use fleetcast_store_pg::{migrate, schema_version, MigrateError, Migrated, SCHEMA_VERSION};
+use fleetcast_store::pg::{migrate, schema_version, MigrateError, Migrated, SCHEMA_VERSION};
 use postgres::{Client, NoTls};
 
 fn server() -> Postgres {
