@@ -7,12 +7,12 @@ use crate::types::{
 };
 
 /// One operation's view of its transaction.
-pub(super) struct Cx<'a> {
-    pub(super) t: &'a mut dyn Tables,
+pub(crate) struct Cx<'a> {
+    pub(crate) t: &'a mut dyn Tables,
 }
 
 impl<'a> Cx<'a> {
-    pub(super) fn new(t: &'a mut dyn Tables) -> Self {
+    pub(crate) fn new(t: &'a mut dyn Tables) -> Self {
         Cx { t }
     }
     pub(super) fn queue(&self, dev: DeviceId) -> Result<QueueState> {

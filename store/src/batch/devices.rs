@@ -1,13 +1,13 @@
 //! Devices: enrolment tokens, enrolment, revocation, liveness, reports and groups.
 
-use super::{Batch, Cx};
+use super::{Cx, Exec};
 use crate::engine::DeviceOps;
 use crate::error::{Error, Illegal, Missing, Result};
 use fleetcast_wire as wire;
 
 use crate::types::{DeviceId, EnrolmentToken, Transport};
 
-impl DeviceOps for Batch<'_> {
+impl<B: Exec> DeviceOps for B {
     fn add_enrolment_token(&mut self, hash: [u8; 32], token: EnrolmentToken) -> Result<()> {
         self.exec(move |cx| cx.t.put_token(&hash, &token))
     }

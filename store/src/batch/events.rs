@@ -1,7 +1,7 @@
 //! The event log and retention: appending events, and the bounded prunes of old events and
 //! of finished commands (each engine's own, `tables.rs`).
 
-use super::Batch;
+use super::Exec;
 use crate::engine::EventOps;
 use crate::error::Result;
 use crate::types::{DeviceId, Event, EventId};
@@ -10,13 +10,13 @@ use crate::types::{DeviceId, Event, EventId};
 struct Pruned(usize, Option<DeviceId>);
 
 impl Pruned {
-    /// Whether the prune wrote anything (see [`Batch::exec_if`]).
+    /// Whether the prune wrote anything (see [`Exec::exec_if`](super::Exec::exec_if)).
     fn wrote(&self) -> bool {
         self.0 > 0
     }
 }
 
-impl EventOps for Batch<'_> {
+impl<B: Exec> EventOps for B {
     fn append_event(&mut self, event: Event) -> Result<EventId> {
         self.exec(move |cx| {
             let id = cx.t.last_event_id()? + 1;

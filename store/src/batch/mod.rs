@@ -30,7 +30,7 @@
 //! One file per concern (`devices`, `queue`, `tasks`, `events`); each operation is one small
 //! function over a [`Cx`] (the helpers of one transaction, over its typed [`tables::Tables`],
 //! which `tables.rs` implements on LMDB) plus the public method that hands it to
-//! [`Batch::exec`]. Nothing lists the operations a second time: the recorded form
+//! [`Exec::exec`]. Nothing lists the operations a second time: the recorded form
 //! of an operation is the closure itself.
 
 mod cx;
@@ -56,7 +56,7 @@ use crate::types::{
 use cx::Cx;
 use tables::Lmdb;
 
-/// What [`Batch::record_result`] did.
+/// What [`QueueOps::record_result`](crate::QueueOps::record_result) did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recorded {
     /// The result was stored; the queue is now in this status.
@@ -177,48 +177,6 @@ impl<'s> Batch<'s> {
         }
     }
 
-    /// Applies one operation and records it for replay (see the module docs).
-    fn exec<T>(&mut self, op: impl Fn(&mut Cx<'_>) -> Result<T> + 'static) -> Result<T> {
-        self.exec_if(op, |_| true)
-    }
-
-    /// As [`exec`](Self::exec), recording the operation only if `wrote(&output)`: a prune
-    /// that found nothing to delete is not recorded, so a batch holding only such prunes
-    /// stays empty and is not committed.
-    fn exec_if<T>(
-        &mut self,
-        op: impl Fn(&mut Cx<'_>) -> Result<T> + 'static,
-        wrote: impl Fn(&T) -> bool,
-    ) -> Result<T> {
-        loop {
-            if self.poisoned {
-                return Err(Error::Poisoned);
-            }
-            let Some(txn) = self.txn.as_mut() else {
-                return Err(Error::Poisoned);
-            };
-            let mut t = Lmdb {
-                t: txn,
-                d: self.dbs,
-                buf: &mut self.buf,
-            };
-            match op(&mut Cx::new(&mut t)) {
-                Ok(out) => {
-                    if wrote(&out) {
-                        self.ops.push(Box::new(move |cx| op(cx).map(drop)));
-                    }
-                    return Ok(out);
-                }
-                Err(e) if e.is_refusal() => return Err(e),
-                Err(e) if is_map_full(&e) => self.grow_and_replay()?,
-                Err(e) => {
-                    let e = e.classify_io(self.path);
-                    return Err(self.poison(e));
-                }
-            }
-        }
-    }
-
     /// Commits every transition of the batch durably (one fsync). See the module docs.
     ///
     /// A batch in which no transition succeeded (nothing applied, or every call refused) is
@@ -268,6 +226,65 @@ impl<'s> Batch<'s> {
 
     /// Discards the batch.
     pub fn abort(self) {}
+}
+
+/// How an engine's batch applies one operation: the operations of `devices`, `queue`, `tasks`
+/// and `events` are written once, for every type that implements this (LMDB's [`Batch`];
+/// the PostgreSQL engine's, `pg/`).
+pub(crate) trait Exec {
+    /// Applies `op` on the batch's transaction; `wrote(&output)` says whether it changed
+    /// anything (an engine that replays operations records only those). A refusal
+    /// ([`Error::is_refusal`]) wrote nothing and leaves the batch usable; any other error
+    /// poisons it.
+    fn exec_if<T>(
+        &mut self,
+        op: impl Fn(&mut Cx<'_>) -> Result<T> + 'static,
+        wrote: impl Fn(&T) -> bool,
+    ) -> Result<T>;
+
+    /// As [`Exec::exec_if`], for an operation that always writes.
+    fn exec<T>(&mut self, op: impl Fn(&mut Cx<'_>) -> Result<T> + 'static) -> Result<T> {
+        self.exec_if(op, |_| true)
+    }
+}
+
+impl Exec for Batch<'_> {
+    /// Applies one operation and records it for replay (see the module docs); one that did
+    /// not write (`wrote` false: a prune that found nothing to delete) is not recorded, so a
+    /// batch holding only such prunes stays empty and is not committed.
+    fn exec_if<T>(
+        &mut self,
+        op: impl Fn(&mut Cx<'_>) -> Result<T> + 'static,
+        wrote: impl Fn(&T) -> bool,
+    ) -> Result<T> {
+        loop {
+            if self.poisoned {
+                return Err(Error::Poisoned);
+            }
+            let Some(txn) = self.txn.as_mut() else {
+                return Err(Error::Poisoned);
+            };
+            let mut t = Lmdb {
+                t: txn,
+                d: self.dbs,
+                buf: &mut self.buf,
+            };
+            match op(&mut Cx::new(&mut t)) {
+                Ok(out) => {
+                    if wrote(&out) {
+                        self.ops.push(Box::new(move |cx| op(cx).map(drop)));
+                    }
+                    return Ok(out);
+                }
+                Err(e) if e.is_refusal() => return Err(e),
+                Err(e) if is_map_full(&e) => self.grow_and_replay()?,
+                Err(e) => {
+                    let e = e.classify_io(self.path);
+                    return Err(self.poison(e));
+                }
+            }
+        }
+    }
 }
 
 impl Reads for Batch<'_> {

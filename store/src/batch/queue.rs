@@ -1,6 +1,6 @@
 //! Command queues: enqueue, transmission, results, timeouts, reboots and operator actions.
 
-use super::{Batch, Cx, Recorded};
+use super::{Cx, Exec, Recorded};
 use crate::engine::QueueOps;
 use crate::error::{Error, Illegal, Result};
 use crate::queue::AfterFailure;
@@ -8,7 +8,7 @@ use fleetcast_wire::{self as wire, Embed};
 
 use crate::types::{boot_hex, Command, DeviceId, FailReason, QueueStatus, Received, StoredResult};
 
-impl QueueOps for Batch<'_> {
+impl<B: Exec> QueueOps for B {
     fn enqueue(&mut self, dev: DeviceId, cmd: Command) -> Result<u64> {
         self.exec(move |cx| {
             validate_command(dev, &cmd)?;

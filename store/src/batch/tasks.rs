@@ -1,12 +1,12 @@
 //! Distribution tasks: creation, targets, and each target's progress to completion.
 
 use super::tables::Counter;
-use super::{Batch, Cx};
+use super::{Cx, Exec};
 use crate::engine::TaskOps;
 use crate::error::{Error, Illegal, Missing, Result};
 use crate::types::{BlockSet, DeviceId, Task, TaskDeviceStatus, TaskFollow, TaskId};
 
-impl TaskOps for Batch<'_> {
+impl<B: Exec> TaskOps for B {
     fn create_task(&mut self, task: Task, targets: &[DeviceId]) -> Result<TaskId> {
         let targets = targets.to_vec();
         self.exec(move |cx| create_task(cx, &task, &targets))
