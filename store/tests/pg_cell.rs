@@ -17,8 +17,7 @@ fn cell() -> (Postgres, Client) {
     migrate(&mut c).unwrap();
     for d in 1..=3 {
         c.execute(
-            "INSERT INTO devices (id, name, credential_hash, enrolled_ms)
-             VALUES ($1, $2, decode(repeat('00', 32), 'hex'), 0)",
+            "INSERT INTO devices (id, name, revoked, record) VALUES ($1, $2, false, '')",
             &[&(d as i64), &format!("d{d}")],
         )
         .unwrap();

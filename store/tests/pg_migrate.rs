@@ -40,6 +40,7 @@ fn a_new_database_gets_the_schema_once() {
     tables.sort();
     let want = [
         "commands",
+        "counters",
         "devices",
         "enrolment_tokens",
         "events",
@@ -48,7 +49,6 @@ fn a_new_database_gets_the_schema_once() {
         "group_members",
         "queues",
         "results",
-        "revocations",
         "task_devices",
         "tasks",
     ];
@@ -70,14 +70,14 @@ fn a_new_database_gets_the_schema_once() {
     // The fence columns hold together: an owner without an incarnation is refused.
     c.batch_execute(
         "INSERT INTO gateways VALUES ('gw1', 1, now(), '10.0.0.1:7300');
-         INSERT INTO devices (id, name, credential_hash, enrolled_ms, owner_gw, owner_inc)
-         VALUES (1, 'd1', decode(repeat('00', 32), 'hex'), 0, 'gw1', 1)",
+         INSERT INTO devices (id, name, revoked, record, owner_gw, owner_inc)
+         VALUES (1, 'd1', false, '', 'gw1', 1)",
     )
     .unwrap();
     let e = c
         .batch_execute(
-            "INSERT INTO devices (id, name, credential_hash, enrolled_ms, owner_gw)
-             VALUES (2, 'd2', decode(repeat('00', 32), 'hex'), 0, 'gw1')",
+            "INSERT INTO devices (id, name, revoked, record, owner_gw)
+             VALUES (2, 'd2', false, '', 'gw1')",
         )
         .unwrap_err();
     let msg = e.as_db_error().map(|d| d.message().to_string());

@@ -1,9 +1,9 @@
 -- fleetcast cell schema, version 1: the durable state several gateways share.
 --
--- Rows hold what is queried, ordered or fenced in columns; nested protocol values (a
--- command's steps, a configuration report, a task's plan, a block set) are bytea in the
--- store's own encoding (fleetcast-store's codec, the same bytes LMDB keeps), versioned by
--- their tags, so both engines read and write one data model.
+-- Each row keeps the record itself (`record`, bytea) in the store's own encoding: the same
+-- bytes LMDB keeps, versioned by their tags and decoded by the same code, so both engines
+-- hold one data model. Beside it, in columns, what SQL must order, find, join or fence on
+-- (ids, names, sequence numbers, statuses, times, owners), written in the same statement.
 
 -- Gateways of the cell and their leases. A gateway writes for a device only while it owns
 -- it (devices.owner_gw / owner_inc) and its lease is live; a restart takes a new
@@ -16,37 +16,35 @@ CREATE TABLE gateways (
     addr        text NOT NULL
 );
 
+-- Device and task ids. A batch that rolls back leaves a gap: ids are unique, not dense.
 CREATE SEQUENCE device_ids AS bigint START 1;
+CREATE SEQUENCE task_ids AS bigint START 1;
+
+-- Counters of the whole cell (`commit_seq`: batches committed).
+CREATE TABLE counters (
+    name  text PRIMARY KEY,
+    value bigint NOT NULL
+);
+INSERT INTO counters VALUES ('commit_seq', 0);
 
 CREATE TABLE devices (
-    id              bigint PRIMARY KEY,
-    name            text NOT NULL UNIQUE,
-    credential_hash bytea NOT NULL CHECK (length(credential_hash) = 32),
-    revoked         boolean NOT NULL DEFAULT false,
-    enrolled_ms     bigint NOT NULL,
-    last_seen_ms    bigint,
-    transport       smallint,
-    report          bytea,
-    report_ms       bigint,
+    id           bigint PRIMARY KEY,
+    name         text NOT NULL UNIQUE,
+    revoked      boolean NOT NULL,
+    last_seen_ms bigint,
+    record       bytea NOT NULL,
     -- The gateway that owns the device now, and its incarnation (the fence).
-    owner_gw        text REFERENCES gateways (id),
-    owner_inc       bigint,
+    owner_gw     text REFERENCES gateways (id),
+    owner_inc    bigint,
     CHECK ((owner_gw IS NULL) = (owner_inc IS NULL))
 );
 CREATE INDEX devices_owner ON devices (owner_gw);
 
--- Revoked certificates outlive their device rows.
-CREATE TABLE revocations (
-    credential_hash bytea PRIMARY KEY CHECK (length(credential_hash) = 32),
-    revoked_ms      bigint NOT NULL
-);
-
 -- One-time enrolment tokens, by the SHA-256 of the token (the token itself is never kept).
 CREATE TABLE enrolment_tokens (
     hash       bytea PRIMARY KEY CHECK (length(hash) = 32),
-    name       text NOT NULL,
     expires_ms bigint NOT NULL,
-    groups     text[] NOT NULL DEFAULT '{}'
+    record     bytea NOT NULL
 );
 
 CREATE TABLE group_members (
@@ -56,64 +54,54 @@ CREATE TABLE group_members (
 );
 CREATE INDEX group_members_device ON group_members (device);
 
--- Each device's queue state: one row, the store's QueueState (status, cursor, attempts,
--- reboot suspension), updated with the command it concerns in one transaction.
+-- Each device's queue state (status, cursor, attempts, reboot suspension): one row,
+-- updated with the command it concerns in one transaction.
 CREATE TABLE queues (
     device bigint PRIMARY KEY REFERENCES devices (id) ON DELETE CASCADE,
-    state  bytea NOT NULL
+    record bytea NOT NULL
 );
 
 -- Commands in queue order: (device, seq) is the order, seq assigned from the queue's
 -- next_seq in the same transaction as the insert.
 CREATE TABLE commands (
-    device  bigint NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
-    seq     bigint NOT NULL,
-    command bytea NOT NULL,
+    device bigint NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+    seq    bigint NOT NULL,
+    record bytea NOT NULL,
     PRIMARY KEY (device, seq)
 );
 
 CREATE TABLE results (
-    device      bigint NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
-    seq         bigint NOT NULL,
-    recorded_ms bigint NOT NULL,
-    result      bytea NOT NULL,
+    device bigint NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+    seq    bigint NOT NULL,
+    record bytea NOT NULL,
     PRIMARY KEY (device, seq)
 );
-CREATE INDEX results_age ON results (recorded_ms);
-
-CREATE SEQUENCE task_ids AS bigint START 1;
 
 CREATE TABLE tasks (
     id         bigint PRIMARY KEY,
     created_ms bigint NOT NULL,
-    task       bytea NOT NULL
+    record     bytea NOT NULL
 );
 
--- The task table: one row per (task, device). `incomplete` is indexed by device, for the
--- tasks a device that returns must still finish.
+-- The task table: one row per (task, device); the incomplete ones indexed by device, for
+-- the tasks a device that returns must still finish.
 CREATE TABLE task_devices (
-    task       bigint NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
-    device     bigint NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
-    status     text NOT NULL CHECK (status IN ('pending', 'in_progress', 'completed', 'failed', 'cancelled')),
-    detail     bytea,
+    task   bigint NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+    device bigint NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+    status text NOT NULL CHECK (status IN ('pending', 'in_progress', 'completed', 'failed', 'cancelled')),
+    record bytea NOT NULL,
     PRIMARY KEY (task, device)
 );
-CREATE INDEX task_devices_incomplete ON task_devices (device)
+CREATE INDEX task_devices_incomplete ON task_devices (device, task)
     WHERE status IN ('pending', 'in_progress');
 
 -- The event log, in id order, pruned by age and count (`store.events_keep_days`,
--- `store.events_max`) in bounded deletes; ids come from one sequence, so every gateway's
--- events interleave in one order.
-CREATE SEQUENCE event_ids AS bigint START 1;
-
+-- `store.events_max`) in bounded deletes. Ids are given in commit order by the batch that
+-- appends them, which holds the `events` lock for it (see the engine).
 CREATE TABLE events (
     id      bigint PRIMARY KEY,
     time_ms bigint NOT NULL,
     device  bigint,
-    kind    smallint NOT NULL,
-    message text NOT NULL,
-    -- Who did it: the gateway, and for operator actions the operator.
-    gateway text,
-    actor   text
+    record  bytea NOT NULL
 );
 CREATE INDEX events_age ON events (time_ms);
