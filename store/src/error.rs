@@ -176,6 +176,14 @@ pub enum Error {
     /// An I/O error while preparing the environment directory.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// The engine does not do this (e.g. a directory backup of a PostgreSQL store).
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
+    /// PostgreSQL refused a statement or the connection failed; the batch it happened in is
+    /// poisoned (PostgreSQL aborted its transaction) and nothing of it was committed.
+    #[cfg(feature = "postgres")]
+    #[error("PostgreSQL: {}", crate::pg::describe(.0))]
+    Postgres(#[from] postgres::Error),
 }
 
 // Human text for the operator and the log (`fleetcast queue retry` prints it): plain values,

@@ -37,7 +37,7 @@ mod cx;
 mod devices;
 mod events;
 mod queue;
-mod tables;
+pub(crate) mod tables;
 mod tasks;
 
 use std::path::Path;
@@ -53,7 +53,7 @@ use crate::types::{
     TaskDeviceStatus, TaskId,
 };
 
-use cx::Cx;
+pub(crate) use cx::Cx;
 use tables::Lmdb;
 
 /// What [`QueueOps::record_result`](crate::QueueOps::record_result) did.

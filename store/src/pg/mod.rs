@@ -1,8 +1,10 @@
 //! The PostgreSQL engine, for a cell of several gateways sharing one fleet (feature
 //! `postgres`, issue 19). Built so far: the cell's schema (`store/pg/migrations/`) and
 //! [`migrate`], which a gateway runs at start; the cell's membership, device ownership and
-//! write fence ([`Membership`], [`rendezvous`]). The engine behind [`crate::Engine`] comes
-//! next; until then `fleetcastd` runs on LMDB only and nothing here is reachable from it.
+//! write fence ([`Membership`], [`rendezvous`]); the engine ([`PgStore`], behind
+//! [`crate::Engine`]), which runs the store's own batch operations on a database
+//! transaction. `fleetcastd` does not use it yet (it runs on LMDB only); the cell's fence is
+//! not yet applied by the engine's writes.
 //!
 //! The client is the `postgres` crate, the synchronous face of `tokio-postgres` (the
 //! best-kept PostgreSQL client in Rust): each `Client` drives its connection on a small
@@ -10,7 +12,10 @@
 //! thread, never the `mio` event loop, so no second async runtime runs in the loop.
 
 mod cell;
+mod engine;
 mod migrate;
 
 pub use cell::{live_gateways, rendezvous, CellError, Claim, Membership};
+pub use engine::{PgBatch, PgStore};
+pub(crate) use migrate::describe;
 pub use migrate::{migrate, schema_version, MigrateError, Migrated, SCHEMA_VERSION};

@@ -1,0 +1,702 @@
+//! The store's [`Engine`] on PostgreSQL: the batch operations of `batch/` run on a database
+//! transaction through [`Tables`], and reads are SQL on the same transaction (a batch) or on
+//! a repeatable-read one (a snapshot).
+//!
+//! Shape:
+//! - [`PgStore`] owns one connection; a batch is `BEGIN` … `COMMIT` on it, holding the
+//!   connection until it commits or is dropped (rolled back). The gateway's store thread owns
+//!   the store: no other thread, and never the event loop, touches the connection.
+//! - An operation validates before it writes ([`crate::batch`]'s contract), so a refusal
+//!   leaves the transaction as it was; any database error aborts the transaction, which
+//!   PostgreSQL then refuses to continue, and poisons the batch like an LMDB failure.
+//! - Event ids are given in commit order: the first append of a batch takes a
+//!   transaction-scoped advisory lock, so batches appending events (from any gateway of the
+//!   cell) take ids one after another, and a reader tailing `events_from` never sees an id
+//!   appear below one it has read.
+//! - Each commit bumps `counters.commit_seq`, as LMDB's meta record does.
+
+use std::cell::{Cell, RefCell, RefMut};
+use std::path::Path;
+
+use postgres::types::ToSql;
+use postgres::{Client, Row};
+
+use crate::batch::tables::{Counter, Tables};
+use crate::batch::{Cx, Exec};
+use crate::codec::Record;
+use crate::engine::{Engine, Reads, StoreBatch};
+use crate::error::{Error, Result};
+use crate::types::{
+    Command, CommandPolicy, Device, DeviceId, EnrolmentToken, Event, EventId, QueueState,
+    QueueStatus, StoredResult, Task, TaskDeviceStatus, TaskId,
+};
+use crate::Committed;
+
+/// The advisory lock key that orders event ids (`events` in ASCII).
+const EVENTS_LOCK: i64 = 0x0000_6576_656e_7473;
+
+/// The store on a PostgreSQL database whose schema [`super::migrate`] brought up to date.
+pub struct PgStore {
+    client: RefCell<Client>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// The store on `client`'s database (migrated already).
+    pub fn new(client: Client) -> PgStore {
+        PgStore {
+            client: RefCell::new(client),
+        }
+    }
+
+    fn begin(&self, sql: &str) -> Result<Tx<'_>> {
+        let mut c = self.client.try_borrow_mut().map_err(|_| Error::Poisoned)?;
+        c.batch_execute(sql)?;
+        Ok(Tx {
+            c: RefCell::new(c),
+            open: Cell::new(true),
+            poisoned: Cell::new(false),
+            events_locked: Cell::new(false),
+            ops: 0,
+        })
+    }
+
+    fn begin_batch(&self) -> Result<PgBatch<'_>> {
+        Ok(PgBatch {
+            tx: self.begin("BEGIN")?,
+        })
+    }
+}
+
+impl Engine for PgStore {
+    fn batch(&mut self) -> Result<Box<dyn StoreBatch + '_>> {
+        Ok(Box::new(self.begin_batch()?))
+    }
+
+    fn snapshot(&self) -> Result<Box<dyn Reads + '_>> {
+        Ok(Box::new(PgSnapshot {
+            tx: self.begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?,
+        }))
+    }
+
+    /// PostgreSQL's own tools back a cell up (`pg_dump`, base backups with WAL archiving):
+    /// a copy into a directory is LMDB's way, not this engine's.
+    fn backup(&self, _dest: &Path) -> Result<()> {
+        Err(Error::Unsupported(
+            "backup of a PostgreSQL store: use pg_dump or the server's base backups",
+        ))
+    }
+}
+
+/// One open transaction on the store's connection.
+struct Tx<'a> {
+    c: RefCell<RefMut<'a, Client>>,
+    open: Cell<bool>,
+    poisoned: Cell<bool>,
+    events_locked: Cell<bool>,
+    ops: usize,
+}
+
+impl Drop for Tx<'_> {
+    fn drop(&mut self) {
+        if self.open.get() {
+            // Not committed: nothing of it stays. A failure here leaves the connection in an
+            // aborted transaction, which the next BEGIN reports.
+            let _ = self.c.get_mut().batch_execute("ROLLBACK");
+        }
+    }
+}
+
+fn i(v: u64) -> i64 {
+    v as i64
+}
+
+impl Tx<'_> {
+    fn check(&self) -> Result<()> {
+        if self.poisoned.get() {
+            return Err(Error::Poisoned);
+        }
+        Ok(())
+    }
+
+    fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        self.check()?;
+        self.c.borrow_mut().query(sql, params).map_err(|e| {
+            self.poisoned.set(true);
+            Error::from(e)
+        })
+    }
+
+    fn query_opt(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
+        Ok(self.query(sql, params)?.into_iter().next())
+    }
+
+    fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        self.check()?;
+        self.c.borrow_mut().execute(sql, params).map_err(|e| {
+            self.poisoned.set(true);
+            Error::from(e)
+        })
+    }
+
+    /// The record in column 0 of the row `sql` finds, decoded.
+    fn record<R: Record>(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<R>> {
+        match self.query_opt(sql, params)? {
+            Some(row) => Ok(Some(R::decode(row.get::<_, &[u8]>(0))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The records in column 0 of every row `sql` finds, decoded.
+    fn records<R: Record>(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<R>> {
+        self.query(sql, params)?
+            .iter()
+            .map(|row| R::decode(row.get::<_, &[u8]>(0)))
+            .collect()
+    }
+
+    fn commit(mut self) -> Result<Committed> {
+        self.check()?;
+        let ops = self.ops;
+        let c = self.c.get_mut();
+        let seq: i64 = if ops == 0 {
+            c.query_one("SELECT value FROM counters WHERE name = 'commit_seq'", &[])?
+                .get(0)
+        } else {
+            c.query_one(
+                "UPDATE counters SET value = value + 1 WHERE name = 'commit_seq' RETURNING value",
+                &[],
+            )?
+            .get(0)
+        };
+        // An empty batch changed nothing: it ends without a commit record either way.
+        c.batch_execute("COMMIT")?;
+        self.open.set(false);
+        Ok(Committed {
+            commit_seq: seq as u64,
+            operations: ops,
+        })
+    }
+}
+
+fn encoded<R: Record>(rec: &R) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    rec.encode(&mut buf)?;
+    Ok(buf)
+}
+
+impl Tables for Tx<'_> {
+    fn device(&self, id: DeviceId) -> Result<Option<Device>> {
+        self.record("SELECT record FROM devices WHERE id = $1", &[&i(id.0)])
+    }
+    fn name_taken(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .query_opt("SELECT 1 FROM devices WHERE name = $1", &[&name])?
+            .is_some())
+    }
+    fn put_device(&mut self, dev: &Device) -> Result<()> {
+        let rec = encoded(dev)?;
+        let seen = dev.last_seen_ms.map(i);
+        self.execute(
+            "INSERT INTO devices (id, name, revoked, last_seen_ms, record)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (id) DO UPDATE SET revoked = excluded.revoked,
+                 last_seen_ms = excluded.last_seen_ms, record = excluded.record",
+            &[&i(dev.id.0), &dev.name, &dev.revoked, &seen, &rec],
+        )
+        .map(drop)
+    }
+    fn put_device_name(&mut self, _name: &str, _id: DeviceId) -> Result<()> {
+        // The name is a column of the device's row (unique): no index of its own.
+        Ok(())
+    }
+    fn next_id(&mut self, counter: Counter) -> Result<u64> {
+        let sql = match counter {
+            Counter::Device => "SELECT nextval('device_ids')",
+            Counter::Task => "SELECT nextval('task_ids')",
+        };
+        let id: i64 = self
+            .query_opt(sql, &[])?
+            .map(|r| r.get(0))
+            .unwrap_or_default();
+        Ok(id as u64)
+    }
+    fn token(&self, hash: &[u8; 32]) -> Result<Option<EnrolmentToken>> {
+        self.record(
+            "SELECT record FROM enrolment_tokens WHERE hash = $1",
+            &[&&hash[..]],
+        )
+    }
+    fn put_token(&mut self, hash: &[u8; 32], token: &EnrolmentToken) -> Result<()> {
+        let rec = encoded(token)?;
+        self.execute(
+            "INSERT INTO enrolment_tokens (hash, expires_ms, record) VALUES ($1, $2, $3)
+             ON CONFLICT (hash) DO UPDATE SET expires_ms = excluded.expires_ms,
+                 record = excluded.record",
+            &[&&hash[..], &i(token.expires_ms), &rec],
+        )
+        .map(drop)
+    }
+    fn del_token(&mut self, hash: &[u8; 32]) -> Result<()> {
+        self.execute(
+            "DELETE FROM enrolment_tokens WHERE hash = $1",
+            &[&&hash[..]],
+        )
+        .map(drop)
+    }
+    fn queue(&self, id: DeviceId) -> Result<Option<QueueState>> {
+        self.record("SELECT record FROM queues WHERE device = $1", &[&i(id.0)])
+    }
+    fn put_queue(&mut self, id: DeviceId, q: &QueueState) -> Result<()> {
+        let rec = encoded(q)?;
+        self.execute(
+            "INSERT INTO queues (device, record) VALUES ($1, $2)
+             ON CONFLICT (device) DO UPDATE SET record = excluded.record",
+            &[&i(id.0), &rec],
+        )
+        .map(drop)
+    }
+    fn command(&self, dev: DeviceId, seq: u64) -> Result<Option<Command>> {
+        self.record(
+            "SELECT record FROM commands WHERE device = $1 AND seq = $2",
+            &[&i(dev.0), &i(seq)],
+        )
+    }
+    fn command_policy(&self, dev: DeviceId, seq: u64) -> Result<Option<CommandPolicy>> {
+        match self.query_opt(
+            "SELECT record FROM commands WHERE device = $1 AND seq = $2",
+            &[&i(dev.0), &i(seq)],
+        )? {
+            Some(row) => CommandPolicy::decode_prefix(row.get::<_, &[u8]>(0)).map(Some),
+            None => Ok(None),
+        }
+    }
+    fn first_after(&self, dev: DeviceId, after: u64) -> Result<Option<u64>> {
+        let Some(start) = after.checked_add(1) else {
+            return Ok(None);
+        };
+        Ok(self
+            .query_opt(
+                "SELECT seq FROM commands WHERE device = $1 AND seq >= $2 ORDER BY seq LIMIT 1",
+                &[&i(dev.0), &i(start)],
+            )?
+            .map(|r| r.get::<_, i64>(0) as u64))
+    }
+    fn command_seqs_from(&self, dev: DeviceId, from: u64) -> Result<Vec<u64>> {
+        Ok(self
+            .query(
+                "SELECT seq FROM commands WHERE device = $1 AND seq >= $2 ORDER BY seq",
+                &[&i(dev.0), &i(from)],
+            )?
+            .iter()
+            .map(|r| r.get::<_, i64>(0) as u64)
+            .collect())
+    }
+    fn put_command(&mut self, dev: DeviceId, seq: u64, cmd: &Command) -> Result<()> {
+        let rec = encoded(cmd)?;
+        self.execute(
+            "INSERT INTO commands (device, seq, record) VALUES ($1, $2, $3)
+             ON CONFLICT (device, seq) DO UPDATE SET record = excluded.record",
+            &[&i(dev.0), &i(seq), &rec],
+        )
+        .map(drop)
+    }
+    fn del_command(&mut self, dev: DeviceId, seq: u64) -> Result<()> {
+        let (d, s) = (i(dev.0), i(seq));
+        self.execute(
+            "DELETE FROM results WHERE device = $1 AND seq = $2",
+            &[&d, &s],
+        )?;
+        self.execute(
+            "DELETE FROM commands WHERE device = $1 AND seq = $2",
+            &[&d, &s],
+        )
+        .map(drop)
+    }
+    fn result(&self, dev: DeviceId, seq: u64) -> Result<Option<StoredResult>> {
+        self.record(
+            "SELECT record FROM results WHERE device = $1 AND seq = $2",
+            &[&i(dev.0), &i(seq)],
+        )
+    }
+    fn result_bytes(&self, dev: DeviceId, seq: u64) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .query_opt(
+                "SELECT record FROM results WHERE device = $1 AND seq = $2",
+                &[&i(dev.0), &i(seq)],
+            )?
+            .map(|r| r.get(0)))
+    }
+    fn put_result(&mut self, dev: DeviceId, seq: u64, r: &StoredResult) -> Result<()> {
+        let rec = encoded(r)?;
+        self.execute(
+            "INSERT INTO results (device, seq, record) VALUES ($1, $2, $3)
+             ON CONFLICT (device, seq) DO UPDATE SET record = excluded.record",
+            &[&i(dev.0), &i(seq), &rec],
+        )
+        .map(drop)
+    }
+    fn group_members(&self, group: &str) -> Result<Vec<DeviceId>> {
+        Ok(self
+            .query(
+                "SELECT device FROM group_members WHERE grp = $1 ORDER BY device",
+                &[&group],
+            )?
+            .iter()
+            .map(|r| DeviceId(r.get::<_, i64>(0) as u64))
+            .collect())
+    }
+    fn add_member(&mut self, group: &str, dev: DeviceId) -> Result<()> {
+        self.execute(
+            "INSERT INTO group_members (grp, device) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&group, &i(dev.0)],
+        )
+        .map(drop)
+    }
+    fn del_member(&mut self, group: &str, dev: DeviceId) -> Result<()> {
+        self.execute(
+            "DELETE FROM group_members WHERE grp = $1 AND device = $2",
+            &[&group, &i(dev.0)],
+        )
+        .map(drop)
+    }
+    fn task(&self, id: TaskId) -> Result<Option<Task>> {
+        self.record("SELECT record FROM tasks WHERE id = $1", &[&i(id.0)])
+    }
+    fn put_task(&mut self, id: TaskId, task: &Task) -> Result<()> {
+        let rec = encoded(task)?;
+        self.execute(
+            "INSERT INTO tasks (id, created_ms, record) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET record = excluded.record",
+            &[&i(id.0), &i(task.created_ms), &rec],
+        )
+        .map(drop)
+    }
+    fn task_status(&self, task: TaskId, dev: DeviceId) -> Result<Option<TaskDeviceStatus>> {
+        self.record(
+            "SELECT record FROM task_devices WHERE task = $1 AND device = $2",
+            &[&i(task.0), &i(dev.0)],
+        )
+    }
+    fn put_task_status(
+        &mut self,
+        task: TaskId,
+        dev: DeviceId,
+        st: &TaskDeviceStatus,
+    ) -> Result<()> {
+        let rec = encoded(st)?;
+        self.execute(
+            "INSERT INTO task_devices (task, device, status, record) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (task, device) DO UPDATE SET status = excluded.status,
+                 record = excluded.record",
+            &[&i(task.0), &i(dev.0), &st.name(), &rec],
+        )
+        .map(drop)
+    }
+    fn last_event_id(&self) -> Result<EventId> {
+        // The lock first, so the id read here is still the last when this batch commits.
+        if !self.events_locked.get() {
+            self.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK])?;
+            self.events_locked.set(true);
+        }
+        let last: Option<i64> = self
+            .query_opt("SELECT max(id) FROM events", &[])?
+            .and_then(|r| r.get(0));
+        Ok(last.unwrap_or(0) as u64)
+    }
+    fn put_event(&mut self, id: EventId, event: &Event) -> Result<()> {
+        let rec = encoded(event)?;
+        let dev = event.device.map(|d| i(d.0));
+        self.execute(
+            "INSERT INTO events (id, time_ms, device, record) VALUES ($1, $2, $3, $4)",
+            &[&i(id), &i(event.time_ms), &dev, &rec],
+        )
+        .map(drop)
+    }
+    fn prune_events(&mut self, older_than_ms: u64, keep_max: u64, limit: usize) -> Result<usize> {
+        // As LMDB's scan: from the oldest, never the last, while more than keep_max remain or
+        // the event is older than the age limit; the first one that is neither ends it.
+        let n = self.execute(
+            "WITH total AS (SELECT count(*) AS n, max(id) AS last FROM events),
+                  ranked AS (
+                      SELECT e.id, e.k,
+                             e.id < total.last
+                             AND (($2::bigint > 0 AND total.n - e.k + 1 > $2::bigint)
+                                  OR ($1::bigint > 0 AND e.time_ms < $1::bigint)) AS doomed
+                      FROM (SELECT id, time_ms, row_number() OVER (ORDER BY id) AS k
+                            FROM events) e, total),
+                  stop AS (SELECT coalesce(min(k), 9223372036854775807) AS k
+                           FROM ranked WHERE NOT doomed)
+             DELETE FROM events WHERE id IN (
+                 SELECT id FROM ranked, stop WHERE ranked.k < stop.k AND ranked.k <= $3::bigint)",
+            &[&i(older_than_ms), &i(keep_max), &(limit as i64)],
+        )?;
+        Ok(n as usize)
+    }
+    fn prune_results(
+        &mut self,
+        from: DeviceId,
+        keep: u64,
+        limit: usize,
+    ) -> Result<(usize, Option<DeviceId>)> {
+        let mut budget = limit;
+        let mut deleted = 0;
+        let mut dev = from.0;
+        loop {
+            if budget == 0 {
+                return Ok((deleted, Some(DeviceId(dev))));
+            }
+            budget -= 1;
+            let Some(row) = self.query_opt(
+                "SELECT device, record FROM queues WHERE device >= $1 ORDER BY device LIMIT 1",
+                &[&i(dev)],
+            )?
+            else {
+                return Ok((deleted, None));
+            };
+            let id = row.get::<_, i64>(0) as u64;
+            let q = QueueState::decode(row.get::<_, &[u8]>(1))?;
+            if keep > 0 && q.completed_through > keep {
+                let upto = q.completed_through - keep;
+                let doomed: Vec<i64> = self
+                    .query(
+                        "SELECT seq FROM commands WHERE device = $1 AND seq <= $2
+                         ORDER BY seq LIMIT $3",
+                        &[&i(id), &i(upto), &(budget as i64)],
+                    )?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                for seq in &doomed {
+                    self.del_command(DeviceId(id), *seq as u64)?;
+                }
+                deleted += doomed.len();
+                budget -= doomed.len();
+                if budget == 0 {
+                    return Ok((deleted, Some(DeviceId(id))));
+                }
+            }
+            match id.checked_add(1) {
+                Some(n) => dev = n,
+                None => return Ok((deleted, None)),
+            }
+        }
+    }
+}
+
+/// The reads every PostgreSQL view shares (a batch sees its own writes).
+macro_rules! pg_reads {
+    () => {
+        fn device(&self, id: DeviceId) -> Result<Option<Device>> {
+            Tables::device(&self.tx, id)
+        }
+        fn device_by_name(&self, name: &str) -> Result<Option<Device>> {
+            self.tx
+                .record("SELECT record FROM devices WHERE name = $1", &[&name])
+        }
+        fn devices(&self) -> Result<Vec<Device>> {
+            self.tx
+                .records("SELECT record FROM devices ORDER BY id", &[])
+        }
+        fn queue(&self, id: DeviceId) -> Result<Option<QueueState>> {
+            Tables::queue(&self.tx, id)
+        }
+        fn queues(&self) -> Result<Vec<(DeviceId, QueueState)>> {
+            self.tx
+                .query("SELECT device, record FROM queues ORDER BY device", &[])?
+                .iter()
+                .map(|r| {
+                    let q = QueueState::decode(r.get::<_, &[u8]>(1))?;
+                    Ok((DeviceId(r.get::<_, i64>(0) as u64), q))
+                })
+                .collect()
+        }
+        fn command(&self, id: DeviceId, seq: u64) -> Result<Option<Command>> {
+            Tables::command(&self.tx, id, seq)
+        }
+        fn commands(&self, id: DeviceId, from: u64, limit: usize) -> Result<Vec<(u64, Command)>> {
+            self.tx
+                .query(
+                    "SELECT seq, record FROM commands WHERE device = $1 AND seq >= $2
+                     ORDER BY seq LIMIT $3",
+                    &[&i(id.0), &i(from), &(limit as i64)],
+                )?
+                .iter()
+                .map(|r| {
+                    let c = Command::decode(r.get::<_, &[u8]>(1))?;
+                    Ok((r.get::<_, i64>(0) as u64, c))
+                })
+                .collect()
+        }
+        fn next_to_dispatch(&self, id: DeviceId) -> Result<Option<(u64, Command)>> {
+            let Some(q) = Tables::queue(&self.tx, id)? else {
+                return Ok(None);
+            };
+            if q.status != QueueStatus::Running {
+                return Ok(None);
+            }
+            let Some(seq) = Tables::first_after(&self.tx, id, q.completed_through)? else {
+                return Ok(None);
+            };
+            let cmd = Tables::command(&self.tx, id, seq)?.ok_or(Error::Corrupt {
+                table: "commands",
+                reason: "scanned command vanished",
+            })?;
+            Ok(Some((seq, cmd)))
+        }
+        fn result(&self, id: DeviceId, seq: u64) -> Result<Option<StoredResult>> {
+            Tables::result(&self.tx, id, seq)
+        }
+        fn group_members(&self, group: &str) -> Result<Vec<DeviceId>> {
+            Tables::group_members(&self.tx, group)
+        }
+        fn groups(&self) -> Result<Vec<(String, Vec<DeviceId>)>> {
+            let mut out: Vec<(String, Vec<DeviceId>)> = Vec::new();
+            for r in self.tx.query(
+                "SELECT grp, device FROM group_members ORDER BY grp, device",
+                &[],
+            )? {
+                let (g, d): (String, i64) = (r.get(0), r.get(1));
+                match out.last_mut() {
+                    Some((name, members)) if *name == g => members.push(DeviceId(d as u64)),
+                    _ => out.push((g, vec![DeviceId(d as u64)])),
+                }
+            }
+            Ok(out)
+        }
+        fn task(&self, id: TaskId) -> Result<Option<Task>> {
+            Tables::task(&self.tx, id)
+        }
+        fn tasks(&self) -> Result<Vec<(TaskId, Task)>> {
+            self.tx
+                .query("SELECT id, record FROM tasks ORDER BY id", &[])?
+                .iter()
+                .map(|r| {
+                    let t = Task::decode(r.get::<_, &[u8]>(1))?;
+                    Ok((TaskId(r.get::<_, i64>(0) as u64), t))
+                })
+                .collect()
+        }
+        fn task_status(&self, task: TaskId, dev: DeviceId) -> Result<Option<TaskDeviceStatus>> {
+            Tables::task_status(&self.tx, task, dev)
+        }
+        fn task_statuses(&self, task: TaskId) -> Result<Vec<(DeviceId, TaskDeviceStatus)>> {
+            self.tx
+                .query(
+                    "SELECT device, record FROM task_devices WHERE task = $1 ORDER BY device",
+                    &[&i(task.0)],
+                )?
+                .iter()
+                .map(|r| {
+                    let s = TaskDeviceStatus::decode(r.get::<_, &[u8]>(1))?;
+                    Ok((DeviceId(r.get::<_, i64>(0) as u64), s))
+                })
+                .collect()
+        }
+        fn incomplete_tasks(&self, dev: DeviceId) -> Result<Vec<TaskId>> {
+            Ok(self
+                .tx
+                .query(
+                    "SELECT task FROM task_devices
+                     WHERE device = $1 AND status IN ('pending', 'in_progress') ORDER BY task",
+                    &[&i(dev.0)],
+                )?
+                .iter()
+                .map(|r| TaskId(r.get::<_, i64>(0) as u64))
+                .collect())
+        }
+        fn events_from(&self, from: EventId, limit: usize) -> Result<Vec<(EventId, Event)>> {
+            self.tx
+                .query(
+                    "SELECT id, record FROM events WHERE id >= $1 ORDER BY id LIMIT $2",
+                    &[&i(from), &(limit as i64)],
+                )?
+                .iter()
+                .map(|r| {
+                    let e = Event::decode(r.get::<_, &[u8]>(1))?;
+                    Ok((r.get::<_, i64>(0) as u64, e))
+                })
+                .collect()
+        }
+        fn last_event_id(&self) -> Result<EventId> {
+            let last: Option<i64> = self
+                .tx
+                .query_opt("SELECT max(id) FROM events", &[])?
+                .and_then(|r| r.get(0));
+            Ok(last.unwrap_or(0) as u64)
+        }
+        fn commit_seq(&self) -> Result<u64> {
+            let v: i64 = self
+                .tx
+                .query_opt("SELECT value FROM counters WHERE name = 'commit_seq'", &[])?
+                .map(|r| r.get(0))
+                .unwrap_or_default();
+            Ok(v as u64)
+        }
+    };
+}
+
+/// A write batch on PostgreSQL: one transaction, committed by [`StoreBatch::commit`].
+pub struct PgBatch<'a> {
+    tx: Tx<'a>,
+}
+
+impl std::fmt::Debug for PgBatch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgBatch")
+            .field("operations", &self.tx.ops)
+            .field("poisoned", &self.tx.poisoned.get())
+            .finish()
+    }
+}
+
+impl Exec for PgBatch<'_> {
+    fn exec_if<T>(
+        &mut self,
+        op: impl Fn(&mut Cx<'_>) -> Result<T> + 'static,
+        wrote: impl Fn(&T) -> bool,
+    ) -> Result<T> {
+        self.tx.check()?;
+        match op(&mut Cx::new(&mut self.tx)) {
+            Ok(out) => {
+                if wrote(&out) {
+                    self.tx.ops += 1;
+                }
+                Ok(out)
+            }
+            Err(e) if e.is_refusal() => Err(e),
+            Err(e) => {
+                self.tx.poisoned.set(true);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Reads for PgBatch<'_> {
+    pg_reads!();
+}
+
+impl StoreBatch for PgBatch<'_> {
+    fn len(&self) -> usize {
+        self.tx.ops
+    }
+
+    fn commit(self: Box<Self>) -> Result<Committed> {
+        self.tx.commit()
+    }
+}
+
+/// A consistent read view: one repeatable-read, read-only transaction.
+struct PgSnapshot<'a> {
+    tx: Tx<'a>,
+}
+
+impl Reads for PgSnapshot<'_> {
+    pg_reads!();
+}
