@@ -51,10 +51,30 @@ pub struct Config {
     pub store: StoreSection,
 }
 
-/// `[store]`: what the event log and the results keep (0: no limit of that kind).
+/// Which storage engine holds the gateway's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreEngine {
+    /// The embedded LMDB store in the data directory (the default).
+    #[default]
+    Lmdb,
+    /// A PostgreSQL database (`store.url`).
+    Postgres,
+}
+
+/// `[store]`: where the state lives, and what the event log and the results keep (0: no
+/// limit of that kind).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSection {
+    /// The engine.
+    pub engine: StoreEngine,
+    /// The PostgreSQL database (with `engine = "postgres"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// A file holding the database password (its first line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
     /// Events older than this many days are deleted.
     pub events_keep_days: u64,
     /// At most this many events are kept.
@@ -67,6 +87,9 @@ impl Default for StoreSection {
     fn default() -> Self {
         let d = crate::retention::RetentionConfig::default();
         StoreSection {
+            engine: StoreEngine::Lmdb,
+            url: None,
+            password_file: None,
             events_keep_days: d.events_keep_days,
             events_max: d.events_max,
             results_per_device: d.results_per_device,
@@ -438,6 +461,27 @@ pub const KEYS: &[Key] = &[
         "Commands queued on each device once its copy of a file watch.dir pushed verified, one step each, in order ({file}: the file's name; in sh: steps it is passed quoted, as $1). In the environment, comma-separated. Unset: none.",
     ),
     key(
+        "store.engine",
+        Text,
+        "lmdb (the embedded store in the data directory) or postgres (store.url)",
+        "\"postgres\"",
+        "Where the gateway keeps its state: lmdb, the embedded store in <data_dir>/store (the default, for one gateway), or postgres, the database store.url names (its schema is created or migrated at start; a database with a newer schema is refused). Several gateways sharing one database is the cell of docs/operator.md, not built yet.",
+    ),
+    key(
+        "store.url",
+        Text,
+        "a libpq connection string (host=/run/postgresql dbname=fleetcast user=fleetcast) or a postgresql:// URL, without a password",
+        "\"host=/run/postgresql dbname=fleetcast user=fleetcast\"",
+        "The PostgreSQL database, with store.engine = postgres. Put no password in it: use store.password_file or PGPASSWORD. TLS to the database is not built yet: sslmode=require is refused; use a Unix socket or a trusted network.",
+    ),
+    key(
+        "store.password_file",
+        PathKind,
+        "a path to a file whose first line is the database password",
+        "\"/etc/fleetcast/db-password\"",
+        "The database password, read from this file at start (keep it 0600). Unset: the environment's PGPASSWORD, else none (e.g. peer authentication over a Unix socket).",
+    ),
+    key(
         "store.events_keep_days",
         Int,
         "a whole number of days from 0 (no age limit) to 36500",
@@ -569,6 +613,12 @@ pub enum Problem {
     /// A `watch.then` step that does not parse or breaks a rule.
     #[error(transparent)]
     BadStep(Box<crate::watch::ThenError>),
+    /// `store.engine = "postgres"` without `store.url`.
+    #[error("store.engine is postgres but no database is named")]
+    NoStoreUrl,
+    /// A `store.url` that does not parse or asks for what is not built.
+    #[error("{0}")]
+    StoreUrl(String),
     /// A value of the wrong type, in the words of the TOML parser.
     #[error("{0}")]
     Type(String),
@@ -1028,6 +1078,14 @@ impl Config {
                 Err(e) => takes(Problem::BadStep(Box::new(e))),
             },
             "store.events_keep_days" => range(self.store.events_keep_days, 0, 36_500),
+            "store.url" => match (&self.store.url, self.store.engine) {
+                (None, StoreEngine::Postgres) => takes(Problem::NoStoreUrl),
+                (Some(u), _) => match fleetcast_store::pg::check_url(u) {
+                    Ok(_) => Ok(()),
+                    Err(e) => takes(Problem::StoreUrl(e.to_string())),
+                },
+                (None, StoreEngine::Lmdb) => Ok(()),
+            },
             _ => Ok(()),
         }
     }
@@ -1128,6 +1186,11 @@ mod tests {
                 block_size: Some(1400),
                 ..WatchSection::default()
             },
+            store: StoreSection {
+                url: Some("dbname=f".into()),
+                password_file: Some("/p".into()),
+                ..StoreSection::default()
+            },
             ..Config::default()
         };
         let t = toml::Table::try_from(&full).unwrap();
@@ -1183,6 +1246,13 @@ mod tests {
         ("watch.rate_mbps", "300", "300"),
         ("watch.block_size", "8000", "8000"),
         ("watch.then", "sh:dpkg -i {file}", "[\"sh:dpkg -i {file}\"]"),
+        ("store.engine", "postgres", "\"postgres\""),
+        (
+            "store.url",
+            "host=/run/postgresql dbname=f",
+            "\"host=/run/postgresql dbname=f\"",
+        ),
+        ("store.password_file", "/etc/f/pw", "\"/etc/f/pw\""),
         ("store.events_keep_days", "7", "7"),
         ("store.events_max", "5000", "5000"),
         ("store.results_per_device", "20", "20"),

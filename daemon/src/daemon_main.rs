@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::config::{self, Config, LogFormat};
+use crate::config::{self, Config, LogFormat, StoreEngine};
 use crate::datadir::{self, Tightened};
 use crate::distribution::McastConfig;
 use crate::exit::Exit;
@@ -329,6 +329,27 @@ fn print_out(text: &str) -> ExitCode {
     output::exit_code(Exit::Ok.into())
 }
 
+/// The PostgreSQL store `store` names, its schema brought up to date. The password comes
+/// from `store.password_file` or `PGPASSWORD`, never from the command line.
+fn open_postgres(
+    store: &config::StoreSection,
+) -> Result<fleetcast_store::pg::PgStore, Box<dyn std::error::Error>> {
+    // `validate` refused a postgres engine without a URL.
+    let url = store.url.as_deref().unwrap_or_default();
+    let password = match &store.password_file {
+        Some(p) => {
+            let text = std::fs::read(p)
+                .map_err(|e| format!("store.password_file {}: {e}", p.display()))?;
+            let line = text.split(|&b| b == b'\n').next().unwrap_or_default();
+            Some(line.strip_suffix(b"\r").unwrap_or(line).to_vec())
+        }
+        None => std::env::var_os("PGPASSWORD").map(|p| p.into_encoded_bytes()),
+    };
+    let (pg, m) = fleetcast_store::pg::PgStore::connect(url, password.as_deref())?;
+    tracing::info!(schema = m.to, migrated_from = m.from, "store: PostgreSQL");
+    Ok(pg)
+}
+
 fn run(cfg: Config, data: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
     // First the lock: a second gateway on this directory stops here, before it touches the
     // admin socket, the store or the certificates.
@@ -344,13 +365,15 @@ fn run(cfg: Config, data: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
     let (_, wall_ms) = clock.read();
     let now = std::time::UNIX_EPOCH + Duration::from_millis(wall_ms);
     let pki = Pki::load_or_create(&data.join("pki"), &cfg.server_names, now)?;
-    let store = Store::open(data.join("store"))?;
     let fleet_cfg = FleetConfig {
         heartbeat_ms: cfg.heartbeat_secs.saturating_mul(1000),
         reboot_timeout_ms: cfg.reboot_timeout_secs.saturating_mul(1000),
         ..FleetConfig::default()
     };
-    let fleet = Fleet::new(store, pki, fleet_cfg)?;
+    let fleet = match cfg.store.engine {
+        StoreEngine::Lmdb => Fleet::new(Store::open(data.join("store"))?, pki, fleet_cfg)?,
+        StoreEngine::Postgres => Fleet::new(open_postgres(&cfg.store)?, pki, fleet_cfg)?,
+    };
     let session = fleetcast_wire::SessionConfig {
         idle_timeout: Duration::from_secs(u64::from(cfg.heartbeat_secs.max(1)) * 3),
         ..Default::default()

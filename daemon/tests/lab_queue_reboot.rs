@@ -38,9 +38,43 @@ fn kinds_for(events: &[Value], dev: u64) -> Vec<String> {
 #[test]
 fn three_devices_run_a_queue_through_a_reboot_exactly_once_in_order() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path();
+    queue_through_a_reboot(tmp.path(), &[], false);
+}
+
+/// The same on a gateway whose state is in PostgreSQL (`store.engine = "postgres"`), killed
+/// with SIGKILL and started again while every device is rebooting: the queues, their reboot
+/// suspension and the results so far are the database's, and nothing is lost or run twice.
+#[test]
+fn on_postgres_a_queue_survives_a_gateway_killed_during_the_reboot() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pg = fleetcast_lab::Postgres::start().expect("PostgreSQL (Debian package postgresql)");
+    pg.create_database("fleet").expect("createdb");
+    let cfg = tmp.path().join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[store]\nengine = \"postgres\"\nurl = \"{}\"\n",
+            pg.url("fleet")
+        ),
+    )
+    .expect("config");
+    let cfg = cfg.display().to_string();
+    let gw_data = queue_through_a_reboot(tmp.path(), &["--config", &cfg], true);
+    assert!(
+        !gw_data.join("store").exists(),
+        "no LMDB store next to a PostgreSQL one"
+    );
+}
+
+/// Runs the scenario of the module docs; with `kill_gateway`, the gateway is SIGKILLed and
+/// restarted once every queue waits in `rebooting`. Returns the gateway's data directory.
+fn queue_through_a_reboot(
+    dir: &std::path::Path,
+    extra: &[&str],
+    kill_gateway: bool,
+) -> std::path::PathBuf {
     let lab = Lab::new(LabConfig::hosts(DEVICES + 1)).expect("lab (see docs/lab.md)");
-    let gw = Gateway::start(lab.host(0), dir, &[]);
+    let mut gw = Gateway::start(lab.host(0), dir, extra);
 
     // Enrol all three.
     let mut specs = Vec::new();
@@ -111,6 +145,18 @@ fn three_devices_run_a_queue_through_a_reboot_exactly_once_in_order() {
             assert_eq!(q["commands"][c]["state"], "pending", "{q:#}");
         }
         assert_eq!(gw.device(&name).expect("row")["online"], false);
+    }
+
+    if kill_gateway {
+        gw.kill();
+        gw.restart();
+        for i in 1..=DEVICES {
+            let q = gw.queue(&format!("n{i}"));
+            assert_eq!(
+                q["queue"]["status"], "rebooting",
+                "after the restart: {q:#}"
+            );
+        }
     }
 
     // Back from the reboot with a new boot id.
@@ -189,7 +235,9 @@ fn three_devices_run_a_queue_through_a_reboot_exactly_once_in_order() {
     assert!(sessions.len() >= 2, "{sessions:?}");
     assert_ne!(sessions[0], sessions[sessions.len() - 1], "{sessions:?}");
     drop(agents2);
+    let data = gw.data.clone();
     drop(gw);
+    data
 }
 
 /// The agent comes back from a "reboot" with the same boot id (the reboot command returned

@@ -54,6 +54,24 @@ impl PgStore {
         }
     }
 
+    /// Connects to the database `url` names (libpq's `key=value` form or a `postgresql://`
+    /// URL), with `password` if given (read from a file or the environment by the caller:
+    /// never from a command line), and brings its schema up to date ([`super::migrate`]).
+    /// TLS to the server is not built yet: a URL that asks for it (`sslmode=require`) is
+    /// refused rather than connected in the clear.
+    pub fn connect(
+        url: &str,
+        password: Option<&[u8]>,
+    ) -> std::result::Result<(PgStore, super::Migrated), super::MigrateError> {
+        let mut cfg = check_url(url)?;
+        if let Some(p) = password {
+            cfg.password(p);
+        }
+        let mut client = cfg.connect(postgres::NoTls)?;
+        let migrated = super::migrate(&mut client)?;
+        Ok((PgStore::new(client), migrated))
+    }
+
     fn begin(&self, sql: &str) -> Result<Tx<'_>> {
         let mut c = self.client.try_borrow_mut().map_err(|_| Error::Poisoned)?;
         c.batch_execute(sql)?;
@@ -91,6 +109,21 @@ impl Engine for PgStore {
             "backup of a PostgreSQL store: use pg_dump or the server's base backups",
         ))
     }
+}
+
+/// Parses a connection string as [`PgStore::connect`] takes it.
+pub fn check_url(url: &str) -> std::result::Result<postgres::Config, super::MigrateError> {
+    let cfg: postgres::Config = url
+        .parse()
+        .map_err(|e: postgres::Error| super::MigrateError::BadUrl(e.to_string()))?;
+    if cfg.get_ssl_mode() == postgres::config::SslMode::Require {
+        return Err(super::MigrateError::BadUrl(
+            "TLS to the database (sslmode=require) is not built yet: connect over a Unix \
+             socket or a trusted network, with sslmode=disable or prefer"
+                .into(),
+        ));
+    }
+    Ok(cfg)
 }
 
 /// One open transaction on the store's connection.

@@ -56,6 +56,9 @@ pub enum MigrateError {
         /// What PostgreSQL said.
         source: postgres::Error,
     },
+    /// The connection string does not parse, or asks for what is not built.
+    #[error("store.url: {0}")]
+    BadUrl(String),
     /// The database could not be reached or read.
     #[error("PostgreSQL: {}", describe(.0))]
     Database(#[from] postgres::Error),

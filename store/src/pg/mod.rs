@@ -16,6 +16,6 @@ mod engine;
 mod migrate;
 
 pub use cell::{live_gateways, rendezvous, CellError, Claim, Membership};
-pub use engine::{PgBatch, PgStore};
+pub use engine::{check_url, PgBatch, PgStore};
 pub(crate) use migrate::describe;
 pub use migrate::{migrate, schema_version, MigrateError, Migrated, SCHEMA_VERSION};
