@@ -5,13 +5,12 @@
 //! second connection sees a batch only once it commits, and a failed batch leaves nothing.
 
 use fleetcast_lab::Postgres;
-use fleetcast_store::pg::{migrate, PgStore};
+use fleetcast_store::pg::PgStore;
 use fleetcast_store::prelude::*;
 use fleetcast_store::{
     BlockSet, Command, DeviceId, EnrolmentToken, Event, EventKind, OnFailure, Received, Store, Task,
 };
 use fleetcast_wire::{self as wire, Step};
-use postgres::{Client, NoTls};
 
 fn cmd(steps: Vec<Step<'static>>, max_attempts: u32) -> Command {
     Command {
@@ -292,9 +291,7 @@ fn scenario(e: &mut dyn Engine) -> Vec<String> {
 
 fn pg_store(pg: &Postgres, db: &str) -> PgStore {
     pg.create_database(db).unwrap();
-    let mut c = Client::connect(&pg.url(db), NoTls).unwrap();
-    migrate(&mut c).unwrap();
-    PgStore::new(c)
+    PgStore::connect(&pg.url(db), None).unwrap().0
 }
 
 #[test]
@@ -323,7 +320,7 @@ fn postgres_runs_the_store_operations_as_lmdb_does() {
 fn a_batch_is_seen_only_once_committed_and_a_failed_one_leaves_nothing() {
     let pg = Postgres::start().expect("PostgreSQL (Debian package postgresql)");
     let mut a = pg_store(&pg, "cell");
-    let mut other = PgStore::new(Client::connect(&pg.url("cell"), NoTls).unwrap());
+    let mut other = PgStore::connect(&pg.url("cell"), None).unwrap().0;
     let mut b = a.batch().unwrap();
     let d = b.add_device("dev", [1; 32], 0).unwrap();
     b.enqueue(d, exec(1)).unwrap();
@@ -339,8 +336,9 @@ fn a_batch_is_seen_only_once_committed_and_a_failed_one_leaves_nothing() {
         other.snapshot().unwrap().commands(d, 0, 10).unwrap().len(),
         1
     );
-    // A batch whose database goes away under it is poisoned and commits nothing; a new
-    // connection, once the server is back, finds what was committed before and nothing of it.
+    // A batch whose database goes away under it is poisoned and commits nothing; once the
+    // server is back the same store connects again and finds what was committed before,
+    // and nothing of the failed batch.
     let mut pg = pg;
     let mut b = other.batch().unwrap();
     b.enqueue(d, exec(1)).unwrap();
@@ -348,11 +346,13 @@ fn a_batch_is_seen_only_once_committed_and_a_failed_one_leaves_nothing() {
     let e = b.enqueue(d, exec(1)).unwrap_err();
     assert!(e.to_string().starts_with("PostgreSQL"), "{e}");
     assert!(b.commit().is_err());
+    assert!(other.batch().is_err(), "no server: no batch");
     pg.start_server().unwrap();
-    let mut fresh = PgStore::new(Client::connect(&pg.url("cell"), NoTls).unwrap());
-    let s = fresh.snapshot().unwrap();
+    let s = other.snapshot().unwrap();
     assert_eq!(s.commands(d, 0, 10).unwrap().len(), 1);
     drop(s);
-    assert_eq!(fresh.batch().unwrap().commit().unwrap().operations, 0);
+    let mut b = other.batch().unwrap();
+    b.enqueue(d, exec(1)).unwrap();
+    assert_eq!(b.commit().unwrap().operations, 1);
     drop(a);
 }

@@ -38,6 +38,9 @@ const EVENTS_LOCK: i64 = 0x0000_6576_656e_7473;
 /// The store on a PostgreSQL database whose schema [`super::migrate`] brought up to date.
 pub struct PgStore {
     client: RefCell<Client>,
+    /// How to connect again when the server closed the connection (a database restart);
+    /// `None` for a store made from a client ([`PgStore::new`]).
+    reconnect: Option<postgres::Config>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -51,6 +54,7 @@ impl PgStore {
     pub fn new(client: Client) -> PgStore {
         PgStore {
             client: RefCell::new(client),
+            reconnect: None,
         }
     }
 
@@ -69,12 +73,28 @@ impl PgStore {
         }
         let mut client = cfg.connect(postgres::NoTls)?;
         let migrated = super::migrate(&mut client)?;
-        Ok((PgStore::new(client), migrated))
+        let store = PgStore {
+            client: RefCell::new(client),
+            reconnect: Some(cfg),
+        };
+        Ok((store, migrated))
     }
 
     fn begin(&self, sql: &str) -> Result<Tx<'_>> {
         let mut c = self.client.try_borrow_mut().map_err(|_| Error::Poisoned)?;
-        c.batch_execute(sql)?;
+        if let Err(e) = c.batch_execute(sql) {
+            // The server went away (restarted, or the network cut): a batch after that tries
+            // one new connection, so the gateway resumes once the database is back;
+            // meanwhile every batch fails and nothing is acknowledged.
+            let Some(cfg) = &self.reconnect else {
+                return Err(e.into());
+            };
+            if !c.is_closed() && e.as_db_error().is_some() {
+                return Err(e.into());
+            }
+            *c = cfg.connect(postgres::NoTls)?;
+            c.batch_execute(sql)?;
+        }
         Ok(Tx {
             c: RefCell::new(c),
             open: Cell::new(true),
