@@ -21,6 +21,9 @@ use std::path::Path;
 use postgres::types::ToSql;
 use postgres::{Client, Row};
 
+use std::collections::BTreeSet;
+
+use super::cell::{CellError, Membership};
 use crate::batch::tables::{Counter, Tables};
 use crate::batch::{Cx, Exec};
 use crate::codec::Record;
@@ -41,6 +44,9 @@ pub struct PgStore {
     /// How to connect again when the server closed the connection (a database restart);
     /// `None` for a store made from a client ([`PgStore::new`]).
     reconnect: Option<postgres::Config>,
+    /// This gateway's membership of a cell: every batch's writes for a device are fenced by
+    /// its ownership ([`PgStore::fenced`]).
+    member: Option<Membership>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -55,7 +61,18 @@ impl PgStore {
         PgStore {
             client: RefCell::new(client),
             reconnect: None,
+            member: None,
         }
+    }
+
+    /// This store with every batch fenced by `member`'s ownership of each device it touches:
+    /// an operation on a device this gateway does not own under a live lease is refused
+    /// ([`Error::NotOwner`]) before it writes, and the batch's other operations still commit;
+    /// a lease found lost poisons the batch ([`Error::LeaseLost`]). Devices created in the
+    /// batch are owned by `member` from the start.
+    pub fn fenced(mut self, member: Membership) -> PgStore {
+        self.member = Some(member);
+        self
     }
 
     /// Connects to the database `url` names (libpq's `key=value` form or a `postgresql://`
@@ -76,11 +93,12 @@ impl PgStore {
         let store = PgStore {
             client: RefCell::new(client),
             reconnect: Some(cfg),
+            member: None,
         };
         Ok((store, migrated))
     }
 
-    fn begin(&self, sql: &str) -> Result<Tx<'_>> {
+    fn begin(&self, sql: &str, fence: bool) -> Result<Tx<'_>> {
         let mut c = self.client.try_borrow_mut().map_err(|_| Error::Poisoned)?;
         if let Err(e) = c.batch_execute(sql) {
             // The server went away (restarted, or the network cut): a batch after that tries
@@ -101,12 +119,14 @@ impl PgStore {
             poisoned: Cell::new(false),
             events_locked: Cell::new(false),
             ops: 0,
+            member: if fence { self.member.as_ref() } else { None },
+            fenced: RefCell::new(BTreeSet::new()),
         })
     }
 
     fn begin_batch(&self) -> Result<PgBatch<'_>> {
         Ok(PgBatch {
-            tx: self.begin("BEGIN")?,
+            tx: self.begin("BEGIN", true)?,
         })
     }
 }
@@ -118,7 +138,7 @@ impl Engine for PgStore {
 
     fn snapshot(&self) -> Result<Box<dyn Reads + '_>> {
         Ok(Box::new(PgSnapshot {
-            tx: self.begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?,
+            tx: self.begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", false)?,
         }))
     }
 
@@ -153,6 +173,10 @@ struct Tx<'a> {
     poisoned: Cell<bool>,
     events_locked: Cell<bool>,
     ops: usize,
+    /// The cell membership fencing this transaction's device writes (batches only).
+    member: Option<&'a Membership>,
+    /// Devices whose ownership this transaction checked (and whose rows it locked).
+    fenced: RefCell<BTreeSet<u64>>,
 }
 
 impl Drop for Tx<'_> {
@@ -170,6 +194,44 @@ fn i(v: u64) -> i64 {
 }
 
 impl Tx<'_> {
+    /// Checks (once per transaction) that this gateway owns `dev`, locking its row until the
+    /// transaction ends; `Ok` at once when the store is not fenced.
+    fn fence(&self, dev: DeviceId) -> Result<()> {
+        let Some(m) = self.member else {
+            return Ok(());
+        };
+        if self.fenced.borrow().contains(&dev.0) {
+            return Ok(());
+        }
+        self.check()?;
+        let r = m.fence(&mut **self.c.borrow_mut(), i(dev.0));
+        match r {
+            Ok(()) => {
+                self.fenced.borrow_mut().insert(dev.0);
+                Ok(())
+            }
+            // A device that does not exist is the operation's own refusal to make.
+            Err(CellError::Fenced { .. }) if !self.device_exists(dev)? => Ok(()),
+            Err(CellError::Fenced { device, .. }) => Err(Error::NotOwner(DeviceId(device as u64))),
+            Err(e) => {
+                self.poisoned.set(true);
+                Err(cell_error(e))
+            }
+        }
+    }
+
+    /// [`Tx::fence`] for a write: the operation read the device first, so a refusal here
+    /// means it wrote for another device already; the batch cannot commit half of it.
+    fn fence_write(&self, dev: DeviceId) -> Result<()> {
+        self.fence(dev).inspect_err(|_| self.poisoned.set(true))
+    }
+
+    fn device_exists(&self, dev: DeviceId) -> Result<bool> {
+        Ok(self
+            .query_opt("SELECT 1 FROM devices WHERE id = $1", &[&i(dev.0)])?
+            .is_some())
+    }
+
     fn check(&self) -> Result<()> {
         if self.poisoned.get() {
             return Err(Error::Poisoned);
@@ -237,6 +299,23 @@ impl Tx<'_> {
     }
 }
 
+fn cell_error(e: CellError) -> Error {
+    match e {
+        CellError::LeaseLost {
+            gateway,
+            incarnation,
+        } => Error::LeaseLost {
+            gateway,
+            incarnation,
+        },
+        CellError::Fenced { device, .. } => Error::NotOwner(DeviceId(device as u64)),
+        CellError::NoDevice(d) => {
+            Error::NotFound(crate::error::Missing::Device(DeviceId(d as u64)))
+        }
+        CellError::Database(e) => Error::Postgres(e),
+    }
+}
+
 fn encoded<R: Record>(rec: &R) -> Result<Vec<u8>> {
     let mut buf = Vec::new();
     rec.encode(&mut buf)?;
@@ -245,6 +324,7 @@ fn encoded<R: Record>(rec: &R) -> Result<Vec<u8>> {
 
 impl Tables for Tx<'_> {
     fn device(&self, id: DeviceId) -> Result<Option<Device>> {
+        self.fence(id)?;
         self.record("SELECT record FROM devices WHERE id = $1", &[&i(id.0)])
     }
     fn name_taken(&self, name: &str) -> Result<bool> {
@@ -255,12 +335,33 @@ impl Tables for Tx<'_> {
     fn put_device(&mut self, dev: &Device) -> Result<()> {
         let rec = encoded(dev)?;
         let seen = dev.last_seen_ms.map(i);
+        let (gw, inc) = match self.member {
+            Some(m) => (Some(m.id().to_string()), Some(m.incarnation())),
+            None => (None, None),
+        };
+        // A new device is this gateway's from the start; an existing one keeps its owner
+        // (and was fenced when the operation read it).
+        let fresh = self.execute(
+            "INSERT INTO devices (id, name, revoked, last_seen_ms, record, owner_gw, owner_inc)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+            &[
+                &i(dev.id.0),
+                &dev.name,
+                &dev.revoked,
+                &seen,
+                &rec,
+                &gw,
+                &inc,
+            ],
+        )?;
+        if fresh == 1 {
+            self.fenced.borrow_mut().insert(dev.id.0);
+            return Ok(());
+        }
+        self.fence_write(dev.id)?;
         self.execute(
-            "INSERT INTO devices (id, name, revoked, last_seen_ms, record)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (id) DO UPDATE SET revoked = excluded.revoked,
-                 last_seen_ms = excluded.last_seen_ms, record = excluded.record",
-            &[&i(dev.id.0), &dev.name, &dev.revoked, &seen, &rec],
+            "UPDATE devices SET revoked = $2, last_seen_ms = $3, record = $4 WHERE id = $1",
+            &[&i(dev.id.0), &dev.revoked, &seen, &rec],
         )
         .map(drop)
     }
@@ -303,9 +404,11 @@ impl Tables for Tx<'_> {
         .map(drop)
     }
     fn queue(&self, id: DeviceId) -> Result<Option<QueueState>> {
+        self.fence(id)?;
         self.record("SELECT record FROM queues WHERE device = $1", &[&i(id.0)])
     }
     fn put_queue(&mut self, id: DeviceId, q: &QueueState) -> Result<()> {
+        self.fence_write(id)?;
         let rec = encoded(q)?;
         self.execute(
             "INSERT INTO queues (device, record) VALUES ($1, $2)
@@ -351,6 +454,7 @@ impl Tables for Tx<'_> {
             .collect())
     }
     fn put_command(&mut self, dev: DeviceId, seq: u64, cmd: &Command) -> Result<()> {
+        self.fence_write(dev)?;
         let rec = encoded(cmd)?;
         self.execute(
             "INSERT INTO commands (device, seq, record) VALUES ($1, $2, $3)
@@ -360,6 +464,7 @@ impl Tables for Tx<'_> {
         .map(drop)
     }
     fn del_command(&mut self, dev: DeviceId, seq: u64) -> Result<()> {
+        self.fence_write(dev)?;
         let (d, s) = (i(dev.0), i(seq));
         self.execute(
             "DELETE FROM results WHERE device = $1 AND seq = $2",
@@ -386,6 +491,7 @@ impl Tables for Tx<'_> {
             .map(|r| r.get(0)))
     }
     fn put_result(&mut self, dev: DeviceId, seq: u64, r: &StoredResult) -> Result<()> {
+        self.fence_write(dev)?;
         let rec = encoded(r)?;
         self.execute(
             "INSERT INTO results (device, seq, record) VALUES ($1, $2, $3)
@@ -405,6 +511,7 @@ impl Tables for Tx<'_> {
             .collect())
     }
     fn add_member(&mut self, group: &str, dev: DeviceId) -> Result<()> {
+        self.fence_write(dev)?;
         self.execute(
             "INSERT INTO group_members (grp, device) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             &[&group, &i(dev.0)],
@@ -412,6 +519,7 @@ impl Tables for Tx<'_> {
         .map(drop)
     }
     fn del_member(&mut self, group: &str, dev: DeviceId) -> Result<()> {
+        self.fence_write(dev)?;
         self.execute(
             "DELETE FROM group_members WHERE grp = $1 AND device = $2",
             &[&group, &i(dev.0)],
@@ -431,6 +539,7 @@ impl Tables for Tx<'_> {
         .map(drop)
     }
     fn task_status(&self, task: TaskId, dev: DeviceId) -> Result<Option<TaskDeviceStatus>> {
+        self.fence(dev)?;
         self.record(
             "SELECT record FROM task_devices WHERE task = $1 AND device = $2",
             &[&i(task.0), &i(dev.0)],
@@ -442,6 +551,7 @@ impl Tables for Tx<'_> {
         dev: DeviceId,
         st: &TaskDeviceStatus,
     ) -> Result<()> {
+        self.fence_write(dev)?;
         let rec = encoded(st)?;
         self.execute(
             "INSERT INTO task_devices (task, device, status, record) VALUES ($1, $2, $3, $4)

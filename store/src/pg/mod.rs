@@ -3,8 +3,10 @@
 //! [`migrate`], which a gateway runs at start; the cell's membership, device ownership and
 //! write fence ([`Membership`], [`rendezvous`]); the engine ([`PgStore`], behind
 //! [`crate::Engine`]), which runs the store's own batch operations on a database
-//! transaction. `fleetcastd` does not use it yet (it runs on LMDB only); the cell's fence is
-//! not yet applied by the engine's writes.
+//! transaction, its device writes fenced by a cell membership when it has one
+//! ([`PgStore::fenced`]). `fleetcastd` runs it for a single gateway (`store.engine =
+//! "postgres"`); joining a cell, claiming devices and redirecting agents are not wired in
+//! the gateway yet.
 //!
 //! The client is the `postgres` crate, the synchronous face of `tokio-postgres` (the
 //! best-kept PostgreSQL client in Rust): each `Client` drives its connection on a small
