@@ -7,8 +7,9 @@
 //! running inside lab hosts connect to the same server. As root (CI), the cluster belongs to
 //! `nobody` (`initdb` refuses to run as root); otherwise to the test's own user.
 //!
-//! The server runs with `fsync` off: tests stop and kill PostgreSQL's processes, never the
-//! machine, and the kernel keeps what they wrote.
+//! The server runs with `fsync` off ([`Postgres::start`]): tests stop and kill PostgreSQL's
+//! processes, never the machine, and the kernel keeps what they wrote. Benchmarks of durable
+//! commits use [`Postgres::start_durable`], with PostgreSQL's own defaults (`fsync` on).
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -33,6 +34,8 @@ pub struct Postgres {
     /// The (uid, gid) the server runs as when the test is root.
     owner: Option<(u32, u32)>,
     running: bool,
+    /// `fsync` on (the server's default) rather than off.
+    durable: bool,
 }
 
 /// The newest `/usr/lib/postgresql/<major>/bin` that has `initdb` (or `FLEETCAST_PG_BIN`).
@@ -59,8 +62,18 @@ fn find_bin() -> Result<PathBuf, LabError> {
 }
 
 impl Postgres {
-    /// Makes a new cluster and starts its server; returns once it accepts connections.
+    /// Makes a new cluster and starts its server, `fsync` off; returns once it accepts
+    /// connections.
     pub fn start() -> Result<Postgres, LabError> {
+        Postgres::make(false)
+    }
+
+    /// As [`Postgres::start`], with `fsync` on: every commit durable, for benchmarks.
+    pub fn start_durable() -> Result<Postgres, LabError> {
+        Postgres::make(true)
+    }
+
+    fn make(durable: bool) -> Result<Postgres, LabError> {
         static N: AtomicU64 = AtomicU64::new(0);
         let bin = find_bin()?;
         let dir = std::env::temp_dir().join(format!(
@@ -85,6 +98,7 @@ impl Postgres {
             bin,
             owner,
             running: false,
+            durable,
         };
         let data = pg.data_dir();
         pg.run(
@@ -176,8 +190,9 @@ impl Postgres {
         let data = self.data_dir();
         let log = self.dir.join("server.log");
         let opts = format!(
-            "-k {} -p {PORT} -c listen_addresses='' -F -c max_connections=200",
-            self.dir.display()
+            "-k {} -p {PORT} -c listen_addresses='' -c max_connections=200{}",
+            self.dir.display(),
+            if self.durable { "" } else { " -F" }
         );
         self.run(
             "pg_ctl",

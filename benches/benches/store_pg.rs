@@ -1,0 +1,120 @@
+//! The store's batches on PostgreSQL: durable group-committed transitions per second, the
+//! same operations and shapes as `store.rs` measures on LMDB, on a private server with its
+//! default durability (`fsync` on; `fleetcast_lab::Postgres::start_durable`) over its Unix
+//! socket, one connection (as one gateway's store thread has).
+//!
+//! Run: `CARGO_TARGET_DIR=/work/targets/store cargo bench -p fleetcast-benches --bench store_pg`
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use fleetcast_lab::Postgres;
+use fleetcast_store::pg::PgStore;
+use fleetcast_store::prelude::*;
+use fleetcast_store::{Command, DeviceId, OnFailure, Received};
+use fleetcast_wire::{self as wire, Step};
+
+const BATCH: u64 = 1000;
+const SIZES: [u64; 3] = [1, 100, 10_000];
+
+fn cmd() -> Command {
+    Command {
+        target: None,
+        steps: vec![Step::Exec {
+            argv: vec![
+                "/usr/bin/apt-get".into(),
+                "install".into(),
+                "-y".into(),
+                "pkg".into(),
+            ],
+        }],
+        timeout_ms: 60_000,
+        max_attempts: 3,
+        on_failure: OnFailure::Stop,
+    }
+}
+
+fn ok() -> Received {
+    Received {
+        result: wire::CommandResult {
+            command_id: 1,
+            seq: 1,
+            attempt: 1,
+            exit_code: 0,
+            steps: vec![wire::StepResult {
+                status: wire::StepStatus::Ok,
+                exit_code: 0,
+                duration_ms: 1,
+            }],
+            output: vec![b'.'; 200].into(),
+            report: None,
+        },
+        at_ms: 2,
+    }
+}
+
+fn store_with(pg: &Postgres, db: &str, devices: u64) -> (PgStore, Vec<DeviceId>) {
+    pg.create_database(db).expect("createdb");
+    let (mut s, _) = PgStore::connect(&pg.url(db), None).expect("connect");
+    let mut b = s.batch().expect("batch");
+    let ids = (0..devices)
+        .map(|i| b.add_device(&format!("dev-{i}"), [0; 32], 0).expect("add"))
+        .collect();
+    b.commit().expect("commit");
+    (s, ids)
+}
+
+fn enqueue(c: &mut Criterion) {
+    let pg = Postgres::start_durable().expect("PostgreSQL (Debian package postgresql)");
+    let mut g = c.benchmark_group("store_pg/enqueue");
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    g.throughput(Throughput::Elements(BATCH));
+    for n in SIZES {
+        let (mut s, ids) = store_with(&pg, &format!("enqueue{n}"), n);
+        let mut k = 0usize;
+        g.bench_function(BenchmarkId::from_parameter(n), |bch| {
+            bch.iter(|| {
+                let mut b = s.batch().expect("batch");
+                for _ in 0..BATCH {
+                    b.enqueue(ids[k % ids.len()], cmd()).expect("enqueue");
+                    k += 1;
+                }
+                b.commit().expect("commit")
+            })
+        });
+    }
+    g.finish();
+}
+
+/// One element = enqueue + mark_transmitted + record_result (3 durable transitions).
+fn round_trip(c: &mut Criterion) {
+    let pg = Postgres::start_durable().expect("PostgreSQL (Debian package postgresql)");
+    let mut g = c.benchmark_group("store_pg/dispatch_result_next");
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    let per_batch = BATCH / 3;
+    g.throughput(Throughput::Elements(per_batch));
+    for n in SIZES {
+        let (mut s, ids) = store_with(&pg, &format!("round{n}"), n);
+        let mut k = 0usize;
+        let mut now = 0;
+        g.bench_function(BenchmarkId::from_parameter(n), |bch| {
+            bch.iter(|| {
+                let mut b = s.batch().expect("batch");
+                for _ in 0..per_batch {
+                    let d = ids[k % ids.len()];
+                    k += 1;
+                    now += 1;
+                    b.enqueue(d, cmd()).expect("enqueue");
+                    let (seq, _) = b.next_to_dispatch(d).expect("read").expect("next");
+                    let attempt = b.mark_transmitted(d, seq, now).expect("transmit");
+                    b.record_result(d, seq, attempt, ok()).expect("result");
+                }
+                b.commit().expect("commit")
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, enqueue, round_trip);
+criterion_main!(benches);
