@@ -9,11 +9,13 @@ use crate::types::{
 /// One operation's view of its transaction.
 pub(crate) struct Cx<'a> {
     pub(crate) t: &'a mut dyn Tables,
+    /// A buffer an operation may encode into (kept by the batch across operations).
+    pub(crate) scratch: &'a mut Vec<u8>,
 }
 
 impl<'a> Cx<'a> {
-    pub(crate) fn new(t: &'a mut dyn Tables) -> Self {
-        Cx { t }
+    pub(crate) fn new(t: &'a mut dyn Tables, scratch: &'a mut Vec<u8>) -> Self {
+        Cx { t, scratch }
     }
     pub(super) fn queue(&self, dev: DeviceId) -> Result<QueueState> {
         self.t

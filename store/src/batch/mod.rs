@@ -87,6 +87,8 @@ pub struct Batch<'s> {
     txn: Option<RwTransaction<'s>>,
     ops: Vec<Op>,
     buf: Vec<u8>,
+    /// The operations' own encoding buffer ([`Cx::scratch`]).
+    scratch: Vec<u8>,
     poisoned: bool,
 }
 
@@ -113,6 +115,7 @@ impl<'s> Batch<'s> {
             txn: Some(begin_rw(env)?),
             ops: Vec::new(),
             buf: Vec::with_capacity(256),
+            scratch: Vec::with_capacity(256),
             poisoned: false,
         })
     }
@@ -158,7 +161,7 @@ impl<'s> Batch<'s> {
                     d: self.dbs,
                     buf: &mut self.buf,
                 };
-                match op(&mut Cx::new(&mut t)) {
+                match op(&mut Cx::new(&mut t, &mut self.scratch)) {
                     Ok(_) => {}
                     Err(e) if is_map_full(&e) => {
                         full = true;
@@ -269,7 +272,7 @@ impl Exec for Batch<'_> {
                 d: self.dbs,
                 buf: &mut self.buf,
             };
-            match op(&mut Cx::new(&mut t)) {
+            match op(&mut Cx::new(&mut t, &mut self.scratch)) {
                 Ok(out) => {
                     if wrote(&out) {
                         self.ops.push(Box::new(move |cx| op(cx).map(drop)));

@@ -191,21 +191,21 @@ fn record_result(
 ) -> Result<Recorded> {
     use crate::codec::Record;
     let mut q = cx.queue(dev)?;
-    // Duplicate detection compares encodings: no decode of the stored result.
-    let mut mine = Vec::new();
+    // Duplicate detection compares encodings: no decode (nor copy) of the stored result.
+    let Cx { t, scratch: mine } = cx;
     result
-        .encode(&mut mine)
+        .encode(mine)
         .map_err(|_| Error::illegal(dev, Illegal::Invalid("result over the wire's limits")))?;
-    let existing = match cx.t.result_bytes(dev, seq)? {
-        Some(v) if StoredResult::same_received(&v, &mine) => return Ok(Recorded::Duplicate),
+    let mut duplicate = false;
+    let existing = t.with_result_bytes(dev, seq, &mut |v| {
         // A record of an older format (kept before an upgrade) has other bytes for the same
         // result: compared decoded.
-        Some(v) if v.first() != mine.first() && StoredResult::same_decoded(&v, result) => {
-            return Ok(Recorded::Duplicate)
-        }
-        Some(_) => true,
-        None => false,
-    };
+        duplicate = StoredResult::same_received(v, mine)
+            || (v.first() != mine.first() && StoredResult::same_decoded(v, result));
+    })?;
+    if duplicate {
+        return Ok(Recorded::Duplicate);
+    }
     if !q.accepts_result(seq, attempt) {
         let kind = if q.accepts_result(seq, q.attempt) {
             Illegal::StaleAttempt {

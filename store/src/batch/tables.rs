@@ -66,8 +66,9 @@ pub(crate) trait Tables {
     fn del_command(&mut self, dev: DeviceId, seq: u64) -> Result<()>;
     /// A stored result.
     fn result(&self, dev: DeviceId, seq: u64) -> Result<Option<StoredResult>>;
-    /// A stored result's encoding, as kept (duplicate results are recognised by it).
-    fn result_bytes(&self, dev: DeviceId, seq: u64) -> Result<Option<Vec<u8>>>;
+    /// Hands a stored result's encoding, as kept, to `f` (duplicate results are recognised
+    /// by it, without decoding or copying it); whether there was one.
+    fn with_result_bytes(&self, dev: DeviceId, seq: u64, f: &mut dyn FnMut(&[u8])) -> Result<bool>;
     /// Stores a result.
     fn put_result(&mut self, dev: DeviceId, seq: u64, r: &StoredResult) -> Result<()>;
     /// The members of a group, by id.
@@ -203,10 +204,13 @@ impl Tables for Lmdb<'_, '_> {
     fn result(&self, dev: DeviceId, seq: u64) -> Result<Option<StoredResult>> {
         read::result(&*self.t, self.d, dev, seq)
     }
-    fn result_bytes(&self, dev: DeviceId, seq: u64) -> Result<Option<Vec<u8>>> {
+    fn with_result_bytes(&self, dev: DeviceId, seq: u64, f: &mut dyn FnMut(&[u8])) -> Result<bool> {
         match self.t.get(self.d.results, &key2(dev.0, seq)) {
-            Ok(v) => Ok(Some(v.to_vec())),
-            Err(lmdb::Error::NotFound) => Ok(None),
+            Ok(v) => {
+                f(v);
+                Ok(true)
+            }
+            Err(lmdb::Error::NotFound) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }

@@ -127,6 +127,7 @@ impl PgStore {
     fn begin_batch(&self) -> Result<PgBatch<'_>> {
         Ok(PgBatch {
             tx: self.begin("BEGIN", true)?,
+            scratch: Vec::new(),
         })
     }
 }
@@ -482,13 +483,12 @@ impl Tables for Tx<'_> {
             &[&i(dev.0), &i(seq)],
         )
     }
-    fn result_bytes(&self, dev: DeviceId, seq: u64) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .query_opt(
-                "SELECT record FROM results WHERE device = $1 AND seq = $2",
-                &[&i(dev.0), &i(seq)],
-            )?
-            .map(|r| r.get(0)))
+    fn with_result_bytes(&self, dev: DeviceId, seq: u64, f: &mut dyn FnMut(&[u8])) -> Result<bool> {
+        let row = self.query_opt(
+            "SELECT record FROM results WHERE device = $1 AND seq = $2",
+            &[&i(dev.0), &i(seq)],
+        )?;
+        Ok(row.map(|r| f(r.get::<_, &[u8]>(0))).is_some())
     }
     fn put_result(&mut self, dev: DeviceId, seq: u64, r: &StoredResult) -> Result<()> {
         self.fence_write(dev)?;
@@ -807,6 +807,7 @@ macro_rules! pg_reads {
 /// A write batch on PostgreSQL: one transaction, committed by [`StoreBatch::commit`].
 pub struct PgBatch<'a> {
     tx: Tx<'a>,
+    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for PgBatch<'_> {
@@ -825,7 +826,7 @@ impl Exec for PgBatch<'_> {
         wrote: impl Fn(&T) -> bool,
     ) -> Result<T> {
         self.tx.check()?;
-        match op(&mut Cx::new(&mut self.tx)) {
+        match op(&mut Cx::new(&mut self.tx, &mut self.scratch)) {
             Ok(out) => {
                 if wrote(&out) {
                     self.tx.ops += 1;
