@@ -4,8 +4,8 @@
 //!
 //! The operations (validation, the queue's pure transitions, the task table's rules) are
 //! written once, over `&mut dyn Tables`; an engine supplies only the storage of each record
-//! kind and the bounded prunes, which are a scan in LMDB and one statement elsewhere. A
-//! second engine (PostgreSQL, `store-pg/`, issue 19) implements this trait and runs the same
+//! kind and the bounded prune of old events, a scan in LMDB and one statement elsewhere. A
+//! second engine (PostgreSQL, `pg/`, issue 19) implements this trait and runs the same
 //! operations.
 //!
 //! Every method is of committed state plus the transaction's own writes; none commits.
@@ -94,15 +94,10 @@ pub(crate) trait Tables {
     /// `keep_max` are kept (0: no cap) or they are older than `older_than_ms` (0: no age
     /// limit); returns how many.
     fn prune_events(&mut self, older_than_ms: u64, keep_max: u64, limit: usize) -> Result<usize>;
-    /// Deletes the finished commands (and their results) that each device from `from` on
-    /// holds beyond its last `keep`, visiting at most `limit` devices and deletions; returns
-    /// how many, and the device to resume from (`None`: the scan reached the end).
-    fn prune_results(
-        &mut self,
-        from: DeviceId,
-        keep: u64,
-        limit: usize,
-    ) -> Result<(usize, Option<DeviceId>)>;
+    /// The first device at or after `from` that has a queue, with its queue.
+    fn queue_from(&self, from: DeviceId) -> Result<Option<(DeviceId, QueueState)>>;
+    /// Up to `limit` seqs of `dev`'s commands at or below `upto`, in order.
+    fn command_seqs_upto(&self, dev: DeviceId, upto: u64, limit: usize) -> Result<Vec<u64>>;
 }
 
 /// [`Tables`] on one LMDB write transaction.
@@ -290,61 +285,31 @@ impl Tables for Lmdb<'_, '_> {
         }
         Ok(doomed.len())
     }
-    fn prune_results(
-        &mut self,
-        from: DeviceId,
-        keep: u64,
-        limit: usize,
-    ) -> Result<(usize, Option<DeviceId>)> {
-        let d = *self.d;
-        let mut budget = limit;
-        let mut deleted = 0;
-        let mut dev = from.0;
-        loop {
-            if budget == 0 {
-                return Ok((deleted, Some(DeviceId(dev))));
-            }
-            budget -= 1;
-            // The first device at or after `dev`.
-            let mut next = None;
-            env::scan(&*self.t, d.queues, &dev.to_be_bytes(), &[], |k, v| {
-                next = Some((env::be(k, "queues")?, QueueState::decode(v)?));
+    fn queue_from(&self, from: DeviceId) -> Result<Option<(DeviceId, QueueState)>> {
+        let mut next = None;
+        env::scan(
+            &*self.t,
+            self.d.queues,
+            &from.0.to_be_bytes(),
+            &[],
+            |k, v| {
+                next = Some((DeviceId(env::be(k, "queues")?), QueueState::decode(v)?));
                 Ok(false)
-            })?;
-            let Some((id, q)) = next else {
-                return Ok((deleted, None));
-            };
-            if keep > 0 && q.completed_through > keep {
-                let upto = q.completed_through - keep;
-                let mut doomed = Vec::new();
-                env::scan(
-                    &*self.t,
-                    d.commands,
-                    &key2(id, 0),
-                    &id.to_be_bytes(),
-                    |k, _| {
-                        let (_, seq) = env::split2(k, "commands")?;
-                        if seq > upto || doomed.len() >= budget {
-                            return Ok(false);
-                        }
-                        doomed.push(seq);
-                        Ok(true)
-                    },
-                )?;
-                for seq in &doomed {
-                    self.del_command(DeviceId(id), *seq)?;
-                }
-                deleted += doomed.len();
-                budget -= doomed.len();
-                if budget == 0 {
-                    // This device may hold more: resume here.
-                    return Ok((deleted, Some(DeviceId(id))));
-                }
+            },
+        )?;
+        Ok(next)
+    }
+    fn command_seqs_upto(&self, dev: DeviceId, upto: u64, limit: usize) -> Result<Vec<u64>> {
+        let mut seqs = Vec::new();
+        let p = dev.0.to_be_bytes();
+        env::scan(&*self.t, self.d.commands, &key2(dev.0, 0), &p, |k, _| {
+            let (_, seq) = env::split2(k, "commands")?;
+            if seq > upto || seqs.len() >= limit {
+                return Ok(false);
             }
-            match id.checked_add(1) {
-                Some(n) => dev = n,
-                None => return Ok((deleted, None)),
-            }
-        }
+            seqs.push(seq);
+            Ok(true)
+        })?;
+        Ok(seqs)
     }
 }

@@ -601,54 +601,27 @@ impl Tables for Tx<'_> {
         )?;
         Ok(n as usize)
     }
-    fn prune_results(
-        &mut self,
-        from: DeviceId,
-        keep: u64,
-        limit: usize,
-    ) -> Result<(usize, Option<DeviceId>)> {
-        let mut budget = limit;
-        let mut deleted = 0;
-        let mut dev = from.0;
-        loop {
-            if budget == 0 {
-                return Ok((deleted, Some(DeviceId(dev))));
+    fn queue_from(&self, from: DeviceId) -> Result<Option<(DeviceId, QueueState)>> {
+        match self.query_opt(
+            "SELECT device, record FROM queues WHERE device >= $1 ORDER BY device LIMIT 1",
+            &[&i(from.0)],
+        )? {
+            Some(row) => {
+                let q = QueueState::decode(row.get::<_, &[u8]>(1))?;
+                Ok(Some((DeviceId(row.get::<_, i64>(0) as u64), q)))
             }
-            budget -= 1;
-            let Some(row) = self.query_opt(
-                "SELECT device, record FROM queues WHERE device >= $1 ORDER BY device LIMIT 1",
-                &[&i(dev)],
-            )?
-            else {
-                return Ok((deleted, None));
-            };
-            let id = row.get::<_, i64>(0) as u64;
-            let q = QueueState::decode(row.get::<_, &[u8]>(1))?;
-            if keep > 0 && q.completed_through > keep {
-                let upto = q.completed_through - keep;
-                let doomed: Vec<i64> = self
-                    .query(
-                        "SELECT seq FROM commands WHERE device = $1 AND seq <= $2
-                         ORDER BY seq LIMIT $3",
-                        &[&i(id), &i(upto), &(budget as i64)],
-                    )?
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect();
-                for seq in &doomed {
-                    self.del_command(DeviceId(id), *seq as u64)?;
-                }
-                deleted += doomed.len();
-                budget -= doomed.len();
-                if budget == 0 {
-                    return Ok((deleted, Some(DeviceId(id))));
-                }
-            }
-            match id.checked_add(1) {
-                Some(n) => dev = n,
-                None => return Ok((deleted, None)),
-            }
+            None => Ok(None),
         }
+    }
+    fn command_seqs_upto(&self, dev: DeviceId, upto: u64, limit: usize) -> Result<Vec<u64>> {
+        Ok(self
+            .query(
+                "SELECT seq FROM commands WHERE device = $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+                &[&i(dev.0), &i(upto), &(limit as i64)],
+            )?
+            .iter()
+            .map(|r| r.get::<_, i64>(0) as u64)
+            .collect())
     }
 }
 
