@@ -180,15 +180,6 @@ pub enum Error {
     /// since it claimed it): the operation wrote nothing. The agent belongs elsewhere.
     #[error("device {} is owned by another gateway of the cell", .0 .0)]
     NotOwner(DeviceId),
-    /// This gateway's lease in the cell ran out or a newer incarnation of it joined: nothing
-    /// of the batch was committed, and it must stop acknowledging and join the cell again.
-    #[error("gateway {gateway} (incarnation {incarnation}) lost its lease in the cell")]
-    LeaseLost {
-        /// The gateway.
-        gateway: String,
-        /// The incarnation that lost it.
-        incarnation: i64,
-    },
     /// The engine does not do this (e.g. a directory backup of a PostgreSQL store).
     #[error("not supported: {0}")]
     Unsupported(&'static str),

@@ -67,9 +67,9 @@ impl PgStore {
 
     /// This store with every batch fenced by `member`'s ownership of each device it touches:
     /// an operation on a device this gateway does not own under a live lease is refused
-    /// ([`Error::NotOwner`]) before it writes, and the batch's other operations still commit;
-    /// a lease found lost poisons the batch ([`Error::LeaseLost`]). Devices created in the
-    /// batch are owned by `member` from the start.
+    /// ([`Error::NotOwner`]) before it writes, and the batch's other operations still commit
+    /// (a lapsed lease owns nothing: it refuses every device). Devices created in the batch
+    /// are owned by `member` from the start.
     pub fn fenced(mut self, member: Membership) -> PgStore {
         self.member = Some(member);
         self
@@ -214,9 +214,13 @@ impl Tx<'_> {
             // A device that does not exist is the operation's own refusal to make.
             Err(CellError::Fenced { .. }) if !self.device_exists(dev)? => Ok(()),
             Err(CellError::Fenced { device, .. }) => Err(Error::NotOwner(DeviceId(device as u64))),
+            // `Membership::fence` fails only with `Fenced` or a database error.
             Err(e) => {
                 self.poisoned.set(true);
-                Err(cell_error(e))
+                Err(match e {
+                    CellError::Database(e) => Error::Postgres(e),
+                    _ => Error::NotOwner(dev),
+                })
             }
         }
     }
@@ -276,6 +280,23 @@ impl Tx<'_> {
             .collect()
     }
 
+    /// The rows `sql` finds as (column 0, an id or seq; column 1, a record decoded).
+    fn keyed<R: Record>(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<(u64, R)>> {
+        self.query(sql, params)?
+            .iter()
+            .map(|r| Ok((r.get::<_, i64>(0) as u64, R::decode(r.get::<_, &[u8]>(1))?)))
+            .collect()
+    }
+
+    /// Column 0 of the rows `sql` finds: ids or seqs.
+    fn ids(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<u64>> {
+        Ok(self
+            .query(sql, params)?
+            .iter()
+            .map(|r| r.get::<_, i64>(0) as u64)
+            .collect())
+    }
+
     fn commit(mut self) -> Result<Committed> {
         self.check()?;
         let ops = self.ops;
@@ -297,23 +318,6 @@ impl Tx<'_> {
             commit_seq: seq as u64,
             operations: ops,
         })
-    }
-}
-
-fn cell_error(e: CellError) -> Error {
-    match e {
-        CellError::LeaseLost {
-            gateway,
-            incarnation,
-        } => Error::LeaseLost {
-            gateway,
-            incarnation,
-        },
-        CellError::Fenced { device, .. } => Error::NotOwner(DeviceId(device as u64)),
-        CellError::NoDevice(d) => {
-            Error::NotFound(crate::error::Missing::Device(DeviceId(d as u64)))
-        }
-        CellError::Database(e) => Error::Postgres(e),
     }
 }
 
@@ -445,14 +449,10 @@ impl Tables for Tx<'_> {
             .map(|r| r.get::<_, i64>(0) as u64))
     }
     fn command_seqs_from(&self, dev: DeviceId, from: u64) -> Result<Vec<u64>> {
-        Ok(self
-            .query(
-                "SELECT seq FROM commands WHERE device = $1 AND seq >= $2 ORDER BY seq",
-                &[&i(dev.0), &i(from)],
-            )?
-            .iter()
-            .map(|r| r.get::<_, i64>(0) as u64)
-            .collect())
+        self.ids(
+            "SELECT seq FROM commands WHERE device = $1 AND seq >= $2 ORDER BY seq",
+            &[&i(dev.0), &i(from)],
+        )
     }
     fn put_command(&mut self, dev: DeviceId, seq: u64, cmd: &Command) -> Result<()> {
         self.fence_write(dev)?;
@@ -501,14 +501,11 @@ impl Tables for Tx<'_> {
         .map(drop)
     }
     fn group_members(&self, group: &str) -> Result<Vec<DeviceId>> {
-        Ok(self
-            .query(
-                "SELECT device FROM group_members WHERE grp = $1 ORDER BY device",
-                &[&group],
-            )?
-            .iter()
-            .map(|r| DeviceId(r.get::<_, i64>(0) as u64))
-            .collect())
+        let ids = self.ids(
+            "SELECT device FROM group_members WHERE grp = $1 ORDER BY device",
+            &[&group],
+        )?;
+        Ok(ids.into_iter().map(DeviceId).collect())
     }
     fn add_member(&mut self, group: &str, dev: DeviceId) -> Result<()> {
         self.fence_write(dev)?;
@@ -602,26 +599,17 @@ impl Tables for Tx<'_> {
         Ok(n as usize)
     }
     fn queue_from(&self, from: DeviceId) -> Result<Option<(DeviceId, QueueState)>> {
-        match self.query_opt(
+        let rows = self.keyed(
             "SELECT device, record FROM queues WHERE device >= $1 ORDER BY device LIMIT 1",
             &[&i(from.0)],
-        )? {
-            Some(row) => {
-                let q = QueueState::decode(row.get::<_, &[u8]>(1))?;
-                Ok(Some((DeviceId(row.get::<_, i64>(0) as u64), q)))
-            }
-            None => Ok(None),
-        }
+        )?;
+        Ok(rows.into_iter().next().map(|(d, q)| (DeviceId(d), q)))
     }
     fn command_seqs_upto(&self, dev: DeviceId, upto: u64, limit: usize) -> Result<Vec<u64>> {
-        Ok(self
-            .query(
-                "SELECT seq FROM commands WHERE device = $1 AND seq <= $2 ORDER BY seq LIMIT $3",
-                &[&i(dev.0), &i(upto), &(limit as i64)],
-            )?
-            .iter()
-            .map(|r| r.get::<_, i64>(0) as u64)
-            .collect())
+        self.ids(
+            "SELECT seq FROM commands WHERE device = $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+            &[&i(dev.0), &i(upto), &(limit as i64)],
+        )
     }
 }
 
@@ -643,31 +631,20 @@ macro_rules! pg_reads {
             Tables::queue(&self.tx, id)
         }
         fn queues(&self) -> Result<Vec<(DeviceId, QueueState)>> {
-            self.tx
-                .query("SELECT device, record FROM queues ORDER BY device", &[])?
-                .iter()
-                .map(|r| {
-                    let q = QueueState::decode(r.get::<_, &[u8]>(1))?;
-                    Ok((DeviceId(r.get::<_, i64>(0) as u64), q))
-                })
-                .collect()
+            let rows = self
+                .tx
+                .keyed("SELECT device, record FROM queues ORDER BY device", &[])?;
+            Ok(rows.into_iter().map(|(d, q)| (DeviceId(d), q)).collect())
         }
         fn command(&self, id: DeviceId, seq: u64) -> Result<Option<Command>> {
             Tables::command(&self.tx, id, seq)
         }
         fn commands(&self, id: DeviceId, from: u64, limit: usize) -> Result<Vec<(u64, Command)>> {
-            self.tx
-                .query(
-                    "SELECT seq, record FROM commands WHERE device = $1 AND seq >= $2
-                     ORDER BY seq LIMIT $3",
-                    &[&i(id.0), &i(from), &(limit as i64)],
-                )?
-                .iter()
-                .map(|r| {
-                    let c = Command::decode(r.get::<_, &[u8]>(1))?;
-                    Ok((r.get::<_, i64>(0) as u64, c))
-                })
-                .collect()
+            self.tx.keyed(
+                "SELECT seq, record FROM commands WHERE device = $1 AND seq >= $2
+                 ORDER BY seq LIMIT $3",
+                &[&i(id.0), &i(from), &(limit as i64)],
+            )
         }
         fn next_to_dispatch(&self, id: DeviceId) -> Result<Option<(u64, Command)>> {
             let Some(q) = Tables::queue(&self.tx, id)? else {
@@ -709,55 +686,34 @@ macro_rules! pg_reads {
             Tables::task(&self.tx, id)
         }
         fn tasks(&self) -> Result<Vec<(TaskId, Task)>> {
-            self.tx
-                .query("SELECT id, record FROM tasks ORDER BY id", &[])?
-                .iter()
-                .map(|r| {
-                    let t = Task::decode(r.get::<_, &[u8]>(1))?;
-                    Ok((TaskId(r.get::<_, i64>(0) as u64), t))
-                })
-                .collect()
+            let rows = self
+                .tx
+                .keyed("SELECT id, record FROM tasks ORDER BY id", &[])?;
+            Ok(rows.into_iter().map(|(t, x)| (TaskId(t), x)).collect())
         }
         fn task_status(&self, task: TaskId, dev: DeviceId) -> Result<Option<TaskDeviceStatus>> {
             Tables::task_status(&self.tx, task, dev)
         }
         fn task_statuses(&self, task: TaskId) -> Result<Vec<(DeviceId, TaskDeviceStatus)>> {
-            self.tx
-                .query(
-                    "SELECT device, record FROM task_devices WHERE task = $1 ORDER BY device",
-                    &[&i(task.0)],
-                )?
-                .iter()
-                .map(|r| {
-                    let s = TaskDeviceStatus::decode(r.get::<_, &[u8]>(1))?;
-                    Ok((DeviceId(r.get::<_, i64>(0) as u64), s))
-                })
-                .collect()
+            let rows = self.tx.keyed(
+                "SELECT device, record FROM task_devices WHERE task = $1 ORDER BY device",
+                &[&i(task.0)],
+            )?;
+            Ok(rows.into_iter().map(|(d, st)| (DeviceId(d), st)).collect())
         }
         fn incomplete_tasks(&self, dev: DeviceId) -> Result<Vec<TaskId>> {
-            Ok(self
-                .tx
-                .query(
-                    "SELECT task FROM task_devices
-                     WHERE device = $1 AND status IN ('pending', 'in_progress') ORDER BY task",
-                    &[&i(dev.0)],
-                )?
-                .iter()
-                .map(|r| TaskId(r.get::<_, i64>(0) as u64))
-                .collect())
+            let ids = self.tx.ids(
+                "SELECT task FROM task_devices
+                 WHERE device = $1 AND status IN ('pending', 'in_progress') ORDER BY task",
+                &[&i(dev.0)],
+            )?;
+            Ok(ids.into_iter().map(TaskId).collect())
         }
         fn events_from(&self, from: EventId, limit: usize) -> Result<Vec<(EventId, Event)>> {
-            self.tx
-                .query(
-                    "SELECT id, record FROM events WHERE id >= $1 ORDER BY id LIMIT $2",
-                    &[&i(from), &(limit as i64)],
-                )?
-                .iter()
-                .map(|r| {
-                    let e = Event::decode(r.get::<_, &[u8]>(1))?;
-                    Ok((r.get::<_, i64>(0) as u64, e))
-                })
-                .collect()
+            self.tx.keyed(
+                "SELECT id, record FROM events WHERE id >= $1 ORDER BY id LIMIT $2",
+                &[&i(from), &(limit as i64)],
+            )
         }
         fn last_event_id(&self) -> Result<EventId> {
             let last: Option<i64> = self
