@@ -8,47 +8,11 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fleetcast_store::prelude::*;
-use fleetcast_store::{BlockSet, Command, DeviceId, OnFailure, Received, Store, Task};
-use fleetcast_wire::{self as wire, Step};
+use fleetcast_store::{BlockSet, DeviceId, Store, Task};
 
-const BATCH: u64 = 1000;
-const SIZES: [u64; 3] = [1, 100, 10_000];
-
-fn cmd() -> Command {
-    Command {
-        target: None,
-        steps: vec![Step::Exec {
-            argv: vec![
-                "/usr/bin/apt-get".into(),
-                "install".into(),
-                "-y".into(),
-                "pkg".into(),
-            ],
-        }],
-        timeout_ms: 60_000,
-        max_attempts: 3,
-        on_failure: OnFailure::Stop,
-    }
-}
-
-fn ok() -> Received {
-    Received {
-        result: wire::CommandResult {
-            command_id: 1,
-            seq: 1,
-            attempt: 1,
-            exit_code: 0,
-            steps: vec![wire::StepResult {
-                status: wire::StepStatus::Ok,
-                exit_code: 0,
-                duration_ms: 1,
-            }],
-            output: vec![b'.'; 200].into(),
-            report: None,
-        },
-        at_ms: 2,
-    }
-}
+#[path = "common/store_fixtures.rs"]
+mod fixtures;
+use fixtures::{cmd, ok, BATCH, SIZES};
 
 fn store_with(devices: u64) -> (tempfile::TempDir, Store, Vec<DeviceId>) {
     let dir = tempfile::tempdir().expect("tempdir");
