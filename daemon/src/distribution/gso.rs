@@ -18,8 +18,8 @@
 use std::io;
 use std::net::SocketAddrV4;
 
-/// Most datagrams in one GSO message (the kernel's `UDP_MAX_SEGMENTS`: 64 in older kernels,
-/// 128 in newer ones).
+/// Most datagrams in one GSO message: 64, the kernel's `UDP_MAX_SEGMENTS` since UDP GSO
+/// appeared (4.18), so every kernel that does GSO takes it.
 const MAX_SEGMENTS: usize = 64;
 /// Most UDP payload bytes in one GSO message: what fits an IPv4 datagram's 16-bit length.
 const MAX_GSO_BYTES: usize = 65_507;
