@@ -39,6 +39,47 @@ pub trait Engine: Send {
     fn snapshot(&self) -> Result<Box<dyn Reads + '_>>;
     /// A consistent copy of the committed state into directory `dest`.
     fn backup(&self, dest: &Path) -> Result<()>;
+    /// Keeps this gateway's lease in its cell alive; the gateway calls it about once a
+    /// second. An engine without a cell (LMDB: one gateway owns every device) has nothing to
+    /// renew. [`Lease::Rejoined`] says the lease had lapsed: every device this gateway held
+    /// may have been re-homed, so its sessions must be closed (their agents come back and
+    /// claim again). `Err`: the database could not be reached; the lease may still be live,
+    /// and the next call tries again.
+    fn keep_lease(&mut self) -> Result<Lease> {
+        Ok(Lease::Held)
+    }
+    /// Gives the lease up at once (a clean stop): the cell's other gateways may claim this
+    /// one's devices without waiting for the lease to run out.
+    fn leave_cell(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What [`Engine::keep_lease`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    /// The lease is renewed (or there is none to renew).
+    Held,
+    /// The lease had lapsed: the gateway joined the cell again as a new incarnation and owns
+    /// no device until it claims them again.
+    Rejoined {
+        /// The new incarnation.
+        incarnation: i64,
+    },
+}
+
+/// Who holds a device in a cell of gateways ([`StoreBatch::claim`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    /// This gateway: its batches may write for the device.
+    Ours,
+    /// Another live gateway of the cell: the agent is sent there.
+    Elsewhere {
+        /// That gateway's id.
+        gateway: String,
+        /// Where agents reach it (HOST:PORT).
+        addr: String,
+    },
 }
 
 /// Reads, on a snapshot or on a batch (which sees its own writes).
@@ -91,6 +132,14 @@ pub trait StoreBatch: Reads + DeviceOps + QueueOps + TaskOps + EventOps {
     /// True if no transition was applied.
     fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// Takes `dev` for this gateway, in this batch, if no other live gateway of the cell
+    /// holds it; committed with the batch. The first thing a session's batch does, before
+    /// any write for the device (those are fenced by the ownership this takes). An engine
+    /// without a cell owns every device: [`Claimed::Ours`].
+    fn claim(&mut self, dev: DeviceId) -> Result<Claimed> {
+        let _ = dev;
+        Ok(Claimed::Ours)
     }
     /// Commits every transition of the batch durably. When it returns `Ok`, every transition
     /// is durable: only now may acknowledgements that depend on them go out. On `Err`

@@ -180,6 +180,14 @@ pub enum Error {
     /// since it claimed it): the operation wrote nothing. The agent belongs elsewhere.
     #[error("device {} is owned by another gateway of the cell", .0 .0)]
     NotOwner(DeviceId),
+    /// This gateway's lease in its cell lapsed (a stall or a cut from the database longer
+    /// than the lease): it owns no device until [`crate::Engine::keep_lease`] joins the cell
+    /// again, so the claim wrote nothing.
+    #[error("this gateway's cell lease (incarnation {incarnation}) lapsed: it owns no device until it joins again")]
+    LeaseLost {
+        /// The incarnation whose lease lapsed.
+        incarnation: i64,
+    },
     /// The engine does not do this (e.g. a directory backup of a PostgreSQL store).
     #[error("not supported: {0}")]
     Unsupported(&'static str),
@@ -315,7 +323,10 @@ impl Error {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            Error::IllegalTransition { .. } | Error::NotFound(_) | Error::NotOwner(_)
+            Error::IllegalTransition { .. }
+                | Error::NotFound(_)
+                | Error::NotOwner(_)
+                | Error::LeaseLost { .. }
         )
     }
 }

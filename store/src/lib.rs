@@ -58,7 +58,9 @@ use std::path::{Path, PathBuf};
 use lmdb::{Environment, RoTransaction};
 
 pub use batch::{Batch, Committed, Recorded};
-pub use engine::{DeviceOps, Engine, EventOps, QueueOps, Reads, StoreBatch, TaskOps};
+pub use engine::{
+    Claimed, DeviceOps, Engine, EventOps, Lease, QueueOps, Reads, StoreBatch, TaskOps,
+};
 pub use env::{INITIAL_MAP_SIZE, SCHEMA_VERSION};
 pub use error::{Error, Illegal, Missing, Result};
 pub use types::{

@@ -8,7 +8,7 @@ use std::time::Duration;
 use fleetcast_lab::Postgres;
 use fleetcast_store::pg::{Claim, Membership, PgStore};
 use fleetcast_store::prelude::*;
-use fleetcast_store::{Command, Error, OnFailure};
+use fleetcast_store::{Claimed, Command, DeviceId, Error, Lease, OnFailure};
 use fleetcast_wire::Step;
 use postgres::{Client, NoTls};
 
@@ -78,4 +78,81 @@ fn writes_are_fenced_by_ownership_and_survive_a_lapsed_lease_only_where_owned() 
     let s = store_b.snapshot().unwrap();
     assert_eq!(s.commands(d1, 0, 10).unwrap().len(), 2);
     assert_eq!(s.commands(d2, 0, 10).unwrap().len(), 1);
+}
+
+#[test]
+fn a_batch_claims_a_device_names_its_live_owner_and_a_lapsed_lease_rejoins() {
+    let pg = Postgres::start().expect("PostgreSQL (Debian package postgresql)");
+    pg.create_database("cell").unwrap();
+    let url = pg.url("cell");
+    let join = |id: &str, addr: &str, lease: Duration| {
+        let (store, _) = PgStore::connect(&url, None).unwrap();
+        let mut c = Client::connect(&url, NoTls).unwrap();
+        store.fenced(Membership::join(&mut c, id, addr, lease).unwrap())
+    };
+    let mut a = join("gw-a", "10.77.0.1:7300", Duration::from_millis(500));
+    let mut b = join("gw-b", "10.77.0.2:7300", Duration::from_secs(60));
+
+    let mut batch = a.batch().unwrap();
+    let d1 = batch.add_device("d1", [1; 32], 0).unwrap();
+    let d3 = batch.add_device("d3", [3; 32], 0).unwrap();
+    assert_eq!(batch.claim(d1).unwrap(), Claimed::Ours);
+    batch.commit().unwrap();
+
+    // gw-b is told where d1 lives, and its batch goes on.
+    let mut batch = b.batch().unwrap();
+    assert_eq!(
+        batch.claim(d1).unwrap(),
+        Claimed::Elsewhere {
+            gateway: "gw-a".into(),
+            addr: "10.77.0.1:7300".into()
+        }
+    );
+    let e = batch.claim(DeviceId(999)).unwrap_err();
+    assert!(matches!(e, Error::NotFound(_)), "{e}");
+    let d2 = batch.add_device("d2", [2; 32], 0).unwrap();
+    batch.commit().unwrap();
+
+    // gw-a keeps its lease while it renews it.
+    for _ in 0..4 {
+        assert_eq!(a.keep_lease().unwrap(), Lease::Held);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut batch = b.batch().unwrap();
+    assert!(matches!(
+        batch.claim(d1).unwrap(),
+        Claimed::Elsewhere { .. }
+    ));
+    drop(batch);
+
+    // gw-a stalls past its lease: gw-b takes d1; gw-a's claim is refused as a lapsed lease
+    // until its next renewal joins the cell again, as incarnation 2 owning nothing.
+    std::thread::sleep(Duration::from_millis(700));
+    let mut batch = b.batch().unwrap();
+    assert_eq!(batch.claim(d1).unwrap(), Claimed::Ours);
+    batch.commit().unwrap();
+    let mut batch = a.batch().unwrap();
+    let e = batch.claim(d3).unwrap_err();
+    assert!(matches!(e, Error::LeaseLost { incarnation: 1 }), "{e}");
+    assert!(matches!(
+        batch.claim(d2).unwrap(),
+        Claimed::Elsewhere { .. }
+    ));
+    drop(batch);
+    assert_eq!(a.keep_lease().unwrap(), Lease::Rejoined { incarnation: 2 });
+    let mut batch = a.batch().unwrap();
+    assert!(
+        matches!(batch.claim(d1).unwrap(), Claimed::Elsewhere { gateway, .. } if gateway == "gw-b")
+    );
+    assert!(matches!(batch.enqueue(d1, exec()), Err(Error::NotOwner(_))));
+    drop(batch);
+
+    // gw-b leaves cleanly: gw-a may claim its devices at once.
+    b.leave_cell().unwrap();
+    let mut batch = a.batch().unwrap();
+    assert_eq!(batch.claim(d1).unwrap(), Claimed::Ours);
+    assert_eq!(batch.claim(d2).unwrap(), Claimed::Ours);
+    assert_eq!(batch.claim(d3).unwrap(), Claimed::Ours);
+    batch.enqueue(d2, exec()).unwrap();
+    batch.commit().unwrap();
 }

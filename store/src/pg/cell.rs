@@ -74,6 +74,7 @@ pub enum Claim {
 #[derive(Debug, Clone)]
 pub struct Membership {
     id: String,
+    addr: String,
     incarnation: i64,
     lease: Duration,
 }
@@ -101,9 +102,20 @@ impl Membership {
         )?;
         Ok(Membership {
             id: id.to_string(),
+            addr: addr.to_string(),
             incarnation: row.get(0),
             lease,
         })
+    }
+
+    /// Joins again, as the next incarnation, after this one lost its lease.
+    pub fn rejoin(&self, c: &mut Client) -> Result<Membership, CellError> {
+        Membership::join(c, &self.id, &self.addr, self.lease)
+    }
+
+    /// Where agents reach this gateway.
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     /// The gateway's id.

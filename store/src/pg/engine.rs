@@ -23,11 +23,11 @@ use postgres::{Client, Row};
 
 use std::collections::BTreeSet;
 
-use super::cell::{CellError, Membership};
+use super::cell::{CellError, Claim, Membership};
 use crate::batch::tables::{Counter, Tables};
 use crate::batch::{Cx, Exec};
 use crate::codec::Record;
-use crate::engine::{Engine, Reads, StoreBatch};
+use crate::engine::{Claimed, Engine, Lease, Reads, StoreBatch};
 use crate::error::{Error, Result};
 use crate::types::{
     Command, CommandPolicy, Device, DeviceId, EnrolmentToken, Event, EventId, QueueState,
@@ -149,6 +149,54 @@ impl Engine for PgStore {
         Err(Error::Unsupported(
             "backup of a PostgreSQL store: use pg_dump or the server's base backups",
         ))
+    }
+
+    fn keep_lease(&mut self) -> Result<Lease> {
+        let Some(m) = &self.member else {
+            return Ok(Lease::Held);
+        };
+        let c = self.client.get_mut();
+        match m.renew(c) {
+            Ok(()) => return Ok(Lease::Held),
+            Err(CellError::LeaseLost { .. }) => {}
+            Err(CellError::Database(e)) => {
+                // A lost connection is tried again once, as a batch would.
+                let Some(cfg) = &self.reconnect else {
+                    return Err(e.into());
+                };
+                if !c.is_closed() && e.as_db_error().is_some() {
+                    return Err(e.into());
+                }
+                *c = cfg.connect(postgres::NoTls)?;
+                match m.renew(c) {
+                    Ok(()) => return Ok(Lease::Held),
+                    Err(CellError::LeaseLost { .. }) => {}
+                    Err(e) => return Err(cell_error(e)),
+                }
+            }
+            Err(e) => return Err(cell_error(e)),
+        }
+        let next = m.rejoin(c).map_err(cell_error)?;
+        let incarnation = next.incarnation();
+        self.member = Some(next);
+        Ok(Lease::Rejoined { incarnation })
+    }
+
+    fn leave_cell(&mut self) -> Result<()> {
+        match &self.member {
+            Some(m) => m.leave(self.client.get_mut()).map_err(cell_error),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A cell error where the engine's own error is due: the database's, kept whole.
+fn cell_error(e: CellError) -> Error {
+    match e {
+        CellError::Database(e) => Error::Postgres(e),
+        CellError::NoDevice(d) => Error::NotFound(crate::Missing::Device(DeviceId(d as u64))),
+        CellError::Fenced { device, .. } => Error::NotOwner(DeviceId(device as u64)),
+        CellError::LeaseLost { incarnation, .. } => Error::LeaseLost { incarnation },
     }
 }
 
@@ -778,6 +826,24 @@ impl Reads for PgBatch<'_> {
 impl StoreBatch for PgBatch<'_> {
     fn len(&self) -> usize {
         self.tx.ops
+    }
+
+    fn claim(&mut self, dev: DeviceId) -> Result<Claimed> {
+        let Some(m) = self.tx.member else {
+            return Ok(Claimed::Ours);
+        };
+        self.tx.check()?;
+        let r = m.claim(&mut **self.tx.c.borrow_mut(), i(dev.0));
+        match r {
+            Ok(Claim::Owned) => Ok(Claimed::Ours),
+            Ok(Claim::OwnedBy { gateway, addr }) => Ok(Claimed::Elsewhere { gateway, addr }),
+            // A refusal (our own lease lapsed, no such device): the transaction goes on.
+            Err(e @ (CellError::LeaseLost { .. } | CellError::NoDevice(_))) => Err(cell_error(e)),
+            Err(e) => {
+                self.tx.poisoned.set(true);
+                Err(cell_error(e))
+            }
+        }
     }
 
     fn commit(self: Box<Self>) -> Result<Committed> {
