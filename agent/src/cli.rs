@@ -61,9 +61,10 @@ const USAGE: &str = "usage: fleetcast-agent --gateway HOST:PORT --state-dir DIR 
   --config FILE             read settings from FILE (flat TOML: docs/configuration.md);
                             FLEETCAST_AGENT_<KEY> variables and flags override it
   --print-config            print the merged settings as a configuration file and exit
-  --gateway HOST:PORT       the gateway (fleetcastd --listen)
+  --gateway HOST:PORT       the gateway (fleetcastd --listen); for a cell of gateways,
+                            several, comma-separated (HOST:PORT,HOST:PORT,...)
   --state-dir DIR           where the agent keeps its key, certificate and progress
-  --server-name NAME        name in the gateway certificate (default: HOST)
+  --server-name NAME        name in the gateway certificate (default: the HOST tried)
   --ca FILE                 gateway CA certificate (PEM), for enrolment
   --ca-fingerprint HEX      or its SHA-256 (fleetcastd --print-ca-fingerprint)
   --token TOKEN --name NAME enrol with a token from `fleetcast device add NAME`
@@ -189,17 +190,10 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<AgentConfig, UsageErr
     }
     let gateway = gateway.ok_or(UsageError::Required("--gateway"))?;
     let state_dir = state_dir.ok_or(UsageError::Required("--state-dir"))?;
-    let server_name = server_name.unwrap_or_else(|| {
-        gateway
-            .rsplit_once(':')
-            .map_or(gateway.as_str(), |(h, _)| h)
-            .trim_matches(['[', ']'])
-            .to_string()
-    });
-    let host = gateway
-        .rsplit_once(':')
-        .map_or(gateway.as_str(), |(h, _)| h)
-        .to_string();
+    // The proxy decision (no_proxy) is made for the first gateway listed: the gateways of
+    // one cell sit on one network.
+    let first = gateway.split(',').next().unwrap_or_default().trim();
+    let host = first.rsplit_once(':').map_or(first, |(h, _)| h).to_string();
     lad.proxy = match proxy_arg.as_deref() {
         Some("none") => None,
         Some(url) => Some(ladder::parse_proxy(url)?),

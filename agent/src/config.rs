@@ -202,9 +202,9 @@ const fn key(name: &'static str, doc: &'static str) -> Key {
 /// Every key, in print order. (No key may be named `args`: the daemon's test harness passes
 /// agent arguments in `FLEETCAST_AGENT_ARGS`.)
 pub const KEYS: &[Key] = &[
-    key("gateway", "The gateway, HOST:PORT (fleetcastd's listen address as agents reach it). Required."),
+    key("gateway", "The gateway, HOST:PORT (fleetcastd's listen address as agents reach it), or the gateways of a cell, comma-separated (each one's cell.advertise). Required."),
     key("state_dir", "Where the agent keeps its key, certificate and queue progress; must survive reboots. Required."),
-    key("server_name", "Name in the gateway's certificate (one of fleetcastd's server_names). Default: the HOST of gateway."),
+    key("server_name", "Name in the gateway's certificate (one of fleetcastd's server_names). Default: the HOST of the gateway tried."),
     key("ca", "Gateway CA certificate (PEM file: <data_dir>/pki/ca.pem on the gateway), trusted for enrolment."),
     key("ca_fingerprint", "Or the CA's SHA-256 fingerprint, 64 hex digits (fleetcastd --print-ca-fingerprint)."),
     key("token", "One-time enrolment token from `fleetcast device add NAME`; needs name. Unused once enrolled."),
@@ -451,9 +451,12 @@ pub fn check_value(k: &Key, v: &Value) -> Result<(), ValueError> {
     };
     match k.name {
         "gateway" => {
-            let ok = s
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            // One HOST:PORT, or a cell's several, comma-separated.
+            let ok = s.split(',').all(|g| {
+                g.trim()
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+            });
             if ok {
                 Ok(())
             } else {

@@ -27,6 +27,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection};
 
 use crate::exec::{self, ExecConfig, Job, Running};
+use crate::gateways::{Gateways, Next, REDIRECT_PAUSE_MS};
 use crate::ladder::{self, Deadline, LadderError, Memory, Pipe, Rung, Target};
 use crate::report::{self, AGENT_VERSION};
 use crate::state::{Identity, RebootRecord, State};
@@ -66,10 +67,11 @@ pub enum RebootAction {
 /// Agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// Gateway address (`host:port`).
+    /// Gateway address (`host:port`), or several of one cell, comma-separated
+    /// ([`crate::gateways`]).
     pub gateway: String,
-    /// Name in the gateway's certificate (defaults to the host part of `gateway`).
-    pub server_name: String,
+    /// Name in the gateway's certificate (`None`: the host part of the gateway tried).
+    pub server_name: Option<String>,
     /// State directory.
     pub state_dir: PathBuf,
     /// Where pushed files land (and their progress records).
@@ -192,8 +194,16 @@ impl AgentError {
 enum End {
     /// Reconnect (after back-off unless `immediately`).
     Reconnect { immediately: bool },
+    /// Another gateway of the cell owns the device: the next session goes to this address.
+    Redirect(String),
     /// The reboot action says: leave the process.
     Exit(i32),
+}
+
+/// A pseudo-random number of milliseconds below `range` from the clock's nanoseconds: a
+/// fleet's agents do not retry in lockstep.
+fn jitter_ms(epoch: &std::time::Instant, range: u64) -> u64 {
+    u64::from(epoch.elapsed().subsec_nanos()) % range.max(1)
 }
 
 /// The agent.
@@ -215,6 +225,8 @@ pub struct Agent {
     progress_every: Duration,
     /// Where the rungs go.
     target: Target,
+    /// The gateways the agent knows; `target` is the one tried now.
+    gateways: Gateways,
     /// The rung carrying the current session, and the network it was chosen on.
     rung: Option<(Rung, String)>,
     /// Until `Welcome`, the current rung's deadline (the rung has not won yet).
@@ -257,7 +269,12 @@ impl Agent {
     #[allow(clippy::disallowed_methods)] // The agent driver's clock epoch.
     pub fn new(cfg: AgentConfig) -> Result<Agent, AgentError> {
         let state = State::open(&cfg.state_dir)?;
-        let target = Target::parse(&cfg.gateway, cfg.ladder.alt_port, cfg.ladder.proxy.clone())?;
+        let mut gateways =
+            Gateways::parse(&cfg.gateway, cfg.ladder.alt_port, cfg.ladder.proxy.clone())?;
+        if let Ok(Some(id)) = state.load_identity() {
+            gateways.prefer(id.device_id);
+        }
+        let target = gateways.target();
         ladder::epoch(); // Starts the epoch connect times are measured from.
         Ok(Agent {
             cfg,
@@ -270,6 +287,7 @@ impl Agent {
             progress_sent: Instant::ZERO,
             progress_every: PROGRESS_FIRST,
             target,
+            gateways,
             rung: None,
             probe: None,
             climb_start: Duration::ZERO,
@@ -305,18 +323,59 @@ impl Agent {
                 None => self.enrol(),
                 Some(id) => self.session(&id),
             };
-            match end {
+            let failed = match end {
                 Ok(End::Exit(code)) => return Ok(code),
                 Ok(End::Reconnect { immediately: true }) => {
                     backoff = FIRST_BACKOFF;
                     self.welcomed = false;
+                    // Enrolled: from now on the device's own order of gateways.
+                    if let Ok(Some(id)) = self.state.load_identity() {
+                        self.gateways.prefer(id.device_id);
+                        self.target = self.gateways.target();
+                    }
                     continue;
                 }
-                Ok(End::Reconnect { immediately: false }) => {}
-                Err(AgentError::Io(e)) => crate::say!("connection failed: {e}"),
-                Err(AgentError::Link(e)) => crate::say!("connection failed: {e}"),
-                Err(AgentError::Connect(e)) => crate::say!("connection failed: {e}"),
+                Ok(End::Redirect(addr)) => {
+                    if self.gateways.redirect(&addr) {
+                        crate::say!("this device is served by gateway {addr}: going there");
+                        self.target = self.gateways.target();
+                        continue;
+                    }
+                    crate::say!("redirect to `{addr}` not followed: backing off");
+                    false
+                }
+                Ok(End::Reconnect { immediately: false }) => false,
+                Err(AgentError::Io(e)) => {
+                    crate::say!("connection failed: {e}");
+                    true
+                }
+                Err(AgentError::Link(e)) => {
+                    crate::say!("connection failed: {e}");
+                    true
+                }
+                Err(AgentError::Connect(e)) => {
+                    crate::say!("connection failed: {e}");
+                    true
+                }
                 Err(e) => return Err(e),
+            };
+            if failed && self.gateways.len() > 1 {
+                let next = self.gateways.failed();
+                self.target = self.gateways.target();
+                let (host, port) = (&self.target.host, self.target.port);
+                match next {
+                    Next::Now => {
+                        crate::say!("trying gateway {host}:{port}");
+                        continue;
+                    }
+                    Next::Pause => {
+                        let ms = REDIRECT_PAUSE_MS / 2 + jitter_ms(&self.epoch, REDIRECT_PAUSE_MS);
+                        crate::say!("back to gateway {host}:{port} in {ms} ms");
+                        std::thread::sleep(Duration::from_millis(ms));
+                        continue;
+                    }
+                    Next::BackOff => {}
+                }
             }
             // A session that reached `Welcome` was a good one: whatever ended it (a proxy
             // that cuts tunnels every 30 s), the back-off starts over instead of growing
@@ -360,7 +419,11 @@ impl Agent {
             let stop = cancelled.clone();
             let txc = tx.clone();
             let target = self.target.clone();
-            let name = self.cfg.server_name.clone();
+            let name = self
+                .cfg
+                .server_name
+                .clone()
+                .unwrap_or_else(|| self.target.host.clone());
             let config = config.clone();
             let delay = self.cfg.ladder.stagger * i as u32;
             let timeout = self.cfg.ladder.rung_timeout;
@@ -566,7 +629,9 @@ impl Agent {
             let r = self.run_session(id, io, boot_id, &fingerprint);
             let won = self.probe.take().is_none();
             match r {
-                Ok(end) if won || matches!(end, End::Exit(_)) => return Ok(end),
+                // A redirect is the gateway's answer to the Hello: the rung works, and the
+                // device is to go elsewhere, not to another rung of this gateway.
+                Ok(end) if won || matches!(end, End::Exit(_) | End::Redirect(_)) => return Ok(end),
                 Err(e) if won => return Err(e),
                 Ok(_) => {
                     crate::say!("rung {} closed before Welcome", rung.name());
@@ -636,6 +701,7 @@ impl Agent {
         match ev {
             AgentEvent::Welcomed(w) => {
                 self.welcomed = true;
+                self.gateways.welcomed();
                 if self.probe.take().is_some() {
                     self.rung_won();
                 }
@@ -749,6 +815,9 @@ impl Agent {
                             code: info.code,
                             reason: info.reason,
                         });
+                    }
+                    CloseCode::REDIRECT if info.by_peer => {
+                        return Ok(Some(End::Redirect(info.reason)));
                     }
                     _ => {}
                 }

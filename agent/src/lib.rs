@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod driver;
 pub mod exec;
+pub mod gateways;
 pub mod imaging;
 pub mod inventory;
 pub mod ladder;

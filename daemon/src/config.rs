@@ -49,6 +49,35 @@ pub struct Config {
     pub watch: WatchSection,
     /// Retention of the event log and results.
     pub store: StoreSection,
+    /// Membership of a cell of gateways sharing one PostgreSQL database.
+    pub cell: CellSection,
+}
+
+/// `[cell]`: this gateway as one of several sharing the fleet on one PostgreSQL database
+/// (`store.engine = "postgres"`). Unset `gateway_id`: a gateway on its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CellSection {
+    /// This gateway's id in the cell, the same across its restarts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_id: Option<String>,
+    /// Where agents reach this gateway (HOST:PORT), as the cell's other gateways redirect
+    /// them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// The lease's length, milliseconds: how long the cell waits for a silent gateway before
+    /// its devices may be claimed by the others.
+    pub lease_ms: u64,
+}
+
+impl Default for CellSection {
+    fn default() -> Self {
+        CellSection {
+            gateway_id: None,
+            advertise: None,
+            lease_ms: 5000,
+        }
+    }
 }
 
 /// Which storage engine holds the gateway's state.
@@ -215,6 +244,7 @@ impl Default for Config {
             admin: AdminSection::default(),
             watch: WatchSection::default(),
             store: StoreSection::default(),
+            cell: CellSection::default(),
         }
     }
 }
@@ -503,6 +533,27 @@ pub const KEYS: &[Key] = &[
         "Per device, the results (with their commands) of the last this many finished commands are kept; older ones are deleted. Pending and running commands are never touched. 0: keep all.",
     ),
     key(
+        "cell.gateway_id",
+        Text,
+        "a name of 1 to 64 letters, digits, '-', '_' or '.'",
+        "\"gw-a\"",
+        "This gateway's id in a cell of gateways sharing the fleet on one PostgreSQL database (needs store.engine = postgres and cell.advertise). Keep it across restarts; each start is a new incarnation of it. Unset: a gateway on its own.",
+    ),
+    key(
+        "cell.advertise",
+        Text,
+        "HOST:PORT as agents reach this gateway (one of their gateway list's entries)",
+        "\"gw-a.example.net:7300\"",
+        "Where agents reach this gateway: the cell's other gateways send a device's agent here while this gateway owns the device. Write it as the agents' configuration lists it.",
+    ),
+    key(
+        "cell.lease_ms",
+        Int,
+        "a whole number of milliseconds from 1000 to 60000",
+        "5000",
+        "Length of this gateway's lease in the cell, renewed every second. A gateway silent for this long (dead, or cut from the database) loses its devices to the others; shorter re-homes faster, longer rides out longer database stalls.",
+    ),
+    key(
         "admin.metrics_listen",
         Addr,
         "an IP address and port",
@@ -510,6 +561,22 @@ pub const KEYS: &[Key] = &[
         "Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9477. Unset: off. No authentication: keep it on loopback or a management network.",
     ),
 ];
+
+/// Letters, digits, `-`, `_` and `.`, 1 to 64 of them: an id that reads the same in logs,
+/// the database and a metrics label.
+fn valid_gateway_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// `HOST:PORT` with a non-empty host and a port from 1 to 65535.
+fn host_port(s: &str) -> bool {
+    s.rsplit_once(':').is_some_and(|(h, p)| {
+        !h.is_empty() && !h.contains(char::is_whitespace) && p.parse::<u16>().is_ok_and(|p| p > 0)
+    })
+}
 
 /// The key named `name`.
 pub fn lookup(name: &str) -> Option<&'static Key> {
@@ -619,6 +686,12 @@ pub enum Problem {
     /// A `store.url` that does not parse or asks for what is not built.
     #[error("{0}")]
     StoreUrl(String),
+    /// A `cell.gateway_id` with characters outside its alphabet, empty or too long.
+    #[error("`{0}` is not a gateway id")]
+    BadGatewayId(String),
+    /// A `cell.advertise` that is not HOST:PORT.
+    #[error("`{0}` is not HOST:PORT")]
+    NotHostPort(String),
     /// A value of the wrong type, in the words of the TOML parser.
     #[error("{0}")]
     Type(String),
@@ -649,6 +722,17 @@ pub enum Rule {
     /// `artifacts.url` without `artifacts.listen`.
     #[error("is set but artifacts.listen is not: set both, or neither")]
     UrlWithoutListen,
+    /// `cell.gateway_id` with the embedded store.
+    #[error(
+        "a cell shares one PostgreSQL database: set store.engine = \"postgres\" and store.url"
+    )]
+    CellWithoutPostgres,
+    /// `cell.gateway_id` without `cell.advertise`.
+    #[error("is unset: a gateway in a cell needs the address agents reach it at")]
+    CellWithoutAdvertise,
+    /// `cell.advertise` outside a cell.
+    #[error("is set but cell.gateway_id is not: set both, or neither")]
+    AdvertiseWithoutCell,
     /// The merged table does not fit the schema, in the words of the TOML parser.
     #[error("{0}")]
     Merge(String),
@@ -988,6 +1072,16 @@ impl Config {
         if self.artifacts.url.is_some() && self.artifacts.listen.is_none() {
             return bad("artifacts.url", Rule::UrlWithoutListen);
         }
+        if self.cell.gateway_id.is_some() {
+            if self.store.engine != StoreEngine::Postgres {
+                return bad("cell.gateway_id", Rule::CellWithoutPostgres);
+            }
+            if self.cell.advertise.is_none() {
+                return bad("cell.advertise", Rule::CellWithoutAdvertise);
+            }
+        } else if self.cell.advertise.is_some() {
+            return bad("cell.advertise", Rule::AdvertiseWithoutCell);
+        }
         Ok(())
     }
 
@@ -1078,6 +1172,15 @@ impl Config {
                 Err(e) => takes(Problem::BadStep(Box::new(e))),
             },
             "store.events_keep_days" => range(self.store.events_keep_days, 0, 36_500),
+            "cell.gateway_id" => match &self.cell.gateway_id {
+                Some(id) if !valid_gateway_id(id) => takes(Problem::BadGatewayId(id.clone())),
+                _ => Ok(()),
+            },
+            "cell.advertise" => match &self.cell.advertise {
+                Some(a) if !host_port(a) => takes(Problem::NotHostPort(a.clone())),
+                _ => Ok(()),
+            },
+            "cell.lease_ms" => range(self.cell.lease_ms, 1000, 60_000),
             "store.url" => match (&self.store.url, self.store.engine) {
                 (None, StoreEngine::Postgres) => takes(Problem::NoStoreUrl),
                 (Some(u), _) => match fleetcast_store::pg::check_url(u) {
@@ -1191,6 +1294,11 @@ mod tests {
                 password_file: Some("/p".into()),
                 ..StoreSection::default()
             },
+            cell: CellSection {
+                gateway_id: Some("gw".into()),
+                advertise: Some("gw:7300".into()),
+                ..CellSection::default()
+            },
             ..Config::default()
         };
         let t = toml::Table::try_from(&full).unwrap();
@@ -1256,6 +1364,9 @@ mod tests {
         ("store.events_keep_days", "7", "7"),
         ("store.events_max", "5000", "5000"),
         ("store.results_per_device", "20", "20"),
+        ("cell.gateway_id", "gw-b", "\"gw-b\""),
+        ("cell.advertise", "gw-b:7300", "\"gw-b:7300\""),
+        ("cell.lease_ms", "3000", "3000"),
         (
             "admin.metrics_listen",
             "127.0.0.1:9477",
@@ -1418,6 +1529,9 @@ mod tests {
             ("[watch]\nblock_size = 100\n", "watch.block_size", "from 512 to 65000"),
             ("[watch]\nthen = [\"shell:ls\"]\n", "watch.then", "step 1 (`shell:ls`): unknown step `shell:ls`"),
             ("[watch]\nthen = [\"reboot\", \"fetch:/x\"]\n", "watch.then", "fetch:PATH=URL"),
+            ("[cell]\ngateway_id = \"gw a\"\n", "cell.gateway_id", "`gw a` is not a gateway id; it takes a name of 1 to 64 letters"),
+            ("[cell]\nadvertise = \"gw\"\n", "cell.advertise", "`gw` is not HOST:PORT"),
+            ("[cell]\nlease_ms = 100\n", "cell.lease_ms", "from 1000 to 60000"),
         ];
         for (text, key, want) in cases {
             let e = file_error(text);
@@ -1528,6 +1642,25 @@ mod tests {
         let (_d, p) = file("[artifacts]\nurl = \"http://x\"\n");
         let e = load(Some(&p), no_env, &[]).unwrap_err().to_string();
         assert!(e.contains("`artifacts.url`"), "{e}");
+        // A cell needs PostgreSQL and an address to redirect agents to; an address needs a cell.
+        for (text, want) in [
+            (
+                "[cell]\ngateway_id = \"gw\"\nadvertise = \"gw:1\"\n",
+                "`cell.gateway_id`: a cell shares one PostgreSQL database",
+            ),
+            (
+                "[store]\nengine = \"postgres\"\nurl = \"dbname=f\"\n[cell]\ngateway_id = \"gw\"\n",
+                "`cell.advertise`: is unset",
+            ),
+            (
+                "[cell]\nadvertise = \"gw:1\"\n",
+                "`cell.advertise`: is set but cell.gateway_id is not",
+            ),
+        ] {
+            let (_d, p) = file(text);
+            let e = load(Some(&p), no_env, &[]).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
         let e = load(
             None,
             |v| (v == "FLEETCAST_MCAST_PORT").then(|| "x".into()),

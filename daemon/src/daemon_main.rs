@@ -333,6 +333,7 @@ fn print_out(text: &str) -> ExitCode {
 /// from `store.password_file` or `PGPASSWORD`, never from the command line.
 fn open_postgres(
     store: &config::StoreSection,
+    cell: &config::CellSection,
 ) -> Result<fleetcast_store::pg::PgStore, Box<dyn std::error::Error>> {
     // `validate` refused a postgres engine without a URL.
     let url = store.url.as_deref().unwrap_or_default();
@@ -347,6 +348,20 @@ fn open_postgres(
     };
     let (pg, m) = fleetcast_store::pg::PgStore::connect(url, password.as_deref())?;
     tracing::info!(schema = m.to, migrated_from = m.from, "store: PostgreSQL");
+    // `validate` refused a gateway id without an address to advertise.
+    let (Some(id), Some(addr)) = (&cell.gateway_id, &cell.advertise) else {
+        return Ok(pg);
+    };
+    let pg = pg.join_cell(id, addr, Duration::from_millis(cell.lease_ms))?;
+    if let Some(m) = pg.member() {
+        tracing::info!(
+            gateway = m.id(),
+            incarnation = m.incarnation(),
+            advertise = m.addr(),
+            lease_ms = cell.lease_ms,
+            "joined the cell"
+        );
+    }
     Ok(pg)
 }
 
@@ -372,7 +387,14 @@ fn run(cfg: Config, data: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
     };
     let fleet = match cfg.store.engine {
         StoreEngine::Lmdb => Fleet::new(Store::open(data.join("store"))?, pki, fleet_cfg)?,
-        StoreEngine::Postgres => Fleet::new(open_postgres(&cfg.store)?, pki, fleet_cfg)?,
+        StoreEngine::Postgres => {
+            let mut f = Fleet::new(open_postgres(&cfg.store, &cfg.cell)?, pki, fleet_cfg)?;
+            if cfg.cell.gateway_id.is_some() {
+                // Every second, or three times a lease: one slow renewal never costs it.
+                f.set_lease_renewal((cfg.cell.lease_ms / 3).min(1000));
+            }
+            f
+        }
     };
     let session = fleetcast_wire::SessionConfig {
         idle_timeout: Duration::from_secs(u64::from(cfg.heartbeat_secs.max(1)) * 3),

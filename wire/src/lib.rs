@@ -30,6 +30,7 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+pub mod cell;
 pub mod codec;
 pub mod data;
 pub mod error;

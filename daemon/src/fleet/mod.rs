@@ -484,11 +484,15 @@ struct Cx<'a> {
     cfg: &'a FleetConfig,
     /// The gateway has a distributor (multicast on): pushes are possible.
     multicast: bool,
+    /// The gateway is one of a cell's (devices come and go between gateways).
+    cell: bool,
     now_ms: u64,
     online: &'a mut HashMap<DeviceId, Online>,
     actions: &'a mut Vec<Action>,
     dirty: &'a mut BTreeSet<DeviceId>,
-    reboots: &'a mut Vec<(u64, DeviceId)>,
+    /// Deadlines this batch sets (a reboot started, a device claimed from another gateway),
+    /// armed once it commits.
+    armed: &'a mut Vec<(u64, DeviceId, Deadline)>,
     recent_enrolments: &'a mut HashMap<[u8; 32], (DeviceId, u64)>,
 }
 
@@ -506,6 +510,15 @@ pub struct Fleet {
     recent_enrolments: HashMap<[u8; 32], (DeviceId, u64)>,
     /// The gateway has a distributor (see [`Fleet::set_multicast`]).
     multicast: bool,
+    /// In a cell: how often the lease is renewed, and when next (wall ms).
+    lease: Option<LeaseRenewal>,
+}
+
+/// When a gateway in a cell renews its lease ([`Fleet::set_lease_renewal`]).
+#[derive(Debug, Clone, Copy)]
+struct LeaseRenewal {
+    every_ms: u64,
+    due_ms: u64,
 }
 
 /// How long a consumed token can be repeated (see `Fleet::recent_enrolments`).
@@ -543,18 +556,8 @@ impl Fleet {
         {
             let snap = store.snapshot()?;
             for (dev, q) in snap.queues()? {
-                match q.status {
-                    QueueStatus::AwaitingResult => {
-                        if let Some(seq) = q.cursor {
-                            let timeout = snap.command(dev, seq)?.map_or(0, |c| c.timeout_ms);
-                            let at = q.transmitted_ms + timeout + cfg.result_grace_ms;
-                            deadlines.push(Reverse((at, dev, Deadline::Result { seq })));
-                        }
-                    }
-                    QueueStatus::Rebooting => {
-                        deadlines.push(Reverse((q.reboot_deadline_ms, dev, Deadline::Reboot)));
-                    }
-                    _ => {}
+                if let Some((at, what)) = deadline_of(&*snap, &cfg, dev, &q)? {
+                    deadlines.push(Reverse((at, dev, what)));
                 }
             }
         }
@@ -566,7 +569,61 @@ impl Fleet {
             deadlines,
             recent_enrolments: HashMap::new(),
             multicast: false,
+            lease: None,
         })
+    }
+
+    /// Renews the store's cell lease every `every_ms` ([`Engine::keep_lease`]), as part of
+    /// [`Fleet::process`]; [`Fleet::next_deadline`] includes the renewal.
+    pub fn set_lease_renewal(&mut self, every_ms: u64) {
+        self.lease = Some(LeaseRenewal {
+            every_ms: every_ms.max(1),
+            due_ms: 0,
+        });
+    }
+
+    /// Renews the lease when due. A lease that had lapsed was joined again as a new
+    /// incarnation that owns nothing: every session is closed (their agents come back and
+    /// claim their devices again, here or at another gateway) and their commands are no
+    /// longer in flight here.
+    fn keep_lease(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
+        let Some(l) = &mut self.lease else { return };
+        if now_ms < l.due_ms {
+            return;
+        }
+        l.due_ms = now_ms + l.every_ms;
+        match self.store.keep_lease() {
+            Ok(store::Lease::Held) => {}
+            Ok(store::Lease::Rejoined { incarnation }) => {
+                tracing::warn!(
+                    incarnation,
+                    sessions = self.online.len(),
+                    "the cell lease had lapsed: joined again; closing every session"
+                );
+                for (_, o) in self.online.drain() {
+                    actions.push(close(
+                        o.conn,
+                        CloseCode::OVERLOADED,
+                        "the gateway lost its cell lease; reconnect",
+                    ));
+                }
+            }
+            // The lease may still be live; the next renewal tries again. Meanwhile batches
+            // fail the same way and acknowledge nothing.
+            Err(e) => tracing::warn!(error = %e, "cell lease not renewed"),
+        }
+    }
+
+    /// Gives the cell lease up (a clean stop), so the others claim this gateway's devices at
+    /// once.
+    pub fn leave_cell(&mut self) {
+        if self.lease.is_none() {
+            return;
+        }
+        match self.store.leave_cell() {
+            Ok(()) => tracing::info!("left the cell"),
+            Err(e) => tracing::warn!(error = %e, "cell lease not given up; it runs out"),
+        }
     }
 
     /// Whether the gateway has a distributor (multicast on: `--mcast-addr`); off until the
@@ -599,15 +656,34 @@ impl Fleet {
 
     /// The earliest deadline (wall ms) the loop must wake up for.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.deadlines.peek().map(|Reverse((at, _, _))| *at)
+        let next = self.deadlines.peek().map(|Reverse((at, _, _))| *at);
+        match (next, self.lease) {
+            (Some(at), Some(l)) => Some(at.min(l.due_ms)),
+            (at, l) => at.or(l.map(|l| l.due_ms)),
+        }
     }
 
     /// Applies `inputs` and due deadlines in one batch, commits once, and returns what to send.
     pub fn process(&mut self, now_ms: u64, inputs: Vec<Input>) -> Vec<Action> {
         let mut actions = Vec::new();
+        self.keep_lease(now_ms, &mut actions);
+        let due = self
+            .deadlines
+            .peek()
+            .is_some_and(|Reverse((at, _, _))| *at <= now_ms);
+        // Woken for the lease alone: no batch.
+        if !inputs.is_empty() || due {
+            actions.extend(self.process_batch(now_ms, inputs));
+        }
+        actions
+    }
+
+    /// [`Fleet::process`]'s batch: the inputs and due deadlines, committed once.
+    fn process_batch(&mut self, now_ms: u64, inputs: Vec<Input>) -> Vec<Action> {
+        let mut actions = Vec::new();
         let mut dirty = BTreeSet::new();
         let mut touched: Vec<ConnId> = Vec::new();
-        let mut reboots: Vec<(u64, DeviceId)> = Vec::new();
+        let mut armed: Vec<(u64, DeviceId, Deadline)> = Vec::new();
         let mut b = match self.store.batch() {
             Ok(b) => b,
             Err(e) => return fail_all(&inputs, &format!("store unavailable: {e}")),
@@ -621,11 +697,12 @@ impl Fleet {
                 pki: &self.pki,
                 cfg: &self.cfg,
                 multicast: self.multicast,
+                cell: self.lease.is_some(),
                 now_ms,
                 online: &mut self.online,
                 actions: &mut actions,
                 dirty: &mut dirty,
-                reboots: &mut reboots,
+                armed: &mut armed,
                 recent_enrolments: &mut self.recent_enrolments,
             };
             Self::apply(&mut cx, input);
@@ -665,8 +742,8 @@ impl Fleet {
         }
         match b.commit() {
             Ok(_) => {
-                for (at, dev) in reboots {
-                    self.deadlines.push(Reverse((at, dev, Deadline::Reboot)));
+                for (at, dev, what) in armed {
+                    self.deadlines.push(Reverse((at, dev, what)));
                 }
                 actions
             }
@@ -771,6 +848,28 @@ impl Fleet {
             }
         }
     }
+}
+
+/// The deadline a queue in state `q` waits on, if any: its command's result (with the
+/// grace), or the device's return from a reboot.
+fn deadline_of(
+    r: &dyn Reads,
+    cfg: &FleetConfig,
+    dev: DeviceId,
+    q: &store::QueueState,
+) -> store::Result<Option<(u64, Deadline)>> {
+    Ok(match q.status {
+        QueueStatus::AwaitingResult => match q.cursor {
+            Some(seq) => {
+                let timeout = r.command(dev, seq)?.map_or(0, |c| c.timeout_ms);
+                let at = q.transmitted_ms + timeout + cfg.result_grace_ms;
+                Some((at, Deadline::Result { seq }))
+            }
+            None => None,
+        },
+        QueueStatus::Rebooting => Some((q.reboot_deadline_ms, Deadline::Reboot)),
+        _ => None,
+    })
 }
 
 fn wall(now_ms: u64) -> std::time::SystemTime {

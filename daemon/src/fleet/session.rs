@@ -304,6 +304,32 @@ impl Cx<'_> {
                 "certificate key does not match the enrolled key",
             ));
         }
+        // In a cell, the session's batch takes the device first: every write for it below
+        // is fenced by that ownership.
+        match self.b.claim(device) {
+            Ok(store::Claimed::Ours) => {}
+            Ok(store::Claimed::Elsewhere { gateway, addr }) => {
+                tracing::debug!(device = device.0, %gateway, %addr, "device owned elsewhere: redirected");
+                return self.refuse(close(conn, CloseCode::REDIRECT, &addr));
+            }
+            // Our lease lapsed: the next renewal joins the cell again. Retry later.
+            Err(e @ store::Error::LeaseLost { .. }) => {
+                return self.refuse(close(conn, CloseCode::OVERLOADED, &e.to_string()))
+            }
+            Err(e) => return self.refuse(close(conn, CloseCode::INTERNAL, &e.to_string())),
+        }
+        // A device re-homed here from another gateway brings its deadline (a command
+        // in flight, a reboot): this gateway fires it from now on. The heap ignores an entry
+        // the queue no longer waits on, so a second one for a device that never left is
+        // harmless.
+        if !self.cell {
+            return true;
+        }
+        if let Ok(Some(q)) = self.b.queue(device) {
+            if let Ok(Some((at, what))) = deadline_of(&*self.b, self.cfg, device, &q) {
+                self.armed.push((at, device, what));
+            }
+        }
         true
     }
 

@@ -229,6 +229,8 @@ fn run(
             Job::Call(f) => f(&mut fleet),
         }
     }
+    // The loop let go of the thread: the gateway is stopping.
+    fleet.leave_cell();
 }
 
 #[cfg(test)]

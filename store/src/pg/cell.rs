@@ -229,56 +229,8 @@ pub fn live_gateways(c: &mut impl GenericClient) -> Result<Vec<(String, String)>
     .collect())
 }
 
-/// Which of `gateways` should own `device`: the one with the highest weight
-/// `hash(gateway, device)` (rendezvous hashing). `None` if there are none.
+/// Which of `gateways` should own `device` (rendezvous hashing, as the agents choose:
+/// [`fleetcast_wire::cell`]). `None` if there are none.
 pub fn rendezvous<'a>(device: u64, gateways: &[&'a str]) -> Option<&'a str> {
-    gateways
-        .iter()
-        .max_by_key(|g| (weight(g, device), **g))
-        .copied()
-}
-
-/// A 64-bit FNV-1a of the gateway's id and the device id, finished with a murmur3 mix so
-/// that ids differing in one byte still spread.
-fn weight(gateway: &str, device: u64) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in gateway.bytes().chain(device.to_le_bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rendezvous_balances_and_moves_only_the_leavers_devices() {
-        let three = ["gw-a", "gw-b", "gw-c"];
-        let two = ["gw-a", "gw-c"];
-        let mut counts = [0usize; 3];
-        let mut moved_wrongly = 0;
-        for dev in 0..30_000u64 {
-            let owner = rendezvous(dev, &three).unwrap();
-            counts[three.iter().position(|g| *g == owner).unwrap()] += 1;
-            let after = rendezvous(dev, &two).unwrap();
-            if owner != "gw-b" && after != owner {
-                moved_wrongly += 1;
-            }
-        }
-        // Each within 5% of a third (10,000 ± 500).
-        for c in counts {
-            assert!((9_500..=10_500).contains(&c), "{counts:?}");
-        }
-        assert_eq!(moved_wrongly, 0, "only gw-b's devices move when it leaves");
-        // The order the gateways are listed in does not matter.
-        let shuffled = ["gw-c", "gw-a", "gw-b"];
-        assert!((0..1000).all(|d| rendezvous(d, &three) == rendezvous(d, &shuffled)));
-        assert_eq!(rendezvous(7, &[]), None);
-    }
+    fleetcast_wire::cell::rendezvous(device, gateways)
 }

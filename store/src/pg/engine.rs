@@ -75,6 +75,23 @@ impl PgStore {
         self
     }
 
+    /// Joins the cell as gateway `id`, reached by agents at `addr`, with a lease of `lease`
+    /// (a new incarnation, see [`Membership::join`]), and fences every batch by it.
+    pub fn join_cell(
+        mut self,
+        id: &str,
+        addr: &str,
+        lease: std::time::Duration,
+    ) -> std::result::Result<PgStore, CellError> {
+        let m = Membership::join(self.client.get_mut(), id, addr, lease)?;
+        Ok(self.fenced(m))
+    }
+
+    /// The cell membership fencing this store's batches, if any.
+    pub fn member(&self) -> Option<&Membership> {
+        self.member.as_ref()
+    }
+
     /// Connects to the database `url` names (libpq's `key=value` form or a `postgresql://`
     /// URL), with `password` if given (read from a file or the environment by the caller:
     /// never from a command line), and brings its schema up to date ([`super::migrate`]).

@@ -646,6 +646,9 @@ impl CloseCode {
     pub const SHUTDOWN: CloseCode = CloseCode(8);
     /// An internal error on the sender's side.
     pub const INTERNAL: CloseCode = CloseCode(9);
+    /// Another gateway of the cell owns the device: the reason is that gateway's address
+    /// (`HOST:PORT`), where the agent connects next.
+    pub const REDIRECT: CloseCode = CloseCode(10);
 
     /// A short name for known codes.
     pub fn name(self) -> Option<&'static str> {
@@ -660,6 +663,7 @@ impl CloseCode {
             CloseCode::TIMEOUT => "timeout",
             CloseCode::SHUTDOWN => "shutdown",
             CloseCode::INTERNAL => "internal-error",
+            CloseCode::REDIRECT => "redirect",
             _ => return None,
         })
     }
