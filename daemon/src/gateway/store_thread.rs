@@ -294,7 +294,12 @@ mod tests {
         let mut gw = Gateway::bind(cfg, fleet).unwrap();
         let addr = gw.local_addr().unwrap();
         // A batch is in flight and its store is stuck.
-        gw.fleet.submit(1, Vec::new());
+        let input = crate::fleet::Input::Disconnected {
+            conn: 1,
+            device: None,
+            reason: "test".into(),
+        };
+        gw.fleet.submit(1, vec![input]);
         assert!(gw.fleet.busy());
         // Meanwhile a client on the agent port gets its answer from the loop.
         let client = std::thread::spawn(move || {
