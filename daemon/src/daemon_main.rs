@@ -389,9 +389,9 @@ fn run(cfg: Config, data: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
         StoreEngine::Lmdb => Fleet::new(Store::open(data.join("store"))?, pki, fleet_cfg)?,
         StoreEngine::Postgres => {
             let mut f = Fleet::new(open_postgres(&cfg.store, &cfg.cell)?, pki, fleet_cfg)?;
-            if cfg.cell.gateway_id.is_some() {
+            if let Some(id) = &cfg.cell.gateway_id {
                 // Every second, or three times a lease: one slow renewal never costs it.
-                f.set_lease_renewal((cfg.cell.lease_ms / 3).min(1000));
+                f.join_cell(id, (cfg.cell.lease_ms / 3).min(1000));
             }
             f
         }

@@ -53,6 +53,14 @@ pub trait Engine: Send {
     fn leave_cell(&mut self) -> Result<()> {
         Ok(())
     }
+    /// Devices another gateway of the cell changed by operator request since the last call
+    /// ([`StoreBatch::operator_writes`]): the ones online here may have a command to send.
+    /// Best effort and possibly late: it returns what the engine's connection received while
+    /// it last talked to the database (a renewal, a batch), so about a second at most in a
+    /// gateway; empty without a cell.
+    fn changed_elsewhere(&mut self) -> Vec<DeviceId> {
+        Vec::new()
+    }
 }
 
 /// What [`Engine::keep_lease`] found.
@@ -140,6 +148,24 @@ pub trait StoreBatch: Reads + DeviceOps + QueueOps + TaskOps + EventOps {
     fn claim(&mut self, dev: DeviceId) -> Result<Claimed> {
         let _ = dev;
         Ok(Claimed::Ours)
+    }
+    /// Gives `dev` up at the end of this batch's work for it (committed with the batch): the
+    /// gateway its agent next says hello to claims it. A device enrolled here is released so
+    /// that it settles on the gateway its agent prefers, not on the one that enrolled it.
+    /// Nothing to give up without a cell.
+    fn release(&mut self, dev: DeviceId) -> Result<()> {
+        let _ = dev;
+        Ok(())
+    }
+    /// Operator requests (queue, cancel, retry, skip, pause, resume, revoke, groups) act on
+    /// any device of the cell. While `on`, an operation on a device another gateway owns is
+    /// not refused: the device's row is locked, so it is serialized with that owner's
+    /// batches, and the owner is told once this batch commits
+    /// ([`Engine::changed_elsewhere`]), so it dispatches what was queued. Dispatches,
+    /// results, reboots and deadlines are the owner's alone and stay fenced. Without a cell
+    /// there is nothing to switch.
+    fn operator_writes(&mut self, on: bool) {
+        let _ = on;
     }
     /// Commits every transition of the batch durably. When it returns `Ok`, every transition
     /// is durable: only now may acknowledgements that depend on them go out. On `Err`

@@ -87,8 +87,7 @@ fn a_batch_claims_a_device_names_its_live_owner_and_a_lapsed_lease_rejoins() {
     let url = pg.url("cell");
     let join = |id: &str, addr: &str, lease: Duration| {
         let (store, _) = PgStore::connect(&url, None).unwrap();
-        let mut c = Client::connect(&url, NoTls).unwrap();
-        store.fenced(Membership::join(&mut c, id, addr, lease).unwrap())
+        store.join_cell(id, addr, lease).unwrap()
     };
     let mut a = join("gw-a", "10.77.0.1:7300", Duration::from_millis(500));
     let mut b = join("gw-b", "10.77.0.2:7300", Duration::from_secs(60));
@@ -112,6 +111,30 @@ fn a_batch_claims_a_device_names_its_live_owner_and_a_lapsed_lease_rejoins() {
     assert!(matches!(e, Error::NotFound(_)), "{e}");
     let d2 = batch.add_device("d2", [2; 32], 0).unwrap();
     batch.commit().unwrap();
+
+    // An operator request through gw-b queues for d1, serialized with gw-a and not refused;
+    // the rest of gw-b's batch stays fenced, and gw-a hears which device changed.
+    let mut batch = b.batch().unwrap();
+    batch.operator_writes(true);
+    batch.enqueue(d1, exec()).unwrap();
+    batch.operator_writes(false);
+    assert!(matches!(batch.enqueue(d1, exec()), Err(Error::NotOwner(_))));
+    batch.commit().unwrap();
+    // Heard on gw-a's connection as it next talks to the database (its renewal, a batch).
+    let heard = (0..50)
+        .find_map(|_| {
+            assert_eq!(a.keep_lease().unwrap(), Lease::Held);
+            let d = a.changed_elsewhere();
+            if d.is_empty() {
+                std::thread::sleep(Duration::from_millis(20));
+                None
+            } else {
+                Some(d)
+            }
+        })
+        .expect("gw-a is told");
+    assert_eq!(heard, vec![d1]);
+    assert_eq!(a.snapshot().unwrap().commands(d1, 0, 10).unwrap().len(), 1);
 
     // gw-a keeps its lease while it renews it.
     for _ in 0..4 {

@@ -21,24 +21,18 @@ impl Fleet {
         actions: &mut Vec<Action>,
         dirty: &mut BTreeSet<DeviceId>,
     ) {
-        let Ok(Some(q)) = b.queue(dev) else { return };
         // In a cell, the deadline is the owner's to fire. A device whose gateway died is
         // claimed by whichever gateway's deadline comes due (a device that never comes back
         // still fails its command or reboot); one another live gateway owns is left to it.
-        // Only a queue still waiting can be written for; a stale entry claims nothing.
-        if matches!(
-            q.status,
-            QueueStatus::AwaitingResult | QueueStatus::Rebooting
-        ) {
-            match b.claim(dev) {
-                Ok(store::Claimed::Ours) => {}
-                Ok(store::Claimed::Elsewhere { .. }) => return,
-                Err(e) => {
-                    tracing::debug!(device = dev.0, error = %e, "deadline not fired: device not claimed");
-                    return;
-                }
+        match b.claim(dev) {
+            Ok(store::Claimed::Ours) => {}
+            Ok(store::Claimed::Elsewhere { .. }) => return,
+            Err(e) => {
+                tracing::debug!(device = dev.0, error = %e, "deadline not fired: device not claimed");
+                return;
             }
         }
+        let Ok(Some(q)) = b.queue(dev) else { return };
         match what {
             Deadline::Result { seq }
                 if q.status == QueueStatus::AwaitingResult && q.cursor == Some(seq) =>

@@ -484,8 +484,8 @@ struct Cx<'a> {
     cfg: &'a FleetConfig,
     /// The gateway has a distributor (multicast on): pushes are possible.
     multicast: bool,
-    /// The gateway is one of a cell's (devices come and go between gateways).
-    cell: bool,
+    /// The gateway's id in its cell, if it is in one (devices come and go between gateways).
+    cell: Option<&'a str>,
     now_ms: u64,
     online: &'a mut HashMap<DeviceId, Online>,
     actions: &'a mut Vec<Action>,
@@ -515,8 +515,10 @@ pub struct Fleet {
 }
 
 /// When a gateway in a cell renews its lease ([`Fleet::set_lease_renewal`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct LeaseRenewal {
+    /// The gateway's id in the cell (for the event log).
+    gateway: String,
     every_ms: u64,
     due_ms: u64,
 }
@@ -573,10 +575,12 @@ impl Fleet {
         })
     }
 
-    /// Renews the store's cell lease every `every_ms` ([`Engine::keep_lease`]), as part of
-    /// [`Fleet::process`]; [`Fleet::next_deadline`] includes the renewal.
-    pub fn set_lease_renewal(&mut self, every_ms: u64) {
+    /// The fleet of gateway `gateway` of a cell (its store joined the cell already): the
+    /// lease is renewed every `every_ms` ([`Engine::keep_lease`]) as part of
+    /// [`Fleet::process`], and [`Fleet::next_deadline`] includes the renewal.
+    pub fn join_cell(&mut self, gateway: &str, every_ms: u64) {
         self.lease = Some(LeaseRenewal {
+            gateway: gateway.to_string(),
             every_ms: every_ms.max(1),
             due_ms: 0,
         });
@@ -657,9 +661,9 @@ impl Fleet {
     /// The earliest deadline (wall ms) the loop must wake up for.
     pub fn next_deadline(&self) -> Option<u64> {
         let next = self.deadlines.peek().map(|Reverse((at, _, _))| *at);
-        match (next, self.lease) {
+        match (next, &self.lease) {
             (Some(at), Some(l)) => Some(at.min(l.due_ms)),
-            (at, l) => at.or(l.map(|l| l.due_ms)),
+            (at, l) => at.or(l.as_ref().map(|l| l.due_ms)),
         }
     }
 
@@ -667,21 +671,36 @@ impl Fleet {
     pub fn process(&mut self, now_ms: u64, inputs: Vec<Input>) -> Vec<Action> {
         let mut actions = Vec::new();
         self.keep_lease(now_ms, &mut actions);
+        // Devices here whose queues an operator changed through another gateway of the cell.
+        let poked: BTreeSet<DeviceId> = match self.lease {
+            Some(_) => self
+                .store
+                .changed_elsewhere()
+                .into_iter()
+                .filter(|d| self.online.contains_key(d))
+                .collect(),
+            None => BTreeSet::new(),
+        };
         let due = self
             .deadlines
             .peek()
             .is_some_and(|Reverse((at, _, _))| *at <= now_ms);
         // Woken for the lease alone: no batch.
-        if !inputs.is_empty() || due {
-            actions.extend(self.process_batch(now_ms, inputs));
+        if !inputs.is_empty() || due || !poked.is_empty() {
+            actions.extend(self.process_batch(now_ms, inputs, poked));
         }
         actions
     }
 
-    /// [`Fleet::process`]'s batch: the inputs and due deadlines, committed once.
-    fn process_batch(&mut self, now_ms: u64, inputs: Vec<Input>) -> Vec<Action> {
+    /// [`Fleet::process`]'s batch: the inputs and due deadlines, committed once; `dirty`
+    /// devices may have a command to send whatever the inputs.
+    fn process_batch(
+        &mut self,
+        now_ms: u64,
+        inputs: Vec<Input>,
+        mut dirty: BTreeSet<DeviceId>,
+    ) -> Vec<Action> {
         let mut actions = Vec::new();
-        let mut dirty = BTreeSet::new();
         let mut touched: Vec<ConnId> = Vec::new();
         let mut armed: Vec<(u64, DeviceId, Deadline)> = Vec::new();
         let mut b = match self.store.batch() {
@@ -697,7 +716,7 @@ impl Fleet {
                 pki: &self.pki,
                 cfg: &self.cfg,
                 multicast: self.multicast,
-                cell: self.lease.is_some(),
+                cell: self.lease.as_ref().map(|l| l.gateway.as_str()),
                 now_ms,
                 online: &mut self.online,
                 actions: &mut actions,
@@ -814,7 +833,13 @@ impl Fleet {
                 device,
                 reason,
             } => cx.disconnected(*conn, device.as_ref(), reason),
-            Input::Admin { conn, req } => cx.admin(*conn, req),
+            Input::Admin { conn, req } => {
+                // An operator acts on the whole fleet of a cell, not only on the devices this
+                // gateway holds (see `StoreBatch::operator_writes`).
+                cx.b.operator_writes(true);
+                cx.admin(*conn, req);
+                cx.b.operator_writes(false);
+            }
             Input::Hashed { origin, result } => {
                 push(cx.b, cx.online, cx.now_ms, *origin, result, cx.actions)
             }

@@ -187,6 +187,7 @@ impl Cx<'_> {
             online,
             actions,
             dirty,
+            cell,
             ..
         } = self;
         if let Some(old) = online.remove(&device) {
@@ -205,7 +206,10 @@ impl Cx<'_> {
             now_ms,
             Some(device),
             EventKind::Connected,
-            format!("session {conn}"),
+            match cell {
+                Some(gw) => format!("session {conn} on gateway {gw}"),
+                None => format!("session {conn}"),
+            },
         ));
         // A result the agent still holds: store it (or, when it is obsolete, tell why
         // it is not); either way the agent may forget it, acknowledged below.
@@ -279,6 +283,27 @@ impl Cx<'_> {
     /// Whether `device` may open a session with the key `key_hash`; if not, its connection is
     /// closed with the reason.
     fn admit(&mut self, conn: ConnId, device: DeviceId, key_hash: &[u8; 32]) -> bool {
+        // In a cell, the session's batch takes the device first: every write for it below
+        // is fenced by that ownership.
+        match self.b.claim(device) {
+            Ok(store::Claimed::Ours) => {}
+            Ok(store::Claimed::Elsewhere { gateway, addr }) => {
+                tracing::debug!(device = device.0, %gateway, %addr, "device owned elsewhere: redirected");
+                return self.refuse(close(conn, CloseCode::REDIRECT, &addr));
+            }
+            // Our lease lapsed: the next renewal joins the cell again. Retry later.
+            Err(e @ store::Error::LeaseLost { .. }) => {
+                return self.refuse(close(conn, CloseCode::OVERLOADED, &e.to_string()))
+            }
+            Err(store::Error::NotFound(_)) => {
+                return self.refuse(close(
+                    conn,
+                    CloseCode::UNKNOWN_DEVICE,
+                    "device is not enrolled",
+                ))
+            }
+            Err(e) => return self.refuse(close(conn, CloseCode::INTERNAL, &e.to_string())),
+        }
         let dev = match self.b.device(device) {
             Ok(Some(d)) => d,
             Ok(None) => {
@@ -304,25 +329,11 @@ impl Cx<'_> {
                 "certificate key does not match the enrolled key",
             ));
         }
-        // In a cell, the session's batch takes the device first: every write for it below
-        // is fenced by that ownership.
-        match self.b.claim(device) {
-            Ok(store::Claimed::Ours) => {}
-            Ok(store::Claimed::Elsewhere { gateway, addr }) => {
-                tracing::debug!(device = device.0, %gateway, %addr, "device owned elsewhere: redirected");
-                return self.refuse(close(conn, CloseCode::REDIRECT, &addr));
-            }
-            // Our lease lapsed: the next renewal joins the cell again. Retry later.
-            Err(e @ store::Error::LeaseLost { .. }) => {
-                return self.refuse(close(conn, CloseCode::OVERLOADED, &e.to_string()))
-            }
-            Err(e) => return self.refuse(close(conn, CloseCode::INTERNAL, &e.to_string())),
-        }
         // A device re-homed here from another gateway brings its deadline (a command
         // in flight, a reboot): this gateway fires it from now on. The heap ignores an entry
         // the queue no longer waits on, so a second one for a device that never left is
         // harmless.
-        if !self.cell {
+        if self.cell.is_none() {
             return true;
         }
         if let Ok(Some(q)) = self.b.queue(device) {
@@ -400,6 +411,11 @@ impl Cx<'_> {
                 // Its groups' following tasks: served once it connects (its finisher asks).
                 if let Err(e) = self.follow_enrolled(id) {
                     tracing::warn!(device = id.0, error = %e, "following tasks not joined");
+                }
+                // In a cell, the device settles on the gateway its agent prefers: the first
+                // one it says hello to takes it.
+                if let Err(e) = self.b.release(id) {
+                    tracing::warn!(device = id.0, error = %e, "enrolled device not released");
                 }
             }
             Err(e) => {

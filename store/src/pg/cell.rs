@@ -195,6 +195,17 @@ impl Membership {
         }
     }
 
+    /// Gives device `dev` up (if this incarnation holds it): unowned, the next gateway its
+    /// agent says hello to claims it at once.
+    pub fn release(&self, c: &mut impl GenericClient, dev: i64) -> Result<(), CellError> {
+        c.execute(
+            "UPDATE devices SET owner_gw = NULL, owner_inc = NULL
+             WHERE id = $1 AND owner_gw = $2 AND owner_inc = $3",
+            &[&dev, &self.id, &self.incarnation],
+        )?;
+        Ok(())
+    }
+
     /// Checks, inside the transaction `t` that is about to write for device `dev`, that this
     /// incarnation owns it under a live lease, and locks the device's row until `t` ends, so
     /// no claim can take it before the write commits.

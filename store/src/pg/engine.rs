@@ -18,6 +18,7 @@
 use std::cell::{Cell, RefCell, RefMut};
 use std::path::Path;
 
+use postgres::fallible_iterator::FallibleIterator as _;
 use postgres::types::ToSql;
 use postgres::{Client, Row};
 
@@ -34,6 +35,10 @@ use crate::types::{
     QueueStatus, StoredResult, Task, TaskDeviceStatus, TaskId,
 };
 use crate::Committed;
+
+/// The channel on which a gateway tells the cell which devices operator requests changed
+/// (payload: the device id in decimal).
+const NOTIFY_CHANNEL: &str = "fleetcast_devices";
 
 /// The advisory lock key that orders event ids (`events` in ASCII).
 const EVENTS_LOCK: i64 = 0x0000_6576_656e_7473;
@@ -83,7 +88,9 @@ impl PgStore {
         addr: &str,
         lease: std::time::Duration,
     ) -> std::result::Result<PgStore, CellError> {
-        let m = Membership::join(self.client.get_mut(), id, addr, lease)?;
+        let c = self.client.get_mut();
+        let m = Membership::join(c, id, addr, lease)?;
+        c.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))?;
         Ok(self.fenced(m))
     }
 
@@ -127,7 +134,7 @@ impl PgStore {
             if !c.is_closed() && e.as_db_error().is_some() {
                 return Err(e.into());
             }
-            *c = cfg.connect(postgres::NoTls)?;
+            *c = connect_again(cfg, self.member.is_some())?;
             c.batch_execute(sql)?;
         }
         Ok(Tx {
@@ -138,6 +145,8 @@ impl PgStore {
             ops: 0,
             member: if fence { self.member.as_ref() } else { None },
             fenced: RefCell::new(BTreeSet::new()),
+            operator: Cell::new(false),
+            locked: RefCell::new(BTreeSet::new()),
         })
     }
 
@@ -184,7 +193,7 @@ impl Engine for PgStore {
                 if !c.is_closed() && e.as_db_error().is_some() {
                     return Err(e.into());
                 }
-                *c = cfg.connect(postgres::NoTls)?;
+                *c = connect_again(cfg, true)?;
                 match m.renew(c) {
                     Ok(()) => return Ok(Lease::Held),
                     Err(CellError::LeaseLost { .. }) => {}
@@ -199,12 +208,43 @@ impl Engine for PgStore {
         Ok(Lease::Rejoined { incarnation })
     }
 
+    fn changed_elsewhere(&mut self) -> Vec<DeviceId> {
+        if self.member.is_none() {
+            return Vec::new();
+        }
+        let c = self.client.get_mut();
+        let mut out = Vec::new();
+        // Non-blocking: what the connection has received, and what is waiting on its socket.
+        let mut n = c.notifications();
+        let mut it = n.iter();
+        while let Ok(Some(note)) = it.next() {
+            if let Ok(d) = note.payload().parse::<u64>() {
+                out.push(DeviceId(d));
+            }
+        }
+        out
+    }
+
     fn leave_cell(&mut self) -> Result<()> {
         match &self.member {
             Some(m) => m.leave(self.client.get_mut()).map_err(cell_error),
             None => Ok(()),
         }
     }
+}
+
+/// A new connection after the server closed the old one; in a cell, listening again for the
+/// devices other gateways changed (a notification sent meanwhile is lost: the owner learns
+/// of that command at the device's next session).
+fn connect_again(
+    cfg: &postgres::Config,
+    listen: bool,
+) -> std::result::Result<Client, postgres::Error> {
+    let mut c = cfg.connect(postgres::NoTls)?;
+    if listen {
+        c.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))?;
+    }
+    Ok(c)
 }
 
 /// A cell error where the engine's own error is due: the database's, kept whole.
@@ -243,6 +283,11 @@ struct Tx<'a> {
     member: Option<&'a Membership>,
     /// Devices whose ownership this transaction checked (and whose rows it locked).
     fenced: RefCell<BTreeSet<u64>>,
+    /// Operator requests are running ([`StoreBatch::operator_writes`]).
+    operator: Cell<bool>,
+    /// Devices whose rows an operator request locked without owning them: their owners are
+    /// notified at commit.
+    locked: RefCell<BTreeSet<u64>>,
 }
 
 impl Drop for Tx<'_> {
@@ -270,6 +315,9 @@ impl Tx<'_> {
             return Ok(());
         }
         self.check()?;
+        if self.operator.get() {
+            return self.lock_for_operator(dev);
+        }
         let r = m.fence(&mut **self.c.borrow_mut(), i(dev.0));
         match r {
             Ok(()) => {
@@ -288,6 +336,21 @@ impl Tx<'_> {
                 })
             }
         }
+    }
+
+    /// An operator request's access to `dev`: the device's row locked until the transaction
+    /// ends (serialized with its owner's batches, which lock it in their fence), ownership not
+    /// required.
+    fn lock_for_operator(&self, dev: DeviceId) -> Result<()> {
+        if self.locked.borrow().contains(&dev.0) {
+            return Ok(());
+        }
+        self.query_opt(
+            "SELECT 1 FROM devices WHERE id = $1 FOR UPDATE",
+            &[&i(dev.0)],
+        )?;
+        self.locked.borrow_mut().insert(dev.0);
+        Ok(())
     }
 
     /// [`Tx::fence`] for a write: the operation read the device first, so a refusal here
@@ -376,6 +439,14 @@ impl Tx<'_> {
             )?
             .get(0)
         };
+        // The owners of devices operator requests changed hear of it when this commits (a
+        // notification is sent only if its transaction commits).
+        for dev in self.locked.get_mut().iter() {
+            c.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&NOTIFY_CHANNEL, &dev.to_string()],
+            )?;
+        }
         // An empty batch changed nothing: it ends without a commit record either way.
         c.batch_execute("COMMIT")?;
         self.open.set(false);
@@ -843,6 +914,23 @@ impl Reads for PgBatch<'_> {
 impl StoreBatch for PgBatch<'_> {
     fn len(&self) -> usize {
         self.tx.ops
+    }
+
+    fn operator_writes(&mut self, on: bool) {
+        self.tx.operator.set(on);
+    }
+
+    fn release(&mut self, dev: DeviceId) -> Result<()> {
+        let Some(m) = self.tx.member else {
+            return Ok(());
+        };
+        self.tx.check()?;
+        let r = m.release(&mut **self.tx.c.borrow_mut(), i(dev.0));
+        self.tx.fenced.borrow_mut().remove(&dev.0);
+        r.map_err(|e| {
+            self.tx.poisoned.set(true);
+            cell_error(e)
+        })
     }
 
     fn claim(&mut self, dev: DeviceId) -> Result<Claimed> {
