@@ -3,6 +3,10 @@
 //! (one more per device every two seconds, queued through a random gateway, every fifth with
 //! a reboot), a random gateway is killed with SIGKILL every 20 s and started again 5 s later.
 //!
+//! Halfway through, the database itself is stopped for 5 s (longer than a lease) and started
+//! again: every gateway stops acknowledging, its lease lapses, and it joins the cell again once
+//! the database is back; the agents' held results go to whichever gateway they reach.
+//!
 //! Checked: every command ran exactly once and in order on every device (the devices' own
 //! logs), every result is stored `ok`, and every device whose gateway was killed came back on
 //! a live gateway. Reported (not asserted: a figure, not a rule): the re-home time, from the
@@ -122,7 +126,7 @@ fn a_cell_of_three_gateways_loses_and_repeats_nothing_while_gateways_are_killed(
         .unwrap_or(120);
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let pg = Postgres::start().expect("PostgreSQL (Debian package postgresql)");
+    let mut pg = Postgres::start().expect("PostgreSQL (Debian package postgresql)");
     pg.create_database("cell").expect("createdb");
     let url = pg.url("cell");
     let lab = Lab::new(LabConfig::hosts(GATEWAYS + DEVICES)).expect("lab (see docs/lab.md)");
@@ -187,6 +191,8 @@ fn a_cell_of_three_gateways_loses_and_repeats_nothing_while_gateways_are_killed(
     let mut next_kill = start + KILL_EVERY;
     let mut next_wave = start;
     let mut down: Option<(usize, Instant)> = None;
+    let mut db_down: Option<Instant> = None;
+    let mut db_restarted = false;
     let mut wave = 0u32;
     while start.elapsed() < Duration::from_secs(secs) {
         supervise(&lab, &mut devices, GATEWAYS);
@@ -197,14 +203,32 @@ fn a_cell_of_three_gateways_loses_and_repeats_nothing_while_gateways_are_killed(
                 down = None;
             }
         }
-        if down.is_none() && now >= next_kill {
+        if let Some(at) = db_down {
+            if now >= at {
+                pg.start_server().expect("restart PostgreSQL");
+                db_down = None;
+                next_kill = now + KILL_EVERY / 2;
+            }
+        }
+        if !db_restarted
+            && down.is_none()
+            && start.elapsed() >= Duration::from_secs(secs / 2)
+            && next_kill > now + DOWN_FOR * 2
+        {
+            pg.stop().expect("stop PostgreSQL");
+            db_down = Some(now + DOWN_FOR);
+            db_restarted = true;
+        }
+        if down.is_none() && db_down.is_none() && now >= next_kill {
             let g = rng.range(0, GATEWAYS as u64) as usize;
             kills.push((wall_ms(), g));
             gws[g].kill();
             down = Some((g, now + DOWN_FOR));
             next_kill = now + KILL_EVERY;
         }
-        if now >= next_wave {
+        // No command is queued while the database is down: the request would fail, and its
+        // outcome is all the check needs to know.
+        if now >= next_wave && db_down.is_none() {
             wave += 1;
             let live: Vec<usize> = (0..GATEWAYS)
                 .filter(|g| down.is_none_or(|(d, _)| d != *g))
@@ -237,6 +261,9 @@ fn a_cell_of_three_gateways_loses_and_repeats_nothing_while_gateways_are_killed(
     }
     if let Some((g, _)) = down.take() {
         gws[g].restart();
+    }
+    if db_down.take().is_some() {
+        pg.start_server().expect("restart PostgreSQL");
     }
 
     // Every queue drains: each device ran each of its commands once, in order.
@@ -342,7 +369,7 @@ fn a_cell_of_three_gateways_loses_and_repeats_nothing_while_gateways_are_killed(
         })
         .collect();
     println!(
-        "cell: {secs} s, {} kills, {} devices × {} commands ({} reboots each), re-homes {}: \
+        "cell: {secs} s, {} kills, a database restart: {db_restarted}, {} devices × {} commands ({} reboots each), re-homes {}: \
          p50 {} ms, p99 {} ms, max {} ms; sessions per gateway {}",
         kills.len(),
         DEVICES,

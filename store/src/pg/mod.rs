@@ -4,9 +4,11 @@
 //! write fence ([`Membership`], [`rendezvous`]); the engine ([`PgStore`], behind
 //! [`crate::Engine`]), which runs the store's own batch operations on a database
 //! transaction, its device writes fenced by a cell membership when it has one
-//! ([`PgStore::fenced`]). `fleetcastd` runs it for a single gateway (`store.engine =
-//! "postgres"`); joining a cell, claiming devices and redirecting agents are not wired in
-//! the gateway yet.
+//! ([`PgStore::fenced`], [`PgStore::join_cell`]). `fleetcastd` runs it for a single gateway
+//! (`store.engine = "postgres"`) or as one gateway of a cell (`[cell]`): it renews its lease
+//! through [`crate::Engine::keep_lease`], claims a device on its agent's Hello
+//! ([`crate::StoreBatch::claim`]) or redirects the agent to the owner, and lets operator
+//! requests act on any device ([`crate::StoreBatch::operator_writes`]).
 //!
 //! The client is the `postgres` crate, the synchronous face of `tokio-postgres` (the
 //! best-kept PostgreSQL client in Rust): each `Client` drives its connection on a small
