@@ -359,7 +359,7 @@ impl Agent {
                 }
                 Err(e) => return Err(e),
             };
-            if failed && self.gateways.len() > 1 {
+            if failed && self.gateways.several() {
                 let next = self.gateways.failed();
                 self.target = self.gateways.target();
                 let (host, port) = (&self.target.host, self.target.port);

@@ -30,7 +30,8 @@ pub const REDIRECT_PAUSE_MS: u64 = 500;
 /// The agent's gateways and where it is in them.
 #[derive(Debug, Clone)]
 pub struct Gateways {
-    list: Vec<String>,
+    /// Each gateway as listed, and parsed.
+    list: Vec<(String, Target)>,
     alt_port: u16,
     proxy: Option<Proxy>,
     /// Indices of `list`, most preferred first.
@@ -55,17 +56,14 @@ impl Gateways {
         alt_port: u16,
         proxy: Option<Proxy>,
     ) -> Result<Gateways, LadderError> {
-        let list: Vec<String> = gateways
+        let list = gateways
             .split(',')
             .map(str::trim)
             .filter(|g| !g.is_empty())
-            .map(String::from)
-            .collect();
+            .map(|g| Ok((g.to_string(), Target::parse(g, alt_port, proxy.clone())?)))
+            .collect::<Result<Vec<_>, LadderError>>()?;
         if list.is_empty() {
             return Err(LadderError::GatewayAddress);
-        }
-        for g in &list {
-            Target::parse(g, alt_port, None)?;
         }
         Ok(Gateways {
             order: (0..list.len()).collect(),
@@ -80,37 +78,25 @@ impl Gateways {
         })
     }
 
-    /// How many gateways are listed.
-    pub fn len(&self) -> usize {
-        self.list.len()
-    }
-
-    /// Always false: a list holds at least one gateway.
-    pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
+    /// Whether more than one gateway is listed (a cell).
+    pub fn several(&self) -> bool {
+        self.list.len() > 1
     }
 
     /// Orders the list by `device`'s preference and starts from its first choice (once the
     /// device id is known: at start, or after enrolment).
     pub fn prefer(&mut self, device: u64) {
-        let names: Vec<&str> = self.list.iter().map(String::as_str).collect();
+        let names: Vec<&str> = self.list.iter().map(|(g, _)| g.as_str()).collect();
         self.order = fleetcast_wire::cell::preference(device, &names);
         self.pos = 0;
     }
 
     /// The gateway the next session goes to.
     pub fn target(&self) -> Target {
-        if let Some(t) = &self.redirected {
-            return t.clone();
+        match &self.redirected {
+            Some(t) => t.clone(),
+            None => self.list[self.order[self.pos]].1.clone(),
         }
-        let g = &self.list[self.order[self.pos]];
-        // Every entry parsed in `parse`.
-        Target::parse(g, self.alt_port, self.proxy.clone()).unwrap_or(Target {
-            host: g.clone(),
-            port: 0,
-            alt_port: self.alt_port,
-            proxy: self.proxy.clone(),
-        })
     }
 
     /// A session was welcomed: where it is is good.
@@ -140,7 +126,7 @@ impl Gateways {
         }
         // A gateway of our own list becomes where we are, so that a later failure there
         // moves on from it in our order.
-        let listed = self.list.iter().position(|g| g == addr);
+        let listed = self.list.iter().position(|(g, _)| g == addr);
         match listed.and_then(|i| self.order.iter().position(|&o| o == i)) {
             Some(p) => {
                 self.pos = p;
@@ -193,7 +179,7 @@ mod tests {
     #[test]
     fn failures_move_through_the_preference_order_then_back_off() {
         let mut g = Gateways::parse("a:1, b:2,c:3", 443, None).unwrap();
-        assert_eq!(g.len(), 3);
+        assert!(g.several());
         assert_eq!(hostport(&g.target()), "a:1", "list order before enrolment");
         g.prefer(42);
         let names = ["a:1", "b:2", "c:3"];

@@ -514,7 +514,7 @@ pub struct Fleet {
     lease: Option<LeaseRenewal>,
 }
 
-/// When a gateway in a cell renews its lease ([`Fleet::set_lease_renewal`]).
+/// When a gateway in a cell renews its lease ([`Fleet::join_cell`]).
 #[derive(Debug, Clone)]
 struct LeaseRenewal {
     /// The gateway's id in the cell (for the event log).
@@ -661,10 +661,9 @@ impl Fleet {
     /// The earliest deadline (wall ms) the loop must wake up for.
     pub fn next_deadline(&self) -> Option<u64> {
         let next = self.deadlines.peek().map(|Reverse((at, _, _))| *at);
-        match (next, &self.lease) {
-            (Some(at), Some(l)) => Some(at.min(l.due_ms)),
-            (at, l) => at.or(l.as_ref().map(|l| l.due_ms)),
-        }
+        next.into_iter()
+            .chain(self.lease.as_ref().map(|l| l.due_ms))
+            .min()
     }
 
     /// Applies `inputs` and due deadlines in one batch, commits once, and returns what to send.

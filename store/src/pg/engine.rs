@@ -90,7 +90,7 @@ impl PgStore {
     ) -> std::result::Result<PgStore, CellError> {
         let c = self.client.get_mut();
         let m = Membership::join(c, id, addr, lease)?;
-        c.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))?;
+        listen(c)?;
         Ok(self.fenced(m))
     }
 
@@ -131,7 +131,7 @@ impl PgStore {
             let Some(cfg) = &self.reconnect else {
                 return Err(e.into());
             };
-            if !c.is_closed() && e.as_db_error().is_some() {
+            if !connection_lost(&c, &e) {
                 return Err(e.into());
             }
             *c = connect_again(cfg, self.member.is_some())?;
@@ -190,7 +190,7 @@ impl Engine for PgStore {
                 let Some(cfg) = &self.reconnect else {
                     return Err(e.into());
                 };
-                if !c.is_closed() && e.as_db_error().is_some() {
+                if !connection_lost(c, &e) {
                     return Err(e.into());
                 }
                 *c = connect_again(cfg, true)?;
@@ -238,13 +238,24 @@ impl Engine for PgStore {
 /// of that command at the device's next session).
 fn connect_again(
     cfg: &postgres::Config,
-    listen: bool,
+    in_cell: bool,
 ) -> std::result::Result<Client, postgres::Error> {
     let mut c = cfg.connect(postgres::NoTls)?;
-    if listen {
-        c.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))?;
+    if in_cell {
+        listen(&mut c)?;
     }
     Ok(c)
+}
+
+/// Subscribes the connection to the cell's notifications of devices changed elsewhere.
+fn listen(c: &mut Client) -> std::result::Result<(), postgres::Error> {
+    c.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+}
+
+/// Whether `e` means the connection is gone (a server restart, a cut network), so one new
+/// connection is worth trying, rather than a refusal by a live server.
+fn connection_lost(c: &Client, e: &postgres::Error) -> bool {
+    c.is_closed() || e.as_db_error().is_none()
 }
 
 /// A cell error where the engine's own error is due: the database's, kept whole.
