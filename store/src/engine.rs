@@ -68,6 +68,11 @@ pub trait Engine: Send {
 pub enum Lease {
     /// The lease is renewed (or there is none to renew).
     Held,
+    /// No renewal reached the database for a whole lease (by this gateway's clock): the
+    /// lease may have lapsed and other gateways may be taking its devices. Reported once;
+    /// the gateway stops serving its sessions (their agents go to another gateway) and its
+    /// batches fail until the lease is renewed or joined again.
+    Lapsed,
     /// The lease had lapsed: the gateway joined the cell again as a new incarnation and owns
     /// no device until it claims them again.
     Rejoined {

@@ -170,6 +170,12 @@ pub enum Error {
     /// An earlier operation of this batch failed with a storage error; the batch cannot commit.
     #[error("batch poisoned by an earlier storage error; nothing of it was committed")]
     Poisoned,
+    /// As [`Error::Poisoned`], naming the first failure (an engine that keeps it: PostgreSQL).
+    #[error("batch poisoned by an earlier storage error ({cause}); nothing of it was committed")]
+    PoisonedBy {
+        /// The first failure, as it read.
+        cause: String,
+    },
     /// An LMDB error not covered above.
     #[error("lmdb: {0}")]
     Lmdb(lmdb::Error),

@@ -89,8 +89,14 @@ fn a_batch_claims_a_device_names_its_live_owner_and_a_lapsed_lease_rejoins() {
         let (store, _) = PgStore::connect(&url, None).unwrap();
         store.join_cell(id, addr, lease).unwrap()
     };
-    let mut a = join("gw-a", "10.77.0.1:7300", Duration::from_millis(500));
     let mut b = join("gw-b", "10.77.0.2:7300", Duration::from_secs(60));
+    // gw-a is made from a client: it renews its lease in keep_lease on that client, so a
+    // stall of the gateway is a stall of its lease (a store from `connect` renews on a
+    // thread of its own: the next test).
+    let client = Client::connect(&url, NoTls).unwrap();
+    let mut a = PgStore::new(client)
+        .join_cell("gw-a", "10.77.0.1:7300", Duration::from_millis(500))
+        .unwrap();
 
     let mut batch = a.batch().unwrap();
     let d1 = batch.add_device("d1", [1; 32], 0).unwrap();
@@ -178,4 +184,64 @@ fn a_batch_claims_a_device_names_its_live_owner_and_a_lapsed_lease_rejoins() {
     assert_eq!(batch.claim(d3).unwrap(), Claimed::Ours);
     batch.enqueue(d2, exec()).unwrap();
     batch.commit().unwrap();
+}
+
+#[test]
+fn a_lease_kept_on_its_own_thread_outlives_a_stalled_gateway_and_lapses_without_the_database() {
+    let mut pg = Postgres::start().expect("PostgreSQL (Debian package postgresql)");
+    pg.create_database("cell").unwrap();
+    let url = pg.url("cell");
+    let join = |id: &str, addr: &str, lease: Duration| {
+        let (store, _) = PgStore::connect(&url, None).unwrap();
+        store.join_cell(id, addr, lease).unwrap()
+    };
+    let mut a = join("gw-a", "10.77.0.1:7300", Duration::from_millis(600));
+    let mut b = join("gw-b", "10.77.0.2:7300", Duration::from_secs(60));
+    let mut batch = a.batch().unwrap();
+    let d1 = batch.add_device("d1", [1; 32], 0).unwrap();
+    assert_eq!(batch.claim(d1).unwrap(), Claimed::Ours);
+    batch.commit().unwrap();
+
+    // gw-a's loop does nothing for three leases: its thread renewed meanwhile.
+    std::thread::sleep(Duration::from_millis(1800));
+    let mut batch = b.batch().unwrap();
+    assert!(
+        matches!(batch.claim(d1).unwrap(), Claimed::Elsewhere { gateway, .. } if gateway == "gw-a")
+    );
+    drop(batch);
+    assert_eq!(a.keep_lease().unwrap(), Lease::Held);
+    let mut batch = a.batch().unwrap();
+    batch.enqueue(d1, exec()).unwrap();
+    batch.commit().unwrap();
+
+    // An idle gateway still hears of an operator's write elsewhere: its renewals are on
+    // another connection, so keep_lease asks on the batch connection.
+    let mut batch = b.batch().unwrap();
+    batch.operator_writes(true);
+    batch.enqueue(d1, exec()).unwrap();
+    batch.commit().unwrap();
+    let heard = (0..50).find_map(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(a.keep_lease().unwrap(), Lease::Held);
+        Some(a.changed_elsewhere()).filter(|d| !d.is_empty())
+    });
+    assert_eq!(heard, Some(vec![d1]), "gw-a is told");
+
+    // The database goes away for longer than a lease: gw-a hears its lease lapsed (by its
+    // own clock), and refuses to claim; once the database is back it joins again.
+    pg.stop().unwrap();
+    let lapsed = (0..40).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        a.keep_lease().ok() == Some(Lease::Lapsed)
+    });
+    assert!(lapsed, "gw-a hears its lease lapsed");
+    pg.start_server().unwrap();
+    let rejoined = (0..100).find_map(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        match a.keep_lease() {
+            Ok(Lease::Rejoined { incarnation }) => Some(incarnation),
+            _ => None,
+        }
+    });
+    assert_eq!(rejoined, Some(2), "gw-a joins again as a new incarnation");
 }

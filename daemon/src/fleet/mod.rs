@@ -586,8 +586,9 @@ impl Fleet {
         });
     }
 
-    /// Renews the lease when due. A lease that had lapsed was joined again as a new
-    /// incarnation that owns nothing: every session is closed (their agents come back and
+    /// Renews the lease when due (a store may renew it on a thread of its own: then this
+    /// hears what that thread found). A lease that may have lapsed, or had lapsed and was
+    /// joined again as a new incarnation that owns nothing: every session is closed (their agents come back and
     /// claim their devices again, here or at another gateway) and their commands are no
     /// longer in flight here.
     fn keep_lease(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
@@ -598,6 +599,23 @@ impl Fleet {
         l.due_ms = now_ms + l.every_ms;
         match self.store.keep_lease() {
             Ok(store::Lease::Held) => {}
+            // Other gateways may be taking this one's devices: its sessions go, so their
+            // agents find a gateway that can serve them (this one refuses them until its
+            // lease is renewed or joined again).
+            Ok(store::Lease::Lapsed) => {
+                tracing::warn!(
+                    sessions = self.online.len(),
+                    "the cell lease was not renewed for a whole lease (database unreachable?): \
+                     closing every session"
+                );
+                for (_, o) in self.online.drain() {
+                    actions.push(close(
+                        o.conn,
+                        CloseCode::OVERLOADED,
+                        "the gateway cannot reach the cell's database; reconnect",
+                    ));
+                }
+            }
             Ok(store::Lease::Rejoined { incarnation }) => {
                 tracing::warn!(
                     incarnation,

@@ -51,6 +51,9 @@ pub enum CellError {
     /// No such device.
     #[error("no device {0}")]
     NoDevice(i64),
+    /// The thread that renews the lease could not be started.
+    #[error("the cell lease thread could not start: {0}")]
+    Thread(#[source] std::io::Error),
     /// The database could not be reached or refused the statement.
     #[error("PostgreSQL: {}", describe(.0))]
     Database(#[from] postgres::Error),

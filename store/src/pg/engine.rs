@@ -25,6 +25,7 @@ use postgres::{Client, Row};
 use std::collections::BTreeSet;
 
 use super::cell::{CellError, Claim, Membership};
+use super::lease::{self, LeaseKeeper, Poll};
 use crate::batch::tables::{Counter, Tables};
 use crate::batch::{Cx, Exec};
 use crate::codec::Record;
@@ -52,6 +53,9 @@ pub struct PgStore {
     /// This gateway's membership of a cell: every batch's writes for a device are fenced by
     /// its ownership ([`PgStore::fenced`]).
     member: Option<Membership>,
+    /// The thread renewing `member`'s lease ([`super::lease`]), for a store that can make
+    /// connections of its own ([`PgStore::connect`]).
+    keeper: Option<LeaseKeeper>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -67,6 +71,7 @@ impl PgStore {
             client: RefCell::new(client),
             reconnect: None,
             member: None,
+            keeper: None,
         }
     }
 
@@ -81,16 +86,30 @@ impl PgStore {
     }
 
     /// Joins the cell as gateway `id`, reached by agents at `addr`, with a lease of `lease`
-    /// (a new incarnation, see [`Membership::join`]), and fences every batch by it.
+    /// (a new incarnation, see [`Membership::join`]), and fences every batch by it. A store
+    /// made by [`PgStore::connect`] renews the lease on a thread and a connection of its own
+    /// (every third of the lease, at most a second apart: [`super::lease`]), its
+    /// connections bounded by timeouts; one made from a client renews it in
+    /// [`Engine::keep_lease`] on that client.
     pub fn join_cell(
         mut self,
         id: &str,
         addr: &str,
         lease: std::time::Duration,
     ) -> std::result::Result<PgStore, CellError> {
+        if let Some(cfg) = &mut self.reconnect {
+            lease::with_timeouts(cfg, lease);
+            *self.client.get_mut() = cfg.connect(postgres::NoTls)?;
+        }
         let c = self.client.get_mut();
         let m = Membership::join(c, id, addr, lease)?;
         listen(c)?;
+        if let Some(cfg) = &self.reconnect {
+            let every = (lease / 3).min(std::time::Duration::from_secs(1));
+            let keeper = LeaseKeeper::start(cfg.clone(), m.clone(), lease, every)
+                .map_err(CellError::Thread)?;
+            self.keeper = Some(keeper);
+        }
         Ok(self.fenced(m))
     }
 
@@ -118,6 +137,7 @@ impl PgStore {
             client: RefCell::new(client),
             reconnect: Some(cfg),
             member: None,
+            keeper: None,
         };
         Ok((store, migrated))
     }
@@ -141,9 +161,11 @@ impl PgStore {
             c: RefCell::new(c),
             open: Cell::new(true),
             poisoned: Cell::new(false),
+            cause: RefCell::new(None),
             events_locked: Cell::new(false),
             ops: 0,
             member: if fence { self.member.as_ref() } else { None },
+            keeper: if fence { self.keeper.as_ref() } else { None },
             fenced: RefCell::new(BTreeSet::new()),
             operator: Cell::new(false),
             locked: RefCell::new(BTreeSet::new()),
@@ -155,6 +177,23 @@ impl PgStore {
             tx: self.begin("BEGIN", true)?,
             scratch: Vec::new(),
         })
+    }
+
+    /// One empty round trip on the batch connection, so the notifications the database sent
+    /// it are read while the gateway is idle: the client reads its socket only while it
+    /// waits on a query, and with the lease on its own thread nothing else would ask. A
+    /// lost connection is opened again (listening again) as a batch would; a failure is
+    /// left to the next batch, which hears it.
+    fn hear(&mut self) {
+        let c = self.client.get_mut();
+        let Err(e) = c.simple_query("") else { return };
+        if let Some(cfg) = &self.reconnect {
+            if connection_lost(c, &e) {
+                if let Ok(again) = connect_again(cfg, true) {
+                    *c = again;
+                }
+            }
+        }
     }
 }
 
@@ -178,6 +217,21 @@ impl Engine for PgStore {
     }
 
     fn keep_lease(&mut self) -> Result<Lease> {
+        if let Some(k) = &self.keeper {
+            return match k.poll() {
+                Poll::Held => {
+                    self.hear();
+                    Ok(Lease::Held)
+                }
+                Poll::Lapsed => Ok(Lease::Lapsed),
+                Poll::Rejoined(m) => {
+                    let incarnation = m.incarnation();
+                    self.member = Some(m);
+                    Ok(Lease::Rejoined { incarnation })
+                }
+                Poll::Failed(e) => Err(e.into()),
+            };
+        }
         let Some(m) = &self.member else {
             return Ok(Lease::Held);
         };
@@ -226,6 +280,10 @@ impl Engine for PgStore {
     }
 
     fn leave_cell(&mut self) -> Result<()> {
+        // The keeper stops first: no renewal after the lease is given up.
+        if let Some(k) = self.keeper.take() {
+            self.member = Some(k.stop());
+        }
         match &self.member {
             Some(m) => m.leave(self.client.get_mut()).map_err(cell_error),
             None => Ok(()),
@@ -265,6 +323,7 @@ fn cell_error(e: CellError) -> Error {
         CellError::NoDevice(d) => Error::NotFound(crate::Missing::Device(DeviceId(d as u64))),
         CellError::Fenced { device, .. } => Error::NotOwner(DeviceId(device as u64)),
         CellError::LeaseLost { incarnation, .. } => Error::LeaseLost { incarnation },
+        CellError::Thread(e) => Error::Io(e),
     }
 }
 
@@ -288,10 +347,17 @@ struct Tx<'a> {
     c: RefCell<RefMut<'a, Client>>,
     open: Cell<bool>,
     poisoned: Cell<bool>,
+    /// What poisoned it, for the commit's error (the operation that hit it had the error
+    /// itself; the operator whose request fails with the batch should read why).
+    cause: RefCell<Option<String>>,
     events_locked: Cell<bool>,
     ops: usize,
     /// The cell membership fencing this transaction's device writes (batches only).
     member: Option<&'a Membership>,
+    /// The lease thread, when there is one: a lease that may have lapsed refuses every
+    /// ownership at once (fences and claims) rather than asking a database that may not
+    /// answer; operator writes, which need no ownership, go on.
+    keeper: Option<&'a LeaseKeeper>,
     /// Devices whose ownership this transaction checked (and whose rows it locked).
     fenced: RefCell<BTreeSet<u64>>,
     /// Operator requests are running ([`StoreBatch::operator_writes`]).
@@ -329,6 +395,7 @@ impl Tx<'_> {
         if self.operator.get() {
             return self.lock_for_operator(dev);
         }
+        self.lease_live(m)?;
         let r = m.fence(&mut **self.c.borrow_mut(), i(dev.0));
         match r {
             Ok(()) => {
@@ -340,7 +407,7 @@ impl Tx<'_> {
             Err(CellError::Fenced { device, .. }) => Err(Error::NotOwner(DeviceId(device as u64))),
             // `Membership::fence` fails only with `Fenced` or a database error.
             Err(e) => {
-                self.poisoned.set(true);
+                self.poison(&e);
                 Err(match e {
                     CellError::Database(e) => Error::Postgres(e),
                     _ => Error::NotOwner(dev),
@@ -367,7 +434,7 @@ impl Tx<'_> {
     /// [`Tx::fence`] for a write: the operation read the device first, so a refusal here
     /// means it wrote for another device already; the batch cannot commit half of it.
     fn fence_write(&self, dev: DeviceId) -> Result<()> {
-        self.fence(dev).inspect_err(|_| self.poisoned.set(true))
+        self.fence(dev).inspect_err(|e| self.poison(e))
     }
 
     fn device_exists(&self, dev: DeviceId) -> Result<bool> {
@@ -376,9 +443,29 @@ impl Tx<'_> {
             .is_some())
     }
 
+    /// Refuses (without poisoning: the batch's other work goes on) when the lease thread
+    /// says the lease may have lapsed.
+    fn lease_live(&self, m: &Membership) -> Result<()> {
+        match self.keeper {
+            Some(k) if k.lapsed() => Err(Error::LeaseLost {
+                incarnation: m.incarnation(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Marks the transaction as unable to commit because of `e`.
+    fn poison(&self, e: &dyn std::fmt::Display) {
+        self.poisoned.set(true);
+        self.cause.borrow_mut().get_or_insert_with(|| e.to_string());
+    }
+
     fn check(&self) -> Result<()> {
         if self.poisoned.get() {
-            return Err(Error::Poisoned);
+            return Err(match self.cause.borrow().clone() {
+                Some(cause) => Error::PoisonedBy { cause },
+                None => Error::Poisoned,
+            });
         }
         Ok(())
     }
@@ -386,7 +473,7 @@ impl Tx<'_> {
     fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         self.check()?;
         self.c.borrow_mut().query(sql, params).map_err(|e| {
-            self.poisoned.set(true);
+            self.poison(&super::migrate::describe(&e));
             Error::from(e)
         })
     }
@@ -398,7 +485,7 @@ impl Tx<'_> {
     fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         self.check()?;
         self.c.borrow_mut().execute(sql, params).map_err(|e| {
-            self.poisoned.set(true);
+            self.poison(&super::migrate::describe(&e));
             Error::from(e)
         })
     }
@@ -911,7 +998,7 @@ impl Exec for PgBatch<'_> {
             }
             Err(e) if e.is_refusal() => Err(e),
             Err(e) => {
-                self.tx.poisoned.set(true);
+                self.tx.poison(&e);
                 Err(e)
             }
         }
@@ -939,7 +1026,7 @@ impl StoreBatch for PgBatch<'_> {
         let r = m.release(&mut **self.tx.c.borrow_mut(), i(dev.0));
         self.tx.fenced.borrow_mut().remove(&dev.0);
         r.map_err(|e| {
-            self.tx.poisoned.set(true);
+            self.tx.poison(&e);
             cell_error(e)
         })
     }
@@ -949,6 +1036,7 @@ impl StoreBatch for PgBatch<'_> {
             return Ok(Claimed::Ours);
         };
         self.tx.check()?;
+        self.tx.lease_live(m)?;
         let r = m.claim(&mut **self.tx.c.borrow_mut(), i(dev.0));
         match r {
             Ok(Claim::Owned) => Ok(Claimed::Ours),
@@ -956,7 +1044,7 @@ impl StoreBatch for PgBatch<'_> {
             // A refusal (our own lease lapsed, no such device): the transaction goes on.
             Err(e @ (CellError::LeaseLost { .. } | CellError::NoDevice(_))) => Err(cell_error(e)),
             Err(e) => {
-                self.tx.poisoned.set(true);
+                self.tx.poison(&e);
                 Err(cell_error(e))
             }
         }

@@ -17,6 +17,7 @@
 
 mod cell;
 mod engine;
+mod lease;
 mod migrate;
 
 pub use cell::{live_gateways, rendezvous, CellError, Claim, Membership};
