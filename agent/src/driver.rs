@@ -196,6 +196,10 @@ enum End {
     Reconnect { immediately: bool },
     /// Another gateway of the cell owns the device: the next session goes to this address.
     Redirect(String),
+    /// The gateway cannot serve now (`overloaded`, `internal`: its store or its cell lease is
+    /// gone): in a cell, the next gateway at once, as when it cannot be reached; alone, the
+    /// back-off.
+    Unavailable,
     /// The reboot action says: leave the process.
     Exit(i32),
 }
@@ -345,6 +349,7 @@ impl Agent {
                     false
                 }
                 Ok(End::Reconnect { immediately: false }) => false,
+                Ok(End::Unavailable) => true,
                 Err(AgentError::Io(e)) => {
                     crate::say!("connection failed: {e}");
                     true
@@ -631,7 +636,11 @@ impl Agent {
             match r {
                 // A redirect is the gateway's answer to the Hello: the rung works, and the
                 // device is to go elsewhere, not to another rung of this gateway.
-                Ok(end) if won || matches!(end, End::Exit(_) | End::Redirect(_)) => return Ok(end),
+                Ok(end)
+                    if won || matches!(end, End::Exit(_) | End::Redirect(_) | End::Unavailable) =>
+                {
+                    return Ok(end)
+                }
                 Err(e) if won => return Err(e),
                 Ok(_) => {
                     crate::say!("rung {} closed before Welcome", rung.name());
@@ -818,6 +827,9 @@ impl Agent {
                     }
                     CloseCode::REDIRECT if info.by_peer => {
                         return Ok(Some(End::Redirect(info.reason)));
+                    }
+                    CloseCode::OVERLOADED | CloseCode::INTERNAL if info.by_peer => {
+                        return Ok(Some(End::Unavailable));
                     }
                     _ => {}
                 }

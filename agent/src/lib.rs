@@ -30,6 +30,8 @@ pub mod report;
 pub mod sink;
 pub mod slots;
 pub mod state;
+#[cfg(feature = "swarm")]
+pub mod swarm;
 pub mod target;
 #[cfg(test)]
 mod test_loop;

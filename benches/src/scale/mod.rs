@@ -14,7 +14,8 @@
 //! Every phase is bounded in time; a phase that does not finish makes [`run`] fail and say
 //! which. The gateway is always started and killed by the PID this harness owns. Loopback only.
 
-pub mod swarm;
+pub use fleetcast_agent::swarm;
+pub use fleetcast_agent::swarm::{raise_nofile, Clock};
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Write};
@@ -31,52 +32,6 @@ use fleetcast_wire::Instant;
 use fleetcast_wire::Step;
 
 use swarm::{Swarm, SwarmConfig, LATENCY_TAG};
-
-/// The harness clock: the one place this crate's drivers read time.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    epoch: std::time::Instant,
-}
-
-impl Clock {
-    /// Starts the epoch now.
-    #[allow(clippy::disallowed_methods)] // The load generator's driver clock.
-    pub fn new() -> Self {
-        Clock {
-            epoch: std::time::Instant::now(),
-        }
-    }
-
-    /// Monotonic time since the epoch.
-    pub fn now(&self) -> Instant {
-        Instant::from_micros(self.epoch.elapsed().as_micros() as u64)
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Clock::new()
-    }
-}
-
-/// Raises this process's `RLIMIT_NOFILE` soft limit to its hard limit (children inherit it).
-/// Returns the new soft limit.
-pub fn raise_nofile() -> io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    lim.rlim_cur = lim.rlim_max;
-    // SAFETY: `lim` is a valid rlimit; raising the soft limit up to the hard one is allowed.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(lim.rlim_cur)
-}
 
 /// Memory and CPU of a process, from `/proc`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -555,8 +510,9 @@ fn run_phases(
     rep.provision_s = secs(clock.now() - t);
     let ca = fleetcast_agent::tls::load_cert_pem(&data.join("pki").join("ca.pem"))?;
     let swarm_cfg = SwarmConfig {
-        gateway: listen,
-        server_name: "localhost".into(),
+        gateways: listen.to_string(),
+        spread_sources: true,
+        server_name: Some("localhost".into()),
         max_connecting: cfg.max_connecting,
         backoff_min: Duration::from_millis(200),
         backoff_max: cfg.backoff_max,

@@ -9,6 +9,14 @@
 //! both sent in `Hello.last`) and reconnects with the real agent's jittered exponential
 //! back-off.
 //!
+//! A swarm may be given several gateways of one cell: each simulated agent then moves between
+//! them as the real agent does ([`Gateways`]: its own rendezvous order, the next gateway at
+//! once when one cannot be reached, a `redirect` close followed to the device's owner).
+//!
+//! For the checks of a cell under failure, each agent counts the commands it ran and the
+//! dispatches of a seq it had already run (a command run twice, or out of order): see
+//! [`SimAgent::executed`] and [`SimAgent::repeats`].
+//!
 //! Invariants: every agent has at most one link; timers are `(deadline, agent, link gen)`
 //! entries in one heap, and an entry whose generation is stale is ignored.
 
@@ -20,18 +28,64 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetcast_agent::tls::{self, DeviceKey};
 use fleetcast_wire::session::{AgentEvent, AgentSession, FirstMessage};
 use fleetcast_wire::{
-    CommandResult, Enrol, Hello, Instant, LastExecuted, Message, SessionConfig, Step, StepResult,
-    StepStatus,
+    CloseCode, CommandResult, Enrol, Hello, Instant, LastExecuted, Message, SessionConfig, Step,
+    StepResult, StepStatus,
 };
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection};
 
-use super::Clock;
+use crate::gateways::{Gateways, Next, REDIRECT_PAUSE_MS};
+use crate::tls::{self, DeviceKey};
+
+/// The swarm's clock: the one place its drivers read time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    epoch: std::time::Instant,
+}
+
+impl Clock {
+    /// Starts the epoch now.
+    #[allow(clippy::disallowed_methods)] // The load generator's driver clock.
+    pub fn new() -> Self {
+        Clock {
+            epoch: std::time::Instant::now(),
+        }
+    }
+
+    /// Monotonic time since the epoch.
+    pub fn now(&self) -> Instant {
+        Instant::from_micros(self.epoch.elapsed().as_micros() as u64)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// Raises this process's `RLIMIT_NOFILE` soft limit to its hard limit (children inherit it):
+/// a swarm needs one descriptor per agent. Returns the new soft limit.
+pub fn raise_nofile() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: `lim` is a valid rlimit; raising the soft limit up to the hard one is allowed.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lim.rlim_cur)
+}
 
 /// Program name that marks a latency probe: `exec:lat <micros since the swarm clock epoch>`.
 pub const LATENCY_TAG: &str = "lat";
@@ -39,10 +93,15 @@ pub const LATENCY_TAG: &str = "lat";
 /// Swarm parameters.
 #[derive(Debug, Clone)]
 pub struct SwarmConfig {
-    /// The gateway's agent address.
-    pub gateway: SocketAddr,
-    /// Name in the gateway's certificate.
-    pub server_name: String,
+    /// The gateways' agent addresses, `IP:PORT`, comma-separated (several: one cell).
+    pub gateways: String,
+    /// Bind each agent's socket to its own source address in 127.0.0.0/8 (on loopback, so
+    /// that thousands of connections to one gateway do not run out of ports); off where the
+    /// swarm has one real address (a lab host).
+    pub spread_sources: bool,
+    /// Name in the gateways' certificates (`None`: the host of the gateway tried, as the
+    /// agent's default).
+    pub server_name: Option<String>,
     /// Most connections between `connect` and `Welcome`/`Enrolled` at once (0: no limit, as
     /// with real agents on separate machines).
     pub max_connecting: usize,
@@ -75,6 +134,10 @@ pub struct Stats {
     pub drops: u64,
     /// Dispatch-to-stored latencies of tagged commands, µs (enqueue to `ResultAck`).
     pub latencies_us: Vec<u64>,
+    /// Dispatches of a seq an agent had already run (every agent's [`SimAgent::repeats`]).
+    pub repeats: u64,
+    /// `redirect` closes followed.
+    pub redirects: u64,
 }
 
 struct Link {
@@ -115,6 +178,30 @@ pub struct SimAgent {
     /// Whether it should (re)connect when its link drops.
     pub want_connected: bool,
     boot_id: [u8; 16],
+    gateways: Gateways,
+    /// Commands run: dispatches of a seq above the last one run.
+    pub executed: u64,
+    /// Dispatches of a seq at or below the last one run (zero when every command runs once,
+    /// in order).
+    pub repeats: u64,
+}
+
+fn server_name(name: String) -> io::Result<ServerName<'static>> {
+    ServerName::try_from(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+/// Why a link ends, which decides when and where the agent connects next.
+#[derive(Debug)]
+enum End {
+    /// Enrolled: reconnect at once with the new certificate.
+    Enrolled,
+    /// The gateway could not be reached, or the link broke (a killed gateway): the next
+    /// gateway of a cell at once, else the back-off.
+    Failed,
+    /// The gateway closed the session (other than as unable to serve): the back-off.
+    Closed,
+    /// The gateway named the device's owner.
+    Redirect(String),
 }
 
 impl std::fmt::Debug for SimAgent {
@@ -138,7 +225,7 @@ pub struct Swarm {
     events: Events,
     ca: CertificateDer<'static>,
     enrol_config: Arc<ClientConfig>,
-    server_name: ServerName<'static>,
+    server_name: Option<ServerName<'static>>,
     clock: Clock,
     /// The agents, indexed by token.
     pub agents: Vec<SimAgent>,
@@ -172,8 +259,9 @@ impl Swarm {
         devices: Vec<(String, String)>,
     ) -> io::Result<Swarm> {
         let enrol_config = tls::client_config(ca.as_ref(), None).map_err(io::Error::other)?;
-        let server_name = ServerName::try_from(cfg.server_name.clone())
+        let gateways = Gateways::parse(&cfg.gateways, 443, None)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let server_name = cfg.server_name.clone().map(server_name).transpose()?;
         let mut agents = Vec::with_capacity(devices.len());
         for (i, (name, token)) in devices.into_iter().enumerate() {
             let mut boot_id = [0u8; 16];
@@ -197,6 +285,9 @@ impl Swarm {
                 sessions: 0,
                 want_connected: false,
                 boot_id,
+                gateways: gateways.clone(),
+                executed: 0,
+                repeats: 0,
             });
         }
         Ok(Swarm {
@@ -237,8 +328,14 @@ impl Swarm {
     }
 
     /// Changes the gateway address (a restarted gateway).
-    pub fn set_gateway(&mut self, addr: SocketAddr) {
-        self.cfg.gateway = addr;
+    pub fn set_gateway(&mut self, addr: SocketAddr) -> io::Result<()> {
+        let gateways = Gateways::parse(&addr.to_string(), 443, None)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        self.cfg.gateways = addr.to_string();
+        for a in &mut self.agents {
+            a.gateways = gateways.clone();
+        }
+        Ok(())
     }
 
     /// Sets the connect admission limit.
@@ -276,7 +373,7 @@ impl Swarm {
         let mut events = std::mem::replace(&mut self.events, Events::with_capacity(0));
         if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
             if e.kind() != io::ErrorKind::Interrupted {
-                eprintln!("loadgen: poll failed: {e}");
+                eprintln!("swarm: poll failed: {e}");
             }
         }
         let now = self.clock.now();
@@ -303,9 +400,9 @@ impl Swarm {
             if let Err(e) = self.connect(i, now) {
                 self.stats.drops += 1;
                 if self.stats.drops < 5 {
-                    eprintln!("loadgen: connect failed: {e}");
+                    eprintln!("swarm: connect failed: {e}");
                 }
-                self.schedule_reconnect(i, now);
+                self.next_gateway(i, now);
             }
         }
     }
@@ -328,9 +425,15 @@ impl Swarm {
         )?;
         sock.set_nonblocking(true)?;
         sock.set_nodelay(true)?;
-        let src = SocketAddrV4::new(Self::source_addr(i), 0);
-        sock.bind(&src.into())?;
-        match sock.connect(&self.cfg.gateway.into()) {
+        if self.cfg.spread_sources {
+            let src = SocketAddrV4::new(Self::source_addr(i), 0);
+            sock.bind(&src.into())?;
+        }
+        let target = self.agents[i].gateways.target();
+        let gateway: SocketAddr = format!("{}:{}", target.host, target.port)
+            .parse()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        match sock.connect(&gateway.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
             Err(e) => return Err(e),
@@ -346,7 +449,11 @@ impl Swarm {
             Some(c) => (c.clone(), false),
             None => (self.enrol_config.clone(), true),
         };
-        let tls = ClientConnection::new(config, self.server_name.clone())
+        let name = match &self.server_name {
+            Some(n) => n.clone(),
+            None => server_name(target.host)?,
+        };
+        let tls = ClientConnection::new(config, name)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let scfg = SessionConfig::default();
         let session = if first_enrol {
@@ -426,8 +533,30 @@ impl Swarm {
             .push(Reverse((now + wait, i, gen, TimerKind::Reconnect as u8)));
     }
 
-    /// Drops agent `i`'s link; reconnects later if it should.
-    fn drop_link(&mut self, i: usize, now: Instant, immediately: bool) {
+    /// Agent `i`'s gateway could not be reached: what the real agent does next.
+    fn next_gateway(&mut self, i: usize, now: Instant) {
+        let a = &mut self.agents[i];
+        if !a.gateways.several() {
+            return self.schedule_reconnect(i, now);
+        }
+        match a.gateways.failed() {
+            Next::Now => {
+                if a.want_connected {
+                    self.queue.push_back(i);
+                }
+            }
+            Next::Pause => {
+                let wait = Duration::from_millis(REDIRECT_PAUSE_MS).mul_f64(self.jitter());
+                let gen = self.agents[i].gen;
+                self.timers
+                    .push(Reverse((now + wait, i, gen, TimerKind::Reconnect as u8)));
+            }
+            Next::BackOff => self.schedule_reconnect(i, now),
+        }
+    }
+
+    /// Drops agent `i`'s link; reconnects (now or later) if it should.
+    fn drop_link(&mut self, i: usize, now: Instant, end: End) {
         let a = &mut self.agents[i];
         let Some(mut link) = a.link.take() else {
             return;
@@ -440,13 +569,31 @@ impl Swarm {
         }
         a.welcomed = false;
         a.gen = a.gen.wrapping_add(1);
-        self.stats.drops += u64::from(!immediately);
-        if immediately {
-            if a.want_connected {
-                self.queue.push_back(i);
+        match end {
+            End::Enrolled => {
+                if a.want_connected {
+                    self.queue.push_back(i);
+                }
             }
-        } else {
-            self.schedule_reconnect(i, now);
+            End::Redirect(addr) => {
+                if a.gateways.redirect(&addr) {
+                    self.stats.redirects += 1;
+                    if a.want_connected {
+                        self.queue.push_back(i);
+                    }
+                } else {
+                    self.stats.drops += 1;
+                    self.schedule_reconnect(i, now);
+                }
+            }
+            End::Failed => {
+                self.stats.drops += 1;
+                self.next_gateway(i, now);
+            }
+            End::Closed => {
+                self.stats.drops += 1;
+                self.schedule_reconnect(i, now);
+            }
         }
     }
 
@@ -456,13 +603,13 @@ impl Swarm {
         };
         if !link.connected {
             match link.sock.take_error() {
-                Ok(Some(_)) | Err(_) => return self.drop_link(i, now, false),
+                Ok(Some(_)) | Err(_) => return self.drop_link(i, now, End::Failed),
                 Ok(None) => {}
             }
             match link.sock.peer_addr() {
                 Ok(_) => link.connected = true,
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
-                Err(_) => return self.drop_link(i, now, false),
+                Err(_) => return self.drop_link(i, now, End::Failed),
             }
         }
         let mut eof = false;
@@ -506,20 +653,20 @@ impl Swarm {
         }
         self.drain(i, now);
         if (failed || eof) && self.agents[i].link.is_some() {
-            self.drop_link(i, now, false);
+            self.drop_link(i, now, End::Failed);
         }
     }
 
     /// Drains agent `i`'s core: transmit, events (answering dispatches), transmit, flush.
     fn drain(&mut self, i: usize, now: Instant) {
-        let mut end: Option<bool> = None;
+        let mut end: Option<End> = None;
         loop {
             let a = &mut self.agents[i];
             let Some(link) = a.link.as_mut() else { return };
             self.out.clear();
             while link.session.poll_transmit(now, &mut self.out).is_some() {}
             if !self.out.is_empty() && link.tls.writer().write_all(&self.out).is_err() {
-                end = Some(false);
+                end = Some(End::Failed);
             }
             let Some(ev) = link.session.poll_event() else {
                 break;
@@ -529,6 +676,7 @@ impl Swarm {
                     a.welcomed = true;
                     a.sessions += 1;
                     a.backoff = self.cfg.backoff_min;
+                    a.gateways.welcomed();
                     self.connecting -= 1;
                     self.stats.established += 1;
                     self.stats.welcomes += 1;
@@ -542,13 +690,14 @@ impl Swarm {
                                 a.config = Some(c);
                                 a.device_id = device_id;
                                 a.token = None;
+                                a.gateways.prefer(device_id);
                                 if self.enrol_only {
                                     a.want_connected = false;
                                 }
                                 self.stats.enrolled += 1;
-                                end = Some(true);
+                                end = Some(End::Enrolled);
                             }
-                            Err(e) => eprintln!("loadgen: bad device certificate: {e}"),
+                            Err(e) => eprintln!("swarm: bad device certificate: {e}"),
                         }
                     }
                 }
@@ -562,6 +711,12 @@ impl Swarm {
                     let Message::Dispatch(d) = frame.message() else {
                         continue;
                     };
+                    if a.last_seq.is_none_or(|(last, _)| seq > last) {
+                        a.executed += 1;
+                    } else {
+                        a.repeats += 1;
+                        self.stats.repeats += 1;
+                    }
                     if let Some(Step::Exec { argv }) = d.steps.first() {
                         if argv.first().map(|a| &**a) == Some(LATENCY_TAG) {
                             if let Some(t) = argv.get(1).and_then(|t| t.parse().ok()) {
@@ -605,19 +760,33 @@ impl Swarm {
                         }
                     }
                 }
-                AgentEvent::Closed(_) => end = Some(end.unwrap_or(false)),
+                AgentEvent::Closed(info) => {
+                    end = Some(match end {
+                        Some(e) => e,
+                        None if info.by_peer && info.code == CloseCode::REDIRECT => {
+                            End::Redirect(info.reason)
+                        }
+                        // The gateway cannot serve now: the next one of a cell, as the agent.
+                        None if info.by_peer
+                            && matches!(info.code, CloseCode::OVERLOADED | CloseCode::INTERNAL) =>
+                        {
+                            End::Failed
+                        }
+                        None => End::Closed,
+                    })
+                }
                 AgentEvent::Announce(_)
                 | AgentEvent::TransferStatus(_)
                 | AgentEvent::TaskAnswer(_) => {}
             }
         }
         self.flush(i, now);
-        if let Some(immediately) = end {
+        if let Some(end) = end {
             let enrolled = self.agents[i]
                 .link
                 .as_ref()
                 .is_some_and(|l| l.enrolling && self.agents[i].config.is_some());
-            self.drop_link(i, now, immediately || enrolled);
+            self.drop_link(i, now, if enrolled { End::Enrolled } else { end });
         }
     }
 
@@ -679,7 +848,7 @@ impl Swarm {
                 && (!link.enrolling || a.config.is_none())
                 && now - link.started >= self.cfg.handshake_timeout
             {
-                self.drop_link(i, now, false);
+                self.drop_link(i, now, End::Failed);
                 continue;
             }
             if link.armed == Some(t) {
