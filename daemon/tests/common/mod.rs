@@ -20,6 +20,8 @@
 //! - Every process is a [`LabChild`] (killed and reaped on drop, and by the lab on any exit).
 #![allow(dead_code)] // Each test file uses a different part of the harness.
 
+pub mod cell;
+
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -388,6 +390,30 @@ impl<'lab> Gateway<'lab> {
         .ok()
         .and_then(|d| d["events"].as_array().cloned())
         .unwrap_or_default()
+    }
+
+    /// Every event in the log, oldest first (paged: one request returns at most 10,000).
+    pub fn all_events(&self) -> Vec<Value> {
+        let mut all: Vec<Value> = Vec::new();
+        loop {
+            let from = all
+                .last()
+                .and_then(|e| e["id"].as_u64())
+                .map_or(0, |id| id + 1);
+            let page = self
+                .try_admin(&Request::Events {
+                    from,
+                    limit: 10_000,
+                })
+                .ok()
+                .and_then(|d| d["events"].as_array().cloned())
+                .unwrap_or_default();
+            let short = page.len() < 10_000;
+            all.extend(page);
+            if short {
+                return all;
+            }
+        }
     }
 
     /// Enrols devices `n1..=nN` in group `fleet`, starts their agents on lab hosts 1..=N and
