@@ -392,6 +392,7 @@ impl Tx<'_> {
             return Ok(());
         }
         self.check()?;
+        self.lock_events()?;
         if self.operator.get() {
             return self.lock_for_operator(dev);
         }
@@ -414,6 +415,18 @@ impl Tx<'_> {
                 })
             }
         }
+    }
+
+    /// Takes the events lock (once per transaction). Also taken before a transaction's
+    /// first device row lock: one lock order in the whole cell (the events lock, then rows),
+    /// since an operator batch holding a device row and waiting on the events lock, beside
+    /// the owner's batch holding the events lock and waiting on that row, deadlocked.
+    fn lock_events(&self) -> Result<()> {
+        if !self.events_locked.get() {
+            self.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK])?;
+            self.events_locked.set(true);
+        }
+        Ok(())
     }
 
     /// An operator request's access to `dev`: the device's row locked until the transaction
@@ -794,10 +807,7 @@ impl Tables for Tx<'_> {
     }
     fn last_event_id(&self) -> Result<EventId> {
         // The lock first, so the id read here is still the last when this batch commits.
-        if !self.events_locked.get() {
-            self.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK])?;
-            self.events_locked.set(true);
-        }
+        self.lock_events()?;
         let last: Option<i64> = self
             .query_opt("SELECT max(id) FROM events", &[])?
             .and_then(|r| r.get(0));
@@ -1037,6 +1047,7 @@ impl StoreBatch for PgBatch<'_> {
         };
         self.tx.check()?;
         self.tx.lease_live(m)?;
+        self.tx.lock_events()?;
         let r = m.claim(&mut **self.tx.c.borrow_mut(), i(dev.0));
         match r {
             Ok(Claim::Owned) => Ok(Claimed::Ours),
