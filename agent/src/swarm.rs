@@ -430,9 +430,12 @@ impl Swarm {
             sock.bind(&src.into())?;
         }
         let target = self.agents[i].gateways.target();
-        let gateway: SocketAddr = format!("{}:{}", target.host, target.port)
+        // A swarm is given addresses, not names: nothing to resolve (IPv6 too).
+        let ip: std::net::IpAddr = target
+            .host
             .parse()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let gateway = SocketAddr::new(ip, target.port);
         match sock.connect(&gateway.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}

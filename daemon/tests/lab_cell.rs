@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::cell::{drain_and_check, gateway_config, share_ca, supervise, wall_ms, Device};
-use common::{read_log, sh, wait_for, AgentSpec, Gateway, Rng};
+use common::cell::{diag, drain_and_check, enrol_devices, start_gateways, supervise, wall_ms};
+use common::{read_log, sh, wait_for, Rng};
 use fleetcast_agent::swarm::{self, Clock, Swarm, SwarmConfig};
 use fleetcast_daemon::admin::{OnFailureSpec, Request};
 use fleetcast_lab::{Host, Lab, LabChild, LabConfig, Postgres};
@@ -218,42 +218,11 @@ fn a_cell_of_three_gateways_loses_and_repeats_nothing_while_gateways_are_killed(
     let mut rng = Rng::from_env(19);
 
     // Three gateways, the first one's CA shared with the others.
-    let mut gws: Vec<Gateway<'_>> = Vec::new();
-    for i in 0..GATEWAYS {
-        let gdir = dir.join(format!("gw{i}"));
-        std::fs::create_dir_all(&gdir).expect("gateway dir");
-        let addr = format!("{}:{}", lab.host(i).addr(), common::PORT);
-        let cfg = gateway_config(dir, i, &url, &addr, LEASE_MS);
-        if let Some(first) = gws.first() {
-            share_ca(&first.data, &gdir.join("gateway"));
-        }
-        gws.push(Gateway::start(lab.host(i), &gdir, &["--config", &cfg]));
-    }
-    let list: Vec<String> = gws.iter().map(|g| g.addr.to_string()).collect();
-    let diag = |gws: &[Gateway<'_>]| -> String {
-        gws.iter()
-            .enumerate()
-            .map(|(i, g)| format!("=== gw-{i} ===\n{}", g.diag()))
-            .collect()
-    };
+    let mut gws = start_gateways(&lab, dir, GATEWAYS, &url, LEASE_MS);
 
     // Devices enrolled through gw-0 (a token is the cell's, in the database), each agent
     // listing the three gateways.
-    let mut devices: Vec<Device<'_>> = Vec::new();
-    for i in 0..DEVICES {
-        let name = format!("n{i}");
-        let token = gws[0].device_add(&name);
-        let mut spec = AgentSpec::new(&gws[0], dir, &name, Some(token));
-        spec.gateway = list.join(",");
-        let agent = Some(spec.spawn(lab.host(GATEWAYS + i)));
-        devices.push(Device {
-            name,
-            spec,
-            agent,
-            boots: 0,
-            queued: Vec::new(),
-        });
-    }
+    let mut devices = enrol_devices(&lab, dir, &gws, 0, DEVICES, GATEWAYS);
     for d in &devices {
         wait_for(
             &format!("{} to be enrolled and connected", d.name),
@@ -285,7 +254,10 @@ fn a_cell_of_three_gateways_loses_and_repeats_nothing_while_gateways_are_killed(
         lab.host(GATEWAYS + DEVICES),
         dir,
         &gws[0].ca(),
-        &list.join(","),
+        &gws.iter()
+            .map(|g| g.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
         &tokens,
     );
     wait_for(
@@ -655,39 +627,8 @@ fn a_gateway_cut_off_from_the_database_stops_serving_and_its_devices_move() {
         fleetcast_lab::PG_USER
     );
 
-    let mut gws: Vec<Gateway<'_>> = Vec::new();
-    for i in 0..GWS {
-        let gdir = dir.join(format!("gw{i}"));
-        std::fs::create_dir_all(&gdir).expect("gateway dir");
-        let addr = format!("{}:{}", lab.host(i).addr(), common::PORT);
-        let cfg = gateway_config(dir, i, &url, &addr, LEASE_MS);
-        if let Some(first) = gws.first() {
-            share_ca(&first.data, &gdir.join("gateway"));
-        }
-        gws.push(Gateway::start(lab.host(i), &gdir, &["--config", &cfg]));
-    }
-    let list: Vec<String> = gws.iter().map(|g| g.addr.to_string()).collect();
-    let diag = |gws: &[Gateway<'_>]| -> String {
-        gws.iter()
-            .enumerate()
-            .map(|(i, g)| format!("=== gw-{i} ===\n{}", g.diag()))
-            .collect()
-    };
-    let mut devices: Vec<Device<'_>> = Vec::new();
-    for i in 0..N {
-        let name = format!("n{i}");
-        let token = gws[1].device_add(&name);
-        let mut spec = AgentSpec::new(&gws[1], dir, &name, Some(token));
-        spec.gateway = list.join(",");
-        let agent = Some(spec.spawn(lab.host(GWS + i)));
-        devices.push(Device {
-            name,
-            spec,
-            agent,
-            boots: 0,
-            queued: Vec::new(),
-        });
-    }
+    let gws = start_gateways(&lab, dir, GWS, &url, LEASE_MS);
+    let mut devices = enrol_devices(&lab, dir, &gws, 1, N, GWS);
     let session_on = |gw: usize, id: u64, after: u64| -> bool {
         let on = format!("on gateway gw-{gw}");
         gws[1].all_events().iter().any(|e| {

@@ -80,16 +80,18 @@ fn writes_are_fenced_by_ownership_and_survive_a_lapsed_lease_only_where_owned() 
     assert_eq!(s.commands(d2, 0, 10).unwrap().len(), 1);
 }
 
+/// A store from `connect` (its lease renewed on a thread of its own) joined to the cell.
+fn join(url: &str, id: &str, addr: &str, lease: Duration) -> PgStore {
+    let (store, _) = PgStore::connect(url, None).unwrap();
+    store.join_cell(id, addr, lease).unwrap()
+}
+
 #[test]
 fn a_batch_claims_a_device_names_its_live_owner_and_a_lapsed_lease_rejoins() {
     let pg = Postgres::start().expect("PostgreSQL (Debian package postgresql)");
     pg.create_database("cell").unwrap();
     let url = pg.url("cell");
-    let join = |id: &str, addr: &str, lease: Duration| {
-        let (store, _) = PgStore::connect(&url, None).unwrap();
-        store.join_cell(id, addr, lease).unwrap()
-    };
-    let mut b = join("gw-b", "10.77.0.2:7300", Duration::from_secs(60));
+    let mut b = join(&url, "gw-b", "10.77.0.2:7300", Duration::from_secs(60));
     // gw-a is made from a client: it renews its lease in keep_lease on that client, so a
     // stall of the gateway is a stall of its lease (a store from `connect` renews on a
     // thread of its own: the next test).
@@ -191,12 +193,8 @@ fn a_lease_kept_on_its_own_thread_outlives_a_stalled_gateway_and_lapses_without_
     let mut pg = Postgres::start().expect("PostgreSQL (Debian package postgresql)");
     pg.create_database("cell").unwrap();
     let url = pg.url("cell");
-    let join = |id: &str, addr: &str, lease: Duration| {
-        let (store, _) = PgStore::connect(&url, None).unwrap();
-        store.join_cell(id, addr, lease).unwrap()
-    };
-    let mut a = join("gw-a", "10.77.0.1:7300", Duration::from_millis(600));
-    let mut b = join("gw-b", "10.77.0.2:7300", Duration::from_secs(60));
+    let mut a = join(&url, "gw-a", "10.77.0.1:7300", Duration::from_millis(600));
+    let mut b = join(&url, "gw-b", "10.77.0.2:7300", Duration::from_secs(60));
     let mut batch = a.batch().unwrap();
     let d1 = batch.add_device("d1", [1; 32], 0).unwrap();
     assert_eq!(batch.claim(d1).unwrap(), Claimed::Ours);

@@ -588,9 +588,9 @@ impl Fleet {
 
     /// Renews the lease when due (a store may renew it on a thread of its own: then this
     /// hears what that thread found). A lease that may have lapsed, or had lapsed and was
-    /// joined again as a new incarnation that owns nothing: every session is closed (their agents come back and
-    /// claim their devices again, here or at another gateway) and their commands are no
-    /// longer in flight here.
+    /// joined again as a new incarnation that owns nothing: every session is closed (their
+    /// agents come back and claim their devices again, here or at another gateway) and their
+    /// commands are no longer in flight here.
     fn keep_lease(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
         let Some(l) = &mut self.lease else { return };
         if now_ms < l.due_ms {
@@ -608,13 +608,10 @@ impl Fleet {
                     "the cell lease was not renewed for a whole lease (database unreachable?): \
                      closing every session"
                 );
-                for (_, o) in self.online.drain() {
-                    actions.push(close(
-                        o.conn,
-                        CloseCode::OVERLOADED,
-                        "the gateway cannot reach the cell's database; reconnect",
-                    ));
-                }
+                self.close_every_session(
+                    "the gateway cannot reach the cell's database; reconnect",
+                    actions,
+                );
             }
             Ok(store::Lease::Rejoined { incarnation }) => {
                 tracing::warn!(
@@ -622,17 +619,19 @@ impl Fleet {
                     sessions = self.online.len(),
                     "the cell lease had lapsed: joined again; closing every session"
                 );
-                for (_, o) in self.online.drain() {
-                    actions.push(close(
-                        o.conn,
-                        CloseCode::OVERLOADED,
-                        "the gateway lost its cell lease; reconnect",
-                    ));
-                }
+                self.close_every_session("the gateway lost its cell lease; reconnect", actions);
             }
             // The lease may still be live; the next renewal tries again. Meanwhile batches
             // fail the same way and acknowledge nothing.
             Err(e) => tracing::warn!(error = %e, "cell lease not renewed"),
+        }
+    }
+
+    /// Closes every session as OVERLOADED (their agents try another gateway of the cell at
+    /// once), saying `why`.
+    fn close_every_session(&mut self, why: &str, actions: &mut Vec<Action>) {
+        for (_, o) in self.online.drain() {
+            actions.push(close(o.conn, CloseCode::OVERLOADED, why));
         }
     }
 

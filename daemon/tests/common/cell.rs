@@ -48,6 +48,67 @@ pub fn share_ca(from: &Path, data: &Path) {
     }
 }
 
+/// Starts `n` gateways of one cell on the lab's first `n` hosts (data under `dir/gw<i>`),
+/// each on database `url` with a lease of `lease_ms`, the first one's CA shared with the
+/// others.
+pub fn start_gateways<'lab>(
+    lab: &'lab Lab,
+    dir: &Path,
+    n: usize,
+    url: &str,
+    lease_ms: u64,
+) -> Vec<Gateway<'lab>> {
+    let mut gws: Vec<Gateway<'lab>> = Vec::new();
+    for i in 0..n {
+        let gdir = dir.join(format!("gw{i}"));
+        std::fs::create_dir_all(&gdir).expect("gateway dir");
+        let addr = format!("{}:{}", lab.host(i).addr(), super::PORT);
+        let cfg = gateway_config(dir, i, url, &addr, lease_ms);
+        if let Some(first) = gws.first() {
+            share_ca(&first.data, &gdir.join("gateway"));
+        }
+        gws.push(Gateway::start(lab.host(i), &gdir, &["--config", &cfg]));
+    }
+    gws
+}
+
+/// Every gateway's diagnostics, for a failure message.
+pub fn diag(gws: &[Gateway<'_>]) -> String {
+    gws.iter()
+        .enumerate()
+        .map(|(i, g)| format!("=== gw-{i} ===\n{}", g.diag()))
+        .collect()
+}
+
+/// Enrols `n` real agents `n0`, `n1`, … through `via`, on the lab's hosts from `first_host`
+/// on, each listing every gateway of `gws`.
+pub fn enrol_devices<'lab>(
+    lab: &'lab Lab,
+    dir: &Path,
+    gws: &[Gateway<'lab>],
+    via: usize,
+    n: usize,
+    first_host: usize,
+) -> Vec<Device<'lab>> {
+    let list: Vec<String> = gws.iter().map(|g| g.addr.to_string()).collect();
+    (0..n)
+        .map(|i| {
+            let name = format!("n{i}");
+            let token = gws[via].device_add(&name);
+            let mut spec = AgentSpec::new(&gws[via], dir, &name, Some(token));
+            spec.gateway = list.join(",");
+            let agent = Some(spec.spawn(lab.host(first_host + i)));
+            Device {
+                name,
+                spec,
+                agent,
+                boots: 0,
+                queued: Vec::new(),
+            }
+        })
+        .collect()
+}
+
 /// A real agent of a cell test, and what it was asked to run.
 pub struct Device<'lab> {
     /// Its name.

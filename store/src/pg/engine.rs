@@ -160,7 +160,6 @@ impl PgStore {
         Ok(Tx {
             c: RefCell::new(c),
             open: Cell::new(true),
-            poisoned: Cell::new(false),
             cause: RefCell::new(None),
             events_locked: Cell::new(false),
             ops: 0,
@@ -346,9 +345,9 @@ pub fn check_url(url: &str) -> std::result::Result<postgres::Config, super::Migr
 struct Tx<'a> {
     c: RefCell<RefMut<'a, Client>>,
     open: Cell<bool>,
-    poisoned: Cell<bool>,
-    /// What poisoned it, for the commit's error (the operation that hit it had the error
-    /// itself; the operator whose request fails with the batch should read why).
+    /// What poisoned it (once set, it cannot commit), kept for the commit's error: the
+    /// operation that hit it had the error itself; an operator whose request fails with the
+    /// batch should read why.
     cause: RefCell<Option<String>>,
     events_locked: Cell<bool>,
     ops: usize,
@@ -469,18 +468,16 @@ impl Tx<'_> {
 
     /// Marks the transaction as unable to commit because of `e`.
     fn poison(&self, e: &dyn std::fmt::Display) {
-        self.poisoned.set(true);
         self.cause.borrow_mut().get_or_insert_with(|| e.to_string());
     }
 
     fn check(&self) -> Result<()> {
-        if self.poisoned.get() {
-            return Err(match self.cause.borrow().clone() {
-                Some(cause) => Error::PoisonedBy { cause },
-                None => Error::Poisoned,
-            });
+        match self.cause.borrow().as_ref() {
+            Some(cause) => Err(Error::PoisonedBy {
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
@@ -987,7 +984,7 @@ impl std::fmt::Debug for PgBatch<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgBatch")
             .field("operations", &self.tx.ops)
-            .field("poisoned", &self.tx.poisoned.get())
+            .field("poisoned", &self.tx.cause.borrow().is_some())
             .finish()
     }
 }

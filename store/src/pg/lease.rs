@@ -177,22 +177,23 @@ impl LeaseKeeper {
 
     /// Stops the thread (it renews no more) and returns the membership it last held.
     pub(crate) fn stop(mut self) -> Membership {
+        self.halt();
+        self.member()
+    }
+
+    /// Tells the thread to stop and waits for it (once: later calls find no thread).
+    fn halt(&mut self) {
         self.shared.lock().stop = true;
         self.shared.wake.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.member()
     }
 }
 
 impl Drop for LeaseKeeper {
     fn drop(&mut self) {
-        self.shared.lock().stop = true;
-        self.shared.wake.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.halt();
     }
 }
 
