@@ -521,7 +521,13 @@ struct LeaseRenewal {
     gateway: String,
     every_ms: u64,
     due_ms: u64,
+    /// The last renewal found the lease may have lapsed: nothing is committed until it is
+    /// renewed or joined again.
+    lapsed: bool,
 }
+
+/// Why a gateway whose lease may have lapsed closes sessions and refuses new ones.
+const LAPSED: &str = "the gateway cannot reach the cell's database; reconnect";
 
 /// How long a consumed token can be repeated (see `Fleet::recent_enrolments`).
 const ENROL_REPEAT_MS: u64 = 10 * 60 * 1000;
@@ -583,6 +589,7 @@ impl Fleet {
             gateway: gateway.to_string(),
             every_ms: every_ms.max(1),
             due_ms: 0,
+            lapsed: false,
         });
     }
 
@@ -598,22 +605,26 @@ impl Fleet {
         }
         l.due_ms = now_ms + l.every_ms;
         match self.store.keep_lease() {
-            Ok(store::Lease::Held) => {}
+            Ok(store::Lease::Held) => {
+                if std::mem::take(&mut l.lapsed) {
+                    tracing::info!("the cell lease is renewed again: serving");
+                }
+            }
             // Other gateways may be taking this one's devices: its sessions go, so their
             // agents find a gateway that can serve them (this one refuses them until its
             // lease is renewed or joined again).
             Ok(store::Lease::Lapsed) => {
-                tracing::warn!(
-                    sessions = self.online.len(),
-                    "the cell lease was not renewed for a whole lease (database unreachable?): \
-                     closing every session"
-                );
-                self.close_every_session(
-                    "the gateway cannot reach the cell's database; reconnect",
-                    actions,
-                );
+                if !std::mem::replace(&mut l.lapsed, true) {
+                    tracing::warn!(
+                        sessions = self.online.len(),
+                        "the cell lease was not renewed for a whole lease (database \
+                         unreachable?): closing every session"
+                    );
+                }
+                self.close_every_session(LAPSED, actions);
             }
             Ok(store::Lease::Rejoined { incarnation }) => {
+                l.lapsed = false;
                 tracing::warn!(
                     incarnation,
                     sessions = self.online.len(),
@@ -687,6 +698,18 @@ impl Fleet {
     pub fn process(&mut self, now_ms: u64, inputs: Vec<Input>) -> Vec<Action> {
         let mut actions = Vec::new();
         self.keep_lease(now_ms, &mut actions);
+        if self.lease.as_ref().is_some_and(|l| l.lapsed) {
+            // Nothing can be committed (the fence refuses a lapsed lease) and trying would
+            // hold this thread for the database's timeouts: everything is refused at once,
+            // so agents go to another gateway of the cell now, not after those timeouts.
+            for i in &inputs {
+                if let Input::Disconnected { conn, .. } = i {
+                    self.online.retain(|_, o| o.conn != *conn);
+                }
+            }
+            actions.extend(fail_all(&inputs, CloseCode::OVERLOADED, LAPSED));
+            return actions;
+        }
         // Devices here whose queues an operator changed through another gateway of the cell.
         let poked: BTreeSet<DeviceId> = match self.lease {
             Some(_) => self
@@ -721,7 +744,13 @@ impl Fleet {
         let mut armed: Vec<(u64, DeviceId, Deadline)> = Vec::new();
         let mut b = match self.store.batch() {
             Ok(b) => b,
-            Err(e) => return fail_all(&inputs, &format!("store unavailable: {e}")),
+            Err(e) => {
+                return fail_all(
+                    &inputs,
+                    CloseCode::INTERNAL,
+                    &format!("store unavailable: {e}"),
+                )
+            }
         };
         for input in &inputs {
             touched.extend(input.conn());
@@ -788,7 +817,11 @@ impl Fleet {
                     o.in_flight = None;
                 }
                 self.online.retain(|_, o| !touched.contains(&o.conn));
-                let mut out = fail_all(&inputs, &format!("store commit failed: {e}"));
+                let mut out = fail_all(
+                    &inputs,
+                    CloseCode::INTERNAL,
+                    &format!("store commit failed: {e}"),
+                );
                 touched.sort_unstable();
                 touched.dedup();
                 for conn in touched {
@@ -934,7 +967,7 @@ fn event(time_ms: u64, device: Option<DeviceId>, kind: EventKind, message: Strin
     }
 }
 
-fn fail_all(inputs: &[Input], msg: &str) -> Vec<Action> {
+fn fail_all(inputs: &[Input], code: CloseCode, msg: &str) -> Vec<Action> {
     inputs
         .iter()
         .flat_map(|i| match i {
@@ -969,7 +1002,7 @@ fn fail_all(inputs: &[Input], msg: &str) -> Vec<Action> {
             | Input::Completion { conn, .. }
             | Input::TransferProgress { conn, .. }
             | Input::TaskAsk { conn, .. } => {
-                vec![close(*conn, CloseCode::INTERNAL, "gateway store failure")]
+                vec![close(*conn, code, msg)]
             }
         })
         .collect()

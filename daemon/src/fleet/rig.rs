@@ -40,6 +40,27 @@ impl Rig {
         }
     }
 
+    /// A rig whose gateway is in a cell, with the renewals' findings set by the test through
+    /// [`Lease`]: what the store's keeper would find, and how many batches were opened.
+    pub(super) fn in_cell() -> (Rig, Lease) {
+        let dir = tempfile::tempdir().unwrap();
+        let pki =
+            Pki::load_or_create(&dir.path().join("pki"), &["localhost".into()], wall(T0)).unwrap();
+        let lease = Lease::default();
+        let store = Leased {
+            inner: Store::open(dir.path().join("store")).unwrap(),
+            lease: lease.clone(),
+        };
+        let mut fleet = Fleet::new(store, pki, FleetConfig::default()).unwrap();
+        fleet.join_cell("gw-a", 1);
+        let rig = Rig {
+            fleet,
+            _dir: dir,
+            now: T0,
+        };
+        (rig, lease)
+    }
+
     /// A rig whose gateway has a distributor (multicast on: pushes are accepted).
     pub(super) fn with_multicast() -> Rig {
         let mut rig = Rig::new();
@@ -163,6 +184,56 @@ impl Rig {
             .queue(dev)
             .unwrap()
             .unwrap_or_default()
+    }
+}
+
+/// What the renewals of a [`Rig::in_cell`] find, and the batches its store opened.
+#[derive(Clone, Default)]
+pub(super) struct Lease {
+    lapsed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    batches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Lease {
+    /// From now on the renewals find the lease lapsed (`true`) or held.
+    pub(super) fn set_lapsed(&self, lapsed: bool) {
+        self.lapsed
+            .store(lapsed, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Batches opened so far.
+    pub(super) fn batches(&self) -> usize {
+        self.batches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// An LMDB store whose lease renewals find what the test set.
+struct Leased {
+    inner: Store,
+    lease: Lease,
+}
+
+impl Engine for Leased {
+    fn batch(&mut self) -> store::Result<Box<dyn store::StoreBatch + '_>> {
+        self.lease
+            .batches
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Engine::batch(&mut self.inner)
+    }
+    fn snapshot(&self) -> store::Result<Box<dyn store::Reads + '_>> {
+        Engine::snapshot(&self.inner)
+    }
+    fn backup(&self, dest: &std::path::Path) -> store::Result<()> {
+        Engine::backup(&self.inner, dest)
+    }
+    fn keep_lease(&mut self) -> store::Result<store::Lease> {
+        Ok(
+            if self.lease.lapsed.load(std::sync::atomic::Ordering::SeqCst) {
+                store::Lease::Lapsed
+            } else {
+                store::Lease::Held
+            },
+        )
     }
 }
 

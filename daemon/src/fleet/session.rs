@@ -509,6 +509,74 @@ mod tests {
     use crate::fleet::rig::*;
     use crate::fleet::*;
 
+    /// A gateway whose cell lease may have lapsed closes its sessions and refuses new ones
+    /// at once, without opening a batch (which would wait out the database's timeouts while
+    /// the agents could be moving to another gateway); renewed, it serves again.
+    #[test]
+    fn a_lapsed_lease_refuses_sessions_at_once_without_a_batch() {
+        let (mut rig, lease) = Rig::in_cell();
+        let (dev, key) = rig.enrol("n1", 1);
+        let a = rig.hello(2, dev, key, None);
+        assert!(
+            !a.iter().any(|a| matches!(a, Action::Close { .. })),
+            "{a:?}"
+        );
+        assert_eq!(rig.fleet.online(), 1);
+
+        lease.set_lapsed(true);
+        let before = lease.batches();
+        let a = rig.run(vec![]);
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Close {
+                    conn: 2,
+                    code: CloseCode::OVERLOADED,
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        assert_eq!(rig.fleet.online(), 0);
+        // The agent comes back while the lease is still lapsed.
+        let a = rig.hello(3, dev, key, None);
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Close {
+                    conn: 3,
+                    code: CloseCode::OVERLOADED,
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        let a = rig.run(vec![Input::Admin {
+            conn: 999,
+            req: Request::QueueShow {
+                device: "n1".into(),
+            },
+        }]);
+        assert!(
+            matches!(&a[..], [Action::Reply { resp, .. }] if !resp.ok),
+            "{a:?}"
+        );
+        assert_eq!(
+            lease.batches(),
+            before,
+            "a batch was opened on a lapsed lease"
+        );
+
+        lease.set_lapsed(false);
+        let a = rig.hello(4, dev, key, None);
+        assert!(
+            !a.iter().any(|a| matches!(a, Action::Close { .. })),
+            "{a:?}"
+        );
+        assert_eq!(rig.fleet.online(), 1);
+        assert!(lease.batches() > before);
+    }
+
     #[test]
     fn unknown_device_and_bad_token_are_refused_with_reasons() {
         let mut rig = Rig::new();
